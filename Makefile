@@ -1,0 +1,41 @@
+# fastlaion: `make demo` and `make test` work on a fresh Debian/Ubuntu machine with nothing
+# installed by hand: they install the system library and a virtual environment first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fastlaion-installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps demo test test-all bench clean
+
+setup: $(STAMP)
+
+# libjpeg-turbo's TurboJPEG API (PyTurboJPEG loads it at run time).
+system-deps:
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so'; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing libturbojpeg0 with apt-get"; \
+	    $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libturbojpeg0; \
+	  else echo "please install libjpeg-turbo's TurboJPEG library (libturbojpeg)" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fastlaion demo -o fastlaion-demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench: setup
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) fastlaion-demo .pytest_cache build dist *.egg-info

@@ -1,0 +1,215 @@
+"""The `fastlaion` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, Task
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .batch import FUNNEL_LEVELS, STAGES
+from .config import (
+    ConfigError, DecodeConfig, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig,
+)
+
+app = typer.Typer(
+    help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+_D = RunConfig(output_dir="")  # the defaults, shown in --help
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        rows = task.fields.get("rows", 0)
+        kept = task.fields.get("kept", 0)
+        elapsed = task.elapsed or 0.0
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        share = f"{100 * kept / rows:.0f}%" if rows else "-"
+        return Text(f"{rate:,.0f} samples/s  kept {kept:,}/{rows:,} ({share})", style="cyan")
+
+
+class _BarProgress:
+    """Draws the pipeline's progress: shards done, samples/s, kept share."""
+
+    def __init__(self, enabled: bool):
+        self.bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                            TimeElapsedColumn(), console=console, disable=not enabled)
+        self.task: Any = None
+        self.rows = self.kept = 0
+
+    def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
+        if shards_done:
+            console.print(f"resuming: {shards_done} of {shards_total} shards already complete, skipped")
+        self.bar.start()
+        self.task = self.bar.add_task("run", total=shards_total, completed=shards_done, rows=0, kept=0)
+
+    def rows_done(self, rows: int, kept: int) -> None:
+        self.rows += rows
+        self.kept += kept
+        self.bar.update(self.task, rows=self.rows, kept=self.kept)
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        self.bar.advance(self.task)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def print_funnel(summary: Any) -> None:
+    f = summary.funnel
+    table = Table(title=f"funnel: {summary.shards_total} shard(s) in {summary.output_dir}", title_justify="left")
+    table.add_column("level")
+    table.add_column("rows", justify="right")
+    table.add_column("dropped", justify="right")
+    table.add_column("why")
+    table.add_row("input", f"{f['input']:,}", "", "")
+    for stage, level in zip(STAGES, FUNNEL_LEVELS):
+        drops = f["drops"][stage]
+        n = sum(drops.values())
+        why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
+        table.add_row(level, f"{f[level]:,}", f"-{n:,}" if n else "0", f"{stage}: {why}" if why else "")
+    out_console.print(table)
+    edits = summary.caption_edits
+    if edits:
+        out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()))
+    t = summary.timings_s
+    if summary.shards_run:
+        out_console.print(f"this run: {summary.shards_run} shard(s) in {summary.wall_s:.1f} s"
+                          + (f", {summary.shards_skipped} skipped (already complete)" if summary.shards_skipped else "")
+                          + "; stage time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    else:
+        out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
+
+
+def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
+    """Run the pipeline with a progress bar; turn expected failures into one line and an exit code."""
+    from .pipeline import run
+
+    bar = _BarProgress(show_progress)
+    try:
+        return run(cfg, bar)
+    except ConfigError as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        bar.stop()
+        console.print("[yellow]interrupted[/yellow]: finished shards are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    except OSError as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        bar.stop()
+
+
+@app.command("run")
+def run_cmd(
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", show_default=False,
+        help="URL lists: .txt (one URL per line), .csv, .tsv, .jsonl or .parquet.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; rerunning into it resumes.", show_default=False)],
+    input_format: Annotated[InputFormat, typer.Option(help="Input format; auto picks by file extension.")] = _D.input.input_format,
+    url_col: Annotated[str, typer.Option(help="Column holding the image URL (csv/tsv/jsonl/parquet).")] = _D.input.url_col,
+    caption_col: Annotated[str, typer.Option(help="Column holding the caption (alt text).")] = _D.input.caption_col or "caption",
+    shard_size: Annotated[int, typer.Option(help="Input rows per output shard.")] = _D.input.shard_size,
+    max_caption_chars: Annotated[int, typer.Option(help="Captions are cut to this many characters (LAION: 2000).")] = _D.input.max_caption_chars,
+    workers: Annotated[int, typer.Option(help="Concurrent downloads.")] = _D.download.workers,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per request attempt: connect, headers and body together.")] = _D.download.timeout_s,
+    retries: Annotated[int, typer.Option(help="Extra attempts for transient failures only (timeouts, 5xx, 429, connection errors).")] = _D.download.retries,
+    max_bytes: Annotated[int, typer.Option(help="Bodies larger than this are cut off and the row dropped (too_large).")] = _D.download.max_bytes,
+    user_agent: Annotated[str, typer.Option(help="User-Agent header sent with every request.")] = _D.download.user_agent,
+    image_size: Annotated[int, typer.Option(help="Size in pixels of the stored image (see --resize-mode).")] = _D.decode.image_size,
+    resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
+    min_image_bytes: Annotated[int, typer.Option(help="Smaller images are dropped (LAION: 5000).")] = _D.decode.min_image_bytes,
+    max_pixels: Annotated[int, typer.Option(help="Larger images are dropped before decoding (LAION: 89,478,484).")] = _D.decode.max_pixels,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = _D.decode.jpeg_quality,
+    decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core.")] = _D.decode.threads,
+    score: Annotated[bool, typer.Option("--score/--no-score", help="CLIP-score image/caption pairs and drop those under --min-similarity; --no-score keeps every decoded image.")] = True,
+    model: Annotated[str, typer.Option(help="open_clip architecture (fastlaion-tiny: a random 2-layer test model).")] = _D.score.model,
+    pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag (downloads on first use), a local checkpoint path, or 'none' for random weights.")] = _D.score.pretrained,
+    min_similarity: Annotated[float, typer.Option(help="Keep pairs whose image-caption cosine similarity is at least this (LAION: 0.28 for English with ViT-B/32).")] = _D.score.min_similarity,
+    batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _D.score.batch_size,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _D.score.device,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
+) -> None:
+    """Download, decode, CLIP-filter and write a webdataset from URL lists (img2dataset's input).
+
+    Writes OUTPUT/{shard:05d}.tar (webdataset: key.jpg, key.txt, key.json per kept sample), a
+    Parquet per shard with every input row and why it was dropped, embeddings, per-shard stats and
+    config.json. Rerunning the same command resumes: finished shards are skipped.
+    """
+    _setup_logging(verbose)
+    cfg = RunConfig(
+        output_dir=str(output),
+        input=InputConfig(paths=tuple(str(p) for p in inputs), input_format=input_format, url_col=url_col,
+                          caption_col=caption_col, shard_size=shard_size, max_caption_chars=max_caption_chars),
+        download=DownloadConfig(workers=workers, timeout_s=timeout, retries=retries, max_bytes=max_bytes,
+                                user_agent=user_agent),
+        decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,
+                            max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads),
+        score=ScoreConfig(enabled=score, model=model, pretrained=pretrained, min_similarity=min_similarity,
+                          batch_size=batch_size, device=device),
+    )
+    summary = execute(cfg, progress)
+    print_funnel(summary)
+
+
+@app.command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the demo dataset (replaced if it holds an earlier demo).")] = Path("fastlaion-demo"),
+    model: Annotated[str, typer.Option(help="open_clip architecture; the default is a tiny random-weight CLIP.")] = "fastlaion-tiny",
+    pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint path; 'none' = random weights.")] = "none",
+    min_similarity: Annotated[Optional[float], typer.Option(help="Similarity threshold; default 0.28 with real weights, none (keep all) with random ones.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the whole pipeline on a built-in sample: real photographs (scikit-image's), generated
+    images, captions, dead links and a non-image, served from a loopback server on this machine."""
+    from .demo import run_demo
+
+    _setup_logging(verbose)
+    try:
+        summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    for note in notes:
+        out_console.print(note)
+    print_funnel(summary)
+    out_console.print(f"dataset written to {output.resolve()}")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print fastlaion's version."""
+    out_console.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

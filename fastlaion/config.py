@@ -1,0 +1,168 @@
+"""Run configuration: one frozen dataclass per stage, defaults in one place.
+
+Every value is validated here, at the edge, so that a bad flag fails with a message that names
+it (`ConfigError`) before any work starts. The whole `RunConfig` is saved as `config.json`
+beside the output; a rerun into the same folder must match it (that is what makes resume safe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad option or input, reported to the user as one line (no traceback)."""
+
+
+class ResizeMode(str, enum.Enum):
+    """How the stored image is resized (img2dataset's names and meanings)."""
+
+    center_crop = "center_crop"  # shortest side to image_size, then centre crop to a square
+    keep_ratio = "keep_ratio"  # shortest side to image_size, aspect ratio kept
+    border = "border"  # longest side to image_size, padded with black to a square
+    no = "no"  # the downloaded bytes are stored as they are
+
+
+class InputFormat(str, enum.Enum):
+    auto = "auto"  # from the file extension
+    txt = "txt"
+    csv = "csv"
+    tsv = "tsv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+# LAION's image rejects (../shared/docs/LAION.md, stage 5).
+LAION_MIN_IMAGE_BYTES = 5000
+LAION_MAX_PIXELS = 89_478_484  # Pillow's decompression-bomb limit, as LAION used it
+LAION_MAX_TEXT_CHARS = 2000
+DEFAULT_USER_AGENT = "fastlaion/0.1 (+https://github.com/fastlaion/fastlaion; image-text dataset builder)"
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    paths: tuple[str, ...] = ()
+    input_format: InputFormat = InputFormat.auto
+    url_col: str = "url"  # column holding the image URL (ignored for txt)
+    caption_col: str | None = "caption"  # column holding the alt text; None: no captions
+    shard_size: int = 10_000  # input rows per output shard
+    max_caption_chars: int = LAION_MAX_TEXT_CHARS  # longer captions are truncated (LAION)
+
+    def validate(self) -> None:
+        if not self.paths:
+            raise ConfigError("no input given: pass one or more INPUT files")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.max_caption_chars < 1:
+            raise ConfigError(f"--max-caption-chars must be at least 1, got {self.max_caption_chars}")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    workers: int = 64  # concurrent requests (worker coroutines)
+    timeout_s: float = 10.0  # one deadline for connect + headers + body, per attempt
+    max_bytes: int = 32 * 1024 * 1024  # bodies over this are cut off and the row dropped
+    retries: int = 2  # extra attempts for transient errors only (timeouts, 5xx, 429, resets)
+    backoff_s: float = 0.5  # first retry waits this long, doubling each time
+    user_agent: str = DEFAULT_USER_AGENT
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout must be positive, got {self.timeout_s}")
+        if self.max_bytes < 1:
+            raise ConfigError(f"--max-bytes must be positive, got {self.max_bytes}")
+        if self.retries < 0:
+            raise ConfigError(f"--retries must be 0 or more, got {self.retries}")
+        if self.backoff_s < 0:
+            raise ConfigError(f"--backoff must be 0 or more, got {self.backoff_s}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    image_size: int = 256  # stored image size in pixels (see resize_mode)
+    resize_mode: ResizeMode = ResizeMode.border
+    min_image_bytes: int = LAION_MIN_IMAGE_BYTES  # smaller bodies are rejected (LAION)
+    max_pixels: int = LAION_MAX_PIXELS  # larger images are rejected before decoding (LAION)
+    jpeg_quality: int = 95  # quality of re-encoded stored images
+    threads: int = 0  # decode threads; 0: one per core
+
+    def validate(self) -> None:
+        if not 8 <= self.image_size <= 8192:
+            raise ConfigError(f"--image-size must be between 8 and 8192, got {self.image_size}")
+        if self.min_image_bytes < 0:
+            raise ConfigError(f"--min-image-bytes must be 0 or more, got {self.min_image_bytes}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be between 1 and 100, got {self.jpeg_quality}")
+        if self.threads < 0:
+            raise ConfigError(f"--decode-threads must be 0 or more, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    enabled: bool = True  # False (--no-score): no CLIP, every decoded image is kept
+    model: str = "ViT-B-32"  # open_clip architecture name
+    pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random weights)
+    min_similarity: float = 0.28  # LAION's English ViT-B/32 threshold
+    batch_size: int = 256  # images per CLIP forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained.lower() in ("", "none", "random")
+
+    def validate(self) -> None:
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"--min-similarity must be between -1 and 1, got {self.min_similarity}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str
+    input: InputConfig = field(default_factory=InputConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def validate(self) -> None:
+        self.input.validate()
+        self.download.validate()
+        self.decode.validate()
+        self.score.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))
+
+    def resume_key(self) -> dict[str, Any]:
+        return resume_key(self.to_dict())
+
+
+def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a saved `RunConfig.to_dict()` that decide what a shard holds: a rerun
+    into the same output folder must agree on these (workers, threads, batch size and the
+    device do not change the output)."""
+    key = {k: saved[k] for k in ("input", "decode", "score")}
+    key["decode"] = {k: v for k, v in key["decode"].items() if k != "threads"}
+    key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device")}
+    key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
+    return key
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")

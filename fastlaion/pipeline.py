@@ -1,0 +1,315 @@
+"""The one module that knows the order of the stages and wires them.
+
+    input rows -> download -> decode/resize -> CLIP score -> similarity filter -> write
+
+Per shard, a fixed pool of download coroutines pulls URLs from a bounded queue; each body is
+decoded in a thread pool as soon as it arrives (so at most `workers` raw bodies are alive), and
+decoded rows are gathered into `Batch`es of `score.batch_size` rows that are scored and written
+while downloads continue. A bounded queue between the two sides gives back-pressure. Rows leave
+a batch only through `Batch.drop`, with a stage and a reason; the shard's Parquet holds every
+input row. Finished shards are skipped on a rerun (see `writer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .batch import Batch, funnel, merge_funnels
+from .config import ConfigError, RunConfig, resume_key
+from .decode import Decoded, Decoder
+from .download import Downloader, Fetched, download_all, new_event_loop
+from .reader import read_inputs, shard_count, shards
+from .writer import PARTIAL_DIR, ShardWriter, is_complete, read_stats
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+class Progress:
+    """Callbacks the pipeline makes as work proceeds; the CLI draws a progress bar from them."""
+
+    def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None: ...
+
+    def rows_done(self, rows: int, kept: int) -> None: ...
+
+    def shard_done(self, stats: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    shards_total: int
+    shards_run: int  # shards processed by this invocation
+    shards_skipped: int  # shards found complete and left as they were
+    funnel: dict[str, Any]  # over all shards of the output, previous runs included
+    caption_edits: dict[str, int]
+    timings_s: dict[str, float] = field(default_factory=dict)  # this invocation's stage totals
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
+    """Run the whole pipeline for `cfg`, resuming into an existing output folder."""
+    t0 = time.perf_counter()
+    progress = progress or Progress()
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    table = read_inputs(cfg.input, need_captions=cfg.score.enabled)
+    prepare_output(out, cfg)
+    n_shards = shard_count(table.height, cfg.input.shard_size)
+    todo = [s for s in range(n_shards) if not is_complete(out, s)]
+    rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
+                    for s in range(n_shards) if s not in set(todo))
+    progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
+
+    scorer = None
+    if cfg.score.enabled and todo:
+        from .score import Scorer, pick_device  # torch and open_clip load only when scoring
+
+        scorer = Scorer(cfg.score, pick_device(cfg.score.device))
+    decoder = Decoder(cfg.decode, scorer.clip_spec if scorer else None)
+    timings: dict[str, float] = {}
+    todo_set = set(todo)
+    loop = new_event_loop()
+    threads = cfg.decode.threads or os.cpu_count() or 1
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
+            for shard_id, rows in shards(table, cfg.input.shard_size):
+                if shard_id not in todo_set:
+                    continue
+                job = ShardJob(cfg, out, shard_id, rows, decoder, scorer, decode_pool, score_pool, progress)
+                stats = loop.run_until_complete(job.run())
+                for stage, secs in stats["timings_s"].items():
+                    timings[stage] = timings.get(stage, 0.0) + secs
+                progress.shard_done(stats)
+    finally:
+        _cancel_all(loop)
+        loop.close()
+
+    all_stats = [read_stats(out, s) for s in range(n_shards)]
+    edits: dict[str, int] = {}
+    for st in all_stats:
+        for k, v in st["caption_edits"].items():
+            edits[k] = edits.get(k, 0) + v
+    summary = RunSummary(
+        output_dir=str(out), shards_total=n_shards, shards_run=len(todo), shards_skipped=n_shards - len(todo),
+        funnel=merge_funnels([st["funnel"] for st in all_stats]), caption_edits=edits,
+        timings_s={k: round(v, 3) for k, v in timings.items()}, wall_s=round(time.perf_counter() - t0, 3),
+    )
+    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    return summary
+
+
+def prepare_output(out: Path, cfg: RunConfig) -> None:
+    """Create the output folder, or check that the run already in it used the same settings."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path exists and is not a folder: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / CONFIG_FILE
+    if saved.exists():
+        try:
+            previous = resume_key(json.loads(saved.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{saved} is unreadable; remove it or choose another output folder") from None
+        current = cfg.resume_key()
+        if previous != current:
+            diffs = _differences(previous, current)
+            raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "
+                              "rerun with the same settings to resume, or choose another output folder")
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # leftovers of an interrupted shard
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            diffs.append(f"{prefix}{k}: was {va!r}, now {vb!r}")
+    return diffs
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrived:
+    """A row back from download (and decode, when a body came): what the batch is built from."""
+
+    row: int
+    fetched: Fetched
+    sha256: str | None
+    decoded: Decoded | None
+
+
+class ShardJob:
+    """Download, decode, score and write one shard."""
+
+    def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Decoder,
+                 scorer: Any, decode_pool: ThreadPoolExecutor, score_pool: ThreadPoolExecutor, progress: Progress):
+        self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
+        self.decoder, self.scorer = decoder, scorer
+        self.decode_pool, self.score_pool, self.progress = decode_pool, score_pool, progress
+        self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "write": 0.0}
+
+    async def run(self) -> dict[str, Any]:
+        started = time.time()
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size)
+        batch_size = self.cfg.score.batch_size
+        arrived: asyncio.Queue[_Arrived | None] = asyncio.Queue(maxsize=2 * batch_size)
+
+        def decode(body: bytes) -> tuple[str, Decoded]:
+            return hashlib.sha256(body).hexdigest(), self.decoder(body)
+
+        async def on_result(row: int, fetched: Fetched) -> None:
+            sha, decoded = None, None
+            if fetched.body is not None:
+                sha, decoded = await loop.run_in_executor(self.decode_pool, decode, fetched.body)
+            await arrived.put(_Arrived(row, fetched, sha, decoded))
+
+        consumer = asyncio.create_task(self._consume(arrived, writer))
+        try:
+            items = zip(self.rows["row"].to_list(), self.rows["url"].to_list())
+            async with Downloader(self.cfg.download) as downloader:
+                download_task = asyncio.create_task(
+                    download_all(downloader, items, self.cfg.download.workers, on_result))
+                done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_EXCEPTION)
+                if consumer in done and consumer.exception() is not None:
+                    download_task.cancel()
+                    await asyncio.gather(download_task, return_exceptions=True)
+                    raise consumer.exception()
+                await download_task
+            self.timings["download"] = time.perf_counter() - t0
+            await arrived.put(None)
+            await consumer
+            table = writer.table()
+            stats = self._stats(table, writer, started, time.perf_counter() - t0)
+            with _timer(self.timings, "write"):
+                await loop.run_in_executor(None, writer.publish, table, stats)
+            return stats
+        except BaseException:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            writer.abort()
+            raise
+
+    async def _consume(self, arrived: asyncio.Queue[_Arrived | None], writer: ShardWriter) -> None:
+        pending: list[_Arrived] = []
+        while True:
+            item = await arrived.get()
+            if item is not None:
+                pending.append(item)
+            if pending and (item is None or len(pending) >= self.cfg.score.batch_size):
+                await self._process(pending, writer)
+                pending = []
+            if item is None:
+                return
+
+    async def _process(self, items: list[_Arrived], writer: ShardWriter) -> None:
+        """Turn arrived rows into a Batch, drop with reasons, score, filter, write."""
+        loop = asyncio.get_running_loop()
+        batch = self._make_batch(items)
+        batch.drop(batch.rows["download_reason"].is_not_null().to_numpy(), "download", batch.rows["download_reason"])
+        batch.drop(batch.rows["decode_reason"].is_not_null().to_numpy(), "decode", batch.rows["decode_reason"])
+        if self.scorer is not None:
+            captions = batch.rows["caption"]
+            batch.drop((captions.is_null() | (captions.str.len_chars() == 0)).to_numpy(), "score", "no_caption")
+            if len(batch):
+                t0 = time.perf_counter()
+                img, txt, sim = await loop.run_in_executor(
+                    self.score_pool, self.scorer.score, np.stack(batch.payload["clip_input"]),
+                    batch.rows["caption"].to_list())
+                self.timings["score"] += time.perf_counter() - t0
+                writer.add_embeddings(batch.rows["row"].to_numpy(), img, txt)
+                batch.with_columns(similarity=sim)
+                batch.drop(sim < self.cfg.score.min_similarity, "filter", "low_similarity")
+        with _timer(self.timings, "write"):
+            writer.add_samples(batch)
+            outcome = batch.outcome().drop("download_reason", "decode_reason")
+            writer.add_outcome(outcome)
+        self.progress.rows_done(len(items), len(batch))
+
+    def _make_batch(self, items: list[_Arrived]) -> Batch:
+        rows_idx = np.fromiter((a.row for a in items), dtype=np.int64, count=len(items))
+        base = self.rows[rows_idx]  # the shard frame's position equals its `row`
+        f = [a.fetched for a in items]
+        d = [a.decoded for a in items]
+        frame = base.with_columns(
+            pl.Series("download_reason", [x.error for x in f], dtype=pl.String),
+            pl.Series("decode_reason", [x.error if x is not None else None for x in d], dtype=pl.String),
+            pl.Series("error", [x.error_detail if x.error else (y.error_detail if y is not None else None)
+                                for x, y in zip(f, d)], dtype=pl.String),
+            pl.Series("http_status", [x.http_status for x in f], dtype=pl.Int32),
+            pl.Series("attempts", [x.attempts for x in f], dtype=pl.Int32),
+            pl.Series("download_s", [round(x.elapsed_s, 4) for x in f], dtype=pl.Float32),
+            pl.Series("bytes", [len(x.body) if x.body is not None else None for x in f], dtype=pl.Int64),
+            pl.Series("sha256", [a.sha256 for a in items], dtype=pl.String),
+            pl.Series("format", [y.format if y is not None else None for y in d], dtype=pl.String),
+            pl.Series("original_width", [y.width if y is not None else None for y in d], dtype=pl.Int32),
+            pl.Series("original_height", [y.height if y is not None else None for y in d], dtype=pl.Int32),
+            pl.Series("width", [y.stored_width if y is not None else None for y in d], dtype=pl.Int32),
+            pl.Series("height", [y.stored_height if y is not None else None for y in d], dtype=pl.Int32),
+        )
+        batch = Batch(frame, payload={
+            "stored": [y.stored if y is not None else None for y in d],
+            "stored_ext": [y.stored_ext if y is not None else None for y in d],
+            "clip_input": [y.clip_input if y is not None else None for y in d],
+        })
+        self.timings["decode"] += sum(y.decode_s for y in d if y is not None)
+        return batch
+
+    def _stats(self, table: pl.DataFrame, writer: ShardWriter, started: float, wall_s: float) -> dict[str, Any]:
+        f = funnel(table)
+        if f["kept"] != writer.samples:
+            raise RuntimeError(f"shard {writer.name}: funnel keeps {f['kept']} rows but {writer.samples} samples were written")
+        edits = table.filter(pl.col("caption_edit").is_not_null()).group_by("caption_edit").len()
+        return {
+            "shard": self.shard,
+            "rows": table.height,
+            "funnel": f,
+            "caption_edits": {k: int(n) for k, n in edits.iter_rows()},
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "wall_s": round(wall_s, 3),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+class _timer:
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0

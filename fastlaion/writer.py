@@ -1,0 +1,141 @@
+"""Output: webdataset tar shards, a per-shard Parquet of every input row, embeddings, stats.
+
+Layout under the output folder (img2dataset's, plus fastlaion's extras):
+
+    00000.tar              key.jpg, key.txt, key.json per kept sample
+    00000.parquet          every input row of the shard, kept or dropped, with status/stage/reason
+    00000_img_emb.npy      (rows, D) float16 image embeddings, row i = Parquet row i (NaN: none)
+    00000_txt_emb.npy      same for text
+    00000_stats.json       the shard's funnel and timings; written last: its presence marks the
+                           shard complete, and a rerun skips such shards
+    config.json            the run's whole configuration
+
+Everything of a shard is first written under `.partial/` and then renamed into place, so a
+shard's files appear only when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .batch import Batch
+
+PARTIAL_DIR = ".partial"
+
+# Columns of the per-shard Parquet, in order (those a run did not produce are left out).
+PARQUET_COLUMNS = (
+    "key", "url", "caption", "status", "stage", "reason", "error", "http_status", "attempts",
+    "download_s", "bytes", "sha256", "format", "original_width", "original_height", "width", "height",
+    "similarity", "caption_edit",
+)
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def key_digits(shard_size: int) -> int:
+    return max(1, len(str(shard_size - 1)))
+
+
+def is_complete(out_dir: Path, shard: int) -> bool:
+    return (out_dir / f"{shard_name(shard)}_stats.json").exists()
+
+
+def read_stats(out_dir: Path, shard: int) -> dict[str, Any]:
+    return json.loads((out_dir / f"{shard_name(shard)}_stats.json").read_text())
+
+
+class ShardWriter:
+    """Writes one shard: kept samples stream into the tar as batches finish; the Parquet,
+    embeddings and stats are written by `finish`, then everything is renamed into place."""
+
+    def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int):
+        self.out_dir = out_dir
+        self.shard = shard
+        self.name = shard_name(shard)
+        self.n_rows = n_rows
+        self.digits = key_digits(shard_size)
+        self.tmp = out_dir / PARTIAL_DIR / self.name
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._tar = tarfile.open(self.tmp / f"{self.name}.tar", "w", format=tarfile.USTAR_FORMAT)
+        self._outcomes: list[pl.DataFrame] = []
+        self._img_emb: np.ndarray | None = None
+        self._txt_emb: np.ndarray | None = None
+        self.samples = 0
+        self._mtime = time.time()
+
+    def key(self, row: int) -> str:
+        return f"{self.name}{row:0{self.digits}d}"
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = self._mtime
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add_samples(self, batch: Batch) -> None:
+        """Append the batch's live rows as samples (key.ext, key.txt, key.json)."""
+        stored = batch.payload["stored"]
+        exts = batch.payload["stored_ext"]
+        meta_cols = [c for c in ("url", "caption", "similarity", "width", "height", "original_width",
+                                 "original_height", "sha256") if c in batch.rows.columns]
+        for i, rec in enumerate(batch.rows.select("row", *meta_cols).iter_rows(named=True)):
+            key = self.key(rec.pop("row"))
+            self._add_member(f"{key}.{exts[i]}", stored[i])
+            self._add_member(f"{key}.txt", (rec.get("caption") or "").encode("utf-8"))
+            meta = {"key": key, **rec}
+            self._add_member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            self.samples += 1
+
+    def add_outcome(self, outcome: pl.DataFrame) -> None:
+        self._outcomes.append(outcome)
+
+    def add_embeddings(self, rows: np.ndarray, img: np.ndarray, txt: np.ndarray) -> None:
+        """Place (n, D) float16 embeddings at shard rows `rows`."""
+        if self._img_emb is None:
+            self._img_emb = np.full((self.n_rows, img.shape[1]), np.nan, dtype=np.float16)
+            self._txt_emb = np.full((self.n_rows, txt.shape[1]), np.nan, dtype=np.float16)
+        self._img_emb[rows] = img
+        self._txt_emb[rows] = txt
+
+    def table(self) -> pl.DataFrame:
+        """Every input row of the shard, kept or dropped, in row order, with its sample key."""
+        outcome = pl.concat(self._outcomes, how="diagonal_relaxed").sort("row")
+        if outcome.height != self.n_rows or outcome["row"].n_unique() != self.n_rows:
+            raise RuntimeError(f"shard {self.name}: {outcome.height} outcomes for {self.n_rows} input rows")
+        return outcome.with_columns(
+            (pl.lit(self.name) + pl.col("row").cast(pl.String).str.zfill(self.digits)).alias("key"))
+
+    def publish(self, table: pl.DataFrame, stats: dict[str, Any]) -> None:
+        """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""
+        self._tar.close()
+        table.select([c for c in PARQUET_COLUMNS if c in table.columns]).write_parquet(
+            self.tmp / f"{self.name}.parquet", compression="zstd", statistics=True)
+        published = [f"{self.name}.tar", f"{self.name}.parquet"]
+        if self._img_emb is not None:
+            np.save(self.tmp / f"{self.name}_img_emb.npy", self._img_emb)
+            np.save(self.tmp / f"{self.name}_txt_emb.npy", self._txt_emb)
+            published += [f"{self.name}_img_emb.npy", f"{self.name}_txt_emb.npy"]
+        (self.tmp / f"{self.name}_stats.json").write_text(json.dumps(stats, indent=2))
+        for fname in [*published, f"{self.name}_stats.json"]:  # stats last: it marks completion
+            os.replace(self.tmp / fname, self.out_dir / fname)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
