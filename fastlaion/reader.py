@@ -43,7 +43,7 @@ def _read_table(path: Path, fmt: InputFormat) -> pl.DataFrame:
             return pl.DataFrame({"url": [ln for ln in lines if ln]}, schema={"url": pl.String})
         if fmt in (InputFormat.csv, InputFormat.tsv):
             return pl.read_csv(path, separator="," if fmt is InputFormat.csv else "\t",
-                               infer_schema=False, quote_char='"', missing_utf8_is_empty_string=False)
+                               infer_schema=False)
         if fmt is InputFormat.jsonl:
             return pl.read_ndjson(path, infer_schema_length=None)
         return pl.read_parquet(path)
