@@ -183,7 +183,8 @@ class ShardJob:
         started = time.time()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size)
+        writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
+                             self.scorer.embed_dim if self.scorer is not None else None)
         batch_size = self.cfg.score.batch_size
         arrived: asyncio.Queue[_Arrived | None] = asyncio.Queue(maxsize=2 * batch_size)
 
@@ -202,11 +203,13 @@ class ShardJob:
             async with Downloader(self.cfg.download) as downloader:
                 download_task = asyncio.create_task(
                     download_all(downloader, items, self.cfg.download.workers, on_result))
-                done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_EXCEPTION)
-                if consumer in done and consumer.exception() is not None:
+                # The consumer only returns after the end marker, so finishing first means it failed.
+                done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
+                if consumer in done:
                     download_task.cancel()
                     await asyncio.gather(download_task, return_exceptions=True)
-                    raise consumer.exception()
+                    consumer.result()
+                    raise RuntimeError("the scoring side stopped before the downloads ended")
                 await download_task
             self.timings["download"] = time.perf_counter() - t0
             await arrived.put(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ class Scorer:
         precision = "fp16" if device.type == "cuda" else "fp32"
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"cannot load {cfg.model} weights {pretrained!r}: {msg} "
                               "(tags download from the internet on first use; pass a local checkpoint path offline)") from None

@@ -32,12 +32,15 @@ from .batch import Batch
 
 PARTIAL_DIR = ".partial"
 
-# Columns of the per-shard Parquet, in order (those a run did not produce are left out).
-PARQUET_COLUMNS = (
-    "key", "url", "caption", "status", "stage", "reason", "error", "http_status", "attempts",
-    "download_s", "bytes", "sha256", "format", "original_width", "original_height", "width", "height",
-    "similarity", "caption_edit",
-)
+# The per-shard Parquet's columns, in order, with their types: every shard has the same schema
+# (similarity only when scoring), whatever happened to its rows.
+PARQUET_SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.String(), "url": pl.String(), "caption": pl.String(), "status": pl.String(), "stage": pl.String(),
+    "reason": pl.String(), "error": pl.String(), "http_status": pl.Int32(), "attempts": pl.Int32(),
+    "download_s": pl.Float32(), "bytes": pl.Int64(), "sha256": pl.String(), "format": pl.String(),
+    "original_width": pl.Int32(), "original_height": pl.Int32(), "width": pl.Int32(), "height": pl.Int32(),
+    "similarity": pl.Float32(), "caption_edit": pl.String(),
+}
 
 
 def shard_name(shard: int) -> str:
@@ -60,7 +63,7 @@ class ShardWriter:
     """Writes one shard: kept samples stream into the tar as batches finish; the Parquet,
     embeddings and stats are written by `finish`, then everything is renamed into place."""
 
-    def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int):
+    def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int, embed_dim: int | None):
         self.out_dir = out_dir
         self.shard = shard
         self.name = shard_name(shard)
@@ -71,8 +74,11 @@ class ShardWriter:
         self.tmp.mkdir(parents=True)
         self._tar = tarfile.open(self.tmp / f"{self.name}.tar", "w", format=tarfile.USTAR_FORMAT)
         self._outcomes: list[pl.DataFrame] = []
-        self._img_emb: np.ndarray | None = None
-        self._txt_emb: np.ndarray | None = None
+        # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
+        self._img_emb = self._txt_emb = None
+        if embed_dim is not None:
+            self._img_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
+            self._txt_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
         self.samples = 0
         self._mtime = time.time()
 
@@ -105,9 +111,8 @@ class ShardWriter:
 
     def add_embeddings(self, rows: np.ndarray, img: np.ndarray, txt: np.ndarray) -> None:
         """Place (n, D) float16 embeddings at shard rows `rows`."""
-        if self._img_emb is None:
-            self._img_emb = np.full((self.n_rows, img.shape[1]), np.nan, dtype=np.float16)
-            self._txt_emb = np.full((self.n_rows, txt.shape[1]), np.nan, dtype=np.float16)
+        if self._img_emb is None or self._txt_emb is None:
+            raise RuntimeError("this shard writer was made without an embedding size")
         self._img_emb[rows] = img
         self._txt_emb[rows] = txt
 
@@ -116,13 +121,16 @@ class ShardWriter:
         outcome = pl.concat(self._outcomes, how="diagonal_relaxed").sort("row")
         if outcome.height != self.n_rows or outcome["row"].n_unique() != self.n_rows:
             raise RuntimeError(f"shard {self.name}: {outcome.height} outcomes for {self.n_rows} input rows")
-        return outcome.with_columns(
+        outcome = outcome.with_columns(
             (pl.lit(self.name) + pl.col("row").cast(pl.String).str.zfill(self.digits)).alias("key"))
+        columns = [name for name in PARQUET_SCHEMA if name != "similarity" or self._img_emb is not None]
+        return outcome.select(
+            [(pl.col(c) if c in outcome.columns else pl.lit(None)).cast(PARQUET_SCHEMA[c]).alias(c) for c in columns])
 
     def publish(self, table: pl.DataFrame, stats: dict[str, Any]) -> None:
         """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""
         self._tar.close()
-        table.select([c for c in PARQUET_COLUMNS if c in table.columns]).write_parquet(
+        table.write_parquet(
             self.tmp / f"{self.name}.parquet", compression="zstd", statistics=True)
         published = [f"{self.name}.tar", f"{self.name}.parquet"]
         if self._img_emb is not None:

@@ -1,0 +1,231 @@
+"""End to end: `fastlaion run` against a loopback server, every kind of bad input included."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer, Served
+
+from helpers import encode, refused_url, with_jpeg_size
+
+runner = CliRunner()
+
+
+def build_case(photos):
+    """(files to serve, rows: (url path or absolute URL, caption, expected (stage, reason) or None))."""
+    jpeg = {n: encode(a, "JPEG") for n, a in photos.items()}
+    files = {
+        "chelsea.jpg": Served(jpeg["chelsea"], "image/jpeg"),
+        "coffee.png": Served(encode(photos["coffee"], "PNG"), "image/png"),
+        "astronaut.webp": Served(encode(photos["astronaut"], "WEBP"), "image/webp"),
+        "rocket.jpg": Served(jpeg["rocket"], "image/jpeg"),
+        "page.jpg": Served(b"<html><body>moved</body></html>" * 300, "image/jpeg"),
+        "truncated.jpg": Served(jpeg["rocket"][: len(jpeg["rocket"]) // 2], "image/jpeg"),
+        "empty.jpg": Served(b"", "image/jpeg"),
+        "bomb.jpg": Served(with_jpeg_size(jpeg["coffee"], 10_000, 9_000), "image/jpeg"),
+        "small.png": Served(encode(Image.new("RGB", (8, 8)), "PNG"), "image/png"),
+    }
+    rows = [
+        ("chelsea.jpg", "a cat", None),
+        ("coffee.png", "a cup of coffee", None),
+        ("astronaut.webp", "an astronaut", None),
+        ("rocket.jpg", "bell\x07 and\x00 null in a rocket caption", None),
+        ("chelsea.jpg", "long " * 20_000, None),  # 100k characters
+        ("missing.jpg", "a dead link", ("download", "http_404")),
+        (refused_url(), "nobody listens", ("download", "connection_error")),
+        ("", "no url at all", ("download", "invalid_url")),
+        ("ftp://127.0.0.1/x.jpg", "not http", ("download", "invalid_url")),
+        ("page.jpg", "html instead of an image", ("decode", "not_an_image")),
+        ("truncated.jpg", "half a rocket", ("decode", "truncated")),
+        ("empty.jpg", "nothing", ("decode", "empty_body")),
+        ("bomb.jpg", "claims 90M pixels", ("decode", "too_many_pixels")),
+        ("small.png", "a tiny png", ("decode", "too_few_bytes")),
+        ("rocket.jpg", "", ("score", "no_caption")),
+    ]
+    return files, rows
+
+
+def write_input(tmp_path: Path, server: LoopbackServer, rows) -> Path:
+    urls = [u if (u == "" or "://" in u) else server.url(u) for u, _, _ in rows]
+    path = tmp_path / "input.parquet"
+    pl.DataFrame({"url": urls, "caption": [c for _, c, _ in rows]}).write_parquet(path)
+    return path
+
+
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A random-weight tiny CLIP saved as a local checkpoint (exercises --pretrained PATH)."""
+    import open_clip
+
+    from fastlaion.score import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL)
+    path = tmp_path / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def read_output(out: Path) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("[0-9]*.parquet"))], how="diagonal_relaxed")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, photos):
+    tmp = tmp_path_factory.mktemp("run")
+    files, rows = build_case(photos)
+    ckpt = tiny_checkpoint(tmp)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp, server, rows)
+        out = tmp / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny",
+                                     "--pretrained", str(ckpt), "--min-similarity", "-1", "--shard-size", "6",
+                                     "--timeout", "3", "--retries", "1", "--no-progress"])
+    return result, out, rows, files, ckpt, tmp
+
+
+def test_every_row_has_its_expected_outcome(scored_run):
+    result, out, rows, files, _, _ = scored_run
+    assert result.exit_code == 0, result.output
+    table = read_output(out)
+    assert table.height == len(rows)
+    assert table["key"].to_list() == sorted(table["key"].to_list())
+    assert table["key"].n_unique() == len(rows)
+    for (url, caption, expected), rec in zip(rows, table.iter_rows(named=True)):
+        if expected is None:
+            assert rec["status"] == "kept", (url, rec)
+            assert rec["stage"] is None and rec["reason"] is None
+        else:
+            assert (rec["status"], rec["stage"], rec["reason"]) == ("dropped", *expected), (url, rec)
+    # what the downloaded bytes were, independently of the pipeline
+    by_url = table.filter(pl.col("url").str.ends_with("chelsea.jpg")).row(0, named=True)
+    assert by_url["sha256"] == hashlib.sha256(files["chelsea.jpg"].body).hexdigest()
+    assert by_url["bytes"] == len(files["chelsea.jpg"].body)
+    assert (by_url["original_width"], by_url["original_height"]) == (451, 300)  # not swapped
+    assert by_url["http_status"] == 200
+    assert table.filter(pl.col("reason") == "http_404")["http_status"].to_list() == [404]
+
+
+def test_captions_are_cleaned_not_dropped(scored_run):
+    _, out, rows, *_ = scored_run
+    table = read_output(out)
+    assert table["caption"][3] == "bell and null in a rocket caption"
+    assert table["caption_edit"][3] == "control_chars"
+    assert len(table["caption"][4]) == 2000 and table["caption_edit"][4] == "truncated"
+    assert table["status"][4] == "kept"
+
+
+def test_funnel_adds_up_and_matches_the_parquet(scored_run):
+    result, out, rows, *_ = scored_run
+    table = read_output(out)
+    summary = json.loads((out / "summary.json").read_text())
+    f = summary["funnel"]
+    assert f["input"] == len(rows)
+    left = f["input"]
+    for stage, level in [("download", "downloaded"), ("decode", "decoded"), ("score", "scored"), ("filter", "kept")]:
+        left -= sum(f["drops"][stage].values())
+        assert f[level] == left
+        got = table.filter(pl.col("stage") == stage).group_by("reason").len()
+        assert dict(got.iter_rows()) == f["drops"][stage]
+    assert f["kept"] == table.filter(pl.col("status") == "kept").height == 5
+    # the printed funnel shows the same numbers
+    assert "http_404 1" in result.output and "too_many_pixels 1" in result.output
+    shard_stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    assert len(shard_stats) == 3 and sum(s["funnel"]["kept"] for s in shard_stats) == 5
+    assert all(set(s["timings_s"]) >= {"download", "decode", "score", "write"} for s in shard_stats)
+
+
+def test_webdataset_shards_load_with_the_webdataset_library(scored_run):
+    import webdataset as wds
+
+    _, out, *_ = scored_run
+    table = read_output(out)
+    kept = table.filter(pl.col("status") == "kept")
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert sorted(s["__key__"] for s in samples) == sorted(kept["key"].to_list())
+    for s in samples:
+        rec = kept.filter(pl.col("key") == s["__key__"]).row(0, named=True)
+        assert s["txt"] == rec["caption"]
+        assert s["json"]["url"] == rec["url"]
+        assert s["json"]["similarity"] == pytest.approx(rec["similarity"], abs=1e-6)
+        assert s["jpg"].size == (rec["width"], rec["height"])
+        assert max(s["jpg"].size) == 256  # border mode, --image-size 256 (the default)
+
+
+def test_embeddings_match_parquet_rows_and_similarity(scored_run):
+    _, out, *_ = scored_run
+    for pq in sorted(out.glob("[0-9]*.parquet")):
+        t = pl.read_parquet(pq)
+        img = np.load(str(pq).replace(".parquet", "_img_emb.npy"))
+        txt = np.load(str(pq).replace(".parquet", "_txt_emb.npy"))
+        assert img.dtype == np.float16 and img.shape == (t.height, 64) and txt.shape == img.shape
+        scored = t["similarity"].is_not_null().to_numpy()
+        assert not np.isnan(img[scored]).any() and np.isnan(img[~scored]).all()
+        cos = (img[scored].astype(np.float32) * txt[scored].astype(np.float32)).sum(1)
+        np.testing.assert_allclose(cos, t["similarity"].to_numpy()[scored], atol=5e-3)
+
+
+def test_similarity_matches_open_clip_on_the_original_image(scored_run, photos):
+    """Our decode + preprocessing + scoring against open_clip's own transform and model."""
+    import open_clip
+
+    _, out, _, files, ckpt, _ = scored_run
+    model, _, preprocess = open_clip.create_model_and_transforms("fastlaion-tiny", pretrained=str(ckpt))
+    tokenizer = open_clip.get_tokenizer("fastlaion-tiny")
+    table = read_output(out).filter(pl.col("status") == "kept")
+    for name in ("coffee.png", "chelsea.jpg"):
+        rec = table.filter(pl.col("url").str.ends_with(name)).row(0, named=True)
+        image = Image.open(io.BytesIO(files[name].body)).convert("RGB")
+        with torch.no_grad():
+            i = torch.nn.functional.normalize(model.encode_image(preprocess(image)[None]), dim=-1)
+            t = torch.nn.functional.normalize(model.encode_text(tokenizer([rec["caption"]])), dim=-1)
+        assert rec["similarity"] == pytest.approx(float((i * t).sum()), abs=2e-3), name
+
+
+def test_threshold_drops_with_a_reason(tmp_path, photos):
+    files, rows = build_case(photos)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows[:3])
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--pretrained",
+                                     "none", "--min-similarity", "1.0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = read_output(out)
+    assert table["reason"].to_list() == ["low_similarity"] * 3
+    assert table["similarity"].null_count() == 0 and (table["similarity"] < 1.0).all()
+    assert not list(out.glob("*.tar")) or all(_tar_members(p) == [] for p in out.glob("*.tar"))
+
+
+def _tar_members(path):
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        return tf.getnames()
+
+
+def test_no_score_keeps_every_decoded_image(tmp_path, photos):
+    files, rows = build_case(photos)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--resize-mode", "center_crop",
+                                     "--image-size", "128", "--no-progress", "--timeout", "3", "--retries", "0"])
+    assert result.exit_code == 0, result.output
+    table = read_output(out)
+    assert "similarity" not in table.columns
+    kept = table.filter(pl.col("status") == "kept")
+    assert kept.height == 6  # the 5 scored ones plus the caption-less rocket
+    assert set(zip(kept["width"], kept["height"])) == {(128, 128)}
+    assert not list(out.glob("*_emb.npy"))
