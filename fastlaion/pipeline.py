@@ -78,7 +78,6 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
                     for s in range(n_shards) if s not in set(todo))
-    progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
 
     scorer = None
     if cfg.score.enabled and todo:
@@ -86,6 +85,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
         scorer = Scorer(cfg.score, pick_device(cfg.score.device))
     decoder = Decoder(cfg.decode, scorer.clip_spec if scorer else None)
+    progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
     timings: dict[str, float] = {}
     todo_set = set(todo)
     loop = new_event_loop()
@@ -105,6 +105,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
         _cancel_all(loop)
         loop.close()
 
+    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     all_stats = [read_stats(out, s) for s in range(n_shards)]
     edits: dict[str, int] = {}
     for st in all_stats:

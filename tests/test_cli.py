@@ -1,0 +1,157 @@
+"""The command line as a user meets it: help, bad input as one clear line, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer, Served
+from helpers import encode
+
+runner = CliRunner()
+FASTLAION = [sys.executable, "-m", "fastlaion"]
+
+
+def test_run_help_explains_every_option():
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    import click
+
+    cmd = typer_command("run")
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{param.opts} has no help"
+            assert param.opts[0] in result.output
+    for word in ("--shard-size", "--url-col", "--caption-col", "--resize-mode", "--min-similarity", "--no-score"):
+        assert word in result.output
+
+
+def typer_command(name):
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return group.commands[name]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "{tmp}/missing.csv", "-o", "{tmp}/o"], "input file not found"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--url-col", "link"], "no URL column 'link'"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--caption-col", "alt"], "no caption column 'alt'"),
+    (["run", "{tmp}/bad.parquet", "-o", "{tmp}/o"], "cannot read as parquet"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--shard-size", "0"], "--shard-size must be at least 1"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--min-similarity", "3"], "--min-similarity must be between"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--timeout", "0"], "--timeout must be positive"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
+    (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "bad.parquet").write_bytes(b"definitely not parquet")
+    result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_bad_flag_values_are_refused_by_the_parser(tmp_path):
+    for args in (["--shard-size", "ten"], ["--resize-mode", "stretch"], ["--input-format", "xml"]):
+        result = runner.invoke(app, ["run", "x.csv", "-o", str(tmp_path), *args])
+        assert result.exit_code == 2
+        assert "Traceback" not in result.output
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}
+    with LoopbackServer(files) as server:
+        (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
+        base = ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score", "--no-progress"]
+        assert runner.invoke(app, base).exit_code == 0
+        again = runner.invoke(app, base)  # same settings: nothing to do
+        assert again.exit_code == 0 and "already complete" in again.output
+        other = runner.invoke(app, [*base, "--image-size", "128"])
+    assert other.exit_code == 2
+    assert "other settings" in other.output and "image_size" in other.output
+
+
+def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos):
+    """Kill a run with SIGKILL after some shards, rerun the same command, check every row once."""
+    n_rows, shard_size = 60, 6
+    files = {f"{i}.jpg": Served(encode(photos[name][: 200 + 7 * i]), "image/jpeg")
+             for i, name in enumerate(list(photos) * 15) if i < n_rows - 5}
+    with LoopbackServer(files, delay_s=0.08) as server:
+        urls = [server.url(f"{i}.jpg") for i in range(n_rows)]  # the last 5 are 404s
+        pl.DataFrame({"url": urls, "caption": [f"photo {i}" for i in range(n_rows)]}).write_parquet(tmp_path / "in.parquet")
+        out = tmp_path / "out"
+        cmd = FASTLAION + ["run", str(tmp_path / "in.parquet"), "-o", str(out), "--shard-size", str(shard_size),
+                           "--workers", "2", "--no-score", "--no-progress", "--retries", "0"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while len(list(out.glob("*_stats.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        done_before = sorted(p.name for p in out.glob("*_stats.json"))
+        assert 3 <= len(done_before) < n_rows // shard_size, "the kill should land midway"
+        assert (out / ".partial").exists()  # it died inside a shard
+        before = {p: p.stat().st_mtime_ns for p in out.glob("0000[0-2]*")}
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already complete" in rerun.stderr + rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished shards left untouched
+    assert not (out / ".partial").exists()
+    table = pl.concat([pl.read_parquet(p) for p in sorted(out.glob("[0-9]*.parquet"))])
+    assert table.height == n_rows
+    assert table["url"].to_list() == urls  # every input row once, in order
+    assert table["key"].n_unique() == n_rows
+    assert dict(table.group_by("status").len().iter_rows()) == {"kept": n_rows - 5, "dropped": 5}
+    import tarfile
+
+    keys = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            keys += [n.rsplit(".", 1)[0] for n in tf.getnames() if n.endswith(".jpg")]
+    assert len(keys) == len(set(keys)) == n_rows - 5
+    assert sorted(keys) == sorted(table.filter(pl.col("status") == "kept")["key"].to_list())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["funnel"]["input"] == n_rows and summary["funnel"]["kept"] == n_rows - 5
+    assert summary["shards_skipped"] == len(done_before)
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(FASTLAION + ["demo", "-o", str(out), "--no-progress"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stdout and "mean nothing" in result.stdout
+    assert f"dataset written to {out.resolve()}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    f = summary["funnel"]
+    assert f["kept"] >= 20 and f["input"] == f["kept"] + sum(sum(d.values()) for d in f["drops"].values())
+    for reason in ("http_404", "connection_error", "invalid_url"):
+        assert f["drops"]["download"].get(reason), reason
+    for reason in ("not_an_image", "truncated", "too_few_bytes", "unsupported_format", "empty_body"):
+        assert f["drops"]["decode"].get(reason), reason
+    assert list(out.glob("*.tar"))
+    # a second demo into the same folder replaces the first
+    assert subprocess.run(FASTLAION + ["demo", "-o", str(out), "--no-progress"], capture_output=True,
+                          timeout=300).returncode == 0
+    other = tmp_path / "notdemo"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    refused = subprocess.run(FASTLAION + ["demo", "-o", str(other)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "does not hold an earlier demo" in refused.stderr
+    assert (other / "precious.txt").read_text() == "keep me"
