@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, Task
-from rich.table import Table
 from rich.text import Text
 
 from . import __version__
@@ -76,27 +72,28 @@ class _BarProgress:
 
 
 def print_funnel(summary: Any) -> None:
+    """The closing funnel, one level a line (plain text, never wrapped, so it greps well)."""
     f = summary.funnel
-    table = Table(title=f"funnel: {summary.shards_total} shard(s) in {summary.output_dir}", title_justify="left")
-    table.add_column("level")
-    table.add_column("rows", justify="right")
-    table.add_column("dropped", justify="right")
-    table.add_column("why")
-    table.add_row("input", f"{f['input']:,}", "", "")
+    width = max(len(f"{f['input']:,}"), 4)
+    lines = [f"funnel over {summary.shards_total} shard(s) in {summary.output_dir}:",
+             f"  {'input':<11}{f['input']:>{width},}"]
     for stage, level in zip(STAGES, FUNNEL_LEVELS):
         drops = f["drops"][stage]
         n = sum(drops.values())
         why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
-        table.add_row(level, f"{f[level]:,}", f"-{n:,}" if n else "0", f"{stage}: {why}" if why else "")
-    out_console.print(table)
+        lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else ""))
+    for line in lines:
+        out_console.print(line, soft_wrap=True, highlight=False)
     edits = summary.caption_edits
     if edits:
-        out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()))
+        out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()),
+                          soft_wrap=True, highlight=False)
     t = summary.timings_s
     if summary.shards_run:
         out_console.print(f"this run: {summary.shards_run} shard(s) in {summary.wall_s:.1f} s"
                           + (f", {summary.shards_skipped} skipped (already complete)" if summary.shards_skipped else "")
-                          + "; stage time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+                          + "; stage time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()),
+                          soft_wrap=True, highlight=False)
     else:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
 

@@ -80,13 +80,14 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
                     for s in range(n_shards) if s not in set(todo))
 
     scorer = None
+    timings: dict[str, float] = {}
     if cfg.score.enabled and todo:
         from .score import Scorer, pick_device  # torch and open_clip load only when scoring
 
-        scorer = Scorer(cfg.score, pick_device(cfg.score.device))
+        with _timer(timings, "load_model"):
+            scorer = Scorer(cfg.score, pick_device(cfg.score.device))
     decoder = Decoder(cfg.decode, scorer.clip_spec if scorer else None)
     progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
-    timings: dict[str, float] = {}
     todo_set = set(todo)
     loop = new_event_loop()
     threads = cfg.decode.threads or os.cpu_count() or 1
