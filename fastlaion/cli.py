@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -27,11 +28,23 @@ out_console = Console()
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
 
+class _QuietLibraries(logging.Filter):
+    """Without -v, hide the chatter of open_clip (which logs on the root logger) and the Hub
+    client's retry messages: what matters reaches the user as fastlaion's own error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("huggingface_hub") or "/open_clip/" in record.pathname)
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    if not verbose:
+        handler.addFilter(_QuietLibraries())
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is imported
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+                        handlers=[handler], force=True)
 
 
 class _RateColumn(ProgressColumn):
@@ -107,7 +120,7 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
         return run(cfg, bar)
     except ConfigError as e:
         bar.stop()
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         bar.stop()
@@ -115,7 +128,8 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
         raise typer.Exit(130) from None
     except OSError as e:
         bar.stop()
-        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}", highlight=False)
+        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         bar.stop()
@@ -190,7 +204,7 @@ def demo_cmd(
     try:
         summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for note in notes:
         out_console.print(note)
