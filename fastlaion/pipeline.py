@@ -105,8 +105,11 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     finally:
         _cancel_all(loop)
         loop.close()
+        try:
+            (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
+        except OSError:
+            pass
 
-    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     all_stats = [read_stats(out, s) for s in range(n_shards)]
     edits: dict[str, int] = {}
     for st in all_stats:
