@@ -76,8 +76,9 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     prepare_output(out, cfg)
     n_shards = shard_count(table.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
+    todo_set = set(todo)
     rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
-                    for s in range(n_shards) if s not in set(todo))
+                    for s in range(n_shards) if s not in todo_set)
 
     scorer = None
     timings: dict[str, float] = {}
@@ -88,7 +89,6 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
             scorer = Scorer(cfg.score, pick_device(cfg.score.device))
     decoder = Decoder(cfg.decode, scorer.clip_spec if scorer else None)
     progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
-    todo_set = set(todo)
     loop = new_event_loop()
     threads = cfg.decode.threads or os.cpu_count() or 1
     try:
