@@ -1,0 +1,121 @@
+"""LAION's heads against the real published weights (../shared/data/models) and independent maths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastlaion.config import ConfigError
+from fastlaion.heads import (
+    KNOWN_WEIGHTS, AestheticV2, NsfwHead, WatermarkDetector, load_aesthetic_head, load_nsfw_head, resolve_weights,
+    sha256_file, watermark_model,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "models"
+needs_models = pytest.mark.skipif(not MODELS.is_dir(), reason=f"real LAION heads not found at {MODELS}")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def nsfw_by_hand(state: dict[str, torch.Tensor], emb: np.ndarray) -> np.ndarray:
+    """The documented architecture in plain numpy, float64."""
+    x = (emb - state["norm.mean"].double().numpy()) / np.sqrt(state["norm.variance"].double().numpy())
+    n = len([k for k in state if k.startswith("linear_") and k.endswith(".weight")])
+    for i in range(1, n + 1):
+        x = x @ state[f"linear_{i}.weight"].double().numpy().T + state[f"linear_{i}.bias"].double().numpy()
+        if i < n:
+            x = np.maximum(x, 0)
+    return 1 / (1 + np.exp(-x[:, 0]))
+
+
+@needs_models
+@pytest.mark.parametrize("name, dim, arch", [("nsfw_head_vit_b_32.pth", 512, "b_32"), ("nsfw_head_vit_l_14.pth", 768, "l_14")])
+def test_real_nsfw_heads_match_the_documented_architecture(name, dim, arch):
+    path = MODELS / name
+    head = load_nsfw_head(str(path))
+    assert head.embed_dim == dim
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    rng = np.random.default_rng(0)
+    real = np.concatenate([np.load(MODELS / "aesthetic_v1_rating_embeddings" / f"vit_{arch}_rating{i}.npy")
+                           for i in range(10)])
+    emb = np.concatenate([unit(rng.normal(size=(32, dim))), unit(real)]).astype(np.float32)
+    got = head(torch.from_numpy(emb)).numpy()
+    want = nsfw_by_hand(state, emb.astype(np.float64))
+    assert got.shape == (42,) and ((got >= 0) & (got <= 1)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert got.std() > 1e-3  # the head does discriminate between inputs
+
+
+@needs_models
+@pytest.mark.parametrize("arch, dim", [("b_32", 512), ("l_14", 768)])
+def test_real_aesthetic_v1_scores_rating_embeddings_in_increasing_order(arch, dim):
+    head = load_aesthetic_head(str(MODELS / f"aesthetic_v1_vit_{arch}_linear.pth"), version=1)
+    emb = np.concatenate([np.load(MODELS / "aesthetic_v1_rating_embeddings" / f"vit_{arch}_rating{i}.npy")
+                          for i in range(10)])
+    assert emb.shape == (10, dim)
+    scores = head(torch.from_numpy(unit(emb).astype(np.float32))).numpy()
+    assert (np.diff(scores) > 0).all(), scores
+
+
+@needs_models
+def test_known_weights_hashes_are_those_of_the_published_files():
+    for name, file in [("nsfw-vit-b-32", "nsfw_head_vit_b_32.pth"), ("nsfw-vit-l-14", "nsfw_head_vit_l_14.pth"),
+                       ("aesthetic-v1-vit-b-32", "aesthetic_v1_vit_b_32_linear.pth"),
+                       ("aesthetic-v1-vit-l-14", "aesthetic_v1_vit_l_14_linear.pth")]:
+        assert KNOWN_WEIGHTS[name].sha256 == sha256_file(MODELS / file)
+
+
+def test_known_weights_come_from_the_cache_and_a_bad_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLAION_WEIGHTS_CACHE", str(tmp_path))
+    known = KNOWN_WEIGHTS["aesthetic-v1-vit-b-32"]
+    cached = tmp_path / f"aesthetic-v1-vit-b-32-{known.sha256[:12]}.pth"
+    cached.write_bytes(b"tampered")
+    with pytest.raises(ConfigError, match="sha256"):
+        resolve_weights("aesthetic-v1-vit-b-32", "--aesthetic-v1")
+    assert not cached.exists()  # removed, so the next run downloads afresh
+
+
+def test_aesthetic_v2_architecture_loads_its_state_dict_layout(tmp_path):
+    torch.manual_seed(0)
+    model = AestheticV2()
+    assert [k for k in model.state_dict() if k.endswith("weight")] == [
+        "layers.0.weight", "layers.2.weight", "layers.4.weight", "layers.6.weight", "layers.7.weight"]
+    path = tmp_path / "v2.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_aesthetic_head(str(path), version=2)
+    x = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    np.testing.assert_allclose(loaded(x).numpy(), model.eval()(x).numpy(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="not an aesthetic V1"):
+        load_aesthetic_head(str(path), version=1)
+
+
+def test_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_nsfw_head(str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not torch")
+    with pytest.raises(ConfigError, match="not a PyTorch state dict"):
+        load_nsfw_head(str(junk))
+    torch.save({"weight": torch.zeros(1, 4)}, tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError, match="NSFW head"):
+        load_nsfw_head(str(tmp_path / "wrong.pth"))
+
+
+def test_watermark_detector_shapes_and_batching_with_random_weights(tmp_path):
+    torch.manual_seed(0)
+    model = watermark_model()
+    path = tmp_path / "wm.pth"
+    torch.save(model.state_dict(), path)
+    det = WatermarkDetector.load(str(path), torch.device("cpu"))
+    pixels = torch.randint(0, 256, (3, 256, 256, 3), dtype=torch.uint8)
+    p = det(pixels)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    np.testing.assert_allclose(det(pixels[1:2]).numpy(), p[1:2].numpy(), atol=1e-5)  # batch-independent
+    torch.save({"classifier.weight": torch.zeros(2, 1536)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="efficientnet_b3a"):
+        WatermarkDetector.load(str(tmp_path / "other.pth"), torch.device("cpu"))
