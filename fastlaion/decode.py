@@ -355,6 +355,8 @@ class Decoded:
     stored_height: int | None
     clip_input: np.ndarray | None  # uint8 (H, W, 3) RGB at ClipInputSpec.size, CPU; None: no spec
     decode_s: float  # CPU seconds this thread spent on the body (time.thread_time)
+    # uint8 (S, S, 3) RGB squashed to the watermark detector's input size; None when not asked for
+    watermark_input: np.ndarray | None = None
 
 
 class _Rejected(Exception):
@@ -383,9 +385,10 @@ class Decoder:
     (None, (224, 224, 3))
     """
 
-    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None):
+    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None = None):
         self.cfg = cfg
         self.clip = clip
+        self.watermark_size_px = watermark_size_px
         self._tj = shared_turbojpeg()
         # DCT scales that shrink, smallest first: 1/8, 1/4, 3/8, ... 1/1.
         self._jpeg_scales = sorted((f for f in self._tj.scaling_factors if f[0] <= f[1]),
@@ -410,11 +413,15 @@ class Decoder:
             image = self._decode_pixels(body, fmt, size, pil_image)
             stored, stored_ext, stored_size = self._store(body, fmt, image, size)
             clip_input = None if self.clip is None else self.clip.apply(image, *size)
+            watermark_input = None
+            if self.watermark_size_px:
+                side = self.watermark_size_px  # LAION's detector squashes to a square (Resize((S, S)))
+                watermark_input = np.asarray(_rgb_for_storage(image).resize((side, side), Image.Resampling.BILINEAR))
         except _Rejected as rejected:
             return Decoded(rejected.reason, rejected.detail, fmt, size and size[0], size and size[1],
                            None, None, None, None, None, time.thread_time() - start_s)
         return Decoded(None, None, fmt, size[0], size[1], stored, stored_ext, stored_size[0],
-                       stored_size[1], clip_input, time.thread_time() - start_s)
+                       stored_size[1], clip_input, time.thread_time() - start_s, watermark_input)
 
     # Steps 1-3: the body itself.
     def _check_format(self, body: bytes) -> str:

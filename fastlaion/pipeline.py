@@ -13,6 +13,7 @@ input row. Finished shards are skipped on a rerun (see `writer`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -80,14 +81,11 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
                     for s in range(n_shards) if s not in todo_set)
 
-    scorer = None
     timings: dict[str, float] = {}
-    if cfg.score.enabled and todo:
-        from .score import Scorer, pick_device  # torch and open_clip load only when scoring
-
-        with _timer(timings, "load_model"):
-            scorer = Scorer(cfg.score, pick_device(cfg.score.device))
-    decoder = Decoder(cfg.decode, scorer.clip_spec if scorer else None)
+    with _timer(timings, "load_models"):
+        models = Models.load(cfg) if todo else Models()
+    decoder = Decoder(cfg.decode, models.scorer.clip_spec if models.scorer else None,
+                      models.tagger.watermark_size_px if models.tagger else None)
     progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
     loop = new_event_loop()
     threads = cfg.decode.threads or os.cpu_count() or 1
@@ -97,7 +95,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
             for shard_id, rows in shards(table, cfg.input.shard_size):
                 if shard_id not in todo_set:
                     continue
-                job = ShardJob(cfg, out, shard_id, rows, decoder, scorer, decode_pool, score_pool, progress)
+                job = ShardJob(cfg, out, shard_id, rows, decoder, models, decode_pool, score_pool, progress)
                 stats = loop.run_until_complete(job.run())
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
@@ -164,6 +162,59 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(loop.shutdown_asyncgens())
 
 
+@dataclass
+class Models:
+    """What the score and tag stages hold, loaded once per run (CPU or GPU decided here)."""
+
+    scorer: Any = None  # score.Scorer, or None with --no-score
+    multi_scorer: Any = None  # a second Scorer for non-English captions, when configured
+    tagger: Any = None  # tags.Tagger, or None when no tag is configured
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> Models:
+        models = cls()
+        tags = cfg.tags
+        wants_tags = tags.language or tags.watermark_model or tags.aesthetic_v2 or (
+            cfg.score.enabled and (tags.nsfw_head or tags.aesthetic_v1))
+        if not (cfg.score.enabled or wants_tags):
+            return models
+        # torch and open_clip are imported only when a model is needed
+        from .score import Scorer, pick_device
+        from .tags import Tagger
+
+        device = pick_device(cfg.score.device)
+        if cfg.score.enabled:
+            models.scorer = Scorer(cfg.score, device)
+            if cfg.score.multilingual_model:
+                if not tags.language:
+                    raise ConfigError("--multilingual-model scores the non-English captions, "
+                                      "so it needs language identification (remove --no-language)")
+                multi_cfg = dataclasses.replace(cfg.score, model=cfg.score.multilingual_model,
+                                                pretrained=cfg.score.multilingual_pretrained)
+                models.multi_scorer = Scorer(multi_cfg, device)
+                if models.multi_scorer.clip_spec != models.scorer.clip_spec:
+                    raise ConfigError(f"--multilingual-model {multi_cfg.model} resizes images differently "
+                                      f"({models.multi_scorer.clip_spec}) from {cfg.score.model}; "
+                                      "pick one with the same input size")
+        if wants_tags:
+            models.tagger = Tagger(tags, cfg.score, models.scorer.embed_dim if models.scorer else None, device)
+        return models
+
+    def optional_columns(self) -> tuple[str, ...]:
+        cols: list[str] = []
+        if self.tagger is not None and self.tagger.language is not None:
+            cols += ["language", "language_score", "language_group"]
+        if self.scorer is not None:
+            cols.append("similarity")
+        if self.multi_scorer is not None:
+            cols.append("similarity_model")
+        if self.tagger is not None:
+            cols += self.tagger.embedding_columns
+            if self.tagger.watermark is not None:
+                cols.append("pwatermark")
+        return tuple(cols)
+
+
 @dataclass(frozen=True, slots=True)
 class _Arrived:
     """A row back from download (and decode, when a body came): what the batch is built from."""
@@ -178,18 +229,19 @@ class ShardJob:
     """Download, decode, score and write one shard."""
 
     def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Decoder,
-                 scorer: Any, decode_pool: ThreadPoolExecutor, score_pool: ThreadPoolExecutor, progress: Progress):
+                 models: Models, decode_pool: ThreadPoolExecutor, score_pool: ThreadPoolExecutor, progress: Progress):
         self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
-        self.decoder, self.scorer = decoder, scorer
+        self.decoder, self.models = decoder, models
         self.decode_pool, self.score_pool, self.progress = decode_pool, score_pool, progress
-        self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "write": 0.0}
+        self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "tag": 0.0, "write": 0.0}
 
     async def run(self) -> dict[str, Any]:
         started = time.time()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        scorer = self.models.scorer
         writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
-                             self.scorer.embed_dim if self.scorer is not None else None)
+                             scorer.embed_dim if scorer is not None else None, self.models.optional_columns())
         batch_size = self.cfg.score.batch_size
         arrived: asyncio.Queue[_Arrived | None] = asyncio.Queue(maxsize=2 * batch_size)
 
@@ -243,28 +295,58 @@ class ShardJob:
                 return
 
     async def _process(self, items: list[_Arrived], writer: ShardWriter) -> None:
-        """Turn arrived rows into a Batch, drop with reasons, score, filter, write."""
-        loop = asyncio.get_running_loop()
+        """Turn arrived rows into a Batch, drop with reasons, score, tag, filter, write."""
         batch = self._make_batch(items)
         batch.drop(batch.rows["download_reason"].is_not_null().to_numpy(), "download", batch.rows["download_reason"])
         batch.drop(batch.rows["decode_reason"].is_not_null().to_numpy(), "decode", batch.rows["decode_reason"])
-        if self.scorer is not None:
-            captions = batch.rows["caption"]
-            batch.drop((captions.is_null() | (captions.str.len_chars() == 0)).to_numpy(), "score", "no_caption")
-            if len(batch):
-                t0 = time.perf_counter()
-                img, txt, sim = await loop.run_in_executor(
-                    self.score_pool, self.scorer.score, np.stack(batch.payload["clip_input"]),
-                    batch.rows["caption"].to_list())
-                self.timings["score"] += time.perf_counter() - t0
-                writer.add_embeddings(batch.rows["row"].to_numpy(), img, txt)
-                batch.with_columns(similarity=sim)
-                batch.drop(sim < self.cfg.score.min_similarity, "filter", "low_similarity")
+        if len(batch) and (self.models.scorer is not None or self.models.tagger is not None):
+            # model work runs on its own thread so downloads go on meanwhile
+            await asyncio.get_running_loop().run_in_executor(self.score_pool, self._score_and_tag, batch, writer)
         with _timer(self.timings, "write"):
             writer.add_samples(batch)
             outcome = batch.outcome().drop("download_reason", "decode_reason")
             writer.add_outcome(outcome)
         self.progress.rows_done(len(items), len(batch))
+
+    def _score_and_tag(self, batch: Batch, writer: ShardWriter) -> None:
+        """Language, CLIP similarity (per language group), heads on embeddings, filter, watermark."""
+        scorer, multi, tagger = self.models.scorer, self.models.multi_scorer, self.models.tagger
+        score_cfg = self.cfg.score
+        with _timer(self.timings, "tag"):
+            if tagger is not None and tagger.language is not None:
+                tags = tagger.languages(batch.rows["caption"].to_list())
+                batch.with_columns(language=pl.Series(tags["language"], dtype=pl.String),
+                                   language_score=pl.Series(tags["language_score"]).fill_nan(None),
+                                   language_group=pl.Series(tags["language_group"], dtype=pl.String))
+        if scorer is not None:
+            captions = batch.rows["caption"]
+            batch.drop((captions.is_null() | (captions.str.len_chars() == 0)).to_numpy(), "score", "no_caption")
+            if not len(batch):
+                return
+            with _timer(self.timings, "score"):
+                pixels = np.stack(batch.payload["clip_input"])
+                texts = batch.rows["caption"].to_list()
+                img, txt, sim = scorer.score(pixels, texts)
+                writer.add_embeddings(batch.rows["row"].to_numpy(), img, txt)
+                threshold = np.full(len(batch), score_cfg.min_similarity, dtype=np.float32)
+                if "language_group" in batch.rows.columns:
+                    non_en = (batch.rows["language_group"] != "en").to_numpy()
+                    threshold[non_en] = score_cfg.threshold_multi
+                    if multi is not None:
+                        sim = sim.copy()
+                        if non_en.any():
+                            idx = np.flatnonzero(non_en)
+                            sim[idx] = multi.score(pixels[idx], [texts[i] for i in idx])[2]
+                        batch.with_columns(similarity_model=np.where(
+                            non_en, score_cfg.multilingual_model, score_cfg.model).astype(object))
+                batch.with_columns(similarity=sim)
+            with _timer(self.timings, "tag"):
+                if tagger is not None:
+                    batch.with_columns(**tagger.on_embeddings(img))
+            batch.drop(sim < threshold, "filter", "low_similarity")
+        if tagger is not None and tagger.watermark is not None and len(batch):
+            with _timer(self.timings, "tag"):
+                batch.with_columns(**tagger.on_pixels(np.stack(batch.payload["watermark_input"])))
 
     def _make_batch(self, items: list[_Arrived]) -> Batch:
         rows_idx = np.fromiter((a.row for a in items), dtype=np.int64, count=len(items))
@@ -291,6 +373,7 @@ class ShardJob:
             "stored": [y.stored if y is not None else None for y in d],
             "stored_ext": [y.stored_ext if y is not None else None for y in d],
             "clip_input": [y.clip_input if y is not None else None for y in d],
+            "watermark_input": [y.watermark_input if y is not None else None for y in d],
         })
         self.timings["decode"] += sum(y.decode_s for y in d if y is not None)
         return batch

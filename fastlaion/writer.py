@@ -32,15 +32,24 @@ from .batch import Batch
 
 PARTIAL_DIR = ".partial"
 
-# The per-shard Parquet's columns, in order, with their types: every shard has the same schema
-# (similarity only when scoring), whatever happened to its rows.
+# The per-shard Parquet's columns, in order, with their types. Every shard of a run has the same
+# schema; optional columns (scores and tags) are present exactly when their stage is configured.
 PARQUET_SCHEMA: dict[str, pl.DataType] = {
     "key": pl.String(), "url": pl.String(), "caption": pl.String(), "status": pl.String(), "stage": pl.String(),
     "reason": pl.String(), "error": pl.String(), "http_status": pl.Int32(), "attempts": pl.Int32(),
     "download_s": pl.Float32(), "bytes": pl.Int64(), "sha256": pl.String(), "format": pl.String(),
     "original_width": pl.Int32(), "original_height": pl.Int32(), "width": pl.Int32(), "height": pl.Int32(),
-    "similarity": pl.Float32(), "caption_edit": pl.String(),
+    "language": pl.String(), "language_score": pl.Float32(), "language_group": pl.String(),
+    "similarity": pl.Float32(), "similarity_model": pl.String(),
+    "punsafe": pl.Float32(), "pwatermark": pl.Float32(), "aesthetic": pl.Float32(), "aesthetic_v2": pl.Float32(),
+    "caption_edit": pl.String(),
 }
+OPTIONAL_COLUMNS = ("language", "language_score", "language_group", "similarity", "similarity_model",
+                    "punsafe", "pwatermark", "aesthetic", "aesthetic_v2")
+# Written into each sample's key.json as well (LAION's released columns and then some).
+SAMPLE_JSON_COLUMNS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256",
+                       "language", "language_score", "similarity", "punsafe", "pwatermark", "aesthetic",
+                       "aesthetic_v2")
 
 
 def shard_name(shard: int) -> str:
@@ -63,12 +72,17 @@ class ShardWriter:
     """Writes one shard: kept samples stream into the tar as batches finish; the Parquet,
     embeddings and stats are written by `finish`, then everything is renamed into place."""
 
-    def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int, embed_dim: int | None):
+    def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int, embed_dim: int | None,
+                 optional_columns: tuple[str, ...] = ()):
         self.out_dir = out_dir
         self.shard = shard
         self.name = shard_name(shard)
         self.n_rows = n_rows
         self.digits = key_digits(shard_size)
+        unknown = set(optional_columns) - set(OPTIONAL_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown optional columns {unknown}")
+        self.columns = [c for c in PARQUET_SCHEMA if c not in OPTIONAL_COLUMNS or c in optional_columns]
         self.tmp = out_dir / PARTIAL_DIR / self.name
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -96,8 +110,7 @@ class ShardWriter:
         """Append the batch's live rows as samples (key.ext, key.txt, key.json)."""
         stored = batch.payload["stored"]
         exts = batch.payload["stored_ext"]
-        meta_cols = [c for c in ("url", "caption", "similarity", "width", "height", "original_width",
-                                 "original_height", "sha256") if c in batch.rows.columns]
+        meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in batch.rows.columns and c in self.columns]
         for i, rec in enumerate(batch.rows.select("row", *meta_cols).iter_rows(named=True)):
             key = self.key(rec.pop("row"))
             self._add_member(f"{key}.{exts[i]}", stored[i])
@@ -123,9 +136,8 @@ class ShardWriter:
             raise RuntimeError(f"shard {self.name}: {outcome.height} outcomes for {self.n_rows} input rows")
         outcome = outcome.with_columns(
             (pl.lit(self.name) + pl.col("row").cast(pl.String).str.zfill(self.digits)).alias("key"))
-        columns = [name for name in PARQUET_SCHEMA if name != "similarity" or self._img_emb is not None]
-        return outcome.select(
-            [(pl.col(c) if c in outcome.columns else pl.lit(None)).cast(PARQUET_SCHEMA[c]).alias(c) for c in columns])
+        return outcome.select([(pl.col(c) if c in outcome.columns else pl.lit(None)).cast(PARQUET_SCHEMA[c]).alias(c)
+                               for c in self.columns])
 
     def publish(self, table: pl.DataFrame, stats: dict[str, Any]) -> None:
         """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""

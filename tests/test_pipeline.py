@@ -170,7 +170,7 @@ def test_embeddings_match_parquet_rows_and_similarity(scored_run):
         t = pl.read_parquet(pq)
         img = np.load(str(pq).replace(".parquet", "_img_emb.npy"))
         txt = np.load(str(pq).replace(".parquet", "_txt_emb.npy"))
-        assert img.dtype == np.float16 and img.shape == (t.height, 64) and txt.shape == img.shape
+        assert img.dtype == np.float16 and img.shape == (t.height, 512) and txt.shape == img.shape
         scored = t["similarity"].is_not_null().to_numpy()
         assert not np.isnan(img[scored]).any() and np.isnan(img[~scored]).all()
         cos = (img[scored].astype(np.float32) * txt[scored].astype(np.float32)).sum(1)

@@ -22,12 +22,12 @@ def test_paired_cosine_reference_against_numpy():
 def test_tiny_scorer_embeds_in_batches_consistently():
     torch.manual_seed(0)
     s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
-    assert s.clip_spec.size == (224, 224) and s.embed_dim == 64
+    assert s.clip_spec.size == (224, 224) and s.embed_dim == 512
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     texts = ["a cat", "a dog", "a cup of coffee", "", "x" * 5000]
     img, txt, sim = s.score(pixels, texts)
-    assert img.shape == txt.shape == (5, 64) and img.dtype == np.float16 and sim.dtype == np.float32
+    assert img.shape == txt.shape == (5, 512) and img.dtype == np.float16 and sim.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
     img1, txt1, sim1 = s.score(pixels[2:3], texts[2:3])  # a batch of one gives the same row
     np.testing.assert_allclose(sim1, sim[2:3], atol=1e-4)

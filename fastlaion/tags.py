@@ -1,0 +1,89 @@
+"""The tag stage: caption language, and LAION's heads on CLIP image embeddings and pixels.
+
+`Tagger` is built once per run from `TagConfig` and the scoring model; each head that is not
+configured is simply absent (its column is not written), never filled with made-up values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError, ScoreConfig, TagConfig
+from .heads import WATERMARK_SIZE_PX, WatermarkDetector, load_aesthetic_head, load_nsfw_head
+
+log = logging.getLogger(__name__)
+
+# LAION's heads were trained on OpenAI CLIP image embeddings: "auto" picks them only for those.
+_AUTO_NSFW = {"ViT-B-32": "nsfw-vit-b-32", "ViT-L-14": "nsfw-vit-l-14"}
+_AUTO_AESTHETIC_V1 = {"ViT-B-32": "aesthetic-v1-vit-b-32", "ViT-B-16": "aesthetic-v1-vit-b-16",
+                      "ViT-L-14": "aesthetic-v1-vit-l-14"}
+
+
+def _auto(choice: str | None, table: dict[str, str], score: ScoreConfig, what: str) -> str | None:
+    if choice is None or choice.lower() == "none":
+        return None
+    if choice != "auto":
+        return choice
+    if score.enabled and score.pretrained == "openai" and score.model in table:
+        return table[score.model]
+    log.info("%s: no LAION head for %s/%s (they take OpenAI CLIP embeddings); column left out",
+             what, score.model, score.pretrained)
+    return None
+
+
+class Tagger:
+    def __init__(self, cfg: TagConfig, score: ScoreConfig, embed_dim: int | None, device: torch.device):
+        self.language = None
+        if cfg.language:
+            from .language import LanguageIdentifier
+
+            self.language = LanguageIdentifier(cfg.language_model, cfg.language_min_score)
+        self.heads: dict[str, Any] = {}
+        nsfw = _auto(cfg.nsfw_head, _AUTO_NSFW, score, "punsafe")
+        if nsfw:
+            self.heads["punsafe"] = load_nsfw_head(nsfw)
+        v1 = _auto(cfg.aesthetic_v1, _AUTO_AESTHETIC_V1, score, "aesthetic")
+        if v1:
+            self.heads["aesthetic"] = load_aesthetic_head(v1, version=1)
+        if cfg.aesthetic_v2:
+            self.heads["aesthetic_v2"] = load_aesthetic_head(cfg.aesthetic_v2, version=2)
+        for column, head in self.heads.items():
+            dim = _input_dim(head)
+            if embed_dim is None:
+                raise ConfigError(f"the {column} head needs CLIP image embeddings: remove --no-score")
+            if dim != embed_dim:
+                raise ConfigError(f"the {column} head takes {dim}-d embeddings but {score.model} makes "
+                                  f"{embed_dim}-d ones; pick the head for this model or 'none'")
+        self.watermark = WatermarkDetector.load(cfg.watermark_model, device) if cfg.watermark_model else None
+
+    @property
+    def watermark_size_px(self) -> int | None:
+        return WATERMARK_SIZE_PX if self.watermark is not None else None
+
+    @property
+    def embedding_columns(self) -> list[str]:
+        return list(self.heads)
+
+    def languages(self, captions: list[str | None]) -> dict[str, Any]:
+        langs, scores, groups = self.language(captions) if self.language else ([], np.array([]), [])
+        return {"language": langs, "language_score": scores, "language_group": groups}
+
+    def on_embeddings(self, img_emb: np.ndarray) -> dict[str, np.ndarray]:
+        """img_emb: (N, D) L2-normalised float16/32 -> one (N,) float32 column per head."""
+        x = torch.from_numpy(img_emb.astype(np.float32))
+        return {column: head(x).numpy().astype(np.float32) for column, head in self.heads.items()}
+
+    def on_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """pixels: (N, 256, 256, 3) uint8 -> {"pwatermark": (N,) float32}."""
+        if self.watermark is None:
+            return {}
+        return {"pwatermark": self.watermark(torch.from_numpy(pixels)).numpy().astype(np.float32)}
+
+
+def _input_dim(head: torch.nn.Module) -> int:
+    first = next(m for m in head.modules() if isinstance(m, torch.nn.Linear))
+    return first.in_features

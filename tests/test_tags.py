@@ -1,0 +1,120 @@
+"""The tag stage in `fastlaion run`: language groups and their thresholds, LAION's heads, watermark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.heads import watermark_model
+from fastlaion.server import LoopbackServer, Served
+from helpers import encode
+
+MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "models"
+runner = CliRunner()
+
+CAPTIONS = ["a photograph of a cat sleeping on a sofa", "une photo d'un chat qui dort sur un canapé",
+            "a cup of black coffee on a wooden table", "ein Foto einer Katze, die auf einem Sofa schläft",
+            "12345"]
+
+
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    import open_clip
+
+    from fastlaion.score import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    torch.save({"state_dict": open_clip.create_model(TINY_MODEL).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(photos):
+    names = list(photos)
+    files = {f"{i}.jpg": Served(encode(photos[names[i % len(names)]]), "image/jpeg") for i in range(len(CAPTIONS))}
+    with LoopbackServer(files) as server:
+        yield server
+
+
+def run(tmp_path: Path, server: LoopbackServer, *flags: str) -> pl.DataFrame:
+    inp = tmp_path / "in.parquet"
+    pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(len(CAPTIONS))], "caption": CAPTIONS}).write_parquet(inp)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--no-progress", *flags])
+    assert result.exit_code == 0, result.output
+    return pl.read_parquet(out / "00000.parquet")
+
+
+def test_language_groups_get_their_own_threshold(tmp_path, served):
+    t = run(tmp_path, served, "--pretrained", "none", "--min-similarity", "1.0", "--min-similarity-multi", "-1")
+    assert t["language"].to_list()[:4] == ["en", "fr", "en", "de"]
+    assert t["language_group"].to_list() == ["en", "multi", "en", "multi", "nolang"]
+    # English pairs face 1.0 (impossible), the others -1 (always passes)
+    assert t["status"].to_list() == ["dropped", "kept", "dropped", "kept", "kept"]
+    assert t.filter(pl.col("status") == "dropped")["reason"].unique().to_list() == ["low_similarity"]
+    assert "punsafe" not in t.columns and "aesthetic" not in t.columns  # auto: no LAION head for this model
+
+
+def test_no_language_means_one_threshold_and_no_columns(tmp_path, served):
+    t = run(tmp_path, served, "--pretrained", "none", "--no-language", "--min-similarity", "1.0",
+            "--min-similarity-multi", "-1")
+    assert "language" not in t.columns
+    assert t["status"].to_list() == ["dropped"] * 5
+
+
+def test_multilingual_model_scores_the_non_english_rows(tmp_path, served):
+    import open_clip
+
+    main = tiny_checkpoint(tmp_path / "main.pt", 1)
+    multi = tiny_checkpoint(tmp_path / "multi.pt", 2)
+    t = run(tmp_path, served, "--pretrained", str(main), "--multilingual-model", "fastlaion-tiny",
+            "--multilingual-pretrained", str(multi), "--min-similarity", "-1", "--min-similarity-multi", "-1")
+    assert t["similarity_model"].to_list() == ["fastlaion-tiny"] * 5
+    img = np.load(tmp_path / "out" / "00000_img_emb.npy").astype(np.float32)
+    txt = np.load(tmp_path / "out" / "00000_txt_emb.npy").astype(np.float32)
+    en = (t["language_group"] == "en").to_numpy()
+    # English rows: the main model's similarity (its embeddings are the ones stored)
+    np.testing.assert_allclose((img * txt).sum(1)[en], t["similarity"].to_numpy()[en], atol=5e-3)
+    # others: the multilingual model's own text tower, checked independently
+    model = open_clip.create_model("fastlaion-tiny", pretrained=str(multi)).eval()
+    tok = open_clip.get_tokenizer("fastlaion-tiny")
+    with torch.no_grad():
+        t_multi = torch.nn.functional.normalize(model.encode_text(tok([CAPTIONS[1]])), dim=-1)[0].numpy()
+    assert not np.allclose(t_multi, txt[1], atol=1e-2)  # a different model really was used
+    assert abs(t["similarity"][1] - (img[1] * txt[1]).sum()) > 1e-3
+
+
+@pytest.mark.skipif(not MODELS.is_dir(), reason="real LAION heads not found")
+def test_laion_heads_and_watermark_columns(tmp_path, served):
+    torch.manual_seed(0)
+    wm = tmp_path / "wm.pth"
+    torch.save(watermark_model().state_dict(), wm)
+    t = run(tmp_path, served, "--pretrained", "none", "--min-similarity", "-1",
+            "--nsfw-head", str(MODELS / "nsfw_head_vit_b_32.pth"),
+            "--aesthetic-v1", str(MODELS / "aesthetic_v1_vit_b_32_linear.pth"), "--watermark-model", str(wm))
+    assert t["status"].to_list() == ["kept"] * 5
+    for col in ("punsafe", "aesthetic", "pwatermark"):
+        assert t[col].null_count() == 0, col
+    assert t["punsafe"].is_between(0, 1).all() and t["pwatermark"].is_between(0, 1).all()
+    # aesthetic = the published linear head on the stored image embeddings, computed by hand
+    img = np.load(tmp_path / "out" / "00000_img_emb.npy").astype(np.float64)
+    state = torch.load(MODELS / "aesthetic_v1_vit_b_32_linear.pth", weights_only=True)
+    want = img @ state["weight"].double().numpy()[0] + state["bias"].double().numpy()[0]
+    np.testing.assert_allclose(t["aesthetic"].to_numpy(), want, atol=2e-2)
+
+
+def test_head_for_another_embedding_size_is_a_clear_error(tmp_path, served):
+    if not MODELS.is_dir():
+        pytest.skip("real LAION heads not found")
+    inp = tmp_path / "in.parquet"
+    pl.DataFrame({"url": [served.url("0.jpg")], "caption": ["a cat"]}).write_parquet(inp)
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
+                                 "--pretrained", "none", "--nsfw-head", str(MODELS / "nsfw_head_vit_l_14.pth")])
+    assert result.exit_code == 2
+    assert "takes 768-d embeddings" in result.output
