@@ -122,6 +122,7 @@ class ScoreConfig:
     multilingual_pretrained: str = "none"
     batch_size: int = 256  # images per CLIP forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
 
     @property
     def random_weights(self) -> bool:
@@ -132,16 +133,19 @@ class ScoreConfig:
             raise ConfigError(f"--min-similarity must be between -1 and 1, got {self.min_similarity}")
         if self.min_similarity_multi is not None and not -1.0 <= self.min_similarity_multi <= 1.0:
             raise ConfigError(f"--min-similarity-multi must be between -1 and 1, got {self.min_similarity_multi}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.precision not in ("auto", "fp16", "bf16", "fp32"):
+            raise ConfigError(f"--precision must be auto, fp16, bf16 or fp32, got {self.precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def threshold_multi(self) -> float:
+        """The threshold for rows not identified as English."""
         if self.min_similarity_multi is not None:
             return self.min_similarity_multi
         return LAION_MULTI_THRESHOLD if self.multilingual_model else self.min_similarity
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     device do not change the output)."""
     key = {k: saved.get(k, {}) for k in ("input", "decode", "score", "tags")}
     key["decode"] = {k: v for k, v in key["decode"].items() if k != "threads"}
-    key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device")}
+    key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
     return key
 

@@ -49,6 +49,13 @@ def pick_device(preference: str) -> torch.device:
     return device
 
 
+def pick_precision(preference: str, device: torch.device) -> str:
+    """fp16 on CUDA, fp32 on the CPU (half-precision matmuls are slow or missing there), unless asked."""
+    if preference == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return preference
+
+
 class Scorer:
     """An open_clip model with its tokenizer and preprocessing config, ready to embed batches."""
 
@@ -69,7 +76,7 @@ class Scorer:
             if pretrained not in tags:
                 raise ConfigError(f"--pretrained {pretrained!r} is not a known tag for {cfg.model} "
                                   f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = pick_precision(cfg.precision, device)
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
         except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
@@ -81,7 +88,8 @@ class Scorer:
             log.warning("%s has RANDOM weights: similarity scores mean nothing", cfg.model)
         self.model = model
         self.device = device
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        log.info("%s on %s in %s", cfg.model, device, precision)
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         pp = open_clip.get_model_preprocess_cfg(model)
         self.clip_spec = ClipInputSpec.from_open_clip(pp)

@@ -155,3 +155,18 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     refused = subprocess.run(FASTLAION + ["demo", "-o", str(other)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "does not hold an earlier demo" in refused.stderr
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--device", "tpu", "--device must be"),
+    ("--workers", "0", "--workers must be at least 1"),
+    ("--image-size", "4", "--image-size must be between"),
+    ("--language-min-score", "2", "--language-min-score must be between"),
+])
+def test_every_validated_flag_is_checked_before_work(tmp_path, flag, value, message):
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
+    result = runner.invoke(app, ["run", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o"), flag, value])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "o").exists()  # refused before anything was written

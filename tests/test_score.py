@@ -44,3 +44,38 @@ def test_bad_model_and_weights_are_clear_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot load"):
         Scorer(ScoreConfig(model=TINY_MODEL, pretrained=str(bad)), torch.device("cpu"))
+
+
+def test_pipeline_preprocessing_gives_open_clips_embeddings_on_real_photos(photos):
+    """Our decode (libjpeg-turbo scaled decode, our resize/crop) + Scorer against open_clip's own
+    `preprocess` + model on the same JPEG bytes: same random weights, cosine above 0.999."""
+    import io
+
+    import open_clip
+    from PIL import Image
+
+    from fastlaion.config import DecodeConfig
+    from fastlaion.decode import Decoder
+    from helpers import encode
+
+    torch.manual_seed(0)
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), torch.device("cpu"))
+    preprocess = open_clip.image_transform(s.clip_spec.size, is_train=False)
+    decoder = Decoder(DecodeConfig(), s.clip_spec)
+    for name, arr in photos.items():
+        body = encode(arr, "JPEG")
+        ours = s.embed_images(decoder(body).clip_input[None])[0]
+        with torch.no_grad():
+            ref = s.model.encode_image(preprocess(Image.open(io.BytesIO(body)).convert("RGB"))[None])[0]
+        cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
+        assert cos > 0.999, (name, cos)
+
+
+def test_precision_choice():
+    from fastlaion.score import pick_precision
+
+    assert pick_precision("auto", torch.device("cpu")) == "fp32"
+    assert pick_precision("auto", torch.device("cuda")) == "fp16"
+    assert pick_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="--precision"):
+        ScoreConfig(precision="fp8").validate()
