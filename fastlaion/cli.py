@@ -81,6 +81,9 @@ class _BarProgress:
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.bar.advance(self.task)
 
+    def extracting(self) -> Any:
+        return _ExtractBar(not self.bar.disable)
+
     def stop(self) -> None:
         self.bar.stop()
 
@@ -138,9 +141,9 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
 
 @app.command("run")
 def run_cmd(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", show_default=False,
-        help="URL lists: .txt (one URL per line), .csv, .tsv, .jsonl or .parquet.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; rerunning into it resumes.", show_default=False)],
+    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...", show_default=False,
+        help="URL lists (.txt one URL per line, .csv, .tsv, .jsonl, .parquet) or Common Crawl WAT/WARC files (paths or http(s)/s3 URLs).")] = None,
     input_format: Annotated[InputFormat, typer.Option(help="Input format; auto picks by file extension.")] = _D.input.input_format,
     url_col: Annotated[str, typer.Option(help="Column holding the image URL (csv/tsv/jsonl/parquet).")] = _D.input.url_col,
     caption_col: Annotated[str, typer.Option(help="Column holding the caption (alt text).")] = _D.input.caption_col or "caption",
@@ -174,10 +177,14 @@ def run_cmd(
     aesthetic_v1: Annotated[str, typer.Option(help="aesthetic from LAION-Aesthetics V1 (linear head): auto (for OpenAI ViT-B-32/B-16/L-14), none, a known name, a path or a URL.")] = _D.tags.aesthetic_v1 or "none",
     aesthetic_v2: Annotated[Optional[str], typer.Option(help="aesthetic_v2 from LAION-Aesthetics V2 (MLP on ViT-L/14 embeddings): a path or URL to its weights.", show_default=False)] = None,
     watermark_model: Annotated[Optional[str], typer.Option(help="pwatermark from LAION's watermark detector (EfficientNet-B3a, 256x256): a path or URL to its weights. Without it the column is absent.", show_default=False)] = None,
+    crawl: Annotated[Optional[str], typer.Option(help="Read WAT files of this Common Crawl crawl (e.g. CC-MAIN-2024-22): extract candidate pairs with LAION's link rules, then download them.", show_default=False)] = None,
+    crawl_files: Annotated[int, typer.Option(help="How many of the crawl's WAT files to read (with --crawl).")] = _D.input.crawl_files,
+    cc_base_url: Annotated[str, typer.Option(help="Where Common Crawl's files are served from (with --crawl).")] = _D.input.cc_base_url,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
-    """Download, decode, CLIP-filter and write a webdataset from URL lists (img2dataset's input).
+    """Download, decode, CLIP-filter and write a webdataset from URL lists (img2dataset's input),
+    or from Common Crawl WAT/WARC files and --crawl (extracted first, as `fastlaion extract` does).
 
     Writes OUTPUT/{shard:05d}.tar (webdataset: key.jpg, key.txt, key.json per kept sample), a
     Parquet per shard with every input row and why it was dropped, embeddings, per-shard stats and
@@ -186,8 +193,9 @@ def run_cmd(
     _setup_logging(verbose)
     cfg = RunConfig(
         output_dir=str(output),
-        input=InputConfig(paths=tuple(str(p) for p in inputs), input_format=input_format, url_col=url_col,
-                          caption_col=caption_col, shard_size=shard_size, max_caption_chars=max_caption_chars),
+        input=InputConfig(paths=tuple(str(p) for p in inputs or ()), input_format=input_format, url_col=url_col,
+                          caption_col=caption_col, shard_size=shard_size, max_caption_chars=max_caption_chars,
+                          crawl=crawl, crawl_files=crawl_files, cc_base_url=cc_base_url),
         download=DownloadConfig(workers=workers, timeout_s=timeout, retries=retries, max_bytes=max_bytes,
                                 user_agent=user_agent),
         decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,19 @@ class InputConfig:
     caption_col: str | None = "caption"  # column holding the alt text; None: no captions
     shard_size: int = 10_000  # input rows per output shard
     max_caption_chars: int = LAION_MAX_TEXT_CHARS  # longer captions are truncated (LAION)
+    # Common Crawl input: WAT/WARC files among `paths` and/or a crawl's WAT listing are first
+    # extracted to candidate pairs (fastlaion.extract, LAION's link rules) under OUT/candidates.
+    crawl: str | None = None  # e.g. CC-MAIN-2024-22
+    crawl_files: int = 1  # how many of the crawl's WAT files
+    cc_base_url: str = "https://data.commoncrawl.org/"
 
     def validate(self) -> None:
-        if not self.paths:
-            raise ConfigError("no input given: pass one or more INPUT files")
+        if not self.paths and not self.crawl:
+            raise ConfigError("no input given: pass one or more INPUT files (or --crawl)")
+        if self.crawl is not None and not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", self.crawl):
+            raise ConfigError(f"--crawl must look like CC-MAIN-2024-22, got {self.crawl!r}")
+        if self.crawl_files < 1:
+            raise ConfigError(f"--crawl-files must be at least 1, got {self.crawl_files}")
         if self.shard_size < 1:
             raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.max_caption_chars < 1:

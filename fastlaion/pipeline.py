@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from .batch import Batch, funnel, merge_funnels
-from .config import ConfigError, RunConfig, resume_key
+from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
 from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, new_event_loop
 from .reader import read_inputs, shard_count, shards
@@ -44,6 +44,10 @@ SUMMARY_FILE = "summary.json"
 
 class Progress:
     """Callbacks the pipeline makes as work proceeds; the CLI draws a progress bar from them."""
+
+    def extracting(self) -> Any:
+        """An `extract.ExtractProgress` for the extraction that precedes a Common Crawl run."""
+        return None
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None: ...
 
@@ -73,8 +77,11 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     progress = progress or Progress()
     cfg.validate()
     out = Path(cfg.output_dir)
-    table = read_inputs(cfg.input, need_captions=cfg.score.enabled)
-    prepare_output(out, cfg)
+    if needs_extraction(cfg.input):
+        table = read_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
+    else:
+        table = read_inputs(cfg.input, need_captions=cfg.score.enabled)
+        prepare_output(out, cfg)
     n_shards = shard_count(table.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
@@ -120,6 +127,44 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+CANDIDATES_DIR = "candidates"
+
+
+def needs_extraction(inputs: InputConfig) -> bool:
+    from .extract import is_warc_like
+
+    return inputs.crawl is not None or any(is_warc_like(p) for p in inputs.paths)
+
+
+def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputConfig:
+    """Common Crawl inputs -> candidate pairs under OUT/candidates (once; a rerun reuses them).
+
+    Returns the input config that reads those candidates as URL lists.
+    """
+    from .extract import ExtractConfig, extract_to_parquet, is_warc_like, list_crawl
+
+    inputs = cfg.input
+    others = [p for p in inputs.paths if not is_warc_like(p)]
+    if others:
+        raise ConfigError(f"{others[0]}: URL lists and WAT/WARC inputs cannot be mixed in one run; "
+                          "run `fastlaion extract` first and pass its candidates-*.parquet")
+    for path in inputs.paths:
+        if "://" not in path and not Path(path).is_file():
+            raise ConfigError(f"input file not found: {path}")
+    prepare_output(out, cfg)
+    target = out / CANDIDATES_DIR
+    if not (target / "extract_stats.json").exists():
+        sources = list(inputs.paths)
+        if inputs.crawl:
+            sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
+        shutil.rmtree(target, ignore_errors=True)
+        extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars),
+                           progress.extracting())
+    candidates = tuple(str(p) for p in sorted(target.glob("candidates-*.parquet")))
+    return dataclasses.replace(inputs, paths=candidates, input_format=InputFormat.parquet, url_col="url",
+                               caption_col="caption", crawl=None)
 
 
 def prepare_output(out: Path, cfg: RunConfig) -> None:

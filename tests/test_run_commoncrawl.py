@@ -1,0 +1,95 @@
+"""`fastlaion run` on Common Crawl input: WAT files and --crawl, extracted then downloaded.
+
+Everything is served from 127.0.0.1: the crawl's wat.paths.gz, its WAT files, and the images
+their <img> links point to.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import polars as pl
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer, Served
+from helpers import encode
+from test_extract import gz, img, wat_record, wat_request_record
+
+runner = CliRunner()
+CRAWL = "CC-MAIN-2024-22"
+
+
+def build(photos, server_url: str) -> dict[str, Served]:
+    """Two WAT files of a crawl; their pages link to images on the same server (one link dead)."""
+    names = list(photos)
+    files = {f"img/{n}.jpg": Served(encode(photos[n]), "image/jpeg") for n in names}
+    wats = [
+        [wat_request_record(f"{server_url}/page0"),
+         wat_record(f"{server_url}/page0", [img(f"/img/{names[0]}.jpg", "a tabby cat on a table"),
+                                            img("/img/missing.jpg", "a link that is dead now"),
+                                            img("/img/logo.svg", "an svg logo, rejected by LAION's rules"),
+                                            img(f"/img/{names[1]}.jpg", "abc")])],  # alt under 5 chars
+        [wat_record(f"{server_url}/page1", [img(f"{server_url}/img/{names[2]}.jpg", "an astronaut in a suit"),
+                                            img(f"/img/{names[0]}.jpg", "a tabby cat on a table")]),  # a duplicate
+         wat_record(f"{server_url}/page2", [img(f"/img/{names[3]}.jpg", "a rocket on the launch pad")])],
+    ]
+    paths = [f"crawl-data/{CRAWL}/segments/1/wat/part-{i}.warc.wat.gz" for i in range(len(wats))]
+    for path, records in zip(paths, wats):
+        files[path] = Served(gz(records))
+    files[f"crawl-data/{CRAWL}/wat.paths.gz"] = Served(gzip.compress(("\n".join(paths) + "\n").encode()))
+    return files
+
+
+def test_run_with_crawl_extracts_then_downloads(tmp_path, photos):
+    server = LoopbackServer().start()
+    try:
+        server.files.update(build(photos, server.base_url))
+        out = tmp_path / "out"
+        args = ["run", "-o", str(out), "--crawl", CRAWL, "--crawl-files", "2", "--cc-base-url", server.base_url + "/",
+                "--model", "fastlaion-tiny", "--pretrained", "none", "--min-similarity", "-1", "--no-progress",
+                "--retries", "0"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        stats = json.loads((out / "candidates" / "extract_stats.json").read_text())
+        table = pl.read_parquet(out / "00000.parquet")
+        # 7 img links: svg and short alt rejected, one duplicate -> 4 candidates, one of them a 404
+        assert (stats["links"], stats["pairs"], stats["pairs_after_dedup"]) == (7, 5, 4)
+        assert stats["rejected"]["svg"] == stats["rejected"]["short_alt"] == 1
+        assert table.height == 4
+        assert sorted(table["caption"].to_list()) == sorted([
+            "a tabby cat on a table", "a link that is dead now", "an astronaut in a suit", "a rocket on the launch pad"])
+        assert dict(table.group_by("status").len().iter_rows()) == {"kept": 3, "dropped": 1}
+        assert table.filter(pl.col("status") == "dropped")["reason"].to_list() == ["http_404"]
+        assert table.filter(pl.col("caption") == "a tabby cat on a table")["url"][0] == server.url("img/chelsea.jpg")
+        # rerun: extraction is not repeated, finished shards are skipped
+        before = (out / "candidates" / "extract_stats.json").stat().st_mtime_ns
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0 and "already complete" in again.output
+        assert (out / "candidates" / "extract_stats.json").stat().st_mtime_ns == before
+    finally:
+        server.close()
+
+
+def test_run_with_local_wat_and_bad_mixes(tmp_path, photos):
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--no-score", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert pl.read_parquet(out / "00000.parquet")["status"].to_list() == ["kept", "kept", "kept"]
+    finally:
+        server.close()
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+    mixed = runner.invoke(app, ["run", str(wat), str(tmp_path / "urls.txt"), "-o", str(tmp_path / "o2"), "--no-score"])
+    assert mixed.exit_code == 2 and "cannot be mixed" in mixed.output
+    missing = runner.invoke(app, ["run", str(tmp_path / "nope.warc.gz"), "-o", str(tmp_path / "o3"), "--no-score"])
+    assert missing.exit_code == 2 and "input file not found" in missing.output
+    assert not (tmp_path / "o3").exists()
+    bad = runner.invoke(app, ["run", "-o", str(tmp_path / "o4"), "--crawl", "2024-22"])
+    assert bad.exit_code == 2 and "--crawl must look like" in bad.output
