@@ -99,25 +99,36 @@ class Scorer:
             else int(self.embed_texts(["probe"]).shape[1])
 
     @torch.inference_mode()
-    def embed_images(self, pixels: np.ndarray) -> torch.Tensor:
-        """pixels: (N, H, W, 3) uint8 RGB on the host -> (N, D) L2-normalised float32 on the host."""
+    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
+        """pixels: (N, H, W, 3) uint8 RGB on the host -> (N, D) raw image features on the device,
+        in the model's precision (fp16 on CUDA)."""
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
-        emb = self.model.encode_image(x).float()
-        return torch.nn.functional.normalize(emb, dim=-1).cpu()
+        return self.model.encode_image(x)
 
     @torch.inference_mode()
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """texts: N strings -> (N, D) L2-normalised float32 on the host."""
-        tokens = self.tokenizer(texts).to(self.device)
-        emb = self.model.encode_text(tokens).float()
-        return torch.nn.functional.normalize(emb, dim=-1).cpu()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """texts: N strings -> (N, D) raw text features on the device."""
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
+    def embed_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, D) L2-normalised float32 on the host."""
+        return torch.nn.functional.normalize(self.image_features(pixels).float(), dim=-1).cpu()
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """N strings -> (N, D) L2-normalised float32 on the host."""
+        return torch.nn.functional.normalize(self.text_features(texts).float(), dim=-1).cpu()
+
+    @torch.inference_mode()
     def score(self, pixels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image embeddings, text embeddings (both (N, D) float16) and cosine similarity ((N,) float32)."""
+        """Image embeddings, text embeddings (both (N, D) L2-normalised float16 on the host) and
+        their cosine similarity ((N,) float32), computed on the device (our fused CUDA kernel on
+        a GPU, its pure-torch reference on the CPU)."""
         if len(pixels) != len(texts):
             raise ValueError(f"{len(pixels)} images for {len(texts)} texts")
-        img = self.embed_images(pixels)
-        txt = self.embed_texts(texts)
-        sim = paired_cosine(img, txt)
-        return img.half().numpy(), txt.half().numpy(), sim.numpy().astype(np.float32)
+        img = self.image_features(pixels)
+        txt = self.text_features(texts)
+        sim = paired_cosine(img, txt)  # normalises in fp32 itself
+        img = torch.nn.functional.normalize(img.float(), dim=-1).half()
+        txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
+        return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
