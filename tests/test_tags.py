@@ -59,6 +59,7 @@ def test_language_groups_get_their_own_threshold(tmp_path, served):
     assert t["status"].to_list() == ["dropped", "kept", "dropped", "kept", "kept"]
     assert t.filter(pl.col("status") == "dropped")["reason"].unique().to_list() == ["low_similarity"]
     assert "punsafe" not in t.columns and "aesthetic" not in t.columns  # auto: no LAION head for this model
+    assert "pwatermark" not in t.columns and "aesthetic_v2" not in t.columns  # no weights given: no column
 
 
 def test_no_language_means_one_threshold_and_no_columns(tmp_path, served):
