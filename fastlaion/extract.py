@@ -73,7 +73,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -92,6 +92,7 @@ NOTES = ("url_truncated", "caption_truncated", "charset_fallback")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # .warc.wat.gz ends in .wat.gz
 READ_CHUNK_BYTES = 1 << 20
 DECOMPRESS_CAP_BYTES = 8 << 20  # most output one decompress call may make
+INFLATE_FEED_BYTES = 8 << 10  # most compressed input one decompress call is given
 WRITE_CHUNK_ROWS = 65_536  # pairs buffered per input before they go to its temporary Parquet
 MAX_HEADER_BYTES = 64 << 10
 TICK_RECORDS = 2000  # progress is reported every this many records
@@ -621,9 +622,9 @@ def _raw_chunks(stream: Any, stats: InputStats) -> Iterator[bytes]:
 
 
 def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitter) -> Iterator[bytes | None]:
-    """The input's bytes, gunzipped member by member when it is gzip. None marks a hole: a
-    corrupt member was dropped (counted) and reading resumed at the next gzip header. A gzip
-    stream that ends inside a member sets `splitter.cut`."""
+    """The input's bytes, gunzipped member by member when it is gzip, in pieces of about
+    READ_CHUNK_BYTES. None marks a hole: a corrupt member was dropped (counted) and reading
+    resumed at the next gzip header. A gzip stream that ends inside a member sets `splitter.cut`."""
     first = next(chunks, b"")
     if not first:
         return
@@ -631,41 +632,72 @@ def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitte
         yield first
         yield from chunks
         return
-    d = zlib.decompressobj(31)
+    inflate = _inflate_module()
+    d = inflate.decompressobj(31)
     fed = False  # the current member has received bytes
     resync = False
-    for data in _prepend(first, chunks):
-        while data:
+    pending: list[bytes] = []  # output joined into one piece: one splitter call per ~1 MiB
+    pending_bytes = 0
+    for chunk in _prepend(first, chunks):
+        view = memoryview(chunk)
+        pos = 0
+        member_start = 0  # where the current member's bytes begin in this chunk
+        while pos < len(chunk):
             if resync:
-                j = data.find(_GZIP_MAGIC)
+                j = chunk.find(_GZIP_MAGIC, pos)
                 if j < 0:
-                    data = b""
                     break
-                data, resync = data[j:], False
+                pos = member_start = j
+                resync = False
+            # At most INFLATE_FEED_BYTES per call: at a member's end the decompressor copies all
+            # input it was given past that end (unused_data), so a whole chunk per call would
+            # copy ~0.5 MiB for every ~2 KiB member.
+            piece = view[pos:pos + INFLATE_FEED_BYTES]
             try:
-                out = d.decompress(data, DECOMPRESS_CAP_BYTES)  # capped: a gzip bomb stays small
-            except zlib.error:
+                out = d.decompress(piece, DECOMPRESS_CAP_BYTES)  # capped: a gzip bomb stays small
+            except inflate.error:
+                if pending:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
                 yield None
                 stats.skip("corrupt_gzip")
-                d, fed, resync = zlib.decompressobj(31), False, True
-                data = data[1:]
+                d, fed, resync = inflate.decompressobj(31), False, True
+                pos = member_start + 1
                 continue
             fed = True
-            if out:
-                yield out
             if d.eof:
-                data = d.unused_data
-                d, fed = zlib.decompressobj(31), False
+                pos += len(piece) - len(d.unused_data)
+                member_start = pos
+                d, fed = inflate.decompressobj(31), False
             else:
-                data = d.unconsumed_tail
+                pos += len(piece) - len(d.unconsumed_tail)
+            if out:
+                pending.append(out)
+                pending_bytes += len(out)
+                if pending_bytes >= READ_CHUNK_BYTES:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
     if fed and not d.eof:  # cut short: what it holds goes on; the splitter counts a partial record
         splitter.cut = True
         try:
             tail = d.flush()
-        except zlib.error:
+        except inflate.error:
             tail = b""
         if tail:
-            yield tail
+            pending.append(tail)
+    if pending:
+        yield b"".join(pending)
+
+
+def _inflate_module() -> Any:
+    """zlib-ng when installed (it inflates Common Crawl's small gzip members ~1.5x faster than
+    zlib, with the same results and errors), else the standard zlib."""
+    try:
+        from zlib_ng import zlib_ng
+
+        return zlib_ng
+    except ImportError:
+        return zlib
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -875,8 +907,8 @@ def _handle_wat(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats: Inp
     lang = _wat_lang(meta, head)
     stats.pages += 1
     stats.records += 1
-    imgs = ((ln.get("url"), ln.get("alt"), None, None) for ln in links
-            if isinstance(ln, dict) and ln.get("path") == "IMG@/src")
+    imgs = [(ln.get("url"), ln.get("alt"), None, None) for ln in links
+            if isinstance(ln, dict) and ln.get("path") == "IMG@/src"]
     rules.page(page_url, base if isinstance(base, str) else None, imgs, lang, True, writer)
 
 
@@ -1089,17 +1121,8 @@ class _LinkRules:
     def __init__(self, cfg: ExtractConfig, stats: InputStats):
         self.cfg = cfg
         self.stats = stats
-        bad = ["data:", "javascript:"]
-        self._reasons = ["data_uri", "javascript"]
-        if cfg.reject_svg:
-            bad.append(".svg")
-            self._reasons.append("svg")
-        if cfg.reject_gif:
-            bad.append(".gif")
-            self._reasons.append("gif")
-        self._bad = tuple(zip(bad, self._reasons))
 
-    def page(self, page_url: str, base_href: str | None, imgs: Iterable[tuple[Any, Any, int | None, int | None]],
+    def page(self, page_url: str, base_href: str | None, imgs: list[tuple[Any, Any, int | None, int | None]],
              lang: str | None, raw_entities: bool, writer: _PairWriter) -> None:
         """Add the page's accepted pairs to `writer`. `raw_entities`: the strings come from a
         WAT, where entities are still encoded; an HTML parser has already decoded them."""
@@ -1110,11 +1133,14 @@ class _LinkRules:
             href = base_href.strip()
             base = urljoin(page_url, _unescape_url(href) if raw_entities and "&" in href else href)
         join = _Base(base).join
-        bad_subs = self._bad
+        reject_svg, reject_gif = self.cfg.reject_svg, self.cfg.reject_gif
         match_url = _HTTP_URL.match
-        add = writer.add
+        urls: list[str] = []
+        captions: list[str] = []
+        widths: list[int | None] = []
+        heights: list[int | None] = []
+        stats.links += len(imgs)
         for src, alt, width, height in imgs:
-            stats.links += 1
             if not isinstance(alt, str):
                 if min_alt > 0 or alt is not None:
                     rej["no_alt"] += 1
@@ -1132,13 +1158,17 @@ class _LinkRules:
             if raw_entities and "&" in src:
                 src = _unescape_url(src)
             low = src.lower()
-            reason = None
-            for sub, why in bad_subs:
-                if sub in low:
-                    reason = why
-                    break
-            if reason is not None:
-                rej[reason] += 1
+            if "data:" in low:
+                rej["data_uri"] += 1
+                continue
+            if "javascript:" in low:
+                rej["javascript"] += 1
+                continue
+            if reject_svg and ".svg" in low:
+                rej["svg"] += 1
+                continue
+            if reject_gif and ".gif" in low:
+                rej["gif"] += 1
                 continue
             if "\n" in src or "\t" in src or "\r" in src:  # browsers drop these inside URLs
                 src = src.replace("\n", "").replace("\t", "").replace("\r", "")
@@ -1157,8 +1187,13 @@ class _LinkRules:
             if len(alt) > max_chars:
                 alt = alt[:max_chars]
                 stats.notes["caption_truncated"] += 1
-            stats.pairs += 1
-            add(url, alt, page_url, width, height, lang)
+            urls.append(url)
+            captions.append(alt)
+            widths.append(width)
+            heights.append(height)
+        if urls:
+            stats.pairs += len(urls)
+            writer.add_page(urls, captions, page_url, widths, heights, lang)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1189,15 +1224,16 @@ class _PairWriter:
         self._writer: Any = None
         self._cols: tuple[list, ...] = ([], [], [], [], [], [])
 
-    def add(self, url: str, caption: str, page_url: str, width: int | None, height: int | None,
-            lang: str | None) -> None:
+    def add_page(self, urls: list[str], captions: list[str], page_url: str, widths: list[int | None],
+                 heights: list[int | None], lang: str | None) -> None:
+        """One page's pairs: page_url and lang are the same for all of them."""
         c = self._cols
-        c[0].append(url)
-        c[1].append(caption)
-        c[2].append(page_url)
-        c[3].append(width)
-        c[4].append(height)
-        c[5].append(lang)
+        c[0].extend(urls)
+        c[1].extend(captions)
+        c[2].extend([page_url] * len(urls))
+        c[3].extend(widths)
+        c[4].extend(heights)
+        c[5].extend([lang] * len(urls))
         if len(c[0]) >= WRITE_CHUNK_ROWS:
             self.flush()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -592,3 +593,37 @@ def test_whole_file_gzip_and_plain_give_the_same_pairs(tmp_path):
     s3, t3 = extract(tmp_path, {"plain.wat": b"".join(recs)}, ONE, "c")
     assert pairs(t1) == pairs(t2) == pairs(t3) and t1.height == 3
     assert s1.skipped == s2.skipped == s3.skipped == dict.fromkeys(SKIP_REASONS, 0)
+
+
+@pytest.mark.parametrize("inflater", ["zlib", "zlib_ng"])
+def test_gzip_members_larger_than_a_read_are_read_alike_with_either_inflater(tmp_path, monkeypatch, inflater):
+    """Members are fed to the decompressor a piece at a time; a member spanning many pieces and
+    read chunks, and a corrupt one among them, give the same rows and counts with stdlib zlib."""
+    import zlib
+
+    import fastlaion.extract as extract_mod
+
+    if inflater == "zlib":
+        monkeypatch.setattr(extract_mod, "_inflate_module", lambda: zlib)
+    else:
+        pytest.importorskip("zlib_ng")
+    monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", 20_000)
+    rng = random.Random(0)
+    noise = [{"path": "A@/href", "url": f"/n{rng.getrandbits(64):x}", "text": f"{rng.getrandbits(64):x}"}
+             for _ in range(3000)]  # links that do not compress away: a member of ~100 KB
+    recs = [wat_record(f"https://big.example/{i}", noise + [img(f"/{i}.jpg", f"Large member {i}")]) for i in range(4)]
+    members = [gzip.compress(r) for r in recs]
+    assert len(members[0]) > 50_000
+    bad = bytearray(members[2])
+    bad[30_000:30_040] = b"\x00" * 40
+    members[2] = bytes(bad)
+    s, t = extract(tmp_path, {"big.wat.gz": b"".join(members)})
+    assert pairs(t) == [(f"https://big.example/{i}.jpg", f"Large member {i}") for i in (0, 1, 3)]
+    assert nonzero(s.skipped) == {"corrupt_gzip": 1}
+    assert s.records == 4 and s.pages == 3
+
+
+def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):
+    data = gzip.compress(b"".join(three_wat_records()))[:14]  # the gzip header and a few bits
+    s, t = extract(tmp_path, {"stub.wat.gz": data})
+    assert t.height == 0 and s.records == 1 and nonzero(s.skipped) == {"empty_input": 1}
