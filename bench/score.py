@@ -1,0 +1,133 @@
+"""Decode + CLIP score: fastlaion's path against a naive open_clip loop, same images, same weights.
+
+    .venv/bin/python bench/score.py                       # CPU: tiny and ViT-B-32 (random weights)
+    .venv/bin/python bench/score.py --device cuda --models ViT-B-32 --images 4096
+
+fastlaion: libjpeg-turbo scaled decode to the model's input in a thread pool (one per core),
+batched fp32 (CPU) / fp16 (CUDA) image and text towers, paired cosine.
+Peers, as clip-retrieval-style scripts do it: Pillow decode + open_clip's `preprocess` +
+the model, (a) one sample at a time, (b) in batches of --batch-size.
+Random weights: the arithmetic is that of the real model, the scores mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+CAPTIONS = ["a photograph of a cat", "a cup of coffee on a table", "an astronaut in a spacesuit", "a rocket on the pad"]
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """LAION-like JPEGs: real photographs (scikit-image's) cropped and resized to 300-800 px."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
+    out = []
+    for i in range(n):
+        img = Image.fromarray(photos[i % len(photos)])
+        w, h = img.size
+        x0, y0 = rng.integers(0, w // 4), rng.integers(0, h // 4)
+        img = img.crop((x0, y0, w - rng.integers(0, w // 4), h - rng.integers(0, h // 4)))
+        side = int(rng.integers(300, 800))
+        scale = side / max(img.size)
+        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(85, 96)))
+        out.append(buf.getvalue())
+    return out
+
+
+def fastlaion_path(model_name: str, jpegs: list[bytes], texts: list[str], device: torch.device, batch: int) -> float:
+    from fastlaion.config import DecodeConfig, ResizeMode, ScoreConfig
+    from fastlaion.decode import Decoder
+    from fastlaion.score import Scorer
+
+    torch.manual_seed(0)
+    scorer = Scorer(ScoreConfig(model=model_name, pretrained="none"), device)
+    decoder = Decoder(DecodeConfig(resize_mode=ResizeMode.no), scorer.clip_spec)
+    scorer.score(np.zeros((2, *scorer.clip_spec.size, 3), np.uint8), texts[:2])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for start in range(0, len(jpegs), batch):
+            decoded = list(pool.map(decoder, jpegs[start:start + batch]))
+            pixels = np.stack([d.clip_input for d in decoded])
+            scorer.score(pixels, texts[start:start + batch])
+    _sync(device)
+    return len(jpegs) / (time.perf_counter() - t0)
+
+
+def naive_path(model_name: str, jpegs: list[bytes], texts: list[str], device: torch.device, batch: int) -> float:
+    """Pillow + open_clip's preprocess + the model; batch=1 is the one-at-a-time loop."""
+    import open_clip
+
+    from fastlaion.score import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, precision=precision, device=device)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(jpegs), batch):
+            imgs = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[start:start + batch]])
+            i = model.encode_image(imgs.to(device, dtype))
+            t = model.encode_text(tokenizer(texts[start:start + batch]).to(device))
+            torch.nn.functional.cosine_similarity(i.float(), t.float()).cpu()
+    _sync(device)
+    return len(jpegs) / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--models", nargs="+", default=["fastlaion-tiny", "ViT-B-32"])
+    ap.add_argument("--images", type=int, default=0, help="images per model (default: 1024 tiny, 192 others on CPU)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU here")
+    print(f"machine: {platform.node()} {os.cpu_count()} cores, torch {torch.__version__} "
+          f"threads {torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit "
+          + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    rows = []
+    for name in args.models:
+        n = args.images or (1024 if name == "fastlaion-tiny" or device.type == "cuda" else 192)
+        jpegs = make_jpegs(n)
+        texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+        ours = fastlaion_path(name, jpegs, texts, device, args.batch_size)
+        one = naive_path(name, jpegs[: max(32, n // 4)], texts, device, 1)
+        batched = naive_path(name, jpegs, texts, device, args.batch_size)
+        rows.append((name, n, ours, one, batched))
+    print(f"\n| model (random weights) | images | fastlaion samples/s | naive 1-at-a-time | naive batched ({args.batch_size}) "
+          "| vs 1-at-a-time | vs batched |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, ours, one, batched in rows:
+        print(f"| {name} | {n} | {ours:,.1f} | {one:,.1f} | {batched:,.1f} | {ours / one:.2f}x | {ours / batched:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
