@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -115,20 +117,19 @@ def print_funnel(summary: Any) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
 
 
-def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
-    """Run the pipeline with a progress bar; turn expected failures into one line and an exit code."""
-    from .pipeline import run
-
-    bar = _BarProgress(show_progress)
+@contextmanager
+def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
+    """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
+    (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback."""
     try:
-        return run(cfg, bar)
+        yield
     except ConfigError as e:
         bar.stop()
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         bar.stop()
-        console.print("[yellow]interrupted[/yellow]: finished shards are kept; rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/yellow]: {interrupted}")
         raise typer.Exit(130) from None
     except OSError as e:
         bar.stop()
@@ -137,6 +138,15 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
         raise typer.Exit(1) from None
     finally:
         bar.stop()
+
+
+def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
+    """Run the pipeline with a progress bar."""
+    from .pipeline import run
+
+    bar = _BarProgress(show_progress)
+    with user_errors(bar, "finished shards are kept; rerun the same command to resume"):
+        return run(cfg, bar)
 
 
 @app.command("run")
@@ -322,7 +332,7 @@ def extract_cmd(
 
     _setup_logging(verbose)
     bar = _ExtractBar(progress)
-    try:
+    with user_errors(bar, "nothing was written; rerun the command"):
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
                             reject_gif=not keep_gif, shard_rows=shard_rows, max_record_bytes=max_record_bytes,
@@ -332,19 +342,6 @@ def extract_cmd(
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)
         summary = extract_to_parquet(sources, output, cfg, bar)
-    except ConfigError as e:
-        bar.stop()
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        bar.stop()
-        console.print("[yellow]interrupted[/yellow]: nothing was written; rerun the command")
-        raise typer.Exit(130) from None
-    except OSError as e:
-        bar.stop()
-        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
     print_extract_summary(summary)
 
 
