@@ -223,12 +223,17 @@ class Models:
             cfg.score.enabled and (tags.nsfw_head or tags.aesthetic_v1))
         if not (cfg.score.enabled or wants_tags):
             return models
-        # torch and open_clip are imported only when a model is needed
-        from .score import Scorer, pick_device
         from .tags import Tagger
 
-        device = pick_device(cfg.score.device)
+        device = None
+        if cfg.score.enabled or tags.watermark_model or tags.aesthetic_v2:
+            # torch and open_clip load only when a model runs (not for language alone)
+            from .score import pick_device
+
+            device = pick_device(cfg.score.device)
         if cfg.score.enabled:
+            from .score import Scorer
+
             models.scorer = Scorer(cfg.score, device)
             if cfg.score.multilingual_model:
                 if not tags.language:

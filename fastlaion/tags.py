@@ -10,10 +10,11 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
 from .config import ConfigError, ScoreConfig, TagConfig
-from .heads import WATERMARK_SIZE_PX, WatermarkDetector, load_aesthetic_head, load_nsfw_head
+
+# torch and the heads load only when a head is configured: language alone (the default with
+# --no-score) needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _auto(choice: str | None, table: dict[str, str], score: ScoreConfig, what: s
 
 
 class Tagger:
-    def __init__(self, cfg: TagConfig, score: ScoreConfig, embed_dim: int | None, device: torch.device):
+    def __init__(self, cfg: TagConfig, score: ScoreConfig, embed_dim: int | None, device: Any):
         self.language = None
         if cfg.language:
             from .language import LanguageIdentifier
@@ -44,9 +45,14 @@ class Tagger:
             self.language = LanguageIdentifier(cfg.language_model, cfg.language_min_score)
         self.heads: dict[str, Any] = {}
         nsfw = _auto(cfg.nsfw_head, _AUTO_NSFW, score, "punsafe")
+        v1 = _auto(cfg.aesthetic_v1, _AUTO_AESTHETIC_V1, score, "aesthetic")
+        self.watermark = None
+        if not (nsfw or v1 or cfg.aesthetic_v2 or cfg.watermark_model):
+            return
+        from .heads import WatermarkDetector, load_aesthetic_head, load_nsfw_head
+
         if nsfw:
             self.heads["punsafe"] = load_nsfw_head(nsfw)
-        v1 = _auto(cfg.aesthetic_v1, _AUTO_AESTHETIC_V1, score, "aesthetic")
         if v1:
             self.heads["aesthetic"] = load_aesthetic_head(v1, version=1)
         if cfg.aesthetic_v2:
@@ -62,7 +68,11 @@ class Tagger:
 
     @property
     def watermark_size_px(self) -> int | None:
-        return WATERMARK_SIZE_PX if self.watermark is not None else None
+        if self.watermark is None:
+            return None
+        from .heads import WATERMARK_SIZE_PX
+
+        return WATERMARK_SIZE_PX
 
     @property
     def embedding_columns(self) -> list[str]:
@@ -74,6 +84,8 @@ class Tagger:
 
     def on_embeddings(self, img_emb: np.ndarray) -> dict[str, np.ndarray]:
         """img_emb: (N, D) L2-normalised float16/32 -> one (N,) float32 column per head."""
+        import torch
+
         x = torch.from_numpy(img_emb.astype(np.float32))
         return {column: head(x).numpy().astype(np.float32) for column, head in self.heads.items()}
 
@@ -81,9 +93,13 @@ class Tagger:
         """pixels: (N, 256, 256, 3) uint8 -> {"pwatermark": (N,) float32}."""
         if self.watermark is None:
             return {}
+        import torch
+
         return {"pwatermark": self.watermark(torch.from_numpy(pixels)).numpy().astype(np.float32)}
 
 
-def _input_dim(head: torch.nn.Module) -> int:
+def _input_dim(head: Any) -> int:
+    import torch
+
     first = next(m for m in head.modules() if isinstance(m, torch.nn.Linear))
     return first.in_features

@@ -170,3 +170,15 @@ def test_every_validated_flag_is_checked_before_work(tmp_path, flag, value, mess
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_no_score_run_does_not_load_torch(tmp_path):
+    """Downloading without CLIP (language tags on) must not pay torch's start-up."""
+    (tmp_path / "u.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    script = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom fastlaion.cli import app\n"
+        f"r = CliRunner().invoke(app, ['run', {str(tmp_path / 'u.txt')!r}, '-o', {str(tmp_path / 'o')!r},"
+        " '--no-score', '--no-progress', '--retries', '0'])\n"
+        "print(r.exit_code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "False"], result.stdout + result.stderr
