@@ -17,9 +17,8 @@ from rich.text import Text
 from . import __version__
 from .batch import FUNNEL_LEVELS, STAGES
 from .config import (
-    ConfigError, DecodeConfig, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig, TagConfig,
+    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig, TagConfig,
 )
-from .extract import DedupMode
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",

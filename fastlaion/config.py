@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,22 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A bad option or input, reported to the user as one line (no traceback)."""
+
+
+def at_least(flag: str, value: float, minimum: float) -> None:
+    """Refuse `value` under `minimum`, naming the flag."""
+    if not value >= minimum:
+        raise ConfigError(f"{flag} must be {'0 or more' if minimum == 0 else f'at least {minimum}'}, got {value}")
+
+
+def positive(flag: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+def between(flag: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{flag} must be between {low:g} and {high:g}, got {value}")
 
 
 class ResizeMode(str, enum.Enum):
@@ -65,12 +82,9 @@ class InputConfig:
             raise ConfigError("no input given: pass one or more INPUT files (or --crawl)")
         if self.crawl is not None and not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", self.crawl):
             raise ConfigError(f"--crawl must look like CC-MAIN-2024-22, got {self.crawl!r}")
-        if self.crawl_files < 1:
-            raise ConfigError(f"--crawl-files must be at least 1, got {self.crawl_files}")
-        if self.shard_size < 1:
-            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.max_caption_chars < 1:
-            raise ConfigError(f"--max-caption-chars must be at least 1, got {self.max_caption_chars}")
+        at_least("--crawl-files", self.crawl_files, 1)
+        at_least("--shard-size", self.shard_size, 1)
+        at_least("--max-caption-chars", self.max_caption_chars, 1)
 
 
 @dataclass(frozen=True)
@@ -83,16 +97,11 @@ class DownloadConfig:
     user_agent: str = DEFAULT_USER_AGENT
 
     def validate(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"--timeout must be positive, got {self.timeout_s}")
-        if self.max_bytes < 1:
-            raise ConfigError(f"--max-bytes must be positive, got {self.max_bytes}")
-        if self.retries < 0:
-            raise ConfigError(f"--retries must be 0 or more, got {self.retries}")
-        if self.backoff_s < 0:
-            raise ConfigError(f"--backoff must be 0 or more, got {self.backoff_s}")
+        at_least("--workers", self.workers, 1)
+        positive("--timeout", self.timeout_s)
+        positive("--max-bytes", self.max_bytes)
+        at_least("--retries", self.retries, 0)
+        at_least("--backoff", self.backoff_s, 0)
 
 
 @dataclass(frozen=True)
@@ -105,16 +114,11 @@ class DecodeConfig:
     threads: int = 0  # decode threads; 0: one per core
 
     def validate(self) -> None:
-        if not 8 <= self.image_size <= 8192:
-            raise ConfigError(f"--image-size must be between 8 and 8192, got {self.image_size}")
-        if self.min_image_bytes < 0:
-            raise ConfigError(f"--min-image-bytes must be 0 or more, got {self.min_image_bytes}")
-        if self.max_pixels < 1:
-            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"--jpeg-quality must be between 1 and 100, got {self.jpeg_quality}")
-        if self.threads < 0:
-            raise ConfigError(f"--decode-threads must be 0 or more, got {self.threads}")
+        between("--image-size", self.image_size, 8, 8192)
+        at_least("--min-image-bytes", self.min_image_bytes, 0)
+        positive("--max-pixels", self.max_pixels)
+        between("--jpeg-quality", self.jpeg_quality, 1, 100)
+        at_least("--decode-threads", self.threads, 0)
 
 
 @dataclass(frozen=True)
@@ -139,12 +143,10 @@ class ScoreConfig:
         return self.pretrained.lower() in ("", "none", "random")
 
     def validate(self) -> None:
-        if not -1.0 <= self.min_similarity <= 1.0:
-            raise ConfigError(f"--min-similarity must be between -1 and 1, got {self.min_similarity}")
-        if self.min_similarity_multi is not None and not -1.0 <= self.min_similarity_multi <= 1.0:
-            raise ConfigError(f"--min-similarity-multi must be between -1 and 1, got {self.min_similarity_multi}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        between("--min-similarity", self.min_similarity, -1, 1)
+        if self.min_similarity_multi is not None:
+            between("--min-similarity-multi", self.min_similarity_multi, -1, 1)
+        at_least("--batch-size", self.batch_size, 1)
         if self.precision not in ("auto", "fp16", "bf16", "fp32"):
             raise ConfigError(f"--precision must be auto, fp16, bf16 or fp32, got {self.precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -173,8 +175,48 @@ class TagConfig:
     watermark_model: str | None = None  # -> pwatermark (EfficientNet-B3a weights), path or URL
 
     def validate(self) -> None:
-        if not 0.0 <= self.language_min_score <= 1.0:
-            raise ConfigError(f"--language-min-score must be between 0 and 1, got {self.language_min_score}")
+        between("--language-min-score", self.language_min_score, 0, 1)
+
+
+class DedupMode(str, enum.Enum):
+    """Which pairs count as the same candidate (the first one seen is kept)."""
+
+    uid = "uid"  # same URL and same caption (LAION-400M's url+alt key)
+    url = "url"  # same URL, whatever the caption (LAION-5B's bloom filter key)
+    none = "none"  # keep every pair
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    dedup: DedupMode = DedupMode.uid  # dedup key across all inputs of a run
+    processes: int = 0  # input files processed in parallel; 0: one per core
+    min_alt_chars: int = 5  # shorter alt texts are rejected (LAION: 5); 0 also keeps imgs without alt
+    max_text_chars: int = LAION_MAX_TEXT_CHARS  # url and caption are cut to this many characters (LAION)
+    max_host_chars: int = 60  # URLs with a longer hostname are rejected (LAION)
+    reject_svg: bool = True  # reject src containing ".svg" (LAION)
+    reject_gif: bool = True  # reject src containing ".gif" (LAION)
+    shard_rows: int = 1_000_000  # rows per candidates-NNNNN.parquet
+    max_record_bytes: int = 64 << 20  # larger WARC records are skipped unread (too_large)
+    http_retries: int = 3  # extra attempts for an http(s) input, on open and mid-stream
+    http_timeout_s: float = 60.0  # per connect / read on an http(s) input
+    http_backoff_s: float = 1.0  # first retry waits this long, doubling each time
+
+    def validate(self) -> None:
+        at_least("--processes", self.processes, 0)
+        at_least("--min-alt-chars", self.min_alt_chars, 0)
+        at_least("--max-text-chars", self.max_text_chars, 1)
+        at_least("--max-host-chars", self.max_host_chars, 1)
+        at_least("--shard-rows", self.shard_rows, 1)
+        at_least("--max-record-bytes", self.max_record_bytes, 1024)
+        at_least("--http-retries", self.http_retries, 0)
+        positive("--http-timeout", self.http_timeout_s)
+        at_least("http_backoff_s", self.http_backoff_s, 0)
+
+    def worker_count(self, n_inputs: int) -> int:
+        return max(1, min(self.processes or os.cpu_count() or 1, n_inputs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)

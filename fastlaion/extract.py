@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import enum
 import gzip
 import hashlib
 import html
@@ -79,7 +78,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .config import DEFAULT_USER_AGENT, LAION_MAX_TEXT_CHARS, ConfigError
+from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,56 +109,6 @@ _META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0
 _HTTP_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
 # Browsers (WHATWG Encoding) read these labels as windows-1252; Python's latin-1 differs in 0x80-0x9F.
 _AS_CP1252 = {"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "us-ascii", "ascii", "iso_8859-1"}
-
-
-class DedupMode(str, enum.Enum):
-    """Which pairs count as the same candidate (the first one seen is kept)."""
-
-    uid = "uid"  # same URL and same caption (LAION-400M's url+alt key)
-    url = "url"  # same URL, whatever the caption (LAION-5B's bloom filter key)
-    none = "none"  # keep every pair
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    dedup: DedupMode = DedupMode.uid  # dedup key across all inputs of a run
-    processes: int = 0  # input files processed in parallel; 0: one per core
-    min_alt_chars: int = 5  # shorter alt texts are rejected (LAION: 5); 0 also keeps imgs without alt
-    max_text_chars: int = LAION_MAX_TEXT_CHARS  # url and caption are cut to this many characters (LAION)
-    max_host_chars: int = 60  # URLs with a longer hostname are rejected (LAION)
-    reject_svg: bool = True  # reject src containing ".svg" (LAION)
-    reject_gif: bool = True  # reject src containing ".gif" (LAION)
-    shard_rows: int = 1_000_000  # rows per candidates-NNNNN.parquet
-    max_record_bytes: int = 64 << 20  # larger WARC records are skipped unread (too_large)
-    http_retries: int = 3  # extra attempts for an http(s) input, on open and mid-stream
-    http_timeout_s: float = 60.0  # per connect / read on an http(s) input
-    http_backoff_s: float = 1.0  # first retry waits this long, doubling each time
-
-    def validate(self) -> None:
-        if self.processes < 0:
-            raise ConfigError(f"--processes must be 0 or more, got {self.processes}")
-        if self.min_alt_chars < 0:
-            raise ConfigError(f"--min-alt-chars must be 0 or more, got {self.min_alt_chars}")
-        if self.max_text_chars < 1:
-            raise ConfigError(f"--max-text-chars must be at least 1, got {self.max_text_chars}")
-        if self.max_host_chars < 1:
-            raise ConfigError(f"--max-host-chars must be at least 1, got {self.max_host_chars}")
-        if self.shard_rows < 1:
-            raise ConfigError(f"--shard-rows must be at least 1, got {self.shard_rows}")
-        if self.max_record_bytes < 1024:
-            raise ConfigError(f"--max-record-bytes must be at least 1024, got {self.max_record_bytes}")
-        if self.http_retries < 0:
-            raise ConfigError(f"--http-retries must be 0 or more, got {self.http_retries}")
-        if not self.http_timeout_s > 0:
-            raise ConfigError(f"--http-timeout must be positive, got {self.http_timeout_s}")
-        if self.http_backoff_s < 0:
-            raise ConfigError(f"http_backoff_s must be 0 or more, got {self.http_backoff_s}")
-
-    def worker_count(self, n_inputs: int) -> int:
-        return max(1, min(self.processes or os.cpu_count() or 1, n_inputs))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
