@@ -581,6 +581,16 @@ def main(argv: list[str] | None = None) -> int:
         url_list = lists[args.input_format]
         env = {**os.environ, **QUIET_ENV}
 
+        def measure(cmd: list[str], log_path: Path, run_env: dict[str, str]) -> dict:
+            """Run one tool, timed, with the server's requests and CPU over the run apart."""
+            r0, s0 = server.counters()
+            run = run_timed(cmd, log_path, args.run_timeout, run_env, args.wait_quiet,
+                            lambda: server.counters()[0] - r0, args.stall_timeout)
+            r1, s1 = server.counters()
+            run["requests"], run["server_cpu_s"] = r1 - r0, s1 - s0
+            run["other_cpu_s"] = max(0.0, run["machine_cpu_s"] - run["cpu_s"] - run["server_cpu_s"])
+            return run
+
         if args.only != "fastlaion":
             out = work / "out-img2dataset"
             shutil.rmtree(out, ignore_errors=True)
@@ -595,15 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--thread_count", str(args.threads),
                     "--number_sample_per_shard", "250", "--timeout", "10", "--retries", "0",
                     "--enable_wandb", "False", "--distributor", "multiprocessing"]
-            r0, s0 = server.counters()
-            run = run_timed(cmd, work / "img2dataset.log", args.run_timeout,
-                            {**env, "PATH": f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"},
-                            args.wait_quiet, lambda: server.counters()[0] - r0,
-                            args.stall_timeout)
-            r1, s1 = server.counters()
-            run["requests"], run["server_cpu_s"] = r1 - r0, s1 - s0
-            run["other_cpu_s"] = max(0.0, run["machine_cpu_s"] - run["cpu_s"]
-                                     - run["server_cpu_s"])
+            run = measure(cmd, work / "img2dataset.log",
+                          {**env, "PATH": f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"})
             c = count_img2dataset(out)
             commands.append(" ".join(cmd))
             results.append({"tool": "img2dataset", "version": i2d_version, **run, **c})
@@ -622,14 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--image-size", "256", "--resize-mode", "keep_ratio",
                    "--shard-size", "250", "--timeout", "10", "--retries", "0", "--no-progress",
                    *args.fastlaion_arg]
-            r0, s0 = server.counters()
-            run = run_timed(cmd, work / "fastlaion.log", args.run_timeout, env,
-                            args.wait_quiet, lambda: server.counters()[0] - r0,
-                            args.stall_timeout)
-            r1, s1 = server.counters()
-            run["requests"], run["server_cpu_s"] = r1 - r0, s1 - s0
-            run["other_cpu_s"] = max(0.0, run["machine_cpu_s"] - run["cpu_s"]
-                                     - run["server_cpu_s"])
+            run = measure(cmd, work / "fastlaion.log", env)
             c = count_fastlaion(out) if out.exists() else {"ok": 0, "tried": 0, "errors": {},
                                                          "span_s": None, "shards": 0}
             commands.append(" ".join(cmd))
