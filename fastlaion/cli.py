@@ -16,8 +16,9 @@ from rich.text import Text
 
 from . import __version__
 from .batch import FUNNEL_LEVELS, STAGES
+from .workers import WorkerFailed
 from .config import (
-    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ResizeMode, RunConfig, ScoreConfig, TagConfig,
+    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig,
 )
 
 app = typer.Typer(
@@ -130,6 +131,10 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         bar.stop()
         console.print(f"[yellow]interrupted[/yellow]: {interrupted}")
         raise typer.Exit(130) from None
+    except WorkerFailed as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except OSError as e:
         bar.stop()
         console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
@@ -168,7 +173,10 @@ def run_cmd(
     min_image_bytes: Annotated[int, typer.Option(help="Smaller images are dropped (LAION: 5000).")] = _D.decode.min_image_bytes,
     max_pixels: Annotated[int, typer.Option(help="Larger images are dropped before decoding (LAION: 89,478,484).")] = _D.decode.max_pixels,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = _D.decode.jpeg_quality,
-    decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core.")] = _D.decode.threads,
+    decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core (shared among --processes).")] = _D.decode.threads,
+    decoder: Annotated[str, typer.Option(help="Image decoder: auto (DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU), cpu (libjpeg-turbo/Pillow), nvjpeg or dali. GPU decoders hand the CLIP input to the model without a host copy; PNG/WebP and GPU failures fall back to the CPU per image.")] = _D.decode.decoder,
+    processes: Annotated[int, typer.Option(help="Worker processes on the CPU, each with its own download loop, decoder and model; shards are handed out from one queue. 0 = one per core.")] = _D.parallel.processes,
+    gpus: Annotated[Optional[str], typer.Option(help="One worker process per GPU: 'all' or a number N (cuda:0..N-1); overrides --processes and --device.", show_default=False)] = None,
     score: Annotated[bool, typer.Option("--score/--no-score", help="CLIP-score image/caption pairs and drop those under --min-similarity; --no-score keeps every decoded image.")] = True,
     model: Annotated[str, typer.Option(help="open_clip architecture (fastlaion-tiny: a random 2-layer test model).")] = _D.score.model,
     pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag (downloads on first use), a local checkpoint path, or 'none' for random weights.")] = _D.score.pretrained,
@@ -208,7 +216,9 @@ def run_cmd(
         download=DownloadConfig(workers=workers, timeout_s=timeout, retries=retries, max_bytes=max_bytes,
                                 user_agent=user_agent),
         decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,
-                            max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads),
+                            max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads,
+                            decoder=decoder),
+        parallel=ParallelConfig(processes=processes, gpus=gpus),
         score=ScoreConfig(enabled=score, model=model, pretrained=pretrained, min_similarity=min_similarity,
                           batch_size=batch_size, device=device, precision=precision,
                           min_similarity_multi=min_similarity_multi,

@@ -90,18 +90,51 @@ class InputConfig:
 @dataclass(frozen=True)
 class DownloadConfig:
     workers: int = 64  # concurrent requests (worker coroutines)
-    timeout_s: float = 10.0  # one deadline for connect + headers + body, per attempt
+    # Never hang: every attempt is bounded four ways (reasons connect_timeout, header_timeout,
+    # read_timeout, deadline). Waiting for a per-host slot or for robots.txt is not counted.
+    timeout_s: float = 10.0  # total deadline per attempt: connect + headers + body, all redirect hops
+    connect_timeout_s: float = 5.0  # DNS + TCP (+ TLS) connect of a new connection
+    read_timeout_s: float = 5.0  # silence allowed before the headers, and between body chunks
     max_bytes: int = 32 * 1024 * 1024  # bodies over this are cut off and the row dropped
     retries: int = 2  # extra attempts for transient errors only (timeouts, 5xx, 429, resets)
     backoff_s: float = 0.5  # first retry waits this long, doubling each time
-    user_agent: str = DEFAULT_USER_AGENT
+    user_agent: str = DEFAULT_USER_AGENT  # its first word is our name in robots.txt and X-Robots-Tag
+    # Politeness, per host name and per download loop (each worker process has its own).
+    per_host: int = 16  # requests in flight to one host at most
+    per_host_rate: float = 0.0  # request starts per second to one host at most; 0: no limit
+    respect_robots: bool = False  # fetch each origin's robots.txt once; drop disallowed URLs
+    max_redirects: int = 5  # redirects followed; one more is too_many_redirects
+    # X-Robots-Tag directives that drop a row (opt_out) before its body is read; () checks none.
+    opt_out_tags: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    # Safety: refuse hosts that resolve to private, loopback, link-local, multicast, reserved or
+    # unspecified addresses (private_address), on every redirect hop. True for loopback tests/demo.
+    allow_private_networks: bool = False
+    url_blocklist: str | None = None  # file: URLs, or sha256/md5 hex of URLs, one per line (blocked)
+    image_blocklist: str | None = None  # file: sha256/md5 hex of image bytes, one per line (blocked)
 
     def validate(self) -> None:
         at_least("--workers", self.workers, 1)
         positive("--timeout", self.timeout_s)
+        positive("--connect-timeout", self.connect_timeout_s)
+        positive("--read-timeout", self.read_timeout_s)
         positive("--max-bytes", self.max_bytes)
         at_least("--retries", self.retries, 0)
         at_least("--backoff", self.backoff_s, 0)
+        at_least("--per-host", self.per_host, 1)
+        at_least("--per-host-rate", self.per_host_rate, 0)
+        between("--max-redirects", self.max_redirects, 0, 100)
+        if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n\0"):
+            raise ConfigError(f"--user-agent must be one non-empty line, got {self.user_agent!r}")
+        for tag in self.opt_out_tags:
+            if not re.fullmatch(r"[a-z0-9_-]+", tag):
+                raise ConfigError(f"--opt-out-tags: {tag!r} is not an X-Robots-Tag directive "
+                                  "(lower-case letters, digits, '-' and '_'; separate tags with commas)")
+        for flag, path in (("--url-blocklist", self.url_blocklist), ("--image-blocklist", self.image_blocklist)):
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigError(f"{flag} {path}: not a readable file")
+
+
+DECODERS = ("auto", "cpu", "nvjpeg", "dali")
 
 
 @dataclass(frozen=True)
@@ -111,10 +144,15 @@ class DecodeConfig:
     min_image_bytes: int = LAION_MIN_IMAGE_BYTES  # smaller bodies are rejected (LAION)
     max_pixels: int = LAION_MAX_PIXELS  # larger images are rejected before decoding (LAION)
     jpeg_quality: int = 95  # quality of re-encoded stored images
-    threads: int = 0  # decode threads; 0: one per core
+    threads: int = 0  # decode threads; 0: one per core (shared among worker processes)
+    # auto: DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU
+    # (libjpeg-turbo / Pillow). Non-JPEG bodies and GPU failures always fall back to the CPU.
+    decoder: str = "auto"
 
     def validate(self) -> None:
         between("--image-size", self.image_size, 8, 8192)
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"--decoder {self.decoder!r}: pick one of {', '.join(DECODERS)}")
         at_least("--min-image-bytes", self.min_image_bytes, 0)
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
@@ -220,6 +258,20 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many worker processes run shards, and on which devices. Each worker has its own
+    download loop, decoder and models; shards are handed out from one shared queue."""
+
+    processes: int = 1  # CPU worker processes; 0: one per core. Ignored when gpus is set.
+    gpus: str | None = None  # None: no GPU workers; "all" or N: one worker per GPU (cuda:0..N-1)
+
+    def validate(self) -> None:
+        at_least("--processes", self.processes, 0)
+        if self.gpus is not None and self.gpus != "all" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
+            raise ConfigError(f"--gpus must be 'all' or a number of GPUs >= 1, got {self.gpus!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: str
     input: InputConfig = field(default_factory=InputConfig)
@@ -227,8 +279,10 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tags: TagConfig = field(default_factory=TagConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
+        self.parallel.validate()
         self.input.validate()
         self.download.validate()
         self.decode.validate()
@@ -244,10 +298,12 @@ class RunConfig:
 
 def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     """The settings of a saved `RunConfig.to_dict()` that decide what a shard holds: a rerun
-    into the same output folder must agree on these (workers, threads, batch size and the
-    device do not change the output)."""
+    into the same output folder must agree on these (workers, processes, threads, batch size,
+    the device and the decoder do not change the output beyond float tolerance)."""
     key = {k: saved.get(k, {}) for k in ("input", "decode", "score", "tags")}
-    key["decode"] = {k: v for k, v in key["decode"].items() if k != "threads"}
+    # The decoder is left out too: GPU and CPU decodes agree within a stated tolerance, and a
+    # run started on a GPU box may be finished on a CPU one.
+    key["decode"] = {k: v for k, v in key["decode"].items() if k not in ("threads", "decoder")}
     key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
     return key

@@ -357,6 +357,9 @@ class Decoded:
     decode_s: float  # CPU seconds this thread spent on the body (time.thread_time)
     # uint8 (S, S, 3) RGB squashed to the watermark detector's input size; None when not asked for
     watermark_input: np.ndarray | None = None
+    pending: bool = False  # checked, pixels still to come from a batch decoder's finish() (gpu_decode)
+    # True: checks passed and the pixels are left to a GPU decoder's batched `finish`
+    pending: bool = False
 
 
 class _Rejected(Exception):
@@ -400,6 +403,16 @@ class Decoder:
                      Image.MAX_IMAGE_PIXELS, cfg.max_pixels)
             Image.MAX_IMAGE_PIXELS = cfg.max_pixels
         ensure_turbojpeg_warnings_raise()
+
+    name = "cpu"
+
+    # The batch-decoder interface (see gpu_decode): on the CPU each body is decoded whole as it
+    # arrives, so a batch has nothing left to finish.
+    def prepare(self, body: bytes) -> Decoded:
+        return self(body)
+
+    def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
+        return prepared
 
     def __call__(self, body: bytes) -> Decoded:
         start_s = time.thread_time()

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from .batch import Batch, funnel, merge_funnels
 from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
 from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, new_event_loop
-from .reader import read_inputs, shard_count, shards
+from .reader import read_inputs, shard_count, shard_rows
 from .writer import PARTIAL_DIR, ShardWriter, is_complete, read_stats
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class RunSummary:
     caption_edits: dict[str, int]
     timings_s: dict[str, float] = field(default_factory=dict)  # this invocation's stage totals
     wall_s: float = 0.0
+    workers: list[str] = field(default_factory=list)  # one device per worker process of this run
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -89,27 +90,16 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
                     for s in range(n_shards) if s not in todo_set)
 
     timings: dict[str, float] = {}
-    with _timer(timings, "load_models"):
-        models = Models.load(cfg) if todo else Models()
-    decoder = Decoder(cfg.decode, models.scorer.clip_spec if models.scorer else None,
-                      models.tagger.watermark_size_px if models.tagger else None)
+    devices = worker_devices(cfg) if todo else []
     progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
-    loop = new_event_loop()
-    threads = cfg.decode.threads or os.cpu_count() or 1
     try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
-            for shard_id, rows in shards(table, cfg.input.shard_size):
-                if shard_id not in todo_set:
-                    continue
-                job = ShardJob(cfg, out, shard_id, rows, decoder, models, decode_pool, score_pool, progress)
-                stats = loop.run_until_complete(job.run())
-                for stage, secs in stats["timings_s"].items():
-                    timings[stage] = timings.get(stage, 0.0) + secs
-                progress.shard_done(stats)
+        if len(devices) == 1:
+            timings = work(_on_device(cfg, devices[0]), out, table, iter(todo), progress)
+        elif devices:
+            from .workers import run_workers
+
+            timings = run_workers(cfg, out, table, todo, devices, progress)
     finally:
-        _cancel_all(loop)
-        loop.close()
         try:
             (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
         except OSError:
@@ -124,9 +114,79 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
         output_dir=str(out), shards_total=n_shards, shards_run=len(todo), shards_skipped=n_shards - len(todo),
         funnel=merge_funnels([st["funnel"] for st in all_stats]), caption_edits=edits,
         timings_s={k: round(v, 3) for k, v in timings.items()}, wall_s=round(time.perf_counter() - t0, 3),
+        workers=devices,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def worker_devices(cfg: RunConfig) -> list[str]:
+    """One entry per worker process: the device its models and decoder use ('auto', 'cpu',
+    'cuda:N'). One entry means the work runs in this process."""
+    par = cfg.parallel
+    if par.gpus is not None:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise ConfigError("--gpus: no CUDA GPU is visible here; leave --gpus out to run on the CPU "
+                              "(--processes N for several CPU workers)")
+        wanted = visible if par.gpus == "all" else int(par.gpus)
+        if wanted > visible:
+            raise ConfigError(f"--gpus {wanted}: only {visible} GPU(s) visible")
+        return [f"cuda:{i}" for i in range(wanted)]
+    return [cfg.score.device] * (par.processes or os.cpu_count() or 1)
+
+
+def _on_device(cfg: RunConfig, device: str) -> RunConfig:
+    return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
+
+
+def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int], progress: Progress,
+         threads: int | None = None, on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
+    """Load the models once, then download, decode, score and write each shard `shard_ids`
+    yields (a list here, a shared queue in a worker process). Returns stage seconds."""
+    timings: dict[str, float] = {}
+    with _timer(timings, "load_models"):
+        models = Models.load(cfg)
+        decoder = make_run_decoder(cfg, models)
+    if on_ready is not None:
+        on_ready(timings["load_models"])
+    loop = new_event_loop()
+    threads = threads or cfg.decode.threads or os.cpu_count() or 1
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="batch-decode") as batch_decode_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
+            pools = _Pools(decode_pool, batch_decode_pool, score_pool)
+            for shard_id in shard_ids:
+                rows = shard_rows(table, shard_id, cfg.input.shard_size)
+                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress)
+                stats = loop.run_until_complete(job.run())
+                for stage, secs in stats["timings_s"].items():
+                    timings[stage] = timings.get(stage, 0.0) + secs
+                progress.shard_done(stats)
+    finally:
+        _cancel_all(loop)
+        loop.close()
+    return timings
+
+
+def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
+    """The decoder, chosen once per worker. The CPU decoder needs no torch: a laptop run
+    without models, or an explicit --decoder cpu, never loads it."""
+    clip = models.scorer.clip_spec if models.scorer else None
+    watermark_px = models.tagger.watermark_size_px if models.tagger else None
+    choice, device = cfg.decode.decoder, cfg.score.device
+    on_cpu = device == "cpu" or (device == "auto" and getattr(models.device, "type", "cpu") == "cpu")
+    if choice == "cpu" or (choice == "auto" and on_cpu):
+        return Decoder(cfg.decode, clip, watermark_px)
+    from .gpu_decode import make_decoder
+    from .score import pick_device
+
+    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device))
+    log.info("decoder: %s on %s", decoder.name, decoder.device)
+    return decoder
 
 
 CANDIDATES_DIR = "candidates"
@@ -214,6 +274,7 @@ class Models:
     scorer: Any = None  # score.Scorer, or None with --no-score
     multi_scorer: Any = None  # a second Scorer for non-English captions, when configured
     tagger: Any = None  # tags.Tagger, or None when no tag is configured
+    device: Any = None  # the torch.device the models run on; None when no model needs torch
 
     @classmethod
     def load(cls, cfg: RunConfig) -> Models:
@@ -231,6 +292,7 @@ class Models:
             from .score import pick_device
 
             device = pick_device(cfg.score.device)
+            models.device = device
         if cfg.score.enabled:
             from .score import Scorer
 
@@ -266,6 +328,16 @@ class Models:
 
 
 @dataclass(frozen=True, slots=True)
+class _Pools:
+    """A worker's threads: per-body decode (many), batch decode on the GPU (one, so the next
+    batch decodes while this one scores) and model work (one)."""
+
+    decode: ThreadPoolExecutor
+    batch_decode: ThreadPoolExecutor
+    score: ThreadPoolExecutor
+
+
+@dataclass(frozen=True, slots=True)
 class _Arrived:
     """A row back from download (and decode, when a body came): what the batch is built from."""
 
@@ -278,11 +350,14 @@ class _Arrived:
 class ShardJob:
     """Download, decode, score and write one shard."""
 
-    def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Decoder,
-                 models: Models, decode_pool: ThreadPoolExecutor, score_pool: ThreadPoolExecutor, progress: Progress):
+    # Batches in flight per shard: the next batch's GPU decode overlaps this one's scoring.
+    MAX_BATCHES_IN_FLIGHT = 2
+
+    def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Any,
+                 models: Models, pools: _Pools, progress: Progress):
         self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
-        self.decoder, self.models = decoder, models
-        self.decode_pool, self.score_pool, self.progress = decode_pool, score_pool, progress
+        self.decoder, self.models = decoder, models  # decoder: decode.Decoder or a gpu_decode.BatchDecoder
+        self.pools, self.progress = pools, progress
         self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "tag": 0.0, "write": 0.0}
 
     async def run(self) -> dict[str, Any]:
@@ -296,12 +371,12 @@ class ShardJob:
         arrived: asyncio.Queue[_Arrived | None] = asyncio.Queue(maxsize=2 * batch_size)
 
         def decode(body: bytes) -> tuple[str, Decoded]:
-            return hashlib.sha256(body).hexdigest(), self.decoder(body)
+            return hashlib.sha256(body).hexdigest(), self.decoder.prepare(body)
 
         async def on_result(row: int, fetched: Fetched) -> None:
             sha, decoded = None, None
             if fetched.body is not None:
-                sha, decoded = await loop.run_in_executor(self.decode_pool, decode, fetched.body)
+                sha, decoded = await loop.run_in_executor(self.pools.decode, decode, fetched.body)
             await arrived.put(_Arrived(row, fetched, sha, decoded))
 
         consumer = asyncio.create_task(self._consume(arrived, writer))
@@ -334,24 +409,47 @@ class ShardJob:
 
     async def _consume(self, arrived: asyncio.Queue[_Arrived | None], writer: ShardWriter) -> None:
         pending: list[_Arrived] = []
-        while True:
-            item = await arrived.get()
-            if item is not None:
-                pending.append(item)
-            if pending and (item is None or len(pending) >= self.cfg.score.batch_size):
-                await self._process(pending, writer)
-                pending = []
-            if item is None:
-                return
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                item = await arrived.get()
+                if item is not None:
+                    pending.append(item)
+                if pending and (item is None or len(pending) >= self.cfg.score.batch_size):
+                    in_flight.add(asyncio.create_task(self._process(pending, writer)))
+                    pending = []
+                    if len(in_flight) >= self.MAX_BATCHES_IN_FLIGHT:
+                        done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()
+                if item is None:
+                    break
+            for task in asyncio.as_completed(in_flight):
+                await task
+        except BaseException:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            raise
 
     async def _process(self, items: list[_Arrived], writer: ShardWriter) -> None:
         """Turn arrived rows into a Batch, drop with reasons, score, tag, filter, write."""
+        loop = asyncio.get_running_loop()
+        with_body = [i for i, a in enumerate(items) if a.decoded is not None]
+        if any(items[i].decoded.pending for i in with_body):
+            # GPU decoders decode a whole batch at once, on their own thread and CUDA stream.
+            finished = await loop.run_in_executor(
+                self.pools.batch_decode, self.decoder.finish,
+                [items[i].fetched.body for i in with_body], [items[i].decoded for i in with_body])
+            items = list(items)
+            for i, decoded in zip(with_body, finished):
+                items[i] = dataclasses.replace(items[i], decoded=decoded)
         batch = self._make_batch(items)
         batch.drop(batch.rows["download_reason"].is_not_null().to_numpy(), "download", batch.rows["download_reason"])
         batch.drop(batch.rows["decode_reason"].is_not_null().to_numpy(), "decode", batch.rows["decode_reason"])
         if len(batch) and (self.models.scorer is not None or self.models.tagger is not None):
             # model work runs on its own thread so downloads go on meanwhile
-            await asyncio.get_running_loop().run_in_executor(self.score_pool, self._score_and_tag, batch, writer)
+            await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer)
         with _timer(self.timings, "write"):
             writer.add_samples(batch)
             outcome = batch.outcome().drop("download_reason", "decode_reason")
@@ -374,7 +472,7 @@ class ShardJob:
             if not len(batch):
                 return
             with _timer(self.timings, "score"):
-                pixels = np.stack(batch.payload["clip_input"])
+                pixels = stack_pixels(batch.payload["clip_input"])
                 texts = batch.rows["caption"].to_list()
                 img, txt, sim = scorer.score(pixels, texts)
                 writer.add_embeddings(batch.rows["row"].to_numpy(), img, txt)
@@ -396,7 +494,7 @@ class ShardJob:
             batch.drop(sim < threshold, "filter", "low_similarity")
         if tagger is not None and tagger.watermark is not None and len(batch):
             with _timer(self.timings, "tag"):
-                batch.with_columns(**tagger.on_pixels(np.stack(batch.payload["watermark_input"])))
+                batch.with_columns(**tagger.on_pixels(stack_pixels(batch.payload["watermark_input"])))
 
     def _make_batch(self, items: list[_Arrived]) -> Batch:
         rows_idx = np.fromiter((a.row for a in items), dtype=np.int64, count=len(items))
@@ -443,6 +541,16 @@ class ShardJob:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+
+def stack_pixels(images: list[Any]) -> Any:
+    """(N, H, W, 3) uint8 from one image per row: a numpy array from the CPU decoder, a torch
+    tensor on the GPU from a GPU decoder (stacked there, no host round trip)."""
+    if images and not isinstance(images[0], np.ndarray):
+        import torch
+
+        return torch.stack(images)
+    return np.stack(images)
 
 
 class _timer:

@@ -107,9 +107,14 @@ def clean_captions(table: pl.DataFrame, max_chars: int) -> pl.DataFrame:
 
 def shards(table: pl.DataFrame, shard_size: int) -> Iterator[tuple[int, pl.DataFrame]]:
     """(shard id, rows) with a `row` column: the row's index within its shard."""
-    for shard_id, start in enumerate(range(0, table.height, shard_size)):
-        part = table.slice(start, shard_size)
-        yield shard_id, part.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+    for shard_id in range(shard_count(table.height, shard_size)):
+        yield shard_id, shard_rows(table, shard_id, shard_size)
+
+
+def shard_rows(table: pl.DataFrame, shard_id: int, shard_size: int) -> pl.DataFrame:
+    """Shard `shard_id`'s rows with a `row` column: the row's index within its shard."""
+    part = table.slice(shard_id * shard_size, shard_size)
+    return part.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 
 
 def shard_count(n_rows: int, shard_size: int) -> int:

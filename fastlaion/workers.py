@@ -1,0 +1,192 @@
+"""Several worker processes, one per GPU (`--gpus`) or per CPU share (`--processes`).
+
+Each worker is a spawned process with its own event loop, decoder and models (one GPU each);
+shards are handed out from one shared queue, so a slow shard never holds the others back. A
+worker reports rows and finished shards to this process, which draws the progress bar and
+merges the stats. Every shard is still written atomically by the worker that ran it, so a crash,
+Ctrl-C or SIGKILL loses at most the shards in progress, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from .config import ConfigError, RunConfig
+from .writer import PARTIAL_DIR
+
+log = logging.getLogger(__name__)
+
+ROWS_FILE = "rows.arrow"  # the run's input rows, written once for the workers to memory-map
+STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process died or raised; finished shards are kept."""
+
+
+def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int], devices: list[str],
+                progress: Any) -> dict[str, float]:
+    """Run the shards in `todo` on one worker process per entry of `devices`; returns stage
+    seconds summed over workers (load_models: the slowest worker's)."""
+    rows_path = out / PARTIAL_DIR / ROWS_FILE
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    table.write_ipc(rows_path)
+    ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
+    tasks: Any = ctx.Queue()
+    results: Any = ctx.Queue()
+    for shard in todo:
+        tasks.put(shard)
+    for _ in devices:
+        tasks.put(None)
+    threads = cfg.decode.threads or max(1, (os.cpu_count() or 1) // len(devices))
+    procs = []
+    for i, device in enumerate(devices):
+        wcfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
+        proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
+                           args=(i, wcfg, str(out), str(rows_path), tasks, results, threads), daemon=True)
+        proc.start()
+        procs.append(proc)
+
+    timings: dict[str, float] = {}
+    finished = 0
+    done_workers: set[int] = set()
+    try:
+        while finished < len(todo) or len(done_workers) < len(procs):
+            try:
+                msg = results.get(timeout=0.5)
+            except queue.Empty:
+                _check_alive(procs, done_workers, devices)
+                continue
+            kind, worker = msg[0], msg[1]
+            if kind == "rows":
+                progress.rows_done(msg[2], msg[3])
+            elif kind == "shard":
+                stats = msg[2]
+                for stage, secs in stats["timings_s"].items():
+                    timings[stage] = timings.get(stage, 0.0) + secs
+                finished += 1
+                progress.shard_done(stats)
+            elif kind == "ready":
+                timings["load_models"] = max(timings.get("load_models", 0.0), msg[2])
+            elif kind == "done":
+                done_workers.add(worker)
+            elif kind == "config_error":
+                raise ConfigError(msg[2])
+            elif kind == "os_error":
+                raise OSError(*msg[2])
+            else:  # "error"
+                raise WorkerFailed(f"worker {worker} ({devices[worker]}) failed; finished shards are kept, "
+                                   f"rerun to resume:\n{msg[2]}")
+        for proc in procs:
+            proc.join()
+    except BaseException as exc:
+        _stop(procs, interrupted=isinstance(exc, KeyboardInterrupt))
+        raise
+    finally:
+        rows_path.unlink(missing_ok=True)
+        tasks.close()
+        results.close()
+    return timings
+
+
+def _check_alive(procs: list[Any], done_workers: set[int], devices: list[str]) -> None:
+    for i, proc in enumerate(procs):
+        if i not in done_workers and not proc.is_alive():
+            code = proc.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            raise WorkerFailed(f"worker {i} ({devices[i]}) {how} before finishing; finished shards are kept, "
+                               "rerun the same command to resume")
+
+
+def _stop(procs: list[Any], interrupted: bool) -> None:
+    """Ctrl-C reaches the workers too (same process group): give them time to abort their
+    shards; otherwise, or if they linger, terminate them."""
+    if not interrupted:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+class _QueueProgress:
+    """A worker's progress callbacks, forwarded to the parent."""
+
+    def __init__(self, worker: int, results: Any):
+        self.worker, self.results = worker, results
+
+    def rows_done(self, rows: int, kept: int) -> None:
+        self.results.put(("rows", self.worker, rows, kept))
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        self.results.put(("shard", self.worker, stats))
+
+    def start(self, *args: Any) -> None: ...
+
+    def extracting(self) -> Any:
+        return None
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the parent dies (even by SIGKILL), so no orphan
+    keeps writing into an output folder that a rerun is resuming."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _worker_main(worker: int, cfg: RunConfig, out: str, rows_path: str, tasks: Any, results: Any,
+                 threads: int) -> None:
+    _die_with_parent()
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        return
+    from .pipeline import work
+
+    uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)
+    if uses_torch and cfg.score.device in ("cpu", "auto"):
+        try:  # CPU workers share the cores: torch's own thread pool gets this worker's share
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    try:
+        table = pl.read_ipc(rows_path)
+
+        def shard_ids() -> Any:
+            while (shard := tasks.get()) is not None:
+                yield shard
+
+        work(cfg, Path(out), table, shard_ids(), _QueueProgress(worker, results), threads,
+             on_ready=lambda secs: results.put(("ready", worker, secs)))
+        results.put(("done", worker))
+    except KeyboardInterrupt:
+        pass  # the parent saw Ctrl-C too and reports it
+    except ConfigError as exc:
+        results.put(("config_error", worker, str(exc)))
+    except OSError as exc:
+        results.put(("os_error", worker, (exc.errno, exc.strerror or str(exc), exc.filename)))
+    except BaseException:
+        results.put(("error", worker, traceback.format_exc()))
+    finally:
+        results.close()
+        results.join_thread()

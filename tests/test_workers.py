@@ -1,0 +1,121 @@
+"""Several worker processes (--processes / --gpus): same output as one worker, clear failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer
+
+from test_pipeline import build_case, read_output, tiny_checkpoint, write_input
+
+runner = CliRunner()
+
+# Everything a shard's Parquet says about a row, except what depends on timing.
+TIMING_COLUMNS = ("download_s", "attempts")
+
+
+def _run(inp: Path, out: Path, ckpt: Path, *extra: str):
+    return runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--pretrained", str(ckpt),
+                               "--min-similarity", "0.0", "--shard-size", "4", "--timeout", "3", "--retries", "0",
+                               "--no-progress", *extra])
+
+
+def _tar_members(out: Path) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".json"):  # key.json carries the similarity: compare it as numbers below
+                    meta = json.loads(data)
+                    meta.pop("similarity", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                members[m.name] = data
+    return members
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, photos):
+    tmp = tmp_path_factory.mktemp("workers")
+    files, rows = build_case(photos)
+    ckpt = tiny_checkpoint(tmp)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp, server, rows)
+        one = _run(inp, tmp / "one", ckpt)
+        two = _run(inp, tmp / "two", ckpt, "--processes", "2")
+    return one, two, tmp
+
+
+def test_two_cpu_workers_write_what_one_writes(one_and_two):
+    one, two, tmp = one_and_two
+    assert one.exit_code == 0, one.output
+    assert two.exit_code == 0, two.output
+    a = read_output(tmp / "one").sort("key").drop(TIMING_COLUMNS)
+    b = read_output(tmp / "two").sort("key").drop(TIMING_COLUMNS)
+    assert a.height == b.height == 15
+    assert a.drop("similarity").equals(b.drop("similarity"))
+    # Similarities agree to float tolerance (a row may share its CLIP batch with other rows).
+    np.testing.assert_allclose(a["similarity"].fill_null(np.nan).to_numpy(),
+                               b["similarity"].fill_null(np.nan).to_numpy(), atol=1e-4, equal_nan=True)
+    assert _tar_members(tmp / "one") == _tar_members(tmp / "two")
+    for name in ("one", "two"):
+        summary = json.loads((tmp / name / "summary.json").read_text())
+        assert summary["funnel"]["input"] == 15
+    assert len(json.loads((tmp / "two" / "summary.json").read_text())["workers"]) == 2
+    # the shared input file of the workers is gone once they finish
+    assert not (tmp / "two" / ".partial").exists()
+
+
+def test_embeddings_match_across_worker_counts(one_and_two):
+    _, _, tmp = one_and_two
+    for a in sorted((tmp / "one").glob("*_img_emb.npy")):
+        x, y = np.load(a), np.load(tmp / "two" / a.name)
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3, equal_nan=True)
+
+
+def test_worker_config_error_is_one_line(tmp_path, photos):
+    files, rows = build_case(photos)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
+                                     "--pretrained", str(tmp_path / "no-such-dir" / "w.pt"), "--processes", "2",
+                                     "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "no such checkpoint file" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--gpus", "zero", "--gpus must be 'all' or a number"),
+    ("--processes", "-1", "--processes"),
+    ("--decoder", "gpu", "--decoder 'gpu'"),
+])
+def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", flag, value, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_gpus_without_a_gpu_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--gpus", "all",
+                                 "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "no CUDA GPU is visible" in result.output
