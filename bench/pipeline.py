@@ -624,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--input-format", args.input_format, "--no-score",
                    "--image-size", "256", "--resize-mode", "keep_ratio",
                    "--shard-size", "250", "--timeout", "10", "--retries", "0", "--no-progress",
-                   *args.fastlaion_arg]
+                   # one loopback host serves everything: no per-host cap, as img2dataset has none
+                   "--allow-private-networks", "--per-host", "1000", *args.fastlaion_arg]
             run = measure(cmd, work / "fastlaion.log", env)
             c = count_fastlaion(out) if out.exists() else {"ok": 0, "tried": 0, "errors": {},
                                                          "span_s": None, "shards": 0}

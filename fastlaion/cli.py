@@ -60,14 +60,28 @@ class _RateColumn(ProgressColumn):
         return Text(f"{rate:,.0f} samples/s  kept {kept:,}/{rows:,} ({share})", style="cyan")
 
 
+class _StageColumn(ProgressColumn):
+    """Each stage's rows per second of its own busy time, in one worker (decode: in one decode
+    thread). Compared with the overall samples/s they show which stage holds the run back."""
+
+    def render(self, task: Task) -> Text:
+        rows: dict[str, int] = task.fields.get("stage_rows", {})
+        busy: dict[str, float] = task.fields.get("stage_busy", {})
+        parts = [f"{stage} {rows[stage] / secs:,.0f}/s" for stage, secs in busy.items()
+                 if secs > 0.01 and rows.get(stage)]
+        return Text(("stages: " + " · ".join(parts)) if parts else "", style="dim")
+
+
 class _BarProgress:
-    """Draws the pipeline's progress: shards done, samples/s, kept share."""
+    """Draws the pipeline's progress: shards done, samples/s, kept share, per-stage rates."""
 
     def __init__(self, enabled: bool):
         self.bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                            TimeElapsedColumn(), console=console, disable=not enabled)
+                            TimeElapsedColumn(), _StageColumn(), console=console, disable=not enabled)
         self.task: Any = None
         self.rows = self.kept = 0
+        self.stage_rows: dict[str, int] = {}
+        self.stage_busy: dict[str, float] = {}
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
         if shards_done:
@@ -75,10 +89,15 @@ class _BarProgress:
         self.bar.start()
         self.task = self.bar.add_task("run", total=shards_total, completed=shards_done, rows=0, kept=0)
 
-    def rows_done(self, rows: int, kept: int) -> None:
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
         self.rows += rows
         self.kept += kept
-        self.bar.update(self.task, rows=self.rows, kept=self.kept)
+        for stage, secs in (busy_s or {}).items():
+            if secs > 0:
+                self.stage_rows[stage] = self.stage_rows.get(stage, 0) + rows
+                self.stage_busy[stage] = self.stage_busy.get(stage, 0.0) + secs
+        self.bar.update(self.task, rows=self.rows, kept=self.kept, stage_rows=self.stage_rows,
+                        stage_busy=self.stage_busy)
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.bar.advance(self.task)
@@ -164,10 +183,20 @@ def run_cmd(
     shard_size: Annotated[int, typer.Option(help="Input rows per output shard.")] = _D.input.shard_size,
     max_caption_chars: Annotated[int, typer.Option(help="Captions are cut to this many characters (LAION: 2000).")] = _D.input.max_caption_chars,
     workers: Annotated[int, typer.Option(help="Concurrent downloads.")] = _D.download.workers,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed per request attempt: connect, headers and body together.")] = _D.download.timeout_s,
+    timeout: Annotated[float, typer.Option(help="Total deadline in seconds per request attempt: connect, headers and body of all redirect hops together (deadline).")] = _D.download.timeout_s,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds allowed to connect (DNS, TCP and TLS) (connect_timeout).")] = _D.download.connect_timeout_s,
+    read_timeout: Annotated[float, typer.Option(help="Seconds of silence allowed before the response headers (header_timeout) and between body chunks (read_timeout).")] = _D.download.read_timeout_s,
     retries: Annotated[int, typer.Option(help="Extra attempts for transient failures only (timeouts, 5xx, 429, connection errors).")] = _D.download.retries,
     max_bytes: Annotated[int, typer.Option(help="Bodies larger than this are cut off and the row dropped (too_large).")] = _D.download.max_bytes,
-    user_agent: Annotated[str, typer.Option(help="User-Agent header sent with every request.")] = _D.download.user_agent,
+    user_agent: Annotated[str, typer.Option(help="User-Agent header sent with every request; its first word is the name robots.txt and X-Robots-Tag rules are matched against.")] = _D.download.user_agent,
+    per_host: Annotated[int, typer.Option(help="At most this many requests in flight to one host (per worker process).")] = _D.download.per_host,
+    per_host_rate: Annotated[float, typer.Option(help="At most this many requests per second started to one host (per worker process); 0 = no limit.")] = _D.download.per_host_rate,
+    respect_robots: Annotated[bool, typer.Option("--respect-robots", help="Fetch each site's robots.txt once and drop the URLs it disallows for our user agent (robots_disallowed). A robots.txt answering 4xx allows everything; one that cannot be fetched (5xx, timeout) disallows everything (RFC 9309).")] = _D.download.respect_robots,
+    max_redirects: Annotated[int, typer.Option(help="Redirects followed per request; one more drops the row (too_many_redirects).")] = _D.download.max_redirects,
+    opt_out_tags: Annotated[str, typer.Option(help="Comma-separated X-Robots-Tag directives that drop a row before its body is read (opt_out); directives addressed to other agents ('googlebot: noindex') are ignored. '' checks none.")] = ",".join(_D.download.opt_out_tags),
+    allow_private_networks: Annotated[bool, typer.Option("--allow-private-networks", help="Also download from private, loopback and link-local addresses (refused by default, on every redirect hop: private_address). For local test servers only.")] = _D.download.allow_private_networks,
+    url_blocklist: Annotated[Optional[str], typer.Option(help="File of URLs not to download, one per line: the URL itself or the hex SHA-256 or MD5 of its UTF-8 bytes (blocked).", show_default=False)] = None,
+    image_blocklist: Annotated[Optional[str], typer.Option(help="File of images to drop, one per line: the hex SHA-256 or MD5 of the downloaded bytes (blocked).", show_default=False)] = None,
     image_size: Annotated[int, typer.Option(help="Size in pixels of the stored image (see --resize-mode).")] = _D.decode.image_size,
     resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
     min_image_bytes: Annotated[int, typer.Option(help="Smaller images are dropped (LAION: 5000).")] = _D.decode.min_image_bytes,
@@ -213,8 +242,13 @@ def run_cmd(
         input=InputConfig(paths=tuple(str(p) for p in inputs or ()), input_format=input_format, url_col=url_col,
                           caption_col=caption_col, shard_size=shard_size, max_caption_chars=max_caption_chars,
                           crawl=crawl, crawl_files=crawl_files, cc_base_url=cc_base_url),
-        download=DownloadConfig(workers=workers, timeout_s=timeout, retries=retries, max_bytes=max_bytes,
-                                user_agent=user_agent),
+        download=DownloadConfig(workers=workers, timeout_s=timeout, connect_timeout_s=connect_timeout,
+                                read_timeout_s=read_timeout, retries=retries, max_bytes=max_bytes,
+                                user_agent=user_agent, per_host=per_host, per_host_rate=per_host_rate,
+                                respect_robots=respect_robots, max_redirects=max_redirects,
+                                opt_out_tags=tuple(t.strip().lower() for t in opt_out_tags.split(",") if t.strip()),
+                                allow_private_networks=allow_private_networks, url_blocklist=url_blocklist,
+                                image_blocklist=image_blocklist),
         decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,
                             max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads,
                             decoder=decoder),

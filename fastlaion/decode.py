@@ -357,7 +357,6 @@ class Decoded:
     decode_s: float  # CPU seconds this thread spent on the body (time.thread_time)
     # uint8 (S, S, 3) RGB squashed to the watermark detector's input size; None when not asked for
     watermark_input: np.ndarray | None = None
-    pending: bool = False  # checked, pixels still to come from a batch decoder's finish() (gpu_decode)
     # True: checks passed and the pixels are left to a GPU decoder's batched `finish`
     pending: bool = False
 

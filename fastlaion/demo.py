@@ -173,7 +173,9 @@ def run_demo(output: Path, model: str, pretrained: str, min_similarity: float | 
 
 
 def _fast_failures(cfg: RunConfig) -> RunConfig:
-    """Loopback answers in milliseconds: a short timeout and retry backoff keep the demo quick."""
+    """Loopback answers in milliseconds: a short timeout and retry backoff keep the demo quick;
+    the sample is served from 127.0.0.1, which the private-network guard refuses by default."""
     import dataclasses
 
-    return dataclasses.replace(cfg, download=dataclasses.replace(cfg.download, timeout_s=5.0, backoff_s=0.05))
+    return dataclasses.replace(cfg, download=dataclasses.replace(cfg.download, timeout_s=5.0, backoff_s=0.05,
+                                                                 allow_private_networks=True))

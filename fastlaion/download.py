@@ -6,41 +6,119 @@ input is. Each URL ends as one immutable `Fetched` record: the body, or a short 
 pipeline counts and writes beside the row. Expected failures (404, timeout, refused, too large)
 are reasons, never exceptions; only `aiohttp.ClientError` and timeouts are caught, so a bug raises.
 
-Reason codes (`Fetched.error`):
+What a request goes through, in order (each refusal is a reason, never an exception):
+
+1. the URL must be http(s) with a host (`invalid_url`) and not on the URL blocklist (`blocked`);
+2. a literal IP host must be a public address (`private_address`), unless
+   `allow_private_networks`; host names are checked after DNS, by `GuardedResolver`;
+3. with `respect_robots`, the origin's robots.txt (fetched once, shared by all waiters) must
+   allow the URL for our user agent (`robots_disallowed`);
+4. a per-host slot: at most `per_host` requests in flight and, with `per_host_rate`, request
+   starts spaced 1/rate s apart (waiting here is not counted against any timeout);
+5. the request, bounded four ways: connect, silence before the headers and between body chunks
+   (`read_timeout_s`), and a total `timeout_s` over all redirect hops. Redirects are followed
+   here, not by aiohttp, so that steps 1-4 run again for every hop;
+6. the response headers: X-Robots-Tag opt-out directives drop the row before a byte of the body
+   is read (`opt_out`); a Content-Length over `max_bytes` drops it too (`too_large`);
+7. the body, counted as it arrives (`too_large` also without a Content-Length, and after
+   decompression), then checked against the image blocklist (`blocked`).
+
+Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transient`):
     invalid_url         not an http(s) URL with a host, or rejected by aiohttp (also redirects to one)
+    blocked             the URL (or a redirect target) is on --url-blocklist, or the body's hash is
+                        on --image-blocklist
+    private_address     the host is, or resolves only to, a private, loopback, link-local,
+                        multicast, reserved or unspecified address (`is_public_address`)
+    robots_disallowed   robots.txt disallows the URL for our user agent; also when robots.txt
+                        could not be fetched (5xx, 429, timeout, refused: RFC 9309's "unreachable",
+                        which means complete disallow). A robots.txt answering 4xx allows everything.
+    opt_out             X-Robots-Tag carries one of `opt_out_tags` (see `opt_out_directive`)
     http_<status>       the server answered with status >= 400, e.g. http_404 (429 and 5xx retried)
-    timeout             no complete answer within `timeout_s` (connect + headers + body) (retried)
-    connection_error    refused, reset, disconnected before answering (retried)
+    connect_timeout     no connection (DNS + TCP + TLS) within `connect_timeout_s` (retried)
+    header_timeout      connected, but no response headers within `read_timeout_s` (retried)
+    read_timeout        the body stalled: no bytes for `read_timeout_s` (retried)
+    deadline            no complete answer within `timeout_s`, e.g. a body trickling in (retried)
+    connection_error    refused, reset, disconnected before answering, DNS failure (retried)
     payload_error       the body was cut short or malformed (retried)
     too_large           Content-Length or the bytes read exceed `max_bytes`
-    too_many_redirects  more than `MAX_REDIRECTS` redirects
+    too_many_redirects  more than `max_redirects` redirects
     client_error        any other aiohttp.ClientError (e.g. a malformed response)
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
 import time
+import urllib.robotparser
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import aiohttp
 import aiohttp.connector
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from fastlaion.config import DownloadConfig
+from fastlaion.config import ConfigError, DownloadConfig
 
-MAX_REDIRECTS = 10  # redirects followed; the 11th is too_many_redirects
+if TYPE_CHECKING:
+    from aiohttp.abc import ResolveResult
+
+log = logging.getLogger(__name__)
+
 CHUNK_BYTES = 64 * 1024
 DNS_CACHE_TTL_S = 300  # image hosts repeat a lot in web-scale URL lists
 MAX_DETAIL_CHARS = 200
+ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to parse at least 500 KiB; the rest is ignored
+ROBOTS_CACHE_ORIGINS = 20_000  # robots.txt verdicts kept per downloader, least recently used dropped
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Agent names whose X-Robots-Tag directives apply to us besides our own user agent's: sites
+# addressed their AI opt-outs to img2dataset, the tool fastlaion replaces.
+OPT_OUT_AGENTS = ("img2dataset",)
+
+# Reason codes (module docstring); http_<status> comes on top of these.
+INVALID_URL = "invalid_url"
+BLOCKED = "blocked"
+PRIVATE_ADDRESS = "private_address"
+ROBOTS_DISALLOWED = "robots_disallowed"
+OPT_OUT = "opt_out"
+CONNECT_TIMEOUT = "connect_timeout"
+HEADER_TIMEOUT = "header_timeout"
+READ_TIMEOUT = "read_timeout"
+DEADLINE = "deadline"
+CONNECTION_ERROR = "connection_error"
+PAYLOAD_ERROR = "payload_error"
+TOO_LARGE = "too_large"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+CLIENT_ERROR = "client_error"
+REASONS = (INVALID_URL, BLOCKED, PRIVATE_ADDRESS, ROBOTS_DISALLOWED, OPT_OUT, CONNECT_TIMEOUT,
+           HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR, PAYLOAD_ERROR, TOO_LARGE,
+           TOO_MANY_REDIRECTS, CLIENT_ERROR)
+_TRANSIENT = frozenset({CONNECT_TIMEOUT, HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR,
+                        PAYLOAD_ERROR, "http_429"})
 
 # aiohttp warns that the flag is useless on Pythons whose SSL transports close themselves.
 _CLEANUP_CLOSED = getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", True)
 # aiohttp >= 3.10 reports a non-http(s) URL (given or redirected to) with its own class.
 _NON_HTTP_URL = getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL)
-_TRANSIENT = frozenset({"timeout", "connection_error", "payload_error", "http_429"})
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+# aiohttp >= 3.10 tells a connect timeout from a read timeout by class; 3.9 only by message.
+_CONNECT_TIMEOUT_ERROR = getattr(aiohttp, "ConnectionTimeoutError", _NeverRaised)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +129,9 @@ class Fetched:
     http_status: int | None  # last HTTP status seen, None if no response
     error: str | None  # None on success, else a reason code (module docstring)
     error_detail: str | None  # human-readable message, at most MAX_DETAIL_CHARS
-    attempts: int  # attempts made (1 + retries used); 0 for an invalid URL
+    # attempts made (1 + retries used); 0 when refused before any request to the URL was sent
+    # (invalid_url, blocked, private_address of a literal IP, robots_disallowed)
+    attempts: int
     elapsed_s: float  # wall time over all attempts and backoff sleeps
 
     @property
@@ -70,21 +150,301 @@ def validate_url(url: str | None) -> str | None:
     'invalid_url'
     """
     if not isinstance(url, str) or not url.strip():
-        return "invalid_url"
+        return INVALID_URL
     try:
-        parsed = URL(url.strip())
-        host = parsed.raw_host  # IDNA-encodes, which can fail
-        parsed.port  # noqa: B018 -- raises on an out-of-range port
+        return _url_reason(URL(url.strip()))
     except ValueError:  # UnicodeError is a ValueError
-        return "invalid_url"
+        return INVALID_URL
+
+
+def _url_reason(parsed: URL) -> str | None:
+    host = parsed.raw_host  # IDNA-encodes, which can fail (ValueError)
+    parsed.port  # noqa: B018 -- raises on an out-of-range port
     if parsed.scheme not in ("http", "https") or not host or any(c.isspace() for c in host):
-        return "invalid_url"
+        return INVALID_URL
     return None
 
 
 def is_transient(error: str | None) -> bool:
     """Whether a failure with this reason may succeed if tried again."""
     return error is not None and (error in _TRANSIENT or error.startswith("http_5"))
+
+
+# --- safety: which addresses a crawler may connect to ---------------------------------------
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """Whether `ip` is a global unicast address, safe for a crawler to connect to.
+
+    Refuses private, loopback, link-local (169.254.169.254, the cloud metadata service),
+    multicast, reserved and unspecified addresses, shared address space (100.64/10), and IPv6
+    addresses that embed a refused IPv4 one (IPv4-mapped, 6to4, NAT64).
+
+    >>> is_public_address(ipaddress.ip_address("93.184.216.34"))
+    True
+    >>> [is_public_address(ipaddress.ip_address(a)) for a in ("10.0.0.1", "169.254.169.254", "::1")]
+    [False, False, False]
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not is_public_address(embedded):
+            return False
+        if ip.ipv4_mapped is not None:
+            return True
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+_LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
+
+
+def literal_ip(host: str) -> IPAddress | None:
+    """The address a URL's host names literally, or None for a host name.
+
+    Also reads the legacy IPv4 forms that `inet_aton` (and so `getaddrinfo`) accepts, so that
+    `http://2130706433/` or `http://0x7f.1/` cannot pass for a host name.
+
+    >>> literal_ip("2130706433"), literal_ip("::1"), literal_ip("example.com")
+    (IPv4Address('127.0.0.1'), IPv6Address('::1'), None)
+    """
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+class PrivateAddressError(OSError):
+    """A host resolved only to refused addresses. aiohttp wraps it in ClientConnectorError
+    (it is an OSError), so no connection is ever attempted."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Wraps a resolver: drops the addresses `allow` refuses; raises `PrivateAddressError` when
+    none is left. aiohttp caches what it returns (ttl_dns_cache) and connects only to that, so
+    the check and the connection see the same addresses (no DNS rebinding in between)."""
+
+    def __init__(self, inner: AbstractResolver, allow: Callable[[IPAddress], bool] = is_public_address):
+        self._inner = inner
+        self._allow = allow
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        kept = [r for r in results if self._allow(ipaddress.ip_address(r["host"]))]
+        if results and not kept:
+            addresses = ", ".join(sorted({r["host"] for r in results}))
+            raise PrivateAddressError(f"{host} resolves to refused addresses only: {addresses}")
+        return kept
+
+    async def close(self) -> None:
+        pass  # the inner resolver belongs to whoever made it
+
+
+# --- opt-out: X-Robots-Tag -------------------------------------------------------------------
+
+# Directives that carry a value after a colon, so "name: value" is not an agent prefix.
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+
+
+def agent_token(user_agent: str) -> str:
+    """The product name a user agent goes by in robots.txt and X-Robots-Tag.
+
+    >>> agent_token("fastlaion/0.1 (+https://github.com/fastlaion/fastlaion)")
+    'fastlaion'
+    """
+    return re.split(r"[/\s]", user_agent.strip(), maxsplit=1)[0].lower()
+
+
+def opt_out_directive(values: Iterable[str], tags: Iterable[str], agents: Iterable[str]) -> str | None:
+    """The first of `tags` that X-Robots-Tag header `values` address to every agent or to one of
+    `agents` (lower-case names), as 'directive' or 'agent: directive'; None if there is none.
+
+    Each header value is a comma-separated list; `name: directive` starts the directives meant
+    for agent `name` only, up to the next such prefix or the end of the value (Google's syntax).
+
+    >>> opt_out_directive(["noindex, nofollow"], ["noindex"], ["fastlaion"])
+    'noindex'
+    >>> opt_out_directive(["googlebot: noindex"], ["noindex"], ["fastlaion"]) is None
+    True
+    >>> opt_out_directive(["googlebot: noarchive, fastlaion: noai"], ["noai"], ["fastlaion"])
+    'fastlaion: noai'
+    """
+    tags, agents = frozenset(tags), frozenset(agents)
+    if not tags:
+        return None
+    for value in values:
+        agent: str | None = None  # directives before any prefix apply to every agent
+        for part in value.lower().split(","):
+            name, colon, rest = part.partition(":")
+            name = name.strip()
+            if colon and name and name not in _VALUED_DIRECTIVES and not any(c.isspace() for c in name):
+                agent, part = name, rest
+            directive = part.split(":", 1)[0].strip()
+            if directive in tags and (agent is None or agent in agents):
+                return f"{agent}: {directive}" if agent else directive
+    return None
+
+
+# --- blocklists ------------------------------------------------------------------------------
+
+_HEX = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class _Digests:
+    sha256: frozenset[bytes] = frozenset()
+    md5: frozenset[bytes] = frozenset()
+
+    def match(self, data: bytes) -> str | None:
+        if self.sha256 and hashlib.sha256(data).digest() in self.sha256:
+            return "sha256"
+        if self.md5 and hashlib.md5(data, usedforsecurity=False).digest() in self.md5:
+            return "md5"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.sha256) + len(self.md5)
+
+
+@dataclass(frozen=True)
+class Blocklists:
+    """--url-blocklist and --image-blocklist, as sets of digests.
+
+    A URL blocklist line is a URL (anything with "://") or the hex SHA-256 (64 digits) or MD5
+    (32 digits) of a URL's UTF-8 bytes. URLs are matched exactly as given in the input (after
+    stripping surrounding whitespace), in their normalised form, and as each redirect target.
+    An image blocklist line is the hex SHA-256 or MD5 of an image's bytes, as downloaded.
+    Blank lines and lines starting with '#' are ignored; anything else is a ConfigError.
+    """
+
+    urls: _Digests = field(default_factory=_Digests)
+    images: _Digests = field(default_factory=_Digests)
+
+    @classmethod
+    def from_config(cls, cfg: DownloadConfig) -> Blocklists:
+        """Load the configured files; a file is read once per process while it is unchanged."""
+        return cls(urls=_load_digests("--url-blocklist", cfg.url_blocklist, urls_allowed=True),
+                   images=_load_digests("--image-blocklist", cfg.image_blocklist, urls_allowed=False))
+
+    def url_blocked(self, *urls: str) -> str | None:
+        """A detail naming the list if any of `urls` is on the URL blocklist, else None."""
+        if not len(self.urls):
+            return None
+        for url in dict.fromkeys(urls):  # each distinct form once
+            if (how := self.urls.match(url.encode("utf-8", "surrogatepass"))) is not None:
+                return f"URL ({how}) on --url-blocklist: {url}"[:MAX_DETAIL_CHARS]
+        return None
+
+    def image_blocked(self, body: bytes) -> str | None:
+        """A detail naming the list if the hash of `body` is on the image blocklist, else None."""
+        how = self.images.match(body) if len(self.images) else None
+        return None if how is None else f"image {how} on --image-blocklist"
+
+
+def _load_digests(flag: str, path: str | None, *, urls_allowed: bool) -> _Digests:
+    if path is None:
+        return _Digests()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    return _read_digests(flag, path, urls_allowed, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _read_digests(flag: str, path: str, urls_allowed: bool, mtime_ns: int, size: int) -> _Digests:
+    sha256: set[bytes] = set()
+    md5: set[bytes] = set()
+    what = "a URL or the MD5/SHA-256 hex of one" if urls_allowed else "an MD5/SHA-256 hex digest"
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                item = line.strip()
+                if not item or item.startswith("#"):
+                    continue
+                if urls_allowed and "://" in item:
+                    sha256.add(hashlib.sha256(item.encode("utf-8")).digest())
+                elif _HEX.fullmatch(item):
+                    (md5 if len(item) == 32 else sha256).add(bytes.fromhex(item))
+                else:
+                    raise ConfigError(f"{flag} {path}, line {n}: not {what}: {item[:80]!r}")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{flag} {path}: cannot read it ({reason})") from None
+    log.info("%s %s: %d entries", flag, path, len(sha256) + len(md5))
+    return _Digests(frozenset(sha256), frozenset(md5))
+
+
+# --- politeness: per-host slots and robots.txt -----------------------------------------------
+
+
+@dataclass(slots=True)
+class _Gate:
+    slots: asyncio.Semaphore
+    users: int = 0  # tasks holding or waiting for a slot
+    next_start: float = 0.0  # loop time before which no request to this host may start
+
+
+class _HostGates:
+    """At most `per_host` requests in flight per host and, when `rate` > 0, request starts
+    spaced 1/rate s apart. Gates of idle hosts are dropped, so memory follows the hosts in use."""
+
+    def __init__(self, per_host: int, rate: float):
+        self._per_host = per_host
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._gates: dict[str, _Gate] = {}
+        self._sweep_at = 1024
+
+    @asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = self._gates[host] = _Gate(asyncio.Semaphore(self._per_host))
+        gate.users += 1
+        try:
+            async with gate.slots:
+                if self._interval:
+                    now = loop.time()
+                    start = max(now, gate.next_start)
+                    gate.next_start = start + self._interval  # reserved before sleeping: no two share it
+                    if start > now:
+                        await asyncio.sleep(start - now)
+                yield
+        finally:
+            gate.users -= 1
+            if gate.users == 0 and gate.next_start <= loop.time():
+                del self._gates[host]
+            elif len(self._gates) > self._sweep_at:  # idle hosts still inside their rate window
+                now = loop.time()
+                for name in [n for n, g in self._gates.items() if g.users == 0 and g.next_start <= now]:
+                    del self._gates[name]
+                self._sweep_at = max(1024, 2 * len(self._gates))
+
+
+@dataclass(frozen=True, slots=True)
+class _Robots:
+    """One origin's robots.txt verdict: a parser, or one answer for every path."""
+
+    parser: urllib.robotparser.RobotFileParser | None
+    refusal: str | None = None  # with no parser: None allows all, else the reason refusing all
+    detail: str | None = None
+
+
+_ALLOW_ALL = _Robots(None)
+
+
+# --- the downloader --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,95 +455,259 @@ class _Attempt:
     error_detail: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What applies to one kind of request: an image row, or a robots.txt."""
+
+    max_bytes: int
+    truncate: bool  # keep the first max_bytes instead of dropping the row (robots.txt)
+    policy: bool  # robots.txt, X-Robots-Tag and the blocklists apply (not to robots.txt itself)
+
+
 def _detail(exc: BaseException) -> str:
     text = str(exc)
     return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:MAX_DETAIL_CHARS]
+
+
+def _refused(error: str, detail: str, status: int | None = None) -> _Attempt:
+    return _Attempt(None, status, error, detail[:MAX_DETAIL_CHARS])
 
 
 class Downloader:
     """One aiohttp session with its connection pool; use as `async with Downloader(cfg) as d`.
 
     The session is made in `__aenter__`, so the object must be entered inside a running loop.
+    Per-host slots, DNS answers and robots.txt verdicts live as long as the downloader: keep one
+    for many URLs. `resolver` replaces aiohttp's DNS resolver (tests pass a stub); `allow_address`
+    decides which resolved or literal addresses may be connected to when private networks are
+    not allowed; `blocklists` defaults to the files named in `cfg`.
     """
 
-    def __init__(self, cfg: DownloadConfig):
+    def __init__(self, cfg: DownloadConfig, *, resolver: AbstractResolver | None = None,
+                 allow_address: Callable[[IPAddress], bool] = is_public_address,
+                 blocklists: Blocklists | None = None):
         self.cfg = cfg
+        self.blocklists = blocklists if blocklists is not None else Blocklists.from_config(cfg)
+        self._resolver = resolver
+        self._allow_address = allow_address
+        self._opt_out_tags = frozenset(t.lower() for t in cfg.opt_out_tags)
+        self._agents = frozenset({agent_token(cfg.user_agent), *OPT_OUT_AGENTS})
+        self._image_rules = _Rules(cfg.max_bytes, truncate=False, policy=True)
+        self._robots_rules = _Rules(ROBOTS_MAX_BYTES, truncate=True, policy=False)
         self._session: aiohttp.ClientSession | None = None
+        self._owned_resolver: AbstractResolver | None = None
+        self._gates = _HostGates(cfg.per_host, cfg.per_host_rate)
+        self._robots: OrderedDict[str, asyncio.Future[_Robots]] = OrderedDict()
 
     async def __aenter__(self) -> Downloader:
+        resolver = self._resolver
+        if resolver is None:
+            resolver = self._owned_resolver = aiohttp.DefaultResolver()
+        if not self.cfg.allow_private_networks:
+            resolver = GuardedResolver(resolver, self._allow_address)
+        # Up to `workers` connections: each worker holds at most one (redirect hops are
+        # sequential), so waiting for the pool, which aiohttp counts as connecting, never happens.
         connector = aiohttp.TCPConnector(limit=self.cfg.workers, ttl_dns_cache=DNS_CACHE_TTL_S,
-                                         enable_cleanup_closed=_CLEANUP_CLOSED)
+                                         resolver=resolver, enable_cleanup_closed=_CLEANUP_CLOSED)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+            # The total deadline is ours (`_deadline`), so that it spans redirect hops but not
+            # the waits for a per-host slot or a robots.txt.
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
+                                          sock_read=self.cfg.read_timeout_s),
             headers={"User-Agent": self.cfg.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),  # a crawler keeps no state between URLs
+            trust_env=False,  # a proxy from the environment would bypass the address checks
         )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        pending = [f for f in self._robots.values() if not f.done()]
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._robots.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._owned_resolver is not None:
+            await self._owned_resolver.close()
+            self._owned_resolver = None
 
     async def fetch(self, url: str) -> Fetched:
         """Download `url`, retrying transient failures `cfg.retries` times with backoff."""
+        if self._session is None:
+            raise RuntimeError("Downloader.fetch called outside `async with Downloader(cfg)`")
+        return await self._fetch(url, self._image_rules)
+
+    async def _fetch(self, url: str, rules: _Rules) -> Fetched:
         start = time.perf_counter()
+
+        def done(outcome: _Attempt, attempts: int) -> Fetched:
+            return Fetched(outcome.body, outcome.http_status, outcome.error, outcome.error_detail,
+                           attempts, time.perf_counter() - start)
+
         if validate_url(url) is not None:
-            return Fetched(None, None, "invalid_url", f"not an http(s) URL: {url!r}"[:MAX_DETAIL_CHARS],
-                           0, 0.0)
+            return done(_refused(INVALID_URL, f"not an http(s) URL: {url!r}"), 0)
         url = url.strip()
+        target = URL(url)
+        if rules.policy and (why := self.blocklists.url_blocked(url, str(target))) is not None:
+            return done(_refused(BLOCKED, why), 0)
+        if (refusal := await self._refusal(target, rules)) is not None:
+            return done(refusal, 0)
         attempts = 0
         while True:
             attempts += 1
-            outcome = await self._attempt(url)
+            outcome = await self._attempt(target, rules)
             if not is_transient(outcome.error) or attempts > self.cfg.retries:
-                return Fetched(outcome.body, outcome.http_status, outcome.error, outcome.error_detail,
-                               attempts, time.perf_counter() - start)
+                return done(outcome, attempts)
             await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempts - 1))
 
-    async def _attempt(self, url: str) -> _Attempt:
-        if self._session is None:
-            raise RuntimeError("Downloader.fetch called outside `async with Downloader(cfg)`")
+    async def _refusal(self, target: URL, rules: _Rules) -> _Attempt | None:
+        """Why `target` must not be requested (a literal private IP, robots.txt), or None."""
+        if not self.cfg.allow_private_networks:
+            ip = literal_ip(target.raw_host or "")
+            if ip is not None and not self._allow_address(ip):
+                return _refused(PRIVATE_ADDRESS, f"{target.raw_host} is not a public address")
+        if rules.policy and self.cfg.respect_robots:
+            robots = await self._robots_for(target)
+            if robots.parser is None:
+                return None if robots.refusal is None else _refused(robots.refusal, robots.detail or "")
+            if not robots.parser.can_fetch(self.cfg.user_agent, str(target)):
+                return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} disallows {target.path_qs}")
+        return None
+
+    async def _attempt(self, target: URL, rules: _Rules) -> _Attempt:
+        """One attempt: request `target` and follow its redirects, within `cfg.timeout_s` in all."""
+        spent = 0.0
         status: int | None = None
+        for hop in range(self.cfg.max_redirects + 1):
+            if hop:
+                if rules.policy and (why := self.blocklists.url_blocked(str(target))) is not None:
+                    return _refused(BLOCKED, why, status)
+                if (refusal := await self._refusal(target, rules)) is not None:
+                    return _Attempt(None, status, refusal.error, refusal.error_detail)
+            async with self._gates.slot(target.raw_host or ""):
+                began = time.perf_counter()
+                try:
+                    step = await self._hop(target, rules, self.cfg.timeout_s - spent, status)
+                finally:
+                    spent += time.perf_counter() - began
+            if isinstance(step, _Attempt):
+                return step
+            target, status = step
+        return _refused(TOO_MANY_REDIRECTS, f"more than {self.cfg.max_redirects} redirects", status)
+
+    async def _hop(self, target: URL, rules: _Rules, budget_s: float,
+                   status: int | None) -> _Attempt | tuple[URL, int]:
+        """One request: the outcome, or where it redirects to (and the redirect's status)."""
+        assert self._session is not None
+        answered = False  # headers received: a socket timeout now is the body stalling
         try:
-            # aiohttp's total timeout should cover the body too; the outer deadline makes sure,
-            # so a server trickling bytes forever cannot hold a worker past timeout_s.
-            async with _deadline(self.cfg.timeout_s):
-                # aiohttp counts responses, not redirects followed: 11 lets 10 redirects through.
-                async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1) as resp:
-                    status = resp.status
-                    if status >= 400:
-                        return _Attempt(None, status, f"http_{status}", f"{status} {resp.reason}")
-                    return await self._read_body(resp)
-        except (asyncio.TimeoutError, TimeoutError):  # before ClientError: ServerTimeoutError is both
-            return _Attempt(None, status, "timeout", f"no complete answer within {self.cfg.timeout_s} s")
-        except aiohttp.TooManyRedirects as exc:
-            last = exc.history[-1].status if exc.history else None
-            return _Attempt(None, last, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+            async with _deadline(budget_s), self._session.get(target, allow_redirects=False) as resp:
+                answered, status = True, resp.status
+                if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+                    return _redirect(resp)
+                if resp.status >= 400:
+                    return _Attempt(None, resp.status, f"http_{resp.status}", f"{resp.status} {resp.reason}")
+                if rules.policy:
+                    directive = opt_out_directive(resp.headers.getall("X-Robots-Tag", ()),
+                                                  self._opt_out_tags, self._agents)
+                    if directive is not None:
+                        resp.close()  # drop the connection: not a byte of the body is read
+                        return _refused(OPT_OUT, f"X-Robots-Tag: {directive}", resp.status)
+                return await self._read_body(resp, rules)
+        except _CONNECT_TIMEOUT_ERROR:
+            return _refused(CONNECT_TIMEOUT, f"no connection within {self.cfg.connect_timeout_s} s", status)
+        except aiohttp.ServerTimeoutError as exc:  # sock_read (3.9 also says connect this way)
+            if not answered and "Connection timeout" in str(exc):
+                return _refused(CONNECT_TIMEOUT, f"no connection within {self.cfg.connect_timeout_s} s", status)
+            if answered:
+                return _refused(READ_TIMEOUT, f"body stalled for {self.cfg.read_timeout_s} s", status)
+            return _refused(HEADER_TIMEOUT, f"no response headers within {self.cfg.read_timeout_s} s", status)
+        except (asyncio.TimeoutError, TimeoutError):  # after ServerTimeoutError, which is one too
+            return _refused(DEADLINE, f"no complete answer within {self.cfg.timeout_s} s", status)
         except aiohttp.ClientPayloadError as exc:
-            return _Attempt(None, status, "payload_error", _detail(exc))
+            return _Attempt(None, status, PAYLOAD_ERROR, _detail(exc))
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PrivateAddressError):
+                return _Attempt(None, status, PRIVATE_ADDRESS, str(exc.os_error)[:MAX_DETAIL_CHARS])
+            return _Attempt(None, status, CONNECTION_ERROR, _detail(exc))
         except aiohttp.ClientConnectionError as exc:
-            return _Attempt(None, status, "connection_error", _detail(exc))
+            return _Attempt(None, status, CONNECTION_ERROR, _detail(exc))
         except (aiohttp.InvalidURL, _NON_HTTP_URL) as exc:
-            return _Attempt(None, status, "invalid_url", _detail(exc))
+            return _Attempt(None, status, INVALID_URL, _detail(exc))
         except aiohttp.ClientError as exc:
             # Not exc.status: for a malformed response aiohttp makes up a 400 of its own.
-            return _Attempt(None, status, "client_error", _detail(exc))
+            return _Attempt(None, status, CLIENT_ERROR, _detail(exc))
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> _Attempt:
-        cap = self.cfg.max_bytes
-        if resp.content_length is not None and resp.content_length > cap:
-            return _Attempt(None, resp.status, "too_large",
-                            f"Content-Length {resp.content_length} > max_bytes {cap}")
+    async def _read_body(self, resp: aiohttp.ClientResponse, rules: _Rules) -> _Attempt:
+        cap = rules.max_bytes
+        if resp.content_length is not None and resp.content_length > cap and not rules.truncate:
+            resp.close()
+            return _refused(TOO_LARGE, f"Content-Length {resp.content_length} > max_bytes {cap}", resp.status)
         chunks: list[bytes] = []
         size = 0
+        # Counted after decompression, so a small gzip bomb is cut off like a big body.
         async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            if size + len(chunk) > cap:
+                resp.close()  # drops the connection mid-body
+                if not rules.truncate:
+                    return _refused(TOO_LARGE, f"body over max_bytes {cap}", resp.status)
+                chunks.append(chunk[:cap - size])
+                break
             size += len(chunk)
-            if size > cap:  # leaving the `async with` drops the connection mid-body
-                return _Attempt(None, resp.status, "too_large", f"body over max_bytes {cap}")
             chunks.append(chunk)
-        return _Attempt(b"".join(chunks), resp.status, None, None)
+        body = b"".join(chunks)
+        if rules.policy and (why := self.blocklists.image_blocked(body)) is not None:
+            return _refused(BLOCKED, why, resp.status)
+        return _Attempt(body, resp.status, None, None)
+
+    async def _robots_for(self, target: URL) -> _Robots:
+        """The robots.txt verdict for `target`'s origin: fetched once, every caller awaits it."""
+        origin = target.origin()
+        key = str(origin)
+        future = self._robots.get(key)
+        if future is None:
+            future = self._robots[key] = asyncio.ensure_future(self._load_robots(origin))
+            if len(self._robots) > ROBOTS_CACHE_ORIGINS:
+                oldest = next((k for k, f in self._robots.items() if f.done()), None)
+                if oldest is not None:
+                    del self._robots[oldest]
+        else:
+            self._robots.move_to_end(key)
+        # One waiter's deadline or cancellation must not cancel the fetch the others wait on.
+        return await asyncio.shield(future)
+
+    async def _load_robots(self, origin: URL) -> _Robots:
+        got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
+        if got.ok:
+            parser = urllib.robotparser.RobotFileParser()
+            parser.parse((got.body or b"").decode("utf-8", "replace").splitlines())
+            verdict = _Robots(parser)
+        elif got.error == PRIVATE_ADDRESS:
+            verdict = _Robots(None, PRIVATE_ADDRESS, got.error_detail)
+        elif got.error in (TOO_MANY_REDIRECTS, INVALID_URL) or (
+                got.error is not None and got.error.startswith("http_4") and got.error != "http_429"):
+            # RFC 9309: robots.txt "unavailable" (4xx, also after over five redirects) allows everything
+            verdict = _ALLOW_ALL
+        else:  # RFC 9309: "unreachable" (5xx, 429, network errors) means complete disallow
+            verdict = _Robots(None, ROBOTS_DISALLOWED, f"robots.txt of {origin} unreachable ({got.error}): "
+                                                       "everything disallowed (RFC 9309)")
+        log.debug("robots.txt of %s: %s", origin, got.error or "parsed")
+        return verdict
+
+
+def _redirect(resp: aiohttp.ClientResponse) -> _Attempt | tuple[URL, int]:
+    location = resp.headers["Location"]
+    try:
+        target = resp.url.join(URL(location)).with_fragment(None)
+        reason = _url_reason(target)
+    except ValueError:
+        reason = INVALID_URL
+    if reason is not None:
+        return _refused(INVALID_URL, f"redirect to a bad URL: {location!r}", resp.status)
+    return target, resp.status
 
 
 @asynccontextmanager
@@ -253,5 +777,3 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-

@@ -51,7 +51,9 @@ class Progress:
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None: ...
 
-    def rows_done(self, rows: int, kept: int) -> None: ...
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        """`rows` more rows finished (`kept` of them kept); `busy_s`: seconds each stage spent on
+        them (decode: summed over its threads), from which the bar shows per-stage rates."""
 
     def shard_done(self, stats: dict[str, Any]) -> None: ...
 
@@ -154,6 +156,10 @@ def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int
         on_ready(timings["load_models"])
     loop = new_event_loop()
     threads = threads or cfg.decode.threads or os.cpu_count() or 1
+    # One downloader per worker for the whole run: per-host limits, the DNS cache and robots.txt
+    # answers carry over from shard to shard.
+    downloader = Downloader(cfg.download)
+    loop.run_until_complete(downloader.__aenter__())
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="batch-decode") as batch_decode_pool, \
@@ -161,13 +167,14 @@ def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int
             pools = _Pools(decode_pool, batch_decode_pool, score_pool)
             for shard_id in shard_ids:
                 rows = shard_rows(table, shard_id, cfg.input.shard_size)
-                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress)
+                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader)
                 stats = loop.run_until_complete(job.run())
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
                 progress.shard_done(stats)
     finally:
         _cancel_all(loop)
+        loop.run_until_complete(downloader.__aexit__(None, None, None))
         loop.close()
     return timings
 
@@ -354,8 +361,9 @@ class ShardJob:
     MAX_BATCHES_IN_FLIGHT = 2
 
     def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Any,
-                 models: Models, pools: _Pools, progress: Progress):
+                 models: Models, pools: _Pools, progress: Progress, downloader: Downloader):
         self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
+        self.downloader = downloader
         self.decoder, self.models = decoder, models  # decoder: decode.Decoder or a gpu_decode.BatchDecoder
         self.pools, self.progress = pools, progress
         self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "tag": 0.0, "write": 0.0}
@@ -382,17 +390,16 @@ class ShardJob:
         consumer = asyncio.create_task(self._consume(arrived, writer))
         try:
             items = zip(self.rows["row"].to_list(), self.rows["url"].to_list())
-            async with Downloader(self.cfg.download) as downloader:
-                download_task = asyncio.create_task(
-                    download_all(downloader, items, self.cfg.download.workers, on_result))
-                # The consumer only returns after the end marker, so finishing first means it failed.
-                done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
-                if consumer in done:
-                    download_task.cancel()
-                    await asyncio.gather(download_task, return_exceptions=True)
-                    consumer.result()
-                    raise RuntimeError("the scoring side stopped before the downloads ended")
-                await download_task
+            download_task = asyncio.create_task(
+                download_all(self.downloader, items, self.cfg.download.workers, on_result))
+            # The consumer only returns after the end marker, so finishing first means it failed.
+            done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
+            if consumer in done:
+                download_task.cancel()
+                await asyncio.gather(download_task, return_exceptions=True)
+                consumer.result()
+                raise RuntimeError("the scoring side stopped before the downloads ended")
+            await download_task
             self.timings["download"] = time.perf_counter() - t0
             await arrived.put(None)
             await consumer
@@ -454,7 +461,13 @@ class ShardJob:
             writer.add_samples(batch)
             outcome = batch.outcome().drop("download_reason", "decode_reason")
             writer.add_outcome(outcome)
-        self.progress.rows_done(len(items), len(batch))
+        self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())
+
+    def _busy_since_last_report(self) -> dict[str, float]:
+        reported = getattr(self, "_reported", {})
+        busy = {k: v - reported.get(k, 0.0) for k, v in self.timings.items() if k != "download"}
+        self._reported = dict(self.timings)
+        return busy
 
     def _score_and_tag(self, batch: Batch, writer: ShardWriter) -> None:
         """Language, CLIP similarity (per language group), heads on embeddings, filter, watermark."""

@@ -99,10 +99,14 @@ class Scorer:
             else int(self.embed_texts(["probe"]).shape[1])
 
     @torch.inference_mode()
-    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
-        """pixels: (N, H, W, 3) uint8 RGB on the host -> (N, D) raw image features on the device,
-        in the model's precision (fp16 on CUDA)."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+    def image_features(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """pixels: (N, H, W, 3) uint8 RGB, a numpy array on the host or a tensor (already on the
+        device when a GPU decoder made it) -> (N, D) raw image features on the device, in the
+        model's precision (fp16 on CUDA)."""
+        if isinstance(pixels, torch.Tensor):
+            x = pixels.to(self.device, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
         return self.model.encode_image(x)
 
@@ -111,7 +115,7 @@ class Scorer:
         """texts: N strings -> (N, D) raw text features on the device."""
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
-    def embed_images(self, pixels: np.ndarray) -> torch.Tensor:
+    def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, D) L2-normalised float32 on the host."""
         return torch.nn.functional.normalize(self.image_features(pixels).float(), dim=-1).cpu()
 
@@ -120,7 +124,7 @@ class Scorer:
         return torch.nn.functional.normalize(self.text_features(texts).float(), dim=-1).cpu()
 
     @torch.inference_mode()
-    def score(self, pixels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(self, pixels: np.ndarray | torch.Tensor, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image embeddings, text embeddings (both (N, D) L2-normalised float16 on the host) and
         their cosine similarity ((N,) float32), computed on the device (our fused CUDA kernel on
         a GPU, its pure-torch reference on the CPU)."""

@@ -95,7 +95,8 @@ class Tagger:
             return {}
         import torch
 
-        return {"pwatermark": self.watermark(torch.from_numpy(pixels)).numpy().astype(np.float32)}
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)  # GPU decoders: on the device
+        return {"pwatermark": self.watermark(x).cpu().numpy().astype(np.float32)}
 
 
 def _input_dim(head: Any) -> int:

@@ -72,7 +72,7 @@ def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int],
                 continue
             kind, worker = msg[0], msg[1]
             if kind == "rows":
-                progress.rows_done(msg[2], msg[3])
+                progress.rows_done(msg[2], msg[3], msg[4])
             elif kind == "shard":
                 stats = msg[2]
                 for stage, secs in stats["timings_s"].items():
@@ -132,8 +132,8 @@ class _QueueProgress:
     def __init__(self, worker: int, results: Any):
         self.worker, self.results = worker, results
 
-    def rows_done(self, rows: int, kept: int) -> None:
-        self.results.put(("rows", self.worker, rows, kept))
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        self.results.put(("rows", self.worker, rows, kept, busy_s))
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.results.put(("shard", self.worker, stats))

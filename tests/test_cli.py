@@ -78,7 +78,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}
     with LoopbackServer(files) as server:
         (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
-        base = ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score", "--no-progress"]
+        base = ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                "--allow-private-networks"]
         assert runner.invoke(app, base).exit_code == 0
         again = runner.invoke(app, base)  # same settings: nothing to do
         assert again.exit_code == 0 and "already complete" in again.output
@@ -97,7 +98,8 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos
         pl.DataFrame({"url": urls, "caption": [f"photo {i}" for i in range(n_rows)]}).write_parquet(tmp_path / "in.parquet")
         out = tmp_path / "out"
         cmd = FASTLAION + ["run", str(tmp_path / "in.parquet"), "-o", str(out), "--shard-size", str(shard_size),
-                           "--workers", "2", "--no-score", "--no-progress", "--retries", "0"]
+                           "--workers", "2", "--no-score", "--no-progress", "--retries", "0",
+                           "--allow-private-networks"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 90
         while len(list(out.glob("*_stats.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:

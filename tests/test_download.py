@@ -8,18 +8,27 @@ going away and give up after a few seconds, so the server always stops promptly.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
+import ipaddress
+import itertools
 import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import aiohappyeyeballs
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
-from fastlaion.config import DownloadConfig
-from fastlaion.download import (Downloader, Fetched, _deadline_fallback, download_all, is_transient,
-                                new_event_loop, validate_url)
+from fastlaion.config import DEFAULT_USER_AGENT, ConfigError, DownloadConfig
+from fastlaion.decode import sniff_format
+from fastlaion.download import (REASONS, Blocklists, Downloader, Fetched, GuardedResolver, PrivateAddressError,
+                                _deadline_fallback, download_all, is_public_address, is_transient, literal_ip,
+                                new_event_loop, opt_out_directive, validate_url)
 from fastlaion.server import LoopbackServer, Served
 
 pytestmark = pytest.mark.filterwarnings("error::ResourceWarning",
@@ -27,8 +36,49 @@ pytestmark = pytest.mark.filterwarnings("error::ResourceWarning",
 
 IMAGE = os.urandom(300_000)  # several read chunks
 SMALL_CAP = 10_000  # max_bytes for the too_large tests
-FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01)
+# The loopback server is a private address: every test that talks to it must allow those.
+FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01, allow_private_networks=True)
 HANG_LIMIT_S = 5.0  # the longest any slow route keeps going if the client never leaves
+SLACK_S = 0.5  # what a cut-off may take beyond its timeout on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def only_loopback_connections(monkeypatch):
+    """Safety net: any connection attempt to an address that is not loopback fails the test
+    before a packet leaves (aiohttp connects through aiohappyeyeballs.start_connection)."""
+    real = aiohappyeyeballs.start_connection
+
+    async def guarded(*args, **kwargs):
+        addr_infos = kwargs["addr_infos"] if "addr_infos" in kwargs else args[0]
+        for info in addr_infos:
+            host = info[4][0]
+            if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                raise AssertionError(f"the test tried to connect to {host}")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", guarded)
+
+
+class StubResolver(AbstractResolver):
+    """DNS from a fixed table, never from the network; counts lookups by host name.
+    `hang` makes every lookup take an hour (the connect timeout must cut it)."""
+
+    def __init__(self, table: dict[str, list[str]] | None = None, *, hang: bool = False):
+        self.table = table or {}
+        self.hang = hang
+        self.calls: Counter[str] = Counter()
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        self.calls[host] += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        if host not in self.table:
+            raise OSError(f"stub resolver: no such host {host}")
+        return [{"hostname": host, "host": ip, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
+                 "family": socket.AF_INET6 if ":" in ip else socket.AF_INET} for ip in self.table[host]]
+
+    async def close(self) -> None:
+        pass
 
 
 class Routes:
@@ -38,6 +88,9 @@ class Routes:
         self.hits: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.host_in_flight: Counter[str] = Counter()
+        self.host_max_in_flight: Counter[str] = Counter()
+        self.arrivals: dict[str, list[float]] = {}
 
     def defs(self) -> list[web.RouteDef]:
         return [
@@ -53,6 +106,12 @@ class Routes:
             web.get("/t/chain/{n}", self.chain),
             web.get("/t/ua", self.user_agent),
             web.get("/t/tracked/{key}", self.tracked),
+            web.get("/t/host-tracked/{key}", self.host_tracked),
+            web.get("/t/arrival/{token}/{key}", self.arrival),
+            web.get("/t/slow/{key}", self.slow),
+            web.get("/t/slow-hop/{n}", self.slow_hop),
+            web.get("/t/to", self.to),
+            web.get("/t/gzip-bomb", self.gzip_bomb),
         ]
 
     async def status(self, request: web.Request) -> web.Response:
@@ -144,6 +203,51 @@ class Routes:
             self.in_flight -= 1
         return web.Response(body=request.match_info["key"].encode())
 
+    async def host_tracked(self, request: web.Request) -> web.Response:
+        """Counts requests in flight per Host header (several names resolve to this server)."""
+        host = request.headers["Host"].split(":")[0]
+        self.host_in_flight[host] += 1
+        self.host_max_in_flight[host] = max(self.host_max_in_flight[host], self.host_in_flight[host])
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.03)
+        finally:
+            self.host_in_flight[host] -= 1
+            self.in_flight -= 1
+        return web.Response(body=request.match_info["key"].encode())
+
+    async def arrival(self, request: web.Request) -> web.Response:
+        self.arrivals.setdefault(request.match_info["token"], []).append(time.monotonic())
+        return web.Response(body=b"here")
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            self.in_flight -= 1
+        return web.Response(body=b"slow")
+
+    async def slow_hop(self, request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        await asyncio.sleep(0.15)
+        if n == 0:
+            return web.Response(body=b"end of slow chain")
+        raise web.HTTPFound(f"/t/slow-hop/{n - 1}")
+
+    async def to(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        raise web.HTTPFound(request.query["url"])
+
+    async def gzip_bomb(self, request: web.Request) -> web.Response:
+        return web.Response(body=BOMB, headers={"Content-Encoding": "gzip"})
+
+
+BOMB = gzip.compress(b"\0" * 2_000_000)  # about 2 KB on the wire, 2 MB once decompressed
+
 
 @pytest.fixture(scope="module")
 def served():
@@ -153,6 +257,8 @@ def served():
         "empty": Served(b""),
         "big": Served(b"b" * (SMALL_CAP + 1)),
         "exact": Served(b"e" * SMALL_CAP),
+        "html-as-jpeg": Served(b"<!doctype html><html><body>not found</body></html>", "image/jpeg"),
+        **{f"xrt/{name}": Served(IMAGE, "image/jpeg", headers=headers) for name, headers in XRT_FILES.items()},
     }
     with LoopbackServer(files, extra_routes=routes.defs()) as server:
         yield server, routes
@@ -168,11 +274,48 @@ def run(coro):
         loop.close()
 
 
-def fetch(url: str, **cfg: object) -> Fetched:
+def fetch(url: str, *, downloader_args: dict | None = None, **cfg: object) -> Fetched:
+    config = DownloadConfig(**{**FAST, **cfg})
+    config.validate()
+
     async def go() -> Fetched:
-        async with Downloader(DownloadConfig(**{**FAST, **cfg})) as downloader:
+        async with Downloader(config, **(downloader_args or {})) as downloader:
             return await downloader.fetch(url)
     return run(go())
+
+
+def fetch_many(urls: list[str], *, downloader_args: dict | None = None, **cfg: object) -> list[Fetched]:
+    """Fetch `urls` concurrently (at most `workers` at once) with one Downloader."""
+    config = DownloadConfig(**{**FAST, **cfg})
+    config.validate()
+
+    async def go() -> list[Fetched]:
+        results: dict[int, Fetched] = {}
+
+        async def keep(key: int, fetched: Fetched) -> None:
+            results[key] = fetched
+
+        async with Downloader(config, **(downloader_args or {})) as downloader:
+            await download_all(downloader, enumerate(urls), config.workers, keep)
+        return [results[i] for i in range(len(urls))]
+    return run(go())
+
+
+# X-Robots-Tag headers of the xrt/ files, and whether each opts out of the default tags.
+XRT_FILES = {
+    "noai": (("X-Robots-Tag", "noai"),),
+    "upper": (("X-Robots-Tag", "NoImageAI"),),
+    "list": (("X-Robots-Tag", "nofollow, noindex"),),
+    "second-header": (("X-Robots-Tag", "nofollow"), ("X-Robots-Tag", "noimageindex")),
+    "ours": (("X-Robots-Tag", "fastlaion: noai"),),
+    "img2dataset": (("X-Robots-Tag", "img2dataset: noai, noimageai"),),
+    "googlebot": (("X-Robots-Tag", "googlebot: noindex"),),
+    "googlebot-then-all": (("X-Robots-Tag", "googlebot: noindex"), ("X-Robots-Tag", "noai")),
+    "harmless": (("X-Robots-Tag", "nofollow, noarchive, max-image-preview: large"),),
+    "unavailable-after": (("X-Robots-Tag", "unavailable_after: 2030-01-01"),),
+    "none": (),
+}
+XRT_OPTS_OUT = {"noai", "upper", "list", "second-header", "ours", "img2dataset", "googlebot-then-all"}
 
 
 def free_port() -> int:
@@ -262,10 +405,12 @@ def test_backoff_doubles(served):
 
 
 @pytest.mark.parametrize("error, transient", [
-    ("timeout", True), ("connection_error", True), ("payload_error", True), ("http_429", True),
+    ("connect_timeout", True), ("header_timeout", True), ("read_timeout", True), ("deadline", True),
+    ("connection_error", True), ("payload_error", True), ("http_429", True),
     ("http_500", True), ("http_503", True), ("http_404", False), ("http_403", False),
     ("too_large", False), ("too_many_redirects", False), ("invalid_url", False),
-    ("client_error", False), (None, False),
+    ("client_error", False), ("opt_out", False), ("blocked", False), ("private_address", False),
+    ("robots_disallowed", False), (None, False),
 ])
 def test_is_transient(error, transient):
     assert is_transient(error) is transient
@@ -298,8 +443,8 @@ def test_body_cut_short_is_payload_error(served):
 def test_no_answer_times_out(served):
     server, routes = served
     before = routes.hits["/t/hang"]
-    got = fetch(server.url("t/hang"), timeout_s=0.3, retries=1)
-    assert got.error == "timeout" and got.http_status is None and got.attempts == 2
+    got = fetch(server.url("t/hang"), timeout_s=0.3, retries=1)  # read_timeout_s (5 s) never fires
+    assert got.error == "deadline" and got.http_status is None and got.attempts == 2
     assert routes.hits["/t/hang"] - before == 2
     assert 2 * 0.3 * 0.9 <= got.elapsed_s < 2 * 0.3 + 1.0
 
@@ -308,7 +453,7 @@ def test_trickling_body_times_out(served):
     """Headers arrive at once, then a byte every 0.1 s: the deadline must cover the body too."""
     server, _ = served
     got = fetch(server.url("t/trickle"), timeout_s=0.4, retries=0)
-    assert got.error == "timeout" and got.http_status == 200 and got.body is None
+    assert got.error == "deadline" and got.http_status == 200 and got.body is None
     assert got.attempts == 1 and 0.35 <= got.elapsed_s < 0.4 + 0.6
 
 
@@ -353,7 +498,7 @@ def test_one_redirect_is_followed(served):
 def test_redirect_loop(served):
     server, routes = served
     before = routes.hits["/t/loop"]
-    got = fetch(server.url("t/loop"))
+    got = fetch(server.url("t/loop"), max_redirects=10)
     assert got.error == "too_many_redirects" and got.body is None and got.attempts == 1
     assert routes.hits["/t/loop"] - before == 11  # the first request and 10 redirects followed
     assert got.http_status == 302
@@ -361,9 +506,9 @@ def test_redirect_loop(served):
 
 def test_ten_redirects_are_followed_eleven_are_too_many(served):
     server, _ = served
-    ten = fetch(server.url("t/chain/10"))
+    ten = fetch(server.url("t/chain/10"), max_redirects=10)
     assert ten.error is None and ten.body == b"end of chain"
-    eleven = fetch(server.url("t/chain/11"))
+    eleven = fetch(server.url("t/chain/11"), max_redirects=10)
     assert eleven.error == "too_many_redirects" and eleven.attempts == 1
 
 
@@ -512,3 +657,517 @@ def test_fetch_outside_context_is_an_error():
         with pytest.raises(RuntimeError, match="async with"):
             await Downloader(DownloadConfig(**FAST)).fetch("http://127.0.0.1:1/x")
     run(go())
+
+
+# --- never hang: connect, header, idle-read and total timeouts -------------------------------
+
+
+def assert_cut_off(got: Fetched, timeout_s: float, attempts: int = 1, backoff_s: float = 0.0) -> None:
+    """Each attempt lasted its timeout (not less), and the whole fetch at most SLACK_S more."""
+    floor = attempts * timeout_s * 0.9 + backoff_s
+    assert floor <= got.elapsed_s < attempts * timeout_s + backoff_s + SLACK_S, got
+
+
+@contextmanager
+def full_backlog_port() -> Iterator[int]:
+    """A port whose listen queue is full: the kernel drops further SYNs, so connecting hangs."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        time.sleep(0.05)
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except OSError:  # socket.timeout included: the SYN was dropped, as intended
+                pass
+            else:
+                pytest.skip("this kernel accepts connections beyond a full listen backlog")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_connect_timeout_when_the_syn_is_never_answered():
+    with full_backlog_port() as port:
+        got = fetch(f"http://127.0.0.1:{port}/x.jpg", connect_timeout_s=0.3, read_timeout_s=5, timeout_s=5,
+                    retries=1, backoff_s=0.01)
+    assert (got.error, got.http_status, got.body, got.attempts) == ("connect_timeout", None, None, 2)
+    assert_cut_off(got, 0.3, attempts=2, backoff_s=0.01)
+
+
+def test_connect_timeout_covers_dns():
+    resolver = StubResolver(hang=True)
+    got = fetch("http://slow-dns.test/x.jpg", connect_timeout_s=0.3, timeout_s=5, retries=0,
+                downloader_args={"resolver": resolver})
+    assert got.error == "connect_timeout" and got.http_status is None
+    assert resolver.calls["slow-dns.test"] == 1
+    assert_cut_off(got, 0.3)
+
+
+def test_header_timeout_when_the_server_never_answers(served):
+    server, _ = served
+    got = fetch(server.url("stall/hang?t=header"), read_timeout_s=0.3, timeout_s=5, retries=0)
+    assert (got.error, got.http_status, got.body, got.attempts) == ("header_timeout", None, None, 1)
+    assert_cut_off(got, 0.3)
+
+
+def test_read_timeout_when_the_body_never_comes(served):
+    server, _ = served
+    got = fetch(server.url("stall/headers?t=read"), read_timeout_s=0.3, timeout_s=5, retries=0)
+    assert (got.error, got.http_status, got.body, got.attempts) == ("read_timeout", 200, None, 1)
+    assert_cut_off(got, 0.3)
+
+
+def wait_for_stall(server: LoopbackServer, marker: str, timeout_s: float = 3.0):
+    """The server's record of the /stall/ request whose path and query hold `marker`, once its
+    handler has ended (it polls for the client leaving, so this can lag the client a little)."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := [r for r in server.stalls if marker in r.path]):
+        assert time.monotonic() < deadline, f"the server has no record of {marker!r}"
+        time.sleep(0.01)
+    [record] = found
+    return record
+
+
+def test_deadline_cuts_a_trickle_the_idle_timeout_never_sees(served):
+    """One byte every 50 ms never trips the 0.3 s idle timeout; only the 0.6 s deadline ends it."""
+    server, _ = served
+    got = fetch(server.url("stall/trickle?every_ms=50&t=deadline"), read_timeout_s=0.3, timeout_s=0.6, retries=0)
+    assert (got.error, got.http_status, got.body, got.attempts) == ("deadline", 200, None, 1)
+    assert_cut_off(got, 0.6)
+    record = wait_for_stall(server, "t=deadline")
+    assert record.client_left and record.body_bytes_sent >= 5  # bytes kept coming until the cut
+
+
+def test_deadline_cuts_an_endless_stream(served):
+    server, _ = served
+    got = fetch(server.url("stall/forever?chunk=4096&every_ms=5"), max_bytes=1 << 30, read_timeout_s=0.3,
+                timeout_s=0.5, retries=0)
+    assert (got.error, got.http_status, got.body) == ("deadline", 200, None)
+    assert_cut_off(got, 0.5)
+
+
+def test_endless_stream_without_length_is_cut_at_max_bytes(served):
+    server, _ = served
+    got = fetch(server.url("stall/forever"), max_bytes=1_000_000, timeout_s=5, retries=0)
+    assert (got.error, got.http_status, got.body) == ("too_large", 200, None)
+    assert got.elapsed_s < 2
+
+
+def test_timeouts_are_retried(served):
+    server, _ = served
+    before = server.hits["/stall/hang"]
+    got = fetch(server.url("stall/hang"), read_timeout_s=0.2, timeout_s=5, retries=2, backoff_s=0.01)
+    assert got.error == "header_timeout" and got.attempts == 3
+    assert server.hits["/stall/hang"] - before == 3
+    assert_cut_off(got, 0.2, attempts=3, backoff_s=0.01 + 0.02)
+
+
+def test_deadline_spans_all_redirect_hops(served):
+    """Five hops of 0.15 s each: every hop is quick, the whole is over the 0.5 s deadline."""
+    server, _ = served
+    got = fetch(server.url("t/slow-hop/5"), timeout_s=0.5, read_timeout_s=0.4, retries=0)
+    assert (got.error, got.http_status, got.attempts) == ("deadline", 302, 1)
+    assert_cut_off(got, 0.5)
+
+
+def test_waiting_for_a_host_slot_is_not_counted_against_the_deadline(served):
+    server, routes = served
+    routes.max_in_flight = 0
+    results = fetch_many([server.url(f"t/slow/{k}") for k in range(4)], workers=4, per_host=1, timeout_s=0.35)
+    assert [r.error for r in results] == [None] * 4  # each waited up to 0.6 s for its turn
+    assert routes.max_in_flight == 1
+    assert max(r.elapsed_s for r in results) >= 4 * 0.2 * 0.9
+
+
+# --- politeness: per-host limits, DNS cache, user agent, robots.txt --------------------------
+
+
+def test_per_host_limit_bounds_requests_in_flight_per_host(served):
+    server, routes = served
+    resolver = StubResolver({"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"]})
+    urls = [f"http://{host}:{server.port}/t/host-tracked/{k}" for k in range(40) for host in ("a.test", "b.test")]
+    routes.max_in_flight = 0
+    results = fetch_many(urls, workers=16, per_host=3, downloader_args={"resolver": resolver})
+    assert all(r.ok for r in results)
+    assert routes.host_max_in_flight["a.test"] == 3 and routes.host_max_in_flight["b.test"] == 3
+    assert routes.max_in_flight > 3  # the limit is per host, not overall
+
+
+def test_per_host_rate_spaces_request_starts(served):
+    server, routes = served
+    n, rate = 6, 10.0
+    results = fetch_many([server.url(f"t/arrival/rate/{k}") for k in range(n)], workers=n, per_host_rate=rate)
+    assert all(r.ok for r in results)
+    arrivals = sorted(routes.arrivals["rate"])
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 1 / rate - 0.03, gaps
+    assert (n - 1) / rate - 0.03 <= arrivals[-1] - arrivals[0] < (n - 1) / rate + SLACK_S
+
+
+def test_no_rate_limit_by_default(served):
+    server, routes = served
+    results = fetch_many([server.url(f"t/arrival/free/{k}") for k in range(6)], workers=6)
+    assert all(r.ok for r in results)
+    arrivals = routes.arrivals["free"]
+    assert max(arrivals) - min(arrivals) < 0.3
+
+
+def test_dns_answers_are_cached(served):
+    server, _ = served
+    resolver = StubResolver({"cached.test": ["127.0.0.1"]})
+    results = fetch_many([f"http://cached.test:{server.port}/empty" for _ in range(20)], workers=4,
+                         downloader_args={"resolver": resolver})
+    assert all(r.ok for r in results)
+    assert resolver.calls["cached.test"] == 1
+
+
+def test_default_user_agent_names_the_tool(served):
+    server, _ = served
+    assert DownloadConfig().user_agent == DEFAULT_USER_AGENT
+    got = fetch(server.url("t/ua"))
+    assert got.body.decode().startswith("fastlaion/") and "+http" in got.body.decode()
+
+
+ROBOTS = b"User-agent: *\nDisallow: /private/\n"
+
+
+def robots_server(robots: Served | None, **kwargs) -> LoopbackServer:
+    files = {f"{d}/{i}.jpg": Served(IMAGE, "image/jpeg") for d in ("public", "private") for i in range(10)}
+    if robots is not None:
+        files["robots.txt"] = robots
+    return LoopbackServer(files, **kwargs)
+
+
+def test_robots_fetched_once_for_many_urls_and_obeyed():
+    with robots_server(Served(ROBOTS, "text/plain"), delay_s=0.1) as server:  # slow: the waits overlap
+        urls = [server.url(f"{d}/{i}.jpg") for i in range(10) for d in ("public", "private")]
+        results = fetch_many(urls, workers=8, respect_robots=True)
+        assert server.hits["/robots.txt"] == 1
+        assert sum(n for path, n in server.hits.items() if path.startswith("/private/")) == 0
+    for url, got in zip(urls, results):
+        if "/private/" in url:
+            assert (got.error, got.attempts, got.body) == ("robots_disallowed", 0, None)
+            assert "robots.txt" in got.error_detail
+        else:
+            assert got.ok and got.body == IMAGE
+
+
+def test_robots_is_ignored_unless_asked_for():
+    with robots_server(Served(b"User-agent: *\nDisallow: /\n", "text/plain")) as server:
+        got = fetch(server.url("private/1.jpg"))
+        assert got.ok and server.hits["/robots.txt"] == 0
+
+
+@pytest.mark.parametrize("user_agent, allowed", [("fastlaion/0.1 (+test)", False), ("otherbot/1.0", True)])
+def test_robots_group_for_our_agent(user_agent, allowed):
+    robots = b"User-agent: fastlaion\nDisallow: /public/\n\nUser-agent: *\nAllow: /\n"
+    with robots_server(Served(robots, "text/plain")) as server:
+        got = fetch(server.url("public/1.jpg"), respect_robots=True, user_agent=user_agent)
+    assert got.ok is allowed and got.error in (None, "robots_disallowed")
+
+
+def test_robots_404_allows_everything():
+    with robots_server(None) as server:
+        got = fetch(server.url("private/1.jpg"), respect_robots=True)
+        assert got.ok and server.hits["/robots.txt"] == 1
+
+
+def test_robots_5xx_disallows_everything():
+    """RFC 9309: a robots.txt that is unreachable (5xx) means complete disallow."""
+    with robots_server(Served(b"oops", status=503)) as server:
+        results = fetch_many([server.url("public/1.jpg"), server.url("public/2.jpg")], workers=2,
+                             respect_robots=True, retries=1)
+        assert server.hits["/robots.txt"] == 2  # one fetch, retried once as a transient failure
+        assert server.hits["/public/1.jpg"] == server.hits["/public/2.jpg"] == 0
+    for got in results:
+        assert (got.error, got.attempts) == ("robots_disallowed", 0)
+        assert "unreachable (http_503)" in got.error_detail
+
+
+def test_robots_timeout_disallows_everything():
+    async def hang(request: web.Request) -> web.Response:
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while request.transport is not None and not request.transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return web.Response(text="too late\n")
+
+    with robots_server(None, extra_routes=[web.get("/robots.txt", hang)]) as server:
+        got = fetch(server.url("public/1.jpg"), respect_robots=True, read_timeout_s=0.2, retries=0)
+        assert server.hits["/public/1.jpg"] == 0
+    assert got.error == "robots_disallowed" and "header_timeout" in got.error_detail
+    assert got.elapsed_s < 0.2 + SLACK_S
+
+
+def test_robots_checked_on_every_redirect_hop(served):
+    with robots_server(Served(ROBOTS, "text/plain")) as images:
+        got = fetch(served[0].url(f"t/to?url={images.url('private/3.jpg')}"), respect_robots=True)
+        assert images.hits["/private/3.jpg"] == 0
+    assert (got.error, got.http_status, got.attempts) == ("robots_disallowed", 302, 1)
+
+
+# --- opt-out: X-Robots-Tag, read before the body ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(XRT_FILES))
+def test_x_robots_tag_forms(served, name):
+    server, _ = served
+    got = fetch(server.url(f"xrt/{name}"))
+    if name in XRT_OPTS_OUT:
+        assert (got.error, got.body, got.http_status, got.attempts) == ("opt_out", None, 200, 1)
+        assert got.error_detail.startswith("X-Robots-Tag: ")
+    else:
+        assert got.ok and got.body == IMAGE
+
+
+def test_opt_out_tags_are_configurable(served):
+    server, _ = served
+    assert fetch(server.url("xrt/list"), opt_out_tags=("noai",)).ok  # noindex no longer opts out
+    assert fetch(server.url("xrt/noai"), opt_out_tags=()).ok  # no check at all
+    assert fetch(server.url("xrt/harmless"), opt_out_tags=("noarchive",)).error == "opt_out"
+
+
+def test_opt_out_drops_the_row_before_the_body_is_read(served):
+    """The header comes first, then 100 MB at 64 KB per 50 ms: the row must drop at once and
+    the server see the connection closed long before the body was sent."""
+    server, _ = served
+    length = 100_000_000
+    got = fetch(server.url(f"stall/forever?every_ms=50&length={length}&header=X-Robots-Tag:noai&t=optout"),
+                timeout_s=5)
+    assert (got.error, got.body, got.http_status, got.attempts) == ("opt_out", None, 200, 1)
+    assert got.elapsed_s < SLACK_S
+    record = wait_for_stall(server, "t=optout")
+    assert record.client_left and record.body_bytes_sent <= 4 * 65536 < length
+    assert record.seconds < 1 + SLACK_S
+
+
+@pytest.mark.parametrize("values, directive", [
+    (["noai"], "noai"), (["NOINDEX"], "noindex"), (["nofollow", "noimageai"], "noimageai"),
+    (["googlebot: noindex"], None), (["fastlaion: noai"], "fastlaion: noai"),
+    (["googlebot: noindex, fastlaion: noimageindex"], "fastlaion: noimageindex"),
+    (["unavailable_after: 25 Jun 2030 15:00:00 PST, noai"], "noai"),
+    (["max-image-preview: none"], None), ([""], None), ([], None),
+])
+def test_opt_out_directive(values, directive):
+    tags = ("noai", "noimageai", "noindex", "noimageindex")
+    assert opt_out_directive(values, tags, {"fastlaion"}) == directive
+
+
+# --- safety: private addresses, redirects, size, content type ---------------------------------
+
+
+def test_loopback_is_refused_by_default(served):
+    server, _ = served
+    before = server.hits["/image.jpg"]
+    got = fetch(server.url("image.jpg"), allow_private_networks=False)
+    assert (got.error, got.attempts, got.http_status, got.body) == ("private_address", 0, None, None)
+    assert server.hits["/image.jpg"] == before
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.1/x.jpg", "http://172.16.5.4/x.jpg", "http://192.168.1.1/x.jpg", "http://127.0.0.2/x.jpg",
+    "http://169.254.169.254/latest/meta-data/", "http://0.0.0.0/x.jpg", "http://224.0.0.1/x.jpg",
+    "http://240.0.0.1/x.jpg", "http://255.255.255.255/x.jpg", "http://100.64.0.1/x.jpg",
+    "http://[::1]/x.jpg", "http://[::]/x.jpg", "http://[fe80::1]/x.jpg", "http://[fd00::1]/x.jpg",
+    "http://[ff02::1]/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg", "http://[::ffff:a9fe:a9fe]/x.jpg",
+    "http://[2002:a00:1::]/x.jpg", "http://[64:ff9b::a00:1]/x.jpg",
+    "http://2130706433/x.jpg", "http://0x7f000001/x.jpg", "http://127.1/x.jpg", "http://0177.0.0.1/x.jpg",
+])
+def test_literal_private_addresses_are_refused_before_any_lookup(url):
+    resolver = StubResolver()
+    got = fetch(url, allow_private_networks=False, downloader_args={"resolver": resolver})
+    assert (got.error, got.attempts, got.http_status) == ("private_address", 0, None), got
+    assert not resolver.calls
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "169.254.169.254", "127.0.0.1", "::1", "::ffff:10.0.0.1",
+                                     "fd12:3456::1", "fe80::1", "0.0.0.0", "239.1.2.3"])
+def test_names_resolving_to_private_addresses_are_refused_before_connecting(address):
+    resolver = StubResolver({"intranet.test": [address]})
+    got = fetch("http://intranet.test/x.jpg", allow_private_networks=False, retries=2,
+                downloader_args={"resolver": resolver})
+    assert (got.error, got.attempts, got.http_status) == ("private_address", 1, None), got  # not retried
+    assert address in got.error_detail
+
+
+def test_guarded_resolver_keeps_public_addresses_only():
+    async def go() -> None:
+        stub = StubResolver({"mixed.test": ["10.0.0.1", "93.184.216.34", "::ffff:192.168.0.1"],
+                             "public.test": ["93.184.216.34", "2606:2800:220:1::1"],
+                             "private.test": ["10.0.0.1", "fc00::1"]})
+        guard = GuardedResolver(stub)
+        assert [r["host"] for r in await guard.resolve("mixed.test", 80)] == ["93.184.216.34"]
+        assert len(await guard.resolve("public.test", 80)) == 2
+        with pytest.raises(PrivateAddressError, match="10.0.0.1"):
+            await guard.resolve("private.test", 80)
+    run(go())  # no connection is made: only the resolver is exercised
+
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("8.8.8.8", True), ("2606:4700::1111", True), ("::ffff:8.8.8.8", True),
+    ("10.0.0.1", False), ("169.254.169.254", False), ("100.64.0.1", False), ("198.18.0.1", False),
+    ("::ffff:10.0.0.1", False), ("2002:a00:1::", False), ("64:ff9b::a00:1", False), ("ff02::1", False),
+])
+def test_is_public_address(address, public):
+    assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_literal_ip_reads_legacy_ipv4_forms():
+    assert literal_ip("2130706433") == literal_ip("0x7f.1") == ipaddress.IPv4Address("127.0.0.1")
+    assert literal_ip("images.example.com") is None and literal_ip("cafe.de") is None
+
+
+def test_redirect_hops_to_private_addresses_are_refused(served):
+    """127.0.0.1 plays the public internet here; every hop is checked, literal or resolved."""
+    server, _ = served
+    resolver = StubResolver({"public.test": ["127.0.0.1"], "metadata.test": ["169.254.169.254"]})
+    args = {"resolver": resolver, "allow_address": lambda ip: ip == ipaddress.IPv4Address("127.0.0.1")}
+
+    def via_redirect(target: str) -> Fetched:
+        return fetch(f"http://public.test:{server.port}/t/to?url={target}", allow_private_networks=False,
+                     downloader_args=args)
+
+    control = via_redirect(f"http://public.test:{server.port}/image.jpg")
+    assert control.ok and control.body == IMAGE  # the test's "public" world works
+    for target in ("http://169.254.169.254/latest/meta-data/", f"http://127.0.0.2:{server.port}/image.jpg",
+                   "http://[::ffff:a9fe:a9fe]/", "http://2852039166/", "http://metadata.test/latest/meta-data/"):
+        got = via_redirect(target)
+        assert (got.error, got.http_status, got.attempts) == ("private_address", 302, 1), (target, got)
+
+
+def test_allow_private_networks_turns_the_guard_off(served):
+    server, _ = served
+    resolver = StubResolver({"loop.test": ["127.0.0.1"]})
+    got = fetch(f"http://loop.test:{server.port}/image.jpg", allow_private_networks=True,
+                downloader_args={"resolver": resolver})
+    assert got.ok and got.body == IMAGE
+
+
+def test_default_redirect_cap_is_five(served):
+    server, _ = served
+    assert DownloadConfig().max_redirects == 5
+    assert fetch(server.url("t/chain/5"), max_redirects=5).body == b"end of chain"
+    six = fetch(server.url("t/chain/6"), max_redirects=5)
+    assert (six.error, six.http_status, six.attempts) == ("too_many_redirects", 302, 1)
+    assert fetch(server.url("t/redirect"), max_redirects=0).error == "too_many_redirects"
+
+
+def test_redirect_to_a_non_http_url_is_invalid(served):
+    server, _ = served
+    got = fetch(server.url("t/to?url=file:///etc/passwd"))
+    assert (got.error, got.http_status) == ("invalid_url", 302)
+
+
+def test_gzip_bomb_is_cut_at_max_bytes_after_decompression(served):
+    server, _ = served
+    assert len(BOMB) < 100_000
+    got = fetch(server.url("t/gzip-bomb"), max_bytes=100_000)
+    assert (got.error, got.body) == ("too_large", None)
+
+
+def test_content_type_is_not_trusted(served):
+    """An HTML error page labelled image/jpeg comes back as bytes; the decoder sniffs the magic
+    bytes and sees no image (the downloader never looks at Content-Type)."""
+    server, _ = served
+    got = fetch(server.url("html-as-jpeg"))
+    assert got.ok and got.body.startswith(b"<!doctype html>")
+    assert sniff_format(got.body) is None
+    assert sniff_format(IMAGE[:0] + b"\xff\xd8\xff\xe0") == "jpeg"
+
+
+# --- blocklists ------------------------------------------------------------------------------
+
+
+def test_url_blocklist_by_url_sha256_and_md5(served, tmp_path):
+    server, _ = served
+    urls = [server.url(f"t/status/200/bl{i}") for i in range(4)]
+    blocklist = tmp_path / "urls.txt"
+    blocklist.write_text("# opted-out URLs\n\n"
+                         f"{urls[0]}\n"
+                         f"{hashlib.sha256(urls[1].encode()).hexdigest()}\n"
+                         f"  {hashlib.md5(urls[2].encode()).hexdigest().upper()}  \n")
+    results = fetch_many(urls, workers=4, url_blocklist=str(blocklist))
+    for i in range(3):
+        assert (results[i].error, results[i].attempts, results[i].http_status) == ("blocked", 0, None)
+        assert "--url-blocklist" in results[i].error_detail
+        assert served[1].hits[f"/t/status/200/bl{i}"] == 0
+    assert results[3].ok
+
+
+def test_url_blocklist_applies_to_redirect_targets(served, tmp_path):
+    server, _ = served
+    blocklist = tmp_path / "urls.txt"
+    blocklist.write_text(server.url("image.jpg") + "\n")
+    before = server.hits["/image.jpg"]
+    got = fetch(server.url("t/redirect"), url_blocklist=str(blocklist))
+    assert (got.error, got.http_status, got.attempts) == ("blocked", 302, 1)
+    assert server.hits["/image.jpg"] == before
+
+
+@pytest.mark.parametrize("digest", [hashlib.sha256, hashlib.md5])
+def test_image_blocklist(served, tmp_path, digest):
+    server, _ = served
+    blocklist = tmp_path / "images.txt"
+    blocklist.write_text(digest(IMAGE).hexdigest() + "\n")
+    got = fetch(server.url("image.jpg"), image_blocklist=str(blocklist))
+    assert (got.error, got.body, got.http_status, got.attempts) == ("blocked", None, 200, 1)
+    assert "--image-blocklist" in got.error_detail
+    assert fetch(server.url("exact"), image_blocklist=str(blocklist)).ok
+
+
+def test_blocklist_files_are_checked_and_named(tmp_path):
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(ConfigError, match="--url-blocklist .*nope.txt"):
+        DownloadConfig(url_blocklist=missing).validate()
+    with pytest.raises(ConfigError, match="--image-blocklist .*nope.txt"):
+        Downloader(DownloadConfig(image_blocklist=missing))
+    with pytest.raises(ConfigError, match="--image-blocklist"):
+        DownloadConfig(image_blocklist=str(tmp_path)).validate()  # a folder
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0" * 64 + "\nhttp://example.com/a.jpg\n")
+    with pytest.raises(ConfigError, match=r"bad.txt, line 2: not an MD5/SHA-256"):
+        Blocklists.from_config(DownloadConfig(image_blocklist=str(bad)))
+    assert Blocklists.from_config(DownloadConfig(url_blocklist=str(bad))).url_blocked("http://example.com/a.jpg")
+
+
+def test_blocklists_are_read_once_per_process(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_text("http://example.com/a.jpg\n")
+    cfg = DownloadConfig(url_blocklist=str(path))
+    assert Blocklists.from_config(cfg).urls is Blocklists.from_config(cfg).urls
+    path.write_text("http://example.com/b.jpg\nhttp://example.com/c.jpg\n")  # changed: read again
+    assert len(Blocklists.from_config(cfg).urls) == 2
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_every_reason_is_listed_once():
+    assert len(set(REASONS)) == len(REASONS)
+    assert {"connect_timeout", "header_timeout", "read_timeout", "deadline", "opt_out", "blocked",
+            "private_address", "robots_disallowed"} <= set(REASONS)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("connect_timeout_s", 0, "--connect-timeout must be positive"),
+    ("read_timeout_s", -1, "--read-timeout must be positive"),
+    ("per_host", 0, "--per-host must be at least 1"),
+    ("per_host_rate", -0.5, "--per-host-rate must be 0 or more"),
+    ("max_redirects", -1, "--max-redirects must be between"),
+    ("opt_out_tags", ("noai", "no ai"), "--opt-out-tags"),
+    ("user_agent", "bot\r\nX-Evil: 1", "--user-agent"),
+])
+def test_download_config_is_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        DownloadConfig(**{field: value}).validate()

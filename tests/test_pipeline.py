@@ -89,7 +89,7 @@ def scored_run(tmp_path_factory, photos):
     with LoopbackServer(files) as server:
         inp = write_input(tmp, server, rows)
         out = tmp / "out"
-        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny",
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny",
                                      "--pretrained", str(ckpt), "--min-similarity", "-1", "--shard-size", "6",
                                      "--timeout", "3", "--retries", "1", "--no-progress"])
     return result, out, rows, files, ckpt, tmp
@@ -199,7 +199,7 @@ def test_threshold_drops_with_a_reason(tmp_path, photos):
     with LoopbackServer(files) as server:
         inp = write_input(tmp_path, server, rows[:3])
         out = tmp_path / "out"
-        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--pretrained",
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny", "--pretrained",
                                      "none", "--min-similarity", "1.0", "--no-progress"])
     assert result.exit_code == 0, result.output
     table = read_output(out)
@@ -220,7 +220,7 @@ def test_no_score_keeps_every_decoded_image(tmp_path, photos):
     with LoopbackServer(files) as server:
         inp = write_input(tmp_path, server, rows)
         out = tmp_path / "out"
-        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--resize-mode", "center_crop",
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--no-score", "--resize-mode", "center_crop",
                                      "--image-size", "128", "--no-progress", "--timeout", "3", "--retries", "0"])
     assert result.exit_code == 0, result.output
     table = read_output(out)

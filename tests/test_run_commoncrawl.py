@@ -47,7 +47,7 @@ def test_run_with_crawl_extracts_then_downloads(tmp_path, photos):
     try:
         server.files.update(build(photos, server.base_url))
         out = tmp_path / "out"
-        args = ["run", "-o", str(out), "--crawl", CRAWL, "--crawl-files", "2", "--cc-base-url", server.base_url + "/",
+        args = ["run", "-o", str(out), "--allow-private-networks", "--crawl", CRAWL, "--crawl-files", "2", "--cc-base-url", server.base_url + "/",
                 "--model", "fastlaion-tiny", "--pretrained", "none", "--min-similarity", "-1", "--no-progress",
                 "--retries", "0"]
         result = runner.invoke(app, args)
@@ -80,7 +80,7 @@ def test_run_with_local_wat_and_bad_mixes(tmp_path, photos):
         wat = tmp_path / "part.warc.wat.gz"
         wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
         out = tmp_path / "out"
-        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--no-score", "--no-progress"])
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"])
         assert result.exit_code == 0, result.output
         assert pl.read_parquet(out / "00000.parquet")["status"].to_list() == ["kept", "kept", "kept"]
     finally:

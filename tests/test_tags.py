@@ -46,7 +46,7 @@ def run(tmp_path: Path, server: LoopbackServer, *flags: str) -> pl.DataFrame:
     inp = tmp_path / "in.parquet"
     pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(len(CAPTIONS))], "caption": CAPTIONS}).write_parquet(inp)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--no-progress", *flags])
+    result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny", "--no-progress", *flags])
     assert result.exit_code == 0, result.output
     return pl.read_parquet(out / "00000.parquet")
 

@@ -24,7 +24,7 @@ TIMING_COLUMNS = ("download_s", "attempts")
 
 
 def _run(inp: Path, out: Path, ckpt: Path, *extra: str):
-    return runner.invoke(app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny", "--pretrained", str(ckpt),
+    return runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny", "--pretrained", str(ckpt),
                                "--min-similarity", "0.0", "--shard-size", "4", "--timeout", "3", "--retries", "0",
                                "--no-progress", *extra])
 

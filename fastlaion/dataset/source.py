@@ -1,0 +1,289 @@
+"""Open a finished dataset as one lazy frame: a `fastlaion run` folder, a subset or dedup folder,
+or one Parquet file.
+
+A run folder holds `NNNNN.parquet` per shard (every input row, kept or dropped) beside
+`NNNNN.tar` and `NNNNN_img_emb.npy`. A subset or dedup folder holds `metadata.parquet` and
+`dataset.json`, whose `root` names the run folder that still holds the samples' images and
+embeddings; every row carries `shard`, the stem of those files, so nothing is copied.
+
+Unreadable Parquet files are skipped, counted and named in a warning, never fatal and never
+silent: a bad footer is seen when the dataset is opened; a bad page deep inside a file only when
+a job reads it, so `Dataset.guarded` runs a job, and if a read fails midway it checks every file,
+drops the bad ones and runs the job once more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import polars as pl
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.parquet"
+MANIFEST_FILE = "dataset.json"
+SHARD_PARQUET = re.compile(r"^\d{5,}\.parquet$")
+REQUIRED_COLUMNS = ("key", "status")
+KEPT = "kept"
+DROPPED = "dropped"
+
+# Where each optional column comes from, for errors about a column the dataset lacks.
+COLUMN_SOURCES: dict[str, str] = {
+    "language": "run with --language (the default; this run used --no-language)",
+    "language_group": "run with --language (the default; this run used --no-language)",
+    "similarity": "run with CLIP scoring on (without --no-score)",
+    "punsafe": "run with --nsfw-head auto (OpenAI ViT-B-32 or ViT-L-14 weights) or --nsfw-head PATH",
+    "pwatermark": "run with --watermark-model PATH (LAION's watermark detector)",
+    "aesthetic": "run with --aesthetic-v1 auto (OpenAI ViT-B-32, B-16 or L-14 weights) or --aesthetic-v1 PATH",
+    "aesthetic_v2": "run with --aesthetic-v2 PATH (LAION-Aesthetics V2 weights)",
+    "sha256": "every fastlaion run writes it; this Parquet was not written by fastlaion run",
+    "original_width": "every fastlaion run writes it; this Parquet was not written by fastlaion run",
+    "original_height": "every fastlaion run writes it; this Parquet was not written by fastlaion run",
+}
+
+T = TypeVar("T")
+
+
+class DatasetError(ConfigError):
+    """Bad input about a dataset (a missing column, no rows, an unknown recipe): one line, exit 2."""
+
+
+class Progress(Protocol):
+    """What the long loops report to (the CLI draws a bar; the library default draws nothing)."""
+
+    def start(self, what: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, what: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path                      # what was opened
+    root: Path                      # the run folder holding the samples' tars and embeddings
+    kind: str                       # "run", "subset", "dedup" or "parquet"
+    files: tuple[Path, ...]         # readable metadata Parquet files, in dataset order
+    skipped: tuple[Skipped, ...]    # unreadable ones, with why
+    rows: int                       # rows in `files`
+    groups: tuple[tuple[Path, ...], ...]  # files sharing one schema, in order
+
+    def scan(self) -> pl.LazyFrame:
+        """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
+        frames = [self._scan_group(g) for g in self.groups]
+        lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+        return lf
+
+    def _scan_group(self, files: Sequence[Path]) -> pl.LazyFrame:
+        schema = pl.scan_parquet(files[0]).collect_schema()
+        if "shard" in schema:
+            return pl.scan_parquet(list(files))
+        # A run's shard Parquet: the shard is the file's stem (00042.parquet -> "00042").
+        return (pl.scan_parquet(list(files), include_file_paths="__file")
+                .with_columns(pl.col("__file").str.extract(r"([^/\\]+)\.parquet$", 1).alias("shard"))
+                .drop("__file"))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.scan().collect_schema().names())
+
+    def missing(self, columns: Iterable[str]) -> list[str]:
+        have = set(self.columns)
+        return [c for c in columns if c not in have]
+
+    def require(self, columns: Iterable[str], what: str) -> None:
+        """Raise a DatasetError naming each missing column and the option that adds it."""
+        missing = self.missing(columns)
+        if missing:
+            how = "; ".join(f"'{c}': {COLUMN_SOURCES.get(c, 'not a fastlaion column')}" for c in missing)
+            raise DatasetError(f"{what} needs {', '.join(repr(c) for c in missing)}, which {self.path} lacks: {how}")
+
+    def tar_path(self, shard: str) -> Path:
+        return self.root / f"{shard}.tar"
+
+    def embeddings_path(self, shard: str) -> Path:
+        return self.root / f"{shard}_img_emb.npy"
+
+    def without(self, bad: Sequence[Skipped]) -> Dataset:
+        gone = {b.path for b in bad}
+        groups = tuple(g2 for g2 in (tuple(f for f in g if str(f) not in gone) for g in self.groups) if g2)
+        files = tuple(f for f in self.files if str(f) not in gone)
+        if not files:
+            raise DatasetError(f"none of the Parquet files in {self.path} can be read (first: {bad[0].path}: {bad[0].why})")
+        rows = sum(_row_count(f) for f in files)
+        return replace(self, files=files, groups=groups, skipped=self.skipped + tuple(bad), rows=rows)
+
+    def guarded(self, job: Callable[[Dataset], T]) -> T:
+        """Run `job(dataset)`; if a file fails to read midway (a corrupt page), skip the bad files
+        with a warning and run it once more on the rest."""
+        try:
+            return job(self)
+        except (pl.exceptions.ComputeError, OSError) as e:
+            bad = self.unreadable()
+            if not bad:
+                raise
+            log.debug("a read failed (%s); checked every file, %d unreadable", e, len(bad))
+            _warn_skipped(bad, self.path)
+            return job(self.without(bad))
+
+    def unreadable(self) -> list[Skipped]:
+        """Read every row group of every file; the files that fail, with why (slow: a full pass)."""
+        import pyarrow.parquet as pq
+
+        bad = []
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+                for i in range(pf.num_row_groups):
+                    pf.read_row_group(i)
+            except Exception as e:  # any decoding failure means this file is unreadable
+                bad.append(Skipped(str(f), _short(e)))
+        return bad
+
+    def manifest(self) -> dict[str, Any]:
+        """Provenance for the dataset.json of an output made from this dataset."""
+        return {"source": str(self.path.resolve()), "root": str(self.root.resolve()),
+                "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped]}
+
+
+def open_dataset(path: str | Path, allow_empty: bool = False) -> Dataset:
+    """Open a run folder, a subset/dedup folder or one Parquet file; skip unreadable files.
+
+    Raises DatasetError when there is nothing to read, or no rows (unless `allow_empty`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    root, kind = path, "run"
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise DatasetError(f"{path}: not a Parquet file or a dataset folder")
+        candidates, root, kind = [path], path.parent, "parquet"
+        manifest = path.parent / MANIFEST_FILE
+        if path.name == METADATA_FILE and manifest.exists():
+            kind, root = _read_manifest(manifest)
+    elif (path / METADATA_FILE).exists():
+        candidates = [path / METADATA_FILE]
+        kind, root = _read_manifest(path / MANIFEST_FILE) if (path / MANIFEST_FILE).exists() else ("parquet", path)
+    else:
+        candidates = sorted(p for p in path.iterdir() if SHARD_PARQUET.match(p.name))
+        if not candidates:
+            raise DatasetError(f"{path} holds no dataset: no shard Parquet files (NNNNN.parquet, written by "
+                               f"fastlaion run) and no {METADATA_FILE} (written by fastlaion subset or dedup)")
+    good, skipped, schemas, rows = [], [], [], 0
+    for f in candidates:
+        try:
+            schema, n = _check(f)
+        except _Unreadable as e:
+            skipped.append(Skipped(str(f), str(e)))
+            continue
+        good.append(f)
+        schemas.append(schema)
+        rows += n
+    if skipped:
+        _warn_skipped(skipped, path)
+    if not good:
+        raise DatasetError(f"none of the {len(candidates)} Parquet file(s) in {path} can be read "
+                           f"(first: {skipped[0].path}: {skipped[0].why})")
+    groups: list[list[Path]] = []
+    last = None
+    for f, schema in zip(good, schemas):
+        if schema != last:
+            groups.append([])
+            last = schema
+        groups[-1].append(f)
+    ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
+                 groups=tuple(tuple(g) for g in groups))
+    if rows == 0 and not allow_empty:
+        raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
+    return ds
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _check(f: Path) -> tuple[tuple[tuple[str, str], ...], int]:
+    """The file's schema (names and types) and row count, from its footer alone."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(f)
+        schema = meta.schema.to_arrow_schema()
+    except Exception as e:  # pyarrow raises several types for a bad footer; all mean "unreadable"
+        raise _Unreadable(_short(e)) from None
+    names = schema.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise _Unreadable(f"not a fastlaion metadata file (no {', '.join(missing)} column)")
+    return tuple((field.name, str(field.type)) for field in schema), meta.num_rows
+
+
+def _row_count(f: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(f).num_rows
+
+
+def _read_manifest(manifest: Path) -> tuple[str, Path]:
+    try:
+        info = json.loads(manifest.read_text())
+        return str(info.get("kind", "parquet")), Path(info["root"])
+    except (ValueError, KeyError) as e:
+        raise DatasetError(f"{manifest}: not a fastlaion dataset.json ({_short(e)})") from None
+
+
+def _warn_skipped(skipped: Sequence[Skipped], where: Path) -> None:
+    for s in skipped[:10]:
+        log.warning("skipped unreadable Parquet %s: %s", s.path, s.why)
+    if len(skipped) > 10:
+        log.warning("... and %d more unreadable Parquet files in %s", len(skipped) - 10, where)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def collect(lf: pl.LazyFrame) -> pl.DataFrame:
+    """Collect with the streaming engine on any polars 1.x or 2.x (the spelling changed)."""
+    try:
+        return lf.collect(engine="streaming")
+    except (ValueError, TypeError):  # polars < 1.23: no streaming engine name yet
+        return lf.collect(streaming=True)
+
+
+def sink_parquet(lf: pl.LazyFrame, path: Path) -> None:
+    """Stream a query into one Parquet file; older polars, whose streaming engine cannot run
+    every plan, collect it instead (slower, more memory, same file)."""
+    try:
+        lf.sink_parquet(path, compression="zstd", statistics=True)
+    except pl.exceptions.InvalidOperationError:
+        if not pl.__version__.startswith("1."):
+            raise
+        collect(lf).write_parquet(path, compression="zstd", statistics=True)
