@@ -160,7 +160,7 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for name in names:
             def one() -> None:
-                decoder = make_decoder(name, DecodeConfig(), clip, None, device)
+                decoder = make_decoder(name, DecodeConfig(), clip, None, device, max_batch_size=args.batch)
                 decode_all(decoder, jpegs[: args.batch], args.batch, pool)  # warm-up (pipelines, cuDNN)
                 t0 = time.perf_counter()
                 done = decode_all(decoder, jpegs, args.batch, pool)
@@ -184,7 +184,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     torch.manual_seed(0)
     scorer = Scorer(ScoreConfig(model=args.model, pretrained="none", batch_size=args.batch), device)
     best = available_decoders(device)[0]
-    decoder = make_decoder(best, DecodeConfig(), scorer.clip_spec, None, device)
+    decoder = make_decoder(best, DecodeConfig(), scorer.clip_spec, None, device, max_batch_size=args.batch)
     from fastlaion.pipeline import stack_pixels
 
     def run_all(images: list[bytes]) -> None:

@@ -74,21 +74,21 @@ EOF
 
 step "3. build the CUDA kernels"
 if [[ $mode == gpu ]]; then
-  timeout 300 $py -c 'import time; t = time.time(); from fastlaion import ops; ops._ops(); print(f"built and loaded in {time.time() - t:.0f} s")' \
+  timeout 200 $py -c 'import time; t = time.time(); from fastlaion import ops; ops._ops(); print(f"built and loaded in {time.time() - t:.0f} s")' \
     || failed+=(kernel-build)
 else
   echo "no GPU: the compile check of step 5 (a) compiles them with nvcc instead"
 fi
 
 step "4. pytest -m gpu"
-timeout 300 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_gpu_decode.py 2>&1 \
+timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_gpu_decode.py 2>&1 \
   | tee "$out/pytest_gpu.txt" | tail -25
 [[ ${PIPESTATUS[0]} == 0 ]] || failed+=(pytest-gpu)
 
 step "5. measure"
 cpu_flag=()
 [[ $mode == cpu ]] && cpu_flag=(--cpu)
-timeout 420 $py bench/gpu_bench.py --out "$out" "${cpu_flag[@]}" || failed+=(measure)
+timeout 330 $py bench/gpu_bench.py --out "$out" "${cpu_flag[@]}" || failed+=(measure)
 
 step "done"
 echo "pytest -m gpu: $(tail -1 "$out/pytest_gpu.txt" 2>/dev/null)"

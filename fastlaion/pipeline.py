@@ -7,7 +7,10 @@ decoded in a thread pool as soon as it arrives (so at most `workers` raw bodies 
 decoded rows are gathered into `Batch`es of `score.batch_size` rows that are scored and written
 while downloads continue. A bounded queue between the two sides gives back-pressure. Rows leave
 a batch only through `Batch.drop`, with a stage and a reason; the shard's Parquet holds every
-input row. Finished shards are skipped on a rerun (see `writer`).
+input row. Finished shards are skipped on a rerun (see `writer`); with `--retry-failed` a rerun
+also downloads again the rows of finished shards that failed for a transient reason (timeouts,
+5xx, 429, connection errors: `download.is_transient`) and rewrites those shards with the new
+outcomes merged in, leaving every other shard's files untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +36,9 @@ import polars as pl
 from .batch import Batch, funnel, merge_funnels
 from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
 from .decode import Decoded, Decoder
-from .download import Downloader, Fetched, download_all, new_event_loop
+from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import read_inputs, shard_count, shard_rows
-from .writer import PARTIAL_DIR, ShardWriter, is_complete, read_stats
+from .writer import PARTIAL_DIR, ShardWriteError, ShardWriter, is_complete, read_stats, recover_partial, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +73,48 @@ class RunSummary:
     timings_s: dict[str, float] = field(default_factory=dict)  # this invocation's stage totals
     wall_s: float = 0.0
     workers: list[str] = field(default_factory=list)  # one device per worker process of this run
+    # Rows of the output whose download failed for a reason worth retrying, by reason.
+    transient: dict[str, int] = field(default_factory=dict)
+    # --retry-failed: finished shards rewritten by this invocation, the rows downloaded again,
+    # how many of those are kept now and how many failed transiently again.
+    retried: dict[str, int] = field(default_factory=lambda: {"shards": 0, "rows": 0, "kept": 0, "failed_again": 0})
+    shards_failed: list[dict[str, Any]] = field(default_factory=list)  # {shard, error}: not written
+    shards_redone: list[int] = field(default_factory=list)  # the previous run's failed shards, done now
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def notes(self) -> list[str]:
+        """What happened beyond the funnel, one line each (the CLI prints them)."""
+        lines = [f"shard {shard_name(f['shard'])} failed and was not written ({f['error']}); "
+                 "the shards finished are kept: rerun the same command to redo the rest" for f in self.shards_failed]
+        if self.shards_redone:
+            lines.append(f"redone: {len(self.shards_redone)} shard(s) that the previous run could not write "
+                         f"({', '.join(shard_name(s) for s in self.shards_redone)})")
+        r = self.retried
+        if r["shards"]:
+            lines.append(f"retried: {r['rows']:,} row(s) that had failed transiently, in {r['shards']} shard(s): "
+                         f"{r['kept']:,} kept now, {r['failed_again']:,} failed transiently again")
+        if self.transient:
+            why = ", ".join(f"{reason} {n:,}" for reason, n in self.transient.items())
+            lines.append(f"{sum(self.transient.values()):,} row(s) failed for transient reasons ({why}); "
+                         "rerun with --retry-failed to download only those again")
+        return lines
+
 
 def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
-    """Run the whole pipeline for `cfg`, resuming into an existing output folder."""
+    """Run the whole pipeline for `cfg`, resuming into an existing output folder; with
+    `cfg.retry_failed`, also retry the transient failures of the shards finished before.
+
+    A shard that cannot be written (disk full) stops the run with `ShardWriteError`; the
+    summary is written first and names it, and a rerun redoes it.
+    """
     t0 = time.perf_counter()
     progress = progress or Progress()
     cfg.validate()
     out = Path(cfg.output_dir)
+    if cfg.retry_failed and not (out / CONFIG_FILE).exists():
+        raise ConfigError(f"--retry-failed: {out} holds no earlier run whose failed rows could be retried")
     if needs_extraction(cfg.input):
         table = read_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
     else:
@@ -88,35 +123,102 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     n_shards = shard_count(table.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
+    retry = [s for s in range(n_shards) if cfg.retry_failed and s not in todo_set
+             and transient_drops(read_stats(out, s)["funnel"])]
     rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
                     for s in range(n_shards) if s not in todo_set)
+    previously_failed = _failed_last_time(out)
 
     timings: dict[str, float] = {}
-    devices = worker_devices(cfg) if todo else []
+    jobs = sorted(todo + retry)
+    devices = worker_devices(cfg) if jobs else []
     progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
+    tally = _Tally(progress)
     try:
         if len(devices) == 1:
-            timings = work(_on_device(cfg, devices[0]), out, table, iter(todo), progress)
+            timings = work(_on_device(cfg, devices[0]), out, table, iter(jobs), tally)
         elif devices:
             from .workers import run_workers
 
-            timings = run_workers(cfg, out, table, todo, devices, progress)
+            timings = run_workers(cfg, out, table, jobs, devices, tally)
+    except ShardWriteError as exc:
+        try:  # the summary of a run stopped by a failed shard still says what happened
+            _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
+                       previously_failed)
+        except OSError as also:  # the disk that failed the shard may refuse the summary too
+            log.warning("summary.json not written: %s", also.strerror or also)
+        raise
     finally:
         try:
             (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
         except OSError:
             pass
+    return _summarize(out, n_shards, tally, timings, t0, devices, [], previously_failed)
 
-    all_stats = [read_stats(out, s) for s in range(n_shards)]
+
+def transient_drops(shard_funnel: dict[str, Any]) -> dict[str, int]:
+    """The download drops of a funnel worth retrying, by reason."""
+    return {r: n for r, n in shard_funnel["drops"]["download"].items() if is_transient(r)}
+
+
+def transient_rows(table: pl.DataFrame) -> np.ndarray:
+    """Positions (= shard rows) of a shard table's rows dropped at download for a transient reason."""
+    reasons = [r for r in table["reason"].drop_nulls().unique().to_list() if is_transient(r)]
+    mask = (table["stage"] == "download") & table["reason"].is_in(reasons)
+    return np.flatnonzero(mask.fill_null(False).to_numpy())
+
+
+class _Tally:
+    """Passes progress on, and keeps the stats of the shards finished by this invocation (this
+    process sees every one of them, also those of worker processes)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.finished: list[dict[str, Any]] = []
+
+    def extracting(self) -> Any:
+        return self.inner.extracting()
+
+    def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
+        self.inner.start(shards_total, shards_done, rows_total, rows_done)
+
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        self.inner.rows_done(rows, kept, busy_s)
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        self.finished.append(stats)
+        self.inner.shard_done(stats)
+
+
+def _failed_last_time(out: Path) -> list[int]:
+    try:
+        return [f["shard"] for f in json.loads((out / SUMMARY_FILE).read_text()).get("shards_failed", [])]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+
+
+def _summarize(out: Path, n_shards: int, tally: _Tally, timings: dict[str, float], t0: float,
+               devices: list[str], failed: list[dict[str, Any]], previously_failed: list[int]) -> RunSummary:
+    """The summary over every finished shard of the output, saved as summary.json."""
+    all_stats = [read_stats(out, s) for s in range(n_shards) if is_complete(out, s)]
     edits: dict[str, int] = {}
     for st in all_stats:
         for k, v in st["caption_edits"].items():
             edits[k] = edits.get(k, 0) + v
+    f = merge_funnels([st["funnel"] for st in all_stats])
+    retried = {"shards": 0, "rows": 0, "kept": 0, "failed_again": 0}
+    for st in tally.finished:
+        if "retries" in st:  # only a --retry-failed pass writes them
+            retried["shards"] += 1
+            for k in ("rows", "kept", "failed_again"):
+                retried[k] += st["retries"][-1][k]
+    finished = {st["shard"] for st in tally.finished}
     summary = RunSummary(
-        output_dir=str(out), shards_total=n_shards, shards_run=len(todo), shards_skipped=n_shards - len(todo),
-        funnel=merge_funnels([st["funnel"] for st in all_stats]), caption_edits=edits,
+        output_dir=str(out), shards_total=n_shards, shards_run=len(finished),
+        shards_skipped=len(all_stats) - len(finished), funnel=f, caption_edits=edits,
         timings_s={k: round(v, 3) for k, v in timings.items()}, wall_s=round(time.perf_counter() - t0, 3),
-        workers=devices,
+        workers=devices, transient=transient_drops(f), retried=retried, shards_failed=failed,
+        shards_redone=[s for s in previously_failed if s in finished],
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
@@ -167,7 +269,8 @@ def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int
             pools = _Pools(decode_pool, batch_decode_pool, score_pool)
             for shard_id in shard_ids:
                 rows = shard_rows(table, shard_id, cfg.input.shard_size)
-                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader)
+                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader,
+                               retry=cfg.retry_failed and is_complete(out, shard_id))
                 stats = loop.run_until_complete(job.run())
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
@@ -191,7 +294,8 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     from .gpu_decode import make_decoder
     from .score import pick_device
 
-    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device))
+    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
+                           max_batch_size=cfg.score.batch_size)
     log.info("decoder: %s on %s", decoder.name, decoder.device)
     return decoder
 
@@ -251,7 +355,10 @@ def prepare_output(out: Path, cfg: RunConfig) -> None:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "
                               "rerun with the same settings to resume, or choose another output folder")
     saved.write_text(json.dumps(cfg.to_dict(), indent=2))
-    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # leftovers of an interrupted shard
+    # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
+    for shard in recover_partial(out):
+        log.info("shard %s: its files were all written when the last run stopped; moved into place",
+                 shard_name(shard))
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -355,14 +462,16 @@ class _Arrived:
 
 
 class ShardJob:
-    """Download, decode, score and write one shard."""
+    """Download, decode, score and write one shard; with `retry`, download again only the rows
+    of a finished shard that failed transiently and rewrite it with their new outcomes."""
 
     # Batches in flight per shard: the next batch's GPU decode overlaps this one's scoring.
     MAX_BATCHES_IN_FLIGHT = 2
 
     def __init__(self, cfg: RunConfig, out: Path, shard: int, rows: pl.DataFrame, decoder: Any,
-                 models: Models, pools: _Pools, progress: Progress, downloader: Downloader):
+                 models: Models, pools: _Pools, progress: Progress, downloader: Downloader, *, retry: bool = False):
         self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
+        self.retry = retry
         self.downloader = downloader
         self.decoder, self.models = decoder, models  # decoder: decode.Decoder or a gpu_decode.BatchDecoder
         self.pools, self.progress = pools, progress
@@ -373,8 +482,13 @@ class ShardJob:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         scorer = self.models.scorer
-        writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
-                             scorer.embed_dim if scorer is not None else None, self.models.optional_columns())
+        with self._writing():
+            writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
+                                 scorer.embed_dim if scorer is not None else None, self.models.optional_columns(),
+                                 rewrite=self.retry)
+        todo = self.rows
+        if writer.previous is not None:
+            todo = self.rows[transient_rows(writer.previous)]
         batch_size = self.cfg.score.batch_size
         arrived: asyncio.Queue[_Arrived | None] = asyncio.Queue(maxsize=2 * batch_size)
 
@@ -389,7 +503,7 @@ class ShardJob:
 
         consumer = asyncio.create_task(self._consume(arrived, writer))
         try:
-            items = zip(self.rows["row"].to_list(), self.rows["url"].to_list())
+            items = zip(todo["row"].to_list(), todo["url"].to_list())
             download_task = asyncio.create_task(
                 download_all(self.downloader, items, self.cfg.download.workers, on_result))
             # The consumer only returns after the end marker, so finishing first means it failed.
@@ -405,7 +519,9 @@ class ShardJob:
             await consumer
             table = writer.table()
             stats = self._stats(table, writer, started, time.perf_counter() - t0)
-            with _timer(self.timings, "write"):
+            if writer.previous is not None:
+                stats = self._retry_stats(stats, table[todo["row"].to_numpy()])
+            with _timer(self.timings, "write"), self._writing():
                 await loop.run_in_executor(None, writer.publish, table, stats)
             return stats
         except BaseException:
@@ -413,6 +529,22 @@ class ShardJob:
             await asyncio.gather(consumer, return_exceptions=True)
             writer.abort()
             raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError of the writer (disk full) fails this shard by name: `ShardWriteError`."""
+        try:
+            yield
+        except OSError as exc:
+            raise ShardWriteError.wrap(self.shard, exc) from exc
+
+    def _retry_stats(self, stats: dict[str, Any], retried: pl.DataFrame) -> dict[str, Any]:
+        """A rewritten shard's stats: the new funnel, and one more entry under `retries`."""
+        previous = read_stats(self.out, self.shard)
+        again = int(retried["reason"].is_in(list(transient_drops(stats["funnel"]))).sum())
+        entry = {"rows": retried.height, "kept": int((retried["status"] == "kept").sum()), "failed_again": again,
+                 "wall_s": stats["wall_s"], "finished_at": stats["finished_at"]}
+        return {**stats, "started_at": previous["started_at"], "retries": [*previous.get("retries", []), entry]}
 
     async def _consume(self, arrived: asyncio.Queue[_Arrived | None], writer: ShardWriter) -> None:
         pending: list[_Arrived] = []
@@ -457,7 +589,7 @@ class ShardJob:
         if len(batch) and (self.models.scorer is not None or self.models.tagger is not None):
             # model work runs on its own thread so downloads go on meanwhile
             await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer)
-        with _timer(self.timings, "write"):
+        with _timer(self.timings, "write"), self._writing():
             writer.add_samples(batch)
             outcome = batch.outcome().drop("download_reason", "decode_reason")
             writer.add_outcome(outcome)

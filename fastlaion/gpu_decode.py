@@ -1,0 +1,629 @@
+"""Batch decoders: the decode stage with JPEG decoding and resizing moved to the GPU.
+
+The CPU `Decoder` (fastlaion.decode) is the reference. A `BatchDecoder` splits its work in two:
+
+- `prepare(body)`, called from the decode thread pool as bodies arrive, runs the cheap checks. A
+  GPU decoder marks the bodies its GPU can decode (baseline or progressive JPEG in YCbCr or grey,
+  ending with its EOI marker) `pending`; every other body (PNG, WebP, CMYK JPEG, a cut-off
+  download, anything rejected) gets the CPU `Decoder`'s full decode right there, so reasons and
+  pixels are the reference's own.
+- `finish(bodies, prepared)`, called once per batch from one thread, decodes all pending bodies
+  in one batched call (split at `max_batch_size`) and makes the CLIP input, the watermark input
+  and the stored image on the device. An image the GPU cannot decode falls back, visibly in the
+  log, to the CPU `Decoder`: no row is lost, and the reason is the CPU's.
+
+Three implementations behind that interface:
+
+    cpu     fastlaion.decode.Decoder in prepare(); finish() has nothing to do
+    nvjpeg  torchvision.io.decode_jpeg (nvJPEG on CUDA, libjpeg on CPU) + torch resizing
+    dali    an NVIDIA DALI pipeline: decoders.image (mixed on CUDA), resize and slice
+
+Geometry (resize targets, crop and pad offsets) is computed on the host with the CPU path's own
+functions (`ClipInputSpec.resized_size_px`, `stored_resized_size_px`) and the same arithmetic as
+its crops, so sizes match the reference exactly. Pixels differ a little: the CPU path decodes
+JPEGs at a reduced DCT scale and resizes with Pillow, the GPU paths decode at full size and
+resample with antialiasing; tests/test_gpu_decode.py states the tolerance.
+
+After a GPU decoder's finish(), every accepted row holds `clip_input` and `watermark_input` as
+uint8 (H, W, 3) RGB torch tensors on the decoder's device (views into one batch tensor), so the
+scorer gets them without a host round trip; rows the CPU decoded carry the CPU `Decoder`'s pixels,
+uploaded in one copy, so that a batch always stacks. `stored` is JPEG bytes on the host: 4:4:4
+from nvJPEG on CUDA (torchvision's encoder has no other), 4:2:0 from libjpeg-turbo elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import turbojpeg
+from PIL import Image
+
+from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode
+from fastlaion.decode import (_STORED_SUBSAMPLING, STORED_EXT, ClipInputSpec, Decoded, Decoder,
+                              ensure_turbojpeg_warnings_raise, shared_turbojpeg, stored_resized_size_px)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 256
+DALI_PACKAGE = "nvidia-dali-cuda130"
+
+# libjpeg-turbo's colourspaces that nvJPEG and DALI convert to RGB as libjpeg does (TJCS_YCbCr,
+# TJCS_GRAY). RGB-coded, CMYK and YCCK JPEGs stay with the CPU decoder.
+_GPU_COLORSPACES = frozenset({1, 2})
+_SOS, _EOI = 0xDA, b"\xff\xd9"
+
+
+# -- geometry --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Where an output comes from: the image resized to `resized_w` x `resized_h`, then the
+    `out_w` x `out_h` canvas whose top-left corner is at (`x`, `y`) in the resized image;
+    negative offsets and anything past the image's edge are padding of value `fill`."""
+
+    resized_w: int
+    resized_h: int
+    x: int
+    y: int
+    out_w: int
+    out_h: int
+    fill: int = 0
+
+
+def _center_crop_start(length: int, crop: int) -> int:
+    """Start of torchvision's (and open_clip's) centre crop along one axis; negative: the image
+    is padded by that much first (the pad puts the extra pixel after the image)."""
+    if crop > length:
+        return -((crop - length) // 2)
+    return round((length - crop) / 2.0)
+
+
+def clip_interpolation(spec: ClipInputSpec) -> str:
+    """'bicubic' | 'bilinear': the filter `ClipInputSpec.apply` resizes with (its own rule)."""
+    return "bilinear" if spec._resample() is Image.Resampling.BILINEAR else "bicubic"
+
+
+def clip_window(spec: ClipInputSpec, width: int, height: int) -> Window:
+    """`ClipInputSpec.apply`'s geometry for an image of `width` x `height`."""
+    resized_w, resized_h = spec.resized_size_px(width, height)
+    if spec.resize_mode == "squash":
+        return Window(resized_w, resized_h, 0, 0, resized_w, resized_h)
+    crop_h, crop_w = spec.size
+    fill = spec.fill_color if spec.resize_mode == "longest" else 0  # CenterCrop pads with 0
+    return Window(resized_w, resized_h, _center_crop_start(resized_w, crop_w),
+                  _center_crop_start(resized_h, crop_h), crop_w, crop_h, fill)
+
+
+def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode) -> Window:
+    """`resize_for_storage`'s geometry for an image of `width` x `height` (not ResizeMode.no)."""
+    resized_w, resized_h = stored_resized_size_px(width, height, image_size_px, mode)
+    if mode is ResizeMode.center_crop:
+        return Window(resized_w, resized_h, (resized_w - image_size_px) // 2,
+                      (resized_h - image_size_px) // 2, image_size_px, image_size_px)
+    if mode is ResizeMode.border:
+        return Window(resized_w, resized_h, -((image_size_px - resized_w) // 2),
+                      -((image_size_px - resized_h) // 2), image_size_px, image_size_px)
+    return Window(resized_w, resized_h, 0, 0, resized_w, resized_h)
+
+
+def jpeg_has_eoi_after_scan(body: bytes) -> bool:
+    """Whether the JPEG's EOI marker comes after its first scan starts.
+
+    A cut-off download has none. libjpeg calls that 'truncated'; nvJPEG may decode it without a
+    word, so such bodies stay with the CPU decoder, which names them. Entropy-coded data stuffs
+    every 0xFF byte, so no EOI hides inside a scan; the walk skips the header segments, since an
+    EXIF thumbnail carries an EOI of its own. Anything odd answers False: the CPU decides.
+    """
+    pos, end = 2, len(body)
+    while pos + 4 <= end:
+        if body[pos] != 0xFF:
+            return False
+        marker = body[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == _SOS:
+            return body.rfind(_EOI) > pos
+        else:
+            pos += 2 + int.from_bytes(body[pos + 2:pos + 4], "big")
+    return False
+
+
+# -- the interface ---------------------------------------------------------------------------
+
+class BatchDecoder:
+    """prepare() per body from many threads, finish() per batch from one; see the module doc."""
+
+    name: str
+    device: torch.device
+
+    def prepare(self, body: bytes) -> Decoded:
+        raise NotImplementedError
+
+    def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
+        raise NotImplementedError
+
+
+class CpuBatchDecoder(BatchDecoder):
+    """The CPU `Decoder` behind the batch interface: everything happens in prepare()."""
+
+    name = "cpu"
+
+    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None):
+        self.device = torch.device("cpu")
+        self._decoder = Decoder(cfg, clip, watermark_size_px)
+
+    def prepare(self, body: bytes) -> Decoded:
+        return self._decoder(body)
+
+    def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
+        return prepared
+
+
+@dataclass
+class _Pixels:
+    """A batch's device outputs for the rows it decoded (`rows`: indices into the batch)."""
+
+    rows: list[int]
+    clip: torch.Tensor | None  # uint8 (len(rows), H, W, 3) RGB
+    watermark: torch.Tensor | None  # uint8 (len(rows), S, S, 3) RGB
+    stored: list[torch.Tensor] | None  # uint8 (h, w, 3) RGB per row; None for ResizeMode.no
+
+
+class _DeviceBatchDecoder(BatchDecoder):
+    """What nvjpeg and dali share: the routing in prepare(), and in finish() the batching, the
+    stored JPEG encode, the timing and the per-image CPU fallback. Subclasses decode."""
+
+    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.cfg = cfg
+        self.clip = clip
+        self.watermark_size_px = watermark_size_px or None
+        self.device = _with_index(device)
+        self.max_batch_size = max_batch_size
+        self._cpu = Decoder(cfg, clip, watermark_size_px)
+        self._tj = shared_turbojpeg()
+
+    def prepare(self, body: bytes) -> Decoded:
+        start_s = time.thread_time()
+        header = self._gpu_header(body)
+        if header is None:
+            return self._cpu(body)
+        width, height = header
+        return Decoded(None, None, "jpeg", width, height, None, None, None, None, None,
+                       time.thread_time() - start_s, pending=True)
+
+    def _gpu_header(self, body: bytes) -> tuple[int, int] | None:
+        """(width, height) of a JPEG that passes the CPU decoder's cheap checks and that the GPU
+        can decode, else None. A body that fails a check gets the CPU decoder's full decode, which
+        stops at that same check and names the reason, so no reason is decided here."""
+        if not body or body[:3] != b"\xff\xd8\xff" or len(body) < self.cfg.min_image_bytes:
+            return None  # the CPU decoder names these (empty, format, too few bytes)
+        ensure_turbojpeg_warnings_raise()
+        try:
+            width, height, _subsampling, colorspace = self._tj.decode_header(body)
+        except (OSError, UserWarning):
+            return None
+        if (width <= 0 or height <= 0 or colorspace not in _GPU_COLORSPACES
+                or width * height > self.cfg.max_pixels or not jpeg_has_eoi_after_scan(body)):
+            return None
+        return width, height
+
+    def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
+        if len(bodies) != len(prepared):
+            raise ValueError(f"{len(bodies)} bodies but {len(prepared)} prepared rows")
+        pending = [i for i, d in enumerate(prepared) if d.pending]
+        out = list(prepared)
+        for first in range(0, len(pending), self.max_batch_size):
+            rows = pending[first:first + self.max_batch_size]
+            finished = self._finish_batch([bodies[i] for i in rows], [prepared[i] for i in rows])
+            for i, decoded in zip(rows, finished, strict=True):
+                out[i] = decoded
+        return self._upload_host_pixels(out)
+
+    def _upload_host_pixels(self, rows: list[Decoded]) -> list[Decoded]:
+        """Rows the CPU decoded (PNG, WebP, CMYK, GPU failures) get their pixels moved to the
+        device too, one copy per kind, so that a batch's CLIP inputs stack there whatever
+        decoded them; the values are the CPU decoder's."""
+        rows = list(rows)
+        for field in ("clip_input", "watermark_input"):
+            on_host = [i for i, d in enumerate(rows) if isinstance(getattr(d, field), np.ndarray)]
+            if not on_host:
+                continue
+            uploaded = torch.from_numpy(np.stack([getattr(rows[i], field) for i in on_host])).to(self.device)
+            for k, i in enumerate(on_host):
+                rows[i] = dataclasses.replace(rows[i], **{field: uploaded[k]})
+        return rows
+
+    def _finish_batch(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
+        start_s = time.perf_counter()
+        pixels = self._decode(bodies, [(d.width, d.height) for d in prepared])
+        jpegs = None if pixels.stored is None else self._encode_stored(pixels.stored)
+        # Wall time, as the device works while this thread waits; shared evenly.
+        share_s = (time.perf_counter() - start_s) / len(bodies)
+        out: list[Decoded | None] = [None] * len(bodies)
+        for k, row in enumerate(pixels.rows):
+            d = prepared[row]
+            if jpegs is None:  # ResizeMode.no: the downloaded bytes, as the CPU decoder stores them
+                stored, ext, stored_w, stored_h = bodies[row], STORED_EXT["jpeg"], d.width, d.height
+            else:
+                stored_h, stored_w, _ = pixels.stored[k].shape
+                stored, ext = jpegs[k], "jpg"
+            out[row] = dataclasses.replace(
+                d, stored=stored, stored_ext=ext, stored_width=stored_w, stored_height=stored_h,
+                clip_input=None if pixels.clip is None else pixels.clip[k],
+                watermark_input=None if pixels.watermark is None else pixels.watermark[k],
+                decode_s=d.decode_s + share_s, pending=False)
+        failed = [row for row, d in enumerate(out) if d is None]
+        if failed:
+            log.info("%s could not decode %d of %d images; the CPU decoder takes them",
+                     self.name, len(failed), len(bodies))
+        return [d if d is not None else self._cpu(bodies[row]) for row, d in enumerate(out)]
+
+    def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
+        """Decode and resize one batch (at most max_batch_size) of pending bodies."""
+        raise NotImplementedError
+
+    def _encode_stored(self, images: list[torch.Tensor]) -> list[bytes]:
+        """JPEG bytes of uint8 (h, w, 3) RGB images: nvJPEG on CUDA (torchvision: 4:4:4), else
+        libjpeg-turbo 4:2:0 like the CPU decoder, at the configured quality."""
+        if self.device.type == "cuda" and images:
+            from torchvision.io import encode_jpeg
+
+            try:
+                encoded = encode_jpeg([im.permute(2, 0, 1) for im in images], quality=self.cfg.jpeg_quality)
+                lengths = [len(e) for e in encoded]
+                flat = torch.cat(encoded).cpu().numpy().tobytes()  # one device-to-host copy
+                offsets = np.cumsum([0, *lengths]).tolist()
+                return [flat[a:b] for a, b in itertools.pairwise(offsets)]
+            except RuntimeError as exc:
+                log.warning("nvJPEG could not encode a batch (%s); encoding it on the host", exc)
+        return [self._tj.encode(np.ascontiguousarray(im.cpu().numpy()), quality=self.cfg.jpeg_quality,
+                                pixel_format=turbojpeg.TJPF_RGB, jpeg_subsample=_STORED_SUBSAMPLING)
+                for im in images]
+
+    def _store_mode(self) -> ResizeMode | None:
+        mode = self.cfg.resize_mode
+        return None if mode is ResizeMode.no else mode
+
+
+# -- nvJPEG (torchvision) --------------------------------------------------------------------
+
+# The filters closest to the CPU path's Pillow ones. The CLIP and watermark inputs are Pillow
+# bicubic/bilinear, which antialiased torch interpolation (and DALI's) reproduces to within 0.2
+# levels on average. The stored image is Pillow BOX to shrink and Lanczos to enlarge; torch has
+# neither, and its antialiased bicubic came closest to both (mean 4.3 levels from the CPU decoder
+# on the test photos, against 4.7 for 'area', whose uneven bins alias at ratios near 1, and 4.3+
+# for bilinear). DALI has Lanczos3 for enlarging but no box filter: its cubic came closest.
+_STORE_MODE = "bicubic"
+_DALI_STORE_SHRINK = "INTERP_CUBIC"
+
+
+class NvjpegDecoder(_DeviceBatchDecoder):
+    """torchvision.io.decode_jpeg on a batch (nvJPEG on CUDA, libjpeg on CPU), torch resizing.
+
+    Every line runs the same on a CPU device (that is how the tests cover it); only the device
+    differs on a GPU machine.
+    """
+
+    name = "nvjpeg"
+
+    def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
+        images = self._decode_jpegs(bodies)
+        rows = [k for k, image in enumerate(images)
+                if image is not None and (image.shape[2], image.shape[1]) == sizes[k]]
+        mode = self._store_mode()
+        clips, watermarks, stored = [], [], []
+        for k in rows:
+            width, height = sizes[k]
+            source = _FloatSource(images[k])
+            if self.clip is not None:
+                clips.append(_render(source, clip_window(self.clip, width, height), clip_interpolation(self.clip)))
+            if self.watermark_size_px:
+                side = self.watermark_size_px
+                watermarks.append(_render(source, Window(side, side, 0, 0, side, side), "bilinear"))
+            if mode is not None:
+                window = stored_window(width, height, self.cfg.image_size, mode)
+                stored.append(_render(source, window, _STORE_MODE))
+        return _Pixels(rows, torch.stack(clips) if clips else None,
+                       torch.stack(watermarks) if watermarks else None,
+                       stored if mode is not None else None)
+
+    def _decode_jpegs(self, bodies: list[bytes]) -> list[torch.Tensor | None]:
+        """uint8 (3, H, W) RGB per body on the device; None where decoding failed. One batched
+        call; when it fails, each image alone, so one bad body costs only itself."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
+        try:
+            return list(decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB))
+        except RuntimeError as exc:
+            log.debug("batched decode_jpeg failed (%s); decoding %d images one by one", exc, len(data))
+        images: list[torch.Tensor | None] = []
+        for encoded in data:
+            try:
+                images.append(decode_jpeg(encoded, device=self.device, mode=ImageReadMode.RGB))
+            except RuntimeError as exc:
+                log.debug("decode_jpeg failed: %s", exc)
+                images.append(None)
+        return images
+
+
+class _FloatSource:
+    """A decoded image as float32 (1, 3, H, W), converted once and only if something resizes."""
+
+    def __init__(self, image: torch.Tensor):
+        self.image = image  # uint8 (3, H, W)
+        self._float: torch.Tensor | None = None
+
+    def as_float(self) -> torch.Tensor:
+        if self._float is None:
+            self._float = self.image.unsqueeze(0).float()
+        return self._float
+
+
+def _render(source: _FloatSource, window: Window, mode: str) -> torch.Tensor:
+    """One output of `window`'s geometry: uint8 (out_h, out_w, 3) RGB on the image's device."""
+    _, height, width = source.image.shape
+    if (window.resized_w, window.resized_h) == (width, height):
+        resized = source.image
+    else:
+        size = (window.resized_h, window.resized_w)
+        out = F.interpolate(source.as_float(), size=size, mode=mode, align_corners=False, antialias=True)
+        resized = out[0].round_().clamp_(0, 255).to(torch.uint8)
+    return _place(resized, window).permute(1, 2, 0)
+
+
+def _place(image: torch.Tensor, window: Window) -> torch.Tensor:
+    """uint8 (3, h, w) resized image -> (3, out_h, out_w): the window's crop, padded with fill."""
+    _, height, width = image.shape
+    x0, y0 = max(window.x, 0), max(window.y, 0)
+    x1, y1 = min(window.x + window.out_w, width), min(window.y + window.out_h, height)
+    if (x0, y0, window.out_w, window.out_h) == (window.x, window.y, x1 - x0, y1 - y0):
+        return image[:, y0:y1, x0:x1]  # a plain crop
+    canvas = image.new_full((3, window.out_h, window.out_w), window.fill)
+    if x1 > x0 and y1 > y0:
+        canvas[:, y0 - window.y:y1 - window.y, x0 - window.x:x1 - window.x] = image[:, y0:y1, x0:x1]
+    return canvas
+
+
+# -- DALI ------------------------------------------------------------------------------------
+
+def _import_dali() -> tuple[ModuleType, ModuleType, Any]:
+    """(nvidia.dali.fn, nvidia.dali.types, Pipeline); ConfigError naming the package if absent."""
+    try:
+        importlib.import_module("nvidia.dali")
+        fn = importlib.import_module("nvidia.dali.fn")
+        types = importlib.import_module("nvidia.dali.types")
+        pipeline = importlib.import_module("nvidia.dali.pipeline")
+    except ImportError as exc:
+        log.debug("nvidia.dali does not import: %s", exc)
+        raise ConfigError(f"--decoder dali needs {DALI_PACKAGE} (pip install 'fastlaion[gpu]')") from None
+    return fn, types, pipeline.Pipeline
+
+
+def dali_importable() -> bool:
+    try:
+        _import_dali()
+    except ConfigError:
+        return False
+    return True
+
+
+class DaliDecoder(_DeviceBatchDecoder):
+    """An NVIDIA DALI pipeline: encoded bytes in, CLIP / watermark / stored pixels out.
+
+    Each image's geometry differs, so the host computes it (the CPU path's own functions) and
+    feeds it beside the bytes: resize targets as per-sample resize_x/resize_y, crop or pad as a
+    per-sample slice anchor and shape. Built once for `max_batch_size`; larger batches are split.
+    """
+
+    name = "dali"
+
+    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        super().__init__(cfg, clip, watermark_size_px, device, max_batch_size)
+        self._fn, self._types, self._pipeline_cls = _import_dali()
+        self._pipe = self._build()
+
+    def _build(self) -> Any:
+        fn, types = self._fn, self._types
+        on_gpu = self.device.type == "cuda"
+        pipe = self._pipeline_cls(batch_size=self.max_batch_size,
+                                  num_threads=self.cfg.threads or os.cpu_count() or 1,
+                                  device_id=self.device.index if on_gpu else None,
+                                  prefetch_queue_depth=1, exec_dynamic=True)
+        with pipe:
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            # Fancy (smooth) chroma upsampling, as libjpeg does by default, for parity with the CPU.
+            images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
+                                       output_type=types.RGB, jpeg_fancy_upsampling=True)
+            outputs, self._output_names = [], []
+            if self.clip is not None:
+                self._output_names.append("clip")
+                interp = types.INTERP_CUBIC if clip_interpolation(self.clip) == "bicubic" else types.INTERP_LINEAR
+                fill = self.clip.fill_color if self.clip.resize_mode == "longest" else 0
+                outputs.append(self._branch(images, "clip", fill, interp_type=interp, antialias=True))
+            if self.watermark_size_px:
+                self._output_names.append("watermark")
+                side = float(self.watermark_size_px)
+                outputs.append(fn.resize(images, resize_x=side, resize_y=side,
+                                         interp_type=types.INTERP_LINEAR, antialias=True))
+            if self._store_mode() is not None:
+                self._output_names.append("stored")
+                outputs.append(self._branch(images, "stored", 0, min_filter=getattr(types, _DALI_STORE_SHRINK),
+                                            mag_filter=types.INTERP_LANCZOS3, antialias=True))
+            if not outputs:  # nothing to resize: decode anyway, to find the bodies that fail
+                self._output_names.append("decoded")
+                outputs.append(images)
+            pipe.set_outputs(*outputs)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise ConfigError(f"--decoder dali could not build its pipeline on {self.device}: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+        return pipe
+
+    def _branch(self, images: Any, prefix: str, fill: int, **resize_args: Any) -> Any:
+        """resize to per-sample (resize_x, resize_y), then the per-sample window (crop or pad)."""
+        fn, types = self._fn, self._types
+        resize_x = fn.external_source(name=f"{prefix}_resize_x", dtype=types.FLOAT, ndim=0)
+        resize_y = fn.external_source(name=f"{prefix}_resize_y", dtype=types.FLOAT, ndim=0)
+        anchor = fn.external_source(name=f"{prefix}_anchor", dtype=types.INT32, ndim=1)  # (y, x)
+        shape = fn.external_source(name=f"{prefix}_shape", dtype=types.INT32, ndim=1)  # (h, w)
+        resized = fn.resize(images, resize_x=resize_x, resize_y=resize_y, **resize_args)
+        return fn.slice(resized, anchor, shape, axis_names="HW", normalized_anchor=False,
+                        normalized_shape=False, out_of_bounds_policy="pad", fill_values=float(fill))
+
+    def _inputs(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {"encoded": [np.frombuffer(body, dtype=np.uint8) for body in bodies]}
+        branches: list[tuple[str, Callable[[int, int], Window]]] = []
+        if self.clip is not None:
+            clip = self.clip
+            branches.append(("clip", lambda w, h: clip_window(clip, w, h)))
+        mode = self._store_mode()
+        if mode is not None:
+            branches.append(("stored", lambda w, h: stored_window(w, h, self.cfg.image_size, mode)))
+        for prefix, window_of in branches:
+            windows = [window_of(w, h) for w, h in sizes]
+            inputs[f"{prefix}_resize_x"] = np.array([w.resized_w for w in windows], dtype=np.float32)
+            inputs[f"{prefix}_resize_y"] = np.array([w.resized_h for w in windows], dtype=np.float32)
+            inputs[f"{prefix}_anchor"] = np.array([(w.y, w.x) for w in windows], dtype=np.int32)
+            inputs[f"{prefix}_shape"] = np.array([(w.out_h, w.out_w) for w in windows], dtype=np.int32)
+        return inputs
+
+    def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
+        parts = self._run_isolating_failures(list(range(len(bodies))), bodies, sizes)
+        rows = [row for part_rows, _ in parts for row in part_rows]
+
+        def dense(name: str) -> torch.Tensor | None:
+            tensors = [out[name] for _, out in parts if name in out]
+            if not tensors:
+                return None
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        stored = None if self._store_mode() is None else [im for _, out in parts for im in out["stored"]]
+        return _Pixels(rows, dense("clip"), dense("watermark"), stored)
+
+    def _run_isolating_failures(self, rows: list[int], bodies: list[bytes], sizes: list[tuple[int, int]]
+                                ) -> list[tuple[list[int], dict[str, Any]]]:
+        """Run the pipeline on `rows`; DALI fails a whole batch for one bad image, so on failure
+        bisect down to the single images that fail (they go to the CPU decoder)."""
+        try:
+            return [(rows, self._run([bodies[r] for r in rows], [sizes[r] for r in rows]))]
+        except RuntimeError as exc:
+            if len(rows) == 1:
+                log.debug("DALI could not decode an image: %s", str(exc).strip().splitlines()[0])
+                return []
+        mid = len(rows) // 2
+        return (self._run_isolating_failures(rows[:mid], bodies, sizes)
+                + self._run_isolating_failures(rows[mid:], bodies, sizes))
+
+    def _run(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """One pipeline run: 'clip' and 'watermark' as dense uint8 (N, H, W, 3) tensors, 'stored'
+        as a list of (h, w, 3) tensors (their sizes differ under keep_ratio). DLPack views of
+        DALI's buffers, which its dynamic executor leaves to us; run() without a stream returns
+        once they are ready."""
+        outputs = self._pipe.run(**self._inputs(bodies, sizes))
+        converted: dict[str, Any] = {}
+        for name, tensor_list in zip(self._output_names, outputs, strict=True):
+            if name == "decoded":
+                continue
+            if name == "stored":
+                converted[name] = [torch.from_dlpack(tensor_list[i]) for i in range(len(tensor_list))]
+            else:
+                converted[name] = torch.from_dlpack(tensor_list.as_tensor())
+        return converted
+
+
+# -- choosing one ----------------------------------------------------------------------------
+
+def _with_index(device: torch.device) -> torch.device:
+    """cuda -> cuda:N (the current device), so every output lands where DALI puts it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _nvjpeg_problem(device: torch.device) -> str | None:
+    """Why torchvision cannot decode a JPEG on `device` (None: it can)."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "a CUDA device (torch.cuda.is_available() is False)"
+    from torchvision.io import decode_jpeg
+
+    probe = np.zeros((8, 8, 3), dtype=np.uint8)
+    try:
+        encoded = shared_turbojpeg().encode(probe, pixel_format=turbojpeg.TJPF_RGB)
+        decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), device=_with_index(device))
+    except RuntimeError as exc:
+        return f"torchvision built with nvJPEG ({str(exc).strip().splitlines()[0]})"
+    return None
+
+
+def available_decoders(device: torch.device) -> list[str]:
+    """Which of 'dali', 'nvjpeg', 'cpu' can run on `device`, best first.
+
+    On CUDA: dali (if nvidia.dali imports), nvjpeg (if torchvision decodes there), cpu. On the
+    CPU, the CPU decoder is best (DCT-scaled decoding); nvjpeg and dali run their CPU modes.
+    """
+    dali = ["dali"] if dali_importable() else []
+    if device.type == "cuda":
+        return [*dali, *(["nvjpeg"] if _nvjpeg_problem(device) is None else []), "cpu"]
+    return ["cpu", "nvjpeg", *dali]
+
+
+def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
+                 device: torch.device, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> BatchDecoder:
+    """The decoder `name` ('auto' | 'cpu' | 'nvjpeg' | 'dali') on `device`.
+
+    'auto' takes the best of `available_decoders(device)` that builds (dali, then nvjpeg, on
+    CUDA; cpu on the CPU), and says so in the log. An explicit name that cannot run here raises
+    ConfigError naming what is missing; 'nvjpeg' and 'dali' on a CPU device run their CPU modes
+    (for tests and dry runs).
+    """
+    if name not in DECODERS:
+        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {name!r}")
+    if name == "auto":
+        candidates = available_decoders(device)
+        for candidate in candidates:
+            try:
+                decoder = make_decoder(candidate, cfg, clip, watermark_size_px, device,
+                                       max_batch_size=max_batch_size)
+            except ConfigError as exc:
+                log.warning("decoder %s cannot run: %s; trying the next one", candidate, exc)
+                continue
+            return decoder
+        raise AssertionError("the cpu decoder always builds")
+    if name == "cpu":
+        decoder: BatchDecoder = CpuBatchDecoder(cfg, clip, watermark_size_px)
+    elif name == "nvjpeg":
+        problem = _nvjpeg_problem(device)
+        if problem is not None:
+            raise ConfigError(f"--decoder nvjpeg on {device} needs {problem}")
+        decoder = NvjpegDecoder(cfg, clip, watermark_size_px, device, max_batch_size)
+    else:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--decoder dali on {device} needs a CUDA device (torch.cuda.is_available() is False)")
+        decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size)
+    log.debug("decoder: %s on %s", decoder.name, decoder.device)  # the caller logs its choice
+    return decoder
+
+
+__all__ = ["BatchDecoder", "CpuBatchDecoder", "DaliDecoder", "NvjpegDecoder", "Window", "available_decoders",
+           "clip_interpolation", "clip_window", "dali_importable", "jpeg_has_eoi_after_scan", "make_decoder",
+           "stored_window"]
