@@ -434,8 +434,11 @@ class DaliDecoder(_DeviceBatchDecoder):
     name = "dali"
 
     def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
-                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, exact_chroma: bool = True):
         super().__init__(cfg, clip, watermark_size_px, device, max_batch_size)
+        # exact_chroma: libjpeg's smooth ("fancy") chroma upsampling, for parity with the CPU
+        # decoder; False lets DALI use its fastest path (the GPU's hardware JPEG decoder).
+        self.exact_chroma = exact_chroma
         self._fn, self._types, self._pipeline_cls = _import_dali()
         self._pipe = self._build()
 
@@ -450,7 +453,7 @@ class DaliDecoder(_DeviceBatchDecoder):
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             # Fancy (smooth) chroma upsampling, as libjpeg does by default, for parity with the CPU.
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
-                                       output_type=types.RGB, jpeg_fancy_upsampling=True)
+                                       output_type=types.RGB, jpeg_fancy_upsampling=self.exact_chroma)
             outputs, self._output_names = [], []
             if self.clip is not None:
                 self._output_names.append("clip")
@@ -588,7 +591,8 @@ def available_decoders(device: torch.device) -> list[str]:
 
 
 def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
-                 device: torch.device, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> BatchDecoder:
+                 device: torch.device, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 exact_chroma: bool = True) -> BatchDecoder:
     """The decoder `name` ('auto' | 'cpu' | 'nvjpeg' | 'dali') on `device`.
 
     'auto' takes the best of `available_decoders(device)` that builds (dali, then nvjpeg, on
@@ -603,7 +607,7 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
         for candidate in candidates:
             try:
                 decoder = make_decoder(candidate, cfg, clip, watermark_size_px, device,
-                                       max_batch_size=max_batch_size)
+                                       max_batch_size=max_batch_size, exact_chroma=exact_chroma)
             except ConfigError as exc:
                 log.warning("decoder %s cannot run: %s; trying the next one", candidate, exc)
                 continue
@@ -619,7 +623,7 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
     else:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--decoder dali on {device} needs a CUDA device (torch.cuda.is_available() is False)")
-        decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size)
+        decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size, exact_chroma)
     log.debug("decoder: %s on %s", decoder.name, decoder.device)  # the caller logs its choice
     return decoder
 
