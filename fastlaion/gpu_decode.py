@@ -196,6 +196,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         self.max_batch_size = max_batch_size
         self._cpu = Decoder(cfg, clip, watermark_size_px)
         self._tj = shared_turbojpeg()
+        self._stream: Any = None  # torch.cuda.Stream, made on first use (CUDA only)
 
     def prepare(self, body: bytes) -> Decoded:
         start_s = time.thread_time()
@@ -225,6 +226,21 @@ class _DeviceBatchDecoder(BatchDecoder):
     def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
         if len(bodies) != len(prepared):
             raise ValueError(f"{len(bodies)} bodies but {len(prepared)} prepared rows")
+        if self.device.type != "cuda":
+            return self._finish(bodies, prepared)
+        # The decoder's own CUDA stream: this batch's decode and resizes overlap the scorer's work
+        # on the previous batch (another thread, the default stream). Synchronising before
+        # returning hands the scorer finished tensors; they are freed only after its own work on
+        # them is done (it copies results to the host), so the caching allocator never hands
+        # their memory out early.
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = self._finish(bodies, prepared)
+        self._stream.synchronize()
+        return out
+
+    def _finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
         pending = [i for i, d in enumerate(prepared) if d.pending]
         out = list(prepared)
         for first in range(0, len(pending), self.max_batch_size):
@@ -243,7 +259,10 @@ class _DeviceBatchDecoder(BatchDecoder):
             on_host = [i for i, d in enumerate(rows) if isinstance(getattr(d, field), np.ndarray)]
             if not on_host:
                 continue
-            uploaded = torch.from_numpy(np.stack([getattr(rows[i], field) for i in on_host])).to(self.device)
+            host = torch.from_numpy(np.stack([getattr(rows[i], field) for i in on_host]))
+            if self.device.type == "cuda":  # pinned memory: an asynchronous copy on this stream
+                host = host.pin_memory()
+            uploaded = host.to(self.device, non_blocking=True)
             for k, i in enumerate(on_host):
                 rows[i] = dataclasses.replace(rows[i], **{field: uploaded[k]})
         return rows

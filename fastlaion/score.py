@@ -106,7 +106,10 @@ class Scorer:
         if isinstance(pixels, torch.Tensor):
             x = pixels.to(self.device, non_blocking=True)
         else:
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self.device.type == "cuda":  # pinned: the copy runs asynchronously
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
         return self.model.encode_image(x)
 
