@@ -737,14 +737,16 @@ _deadline = getattr(asyncio, "timeout", _deadline_fallback)
 
 
 async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]], workers: int,
-                       on_result: Callable[[int, Fetched], Awaitable[None]]) -> None:
+                       on_result: Callable[[int, Fetched], Awaitable[None]],
+                       on_drained: Callable[[], None] | None = None) -> None:
     """Fetch every (key, url) with `workers` coroutines and await `on_result(key, fetched)` for each.
 
     A producer feeds a queue of at most 2 * workers items; since `on_result` is awaited inside
     the worker, at most `workers` bodies are alive at once. Invalid URLs are not requested (they
     get `Fetched(error='invalid_url', attempts=0)`). Results arrive in completion order, each key
     exactly once. If `on_result` (or `items`) raises, the other workers are cancelled and the
-    exception propagates.
+    exception propagates. `on_drained()` is called once, when every item has been taken by a
+    worker and only the requests in flight remain (the tail: a caller may start the next batch).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -756,10 +758,16 @@ async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]],
         for _ in range(workers):
             await queue.put(None)  # one stop sign per worker
 
+    drained = False
+
     async def work() -> None:
+        nonlocal drained
         while (item := await queue.get()) is not None:
             key, url = item
             await on_result(key, await downloader.fetch(url))
+        if not drained and on_drained is not None:
+            drained = True
+            on_drained()
 
     tasks = [asyncio.ensure_future(produce())] + [asyncio.ensure_future(work()) for _ in range(workers)]
     try:

@@ -592,6 +592,28 @@ def test_download_all_bounds_concurrency_and_delivers_each_key_once(served):
     assert max(ahead) <= 3 * workers + 1
 
 
+def test_download_all_says_once_when_only_the_tail_is_left(served):
+    """on_drained fires once, when every URL has been handed to a worker: at that moment at most
+    `workers` requests are still in flight, so a caller can start the next shard's downloads."""
+    server, _ = served
+    n, workers = 40, 4
+    delivered = 0
+    drained_at: list[int] = []
+
+    async def on_result(key: int, fetched: Fetched) -> None:
+        nonlocal delivered
+        delivered += 1
+
+    async def go() -> None:
+        async with Downloader(DownloadConfig(**{**FAST, "workers": workers})) as downloader:
+            await download_all(downloader, [(k, server.url(f"t/tracked/{k}")) for k in range(n)], workers,
+                               on_result, on_drained=lambda: drained_at.append(delivered))
+    run(go())
+    assert delivered == n
+    assert len(drained_at) == 1
+    assert n - workers <= drained_at[0] <= n
+
+
 def test_download_all_never_requests_invalid_urls(served):
     server, routes = served
     ftp = f"ftp://127.0.0.1:{server.port}/t/status/200/ftp"
