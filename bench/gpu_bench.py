@@ -226,7 +226,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     run_all(jpegs)
     ours = len(jpegs) / (time.perf_counter() - t0)
     n_naive = min(len(jpegs), args.naive_images)
-    naive = naive_path(args.model, jpegs[:n_naive], texts, device, args.batch)
+    naive = naive_path(args.model, jpegs[:n_naive], texts[:n_naive], device, args.batch)
     row(f"{args.model} decode+score ({best})", f"{ours:,.0f} samples/s",
         f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); "
         f"{len(jpegs):,} JPEGs, {scorer.dtype}, batch {args.batch}")
@@ -292,19 +292,19 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for results.json and logs")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU with small sizes")
     ap.add_argument("--model", default="", help="open_clip model (default ViT-B-32; fastlaion-tiny in the dry run)")
-    ap.add_argument("--images", type=int, default=0, help="JPEGs for (b) and (c) (default 4096 GPU, 48 CPU)")
+    ap.add_argument("--images", type=int, default=0, help="JPEGs for (b) and (c) (default 4096 GPU, 32 CPU)")
     ap.add_argument("--batch", type=int, default=0, help="batch size (default 512 GPU, 16 CPU)")
     args = ap.parse_args()
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run with --cpu for the dry run")
     args.model = args.model or ("ViT-B-32" if gpu else "fastlaion-tiny")
-    args.images = args.images or (4096 if gpu else 48)
+    args.images = args.images or (4096 if gpu else 32)
     args.batch = args.batch or (512 if gpu else 16)
-    args.naive_images = 2048 if gpu else 16
+    args.naive_images = 2048 if gpu else 8
     args.cosine_rows = 1 << 21 if gpu else 1024
     args.topk_rows = 1 << 18 if gpu else 512
-    args.shard_size = 2000 if gpu else 24
+    args.shard_size = 2000 if gpu else 16
     Path(args.out).mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if gpu else "cpu")
     env = {"host": platform.node(), "cores": os.cpu_count(), "python": platform.python_version(),
