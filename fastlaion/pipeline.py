@@ -5,7 +5,9 @@
 Per shard, a fixed pool of download coroutines pulls URLs from a bounded queue; each body is
 decoded in a thread pool as soon as it arrives (so at most `workers` raw bodies are alive), and
 decoded rows are gathered into `Batch`es of `score.batch_size` rows that are scored and written
-while downloads continue. A bounded queue between the two sides gives back-pressure. Rows leave
+while downloads continue. A bounded queue between the two sides gives back-pressure. The next
+shard starts as soon as the current one's downloads are down to their tail (at most two shards
+in flight), and on a GPU the next batch decodes on its own CUDA stream while this one scores. Rows leave
 a batch only through `Batch.drop`, with a stage and a reason; the shard's Parquet holds every
 input row. Finished shards are skipped on a rerun (see `writer`); with `--retry-failed` a rerun
 also downloads again the rows of finished shards that failed for a transient reason (timeouts,
@@ -132,7 +134,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     timings: dict[str, float] = {}
     jobs = sorted(todo + retry)
     devices = worker_devices(cfg) if jobs else []
-    progress.start(n_shards, n_shards - len(todo), table.height, rows_done)
+    progress.start(n_shards, n_shards - len(jobs), table.height, rows_done)
     tally = _Tally(progress)
     try:
         if len(devices) == 1:
@@ -169,8 +171,8 @@ def transient_rows(table: pl.DataFrame) -> np.ndarray:
 
 
 class _Tally:
-    """Passes progress on, and keeps the stats of the shards finished by this invocation (this
-    process sees every one of them, also those of worker processes)."""
+    """Passes progress on, and notes each shard this invocation finished, with its last retry
+    (this process sees every one of them, also those of worker processes)."""
 
     def __init__(self, inner: Any):
         self.inner = inner
@@ -186,7 +188,11 @@ class _Tally:
         self.inner.rows_done(rows, kept, busy_s)
 
     def shard_done(self, stats: dict[str, Any]) -> None:
-        self.finished.append(stats)
+        # what the summary needs, not the whole stats (a long run finishes many thousand shards)
+        noted = {"shard": stats["shard"]}
+        if "retries" in stats:
+            noted["retries"] = stats["retries"][-1:]
+        self.finished.append(noted)
         self.inner.shard_done(stats)
 
 
@@ -246,10 +252,12 @@ def _on_device(cfg: RunConfig, device: str) -> RunConfig:
     return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
 
 
-def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int], progress: Progress,
+def work(cfg: RunConfig, out: Path, table: pl.DataFrame | pl.LazyFrame, shard_ids: Iterator[int], progress: Progress,
          threads: int | None = None, on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
     """Load the models once, then download, decode, score and write each shard `shard_ids`
-    yields (a list here, a shared queue in a worker process). Returns stage seconds."""
+    yields (a list here, a shared queue in a worker process). `table`: the input rows, or in a
+    worker process a lazy scan of them, of which each shard's rows alone are read. Returns
+    stage seconds."""
     timings: dict[str, float] = {}
     with _timer(timings, "load_models"):
         models = Models.load(cfg)
@@ -267,19 +275,63 @@ def work(cfg: RunConfig, out: Path, table: pl.DataFrame, shard_ids: Iterator[int
                 ThreadPoolExecutor(1, thread_name_prefix="batch-decode") as batch_decode_pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
             pools = _Pools(decode_pool, batch_decode_pool, score_pool)
-            for shard_id in shard_ids:
+
+            def make_job(shard_id: int) -> ShardJob:
                 rows = shard_rows(table, shard_id, cfg.input.shard_size)
-                job = ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader,
-                               retry=cfg.retry_failed and is_complete(out, shard_id))
-                stats = loop.run_until_complete(job.run())
+                if isinstance(rows, pl.LazyFrame):
+                    rows = rows.collect()
+                return ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader,
+                                retry=cfg.retry_failed and is_complete(out, shard_id))
+
+            def finished(stats: dict[str, Any]) -> None:
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
                 progress.shard_done(stats)
+
+            loop.run_until_complete(_overlapping(shard_ids, make_job, finished))
     finally:
         _cancel_all(loop)
         loop.run_until_complete(downloader.__aexit__(None, None, None))
         loop.close()
     return timings
+
+
+MAX_SHARDS_IN_FLIGHT = 2
+
+
+async def _overlapping(shard_ids: Iterator[int], make_job: Callable[[int], ShardJob],
+                       finished: Callable[[dict[str, Any]], None]) -> None:
+    """Run the shards one after another, except that the next one starts as soon as the current
+    one's downloads are down to their tail (every URL handed out, the slowest still in flight):
+    decode and scoring never wait on one shard's last slow hosts. At most two shards in flight."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[dict[str, Any]]] = set()
+
+    async def settle(block: bool) -> None:
+        nonlocal running
+        while running and (block or any(t.done() for t in running)):
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                finished(task.result())
+            block = block and len(running) >= MAX_SHARDS_IN_FLIGHT
+
+    try:
+        # next() may block (a worker's shared queue): off the event loop
+        while (shard_id := await loop.run_in_executor(None, next, shard_ids, None)) is not None:
+            job = make_job(shard_id)
+            task = asyncio.create_task(job.run())
+            running.add(task)
+            tail = asyncio.create_task(job.tail.wait())
+            await asyncio.wait({task, tail}, return_when=asyncio.FIRST_COMPLETED)
+            tail.cancel()
+            await settle(block=len(running) >= MAX_SHARDS_IN_FLIGHT)
+        while running:
+            await settle(block=True)
+    except BaseException:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
 
 
 def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
@@ -473,6 +525,7 @@ class ShardJob:
         self.cfg, self.out, self.shard, self.rows = cfg, out, shard, rows
         self.retry = retry
         self.downloader = downloader
+        self.tail = asyncio.Event()  # set once only the slowest downloads are left (or the job ended)
         self.decoder, self.models = decoder, models  # decoder: decode.Decoder or a gpu_decode.BatchDecoder
         self.pools, self.progress = pools, progress
         self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "tag": 0.0, "write": 0.0}
@@ -505,7 +558,8 @@ class ShardJob:
         try:
             items = zip(todo["row"].to_list(), todo["url"].to_list())
             download_task = asyncio.create_task(
-                download_all(self.downloader, items, self.cfg.download.workers, on_result))
+                download_all(self.downloader, items, self.cfg.download.workers, on_result,
+                             on_drained=self.tail.set))
             # The consumer only returns after the end marker, so finishing first means it failed.
             done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
             if consumer in done:
@@ -529,6 +583,8 @@ class ShardJob:
             await asyncio.gather(consumer, return_exceptions=True)
             writer.abort()
             raise
+        finally:
+            self.tail.set()
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

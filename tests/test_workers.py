@@ -119,3 +119,42 @@ def test_gpus_without_a_gpu_says_so(tmp_path):
                                  "--no-progress"])
     assert result.exit_code == 2, result.output
     assert "no CUDA GPU is visible" in result.output
+
+
+def test_next_shard_starts_during_the_download_tail_of_the_current_one(tmp_path, photos):
+    """Shard 0 ends with a URL that answers after 2 s; shard 1's downloads must start before
+    that answer (one worker, no GPU): the decode and score stages never sit idle on a tail."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from helpers import encode
+
+    seen: dict[str, float] = {}
+    jpeg = encode(photos["chelsea"])
+
+    async def image(request: web.Request) -> web.Response:
+        seen.setdefault(request.match_info["name"], time.monotonic())
+        return web.Response(body=jpeg, content_type="image/jpeg")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2.0)
+        seen["slow answered"] = time.monotonic()
+        return web.Response(status=404)
+
+    routes = [web.get("/img/{name}", image), web.get("/slow/{name}", slow)]
+    with LoopbackServer(extra_routes=routes) as server:
+        urls = [server.url("img/a0"), server.url("img/b0"), server.url("slow/0"),
+                server.url("img/a1"), server.url("img/b1"), server.url("img/c1")]
+        inp = tmp_path / "in.txt"
+        inp.write_text("\n".join(urls) + "\n")
+        result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--shard-size", "3",
+                                     "--allow-private-networks", "--retries", "0", "--timeout", "10",
+                                     "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "slow answered" in seen
+    assert seen["a1"] < seen["slow answered"], seen
+    frame = read_output(tmp_path / "o")
+    assert frame.height == 6
+    assert (frame["status"] == "kept").sum() == 5
