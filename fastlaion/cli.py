@@ -226,6 +226,7 @@ def run_cmd(
     crawl: Annotated[Optional[str], typer.Option(help="Read WAT files of this Common Crawl crawl (e.g. CC-MAIN-2024-22): extract candidate pairs with LAION's link rules, then download them.", show_default=False)] = None,
     crawl_files: Annotated[int, typer.Option(help="How many of the crawl's WAT files to read (with --crawl).")] = _D.input.crawl_files,
     cc_base_url: Annotated[str, typer.Option(help="Where Common Crawl's files are served from (with --crawl).")] = _D.input.cc_base_url,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Rerun into an earlier run's output folder: also download again the rows of finished shards that failed for a transient reason (timeouts, 5xx, 429, connection errors) and rewrite those shards with the new outcomes; no other row or file is touched. Unfinished shards are resumed as usual.")] = _D.retry_failed,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
@@ -253,6 +254,7 @@ def run_cmd(
                             max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads,
                             decoder=decoder),
         parallel=ParallelConfig(processes=processes, gpus=gpus),
+        retry_failed=retry_failed,
         score=ScoreConfig(enabled=score, model=model, pretrained=pretrained, min_similarity=min_similarity,
                           batch_size=batch_size, device=device, precision=precision,
                           min_similarity_multi=min_similarity_multi,
@@ -263,6 +265,8 @@ def run_cmd(
     )
     summary = execute(cfg, progress)
     print_funnel(summary)
+    for line in summary.notes():
+        out_console.print(line, soft_wrap=True, highlight=False)
 
 
 @app.command("demo")
@@ -386,6 +390,12 @@ def extract_cmd(
             sources += list_crawl(crawl, files, cc_base_url, cfg)
         summary = extract_to_parquet(sources, output, cfg, bar)
     print_extract_summary(summary)
+
+
+# subset, dedup, stats: dataset operations on a run's output (fastlaion/dataset/)
+from .cli_dataset import register as _register_dataset_commands  # noqa: E402
+
+_register_dataset_commands(app)
 
 
 @app.command("version")

@@ -197,6 +197,10 @@ def open_dataset(path: str | Path, allow_empty: bool = False) -> Dataset:
                                f"fastlaion run) and no {METADATA_FILE} (written by fastlaion subset or dedup)")
     good, skipped, schemas, rows = [], [], [], 0
     for f in candidates:
+        if kind == "run" and not (f.parent / f"{f.stem}_stats.json").exists():
+            # the writer publishes a shard's stats file last (and removes it first when rewriting)
+            skipped.append(Skipped(str(f), "incomplete shard: no stats file (the run is writing it or was stopped)"))
+            continue
         try:
             schema, n = _check(f)
         except _Unreadable as e:

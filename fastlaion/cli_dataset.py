@@ -1,0 +1,238 @@
+"""`fastlaion subset`, `dedup` and `stats`: operations on a finished dataset (fastlaion.dataset).
+
+`register(app)` adds the three commands to the main typer app (fastlaion/cli.py calls it).
+Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on stderr and
+exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported when a
+command runs, not at import, so cli.py may import this module anywhere (no import cycle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .dataset.dedup import DedupBy, DedupConfig
+from .dataset.subset import RECIPES, SubsetConfig
+
+_DD = DedupConfig()
+_SS = SubsetConfig()
+
+
+def _cli() -> Any:
+    from . import cli
+
+    return cli
+
+
+class _Bar:
+    """A rich progress bar for the loops over tars; one task at a time."""
+
+    def __init__(self, enabled: bool):
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=_cli().console, disable=not enabled)
+        self.task: Any = None
+        self.started = False
+
+    def start(self, what: str, total: int) -> None:
+        self.bar.start()
+        self.started = True
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(what, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()
+            self.started = False
+
+
+def _say(line: str) -> None:
+    _cli().out_console.print(line, soft_wrap=True, highlight=False)
+
+
+def _skipped_line(skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        _say(f"skipped {len(skipped)} unreadable Parquet file(s): " + ", ".join(s["path"] for s in skipped[:5])
+             + (" ..." if len(skipped) > 5 else ""))
+
+
+_RECIPE_HELP = "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
+
+
+def subset_cmd(
+    source: Annotated[Path, typer.Option("--from", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for metadata.parquet (and the tars, urls.parquet); its earlier output is replaced.", show_default=False)],
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", show_default=False,
+        help=f"A LAION subset recipe. {_RECIPE_HELP}.")] = None,
+    minimum: Annotated[Optional[float], typer.Option("--min", help="aesthetic-v2's threshold on aesthetic_v2 (LAION's: 4.5, 4.75, 5, 6, 6.25, 6.5).", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option(help="A SQL condition over the columns, e.g. \"similarity >= 0.32 AND caption ILIKE '%cat%'\" (parsed by Polars' SQL parser, never evaluated as Python); with NAME, both must hold.", show_default=False)] = None,
+    shards: Annotated[bool, typer.Option("--shards/--no-shards", help="Also copy the subset's samples into new webdataset tars (NNNNN.tar), read from the run's tars: nothing is downloaded.")] = _SS.shards,
+    shard_size: Annotated[int, typer.Option(help="Samples per new tar (with --shards).")] = _SS.shard_size,
+    urls: Annotated[bool, typer.Option("--urls", help="Also write urls.parquet (url, caption, key): input for `fastlaion run --resize-mode no` to download the subset again at full size.")] = _SS.urls,
+    include_dropped: Annotated[bool, typer.Option("--include-dropped", help="Select among every row, dropped ones too (to audit them with --where); by default only kept samples.")] = _SS.include_dropped,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Select a subset of a dataset: LAION's recipes (en, multi, nolang, laion400m, high-res,
+    aesthetic-v1, art, aesthetic-v2 --min X) and/or a --where condition. Writes OUTPUT/metadata.parquet
+    (the matching samples, every column) and dataset.json; --shards and --urls add tars and a URL list."""
+    from .dataset import open_dataset
+    from .dataset.subset import subset
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+        cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
+                           shard_size=shard_size, urls=urls)
+        cfg.validate()
+        ds = open_dataset(source)
+        result = subset(ds, output, cfg, bar)
+    share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
+    pool = "rows" if include_dropped else "kept samples"
+    _say(f"subset {result.condition}: {result.selected:,} of {result.considered:,} {pool}{share} "
+         f"-> {Path(result.output) / 'metadata.parquet'}")
+    if shards:
+        _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
+             + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else ""))
+    if urls:
+        _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
+             f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
+    _skipped_line(result.skipped_files)
+
+
+def dedup_cmd(
+    source: Annotated[Path, typer.Option("--from", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for metadata.parquet (every row, duplicates marked) and dataset.json.", show_default=False)],
+    by: Annotated[DedupBy, typer.Option(help="url, url+caption or sha256 (of the image bytes): exact; phash: perceptual hash of the stored images (read from the tars); embedding: cosine of the CLIP image embeddings.")] = _DD.by,
+    max_hamming: Annotated[int, typer.Option(help="--by phash: images whose 64-bit pHashes differ in at most this many bits are duplicates.")] = _DD.max_hamming_bits,
+    min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
+    device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (all-pairs cosine in blocks).")] = _DD.device,
+    threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Mark duplicate samples. Of each set of duplicates the first in dataset order (lowest key)
+    stays; the others become status=dropped, stage=dedup, reason=duplicate_<by>, with duplicate_of
+    = the key they repeat. Every row is written to OUTPUT/metadata.parquet: nothing is lost."""
+    from .dataset import open_dataset
+    from .dataset.dedup import dedup
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+        cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads)
+        cfg.validate()
+        ds = open_dataset(source)
+        result = dedup(ds, output, cfg, bar)
+    share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
+    _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
+         f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
+    if result.unreadable_samples:
+        _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
+    _skipped_line(result.skipped_files)
+
+
+def stats_cmd(
+    source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write one self-contained HTML page: plots and a grid of sample thumbnails.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
+    bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
+    thumbnails: Annotated[int, typer.Option(help="Sample thumbnails in the HTML page.")] = 48,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
+    aesthetic and punsafe, languages and image sizes."""
+    from .config import ConfigError
+    from .dataset import open_dataset
+    from .dataset.stats import compute_stats
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(False)
+    with _cli().user_errors(bar, "nothing was written"):
+        if not 1 <= bins <= 200:
+            raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
+        if thumbnails < 0:
+            raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
+        ds = open_dataset(source)
+        stats = compute_stats(ds, bins)
+        print_stats(stats)
+        if json_path:
+            json_path.write_text(json.dumps(stats.to_dict(), indent=2))
+        if html:
+            from .dataset.samples import thumbnails as make_thumbnails
+            from .dataset.stats import sample_rows
+            from .report import render
+
+            rows = sample_rows(ds, thumbnails) if thumbnails else None
+            thumbs = make_thumbnails(ds, rows) if rows is not None and rows.height else {}
+            html.write_text(render(stats, rows.to_dicts() if rows is not None else [], thumbs), encoding="utf-8")
+            _say(f"report: {html} ({len(thumbs)} thumbnails)")
+
+
+def print_stats(stats: Any) -> None:
+    total = max(1, stats.rows)
+    _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
+         f"{stats.kept:,} kept samples")
+    _skipped_line(stats.skipped_files)
+    t = Table(title="funnel", title_justify="left")
+    for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for lvl in stats.funnel:
+        t.add_row(lvl.name, f"{lvl.rows:,}", f"{100 * lvl.rows / total:.1f}",
+                  (f"-{lvl.dropped:,} {lvl.stage}" if lvl.dropped else ""))
+    _cli().out_console.print(t)
+    if stats.drops:
+        t = Table(title="drops per reason", title_justify="left")
+        for col, just in (("stage", "left"), ("reason", "left"), ("rows", "right"), ("% of input", "right")):
+            t.add_column(col, justify=just)  # type: ignore[arg-type]
+        for stage, reason, n in stats.drops:
+            t.add_row(stage, reason, f"{n:,}", f"{100 * n / total:.2f}")
+        _cli().out_console.print(t)
+    for h in list(stats.histograms.values()) + ([stats.size_histogram] if stats.size_histogram else []):
+        _print_histogram(h)
+    if stats.language_groups:
+        _print_counts("language groups (kept)", stats.language_groups.items(), stats.kept)
+    if stats.languages:
+        _print_counts("languages (kept, top)", stats.languages, stats.kept)
+    if stats.size_buckets:
+        _print_counts("image short side (kept, original)", stats.size_buckets, stats.kept)
+
+
+def _print_counts(title: str, items: Any, total: int) -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column("value")
+    t.add_column("rows", justify="right")
+    t.add_column("%", justify="right")
+    for k, n in items:
+        t.add_row(str(k), f"{n:,}", f"{100 * n / max(1, total):.1f}")
+    _cli().out_console.print(t)
+
+
+def _print_histogram(h: Any) -> None:
+    mean = f", mean {h.mean:.4g}" if h.mean is not None else ""
+    t = Table(title=f"{h.column} (kept: {h.values:,} values, {h.nulls:,} missing{mean})", title_justify="left")
+    t.add_column("bin")
+    t.add_column("rows", justify="right")
+    t.add_column("", no_wrap=True)
+    top = max(h.counts) if h.counts and max(h.counts) else 1
+    for i, n in enumerate(h.counts):
+        lo, hi = h.edges[i], h.edges[i + 1]
+        label = f"{lo:.4g} +" if (h.last_open and i == len(h.counts) - 1) else f"{lo:.4g} .. {hi:.4g}"
+        t.add_row(label, f"{n:,}", "█" * round(30 * n / top))
+    _cli().out_console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `subset`, `dedup` and `stats` to the fastlaion app."""
+    app.command("subset")(subset_cmd)
+    app.command("dedup")(dedup_cmd)
+    app.command("stats")(stats_cmd)

@@ -1,0 +1,55 @@
+"""An output folder of `fastlaion subset` or `dedup`: files are written under `.partial/` and
+moved into place at the end, so an interrupted command leaves the earlier output intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .source import MANIFEST_FILE, METADATA_FILE, SHARD_PARQUET, Dataset, DatasetError
+
+PARTIAL_DIR = ".partial"
+_OURS = re.compile(r"^(\d{5,}\.tar|metadata\.parquet|dataset\.json|urls\.parquet|shards\.json)$")
+
+
+class OutputDir:
+    def __init__(self, out: Path, source: Dataset):
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise DatasetError(f"-o {out}: exists and is not a folder")
+        src_dir = source.path if source.path.is_dir() else source.path.parent
+        if out.exists() and out.resolve() in (src_dir.resolve(), source.root.resolve()):
+            raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
+        if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
+            raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
+        self.out = out
+        self.source = source
+        self.tmp = out / PARTIAL_DIR
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def write_manifest(self, info: dict[str, Any]) -> None:
+        manifest = {**self.source.manifest(), **info}  # info has the skips of the final attempt
+        (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+
+    def commit(self) -> None:
+        """Replace this folder's earlier output (ours only) with the new files."""
+        for p in self.out.iterdir():
+            if p.is_file() and _OURS.match(p.name):
+                p.unlink()
+        for p in sorted(self.tmp.iterdir()):
+            os.replace(p, self.out / p.name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+__all__ = ["OutputDir", "METADATA_FILE"]

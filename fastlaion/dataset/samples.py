@@ -1,0 +1,198 @@
+"""Samples in the run's webdataset tars: find images by key, copy samples into new tars.
+
+A tar member's key is its name up to the first dot (webdataset's rule: `0000042.jpg`,
+`0000042.txt` and `0000042.json` are one sample). Tars are read front to back, never seeked
+into: that is what a tar allows, and reading a 1 GB shard sequentially is disk speed.
+A missing or damaged tar costs its samples (counted and named in a warning), not the job.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from .source import Dataset, NoProgress, Progress
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext.lower()
+
+
+def _members(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield tar, member
+
+
+def by_shard(rows: pl.DataFrame) -> list[tuple[str, list[str], list[int]]]:
+    """rows (key, shard) -> [(shard, keys, positions in rows)], shards in first-seen order."""
+    grouped = (rows.select("key", "shard").with_row_index("_pos")
+               .group_by("shard", maintain_order=True).agg("key", "_pos"))
+    return [(s, k, p) for s, k, p in grouped.iter_rows()]
+
+
+def read_images(ds: Dataset, rows: pl.DataFrame, on_image: Callable[[int, bytes], None], progress: Progress,
+                what: str, threads: int = 1) -> int:
+    """Call `on_image(position, image bytes)` for each row (key, shard) whose image is in its tar,
+    from `threads` threads (one tar each). Returns how many rows had no image to read."""
+    groups = by_shard(rows)
+    progress.start(what, len(groups))
+
+    def one(group: tuple[str, list[str], list[int]]) -> int:
+        shard, keys, positions = group
+        wanted = dict(zip(keys, positions))
+        path = ds.tar_path(shard)
+        try:
+            for tar, member in _members(path):
+                key, ext = split_name(member.name)
+                if ext in IMAGE_EXTS and key in wanted:
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        on_image(wanted.pop(key), f.read())
+                        if not wanted:
+                            break
+        except FileNotFoundError:
+            log.warning("%s: missing tar %s; its %d sample(s) were skipped", what, path, len(wanted))
+        except (tarfile.TarError, OSError) as e:
+            log.warning("%s: cannot read tar %s (%s); %d sample(s) skipped", what, path, e, len(wanted))
+        progress.advance()
+        return len(wanted)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        missing = sum(pool.map(one, groups))
+    progress.stop()
+    return missing
+
+
+def thumbnails(ds: Dataset, rows: pl.DataFrame, size_px: int = 160) -> dict[str, str]:
+    """key -> `data:image/jpeg;base64,...` of a small JPEG, for the rows (key, shard) found."""
+    from PIL import Image
+
+    keys = rows["key"].to_list()
+    out: dict[str, str] = {}
+
+    def on_image(pos: int, data: bytes) -> None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.draft("RGB", (size_px, size_px))
+                thumb = img.convert("RGB")
+                thumb.thumbnail((size_px, size_px))
+                buf = io.BytesIO()
+                thumb.save(buf, "JPEG", quality=80)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("thumbnail of %s: cannot decode (%s)", keys[pos], e)
+            return
+        out[keys[pos]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+    read_images(ds, rows, on_image, NoProgress(), "thumbnails")
+    return out
+
+
+@dataclass
+class ShardsWritten:
+    tars: list[dict]          # {"tar", "samples", "first_key", "last_key"}
+    samples: int
+    missing: int              # selected rows whose sample was not in its tar
+
+
+def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, progress: Progress) -> ShardsWritten:
+    """Copy the samples of rows (key, shard), in row order, into out_dir/NNNNN.tar of
+    `shard_size` samples each (every member of a sample: image, .txt, .json). A damaged source
+    tar keeps what was copied before the damage; the rest of its samples count as missing."""
+    groups = by_shard(rows)
+    tars: list[dict] = []
+    writer: tarfile.TarFile | None = None
+    in_tar = 0
+    total = missing = 0
+    mtime = time.time()
+    progress.start("reshard", len(groups))
+
+    def rotate() -> tarfile.TarFile:
+        nonlocal writer, in_tar
+        if writer is not None:
+            writer.close()
+        name = f"{len(tars):05d}.tar"
+        tars.append({"tar": name, "samples": 0, "first_key": None, "last_key": None})
+        in_tar = 0
+        return tarfile.open(out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+
+    try:
+        for shard, keys, _ in groups:
+            wanted = set(keys)
+            path = ds.tar_path(shard)
+            found = 0
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    # The run appends samples as their batches finish, not in key order: index the
+                    # members first (headers only), then copy in row order.
+                    members: dict[str, list[tarfile.TarInfo]] = {}
+                    for member in tar.getmembers():
+                        key, _ext = split_name(member.name)
+                        if member.isfile() and key in wanted:
+                            members.setdefault(key, []).append(member)
+                    for key in keys:
+                        parts = members.pop(key, None)
+                        if not parts:
+                            continue
+                        # read the whole sample before writing any of it: a damaged source never
+                        # leaves half a sample in the new tar
+                        blobs = [(m.name.rsplit("/", 1)[-1], _read(tar, m)) for m in parts]
+                        if writer is None or in_tar >= shard_size:
+                            writer = rotate()
+                        for name, data in blobs:
+                            info = tarfile.TarInfo(name)
+                            info.size, info.mtime, info.mode = len(data), mtime, 0o644
+                            writer.addfile(info, io.BytesIO(data))
+                        in_tar += 1
+                        found += 1
+                        entry = tars[-1]
+                        entry["samples"] += 1
+                        entry["first_key"] = entry["first_key"] or key
+                        entry["last_key"] = key
+            except FileNotFoundError:
+                log.warning("reshard: missing tar %s; its %d sample(s) were not exported", path, len(wanted))
+            except (tarfile.TarError, OSError) as e:
+                log.warning("reshard: cannot read tar %s (%s); %d sample(s) not exported", path, e,
+                            len(wanted) - found)
+            total += found
+            missing += len(wanted) - found
+            progress.advance()
+    finally:
+        if writer is not None:
+            writer.close()
+        progress.stop()
+    if missing:
+        log.warning("reshard: %d selected sample(s) were not found in their tars", missing)
+    return ShardsWritten(tars=tars, samples=total, missing=missing)
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    if f is None:
+        raise tarfile.ReadError(f"{member.name}: not a regular file")
+    data = f.read()
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"{member.name}: truncated ({len(data)} of {member.size} bytes)")
+    return data
+
+
+def write_shards_json(path: Path, written: ShardsWritten) -> None:
+    path.write_text(json.dumps({"samples": written.samples, "missing": written.missing, "tars": written.tars},
+                               indent=2))

@@ -1,0 +1,207 @@
+"""LAION's derived subsets (LAION.md, "Derived subsets") as recipes, plus free SQL conditions.
+
+A recipe is data: the columns it reads and a Polars expression. A subset is the kept samples
+matching the recipe and `--where` (both when both are given), written lazily to
+`metadata.parquet`; optionally their samples copied into new webdataset tars (read from the
+run's tars, no download) and a URL list to download them again at full size.
+
+>>> df = pl.DataFrame({"language_group": ["en", "en", "multi"], "similarity": [0.31, 0.2, 0.4]})
+>>> df.filter(RECIPES["laion400m"].expression(None)).height
+1
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..config import ConfigError, at_least
+from .output import OutputDir
+from .samples import reshard, write_shards_json
+from .source import KEPT, METADATA_FILE, Dataset, DatasetError, NoProgress, Progress, collect, sink_parquet
+
+URLS_FILE = "urls.parquet"
+SHARDS_FILE = "shards.json"
+AESTHETIC_V2_LAION_MINIMA = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str                          # LAION's definition, for --help and errors
+    columns: tuple[str, ...]                  # what it reads
+    build: Callable[[float | None], pl.Expr]  # the condition, given --min (aesthetic-v2 only)
+    needs_min: bool = False
+
+    def expression(self, minimum: float | None) -> pl.Expr:
+        return self.build(minimum)
+
+
+def _aesthetic_v1(threshold: float) -> Callable[[float | None], pl.Expr]:
+    return lambda _: (pl.col("pwatermark") < 0.8) & (pl.col("punsafe") < 0.5) & (pl.col("aesthetic") > threshold)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("en", "LAION-2B-en: captions identified as English (language_group = en)",
+           ("language_group",), lambda _: pl.col("language_group") == "en"),
+    Recipe("multi", "LAION-2B-multi: captions in another identified language (language_group = multi)",
+           ("language_group",), lambda _: pl.col("language_group") == "multi"),
+    Recipe("nolang", "LAION-1B-nolang: captions with no reliable language (language_group = nolang)",
+           ("language_group",), lambda _: pl.col("language_group") == "nolang"),
+    Recipe("laion400m", "LAION-400M style: English and similarity >= 0.3 (LAION scored with OpenAI ViT-B/32)",
+           ("language_group", "similarity"),
+           lambda _: (pl.col("language_group") == "en") & (pl.col("similarity") >= 0.3)),
+    Recipe("high-res", "LAION-High-Resolution: original width >= 1024 and height >= 1024",
+           ("original_width", "original_height"),
+           lambda _: (pl.col("original_width") >= 1024) & (pl.col("original_height") >= 1024)),
+    Recipe("aesthetic-v1", "LAION-Aesthetics V1: pwatermark < 0.8, punsafe < 0.5, aesthetic > 7",
+           ("pwatermark", "punsafe", "aesthetic"), _aesthetic_v1(7.0)),
+    Recipe("art", "LAION-Art: pwatermark < 0.8, punsafe < 0.5, aesthetic > 8",
+           ("pwatermark", "punsafe", "aesthetic"), _aesthetic_v1(8.0)),
+    Recipe("aesthetic-v2", "LAION-Aesthetics V2 (English): aesthetic_v2 >= --min "
+           f"(LAION's: {', '.join(f'{m:g}' for m in AESTHETIC_V2_LAION_MINIMA)})",
+           ("language_group", "aesthetic_v2"),
+           lambda m: (pl.col("language_group") == "en") & (pl.col("aesthetic_v2") >= m), needs_min=True),
+)}
+
+
+def known_recipes() -> str:
+    return ", ".join(RECIPES)
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    recipe: str | None = None        # a name in RECIPES, or None for --where alone
+    minimum: float | None = None     # aesthetic-v2's threshold (--min)
+    where: str | None = None         # SQL condition over the columns (--where)
+    include_dropped: bool = False    # select among every row, not only kept samples
+    shards: bool = False             # also copy the samples into new tars
+    shard_size: int = 10_000         # samples per new tar
+    urls: bool = False               # also write urls.parquet (url, caption, key)
+
+    def validate(self) -> None:
+        if self.recipe is None and not self.where:
+            raise ConfigError(f"name a recipe ({known_recipes()}) or give --where, or both")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; known recipes: {known_recipes()}")
+        recipe = RECIPES.get(self.recipe or "")
+        if recipe is not None and recipe.needs_min and self.minimum is None:
+            raise ConfigError(f"{self.recipe} needs --min (LAION's thresholds: "
+                              f"{', '.join(f'{m:g}' for m in AESTHETIC_V2_LAION_MINIMA)})")
+        if self.minimum is not None and (recipe is None or not recipe.needs_min):
+            raise ConfigError("--min applies to the aesthetic-v2 recipe only")
+        if self.minimum is not None and not 0 <= self.minimum <= 10:
+            raise ConfigError(f"--min must be between 0 and 10, got {self.minimum}")
+        at_least("--shard-size", self.shard_size, 1)
+
+
+@dataclass
+class SubsetResult:
+    output: str
+    condition: str
+    rows: int                 # rows in the source
+    considered: int           # rows the condition was applied to (kept samples, or all rows)
+    selected: int             # rows written
+    skipped_files: list[dict[str, str]]
+    tars: int = 0
+    samples_exported: int = 0
+    samples_missing: int = 0
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def parse_where(where: str, schema: pl.Schema | dict[str, Any]) -> pl.Expr:
+    """Parse a SQL condition (`similarity >= 0.3 AND caption ILIKE '%cat%'`) into a Polars
+    expression with pl.sql_expr (a parser, not eval: it cannot run code), and check that it names
+    only existing columns and yields true/false."""
+    try:
+        expr = pl.sql_expr(where)
+    except Exception as e:  # polars raises SQLSyntaxError, SQLInterfaceError or ComputeError here
+        raise ConfigError(f"--where: cannot parse {where!r}: {_first_line(e)}") from None
+    names = list(schema)
+    unknown = [c for c in expr.meta.root_names() if c not in names]
+    if unknown:
+        raise ConfigError(f"--where names unknown column(s) {', '.join(map(repr, unknown))}; columns are: "
+                          f"{', '.join(names)}")
+    try:
+        dtype = pl.LazyFrame(schema=schema).select(expr.alias("_cond")).collect_schema()["_cond"]
+    except Exception as e:  # type errors surface here (e.g. comparing a string with a number)
+        raise ConfigError(f"--where: {where!r} does not apply to these columns: {_first_line(e)}") from None
+    if dtype != pl.Boolean:
+        raise ConfigError(f"--where must be a condition (true/false), but {where!r} gives {dtype}")
+    return expr
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def condition(ds: Dataset, cfg: SubsetConfig) -> tuple[pl.Expr, str]:
+    """The selection as one expression, and a readable description of it."""
+    cfg.validate()
+    parts: list[pl.Expr] = []
+    text: list[str] = []
+    if cfg.recipe:
+        recipe = RECIPES[cfg.recipe]
+        ds.require(recipe.columns, f"recipe {recipe.name} ({recipe.description})")
+        parts.append(recipe.expression(cfg.minimum))
+        text.append(cfg.recipe + (f" --min {cfg.minimum:g}" if cfg.minimum is not None else ""))
+    if cfg.where:
+        parts.append(parse_where(cfg.where, ds.scan().collect_schema()))
+        text.append(f"--where {cfg.where!r}")
+    expr = parts[0]
+    for p in parts[1:]:
+        expr = expr & p
+    return expr, " and ".join(text)
+
+
+def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None = None) -> SubsetResult:
+    """Write `out/metadata.parquet` (the matching rows, every column), `out/dataset.json`, and with
+    cfg.shards `out/NNNNN.tar` + `shards.json`, with cfg.urls `out/urls.parquet`."""
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    expr, text = condition(ds, cfg)
+    target = OutputDir(out, ds)
+
+    def job(d: Dataset) -> SubsetResult:
+        pool = d.scan() if cfg.include_dropped else d.scan().filter(pl.col("status") == KEPT)
+        chosen = pool.filter(expr)
+        meta = target.path(METADATA_FILE)
+        sink_parquet(chosen, meta)
+        considered = d.rows if cfg.include_dropped else int(collect(pool.select(pl.len())).item())
+        selected = int(collect(pl.scan_parquet(meta).select(pl.len())).item())
+        return SubsetResult(output=str(out), condition=text, rows=d.rows, considered=considered, selected=selected,
+                            skipped_files=[vars(s) for s in d.skipped], files=[METADATA_FILE])
+
+    try:
+        result = ds.guarded(job)
+        meta = pl.scan_parquet(target.path(METADATA_FILE))
+        if cfg.urls:
+            sink_parquet(meta.select("url", "caption", "key"), target.path(URLS_FILE))
+            result.files.append(URLS_FILE)
+        if cfg.shards:
+            rows = collect(meta.filter(pl.col("status") == KEPT).select("key", "shard"))
+            written = reshard(ds, rows, target.tmp, cfg.shard_size, progress)
+            write_shards_json(target.path(SHARDS_FILE), written)
+            result.tars, result.samples_exported = len(written.tars), written.samples
+            result.samples_missing = written.missing
+            result.files += [t["tar"] for t in written.tars] + [SHARDS_FILE]
+        result.seconds = round(time.perf_counter() - started, 3)
+        target.write_manifest({"kind": "subset", **result.to_dict()})
+    except BaseException:
+        target.abort()  # the earlier output, if any, stays as it was
+        raise
+    target.commit()
+    return result
+
+
+__all__ = ["RECIPES", "Recipe", "SubsetConfig", "SubsetResult", "subset", "parse_where", "DatasetError"]

@@ -1,0 +1,247 @@
+"""subset, dedup and stats on a real `fastlaion run` output (loopback server, tiny random CLIP),
+with expected values computed here from the run's own files, without fastlaion.dataset."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_dataset_helpers import (
+    app,
+    greedy_reference,
+    load_json,
+    read_rows,
+    real_run,
+    reference_phash,
+    run_cli,
+    tar_images,
+)
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return real_run(str(tmp_path_factory.mktemp("dataset-run")))
+
+
+def invoke(args):
+    result = runner.invoke(app(), [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def kept(rows):
+    return [r for r in rows if r["status"] == "kept"]
+
+
+def table(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+# --- 1. subsets --------------------------------------------------------------------------------------
+
+def test_subset_writes_parquet_tars_that_webdataset_reads_and_urls(run, tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "en"
+    invoke(["subset", "en", "--from", run, "-o", out, "--shards", "--shard-size", "3", "--urls", "--no-progress"])
+    rows = read_rows(run)
+    expected = [r for r in kept(rows) if r["language_group"] == "en"]
+    assert len(expected) >= 4  # the case has English, German, French and no-language captions
+    meta = table(out / "metadata.parquet")
+    assert [r["key"] for r in meta] == [r["key"] for r in expected]
+    assert all(m["caption"] == e["caption"] and m["sha256"] == e["sha256"] for m, e in zip(meta, expected))
+
+    # the new tars, read by the webdataset library, hold exactly those samples, bytes unchanged
+    tars = sorted(out.glob("[0-9]*.tar"))
+    assert len(tars) == -(-len(expected) // 3)
+    images = tar_images(run)
+    dataset = wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
+    seen = list(dataset)
+    assert [s["__key__"] for s in seen] == [r["key"] for r in expected]
+    for sample, row in zip(seen, expected):
+        image_ext = next(e for e in ("jpg", "png", "webp") if e in sample)
+        assert sample[image_ext] == images[row["key"]]
+        assert sample["txt"].decode() == row["caption"]
+    shards = load_json(out / "shards.json")
+    assert shards["samples"] == len(expected) and shards["missing"] == 0
+    assert [t["samples"] for t in shards["tars"]] == [min(3, len(expected) - 3 * i) for i in range(len(tars))]
+
+    urls = table(out / "urls.parquet")
+    assert [(u["url"], u["caption"]) for u in urls] == [(r["url"], r["caption"]) for r in expected]
+
+
+def test_subset_of_a_dedup_still_finds_the_images(run, tmp_path):
+    invoke(["dedup", "--by", "sha256", "--from", run, "-o", tmp_path / "d", "--no-progress"])
+    invoke(["subset", "--where", "similarity > -1", "--from", tmp_path / "d", "-o", tmp_path / "s", "--shards",
+            "--no-progress"])
+    rows = read_rows(run)
+    seen_sha: set[str] = set()
+    unique = []
+    for r in kept(rows):
+        if r["sha256"] not in seen_sha:
+            seen_sha.add(r["sha256"])
+            unique.append(r["key"])
+    assert [m["key"] for m in table(tmp_path / "s" / "metadata.parquet")] == unique
+    assert load_json(tmp_path / "s" / "shards.json")["samples"] == len(unique)
+
+
+def test_recipe_on_a_run_without_the_column_says_which_option_adds_it(run, tmp_path):
+    result = run_cli(["subset", "aesthetic-v1", "--from", run, "-o", tmp_path / "x"])
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "'punsafe'" in err and "--nsfw-head" in err
+    assert "'pwatermark'" in err and "--watermark-model" in err
+    assert "'aesthetic'" in err and "--aesthetic-v1" in err
+    assert not (tmp_path / "x" / "metadata.parquet").exists()
+
+
+# --- 2. dedup ----------------------------------------------------------------------------------------
+
+def check_dedup_output(run: Path, out: Path, expected_dups: dict[str, str], reason: str) -> None:
+    """Every input row is in the output, unchanged but for the duplicates, which name their original."""
+    before = read_rows(run)
+    after = table(out / "metadata.parquet")
+    assert [r["key"] for r in after] == [r["key"] for r in before]
+    for b, a in zip(before, after):
+        if b["key"] in expected_dups:
+            assert (a["status"], a["stage"], a["reason"]) == ("dropped", "dedup", reason), a
+            assert a["duplicate_of"] == expected_dups[b["key"]]
+        else:
+            assert a["duplicate_of"] is None
+            assert (a["status"], a["stage"], a["reason"]) == (b["status"], b["stage"], b["reason"])
+        assert a["url"] == b["url"] and a["caption"] == b["caption"] and a["sha256"] == b["sha256"]
+    info = load_json(out / "dataset.json")
+    assert info["duplicates"] == len(expected_dups)
+    assert info["kept"] == len(kept(before)) - len(expected_dups)
+
+
+@pytest.mark.parametrize("by, columns", [("url", ("url",)), ("url+caption", ("url", "caption")),
+                                         ("sha256", ("sha256",))])
+def test_exact_dedup_keeps_the_first_and_records_what_each_drop_repeats(run, tmp_path, by, columns):
+    invoke(["dedup", "--by", by, "--from", run, "-o", tmp_path, "--no-progress"])
+    rows = {r["key"]: r for r in kept(read_rows(run))}
+    expected = greedy_reference(list(rows), lambda a, b: all(rows[a][c] == rows[b][c] for c in columns))
+    assert expected  # the case holds duplicates of every kind
+    check_dedup_output(run, tmp_path, expected, "duplicate_" + by.replace("+", "_"))
+
+
+def test_perceptual_dedup_finds_copies_and_a_resized_recompressed_variant(run, tmp_path):
+    invoke(["dedup", "--by", "phash", "--max-hamming", "4", "--from", run, "-o", tmp_path, "--no-progress"])
+    rows = kept(read_rows(run))
+    images = tar_images(run)
+    hashes = {r["key"]: reference_phash(images[r["key"]]) for r in rows}
+    expected = greedy_reference([r["key"] for r in rows], lambda a, b: bin(hashes[a] ^ hashes[b]).count("1") <= 4)
+    check_dedup_output(run, tmp_path, expected, "duplicate_phash")
+    by_url: dict[str, str] = {}
+    for r in rows:
+        by_url.setdefault(r["url"].rsplit("/", 1)[-1], r["key"])   # the first row of each URL
+    assert expected[by_url["coffee-small.jpg"]] == by_url["coffee.jpg"]          # another file, same picture
+    assert expected[by_url["chelsea-copy.jpg"]] == by_url["chelsea.jpg"]
+
+
+def test_semantic_dedup_matches_all_pairs_cosine(run, tmp_path):
+    rows = kept(read_rows(run))
+    emb = {}
+    for r in rows:
+        arr = np.load(run / f"{r['shard']}_img_emb.npy").astype(np.float64)
+        v = arr[int(r["key"][len(r["shard"]):])]
+        emb[r["key"]] = v / np.linalg.norm(v)
+    threshold = 0.999
+    cosines = [float(emb[a] @ emb[b]) for a in emb for b in emb if a < b]
+    assert min(abs(c - threshold) for c in cosines) > 2e-4  # nothing sits on the threshold (fp16 vs fp64)
+    invoke(["dedup", "--by", "embedding", "--min-cosine", threshold, "--device", "cpu", "--from", run, "-o", tmp_path,
+            "--no-progress"])
+    expected = greedy_reference([r["key"] for r in rows], lambda a, b: float(emb[a] @ emb[b]) >= threshold)
+    assert expected
+    check_dedup_output(run, tmp_path, expected, "duplicate_embedding")
+
+
+# --- 3. stats and the HTML report ------------------------------------------------------------------
+
+def test_stats_match_the_rows_and_the_run_summary(run, tmp_path):
+    result = invoke(["stats", run, "--json", tmp_path / "s.json"])
+    stats = load_json(tmp_path / "s.json")
+    rows = read_rows(run)
+    ok = kept(rows)
+    summary = load_json(run / "summary.json")["funnel"]
+    assert [lvl["rows"] for lvl in stats["funnel"]] == [summary[k] for k in ("input", "downloaded", "decoded",
+                                                                               "scored", "kept")]
+    drops = Counter((r["stage"], r["reason"]) for r in rows if r["status"] == "dropped")
+    assert {(lvl["stage"], reason): n for lvl in stats["funnel"][1:] for reason, n in lvl["reasons"].items()} == drops
+    assert stats["language_groups"] == dict(Counter(r["language_group"] for r in ok))
+    sim = stats["histograms"]["similarity"]
+    edges = sim["edges"]
+    expected_bins = [0] * (len(edges) - 1)
+    for r in ok:
+        i = max(0, min(len(expected_bins) - 1, int((r["similarity"] - edges[0]) // (edges[1] - edges[0]))))
+        expected_bins[i] += 1
+    assert sim["counts"] == expected_bins and sim["values"] == len(ok)
+    assert abs(sim["mean"] - np.mean([r["similarity"] for r in ok])) < 1e-6
+    short = [min(r["original_width"], r["original_height"]) for r in ok]
+    buckets = dict(map(tuple, stats["size_buckets"]))
+    assert buckets["256-511 px"] == sum(256 <= s < 512 for s in short)
+    assert buckets[">= 1024 px"] == sum(s >= 1024 for s in short)
+    for word in ("funnel", "drops per reason", "http_404", "similarity", "language groups"):
+        assert word in result.output
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def chromium_or_fail() -> str:
+    """Chromium, or a loud failure. Skips only where it cannot be installed: not in CI, and no
+    apt package 'chromium' to install (`make system-deps` installs it where there is)."""
+    exe = find_chromium()
+    if exe:
+        return exe
+    installable = shutil.which("apt-cache") and subprocess.run(
+        ["apt-cache", "show", "chromium"], capture_output=True).returncode == 0
+    if os.environ.get("CI") or installable:
+        pytest.fail("chromium is not installed: run `make system-deps` (apt-get install -y chromium)")
+    pytest.skip("chromium is not installable on this machine (no apt package 'chromium'); set CHROMIUM=/path")
+
+
+def png_colours(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return len(img.convert("RGB").getcolors(maxcolors=1 << 24))
+
+
+def test_html_report_renders_its_plots_and_thumbnails_in_headless_chromium(run, tmp_path):
+    exe = chromium_or_fail()
+    report = tmp_path / "report.html"
+    invoke(["stats", run, "--html", report, "--thumbnails", "6"])
+    page = report.read_text()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "").split("<h2>Samples")[0]  # self-contained
+    assert page.count('<img src="data:image/jpeg;base64,') == 6
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([exe, *flags, "--virtual-time-budget=5000", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=90)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    rendered = re.search(r'data-rendered="plots=(\d+) empty=(\d+) thumbnails=(\d+)/(\d+)"', dom.stdout)
+    assert rendered, "the page's check script did not run"
+    plots, empty, decoded, thumbs = map(int, rendered.groups())
+    # funnel, similarity, language groups, languages, short-side histogram, size buckets
+    assert plots == 6 and empty == 0
+    assert decoded == thumbs == 6
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([exe, *flags, "--window-size=1200,1600", f"--screenshot={shot}", report.as_uri()],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    assert png_colours(shot) > 50  # plots and photographs, not a blank page

@@ -1,0 +1,352 @@
+"""subset, dedup and stats on synthetic metadata shaped like a run's (every optional column), with
+the expected rows computed here in plain Python from LAION.md's definitions."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from test_dataset_helpers import app, greedy_reference, load_json, run_cli
+from typer.testing import CliRunner
+
+from fastlaion.writer import PARQUET_SCHEMA
+
+runner = CliRunner()
+
+STATUSES = [("kept", None, None)] * 8 + [("dropped", "download", "http_404"), ("dropped", "decode", "truncated"),
+                                         ("dropped", "filter", "low_similarity")]
+
+
+def synthetic_rows(n: int, seed: int, shard_size: int) -> list[dict]:
+    """Rows like a run's Parquet, with duplicates and exact threshold values planted."""
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "sunset", "beach", "city", "car", "flower", "mountain", "portrait", "food"]
+    rows = []
+    for i in range(n):
+        status, stage, reason = STATUSES[int(rng.integers(len(STATUSES)))]
+        got = status == "kept" or stage in ("decode", "filter")
+        scored = status == "kept" or stage == "filter"
+        url_id = int(rng.integers(i)) if i and rng.random() < 0.08 else i   # repeats an earlier URL
+        caption = " ".join(rng.choice(words, size=int(rng.integers(1, 4))))
+        if url_id != i and rng.random() < 0.5:
+            caption = rows[url_id]["caption"]                                # ... with its caption too
+        w, h = (int(x) for x in rng.choice([300, 640, 1023, 1024, 2048], size=2))
+        rows.append({
+            "key": f"{i // shard_size:05d}{i % shard_size:04d}", "url": f"https://h{url_id % 7}.example/{url_id}.jpg",
+            "caption": caption, "status": status, "stage": stage, "reason": reason,
+            "sha256": (f"{int(rng.integers(n // 2)):064x}" if got else None),
+            "original_width": w if got else None, "original_height": h if got else None,
+            "language_group": str(rng.choice(["en", "en", "multi", "nolang"])) if scored else None,
+            "similarity": float(rng.choice([0.3, 0.29, 0.31, 0.25, 0.35])) if scored else None,
+            "punsafe": float(rng.choice([0.1, 0.5, 0.49, 0.9])) if scored else None,
+            "pwatermark": float(rng.choice([0.1, 0.8, 0.79, 0.95])) if scored else None,
+            "aesthetic": float(rng.choice([5.0, 7.0, 7.01, 8.0, 8.5, 9.0])) if scored else None,
+            "aesthetic_v2": float(rng.choice([4.4, 4.5, 4.75, 5.0, 6.0, 6.25, 6.5, 7.0])) if scored else None,
+        })
+    return rows
+
+
+def write_run(folder: Path, rows: list[dict], shard_size: int, drop: tuple[str, ...] = ()) -> list[Path]:
+    """Shard Parquet files (PARQUET_SCHEMA types) and their stats files, as a run leaves them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = {c: t for c, t in PARQUET_SCHEMA.items() if c not in drop}
+    frame = pl.DataFrame(rows).select([(pl.col(c) if c in rows[0] else pl.lit(None)).cast(t).alias(c)
+                                       for c, t in schema.items()])
+    paths = []
+    for s in range(math.ceil(len(rows) / shard_size)):
+        path = folder / f"{s:05d}.parquet"
+        frame.slice(s * shard_size, shard_size).write_parquet(path)
+        (folder / f"{s:05d}_stats.json").write_text("{}")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic") / "run"
+    rows = synthetic_rows(3000, seed=1, shard_size=1000)
+    write_run(folder, rows, 1000)
+    return folder, rows
+
+
+def invoke(args, code=0):
+    result = runner.invoke(app(), [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def keys_of(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["key"]).column("key").to_pylist()
+
+
+# --- 1. subsets: every recipe of LAION.md, --where --------------------------------------------------
+
+def _lt(x, t):
+    return x is not None and x < t
+
+
+def _ge(x, t):
+    return x is not None and x >= t
+
+
+def _gt(x, t):
+    return x is not None and x > t
+
+
+LAION_MD = {  # LAION.md, "Derived subsets", written out independently of fastlaion's recipes
+    "en": lambda r: r["language_group"] == "en",
+    "multi": lambda r: r["language_group"] == "multi",
+    "nolang": lambda r: r["language_group"] == "nolang",
+    "laion400m": lambda r: r["language_group"] == "en" and _ge(r["similarity"], 0.3),
+    "high-res": lambda r: _ge(r["original_width"], 1024) and _ge(r["original_height"], 1024),
+    "aesthetic-v1": lambda r: _lt(r["pwatermark"], 0.8) and _lt(r["punsafe"], 0.5) and _gt(r["aesthetic"], 7),
+    "art": lambda r: _lt(r["pwatermark"], 0.8) and _lt(r["punsafe"], 0.5) and _gt(r["aesthetic"], 8),
+}
+
+
+@pytest.mark.parametrize("recipe, extra", [*((name, []) for name in LAION_MD),
+                                           *(("aesthetic-v2", ["--min", m]) for m in ("4.5", "4.75", "5", "6", "6.25", "6.5"))])
+def test_every_recipe_selects_what_laion_md_defines(synth, tmp_path, recipe, extra):
+    folder, rows = synth
+    invoke(["subset", recipe, *extra, "--from", folder, "-o", tmp_path, "--no-progress"])
+    if recipe == "aesthetic-v2":
+        m = float(extra[1])
+        want = lambda r: r["language_group"] == "en" and _ge(r["aesthetic_v2"], m)
+    else:
+        want = LAION_MD[recipe]
+    expected = [r["key"] for r in rows if r["status"] == "kept" and want(r)]
+    assert expected, "the synthetic rows should hit every recipe"
+    assert keys_of(tmp_path / "metadata.parquet") == expected
+    info = load_json(tmp_path / "dataset.json")
+    assert info["selected"] == len(expected)
+    assert info["considered"] == sum(r["status"] == "kept" for r in rows)
+
+
+def test_where_is_sql_and_combines_with_a_recipe(synth, tmp_path):
+    folder, rows = synth
+    invoke(["subset", "en", "--where", "similarity >= 0.3 AND caption LIKE '%cat%' AND original_width > 600",
+            "--from", folder, "-o", tmp_path, "--no-progress"])
+    expected = [r["key"] for r in rows if r["status"] == "kept" and r["language_group"] == "en"
+                and _ge(r["similarity"], 0.3) and "cat" in r["caption"] and _gt(r["original_width"], 600)]
+    assert expected and keys_of(tmp_path / "metadata.parquet") == expected
+
+
+def test_include_dropped_audits_dropped_rows(synth, tmp_path):
+    folder, rows = synth
+    invoke(["subset", "--where", "reason = 'http_404'", "--include-dropped", "--from", folder, "-o", tmp_path,
+            "--no-progress"])
+    assert keys_of(tmp_path / "metadata.parquet") == [r["key"] for r in rows if r["reason"] == "http_404"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("__import__('os').system('touch {marker}')", "--where"),
+    ("similarity >=", "cannot parse"),
+    ("colour = 'red'", "unknown column(s) 'colour'"),
+    ("similarity + 1", "must be a condition"),
+])
+def test_where_never_runs_python_and_bad_conditions_are_one_line(synth, tmp_path, where, message):
+    folder, _ = synth
+    marker = tmp_path / "pwned"
+    result = invoke(["subset", "--where", where.format(marker=marker), "--from", folder, "-o", tmp_path / "o"], code=2)
+    assert message in result.output and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_aesthetic_v2_needs_min_and_min_needs_aesthetic_v2(synth, tmp_path):
+    folder, _ = synth
+    assert "needs --min" in invoke(["subset", "aesthetic-v2", "--from", folder, "-o", tmp_path], code=2).output
+    assert "aesthetic-v2 recipe only" in invoke(["subset", "en", "--min", "5", "--from", folder, "-o", tmp_path],
+                                                code=2).output
+
+
+def test_missing_column_names_the_run_option_that_adds_it(tmp_path):
+    rows = synthetic_rows(50, seed=2, shard_size=50)
+    write_run(tmp_path / "run", rows, 50, drop=("punsafe", "pwatermark", "aesthetic", "aesthetic_v2", "language_group"))
+    out = invoke(["subset", "art", "--from", tmp_path / "run", "-o", tmp_path / "o"], code=2).output
+    assert "'punsafe'" in out and "--nsfw-head" in out and "'aesthetic'" in out and "--aesthetic-v1" in out
+    out = invoke(["subset", "en", "--from", tmp_path / "run", "-o", tmp_path / "o"], code=2).output
+    assert "'language_group'" in out and "--language" in out
+
+
+def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tmp_path):
+    folder, _ = synth
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["subset", "laion5b", "--from", folder, "-o", tmp_path / "o"],
+         "unknown recipe 'laion5b'; known recipes: en, multi, nolang, laion400m, high-res, aesthetic-v1, art, aesthetic-v2"),
+        (["stats", tmp_path / "empty"], "holds no dataset"),
+        (["dedup", "--by", "url", "--from", tmp_path / "nowhere", "-o", tmp_path / "o"], "no such file or folder"),
+    ]
+    for args, message in cases:
+        result = run_cli(args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- 5. bad data: corrupt files, empty datasets -----------------------------------------------------
+
+def test_corrupt_parquet_among_many_is_skipped_counted_and_named(tmp_path):
+    rows = synthetic_rows(4000, seed=3, shard_size=1000)
+    paths = write_run(tmp_path / "run", rows, 1000)
+    paths[1].write_bytes(b"PAR1 this is not parquet at all PAR1")               # bad footer: seen on open
+    data = bytearray(paths[2].read_bytes())                                      # bad pages: seen on read
+    for i in range(len(data) // 4, len(data) // 2):
+        data[i] = (data[i] * 31 + 7) % 256
+    paths[2].write_bytes(bytes(data))
+    result = invoke(["stats", tmp_path / "run", "--json", tmp_path / "s.json"])
+    stats = load_json(tmp_path / "s.json")
+    good = [r for r in rows if r["key"][:5] in ("00000", "00003")]
+    assert stats["rows"] == len(good)
+    assert stats["kept"] == sum(r["status"] == "kept" for r in good)
+    assert sorted(Path(s["path"]).name for s in stats["skipped_files"]) == ["00001.parquet", "00002.parquet"]
+    warned = " ".join(result.output.split())  # the warnings, on stderr (rich may wrap them)
+    assert "skipped unreadable Parquet" in warned
+    assert "00001.parquet" in warned and "00002.parquet" in warned
+    assert "skipped 2 unreadable Parquet file(s)" in result.output
+
+    # the same for dedup: the rest is processed, the skip is recorded beside the output
+    invoke(["dedup", "--by", "url", "--from", tmp_path / "run", "-o", tmp_path / "d", "--no-progress"])
+    assert len(keys_of(tmp_path / "d" / "metadata.parquet")) == len(good)
+    assert len(load_json(tmp_path / "d" / "dataset.json")["skipped_files"]) == 2
+
+
+def test_empty_datasets_are_a_clear_error(tmp_path):
+    (tmp_path / "none").mkdir()
+    assert "holds no dataset" in invoke(["stats", tmp_path / "none"], code=2).output
+    rows = synthetic_rows(10, seed=4, shard_size=10)
+    write_run(tmp_path / "zero", rows[:0] or rows, 10)
+    pl.read_parquet(tmp_path / "zero" / "00000.parquet").clear().write_parquet(tmp_path / "zero" / "00000.parquet")
+    assert "holds no rows" in invoke(["subset", "en", "--from", tmp_path / "zero", "-o", tmp_path / "o"], code=2).output
+    # a shard still being written (no stats file yet) is not read
+    (tmp_path / "zero" / "00000_stats.json").unlink()
+    assert "none of the 1 Parquet file(s)" in invoke(["stats", tmp_path / "zero"], code=2).output
+
+
+# --- 2. exact dedup at a few thousand rows, and the near-duplicate searches -----------------------
+
+@pytest.mark.parametrize("by, columns", [("url", ("url",)), ("url+caption", ("url", "caption")),
+                                         ("sha256", ("sha256",))])
+def test_exact_dedup_matches_first_occurrence_in_python(synth, tmp_path, by, columns):
+    folder, rows = synth
+    invoke(["dedup", "--by", by, "--from", folder, "-o", tmp_path, "--no-progress"])
+    first: dict[tuple, str] = {}
+    expected: dict[str, str] = {}
+    for r in rows:
+        if r["status"] != "kept" or r[columns[0]] is None:
+            continue
+        value = tuple(r[c] for c in columns)
+        if value in first:
+            expected[r["key"]] = first[value]
+        else:
+            first[value] = r["key"]
+    out = pq.read_table(tmp_path / "metadata.parquet").to_pylist()
+    assert len(out) == len(rows)  # every row, dropped ones too
+    got = {o["key"]: o["duplicate_of"] for o in out if o["duplicate_of"] is not None}
+    assert got == expected and len(expected) > 20
+    for o, r in zip(out, rows):
+        if o["key"] in expected:
+            assert (o["status"], o["stage"], o["reason"]) == ("dropped", "dedup", "duplicate_" + by.replace("+", "_"))
+        else:
+            assert (o["status"], o["stage"], o["reason"]) == (r["status"], r["stage"], r["reason"])
+
+
+def test_a_second_dedup_keeps_the_first_ones_records(synth, tmp_path):
+    folder, _ = synth
+    invoke(["dedup", "--by", "url", "--from", folder, "-o", tmp_path / "a", "--no-progress"])
+    invoke(["dedup", "--by", "sha256", "--from", tmp_path / "a", "-o", tmp_path / "b", "--no-progress"])
+    a = pq.read_table(tmp_path / "a" / "metadata.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "metadata.parquet").to_pylist()
+    for x, y in zip(a, b):
+        if x["reason"] == "duplicate_url":
+            assert (y["reason"], y["duplicate_of"]) == ("duplicate_url", x["duplicate_of"])
+    reasons = Counter(y["reason"] for y in b)
+    assert reasons["duplicate_url"] > 0 and reasons["duplicate_sha256"] > 0
+    stats = invoke(["stats", tmp_path / "b", "--json", tmp_path / "s.json"])
+    funnel = load_json(tmp_path / "s.json")["funnel"]
+    assert funnel[-1]["stage"] == "dedup" and funnel[-1]["dropped"] == reasons["duplicate_url"] + reasons["duplicate_sha256"]
+    assert funnel[-1]["rows"] == sum(y["status"] == "kept" for y in b)
+    assert "duplicate_sha256" in stats.output
+
+
+def test_greedy_hamming_search_matches_brute_force():
+    from fastlaion.dataset.phash import greedy_duplicates
+
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**63, size=300, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 300).astype(np.uint64)
+    hashes = []
+    for _ in range(700):  # copies with a few flipped bits, exact copies, and fresh hashes
+        h = int(base[rng.integers(len(base))])
+        for bit in rng.choice(64, size=int(rng.integers(0, 7)), replace=False):
+            h ^= 1 << int(bit)
+        hashes.append(h)
+    hashes += [int(x) for x in base]
+    arr = np.array(hashes, dtype=np.uint64)
+    for bits in (0, 2, 5, 8):
+        rep = greedy_duplicates(arr, bits)
+        expected = greedy_reference(list(range(len(hashes))),
+                                    lambda a, b, bits=bits: bin(hashes[a] ^ hashes[b]).count("1") <= bits)
+        assert {i: int(r) for i, r in enumerate(rep) if r >= 0} == expected
+
+
+def test_phash_matches_the_imagehash_definition(photos):
+    from helpers import encode
+    from test_dataset_helpers import reference_phash
+
+    from fastlaion.dataset.phash import phash_bytes
+
+    for arr in photos.values():
+        for fmt in ("JPEG", "PNG"):
+            data = encode(arr, fmt)
+            assert phash_bytes(data) == reference_phash(data)
+
+
+def test_greedy_cosine_blocks_match_all_pairs():
+    import torch
+
+    from fastlaion.dataset.dedup import greedy_cosine
+
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(120, 16))
+    picks = rng.integers(0, 120, size=400)
+    emb = base[picks] + rng.normal(scale=rng.choice([0.01, 0.2, 1.0], size=(400, 1)), size=(400, 16))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    threshold = 0.98
+    assert np.abs(cos - threshold).min() > 1e-5
+    rep = greedy_cosine(torch.from_numpy(emb.astype(np.float32)), threshold, block_rows=64, device=torch.device("cpu"))
+    expected = greedy_reference(list(range(400)), lambda a, b: cos[a, b] >= threshold)
+    assert {i: int(r) for i, r in enumerate(rep) if r >= 0} == expected and len(expected) > 50
+
+
+# --- 3. stats ----------------------------------------------------------------------------------------
+
+def test_stats_histograms_languages_and_sizes_match_python(synth, tmp_path):
+    folder, rows = synth
+    invoke(["stats", folder, "--json", tmp_path / "s.json", "--bins", "10"])
+    stats = load_json(tmp_path / "s.json")
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert stats["rows"] == len(rows) and stats["kept"] == len(kept)
+    assert [lvl["rows"] for lvl in stats["funnel"]] == [
+        len(rows), *(len(rows) - sum(r["status"] == "dropped" and r["stage"] in upto for r in rows)
+                     for upto in (("download",), ("download", "decode"), ("download", "decode", "score"),
+                                  ("download", "decode", "score", "filter")))]
+    for column in ("similarity", "aesthetic", "aesthetic_v2", "punsafe", "pwatermark"):
+        h = stats["histograms"][column]
+        edges = np.array(h["edges"])
+        values = np.array([r[column] for r in kept], dtype=np.float32).astype(np.float64)
+        assert len(h["counts"]) == 10 and edges[0] <= values.min() and edges[-1] >= values.max()
+        idx = np.clip(np.floor((values - edges[0]) / (edges[1] - edges[0])), 0, 9).astype(int)
+        assert h["counts"] == np.bincount(idx, minlength=10).tolist(), column
+    assert stats["language_groups"] == dict(Counter(r["language_group"] for r in kept))
+    short = [min(r["original_width"], r["original_height"]) for r in kept]
+    assert dict(map(tuple, stats["size_buckets"])) == {
+        "< 256 px": 0, "256-511 px": sum(s < 512 for s in short), "512-1023 px": sum(512 <= s < 1024 for s in short),
+        ">= 1024 px": sum(s >= 1024 for s in short)}
+    assert sum(stats["size_histogram"]["counts"]) == len(kept)
