@@ -10,7 +10,17 @@ Reading is our own small WARC splitter over a gzip-member-aware decompressor rat
 library iterator: Common Crawl files are one gzip member per record, so a corrupt member, a lying
 Content-Length or junk between records costs one counted record, and reading goes on from the
 next record (fastwarc raises at the first such error and reads no further). Memory per file is
-one record plus one read chunk, whatever the file size.
+one record plus one read chunk (and one batch of links), whatever the file size.
+
+Each step has a fast path and the plain reference it is tested against (tests/test_extract.py):
+    inflate       whole members with libdeflate, each checked by its CRC-32 and length;
+                  from the first member that fails, the streaming zlib(-ng) decompressor
+    WARC headers  a few byte searches for the usual `Name: value` layout; else a line parser
+    WAT JSON      msgspec decodes only the fields read (extract_wat.py); a record it refuses
+                  gets a full orjson parse, which decides. The one difference: a number beyond
+                  a double's range in a field never read no longer makes the record invalid_json
+    link rules    Polars expressions over LINK_BATCH links at once (extract_vec.py); entities,
+                  dot segments and odd characters go to `_check_link`, one link at a time
 
 Per input file (one process each, `processes` at a time), the pairs are written to a temporary
 Parquet in chunks as they are found; at the end Polars deduplicates all of them lazily (first
@@ -59,20 +69,23 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import glob
 import gzip
 import hashlib
 import html
 import http.client
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import struct
 import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -93,11 +106,16 @@ READ_CHUNK_BYTES = 1 << 20
 DECOMPRESS_CAP_BYTES = 8 << 20  # most output one decompress call may make
 INFLATE_FEED_BYTES = 8 << 10  # most compressed input one decompress call is given
 WRITE_CHUNK_ROWS = 65_536  # pairs buffered per input before they go to its temporary Parquet
+# zstd level 1: 7 % larger files than Polars' default level, half the CPU to write them
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
+LINK_BATCH = 65_536  # WAT links queued before the vectorised rules check them (~15 MB)
 MAX_HEADER_BYTES = 64 << 10
+_MEMBER_TRIES = 8  # gzip header look-alikes tried as a member's end before the streaming path takes over
 TICK_RECORDS = 2000  # progress is reported every this many records
 CRAWL_ID = re.compile(r"CC-MAIN-\d{4}-\d{2}")
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
+_GZIP_TRAILER = struct.Struct("<II")  # CRC-32 and length of a member's output
 _IMG_PATH = b'"IMG@/src"'
 # scheme://[userinfo@]host[:port] then path/query/fragment or the end. The host may be an
 # IPv6 literal or any run of characters that cannot end or break an authority (IDN allowed).
@@ -252,18 +270,29 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
 
 def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
                  tick: Callable[[int, int], None] | None = None) -> InputStats:
-    """Extract one source into a Parquet at `part_path` (not written when no pair is found)."""
+    """Extract one source into Parquet files `part_path.stem-NNNN.parquet` beside `part_path`
+    (`_PairWriter.files(part_path)`; none when no pair is found)."""
     stats = InputStats(source)
     t0 = time.perf_counter()
-    rules = _LinkRules(cfg, stats)
     with _open_source(source, cfg) as stream, _PairWriter(part_path) as writer:
         counted = _CountingReader(stream)
+        rules = _LinkRules(cfg, stats, writer)
+        splitter = _Splitter(stats, cfg.max_record_bytes, _RecordHandler(rules, stats).record)
+        any_bytes = False
         last_records = last_pairs = 0
-        for rec in _records(counted, cfg, stats):
-            _handle_record(rec, rules, writer, stats)
+        for data in _decompressed(_raw_chunks(counted, stats), stats, splitter):
+            if data is None:
+                splitter.hole()
+                continue
+            any_bytes = True
+            splitter.feed(data)
             if tick is not None and stats.records - last_records >= TICK_RECORDS:
                 tick(stats.records - last_records, stats.pairs - last_pairs)
                 last_records, last_pairs = stats.records, stats.pairs
+        splitter.close()
+        if not any_bytes and stats.records == 0:
+            stats.skip("empty_input")
+        rules.flush()
         stats.bytes_read = counted.count
     if tick is not None:
         tick(stats.records - last_records, stats.pairs - last_pairs)
@@ -348,42 +377,29 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig) -> tu
     """Deduplicate the per-input Parquets lazily (first occurrence in input order kept) and cut
     the result into candidates-NNNNN.parquet shards. Returns (file names, rows written)."""
     import polars as pl
-    import pyarrow.parquet as pq
 
     for old in out_dir.glob("candidates-*.parquet"):  # from an earlier run into the same folder
         old.unlink()
-    existing = [str(p) for p in parts if p.exists()]
+    existing = [str(f) for p in parts for f in _PairWriter.files(p)]
     merged = out_dir / ".extract-partial" / "merged.parquet"
     if not existing:
-        pq.write_table(_schema().empty_table(), merged)
+        pl.DataFrame(schema=_schema_of()).write_parquet(merged, **PARQUET_OPTIONS)
+    elif len(existing) == 1 and cfg.dedup is DedupMode.none:
+        os.replace(existing[0], merged)  # nothing to merge: the one part is the result
     else:
         lf = pl.scan_parquet(existing)
         if cfg.dedup is not DedupMode.none:
             lf = lf.unique(subset=[cfg.dedup.value], keep="first", maintain_order=True)
-        lf.sink_parquet(merged)
-    rows = pq.ParquetFile(merged).metadata.num_rows
+        lf.sink_parquet(merged, **PARQUET_OPTIONS)
+    rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
         os.replace(merged, out_dir / name)
         return [name], rows
-    names: list[str] = []
-    writer: Any = None
-    in_shard = 0
-    for batch in pq.ParquetFile(merged).iter_batches(batch_size=min(cfg.shard_rows, WRITE_CHUNK_ROWS)):
-        while batch.num_rows:
-            if writer is None:
-                names.append(f"candidates-{len(names):05d}.parquet")
-                writer = pq.ParquetWriter(out_dir / names[-1], batch.schema, compression="zstd")
-                in_shard = 0
-            take = min(batch.num_rows, cfg.shard_rows - in_shard)
-            writer.write_batch(batch.slice(0, take))
-            in_shard += take
-            batch = batch.slice(take)
-            if in_shard == cfg.shard_rows:
-                writer.close()
-                writer = None
-    if writer is not None:
-        writer.close()
+    names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
+    for k, name in enumerate(names):
+        pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
+            out_dir / name, **PARQUET_OPTIONS)
     return names, rows
 
 
@@ -549,14 +565,6 @@ def _opener_for(url: str) -> urllib.request.OpenerDirector:
 # ---------------------------------------------------------------------------------------------
 # WARC records: gzip members -> records, with damage counted and skipped
 
-@dataclass(frozen=True, slots=True)
-class _Record:
-    warc_type: str
-    target_uri: str
-    content_type: str
-    block: bytes
-
-
 def _raw_chunks(stream: Any, stats: InputStats) -> Iterator[bytes]:
     while True:
         try:
@@ -571,9 +579,15 @@ def _raw_chunks(stream: Any, stats: InputStats) -> Iterator[bytes]:
 
 
 def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitter) -> Iterator[bytes | None]:
-    """The input's bytes, gunzipped member by member when it is gzip, in pieces of about
-    READ_CHUNK_BYTES. None marks a hole: a corrupt member was dropped (counted) and reading
-    resumed at the next gzip header. A gzip stream that ends inside a member sets `splitter.cut`."""
+    """The input's bytes, gunzipped member by member when it is gzip. None marks a hole: a corrupt
+    member was dropped (counted) and reading resumed at the next gzip header. A gzip stream that
+    ends inside a member sets `splitter.cut`.
+
+    Two inflaters give the same bytes. Whole members go through libdeflate while each one checks
+    out (the fast path: Common Crawl writes one small member per record); from the first member
+    that does not (corrupt, cut short, junk after it, too large), the rest of the input goes
+    through the streaming decompressor, which is the reference for damaged input and sees the
+    same read chunks it would have seen alone."""
     first = next(chunks, b"")
     if not first:
         return
@@ -581,13 +595,99 @@ def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitte
         yield first
         yield from chunks
         return
+    rest = yield from _whole_members(_prepend(first, chunks))
+    if rest:
+        yield from _inflate_stream(itertools.chain(rest, chunks), stats, splitter)
+
+
+def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[bytes]]:
+    """Inflate complete gzip members with libdeflate, one call each. A member runs from one gzip
+    header to the next; it counts only if libdeflate inflates it, its size stays under
+    DECOMPRESS_CAP_BYTES, and its trailer (CRC-32 and length) is the last 8 bytes before the
+    next header, so a header look-alike inside compressed data or junk between members cannot
+    pass. Returns [] when all input was read, else the read chunks from a member start on (the
+    first one cut there) that the streaming decompressor must take over; the chunks not yet
+    read stay in `chunks`."""
+    try:
+        import deflate
+    except ImportError:  # without libdeflate everything goes through the streaming decompressor
+        return [next(chunks)]
+    inflate, crc32, error = deflate.gzip_decompress, deflate.crc32, deflate.DeflateError
+
+    def member(buf: bytes, view: memoryview, start: int, end: int) -> bytearray | None:
+        if end - start < 20:
+            return None
+        crc, size = _GZIP_TRAILER.unpack_from(buf, end - 8)
+        if size > DECOMPRESS_CAP_BYTES or size > 1032 * (end - start):
+            return None  # 1032:1 is deflate's largest ratio: a bigger claim is not a member end
+        try:
+            out = inflate(view[start:end])
+        except (error, ValueError, MemoryError):
+            return None
+        return out if crc32(out) == crc else None
+
+    parts: list[bytes] = []  # the read chunks the unread bytes come from, the first cut at `start`
+    for chunk in chunks:
+        parts.append(chunk)
+        buf = b"".join(parts) if len(parts) > 1 else chunk
+        view = memoryview(buf)
+        start = 0
+        while buf.startswith(_GZIP_MAGIC, start):
+            end = buf.find(_GZIP_MAGIC, start + 20)
+            out = None
+            for _ in range(_MEMBER_TRIES):
+                if end < 0:
+                    break
+                out = member(buf, view, start, end)
+                if out is not None:
+                    break
+                end = buf.find(_GZIP_MAGIC, end + 1)
+            if out is None:
+                if end < 0:
+                    break  # the member goes on in the next chunk
+                view.release()
+                return _last_bytes(parts, len(buf) - start)  # a member that does not check out
+            if out:
+                yield out
+            start = end
+        else:
+            if len(buf) - start >= len(_GZIP_MAGIC):
+                view.release()
+                return _last_bytes(parts, len(buf) - start)  # not a gzip header: junk
+        view.release()
+        parts = _last_bytes(parts, len(buf) - start)
+        if len(buf) - start > DECOMPRESS_CAP_BYTES:
+            return parts
+    if parts:
+        buf = b"".join(parts)
+        out = member(buf, memoryview(buf), 0, len(buf))
+        if out is None:
+            return parts  # the last member is damaged or cut short
+        if out:
+            yield out
+    return []
+
+
+def _last_bytes(parts: list[bytes], n: int) -> list[bytes]:
+    """The pieces of `parts` that hold its last n bytes, the first one cut to fit."""
+    out: list[bytes] = []
+    for part in reversed(parts):
+        if n <= 0:
+            break
+        out.append(part if len(part) <= n else part[len(part) - n:])
+        n -= len(part)
+    return out[::-1]
+
+
+def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitter) -> Iterator[bytes | None]:
+    """The streaming decompressor: in pieces of about READ_CHUNK_BYTES, None for a hole."""
     inflate = _inflate_module()
     d = inflate.decompressobj(31)
     fed = False  # the current member has received bytes
     resync = False
     pending: list[bytes] = []  # output joined into one piece: one splitter call per ~1 MiB
     pending_bytes = 0
-    for chunk in _prepend(first, chunks):
+    for chunk in chunks:
         view = memoryview(chunk)
         pos = 0
         member_start = 0  # where the current member's bytes begin in this chunk
@@ -654,44 +754,80 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-class _Splitter:
-    """Cuts a WARC byte stream into records. Keeps at most one record (plus a read chunk) in
-    memory; on damage it counts a reason and resynchronises at the next 'WARC/1.' line."""
+# emit(head, head.lower(), buf, body_start, body_end): one whole record; head is its header
+# block, bytes or bytearray, and its block is buf[body_start:body_end]
+_Emit = Callable[[Any, Any, Any, int, int], None]
 
-    def __init__(self, stats: InputStats, max_record_bytes: int):
+
+class _Splitter:
+    """Cuts a WARC byte stream into records and hands each to `emit`. Keeps at most one record
+    (plus a read chunk) in memory; on damage it counts a reason and resynchronises at the next
+    'WARC/1.' line. A piece that holds whole records is parsed where it lies, uncopied."""
+
+    def __init__(self, stats: InputStats, max_record_bytes: int, emit: _Emit):
         self.stats = stats
         self.max_record_bytes = max_record_bytes
-        self.buf = bytearray()
+        self.emit = emit
+        self.buf: bytes | bytearray = bytearray()  # a bytearray whenever it holds carried-over bytes
         self.pos = 0
         self.skip_left = 0  # bytes of a too-large record still to discard
         self.in_junk = False  # inside a stretch already counted (not_warc or a damaged record)
         self.cut = False  # the input is known to end mid-stream (a gzip member cut short)
 
-    def feed(self, data: bytes) -> list[_Record]:
+    def feed(self, data: bytes | bytearray) -> None:
+        if not self.buf and not self.skip_left and self._whole_record(data):
+            return
         if self.skip_left:
             n = min(self.skip_left, len(data))
             self.skip_left -= n
             data = data[n:]
-        self.buf += data
-        out = self._parse(eof=False)
-        if self.pos > (1 << 20) or self.pos == len(self.buf):
+        if self.buf:
+            self.buf += data
+        else:
+            self.buf, self.pos = data, 0
+        self._parse(eof=False)
+        if self.pos >= len(self.buf):
+            self.buf, self.pos = bytearray(), 0
+        elif not isinstance(self.buf, bytearray):
+            self.buf, self.pos = bytearray(memoryview(self.buf)[self.pos:]), 0
+        elif self.pos > (1 << 20):
             del self.buf[:self.pos]
             self.pos = 0
-        return out
+
+    def _whole_record(self, data: bytes | bytearray) -> bool:
+        """The usual piece from a gzip member: exactly one whole, sound record. Emit it and say
+        True; anything else (False) goes through `_parse`, which would emit the same record."""
+        if not data.startswith(b"WARC/"):
+            return False
+        h_end = data.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+        if h_end < 0:
+            return False
+        head = data[:h_end]  # bytes or bytearray, as the piece is
+        low = head.lower()
+        try:
+            length = _content_length(head, low)
+        except ValueError:
+            return False
+        end = h_end + 4 + length
+        if not 0 <= length <= self.max_record_bytes or end + 4 != len(data) or not data.endswith(b"\r\n\r\n"):
+            return False
+        self.in_junk = False
+        self.emit(head, low, data, h_end + 4, end)
+        return True
 
     def hole(self) -> None:
         """A corrupt gzip member was dropped here (already counted): forget the partial record."""
-        self.buf.clear()
+        self.buf = bytearray()
         self.pos = 0
         self.skip_left = 0
         self.in_junk = True
 
-    def close(self) -> list[_Record]:
+    def close(self) -> None:
         if self.skip_left:
             self.stats.skip("truncated")
             self.skip_left = 0
-            return []
-        return self._parse(eof=True)
+            return
+        self._parse(eof=True)
 
     def _junk(self) -> None:
         if not self.in_junk:
@@ -711,9 +847,9 @@ class _Splitter:
         self.pos = len(buf) if eof else max(start, len(buf) - 8)  # keep a possibly split marker
         return False
 
-    def _parse(self, eof: bool) -> list[_Record]:
-        out: list[_Record] = []
+    def _parse(self, eof: bool) -> None:
         buf = self.buf
+        emit = self.emit
         while self.pos < len(buf):
             pos = self.pos
             if not buf.startswith(b"WARC/", pos):
@@ -731,9 +867,10 @@ class _Splitter:
                 if not self._resync(pos + 1, eof):
                     break
                 continue
-            headers = _parse_warc_headers(bytes(buf[pos:h_end]))
+            head = bytes(buf[pos:h_end])
+            low = head.lower()
             try:
-                length = int(headers.get("content-length", ""))
+                length = _content_length(head, low)
                 if length < 0:
                     raise ValueError
             except ValueError:
@@ -755,9 +892,9 @@ class _Splitter:
                 # At the end: a complete block missing only its closing CRLFs is accepted; a
                 # block that holds another record's start has a lying Content-Length.
                 if len(buf) >= end and b"\r\n\r\n".startswith(bytes(buf[end:])):
-                    out.append(_record(headers, bytes(buf[body:end])))
                     self.in_junk = False
                     self.pos = len(buf)
+                    emit(head, low, buf, body, end)
                     continue
                 if buf.find(b"\nWARC/1.", body) >= 0:
                     self._damaged("bad_content_length")
@@ -775,10 +912,9 @@ class _Splitter:
                 if not self._resync(body, eof):
                     break
                 continue
-            out.append(_record(headers, bytes(buf[body:end])))
             self.in_junk = False
             self.pos = end + 4
-        return out
+            emit(head, low, buf, body, end)
 
     def _damaged(self, reason: str) -> None:
         self.stats.skip(reason)
@@ -786,6 +922,8 @@ class _Splitter:
 
 
 def _parse_warc_headers(head: bytes) -> dict[str, str]:
+    """The four WARC header fields we use, from a record's header block (first line excluded);
+    the reference for `_warc_field`."""
     headers: dict[str, str] = {}
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
@@ -796,47 +934,128 @@ def _parse_warc_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
-def _record(headers: dict[str, str], block: bytes) -> _Record:
-    uri = headers.get("warc-target-uri", "")
-    if uri.startswith("<") and uri.endswith(">"):  # WARC/1.0 drafts wrote <uri>
-        uri = uri[1:-1]
-    return _Record(headers.get("warc-type", "").lower(), uri, headers.get("content-type", "").lower(), block)
+_WarcField = tuple[bytes, bytes, str]  # (name, b"\r\n" + name + b":", key in _parse_warc_headers)
+_CONTENT_LENGTH: _WarcField = (b"content-length", b"\r\ncontent-length:", "content-length")
+_WARC_TYPE: _WarcField = (b"warc-type", b"\r\nwarc-type:", "warc-type")
+_CONTENT_TYPE: _WarcField = (b"content-type", b"\r\ncontent-type:", "content-type")
+_TARGET_URI: _WarcField = (b"warc-target-uri", b"\r\nwarc-target-uri:", "warc-target-uri")
 
 
-def _records(stream: Any, cfg: ExtractConfig, stats: InputStats) -> Iterator[_Record]:
-    splitter = _Splitter(stats, cfg.max_record_bytes)
-    any_bytes = False
-    for data in _decompressed(_raw_chunks(stream, stats), stats, splitter):
-        if data is None:
-            splitter.hole()
-            continue
-        any_bytes = True
-        yield from splitter.feed(data)
-    yield from splitter.close()
-    if not any_bytes and stats.records == 0:
-        stats.skip("empty_input")
+def _warc_field(head: bytes, low: bytes, fld: _WarcField) -> str:
+    """One field of a WARC header block ("" when absent), the same as
+    `_parse_warc_headers(head).get(key, "")`. The usual layout, the name once and written
+    `Name:` at a line start, is read with a few byte searches; anything else (the name twice,
+    spaces around it, the name inside another value) goes to the reference parser."""
+    name, needle, key = fld
+    n = low.count(name)
+    if not n:
+        return ""
+    i = low.find(needle)
+    if n > 1 or i < 0:
+        return _parse_warc_headers(head).get(key, "")
+    start = i + len(needle)
+    e = head.find(b"\r\n", start)
+    return head[start:e if e >= 0 else len(head)].strip().decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------
 # Records -> pages -> pairs
 
-def _handle_record(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats: InputStats) -> None:
-    if rec.warc_type == "metadata" and ("json" in rec.content_type or rec.block[:1] == b"{"):
-        _handle_wat(rec, rules, writer, stats)
-    elif rec.warc_type == "response":
-        _handle_response(rec, rules, writer, stats)
-    else:
-        stats.ignore("other_type")
+class _RecordHandler:
+    """What happens to each whole record: WAT metadata records and WARC responses become pages,
+    everything else is counted under its reason."""
+
+    def __init__(self, rules: _LinkRules, stats: InputStats):
+        self.rules = rules
+        self.stats = stats
+
+    def record(self, head: bytes, low: bytes, buf: bytes | bytearray, body: int, end: int) -> None:
+        warc_type = _warc_type(head, low)
+        if warc_type == b"metadata" and (buf.startswith(b"{", body, end)
+                                         or "json" in _warc_field(head, low, _CONTENT_TYPE).lower()):
+            if buf.find(_IMG_PATH, body, end) < 0:  # most WAT records: requests, metadata, pages without images
+                self.stats.ignore("no_img_links")
+                return
+            view = memoryview(buf)[body:end]
+            try:
+                _handle_wat(_target_uri(head, low), view, self.rules, self.stats)
+            finally:
+                view.release()  # buf may be a bytearray the splitter grows later
+        elif warc_type == b"response":
+            _handle_response(_target_uri(head, low), bytes(buf[body:end]), self.rules, self.stats)
+        else:
+            self.stats.ignore("other_type")
 
 
-def _handle_wat(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats: InputStats) -> None:
-    import orjson
+def _content_length(head: bytes, low: bytes) -> int:
+    """int(_warc_field(head, low, _CONTENT_LENGTH)), raising ValueError alike, without the
+    str round trip in the usual case (int() reads ASCII digits from bytes the same way)."""
+    i = low.find(b"\r\ncontent-length:")
+    if i >= 0 and low.count(b"content-length") == 1:
+        e = head.find(b"\r\n", i + 17)
+        try:
+            return int(head[i + 17:e] if e >= 0 else head[i + 17:])
+        except ValueError:
+            pass  # not plain ASCII digits: the str path decides
+    return int(_warc_field(head, low, _CONTENT_LENGTH))
 
-    if _IMG_PATH not in rec.block:  # most WAT records: requests, metadata, pages without images
+
+def _warc_type(head: bytes, low: bytes) -> bytes:
+    """The record type, lower case, as bytes: b"metadata" or b"response" exactly when
+    `_warc_field(head, low, _WARC_TYPE).lower()` is "metadata" or "response" (no non-ASCII
+    character lower-cases to their letters); other values may differ from that str's bytes."""
+    i = low.find(b"\r\nwarc-type:")
+    if i >= 0 and low.count(b"warc-type") == 1:
+        e = low.find(b"\r\n", i + 12)
+        return (low[i + 12:e] if e >= 0 else low[i + 12:]).strip()
+    return _warc_field(head, low, _WARC_TYPE).lower().encode()
+
+
+def _target_uri(head: bytes, low: bytes) -> str:
+    uri = _warc_field(head, low, _TARGET_URI)
+    if uri.startswith("<") and uri.endswith(">"):  # WARC/1.0 drafts wrote <uri>
+        uri = uri[1:-1]
+    return uri
+
+
+def _handle_wat(target_uri: str, block: Any, rules: _LinkRules, stats: InputStats) -> None:
+    """A WAT record that mentions IMG@/src. The fast path decodes only the fields we read
+    (msgspec, typed); a record whose shape or bytes it does not accept goes to the reference
+    path, a full orjson parse, which decides (tests/test_extract.py checks the two agree)."""
+    decoder, refused = _wat_decoder()
+    try:
+        doc = decoder.decode(block)
+        str(block, "utf-8")  # the fields skipped above were not checked for valid UTF-8
+    except refused:
+        _handle_wat_reference(target_uri, block, rules, stats)
+        return
+    env = doc.Envelope
+    payload = env.payload if env is not None else None
+    meta = payload.response if payload is not None else None
+    html_meta = meta.html if meta is not None else None
+    links = html_meta.Links if html_meta is not None else None
+    if links is None:
         stats.ignore("no_img_links")
         return
+    page_url = target_uri or (env.header.target_uri if env.header is not None else None)
+    if not isinstance(page_url, str):  # absent, or not a string in a damaged record
+        page_url = ""
+    head = html_meta.Head
+    base = head.Base if head is not None else None
+    lang = _wat_lang(head.Metas if head is not None else None, meta.Headers)
+    stats.pages += 1
+    stats.records += 1
+    imgs = [ln for ln in links if ln.path == "IMG@/src"]
+    rules.wat_page(page_url, base if isinstance(base, str) else None, [ln.url for ln in imgs], [ln.alt for ln in imgs],
+                   lang)
+
+
+def _handle_wat_reference(target_uri: str, block: Any, rules: _LinkRules, stats: InputStats) -> None:
+    """The straightforward path: parse the whole record, walk to the links."""
+    import orjson
+
     try:
-        doc = orjson.loads(rec.block)  # also refuses invalid UTF-8 and lone surrogates
+        doc = orjson.loads(block)  # also refuses invalid UTF-8 and lone surrogates
     except orjson.JSONDecodeError:
         stats.skip("invalid_json")
         return
@@ -850,15 +1069,32 @@ def _handle_wat(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats: Inp
     if not isinstance(links, list):
         stats.ignore("no_img_links")
         return
-    page_url = rec.target_uri or _dig(envelope, "WARC-Header-Metadata", "WARC-Target-URI") or ""
+    page_url = target_uri or _dig(envelope, "WARC-Header-Metadata", "WARC-Target-URI")
+    if not isinstance(page_url, str):  # absent, or not a string in a damaged record
+        page_url = ""
     head = html_meta.get("Head")
     base = head.get("Base") if isinstance(head, dict) else None
-    lang = _wat_lang(meta, head)
+    lang = _wat_lang(head.get("Metas") if isinstance(head, dict) else None, meta.get("Headers"))
     stats.pages += 1
     stats.records += 1
-    imgs = [(ln.get("url"), ln.get("alt"), None, None) for ln in links
-            if isinstance(ln, dict) and ln.get("path") == "IMG@/src"]
-    rules.page(page_url, base if isinstance(base, str) else None, imgs, lang, True, writer)
+    imgs = [ln for ln in links if isinstance(ln, dict) and ln.get("path") == "IMG@/src"]
+    rules.wat_page(page_url, base if isinstance(base, str) else None, [ln.get("url") for ln in imgs],
+                   [ln.get("alt") for ln in imgs], lang)
+
+
+def _wat_decoder() -> tuple[Any, tuple[type[BaseException], ...]]:
+    """The typed WAT decoder and the errors that send a record to the reference path."""
+    global _WAT_DECODER
+    if _WAT_DECODER is None:
+        import msgspec  # imported on the first page with images
+
+        from .extract_wat import DECODER
+
+        _WAT_DECODER = (DECODER, (msgspec.MsgspecError, ValueError, RecursionError))
+    return _WAT_DECODER
+
+
+_WAT_DECODER: tuple[Any, tuple[type[BaseException], ...]] | None = None
 
 
 def _dig(d: Any, *keys: str) -> Any:
@@ -869,24 +1105,22 @@ def _dig(d: Any, *keys: str) -> Any:
     return d
 
 
-def _wat_lang(meta: dict, head: Any) -> str | None:
+def _wat_lang(metas: Any, headers: Any) -> str | None:
     """WAT keeps no <html lang>; use <meta http-equiv=content-language>, else the HTTP header."""
-    if isinstance(head, dict):
-        for m in head.get("Metas") or ():
-            if isinstance(m, dict) and str(m.get("http-equiv", "")).lower() == "content-language":
-                value = m.get("content")
-                if isinstance(value, str) and value.strip():
-                    return value.strip()[:64]
-    headers = meta.get("Headers")
+    for m in metas if isinstance(metas, list) else ():
+        if isinstance(m, dict) and "http-equiv" in m and str(m["http-equiv"]).lower() == "content-language":
+            value = m.get("content")
+            if isinstance(value, str) and value.strip():
+                return value.strip()[:64]
     if isinstance(headers, dict):
         for k, v in headers.items():
-            if k.lower() == "content-language" and isinstance(v, str) and v.strip():
+            # len first: no character lower-cases into these letters with a change of length
+            if len(k) == 16 and k.lower() == "content-language" and isinstance(v, str) and v.strip():
                 return v.strip()[:64]
     return None
 
 
-def _handle_response(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats: InputStats) -> None:
-    block = rec.block
+def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: InputStats) -> None:
     if not block.startswith(b"HTTP/"):
         stats.ignore("not_html")  # e.g. a dns: record or a non-HTTP resource
         return
@@ -928,7 +1162,7 @@ def _handle_response(rec: _Record, rules: _LinkRules, writer: _PairWriter, stats
         alt = a.get("alt", _MISSING)
         imgs.append((a.get("src"), None if alt is _MISSING else (alt or ""),
                      _dimension(a.get("width")), _dimension(a.get("height"))))
-    rules.page(rec.target_uri, base, imgs, lang.strip()[:64] if lang else None, False, writer)
+    rules.html_page(target_uri, base, imgs, lang.strip()[:64] if lang else None)
 
 
 _MISSING = object()
@@ -1022,15 +1256,18 @@ def _unescape_url(url: str) -> str:
 
 class _Base:
     """Joins a page's relative src values to its base URL. The common shapes (root-relative,
-    protocol-relative, plain relative) are joined by string concatenation; anything with dot
-    segments, a query/fragment-only reference or a possible scheme goes to urljoin. Both give
-    the same result (tests/test_extract.py checks them against each other)."""
+    protocol-relative, plain relative) are joined by string concatenation; paths with dot
+    segments by urljoin's own algorithm, written out for a path-only src; anything else (a
+    query/fragment-only reference, a possible scheme, params) goes to urljoin. They agree
+    (tests/test_extract.py checks them against each other), except that concatenation keeps
+    empty path segments ("a//b.jpg"), as browsers do, where urljoin drops them."""
 
     def __init__(self, base: str):
         self.base = base
         self.scheme = "http"
         self.origin: str | None = None
         self.dir = ""
+        self.dir_path = "/"
         self._split = False  # split lazily: many pages have only absolute src values
 
     def _split_base(self) -> None:
@@ -1043,7 +1280,8 @@ class _Base:
             self.scheme = parts.scheme
             self.origin = f"{parts.scheme}://{parts.netloc}"
             path = parts.path or "/"
-            self.dir = self.origin + path[:path.rfind("/") + 1]
+            self.dir_path = path[:path.rfind("/") + 1]
+            self.dir = self.origin + self.dir_path
 
     def join(self, src: str) -> str:
         if not src:
@@ -1058,102 +1296,254 @@ class _Base:
                 return self.origin + src
             if first not in "?#" and ":" not in src:
                 return self.dir + src
+        elif self.origin is not None and not src.startswith("//") and not _NOT_A_PLAIN_PATH.search(src):
+            return self._join_dots(src)
         try:
             return urljoin(self.base, src)
         except ValueError:  # e.g. an unbalanced IPv6 bracket
             return ""
 
 
-class _LinkRules:
-    """LAION's link rules (module docstring) applied to a page's img elements."""
+    def _join_dots(self, src: str) -> str:
+        """urljoin(self.base, src) for a src that is a path with dot segments (urllib.parse's
+        steps: merge with the base directory, drop empty segments in between, resolve '.' and
+        '..', never above the root)."""
+        if src[:1] == "/":
+            segments = src.split("/")
+        else:
+            segments = self.dir_path.split("/") + src.split("/")
+            segments[1:-1] = filter(None, segments[1:-1])
+        resolved: list[str] = []
+        for seg in segments:
+            if seg == "..":
+                if resolved:
+                    resolved.pop()
+            elif seg != ".":
+                resolved.append(seg)
+        if segments[-1] in (".", ".."):
+            resolved.append("")
+        path = "/".join(resolved) or "/"
+        return self.origin + (path if path[:1] == "/" else "/" + path)  # type: ignore[operator]
 
-    def __init__(self, cfg: ExtractConfig, stats: InputStats):
+
+_NOT_A_PLAIN_PATH = re.compile(r"[:?#;\x00-\x20\x7f]")  # urlparse reads these as more than a path
+
+
+class _LinkRules:
+    """LAION's link rules (module docstring) applied to pages' img elements; accepted pairs go
+    to `writer`. WAT pages are queued and checked LINK_BATCH links at a time by the vectorised
+    rules (extract_vec.py, Polars); HTML pages, and each link the vectorised rules cannot
+    settle exactly, go through `_check_link`, the reference. `vectorised=False` uses the
+    reference for everything (tests/test_extract.py checks the two agree)."""
+
+    def __init__(self, cfg: ExtractConfig, stats: InputStats, writer: _PairWriter, vectorised: bool = True):
         self.cfg = cfg
         self.stats = stats
+        self.writer = writer
+        self.vectorised = vectorised
+        self._new_batch()
 
-    def page(self, page_url: str, base_href: str | None, imgs: list[tuple[Any, Any, int | None, int | None]],
-             lang: str | None, raw_entities: bool, writer: _PairWriter) -> None:
-        """Add the page's accepted pairs to `writer`. `raw_entities`: the strings come from a
-        WAT, where entities are still encoded; an HTML parser has already decoded them."""
-        stats, rej = self.stats, self.stats.rejected
-        min_alt, max_chars, max_host = self.cfg.min_alt_chars, self.cfg.max_text_chars, self.cfg.max_host_chars
-        base = page_url
-        if base_href and base_href.strip():
-            href = base_href.strip()
-            base = urljoin(page_url, _unescape_url(href) if raw_entities and "&" in href else href)
+    def _new_batch(self) -> None:
+        self._page_urls: list[str] = []
+        self._bases: list[str] = []  # each queued page's base URL (page URL or <base href>)
+        self._base_parts: tuple[list[str | None], ...] = ([], [], [])  # _base_parts of each
+        self._langs: list[str | None] = []
+        self._srcs: list[Any] = []
+        self._alts: list[Any] = []
+        self._page_of: list[int] = []  # index of each link's page in the lists above
+
+    def wat_page(self, page_url: str, base_href: str | None, srcs: list[Any], alts: list[Any],
+                 lang: str | None) -> None:
+        """A WAT page's IMG@/src links (url and alt values as found; entities still encoded)."""
+        self.stats.links += len(srcs)
+        if not srcs:
+            return
+        base = _page_base(page_url, base_href, True)
+        if not self.vectorised:
+            self._reference_page(page_url, base, srcs, alts, None, None, lang, True)
+            return
+        page = len(self._page_urls)
+        self._page_urls.append(page_url)
+        self._bases.append(base)
+        for col, value in zip(self._base_parts, _base_parts(base)):
+            col.append(value)
+        self._langs.append(lang)
+        self._srcs += srcs
+        self._alts += alts
+        self._page_of += [page] * len(srcs)
+        if len(self._srcs) >= LINK_BATCH:
+            self.flush()
+
+    def html_page(self, page_url: str, base_href: str | None, imgs: list[tuple[Any, Any, int | None, int | None]],
+                  lang: str | None) -> None:
+        """An HTML page's img elements as (src, alt, width, height); the parser decoded entities."""
+        self.flush()  # keep the pairs in input order
+        self.stats.links += len(imgs)
+        if imgs:
+            srcs, alts, widths, heights = (list(c) for c in zip(*imgs))
+            self._reference_page(page_url, _page_base(page_url, base_href, False), srcs, alts, widths, heights,
+                                 lang, False)
+
+    def flush(self) -> None:
+        """Check the queued WAT links and write their pairs."""
+        if not self._srcs:
+            return
+        import polars as pl
+
+        from .extract_vec import link_outcomes
+
+        page_urls, bases, base_parts, langs, srcs, alts, page_of = (
+            self._page_urls, self._bases, self._base_parts, self._langs, self._srcs, self._alts, self._page_of)
+        self._new_batch()
+        try:
+            out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
+        except TypeError:  # a url or alt that is neither a string nor null: the reference decides
+            for page in range(len(page_urls)):
+                lo, hi = page_of.index(page), len(page_of) - page_of[::-1].index(page)
+                self._reference_page(page_urls[page], bases[page], srcs[lo:hi], alts[lo:hi], None, None,
+                                     langs[page], True)
+            return
+        reasons, urls, captions = out["reason"], out["url"], out["caption"]
+        hard = out["hard"].arg_true()
+        if len(hard):  # shapes the vectorised rules leave to the reference (entities, dot segments, ...)
+            joiners: dict[int, Callable[[str], str]] = {}
+            got = []
+            for i in hard.to_list():
+                page = page_of[i]
+                join = joiners.get(page) or joiners.setdefault(page, _Base(bases[page]).join)
+                got.append(_check_link(srcs[i], alts[i], True, join, self.cfg))
+            reasons = reasons.scatter(hard, [g[0] for g in got])
+            urls = urls.scatter(hard, [g[1] for g in got])
+            captions = captions.scatter(hard, [g[2] for g in got])
+        rej = self.stats.rejected
+        for reason, n in reasons.drop_nulls().value_counts().iter_rows():
+            rej[reason] += n
+        kept = reasons.is_null()
+        urls, captions = urls.filter(kept), captions.filter(kept)
+        cap, notes = self.cfg.max_text_chars, self.stats.notes
+        for col, note in ((urls, "url_truncated"), (captions, "caption_truncated")):
+            notes[note] += int((col.str.len_chars() > cap).sum())
+        pages = pl.Series(page_of, dtype=pl.UInt32).filter(kept)
+        self.stats.pairs += len(urls)
+        none = [None] * len(urls)
+        self.writer.add_rows(urls.str.slice(0, cap).to_list(), captions.str.slice(0, cap).to_list(),
+                             pl.Series(page_urls, dtype=pl.String).gather(pages).to_list(), none, none,
+                             pl.Series(langs, dtype=pl.String).gather(pages).to_list())
+
+    def _reference_page(self, page_url: str, base: str, srcs: list[Any], alts: list[Any],
+                        widths: list[int | None] | None, heights: list[int | None] | None, lang: str | None,
+                        raw_entities: bool) -> None:
         join = _Base(base).join
-        reject_svg, reject_gif = self.cfg.reject_svg, self.cfg.reject_gif
-        match_url = _HTTP_URL.match
+        rej = self.stats.rejected
         urls: list[str] = []
         captions: list[str] = []
-        widths: list[int | None] = []
-        heights: list[int | None] = []
-        stats.links += len(imgs)
-        for src, alt, width, height in imgs:
-            if not isinstance(alt, str):
-                if min_alt > 0 or alt is not None:
-                    rej["no_alt"] += 1
-                    continue
-                alt = ""
-            if raw_entities and "&" in alt:
-                alt = html.unescape(alt)
-            alt = " ".join(alt.split())
-            if len(alt) < min_alt:
-                rej["short_alt"] += 1
+        kept_w: list[int | None] = []
+        kept_h: list[int | None] = []
+        for i, (src, alt) in enumerate(zip(srcs, alts)):
+            reason, url, caption = _check_link(src, alt, raw_entities, join, self.cfg)
+            if reason is not None:
+                rej[reason] += 1
                 continue
-            if not isinstance(src, str):
-                src = ""
-            src = src.strip()
-            if raw_entities and "&" in src:
-                src = _unescape_url(src)
-            low = src.lower()
-            if "data:" in low:
-                rej["data_uri"] += 1
-                continue
-            if "javascript:" in low:
-                rej["javascript"] += 1
-                continue
-            if reject_svg and ".svg" in low:
-                rej["svg"] += 1
-                continue
-            if reject_gif and ".gif" in low:
-                rej["gif"] += 1
-                continue
-            if "\n" in src or "\t" in src or "\r" in src:  # browsers drop these inside URLs
-                src = src.replace("\n", "").replace("\t", "").replace("\r", "")
-                low = src.lower()
-            url = src if low.startswith(("http://", "https://")) else join(src)
-            m = match_url(url)
-            if m is None or (m.group(2) and int(m.group(2)) > 65535):
-                rej["invalid_url"] += 1
-                continue
-            if len(m.group(1)) > max_host:
-                rej["long_host"] += 1
-                continue
-            if len(url) > max_chars:
-                url = url[:max_chars]
-                stats.notes["url_truncated"] += 1
-            if len(alt) > max_chars:
-                alt = alt[:max_chars]
-                stats.notes["caption_truncated"] += 1
             urls.append(url)
-            captions.append(alt)
-            widths.append(width)
-            heights.append(height)
-        if urls:
-            stats.pairs += len(urls)
-            writer.add_page(urls, captions, page_url, widths, heights, lang)
+            captions.append(caption)
+            kept_w.append(widths[i] if widths is not None else None)
+            kept_h.append(heights[i] if heights is not None else None)
+        self._emit(urls, captions, [page_url] * len(urls), kept_w, kept_h, [lang] * len(urls))
+
+    def _emit(self, urls: list[str], captions: list[str], page_urls: list[str], widths: list[int | None] | None,
+              heights: list[int | None] | None, langs: list[str | None]) -> None:
+        """Accepted pairs: cut URL and caption to max_text_chars (counted), then write."""
+        if not urls:
+            return
+        cap, notes = self.cfg.max_text_chars, self.stats.notes
+        for col, note in ((urls, "url_truncated"), (captions, "caption_truncated")):
+            for i, s in enumerate(col):
+                if len(s) > cap:
+                    col[i] = s[:cap]
+                    notes[note] += 1
+        self.stats.pairs += len(urls)
+        none = [None] * len(urls)
+        self.writer.add_rows(urls, captions, page_urls, widths or none, heights or none, langs)
+
+
+_NO_BASE_PARTS = (None, None, None)
+_PLAIN_BASE = re.compile(r"([Hh][Tt][Tt][Pp][Ss]?)://([^/?#]+)([^?#]*)")
+
+
+def _base_parts(base: str) -> tuple[str | None, str | None, str | None]:
+    """(scheme, origin, directory) of a base URL as _Base splits it (urlsplit), for the plain
+    shape: printable ASCII, http(s), a host without brackets. Anything else gives Nones, and
+    its relative links go to the reference."""
+    if not (base.isascii() and base.isprintable()) or " " in base:
+        return _NO_BASE_PARTS
+    m = _PLAIN_BASE.match(base)
+    if m is None or "[" in m.group(2) or "]" in m.group(2):
+        return _NO_BASE_PARTS
+    scheme = m.group(1).lower()
+    origin = f"{scheme}://{m.group(2)}"
+    path = m.group(3) or "/"
+    return scheme, origin, origin + path[:path.rfind("/") + 1]
+
+
+def _page_base(page_url: str, base_href: str | None, raw_entities: bool) -> str:
+    """The URL a page's relative src values are joined to: <base href> (itself joined to the
+    page URL) when the page has one, else the page URL."""
+    if base_href and base_href.strip():
+        href = base_href.strip()
+        return urljoin(page_url, _unescape_url(href) if raw_entities and "&" in href else href)
+    return page_url
+
+
+def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], str],
+                cfg: ExtractConfig) -> tuple[str | None, str, str]:
+    """The reference rules for one img: (reason it is rejected or None, absolute URL, caption),
+    URL and caption not yet cut to max_text_chars. `raw_entities`: the strings come from a WAT,
+    where entities are still encoded; an HTML parser has already decoded them."""
+    min_alt = cfg.min_alt_chars
+    if not isinstance(alt, str):
+        if min_alt > 0 or alt is not None:
+            return "no_alt", "", ""
+        alt = ""
+    if raw_entities and "&" in alt:
+        alt = html.unescape(alt)
+    alt = " ".join(alt.split())
+    if len(alt) < min_alt:
+        return "short_alt", "", ""
+    if not isinstance(src, str):
+        src = ""
+    src = src.strip()
+    if raw_entities and "&" in src:
+        src = _unescape_url(src)
+    low = src.lower()
+    if "data:" in low:
+        return "data_uri", "", ""
+    if "javascript:" in low:
+        return "javascript", "", ""
+    if cfg.reject_svg and ".svg" in low:
+        return "svg", "", ""
+    if cfg.reject_gif and ".gif" in low:
+        return "gif", "", ""
+    if "\n" in src or "\t" in src or "\r" in src:  # browsers drop these inside URLs
+        src = src.replace("\n", "").replace("\t", "").replace("\r", "")
+        low = src.lower()
+    url = src if low.startswith(("http://", "https://")) else join(src)
+    m = _HTTP_URL.match(url)
+    if m is None or (m.group(2) and int(m.group(2)) > 65535):
+        return "invalid_url", "", ""
+    if len(m.group(1)) > cfg.max_host_chars:
+        return "long_host", "", ""
+    return None, url, alt
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing pairs
 
-def _schema() -> Any:
-    import pyarrow as pa
+def _schema_of() -> dict[str, Any]:
+    """The candidates' columns and their Polars types."""
+    import polars as pl
 
-    return pa.schema([("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()),
-                      ("uid", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                      ("page_lang", pa.string())])
+    return {"url": pl.String, "caption": pl.String, "page_url": pl.String, "uid": pl.String,
+            "width": pl.Int32, "height": pl.Int32, "page_lang": pl.String}
 
 
 def uid_of(url: str, caption: str) -> str:
@@ -1166,44 +1556,45 @@ def uid_of(url: str, caption: str) -> str:
 
 
 class _PairWriter:
-    """Buffers pairs and writes them to one Parquet file in row groups of WRITE_CHUNK_ROWS."""
+    """Buffers pairs and writes them, WRITE_CHUNK_ROWS at a time, to numbered Parquet files
+    `path.stem-NNNN.parquet` beside `path` (Polars, already loaded by then; pyarrow's writer
+    would pull in pandas, 0.4 s of start-up)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._writer: Any = None
+        self._written = 0
         self._cols: tuple[list, ...] = ([], [], [], [], [], [])
 
-    def add_page(self, urls: list[str], captions: list[str], page_url: str, widths: list[int | None],
-                 heights: list[int | None], lang: str | None) -> None:
-        """One page's pairs: page_url and lang are the same for all of them."""
+    @staticmethod
+    def files(path: Path) -> list[Path]:
+        """The files a writer for `path` wrote, in order."""
+        found = path.parent.glob(f"{glob.escape(path.stem)}-*.parquet")
+        return sorted(found, key=lambda f: int(f.stem.rsplit("-", 1)[1]))
+
+    def add_rows(self, urls: list[str], captions: list[str], page_urls: list[str], widths: list[int | None],
+                 heights: list[int | None], langs: list[str | None]) -> None:
         c = self._cols
         c[0].extend(urls)
         c[1].extend(captions)
-        c[2].extend([page_url] * len(urls))
+        c[2].extend(page_urls)
         c[3].extend(widths)
         c[4].extend(heights)
-        c[5].extend([lang] * len(urls))
+        c[5].extend(langs)
         if len(c[0]) >= WRITE_CHUNK_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import polars as pl
 
         urls, caps, pages, widths, heights, langs = self._cols
         if not urls:
             return
         sha = hashlib.sha256
         uids = [sha(f"{u}\x00{c}".encode()).hexdigest()[:32] for u, c in zip(urls, caps)]
-        schema = _schema()
-        table = pa.Table.from_arrays(
-            [pa.array(urls, pa.string()), pa.array(caps, pa.string()),
-             pa.array(pages, pa.string()), pa.array(uids, pa.string()),
-             pa.array(widths, pa.int32()), pa.array(heights, pa.int32()),
-             pa.array(langs, pa.string())], schema=schema)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, schema, compression="lz4")
-        self._writer.write_table(table)
+        frame = pl.DataFrame({"url": urls, "caption": caps, "page_url": pages, "uid": uids, "width": widths,
+                              "height": heights, "page_lang": langs}, schema=_schema_of())
+        frame.write_parquet(self.path.with_name(f"{self.path.stem}-{self._written:04d}.parquet"), **PARQUET_OPTIONS)
+        self._written += 1
         self._cols = ([], [], [], [], [], [])
 
     def __enter__(self) -> _PairWriter:
@@ -1212,6 +1603,4 @@ class _PairWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.flush()
-        if self._writer is not None:
-            self._writer.close()
 

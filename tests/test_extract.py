@@ -4,6 +4,7 @@ damaged input, and the real Common Crawl files in ../shared/data/warc checked ag
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 from pathlib import Path
@@ -627,3 +628,275 @@ def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):
     data = gzip.compress(b"".join(three_wat_records()))[:14]  # the gzip header and a few bits
     s, t = extract(tmp_path, {"stub.wat.gz": data})
     assert t.height == 0 and s.records == 1 and nonzero(s.skipped) == {"empty_input": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths against their references: same pairs, same counts
+
+class _Rows:
+    """Stands in for the Parquet writer: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def add_rows(self, *cols) -> None:
+        self.rows.extend(zip(*cols))
+
+
+ODD_ALTS = [None, "", " ", "  A red bicycle  ", "A\tred\nbicycle", "A\u00a0red\u3000bicycle", "x\x1cy\x1dz long",
+            "Caf&#233; &amp; cr&egrave;me", "Tom & Jerry cartoon", "fish &chips", "AT&T logo big", "&copy 2024 photo",
+            "&#x41;BC image", "&#xZZ; odd", "&", "abcd", "abcde", "ábcdé", "\u00e9t\u00e9 2024", "東京の夜景です", "x" * 2100,
+            "  ", "\u2028line\u2029sep", "tab\tonly here", "a\x85b next line", "  lead", "trail  ", "ok text"]
+ODD_SRCS = [None, "", " ", "https://img.example.com/a.jpg", "HTTP://IMG.example.com/B.JPG", "http://x.example/a b.jpg",
+            "//cdn.example.org/d.png", "/c.jpg", "photos/b.jpg", "./here.jpg", "../up.jpg", "a/./b/../c.jpg", "?x=1", "#frag",
+            "data:image/png;base64,AAAA", "DATA:image/gif", "javascript:void(0)", "JavaScript:x", "/logo.svg", "/a.SVG?x",
+            "https://x.example/anim.GIF", "https://" + "a" * 61 + ".com/x.jpg", "https://" + "a" * 60 + ".com/x.jpg",
+            "http://exa mple.com/x.jpg", "mailto:someone@example.com", "http://example.com:99999/x.jpg",
+            "http://example.com:65535/x.jpg", "http://example.com:65536/x.jpg", "http://example.com:0000080/x.jpg",
+            "http://example.com:/x.jpg", "http://[::1]/x.jpg", "http://[::1/x.jpg", "http://[zz]/x.jpg",
+            "http://user:pw@example.com/x.jpg", "http://a@b@example.com/x.jpg", "http://example.com?q=1", "http://example.com",
+            "/g.jpg?a=1&amp;b=2&copy=3", "/g.jpg?a=1&b=2", "  /padded.jpg\n", "/in\nside\t.jpg", "\t//cdn.example.org/t.png",
+            "/ünïcode.jpg", "https://bücher.example/x.jpg", "File:Foo.jpg", "/wiki/File:Foo.jpg", "sub/dir/", "%20space.jpg",
+            "https:rel.jpg", "http://ex\x00ample.com/x.jpg", "http://example.com\\x.jpg", "/.well-known/x.png", "/a/..",
+            "about:blank", "http://a.b/x.svgz", "https://example.com/" + "p" * 2100]
+BASES = [("https://example.com/dir/page.html", None), ("https://example.com", None), ("HTTP://Example.COM:8080/a/b?q#f", None),
+         ("https://example.com/a/b.html", "https://static.example.net/assets/"), ("https://example.com/x", "/static/"),
+         ("https://example.com/x", "//cdn.example.org/site/"), ("https://example.com/x", "&#47;odd"),
+         ("https://example.com/x", "ftp://files.example/"), ("ftp://files.example/x", None), ("not a url", None),
+         ("https://[::1]/x", None), ("https://ex ample.com/x", None), ("https://example.com/ä/x", None),
+         ("http://user@example.com/p", None), ("https://example.com?only=query", None), ("", None)]
+
+
+def _random_pages(seed: int, n_pages: int) -> list[tuple]:
+    rng = random.Random(seed)
+    pages = []
+    for _ in range(n_pages):
+        page_url, base = rng.choice(BASES)
+        links = [(rng.choice(ODD_SRCS), rng.choice(ODD_ALTS)) for _ in range(rng.randint(0, 12))]
+        pages.append((page_url, base, [s for s, _ in links], [a for _, a in links], rng.choice([None, "en", "de"])))
+    return pages
+
+
+@pytest.mark.parametrize("cfg", [
+    ExtractConfig(processes=1),
+    ExtractConfig(processes=1, min_alt_chars=0, reject_svg=False, reject_gif=False),
+    ExtractConfig(processes=1, max_host_chars=3, max_text_chars=20),
+    ExtractConfig(processes=1, max_host_chars=1, min_alt_chars=1),
+], ids=["laion", "keep-all", "short-limits", "tiny-host"])
+def test_vectorised_link_rules_match_the_reference(cfg, monkeypatch):
+    import fastlaion.extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "LINK_BATCH", 500)  # several batches, one page split across none
+    pages = _random_pages(7, 600)
+    out = {}
+    for vectorised in (True, False):
+        stats, rows = extract_mod.InputStats("x"), _Rows()
+        rules = extract_mod._LinkRules(cfg, stats, rows, vectorised=vectorised)
+        for page_url, base, srcs, alts, lang in pages:
+            rules.wat_page(page_url, base, srcs, alts, lang)
+        rules.flush()
+        out[vectorised] = (rows.rows, stats.rejected, stats.notes, stats.links, stats.pairs)
+    assert out[True][0] == out[False][0]
+    assert out[True][1:] == out[False][1:]
+    assert sum(out[False][1].values()) > 1000  # the cases are really exercised
+    assert out[False][4] > 100 or cfg.max_host_chars < 10
+
+
+def test_vectorised_link_rules_hand_odd_values_to_the_reference():
+    import fastlaion.extract as extract_mod
+
+    out = {}
+    for vectorised in (True, False):
+        stats, rows = extract_mod.InputStats("x"), _Rows()
+        rules = extract_mod._LinkRules(ONE, stats, rows, vectorised=vectorised)
+        rules.wat_page(PAGE, None, ["/a.jpg", 7, "/b.jpg"], ["A fine alt text", "Number src here", 12], None)
+        rules.wat_page(PAGE, None, ["/c.jpg"], ["Another page alt"], None)
+        rules.flush()
+        out[vectorised] = (rows.rows, stats.rejected)
+    assert out[True] == out[False]
+    assert [r[0] for r in out[True][0]] == ["https://example.com/a.jpg", "https://example.com/c.jpg"]
+
+
+def _wat_doc_variants() -> list[bytes]:
+    """WAT records the fast decoder and the full parse must read alike (or both refuse)."""
+    def doc(links=None, head=None, headers=None, extra=None, envelope_extra=None, target="https://w.example/p"):
+        hrm: dict = {"Headers": headers if headers is not None else {"Content-Type": "text/html"}}
+        html_meta: dict = {}
+        if links is not None:
+            html_meta["Links"] = links
+        if head is not None:
+            html_meta["Head"] = head
+        hrm["HTML-Metadata"] = html_meta
+        env = {"Format": "WARC", "WARC-Header-Metadata": {"WARC-Target-URI": target},
+               "Payload-Metadata": {"Actual-Content-Type": "x", "HTTP-Response-Metadata": hrm}}
+        env.update(envelope_extra or {})
+        d = {"Container": {"Offset": "1", "Gzip-Metadata": {"Inflated-CRC": 12, "x": [1.5, True, None]}}, "Envelope": env}
+        d.update(extra or {})
+        return json.dumps(d, ensure_ascii=False).encode()
+
+    good = [img("/a.jpg", "Alt text one"), img("https://i.example/b.png", "Caf&eacute; au lait"),
+            {"path": "A@/href", "url": "/next", "text": "next"}, img("//c.example/c.jpg", "Protocol relative image")]
+    docs = [
+        doc(good), doc(good, head={"Base": "https://base.example/sub/", "Title": "t"}),
+        doc(good, head={"Metas": [{"name": "x", "content": "y"}, {"http-equiv": "Content-Language", "content": " fr-CA "}]}),
+        doc(good, head={"Metas": "not a list"}), doc(good, head={"Metas": [1, "x", None]}), doc(good, head={"Metas": 5}),
+        doc(good, headers={"content-LANGUAGE": "de", "Server": "x"}), doc(good, headers={"Content-Language": 5}),
+        doc(good, headers="not a dict"), doc(good, head={"Base": 5}), doc(good, head=["a", "list"]), doc(good, head=None),
+        doc([img(5, "Number url here"), img("/x.jpg", 7), img(None, "No url at all"), {"path": 1, "url": "/y.jpg"}]),
+        doc([img("/a.jpg", "Alt text one"), "a string link", 3]), doc({"not": "a list"}), doc(None), doc([]),
+        doc(good, envelope_extra={"Payload-Metadata": None}), doc(good, envelope_extra={"Payload-Metadata": "text"}),
+        doc(good, envelope_extra={"WARC-Header-Metadata": {"WARC-Target-URI": 5}}), doc(good, target=""),
+        doc(good, extra={"Envelope": None}), doc(good, extra={"Unknown": {"deep": [[[{"a": "\u00e9\\\"/"}]]]}}),
+        doc([img("/\u00e9t\u00e9.jpg", "Sommer \u2600 im Garten"), img("/q.jpg", "emoji \U0001f600 here!")]),
+        b'[1, 2, {"path": "IMG@/src"}]', b'"IMG@/src"', b"null",
+        b'{"Envelope": {"Links": [{"path": "IMG@/src", "url": ',
+        b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/a.jpg","alt":"Lone \\ud800 surrogate"}]}}}}}',
+        b'{"X":"\\udc00","Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one"}]}}}}}',
+        b'{"X":"bad \xff utf8","Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one"}]}}}}}',
+        b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one","alt":"Second alt wins"}]}}}}}',
+        b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one"}]}}}},"Envelope":null}',
+        b'{"X":[1,],"Envelope":{}}', b'{"X":NaN,"Envelope":{}}', b'{"X":"ctl \x01","Envelope":{}}', b'{"a":1} trailing',
+        b' \n{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"/n.jpg","alt":"Newlines around"}]}}}}}\n ',
+    ]
+    return docs
+
+
+def test_fast_wat_decoder_matches_the_full_parse():
+    import fastlaion.extract as extract_mod
+
+    docs = _wat_doc_variants()
+    for block in docs:
+        out = {}
+        for name, handle in (("fast", extract_mod._handle_wat), ("reference", extract_mod._handle_wat_reference)):
+            stats, rows = extract_mod.InputStats("x"), _Rows()
+            rules = extract_mod._LinkRules(ONE, stats, rows)
+            handle("", memoryview(block), rules, stats)
+            rules.flush()
+            out[name] = (rows.rows, stats.pages, stats.links, stats.rejected, stats.ignored, stats.skipped)
+        assert out["fast"] == out["reference"], block[:120]
+
+
+def test_fast_wat_decoder_reads_a_number_orjson_cannot_hold():
+    """The one known difference: a JSON number beyond a double's range (valid JSON) in a field
+    we never read. orjson refuses the record; the fast path skips the field and reads the links."""
+    import fastlaion.extract as extract_mod
+
+    block = (b'{"Container":{"Offset":1e999},"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":'
+             b'{"Links":[{"path":"IMG@/src","url":"https://i.example/a.jpg","alt":"Alt text one"}]}}}}}')
+    stats, rows = extract_mod.InputStats("x"), _Rows()
+    rules = extract_mod._LinkRules(ONE, stats, rows)
+    extract_mod._handle_wat("https://p.example/", memoryview(block), rules, stats)
+    rules.flush()
+    assert [r[:2] for r in rows.rows] == [("https://i.example/a.jpg", "Alt text one")]
+
+
+@pytest.mark.parametrize("head", [
+    b"WARC/1.0\r\nWARC-Type: metadata\r\nWARC-Target-URI: https://a.example/\r\nContent-Type: application/json\r\nContent-Length: 12",
+    b"WARC/1.0\r\nwarc-type:RESPONSE\r\ncontent-length:  0012 \r\nWARC-Target-URI: <https://a.example/>",
+    b"WARC/1.0\r\nWARC-Type : metadata\r\n Content-Length: 5\r\nContent-Length: 7",
+    b"WARC/1.0\r\nWARC-Type: metadata\r\nX-Note: the content-length: 99 is a lie\r\nContent-Length: 3",
+    b"WARC/1.0\r\nWARC-Type: meta\rdata\r\nContent-Length: \xef\xbc\x91\xef\xbc\x92",
+    b"WARC/1.0\r\nWARC-Type: metadata\r\nContent-Length: 1_000",
+    b"WARC/1.0\r\nWARC-Type: metadata\r\nContent-Length: -4",
+    b"WARC/1.0\r\nWARC-Type: metadata\r\nContent-Length: \x1c5",
+    b"WARC/1.0\r\nWARC-Type:\r\nContent-Length:",
+    b"WARC/1.0\r\nWARC-Type: m\xe9tadata\r\nWARC-Target-URI: https://\xc3\xa9.example/\r\nContent-Length: 4",
+    b"WARC/1.0 Content-Length: 9\r\nWARC-Type: request",
+])
+def test_warc_header_fields_match_the_reference_parser(head):
+    from fastlaion.extract import (
+        _CONTENT_LENGTH, _CONTENT_TYPE, _TARGET_URI, _WARC_TYPE, _content_length, _parse_warc_headers, _warc_field,
+        _warc_type,
+    )
+
+    low = head.lower()
+    ref = _parse_warc_headers(head)
+    for fld in (_CONTENT_LENGTH, _WARC_TYPE, _CONTENT_TYPE, _TARGET_URI):
+        assert _warc_field(head, low, fld) == ref.get(fld[2], ""), fld
+    for value in (b"metadata", b"response"):
+        assert (_warc_type(head, low) == value) == (ref.get("warc-type", "").lower() == value.decode())
+    try:
+        expected: int | type = int(ref.get("content-length", ""))
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            _content_length(head, low)
+    else:
+        assert _content_length(head, low) == expected
+
+
+def _gzip_variants() -> dict[str, bytes]:
+    recs = [wat_record(f"https://g.example/{i}", [img(f"/{i}.jpg", f"Gzip variant {i}")]) for i in range(6)]
+    members = [gzip.compress(r) for r in recs]
+    bad = bytearray(members[2])
+    bad[20:40] = b"\x00" * 20
+    stored = gzip.compress(recs[3] + b"", compresslevel=0)  # stored: any bytes show through
+    look_alike = warc_record("metadata", "https://g.example/m", b'{"x": "\x1f\x8b\x08\x00 magic inside"}', "application/json")
+    big_claim = bytearray(members[4])
+    big_claim[-4:] = (1 << 30).to_bytes(4, "little")  # ISIZE says 1 GiB
+    return {
+        "clean": b"".join(members),
+        "corrupt-middle": b"".join(members[:2]) + bytes(bad) + b"".join(members[3:]),
+        "junk-between": members[0] + b"junk!" * 10 + b"".join(members[1:]),
+        "cut-last": b"".join(members)[:-30],
+        "cut-header": b"".join(members) + members[0][:12],
+        "stored-with-magic": members[0] + gzip.compress(look_alike, compresslevel=0) + stored + members[5],
+        "empty-member": members[0] + gzip.compress(b"") + members[1],
+        "bad-size": members[0] + bytes(big_claim) + members[5],
+        "one-member": gzip.compress(b"".join(recs)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gzip_variants()))
+def test_whole_member_inflate_matches_the_streaming_path(name, monkeypatch):
+    import fastlaion.extract as extract_mod
+
+    data = _gzip_variants()[name]
+    monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", 700)  # members cross read chunks
+    def streaming_only(chunks):
+        return [next(chunks)]
+        yield  # a generator, like _whole_members
+
+    out = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(extract_mod, "_whole_members", streaming_only)
+        stats = extract_mod.InputStats("x")
+        splitter = extract_mod._Splitter(stats, 1 << 20, lambda *a: None)
+        pieces: list[bytes | None] = [b""]
+        for piece in extract_mod._decompressed(extract_mod._raw_chunks(io.BytesIO(data), stats), stats, splitter):
+            if piece is None:
+                pieces += [None, b""]
+            else:
+                pieces[-1] += piece
+        out[fast] = (pieces, stats.skipped, splitter.cut)
+    assert out[True] == out[False]
+
+
+def test_dot_segment_join_matches_urljoin():
+    from fastlaion.extract import _Base
+
+    bases = ["http://h", "http://h/", "https://example.com/a/b/c.html", "http://h/a//b/c", "http://h/a/b/",
+             "http://h/a;p/b;q?x#y", "HTTPS://H.example:81/x/y", "https://user@h.example/p/q"]
+    srcs = ["./a.jpg", "../a.jpg", "../../../../a.jpg", "a/./b/../c.jpg", ".", "..", "./", "../", ".hidden.jpg",
+            "..foo/x.jpg", "/a/../b.jpg", "/../x", "/./x", "a/.", "a/..", "x/../../y", ".//x", "../a//b.jpg",
+            "./a b.jpg", "./a;p.jpg", "./a.jpg?x=1", "./a.jpg#f", "./a:b.jpg", "..\\x.jpg", "./ä.jpg", "/.", "/..",
+            "a/b/./../../../c", "./%2e%2e/x.jpg"]
+    for base in bases:
+        joiner = _Base(base)
+        for src in srcs:
+            assert joiner.join(src) == urljoin(base, src), (base, src)
+
+
+def test_base_parts_split_like_base():
+    from fastlaion.extract import _Base, _base_parts
+
+    for base, _ in BASES + [("https://example.com/a/b.html?q=1#f", None), ("http://h", None), ("HtTpS://X.example", None),
+                            ("https://h.example/a;p/b", None), ("https://h.example:8080", None), ("https://h.example#f", None)]:
+        scheme, origin, directory = _base_parts(base)
+        if scheme is None:
+            continue  # left to _Base itself
+        joiner = _Base(base)
+        joiner._split_base()
+        assert (scheme, origin, directory) == (joiner.scheme, joiner.origin, joiner.dir), base
