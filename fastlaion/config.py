@@ -280,6 +280,9 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tags: TagConfig = field(default_factory=TagConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # A rerun that also downloads again the rows of finished shards whose download failed for a
+    # transient reason (download.is_transient), and rewrites just those shards. Not a resume key.
+    retry_failed: bool = False
 
     def validate(self) -> None:
         self.parallel.validate()

@@ -25,11 +25,13 @@ from typing import Any
 import polars as pl
 
 from .config import ConfigError, RunConfig
-from .writer import PARTIAL_DIR
+from .writer import PARTIAL_DIR, ShardWriteError
 
 log = logging.getLogger(__name__)
 
-ROWS_FILE = "rows.arrow"  # the run's input rows, written once for the workers to memory-map
+# The run's input rows, written once, one record batch per shard: a worker reads just the batch
+# of the shard it runs, so its memory does not grow with the input (each held the whole table).
+ROWS_FILE = "rows.arrow"
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
 
 
@@ -43,7 +45,9 @@ def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int],
     seconds summed over workers (load_models: the slowest worker's)."""
     rows_path = out / PARTIAL_DIR / ROWS_FILE
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    table.write_ipc(rows_path)
+    size = cfg.input.shard_size
+    pl.concat([table.slice(s * size, size) for s in range(-(-table.height // size))] or [table],
+              rechunk=False).write_ipc(rows_path)
     ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
     tasks: Any = ctx.Queue()
     results: Any = ctx.Queue()
@@ -85,6 +89,8 @@ def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int],
                 done_workers.add(worker)
             elif kind == "config_error":
                 raise ConfigError(msg[2])
+            elif kind == "shard_failed":  # a shard could not be written: stop, as one worker would
+                raise ShardWriteError(*msg[2:])
             elif kind == "os_error":
                 raise OSError(*msg[2])
             else:  # "error"
@@ -170,7 +176,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows_path: str, tasks: A
         except ImportError:
             pass
     try:
-        table = pl.read_ipc(rows_path)
+        table = pl.scan_ipc(rows_path)  # work() collects one shard's rows at a time
 
         def shard_ids() -> Any:
             while (shard := tasks.get()) is not None:
@@ -183,6 +189,8 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows_path: str, tasks: A
         pass  # the parent saw Ctrl-C too and reports it
     except ConfigError as exc:
         results.put(("config_error", worker, str(exc)))
+    except ShardWriteError as exc:  # sent in parts: an OSError subclass does not pickle its own fields
+        results.put(("shard_failed", worker, exc.shard, exc.errno, exc.what, exc.path))
     except OSError as exc:
         results.put(("os_error", worker, (exc.errno, exc.strerror or str(exc), exc.filename)))
     except BaseException:

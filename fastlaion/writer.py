@@ -11,7 +11,10 @@ Layout under the output folder (img2dataset's, plus fastlaion's extras):
     config.json            the run's whole configuration
 
 Everything of a shard is first written under `.partial/` and then renamed into place, so a
-shard's files appear only when complete.
+shard's files appear only when complete. The stats file is written there last, so a folder under
+`.partial/` that holds it is complete: a run killed while renaming is rolled forward by the next
+run (`recover_partial`). A shard rewritten with retried rows (`rewrite=True`) loses its stats
+file first, so readers never take a half-renamed shard for a complete one.
 """
 
 from __future__ import annotations
@@ -68,12 +71,49 @@ def read_stats(out_dir: Path, shard: int) -> dict[str, Any]:
     return json.loads((out_dir / f"{shard_name(shard)}_stats.json").read_text())
 
 
+class ShardWriteError(OSError):
+    """A shard's files could not be written (disk full, file too large, permissions). Nothing
+    of the shard was published: the shard is as it was before, and a rerun redoes it."""
+
+    def __init__(self, shard: int, errno: int | None, what: str, path: str | None = None):
+        where = f" ({path})" if path else ""
+        super().__init__(errno, f"shard {shard_name(shard)} not written: {what}{where}; the finished shards "
+                                "are kept, rerun the same command to redo it")
+        self.shard, self.what, self.path = shard, what, path
+
+    @classmethod
+    def wrap(cls, shard: int, exc: OSError) -> ShardWriteError:
+        return exc if isinstance(exc, cls) else cls(shard, exc.errno, exc.strerror or str(exc), exc.filename)
+
+
+def recover_partial(out_dir: Path) -> list[int]:
+    """Finish the renames of shards whose files were all written under `.partial/` (their stats
+    file is there) when the run stopped; drop everything else there. Returns the shards finished."""
+    partial = out_dir / PARTIAL_DIR
+    finished = []
+    for tmp in sorted(partial.glob("[0-9]*")) if partial.is_dir() else ():
+        stats = tmp / f"{tmp.name}_stats.json"
+        if tmp.is_dir() and stats.exists():
+            for f in sorted(tmp.iterdir()):
+                if f != stats and f.name.startswith(tmp.name) and not f.name.endswith(".tmp"):
+                    os.replace(f, out_dir / f.name)
+            os.replace(stats, out_dir / stats.name)
+            finished.append(int(tmp.name))
+    shutil.rmtree(partial, ignore_errors=True)
+    return finished
+
+
 class ShardWriter:
     """Writes one shard: kept samples stream into the tar as batches finish; the Parquet,
-    embeddings and stats are written by `finish`, then everything is renamed into place."""
+    embeddings and stats are written by `publish`, then everything is renamed into place.
+
+    With `rewrite=True` the writer starts from the published shard (--retry-failed): its tar is
+    copied and appended to, and the outcomes added replace those rows of its Parquet (the other
+    rows are kept as they are), their embeddings those rows of its embeddings.
+    """
 
     def __init__(self, out_dir: Path, shard: int, n_rows: int, shard_size: int, embed_dim: int | None,
-                 optional_columns: tuple[str, ...] = ()):
+                 optional_columns: tuple[str, ...] = (), *, rewrite: bool = False):
         self.out_dir = out_dir
         self.shard = shard
         self.name = shard_name(shard)
@@ -86,14 +126,28 @@ class ShardWriter:
         self.tmp = out_dir / PARTIAL_DIR / self.name
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self._tar = tarfile.open(self.tmp / f"{self.name}.tar", "w", format=tarfile.USTAR_FORMAT)
+        self.rewrite = rewrite
+        self.previous: pl.DataFrame | None = None  # the published Parquet, when rewriting
+        self.samples = 0
+        if rewrite:
+            self.previous = pl.read_parquet(out_dir / f"{self.name}.parquet")
+            if self.previous.height != n_rows:
+                raise RuntimeError(f"shard {self.name}: its Parquet has {self.previous.height} rows, "
+                                   f"the input {n_rows}")
+            self.samples = int((self.previous["status"] == "kept").sum())
+            shutil.copyfile(out_dir / f"{self.name}.tar", self.tmp / f"{self.name}.tar")
+        self._tar = tarfile.open(self.tmp / f"{self.name}.tar", "a" if rewrite else "w",
+                                 format=tarfile.USTAR_FORMAT)
         self._outcomes: list[pl.DataFrame] = []
         # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
         self._img_emb = self._txt_emb = None
         if embed_dim is not None:
-            self._img_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
-            self._txt_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
-        self.samples = 0
+            if rewrite:
+                self._img_emb = np.load(out_dir / f"{self.name}_img_emb.npy")
+                self._txt_emb = np.load(out_dir / f"{self.name}_txt_emb.npy")
+            else:
+                self._img_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
+                self._txt_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
         self._mtime = time.time()
 
     def key(self, row: int) -> str:
@@ -131,13 +185,19 @@ class ShardWriter:
 
     def table(self) -> pl.DataFrame:
         """Every input row of the shard, kept or dropped, in row order, with its sample key."""
+        if not self._outcomes and self.previous is not None:
+            return self.previous  # a rewrite with no row to redo
         outcome = pl.concat(self._outcomes, how="diagonal_relaxed").sort("row")
-        if outcome.height != self.n_rows or outcome["row"].n_unique() != self.n_rows:
-            raise RuntimeError(f"shard {self.name}: {outcome.height} outcomes for {self.n_rows} input rows")
         outcome = outcome.with_columns(
             (pl.lit(self.name) + pl.col("row").cast(pl.String).str.zfill(self.digits)).alias("key"))
-        return outcome.select([(pl.col(c) if c in outcome.columns else pl.lit(None)).cast(PARQUET_SCHEMA[c]).alias(c)
-                               for c in self.columns])
+        table = outcome.select([(pl.col(c) if c in outcome.columns else pl.lit(None)).cast(PARQUET_SCHEMA[c]).alias(c)
+                                for c in self.columns])
+        if self.previous is not None:  # the rows not redone stay exactly as published
+            kept_as_is = self.previous.filter(~pl.col("key").is_in(table["key"].implode()))
+            table = pl.concat([kept_as_is, table]).sort("key")  # keys are zero-padded: row order
+        if table.height != self.n_rows or table["key"].n_unique() != self.n_rows:
+            raise RuntimeError(f"shard {self.name}: {table.height} outcomes for {self.n_rows} input rows")
+        return table
 
     def publish(self, table: pl.DataFrame, stats: dict[str, Any]) -> None:
         """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""
@@ -149,13 +209,21 @@ class ShardWriter:
             np.save(self.tmp / f"{self.name}_img_emb.npy", self._img_emb)
             np.save(self.tmp / f"{self.name}_txt_emb.npy", self._txt_emb)
             published += [f"{self.name}_img_emb.npy", f"{self.name}_txt_emb.npy"]
-        (self.tmp / f"{self.name}_stats.json").write_text(json.dumps(stats, indent=2))
-        for fname in [*published, f"{self.name}_stats.json"]:  # stats last: it marks completion
+        stats_name = f"{self.name}_stats.json"
+        # Written whole, then renamed: its presence under .partial/ means every file is there.
+        (self.tmp / f"{stats_name}.tmp").write_text(json.dumps(stats, indent=2))
+        os.replace(self.tmp / f"{stats_name}.tmp", self.tmp / stats_name)
+        if self.rewrite:  # from here until the new stats lands, the shard reads as incomplete
+            (self.out_dir / stats_name).unlink(missing_ok=True)
+        for fname in [*published, stats_name]:  # stats last: it marks completion
             os.replace(self.tmp / fname, self.out_dir / fname)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self) -> None:
+        """Discard everything written under .partial/ (the published shard, if any, is untouched)."""
         try:
             self._tar.close()
+        except OSError:
+            pass  # the write that failed (disk full) may fail again: the file goes anyway
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,238 @@
+"""--retry-failed: a rerun downloads again only the rows that failed transiently (5xx, 429,
+timeouts, connection errors) and rewrites only the shards that hold them."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from aiohttp import web
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer, Served
+
+from helpers import encode
+from test_pipeline import read_output, tiny_checkpoint
+
+runner = CliRunner()
+SHARD_SIZE = 4
+
+
+class Flaky:
+    """Routes /flaky/NAME?fail=N&status=S: the first N requests of a path answer S, the later
+    ones serve the image NAME. Counts every request by path."""
+
+    def __init__(self, images: dict[str, bytes]):
+        self.images = images
+        self.hits: Counter[str] = Counter()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits[request.path_qs] += 1
+        if self.hits[request.path_qs] <= int(request.query.get("fail", "0")):
+            status = int(request.query.get("status", "503"))
+            return web.Response(status=status, text="try later\n", headers={"Retry-After": "1"})
+        return web.Response(body=self.images[request.match_info["name"]], content_type="image/jpeg")
+
+    def route(self) -> web.RouteDef:
+        return web.get("/flaky/{name}", self.handle)
+
+
+@pytest.fixture
+def flaky_case(photos):
+    names = list(photos)
+    images = {f"{i}.jpg": encode(photos[names[i % len(names)]][: 220 + 9 * i]) for i in range(12)}
+    flaky = Flaky(images)
+    # (path, expected after the first run, after one --retry-failed, after a second one)
+    rows = [
+        ("flaky/0.jpg", "kept", "kept", "kept"),                         # shard 0: nothing transient
+        ("flaky/1.jpg", "kept", "kept", "kept"),
+        ("missing.jpg", "http_404", "http_404", "http_404"),             # lasting: never retried
+        ("flaky/3.jpg", "kept", "kept", "kept"),
+        ("flaky/4.jpg", "kept", "kept", "kept"),                         # shard 1
+        ("flaky/5.jpg?fail=1", "http_503", "kept", "kept"),
+        ("flaky/6.jpg?fail=1&status=429", "http_429", "kept", "kept"),
+        ("missing.jpg", "http_404", "http_404", "http_404"),
+        ("flaky/8.jpg", "kept", "kept", "kept"),                         # shard 2
+        ("flaky/9.jpg?fail=2&status=502", "http_502", "http_502", "kept"),
+        ("flaky/10.jpg", "kept", "kept", "kept"),
+        ("ftp://127.0.0.1/x.jpg", "invalid_url", "invalid_url", "invalid_url"),
+    ]
+    return flaky, rows
+
+
+def _args(inp: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", str(inp), "-o", str(out), "--allow-private-networks", "--shard-size", str(SHARD_SIZE),
+            "--retries", "0", "--timeout", "5", "--no-progress", "--no-language", *extra]
+
+
+def _write_input(tmp_path: Path, server: LoopbackServer, rows) -> Path:
+    urls = [p if "://" in p else server.url(p) for p, *_ in rows]
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"url": urls, "caption": [f"photo number {i}" for i in range(len(urls))]}).write_parquet(path)
+    return path
+
+
+def _outcomes(out: Path) -> list[str]:
+    t = read_output(out)
+    return [s if s == "kept" else r for s, r in zip(t["status"], t["reason"])]
+
+
+def _files(out: Path, shard: int) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.glob(f"{shard:05d}*"))}
+
+
+def _tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _check_shard_consistent(out: Path, shard: int) -> None:
+    """Parquet, tar and stats of one shard agree, and the funnel adds up."""
+    t = pl.read_parquet(out / f"{shard:05d}.parquet")
+    stats = json.loads((out / f"{shard:05d}_stats.json").read_text())
+    f = stats["funnel"]
+    assert f["input"] == t.height == SHARD_SIZE
+    assert f["kept"] == f["input"] - sum(sum(d.values()) for d in f["drops"].values())
+    assert f["kept"] == t.filter(pl.col("status") == "kept").height
+    dropped = t.filter(pl.col("status") == "dropped").group_by("reason").len()
+    assert dict(dropped.iter_rows()) == {r: n for d in f["drops"].values() for r, n in d.items()}
+    names = [n for n, _ in _tar(out / f"{shard:05d}.tar")]
+    assert len(names) == len(set(names))  # no sample twice
+    kept = set(t.filter(pl.col("status") == "kept")["key"])
+    assert {n.rsplit(".", 1)[0] for n in names} == kept
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == sorted(["jpg", "json", "txt"] * len(kept))
+
+
+def test_retry_failed_downloads_only_transient_rows_and_rewrites_only_their_shards(tmp_path, flaky_case):
+    flaky, rows = flaky_case
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        first = runner.invoke(app, _args(inp, out, "--no-score"))
+        assert first.exit_code == 0, first.output
+        assert _outcomes(out) == [r[1] for r in rows]
+        assert "3 row(s) failed for transient reasons" in first.output
+        assert "rerun with --retry-failed" in first.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["transient"] == {"http_503": 1, "http_429": 1, "http_502": 1}
+        before = {s: _files(out, s) for s in range(3)}
+        tar1_before = _tar(out / "00001.tar")
+        table_before = read_output(out)
+
+        hits_before = Counter(flaky.hits)
+        second = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
+        assert second.exit_code == 0, second.output
+        asked = flaky.hits - hits_before
+        # only the three transient rows were asked for again, once each; the 404s were not
+        assert asked == Counter({"/flaky/5.jpg?fail=1": 1, "/flaky/6.jpg?fail=1&status=429": 1,
+                                 "/flaky/9.jpg?fail=2&status=502": 1})
+        assert server.hits["/missing.jpg"] == 2  # both 404 rows, in the first run only
+        assert _outcomes(out) == [r[2] for r in rows]
+        assert _files(out, 0) == before[0]  # no transient failure: not a byte nor an mtime changed
+        assert _files(out, 1) != before[1] and _files(out, 2) != before[2]
+
+        # shard 1: the old samples are still there byte for byte, the two recovered rows appended
+        tar1 = _tar(out / "00001.tar")
+        assert tar1[:len(tar1_before)] == tar1_before
+        assert sorted(n for n, _ in tar1[len(tar1_before):]) == sorted(
+            f"00001{r}.{ext}" for r in (1, 2) for ext in ("jpg", "json", "txt"))
+        for s in range(3):
+            _check_shard_consistent(out, s)
+        # rows not retried are unchanged in every column
+        table = read_output(out)
+        retried = table["url"].str.contains("fail=").to_numpy()
+        assert table.filter(~pl.Series(retried)).equals(table_before.filter(~pl.Series(retried)))
+        recovered = table.filter(pl.col("url").str.contains("5.jpg|6.jpg"))
+        assert recovered["http_status"].to_list() == [200, 200] and recovered["attempts"].to_list() == [1, 1]
+        assert recovered["sha256"].null_count() == 0 and (recovered["width"] > 0).all()
+
+        stats1 = json.loads((out / "00001_stats.json").read_text())
+        assert stats1["retries"] == [dict(stats1["retries"][0], rows=2, kept=2, failed_again=0)]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["retried"] == {"shards": 2, "rows": 3, "kept": 2, "failed_again": 1}
+        assert summary["transient"] == {"http_502": 1}
+        assert summary["funnel"]["input"] == 12 and summary["funnel"]["kept"] == 8
+        assert "retried: 3 row(s)" in second.output and "2 kept now, 1 failed transiently again" in second.output
+        assert not (out / ".partial").exists()
+
+        # a second retry: only the row still failing is asked for, only its shard is rewritten
+        after_second = {s: _files(out, s) for s in range(3)}
+        hits_before = Counter(flaky.hits)
+        third = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
+        assert third.exit_code == 0, third.output
+        assert flaky.hits - hits_before == Counter({"/flaky/9.jpg?fail=2&status=502": 1})
+        assert _files(out, 0) == after_second[0] and _files(out, 1) == after_second[1]
+        assert _outcomes(out) == [r[3] for r in rows]
+        _check_shard_consistent(out, 2)
+        assert len(json.loads((out / "00002_stats.json").read_text())["retries"]) == 2
+        assert "rerun with --retry-failed" not in third.output
+
+        # nothing transient left: nothing is downloaded or touched
+        final = {s: _files(out, s) for s in range(3)}
+        hits_before = Counter(flaky.hits)
+        fourth = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
+        assert fourth.exit_code == 0, fourth.output
+        assert flaky.hits == hits_before and {s: _files(out, s) for s in range(3)} == final
+        assert "nothing to do" in fourth.output
+
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False).decode("pil"))
+    assert sorted(s["__key__"] for s in samples) == sorted(read_output(out).filter(pl.col("status") == "kept")["key"])
+
+
+def test_retry_failed_merges_scores_and_embeddings(tmp_path, flaky_case):
+    """With CLIP scoring on: the recovered rows get their similarity and embeddings; the other
+    rows' embeddings stay as they were."""
+    flaky, rows = flaky_case
+    rows = rows[4:8]  # shard 1 alone: two transient failures
+    ckpt = tiny_checkpoint(tmp_path)
+    score = ["--model", "fastlaion-tiny", "--pretrained", str(ckpt), "--min-similarity", "-1"]
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        assert runner.invoke(app, _args(inp, out, *score)).exit_code == 0
+        img_before = np.load(out / "00000_img_emb.npy")
+        assert np.isnan(img_before[[1, 2, 3]]).all() and not np.isnan(img_before[0]).any()
+        result = runner.invoke(app, _args(inp, out, *score, "--retry-failed"))
+    assert result.exit_code == 0, result.output
+    t = pl.read_parquet(out / "00000.parquet")
+    assert t["status"].to_list() == ["kept", "kept", "kept", "dropped"]
+    img, txt = np.load(out / "00000_img_emb.npy"), np.load(out / "00000_txt_emb.npy")
+    np.testing.assert_array_equal(img[0], img_before[0])  # not rescored
+    assert not np.isnan(img[[1, 2]]).any() and np.isnan(img[3]).all()
+    cos = (img[:3].astype(np.float32) * txt[:3].astype(np.float32)).sum(1)
+    np.testing.assert_allclose(cos, t["similarity"].to_numpy()[:3], atol=5e-3)
+    _check_shard_consistent(out, 0)
+
+
+def test_retry_failed_with_two_worker_processes(tmp_path, flaky_case):
+    flaky, rows = flaky_case
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        assert runner.invoke(app, _args(inp, out, "--no-score", "--processes", "2")).exit_code == 0
+        before = _files(out, 0)
+        hits_before = Counter(flaky.hits)
+        result = runner.invoke(app, _args(inp, out, "--no-score", "--processes", "2", "--retry-failed"))
+        assert result.exit_code == 0, result.output
+        assert sum((flaky.hits - hits_before).values()) == 3
+    assert _outcomes(out) == [r[2] for r in rows]
+    assert _files(out, 0) == before
+    for s in range(3):
+        _check_shard_consistent(out, s)
+
+
+def test_retry_failed_needs_an_earlier_run(tmp_path):
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "none"), "--no-score",
+                                 "--retry-failed", "--no-progress"])
+    assert result.exit_code == 2
+    assert "--retry-failed" in result.output and "no earlier run" in result.output
+    assert not (tmp_path / "none").exists()
