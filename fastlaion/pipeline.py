@@ -26,8 +26,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,15 @@ from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
 from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import read_inputs, shard_count, shard_rows
-from .writer import PARTIAL_DIR, ShardWriteError, ShardWriter, is_complete, read_stats, recover_partial, shard_name
+from .writer import (
+    PARTIAL_DIR,
+    ShardWriteError,
+    ShardWriter,
+    is_complete,
+    read_stats,
+    recover_partial,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 

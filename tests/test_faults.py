@@ -18,10 +18,9 @@ import numpy as np
 import polars as pl
 import pytest
 from aiohttp import web
+from helpers import encode
 
 from fastlaion.server import LoopbackServer, Served
-
-from helpers import encode
 
 FASTLAION = [sys.executable, "-m", "fastlaion"]
 
@@ -116,7 +115,7 @@ def test_server_outage_midway_fails_rows_transiently_and_retry_failed_fixes_them
         untouched = sorted({k // shard_size for k in range(n_rows)} - {int(k[:5]) for k in failed["key"]})
         mtimes = _mtimes(out, untouched)
         requests_before = dict(server.hits)
-        retry = subprocess.run(cmd + ["--retry-failed"], capture_output=True, text=True, timeout=120)
+        retry = subprocess.run(cmd + ["--retry-failed"], capture_output=True, text=True, timeout=120, check=False)
         asked = {p: n - requests_before.get(p, 0) for p, n in server.hits.items() if n != requests_before.get(p, 0)}
     finally:
         server.close()
@@ -177,7 +176,7 @@ def test_sigkill_of_the_parent_kills_its_workers_and_the_rerun_finishes(tmp_path
         time.sleep(0.3)  # nothing may still be writing: the files stay as they are
         mtimes = _mtimes(out, done_before)
         assert sorted(int(p.name[:5]) for p in out.glob("*_stats.json")) == done_before
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert "already complete" in rerun.stderr + rerun.stdout
     assert _mtimes(out, done_before) == mtimes  # finished shards left untouched
@@ -213,7 +212,7 @@ def test_a_shard_that_cannot_be_written_fails_by_name_and_the_rerun_redoes_it(tm
         # --resize-mode no: the tar holds the downloaded bytes, so shard 2 (rows 6-8) is the big one
         cmd = _cmd(inp, out, shard_size, "--resize-mode", "no", "--processes", str(processes), "--retries", "0")
         failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(limit),
-                                env={**os.environ, "COLUMNS": "300"})
+                                env={**os.environ, "COLUMNS": "300"}, check=False)
         assert failed.returncode == 1, failed.stderr
         lines = [ln for ln in failed.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1, failed.stderr
@@ -225,7 +224,7 @@ def test_a_shard_that_cannot_be_written_fails_by_name_and_the_rerun_redoes_it(tm
         assert summary["shards_failed"] == [{"shard": 2, "error": "File too large"}]
         mtimes = _mtimes(out, done_before)
 
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert _mtimes(out, done_before) == mtimes
     table = _check_every_row_once(out, urls)

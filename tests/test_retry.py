@@ -12,13 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 from aiohttp import web
+from helpers import encode
+from test_pipeline import read_output, tiny_checkpoint
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
-from fastlaion.server import LoopbackServer, Served
-
-from helpers import encode
-from test_pipeline import read_output, tiny_checkpoint
+from fastlaion.server import LoopbackServer
 
 runner = CliRunner()
 SHARD_SIZE = 4
