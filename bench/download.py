@@ -183,16 +183,11 @@ def _frames(stack: str) -> tuple[str, list[tuple[str, str]]]:
 
 def _package(path: str) -> str:
     """The importable package a py-spy file path belongs to ('PIL', 'asyncio', 'fastlaion')."""
-    p = path.replace("\\", "/")
-    for marker in ("site-packages/", "dist-packages/"):
-        if marker in p:
-            p = p.split(marker, 1)[1]
-    p = re.sub(r"^.*/lib/python3\.\d+/", "", p)
-    head = p.split("/", 1)[0]
-    return head[:-3] if head.endswith(".py") else head or "?"
+    return _module(path).split(".", 1)[0] or "?"
 
 
 def _module(path: str) -> str:
+    """The dotted module of a py-spy file path, relative to site-packages or the stdlib."""
     p = path.replace("\\", "/")
     for marker in ("site-packages/", "dist-packages/"):
         if marker in p:

@@ -33,6 +33,7 @@ from nvJPEG on CUDA (torchvision's encoder has no other), 4:2:0 from libjpeg-tur
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import itertools
@@ -142,17 +143,19 @@ def jpeg_has_eoi_after_scan(body: bytes) -> bool:
 
 # -- the interface ---------------------------------------------------------------------------
 
-class BatchDecoder:
+class BatchDecoder(abc.ABC):
     """prepare() per body from many threads, finish() per batch from one; see the module doc."""
 
     name: str
     device: torch.device
 
+    @abc.abstractmethod
     def prepare(self, body: bytes) -> Decoded:
-        raise NotImplementedError
+        """Checks (and on the CPU the whole decode) of one body, as it arrives."""
 
+    @abc.abstractmethod
     def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
-        raise NotImplementedError
+        """Complete a batch's pending rows; every row comes back, in order."""
 
 
 class CpuBatchDecoder(BatchDecoder):
@@ -292,9 +295,9 @@ class _DeviceBatchDecoder(BatchDecoder):
                      self.name, len(failed), len(bodies))
         return [d if d is not None else self._cpu(bodies[row]) for row, d in enumerate(out)]
 
+    @abc.abstractmethod
     def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
         """Decode and resize one batch (at most max_batch_size) of pending bodies."""
-        raise NotImplementedError
 
     def _encode_stored(self, images: list[torch.Tensor]) -> list[bytes]:
         """JPEG bytes of uint8 (h, w, 3) RGB images: nvJPEG on CUDA (torchvision: 4:4:4), else

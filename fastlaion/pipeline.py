@@ -534,6 +534,7 @@ class ShardJob:
         self.retry = retry
         self.downloader = downloader
         self.tail = asyncio.Event()  # set once only the slowest downloads are left (or the job ended)
+        self._reported: dict[str, float] = {}  # stage seconds already passed to progress.rows_done
         self.decoder, self.models = decoder, models  # decoder: decode.Decoder or a gpu_decode.BatchDecoder
         self.pools, self.progress = pools, progress
         self.timings: dict[str, float] = {"download": 0.0, "decode": 0.0, "score": 0.0, "tag": 0.0, "write": 0.0}
@@ -660,8 +661,7 @@ class ShardJob:
         self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())
 
     def _busy_since_last_report(self) -> dict[str, float]:
-        reported = getattr(self, "_reported", {})
-        busy = {k: v - reported.get(k, 0.0) for k, v in self.timings.items() if k != "download"}
+        busy = {k: v - self._reported.get(k, 0.0) for k, v in self.timings.items() if k != "download"}
         self._reported = dict(self.timings)
         return busy
 

@@ -131,14 +131,9 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
                            skipped_files=[vars(s) for s in d.skipped], unreadable_samples=unreadable,
                            settings=settings)
 
-    try:
+    with target.building():
         result = ds.guarded(job)
-        result.seconds = round(time.perf_counter() - started, 3)
-        target.write_manifest({"kind": "dedup", **result.to_dict()})
-    except BaseException:
-        target.abort()  # the earlier output, if any, stays as it was
-        raise
-    target.commit()
+        target.finish("dedup", result, started)
     return result
 
 

@@ -7,6 +7,9 @@ import json
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,22 @@ class OutputDir:
     def write_manifest(self, info: dict[str, Any]) -> None:
         manifest = {**self.source.manifest(), **info}  # info has the skips of the final attempt
         (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+
+    @contextmanager
+    def building(self) -> Iterator[OutputDir]:
+        """Commit the new files when the block ends; on any failure (Ctrl-C included) drop them,
+        so the earlier output, if any, stays as it was."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+
+    def finish(self, kind: str, result: Any, started: float) -> None:
+        """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
+        result.seconds = round(time.perf_counter() - started, 3)
+        self.write_manifest({"kind": kind, **result.to_dict()})
 
     def commit(self) -> None:
         """Replace this folder's earlier output (ours only) with the new files."""

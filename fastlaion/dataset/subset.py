@@ -182,7 +182,7 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
         return SubsetResult(output=str(out), condition=text, rows=d.rows, considered=considered, selected=selected,
                             skipped_files=[vars(s) for s in d.skipped], files=[METADATA_FILE])
 
-    try:
+    with target.building():
         result = ds.guarded(job)
         meta = pl.scan_parquet(target.path(METADATA_FILE))
         if cfg.urls:
@@ -195,12 +195,7 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
             result.tars, result.samples_exported = len(written.tars), written.samples
             result.samples_missing = written.missing
             result.files += [t["tar"] for t in written.tars] + [SHARDS_FILE]
-        result.seconds = round(time.perf_counter() - started, 3)
-        target.write_manifest({"kind": "subset", **result.to_dict()})
-    except BaseException:
-        target.abort()  # the earlier output, if any, stays as it was
-        raise
-    target.commit()
+        target.finish("subset", result, started)
     return result
 
 
