@@ -328,8 +328,9 @@ def resize_for_storage(image: Image.Image, width: int, height: int, image_size_p
 
 
 def _rgb_for_storage(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparent images are matted on white, as img2dataset does."""
-    if image.mode == "RGB":
+    """RGB pixels (RGBX, as libjpeg-turbo decodes, is left as it is: the same pixels);
+    transparent images are matted on white, as img2dataset does."""
+    if image.mode in ("RGB", "RGBX"):
         return image
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -428,7 +429,8 @@ class Decoder:
             watermark_input = None
             if self.watermark_size_px:
                 side = self.watermark_size_px  # LAION's detector squashes to a square (Resize((S, S)))
-                watermark_input = np.asarray(_rgb_for_storage(image).resize((side, side), Image.Resampling.BILINEAR))
+                watermark_input = np.asarray(_rgb_for_storage(image).resize((side, side), Image.Resampling.BILINEAR)
+                                             .convert("RGB"))
         except _Rejected as rejected:
             return Decoded(rejected.reason, rejected.detail, fmt, size and size[0], size and size[1],
                            None, None, None, None, None, time.thread_time() - start_s)
@@ -490,8 +492,9 @@ class Decoder:
             ensure_turbojpeg_warnings_raise()
             scale = self._jpeg_scale(*size)
             try:
-                pixels = self._tj.decode(body, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=scale)
-                return Image.fromarray(pixels)
+                # RGBX is Pillow's own layout for RGB: the image maps the decoded buffer, no copy.
+                pixels = self._tj.decode(body, pixel_format=turbojpeg.TJPF_RGBX, scaling_factor=scale)
+                return Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGBX", 0, 1)
             except UserWarning as exc:
                 if _TRUNCATED_JPEG.search(str(exc)):
                     raise _Rejected(TRUNCATED, f"libjpeg-turbo: {exc}") from None
@@ -532,7 +535,8 @@ class Decoder:
             return body, STORED_EXT[fmt], size
         stored = resize_for_storage(_rgb_for_storage(image), *size, self.cfg.image_size, mode)
         jpeg = self._tj.encode(np.asarray(stored), quality=self.cfg.jpeg_quality,
-                               pixel_format=turbojpeg.TJPF_RGB, jpeg_subsample=_STORED_SUBSAMPLING)
+                               pixel_format=turbojpeg.TJPF_RGBX if stored.mode == "RGBX" else turbojpeg.TJPF_RGB,
+                               jpeg_subsample=_STORED_SUBSAMPLING)
         return jpeg, "jpg", stored.size
 
 

@@ -1,8 +1,8 @@
 """Download stage: fetch image URLs over HTTP with bounded concurrency, memory and time.
 
 The shape is the 500-lines asyncio crawler's: `download_all` runs a fixed number of worker
-coroutines that pull (key, url) pairs from a bounded queue, so memory stays flat however long the
-input is. Each URL ends as one immutable `Fetched` record: the body, or a short reason code the
+coroutines that pull (key, url) pairs from a bounded look-ahead window (preferring hosts with a
+free slot), so memory stays flat however long the input is. Each URL ends as one immutable `Fetched` record: the body, or a short reason code the
 pipeline counts and writes beside the row. Expected failures (404, timeout, refused, too large)
 are reasons, never exceptions; only `aiohttp.ClientError` and timeouts are caught, so a bug raises.
 
@@ -56,7 +56,7 @@ import re
 import socket
 import time
 import urllib.robotparser
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -405,6 +405,11 @@ class _HostGates:
         self._gates: dict[str, _Gate] = {}
         self._sweep_at = 1024
 
+    def has_room(self, host: str, now: float) -> bool:
+        """Whether a request to `host` could start now without waiting for a slot or the rate."""
+        gate = self._gates.get(host)
+        return gate is None or (not gate.slots.locked() and gate.next_start <= now)
+
     @asynccontextmanager
     async def slot(self, host: str) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -533,6 +538,11 @@ class Downloader:
         if self._owned_resolver is not None:
             await self._owned_resolver.close()
             self._owned_resolver = None
+
+    def host_has_room(self, host: str) -> bool:
+        """Whether a request to `host` (see `host_of`) would start at once rather than wait for
+        one of the host's slots or for its rate window."""
+        return self._gates.has_room(host, asyncio.get_running_loop().time())
 
     async def fetch(self, url: str) -> Fetched:
         """Download `url`, retrying transient failures `cfg.retries` times with backoff."""
@@ -736,40 +746,69 @@ async def _deadline_fallback(seconds: float) -> AsyncIterator[None]:
 _deadline = getattr(asyncio, "timeout", _deadline_fallback)
 
 
+def host_of(url: str | None) -> str:
+    """The host a URL's first request goes to, as the per-host slots name it ('' if none, e.g.
+    for an invalid URL, which `fetch` answers without a request)."""
+    if not isinstance(url, str):
+        return ""
+    try:
+        return URL(url.strip()).raw_host or ""
+    except (ValueError, TypeError):
+        return ""
+
+
 async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]], workers: int,
                        on_result: Callable[[int, Fetched], Awaitable[None]],
                        on_drained: Callable[[], None] | None = None) -> None:
     """Fetch every (key, url) with `workers` coroutines and await `on_result(key, fetched)` for each.
 
-    A producer feeds a queue of at most 2 * workers items; since `on_result` is awaited inside
-    the worker, at most `workers` bodies are alive at once. Invalid URLs are not requested (they
-    get `Fetched(error='invalid_url', attempts=0)`). Results arrive in completion order, each key
-    exactly once. If `on_result` (or `items`) raises, the other workers are cancelled and the
-    exception propagates. `on_drained()` is called once, when every item has been taken by a
-    worker and only the requests in flight remain (the tail: a caller may start the next batch).
+    Workers take the next URL from a look-ahead window of at most 2 * workers items, skipping
+    those whose host has no free slot (per-host limit or rate) for the first one whose host has:
+    a host with many URLs in a row does not hold every worker idle while other hosts wait. When
+    no host in the window has room, the oldest item is taken and waits for its host, as in a
+    plain queue. Since `on_result` is awaited inside the worker, at most `workers` bodies are
+    alive at once. Invalid URLs are not requested (they get `Fetched(error='invalid_url',
+    attempts=0)`). Results arrive in completion order, each key exactly once. If `on_result` (or
+    `items`) raises, the other workers are cancelled and the exception propagates.
+    `on_drained()` is called once, when every item has been taken by a worker and only the
+    requests in flight remain (the tail: a caller may start the next batch).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(maxsize=2 * workers)
-
-    async def produce() -> None:
-        for item in items:
-            await queue.put(item)
-        for _ in range(workers):
-            await queue.put(None)  # one stop sign per worker
-
+    source = iter(items)
+    window: deque[tuple[int, str, str]] = deque()  # (key, url, host), oldest first
+    lookahead = 2 * workers
+    exhausted = False
     drained = False
+
+    def take() -> tuple[int, str] | None:
+        nonlocal exhausted
+        while not exhausted and len(window) < lookahead:
+            try:
+                key, url = next(source)
+            except StopIteration:
+                exhausted = True
+            else:
+                window.append((key, url, host_of(url)))
+        if not window:
+            return None
+        for i, (key, url, host) in enumerate(window):
+            if downloader.host_has_room(host):
+                del window[i]
+                return key, url
+        key, url, _host = window.popleft()
+        return key, url
 
     async def work() -> None:
         nonlocal drained
-        while (item := await queue.get()) is not None:
+        while (item := take()) is not None:
             key, url = item
             await on_result(key, await downloader.fetch(url))
         if not drained and on_drained is not None:
             drained = True
             on_drained()
 
-    tasks = [asyncio.ensure_future(produce())] + [asyncio.ensure_future(work()) for _ in range(workers)]
+    tasks = [asyncio.ensure_future(work()) for _ in range(workers)]
     try:
         await asyncio.gather(*tasks)
     finally:

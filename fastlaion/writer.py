@@ -19,7 +19,6 @@ file first, so readers never take a half-renamed shard for a complete one.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -53,6 +52,59 @@ OPTIONAL_COLUMNS = ("language", "language_score", "language_group", "similarity"
 SAMPLE_JSON_COLUMNS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256",
                        "language", "language_score", "similarity", "punsafe", "pwatermark", "aesthetic",
                        "aesthetic_v2")
+
+
+class TarAppender:
+    """A ustar archive written member by member: the same bytes as `tarfile` with
+    `USTAR_FORMAT` (regular files, mode 0644, uid/gid 0, no user names), without tarfile's
+    per-member TarInfo, BytesIO and copy loop, which cost about 0.1 ms a member.
+
+    `append=True` continues an existing archive after its last member, as tarfile's "a" mode.
+    Names must be ASCII and at most 100 bytes (sample keys are).
+    """
+
+    _BLOCK = tarfile.BLOCKSIZE
+    _RECORD = tarfile.RECORDSIZE
+
+    def __init__(self, path: Path, mtime: float, *, append: bool = False):
+        end = 0
+        if append:
+            with tarfile.open(path, "r", format=tarfile.USTAR_FORMAT) as existing:
+                for _member in existing:
+                    pass
+                end = existing.offset  # where the end-of-archive blocks start
+        self._file = open(path, "r+b" if append else "wb")  # noqa: SIM115 (closed by close())
+        self._file.seek(end)
+        self._file.truncate()
+        self._offset = end
+        # Every field but name, size and checksum is the same for every member.
+        self._head = (b"0000644\0" b"0000000\0" b"0000000\0")
+        self._mtime = b"%011o\0" % int(mtime)
+        self._tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247
+
+    def add(self, name: str, data: bytes) -> None:
+        encoded = name.encode("ascii")
+        if len(encoded) > 100:
+            raise ValueError(f"tar member name over 100 bytes: {name!r}")
+        header = bytearray(encoded.ljust(100, b"\0") + self._head + b"%011o\0" % len(data)
+                           + self._mtime + b" " * 8 + self._tail)
+        header[148:156] = b"%06o\0 " % sum(header)
+        pad = -len(data) % self._BLOCK
+        self._file.write(header)
+        self._file.write(data)
+        if pad:
+            self._file.write(b"\0" * pad)
+        self._offset += self._BLOCK + len(data) + pad
+
+    def close(self) -> None:
+        """Write the end-of-archive blocks, padded to a whole record as tarfile does, and close."""
+        if self._file.closed:
+            return
+        try:
+            end = self._offset + 2 * self._BLOCK
+            self._file.write(b"\0" * (2 * self._BLOCK + (-end % self._RECORD)))
+        finally:
+            self._file.close()
 
 
 def shard_name(shard: int) -> str:
@@ -136,8 +188,8 @@ class ShardWriter:
                                    f"the input {n_rows}")
             self.samples = int((self.previous["status"] == "kept").sum())
             shutil.copyfile(out_dir / f"{self.name}.tar", self.tmp / f"{self.name}.tar")
-        self._tar = tarfile.open(self.tmp / f"{self.name}.tar", "a" if rewrite else "w",
-                                 format=tarfile.USTAR_FORMAT)
+        self._mtime = time.time()
+        self._tar = TarAppender(self.tmp / f"{self.name}.tar", self._mtime, append=rewrite)
         self._outcomes: list[pl.DataFrame] = []
         # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
         self._img_emb = self._txt_emb = None
@@ -148,17 +200,9 @@ class ShardWriter:
             else:
                 self._img_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
                 self._txt_emb = np.full((n_rows, embed_dim), np.nan, dtype=np.float16)
-        self._mtime = time.time()
 
     def key(self, row: int) -> str:
         return f"{self.name}{row:0{self.digits}d}"
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = self._mtime
-        info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
 
     def add_samples(self, batch: Batch) -> None:
         """Append the batch's live rows as samples (key.ext, key.txt, key.json)."""
@@ -167,10 +211,10 @@ class ShardWriter:
         meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in batch.rows.columns and c in self.columns]
         for i, rec in enumerate(batch.rows.select("row", *meta_cols).iter_rows(named=True)):
             key = self.key(rec.pop("row"))
-            self._add_member(f"{key}.{exts[i]}", stored[i])
-            self._add_member(f"{key}.txt", (rec.get("caption") or "").encode("utf-8"))
+            self._tar.add(f"{key}.{exts[i]}", stored[i])
+            self._tar.add(f"{key}.txt", (rec.get("caption") or "").encode("utf-8"))
             meta = {"key": key, **rec}
-            self._add_member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            self._tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
             self.samples += 1
 
     def add_outcome(self, outcome: pl.DataFrame) -> None:

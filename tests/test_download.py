@@ -827,6 +827,29 @@ def test_per_host_limit_bounds_requests_in_flight_per_host(served):
     assert routes.max_in_flight > 3  # the limit is per host, not overall
 
 
+def test_a_busy_host_does_not_hold_the_workers_of_other_hosts(served):
+    """Twelve slow URLs of one host come first, then twelve quick ones of another; one request
+    at a time per host. The workers skip the busy host's URLs, so the other host's are done
+    while the busy one is still on its first few (a plain queue served them after ~eight)."""
+    server, _ = served
+    resolver = StubResolver({"busy.test": ["127.0.0.1"], "free.test": ["127.0.0.1"]})
+    urls = ([f"http://busy.test:{server.port}/t/slow/hol-{k}" for k in range(12)]
+            + [f"http://free.test:{server.port}/t/status/200/hol-{k}" for k in range(12)])
+    order: list[str] = []
+
+    async def go() -> None:
+        async def on_result(key: int, fetched: Fetched) -> None:
+            assert fetched.ok, fetched
+            order.append(urls[key].split("/")[2].split(":")[0])
+
+        cfg = DownloadConfig(**{**FAST, "workers": 4, "per_host": 1})
+        async with Downloader(cfg, resolver=resolver) as downloader:
+            await download_all(downloader, enumerate(urls), cfg.workers, on_result)
+    run(go())
+    assert sorted(order) == ["busy.test"] * 12 + ["free.test"] * 12
+    assert order[:14].count("free.test") == 12, order
+
+
 def test_per_host_rate_spaces_request_starts(served):
     server, routes = served
     n, rate = 6, 10.0

@@ -1,0 +1,55 @@
+"""The shard tar writer against the standard library's tarfile, byte for byte."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fastlaion.writer import TarAppender
+
+MTIME = 1_764_000_000.75
+MEMBERS = [("000000000.jpg", b"\xff\xd8" + bytes(range(256)) * 40), ("000000000.txt", b""),
+           ("000000000.json", b'{"key": "000000000"}'), ("000000001.jpg", b"x" * 512),
+           ("000000001.txt", b"y" * 513), ("a" * 100, b"z" * 10_239)]
+
+
+def _tarfile_bytes(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
+    with tarfile.open(path, mode, format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), MTIME, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_tar_appender_writes_what_tarfile_writes(tmp_path: Path) -> None:
+    ours = TarAppender(tmp_path / "ours.tar", MTIME)
+    for name, data in MEMBERS:
+        ours.add(name, data)
+    ours.close()
+    assert (tmp_path / "ours.tar").read_bytes() == _tarfile_bytes(tmp_path / "ref.tar", MEMBERS)
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == MEMBERS
+
+
+def test_tar_appender_appends_as_tarfile_does(tmp_path: Path) -> None:
+    first, more = MEMBERS[:3], MEMBERS[3:]
+    _tarfile_bytes(tmp_path / "ours.tar", first)
+    ours = TarAppender(tmp_path / "ours.tar", MTIME, append=True)
+    for name, data in more:
+        ours.add(name, data)
+    ours.close()
+    _tarfile_bytes(tmp_path / "ref.tar", first)
+    assert (tmp_path / "ours.tar").read_bytes() == _tarfile_bytes(tmp_path / "ref.tar", more, mode="a")
+
+
+def test_tar_appender_refuses_a_long_name(tmp_path: Path) -> None:
+    ours = TarAppender(tmp_path / "ours.tar", MTIME)
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        ours.add("k" * 101, b"")
+    ours.close()
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        assert tar.getmembers() == []
