@@ -103,6 +103,9 @@ class DownloadConfig:
     per_host: int = 16  # requests in flight to one host at most
     per_host_rate: float = 0.0  # request starts per second to one host at most; 0: no limit
     respect_robots: bool = False  # fetch each origin's robots.txt once; drop disallowed URLs
+    # With respect_robots: a robots.txt Crawl-delay (or Request-rate) spaces request starts to
+    # that host; one asking for more than this many seconds is refused (robots_disallowed).
+    max_crawl_delay_s: float = 10.0
     max_redirects: int = 5  # redirects followed; one more is too_many_redirects
     # X-Robots-Tag directives that drop a row (opt_out) before its body is read; () checks none.
     opt_out_tags: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
@@ -122,6 +125,7 @@ class DownloadConfig:
         at_least("--backoff", self.backoff_s, 0)
         at_least("--per-host", self.per_host, 1)
         at_least("--per-host-rate", self.per_host_rate, 0)
+        at_least("--max-crawl-delay", self.max_crawl_delay_s, 0)
         between("--max-redirects", self.max_redirects, 0, 100)
         if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n\0"):
             raise ConfigError(f"--user-agent must be one non-empty line, got {self.user_agent!r}")

@@ -13,8 +13,9 @@ What a request goes through, in order (each refusal is a reason, never an except
    `allow_private_networks`; host names are checked after DNS, by `GuardedResolver`;
 3. with `respect_robots`, the origin's robots.txt (fetched once, shared by all waiters) must
    allow the URL for our user agent (`robots_disallowed`);
-4. a per-host slot: at most `per_host` requests in flight and, with `per_host_rate`, request
-   starts spaced 1/rate s apart (waiting here is not counted against any timeout);
+4. a per-host slot: at most `per_host` requests in flight and, with `per_host_rate` or a
+   robots.txt Crawl-delay, request starts spaced apart (waiting here is not counted against any
+   timeout);
 5. the request, bounded four ways: connect, silence before the headers and between body chunks
    (`read_timeout_s`), and a total `timeout_s` over all redirect hops. Redirects are followed
    here, not by aiohttp, so that steps 1-4 run again for every hop;
@@ -32,6 +33,7 @@ Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transien
     robots_disallowed   robots.txt disallows the URL for our user agent; also when robots.txt
                         could not be fetched (5xx, 429, timeout, refused: RFC 9309's "unreachable",
                         which means complete disallow). A robots.txt answering 4xx allows everything.
+                        Also when its Crawl-delay is over `max_crawl_delay_s`.
     opt_out             X-Robots-Tag carries one of `opt_out_tags` (see `opt_out_directive`)
     http_<status>       the server answered with status >= 400, e.g. http_404 (429 and 5xx retried)
     connect_timeout     no connection (DNS + TCP + TLS) within `connect_timeout_s` (retried)
@@ -411,18 +413,21 @@ class _HostGates:
         return gate is None or (not gate.slots.locked() and gate.next_start <= now)
 
     @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[None]:
+    async def slot(self, host: str, interval: float = 0.0) -> AsyncIterator[None]:
+        """Hold one of `host`'s slots; request starts are spaced by the configured rate or by
+        `interval` s (the host's robots.txt Crawl-delay), whichever is longer."""
         loop = asyncio.get_running_loop()
+        interval = max(self._interval, interval)
         gate = self._gates.get(host)
         if gate is None:
             gate = self._gates[host] = _Gate(asyncio.Semaphore(self._per_host))
         gate.users += 1
         try:
             async with gate.slots:
-                if self._interval:
+                if interval:
                     now = loop.time()
                     start = max(now, gate.next_start)
-                    gate.next_start = start + self._interval  # reserved before sleeping: no two share it
+                    gate.next_start = start + interval  # reserved before sleeping: no two share it
                     if start > now:
                         await asyncio.sleep(start - now)
                 yield
@@ -444,6 +449,7 @@ class _Robots:
     parser: urllib.robotparser.RobotFileParser | None
     refusal: str | None = None  # with no parser: None allows all, else the reason refusing all
     detail: str | None = None
+    crawl_delay_s: float = 0.0  # Crawl-delay (or Request-rate) for our user agent; 0: none
 
 
 _ALLOW_ALL = _Robots(None)
@@ -585,7 +591,20 @@ class Downloader:
                 return None if robots.refusal is None else _refused(robots.refusal, robots.detail or "")
             if not robots.parser.can_fetch(self.cfg.user_agent, str(target)):
                 return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} disallows {target.path_qs}")
+            if robots.crawl_delay_s > self.cfg.max_crawl_delay_s:
+                return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} asks for a Crawl-delay of "
+                                                   f"{robots.crawl_delay_s:g} s, over --max-crawl-delay "
+                                                   f"{self.cfg.max_crawl_delay_s:g} s")
         return None
+
+    def _crawl_delay(self, target: URL, rules: _Rules) -> float:
+        """The Crawl-delay of `target`'s origin, from the robots.txt `_refusal` has just read."""
+        if not (rules.policy and self.cfg.respect_robots):
+            return 0.0
+        future = self._robots.get(str(target.origin()))
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return 0.0
+        return future.result().crawl_delay_s
 
     async def _attempt(self, target: URL, rules: _Rules) -> _Attempt:
         """One attempt: request `target` and follow its redirects, within `cfg.timeout_s` in all."""
@@ -597,7 +616,7 @@ class Downloader:
                     return _refused(BLOCKED, why, status)
                 if (refusal := await self._refusal(target, rules)) is not None:
                     return _Attempt(None, status, refusal.error, refusal.error_detail)
-            async with self._gates.slot(target.raw_host or ""):
+            async with self._gates.slot(target.raw_host or "", self._crawl_delay(target, rules)):
                 began = time.perf_counter()
                 try:
                     step = await self._hop(target, rules, self.cfg.timeout_s - spent, status)
@@ -689,12 +708,25 @@ class Downloader:
         # One waiter's deadline or cancellation must not cancel the fetch the others wait on.
         return await asyncio.shield(future)
 
+    def _robots_delay(self, parser: urllib.robotparser.RobotFileParser) -> float:
+        """Seconds between request starts that robots.txt asks of our user agent: its
+        Crawl-delay, or the interval of its Request-rate (n requests per s seconds), the longer."""
+        delay = 0.0
+        try:
+            if (crawl := parser.crawl_delay(self.cfg.user_agent)) is not None:
+                delay = float(crawl)
+            if (rate := parser.request_rate(self.cfg.user_agent)) is not None and rate.requests > 0:
+                delay = max(delay, rate.seconds / rate.requests)
+        except (ValueError, TypeError, OverflowError):  # a malformed value asks for nothing we can honour
+            return 0.0
+        return delay if delay > 0 and delay == delay else 0.0  # NaN or negative: none
+
     async def _load_robots(self, origin: URL) -> _Robots:
         got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
         if got.ok:
             parser = urllib.robotparser.RobotFileParser()
             parser.parse((got.body or b"").decode("utf-8", "replace").splitlines())
-            verdict = _Robots(parser)
+            verdict = _Robots(parser, crawl_delay_s=self._robots_delay(parser))
         elif got.error == PRIVATE_ADDRESS:
             verdict = _Robots(None, PRIVATE_ADDRESS, got.error_detail)
         elif got.error in (TOO_MANY_REDIRECTS, INVALID_URL) or (

@@ -909,6 +909,37 @@ def test_robots_fetched_once_for_many_urls_and_obeyed():
             assert got.ok and got.body == IMAGE
 
 
+def test_robots_crawl_delay_spaces_request_starts():
+    robots = b"User-agent: *\nCrawl-delay: 1\nDisallow: /private/\n"
+    done: list[float] = []
+
+    async def go(server: LoopbackServer) -> None:
+        async def on_result(key: int, fetched: Fetched) -> None:
+            assert fetched.ok, fetched
+            done.append(time.monotonic())
+
+        cfg = DownloadConfig(**{**FAST, "workers": 3, "respect_robots": True})
+        async with Downloader(cfg) as downloader:
+            await download_all(downloader, enumerate(server.url(f"public/{i}.jpg") for i in range(3)), 3, on_result)
+    with robots_server(Served(robots, "text/plain")) as server:
+        run(go(server))
+    gaps = [b - a for a, b in itertools.pairwise(done)]
+    assert len(done) == 3 and min(gaps) >= 0.95, gaps
+
+
+def test_robots_crawl_delay_over_the_cap_refuses_the_host():
+    with robots_server(Served(b"User-agent: *\nCrawl-delay: 50\n", "text/plain")) as server:
+        results = fetch_many([server.url(f"public/{i}.jpg") for i in range(3)], respect_robots=True)
+        assert server.hits["/robots.txt"] == 1
+        assert sum(n for path, n in server.hits.items() if path.startswith("/public/")) == 0
+    for got in results:
+        assert (got.error, got.attempts) == ("robots_disallowed", 0)
+        assert "Crawl-delay of 50 s, over --max-crawl-delay 10 s" in got.error_detail
+    with robots_server(Served(b"User-agent: *\nCrawl-delay: 50\n", "text/plain")) as server:
+        # A cap above the delay honours it: the first request goes at once.
+        assert fetch(server.url("public/1.jpg"), respect_robots=True, max_crawl_delay_s=60).ok
+
+
 def test_robots_is_ignored_unless_asked_for():
     with robots_server(Served(b"User-agent: *\nDisallow: /\n", "text/plain")) as server:
         got = fetch(server.url("private/1.jpg"))
@@ -1209,6 +1240,7 @@ def test_every_reason_is_listed_once():
     ("read_timeout_s", -1, "--read-timeout must be positive"),
     ("per_host", 0, "--per-host must be at least 1"),
     ("per_host_rate", -0.5, "--per-host-rate must be 0 or more"),
+    ("max_crawl_delay_s", -1, "--max-crawl-delay must be 0 or more"),
     ("max_redirects", -1, "--max-redirects must be between"),
     ("opt_out_tags", ("noai", "no ai"), "--opt-out-tags"),
     ("user_agent", "bot\r\nX-Evil: 1", "--user-agent"),
