@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import CAPTIONS, make_jpegs, naive_path  # noqa: E402  (bench/score.py)
+from score import make_captions, make_jpegs, naive_path  # noqa: E402  (bench/score.py)
 
 ROWS: list[tuple[str, str, str]] = []  # (what, figure, note): the closing table
 
@@ -197,7 +197,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     from fastlaion.gpu_decode import available_decoders, make_decoder
     from fastlaion.score import Scorer
 
-    texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(jpegs))]
+    texts = make_captions(len(jpegs))
     torch.manual_seed(0)
     scorer = Scorer(ScoreConfig(model=args.model, pretrained="none", batch_size=args.batch), device)
     best = available_decoders(device)[0]
@@ -257,7 +257,7 @@ def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device
     with tempfile.TemporaryDirectory() as tmp, LoopbackServer(files) as server:
         inp = Path(tmp) / "in.parquet"
         pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(len(jpegs))],
-                      "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(len(jpegs))]}).write_parquet(inp)
+                      "caption": make_captions(len(jpegs))}).write_parquet(inp)
         where = ["--gpus", "1"] if device.type == "cuda" else ["--device", "cpu"]
         cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(Path(tmp) / "out"),
                "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", "--no-language",

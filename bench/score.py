@@ -8,6 +8,7 @@ batched fp32 (CPU) / fp16 (CUDA) image and text towers, paired cosine.
 Peers, as clip-retrieval-style scripts do it: Pillow decode + open_clip's `preprocess` +
 the model, (a) one sample at a time, (b) in batches of --batch-size.
 Random weights: the arithmetic is that of the real model, the scores mean nothing.
+Captions: a mix of lengths (CAPTION_WORDS); a second table times the text tower alone per length.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-CAPTIONS = ["a photograph of a cat", "a cup of coffee on a table", "an astronaut in a spacesuit", "a rocket on the pad"]
+WORDS = ("a photo of the cat dog red blue house car tree sky man woman beautiful vintage poster art print "
+         "sale new old wooden table coffee cup astronaut rocket launch pad street city night view").split()
+# Caption lengths in words, cycled: short alts to long descriptions, the longest over the 77-token
+# context (open_clip truncates it). A stand-in mix, median 12 words; the text tower's cost follows
+# the lengths, so the `text` table below gives each length apart.
+CAPTION_WORDS = (3, 5, 8, 10, 12, 12, 16, 20, 30, 80)
+
+
+def make_captions(n: int, words: tuple[int, ...] = CAPTION_WORDS, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, words[i % len(words)])) for i in range(n)]
 
 
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -93,6 +104,34 @@ def naive_path(model_name: str, jpegs: list[bytes], texts: list[str], device: to
     return len(jpegs) / (time.perf_counter() - t0)
 
 
+def text_tower(model_name: str, device: torch.device, batch: int, words: int, rounds: int) -> tuple[int, float, float]:
+    """Captions/s of the text tower alone: open_clip's encode_text over all 77 positions against
+    fastlaion's Scorer.text_features (the positions each caption uses), same weights, same
+    captions of `words` words. Returns (tokens used by the longest caption, ours, open_clip)."""
+    from fastlaion.config import ScoreConfig
+    from fastlaion.score import Scorer
+
+    torch.manual_seed(0)
+    scorer = Scorer(ScoreConfig(model=model_name, pretrained="none"), device)
+    texts = make_captions(batch, (words,))
+    tokens = scorer.tokenizer(texts).to(device)
+    used = int(scorer._text_prefix.ends(tokens).max()) + 1 if scorer._text_prefix is not None else tokens.shape[1]
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        _sync(device)
+        return rounds * batch / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        theirs = rate(lambda: scorer.model.encode_text(scorer.tokenizer(texts).to(device)))
+    ours = rate(lambda: scorer.text_features(texts))
+    return used, ours, theirs
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -104,6 +143,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["fastlaion-tiny", "ViT-B-32"])
     ap.add_argument("--images", type=int, default=0, help="images per model (default: 1024 tiny, 192 others on CPU)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--text-words", type=int, nargs="*", default=[5, 10, 20, 40, 80],
+                    help="caption lengths (words) for the text-tower table; none to skip it")
+    ap.add_argument("--text-rounds", type=int, default=0, help="batches per text measurement (default: 3 CPU, 20 CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -117,7 +159,7 @@ def main() -> None:
     for name in args.models:
         n = args.images or (1024 if name == "fastlaion-tiny" or device.type == "cuda" else 192)
         jpegs = make_jpegs(n)
-        texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+        texts = make_captions(n)
         ours = fastlaion_path(name, jpegs, texts, device, args.batch_size)
         one = naive_path(name, jpegs[: max(32, n // 4)], texts, device, 1)
         batched = naive_path(name, jpegs, texts, device, args.batch_size)
@@ -127,6 +169,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, n, ours, one, batched in rows:
         print(f"| {name} | {n} | {ours:,.1f} | {one:,.1f} | {batched:,.1f} | {ours / one:.2f}x | {ours / batched:.2f}x |")
+    if not args.text_words:
+        return
+    rounds = args.text_rounds or (20 if device.type == "cuda" else 3)
+    print(f"\ntext tower alone, batches of {args.batch_size}, {rounds} batches per figure: open_clip's encode_text "
+          "(77 positions) vs fastlaion's (the positions the captions use)")
+    print("| model (random weights) | caption words | tokens used (max) | fastlaion captions/s | open_clip captions/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        for words in args.text_words:
+            used, ours, theirs = text_tower(name, device, args.batch_size, words, rounds)
+            print(f"| {name} | {words} | {used} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ class Scorer:
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         log.info("%s on %s in %s", cfg.model, device, precision)
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        self._text_prefix = PrefixTextEncoder.for_model(model)
         pp = open_clip.get_model_preprocess_cfg(model)
         self.clip_spec = ClipInputSpec.from_open_clip(pp)
         self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
@@ -116,7 +117,10 @@ class Scorer:
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """texts: N strings -> (N, D) raw text features on the device."""
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+        tokens = self.tokenizer(texts)
+        if self._text_prefix is None:
+            return self.model.encode_text(tokens.to(self.device))
+        return self._text_prefix.encode(tokens.to(self.device))
 
     def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, D) L2-normalised float32 on the host."""
@@ -139,3 +143,86 @@ class Scorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1).half()
         txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
+
+
+class PrefixTextEncoder:
+    """`CLIP.encode_text` run over only the positions each caption uses.
+
+    open_clip pads every caption to the context length (77) and reads the text embedding at its
+    end-of-text token. The text transformer's attention is causal, so that token never sees the
+    padding after it: running a caption through its first L positions (L = end-of-text index + 1,
+    with the positional embedding and causal mask cut to L) gives the same embedding, up to
+    float rounding. LAION captions use a fraction of the 77 positions, so captions are sorted into
+    a few length buckets and each bucket runs at its own L: the text tower costs about what the
+    captions' real lengths ask for. `for_model` returns None for towers where this does not hold
+    (no causal mask, pooling at a fixed position, a CLS token appended, other text towers).
+    """
+
+    BUCKETS = (16, 32, 48)  # padded lengths tried before the full context
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.pool_type = model.text_pool_type
+        self.eos_id = getattr(model, "text_eos_id", None)
+        self.context_length = int(model.positional_embedding.shape[0])
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> PrefixTextEncoder | None:
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_pool_type")
+        if not all(hasattr(model, name) for name in needed) or getattr(model, "attn_mask", None) is None:
+            return None
+        if model.text_pool_type not in ("argmax", "eos") or (
+                model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is None):
+            return None
+        mask = model.attn_mask
+        n = int(model.positional_embedding.shape[0])
+        causal = torch.full((n, n), float("-inf"), device=mask.device).triu_(1)
+        if mask.shape != (n, n) or not torch.equal(mask.float(), causal):
+            return None
+        return cls(model)
+
+    def ends(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per caption, the position whose output is the caption's embedding (as open_clip's
+        `text_global_pool` picks it)."""
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, context) token ids on the model's device -> (N, D) raw text features."""
+        ends = self.ends(tokens)
+        needed = ends + 1
+        out: torch.Tensor | None = None
+        todo = torch.ones_like(needed, dtype=torch.bool)
+        for length in (*self.BUCKETS, self.context_length):
+            length = min(length, self.context_length)
+            rows = torch.nonzero(todo & (needed <= length)).flatten()
+            if rows.numel() == 0:
+                continue
+            todo[rows] = False
+            features = self._encode_prefix(tokens[rows, :length], ends[rows], length)
+            if out is None:
+                out = features.new_empty((tokens.shape[0], features.shape[1]))
+            out[rows] = features
+            if not bool(todo.any()):
+                break
+        assert out is not None or tokens.shape[0] == 0
+        if out is None:
+            return self.model.encode_text(tokens)
+        return out
+
+    def _encode_prefix(self, tokens: torch.Tensor, ends: torch.Tensor, length: int) -> torch.Tensor:
+        """`CLIP.encode_text` with the context cut to `length` positions."""
+        model = self.model
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), ends]
+        if model.text_projection is not None:
+            if isinstance(model.text_projection, torch.nn.Linear):
+                x = model.text_projection(x)
+            else:
+                x = x @ model.text_projection
+        return x

@@ -4,7 +4,7 @@ import torch
 
 from fastlaion.config import ConfigError, ScoreConfig
 from fastlaion.ops import paired_cosine, paired_cosine_reference
-from fastlaion.score import TINY_MODEL, Scorer, pick_device
+from fastlaion.score import TINY_MODEL, PrefixTextEncoder, Scorer, pick_device
 
 
 def test_paired_cosine_reference_against_numpy():
@@ -31,6 +31,48 @@ def test_tiny_scorer_embeds_in_batches_consistently():
     np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
     img1, txt1, sim1 = s.score(pixels[2:3], texts[2:3])  # a batch of one gives the same row
     np.testing.assert_allclose(sim1, sim[2:3], atol=1e-4)
+
+
+# Captions of every length class: empty, short, each bucket edge, over the 77-token context.
+PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "über straße 東京 " * 5,
+                " ".join(["word"] * 14), " ".join(["word"] * 15), " ".join(["word"] * 30), " ".join(["word"] * 47),
+                " ".join(["word"] * 60), "word " * 100, "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2]
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
+def test_text_features_through_the_used_positions_equal_open_clip(model):
+    """The prefix encoder against open_clip's own encode_text over all 77 positions, with
+    captions of every length mixed so each bucket runs and rows come back in their order."""
+    torch.manual_seed(0)
+    s = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
+    assert s._text_prefix is not None
+    texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
+    used = s._text_prefix.ends(s.tokenizer(texts)) + 1
+    for low, high in ((0, 16), (16, 32), (32, 48), (48, 77)):  # every bucket gets rows
+        assert any(low < int(n) <= high for n in used), (low, high, used)
+    assert int(used.max()) == 77
+    with torch.inference_mode():
+        want = s.model.encode_text(s.tokenizer(texts))
+    got = s.text_features(texts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Cut one position short of a caption's end-of-text token, the embedding changes: the test sees it.
+    with torch.inference_mode():
+        tokens = s.tokenizer(texts[2:3])
+        end = int(s._text_prefix.ends(tokens)[0])
+        short = s._text_prefix._encode_prefix(tokens[:, :end], torch.tensor([end - 1]), end)
+    assert (short - want[2:3]).abs().max() > 1e-2
+
+
+def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
+    torch.manual_seed(0)
+    model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
+    assert PrefixTextEncoder.for_model(model) is not None
+    model.text_pool_type = "last"  # pooled at a fixed position: the padding matters
+    assert PrefixTextEncoder.for_model(model) is None
+    model.text_pool_type = "argmax"
+    model.attn_mask = torch.zeros_like(model.attn_mask)  # bidirectional: every position sees the padding
+    assert PrefixTextEncoder.for_model(model) is None
+    assert PrefixTextEncoder.for_model(model.visual) is None
 
 
 def test_bad_model_and_weights_are_clear_errors(tmp_path):
