@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class Scorer:
         self.device = device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         log.info("%s on %s in %s", cfg.model, device, precision)
-        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        self.tokenizer = CachedClipTokenizer.wrap(open_clip.get_tokenizer(cfg.model))
         self._text_prefix = PrefixTextEncoder.for_model(model)
         pp = open_clip.get_model_preprocess_cfg(model)
         self.clip_spec = ClipInputSpec.from_open_clip(pp)
@@ -226,3 +227,74 @@ class PrefixTextEncoder:
             else:
                 x = x @ model.text_projection
         return x
+
+
+class CachedClipTokenizer:
+    """open_clip's `SimpleTokenizer` with its per-word work cached: the same token ids, faster.
+
+    SimpleTokenizer re-encodes every word to its byte alphabet and looks up its BPE for every
+    caption; captions share most of their words, so here each distinct word's ids are computed
+    once (by SimpleTokenizer's own byte encoder, BPE and vocabulary) and reused. A caption stops
+    being split once it holds a full context of ids: the rest would be truncated anyway (a
+    2,000-character alt costs what 77 tokens cost). `wrap` returns any other tokenizer unchanged
+    (HF tokenizers, reduction masks).
+    """
+
+    MAX_WORDS = 500_000  # cached words; the cache starts over beyond this (bounded memory)
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.context_length = int(tokenizer.context_length)
+        self.sot, self.eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
+        self._words: dict[str, tuple[int, ...]] = {}
+        from open_clip.tokenizer import _clean_lower
+
+        # open_clip's default cleaning is ftfy.fix_text, HTML unescaping twice, whitespace folding
+        # and lower case. On printable ASCII without '&' the first two change nothing (every ftfy
+        # fix needs non-ASCII, a control character or an entity), so such captions, most of them,
+        # only get the last two: ftfy is over half of the tokenizer's time.
+        self._lower_fast_path = tokenizer.clean_fn is _clean_lower
+
+    def _clean(self, text: str) -> str:
+        if self._lower_fast_path and text.isascii() and text.isprintable() and "&" not in text:
+            return " ".join(text.split()).lower()
+        return self.tokenizer.clean_fn(text)
+
+    @classmethod
+    def wrap(cls, tokenizer: Any) -> Any:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if type(tokenizer) is SimpleTokenizer and tokenizer.reduction_fn is None and tokenizer.context_length:
+            return cls(tokenizer)
+        return tokenizer
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._words.get(word)
+        if ids is None:
+            tok = self.tokenizer
+            token = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+            ids = tuple(tok.encoder[piece] for piece in tok.bpe(token).split(" "))
+            if len(self._words) >= self.MAX_WORDS:
+                self._words.clear()
+            self._words[word] = ids
+        return ids
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        """(N, context_length) int64 token ids, exactly as open_clip's tokenizer returns them."""
+        if isinstance(texts, str):
+            texts = [texts]
+        context = context_length or self.context_length
+        out = np.zeros((len(texts), context), dtype=np.int64)
+        tok = self.tokenizer
+        for row, text in enumerate(texts):
+            ids = [self.sot]
+            for word in tok.pat.findall(self._clean(text)):
+                ids.extend(self._word_ids(word))
+                if len(ids) >= context:
+                    break
+            ids.append(self.eot)
+            if len(ids) > context:
+                ids = ids[:context]
+                ids[-1] = self.eot
+            out[row, :len(ids)] = ids
+        return torch.from_numpy(out)

@@ -4,7 +4,7 @@ import torch
 
 from fastlaion.config import ConfigError, ScoreConfig
 from fastlaion.ops import paired_cosine, paired_cosine_reference
-from fastlaion.score import TINY_MODEL, PrefixTextEncoder, Scorer, pick_device
+from fastlaion.score import TINY_MODEL, CachedClipTokenizer, PrefixTextEncoder, Scorer, pick_device
 
 
 def test_paired_cosine_reference_against_numpy():
@@ -73,6 +73,53 @@ def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     model.attn_mask = torch.zeros_like(model.attn_mask)  # bidirectional: every position sees the padding
     assert PrefixTextEncoder.for_model(model) is None
     assert PrefixTextEncoder.for_model(model.visual) is None
+
+
+def _tokenizer_cases() -> list[str]:
+    import random
+    import string
+
+    rng = random.Random(0)
+    ascii_printable = "".join(chr(c) for c in range(0x20, 0x7F))
+    cases = [rng.choice(["", " "]) + "".join(rng.choice(ascii_printable) for _ in range(rng.randint(0, 80)))
+             for _ in range(600)]
+    cases += [" ".join(rng.choice(string.ascii_letters) * rng.randint(1, 9) for _ in range(rng.randint(1, 30)))
+              for _ in range(200)]
+    cases += ["", " ", "A Cat", "it's we're I'll don't", "&amp; &lt;b&gt; &amp;amp; Tom &amp; Jerry", "caf\u00e9 na\u00efve",
+              "mojibake: caf\u00c3\u00a9", "\u6771\u4eac\u30bf\u30ef\u30fc \U0001f5fc emoji \U0001f44d\U0001f3fd",
+              "\u201ccurly\u201d \ufb01 ligature \uff26\uff55\uff4c\uff4c width", "\x1b[31mred\x1b[0m escape",
+              "ctl\x00\x07chars", "\t\n tabs \r\n lines \u2028", "x" * 3000, "word " * 500,
+              "<start_of_text> literal <end_of_text>", "NUMBERS 12345 3.14 1,000", "UPPER lower MiXeD"]
+    return cases
+
+
+def test_cached_tokenizer_gives_open_clip_token_ids():
+    """Against open_clip's own tokenizer on random printable ASCII (with and without '&'), words
+    repeated across captions, entities, non-ASCII, mojibake, control characters, over-long text."""
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
+    assert isinstance(ours, CachedClipTokenizer)
+    cases = _tokenizer_cases()
+    assert torch.equal(ours(cases), reference(cases))
+    assert torch.equal(ours(cases[::-1]), reference(cases[::-1]))  # now from the word cache
+    assert torch.equal(ours("a single caption"), reference("a single caption"))
+    assert torch.equal(ours(cases[:50], context_length=16), reference(cases[:50], context_length=16))
+    small = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
+    small.MAX_WORDS = 8  # the cache starts over when full: same ids
+    assert torch.equal(small(cases[:100]), reference(cases[:100]))
+    assert 0 < len(small._words) <= 8
+
+
+def test_cached_tokenizer_leaves_other_tokenizers_alone():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reducing = SimpleTokenizer(reduction_mask="simple")
+    assert CachedClipTokenizer.wrap(reducing) is reducing
+    torch.manual_seed(0)
+    scorer = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    assert isinstance(scorer.tokenizer, CachedClipTokenizer)
 
 
 def test_bad_model_and_weights_are_clear_errors(tmp_path):
