@@ -39,7 +39,7 @@ from .batch import Batch, funnel, merge_funnels
 from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
 from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
-from .reader import read_inputs, shard_count, shard_rows
+from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
     PARTIAL_DIR,
     ShardWriteError,
@@ -126,31 +126,46 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     if cfg.retry_failed and not (out / CONFIG_FILE).exists():
         raise ConfigError(f"--retry-failed: {out} holds no earlier run whose failed rows could be retried")
     if needs_extraction(cfg.input):
-        table = read_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
-    else:
-        table = read_inputs(cfg.input, need_captions=cfg.score.enabled)
+        inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
+    else:  # every problem with the inputs is told before the output folder is touched
+        inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
         prepare_output(out, cfg)
-    n_shards = shard_count(table.height, cfg.input.shard_size)
+    rows_dir = out / PARTIAL_DIR / ROWS_DIR
+    try:
+        rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars)
+        return _run_shards(cfg, out, rows, progress, t0)
+    finally:
+        shutil.rmtree(rows_dir, ignore_errors=True)  # this run's copy of the inputs, never part of the output
+        try:
+            (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
+        except OSError:
+            pass
+
+
+def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, t0: float) -> RunSummary:
+    """Run the shards of `rows` not finished yet (and with --retry-failed, retry the finished
+    ones' transient failures); summarize the whole output."""
+    n_shards = shard_count(rows.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
     retry = [s for s in range(n_shards) if cfg.retry_failed and s not in todo_set
              and transient_drops(read_stats(out, s)["funnel"])]
-    rows_done = sum(min(cfg.input.shard_size, table.height - s * cfg.input.shard_size)
+    rows_done = sum(min(cfg.input.shard_size, rows.height - s * cfg.input.shard_size)
                     for s in range(n_shards) if s not in todo_set)
     previously_failed = _failed_last_time(out)
 
     timings: dict[str, float] = {}
     jobs = sorted(todo + retry)
     devices = worker_devices(cfg) if jobs else []
-    progress.start(n_shards, n_shards - len(jobs), table.height, rows_done)
+    progress.start(n_shards, n_shards - len(jobs), rows.height, rows_done)
     tally = _Tally(progress)
     try:
         if len(devices) == 1:
-            timings = work(_on_device(cfg, devices[0]), out, table, iter(jobs), tally)
+            timings = work(_on_device(cfg, devices[0]), out, rows, iter(jobs), tally)
         elif devices:
             from .workers import run_workers
 
-            timings = run_workers(cfg, out, table, jobs, devices, tally)
+            timings = run_workers(cfg, out, rows, jobs, devices, tally)
     except ShardWriteError as exc:
         try:  # the summary of a run stopped by a failed shard still says what happened
             _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
@@ -158,11 +173,6 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
         except OSError as also:  # the disk that failed the shard may refuse the summary too
             log.warning("summary.json not written: %s", also.strerror or also)
         raise
-    finally:
-        try:
-            (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
-        except OSError:
-            pass
     return _summarize(out, n_shards, tally, timings, t0, devices, [], previously_failed)
 
 
@@ -260,12 +270,11 @@ def _on_device(cfg: RunConfig, device: str) -> RunConfig:
     return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
 
 
-def work(cfg: RunConfig, out: Path, table: pl.DataFrame | pl.LazyFrame, shard_ids: Iterator[int], progress: Progress,
+def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
          threads: int | None = None, on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
     """Load the models once, then download, decode, score and write each shard `shard_ids`
-    yields (a list here, a shared queue in a worker process). `table`: the input rows, or in a
-    worker process a lazy scan of them, of which each shard's rows alone are read. Returns
-    stage seconds."""
+    yields (a list here, a shared queue in a worker process), reading each shard's input rows
+    from `rows` when it starts. Returns stage seconds."""
     timings: dict[str, float] = {}
     with _timer(timings, "load_models"):
         models = Models.load(cfg)
@@ -285,10 +294,8 @@ def work(cfg: RunConfig, out: Path, table: pl.DataFrame | pl.LazyFrame, shard_id
             pools = _Pools(decode_pool, batch_decode_pool, score_pool)
 
             def make_job(shard_id: int) -> ShardJob:
-                rows = shard_rows(table, shard_id, cfg.input.shard_size)
-                if isinstance(rows, pl.LazyFrame):
-                    rows = rows.collect()
-                return ShardJob(cfg, out, shard_id, rows, decoder, models, pools, progress, downloader,
+                shard_rows = rows.shard(shard_id, cfg.input.shard_size)
+                return ShardJob(cfg, out, shard_id, shard_rows, decoder, models, pools, progress, downloader,
                                 retry=cfg.retry_failed and is_complete(out, shard_id))
 
             def finished(stats: dict[str, Any]) -> None:
@@ -361,6 +368,9 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
 
 
 CANDIDATES_DIR = "candidates"
+# Under .partial/: the run's input rows as `reader.write_rows` leaves them, removed when the run
+# ends (and by the next run's `recover_partial` after a crash). Not a shard's name: no digit.
+ROWS_DIR = "input"
 
 
 def needs_extraction(inputs: InputConfig) -> bool:

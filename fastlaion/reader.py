@@ -1,15 +1,30 @@
-"""Input: URL lists (txt, csv/tsv, jsonl, parquet) read into one frame and cut into shards.
+"""Input: URL lists (txt, csv/tsv, jsonl, parquet), checked up front, then streamed once into
+Arrow IPC files from which each shard reads its own rows.
 
 Columns follow img2dataset's meaning: `--url-col` names the image URL, `--caption-col` the alt
 text. Every input row becomes exactly one output row (blank lines of a txt file are not rows).
 Captions are cleaned here, as LAION did at extraction: control characters removed and text cut
 to `max_caption_chars`; the counts of both edits are reported per shard.
+
+No process ever holds the whole input (a 100M-row LAION parquet is ~23 GB as one frame).
+`open_inputs` only reads what it needs to check the inputs (schemas, column names), so every
+input problem is reported before the output folder is touched; `write_rows` then passes the rows
+through, cleaning them, into IPC files in the output folder, and `InputRows.shard` reads back one
+shard's rows. Parquet, the format of large URL lists (LAION's metadata, our own candidates), and
+txt are read a slice at a time, one IPC file per slice, so memory stays at one slice whatever the
+input; csv and jsonl go through Polars' streaming engine (one IPC file per input), whose buffers
+level off (at a few hundred MB on two cores) instead of growing with the input.
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 
@@ -23,6 +38,15 @@ _EXTENSIONS = {
 # C0 controls except tab/newline/carriage return (those become spaces), DEL and C1 controls.
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
 _WHITESPACE = r"[\t\n\r]+"
+# Rows per slice of a parquet input (~25 MB of LAION rows), and characters per block of a txt
+# input (~80k URLs): the most of an input held at once, and the size of one rows file.
+SLICE_ROWS = 100_000
+TXT_BLOCK_CHARS = 8 << 20
+# Where str.splitlines ends a line: a txt block ending in one of these ends its last line.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_ROWS_COMPRESSION = "zstd"
+
+_Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
 
 
 def detect_format(path: Path, declared: InputFormat) -> InputFormat:
@@ -36,61 +60,180 @@ def detect_format(path: Path, declared: InputFormat) -> InputFormat:
     return fmt
 
 
-def _read_table(path: Path, fmt: InputFormat) -> pl.DataFrame:
-    try:
-        if fmt is InputFormat.txt:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-            return pl.DataFrame({"url": [ln for ln in lines if ln]}, schema={"url": pl.String})
-        if fmt in (InputFormat.csv, InputFormat.tsv):
-            return pl.read_csv(path, separator="," if fmt is InputFormat.csv else "\t",
-                               infer_schema=False)
-        if fmt is InputFormat.jsonl:
-            return pl.read_ndjson(path, infer_schema_length=None)
-        return pl.read_parquet(path)
-    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: cannot read as {fmt.value}: {first}") from None
+@dataclass(frozen=True)
+class Input:
+    """One input file, checked. `table`: a lazy query of its `url` and `caption` (String, the
+    caption null without a caption column); None for a txt file, which is read by lines."""
+
+    path: Path
+    fmt: InputFormat
+    table: pl.LazyFrame | None
 
 
-def read_input(path: Path, cfg: InputConfig, need_captions: bool) -> pl.DataFrame:
-    """One input file as a frame with String columns `url` and `caption` (caption may be null)."""
+def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
+    """Check one input file: it exists, its format, its columns. Reads no more than its schema
+    (a jsonl file is read through once to infer it, as a full read would)."""
     if not path.exists():
         raise ConfigError(f"input file not found: {path}")
     if path.is_dir():
         raise ConfigError(f"input is a directory, not a file: {path}")
     fmt = detect_format(path, cfg.input_format)
-    table = _read_table(path, fmt)
     if fmt is InputFormat.txt:
         if need_captions:
             raise ConfigError(f"{path}: a txt input holds URLs only, but CLIP scoring needs captions; "
                               "use a csv/tsv/jsonl/parquet input with a caption column, or pass --no-score")
-        return table.with_columns(pl.lit(None, dtype=pl.String).alias("caption"))
-    columns = table.columns
+        try:
+            path.open("rb").close()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read as {fmt.value}: {_first_line(e)}") from None
+        return Input(path, fmt, None)
+    try:
+        table = _scan(path, fmt)
+        schema = table.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read as {fmt.value}: {_first_line(e)}") from None
+    columns = schema.names()
     if cfg.url_col not in columns:
         raise ConfigError(f"{path}: no URL column {cfg.url_col!r} (columns: {', '.join(columns) or 'none'}); "
                           "pass --url-col NAME")
     if cfg.caption_col is not None and cfg.caption_col in columns:
         caption = pl.col(cfg.caption_col).cast(pl.String)
+        text_columns = (cfg.url_col, cfg.caption_col)
     elif need_captions:
         raise ConfigError(f"{path}: no caption column {cfg.caption_col!r} (columns: {', '.join(columns)}); "
                           "pass --caption-col NAME, or --no-score to download without CLIP filtering")
     else:
         caption = pl.lit(None, dtype=pl.String)
+        text_columns = (cfg.url_col,)
+    for name in text_columns:
+        if schema[name].is_nested():
+            raise ConfigError(f"{path}: cannot read columns {cfg.url_col!r}/{cfg.caption_col!r} as text: "
+                              f"{name!r} holds {schema[name]}")
+    return Input(path, fmt, table.select(pl.col(cfg.url_col).cast(pl.String).alias("url"), caption.alias("caption")))
+
+
+def open_inputs(cfg: InputConfig, need_captions: bool) -> list[Input]:
+    """Every input, in the order given, checked (see `open_input`)."""
+    return [open_input(Path(p), cfg, need_captions) for p in cfg.paths]
+
+
+def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:
+    # Polars expands * ? [ in paths: escaped, a file named urls[1].csv is read as itself.
+    source = glob.escape(str(path))
+    if fmt in (InputFormat.csv, InputFormat.tsv):
+        return pl.scan_csv(source, separator="," if fmt is InputFormat.csv else "\t", infer_schema=False)
+    if fmt is InputFormat.jsonl:
+        return pl.scan_ndjson(source, infer_schema_length=None)
+    return pl.scan_parquet(source)
+
+
+@dataclass(frozen=True)
+class InputRows:
+    """The run's input rows, in order, cleaned (`url`, `caption`, `caption_edit`): `heights[i]`
+    of them in the Arrow IPC file `parts[i]`. Small enough to hand to worker processes."""
+
+    parts: tuple[str, ...]
+    heights: tuple[int, ...]
+
+    @cached_property
+    def height(self) -> int:
+        return sum(self.heights)
+
+    def shard(self, shard_id: int, shard_size: int) -> pl.DataFrame:
+        """Shard `shard_id`'s rows with a `row` column: the row's index within its shard. Reads
+        only the files that hold them, and of those only these rows (Polars 1.20 and before read
+        the whole file, which for a csv or jsonl input is all its rows)."""
+        start, stop = shard_id * shard_size, min((shard_id + 1) * shard_size, self.height)
+        frames = []
+        first = 0  # index of the first row of the file
+        for part, n in zip(self.parts, self.heights):
+            lo, hi = max(start, first), min(stop, first + n)
+            if lo < hi:
+                frames.append(pl.scan_ipc(glob.escape(part)).slice(lo - first, hi - lo).collect())
+            first += n
+        return pl.concat(frames).with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+
+
+def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int) -> InputRows:
+    """Pass every input's rows, captions cleaned, into IPC files under `folder` (created).
+
+    An input that turns out unreadable past its schema (a broken row, text that is not UTF-8,
+    a column that cannot be read as text) raises `ConfigError` naming it; nothing has been
+    downloaded by then.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[str] = []
+    heights: list[int] = []
+
+    def next_part() -> str:
+        parts.append(str(folder / f"{len(parts):05d}.arrow"))
+        return parts[-1]
+
+    def add(rows: pl.DataFrame) -> None:
+        rows.write_ipc(next_part(), compression=_ROWS_COMPRESSION)
+        heights.append(rows.height)
+
+    for inp in inputs:
+        try:
+            if inp.table is None:  # URLs alone: no caption to clean
+                no_text = pl.lit(None, dtype=pl.String)
+                for urls in _txt_blocks(inp.path):
+                    add(pl.DataFrame({"url": urls}, schema={"url": pl.String})
+                        .with_columns(no_text.alias("caption"), no_text.alias("caption_edit")))
+            elif inp.fmt is InputFormat.parquet:
+                # Cleaned lazily: Polars computes what the caption and its edit share once. Sliced
+                # until a short slice, not up to a row count: Polars 1.x counts this query by
+                # reading every row.
+                cleaned = clean_captions(inp.table, max_caption_chars)
+                for offset in itertools.count(0, SLICE_ROWS):
+                    rows = cleaned.slice(offset, SLICE_ROWS).collect()
+                    if rows.height:
+                        add(rows)
+                    if rows.height < SLICE_ROWS:
+                        break
+            else:
+                part = next_part()
+                _sink_ipc(clean_captions(inp.table, max_caption_chars), part)
+                heights.append(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
+        except pl.exceptions.PolarsError as e:
+            raise ConfigError(f"{inp.path}: cannot read as {inp.fmt.value}: {_first_line(e)}") from None
+    return InputRows(tuple(parts), tuple(heights))
+
+
+def _txt_blocks(path: Path) -> Iterator[list[str]]:
+    """A txt file's URLs, a block of text at a time: one per line that is not blank, stripped
+    (the lines of `str.splitlines`, bytes that are not UTF-8 replaced)."""
     try:
-        return table.select(pl.col(cfg.url_col).cast(pl.String).alias("url"), caption.alias("caption"))
-    except pl.exceptions.PolarsError as e:
-        raise ConfigError(f"{path}: cannot read columns {cfg.url_col!r}/{cfg.caption_col!r} as text: "
-                          f"{str(e).splitlines()[0]}") from None
+        with path.open(encoding="utf-8", errors="replace") as f:
+            carry = ""  # the start of a line that goes on in the next block
+            while block := f.read(TXT_BLOCK_CHARS):
+                lines = (carry + block).splitlines()
+                carry = "" if block[-1] in _LINE_BREAKS else lines.pop()
+                if urls := [url for url in map(str.strip, lines) if url]:
+                    yield urls
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read as txt: {_first_line(e)}") from None
+    if carry.strip():
+        yield [carry.strip()]
 
 
-def read_inputs(cfg: InputConfig, need_captions: bool) -> pl.DataFrame:
-    """All inputs, in the order given, as one frame: url, caption (cleaned), caption_edit."""
-    frames = [read_input(Path(p), cfg, need_captions) for p in cfg.paths]
-    table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema={"url": pl.String, "caption": pl.String})
-    return clean_captions(table, cfg.max_caption_chars)
+def _sink_ipc(table: pl.LazyFrame, path: str) -> None:
+    """Stream a query into one IPC file; Polars 1.x, whose streaming engine cannot run every
+    plan (jsonl scans in 1.20 and before), collects it instead (more memory, same file)."""
+    try:
+        table.sink_ipc(path, compression=_ROWS_COMPRESSION)
+    except pl.exceptions.InvalidOperationError:
+        if not pl.__version__.startswith("1."):
+            raise
+        table.collect().write_ipc(path, compression=_ROWS_COMPRESSION)
 
 
-def clean_captions(table: pl.DataFrame, max_chars: int) -> pl.DataFrame:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def clean_captions(table: _Frame, max_chars: int) -> _Frame:
     """Strip control characters, fold tabs/newlines to spaces, trim, cut to `max_chars`.
 
     Adds `caption_edit`: null, "control_chars", "truncated" or "control_chars+truncated".
@@ -103,18 +246,6 @@ def clean_captions(table: pl.DataFrame, max_chars: int) -> pl.DataFrame:
             .when(had_ctl).then(pl.lit("control_chars"))
             .when(too_long).then(pl.lit("truncated")))
     return table.with_columns(no_ctl.str.slice(0, max_chars).alias("caption"), edit.alias("caption_edit"))
-
-
-def shards(table: pl.DataFrame, shard_size: int) -> Iterator[tuple[int, pl.DataFrame]]:
-    """(shard id, rows) with a `row` column: the row's index within its shard."""
-    for shard_id in range(shard_count(table.height, shard_size)):
-        yield shard_id, shard_rows(table, shard_id, shard_size)
-
-
-def shard_rows(table: pl.DataFrame, shard_id: int, shard_size: int) -> pl.DataFrame:
-    """Shard `shard_id`'s rows with a `row` column: the row's index within its shard."""
-    part = table.slice(shard_id * shard_size, shard_size)
-    return part.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 
 
 def shard_count(n_rows: int, shard_size: int) -> int:

@@ -4,7 +4,9 @@ Each worker is a spawned process with its own event loop, decoder and models (on
 shards are handed out from one shared queue, so a slow shard never holds the others back. A
 worker reports rows and finished shards to this process, which draws the progress bar and
 merges the stats. Every shard is still written atomically by the worker that ran it, so a crash,
-Ctrl-C or SIGKILL loses at most the shards in progress, and a rerun resumes.
+Ctrl-C or SIGKILL loses at most the shards in progress, and a rerun resumes. A worker reads the
+input rows of the shard it runs, and only those, from the files this process wrote them to
+(`reader.InputRows`), so its memory does not grow with the input.
 """
 
 from __future__ import annotations
@@ -22,16 +24,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from .config import ConfigError, RunConfig
-from .writer import PARTIAL_DIR, ShardWriteError
+from .reader import InputRows
+from .writer import ShardWriteError
 
 log = logging.getLogger(__name__)
 
-# The run's input rows, written once, one record batch per shard: a worker reads just the batch
-# of the shard it runs, so its memory does not grow with the input (each held the whole table).
-ROWS_FILE = "rows.arrow"
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
 
 
@@ -39,15 +37,10 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised; finished shards are kept."""
 
 
-def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int], devices: list[str],
+def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], devices: list[str],
                 progress: Any) -> dict[str, float]:
-    """Run the shards in `todo` on one worker process per entry of `devices`; returns stage
-    seconds summed over workers (load_models: the slowest worker's)."""
-    rows_path = out / PARTIAL_DIR / ROWS_FILE
-    rows_path.parent.mkdir(parents=True, exist_ok=True)
-    size = cfg.input.shard_size
-    pl.concat([table.slice(s * size, size) for s in range(-(-table.height // size))] or [table],
-              rechunk=False).write_ipc(rows_path)
+    """Run the shards in `todo` of `rows` on one worker process per entry of `devices`; returns
+    stage seconds summed over workers (load_models: the slowest worker's)."""
     ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
     tasks: Any = ctx.Queue()
     results: Any = ctx.Queue()
@@ -60,7 +53,7 @@ def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int],
     for i, device in enumerate(devices):
         wcfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
         proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                           args=(i, wcfg, str(out), str(rows_path), tasks, results, threads), daemon=True)
+                           args=(i, wcfg, str(out), rows, tasks, results, threads), daemon=True)
         proc.start()
         procs.append(proc)
 
@@ -102,7 +95,6 @@ def run_workers(cfg: RunConfig, out: Path, table: pl.DataFrame, todo: list[int],
         _stop(procs, interrupted=isinstance(exc, KeyboardInterrupt))
         raise
     finally:
-        rows_path.unlink(missing_ok=True)
         tasks.close()
         results.close()
     return timings
@@ -160,7 +152,7 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker_main(worker: int, cfg: RunConfig, out: str, rows_path: str, tasks: Any, results: Any,
+def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any,
                  threads: int) -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
@@ -176,13 +168,11 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows_path: str, tasks: A
         except ImportError:
             pass
     try:
-        table = pl.scan_ipc(rows_path)  # work() collects one shard's rows at a time
-
         def shard_ids() -> Any:
             while (shard := tasks.get()) is not None:
                 yield shard
 
-        work(cfg, Path(out), table, shard_ids(), _QueueProgress(worker, results), threads,
+        work(cfg, Path(out), rows, shard_ids(), _QueueProgress(worker, results), threads,
              on_ready=lambda secs: results.put(("ready", worker, secs)))
         results.put(("done", worker))
     except KeyboardInterrupt:
