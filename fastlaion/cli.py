@@ -1,34 +1,51 @@
-"""The `fastlaion` command line (typer)."""
+"""The `fastlaion` command line (typer).
+
+Start-up is kept to what every command needs: typer, rich's console and fastlaion.config. The
+rest is imported inside the command that uses it (the pipeline, Polars and numpy by `run`,
+fastlaion.extract by `extract`, fastlaion/cli_dataset.py and its Polars, numpy and Pillow by
+`subset`, `dedup` and `stats`, rich's progress bars by a command that draws one). Typer builds a
+command from its function only when that command is looked up, and converts plain option values
+without pydantic (fastlaion/cli_typer.py): `fastlaion extract` pays for neither `run`'s fifty
+options nor the dataset commands' imports. tests/test_cli.py checks that `import fastlaion.cli`
+loads no numpy, Polars, torch or pipeline module.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, Task
-from rich.text import Text
 
 from . import __version__
-from .batch import FUNNEL_LEVELS, STAGES
-from .workers import WorkerFailed
+from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
     ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig,
 )
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=LazyGroup,
 )
 console = Console(stderr=True)
 out_console = Console()
 
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
+
+
+def _command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`@app.command(name)`, the command built from the function when first looked up."""
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        add_lazy_command(app, name, lambda: fn)
+        return fn
+    return register
 
 
 class _QuietLibraries(logging.Filter):
@@ -50,67 +67,20 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        rows = task.fields.get("rows", 0)
-        kept = task.fields.get("kept", 0)
-        elapsed = task.elapsed or 0.0
-        rate = rows / elapsed if elapsed > 0 else 0.0
-        share = f"{100 * kept / rows:.0f}%" if rows else "-"
-        return Text(f"{rate:,.0f} samples/s  kept {kept:,}/{rows:,} ({share})", style="cyan")
+class _NoBar:
+    """`fastlaion extract --no-progress`: the progress calls, drawing nothing (and without
+    importing rich's progress module)."""
 
-
-class _StageColumn(ProgressColumn):
-    """Each stage's rows per second of its own busy time, in one worker (decode: in one decode
-    thread). Compared with the overall samples/s they show which stage holds the run back."""
-
-    def render(self, task: Task) -> Text:
-        rows: dict[str, int] = task.fields.get("stage_rows", {})
-        busy: dict[str, float] = task.fields.get("stage_busy", {})
-        parts = [f"{stage} {rows[stage] / secs:,.0f}/s" for stage, secs in busy.items()
-                 if secs > 0.01 and rows.get(stage)]
-        return Text(("stages: " + " · ".join(parts)) if parts else "", style="dim")
-
-
-class _BarProgress:
-    """Draws the pipeline's progress: shards done, samples/s, kept share, per-stage rates."""
-
-    def __init__(self, enabled: bool):
-        self.bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                            TimeElapsedColumn(), _StageColumn(), console=console, disable=not enabled)
-        self.task: Any = None
-        self.rows = self.kept = 0
-        self.stage_rows: dict[str, int] = {}
-        self.stage_busy: dict[str, float] = {}
-
-    def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
-        if shards_done:
-            console.print(f"resuming: {shards_done} of {shards_total} shards already complete, skipped")
-        self.bar.start()
-        self.task = self.bar.add_task("run", total=shards_total, completed=shards_done, rows=0, kept=0)
-
-    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
-        self.rows += rows
-        self.kept += kept
-        for stage, secs in (busy_s or {}).items():
-            if secs > 0:
-                self.stage_rows[stage] = self.stage_rows.get(stage, 0) + rows
-                self.stage_busy[stage] = self.stage_busy.get(stage, 0.0) + secs
-        self.bar.update(self.task, rows=self.rows, kept=self.kept, stage_rows=self.stage_rows,
-                        stage_busy=self.stage_busy)
-
-    def shard_done(self, stats: dict[str, Any]) -> None:
-        self.bar.advance(self.task)
-
-    def extracting(self) -> Any:
-        return _ExtractBar(not self.bar.disable)
-
-    def stop(self) -> None:
-        self.bar.stop()
+    def start(self, n_inputs: int) -> None: ...
+    def advance(self, records: int, pairs: int) -> None: ...
+    def input_done(self, stats: Any) -> None: ...
+    def stop(self) -> None: ...
 
 
 def print_funnel(summary: Any) -> None:
     """The closing funnel, one level a line (plain text, never wrapped, so it greps well)."""
+    from .batch import FUNNEL_LEVELS, STAGES
+
     f = summary.funnel
     width = max(len(f"{f['input']:,}"), 4)
     lines = [f"funnel over {summary.shards_total} shard(s) in {summary.output_dir}:",
@@ -136,6 +106,17 @@ def print_funnel(summary: Any) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
 
 
+class _NeverRaised(Exception):
+    pass
+
+
+def _worker_failed() -> type[BaseException]:
+    """fastlaion.workers.WorkerFailed; while that module is not loaded no worker can have failed,
+    and a class nothing raises stands in (so that the error path does not import it)."""
+    workers = sys.modules.get("fastlaion.workers")
+    return workers.WorkerFailed if workers is not None else _NeverRaised
+
+
 @contextmanager
 def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
@@ -150,7 +131,7 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         bar.stop()
         console.print(f"[yellow]interrupted[/yellow]: {interrupted}")
         raise typer.Exit(130) from None
-    except WorkerFailed as e:
+    except _worker_failed() as e:  # evaluated only when an exception gets this far
         bar.stop()
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -165,14 +146,15 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
 
 def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
     """Run the pipeline with a progress bar."""
+    from .cli_progress import BarProgress
     from .pipeline import run
 
-    bar = _BarProgress(show_progress)
+    bar = BarProgress(console, show_progress)
     with user_errors(bar, "finished shards are kept; rerun the same command to resume"):
         return run(cfg, bar)
 
 
-@app.command("run")
+@_command("run")
 def run_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; rerunning into it resumes.", show_default=False)],
     inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...", show_default=False,
@@ -269,7 +251,7 @@ def run_cmd(
         out_console.print(line, soft_wrap=True, highlight=False)
 
 
-@app.command("demo")
+@_command("demo")
 def demo_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the demo dataset (replaced if it holds an earlier demo).")] = Path("fastlaion-demo"),
     model: Annotated[str, typer.Option(help="open_clip architecture; the default is a tiny random-weight CLIP.")] = "fastlaion-tiny",
@@ -292,39 +274,6 @@ def demo_cmd(
         out_console.print(note)
     print_funnel(summary)
     out_console.print(f"dataset written to {output.resolve()}")
-
-
-class _ExtractBar:
-    """Draws extraction progress: input files done, records/s, pairs found so far."""
-
-    def __init__(self, enabled: bool):
-        self.bar = Progress(TextColumn("[bold]files"), BarColumn(), MofNCompleteColumn(), _ExtractRateColumn(),
-                            TimeElapsedColumn(), console=console, disable=not enabled)
-        self.task: Any = None
-        self.records = self.pairs = 0
-
-    def start(self, n_inputs: int) -> None:
-        self.bar.start()
-        self.task = self.bar.add_task("extract", total=n_inputs, records=0, pairs=0)
-
-    def advance(self, records: int, pairs: int) -> None:
-        self.records += records
-        self.pairs += pairs
-        self.bar.update(self.task, records=self.records, pairs=self.pairs)
-
-    def input_done(self, stats: Any) -> None:
-        self.bar.advance(self.task)
-
-    def stop(self) -> None:
-        self.bar.stop()
-
-
-class _ExtractRateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        records = task.fields.get("records", 0)
-        elapsed = task.elapsed or 0.0
-        rate = records / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:,.0f} records/s  {task.fields.get('pairs', 0):,} pairs", style="cyan")
 
 
 def print_extract_summary(s: Any) -> None:
@@ -351,7 +300,7 @@ def print_extract_summary(s: Any) -> None:
         out_console.print(line, soft_wrap=True, highlight=False)
 
 
-@app.command("extract")
+@_command("extract")
 def extract_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for candidates-NNNNN.parquet and extract_stats.json.", show_default=False)],
     inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...", show_default=False,
@@ -378,7 +327,12 @@ def extract_cmd(
     from .extract import ExtractConfig, extract_to_parquet, list_crawl
 
     _setup_logging(verbose)
-    bar = _ExtractBar(progress)
+    if progress:
+        from .cli_progress import ExtractBar
+
+        bar: Any = ExtractBar(console, True)
+    else:
+        bar = _NoBar()
     with user_errors(bar, "nothing was written; rerun the command"):
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
@@ -392,13 +346,19 @@ def extract_cmd(
     print_extract_summary(summary)
 
 
-# subset, dedup, stats: dataset operations on a run's output (fastlaion/dataset/)
-from .cli_dataset import register as _register_dataset_commands  # noqa: E402
+def _dataset_command(name: str) -> Callable[..., Any]:
+    from . import cli_dataset
 
-_register_dataset_commands(app)
+    return getattr(cli_dataset, f"{name}_cmd")
 
 
-@app.command("version")
+# subset, dedup, stats: dataset operations on a run's output (fastlaion/dataset/), defined in
+# fastlaion/cli_dataset.py (whose register() adds the same three to another typer app)
+for _name in ("subset", "dedup", "stats"):
+    add_lazy_command(app, _name, functools.partial(_dataset_command, _name))
+
+
+@_command("version")
 def version_cmd() -> None:
     """Print fastlaion's version."""
     out_console.print(__version__)

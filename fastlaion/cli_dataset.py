@@ -1,9 +1,11 @@
 """`fastlaion subset`, `dedup` and `stats`: operations on a finished dataset (fastlaion.dataset).
 
-`register(app)` adds the three commands to the main typer app (fastlaion/cli.py calls it).
-Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on stderr and
-exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported when a
-command runs, not at import, so cli.py may import this module anywhere (no import cycle).
+fastlaion/cli.py registers the three functions `<name>_cmd` lazily: this module, whose signatures
+import Polars, numpy and Pillow, is imported only when one of them is looked up (run, or listed by
+`fastlaion --help`), never at the other commands' start-up. `register(app)` adds them to another
+typer app. Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on
+stderr and exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported
+when a command runs, not at import (no import cycle).
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ import glob
 import gzip
 import hashlib
 import html
-import http.client
 import itertools
 import json
 import logging
@@ -82,16 +81,18 @@ import re
 import shutil
 import struct
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
+
+if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
+    import http.client
+    import urllib.request
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +485,10 @@ class _HttpReader:
         self.resp = self._open(0)
 
     def _open(self, offset: int) -> http.client.HTTPResponse:
+        import http.client
+        import urllib.error
+        import urllib.request
+
         last = ""
         for attempt in range(self.cfg.http_retries + 1):
             if attempt:
@@ -516,6 +521,8 @@ class _HttpReader:
         raise ConfigError(f"cannot read {self.url}: {last} ({self.cfg.http_retries + 1} attempts)")
 
     def read(self, n: int = -1) -> bytes:
+        import http.client
+
         if n < 0:
             return b"".join(iter(lambda: self.read(READ_CHUNK_BYTES), b""))
         while True:
@@ -556,6 +563,8 @@ def _skip_bytes(resp: http.client.HTTPResponse, n: int) -> None:
 
 
 def _opener_for(url: str) -> urllib.request.OpenerDirector:
+    import urllib.request
+
     host = (urlsplit(url).hostname or "").lower()
     if host in ("127.0.0.1", "localhost", "::1"):  # loopback never goes through a proxy
         return urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -184,3 +184,109 @@ def test_no_score_run_does_not_load_torch(tmp_path):
         "print(r.exit_code, 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["0", "False"], result.stdout + result.stderr
+
+
+# --- start-up (issue #3): a command imports only what it needs --------------------------------
+
+# Modules that no command needs at start-up: the pipeline's, the dataset commands', the ML stack.
+HEAVY = ("numpy", "polars", "torch", "PIL", "pyarrow", "open_clip", "fastlaion.pipeline", "fastlaion.batch",
+         "fastlaion.workers", "fastlaion.decode", "fastlaion.reader", "fastlaion.writer", "fastlaion.download",
+         "fastlaion.score", "fastlaion.dataset", "fastlaion.cli_dataset", "fastlaion.extract", "rich.progress")
+
+
+def loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported once `code` has run."""
+    script = f"import sys\n{code}\nprint('LOADED', *sorted(m for m in {modules!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()[-1].split()[1:]
+
+
+def run_main(args: list[str]) -> str:
+    """`fastlaion ARGS` in the same interpreter, as the console script runs it."""
+    return (f"sys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code")
+
+
+def test_importing_the_cli_loads_no_heavy_module():
+    assert loaded_after("import fastlaion.cli") == []
+
+
+@pytest.mark.parametrize("args", [["extract", "--help"], ["run", "--help"], ["version"]])
+def test_a_command_reads_only_its_own_signature(args):
+    assert loaded_after(run_main(args)) == []
+
+
+def test_every_command_is_listed_and_built_when_looked_up():
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    names = ["run", "demo", "extract", "subset", "dedup", "stats", "version"]
+    positions = [result.output.index(f" {name} ") for name in names]
+    assert positions == sorted(positions), result.output
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert group.list_commands(None) == names
+    assert all(group.commands[n].help for n in names)  # the real commands (placeholders have no help)
+    assert [p.name for p in group.commands["subset"].params][:3] == ["source", "output", "name"]
+
+
+def _raw_values(annotation, tmp_path):
+    """Values a parameter of this type may receive from the command line (or as its default)."""
+    import enum
+
+    if annotation is str:
+        return ["abc", "", " x ", "ünï", "-", "1"]
+    if annotation is int:
+        return ["0", "1", "-1", "42", "007", "+3", " 4", "1_000", "1.5", "abc", "", "-0", "99999999999999999999", 5,
+                True]
+    if annotation is float:
+        return ["0", "0.5", "-1.25", "1e3", "1.", ".5", "abc", "", "-0", "-0.0", "-0.5", "12.000", "nan", "inf", 3, 2.5]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [*(m.value for m in annotation), *annotation, *(str(m.value).upper() for m in annotation), "bogus", ""]
+    if annotation is Path:
+        (tmp_path / "f.txt").write_text("x")
+        return [str(tmp_path / "f.txt"), str(tmp_path), str(tmp_path / "missing"), "-", "", "rel/dir", tmp_path]
+    if annotation == list[str]:
+        return [("a.wat", "b.warc.gz"), (), ["x"], ("a", 1)]
+    return []
+
+
+def _outcome(runtime_param, value, param, ctx):
+    import typer._click as click
+
+    try:
+        out = runtime_param.coerce(value, param=param, ctx=ctx)
+    except click.exceptions.BadParameter as e:
+        return ("error", e.format_message())
+    return ("value", repr(out), type(out), [type(x) for x in out] if isinstance(out, (list, tuple)) else None)
+
+
+def test_fast_value_conversion_matches_typers_own(tmp_path):
+    """fastlaion/cli_typer.py converts plain option values without pydantic: for every parameter of
+    every command, and odd spellings and bad values too, the outcome (value, its type, or the error
+    message) is the one typer's own pydantic conversion gives."""
+    import typing
+
+    import typer._click as click
+    import typer.main
+    from typer._coercion import build_runtime_param
+
+    from fastlaion.cli_typer import _PlainValue, _fast
+
+    group = typer.main.get_command(app)
+    checked = set()
+    for name in group.list_commands(None):
+        cmd = group.commands[name]
+        ctx = click.Context(cmd, info_name=name)
+        params = _fast(cmd.get_params(ctx))
+        for param in params:
+            d = param.type_descriptor
+            if not isinstance(param._runtime_param, _PlainValue):
+                continue
+            typers = build_runtime_param(d)
+            for value in [None, *_raw_values(d.annotation, tmp_path)]:
+                assert _outcome(param._runtime_param, value, param, ctx) == _outcome(typers, value, param, ctx), \
+                    (name, param.name, value)
+            checked.add(str(d.annotation) if typing.get_origin(d.annotation) else d.annotation.__name__)
+    assert {"str", "int", "float", "bool", "Path", "DedupMode", "list[str]"} <= checked, checked

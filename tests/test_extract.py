@@ -510,7 +510,7 @@ def test_real_wat_reads_cleanly_and_yields_nothing(tmp_path):
 # Command line, config, helpers for `fastlaion run`
 
 def test_cli_extract_summary_adds_up_and_output_feeds_run(tmp_path):
-    from fastlaion.reader import read_input
+    from fastlaion.reader import open_input
 
     (tmp_path / "rules.wat.gz").write_bytes(rule_wat())
     result = runner.invoke(app, ["extract", str(tmp_path / "rules.wat.gz"), "-o", str(tmp_path / "o"),
@@ -520,7 +520,8 @@ def test_cli_extract_summary_adds_up_and_output_feeds_run(tmp_path):
     assert f"records        6  = pages 4 + ignored 2" in out
     assert f"pairs          9  = links - rejected" in out and "after dedup    9" in out
     assert "svg 1" in out and "invalid_url 4" in out
-    frame = read_input(tmp_path / "o" / "candidates-00000.parquet", InputConfig(paths=("x",)), need_captions=True)
+    candidates = open_input(tmp_path / "o" / "candidates-00000.parquet", InputConfig(paths=("x",)), need_captions=True)
+    frame = candidates.table.collect()
     assert pairs(frame) == RULE_KEPT
 
 
@@ -900,3 +901,26 @@ def test_base_parts_split_like_base():
         joiner = _Base(base)
         joiner._split_base()
         assert (scheme, origin, directory) == (joiner.scheme, joiner.origin, joiner.dir), base
+
+
+def test_extract_command_loads_neither_the_pipeline_nor_the_ml_stack(tmp_path):
+    """`fastlaion extract` on local files imports what reading them needs (Polars for the link
+    rules and Parquet, msgspec, libdeflate), not numpy, torch, Pillow, the pipeline, the dataset
+    commands or an HTTP client: its start-up counts in every run (issue #3's benchmark)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "rules.wat.gz").write_bytes(rule_wat())
+    (tmp_path / "pages.warc.gz").write_bytes(gz([response_record(PAGE, page_html("A photo of a cat").encode())]))
+    unwanted = ("numpy", "torch", "PIL", "pyarrow", "pandas", "open_clip", "fastlaion.pipeline", "fastlaion.batch",
+                "fastlaion.workers", "fastlaion.decode", "fastlaion.download", "fastlaion.dataset",
+                "fastlaion.cli_dataset", "http.client", "urllib.request", "rich.progress")
+    args = ["extract", str(tmp_path / "rules.wat.gz"), str(tmp_path / "pages.warc.gz"), "-o", str(tmp_path / "o"),
+            "--processes", "1", "--no-progress"]
+    script = (f"import sys\nsys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import main\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              f"print('LOADED', *sorted(m for m in {unwanted!r} + ('polars', 'fastlaion.extract') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pairs 10 = links - rejected" in " ".join(result.stdout.split()), result.stdout
+    assert result.stdout.strip().splitlines()[-1].split()[1:] == ["fastlaion.extract", "polars"], result.stdout

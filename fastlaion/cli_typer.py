@@ -1,0 +1,210 @@
+"""Typer plumbing that keeps the command line's start-up to what the command run needs (issue #3).
+
+Typer, left to itself, spends about 0.3 CPU-s before a command starts that `fastlaion extract`,
+for one, never uses:
+
+- It turns every command's function into click parameters when the app is called, whichever
+  command is run (`run` alone has fifty options), and the dataset commands' signatures import
+  Polars, numpy and Pillow. `LazyGroup` holds a `Deferred` placeholder per command (see
+  `add_lazy_command`) and builds the real command the first time it is looked up: to run it, or
+  to list it in `fastlaion --help`, whose content is therefore unchanged.
+- Typer 0.2x converts each parameter value with a pydantic TypeAdapter, built lazily but for
+  every parameter of the command run, `--help` included: pydantic's import and the adapters cost
+  about 0.2 CPU-s at every start. `FastCommand` converts the values of plain types in their usual
+  spelling itself, to exactly what the adapter gives (a str as it is, a decimal integer or
+  number, an enum value, a path through typer's own path checks, a list of str); anything else
+  (a bad value, another spelling, another type) goes on to typer's own conversion, so its results
+  and error messages stay typer's. tests/test_cli.py compares the two on every parameter.
+
+Both use typer's internals (`typer.core.TyperGroup`, `_TyperParameter._runtime_param`,
+`typer._coercion.RuntimeParam`); where a later typer lacks them, the fast conversion is left out
+and typer converts as it always did.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+from typer.models import CommandInfo
+
+try:
+    from typer._coercion import RuntimeParam, build_runtime_param
+    from typer._param_types import coerce_cli_path
+    from typer._typing import get_args, get_origin
+except ImportError:  # another typer: it converts every value itself
+    RuntimeParam = None  # type: ignore[assignment,misc]
+
+
+class LazyGroup(TyperGroup):
+    """A typer app's command group whose commands are built when first looked up."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.commands = _Commands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)  # the names, in registration order, without building them
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _fast(super().get_params(ctx))
+
+
+class _Commands(MutableMapping[str, Any]):
+    """The group's commands by name; a `Deferred` placeholder is replaced by its real command the
+    first time it is read, whichever way (`get_command`, `group.commands[name]`, `.items()`)."""
+
+    def __init__(self, commands: Mapping[str, Any]):
+        self._commands = dict(commands)
+
+    def __getitem__(self, name: str) -> Any:
+        cmd = self._commands[name]
+        if isinstance(cmd, Deferred):
+            cmd = self._commands[name] = cmd.build()
+        return cmd
+
+    def __setitem__(self, name: str, cmd: Any) -> None:
+        self._commands[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._commands[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._commands)
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+
+class FastCommand(TyperCommand):
+    """A typer command whose plain parameter values are converted without pydantic."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _fast(super().get_params(ctx))
+
+
+class Deferred(TyperCommand):
+    """Stands for a command in a `LazyGroup` until `build()` makes the real one, exactly as
+    `@app.command(name, cls=FastCommand)` on the function `load()` returns would have."""
+
+    load: Callable[[], Callable[..., Any]]
+    _pretty_exceptions_short: bool
+
+    def build(self) -> TyperCommand:
+        from typer.main import get_command_from_info
+
+        assert self.name is not None
+        return get_command_from_info(CommandInfo(name=self.name, callback=self.load(), cls=FastCommand),
+                                     pretty_exceptions_short=self._pretty_exceptions_short,
+                                     rich_markup_mode=self.rich_markup_mode)
+
+
+def _placeholder() -> None:
+    pass
+
+
+def add_lazy_command(app: typer.Typer, name: str, load: Callable[[], Callable[..., Any]]) -> None:
+    """Register command `name` on `app` (made with `cls=LazyGroup`), in --help order; `load()`
+    returns its function, called the first time the command is looked up."""
+    cls = type(f"Deferred_{name}", (Deferred,), {"load": staticmethod(load),
+                                                 "_pretty_exceptions_short": app.pretty_exceptions_short})
+    app.command(name, cls=cls)(_placeholder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter values without pydantic
+
+_TYPERS = object()  # "not a plain value: let typer convert it"
+_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
+_FLOAT = re.compile(r"(?:0|-?[1-9][0-9]{0,14})(?:\.[0-9]{1,15})?|-0\.[0-9]{0,14}[1-9]")
+
+
+def _fast(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "_runtime_param", _TYPERS) is None:  # typer builds it on first use
+            descriptor = getattr(param, "type_descriptor", None)
+            convert = _converter(descriptor) if descriptor is not None and RuntimeParam is not None else None
+            if convert is not None:
+                try:
+                    param._runtime_param = _PlainValue(descriptor.parameter_info, descriptor.annotation,
+                                                       descriptor=descriptor, convert=convert)
+                except TypeError:  # another typer's RuntimeParam: leave the conversion to it
+                    return params
+    return params
+
+
+def _converter(descriptor: Any) -> Callable[[Any, Any, Any], Any] | None:
+    """How to convert a value of this parameter's type, or None for typer to do it all."""
+    info, a = descriptor.parameter_info, descriptor.annotation
+    if (descriptor.file_annotation is not None or info.parser is not None
+            or getattr(info, "click_type", None) is not None
+            or info.min is not None or info.max is not None or info.clamp):
+        return None
+    if a is str:
+        return lambda v, param, ctx: v if type(v) is str else _TYPERS
+    if a is int:
+        return _to_int
+    if a is float:
+        return _to_float
+    if a is bool:  # typer passes a bool through untouched; only None (an unset flag) reaches here
+        return lambda v, param, ctx: _TYPERS
+    if isinstance(a, type) and issubclass(a, enum.Enum) and info.case_sensitive:
+        by_value = {m.value: m for m in a if type(m.value) is str}
+
+        def to_member(v: Any, param: Any, ctx: Any) -> Any:
+            if isinstance(v, a):
+                return v
+            if type(v) is str and (ctx is None or ctx.token_normalize_func is None):
+                return by_value.get(v, _TYPERS)
+            return _TYPERS
+        return to_member
+    if a is Path and info.path_type is None:
+        def to_path(v: Any, param: Any, ctx: Any) -> Any:
+            if type(v) is not str or not v:
+                return _TYPERS
+            # typer's own checks (exists, readable, ...), given the Path pydantic would make
+            return coerce_cli_path(Path(v), info, path_type=Path, param=param, ctx=ctx)
+        return to_path
+    if get_origin(a) is list and get_args(a) == (str,):
+        return lambda v, param, ctx: (list(v) if type(v) in (tuple, list) and all(type(x) is str for x in v)
+                                      else _TYPERS)
+    return None
+
+
+def _to_int(v: Any, param: Any, ctx: Any) -> Any:
+    if type(v) is int:
+        return v
+    return int(v) if type(v) is str and _INT.fullmatch(v) else _TYPERS
+
+
+def _to_float(v: Any, param: Any, ctx: Any) -> Any:
+    if type(v) is float:
+        return v
+    if type(v) is int:  # an int default: pydantic's lax mode makes it a float
+        return float(v)
+    return float(v) if type(v) is str and _FLOAT.fullmatch(v) else _TYPERS
+
+
+if RuntimeParam is not None:
+    @dataclass(frozen=True)
+    class _PlainValue(RuntimeParam):  # type: ignore[misc,valid-type]
+        """Converts a plain value itself; hands any other to the runtime param typer would have
+        built (pydantic's, imported then)."""
+
+        descriptor: Any = None
+        convert: Callable[[Any, Any, Any], Any] = lambda v, param, ctx: _TYPERS
+        _typers: list[Any] = field(default_factory=list)
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            out = self.convert(value, param, ctx)
+            if out is not _TYPERS:
+                return out
+            if not self._typers:
+                self._typers.append(build_runtime_param(self.descriptor))
+            return self._typers[0]._coerce_value(value, param=param, ctx=ctx)
