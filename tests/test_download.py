@@ -1217,6 +1217,24 @@ def test_blocklist_files_are_checked_and_named(tmp_path):
     assert Blocklists.from_config(DownloadConfig(url_blocklist=str(bad))).url_blocked("http://example.com/a.jpg")
 
 
+def test_digest_tables_answer_as_a_set_does():
+    """The sorted digest arrays against a Python set, with digests ending in NUL bytes (which
+    numpy's byte strings read back without) and neighbours that differ only there."""
+    import random
+
+    from fastlaion.download import _has_digest, _sorted_digests
+
+    rng = random.Random(0)
+    listed = [rng.randbytes(32) for _ in range(2000)] + [b"\x07" * 31 + b"\x00", b"\x07" * 30 + b"\x00\x00",
+                                                        bytes(32), b"\x05" * 32]
+    table = _sorted_digests(listed + listed[:100], 32)  # duplicates are stored once
+    assert len(table) == len(set(listed))
+    probes = listed + [rng.randbytes(32) for _ in range(2000)] + [
+        b"\x07" * 31 + b"\x01", b"\x07" * 32, b"\x07" * 29 + b"\x00" * 3, b"\x00" * 31 + b"\x01", b"\xff" * 32]
+    assert [_has_digest(table, p) for p in probes] == [p in set(listed) for p in probes]
+    assert not _has_digest(_sorted_digests([], 32), b"\x05" * 32)
+
+
 def test_blocklists_are_read_once_per_process(tmp_path):
     path = tmp_path / "urls.txt"
     path.write_text("http://example.com/a.jpg\n")
