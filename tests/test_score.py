@@ -63,6 +63,22 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
     assert (short - want[2:3]).abs().max() > 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_features_through_the_used_positions_on_cuda_fp16():
+    """On the GPU in fp16, where shorter sequences take other kernels: the embeddings agree with
+    open_clip's 77-position ones as fp16 runs of one model agree (cosine > 0.999)."""
+    torch.manual_seed(0)
+    s = Scorer(ScoreConfig(model="ViT-B-32", pretrained="none"), torch.device("cuda"))
+    assert s._text_prefix is not None and s.dtype == torch.float16
+    texts = (PREFIX_TEXTS[::-1] + PREFIX_TEXTS) * 8
+    with torch.inference_mode():
+        want = s.model.encode_text(s.tokenizer(texts).to("cuda")).float()
+    got = s.text_features(texts).float()
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    assert float(cosine.min()) > 0.999, cosine.min()
+
+
 def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     torch.manual_seed(0)
     model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
