@@ -117,19 +117,24 @@ def text_tower(model_name: str, device: torch.device, batch: int, words: int, ro
     tokens = scorer.tokenizer(texts).to(device)
     used = int(scorer._text_prefix.ends(tokens).max()) + 1 if scorer._text_prefix is not None else tokens.shape[1]
 
-    def rate(fn) -> float:
-        fn()  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            fn()
-        _sync(device)
-        return rounds * batch / (time.perf_counter() - t0)
+    def theirs() -> None:
+        with torch.inference_mode():
+            scorer.model.encode_text(scorer.tokenizer(texts).to(device))
 
-    with torch.inference_mode():
-        theirs = rate(lambda: scorer.model.encode_text(scorer.tokenizer(texts).to(device)))
-    ours = rate(lambda: scorer.text_features(texts))
-    return used, ours, theirs
+    def ours() -> None:
+        scorer.text_features(texts)
+
+    spent = {theirs: 0.0, ours: 0.0}
+    for fn in spent:  # warm-up
+        fn()
+    for r in range(rounds):  # alternated, so a change in the machine's speed hits both alike
+        for fn in (theirs, ours) if r % 2 == 0 else (ours, theirs):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            spent[fn] += time.perf_counter() - t0
+    return used, rounds * batch / spent[ours], rounds * batch / spent[theirs]
 
 
 def tokenizer_rates(n: int = 4096) -> list[tuple[str, float, float]]:
