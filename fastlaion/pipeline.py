@@ -127,19 +127,29 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
         raise ConfigError(f"--retry-failed: {out} holds no earlier run whose failed rows could be retried")
     if needs_extraction(cfg.input):
         inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
+        fresh = False
     else:  # every problem with the inputs is told before the output folder is touched
         inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
+        fresh = not out.exists()
         prepare_output(out, cfg)
     rows_dir = out / PARTIAL_DIR / ROWS_DIR
     try:
-        rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars)
+        try:
+            rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars)
+        except ConfigError:
+            # A problem only reading the rows shows (a bad byte deep in a csv): a folder this run
+            # made holds nothing yet, so it goes, and a rerun may use other settings.
+            if fresh:
+                (out / CONFIG_FILE).unlink(missing_ok=True)
+            raise
         return _run_shards(cfg, out, rows, progress, t0)
     finally:
         shutil.rmtree(rows_dir, ignore_errors=True)  # this run's copy of the inputs, never part of the output
-        try:
-            (out / PARTIAL_DIR).rmdir()  # empty once every started shard finished or was aborted
-        except OSError:
-            pass
+        for folder in (out / PARTIAL_DIR, out) if fresh else (out / PARTIAL_DIR,):
+            try:
+                folder.rmdir()  # .partial/: empty once every started shard finished or was aborted
+            except OSError:
+                pass
 
 
 def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, t0: float) -> RunSummary:

@@ -99,6 +99,18 @@ def test_a_file_broken_past_its_header_is_named_before_any_download(tmp_path):
         pytest.skip("the streaming csv reader of Polars 1.20 and before lets text that is not UTF-8 through")
     with pytest.raises(ConfigError, match="broken.csv: cannot read as csv"):
         write_rows(inputs, tmp_path / "rows", 2000)
+    # Through `fastlaion run`: the error, and no output folder left behind to hold the settings,
+    # so a rerun with others is not refused as "a run with other settings".
+    from fastlaion.config import RunConfig, ScoreConfig
+    from fastlaion.pipeline import run
+
+    out = tmp_path / "out"
+    for shard_size in (10, 20):
+        cfg = RunConfig(input=InputConfig(paths=(str(broken),), shard_size=shard_size), output_dir=str(out),
+                        score=ScoreConfig(enabled=False))
+        with pytest.raises(ConfigError, match="broken.csv: cannot read as csv"):
+            run(cfg)
+        assert not out.exists()
 
 
 def test_captions_cleaned_and_counted(tmp_path):
