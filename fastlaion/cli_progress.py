@@ -54,8 +54,20 @@ class BarProgress:
         self.rows = self.kept = 0
         self.stage_rows: dict[str, int] = {}
         self.stage_busy: dict[str, float] = {}
+        # Reading a large input (100M rows: a minute or more) before the first shard starts.
+        self.reading = Progress(TextColumn("[bold]reading input"), TextColumn("{task.completed:,.0f} rows"),
+                                TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
+        self.reading_task: Any = None
+
+    def reading_input(self, rows: int) -> None:
+        if self.reading_task is None:
+            self.reading.start()
+            self.reading_task = self.reading.add_task("input", total=None)
+        self.reading.advance(self.reading_task, rows)
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
+        if self.reading_task is not None:
+            self.reading.stop()
         if shards_done:
             self.console.print(f"resuming: {shards_done} of {shards_total} shards already complete, skipped")
         self.bar.start()
@@ -78,6 +90,7 @@ class BarProgress:
         return ExtractBar(self.console, not self.bar.disable)
 
     def stop(self) -> None:
+        self.reading.stop()
         self.bar.stop()
 
 

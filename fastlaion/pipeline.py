@@ -63,6 +63,9 @@ class Progress:
         """An `extract.ExtractProgress` for the extraction that precedes a Common Crawl run."""
         return None
 
+    def reading_input(self, rows: int) -> None:
+        """`rows` more input rows checked and written for the shards to read (before `start`)."""
+
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None: ...
 
     def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
@@ -135,7 +138,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     rows_dir = out / PARTIAL_DIR / ROWS_DIR
     try:
         try:
-            rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars)
+            rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input)
         except ConfigError:
             # A problem only reading the rows shows (a bad byte deep in a csv): a folder this run
             # made holds nothing yet, so it goes, and a rerun may use other settings.

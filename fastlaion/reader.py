@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -154,8 +154,10 @@ class InputRows:
         return pl.concat(frames).with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 
 
-def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int) -> InputRows:
-    """Pass every input's rows, captions cleaned, into IPC files under `folder` (created).
+def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
+               on_rows: Callable[[int], None] | None = None) -> InputRows:
+    """Pass every input's rows, captions cleaned, into IPC files under `folder` (created);
+    `on_rows(n)` is told each time n more rows are written (a progress bar's feed).
 
     An input that turns out unreadable past its schema (a broken row, text that is not UTF-8,
     a column that cannot be read as text) raises `ConfigError` naming it; nothing has been
@@ -171,7 +173,12 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int) -> Inp
 
     def add(rows: pl.DataFrame) -> None:
         rows.write_ipc(next_part(), compression=_ROWS_COMPRESSION)
-        heights.append(rows.height)
+        counted(rows.height)
+
+    def counted(n: int) -> None:
+        heights.append(n)
+        if on_rows is not None:
+            on_rows(n)
 
     for inp in inputs:
         try:
@@ -194,7 +201,7 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int) -> Inp
             else:
                 part = next_part()
                 _sink_ipc(clean_captions(inp.table, max_caption_chars), part)
-                heights.append(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
+                counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
             raise ConfigError(f"{inp.path}: cannot read as {inp.fmt.value}: {_first_line(e)}") from None
     return InputRows(tuple(parts), tuple(heights))

@@ -244,3 +244,32 @@ def test_preparing_a_large_parquet_does_not_hold_it(tmp_path):
     assert height == n
     assert text_mb > 450
     assert peak_mb - before_mb < text_mb / 2, (peak_mb, before_mb, text_mb)
+
+
+def test_rows_written_are_reported_as_they_go(tmp_path, monkeypatch):
+    """The progress feed: one report per rows file, adding up to the input's rows; and a run
+    tells its Progress about the input before the shards start."""
+    monkeypatch.setattr(reader, "SLICE_ROWS", 4)
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(10)], "caption": ["a cat"] * 10}
+                 ).write_parquet(path)
+    cfg = InputConfig(paths=(str(path),), shard_size=3)
+    told: list[int] = []
+    rows = write_rows(open_inputs(cfg, True), tmp_path / "rows", 2000, told.append)
+    assert told == [4, 4, 2] and rows.height == 10
+
+    from fastlaion.config import DownloadConfig, RunConfig, ScoreConfig
+    from fastlaion.pipeline import Progress, run
+
+    events: list[tuple[str, int]] = []
+
+    class Recorder(Progress):
+        def reading_input(self, rows: int) -> None:
+            events.append(("read", rows))
+
+        def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
+            events.append(("start", rows_total))
+
+    run(RunConfig(input=cfg, output_dir=str(tmp_path / "out"), score=ScoreConfig(enabled=False),
+                  download=DownloadConfig(retries=0, timeout_s=2, allow_private_networks=True)), Recorder())
+    assert events == [("read", 4), ("read", 4), ("read", 2), ("start", 10)]
