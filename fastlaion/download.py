@@ -845,10 +845,14 @@ async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]],
                 window.append((key, url, host_of(url)))
         if not window:
             return None
+        full: set[str] = set()  # hosts seen without room in this scan: each is asked once
         for i, (key, url, host) in enumerate(window):
+            if host in full:
+                continue
             if downloader.host_has_room(host):
                 del window[i]
                 return key, url
+            full.add(host)
         key, url, _host = window.popleft()
         return key, url
 
