@@ -429,8 +429,8 @@ class Decoder:
             watermark_input = None
             if self.watermark_size_px:
                 side = self.watermark_size_px  # LAION's detector squashes to a square (Resize((S, S)))
-                watermark_input = np.asarray(_rgb_for_storage(image).resize((side, side), Image.Resampling.BILINEAR)
-                                             .convert("RGB"))
+                squashed = _rgb_for_storage(image).resize((side, side), Image.Resampling.BILINEAR)
+                watermark_input = np.asarray(squashed if squashed.mode == "RGB" else squashed.convert("RGB"))
         except _Rejected as rejected:
             return Decoded(rejected.reason, rejected.detail, fmt, size and size[0], size and size[1],
                            None, None, None, None, None, time.thread_time() - start_s)

@@ -121,7 +121,7 @@ class Scorer:
         tokens = self.tokenizer(texts)
         if self._text_prefix is None:
             return self.model.encode_text(tokens.to(self.device))
-        return self._text_prefix.encode(tokens.to(self.device))
+        return self._text_prefix.encode(tokens, self.device)
 
     def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, D) L2-normalised float32 on the host."""
@@ -189,28 +189,22 @@ class PrefixTextEncoder:
             return tokens.argmax(dim=-1)
         return (tokens == self.eos_id).int().argmax(dim=-1)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, context) token ids on the model's device -> (N, D) raw text features."""
+    def encode(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(N, context) token ids on the host -> (N, D) raw text features on `device`. The
+        buckets are chosen on the host, so the device never waits to be asked for indices."""
         ends = self.ends(tokens)
-        needed = ends + 1
         out: torch.Tensor | None = None
-        todo = torch.ones_like(needed, dtype=torch.bool)
-        for length in (*self.BUCKETS, self.context_length):
-            length = min(length, self.context_length)
-            rows = torch.nonzero(todo & (needed <= length)).flatten()
+        shorter = 0  # the previous bucket's length: its captions are done
+        for length in (*(b for b in self.BUCKETS if b < self.context_length), self.context_length):
+            rows = torch.nonzero((ends >= shorter) & (ends < length)).flatten()
+            shorter = length
             if rows.numel() == 0:
                 continue
-            todo[rows] = False
-            features = self._encode_prefix(tokens[rows, :length], ends[rows], length)
+            features = self._encode_prefix(tokens[rows, :length].to(device), ends[rows].to(device), length)
             if out is None:
                 out = features.new_empty((tokens.shape[0], features.shape[1]))
-            out[rows] = features
-            if not bool(todo.any()):
-                break
-        assert out is not None or tokens.shape[0] == 0
-        if out is None:
-            return self.model.encode_text(tokens)
-        return out
+            out[rows.to(device)] = features
+        return out if out is not None else self.model.encode_text(tokens.to(device))  # no captions
 
     def _encode_prefix(self, tokens: torch.Tensor, ends: torch.Tensor, length: int) -> torch.Tensor:
         """`CLIP.encode_text` with the context cut to `length` positions."""
