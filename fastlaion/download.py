@@ -53,12 +53,13 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
 import time
 import urllib.robotparser
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -530,6 +531,10 @@ class Downloader:
         self._owned_resolver: AbstractResolver | None = None
         self._gates = _HostGates(cfg.per_host, cfg.per_host_rate)
         self._robots: OrderedDict[str, asyncio.Future[_Robots]] = OrderedDict()
+        self._robots_loading: Counter[str] = Counter()  # hosts whose robots.txt is being fetched
+        # At most `workers` requests in flight across every download_all on this downloader (two
+        # shards overlap at a shard's tail).
+        self.in_flight = asyncio.Semaphore(cfg.workers)
 
     async def __aenter__(self) -> Downloader:
         resolver = self._resolver
@@ -568,8 +573,9 @@ class Downloader:
 
     def host_has_room(self, host: str) -> bool:
         """Whether a request to `host` (see `host_of`) would start at once rather than wait for
-        one of the host's slots or for its rate window."""
-        return self._gates.has_room(host, asyncio.get_running_loop().time())
+        one of the host's slots, its rate window or its robots.txt (whose Crawl-delay may space
+        the requests)."""
+        return host not in self._robots_loading and self._gates.has_room(host, asyncio.get_running_loop().time())
 
     async def fetch(self, url: str) -> Fetched:
         """Download `url`, retrying transient failures `cfg.retries` times with backoff."""
@@ -590,54 +596,50 @@ class Downloader:
         target = URL(url)
         if rules.policy and (why := self.blocklists.url_blocked(url, str(target))) is not None:
             return done(_refused(BLOCKED, why), 0)
-        if (refusal := await self._refusal(target, rules)) is not None:
+        refusal, crawl_delay = await self._refusal(target, rules)
+        if refusal is not None:
             return done(refusal, 0)
         attempts = 0
         while True:
             attempts += 1
-            outcome = await self._attempt(target, rules)
+            outcome = await self._attempt(target, rules, crawl_delay)
             if not is_transient(outcome.error) or attempts > self.cfg.retries:
                 return done(outcome, attempts)
             await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempts - 1))
 
-    async def _refusal(self, target: URL, rules: _Rules) -> _Attempt | None:
-        """Why `target` must not be requested (a literal private IP, robots.txt), or None."""
+    async def _refusal(self, target: URL, rules: _Rules) -> tuple[_Attempt | None, float]:
+        """(why `target` must not be requested (a literal private IP, robots.txt) or None, the
+        Crawl-delay its robots.txt asks for between requests to its host, in seconds)."""
         if not self.cfg.allow_private_networks:
             ip = literal_ip(target.raw_host or "")
             if ip is not None and not self._allow_address(ip):
-                return _refused(PRIVATE_ADDRESS, f"{target.raw_host} is not a public address")
-        if rules.policy and self.cfg.respect_robots:
-            robots = await self._robots_for(target)
-            if robots.parser is None:
-                return None if robots.refusal is None else _refused(robots.refusal, robots.detail or "")
-            if not robots.parser.can_fetch(self.cfg.user_agent, str(target)):
-                return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} disallows {target.path_qs}")
-            if robots.crawl_delay_s > self.cfg.max_crawl_delay_s:
-                return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} asks for a Crawl-delay of "
-                                                   f"{robots.crawl_delay_s:g} s, over --max-crawl-delay "
-                                                   f"{self.cfg.max_crawl_delay_s:g} s")
-        return None
-
-    def _crawl_delay(self, target: URL, rules: _Rules) -> float:
-        """The Crawl-delay of `target`'s origin, from the robots.txt `_refusal` has just read."""
+                return _refused(PRIVATE_ADDRESS, f"{target.raw_host} is not a public address"), 0.0
         if not (rules.policy and self.cfg.respect_robots):
-            return 0.0
-        future = self._robots.get(str(target.origin()))
-        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
-            return 0.0
-        return future.result().crawl_delay_s
+            return None, 0.0
+        robots = await self._robots_for(target)
+        if robots.parser is None:
+            return (None if robots.refusal is None else _refused(robots.refusal, robots.detail or "")), 0.0
+        if not robots.parser.can_fetch(self.cfg.user_agent, str(target)):
+            return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} disallows {target.path_qs}"), 0.0
+        if robots.crawl_delay_s > self.cfg.max_crawl_delay_s:
+            return _refused(ROBOTS_DISALLOWED, f"robots.txt of {target.origin()} asks for a Crawl-delay of "
+                                               f"{robots.crawl_delay_s:g} s, over --max-crawl-delay "
+                                               f"{self.cfg.max_crawl_delay_s:g} s"), 0.0
+        return None, robots.crawl_delay_s
 
-    async def _attempt(self, target: URL, rules: _Rules) -> _Attempt:
-        """One attempt: request `target` and follow its redirects, within `cfg.timeout_s` in all."""
+    async def _attempt(self, target: URL, rules: _Rules, crawl_delay: float) -> _Attempt:
+        """One attempt: request `target` and follow its redirects, within `cfg.timeout_s` in all;
+        `crawl_delay`: the first hop's, from `_refusal`."""
         spent = 0.0
         status: int | None = None
         for hop in range(self.cfg.max_redirects + 1):
             if hop:
                 if rules.policy and (why := self.blocklists.url_blocked(str(target))) is not None:
                     return _refused(BLOCKED, why, status)
-                if (refusal := await self._refusal(target, rules)) is not None:
+                refusal, crawl_delay = await self._refusal(target, rules)
+                if refusal is not None:
                     return _Attempt(None, status, refusal.error, refusal.error_detail)
-            async with self._gates.slot(target.raw_host or "", self._crawl_delay(target, rules)):
+            async with self._gates.slot(target.raw_host or "", crawl_delay):
                 began = time.perf_counter()
                 try:
                     step = await self._hop(target, rules, self.cfg.timeout_s - spent, status)
@@ -713,6 +715,11 @@ class Downloader:
             return _refused(BLOCKED, why, resp.status)
         return _Attempt(body, resp.status, None, None)
 
+    def _robots_loaded(self, host: str) -> None:
+        self._robots_loading[host] -= 1
+        if self._robots_loading[host] <= 0:
+            del self._robots_loading[host]
+
     async def _robots_for(self, target: URL) -> _Robots:
         """The robots.txt verdict for `target`'s origin: fetched once, every caller awaits it."""
         origin = target.origin()
@@ -720,6 +727,9 @@ class Downloader:
         future = self._robots.get(key)
         if future is None:
             future = self._robots[key] = asyncio.ensure_future(self._load_robots(origin))
+            host = origin.raw_host or ""
+            self._robots_loading[host] += 1
+            future.add_done_callback(lambda _future: self._robots_loaded(host))
             if len(self._robots) > ROBOTS_CACHE_ORIGINS:
                 oldest = next((k for k, f in self._robots.items() if f.done()), None)
                 if oldest is not None:
@@ -731,22 +741,18 @@ class Downloader:
 
     def _robots_delay(self, parser: urllib.robotparser.RobotFileParser) -> float:
         """Seconds between request starts that robots.txt asks of our user agent: its
-        Crawl-delay, or the interval of its Request-rate (n requests per s seconds), the longer."""
-        delay = 0.0
-        try:
-            if (crawl := parser.crawl_delay(self.cfg.user_agent)) is not None:
-                delay = float(crawl)
-            if (rate := parser.request_rate(self.cfg.user_agent)) is not None and rate.requests > 0:
-                delay = max(delay, rate.seconds / rate.requests)
-        except (ValueError, TypeError, OverflowError):  # a malformed value asks for nothing we can honour
-            return 0.0
-        return delay if delay > 0 and delay == delay else 0.0  # NaN or negative: none
+        Crawl-delay, or the interval of its Request-rate (n requests per s seconds), the longer.
+        (The parser keeps whole numbers only; `_whole_delays` rounded fractions up for it.)"""
+        crawl = parser.crawl_delay(self.cfg.user_agent) or 0
+        rate = parser.request_rate(self.cfg.user_agent)
+        interval = rate.seconds / rate.requests if rate is not None and rate.requests > 0 else 0
+        return float(max(crawl, interval))
 
     async def _load_robots(self, origin: URL) -> _Robots:
         got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
         if got.ok:
             parser = urllib.robotparser.RobotFileParser()
-            parser.parse((got.body or b"").decode("utf-8", "replace").splitlines())
+            parser.parse(_whole_delays((got.body or b"").decode("utf-8", "replace").splitlines()))
             verdict = _Robots(parser, crawl_delay_s=self._robots_delay(parser))
         elif got.error == PRIVATE_ADDRESS:
             verdict = _Robots(None, PRIVATE_ADDRESS, got.error_detail)
@@ -759,6 +765,16 @@ class Downloader:
                                                        "everything disallowed (RFC 9309)")
         log.debug("robots.txt of %s: %s", origin, got.error or "parsed")
         return verdict
+
+
+_FRACTIONAL_DELAY = re.compile(r"(\s*crawl-delay\s*:\s*)([0-9]*\.[0-9]+)", re.IGNORECASE)
+
+
+def _whole_delays(lines: list[str]) -> list[str]:
+    """robots.txt lines with a fractional Crawl-delay rounded up to whole seconds: Python's
+    parser drops any value that is not all digits, and 0.5 would become no delay at all."""
+    return [_FRACTIONAL_DELAY.sub(lambda m: f"{m.group(1)}{math.ceil(float(m.group(2)))}", line, count=1)
+            if "." in line else line for line in lines]
 
 
 def _redirect(resp: aiohttp.ClientResponse) -> _Attempt | tuple[URL, int]:
@@ -819,8 +835,9 @@ async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]],
     those whose host has no free slot (per-host limit or rate) for the first one whose host has:
     a host with many URLs in a row does not hold every worker idle while other hosts wait. When
     no host in the window has room, the oldest item is taken and waits for its host, as in a
-    plain queue. Since `on_result` is awaited inside the worker, at most `workers` bodies are
-    alive at once. Invalid URLs are not requested (they get `Fetched(error='invalid_url',
+    plain queue. A worker holds one of the downloader's `in_flight` slots (`cfg.workers` of
+    them) while it fetches and hands over a URL, so two overlapping calls (a shard's tail and the
+    next shard) never have more than `cfg.workers` requests or bodies alive between them. Invalid URLs are not requested (they get `Fetched(error='invalid_url',
     attempts=0)`). Results arrive in completion order, each key exactly once. If `on_result` (or
     `items`) raises, the other workers are cancelled and the exception propagates.
     `on_drained()` is called once, when every item has been taken by a worker and only the
@@ -858,9 +875,12 @@ async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]],
 
     async def work() -> None:
         nonlocal drained
-        while (item := take()) is not None:
-            key, url = item
-            await on_result(key, await downloader.fetch(url))
+        while True:
+            async with downloader.in_flight:  # shared with an overlapping shard's download_all
+                if (item := take()) is None:
+                    break
+                key, url = item
+                await on_result(key, await downloader.fetch(url))
         if not drained and on_drained is not None:
             drained = True
             on_drained()

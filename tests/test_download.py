@@ -23,6 +23,7 @@ import aiohappyeyeballs
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from fastlaion.config import DEFAULT_USER_AGENT, ConfigError, DownloadConfig
 from fastlaion.decode import sniff_format
@@ -592,6 +593,27 @@ def test_download_all_bounds_concurrency_and_delivers_each_key_once(served):
     assert max(ahead) <= 3 * workers + 1
 
 
+def test_overlapping_download_alls_share_the_workers_limit(served):
+    """Two calls on one downloader (a shard's tail and the next shard) keep at most
+    `cfg.workers` requests in flight between them."""
+    server, routes = served
+    workers = 4
+    results: dict[tuple[int, int], Fetched] = {}
+
+    async def go() -> None:
+        async with Downloader(DownloadConfig(**{**FAST, "workers": workers})) as downloader:
+            async def one(shard: int) -> None:
+                async def keep(key: int, fetched: Fetched) -> None:
+                    results[shard, key] = fetched
+                await download_all(downloader, [(k, server.url(f"t/tracked/o{shard}-{k}")) for k in range(20)],
+                                   workers, keep)
+            await asyncio.gather(one(0), one(1))
+    routes.max_in_flight = 0
+    run(go())
+    assert len(results) == 40 and all(f.ok for f in results.values())
+    assert 2 <= routes.max_in_flight <= workers
+
+
 def test_download_all_says_once_when_only_the_tail_is_left(served):
     """on_drained fires once, when every URL has been handed to a worker: at that moment at most
     `workers` requests are still in flight, so a caller can start the next shard's downloads."""
@@ -938,6 +960,43 @@ def test_robots_crawl_delay_over_the_cap_refuses_the_host():
     with robots_server(Served(b"User-agent: *\nCrawl-delay: 50\n", "text/plain")) as server:
         # A cap above the delay honours it: the first request goes at once.
         assert fetch(server.url("public/1.jpg"), respect_robots=True, max_crawl_delay_s=60).ok
+
+
+@pytest.mark.parametrize("lines, delay", [
+    (["User-agent: *", "Crawl-delay: 3"], 3.0),
+    (["User-agent: *", "Crawl-delay: 0.5"], 1.0),  # fractions round up: never faster than asked
+    (["User-agent: *", "crawl-delay:2.25 # slow"], 3.0),
+    (["User-agent: *", "Request-rate: 1/5"], 5.0),
+    (["User-agent: *", "Crawl-delay: 2", "Request-rate: 2/10"], 5.0),  # the longer of the two
+    (["User-agent: other", "Crawl-delay: 9", "", "User-agent: *", "Disallow: /x"], 0.0),
+    (["User-agent: *", "Crawl-delay: soon"], 0.0),
+])
+def test_robots_delay_for_our_agent(lines, delay):
+    import urllib.robotparser
+
+    from fastlaion.download import _whole_delays
+
+    parser = urllib.robotparser.RobotFileParser()
+    parser.parse(_whole_delays(lines))
+    assert Downloader(DownloadConfig(**FAST))._robots_delay(parser) == delay
+
+
+def test_a_host_whose_robots_txt_is_loading_has_no_room():
+    """While robots.txt is fetched, the host's URLs are skipped by the other workers: its
+    Crawl-delay may be about to space them."""
+    with robots_server(Served(b"User-agent: *\nCrawl-delay: 1\n", "text/plain"), delay_s=0.3) as server:
+        async def go() -> list[bool]:
+            async with Downloader(DownloadConfig(**{**FAST, "respect_robots": True})) as downloader:
+                target = URL(server.url("public/1.jpg"))
+                host = target.raw_host or ""
+                seen = [downloader.host_has_room(host)]
+                loading = asyncio.ensure_future(downloader._robots_for(target))
+                await asyncio.sleep(0.05)
+                seen.append(downloader.host_has_room(host))
+                assert (await loading).crawl_delay_s == 1.0
+                seen.append(downloader.host_has_room(host))
+                return seen
+        assert run(go()) == [True, False, True]
 
 
 def test_robots_is_ignored_unless_asked_for():
