@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from rich.console import Console
 from . import __version__
 from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
-    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig,
+    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
 
 app = typer.Typer(
@@ -67,16 +66,6 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
-class _NoBar:
-    """`fastlaion extract --no-progress`: the progress calls, drawing nothing (and without
-    importing rich's progress module)."""
-
-    def start(self, n_inputs: int) -> None: ...
-    def advance(self, records: int, pairs: int) -> None: ...
-    def input_done(self, stats: Any) -> None: ...
-    def stop(self) -> None: ...
-
-
 def print_funnel(summary: Any) -> None:
     """The closing funnel, one level a line (plain text, never wrapped, so it greps well)."""
     from .batch import FUNNEL_LEVELS, STAGES
@@ -106,17 +95,6 @@ def print_funnel(summary: Any) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
 
 
-class _NeverRaised(Exception):
-    pass
-
-
-def _worker_failed() -> type[BaseException]:
-    """fastlaion.workers.WorkerFailed; while that module is not loaded no worker can have failed,
-    and a class nothing raises stands in (so that the error path does not import it)."""
-    workers = sys.modules.get("fastlaion.workers")
-    return workers.WorkerFailed if workers is not None else _NeverRaised
-
-
 @contextmanager
 def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
@@ -131,7 +109,7 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         bar.stop()
         console.print(f"[yellow]interrupted[/yellow]: {interrupted}")
         raise typer.Exit(130) from None
-    except _worker_failed() as e:  # evaluated only when an exception gets this far
+    except WorkerFailed as e:
         bar.stop()
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -334,7 +312,9 @@ def extract_cmd(
 
         bar: Any = ExtractBar(console, True)
     else:
-        bar = _NoBar()
+        from .extract import NoProgress
+
+        bar = NoProgress()
     with user_errors(bar, "nothing was written; rerun the command"):
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,

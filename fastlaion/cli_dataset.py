@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_progress import Bar
 from .dataset.dedup import DedupBy, DedupConfig
 from .dataset.subset import RECIPES, SubsetConfig
 
@@ -35,14 +36,12 @@ class _Bar:
     """A rich progress bar for the loops over tars; one task at a time."""
 
     def __init__(self, enabled: bool):
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=_cli().console, disable=not enabled)
+        self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=_cli().console, disable=not enabled)
         self.task: Any = None
-        self.started = False
 
     def start(self, what: str, total: int) -> None:
         self.bar.start()
-        self.started = True
         if self.task is not None:
             self.bar.remove_task(self.task)
         self.task = self.bar.add_task(what, total=total)
@@ -52,9 +51,7 @@ class _Bar:
             self.bar.advance(self.task, n)
 
     def stop(self) -> None:
-        if self.started:
-            self.bar.stop()
-            self.started = False
+        self.bar.stop()
 
 
 def _say(line: str) -> None:

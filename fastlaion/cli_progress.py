@@ -43,19 +43,29 @@ class _StageColumn(ProgressColumn):
         return Text(("stages: " + " · ".join(parts)) if parts else "", style="dim")
 
 
+class Bar(Progress):
+    """rich's Progress whose stop() only stops a bar that is running: rich's prints a blank line
+    on a console that is no terminal (a log file) even for a bar never started or stopped twice,
+    and the error paths stop every bar."""
+
+    def stop(self) -> None:
+        if self.live.is_started:
+            super().stop()
+
+
 class BarProgress:
     """Draws the pipeline's progress: shards done, samples/s, kept share, per-stage rates."""
 
     def __init__(self, console: Console, enabled: bool):
         self.console = console
-        self.bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        self.bar = Bar(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                             TimeElapsedColumn(), _StageColumn(), console=console, disable=not enabled)
         self.task: Any = None
         self.rows = self.kept = 0
         self.stage_rows: dict[str, int] = {}
         self.stage_busy: dict[str, float] = {}
         # Reading a large input (100M rows: a minute or more) before the first shard starts.
-        self.reading = Progress(TextColumn("[bold]reading input"), TextColumn("{task.completed:,.0f} rows"),
+        self.reading = Bar(TextColumn("[bold]reading input"), TextColumn("{task.completed:,.0f} rows"),
                                 TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
         self.reading_task: Any = None
 
@@ -66,8 +76,7 @@ class BarProgress:
         self.reading.advance(self.reading_task, rows)
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
-        if self.reading_task is not None:
-            self.reading.stop()
+        self.reading.stop()
         if shards_done:
             self.console.print(f"resuming: {shards_done} of {shards_total} shards already complete, skipped")
         self.bar.start()
@@ -106,7 +115,7 @@ class ExtractBar:
     """Draws extraction progress: input files done, records/s, pairs found so far."""
 
     def __init__(self, console: Console, enabled: bool):
-        self.bar = Progress(TextColumn("[bold]files"), BarColumn(), MofNCompleteColumn(), _ExtractRateColumn(),
+        self.bar = Bar(TextColumn("[bold]files"), BarColumn(), MofNCompleteColumn(), _ExtractRateColumn(),
                             TimeElapsedColumn(), console=console, disable=not enabled)
         self.task: Any = None
         self.records = self.pairs = 0

@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad option or input, reported to the user as one line (no traceback)."""
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process died or raised; finished shards are kept (raised by fastlaion.workers,
+    defined here so that the command line can catch it without importing the workers)."""
+
+
 def at_least(flag: str, value: float, minimum: float) -> None:
     """Refuse `value` under `minimum`, naming the flag."""
     if not value >= minimum:

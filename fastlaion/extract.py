@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import glob
 import gzip
 import hashlib
 import html
@@ -189,7 +188,9 @@ class ExtractProgress(Protocol):
     def stop(self) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
+    """An ExtractProgress that draws nothing (`fastlaion extract --no-progress`, library use)."""
+
     def start(self, n_inputs: int) -> None: ...
     def advance(self, records: int, pairs: int) -> None: ...
     def input_done(self, stats: InputStats) -> None: ...
@@ -253,7 +254,7 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     partial = out_dir / ".extract-partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     start = time.perf_counter()
     jobs = [_Job(i, s, partial / f"part-{i:06d}.parquet", cfg) for i, s in enumerate(sources)]
     progress.start(len(jobs))
@@ -272,7 +273,7 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
 def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
                  tick: Callable[[int, int], None] | None = None) -> InputStats:
     """Extract one source into Parquet files `part_path.stem-NNNN.parquet` beside `part_path`
-    (`_PairWriter.files(part_path)`; none when no pair is found)."""
+    (`_PairWriter.files([part_path])`; none when no pair is found)."""
     stats = InputStats(source)
     t0 = time.perf_counter()
     with _open_source(source, cfg) as stream, _PairWriter(part_path) as writer:
@@ -381,7 +382,7 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig) -> tu
 
     for old in out_dir.glob("candidates-*.parquet"):  # from an earlier run into the same folder
         old.unlink()
-    existing = [str(f) for p in parts for f in _PairWriter.files(p)]
+    existing = [str(f) for f in _PairWriter.files(parts)]
     merged = out_dir / ".extract-partial" / "merged.parquet"
     if not existing:
         pl.DataFrame(schema=_schema_of()).write_parquet(merged, **PARQUET_OPTIONS)
@@ -1575,10 +1576,16 @@ class _PairWriter:
         self._cols: tuple[list, ...] = ([], [], [], [], [], [])
 
     @staticmethod
-    def files(path: Path) -> list[Path]:
-        """The files a writer for `path` wrote, in order."""
-        found = path.parent.glob(f"{glob.escape(path.stem)}-*.parquet")
-        return sorted(found, key=lambda f: int(f.stem.rsplit("-", 1)[1]))
+    def files(paths: list[Path]) -> list[Path]:
+        """The files the writers for `paths` wrote, writer by writer and each in order; every
+        folder is listed once (a crawl's thousands of inputs share one)."""
+        written: dict[Path, list[tuple[int, Path]]] = {}
+        for folder in dict.fromkeys(p.parent for p in paths):
+            for f in folder.glob("*-*.parquet"):
+                stem, _, number = f.stem.rpartition("-")
+                if number.isdigit():
+                    written.setdefault(f.with_name(stem), []).append((int(number), f))
+        return [f for p in paths for _, f in sorted(written.get(p.with_suffix(""), []))]
 
     def add_rows(self, urls: list[str], captions: list[str], page_urls: list[str], widths: list[int | None],
                  heights: list[int | None], langs: list[str | None]) -> None:

@@ -24,17 +24,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, WorkerFailed
 from .reader import InputRows
 from .writer import ShardWriteError
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
-
-
-class WorkerFailed(RuntimeError):
-    """A worker process died or raised; finished shards are kept."""
 
 
 def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], devices: list[str],
