@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -139,9 +140,9 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     try:
         try:
             rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input)
-        except ConfigError:
-            # A problem only reading the rows shows (a bad byte deep in a csv): a folder this run
-            # made holds nothing yet, so it goes, and a rerun may use other settings.
+        except BaseException:
+            # A problem only reading the rows shows (a bad byte deep in a csv), or Ctrl-C: a folder
+            # this run made holds nothing yet, so it goes, and a rerun may use other settings.
             if fresh:
                 (out / CONFIG_FILE).unlink(missing_ok=True)
             raise
@@ -567,10 +568,10 @@ class ShardJob:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         scorer = self.models.scorer
-        with self._writing():
-            writer = ShardWriter(self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
-                                 scorer.embed_dim if scorer is not None else None, self.models.optional_columns(),
-                                 rewrite=self.retry)
+        with self._writing():  # off the loop: a rewrite copies the published tar and reads its files
+            writer = await loop.run_in_executor(None, functools.partial(
+                ShardWriter, self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
+                scorer.embed_dim if scorer is not None else None, self.models.optional_columns(), rewrite=self.retry))
         todo = self.rows
         if writer.previous is not None:
             todo = self.rows[transient_rows(writer.previous)]

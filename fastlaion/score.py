@@ -241,6 +241,8 @@ class CachedClipTokenizer:
         self.context_length = int(tokenizer.context_length)
         self.sot, self.eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
         self._words: dict[str, tuple[int, ...]] = {}
+        # SimpleTokenizer.bpe keeps every word it saw in its own cache: started over with ours.
+        self._bpe_cache_start = dict(tokenizer.cache)
         from open_clip.tokenizer import _clean_lower
 
         # open_clip's default cleaning is ftfy.fix_text, HTML unescaping twice, whitespace folding
@@ -270,6 +272,7 @@ class CachedClipTokenizer:
             ids = tuple(tok.encoder[piece] for piece in tok.bpe(token).split(" "))
             if len(self._words) >= self.MAX_WORDS:
                 self._words.clear()
+                tok.cache = dict(self._bpe_cache_start)
             self._words[word] = ids
         return ids
 
@@ -282,8 +285,8 @@ class CachedClipTokenizer:
         tok = self.tokenizer
         for row, text in enumerate(texts):
             ids = [self.sot]
-            for word in tok.pat.findall(self._clean(text)):
-                ids.extend(self._word_ids(word))
+            for match in tok.pat.finditer(self._clean(text)):
+                ids.extend(self._word_ids(match.group()))
                 if len(ids) >= context:
                     break
             ids.append(self.eot)

@@ -188,8 +188,7 @@ class ShardWriter:
                                    f"the input {n_rows}")
             self.samples = int((self.previous["status"] == "kept").sum())
             shutil.copyfile(out_dir / f"{self.name}.tar", self.tmp / f"{self.name}.tar")
-        self._mtime = time.time()
-        self._tar = TarAppender(self.tmp / f"{self.name}.tar", self._mtime, append=rewrite)
+        self._tar = TarAppender(self.tmp / f"{self.name}.tar", time.time(), append=rewrite)
         self._outcomes: list[pl.DataFrame] = []
         # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
         self._img_emb = self._txt_emb = None

@@ -126,6 +126,7 @@ def test_cached_tokenizer_gives_open_clip_token_ids():
     small.MAX_WORDS = 8  # the cache starts over when full: same ids
     assert torch.equal(small(cases[:100]), reference(cases[:100]))
     assert 0 < len(small._words) <= 8
+    assert len(small.tokenizer.cache) <= 8 + 2  # open_clip's own BPE cache too (+ its special tokens)
 
 
 def test_cached_tokenizer_leaves_other_tokenizers_alone():
