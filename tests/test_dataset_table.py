@@ -350,3 +350,23 @@ def test_stats_histograms_languages_and_sizes_match_python(synth, tmp_path):
         "< 256 px": 0, "256-511 px": sum(s < 512 for s in short), "512-1023 px": sum(512 <= s < 1024 for s in short),
         ">= 1024 px": sum(s >= 1024 for s in short)}
     assert sum(stats["size_histogram"]["counts"]) == len(kept)
+
+
+def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_was(synth, tmp_path):
+    from fastlaion.dataset.output import OutputDir
+    from fastlaion.dataset.source import open_dataset
+
+    ds = open_dataset(synth[0])
+    made = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        with OutputDir(made, ds).building() as target:
+            target.path("metadata.parquet").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not made.exists()
+    earlier = tmp_path / "earlier"
+    invoke(["subset", "en", "--from", synth[0], "-o", earlier])
+    before = sorted(p.name for p in earlier.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        with OutputDir(earlier, ds).building():
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in earlier.iterdir()) == before

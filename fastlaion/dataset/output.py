@@ -31,6 +31,7 @@ class OutputDir:
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
         self.out = out
         self.source = source
+        self.made = not out.exists()  # a folder this command made goes again if it fails
         self.tmp = out / PARTIAL_DIR
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -69,6 +70,11 @@ class OutputDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.made:
+            try:
+                self.out.rmdir()  # only when empty
+            except OSError:
+                pass
 
 
 __all__ = ["OutputDir", "METADATA_FILE"]
