@@ -185,6 +185,8 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
                 if encode is not None:
                     def timed_encode(images: list[Any]) -> list[bytes]:
                         nonlocal encode_s
+                        if device.type == "cuda":  # the decode queued before is not the encode's
+                            torch.cuda.synchronize()
                         t = time.perf_counter()
                         try:
                             return encode(images)
