@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     """A bad option or input, reported to the user as one line (no traceback)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name when it has none), for
+    the one-line errors the user sees."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class WorkerFailed(RuntimeError):
     """A worker process died or raised; finished shards are kept (raised by fastlaion.workers,
     defined here so that the command line can catch it without importing the workers)."""

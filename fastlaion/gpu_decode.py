@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import turbojpeg
 from PIL import Image
 
-from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode
+from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode, first_line
 from fastlaion.decode import (_STORED_SUBSAMPLING, STORED_EXT, ClipInputSpec, Decoded, Decoder,
                               ensure_turbojpeg_warnings_raise, shared_turbojpeg, stored_resized_size_px)
 
@@ -499,7 +499,7 @@ class DaliDecoder(_DeviceBatchDecoder):
             pipe.build()
         except RuntimeError as exc:
             raise ConfigError(f"--decoder dali could not build its pipeline on {self.device}: "
-                              f"{str(exc).strip().splitlines()[0]}") from None
+                              f"{first_line(exc)}") from None
         return pipe
 
     def _branch(self, images: Any, prefix: str, fill: int, **resize_args: Any) -> Any:
@@ -551,7 +551,7 @@ class DaliDecoder(_DeviceBatchDecoder):
             return [(rows, self._run([bodies[r] for r in rows], [sizes[r] for r in rows]))]
         except RuntimeError as exc:
             if len(rows) == 1:
-                log.debug("DALI could not decode an image: %s", str(exc).strip().splitlines()[0])
+                log.debug("DALI could not decode an image: %s", first_line(exc))
                 return []
         mid = len(rows) // 2
         return (self._run_isolating_failures(rows[:mid], bodies, sizes)
@@ -596,7 +596,7 @@ def _nvjpeg_problem(device: torch.device) -> str | None:
         encoded = shared_turbojpeg().encode(probe, pixel_format=turbojpeg.TJPF_RGB)
         decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), device=_with_index(device))
     except RuntimeError as exc:
-        return f"torchvision built with nvJPEG ({str(exc).strip().splitlines()[0]})"
+        return f"torchvision built with nvJPEG ({first_line(exc)})"
     return None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class WatermarkDetector:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"--watermark-model {source}: weights do not fit efficientnet_b3a's head "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"({first_line(e)})") from None
         return cls(model, device)
 
     @torch.inference_mode()

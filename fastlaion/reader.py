@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import polars as pl
 
-from .config import ConfigError, InputConfig, InputFormat
+from .config import ConfigError, InputConfig, InputFormat, first_line
 
 _EXTENSIONS = {
     ".txt": InputFormat.txt, ".csv": InputFormat.csv, ".tsv": InputFormat.tsv,
@@ -85,13 +85,13 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         try:
             path.open("rb").close()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read as {fmt.value}: {_first_line(e)}") from None
+            raise ConfigError(f"{path}: cannot read as {fmt.value}: {first_line(e)}") from None
         return Input(path, fmt, None)
     try:
         table = _scan(path, fmt)
         schema = table.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read as {fmt.value}: {_first_line(e)}") from None
+        raise ConfigError(f"{path}: cannot read as {fmt.value}: {first_line(e)}") from None
     columns = schema.names()
     if cfg.url_col not in columns:
         raise ConfigError(f"{path}: no URL column {cfg.url_col!r} (columns: {', '.join(columns) or 'none'}); "
@@ -203,7 +203,7 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                 _sink_ipc(clean_captions(inp.table, max_caption_chars), part)
                 counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
-            raise ConfigError(f"{inp.path}: cannot read as {inp.fmt.value}: {_first_line(e)}") from None
+            raise ConfigError(f"{inp.path}: cannot read as {inp.fmt.value}: {first_line(e)}") from None
     return InputRows(tuple(parts), tuple(heights))
 
 
@@ -219,7 +219,7 @@ def _txt_blocks(path: Path) -> Iterator[list[str]]:
                 if urls := [url for url in map(str.strip, lines) if url]:
                     yield urls
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read as txt: {_first_line(e)}") from None
+        raise ConfigError(f"{path}: cannot read as txt: {first_line(e)}") from None
     if carry.strip():
         yield [carry.strip()]
 
@@ -233,11 +233,6 @@ def _sink_ipc(table: pl.LazyFrame, path: str) -> None:
         if not pl.__version__.startswith("1."):
             raise
         table.collect().write_ipc(path, compression=_ROWS_COMPRESSION)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def clean_captions(table: _Frame, max_chars: int) -> _Frame:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, ScoreConfig
+from .config import ConfigError, ScoreConfig, first_line
 from .decode import ClipInputSpec
 from .ops import paired_cosine
 
@@ -81,7 +81,7 @@ class Scorer:
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
         except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise ConfigError(f"cannot load {cfg.model} weights {pretrained!r}: {msg} "
                               "(tags download from the internet on first use; pass a local checkpoint path offline)") from None
         model.eval()

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import polars as pl
 
-from ..config import ConfigError
+from ..config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,7 @@ def _warn_skipped(skipped: Sequence[Skipped], where: Path) -> None:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    return first_line(e)[:200]
 
 
 def collect(lf: pl.LazyFrame) -> pl.DataFrame:

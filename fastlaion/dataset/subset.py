@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from ..config import ConfigError, at_least
+from ..config import ConfigError, at_least, first_line
 from .output import OutputDir
 from .samples import reshard, write_shards_json
 from .source import KEPT, METADATA_FILE, Dataset, DatasetError, NoProgress, Progress, collect, sink_parquet
@@ -125,7 +125,7 @@ def parse_where(where: str, schema: pl.Schema | dict[str, Any]) -> pl.Expr:
     try:
         expr = pl.sql_expr(where)
     except Exception as e:  # polars raises SQLSyntaxError, SQLInterfaceError or ComputeError here
-        raise ConfigError(f"--where: cannot parse {where!r}: {_first_line(e)}") from None
+        raise ConfigError(f"--where: cannot parse {where!r}: {first_line(e)}") from None
     names = list(schema)
     unknown = [c for c in expr.meta.root_names() if c not in names]
     if unknown:
@@ -134,15 +134,10 @@ def parse_where(where: str, schema: pl.Schema | dict[str, Any]) -> pl.Expr:
     try:
         dtype = pl.LazyFrame(schema=schema).select(expr.alias("_cond")).collect_schema()["_cond"]
     except Exception as e:  # type errors surface here (e.g. comparing a string with a number)
-        raise ConfigError(f"--where: {where!r} does not apply to these columns: {_first_line(e)}") from None
+        raise ConfigError(f"--where: {where!r} does not apply to these columns: {first_line(e)}") from None
     if dtype != pl.Boolean:
         raise ConfigError(f"--where must be a condition (true/false), but {where!r} gives {dtype}")
     return expr
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def condition(ds: Dataset, cfg: SubsetConfig) -> tuple[pl.Expr, str]:
