@@ -300,7 +300,7 @@ def compare(args: argparse.Namespace) -> int:
                 rc, wall = profile_run(argv, _output_dir(argv), raw, env)
                 shutil.rmtree(_output_dir(argv), ignore_errors=True)
                 profiles[tool] = {"rc": rc, "wall_s": wall, "raw": str(raw),
-                                  **summarize_profile(raw, "img2dataset" if tool == "img2dataset" else "fastlaion")}
+                                  **summarize_profile(raw, tool)}
         finally:
             server.close()
     elif args.profile:

@@ -31,11 +31,9 @@ the same work in SQL. Each tool is timed from its process start (imports include
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,15 +45,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import pipeline as bp  # noqa: E402  (bench/pipeline.py: quiet-machine wait, machine description)
 GENERATOR_VERSION = 2
 TOOLS = ("fastlaion", "pandas", "duckdb")
 JOBS = ("dedup", "subset", "stats")
-HIST_COLUMNS = ("similarity", "aesthetic", "punsafe")
 HIST_BINS = 20
-# Fixed ranges, so every tool bins identically without a first pass: [lo, hi), values outside
-# go to the first or last bin.
-HIST_RANGES = {"similarity": (-0.1, 0.5), "aesthetic": (0.0, 10.0), "punsafe": (0.0, 1.0)}
-SIZE_EDGES = (256, 512, 1024)  # min(original_width, original_height) buckets: <256, <512, <1024, >=1024
 
 
 # --- synthetic data --------------------------------------------------------------------------------
@@ -235,20 +230,11 @@ def log(msg: str) -> None:
 # --- the three jobs, one function per tool ---------------------------------------------------------
 # Each writes OUT/result.json with the figures the tools must agree on.
 
-def _nice_range(column: str, lo: float | None, hi: float | None, bins: int) -> tuple[float, float]:
-    """The histogram range, chosen exactly as `fastlaion stats` chooses it (plain arithmetic on
-    min and max), so every tool's bins are comparable."""
-    from fastlaion.dataset.stats import FIXED_RANGES, _nice
+def _histogram_range(column: str, lo: float | None, hi: float | None, bins: int) -> tuple[float, float]:
+    """The range `fastlaion stats` gives the histogram, so every tool's bins are comparable."""
+    from fastlaion.dataset.stats import histogram_range
 
-    flo, fhi = FIXED_RANGES.get(column, (lo, hi))
-    if flo is None or fhi is None:
-        flo, fhi = 0.0, 1.0
-    flo, fhi = float(flo), float(fhi)
-    if column in FIXED_RANGES and lo is not None:
-        flo, fhi = min(flo, float(lo)), max(fhi, float(hi))
-    if not fhi > flo:
-        flo, fhi = flo - 0.5, fhi + 0.5
-    return _nice(flo, fhi, bins)
+    return histogram_range(column, lo, hi, bins)
 
 
 STATS_COLUMNS = ("similarity", "aesthetic", "aesthetic_v2", "punsafe", "pwatermark")
@@ -310,7 +296,7 @@ def pandas_job(job: str, data: Path, out: Path) -> dict:
     for c in STATS_COLUMNS:
         x = kept[c].dropna().astype("float64")
         x = x[~np.isnan(x)]
-        lo, hi = _nice_range(c, x.min() if len(x) else None, x.max() if len(x) else None, HIST_BINS)
+        lo, hi = _histogram_range(c, x.min() if len(x) else None, x.max() if len(x) else None, HIST_BINS)
         width = (hi - lo) / HIST_BINS
         b = np.clip(np.floor((x.to_numpy() - lo) / width), 0, HIST_BINS - 1).astype(np.int64)
         hists[c] = np.bincount(b, minlength=HIST_BINS).tolist()
@@ -363,7 +349,7 @@ def duckdb_job(job: str, data: Path, out: Path) -> dict:
     hists = {}
     for c in STATS_COLUMNS:
         lo, hi = con.execute(f"SELECT min({c}::DOUBLE), max({c}::DOUBLE) FROM {kept} WHERE NOT isnan({c})").fetchone()
-        lo, hi = _nice_range(c, lo, hi, HIST_BINS)
+        lo, hi = _histogram_range(c, lo, hi, HIST_BINS)
         width = (hi - lo) / HIST_BINS
         counts = [0] * HIST_BINS
         for b, n in con.execute(f"""SELECT least(greatest(floor(({c}::DOUBLE - {lo!r}) / {width!r}), 0), {HIST_BINS - 1})::INT AS b,
@@ -394,7 +380,7 @@ def driver(tool: str, job: str, data: str, out: str) -> int:
     result["job_s"] = round(time.perf_counter() - t0, 2)
     # this process's own peak since exec (a cross-check of the parent's ru_maxrss)
     hwm = [line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
-    result["vm_hwm_gb"] = round(int(hwm[0]) / 1e6, 2) if hwm else None
+    result["vm_hwm_gb"] = round(int(hwm[0]) * 1024 / 1e9, 2) if hwm else None  # kB
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "result.json").write_text(json.dumps(result, default=int))
     return 0
@@ -402,36 +388,13 @@ def driver(tool: str, job: str, data: str, out: str) -> int:
 
 # --- timing ------------------------------------------------------------------------------------------
 
-def _cpu_ticks() -> tuple[int, int]:
-    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    return sum(f) - idle, sum(f)
-
-
-def busy_fraction(seconds: float) -> float:
-    b0, t0 = _cpu_ticks()
-    time.sleep(seconds)
-    b1, t1 = _cpu_ticks()
-    return (b1 - b0) / max(1, t1 - t0)
-
-
-def wait_until_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
-    t0 = time.perf_counter()
-    busy = busy_fraction(1.0)
-    if busy >= threshold and max_wait_s > 0:
-        log(f"  other processes keep {100 * busy:.0f} % of the CPUs busy; waiting up to {max_wait_s:.0f} s")
-        while busy >= threshold and time.perf_counter() - t0 < max_wait_s:
-            busy = busy_fraction(3.0)
-    return busy
-
-
 def measure(tool: str, job: str, data: Path, out: Path, max_rss_gb: float, timeout_s: float,
             wait_quiet_s: float) -> dict:
     """Run one job in a child process: wall time, its own peak RSS (os.wait4), CPU, others' CPU."""
     shutil.rmtree(out, ignore_errors=True)
-    busy = wait_until_quiet(wait_quiet_s)
+    busy = bp.wait_until_quiet(wait_quiet_s)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--driver", tool, job, str(data), str(out)]
-    ticks0 = _cpu_ticks()[0]
+    ticks0 = bp._cpu_ticks()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     killed = None
@@ -458,9 +421,9 @@ def measure(tool: str, job: str, data: Path, out: Path, max_rss_gb: float, timeo
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     cpu = rusage.ru_utime + rusage.ru_stime
-    machine = (_cpu_ticks()[0] - ticks0) / os.sysconf("SC_CLK_TCK")
+    machine = (bp._cpu_ticks()[0] - ticks0) / os.sysconf("SC_CLK_TCK")
     result: dict[str, Any] = {"tool": tool, "job": job, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
-                              "peak_rss_gb": round(rusage.ru_maxrss / 1e6, 2),  # Linux: KiB; the child's own
+                              "peak_rss_gb": round(rusage.ru_maxrss * 1024 / 1e9, 2),  # Linux: KiB; the child's own
                               "others_cpu_share": round(max(0.0, machine - cpu) / max(wall * (os.cpu_count() or 1), 1e-9), 3),
                               "busy_before": round(busy, 3), "rc": proc.returncode, "killed": killed}
     if proc.returncode == 0 and (out / "result.json").exists():
@@ -490,18 +453,10 @@ def _agree(results: list[dict], job: str) -> list[str]:
 
 
 def machine_info() -> dict:
+    """bench/pipeline.py's machine description (date included), with the table libraries' versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "polars": version("polars"),
-            "machine": platform.machine(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    try:
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-        info["memory_gb"] = round(int(mem) / 1e6, 1)
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-        info["cpu"] = cpu
-    except (OSError, StopIteration):
-        pass
+    info = {**bp.machine_info(), "polars": version("polars")}
     for mod in ("pandas", "duckdb", "pyarrow"):
         try:
             info[mod] = version(mod)
@@ -571,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n## table: dataset operations on {args.rows:,} metadata rows ({files:,} Parquet files, {size_gb:.2f} GB)\n")
     print(f"- Command: `{cmd.strip()}`")
-    print(f"- Machine: {info.get('cpu', '?')}, {info['cpus']} cores, {info.get('memory_gb', '?')} GB; "
+    print(f"- Machine: {info['cpu_model']}, {info['nproc']} cores, {info['memory']}; "
           f"Python {info['python']}, polars {info['polars']}, pandas {info['pandas']}, duckdb {info['duckdb']}, "
           f"pyarrow {info['pyarrow']}; {info['date']}")
     print("- dedup: url+caption among kept rows, every row written back with duplicate_of (zstd Parquet), in key order;"

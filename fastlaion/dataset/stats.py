@@ -171,15 +171,7 @@ def _histogram(kept: pl.LazyFrame, column: str, bins: int) -> Histogram:
         pl.col("x").filter(pl.col("x").is_not_nan()).min().alias("min"),
         pl.col("x").filter(pl.col("x").is_not_nan()).max().alias("max"),
     )).row(0, named=True)
-    lo, hi = FIXED_RANGES.get(column, (agg["min"], agg["max"]))
-    if lo is None or hi is None:
-        lo, hi = 0.0, 1.0
-    lo, hi = float(lo), float(hi)
-    if column in FIXED_RANGES and agg["min"] is not None:  # a value outside the usual range widens it
-        lo, hi = min(lo, float(agg["min"])), max(hi, float(agg["max"]))
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    lo, hi = _nice(lo, hi, bins)
+    lo, hi = histogram_range(column, agg["min"], agg["max"], bins)
     width = (hi - lo) / bins
     counts = [0] * bins
     if agg["values"]:
@@ -190,6 +182,20 @@ def _histogram(kept: pl.LazyFrame, column: str, bins: int) -> Histogram:
     edges = [lo + i * width for i in range(bins + 1)]
     return Histogram(column, edges, counts, int(agg["values"]), int(agg["nulls"]), _float(agg["mean"]),
                      _float(agg["min"]), _float(agg["max"]))
+
+
+def histogram_range(column: str, lo: float | None, hi: float | None, bins: int) -> tuple[float, float]:
+    """The range `column`'s histogram spans, from its values' min and max (None: no values):
+    the column's usual range (FIXED_RANGES), widened by values outside it, rounded outwards."""
+    flo, fhi = FIXED_RANGES.get(column, (lo, hi))
+    if flo is None or fhi is None:
+        flo, fhi = 0.0, 1.0
+    flo, fhi = float(flo), float(fhi)
+    if column in FIXED_RANGES and lo is not None:  # a value outside the usual range widens it
+        flo, fhi = min(flo, float(lo)), max(fhi, float(hi))
+    if not fhi > flo:
+        flo, fhi = flo - 0.5, fhi + 0.5
+    return _nice(flo, fhi, bins)
 
 
 def _nice(lo: float, hi: float, bins: int) -> tuple[float, float]:
