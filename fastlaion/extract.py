@@ -1408,10 +1408,12 @@ class _LinkRules:
         try:
             out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
         except TypeError:  # a url or alt that is neither a string nor null: the reference decides
-            for page in range(len(page_urls)):
-                lo, hi = page_of.index(page), len(page_of) - page_of[::-1].index(page)
+            lo = 0
+            for page, links in itertools.groupby(page_of):  # a page's links are contiguous
+                hi = lo + sum(1 for _ in links)
                 self._reference_page(page_urls[page], bases[page], srcs[lo:hi], alts[lo:hi], None, None,
                                      langs[page], True)
+                lo = hi
             return
         reasons, urls, captions = out["reason"], out["url"], out["caption"]
         hard = out["hard"].arg_true()

@@ -946,3 +946,28 @@ def test_extract_command_loads_neither_the_pipeline_nor_the_ml_stack(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "pairs 10 = links - rejected" in " ".join(result.stdout.split()), result.stdout
     assert result.stdout.strip().splitlines()[-1].split()[1:] == ["fastlaion.extract", "polars"], result.stdout
+
+
+def test_a_batch_with_a_link_of_another_type_goes_to_the_reference_page_by_page():
+    """One url that is not a string sends the whole batch to the reference, page by page; a page
+    without IMG links in the batch has nothing to give. Same pairs as each page alone."""
+    import fastlaion.extract as extract_mod
+
+    pages = [("https://a.example/", ["/1.jpg", "/2.jpg"], ["First alt text", "Second alt text"]),
+             ("https://b.example/", [], []),
+             ("https://c.example/", [5, "/3.jpg"], ["Number url here", "Third alt text"]),
+             ("https://d.example/", ["/4.jpg"], ["Fourth alt text"])]
+
+    def pairs(batches):
+        rows, stats = _Rows(), extract_mod.InputStats("x")
+        for batch in batches:
+            rules = extract_mod._LinkRules(ONE, stats, rows)
+            for page_url, urls, alts in batch:
+                rules.wat_page(page_url, None, urls, alts, None)
+            rules.flush()
+        return rows.rows, stats.links, stats.rejected
+
+    together, alone = pairs([pages]), pairs([[p] for p in pages])
+    assert together == alone
+    assert [r[0] for r in together[0]] == ["https://a.example/1.jpg", "https://a.example/2.jpg",
+                                           "https://c.example/3.jpg", "https://d.example/4.jpg"]
