@@ -146,6 +146,7 @@ def stats_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
     thumbnails: Annotated[int, typer.Option(help="Sample thumbnails in the HTML page.")] = 48,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (reading the thumbnails' tars).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
@@ -155,7 +156,7 @@ def stats_cmd(
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
-    bar = _Bar(False)
+    bar = _Bar(progress)
     with _cli().user_errors(bar, "nothing was written"):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
@@ -172,7 +173,8 @@ def stats_cmd(
             from .report import render
 
             rows = sample_rows(ds, thumbnails) if thumbnails else None
-            thumbs = make_thumbnails(ds, rows) if rows is not None and rows.height else {}
+            thumbs = make_thumbnails(ds, rows, bar) if rows is not None and rows.height else {}
+            bar.stop()
             html.write_text(render(stats, rows.to_dicts() if rows is not None else [], thumbs), encoding="utf-8")
             _say(f"report: {html} ({len(thumbs)} thumbnails)")
 

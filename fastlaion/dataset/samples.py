@@ -81,8 +81,10 @@ def read_images(ds: Dataset, rows: pl.DataFrame, on_image: Callable[[int, bytes]
     return missing
 
 
-def thumbnails(ds: Dataset, rows: pl.DataFrame, size_px: int = 160) -> dict[str, str]:
-    """key -> `data:image/jpeg;base64,...` of a small JPEG, for the rows (key, shard) found."""
+def thumbnails(ds: Dataset, rows: pl.DataFrame, progress: Progress | None = None,
+               size_px: int = 160) -> dict[str, str]:
+    """key -> `data:image/jpeg;base64,...` of a small JPEG, for the rows (key, shard) found;
+    `progress` is advanced a tar at a time."""
     from PIL import Image
 
     keys = rows["key"].to_list()
@@ -101,7 +103,7 @@ def thumbnails(ds: Dataset, rows: pl.DataFrame, size_px: int = 160) -> dict[str,
             return
         out[keys[pos]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-    read_images(ds, rows, on_image, NoProgress(), "thumbnails")
+    read_images(ds, rows, on_image, progress or NoProgress(), "thumbnails")
     return out
 
 
