@@ -335,7 +335,7 @@ def _dataset_command(name: str) -> Callable[..., Any]:
 
 
 # subset, dedup, stats: dataset operations on a run's output (fastlaion/dataset/), defined in
-# fastlaion/cli_dataset.py (whose register() adds the same three to another typer app)
+# fastlaion/cli_dataset.py
 for _name in ("subset", "dedup", "stats"):
     add_lazy_command(app, _name, functools.partial(_dataset_command, _name))
 

@@ -2,8 +2,7 @@
 
 fastlaion/cli.py registers the three functions `<name>_cmd` lazily: this module, whose signatures
 import Polars, numpy and Pillow, is imported only when one of them is looked up (run, or listed by
-`fastlaion --help`), never at the other commands' start-up. `register(app)` adds them to another
-typer app. Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on
+`fastlaion --help`), never at the other commands' start-up. Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on
 stderr and exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported
 when a command runs, not at import (no import cycle).
 """
@@ -230,10 +229,3 @@ def _print_histogram(h: Any) -> None:
         label = f"{lo:.4g} +" if (h.last_open and i == len(h.counts) - 1) else f"{lo:.4g} .. {hi:.4g}"
         t.add_row(label, f"{n:,}", "█" * round(30 * n / top))
     _cli().out_console.print(t)
-
-
-def register(app: typer.Typer) -> None:
-    """Add `subset`, `dedup` and `stats` to the fastlaion app."""
-    app.command("subset")(subset_cmd)
-    app.command("dedup")(dedup_cmd)
-    app.command("stats")(stats_cmd)

@@ -19,36 +19,15 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The commands as a user runs them: `python -m fastlaion` once cli.py registers them, until then a
-# typer app with just these three commands (the same functions).
-_MINI_APP = ("import typer; from fastlaion.cli_dataset import register; "
-             "app = typer.Typer(add_completion=False, pretty_exceptions_enable=False); register(app); app()")
-
-
 def app():
-    import typer
-
     from fastlaion import cli
 
-    if _has_dataset_commands(cli.app):
-        return cli.app
-    from fastlaion.cli_dataset import register
-
-    mini = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(mini)
-    return mini
-
-
-def _has_dataset_commands(typer_app) -> bool:
-    return any(getattr(c, "name", None) == "subset" for c in typer_app.registered_commands)
+    return cli.app
 
 
 def command_line() -> list[str]:
-    from fastlaion import cli
-
-    if _has_dataset_commands(cli.app):
-        return [sys.executable, "-m", "fastlaion"]
-    return [sys.executable, "-c", _MINI_APP]
+    """The commands as a user runs them."""
+    return [sys.executable, "-m", "fastlaion"]
 
 
 def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -114,19 +93,9 @@ def real_run(base: str) -> Path:
         result = CliRunner().invoke(main_app, ["run", str(inp), "-o", str(out), "--model", "fastlaion-tiny",
                                                "--pretrained", "none", "--min-similarity", "-1", "--shard-size", "5",
                                                "--timeout", "3", "--retries", "0", "--no-progress",
-                                               *_loopback_flags()])
+                                               "--allow-private-networks"])
     assert result.exit_code == 0, result.output
     return out
-
-
-def _loopback_flags() -> list[str]:
-    """The downloader refuses private addresses unless told (where it has the guard)."""
-    import dataclasses
-
-    from fastlaion.config import DownloadConfig
-
-    names = {f.name for f in dataclasses.fields(DownloadConfig)}
-    return ["--allow-private-networks"] if "allow_private_networks" in names else []
 
 
 # --- independent readers -----------------------------------------------------------------------------
