@@ -10,10 +10,15 @@ so one 15-minute GPU session always brings back every figure that could be measu
     and the paired cosine's read bandwidth against a device-to-device copy's (what the memory
     can do on this card).
 (b) decode img/s for each decoder available (DALI, nvJPEG, CPU) on the same generated JPEGs:
-    the pipeline's whole decode stage (checks, decode, CLIP input, stored 256 px JPEG).
+    the pipeline's whole decode stage (checks, decode, CLIP input, stored 256 px JPEG), as before
+    this change (one batch at a time, stored image encoded by nvJPEG) and now (two batches in
+    flight, stored image encoded by libjpeg-turbo on the host's threads), DALI's fast paths, and
+    where finish() spends its time (ms per batch).
 (c) ViT-B/32 fp16 decode+score samples/s (random weights: the real model's arithmetic) against a
-    naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU.
+    naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU,
+    with and without the stored image; the model alone, and its parts (tokenizer, towers).
 (d) `fastlaion run` end to end over a loopback server (download, decode, score, write).
+(e) (c) in two processes sharing the GPU: whether one process's host work is the limit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import statistics
 import subprocess
@@ -136,19 +142,23 @@ def bench_kernels(args: argparse.Namespace) -> None:
 
 # -- (b) decoders ----------------------------------------------------------------------------
 
-def decode_all(decoder: Any, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor) -> list[Any]:
-    out: list[Any] = []
-    for start in range(0, len(jpegs), batch):
+def decode_all(decoder: Any, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor,
+               in_flight: int = 1) -> list[Any]:
+    """prepare() on `pool` then finish(), batch by batch, with `in_flight` batches at once (each
+    on its own thread, as the pipeline runs them)."""
+    def one(start: int) -> list[Any]:
         chunk = jpegs[start:start + batch]
-        prepared = list(pool.map(decoder.prepare, chunk))
-        out += decoder.finish(chunk, prepared)
+        return decoder.finish(chunk, list(pool.map(decoder.prepare, chunk)))
+
+    with ThreadPoolExecutor(in_flight) as batches:
+        out = [d for done in batches.map(one, range(0, len(jpegs), batch)) for d in done]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out
 
 
 def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> dict[str, float]:
-    from fastlaion.config import DecodeConfig
+    from fastlaion.config import DecodeConfig, ResizeMode
     from fastlaion.decode import ClipInputSpec
     from fastlaion.gpu_decode import available_decoders, make_decoder
 
@@ -157,96 +167,143 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
     names = available_decoders(device)
     if "dali" not in names:
         row("decode dali", "not measured", "nvidia.dali is not installed here")
-    variants = [(name, name, True) for name in names]
-    if "dali" in names:  # DALI's fastest path: no libjpeg-style chroma smoothing (hardware decoder)
-        variants.insert(names.index("dali") + 1, ("dali, fast chroma", "dali", False))
+    # (label, decoder, make_decoder options, DecodeConfig options, batches in flight)
+    variants: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = []
+    for name in names:
+        if name == "cpu":
+            variants.append(("cpu", "cpu", {}, {}, 1))
+            continue
+        variants.append((f"{name}, as before: 1 batch at a time, stored image encoded by nvJPEG", name,
+                         {"stored_encode": "device"}, {}, 1))
+        if name == "dali":
+            variants.append(("dali, 1 batch at a time", name, {}, {}, 1))
+        variants.append((name, name, {}, {}, 2))
+        if name == "dali":  # DALI's fastest paths: no libjpeg-style chroma smoothing, hardware decoder
+            variants += [("dali, fast chroma", name, {"exact_chroma": False}, {}, 2),
+                         ("dali, fast chroma, all to the hardware decoder", name,
+                          {"exact_chroma": False, "hw_decoder_load": 1.0}, {}, 2),
+                         ("dali, no stored image (--resize-mode no)", name, {}, {"resize_mode": ResizeMode.no}, 2)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for label, name, exact in variants:
-            def one() -> None:
-                decoder = make_decoder(name, DecodeConfig(), clip, None, device, max_batch_size=args.batch,
-                                       exact_chroma=exact)
-                decode_all(decoder, jpegs[: args.batch], args.batch, pool)  # warm-up (pipelines, cuDNN)
-                finish_s = 0.0
-                finish = decoder.finish
-
-                def timed_finish(bodies: list[bytes], prepared: list[Any]) -> list[Any]:
-                    nonlocal finish_s
-                    t = time.perf_counter()
-                    try:
-                        return finish(bodies, prepared)
-                    finally:
-                        finish_s += time.perf_counter() - t
-
-                decoder.finish = timed_finish  # type: ignore[method-assign]
-                # Inside finish(): the stored images' JPEG encode, the next thing to speed up if
-                # it dominates (GPU decoders only; the CPU decoder encodes in prepare()).
-                encode_s = 0.0
-                encode = getattr(decoder, "_encode_stored", None)
-                if encode is not None:
-                    def timed_encode(images: list[Any]) -> list[bytes]:
-                        nonlocal encode_s
-                        if device.type == "cuda":  # the decode queued before is not the encode's
-                            torch.cuda.synchronize()
-                        t = time.perf_counter()
-                        try:
-                            return encode(images)
-                        finally:
-                            encode_s += time.perf_counter() - t
-
-                    decoder._encode_stored = timed_encode  # type: ignore[method-assign]
+        for label, name, options, cfg_options, in_flight in variants:
+            def one(name: str = name, options: dict[str, Any] = options, cfg_options: dict[str, Any] = cfg_options,
+                    in_flight: int = in_flight, label: str = label) -> None:
+                decoder = make_decoder(name, DecodeConfig(**cfg_options), clip, None, device,
+                                       max_batch_size=args.batch, **options)
+                # warm-up (pipelines, cuDNN, one DALI pipeline per batch in flight)
+                decode_all(decoder, jpegs[: args.batch * in_flight], args.batch, pool, in_flight)
+                phases = getattr(decoder, "phase_s", None)
+                if phases is not None:
+                    phases.clear()
                 t0 = time.perf_counter()
-                done = decode_all(decoder, jpegs, args.batch, pool)
+                done = decode_all(decoder, jpegs, args.batch, pool, in_flight)
                 secs = time.perf_counter() - t0
                 bad = sum(d.error is not None for d in done)
                 rates[label] = len(jpegs) / secs
-                encoded = f", stored-image encode {100 * encode_s / secs:.0f}%" if encode is not None else ""
+                n_batches = -(-len(jpegs) // args.batch)
+                # where finish() went, in ms per batch summed over its threads (parts overlap when
+                # batches are in flight together; "decode" holds the dali_* parts)
+                parts = ", ".join(f"{k} {1e3 * v / n_batches:.1f}" for k, v in sorted((phases or {}).items()))
                 row(f"decode {label}", f"{rates[label]:,.0f} img/s",
-                    f"{len(jpegs):,} JPEGs, batch {args.batch}, {os.cpu_count()} prepare threads; "
-                    f"finish() {100 * finish_s / secs:.0f}% of the time{encoded}; {bad} rejected")
+                    f"{len(jpegs):,} JPEGs, batch {args.batch}, {in_flight} in flight, {os.cpu_count()} threads; "
+                    f"{bad} rejected" + (f"; finish ms/batch: {parts}" if parts else ""))
             section(f"decode {label}", one)
     return rates
 
 
 # -- (c) decode + score ----------------------------------------------------------------------
 
-def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
+def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list[str], batch: int,
+                     device: torch.device) -> None:
+    """As in the pipeline: batches decode on `decoder.concurrency` threads at once (prepare on a
+    pool, finish on the batch's thread), scoring runs on its own thread, in batch order."""
+    from fastlaion.pipeline import stack_pixels
+
+    def decode_batch(start: int) -> tuple[Any, list[str]]:
+        chunk = images[start:start + batch]
+        done = decoder.finish(chunk, list(pool.map(decoder.prepare, chunk)))
+        ok = [i for i, d in enumerate(done) if d.error is None]
+        return stack_pixels([done[i].clip_input for i in ok]), [texts[start + i] for i in ok]
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool, ThreadPoolExecutor(decoder.concurrency) as decoding, \
+            ThreadPoolExecutor(1) as scorer_thread:
+        decoded = [decoding.submit(decode_batch, start) for start in range(0, len(images), batch)]
+        scored = [scorer_thread.submit(lambda f=f: scorer.score(*f.result())) for f in decoded]
+        for f in scored:
+            f.result()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_scorer_and_decoder(model: str, batch: int, device: torch.device, **decode: Any) -> tuple[Any, Any, str]:
     from fastlaion.config import DecodeConfig, ScoreConfig
     from fastlaion.gpu_decode import available_decoders, make_decoder
     from fastlaion.score import Scorer
 
-    texts = make_captions(len(jpegs))
     torch.manual_seed(0)
-    scorer = Scorer(ScoreConfig(model=args.model, pretrained="none", batch_size=args.batch), device)
+    scorer = Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch), device)
     best = available_decoders(device)[0]
-    decoder = make_decoder(best, DecodeConfig(), scorer.clip_spec, None, device, max_batch_size=args.batch)
-    from fastlaion.pipeline import stack_pixels
+    return scorer, make_decoder(best, DecodeConfig(**decode), scorer.clip_spec, None, device, max_batch_size=batch), best
 
-    def run_all(images: list[bytes]) -> None:
-        # decode of batch k+1 overlaps scoring of batch k, as in the pipeline (two threads)
-        with ThreadPoolExecutor(os.cpu_count()) as pool, ThreadPoolExecutor(1) as scorer_thread:
-            pending = None
-            for start in range(0, len(images), args.batch):
-                chunk = images[start:start + args.batch]
-                done = decoder.finish(chunk, list(pool.map(decoder.prepare, chunk)))
-                ok = [i for i, d in enumerate(done) if d.error is None]
-                pixels = stack_pixels([done[i].clip_input for i in ok])
-                if pending is not None:
-                    pending.result()
-                pending = scorer_thread.submit(scorer.score, pixels, [texts[start + i] for i in ok])
-            if pending is not None:
-                pending.result()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    run_all(jpegs[: 2 * args.batch])  # warm-up
-    t0 = time.perf_counter()
-    run_all(jpegs)
-    ours = len(jpegs) / (time.perf_counter() - t0)
+def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
+                  start: Any, results: Any) -> None:
+    """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    images = pickle.loads(Path(jpeg_file).read_bytes())
+    texts = make_captions(len(images))
+    scorer, decoder, _ = _make_scorer_and_decoder(model, batch, device)
+    decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up
+    start.wait(timeout=300)
+    t0 = time.time()
+    decode_and_score(decoder, scorer, images * repeat, texts * repeat, batch, device)
+    results.put((len(images) * repeat, t0, time.time()))
+
+
+def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int = 2) -> None:
+    """decode+score with `processes` worker processes on the one GPU, all started together: whether
+    one process's host work (Python, one GIL) is what limits."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        jpeg_file = str(Path(tmp) / "jpegs.pickle")
+        Path(jpeg_file).write_bytes(pickle.dumps(jpegs))
+        start, results = ctx.Barrier(processes + 1), ctx.Queue()
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        workers = [ctx.Process(target=_score_worker, args=(args.model, args.batch, str(device), jpeg_file,
+                                                           args.repeat, threads, start, results))
+                   for _ in range(processes)]
+        for w in workers:
+            w.start()
+        start.wait(timeout=300)
+        done = [results.get(timeout=300) for _ in workers]
+        for w in workers:
+            w.join(timeout=60)
+    samples = sum(n for n, _, _ in done)
+    secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
+    row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}",
+        f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
+
+
+def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
+    from fastlaion.config import ResizeMode
+
+    texts = make_captions(len(jpegs))
+    scorer, decoder, best = _make_scorer_and_decoder(args.model, args.batch, device)
     n_naive = min(len(jpegs), args.naive_images)
     naive = naive_path(args.model, jpegs[:n_naive], texts[:n_naive], device, args.batch)
-    row(f"{args.model} decode+score ({best})", f"{ours:,.0f} samples/s",
-        f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); "
-        f"{len(jpegs):,} JPEGs, {scorer.dtype}, batch {args.batch}")
+    images, captions = jpegs * args.repeat, texts * args.repeat
+    for what, decode in (("", {}), (", no stored image (--resize-mode no)", {"resize_mode": ResizeMode.no})):
+        if decode:
+            scorer, decoder, best = _make_scorer_and_decoder(args.model, args.batch, device, **decode)
+        decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
+        t0 = time.perf_counter()
+        decode_and_score(decoder, scorer, images, captions, args.batch, device)
+        ours = len(images) / (time.perf_counter() - t0)
+        row(f"{args.model} decode+score ({best}{what})", f"{ours:,.0f} samples/s",
+            f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); {len(images):,} "
+            f"samples, {scorer.dtype}, batch {args.batch}, {decoder.concurrency} batches decoding at once")
     # The model alone, on pixels already on the device: what scoring could reach with a free decoder.
     h, w = scorer.clip_spec.size
     pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
@@ -261,6 +318,27 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     alone = rounds * args.batch / (time.perf_counter() - t0)
     row(f"{args.model} score only", f"{alone:,.0f} samples/s",
         f"image + text towers + paired cosine + host copies, batch {args.batch}, pixels already on {device.type}")
+
+    # Its parts, ms per batch: what to speed up next.
+    def timed(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t) / rounds
+
+    tokens = scorer.tokenizer(batch_texts)
+    parts = {"tokenize (host)": timed(lambda: scorer.tokenizer(batch_texts)),
+             "image tower": timed(lambda: scorer.image_features(pixels)),
+             "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
+                                 else scorer.model.encode_text(tokens.to(device)))}
+    with torch.inference_mode():
+        parts["text tower, all 77 positions"] = timed(lambda: scorer.model.encode_text(tokens.to(device)))
+    row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
+        "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
 
 # -- (d) the whole run -----------------------------------------------------------------------
@@ -319,6 +397,7 @@ def main() -> None:
     args.images = args.images or (4096 if gpu else 32)
     args.batch = args.batch or (512 if gpu else 16)
     args.naive_images = 2048 if gpu else 8
+    args.repeat = 4 if gpu else 1  # (c) and (e) decode the JPEGs this many times: seconds, not fractions
     args.cosine_rows = 1 << 21 if gpu else 1024
     args.topk_rows = 1 << 18 if gpu else 512
     args.shard_size = 2000 if gpu else 16
@@ -344,11 +423,12 @@ def main() -> None:
     print(f"generated {len(jpegs):,} JPEGs (300-800 px, mean {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
-    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d").split(","))
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e").split(","))
     for key, name, fn in (("a", "(a) kernels", lambda: bench_kernels(args)),
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
-                          ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device))):
+                          ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
+                          ("e", "(e) decode+score, 2 processes", lambda: bench_processes(args, jpegs, device))):
         if key in wanted:
             section(name, fn)
 

@@ -7,9 +7,9 @@ The CPU `Decoder` (fastlaion.decode) is the reference. A `BatchDecoder` splits i
   ending with its EOI marker) `pending`; every other body (PNG, WebP, CMYK JPEG, a cut-off
   download, anything rejected) gets the CPU `Decoder`'s full decode right there, so reasons and
   pixels are the reference's own.
-- `finish(bodies, prepared)`, called once per batch from one thread, decodes all pending bodies
-  in one batched call (split at `max_batch_size`) and makes the CLIP input, the watermark input
-  and the stored image on the device. An image the GPU cannot decode falls back, visibly in the
+- `finish(bodies, prepared)`, called once per batch (from up to `concurrency` threads at once),
+  decodes all pending bodies in one batched call (split at `max_batch_size`) and makes the CLIP
+  input, the watermark input and the stored image on the device. An image the GPU cannot decode falls back, visibly in the
   log, to the CPU `Decoder`: no row is lost, and the reason is the CPU's.
 
 Three implementations behind that interface:
@@ -27,20 +27,25 @@ resample with antialiasing; tests/test_gpu_decode.py states the tolerance.
 After a GPU decoder's finish(), every accepted row holds `clip_input` and `watermark_input` as
 uint8 (H, W, 3) RGB torch tensors on the decoder's device (views into one batch tensor), so the
 scorer gets them without a host round trip; rows the CPU decoded carry the CPU `Decoder`'s pixels,
-uploaded in one copy, so that a batch always stacks. `stored` is JPEG bytes on the host: 4:4:4
-from nvJPEG on CUDA (torchvision's encoder has no other), 4:2:0 from libjpeg-turbo elsewhere.
+uploaded in one copy, so that a batch always stacks. `stored` is JPEG bytes on the host: 4:2:0
+from libjpeg-turbo on the host's threads, as the CPU decoder writes them (or, with
+stored_encode='device' on CUDA, 4:4:4 from torchvision's nvJPEG encoder, which has no other).
 """
 
 from __future__ import annotations
 
 import abc
+import ctypes
 import dataclasses
 import importlib
 import itertools
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -52,13 +57,34 @@ import turbojpeg
 from PIL import Image
 
 from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode, first_line
-from fastlaion.decode import (_STORED_SUBSAMPLING, STORED_EXT, ClipInputSpec, Decoded, Decoder,
-                              ensure_turbojpeg_warnings_raise, shared_turbojpeg, stored_resized_size_px)
+from fastlaion.decode import (
+    _STORED_SUBSAMPLING,
+    STORED_EXT,
+    ClipInputSpec,
+    Decoded,
+    Decoder,
+    ensure_turbojpeg_warnings_raise,
+    shared_turbojpeg,
+    stored_resized_size_px,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 256
 DALI_PACKAGE = "nvidia-dali-cuda130"
+STORED_ENCODERS = ("host", "device")
+
+_encode_pools: dict[int, ThreadPoolExecutor] = {}
+_encode_pools_lock = threading.Lock()
+
+
+def _encode_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's `workers` threads for stored-image JPEG encoding, made on first use."""
+    with _encode_pools_lock:
+        pool = _encode_pools.get(workers)
+        if pool is None:
+            pool = _encode_pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="stored-encode")
+        return pool
 
 # libjpeg-turbo's colourspaces that nvJPEG and DALI convert to RGB as libjpeg does (TJCS_YCbCr,
 # TJCS_GRAY). RGB-coded, CMYK and YCCK JPEGs stay with the CPU decoder.
@@ -119,6 +145,68 @@ def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode)
     return Window(resized_w, resized_h, 0, 0, resized_w, resized_h)
 
 
+@dataclass(frozen=True, slots=True)
+class WindowArrays:
+    """`Window`s of a whole batch, one int64 array per field (the fill is the branch's own)."""
+
+    resized_w: np.ndarray
+    resized_h: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    out_w: np.ndarray
+    out_h: np.ndarray
+
+
+def _round_half_even(values: np.ndarray) -> np.ndarray:
+    """Python's round() of float64 values, as int64 (numpy rounds halves to even as it does)."""
+    return np.round(values).astype(np.int64)
+
+
+def _center_crop_starts(length: np.ndarray, crop: int) -> np.ndarray:
+    """`_center_crop_start` of each length."""
+    return np.where(crop > length, -((crop - length) // 2), _round_half_even((length - crop) / 2.0))
+
+
+def clip_windows(spec: ClipInputSpec, width: np.ndarray, height: np.ndarray) -> WindowArrays:
+    """`clip_window` of every (width, height) at once: the same float64 arithmetic, in numpy."""
+    target_h, target_w = spec.size
+    if spec.resize_mode == "squash":
+        resized_w, resized_h = np.full_like(width, target_w), np.full_like(height, target_h)
+    elif spec.resize_mode == "shortest" and target_h == target_w:
+        portrait = width <= height
+        short, long = np.where(portrait, width, height), np.where(portrait, height, width)
+        new_long = np.trunc(target_h * long / short).astype(np.int64)
+        resized_w, resized_h = np.where(portrait, target_h, new_long), np.where(portrait, new_long, target_h)
+    else:
+        longest = 1.0 if spec.resize_mode == "longest" else 0.0
+        ratio_h, ratio_w = height / target_h, width / target_w
+        ratio = np.maximum(ratio_h, ratio_w) * longest + np.minimum(ratio_h, ratio_w) * (1.0 - longest)
+        resized_w = np.maximum(1, _round_half_even(width / ratio))
+        resized_h = np.maximum(1, _round_half_even(height / ratio))
+    if spec.resize_mode == "squash":
+        zeros = np.zeros_like(width)
+        return WindowArrays(resized_w, resized_h, zeros, zeros, resized_w, resized_h)
+    crop_h, crop_w = spec.size
+    return WindowArrays(resized_w, resized_h, _center_crop_starts(resized_w, crop_w),
+                        _center_crop_starts(resized_h, crop_h), np.full_like(width, crop_w),
+                        np.full_like(height, crop_h))
+
+
+def stored_windows(width: np.ndarray, height: np.ndarray, image_size_px: int, mode: ResizeMode) -> WindowArrays:
+    """`stored_window` of every (width, height) at once."""
+    side = image_size_px
+    width_set = (width >= height) == (mode is ResizeMode.border)  # the width is the side set to image_size
+    resized_w = np.where(width_set, side, np.maximum(1, _round_half_even(width * side / height)))
+    resized_h = np.where(width_set, np.maximum(1, _round_half_even(height * side / width)), side)
+    full = np.full_like(width, side)
+    if mode is ResizeMode.center_crop:
+        return WindowArrays(resized_w, resized_h, (resized_w - side) // 2, (resized_h - side) // 2, full, full)
+    if mode is ResizeMode.border:
+        return WindowArrays(resized_w, resized_h, -((side - resized_w) // 2), -((side - resized_h) // 2), full, full)
+    zeros = np.zeros_like(width)
+    return WindowArrays(resized_w, resized_h, zeros, zeros, resized_w, resized_h)
+
+
 def jpeg_has_eoi_after_scan(body: bytes) -> bool:
     """Whether the JPEG's EOI marker comes after its first scan starts.
 
@@ -134,11 +222,132 @@ def jpeg_has_eoi_after_scan(body: bytes) -> bool:
         marker = body[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
+        elif marker == _EOI[1]:  # the image ends before any scan
+            return False
         elif marker == _SOS:
             return body.rfind(_EOI) > pos
         else:
             pos += 2 + int.from_bytes(body[pos + 2:pos + 4], "big")
     return False
+
+
+class _TurboJPEGThreads:
+    """libjpeg-turbo's header read and compress with one decompressor and one compressor per
+    thread, for a GPU decoder's per-image host work.
+
+    PyTurboJPEG makes and frees a libjpeg-turbo instance on every call, most of the cost of a
+    header read (18 us of 5) and half the Python around an encode. This calls the same library
+    functions through PyTurboJPEG's own function pointers with the thread's instances. After a
+    failed call the thread gets a fresh instance, since one that failed part-way can be left
+    mid-image. Without those pointers (another PyTurboJPEG), its own methods are used.
+    """
+
+    class _Instances:
+        """A thread's decompressor and compressor, with the outputs its calls fill in."""
+
+        def __init__(self, owner: _TurboJPEGThreads):
+            self.destroy = owner._destroy
+            self.decompressor = owner._init_decompress()
+            self.compressor = owner._init_compress()
+            self.header = tuple(ctypes.c_int() for _ in range(4))  # width, height, subsampling, colourspace
+            self.header_refs = tuple(ctypes.byref(c) for c in self.header)
+
+        def __del__(self) -> None:  # the thread ended, or a call failed
+            for instance in (self.decompressor, self.compressor):
+                if instance:
+                    self.destroy(instance)
+
+    def __init__(self, tj: turbojpeg.TurboJPEG):
+        self._tj = tj
+        self._local = threading.local()
+        try:
+            def function(name: str, restype: Any, *argtypes: Any) -> Any:
+                address = ctypes.cast(getattr(tj, f"_TurboJPEG__{name}"), ctypes.c_void_p).value
+                return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+            c_int, c_void_p, int_p = ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)
+            self._read_header = function("decompress_header", c_int, c_void_p, ctypes.c_char_p, ctypes.c_ulong,
+                                         int_p, int_p, int_p, int_p)
+            self._compress = function("compress", c_int, c_void_p, c_void_p, c_int, c_int, c_int, c_int,
+                                      ctypes.POINTER(c_void_p), ctypes.POINTER(ctypes.c_ulong), c_int, c_int, c_int)
+            self._free = function("free", None, c_void_p)
+            self._init_decompress = function("init_decompress", c_void_p)
+            self._init_compress = function("init_compress", c_void_p)
+            self._destroy = function("destroy", c_int, c_void_p)
+            self.native = True
+        except (AttributeError, TypeError, ctypes.ArgumentError):
+            self.native = False
+
+    def _instances(self) -> _TurboJPEGThreads._Instances:
+        instances = getattr(self._local, "instances", None)
+        if instances is None:
+            instances = self._local.instances = self._Instances(self)
+        return instances
+
+    def read_header(self, body: bytes) -> tuple[int, int, int, int] | None:
+        """`TurboJPEG.decode_header(body)`, None where it raises (an error or a warning)."""
+        if not self.native:
+            ensure_turbojpeg_warnings_raise()
+            try:
+                return self._tj.decode_header(body)
+            except (OSError, UserWarning):
+                return None
+        instances = self._instances()
+        if self._read_header(instances.decompressor, body if type(body) is bytes else bytes(body), len(body),
+                             *instances.header_refs) != 0:
+            self._local.instances = None
+            return None
+        width, height, subsampling, colorspace = instances.header
+        return width.value, height.value, subsampling.value, colorspace.value
+
+    def encode_rgb(self, image: np.ndarray, quality: int, subsampling: int) -> bytes:
+        """`TurboJPEG.encode(image, quality, TJPF_RGB, subsampling)` of a C-contiguous uint8
+        (h, w, 3) array: the same bytes."""
+        if not self.native:
+            return self._tj.encode(image, quality=quality, pixel_format=turbojpeg.TJPF_RGB, jpeg_subsample=subsampling)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or not image.flags.c_contiguous:
+            raise ValueError(f"encode_rgb needs a C-contiguous uint8 (h, w, 3) array, got {image.dtype} {image.shape}")
+        height, width, _ = image.shape
+        out, size = ctypes.c_void_p(), ctypes.c_ulong()
+        status = self._compress(self._instances().compressor, image.ctypes.data, width, width * 3, height,
+                                turbojpeg.TJPF_RGB, ctypes.byref(out), ctypes.byref(size), subsampling, quality, 0)
+        try:
+            if status != 0:
+                self._local.instances = None
+                return self._tj.encode(image, quality=quality, pixel_format=turbojpeg.TJPF_RGB,
+                                       jpeg_subsample=subsampling)  # raises with libjpeg-turbo's message
+            return ctypes.string_at(out.value, size.value)
+        finally:
+            if out.value:
+                self._free(out)
+
+
+_turbojpeg_threads: _TurboJPEGThreads | None = None
+_turbojpeg_threads_lock = threading.Lock()
+
+
+def turbojpeg_threads() -> _TurboJPEGThreads:
+    """The process's `_TurboJPEGThreads`, made on first use."""
+    global _turbojpeg_threads
+    if _turbojpeg_threads is None:
+        with _turbojpeg_threads_lock:
+            if _turbojpeg_threads is None:
+                _turbojpeg_threads = _TurboJPEGThreads(shared_turbojpeg())
+    return _turbojpeg_threads
+
+
+def read_complete_jpeg_header(body: bytes) -> tuple[int, int, int, int] | None:
+    """`TurboJPEG.decode_header`'s (width, height, subsampling, colourspace) of a JPEG that
+    `jpeg_has_eoi_after_scan`; None for any other body and where decode_header would raise (an
+    error or a warning). At a third of decode_header's cost.
+
+    The scan check comes first for a reason beyond cut-off downloads: a reused decompressor keeps
+    the previous image's size where a header read ends before any frame header (tables only), and
+    a body whose scan starts, with no EOI before it, cannot end that way.
+    """
+    if not jpeg_has_eoi_after_scan(body):
+        return None
+    return turbojpeg_threads().read_header(body)
 
 
 # -- the interface ---------------------------------------------------------------------------
@@ -148,6 +357,7 @@ class BatchDecoder(abc.ABC):
 
     name: str
     device: torch.device
+    concurrency = 1  # finish() calls that may run at once, on as many threads
 
     @abc.abstractmethod
     def prepare(self, body: bytes) -> Decoded:
@@ -181,25 +391,52 @@ class _Pixels:
     rows: list[int]
     clip: torch.Tensor | None  # uint8 (len(rows), H, W, 3) RGB
     watermark: torch.Tensor | None  # uint8 (len(rows), S, S, 3) RGB
-    stored: list[torch.Tensor] | None  # uint8 (h, w, 3) RGB per row; None for ResizeMode.no
+    # uint8 (h, w, 3) RGB per row, or one (len(rows), h, w, 3) tensor when all have one size (border
+    # and center_crop modes); None for ResizeMode.no
+    stored: list[torch.Tensor] | torch.Tensor | None
 
 
 class _DeviceBatchDecoder(BatchDecoder):
     """What nvjpeg and dali share: the routing in prepare(), and in finish() the batching, the
-    stored JPEG encode, the timing and the per-image CPU fallback. Subclasses decode."""
+    stored JPEG encode, the timing and the per-image CPU fallback. Subclasses decode.
+
+    finish() may run on `concurrency` threads at once (the pipeline gives it that many), each
+    on its own CUDA stream (and for DALI its own pipeline), so one batch's host work (inputs,
+    stored-image encode, rows) overlaps another's device work. `phase_s` adds up the seconds
+    each part of finish() took, over all threads (the benchmark's breakdown).
+    """
+
+    concurrency = 2
 
     def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
-                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, stored_encode: str = "host"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if stored_encode not in STORED_ENCODERS:
+            raise ValueError(f"stored_encode must be one of {', '.join(STORED_ENCODERS)}, got {stored_encode!r}")
         self.cfg = cfg
         self.clip = clip
         self.watermark_size_px = watermark_size_px or None
         self.device = _with_index(device)
         self.max_batch_size = max_batch_size
+        # 'host': libjpeg-turbo on the CPU's threads, 4:2:0 like the CPU decoder (one copy of the
+        # batch's stored pixels to the host); 'device': torchvision's nvJPEG encoder (4:4:4), one
+        # image at a time with a device sync each, on CUDA only.
+        self.stored_encode = stored_encode
         self._cpu = Decoder(cfg, clip, watermark_size_px)
         self._tj = shared_turbojpeg()
-        self._stream: Any = None  # torch.cuda.Stream, made on first use (CUDA only)
+        self._local = threading.local()  # per finish() thread: its CUDA stream
+        self._phase_lock = threading.Lock()
+        self.phase_s: dict[str, float] = {}
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._phase_lock:
+                self.phase_s[name] = self.phase_s.get(name, 0.0) + time.perf_counter() - start
 
     def prepare(self, body: bytes) -> Decoded:
         start_s = time.thread_time()
@@ -216,13 +453,11 @@ class _DeviceBatchDecoder(BatchDecoder):
         stops at that same check and names the reason, so no reason is decided here."""
         if not body or body[:3] != b"\xff\xd8\xff" or len(body) < self.cfg.min_image_bytes:
             return None  # the CPU decoder names these (empty, format, too few bytes)
-        ensure_turbojpeg_warnings_raise()
-        try:
-            width, height, _subsampling, colorspace = self._tj.decode_header(body)
-        except (OSError, UserWarning):
+        header = read_complete_jpeg_header(body)  # None: cut off, or libjpeg-turbo has a word to say
+        if header is None:
             return None
-        if (width <= 0 or height <= 0 or colorspace not in _GPU_COLORSPACES
-                or width * height > self.cfg.max_pixels or not jpeg_has_eoi_after_scan(body)):
+        width, height, _subsampling, colorspace = header
+        if width <= 0 or height <= 0 or colorspace not in _GPU_COLORSPACES or width * height > self.cfg.max_pixels:
             return None
         return width, height
 
@@ -231,16 +466,17 @@ class _DeviceBatchDecoder(BatchDecoder):
             raise ValueError(f"{len(bodies)} bodies but {len(prepared)} prepared rows")
         if self.device.type != "cuda":
             return self._finish(bodies, prepared)
-        # The decoder's own CUDA stream: this batch's decode and resizes overlap the scorer's work
-        # on the previous batch (another thread, the default stream). Synchronising before
-        # returning hands the scorer finished tensors; they are freed only after its own work on
-        # them is done (it copies results to the host), so the caching allocator never hands
-        # their memory out early.
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._stream):
+        # This thread's own CUDA stream: this batch's decode and resizes overlap the scorer's work
+        # on the previous batch (another thread, the default stream) and another finish() call's.
+        # Synchronising before returning hands the scorer finished tensors; they are freed only
+        # after its own work on them is done (it copies results to the host), so the caching
+        # allocator never hands their memory out early.
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
             out = self._finish(bodies, prepared)
-        self._stream.synchronize()
+        stream.synchronize()
         return out
 
     def _finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
@@ -272,23 +508,34 @@ class _DeviceBatchDecoder(BatchDecoder):
 
     def _finish_batch(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:
         start_s = time.perf_counter()
-        pixels = self._decode(bodies, [(d.width, d.height) for d in prepared])
-        jpegs = None if pixels.stored is None else self._encode_stored(pixels.stored)
+        with self._phase("decode"):
+            pixels = self._decode(bodies, [(d.width, d.height) for d in prepared])
+        with self._phase("stored_encode"):
+            jpegs = None if pixels.stored is None else self._encode_stored(pixels.stored)
         # Wall time, as the device works while this thread waits; shared evenly.
         share_s = (time.perf_counter() - start_s) / len(bodies)
+        rows_start = time.perf_counter()
         out: list[Decoded | None] = [None] * len(bodies)
+        n = len(pixels.rows)
+        if isinstance(pixels.stored, torch.Tensor):
+            stored_sizes = [tuple(pixels.stored.shape[1:3])] * n
+        elif pixels.stored is not None:
+            stored_sizes = [tuple(im.shape[:2]) for im in pixels.stored]
+        # one view per row in one call each (indexing row by row costs microseconds a row)
+        clips = [None] * n if pixels.clip is None else pixels.clip.unbind(0)
+        watermarks = [None] * n if pixels.watermark is None else pixels.watermark.unbind(0)
         for k, row in enumerate(pixels.rows):
             d = prepared[row]
             if jpegs is None:  # ResizeMode.no: the downloaded bytes, as the CPU decoder stores them
                 stored, ext, stored_w, stored_h = bodies[row], STORED_EXT["jpeg"], d.width, d.height
             else:
-                stored_h, stored_w, _ = pixels.stored[k].shape
+                stored_h, stored_w = stored_sizes[k]
                 stored, ext = jpegs[k], "jpg"
-            out[row] = dataclasses.replace(
-                d, stored=stored, stored_ext=ext, stored_width=stored_w, stored_height=stored_h,
-                clip_input=None if pixels.clip is None else pixels.clip[k],
-                watermark_input=None if pixels.watermark is None else pixels.watermark[k],
-                decode_s=d.decode_s + share_s, pending=False)
+            # `d` with its outputs; Decoded(...) directly, as dataclasses.replace costs 4x as much
+            out[row] = Decoded(d.error, d.error_detail, d.format, d.width, d.height, stored, ext, stored_w, stored_h,
+                               clips[k], d.decode_s + share_s, watermarks[k], False)
+        with self._phase_lock:
+            self.phase_s["rows"] = self.phase_s.get("rows", 0.0) + time.perf_counter() - rows_start
         failed = [row for row, d in enumerate(out) if d is None]
         if failed:
             log.info("%s could not decode %d of %d images; the CPU decoder takes them",
@@ -299,10 +546,14 @@ class _DeviceBatchDecoder(BatchDecoder):
     def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
         """Decode and resize one batch (at most max_batch_size) of pending bodies."""
 
-    def _encode_stored(self, images: list[torch.Tensor]) -> list[bytes]:
-        """JPEG bytes of uint8 (h, w, 3) RGB images: nvJPEG on CUDA (torchvision: 4:4:4), else
-        libjpeg-turbo 4:2:0 like the CPU decoder, at the configured quality."""
-        if self.device.type == "cuda" and images:
+    def _encode_stored(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
+        """JPEG bytes of uint8 (h, w, 3) RGB images (a list, or one (N, h, w, 3) tensor) at the
+        configured quality: by
+        `stored_encode`, libjpeg-turbo 4:2:0 on the host's threads (as the CPU decoder), or
+        nvJPEG on CUDA (torchvision: 4:4:4)."""
+        if len(images) == 0:
+            return []
+        if self.stored_encode == "device" and self.device.type == "cuda":
             from torchvision.io import encode_jpeg
 
             try:
@@ -313,9 +564,39 @@ class _DeviceBatchDecoder(BatchDecoder):
                 return [flat[a:b] for a, b in itertools.pairwise(offsets)]
             except RuntimeError as exc:
                 log.warning("nvJPEG could not encode a batch (%s); encoding it on the host", exc)
-        return [self._tj.encode(np.ascontiguousarray(im.cpu().numpy()), quality=self.cfg.jpeg_quality,
-                                pixel_format=turbojpeg.TJPF_RGB, jpeg_subsample=_STORED_SUBSAMPLING)
-                for im in images]
+        return self._encode_on_host(images)
+
+    def _encode_on_host(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
+        """libjpeg-turbo on the shared encode threads (it releases the GIL), a slice of the batch
+        per task. From a GPU the batch's pixels come over in one copy into pinned memory (after
+        one gather, for images of different sizes), not one synchronising copy per image."""
+        host: torch.Tensor | None = None
+        if images[0].device.type == "cuda":
+            dense = isinstance(images, torch.Tensor)
+            flat = images.contiguous() if dense else torch.cat([im.reshape(-1) for im in images])
+            host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            if dense:
+                arrays = list(host.numpy())
+            else:
+                shapes = [tuple(im.shape) for im in images]
+                buffer = host.numpy()
+                offsets = np.cumsum([0, *(h * w * c for h, w, c in shapes)]).tolist()
+                arrays = [buffer[a:b].reshape(shape) for (a, b), shape in zip(itertools.pairwise(offsets), shapes)]
+        else:
+            arrays = [np.ascontiguousarray(im.numpy()) for im in images]
+        tj, quality = turbojpeg_threads(), self.cfg.jpeg_quality
+
+        def encode(part: list[np.ndarray]) -> list[bytes]:
+            return [tj.encode_rgb(a, quality, _STORED_SUBSAMPLING) for a in part]
+
+        workers = self.cfg.threads or os.cpu_count() or 1
+        step = max(1, -(-len(arrays) // (2 * workers)))  # two slices per thread: even finish times
+        parts = _encode_pool(workers).map(encode, [arrays[i:i + step] for i in range(0, len(arrays), step)])
+        jpegs = [jpeg for part in parts for jpeg in part]
+        del host  # the pinned buffer goes back to torch's cache only once every encode is done
+        return jpegs
 
     def _store_mode(self) -> ResizeMode | None:
         mode = self.cfg.resize_mode
@@ -456,13 +737,20 @@ class DaliDecoder(_DeviceBatchDecoder):
     name = "dali"
 
     def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
-                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, exact_chroma: bool = True):
-        super().__init__(cfg, clip, watermark_size_px, device, max_batch_size)
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, exact_chroma: bool = True,
+                 stored_encode: str = "host", hw_decoder_load: float | None = None):
+        super().__init__(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode)
+        # The share of the images DALI gives the GPU's hardware JPEG decoder (A100, H100, H200),
+        # the rest decoded with the CPU's threads doing the Huffman decoding; None: DALI's default.
+        self.hw_decoder_load = hw_decoder_load
         # exact_chroma: libjpeg's smooth ("fancy") chroma upsampling, for parity with the CPU
         # decoder; False lets DALI use its fastest path (the GPU's hardware JPEG decoder).
         self.exact_chroma = exact_chroma
         self._fn, self._types, self._pipeline_cls = _import_dali()
-        self._pipe = self._build()
+        # One pipeline per finish() running at once (a DALI pipeline runs one batch at a time).
+        # The first is built here, so a pipeline that cannot build fails at once; more on demand.
+        self._idle_pipes = [self._build()]
+        self._pipes_lock = threading.Lock()
 
     def _build(self) -> Any:
         fn, types = self._fn, self._types
@@ -474,8 +762,9 @@ class DaliDecoder(_DeviceBatchDecoder):
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             # Fancy (smooth) chroma upsampling, as libjpeg does by default, for parity with the CPU.
+            hw = {} if self.hw_decoder_load is None or not on_gpu else {"hw_decoder_load": self.hw_decoder_load}
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
-                                       output_type=types.RGB, jpeg_fancy_upsampling=self.exact_chroma)
+                                       output_type=types.RGB, jpeg_fancy_upsampling=self.exact_chroma, **hw)
             outputs, self._output_names = [], []
             if self.clip is not None:
                 self._output_names.append("clip")
@@ -515,19 +804,19 @@ class DaliDecoder(_DeviceBatchDecoder):
 
     def _inputs(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> dict[str, Any]:
         inputs: dict[str, Any] = {"encoded": [np.frombuffer(body, dtype=np.uint8) for body in bodies]}
-        branches: list[tuple[str, Callable[[int, int], Window]]] = []
+        size_array = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+        width, height = size_array[:, 0], size_array[:, 1]
+        branches: list[tuple[str, WindowArrays]] = []
         if self.clip is not None:
-            clip = self.clip
-            branches.append(("clip", lambda w, h: clip_window(clip, w, h)))
+            branches.append(("clip", clip_windows(self.clip, width, height)))
         mode = self._store_mode()
         if mode is not None:
-            branches.append(("stored", lambda w, h: stored_window(w, h, self.cfg.image_size, mode)))
-        for prefix, window_of in branches:
-            windows = [window_of(w, h) for w, h in sizes]
-            inputs[f"{prefix}_resize_x"] = np.array([w.resized_w for w in windows], dtype=np.float32)
-            inputs[f"{prefix}_resize_y"] = np.array([w.resized_h for w in windows], dtype=np.float32)
-            inputs[f"{prefix}_anchor"] = np.array([(w.y, w.x) for w in windows], dtype=np.int32)
-            inputs[f"{prefix}_shape"] = np.array([(w.out_h, w.out_w) for w in windows], dtype=np.int32)
+            branches.append(("stored", stored_windows(width, height, self.cfg.image_size, mode)))
+        for prefix, windows in branches:
+            inputs[f"{prefix}_resize_x"] = windows.resized_w.astype(np.float32)
+            inputs[f"{prefix}_resize_y"] = windows.resized_h.astype(np.float32)
+            inputs[f"{prefix}_anchor"] = np.stack([windows.y, windows.x], axis=1).astype(np.int32)
+            inputs[f"{prefix}_shape"] = np.stack([windows.out_h, windows.out_w], axis=1).astype(np.int32)
         return inputs
 
     def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
@@ -540,7 +829,13 @@ class DaliDecoder(_DeviceBatchDecoder):
                 return None
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
-        stored = None if self._store_mode() is None else [im for _, out in parts for im in out["stored"]]
+        stored: list[torch.Tensor] | torch.Tensor | None = None
+        if self._store_mode() is not None:
+            outs = [out["stored"] for _, out in parts]
+            if all(isinstance(o, torch.Tensor) for o in outs) and len({o.shape[1:] for o in outs}) <= 1:
+                stored = dense("stored")
+            else:  # sizes differ (keep_ratio), within a run or between the runs of a bisected batch
+                stored = [im for o in outs for im in (o.unbind(0) if isinstance(o, torch.Tensor) else o)]
         return _Pixels(rows, dense("clip"), dense("watermark"), stored)
 
     def _run_isolating_failures(self, rows: list[int], bodies: list[bytes], sizes: list[tuple[int, int]]
@@ -559,18 +854,30 @@ class DaliDecoder(_DeviceBatchDecoder):
 
     def _run(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> dict[str, Any]:
         """One pipeline run: 'clip' and 'watermark' as dense uint8 (N, H, W, 3) tensors, 'stored'
-        as a list of (h, w, 3) tensors (their sizes differ under keep_ratio). DLPack views of
+        too when all have one size, else a list of (h, w, 3) tensors (keep_ratio). DLPack views of
         DALI's buffers, which its dynamic executor leaves to us; run() without a stream returns
         once they are ready."""
-        outputs = self._pipe.run(**self._inputs(bodies, sizes))
-        converted: dict[str, Any] = {}
-        for name, tensor_list in zip(self._output_names, outputs, strict=True):
-            if name == "decoded":
-                continue
-            if name == "stored":
-                converted[name] = [torch.from_dlpack(tensor_list[i]) for i in range(len(tensor_list))]
-            else:
-                converted[name] = torch.from_dlpack(tensor_list.as_tensor())
+        with self._phase("dali_inputs"):
+            inputs = self._inputs(bodies, sizes)
+        with self._pipes_lock:
+            pipe = self._idle_pipes.pop() if self._idle_pipes else None
+        if pipe is None:
+            pipe = self._build()
+        try:
+            with self._phase("dali_run"):
+                outputs = pipe.run(**inputs)
+            with self._phase("dali_outputs"):
+                converted: dict[str, Any] = {}
+                for name, tensor_list in zip(self._output_names, outputs, strict=True):
+                    if name == "decoded":
+                        continue
+                    if name == "stored" and not tensor_list.is_dense_tensor():
+                        converted[name] = [torch.from_dlpack(tensor_list[i]) for i in range(len(tensor_list))]
+                    else:
+                        converted[name] = torch.from_dlpack(tensor_list.as_tensor())
+        finally:
+            with self._pipes_lock:
+                self._idle_pipes.append(pipe)
         return converted
 
 
@@ -614,7 +921,8 @@ def available_decoders(device: torch.device) -> list[str]:
 
 def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
                  device: torch.device, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 exact_chroma: bool = True) -> BatchDecoder:
+                 exact_chroma: bool = True, stored_encode: str = "host",
+                 hw_decoder_load: float | None = None) -> BatchDecoder:
     """The decoder `name` ('auto' | 'cpu' | 'nvjpeg' | 'dali') on `device`.
 
     'auto' takes the best of `available_decoders(device)` that builds (dali, then nvjpeg, on
@@ -628,8 +936,9 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
         candidates = available_decoders(device)
         for candidate in candidates:
             try:
-                decoder = make_decoder(candidate, cfg, clip, watermark_size_px, device,
-                                       max_batch_size=max_batch_size, exact_chroma=exact_chroma)
+                decoder = make_decoder(candidate, cfg, clip, watermark_size_px, device, max_batch_size=max_batch_size,
+                                       exact_chroma=exact_chroma, stored_encode=stored_encode,
+                                       hw_decoder_load=hw_decoder_load)
             except ConfigError as exc:
                 log.warning("decoder %s cannot run: %s; trying the next one", candidate, exc)
                 continue
@@ -641,15 +950,16 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
         problem = _nvjpeg_problem(device)
         if problem is not None:
             raise ConfigError(f"--decoder nvjpeg on {device} needs {problem}")
-        decoder = NvjpegDecoder(cfg, clip, watermark_size_px, device, max_batch_size)
+        decoder = NvjpegDecoder(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode)
     else:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--decoder dali on {device} needs a CUDA device (torch.cuda.is_available() is False)")
-        decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size, exact_chroma)
+        decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size, exact_chroma, stored_encode,
+                              hw_decoder_load)
     log.debug("decoder: %s on %s", decoder.name, decoder.device)  # the caller logs its choice
     return decoder
 
 
-__all__ = ["BatchDecoder", "CpuBatchDecoder", "DaliDecoder", "NvjpegDecoder", "Window", "available_decoders",
-           "clip_interpolation", "clip_window", "dali_importable", "jpeg_has_eoi_after_scan", "make_decoder",
-           "stored_window"]
+__all__ = ["BatchDecoder", "CpuBatchDecoder", "DaliDecoder", "NvjpegDecoder", "Window", "WindowArrays",
+           "available_decoders", "clip_interpolation", "clip_window", "clip_windows", "dali_importable",
+           "jpeg_has_eoi_after_scan", "make_decoder", "read_complete_jpeg_header", "stored_window", "stored_windows"]

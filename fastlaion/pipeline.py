@@ -303,7 +303,8 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
     loop.run_until_complete(downloader.__aenter__())
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="batch-decode") as batch_decode_pool, \
+                ThreadPoolExecutor(getattr(decoder, "concurrency", 1), thread_name_prefix="batch-decode") \
+                as batch_decode_pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
             pools = _Pools(decode_pool, batch_decode_pool, score_pool)
 

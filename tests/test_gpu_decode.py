@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -48,8 +49,9 @@ from PIL import Image
 
 from fastlaion.config import ConfigError, DecodeConfig, ResizeMode
 from fastlaion.decode import ClipInputSpec, Decoded, Decoder, shared_turbojpeg
-from fastlaion.gpu_decode import (BatchDecoder, Window, available_decoders, clip_window, dali_importable,
-                                  jpeg_has_eoi_after_scan, make_decoder, stored_window)
+from fastlaion.gpu_decode import (BatchDecoder, Window, available_decoders, clip_window, clip_windows,
+                                  dali_importable, jpeg_has_eoi_after_scan, make_decoder, stored_window,
+                                  stored_windows)
 
 CPU = torch.device("cpu")
 CLIP = ClipInputSpec(size=(224, 224))
@@ -331,6 +333,99 @@ def test_windows_follow_the_cpu_arithmetic():
     assert stored_window(512, 342, 256, ResizeMode.keep_ratio) == Window(383, 256, 0, 0, 383, 256)
 
 
+def test_batch_windows_are_the_per_image_windows():
+    """DALI's inputs come from clip_windows / stored_windows (numpy, a batch at once): the same
+    numbers as the per-image functions, halves and truncations included, on every size from 1
+    to 80 px each way, extreme strips and sizes where the arithmetic lands on .5."""
+    sides = np.arange(1, 81)
+    width, height = np.meshgrid(sides, sides)
+    width = np.concatenate([width.ravel(), [1, 10_000, 3, 4_000, 301, 448, 224, 513, 7_001, 255, 257]])
+    height = np.concatenate([height.ravel(), [10_000, 1, 4_000, 3, 224, 300, 301, 771, 3, 257, 255]])
+    fields = ("resized_w", "resized_h", "x", "y", "out_w", "out_h")
+    for spec in (CLIP, ClipInputSpec(size=(224, 224), resize_mode="longest"), *CLIP_SPECS.values()):
+        arrays = clip_windows(spec, width, height)
+        got = list(zip(*(getattr(arrays, f).tolist() for f in fields)))
+        want = [tuple(getattr(clip_window(spec, w, h), f) for f in fields) for w, h in zip(width.tolist(), height.tolist())]
+        assert got == want, spec
+    for mode in (ResizeMode.center_crop, ResizeMode.border, ResizeMode.keep_ratio):
+        for side in (256, 224, 7):
+            arrays = stored_windows(width, height, side, mode)
+            got = list(zip(*(getattr(arrays, f).tolist() for f in fields)))
+            want = [tuple(getattr(stored_window(w, h, side, mode), f) for f in fields)
+                    for w, h in zip(width.tolist(), height.tolist())]
+            assert got == want, (mode, side)
+
+
+def test_header_reader_answers_as_turbojpeg_does(jpeg_cases, mixed_bodies, photo_images):
+    """read_complete_jpeg_header keeps a decompressor per thread: the same answers as
+    PyTurboJPEG's decode_header (None where it raises, or where the JPEG is cut off), right after
+    a body that failed or stopped part-way too, and from many threads at once."""
+    from fastlaion.decode import ensure_turbojpeg_warnings_raise
+    from fastlaion.gpu_decode import _TurboJPEGThreads, read_complete_jpeg_header
+
+    tj = shared_turbojpeg()
+
+    def decode_header(body: bytes) -> tuple[int, int, int, int] | None:
+        ensure_turbojpeg_warnings_raise()
+        try:
+            return tj.decode_header(body)
+        except (OSError, UserWarning):
+            return None
+
+    def expected(body: bytes) -> tuple[int, int, int, int] | None:
+        return decode_header(body) if jpeg_has_eoi_after_scan(body) else None
+
+    whole = jpeg(photo_images[0])
+    cut = [whole[:n] for n in (3, 20, 100, 200, 400, len(whole) - 2)]
+    tables_only = whole[:2] + b"\xff\xd9" + whole[2:]  # an EOI before the frame header, then a JPEG
+    assert decode_header(cut[2]) == (0, 0, 0, 0)  # a fresh decompressor reads no size there ...
+    assert decode_header(tables_only) == (0, 0, 0, 0)
+    bodies = [*jpeg_cases.values(), *mixed_bodies.values(), *cut, tables_only]
+    interleaved = [b for body in bodies for b in (body, cut[2], body, tables_only)]  # after stopped reads
+    want = [expected(b) for b in interleaved]
+    assert sum(w is None for w in want) >= len(cut) + 3 and sum(w is not None for w in want) >= 20
+    assert [read_complete_jpeg_header(b) for b in interleaved] == want  # ... nor a stale one here
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(read_complete_jpeg_header, interleaved * 4)) == want * 4
+    assert [read_complete_jpeg_header(bytearray(b)) for b in bodies] == [expected(b) for b in bodies]
+
+    class OtherTurboJPEG:  # a PyTurboJPEG without the function pointers this reads
+        decode_header = tj.decode_header
+
+    reader = _TurboJPEGThreads(OtherTurboJPEG())
+    assert not reader.native
+    assert [reader.read_header(b) if jpeg_has_eoi_after_scan(b) else None for b in interleaved] == want
+
+
+def test_thread_encoder_makes_turbojpegs_bytes(photo_images):
+    """The stored-image encoder (a compressor per thread) writes PyTurboJPEG's bytes, for every
+    quality and subsampling, odd sizes and one-pixel images, from many threads at once."""
+    from fastlaion.gpu_decode import _TurboJPEGThreads, turbojpeg_threads
+
+    tj, ours = shared_turbojpeg(), turbojpeg_threads()
+    assert ours.native
+    images = [np.ascontiguousarray(np.asarray(photo_images[0])), synthetic_photo(257, 3, 1), synthetic_photo(1, 1, 2),
+              np.ascontiguousarray(np.asarray(photo_images[1])[:123, :77])]
+    cases = [(im, q, sub) for im in images for q in (1, 75, 95, 100)
+             for sub in (turbojpeg.TJSAMP_420, turbojpeg.TJSAMP_444, turbojpeg.TJSAMP_GRAY)]
+
+    def want(case: tuple[np.ndarray, int, int]) -> bytes:
+        im, q, sub = case
+        return tj.encode(im, quality=q, pixel_format=turbojpeg.TJPF_RGB, jpeg_subsample=sub)
+
+    expected = [want(c) for c in cases]
+    assert [ours.encode_rgb(*c) for c in cases] == expected
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda c: ours.encode_rgb(*c), cases * 3)) == expected * 3
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ours.encode_rgb(np.asarray(photo_images[0])[:, ::2], 90, turbojpeg.TJSAMP_420)
+
+    class OtherTurboJPEG:  # a PyTurboJPEG without the function pointers this uses
+        encode = tj.encode
+
+    assert [_TurboJPEGThreads(OtherTurboJPEG()).encode_rgb(*c) for c in cases[:6]] == expected[:6]
+
+
 # -- every row comes back, with the CPU's reason ---------------------------------------------
 
 def cmyk_jpeg(image: Image.Image) -> bytes:
@@ -420,10 +515,13 @@ def test_mixed_batch_keeps_every_row_with_the_cpu_reason(mixed_bodies, name, dev
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", GPU_DECODERS)
-def test_a_failing_image_costs_only_itself(jpeg_cases, mixed_bodies, name, device, monkeypatch):
+@pytest.mark.parametrize("mode", [ResizeMode.border, ResizeMode.keep_ratio])
+def test_a_failing_image_costs_only_itself(jpeg_cases, mixed_bodies, name, device, mode, monkeypatch):
     """One undecodable body among good ones: the good ones still come from the batch (nvjpeg
-    retries them one by one, dali bisects), only the bad one goes to the CPU decoder."""
-    decoder = make_decoder(name, DecodeConfig(min_image_bytes=0), CLIP, None, device, max_batch_size=4)
+    retries them one by one, dali bisects), only the bad one goes to the CPU decoder. Under
+    keep_ratio the bisected runs' stored images have different sizes; under border one size."""
+    cfg = DecodeConfig(min_image_bytes=0, resize_mode=mode)
+    decoder = make_decoder(name, cfg, CLIP, None, device, max_batch_size=4)
     cpu_calls = count_cpu_fallbacks(decoder, monkeypatch)
     good = list(jpeg_cases.values())[:7]
     bad = [mixed_bodies["undefined_quant_table"], mixed_bodies["undefined_huffman_table"]]
@@ -432,6 +530,14 @@ def test_a_failing_image_costs_only_itself(jpeg_cases, mixed_bodies, name, devic
     assert all(p.pending for p in prepared)
     assert cpu_calls == bad
     assert [d.error for d in finished] == [None, "decode_error", None, None, None, None, "decode_error", None, None]
+    reference = Decoder(cfg, CLIP, None)
+    expected = [reference(body) for body in bodies]
+    assert [(d.stored_width, d.stored_height) for d in finished] == [(e.stored_width, e.stored_height) for e in expected]
+    sizes = {(d.stored_width, d.stored_height) for d in finished if d.error is None}
+    assert len(sizes) == 1 if mode is ResizeMode.border else len(sizes) > 1
+    for d in finished:
+        if d.error is None:
+            assert stored_pixels(d).shape == (d.stored_height, d.stored_width, 3)
 
 
 @pytest.mark.parametrize("name", GPU_DECODERS)
@@ -534,3 +640,87 @@ def test_cuda_outputs_are_views_of_one_device_batch(jpeg_cases, name):
     storages = {d.clip_input.untyped_storage().data_ptr() for d in finished}
     assert len(storages) == 1  # one batch tensor, no per-row host round trip
     assert all(d.clip_input.is_cuda and d.watermark_input.is_cuda for d in finished)
+
+
+# -- several finish() calls at once; where the stored image is encoded ------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", GPU_DECODERS)
+def test_concurrent_finish_calls_give_what_one_at_a_time_gives(jpeg_cases, name, device):
+    """The pipeline runs `concurrency` finish() calls at once (own CUDA stream each, and for DALI
+    its own pipeline): each batch comes back as it does alone."""
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    decoder = make_decoder(name, cfg, CLIP, WATERMARK_PX, device)
+    assert decoder.concurrency >= 2
+    bodies = list(jpeg_cases.values())
+    batches = [bodies[k:] + bodies[:k] for k in range(6)]  # different rows, different orders
+    alone = [run_batch(decoder, batch)[1] for batch in batches]
+    start = threading.Barrier(decoder.concurrency)
+
+    def together(batch: list[bytes]) -> list[Decoded]:
+        prepared = [decoder.prepare(body) for body in batch]
+        start.wait(timeout=60)  # the first concurrency batches enter finish() together
+        return decoder.finish(batch, prepared)
+
+    with ThreadPoolExecutor(decoder.concurrency) as pool:
+        first = list(pool.map(together, batches[:decoder.concurrency]))
+        rest = list(pool.map(lambda b: decoder.finish(b, [decoder.prepare(x) for x in b]),
+                             batches[decoder.concurrency:]))
+    at_once = first + rest
+    for one, other in zip(alone, at_once, strict=True):
+        for a, b in zip(one, other, strict=True):
+            assert (a.error, a.stored_width, a.stored_height, a.stored) == (b.error, b.stored_width, b.stored_height,
+                                                                               b.stored)
+            assert torch.equal(a.clip_input.cpu(), b.clip_input.cpu())
+            assert torch.equal(a.watermark_input.cpu(), b.watermark_input.cpu())
+    if name == "dali":  # two batches at once needed a second pipeline, and it was kept
+        assert len(decoder._idle_pipes) == 2
+    assert {"decode", "stored_encode", "rows"} <= set(decoder.phase_s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", GPU_DECODERS)
+def test_stored_images_are_encoded_as_the_cpu_decoder_encodes(jpeg_cases, name, device, monkeypatch):
+    """stored_encode='host' (the default): libjpeg-turbo 4:2:0 at the configured quality, the CPU
+    decoder's own settings, byte for byte what it makes of the same pixels."""
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0, jpeg_quality=80)
+    decoder = make_decoder(name, cfg, CLIP, None, device)
+    seen: list[np.ndarray] = []
+    encode_on_host = decoder._encode_on_host
+
+    def noted(images: list[torch.Tensor]) -> list[bytes]:
+        seen.extend(im.cpu().numpy() for im in images)
+        return encode_on_host(images)
+
+    monkeypatch.setattr(decoder, "_encode_on_host", noted)
+    _, finished = run_batch(decoder, list(jpeg_cases.values()))
+    assert len(seen) == len(finished)
+    tj = shared_turbojpeg()
+    for d, image in zip(finished, seen):
+        assert d.stored == tj.encode(np.ascontiguousarray(image), quality=80, pixel_format=turbojpeg.TJPF_RGB,
+                                     jpeg_subsample=turbojpeg.TJSAMP_420)
+        assert tj.decode_header(d.stored)[:3] == (d.stored_width, d.stored_height, turbojpeg.TJSAMP_420)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", GPU_DECODERS)
+def test_stored_encode_on_the_device_matches_the_host_encode(jpeg_cases, name):
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    bodies = list(jpeg_cases.values())
+    host = run_batch(make_decoder(name, cfg, CLIP, None, torch.device("cuda")), bodies)[1]
+    device = run_batch(make_decoder(name, cfg, CLIP, None, torch.device("cuda"), stored_encode="device"), bodies)[1]
+    for a, b in zip(host, device, strict=True):
+        assert (a.stored_width, a.stored_height) == (b.stored_width, b.stored_height)
+        assert tj_subsampling(a.stored) == turbojpeg.TJSAMP_420 and tj_subsampling(b.stored) == turbojpeg.TJSAMP_444
+        # the same pixels encoded twice at q95: the luma planes agree (the chroma is subsampled in one)
+        assert_close(stored_luma(a), stored_luma(b), TOLERANCES["cuda"].geometry_mean, what="stored luma")
+
+
+def tj_subsampling(jpeg_bytes: bytes) -> int:
+    return shared_turbojpeg().decode_header(jpeg_bytes)[2]
+
+
+def test_unknown_stored_encoder_is_refused():
+    with pytest.raises(ValueError, match="stored_encode"):
+        make_decoder("nvjpeg", DecodeConfig(), CLIP, None, CPU, stored_encode="gpu")
