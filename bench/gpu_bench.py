@@ -182,29 +182,31 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
             variants += [("dali, fast chroma", name, {"exact_chroma": False}, {}, 2),
                          ("dali, fast chroma, all to the hardware decoder", name,
                           {"exact_chroma": False, "hw_decoder_load": 1.0}, {}, 2),
-                         ("dali, no stored image (--resize-mode no)", name, {}, {"resize_mode": ResizeMode.no}, 2)]
+                         ("dali, no stored image (--resize-mode no)", name, {}, {"resize_mode": ResizeMode.no}, 2),
+                         (f"dali, batch {2 * args.batch}", name, {"max_batch_size": 2 * args.batch}, {}, 2)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for label, name, options, cfg_options, in_flight in variants:
             def one(name: str = name, options: dict[str, Any] = options, cfg_options: dict[str, Any] = cfg_options,
                     in_flight: int = in_flight, label: str = label) -> None:
+                batch = options.get("max_batch_size", args.batch)
                 decoder = make_decoder(name, DecodeConfig(**cfg_options), clip, None, device,
-                                       max_batch_size=args.batch, **options)
+                                       **{"max_batch_size": args.batch, **options})
                 # warm-up (pipelines, cuDNN, one DALI pipeline per batch in flight)
-                decode_all(decoder, jpegs[: args.batch * in_flight], args.batch, pool, in_flight)
+                decode_all(decoder, jpegs[: batch * in_flight], batch, pool, in_flight)
                 phases = getattr(decoder, "phase_s", None)
                 if phases is not None:
                     phases.clear()
                 t0 = time.perf_counter()
-                done = decode_all(decoder, jpegs, args.batch, pool, in_flight)
+                done = decode_all(decoder, jpegs, batch, pool, in_flight)
                 secs = time.perf_counter() - t0
                 bad = sum(d.error is not None for d in done)
                 rates[label] = len(jpegs) / secs
-                n_batches = -(-len(jpegs) // args.batch)
+                n_batches = -(-len(jpegs) // batch)
                 # where finish() went, in ms per batch summed over its threads (parts overlap when
                 # batches are in flight together; "decode" holds the dali_* parts)
                 parts = ", ".join(f"{k} {1e3 * v / n_batches:.1f}" for k, v in sorted((phases or {}).items()))
                 row(f"decode {label}", f"{rates[label]:,.0f} img/s",
-                    f"{len(jpegs):,} JPEGs, batch {args.batch}, {in_flight} in flight, {os.cpu_count()} threads; "
+                    f"{len(jpegs):,} JPEGs, batch {batch}, {in_flight} in flight, {os.cpu_count()} threads; "
                     f"{bad} rejected" + (f"; finish ms/batch: {parts}" if parts else ""))
             section(f"decode {label}", one)
     return rates
@@ -234,15 +236,22 @@ def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list
         torch.cuda.synchronize()
 
 
-def _make_scorer_and_decoder(model: str, batch: int, device: torch.device, **decode: Any) -> tuple[Any, Any, str]:
-    from fastlaion.config import DecodeConfig, ScoreConfig
-    from fastlaion.gpu_decode import available_decoders, make_decoder
+def _make_scorer(model: str, batch: int, device: torch.device) -> Any:
+    from fastlaion.config import ScoreConfig
     from fastlaion.score import Scorer
 
     torch.manual_seed(0)
-    scorer = Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch), device)
-    best = available_decoders(device)[0]
-    return scorer, make_decoder(best, DecodeConfig(**decode), scorer.clip_spec, None, device, max_batch_size=batch), best
+    return Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch), device)
+
+
+def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: dict[str, Any] | None = None,
+                  **options: Any) -> Any:
+    """The pipeline's choice of decoder (the best available) for `scorer`'s CLIP input."""
+    from fastlaion.config import DecodeConfig
+    from fastlaion.gpu_decode import available_decoders, make_decoder
+
+    return make_decoder(available_decoders(device)[0], DecodeConfig(**(cfg_options or {})), scorer.clip_spec, None,
+                        device, max_batch_size=batch, **options)
 
 
 def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
@@ -252,7 +261,8 @@ def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repe
     device = torch.device(device_name)
     images = pickle.loads(Path(jpeg_file).read_bytes())
     texts = make_captions(len(images))
-    scorer, decoder, _ = _make_scorer_and_decoder(model, batch, device)
+    scorer = _make_scorer(model, batch, device)
+    decoder = _make_decoder(scorer, batch, device)
     decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up
     start.wait(timeout=300)
     t0 = time.time()
@@ -288,20 +298,25 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
 
 def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
     from fastlaion.config import ResizeMode
+    from fastlaion.gpu_decode import available_decoders
 
     texts = make_captions(len(jpegs))
-    scorer, decoder, best = _make_scorer_and_decoder(args.model, args.batch, device)
+    scorer = _make_scorer(args.model, args.batch, device)
     n_naive = min(len(jpegs), args.naive_images)
     naive = naive_path(args.model, jpegs[:n_naive], texts[:n_naive], device, args.batch)
     images, captions = jpegs * args.repeat, texts * args.repeat
-    for what, decode in (("", {}), (", no stored image (--resize-mode no)", {"resize_mode": ResizeMode.no})):
-        if decode:
-            scorer, decoder, best = _make_scorer_and_decoder(args.model, args.batch, device, **decode)
+    variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("", {}, {}), (", no stored image (--resize-mode no)", {"resize_mode": ResizeMode.no}, {})]
+    if device.type == "cuda" and "dali" in available_decoders(device):
+        variants.append((", fast chroma, all to the hardware decoder", {},
+                         {"exact_chroma": False, "hw_decoder_load": 1.0}))
+    for what, cfg_options, options in variants:
+        decoder = _make_decoder(scorer, args.batch, device, cfg_options, **options)
         decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
         t0 = time.perf_counter()
         decode_and_score(decoder, scorer, images, captions, args.batch, device)
         ours = len(images) / (time.perf_counter() - t0)
-        row(f"{args.model} decode+score ({best}{what})", f"{ours:,.0f} samples/s",
+        row(f"{args.model} decode+score ({decoder.name}{what})", f"{ours:,.0f} samples/s",
             f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); {len(images):,} "
             f"samples, {scorer.dtype}, batch {args.batch}, {decoder.concurrency} batches decoding at once")
     # The model alone, on pixels already on the device: what scoring could reach with a free decoder.

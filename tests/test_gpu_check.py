@@ -29,6 +29,7 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     assert figures["decode cpu"].endswith("img/s")
     assert figures["decode nvjpeg"].endswith("img/s")
     assert any(" decode+score " in w for w in figures), figures
+    assert any("decode+score, 2 processes" in w and f.endswith("samples/s") for w, f in figures.items()), figures
     assert any(w.startswith("fastlaion run") and f.endswith("samples/s") for w, f in figures.items()), figures
     assert "FAILED" not in figures.values()
     # the table is the last thing printed
