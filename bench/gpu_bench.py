@@ -189,16 +189,18 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
             def one(name: str = name, options: dict[str, Any] = options, cfg_options: dict[str, Any] = cfg_options,
                     in_flight: int = in_flight, label: str = label) -> None:
                 batch = options.get("max_batch_size", args.batch)
+                extra = {"concurrency": in_flight} if name != "cpu" else {}
                 decoder = make_decoder(name, DecodeConfig(**cfg_options), clip, None, device,
-                                       **{"max_batch_size": args.batch, **options})
+                                       **{"max_batch_size": args.batch, **extra, **options})
                 # warm-up (pipelines, cuDNN, one DALI pipeline per batch in flight)
                 decode_all(decoder, jpegs[: batch * in_flight], batch, pool, in_flight)
                 phases = getattr(decoder, "phase_s", None)
                 if phases is not None:
                     phases.clear()
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 done = decode_all(decoder, jpegs, batch, pool, in_flight)
                 secs = time.perf_counter() - t0
+                cores = (time.process_time() - cpu0) / secs
                 bad = sum(d.error is not None for d in done)
                 rates[label] = len(jpegs) / secs
                 n_batches = -(-len(jpegs) // batch)
@@ -206,8 +208,8 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
                 # batches are in flight together; "decode" holds the dali_* parts)
                 parts = ", ".join(f"{k} {1e3 * v / n_batches:.1f}" for k, v in sorted((phases or {}).items()))
                 row(f"decode {label}", f"{rates[label]:,.0f} img/s",
-                    f"{len(jpegs):,} JPEGs, batch {batch}, {in_flight} in flight, {os.cpu_count()} threads; "
-                    f"{bad} rejected" + (f"; finish ms/batch: {parts}" if parts else ""))
+                    f"{len(jpegs):,} JPEGs, batch {batch}, {in_flight} in flight, {os.cpu_count()} threads, "
+                    f"{cores:.1f} of {os.cpu_count()} cores busy; {bad} rejected" + (f"; finish ms/batch: {parts}" if parts else ""))
             section(f"decode {label}", one)
     return rates
 
@@ -306,19 +308,24 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     naive = naive_path(args.model, jpegs[:n_naive], texts[:n_naive], device, args.batch)
     images, captions = jpegs * args.repeat, texts * args.repeat
     variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-        ("", {}, {}), (", no stored image (--resize-mode no)", {"resize_mode": ResizeMode.no}, {})]
+        ("", {}, {}), (", 1 batch at a time", {}, {"concurrency": 1}),
+        (", no stored image (--resize-mode no)", {"resize_mode": ResizeMode.no}, {})]
+    if device.type != "cuda":
+        variants.pop(1)  # the CPU decoder decodes as bodies arrive: no batches in flight
     if device.type == "cuda" and "dali" in available_decoders(device):
         variants.append((", fast chroma, all to the hardware decoder", {},
                          {"exact_chroma": False, "hw_decoder_load": 1.0}))
     for what, cfg_options, options in variants:
         decoder = _make_decoder(scorer, args.batch, device, cfg_options, **options)
         decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         decode_and_score(decoder, scorer, images, captions, args.batch, device)
-        ours = len(images) / (time.perf_counter() - t0)
+        secs = time.perf_counter() - t0
+        ours, cores = len(images) / secs, (time.process_time() - cpu0) / secs
         row(f"{args.model} decode+score ({decoder.name}{what})", f"{ours:,.0f} samples/s",
             f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); {len(images):,} "
-            f"samples, {scorer.dtype}, batch {args.batch}, {decoder.concurrency} batches decoding at once")
+            f"samples, {scorer.dtype}, batch {args.batch}, {decoder.concurrency} batches decoding at once, "
+            f"{cores:.1f} of {os.cpu_count()} cores busy")
     # The model alone, on pixels already on the device: what scoring could reach with a free decoder.
     h, w = scorer.clip_spec.size
     pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
@@ -346,12 +353,13 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         return 1e3 * (time.perf_counter() - t) / rounds
 
     tokens = scorer.tokenizer(batch_texts)
-    parts = {"tokenize (host)": timed(lambda: scorer.tokenizer(batch_texts)),
-             "image tower": timed(lambda: scorer.image_features(pixels)),
-             "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
-                                 else scorer.model.encode_text(tokens.to(device)))}
-    with torch.inference_mode():
-        parts["text tower, all 77 positions"] = timed(lambda: scorer.model.encode_text(tokens.to(device)))
+    with torch.inference_mode():  # as Scorer runs them (torch's fused attention needs it)
+        parts = {"tokenize (host)": timed(lambda: scorer.tokenizer(batch_texts)),
+                 "image tower": timed(lambda: scorer.image_features(pixels)),
+                 "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
+                                     else scorer.model.encode_text(tokens.to(device))),
+                 "text tower, open_clip's encode_text over 77 positions":
+                     timed(lambda: scorer.model.encode_text(tokens.to(device)))}
     row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 

@@ -406,12 +406,14 @@ class _DeviceBatchDecoder(BatchDecoder):
     each part of finish() took, over all threads (the benchmark's breakdown).
     """
 
-    concurrency = 2
-
     def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
-                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, stored_encode: str = "host"):
+                 device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, stored_encode: str = "host",
+                 concurrency: int = 2):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.concurrency = concurrency
         if stored_encode not in STORED_ENCODERS:
             raise ValueError(f"stored_encode must be one of {', '.join(STORED_ENCODERS)}, got {stored_encode!r}")
         self.cfg = cfg
@@ -738,8 +740,8 @@ class DaliDecoder(_DeviceBatchDecoder):
 
     def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
                  device: torch.device, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, exact_chroma: bool = True,
-                 stored_encode: str = "host", hw_decoder_load: float | None = None):
-        super().__init__(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode)
+                 stored_encode: str = "host", hw_decoder_load: float | None = None, concurrency: int = 2):
+        super().__init__(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode, concurrency)
         # The share of the images DALI gives the GPU's hardware JPEG decoder (A100, H100, H200),
         # the rest decoded with the CPU's threads doing the Huffman decoding; None: DALI's default.
         self.hw_decoder_load = hw_decoder_load
@@ -922,7 +924,7 @@ def available_decoders(device: torch.device) -> list[str]:
 def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None,
                  device: torch.device, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  exact_chroma: bool = True, stored_encode: str = "host",
-                 hw_decoder_load: float | None = None) -> BatchDecoder:
+                 hw_decoder_load: float | None = None, concurrency: int = 2) -> BatchDecoder:
     """The decoder `name` ('auto' | 'cpu' | 'nvjpeg' | 'dali') on `device`.
 
     'auto' takes the best of `available_decoders(device)` that builds (dali, then nvjpeg, on
@@ -938,7 +940,7 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
             try:
                 decoder = make_decoder(candidate, cfg, clip, watermark_size_px, device, max_batch_size=max_batch_size,
                                        exact_chroma=exact_chroma, stored_encode=stored_encode,
-                                       hw_decoder_load=hw_decoder_load)
+                                       hw_decoder_load=hw_decoder_load, concurrency=concurrency)
             except ConfigError as exc:
                 log.warning("decoder %s cannot run: %s; trying the next one", candidate, exc)
                 continue
@@ -950,12 +952,12 @@ def make_decoder(name: str, cfg: DecodeConfig, clip: ClipInputSpec | None, water
         problem = _nvjpeg_problem(device)
         if problem is not None:
             raise ConfigError(f"--decoder nvjpeg on {device} needs {problem}")
-        decoder = NvjpegDecoder(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode)
+        decoder = NvjpegDecoder(cfg, clip, watermark_size_px, device, max_batch_size, stored_encode, concurrency)
     else:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--decoder dali on {device} needs a CUDA device (torch.cuda.is_available() is False)")
         decoder = DaliDecoder(cfg, clip, watermark_size_px, device, max_batch_size, exact_chroma, stored_encode,
-                              hw_decoder_load)
+                              hw_decoder_load, concurrency)
     log.debug("decoder: %s on %s", decoder.name, decoder.device)  # the caller logs its choice
     return decoder
 

@@ -166,6 +166,11 @@ class PrefixTextEncoder:
         self.pool_type = model.text_pool_type
         self.eos_id = getattr(model, "text_eos_id", None)
         self.context_length = int(model.positional_embedding.shape[0])
+        # The blocks run here, attention as one causal scaled_dot_product_attention (flash
+        # attention on a GPU), where they are plain open_clip blocks: torch's MultiheadAttention
+        # takes no fused path with the float mask open_clip passes (measured on an H200: its
+        # text tower over 77 positions took as long as the image tower).
+        self.causal_blocks = _plain_causal_blocks(model)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> PrefixTextEncoder | None:
@@ -212,7 +217,11 @@ class PrefixTextEncoder:
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)
         x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        if self.causal_blocks:
+            for block in model.transformer.resblocks:
+                x = _causal_block(block, x)
+        else:
+            x = model.transformer(x, attn_mask=model.attn_mask[:length, :length].contiguous())
         x = model.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), ends]
         if model.text_projection is not None:
@@ -221,6 +230,40 @@ class PrefixTextEncoder:
             else:
                 x = x @ model.text_projection
         return x
+
+
+def _plain_causal_blocks(model: torch.nn.Module) -> bool:
+    """Whether every text block is open_clip's ResidualAttentionBlock around a plain batch-first
+    torch MultiheadAttention (what `_causal_block` reproduces), in a batch-first transformer."""
+    transformer = model.transformer
+    if not getattr(transformer, "batch_first", False) or not hasattr(transformer, "resblocks"):
+        return False
+    from open_clip.transformer import ResidualAttentionBlock
+
+    for block in transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        if (type(block) is not ResidualAttentionBlock or type(attn) is not torch.nn.MultiheadAttention
+                or hasattr(block, "ln_1_kv") or not attn.batch_first or not attn._qkv_same_embed_dim
+                or attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn
+                or attn.in_proj_bias is None or attn.dropout):
+            return False
+    return True
+
+
+def _causal_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward for (N, L, D) `x` with the causal mask, its
+    attention computed by one scaled_dot_product_attention(is_causal=True): the arithmetic of
+    MultiheadAttention (in-projection, softmax(QK^T / sqrt(d)) V per head, out-projection)."""
+    attn = block.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    a = torch.nn.functional.linear(a.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight,
+                                   attn.out_proj.bias)
+    x = x + block.ls_1(a)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class CachedClipTokenizer:

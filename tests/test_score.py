@@ -45,7 +45,7 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
     captions of every length mixed so each bucket runs and rows come back in their order."""
     torch.manual_seed(0)
     s = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
-    assert s._text_prefix is not None
+    assert s._text_prefix is not None and s._text_prefix.causal_blocks
     texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
     used = s._text_prefix.ends(s.tokenizer(texts)) + 1
     for low, high in ((0, 16), (16, 32), (32, 48), (48, 77)):  # every bucket gets rows
@@ -83,6 +83,11 @@ def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     torch.manual_seed(0)
     model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
     assert PrefixTextEncoder.for_model(model) is not None
+    assert PrefixTextEncoder.for_model(model).causal_blocks  # its blocks run as causal attention here
+    block = model.transformer.resblocks[-1]
+    block.attn.bias_k = torch.nn.Parameter(torch.zeros(1, 1, block.attn.embed_dim))  # not what it reproduces
+    assert not PrefixTextEncoder.for_model(model).causal_blocks  # ... then open_clip's own blocks run
+    block.attn.bias_k = None
     model.text_pool_type = "last"  # pooled at a fixed position: the padding matters
     assert PrefixTextEncoder.for_model(model) is None
     model.text_pool_type = "argmax"
