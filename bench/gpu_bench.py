@@ -18,7 +18,8 @@ so one 15-minute GPU session always brings back every figure that could be measu
     naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU,
     with and without the stored image; the model alone, and its parts (tokenizer, towers).
 (d) `fastlaion run` end to end over a loopback server (download, decode, score, write).
-(e) (c) in two processes sharing the GPU: whether one process's host work is the limit.
+(e) (c) in 2 and 4 processes sharing the GPU (`--workers-per-gpu`): whether one process's host
+    work is the limit.
 """
 
 from __future__ import annotations
@@ -451,7 +452,8 @@ def main() -> None:
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
-                          ("e", "(e) decode+score, 2 processes", lambda: bench_processes(args, jpegs, device))):
+                          ("e", "(e) decode+score, several processes",
+                           lambda: [bench_processes(args, jpegs, device, n) for n in ((2, 4) if gpu else (2,))])):
         if key in wanted:
             section(name, fn)
 

@@ -279,10 +279,14 @@ class ParallelConfig:
     download loop, decoder and models; shards are handed out from one shared queue."""
 
     processes: int = 1  # CPU worker processes; 0: one per core. Ignored when gpus is set.
-    gpus: str | None = None  # None: no GPU workers; "all" or N: one worker per GPU (cuda:0..N-1)
+    gpus: str | None = None  # None: no GPU workers; "all" or N: workers on GPUs cuda:0..N-1
+    # Worker processes on each GPU. A worker's host side (one Python interpreter) feeds a GPU
+    # at a few thousand samples/s; two on one H200 decoded and scored 1.9x one's samples/s.
+    workers_per_gpu: int = 1
 
     def validate(self) -> None:
         at_least("--processes", self.processes, 0)
+        at_least("--workers-per-gpu", self.workers_per_gpu, 1)
         if self.gpus is not None and self.gpus != "all" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
             raise ConfigError(f"--gpus must be 'all' or a number of GPUs >= 1, got {self.gpus!r}")
 

@@ -264,7 +264,7 @@ def _summarize(out: Path, n_shards: int, tally: _Tally, timings: dict[str, float
 
 def worker_devices(cfg: RunConfig) -> list[str]:
     """One entry per worker process: the device its models and decoder use ('auto', 'cpu',
-    'cuda:N'). One entry means the work runs in this process."""
+    'cuda:N', --workers-per-gpu entries per GPU). One entry means the work runs in this process."""
     par = cfg.parallel
     if par.gpus is not None:
         import torch
@@ -276,7 +276,7 @@ def worker_devices(cfg: RunConfig) -> list[str]:
         wanted = visible if par.gpus == "all" else int(par.gpus)
         if wanted > visible:
             raise ConfigError(f"--gpus {wanted}: only {visible} GPU(s) visible")
-        return [f"cuda:{i}" for i in range(wanted)]
+        return [f"cuda:{i}" for i in range(wanted) for _ in range(par.workers_per_gpu)]
     return [cfg.score.device] * (par.processes or os.cpu_count() or 1)
 
 

@@ -55,6 +55,10 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
         want = s.model.encode_text(s.tokenizer(texts))
     got = s.text_features(texts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # the GPU's way: one pass cut to the longest caption of the batch
+        for batch in (texts, texts[:4], texts[1:2], ["", "a cat"]):
+            one_pass = s._text_prefix.encode_one_pass(s.tokenizer(batch), torch.device("cpu"))
+            torch.testing.assert_close(one_pass, s.model.encode_text(s.tokenizer(batch)), atol=1e-5, rtol=1e-5)
     # Cut one position short of a caption's end-of-text token, the embedding changes: the test sees it.
     with torch.inference_mode():
         tokens = s.tokenizer(texts[2:3])

@@ -98,6 +98,7 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
 @pytest.mark.parametrize("flag, value, message", [
     ("--gpus", "zero", "--gpus must be 'all' or a number"),
     ("--processes", "-1", "--processes"),
+    ("--workers-per-gpu", "0", "--workers-per-gpu"),
     ("--decoder", "gpu", "--decoder 'gpu'"),
 ])
 def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
@@ -158,3 +159,17 @@ def test_next_shard_starts_during_the_download_tail_of_the_current_one(tmp_path,
     frame = read_output(tmp_path / "o")
     assert frame.height == 6
     assert (frame["status"] == "kept").sum() == 5
+
+
+def test_workers_per_gpu_puts_that_many_workers_on_each_gpu(monkeypatch):
+    """--gpus all --workers-per-gpu 3 on a (stand-in) two-GPU box: three workers per device."""
+    import torch
+
+    from fastlaion.config import ParallelConfig, RunConfig
+    from fastlaion.pipeline import worker_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # no GPU here: the count is all it reads
+    cfg = RunConfig(output_dir="unused", parallel=ParallelConfig(gpus="all", workers_per_gpu=3))
+    assert worker_devices(cfg) == ["cuda:0"] * 3 + ["cuda:1"] * 3
+    one = RunConfig(output_dir="unused", parallel=ParallelConfig(gpus="1"))
+    assert worker_devices(one) == ["cuda:0"]
