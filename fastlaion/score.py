@@ -8,6 +8,7 @@ already resized and cropped by the decoder to the model's own preprocessing conf
 from __future__ import annotations
 
 import difflib
+import itertools
 import logging
 import os
 import pickle
@@ -338,17 +339,25 @@ class CachedClipTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         context = context_length or self.context_length
-        out = np.zeros((len(texts), context), dtype=np.int64)
-        tok = self.tokenizer
-        for row, text in enumerate(texts):
-            ids = [self.sot]
-            for match in tok.pat.finditer(self._clean(text)):
-                ids.extend(self._word_ids(match.group()))
-                if len(ids) >= context:
-                    break
-            ids.append(self.eot)
+        pattern, cache, sot, eot = self.tokenizer.pat, self._words, self.sot, self.eot
+        rows: list[list[int]] = []
+        for text in texts:
+            cleaned = self._clean(text)
+            if len(cleaned) <= 4 * context:  # the usual caption: all its words at once
+                words = pattern.findall(cleaned)
+            else:  # each word is a token at least, so a full context's words are all that count
+                words = [m.group() for m in itertools.islice(pattern.finditer(cleaned), context)]
+            try:
+                pieces = [cache[w] for w in words]
+            except KeyError:
+                pieces = [cache[w] if w in cache else self._word_ids(w) for w in words]
+            ids = [sot, *itertools.chain.from_iterable(pieces), eot]
             if len(ids) > context:
                 ids = ids[:context]
-                ids[-1] = self.eot
-            out[row, :len(ids)] = ids
+                ids[-1] = eot
+            rows.append(ids)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        out = np.zeros((len(rows), context), dtype=np.int64)
+        out[np.arange(context) < lengths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
         return torch.from_numpy(out)
