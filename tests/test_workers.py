@@ -173,3 +173,25 @@ def test_workers_per_gpu_puts_that_many_workers_on_each_gpu(monkeypatch):
     assert worker_devices(cfg) == ["cuda:0"] * 3 + ["cuda:1"] * 3
     one = RunConfig(output_dir="unused", parallel=ParallelConfig(gpus="1"))
     assert worker_devices(one) == ["cuda:0"]
+
+
+def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos):
+    """The GPU decoders' way through the pipeline (nvjpeg's CPU mode, here): pending bodies
+    decoded a batch at a time, two batches in flight on two threads (batch size 2, so a shard has
+    several). Every row ends as the CPU decoder's run ends it; only pixel-derived values differ."""
+    files, rows = build_case(photos)
+    ckpt = tiny_checkpoint(tmp_path)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        # every decoded row kept: pixels differ a little between decoders, so similarities do too
+        keep = ("--batch-size", "2", "--device", "cpu", "--min-similarity", "-1")
+        cpu = _run(inp, tmp_path / "cpu", ckpt, *keep)
+        batched = _run(inp, tmp_path / "batched", ckpt, *keep, "--decoder", "nvjpeg")
+    assert cpu.exit_code == 0, cpu.output
+    assert batched.exit_code == 0, batched.output
+    same = ["key", "url", "status", "reason", "format", "original_width", "original_height", "width", "height"]
+    a, b = (read_output(tmp_path / name).sort("key") for name in ("cpu", "batched"))
+    assert a.height == b.height == 15
+    assert a.select(same).equals(b.select(same))
+    assert (a["status"] == "kept").sum() >= 5 and (a["status"] != "kept").sum() >= 3
+    assert set(_tar_members(tmp_path / "cpu")) == set(_tar_members(tmp_path / "batched"))
