@@ -10,10 +10,11 @@ so one 15-minute GPU session always brings back every figure that could be measu
     and the paired cosine's read bandwidth against a device-to-device copy's (what the memory
     can do on this card).
 (b) decode img/s for each decoder available (DALI, nvJPEG, CPU) on the same generated JPEGs:
-    the pipeline's whole decode stage (checks, decode, CLIP input, stored 256 px JPEG), as before
-    this change (one batch at a time, stored image encoded by nvJPEG) and now (two batches in
-    flight, stored image encoded by libjpeg-turbo on the host's threads), DALI's fast paths, and
-    where finish() spends its time (ms per batch).
+    the pipeline's whole decode stage (checks, decode, CLIP input, stored 256 px JPEG), with the
+    old settings (one batch at a time, stored image encoded by nvJPEG; the header reads and
+    geometry are the new code there too) and the new (two batches in flight, stored image encoded
+    by libjpeg-turbo on the host's threads), DALI's fast paths, and where finish() spends its
+    time (ms per batch).
 (c) ViT-B/32 fp16 decode+score samples/s (random weights: the real model's arithmetic) against a
     naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU,
     with and without the stored image; the model alone, and its parts (tokenizer, towers).
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -174,7 +176,7 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
         if name == "cpu":
             variants.append(("cpu", "cpu", {}, {}, 1))
             continue
-        variants.append((f"{name}, as before: 1 batch at a time, stored image encoded by nvJPEG", name,
+        variants.append((f"{name}, old settings: 1 batch at a time, stored image encoded by nvJPEG", name,
                          {"stored_encode": "device"}, {}, 1))
         if name == "dali":
             variants.append(("dali, 1 batch at a time", name, {}, {}, 1))
@@ -221,18 +223,29 @@ def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list
                      device: torch.device) -> None:
     """As in the pipeline: batches decode on `decoder.concurrency` threads at once (prepare on a
     pool, finish on the batch's thread), scoring runs on its own thread, in batch order."""
-    from fastlaion.pipeline import stack_pixels
+    from fastlaion.pipeline import MAX_SHARDS_IN_FLIGHT, ShardJob, stack_pixels
+
+    # Batches decoded and not yet scored, at most: the pipeline's bound (MAX_BATCHES_IN_FLIGHT
+    # per shard, MAX_SHARDS_IN_FLIGHT shards), so decoding never runs further ahead than there.
+    ahead = threading.BoundedSemaphore(ShardJob.MAX_BATCHES_IN_FLIGHT * MAX_SHARDS_IN_FLIGHT)
 
     def decode_batch(start: int) -> tuple[Any, list[str]]:
+        ahead.acquire()
         chunk = images[start:start + batch]
         done = decoder.finish(chunk, list(pool.map(decoder.prepare, chunk)))
         ok = [i for i, d in enumerate(done) if d.error is None]
         return stack_pixels([done[i].clip_input for i in ok]), [texts[start + i] for i in ok]
 
+    def score(decoded: Any) -> None:
+        try:
+            scorer.score(*decoded.result())
+        finally:
+            ahead.release()
+
     with ThreadPoolExecutor(os.cpu_count()) as pool, ThreadPoolExecutor(decoder.concurrency) as decoding, \
             ThreadPoolExecutor(1) as scorer_thread:
         decoded = [decoding.submit(decode_batch, start) for start in range(0, len(images), batch)]
-        scored = [scorer_thread.submit(lambda f=f: scorer.score(*f.result())) for f in decoded]
+        scored = [scorer_thread.submit(score, f) for f in decoded]
         for f in scored:
             f.result()
     if device.type == "cuda":
@@ -285,14 +298,18 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         start, results = ctx.Barrier(processes + 1), ctx.Queue()
         threads = max(1, (os.cpu_count() or 1) // processes)
         workers = [ctx.Process(target=_score_worker, args=(args.model, args.batch, str(device), jpeg_file,
-                                                           args.repeat, threads, start, results))
+                                                           args.repeat, threads, start, results), daemon=True)
                    for _ in range(processes)]
-        for w in workers:
-            w.start()
-        start.wait(timeout=300)
-        done = [results.get(timeout=300) for _ in workers]
-        for w in workers:
-            w.join(timeout=60)
+        try:
+            for w in workers:
+                w.start()
+            start.wait(timeout=120)  # a worker that died loading breaks this after 2 minutes, not 5
+            done = [results.get(timeout=180) for _ in workers]
+        finally:
+            for w in workers:
+                w.join(timeout=30)
+                if w.is_alive():
+                    w.terminate()
     samples = sum(n for n, _, _ in done)
     secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
     row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}",

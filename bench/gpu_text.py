@@ -76,24 +76,21 @@ def main() -> None:
           "| per bucket:", {b: int(((ends < b) & (ends >= s)).sum()) for s, b in zip((0, *prefix.BUCKETS),
                                                                                   (*prefix.BUCKETS, 77))})
     on_device = tokens.to(device)
-    def through_open_clips_blocks() -> torch.Tensor:  # the prefix encoder before its causal blocks
+    def through_open_clips_blocks() -> torch.Tensor:  # the buckets before the causal blocks
         causal, prefix.causal_blocks = prefix.causal_blocks, False
         try:
-            return prefix.encode(tokens, device)
+            return prefix.encode_buckets(tokens, device)
         finally:
             prefix.causal_blocks = causal
-
-    def one_pass_to_longest() -> torch.Tensor:
-        length = min(77, -(-(int(ends.max()) + 1) // 8) * 8)
-        return prefix._encode_prefix(on_device[:, :length], ends.to(device), length)
 
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device=device)
     rows: list[tuple[str, Callable[[], Any]]] = [
         ("tokenize (host)", lambda: scorer.tokenizer(texts)),
         ("text: open_clip encode_text, 77 positions", lambda: model.encode_text(on_device)),
-        ("text: PrefixTextEncoder (buckets, causal attention)", lambda: prefix.encode(tokens, device)),
-        ("text: buckets through open_clip's blocks", through_open_clips_blocks),
-        ("text: one pass cut to the longest caption", one_pass_to_longest),
+        ("text: length buckets, causal attention", lambda: prefix.encode_buckets(tokens, device)),
+        ("text: length buckets through open_clip's blocks", through_open_clips_blocks),
+        ("text: one pass cut to the longest caption", lambda: prefix.encode_one_pass(tokens, device)),
+        ("text: Scorer's choice here", lambda: prefix.encode(tokens, device)),
         ("image tower", lambda: scorer.image_features(pixels)),
         ("Scorer.score() whole", lambda: scorer.score(pixels, texts)),
     ]

@@ -287,6 +287,8 @@ class ParallelConfig:
     def validate(self) -> None:
         at_least("--processes", self.processes, 0)
         at_least("--workers-per-gpu", self.workers_per_gpu, 1)
+        if self.workers_per_gpu != 1 and self.gpus is None:
+            raise ConfigError("--workers-per-gpu needs --gpus (on the CPU, --processes sets the workers)")
         if self.gpus is not None and self.gpus != "all" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
             raise ConfigError(f"--gpus must be 'all' or a number of GPUs >= 1, got {self.gpus!r}")
 

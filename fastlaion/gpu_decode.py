@@ -20,7 +20,8 @@ Three implementations behind that interface:
 
 Geometry (resize targets, crop and pad offsets) is computed on the host with the CPU path's own
 functions (`ClipInputSpec.resized_size_px`, `stored_resized_size_px`) and the same arithmetic as
-its crops, so sizes match the reference exactly. Pixels differ a little: the CPU path decodes
+its crops (for DALI, their numpy twins `clip_windows` / `stored_windows`, tested equal), so sizes
+match the reference exactly. Pixels differ a little: the CPU path decodes
 JPEGs at a reduced DCT scale and resizes with Pillow, the GPU paths decode at full size and
 resample with antialiasing; tests/test_gpu_decode.py states the tolerance.
 
@@ -207,26 +208,37 @@ def stored_windows(width: np.ndarray, height: np.ndarray, image_size_px: int, mo
     return WindowArrays(resized_w, resized_h, zeros, zeros, resized_w, resized_h)
 
 
-def jpeg_has_eoi_after_scan(body: bytes) -> bool:
-    """Whether the JPEG's EOI marker comes after its first scan starts.
+# Markers that stand alone, without a length field: TEM and RST0-7 (libjpeg reads them so).
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# Frame headers (SOF0-15), less DHT, JPG and DAC, which share the range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-    A cut-off download has none. libjpeg calls that 'truncated'; nvJPEG may decode it without a
-    word, so such bodies stay with the CPU decoder, which names them. Entropy-coded data stuffs
-    every 0xFF byte, so no EOI hides inside a scan; the walk skips the header segments, since an
-    EXIF thumbnail carries an EOI of its own. Anything odd answers False: the CPU decides.
+
+def jpeg_has_eoi_after_scan(body: bytes) -> bool:
+    """Whether the JPEG has a frame header, then a scan, then its EOI marker after the scan starts.
+
+    A cut-off download has no EOI. libjpeg calls that 'truncated'; nvJPEG may decode it without
+    a word, so such bodies stay with the CPU decoder, which names them. Entropy-coded data stuffs
+    every 0xFF byte, so no EOI hides inside a scan; the walk skips the header segments as libjpeg
+    reads them (a length each, but for the standalone markers), since an EXIF thumbnail carries an
+    EOI of its own. Anything odd (an EOI or SOI before the scan, a scan before any frame header)
+    answers False: the CPU decides.
     """
-    pos, end = 2, len(body)
+    pos, end, frame = 2, len(body), False
     while pos + 4 <= end:
         if body[pos] != 0xFF:
             return False
         marker = body[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
-        elif marker == _EOI[1]:  # the image ends before any scan
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif marker == _EOI[1] or marker == 0xD8:  # the image ends, or starts again, before any scan
             return False
         elif marker == _SOS:
-            return body.rfind(_EOI) > pos
+            return frame and body.rfind(_EOI) > pos
         else:
+            frame = frame or marker in _SOF_MARKERS
             pos += 2 + int.from_bytes(body[pos + 2:pos + 4], "big")
     return False
 
@@ -342,8 +354,10 @@ def read_complete_jpeg_header(body: bytes) -> tuple[int, int, int, int] | None:
     error or a warning). At a third of decode_header's cost.
 
     The scan check comes first for a reason beyond cut-off downloads: a reused decompressor keeps
-    the previous image's size where a header read ends before any frame header (tables only), and
-    a body whose scan starts, with no EOI before it, cannot end that way.
+    the previous image's size where a header read ends before any frame header (tables only). A
+    body the check passes has a frame header before its scan, with no EOI or SOI between, and
+    libjpeg reads its markers in the walk's order: its read reaches this body's frame header or
+    fails (and a failed read gets a fresh decompressor).
     """
     if not jpeg_has_eoi_after_scan(body):
         return None
@@ -353,7 +367,8 @@ def read_complete_jpeg_header(body: bytes) -> tuple[int, int, int, int] | None:
 # -- the interface ---------------------------------------------------------------------------
 
 class BatchDecoder(abc.ABC):
-    """prepare() per body from many threads, finish() per batch from one; see the module doc."""
+    """prepare() per body from many threads, finish() per batch from up to `concurrency`; see the
+    module doc."""
 
     name: str
     device: torch.device
@@ -426,7 +441,6 @@ class _DeviceBatchDecoder(BatchDecoder):
         # image at a time with a device sync each, on CUDA only.
         self.stored_encode = stored_encode
         self._cpu = Decoder(cfg, clip, watermark_size_px)
-        self._tj = shared_turbojpeg()
         self._local = threading.local()  # per finish() thread: its CUDA stream
         self._phase_lock = threading.Lock()
         self.phase_s: dict[str, float] = {}
@@ -516,7 +530,17 @@ class _DeviceBatchDecoder(BatchDecoder):
             jpegs = None if pixels.stored is None else self._encode_stored(pixels.stored)
         # Wall time, as the device works while this thread waits; shared evenly.
         share_s = (time.perf_counter() - start_s) / len(bodies)
-        rows_start = time.perf_counter()
+        with self._phase("rows"):
+            out = self._rows(bodies, prepared, pixels, jpegs, share_s)
+        failed = [row for row, d in enumerate(out) if d is None]
+        if failed:
+            log.info("%s could not decode %d of %d images; the CPU decoder takes them",
+                     self.name, len(failed), len(bodies))
+        return [d if d is not None else self._cpu(bodies[row]) for row, d in enumerate(out)]
+
+    def _rows(self, bodies: list[bytes], prepared: list[Decoded], pixels: _Pixels, jpegs: list[bytes] | None,
+              share_s: float) -> list[Decoded | None]:
+        """The batch's rows with their outputs; None where the device could not decode."""
         out: list[Decoded | None] = [None] * len(bodies)
         n = len(pixels.rows)
         if isinstance(pixels.stored, torch.Tensor):
@@ -536,13 +560,7 @@ class _DeviceBatchDecoder(BatchDecoder):
             # `d` with its outputs; Decoded(...) directly, as dataclasses.replace costs 4x as much
             out[row] = Decoded(d.error, d.error_detail, d.format, d.width, d.height, stored, ext, stored_w, stored_h,
                                clips[k], d.decode_s + share_s, watermarks[k], False)
-        with self._phase_lock:
-            self.phase_s["rows"] = self.phase_s.get("rows", 0.0) + time.perf_counter() - rows_start
-        failed = [row for row, d in enumerate(out) if d is None]
-        if failed:
-            log.info("%s could not decode %d of %d images; the CPU decoder takes them",
-                     self.name, len(failed), len(bodies))
-        return [d if d is not None else self._cpu(bodies[row]) for row, d in enumerate(out)]
+        return out
 
     @abc.abstractmethod
     def _decode(self, bodies: list[bytes], sizes: list[tuple[int, int]]) -> _Pixels:
@@ -731,8 +749,8 @@ def dali_importable() -> bool:
 class DaliDecoder(_DeviceBatchDecoder):
     """An NVIDIA DALI pipeline: encoded bytes in, CLIP / watermark / stored pixels out.
 
-    Each image's geometry differs, so the host computes it (the CPU path's own functions) and
-    feeds it beside the bytes: resize targets as per-sample resize_x/resize_y, crop or pad as a
+    Each image's geometry differs, so the host computes it (`clip_windows` / `stored_windows`, the
+    CPU path's arithmetic for a whole batch) and feeds it beside the bytes: resize targets as per-sample resize_x/resize_y, crop or pad as a
     per-sample slice anchor and shape. Built once for `max_batch_size`; larger batches are split.
     """
 
@@ -752,7 +770,8 @@ class DaliDecoder(_DeviceBatchDecoder):
         # One pipeline per finish() running at once (a DALI pipeline runs one batch at a time).
         # The first is built here, so a pipeline that cannot build fails at once; more on demand.
         self._idle_pipes = [self._build()]
-        self._pipes_lock = threading.Lock()
+        self._pipes_lock = threading.Condition()
+        self._may_build = True  # False once building another pipeline failed: the threads share
 
     def _build(self) -> Any:
         fn, types = self._fn, self._types
@@ -767,23 +786,23 @@ class DaliDecoder(_DeviceBatchDecoder):
             hw = {} if self.hw_decoder_load is None or not on_gpu else {"hw_decoder_load": self.hw_decoder_load}
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                        output_type=types.RGB, jpeg_fancy_upsampling=self.exact_chroma, **hw)
-            outputs, self._output_names = [], []
+            outputs, names = [], []  # names: assigned once built (another thread may be reading them)
             if self.clip is not None:
-                self._output_names.append("clip")
+                names.append("clip")
                 interp = types.INTERP_CUBIC if clip_interpolation(self.clip) == "bicubic" else types.INTERP_LINEAR
                 fill = self.clip.fill_color if self.clip.resize_mode == "longest" else 0
                 outputs.append(self._branch(images, "clip", fill, interp_type=interp, antialias=True))
             if self.watermark_size_px:
-                self._output_names.append("watermark")
+                names.append("watermark")
                 side = float(self.watermark_size_px)
                 outputs.append(fn.resize(images, resize_x=side, resize_y=side,
                                          interp_type=types.INTERP_LINEAR, antialias=True))
             if self._store_mode() is not None:
-                self._output_names.append("stored")
+                names.append("stored")
                 outputs.append(self._branch(images, "stored", 0, min_filter=getattr(types, _DALI_STORE_SHRINK),
                                             mag_filter=types.INTERP_LANCZOS3, antialias=True))
             if not outputs:  # nothing to resize: decode anyway, to find the bodies that fail
-                self._output_names.append("decoded")
+                names.append("decoded")
                 outputs.append(images)
             pipe.set_outputs(*outputs)
         try:
@@ -791,6 +810,7 @@ class DaliDecoder(_DeviceBatchDecoder):
         except RuntimeError as exc:
             raise ConfigError(f"--decoder dali could not build its pipeline on {self.device}: "
                               f"{first_line(exc)}") from None
+        self._output_names = names  # the same names for every pipeline built
         return pipe
 
     def _branch(self, images: Any, prefix: str, fill: int, **resize_args: Any) -> Any:
@@ -861,10 +881,7 @@ class DaliDecoder(_DeviceBatchDecoder):
         once they are ready."""
         with self._phase("dali_inputs"):
             inputs = self._inputs(bodies, sizes)
-        with self._pipes_lock:
-            pipe = self._idle_pipes.pop() if self._idle_pipes else None
-        if pipe is None:
-            pipe = self._build()
+        pipe = self._acquire_pipe()
         try:
             with self._phase("dali_run"):
                 outputs = pipe.run(**inputs)
@@ -880,7 +897,26 @@ class DaliDecoder(_DeviceBatchDecoder):
         finally:
             with self._pipes_lock:
                 self._idle_pipes.append(pipe)
+                self._pipes_lock.notify()
         return converted
+
+    def _acquire_pipe(self) -> Any:
+        """An idle pipeline; a new one while none is idle (up to one per finish() thread), or,
+        if building one failed (GPU memory, say), the next that comes free."""
+        with self._pipes_lock:
+            if self._idle_pipes:
+                return self._idle_pipes.pop()
+            build = self._may_build
+        if build:
+            try:
+                return self._build()
+            except ConfigError as exc:
+                log.warning("DALI could not build another pipeline (%s); batches take turns on those built", exc)
+                with self._pipes_lock:
+                    self._may_build = False
+        with self._pipes_lock:
+            self._pipes_lock.wait_for(lambda: bool(self._idle_pipes))
+            return self._idle_pipes.pop()
 
 
 # -- choosing one ----------------------------------------------------------------------------

@@ -528,8 +528,8 @@ class Models:
 
 @dataclass(frozen=True, slots=True)
 class _Pools:
-    """A worker's threads: per-body decode (many), batch decode on the GPU (one, so the next
-    batch decodes while this one scores) and model work (one)."""
+    """A worker's threads: per-body decode (many), batch decode on the GPU (the decoder's
+    `concurrency`, so the next batches decode while this one scores) and model work (one)."""
 
     decode: ThreadPoolExecutor
     batch_decode: ThreadPoolExecutor

@@ -37,6 +37,7 @@ import importlib.util
 import io
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -378,10 +379,22 @@ def test_header_reader_answers_as_turbojpeg_does(jpeg_cases, mixed_bodies, photo
     whole = jpeg(photo_images[0])
     cut = [whole[:n] for n in (3, 20, 100, 200, 400, len(whole) - 2)]
     tables_only = whole[:2] + b"\xff\xd9" + whole[2:]  # an EOI before the frame header, then a JPEG
+    # a standalone RST0 (no length field) then an EOI, the zeros and a JPEG after: a walk that took
+    # RST0 for a segment with a length would skip the EOI and find the JPEG's frame and scan
+    restart_then_eoi = whole[:2] + b"\xff\xd0\xff\xd9" + bytes(0xFFD9 - 2) + whole
     assert decode_header(cut[2]) == (0, 0, 0, 0)  # a fresh decompressor reads no size there ...
-    assert decode_header(tables_only) == (0, 0, 0, 0)
-    bodies = [*jpeg_cases.values(), *mixed_bodies.values(), *cut, tables_only]
-    interleaved = [b for body in bodies for b in (body, cut[2], body, tables_only)]  # after stopped reads
+    assert decode_header(tables_only) == (0, 0, 0, 0) == decode_header(restart_then_eoi)
+    assert not jpeg_has_eoi_after_scan(restart_then_eoi)
+    # passes the walk, fails libjpeg's read (a frame header one component short of its count):
+    # the thread's decompressor is replaced after it
+    sof = whole.index(b"\xff\xc0")
+    length = int.from_bytes(whole[sof + 2:sof + 4], "big")
+    bad_frame = (whole[:sof + 2] + (length - 3).to_bytes(2, "big") + whole[sof + 4:sof + 2 + length - 3]
+                 + whole[sof + 2 + length:])
+    assert jpeg_has_eoi_after_scan(bad_frame) and decode_header(bad_frame) is None
+    bodies = [*jpeg_cases.values(), *mixed_bodies.values(), *cut, tables_only, restart_then_eoi, bad_frame]
+    # each body after reads that stopped or failed part-way
+    interleaved = [b for body in bodies for b in (body, cut[2], body, tables_only, bad_frame, body, restart_then_eoi)]
     want = [expected(b) for b in interleaved]
     assert sum(w is None for w in want) >= len(cut) + 3 and sum(w is not None for w in want) >= 20
     assert [read_complete_jpeg_header(b) for b in interleaved] == want  # ... nor a stale one here
@@ -419,6 +432,9 @@ def test_thread_encoder_makes_turbojpegs_bytes(photo_images):
         assert list(pool.map(lambda c: ours.encode_rgb(*c), cases * 3)) == expected * 3
     with pytest.raises(ValueError, match="C-contiguous"):
         ours.encode_rgb(np.asarray(photo_images[0])[:, ::2], 90, turbojpeg.TJSAMP_420)
+    with pytest.raises(OSError):  # libjpeg-turbo refuses an empty image: its message, then a fresh compressor
+        ours.encode_rgb(np.zeros((0, 5, 3), dtype=np.uint8), 90, turbojpeg.TJSAMP_420)
+    assert ours.encode_rgb(*cases[0]) == expected[0]
 
     class OtherTurboJPEG:  # a PyTurboJPEG without the function pointers this uses
         encode = tj.encode
@@ -673,8 +689,8 @@ def test_concurrent_finish_calls_give_what_one_at_a_time_gives(jpeg_cases, name,
                                                                                b.stored)
             assert torch.equal(a.clip_input.cpu(), b.clip_input.cpu())
             assert torch.equal(a.watermark_input.cpu(), b.watermark_input.cpu())
-    if name == "dali":  # two batches at once needed a second pipeline, and it was kept
-        assert len(decoder._idle_pipes) == 2
+    if name == "dali":  # a pipeline per batch running at once (two, when the runs overlapped), all kept
+        assert 1 <= len(decoder._idle_pipes) <= decoder.concurrency
     assert {"decode", "stored_encode", "rows"} <= set(decoder.phase_s)
 
 
@@ -683,6 +699,8 @@ def test_concurrent_finish_calls_give_what_one_at_a_time_gives(jpeg_cases, name,
 def test_stored_images_are_encoded_as_the_cpu_decoder_encodes(jpeg_cases, name, device, monkeypatch):
     """stored_encode='host' (the default): libjpeg-turbo 4:2:0 at the configured quality, the CPU
     decoder's own settings, byte for byte what it makes of the same pixels."""
+    from fastlaion.decode import _STORED_SUBSAMPLING
+
     cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0, jpeg_quality=80)
     decoder = make_decoder(name, cfg, CLIP, None, device)
     seen: list[np.ndarray] = []
@@ -698,8 +716,8 @@ def test_stored_images_are_encoded_as_the_cpu_decoder_encodes(jpeg_cases, name, 
     tj = shared_turbojpeg()
     for d, image in zip(finished, seen):
         assert d.stored == tj.encode(np.ascontiguousarray(image), quality=80, pixel_format=turbojpeg.TJPF_RGB,
-                                     jpeg_subsample=turbojpeg.TJSAMP_420)
-        assert tj.decode_header(d.stored)[:3] == (d.stored_width, d.stored_height, turbojpeg.TJSAMP_420)
+                                     jpeg_subsample=_STORED_SUBSAMPLING)
+        assert tj.decode_header(d.stored)[:3] == (d.stored_width, d.stored_height, _STORED_SUBSAMPLING)
 
 
 @pytest.mark.gpu
@@ -724,3 +742,37 @@ def tj_subsampling(jpeg_bytes: bytes) -> int:
 def test_unknown_stored_encoder_is_refused():
     with pytest.raises(ValueError, match="stored_encode"):
         make_decoder("nvjpeg", DecodeConfig(), CLIP, None, CPU, stored_encode="gpu")
+
+
+@needs_dali
+def test_dali_batches_take_turns_when_another_pipeline_cannot_be_built(jpeg_cases, monkeypatch, caplog):
+    """Building a second pipeline can fail mid-run (GPU memory, say): the batches then share the
+    one built, and none is lost."""
+    decoder = make_decoder("dali", DecodeConfig(min_image_bytes=0), CLIP, None, CPU)
+
+    def cannot_build() -> None:
+        raise ConfigError("--decoder dali could not build its pipeline on cpu: out of memory")
+
+    monkeypatch.setattr(decoder, "_build", cannot_build)
+    pipe = decoder._idle_pipes[0]
+    run = pipe.run
+
+    def slow_run(**inputs: object) -> object:  # the pipeline stays busy while the others ask for one
+        time.sleep(0.3)
+        return run(**inputs)
+
+    monkeypatch.setattr(pipe, "run", slow_run)
+    bodies = list(jpeg_cases.values())
+    start = threading.Barrier(3)
+
+    def together(batch: list[bytes]) -> list[Decoded]:
+        prepared = [decoder.prepare(body) for body in batch]
+        start.wait(timeout=60)
+        return decoder.finish(batch, prepared)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(together, [bodies, bodies[::-1], bodies[1:]]))
+    assert [len(r) for r in results] == [len(bodies), len(bodies), len(bodies) - 1]
+    assert all(d.error is None and d.clip_input is not None for r in results for d in r)
+    assert len(decoder._idle_pipes) == 1
+    assert "could not build another pipeline" in caplog.text

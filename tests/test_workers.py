@@ -99,6 +99,7 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
     ("--gpus", "zero", "--gpus must be 'all' or a number"),
     ("--processes", "-1", "--processes"),
     ("--workers-per-gpu", "0", "--workers-per-gpu"),
+    ("--workers-per-gpu", "2", "--workers-per-gpu needs --gpus"),
     ("--decoder", "gpu", "--decoder 'gpu'"),
 ])
 def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
