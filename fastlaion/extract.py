@@ -21,6 +21,12 @@ Each step has a fast path and the plain reference it is tested against (tests/te
                   a double's range in a field never read no longer makes the record invalid_json
     link rules    Polars expressions over LINK_BATCH links at once (extract_vec.py); entities,
                   dot segments and odd characters go to `_check_link`, one link at a time
+    native        gzipped WAT records, where a C compiler is at hand: extract_native.c inflates,
+                  splits, classifies and parses the members, and applies the link rules, for
+                  the cases the fast paths above settle; any other record (a response, odd
+                  JSON, a damaged member) goes to the Python path as bytes, any other link to
+                  `_check_link`. Built once into $FASTLAION_KERNEL_CACHE; FASTLAION_NATIVE=0,
+                  or no compiler, leaves everything to the Python path
 
 Per input file (one process each, `processes` at a time), the pairs are written to a temporary
 Parquet in chunks as they are found; at the end Polars deduplicates all of them lazily (first
@@ -282,19 +288,28 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
         splitter = _Splitter(stats, cfg.max_record_bytes, _RecordHandler(rules, stats).record)
         any_bytes = False
         last_records = last_pairs = 0
-        for data in _decompressed(_raw_chunks(counted, stats), stats, splitter):
-            if data is None:
-                splitter.hole()
-                continue
-            any_bytes = True
-            splitter.feed(data)
-            if tick is not None and stats.records - last_records >= TICK_RECORDS:
-                tick(stats.records - last_records, stats.pairs - last_pairs)
-                last_records, last_pairs = stats.records, stats.pairs
-        splitter.close()
-        if not any_bytes and stats.records == 0:
-            stats.skip("empty_input")
-        rules.flush()
+        native = _native_scanner(cfg)
+        try:
+            for data in _decompressed(_raw_chunks(counted, stats), stats, splitter, native):
+                if data is None:
+                    splitter.hole()
+                    continue
+                if isinstance(data, bytes | bytearray):
+                    any_bytes = True
+                    splitter.feed(data)
+                else:
+                    any_bytes = _native_batch(data, splitter, rules, stats) or any_bytes
+                if tick is not None and stats.records - last_records >= TICK_RECORDS:
+                    tick(stats.records - last_records, stats.pairs - last_pairs)
+                    last_records, last_pairs = stats.records, stats.pairs
+            splitter.close()
+            if not any_bytes and stats.records == 0:
+                stats.skip("empty_input")
+            rules.flush()
+        finally:
+            rules.close()
+            if native is not None:
+                native.close()
         stats.bytes_read = counted.count
     if tick is not None:
         tick(stats.records - last_records, stats.pairs - last_pairs)
@@ -588,7 +603,8 @@ def _raw_chunks(stream: Any, stats: InputStats) -> Iterator[bytes]:
         yield data
 
 
-def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitter) -> Iterator[bytes | None]:
+def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitter,
+                 native: Any = None) -> Iterator[Any]:
     """The input's bytes, gunzipped member by member when it is gzip. None marks a hole: a corrupt
     member was dropped (counted) and reading resumed at the next gzip header. A gzip stream that
     ends inside a member sets `splitter.cut`.
@@ -605,7 +621,10 @@ def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitte
         yield first
         yield from chunks
         return
-    rest = yield from _whole_members(_prepend(first, chunks))
+    if native is not None:
+        rest = yield from _whole_members_native(_prepend(first, chunks), native)
+    else:
+        rest = yield from _whole_members(_prepend(first, chunks))
     if rest:
         yield from _inflate_stream(itertools.chain(rest, chunks), stats, splitter)
 
@@ -618,24 +637,9 @@ def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[b
     pass. Returns [] when all input was read, else the read chunks from a member start on (the
     first one cut there) that the streaming decompressor must take over; the chunks not yet
     read stay in `chunks`."""
-    try:
-        import deflate
-    except ImportError:  # without libdeflate everything goes through the streaming decompressor
+    member = _member_inflater()
+    if member is None:  # without libdeflate everything goes through the streaming decompressor
         return [next(chunks)]
-    inflate, crc32, error = deflate.gzip_decompress, deflate.crc32, deflate.DeflateError
-
-    def member(buf: bytes, view: memoryview, start: int, end: int) -> bytearray | None:
-        if end - start < 20:
-            return None
-        crc, size = _GZIP_TRAILER.unpack_from(buf, end - 8)
-        if size > DECOMPRESS_CAP_BYTES or size > 1032 * (end - start):
-            return None  # 1032:1 is deflate's largest ratio: a bigger claim is not a member end
-        try:
-            out = inflate(view[start:end])
-        except (error, ValueError, MemoryError):
-            return None
-        return out if crc32(out) == crc else None
-
     parts: list[bytes] = []  # the read chunks the unread bytes come from, the first cut at `start`
     for chunk in chunks:
         parts.append(chunk)
@@ -676,6 +680,136 @@ def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[b
         if out:
             yield out
     return []
+
+
+def _member_inflater() -> Callable[[bytes, memoryview, int, int], bytearray | None] | None:
+    """member(buf, view, start, end): the output of the gzip member buf[start:end] when it is one
+    whole member (libdeflate inflates it, its trailer's CRC-32 matches, its size is plausible),
+    else None. None when libdeflate (the `deflate` package) is not installed."""
+    try:
+        import deflate
+    except ImportError:
+        return None
+    inflate, crc32, error = deflate.gzip_decompress, deflate.crc32, deflate.DeflateError
+
+    def member(buf: bytes, view: memoryview, start: int, end: int) -> bytearray | None:
+        if end - start < 20:
+            return None
+        crc, size = _GZIP_TRAILER.unpack_from(buf, end - 8)
+        if size > DECOMPRESS_CAP_BYTES or size > 1032 * (end - start):
+            return None  # 1032:1 is deflate's largest ratio: a bigger claim is not a member end
+        try:
+            out = inflate(view[start:end])
+        except (error, ValueError, MemoryError):
+            return None
+        return out if crc32(out) == crc else None
+
+    return member
+
+
+def _whole_members_native(chunks: Iterator[bytes], native: Any) -> Generator[Any, None, list[bytes]]:
+    """_whole_members with the compiled scanner (extract_native.py) in front: it inflates and
+    classifies the members that check out at their first possible end and yields them as a
+    Batch; where it stops, this loop does exactly what _whole_members does for one member, and
+    calls the scanner again. Same members, same order, same return."""
+    member = _member_inflater()
+    assert member is not None  # the scanner exists only where libdeflate does
+    parts: list[bytes] = []
+    for chunk in chunks:
+        parts.append(chunk)
+        buf = b"".join(parts) if len(parts) > 1 else chunk
+        view = memoryview(buf)
+        start = 0
+        while True:
+            start, full = native.scan(buf, start)
+            batch = native.take()
+            if batch is not None:
+                yield batch
+                if full:
+                    continue  # its buffers were full: scan on from where it stopped
+            if not buf.startswith(_GZIP_MAGIC, start):
+                if len(buf) - start >= len(_GZIP_MAGIC):
+                    view.release()
+                    return _last_bytes(parts, len(buf) - start)  # not a gzip header: junk
+                break
+            end = buf.find(_GZIP_MAGIC, start + 20)
+            out = None
+            for _ in range(_MEMBER_TRIES):
+                if end < 0:
+                    break
+                out = member(buf, view, start, end)
+                if out is not None:
+                    break
+                end = buf.find(_GZIP_MAGIC, end + 1)
+            if out is None:
+                if end < 0:
+                    break  # the member goes on in the next chunk
+                view.release()
+                return _last_bytes(parts, len(buf) - start)  # a member that does not check out
+            if out:
+                yield out
+            start = end
+        view.release()
+        parts = _last_bytes(parts, len(buf) - start)
+        if len(buf) - start > DECOMPRESS_CAP_BYTES:
+            return parts
+    if parts:
+        buf = b"".join(parts)
+        out = member(buf, memoryview(buf), 0, len(buf))
+        if out is None:
+            return parts  # the last member is damaged or cut short
+        if out:
+            yield out
+    return []
+
+
+def _native_scanner(cfg: ExtractConfig) -> Any:
+    """The compiled WAT scanner for one input, or None: the Python path reads it."""
+    if not _USE_NATIVE:
+        return None
+    from .extract_native import scanner
+
+    return scanner(cfg.max_record_bytes)
+
+
+_USE_NATIVE = True  # tests switch the native path off to compare with the Python path
+
+
+def _native_batch(batch: Any, splitter: _Splitter, rules: _LinkRules, stats: InputStats) -> bool:
+    """Apply a Batch from the native scanner, in member order: a record it classified is counted
+    or queued as _RecordHandler would; a deferred one, and any member while the splitter holds
+    a partial record, goes to `splitter.feed` as the Python path would give it. Returns whether
+    any member had bytes (extract_file's any_bytes)."""
+    from .extract_native import K_DEFER, K_EMPTY, K_NOIMG, K_OTHER, K_PAGE
+
+    if not splitter.buf and not splitter.skip_left and not batch.n_defer:
+        if batch.n_other or batch.n_noimg or batch.n_pages:
+            splitter.in_junk = False
+        stats.ignored["other_type"] += batch.n_other
+        stats.ignored["no_img_links"] += batch.n_noimg
+        stats.records += batch.n_other + batch.n_noimg
+        rules.wat_pages_native(batch, 0, batch.n_pages)
+        return batch.n_bytes > 0
+    q0 = 0  # the first native page not yet queued (or given to the splitter)
+    seen = 0  # native pages of the members before this one
+    for i, (kind, _) in enumerate(batch.members()):
+        if kind == K_EMPTY:
+            continue
+        if kind == K_DEFER or splitter.buf or splitter.skip_left:
+            rules.wat_pages_native(batch, q0, seen)  # the pages before it, in order
+            q0 = seen + (kind == K_PAGE)  # a page the splitter reads from the member's bytes
+            seen += kind == K_PAGE
+            splitter.feed(batch.member(i))
+            continue
+        splitter.in_junk = False
+        if kind == K_PAGE:
+            seen += 1
+        elif kind == K_OTHER:
+            stats.ignore("other_type")
+        elif kind == K_NOIMG:
+            stats.ignore("no_img_links")
+    rules.wat_pages_native(batch, q0, batch.n_pages)
+    return batch.n_bytes > 0
 
 
 def _last_bytes(parts: list[bytes], n: int) -> list[bytes]:
@@ -1272,13 +1406,17 @@ class _Base:
     (tests/test_extract.py checks them against each other), except that concatenation keeps
     empty path segments ("a//b.jpg"), as browsers do, where urljoin drops them."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, parts: tuple[str | None, str | None, str | None] = (None, None, None)):
         self.base = base
         self.scheme = "http"
         self.origin: str | None = None
         self.dir = ""
         self.dir_path = "/"
         self._split = False  # split lazily: many pages have only absolute src values
+        if parts[0] is not None:  # _base_parts(base), which splits the plain shapes alike
+            self.scheme, self.origin, self.dir = parts  # type: ignore[assignment]
+            self.dir_path = self.dir[len(self.origin):]  # type: ignore[arg-type]
+            self._split = True
 
     def _split_base(self) -> None:
         self._split = True
@@ -1344,23 +1482,30 @@ class _LinkRules:
     to `writer`. WAT pages are queued and checked LINK_BATCH links at a time by the vectorised
     rules (extract_vec.py, Polars); HTML pages, and each link the vectorised rules cannot
     settle exactly, go through `_check_link`, the reference. `vectorised=False` uses the
-    reference for everything (tests/test_extract.py checks the two agree)."""
+    reference for everything (tests/test_extract.py checks the two agree). Pages from the
+    native scanner come with their links already checked by its compiled rules
+    (wat_pages_native; tests/test_extract_native.py checks those against this class)."""
 
     def __init__(self, cfg: ExtractConfig, stats: InputStats, writer: _PairWriter, vectorised: bool = True):
         self.cfg = cfg
         self.stats = stats
         self.writer = writer
         self.vectorised = vectorised
+        self._native_rules: Any = None  # extract_native.Rules, made on the first native page
         self._new_batch()
 
+    def close(self) -> None:
+        if self._native_rules is not None:
+            self._native_rules.close()
+            self._native_rules = None
+
     def _new_batch(self) -> None:
-        self._page_urls: list[str] = []
-        self._bases: list[str] = []  # each queued page's base URL (page URL or <base href>)
-        self._base_parts: tuple[list[str | None], ...] = ([], [], [])  # _base_parts of each
-        self._langs: list[str | None] = []
-        self._srcs: list[Any] = []
-        self._alts: list[Any] = []
-        self._page_of: list[int] = []  # index of each link's page in the lists above
+        # The queued pages and their links, in order: _PyPages (wat_page, the Python path) and
+        # extract_native.Pages (wat_pages_native).
+        self._segments: list[Any] = []
+        self._py: _PyPages | None = None  # the last segment, while wat_page adds to it
+        self._queued = 0  # links in all of them
+        self._seq = 0  # links queued so far: each link's number orders the rows of a flush
 
     def wat_page(self, page_url: str, base_href: str | None, srcs: list[Any], alts: list[Any],
                  lang: str | None) -> None:
@@ -1372,16 +1517,76 @@ class _LinkRules:
         if not self.vectorised:
             self._reference_page(page_url, base, srcs, alts, None, None, lang, True)
             return
-        page = len(self._page_urls)
-        self._page_urls.append(page_url)
-        self._bases.append(base)
-        for col, value in zip(self._base_parts, _base_parts(base)):
+        seg = self._py
+        if seg is None:
+            seg = self._py = _PyPages(self._seq)
+            self._segments.append(seg)
+        self._seq += len(srcs)
+        page = len(seg.page_urls)
+        seg.page_urls.append(page_url)
+        seg.bases.append(base)
+        for col, value in zip(seg.parts, _base_parts(base)):
             col.append(value)
-        self._langs.append(lang)
-        self._srcs += srcs
-        self._alts += alts
-        self._page_of += [page] * len(srcs)
-        if len(self._srcs) >= LINK_BATCH:
+        seg.langs.append(lang)
+        seg.srcs += srcs
+        seg.alts += alts
+        seg.page_of += [page] * len(srcs)
+        self._queued += len(srcs)
+        if self._queued >= LINK_BATCH:
+            self.flush()
+
+    def wat_pages_native(self, batch: Any, a: int, b: int) -> None:
+        """Pages a..b of a native Batch (extract_native.py), as wat_page for each in order: the
+        compiled rules (wat_rules) decide the links they can, `_check_link` the rest (the same
+        links extract_vec leaves to it), and the rows join the queue in link order."""
+        if a >= b:
+            return
+        n_links = batch.links_of(a, b)
+        self.stats.pages += b - a
+        self.stats.records += b - a
+        self.stats.links += n_links
+        if not n_links:
+            return
+        rules = self._native_rules
+        if rules is None:
+            from .extract_native import Rules
+
+            c = self.cfg
+            rules = self._native_rules = Rules(batch.scanner.lib, c.min_alt_chars, c.reject_svg, c.reject_gif,
+                                               c.max_host_chars, c.max_text_chars)
+        bases: dict[int, tuple[str, tuple[str | None, str | None, str | None]]] = {}
+        for k, href in batch.base_pages(a, b):  # a non-blank <base href>: joined to the page URL here
+            base = _page_base(batch.page(k)[0], href, True)
+            bases[k] = (base, _base_parts(base))
+        out = rules.run(batch, a, b, [(k, parts) for k, (_, parts) in bases.items()])
+        rej, notes, cap = self.stats.rejected, self.stats.notes, self.cfg.max_text_chars
+        for name, n in zip(REJECT_REASONS, out.reasons):
+            rej[name] += n
+        notes["url_truncated"] += out.url_cut
+        notes["caption_truncated"] += out.cap_cut
+        lo = batch.pages()[a * batch.PAGE_FIELDS + 3]  # the first link of page a
+        seq0 = self._seq - lo
+        hard_rows: list[tuple[int, str, str, str, str | None]] = []
+        joiners: dict[int, Callable[[str], str]] = {}
+        for i, (src, alt, k) in zip(out.hard, out.hard_links):  # what extract_vec leaves to the reference
+            url, lang, parts = batch.page(k)
+            base, parts = bases.get(k) or (url, parts)
+            join = joiners.get(k) or joiners.setdefault(k, _Base(base, parts).join)
+            reason, link_url, caption = _check_link(src, alt, True, join, self.cfg)
+            if reason is not None:
+                rej[reason] += 1
+                continue
+            for value, note in ((link_url, "url_truncated"), (caption, "caption_truncated")):
+                notes[note] += len(value) > cap
+            hard_rows.append((seq0 + i, link_url[:cap], caption[:cap], url, lang))
+        self.stats.pairs += len(out.rows) + len(hard_rows)
+        out.seq = [seq0 + i for i in out.rows]
+        out.hard_rows = hard_rows
+        self._py = None
+        self._segments.append(out)
+        self._seq += n_links
+        self._queued += n_links
+        if self._queued >= LINK_BATCH:
             self.flush()
 
     def html_page(self, page_url: str, base_href: str | None, imgs: list[tuple[Any, Any, int | None, int | None]],
@@ -1395,26 +1600,54 @@ class _LinkRules:
                                  lang, False)
 
     def flush(self) -> None:
-        """Check the queued WAT links and write their pairs."""
-        if not self._srcs:
+        """Check the queued WAT links and write their pairs, in link order."""
+        if not self._segments:
             return
+        import polars as pl
+
+        segments = self._segments
+        self._new_batch()
+        py = [seg for seg in segments if isinstance(seg, _PyPages)]
+        native = [seg for seg in segments if not isinstance(seg, _PyPages)]
+        frames = []
+        if py:
+            try:
+                frames.append(self._check_queued(py))
+            except TypeError:  # a url or alt that is neither a string nor null: the reference decides
+                for seg in segments:  # and writes, so everything goes to the writer in order
+                    if isinstance(seg, _PyPages):
+                        self._reference_queued(seg)
+                    else:
+                        self.writer.add_frame(_native_frame([seg]).sort("seq").drop("seq"))
+                return
+        if native:
+            if frames:  # rows of both kinds in one frame: the native ones have their uid already
+                frames[0] = frames[0].with_columns(uid=_uids(frames[0].get_column("url"), frames[0].get_column("caption")))
+            frames.append(_native_frame(native))
+        frame = pl.concat(frames, how="diagonal") if len(frames) > 1 else frames[0]
+        if (py and native) or any(seg.hard_rows for seg in native):
+            frame = frame.sort("seq")
+        if frame.height:
+            self.writer.add_frame(frame.drop("seq"))
+
+    def _reference_queued(self, seg: _PyPages) -> None:
+        """The queued Python-path pages of `seg` through the reference, which writes their rows."""
+        lo = 0
+        for page, links in itertools.groupby(seg.page_of):  # a page's links are contiguous
+            hi = lo + sum(1 for _ in links)
+            self._reference_page(seg.page_urls[page], seg.bases[page], seg.srcs[lo:hi], seg.alts[lo:hi], None, None,
+                                 seg.langs[page], True)
+            lo = hi
+
+    def _check_queued(self, segments: list[_PyPages]) -> Any:
+        """The rows of queued Python-path pages, checked by the vectorised rules, as a DataFrame
+        with a `seq` column. Raises TypeError for a url or alt that is neither a string nor null."""
         import polars as pl
 
         from .extract_vec import link_outcomes
 
-        page_urls, bases, base_parts, langs, srcs, alts, page_of = (
-            self._page_urls, self._bases, self._base_parts, self._langs, self._srcs, self._alts, self._page_of)
-        self._new_batch()
-        try:
-            out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
-        except TypeError:  # a url or alt that is neither a string nor null: the reference decides
-            lo = 0
-            for page, links in itertools.groupby(page_of):  # a page's links are contiguous
-                hi = lo + sum(1 for _ in links)
-                self._reference_page(page_urls[page], bases[page], srcs[lo:hi], alts[lo:hi], None, None,
-                                     langs[page], True)
-                lo = hi
-            return
+        page_urls, bases, base_parts, langs, srcs, alts, page_of = _join_queued(segments)
+        out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
         reasons, urls, captions = out["reason"], out["url"], out["caption"]
         hard = out["hard"].arg_true()
         if len(hard):  # shapes the vectorised rules leave to the reference (entities, dot segments, ...)
@@ -1422,7 +1655,8 @@ class _LinkRules:
             got = []
             for i in hard.to_list():
                 page = page_of[i]
-                join = joiners.get(page) or joiners.setdefault(page, _Base(bases[page]).join)
+                join = joiners.get(page) or joiners.setdefault(
+                    page, _Base(bases[page], (base_parts[0][page], base_parts[1][page], base_parts[2][page])).join)
                 got.append(_check_link(srcs[i], alts[i], True, join, self.cfg))
             reasons = reasons.scatter(hard, [g[0] for g in got])
             urls = urls.scatter(hard, [g[1] for g in got])
@@ -1437,10 +1671,13 @@ class _LinkRules:
             notes[note] += int((col.str.len_chars() > cap).sum())
         pages = pl.Series(page_of, dtype=pl.UInt32).filter(kept)
         self.stats.pairs += len(urls)
-        none = [None] * len(urls)
-        self.writer.add_rows(urls.str.slice(0, cap).to_list(), captions.str.slice(0, cap).to_list(),
-                             pl.Series(page_urls, dtype=pl.String).gather(pages).to_list(), none, none,
-                             pl.Series(langs, dtype=pl.String).gather(pages).to_list())
+        none = pl.Series(dtype=pl.Int32).extend_constant(None, len(urls))
+        seq = pl.Series("seq", [i for seg in segments for i in range(seg.seq0, seg.seq0 + len(seg.srcs))],
+                        dtype=pl.Int64).filter(kept)
+        return pl.DataFrame({
+            "url": urls.str.slice(0, cap), "caption": captions.str.slice(0, cap),
+            "page_url": pl.Series(page_urls, dtype=pl.String).gather(pages), "width": none, "height": none,
+            "page_lang": pl.Series(langs, dtype=pl.String).gather(pages), "seq": seq})
 
     def _reference_page(self, page_url: str, base: str, srcs: list[Any], alts: list[Any],
                         widths: list[int | None] | None, heights: list[int | None] | None, lang: str | None,
@@ -1476,6 +1713,64 @@ class _LinkRules:
         self.stats.pairs += len(urls)
         none = [None] * len(urls)
         self.writer.add_rows(urls, captions, page_urls, widths or none, heights or none, langs)
+
+
+class _PyPages:
+    """WAT pages queued by _LinkRules.wat_page: per page its URL, base URL, _base_parts of that
+    and language; per link its src and alt as found and its page (from 0). Its links are
+    numbered from seq0 on (the order of the rows of a flush)."""
+
+    def __init__(self, seq0: int) -> None:
+        self.seq0 = seq0
+        self.page_urls: list[str] = []
+        self.bases: list[str] = []
+        self.parts: tuple[list[str | None], ...] = ([], [], [])
+        self.langs: list[str | None] = []
+        self.srcs: list[Any] = []
+        self.alts: list[Any] = []
+        self.page_of: list[int] = []
+
+
+def _join_queued(segments: list[_PyPages]) -> tuple[Any, ...]:
+    """Queued pages and links as (page_urls, bases, base_parts, langs, srcs, alts, page_of),
+    lists, the pages numbered from 0 over all the segments."""
+    page_urls: list[str] = []
+    bases: list[str] = []
+    parts: tuple[list[str | None], ...] = ([], [], [])
+    langs: list[str | None] = []
+    srcs: list[Any] = []
+    alts: list[Any] = []
+    page_of: list[int] = []
+    for seg in segments:
+        off = len(page_urls)
+        page_urls += seg.page_urls
+        bases += seg.bases
+        for col, part in zip(parts, seg.parts):
+            col += part
+        langs += seg.langs
+        srcs += seg.srcs
+        alts += seg.alts
+        page_of += [p + off for p in seg.page_of] if off else seg.page_of
+    return page_urls, bases, parts, langs, srcs, alts, page_of
+
+
+def _native_frame(results: list[Any]) -> Any:
+    """The rows of native RuleResults, uid included, with their `seq` numbers (not sorted)."""
+    import polars as pl
+
+    frame = type(results[0]).frame(results).with_columns(
+        seq=pl.Series([i for r in results for i in r.seq], dtype=pl.Int64))
+    hard_rows = [row for r in results for row in r.hard_rows]
+    if hard_rows:
+        seq, url, caption, page_url, lang = (list(c) for c in zip(*hard_rows))
+        hard = pl.DataFrame({"url": url, "caption": caption, "page_url": page_url,
+                             "width": pl.Series(dtype=pl.Int32).extend_constant(None, len(seq)),
+                             "height": pl.Series(dtype=pl.Int32).extend_constant(None, len(seq)),
+                             "page_lang": pl.Series(lang, dtype=pl.String),
+                             "uid": [uid_of(u, c) for u, c in zip(url, caption)], "seq": pl.Series(seq, dtype=pl.Int64)},
+                            schema=frame.schema)
+        frame = pl.concat([frame, hard], how="vertical")
+    return frame
 
 
 _NO_BASE_PARTS = (None, None, None)
@@ -1558,6 +1853,21 @@ def _schema_of() -> dict[str, Any]:
             "width": pl.Int32, "height": pl.Int32, "page_lang": pl.String}
 
 
+def _uids(urls: Any, captions: Any) -> Any:
+    """uid_of over two String Series: the native one when available, else hashlib."""
+    if _USE_NATIVE:
+        from .extract_native import uids
+
+        out = uids(urls, captions)
+        if out is not None:
+            return out
+    import polars as pl
+
+    sha = hashlib.sha256
+    return pl.Series("uid", [sha(f"{u}\x00{c}".encode()).hexdigest()[:32] for u, c in zip(urls.to_list(), captions.to_list())],
+                     dtype=pl.String)
+
+
 def uid_of(url: str, caption: str) -> str:
     """The stable pair key: first 16 bytes of sha256(url + '\\x00' + caption), hex.
 
@@ -1576,6 +1886,8 @@ class _PairWriter:
         self.path = path
         self._written = 0
         self._cols: tuple[list, ...] = ([], [], [], [], [], [])
+        self._frames: list[Any] = []  # before the rows in _cols, in order
+        self._rows = 0
 
     @staticmethod
     def files(paths: list[Path]) -> list[Path]:
@@ -1598,22 +1910,43 @@ class _PairWriter:
         c[3].extend(widths)
         c[4].extend(heights)
         c[5].extend(langs)
-        if len(c[0]) >= WRITE_CHUNK_ROWS:
+        self._rows += len(urls)
+        if self._rows >= WRITE_CHUNK_ROWS:
             self.flush()
+
+    def add_frame(self, frame: Any) -> None:
+        """Rows as a Polars DataFrame with the columns of add_rows: url, caption, page_url,
+        width, height, page_lang; and uid, when it has it already."""
+        self._frame_rows()
+        self._frames.append(frame)
+        self._rows += frame.height
+        if self._rows >= WRITE_CHUNK_ROWS:
+            self.flush()
+
+    def _frame_rows(self) -> None:
+        import polars as pl
+
+        urls, caps, pages, widths, heights, langs = self._cols
+        if urls:
+            schema = _schema_of()
+            del schema["uid"]
+            self._frames.append(pl.DataFrame({"url": urls, "caption": caps, "page_url": pages, "width": widths,
+                                              "height": heights, "page_lang": langs}, schema=schema))
+            self._cols = ([], [], [], [], [], [])
 
     def flush(self) -> None:
         import polars as pl
 
-        urls, caps, pages, widths, heights, langs = self._cols
-        if not urls:
+        self._frame_rows()
+        if not self._frames:
             return
-        sha = hashlib.sha256
-        uids = [sha(f"{u}\x00{c}".encode()).hexdigest()[:32] for u, c in zip(urls, caps)]
-        frame = pl.DataFrame({"url": urls, "caption": caps, "page_url": pages, "uid": uids, "width": widths,
-                              "height": heights, "page_lang": langs}, schema=_schema_of())
+        schema = _schema_of()
+        frames = [(f if "uid" in f.columns else f.with_columns(uid=_uids(f.get_column("url"), f.get_column("caption"))))
+                  .select(list(schema)).cast(schema) for f in self._frames]  # native frames come with their uid
+        frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+        self._frames, self._rows = [], 0
         frame.write_parquet(self.path.with_name(f"{self.path.stem}-{self._written:04d}.parquet"), **PARQUET_OPTIONS)
         self._written += 1
-        self._cols = ([], [], [], [], [], [])
 
     def __enter__(self) -> _PairWriter:
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import random
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -643,6 +644,10 @@ class _Rows:
     def add_rows(self, *cols) -> None:
         self.rows.extend(zip(*cols))
 
+    def add_frame(self, frame: pl.DataFrame) -> None:
+        assert frame.columns == ["url", "caption", "page_url", "width", "height", "page_lang"]
+        self.rows.extend(frame.iter_rows())
+
 
 ODD_ALTS = [None, "", " ", "  A red bicycle  ", "A\tred\nbicycle", "A\u00a0red\u3000bicycle", "x\x1cy\x1dz long",
             "Caf&#233; &amp; cr&egrave;me", "Tom & Jerry cartoon", "fish &chips", "AT&T logo big", "&copy 2024 photo",
@@ -971,3 +976,32 @@ def test_a_batch_with_a_link_of_another_type_goes_to_the_reference_page_by_page(
     assert together == alone
     assert [r[0] for r in together[0]] == ["https://a.example/1.jpg", "https://a.example/2.jpg",
                                            "https://c.example/3.jpg", "https://d.example/4.jpg"]
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_link_nested_a_thousand_lists_deep_is_one_invalid_url(tmp_path, native):
+    """A fuzzed record whose IMG link's url is [[[...]]] 1,000 deep: Polars, asked for a string
+    Series, worked out the nested type to name it and took gigabytes (over 6 GB at this depth).
+    Run under a 2 GB address-space limit, in a child: the link is one invalid_url, the page is read."""
+    import subprocess
+    import sys
+
+    depth = 1000
+    body = (b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":['
+            b'{"path":"IMG@/src","url":' + b"[" * depth + b"]" * depth + b',"alt":"some alt text"},'
+            b'{"path":"IMG@/src","url":"/ok.jpg","alt":"a good alt text"}]}}}}}')
+    record = (b"WARC/1.0\r\nWARC-Type: metadata\r\nWARC-Target-URI: https://a.example/\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body + b"\r\n\r\n")
+    wat = tmp_path / "deep.wat.gz"
+    wat.write_bytes(gzip.compress(record))
+    script = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from fastlaion.extract import ExtractConfig, extract_to_parquet\n"
+        "s = extract_to_parquet([sys.argv[1]], sys.argv[2], ExtractConfig(processes=1))\n"
+        "print(json.dumps({'pairs': s.pairs, 'rejected': s.rejected}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(wat), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "FASTLAION_NATIVE": native})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["pairs"] == 1 and got["rejected"]["invalid_url"] == 1

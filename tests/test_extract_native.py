@@ -1,0 +1,388 @@
+"""The compiled WAT path (fastlaion/extract_native.c) against the Python path it stands in for:
+the same rows in the same order and the same counts, on clean, odd and damaged inputs; and the
+Python path when no compiler (or no working one) is there."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from test_extract import (
+    ONE,
+    PAGE,
+    RULE_LINKS,
+    SHARED_WARC,
+    _gzip_variants,
+    _random_pages,
+    _wat_doc_variants,
+    gz,
+    rule_wat,
+    three_wat_records,
+    warc_record,
+    wat_record,
+    wat_request_record,
+)
+
+import fastlaion.extract as extract_mod
+import fastlaion.extract_native as native
+from fastlaion.extract import ExtractConfig, extract_to_parquet, uid_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_library(tmp_path_factory, monkeypatch):
+    """Each test builds (or finds) the library in one cache folder for this session."""
+    cache = tmp_path_factory.getbasetemp() / "native-cache"
+    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(cache))
+    monkeypatch.delenv("FASTLAION_NATIVE", raising=False)
+    native._reset()
+    yield
+    native._reset()
+
+
+def _need_native() -> None:
+    if native._compiler() is None:
+        pytest.skip("no C compiler: the native path cannot be built here")
+    assert native.library() is not None, "a compiler is there but the library did not build"
+
+
+class _Spy:
+    """Counts what the native scanner decided, by kind, over a run."""
+
+    def __init__(self, monkeypatch):
+        self.kinds: dict[int, int] = {}
+        take = native.Scanner.take
+
+        def counted(scanner):
+            batch = take(scanner)
+            if batch is not None:
+                for kind, _ in batch.members():
+                    self.kinds[kind] = self.kinds.get(kind, 0) + 1
+            return batch
+        monkeypatch.setattr(native.Scanner, "take", counted)
+
+    def decided(self) -> int:
+        return sum(n for k, n in self.kinds.items() if k not in (native.K_DEFER, native.K_EMPTY))
+
+
+def _run(tmp_path: Path, data: bytes, use_native: bool, monkeypatch, cfg: ExtractConfig = ONE, name: str = "in.wat.gz"):
+    monkeypatch.setattr(extract_mod, "_USE_NATIVE", use_native)
+    src = tmp_path / name
+    src.write_bytes(data)
+    out = tmp_path / f"out-{use_native}"
+    s = extract_to_parquet([str(src)], out, cfg)
+    table = pl.concat([pl.read_parquet(out / f) for f in s.files])
+    counts = (s.records, s.pages, s.links, s.pairs, s.pairs_after_dedup, s.rejected, s.ignored, s.skipped, s.notes)
+    return table, counts
+
+
+def _same_both_ways(tmp_path, data: bytes, monkeypatch, cfg: ExtractConfig = ONE, name: str = "in.wat.gz") -> _Spy:
+    _need_native()
+    ref_table, ref_counts = _run(tmp_path, data, False, monkeypatch, cfg, name)
+    spy = _Spy(monkeypatch)
+    table, counts = _run(tmp_path, data, True, monkeypatch, cfg, name)
+    assert counts == ref_counts
+    assert table.rows() == ref_table.rows()  # same rows, same order, every column (uid too)
+    return spy
+
+
+def _page_records(seed: int, n_pages: int) -> list[bytes]:
+    """WAT records for _random_pages: odd srcs and alts, bases, languages."""
+    recs = [warc_record("warcinfo", "", b"software: test\r\n", "application/warc-fields")]
+    for i, (page_url, base, srcs, alts, lang) in enumerate(_random_pages(seed, n_pages)):
+        links = []
+        for s, a in zip(srcs, alts):
+            link = {"path": "IMG@/src"}
+            if s is not None:
+                link["url"] = s
+            if a is not None:
+                link["alt"] = a
+            links.append(link)
+            if i % 3 == 0:
+                links.append({"path": "A@/href", "url": "/other", "text": "x"})
+        headers = {"Content-Type": "text/html", **({"Content-Language": lang} if lang else {})}
+        rec = wat_record(page_url or f"https://empty.example/{i}", links, base=base, http_headers=headers)
+        if i % 4 == 0:  # raw UTF-8 instead of \u escapes
+            _, _, rest = rec.partition(b"\r\n\r\n")
+            doc = json.loads(rest[:-4])
+            body = json.dumps(doc, ensure_ascii=False).encode()
+            rec = warc_record("metadata", page_url or f"https://empty.example/{i}", body, "application/json")
+        recs.append(rec)
+        if i % 5 == 0:
+            recs.append(wat_request_record(page_url or "https://r.example/"))
+    return recs
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole inputs: native against Python
+
+
+@pytest.mark.parametrize("cfg", [
+    ONE,
+    ExtractConfig(processes=1, min_alt_chars=0, reject_svg=False, reject_gif=False),
+    ExtractConfig(processes=1, max_host_chars=3, max_text_chars=20),
+    ExtractConfig(processes=1, max_host_chars=1, min_alt_chars=1),
+], ids=["laion", "keep-all", "short-limits", "tiny-host"])
+def test_random_pages_match(tmp_path, monkeypatch, cfg):
+    """extract_vec's test cases (odd srcs, alts and bases), as whole WAT files: the C walk and
+    the C link rules against the Python path, pair for pair and count for count."""
+    spy = _same_both_ways(tmp_path, gz(_page_records(11, 700)), monkeypatch, cfg)
+    assert spy.kinds.get(native.K_PAGE, 0) > 500  # the C path decided most pages itself
+
+
+@pytest.mark.parametrize("data", ["odd-pages", "bench-generator"])
+def test_c_rules_decide_most_links_themselves(tmp_path, monkeypatch, data):
+    """The comparisons mean something only if the C rules settle links: count the links they
+    hand to the reference (the odd test pages are made of hard cases; the bench's realistic
+    ones are not)."""
+    _need_native()
+    handed: list[int] = []
+    run = native.Rules.run
+
+    def counted(self, *args):
+        out = run(self, *args)
+        handed.append(len(out.hard))
+        handed.append(-len(out.rows) - sum(out.reasons))
+        return out
+    monkeypatch.setattr(native.Rules, "run", counted)
+    if data == "odd-pages":
+        _run(tmp_path, gz(_page_records(11, 700)), True, monkeypatch)
+    else:
+        wat = tmp_path / "gen.warc.wat.gz"
+        _bench_generator().generate_wat(wat, 1500, seed=5)
+        _run(tmp_path, wat.read_bytes(), True, monkeypatch)
+    hard, settled = sum(h for h in handed if h > 0), -sum(h for h in handed if h < 0)
+    assert settled > (1 if data == "odd-pages" else 15) * hard > 0, (settled, hard)
+
+
+def test_rule_file_matches(tmp_path, monkeypatch):
+    spy = _same_both_ways(tmp_path, rule_wat(), monkeypatch)
+    # the last member has no next gzip header to end it: Python's member loop reads it
+    assert spy.kinds == {native.K_OTHER: 1, native.K_NOIMG: 1, native.K_PAGE: 3}
+
+
+def test_each_odd_document_matches(tmp_path, monkeypatch):
+    """The documents the fast msgspec decoder is tested on, each as a WAT record between two
+    plain pages: the C walk decides or hands over, and the outcome is the reference's."""
+    docs = _wat_doc_variants()
+    decided = 0
+    for i, doc in enumerate(docs):
+        plain = three_wat_records()
+        recs = [plain[0], warc_record("metadata", "https://w.example/p", doc, "application/json"), plain[1], plain[2]]
+        (tmp_path / str(i)).mkdir()
+        spy = _same_both_ways(tmp_path / str(i), gz(recs), monkeypatch)
+        decided += spy.decided() - 2  # the plain pages around it (the last is read by Python's loop)
+    assert decided >= len(docs) // 2, (decided, len(docs))
+
+
+def _escape_docs() -> list[bytes]:
+    def rec(body: bytes, uri: str = "https://e.example/dir/p") -> bytes:
+        return warc_record("metadata", uri, body, "application/json")
+
+    def links(*items: str) -> bytes:
+        return (b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"Headers":{"Content-Language":" de "},'
+                b'"HTML-Metadata":{"Head":{"Metas":[{"http-equiv":"CONTENT-LANGUAGE","content":"  "},'
+                b'{"name":"description","content":"Caf\xc3\xa9 \\u00e9t\xc3\xa9"}]},"Links":['
+                + b",".join(i.encode() for i in items) + b"]}}}}}")
+
+    return [
+        rec(links(r'{"path":"IMG@/src","url":"\/a\/b.jpg","alt":"Tab\there \"quoted\" and a back\\slash"}')),
+        rec(links(r'{"path":"IMG@/src","url":"/tab\tin\nside.jpg","alt":"Tab and newline inside the url"}')),
+        rec(links(r'{"path":"IMG@/src","url":"/\u00e9t\u00e9.jpg","alt":"Emoji \ud83d\ude00 pair here"}')),
+        rec(links('{"path":"IMG@/src","url":"/\u00fcber.jpg","alt":"Gr\u00fc\u00dfe aus K\u00f6ln"}')),
+        rec(links(r'{"path":"IMG@/src","url":"/nul.jpg","alt":"Has a \u0000 NUL inside"}')),
+        rec(links(r'{"path":"IMG@/src","url":"","alt":""}', r'{"path":"IMG@/src","url":"/x.jpg","alt":null}',
+                  r'{"path":"IMG@/src","alt":"No url at all here"}', r'{"path":"IMG@/src","url":null,"alt":"Null url"}')),
+        rec(links(r'{"path":"IMG@\/src","url":"/escaped-path.jpg","alt":"Escaped path key"}')),
+        rec(links(r'{"path":"IMG@/src","url":"/lone.jpg","alt":"Lone \udc00 low"}')),
+        rec(links(r'{"path":"IMG@/src","url":"/n.jpg","alt":"Number \u0031 escape","x":1e5}')),
+        rec(links(r'{"path":"IMG@/src","url":"/n.jpg","alt":"Bad escape \q here"}')),
+        rec(links('{"path":"IMG@/src","url":"/bad-utf8.jpg","alt":"Bad \xff byte here"}'.encode("latin-1").decode("latin-1"))),
+        rec(links(r'{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one"}'), uri="<https://angle.example/p>"),
+        rec(links(r'{"path":"IMG@/src","url":"/a.jpg","alt":"Alt text one"}'), uri="https://\u00fc.example/p"),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Head":{"Base":"  \\t "},'
+            b'"Links":[{"path":"IMG@/src","url":"x.jpg","alt":"Blank base href"}]}}}}}'),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Head":{"Base":"\\/sub\\/"},'
+            b'"Links":[{"path":"IMG@/src","url":"x.jpg","alt":"Escaped base href"}]}}}}}'),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"Headers":{"content-language":"fr",'
+            b'"Content-Language":"de"},"HTML-Metadata":{"Links":[{"path":"IMG@/src","url":"x.jpg","alt":"Two headers"}]}}}}}'),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Head":{"Metas":['
+            b'{"http-equiv":"content-language","content":"' + b"x" * 80 + b'  "}]},'
+            b'"Links":[{"path":"IMG@/src","url":"x.jpg","alt":"Long language"}]}}}}}'),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":'
+            b'[{"path":"IMG@/src","url":"x.jpg","alt":"Deep ' + b"[" * 300 + b"]" * 300 + b'"}], "D":' + b"[" * 300
+            + b"]" * 300 + b"}}}}}"),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":[]}}}}}'),
+        rec(b'{"Envelope":{"Payload-Metadata":{"HTTP-Response-Metadata":{"HTML-Metadata":{"Links":null}}}},'
+            b'"X":"IMG@/src"}'),
+    ]
+
+
+def test_escapes_non_ascii_and_empty_strings_match(tmp_path, monkeypatch):
+    docs = _escape_docs()
+    spy = _same_both_ways(tmp_path, gz(docs), monkeypatch)
+    assert spy.decided() >= len(docs) // 2
+    assert spy.kinds.get(native.K_DEFER, 0) >= 4  # NUL, lone surrogate, exponent, bad escape, bad UTF-8 ...
+
+
+@pytest.mark.parametrize("name", list(_gzip_variants()))
+def test_damaged_gzip_matches(tmp_path, monkeypatch, name):
+    _same_both_ways(tmp_path, _gzip_variants()[name], monkeypatch)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "invalid-json", "lying-length", "junk", "mid-record-member"])
+def test_damaged_records_match(tmp_path, monkeypatch, damage):
+    recs = _page_records(3, 40)
+    members = [gzip.compress(r) for r in recs]
+    if damage == "truncated":
+        data = b"".join(members)[:-70]
+    elif damage == "corrupt":
+        bad = bytearray(members[10])
+        bad[20:50] = b"\x00" * 30
+        data = b"".join(members[:10]) + bytes(bad) + b"".join(members[11:])
+    elif damage == "invalid-json":
+        members[7] = gzip.compress(warc_record("metadata", "https://j.example/", b'{"x":"IMG@/src", ', "application/json"))
+        data = b"".join(members)
+    elif damage == "lying-length":
+        head, _, rest = recs[9].partition(b"\r\n\r\n")
+        members[9] = gzip.compress(head.replace(b"Content-Length: ", b"Content-Length: 1") + b"\r\n\r\n" + rest)
+        data = b"".join(members)
+    elif damage == "junk":
+        data = b"".join(members[:5]) + b"not gzip at all" + b"".join(members[5:])
+    else:  # one record split over two members: the splitter holds a partial record between them
+        r = recs[12]
+        data = b"".join(members[:12]) + gzip.compress(r[:100]) + gzip.compress(r[100:]) + b"".join(members[13:])
+    spy = _same_both_ways(tmp_path, data, monkeypatch)
+    assert spy.decided() > 0 or damage == "junk"
+
+
+def test_real_wat_and_warc_match(tmp_path, monkeypatch):
+    wat = SHARED_WARC / "whirlwind.warc.wat.gz"
+    warc = SHARED_WARC / "whirlwind.warc.gz"
+    if not wat.exists():
+        pytest.skip("../shared/data/warc is not there")
+    (tmp_path / "wat").mkdir()
+    _same_both_ways(tmp_path / "wat", wat.read_bytes(), monkeypatch, name="w.warc.wat.gz")
+    (tmp_path / "warc").mkdir()
+    _same_both_ways(tmp_path / "warc", warc.read_bytes(), monkeypatch, name="w.warc.gz")
+
+
+def _bench_generator():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import extract as bench_extract  # bench/extract.py
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return bench_extract
+
+
+def test_bench_generator_wat_matches(tmp_path, monkeypatch):
+    """The bench's synthetic WAT (real record layout), a small one: the C path decides nearly all."""
+    wat = tmp_path / "gen.warc.wat.gz"
+    _bench_generator().generate_wat(wat, 1500, seed=5)
+    spy = _same_both_ways(tmp_path, wat.read_bytes(), monkeypatch)
+    assert spy.kinds.get(native.K_PAGE, 0) > 300
+    assert spy.kinds.get(native.K_DEFER, 0) <= 5
+
+
+def test_many_batches_and_flushes_match(tmp_path, monkeypatch):
+    """Small read chunks, link batches and write chunks: pages split over batches and flushes."""
+    monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(extract_mod, "LINK_BATCH", 50)
+    monkeypatch.setattr(extract_mod, "WRITE_CHUNK_ROWS", 40)
+    data = gz(_page_records(21, 300)) + gzip.compress(b"WARC/1.0\r\n") + gz(_page_records(22, 50))
+    _same_both_ways(tmp_path, data, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# uid, fallback, cache
+
+
+def test_python_whitespace_is_the_c_whitespace():
+    _need_native()
+    lib = native.library()
+    assert [c for c in range(0x110000) if lib.wat_is_py_space(c)] == [c for c in range(0x110000) if chr(c).isspace()]
+
+
+def test_full_buffers_are_taken_and_scanning_goes_on(tmp_path, monkeypatch):
+    """More members in one read chunk than a batch holds (4,096): the scanner stops full, Python
+    takes the batch, and the scan goes on where it stopped."""
+    monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", 8 << 20)
+    recs = [warc_record("warcinfo", "", b"software: test\r\n", "application/warc-fields")] * 5000
+    recs[4500] = wat_record(PAGE, RULE_LINKS)
+    spy = _same_both_ways(tmp_path, gz(recs), monkeypatch)
+    assert spy.kinds.get(native.K_OTHER, 0) == 4998 and spy.kinds.get(native.K_PAGE) == 1
+
+
+def test_a_member_too_big_for_the_scanner_goes_to_python(tmp_path, monkeypatch):
+    """A member of 8 MiB (the most one member may inflate to) fills no batch: Python's member
+    loop takes it, and reading goes on (no endless 'full' loop)."""
+    head = warc_record("warcinfo", "", b"", "application/warc-fields")
+    pad = (8 << 20) - len(head)
+    big = warc_record("warcinfo", "", b" " * pad, "application/warc-fields")
+    big = warc_record("warcinfo", "", b" " * (pad - (len(big) - (8 << 20))), "application/warc-fields")
+    assert len(big) == 8 << 20
+    data = gz([wat_record(PAGE, RULE_LINKS), big, wat_record(PAGE, RULE_LINKS), wat_request_record(PAGE)])
+    spy = _same_both_ways(tmp_path, data, monkeypatch, ExtractConfig(processes=1, max_record_bytes=16 << 20))
+    assert spy.kinds.get(native.K_PAGE) == 2
+
+
+@pytest.mark.parametrize("sha", ["openssl", "own"])
+def test_native_uids_equal_uid_of(monkeypatch, sha):
+    _need_native()
+    if sha == "own":
+        monkeypatch.setattr(native.library(), "fastlaion_sha256", (None, None, None))
+    elif native.library().fastlaion_sha256[0] is None:
+        pytest.skip("no libcrypto loaded by hashlib")
+    rng = random.Random(3)
+    alphabet = "abc /?&é東\U0001f600\x00\n"
+    urls = ["", "https://a.example/x.jpg"] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 130)))
+                                               for _ in range(300)]
+    caps = ["", ""] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 70))) for _ in range(300)]
+    got = native.uids(pl.Series(urls, dtype=pl.String), pl.Series(caps, dtype=pl.String)).to_list()
+    assert got == [uid_of(u, c) for u, c in zip(urls, caps)]
+
+
+def test_library_is_cached_by_source_hash(tmp_path, monkeypatch):
+    _need_native()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(cache))
+    native._reset()
+    assert native.library() is not None
+    built = list(cache.glob("wat-*.so"))
+    assert len(built) == 1
+    native._reset()
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt although cached"))
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("how", ["no-compiler", "broken-compiler", "env-off"])
+def test_without_the_library_the_python_path_reads(tmp_path, monkeypatch, how):
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(cache))
+    if how == "no-compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    elif how == "broken-compiler":
+        monkeypatch.setenv("CC", "false")
+    else:
+        monkeypatch.setenv("FASTLAION_NATIVE", "0")
+    native._reset()
+    assert native.scanner(1 << 20) is None and native.library() is None
+    assert not list(cache.glob("wat-*.so")) if cache.exists() else True
+    table, counts = _run(tmp_path, rule_wat(), True, monkeypatch)
+    ref_table, ref_counts = _run(tmp_path, rule_wat(), False, monkeypatch)
+    assert counts == ref_counts and table.rows() == ref_table.rows()
+    assert table.height == 9
+
+
+def test_plain_wat_file_still_reads(tmp_path, monkeypatch):
+    """An uncompressed WAT never reaches the scanner; the Python path reads it alike."""
+    data = b"".join([wat_record(PAGE, RULE_LINKS)] + three_wat_records())
+    spy = _same_both_ways(tmp_path, data, monkeypatch, name="plain.wat")
+    assert spy.kinds == {}
