@@ -355,6 +355,10 @@ def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -
     import multiprocessing as mp
     import queue as queue_mod
 
+    if _USE_NATIVE:  # built here once, so the workers load it instead of each compiling their own
+        from .extract_native import library
+
+        library()
     # spawn, not fork: the parent may hold Polars/Arrow thread pools, which fork would copy locked.
     ctx = mp.get_context("spawn")
     ticks = ctx.Queue()
@@ -1501,7 +1505,7 @@ class _LinkRules:
 
     def _new_batch(self) -> None:
         # The queued pages and their links, in order: _PyPages (wat_page, the Python path) and
-        # extract_native.Pages (wat_pages_native).
+        # the compiled rules' results (extract_native.Rules.run, from wat_pages_native).
         self._segments: list[Any] = []
         self._py: _PyPages | None = None  # the last segment, while wat_page adds to it
         self._queued = 0  # links in all of them

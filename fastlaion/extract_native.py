@@ -21,16 +21,48 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
-import tempfile
+import sys
+import threading
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from .config import first_line
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("extract_native.c")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(cc: str, out: Path, digest: Path) -> None:
+    """Compile SOURCE into `out` (readable by all, as a shared cache needs) and write its digest;
+    both under temporary names first, renamed into place, so processes building at once and a
+    build killed half-way never leave a partial file under the final names."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:] or 'no library written'}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        sha = _file_sha256(tmp)
+        os.replace(tmp, out)
+        tmp.with_suffix(".sha256tmp").write_text(sha + "\n")
+        os.replace(tmp.with_suffix(".sha256tmp"), digest)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".sha256tmp")):
+            if leftover.exists():
+                leftover.unlink()
 K_EMPTY, K_DEFER, K_OTHER, K_NOIMG, K_PAGE = range(5)
 S_STOP, S_FULL = 0, 1
 MEM_FIELDS, PAGE_FIELDS = 4, 6
@@ -69,11 +101,15 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FASTLAION_KERNEL_CACHE", Path.home() / ".cache" / "fastlaion" / "kernels"))
+    return Path(os.environ.get("FASTLAION_KERNEL_CACHE") or Path.home() / ".cache" / "fastlaion" / "kernels")
 
 
 _LIB: Any = None
 _TRIED = False
+
+
+class _NoCompiler(RuntimeError):
+    pass
 
 
 def library() -> Any:
@@ -87,7 +123,11 @@ def library() -> Any:
     try:
         _LIB = _load()
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, an odd platform: the Python path reads)
-        log.info("fastlaion extract: native WAT path unavailable (%s); using the Python path", e)
+        # A machine without a compiler or libdeflate is expected to read with Python; a build or
+        # load that fails where both are there is worth a word.
+        expected = isinstance(e, (_NoCompiler, ImportError, AttributeError))
+        log.log(logging.INFO if expected else logging.WARNING,
+                "fastlaion extract: native WAT path unavailable (%s); using the Python path", first_line(e))
         _LIB = None
     return _LIB
 
@@ -102,23 +142,18 @@ def _load() -> Any:
     deflate_fns = _libdeflate()  # first: without it there is nothing to build for
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler")
+        raise _NoCompiler("no C compiler")
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
+    # One library per source, compiler and platform (a home folder shared by machines of two kinds
+    # gets one each).
+    key = src + "\0".join((cc, sys.platform, platform.machine(), *platform.libc_ver())).encode()
+    tag = hashlib.sha256(key).hexdigest()[:16]
     out = _cache_dir() / f"wat-{tag}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                                  capture_output=True, text=True, timeout=120, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    digest = out.with_suffix(".sha256")  # the library's own SHA-256, written once it is in place
+    if not (out.is_file() and digest.is_file() and digest.read_text().strip() == _file_sha256(out)):
+        # None yet, or one cut short (a crash before it reached the disk, a copy interrupted):
+        # loading such a file can kill the process (SIGBUS), so it is built again first.
+        _build(cc, out, digest)
     lib = ctypes.CDLL(str(out))
     lib.wat_open.restype = ctypes.POINTER(_Ctx)
     lib.wat_open.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]

@@ -27,9 +27,9 @@ from .config import ExtractConfig
 
 _SIMPLE_SRC = r"^[\t\n\r\x20-\x7e]*$"  # printable ASCII, tab, CR, LF
 _SRC_ENTITY = r"&(?:#[0-9]+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);"  # extract.py's _ENTITY
+_STR_OR_NONE = frozenset({str, type(None)})  # the types a src or alt may have
 # An alt the reference changes beyond whitespace: html.unescape may find an entity ('&' then a
 # character its pattern can start with), or U+001C-U+001F, which str.split takes for whitespace.
-_STR_OR_NONE = frozenset({str, type(None)})
 _ODD_ALT = r"&(?:[^\t\n\x0c <&#;]|#[0-9xX])|[\x1c-\x1f]"
 # Python's own whitespace (str.split, str.strip), read from Python so the two cannot drift.
 _PY_SPACE = "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace() and c != 0x20)

@@ -386,3 +386,24 @@ def test_plain_wat_file_still_reads(tmp_path, monkeypatch):
     data = b"".join([wat_record(PAGE, RULE_LINKS)] + three_wat_records())
     spy = _same_both_ways(tmp_path, data, monkeypatch, name="plain.wat")
     assert spy.kinds == {}
+
+
+def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
+    """A library file cut short in the cache (a crash before it reached the disk, an interrupted
+    copy) would kill the process when loaded (SIGBUS): its digest does not match, so it is built
+    again, in place, and the run reads natively."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(tmp_path))
+    script = "from fastlaion import extract_native as n; lib = n.library(); print(lib is not None)"
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == "True", first.stderr[-2000:]
+    (so,) = tmp_path.glob("wat-*.so")
+    assert so.with_suffix(".sha256").is_file() and so.stat().st_mode & 0o044 == 0o044  # readable by all
+    whole = so.read_bytes()
+    so.write_bytes(whole[: len(whole) // 3])
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "True", (again.returncode, again.stderr[-2000:])
+    assert so.read_bytes() == whole  # rebuilt: the same bytes as the first build
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*tmp"))
