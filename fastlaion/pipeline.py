@@ -18,6 +18,7 @@ outcomes merged in, leaving every other shard's files untouched.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -305,8 +306,9 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
                 ThreadPoolExecutor(getattr(decoder, "concurrency", 1), thread_name_prefix="batch-decode") \
                 as batch_decode_pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool:
-            pools = _Pools(decode_pool, batch_decode_pool, score_pool)
+                ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool, \
+                ThreadPoolExecutor(MAX_SHARDS_IN_FLIGHT, thread_name_prefix="publish") as publish_pool:
+            pools = _Pools(decode_pool, batch_decode_pool, score_pool, publish_pool)
 
             def make_job(shard_id: int) -> ShardJob:
                 shard_rows = rows.shard(shard_id, cfg.input.shard_size)
@@ -534,6 +536,7 @@ class _Pools:
     decode: ThreadPoolExecutor
     batch_decode: ThreadPoolExecutor
     score: ThreadPoolExecutor
+    publish: ThreadPoolExecutor  # a finished shard's Parquet, stats and renames
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,6 +592,7 @@ class ShardJob:
             await arrived.put(_Arrived(row, fetched, sha, decoded))
 
         consumer = asyncio.create_task(self._consume(arrived, writer))
+        publishing: concurrent.futures.Future[None] | None = None
         try:
             items = zip(todo["row"].to_list(), todo["url"].to_list())
             download_task = asyncio.create_task(
@@ -610,11 +614,18 @@ class ShardJob:
             if writer.previous is not None:
                 stats = self._retry_stats(stats, table[todo["row"].to_numpy()])
             with _timer(self.timings, "write"), self._writing():
-                await loop.run_in_executor(None, writer.publish, table, stats)
+                publishing = self.pools.publish.submit(writer.publish, table, stats)
+                await asyncio.wrap_future(publishing)
             return stats
         except BaseException:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
+            if publishing is not None:
+                # Cancelling (another shard failed, Ctrl-C) does not stop the thread renaming this
+                # shard into place: let it end first. Removing .partial/ under its renames could
+                # leave a stats file alone there, which the next run would take for a finished
+                # shard without its Parquet: rows lost.
+                concurrent.futures.wait([publishing])
             writer.abort()
             raise
         finally:

@@ -260,3 +260,46 @@ def test_a_shard_killed_while_being_renamed_into_place_is_rolled_forward(tmp_pat
     assert {p.name: p.read_bytes() for p in out.glob("00001*")} == published
     _check_every_row_once(out, urls)
     assert "nothing to do" in result.output
+
+
+def test_a_shard_being_renamed_into_place_finishes_before_a_failure_cleans_up(tmp_path, photos, monkeypatch):
+    """Shard 1 fails while shard 0's files are being renamed into place (on its own thread): the
+    run waits for those renames before it removes .partial/. Cleaning up under them could leave a
+    lone stats file there, which the next run would take for a finished shard (its rows lost)."""
+    import errno
+    import threading
+
+    from typer.testing import CliRunner
+
+    from fastlaion import writer as writer_mod
+    from fastlaion.cli import app
+
+    publish, abort = writer_mod.ShardWriter.publish, writer_mod.ShardWriter.abort
+    renaming = threading.Event()
+    events: list[str] = []
+
+    def slow_or_failing_publish(self, table, stats):
+        if self.shard == 1:  # fails once shard 0 is in the middle of its publish
+            assert renaming.wait(30)
+            raise OSError(errno.EFBIG, "File too large")
+        renaming.set()
+        time.sleep(0.5)
+        publish(self, table, stats)
+        events.append(f"published {self.shard}")
+
+    def noted_abort(self):
+        events.append(f"abort {self.shard}")
+        abort(self)
+
+    monkeypatch.setattr(writer_mod.ShardWriter, "publish", slow_or_failing_publish)
+    monkeypatch.setattr(writer_mod.ShardWriter, "abort", noted_abort)
+    with LoopbackServer(_photos_served(photos, 4)) as server:
+        inp = _write_input(tmp_path / "in.parquet", [server.url(f"{i}.jpg") for i in range(4)])
+        result = CliRunner().invoke(app, ["run", str(inp), "-o", str(tmp_path / "out"), "--no-score",
+                                          "--shard-size", "2", "--no-progress", "--allow-private-networks"])
+    assert result.exit_code == 1, result.output
+    assert "shard 00001 not written: File too large" in result.output
+    assert "published 0" in events  # shard 0 was renamed into place whole ...
+    assert "abort 0" not in events or events.index("abort 0") > events.index("published 0")  # ... before any clean-up
+    assert not (tmp_path / "out" / ".partial" / "00000").exists()
+    assert (tmp_path / "out" / "00000_stats.json").exists() and (tmp_path / "out" / "00000.parquet").exists()
