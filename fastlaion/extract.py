@@ -625,22 +625,24 @@ def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitte
         yield first
         yield from chunks
         return
-    if native is not None:
-        rest = yield from _whole_members_native(_prepend(first, chunks), native)
-    else:
-        rest = yield from _whole_members(_prepend(first, chunks))
+    rest = yield from _whole_members(_prepend(first, chunks), native)
     if rest:
         yield from _inflate_stream(itertools.chain(rest, chunks), stats, splitter)
 
 
-def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[bytes]]:
+def _whole_members(chunks: Iterator[bytes], native: Any = None) -> Generator[Any, None, list[bytes]]:
     """Inflate complete gzip members with libdeflate, one call each. A member runs from one gzip
     header to the next; it counts only if libdeflate inflates it, its size stays under
     DECOMPRESS_CAP_BYTES, and its trailer (CRC-32 and length) is the last 8 bytes before the
     next header, so a header look-alike inside compressed data or junk between members cannot
     pass. Returns [] when all input was read, else the read chunks from a member start on (the
     first one cut there) that the streaming decompressor must take over; the chunks not yet
-    read stay in `chunks`."""
+    read stay in `chunks`.
+
+    With `native` (the compiled scanner, extract_native.py) in front: it inflates and classifies
+    the members that check out at their first possible end and yields them as a Batch; where it
+    stops, the loop below takes one member as it would without it and calls the scanner again.
+    Same members, same order, same return."""
     member = _member_inflater()
     if member is None:  # without libdeflate everything goes through the streaming decompressor
         return [next(chunks)]
@@ -650,7 +652,19 @@ def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[b
         buf = b"".join(parts) if len(parts) > 1 else chunk
         view = memoryview(buf)
         start = 0
-        while buf.startswith(_GZIP_MAGIC, start):
+        while True:
+            if native is not None:
+                start, full = native.scan(buf, start)
+                batch = native.take()
+                if batch is not None:
+                    yield batch
+                    if full:
+                        continue  # its buffers were full: scan on from where it stopped
+            if not buf.startswith(_GZIP_MAGIC, start):
+                if len(buf) - start >= len(_GZIP_MAGIC):
+                    view.release()
+                    return _last_bytes(parts, len(buf) - start)  # not a gzip header: junk
+                break
             end = buf.find(_GZIP_MAGIC, start + 20)
             out = None
             for _ in range(_MEMBER_TRIES):
@@ -668,10 +682,6 @@ def _whole_members(chunks: Iterator[bytes]) -> Generator[bytearray, None, list[b
             if out:
                 yield out
             start = end
-        else:
-            if len(buf) - start >= len(_GZIP_MAGIC):
-                view.release()
-                return _last_bytes(parts, len(buf) - start)  # not a gzip header: junk
         view.release()
         parts = _last_bytes(parts, len(buf) - start)
         if len(buf) - start > DECOMPRESS_CAP_BYTES:
@@ -709,62 +719,6 @@ def _member_inflater() -> Callable[[bytes, memoryview, int, int], bytearray | No
         return out if crc32(out) == crc else None
 
     return member
-
-
-def _whole_members_native(chunks: Iterator[bytes], native: Any) -> Generator[Any, None, list[bytes]]:
-    """_whole_members with the compiled scanner (extract_native.py) in front: it inflates and
-    classifies the members that check out at their first possible end and yields them as a
-    Batch; where it stops, this loop does exactly what _whole_members does for one member, and
-    calls the scanner again. Same members, same order, same return."""
-    member = _member_inflater()
-    assert member is not None  # the scanner exists only where libdeflate does
-    parts: list[bytes] = []
-    for chunk in chunks:
-        parts.append(chunk)
-        buf = b"".join(parts) if len(parts) > 1 else chunk
-        view = memoryview(buf)
-        start = 0
-        while True:
-            start, full = native.scan(buf, start)
-            batch = native.take()
-            if batch is not None:
-                yield batch
-                if full:
-                    continue  # its buffers were full: scan on from where it stopped
-            if not buf.startswith(_GZIP_MAGIC, start):
-                if len(buf) - start >= len(_GZIP_MAGIC):
-                    view.release()
-                    return _last_bytes(parts, len(buf) - start)  # not a gzip header: junk
-                break
-            end = buf.find(_GZIP_MAGIC, start + 20)
-            out = None
-            for _ in range(_MEMBER_TRIES):
-                if end < 0:
-                    break
-                out = member(buf, view, start, end)
-                if out is not None:
-                    break
-                end = buf.find(_GZIP_MAGIC, end + 1)
-            if out is None:
-                if end < 0:
-                    break  # the member goes on in the next chunk
-                view.release()
-                return _last_bytes(parts, len(buf) - start)  # a member that does not check out
-            if out:
-                yield out
-            start = end
-        view.release()
-        parts = _last_bytes(parts, len(buf) - start)
-        if len(buf) - start > DECOMPRESS_CAP_BYTES:
-            return parts
-    if parts:
-        buf = b"".join(parts)
-        out = member(buf, memoryview(buf), 0, len(buf))
-        if out is None:
-            return parts  # the last member is damaged or cut short
-        if out:
-            yield out
-    return []
 
 
 def _native_scanner(cfg: ExtractConfig) -> Any:
@@ -814,6 +768,10 @@ def _native_batch(batch: Any, splitter: _Splitter, rules: _LinkRules, stats: Inp
             stats.ignore("no_img_links")
     rules.wat_pages_native(batch, q0, batch.n_pages)
     return batch.n_bytes > 0
+
+
+class _NotStrings(Exception):
+    """Internal: a queued link's src or alt is neither a string nor null (the reference decides)."""
 
 
 def _last_bytes(parts: list[bytes], n: int) -> list[bytes]:
@@ -1617,7 +1575,7 @@ class _LinkRules:
         if py:
             try:
                 frames.append(self._check_queued(py))
-            except TypeError:  # a url or alt that is neither a string nor null: the reference decides
+            except _NotStrings:  # a url or alt that is neither a string nor null: the reference decides
                 for seg in segments:  # and writes, so everything goes to the writer in order
                     if isinstance(seg, _PyPages):
                         self._reference_queued(seg)
@@ -1645,13 +1603,17 @@ class _LinkRules:
 
     def _check_queued(self, segments: list[_PyPages]) -> Any:
         """The rows of queued Python-path pages, checked by the vectorised rules, as a DataFrame
-        with a `seq` column. Raises TypeError for a url or alt that is neither a string nor null."""
+        with a `seq` column. Raises _NotStrings for a url or alt that is neither a string nor
+        null, before anything is counted."""
         import polars as pl
 
         from .extract_vec import link_outcomes
 
         page_urls, bases, base_parts, langs, srcs, alts, page_of = _join_queued(segments)
-        out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
+        try:
+            out = link_outcomes(base_parts, srcs, alts, page_of, self.cfg)
+        except TypeError as exc:
+            raise _NotStrings from exc
         reasons, urls, captions = out["reason"], out["url"], out["caption"]
         hard = out["hard"].arg_true()
         if len(hard):  # shapes the vectorised rules leave to the reference (entities, dot segments, ...)

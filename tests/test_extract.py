@@ -869,7 +869,7 @@ def test_whole_member_inflate_matches_the_streaming_path(name, monkeypatch):
 
     data = _gzip_variants()[name]
     monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", 700)  # members cross read chunks
-    def streaming_only(chunks):
+    def streaming_only(chunks, native=None):
         return [next(chunks)]
         yield  # a generator, like _whole_members
 
