@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def _build(cc: str, out: Path, digest: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+        proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
                               capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:] or 'no library written'}")
@@ -93,10 +94,13 @@ class _Ctx(ctypes.Structure):
 
 
 def _compiler() -> str | None:
-    """The C compiler to build with (tests monkeypatch this to simulate a machine without one)."""
+    """The C compiler command to build with: $CC (which may carry arguments, as `ccache gcc`),
+    else cc or gcc. Tests monkeypatch this to simulate a machine without one."""
     cc = os.environ.get("CC")
     if cc:
-        return shutil.which(cc)
+        words = shlex.split(cc)
+        found = shutil.which(words[0]) if words else None
+        return shlex.join([found, *words[1:]]) if found else None
     return shutil.which("cc") or shutil.which("gcc")
 
 

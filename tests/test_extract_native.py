@@ -407,3 +407,20 @@ def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
     assert again.returncode == 0 and again.stdout.strip() == "True", (again.returncode, again.stderr[-2000:])
     assert so.read_bytes() == whole  # rebuilt: the same bytes as the first build
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*tmp"))
+
+
+def test_a_compiler_command_with_arguments_builds_it(tmp_path, monkeypatch):
+    """$CC may carry arguments (`ccache gcc`, here `env gcc`): the library is built with it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc here")
+    script = "from fastlaion import extract_native as n; print(n._compiler()); print(n.library() is not None)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CC": "env gcc", "FASTLAION_KERNEL_CACHE": str(tmp_path)})
+    compiler, loaded = proc.stdout.strip().rsplit("\n", 1)
+    assert compiler.endswith("env gcc") and loaded == "True", proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("wat-*.so"))) == 1
