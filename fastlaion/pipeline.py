@@ -163,10 +163,14 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
     n_shards = shard_count(rows.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
-    retry = [s for s in range(n_shards) if cfg.retry_failed and s not in todo_set
-             and transient_drops(read_stats(out, s)["funnel"])]
+    # --retry-failed: finished shards with transient failures, and how many rows each downloads again
+    again = {s: sum(transient_drops(read_stats(out, s)["funnel"]).values())
+             for s in range(n_shards) if cfg.retry_failed and s not in todo_set}
+    retry = [s for s, n in again.items() if n]
+    # done before this run starts: the finished shards' rows, less those downloaded again (the
+    # progress counts them as they finish)
     rows_done = sum(min(cfg.input.shard_size, rows.height - s * cfg.input.shard_size)
-                    for s in range(n_shards) if s not in todo_set)
+                    for s in range(n_shards) if s not in todo_set) - sum(again.values())
     previously_failed = _failed_last_time(out)
 
     timings: dict[str, float] = {}

@@ -235,3 +235,37 @@ def test_retry_failed_needs_an_earlier_run(tmp_path):
     assert result.exit_code == 2
     assert "--retry-failed" in result.output and "no earlier run" in result.output
     assert not (tmp_path / "none").exists()
+
+
+def test_retry_failed_progress_totals_add_up(tmp_path, flaky_case):
+    """A --retry-failed rerun's progress: the rows done at the start plus the rows it reports as
+    it goes come to the input's rows, neither more (the retried rows counted twice) nor less."""
+    from fastlaion.config import DownloadConfig, InputConfig, RunConfig, ScoreConfig, TagConfig
+    from fastlaion.pipeline import Progress, run
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.total = self.at_start = self.reported = 0
+
+        def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
+            self.total, self.at_start = rows_total, rows_done
+
+        def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+            self.reported += rows
+
+    flaky, rows = flaky_case
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows)
+
+        def cfg(retry: bool) -> RunConfig:
+            return RunConfig(input=InputConfig(paths=(str(inp),), shard_size=SHARD_SIZE), output_dir=str(tmp_path / "o"),
+                             score=ScoreConfig(enabled=False), tags=TagConfig(language=False), retry_failed=retry,
+                             download=DownloadConfig(retries=0, timeout_s=5, allow_private_networks=True))
+
+        first, again = Recorder(), Recorder()
+        run(cfg(False), first)
+        assert (first.total, first.at_start, first.reported) == (len(rows), 0, len(rows))
+        run(cfg(True), again)
+    assert again.total == len(rows)
+    assert again.reported == 3  # the three transient rows, downloaded again
+    assert again.at_start + again.reported == len(rows)
