@@ -441,6 +441,35 @@ static int all_str_space(jstr s) {
     return 1;
 }
 
+/* The JSON objects on the way to the links: each known field goes to its walker (at one level
+ * deeper), any other is skipped; null counts as an empty object. A field seen twice, or a key
+ * with escapes, leaves the record to the Python path (defer), which decides as msgspec does. */
+typedef int (*walk_fn)(J *j, int depth);
+typedef struct { const char *key; walk_fn walk; } field_t;
+
+static int walk_fields(J *j, int depth, const field_t *fields, int n_fields) {
+    if (at_null(j)) return literal(j, "null", 4);
+    OBJ_BEGIN(j)
+    int seen = 0;
+    for (;;) {
+        jstr k;
+        if (!next_key(j, &k)) return 0;
+        if (k.esc) { j->defer = 1; return 0; }
+        int i = 0;
+        while (i < n_fields && !key_is(k, fields[i].key)) i++;
+        if (i < n_fields) {
+            if (seen & (1 << i)) { j->defer = 1; return 0; }
+            seen |= 1 << i;
+            if (!fields[i].walk(j, depth + 1)) return 0;
+        } else if (!skip_value(j, depth + 1)) {
+            return 0;
+        }
+        int m = obj_more(j);
+        if (m < 0) return 0;
+        if (m == 0) return 1;
+    }
+}
+
 /* Head.Metas: the first meta http-equiv=content-language with a non-blank content */
 static int walk_metas(J *j, int depth) {
     if (j->p >= j->e || *j->p != '[') return skip_value(j, depth);
@@ -523,36 +552,20 @@ static int walk_headers(J *j, int depth) {
     }
 }
 
-static int walk_head(J *j, int depth) {
-    if (at_null(j)) return literal(j, "null", 4);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "Base")) {
-            if (seen & 1) { j->defer = 1; return 0; }
-            seen |= 1;
-            if (j->p < j->e && *j->p == '"') {
-                jstr v;
-                if (!parse_string(j, &v)) return 0;
-                j->base_s = v.s; j->base_n = v.n; j->base_esc = v.esc; j->base_set = 1;
-            } else if (!skip_value(j, depth + 1)) {
-                return 0;
-            }
-        } else if (key_is(k, "Metas")) {
-            if (seen & 2) { j->defer = 1; return 0; }
-            seen |= 2;
-            if (!walk_metas(j, depth + 1)) return 0;
-        } else if (!skip_value(j, depth + 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
+/* Head.Base: the <base href> when it is a string (anything else is skipped) */
+static int walk_base(J *j, int depth) {
+    if (j->p < j->e && *j->p == '"') {
+        jstr v;
+        if (!parse_string(j, &v)) return 0;
+        j->base_s = v.s; j->base_n = v.n; j->base_esc = v.esc; j->base_set = 1;
+        return 1;
     }
+    return skip_value(j, depth);
 }
+
+static const field_t HEAD_FIELDS[] = {{"Base", walk_base}, {"Metas", walk_metas}};
+
+static int walk_head(J *j, int depth) { return walk_fields(j, depth, HEAD_FIELDS, 2); }
 
 /* one url or alt value of a link: string -> arena, null -> invalid; other types defer */
 typedef struct { jstr s; int state; } lval;  /* state: 0 absent/null, 1 string */
@@ -644,124 +657,36 @@ static int walk_links(J *j, int depth) {
     }
 }
 
-static int walk_html(J *j, int depth) {
-    if (at_null(j)) return literal(j, "null", 4);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "Links")) {
-            if (seen & 1) { j->defer = 1; return 0; }
-            seen |= 1;
-            if (!walk_links(j, depth + 1)) return 0;
-        } else if (key_is(k, "Head")) {
-            if (seen & 2) { j->defer = 1; return 0; }
-            seen |= 2;
-            if (!walk_head(j, depth + 1)) return 0;
-        } else if (!skip_value(j, depth + 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
-    }
+static const field_t HTML_FIELDS[] = {{"Links", walk_links}, {"Head", walk_head}};
+
+static int walk_html(J *j, int depth) { return walk_fields(j, depth, HTML_FIELDS, 2); }
+
+static const field_t RESPONSE_FIELDS[] = {{"HTML-Metadata", walk_html}, {"Headers", walk_headers}};
+
+static int walk_response(J *j, int depth) { return walk_fields(j, depth, RESPONSE_FIELDS, 2); }
+
+static const field_t PAYLOAD_FIELDS[] = {{"HTTP-Response-Metadata", walk_response}};
+
+static int walk_payload(J *j, int depth) { return walk_fields(j, depth, PAYLOAD_FIELDS, 1); }
+
+/* Envelope.WARC-Header-Metadata: read only when the WARC header has no target URI (then Python
+ * decides); its type must still be one the typed decoder accepts */
+static int walk_warc_header(J *j, int depth) {
+    if (!(at_null(j) || (j->p < j->e && *j->p == '{'))) { j->defer = 1; return 0; }
+    return skip_value(j, depth);
 }
 
-static int walk_response(J *j, int depth) {
-    if (at_null(j)) return literal(j, "null", 4);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "HTML-Metadata")) {
-            if (seen & 1) { j->defer = 1; return 0; }
-            seen |= 1;
-            if (!walk_html(j, depth + 1)) return 0;
-        } else if (key_is(k, "Headers")) {
-            if (seen & 2) { j->defer = 1; return 0; }
-            seen |= 2;
-            if (!walk_headers(j, depth + 1)) return 0;
-        } else if (!skip_value(j, depth + 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
-    }
-}
+static const field_t ENVELOPE_FIELDS[] = {{"Payload-Metadata", walk_payload},
+                                          {"WARC-Header-Metadata", walk_warc_header}};
 
-static int walk_payload(J *j, int depth) {
-    if (at_null(j)) return literal(j, "null", 4);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "HTTP-Response-Metadata")) {
-            if (seen) { j->defer = 1; return 0; }
-            seen = 1;
-            if (!walk_response(j, depth + 1)) return 0;
-        } else if (!skip_value(j, depth + 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
-    }
-}
+static int walk_envelope(J *j, int depth) { return walk_fields(j, depth, ENVELOPE_FIELDS, 2); }
 
-static int walk_envelope(J *j, int depth) {
-    if (at_null(j)) return literal(j, "null", 4);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "Payload-Metadata")) {
-            if (seen & 1) { j->defer = 1; return 0; }
-            seen |= 1;
-            if (!walk_payload(j, depth + 1)) return 0;
-        } else if (key_is(k, "WARC-Header-Metadata")) {
-            if (seen & 2) { j->defer = 1; return 0; }
-            seen |= 2;
-            /* read only when the WARC header has no target URI (then Python decides); its
-             * type must still be one the typed decoder accepts */
-            if (!(at_null(j) || (j->p < j->e && *j->p == '{'))) { j->defer = 1; return 0; }
-            if (!skip_value(j, depth + 1)) return 0;
-        } else if (!skip_value(j, depth + 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
-    }
-}
+static const field_t DOC_FIELDS[] = {{"Envelope", walk_envelope}};
 
 static int walk_doc(J *j) {
     ws(j);
-    OBJ_BEGIN(j)
-    int seen = 0;
-    for (;;) {
-        jstr k;
-        if (!next_key(j, &k)) return 0;
-        if (k.esc) { j->defer = 1; return 0; }
-        if (key_is(k, "Envelope")) {
-            if (seen) { j->defer = 1; return 0; }
-            seen = 1;
-            if (!walk_envelope(j, 1)) return 0;
-        } else if (!skip_value(j, 1)) {
-            return 0;
-        }
-        int m = obj_more(j);
-        if (m < 0) return 0;
-        if (m == 0) return 1;
-    }
+    if (at_null(j)) { j->defer = 1; return 0; }  /* the document itself must be an object */
+    return walk_fields(j, 0, DOC_FIELDS, 1);
 }
 
 /* ---------------------------------------------------------------------------------------- */
