@@ -73,6 +73,7 @@ across runs, machines and library versions (unlike Polars' own hash).
 
 from __future__ import annotations
 
+import array
 import codecs
 import dataclasses
 import gzip
@@ -115,6 +116,9 @@ WRITE_CHUNK_ROWS = 65_536  # pairs buffered per input before they go to its temp
 # zstd level 1: 7 % larger files than Polars' default level, half the CPU to write them
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
 LINK_BATCH = 65_536  # WAT links queued before the vectorised rules check them (~15 MB)
+# Python-path WAT links of one flush that the reference checks one by one when the native
+# writer is there (a few pages the native scanner left to Python): fewer than Polars' import costs
+REFERENCE_LINKS = 4096
 MAX_HEADER_BYTES = 64 << 10
 _MEMBER_TRIES = 8  # gzip header look-alikes tried as a member's end before the streaming path takes over
 TICK_RECORDS = 2000  # progress is reported every this many records
@@ -150,6 +154,9 @@ class InputStats:
     notes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NOTES, 0))
     bytes_read: int = 0  # bytes read from the input (compressed, as stored)
     elapsed_s: float = 0.0
+    reader: str = "python"  # "native": the compiled WAT path read (some of) it; "python": only the Python path
+    written: int = 0  # rows in its Parquet: `pairs`, less the duplicates within it that its writer dropped
+    unique_on: str | None = None  # the key those rows are unique on already (its writer dropped the duplicates)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -266,7 +273,7 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     progress.start(len(jobs))
     try:
         stats = _run_jobs(jobs, cfg, progress)
-        files, after = _dedup_and_shard([j.part for j in jobs], out_dir, cfg)
+        files, after = _dedup_and_shard([j.part for j in jobs], out_dir, cfg, stats)
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)
@@ -282,13 +289,15 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
     (`_PairWriter.files([part_path])`; none when no pair is found)."""
     stats = InputStats(source)
     t0 = time.perf_counter()
-    with _open_source(source, cfg) as stream, _PairWriter(part_path) as writer:
+    with _open_source(source, cfg) as stream, _PairWriter(part_path, cfg.dedup) as writer:
         counted = _CountingReader(stream)
         rules = _LinkRules(cfg, stats, writer)
         splitter = _Splitter(stats, cfg.max_record_bytes, _RecordHandler(rules, stats).record)
         any_bytes = False
         last_records = last_pairs = 0
         native = _native_scanner(cfg)
+        if native is not None:
+            stats.reader = "native"
         try:
             for data in _decompressed(_raw_chunks(counted, stats), stats, splitter, native):
                 if data is None:
@@ -311,6 +320,7 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
             if native is not None:
                 native.close()
         stats.bytes_read = counted.count
+    stats.written, stats.unique_on = writer.rows_out, writer.unique_on
     if tick is not None:
         tick(stats.records - last_records, stats.pairs - last_pairs)
     stats.elapsed_s = time.perf_counter() - t0
@@ -394,29 +404,37 @@ def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> Non
         progress.advance(records, pairs)
 
 
-def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig) -> tuple[list[str], int]:
+def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
+                     stats: list[InputStats]) -> tuple[list[str], int]:
     """Deduplicate the per-input Parquets lazily (first occurrence in input order kept) and cut
-    the result into candidates-NNNNN.parquet shards. Returns (file names, rows written)."""
-    import polars as pl
-
+    the result into candidates-NNNNN.parquet shards. Returns (file names, rows written).
+    One part file that is already unique on the key (or no dedup) and fits one shard is
+    renamed into place: no Polars."""
     for old in out_dir.glob("candidates-*.parquet"):  # from an earlier run into the same folder
         old.unlink()
     existing = [str(f) for f in _PairWriter.files(parts)]
     merged = out_dir / ".extract-partial" / "merged.parquet"
+    key = cfg.dedup.value
     if not existing:
-        pl.DataFrame(schema=_schema_of()).write_parquet(merged, **PARQUET_OPTIONS)
-    elif len(existing) == 1 and cfg.dedup is DedupMode.none:
+        _write_empty(merged)
+        rows = 0
+    elif len(existing) == 1 and all(cfg.dedup is DedupMode.none or s.unique_on == key for s in stats if s.written):
         os.replace(existing[0], merged)  # nothing to merge: the one part is the result
+        rows = sum(s.written for s in stats)
     else:
+        import polars as pl
+
         lf = pl.scan_parquet(existing)
         if cfg.dedup is not DedupMode.none:
-            lf = lf.unique(subset=[cfg.dedup.value], keep="first", maintain_order=True)
+            lf = lf.unique(subset=[key], keep="first", maintain_order=True)
         lf.sink_parquet(merged, **PARQUET_OPTIONS)
-    rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
+        rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
         os.replace(merged, out_dir / name)
         return [name], rows
+    import polars as pl
+
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
         pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
@@ -1527,8 +1545,7 @@ class _LinkRules:
         notes["url_truncated"] += out.url_cut
         notes["caption_truncated"] += out.cap_cut
         lo = batch.pages()[a * batch.PAGE_FIELDS + 3]  # the first link of page a
-        seq0 = self._seq - lo
-        hard_rows: list[tuple[int, str, str, str, str | None]] = []
+        hard_rows: list[tuple[int, str, str, str, str | None, str]] = []
         joiners: dict[int, Callable[[str], str]] = {}
         for i, (src, alt, k) in zip(out.hard, out.hard_links):  # what extract_vec leaves to the reference
             url, lang, parts = batch.page(k)
@@ -1540,9 +1557,10 @@ class _LinkRules:
                 continue
             for value, note in ((link_url, "url_truncated"), (caption, "caption_truncated")):
                 notes[note] += len(value) > cap
-            hard_rows.append((seq0 + i, link_url[:cap], caption[:cap], url, lang))
+            link_url, caption = link_url[:cap], caption[:cap]
+            hard_rows.append((i, link_url, caption, url, lang, uid_of(link_url, caption)))
         self.stats.pairs += len(out.rows) + len(hard_rows)
-        out.seq = [seq0 + i for i in out.rows]
+        out.seq0 = self._seq - lo  # a row's place in the flush: seq0 + its link's number in the batch
         out.hard_rows = hard_rows
         self._py = None
         self._segments.append(out)
@@ -1565,12 +1583,19 @@ class _LinkRules:
         """Check the queued WAT links and write their pairs, in link order."""
         if not self._segments:
             return
-        import polars as pl
-
         segments = self._segments
         self._new_batch()
         py = [seg for seg in segments if isinstance(seg, _PyPages)]
         native = [seg for seg in segments if not isinstance(seg, _PyPages)]
+        if self.writer.native and sum(len(seg.srcs) for seg in py) <= REFERENCE_LINKS:
+            for seg in segments:  # compiled rules (and a few links by the reference) to the compiled writer
+                if isinstance(seg, _PyPages):
+                    self._reference_queued(seg)
+                else:
+                    self.writer.add_native(seg)
+            return
+        import polars as pl
+
         frames = []
         if py:
             try:
@@ -1725,15 +1750,15 @@ def _native_frame(results: list[Any]) -> Any:
     import polars as pl
 
     frame = type(results[0]).frame(results).with_columns(
-        seq=pl.Series([i for r in results for i in r.seq], dtype=pl.Int64))
-    hard_rows = [row for r in results for row in r.hard_rows]
+        seq=pl.Series([r.seq0 + i for r in results for i in r.rows], dtype=pl.Int64))
+    hard_rows = [(r.seq0 + row[0], *row[1:]) for r in results for row in r.hard_rows]
     if hard_rows:
-        seq, url, caption, page_url, lang = (list(c) for c in zip(*hard_rows))
+        seq, url, caption, page_url, lang, uid = (list(c) for c in zip(*hard_rows))
         hard = pl.DataFrame({"url": url, "caption": caption, "page_url": page_url,
                              "width": pl.Series(dtype=pl.Int32).extend_constant(None, len(seq)),
                              "height": pl.Series(dtype=pl.Int32).extend_constant(None, len(seq)),
                              "page_lang": pl.Series(lang, dtype=pl.String),
-                             "uid": [uid_of(u, c) for u, c in zip(url, caption)], "seq": pl.Series(seq, dtype=pl.Int64)},
+                             "uid": uid, "seq": pl.Series(seq, dtype=pl.Int64)},
                             schema=frame.schema)
         frame = pl.concat([frame, hard], how="vertical")
     return frame
@@ -1843,17 +1868,62 @@ def uid_of(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\x00{caption}".encode()).hexdigest()[:32]
 
 
-class _PairWriter:
-    """Buffers pairs and writes them, WRITE_CHUNK_ROWS at a time, to numbered Parquet files
-    `path.stem-NNNN.parquet` beside `path` (Polars, already loaded by then; pyarrow's writer
-    would pull in pandas, 0.4 s of start-up)."""
+def _has_nul(*cols: list[str | None]) -> bool:
+    return any(v is not None and "\x00" in v for col in cols for v in col)
 
-    def __init__(self, path: Path):
+
+def _write_empty(path: Path) -> None:
+    """A Parquet file with the candidates' columns and no rows."""
+    from .parquet_native import ParquetWriter, available
+
+    if _USE_NATIVE and available():
+        ParquetWriter(path).close()
+        return
+    import polars as pl
+
+    pl.DataFrame(schema=_schema_of()).write_parquet(path, **PARQUET_OPTIONS)
+
+
+class _PairWriter:
+    """Writes one input's pairs to numbered Parquet files `path.stem-NNNN.parquet` beside
+    `path`, in order. When the compiled writer is there (parquet_native.py), the rows the
+    compiled rules kept (add_native) and rows given as lists (add_rows) go straight to it, and it
+    drops the duplicates on `dedup` as they come: an input read by the native path never loads
+    Polars. Frames (add_frame, from the vectorised rules), and add_rows without the compiled
+    writer, are buffered and written by Polars, WRITE_CHUNK_ROWS at a time (pyarrow's writer
+    would pull in pandas). A switch from one writer to the other starts the next file."""
+
+    def __init__(self, path: Path, dedup: DedupMode = DedupMode.none):
         self.path = path
-        self._written = 0
+        self.dedup = dedup
+        self._written = 0  # files
         self._cols: tuple[list, ...] = ([], [], [], [], [], [])
         self._frames: list[Any] = []  # before the rows in _cols, in order
         self._rows = 0
+        self._native: Any = None  # the compiled writer of the current file, while it is open
+        self.rows_out = 0  # rows in the files closed so far
+        self._unique = True  # every file so far came from a compiled writer that dropped duplicates
+        self._native_ok: bool | None = None
+
+    @property
+    def native(self) -> bool:
+        """Whether add_native can be used: the compiled writer is there (and zstd for it)."""
+        if self._native_ok is None:
+            from .parquet_native import available
+
+            self._native_ok = _USE_NATIVE and available()
+        return self._native_ok
+
+    @property
+    def unique_on(self) -> str | None:
+        """The key the rows of this input's files are unique on already: its one file is from
+        the compiled writer, which dropped the duplicates (None otherwise)."""
+        if self._written == 1 and self._unique and self.dedup is not DedupMode.none and self._native is None:
+            return self.dedup.value
+        return None
+
+    def _next_file(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}-{self._written:04d}.parquet")
 
     @staticmethod
     def files(paths: list[Path]) -> list[Path]:
@@ -1867,8 +1937,48 @@ class _PairWriter:
                     written.setdefault(f.with_name(stem), []).append((int(number), f))
         return [f for p in paths for _, f in sorted(written.get(p.with_suffix(""), []))]
 
+    def add_native(self, result: Any) -> None:
+        """The rows of an extract_native.RuleResult (with its hard_rows: (link, url, caption,
+        page_url, lang, uid) the reference kept), merged in link order."""
+        from .parquet_native import Rows
+
+        if not len(result.rows) and not result.hard_rows:
+            return
+        lang_valid = result.lang_valid if result.lang_valid.count(0) else None
+        a = Rows(len(result.rows), (result.url, result.cap, result.purl, result.uid, result.lang),
+                 (None, None, None, None, lang_valid), seq=result.rows if result.hard_rows else None)
+        b = None
+        if result.hard_rows:
+            link, url, caption, page_url, lang, uid = (list(c) for c in zip(*result.hard_rows))
+            b = Rows.from_lists(url, caption, page_url, uid, lang, seq=array.array("q", link))
+        self._native_writer().append(a, b)
+
+    def _native_writer(self) -> Any:
+        """The compiled writer of the current file; what Polars holds is written first."""
+        if self._frames or self._cols[0]:
+            self.flush()
+        if self._native is None:
+            from .parquet_native import ParquetWriter
+
+            key = None if self.dedup is DedupMode.none else self.dedup.value
+            self._native = ParquetWriter(self._next_file(), dedup=key)
+        return self._native
+
+    def _close_native(self) -> None:
+        if self._native is not None:
+            self._native.close()
+            self.rows_out += self._native.rows_written
+            self._native = None
+            self._written += 1
+
     def add_rows(self, urls: list[str], captions: list[str], page_urls: list[str], widths: list[int | None],
                  heights: list[int | None], langs: list[str | None]) -> None:
+        if self.native and not _has_nul(urls, captions, page_urls, langs):  # the C writer takes NUL-terminated strings
+            from .parquet_native import Rows
+
+            uids = [uid_of(u, c) for u, c in zip(urls, captions)]
+            self._native_writer().append(Rows.from_lists(urls, captions, page_urls, uids, langs, widths, heights))
+            return
         c = self._cols
         c[0].extend(urls)
         c[1].extend(captions)
@@ -1883,6 +1993,7 @@ class _PairWriter:
     def add_frame(self, frame: Any) -> None:
         """Rows as a Polars DataFrame with the columns of add_rows: url, caption, page_url,
         width, height, page_lang; and uid, when it has it already."""
+        self._close_native()
         self._frame_rows()
         self._frames.append(frame)
         self._rows += frame.height
@@ -1901,18 +2012,22 @@ class _PairWriter:
             self._cols = ([], [], [], [], [], [])
 
     def flush(self) -> None:
+        """Write what is buffered; close the compiled writer's file."""
+        self._close_native()
+        if not self._frames and not self._cols[0]:
+            return
         import polars as pl
 
         self._frame_rows()
-        if not self._frames:
-            return
         schema = _schema_of()
         frames = [(f if "uid" in f.columns else f.with_columns(uid=_uids(f.get_column("url"), f.get_column("caption"))))
                   .select(list(schema)).cast(schema) for f in self._frames]  # native frames come with their uid
         frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         self._frames, self._rows = [], 0
-        frame.write_parquet(self.path.with_name(f"{self.path.stem}-{self._written:04d}.parquet"), **PARQUET_OPTIONS)
+        frame.write_parquet(self._next_file(), **PARQUET_OPTIONS)
         self._written += 1
+        self.rows_out += frame.height
+        self._unique = False
 
     def __enter__(self) -> _PairWriter:
         return self
@@ -1920,4 +2035,7 @@ class _PairWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.flush()
+        elif self._native is not None:
+            self._native.abort()
+            self._native = None
 

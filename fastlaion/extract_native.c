@@ -1108,11 +1108,62 @@ static int contains_ci(const uint8_t *s, int64_t n, uint8_t mark, const char *wo
     return 0;
 }
 
+typedef struct { const uint8_t *p; int64_t n; } seg_t;
+
+/* urljoin(base, src) for a src that is a path with dot segments, as extract._Base._join_dots
+ * does it (urllib.parse's steps): the segments are src's when it starts with '/', else the
+ * base directory's then src's with the empty ones between the first and the last dropped;
+ * '..' pops the last kept one (the leading empty one too), '.' goes; a last '.' or '..' leaves
+ * a trailing slash. Writes origin + path to out and returns its length. `segs` holds room for
+ * 2 * (slashes in dir and src + 2) segments. */
+static int64_t join_dots(const uint8_t *origin, int64_t on, const uint8_t *dir, int64_t dn,
+                         const uint8_t *src, int64_t sn, uint8_t *out, seg_t *segs) {
+    int64_t n = 0;
+    for (int part = src[0] == '/' ? 1 : 0; part < 2; part++) {  /* split on '/' */
+        const uint8_t *s = part ? src : dir;
+        int64_t len = part ? sn : dn, at = 0;
+        for (int64_t i = 0; i <= len; i++) {
+            if (i == len || s[i] == '/') { segs[n].p = s + at; segs[n].n = i - at; n++; at = i + 1; }
+        }
+    }
+    int joined = src[0] != '/';
+    seg_t *kept = segs + n;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        seg_t g = segs[i];
+        if (joined && g.n == 0 && i > 0 && i < n - 1) continue;  /* empty ones in between */
+        if (g.n == 2 && g.p[0] == '.' && g.p[1] == '.') { if (k) k--; }
+        else if (!(g.n == 1 && g.p[0] == '.')) kept[k++] = g;
+    }
+    seg_t last = segs[n - 1];
+    if ((last.n == 1 && last.p[0] == '.') || (last.n == 2 && last.p[0] == '.' && last.p[1] == '.')) {
+        kept[k].p = src; kept[k].n = 0; k++;
+    }
+    memcpy(out, origin, (size_t)on);
+    int64_t m = on;
+    if (k == 0 || kept[0].n > 0) out[m++] = '/';  /* "/".join(kept) or "/", made absolute */
+    for (int64_t i = 0; i < k; i++) {
+        if (i) out[m++] = '/';
+        memcpy(out + m, kept[i].p, (size_t)kept[i].n);
+        m += kept[i].n;
+    }
+    if (k == 1 && kept[0].n == 0) out[m++] = '/';  /* [""] joins to "", which is "/" */
+    return m;
+}
+
+/* Whether s holds a character urlparse reads as more than a path (extract._NOT_A_PLAIN_PATH;
+ * s is printable ASCII here). */
+static int not_plain_path(const uint8_t *s, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (s[i] == ':' || s[i] == '?' || s[i] == '#' || s[i] == ';' || s[i] == ' ') return 1;
+    return 0;
+}
+
 /* one link: its reason (R_KEPT, R_HARD, or a reason index); a kept link's url and caption are
  * appended to out */
 static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, int64_t sn, int src_valid,
                      const uint8_t *alt, int64_t an, int alt_valid, const uint8_t *const parts[3],
-                     const int64_t parts_n[3], uint8_t *scratch) {
+                     const int64_t parts_n[3], uint8_t *scratch, seg_t *segs) {
     /* alt */
     int64_t fold_n = 0, chars = 0;
     if (!alt_valid) {
@@ -1170,10 +1221,13 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     /* join to the base */
     const uint8_t *pre = NULL;
     int64_t pre_n = 0, extra = 0;  /* extra: the ':' after a scheme */
+    uint8_t *url = clean + cn;
+    int64_t un = -1;
     if ((cn >= 7 && match_ci(clean, "http://", 7)) || (cn >= 8 && match_ci(clean, "https://", 8))) {
     } else if (cn == 0) {
     } else if (clean[0] == '.' || find(clean, cn, 0, "/.", 2) >= 0) {
-        return R_HARD;
+        if (!parts[0] || starts(clean, cn, "//") || not_plain_path(clean, cn)) return R_HARD;
+        un = join_dots(parts[1], parts_n[1], parts[2] + parts_n[1], parts_n[2] - parts_n[1], clean, cn, url, segs);
     } else if (!parts[0]) {
         return R_HARD;
     } else if (starts(clean, cn, "//")) {
@@ -1185,11 +1239,12 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     } else {
         return R_HARD;
     }
-    uint8_t *url = clean + cn;
-    int64_t un = 0;
-    if (pre) { memcpy(url, pre, (size_t)pre_n); un = pre_n; if (extra) url[un++] = ':'; }
-    memcpy(url + un, clean, (size_t)cn);
-    un += cn;
+    if (un < 0) {
+        un = 0;
+        if (pre) { memcpy(url, pre, (size_t)pre_n); un = pre_n; if (extra) url[un++] = ':'; }
+        memcpy(url + un, clean, (size_t)cn);
+        un += cn;
+    }
     if (!url_ok(url, un, -1)) return R_INVALID_URL;
     if (!url_ok(url, un, cfg->max_host)) return R_LONG_HOST;
     /* kept: cut to max_text_chars (the URL is ASCII) */
@@ -1237,7 +1292,7 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
     out->hsrc.n = out->halt.n = out->hvalid.n = out->uid.n = 0;
     memset(out->reasons, 0, sizeof out->reasons);
     out->url_cut = out->cap_cut = 0;
-    gbuf scratch = {0};
+    gbuf scratch = {0}, segs = {0};
     int64_t ovr = 0;
     const uint8_t *ovr_p = cfg->ovr_blob;
     for (int64_t pg = pa; pg < pb; pg++) {
@@ -1270,13 +1325,18 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
         for (int64_t l = row[3]; l < row[3] + row[4]; l++) {
             const uint8_t *src = c->src + c->src_start[l], *alt = c->alt + c->alt_start[l];
             int64_t sn = (int64_t)strlen((const char *)src), an = (int64_t)strlen((const char *)alt);
-            if (!gbuf_room(&scratch, an + 3 * sn + longest + 8)) { free(scratch.p); return -1; }
-            int r = link_rule(cfg, out, src, sn, c->src_valid[l], alt, an, c->alt_valid[l], parts, parts_n, scratch.p);
-            if (r == -100) { free(scratch.p); return -1; }
+            if (!gbuf_room(&scratch, an + 3 * sn + longest + 8)
+                || !gbuf_room(&segs, 2 * (int64_t)sizeof(seg_t) * (sn + longest + 4))) {
+                free(scratch.p); free(segs.p); return -1;
+            }
+            int r = link_rule(cfg, out, src, sn, c->src_valid[l], alt, an, c->alt_valid[l], parts, parts_n, scratch.p,
+                              (seg_t *)segs.p);
+            if (r == -100) { free(scratch.p); free(segs.p); return -1; }
             if (r == R_KEPT) {
                 if (!push_i64(&out->row_link, l) || !push_str(&out->purl, purl, purl_n)
                     || !push_str(&out->lang, lang, lang_n) || !gbuf_room(&out->lang_valid, 1)) {
                     free(scratch.p);
+                    free(segs.p);
                     return -1;
                 }
                 out->lang_valid.p[out->lang_valid.n++] = has_lang;
@@ -1284,6 +1344,7 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
                 if (!push_i64(&out->hard, l) || !push_str(&out->hsrc, src, sn) || !push_str(&out->halt, alt, an)
                     || !gbuf_room(&out->hvalid, 2)) {
                     free(scratch.p);
+                    free(segs.p);
                     return -1;
                 }
                 out->hvalid.p[out->hvalid.n++] = c->src_valid[l];
@@ -1294,6 +1355,7 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
         }
     }
     free(scratch.p);
+    free(segs.p);
     return 0;
 }
 

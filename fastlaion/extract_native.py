@@ -35,7 +35,8 @@ from .config import first_line
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("extract_native.c")
+# The C sources of the one library: the WAT hot path and the Parquet writer it feeds.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("extract_native.c", "parquet_native.c"))
 
 
 def _file_sha256(path: Path) -> str:
@@ -43,13 +44,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def _build(cc: str, out: Path, digest: Path) -> None:
-    """Compile SOURCE into `out` (readable by all, as a shared cache needs) and write its digest;
+    """Compile SOURCES into `out` (readable by all, as a shared cache needs) and write its digest;
     both under temporary names first, renamed into place, so processes building at once and a
     build killed half-way never leave a partial file under the final names."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+        proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(tmp), *map(str, SOURCES)],
                               capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:] or 'no library written'}")
@@ -147,7 +148,7 @@ def _load() -> Any:
     cc = _compiler()
     if cc is None:
         raise _NoCompiler("no C compiler")
-    src = SOURCE.read_bytes()
+    src = b"\0".join(f.read_bytes() for f in SOURCES)
     # One library per source, compiler and platform (a home folder shared by machines of two kinds
     # gets one each).
     key = src + "\0".join((cc, sys.platform, platform.machine(), *platform.libc_ver())).encode()
@@ -364,7 +365,7 @@ class Rules:
             raise MemoryError("wat_rules")
         o = self.out
         res = RuleResult(o.url.bytes(), o.cap.bytes(), o.purl.bytes(), o.lang.bytes(), o.uid.bytes(), o.lang_valid.bytes(),
-                         array.array("q", o.row_link.bytes()).tolist(), array.array("q", o.hard.bytes()).tolist(),
+                         array.array("q", o.row_link.bytes()), array.array("q", o.hard.bytes()).tolist(),
                          list(o.reasons), o.url_cut, o.cap_cut)
         if res.hard:
             valid = o.hvalid.bytes()
@@ -383,14 +384,18 @@ class Rules:
 class RuleResult:
     """What wat_rules decided: the kept links' url, caption, page URL, language and uid as
     NUL-terminated UTF-8 (lang_valid: 0 where the page has none) and their link indices
-    (`rows`); the links left to the reference (`hard`); per reason (extract.REJECT_REASONS
+    (`rows`, int64, increasing); the links left to the reference (`hard`); per reason (extract.REJECT_REASONS
     order) the links rejected; and how many kept urls and captions were cut."""
 
-    def __init__(self, url: bytes, cap: bytes, purl: bytes, lang: bytes, uid: bytes, lang_valid: bytes, rows: list[int],
-                 hard: list[int], reasons: list[int], url_cut: int, cap_cut: int):
+    def __init__(self, url: bytes, cap: bytes, purl: bytes, lang: bytes, uid: bytes, lang_valid: bytes,
+                 rows: array.array, hard: list[int], reasons: list[int], url_cut: int, cap_cut: int):
         self.url, self.cap, self.purl, self.lang, self.uid, self.lang_valid = url, cap, purl, lang, uid, lang_valid
         self.rows, self.hard, self.reasons, self.url_cut, self.cap_cut = rows, hard, reasons, url_cut, cap_cut
         self.hard_links: list[tuple[str | None, str | None, int]] = []  # (url, alt, page) of each hard link
+        # Set by extract._LinkRules: the rows the reference kept of the hard links, as (link,
+        # url, caption, page_url, lang, uid), and the place of link 0 in its flush.
+        self.hard_rows: list[tuple[int, str, str, str, str | None, str]] = []
+        self.seq0 = 0
 
     @staticmethod
     def frame(results: list[RuleResult]) -> Any:

@@ -636,7 +636,10 @@ def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):
 # Fast paths against their references: same pairs, same counts
 
 class _Rows:
-    """Stands in for the Parquet writer: keeps what it is given."""
+    """Stands in for the Parquet writer: keeps what it is given (rows and frames, not the
+    compiled writer's results)."""
+
+    native = False
 
     def __init__(self) -> None:
         self.rows: list[tuple] = []
