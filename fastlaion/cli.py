@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from . import __version__
 from .cli_typer import LazyGroup, add_lazy_command
@@ -33,8 +32,30 @@ app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=LazyGroup,
 )
-console = Console(stderr=True)
-out_console = Console()
+
+
+class _LazyConsole:
+    """rich's Console, made when first used: a command that prints only plain lines
+    (`fastlaion extract --no-progress`) never imports rich (~40 ms of start-up)."""
+
+    def __init__(self, **kwargs: Any):
+        self._kwargs = kwargs
+        self._console: Any = None
+
+    @property
+    def real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+console: Any = _LazyConsole(stderr=True)
+out_console: Any = _LazyConsole()
 
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
@@ -55,10 +76,24 @@ class _QuietLibraries(logging.Filter):
         return not (record.name.startswith("huggingface_hub") or "/open_clip/" in record.pathname)
 
 
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+class _LazyRichHandler(logging.Handler):
+    """rich's log handler, made at the first record (most runs log nothing: rich stays unloaded)."""
 
-    handler = RichHandler(console=console, show_path=False, show_time=False)
+    def __init__(self) -> None:
+        super().__init__()
+        self._handler: logging.Handler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._handler is None:
+            from rich.logging import RichHandler
+
+            self._handler = RichHandler(console=console.real, show_path=False, show_time=False)
+            self._handler.setFormatter(self.formatter)
+        self._handler.emit(record)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _LazyRichHandler()
     if not verbose:
         handler.addFilter(_QuietLibraries())
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is imported
@@ -127,7 +162,7 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
     from .cli_progress import BarProgress
     from .pipeline import run
 
-    bar = BarProgress(console, show_progress)
+    bar = BarProgress(console.real, show_progress)
     with user_errors(bar, "finished shards are kept; rerun the same command to resume"):
         return run(cfg, bar)
 
@@ -277,8 +312,7 @@ def print_extract_summary(s: Any) -> None:
     if any(s.notes.values()):
         lines.append(f"  notes: {why(s.notes)}")
     lines.append(f"written: {', '.join(s.files)} and extract_stats.json")
-    for line in lines:
-        out_console.print(line, soft_wrap=True, highlight=False)
+    print("\n".join(lines), flush=True)  # plain: no markup read into a file name, no rich to load
 
 
 @_command("extract")
@@ -311,7 +345,7 @@ def extract_cmd(
     if progress:
         from .cli_progress import ExtractBar
 
-        bar: Any = ExtractBar(console, True)
+        bar: Any = ExtractBar(console.real, True)
     else:
         from .extract import NoProgress
 

@@ -36,7 +36,7 @@ class _Bar:
 
     def __init__(self, enabled: bool):
         self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=_cli().console, disable=not enabled)
+                       TimeElapsedColumn(), console=_cli().console.real, disable=not enabled)
         self.task: Any = None
 
     def start(self, what: str, total: int) -> None:

@@ -217,6 +217,20 @@ def test_a_command_reads_only_its_own_signature(args):
     assert loaded_after(run_main(args)) == []
 
 
+def test_extract_without_a_bar_prints_plain_lines_without_rich(tmp_path):
+    """`fastlaion extract --no-progress` writes its summary with print: rich (~40 ms of start-up
+    per process) is not imported, and the summary is all there."""
+    import gzip
+
+    wat = tmp_path / "in.wat.gz"
+    wat.write_bytes(gzip.compress(b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 0\r\n\r\n\r\n\r\n"))
+    args = ["extract", str(wat), "-o", str(tmp_path / "out"), "--no-progress", "--processes", "1"]
+    assert loaded_after(run_main(args), ("rich", "rich.console", "rich.logging")) == []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "records" in result.output and "written: candidates-00000.parquet and extract_stats.json" in result.output
+
+
 def test_every_command_is_listed_and_built_when_looked_up():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
