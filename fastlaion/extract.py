@@ -112,7 +112,7 @@ WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # .warc.wat.gz ends in
 READ_CHUNK_BYTES = 1 << 20
 DECOMPRESS_CAP_BYTES = 8 << 20  # most output one decompress call may make
 INFLATE_FEED_BYTES = 8 << 10  # most compressed input one decompress call is given
-WRITE_CHUNK_ROWS = 65_536  # pairs buffered per input before they go to its temporary Parquet
+WRITE_CHUNK_ROWS = 65_536  # pairs buffered per input before they go to its temporary Parquet (a row group)
 # zstd level 1: 7 % larger files than Polars' default level, half the CPU to write them
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
 LINK_BATCH = 65_536  # WAT links queued before the vectorised rules check them (~15 MB)
@@ -1961,7 +1961,7 @@ class _PairWriter:
             from .parquet_native import ParquetWriter
 
             key = None if self.dedup is DedupMode.none else self.dedup.value
-            self._native = ParquetWriter(self._next_file(), dedup=key)
+            self._native = ParquetWriter(self._next_file(), dedup=key, rowgroup_rows=WRITE_CHUNK_ROWS)
         return self._native
 
     def _close_native(self) -> None:
