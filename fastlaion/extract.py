@@ -1538,7 +1538,10 @@ class _LinkRules:
         for k, href in batch.base_pages(a, b):  # a non-blank <base href>: joined to the page URL here
             base = _page_base(batch.page(k)[0], href, True)
             bases[k] = (base, _base_parts(base))
-        out = rules.run(batch, a, b, [(k, parts) for k, (_, parts) in bases.items()])
+        # Nothing queued before these rows and the compiled writer there: they go to it from the
+        # C buffers as they are, before the next run reuses them (no copy into Python bytes).
+        direct = not self._segments and self.writer.native
+        out = rules.run(batch, a, b, [(k, parts) for k, (_, parts) in bases.items()], copy=not direct)
         rej, notes, cap = self.stats.rejected, self.stats.notes, self.cfg.max_text_chars
         for name, n in zip(REJECT_REASONS, out.reasons):
             rej[name] += n
@@ -1563,8 +1566,11 @@ class _LinkRules:
         out.seq0 = self._seq - lo  # a row's place in the flush: seq0 + its link's number in the batch
         out.hard_rows = hard_rows
         self._py = None
-        self._segments.append(out)
         self._seq += n_links
+        if direct:
+            self.writer.add_native(out)
+            return
+        self._segments.append(out)
         self._queued += n_links
         if self._queued >= LINK_BATCH:
             self.flush()
@@ -1944,9 +1950,12 @@ class _PairWriter:
 
         if not len(result.rows) and not result.hard_rows:
             return
-        lang_valid = result.lang_valid if result.lang_valid.count(0) else None
-        a = Rows(len(result.rows), (result.url, result.cap, result.purl, result.uid, result.lang),
-                 (None, None, None, None, lang_valid), seq=result.rows if result.hard_rows else None)
+        if result.addresses is not None:  # still in the C buffers: our own C wrote them, as Rows wants them
+            a = Rows.from_addresses(len(result.rows), *result.addresses, keep=result, merge=bool(result.hard_rows))
+        else:
+            lang_valid = result.lang_valid if result.lang_valid.count(0) else None
+            a = Rows(len(result.rows), (result.url, result.cap, result.purl, result.uid, result.lang),
+                     (None, None, None, None, lang_valid), seq=result.rows if result.hard_rows else None)
         b = None
         if result.hard_rows:
             link, url, caption, page_url, lang, uid = (list(c) for c in zip(*result.hard_rows))

@@ -353,9 +353,11 @@ class Rules:
             raise MemoryError("wat_rules_out")
         self.out = self.out_p.contents
 
-    def run(self, batch: Batch, a: int, b: int, overrides: list[tuple[int, tuple[str | None, ...]]]) -> RuleResult:
+    def run(self, batch: Batch, a: int, b: int, overrides: list[tuple[int, tuple[str | None, ...]]],
+            copy: bool = True) -> RuleResult:
         """The rules over the links of pages a..b; overrides: (page, (scheme, origin, directory))
-        for the pages whose base Python joined, in page order."""
+        for the pages whose base Python joined, in page order. copy=False: the kept rows stay in
+        the C buffers (RuleResult.addresses), valid until the next run."""
         pages = array.array("q", [k for k, _ in overrides])
         blob = b"".join(f"{p[0] or ''}\x00{p[1] or ''}\x00{p[2] or ''}\x00".encode() for _, p in overrides)
         self.cfg.ovr_page = pages.buffer_info()[0] if overrides else None
@@ -364,9 +366,18 @@ class Rules:
         if self.lib.wat_rules(batch.scanner.ctx_p, ctypes.byref(self.cfg), self.out_p, a, b):
             raise MemoryError("wat_rules")
         o = self.out
-        res = RuleResult(o.url.bytes(), o.cap.bytes(), o.purl.bytes(), o.lang.bytes(), o.uid.bytes(), o.lang_valid.bytes(),
-                         array.array("q", o.row_link.bytes()), array.array("q", o.hard.bytes()).tolist(),
-                         list(o.reasons), o.url_cut, o.cap_cut)
+        rows = array.array("q", o.row_link.bytes())
+        if copy:
+            res = RuleResult(o.url.bytes(), o.cap.bytes(), o.purl.bytes(), o.lang.bytes(), o.uid.bytes(),
+                             o.lang_valid.bytes(), rows, array.array("q", o.hard.bytes()).tolist(), list(o.reasons),
+                             o.url_cut, o.cap_cut)
+        else:
+            lang_valid = o.lang_valid.bytes()
+            res = RuleResult(b"", b"", b"", b"", b"", lang_valid, rows, array.array("q", o.hard.bytes()).tolist(),
+                             list(o.reasons), o.url_cut, o.cap_cut)
+            res.addresses = ((o.url.p, o.cap.p, o.purl.p, o.uid.p, o.lang.p),
+                             (None, None, None, None, o.lang_valid.p if lang_valid.count(0) else None),
+                             rows)
         if res.hard:
             valid = o.hvalid.bytes()
             res.hard_links = list(zip(
@@ -396,6 +407,9 @@ class RuleResult:
         # url, caption, page_url, lang, uid), and the place of link 0 in its flush.
         self.hard_rows: list[tuple[int, str, str, str, str | None, str]] = []
         self.seq0 = 0
+        # Rules.run(copy=False): (string blob addresses, validity addresses, rows) in the C
+        # buffers instead of the bytes above, valid until the next run
+        self.addresses: tuple[Any, ...] | None = None
 
     @staticmethod
     def frame(results: list[RuleResult]) -> Any:

@@ -148,6 +148,21 @@ class Rows:
                           (_vp * 2)(*map(_addr, self.ints)), (_vp * 2)(*map(_addr, self.ivalid)))
 
     @staticmethod
+    def from_addresses(n: int, strs: Sequence[int], valid: Sequence[int | None], seq: array.array, keep: Any,
+                       merge: bool) -> Rows:
+        """Rows whose strings are already in C memory at these addresses, laid out as Rows wants
+        them (extract_native's rules output, which only our C writes): not checked or copied.
+        `keep` is kept alive with the Rows; seq (array "q" of n) is used when `merge`."""
+        if len(seq) != n or len(strs) != NSTR or len(valid) != NSTR:
+            raise ValueError("from_addresses: n, strs and valid do not agree")
+        rows = Rows.__new__(Rows)
+        rows.n, rows.seq, rows.strs, rows.valid = n, seq if merge else None, [keep], [None] * NSTR
+        rows.ints, rows.ivalid = [None, None], [None, None]
+        rows._c = _PqRows(n, _addr(rows.seq), (_vp * NSTR)(*strs), (_vp * NSTR)(*valid), (_vp * 2)(None, None),
+                          (_vp * 2)(None, None))
+        return rows
+
+    @staticmethod
     def from_lists(urls: Sequence[str], captions: Sequence[str], page_urls: Sequence[str], uids: Sequence[str],
                    langs: Sequence[str | None], widths: Sequence[int | None] | None = None,
                    heights: Sequence[int | None] | None = None, seq: Sequence[int] | None = None) -> Rows:

@@ -147,8 +147,8 @@ def test_c_rules_decide_most_links_themselves(tmp_path, monkeypatch, data):
     handed: list[int] = []
     run = native.Rules.run
 
-    def counted(self, *args):
-        out = run(self, *args)
+    def counted(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
         handed.append(len(out.hard))
         handed.append(-len(out.rows) - sum(out.reasons))
         return out
@@ -185,8 +185,8 @@ def test_dot_segment_paths_are_joined_in_c_as_urljoin_does(tmp_path, monkeypatch
     handed: list[int] = []
     run = native.Rules.run
 
-    def counted(self, *args):
-        out = run(self, *args)
+    def counted(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
         handed.append(len(out.hard))
         return out
     monkeypatch.setattr(native.Rules, "run", counted)
