@@ -251,12 +251,12 @@ def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list
         torch.cuda.synchronize()
 
 
-def _make_scorer(model: str, batch: int, device: torch.device) -> Any:
+def _make_scorer(model: str, batch: int, device: torch.device, compile: bool = False) -> Any:
     from fastlaion.config import ScoreConfig
     from fastlaion.score import Scorer
 
     torch.manual_seed(0)
-    return Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch), device)
+    return Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch, compile=compile), device)
 
 
 def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: dict[str, Any] | None = None,
@@ -381,6 +381,38 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
 
+def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
+    """(f) `--compile`: the towers under torch.compile (fixed shapes), against the eager ones in
+    the same call: compile time, score only, decode+score. Not in the default sections (the
+    compile takes minutes): GPU_BENCH_SECTIONS=f."""
+    texts = make_captions(len(jpegs))
+    h, w = _make_scorer(args.model, args.batch, device).clip_spec.size
+    pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
+    batch_texts = texts[: args.batch]
+    rounds = max(2, len(jpegs) // args.batch)
+    for compiled in (False, True):
+        scorer = _make_scorer(args.model, args.batch, device, compile=compiled)
+        t0 = time.perf_counter()
+        scorer.score(pixels, batch_texts)  # the compile, for this caption length
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            scorer.score(pixels, batch_texts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        alone = rounds * args.batch / (time.perf_counter() - t0)
+        label = "compiled" if compiled else "eager"
+        row(f"{args.model} score only ({label})", f"{alone:,.0f} samples/s",
+            f"first batch {first:.1f} s (the compile when compiled); batch {args.batch}, {scorer.dtype}")
+        decoder = _make_decoder(scorer, args.batch, device)
+        images, captions = jpegs * args.repeat, texts * args.repeat
+        decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
+        t0 = time.perf_counter()
+        decode_and_score(decoder, scorer, images, captions, args.batch, device)
+        row(f"{args.model} decode+score ({decoder.name}, {label})", f"{len(images) / (time.perf_counter() - t0):,.0f} samples/s",
+            f"{len(images):,} samples, batch {args.batch}")
+
+
 # -- (d) the whole run -----------------------------------------------------------------------
 
 def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
@@ -469,7 +501,8 @@ def main() -> None:
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("e", "(e) decode+score, several processes",
-                           lambda: [bench_processes(args, jpegs, device, n) for n in ((2, 4) if gpu else (2,))])):
+                           lambda: [bench_processes(args, jpegs, device, n) for n in ((2, 4) if gpu else (2,))]),
+                          ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
         if key in wanted:
             section(name, fn)
 

@@ -191,6 +191,9 @@ class ScoreConfig:
     batch_size: int = 256  # images per CLIP forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
+    # torch.compile the towers (batches padded to batch_size, captions to a few lengths, so the
+    # shapes stay fixed); the first batches pay the compile
+    compile: bool = False
 
     @property
     def random_weights(self) -> bool:
@@ -329,7 +332,7 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     # The decoder is left out too: GPU and CPU decodes agree within a stated tolerance, and a
     # run started on a GPU box may be finished on a CPU one.
     key["decode"] = {k: v for k, v in key["decode"].items() if k not in ("threads", "decoder")}
-    key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision")}
+    key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision", "compile")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
     return key
 

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class Scorer:
         self.clip_spec = ClipInputSpec.from_open_clip(pp)
         self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(1, 3, 1, 1)
+        self._compiled = _CompiledTowers(self, cfg.batch_size) if cfg.compile else None
         self.embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
             else int(self.embed_texts(["probe"]).shape[1])
 
@@ -113,6 +115,12 @@ class Scorer:
             if self.device.type == "cuda":  # pinned: the copy runs asynchronously
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
+        if self._compiled is not None and len(x):
+            return self._compiled.images(x)
+        return self._image_tower(x)
+
+    def _image_tower(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 on the device -> (N, D) raw image features."""
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
         return self.model.encode_image(x)
 
@@ -120,6 +128,8 @@ class Scorer:
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """texts: N strings -> (N, D) raw text features on the device."""
         tokens = self.tokenizer(texts)
+        if self._compiled is not None and len(tokens):
+            return self._compiled.texts(tokens)
         if self._text_prefix is None:
             return self.model.encode_text(tokens.to(self.device))
         return self._text_prefix.encode(tokens, self.device)
@@ -145,6 +155,50 @@ class Scorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1).half()
         txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
+
+
+class _CompiledTowers:
+    """A Scorer's towers under torch.compile, with shapes kept fixed so that each compiles once:
+    every call runs on `rows` rows (a smaller batch padded with zeros, a larger one cut into
+    pieces), and captions run at the first of TEXT_LENGTHS that holds the batch's longest one
+    (as PrefixTextEncoder cuts them; the full context where that encoder does not apply).
+    Padding rows are computed and dropped."""
+
+    TEXT_LENGTHS = (16, 32, 48, 64)
+
+    def __init__(self, scorer: Scorer, rows: int):
+        self.rows = rows
+        self.device = scorer.device
+        self.prefix = scorer._text_prefix
+        self._image = torch.compile(scorer._image_tower, dynamic=False)
+        self._text = torch.compile(self.prefix._encode_prefix if self.prefix is not None else scorer.model.encode_text,
+                                   dynamic=False)
+
+    def _padded(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """fn over pieces of `rows` rows of xs (cut alike, the last padded with zeros)."""
+        n = len(xs[0])
+        out = []
+        for i in range(0, n, self.rows):
+            piece = [x[i:i + self.rows] for x in xs]
+            k = len(piece[0])
+            # Always a new tensor made here (under inference_mode, as Scorer calls this): a view of
+            # the caller's tensor would differ in its dispatch keys and compile the tower again.
+            piece = [torch.cat([p, p.new_zeros((self.rows - k, *p.shape[1:]))]) if k < self.rows else p.clone()
+                     for p in piece]
+            out.append(fn(*piece, **kwargs)[:k])
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        return self._padded(self._image, x)
+
+    def texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.prefix is None:
+            return self._padded(self._text, tokens.to(self.device))
+        ends = self.prefix.ends(tokens)
+        context = self.prefix.context_length
+        need = int(ends.max()) + 1
+        length = next((n for n in self.TEXT_LENGTHS if need <= n < context), context)
+        return self._padded(self._text, tokens[:, :length].to(self.device), ends.to(self.device), length=length)
 
 
 class PrefixTextEncoder:

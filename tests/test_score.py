@@ -83,6 +83,27 @@ def test_text_features_through_the_used_positions_on_cuda_fp16():
     assert float(cosine.min()) > 0.999, cosine.min()
 
 
+def test_compiled_towers_score_as_the_eager_ones():
+    """--compile: torch.compile'd towers (on the CPU here; inductor) give the eager scores, for a
+    batch smaller than batch_size (padded), one larger (cut in pieces) and captions of mixed
+    lengths (each compiled text length); the shapes they run at stay within the fixed set."""
+    torch.manual_seed(0)
+    eager = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", batch_size=4), pick_device("cpu"))
+    compiled = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", batch_size=4, compile=True), pick_device("cpu"))
+    compiled.model.load_state_dict(eager.model.state_dict())
+    rng = np.random.default_rng(1)
+    seen: list[tuple[int, ...]] = []
+    image = compiled._compiled._image
+    compiled._compiled._image = lambda x: seen.append(tuple(x.shape)) or image(x)
+    for n, texts in ((3, PREFIX_TEXTS[:3]), (6, PREFIX_TEXTS[3:9])):
+        pixels = rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+        want = eager.score(pixels, texts)
+        got = compiled.score(pixels, texts)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), atol=2e-3)
+    assert set(seen) == {(4, 224, 224, 3)}  # 3 rows padded to 4; 6 rows as 4 + 2 padded
+
+
 def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     torch.manual_seed(0)
     model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
