@@ -277,7 +277,9 @@ def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repe
     images = pickle.loads(Path(jpeg_file).read_bytes())
     texts = make_captions(len(images))
     scorer = _make_scorer(model, batch, device)
-    decoder = _make_decoder(scorer, batch, device)
+    # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
+    # worker (session 4's rows of this section gave every process all the cores).
+    decoder = _make_decoder(scorer, batch, device, {"threads": threads})
     decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up
     start.wait(timeout=300)
     t0 = time.time()

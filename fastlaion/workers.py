@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
 
 
+def worker_configs(cfg: RunConfig, devices: list[str]) -> list[tuple[RunConfig, int]]:
+    """Each worker's settings and thread count: its device, and its share of the cores for every
+    pool it runs (decode threads, a GPU decoder's DALI pipeline and stored-image encoders), so
+    that `--workers-per-gpu 4` on a 16-core box gives each worker 4 threads, not 16."""
+    threads = cfg.decode.threads or max(1, (os.cpu_count() or 1) // len(devices))
+    return [(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
+                                 decode=dataclasses.replace(cfg.decode, threads=threads)), threads)
+            for device in devices]
+
+
 def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], devices: list[str],
                 progress: Any) -> dict[str, float]:
     """Run the shards in `todo` of `rows` on one worker process per entry of `devices`; returns
@@ -44,10 +54,8 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
         tasks.put(shard)
     for _ in devices:
         tasks.put(None)
-    threads = cfg.decode.threads or max(1, (os.cpu_count() or 1) // len(devices))
     procs = []
-    for i, device in enumerate(devices):
-        wcfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device))
+    for i, (wcfg, threads) in enumerate(worker_configs(cfg, devices)):
         proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
                            args=(i, wcfg, str(out), rows, tasks, results, threads), daemon=True)
         proc.start()

@@ -176,6 +176,26 @@ def test_workers_per_gpu_puts_that_many_workers_on_each_gpu(monkeypatch):
     assert worker_devices(one) == ["cuda:0"]
 
 
+def test_each_worker_gets_its_share_of_the_cores_for_every_pool(monkeypatch):
+    """Four workers on one GPU of a 16-core box: each decodes, runs its GPU decoder's threads
+    and encodes stored images on 4 threads (cfg.decode.threads, which the GPU decoders read),
+    not on all 16; an explicit --decode-threads is kept."""
+    import dataclasses
+    import os
+
+    from fastlaion.config import DecodeConfig, RunConfig
+    from fastlaion.workers import worker_configs
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cfg = RunConfig(output_dir="unused")
+    got = worker_configs(cfg, ["cuda:0"] * 4)
+    assert [(w.score.device, w.decode.threads, t) for w, t in got] == [("cuda:0", 4, 4)] * 4
+    assert cfg.decode.threads == 0  # the run's own settings (config.json) are untouched
+    fixed = dataclasses.replace(cfg, decode=DecodeConfig(threads=3))
+    assert {(w.decode.threads, t) for w, t in worker_configs(fixed, ["cpu", "cpu"])} == {(3, 3)}
+    assert worker_configs(cfg, ["cpu"] * 32)[0][1] == 1
+
+
 def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos):
     """The GPU decoders' way through the pipeline (nvjpeg's CPU mode, here): pending bodies
     decoded a batch at a time, two batches in flight on two threads (batch size 2, so a shard has
