@@ -341,7 +341,9 @@ def extract_cmd(
     """Extract image URL + alt text candidates from Common Crawl WAT/WARC files with LAION's link
     rules, deduplicated, as Parquet that `fastlaion run` takes as input."""
     from .extract import ExtractConfig, extract_to_parquet, list_crawl
+    from .extract_native import tune_malloc
 
+    tune_malloc()  # this process only extracts
     _setup_logging(verbose)
     if progress:
         from .cli_progress import ExtractBar

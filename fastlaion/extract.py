@@ -344,6 +344,10 @@ _worker_queue: Any = None
 def _init_worker(queue: Any) -> None:
     global _worker_queue
     _worker_queue = queue
+    if _USE_NATIVE:
+        from .extract_native import tune_malloc
+
+        tune_malloc()  # an extract worker only extracts
 
 
 def _run_in_worker(job: _Job) -> InputStats:

@@ -186,6 +186,23 @@ def _load() -> Any:
     return lib
 
 
+def tune_malloc() -> bool:
+    """For a process that only extracts: glibc's malloc keeps serving this process's large buffers
+    from its heap instead of mapping fresh pages for each. Reading 1 MiB chunks and joining a
+    member cut at a chunk's end otherwise maps, faults in and unmaps a new MiB or two per chunk
+    (~5,000 page faults on the bench WAT, ~0.1 s of 1.4). The cost: up to 128 MiB freed stays
+    with the process instead of going back to the system (RSS +10 MB on the bench WAT). Returns
+    whether it was set (glibc only)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 128 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def _libdeflate() -> tuple[Any, int, Any]:
     """(alloc, gzip_decompress_ex address, free) of the libdeflate inside the `deflate` package,
     the inflater extract.py's Python path uses."""
