@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import array
 import codecs
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -296,8 +297,6 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
         any_bytes = False
         last_records = last_pairs = 0
         native = _native_scanner(cfg)
-        if native is not None:
-            stats.reader = "native"
         try:
             for data in _decompressed(_raw_chunks(counted, stats), stats, splitter, native):
                 if data is None:
@@ -307,6 +306,7 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
                     any_bytes = True
                     splitter.feed(data)
                 else:
+                    stats.reader = "native"  # the compiled scanner read (some of) it
                     any_bytes = _native_batch(data, splitter, rules, stats) or any_bytes
                 if tick is not None and stats.records - last_records >= TICK_RECORDS:
                     tick(stats.records - last_records, stats.pairs - last_pairs)
@@ -431,7 +431,8 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
         lf = pl.scan_parquet(existing)
         if cfg.dedup is not DedupMode.none:
             lf = lf.unique(subset=[key], keep="first", maintain_order=True)
-        lf.sink_parquet(merged, **PARQUET_OPTIONS)
+        with _polars_io(merged):
+            lf.sink_parquet(merged, **PARQUET_OPTIONS)
         rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
@@ -441,8 +442,9 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
 
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
-        pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
-            out_dir / name, **PARQUET_OPTIONS)
+        with _polars_io(out_dir / name):
+            pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
+                out_dir / name, **PARQUET_OPTIONS)
     return names, rows
 
 
@@ -1878,6 +1880,21 @@ def uid_of(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\x00{caption}".encode()).hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def _polars_io(path: Path) -> Iterator[None]:
+    """Polars reports a write the system refused (disk full, file too large) as its own error
+    with "os error N" in the text: raised as that OSError, naming the file, so the CLI says it in
+    one line as it does for the compiled writer."""
+    try:
+        yield
+    except Exception as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None or not type(e).__module__.startswith("polars"):
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def _has_nul(*cols: list[str | None]) -> bool:
     return any(v is not None and "\x00" in v for col in cols for v in col)
 
@@ -1891,7 +1908,8 @@ def _write_empty(path: Path) -> None:
         return
     import polars as pl
 
-    pl.DataFrame(schema=_schema_of()).write_parquet(path, **PARQUET_OPTIONS)
+    with _polars_io(path):
+        pl.DataFrame(schema=_schema_of()).write_parquet(path, **PARQUET_OPTIONS)
 
 
 class _PairWriter:
@@ -2037,7 +2055,8 @@ class _PairWriter:
                   .select(list(schema)).cast(schema) for f in self._frames]  # native frames come with their uid
         frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         self._frames, self._rows = [], 0
-        frame.write_parquet(self._next_file(), **PARQUET_OPTIONS)
+        with _polars_io(self._next_file()):
+            frame.write_parquet(self._next_file(), **PARQUET_OPTIONS)
         self._written += 1
         self.rows_out += frame.height
         self._unique = False

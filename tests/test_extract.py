@@ -8,6 +8,9 @@ import io
 import json
 import os
 import random
+import resource
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -1008,3 +1011,27 @@ def test_a_link_nested_a_thousand_lists_deep_is_one_invalid_url(tmp_path, native
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["pairs"] == 1 and got["rejected"]["invalid_url"] == 1
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["compiled-writer", "polars-writer"])
+def test_a_candidates_file_the_system_refuses_is_one_error_line(tmp_path, native):
+    """Writing the pairs fails (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC): one `error:`
+    line naming the file and exit 1, from the compiled writer and from Polars' alike (Polars
+    reports it as its own ComputeError, which would have been a traceback)."""
+    import signal
+
+    pages = [wat_record(f"https://p{i}.example/a/", [img(f"/img/{i}-{k}.jpg", f"a long enough caption {i} {k} " * 4)
+                                                     for k in range(20)]) for i in range(300)]
+    wat = tmp_path / "big.wat.gz"
+    wat.write_bytes(gz(pages))
+
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    proc = subprocess.run([sys.executable, "-m", "fastlaion", "extract", str(wat), "-o", str(tmp_path / "out"),
+                           "--no-progress", "--processes", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FASTLAION_NATIVE": native}, preexec_fn=preexec)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: File too large: ") and ".parquet" in proc.stderr, proc.stderr

@@ -468,6 +468,8 @@ def test_plain_wat_file_still_reads(tmp_path, monkeypatch):
     data = b"".join([wat_record(PAGE, RULE_LINKS)] + three_wat_records())
     spy = _same_both_ways(tmp_path, data, monkeypatch, name="plain.wat")
     assert spy.kinds == {}
+    stats = json.loads((tmp_path / "out-True" / "extract_stats.json").read_text())
+    assert stats["inputs"][0]["reader"] == "python"  # extract_stats.json says which path read it
 
 
 def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
