@@ -317,6 +317,16 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
 
 
+def score_rate(scorer: Any, pixels: torch.Tensor, texts: list[str], rounds: int, device: torch.device) -> float:
+    """Samples/s of `scorer.score` over `rounds` calls on the same batch (already warm)."""
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        scorer.score(pixels, texts)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return rounds * len(texts) / (time.perf_counter() - t0)
+
+
 def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
     from fastlaion.config import ResizeMode
     from fastlaion.gpu_decode import available_decoders
@@ -351,12 +361,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     batch_texts = texts[: args.batch]
     scorer.score(pixels, batch_texts)
     rounds = max(2, len(jpegs) // args.batch)
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        scorer.score(pixels, batch_texts)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    alone = rounds * args.batch / (time.perf_counter() - t0)
+    alone = score_rate(scorer, pixels, batch_texts, rounds, device)
     row(f"{args.model} score only", f"{alone:,.0f} samples/s",
         f"image + text towers + paired cosine + host copies, batch {args.batch}, pixels already on {device.type}")
 
@@ -397,12 +402,7 @@ def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
         t0 = time.perf_counter()
         scorer.score(pixels, batch_texts)  # the compile, for this caption length
         first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            scorer.score(pixels, batch_texts)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        alone = rounds * args.batch / (time.perf_counter() - t0)
+        alone = score_rate(scorer, pixels, batch_texts, rounds, device)
         label = "compiled" if compiled else "eager"
         row(f"{args.model} score only ({label})", f"{alone:,.0f} samples/s",
             f"first batch {first:.1f} s (the compile when compiled); batch {args.batch}, {scorer.dtype}")

@@ -38,14 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_library(tmp_path_factory, monkeypatch):
-    """Each test builds (or finds) the library in one cache folder for this session."""
-    cache = tmp_path_factory.getbasetemp() / "native-cache"
-    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(cache))
-    monkeypatch.delenv("FASTLAION_NATIVE", raising=False)
-    native._reset()
-    yield
-    native._reset()
+def _fresh_library(native_library):
+    """Each test builds (or finds) the library in one cache folder for this session (conftest)."""
 
 
 def _need_native() -> None:

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-import fastlaion.extract_native as native
 from fastlaion import parquet_native as pn
 from fastlaion.parquet_native import ParquetWriter, Rows
 
@@ -28,16 +27,10 @@ COLS = list(SCHEMA)
 
 
 @pytest.fixture(autouse=True)
-def _fresh_library(tmp_path_factory, monkeypatch):
-    """Each test builds (or finds) the library in one cache folder for this session."""
-    cache = tmp_path_factory.getbasetemp() / "native-cache"
-    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(cache))
-    monkeypatch.delenv("FASTLAION_NATIVE", raising=False)
-    native._reset()
+def _fresh_library(native_library):
+    """The library in one cache folder for this session (conftest); skipped without it."""
     if not pn.available():
         pytest.skip("the native Parquet writer is not available here (no compiler, libdeflate or libzstd)")
-    yield
-    native._reset()
 
 
 # ---------------------------------------------------------------------------------------------
