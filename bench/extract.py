@@ -54,6 +54,7 @@ import random
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1078,6 +1079,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ratio = (b["cpu_s"] / a["cpu_s"]) if a["cpu_s"] > 0 else float("nan")
         print(f"\nfastlaion / cc2dataset, records/s (wall, one process each): {ratio:.2f}x "
               f"(target >= 5x); by CPU time: {cpu_ratio:.2f}x")
+        if len(a.get("all_walls", [])) > 2 and len(b.get("all_walls", [])) > 2:
+            # The best rounds can fall on a fast moment for one tool and not the other; the medians
+            # of the alternated rounds are steadier on a shared machine.
+            med_a, med_b = statistics.median(a["all_walls"]), statistics.median(b["all_walls"])
+            print(f"median rounds: fastlaion {med_a:.2f} s, cc2dataset {med_b:.2f} s: {med_b / med_a:.2f}x")
         alone = _work_split(a, b)
         if alone:
             print(f"extraction alone, interpreter and CLI start-up left out for both (in-process wall from "
