@@ -1899,11 +1899,19 @@ def _has_nul(*cols: list[str | None]) -> bool:
     return any(v is not None and "\x00" in v for col in cols for v in col)
 
 
+def _compiled_writer() -> bool:
+    """Whether the compiled Parquet writer can be used (the native path is on, the library and
+    libzstd are there)."""
+    from .parquet_native import available
+
+    return _USE_NATIVE and available()
+
+
 def _write_empty(path: Path) -> None:
     """A Parquet file with the candidates' columns and no rows."""
-    from .parquet_native import ParquetWriter, available
+    if _compiled_writer():
+        from .parquet_native import ParquetWriter
 
-    if _USE_NATIVE and available():
         ParquetWriter(path).close()
         return
     import polars as pl
@@ -1937,9 +1945,7 @@ class _PairWriter:
     def native(self) -> bool:
         """Whether add_native can be used: the compiled writer is there (and zstd for it)."""
         if self._native_ok is None:
-            from .parquet_native import available
-
-            self._native_ok = _USE_NATIVE and available()
+            self._native_ok = _compiled_writer()
         return self._native_ok
 
     @property
@@ -1973,7 +1979,8 @@ class _PairWriter:
         if not len(result.rows) and not result.hard_rows:
             return
         if result.addresses is not None:  # still in the C buffers: our own C wrote them, as Rows wants them
-            a = Rows.from_addresses(len(result.rows), *result.addresses, keep=result, merge=bool(result.hard_rows))
+            a = Rows.from_addresses(len(result.rows), *result.addresses, result.rows, keep=result,
+                                    merge=bool(result.hard_rows))
         else:
             lang_valid = result.lang_valid if result.lang_valid.count(0) else None
             a = Rows(len(result.rows), (result.url, result.cap, result.purl, result.uid, result.lang),
@@ -2055,8 +2062,9 @@ class _PairWriter:
                   .select(list(schema)).cast(schema) for f in self._frames]  # native frames come with their uid
         frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         self._frames, self._rows = [], 0
-        with _polars_io(self._next_file()):
-            frame.write_parquet(self._next_file(), **PARQUET_OPTIONS)
+        path = self._next_file()
+        with _polars_io(path):
+            frame.write_parquet(path, **PARQUET_OPTIONS)
         self._written += 1
         self.rows_out += frame.height
         self._unique = False

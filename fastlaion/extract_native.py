@@ -383,18 +383,14 @@ class Rules:
         if self.lib.wat_rules(batch.scanner.ctx_p, ctypes.byref(self.cfg), self.out_p, a, b):
             raise MemoryError("wat_rules")
         o = self.out
-        rows = array.array("q", o.row_link.bytes())
-        if copy:
-            res = RuleResult(o.url.bytes(), o.cap.bytes(), o.purl.bytes(), o.lang.bytes(), o.uid.bytes(),
-                             o.lang_valid.bytes(), rows, array.array("q", o.hard.bytes()).tolist(), list(o.reasons),
-                             o.url_cut, o.cap_cut)
-        else:
-            lang_valid = o.lang_valid.bytes()
-            res = RuleResult(b"", b"", b"", b"", b"", lang_valid, rows, array.array("q", o.hard.bytes()).tolist(),
-                             list(o.reasons), o.url_cut, o.cap_cut)
+        strings = (o.url, o.cap, o.purl, o.lang, o.uid)  # RuleResult's order
+        lang_valid = o.lang_valid.bytes()
+        res = RuleResult(*(s.bytes() if copy else b"" for s in strings), lang_valid,
+                         array.array("q", o.row_link.bytes()), array.array("q", o.hard.bytes()).tolist(),
+                         list(o.reasons), o.url_cut, o.cap_cut)
+        if not copy:  # in the writer's order: url, caption, page_url, uid, page_lang
             res.addresses = ((o.url.p, o.cap.p, o.purl.p, o.uid.p, o.lang.p),
-                             (None, None, None, None, o.lang_valid.p if lang_valid.count(0) else None),
-                             rows)
+                             (None, None, None, None, o.lang_valid.p if lang_valid.count(0) else None))
         if res.hard:
             valid = o.hvalid.bytes()
             res.hard_links = list(zip(
@@ -424,8 +420,8 @@ class RuleResult:
         # url, caption, page_url, lang, uid), and the place of link 0 in its flush.
         self.hard_rows: list[tuple[int, str, str, str, str | None, str]] = []
         self.seq0 = 0
-        # Rules.run(copy=False): (string blob addresses, validity addresses, rows) in the C
-        # buffers instead of the bytes above, valid until the next run
+        # Rules.run(copy=False): (string blob addresses, validity addresses) in the C buffers
+        # instead of the bytes above, valid until the next run
         self.addresses: tuple[Any, ...] | None = None
 
     @staticmethod

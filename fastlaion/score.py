@@ -167,6 +167,14 @@ class _CompiledTowers:
     TEXT_LENGTHS = (16, 32, 48, 64)
 
     def __init__(self, scorer: Scorer, rows: int):
+        if scorer.device.type == "cpu":  # inductor builds C++ there; say so now, not at the first batch
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            try:
+                get_cpp_compiler()
+            except Exception as e:  # noqa: BLE001 (torch's own search, whatever it raises)
+                raise ConfigError(f"--compile on the CPU needs a C++ compiler (g++, or $CXX): {first_line(e)}; "
+                                  "install one or leave --compile out") from None
         self.rows = rows
         self.device = scorer.device
         self.prefix = scorer._text_prefix

@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
 
 
-def worker_configs(cfg: RunConfig, devices: list[str]) -> list[tuple[RunConfig, int]]:
-    """Each worker's settings and thread count: its device, and its share of the cores for every
+def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
+    """Each worker's settings: its device, and in decode.threads its share of the cores for every
     pool it runs (decode threads, a GPU decoder's DALI pipeline and stored-image encoders), so
     that `--workers-per-gpu 4` on a 16-core box gives each worker 4 threads, not 16."""
     threads = cfg.decode.threads or max(1, (os.cpu_count() or 1) // len(devices))
-    return [(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
-                                 decode=dataclasses.replace(cfg.decode, threads=threads)), threads)
+    return [dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
+                                decode=dataclasses.replace(cfg.decode, threads=threads))
             for device in devices]
 
 
@@ -55,9 +55,9 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
     for _ in devices:
         tasks.put(None)
     procs = []
-    for i, (wcfg, threads) in enumerate(worker_configs(cfg, devices)):
+    for i, wcfg in enumerate(worker_configs(cfg, devices)):
         proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                           args=(i, wcfg, str(out), rows, tasks, results, threads), daemon=True)
+                           args=(i, wcfg, str(out), rows, tasks, results, wcfg.decode.threads), daemon=True)
         proc.start()
         procs.append(proc)
 

@@ -104,6 +104,18 @@ def test_compiled_towers_score_as_the_eager_ones():
     assert set(seen) == {(4, 224, 224, 3)}  # 3 rows padded to 4; 6 rows as 4 + 2 padded
 
 
+def test_compile_without_a_cpp_compiler_on_the_cpu_is_a_clear_error(monkeypatch):
+    """Inductor builds C++ on the CPU: without a compiler --compile fails when the model loads,
+    in one line, not at the first batch with torch's traceback."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no g++ found")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ConfigError, match=r"--compile on the CPU needs a C\+\+ compiler .*no g\+\+ found"):
+        Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", compile=True), pick_device("cpu"))
+
+
 def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     torch.manual_seed(0)
     model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
