@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -364,6 +365,7 @@ def extract_cmd(
             sources += list_crawl(crawl, files, cc_base_url, cfg)
         summary = extract_to_parquet(sources, output, cfg, bar)
     print_extract_summary(summary)
+    _exit_now()
 
 
 def _dataset_command(name: str) -> Callable[..., Any]:
@@ -384,7 +386,29 @@ def version_cmd() -> None:
     out_console.print(__version__)
 
 
+# Set by main(), the console script: the process is ours to end. Left False where the app runs
+# inside another program (typer's CliRunner in the tests, a notebook).
+_OWN_PROCESS = False
+
+
+def _exit_now() -> None:
+    """End a command that has written and closed everything without the interpreter's
+    teardown: with its modules, its last garbage collection takes 40-70 ms of CPU, a twentieth of
+    extracting one WAT file. Only in the console script's own process, after the output files
+    are closed and any worker processes joined; the output streams and log handlers are flushed
+    first."""
+    if not _OWN_PROCESS:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 def main() -> None:
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     app()
 
 

@@ -1035,3 +1035,26 @@ def test_a_candidates_file_the_system_refuses_is_one_error_line(tmp_path, native
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: File too large: ") and ".parquet" in proc.stderr, proc.stderr
+
+
+def test_the_console_script_ends_without_teardown_and_loses_no_output(tmp_path):
+    """`fastlaion extract` ends its own process with os._exit once everything is written (cli._exit_now):
+    the summary (stdout to a pipe, so block-buffered), the verbose log lines, both inputs' rows from two
+    worker processes and extract_stats.json all arrive whole, and the exit status is 0."""
+    wats = []
+    for n in range(2):
+        pages = [wat_record(f"https://p{n}-{i}.example/a/", [img(f"/img/{k}.jpg", f"a caption of page {i} number {k}")
+                                                             for k in range(10)]) for i in range(50)]
+        wats.append(tmp_path / f"in{n}.wat.gz")
+        wats[-1].write_bytes(gz(pages))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fastlaion", "extract", *map(str, wats), "-o", str(out),
+                           "--processes", "2", "--verbose"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("extracted 2 input(s)") and lines[-1].startswith("written: candidates-00000.parquet")
+    assert any("  pairs" in line and "1,000" in line for line in lines), proc.stdout
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert stats["pairs"] == stats["pairs_after_dedup"] == 1000
+    frame = pl.read_parquet(out / "candidates-00000.parquet")
+    assert frame.height == 1000 and frame["page_url"].str.starts_with("https://p1-").sum() == 500
