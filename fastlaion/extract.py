@@ -1541,7 +1541,7 @@ class _LinkRules:
             rules = self._native_rules = Rules(batch.scanner.lib, c.min_alt_chars, c.reject_svg, c.reject_gif,
                                                c.max_host_chars, c.max_text_chars)
         bases: dict[int, tuple[str, tuple[str | None, str | None, str | None]]] = {}
-        for k, href in batch.base_pages(a, b):  # a non-blank <base href>: joined to the page URL here
+        for k, href in batch.base_pages(a, b):  # a <base href> the C scan did not take as it is: joined here
             base = _page_base(batch.page(k)[0], href, True)
             bases[k] = (base, _base_parts(base))
         # Nothing queued before these rows and the compiled writer there: they go to it from the
@@ -1558,7 +1558,7 @@ class _LinkRules:
         joiners: dict[int, Callable[[str], str]] = {}
         for i, (src, alt, k) in zip(out.hard, out.hard_links):  # what extract_vec leaves to the reference
             url, lang, parts = batch.page(k)
-            base, parts = bases.get(k) or (url, parts)
+            base, parts = bases.get(k) or (batch.based(k) or url, parts)
             join = joiners.get(k) or joiners.setdefault(k, _Base(base, parts).join)
             reason, link_url, caption = _check_link(src, alt, True, join, self.cfg)
             if reason is not None:

@@ -40,10 +40,11 @@ enum { S_STOP = 0, S_FULL = 1 };
 #define MEM_FIELDS 4   /* kind, arena offset, length, page index */
 /* per page: its strings' start in pblob, <base href> offset and length in strs (-1: none or
  * blank), first link, links, flags (F_LANG: it has a language, F_PARTS: scheme, origin and
- * directory of its page URL are set) */
+ * directory of its base URL are set: the page URL's, or with F_BASED its <base href>'s) */
 #define PAGE_FIELDS 6
 #define F_LANG 1
 #define F_PARTS 2
+#define F_BASED 4  /* the parts are those of the page's <base href>, taken as it is (based_here) */
 #define DECOMPRESS_CAP (8 << 20)
 #define MAX_HEADER 65536
 #define MAX_DEPTH 200
@@ -738,6 +739,23 @@ static int put_base_parts(ctx_t *c, const uint8_t *u, int64_t n) {
     return 1;
 }
 
+/* A <base href> (strs[off:off + n]) that urljoin(page URL, href) returns unchanged: after
+ * str.strip(), "http://" or "https://" in lower case, a host, and printable ASCII without
+ * '?', '#', ';' (urlunparse would drop an empty query, fragment or params), '&' (entities are
+ * decoded by Python first), brackets or a backslash. Its parts are put as the page's; 0 for any
+ * other href, which Python joins (extract._page_base). */
+static int based_here(ctx_t *c, int64_t off, int64_t n) {
+    const uint8_t *h = c->strs + off;
+    while (n && is_str_space_ascii(h[0])) { h++; n--; }
+    while (n && is_str_space_ascii(h[n - 1])) n--;
+    int64_t k = n >= 8 && memcmp(h, "https://", 8) == 0 ? 8 : n >= 7 && memcmp(h, "http://", 7) == 0 ? 7 : 0;
+    if (!k || k == n || h[k] == '/') return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (h[i] < 0x21 || h[i] > 0x7e || h[i] == '?' || h[i] == '#' || h[i] == ';' || h[i] == '&' || h[i] == '['
+            || h[i] == ']' || h[i] == '\\') return 0;
+    return put_base_parts(c, h, n);
+}
+
 static int wat_page(ctx_t *c, const uint8_t *uri, int64_t uri_n, const uint8_t *body, int64_t body_n) {
     int64_t save_links = c->n_links, save_src = c->src_used, save_alt = c->alt_used;
     J j;
@@ -776,7 +794,8 @@ static int wat_page(ctx_t *c, const uint8_t *uri, int64_t uri_n, const uint8_t *
     } else {
         put_pstr(c, uri, 0);
     }
-    /* <base href>: Python joins a non-blank one to the page URL; else the page URL is the base */
+    /* <base href>: a non-blank one is the base, joined to the page URL here when that leaves it as
+     * it is, else by Python; without one the page URL is the base */
     int blank = 1;
     if (j.base_set) {
         jstr b = {j.base_s, j.base_n, j.base_esc, 0};
@@ -790,7 +809,7 @@ static int wat_page(ctx_t *c, const uint8_t *uri, int64_t uri_n, const uint8_t *
             pg[2] = n;
         }
     }
-    if (blank && put_base_parts(c, uri, uri_n)) pg[5] |= F_PARTS;
+    if (blank ? put_base_parts(c, uri, uri_n) : based_here(c, pg[1], pg[2])) pg[5] |= blank ? F_PARTS : F_PARTS | F_BASED;
     else { put_pstr(c, uri, 0); put_pstr(c, uri, 0); put_pstr(c, uri, 0); }
     c->n_pages++;
     return K_PAGE;

@@ -68,7 +68,7 @@ def _build(cc: str, out: Path, digest: Path) -> None:
 K_EMPTY, K_DEFER, K_OTHER, K_NOIMG, K_PAGE = range(5)
 S_STOP, S_FULL = 0, 1
 MEM_FIELDS, PAGE_FIELDS = 4, 6
-F_LANG, F_PARTS = 1, 2
+F_LANG, F_PARTS, F_BASED = 1, 2, 4
 PAGE_STRINGS = 5  # url, lang, scheme, origin, dir
 
 _i64p = ctypes.POINTER(ctypes.c_int64)
@@ -340,17 +340,27 @@ class Batch:
         return self._strings
 
     def page(self, k: int) -> tuple[str, str | None, tuple[str | None, str | None, str | None]]:
-        """(URL, language or None, _base_parts of the URL) of page k."""
+        """(URL, language or None, _base_parts of its base: the URL, or its <base href> when
+        based(k)) of page k."""
         strs, flags = self.page_strings(), self.pages()[k * PAGE_FIELDS + 5]
         at = k * PAGE_STRINGS
         return (strs[at], strs[at + 1] if flags & F_LANG else None,
                 (strs[at + 2], strs[at + 3], strs[at + 4]) if flags & F_PARTS else (None, None, None))
 
     def base_pages(self, a: int, b: int) -> list[tuple[int, str]]:
-        """(page, <base href>) of the pages among a..b with a non-blank <base href>."""
+        """(page, <base href>) of the pages among a..b with a non-blank <base href> that Python
+        joins to the page URL (the C scan took the others as they are: based)."""
         pg, F, strs = self.pages(), PAGE_FIELDS, _addr(self.c.strs)
         return [(k, ctypes.string_at(strs + pg[k * F + 1], pg[k * F + 2]).decode())
-                for k in range(a, b) if pg[k * F + 1] >= 0]
+                for k in range(a, b) if pg[k * F + 1] >= 0 and not pg[k * F + 5] & F_BASED]
+
+    def based(self, k: int) -> str | None:
+        """Page k's <base href> when the C scan took it as the page's base as it is (page(k)
+        gives its parts), else None."""
+        pg, F = self.pages(), PAGE_FIELDS
+        if not pg[k * F + 5] & F_BASED:
+            return None
+        return ctypes.string_at(_addr(self.c.strs) + pg[k * F + 1], pg[k * F + 2]).decode().strip()
 
     def link_pages(self, links: list[int]) -> list[int]:
         """The page of each of `links`."""

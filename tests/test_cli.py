@@ -203,9 +203,10 @@ def loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
 
 
 def run_main(args: list[str]) -> str:
-    """`fastlaion ARGS` in the same interpreter, as the console script runs it."""
-    return (f"sys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code")
+    """`fastlaion ARGS` in the same interpreter, as the console script runs it, but through app():
+    main() would end the process when done (cli._exit_now), before the caller's code looks."""
+    return (f"sys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import app\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code")
 
 
 def test_importing_the_cli_loads_no_heavy_module():

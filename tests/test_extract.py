@@ -950,8 +950,9 @@ def test_extract_command_loads_neither_the_pipeline_nor_the_ml_stack(tmp_path):
                 "fastlaion.cli_dataset", "http.client", "urllib.request", "rich.progress")
     args = ["extract", str(tmp_path / "rules.wat.gz"), str(tmp_path / "pages.warc.gz"), "-o", str(tmp_path / "o"),
             "--processes", "1", "--no-progress"]
-    script = (f"import sys\nsys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import main\n"
-              "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+    # app(), not main(): the console script's main() ends the process itself when done (_exit_now)
+    script = (f"import sys\nsys.argv = ['fastlaion', *{args!r}]\nfrom fastlaion.cli import app\n"
+              "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
               f"print('LOADED', *sorted(m for m in {unwanted!r} + ('polars', 'fastlaion.extract') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -190,6 +190,43 @@ def test_dot_segment_paths_are_joined_in_c_as_urljoin_does(tmp_path, monkeypatch
     assert sum(handed) == len(pages) * hard_shapes, (sum(handed), len(pages) * hard_shapes)
 
 
+_BASE_HREFS = ["https://static.example.net/assets/", "http://cdn.example.org", "https://cdn.example.org/a/b.html",
+               "  https://padded.example/p/  ", "\thttps://tab.example/t/\n", "HTTPS://upper.example/u/",
+               "https://q.example/dir/?v=1", "https://q.example/dir/?", "https://f.example/d/#", "https://f.example/d/#top",
+               "https://p.example/d;p/", "https://e.example/a&amp;b/", "https://e.example/a&b/", "https://[::1]/v6/",
+               "https://bs.example\\d/", "https:///no-host/", "https://", "http:", "https://sp ace.example/",
+               "https://u:p@auth.example:8080/x/", "https://dots.example/a/../b/./c/", "//proto.example/rel/",
+               "/root/", "rel/dir/", "../up/", "https://ex\u00e4mple.example/", "\u00a0https://nbsp.example/",
+               "https://tail.example/\u00a0", "ftp://files.example/", "https:/one-slash.example/", "http://h.example/%7e/"]
+_BASE_SRCS = ["x.jpg", "/root.jpg", "//other.example/p.jpg", "../up.jpg", "./here.jpg", "https://abs.example/a.jpg",
+              "?q=1", "#frag", "a b.jpg", "c:d.jpg", "", "&amp;e.jpg"]
+
+
+def test_plain_base_hrefs_are_taken_in_c_as_urljoin_gives_them(tmp_path, monkeypatch):
+    """<base href> values of many shapes, on http and https pages: the pairs equal the Python
+    path's (urljoin of the href to the page URL, then of each src to that). The C scan takes the
+    plain absolute http(s) hrefs as the base itself; Python joins only the others."""
+    pages = []
+    for i, base in enumerate(_BASE_HREFS):
+        links = [{"path": "IMG@/src", "url": src, "alt": f"a picture under a base {k}"} for k, src in enumerate(_BASE_SRCS)]
+        for scheme in ("https", "http"):
+            pages.append(wat_record(f"{scheme}://page{i}.example/dir/page.html", links, base=base))
+    ending = wat_request_record("https://end.example/")
+    joined: list[str] = []
+    base_pages = native.Batch.base_pages
+
+    def spied(self, a, b):
+        got = base_pages(self, a, b)
+        joined.extend(href for _, href in got)
+        return got
+    monkeypatch.setattr(native.Batch, "base_pages", spied)
+    _same_both_ways(tmp_path, gz([*pages, ending]), monkeypatch)
+    plain = {"https://static.example.net/assets/", "http://cdn.example.org", "https://cdn.example.org/a/b.html",
+             "  https://padded.example/p/  ", "\thttps://tab.example/t/\n", "https://u:p@auth.example:8080/x/",
+             "https://dots.example/a/../b/./c/", "http://h.example/%7e/"}
+    assert set(joined) == set(_BASE_HREFS) - plain, sorted(set(_BASE_HREFS) - plain - set(joined))
+
+
 def test_rule_file_matches(tmp_path, monkeypatch):
     spy = _same_both_ways(tmp_path, rule_wat(), monkeypatch)
     # the last member has no next gzip header to end it: Python's member loop reads it
