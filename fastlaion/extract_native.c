@@ -699,25 +699,36 @@ static void put_pstr(ctx_t *c, const uint8_t *s, int64_t n) {
     c->pblob[c->pblob_used++] = 0;
 }
 
-/* extract._base_parts(url): (scheme, origin, directory) for a printable-ASCII http(s) URL
- * without spaces or brackets in its host; 0 for any other URL */
-static int put_base_parts(ctx_t *c, const uint8_t *u, int64_t n) {
+/* The plain shape extract._base_parts splits: a printable-ASCII http(s) URL without spaces or
+ * brackets in its host. Sets the scheme's length, the host's end and the path's last '/' (-1:
+ * none); 0 for any other URL. */
+static int plain_split(const uint8_t *u, int64_t n, int64_t *scheme_n, int64_t *host_end, int64_t *last_slash) {
     for (int64_t i = 0; i < n; i++)
         if (u[i] < 0x21 || u[i] > 0x7e) return 0;
     if (n < 7 || !match_ci(u, "http", 4)) return 0;
     int64_t k = 4;
     if (lower(u[k]) == 's') k++;
     if (n - k < 3 || memcmp(u + k, "://", 3) != 0) return 0;
-    int64_t scheme_n = k, h0 = k + 3, h1 = h0;
+    int64_t h0 = k + 3, h1 = h0;
     while (h1 < n && u[h1] != '/' && u[h1] != '?' && u[h1] != '#') h1++;
     if (h1 == h0) return 0;
     for (int64_t i = h0; i < h1; i++)
         if (u[i] == '[' || u[i] == ']') return 0;
-    int64_t p1 = h1;
+    int64_t p1 = h1, last = -1;
     while (p1 < n && u[p1] != '?' && u[p1] != '#') p1++;
-    int64_t last = -1;
     for (int64_t i = h1; i < p1; i++)
         if (u[i] == '/') last = i;
+    *scheme_n = k;
+    *host_end = h1;
+    *last_slash = last;
+    return 1;
+}
+
+/* extract._base_parts(url): (scheme, origin, directory) for the plain shape (plain_split), put
+ * in pblob; 0 for any other URL */
+static int put_base_parts(ctx_t *c, const uint8_t *u, int64_t n) {
+    int64_t scheme_n, h1, last;
+    if (!plain_split(u, n, &scheme_n, &h1, &last)) return 0;
     uint8_t scheme[5];
     for (int64_t i = 0; i < scheme_n; i++) scheme[i] = lower(u[i]);
     put_pstr(c, scheme, scheme_n);
@@ -739,21 +750,53 @@ static int put_base_parts(ctx_t *c, const uint8_t *u, int64_t n) {
     return 1;
 }
 
-/* A <base href> (strs[off:off + n]) that urljoin(page URL, href) returns unchanged: after
- * str.strip(), "http://" or "https://" in lower case, a host, and printable ASCII without
- * '?', '#', ';' (urlunparse would drop an empty query, fragment or params), '&' (entities are
- * decoded by Python first), brackets or a backslash. Its parts are put as the page's; 0 for any
- * other href, which Python joins (extract._page_base). */
-static int based_here(ctx_t *c, int64_t off, int64_t n) {
+/* The <base href> strs[pg[1]:pg[1] + pg[2]] joined to the page URL uri, where that needs no
+ * more than urljoin does to plain shapes: after str.strip(), printable ASCII without '?', '#',
+ * ';' (urlunparse would drop an empty query, fragment or params), '&' (entities are decoded by
+ * Python first), brackets or a backslash, and
+ *   - "http://" or "https://" in lower case and a host: the href itself;
+ *   - "//" and a host: the page URL's scheme, ':', the href;
+ *   - one '/', no ':' and no "/.": the page URL's origin, then the href (urljoin keeps the
+ *     segments of an absolute path as they are when none is '.' or '..').
+ * The joined base replaces the href in strs (pg[1], pg[2]: extract_native.Batch.based) and its
+ * parts are put as the page's. 0 for any other href (Python joins it: extract._page_base), or a
+ * page URL of another shape. */
+static int based_here(ctx_t *c, int64_t *pg, const uint8_t *uri, int64_t uri_n) {
+    int64_t off = pg[1], n = pg[2];
     const uint8_t *h = c->strs + off;
     while (n && is_str_space_ascii(h[0])) { h++; n--; }
     while (n && is_str_space_ascii(h[n - 1])) n--;
-    int64_t k = n >= 8 && memcmp(h, "https://", 8) == 0 ? 8 : n >= 7 && memcmp(h, "http://", 7) == 0 ? 7 : 0;
-    if (!k || k == n || h[k] == '/') return 0;
+    if (n == 0) return 0;
     for (int64_t i = 0; i < n; i++)
         if (h[i] < 0x21 || h[i] > 0x7e || h[i] == '?' || h[i] == '#' || h[i] == ';' || h[i] == '&' || h[i] == '['
             || h[i] == ']' || h[i] == '\\') return 0;
-    return put_base_parts(c, h, n);
+    int64_t k = n >= 8 && memcmp(h, "https://", 8) == 0 ? 8 : n >= 7 && memcmp(h, "http://", 7) == 0 ? 7 : 0;
+    if (k) {
+        if (k == n || h[k] == '/') return 0;
+        memmove(c->strs + off, h, (size_t)n);
+    } else {
+        int64_t scheme_n, h1, last;
+        if (h[0] != '/' || n < 2 || !plain_split(uri, uri_n, &scheme_n, &h1, &last)) return 0;
+        /* the joined base goes after the href in strs: room for it is there (wat_scan's check) */
+        uint8_t *o = c->strs + c->strs_used;
+        int64_t m = 0;
+        for (int64_t i = 0; i < scheme_n; i++) o[m++] = lower(uri[i]);
+        if (h[1] == '/') {  /* //host/path */
+            if (n == 2 || h[2] == '/') return 0;
+            o[m++] = ':';
+        } else {  /* /path */
+            if (memchr(h, ':', (size_t)n) || find(h, n, 0, "/.", 2) >= 0) return 0;
+            memcpy(o + m, uri + scheme_n, (size_t)(h1 - scheme_n));
+            m += h1 - scheme_n;
+        }
+        memcpy(o + m, h, (size_t)n);
+        m += n;
+        pg[1] = c->strs_used;
+        c->strs_used += m;
+        n = m;
+    }
+    pg[2] = n;
+    return put_base_parts(c, c->strs + pg[1], n);
 }
 
 static int wat_page(ctx_t *c, const uint8_t *uri, int64_t uri_n, const uint8_t *body, int64_t body_n) {
@@ -809,7 +852,7 @@ static int wat_page(ctx_t *c, const uint8_t *uri, int64_t uri_n, const uint8_t *
             pg[2] = n;
         }
     }
-    if (blank ? put_base_parts(c, uri, uri_n) : based_here(c, pg[1], pg[2])) pg[5] |= blank ? F_PARTS : F_PARTS | F_BASED;
+    if (blank ? put_base_parts(c, uri, uri_n) : based_here(c, pg, uri, uri_n)) pg[5] |= blank ? F_PARTS : F_PARTS | F_BASED;
     else { put_pstr(c, uri, 0); put_pstr(c, uri, 0); put_pstr(c, uri, 0); }
     c->n_pages++;
     return K_PAGE;
@@ -898,7 +941,7 @@ int64_t wat_scan(ctx_t *c, const uint8_t *buf, int64_t len, int64_t start, int32
                         | ((uint32_t)buf[end - 1] << 24);
         if (size > DECOMPRESS_CAP || (int64_t)size > 1032 * n) break;
         if (c->n_mem >= c->mem_cap || c->n_pages >= c->pages_cap || c->arena_used + size > c->arena_cap
-            || c->strs_used + size > c->strs_cap || c->pblob_used + 4 * size + 80 > c->pblob_cap
+            || c->strs_used + 2 * size > c->strs_cap || c->pblob_used + 4 * size + 80 > c->pblob_cap
             || c->src_used + size > c->src_cap
             || c->alt_used + size > c->alt_cap || c->n_links + size / 8 + 1 > c->links_cap) {
             *status = c->n_mem ? S_FULL : S_STOP;  /* a member too big for empty buffers: Python's */
@@ -1180,9 +1223,35 @@ static int not_plain_path(const uint8_t *s, int64_t n) {
 
 /* one link: its reason (R_KEPT, R_HARD, or a reason index); a kept link's url and caption are
  * appended to out */
+/* Whether urlsplit reads a scheme other than http(s) in s: a letter, then letters, digits, '+',
+ * '-' or '.' up to the first ':'. urljoin returns such a src as it is, on an http(s) base. */
+static int other_scheme(const uint8_t *s, int64_t n) {
+    const uint8_t *colon = memchr(s, ':', (size_t)n);
+    if (!colon || colon == s || !((s[0] | 0x20) >= 'a' && (s[0] | 0x20) <= 'z')) return 0;
+    int64_t k = colon - s;
+    for (int64_t i = 0; i < k; i++) {
+        uint8_t ch = s[i];
+        if (!((ch | 0x20) >= 'a' && (ch | 0x20) <= 'z') && !(ch >= '0' && ch <= '9') && ch != '+' && ch != '-' && ch != '.')
+            return 0;
+    }
+    return !((k == 4 && match_ci(s, "http", 4)) || (k == 5 && match_ci(s, "https", 5)));
+}
+
+/* urljoin(base, src) for a src that starts with '?' or '#', on a base of the plain shape
+ * without '?', '#' or ';' (so urlunparse gives it back as it is): the base, then src's query
+ * and fragment, each only when not empty. Returns the length written to out. */
+static int64_t join_query(const uint8_t *base, int64_t bn, const uint8_t *src, int64_t sn, uint8_t *out) {
+    const uint8_t *hash = memchr(src, '#', (size_t)sn);
+    int64_t i = hash ? hash - src : sn, m = bn;
+    memcpy(out, base, (size_t)bn);
+    if (src[0] == '?' && i > 1) { memcpy(out + m, src, (size_t)i); m += i; }
+    if (i + 1 < sn) { memcpy(out + m, src + i, (size_t)(sn - i)); m += sn - i; }
+    return m;
+}
+
 static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, int64_t sn, int src_valid,
                      const uint8_t *alt, int64_t an, int alt_valid, const uint8_t *const parts[3],
-                     const int64_t parts_n[3], uint8_t *scratch, seg_t *segs) {
+                     const int64_t parts_n[3], const uint8_t *base, int64_t base_n, uint8_t *scratch, seg_t *segs) {
     /* alt */
     int64_t fold_n = 0, chars = 0;
     if (!alt_valid) {
@@ -1255,9 +1324,11 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
         pre = parts[1]; pre_n = parts_n[1];
     } else if (clean[0] != '?' && clean[0] != '#' && !memchr(clean, ':', (size_t)cn)) {
         pre = parts[2]; pre_n = parts_n[2];
-    } else {
+    } else if ((clean[0] == '?' || clean[0] == '#') && base) {
+        un = join_query(base, base_n, clean, cn, url);
+    } else if (!other_scheme(clean, cn)) {
         return R_HARD;
-    }
+    }  /* else the src as it is (about:blank, mailto:...): url_ok below rejects it */
     if (un < 0) {
         un = 0;
         if (pre) { memcpy(url, pre, (size_t)pre_n); un = pre_n; if (extra) url[un++] = ':'; }
@@ -1324,7 +1395,8 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
         const uint8_t *lang = purl + purl_n + 1;
         int64_t lang_n = (int64_t)strlen((const char *)lang);
         uint8_t has_lang = (row[5] & F_LANG) != 0;
-        if (ovr < cfg->n_ovr && cfg->ovr_page[ovr] == pg) {
+        int ovr_taken = ovr < cfg->n_ovr && cfg->ovr_page[ovr] == pg;
+        if (ovr_taken) {
             p = ovr_p;
             for (int k = 0; k < 3; k++) ovr_p += strlen((const char *)ovr_p) + 1;
             ovr++;
@@ -1340,7 +1412,22 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
                 p += parts_n[k] + 1;
             }
         }
+        /* the base URL itself, for srcs of only a query or fragment: the page URL or the
+         * <base href> joined in C, where urlunparse gives it back as it is */
+        const uint8_t *base = NULL;
+        int64_t base_n = 0;
+        if (ovr_taken) {
+        } else if (row[5] & F_BASED) {
+            base = c->strs + row[1];
+            base_n = row[2];
+        } else if ((row[5] & F_PARTS) && (memcmp(purl, "http://", 7) == 0 || memcmp(purl, "https://", 8) == 0)
+                   && !memchr(purl, '?', (size_t)purl_n) && !memchr(purl, '#', (size_t)purl_n)
+                   && !memchr(purl, ';', (size_t)purl_n)) {
+            base = purl;
+            base_n = purl_n;
+        }
         int64_t longest = parts_n[2] > parts_n[1] ? parts_n[2] : parts_n[1];
+        if (base_n + 2 > longest) longest = base_n + 2;
         for (int64_t l = row[3]; l < row[3] + row[4]; l++) {
             const uint8_t *src = c->src + c->src_start[l], *alt = c->alt + c->alt_start[l];
             int64_t sn = (int64_t)strlen((const char *)src), an = (int64_t)strlen((const char *)alt);
@@ -1348,8 +1435,8 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
                 || !gbuf_room(&segs, 2 * (int64_t)sizeof(seg_t) * (sn + longest + 4))) {
                 free(scratch.p); free(segs.p); return -1;
             }
-            int r = link_rule(cfg, out, src, sn, c->src_valid[l], alt, an, c->alt_valid[l], parts, parts_n, scratch.p,
-                              (seg_t *)segs.p);
+            int r = link_rule(cfg, out, src, sn, c->src_valid[l], alt, an, c->alt_valid[l], parts, parts_n, base, base_n,
+                              scratch.p, (seg_t *)segs.p);
             if (r == -100) { free(scratch.p); free(segs.p); return -1; }
             if (r == R_KEPT) {
                 if (!push_i64(&out->row_link, l) || !push_str(&out->purl, purl, purl_n)

@@ -197,20 +197,26 @@ _BASE_HREFS = ["https://static.example.net/assets/", "http://cdn.example.org", "
                "https://bs.example\\d/", "https:///no-host/", "https://", "http:", "https://sp ace.example/",
                "https://u:p@auth.example:8080/x/", "https://dots.example/a/../b/./c/", "//proto.example/rel/",
                "/root/", "rel/dir/", "../up/", "https://ex\u00e4mple.example/", "\u00a0https://nbsp.example/",
-               "https://tail.example/\u00a0", "ftp://files.example/", "https:/one-slash.example/", "http://h.example/%7e/"]
+               "https://tail.example/\u00a0", "ftp://files.example/", "https:/one-slash.example/", "http://h.example/%7e/",
+               "/a//b/", "/with:colon/", "//", "///x/", "/./x/", "//h.example", "//h.example:8080/p/", "/", "/x/../y/"]
 _BASE_SRCS = ["x.jpg", "/root.jpg", "//other.example/p.jpg", "../up.jpg", "./here.jpg", "https://abs.example/a.jpg",
-              "?q=1", "#frag", "a b.jpg", "c:d.jpg", "", "&amp;e.jpg"]
+              "?q=1", "#frag", "a b.jpg", "c:d.jpg", "", "&amp;e.jpg", "#", "?", "?#", "?q#", "?#f", "?q#f#g", "##",
+              "? sp", "about:blank", "mailto:a@b.example", "HTTP:rel.jpg", "https:rel.jpg", "1a:b.jpg", "a+b.c-d:x",
+              "a_b:x", ":x.jpg", "ftp://f.example/a.jpg"]
 
 
 def test_plain_base_hrefs_are_taken_in_c_as_urljoin_gives_them(tmp_path, monkeypatch):
-    """<base href> values of many shapes, on http and https pages: the pairs equal the Python
-    path's (urljoin of the href to the page URL, then of each src to that). The C scan takes the
-    plain absolute http(s) hrefs as the base itself; Python joins only the others."""
+    """<base href> values of many shapes (and none), on http and https pages, under srcs of many
+    shapes (a query or fragment only, other schemes): the pairs equal the Python path's (urljoin
+    of the href to the page URL, then of each src to that). The C scan joins the plain absolute,
+    protocol-relative and root-relative hrefs itself; Python joins only the others."""
     pages = []
     for i, base in enumerate(_BASE_HREFS):
         links = [{"path": "IMG@/src", "url": src, "alt": f"a picture under a base {k}"} for k, src in enumerate(_BASE_SRCS)]
-        for scheme in ("https", "http"):
-            pages.append(wat_record(f"{scheme}://page{i}.example/dir/page.html", links, base=base))
+        for page_url in (f"https://page{i}.example/dir/page.html", f"http://page{i}.example/dir/page.html",
+                         f"HTTPS://Upper{i}.example/d/p.html", f"https://query{i}.example/p.html?x=1",
+                         f"https://frag{i}.example/p.html#top", f"https://bare{i}.example", f"https://semi{i}.example/a;p/b"):
+            pages.append(wat_record(page_url, links, base=base))
     ending = wat_request_record("https://end.example/")
     joined: list[str] = []
     base_pages = native.Batch.base_pages
@@ -220,10 +226,28 @@ def test_plain_base_hrefs_are_taken_in_c_as_urljoin_gives_them(tmp_path, monkeyp
         joined.extend(href for _, href in got)
         return got
     monkeypatch.setattr(native.Batch, "base_pages", spied)
+    hard: list[tuple[str, str]] = []  # (page URL, src) of the links the C rules handed to Python
+    run = native.Rules.run
+
+    def counted(self, batch, *args, **kwargs):
+        out = run(self, batch, *args, **kwargs)
+        hard.extend((batch.page(k)[0], src) for src, _, k in out.hard_links)
+        return out
+    monkeypatch.setattr(native.Rules, "run", counted)
     _same_both_ways(tmp_path, gz([*pages, ending]), monkeypatch)
+    # On a plain page without a <base href>: a query or fragment only, and another scheme, are
+    # decided in C (here with a lower-case scheme and no query, fragment or params in the page URL)
+    plain_pages = {f"https://page{len(_BASE_HREFS)}.example/dir/page.html", f"http://page{len(_BASE_HREFS)}.example/dir/page.html",
+                   f"https://bare{len(_BASE_HREFS)}.example"}
+    decided = {"#", "?", "?#", "?q#", "?#f", "?q#f#g", "##", "? sp", "?q=1", "#frag", "about:blank", "mailto:a@b.example",
+               "a+b.c-d:x", "ftp://f.example/a.jpg", "c:d.jpg"}
+    assert not [h for h in hard if h[0] in plain_pages and h[1] in decided], hard
+    assert {src for page, src in hard if page.startswith(("https://query", "HTTPS://", "https://frag", "https://semi"))
+            and src.startswith(("?", "#"))}, "pages whose URL urlunparse changes keep those srcs for Python"
     plain = {"https://static.example.net/assets/", "http://cdn.example.org", "https://cdn.example.org/a/b.html",
              "  https://padded.example/p/  ", "\thttps://tab.example/t/\n", "https://u:p@auth.example:8080/x/",
-             "https://dots.example/a/../b/./c/", "http://h.example/%7e/"}
+             "https://dots.example/a/../b/./c/", "http://h.example/%7e/", "//proto.example/rel/", "/root/", "/a//b/",
+             "//h.example", "//h.example:8080/p/"}
     assert set(joined) == set(_BASE_HREFS) - plain, sorted(set(_BASE_HREFS) - plain - set(joined))
 
 
