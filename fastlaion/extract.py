@@ -1571,6 +1571,8 @@ class _LinkRules:
         self.stats.pairs += len(out.rows) + len(hard_rows)
         out.seq0 = self._seq - lo  # a row's place in the flush: seq0 + its link's number in the batch
         out.hard_rows = hard_rows
+        if direct and _hard_rows_have_nul(hard_rows):
+            rules.copy_out(out)  # the writer sends these rows to Polars (add_native): it needs them as bytes
         self._py = None
         self._seq += n_links
         if direct:
@@ -1800,7 +1802,11 @@ def _page_base(page_url: str, base_href: str | None, raw_entities: bool) -> str:
     page URL) when the page has one, else the page URL."""
     if base_href and base_href.strip():
         href = base_href.strip()
-        return urljoin(page_url, _unescape_url(href) if raw_entities and "&" in href else href)
+        href = _unescape_url(href) if raw_entities and "&" in href else href
+        try:
+            return urljoin(page_url, href)
+        except ValueError:  # a page URL urlsplit refuses (an unbalanced '[', a host NFKC breaks)
+            return href  # an absolute href is the base as it is; a relative one joins to nothing valid
     return page_url
 
 
@@ -1899,6 +1905,12 @@ def _has_nul(*cols: list[str | None]) -> bool:
     return any(v is not None and "\x00" in v for col in cols for v in col)
 
 
+def _hard_rows_have_nul(rows: list[tuple[int, str, str, str, str | None, str]]) -> bool:
+    """Whether a url, caption, page URL or language of these (link, url, caption, page_url,
+    lang, uid) rows holds U+0000."""
+    return any(v and "\x00" in v for row in rows for v in row[1:5])
+
+
 def _compiled_writer() -> bool:
     """Whether the compiled Parquet writer can be used (the native path is on, the library and
     libzstd are there)."""
@@ -1977,6 +1989,10 @@ class _PairWriter:
         from .parquet_native import Rows
 
         if not len(result.rows) and not result.hard_rows:
+            return
+        if _hard_rows_have_nul(result.hard_rows):
+            # the reference kept a url or caption holding U+0000: the C writer takes NUL-terminated strings
+            self.add_frame(_native_frame([result]).sort("seq").drop("seq"))
             return
         if result.addresses is not None:  # still in the C buffers: our own C wrote them, as Rows wants them
             a = Rows.from_addresses(len(result.rows), *result.addresses, result.rows, keep=result,

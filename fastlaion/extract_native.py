@@ -409,6 +409,13 @@ class Rules:
                 batch.link_pages(res.hard)))
         return res
 
+    def copy_out(self, res: RuleResult) -> None:
+        """Give a RuleResult of run(copy=False) its rows as bytes, from the C buffers (before the
+        next run)."""
+        o = self.out
+        res.url, res.cap, res.purl, res.lang, res.uid = (s.bytes() for s in (o.url, o.cap, o.purl, o.lang, o.uid))
+        res.addresses = None
+
     def close(self) -> None:
         if self.out_p:
             self.lib.wat_rules_free(self.out_p)

@@ -23,6 +23,7 @@ from test_extract import (
     _random_pages,
     _wat_doc_variants,
     gz,
+    img,
     rule_wat,
     three_wat_records,
     warc_record,
@@ -249,6 +250,37 @@ def test_plain_base_hrefs_are_taken_in_c_as_urljoin_gives_them(tmp_path, monkeyp
              "https://dots.example/a/../b/./c/", "http://h.example/%7e/", "//proto.example/rel/", "/root/", "/a//b/",
              "//h.example", "//h.example:8080/p/"}
     assert set(joined) == set(_BASE_HREFS) - plain, sorted(set(_BASE_HREFS) - plain - set(joined))
+
+
+@pytest.mark.parametrize("page_url", ["http://[x/d/", "http://a\uff03b/d/"], ids=["bracket", "nfkc-host"])
+def test_a_page_url_urlsplit_refuses_keeps_an_absolute_base_href(tmp_path, monkeypatch, page_url):
+    """A page URL urlsplit refuses (an unbalanced '[', a fullwidth '#' that NFKC makes a
+    delimiter) with a <base href>: an absolute href is the base as it is, a relative one joins to
+    nothing valid. The Python path used to stop the whole extract with a traceback there (found
+    by a review fuzzer); both paths now give the same rows."""
+    pages = [wat_record(page_url, [img("?q", "some alt text"), img("x.jpg", "another alt text")], base=base)
+             for base in ("http://b.example/x/", "https://c.example/", "rel/dir/", "/root/")]
+    _same_both_ways(tmp_path, gz([*pages, wat_request_record("https://end.example/")]), monkeypatch)
+    rows = pl.read_parquet(tmp_path / "out-True" / "candidates-00000.parquet").rows(named=True)
+    assert {r["url"] for r in rows} == {"http://b.example/x/?q", "http://b.example/x/x.jpg", "https://c.example/?q",
+                                         "https://c.example/x.jpg"}
+
+
+def test_a_kept_url_or_caption_with_nul_is_written(tmp_path, monkeypatch):
+    """The reference keeps a URL holding U+0000 (from a base href with \\u0000, which the C
+    rules leave to it): such a row cannot go to the compiled writer (NUL-terminated strings),
+    which used to raise (found by a review fuzzer); it goes to Polars, in link order with the C
+    path's rows. (A link whose own alt or src holds one sends its record to Python.)"""
+    pages = [wat_record("https://p.example/a/", [img("/one.jpg", "a first alt text"), img("?q", "a query only src"),
+                                                 img("/three.jpg", "a last alt text")], base="http://b.example/x/\x00y"),
+             wat_record("https://n.example/", [img("/two.jpg", "an alt with \x00 inside")]),
+             wat_record("https://q.example/", [img("/four.jpg", "a plain page after it")])]
+    _same_both_ways(tmp_path, gz([*pages, wat_request_record("https://end.example/")]), monkeypatch)
+    rows = pl.read_parquet(tmp_path / "out-True" / "candidates-00000.parquet").rows(named=True)
+    assert [(r["url"], r["caption"]) for r in rows] == [
+        ("http://b.example/one.jpg", "a first alt text"), ("http://b.example/x/\x00y?q", "a query only src"),
+        ("http://b.example/three.jpg", "a last alt text"), ("https://n.example/two.jpg", "an alt with \x00 inside"),
+        ("https://q.example/four.jpg", "a plain page after it")]
 
 
 def test_rule_file_matches(tmp_path, monkeypatch):
