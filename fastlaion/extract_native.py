@@ -490,9 +490,12 @@ class Scanner:
         self.ctx = self.ctx_p.contents
         self._status = ctypes.c_int32(0)
 
-    def scan(self, buf: bytes, start: int) -> tuple[int, bool]:
-        """Inflate and classify the members of buf from `start`; (where it stopped, full)."""
-        self.lib.wat_reset(self.ctx_p)
+    def scan(self, buf: bytes, start: int, keep: bool = False) -> tuple[int, bool]:
+        """Inflate and classify the members of buf from `start`; (where it stopped, full).
+        keep: add them to the members of the last scan, not yet taken (nothing of a batch
+        points into the input buffer: the next scan may read another one)."""
+        if not keep:
+            self.lib.wat_reset(self.ctx_p)
         new = self.lib.wat_scan(self.ctx_p, buf, len(buf), start, ctypes.byref(self._status))
         return new, self._status.value == S_FULL
 

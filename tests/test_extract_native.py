@@ -358,6 +358,29 @@ def test_damaged_gzip_matches(tmp_path, monkeypatch, name):
     _same_both_ways(tmp_path, _gzip_variants()[name], monkeypatch)
 
 
+def test_members_cut_by_read_chunks_match(tmp_path, monkeypatch):
+    """Small read chunks, so most members start in one chunk and end in the next: the scanner
+    takes such a member joined alone (_straddling_member) and reads the next chunk in place, or
+    leaves it to the joined chunks as before (a look-alike header, damage, a cut). Same rows and
+    counts as the Python path, which always joins, for each damaged-gzip input and chunk size;
+    both outcomes happen over them."""
+    straddling = extract_mod._straddling_member
+    outcomes: list[int] = []
+
+    def spied(parts, chunk, native_):
+        at = yield from straddling(parts, chunk, native_)
+        outcomes.append(at)
+        return at
+    monkeypatch.setattr(extract_mod, "_straddling_member", spied)
+    for name, data in _gzip_variants().items():
+        for size in (97, 700, 3001):
+            monkeypatch.setattr(extract_mod, "READ_CHUNK_BYTES", size)
+            case = tmp_path / f"{name}-{size}"
+            case.mkdir()
+            _same_both_ways(case, data + gz(_page_records(7, 12)), monkeypatch)
+    assert any(at >= 0 for at in outcomes) and any(at < 0 for at in outcomes)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "invalid-json", "lying-length", "junk", "mid-record-member"])
 def test_damaged_records_match(tmp_path, monkeypatch, damage):
     recs = _page_records(3, 40)
