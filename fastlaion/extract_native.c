@@ -584,9 +584,8 @@ static int link_value(J *j, lval *v) {
 
 static int put_str(uint8_t *dst, int64_t *used, lval v) {
     if (!v.state) { dst[(*used)++] = 0; return 1; }
-    int64_t n = unescape(v.s, dst + *used, 0);
+    int64_t n = unescape(v.s, dst + *used, 0);  /* -1 for a \u0000; a raw NUL never passed parse_string */
     if (n < 0) return 0;
-    if (memchr(dst + *used, 0, (size_t)n)) return 0;
     *used += n;
     dst[(*used)++] = 0;
     return 1;
@@ -1430,7 +1429,11 @@ int wat_rules(ctx_t *c, const rules_cfg *cfg, rules_out *out, int64_t pa, int64_
         if (base_n + 2 > longest) longest = base_n + 2;
         for (int64_t l = row[3]; l < row[3] + row[4]; l++) {
             const uint8_t *src = c->src + c->src_start[l], *alt = c->alt + c->alt_start[l];
-            int64_t sn = (int64_t)strlen((const char *)src), an = (int64_t)strlen((const char *)alt);
+            /* each link put its src and its alt, each then a NUL (walk_links): a length is the
+             * distance to the next one's start */
+            int64_t last = l + 1 == c->n_links;
+            int64_t sn = (last ? c->src_used : c->src_start[l + 1]) - c->src_start[l] - 1;
+            int64_t an = (last ? c->alt_used : c->alt_start[l + 1]) - c->alt_start[l] - 1;
             if (!gbuf_room(&scratch, an + 3 * sn + longest + 8)
                 || !gbuf_room(&segs, 2 * (int64_t)sizeof(seg_t) * (sn + longest + 4))) {
                 free(scratch.p); free(segs.p); return -1;
