@@ -103,19 +103,19 @@ static int64_t find_ci(const uint8_t *s, int64_t n, const char *needle, int64_t 
     return -1;
 }
 
-/* bytes.count of needle (lower case, a letter first, no proper prefix that is also a suffix,
- * so occurrences cannot overlap) in the lower-cased header */
-static int64_t count_ci(const uint8_t *s, int64_t n, const char *needle, int64_t m) {
-    int64_t c = 0;
-    for (int k = 0; k < 2; k++) {  /* the first letter in either case */
-        uint8_t first = k ? (uint8_t)(needle[0] - 32) : (uint8_t)needle[0];
-        const uint8_t *p = s, *e = s + n - m + 1;
-        while (p < e && (p = memchr(p, first, (size_t)(e - p))) != NULL) {
-            if (match_ci(p + 1, needle + 1, m - 1)) c++;
-            p++;
+/* header.lower().count(name) for "content-length", "warc-type" and "warc-target-uri", in one
+ * pass (none of them can overlap itself) */
+static void count_names(const uint8_t *h, int64_t n, int64_t counts[3]) {
+    counts[0] = counts[1] = counts[2] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t b = h[i] | 0x20;  /* 'c' or 'w' for both cases of them, and for no other byte */
+        if (b == 'c') {
+            if (n - i >= 14 && match_ci(h + i, "content-length", 14)) counts[0]++;
+        } else if (b == 'w' && n - i >= 9 && match_ci(h + i, "warc-t", 6)) {
+            if (match_ci(h + i + 6, "ype", 3)) counts[1]++;
+            else if (n - i >= 15 && match_ci(h + i + 6, "arget-uri", 9)) counts[2]++;
         }
     }
-    return c;
 }
 
 static inline int is_bytes_space(uint8_t c) {  /* bytes.strip() */
@@ -880,9 +880,11 @@ static int classify(ctx_t *c, const uint8_t *d, int64_t n) {
     int64_t h_end = find(d, n < MAX_HEADER ? n : MAX_HEADER, 0, "\r\n\r\n", 4);
     if (h_end < 0) return K_DEFER;
     const uint8_t *h = d;
+    int64_t counts[3];  /* each name must occur once in the header, as a field or not */
+    count_names(h, h_end, counts);
     /* Content-Length */
     int64_t i = find_ci(h, h_end, "\r\ncontent-length:", 17);
-    if (i < 0 || count_ci(h, h_end, "content-length", 14) != 1) return K_DEFER;
+    if (i < 0 || counts[0] != 1) return K_DEFER;
     int64_t e = find(h, h_end, i + 17, "\r\n", 2);
     if (e < 0) e = h_end;
     int64_t a = i + 17, b = e;
@@ -898,7 +900,7 @@ static int classify(ctx_t *c, const uint8_t *d, int64_t n) {
     if (length > c->max_record_bytes || end + 4 != n || memcmp(d + n - 4, "\r\n\r\n", 4) != 0) return K_DEFER;
     /* WARC-Type */
     i = find_ci(h, h_end, "\r\nwarc-type:", 12);
-    if (i < 0 || count_ci(h, h_end, "warc-type", 9) != 1) return K_DEFER;
+    if (i < 0 || counts[1] != 1) return K_DEFER;
     e = find(h, h_end, i + 12, "\r\n", 2);
     if (e < 0) e = h_end;
     a = i + 12; b = e;
@@ -910,7 +912,7 @@ static int classify(ctx_t *c, const uint8_t *d, int64_t n) {
     if (length == 0 || d[body] != '{') return K_DEFER;
     if (!has_img_path(d + body, length)) return K_NOIMG;
     /* WARC-Target-URI */
-    if (count_ci(h, h_end, "warc-target-uri", 15) != 1) return K_DEFER;
+    if (counts[2] != 1) return K_DEFER;
     i = find_ci(h, h_end, "\r\nwarc-target-uri:", 18);
     if (i < 0) return K_DEFER;
     e = find(h, h_end, i + 18, "\r\n", 2);
