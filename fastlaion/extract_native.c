@@ -30,6 +30,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__) && defined(__GNUC__)
+#include <emmintrin.h>
+#endif
 
 typedef int (*gunzip_fn)(void *d, const void *in, size_t in_n, void *out, size_t out_avail,
                          size_t *actual_in, size_t *actual_out);
@@ -104,18 +107,32 @@ static int64_t find_ci(const uint8_t *s, int64_t n, const char *needle, int64_t 
 }
 
 /* header.lower().count(name) for "content-length", "warc-type" and "warc-target-uri", in one
- * pass (none of them can overlap itself) */
+ * pass (none of them can overlap itself): each 'c' or 'w', in either case, is checked */
+static inline void count_name_at(const uint8_t *h, int64_t n, int64_t i, int64_t counts[3]) {
+    if ((h[i] | 0x20) == 'c') {
+        if (n - i >= 14 && match_ci(h + i, "content-length", 14)) counts[0]++;
+    } else if (n - i >= 9 && match_ci(h + i, "warc-t", 6)) {
+        if (match_ci(h + i + 6, "ype", 3)) counts[1]++;
+        else if (n - i >= 15 && match_ci(h + i + 6, "arget-uri", 9)) counts[2]++;
+    }
+}
+
 static void count_names(const uint8_t *h, int64_t n, int64_t counts[3]) {
     counts[0] = counts[1] = counts[2] = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint8_t b = h[i] | 0x20;  /* 'c' or 'w' for both cases of them, and for no other byte */
-        if (b == 'c') {
-            if (n - i >= 14 && match_ci(h + i, "content-length", 14)) counts[0]++;
-        } else if (b == 'w' && n - i >= 9 && match_ci(h + i, "warc-t", 6)) {
-            if (match_ci(h + i + 6, "ype", 3)) counts[1]++;
-            else if (n - i >= 15 && match_ci(h + i + 6, "arget-uri", 9)) counts[2]++;
+    int64_t i = 0;
+#if defined(__SSE2__) && defined(__GNUC__)
+    const __m128i lower_bit = _mm_set1_epi8(0x20), c = _mm_set1_epi8('c'), w = _mm_set1_epi8('w');
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_or_si128(_mm_loadu_si128((const __m128i *)(h + i)), lower_bit);
+        unsigned mask = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, c), _mm_cmpeq_epi8(v, w)));
+        while (mask) {
+            count_name_at(h, n, i + __builtin_ctz(mask), counts);
+            mask &= mask - 1;
         }
     }
+#endif
+    for (; i < n; i++)  /* | 0x20 makes 'c' or 'w' of both cases of them, and of no other byte */
+        if ((h[i] | 0x20) == 'c' || (h[i] | 0x20) == 'w') count_name_at(h, n, i, counts);
 }
 
 static inline int is_bytes_space(uint8_t c) {  /* bytes.strip() */
@@ -176,7 +193,6 @@ typedef struct { const uint8_t *s; int64_t n; int esc; int ascii; } jstr;
 /* The first byte at or after p that ends a run of plain string bytes: '"', '\\', a control
  * character or a non-ASCII byte (e if none). */
 #if defined(__SSE2__) && defined(__GNUC__)
-#include <emmintrin.h>
 static inline const uint8_t *plain_run(const uint8_t *p, const uint8_t *e) {
     const __m128i quote = _mm_set1_epi8('"'), bslash = _mm_set1_epi8('\\'), space = _mm_set1_epi8(0x20);
     while (e - p >= 16) {
