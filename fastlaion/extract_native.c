@@ -1072,6 +1072,34 @@ static int odd_alt(const uint8_t *a, int64_t n) {
     return 0;
 }
 
+/* Whether an alt is already what " ".join(alt.split()) makes of it, and odd_alt passes it:
+ * printable ASCII without '&', no space at either end, no two spaces in a row (most alts) */
+static int plain_alt(const uint8_t *a, int64_t n) {
+    if (n == 0 || a[0] == ' ' || a[n - 1] == ' ') return 0;
+    int64_t i = 0;
+    unsigned prev = 0;  /* whether the byte before a[i] is a space */
+#if defined(__SSE2__) && defined(__GNUC__)
+    const __m128i space = _mm_set1_epi8(' '), del = _mm_set1_epi8(0x7f), amp = _mm_set1_epi8('&');
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(a + i));
+        /* signed compare: below 0x20, and 0x80-0xff (negative) */
+        __m128i bad = _mm_or_si128(_mm_cmplt_epi8(v, space), _mm_or_si128(_mm_cmpeq_epi8(v, del), _mm_cmpeq_epi8(v, amp)));
+        if (_mm_movemask_epi8(bad)) return 0;
+        unsigned sp = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, space));
+        if (sp & ((sp << 1) | prev)) return 0;  /* a space right after a space */
+        prev = sp >> 15;
+    }
+#endif
+    for (; i < n; i++) {
+        uint8_t c = a[i];
+        if (c < 0x20 || c >= 0x7f || c == '&') return 0;
+        unsigned sp = c == ' ';
+        if (sp && prev) return 0;
+        prev = sp;
+    }
+    return 1;
+}
+
 /* extract._ENTITY: &#123; &#x1F; &name; */
 static int has_entity(const uint8_t *s, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
@@ -1273,6 +1301,9 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     int64_t fold_n = 0, chars = 0;
     if (!alt_valid) {
         if (cfg->min_alt > 0) return R_NO_ALT;
+    } else if (plain_alt(alt, an)) {  /* folds to itself */
+        memcpy(scratch, alt, (size_t)an);
+        fold_n = chars = an;
     } else {
         if (odd_alt(alt, an)) return R_HARD;
         /* " ".join(alt.split()) */

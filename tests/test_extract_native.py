@@ -307,6 +307,25 @@ def test_odd_warc_headers_match(tmp_path, monkeypatch):
     assert spy.kinds.get(native.K_PAGE, 0) == 6, spy.kinds
 
 
+def test_alts_folded_or_taken_as_they_are_match(tmp_path, monkeypatch):
+    """Alts the C rules take as they are (plain_alt: printable ASCII, no '&', no space at an end,
+    no two in a row, checked 16 bytes at a time) and alts they fold: two spaces, a tab or a
+    non-ASCII space on each side of a 16-byte block boundary, at the ends, DEL, '&': the pairs
+    equal the Python path's (" ".join(alt.split()))."""
+    alts = []
+    for length in (5, 15, 16, 17, 31, 32, 33, 47):
+        base = "".join("abcdefghij"[i % 10] for i in range(length))
+        alts.append(base)
+        for at in {1, 14, 15, 16, 17, length - 2}:
+            if 0 < at < length - 1:
+                for gap in ("  ", " ", "\t", "\u00a0", " \u3000", "\x7f", "&amp;", "&", " & "):
+                    alts.append(base[:at] + gap + base[at + 1:])
+        alts += [" " + base, base + " ", "  " + base + "  "]
+    pages = [wat_record(f"https://alt{i}.example/", [img(f"/{k}.jpg", alt) for k, alt in enumerate(alts[i:i + 40])])
+             for i in range(0, len(alts), 40)]
+    _same_both_ways(tmp_path, gz([*pages, wat_request_record("https://end.example/")]), monkeypatch)
+
+
 def test_rule_file_matches(tmp_path, monkeypatch):
     spy = _same_both_ways(tmp_path, rule_wat(), monkeypatch)
     # the last member has no next gzip header to end it: Python's member loop reads it
