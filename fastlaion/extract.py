@@ -672,7 +672,7 @@ def _whole_members(chunks: Iterator[bytes], native: Any = None) -> Generator[Any
         return [next(chunks)]
     parts: list[bytes] = []  # the read chunks the unread bytes come from, the first cut at `start`
     for chunk in chunks:
-        at = (yield from _straddling_member(parts, chunk, native)) if parts and native is not None else -1
+        at = _straddling_member(parts, chunk, native) if parts and native is not None else -1
         keep = at >= 0  # the member cut at the last chunk's end is in the scanner's batch: this chunk
         if keep:        # is read in place, its members added to that batch
             parts, buf, start = [chunk], chunk, at
@@ -726,31 +726,21 @@ def _whole_members(chunks: Iterator[bytes], native: Any = None) -> Generator[Any
     return []
 
 
-def _straddling_member(parts: list[bytes], chunk: bytes, native: Any) -> Generator[Any, None, int]:
-    """The member that starts in `parts` (the unread end of the last chunks: one member start and
-    no other header) and ends in `chunk`, through the scanner alone: its bytes and the next
-    header's are joined (a few KB) rather than all of `chunk` onto them. Returns where the scan of
-    `chunk` goes on, the member left in the scanner's batch for that scan to add to; or -1 when
-    the scanner did not take it at the chunk's first header (a header look-alike, damage, a
-    member too large for its buffers, no header in the chunk): then the caller joins as before
-    and the usual loop decides, so the members and their order are the same either way."""
+def _straddling_member(parts: list[bytes], chunk: bytes, native: Any) -> int:
+    """The member that starts in `parts` (the unread end of the last chunks) and ends in `chunk`,
+    through the scanner alone: its bytes and the next header's are joined (a few KB) rather than
+    all of `chunk` onto them. Returns where the scan of `chunk` goes on, the members taken left
+    in the scanner's batch for that scan to add to; or -1 when the scanner did not take all of
+    `parts` and `chunk` up to the chunk's first header (a header look-alike, damage, a member
+    too large for its buffers, no header in the chunk): then nothing it took is used (the
+    caller's next scan starts a new batch), the caller joins as before and the usual loop
+    decides, so the members and their order are the same either way."""
     head = b"".join(parts) if len(parts) > 1 else parts[0]
     end = chunk.find(_GZIP_MAGIC)
     if end < 0 or len(head) + end < 20:
         return -1
-    small = head + chunk[:end + len(_GZIP_MAGIC)]
-    at, full = native.scan(small, 0)
-    while full:  # (not with buffers emptied by the scan's reset; kept for the scanner's contract)
-        batch = native.take()
-        if batch is not None:
-            yield batch
-        at, full = native.scan(small, at)
-    if at == len(head) + end:
-        return end
-    batch = native.take()
-    if batch is not None:
-        yield batch
-    return -1
+    at, _ = native.scan(head + chunk[:end + len(_GZIP_MAGIC)], 0)
+    return end if at == len(head) + end else -1
 
 
 def _member_inflater() -> Callable[[bytes, memoryview, int, int], bytearray | None] | None:
