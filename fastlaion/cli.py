@@ -1,7 +1,8 @@
 """The `fastlaion` command line (typer).
 
-Start-up is kept to what every command needs: typer, rich's console and fastlaion.config. The
-rest is imported inside the command that uses it (the pipeline, Polars and numpy by `run`,
+Start-up is kept to what every command needs: typer and fastlaion.config (rich's console and
+log handler are made on first use: `extract --no-progress` never loads rich). The rest is
+imported inside the command that uses it (the pipeline, Polars and numpy by `run`,
 fastlaion.extract by `extract`, fastlaion/cli_dataset.py and its Polars, numpy and Pillow by
 `subset`, `dedup` and `stats`, rich's progress bars by a command that draws one). Typer builds a
 command from its function only when that command is looked up, and converts plain option values

@@ -89,7 +89,7 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -1924,14 +1924,14 @@ def _polars_io(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from e
 
 
-def _has_nul(*cols: list[str | None]) -> bool:
+def _has_nul(*cols: Sequence[str | None]) -> bool:
     return any(v is not None and "\x00" in v for col in cols for v in col)
 
 
 def _hard_rows_have_nul(rows: list[tuple[int, str, str, str, str | None, str]]) -> bool:
     """Whether a url, caption, page URL or language of these (link, url, caption, page_url,
     lang, uid) rows holds U+0000."""
-    return any(v and "\x00" in v for row in rows for v in row[1:5])
+    return bool(rows) and _has_nul(*list(zip(*rows))[1:5])
 
 
 def _compiled_writer() -> bool:
@@ -1947,7 +1947,7 @@ def _write_empty(path: Path) -> None:
     if _compiled_writer():
         from .parquet_native import ParquetWriter
 
-        ParquetWriter(path).close()
+        ParquetWriter(path, level=PARQUET_OPTIONS["compression_level"]).close()
         return
     import polars as pl
 
@@ -2038,7 +2038,8 @@ class _PairWriter:
             from .parquet_native import ParquetWriter
 
             key = None if self.dedup is DedupMode.none else self.dedup.value
-            self._native = ParquetWriter(self._next_file(), dedup=key, rowgroup_rows=WRITE_CHUNK_ROWS)
+            self._native = ParquetWriter(self._next_file(), dedup=key, rowgroup_rows=WRITE_CHUNK_ROWS,
+                                         level=PARQUET_OPTIONS["compression_level"])  # as Polars writes them
         return self._native
 
     def _close_native(self) -> None:

@@ -188,8 +188,9 @@ def _load() -> Any:
 
 def tune_malloc() -> bool:
     """For a process that only extracts: glibc's malloc keeps serving this process's large buffers
-    from its heap instead of mapping fresh pages for each. Reading 1 MiB chunks and joining a
-    member cut at a chunk's end otherwise maps, faults in and unmaps a new MiB or two per chunk
+    from its heap instead of mapping fresh pages for each. Reading 1 MiB chunks (and joining one
+    onto a member cut at its start, where the scanner does not take that member alone) otherwise
+    maps, faults in and unmaps a new MiB or two per chunk
     (~5,000 page faults on the bench WAT, ~0.1 s of 1.4). The cost: up to 128 MiB freed stays
     with the process instead of going back to the system (RSS +10 MB on the bench WAT). Returns
     whether it was set (glibc only)."""
@@ -393,12 +394,12 @@ class Rules:
         if self.lib.wat_rules(batch.scanner.ctx_p, ctypes.byref(self.cfg), self.out_p, a, b):
             raise MemoryError("wat_rules")
         o = self.out
-        strings = (o.url, o.cap, o.purl, o.lang, o.uid)  # RuleResult's order
         lang_valid = o.lang_valid.bytes()
-        res = RuleResult(*(s.bytes() if copy else b"" for s in strings), lang_valid,
-                         array.array("q", o.row_link.bytes()), array.array("q", o.hard.bytes()).tolist(),
-                         list(o.reasons), o.url_cut, o.cap_cut)
-        if not copy:  # in the writer's order: url, caption, page_url, uid, page_lang
+        res = RuleResult(b"", b"", b"", b"", b"", lang_valid, array.array("q", o.row_link.bytes()),
+                         array.array("q", o.hard.bytes()).tolist(), list(o.reasons), o.url_cut, o.cap_cut)
+        if copy:
+            self.copy_out(res)
+        else:  # in the writer's order: url, caption, page_url, uid, page_lang
             res.addresses = ((o.url.p, o.cap.p, o.purl.p, o.uid.p, o.lang.p),
                              (None, None, None, None, o.lang_valid.p if lang_valid.count(0) else None))
         if res.hard:
@@ -410,8 +411,8 @@ class Rules:
         return res
 
     def copy_out(self, res: RuleResult) -> None:
-        """Give a RuleResult of run(copy=False) its rows as bytes, from the C buffers (before the
-        next run)."""
+        """Give a RuleResult of the last run its rows as bytes, copied from the C buffers (before
+        the next run reuses them)."""
         o = self.out
         res.url, res.cap, res.purl, res.lang, res.uid = (s.bytes() for s in (o.url, o.cap, o.purl, o.lang, o.uid))
         res.addresses = None

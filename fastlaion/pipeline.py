@@ -290,7 +290,7 @@ def _on_device(cfg: RunConfig, device: str) -> RunConfig:
 
 
 def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
-         threads: int | None = None, on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
+         on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
     """Load the models once, then download, decode, score and write each shard `shard_ids`
     yields (a list here, a shared queue in a worker process), reading each shard's input rows
     from `rows` when it starts. Returns stage seconds."""
@@ -301,7 +301,7 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
     if on_ready is not None:
         on_ready(timings["load_models"])
     loop = new_event_loop()
-    threads = threads or cfg.decode.threads or os.cpu_count() or 1
+    threads = cfg.decode.threads or os.cpu_count() or 1  # a worker's share: workers.worker_configs
     # One downloader per worker for the whole run: per-host limits, the DNS cache and robots.txt
     # answers carry over from shard to shard.
     downloader = Downloader(cfg.download)

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +160,12 @@ class Scorer:
 class _CompiledTowers:
     """A Scorer's towers under torch.compile, with shapes kept fixed so that each compiles once:
     every call runs on `rows` rows (a smaller batch padded with zeros, a larger one cut into
-    pieces), and captions run at the first of TEXT_LENGTHS that holds the batch's longest one
-    (as PrefixTextEncoder cuts them; the full context where that encoder does not apply).
+    pieces), and captions run at the first of PrefixTextEncoder.BUCKETS and MORE_LENGTHS that
+    holds the batch's longest one (PrefixTextEncoder.pass_length; the full context where that
+    encoder does not apply).
     Padding rows are computed and dropped."""
 
-    TEXT_LENGTHS = (16, 32, 48, 64)
+    MORE_LENGTHS = (64,)  # after PrefixTextEncoder.BUCKETS, before the full context
 
     def __init__(self, scorer: Scorer, rows: int):
         if scorer.device.type == "cpu":  # inductor builds C++ there; say so now, not at the first batch
@@ -181,6 +182,14 @@ class _CompiledTowers:
         self._image = torch.compile(scorer._image_tower, dynamic=False)
         self._text = torch.compile(self.prefix._encode_prefix if self.prefix is not None else scorer.model.encode_text,
                                    dynamic=False)
+        self._seen: set[str] = set()  # the shapes compiled so far
+
+    def _compiling(self, shape: str) -> None:
+        """Say once per shape that it compiles now: the first batch of each waits for it (a minute
+        or more), which would look like a hang."""
+        if shape not in self._seen:
+            self._seen.add(shape)
+            log.warning("--compile: compiling the %s for batches of %d (once; the batch waits for it)", shape, self.rows)
 
     def _padded(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """fn over pieces of `rows` rows of xs (cut alike, the last padded with zeros)."""
@@ -197,15 +206,16 @@ class _CompiledTowers:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
+        self._compiling("image tower")
         return self._padded(self._image, x)
 
     def texts(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.prefix is None:
+            self._compiling("text tower")
             return self._padded(self._text, tokens.to(self.device))
         ends = self.prefix.ends(tokens)
-        context = self.prefix.context_length
-        need = int(ends.max()) + 1
-        length = next((n for n in self.TEXT_LENGTHS if need <= n < context), context)
+        length = self.prefix.pass_length(ends, (*self.prefix.BUCKETS, *self.MORE_LENGTHS))
+        self._compiling(f"text tower at {length} positions")
         return self._padded(self._text, tokens[:, :length].to(self.device), ends.to(self.device), length=length)
 
 
@@ -290,8 +300,14 @@ class PrefixTextEncoder:
         if tokens.shape[0] == 0:
             return self.model.encode_text(tokens.to(device))
         ends = self.ends(tokens)
-        length = min(self.context_length, -(-(int(ends.max()) + 1) // 8) * 8)
+        length = self.pass_length(ends, range(8, self.context_length, 8))
         return self._encode_prefix(tokens[:, :length].to(device), ends.to(device), length)
+
+    def pass_length(self, ends: torch.Tensor, lengths: Iterable[int]) -> int:
+        """The positions one pass over captions ending at `ends` runs on: the first of `lengths`
+        that holds the longest caption, else the full context."""
+        need = int(ends.max()) + 1
+        return next((n for n in lengths if need <= n < self.context_length), self.context_length)
 
     def _encode_prefix(self, tokens: torch.Tensor, ends: torch.Tensor, length: int) -> torch.Tensor:
         """`CLIP.encode_text` with the context cut to `length` positions."""

@@ -57,7 +57,7 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
     procs = []
     for i, wcfg in enumerate(worker_configs(cfg, devices)):
         proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                           args=(i, wcfg, str(out), rows, tasks, results, wcfg.decode.threads), daemon=True)
+                           args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
         proc.start()
         procs.append(proc)
 
@@ -156,8 +156,7 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any,
-                 threads: int) -> None:
+def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
@@ -168,7 +167,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
         try:  # CPU workers share the cores: torch's own thread pool gets this worker's share
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cfg.decode.threads)  # this worker's share (worker_configs)
         except ImportError:
             pass
     try:
@@ -176,7 +175,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
             while (shard := tasks.get()) is not None:
                 yield shard
 
-        work(cfg, Path(out), rows, shard_ids(), _QueueProgress(worker, results), threads,
+        work(cfg, Path(out), rows, shard_ids(), _QueueProgress(worker, results),
              on_ready=lambda secs: results.put(("ready", worker, secs)))
         results.put(("done", worker))
     except KeyboardInterrupt:

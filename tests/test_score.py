@@ -83,10 +83,11 @@ def test_text_features_through_the_used_positions_on_cuda_fp16():
     assert float(cosine.min()) > 0.999, cosine.min()
 
 
-def test_compiled_towers_score_as_the_eager_ones():
+def test_compiled_towers_score_as_the_eager_ones(caplog):
     """--compile: torch.compile'd towers (on the CPU here; inductor) give the eager scores, for a
     batch smaller than batch_size (padded), one larger (cut in pieces) and captions of mixed
-    lengths (each compiled text length); the shapes they run at stay within the fixed set."""
+    lengths (each compiled text length); the shapes they run at stay within the fixed set, and
+    each is announced once as it compiles."""
     torch.manual_seed(0)
     eager = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", batch_size=4), pick_device("cpu"))
     compiled = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", batch_size=4, compile=True), pick_device("cpu"))
@@ -102,6 +103,10 @@ def test_compiled_towers_score_as_the_eager_ones():
         for w, g in zip(want, got):
             np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), atol=2e-3)
     assert set(seen) == {(4, 224, 224, 3)}  # 3 rows padded to 4; 6 rows as 4 + 2 padded
+    # each shape says once that it compiles (the batch waits for it: no silent minute-long stall)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--compile: compiling")]
+    assert said.count("--compile: compiling the image tower for batches of 4 (once; the batch waits for it)") == 1
+    assert len(said) == len(set(said)) and any("text tower at" in m for m in said), said
 
 
 def test_compile_without_a_cpp_compiler_on_the_cpu_is_a_clear_error(monkeypatch):
