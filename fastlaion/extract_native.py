@@ -43,14 +43,14 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _build(cc: str, out: Path, digest: Path) -> None:
-    """Compile SOURCES into `out` (readable by all, as a shared cache needs) and write its digest;
+def _build(cc: str, out: Path, digest: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compile `sources` into `out` (readable by all, as a shared cache needs) and write its digest;
     both under temporary names first, renamed into place, so processes building at once and a
     build killed half-way never leave a partial file under the final names."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(tmp), *map(str, SOURCES)],
+        proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(tmp), *map(str, sources)],
                               capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:] or 'no library written'}")
@@ -143,22 +143,30 @@ def _reset() -> None:
     _LIB, _TRIED = None, False
 
 
-def _load() -> Any:
-    deflate_fns = _libdeflate()  # first: without it there is nothing to build for
+def built(stem: str, sources: tuple[Path, ...]) -> Path:
+    """The shared library compiled from `sources`, built first if the cache has none (or one cut
+    short): `<cache>/<stem>-<hash of the sources, compiler and platform>.so`. Raises _NoCompiler
+    without a C compiler, RuntimeError when the build fails."""
     cc = _compiler()
     if cc is None:
         raise _NoCompiler("no C compiler")
-    src = b"\0".join(f.read_bytes() for f in SOURCES)
+    src = b"\0".join(f.read_bytes() for f in sources)
     # One library per source, compiler and platform (a home folder shared by machines of two kinds
     # gets one each).
     key = src + "\0".join((cc, sys.platform, platform.machine(), *platform.libc_ver())).encode()
     tag = hashlib.sha256(key).hexdigest()[:16]
-    out = _cache_dir() / f"wat-{tag}.so"
+    out = _cache_dir() / f"{stem}-{tag}.so"
     digest = out.with_suffix(".sha256")  # the library's own SHA-256, written once it is in place
     if not (out.is_file() and digest.is_file() and digest.read_text().strip() == _file_sha256(out)):
         # None yet, or one cut short (a crash before it reached the disk, a copy interrupted):
         # loading such a file can kill the process (SIGBUS), so it is built again first.
-        _build(cc, out, digest)
+        _build(cc, out, digest, sources)
+    return out
+
+
+def _load() -> Any:
+    deflate_fns = _libdeflate()  # first: without it there is nothing to build for
+    out = built("wat", SOURCES)
     lib = ctypes.CDLL(str(out))
     lib.wat_open.restype = ctypes.POINTER(_Ctx)
     lib.wat_open.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]

@@ -376,6 +376,8 @@ class CachedClipTokenizer:
     """
 
     MAX_WORDS = 500_000  # cached words; the cache starts over beyond this (bounded memory)
+    # SimpleTokenizer's pattern with only its two special tokens: the one tokenize_native.c follows.
+    PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -391,6 +393,14 @@ class CachedClipTokenizer:
         # fix needs non-ASCII, a control character or an entity), so such captions, most of them,
         # only get the last two: ftfy is over half of the tokenizer's time.
         self._lower_fast_path = tokenizer.clean_fn is _clean_lower
+        # Captions of that kind are split and looked up in C (tokenize_native.c), where the pattern
+        # is open_clip's own (no added special tokens) and a compiler is there; Python gives it the
+        # words it computes and tokenizes the captions it leaves.
+        self._native = None
+        if self._lower_fast_path and tokenizer.pat.pattern == self.PATTERN:
+            from . import tokenize_native
+
+            self._native = tokenize_native.words(self.sot, self.eot)
 
     def _clean(self, text: str) -> str:
         if self._lower_fast_path and text.isascii() and text.isprintable() and "&" not in text:
@@ -414,7 +424,11 @@ class CachedClipTokenizer:
             if len(self._words) >= self.MAX_WORDS:
                 self._words.clear()
                 tok.cache = dict(self._bpe_cache_start)
+                if self._native is not None:
+                    self._native.clear()
             self._words[word] = ids
+            if self._native is not None:
+                self._native.add(word, ids)
         return ids
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
@@ -422,6 +436,21 @@ class CachedClipTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         context = context_length or self.context_length
+        if self._native is not None:
+            out, status = self._native.encode(texts, context)
+            left = np.flatnonzero(status)
+            for i, ids in zip(left, self._rows([texts[i] for i in left], context)):
+                out[i, :len(ids)] = ids
+            return torch.from_numpy(out)
+        rows = self._rows(texts, context)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        out = np.zeros((len(rows), context), dtype=np.int64)
+        out[np.arange(context) < lengths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(out)
+
+    def _rows(self, texts: list[str], context: int) -> list[list[int]]:
+        """Each caption's ids, [sot, ..., eot] cut to `context`: the Python path (the reference)."""
         pattern, cache, sot, eot = self.tokenizer.pat, self._words, self.sot, self.eot
         rows: list[list[int]] = []
         for text in texts:
@@ -439,8 +468,5 @@ class CachedClipTokenizer:
                 ids = ids[:context]
                 ids[-1] = eot
             rows.append(ids)
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        out = np.zeros((len(rows), context), dtype=np.int64)
-        out[np.arange(context) < lengths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-        return torch.from_numpy(out)
+        return rows
+

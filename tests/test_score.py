@@ -156,7 +156,21 @@ def _tokenizer_cases() -> list[str]:
     return cases
 
 
-def test_cached_tokenizer_gives_open_clip_token_ids():
+@pytest.fixture(params=["compiled", "python"])
+def tokenizer_path(request, native_library, monkeypatch):
+    """The tokenizer with its compiled word table (tokenize_native.c) and without (Python alone)."""
+    from fastlaion import tokenize_native
+
+    if request.param == "python":
+        monkeypatch.setenv("FASTLAION_NATIVE", "0")
+    elif native_library._compiler() is None:
+        pytest.skip("no C compiler: the compiled tokenizer cannot be built here")
+    tokenize_native._reset()
+    yield request.param
+    tokenize_native._reset()
+
+
+def test_cached_tokenizer_gives_open_clip_token_ids(tokenizer_path):
     """Against open_clip's own tokenizer on random printable ASCII (with and without '&'), words
     repeated across captions, entities, non-ASCII, mojibake, control characters, over-long text."""
     import open_clip
@@ -164,6 +178,7 @@ def test_cached_tokenizer_gives_open_clip_token_ids():
     reference = open_clip.get_tokenizer("ViT-B-32")
     ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
     assert isinstance(ours, CachedClipTokenizer)
+    assert (ours._native is not None) == (tokenizer_path == "compiled")
     cases = _tokenizer_cases()
     assert torch.equal(ours(cases), reference(cases))
     assert torch.equal(ours(cases[::-1]), reference(cases[::-1]))  # now from the word cache
@@ -174,6 +189,77 @@ def test_cached_tokenizer_gives_open_clip_token_ids():
     assert torch.equal(small(cases[:100]), reference(cases[:100]))
     assert 0 < len(small._words) <= 8
     assert len(small.tokenizer.cache) <= 8 + 2  # open_clip's own BPE cache too (+ its special tokens)
+    if small._native is not None:
+        assert 0 < len(small._native) <= 8  # the compiled table starts over with it
+
+
+def _split_cases(n: int) -> list[str]:
+    """Captions that exercise each of the pattern's alternatives on printable ASCII: special
+    tokens whole, cut and in capitals, contractions and near-contractions, runs of punctuation
+    around them, digits, capitals, spaces in runs, and a few captions for Python (non-ASCII, '&',
+    control characters)."""
+    import random
+    import string
+
+    rng = random.Random(1)
+    parts = ["<start_of_text>", "<END_OF_TEXT>", "<start_of", "<<end_of_text>>", "'s", "'S", "'t", "'re", "'ve", "'m",
+             "'ll", "'l", "'d", "''s", "'", "don't", "it'S", "x'dd", "!'s", "a_b", "3.14", "1,000", "::", "<>", "Hello",
+             "WORLD", "mIxEd", "  ", "~`|\\", "\"q\"", "e\u0301", "caf\u00e9", "&amp;", "\t", "x" * 90]
+    alphabet = string.ascii_letters + string.digits + " '<>_.,!?-" * 3
+    cases = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            cases.append("".join(rng.choice(parts) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(0, 40))))
+        else:
+            cases.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))))
+    return cases
+
+
+def test_compiled_tokenizer_splits_as_open_clip_and_leaves_the_rest_to_python(native_library):
+    """The compiled path tokenizes every caption of printable ASCII without '&' once its words are
+    known, with open_clip's ids at every context length (truncation with eot last); the others
+    it leaves to Python, which gives open_clip's ids too."""
+    import open_clip
+
+    from fastlaion import tokenize_native
+
+    if native_library._compiler() is None:
+        pytest.skip("no C compiler: the compiled tokenizer cannot be built here")
+    tokenize_native._reset()
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
+    cases = _split_cases(3000)
+    plain = np.array([c.isascii() and c.isprintable() and "&" not in c for c in cases])
+    assert 0.2 < plain.mean() < 0.9
+    for context in (77, 16, 2, 1):
+        first = ours(cases, context_length=context)  # Python computes the new words and hands them over
+        _, status = ours._native.encode(cases, context)
+        assert (status[plain] == tokenize_native.ST_DONE).all()
+        assert (status[~plain] == tokenize_native.ST_NOT_ASCII).all()
+        again = ours(cases, context_length=context)  # now in C
+        expected = reference(cases, context_length=context)
+        assert torch.equal(first, expected), context
+        assert torch.equal(again, expected), context
+    # a word not in the table yet: the caption goes to Python, which adds the word
+    ids, status = ours._native.encode(["zzyzx quokkas"], 77)
+    assert status.tolist() == [tokenize_native.ST_NEW_WORD] and not ids.any()
+    assert torch.equal(ours(["zzyzx quokkas"]), reference(["zzyzx quokkas"]))
+    assert ours._native.encode(["zzyzx quokkas"], 77)[1].tolist() == [tokenize_native.ST_DONE]
+
+
+def test_compiled_tokenizer_is_shared_by_threads(tokenizer_path):
+    """Threads tokenizing with one tokenizer at once (the scorer's pools) get open_clip's ids."""
+    import concurrent.futures
+
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
+    chunks = [_split_cases(300)[i::4] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: ours(c, context_length=24), chunks * 3))
+    for chunk, ids in zip(chunks * 3, got):
+        assert torch.equal(ids, reference(chunk, context_length=24))
 
 
 def test_cached_tokenizer_leaves_other_tokenizers_alone():
