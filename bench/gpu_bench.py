@@ -26,6 +26,7 @@ so one 15-minute GPU session always brings back every figure that could be measu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -377,13 +378,19 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         return 1e3 * (time.perf_counter() - t) / rounds
 
     tokens = scorer.tokenizer(batch_texts)
+    compiled = getattr(scorer.tokenizer, "_native", None) is not None  # tokenize_native.c, where gcc is
     with torch.inference_mode():  # as Scorer runs them (torch's fused attention needs it)
-        parts = {"tokenize (host)": timed(lambda: scorer.tokenizer(batch_texts)),
+        parts = {f"tokenize (host, {'compiled word table' if compiled else 'Python'})":
+                     timed(lambda: scorer.tokenizer(batch_texts)),
                  "image tower": timed(lambda: scorer.image_features(pixels)),
                  "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
                                      else scorer.model.encode_text(tokens.to(device))),
                  "text tower, open_clip's encode_text over 77 positions":
                      timed(lambda: scorer.model.encode_text(tokens.to(device)))}
+    if compiled:  # the same tokenizer and word cache without the compiled table: what it saves
+        python = copy.copy(scorer.tokenizer)
+        python._native = None
+        parts["tokenize (host, Python alone)"] = timed(lambda: python(batch_texts))
     row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
