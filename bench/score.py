@@ -137,8 +137,8 @@ def text_tower(scorer, device: torch.device, batch: int, words: int, rounds: int
 def tokenizer_rates(n: int = 4096, rounds: int = 5) -> list[tuple[str, float, float, float]]:
     """Captions/s on one core (best of `rounds`, alternated) of fastlaion's tokenizer with its
     compiled word table, of the same without it (Python alone) and of open_clip's; same ids
-    checked, on ASCII captions and on captions with accented words (those take ftfy's path in all
-    three)."""
+    checked, on ASCII captions and on captions with accented words (open_clip runs ftfy on each;
+    fastlaion skips it where fastlaion.textfix shows it would change nothing)."""
     import copy
 
     import open_clip

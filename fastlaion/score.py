@@ -22,6 +22,7 @@ import torch
 from .config import ConfigError, ScoreConfig, first_line
 from .decode import ClipInputSpec
 from .ops import paired_cosine
+from .textfix import fix_text_is_identity
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,8 @@ class CachedClipTokenizer:
         # open_clip's default cleaning is ftfy.fix_text, HTML unescaping twice, whitespace folding
         # and lower case. On printable ASCII without '&' the first two change nothing (every ftfy
         # fix needs non-ASCII, a control character or an entity), so such captions, most of them,
-        # only get the last two: ftfy is over half of the tokenizer's time.
+        # only get the last two: ftfy is over half of the tokenizer's time. Nor do they on most
+        # non-ASCII captions: textfix.fix_text_is_identity says which.
         self._lower_fast_path = tokenizer.clean_fn is _clean_lower
         # Captions of that kind are split and looked up in C (tokenize_native.c), where the pattern
         # is open_clip's own (no added special tokens) and a compiler is there; Python gives it the
@@ -403,8 +405,9 @@ class CachedClipTokenizer:
             self._native = tokenize_native.words(self.sot, self.eot)
 
     def _clean(self, text: str) -> str:
-        if self._lower_fast_path and text.isascii() and text.isprintable() and "&" not in text:
-            return " ".join(text.split()).lower()
+        if self._lower_fast_path and (text.isascii() and text.isprintable() and "&" not in text
+                                      or fix_text_is_identity(text)):
+            return " ".join(text.split()).lower()  # the HTML unescaping needs '&'
         return self.tokenizer.clean_fn(text)
 
     @classmethod

@@ -1,0 +1,63 @@
+"""When ftfy.fix_text leaves a caption as it is, without running it.
+
+open_clip cleans every caption with `ftfy.fix_text` before tokenizing. That is ~150 us per
+non-ASCII caption, the tokenizer's main cost on multilingual text, and it changes nothing on
+almost all of them. `fix_text_is_identity(text)` says, in a few microseconds, that fix_text
+(ftfy 6, default settings) returns `text` unchanged; False means "run it" (it may or may not
+change the text).
+
+Why it holds, for printable text (no control, format, surrogate or line-separator characters)
+without '&', in NFC, holding none of the characters in `TOUCHED`:
+
+* HTML unescaping needs '&'; line breaks, surrogates, terminal escapes and control characters are
+  not printable; ligatures, full/half-width forms, curly quotes and C1 controls are in TOUCHED;
+  NFC is checked: so no fixer changes the text.
+* The mojibake repair runs only where `badness.BADNESS_RE` matches, and each of that pattern's
+  alternatives needs at least one character from TOUCHED at some position (the anchors below).
+  tests/test_textfix.py proves this from the pattern's parse for the pattern this module was written
+  against (`PATTERN_SHA256`); with any other ftfy pattern the shortcut is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from functools import lru_cache
+
+# The SHA-256 of ftfy.badness.BADNESS_RE.pattern that the anchors were chosen for (ftfy 6.1-6.3).
+PATTERN_SHA256 = "9dcc0f2ac90d9ae3c85eb7b9b2c0b8a8e8126153847c2b30c91a0bb263f3b8c4"
+MAX_LENGTH = 1_000_000  # fix_text's max_decode_length: longer text is fixed in pieces
+
+
+def _touched() -> str:
+    """A regex character class body: the characters some ftfy fixer changes, plus one anchor
+    class for each alternative of BADNESS_RE."""
+    from ftfy import chardata
+    from ftfy.badness import MOJIBAKE_CATEGORIES as cat
+
+    anchors = "".join(cat[k] for k in ("c1", "bad", "upper_accented", "box", "start_punctuation", "end_punctuation",
+                                       "currency", "numeric"))
+    anchors += "\N{LATIN CAPITAL LIGATURE OE}\N{LATIN SMALL LIGATURE OE}\u00d8\u00d9\u0402\N{DEGREE SIGN}"
+    changed = {*chardata.LIGATURES, *chardata.WIDTH_MAP, *chardata.CONTROL_CHARS}
+    quotes = "\u02bc\u2018-\u201f"  # uncurl_quotes
+    return anchors + quotes + "".join(re.escape(chr(c)) for c in sorted(changed) if c >= 0x80)
+
+
+@lru_cache(maxsize=1)
+def _touched_re() -> re.Pattern[str] | None:
+    """The compiled TOUCHED class; None where ftfy's pattern is not the one it was proven for."""
+    try:
+        from ftfy.badness import BADNESS_RE
+    except ImportError:
+        return None
+    if hashlib.sha256(BADNESS_RE.pattern.encode()).hexdigest() != PATTERN_SHA256:
+        return None
+    return re.compile(f"[{_touched()}]")
+
+
+def fix_text_is_identity(text: str) -> bool:
+    """True when ftfy.fix_text(text) == text for sure (see the module's docstring)."""
+    touched = _touched_re()
+    return (touched is not None and len(text) < MAX_LENGTH and "&" not in text and text.isprintable()
+            and touched.search(text) is None and unicodedata.is_normalized("NFC", text))
