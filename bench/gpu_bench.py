@@ -17,7 +17,8 @@ so one 15-minute GPU session always brings back every figure that could be measu
     time (ms per batch).
 (c) ViT-B/32 fp16 decode+score samples/s (random weights: the real model's arithmetic) against a
     naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU,
-    with and without the stored image; the model alone, and its parts (tokenizer, towers).
+    with and without the stored image; where the host's threads spend that run (bench/sampler.py);
+    the model alone, and its parts (tokenizer, towers).
 (d) `fastlaion run` end to end over a loopback server (download, decode, score, write).
 (e) (c) in 2 and 4 processes sharing the GPU (`--workers-per-gpu`): whether one process's host
     work is the limit.
@@ -242,8 +243,8 @@ def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list
         finally:
             ahead.release()
 
-    with ThreadPoolExecutor(os.cpu_count()) as pool, ThreadPoolExecutor(decoder.concurrency) as decoding, \
-            ThreadPoolExecutor(1) as scorer_thread:
+    with ThreadPoolExecutor(os.cpu_count(), "prepare") as pool, \
+            ThreadPoolExecutor(decoder.concurrency, "finish") as decoding, ThreadPoolExecutor(1, "score") as scorer_thread:
         decoded = [decoding.submit(decode_batch, start) for start in range(0, len(images), batch)]
         scored = [scorer_thread.submit(score, f) for f in decoded]
         for f in scored:
@@ -356,6 +357,17 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
             f"{ours / naive:.1f}x naive open_clip batched loop ({naive:,.0f}/s on {n_naive:,}); {len(images):,} "
             f"samples, {scorer.dtype}, batch {args.batch}, {decoder.concurrency} batches decoding at once, "
             f"{cores:.1f} of {os.cpu_count()} cores busy")
+    # Where the host's time goes in the first variant, by thread (bench/sampler.py): run again
+    # under the sampler, which costs a little, so it gives no rate of its own.
+    from sampler import Sampler
+
+    decoder = _make_decoder(scorer, args.batch, device)
+    decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
+    with Sampler() as sampled:
+        decode_and_score(decoder, scorer, images, captions, args.batch, device)
+    for group, summary in sampled.report():
+        row(f"{args.model} decode+score ({decoder.name}) host profile: {group}", summary,
+            f"{sampled.samples:,} samples over {sampled.wall:.1f} s")
     # The model alone, on pixels already on the device: what scoring could reach with a free decoder.
     h, w = scorer.clip_spec.size
     pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)

@@ -31,6 +31,10 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     assert any(" decode+score " in w for w in figures), figures
     assert any("decode+score, 2 processes" in w and f.endswith("samples/s") for w, f in figures.items()), figures
     assert any(w.startswith("fastlaion run") and f.endswith("samples/s") for w, f in figures.items()), figures
+    # the decode+score run's host profile names the threads that worked and what they ran
+    profile = {w: f for w, f in figures.items() if "host profile: " in w}
+    assert any(w.endswith(": prepare") and "decode.py" in f for w, f in profile.items()), profile
+    assert any(w.endswith(": score") and "score.py" in f for w, f in profile.items()), profile
     assert "FAILED" not in figures.values()
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("all steps passed") or "| what | figure |" in proc.stdout
