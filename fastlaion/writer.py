@@ -24,10 +24,12 @@ import os
 import shutil
 import tarfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import polars as pl
 
 from .batch import Batch
@@ -65,6 +67,7 @@ class TarAppender:
 
     _BLOCK = tarfile.BLOCKSIZE
     _RECORD = tarfile.RECORDSIZE
+    _ZEROS = bytes(tarfile.BLOCKSIZE)
 
     def __init__(self, path: Path, mtime: float, *, append: bool = False):
         end = 0
@@ -81,20 +84,30 @@ class TarAppender:
         self._head = (b"0000644\0" b"0000000\0" b"0000000\0")
         self._mtime = b"%011o\0" % int(mtime)
         self._tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247
+        self._fixed_sum = sum(self._head) + sum(self._mtime) + sum(b" " * 8) + sum(self._tail)
 
     def add(self, name: str, data: bytes) -> None:
-        encoded = name.encode("ascii")
-        if len(encoded) > 100:
-            raise ValueError(f"tar member name over 100 bytes: {name!r}")
-        header = bytearray(encoded.ljust(100, b"\0") + self._head + b"%011o\0" % len(data)
-                           + self._mtime + b" " * 8 + self._tail)
-        header[148:156] = b"%06o\0 " % sum(header)
-        pad = -len(data) % self._BLOCK
-        self._file.write(header)
-        self._file.write(data)
-        if pad:
-            self._file.write(b"\0" * pad)
-        self._offset += self._BLOCK + len(data) + pad
+        self.add_many([(name, data)])
+
+    def add_many(self, members: Iterable[tuple[str, bytes]]) -> None:
+        """Append members in order, in one write (a batch's samples). A name that cannot be
+        written refuses the whole call before anything is written."""
+        parts: list[bytes] = []
+        offset = self._offset
+        for name, data in members:
+            encoded = name.encode("ascii")
+            if len(encoded) > 100:
+                raise ValueError(f"tar member name over 100 bytes: {name!r}")
+            size = b"%011o\0" % len(data)
+            # the header's checksum: its bytes summed with the checksum field as spaces
+            checksum = self._fixed_sum + sum(encoded) + sum(size)
+            parts += (encoded.ljust(100, b"\0"), self._head, size, self._mtime, b"%06o\0 " % checksum, self._tail, data)
+            pad = -len(data) % self._BLOCK
+            if pad:
+                parts.append(self._ZEROS[:pad])
+            offset += self._BLOCK + len(data) + pad
+        self._file.write(b"".join(parts))
+        self._offset = offset
 
     def close(self) -> None:
         """Write the end-of-archive blocks, padded to a whole record as tarfile does, and close."""
@@ -208,13 +221,15 @@ class ShardWriter:
         stored = batch.payload["stored"]
         exts = batch.payload["stored_ext"]
         meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in batch.rows.columns and c in self.columns]
+        members: list[tuple[str, bytes]] = []
         for i, rec in enumerate(batch.rows.select("row", *meta_cols).iter_rows(named=True)):
             key = self.key(rec.pop("row"))
-            self._tar.add(f"{key}.{exts[i]}", stored[i])
-            self._tar.add(f"{key}.txt", (rec.get("caption") or "").encode("utf-8"))
-            meta = {"key": key, **rec}
-            self._tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-            self.samples += 1
+            # orjson: UTF-8 JSON as json.dumps(ensure_ascii=False) writes it, compact, ~10x faster;
+            # a NaN becomes null (json.dumps would write NaN, which is not JSON)
+            members += ((f"{key}.{exts[i]}", stored[i]), (f"{key}.txt", (rec.get("caption") or "").encode("utf-8")),
+                        (f"{key}.json", orjson.dumps({"key": key, **rec})))
+        self._tar.add_many(members)
+        self.samples += len(members) // 3
 
     def add_outcome(self, outcome: pl.DataFrame) -> None:
         self._outcomes.append(outcome)
