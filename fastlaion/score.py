@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,7 @@ class CachedClipTokenizer:
         self.context_length = int(tokenizer.context_length)
         self.sot, self.eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
         self._words: dict[str, tuple[int, ...]] = {}
+        self._adding = threading.Lock()
         # SimpleTokenizer.bpe keeps every word it saw in its own cache: started over with ours.
         self._bpe_cache_start = dict(tokenizer.cache)
         from open_clip.tokenizer import _clean_lower
@@ -420,7 +422,9 @@ class CachedClipTokenizer:
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._words.get(word)
-        if ids is None:
+        if ids is not None:
+            return ids
+        with self._adding:  # the two tables start over and take words together
             tok = self.tokenizer
             token = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
             ids = tuple(tok.encoder[piece] for piece in tok.bpe(token).split(" "))
@@ -429,18 +433,19 @@ class CachedClipTokenizer:
                 tok.cache = dict(self._bpe_cache_start)
                 if self._native is not None:
                     self._native.clear()
+            if self._native is not None and not self._native.add(word, ids):
+                log.warning("the compiled tokenizer's table is full; captions with new words are tokenized in Python")
+                self._native = None
             self._words[word] = ids
-            if self._native is not None:
-                self._native.add(word, ids)
         return ids
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         """(N, context_length) int64 token ids, exactly as open_clip's tokenizer returns them."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         context = context_length or self.context_length
-        if self._native is not None:
-            out, status = self._native.encode(texts, context)
+        native = self._native
+        if native is not None:
+            out, status = native.encode(texts, context)
             left = np.flatnonzero(status)
             for i, ids in zip(left, self._rows([texts[i] for i in left], context)):
                 out[i, :len(ids)] = ids
@@ -464,8 +469,8 @@ class CachedClipTokenizer:
                 words = [m.group() for m in itertools.islice(pattern.finditer(cleaned), context)]
             try:
                 pieces = [cache[w] for w in words]
-            except KeyError:
-                pieces = [cache[w] if w in cache else self._word_ids(w) for w in words]
+            except KeyError:  # (get: another thread may start the cache over meanwhile)
+                pieces = [cache.get(w) or self._word_ids(w) for w in words]
             ids = [sot, *itertools.chain.from_iterable(pieces), eot]
             if len(ids) > context:
                 ids = ids[:context]

@@ -177,10 +177,11 @@ static int64_t word_end(const unsigned char *s, int64_t i, int64_t n) {
  * outside printable ASCII, or '&': Python cleans and tokenizes it) or ST_NEW_WORD (a word that is
  * not in the table yet: Python tokenizes it and adds its words). A row is [sot, ids..., eot] padded
  * with zeros, cut to `context` with eot last, as SimpleTokenizer does. `scratch` holds the longest
- * caption's bytes. Returns how many captions were done here. */
+ * caption's bytes. Returns how many captions were done here (-1: context < 1, nothing written). */
 int64_t tok_encode(const tok_t *t, const unsigned char *blob, const int64_t *off, int64_t n, int64_t context,
                    int64_t *out, uint8_t *status, char *scratch) {
     int64_t done = 0;
+    if (context < 1) return -1;
     for (int64_t r = 0; r < n; r++) {
         const unsigned char *s = blob + off[r];
         int64_t len = off[r + 1] - off[r], i;

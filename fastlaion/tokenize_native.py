@@ -87,14 +87,14 @@ class NativeWords:
         with self._lock:
             return int(self._lib.tok_words(self._handle))
 
-    def add(self, word: str, ids: tuple[int, ...]) -> None:
-        """Add a word of the cleaned (lower-case) text and its ids; only ASCII words can be asked for."""
+    def add(self, word: str, ids: tuple[int, ...]) -> bool:
+        """Add a word of the cleaned (lower-case) text and its ids (only ASCII words are asked
+        for here); False when the table could not take it (out of memory)."""
         if not word.isascii():
-            return
+            return True
         arr = np.asarray(ids, dtype=np.int64)
         with self._lock:
-            if self._lib.tok_add(self._handle, word.encode(), len(word), arr.ctypes.data, len(arr)) != 0:
-                raise MemoryError(f"the compiled tokenizer's table could not take {word[:40]!r}")
+            return self._lib.tok_add(self._handle, word.encode(), len(word), arr.ctypes.data, len(arr)) == 0
 
     def clear(self) -> None:
         with self._lock:
@@ -103,6 +103,8 @@ class NativeWords:
     def encode(self, texts: list[str], context: int) -> tuple[np.ndarray, np.ndarray]:
         """(len(texts), context) int64 ids and a status per caption: ST_DONE where the row was
         written here, else ST_NOT_ASCII / ST_NEW_WORD (the row is zeros: the caller tokenizes it)."""
+        if context < 1:
+            raise ValueError(f"context length {context}: must be 1 or more")
         n = len(texts)
         # Another alphabet goes to Python anyway: one byte the C code refuses stands for it.
         blobs = [t.encode() if t.isascii() else b"\x80" for t in texts]

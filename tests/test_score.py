@@ -183,6 +183,7 @@ def test_cached_tokenizer_gives_open_clip_token_ids(tokenizer_path):
     assert torch.equal(ours(cases), reference(cases))
     assert torch.equal(ours(cases[::-1]), reference(cases[::-1]))  # now from the word cache
     assert torch.equal(ours("a single caption"), reference("a single caption"))
+    assert torch.equal(ours(c for c in cases[:40]), reference(cases[:40]))  # any iterable, as open_clip takes
     assert torch.equal(ours(cases[:50], context_length=16), reference(cases[:50], context_length=16))
     small = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
     small.MAX_WORDS = 8  # the cache starts over when full: same ids
@@ -245,6 +246,8 @@ def test_compiled_tokenizer_splits_as_open_clip_and_leaves_the_rest_to_python(na
     assert status.tolist() == [tokenize_native.ST_NEW_WORD] and not ids.any()
     assert torch.equal(ours(["zzyzx quokkas"]), reference(["zzyzx quokkas"]))
     assert ours._native.encode(["zzyzx quokkas"], 77)[1].tolist() == [tokenize_native.ST_DONE]
+    with pytest.raises(ValueError, match="context length 0"):
+        ours._native.encode(["a"], 0)
 
 
 def test_compiled_tokenizer_is_shared_by_threads(tokenizer_path):
