@@ -311,8 +311,9 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
                 ThreadPoolExecutor(getattr(decoder, "concurrency", 1), thread_name_prefix="batch-decode") \
                 as batch_decode_pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="score") as score_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool, \
                 ThreadPoolExecutor(MAX_SHARDS_IN_FLIGHT, thread_name_prefix="publish") as publish_pool:
-            pools = _Pools(decode_pool, batch_decode_pool, score_pool, publish_pool)
+            pools = _Pools(decode_pool, batch_decode_pool, score_pool, write_pool, publish_pool)
 
             def make_job(shard_id: int) -> ShardJob:
                 shard_rows = rows.shard(shard_id, cfg.input.shard_size)
@@ -535,11 +536,13 @@ class Models:
 @dataclass(frozen=True, slots=True)
 class _Pools:
     """A worker's threads: per-body decode (many), batch decode on the GPU (the decoder's
-    `concurrency`, so the next batches decode while this one scores) and model work (one)."""
+    `concurrency`, so the next batches decode while this one scores), model work (one), tar
+    writing (one) and shard publishing."""
 
     decode: ThreadPoolExecutor
     batch_decode: ThreadPoolExecutor
     score: ThreadPoolExecutor
+    write: ThreadPoolExecutor  # one thread: batches' samples into the shard tars, in turn, off the event loop
     publish: ThreadPoolExecutor  # a finished shard's Parquet, stats and renames
 
 
@@ -695,7 +698,9 @@ class ShardJob:
             # model work runs on its own thread so downloads go on meanwhile
             await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer)
         with _timer(self.timings, "write"), self._writing():
-            writer.add_samples(batch)
+            # On the write thread: a batch's tar members are ~10 ms of Python and a large write,
+            # which the downloads on this loop need not wait for.
+            await loop.run_in_executor(self.pools.write, writer.add_samples, batch)
             outcome = batch.outcome().drop("download_reason", "decode_reason")
             writer.add_outcome(outcome)
         self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())

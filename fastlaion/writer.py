@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -202,6 +203,7 @@ class ShardWriter:
             self.samples = int((self.previous["status"] == "kept").sum())
             shutil.copyfile(out_dir / f"{self.name}.tar", self.tmp / f"{self.name}.tar")
         self._tar = TarAppender(self.tmp / f"{self.name}.tar", time.time(), append=rewrite)
+        self._lock = threading.Lock()
         self._outcomes: list[pl.DataFrame] = []
         # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
         self._img_emb = self._txt_emb = None
@@ -217,7 +219,12 @@ class ShardWriter:
         return f"{self.name}{row:0{self.digits}d}"
 
     def add_samples(self, batch: Batch) -> None:
-        """Append the batch's live rows as samples (key.ext, key.txt, key.json)."""
+        """Append the batch's live rows as samples (key.ext, key.txt, key.json). Thread-safe:
+        batches go in whole, one at a time, and abort() waits for the one being written."""
+        with self._lock:
+            self._add_samples(batch)
+
+    def _add_samples(self, batch: Batch) -> None:
         stored = batch.payload["stored"]
         exts = batch.payload["stored_ext"]
         meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in batch.rows.columns and c in self.columns]
@@ -259,7 +266,8 @@ class ShardWriter:
 
     def publish(self, table: pl.DataFrame, stats: dict[str, Any]) -> None:
         """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""
-        self._tar.close()
+        with self._lock:
+            self._tar.close()
         table.write_parquet(
             self.tmp / f"{self.name}.parquet", compression="zstd", statistics=True)
         published = [f"{self.name}.tar", f"{self.name}.parquet"]
@@ -280,7 +288,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Discard everything written under .partial/ (the published shard, if any, is untouched)."""
         try:
-            self._tar.close()
+            with self._lock:  # a batch still being written on another thread (a cancelled shard) ends first
+                self._tar.close()
         except OSError:
             pass  # the write that failed (disk full) may fail again: the file goes anyway
         finally:

@@ -215,6 +215,32 @@ def _tar_members(path):
         return tf.getnames()
 
 
+def test_samples_are_written_off_the_event_loop(tmp_path, photos, monkeypatch):
+    """The tar members of a batch are built and written on the write thread, not on the loop
+    that runs the downloads."""
+    import threading
+
+    from fastlaion.writer import ShardWriter
+
+    threads = []
+    add = ShardWriter.add_samples
+
+    def spy(self, batch):
+        threads.append(threading.current_thread().name)
+        return add(self, batch)
+
+    monkeypatch.setattr(ShardWriter, "add_samples", spy)
+    files, rows = build_case(photos)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(threads) >= 2 and all(name.startswith("write") for name in threads), threads
+    assert read_output(out).filter(pl.col("status") == "kept").height == 6
+
+
 def test_no_score_keeps_every_decoded_image(tmp_path, photos):
     files, rows = build_case(photos)
     with LoopbackServer(files) as server:

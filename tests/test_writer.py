@@ -53,3 +53,43 @@ def test_tar_appender_refuses_a_long_name(tmp_path: Path) -> None:
     ours.close()
     with tarfile.open(tmp_path / "ours.tar") as tar:
         assert tar.getmembers() == []
+
+
+def test_abort_waits_for_a_batch_being_written(tmp_path: Path, monkeypatch) -> None:
+    """A cancelled shard's abort() on the loop waits for the batch the write thread is writing,
+    so that write neither fails on a closed file nor lands after the folder is gone."""
+    import threading
+    import time
+
+    import polars as pl
+
+    from fastlaion.batch import Batch
+    from fastlaion.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path, 0, 4, 10, None)
+    slow = TarAppender.add_many
+
+    def add_many(self, members):
+        started.set()
+        time.sleep(0.3)
+        slow(self, members)
+
+    started, errors = threading.Event(), []
+    monkeypatch.setattr(TarAppender, "add_many", add_many)
+    batch = Batch(pl.DataFrame({"row": [0, 1], "caption": ["a", "b"]}),
+                  payload={"stored": [b"x", b"y"], "stored_ext": ["jpg", "jpg"]})
+
+    def write() -> None:
+        try:
+            writer.add_samples(batch)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    started.wait(5)
+    writer.abort()
+    assert not thread.is_alive()  # abort returned only once the batch was written
+    thread.join()
+    assert errors == [] and writer.samples == 2
+    assert not writer.tmp.exists()
