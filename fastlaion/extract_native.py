@@ -109,38 +109,54 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FASTLAION_KERNEL_CACHE") or Path.home() / ".cache" / "fastlaion" / "kernels")
 
 
-_LIB: Any = None
-_TRIED = False
-
-
 class _NoCompiler(RuntimeError):
     pass
 
 
+class OnFirstUse:
+    """A compiled library (or its functions) loaded on first use, once: `get()` returns it, or
+    None where it cannot be had (no compiler, a failed build, FASTLAION_NATIVE=0), the reason
+    logged once: at INFO where that is expected (`expected` exception types), else WARNING. The
+    Python path then runs, with the same results."""
+
+    def __init__(self, load: Any, unavailable: str, expected: tuple[type[BaseException], ...] = (_NoCompiler,)):
+        self._load = load
+        self._unavailable = unavailable  # "what is unavailable (%s); what runs instead"
+        self._expected = expected
+        self._lock = threading.Lock()
+        self._tried = False
+        self._value: Any = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                self._value = self._try()
+            return self._value
+
+    def _try(self) -> Any:
+        if os.environ.get("FASTLAION_NATIVE", "1") == "0":
+            return None
+        try:
+            return self._load()
+        except Exception as e:  # noqa: BLE001 (no compiler, a failed build, an odd platform: Python runs)
+            log.log(logging.INFO if isinstance(e, self._expected) else logging.WARNING, self._unavailable, first_line(e))
+            return None
+
+    def reset(self) -> None:
+        """Forget what was loaded (tests)."""
+        with self._lock:
+            self._tried, self._value = False, None
+
+
 def library() -> Any:
     """The loaded library, built if needed; None (the reason logged once) when it cannot be had."""
-    global _LIB, _TRIED
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    if os.environ.get("FASTLAION_NATIVE", "1") == "0":
-        return None
-    try:
-        _LIB = _load()
-    except Exception as e:  # noqa: BLE001 (no compiler, a failed build, an odd platform: the Python path reads)
-        # A machine without a compiler or libdeflate is expected to read with Python; a build or
-        # load that fails where both are there is worth a word.
-        expected = isinstance(e, (_NoCompiler, ImportError, AttributeError))
-        log.log(logging.INFO if expected else logging.WARNING,
-                "fastlaion extract: native WAT path unavailable (%s); using the Python path", first_line(e))
-        _LIB = None
-    return _LIB
+    return _LIBRARY.get()
 
 
 def _reset() -> None:
     """Forget the loaded library (tests)."""
-    global _LIB, _TRIED
-    _LIB, _TRIED = None, False
+    _LIBRARY.reset()
 
 
 def built(stem: str, sources: tuple[Path, ...]) -> Path:
@@ -192,6 +208,12 @@ def _load() -> Any:
     lib.wat_is_py_space.argtypes = [ctypes.c_uint32]
     lib.fastlaion_libdeflate = deflate_fns
     return lib
+
+
+# A machine without a compiler or libdeflate is expected to read with Python; a build or load that
+# fails where both are there is worth a word.
+_LIBRARY = OnFirstUse(_load, "fastlaion extract: native WAT path unavailable (%s); using the Python path",
+                      expected=(_NoCompiler, ImportError, AttributeError))
 
 
 def tune_malloc() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,22 +52,15 @@ class _Fns:
         self.abort = fn("pq_abort", None, _vp)
 
 
-_ZSTD: tuple[int, int, int] | None = None
-_ZSTD_TRIED = False
-
-
+@functools.cache
 def _zstd() -> tuple[int, int, int] | None:
     """Addresses of ZSTD_compress, ZSTD_compressBound and ZSTD_isError; None without libzstd."""
-    global _ZSTD, _ZSTD_TRIED
-    if not _ZSTD_TRIED:
-        _ZSTD_TRIED = True
-        try:
-            so = ctypes.CDLL("libzstd.so.1")
-            _ZSTD = tuple(ctypes.cast(getattr(so, name), _vp).value or 0  # type: ignore[assignment]
-                          for name in ("ZSTD_compress", "ZSTD_compressBound", "ZSTD_isError"))
-        except (OSError, AttributeError):
-            _ZSTD = None
-    return _ZSTD
+    try:
+        so = ctypes.CDLL("libzstd.so.1")
+        return tuple(ctypes.cast(getattr(so, name), _vp).value or 0  # type: ignore[return-value]
+                     for name in ("ZSTD_compress", "ZSTD_compressBound", "ZSTD_isError"))
+    except (OSError, AttributeError):
+        return None
 
 
 def _fns() -> _Fns | None:

@@ -12,8 +12,6 @@ Built once per source version into $FASTLAION_KERNEL_CACHE, as extract_native's 
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 import threading
 from itertools import accumulate
 from pathlib import Path
@@ -22,49 +20,34 @@ from typing import Any
 import numpy as np
 
 from . import extract_native
-from .config import first_line
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("tokenize_native.c")
 ST_DONE, ST_NOT_ASCII, ST_NEW_WORD = 0, 1, 2
 
-_LIB: Any = None
-_TRIED = False
-_LOCK = threading.Lock()
+
+def _load() -> Any:
+    lib = ctypes.CDLL(str(extract_native.built("tok", (SOURCE,))))
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.tok_new.restype, lib.tok_new.argtypes = p, [i64, i64]
+    lib.tok_free.restype, lib.tok_free.argtypes = None, [p]
+    lib.tok_clear.restype, lib.tok_clear.argtypes = None, [p]
+    lib.tok_words.restype, lib.tok_words.argtypes = i64, [p]
+    lib.tok_add.restype, lib.tok_add.argtypes = ctypes.c_int, [p, ctypes.c_char_p, i64, p, i64]
+    lib.tok_encode.restype, lib.tok_encode.argtypes = i64, [p, ctypes.c_char_p, p, i64, i64, p, p, p]
+    return lib
+
+
+_LIBRARY = extract_native.OnFirstUse(_load, "compiled tokenizer unavailable (%s); tokenizing in Python")
 
 
 def library() -> Any:
     """The loaded library, built if needed; None (the reason logged once) when it cannot be had."""
-    global _LIB, _TRIED
-    with _LOCK:
-        if _TRIED:
-            return _LIB
-        _TRIED = True
-        if os.environ.get("FASTLAION_NATIVE", "1") == "0":
-            return None
-        try:
-            lib = ctypes.CDLL(str(extract_native.built("tok", (SOURCE,))))
-        except Exception as e:  # noqa: BLE001 (no compiler, a failed build: Python tokenizes)
-            expected = isinstance(e, extract_native._NoCompiler)
-            log.log(logging.INFO if expected else logging.WARNING,
-                    "compiled tokenizer unavailable (%s); tokenizing in Python", first_line(e))
-            return None
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.tok_new.restype, lib.tok_new.argtypes = p, [i64, i64]
-        lib.tok_free.restype, lib.tok_free.argtypes = None, [p]
-        lib.tok_clear.restype, lib.tok_clear.argtypes = None, [p]
-        lib.tok_words.restype, lib.tok_words.argtypes = i64, [p]
-        lib.tok_add.restype, lib.tok_add.argtypes = ctypes.c_int, [p, ctypes.c_char_p, i64, p, i64]
-        lib.tok_encode.restype, lib.tok_encode.argtypes = i64, [p, ctypes.c_char_p, p, i64, i64, p, p, p]
-        _LIB = lib
-        return _LIB
+    return _LIBRARY.get()
 
 
 def _reset() -> None:
     """Forget the loaded library (tests)."""
-    global _LIB, _TRIED
-    _LIB, _TRIED = None, False
+    _LIBRARY.reset()
 
 
 class NativeWords:
