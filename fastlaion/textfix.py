@@ -6,8 +6,9 @@ almost all of them. `fix_text_is_identity(text)` says, in a few microseconds, th
 (ftfy 6, default settings) returns `text` unchanged; False means "run it" (it may or may not
 change the text).
 
-Why it holds, for printable text (no control, format, surrogate or line-separator characters)
-without '&', in NFC, holding none of the characters in `TOUCHED`:
+Why it holds, for printable text (no control, format, surrogate or line-separator characters;
+space separators such as the no-break space are allowed) without '&', in NFC, holding none of the
+characters in `TOUCHED`:
 
 * HTML unescaping needs '&'; line breaks, surrogates, terminal escapes and control characters are
   not printable; ligatures, full/half-width forms, curly quotes and C1 controls are in TOUCHED;
@@ -56,8 +57,21 @@ def _touched_re() -> re.Pattern[str] | None:
     return re.compile(f"[{_touched()}]")
 
 
+@lru_cache(maxsize=1)
+def _spaces() -> dict[int, str]:
+    """The space separators (Zs: no-break space, en space, ...) as ' ': str.isprintable() refuses
+    them, yet no ftfy fixer changes them (the ideographic space, which the width fix changes, is in
+    TOUCHED), and the whitespace folding after ftfy treats them as the space they are."""
+    return {c: " " for c in range(0x80, 0x10000) if unicodedata.category(chr(c)) == "Zs"}  # all in the BMP
+
+
+def printable(text: str) -> bool:
+    """str.isprintable(), space separators allowed."""
+    return text.isprintable() or text.translate(_spaces()).isprintable()
+
+
 def fix_text_is_identity(text: str) -> bool:
     """True when ftfy.fix_text(text) == text for sure (see the module's docstring)."""
     touched = _touched_re()
-    return (touched is not None and len(text) < MAX_LENGTH and "&" not in text and text.isprintable()
+    return (touched is not None and len(text) < MAX_LENGTH and "&" not in text and printable(text)
             and touched.search(text) is None and unicodedata.is_normalized("NFC", text))

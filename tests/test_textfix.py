@@ -16,7 +16,7 @@ TOUCHED = re.compile(f"[{textfix._touched()}]")
 
 def _allowed(ch: str) -> bool:
     """A character a caption may hold and still pass the check (NFC aside: a whole-text property)."""
-    return ch.isprintable() and ch != "&" and TOUCHED.match(ch) is None
+    return textfix.printable(ch) and ch != "&" and TOUCHED.match(ch) is None
 
 
 def _can_match_allowed(op, av) -> bool:
@@ -54,6 +54,16 @@ def test_every_mojibake_alternative_needs_a_touched_character():
         assert not all(_can_match_allowed(op, av) for op, av in required), f"no anchor in {alt}"
 
 
+def test_space_separators_are_allowed_but_not_the_ideographic_space():
+    import unicodedata
+
+    assert not [c for c in range(0x10000, 0x110000) if unicodedata.category(chr(c)) == "Zs"]  # _spaces looks at the BMP
+    assert textfix.fix_text_is_identity("caf\u00e9\u00a0au\u2009lait")
+    assert ftfy.fix_text("caf\u00e9\u00a0au\u2009lait") == "caf\u00e9\u00a0au\u2009lait"
+    assert not textfix.fix_text_is_identity("\u6771\u4eac\u3000tower")  # the width fix makes it a space
+    assert not textfix.fix_text_is_identity("caf\u00e9\u00adau")  # soft hyphen: a format character
+
+
 def test_a_touched_character_makes_it_say_run_ftfy():
     for text in ["Ã©t\u00e9", "caf\u00e9 \u2019", "\ufb01ne", "\uff21\uff22", "a\u0085b", "Tom & Jerry", "e\u0301",
                  "\u00c9cole", "5\u20ac", "\u00a9 2020", "na\u00efve\u00b0", "tab\there", "\u3000space"]:
@@ -67,7 +77,7 @@ def _random_captions(n: int, seed: int = 0) -> list[str]:
     calm = ("abc XYZ 123 .,!?'\"-()/ caf\u00e9 na\u00efve \u00fcber se\u00f1or \u00e7a \u00f6l \u00df "
             "\u043f\u0440\u0438\u0432\u0435\u0442 \u03b3\u03b5\u03b9\u03b1 \u6771\u4eac \u30bf\u30ef\u30fc "
             "\ud55c\uad6d \u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947 "
-            "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \U0001f600 \U0001f44d\U0001f3fd")
+            "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \U0001f600 \U0001f44d\U0001f3fd a\u00a0b \u2009\u202f")
     loud = ("\u00c3\u00a9 \u00c2\u00a0 \u00e2\u20ac\u2122 \u00e2\u20ac\u0153 \u2019 \u201c \u201d \ufb01 \uff21 \u3000 "
             "\u00e0\u00b2 \u00d8\u00a7 \u0432\u0402 \u00c9 \u00a9 \u00b0 \u00d7\u00b2 \u0301 \u0300 \u00a0 \x85 \x1b[31m "
             "& &amp; \t \n \u2028 \ufeff \u200d \u0153\u00e9 \u20ac \u00a3 \u00bd \u00e0\u00a4 \u00d8\u00b9\u00d8\u00a8")
