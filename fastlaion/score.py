@@ -159,6 +159,25 @@ class Scorer:
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
 
 
+def check_compile_backend(device: torch.device) -> None:
+    """torch.compile's inductor builds C++ on the CPU and Triton kernels on CUDA: a missing tool is
+    a one-line ConfigError when the model loads, not a traceback at the first batch."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 (torch's own search, whatever it raises)
+            raise ConfigError(f"--compile on the CPU needs a C++ compiler (g++, or $CXX): {first_line(e)}; "
+                              "install one or leave --compile out") from None
+    elif device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--compile on CUDA needs triton (pip install triton, the version your torch "
+                              "names); install it or leave --compile out")
+
+
 class _CompiledTowers:
     """A Scorer's towers under torch.compile, with shapes kept fixed so that each compiles once:
     every call runs on `rows` rows (a smaller batch padded with zeros, a larger one cut into
@@ -170,14 +189,7 @@ class _CompiledTowers:
     MORE_LENGTHS = (64,)  # after PrefixTextEncoder.BUCKETS, before the full context
 
     def __init__(self, scorer: Scorer, rows: int):
-        if scorer.device.type == "cpu":  # inductor builds C++ there; say so now, not at the first batch
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            try:
-                get_cpp_compiler()
-            except Exception as e:  # noqa: BLE001 (torch's own search, whatever it raises)
-                raise ConfigError(f"--compile on the CPU needs a C++ compiler (g++, or $CXX): {first_line(e)}; "
-                                  "install one or leave --compile out") from None
+        check_compile_backend(scorer.device)
         self.rows = rows
         self.device = scorer.device
         self.prefix = scorer._text_prefix

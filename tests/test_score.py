@@ -121,6 +121,21 @@ def test_compile_without_a_cpp_compiler_on_the_cpu_is_a_clear_error(monkeypatch)
         Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", compile=True), pick_device("cpu"))
 
 
+def test_compile_without_triton_on_cuda_is_a_clear_error(monkeypatch):
+    """Inductor writes Triton kernels on CUDA: without triton, one line when the model loads (the
+    check alone here: the device need not exist)."""
+    import importlib.util
+
+    from fastlaion.score import check_compile_backend
+
+    find_spec = importlib.util.find_spec
+    if find_spec("triton") is not None:
+        check_compile_backend(torch.device("cuda"))  # there: no error
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="--compile on CUDA needs triton"):
+        check_compile_backend(torch.device("cuda"))
+
+
 def test_prefix_text_encoder_only_for_causal_end_pooled_towers():
     torch.manual_seed(0)
     model = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu")).model
