@@ -412,12 +412,14 @@ def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
     the same call: compile time, score only, decode+score. Not in the default sections (the
     compile takes minutes): GPU_BENCH_SECTIONS=f."""
     texts = make_captions(len(jpegs))
-    h, w = _make_scorer(args.model, args.batch, device).clip_spec.size
-    pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
     batch_texts = texts[: args.batch]
     rounds = max(2, len(jpegs) // args.batch)
+    pixels = None
     for compiled in (False, True):
         scorer = _make_scorer(args.model, args.batch, device, compile=compiled)
+        if pixels is None:  # the same batch for both (the model's input size)
+            h, w = scorer.clip_spec.size
+            pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
         t0 = time.perf_counter()
         scorer.score(pixels, batch_texts)  # the compile, for this caption length
         first = time.perf_counter() - t0
