@@ -1,12 +1,13 @@
 """Where a process's threads spend their time, by sampling their Python stacks (stdlib only).
 
 The GPU test machine has no py-spy (and may not allow ptrace), so bench/gpu_bench.py profiles its
-decode+score run with this: a thread reads `sys._current_frames()` every `interval` seconds and
-counts, per thread group (a thread's name without its number), the innermost Python function
-each thread is in, with the innermost fastlaion function above it. A thread inside C (a torch op,
-DALI, libjpeg-turbo through ctypes) counts under the Python function that called it, which is
-the attribution wanted here. A thread whose innermost function is a wait (a lock, a queue, a
-future, an idle pool worker) counts as waiting.
+decode+score run with this: a thread reads `sys._current_frames()` every `interval` seconds and,
+per thread group (a thread's name without its number), gives the CPU time each thread used since
+the previous sample (its own CPU clock, `pthread_getcpuclockid`) to the innermost Python function
+it is in, with the innermost fastlaion function above it. A thread inside C (a torch op, DALI,
+libjpeg-turbo through ctypes) counts under the Python function that called it, which is the
+attribution wanted here; a thread blocked anywhere (a lock, a sleep, the GPU, a queue) uses no CPU
+and so counts for nothing.
 
     with Sampler() as s:
         work()
@@ -23,12 +24,6 @@ import sys
 import threading
 import time
 from types import FrameType, TracebackType
-
-# Innermost functions that mean the thread is waiting, not working.
-WAITS = {("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"), ("threading.py", "join"),
-         ("queue.py", "get"), ("queue.py", "put"), ("_base.py", "result"), ("_base.py", "wait"),
-         ("_base.py", "as_completed"), ("thread.py", "_worker"), ("selectors.py", "select")}
-
 
 def _where(frame: FrameType) -> tuple[str, str]:
     code = frame.f_code
@@ -49,8 +44,10 @@ class Sampler:
     def __init__(self, interval: float = 0.002):
         self.interval = interval
         self.samples = 0
+        # CPU seconds per thread group, by where its threads were when sampled
         self.busy: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.seen: collections.Counter[str] = collections.Counter()  # thread-samples per group
+        self._cpu: dict[int, float] = {}  # each thread's CPU clock at the previous sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self.wall = 0.0
@@ -73,21 +70,25 @@ class Sampler:
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
+                try:
+                    cpu = time.clock_gettime(time.pthread_getcpuclockid(ident))
+                except (OSError, AttributeError):  # the thread just ended; or not Linux
+                    continue
+                used, self._cpu[ident] = cpu - self._cpu.get(ident, cpu), cpu
                 group = re.sub(r"[-_]?\d+(_\d+)?$", "", names.get(ident, "?")) or "?"
                 self.seen[group] += 1
-                leaf = _where(frame)
-                if leaf in WAITS:
-                    continue
-                self.busy[group]["%s:%s" % leaf + f" (in {_ours(frame)})"] += 1
+                if used > 0:
+                    self.busy[group]["%s:%s" % _where(frame) + f" (in {_ours(frame)})"] += used
 
     def report(self, top: int = 6) -> list[tuple[str, str]]:
-        """(thread group, summary) per group that did any work: threads, busy share of the wall
-        time summed over its threads (1.0 = one thread busy all the time), the top functions."""
+        """(thread group, summary) per group that used CPU: its threads, CPU seconds per second of
+        wall time summed over them (1.0 = one core all the time), its top functions by CPU."""
         out = []
         for group, counter in sorted(self.busy.items(), key=lambda kv: -sum(kv[1].values())):
             total = sum(counter.values())
+            if total < 0.01 * self.wall:  # under 1 % of a core: not where the time goes
+                continue
             threads = max(1, round(self.seen[group] / max(self.samples, 1)))
-            busy = total / max(self.samples, 1)
             parts = ", ".join(f"{what} {100 * n / total:.0f}%" for what, n in counter.most_common(top))
-            out.append((group, f"{threads} thread(s), {busy:.2f} threads busy on average; {parts}"))
+            out.append((group, f"{threads} thread(s), {total / max(self.wall, 1e-9):.2f} cores busy; {parts}"))
         return out

@@ -26,8 +26,16 @@ import re
 import unicodedata
 from functools import lru_cache
 
-# The SHA-256 of ftfy.badness.BADNESS_RE.pattern that the anchors were chosen for (ftfy 6.1-6.3).
+# What the reasoning above was checked against (ftfy 6.3): the SHA-256 of its mojibake pattern,
+# and its settings and fixers (a release that adds a fixer turns the shortcut off too).
 PATTERN_SHA256 = "9dcc0f2ac90d9ae3c85eb7b9b2c0b8a8e8126153847c2b30c91a0bb263f3b8c4"
+FIXERS = ("decode_inconsistent_utf8", "fix_c1_controls", "fix_character_width", "fix_latin_ligatures",
+          "fix_line_breaks", "fix_surrogates", "remove_control_chars", "remove_terminal_escapes",
+          "replace_lossy_sequences", "restore_byte_a0", "uncurl_quotes", "unescape_html")
+SETTINGS = ("unescape_html", "remove_terminal_escapes", "fix_encoding", "restore_byte_a0", "replace_lossy_sequences",
+            "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures", "fix_character_width",
+            "uncurl_quotes", "fix_line_breaks", "fix_surrogates", "remove_control_chars", "normalization",
+            "max_decode_length", "explain")
 MAX_LENGTH = 1_000_000  # fix_text's max_decode_length: longer text is fixed in pieces
 
 
@@ -47,12 +55,16 @@ def _touched() -> str:
 
 @lru_cache(maxsize=1)
 def _touched_re() -> re.Pattern[str] | None:
-    """The compiled TOUCHED class; None where ftfy's pattern is not the one it was proven for."""
+    """The compiled TOUCHED class; None where ftfy is not the one it was proven for."""
     try:
+        import ftfy
         from ftfy.badness import BADNESS_RE
     except ImportError:
         return None
-    if hashlib.sha256(BADNESS_RE.pattern.encode()).hexdigest() != PATTERN_SHA256:
+    if (hashlib.sha256(BADNESS_RE.pattern.encode()).hexdigest() != PATTERN_SHA256
+            or tuple(sorted(getattr(ftfy, "FIXERS", ()))) != FIXERS
+            or tuple(getattr(ftfy.TextFixerConfig, "_fields", ())) != SETTINGS
+            or ftfy.TextFixerConfig().normalization != "NFC"):
         return None
     return re.compile(f"[{_touched()}]")
 

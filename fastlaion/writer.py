@@ -91,8 +91,8 @@ class TarAppender:
         self.add_many([(name, data)])
 
     def add_many(self, members: Iterable[tuple[str, bytes]]) -> None:
-        """Append members in order, in one write (a batch's samples). A name that cannot be
-        written refuses the whole call before anything is written."""
+        """Append members in order (a batch's samples), in one call to the file. A name that
+        cannot be written refuses the whole call before anything is written."""
         parts: list[bytes] = []
         offset = self._offset
         for name, data in members:
@@ -107,7 +107,7 @@ class TarAppender:
             if pad:
                 parts.append(self._ZEROS[:pad])
             offset += self._BLOCK + len(data) + pad
-        self._file.write(b"".join(parts))
+        self._file.writelines(parts)  # no joined copy of the batch (originals stored whole can be large)
         self._offset = offset
 
     def close(self) -> None:
@@ -204,6 +204,7 @@ class ShardWriter:
             shutil.copyfile(out_dir / f"{self.name}.tar", self.tmp / f"{self.name}.tar")
         self._tar = TarAppender(self.tmp / f"{self.name}.tar", time.time(), append=rewrite)
         self._lock = threading.Lock()
+        self._aborted = False
         self._outcomes: list[pl.DataFrame] = []
         # Embeddings of every row, NaN where none was computed (rows that never reached scoring).
         self._img_emb = self._txt_emb = None
@@ -222,6 +223,8 @@ class ShardWriter:
         """Append the batch's live rows as samples (key.ext, key.txt, key.json). Thread-safe:
         batches go in whole, one at a time, and abort() waits for the one being written."""
         with self._lock:
+            if self._aborted:  # a cancelled shard's batch that reached the lock after abort(): it goes too
+                return
             self._add_samples(batch)
 
     def _add_samples(self, batch: Batch) -> None:
@@ -289,6 +292,7 @@ class ShardWriter:
         """Discard everything written under .partial/ (the published shard, if any, is untouched)."""
         try:
             with self._lock:  # a batch still being written on another thread (a cancelled shard) ends first
+                self._aborted = True
                 self._tar.close()
         except OSError:
             pass  # the write that failed (disk full) may fail again: the file goes anyway

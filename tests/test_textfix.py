@@ -33,8 +33,20 @@ def _can_match_allowed(op, av) -> bool:
     return False
 
 
-def test_the_shortcut_is_on_for_the_pattern_it_was_proven_for():
-    assert textfix._touched_re() is not None, "ftfy's BADNESS_RE changed: prove the anchors again, then update PATTERN_SHA256"
+def test_the_shortcut_is_on_for_the_ftfy_it_was_proven_for(monkeypatch):
+    assert textfix._touched_re() is not None, \
+        "ftfy's pattern, fixers or settings changed: check textfix's reasoning again, then update its constants"
+    # ... and off for any other: a new fixer, another pattern
+    monkeypatch.setattr(ftfy, "FIXERS", {**ftfy.FIXERS, "fix_something_new": str})
+    textfix._touched_re.cache_clear()
+    assert textfix._touched_re() is None and not textfix.fix_text_is_identity("caf\u00e9")
+    monkeypatch.undo()
+    monkeypatch.setattr(textfix, "PATTERN_SHA256", "0" * 64)  # as if the mojibake pattern had changed
+    textfix._touched_re.cache_clear()
+    assert textfix._touched_re() is None
+    monkeypatch.undo()
+    textfix._touched_re.cache_clear()
+    assert textfix._touched_re() is not None
 
 
 def test_every_mojibake_alternative_needs_a_touched_character():
