@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -697,13 +698,17 @@ class ShardJob:
         if len(batch) and (self.models.scorer is not None or self.models.tagger is not None):
             # model work runs on its own thread so downloads go on meanwhile
             await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer)
-        with _timer(self.timings, "write"), self._writing():
+        with self._writing():
             # On the write thread: a batch's tar members are ~10 ms of Python and a large write,
             # which the downloads on this loop need not wait for.
-            await loop.run_in_executor(self.pools.write, writer.add_samples, batch)
-            outcome = batch.outcome().drop("download_reason", "decode_reason")
-            writer.add_outcome(outcome)
+            await loop.run_in_executor(self.pools.write, self._write_samples, writer, batch)
+        with _timer(self.timings, "write"):
+            writer.add_outcome(batch.outcome().drop("download_reason", "decode_reason"))
         self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())
+
+    def _write_samples(self, writer: ShardWriter, batch: Batch) -> None:
+        with _timer(self.timings, "write"):  # the writing itself, not the wait for the write thread
+            writer.add_samples(batch)
 
     def _busy_since_last_report(self) -> dict[str, float]:
         busy = {k: v - self._reported.get(k, 0.0) for k, v in self.timings.items() if k != "download"}
@@ -808,6 +813,11 @@ def stack_pixels(images: list[Any]) -> Any:
 
 
 class _timer:
+    """Adds the seconds of its block to timings[name]; several threads time the same stage (the
+    loop and the write thread both write), hence the lock."""
+
+    _lock = threading.Lock()
+
     def __init__(self, timings: dict[str, float], name: str):
         self.timings, self.name = timings, name
 
@@ -815,4 +825,6 @@ class _timer:
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+        spent = time.perf_counter() - self.t0
+        with self._lock:
+            self.timings[self.name] = self.timings.get(self.name, 0.0) + spent
