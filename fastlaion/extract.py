@@ -1594,8 +1594,6 @@ class _LinkRules:
         self.stats.pairs += len(out.rows) + len(hard_rows)
         out.seq0 = self._seq - lo  # a row's place in the flush: seq0 + its link's number in the batch
         out.hard_rows = hard_rows
-        if direct and _hard_rows_have_nul(hard_rows):
-            rules.copy_out(out)  # the writer sends these rows to Polars (add_native): it needs them as bytes
         self._py = None
         self._seq += n_links
         if direct:
@@ -1924,15 +1922,6 @@ def _polars_io(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from e
 
 
-def _has_nul(*cols: Sequence[str | None]) -> bool:
-    return any(v is not None and "\x00" in v for col in cols for v in col)
-
-
-def _hard_rows_have_nul(rows: list[tuple[int, str, str, str, str | None, str]]) -> bool:
-    """Whether a url, caption, page URL or language of these (link, url, caption, page_url,
-    lang, uid) rows holds U+0000."""
-    return bool(rows) and _has_nul(*list(zip(*rows))[1:5])
-
 
 def _compiled_writer() -> bool:
     """Whether the compiled Parquet writer can be used (the native path is on, the library and
@@ -2013,10 +2002,6 @@ class _PairWriter:
 
         if not len(result.rows) and not result.hard_rows:
             return
-        if _hard_rows_have_nul(result.hard_rows):
-            # the reference kept a url or caption holding U+0000: the C writer takes NUL-terminated strings
-            self.add_frame(_native_frame([result]).sort("seq").drop("seq"))
-            return
         if result.addresses is not None:  # still in the C buffers: our own C wrote them, as Rows wants them
             a = Rows.from_addresses(len(result.rows), *result.addresses, result.rows, keep=result,
                                     merge=bool(result.hard_rows))
@@ -2051,7 +2036,7 @@ class _PairWriter:
 
     def add_rows(self, urls: list[str], captions: list[str], page_urls: list[str], widths: list[int | None],
                  heights: list[int | None], langs: list[str | None]) -> None:
-        if self.native and not _has_nul(urls, captions, page_urls, langs):  # the C writer takes NUL-terminated strings
+        if self.native:
             from .parquet_native import Rows
 
             uids = [uid_of(u, c) for u, c in zip(urls, captions)]

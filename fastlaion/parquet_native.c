@@ -45,6 +45,9 @@ typedef struct {
     const uint8_t *valid[5];
     const int32_t *ints[2];
     const uint8_t *ivalid[2];
+    /* Per string column: NULL, its n strings are NUL-terminated; else their n byte lengths, the
+     * strings back to back (they may then hold NUL bytes). */
+    const int64_t *lens[5];
 } pq_rows;
 
 #define NCOL 7
@@ -632,11 +635,11 @@ static int take_row(pq_writer *w, cursor *cur)
     int64_t i = cur->i;
     size_t len[NSTR];
     for (int k = 0; k < NSTR; k++)
-        len[k] = strlen((const char *)cur->s[k]);
+        len[k] = r->lens[k] ? (size_t)r->lens[k][i] : strlen((const char *)cur->s[k]);
     const uint8_t *s[NSTR];
     memcpy(s, cur->s, sizeof s);
     for (int k = 0; k < NSTR; k++)
-        cur->s[k] += len[k] + 1;
+        cur->s[k] += len[k] + !r->lens[k]; /* past the terminator, where there is one */
     cur->i++;
 
     if (w->dedup_col >= 0) {

@@ -7,8 +7,9 @@ the files Polars' `write_parquet` makes. The C code is part of extract_native's 
 zstd is taken from the system's libzstd.so.1. `available()` is False without either, and the
 caller then writes with Polars.
 
-Rows are handed over as `Rows`: per string column one blob of n NUL-terminated UTF-8 strings,
-optional validity bytes, optional Int32 arrays. The buffers are checked here, as the C code
+Rows are handed over as `Rows`: per string column one blob of n UTF-8 strings, NUL-terminated
+(the compiled rules' output, which holds no NUL) or with their byte lengths (rows from Python,
+which may), optional validity bytes, optional Int32 arrays. The buffers are checked here, as the C code
 relies on them.
 """
 
@@ -33,7 +34,7 @@ _vp = ctypes.c_void_p
 
 class _PqRows(ctypes.Structure):
     _fields_ = [("n", ctypes.c_int64), ("seq", _vp), ("strs", _vp * NSTR), ("valid", _vp * NSTR),
-                ("ints", _vp * 2), ("ivalid", _vp * 2)]
+                ("ints", _vp * 2), ("ivalid", _vp * 2), ("lens", _vp * NSTR)]
 
 
 class _Fns:
@@ -98,23 +99,31 @@ def _as_bytes(b: Any, what: str) -> bytes:
 class Rows:
     """One set of rows for ParquetWriter.append (the C pq_rows), keeping its buffers alive.
 
-    strs: url, caption, page_url, uid, page_lang, each n NUL-terminated UTF-8 strings (a null
-    row holds an empty one); valid: per string column None (all valid) or n bytes, 0 = null;
-    seq: n never decreasing int64 sort keys (array "q") for merging two sets; ints: width and
-    height, None (all null) or n int32 (array "i"); ivalid: None or n bytes, 0 = null."""
+    strs: url, caption, page_url, uid, page_lang, each n UTF-8 strings (a null row holds an empty
+    one): NUL-terminated, or back to back where `lens` gives that column's n byte lengths (array
+    "q"; such strings may hold U+0000); valid: per string column None (all valid) or n bytes,
+    0 = null; seq: n never decreasing int64 sort keys (array "q") for merging two sets; ints: width
+    and height, None (all null) or n int32 (array "i"); ivalid: None or n bytes, 0 = null."""
 
     def __init__(self, n: int, strs: Sequence[bytes], valid: Sequence[bytes | None] = (None,) * NSTR,
                  seq: array.array | None = None, ints: Sequence[array.array | None] = (None, None),
-                 ivalid: Sequence[bytes | None] = (None, None)):
+                 ivalid: Sequence[bytes | None] = (None, None), lens: Sequence[array.array | None] = (None,) * NSTR):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, not {n!r}")
-        if len(strs) != NSTR or len(valid) != NSTR or len(ints) != 2 or len(ivalid) != 2:
-            raise ValueError("Rows takes 5 string blobs, 5 valid, 2 ints and 2 ivalid")
+        if len(strs) != NSTR or len(valid) != NSTR or len(ints) != 2 or len(ivalid) != 2 or len(lens) != NSTR:
+            raise ValueError("Rows takes 5 string blobs, 5 valid, 2 ints, 2 ivalid and 5 lens")
         self.n = n
         self.strs = [_as_bytes(s, f"strs[{k}]") for k, s in enumerate(strs)]
-        for k, blob in enumerate(self.strs):
+        self.lens = list(lens)
+        for k, (blob, ln) in enumerate(zip(self.strs, self.lens)):
             if n == 0 and blob:
                 raise ValueError(f"strs[{k}]: no rows but {len(blob)} bytes")
+            if ln is not None:
+                if not isinstance(ln, array.array) or ln.typecode != "q" or len(ln) != n:
+                    raise ValueError(f"lens[{k}]: array('q') of {n} values expected")
+                if (n and min(ln) < 0) or sum(ln) != len(blob):
+                    raise ValueError(f"lens[{k}]: lengths >= 0 adding up to the {len(blob)} bytes of strs[{k}] expected")
+                continue
             nuls = blob.count(b"\0")
             if n and (nuls != n or not blob.endswith(b"\0")):
                 raise ValueError(f"strs[{k}]: {n} NUL-terminated strings expected, {nuls} NULs in {len(blob)} bytes")
@@ -139,7 +148,8 @@ class Rows:
                 raise ValueError("seq must never decrease")
         self.seq = seq
         self._c = _PqRows(n, _addr(seq), (_vp * NSTR)(*map(_addr, self.strs)), (_vp * NSTR)(*map(_addr, self.valid)),
-                          (_vp * 2)(*map(_addr, self.ints)), (_vp * 2)(*map(_addr, self.ivalid)))
+                          (_vp * 2)(*map(_addr, self.ints)), (_vp * 2)(*map(_addr, self.ivalid)),
+                          (_vp * NSTR)(*map(_addr, self.lens)))
 
     @staticmethod
     def from_addresses(n: int, strs: Sequence[int], valid: Sequence[int | None], seq: array.array, keep: Any,
@@ -151,23 +161,25 @@ class Rows:
             raise ValueError("from_addresses: n, strs and valid do not agree")
         rows = Rows.__new__(Rows)
         rows.n, rows.seq, rows.strs, rows.valid = n, seq if merge else None, [keep], [None] * NSTR
-        rows.ints, rows.ivalid = [None, None], [None, None]
+        rows.ints, rows.ivalid, rows.lens = [None, None], [None, None], [None] * NSTR
         rows._c = _PqRows(n, _addr(rows.seq), (_vp * NSTR)(*strs), (_vp * NSTR)(*valid), (_vp * 2)(None, None),
-                          (_vp * 2)(None, None))
+                          (_vp * 2)(None, None), (_vp * NSTR)())
         return rows
 
     @staticmethod
     def from_lists(urls: Sequence[str], captions: Sequence[str], page_urls: Sequence[str], uids: Sequence[str],
                    langs: Sequence[str | None], widths: Sequence[int | None] | None = None,
                    heights: Sequence[int | None] | None = None, seq: Sequence[int] | None = None) -> Rows:
-        """Rows from Python lists (None = null); a string may not hold U+0000."""
+        """Rows from Python lists (None = null); strings go with their lengths, so U+0000 may be in one."""
         cols = (urls, captions, page_urls, uids, langs)
         n = len(urls)
         if any(len(c) != n for c in cols) or any(c is not None and len(c) != n for c in (widths, heights, seq)):
             raise ValueError("all columns must have the same length")
-        strs, valid = [], []
+        strs, valid, lens = [], [], []
         for col in cols:
-            strs.append(("\0".join(s or "" for s in col) + "\0").encode() if n else b"")
+            encoded = [(s or "").encode() for s in col]
+            strs.append(b"".join(encoded))
+            lens.append(array.array("q", map(len, encoded)))
             valid.append(bytes(s is not None for s in col) if any(s is None for s in col) else None)
         ints: list[array.array | None] = []
         ivalid: list[bytes | None] = []
@@ -178,7 +190,7 @@ class Rows:
             else:
                 ints.append(array.array("i", [v or 0 for v in col]))
                 ivalid.append(bytes(v is not None for v in col) if any(v is None for v in col) else None)
-        return Rows(n, strs, valid, None if seq is None else array.array("q", seq), ints, ivalid)
+        return Rows(n, strs, valid, None if seq is None else array.array("q", seq), ints, ivalid, lens)
 
 
 class ParquetWriter:

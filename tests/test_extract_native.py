@@ -268,9 +268,15 @@ def test_a_page_url_urlsplit_refuses_keeps_an_absolute_base_href(tmp_path, monke
 
 def test_a_kept_url_or_caption_with_nul_is_written(tmp_path, monkeypatch):
     """The reference keeps a URL holding U+0000 (from a base href with \\u0000, which the C
-    rules leave to it): such a row cannot go to the compiled writer (NUL-terminated strings),
-    which used to raise (found by a review fuzzer); it goes to Polars, in link order with the C
-    path's rows. (A link whose own alt or src holds one sends its record to Python.)"""
+    rules leave to it): the compiled writer takes such a row with its length (it used to raise on
+    one, found by a review fuzzer), in link order with the C path's rows, and Polars writes
+    nothing. (A link whose own alt or src holds one sends its record to Python.)"""
+    from fastlaion import extract
+
+    to_polars = []
+    add_frame = extract._PairWriter.add_frame
+    monkeypatch.setattr(extract._PairWriter, "add_frame", lambda self, frame: (to_polars.append(self.native),
+                                                                                add_frame(self, frame))[1])
     pages = [wat_record("https://p.example/a/", [img("/one.jpg", "a first alt text"), img("?q", "a query only src"),
                                                  img("/three.jpg", "a last alt text")], base="http://b.example/x/\x00y"),
              wat_record("https://n.example/", [img("/two.jpg", "an alt with \x00 inside")]),
@@ -281,6 +287,7 @@ def test_a_kept_url_or_caption_with_nul_is_written(tmp_path, monkeypatch):
         ("http://b.example/one.jpg", "a first alt text"), ("http://b.example/x/\x00y?q", "a query only src"),
         ("http://b.example/three.jpg", "a last alt text"), ("https://n.example/two.jpg", "an alt with \x00 inside"),
         ("https://q.example/four.jpg", "a plain page after it")]
+    assert True not in to_polars  # the native run's rows all went to the compiled writer
 
 
 def test_odd_warc_headers_match(tmp_path, monkeypatch):

@@ -352,12 +352,30 @@ def test_bad_rows_are_refused():
         lambda: Rows(2, ok, ints=(array.array("i", [1, 2]), None), ivalid=(b"\1", None)),
         lambda: Rows(2, ok, ivalid=(b"\1\1", None)),      # ivalid without ints
         lambda: Rows(-1, [b""] * 5),
-        lambda: Rows.from_lists(["a\0b"], ["c"], ["p"], ["u"], [None]),  # a NUL inside a string
+        lambda: Rows(2, [b"ab"] + ok[1:], lens=[array.array("q", [1, 2])] + [None] * 4),  # lengths past the bytes
+        lambda: Rows(2, [b"ab"] + ok[1:], lens=[array.array("q", [3, -1])] + [None] * 4),  # a negative length
+        lambda: Rows(2, [b"ab"] + ok[1:], lens=[array.array("q", [2])] + [None] * 4),  # too few lengths
         lambda: Rows.from_lists(["a"], ["c", "d"], ["p"], ["u"], [None]),
     ]
     for make in bad:
         with pytest.raises(ValueError):
             make()
+
+
+def test_strings_with_nul_bytes_go_with_their_lengths(tmp_path):
+    """from_lists hands strings over with their lengths, so U+0000 inside one is written as it is
+    (the Python path writes such rows too), merged with NUL-terminated rows."""
+    import pyarrow.parquet as pq
+
+    a = Rows(2, [b"u1\0u3\0", b"c1\0c3\0", b"p\0p\0", b"k1\0k3\0", b"en\0en\0"], seq=array.array("q", [1, 3]))
+    b = Rows.from_lists(["u\x002", ""], ["c\x002", "\x00"], ["p", "p"], ["k2", "k4"], [None, "\x00x"],
+                        seq=[2, 4])
+    with ParquetWriter(tmp_path / "x.parquet", dedup="url") as w:
+        w.append(a, b)
+    table = pq.read_table(tmp_path / "x.parquet").to_pydict()
+    assert table["url"] == ["u1", "u\x002", "u3", ""]
+    assert table["caption"] == ["c1", "c\x002", "c3", "\x00"]
+    assert table["page_lang"] == ["en", None, "en", "\x00x"]
 
 
 def test_merge_needs_seq(tmp_path):
