@@ -36,6 +36,8 @@ if [[ $mode == gpu ]]; then
 fi
 $py -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
 echo "cores: $(nproc)"
+# the compiled tokenizer (and extract's reader) are built with it on first use; without one, Python runs them
+echo "C compiler: $(command -v cc || command -v gcc || echo 'none (the tokenizer runs in Python)')"
 
 step "2. install what was brought along"
 if [[ $mode == gpu ]]; then

@@ -103,7 +103,8 @@ class Rows:
     one): NUL-terminated, or back to back where `lens` gives that column's n byte lengths (array
     "q"; such strings may hold U+0000); valid: per string column None (all valid) or n bytes,
     0 = null; seq: n never decreasing int64 sort keys (array "q") for merging two sets; ints: width
-    and height, None (all null) or n int32 (array "i"); ivalid: None or n bytes, 0 = null."""
+    and height, None (all null) or n int32 (array "i"); ivalid: None or n bytes, 0 = null. The
+    arrays are used in place, not copied: they must not change size while the Rows lives."""
 
     def __init__(self, n: int, strs: Sequence[bytes], valid: Sequence[bytes | None] = (None,) * NSTR,
                  seq: array.array | None = None, ints: Sequence[array.array | None] = (None, None),
