@@ -475,10 +475,13 @@ class CachedClipTokenizer:
         rows: list[list[int]] = []
         for text in texts:
             cleaned = self._clean(text)
-            if len(cleaned) <= 4 * context:  # the usual caption: all its words at once
+            # Each word is a token at least, so a full context's words are all that count: a long
+            # caption is split only up to a space past 8 tokens' worth of characters (no word holds
+            # a space, so the words before it are the same), unless that gave too few words.
+            cut = cleaned.find(" ", 8 * context) if len(cleaned) > 8 * context else -1
+            words = pattern.findall(cleaned, 0, cut) if cut > 0 else pattern.findall(cleaned)
+            if cut > 0 and len(words) < context:
                 words = pattern.findall(cleaned)
-            else:  # each word is a token at least, so a full context's words are all that count
-                words = [m.group() for m in itertools.islice(pattern.finditer(cleaned), context)]
             try:
                 pieces = [cache[w] for w in words]
             except KeyError:  # (get: another thread may start the cache over meanwhile)

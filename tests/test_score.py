@@ -167,7 +167,11 @@ def _tokenizer_cases() -> list[str]:
               "mojibake: caf\u00c3\u00a9", "\u6771\u4eac\u30bf\u30ef\u30fc \U0001f5fc emoji \U0001f44d\U0001f3fd",
               "\u201ccurly\u201d \ufb01 ligature \uff26\uff55\uff4c\uff4c width", "\x1b[31mred\x1b[0m escape",
               "ctl\x00\x07chars", "\t\n tabs \r\n lines \u2028", "x" * 3000, "word " * 500,
-              "<start_of_text> literal <end_of_text>", "NUMBERS 12345 3.14 1,000", "UPPER lower MiXeD"]
+              "<start_of_text> literal <end_of_text>", "NUMBERS 12345 3.14 1,000", "UPPER lower MiXeD",
+              # long captions: split up to a space past 8 tokens' worth of characters, or whole
+              # when that holds under a context of words (long words), ASCII and not
+              "abcdefghijklmnop " * 100, "\u00e9" + "abcdefghijklmnop " * 100, "x " * 700 + "\u00e9",
+              "\u00e9" + "a" * 700 + " b c", "\u00e9 " + "word, " * 400]
     return cases
 
 
@@ -200,6 +204,9 @@ def test_cached_tokenizer_gives_open_clip_token_ids(tokenizer_path):
     assert torch.equal(ours("a single caption"), reference("a single caption"))
     assert torch.equal(ours(c for c in cases[:40]), reference(cases[:40]))  # any iterable, as open_clip takes
     assert torch.equal(ours(cases[:50], context_length=16), reference(cases[:50], context_length=16))
+    # words of one token each, fewer than a context of them before the cut: the whole caption is split
+    long_words = ["photograph " * 30, "\u00e9 " + "photograph " * 30]
+    assert torch.equal(ours(long_words, context_length=16), reference(long_words, context_length=16))
     small = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
     small.MAX_WORDS = 8  # the cache starts over when full: same ids
     assert torch.equal(small(cases[:100]), reference(cases[:100]))
