@@ -137,8 +137,9 @@ def text_tower(scorer, device: torch.device, batch: int, words: int, rounds: int
 def tokenizer_rates(n: int = 4096, rounds: int = 5) -> list[tuple[str, float, float, float]]:
     """Captions/s on one core (best of `rounds`, alternated) of fastlaion's tokenizer with its
     compiled word table, of the same without it (Python alone) and of open_clip's; same ids
-    checked, on ASCII captions and on captions with accented words (open_clip runs ftfy on each;
-    fastlaion skips it where fastlaion.textfix shows it would change nothing)."""
+    checked, on ASCII captions, on captions with accented words and on ASCII ones with curly quotes
+    (open_clip runs ftfy on the last two; fastlaion skips it where fastlaion.textfix shows it
+    would change nothing, or only straighten the quotes)."""
     import copy
 
     import open_clip
@@ -146,8 +147,9 @@ def tokenizer_rates(n: int = 4096, rounds: int = 5) -> list[tuple[str, float, fl
     from fastlaion.score import CachedClipTokenizer
 
     accented = [f"{c} caf\u00e9 cr\u00e8me br\u00fbl\u00e9e" for c in make_captions(n, seed=1)]
+    quoted = [f"it\u2019s {c} \u201cnew\u201d" for c in make_captions(n, seed=3)]  # English with curly quotes
     rows = []
-    for what, texts in (("ASCII", make_captions(n)), ("accented", accented)):
+    for what, texts in (("ASCII", make_captions(n)), ("accented", accented), ("curly quotes", quoted)):
         theirs, ours = open_clip.get_tokenizer("ViT-B-32"), CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
         if not torch.equal(ours(texts), theirs(texts)):
             raise SystemExit(f"tokenizers disagree on the {what} captions")

@@ -23,7 +23,7 @@ import torch
 from .config import ConfigError, ScoreConfig, first_line
 from .decode import ClipInputSpec
 from .ops import paired_cosine
-from .textfix import fix_text_is_identity
+from .textfix import fix_text_is_identity, uncurled_ascii
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,8 @@ class CachedClipTokenizer:
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         """(N, context_length) int64 token ids, exactly as open_clip's tokenizer returns them."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if self._lower_fast_path:  # ASCII but for curly quotes: cleaned as fix_text would, then ASCII
+            texts = [t if t.isascii() else uncurled_ascii(t) or t for t in texts]
         context = context_length or self.context_length
         native = self._native
         if native is not None:

@@ -82,6 +82,23 @@ def printable(text: str) -> bool:
     return text.isprintable() or text.translate(_spaces()).isprintable()
 
 
+# uncurl_quotes' characters and what it makes of them
+QUOTES = {0x02BC: "'", 0x2018: "'", 0x2019: "'", 0x201A: "'", 0x201B: "'", 0x201C: '"', 0x201D: '"', 0x201E: '"',
+          0x201F: '"'}
+
+
+def uncurled_ascii(text: str) -> str | None:
+    """ftfy.fix_text(text) where curly quotes are its only non-ASCII characters and the rest is
+    printable ASCII without '&' (English captions often hold ’): the text with straight quotes,
+    which is what fix_text returns there, since no alternative of its mojibake pattern can match
+    printable ASCII and curly quotes alone (tests/test_textfix.py proves it) and no other fixer
+    touches them. None for any other text."""
+    if text.isascii() or "&" in text or _touched_re() is None:
+        return None
+    out = text.translate(QUOTES)
+    return out if out.isascii() and out.isprintable() else None
+
+
 def fix_text_is_identity(text: str) -> bool:
     """True when ftfy.fix_text(text) == text for sure (see the module's docstring)."""
     touched = _touched_re()

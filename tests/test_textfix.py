@@ -19,18 +19,34 @@ def _allowed(ch: str) -> bool:
     return textfix.printable(ch) and ch != "&" and TOUCHED.match(ch) is None
 
 
-def _can_match_allowed(op, av) -> bool:
+def _can_match_allowed(op, av, allowed=_allowed) -> bool:
     """Whether one position of the pattern (sre's parse) can match some allowed character.
     True where unsure: such a position is never taken as the one a match cannot get past."""
     if str(op) == "LITERAL":
-        return _allowed(chr(av))
+        return allowed(chr(av))
     if str(op) != "IN" or any(str(sub) not in ("LITERAL", "RANGE") for sub, _ in av):
         return True  # negated classes, \s, \w, '.': all admit ASCII letters or spaces
     for sub, value in av:
         lo, hi = (value, value) if str(sub) == "LITERAL" else value
-        if any(_allowed(chr(c)) for c in range(lo, hi + 1)):
+        if any(allowed(chr(c)) for c in range(lo, hi + 1)):
             return True
     return False
+
+
+def _no_alternative_matches(allowed) -> None:
+    """Each alternative of BADNESS_RE has a position no allowed character can fill."""
+    parser = pytest.importorskip("re._parser")
+    tree = parser.parse(BADNESS_RE.pattern, BADNESS_RE.flags)
+    (branch_op, (_, alternatives)), = list(tree)
+    assert str(branch_op) == "BRANCH" and len(alternatives) > 30
+    for alt in alternatives:
+        required = []
+        for op, av in alt:
+            if str(op) in ("LITERAL", "IN", "ANY"):
+                required.append((op, av))
+            else:  # an optional \s or ^: they never need a character
+                assert str(op) == "AT" or (str(op) == "MAX_REPEAT" and av[0] == 0), (op, av)
+        assert not all(_can_match_allowed(op, av, allowed) for op, av in required), f"no anchor in {alt}"
 
 
 def test_the_shortcut_is_on_for_the_ftfy_it_was_proven_for(monkeypatch):
@@ -52,18 +68,41 @@ def test_the_shortcut_is_on_for_the_ftfy_it_was_proven_for(monkeypatch):
 def test_every_mojibake_alternative_needs_a_touched_character():
     """Each alternative of BADNESS_RE has a position no allowed character can fill, so the
     pattern cannot match a caption that passes the check: fix_text's encoding repair never runs."""
-    parser = pytest.importorskip("re._parser")
-    tree = parser.parse(BADNESS_RE.pattern, BADNESS_RE.flags)
-    (branch_op, (_, alternatives)), = list(tree)
-    assert str(branch_op) == "BRANCH" and len(alternatives) > 30
-    for alt in alternatives:
-        required = []
-        for op, av in alt:
-            if str(op) in ("LITERAL", "IN", "ANY"):
-                required.append((op, av))
-            else:  # an optional \s or ^: they never need a character
-                assert str(op) == "AT" or (str(op) == "MAX_REPEAT" and av[0] == 0), (op, av)
-        assert not all(_can_match_allowed(op, av) for op, av in required), f"no anchor in {alt}"
+    _no_alternative_matches(_allowed)
+
+
+def test_no_mojibake_alternative_matches_ascii_and_curly_quotes():
+    """The same for printable ASCII without '&' plus curly quotes (uncurled_ascii's captions)."""
+    _no_alternative_matches(lambda ch: (0x20 <= ord(ch) < 0x7F and ch != "&") or ord(ch) in textfix.QUOTES)
+
+
+def test_curly_quotes_are_what_uncurl_quotes_changes():
+    from ftfy import chardata, fixes
+
+    quotes = {c for c in range(0x10000) if chardata.SINGLE_QUOTE_RE.match(chr(c)) or chardata.DOUBLE_QUOTE_RE.match(chr(c))}
+    assert quotes == set(textfix.QUOTES)
+    assert all(fixes.uncurl_quotes(chr(c)) == textfix.QUOTES[c] for c in quotes)
+
+
+def test_uncurled_ascii_is_what_fix_text_returns():
+    rng = random.Random(2)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + [chr(c) for c in textfix.QUOTES] * 8 + ["\u00e9", "\t", "\u00a0",
+                                                                                               "\x07", "\x1b[1m"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(30_000)]
+    texts += ["It\u2019s a \u201cgood\u201d day", "\u2018<start_of_text>\u2019", "\u02bcs"]
+    assert textfix.uncurled_ascii("P&EACUTE;REZ\u2019s") is None  # ftfy's own entities: not this shortcut
+    assert textfix.uncurled_ascii("plain ASCII") is None  # nothing to do
+    done = [(t, textfix.uncurled_ascii(t)) for t in texts]
+    said = [(t, u) for t, u in done if u is not None]
+    assert len(said) > 3000 and any(u is None for _, u in done)
+    assert [t for t, u in said if ftfy.fix_text(t) != u] == []
+    # and the tokenizer, which takes that route, gives open_clip's ids
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
+    sample = texts[:3000] + texts[-3:]
+    assert torch.equal(ours(sample), reference(sample))
 
 
 def test_space_separators_are_allowed_but_not_the_ideographic_space():
