@@ -89,7 +89,7 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -1920,7 +1920,6 @@ def _polars_io(path: Path) -> Iterator[None]:
             raise
         code = int(m.group(1))
         raise OSError(code, os.strerror(code), str(path)) from e
-
 
 
 def _compiled_writer() -> bool:

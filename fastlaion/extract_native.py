@@ -425,11 +425,11 @@ class Rules:
             raise MemoryError("wat_rules")
         o = self.out
         lang_valid = o.lang_valid.bytes()
-        res = RuleResult(b"", b"", b"", b"", b"", lang_valid, array.array("q", o.row_link.bytes()),
-                         array.array("q", o.hard.bytes()).tolist(), list(o.reasons), o.url_cut, o.cap_cut)
-        if copy:
-            self.copy_out(res)
-        else:  # in the writer's order: url, caption, page_url, uid, page_lang
+        strings = (o.url, o.cap, o.purl, o.lang, o.uid)  # RuleResult's order
+        res = RuleResult(*(s.bytes() if copy else b"" for s in strings), lang_valid,
+                         array.array("q", o.row_link.bytes()), array.array("q", o.hard.bytes()).tolist(),
+                         list(o.reasons), o.url_cut, o.cap_cut)
+        if not copy:  # in the writer's order: url, caption, page_url, uid, page_lang
             res.addresses = ((o.url.p, o.cap.p, o.purl.p, o.uid.p, o.lang.p),
                              (None, None, None, None, o.lang_valid.p if lang_valid.count(0) else None))
         if res.hard:
@@ -439,13 +439,6 @@ class Rules:
                 (a if v else None for a, v in zip(o.halt.bytes()[:-1].decode().split("\x00"), valid[1::2])),
                 batch.link_pages(res.hard)))
         return res
-
-    def copy_out(self, res: RuleResult) -> None:
-        """Give a RuleResult of the last run its rows as bytes, copied from the C buffers (before
-        the next run reuses them)."""
-        o = self.out
-        res.url, res.cap, res.purl, res.lang, res.uid = (s.bytes() for s in (o.url, o.cap, o.purl, o.lang, o.uid))
-        res.addresses = None
 
     def close(self) -> None:
         if self.out_p:
