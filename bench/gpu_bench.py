@@ -449,8 +449,10 @@ def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device
         pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(len(jpegs))],
                       "caption": make_captions(len(jpegs))}).write_parquet(inp)
         where = ["--gpus", "1"] if device.type == "cuda" else ["--device", "cpu"]
+        # languages as a real run has them (in their own process) when fastText and lid.176 came along
+        language = [] if _language_available() else ["--no-language"]
         cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(Path(tmp) / "out"),
-               "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", "--no-language",
+               "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
                "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
                "--no-progress", *where]
         if "--allow-private-networks" in _run_help():
@@ -466,8 +468,21 @@ def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device
         if kept != len(jpegs):  # --min-similarity -1 keeps every image that arrives
             raise RuntimeError(f"only {kept} of {len(jpegs)} kept: {summary['funnel']['drops']}")
         stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items())
-        row(f"fastlaion run {' '.join(where)}", f"{len(jpegs) / secs:,.0f} samples/s",
+        row(f"fastlaion run {' '.join(where + language)}", f"{len(jpegs) / secs:,.0f} samples/s",
             f"{len(jpegs):,} URLs over loopback, {kept:,} kept, {secs:.1f} s wall incl. start-up; stage s: {stages}")
+
+
+def _language_available() -> bool:
+    from fastlaion.config import ConfigError
+    from fastlaion.language import bundled_model_path
+
+    try:
+        import fasttext  # noqa: F401
+
+        bundled_model_path()
+    except (ImportError, ConfigError):
+        return False
+    return True
 
 
 def _run_help() -> str:

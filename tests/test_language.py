@@ -21,3 +21,164 @@ def test_real_lid176_identifies_captions_and_splits_like_laion():
 def test_threshold_moves_rows_to_nolang():
     texts = ["a photograph of a cat sleeping on a sofa"] * 3
     assert LanguageIdentifier(min_score=1.01)(texts)[2] == [NOLANG] * 3
+
+
+# --- the language process: the same identifier in a child, off the parent's GIL ---
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fastlaion.config import ConfigError  # noqa: E402
+from fastlaion.language import BatchLanguages, LanguageProcess  # noqa: E402
+
+MIXED = ["a photograph of a cat sleeping on a sofa", "une photo d'un chat qui dort sur un canapé", None, "",
+         "ein Foto einer Katze, die auf einem Sofa schläft", "猫がソファで寝ている写真", "cat", "12345 67890 !!!",
+         "line one\nline two in english", "Фотография кошки на диване", "x" * 3000, "  padded english caption  "]
+
+
+def _captions(n: int, seed: int = 0) -> list[str | None]:
+    import random
+
+    rng = random.Random(seed)
+    words = [w for t in MIXED if t for w in t.split()]
+    return [None if rng.random() < 0.02 else " ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(n)]
+
+
+def _same(a, b) -> None:
+    assert a[0] == b[0] and a[2] == b[2]
+    np.testing.assert_array_equal(a[1], b[1])  # NaN where not identified, in both
+
+
+@pytest.fixture
+def lp():
+    process = LanguageProcess(min_score=0.5)
+    yield process
+    process.close()
+
+
+def test_process_answers_as_the_identifier_in_order_from_many_threads(lp):
+    local = LanguageIdentifier(min_score=0.5)
+    batches = [MIXED, *(_captions(300, seed) for seed in range(8))]
+    with ThreadPoolExecutor(4) as pool:  # several shards' batches in flight at once
+        futures = list(pool.map(lp.submit, batches))
+    for texts, future in zip(batches, futures):
+        _same(lp.result(future, texts), local(texts))
+    assert lp([]) == ([], pytest.approx(np.array([], dtype=np.float32)), [])
+
+
+def test_the_parent_keeps_its_gil_while_the_process_identifies(lp):
+    """fastText holds the GIL through `predict` (~20 us a caption): in-process, another thread of
+    this process stands still for the whole call (0.5 s here); with the process it keeps running."""
+    texts = _captions(10_000, seed=1)
+    lp(texts[:100])  # started and warm
+    done = threading.Event()
+
+    def longest_stall() -> float:
+        worst, last = 0.0, time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+        return worst
+
+    with ThreadPoolExecutor(1) as pool:
+        stall = pool.submit(longest_stall)
+        t0 = time.perf_counter()
+        lp(texts)
+        took = time.perf_counter() - t0
+        done.set()
+    assert took > 0.2  # the stall an in-process call would cause
+    print(f"longest stall {stall.result()*1e3:.1f} ms in a {took:.2f} s call")
+    assert stall.result() < 0.1, (stall.result(), took)
+
+
+def test_a_killed_child_is_replaced_and_its_batch_sent_again(lp, caplog):
+    texts = _captions(2000, seed=2)
+    expected = LanguageIdentifier(min_score=0.5)(texts)
+    lp.wait_ready()
+    first = lp._child.proc
+    future = lp.submit(texts * 5)  # long enough that the kill lands while it is being answered
+    os.kill(first.pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="fastlaion.language"):
+        _same(lp.result(future, texts * 5), (expected[0] * 5, np.tile(expected[1], 5), expected[2] * 5))
+    assert first.wait(5) == -signal.SIGKILL
+    assert lp._child.proc.pid != first.pid
+    assert "killed by SIGKILL" in caplog.text
+
+
+def test_ctrl_c_is_left_to_the_parent(lp):
+    lp.wait_ready()
+    child = lp._child.proc
+    os.kill(child.pid, signal.SIGINT)  # the terminal sends it to the whole process group
+    time.sleep(0.2)
+    _same(lp(MIXED), LanguageIdentifier(min_score=0.5)(MIXED))
+    assert lp._child.proc is child and child.poll() is None  # the same child answered
+
+
+def test_a_model_fasttext_cannot_read_is_a_config_error(tmp_path):
+    bad = tmp_path / "lid.bin"
+    bad.write_bytes(b"not a model")
+    process = LanguageProcess(str(bad))
+    try:
+        with pytest.raises(ConfigError, match=f"--language-model {bad}: not a fastText model"):
+            process.wait_ready()
+        with pytest.raises(ConfigError):
+            process(["a caption"])
+    finally:
+        process.close()
+    with pytest.raises(ConfigError, match="no such file"):
+        LanguageProcess(str(tmp_path / "missing.bin"))
+
+
+def test_close_and_garbage_collection_end_the_child():
+    process = LanguageProcess()
+    process.wait_ready()
+    child = process._child.proc
+    process.close()
+    assert child.poll() is not None
+    process = LanguageProcess()
+    process.wait_ready()
+    child = process._child.proc
+    del process
+    assert child.wait(5) == 0
+
+
+def test_the_child_ends_with_its_parent_even_when_killed(tmp_path):
+    script = ("import os, signal, sys\n"
+              "from fastlaion.language import LanguageProcess\n"
+              "p = LanguageProcess(); p.wait_ready()\n"
+              "print(p._child.proc.pid, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state == "Z":  # ended; whoever adopted it has not reaped it yet
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the language process outlived its killed parent")
+
+
+def test_batch_languages_takes_the_rows_left_in_their_order(lp):
+    rows = [10, 11, 12, 13, 14]
+    texts = ["a photograph of a cat sleeping on a sofa", "une photo d'un chat qui dort sur un canapé", "cat",
+             "ein Foto einer Katze, die auf einem Sofa schläft", "a cup of black coffee on a wooden table"]
+    taken = BatchLanguages(lp, rows, texts).take([14, 11, 13])  # 10 and 12 dropped on the way
+    assert taken["language"] == ["en", "fr", "de"]
+    assert taken["language_group"] == ["en", "multi", "multi"]
+    np.testing.assert_array_equal(taken["language_score"], LanguageIdentifier()([texts[4], texts[1], texts[3]])[1])
