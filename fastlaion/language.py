@@ -255,8 +255,11 @@ class LanguageProcess:
         self._finalizer = weakref.finalize(self, _Child.close, self._child)
 
     def wait_ready(self) -> None:
-        """Raises ConfigError when the child could not load the model."""
-        self._child.ready.result()
+        """Raises ConfigError when the child could not load the model, or did not start at all."""
+        try:
+            self._child.ready.result()
+        except LanguageProcessDied as exc:
+            raise ConfigError(f"language identification could not start: {exc}") from None
 
     def submit(self, texts: list[str | None]) -> concurrent.futures.Future[Languages]:
         with self._lock:

@@ -138,6 +138,16 @@ def test_a_model_fasttext_cannot_read_is_a_config_error(tmp_path):
         LanguageProcess(str(tmp_path / "missing.bin"))
 
 
+def test_a_child_that_cannot_start_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # exits at once, saying nothing
+    process = LanguageProcess()
+    try:
+        with pytest.raises(ConfigError, match=r"language identification could not start: .*ended \(exit status 1\)"):
+            process.wait_ready()
+    finally:
+        process.close()
+
+
 def test_close_and_garbage_collection_end_the_child():
     process = LanguageProcess()
     process.wait_ready()
