@@ -182,6 +182,8 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
         if name == "dali":
             variants.append(("dali, 1 batch at a time", name, {}, {}, 1))
         variants.append((name, name, {}, {}, 2))
+        if _nvimgcodec_importable():  # the stored image encoded by nvImageCodec, on the GPU on CUDA
+            variants.append((f"{name}, stored image by nvImageCodec", name, {"stored_encode": "nvimgcodec"}, {}, 2))
         if name == "dali":  # DALI's fastest paths: no libjpeg-style chroma smoothing, hardware decoder
             variants += [("dali, fast chroma", name, {"exact_chroma": False}, {}, 2),
                          ("dali, fast chroma, all to the hardware decoder", name,
@@ -213,7 +215,9 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
                 parts = ", ".join(f"{k} {1e3 * v / n_batches:.1f}" for k, v in sorted((phases or {}).items()))
                 row(f"decode {label}", f"{rates[label]:,.0f} img/s",
                     f"{len(jpegs):,} JPEGs, batch {batch}, {in_flight} in flight, {os.cpu_count()} threads, "
-                    f"{cores:.1f} of {os.cpu_count()} cores busy; {bad} rejected" + (f"; finish ms/batch: {parts}" if parts else ""))
+                    f"{cores:.1f} of {os.cpu_count()} cores busy; {bad} rejected" + (f"; finish ms/batch: {parts}" if parts else "")
+                    + (f"; {decoder.stored_fallbacks:,} stored images left to the host encoder"
+                       if getattr(decoder, "stored_fallbacks", 0) else ""))
             section(f"decode {label}", one)
     return rates
 
@@ -272,7 +276,7 @@ def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: di
 
 
 def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
-                  start: Any, results: Any) -> None:
+                  start: Any, results: Any, stored_encode: str = "host") -> None:
     """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
@@ -281,7 +285,7 @@ def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repe
     scorer = _make_scorer(model, batch, device)
     # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
     # worker (session 4's rows of this section gave every process all the cores).
-    decoder = _make_decoder(scorer, batch, device, {"threads": threads})
+    decoder = _make_decoder(scorer, batch, device, {"threads": threads}, stored_encode=stored_encode)
     decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up
     start.wait(timeout=300)
     t0 = time.time()
@@ -289,7 +293,8 @@ def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repe
     results.put((len(images) * repeat, t0, time.time()))
 
 
-def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int = 2) -> None:
+def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int = 2,
+                    stored_encode: str = "host") -> None:
     """decode+score with `processes` worker processes on the one GPU, all started together: whether
     one process's host work (Python, one GIL) is what limits."""
     import multiprocessing
@@ -301,7 +306,8 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         start, results = ctx.Barrier(processes + 1), ctx.Queue()
         threads = max(1, (os.cpu_count() or 1) // processes)
         workers = [ctx.Process(target=_score_worker, args=(args.model, args.batch, str(device), jpeg_file,
-                                                           args.repeat, threads, start, results), daemon=True)
+                                                           args.repeat, threads, start, results, stored_encode),
+                               daemon=True)
                    for _ in range(processes)]
         try:
             for w in workers:
@@ -315,8 +321,17 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
                     w.terminate()
     samples = sum(n for n, _, _ in done)
     secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
-    row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}",
+    how = "" if stored_encode == "host" else f", stored image by {stored_encode}"
+    row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}{how}",
         f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
+
+
+def _nvimgcodec_importable() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def score_rate(scorer: Any, pixels: torch.Tensor, texts: list[str], rounds: int, device: torch.device) -> float:
@@ -346,6 +361,8 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     if device.type == "cuda" and "dali" in available_decoders(device):
         variants.append((", fast chroma, all to the hardware decoder", {},
                          {"exact_chroma": False, "hw_decoder_load": 1.0}))
+    if device.type == "cuda" and _nvimgcodec_importable():  # no host encode: the bytes come back, not pixels
+        variants.append((", stored image by nvImageCodec on the GPU", {}, {"stored_encode": "nvimgcodec"}))
     for what, cfg_options, options in variants:
         decoder = _make_decoder(scorer, args.batch, device, cfg_options, **options)
         decode_and_score(decoder, scorer, images[: 2 * args.batch], captions, args.batch, device)  # warm-up
@@ -539,7 +556,9 @@ def main() -> None:
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("e", "(e) decode+score, several processes",
-                           lambda: [bench_processes(args, jpegs, device, n) for n in ((2, 4) if gpu else (2,))]),
+                           lambda: [bench_processes(args, jpegs, device, n, how) for n, how in
+                                    ([(2, "host"), (4, "host")] + [(4, "nvimgcodec")] * _nvimgcodec_importable()
+                                     if gpu else [(2, "host")])]),
                           ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
         if key in wanted:
             section(name, fn)

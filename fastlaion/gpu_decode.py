@@ -30,7 +30,9 @@ uint8 (H, W, 3) RGB torch tensors on the decoder's device (views into one batch 
 scorer gets them without a host round trip; rows the CPU decoded carry the CPU `Decoder`'s pixels,
 uploaded in one copy, so that a batch always stacks. `stored` is JPEG bytes on the host: 4:2:0
 from libjpeg-turbo on the host's threads, as the CPU decoder writes them (or, with
-stored_encode='device' on CUDA, 4:4:4 from torchvision's nvJPEG encoder, which has no other).
+stored_encode='device' on CUDA, 4:4:4 from torchvision's nvJPEG encoder, which has no other;
+with stored_encode='nvimgcodec', 4:2:0 from NVIDIA nvImageCodec's batched encoder, on the device
+on CUDA, with only the JPEG bytes coming back).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 256
 DALI_PACKAGE = "nvidia-dali-cuda130"
-STORED_ENCODERS = ("host", "device")
+STORED_ENCODERS = ("host", "device", "nvimgcodec")
 
 _encode_pools: dict[int, ThreadPoolExecutor] = {}
 _encode_pools_lock = threading.Lock()
@@ -438,8 +440,11 @@ class _DeviceBatchDecoder(BatchDecoder):
         self.max_batch_size = max_batch_size
         # 'host': libjpeg-turbo on the CPU's threads, 4:2:0 like the CPU decoder (one copy of the
         # batch's stored pixels to the host); 'device': torchvision's nvJPEG encoder (4:4:4), one
-        # image at a time with a device sync each, on CUDA only.
+        # image at a time with a device sync each, on CUDA only; 'nvimgcodec': nvImageCodec's
+        # batched encoder, 4:2:0 (its nvJPEG back end on CUDA, libjpeg-turbo on the CPU).
         self.stored_encode = stored_encode
+        self._nvimgcodec = _import_nvimgcodec() if stored_encode == "nvimgcodec" else None
+        self.stored_fallbacks = 0  # stored images the chosen device encoder left to the host
         self._cpu = Decoder(cfg, clip, watermark_size_px)
         self._local = threading.local()  # per finish() thread: its CUDA stream
         self._phase_lock = threading.Lock()
@@ -573,6 +578,8 @@ class _DeviceBatchDecoder(BatchDecoder):
         nvJPEG on CUDA (torchvision: 4:4:4)."""
         if len(images) == 0:
             return []
+        if self._nvimgcodec is not None:
+            return self._encode_nvimgcodec(images)
         if self.stored_encode == "device" and self.device.type == "cuda":
             from torchvision.io import encode_jpeg
 
@@ -584,7 +591,46 @@ class _DeviceBatchDecoder(BatchDecoder):
                 return [flat[a:b] for a, b in itertools.pairwise(offsets)]
             except RuntimeError as exc:
                 log.warning("nvJPEG could not encode a batch (%s); encoding it on the host", exc)
+                self.stored_fallbacks += len(images)
         return self._encode_on_host(images)
+
+    def _encode_nvimgcodec(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
+        """nvImageCodec's encoder on the whole batch at once, at the configured quality, 4:2:0 as
+        the host encode: on CUDA its GPU back end reads the pixels where the decoder left them (on
+        this thread's stream) and only the JPEG bytes come back; on the CPU its libjpeg-turbo back
+        end. An image it does not encode (None in its answer), or a batch it refuses, is encoded
+        on the host instead."""
+        nv = self._nvimgcodec
+        on_gpu = self.device.type == "cuda"
+        encoder = getattr(self._local, "nvimgcodec_encoder", None)
+        if encoder is None:  # one per finish() thread, as the CUDA streams
+            if on_gpu:
+                encoder = nv.Encoder(device_id=self.device.index, backends=[nv.Backend(nv.BackendKind.GPU_ONLY)])
+            else:
+                encoder = nv.Encoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+            self._local.nvimgcodec_encoder = encoder
+        params = nv.EncodeParams(quality_type=nv.QualityType.QUALITY, quality_value=float(self.cfg.jpeg_quality),
+                                 chroma_subsampling=nv.ChromaSubsampling.CSS_420)
+        frames = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
+        try:
+            if on_gpu:
+                stream = torch.cuda.current_stream(self.device).cuda_stream
+                encoded = encoder.encode([nv.as_image(f.contiguous(), stream) for f in frames], "jpeg",
+                                         params=params, cuda_stream=stream)
+            else:
+                encoded = encoder.encode([np.ascontiguousarray(f.numpy()) for f in frames], "jpeg", params=params)
+        except RuntimeError as exc:
+            log.warning("nvImageCodec could not encode a batch (%s); encoding it on the host", exc)
+            self.stored_fallbacks += len(frames)
+            return self._encode_on_host(images)
+        jpegs: list[bytes | None] = [None if e is None else bytes(e) for e in encoded]
+        missing = [i for i, j in enumerate(jpegs) if not j]
+        if missing:
+            log.info("nvImageCodec did not encode %d of %d stored images; the host encodes them", len(missing), len(jpegs))
+            self.stored_fallbacks += len(missing)
+            for i, jpeg in zip(missing, self._encode_on_host([frames[i] for i in missing]), strict=True):
+                jpegs[i] = jpeg
+        return jpegs  # type: ignore[return-value]
 
     def _encode_on_host(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
         """libjpeg-turbo on the shared encode threads (it releases the GIL), a slice of the batch
@@ -736,6 +782,15 @@ def _import_dali() -> tuple[ModuleType, ModuleType, Any]:
         log.debug("nvidia.dali does not import: %s", exc)
         raise ConfigError(f"--decoder dali needs {DALI_PACKAGE} (pip install 'fastlaion[gpu]')") from None
     return fn, types, pipeline.Pipeline
+
+
+def _import_nvimgcodec() -> ModuleType:
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        raise ConfigError("the nvimgcodec stored-image encoder needs NVIDIA nvImageCodec: "
+                          "pip install nvidia-nvimgcodec-cu13 (DALI installs it)") from None
+    return nvimgcodec
 
 
 def dali_importable() -> bool:

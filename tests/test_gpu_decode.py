@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import sys
 import threading
 import time
@@ -733,6 +734,95 @@ def test_stored_encode_on_the_device_matches_the_host_encode(jpeg_cases, name):
         assert tj_subsampling(a.stored) == turbojpeg.TJSAMP_420 and tj_subsampling(b.stored) == turbojpeg.TJSAMP_444
         # the same pixels encoded twice at q95: the luma planes agree (the chroma is subsampled in one)
         assert_close(stored_luma(a), stored_luma(b), TOLERANCES["cuda"].geometry_mean, what="stored luma")
+
+
+def _nvimgcodec_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:  # no nvidia namespace at all
+        return False
+
+
+needs_nvimgcodec = pytest.mark.skipif(not _nvimgcodec_installed(), reason="NVIDIA nvImageCodec is not installed")
+
+
+@needs_nvimgcodec
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", GPU_DECODERS)
+def test_stored_encode_by_nvimgcodec_matches_the_host_encode(jpeg_cases, name, device, caplog):
+    """stored_encode='nvimgcodec': the whole batch to nvImageCodec's encoder (on CUDA its GPU back
+    end, here its libjpeg-turbo one), 4:2:0 at the configured quality like the host encode: the
+    same sizes, and pixels within the stored image's tolerance of the host-encoded ones."""
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0, jpeg_quality=90)
+    bodies = list(jpeg_cases.values())
+    host = run_batch(make_decoder(name, cfg, CLIP, None, device), bodies)[1]
+    decoder = make_decoder(name, cfg, CLIP, None, device, stored_encode="nvimgcodec")
+    with caplog.at_level(logging.INFO, logger="fastlaion.gpu_decode"):
+        encoded = run_batch(decoder, bodies)[1]
+    assert "encoding it on the host" not in caplog.text and "the host encodes them" not in caplog.text
+    assert decoder.stored_fallbacks == 0
+    assert any(a.stored != b.stored for a, b in zip(host, encoded) if a.error is None)  # another encoder made them
+    # Another encoder of the same pixels at the same quality: its own DCT and rounding (0.8 levels
+    # on average from libjpeg-turbo's bytes here, with nvImageCodec's CPU back end)
+    tolerance = 1.5
+    for a, b in zip(host, encoded, strict=True):
+        assert (a.error, a.stored_width, a.stored_height, a.stored_ext) == (b.error, b.stored_width, b.stored_height,
+                                                                          b.stored_ext)
+        if a.error is not None:
+            continue
+        assert tj_subsampling(b.stored) == turbojpeg.TJSAMP_420
+        assert shared_turbojpeg().decode_header(b.stored)[:2] == (b.stored_width, b.stored_height)
+        ours = np.asarray(Image.open(io.BytesIO(b.stored)).convert("RGB"), dtype=np.float32)
+        ref = np.asarray(Image.open(io.BytesIO(a.stored)).convert("RGB"), dtype=np.float32)
+        assert_close(ours, ref, tolerance, what="stored image, nvImageCodec against the host encode")
+
+
+@needs_nvimgcodec
+def test_images_nvimgcodec_leaves_out_are_encoded_on_the_host(jpeg_cases, monkeypatch, caplog):
+    """Where the encoder answers None for an image, or fails the batch, the host encodes it: no
+    row loses its stored image."""
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    bodies = list(jpeg_cases.values())
+    host = run_batch(make_decoder("nvjpeg", cfg, CLIP, None, CPU), bodies)[1]
+    decoder = make_decoder("nvjpeg", cfg, CLIP, None, CPU, stored_encode="nvimgcodec")
+    nv = decoder._nvimgcodec
+    real = nv.Encoder
+
+    class Patchy:  # drops every other image, as an encoder does with one it cannot take
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def encode(self, images, codec, **kwargs):
+            out = self.inner.encode(images, codec, **kwargs)
+            return [None if i % 2 else e for i, e in enumerate(out)]
+
+    monkeypatch.setattr(nv, "Encoder", Patchy)
+    with caplog.at_level(logging.INFO, logger="fastlaion.gpu_decode"):
+        patchy = run_batch(decoder, bodies)[1]
+    assert "the host encodes them" in caplog.text
+    assert decoder.stored_fallbacks == sum(d.stored is not None for d in host) // 2  # every other one
+    stored = [d for d in host if d.error is None]
+    assert len(stored) >= 4
+    for a, b in zip(host, patchy, strict=True):
+        assert (a.error, a.stored_width, a.stored_height) == (b.error, b.stored_width, b.stored_height)
+        assert (a.stored is None) == (b.stored is None)
+        if a.stored is not None:
+            assert tj_subsampling(b.stored) == turbojpeg.TJSAMP_420
+
+    class Refusing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def encode(self, images, codec, **kwargs):
+            raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(nv, "Encoder", Refusing)
+    decoder = make_decoder("nvjpeg", cfg, CLIP, None, CPU, stored_encode="nvimgcodec")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastlaion.gpu_decode"):
+        refused = run_batch(decoder, bodies)[1]
+    assert "could not encode a batch (out of device memory); encoding it on the host" in caplog.text
+    assert [d.stored for d in refused] == [d.stored for d in host]  # the host encode, byte for byte
 
 
 def tj_subsampling(jpeg_bytes: bytes) -> int:
