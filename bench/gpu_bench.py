@@ -502,6 +502,24 @@ def _language_available() -> bool:
     return True
 
 
+def bench_host_ceiling(args: argparse.Namespace, jpegs: list[bytes]) -> None:
+    """(g) decode + score with the device's work taken out (bench/host_ceiling.py): how far this
+    machine's host side could carry one process, with the stored images encoded on its threads
+    and with them made elsewhere (nvImageCodec on the GPU)."""
+    from host_ceiling import measure
+
+    texts = make_captions(len(jpegs))
+    for stored, rate, cores, cpu_us, rows in measure(args.model, jpegs, texts, args.batch, ["host", "free"],
+                                                      profile=True):
+        what = {"host": "stored images encoded on the host's threads",
+                "free": "stored images made elsewhere (on the GPU)"}[stored]
+        row(f"host ceiling, one process, device free ({what})", f"{rate:,.0f} samples/s",
+            f"{cores:.1f} of {os.cpu_count()} cores busy, {cpu_us:.0f} CPU-us per sample; towers return zeros, "
+            "decoder pixels made once: a ceiling, not a GPU figure")
+        for group, summary in rows:
+            row(f"host ceiling ({stored}) profile: {group}", summary, "")
+
+
 def _run_help() -> str:
     return subprocess.run([sys.executable, "-m", "fastlaion.cli", "run", "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "300"}).stdout
@@ -550,7 +568,7 @@ def main() -> None:
     print(f"generated {len(jpegs):,} JPEGs (300-800 px, mean {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
-    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e").split(","))
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g").split(","))
     for key, name, fn in (("a", "(a) kernels", lambda: bench_kernels(args)),
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
@@ -559,7 +577,8 @@ def main() -> None:
                            lambda: [bench_processes(args, jpegs, device, n, how) for n, how in
                                     ([(2, "host"), (4, "host")] + [(4, "nvimgcodec")] * _nvimgcodec_importable()
                                      if gpu else [(2, "host")])]),
-                          ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
+                          ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device)),
+                          ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs))):
         if key in wanted:
             section(name, fn)
 

@@ -35,6 +35,9 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     profile = {w: f for w, f in figures.items() if "host profile: " in w}
     assert any(w.endswith(": prepare") and "decode.py" in f for w, f in profile.items()), profile
     assert any(w.endswith(": score") and "score.py" in f for w, f in profile.items()), profile
+    # (g): the host side alone, device work taken out, with and without the stored-image encode
+    ceiling = {w: f for w, f in figures.items() if w.startswith("host ceiling, one process")}
+    assert len(ceiling) == 2 and all(f.endswith("samples/s") for f in ceiling.values()), figures
     assert "FAILED" not in figures.values()
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("all steps passed") or "| what | figure |" in proc.stdout

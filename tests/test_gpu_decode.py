@@ -358,6 +358,54 @@ def test_batch_windows_are_the_per_image_windows():
             assert got == want, (mode, side)
 
 
+def test_compiled_jpeg_check_answers_as_the_python_walk(jpeg_cases, mixed_bodies, photo_images):
+    """jpeg_native.c against jpeg_has_eoi_after_scan (the reference): real JPEGs and other bodies,
+    every cut of one, the walk's edge cases, and 20,000 random mutations of JPEG headers (bytes
+    changed, dropped or put in: markers, fill bytes, lengths)."""
+    import random
+
+    from fastlaion.gpu_decode import _eoi_loader, eoi_after_scan
+
+    native = _eoi_loader.get()
+    assert native is not None, "no compiled check: the test machine has a C compiler"
+    assert eoi_after_scan()(jpeg(photo_images[1])) and eoi_after_scan() is not jpeg_has_eoi_after_scan
+
+    def both(body: bytes) -> bool:
+        ours = native(body, len(body)) == 1
+        assert ours == jpeg_has_eoi_after_scan(body), body[:80]
+        return ours
+
+    whole = jpeg(photo_images[0])
+    edge = [b"", b"\xff", b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\xff\xd9", b"\xff\xd8\xff\xda\x00\x02\xff\xd9",
+            b"\xff\xd8\xff\xc0\x00\x02\xff\xda\xff\xd9", b"\xff\xd8\xff\xc0\x00\x02\xff\xda\x00\x00\xff\xd9",
+            b"\xff\xd8\xff\xc0\x00\x02\xff\xff\xff\xda\x00\x00\xff\xd9", b"\xff\xd8\xff\x01\xff\xc0\x00\x02\xff\xda\x00\xff\xd9",
+            b"\xff\xd8\xff\xc0\x00\x02\xff\xd8\x00\x02\xff\xda\x00\x00\xff\xd9",  # an SOI before the scan
+            b"\xff\xd8\xff\xc0\x00\x02\xff\xd9\x00\x02\xff\xda\x00\x00\xff\xd9"]  # an EOI before it
+    assert sum(map(both, [*jpeg_cases.values(), *mixed_bodies.values(), *edge])) >= 10
+    assert [both(whole[:n]) for n in range(len(whole) + 1)].count(True) == 1  # whole: its EOI is the last two bytes
+    scan = whole.index(b"\xff\xda")
+    head = whole[:scan + 40]
+    rng = random.Random(7)
+    pieces = [b"\xff", b"\xff\xd9", b"\xff\xd8", b"\xff\xda", b"\xff\xc0", b"\xff\xc4", b"\xff\xd0", b"\xff\x01",
+              b"\x00", b"\x00\x04", b"\xff\xff"]
+    answers = []
+    for _ in range(20_000):
+        body = bytearray(rng.choice((head, whole[:scan + 400], whole)))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(2, len(body))
+            kind = rng.random()
+            if kind < 0.4:
+                body[at] = rng.randrange(256)
+            elif kind < 0.6:
+                del body[at:at + rng.randint(1, 8)]
+            else:
+                body[at:at] = rng.choice(pieces)
+        if rng.random() < 0.5:
+            body += rng.choice((b"\xff\xd9", b"\xff", b""))
+        answers.append(both(bytes(body)))
+    assert 0.05 < sum(answers) / len(answers) < 0.95  # both answers well represented
+
+
 def test_header_reader_answers_as_turbojpeg_does(jpeg_cases, mixed_bodies, photo_images):
     """read_complete_jpeg_header keeps a decompressor per thread: the same answers as
     PyTurboJPEG's decode_header (None where it raises, or where the JPEG is cut off), right after
