@@ -10,6 +10,8 @@ For each body, in this order, the first failed check is the row's drop reason:
     too_many_pixels     the header's width x height is over `DecodeConfig.max_pixels` (LAION:
                         89,478,484); checked from the header, before any pixel is decoded
     truncated           the image data ends early (a cut-off download)
+    extreme_aspect_ratio  with --resize-mode keep_ratio, the stored image's long side would be
+                        over JPEG's 65,500 px (a 1 x 300 px strip at 256 px is 256 x 76,800)
 
 Accepted formats are JPEG, PNG and WebP. JPEGs are decoded with libjpeg-turbo (PyTurboJPEG) at
 the smallest DCT scale (n/8) that is still at least as large as both outputs need, and fall back
@@ -57,8 +59,10 @@ TOO_FEW_BYTES = "too_few_bytes"
 DECODE_ERROR = "decode_error"
 TOO_MANY_PIXELS = "too_many_pixels"
 TRUNCATED = "truncated"
+EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 REASONS = (EMPTY_BODY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_FEW_BYTES, DECODE_ERROR,
-           TOO_MANY_PIXELS, TRUNCATED)
+           TOO_MANY_PIXELS, TRUNCATED, EXTREME_ASPECT_RATIO)
+JPEG_MAX_SIDE_PX = 65_500  # libjpeg(-turbo) refuses to encode a wider or taller image
 
 ACCEPTED_FORMATS = ("jpeg", "png", "webp")
 STORED_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -307,6 +311,18 @@ def stored_resized_size_px(width: int, height: int, image_size_px: int, mode: Re
     return max(1, round(width * image_size_px / height)), image_size_px
 
 
+def stored_too_long(width: int, height: int, cfg: DecodeConfig) -> str | None:
+    """Why an image of this size cannot be stored as a JPEG with these settings, or None: with
+    keep_ratio the long side scales with the short one, and JPEG's sides end at 65,500 px."""
+    if cfg.resize_mode is not ResizeMode.keep_ratio:
+        return None  # border and center_crop store image_size squares; no: the original bytes
+    w, h = stored_resized_size_px(width, height, cfg.image_size, cfg.resize_mode)
+    if max(w, h) <= JPEG_MAX_SIDE_PX:
+        return None
+    return (f"{width}x{height} px stored with its short side at {cfg.image_size} px would be {w}x{h}, "
+            f"over JPEG's {JPEG_MAX_SIDE_PX:,} px side")
+
+
 def resize_for_storage(image: Image.Image, width: int, height: int, image_size_px: int,
                        mode: ResizeMode) -> Image.Image:
     """The stored image's pixels (RGB) from a decode of an image of original size `width` x
@@ -423,6 +439,9 @@ class Decoder:
             size, pil_image = self._read_header(body, fmt)
             if size[0] * size[1] > self.cfg.max_pixels:
                 raise _Rejected(TOO_MANY_PIXELS, f"{size[0]}x{size[1]} px is over {self.cfg.max_pixels}")
+            too_long = stored_too_long(*size, self.cfg)
+            if too_long:
+                raise _Rejected(EXTREME_ASPECT_RATIO, too_long)
             image = self._decode_pixels(body, fmt, size, pil_image)
             stored, stored_ext, stored_size = self._store(body, fmt, image, size)
             clip_input = None if self.clip is None else self.clip.apply(image, *size)
@@ -543,4 +562,5 @@ class Decoder:
 __all__ = ["ACCEPTED_FORMATS", "REASONS", "ClipInputSpec", "Decoded", "Decoder", "sniff_format",
            "stored_resized_size_px", "resize_for_storage", "shared_turbojpeg",
            "ensure_turbojpeg_warnings_raise", "EMPTY_BODY", "NOT_AN_IMAGE", "UNSUPPORTED_FORMAT",
-           "TOO_FEW_BYTES", "DECODE_ERROR", "TOO_MANY_PIXELS", "TRUNCATED"]
+           "TOO_FEW_BYTES", "DECODE_ERROR", "TOO_MANY_PIXELS", "TRUNCATED", "EXTREME_ASPECT_RATIO",
+           "JPEG_MAX_SIDE_PX", "stored_too_long"]

@@ -70,6 +70,7 @@ from fastlaion.decode import (
     ensure_turbojpeg_warnings_raise,
     shared_turbojpeg,
     stored_resized_size_px,
+    stored_too_long,
 )
 
 log = logging.getLogger(__name__)
@@ -512,6 +513,8 @@ class _DeviceBatchDecoder(BatchDecoder):
         width, height, _subsampling, colorspace = header
         if width <= 0 or height <= 0 or colorspace not in _GPU_COLORSPACES or width * height > self.cfg.max_pixels:
             return None
+        if stored_too_long(width, height, self.cfg):
+            return None  # the CPU decoder names it: extreme_aspect_ratio
         return width, height
 
     def finish(self, bodies: list[bytes], prepared: list[Decoded]) -> list[Decoded]:

@@ -239,6 +239,24 @@ def test_reason_codes():
     assert decode(tiny_jpeg, min_image_bytes=0).error is None
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_strip_too_long_to_store_with_keep_ratio_is_dropped_with_a_reason(fmt):
+    """keep_ratio scales the long side with the short one: a 1 x 300 px strip at 256 px would be
+    76,800 px long, past what JPEG can hold. It is dropped by name, not an error that fails the
+    shard; the modes that store squares keep it, and a strip that fits is stored."""
+    strip = encode(Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 1, 3), dtype=np.uint8)), fmt)
+    d = decode(strip, ClipInputSpec((224, 224)), resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    assert d.error == "extreme_aspect_ratio" and d.error in REASONS
+    assert "1x300 px" in d.error_detail and "256x76800" in d.error_detail and "65,500" in d.error_detail
+    assert (d.width, d.height, d.stored) == (1, 300, None)
+    for mode in (ResizeMode.border, ResizeMode.center_crop, ResizeMode.no):
+        kept = decode(strip, ClipInputSpec((224, 224)), resize_mode=mode, min_image_bytes=0)
+        assert kept.error is None and kept.stored is not None, (mode, kept.error_detail)
+    fits = encode(Image.fromarray(np.zeros((255, 1, 3), dtype=np.uint8)), fmt)  # 256 x 65,280: just fits
+    kept = decode(fits, None, resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    assert kept.error is None and (kept.stored_width, kept.stored_height) == (256, 65280)
+
+
 def test_sniffed_formats():
     assert sniff_format(photo_bytes("chelsea", "JPEG")) == "jpeg"
     assert sniff_format(photo_bytes("chelsea", "PNG")) == "png"

@@ -873,6 +873,21 @@ def test_images_nvimgcodec_leaves_out_are_encoded_on_the_host(jpeg_cases, monkey
     assert [d.stored for d in refused] == [d.stored for d in host]  # the host encode, byte for byte
 
 
+@pytest.mark.parametrize("name", GPU_DECODERS)
+def test_a_strip_too_long_to_store_goes_to_the_cpu_decoder_and_its_reason(name, jpeg_cases):
+    """keep_ratio: a 1 x 300 px JPEG would be stored 256 x 76,800 px, past JPEG's sides: prepare()
+    leaves it to the CPU decoder, which drops it by name; the batch's other rows are stored."""
+    strip = jpeg(Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 1, 3), dtype=np.uint8)))
+    cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
+    decoder = make_decoder(name, cfg, CLIP, None, CPU)
+    bodies = [strip, *jpeg_cases.values()]
+    _, finished = run_batch(decoder, bodies)
+    assert finished[0].error == "extreme_aspect_ratio" and not decoder.prepare(strip).pending
+    cpu = [Decoder(cfg, CLIP)(b) for b in bodies[1:]]
+    assert [d.error for d in finished[1:]] == [d.error for d in cpu]
+    assert all(d.stored is not None for d in finished[1:] if d.error is None)
+
+
 def tj_subsampling(jpeg_bytes: bytes) -> int:
     return shared_turbojpeg().decode_header(jpeg_bytes)[2]
 
