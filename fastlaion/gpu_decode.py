@@ -32,7 +32,7 @@ uploaded in one copy, so that a batch always stacks. `stored` is JPEG bytes on t
 from libjpeg-turbo on the host's threads, as the CPU decoder writes them (or, with
 stored_encode='device' on CUDA, 4:4:4 from torchvision's nvJPEG encoder, which has no other;
 with stored_encode='nvimgcodec', 4:2:0 from NVIDIA nvImageCodec's batched encoder, on the device
-on CUDA, with only the JPEG bytes coming back).
+on CUDA, with only the JPEG bytes coming back; on the CPU its OpenCV back end).
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         # 'host': libjpeg-turbo on the CPU's threads, 4:2:0 like the CPU decoder (one copy of the
         # batch's stored pixels to the host); 'device': torchvision's nvJPEG encoder (4:4:4), one
         # image at a time with a device sync each, on CUDA only; 'nvimgcodec': nvImageCodec's
-        # batched encoder, 4:2:0 (its nvJPEG back end on CUDA, libjpeg-turbo on the CPU).
+        # batched encoder, 4:2:0 (its nvJPEG back end on CUDA, its OpenCV one on the CPU).
         self.stored_encode = stored_encode
         self._nvimgcodec = _import_nvimgcodec() if stored_encode == "nvimgcodec" else None
         self.stored_fallbacks = 0  # stored images the chosen device encoder left to the host
@@ -626,23 +626,30 @@ class _DeviceBatchDecoder(BatchDecoder):
                 return [flat[a:b] for a, b in itertools.pairwise(offsets)]
             except RuntimeError as exc:
                 log.warning("nvJPEG could not encode a batch (%s); encoding it on the host", exc)
-                self.stored_fallbacks += len(images)
+                self._count_fallbacks(len(images))
         return self._encode_on_host(images)
+
+    def _count_fallbacks(self, n: int) -> None:
+        with self._phase_lock:  # finish() runs on several threads
+            self.stored_fallbacks += n
 
     def _encode_nvimgcodec(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
         """nvImageCodec's encoder on the whole batch at once, at the configured quality, 4:2:0 as
         the host encode: on CUDA its GPU back end reads the pixels where the decoder left them (on
-        this thread's stream) and only the JPEG bytes come back; on the CPU its libjpeg-turbo back
-        end. An image it does not encode (None in its answer), or a batch it refuses, is encoded
-        on the host instead."""
+        this thread's stream) and only the JPEG bytes come back; on the CPU its OpenCV back end. An
+        image it does not encode (None in its answer), or a batch it refuses, is encoded on the
+        host instead."""
         nv = self._nvimgcodec
         on_gpu = self.device.type == "cuda"
         encoder = getattr(self._local, "nvimgcodec_encoder", None)
-        if encoder is None:  # one per finish() thread, as the CUDA streams
+        if encoder is None:  # one per finish() thread, as the CUDA streams, each with its share of the cores
+            threads = max(1, (self.cfg.threads or os.cpu_count() or 1) // self.concurrency)
             if on_gpu:
-                encoder = nv.Encoder(device_id=self.device.index, backends=[nv.Backend(nv.BackendKind.GPU_ONLY)])
+                encoder = nv.Encoder(device_id=self.device.index, max_num_cpu_threads=threads,
+                                     backends=[nv.Backend(nv.BackendKind.GPU_ONLY)])
             else:
-                encoder = nv.Encoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+                encoder = nv.Encoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
+                                     backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
             self._local.nvimgcodec_encoder = encoder
         params = nv.EncodeParams(quality_type=nv.QualityType.QUALITY, quality_value=float(self.cfg.jpeg_quality),
                                  chroma_subsampling=nv.ChromaSubsampling.CSS_420)
@@ -654,15 +661,15 @@ class _DeviceBatchDecoder(BatchDecoder):
                                          params=params, cuda_stream=stream)
             else:
                 encoded = encoder.encode([np.ascontiguousarray(f.numpy()) for f in frames], "jpeg", params=params)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:  # nvImageCodec's errors, as its bindings raise them
             log.warning("nvImageCodec could not encode a batch (%s); encoding it on the host", exc)
-            self.stored_fallbacks += len(frames)
+            self._count_fallbacks(len(frames))
             return self._encode_on_host(images)
         jpegs: list[bytes | None] = [None if e is None else bytes(e) for e in encoded]
         missing = [i for i, j in enumerate(jpegs) if not j]
         if missing:
             log.info("nvImageCodec did not encode %d of %d stored images; the host encodes them", len(missing), len(jpegs))
-            self.stored_fallbacks += len(missing)
+            self._count_fallbacks(len(missing))
             for i, jpeg in zip(missing, self._encode_on_host([frames[i] for i in missing]), strict=True):
                 jpegs[i] = jpeg
         return jpegs  # type: ignore[return-value]

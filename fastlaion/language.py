@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import signal
+import site
 import struct
 import subprocess
 import sys
@@ -122,16 +123,42 @@ class LanguageProcessDied(RuntimeError):
     pass
 
 
+class LanguageProcessClosed(RuntimeError):
+    pass
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: this package importable from where this process has it, and the
+    current folder not first on the child's path (`python -m` would put it there, so a folder
+    holding another `fastlaion/` would be imported instead)."""
+    env = dict(os.environ)
+    env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; 3.10 ignores it
+    here = Path(__file__).resolve().parents[1]
+    installed = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
+    if here not in installed:  # a checkout (editable or on PYTHONPATH): say where it is
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
+    return env
+
+
 class _Child:
-    """One language process: a thread writes the requests, another reads the replies (in order)."""
+    """One language process: a thread writes the requests, another reads the replies (in order).
+
+    Replies come on a pipe of their own, not the child's stdout, so nothing the interpreter or an
+    import prints there can be taken for one."""
 
     def __init__(self, argv: list[str]):
         self.stderr = tempfile.TemporaryFile()
-        env = dict(os.environ)
-        # the child imports this package from where this process did, installed or not
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                          env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        replies, reply_end = os.pipe()
+        try:
+            self.proc = subprocess.Popen([*argv, str(reply_end)], stdin=subprocess.PIPE, stdout=self.stderr,
+                                         stderr=self.stderr, env=_child_env(), pass_fds=(reply_end,))
+        except OSError as exc:
+            os.close(replies)
+            self.stderr.close()
+            raise LanguageProcessDied(f"{argv[0]} could not be started: {exc}") from None
+        finally:
+            os.close(reply_end)
+        self.replies = os.fdopen(replies, "rb")
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.pending: collections.deque[concurrent.futures.Future[Languages]] = collections.deque()
         self.outbox: collections.deque[bytes | None] = collections.deque()
@@ -177,42 +204,53 @@ class _Child:
                 pass
 
     def _read(self) -> None:
-        stream = self.proc.stdout
-        assert stream is not None
-        first = _receive(stream)
-        if first is None or first[0] != "ready":
-            error: BaseException = ConfigError(first[1]) if first is not None else self._died()
-            self._fail(error)
-            self.ready.set_exception(error)
-            return
-        self.ready.set_result(None)
-        while (message := _receive(stream)) is not None:
-            with self.lock:
-                future = self.pending.popleft()
-            kind, value = message
-            if kind == "ok":
-                future.set_result(value)
-            else:
-                future.set_exception(RuntimeError(f"language identification failed: {value}"))
-        self._fail(self._died())
+        error: BaseException | None = None
+        try:
+            first = _receive(self.replies)
+            if first is None or first[0] != "ready":
+                error = ConfigError(first[1]) if first is not None else self._died()
+                return
+            self.ready.set_result(None)
+            while (message := _receive(self.replies)) is not None:
+                with self.lock:
+                    future = self.pending.popleft()
+                kind, value = message
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled by its caller: the answer goes nowhere
+                if kind == "ok":
+                    future.set_result(value)
+                else:
+                    future.set_exception(RuntimeError(f"language identification failed: {value}"))
+        except BaseException as exc:  # noqa: BLE001 (whatever broke the replies, every waiter hears of it)
+            error = LanguageProcessDied(f"the language identification replies broke off: {type(exc).__name__}: {exc}")
+        finally:
+            self._fail(error or self._died())
 
     def _fail(self, error: BaseException) -> None:
         with self.lock:
-            self.dead = error
+            if self.dead is None:
+                self.dead = error
             pending, self.pending = list(self.pending), collections.deque()
             self.outbox.clear()
             self.outbox.append(None)
             self.wake.notify()
+        if not self.ready.done():
+            self.ready.set_exception(error)
         for future in pending:
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     def _died(self) -> LanguageProcessDied:
         try:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        self.stderr.seek(0)
-        last = [line for line in self.stderr.read()[-4000:].decode(errors="replace").splitlines() if line.strip()]
+        try:
+            self.stderr.seek(0)
+            tail = self.stderr.read()[-4000:].decode(errors="replace")
+        except (OSError, ValueError):  # closed meanwhile
+            tail = ""
+        last = [line for line in tail.splitlines() if line.strip()]
         why = f": {last[-1].strip()}" if last else ""
         if code is not None and code < 0:
             why = f" (killed by {signal.Signals(-code).name}){why}"
@@ -221,16 +259,26 @@ class _Child:
         return LanguageProcessDied(f"the language identification process ended{why}")
 
     def close(self) -> None:
+        """Fail what is still queued or being answered (no one will read it), end the child's
+        input, and give it a moment to exit before killing it."""
         with self.lock:
+            if self.dead is None:
+                self.dead = LanguageProcessClosed("the language identification process was closed")
+            pending, self.pending = list(self.pending), collections.deque()
+            self.outbox.clear()
             self.outbox.append(None)
             self.wake.notify()
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(self.dead)
         self.writer.join(timeout=5)
         try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+            self.proc.wait(timeout=0.2 if pending else 5)
+        except subprocess.TimeoutExpired:  # still answering a batch no one waits for
             self.proc.kill()
             self.proc.wait()
         self.reader.join(timeout=5)
+        self.replies.close()
         self.stderr.close()
 
 
@@ -241,7 +289,8 @@ class LanguageProcess:
     the child runs that same class, so the results are the same. The child ends when this side
     closes its input: `close()`, garbage collection, or this process's end (the pipe closes with
     it; the child ignores Ctrl-C and lets this side decide). A child that dies (killed, out of
-    memory) fails the batches it held; `result` sends such a batch again, to a new child.
+    memory) fails the batches it held; `result` sends such a batch again, to a new child. After
+    MAX_RESTARTS children in a row die without answering, the error stands.
     """
 
     MAX_RESTARTS = 3
@@ -251,7 +300,11 @@ class LanguageProcess:
                       str(int(min_chars))]
         self._lock = threading.Lock()
         self._restarts = 0
-        self._child = _Child(self._argv)
+        self._closed = False
+        try:
+            self._child = _Child(self._argv)
+        except LanguageProcessDied as exc:
+            raise ConfigError(f"language identification could not start: {exc}") from None
         self._finalizer = weakref.finalize(self, _Child.close, self._child)
 
     def wait_ready(self) -> None:
@@ -263,27 +316,44 @@ class LanguageProcess:
 
     def submit(self, texts: list[str | None]) -> concurrent.futures.Future[Languages]:
         with self._lock:
-            if isinstance(self._child.dead, LanguageProcessDied):
-                if self._restarts >= self.MAX_RESTARTS:
-                    raise self._child.dead
-                self._restarts += 1
-                log.warning("%s; starting another", self._child.dead)
-                self._finalizer()
-                self._child = _Child(self._argv)
-                self._finalizer = weakref.finalize(self, _Child.close, self._child)
-            return self._child.submit(texts)
+            while True:
+                if self._closed:
+                    raise LanguageProcessClosed("this LanguageProcess was closed")
+                try:
+                    return self._child.submit(texts)
+                except LanguageProcessDied:
+                    self._replace()
+
+    def _replace(self) -> None:
+        """Start a new child in place of the dead one (under the lock)."""
+        dead = self._child.dead
+        if self._restarts >= self.MAX_RESTARTS:
+            raise LanguageProcessDied(f"{dead}; {self._restarts} restarts in a row did not help") from None
+        self._restarts += 1
+        log.warning("%s; starting another", dead)
+        self._finalizer()
+        try:
+            self._child = _Child(self._argv)
+        except LanguageProcessDied:
+            self._closed = True
+            raise
+        self._finalizer = weakref.finalize(self, _Child.close, self._child)
 
     def result(self, future: concurrent.futures.Future[Languages], texts: list[str | None]) -> Languages:
         """The future's languages; sent once more, to a new child, if the one that had it died."""
         try:
-            return future.result()
+            answer = future.result()
         except LanguageProcessDied:
-            return self.submit(texts).result()
+            answer = self.submit(texts).result()
+        self._restarts = 0  # a child answered: the count is of deaths in a row
+        return answer
 
     def __call__(self, texts: list[str | None]) -> Languages:
         return self.result(self.submit(texts), texts)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._finalizer()
 
 
@@ -305,14 +375,12 @@ class BatchLanguages:
 
 
 def _serve(args: list[str]) -> int:
-    """The child's side: load the model, then answer each batch of captions in turn until the
-    parent closes our input."""
+    """The child's side: load the model, then answer each batch of captions in turn, on the reply
+    pipe the parent passed, until the parent closes our input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    path, min_score, min_chars, reply_fd = args
     requests = sys.stdin.buffer
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything else printed here, by Python or fastText's C++, goes to stderr
-    sys.stdout = sys.stderr
-    path, min_score, min_chars = args
+    replies = os.fdopen(int(reply_fd), "wb")
     try:
         lid = LanguageIdentifier(path, float(min_score), int(min_chars))
     except ConfigError as exc:

@@ -301,20 +301,26 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
     timings: dict[str, float] = {}
     with _timer(timings, "load_models"):
         models = Models.load(cfg)
-        try:
+    try:  # from here on, whatever fails ends the language process with the rest
+        with _timer(timings, "load_models"):
             decoder = make_run_decoder(cfg, models)
-        except BaseException:
-            models.close()
-            raise
-    if on_ready is not None:
-        on_ready(timings["load_models"])
+        if on_ready is not None:
+            on_ready(timings["load_models"])
+        _work_shards(cfg, out, rows, shard_ids, progress, models, decoder, timings)
+    finally:
+        models.close()
+    return timings
+
+
+def _work_shards(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
+                models: Models, decoder: Any, timings: dict[str, float]) -> None:
     loop = new_event_loop()
     threads = cfg.decode.threads or os.cpu_count() or 1  # a worker's share: workers.worker_configs
     # One downloader per worker for the whole run: per-host limits, the DNS cache and robots.txt
     # answers carry over from shard to shard.
     downloader = Downloader(cfg.download)
-    loop.run_until_complete(downloader.__aenter__())
     try:
+        loop.run_until_complete(downloader.__aenter__())
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
                 ThreadPoolExecutor(getattr(decoder, "concurrency", 1), thread_name_prefix="batch-decode") \
                 as batch_decode_pool, \
@@ -338,8 +344,6 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
         _cancel_all(loop)
         loop.run_until_complete(downloader.__aexit__(None, None, None))
         loop.close()
-        models.close()
-    return timings
 
 
 MAX_SHARDS_IN_FLIGHT = 2

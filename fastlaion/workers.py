@@ -160,17 +160,18 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
-    from .pipeline import work
+    try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
+        from .pipeline import work
 
-    uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)
-    if uses_torch and cfg.score.device in ("cpu", "auto"):
-        try:  # CPU workers share the cores: torch's own thread pool gets this worker's share
-            import torch
+        uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)
+        if uses_torch and cfg.score.device in ("cpu", "auto"):
+            try:  # CPU workers share the cores: torch's own thread pool gets this worker's share
+                import torch
 
-            torch.set_num_threads(cfg.decode.threads)  # this worker's share (worker_configs)
-        except ImportError:
-            pass
-    try:
+                torch.set_num_threads(cfg.decode.threads)  # this worker's share (worker_configs)
+            except ImportError:
+                pass
+
         def shard_ids() -> Any:
             while (shard := tasks.get()) is not None:
                 yield shard

@@ -799,7 +799,7 @@ needs_nvimgcodec = pytest.mark.skipif(not _nvimgcodec_installed(), reason="NVIDI
 @pytest.mark.parametrize("name", GPU_DECODERS)
 def test_stored_encode_by_nvimgcodec_matches_the_host_encode(jpeg_cases, name, device, caplog):
     """stored_encode='nvimgcodec': the whole batch to nvImageCodec's encoder (on CUDA its GPU back
-    end, here its libjpeg-turbo one), 4:2:0 at the configured quality like the host encode: the
+    end, here its OpenCV one), 4:2:0 at the configured quality like the host encode: the
     same sizes, and pixels within the stored image's tolerance of the host-encoded ones."""
     cfg = DecodeConfig(resize_mode=ResizeMode.keep_ratio, min_image_bytes=0, jpeg_quality=90)
     bodies = list(jpeg_cases.values())
@@ -811,7 +811,7 @@ def test_stored_encode_by_nvimgcodec_matches_the_host_encode(jpeg_cases, name, d
     assert decoder.stored_fallbacks == 0
     assert any(a.stored != b.stored for a, b in zip(host, encoded) if a.error is None)  # another encoder made them
     # Another encoder of the same pixels at the same quality: its own DCT and rounding (0.8 levels
-    # on average from libjpeg-turbo's bytes here, with nvImageCodec's CPU back end)
+    # on average from libjpeg-turbo's bytes here, with nvImageCodec's CPU back end, OpenCV's)
     tolerance = 1.5
     for a, b in zip(host, encoded, strict=True):
         assert (a.error, a.stored_width, a.stored_height, a.stored_ext) == (b.error, b.stored_width, b.stored_height,

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 import pytest  # noqa: E402
 
 from fastlaion.config import ConfigError  # noqa: E402
-from fastlaion.language import BatchLanguages, LanguageProcess  # noqa: E402
+from fastlaion.language import BatchLanguages, LanguageProcess, LanguageProcessClosed  # noqa: E402
 
 MIXED = ["a photograph of a cat sleeping on a sofa", "une photo d'un chat qui dort sur un canapé", None, "",
          "ein Foto einer Katze, die auf einem Sofa schläft", "猫がソファで寝ている写真", "cat", "12345 67890 !!!",
@@ -192,3 +192,61 @@ def test_batch_languages_takes_the_rows_left_in_their_order(lp):
     assert taken["language"] == ["en", "fr", "de"]
     assert taken["language_group"] == ["en", "multi", "multi"]
     np.testing.assert_array_equal(taken["language_score"], LanguageIdentifier()([texts[4], texts[1], texts[3]])[1])
+
+
+def test_a_cancelled_batch_does_not_stop_the_next(lp):
+    lp.wait_ready()
+    first = lp.submit(_captions(3000, seed=4))
+    assert first.cancel()  # its caller gave up on it; the child still answers it
+    _same(lp.submit(MIXED).result(timeout=30), LanguageIdentifier(min_score=0.5)(MIXED))
+
+
+def test_what_the_child_prints_at_start_is_not_taken_for_a_reply(tmp_path, monkeypatch):
+    """The replies have a pipe of their own: a sitecustomize (or any import) printing to the
+    child's stdout changes nothing."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.stdout.write('hello from site ' * 50)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    process = LanguageProcess()
+    try:
+        _same(process.submit(MIXED).result(timeout=30), LanguageIdentifier()(MIXED))
+    finally:
+        process.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11+")
+def test_a_fastlaion_folder_in_the_current_directory_is_not_imported_by_the_child(tmp_path, monkeypatch):
+    (tmp_path / "fastlaion").mkdir()
+    (tmp_path / "fastlaion" / "__init__.py").write_text("raise ImportError('the wrong fastlaion')\n")
+    monkeypatch.chdir(tmp_path)
+    process = LanguageProcess()
+    try:
+        process.wait_ready()
+        _same(process(MIXED), LanguageIdentifier()(MIXED))
+    finally:
+        process.close()
+
+
+def test_a_closed_process_refuses_work_and_starts_no_child():
+    process = LanguageProcess()
+    process.wait_ready()
+    child = process._child.proc
+    process.close()
+    with pytest.raises(LanguageProcessClosed):
+        process(MIXED)
+    assert process._child.proc is child and child.poll() is not None
+
+
+def test_close_with_batches_queued_fails_them_at_once(caplog):
+    process = LanguageProcess()
+    process.wait_ready()
+    texts = _captions(20_000, seed=5)
+    queued = [process.submit(texts) for _ in range(6)]  # seconds of work for the child
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="fastlaion.language"):
+        process.close()
+    assert time.perf_counter() - t0 < 3
+    for future in queued:
+        with pytest.raises(LanguageProcessClosed):
+            future.result(timeout=1)
+    assert process._child.proc.poll() is not None
+    assert "starting another" not in caplog.text
