@@ -277,13 +277,16 @@ class _TurboJPEGThreads:
         self._tj = tj
         self._local = threading.local()
         try:
-            def function(name: str, restype: Any, *argtypes: Any) -> Any:
+            def function(name: str, restype: Any, *argtypes: Any, keep_gil: bool = False) -> Any:
                 address = ctypes.cast(getattr(tj, f"_TurboJPEG__{name}"), ctypes.c_void_p).value
-                return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+                kind = ctypes.PYFUNCTYPE if keep_gil else ctypes.CFUNCTYPE
+                return kind(restype, *argtypes)(address)
 
             c_int, c_void_p, int_p = ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)
+            # A header read takes microseconds: holding the GIL through it costs less than handing
+            # it over and waiting to get it back (on a busy process, longer than the read).
             self._read_header = function("decompress_header", c_int, c_void_p, ctypes.c_char_p, ctypes.c_ulong,
-                                         int_p, int_p, int_p, int_p)
+                                         int_p, int_p, int_p, int_p, keep_gil=True)
             self._compress = function("compress", c_int, c_void_p, c_void_p, c_int, c_int, c_int, c_int,
                                       ctypes.POINTER(c_void_p), ctypes.POINTER(ctypes.c_ulong), c_int, c_int, c_int)
             self._free = function("free", None, c_void_p)
@@ -355,7 +358,8 @@ def turbojpeg_threads() -> _TurboJPEGThreads:
 def _load_eoi_check() -> Any:
     from . import extract_native
 
-    lib = ctypes.CDLL(str(extract_native.built("jpeg", (Path(__file__).with_name("jpeg_native.c"),))))
+    # PyDLL: the check takes under a microsecond, far less than releasing and retaking the GIL
+    lib = ctypes.PyDLL(str(extract_native.built("jpeg", (Path(__file__).with_name("jpeg_native.c"),))))
     check = lib.jpeg_eoi_after_scan
     check.restype, check.argtypes = ctypes.c_int, [ctypes.c_char_p, ctypes.c_size_t]
     return check
