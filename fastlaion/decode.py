@@ -9,9 +9,11 @@ For each body, in this order, the first failed check is the row's drop reason:
     decode_error        the header or the pixel data could not be read
     too_many_pixels     the header's width x height is over `DecodeConfig.max_pixels` (LAION:
                         89,478,484); checked from the header, before any pixel is decoded
+    extreme_aspect_ratio  a resize that scales the short side (the CLIP input's 'shortest', the
+                        stored image's keep_ratio and center_crop) would make the long side over
+                        65,500 px (JPEG's limit; a 1 x 300 px strip at 256 px is 256 x 76,800,
+                        and a 60,000 x 1 px one would need gigabytes): from the header too
     truncated           the image data ends early (a cut-off download)
-    extreme_aspect_ratio  with --resize-mode keep_ratio, the stored image's long side would be
-                        over JPEG's 65,500 px (a 1 x 300 px strip at 256 px is 256 x 76,800)
 
 Accepted formats are JPEG, PNG and WebP. JPEGs are decoded with libjpeg-turbo (PyTurboJPEG) at
 the smallest DCT scale (n/8) that is still at least as large as both outputs need, and fall back
@@ -311,16 +313,20 @@ def stored_resized_size_px(width: int, height: int, image_size_px: int, mode: Re
     return max(1, round(width * image_size_px / height)), image_size_px
 
 
-def stored_too_long(width: int, height: int, cfg: DecodeConfig) -> str | None:
-    """Why an image of this size cannot be stored as a JPEG with these settings, or None: with
-    keep_ratio the long side scales with the short one, and JPEG's sides end at 65,500 px."""
-    if cfg.resize_mode is not ResizeMode.keep_ratio:
-        return None  # border and center_crop store image_size squares; no: the original bytes
-    w, h = stored_resized_size_px(width, height, cfg.image_size, cfg.resize_mode)
-    if max(w, h) <= JPEG_MAX_SIDE_PX:
-        return None
-    return (f"{width}x{height} px stored with its short side at {cfg.image_size} px would be {w}x{h}, "
-            f"over JPEG's {JPEG_MAX_SIDE_PX:,} px side")
+def too_long_to_resize(width: int, height: int, cfg: DecodeConfig, clip: ClipInputSpec | None) -> str | None:
+    """Why an image of this size is not resized, or None. A resize that scales the short side to
+    the output (the CLIP input's 'shortest'; keep_ratio and center_crop for the stored image)
+    makes a strip's long side huge before any crop: past 65,500 px, JPEG's limit, it is refused
+    (a 60,000 x 1 px PNG would otherwise need gigabytes of memory and fail its whole shard)."""
+    sizes = []
+    if cfg.resize_mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+        sizes.append(("stored image", stored_resized_size_px(width, height, cfg.image_size, cfg.resize_mode)))
+    if clip is not None and clip.resize_mode == "shortest":
+        sizes.append(("CLIP input", clip.resized_size_px(width, height)))
+    for what, (w, h) in sizes:
+        if max(w, h) > JPEG_MAX_SIDE_PX:
+            return f"{width}x{height} px: its {what} would be resized to {w}x{h}, over {JPEG_MAX_SIDE_PX:,} px a side"
+    return None
 
 
 def resize_for_storage(image: Image.Image, width: int, height: int, image_size_px: int,
@@ -439,7 +445,7 @@ class Decoder:
             size, pil_image = self._read_header(body, fmt)
             if size[0] * size[1] > self.cfg.max_pixels:
                 raise _Rejected(TOO_MANY_PIXELS, f"{size[0]}x{size[1]} px is over {self.cfg.max_pixels}")
-            too_long = stored_too_long(*size, self.cfg)
+            too_long = too_long_to_resize(*size, self.cfg, self.clip)
             if too_long:
                 raise _Rejected(EXTREME_ASPECT_RATIO, too_long)
             image = self._decode_pixels(body, fmt, size, pil_image)
@@ -563,4 +569,4 @@ __all__ = ["ACCEPTED_FORMATS", "REASONS", "ClipInputSpec", "Decoded", "Decoder",
            "stored_resized_size_px", "resize_for_storage", "shared_turbojpeg",
            "ensure_turbojpeg_warnings_raise", "EMPTY_BODY", "NOT_AN_IMAGE", "UNSUPPORTED_FORMAT",
            "TOO_FEW_BYTES", "DECODE_ERROR", "TOO_MANY_PIXELS", "TRUNCATED", "EXTREME_ASPECT_RATIO",
-           "JPEG_MAX_SIDE_PX", "stored_too_long"]
+           "JPEG_MAX_SIDE_PX", "too_long_to_resize"]

@@ -70,7 +70,7 @@ from fastlaion.decode import (
     ensure_turbojpeg_warnings_raise,
     shared_turbojpeg,
     stored_resized_size_px,
-    stored_too_long,
+    too_long_to_resize,
 )
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,8 @@ def stored_windows(width: np.ndarray, height: np.ndarray, image_size_px: int, mo
     return WindowArrays(resized_w, resized_h, zeros, zeros, resized_w, resized_h)
 
 
+# Header bytes walked before the scan at most (jpeg_native.c has the same number).
+_MAX_HEADER_BYTES = 1 << 20
 # Markers that stand alone, without a length field: TEM and RST0-7 (libjpeg reads them so).
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 # Frame headers (SOF0-15), less DHT, JPG and DAC, which share the range.
@@ -225,11 +227,15 @@ def jpeg_has_eoi_after_scan(body: bytes) -> bool:
     a word, so such bodies stay with the CPU decoder, which names them. Entropy-coded data stuffs
     every 0xFF byte, so no EOI hides inside a scan; the walk skips the header segments as libjpeg
     reads them (a length each, but for the standalone markers), since an EXIF thumbnail carries an
-    EOI of its own. Anything odd (an EOI or SOI before the scan, a scan before any frame header)
-    answers False: the CPU decides.
+    EOI of its own. Anything odd (an EOI or SOI before the scan, a scan before any frame header,
+    over a MiB of header before the scan, which web images hardly ever have but a hostile one can,
+    to hold the GIL through this walk and libjpeg's header read) answers False: the CPU decoder
+    decides, with the GIL released.
     """
     pos, end, frame = 2, len(body), False
     while pos + 4 <= end:
+        if pos > _MAX_HEADER_BYTES:
+            return False
         if body[pos] != 0xFF:
             return False
         marker = body[pos + 1]
@@ -517,7 +523,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         width, height, _subsampling, colorspace = header
         if width <= 0 or height <= 0 or colorspace not in _GPU_COLORSPACES or width * height > self.cfg.max_pixels:
             return None
-        if stored_too_long(width, height, self.cfg):
+        if too_long_to_resize(width, height, self.cfg, self.clip):
             return None  # the CPU decoder names it: extreme_aspect_ratio
         return width, height
 

@@ -5,14 +5,19 @@
  * 1 when the body (after its SOI) walks, segment by segment as libjpeg reads them, to a scan that
  * follows a frame header, with an EOI marker starting after the scan's marker; 0 otherwise (a
  * byte where a marker should be, an EOI or SOI before the scan, a scan before any frame header,
- * a segment running past the end, no EOI after the scan).
+ * a segment running past the end, no EOI after the scan, more than a MiB of header before the
+ * scan: both this walk and libjpeg's header read run holding the GIL, so their time is bounded).
  */
 #include <stddef.h>
+
+#define MAX_HEADER_BYTES ((size_t)1 << 20)  /* gpu_decode._MAX_HEADER_BYTES */
 
 int jpeg_eoi_after_scan(const unsigned char *body, size_t end) {
     size_t pos = 2;
     int frame = 0;
     while (pos + 4 <= end) {
+        if (pos > MAX_HEADER_BYTES)                             /* no scan in the first MiB: the CPU decides */
+            return 0;
         if (body[pos] != 0xFF)
             return 0;
         unsigned marker = body[pos + 1];

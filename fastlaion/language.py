@@ -127,13 +127,16 @@ class LanguageProcessClosed(RuntimeError):
     pass
 
 
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this fastlaion/
+
+
 def _child_env() -> dict[str, str]:
     """The child's environment: this package importable from where this process has it, and the
     current folder not first on the child's path (`python -m` would put it there, so a folder
     holding another `fastlaion/` would be imported instead)."""
     env = dict(os.environ)
-    env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; 3.10 ignores it
-    here = Path(__file__).resolve().parents[1]
+    env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; on 3.10 the child starts in _PACKAGE_ROOT instead
+    here = _PACKAGE_ROOT
     installed = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
     if here not in installed:  # a checkout (editable or on PYTHONPATH): say where it is
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
@@ -148,10 +151,17 @@ class _Child:
 
     def __init__(self, argv: list[str]):
         self.stderr = tempfile.TemporaryFile()
-        replies, reply_end = os.pipe()
         try:
+            replies, reply_end = os.pipe()
+        except OSError:
+            self.stderr.close()
+            raise
+        try:
+            # started in the folder holding this package: on Python 3.10, where PYTHONSAFEPATH does
+            # not apply, `-m` then finds this fastlaion first, not one in the caller's folder
             self.proc = subprocess.Popen([*argv, str(reply_end)], stdin=subprocess.PIPE, stdout=self.stderr,
-                                         stderr=self.stderr, env=_child_env(), pass_fds=(reply_end,))
+                                         stderr=self.stderr, env=_child_env(), pass_fds=(reply_end,),
+                                         cwd=_PACKAGE_ROOT)
         except OSError as exc:
             os.close(replies)
             self.stderr.close()
@@ -246,8 +256,8 @@ class _Child:
         except subprocess.TimeoutExpired:
             code = None
         try:
-            self.stderr.seek(0)
-            tail = self.stderr.read()[-4000:].decode(errors="replace")
+            self.stderr.seek(max(0, self.stderr.seek(0, os.SEEK_END) - 4000))
+            tail = self.stderr.read().decode(errors="replace")
         except (OSError, ValueError):  # closed meanwhile
             tail = ""
         last = [line for line in tail.splitlines() if line.strip()]
@@ -296,7 +306,7 @@ class LanguageProcess:
     MAX_RESTARTS = 3
 
     def __init__(self, model_path: str | None = None, min_score: float = 0.5, min_chars: int = 5):
-        self._argv = [sys.executable, "-m", __name__, str(model_file(model_path)), repr(float(min_score)),
+        self._argv = [sys.executable, "-m", __name__, str(model_file(model_path).resolve()), repr(float(min_score)),
                       str(int(min_chars))]
         self._lock = threading.Lock()
         self._restarts = 0

@@ -314,11 +314,11 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
 
 def _work_shards(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
                 models: Models, decoder: Any, timings: dict[str, float]) -> None:
-    loop = new_event_loop()
     threads = cfg.decode.threads or os.cpu_count() or 1  # a worker's share: workers.worker_configs
     # One downloader per worker for the whole run: per-host limits, the DNS cache and robots.txt
     # answers carry over from shard to shard.
     downloader = Downloader(cfg.download)
+    loop = new_event_loop()
     try:
         loop.run_until_complete(downloader.__aenter__())
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \

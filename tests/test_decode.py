@@ -240,21 +240,39 @@ def test_reason_codes():
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_a_strip_too_long_to_store_with_keep_ratio_is_dropped_with_a_reason(fmt):
-    """keep_ratio scales the long side with the short one: a 1 x 300 px strip at 256 px would be
-    76,800 px long, past what JPEG can hold. It is dropped by name, not an error that fails the
-    shard; the modes that store squares keep it, and a strip that fits is stored."""
-    strip = encode(Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 1, 3), dtype=np.uint8)), fmt)
-    d = decode(strip, ClipInputSpec((224, 224)), resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
-    assert d.error == "extreme_aspect_ratio" and d.error in REASONS
-    assert "1x300 px" in d.error_detail and "256x76800" in d.error_detail and "65,500" in d.error_detail
-    assert (d.width, d.height, d.stored) == (1, 300, None)
-    for mode in (ResizeMode.border, ResizeMode.center_crop, ResizeMode.no):
-        kept = decode(strip, ClipInputSpec((224, 224)), resize_mode=mode, min_image_bytes=0)
-        assert kept.error is None and kept.stored is not None, (mode, kept.error_detail)
+def test_strips_too_long_to_resize_are_dropped_with_a_reason(fmt):
+    """A resize that scales the short side (CLIP's 'shortest'; keep_ratio and center_crop for the
+    stored image) makes a strip's long side huge before any crop: a 1 x 300 px strip at 256 px
+    is 256 x 76,800, past JPEG's sides, and a 60,000 x 1 px PNG would need gigabytes. Such rows
+    are dropped by name from the header (not an error that fails the shard); resizes that scale
+    the long side store them, and a strip that just fits is stored."""
+    rng = np.random.default_rng(3)
+    strip = encode(Image.fromarray(rng.integers(0, 255, (300, 1, 3), dtype=np.uint8)), fmt)
+    clip = ClipInputSpec((224, 224))
+    for mode in ResizeMode:  # with a CLIP input: its 224 x 67,200 px resize is refused in every mode
+        d = decode(strip, clip, resize_mode=mode, min_image_bytes=0)
+        assert d.error == "extreme_aspect_ratio" and d.error in REASONS, (mode, d.error, d.error_detail)
+        assert d.error_detail == "1x300 px: its CLIP input would be resized to 224x67200, over 65,500 px a side" or (
+            mode in (ResizeMode.keep_ratio, ResizeMode.center_crop) and "stored image would be resized to 256x76800"
+            in d.error_detail), d.error_detail
+        assert (d.width, d.height, d.stored) == (1, 300, None)
+    for mode, error in ((ResizeMode.keep_ratio, "extreme_aspect_ratio"), (ResizeMode.center_crop, "extreme_aspect_ratio"),
+                        (ResizeMode.border, None), (ResizeMode.no, None)):  # no CLIP input (--no-score)
+        d = decode(strip, None, resize_mode=mode, min_image_bytes=0)
+        assert d.error == error, (mode, d.error_detail)
+        assert (d.stored is None) == (error is not None)
     fits = encode(Image.fromarray(np.zeros((255, 1, 3), dtype=np.uint8)), fmt)  # 256 x 65,280: just fits
     kept = decode(fits, None, resize_mode=ResizeMode.keep_ratio, min_image_bytes=0)
     assert kept.error is None and (kept.stored_width, kept.stored_height) == (256, 65280)
+
+
+def test_a_60000_px_strip_is_refused_before_it_takes_memory():
+    long = encode(Image.fromarray(np.zeros((1, 60000, 3), dtype=np.uint8)), "PNG")  # a few KB of PNG
+    for mode in ResizeMode:
+        d = decode(long, ClipInputSpec((224, 224)), resize_mode=mode, min_image_bytes=0)
+        assert d.error == "extreme_aspect_ratio", (mode, d.error_detail)
+    stored = decode(long, None, resize_mode=ResizeMode.border, min_image_bytes=0)  # scales the long side
+    assert stored.error is None and (stored.stored_width, stored.stored_height) == (256, 256)
 
 
 def test_sniffed_formats():

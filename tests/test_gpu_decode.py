@@ -383,6 +383,13 @@ def test_compiled_jpeg_check_answers_as_the_python_walk(jpeg_cases, mixed_bodies
             b"\xff\xd8\xff\xc0\x00\x02\xff\xd9\x00\x02\xff\xda\x00\x00\xff\xd9"]  # an EOI before it
     assert sum(map(both, [*jpeg_cases.values(), *mixed_bodies.values(), *edge])) >= 10
     assert [both(whole[:n]) for n in range(len(whole) + 1)].count(True) == 1  # whole: its EOI is the last two bytes
+    # over a MiB of header before the scan: refused (both walks, and libjpeg's read, hold the GIL)
+    comment = b"\xff\xfe\xff\xff" + bytes(0xFFFD)  # a COM segment of 65,537 bytes
+    assert both(whole[:2] + comment * 15 + whole[2:])  # 983,055 bytes of comments: walked
+    padded = whole[:2] + comment * 17 + whole[2:]
+    assert not both(padded)
+    d = Decoder(DecodeConfig(), CLIP)(padded)  # the CPU decoder takes it: a good JPEG
+    assert d.error is None and (d.width, d.height) == Image.open(io.BytesIO(whole)).size
     scan = whole.index(b"\xff\xda")
     head = whole[:scan + 40]
     rng = random.Random(7)
