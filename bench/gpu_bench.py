@@ -535,7 +535,11 @@ def main() -> None:
     ap.add_argument("--model", default="", help="open_clip model (default ViT-B-32; fastlaion-tiny in the dry run)")
     ap.add_argument("--images", type=int, default=0, help="JPEGs for (b) and (c) (default 4096 GPU, 32 CPU)")
     ap.add_argument("--batch", type=int, default=0, help="batch size (default 512 GPU, 16 CPU)")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="seconds this run may take (gpu_check.sh gives its step's limit): a section that "
+                         "would start with under 30 s left is reported as skipped, so the table still prints")
     args = ap.parse_args()
+    started = time.perf_counter()
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run with --cpu for the dry run")
@@ -570,20 +574,28 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
     wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g").split(","))
+    # in order of what #7 needs to know first; (d), the integration check, last
     for key, name, fn in (("a", "(a) kernels", lambda: bench_kernels(args)),
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
-                          ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("e", "(e) decode+score, several processes",
                            # session 4 measured 2 and 4 (4 the better); 4 again, then 4 with the stored
                            # images encoded on the GPU, within the step's time limit
                            lambda: [bench_processes(args, jpegs, device, n, how) for n, how in
                                     ([(4, "host")] + [(4, "nvimgcodec")] * _nvimgcodec_importable()
                                      if gpu else [(2, "host")])]),
-                          ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device)),
-                          ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs))):
-        if key in wanted:
-            section(name, fn)
+                          ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
+                          ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
+                          ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
+        if key not in wanted:
+            continue
+        used = time.perf_counter() - started
+        if args.time_limit and used > args.time_limit - 30:
+            row(name, "SKIPPED", f"out of time: {used:.0f} s of the {args.time_limit:.0f} s limit used")
+            continue
+        section(name, fn)
+        # after each section: a run cut short by its step's timeout still leaves what it measured
+        (Path(args.out) / "results.json").write_text(json.dumps({"env": env, "rows": ROWS}, indent=2))
 
     (Path(args.out) / "results.json").write_text(json.dumps({"env": env, "rows": ROWS}, indent=2))
     title = f"{env['gpu'] or 'CPU dry run'} | torch {env['torch']} | {env['date']}"

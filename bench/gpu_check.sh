@@ -90,7 +90,7 @@ timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/
 step "5. measure"
 cpu_flag=()
 [[ $mode == cpu ]] && cpu_flag=(--cpu)
-timeout 330 $py bench/gpu_bench.py --out "$out" "${cpu_flag[@]}" || failed+=(measure)
+timeout 330 $py bench/gpu_bench.py --out "$out" --time-limit 320 "${cpu_flag[@]}" || failed+=(measure)
 
 step "done"
 echo "pytest -m gpu: $(tail -1 "$out/pytest_gpu.txt" 2>/dev/null)"
