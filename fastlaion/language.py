@@ -137,7 +137,8 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; on 3.10 the child starts in _PACKAGE_ROOT instead
     here = _PACKAGE_ROOT
-    installed = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
+    site_dirs = getattr(site, "getsitepackages", list)()  # absent from some old virtualenvs' site.py
+    installed = {Path(p).resolve() for p in (*site_dirs, site.getusersitepackages())}
     if here not in installed:  # a checkout (editable or on PYTHONPATH): say where it is
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
     return env
