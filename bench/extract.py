@@ -453,11 +453,11 @@ def generate_wat(path: Path, n_records: int, seed: int) -> dict:
                  payload, kind)
 
         # 1. the WAT's own warcinfo
-        info = (f"Software-Info: ia-web-commons.1.1.10-SNAPSHOT-20240513074037\r\n"
-                f"Extracted-Date: Fri, 31 May 2024 01:16:45 GMT\r\nip: 10.67.67.159\r\n"
-                f"hostname: ip-10-67-67-159.ec2.internal\r\nformat: WARC File Format 1.0\r\n"
-                f"conformsTo: http://bibnum.bnf.fr/WARC/WARC_ISO_28500_version1_latestdraft"
-                f".pdf\r\n").encode()
+        info = ("Software-Info: ia-web-commons.1.1.10-SNAPSHOT-20240513074037\r\n"
+                "Extracted-Date: Fri, 31 May 2024 01:16:45 GMT\r\nip: 10.67.67.159\r\n"
+                "hostname: ip-10-67-67-159.ec2.internal\r\nformat: WARC File Format 1.0\r\n"
+                "conformsTo: http://bibnum.bnf.fr/WARC/WARC_ISO_28500_version1_latestdraft"
+                ".pdf\r\n").encode()
         emit([("WARC-Type", "warcinfo"), ("WARC-Date", crawl_date),
               ("WARC-Filename", wat_name), ("WARC-Record-ID", g.uuid()),
               ("Content-Type", "application/warc-fields")], info, "warcinfo")

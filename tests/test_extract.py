@@ -521,8 +521,8 @@ def test_cli_extract_summary_adds_up_and_output_feeds_run(tmp_path):
                                  "--no-progress", "--processes", "1"], terminal_width=200)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert f"records        6  = pages 4 + ignored 2" in out
-    assert f"pairs          9  = links - rejected" in out and "after dedup    9" in out
+    assert "records        6  = pages 4 + ignored 2" in out
+    assert "pairs          9  = links - rejected" in out and "after dedup    9" in out
     assert "svg 1" in out and "invalid_url 4" in out
     candidates = open_input(tmp_path / "o" / "candidates-00000.parquet", InputConfig(paths=("x",)), need_captions=True)
     frame = candidates.table.collect()

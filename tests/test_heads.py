@@ -10,7 +10,7 @@ import torch
 
 from fastlaion.config import ConfigError
 from fastlaion.heads import (
-    KNOWN_WEIGHTS, AestheticV2, NsfwHead, WatermarkDetector, load_aesthetic_head, load_nsfw_head, resolve_weights,
+    KNOWN_WEIGHTS, AestheticV2, WatermarkDetector, load_aesthetic_head, load_nsfw_head, resolve_weights,
     sha256_file, watermark_model,
 )
 
