@@ -49,6 +49,12 @@ if [[ $mode == gpu ]]; then
   if ! ldconfig -p | grep -q 'libturbojpeg\.so\.0' && [[ -f .whl/lib/libturbojpeg.so.0 ]]; then
     cp .whl/lib/libturbojpeg.so.0 /usr/local/lib/ && ldconfig || failed+=(libturbojpeg)
   fi
+  # wheels an earlier call of the same session left on the machine (the 64 MiB a call carries
+  # cannot hold them with .whl): nvImageCodec alone, say, without all of DALI
+  if compgen -G "/tmp/fastlaion-extra-wheels/*.whl" >/dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      /tmp/fastlaion-extra-wheels/*.whl || failed+=(extra-wheels)
+  fi
   if compgen -G ".dali/part*/chunk.*" >/dev/null; then
     mkdir -p /tmp/dali && cat .dali/part*/chunk.* | tar -C /tmp/dali -xf - \
       && $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" /tmp/dali/*.whl \
