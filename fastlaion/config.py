@@ -151,6 +151,7 @@ class DownloadConfig:
 
 
 DECODERS = ("auto", "cpu", "nvjpeg", "dali")
+STORED_ENCODERS = ("host", "nvimgcodec")
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,16 @@ class DecodeConfig:
     # auto: DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU
     # (libjpeg-turbo / Pillow). Non-JPEG bodies and GPU failures always fall back to the CPU.
     decoder: str = "auto"
+    # Where a GPU decoder encodes the stored JPEGs: host (libjpeg-turbo on the CPU's threads) or
+    # nvimgcodec (NVIDIA nvImageCodec's batched encoder, on the GPU). The CPU decoder encodes itself.
+    stored_encoder: str = "host"
 
     def validate(self) -> None:
         between("--image-size", self.image_size, 8, 8192)
         if self.decoder not in DECODERS:
             raise ConfigError(f"--decoder {self.decoder!r}: pick one of {', '.join(DECODERS)}")
+        if self.stored_encoder not in STORED_ENCODERS:
+            raise ConfigError(f"--stored-encoder {self.stored_encoder!r}: pick one of {', '.join(STORED_ENCODERS)}")
         at_least("--min-image-bytes", self.min_image_bytes, 0)
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
@@ -329,9 +335,10 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     into the same output folder must agree on these (workers, processes, threads, batch size,
     the device and the decoder do not change the output beyond float tolerance)."""
     key = {k: saved.get(k, {}) for k in ("input", "decode", "score", "tags")}
-    # The decoder is left out too: GPU and CPU decodes agree within a stated tolerance, and a
-    # run started on a GPU box may be finished on a CPU one.
-    key["decode"] = {k: v for k, v in key["decode"].items() if k not in ("threads", "decoder")}
+    # The decoder and the stored images' encoder are left out too: GPU and CPU decodes (and
+    # encoders) agree within a stated tolerance, and a run started on a GPU box may be finished
+    # on a CPU one.
+    key["decode"] = {k: v for k, v in key["decode"].items() if k not in ("threads", "decoder", "stored_encoder")}
     key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision", "compile")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
     return key

@@ -392,12 +392,15 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     choice, device = cfg.decode.decoder, cfg.score.device
     on_cpu = device == "cpu" or (device == "auto" and getattr(models.device, "type", "cpu") == "cpu")
     if choice == "cpu" or (choice == "auto" and on_cpu):
+        if cfg.decode.stored_encoder != "host":
+            log.warning("--stored-encoder %s applies to the GPU decoders; the CPU decoder encodes the stored "
+                        "images itself", cfg.decode.stored_encoder)
         return Decoder(cfg.decode, clip, watermark_px)
     from .gpu_decode import make_decoder
     from .score import pick_device
 
     decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
-                           max_batch_size=cfg.score.batch_size)
+                           max_batch_size=cfg.score.batch_size, stored_encode=cfg.decode.stored_encoder)
     log.info("decoder: %s on %s", decoder.name, decoder.device)
     return decoder
 

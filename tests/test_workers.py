@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
@@ -99,6 +101,7 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
     ("--workers-per-gpu", "0", "--workers-per-gpu"),
     ("--workers-per-gpu", "2", "--workers-per-gpu needs --gpus"),
     ("--decoder", "gpu", "--decoder 'gpu'"),
+    ("--stored-encoder", "gpu", "--stored-encoder 'gpu': pick one of host, nvimgcodec"),
 ])
 def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
     inp = tmp_path / "in.txt"
@@ -214,3 +217,43 @@ def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos
     assert a.select(same).equals(b.select(same))
     assert (a["status"] == "kept").sum() >= 5 and (a["status"] != "kept").sum() >= 3
     assert set(_tar_members(tmp_path / "cpu")) == set(_tar_members(tmp_path / "batched"))
+
+
+def _nvimgcodec_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _nvimgcodec_installed(), reason="NVIDIA nvImageCodec is not installed")
+def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(tmp_path, photos):
+    """--stored-encoder nvimgcodec through a whole run (nvjpeg's CPU mode, nvImageCodec's CPU back
+    end here): the same rows and outcomes as the host encoder, stored JPEGs of the same sizes; the
+    encoder is not part of the run's resume key, so the folder resumes with the other one; the CPU
+    decoder says the flag does not apply to it."""
+    files, rows = build_case(photos)
+    ckpt = tiny_checkpoint(tmp_path)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "nvjpeg")
+        host = _run(inp, tmp_path / "host", ckpt, *keep)
+        gpu_encoded = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "nvimgcodec")
+        again = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "host")
+        cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--stored-encoder", "nvimgcodec")
+    for result in (host, gpu_encoded, again, cpu):
+        assert result.exit_code == 0, result.output
+    assert "4 of 4 shards already complete" in again.output  # resumed, not refused for other settings
+    same = ["key", "url", "status", "reason", "width", "height"]
+    a, b = (read_output(tmp_path / name).sort("key") for name in ("host", "nvimg"))
+    assert a.select(same).equals(b.select(same))
+    host_tars, nvimg_tars = _tar_members(tmp_path / "host"), _tar_members(tmp_path / "nvimg")
+    assert set(host_tars) == set(nvimg_tars)
+    images = [name for name in host_tars if name.endswith(".jpg")]
+    assert len(images) >= 5
+    assert any(host_tars[n] != nvimg_tars[n] for n in images)  # another encoder made them
+    for name in images:
+        assert Image.open(io.BytesIO(nvimg_tars[name])).size == Image.open(io.BytesIO(host_tars[name])).size
+    assert "--stored-encoder nvimgcodec applies to the GPU decoders" in " ".join(cpu.output.split())
