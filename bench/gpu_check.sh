@@ -49,18 +49,32 @@ if [[ $mode == gpu ]]; then
   if ! ldconfig -p | grep -q 'libturbojpeg\.so\.0' && [[ -f .whl/lib/libturbojpeg.so.0 ]]; then
     cp .whl/lib/libturbojpeg.so.0 /usr/local/lib/ && ldconfig || failed+=(libturbojpeg)
   fi
-  # wheels an earlier call of the same session left on the machine (the 64 MiB a call carries
-  # cannot hold them with .whl): nvImageCodec alone, say, without all of DALI
-  if compgen -G "/tmp/fastlaion-extra-wheels/*.whl" >/dev/null; then
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      /tmp/fastlaion-extra-wheels/*.whl || failed+=(extra-wheels)
-  fi
+  # DALI's wheels, and wheels an earlier call of the same session left on the machine (what the
+  # 64 MiB a call carries cannot hold with .whl: nvImageCodec alone, say). One pip call for all:
+  # they share the top-level nvidia/ folder, which `pip --target` moves whole, so a second call
+  # would skip it (or, with --upgrade, replace it). A project DALI brings is not added twice.
+  nvidia_wheels=()
+  dali_dir=
   if compgen -G ".dali/part*/chunk.*" >/dev/null; then
-    mkdir -p /tmp/dali && cat .dali/part*/chunk.* | tar -C /tmp/dali -xf - \
-      && $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" /tmp/dali/*.whl \
-      || failed+=(dali)
+    if mkdir -p /tmp/dali && cat .dali/part*/chunk.* | tar -C /tmp/dali -xf -; then
+      nvidia_wheels+=(/tmp/dali/*.whl)
+      dali_dir=/tmp/dali
+    else
+      failed+=(dali)
+    fi
   else
     echo "no .dali/ brought along: the DALI decoder is not measured"
+  fi
+  for wheel in /tmp/fastlaion-extra-wheels/*.whl; do
+    [[ -e $wheel ]] || continue
+    project=$(basename "$wheel"); project=${project%%-*}
+    [[ -n $dali_dir ]] && compgen -G "$dali_dir/${project}-*.whl" >/dev/null && continue
+    nvidia_wheels+=("$wheel")
+  done
+  if (( ${#nvidia_wheels[@]} )); then
+    echo "installing: ${nvidia_wheels[*]##*/}"
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "${nvidia_wheels[@]}" || failed+=(nvidia-wheels)
   fi
   export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -96,7 +110,9 @@ timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/
 step "5. measure"
 cpu_flag=()
 [[ $mode == cpu ]] && cpu_flag=(--cpu)
-timeout 330 $py bench/gpu_bench.py --out "$out" --time-limit 320 "${cpu_flag[@]}" || failed+=(measure)
+limit=()
+[[ $mode == gpu ]] && limit=(--time-limit 320)  # the step's own limit, less the start-up
+timeout 330 $py bench/gpu_bench.py --out "$out" "${limit[@]}" "${cpu_flag[@]}" || failed+=(measure)
 
 step "done"
 echo "pytest -m gpu: $(tail -1 "$out/pytest_gpu.txt" 2>/dev/null)"

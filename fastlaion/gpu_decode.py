@@ -486,7 +486,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         # image at a time with a device sync each, on CUDA only; 'nvimgcodec': nvImageCodec's
         # batched encoder, 4:2:0 (its nvJPEG back end on CUDA, its OpenCV one on the CPU).
         self.stored_encode = stored_encode
-        self._nvimgcodec = _import_nvimgcodec() if stored_encode == "nvimgcodec" else None
+        self._nvimgcodec = import_nvimgcodec() if stored_encode == "nvimgcodec" else None
         self.stored_fallbacks = 0  # stored images the chosen device encoder left to the host
         self._cpu = Decoder(cfg, clip, watermark_size_px)
         self._local = threading.local()  # per finish() thread: its CUDA stream
@@ -836,7 +836,7 @@ def _import_dali() -> tuple[ModuleType, ModuleType, Any]:
     return fn, types, pipeline.Pipeline
 
 
-def _import_nvimgcodec() -> ModuleType:
+def import_nvimgcodec() -> ModuleType:
     try:
         from nvidia import nvimgcodec
     except ImportError:

@@ -391,18 +391,27 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     watermark_px = models.tagger.watermark_size_px if models.tagger else None
     choice, device = cfg.decode.decoder, cfg.score.device
     on_cpu = device == "cpu" or (device == "auto" and getattr(models.device, "type", "cpu") == "cpu")
+    encoder = cfg.decode.stored_encoder
     if choice == "cpu" or (choice == "auto" and on_cpu):
-        if cfg.decode.stored_encoder != "host":
-            log.warning("--stored-encoder %s applies to the GPU decoders; the CPU decoder encodes the stored "
-                        "images itself", cfg.decode.stored_encoder)
+        _stored_encoder_unused(encoder)
         return Decoder(cfg.decode, clip, watermark_px)
-    from .gpu_decode import make_decoder
+    from .gpu_decode import import_nvimgcodec, make_decoder
     from .score import pick_device
 
+    if encoder == "nvimgcodec":
+        import_nvimgcodec()  # asked for by name: its absence is an error, not a reason to decode on the CPU
     decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
-                           max_batch_size=cfg.score.batch_size, stored_encode=cfg.decode.stored_encoder)
+                           max_batch_size=cfg.score.batch_size, stored_encode=encoder)
+    if decoder.name == "cpu":  # auto found no GPU decoder that runs here
+        _stored_encoder_unused(encoder)
     log.info("decoder: %s on %s", decoder.name, decoder.device)
     return decoder
+
+
+def _stored_encoder_unused(encoder: str) -> None:
+    if encoder != "host":
+        log.warning("--stored-encoder %s applies to the GPU decoders; the CPU decoder encodes the stored "
+                    "images itself", encoder)
 
 
 CANDIDATES_DIR = "candidates"

@@ -257,3 +257,22 @@ def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(t
     for name in images:
         assert Image.open(io.BytesIO(nvimg_tars[name])).size == Image.open(io.BytesIO(host_tars[name])).size
     assert "--stored-encoder nvimgcodec applies to the GPU decoders" in " ".join(cpu.output.split())
+
+
+def test_stored_encoder_nvimgcodec_missing_is_an_error_not_a_cpu_decode(tmp_path, monkeypatch):
+    """Asked for by name, a missing nvImageCodec stops the run with its one line; it does not send
+    the GPU decoder's work to the CPU decoder."""
+    import fastlaion.gpu_decode as gpu_decode
+    from fastlaion.config import ConfigError
+
+    def missing():
+        raise ConfigError("the nvimgcodec stored-image encoder needs NVIDIA nvImageCodec: pip install it")
+
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", missing)
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-language",
+                                 "--decoder", "nvjpeg", "--device", "cpu", "--stored-encoder", "nvimgcodec",
+                                 "--no-progress", "--allow-private-networks"])
+    assert result.exit_code == 2, result.output
+    assert "needs NVIDIA nvImageCodec" in result.output and "Traceback" not in result.output
