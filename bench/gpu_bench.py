@@ -166,7 +166,7 @@ def decode_all(decoder: Any, jpegs: list[bytes], batch: int, pool: ThreadPoolExe
 def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> dict[str, float]:
     from fastlaion.config import DecodeConfig, ResizeMode
     from fastlaion.decode import ClipInputSpec
-    from fastlaion.gpu_decode import available_decoders, make_decoder
+    from fastlaion.gpu_decode import available_decoders, make_decoder, nvimgcodec_importable
 
     clip = ClipInputSpec(size=(224, 224))
     rates: dict[str, float] = {}
@@ -184,7 +184,7 @@ def bench_decoders(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
         if name == "dali":
             variants.append(("dali, 1 batch at a time", name, {}, {}, 1))
         variants.append((name, name, {}, {}, 2))
-        if _nvimgcodec_importable():  # the stored image encoded by nvImageCodec, on the GPU on CUDA
+        if nvimgcodec_importable():  # the stored image encoded by nvImageCodec, on the GPU on CUDA
             variants.append((f"{name}, stored image by nvImageCodec", name, {"stored_encode": "nvimgcodec"}, {}, 2))
         if name == "dali":  # DALI's fastest paths: no libjpeg-style chroma smoothing, hardware decoder
             variants += [("dali, fast chroma", name, {"exact_chroma": False}, {}, 2),
@@ -328,14 +328,6 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
 
 
-def _nvimgcodec_importable() -> bool:
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def score_rate(scorer: Any, pixels: torch.Tensor, texts: list[str], rounds: int, device: torch.device) -> float:
     """Samples/s of `scorer.score` over `rounds` calls on the same batch (already warm)."""
     t0 = time.perf_counter()
@@ -348,7 +340,7 @@ def score_rate(scorer: Any, pixels: torch.Tensor, texts: list[str], rounds: int,
 
 def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
     from fastlaion.config import ResizeMode
-    from fastlaion.gpu_decode import available_decoders
+    from fastlaion.gpu_decode import available_decoders, nvimgcodec_importable
 
     texts = make_captions(len(jpegs))
     scorer = _make_scorer(args.model, args.batch, device)
@@ -363,7 +355,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     if device.type == "cuda" and "dali" in available_decoders(device):
         variants.append((", fast chroma, all to the hardware decoder", {},
                          {"exact_chroma": False, "hw_decoder_load": 1.0}))
-    if device.type == "cuda" and _nvimgcodec_importable():  # no host encode: the bytes come back, not pixels
+    if device.type == "cuda" and nvimgcodec_importable():  # no host encode: the bytes come back, not pixels
         variants.append((", stored image by nvImageCodec on the GPU", {}, {"stored_encode": "nvimgcodec"}))
     for what, cfg_options, options in variants:
         decoder = _make_decoder(scorer, args.batch, device, cfg_options, **options)
@@ -573,6 +565,8 @@ def main() -> None:
     jpegs = make_jpegs(args.images)
     print(f"generated {len(jpegs):,} JPEGs (300-800 px, mean {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    from fastlaion.gpu_decode import nvimgcodec_importable
+
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
     wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g").split(","))
     # in order of what #7 needs to know first; (d), the integration check, last
@@ -583,7 +577,7 @@ def main() -> None:
                            # session 4 measured 2 and 4 (4 the better); 4 again, then 4 with the stored
                            # images encoded on the GPU, within the step's time limit
                            lambda: [bench_processes(args, jpegs, device, n, how) for n, how in
-                                    ([(4, "host")] + [(4, "nvimgcodec")] * _nvimgcodec_importable()
+                                    ([(4, "host")] + [(4, "nvimgcodec")] * nvimgcodec_importable()
                                      if gpu else [(2, "host")])]),
                           ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 import turbojpeg
 from PIL import Image
 
+from fastlaion import extract_native
 from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode, first_line
 from fastlaion.decode import (
     _STORED_SUBSAMPLING,
@@ -362,8 +363,6 @@ def turbojpeg_threads() -> _TurboJPEGThreads:
 
 
 def _load_eoi_check() -> Any:
-    from . import extract_native
-
     # PyDLL: the check takes under a microsecond, far less than releasing and retaking the GIL
     lib = ctypes.PyDLL(str(extract_native.built("jpeg", (Path(__file__).with_name("jpeg_native.c"),))))
     check = lib.jpeg_eoi_after_scan
@@ -371,13 +370,7 @@ def _load_eoi_check() -> Any:
     return check
 
 
-def _native_eoi_check() -> Any:
-    from . import extract_native
-
-    return extract_native.OnFirstUse(_load_eoi_check, "compiled JPEG check unavailable (%s); checking in Python")
-
-
-_eoi_loader = _native_eoi_check()
+_EOI_CHECK = extract_native.OnFirstUse(_load_eoi_check, "compiled JPEG check unavailable (%s); checking in Python")
 _eoi_after_scan: Any = None  # the check prepare() uses, chosen on first use
 
 
@@ -386,7 +379,7 @@ def eoi_after_scan() -> Any:
     the extract library) where a C compiler is, else the Python function itself: same answers."""
     global _eoi_after_scan
     if _eoi_after_scan is None:
-        native = _eoi_loader.get()
+        native = _EOI_CHECK.get()
         _eoi_after_scan = jpeg_has_eoi_after_scan if native is None else (lambda body: native(body, len(body)) == 1)
     return _eoi_after_scan
 
@@ -843,6 +836,14 @@ def import_nvimgcodec() -> ModuleType:
         raise ConfigError("the nvimgcodec stored-image encoder needs NVIDIA nvImageCodec: "
                           "pip install nvidia-nvimgcodec-cu13 (DALI installs it)") from None
     return nvimgcodec
+
+
+def nvimgcodec_importable() -> bool:
+    try:
+        import_nvimgcodec()
+    except ConfigError:
+        return False
+    return True
 
 
 def dali_importable() -> bool:

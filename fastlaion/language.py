@@ -102,8 +102,12 @@ Languages = tuple[list[str | None], np.ndarray, list[str]]  # what LanguageIdent
 _FRAME = struct.Struct("<Q")
 
 
-def _send(stream: IO[bytes], message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def _pickled(message: Any) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _send(stream: IO[bytes], data: bytes) -> None:
+    """One frame: the pickled message's length, then the message."""
     stream.write(_FRAME.pack(len(data)))
     stream.write(data)
     stream.flush()
@@ -182,7 +186,7 @@ class _Child:
         self.reader.start()
 
     def submit(self, texts: list[str | None]) -> concurrent.futures.Future[Languages]:
-        data = pickle.dumps(list(texts), protocol=pickle.HIGHEST_PROTOCOL)
+        data = _pickled(list(texts))
         future: concurrent.futures.Future[Languages] = concurrent.futures.Future()
         with self.lock:
             if self.dead is not None:
@@ -203,9 +207,7 @@ class _Child:
                     data = self.outbox.popleft()
                 if data is None:
                     break
-                stream.write(_FRAME.pack(len(data)))
-                stream.write(data)
-                stream.flush()
+                _send(stream, data)
         except OSError:  # the child is gone: the reader sees its end and fails what it held
             pass
         finally:
@@ -235,9 +237,11 @@ class _Child:
         except BaseException as exc:  # noqa: BLE001 (whatever broke the replies, every waiter hears of it)
             error = LanguageProcessDied(f"the language identification replies broke off: {type(exc).__name__}: {exc}")
         finally:
-            self._fail(error or self._died())
+            self._stop(error or self._died())
 
-    def _fail(self, error: BaseException) -> None:
+    def _stop(self, error: BaseException) -> int:
+        """Mark this child ended by `error` (the first reason given stands), drop what is queued,
+        let the writer close the child's input, and fail the batches still waiting: how many."""
         with self.lock:
             if self.dead is None:
                 self.dead = error
@@ -249,7 +253,8 @@ class _Child:
             self.ready.set_exception(error)
         for future in pending:
             if future.set_running_or_notify_cancel():
-                future.set_exception(error)
+                future.set_exception(self.dead)
+        return len(pending)
 
     def _died(self) -> LanguageProcessDied:
         try:
@@ -272,16 +277,7 @@ class _Child:
     def close(self) -> None:
         """Fail what is still queued or being answered (no one will read it), end the child's
         input, and give it a moment to exit before killing it."""
-        with self.lock:
-            if self.dead is None:
-                self.dead = LanguageProcessClosed("the language identification process was closed")
-            pending, self.pending = list(self.pending), collections.deque()
-            self.outbox.clear()
-            self.outbox.append(None)
-            self.wake.notify()
-        for future in pending:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(self.dead)
+        pending = self._stop(LanguageProcessClosed("the language identification process was closed"))
         self.writer.join(timeout=5)
         try:
             self.proc.wait(timeout=0.2 if pending else 5)
@@ -395,15 +391,15 @@ def _serve(args: list[str]) -> int:
     try:
         lid = LanguageIdentifier(path, float(min_score), int(min_chars))
     except ConfigError as exc:
-        _send(replies, ("error", str(exc)))
+        _send(replies, _pickled(("error", str(exc))))
         return 1
-    _send(replies, ("ready", None))
+    _send(replies, _pickled(("ready", None)))
     while (texts := _receive(requests)) is not None:
         try:
             reply: tuple[str, Any] = ("ok", lid(texts))
         except Exception as exc:  # reported to the parent, which fails that batch by name
             reply = ("error", f"{type(exc).__name__}: {exc}")
-        _send(replies, reply)
+        _send(replies, _pickled(reply))
     return 0
 
 

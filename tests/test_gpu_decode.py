@@ -52,8 +52,8 @@ from PIL import Image
 from fastlaion.config import ConfigError, DecodeConfig, ResizeMode
 from fastlaion.decode import ClipInputSpec, Decoded, Decoder, shared_turbojpeg
 from fastlaion.gpu_decode import (BatchDecoder, Window, available_decoders, clip_window, clip_windows,
-                                  dali_importable, jpeg_has_eoi_after_scan, make_decoder, stored_window,
-                                  stored_windows)
+                                  dali_importable, jpeg_has_eoi_after_scan, make_decoder, nvimgcodec_importable,
+                                  stored_window, stored_windows)
 
 CPU = torch.device("cpu")
 CLIP = ClipInputSpec(size=(224, 224))
@@ -364,9 +364,9 @@ def test_compiled_jpeg_check_answers_as_the_python_walk(jpeg_cases, mixed_bodies
     changed, dropped or put in: markers, fill bytes, lengths)."""
     import random
 
-    from fastlaion.gpu_decode import _eoi_loader, eoi_after_scan
+    from fastlaion.gpu_decode import _EOI_CHECK, eoi_after_scan
 
-    native = _eoi_loader.get()
+    native = _EOI_CHECK.get()
     assert native is not None, "no compiled check: the test machine has a C compiler"
     assert eoi_after_scan()(jpeg(photo_images[1])) and eoi_after_scan() is not jpeg_has_eoi_after_scan
 
@@ -791,14 +791,7 @@ def test_stored_encode_on_the_device_matches_the_host_encode(jpeg_cases, name):
         assert_close(stored_luma(a), stored_luma(b), TOLERANCES["cuda"].geometry_mean, what="stored luma")
 
 
-def _nvimgcodec_installed() -> bool:
-    try:
-        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
-    except ModuleNotFoundError:  # no nvidia namespace at all
-        return False
-
-
-needs_nvimgcodec = pytest.mark.skipif(not _nvimgcodec_installed(), reason="NVIDIA nvImageCodec is not installed")
+needs_nvimgcodec = pytest.mark.skipif(not nvimgcodec_importable(), reason="NVIDIA nvImageCodec is not installed")
 
 
 @needs_nvimgcodec

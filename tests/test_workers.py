@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
+from fastlaion.gpu_decode import nvimgcodec_importable
 from fastlaion.server import LoopbackServer
 
 from test_pipeline import build_case, read_output, tiny_checkpoint, write_input
@@ -219,16 +220,7 @@ def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos
     assert set(_tar_members(tmp_path / "cpu")) == set(_tar_members(tmp_path / "batched"))
 
 
-def _nvimgcodec_installed() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _nvimgcodec_installed(), reason="NVIDIA nvImageCodec is not installed")
+@pytest.mark.skipif(not nvimgcodec_importable(), reason="NVIDIA nvImageCodec is not installed")
 def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(tmp_path, photos):
     """--stored-encoder nvimgcodec through a whole run (nvjpeg's CPU mode, nvImageCodec's CPU back
     end here): the same rows and outcomes as the host encoder, stored JPEGs of the same sizes; the
