@@ -113,7 +113,9 @@ def dedup_cmd(
     by: Annotated[DedupBy, typer.Option(help="url, url+caption or sha256 (of the image bytes): exact; phash: perceptual hash of the stored images (read from the tars); embedding: cosine of the CLIP image embeddings.")] = _DD.by,
     max_hamming: Annotated[int, typer.Option(help="--by phash: images whose 64-bit pHashes differ in at most this many bits are duplicates.")] = _DD.max_hamming_bits,
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
-    device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (all-pairs cosine in blocks).")] = _DD.device,
+    device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,
+    method: Annotated[str, typer.Option(help="--by embedding: exact (every pair; hours past ~10^5 samples on a CPU, ~10^6 on a GPU), clusters (SemDeDup-style: only pairs inside one k-means cluster; seconds for 10^6 samples, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
+    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(samples / 2). Fewer finds more pairs and costs more.")] = _DD.clusters,
     threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -127,13 +129,17 @@ def dedup_cmd(
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
     with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
-        cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads)
+        cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
+                          method=method, clusters=clusters)
         cfg.validate()
         ds = open_dataset(source)
         result = dedup(ds, output, cfg, bar)
     share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
          f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
+    if result.settings.get("method") == "clusters":
+        _say(f"pairs compared within {result.settings['clusters']:,} k-means clusters (--method clusters): "
+             "a pair split across two clusters is not found; --method exact compares every pair")
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
     _skipped_line(result.skipped_files)

@@ -176,7 +176,14 @@ def test_missing_column_names_the_run_option_that_adds_it(tmp_path):
 def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tmp_path):
     folder, _ = synth
     (tmp_path / "empty").mkdir()
+    bare = tmp_path / "bare"  # a Parquet of ours without the status columns' stage and reason
+    bare.mkdir()
+    pl.DataFrame({"key": ["000000000"], "url": ["u"], "caption": ["c"], "status": ["kept"]}).write_parquet(
+        bare / "00000.parquet")
+    (bare / "00000_stats.json").write_text("{}")
     cases = [
+        (["dedup", "--by", "embedding", "--from", bare, "-o", tmp_path / "o"], "needs 'stage', 'reason', which"),
+        (["stats", bare], "stats needs 'stage', 'reason', which"),
         (["subset", "laion5b", "--from", folder, "-o", tmp_path / "o"],
          "unknown recipe 'laion5b'; known recipes: en, multi, nolang, laion400m, high-res, aesthetic-v1, art, aesthetic-v2"),
         (["stats", tmp_path / "empty"], "holds no dataset"),
@@ -310,7 +317,7 @@ def test_phash_matches_the_imagehash_definition(photos):
 def test_greedy_cosine_blocks_match_all_pairs():
     import torch
 
-    from fastlaion.dataset.dedup import greedy_cosine
+    from fastlaion.dataset.semantic import greedy_cosine
 
     rng = np.random.default_rng(6)
     base = rng.normal(size=(120, 16))

@@ -7,11 +7,11 @@ order: the lowest key). For near duplicates the walk is greedy in that order: a 
 duplicate of the earliest *kept* sample close enough to it, so a kept sample never points at a
 dropped one and the result does not depend on how candidates were found.
 
-Semantic dedup is exact all-pairs in blocks (n^2/2 dot products with fastlaion.ops.cosine_matrix,
-on CUDA when there is one): the greedy rule needs *the earliest kept* row above the threshold,
-which a top-k search (topk_cosine keeps at most 16) cannot promise once more than k rows pass.
-Practical up to about a million samples on a CPU; beyond that, cluster first (SemDeDup-style),
-not done here.
+Semantic dedup (semantic.py) applies that rule to every pair (`--method exact`, n^2/2 dot
+products: the greedy rule needs *the earliest kept* row above the threshold, which a top-k search
+cannot promise once more than k rows pass) or, past EXACT_MAX_ROWS, inside k-means clusters only
+(`--method clusters`, SemDeDup-style: seconds for a million samples, bounded memory, may miss a
+pair split across two clusters, never drops a sample without a kept one that close).
 
 Exact dedup is lazy Polars end to end: a 128-bit key (two 64-bit hashes of the values) per kept
 row, a group-by for each key's first row, then one streaming pass that writes every row with its
@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,6 @@ from .source import (
     KEPT,
     METADATA_FILE,
     Dataset,
-    DatasetError,
     NoProgress,
     Progress,
     collect,
@@ -70,6 +70,9 @@ EXACT_COLUMNS: dict[DedupBy, tuple[str, ...]] = {
 }
 
 
+METHODS = ("auto", "exact", "clusters")
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     by: DedupBy = DedupBy.url_caption
@@ -77,6 +80,9 @@ class DedupConfig:
     min_cosine: float = 0.95    # embedding: image embeddings at least this similar are duplicates
     device: str = "auto"        # embedding: where the cosine blocks run (auto: CUDA if present)
     block_rows: int = 2048      # embedding: query rows per matrix product
+    method: str = "auto"        # embedding: exact (all pairs), clusters (within k-means clusters), auto
+    clusters: int = 0           # embedding, clusters: how many; 0 = about sqrt(samples / 2)
+    bucket_bytes: int = 1 << 30  # embedding, clusters: spilled embeddings held in memory at once
     threads: int = 0            # phash: decode threads; 0 = one per core
 
     def validate(self) -> None:
@@ -87,6 +93,10 @@ class DedupConfig:
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ConfigError(f"--min-cosine must be between -1 and 1, got {self.min_cosine}")
         at_least("--threads", self.threads, 0)
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        at_least("--clusters", self.clusters, 0)
+        at_least("bucket_bytes", self.bucket_bytes, 1 << 20)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -113,19 +123,19 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
     cfg.validate()
     progress = progress or NoProgress()
     started = time.perf_counter()
-    ds.require(EXACT_COLUMNS.get(cfg.by, ("key",)), f"dedup --by {cfg.by.value}")
+    ds.require(("key", "status", "stage", "reason", *EXACT_COLUMNS.get(cfg.by, ())), f"dedup --by {cfg.by.value}")
     target = OutputDir(out, ds)
 
     def job(d: Dataset) -> DedupResult:
+        settings: dict[str, Any] = {}
         if cfg.by in EXACT_COLUMNS:
             dups, candidates, unreadable = _exact(d, EXACT_COLUMNS[cfg.by]), _count_kept(d), 0
         elif cfg.by is DedupBy.phash:
             dups, candidates, unreadable = _perceptual(d, cfg, progress)
+            settings = {"max_hamming_bits": cfg.max_hamming_bits}
         else:
-            dups, candidates, unreadable = _semantic(d, cfg, progress)
+            dups, candidates, unreadable, settings = _semantic(d, cfg, progress, target.path(".spill"))
         _write(d, dups, cfg.by, target.path(METADATA_FILE))
-        settings = ({"max_hamming_bits": cfg.max_hamming_bits} if cfg.by is DedupBy.phash else
-                    {"min_cosine": cfg.min_cosine} if cfg.by is DedupBy.embedding else {})
         return DedupResult(by=cfg.by.value, output=str(out), rows=d.rows, candidates=candidates,
                            duplicates=dups.height, kept=candidates - dups.height,
                            skipped_files=[vars(s) for s in d.skipped], unreadable_samples=unreadable,
@@ -225,22 +235,31 @@ def _perceptual(ds: Dataset, cfg: DedupConfig, progress: Progress) -> tuple[pl.D
 
 # --- semantic -----------------------------------------------------------------------------------
 
-def _semantic(ds: Dataset, cfg: DedupConfig, progress: Progress) -> tuple[pl.DataFrame, int, int]:
-    import torch
+def _semantic(ds: Dataset, cfg: DedupConfig, progress: Progress,
+              spill_dir: Path) -> tuple[pl.DataFrame, int, int, dict[str, Any]]:
+    from .semantic import EXACT_MAX_ROWS, EmbeddingReader, clustered_duplicates, exact_duplicates
 
     cand = _candidates(ds)
-    emb, ok = _load_embeddings(ds, cand, progress)
-    unreadable = int((~ok).sum())
-    if unreadable:
-        log.warning("embedding: %d of %d kept samples have no image embedding; they take no part",
-                    unreadable, cand.height)
+    reader = EmbeddingReader(ds, cand)
     device = _device(cfg.device)
-    idx = np.flatnonzero(ok)
-    rep = greedy_cosine(torch.from_numpy(emb[idx]), cfg.min_cosine, cfg.block_rows, device, progress)
-    dup = rep >= 0
+    method = cfg.method
+    if method == "auto":
+        method = "exact" if cand.height <= EXACT_MAX_ROWS.get(device.type, EXACT_MAX_ROWS["cpu"]) else "clusters"
+    settings: dict[str, Any] = {"min_cosine": cfg.min_cosine, "method": method}
+    if method == "exact":
+        dup, first = exact_duplicates(reader, cfg.min_cosine, cfg.block_rows, device, progress)
+    else:
+        try:
+            dup, first, settings["clusters"] = clustered_duplicates(
+                reader, cfg.min_cosine, cfg.block_rows, device, cfg.clusters, cfg.bucket_bytes, spill_dir, progress)
+        finally:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+    if reader.unreadable:
+        log.warning("embedding: %d of %d kept samples have no image embedding; they take no part",
+                    reader.unreadable, cand.height)
     rows = cand["_i"].to_numpy()
-    pairs = pl.DataFrame({"_i": rows[idx[dup]], "_first": rows[idx[rep[dup]]]})
-    return _with_keys(ds.scan().with_row_index("_i"), pairs), cand.height, unreadable
+    pairs = pl.DataFrame({"_i": rows[dup], "_first": rows[first]})
+    return _with_keys(ds.scan().with_row_index("_i"), pairs), cand.height, reader.unreadable, settings
 
 
 def _device(name: str) -> Any:
@@ -252,96 +271,3 @@ def _device(name: str) -> Any:
         raise ConfigError(f"--device {name}: no CUDA device here")
     log.info("embedding dedup on %s", name)
     return torch.device(name)
-
-
-def _load_embeddings(ds: Dataset, cand: pl.DataFrame, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-    """(n, D) float16 image embeddings of the candidate rows, and which ones exist (finite)."""
-    if cand.height == 0:
-        return np.zeros((0, 1), np.float16), np.zeros(0, bool)
-    per_shard = (cand.with_row_index("_pos")
-                 .with_columns(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
-                               .alias("_row"))
-                 .group_by("shard", maintain_order=True).agg("_pos", "_row"))
-    shards = per_shard["shard"].to_list()
-    if not any(ds.embeddings_path(s).exists() for s in shards):
-        raise DatasetError(f"dedup --by embedding needs image embeddings ({shards[0]}_img_emb.npy and the like) in "
-                           f"{ds.root}: run with CLIP scoring on (without --no-score)")
-    emb: np.ndarray | None = None
-    ok = np.zeros(cand.height, dtype=bool)
-    progress.start("embeddings", len(shards))
-    for shard, pos, row in per_shard.iter_rows():
-        path = ds.embeddings_path(shard)
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            log.warning("embedding: cannot read %s (%s); its %d samples take no part", path, e, len(pos))
-            progress.advance()
-            continue
-        if emb is None:
-            emb = np.zeros((cand.height, arr.shape[1]), dtype=np.float16)
-        pos_a = np.asarray(pos, dtype=np.int64)
-        row_a = np.asarray([-1 if r is None else r for r in row], dtype=np.int64)
-        valid = (row_a >= 0) & (row_a < arr.shape[0])
-        vec = np.asarray(arr[row_a[valid]], dtype=np.float16)
-        finite = np.isfinite(vec).all(axis=1)
-        emb[pos_a[valid][finite]] = vec[finite]
-        ok[pos_a[valid][finite]] = True
-        progress.advance()
-    progress.stop()
-    return (emb if emb is not None else np.zeros((cand.height, 1), np.float16)), ok
-
-
-def greedy_cosine(emb: Any, min_cosine: float, block_rows: int, device: Any,
-                  progress: Progress | None = None) -> np.ndarray:
-    """For embeddings in dataset order, (n, D) any float dtype: the index of the earliest earlier
-    kept row whose cosine with it is >= min_cosine, or -1 for rows that are kept.
-
-    Exact all-pairs in blocks (n^2 / 2 dot products, fastlaion.ops.cosine_matrix on `device`):
-    each block of rows is compared with every kept row before it, then greedily within itself.
-    Memory: the kept rows (n x D float32 on `device`) plus one block x chunk similarity matrix.
-    """
-    import torch
-
-    from ..ops import cosine_matrix
-
-    progress = progress or NoProgress()
-    n = emb.shape[0]
-    rep = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return rep
-    dim = emb.shape[1]
-    kept_vecs = torch.empty((n, dim), dtype=torch.float32, device=device)
-    kept_rows = np.empty(n, dtype=np.int64)
-    n_kept = 0
-    chunk = max(1, (1 << 24) // block_rows)   # bounds the similarity block at 64 MiB of float32
-    progress.start("cosine blocks", (n + block_rows - 1) // block_rows)
-    for start in range(0, n, block_rows):
-        q = emb[start:start + block_rows].to(device=device, dtype=torch.float32)
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        b = q.shape[0]
-        hit = torch.full((b,), -1, dtype=torch.int64, device=device)
-        for k0 in range(0, n_kept, chunk):
-            sim = cosine_matrix(q, kept_vecs[k0:min(n_kept, k0 + chunk)])
-            close = sim >= min_cosine
-            first = close.to(torch.uint8).argmax(dim=1)  # first True per row (argmax returns the first max)
-            new = close.any(dim=1) & (hit < 0)
-            hit = torch.where(new, first + k0, hit)
-        hit_np = hit.cpu().numpy()
-        inner = (cosine_matrix(q, q) >= min_cosine).cpu().numpy()
-        block_kept = np.zeros(b, dtype=bool)
-        for i in range(b):
-            if hit_np[i] >= 0:
-                rep[start + i] = kept_rows[hit_np[i]]
-                continue
-            earlier = np.flatnonzero(inner[i, :i] & block_kept[:i])
-            if earlier.size:
-                rep[start + i] = start + earlier[0]
-            else:
-                block_kept[i] = True
-        new_rows = np.flatnonzero(block_kept)
-        kept_vecs[n_kept:n_kept + new_rows.size] = q[torch.as_tensor(new_rows, device=device)]
-        kept_rows[n_kept:n_kept + new_rows.size] = start + new_rows
-        n_kept += new_rows.size
-        progress.advance()
-    progress.stop()
-    return rep

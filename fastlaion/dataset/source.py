@@ -44,6 +44,8 @@ COLUMN_SOURCES: dict[str, str] = {
     "pwatermark": "run with --watermark-model PATH (LAION's watermark detector)",
     "aesthetic": "run with --aesthetic-v1 auto (OpenAI ViT-B-32, B-16 or L-14 weights) or --aesthetic-v1 PATH",
     "aesthetic_v2": "run with --aesthetic-v2 PATH (LAION-Aesthetics V2 weights)",
+    **{c: "every fastlaion run writes it; this Parquet was not written by fastlaion run"
+       for c in ("key", "status", "stage", "reason")},
     "sha256": "every fastlaion run writes it; this Parquet was not written by fastlaion run",
     "original_width": "every fastlaion run writes it; this Parquet was not written by fastlaion run",
     "original_height": "every fastlaion run writes it; this Parquet was not written by fastlaion run",

@@ -80,6 +80,7 @@ def compute_stats(ds: Dataset, bins: int = 20) -> DatasetStats:
 
 
 def _compute(ds: Dataset, bins: int) -> DatasetStats:
+    ds.require(("status", "stage", "reason"), "stats")
     lf = ds.scan()
     columns = lf.collect_schema().names()
     kept = lf.filter(pl.col("status") == KEPT)

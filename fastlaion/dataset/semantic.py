@@ -1,0 +1,330 @@
+"""Semantic dedup: which kept samples' CLIP image embeddings repeat an earlier kept sample's.
+
+The rule (dedup.py): walking the samples in dataset order, a sample is a duplicate of the
+earliest *kept* sample whose cosine with it is at least the threshold; otherwise it is kept.
+
+Two ways to apply it:
+
+- `exact`: every pair (n^2/2 dot products, `greedy_cosine`). The embeddings are held in memory
+  (n x D float16). Right up to about 10^5 samples on a CPU and 10^6 on a GPU; beyond, hours.
+- `clusters` (SemDeDup-style, approximate): spherical k-means on an evenly spaced sample, every
+  sample assigned to its nearest centroid (`topk_cosine`: our CUDA kernel on a GPU), then the
+  same greedy walk inside each cluster only. n * (K + n / K) dot products, K ~ sqrt(n / 2) by
+  default: a million samples take seconds, not hours. The samples are spilled to disk by
+  cluster (buckets of whole clusters, each at most `bucket_bytes` in memory), so memory stays
+  bounded however many there are. Every drop still has cosine >= threshold with the kept sample
+  it names (the rule inside a cluster is the exact one); what it can miss is a pair split across
+  two clusters. With one cluster it is `exact`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .source import Dataset, DatasetError, NoProgress, Progress
+
+log = logging.getLogger(__name__)
+
+KMEANS_ITERATIONS = 10
+KMEANS_SAMPLE_PER_CLUSTER = 64     # training sample: this many samples per cluster ...
+KMEANS_MAX_SAMPLE = 1 << 20        # ... at most (1M x 768 float32: 3 GiB)
+EXACT_MAX_ROWS = {"cpu": 100_000, "cuda": 1_000_000}  # method auto: exact up to this many samples
+MAX_BUCKETS = 256                   # spill files open at once (beyond ~250M samples a bucket outgrows 1 GiB)
+_ASSIGN_ROWS = 1 << 16             # samples assigned per topk_cosine call
+
+
+def default_clusters(n: int) -> int:
+    """About sqrt(n / 2): the assignment (n x K) and the walks inside clusters (~n x n / K / 2)
+    then cost about the same."""
+    return max(1, min(1 << 16, math.ceil(math.sqrt(n / 2))))
+
+
+# --- reading the embeddings --------------------------------------------------------------------
+
+class EmbeddingReader:
+    """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
+    shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
+
+    def __init__(self, ds: Dataset, cand: pl.DataFrame):
+        self.ds = ds
+        self.rows = cand.height
+        self.dim = 0
+        self.unreadable = 0
+        self._warned: set[str] = set()  # files already named in a warning (the clustered walk reads twice)
+        if cand.height == 0:
+            self.per_shard: list[tuple[str, np.ndarray, np.ndarray]] = []
+            return
+        grouped = (cand.with_row_index("_pos")
+                   .with_columns(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
+                                 .fill_null(-1).alias("_row"))
+                   .group_by("shard", maintain_order=True).agg("_pos", "_row"))
+        self.per_shard = [(s, np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64))
+                          for s, p, r in grouped.iter_rows()]
+        if not any(ds.embeddings_path(s).exists() for s, _, _ in self.per_shard):
+            raise DatasetError(f"dedup --by embedding needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
+                               f"the like) in {ds.root}: run with CLIP scoring on (without --no-score)")
+
+    def shards(self, progress: Progress, what: str, only: np.ndarray | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per shard: (positions among the candidates, (m, D) float16 vectors) of the samples with
+        a finite embedding; `only` (a bool mask over positions) reads just those. Samples without
+        one are counted in `unreadable` (on a full pass) and logged once per file."""
+        progress.start(what, len(self.per_shard))
+        try:
+            yield from self._read(progress, only)
+        finally:
+            progress.stop()
+
+    def _read(self, progress: Progress, only: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        missing = 0
+        for shard, pos, row in self.per_shard:
+            if only is not None:
+                keep = only[pos]
+                pos, row = pos[keep], row[keep]
+                if not pos.size:
+                    progress.advance()
+                    continue
+            path = self.ds.embeddings_path(shard)
+            try:
+                arr = np.load(path, mmap_mode="r")
+                if arr.ndim != 2:
+                    raise ValueError(f"shape {arr.shape}, not (rows, dim)")
+            except (OSError, ValueError) as e:
+                self._warn(path, f"cannot read {path} ({e})", pos.size)
+                missing += pos.size
+                progress.advance()
+                continue
+            self.dim = self.dim or int(arr.shape[1])
+            if arr.shape[1] != self.dim:
+                self._warn(path, f"{path} has {arr.shape[1]} dimensions, the others {self.dim}", pos.size)
+                missing += pos.size
+                progress.advance()
+                continue
+            valid = (row >= 0) & (row < arr.shape[0])
+            vec = np.asarray(arr[row[valid]], dtype=np.float16)
+            finite = np.isfinite(vec).all(axis=1)
+            missing += pos.size - int(finite.sum())
+            progress.advance()
+            if finite.any():
+                yield pos[valid][finite], vec[finite]
+        if only is None:
+            self.unreadable = missing
+
+    def _warn(self, path: Path, what: str, samples: int) -> None:
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            log.warning("embedding: %s; its samples take no part", what)
+
+    def load_all(self, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, (m, D) float16) of every candidate with an embedding, in dataset order."""
+        parts = list(self.shards(progress, "embeddings"))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, max(self.dim, 1)), np.float16)
+        return np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts])
+
+
+# --- exact -------------------------------------------------------------------------------------
+
+def greedy_cosine(emb: Any, min_cosine: float, block_rows: int, device: Any,
+                  progress: Progress | None = None) -> np.ndarray:
+    """For embeddings in dataset order, (n, D) any float dtype: the index of the earliest earlier
+    kept row whose cosine with it is >= min_cosine, or -1 for rows that are kept.
+
+    Exact all-pairs in blocks (n^2 / 2 dot products, fastlaion.ops.cosine_matrix on `device`):
+    each block of rows is compared with every kept row before it, then greedily within itself.
+    Memory: the kept rows (n x D float32 on `device`) plus one block x chunk similarity matrix.
+    """
+    import torch
+
+    from ..ops import cosine_matrix
+
+    progress = progress or NoProgress()
+    n = emb.shape[0]
+    rep = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return rep
+    dim = emb.shape[1]
+    kept_vecs = torch.empty((n, dim), dtype=torch.float32, device=device)
+    kept_rows = np.empty(n, dtype=np.int64)
+    n_kept = 0
+    chunk = max(1, (1 << 24) // block_rows)   # bounds the similarity block at 64 MiB of float32
+    progress.start("cosine blocks", (n + block_rows - 1) // block_rows)
+    for start in range(0, n, block_rows):
+        q = emb[start:start + block_rows].to(device=device, dtype=torch.float32)
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        b = q.shape[0]
+        hit = torch.full((b,), -1, dtype=torch.int64, device=device)
+        for k0 in range(0, n_kept, chunk):
+            sim = cosine_matrix(q, kept_vecs[k0:min(n_kept, k0 + chunk)])
+            close = sim >= min_cosine
+            first = close.to(torch.uint8).argmax(dim=1)  # first True per row (argmax returns the first max)
+            new = close.any(dim=1) & (hit < 0)
+            hit = torch.where(new, first + k0, hit)
+        hit_np = hit.cpu().numpy()
+        inner = (cosine_matrix(q, q) >= min_cosine).cpu().numpy()
+        block_kept = np.zeros(b, dtype=bool)
+        for i in range(b):
+            if hit_np[i] >= 0:
+                rep[start + i] = kept_rows[hit_np[i]]
+                continue
+            earlier = np.flatnonzero(inner[i, :i] & block_kept[:i])
+            if earlier.size:
+                rep[start + i] = start + earlier[0]
+            else:
+                block_kept[i] = True
+        new_rows = np.flatnonzero(block_kept)
+        kept_vecs[n_kept:n_kept + new_rows.size] = q[torch.as_tensor(new_rows, device=device)]
+        kept_rows[n_kept:n_kept + new_rows.size] = start + new_rows
+        n_kept += new_rows.size
+        progress.advance()
+    progress.stop()
+    return rep
+
+
+def exact_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows: int, device: Any,
+                     progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the duplicates, positions of the kept samples they repeat), all pairs."""
+    import torch
+
+    pos, vec = reader.load_all(progress)
+    rep = greedy_cosine(torch.from_numpy(vec), min_cosine, block_rows, device, progress)
+    dup = rep >= 0
+    return pos[dup], pos[rep[dup]]
+
+
+# --- clusters ----------------------------------------------------------------------------------
+
+def nearest_centroid(x: Any, centroids: Any) -> Any:
+    """(n, D) vectors, (K, D) unit centroids (on one device) -> (n,) int64 index of the most
+    cosine-similar centroid (ties: the lower index), in blocks; on CUDA in float16 through our
+    topk_cosine kernel."""
+    import torch
+
+    from ..ops import topk_cosine
+
+    if x.is_cuda:
+        x, centroids = x.half(), centroids.half()
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], _ASSIGN_ROWS):
+        out[start:start + _ASSIGN_ROWS] = topk_cosine(x[start:start + _ASSIGN_ROWS], centroids, 1)[1][:, 0]
+    return out
+
+
+def spherical_kmeans(x: Any, k: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0) -> Any:
+    """(n, D) unit float32 vectors -> (k, D) unit centroids (k <= n). Initial centroids: k samples
+    drawn with a seeded generator; a cluster left empty restarts at the sample farthest from its
+    own centroid (as faiss does, so no centroid is wasted). Deterministic for one input on one
+    device."""
+    import torch
+
+    n = x.shape[0]
+    k = min(k, n)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    centroids = x[pick.to(x.device)].clone()
+    for _ in range(iterations):
+        assign = nearest_centroid(x, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        filled = counts > 0
+        centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
+        empty = torch.nonzero(~filled).flatten()
+        if empty.numel():
+            fit = (x * centroids[assign]).sum(dim=1)
+            centroids[empty] = x[torch.argsort(fit, stable=True)[:empty.numel()]]
+    return centroids
+
+
+def _unit(vec: np.ndarray, device: Any) -> Any:
+    import torch
+
+    x = torch.from_numpy(vec).to(device=device, dtype=torch.float32)
+    return torch.nn.functional.normalize(x, dim=1, eps=1e-8)
+
+
+def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows: int, device: Any,
+                         clusters: int, bucket_bytes: int, spill_dir: Path,
+                         progress: Progress) -> tuple[np.ndarray, np.ndarray, int]:
+    """Like exact_duplicates, inside clusters only: (duplicate positions, kept positions they
+    repeat, clusters used). `clusters` 0: default_clusters(n). Spills the embeddings to
+    `spill_dir` by cluster; reads the embedding files twice (a sample, then all)."""
+    import torch
+
+    n = reader.rows
+    k = clusters or default_clusters(n)
+    # 1. centroids from an evenly spaced sample of the candidates
+    sample_size = min(n, max(k, min(KMEANS_MAX_SAMPLE, k * KMEANS_SAMPLE_PER_CLUSTER)))
+    only = np.zeros(n, dtype=bool)
+    only[np.linspace(0, n - 1, sample_size).astype(np.int64)] = True
+    parts = [v for _, v in reader.shards(progress, "embeddings (k-means sample)", only)]
+    if not parts:  # the sample fell on samples without embeddings: the first readable ones instead
+        got = 0
+        for _, v in reader.shards(progress, "embeddings (k-means sample)"):
+            parts.append(v)
+            got += len(v)
+            if got >= sample_size:
+                break
+        if not parts:  # that pass read every file: not one embedding, all counted unreadable
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    centroids = spherical_kmeans(_unit(np.concatenate(parts), device), k)
+    k = centroids.shape[0]
+    del parts
+    log.info("embedding dedup: %d clusters from %d samples", k, sample_size)
+
+    # 2. every sample to its nearest centroid, spilled to buckets of whole clusters
+    record = np.dtype([("cluster", "<i4"), ("pos", "<i8"), ("vec", "<f2", (reader.dim,))])
+    buckets = max(1, min(MAX_BUCKETS, k, math.ceil(n * record.itemsize / bucket_bytes)))
+    bucket_of = (np.arange(k, dtype=np.int64) * buckets) // k
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    paths = [spill_dir / f"bucket-{b:04d}.bin" for b in range(buckets)]
+    sizes = np.zeros(k, dtype=np.int64)
+    files = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below, also on errors)
+    try:
+        for pos, vec in reader.shards(progress, "embeddings (assign to clusters)"):
+            cluster = nearest_centroid(_unit(vec, device), centroids).cpu().numpy()
+            sizes += np.bincount(cluster, minlength=k)
+            rec = np.empty(pos.size, dtype=record)
+            rec["cluster"], rec["pos"], rec["vec"] = cluster, pos, vec
+            b_of = bucket_of[cluster]
+            order = np.argsort(b_of, kind="stable")
+            rec, b_of = rec[order], b_of[order]
+            bounds = np.flatnonzero(np.diff(b_of)) + 1
+            for part in np.split(rec, bounds):
+                part.tofile(files[int(bucket_of[part["cluster"][0]])])
+    finally:
+        for f in files:
+            f.close()
+
+    # 3. the exact walk inside each cluster, one bucket in memory at a time
+    dups: list[np.ndarray] = []
+    firsts: list[np.ndarray] = []
+    log.info("embedding dedup: %d samples in %d clusters (largest %d) and %d spill buckets",
+             int(sizes.sum()), int((sizes > 0).sum()), int(sizes.max()), buckets)
+    progress.start("clusters", int((sizes > 0).sum()))
+    for path in paths:
+        rec = np.fromfile(path, dtype=record)
+        path.unlink()
+        if not rec.size:
+            continue
+        rec = rec[np.lexsort((rec["pos"], rec["cluster"]))]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(rec["cluster"])) + 1, [rec.size]))
+        for a, b in zip(starts[:-1], starts[1:]):
+            if b - a > 1:
+                rep = greedy_cosine(torch.from_numpy(rec["vec"][a:b]), min_cosine, block_rows, device)
+                hit = rep >= 0
+                if hit.any():
+                    dups.append(rec["pos"][a:b][hit])
+                    firsts.append(rec["pos"][a:b][rep[hit]])
+            progress.advance()
+    progress.stop()
+    if not dups:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), k
+    dup, first = np.concatenate(dups), np.concatenate(firsts)
+    order = np.argsort(dup)
+    return dup[order], first[order], k

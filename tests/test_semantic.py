@@ -1,0 +1,193 @@
+"""Semantic dedup (fastlaion/dataset/semantic.py): the exact walk and the clustered one, on
+synthetic embedding runs whose near duplicates are planted; expected drops computed here with
+float64 numpy from the same float16 vectors the files hold."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import numpy as np
+import pytest
+from test_dataset_helpers import greedy_reference, load_json, run_cli
+from test_dataset_table import invoke, write_run
+
+THRESHOLD = 0.95
+SHARD = 500
+
+
+def make_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit float16 vectors around 30 topics (cosine ~0.5 within a topic), a fifth of them near
+    copies (cosine > 0.99) of an earlier original, so that several copies of one original repeat
+    each other too."""
+    rng = np.random.default_rng(seed)
+    topics = rng.normal(size=(30, dim))
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    emb = np.empty((n, dim))
+    originals: list[int] = []
+    for i in range(n):
+        if originals and rng.random() < 0.2:
+            v = emb[originals[int(rng.integers(len(originals)))]] + rng.normal(
+                scale=rng.choice([0.05, 0.1]) / math.sqrt(dim), size=dim)
+        else:
+            originals.append(i)
+            v = topics[int(rng.integers(30))] + rng.normal(scale=1.0 / math.sqrt(dim), size=dim)
+        emb[i] = v / np.linalg.norm(v)
+    return emb.astype(np.float16)
+
+
+def write_embedding_run(folder, emb: np.ndarray) -> list[str]:
+    keys = [f"{i // SHARD:05d}{i % SHARD:04d}" for i in range(len(emb))]
+    rows = [{"key": k, "url": f"https://h.example/{i}.jpg", "caption": f"c{i}", "status": "kept"}
+            for i, k in enumerate(keys)]
+    write_run(folder, rows, SHARD)
+    for s in range(math.ceil(len(emb) / SHARD)):
+        np.save(folder / f"{s:05d}_img_emb.npy", emb[s * SHARD:(s + 1) * SHARD])
+    return keys
+
+
+def unit64(emb: np.ndarray) -> np.ndarray:
+    e = emb.astype(np.float64)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def emb_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("semantic") / "run"
+    emb = make_embeddings(3000, 48, seed=3)
+    keys = write_embedding_run(folder, emb)
+    cos = unit64(emb) @ unit64(emb).T
+    assert np.abs(cos - THRESHOLD).min() > 1e-3  # nothing sits on the threshold
+    index = {k: i for i, k in enumerate(keys)}
+    exact = greedy_reference(keys, lambda a, b: cos[index[a], index[b]] >= THRESHOLD)
+    assert len(exact) > 300
+    return folder, keys, cos, exact
+
+
+def dedup_rows(out):
+    import polars as pl
+
+    frame = pl.read_parquet(out / "metadata.parquet")
+    return dict(zip(frame["key"], frame["duplicate_of"])), frame
+
+
+@pytest.mark.parametrize("method, clusters", [("exact", 0), ("clusters", 1), ("auto", 0)])
+def test_exact_and_one_cluster_give_the_all_pairs_walk(emb_run, tmp_path, method, clusters):
+    folder, keys, _, exact = emb_run
+    invoke(["dedup", "--by", "embedding", "--min-cosine", THRESHOLD, "--method", method, "--clusters", clusters,
+            "--device", "cpu", "--from", folder, "-o", tmp_path, "--no-progress"])
+    marks, frame = dedup_rows(tmp_path)
+    assert {k: v for k, v in marks.items() if v is not None} == exact
+    assert frame["key"].to_list() == keys
+    assert (frame.filter(frame["duplicate_of"].is_not_null())["reason"] == "duplicate_embedding").all()
+    info = load_json(tmp_path / "dataset.json")
+    assert info["duplicates"] == len(exact) and info["kept"] == len(keys) - len(exact)
+    assert info["settings"]["method"] == ("exact" if method == "auto" else method)  # 3,000 samples: auto is exact
+    assert not list(tmp_path.rglob("bucket-*")) and not (tmp_path / ".partial").exists()
+
+
+def test_clusters_drop_only_true_duplicates_and_find_most(emb_run, tmp_path):
+    folder, keys, cos, exact = emb_run
+    result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", "clusters",
+                      "--device", "cpu", "--from", str(folder), "-o", str(tmp_path), "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    marks, _ = dedup_rows(tmp_path)
+    index = {k: i for i, k in enumerate(keys)}
+    drops = {k: v for k, v in marks.items() if v is not None}
+    for dup, first in drops.items():
+        assert first < dup and marks[first] is None                 # an earlier sample, itself kept
+        assert cos[index[dup], index[first]] >= THRESHOLD            # truly that close
+    kept = [k for k in keys if marks[k] is None]
+    assert len(drops) >= 0.9 * len(exact), (len(drops), len(exact))  # planted near copies: few split
+    info = load_json(tmp_path / "dataset.json")
+    assert info["settings"] == {"min_cosine": THRESHOLD, "method": "clusters", "clusters": 39}  # ceil(sqrt(1500))
+    assert info["kept"] == len(kept)
+    assert "39 k-means clusters" in result.stdout
+
+
+def test_spilling_in_many_buckets_changes_nothing(emb_run, tmp_path, caplog):
+    import polars as pl
+    import torch
+
+    from fastlaion.dataset import open_dataset
+    from fastlaion.dataset.dedup import _candidates
+    from fastlaion.dataset.semantic import EmbeddingReader, clustered_duplicates
+    from fastlaion.dataset.source import NoProgress
+
+    folder = emb_run[0]
+    ds = open_dataset(folder)
+    cand = _candidates(ds)
+    assert isinstance(cand, pl.DataFrame)
+    results = []
+    for bucket_bytes in (1 << 30, 16 << 10):
+        with caplog.at_level(logging.INFO, logger="fastlaion.dataset.semantic"):
+            caplog.clear()
+            results.append(clustered_duplicates(EmbeddingReader(ds, cand), THRESHOLD, 256, torch.device("cpu"), 12,
+                                                bucket_bytes, tmp_path / f"spill{bucket_bytes}", NoProgress()))
+        assert not list((tmp_path / f"spill{bucket_bytes}").iterdir())  # every bucket file read and removed
+        buckets = int(caplog.text.split(" spill buckets")[0].rsplit(" ", 1)[1])
+        assert buckets == (1 if bucket_bytes == 1 << 30 else 12)  # 3,000 x 108 bytes / 16 KiB = 20, one cluster each
+    (dup_a, first_a, k_a), (dup_b, first_b, k_b) = results
+    assert k_a == k_b == 12 and len(dup_a) > 300
+    np.testing.assert_array_equal(dup_a, dup_b)
+    np.testing.assert_array_equal(first_a, first_b)
+
+
+def test_a_missing_or_bad_embedding_file_counts_its_samples_and_the_rest_is_deduped(emb_run, tmp_path):
+    folder, keys, cos, _ = emb_run
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    (run / "00002_img_emb.npy").unlink()
+    np.save(run / "00004_img_emb.npy", np.zeros((SHARD, 7), np.float16))   # another width
+    bad = {k for k in keys if k[:5] in ("00002", "00004")}
+    index = {k: i for i, k in enumerate(keys)}
+    rest = [k for k in keys if k not in bad]
+    expected = greedy_reference(rest, lambda a, b: cos[index[a], index[b]] >= THRESHOLD)
+    for method in ("exact", "clusters"):
+        out = tmp_path / method
+        result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", method,
+                          "--clusters", "1", "--device", "cpu", "--from", str(run), "-o", str(out), "--no-progress"])
+        assert result.returncode == 0, result.stderr
+        assert f"{len(bad):,} kept samples had no readable image/embedding" in result.stdout
+        assert "00002_img_emb.npy" in result.stderr and "00004_img_emb.npy" in result.stderr
+        marks, _ = dedup_rows(out)
+        assert {k: v for k, v in marks.items() if v is not None} == expected
+        assert load_json(out / "dataset.json")["unreadable_samples"] == len(bad)
+
+
+def test_bad_method_or_clusters_is_one_line(emb_run, tmp_path):
+    folder = emb_run[0]
+    for args, message in ((["--method", "approx"], "--method must be one of auto, exact, clusters"),
+                          (["--clusters", "-1"], "--clusters")):
+        result = run_cli(["dedup", "--by", "embedding", *args, "--from", str(folder), "-o", str(tmp_path / "o")])
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_kmeans_and_assignment_against_numpy():
+    import torch
+
+    from fastlaion.dataset.semantic import default_clusters, nearest_centroid, spherical_kmeans
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    x = np.concatenate([c + rng.normal(scale=0.05, size=(40, 16)) for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    xt = torch.from_numpy(x.astype(np.float32))
+    cent = spherical_kmeans(xt, 5, iterations=10, seed=1).numpy().astype(np.float64)
+    assert np.allclose(np.linalg.norm(cent, axis=1), 1, atol=1e-5)
+    assign = nearest_centroid(xt, torch.from_numpy(cent.astype(np.float32))).numpy()
+    np.testing.assert_array_equal(assign, np.argmax(x @ cent.T, axis=1))
+    for c in range(5):  # converged: each centroid is its members' normalised mean
+        members = x[assign == c]
+        if len(members):
+            mean = members.sum(axis=0)
+            assert np.allclose(cent[c], mean / np.linalg.norm(mean), atol=1e-4)
+    assert len(set(assign.tolist())) == 5  # no centroid wasted
+    # more clusters than distinct points: the empty ones restart on the worst-fitting samples
+    few = torch.from_numpy(np.repeat(x[:3], 4, axis=0).astype(np.float32))
+    cent_few = spherical_kmeans(few, 6, iterations=3, seed=0)
+    assert cent_few.shape == (6, 16) and torch.isfinite(cent_few).all()
+    assert len(set(nearest_centroid(few, cent_few).tolist())) == 3
+    assert [default_clusters(n) for n in (1, 2, 3000, 10**6, 10**12)] == [1, 1, 39, 708, 65536]
