@@ -125,7 +125,10 @@ def run_dedup(run: Path, out: Path, method: str, timeout_s: float) -> dict:
         return {"method": method, "error": output[-1500:], "wall_s": round(wall, 1)}
     info = json.loads((out / "dataset.json").read_text())
     return {"method": method, "wall_s": round(wall, 1), "peak_rss_gb": round(rusage.ru_maxrss * 1024 / 1e9, 2), "duplicates": info["duplicates"],
-            "clusters": info["settings"].get("clusters"), "output": output.strip().splitlines()}
+            "clusters": info["settings"].get("clusters"), "split_estimate": (
+                round(info["settings"]["probe_pairs_split"] / info["settings"]["probe_pairs"], 4)
+                if info["settings"].get("probe_pairs") else None),
+            "output": output.strip().splitlines()}
 
 
 def drops(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -180,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             results.append(r)
     print()
-    print("| samples | method | wall s | peak RSS GB | duplicates | recall vs exact | false drops |")
-    print("|---|---|---|---|---|---|---|")
+    print("| samples | method | wall s | peak RSS GB | duplicates | recall vs exact | pairs split (probes' estimate) | false drops |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['method']}{' (' + str(r['clusters']) + ' clusters)' if r.get('clusters') else ''} | "
               f"{r['wall_s']} | {r.get('peak_rss_gb')} | {r.get('duplicates', 'ERROR')} | {r.get('recall_vs_exact', '')} | "
-              f"{r.get('false_drops', '')} |")
+              f"{'' if r.get('split_estimate') is None else r['split_estimate']} | {r.get('false_drops', '')} |")
     pair = {r["method"]: r for r in results if r["rows"] == args.rows and "error" not in r}
     if len(pair) == 2:
         print(f"\nclusters / exact at {args.rows:,} samples: {pair['exact']['wall_s'] / pair['clusters']['wall_s']:.1f}x faster")

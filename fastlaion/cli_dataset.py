@@ -137,9 +137,15 @@ def dedup_cmd(
     share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
          f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
-    if result.settings.get("method") == "clusters":
-        _say(f"pairs compared within {result.settings['clusters']:,} k-means clusters (--method clusters): "
-             "a pair split across two clusters is not found; --method exact compares every pair")
+    st = result.settings
+    if st.get("method") == "clusters":
+        split = (f"{100 * st['probe_pairs_split'] / st['probe_pairs']:.1f}% of the {st['probe_pairs']:,} pairs above "
+                 f"--min-cosine found from {st['probe_samples']:,} probe samples straddle two clusters and were not "
+                 "compared" if st.get("probe_pairs") else
+                 f"the {st.get('probe_samples', 0):,} probe samples have no pair above --min-cosine, so the share of "
+                 "pairs straddling two clusters (not compared) is not estimated")
+        _say(f"pairs compared within {st['clusters']:,} k-means clusters (--method clusters): {split}; "
+             "--method exact compares every pair")
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
     _skipped_line(result.skipped_files)

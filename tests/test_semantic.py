@@ -17,13 +17,13 @@ THRESHOLD = 0.95
 SHARD = 500
 
 
-def make_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit float16 vectors around 30 topics (cosine ~0.5 within a topic), a fifth of them near
-    copies (cosine > 0.99) of an earlier original, so that several copies of one original repeat
-    each other too."""
+def make_embeddings(n: int, dim: int, seed: int, topics: int = 30) -> np.ndarray:
+    """Unit float16 vectors around `topics` topics (cosine ~0.5 within a topic; 0: spread evenly),
+    a fifth of them near copies (cosine > 0.99) of an earlier original, so that several copies of
+    one original repeat each other too."""
     rng = np.random.default_rng(seed)
-    topics = rng.normal(size=(30, dim))
-    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    topics = rng.normal(size=(topics, dim)) if topics else np.zeros((1, dim))
+    topics /= np.maximum(np.linalg.norm(topics, axis=1, keepdims=True), 1e-9)
     emb = np.empty((n, dim))
     originals: list[int] = []
     for i in range(n):
@@ -32,7 +32,7 @@ def make_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
                 scale=rng.choice([0.05, 0.1]) / math.sqrt(dim), size=dim)
         else:
             originals.append(i)
-            v = topics[int(rng.integers(30))] + rng.normal(scale=1.0 / math.sqrt(dim), size=dim)
+            v = topics[int(rng.integers(len(topics)))] + rng.normal(scale=1.0 / math.sqrt(dim), size=dim)
         emb[i] = v / np.linalg.norm(v)
     return emb.astype(np.float16)
 
@@ -52,10 +52,8 @@ def unit64(emb: np.ndarray) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-@pytest.fixture(scope="module")
-def emb_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("semantic") / "run"
-    emb = make_embeddings(3000, 48, seed=3)
+def embedding_case(folder, topics: int):
+    emb = make_embeddings(3000, 48, seed=3, topics=topics)
     keys = write_embedding_run(folder, emb)
     cos = unit64(emb) @ unit64(emb).T
     assert np.abs(cos - THRESHOLD).min() > 1e-3  # nothing sits on the threshold
@@ -63,6 +61,18 @@ def emb_run(tmp_path_factory):
     exact = greedy_reference(keys, lambda a, b: cos[index[a], index[b]] >= THRESHOLD)
     assert len(exact) > 300
     return folder, keys, cos, exact
+
+
+@pytest.fixture(scope="module")
+def emb_run(tmp_path_factory):
+    return embedding_case(tmp_path_factory.mktemp("semantic") / "run", topics=30)
+
+
+@pytest.fixture(scope="module")
+def spread_run(tmp_path_factory):
+    """No topics: in 48 dimensions a few centroids all sit far from every sample, so the margins
+    between the nearest two are thin and near copies fall on both sides."""
+    return embedding_case(tmp_path_factory.mktemp("spread") / "run", topics=0)
 
 
 def dedup_rows(out):
@@ -84,13 +94,19 @@ def test_exact_and_one_cluster_give_the_all_pairs_walk(emb_run, tmp_path, method
     info = load_json(tmp_path / "dataset.json")
     assert info["duplicates"] == len(exact) and info["kept"] == len(keys) - len(exact)
     assert info["settings"]["method"] == ("exact" if method == "auto" else method)  # 3,000 samples: auto is exact
+    if method == "clusters":  # one cluster: no pair can straddle two
+        assert info["settings"]["probe_pairs"] > 10 and info["settings"]["probe_pairs_split"] == 0
     assert not list(tmp_path.rglob("bucket-*")) and not (tmp_path / ".partial").exists()
 
 
-def test_clusters_drop_only_true_duplicates_and_find_most(emb_run, tmp_path):
-    folder, keys, cos, exact = emb_run
+@pytest.mark.parametrize("case, clusters", [("emb_run", 0), ("spread_run", 8)])
+def test_clusters_drop_only_true_duplicates_and_find_most(request, tmp_path, case, clusters):
+    """Default clusters (78 for 3,000 samples) on samples around topics: few pairs split. Eight on
+    samples spread evenly: many split, and the probes must say so."""
+    folder, keys, cos, exact = request.getfixturevalue(case)
     result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", "clusters",
-                      "--device", "cpu", "--from", str(folder), "-o", str(tmp_path), "--no-progress"])
+                      "--clusters", str(clusters), "--device", "cpu", "--from", str(folder), "-o", str(tmp_path),
+                      "--no-progress"])
     assert result.returncode == 0, result.stderr
     marks, _ = dedup_rows(tmp_path)
     index = {k: i for i, k in enumerate(keys)}
@@ -99,11 +115,24 @@ def test_clusters_drop_only_true_duplicates_and_find_most(emb_run, tmp_path):
         assert first < dup and marks[first] is None                 # an earlier sample, itself kept
         assert cos[index[dup], index[first]] >= THRESHOLD            # truly that close
     kept = [k for k in keys if marks[k] is None]
-    assert len(drops) >= 0.9 * len(exact), (len(drops), len(exact))  # planted near copies: few split
+    found = len(set(drops) & set(exact)) / len(exact)
     info = load_json(tmp_path / "dataset.json")
-    assert info["settings"] == {"min_cosine": THRESHOLD, "method": "clusters", "clusters": 39}  # ceil(sqrt(1500))
+    st = info["settings"]
+    assert (st["min_cosine"], st["method"], st["clusters"]) == (THRESHOLD, "clusters", clusters or 78)  # sqrt(6000)
     assert info["kept"] == len(kept)
-    assert "39 k-means clusters" in result.stdout
+    # the split estimate: 1,000 probes evenly spaced over the sample read for k-means (64 a
+    # cluster, plus the probes), held out of the training
+    sample = np.linspace(0, len(keys) - 1, min(len(keys), 64 * st["clusters"] + 1000)).astype(np.int64)
+    probes = sample[np.linspace(0, len(sample) - 1, 1000).astype(np.int64)]
+    pairs = int((cos[:, probes] >= THRESHOLD).sum()) - len(probes)  # not a probe with itself
+    assert st["probe_samples"] == len(probes) and st["probe_pairs"] == pairs > 100
+    share = st["probe_pairs_split"] / pairs
+    if clusters == 0:
+        assert found > 0.97 and share < 0.03  # planted near copies: few split
+    else:
+        assert found < 0.99 and share > 0.02, (found, share)  # more split, and the estimate says so
+    assert (f"{st['clusters']} k-means clusters (--method clusters): {100 * share:.1f}% of the {pairs:,} pairs above "
+            "--min-cosine" in " ".join(result.stdout.split()))
 
 
 def test_spilling_in_many_buckets_changes_nothing(emb_run, tmp_path, caplog):
@@ -123,8 +152,9 @@ def test_spilling_in_many_buckets_changes_nothing(emb_run, tmp_path, caplog):
     for bucket_bytes in (1 << 30, 16 << 10):
         with caplog.at_level(logging.INFO, logger="fastlaion.dataset.semantic"):
             caplog.clear()
-            results.append(clustered_duplicates(EmbeddingReader(ds, cand), THRESHOLD, 256, torch.device("cpu"), 12,
-                                                bucket_bytes, tmp_path / f"spill{bucket_bytes}", NoProgress()))
+            dup, first, report = clustered_duplicates(EmbeddingReader(ds, cand), THRESHOLD, 256, torch.device("cpu"),
+                                                      12, bucket_bytes, tmp_path / f"spill{bucket_bytes}", NoProgress())
+            results.append((dup, first, report.clusters))
         assert not list((tmp_path / f"spill{bucket_bytes}").iterdir())  # every bucket file read and removed
         buckets = int(caplog.text.split(" spill buckets")[0].rsplit(" ", 1)[1])
         assert buckets == (1 if bucket_bytes == 1 << 30 else 12)  # 3,000 x 108 bytes / 16 KiB = 20, one cluster each
@@ -190,4 +220,4 @@ def test_kmeans_and_assignment_against_numpy():
     cent_few = spherical_kmeans(few, 6, iterations=3, seed=0)
     assert cent_few.shape == (6, 16) and torch.isfinite(cent_few).all()
     assert len(set(nearest_centroid(few, cent_few).tolist())) == 3
-    assert [default_clusters(n) for n in (1, 2, 3000, 10**6, 10**12)] == [1, 1, 39, 708, 65536]
+    assert [default_clusters(n) for n in (1, 2, 3000, 10**6, 10**12)] == [2, 2, 78, 1415, 65536]

@@ -250,10 +250,12 @@ def _semantic(ds: Dataset, cfg: DedupConfig, progress: Progress,
         dup, first = exact_duplicates(reader, cfg.min_cosine, cfg.block_rows, device, progress)
     else:
         try:
-            dup, first, settings["clusters"] = clustered_duplicates(
+            dup, first, report = clustered_duplicates(
                 reader, cfg.min_cosine, cfg.block_rows, device, cfg.clusters, cfg.bucket_bytes, spill_dir, progress)
         finally:
             shutil.rmtree(spill_dir, ignore_errors=True)
+        settings.update(clusters=report.clusters, largest_cluster=report.largest, probe_samples=report.probes,
+                        probe_pairs=report.pairs, probe_pairs_split=report.split_pairs)
     if reader.unreadable:
         log.warning("embedding: %d of %d kept samples have no image embedding; they take no part",
                     reader.unreadable, cand.height)

@@ -9,12 +9,15 @@ Two ways to apply it:
   (n x D float16). Right up to about 10^5 samples on a CPU and 10^6 on a GPU; beyond, hours.
 - `clusters` (SemDeDup-style, approximate): spherical k-means on an evenly spaced sample, every
   sample assigned to its nearest centroid (`topk_cosine`: our CUDA kernel on a GPU), then the
-  same greedy walk inside each cluster only. n * (K + n / K) dot products, K ~ sqrt(n / 2) by
+  same greedy walk inside each cluster only. n * (K + n / K / 2) dot products, K ~ sqrt(2 n) by
   default: a million samples take seconds, not hours. The samples are spilled to disk by
   cluster (buckets of whole clusters, each at most `bucket_bytes` in memory), so memory stays
   bounded however many there are. Every drop still has cosine >= threshold with the kept sample
   it names (the rule inside a cluster is the exact one); what it can miss is a pair split across
-  two clusters. With one cluster it is `exact`.
+  two clusters, and it measures how often that happens on the data at hand: up to 1,000 probe
+  samples are compared with every other sample, and the share of their pairs above the
+  threshold that straddle two clusters is reported (ClusterReport). With one cluster it is
+  `exact`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +41,16 @@ KMEANS_SAMPLE_PER_CLUSTER = 64     # training sample: this many samples per clus
 KMEANS_MAX_SAMPLE = 1 << 20        # ... at most (1M x 768 float32: 3 GiB)
 EXACT_MAX_ROWS = {"cpu": 100_000, "cuda": 1_000_000}  # method auto: exact up to this many samples
 MAX_BUCKETS = 256                   # spill files open at once (beyond ~250M samples a bucket outgrows 1 GiB)
+_PROBE_ROWS = 1 << 14              # samples against the probes per matrix product
 _ASSIGN_ROWS = 1 << 16             # samples assigned per topk_cosine call
 
 
 def default_clusters(n: int) -> int:
-    """About sqrt(n / 2): the assignment (n x K) and the walks inside clusters (~n x n / K / 2)
-    then cost about the same."""
-    return max(1, min(1 << 16, math.ceil(math.sqrt(n / 2))))
+    """About sqrt(2 n): the assignment (n x K dot products) then costs about four times the walks
+    inside clusters (~n x n / K / 2), a price for recall: on bench/semantic.py's data, sqrt(n / 2)
+    clusters (the cheapest) split 3 % of the pairs above 0.95, sqrt(2 n) 0.6 %, because finer
+    centroids sit closer to where samples gather and leave wider margins between them."""
+    return max(1, min(1 << 16, math.ceil(math.sqrt(2 * n))))
 
 
 # --- reading the embeddings --------------------------------------------------------------------
@@ -248,34 +255,71 @@ def _unit(vec: np.ndarray, device: Any) -> Any:
     return torch.nn.functional.normalize(x, dim=1, eps=1e-8)
 
 
+@dataclass
+class ClusterReport:
+    """What the clustered walk did, and how much it may have missed: of the pairs at or above the
+    threshold that involve one of `probes` samples (every other sample compared with them),
+    `split_pairs` had their two samples in different clusters, so the walk never compared them."""
+
+    clusters: int = 0
+    largest: int = 0
+    probes: int = 0
+    pairs: int = 0
+    split_pairs: int = 0
+
+    @property
+    def split_share(self) -> float | None:
+        return self.split_pairs / self.pairs if self.pairs else None
+
+
+def probe_count(n: int) -> int:
+    """Samples compared with every other one to estimate the split pairs: 1,000, fewer past 10^6
+    samples (the cost is n x probes dot products, next to the assignment's n x clusters)."""
+    return max(1, min(n, 1000, max(100, 10**9 // max(n, 1))))
+
+
 def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows: int, device: Any,
                          clusters: int, bucket_bytes: int, spill_dir: Path,
-                         progress: Progress) -> tuple[np.ndarray, np.ndarray, int]:
+                         progress: Progress) -> tuple[np.ndarray, np.ndarray, ClusterReport]:
     """Like exact_duplicates, inside clusters only: (duplicate positions, kept positions they
-    repeat, clusters used). `clusters` 0: default_clusters(n). Spills the embeddings to
+    repeat, a ClusterReport). `clusters` 0: default_clusters(n). Spills the embeddings to
     `spill_dir` by cluster; reads the embedding files twice (a sample, then all)."""
     import torch
 
     n = reader.rows
     k = clusters or default_clusters(n)
-    # 1. centroids from an evenly spaced sample of the candidates
-    sample_size = min(n, max(k, min(KMEANS_MAX_SAMPLE, k * KMEANS_SAMPLE_PER_CLUSTER)))
+    report = ClusterReport()
+    none = np.zeros(0, np.int64)
+    # 1. centroids from an evenly spaced sample of the candidates; probes evenly spaced among it,
+    #    held out of the training (k-means fits the samples it is trained on: their margins are
+    #    wider than other samples', so as probes they would see fewer split pairs than there are)
+    sample_size = min(n, max(k, min(KMEANS_MAX_SAMPLE, k * KMEANS_SAMPLE_PER_CLUSTER)) + probe_count(n))
     only = np.zeros(n, dtype=bool)
     only[np.linspace(0, n - 1, sample_size).astype(np.int64)] = True
-    parts = [v for _, v in reader.shards(progress, "embeddings (k-means sample)", only)]
+    parts = list(reader.shards(progress, "embeddings (k-means sample)", only))
     if not parts:  # the sample fell on samples without embeddings: the first readable ones instead
         got = 0
-        for _, v in reader.shards(progress, "embeddings (k-means sample)"):
-            parts.append(v)
-            got += len(v)
+        for pos, vec in reader.shards(progress, "embeddings (k-means sample)"):
+            parts.append((pos, vec))
+            got += len(vec)
             if got >= sample_size:
                 break
         if not parts:  # that pass read every file: not one embedding, all counted unreadable
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    centroids = spherical_kmeans(_unit(np.concatenate(parts), device), k)
-    k = centroids.shape[0]
+            return none, none, report
+    sample_pos = np.concatenate([p for p, _ in parts])
+    sample = _unit(np.concatenate([v for _, v in parts]), device)
     del parts
-    log.info("embedding dedup: %d clusters from %d samples", k, sample_size)
+    is_probe = np.zeros(len(sample_pos), dtype=bool)
+    is_probe[np.linspace(0, len(sample_pos) - 1, min(len(sample_pos) - 1, probe_count(n))).astype(np.int64)] = True
+    centroids = spherical_kmeans(sample[torch.as_tensor(~is_probe, device=sample.device)], k)
+    k = report.clusters = centroids.shape[0]
+    probes = sample[torch.as_tensor(is_probe, device=sample.device)]
+    probe_pos = torch.as_tensor(sample_pos[is_probe], device=sample.device)
+    probe_cluster = nearest_centroid(probes, centroids)
+    report.probes = int(is_probe.sum())
+    log.info("embedding dedup: %d clusters from %d samples, %d probes", k, len(sample_pos) - report.probes,
+             report.probes)
+    del sample
 
     # 2. every sample to its nearest centroid, spilled to buckets of whole clusters
     record = np.dtype([("cluster", "<i4"), ("pos", "<i8"), ("vec", "<f2", (reader.dim,))])
@@ -287,7 +331,11 @@ def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows:
     files = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below, also on errors)
     try:
         for pos, vec in reader.shards(progress, "embeddings (assign to clusters)"):
-            cluster = nearest_centroid(_unit(vec, device), centroids).cpu().numpy()
+            unit = _unit(vec, device)
+            cluster_t = nearest_centroid(unit, centroids)
+            _count_probe_pairs(unit, torch.as_tensor(pos, device=unit.device), cluster_t, probes, probe_pos,
+                               probe_cluster, min_cosine, report)
+            cluster = cluster_t.cpu().numpy()
             sizes += np.bincount(cluster, minlength=k)
             rec = np.empty(pos.size, dtype=record)
             rec["cluster"], rec["pos"], rec["vec"] = cluster, pos, vec
@@ -304,8 +352,11 @@ def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows:
     # 3. the exact walk inside each cluster, one bucket in memory at a time
     dups: list[np.ndarray] = []
     firsts: list[np.ndarray] = []
-    log.info("embedding dedup: %d samples in %d clusters (largest %d) and %d spill buckets",
-             int(sizes.sum()), int((sizes > 0).sum()), int(sizes.max()), buckets)
+    report.largest = int(sizes.max())
+    log.info("embedding dedup: %d samples in %d clusters (largest %d) and %d spill buckets; of %d pairs "
+             "above the threshold with one of %d probe samples, %d split across clusters",
+             int(sizes.sum()), int((sizes > 0).sum()), report.largest, buckets, report.pairs, report.probes,
+             report.split_pairs)
     progress.start("clusters", int((sizes > 0).sum()))
     for path in paths:
         rec = np.fromfile(path, dtype=record)
@@ -324,7 +375,19 @@ def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows:
             progress.advance()
     progress.stop()
     if not dups:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), k
+        return none, none, report
     dup, first = np.concatenate(dups), np.concatenate(firsts)
     order = np.argsort(dup)
-    return dup[order], first[order], k
+    return dup[order], first[order], report
+
+
+def _count_probe_pairs(unit: Any, pos: Any, cluster: Any, probes: Any, probe_pos: Any, probe_cluster: Any,
+                       min_cosine: float, report: ClusterReport) -> None:
+    """Add the pairs (a sample of this shard, a probe) at or above the threshold, and how many of
+    them lie in two clusters, to `report` (a sample is not paired with itself)."""
+    for start in range(0, unit.shape[0], _PROBE_ROWS):
+        stop = start + _PROBE_ROWS
+        close = (unit[start:stop] @ probes.T) >= min_cosine
+        close &= pos[start:stop, None] != probe_pos[None, :]
+        report.pairs += int(close.sum())
+        report.split_pairs += int((close & (cluster[start:stop, None] != probe_cluster[None, :])).sum())
