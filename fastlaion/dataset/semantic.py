@@ -310,7 +310,8 @@ def clustered_duplicates(reader: EmbeddingReader, min_cosine: float, block_rows:
     sample = _unit(np.concatenate([v for _, v in parts]), device)
     del parts
     is_probe = np.zeros(len(sample_pos), dtype=bool)
-    is_probe[np.linspace(0, len(sample_pos) - 1, min(len(sample_pos) - 1, probe_count(n))).astype(np.int64)] = True
+    probes_n = min(probe_count(n), len(sample_pos) // 3)  # two thirds at least for the training
+    is_probe[np.linspace(0, len(sample_pos) - 1, probes_n).astype(np.int64)] = True
     centroids = spherical_kmeans(sample[torch.as_tensor(~is_probe, device=sample.device)], k)
     k = report.clusters = centroids.shape[0]
     probes = sample[torch.as_tensor(is_probe, device=sample.device)]
