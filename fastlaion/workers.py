@@ -11,6 +11,7 @@ input rows of the shard it runs, and only those, from the files this process wro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -21,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,17 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
         tasks.put(shard)
     for _ in devices:
         tasks.put(None)
-    procs = []
-    for i, wcfg in enumerate(worker_configs(cfg, devices)):
-        proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                           args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
-        proc.start()
-        procs.append(proc)
-
+    procs: list[Any] = []
     timings: dict[str, float] = {}
     finished = 0
     done_workers: set[int] = set()
     try:
+        with _ctrl_c_held():
+            for i, wcfg in enumerate(worker_configs(cfg, devices)):
+                proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
+                                   args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
+                proc.start()
+                procs.append(proc)
         while finished < len(todo) or len(done_workers) < len(procs):
             try:
                 msg = results.get(timeout=0.5)
@@ -102,6 +104,22 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
         tasks.close()
         results.close()
     return timings
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Start workers with SIGINT blocked: a Ctrl-C while one is still starting Python and
+    unpickling its arguments stays pending in it (a traceback from multiprocessing's bootstrap
+    otherwise) until `_worker_main` unblocks it, inside its own handling. Blocked, not ignored:
+    the parent's own Ctrl-C in this window is delivered when the block ends, not lost."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _check_alive(procs: list[Any], done_workers: set[int], devices: list[str]) -> None:
@@ -161,6 +179,8 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
     try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
+        if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (_ctrl_c_held): one pending lands here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         from .pipeline import work
 
         uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)

@@ -268,3 +268,61 @@ def test_stored_encoder_nvimgcodec_missing_is_an_error_not_a_cpu_decode(tmp_path
                                  "--no-progress", "--allow-private-networks"])
     assert result.exit_code == 2, result.output
     assert "needs NVIDIA nvImageCodec" in result.output and "Traceback" not in result.output
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
+def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
+    """The terminal's SIGINT reaches every process of the group, the workers too while Python is
+    still starting them (multiprocessing's bootstrap printed a traceback each); then a rerun of
+    the same command finishes every row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import encode
+
+    from fastlaion.server import Served
+
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(12)}
+    with LoopbackServer(files, delay_s=0.1) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(12)))
+        cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "o"), "--no-score",
+               "--no-language", "--processes", "2", "--shard-size", "3", "--allow-private-networks",
+               "--retries", "0", "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not any("spawn_main" in c for c in _children(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.005)
+            time.sleep(0.05)  # a worker exists and is still starting Python
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130, (out, err)
+        assert "Traceback" not in err.decode() + out.decode(), err.decode()
+        assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
+                                                     "to resume"]
+        rerun = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    frame = read_output(tmp_path / "o")
+    assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(12))
+    assert (frame["status"] == "kept").all()
