@@ -96,6 +96,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
+from .interrupt import ctrl_c_held, release_ctrl_c
 
 if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
     import http.client
@@ -343,6 +344,7 @@ _worker_queue: Any = None
 
 def _init_worker(queue: Any) -> None:
     global _worker_queue
+    release_ctrl_c(ignore=True)  # Ctrl-C is the parent's: it stops the pool (_stop_pool)
     _worker_queue = queue
     if _USE_NATIVE:
         from .extract_native import tune_malloc
@@ -378,7 +380,8 @@ def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -
     ticks = ctx.Queue()
     results: dict[int, InputStats] = {}
     with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(ticks,)) as pool:
-        futures = {pool.submit(_run_in_worker, job): job for job in jobs}
+        with ctrl_c_held():  # submit starts the workers: they ignore Ctrl-C from their first instruction
+            futures = {pool.submit(_run_in_worker, job): job for job in jobs}
         pending = set(futures)
         try:
             while pending:
@@ -387,12 +390,24 @@ def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -
                 for fut in done:
                     results[futures[fut].index] = fut.result()  # re-raises ConfigError and bugs
                     progress.input_done(results[futures[fut].index])
+        except KeyboardInterrupt:
+            _stop_pool(pool)
+            raise
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
         _drain(ticks, progress, queue_mod.Empty)
     return [results[j.index] for j in jobs]
+
+
+def _stop_pool(pool: Any) -> None:
+    """Ctrl-C: end the workers now (they ignore SIGINT), not after their files. Their futures are
+    left pending, not cancelled: the pool then fails them as broken, where Python 3.11 would
+    print an InvalidStateError traceback for a cancelled one."""
+    processes = getattr(pool, "_processes", None) or {}  # pid -> Process (no public handle)
+    for proc in list(processes.values()):
+        proc.terminate()
 
 
 def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> None:

@@ -11,7 +11,6 @@ input rows of the shard it runs, and only those, from the files this process wro
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -22,11 +21,11 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, WorkerFailed
+from .interrupt import ctrl_c_held, release_ctrl_c
 from .reader import InputRows
 from .writer import ShardWriteError
 
@@ -61,7 +60,7 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
     finished = 0
     done_workers: set[int] = set()
     try:
-        with _ctrl_c_held():
+        with ctrl_c_held():  # a Ctrl-C while a worker is still starting waits for _worker_main
             for i, wcfg in enumerate(worker_configs(cfg, devices)):
                 proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
                                    args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
@@ -104,22 +103,6 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
         tasks.close()
         results.close()
     return timings
-
-
-@contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Start workers with SIGINT blocked: a Ctrl-C while one is still starting Python and
-    unpickling its arguments stays pending in it (a traceback from multiprocessing's bootstrap
-    otherwise) until `_worker_main` unblocks it, inside its own handling. Blocked, not ignored:
-    the parent's own Ctrl-C in this window is delivered when the block ends, not lost."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _check_alive(procs: list[Any], done_workers: set[int], devices: list[str]) -> None:
@@ -179,8 +162,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
     try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
-        if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (_ctrl_c_held): one pending lands here
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
         from .pipeline import work
 
         uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)

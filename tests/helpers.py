@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,3 +40,28 @@ def refused_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/x.jpg"
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the live processes whose parent is `pid` (Linux /proc)."""
+    found = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def gone(pids, timeout: float = 5.0) -> bool:
+    """Whether every one of `pids` has exited (and been reaped) within `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

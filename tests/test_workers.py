@@ -270,18 +270,6 @@ def test_stored_encoder_nvimgcodec_missing_is_an_error_not_a_cpu_decode(tmp_path
     assert "needs NVIDIA nvImageCodec" in result.output and "Traceback" not in result.output
 
 
-def _children(pid: int) -> list[str]:
-    """Command lines of the processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
-
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
 def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
@@ -294,7 +282,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
     import sys
     import time
 
-    from helpers import encode
+    from helpers import children, encode
 
     from fastlaion.server import Served
 
@@ -308,7 +296,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             deadline = time.monotonic() + 60
-            while not any("spawn_main" in c for c in _children(proc.pid)):
+            while not any("spawn_main" in c for c in children(proc.pid).values()):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
                 time.sleep(0.005)
             time.sleep(0.05)  # a worker exists and is still starting Python
