@@ -115,7 +115,7 @@ def dedup_cmd(
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
     device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,
     method: Annotated[str, typer.Option(help="--by embedding: exact (every pair; hours past ~10^5 samples on a CPU, ~10^6 on a GPU), clusters (SemDeDup-style: only pairs inside one k-means cluster; seconds for 10^6 samples, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
-    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(samples / 2). Fewer finds more pairs and costs more.")] = _DD.clusters,
+    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
     threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -138,12 +138,16 @@ def dedup_cmd(
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
          f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
     st = result.settings
-    if st.get("method") == "clusters":
-        split = (f"{100 * st['probe_pairs_split'] / st['probe_pairs']:.1f}% of the {st['probe_pairs']:,} pairs above "
-                 f"--min-cosine found from {st['probe_samples']:,} probe samples straddle two clusters and were not "
-                 "compared" if st.get("probe_pairs") else
-                 f"the {st.get('probe_samples', 0):,} probe samples have no pair above --min-cosine, so the share of "
-                 "pairs straddling two clusters (not compared) is not estimated")
+    if st.get("method") == "clusters" and st.get("clusters"):
+        if st.get("probe_pairs"):
+            split = (f"{100 * st['probe_pairs_split'] / st['probe_pairs']:.1f}% of the {st['probe_pairs']:,} pairs above "
+                     f"--min-cosine found from {st['probe_samples']:,} probe samples straddle two clusters and were "
+                     "not compared")
+        elif st.get("probe_samples"):
+            split = (f"the {st['probe_samples']:,} probe samples have no pair above --min-cosine, so the share of pairs "
+                     "straddling two clusters (not compared) is not estimated")
+        else:
+            split = "too few samples to set probes aside, so the share of pairs straddling two clusters is not estimated"
         _say(f"pairs compared within {st['clusters']:,} k-means clusters (--method clusters): {split}; "
              "--method exact compares every pair")
     if result.unreadable_samples:

@@ -10,12 +10,13 @@ Two ways to apply it:
 - `clusters` (SemDeDup-style, approximate): spherical k-means on an evenly spaced sample, every
   sample assigned to its nearest centroid (`topk_cosine`: our CUDA kernel on a GPU), then the
   same greedy walk inside each cluster only. n * (K + n / K / 2) dot products, K ~ sqrt(2 n) by
-  default: a million samples take seconds, not hours. The samples are spilled to disk by
-  cluster (buckets of whole clusters, each at most `bucket_bytes` in memory), so memory stays
-  bounded however many there are. Every drop still has cosine >= threshold with the kept sample
-  it names (the rule inside a cluster is the exact one); what it can miss is a pair split across
-  two clusters, and it measures how often that happens on the data at hand: up to 1,000 probe
-  samples are compared with every other sample, and the share of their pairs above the
+  default: a million samples take under two minutes on two cores, not hours. The samples are
+  spilled to disk by cluster (buckets of whole clusters, about `bucket_bytes` each, one in
+  memory at a time; one huge cluster makes one big bucket), so memory stays bounded however many
+  there are. Every drop still has cosine >= threshold with the kept sample it names (the rule
+  inside a cluster is the exact one); what it can miss is a pair split across two clusters, and
+  it measures how often that happens on the data at hand: up to 1,000 probe samples are
+  compared with every other sample, and the share of their pairs above the
   threshold that straddle two clusters is reported (ClusterReport). With one cluster it is
   `exact`.
 """
@@ -103,19 +104,24 @@ class EmbeddingReader:
                 arr = np.load(path, mmap_mode="r")
                 if arr.ndim != 2:
                     raise ValueError(f"shape {arr.shape}, not (rows, dim)")
-            except (OSError, ValueError) as e:
-                self._warn(path, f"cannot read {path} ({e})", pos.size)
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+                self._warn(path, f"cannot read {path} ({e}); its samples take no part")
                 missing += pos.size
                 progress.advance()
                 continue
             self.dim = self.dim or int(arr.shape[1])
             if arr.shape[1] != self.dim:
-                self._warn(path, f"{path} has {arr.shape[1]} dimensions, the others {self.dim}", pos.size)
+                self._warn(path, f"{path} has {arr.shape[1]} dimensions, the others {self.dim}; its samples take no part")
                 missing += pos.size
                 progress.advance()
                 continue
             valid = (row >= 0) & (row < arr.shape[0])
-            vec = np.asarray(arr[row[valid]], dtype=np.float16)
+            if not valid.all():
+                self._warn(path, f"{path} has {arr.shape[0]} rows; the samples of its shard past them take no part")
+            vec = np.asarray(arr[row[valid]], dtype=np.float32)
+            if arr.dtype != np.float16:  # unit length before float16 (ours are already): no overflow to inf
+                vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-30)
+            vec = vec.astype(np.float16)
             finite = np.isfinite(vec).all(axis=1)
             missing += pos.size - int(finite.sum())
             progress.advance()
@@ -124,17 +130,20 @@ class EmbeddingReader:
         if only is None:
             self.unreadable = missing
 
-    def _warn(self, path: Path, what: str, samples: int) -> None:
+    def _warn(self, path: Path, what: str) -> None:
         if str(path) not in self._warned:
             self._warned.add(str(path))
-            log.warning("embedding: %s; its samples take no part", what)
+            log.warning("embedding: %s", what)
 
     def load_all(self, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, (m, D) float16) of every candidate with an embedding, in dataset order."""
+        """(positions, (m, D) float16) of every candidate with an embedding, in dataset order
+        (shard by shard is not that order when a dataset's rows interleave shards)."""
         parts = list(self.shards(progress, "embeddings"))
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, max(self.dim, 1)), np.float16)
-        return np.concatenate([p for p, _ in parts]), np.concatenate([v for _, v in parts])
+        pos = np.concatenate([p for p, _ in parts])
+        order = np.argsort(pos, kind="stable")
+        return pos[order], np.concatenate([v for _, v in parts])[order]
 
 
 # --- exact -------------------------------------------------------------------------------------
@@ -228,24 +237,25 @@ def spherical_kmeans(x: Any, k: int, iterations: int = KMEANS_ITERATIONS, seed: 
     """(n, D) unit float32 vectors -> (k, D) unit centroids (k <= n). Initial centroids: k samples
     drawn with a seeded generator; a cluster left empty restarts at the sample farthest from its
     own centroid (as faiss does, so no centroid is wasted). Deterministic for one input on one
-    device."""
+    device: the members are summed on the CPU (index_add_ on CUDA adds with atomics, in no fixed
+    order)."""
     import torch
 
     n = x.shape[0]
     k = min(k, n)
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-    centroids = x[pick.to(x.device)].clone()
+    x_host = x.cpu()
+    centroids = x_host[pick].clone()
     for _ in range(iterations):
-        assign = nearest_centroid(x, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)
-        filled = counts > 0
+        assign = nearest_centroid(x, centroids.to(x.device)).cpu()
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x_host)
+        filled = torch.bincount(assign, minlength=k) > 0
         centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
         empty = torch.nonzero(~filled).flatten()
         if empty.numel():
-            fit = (x * centroids[assign]).sum(dim=1)
-            centroids[empty] = x[torch.argsort(fit, stable=True)[:empty.numel()]]
-    return centroids
+            fit = (x_host * centroids[assign]).sum(dim=1)
+            centroids[empty] = x_host[torch.argsort(fit, stable=True)[:empty.numel()]]
+    return centroids.to(x.device)
 
 
 def _unit(vec: np.ndarray, device: Any) -> Any:
