@@ -245,3 +245,49 @@ def _print_histogram(h: Any) -> None:
         label = f"{lo:.4g} +" if (h.last_open and i == len(h.counts) - 1) else f"{lo:.4g} .. {hi:.4g}"
         t.add_row(label, f"{n:,}", "█" * round(30 * n / top))
     _cli().out_console.print(t)
+
+
+def search_cmd(
+    source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file) with image embeddings.", show_default=False)],
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="Find the samples whose images best match this text (repeatable).", show_default=False)] = None,
+    image: Annotated[Optional[list[Path]], typer.Option("--image", help="Find the samples most like this image file (repeatable).", show_default=False)] = None,
+    vector: Annotated[Optional[list[Path]], typer.Option("--vector", help="A .npy embedding made elsewhere, of the run's model (repeatable); needs no model.", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", help="How many samples per query.")] = 10,
+    model: Annotated[Optional[str], typer.Option(help="open_clip architecture for the queries; default: the one the run scored with (its config.json).", show_default=False)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (where the queries are embedded).")] = "auto",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON.", show_default=False)] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Find the kept samples most like a text, an image or a vector: the query is embedded with
+    the CLIP model the run scored with, and every kept sample's image embedding is compared with
+    it (exact cosine, shard by shard). Prints the k best per query."""
+    from .dataset import open_dataset
+    from .dataset.search import Query, SearchConfig, run_search
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    queries = ([Query("text", t) for t in text or []] + [Query("image", str(p)) for p in image or []]
+               + [Query("vector", str(p)) for p in vector or []])
+    with _cli().user_errors(bar, "nothing was written"):
+        cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device)
+        cfg.validate()
+        ds = open_dataset(source)
+        result = run_search(ds, queries, cfg, bar)
+        if json_path is not None:
+            json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    for q, hits in zip(result.queries, result.hits):
+        label = f'"{q.value}"' if q.kind == "text" else q.value
+        _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples "
+             "(rank, cosine similarity, key, url, caption)")
+        width = len(str(len(hits)))
+        for h in hits:  # one line a hit, never wrapped: it greps and pastes well
+            caption = " ".join((h.caption or "").split())
+            _say(f"  {h.rank:>{width}}  {h.similarity:.4f}  {h.key}  {h.url or '-'}  "
+                 f"{caption[:100] + ('...' if len(caption) > 100 else '')}")
+    if result.unreadable_samples:
+        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
+    if json_path is not None:
+        _say(f"hits written to {json_path}")
+    _skipped_line(result.skipped_files)

@@ -60,7 +60,7 @@ class EmbeddingReader:
     """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
     shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
 
-    def __init__(self, ds: Dataset, cand: pl.DataFrame):
+    def __init__(self, ds: Dataset, cand: pl.DataFrame, what: str = "dedup --by embedding"):
         self.ds = ds
         self.rows = cand.height
         self.dim = 0
@@ -76,7 +76,7 @@ class EmbeddingReader:
         self.per_shard = [(s, np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64))
                           for s, p, r in grouped.iter_rows()]
         if not any(ds.embeddings_path(s).exists() for s, _, _ in self.per_shard):
-            raise DatasetError(f"dedup --by embedding needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
+            raise DatasetError(f"{what} needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
                                f"the like) in {ds.root}: run with CLIP scoring on (without --no-score)")
 
     def shards(self, progress: Progress, what: str, only: np.ndarray | None = None

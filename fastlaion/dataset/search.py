@@ -1,0 +1,211 @@
+"""Search a dataset by text, by image or by vector: each query is embedded with the CLIP model the
+run scored with (its config.json; or one given), and the k kept samples whose image embeddings
+are the most cosine-similar are returned, best first.
+
+Exact: every kept sample's embedding is read once, shard by shard (memory-mapped; one shard in
+memory at a time), scored against all queries in one matrix product, and a running top-k per
+query is kept; exact ties go to the earlier sample. The embeddings a run writes are unit length,
+so a dot product is the cosine; other tools' vectors are made unit length as they are read
+(semantic.EmbeddingReader, as for `dedup --by embedding`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ..config import ConfigError, ScoreConfig, first_line
+from .semantic import EmbeddingReader
+from .source import KEPT, Dataset, DatasetError, NoProgress, Progress, collect
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 10
+    model: str | None = None        # None: the model the run scored with (its config.json)
+    pretrained: str | None = None   # None: the run's
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"-k must be at least 1, got {self.k}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Query:
+    kind: str    # "text", "image" or "vector"
+    value: str   # the text, or the file's path
+
+
+@dataclass
+class Hit:
+    rank: int
+    similarity: float
+    key: str
+    url: str | None
+    caption: str | None
+
+
+@dataclass
+class SearchResult:
+    queries: list[Query]
+    hits: list[list[Hit]]           # per query, best first
+    samples: int                    # kept samples searched
+    unreadable_samples: int = 0     # kept samples without a readable embedding
+    model: str | None = None
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "samples": self.samples, "unreadable_samples": self.unreadable_samples,
+                "skipped_files": self.skipped_files,
+                "results": [{"query": vars(q), "hits": [vars(h) for h in hits]}
+                            for q, hits in zip(self.queries, self.hits)]}
+
+
+def run_score_config(ds: Dataset, cfg: SearchConfig) -> ScoreConfig:
+    """The CLIP model to embed queries with: the run's (config.json beside its shards), with
+    --model/--pretrained overriding; random weights are refused (they differ at every load)."""
+    saved: dict[str, Any] = {}
+    path = ds.root / RUN_CONFIG
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text()).get("score", {}) or {}
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot read {path}: {first_line(e)}; pass --model and --pretrained") from None
+    model = cfg.model or saved.get("model")
+    pretrained = cfg.pretrained or saved.get("pretrained")
+    if not model or pretrained is None:
+        raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
+                          "--pretrained (the same as the run's), or search with --vector")
+    score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64)
+    if score.random_weights:
+        raise ConfigError(f"the run scored with random weights ({model}, --pretrained {pretrained!r}): a new load "
+                          "draws other weights, so no query can match its embeddings; pass the checkpoint it used "
+                          "with --pretrained PATH, or search with --vector")
+    return score
+
+
+def embed_queries(queries: list[Query], score: ScoreConfig | None) -> np.ndarray:
+    """(Q, D) float32 unit vectors, one per query, in order; the model is loaded only when a text
+    or image query needs it."""
+    import torch
+
+    out: list[np.ndarray | None] = [None] * len(queries)
+    for i, q in enumerate(queries):
+        if q.kind == "vector":
+            out[i] = _read_vector(Path(q.value))
+    needs_model = [i for i, q in enumerate(queries) if q.kind != "vector"]
+    if needs_model:
+        if score is None:
+            raise ConfigError("text and image queries need the run's CLIP model")
+        from ..score import Scorer, pick_device
+
+        scorer = Scorer(score, pick_device(score.device))
+        texts = [i for i in needs_model if queries[i].kind == "text"]
+        if texts:
+            emb = scorer.embed_texts([queries[i].value for i in texts]).numpy()
+            for i, e in zip(texts, emb):
+                out[i] = e
+        for i in needs_model:
+            if queries[i].kind == "image":
+                pixels = _clip_input(Path(queries[i].value), scorer)
+                out[i] = scorer.embed_images(pixels[None])[0].numpy()
+    dims = {len(v) for v in out if v is not None}
+    if len(dims) > 1:
+        raise ConfigError(f"the queries' vectors have different lengths ({', '.join(map(str, sorted(dims)))})")
+    q = torch.from_numpy(np.stack([np.asarray(v, np.float32) for v in out if v is not None]))
+    return torch.nn.functional.normalize(q, dim=1, eps=1e-8).numpy()
+
+
+def _read_vector(path: Path) -> np.ndarray:
+    try:
+        v = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"--vector {path}: cannot read a .npy vector ({first_line(e)})") from None
+    v = np.asarray(v, dtype=np.float32).squeeze()
+    if v.ndim != 1 or not v.size or not np.isfinite(v).all() or not np.any(v):
+        raise ConfigError(f"--vector {path}: need one finite, non-zero vector, got shape {np.shape(v)}")
+    return v
+
+
+def _clip_input(path: Path, scorer: Any) -> np.ndarray:
+    """An image file as the model's input pixels (H, W, 3) uint8, made as the run made them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
+        raise ConfigError(f"--image {path}: cannot read it as an image ({first_line(e)})") from None
+    return np.array(scorer.clip_spec.apply(rgb, rgb.width, rgb.height))  # writable, for torch.from_numpy
+
+
+def search(ds: Dataset, vectors: np.ndarray, k: int, progress: Progress | None = None
+           ) -> tuple[list[list[tuple[int, float]]], int, int, pl.DataFrame]:
+    """For each query vector (Q, D), the k best kept samples as (position among the kept rows,
+    cosine), best first, ties to the earlier sample; with the number of kept samples, how many
+    had no readable embedding, and the kept rows (key, url, caption)."""
+    progress = progress or NoProgress()
+    columns = [c for c in ("url", "caption") if c in ds.columns]
+    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard", *columns))
+    n_q = vectors.shape[0]
+    best_pos = np.zeros((n_q, 0), np.int64)
+    best_sim = np.zeros((n_q, 0), np.float32)
+    if cand.height == 0:
+        return [[] for _ in range(n_q)], 0, 0, cand
+    reader = EmbeddingReader(ds, cand, "search")
+    for pos, vec in reader.shards(progress, "search"):
+        if vec.shape[1] != vectors.shape[1]:
+            raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the dataset's embeddings "
+                              f"{vec.shape[1]}: embed them with the model the run scored with")
+        sims = (vectors @ vec.astype(np.float32).T)  # (Q, m)
+        take = min(k, sims.shape[1])
+        part = np.argpartition(-sims, take - 1, axis=1)[:, :take] if take < sims.shape[1] else \
+            np.broadcast_to(np.arange(sims.shape[1]), (n_q, sims.shape[1]))
+        best_pos = np.concatenate([best_pos, pos[part]], axis=1)
+        best_sim = np.concatenate([best_sim, np.take_along_axis(sims, part, axis=1)], axis=1)
+        best_pos, best_sim = _top(best_pos, best_sim, k)
+    out = [[(int(p), float(s)) for p, s in zip(best_pos[i], best_sim[i])] for i in range(n_q)]
+    return out, cand.height, reader.unreadable, cand
+
+
+def _top(pos: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k entries of highest `sim`, ties to the lower `pos`, in that order."""
+    order = np.lexsort((pos, -sim), axis=1)[:, :k]
+    return np.take_along_axis(pos, order, axis=1), np.take_along_axis(sim, order, axis=1)
+
+
+def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
+    """Embed the queries (the run's model, unless all are vectors) and search the kept samples."""
+    cfg.validate()
+    if not queries:
+        raise ConfigError("nothing to search for: give --text, --image or --vector (each may repeat)")
+    ds.require(("key", "status"), "search")
+    score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
+
+    def job(d: Dataset) -> SearchResult:
+        vectors = embed_queries(queries, score)
+        found, samples, unreadable, cand = search(d, vectors, cfg.k, progress)
+        url = cand["url"].to_list() if "url" in cand.columns else [None] * cand.height
+        caption = cand["caption"].to_list() if "caption" in cand.columns else [None] * cand.height
+        keys = cand["key"].to_list()
+        hits = [[Hit(rank=r + 1, similarity=round(s, 6), key=keys[p], url=url[p], caption=caption[p])
+                 for r, (p, s) in enumerate(per_query)] for per_query in found]
+        return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,
+                            model=None if score is None else f"{score.model} ({score.pretrained})",
+                            skipped_files=[vars(s) for s in d.skipped])
+
+    return ds.guarded(job)

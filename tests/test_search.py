@@ -1,0 +1,174 @@
+"""`fastlaion search`: text, image and vector queries against a real run (a saved tiny CLIP
+checkpoint, so that the queries are embedded with the weights the run used), checked against
+open_clip's own embeddings and a numpy brute force over the run's embedding files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from helpers import encode
+from PIL import Image
+from test_dataset_helpers import run_cli
+from test_pipeline import tiny_checkpoint
+from typer.testing import CliRunner
+
+from fastlaion.cli import app
+from fastlaion.server import LoopbackServer, Served
+
+runner = CliRunner()
+
+
+def variants(photos) -> dict[str, np.ndarray]:
+    """Twelve pictures: each photograph, mirrored, and its centre."""
+    out = {}
+    for name, arr in photos.items():
+        h, w = arr.shape[:2]
+        out[name] = arr
+        out[name + "-mirror"] = arr[:, ::-1]
+        out[name + "-centre"] = arr[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, photos):
+    tmp = tmp_path_factory.mktemp("search")
+    pictures = variants(photos)
+    files = {f"{n}.jpg": Served(encode(np.ascontiguousarray(a)), "image/jpeg") for n, a in pictures.items()}
+    ckpt = tiny_checkpoint(tmp)
+    with LoopbackServer(files) as server:
+        names = sorted(pictures)
+        inp = tmp / "in.parquet"
+        pl.DataFrame({"url": [server.url(f"{n}.jpg") for n in names] + [server.url("gone.jpg")],
+                      "caption": [f"a picture of {n.replace('-', ' ')}" for n in names] + ["a dead link"]}
+                     ).write_parquet(inp)
+        out = tmp / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model",
+                                     "fastlaion-tiny", "--pretrained", str(ckpt), "--min-similarity", "-1",
+                                     "--shard-size", "4", "--retries", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out, ckpt, pictures, tmp
+
+
+def kept_embeddings(out: Path) -> tuple[list[str], np.ndarray]:
+    """Kept samples' keys in dataset order and their image embeddings, read here from the files."""
+    keys, vecs = [], []
+    for parquet in sorted(out.glob("[0-9]*.parquet")):
+        frame = pl.read_parquet(parquet)
+        emb = np.load(parquet.with_name(parquet.stem + "_img_emb.npy")).astype(np.float64)
+        for i, (key, status) in enumerate(frame.select("key", "status").iter_rows()):
+            if status == "kept":
+                keys.append(key)
+                vecs.append(emb[i] / np.linalg.norm(emb[i]))
+    return keys, np.array(vecs)
+
+
+def open_clip_model(ckpt: Path):
+    import open_clip
+
+    from fastlaion.score import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    model = open_clip.create_model(TINY_MODEL, pretrained=str(ckpt)).eval()
+    return model, open_clip.get_tokenizer(TINY_MODEL), open_clip.image_transform(model.visual.image_size,
+                                                                                  is_train=False)
+
+
+def brute_force(keys: list[str], emb: np.ndarray, q: np.ndarray, k: int) -> list[tuple[str, float]]:
+    sims = emb @ (q / np.linalg.norm(q))
+    order = sorted(range(len(keys)), key=lambda i: (-sims[i], i))[:k]
+    return [(keys[i], float(sims[i])) for i in order]
+
+
+def hits_of(path: Path) -> list[list[tuple[str, float]]]:
+    data = json.loads(path.read_text())
+    return [[(h["key"], h["similarity"]) for h in r["hits"]] for r in data["results"]]
+
+
+def test_text_queries_find_what_open_clip_and_numpy_find(run, tmp_path):
+    out, ckpt, _, _ = run
+    keys, emb = kept_embeddings(out)
+    assert len(keys) == 12 and len({k[:5] for k in keys}) == 3  # three shards to merge
+    texts = ["a picture of chelsea", "a rocket on its launch pad", "coffee"]
+    result = runner.invoke(app, ["search", str(out), *sum((["--text", t] for t in texts), []), "-k", "5",
+                                 "--device", "cpu", "--json", str(tmp_path / "hits.json"), "--no-progress"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    model, tokenizer, _ = open_clip_model(ckpt)
+    with torch.no_grad():
+        q = model.encode_text(tokenizer(texts)).double().numpy()
+    got = hits_of(tmp_path / "hits.json")
+    for i, text in enumerate(texts):
+        want = brute_force(keys, emb, q[i], 5)
+        assert [k for k, _ in got[i]] == [k for k, _ in want], text
+        assert np.allclose([s for _, s in got[i]], [s for _, s in want], atol=1e-4)
+        assert f'text "{text}": the 5 best of 12 kept samples' in result.output
+    assert got[0][0][0] in result.output
+
+
+def test_an_image_query_matches_open_clips_preprocessing(run, tmp_path):
+    out, ckpt, pictures, _ = run
+    keys, emb = kept_embeddings(out)
+    query = tmp_path / "q.png"
+    Image.fromarray(pictures["astronaut-centre"]).save(query)
+    result = runner.invoke(app, ["search", str(out), "--image", str(query), "-k", "12", "--device", "cpu",
+                                 "--json", str(tmp_path / "hits.json"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model, _, preprocess = open_clip_model(ckpt)
+    with torch.no_grad():
+        q = model.encode_image(preprocess(Image.open(query).convert("RGB"))[None]).double().numpy()[0]
+    (got,) = hits_of(tmp_path / "hits.json")
+    assert sorted(k for k, _ in got) == sorted(keys)  # k above the kept count: every one, once
+    want = brute_force(keys, emb, q, 12)
+    sims = dict(zip(keys, emb @ (q / np.linalg.norm(q))))
+    # ranks agree with open_clip's own preprocessing up to its small resize differences
+    assert all(abs(sims[k] - w) < 0.02 for (k, _), (_, w) in zip(got, want)), (got, want)
+
+
+def test_a_vector_query_needs_no_model_and_finds_its_own_sample(run, tmp_path):
+    out, _, _, _ = run
+    keys, emb = kept_embeddings(out)
+    np.save(tmp_path / "v.npy", emb[7].astype(np.float32) * 3)  # any length
+    result = run_cli(["search", str(out), "--vector", str(tmp_path / "v.npy"), "-k", "3", "--model", "no-such-model",
+                      "--json", str(tmp_path / "hits.json"), "--no-progress"])
+    assert result.returncode == 0, result.stderr  # the model is never looked at
+    (got,) = hits_of(tmp_path / "hits.json")
+    assert got[0][0] == keys[7] and abs(got[0][1] - 1) < 1e-3
+    assert [k for k, _ in got] == [k for k, _ in brute_force(keys, emb, emb[7], 3)]
+
+
+def test_bad_searches_are_one_line(run, tmp_path):
+    out, _, _, tmp = run
+    random_run = tmp / "random"  # the same run, as if it had scored with random weights
+    random_run.mkdir(exist_ok=True)
+    for f in out.iterdir():
+        if f.is_file():
+            (random_run / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config["score"]["pretrained"] = "none"
+    (random_run / "config.json").write_text(json.dumps(config))
+    np.save(tmp_path / "short.npy", np.ones(3, np.float32))
+    (tmp_path / "not-an-image.jpg").write_bytes(b"hello")
+    no_score = tmp / "no-score"
+    no_score.mkdir(exist_ok=True)
+    for f in out.glob("0000[0-9].parquet"):
+        (no_score / f.name).write_bytes(f.read_bytes())
+        (no_score / (f.stem + "_stats.json")).write_text("{}")
+    cases = [
+        ([str(random_run), "--text", "a cat"], "the run scored with random weights"),
+        ([str(out)], "nothing to search for: give --text, --image or --vector"),
+        ([str(out), "--image", str(tmp_path / "not-an-image.jpg")], "not-an-image.jpg: cannot read it as an image"),
+        ([str(out), "--image", str(tmp_path / "nowhere.png")], "nowhere.png: cannot read it as an image"),
+        ([str(out), "--vector", str(tmp_path / "short.npy")], "the queries have 3 dimensions, the dataset's embeddings"),
+        ([str(out), "--text", "x", "-k", "0"], "-k must be at least 1"),
+        ([str(no_score), "--vector", str(tmp_path / "short.npy")], "search needs image embeddings"),
+    ]
+    for args, message in cases:
+        result = run_cli(["search", *args, "--device", "cpu", "--no-progress"])
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
