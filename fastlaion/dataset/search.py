@@ -98,10 +98,8 @@ def run_score_config(ds: Dataset, cfg: SearchConfig) -> ScoreConfig:
 
 
 def embed_queries(queries: list[Query], score: ScoreConfig | None) -> np.ndarray:
-    """(Q, D) float32 unit vectors, one per query, in order; the model is loaded only when a text
-    or image query needs it."""
-    import torch
-
+    """(Q, D) float32 unit vectors, one per query, in order; the model (and torch) is loaded only
+    when a text or image query needs it."""
     out: list[np.ndarray | None] = [None] * len(queries)
     for i, q in enumerate(queries):
         if q.kind == "vector":
@@ -125,8 +123,8 @@ def embed_queries(queries: list[Query], score: ScoreConfig | None) -> np.ndarray
     dims = {len(v) for v in out if v is not None}
     if len(dims) > 1:
         raise ConfigError(f"the queries' vectors have different lengths ({', '.join(map(str, sorted(dims)))})")
-    q = torch.from_numpy(np.stack([np.asarray(v, np.float32) for v in out if v is not None]))
-    return torch.nn.functional.normalize(q, dim=1, eps=1e-8).numpy()
+    q = np.stack([np.asarray(v, np.float32) for v in out if v is not None])
+    return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-8)
 
 
 def _read_vector(path: Path) -> np.ndarray:

@@ -118,10 +118,15 @@ class EmbeddingReader:
             valid = (row >= 0) & (row < arr.shape[0])
             if not valid.all():
                 self._warn(path, f"{path} has {arr.shape[0]} rows; the samples of its shard past them take no part")
-            vec = np.asarray(arr[row[valid]], dtype=np.float32)
-            if arr.dtype != np.float16:  # unit length before float16 (ours are already): no overflow to inf
+            take = row[valid]
+            if take.size and take[0] == 0 and take[-1] == take.size - 1 and np.all(np.diff(take) == 1):
+                vec = np.array(arr[:take.size])  # every row from the first: one copy, not a gather
+            else:
+                vec = np.asarray(arr[take])
+            if vec.dtype != np.float16:  # another tool's: unit length before float16, so no overflow to inf
+                vec = vec.astype(np.float32)
                 vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-30)
-            vec = vec.astype(np.float16)
+                vec = vec.astype(np.float16)
             finite = np.isfinite(vec).all(axis=1)
             missing += pos.size - int(finite.sum())
             progress.advance()

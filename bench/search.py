@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""`fastlaion search` against the numpy script a user writes (load every embedding file, one
+matrix product, argsort), on the same synthetic run and queries.
+
+    .venv/bin/python bench/search.py                         # 1,000,000 samples, 10 queries, k=10
+    .venv/bin/python bench/search.py --rows 100000 --queries 100
+
+The run is bench/semantic.py's (kept rows' Parquet + float16 D=512 embeddings, cached under its
+work folder). The queries are --vector files (sample embeddings with noise), so no CLIP model is
+loaded by either side. Each side runs in a child process: wall time from its start (imports
+included), its peak RSS (os.wait4). The hits must agree (same keys in the same order; exact ties
+aside, which the synthetic data does not have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import pipeline as bp  # noqa: E402  (quiet-machine wait, machine description)
+import semantic  # noqa: E402  (the synthetic run)
+
+
+def numpy_peer(run: str, queries: list[str], k: int, out: str) -> None:
+    """What a user writes: every embedding in memory, one product, a sort; keys from the Parquets."""
+    import polars as pl
+
+    files = sorted(Path(run).glob("*_img_emb.npy"))
+    emb = np.concatenate([np.load(f) for f in files]).astype(np.float32)
+    keys = pl.concat([pl.read_parquet(f.with_name(f.name.replace("_img_emb.npy", ".parquet")), columns=["key"])
+                      for f in files])["key"].to_list()
+    q = np.stack([np.load(p).astype(np.float32) for p in queries])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ emb.T
+    hits = []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        hits.append([(keys[i], float(row[i])) for i in top])
+    Path(out).write_text(json.dumps(hits))
+
+
+def measure(cmd: list[str]) -> dict:
+    bp.wait_until_quiet(60)
+    t0 = time.perf_counter()
+    log = open(f"/tmp/bench-search-{os.getpid()}.log", "wb")  # noqa: SIM115 (a file: the child never blocks)
+    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    log.close()
+    wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    text = Path(log.name).read_text(errors="replace")
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(rusage.ru_maxrss * 1024 / 1e9, 2), "rc": rc,
+            "tail": text[-800:] if rc else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=10)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=HERE / "_work" / "semantic")
+    ap.add_argument("--peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.peer:
+        run, out, k, *queries = args.peer
+        numpy_peer(run, queries, int(k), out)
+        return 0
+    print(f"machine: {bp.machine_info()}")
+    run = semantic.generate(args.workdir, args.rows, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    qdir = args.workdir / "queries"
+    qdir.mkdir(exist_ok=True)
+    queries = []
+    for i in range(args.queries):
+        shard = rng.integers(0, len(list(run.glob("*_img_emb.npy"))))
+        v = np.load(run / f"{shard:05d}_img_emb.npy", mmap_mode="r")[rng.integers(0, semantic.SHARD)].astype(np.float32)
+        path = qdir / f"q{i}.npy"
+        np.save(path, v + rng.normal(scale=0.5 / np.sqrt(len(v)), size=len(v)).astype(np.float32))
+        queries.append(str(path))
+    ours_json = args.workdir / "search-fastlaion.json"
+    peer_json = args.workdir / "search-numpy.json"
+    ours = measure([sys.executable, "-m", "fastlaion", "search", str(run), *sum((["--vector", q] for q in queries), []),
+                    "-k", str(args.k), "--json", str(ours_json), "--no-progress"])
+    peer = measure([sys.executable, str(Path(__file__).resolve()), "--peer", str(run), str(peer_json), str(args.k),
+                    *queries])
+    print(json.dumps({"fastlaion": ours, "numpy": peer}))
+    if ours["rc"] or peer["rc"]:
+        print("a side failed:", ours.get("tail"), peer.get("tail"))
+        return 1
+    got = [[(h["key"], h["similarity"]) for h in r["hits"]] for r in json.loads(ours_json.read_text())["results"]]
+    want = json.loads(peer_json.read_text())
+    same = all([k for k, _ in g] == [k for k, _ in w] for g, w in zip(got, want))
+    close = all(abs(a[1] - b[1]) < 1e-4 for g, w in zip(got, want) for a, b in zip(g, w))
+    print()
+    print("| samples | queries | k | tool | wall s | peak RSS GB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("fastlaion search", ours), ("numpy script", peer)):
+        print(f"| {args.rows:,} | {args.queries} | {args.k} | {name} | {r['wall_s']} | {r['peak_rss_gb']} |")
+    print(f"\nfastlaion / numpy: {peer['wall_s'] / ours['wall_s']:.2f}x the speed, "
+          f"{peer['peak_rss_gb'] / max(ours['peak_rss_gb'], 1e-9):.1f}x less memory; same hits: {same and close}")
+    return 0 if same and close else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
