@@ -376,9 +376,9 @@ def _dataset_command(name: str) -> Callable[..., Any]:
     return getattr(cli_dataset, f"{name}_cmd")
 
 
-# subset, dedup, stats, search: dataset operations on a run's output (fastlaion/dataset/), defined
-# in fastlaion/cli_dataset.py
-for _name in ("subset", "dedup", "stats", "search"):
+# subset, dedup, stats, search, classify: dataset operations on a run's output (fastlaion/dataset/),
+# defined in fastlaion/cli_dataset.py
+for _name in ("subset", "dedup", "stats", "search", "classify"):
     add_lazy_command(app, _name, functools.partial(_dataset_command, _name))
 
 

@@ -291,3 +291,48 @@ def search_cmd(
     if json_path is not None:
         _say(f"hits written to {json_path}")
     _skipped_line(result.skipped_files)
+
+
+def classify_cmd(
+    source: Annotated[Path, typer.Option("--from", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file) with image embeddings.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for metadata.parquet (every row, zero_shot_label / zero_shot_score / zero_shot_top added) and dataset.json.", show_default=False)],
+    class_names: Annotated[Optional[list[str]], typer.Option("--class", "-c", help="A class name (repeatable), e.g. --class cat --class dog.", show_default=False)] = None,
+    classes_file: Annotated[Optional[Path], typer.Option("--classes", help="A text file of class names, one a line (blank lines and # comments skipped).", show_default=False)] = None,
+    template: Annotated[Optional[list[str]], typer.Option("--template", help="A prompt with {} where the class name goes (repeatable; their embeddings are averaged). Default: 'a photo of a {}.'", show_default=False)] = None,
+    top: Annotated[int, typer.Option(help="Classes per sample in zero_shot_top, best first (at most 16).")] = 1,
+    model: Annotated[Optional[str], typer.Option(help="open_clip architecture for the class prompts; default: the one the run scored with (its config.json).", show_default=False)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Zero-shot classify the kept samples into the classes given, from the image embeddings the
+    run stored and the run's CLIP model (class prompts averaged, as CLIP's zero-shot recipe).
+    Every row is written to OUTPUT/metadata.parquet with zero_shot_label, zero_shot_score and
+    zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
+    from .config import ConfigError
+    from .dataset import open_dataset
+    from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+        names = list(class_names or [])
+        if classes_file is not None:
+            try:
+                lines = classes_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--classes {classes_file}: cannot read it ({e})") from None
+            names += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
+                             model=model, pretrained=pretrained, device=device)
+        cfg.validate()
+        ds = open_dataset(source)
+        result = classify(ds, output, cfg, bar)
+    _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
+         f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
+    if result.counts:
+        _print_counts("best class (kept samples)", list(result.counts.items())[:50], result.classified)
+    if result.unreadable_samples:
+        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding: no label")
+    _skipped_line(result.skipped_files)

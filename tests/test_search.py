@@ -172,3 +172,71 @@ def test_bad_searches_are_one_line(run, tmp_path):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# --- classify: zero-shot labels from the stored embeddings ------------------------------------------
+
+CLASSES = ["cat", "astronaut", "rocket", "cup of coffee"]
+TEMPLATES = ["a photo of a {}.", "a blurry picture of the {}"]
+
+
+def test_classify_labels_every_kept_sample_as_open_clip_would(run, tmp_path):
+    out, ckpt, _, _ = run
+    keys, emb = kept_embeddings(out)
+    args = ["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--top", "3", "--device", "cpu", "--no-progress"]
+    args += sum((["--class", c] for c in CLASSES), []) + sum((["--template", t] for t in TEMPLATES), [])
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    model, tokenizer, _ = open_clip_model(ckpt)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([t.format(c) for c in CLASSES for t in TEMPLATES])).double().numpy()
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    per_class = text.reshape(len(CLASSES), len(TEMPLATES), -1).mean(axis=1)
+    per_class /= np.linalg.norm(per_class, axis=1, keepdims=True)
+    sims = emb @ per_class.T
+    frame = pl.read_parquet(tmp_path / "c" / "metadata.parquet")
+    before = pl.concat([pl.read_parquet(p) for p in sorted(out.glob("[0-9]*.parquet"))])
+    assert frame.drop("zero_shot_label", "zero_shot_score", "zero_shot_top", "shard").equals(before)  # every row, as it was
+    got = {r["key"]: r for r in frame.iter_rows(named=True)}
+    for key, row in zip(keys, sims):
+        order = np.argsort(-row, kind="stable")
+        assert got[key]["zero_shot_top"] == [CLASSES[i] for i in order[:3]], key
+        assert got[key]["zero_shot_label"] == CLASSES[order[0]]
+        assert abs(got[key]["zero_shot_score"] - row[order[0]]) < 1e-4
+    assert all(r["zero_shot_label"] is None for r in got.values() if r["status"] != "kept")
+    info = json.loads((tmp_path / "c" / "dataset.json").read_text())
+    assert info["kind"] == "classify" and info["classified"] == len(keys) == sum(info["counts"].values())
+    assert f"classify: {len(keys)} of {len(keys)} kept samples labelled over 4 classes" in result.output
+    # a class becomes a subset
+    label = got[keys[0]]["zero_shot_label"]
+    sub = runner.invoke(app, ["subset", "--where", f"zero_shot_label = '{label}'", "--from", str(tmp_path / "c"),
+                              "-o", str(tmp_path / "s"), "--no-progress"])
+    assert sub.exit_code == 0, sub.output
+    assert sorted(pl.read_parquet(tmp_path / "s" / "metadata.parquet")["key"]) == sorted(
+        k for k in keys if got[k]["zero_shot_label"] == label)
+
+
+def test_bad_classify_input_is_one_line(run, tmp_path):
+    out, _, _, tmp = run
+    (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
+    first = run_cli(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--classes", str(tmp_path / "classes.txt"),
+                     "--device", "cpu", "--no-progress"])
+    assert first.returncode == 0 and "over 2 classes" in first.stdout, first.stderr
+    cases = [
+        ([], "no classes: give --class NAME"),
+        (["--class", "cat", "--class", "cat"], "class named twice: 'cat'"),
+        (["--class", "cat", "--template", "a photo"], "--template 'a photo' must hold '{}' once"),
+        (["--class", "cat", "--class", "dog", "--top", "3"], "--top must be between 1 and 2"),
+        (["--classes", str(tmp_path / "none.txt")], "--classes"),
+        (["--class", "cat", "--from-again"], "No such option"),
+    ]
+    for args, message in cases:
+        source = ["--from", str(out)] if "--from-again" not in args else []
+        args = [a for a in args if a != "--from-again"] + (["--from-again"] if "--from-again" in args else [])
+        result = run_cli(["classify", *source, "-o", str(tmp_path / "o"), *args, "--device", "cpu", "--no-progress"])
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    again = run_cli(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
+                     "--device", "cpu", "--no-progress"])
+    assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
