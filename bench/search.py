@@ -49,6 +49,29 @@ def numpy_peer(run: str, queries: list[str], k: int, out: str) -> None:
     Path(out).write_text(json.dumps(hits))
 
 
+def classify_peer(run: str, ckpt: str, out: str, classes: list[str]) -> None:
+    """What a user writes for zero-shot labels: every embedding in memory, the class prompts
+    through open_clip, one product, argmax; every metadata row with its label, as Parquet."""
+    import open_clip
+    import polars as pl
+    import torch
+
+    from fastlaion.score import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    model = open_clip.create_model(TINY_MODEL, pretrained=ckpt).eval()
+    with torch.no_grad():
+        text = model.encode_text(open_clip.get_tokenizer(TINY_MODEL)([f"a photo of a {c}." for c in classes]))
+    text = torch.nn.functional.normalize(text.float(), dim=1).numpy()
+    files = sorted(Path(run).glob("*_img_emb.npy"))
+    emb = np.concatenate([np.load(f) for f in files]).astype(np.float32)
+    meta = pl.concat([pl.read_parquet(f.with_name(f.name.replace("_img_emb.npy", ".parquet"))) for f in files])
+    sims = emb @ text.T
+    best = sims.argmax(axis=1)
+    meta.with_columns(pl.Series("zero_shot_label", np.array(classes)[best]),
+                      pl.Series("zero_shot_score", sims[np.arange(len(best)), best])).write_parquet(out)
+
+
 def measure(cmd: list[str]) -> dict:
     bp.wait_until_quiet(60)
     t0 = time.perf_counter()
@@ -70,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=HERE / "_work" / "semantic")
+    ap.add_argument("--classes", type=int, default=100, help="classes for the classify comparison (0: skip it)")
     ap.add_argument("--peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ap.add_argument("--classify-peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peer:
         run, out, k, *queries = args.peer
         numpy_peer(run, queries, int(k), out)
+        return 0
+    if args.classify_peer:
+        run, ckpt, out, *classes = args.classify_peer
+        classify_peer(run, ckpt, out, classes)
         return 0
     print(f"machine: {bp.machine_info()}")
     run = semantic.generate(args.workdir, args.rows, args.seed)
@@ -109,7 +138,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {args.rows:,} | {args.queries} | {args.k} | {name} | {r['wall_s']} | {r['peak_rss_gb']} |")
     print(f"\nfastlaion / numpy: {peer['wall_s'] / ours['wall_s']:.2f}x the speed, "
           f"{peer['peak_rss_gb'] / max(ours['peak_rss_gb'], 1e-9):.1f}x less memory; same hits: {same and close}")
-    return 0 if same and close else 1
+    ok = same and close
+    if args.classes:
+        ok = bench_classify(args, run) and ok
+    return 0 if ok else 1
+
+
+def bench_classify(args: argparse.Namespace, run: Path) -> bool:
+    """`fastlaion classify` against classify_peer: the tiny random CLIP (D=512, as the synthetic
+    run) saved as a checkpoint, so both embed the same class prompts."""
+    import open_clip
+    import polars as pl
+    import torch
+
+    from fastlaion.score import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    ckpt = args.workdir / "tiny.pt"
+    torch.save({"state_dict": open_clip.create_model(TINY_MODEL).state_dict()}, ckpt)
+    classes = [f"thing number {i}" for i in range(args.classes)]
+    out = args.workdir / "classify-fastlaion"
+    ours = measure([sys.executable, "-m", "fastlaion", "classify", "--from", str(run), "-o", str(out),
+                    *sum((["--class", c] for c in classes), []), "--model", TINY_MODEL, "--pretrained", str(ckpt),
+                    "--device", "cpu", "--no-progress"])
+    peer_out = args.workdir / "classify-numpy.parquet"
+    peer = measure([sys.executable, str(Path(__file__).resolve()), "--classify-peer", str(run), str(ckpt),
+                    str(peer_out), *classes])
+    print(json.dumps({"classify fastlaion": ours, "classify numpy": peer}))
+    if ours["rc"] or peer["rc"]:
+        print("a side failed:", ours.get("tail"), peer.get("tail"))
+        return False
+    a = pl.read_parquet(out / "metadata.parquet", columns=["key", "zero_shot_label", "zero_shot_score"])
+    b = pl.read_parquet(peer_out, columns=["key", "zero_shot_label", "zero_shot_score"])
+    same = a["key"].equals(b["key"]) and (a["zero_shot_label"] == b["zero_shot_label"]).mean() > 0.999 and \
+        (a["zero_shot_score"] - b["zero_shot_score"]).abs().max() < 1e-3
+    print()
+    print("| samples | classes | tool | wall s | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    for name, r in (("fastlaion classify", ours), ("numpy script", peer)):
+        print(f"| {args.rows:,} | {args.classes} | {name} | {r['wall_s']} | {r['peak_rss_gb']} |")
+    print(f"\nclassify, fastlaion / numpy: {peer['wall_s'] / ours['wall_s']:.2f}x the speed, "
+          f"{peer['peak_rss_gb'] / max(ours['peak_rss_gb'], 1e-9):.1f}x less memory; same labels: {same} "
+          f"({(a['zero_shot_label'] == b['zero_shot_label']).mean():.5f} of rows agree)")
+    return bool(same)
 
 
 if __name__ == "__main__":

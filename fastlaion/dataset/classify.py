@@ -124,13 +124,15 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
             rows_i.append(cand["_i"].to_numpy()[pos])
             best.append(indices.cpu().numpy())
             scores.append(values[:, 0].float().cpu().numpy())
-        names = np.array(cfg.classes, dtype=object)
+        names = pl.Series(cfg.classes, dtype=pl.String)
         idx = np.concatenate(best) if best else np.zeros((0, cfg.top), np.int64)
+        top = names.gather(idx.ravel())  # columnar: no Python object per sample
         labels = pl.DataFrame({
             "_i": np.concatenate(rows_i) if rows_i else np.zeros(0, np.int64),
-            "zero_shot_label": pl.Series(names[idx[:, 0]].tolist() if len(idx) else [], dtype=pl.String),
+            "zero_shot_label": names.gather(idx[:, 0]),
             "zero_shot_score": pl.Series(np.concatenate(scores) if scores else [], dtype=pl.Float32),
-            "zero_shot_top": pl.Series([names[r].tolist() for r in idx], dtype=pl.List(pl.String)),
+            "zero_shot_top": (top.reshape((len(idx), cfg.top)).cast(pl.List(pl.String)) if len(idx)
+                              else pl.Series([], dtype=pl.List(pl.String))),
         })
         _write(d, labels, target.path(METADATA_FILE))
         counts = labels["zero_shot_label"].value_counts(sort=True)
