@@ -379,35 +379,53 @@ def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -
     ctx = mp.get_context("spawn")
     ticks = ctx.Queue()
     results: dict[int, InputStats] = {}
-    with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(ticks,)) as pool:
+    futures: dict[Any, _Job] = {}
+    pending: set[Any] = set()
+    # Managed by hand, not `with`: its exit waits for every running job, and the workers ignore
+    # Ctrl-C, so a Ctrl-C must go through _stop_pool wherever it lands (submitting, waiting for
+    # results, or waiting for the running jobs after another job's error).
+    pool = cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(ticks,))
+    try:
         with ctrl_c_held():  # submit starts the workers: they ignore Ctrl-C from their first instruction
-            futures = {pool.submit(_run_in_worker, job): job for job in jobs}
+            for job in jobs:
+                futures[pool.submit(_run_in_worker, job)] = job
         pending = set(futures)
-        try:
-            while pending:
-                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-                _drain(ticks, progress, queue_mod.Empty)
-                for fut in done:
-                    results[futures[fut].index] = fut.result()  # re-raises ConfigError and bugs
-                    progress.input_done(results[futures[fut].index])
-        except KeyboardInterrupt:
-            _stop_pool(pool)
-            raise
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
-        _drain(ticks, progress, queue_mod.Empty)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            _drain(ticks, progress, queue_mod.Empty)
+            for fut in done:
+                results[futures[fut].index] = fut.result()  # re-raises ConfigError and bugs
+                progress.input_done(results[futures[fut].index])
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        raise
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        _shutdown(pool)  # the running jobs finish; a Ctrl-C meanwhile stops them
+        raise
+    _shutdown(pool)
+    _drain(ticks, progress, queue_mod.Empty)
     return [results[j.index] for j in jobs]
 
 
+def _shutdown(pool: Any) -> None:
+    try:
+        pool.shutdown(wait=True)
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        raise
+
+
 def _stop_pool(pool: Any) -> None:
-    """Ctrl-C: end the workers now (they ignore SIGINT), not after their files. Their futures are
-    left pending, not cancelled: the pool then fails them as broken, where Python 3.11 would
-    print an InvalidStateError traceback for a cancelled one."""
+    """Ctrl-C: end the workers now (they ignore SIGINT), not after their files, and wait for the
+    pool to see them gone. Their futures are left pending, not cancelled: the pool then fails
+    them as broken, where Python 3.11 would print an InvalidStateError traceback for a cancelled
+    one."""
     processes = getattr(pool, "_processes", None) or {}  # pid -> Process (no public handle)
     for proc in list(processes.values()):
         proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=False)
 
 
 def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> None:

@@ -244,31 +244,34 @@ def test_process_pool_gives_the_same_rows_in_input_order_and_shards(tmp_path):
 
 @pytest.fixture(scope="module")
 def big_wats(tmp_path_factory):
-    """Three WATs of 40,000 pages each: a second or more of extraction per input."""
+    """Three WATs of 80,000 pages each: seconds of extraction per input, the same bytes thrice."""
     folder = tmp_path_factory.mktemp("big-wats")
+    data = gz([wat_record(f"https://site.example/p{j}", [img(f"/img{j}.jpg", f"a picture, number {j}")])
+               for j in range(80_000)])
     paths = []
     for i in range(3):
-        path = folder / f"{i}.wat.gz"
-        path.write_bytes(gz([wat_record(f"https://site{i}.example/p{j}", [img(f"/img{j}.jpg", f"a picture, number {j}")])
-                             for j in range(40_000)]))
-        paths.append(path)
+        paths.append(folder / f"{i}.wat.gz")
+        paths[-1].write_bytes(data)
     return paths
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
-@pytest.mark.parametrize("when", ["while the workers start", "while they extract"])
+@pytest.mark.parametrize("when", ["while the workers start", "while they extract", "after another input failed"])
 def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, when):
     """SIGINT to the whole process group, as a terminal sends it: the pool's workers printed a
     traceback each (from multiprocessing's bootstrap, or from the task) and Python 3.11's pool
-    another for its cancelled futures. Now: one line, exit 130 within seconds, no worker left,
-    nothing written; the rerun extracts everything."""
+    another for its cancelled futures; after one input had failed, the command hung. Now: one
+    line, exit 130 in a fraction of an uninterrupted run's time, no worker left, nothing
+    written; the rerun extracts everything (or fails on the bad input again)."""
     import signal
     import time
 
     from helpers import children, gone
 
-    cmd = [sys.executable, "-m", "fastlaion", "extract", *map(str, big_wats), "-o", str(tmp_path / "o"),
-           "--no-progress", "--processes", "2"]
+    failing = when.startswith("after")
+    inputs = ([f"file://{tmp_path}/missing.wat.gz"] if failing else []) + [str(p) for p in big_wats]
+    cmd = [sys.executable, "-m", "fastlaion", "extract", *inputs, "-o", str(tmp_path / "o"), "--no-progress",
+           "--processes", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -279,19 +282,25 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
         workers = children(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, (out, err)
     assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"], err.decode()
-    assert "Traceback" not in out.decode() and took < 5, took
+    assert "Traceback" not in out.decode()
     assert workers and gone(workers)  # the pool's workers and multiprocessing's resource tracker
     assert not list((tmp_path / "o").glob("candidates-*.parquet"))
-    rerun = subprocess.run(cmd, capture_output=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr.decode()
-    assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == 120_000
+    started = time.monotonic()
+    rerun = subprocess.run(cmd, capture_output=True, timeout=300)
+    full = time.monotonic() - started
+    assert took < 0.3 * full, (took, full)  # not the running jobs' end
+    if failing:
+        assert rerun.returncode == 2 and "missing.wat.gz" in rerun.stderr.decode(), rerun.stderr.decode()
+    else:
+        assert rerun.returncode == 0, rerun.stderr.decode()
+        assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == 80_000  # dedup: thrice the same
 
 
 # ---------------------------------------------------------------------------------------------
