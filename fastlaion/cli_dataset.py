@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_progress import Bar
@@ -54,7 +55,9 @@ class _Bar:
 
 
 def _say(line: str) -> None:
-    _cli().out_console.print(line, soft_wrap=True, highlight=False)
+    """One plain line: no rich markup, so captions, URLs and class names ("[b]", "[/url]") print
+    as they are."""
+    _cli().out_console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
@@ -229,7 +232,7 @@ def _print_counts(title: str, items: Any, total: int) -> None:
     t.add_column("rows", justify="right")
     t.add_column("%", justify="right")
     for k, n in items:
-        t.add_row(str(k), f"{n:,}", f"{100 * n / max(1, total):.1f}")
+        t.add_row(escape(str(k)), f"{n:,}", f"{100 * n / max(1, total):.1f}")  # values are data, not markup
     _cli().out_console.print(t)
 
 

@@ -64,8 +64,8 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
             for i, wcfg in enumerate(worker_configs(cfg, devices)):
                 proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
                                    args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
+                procs.append(proc)  # before start: a Ctrl-C inside start() still stops it (_stop)
                 proc.start()
-                procs.append(proc)
         while finished < len(todo) or len(done_workers) < len(procs):
             try:
                 msg = results.get(timeout=0.5)
@@ -117,6 +117,7 @@ def _check_alive(procs: list[Any], done_workers: set[int], devices: list[str]) -
 def _stop(procs: list[Any], interrupted: bool) -> None:
     """Ctrl-C reaches the workers too (same process group): give them time to abort their
     shards; otherwise, or if they linger, terminate them."""
+    procs = [p for p in procs if p.pid is not None]  # a Ctrl-C may have come before one started
     if not interrupted:
         for proc in procs:
             if proc.is_alive():

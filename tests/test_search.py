@@ -240,3 +240,98 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     again = run_cli(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
                      "--device", "cpu", "--no-progress"])
     assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
+
+
+# --- the search itself, on synthetic embeddings (vector queries: no model) -----------------------------
+
+def synthetic_run(folder: Path, emb: np.ndarray, captions: dict[int, str] | None = None) -> list[str]:
+    from test_semantic import write_embedding_run
+
+    keys = write_embedding_run(folder, emb)
+    if captions:  # write_embedding_run names them c<i>; some get other text
+        for parquet in sorted(folder.glob("[0-9]*.parquet")):
+            frame = pl.read_parquet(parquet)
+            frame.with_columns(pl.Series("caption", [captions.get(int(k[:5]) * 500 + int(k[5:]), c)
+                                                     for k, c in zip(frame["key"], frame["caption"])])
+                               ).write_parquet(parquet)
+    return keys
+
+
+def search_json(args: list[str], path: Path) -> list[list[tuple[str, float]]]:
+    result = run_cli(["search", *args, "--json", str(path), "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    return hits_of(path)
+
+
+def test_ties_go_to_the_earlier_sample_at_every_k(tmp_path):
+    rng = np.random.default_rng(11)
+    emb = rng.normal(size=(1200, 32))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for row in (100, 300, 450, 700):  # the same image four times: bitwise-equal embeddings
+        emb[row] = emb[100]
+    keys = synthetic_run(tmp_path / "run", emb.astype(np.float16))
+    np.save(tmp_path / "q.npy", emb[100])
+    for k in (1, 2, 3, 4, 5):
+        (got,) = search_json([str(tmp_path / "run"), "--vector", str(tmp_path / "q.npy"), "-k", str(k)],
+                             tmp_path / f"h{k}.json")
+        assert [key for key, _ in got][:4] == [keys[r] for r in (100, 300, 450, 700)][:k]
+
+
+def test_interleaved_rows_foreign_float16_and_markup_in_captions(tmp_path):
+    """A Parquet whose rows mix shards (the gather path), one shard's float16 vectors not unit
+    length (another tool's), and captions with rich markup in them, printed as they are."""
+    rng = np.random.default_rng(12)
+    emb = rng.normal(size=(1500, 32))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    caption = "Vintage poster [/url] [red]SALE[/red] [b]"
+    keys = synthetic_run(tmp_path / "run", emb.astype(np.float16), {42: caption})
+    half = np.load(tmp_path / "run" / "00001_img_emb.npy") * np.float16(0.5)
+    np.save(tmp_path / "run" / "00001_img_emb.npy", half)
+    from fastlaion.dataset import open_dataset
+
+    frame = open_dataset(tmp_path / "run").scan().collect()
+    order = rng.permutation(frame.height)
+    frame[order].write_parquet(tmp_path / "run" / "mixed.parquet")
+    queries = [emb[42], emb[700] + rng.normal(scale=0.3, size=32)]
+    for i, q in enumerate(queries):
+        np.save(tmp_path / f"q{i}.npy", q)
+    args = [str(tmp_path / "run" / "mixed.parquet"), "--vector", str(tmp_path / "q0.npy"), "--vector",
+            str(tmp_path / "q1.npy"), "-k", "7"]
+    got = search_json(args, tmp_path / "h.json")
+    unit = emb.astype(np.float16).astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    mixed = [keys[i] for i in order]
+    position = {k: i for i, k in enumerate(mixed)}
+    for q, hits in zip(queries, got):
+        sims = unit @ (q / np.linalg.norm(q))
+        want = sorted(range(len(keys)), key=lambda i: (-sims[i], position[keys[i]]))[:7]
+        assert [k for k, _ in hits] == [keys[i] for i in want]
+        assert all(abs(s - sims[i]) < 1e-3 and s <= 1.0001 for (_, s), i in zip(hits, want))
+    shown = run_cli(["search", *args, "--no-progress"])
+    assert caption in shown.stdout and "Traceback" not in shown.stderr, shown.stderr
+
+
+def test_more_bad_searches_are_one_line(tmp_path):
+    rng = np.random.default_rng(13)
+    synthetic_run(tmp_path / "run", rng.normal(size=(600, 16)).astype(np.float16))
+    np.savez(tmp_path / "v.npz", a=np.ones(16))
+    np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"score": {"enabled": False, "model": "ViT-B-32",
+                                                                         "pretrained": "openai"}}))
+    (tmp_path / "bad").mkdir()
+    for f in (tmp_path / "run").glob("0000*.parquet"):
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+        (tmp_path / "bad" / f"{f.stem}_img_emb.npy").write_bytes((tmp_path / "run" / f"{f.stem}_img_emb.npy").read_bytes())
+        (tmp_path / "bad" / f"{f.stem}_stats.json").write_text("{}")
+    (tmp_path / "bad" / "config.json").write_text('["not", "an object"]')
+    cases = [
+        ([str(tmp_path / "run"), "--vector", str(tmp_path / "v.npz")], "v.npz: need a .npy of one real-valued vector"),
+        ([str(tmp_path / "run"), "--vector", str(tmp_path / "s.npy")], "s.npy: need a .npy of one real-valued vector"),
+        ([str(tmp_path / "run"), "--text", "a cat"], "was run without CLIP scoring (--no-score)"),
+        ([str(tmp_path / "bad"), "--text", "a cat"], "config.json: no 'score' object in it"),
+    ]
+    for args, message in cases:
+        result = run_cli(["search", *args, "--device", "cpu", "--no-progress"], timeout=60)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -81,11 +81,25 @@ def run_score_config(ds: Dataset, cfg: SearchConfig) -> ScoreConfig:
     path = ds.root / RUN_CONFIG
     if path.exists():
         try:
-            saved = json.loads(path.read_text()).get("score", {}) or {}
+            saved = json.loads(path.read_text())
+            saved = saved.get("score") if isinstance(saved, dict) else None
+            if not isinstance(saved, dict):
+                raise ValueError("no 'score' object in it")
         except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read {path}: {first_line(e)}; pass --model and --pretrained") from None
+            if not (cfg.model and cfg.pretrained):  # both given: the file is not needed
+                raise DatasetError(f"cannot read {path}: {first_line(e)}; pass --model and --pretrained") from None
+            saved = {}
+        if saved.get("enabled") is False:
+            raise DatasetError(f"{ds.root} was run without CLIP scoring (--no-score): it has no image embeddings "
+                               "to search")
     model = cfg.model or saved.get("model")
     pretrained = cfg.pretrained or saved.get("pretrained")
+    if (model is not None and not isinstance(model, str)) or (pretrained is not None and not isinstance(pretrained, str)):
+        raise DatasetError(f"{path}: its score.model / score.pretrained are not text; pass --model and --pretrained")
+    if saved and (cfg.model or cfg.pretrained) and (model, pretrained) != (saved.get("model"), saved.get("pretrained")):
+        log.warning("the queries are embedded with %s (%s), the run scored with %s (%s): the hits mean something "
+                    "only if both give the same embeddings", model, pretrained, saved.get("model"),
+                    saved.get("pretrained"))
     if not model or pretrained is None:
         raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
                           "--pretrained (the same as the run's), or search with --vector")
@@ -132,7 +146,10 @@ def _read_vector(path: Path) -> np.ndarray:
         v = np.load(path)
     except (OSError, ValueError, EOFError) as e:
         raise ConfigError(f"--vector {path}: cannot read a .npy vector ({first_line(e)})") from None
-    v = np.asarray(v, dtype=np.float32).squeeze()
+    if not isinstance(v, np.ndarray) or v.dtype.kind not in "fiu":  # an .npz, strings, complex, bool...
+        raise ConfigError(f"--vector {path}: need a .npy of one real-valued vector, got "
+                          f"{type(v).__name__ if not isinstance(v, np.ndarray) else v.dtype}")
+    v = v.astype(np.float32).squeeze()
     if v.ndim != 1 or not v.size or not np.isfinite(v).all() or not np.any(v):
         raise ConfigError(f"--vector {path}: need one finite, non-zero vector, got shape {np.shape(v)}")
     return v
@@ -152,32 +169,56 @@ def _clip_input(path: Path, scorer: Any) -> np.ndarray:
 
 
 def search(ds: Dataset, vectors: np.ndarray, k: int, progress: Progress | None = None
-           ) -> tuple[list[list[tuple[int, float]]], int, int, pl.DataFrame]:
-    """For each query vector (Q, D), the k best kept samples as (position among the kept rows,
-    cosine), best first, ties to the earlier sample; with the number of kept samples, how many
-    had no readable embedding, and the kept rows (key, url, caption)."""
+           ) -> tuple[list[list[tuple[int, float]]], int, int]:
+    """For each unit query vector (Q, D), the k best kept samples as (position among the kept
+    rows, cosine), best first, ties to the earlier sample; with the number of kept samples and
+    how many had no readable embedding."""
     progress = progress or NoProgress()
-    columns = [c for c in ("url", "caption") if c in ds.columns]
-    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard", *columns))
+    reader = kept_reader(ds)
     n_q = vectors.shape[0]
     best_pos = np.zeros((n_q, 0), np.int64)
     best_sim = np.zeros((n_q, 0), np.float32)
-    if cand.height == 0:
-        return [[] for _ in range(n_q)], 0, 0, cand
-    reader = EmbeddingReader(ds, cand, "search")
+    if reader is None:
+        return [[] for _ in range(n_q)], 0, 0
     for pos, vec in reader.shards(progress, "search"):
         if vec.shape[1] != vectors.shape[1]:
             raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the dataset's embeddings "
                               f"{vec.shape[1]}: embed them with the model the run scored with")
-        sims = (vectors @ vec.astype(np.float32).T)  # (Q, m)
+        x = vec.astype(np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)  # a run's are unit; other tools' may not be
+        sims = vectors @ x.T  # (Q, m)
+        # each query's entries at or above its k-th best value: all of a tie, so the merge below
+        # can give it to the earlier samples (argpartition alone picks any of them)
         take = min(k, sims.shape[1])
-        part = np.argpartition(-sims, take - 1, axis=1)[:, :take] if take < sims.shape[1] else \
-            np.broadcast_to(np.arange(sims.shape[1]), (n_q, sims.shape[1]))
-        best_pos = np.concatenate([best_pos, pos[part]], axis=1)
-        best_sim = np.concatenate([best_sim, np.take_along_axis(sims, part, axis=1)], axis=1)
-        best_pos, best_sim = _top(best_pos, best_sim, k)
+        kth = -np.partition(-sims, take - 1, axis=1)[:, take - 1:take]
+        for q in range(n_q):
+            keep = np.flatnonzero(sims[q] >= kth[q])
+            row_pos, row_sim = _top(np.concatenate([best_pos[q], pos[keep]])[None],
+                                    np.concatenate([best_sim[q], sims[q, keep]])[None], k)
+            if q == 0:
+                new_pos = np.zeros((n_q, row_pos.shape[1]), np.int64)
+                new_sim = np.zeros((n_q, row_pos.shape[1]), np.float32)
+            new_pos[q], new_sim[q] = row_pos[0], row_sim[0]
+        best_pos, best_sim = new_pos, new_sim
     out = [[(int(p), float(s)) for p, s in zip(best_pos[i], best_sim[i])] for i in range(n_q)]
-    return out, cand.height, reader.unreadable, cand
+    return out, reader.rows, reader.unreadable
+
+
+def kept_reader(ds: Dataset) -> EmbeddingReader | None:
+    """The kept samples' embeddings (None when there are none); raises DatasetError when the
+    dataset has no embedding files at all."""
+    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard"))
+    return EmbeddingReader(ds, cand, "search") if cand.height else None
+
+
+def _rows_at(ds: Dataset, positions: list[int]) -> dict[int, dict[str, Any]]:
+    """key, url and caption of the kept samples at these positions (for the hits only: the
+    captions of every kept sample would cost memory for nothing)."""
+    columns = [c for c in ("url", "caption") if c in ds.columns]
+    frame = collect(ds.scan().filter(pl.col("status") == KEPT).with_row_index("_p")
+                    .filter(pl.col("_p").is_in(positions)).select("_p", "key", *columns))
+    return {int(r["_p"]): {"key": r["key"], "url": r.get("url"), "caption": r.get("caption")}
+            for r in frame.iter_rows(named=True)}
 
 
 def _top(pos: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,13 +236,12 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
+        kept_reader(d)  # no embedding files: say so before a model loads (or downloads)
         vectors = embed_queries(queries, score)
-        found, samples, unreadable, cand = search(d, vectors, cfg.k, progress)
-        url = cand["url"].to_list() if "url" in cand.columns else [None] * cand.height
-        caption = cand["caption"].to_list() if "caption" in cand.columns else [None] * cand.height
-        keys = cand["key"].to_list()
-        hits = [[Hit(rank=r + 1, similarity=round(s, 6), key=keys[p], url=url[p], caption=caption[p])
-                 for r, (p, s) in enumerate(per_query)] for per_query in found]
+        found, samples, unreadable = search(d, vectors, cfg.k, progress)
+        rows = _rows_at(d, sorted({p for per_query in found for p, _ in per_query}))
+        hits = [[Hit(rank=r + 1, similarity=round(s, 6), **rows[p]) for r, (p, s) in enumerate(per_query)]
+                for per_query in found]
         return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,
                             model=None if score is None else f"{score.model} ({score.pretrained})",
                             skipped_files=[vars(s) for s in d.skipped])
