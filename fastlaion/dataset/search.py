@@ -185,8 +185,8 @@ def search(ds: Dataset, vectors: np.ndarray, k: int, progress: Progress | None =
             raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the dataset's embeddings "
                               f"{vec.shape[1]}: embed them with the model the run scored with")
         x = vec.astype(np.float32)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)  # a run's are unit; other tools' may not be
-        sims = vectors @ x.T  # (Q, m)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # a run's are unit; other tools' may not be
+        sims = (vectors @ x.T) / np.maximum(norms, 1e-8)  # (Q, m) cosines
         # each query's entries at or above its k-th best value: all of a tie, so the merge below
         # can give it to the earlier samples (argpartition alone picks any of them)
         take = min(k, sims.shape[1])
