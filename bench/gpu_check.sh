@@ -103,7 +103,7 @@ else
 fi
 
 step "4. pytest -m gpu"
-timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_gpu_decode.py tests/test_score.py 2>&1 \
+timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_gpu_decode.py tests/test_score.py tests/test_semantic.py tests/test_search.py 2>&1 \
   | tee "$out/pytest_gpu.txt" | tail -25
 [[ ${PIPESTATUS[0]} == 0 ]] || failed+=(pytest-gpu)
 

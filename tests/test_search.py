@@ -335,3 +335,25 @@ def test_more_bad_searches_are_one_line(tmp_path):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none")
+def test_classify_and_search_on_cuda_agree_with_the_cpu(run, tmp_path):
+    """classify's float16 topk_cosine kernel and search's query embedding on CUDA: the CPU's
+    labels (but for near ties) and hits."""
+    out = run[0]
+    for device in ("cpu", "cuda"):
+        args = ["classify", "--from", str(out), "-o", str(tmp_path / device), "--device", device, "--no-progress"]
+        result = runner.invoke(app, args + sum((["--class", c] for c in CLASSES), []))
+        assert result.exit_code == 0, result.output
+    cpu, gpu = (pl.read_parquet(tmp_path / d / "metadata.parquet").filter(pl.col("status") == "kept") for d in ("cpu", "cuda"))
+    assert (cpu["zero_shot_label"] == gpu["zero_shot_label"]).sum() >= cpu.height - 1
+    assert (cpu["zero_shot_score"] - gpu["zero_shot_score"]).abs().max() < 5e-3
+    hits = {}
+    for device in ("cpu", "cuda"):
+        result = runner.invoke(app, ["search", str(out), "--text", "a cat", "-k", "3", "--device", device,
+                                     "--json", str(tmp_path / f"{device}.json"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        hits[device] = hits_of(tmp_path / f"{device}.json")[0]
+    assert [k for k, _ in hits["cpu"]] == [k for k, _ in hits["cuda"]]

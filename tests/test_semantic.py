@@ -261,3 +261,24 @@ def test_rows_that_interleave_shards_are_walked_in_dataset_order(emb_run, tmp_pa
         drops = {k: v for k, v in marks.items() if v is not None}
         assert drops == expected, method
         assert all(position[first] < position[dup] for dup, first in drops.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU; torch sees none")
+def test_both_methods_on_cuda(emb_run, tmp_path):
+    """The walks on CUDA (float32 blocks; k-means assignment through the float16 topk_cosine
+    kernel): exact equals the reference, clusters drops only true duplicates and finds most."""
+    folder, keys, cos, exact = emb_run
+    index = {k: i for i, k in enumerate(keys)}
+    for method in ("exact", "clusters"):
+        out = tmp_path / method
+        invoke(["dedup", "--by", "embedding", "--min-cosine", THRESHOLD, "--method", method, "--device", "cuda",
+                "--from", folder, "-o", out, "--no-progress"])
+        marks, _ = dedup_rows(out)
+        drops = {k: v for k, v in marks.items() if v is not None}
+        if method == "exact":
+            assert drops == exact
+        else:
+            assert all(first < dup and marks[first] is None and cos[index[dup], index[first]] >= THRESHOLD
+                       for dup, first in drops.items())
+            assert len(set(drops) & set(exact)) > 0.97 * len(exact)
