@@ -147,16 +147,17 @@ def main(argv: list[str] | None = None) -> int:
 def bench_classify(args: argparse.Namespace, run: Path) -> bool:
     """`fastlaion classify` against classify_peer: the tiny random CLIP (D=512, as the synthetic
     run) saved as a checkpoint, so both embed the same class prompts."""
-    import open_clip
     import polars as pl
-    import torch
 
-    from fastlaion.score import TINY_MODEL, register_model_configs
+    from fastlaion.score import TINY_MODEL
 
-    register_model_configs()
-    torch.manual_seed(0)
+    # saved by a child process: torch and open_clip stay out of this one, whose resident pages a
+    # measured child's ru_maxrss would count (they are shared between fork and exec)
     ckpt = args.workdir / "tiny.pt"
-    torch.save({"state_dict": open_clip.create_model(TINY_MODEL).state_dict()}, ckpt)
+    subprocess.run([sys.executable, "-c", "import sys, torch, open_clip; from fastlaion.score import "
+                    "register_model_configs, TINY_MODEL; register_model_configs(); torch.manual_seed(0); "
+                    "torch.save({'state_dict': open_clip.create_model(TINY_MODEL).state_dict()}, sys.argv[1])",
+                    str(ckpt)], check=True, cwd=str(REPO))
     classes = [f"thing number {i}" for i in range(args.classes)]
     out = args.workdir / "classify-fastlaion"
     ours = measure([sys.executable, "-m", "fastlaion", "classify", "--from", str(run), "-o", str(out),

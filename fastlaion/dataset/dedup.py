@@ -82,7 +82,7 @@ class DedupConfig:
     block_rows: int = 2048      # embedding: query rows per matrix product
     method: str = "auto"        # embedding: exact (all pairs), clusters (within k-means clusters), auto
     clusters: int = 0           # embedding, clusters: how many; 0 = about sqrt(2 x samples)
-    bucket_bytes: int = 1 << 30  # embedding, clusters: spilled embeddings held in memory at once
+    bucket_bytes: int = 1 << 28  # embedding, clusters: spilled embeddings held in memory at once (256 MiB)
     threads: int = 0            # phash: decode threads; 0 = one per core
 
     def validate(self) -> None:
