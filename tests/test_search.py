@@ -240,6 +240,18 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     again = run_cli(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
                      "--device", "cpu", "--no-progress"])
     assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
+    random_run = tmp_path / "random"  # the same run, as if it had scored with random weights
+    random_run.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (random_run / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config["score"]["pretrained"] = "none"
+    (random_run / "config.json").write_text(json.dumps(config))
+    refused = run_cli(["classify", "--from", str(random_run), "-o", str(tmp_path / "c3"), "--class", "x",
+                       "--no-progress"])
+    assert refused.returncode == 2 and "no class prompt can match its embeddings" in refused.stderr, refused.stderr
+    assert "--vector" not in refused.stderr
 
 
 # --- the search itself, on synthetic embeddings (vector queries: no model) -----------------------------

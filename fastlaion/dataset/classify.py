@@ -99,7 +99,8 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
     if clash:
         raise ConfigError(f"{ds.path} already has {', '.join(clash)} (a classify output): classify the run it came "
                           "from, or drop those columns")
-    score = run_score_config(ds, SearchConfig(model=cfg.model, pretrained=cfg.pretrained, device=cfg.device))
+    score = run_score_config(ds, SearchConfig(model=cfg.model, pretrained=cfg.pretrained, device=cfg.device),
+                             "classify")
     target = OutputDir(out, ds)
 
     def job(d: Dataset) -> ClassifyResult:

@@ -74,9 +74,11 @@ class SearchResult:
                             for q, hits in zip(self.queries, self.hits)]}
 
 
-def run_score_config(ds: Dataset, cfg: SearchConfig) -> ScoreConfig:
-    """The CLIP model to embed queries with: the run's (config.json beside its shards), with
-    --model/--pretrained overriding; random weights are refused (they differ at every load)."""
+def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> ScoreConfig:
+    """The CLIP model to embed queries (or `what`'s texts) with: the run's (config.json beside its
+    shards), with --model/--pretrained overriding; random weights are refused (they differ at
+    every load)."""
+    instead = ", or search with --vector" if what == "search" else ""
     saved: dict[str, Any] = {}
     path = ds.root / RUN_CONFIG
     if path.exists():
@@ -102,12 +104,12 @@ def run_score_config(ds: Dataset, cfg: SearchConfig) -> ScoreConfig:
                     saved.get("pretrained"))
     if not model or pretrained is None:
         raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
-                          "--pretrained (the same as the run's), or search with --vector")
+                          f"--pretrained (the same as the run's){instead}")
     score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64)
     if score.random_weights:
         raise ConfigError(f"the run scored with random weights ({model}, --pretrained {pretrained!r}): a new load "
-                          "draws other weights, so no query can match its embeddings; pass the checkpoint it used "
-                          "with --pretrained PATH, or search with --vector")
+                          f"draws other weights, so no {'query' if what == 'search' else 'class prompt'} can match "
+                          f"its embeddings; pass the checkpoint it used with --pretrained PATH{instead}")
     return score
 
 
