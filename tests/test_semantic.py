@@ -180,10 +180,11 @@ def test_a_missing_or_bad_embedding_file_counts_its_samples_and_the_rest_is_dedu
     shutil.copytree(folder, run)
     (run / "00002_img_emb.npy").unlink()
     np.save(run / "00004_img_emb.npy", np.zeros((SHARD, 7), np.float16))   # another width
+    np.save(run / "00000_img_emb.npy", np.zeros((SHARD, 9), np.float16))   # another, in the first file read
     (run / "00005_img_emb.npy").write_bytes(b"")                          # a crash's leftover
     big = np.load(run / "00003_img_emb.npy").astype(np.float32) * 1e6      # another tool's float32, not unit:
     np.save(run / "00003_img_emb.npy", big)                                # still read (no overflow to inf)
-    bad = {k for k in keys if k[:5] in ("00002", "00004", "00005")}
+    bad = {k for k in keys if k[:5] in ("00000", "00002", "00004", "00005")}
     index = {k: i for i, k in enumerate(keys)}
     rest = [k for k in keys if k not in bad]
     expected = greedy_reference(rest, lambda a, b: cos[index[a], index[b]] >= THRESHOLD)
@@ -193,7 +194,7 @@ def test_a_missing_or_bad_embedding_file_counts_its_samples_and_the_rest_is_dedu
                           "--clusters", "1", "--device", "cpu", "--from", str(run), "-o", str(out), "--no-progress"])
         assert result.returncode == 0, result.stderr
         assert f"{len(bad):,} kept samples had no readable image/embedding" in result.stdout
-        assert all(f"0000{s}_img_emb.npy" in result.stderr for s in (2, 4, 5)), result.stderr
+        assert all(f"0000{s}_img_emb.npy" in result.stderr for s in (0, 2, 4, 5)), result.stderr
         marks, _ = dedup_rows(out)
         assert {k: v for k, v in marks.items() if v is not None} == expected
         assert load_json(out / "dataset.json")["unreadable_samples"] == len(bad)

@@ -78,6 +78,20 @@ class EmbeddingReader:
         if not any(ds.embeddings_path(s).exists() for s, _, _ in self.per_shard):
             raise DatasetError(f"{what} needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
                                f"the like) in {ds.root}: run with CLIP scoring on (without --no-score)")
+        self.dim = self._common_width()
+
+    def _common_width(self) -> int:
+        """The width most of the files have (their headers only): a lone odd file, even the first,
+        is the one set aside. 0 when none can be read (each is then named as it is read)."""
+        widths: dict[int, int] = {}
+        for shard, pos, _ in self.per_shard:
+            try:
+                shape = np.load(self.ds.embeddings_path(shard), mmap_mode="r").shape
+            except (OSError, ValueError, EOFError):
+                continue
+            if len(shape) == 2:
+                widths[shape[1]] = widths.get(shape[1], 0) + pos.size
+        return max(widths, key=lambda w: (widths[w], -w)) if widths else 0
 
     def shards(self, progress: Progress, what: str, only: np.ndarray | None = None
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
