@@ -49,6 +49,12 @@ def between(flag: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{flag} must be between {low:g} and {high:g}, got {value}")
 
 
+def torch_device(flag: str, value: str) -> None:
+    """Refuse a device string that is not auto, cpu, cuda or cuda:N, naming the flag."""
+    if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
 class ResizeMode(str, enum.Enum):
     """How the stored image is resized (img2dataset's names and meanings)."""
 
@@ -212,8 +218,7 @@ class ScoreConfig:
         at_least("--batch-size", self.batch_size, 1)
         if self.precision not in ("auto", "fp16", "bf16", "fp32"):
             raise ConfigError(f"--precision must be auto, fp16, bf16 or fp32, got {self.precision!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        torch_device("--device", self.device)
 
     @property
     def threshold_multi(self) -> float:

@@ -425,7 +425,7 @@ def _stop_pool(pool: Any) -> None:
     processes = getattr(pool, "_processes", None) or {}  # pid -> Process (no public handle)
     for proc in list(processes.values()):
         proc.terminate()
-    pool.shutdown(wait=True, cancel_futures=False)
+    pool.shutdown(wait=True)
 
 
 def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> None:

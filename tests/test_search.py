@@ -141,16 +141,21 @@ def test_a_vector_query_needs_no_model_and_finds_its_own_sample(run, tmp_path):
     assert [k for k, _ in got] == [k for k, _ in brute_force(keys, emb, emb[7], 3)]
 
 
-def test_bad_searches_are_one_line(run, tmp_path):
-    out, _, _, tmp = run
-    random_run = tmp / "random"  # the same run, as if it had scored with random weights
-    random_run.mkdir(exist_ok=True)
+def as_random_weights(out: Path, folder: Path) -> Path:
+    """A copy of the run `out` whose config.json says it scored with random weights."""
+    folder.mkdir(exist_ok=True)
     for f in out.iterdir():
         if f.is_file():
-            (random_run / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).write_bytes(f.read_bytes())
     config = json.loads((out / "config.json").read_text())
     config["score"]["pretrained"] = "none"
-    (random_run / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bad_searches_are_one_line(run, tmp_path):
+    out, _, _, tmp = run
+    random_run = as_random_weights(out, tmp / "random")
     np.save(tmp_path / "short.npy", np.ones(3, np.float32))
     (tmp_path / "not-an-image.jpg").write_bytes(b"hello")
     no_score = tmp / "no-score"
@@ -240,14 +245,7 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     again = run_cli(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
                      "--device", "cpu", "--no-progress"])
     assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
-    random_run = tmp_path / "random"  # the same run, as if it had scored with random weights
-    random_run.mkdir()
-    for f in out.iterdir():
-        if f.is_file():
-            (random_run / f.name).write_bytes(f.read_bytes())
-    config = json.loads((out / "config.json").read_text())
-    config["score"]["pretrained"] = "none"
-    (random_run / "config.json").write_text(json.dumps(config))
+    random_run = as_random_weights(out, tmp_path / "random")
     refused = run_cli(["classify", "--from", str(random_run), "-o", str(tmp_path / "c3"), "--class", "x",
                        "--no-progress"])
     assert refused.returncode == 2 and "no class prompt can match its embeddings" in refused.stderr, refused.stderr

@@ -10,8 +10,9 @@ dropped one and the result does not depend on how candidates were found.
 Semantic dedup (semantic.py) applies that rule to every pair (`--method exact`, n^2/2 dot
 products: the greedy rule needs *the earliest kept* row above the threshold, which a top-k search
 cannot promise once more than k rows pass) or, past EXACT_MAX_ROWS, inside k-means clusters only
-(`--method clusters`, SemDeDup-style: seconds for a million samples, bounded memory, may miss a
-pair split across two clusters, never drops a sample without a kept one that close).
+(`--method clusters`, SemDeDup-style: a million samples in about a minute and a half on two
+cores, bounded memory, may miss a pair split across two clusters, never drops a sample without a
+kept one that close).
 
 Exact dedup is lazy Polars end to end: a 128-bit key (two 64-bit hashes of the values) per kept
 row, a group-by for each key's first row, then one streaming pass that writes every row with its
@@ -34,7 +35,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from ..config import ConfigError, at_least
+from ..config import ConfigError, at_least, torch_device
 from .output import OutputDir
 from .samples import read_images
 from .source import (
@@ -97,8 +98,7 @@ class DedupConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         at_least("--clusters", self.clusters, 0)
         at_least("bucket_bytes", self.bucket_bytes, 1 << 20)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        torch_device("--device", self.device)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..config import ConfigError, ScoreConfig, first_line
+from ..config import ConfigError, ScoreConfig, first_line, torch_device
 from .semantic import EmbeddingReader
 from .source import KEPT, Dataset, DatasetError, NoProgress, Progress, collect
 
@@ -39,8 +39,7 @@ class SearchConfig:
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"-k must be at least 1, got {self.k}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        torch_device("--device", self.device)
 
 
 @dataclass(frozen=True)
@@ -170,18 +169,16 @@ def _clip_input(path: Path, scorer: Any) -> np.ndarray:
     return np.array(scorer.clip_spec.apply(rgb, rgb.width, rgb.height))  # writable, for torch.from_numpy
 
 
-def search(ds: Dataset, vectors: np.ndarray, k: int, progress: Progress | None = None
-           ) -> tuple[list[list[tuple[int, float]]], int, int]:
-    """For each unit query vector (Q, D), the k best kept samples as (position among the kept
-    rows, cosine), best first, ties to the earlier sample; with the number of kept samples and
-    how many had no readable embedding."""
+def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress: Progress | None = None
+           ) -> list[list[tuple[int, float]]]:
+    """For each unit query vector (Q, D), the k best of the reader's samples (kept_reader's) as
+    (position among them, cosine), best first, ties to the earlier sample."""
     progress = progress or NoProgress()
-    reader = kept_reader(ds)
     n_q = vectors.shape[0]
     best_pos = np.zeros((n_q, 0), np.int64)
     best_sim = np.zeros((n_q, 0), np.float32)
     if reader is None:
-        return [[] for _ in range(n_q)], 0, 0
+        return [[] for _ in range(n_q)]
     for pos, vec in reader.shards(progress, "search"):
         if vec.shape[1] != vectors.shape[1]:
             raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the dataset's embeddings "
@@ -193,17 +190,11 @@ def search(ds: Dataset, vectors: np.ndarray, k: int, progress: Progress | None =
         # can give it to the earlier samples (argpartition alone picks any of them)
         take = min(k, sims.shape[1])
         kth = -np.partition(-sims, take - 1, axis=1)[:, take - 1:take]
-        for q in range(n_q):
-            keep = np.flatnonzero(sims[q] >= kth[q])
-            row_pos, row_sim = _top(np.concatenate([best_pos[q], pos[keep]])[None],
-                                    np.concatenate([best_sim[q], sims[q, keep]])[None], k)
-            if q == 0:
-                new_pos = np.zeros((n_q, row_pos.shape[1]), np.int64)
-                new_sim = np.zeros((n_q, row_pos.shape[1]), np.float32)
-            new_pos[q], new_sim[q] = row_pos[0], row_sim[0]
-        best_pos, best_sim = new_pos, new_sim
-    out = [[(int(p), float(s)) for p, s in zip(best_pos[i], best_sim[i])] for i in range(n_q)]
-    return out, reader.rows, reader.unreadable
+        merged = [_top(np.concatenate([best_pos[q], pos[keep]]), np.concatenate([best_sim[q], sims[q, keep]]), k)
+                  for q, keep in ((q, np.flatnonzero(sims[q] >= kth[q])) for q in range(n_q))]
+        best_pos = np.stack([p for p, _ in merged])  # every query keeps as many: min(k, samples so far)
+        best_sim = np.stack([s for _, s in merged])
+    return [[(int(p), float(s)) for p, s in zip(best_pos[i], best_sim[i])] for i in range(n_q)]
 
 
 def kept_reader(ds: Dataset) -> EmbeddingReader | None:
@@ -224,9 +215,9 @@ def _rows_at(ds: Dataset, positions: list[int]) -> dict[int, dict[str, Any]]:
 
 
 def _top(pos: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k entries of highest `sim`, ties to the lower `pos`, in that order."""
-    order = np.lexsort((pos, -sim), axis=1)[:, :k]
-    return np.take_along_axis(pos, order, axis=1), np.take_along_axis(sim, order, axis=1)
+    """The k entries of highest `sim`, ties to the lower `pos`, in that order."""
+    order = np.lexsort((pos, -sim))[:k]
+    return pos[order], sim[order]
 
 
 def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
@@ -238,9 +229,10 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
-        kept_reader(d)  # no embedding files: say so before a model loads (or downloads)
+        reader = kept_reader(d)  # before a model loads (or downloads): no embedding files is an error
         vectors = embed_queries(queries, score)
-        found, samples, unreadable = search(d, vectors, cfg.k, progress)
+        found = search(reader, vectors, cfg.k, progress)
+        samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
         rows = _rows_at(d, sorted({p for per_query in found for p, _ in per_query}))
         hits = [[Hit(rank=r + 1, similarity=round(s, 6), **rows[p]) for r, (p, s) in enumerate(per_query)]
                 for per_query in found]

@@ -41,7 +41,7 @@ KMEANS_ITERATIONS = 10
 KMEANS_SAMPLE_PER_CLUSTER = 64     # training sample: this many samples per cluster ...
 KMEANS_MAX_SAMPLE = 1 << 20        # ... at most (1M x 768 float32: 3 GiB)
 EXACT_MAX_ROWS = {"cpu": 100_000, "cuda": 1_000_000}  # method auto: exact up to this many samples
-MAX_BUCKETS = 256                   # spill files open at once (beyond ~250M samples a bucket outgrows 1 GiB)
+MAX_BUCKETS = 256                   # spill files open at once (past 256 x bucket_bytes, buckets grow beyond it)
 _PROBE_ROWS = 1 << 14              # samples against the probes per matrix product
 _ASSIGN_ROWS = 1 << 16             # samples assigned per topk_cosine call
 
@@ -295,10 +295,6 @@ class ClusterReport:
     probes: int = 0
     pairs: int = 0
     split_pairs: int = 0
-
-    @property
-    def split_share(self) -> float | None:
-        return self.split_pairs / self.pairs if self.pairs else None
 
 
 def probe_count(n: int) -> int:
