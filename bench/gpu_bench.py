@@ -20,8 +20,9 @@ so one 15-minute GPU session always brings back every figure that could be measu
     with and without the stored image; where the host's threads spend that run (bench/sampler.py);
     the model alone, and its parts (tokenizer, towers).
 (d) `fastlaion run` end to end over a loopback server (download, decode, score, write).
-(e) (c) in 2 and 4 processes sharing the GPU (`--workers-per-gpu`): whether one process's host
-    work is the limit.
+(e) (c) in 4 processes sharing the GPU (`--workers-per-gpu 4`; 2 in the dry run), eager and with
+    the compiled towers, with DALI's default decode and with its hardware decoder taking every
+    image: what takes device time off the GPU that 4 processes keep busy (session 10).
 """
 
 from __future__ import annotations
@@ -278,27 +279,46 @@ def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: di
 
 
 def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
-                  start: Any, results: Any, stored_encode: str = "host") -> None:
+                  start: Any, results: Any, decoder_options: dict[str, Any], compile: bool) -> None:
     """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     images = pickle.loads(Path(jpeg_file).read_bytes())
     texts = make_captions(len(images))
-    scorer = _make_scorer(model, batch, device)
+    scorer = _make_scorer(model, batch, device, compile=compile)
     # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
     # worker (session 4's rows of this section gave every process all the cores).
-    decoder = _make_decoder(scorer, batch, device, {"threads": threads}, stored_encode=stored_encode)
-    decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up
-    start.wait(timeout=300)
+    decoder = _make_decoder(scorer, batch, device, {"threads": threads}, **decoder_options)
+    decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up (and the compile)
+    start.wait(timeout=400)
     t0 = time.time()
     decode_and_score(decoder, scorer, images * repeat, texts * repeat, batch, device)
     results.put((len(images) * repeat, t0, time.time()))
 
 
+def process_variants(device: torch.device) -> list[tuple[int, str, dict[str, Any], bool]]:
+    """Section (e)'s runs: (processes, label, decoder options, compiled towers). Session 10 found
+    4 processes on one H200 limited by the GPU itself (9,400 samples/s: per sample, the eager towers'
+    61 us and DALI's mixed decode about 78 us of device time), so what remains to measure is what
+    takes device time off: the compiled towers (score only 16,500 -> 20,900/s in session 10) and
+    DALI's hardware JPEG decoder for every image without chroma smoothing (decode alone 4,400 ->
+    7,400 img/s), each alone and both."""
+    from fastlaion.gpu_decode import available_decoders
+
+    if device.type != "cuda":
+        return [(2, "", {}, False)]
+    runs = [(4, "", {}, False), (4, "compiled towers", {}, True)]
+    if available_decoders(device)[0] == "dali":
+        fast = {"exact_chroma": False, "hw_decoder_load": 1.0}
+        runs += [(4, "DALI fast chroma, all to the hardware decoder", fast, False),
+                 (4, "compiled towers, DALI fast chroma, all to the hardware decoder", fast, True)]
+    return runs
+
+
 def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int = 2,
-                    stored_encode: str = "host") -> None:
+                    label: str = "", decoder_options: dict[str, Any] | None = None, compile: bool = False) -> None:
     """decode+score with `processes` worker processes on the one GPU, all started together: whether
-    one process's host work (Python, one GIL) is what limits."""
+    one process's host work (Python, one GIL) is what limits, and with which settings."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -308,13 +328,15 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         start, results = ctx.Barrier(processes + 1), ctx.Queue()
         threads = max(1, (os.cpu_count() or 1) // processes)
         workers = [ctx.Process(target=_score_worker, args=(args.model, args.batch, str(device), jpeg_file,
-                                                           args.repeat, threads, start, results, stored_encode),
+                                                           args.repeat, threads, start, results,
+                                                           decoder_options or {}, compile),
                                daemon=True)
                    for _ in range(processes)]
         try:
             for w in workers:
                 w.start()
-            start.wait(timeout=120)  # a worker that died loading breaks this after 2 minutes, not 5
+            # a worker that died loading breaks this after 2 minutes (4 with the compile), not 5
+            start.wait(timeout=240 if compile else 120)
             done = [results.get(timeout=180) for _ in workers]
         finally:
             for w in workers:
@@ -323,7 +345,7 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
                     w.terminate()
     samples = sum(n for n, _, _ in done)
     secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
-    how = "" if stored_encode == "host" else f", stored image by {stored_encode}"
+    how = f", {label}" if label else ""
     row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}{how}",
         f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
 
@@ -565,7 +587,6 @@ def main() -> None:
     jpegs = make_jpegs(args.images)
     print(f"generated {len(jpegs):,} JPEGs (300-800 px, mean {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
-    from fastlaion.gpu_decode import nvimgcodec_importable
 
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
     wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g").split(","))
@@ -574,11 +595,9 @@ def main() -> None:
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
                           ("e", "(e) decode+score, several processes",
-                           # session 4 measured 2 and 4 (4 the better); 4 again, then 4 with the stored
-                           # images encoded on the GPU, within the step's time limit
-                           lambda: [bench_processes(args, jpegs, device, n, how) for n, how in
-                                    ([(4, "host")] + [(4, "nvimgcodec")] * nvimgcodec_importable()
-                                     if gpu else [(2, "host")])]),
+                           # session 4 measured 2 and 4 (4 the better); 4, with what takes device time off
+                           lambda: [bench_processes(args, jpegs, device, n, label, options, compiled)
+                                    for n, label, options, compiled in process_variants(device)]),
                           ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):

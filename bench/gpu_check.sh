@@ -92,6 +92,11 @@ for name in ("fastlaion", "open_clip", "polars", "turbojpeg", "torchvision", "nv
 from fastlaion.decode import shared_turbojpeg
 shared_turbojpeg()
 print("  libturbojpeg loads")
+# what the run path imports: a package missing here (orjson, in session 10) fails this step by name
+# and costs every later section; bring its wheel in .whl/ (tests/test_gpu_check.py guards the list)
+for name in ("fastlaion.cli", "fastlaion.pipeline", "fastlaion.dataset.search"):
+    importlib.import_module(name)
+print("  fastlaion's run path imports")
 EOF
 
 step "3. build the CUDA kernels"

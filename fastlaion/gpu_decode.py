@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_SIZE = 256
 DALI_PACKAGE = "nvidia-dali-cuda130"
 STORED_ENCODERS = ("host", "device", "nvimgcodec")
+# nvImageCodec's back end per device type: its nvJPEG GPU encoder on CUDA (the hybrid one, which also
+# works where that fails, took 4x the host encode's time on an H200), its OpenCV one on the CPU
+NVIMGCODEC_BACKENDS = {"cuda": "GPU_ONLY", "cpu": "CPU_ONLY"}
 
 _encode_pools: dict[int, ThreadPoolExecutor] = {}
 _encode_pools_lock = threading.Lock()
@@ -481,6 +484,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         self.stored_encode = stored_encode
         self._nvimgcodec = import_nvimgcodec() if stored_encode == "nvimgcodec" else None
         self.stored_fallbacks = 0  # stored images the chosen device encoder left to the host
+        self._nvimgcodec_refused = False  # its back end's probe encoded nothing: the host encodes
         self._cpu = Decoder(cfg, clip, watermark_size_px)
         self._local = threading.local()  # per finish() thread: its CUDA stream
         self._phase_lock = threading.Lock()
@@ -644,16 +648,10 @@ class _DeviceBatchDecoder(BatchDecoder):
         host instead."""
         nv = self._nvimgcodec
         on_gpu = self.device.type == "cuda"
-        encoder = getattr(self._local, "nvimgcodec_encoder", None)
-        if encoder is None:  # one per finish() thread, as the CUDA streams, each with its share of the cores
-            threads = max(1, (self.cfg.threads or os.cpu_count() or 1) // self.concurrency)
-            if on_gpu:
-                encoder = nv.Encoder(device_id=self.device.index, max_num_cpu_threads=threads,
-                                     backends=[nv.Backend(nv.BackendKind.GPU_ONLY)])
-            else:
-                encoder = nv.Encoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
-                                     backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
-            self._local.nvimgcodec_encoder = encoder
+        encoder = self._nvimgcodec_encoder()
+        if encoder is None:  # its back end encodes nothing on this machine (the probe): the host does
+            self._count_fallbacks(len(images))
+            return self._encode_on_host(images)
         params = nv.EncodeParams(quality_type=nv.QualityType.QUALITY, quality_value=float(self.cfg.jpeg_quality),
                                  chroma_subsampling=nv.ChromaSubsampling.CSS_420)
         frames = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
@@ -676,6 +674,44 @@ class _DeviceBatchDecoder(BatchDecoder):
             for i, jpeg in zip(missing, self._encode_on_host([frames[i] for i in missing]), strict=True):
                 jpegs[i] = jpeg
         return jpegs  # type: ignore[return-value]
+
+    def _nvimgcodec_encoder(self) -> Any:
+        """This finish() thread's nvImageCodec encoder (one per thread, as the CUDA streams, each
+        with its share of the cores), or None once a probe showed that its back end encodes nothing
+        here. The probe is one 16 x 16 image, the first time: on the session-10 H200 the GPU back end
+        returned None for every image (nvImageCodec 0.9, the driver's nvJPEG 13.0), which cost a
+        512-line warning and a wasted call per batch before the host encoded the batch anyway."""
+        if self._nvimgcodec_refused:
+            return None
+        encoder = getattr(self._local, "nvimgcodec_encoder", None)
+        if encoder is not None:
+            return encoder
+        nv = self._nvimgcodec
+        threads = max(1, (self.cfg.threads or os.cpu_count() or 1) // self.concurrency)
+        on_gpu = self.device.type == "cuda"
+        kind = getattr(nv.BackendKind, NVIMGCODEC_BACKENDS[self.device.type])
+        encoder = nv.Encoder(device_id=self.device.index if on_gpu else nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                             max_num_cpu_threads=threads, backends=[nv.Backend(kind)])
+        probe = torch.zeros((16, 16, 3), dtype=torch.uint8, device=self.device)
+        try:
+            if on_gpu:
+                stream = torch.cuda.current_stream(self.device).cuda_stream
+                answer = encoder.encode([nv.as_image(probe, stream)], "jpeg", cuda_stream=stream)
+            else:
+                answer = encoder.encode([probe.numpy()], "jpeg")
+            works = bool(answer) and answer[0] is not None
+        except (RuntimeError, ValueError, TypeError):
+            works = False
+        if not works:
+            with self._phase_lock:
+                if not self._nvimgcodec_refused:
+                    log.warning("nvImageCodec's %s back end encodes nothing on %s (a one-image probe came back "
+                                "empty): the stored images are encoded on the host (--stored-encoder host)",
+                                NVIMGCODEC_BACKENDS[self.device.type], self.device)
+                self._nvimgcodec_refused = True
+            return None
+        self._local.nvimgcodec_encoder = encoder
+        return encoder
 
     def _encode_on_host(self, images: list[torch.Tensor] | torch.Tensor) -> list[bytes]:
         """libjpeg-turbo on the shared encode threads (it releases the GIL), a slice of the batch

