@@ -279,46 +279,57 @@ def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: di
 
 
 def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
-                  start: Any, results: Any, decoder_options: dict[str, Any], compile: bool) -> None:
-    """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads."""
+                  start: Any, results: Any, variants: list[tuple[str, dict[str, Any], bool]]) -> None:
+    """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads,
+    through every variant in turn, each timed between two barriers with the other processes. The
+    eager and the compiled scorer are made once each (the compile once per process)."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     images = pickle.loads(Path(jpeg_file).read_bytes())
     texts = make_captions(len(images))
-    scorer = _make_scorer(model, batch, device, compile=compile)
-    # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
-    # worker (session 4's rows of this section gave every process all the cores).
-    decoder = _make_decoder(scorer, batch, device, {"threads": threads}, **decoder_options)
-    decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up (and the compile)
-    start.wait(timeout=400)
-    t0 = time.time()
-    decode_and_score(decoder, scorer, images * repeat, texts * repeat, batch, device)
-    results.put((len(images) * repeat, t0, time.time()))
+    scorers: dict[bool, Any] = {}
+    for _label, decoder_options, compile in variants:
+        if compile not in scorers:
+            scorers[compile] = _make_scorer(model, batch, device, compile=compile)
+        scorer = scorers[compile]
+        # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
+        # worker (session 4's rows of this section gave every process all the cores).
+        decoder = _make_decoder(scorer, batch, device, {"threads": threads}, **decoder_options)
+        decode_and_score(decoder, scorer, images[: 2 * batch], texts, batch, device)  # warm-up (and the compile)
+        start.wait(timeout=400)
+        t0 = time.time()
+        decode_and_score(decoder, scorer, images * repeat, texts * repeat, batch, device)
+        results.put((len(images) * repeat, t0, time.time()))
+        del decoder  # its DALI pipeline and buffers, before the next variant's
 
 
-def process_variants(device: torch.device) -> list[tuple[int, str, dict[str, Any], bool]]:
-    """Section (e)'s runs: (processes, label, decoder options, compiled towers). Session 10 found
-    4 processes on one H200 limited by the GPU itself (9,400 samples/s: per sample, the eager towers'
-    61 us and DALI's mixed decode about 78 us of device time), so what remains to measure is what
-    takes device time off: the compiled towers (score only 16,500 -> 20,900/s in session 10) and
-    DALI's hardware JPEG decoder for every image without chroma smoothing (decode alone 4,400 ->
-    7,400 img/s), each alone and both."""
+def process_variants(device: torch.device) -> tuple[int, list[tuple[str, dict[str, Any], bool]]]:
+    """Section (e)'s processes and variants: (label, decoder options, compiled towers). Session 10
+    found 4 processes on one H200 limited by the GPU itself (9,400 samples/s: per sample, the eager
+    towers' 61 us and DALI's mixed decode about 76 us of device time), so what remains to measure
+    is what takes device time off: the compiled towers (score only 16,500 -> 20,900/s in session
+    10) and DALI's hardware JPEG decoder for every image without chroma smoothing (decode alone
+    4,400 -> 7,400 img/s), each alone and both. The dry run walks the eager ones in 2 processes."""
     from fastlaion.gpu_decode import available_decoders
 
-    if device.type != "cuda":
-        return [(2, "", {}, False)]
-    runs = [(4, "", {}, False), (4, "compiled towers", {}, True)]
-    if available_decoders(device)[0] == "dali":
-        fast = {"exact_chroma": False, "hw_decoder_load": 1.0}
-        runs += [(4, "DALI fast chroma, all to the hardware decoder", fast, False),
-                 (4, "compiled towers, DALI fast chroma, all to the hardware decoder", fast, True)]
-    return runs
+    dali = available_decoders(device)[0] == "dali"
+    fast = {"exact_chroma": False, "hw_decoder_load": 1.0}
+    variants: list[tuple[str, dict[str, Any], bool]] = [("", {}, False)]
+    if dali:
+        variants.append(("DALI fast chroma, all to the hardware decoder", fast, False))
+    if device.type != "cuda":  # a second variant all the same: the dry run walks the loop over them
+        return 2, variants if dali else [*variants, ("the same, a second time", {}, False)]
+    variants.append(("compiled towers", {}, True))
+    if dali:
+        variants.append(("compiled towers, DALI fast chroma, all to the hardware decoder", fast, True))
+    return 4, variants
 
 
-def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int = 2,
-                    label: str = "", decoder_options: dict[str, Any] | None = None, compile: bool = False) -> None:
-    """decode+score with `processes` worker processes on the one GPU, all started together: whether
-    one process's host work (Python, one GIL) is what limits, and with which settings."""
+def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int,
+                    variants: list[tuple[str, dict[str, Any], bool]]) -> None:
+    """decode+score with `processes` worker processes on the one GPU, started once and timed
+    together for each variant: whether one process's host work (Python, one GIL) is what limits,
+    and with which settings. A row is written as each variant finishes."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -328,26 +339,26 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         start, results = ctx.Barrier(processes + 1), ctx.Queue()
         threads = max(1, (os.cpu_count() or 1) // processes)
         workers = [ctx.Process(target=_score_worker, args=(args.model, args.batch, str(device), jpeg_file,
-                                                           args.repeat, threads, start, results,
-                                                           decoder_options or {}, compile),
+                                                           args.repeat, threads, start, results, variants),
                                daemon=True)
                    for _ in range(processes)]
         try:
             for w in workers:
                 w.start()
-            # a worker that died loading breaks this after 2 minutes (4 with the compile), not 5
-            start.wait(timeout=240 if compile else 120)
-            done = [results.get(timeout=180) for _ in workers]
+            for label, _options, compile in variants:
+                # a worker that died loading breaks this after 2 minutes (4 with a compile), not 5
+                start.wait(timeout=240 if compile else 120)
+                done = [results.get(timeout=180) for _ in workers]
+                samples = sum(n for n, _, _ in done)
+                secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
+                how = f", {label}" if label else ""
+                row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}{how}",
+                    f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
         finally:
             for w in workers:
                 w.join(timeout=30)
                 if w.is_alive():
                     w.terminate()
-    samples = sum(n for n, _, _ in done)
-    secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
-    how = f", {label}" if label else ""
-    row(f"{args.model} decode+score, {processes} processes on one {device.type.upper()}{how}",
-        f"{samples / secs:,.0f} samples/s", f"all processes together; {samples:,} samples in {secs:.1f} s")
 
 
 def score_rate(scorer: Any, pixels: torch.Tensor, texts: list[str], rounds: int, device: torch.device) -> float:
@@ -596,8 +607,7 @@ def main() -> None:
                           ("c", "(c) decode+score", lambda: bench_score(args, jpegs, device)),
                           ("e", "(e) decode+score, several processes",
                            # session 4 measured 2 and 4 (4 the better); 4, with what takes device time off
-                           lambda: [bench_processes(args, jpegs, device, n, label, options, compiled)
-                                    for n, label, options, compiled in process_variants(device)]),
+                           lambda: bench_processes(args, jpegs, device, *process_variants(device))),
                           ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
