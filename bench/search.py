@@ -4,6 +4,7 @@ matrix product, argsort), on the same synthetic run and queries.
 
     .venv/bin/python bench/search.py                         # 1,000,000 samples, 10 queries, k=10
     .venv/bin/python bench/search.py --rows 100000 --queries 100
+    .venv/bin/python bench/search.py --index 0 4 64 --classes 0   # through `fastlaion index` at 3 --probes
 
 The run is bench/semantic.py's (kept rows' Parquet + float16 D=512 embeddings, cached under its
 work folder). The queries are --vector files (sample embeddings with noise), so no CLIP model is
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=HERE / "_work" / "semantic")
     ap.add_argument("--classes", type=int, default=100, help="classes for the classify comparison (0: skip it)")
+    ap.add_argument("--index", type=int, nargs="*", default=[0],
+                    help="build `fastlaion index` and search through it with these --probes (0: the default); "
+                         "--index alone skips it")
     ap.add_argument("--peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ap.add_argument("--classify-peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         queries.append(str(path))
     ours_json = args.workdir / "search-fastlaion.json"
     peer_json = args.workdir / "search-numpy.json"
-    ours = measure([sys.executable, "-m", "fastlaion", "search", str(run), *sum((["--vector", q] for q in queries), []),
-                    "-k", str(args.k), "--json", str(ours_json), "--no-progress"])
+    vectors = sum((["--vector", q] for q in queries), [])
+    ours = measure([sys.executable, "-m", "fastlaion", "search", str(run), *vectors,
+                    "-k", str(args.k), "--json", str(ours_json), "--no-progress", "--exact"])
     peer = measure([sys.executable, str(Path(__file__).resolve()), "--peer", str(run), str(peer_json), str(args.k),
                     *queries])
     print(json.dumps({"fastlaion": ours, "numpy": peer}))
@@ -139,9 +144,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfastlaion / numpy: {peer['wall_s'] / ours['wall_s']:.2f}x the speed, "
           f"{peer['peak_rss_gb'] / max(ours['peak_rss_gb'], 1e-9):.1f}x less memory; same hits: {same and close}")
     ok = same and close
+    if args.index:
+        ok = bench_index(args, run, vectors, want, peer) and ok
     if args.classes:
         ok = bench_classify(args, run) and ok
     return 0 if ok else 1
+
+
+def bench_index(args: argparse.Namespace, run: Path, vectors: list[str], want: list, peer: dict) -> bool:
+    """`fastlaion index` once, then `fastlaion search` through it at each --probes: wall time
+    (start-up included, as above) and recall@k against the numpy script's exact hits."""
+    build = measure([sys.executable, "-m", "fastlaion", "index", str(run), "--no-progress"])
+    if build["rc"]:
+        print("index build failed:", build["tail"])
+        return False
+    meta = json.loads((run / "index" / "index.json").read_text())
+    print()
+    print(f"index: {meta['cells']:,} cells, built in {build['wall_s']} s, peak RSS {build['peak_rss_gb']} GB, "
+          f"{(run / 'index' / 'image.faiss').stat().st_size / 2**20:,.0f} MiB on disk")
+    print("| samples | queries | k | probes of cells | wall s | peak RSS GB | recall@k vs exact | speed vs numpy |")
+    print("|---|---|---|---|---|---|---|---|")
+    ok = True
+    for probes in args.index:
+        out = args.workdir / f"search-index-{probes}.json"
+        r = measure([sys.executable, "-m", "fastlaion", "search", str(run), *vectors, "-k", str(args.k),
+                     "--json", str(out), "--no-progress", *(["--probes", str(probes)] if probes else [])])
+        if r["rc"]:
+            print("search through the index failed:", r["tail"])
+            ok = False
+            continue
+        found = json.loads(out.read_text())
+        got = [{h["key"] for h in q["hits"]} for q in found["results"]]
+        recall = sum(len(g & {k for k, _ in w}) for g, w in zip(got, want)) / sum(len(w) for w in want)
+        used = found["index"] or {}
+        print(f"| {args.rows:,} | {args.queries} | {args.k} | {used.get('probes', '?')} of {used.get('cells', '?')} "
+              f"| {r['wall_s']} | {r['peak_rss_gb']} | {recall:.1%} | {peer['wall_s'] / r['wall_s']:.2f}x |")
+    return ok
 
 
 def bench_classify(args: argparse.Namespace, run: Path) -> bool:

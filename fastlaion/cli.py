@@ -132,6 +132,14 @@ def print_funnel(summary: Any) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
 
 
+def print_error(message: str) -> None:
+    """`error: message` on stderr; the message is text, not markup ("pip install 'fastlaion[ray]'",
+    a path with brackets)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
@@ -140,7 +148,7 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         yield
     except ConfigError as e:
         bar.stop()
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         bar.stop()
@@ -148,12 +156,11 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         raise typer.Exit(130) from None
     except WorkerFailed as e:
         bar.stop()
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(1) from None
     except OSError as e:
         bar.stop()
-        console.print(f"[red]error:[/red] {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
-                      highlight=False, soft_wrap=True)
+        print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
         raise typer.Exit(1) from None
     finally:
         bar.stop()
@@ -203,9 +210,12 @@ def run_cmd(
     decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core (shared among --processes).")] = _D.decode.threads,
     decoder: Annotated[str, typer.Option(help="Image decoder: auto (DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU), cpu (libjpeg-turbo/Pillow), nvjpeg or dali. GPU decoders hand the CLIP input to the model without a host copy; PNG/WebP and GPU failures fall back to the CPU per image.")] = _D.decode.decoder,
     stored_encoder: Annotated[str, typer.Option(help="Where a GPU decoder encodes the stored JPEGs: host (libjpeg-turbo on the CPU's threads, as the CPU decoder) or nvimgcodec (NVIDIA nvImageCodec's batched encoder on the GPU, which DALI installs; only the bytes come back). The CPU decoder always encodes on the CPU.")] = _D.decode.stored_encoder,
+    exact_chroma: Annotated[bool, typer.Option("--exact-chroma/--fast-chroma", help="DALI: libjpeg's smooth chroma upsampling, as the CPU decoder (exact), or DALI's plain one (fast; on an H200 with --hw-decoder-load 1, decode + score 1.16x).")] = _D.decode.exact_chroma,
+    hw_decoder_load: Annotated[Optional[float], typer.Option(help="DALI: the share of JPEGs for the GPU's hardware JPEG decoder (0-1), the rest decoded with CUDA; default DALI's own (0.65).", show_default=False)] = _D.decode.hw_decoder_load,
     processes: Annotated[int, typer.Option(help="Worker processes on the CPU, each with its own download loop, decoder and model; shards are handed out from one queue. 0 = one per core.")] = _D.parallel.processes,
     gpus: Annotated[Optional[str], typer.Option(help="Worker processes on GPUs: 'all' or a number N (cuda:0..N-1), --workers-per-gpu on each; overrides --processes and --device.", show_default=False)] = None,
     workers_per_gpu: Annotated[int, typer.Option(help="Worker processes per GPU with --gpus. One Python process feeds a GPU only so fast: 2 on one H200 decoded and scored 1.4-1.9x, 4 1.7x, the samples/s of 1.")] = _D.parallel.workers_per_gpu,
+    ray: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the workers as actors of a Ray cluster (pip install 'fastlaion\\[ray]'): ADDRESS is auto (the cluster this machine is a node of, or RAY_ADDRESS), HOST:PORT of its head (the port of `ray start --head`, 6379 by default), or local (a private Ray instance on this machine, stopped at the end). --gpus N|all then counts the cluster's GPUs, --workers-per-gpu actors on each; without --gpus, --processes N actors spread over the nodes by their CPUs, 0 = one per CPU of the cluster; each reserves its share of its node's CPUs. The output folder must be on a filesystem every node mounts at the same path, and every node needs this version of fastlaion in the Python that runs Ray. Rerunning without --ray, or with it, resumes the same output.", show_default=False)] = None,
     score: Annotated[bool, typer.Option("--score/--no-score", help="CLIP-score image/caption pairs and drop those under --min-similarity; --no-score keeps every decoded image.")] = True,
     model: Annotated[str, typer.Option(help="open_clip architecture (fastlaion-tiny: a random 2-layer test model).")] = _D.score.model,
     pretrained: Annotated[str, typer.Option(help="open_clip pretrained tag (downloads on first use), a local checkpoint path, or 'none' for random weights.")] = _D.score.pretrained,
@@ -254,8 +264,9 @@ def run_cmd(
                                 image_blocklist=image_blocklist),
         decode=DecodeConfig(image_size=image_size, resize_mode=resize_mode, min_image_bytes=min_image_bytes,
                             max_pixels=max_pixels, jpeg_quality=jpeg_quality, threads=decode_threads,
-                            decoder=decoder, stored_encoder=stored_encoder),
-        parallel=ParallelConfig(processes=processes, gpus=gpus, workers_per_gpu=workers_per_gpu),
+                            decoder=decoder, stored_encoder=stored_encoder, exact_chroma=exact_chroma,
+                            hw_decoder_load=hw_decoder_load),
+        parallel=ParallelConfig(processes=processes, gpus=gpus, workers_per_gpu=workers_per_gpu, ray=ray),
         retry_failed=retry_failed,
         score=ScoreConfig(enabled=score, model=model, pretrained=pretrained, min_similarity=min_similarity,
                           batch_size=batch_size, device=device, precision=precision, compile=compile_model,
@@ -288,7 +299,7 @@ def demo_cmd(
     try:
         summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(2) from None
     for note in notes:
         out_console.print(note)
@@ -376,9 +387,9 @@ def _dataset_command(name: str) -> Callable[..., Any]:
     return getattr(cli_dataset, f"{name}_cmd")
 
 
-# subset, dedup, stats, search, classify: dataset operations on a run's output (fastlaion/dataset/),
-# defined in fastlaion/cli_dataset.py
-for _name in ("subset", "dedup", "stats", "search", "classify"):
+# subset, dedup, stats, index, search, classify: dataset operations on a run's output
+# (fastlaion/dataset/), defined in fastlaion/cli_dataset.py
+for _name in ("subset", "dedup", "stats", "index", "search", "classify"):
     add_lazy_command(app, _name, functools.partial(_dataset_command, _name))
 
 

@@ -260,12 +260,16 @@ def search_cmd(
     pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (where the queries are embedded).")] = "auto",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON.", show_default=False)] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Compare every embedding even where `fastlaion index` built an index.")] = False,
+    probes: Annotated[int, typer.Option(help="With an index: how many of its cells a query reads; more finds more of the exact answer, slower. 0: a sixteenth of them.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Find the kept samples most like a text, an image or a vector: the query is embedded with
     the CLIP model the run scored with, and every kept sample's image embedding is compared with
-    it (exact cosine, shard by shard). Prints the k best per query."""
+    it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
+    dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
+    k best per query."""
     from .dataset import open_dataset
     from .dataset.search import Query, SearchConfig, run_search
 
@@ -274,15 +278,17 @@ def search_cmd(
     queries = ([Query("text", t) for t in text or []] + [Query("image", str(p)) for p in image or []]
                + [Query("vector", str(p)) for p in vector or []])
     with _cli().user_errors(bar, "nothing was written"):
-        cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device)
+        cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes)
         cfg.validate()
         ds = open_dataset(source)
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    how = (f" (index: {result.index['probes']:,} of {result.index['cells']:,} cells read)" if result.index
+           else "")
     for q, hits in zip(result.queries, result.hits):
         label = f'"{q.value}"' if q.kind == "text" else q.value
-        _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples "
+        _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples{how} "
              "(rank, cosine similarity, key, url, caption)")
         width = len(str(len(hits)))
         for h in hits:  # one line a hit, never wrapped: it greps and pastes well
@@ -294,6 +300,34 @@ def search_cmd(
     if json_path is not None:
         _say(f"hits written to {json_path}")
     _skipped_line(result.skipped_files)
+
+
+def index_cmd(
+    source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file) with image embeddings.", show_default=False)],
+    cells: Annotated[int, typer.Option(help="Cells (k-means centroids) of the index; 0: 4 x the square root of the kept samples.")] = 0,
+    threads: Annotated[int, typer.Option(help="faiss's threads; 0: every core.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Build a kNN index of the kept samples' image embeddings (faiss IVF, float16, cosine) in
+    OUT/index/, so that `fastlaion search OUT` reads a few cells per query instead of every
+    embedding. Search uses it while the dataset's files are the ones it was built from; rerun
+    this after the dataset changes."""
+    from .dataset import open_dataset
+    from .dataset.index import IndexConfig, build_index, default_probes
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
+        cfg = IndexConfig(cells=cells, threads=threads)
+        cfg.validate()
+        ds = open_dataset(source)
+        result = ds.guarded(lambda d: build_index(d, cfg, bar))
+    _say(f"index: {result.samples:,} kept samples in {result.cells:,} cells ({result.dim} dimensions, "
+         f"{result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; search reads "
+         f"{default_probes(result.cells):,} cells a query by default (--probes)")
+    if result.unreadable_samples:
+        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
 
 
 def classify_cmd(

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +91,8 @@ class RunSummary:
     caption_edits: dict[str, int]
     timings_s: dict[str, float] = field(default_factory=dict)  # this invocation's stage totals
     wall_s: float = 0.0
-    workers: list[str] = field(default_factory=list)  # one device per worker process of this run
+    # one name per worker of this run: its device, or ray:NODE-IP:DEVICE for a Ray actor
+    workers: list[str] = field(default_factory=list)
     # Rows of the output whose download failed for a reason worth retrying, by reason.
     transient: dict[str, int] = field(default_factory=dict)
     # --retry-failed: finished shards rewritten by this invocation, the rows downloaded again,
@@ -179,23 +180,35 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
 
     timings: dict[str, float] = {}
     jobs = sorted(todo + retry)
-    devices = worker_devices(cfg) if jobs else []
-    progress.start(n_shards, n_shards - len(jobs), rows.height, rows_done)
-    tally = _Tally(progress)
-    try:
-        if len(devices) == 1:
-            timings = work(_on_device(cfg, devices[0]), out, rows, iter(jobs), tally)
-        elif devices:
-            from .workers import run_workers
+    with ExitStack() as cluster:
+        ray_pool = None
+        if jobs and cfg.parallel.ray is not None:  # connected (and the workers planned) before the bar shows
+            from .ray_workers import ray_workers
 
-            timings = run_workers(cfg, out, rows, jobs, devices, tally)
-    except ShardWriteError as exc:
-        try:  # the summary of a run stopped by a failed shard still says what happened
-            _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
-                       previously_failed)
-        except OSError as also:  # the disk that failed the shard may refuse the summary too
-            log.warning("summary.json not written: %s", also.strerror or also)
-        raise
+            ray_pool = cluster.enter_context(ray_workers(cfg.parallel.ray, cfg, out, rows))
+            devices = ray_pool.devices
+        else:
+            devices = worker_devices(cfg) if jobs else []
+        progress.start(n_shards, n_shards - len(jobs), rows.height, rows_done)
+        tally = _Tally(progress)
+        try:
+            if ray_pool is not None:
+                from .workers import drive
+
+                timings = drive(ray_pool, jobs, tally)
+            elif len(devices) == 1:
+                timings = work(_on_device(cfg, devices[0]), out, rows, iter(jobs), tally)
+            elif devices:
+                from .workers import run_workers
+
+                timings = run_workers(cfg, out, rows, jobs, devices, tally)
+        except ShardWriteError as exc:
+            try:  # the summary of a run stopped by a failed shard still says what happened
+                _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
+                           previously_failed)
+            except OSError as also:  # the disk that failed the shard may refuse the summary too
+                log.warning("summary.json not written: %s", also.strerror or also)
+            raise
     return _summarize(out, n_shards, tally, timings, t0, devices, [], previously_failed)
 
 
@@ -273,7 +286,8 @@ def _summarize(out: Path, n_shards: int, tally: _Tally, timings: dict[str, float
 
 def worker_devices(cfg: RunConfig) -> list[str]:
     """One entry per worker process: the device its models and decoder use ('auto', 'cpu',
-    'cuda:N', --workers-per-gpu entries per GPU). One entry means the work runs in this process."""
+    'cuda:N', --workers-per-gpu entries per GPU). One entry means the work runs in this process.
+    (With --ray, fastlaion.ray_workers.plan places the workers on the cluster's nodes.)"""
     par = cfg.parallel
     if par.gpus is not None:
         import torch
@@ -394,6 +408,7 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     encoder = cfg.decode.stored_encoder
     if choice == "cpu" or (choice == "auto" and on_cpu):
         _stored_encoder_unused(encoder)
+        _dali_settings_unused(cfg, "cpu")
         return Decoder(cfg.decode, clip, watermark_px)
     from .gpu_decode import import_nvimgcodec, make_decoder
     from .score import pick_device
@@ -401,11 +416,18 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     if encoder == "nvimgcodec":
         import_nvimgcodec()  # asked for by name: its absence is an error, not a reason to decode on the CPU
     decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
-                           max_batch_size=cfg.score.batch_size, stored_encode=encoder)
+                           max_batch_size=cfg.score.batch_size, stored_encode=encoder,
+                           exact_chroma=cfg.decode.exact_chroma, hw_decoder_load=cfg.decode.hw_decoder_load)
     if decoder.name == "cpu":  # auto found no GPU decoder that runs here
         _stored_encoder_unused(encoder)
+    _dali_settings_unused(cfg, decoder.name)
     log.info("decoder: %s on %s", decoder.name, decoder.device)
     return decoder
+
+
+def _dali_settings_unused(cfg: RunConfig, decoder: str) -> None:
+    if decoder != "dali" and (not cfg.decode.exact_chroma or cfg.decode.hw_decoder_load is not None):
+        log.warning("--fast-chroma and --hw-decoder-load are DALI's settings: the %s decoder ignores them", decoder)
 
 
 def _stored_encoder_unused(encoder: str) -> None:

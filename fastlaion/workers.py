@@ -7,10 +7,15 @@ merges the stats. Every shard is still written atomically by the worker that ran
 Ctrl-C or SIGKILL loses at most the shards in progress, and a rerun resumes. A worker reads the
 input rows of the shard it runs, and only those, from the files this process wrote them to
 (`reader.InputRows`), so its memory does not grow with the input.
+
+The same workers run as actors of a Ray cluster (`--ray`, fastlaion/ray_workers.py): a
+`WorkerPool` starts, watches and stops them, processes here and actors there, while what a worker
+does (`serve_shards`) and what this process makes of its messages (`drive`) are one code for both.
 """
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import dataclasses
 import logging
@@ -38,39 +43,70 @@ def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
     """Each worker's settings: its device, and in decode.threads its share of the cores for every
     pool it runs (decode threads, a GPU decoder's DALI pipeline and stored-image encoders), so
     that `--workers-per-gpu 4` on a 16-core box gives each worker 4 threads, not 16."""
-    threads = cfg.decode.threads or max(1, (os.cpu_count() or 1) // len(devices))
-    return [dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
-                                decode=dataclasses.replace(cfg.decode, threads=threads))
-            for device in devices]
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    return [on_worker(cfg, device, threads) for device in devices]
+
+
+def on_worker(cfg: RunConfig, device: str, threads: int) -> RunConfig:
+    """`cfg` for a worker on `device` whose pools get `threads` threads (unless --decode-threads
+    says how many)."""
+    return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
+                               decode=dataclasses.replace(cfg.decode, threads=cfg.decode.threads or threads))
+
+
+class WorkerPool(abc.ABC):
+    """The workers of a run and how they are started, watched and stopped. A worker takes shard
+    ids from `tasks` until it takes None, and reports on `results` (`serve_shards`); `drive` is
+    the rest, the same whatever runs the workers."""
+
+    devices: list[str]  # one name per worker, for its messages and the summary's `workers`
+    tasks: Any  # shard ids for the workers: put(shard)
+    results: Any  # the workers' messages: get(timeout=s), queue.Empty when none came
+
+    @abc.abstractmethod
+    def start(self, todo: list[int]) -> None:
+        """Queue the shards of `todo`, then one None per worker, and start the workers."""
+
+    @abc.abstractmethod
+    def check_alive(self, done: set[int]) -> None:
+        """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done")."""
+
+    @abc.abstractmethod
+    def join(self) -> None:
+        """Wait for the workers, every one of which has said "done"."""
+
+    @abc.abstractmethod
+    def stop(self, interrupted: bool) -> None:
+        """End the workers after a failure or a Ctrl-C (`interrupted`); their shards in progress
+        are dropped (a rerun redoes them)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the queues and whatever else the workers hold, after `join` or `stop`."""
 
 
 def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], devices: list[str],
                 progress: Any) -> dict[str, float]:
     """Run the shards in `todo` of `rows` on one worker process per entry of `devices`; returns
     stage seconds summed over workers (load_models: the slowest worker's)."""
-    ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
-    tasks: Any = ctx.Queue()
-    results: Any = ctx.Queue()
-    for shard in todo:
-        tasks.put(shard)
-    for _ in devices:
-        tasks.put(None)
-    procs: list[Any] = []
+    return drive(_Processes(cfg, out, rows, devices), todo, progress)
+
+
+def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
+    """Run the shards in `todo` on the workers of `pool`: pass their progress on and merge their
+    timings until each shard is done and each worker has said so; stop them all at the first
+    failure. Returns stage seconds summed over workers (load_models: the slowest worker's)."""
+    devices = pool.devices
     timings: dict[str, float] = {}
     finished = 0
     done_workers: set[int] = set()
     try:
-        with ctrl_c_held():  # a Ctrl-C while a worker is still starting waits for _worker_main
-            for i, wcfg in enumerate(worker_configs(cfg, devices)):
-                proc = ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                                   args=(i, wcfg, str(out), rows, tasks, results), daemon=True)
-                procs.append(proc)  # before start: a Ctrl-C inside start() still stops it (_stop)
-                proc.start()
-        while finished < len(todo) or len(done_workers) < len(procs):
+        pool.start(todo)
+        while finished < len(todo) or len(done_workers) < len(devices):
             try:
-                msg = results.get(timeout=0.5)
+                msg = pool.results.get(timeout=0.5)
             except queue.Empty:
-                _check_alive(procs, done_workers, devices)
+                pool.check_alive(done_workers)
                 continue
             kind, worker = msg[0], msg[1]
             if kind == "rows":
@@ -94,40 +130,66 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
             else:  # "error"
                 raise WorkerFailed(f"worker {worker} ({devices[worker]}) failed; finished shards are kept, "
                                    f"rerun to resume:\n{msg[2]}")
-        for proc in procs:
-            proc.join()
+        pool.join()
     except BaseException as exc:
-        _stop(procs, interrupted=isinstance(exc, KeyboardInterrupt))
+        pool.stop(interrupted=isinstance(exc, KeyboardInterrupt))
         raise
     finally:
-        tasks.close()
-        results.close()
+        pool.close()
     return timings
 
 
-def _check_alive(procs: list[Any], done_workers: set[int], devices: list[str]) -> None:
-    for i, proc in enumerate(procs):
-        if i not in done_workers and not proc.is_alive():
-            code = proc.exitcode
-            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-            raise WorkerFailed(f"worker {i} ({devices[i]}) {how} before finishing; finished shards are kept, "
-                               "rerun the same command to resume")
+class _Processes(WorkerPool):
+    """One spawned process per worker, on this machine."""
 
+    def __init__(self, cfg: RunConfig, out: Path, rows: InputRows, devices: list[str]):
+        self.cfg, self.out, self.rows, self.devices = cfg, out, rows, devices
+        self.ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
+        self.tasks = self.ctx.Queue()
+        self.results = self.ctx.Queue()
+        self.procs: list[Any] = []
 
-def _stop(procs: list[Any], interrupted: bool) -> None:
-    """Ctrl-C reaches the workers too (same process group): give them time to abort their
-    shards; otherwise, or if they linger, terminate them."""
-    procs = [p for p in procs if p.pid is not None]  # a Ctrl-C may have come before one started
-    if not interrupted:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
+    def start(self, todo: list[int]) -> None:
+        for shard in [*todo, *[None] * len(self.devices)]:
+            self.tasks.put(shard)
+        with ctrl_c_held():  # a Ctrl-C while a worker is still starting waits for _worker_main
+            for i, wcfg in enumerate(worker_configs(self.cfg, self.devices)):
+                proc = self.ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
+                                        args=(i, wcfg, str(self.out), self.rows, self.tasks, self.results),
+                                        daemon=True)
+                self.procs.append(proc)  # before start: a Ctrl-C inside start() still stops it (stop)
+                proc.start()
+
+    def check_alive(self, done: set[int]) -> None:
+        for i, proc in enumerate(self.procs):
+            if i not in done and not proc.is_alive():
+                code = proc.exitcode
+                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+                raise WorkerFailed(f"worker {i} ({self.devices[i]}) {how} before finishing; finished shards are "
+                                   "kept, rerun the same command to resume")
+
+    def join(self) -> None:
+        for proc in self.procs:
             proc.join()
+
+    def stop(self, interrupted: bool) -> None:
+        """Ctrl-C reaches the workers too (same process group): give them time to abort their
+        shards; otherwise, or if they linger, terminate them."""
+        procs = [p for p in self.procs if p.pid is not None]  # a Ctrl-C may have come before one started
+        if not interrupted:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def close(self) -> None:
+        self.tasks.close()
+        self.results.close()
 
 
 class _QueueProgress:
@@ -159,11 +221,27 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
+    """A worker process: `serve_shards`, dying with the parent and flushing its messages before
+    it exits."""
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
-    try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
+    try:
         release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
+        serve_shards(worker, cfg, Path(out), rows, tasks, results)
+    except KeyboardInterrupt:
+        pass  # the parent saw Ctrl-C too and reports it
+    finally:
+        results.close()
+        results.join_thread()
+
+
+def serve_shards(worker: int, cfg: RunConfig, out: Path, rows: InputRows, tasks: Any, results: Any) -> None:
+    """What a worker does, in a process or a Ray actor: run the shards whose ids it takes from
+    `tasks` (until None), and report to `drive` on `results`: "ready" once its models are
+    loaded, "rows" and "shard" as the work proceeds, then "done", or the one message that says
+    how it failed (sent in parts that pickle: the driver raises the error again)."""
+    try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
         from .pipeline import work
 
         uses_torch = cfg.score.enabled or bool(cfg.tags.watermark_model or cfg.tags.aesthetic_v2)
@@ -171,7 +249,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
             try:  # CPU workers share the cores: torch's own thread pool gets this worker's share
                 import torch
 
-                torch.set_num_threads(cfg.decode.threads)  # this worker's share (worker_configs)
+                torch.set_num_threads(cfg.decode.threads)  # this worker's share (on_worker)
             except ImportError:
                 pass
 
@@ -179,11 +257,11 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
             while (shard := tasks.get()) is not None:
                 yield shard
 
-        work(cfg, Path(out), rows, shard_ids(), _QueueProgress(worker, results),
+        work(cfg, out, rows, shard_ids(), _QueueProgress(worker, results),
              on_ready=lambda secs: results.put(("ready", worker, secs)))
         results.put(("done", worker))
     except KeyboardInterrupt:
-        pass  # the parent saw Ctrl-C too and reports it
+        pass  # the driver saw Ctrl-C too and reports it
     except ConfigError as exc:
         results.put(("config_error", worker, str(exc)))
     except ShardWriteError as exc:  # sent in parts: an OSError subclass does not pickle its own fields
@@ -192,6 +270,3 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
         results.put(("os_error", worker, (exc.errno, exc.strerror or str(exc), exc.filename)))
     except BaseException:
         results.put(("error", worker, traceback.format_exc()))
-    finally:
-        results.close()
-        results.join_thread()

@@ -235,7 +235,7 @@ def test_extract_without_a_bar_prints_plain_lines_without_rich(tmp_path):
 def test_every_command_is_listed_and_built_when_looked_up():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
-    names = ["run", "demo", "extract", "subset", "dedup", "stats", "search", "classify", "version"]
+    names = ["run", "demo", "extract", "subset", "dedup", "stats", "index", "search", "classify", "version"]
     positions = [result.output.index(f" {name} ") for name in names]
     assert positions == sorted(positions), result.output
     import typer.main

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
-from fastlaion.gpu_decode import nvimgcodec_importable
+from fastlaion.gpu_decode import dali_importable, nvimgcodec_importable
 from fastlaion.server import LoopbackServer
 
 from test_pipeline import build_case, read_output, tiny_checkpoint, write_input
@@ -249,6 +249,42 @@ def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(t
     for name in images:
         assert Image.open(io.BytesIO(nvimg_tars[name])).size == Image.open(io.BytesIO(host_tars[name])).size
     assert "--stored-encoder nvimgcodec applies to the GPU decoders" in " ".join(cpu.output.split())
+
+
+@pytest.mark.skipif(not dali_importable(), reason="NVIDIA DALI is not installed")
+def test_dalis_fast_chroma_and_hardware_decoder_settings_reach_its_decoder(tmp_path, photos):
+    """--fast-chroma and --hw-decoder-load through a whole run with DALI (its CPU mode here, where
+    neither changes a pixel: both are the mixed back end's): the decoder the run makes gets them,
+    the run keeps the same rows and outcomes, neither setting is part of the resume key, the CPU
+    decoder says they do not apply to it, and a load outside 0-1 is one line."""
+    import torch
+
+    from fastlaion.config import DecodeConfig, RunConfig, ScoreConfig
+    from fastlaion.pipeline import Models, make_run_decoder
+
+    cfg = RunConfig(str(tmp_path / "unused"), decode=DecodeConfig(decoder="dali", exact_chroma=False, hw_decoder_load=1.0),
+                    score=ScoreConfig(enabled=False, device="cpu"))
+    made = make_run_decoder(cfg, Models(device=torch.device("cpu")))
+    assert (made.name, made.exact_chroma, made.hw_decoder_load) == ("dali", False, 1.0)
+    files, rows = build_case(photos)
+    ckpt = tiny_checkpoint(tmp_path)
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows)
+        keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "dali")
+        exact = _run(inp, tmp_path / "exact", ckpt, *keep)
+        fast = _run(inp, tmp_path / "fast", ckpt, *keep, "--fast-chroma", "--hw-decoder-load", "1")
+        again = _run(inp, tmp_path / "fast", ckpt, *keep)
+        cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--fast-chroma")
+        bad = _run(inp, tmp_path / "bad", ckpt, *keep, "--hw-decoder-load", "1.5")
+    for result in (exact, fast, again, cpu):
+        assert result.exit_code == 0, result.output
+    assert "4 of 4 shards already complete" in again.output
+    same = ["key", "url", "status", "reason", "width", "height"]
+    a, b = (read_output(tmp_path / name).sort("key") for name in ("exact", "fast"))
+    assert a.select(same).equals(b.select(same))
+    assert set(_tar_members(tmp_path / "exact")) == set(_tar_members(tmp_path / "fast"))
+    assert "DALI's settings: the cpu decoder ignores them" in " ".join(cpu.output.split())
+    assert bad.exit_code == 2 and "--hw-decoder-load must be between 0 and 1" in bad.output
 
 
 def test_stored_encoder_nvimgcodec_missing_is_an_error_not_a_cpu_decode(tmp_path, monkeypatch):

@@ -2,6 +2,10 @@
 run scored with (its config.json; or one given), and the k kept samples whose image embeddings
 are the most cosine-similar are returned, best first.
 
+Where `fastlaion index` built an index that matches the dataset (fastlaion/dataset/index.py), the
+queries go to it: a few of its cells are read, not every embedding, and a hit in a cell not read
+can be missed (`--probes` trades speed for recall; `--exact` skips the index).
+
 Exact: every kept sample's embedding is read once, shard by shard (memory-mapped; one shard in
 memory at a time), scored against all queries in one matrix product, and a running top-k per
 query is kept; exact ties go to the earlier sample. The embeddings a run writes are unit length,
@@ -35,10 +39,16 @@ class SearchConfig:
     model: str | None = None        # None: the model the run scored with (its config.json)
     pretrained: str | None = None   # None: the run's
     device: str = "auto"
+    exact: bool = False             # True: every embedding, even where an index is (fastlaion index)
+    probes: int = 0                 # the index's cells a query reads; 0: index.default_probes
 
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"-k must be at least 1, got {self.k}")
+        if self.probes < 0:
+            raise ConfigError(f"--probes must be 0 (the default share of the cells) or more, got {self.probes}")
+        if self.probes and self.exact:
+            raise ConfigError("--probes is for the index; --exact searches every embedding: give one of them")
         torch_device("--device", self.device)
 
 
@@ -65,10 +75,11 @@ class SearchResult:
     unreadable_samples: int = 0     # kept samples without a readable embedding
     model: str | None = None
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+    index: dict[str, int] | None = None  # {"cells", "probes"} when the index answered; None: exact
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "samples": self.samples, "unreadable_samples": self.unreadable_samples,
-                "skipped_files": self.skipped_files,
+                "skipped_files": self.skipped_files, "index": self.index,
                 "results": [{"query": vars(q), "hits": [vars(h) for h in hits]}
                             for q, hits in zip(self.queries, self.hits)]}
 
@@ -229,15 +240,29 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
+        from .index import META_FILE, default_probes, index_dir, load_index, search_index
+
         reader = kept_reader(d)  # before a model loads (or downloads): no embedding files is an error
+        if cfg.probes and not (index_dir(d) / META_FILE).exists():
+            raise ConfigError(f"--probes: {d.path} has no index; `fastlaion index {d.path}` builds one")
+        loaded = None
+        if reader is not None and not cfg.exact:
+            loaded = load_index(d, [shard for shard, _, _ in reader.per_shard])
         vectors = embed_queries(queries, score)
-        found = search(reader, vectors, cfg.k, progress)
-        samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
+        used = None
+        if loaded is not None:
+            probes = min(cfg.probes or default_probes(loaded.cells), loaded.cells)
+            found = search_index(loaded, vectors, cfg.k, probes)
+            samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
+            used = {"cells": loaded.cells, "probes": probes}
+        else:
+            found = search(reader, vectors, cfg.k, progress)
+            samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
         rows = _rows_at(d, sorted({p for per_query in found for p, _ in per_query}))
         hits = [[Hit(rank=r + 1, similarity=round(s, 6), **rows[p]) for r, (p, s) in enumerate(per_query)]
                 for per_query in found]
         return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,
                             model=None if score is None else f"{score.model} ({score.pretrained})",
-                            skipped_files=[vars(s) for s in d.skipped])
+                            skipped_files=[vars(s) for s in d.skipped], index=used)
 
     return ds.guarded(job)

@@ -1,0 +1,218 @@
+"""A kNN index of a dataset's image embeddings, for `fastlaion search` on datasets where reading
+every embedding per query (the exact search) takes too long: `fastlaion index OUT` builds it once,
+and search uses it while it matches the dataset.
+
+The index is faiss's inverted file (IVF): spherical k-means cells over the unit embeddings (inner
+product = cosine), each sample in the cell of its nearest centroid, stored as float16 (the run's
+own precision, so the distances within a probed cell are exact). A query reads the `nprobe` cells
+whose centroids are nearest to it: with every cell probed the answer is the exact search's, with
+fewer it may miss a sample that sits in another cell (bench/search.py measures the recall). faiss
+is the well-kept library for this (clip-retrieval and autofaiss build on it); the cells, the
+scan and the file format are not code to write again.
+
+Files, in the dataset folder's `index/`: `image.faiss` (faiss's own format; the ids are the kept
+samples' positions in dataset order, as search's) and `index.json`, which records what the index
+was built from (every metadata and embedding file's name, size and modification time). Search
+compares that with the dataset as it is and falls back to the exact search, saying so, when a file
+changed since.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..config import ConfigError
+from .source import Dataset, DatasetError, NoProgress, Progress
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+INDEX_FILE = "image.faiss"
+META_FILE = "index.json"
+KIND = "ivf-flat-fp16"
+TRAIN_PER_CELL = 64  # training samples per cell (faiss warns under 39)
+MAX_TRAIN = 1_000_000  # k-means on at most this many samples, evenly spaced
+DEFAULT_PROBE_SHARE = 16  # default nprobe: a sixteenth of the cells (bench/search.py: the recall)
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("the kNN index needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
+    return faiss
+
+
+def default_cells(n: int) -> int:
+    """4 sqrt(n) cells (faiss's guideline for IVF), never fewer samples a cell than training
+    needs; 1 cell (a flat scan) for small datasets."""
+    return max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_CELL))
+
+
+def default_probes(cells: int) -> int:
+    return max(1, min(cells, math.ceil(cells / DEFAULT_PROBE_SHARE)))
+
+
+def index_dir(ds: Dataset) -> Path:
+    """`index/` in the dataset's folder (a run, subset or dedup folder); beside a lone Parquet
+    file, `<its name>.index/`."""
+    return ds.path / INDEX_DIR if ds.path.is_dir() else ds.path.with_name(ds.path.name + ".index")
+
+
+def fingerprint(ds: Dataset, shards: list[str]) -> list[list[Any]]:
+    """(name, size, mtime_ns) of every metadata file and every embedding file the index reads."""
+    paths = list(ds.files) + [ds.embeddings_path(s) for s in shards]
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(p.resolve()), None, None])
+    return out
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    cells: int = 0  # 0: default_cells(samples)
+    threads: int = 0  # faiss's threads; 0: its default (every core)
+
+    def validate(self) -> None:
+        if self.cells < 0:
+            raise ConfigError(f"--cells must be 0 (automatic) or more, got {self.cells}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be 0 (every core) or more, got {self.threads}")
+
+
+@dataclass
+class IndexResult:
+    path: str
+    samples: int
+    unreadable_samples: int
+    cells: int
+    dim: int
+    seconds: float
+    bytes: int
+
+
+def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None) -> IndexResult:
+    """Train the cells on an even sample of the kept samples' embeddings, add every one shard
+    by shard (one shard's vectors in memory besides the index), and write the index atomically."""
+    from .search import kept_reader
+
+    cfg.validate()
+    progress = progress or NoProgress()
+    faiss = import_faiss()
+    if cfg.threads:
+        faiss.omp_set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    ds.require(("key", "status"), "index")
+    reader = kept_reader(ds)
+    if reader is None:
+        raise DatasetError(f"{ds.path} has no kept samples to index")
+    n, dim = reader.rows, reader.dim
+    if not dim:
+        raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")
+    cells = cfg.cells or default_cells(n)
+    if cells > n:
+        raise ConfigError(f"--cells {cells}: more than the {n:,} kept samples")
+    train_n = min(n, MAX_TRAIN, max(cells * TRAIN_PER_CELL, 10_000))
+    sample = np.zeros(n, bool)
+    sample[np.linspace(0, n - 1, train_n).round().astype(np.int64)] = True
+    train = [v for _, v in reader.shards(progress, "index: training sample", only=sample)]
+    if not train:
+        raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")
+    x = _unit32(np.concatenate(train))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True  # unit centroids: cells by cosine
+    index.cp.seed = 0
+    index.train(x)
+    del x, train
+    for pos, vec in reader.shards(progress, "index: adding"):
+        index.add_with_ids(_unit32(vec), pos)
+    folder = index_dir(ds)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": KIND, "samples": int(index.ntotal), "kept_samples": n, "unreadable_samples": reader.unreadable,
+            "cells": cells, "dim": dim, "fastlaion": __version__,
+            "files": fingerprint(ds, [s for s, _, _ in reader.per_shard])}
+    # the index first, then the description that makes it valid: a crash between leaves an index
+    # that no index.json vouches for, which search ignores
+    (folder / META_FILE).unlink(missing_ok=True)
+    tmp = folder / (INDEX_FILE + ".partial")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, folder / INDEX_FILE)
+    tmp_meta = folder / (META_FILE + ".partial")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, folder / META_FILE)
+    return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
+                       cells=cells, dim=dim, seconds=time.perf_counter() - t0,
+                       bytes=(folder / INDEX_FILE).stat().st_size)
+
+
+def _unit32(vec: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(vec, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    return x
+
+
+@dataclass
+class LoadedIndex:
+    index: Any
+    cells: int
+    samples: int
+    kept_samples: int
+    unreadable_samples: int
+
+
+def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
+    """The dataset's index when there is one that matches the dataset as it is now; None (with a
+    warning saying why, when there is an index) otherwise."""
+    folder = index_dir(ds)
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        stale = meta.get("kind") != KIND or meta.get("files") != fingerprint(ds, shards)
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("index: cannot read %s (%s): searching every embedding instead", meta_path, e)
+        return None
+    if stale:
+        log.warning("index: %s was built from files that have changed since: searching every embedding "
+                    "instead (exact); `fastlaion index %s` rebuilds it", folder, ds.path)
+        return None
+    try:
+        faiss = import_faiss()
+    except ConfigError as e:
+        log.warning("index: %s is there, but %s: searching every embedding instead", folder, e)
+        return None
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        log.warning("index: cannot read %s (%s): searching every embedding instead", folder / INDEX_FILE,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else e)
+        return None
+    return LoadedIndex(index=index, cells=int(meta["cells"]), samples=int(meta["samples"]),
+                       kept_samples=int(meta["kept_samples"]), unreadable_samples=int(meta["unreadable_samples"]))
+
+
+def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) -> list[list[tuple[int, float]]]:
+    """For each unit query, up to k (position, cosine) from the cells probed, best first."""
+    if vectors.shape[1] != loaded.index.d:
+        raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the index's embeddings "
+                          f"{loaded.index.d}: embed them with the model the run scored with")
+    loaded.index.nprobe = min(probes, loaded.cells)
+    sims, ids = loaded.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    return [[(int(p), float(s)) for p, s in zip(ids[q], sims[q]) if p >= 0] for q in range(len(vectors))]

@@ -1,0 +1,289 @@
+"""The workers of `fastlaion run --ray ADDRESS` as actors of a Ray cluster, when one box is not
+enough.
+
+They are fastlaion.workers' workers in another home: an actor runs `serve_shards`, taking shard
+ids from a Ray queue and putting the same messages on another, and `drive` makes of them what it
+makes of a process's; only starting, watching and stopping them is Ray's (`RayWorkers`).
+
+This process plans where they go from the nodes Ray reports (`plan`): with --gpus, one actor per
+GPU and --workers-per-gpu, each asking Ray for that fraction of a GPU; without, --processes
+actors spread over the nodes by their CPUs. Each is pinned to its node and reserves its share of
+the node's CPUs, and runs that many threads: what Ray accounts for is what the worker uses.
+
+Every node must see the output folder at the path this process sees it (a shared filesystem), and
+have this version of fastlaion installed in the Python that runs Ray there: each actor checks
+both before any work and refuses with its node's name. Ray ends a run's actors when this process
+goes, as the kernel ends a worker process (workers._die_with_parent).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    ConfigError,
+    ParallelConfig,
+    RunConfig,
+    WorkerFailed,
+    first_line,
+    ray_address,
+)
+from .reader import InputRows
+from .workers import WorkerPool, on_worker, serve_shards
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0  # to open a TCP connection to --ray HOST:PORT before Ray tries
+START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CPUs or GPUs: say so
+KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
+
+
+@contextmanager
+def ray_workers(address: str, cfg: RunConfig, out: Path, rows: InputRows) -> Iterator[RayWorkers]:
+    """The workers for `cfg` on the Ray cluster at `address` (--ray), planned but not started.
+    Connects to the cluster (for "local", starts a private one) and disconnects (stops it) at the
+    end."""
+    ray = _connect(address)
+    try:
+        yield RayWorkers(ray, cfg, out, rows, plan(ray.nodes(), cfg.parallel))
+    finally:
+        ray.shutdown()
+
+
+def _connect(address: str) -> Any:
+    """`ray`, connected to the cluster at `address`; every way this fails is one line."""
+    if address == "local":
+        # A private instance listens on loopback only (Ray's switch for one-machine clusters, its
+        # default on macOS and Windows; else its nodes listen on the machine's network address)
+        # and reports no usage statistics. Read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    else:
+        if address != "auto":
+            _probe(address)
+        # A head that takes connections but does not answer: Ray waits 30 s a try, 20 tries; so,
+        # about 40 s in all. Read when ray is imported (the first), when it connects (the second).
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", "10")
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "2")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray, here and on every node of the cluster: pip install 'fastlaion[ray]'") from None
+    level = logging.getLogger().getEffectiveLevel()  # Ray's "connected" lines with --verbose only
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, logging_level=level)
+        else:
+            ray.init(address=address, logging_level=level)
+    except ConnectionError as exc:
+        raise ConfigError(f"--ray {address}: {first_line(exc)}") from None
+    return ray
+
+
+def _probe(address: str) -> None:
+    """Refuse at once an address where nothing listens (Ray would retry for a minute)."""
+    host, port = ray_address(address)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+                          "`ray start --head`, or use --ray local for one on this machine only") from None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs and what it reserves there."""
+
+    node_id: str
+    node_ip: str
+    num_cpus: float  # reserved on the node: the worker's share of its CPUs (0 where it has none)
+    num_gpus: float  # 1 / --workers-per-gpu, or 0 for a CPU worker
+    threads: int  # for its pools (decode threads, torch's threads): the CPUs reserved, at least 1
+
+    @property
+    def device(self) -> str:
+        """Its models' device. Ray makes the GPU it gives an actor the only one the actor sees
+        (CUDA_VISIBLE_DEVICES), so "cuda" is that GPU; a CPU worker never takes one it was not
+        given, which "auto" would."""
+        return "cuda" if self.num_gpus else "cpu"
+
+    @property
+    def label(self) -> str:
+        """Its name in messages and the summary (RayWorkers adds the GPU's number)."""
+        return f"ray:{self.node_ip}:{self.device}"
+
+
+def plan(nodes: list[dict[str, Any]], par: ParallelConfig) -> list[Slot]:
+    """The workers' slots on the alive `nodes` (as ray.nodes() lists them, ordered here by
+    address). With --gpus, --workers-per-gpu workers on each GPU, all GPUs or the first N, each
+    reserving its share of its node's CPUs. Without, --processes workers (0: one per CPU of the
+    cluster), one at a time to the node with the most CPUs per worker, each reserving its share."""
+    alive = sorted((n for n in nodes if n.get("Alive")), key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
+    cpus = [n["Resources"].get("CPU", 0.0) for n in alive]
+    if par.gpus is not None:
+        gpus = [int(n["Resources"].get("GPU", 0)) for n in alive]
+        total = sum(gpus)
+        if not total:
+            raise ConfigError("--gpus: the Ray cluster has no GPU; leave --gpus out for workers on its CPUs "
+                              "(--processes N)")
+        wanted = total if par.gpus == "all" else int(par.gpus)
+        if wanted > total:
+            raise ConfigError(f"--gpus {wanted}: the Ray cluster has {total} GPU(s)")
+        per_gpu = par.workers_per_gpu
+        slots: list[Slot] = []
+        for node, node_cpus, node_gpus in zip(alive, cpus, gpus):
+            taken = min(node_gpus, wanted - len(slots) // per_gpu)
+            if taken:
+                slot = _slot(node, node_cpus / (node_gpus * per_gpu), 1 / per_gpu)
+                slots += [slot] * (taken * per_gpu)
+        return slots
+    if not sum(cpus):
+        raise ConfigError("the Ray cluster has no CPU to run workers on")
+    counts = [0] * len(alive)
+    for _ in range(par.processes or int(sum(cpus))):
+        most = max(range(len(alive)), key=lambda i: cpus[i] / (counts[i] + 1))
+        counts[most] += 1
+    return [_slot(node, node_cpus / n, 0.0)
+            for node, node_cpus, n in zip(alive, cpus, counts) for _ in range(n)]
+
+
+def _slot(node: dict[str, Any], cpus: float, gpus: float) -> Slot:
+    return Slot(node["NodeID"], node["NodeManagerAddress"], _reservable(cpus), _reservable(gpus), max(1, int(cpus)))
+
+
+def _reservable(amount: float) -> float:
+    """`amount` as Ray takes it, whole above 1 and to 4 decimals below, rounded down so that a
+    node's workers together never ask for more than it has."""
+    return float(int(amount)) if amount >= 1 else math.floor(amount * 10_000) / 10_000
+
+
+class RayWorkers(WorkerPool):
+    """One actor per slot, fed from Ray queues."""
+
+    def __init__(self, ray: Any, cfg: RunConfig, out: Path, rows: InputRows, slots: list[Slot]):
+        from ray.util.queue import Queue
+
+        self.ray = ray
+        # Absolute: an actor's working folder is Ray's, on a node of its own.
+        self.out = str(out.resolve())
+        self.rows = InputRows(tuple(os.path.abspath(p) for p in rows.parts), rows.heights)
+        self.slots = slots
+        self.devices = [slot.label for slot in slots]
+        self.configs = [on_worker(cfg, slot.device, slot.threads) for slot in slots]
+        # The queues reserve no CPU: a cluster whose CPUs all go to workers still runs them.
+        self.tasks = Queue(actor_options={"num_cpus": 0})
+        self.results = Queue(actor_options={"num_cpus": 0})
+        self.actors: list[Any] = []
+        self.runs: dict[Any, int] = {}  # each worker's serve_shards call -> the worker
+
+    def start(self, todo: list[int]) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.tasks.put_nowait_batch([*todo, *[None] * len(self.slots)])
+        actor = self.ray.remote(FastlaionWorker)
+        for slot in self.slots:
+            self.actors.append(actor.options(
+                num_cpus=slot.num_cpus, num_gpus=slot.num_gpus,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=False)).remote())
+        # Every worker checked before any starts: a node without the output folder stops the
+        # run before it has written anything.
+        self._started([a.check.remote(__version__, os.getcwd(), self.out, self.rows) for a in self.actors])
+        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results): i
+                     for i, (a, c) in enumerate(zip(self.actors, self.configs))}
+
+    def _started(self, checks: list[Any]) -> None:
+        pending = {ref: i for i, ref in enumerate(checks)}
+        warn_at = time.monotonic() + START_WARN_S
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i = pending.pop(ref)
+                gpu_ids = self._outcome(i, ref, "could not start")
+                if gpu_ids:
+                    self.devices[i] += ":" + ",".join(gpu_ids)
+            if pending and time.monotonic() > warn_at:
+                log.warning("%d of %d Ray workers have not started after %.0f s: their nodes' CPUs or GPUs are "
+                            "taken (`ray status` shows the cluster's); waiting", len(pending), len(checks),
+                            START_WARN_S)
+                warn_at = math.inf
+
+    def _outcome(self, worker: int, ref: Any, failed: str) -> Any:
+        """What the actor call `ref` returned; its failure as the one-line error the run ends with."""
+        exceptions = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except exceptions.RayTaskError as exc:  # the method raised
+            if isinstance(exc.cause, ConfigError):
+                raise ConfigError(str(exc.cause)) from None
+            why = _last_line(exc)
+        except exceptions.RayError as exc:  # the actor died, or its node
+            why = first_line(exc)
+        raise WorkerFailed(f"worker {worker} ({self.devices[worker]}) {failed} ({why}); finished shards are kept, "
+                           "rerun the same command to resume")
+
+    def check_alive(self, done: set[int]) -> None:
+        ready, _ = self.ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        for ref in ready:
+            worker = self.runs[ref]
+            if worker not in done:  # returned normally: its last messages are in the queue
+                self._outcome(worker, ref, "died before finishing")
+
+    def join(self) -> None:
+        self.ray.get(list(self.runs))
+
+    def stop(self, interrupted: bool) -> None:
+        """Actors are not in our process group, so a Ctrl-C does not reach them: killed either
+        way, and gone when the run returns. Their shards in progress stay in .partial/, which
+        the next run clears."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.runs:
+            self.ray.wait(list(self.runs), num_returns=len(self.runs), timeout=KILLED_WAIT_S)
+
+    def close(self) -> None:
+        """Free what the run holds on the cluster now, not when this process disconnects."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.tasks.shutdown(force=True)
+        self.results.shutdown(force=True)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of a Ray task error that says what was raised (its last)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+class FastlaionWorker:
+    """One worker, in a process Ray started on some node of the cluster."""
+
+    def check(self, version: str, cwd: str, out: str, rows: InputRows) -> list[str]:
+        """Refuse to work where the output folder is not visible or fastlaion is not this
+        version; work from the driver's folder where this node has it, so that relative paths
+        (a checkpoint, a blocklist) mean what they meant there. Returns the GPUs Ray gave this
+        worker."""
+        import ray
+
+        node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+        if version != __version__:
+            raise ConfigError(f"node {node} has fastlaion {__version__}, the machine running the command has {version}: "
+                              "install the same version on every node")
+        if not (os.path.isdir(out) and all(os.path.isfile(p) for p in rows.parts)):
+            raise ConfigError(f"output folder {out} is not visible on node {node}: on a cluster of several machines "
+                              "it must be on a shared filesystem, mounted at the same path on every node")
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+    def run(self, worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
+        serve_shards(worker, cfg, Path(out), rows, tasks, results)

@@ -1,0 +1,130 @@
+"""`fastlaion index` and search through it (fastlaion/dataset/index.py): with every cell read the
+index gives the exact search's answer; with the default share of cells it finds nearly all of it
+on clustered embeddings; a dataset changed since the build is searched exactly, with a warning;
+bad input is one line. Expected answers are computed here with float64 numpy from the files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from test_dataset_table import invoke
+from test_semantic import make_embeddings, unit64, write_embedding_run
+
+pytest.importorskip("faiss")
+
+N, DIM, K = 4000, 32, 10
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("index") / "run"
+    emb = make_embeddings(N, DIM, seed=11)
+    keys = write_embedding_run(folder, emb)
+    rng = np.random.default_rng(5)
+    queries = unit64(emb[rng.choice(N, 12, replace=False)].astype(np.float64)
+                     + rng.normal(scale=0.3 / math.sqrt(DIM), size=(12, DIM)))
+    qfiles = []
+    for i, q in enumerate(queries):
+        path = folder.parent / f"q{i}.npy"
+        np.save(path, q.astype(np.float32))
+        qfiles.append(path)
+    sims = queries @ unit64(emb).T
+    exact = [[keys[j] for j in np.argsort(-row, kind="stable")[:K]] for row in sims]
+    return folder, keys, qfiles, exact
+
+
+def search_json(folder, qfiles, tmp_path, *options):
+    out = tmp_path / f"hits{len(list(tmp_path.iterdir()))}.json"
+    args = ["search", folder, "-k", K, "--json", out, "--no-progress", *options]
+    for q in qfiles:
+        args += ["--vector", q]
+    result = invoke(args)
+    return json.loads(out.read_text()), result.output
+
+
+def keys_of(found):
+    return [[h["key"] for h in r["hits"]] for r in found["results"]]
+
+
+def test_every_cell_read_is_the_exact_answer_and_the_default_finds_nearly_all(case, tmp_path):
+    folder, _, qfiles, exact = case
+    built = invoke(["index", folder, "--no-progress"]).output
+    cells = json.loads((folder / "index" / "index.json").read_text())["cells"]
+    # 4 sqrt(n) cells, but no fewer than 64 training samples a cell
+    assert f"{N:,} kept samples in {cells:,} cells" in built and cells == min(int(4 * math.sqrt(N)), N // 64)
+    assert (folder / "index" / "image.faiss").stat().st_size > N * DIM * 2  # float16, every sample
+    everything, out = search_json(folder, qfiles, tmp_path, "--probes", cells)
+    assert f"(index: {cells:,} of {cells:,} cells read)" in out
+    assert keys_of(everything) == exact
+    default, out = search_json(folder, qfiles, tmp_path)
+    probes = math.ceil(cells / 16)
+    assert f"(index: {probes} of {cells:,} cells read)" in out and default["index"] == {"cells": cells, "probes": probes}
+    found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(default), exact))
+    assert found / (K * len(exact)) >= 0.9, found
+    assert found < K * len(exact) or probes == cells  # reading a sixteenth of the cells is not the exact scan
+    # the similarities it reports are the cosines of the samples it names
+    emb = {}
+    for s in range(math.ceil(N / 500)):
+        emb.update({f"{s:05d}{i:04d}": v for i, v in enumerate(unit64(np.load(folder / f"{s:05d}_img_emb.npy")))})
+    q0 = np.load(qfiles[0]).astype(np.float64)
+    for hit in default["results"][0]["hits"]:
+        assert abs(hit["similarity"] - float(emb[hit["key"]] @ q0 / np.linalg.norm(q0))) < 2e-3
+    plain, out = search_json(folder, qfiles, tmp_path, "--exact")
+    assert "cells read" not in out and plain["index"] is None and keys_of(plain) == exact
+
+
+def test_a_dataset_changed_since_the_build_is_searched_exactly(case, tmp_path):
+    folder, _, qfiles, exact = case
+    invoke(["index", folder, "--no-progress"])
+    emb_file = folder / "00003_img_emb.npy"
+    stat = emb_file.stat()
+    os.utime(emb_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten since
+    try:
+        found, out = search_json(folder, qfiles, tmp_path)
+        assert "cells read" not in out and found["index"] is None and keys_of(found) == exact
+        assert "changed since" in out and "fastlaion index" in out
+    finally:
+        os.utime(emb_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again, out = search_json(folder, qfiles, tmp_path)  # the same files again: the index answers
+    assert "cells read" in out
+
+
+def test_a_crash_between_the_index_and_its_description_leaves_no_index_in_use(case, tmp_path):
+    """index.json is removed before image.faiss is replaced and written after it: without it the
+    folder's index is never used, and --probes says there is none."""
+    folder, _, qfiles, exact = case
+    invoke(["index", folder, "--no-progress"])
+    meta = folder / "index" / "index.json"
+    saved = meta.read_text()
+    meta.unlink()
+    try:
+        found, out = search_json(folder, qfiles, tmp_path)
+        assert "cells read" not in out and keys_of(found) == exact
+        result = invoke(["search", folder, "--vector", qfiles[0], "--probes", 4], code=2)
+        assert "has no index" in result.output and "fastlaion index" in result.output
+    finally:
+        meta.write_text(saved)
+
+
+def test_bad_input_is_one_line(case, tmp_path, monkeypatch):
+    folder, _, qfiles, _ = case
+    for args, says in ((["index", folder, "--cells", -1], "--cells must be"),
+                       (["index", folder, "--cells", N + 1], "more than the"),
+                       (["index", tmp_path / "nothing"], "no such file"),
+                       (["search", folder, "--vector", qfiles[0], "--exact", "--probes", 3], "give one of them")):
+        result = invoke(args, code=2)
+        assert says in result.output and "Traceback" not in result.output, result.output
+    no_emb = tmp_path / "noemb"
+    no_emb.mkdir()
+    for f in [*folder.glob("*.parquet"), *folder.glob("*_stats.json")]:
+        (no_emb / f.name).write_bytes(f.read_bytes())
+    result = invoke(["index", no_emb], code=2)
+    assert "needs image embeddings" in result.output
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
+    result = invoke(["index", folder], code=2)
+    assert "pip install faiss-cpu" in result.output and "Traceback" not in result.output

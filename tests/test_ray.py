@@ -1,0 +1,313 @@
+"""`fastlaion run --ray`: workers as actors of a real Ray cluster (one machine, on loopback) write
+what one worker process writes, resume, and fail in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fastlaion import __version__
+from fastlaion.cli import app
+from fastlaion.config import ConfigError, ParallelConfig
+from fastlaion.ray_workers import FastlaionWorker, Slot, plan
+from fastlaion.reader import InputRows
+from fastlaion.server import LoopbackServer, Served
+from fastlaion.writer import is_complete
+
+from helpers import children, encode, gone
+from test_pipeline import build_case, read_output, write_input
+from test_workers import TIMING_COLUMNS, _run, _tar_members
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                reason="Ray is not installed (pip install 'fastlaion[ray]')")
+
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str
+    temp_dir: Path  # unique to this cluster: named in the command line of each of its processes
+
+    def processes(self) -> list[int]:
+        """The cluster's processes (GCS, raylet, monitors) and the raylet's children (agents, workers)."""
+        own = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and str(self.temp_dir) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    own.append(int(p.name))
+            except OSError:
+                pass
+        return [c for pid in own for c in children(pid)] + own
+
+    def workers(self) -> list[int]:
+        """The pids of the fastlaion workers (actors) running now."""
+        return [pid for pid in self.processes()
+                if _cmdline(pid).startswith("ray::FastlaionWorker")]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_env():
+    """Ray's settings for this module, set before ray is first imported (it reads them then), in
+    the tests and in the cluster's processes: its switch for one-machine clusters (the nodes take
+    127.0.0.1, not the machine's network address, and listen there only), no usage statistics,
+    and no token, whatever ~/.ray/auth_token holds (a `ray start` that finds one asks every driver
+    for it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                            ("RAY_AUTH_MODE", "disabled")):
+            mp.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env):
+    """A Ray head with 2 CPUs on 127.0.0.1, for the whole module. Stopped by its processes' ids,
+    not by `ray stop`, which ends every Ray process of this user on the machine."""
+    temp_dir = Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths live under it
+    port = _free_port()
+    c = Cluster(f"127.0.0.1:{port}", temp_dir)
+    try:
+        started = subprocess.run(  # `ray start`, from this Python's Ray
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address", "127.0.0.1",
+             "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+             "--dashboard-port", str(_free_port()), "--disable-usage-stats", "--temp-dir", str(temp_dir)],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield c
+    finally:
+        pids = c.processes()
+        for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if gone(pids, timeout=wait_s):
+                break
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, photos):
+    """The usual case of every outcome (test_pipeline.build_case), served; its input file."""
+    tmp = tmp_path_factory.mktemp("ray")
+    files, rows = build_case(photos)
+    with LoopbackServer(files) as server:
+        yield write_input(tmp, server, rows), tmp
+
+
+def _no_score(inp: Path, out: Path, *extra: str):
+    return _run(inp, out, out.parent / "unused.pt", "--no-score", *extra)  # --no-score: no checkpoint read
+
+
+def test_ray_actors_write_what_one_worker_writes_and_a_rerun_resumes(cluster, served):
+    inp, tmp = served
+    one = _no_score(inp, tmp / "one")
+    on_ray = _no_score(inp, tmp / "ray", "--ray", cluster.address, "--processes", "2")
+    assert one.exit_code == 0, one.output
+    assert on_ray.exit_code == 0, on_ray.output
+    a = read_output(tmp / "one").sort("key").drop(TIMING_COLUMNS)
+    b = read_output(tmp / "ray").sort("key").drop(TIMING_COLUMNS)
+    assert a.height == b.height == 15
+    assert a.equals(b)
+    assert _tar_members(tmp / "one") == _tar_members(tmp / "ray")
+    summary = json.loads((tmp / "ray" / "summary.json").read_text())
+    assert summary["workers"] == ["ray:127.0.0.1:cpu"] * 2
+    assert summary["shards_run"] == 4
+    assert not (tmp / "ray" / ".partial").exists()
+    assert gone(cluster.workers(), timeout=10)  # the run's actors are gone with it
+
+    # The same command again does nothing and reports the same totals; so does one without Ray
+    # (the Ray address is not part of what a rerun must agree on).
+    for again in (_no_score(inp, tmp / "ray", "--ray", cluster.address, "--processes", "2"),
+                  _no_score(inp, tmp / "ray")):
+        assert again.exit_code == 0, again.output
+        assert "nothing to do: all 4 shard(s) were already complete" in again.output
+        resumed = json.loads((tmp / "ray" / "summary.json").read_text())
+        assert (resumed["shards_run"], resumed["shards_skipped"]) == (0, 4)
+        assert resumed["funnel"] == summary["funnel"]
+    assert read_output(tmp / "ray").sort("key").drop(TIMING_COLUMNS).equals(b)
+
+
+def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp_path, photos):
+    """SIGKILL one of two actors once a shard is written: the run stops with the worker's name in
+    one line, the shards written are kept, and the same command finishes the rest."""
+    jpeg = encode(photos["chelsea"])
+    files = {f"{i}.jpg": Served(jpeg, "image/jpeg") for i in range(24)}
+    with LoopbackServer(files, delay_s=0.5) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(24)))
+        out = tmp_path / "o"
+        args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
+                "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", cluster.address,
+                "--processes", "2"]
+        # one download at a time: each actor takes ~1 s a shard, so the run outlasts the kill
+        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not list(out.glob("*.tar")):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            workers = cluster.workers()
+            assert len(workers) == 2, workers
+            os.kill(workers[0], signal.SIGKILL)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 1, lines
+        assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
+        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
+        assert lines[0].endswith("finished shards are kept, rerun the same command to resume"), lines
+        kept = [s for s in range(12) if is_complete(out, s)]
+        assert 1 <= len(kept) < 12
+        assert gone(workers, timeout=15)  # the other actor was killed when the run stopped
+
+        rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output
+    frame = read_output(out)
+    assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(24))
+    assert (frame["status"] == "kept").all()
+
+
+def test_a_node_with_another_fastlaion_version_stops_the_run_in_one_line(cluster, served, monkeypatch):
+    """The actors check fastlaion's version before any work: one that differs from the driver's
+    (here the driver's is changed) stops the run before a shard is written."""
+    inp, tmp = served
+    monkeypatch.setattr("fastlaion.ray_workers.__version__", "0.0.1")
+    result = _no_score(inp, tmp / "versions", "--ray", cluster.address, "--processes", "2")
+    assert result.exit_code == 2, result.output
+    refused = (f"error: node {socket.gethostname()} (127.0.0.1) has fastlaion {__version__}, the machine running "
+               "the command has 0.0.1: install the same version on every node")
+    assert result.output.strip().splitlines() == [refused]
+    assert not list((tmp / "versions").glob("*.tar"))
+
+
+def test_an_actor_refuses_a_node_that_cannot_see_the_output_folder(cluster, tmp_path):
+    """A node without the shared filesystem (a folder the actor does not see, here) is named."""
+    rows_file = tmp_path / "00000.arrow"
+    rows_file.write_bytes(b"")
+    rows = InputRows((str(rows_file),), (0,))
+    import ray
+
+    ray.init(address=cluster.address)
+    try:
+        actor = ray.remote(FastlaionWorker).options(num_cpus=1).remote()
+        assert ray.get(actor.check.remote(__version__, str(tmp_path), str(tmp_path), rows)) == []  # no GPU
+        for out, rows_seen in ((tmp_path / "elsewhere", rows), (tmp_path, InputRows((str(tmp_path / "x.arrow"),), (0,)))):
+            with pytest.raises(ConfigError) as refused:
+                ray.get(actor.check.remote(__version__, str(tmp_path), str(out), rows_seen))
+            assert str(refused.value.cause) == (
+                f"output folder {out} is not visible on node {socket.gethostname()} (127.0.0.1): on a cluster of "
+                "several machines it must be on a shared filesystem, mounted at the same path on every node")
+        ray.kill(actor)
+    finally:
+        ray.shutdown()
+
+
+def test_ray_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                                 "--ray", "auto"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --ray needs Ray, here and on every node of the cluster: pip install 'fastlaion[ray]'"]
+
+
+def test_a_bad_address_is_one_line_at_once(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                                 "--ray", address])
+    assert time.monotonic() - t0 < 60
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --ray {address}: no Ray cluster answers there"), lines
+
+
+@pytest.mark.parametrize("value", ["ray://10.0.0.1:10001", "10.0.0.1", "10.0.0.1:port", ":6379", "host:0"])
+def test_an_address_that_is_none_of_the_forms_is_refused(tmp_path, value):
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                                 "--ray", value])
+    assert result.exit_code == 2, result.output
+    assert "--ray must be auto, local or HOST:PORT" in result.output
+
+
+def test_a_cuda_device_with_ray_needs_gpus(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-progress", "--ray", "auto",
+                                 "--device", "cuda:1"])
+    assert result.exit_code == 2, result.output
+    assert "ask for GPU workers with --gpus" in result.output
+
+
+def _node(ip: str, cpus: float, gpus: int = 0, alive: bool = True) -> dict:
+    resources = {"CPU": cpus, "memory": 1e9, **({"GPU": float(gpus)} if gpus else {})}
+    return {"NodeID": f"id-{ip}", "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
+
+
+def test_plan_places_gpu_workers_on_each_gpu_with_their_share_of_its_node():
+    """--gpus on a cluster of a CPU-only head and two GPU nodes (as ray.nodes() lists them): the
+    GPUs of the nodes in address order, --workers-per-gpu on each, each worker reserving 1/K of
+    its GPU and its share of its node's CPUs; a dead node counts for nothing."""
+    nodes = [_node("10.0.0.3", 16, 2), _node("10.0.0.1", 8), _node("10.0.0.2", 32, 4), _node("10.0.0.4", 64, 8, False)]
+    every = plan(nodes, ParallelConfig(gpus="all", workers_per_gpu=2))
+    assert len(every) == 12
+    assert every[:8] == [Slot("id-10.0.0.2", "10.0.0.2", 4.0, 0.5, 4)] * 8
+    assert every[8:] == [Slot("id-10.0.0.3", "10.0.0.3", 4.0, 0.5, 4)] * 4
+    assert {s.label for s in every} == {"ray:10.0.0.2:cuda", "ray:10.0.0.3:cuda"}
+    five = plan(nodes, ParallelConfig(gpus="5", workers_per_gpu=3))
+    assert [s.node_ip for s in five] == ["10.0.0.2"] * 12 + ["10.0.0.3"] * 3
+    assert five[0].num_gpus == 0.3333 and five[0].num_cpus == 2.0  # 3 x 0.3333 fits one GPU
+    with pytest.raises(ConfigError, match="--gpus 7: the Ray cluster has 6 GPU"):
+        plan(nodes, ParallelConfig(gpus="7"))
+    with pytest.raises(ConfigError, match="the Ray cluster has no GPU"):
+        plan([_node("10.0.0.1", 8)], ParallelConfig(gpus="all"))
+
+
+def test_plan_spreads_cpu_workers_over_the_nodes_by_their_cpus():
+    nodes = [_node("10.0.0.1", 8), _node("10.0.0.2", 24)]
+    three = plan(nodes, ParallelConfig(processes=3))
+    assert three == [Slot("id-10.0.0.1", "10.0.0.1", 8.0, 0.0, 8)] + [Slot("id-10.0.0.2", "10.0.0.2", 12.0, 0.0, 12)] * 2
+    assert three[0].label == "ray:10.0.0.1:cpu"
+    per_cpu = plan(nodes, ParallelConfig(processes=0))  # one per CPU of the cluster
+    assert len(per_cpu) == 32 and {(s.num_cpus, s.threads) for s in per_cpu} == {(1.0, 1)}
+    crowded = plan([_node("10.0.0.1", 2)], ParallelConfig(processes=3))  # more workers than CPUs
+    assert [(s.num_cpus, s.threads) for s in crowded] == [(0.6666, 1)] * 3
