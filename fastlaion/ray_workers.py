@@ -21,7 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
+import re
+import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +73,11 @@ def _connect(address: str) -> Any:
         # and reports no usage statistics. Read when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Its own token, in the environment its processes inherit: Ray 2.60's local start would
+        # otherwise write ~/.ray/auth_token, which turns every later `ray start` and --ray auto of
+        # this user to token authentication (and breaks them against clusters without it).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     else:
         if address != "auto":
             _probe(address)
@@ -80,14 +90,34 @@ def _connect(address: str) -> Any:
     except ImportError:
         raise ConfigError("--ray needs Ray, here and on every node of the cluster: pip install 'fastlaion[ray]'") from None
     level = logging.getLogger().getEffectiveLevel()  # Ray's "connected" lines with --verbose only
+    # A Ctrl-C inside ray.init can leave a half-started local instance behind (its agents
+    # orphaned, once a crash): it is held until init returns, then Ray is shut down and it lands.
+    interrupted: list[int] = []
+    held = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if held else None
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, logging_level=level)
         else:
             ray.init(address=address, logging_level=level)
-    except ConnectionError as exc:
-        raise ConfigError(f"--ray {address}: {first_line(exc)}") from None
+    except Exception as exc:  # a refused connection, another Ray or Python version, no node here...
+        if not interrupted:
+            cause = f" ({first_line(exc.__cause__)})" if exc.__cause__ else ""
+            raise ConfigError(f"--ray {address}: {_plain(first_line(exc))}{_plain(cause)}; this machine must be a "
+                              "node of the cluster (`ray start --address HEAD:PORT`) with the same Ray and Python "
+                              "versions") from None
+    finally:
+        if held:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        ray.shutdown()
+        raise KeyboardInterrupt
     return ray
+
+
+def _plain(text: str) -> str:
+    """Ray's messages without their terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _probe(address: str) -> None:
@@ -182,14 +212,17 @@ class RayWorkers(WorkerPool):
         self.configs = [on_worker(cfg, slot.device, slot.threads) for slot in slots]
         # The queues reserve no CPU: a cluster whose CPUs all go to workers still runs them.
         self.tasks = Queue(actor_options={"num_cpus": 0})
-        self.results = Queue(actor_options={"num_cpus": 0})
+        self.results = _Results(Queue(actor_options={"num_cpus": 0}), ray)
         self.actors: list[Any] = []
         self.runs: dict[Any, int] = {}  # each worker's serve_shards call -> the worker
 
     def start(self, todo: list[int]) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.tasks.put_nowait_batch([*todo, *[None] * len(self.slots)])
+        try:
+            self.tasks.put_nowait_batch([*todo, *[None] * len(self.slots)])
+        except self.ray.exceptions.RayError as exc:
+            raise WorkerFailed(f"the Ray queue of shards could not be filled ({_plain(first_line(exc))})") from None
         actor = self.ray.remote(FastlaionWorker)
         for slot in self.slots:
             self.actors.append(actor.options(
@@ -198,7 +231,7 @@ class RayWorkers(WorkerPool):
         # Every worker checked before any starts: a node without the output folder stops the
         # run before it has written anything.
         self._started([a.check.remote(__version__, os.getcwd(), self.out, self.rows) for a in self.actors])
-        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results): i
+        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results.queue): i
                      for i, (a, c) in enumerate(zip(self.actors, self.configs))}
 
     def _started(self, checks: list[Any]) -> None:
@@ -226,8 +259,12 @@ class RayWorkers(WorkerPool):
             if isinstance(exc.cause, ConfigError):
                 raise ConfigError(str(exc.cause)) from None
             why = _last_line(exc)
-        except exceptions.RayError as exc:  # the actor died, or its node
-            why = first_line(exc)
+        except exceptions.RayError as exc:  # the actor died, or its node, or it could not start
+            text = _plain(str(exc))
+            if "No module named 'fastlaion" in text or "ModuleNotFoundError" in text:
+                raise ConfigError(f"node {self.slots[worker].node_ip} cannot import fastlaion: install this version "
+                                  f"({__version__}) in the Python that runs Ray on every node") from None
+            why = _plain(first_line(exc))
         raise WorkerFailed(f"worker {worker} ({self.devices[worker]}) {failed} ({why}); finished shards are kept, "
                            "rerun the same command to resume")
 
@@ -254,8 +291,28 @@ class RayWorkers(WorkerPool):
         """Free what the run holds on the cluster now, not when this process disconnects."""
         for actor in self.actors:
             self.ray.kill(actor)
-        self.tasks.shutdown(force=True)
-        self.results.shutdown(force=True)
+        for q in (self.tasks, self.results.queue):
+            try:
+                q.shutdown(force=True)
+            except self.ray.exceptions.RayError:  # already gone with its node
+                pass
+
+
+class _Results:
+    """The Ray queue the workers report to, read as drive() reads a process queue: a queue that
+    died with its node is a failed run in one line, not Ray's traceback."""
+
+    def __init__(self, queue: Any, ray: Any):
+        self.queue, self.ray = queue, ray
+
+    def get(self, timeout: float) -> Any:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:  # Ray's error for the actor's Empty is an Empty too: nothing came
+            raise
+        except self.ray.exceptions.RayError as exc:
+            raise WorkerFailed(f"the Ray queue the workers report to is gone ({_plain(first_line(exc))}); finished "
+                               "shards are kept, rerun the same command to resume") from None
 
 
 def _last_line(exc: BaseException) -> str:

@@ -311,3 +311,39 @@ def test_plan_spreads_cpu_workers_over_the_nodes_by_their_cpus():
     assert len(per_cpu) == 32 and {(s.num_cpus, s.threads) for s in per_cpu} == {(1.0, 1)}
     crowded = plan([_node("10.0.0.1", 2)], ParallelConfig(processes=3))  # more workers than CPUs
     assert [(s.num_cpus, s.threads) for s in crowded] == [(0.6666, 1)] * 3
+
+
+def test_ray_local_starts_a_private_instance_and_leaves_nothing_behind(tmp_path, served):
+    """--ray local on a laptop: a private Ray instance for the run, on loopback, with its own
+    token in its environment (Ray would otherwise write ~/.ray/auth_token, which turns later
+    clusters of the user to token authentication), stopped at the end with every process it
+    started."""
+    inp, _ = served
+    home, ray_tmp = tmp_path / "home", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}")
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "out"),
+                               "--ray", "local", "--processes", "1", "--no-score", "--no-language",
+                               "--allow-private-networks", "--retries", "0", "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "kept" in proc.stdout and "Traceback" not in proc.stderr
+        assert not (home / ".ray").exists()
+        deadline = time.monotonic() + 30
+        while (left := [c for c in _ray_processes() if str(ray_tmp) in c]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, left
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _ray_processes() -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue
+    return out
