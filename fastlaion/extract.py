@@ -87,6 +87,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterator
@@ -423,9 +424,24 @@ def _stop_pool(pool: Any) -> None:
     them as broken, where Python 3.11 would print an InvalidStateError traceback for a cancelled
     one."""
     processes = getattr(pool, "_processes", None) or {}  # pid -> Process (no public handle)
-    for proc in list(processes.values()):
-        proc.terminate()
-    pool.shutdown(wait=True)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    previous = threading.excepthook
+
+    def quiet(args: Any) -> None:
+        # The pool's manager thread, waiting on the workers we end, can find one of its pipes
+        # already closed (Python 3.11: "OSError: handle is closed") and die with a traceback on
+        # stderr; the pool is being ended, and that is what the user asked for.
+        if args.thread is not None and args.thread is manager and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = quiet
+    try:
+        for proc in list(processes.values()):
+            proc.terminate()
+        pool.shutdown(wait=True)
+    finally:
+        threading.excepthook = previous
 
 
 def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> None:
