@@ -323,9 +323,10 @@ def index_cmd(
         cfg.validate()
         ds = open_dataset(source)
         result = ds.guarded(lambda d: build_index(d, cfg, bar))
-    _say(f"index: {result.samples:,} kept samples in {result.cells:,} cells ({result.dim} dimensions, "
-         f"{result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; search reads "
-         f"{default_probes(result.cells):,} cells a query by default (--probes)")
+    probes = default_probes(result.cells)
+    _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
+         f"({result.dim} dimensions, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; "
+         f"search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
 

@@ -153,6 +153,9 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
                                           faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit centroids: cells by cosine
     index.cp.seed = 0
+    # faiss prints a raw warning under 39 training samples a cell: the default sizing gives 64 or
+    # more, a small dataset one cell (a flat scan, nothing to learn), --cells what was asked for
+    index.cp.min_points_per_centroid = 1
     progress.start("index: training the cells (k-means)", 1)
     try:
         index.train(x)
