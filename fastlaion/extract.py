@@ -385,6 +385,7 @@ def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -
     # Managed by hand, not `with`: its exit waits for every running job, and the workers ignore
     # Ctrl-C, so a Ctrl-C must go through _stop_pool wherever it lands (submitting, waiting for
     # results, or waiting for the running jobs after another job's error).
+    _quiet_pool_manager()
     pool = cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(ticks,))
     try:
         with ctrl_c_held():  # submit starts the workers: they ignore Ctrl-C from their first instruction
@@ -424,24 +425,29 @@ def _stop_pool(pool: Any) -> None:
     them as broken, where Python 3.11 would print an InvalidStateError traceback for a cancelled
     one."""
     processes = getattr(pool, "_processes", None) or {}  # pid -> Process (no public handle)
-    manager = getattr(pool, "_executor_manager_thread", None)
+    for proc in list(processes.values()):
+        proc.terminate()
+    pool.shutdown(wait=True)
+
+
+def _quiet_pool_manager() -> None:
+    """A process pool's manager thread, while the pool is torn down (after an input failed, or
+    on Ctrl-C), can find one of its pipes already closed (Python 3.11: "OSError: handle is
+    closed") and die with a traceback on stderr, before our one-line message (a fresh-clone CI
+    run saw it twice in ten). Only then does that thread meet a closed pipe, so its OSError is
+    not shown; any other thread's exception is, as before. Installed once per process."""
     previous = threading.excepthook
+    if getattr(previous, "_fastlaion_quiet_pool", False):
+        return
 
     def quiet(args: Any) -> None:
-        # The pool's manager thread, waiting on the workers we end, can find one of its pipes
-        # already closed (Python 3.11: "OSError: handle is closed") and die with a traceback on
-        # stderr; the pool is being ended, and that is what the user asked for.
-        if args.thread is not None and args.thread is manager and issubclass(args.exc_type, OSError):
+        if type(args.thread).__name__ == "_ExecutorManagerThread" and issubclass(args.exc_type, OSError):
+            log.debug("process pool manager thread: %s", args.exc_value)
             return
         previous(args)
 
+    quiet._fastlaion_quiet_pool = True  # type: ignore[attr-defined]
     threading.excepthook = quiet
-    try:
-        for proc in list(processes.values()):
-            proc.terminate()
-        pool.shutdown(wait=True)
-    finally:
-        threading.excepthook = previous
 
 
 def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> None:
