@@ -275,15 +275,21 @@ class _Child:
         return LanguageProcessDied(f"the language identification process ended{why}")
 
     def close(self) -> None:
-        """Fail what is still queued or being answered (no one will read it), end the child's
-        input, and give it a moment to exit before killing it."""
+        """Fail what is still queued or being answered (no one will read it) and end the child:
+        at once when it held batches, else by ending its input, killed after a moment."""
         pending = self._stop(LanguageProcessClosed("the language identification process was closed"))
-        self.writer.join(timeout=5)
-        try:
-            self.proc.wait(timeout=0.2 if pending else 5)
-        except subprocess.TimeoutExpired:  # still answering a batch no one waits for
+        if pending:
+            # It is answering batches no one waits for, and the writer may be blocked sending it
+            # the next (a pipe holds 64 KiB; a batch is more): ended now, which frees the writer.
             self.proc.kill()
-            self.proc.wait()
+        else:
+            self.writer.join(timeout=5)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        self.writer.join(timeout=5)
         self.reader.join(timeout=5)
         self.replies.close()
         self.stderr.close()

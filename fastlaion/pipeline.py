@@ -55,6 +55,7 @@ from .writer import (
 
 if TYPE_CHECKING:
     from .language import BatchLanguages
+    from .ray_workers import RayCluster
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,19 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     out = Path(cfg.output_dir)
     if cfg.retry_failed and not (out / CONFIG_FILE).exists():
         raise ConfigError(f"--retry-failed: {out} holds no earlier run whose failed rows could be retried")
+    with ExitStack() as cluster:
+        # where the workers go, first: a wrong --gpus or --ray is told before anything is read or written
+        if cfg.parallel.ray is not None:
+            from .ray_workers import ray_cluster
+
+            placed: list[str] | RayCluster = cluster.enter_context(ray_cluster(cfg.parallel.ray, cfg.parallel))
+        else:
+            placed = worker_devices(cfg)
+        return _run_inputs(cfg, out, progress, t0, placed)
+
+
+def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster
+                ) -> RunSummary:
     if needs_extraction(cfg.input):
         inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
         fresh = False
@@ -152,7 +166,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
             if fresh:
                 (out / CONFIG_FILE).unlink(missing_ok=True)
             raise
-        return _run_shards(cfg, out, rows, progress, t0)
+        return _run_shards(cfg, out, rows, progress, t0, placed)
     finally:
         shutil.rmtree(rows_dir, ignore_errors=True)  # this run's copy of the inputs, never part of the output
         for folder in (out / PARTIAL_DIR, out) if fresh else (out / PARTIAL_DIR,):
@@ -162,9 +176,11 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
                 pass
 
 
-def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, t0: float) -> RunSummary:
+def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, t0: float,
+                placed: list[str] | RayCluster) -> RunSummary:
     """Run the shards of `rows` not finished yet (and with --retry-failed, retry the finished
-    ones' transient failures); summarize the whole output."""
+    ones' transient failures) on the workers `placed` (worker_devices, or a Ray cluster's);
+    summarize the whole output."""
     n_shards = shard_count(rows.height, cfg.input.shard_size)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
@@ -180,35 +196,34 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
 
     timings: dict[str, float] = {}
     jobs = sorted(todo + retry)
-    with ExitStack() as cluster:
-        ray_pool = None
-        if jobs and cfg.parallel.ray is not None:  # connected (and the workers planned) before the bar shows
-            from .ray_workers import ray_workers
+    ray_pool = None
+    if not jobs:
+        devices = []
+    elif isinstance(placed, list):
+        devices = placed
+    else:
+        ray_pool = placed.workers(cfg, out, rows)
+        devices = ray_pool.devices
+    progress.start(n_shards, n_shards - len(jobs), rows.height, rows_done)
+    tally = _Tally(progress)
+    try:
+        if ray_pool is not None:
+            from .workers import drive
 
-            ray_pool = cluster.enter_context(ray_workers(cfg.parallel.ray, cfg, out, rows))
-            devices = ray_pool.devices
-        else:
-            devices = worker_devices(cfg) if jobs else []
-        progress.start(n_shards, n_shards - len(jobs), rows.height, rows_done)
-        tally = _Tally(progress)
-        try:
-            if ray_pool is not None:
-                from .workers import drive
+            timings = drive(ray_pool, jobs, tally)
+        elif len(devices) == 1:
+            timings = work(_on_device(cfg, devices[0]), out, rows, iter(jobs), tally)
+        elif devices:
+            from .workers import run_workers
 
-                timings = drive(ray_pool, jobs, tally)
-            elif len(devices) == 1:
-                timings = work(_on_device(cfg, devices[0]), out, rows, iter(jobs), tally)
-            elif devices:
-                from .workers import run_workers
-
-                timings = run_workers(cfg, out, rows, jobs, devices, tally)
-        except ShardWriteError as exc:
-            try:  # the summary of a run stopped by a failed shard still says what happened
-                _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
-                           previously_failed)
-            except OSError as also:  # the disk that failed the shard may refuse the summary too
-                log.warning("summary.json not written: %s", also.strerror or also)
-            raise
+            timings = run_workers(cfg, out, rows, jobs, devices, tally)
+    except ShardWriteError as exc:
+        try:  # the summary of a run stopped by a failed shard still says what happened
+            _summarize(out, n_shards, tally, timings, t0, devices, [{"shard": exc.shard, "error": exc.what}],
+                       previously_failed)
+        except OSError as also:  # the disk that failed the shard may refuse the summary too
+            log.warning("summary.json not written: %s", also.strerror or also)
+        raise
     return _summarize(out, n_shards, tally, timings, t0, devices, [], previously_failed)
 
 

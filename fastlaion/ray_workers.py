@@ -24,8 +24,10 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -53,20 +55,45 @@ START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CP
 KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
 
 
+@dataclass
+class RayCluster:
+    """A connected cluster and where the run's workers go on it."""
+
+    ray: Any
+    slots: list[Slot]
+
+    def workers(self, cfg: RunConfig, out: Path, rows: InputRows) -> RayWorkers:
+        """The workers for `cfg`, planned but not started."""
+        return RayWorkers(self.ray, cfg, out, rows, self.slots)
+
+
 @contextmanager
-def ray_workers(address: str, cfg: RunConfig, out: Path, rows: InputRows) -> Iterator[RayWorkers]:
-    """The workers for `cfg` on the Ray cluster at `address` (--ray), planned but not started.
-    Connects to the cluster (for "local", starts a private one) and disconnects (stops it) at the
-    end."""
-    ray = _connect(address)
+def ray_cluster(address: str, par: ParallelConfig) -> Iterator[RayCluster]:
+    """The Ray cluster at `address` (--ray), connected (for "local", a private one started), and
+    the workers' places on it planned; disconnected (stopped) at the end. The run enters it before
+    it reads its input or touches the output folder, so that a wrong --ray is told at once."""
+    # A private instance keeps its sockets, session and logs in a folder of its own, removed with
+    # it (Ray's default, /tmp/ray/session_*, would keep a session a run): in RAY_TMPDIR where that
+    # is set, else in /tmp, whatever TMPDIR is (Ray's socket paths live under it: short).
+    own = None
+    if address == "local":
+        root = os.environ.get("RAY_TMPDIR") or "/tmp"
+        os.makedirs(root, exist_ok=True)
+        own = tempfile.mkdtemp(prefix="fl-ray-", dir=root)
     try:
-        yield RayWorkers(ray, cfg, out, rows, plan(ray.nodes(), cfg.parallel))
+        ray = _connect(address, own)
+        try:
+            yield RayCluster(ray, plan(ray.nodes(), par))
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
 
-def _connect(address: str) -> Any:
-    """`ray`, connected to the cluster at `address`; every way this fails is one line."""
+def _connect(address: str, temp_dir: str | None) -> Any:
+    """`ray`, connected to the cluster at `address` (a "local" one's files in `temp_dir`); every
+    way this fails is one line."""
     if address == "local":
         # A private instance listens on loopback only (Ray's switch for one-machine clusters, its
         # default on macOS and Windows; else its nodes listen on the machine's network address)
@@ -97,7 +124,7 @@ def _connect(address: str) -> Any:
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if held else None
     try:
         if address == "local":
-            ray.init(address="local", include_dashboard=False, logging_level=level)
+            ray.init(address="local", include_dashboard=False, logging_level=level, _temp_dir=temp_dir)
         else:
             ray.init(address=address, logging_level=level)
     except Exception as exc:  # a refused connection, another Ray or Python version, no node here...

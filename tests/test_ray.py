@@ -257,6 +257,19 @@ def test_a_bad_address_is_one_line_at_once(tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --ray {address}: no Ray cluster answers there"), lines
+    assert not (tmp_path / "o").exists()  # told before the input is read or the output folder made
+
+
+def test_gpus_on_a_cluster_without_one_is_told_before_anything_is_written(cluster, tmp_path):
+    """The workers are placed on the cluster first: --gpus on a cluster of CPUs only stops the run
+    before it reads a row or makes the output folder (so a rerun with other settings is free)."""
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = _no_score(inp, tmp_path / "o", "--ray", cluster.address, "--gpus", "1")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --gpus: the Ray cluster has no GPU; leave --gpus out for workers on its CPUs (--processes N)"]
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("value", ["ray://10.0.0.1:10001", "10.0.0.1", "10.0.0.1:port", ":6379", "host:0"])
@@ -317,7 +330,7 @@ def test_ray_local_starts_a_private_instance_and_leaves_nothing_behind(tmp_path,
     """--ray local on a laptop: a private Ray instance for the run, on loopback, with its own
     token in its environment (Ray would otherwise write ~/.ray/auth_token, which turns later
     clusters of the user to token authentication), stopped at the end with every process it
-    started."""
+    started and every file it wrote."""
     inp, _ = served
     home, ray_tmp = tmp_path / "home", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}")
     home.mkdir()
@@ -335,6 +348,7 @@ def test_ray_local_starts_a_private_instance_and_leaves_nothing_behind(tmp_path,
         while (left := [c for c in _ray_processes() if str(ray_tmp) in c]) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, left
+        assert ray_tmp.is_dir() and not list(ray_tmp.iterdir())  # its session and logs went with it
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

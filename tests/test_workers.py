@@ -123,6 +123,7 @@ def test_gpus_without_a_gpu_says_so(tmp_path):
                                  "--no-progress"])
     assert result.exit_code == 2, result.output
     assert "no CUDA GPU is visible" in result.output
+    assert not (tmp_path / "o").exists()  # told before the output folder is made
 
 
 def test_next_shard_starts_during_the_download_tail_of_the_current_one(tmp_path, photos):
