@@ -5,6 +5,7 @@ matrix product, argsort), on the same synthetic run and queries.
     .venv/bin/python bench/search.py                         # 1,000,000 samples, 10 queries, k=10
     .venv/bin/python bench/search.py --rows 100000 --queries 100
     .venv/bin/python bench/search.py --index 0 4 64 --classes 0   # through `fastlaion index` at 3 --probes
+    .venv/bin/python bench/search.py --index 0 64 --pq 64 --classes 0   # its product-quantized codes
 
 The run is bench/semantic.py's (kept rows' Parquet + float16 D=512 embeddings, cached under its
 work folder). The queries are --vector files (sample embeddings with noise), so no CLIP model is
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", type=int, nargs="*", default=[0],
                     help="build `fastlaion index` and search through it with these --probes (0: the default); "
                          "--index alone skips it")
+    ap.add_argument("--pq", type=int, default=0, help="build the index with `--pq BYTES` codes (0: float16)")
     ap.add_argument("--peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ap.add_argument("--classify-peer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -154,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 def bench_index(args: argparse.Namespace, run: Path, vectors: list[str], want: list, peer: dict) -> bool:
     """`fastlaion index` once, then `fastlaion search` through it at each --probes: wall time
     (start-up included, as above) and recall@k against the numpy script's exact hits."""
-    build = measure([sys.executable, "-m", "fastlaion", "index", str(run), "--no-progress"])
+    build = measure([sys.executable, "-m", "fastlaion", "index", str(run), "--no-progress", "--pq", str(args.pq)])
     if build["rc"]:
         print("index build failed:", build["tail"])
         return False
     meta = json.loads((run / "index" / "index.json").read_text())
     print()
-    print(f"index: {meta['cells']:,} cells, built in {build['wall_s']} s, peak RSS {build['peak_rss_gb']} GB, "
+    codes = f"{meta['pq']}-byte codes a sample, the best candidates ranked again" if meta.get("pq") else "float16"
+    print(f"index: {meta['cells']:,} cells, {codes}, built in {build['wall_s']} s, peak RSS {build['peak_rss_gb']} GB, "
           f"{(run / 'index' / 'image.faiss').stat().st_size / 2**20:,.0f} MiB on disk")
     print("| samples | queries | k | probes of cells | wall s | peak RSS GB | recall@k vs exact | speed vs numpy |")
     print("|---|---|---|---|---|---|---|---|")

@@ -284,8 +284,12 @@ def search_cmd(
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    how = (f" (index: {result.index['probes']:,} of {result.index['cells']:,} cells read)" if result.index
-           else "")
+    how = ""
+    if result.index:
+        how = f" (index: {result.index['probes']:,} of {result.index['cells']:,} cells read"
+        if result.index.get("pq"):
+            how += f", the best {result.index['reranked']:,} by the {result.index['pq']}-byte codes ranked again"
+        how += ")"
     for q, hits in zip(result.queries, result.hits):
         label = f'"{q.value}"' if q.kind == "text" else q.value
         _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples{how} "
@@ -306,26 +310,28 @@ def index_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file) with image embeddings.", show_default=False)],
     cells: Annotated[int, typer.Option(help="Cells (k-means centroids) of the index; 0: 4 x the square root of the kept samples.")] = 0,
     threads: Annotated[int, typer.Option(help="faiss's threads; 0: every core.")] = 0,
+    pq: Annotated[int, typer.Option(metavar="BYTES", help="Store each sample as BYTES bytes of product-quantized codes (faiss IVFPQ; BYTES must divide the dimensions: 64 for ViT-B/32's 512 is 1/16 of the float16 vectors) instead of its float16 vector (2 bytes a dimension), for datasets whose vectors do not fit in memory; search then ranks the best candidates again by their stored embeddings. 0: float16. Needs 9,984 or more samples.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
-    """Build a kNN index of the kept samples' image embeddings (faiss IVF, float16, cosine) in
-    OUT/index/, so that `fastlaion search OUT` reads a few cells per query instead of every
-    embedding. Search uses it while the dataset's files are the ones it was built from; rerun
-    this after the dataset changes."""
+    """Build a kNN index of the kept samples' image embeddings (faiss IVF, float16 or --pq codes,
+    cosine) in OUT/index/, so that `fastlaion search OUT` reads a few cells per query instead of
+    every embedding. Search uses it while the dataset's files are the ones it was built from;
+    rerun this after the dataset changes."""
     from .dataset import open_dataset
     from .dataset.index import IndexConfig, build_index, default_probes
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
     with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
-        cfg = IndexConfig(cells=cells, threads=threads)
+        cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
         ds = open_dataset(source)
         result = ds.guarded(lambda d: build_index(d, cfg, bar))
     probes = default_probes(result.cells)
+    codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
     _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
-         f"({result.dim} dimensions, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; "
+         f"({result.dim} dimensions{codes}, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; "
          f"search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")

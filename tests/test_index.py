@@ -192,3 +192,66 @@ def test_an_index_that_cannot_be_written_is_one_line_and_the_old_one_stays(case,
         blocker.rmdir()
     found, out = search_json(folder, qfiles[:1], tmp_path)
     assert "cells read" in out  # the earlier index, still whole and described
+
+
+@pytest.fixture(scope="module")
+def pq_case(tmp_path_factory):
+    """Enough samples for the codebooks (39 x 256), 32 dimensions in 8 parts of 4."""
+    n, dim = 12_000, 32
+    folder = tmp_path_factory.mktemp("pq") / "run"
+    emb = make_embeddings(n, dim, seed=12)
+    keys = write_embedding_run(folder, emb)
+    rng = np.random.default_rng(6)
+    queries = unit64(emb[rng.choice(n, 12, replace=False)].astype(np.float64)
+                     + rng.normal(scale=0.3 / math.sqrt(dim), size=(12, dim)))
+    qfiles = []
+    for i, q in enumerate(queries):
+        np.save(path := folder.parent / f"q{i}.npy", q.astype(np.float32))
+        qfiles.append(path)
+    sims = queries @ unit64(emb).T
+    exact = [[keys[j] for j in np.argsort(-row, kind="stable")[:K]] for row in sims]
+    cosine = {keys[j]: sims[:, j] for j in range(n)}
+    return folder, qfiles, exact, cosine, n, dim
+
+
+def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(pq_case, tmp_path):
+    """--pq 8: 8 bytes of codes a sample instead of 64 of float16. Their cosines are approximate
+    (off by 0.03 on average here), so search ranks its best candidates again by their stored
+    embeddings: what it reports are the exact cosines, and with every cell read it finds what the
+    exact search finds."""
+    folder, qfiles, exact, cosine, n, dim = pq_case
+    built = invoke(["index", folder, "--pq", 8, "--no-progress"]).output
+    meta = json.loads((folder / "index" / "index.json").read_text())
+    assert meta["kind"] == "ivf-pq" and meta["pq"] == 8 and meta["samples"] == n
+    assert f"{n:,} kept samples in {meta['cells']:,} cells ({dim} dimensions, 8-byte codes a sample" in built
+    # each sample: 8 bytes of codes and its 8-byte id, against 64 + 8 as float16
+    assert (folder / "index" / "image.faiss").stat().st_size < n * (2 * dim + 8) / 3
+    everything, out = search_json(folder, qfiles, tmp_path, "--probes", meta["cells"])
+    assert (f"(index: {meta['cells']:,} of {meta['cells']:,} cells read, the best 100 by the 8-byte codes ranked "
+            "again)") in out
+    assert everything["index"] == {"cells": meta["cells"], "probes": meta["cells"], "pq": 8, "reranked": 100}
+    found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(everything), exact))
+    assert found / (K * len(exact)) >= 0.98, found
+    for q, result in enumerate(everything["results"]):
+        for hit in result["hits"]:  # the stored embedding's cosine (float16), not the codes'
+            assert abs(hit["similarity"] - cosine[hit["key"]][q]) < 1e-5, hit
+        sims = [h["similarity"] for h in result["hits"]]
+        assert sims == sorted(sims, reverse=True) and len(sims) == K
+    default, out = search_json(folder, qfiles, tmp_path)
+    found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(default), exact))
+    assert found / (K * len(exact)) >= 0.9, found
+
+
+def test_bad_pq_is_one_line(case, pq_case):
+    folder = pq_case[0]
+    for args, message in (
+            (["--pq", 7], "error: --pq 7: the embeddings' 32 dimensions do not split into 7 equal parts; use one of "
+                          "8, 16, 32"),
+            (["--pq", 64], "error: --pq 64: the embeddings' 32 dimensions do not split into 64 equal parts"),
+            (["--pq", -1], "error: --pq must be 0 (float16 vectors) or a number of bytes a sample, got -1")):
+        result = invoke(["index", folder, *args, "--no-progress"], code=2)
+        assert result.output.strip().splitlines()[0].startswith(message), result.output
+    small = invoke(["index", case[0], "--pq", 8, "--no-progress"], code=2)
+    assert small.output.strip() == (f"error: --pq needs 9,984 or more samples with embeddings to learn its codes, "
+                                    f"this dataset has {N:,}: leave --pq out (float16 vectors, {2 * DIM} bytes a "
+                                    "sample)")

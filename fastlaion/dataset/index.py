@@ -10,6 +10,13 @@ fewer it may miss a sample that sits in another cell (bench/search.py measures t
 is the well-kept library for this (clip-retrieval and autofaiss build on it); the cells, the
 scan and the file format are not code to write again.
 
+For datasets whose float16 vectors do not fit in memory (1 KB a sample at 512 dimensions: a TB
+for a billion), `--pq M` product-quantizes them instead, M bytes a sample (faiss's IVFPQ, the
+codes of each sample's offset from its cell's centroid). Its distances are approximate, so search
+takes the RERANK times k best by the codes and ranks those again by their stored embeddings
+(`rerank`): the cosines it reports are the exact search's, and what it can miss is what the cells
+not read and the codes' error keep out of those candidates.
+
 Files, in the dataset folder's `index/`: `image.faiss` (faiss's own format; the ids are the kept
 samples' positions in dataset order, as search's) and `index.json`, which records what the index
 was built from (every metadata and embedding file's name, size and modification time). Search
@@ -40,6 +47,10 @@ INDEX_DIR = "index"
 INDEX_FILE = "image.faiss"
 META_FILE = "index.json"
 KIND = "ivf-flat-fp16"
+KIND_PQ = "ivf-pq"
+PQ_TRAIN_MIN = 39 * 256  # training samples the codebooks need: 256 codes a part, 39 samples a code (faiss's floor)
+RERANK = 10  # with --pq, search ranks again the best RERANK x k candidates by their stored embeddings
+RERANK_MIN = 100  # ... and at least this many
 TRAIN_PER_CELL = 64  # training samples per cell (faiss warns under 39)
 MAX_TRAIN = 1_000_000  # k-means on at most this many samples, evenly spaced
 DEFAULT_PROBE_SHARE = 16  # default nprobe: a sixteenth of the cells (bench/search.py: the recall)
@@ -94,12 +105,27 @@ def fingerprint(ds: Dataset, shards: list[str]) -> list[list[Any]]:
 class IndexConfig:
     cells: int = 0  # 0: default_cells(samples)
     threads: int = 0  # faiss's threads; 0: its default (every core)
+    pq: int = 0  # bytes a sample of product-quantized codes; 0: float16 vectors
 
     def validate(self) -> None:
         if self.cells < 0:
             raise ConfigError(f"--cells must be 0 (automatic) or more, got {self.cells}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be 0 (every core) or more, got {self.threads}")
+        if self.pq < 0:
+            raise ConfigError(f"--pq must be 0 (float16 vectors) or a number of bytes a sample, got {self.pq}")
+
+    def check_pq(self, dim: int, samples: int) -> None:
+        """--pq against the embeddings: M parts of dim / M dimensions each, codebooks to learn."""
+        if not self.pq:
+            return
+        if self.pq > dim or dim % self.pq:
+            fits = [m for m in (8, 16, 32, 48, 64, 96, 128, 256) if m <= dim and dim % m == 0]
+            raise ConfigError(f"--pq {self.pq}: the embeddings' {dim} dimensions do not split into {self.pq} equal "
+                              f"parts; use one of {', '.join(map(str, fits)) or 'the divisors of ' + str(dim)}")
+        if samples < PQ_TRAIN_MIN:
+            raise ConfigError(f"--pq needs {PQ_TRAIN_MIN:,} or more samples with embeddings to learn its codes, this "
+                              f"dataset has {samples:,}: leave --pq out (float16 vectors, {2 * dim} bytes a sample)")
 
 
 @dataclass
@@ -111,6 +137,7 @@ class IndexResult:
     dim: int
     seconds: float
     bytes: int
+    pq: int = 0
 
 
 def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None) -> IndexResult:
@@ -133,10 +160,11 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
         raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")
     if cfg.cells > n:
         raise ConfigError(f"--cells {cfg.cells}: more than the {n:,} kept samples")
+    cfg.check_pq(dim, n)
     shards = [s for s, _, _ in reader.per_shard]
     before = fingerprint(ds, shards)  # the files as they are when the build starts reading them
     cells = cfg.cells or default_cells(n)
-    train_n = min(n, MAX_TRAIN, max(cells * TRAIN_PER_CELL, 10_000))
+    train_n = min(n, MAX_TRAIN, max(cells * TRAIN_PER_CELL, 10_000, PQ_TRAIN_MIN if cfg.pq else 0))
     sample = np.zeros(n, bool)
     sample[np.linspace(0, n - 1, train_n).round().astype(np.int64)] = True
     train = [v for _, v in reader.shards(progress, "index: training sample", only=sample)]
@@ -148,15 +176,20 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
             raise ConfigError(f"--cells {cells}: more than the {len(x):,} readable embeddings of the training "
                               "sample")
         cells = max(1, min(default_cells(len(x) * n // train_n), len(x) // TRAIN_PER_CELL))
+    cfg.check_pq(dim, len(x))  # the codebooks learn from the readable embeddings of the sample
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
+    if cfg.pq:
+        index = faiss.IndexIVFPQ(quantizer, dim, cells, cfg.pq, 8, faiss.METRIC_INNER_PRODUCT)
+        index.pq.cp.seed = 0
+    else:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit centroids: cells by cosine
     index.cp.seed = 0
     # faiss prints a raw warning under 39 training samples a cell: the default sizing gives 64 or
     # more, a small dataset one cell (a flat scan, nothing to learn), --cells what was asked for
     index.cp.min_points_per_centroid = 1
-    progress.start("index: training the cells (k-means)", 1)
+    progress.start("index: training the cells (k-means)" + (" and the codes" if cfg.pq else ""), 1)
     try:
         index.train(x)
         progress.advance()
@@ -168,12 +201,13 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
     if fingerprint(ds, shards) != before:
         raise DatasetError(f"{ds.path}'s files changed while the index was built (a run still writing?): "
                            "nothing was replaced; rerun when they are done")
-    meta = {"kind": KIND, "samples": int(index.ntotal), "kept_samples": n, "unreadable_samples": reader.unreadable,
-            "cells": cells, "dim": dim, "fastlaion": __version__, "files": before}
+    meta = {"kind": KIND_PQ if cfg.pq else KIND, "samples": int(index.ntotal), "kept_samples": n,
+            "unreadable_samples": reader.unreadable, "cells": cells, "dim": dim, "pq": cfg.pq,
+            "fastlaion": __version__, "files": before}
     folder = _write(faiss, index, meta, index_dir(ds))
     return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
                        cells=cells, dim=dim, seconds=time.perf_counter() - t0,
-                       bytes=(folder / INDEX_FILE).stat().st_size)
+                       bytes=(folder / INDEX_FILE).stat().st_size, pq=cfg.pq)
 
 
 def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path) -> Path:
@@ -213,6 +247,11 @@ class LoadedIndex:
     samples: int
     kept_samples: int
     unreadable_samples: int
+    pq: int = 0  # bytes a sample of its codes; 0: float16 vectors (its distances are exact)
+
+    def candidates(self, k: int) -> int:
+        """How many a query takes from the index: k, or with codes the RERANK x k ranked again."""
+        return max(k * RERANK, RERANK_MIN) if self.pq else k
 
 
 def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
@@ -224,7 +263,7 @@ def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        stale = meta.get("kind") != KIND or meta.get("files") != fingerprint(ds, shards)
+        stale = meta.get("kind") not in (KIND, KIND_PQ) or meta.get("files") != fingerprint(ds, shards)
     except (OSError, ValueError, AttributeError) as e:
         log.warning("index: cannot read %s (%s): searching every embedding instead", meta_path, e)
         return None
@@ -244,11 +283,13 @@ def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
                     str(e).strip().splitlines()[-1] if str(e).strip() else e)
         return None
     return LoadedIndex(index=index, cells=int(meta["cells"]), samples=int(meta["samples"]),
-                       kept_samples=int(meta["kept_samples"]), unreadable_samples=int(meta["unreadable_samples"]))
+                       kept_samples=int(meta["kept_samples"]), unreadable_samples=int(meta["unreadable_samples"]),
+                       pq=int(meta.get("pq") or 0))
 
 
 def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) -> list[list[tuple[int, float]]]:
-    """For each unit query, up to k (position, cosine) from the cells probed, best first."""
+    """For each unit query, up to k (position, cosine) from the cells probed, best first: with
+    codes (--pq), the index's approximate cosines, for `rerank`."""
     if vectors.shape[1] != loaded.index.d:
         raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the index's embeddings "
                           f"{loaded.index.d}: embed them with the model the run scored with")
@@ -260,5 +301,33 @@ def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) 
         keep = ids[q] >= 0
         pos, sim = ids[q][keep], np.minimum(sims[q][keep], 1.0)  # float16 rounding: a copy scores 1.0001
         order = np.lexsort((pos, -sim))  # ties to the earlier sample, as the exact search
+        out.append([(int(pos[i]), float(sim[i])) for i in order])
+    return out
+
+
+def rerank(reader: Any, vectors: np.ndarray, found: list[list[tuple[int, float]]], k: int
+           ) -> list[list[tuple[int, float]]]:
+    """Each query's candidates ranked again by the cosine of its stored embedding, as the exact
+    search computes it (float16 embedding, float32 query): its best k. A candidate whose embedding
+    can no longer be read is dropped, as the exact search would not have it."""
+    positions = np.unique(np.fromiter((p for per_query in found for p, _ in per_query), dtype=np.int64))
+    if not positions.size:
+        return [[] for _ in found]
+    only = np.zeros(reader.rows, bool)
+    only[positions] = True
+    vec = np.zeros((positions.size, vectors.shape[1]), np.float16)
+    readable = np.zeros(positions.size, bool)
+    for pos, v in reader.shards(NoProgress(), "", only=only):
+        at = np.searchsorted(positions, pos)
+        vec[at], readable[at] = v, True
+    out = []
+    for q, per_query in zip(vectors, found):
+        at = np.searchsorted(positions, np.fromiter((p for p, _ in per_query), dtype=np.int64))
+        at = at[readable[at]]
+        x = vec[at].astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # as search(): another tool's may not be unit
+        sim = (x @ np.asarray(q, np.float32)) / np.maximum(norms, 1e-8)
+        pos = positions[at]
+        order = np.lexsort((pos, -sim))[:k]  # ties to the earlier sample, as the exact search
         out.append([(int(pos[i]), float(sim[i])) for i in order])
     return out

@@ -75,7 +75,9 @@ class SearchResult:
     unreadable_samples: int = 0     # kept samples without a readable embedding
     model: str | None = None
     skipped_files: list[dict[str, str]] = field(default_factory=list)
-    index: dict[str, int] | None = None  # {"cells", "probes"} when the index answered; None: exact
+    # {"cells", "probes"} when the index answered (with --pq codes, also "pq": their bytes a sample
+    # and "reranked": the candidates a query ranked again by their embeddings); None: exact
+    index: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "samples": self.samples, "unreadable_samples": self.unreadable_samples,
@@ -240,7 +242,7 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
-        from .index import META_FILE, default_probes, index_dir, load_index, search_index
+        from .index import META_FILE, default_probes, index_dir, load_index, rerank, search_index
 
         reader = kept_reader(d)  # before a model loads (or downloads): no embedding files is an error
         if cfg.probes and not (index_dir(d) / META_FILE).exists():
@@ -252,9 +254,12 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         used = None
         if loaded is not None:
             probes = min(cfg.probes or default_probes(loaded.cells), loaded.cells)
-            found = search_index(loaded, vectors, cfg.k, probes)
-            samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
+            found = search_index(loaded, vectors, loaded.candidates(cfg.k), probes)
             used = {"cells": loaded.cells, "probes": probes}
+            if loaded.pq:  # the codes' cosines are approximate: the candidates ranked by their embeddings
+                found = rerank(reader, vectors, found, cfg.k)
+                used.update(pq=loaded.pq, reranked=loaded.candidates(cfg.k))
+            samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
         else:
             found = search(reader, vectors, cfg.k, progress)
             samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
