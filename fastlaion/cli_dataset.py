@@ -262,6 +262,7 @@ def search_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON.", show_default=False)] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Compare every embedding even where `fastlaion index` built an index.")] = False,
     probes: Annotated[int, typer.Option(help="With an index: how many of its cells a query reads; more finds more of the exact answer, slower. 0: a sixteenth of them.")] = 0,
+    rerank: Annotated[int, typer.Option(help="With an index of --pq codes: how many candidates a query takes by the codes' approximate cosines and ranks again by their stored embeddings; more finds more of the exact answer, slower. 0: 50 x k, at least 1,000.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
@@ -278,7 +279,8 @@ def search_cmd(
     queries = ([Query("text", t) for t in text or []] + [Query("image", str(p)) for p in image or []]
                + [Query("vector", str(p)) for p in vector or []])
     with _cli().user_errors(bar, "nothing was written"):
-        cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes)
+        cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
+                           rerank=rerank)
         cfg.validate()
         ds = open_dataset(source)
         result = run_search(ds, queries, cfg, bar)

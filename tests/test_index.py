@@ -227,9 +227,9 @@ def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(
     # each sample: 8 bytes of codes and its 8-byte id, against 64 + 8 as float16
     assert (folder / "index" / "image.faiss").stat().st_size < n * (2 * dim + 8) / 3
     everything, out = search_json(folder, qfiles, tmp_path, "--probes", meta["cells"])
-    assert (f"(index: {meta['cells']:,} of {meta['cells']:,} cells read, the best 100 by the 8-byte codes ranked "
-            "again)") in out
-    assert everything["index"] == {"cells": meta["cells"], "probes": meta["cells"], "pq": 8, "reranked": 100}
+    assert (f"(index: {meta['cells']:,} of {meta['cells']:,} cells read, the best 1,000 by the 8-byte codes "
+            "ranked again)") in out
+    assert everything["index"] == {"cells": meta["cells"], "probes": meta["cells"], "pq": 8, "reranked": 1000}
     found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(everything), exact))
     assert found / (K * len(exact)) >= 0.98, found
     for q, result in enumerate(everything["results"]):
@@ -240,6 +240,15 @@ def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(
     default, out = search_json(folder, qfiles, tmp_path)
     found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(default), exact))
     assert found / (K * len(exact)) >= 0.9, found
+    # --rerank: fewer candidates ranked again find less of the exact answer, never more
+    few, out = search_json(folder, qfiles, tmp_path, "--probes", meta["cells"], "--rerank", K)
+    assert "the best 10 by the 8-byte codes ranked again" in out and few["index"]["reranked"] == K
+    fewer = sum(len(set(a) & set(b)) for a, b in zip(keys_of(few), exact))
+    assert fewer < found_all(everything, exact), fewer
+
+
+def found_all(result, exact):
+    return sum(len(set(a) & set(b)) for a, b in zip(keys_of(result), exact))
 
 
 def test_bad_pq_is_one_line(case, pq_case):
@@ -251,6 +260,11 @@ def test_bad_pq_is_one_line(case, pq_case):
             (["--pq", -1], "error: --pq must be 0 (float16 vectors) or a number of bytes a sample, got -1")):
         result = invoke(["index", folder, *args, "--no-progress"], code=2)
         assert result.output.strip().splitlines()[0].startswith(message), result.output
+    for args, message in ((["--rerank", -1], "error: --rerank must be 0 (the default) or more, got -1"),
+                          (["--rerank", 5, "--exact"], "error: --rerank is for the index; --exact searches every "
+                                                       "embedding: give one of them")):
+        result = invoke(["search", folder, "--vector", pq_case[1][0], *args, "--no-progress"], code=2)
+        assert result.output.strip() == message, result.output
     small = invoke(["index", case[0], "--pq", 8, "--no-progress"], code=2)
     assert small.output.strip() == (f"error: --pq needs 9,984 or more samples with embeddings to learn its codes, "
                                     f"this dataset has {N:,}: leave --pq out (float16 vectors, {2 * DIM} bytes a "

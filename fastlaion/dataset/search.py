@@ -41,14 +41,18 @@ class SearchConfig:
     device: str = "auto"
     exact: bool = False             # True: every embedding, even where an index is (fastlaion index)
     probes: int = 0                 # the index's cells a query reads; 0: index.default_probes
+    rerank: int = 0                 # with a --pq index, candidates ranked again; 0: LoadedIndex.candidates
 
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"-k must be at least 1, got {self.k}")
         if self.probes < 0:
             raise ConfigError(f"--probes must be 0 (the default share of the cells) or more, got {self.probes}")
-        if self.probes and self.exact:
-            raise ConfigError("--probes is for the index; --exact searches every embedding: give one of them")
+        if self.rerank < 0:
+            raise ConfigError(f"--rerank must be 0 (the default) or more, got {self.rerank}")
+        if (self.probes or self.rerank) and self.exact:
+            which = "--probes" if self.probes else "--rerank"
+            raise ConfigError(f"{which} is for the index; --exact searches every embedding: give one of them")
         torch_device("--device", self.device)
 
 
@@ -254,11 +258,15 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         used = None
         if loaded is not None:
             probes = min(cfg.probes or default_probes(loaded.cells), loaded.cells)
-            found = search_index(loaded, vectors, loaded.candidates(cfg.k), probes)
+            if cfg.rerank and not loaded.pq:
+                log.warning("--rerank is for an index of --pq codes; %s holds float16 vectors, whose cosines are "
+                            "exact: nothing to rank again", index_dir(d))
+            candidates = loaded.candidates(cfg.k, cfg.rerank)
+            found = search_index(loaded, vectors, candidates, probes)
             used = {"cells": loaded.cells, "probes": probes}
             if loaded.pq:  # the codes' cosines are approximate: the candidates ranked by their embeddings
                 found = rerank(reader, vectors, found, cfg.k)
-                used.update(pq=loaded.pq, reranked=loaded.candidates(cfg.k))
+                used.update(pq=loaded.pq, reranked=candidates)
             samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
         else:
             found = search(reader, vectors, cfg.k, progress)
