@@ -100,9 +100,14 @@ class Deferred(TyperCommand):
         from typer.main import get_command_from_info
 
         assert self.name is not None
-        return get_command_from_info(CommandInfo(name=self.name, callback=self.load(), cls=FastCommand),
-                                     pretty_exceptions_short=self._pretty_exceptions_short,
-                                     rich_markup_mode=self.rich_markup_mode)
+        command = get_command_from_info(CommandInfo(name=self.name, callback=self.load(), cls=FastCommand),
+                                        pretty_exceptions_short=self._pretty_exceptions_short,
+                                        rich_markup_mode=self.rich_markup_mode)
+        if command.help and not command.short_help:
+            # `fastlaion --help` lists each command by its docstring's first paragraph, and rich
+            # keeps the docstring's line ends there: one line of text, for rich to wrap
+            command.short_help = " ".join(command.help.split("\n\n")[0].split())
+        return command
 
 
 def _placeholder() -> None:

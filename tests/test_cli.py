@@ -36,6 +36,32 @@ def test_run_help_explains_every_option():
         assert word in result.output
 
 
+def test_the_command_list_gives_each_command_its_first_paragraph_as_running_text():
+    """`fastlaion --help` lists each command by its docstring's first paragraph, wrapped to the
+    terminal, not cut where the docstring's lines end (rich keeps those by default)."""
+    import typer.main
+
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    panel = result.output.split("Commands")[1]
+    listed: dict[str, list[str]] = {}  # each command's lines, as wrapped: its name on the first
+    for line in panel.splitlines():
+        line = line.strip()
+        body = line[1:].rstrip("│").rstrip() if line.startswith("│") else ""
+        if not body.strip():
+            continue
+        if body[1] != " ":  # "│ name  text": a command's first line
+            name, text = body.split(None, 1)
+            listed[name] = [text]
+        else:
+            listed[name].append(body.strip())
+    for name, cmd in typer.main.get_command(app).commands.items():
+        first = " ".join(cmd.help.split("\n\n")[0].split())
+        assert " ".join(listed[name]) == first, name
+        # wrapped where the terminal ends, not where the docstring's lines did
+        assert all(len(line) > 50 for line in listed[name][:-1]), listed[name]
+
+
 def typer_command(name):
     import typer.main
 
