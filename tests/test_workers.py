@@ -45,14 +45,21 @@ def _tar_members(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory, photos):
-    tmp = tmp_path_factory.mktemp("workers")
+def served(tmp_path_factory, photos):
+    """The usual case of every outcome (test_pipeline.build_case) served for the module: its input
+    file and the tiny model's checkpoint."""
+    tmp = tmp_path_factory.mktemp("served")
     files, rows = build_case(photos)
-    ckpt = tiny_checkpoint(tmp)
     with LoopbackServer(files) as server:
-        inp = write_input(tmp, server, rows)
-        one = _run(inp, tmp / "one", ckpt)
-        two = _run(inp, tmp / "two", ckpt, "--processes", "2")
+        yield write_input(tmp, server, rows), tiny_checkpoint(tmp)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, served):
+    tmp = tmp_path_factory.mktemp("workers")
+    inp, ckpt = served
+    one = _run(inp, tmp / "one", ckpt)
+    two = _run(inp, tmp / "two", ckpt, "--processes", "2")
     return one, two, tmp
 
 
@@ -199,18 +206,15 @@ def test_each_worker_gets_its_share_of_the_cores_for_every_pool(monkeypatch):
     assert worker_configs(cfg, ["cpu"] * 32)[0].decode.threads == 1
 
 
-def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos):
+def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, served):
     """The GPU decoders' way through the pipeline (nvjpeg's CPU mode, here): pending bodies
     decoded a batch at a time, two batches in flight on two threads (batch size 2, so a shard has
     several). Every row ends as the CPU decoder's run ends it; only pixel-derived values differ."""
-    files, rows = build_case(photos)
-    ckpt = tiny_checkpoint(tmp_path)
-    with LoopbackServer(files) as server:
-        inp = write_input(tmp_path, server, rows)
-        # every decoded row kept: pixels differ a little between decoders, so similarities do too
-        keep = ("--batch-size", "2", "--device", "cpu", "--min-similarity", "-1")
-        cpu = _run(inp, tmp_path / "cpu", ckpt, *keep)
-        batched = _run(inp, tmp_path / "batched", ckpt, *keep, "--decoder", "nvjpeg")
+    inp, ckpt = served
+    # every decoded row kept: pixels differ a little between decoders, so similarities do too
+    keep = ("--batch-size", "2", "--device", "cpu", "--min-similarity", "-1")
+    cpu = _run(inp, tmp_path / "cpu", ckpt, *keep)
+    batched = _run(inp, tmp_path / "batched", ckpt, *keep, "--decoder", "nvjpeg")
     assert cpu.exit_code == 0, cpu.output
     assert batched.exit_code == 0, batched.output
     same = ["key", "url", "status", "reason", "format", "original_width", "original_height", "width", "height"]
@@ -222,20 +226,17 @@ def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, photos
 
 
 @pytest.mark.skipif(not nvimgcodec_importable(), reason="NVIDIA nvImageCodec is not installed")
-def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(tmp_path, photos):
+def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(tmp_path, served):
     """--stored-encoder nvimgcodec through a whole run (nvjpeg's CPU mode, nvImageCodec's CPU back
     end here): the same rows and outcomes as the host encoder, stored JPEGs of the same sizes; the
     encoder is not part of the run's resume key, so the folder resumes with the other one; the CPU
     decoder says the flag does not apply to it."""
-    files, rows = build_case(photos)
-    ckpt = tiny_checkpoint(tmp_path)
-    with LoopbackServer(files) as server:
-        inp = write_input(tmp_path, server, rows)
-        keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "nvjpeg")
-        host = _run(inp, tmp_path / "host", ckpt, *keep)
-        gpu_encoded = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "nvimgcodec")
-        again = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "host")
-        cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--stored-encoder", "nvimgcodec")
+    inp, ckpt = served
+    keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "nvjpeg")
+    host = _run(inp, tmp_path / "host", ckpt, *keep)
+    gpu_encoded = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "nvimgcodec")
+    again = _run(inp, tmp_path / "nvimg", ckpt, *keep, "--stored-encoder", "host")
+    cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--stored-encoder", "nvimgcodec")
     for result in (host, gpu_encoded, again, cpu):
         assert result.exit_code == 0, result.output
     assert "4 of 4 shards already complete" in again.output  # resumed, not refused for other settings
@@ -253,7 +254,7 @@ def test_stored_encoder_nvimgcodec_in_a_run_and_a_resume_with_the_host_encoder(t
 
 
 @pytest.mark.skipif(not dali_importable(), reason="NVIDIA DALI is not installed")
-def test_dalis_fast_chroma_and_hardware_decoder_settings_reach_its_decoder(tmp_path, photos):
+def test_dalis_fast_chroma_and_hardware_decoder_settings_reach_its_decoder(tmp_path, served):
     """--fast-chroma and --hw-decoder-load through a whole run with DALI (its CPU mode here, where
     neither changes a pixel: both are the mixed back end's): the decoder the run makes gets them,
     the run keeps the same rows and outcomes, neither setting is part of the resume key, the CPU
@@ -267,16 +268,13 @@ def test_dalis_fast_chroma_and_hardware_decoder_settings_reach_its_decoder(tmp_p
                     score=ScoreConfig(enabled=False, device="cpu"))
     made = make_run_decoder(cfg, Models(device=torch.device("cpu")))
     assert (made.name, made.exact_chroma, made.hw_decoder_load) == ("dali", False, 1.0)
-    files, rows = build_case(photos)
-    ckpt = tiny_checkpoint(tmp_path)
-    with LoopbackServer(files) as server:
-        inp = write_input(tmp_path, server, rows)
-        keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "dali")
-        exact = _run(inp, tmp_path / "exact", ckpt, *keep)
-        fast = _run(inp, tmp_path / "fast", ckpt, *keep, "--fast-chroma", "--hw-decoder-load", "1")
-        again = _run(inp, tmp_path / "fast", ckpt, *keep)
-        cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--fast-chroma")
-        bad = _run(inp, tmp_path / "bad", ckpt, *keep, "--hw-decoder-load", "1.5")
+    inp, ckpt = served
+    keep = ("--device", "cpu", "--min-similarity", "-1", "--decoder", "dali")
+    exact = _run(inp, tmp_path / "exact", ckpt, *keep)
+    fast = _run(inp, tmp_path / "fast", ckpt, *keep, "--fast-chroma", "--hw-decoder-load", "1")
+    again = _run(inp, tmp_path / "fast", ckpt, *keep)
+    cpu = _run(inp, tmp_path / "cpu", ckpt, "--device", "cpu", "--fast-chroma")
+    bad = _run(inp, tmp_path / "bad", ckpt, *keep, "--hw-decoder-load", "1.5")
     for result in (exact, fast, again, cpu):
         assert result.exit_code == 0, result.output
     assert "4 of 4 shards already complete" in again.output
