@@ -12,7 +12,7 @@ for one, never uses:
   every parameter of the command run, `--help` included: pydantic's import and the adapters cost
   about 0.2 CPU-s at every start. `FastCommand` converts the values of plain types in their usual
   spelling itself, to exactly what the adapter gives (a str as it is, a decimal integer or
-  number, an enum value, a path through typer's own path checks, a list of str); anything else
+  number, an enum value, a path through typer's own path checks, a list of str or of paths); anything else
   (a bad value, another spelling, another type) goes on to typer's own conversion, so its results
   and error messages stay typer's. tests/test_cli.py compares the two on every parameter.
 
@@ -179,6 +179,12 @@ def _converter(descriptor: Any) -> Callable[[Any, Any, Any], Any] | None:
     if get_origin(a) is list and get_args(a) == (str,):
         return lambda v, param, ctx: (list(v) if type(v) in (tuple, list) and all(type(x) is str for x in v)
                                       else _TYPERS)
+    if get_origin(a) is list and get_args(a) == (Path,) and info.path_type is None:
+        def to_paths(v: Any, param: Any, ctx: Any) -> Any:  # search's --vector and --image
+            if type(v) not in (tuple, list) or not all(type(x) is str and x for x in v):
+                return _TYPERS
+            return [coerce_cli_path(Path(x), info, path_type=Path, param=param, ctx=ctx) for x in v]
+        return to_paths
     return None
 
 

@@ -290,6 +290,10 @@ def _raw_values(annotation, tmp_path):
         return [str(tmp_path / "f.txt"), str(tmp_path), str(tmp_path / "missing"), "-", "", "rel/dir", tmp_path]
     if annotation == list[str]:
         return [("a.wat", "b.warc.gz"), (), ["x"], ("a", 1)]
+    if annotation == list[Path]:
+        (tmp_path / "f.txt").write_text("x")
+        return [(str(tmp_path / "f.txt"), str(tmp_path)), (), [str(tmp_path / "missing")], ("rel/q.npy", ""),
+                ("a", 1), (str(tmp_path / "f.txt"), tmp_path)]
     return []
 
 
@@ -330,4 +334,4 @@ def test_fast_value_conversion_matches_typers_own(tmp_path):
                 assert _outcome(param._runtime_param, value, param, ctx) == _outcome(typers, value, param, ctx), \
                     (name, param.name, value)
             checked.add(str(d.annotation) if typing.get_origin(d.annotation) else d.annotation.__name__)
-    assert {"str", "int", "float", "bool", "Path", "DedupMode", "list[str]"} <= checked, checked
+    assert {"str", "int", "float", "bool", "Path", "DedupMode", "list[str]", "list[pathlib.Path]"} <= checked, checked
