@@ -222,7 +222,7 @@ def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(
     folder, qfiles, exact, cosine, n, dim = pq_case
     built = invoke(["index", folder, "--pq", 8, "--no-progress"]).output
     meta = json.loads((folder / "index" / "index.json").read_text())
-    assert meta["kind"] == "ivf-pq" and meta["pq"] == 8 and meta["samples"] == n
+    assert meta["kind"] == "ivf-pq-v2" and meta["pq"] == 8 and meta["samples"] == n
     assert f"{n:,} kept samples in {meta['cells']:,} cells ({dim} dimensions, 8-byte codes a sample" in built
     # each sample: 8 bytes of codes and its 8-byte id, against 64 + 8 as float16
     assert (folder / "index" / "image.faiss").stat().st_size < n * (2 * dim + 8) / 3
@@ -269,3 +269,64 @@ def test_bad_pq_is_one_line(case, pq_case):
     assert small.output.strip() == (f"error: --pq needs 9,984 or more samples with embeddings to learn its codes, "
                                     f"this dataset has {N:,}: leave --pq out (float16 vectors, {2 * DIM} bytes a "
                                     "sample)")
+
+
+def test_search_through_the_index_reads_only_its_hits_shards(tmp_path, monkeypatch):
+    """Ids say where each embedding is (shard, row): a search through the index never lists the
+    whole dataset's kept samples (what the exact search reads), and finds the hits' rows in their
+    shards only, also in a Parquet whose rows interleave shards (read by its shard column). An
+    index from before the ids were rows is searched exactly, with a warning."""
+    from fastlaion.dataset import open_dataset
+
+    folder = tmp_path / "run"
+    emb = make_embeddings(2000, 16, seed=21)
+    keys = write_embedding_run(folder, emb)
+    frame = open_dataset(folder).scan().collect()
+    order = np.random.default_rng(3).permutation(frame.height)
+    mixed = folder / "mixed.parquet"
+    frame[order].write_parquet(mixed)
+    queries = []
+    for i in range(4):
+        np.save(path := tmp_path / f"q{i}.npy", emb[i * 400].astype(np.float32) + 0.05)
+        queries.append(path)
+    for source, index_folder in ((folder, folder / "index"), (mixed, folder / "mixed.parquet.index")):
+        exact, _ = search_json(source, queries, tmp_path, "--exact")
+        invoke(["index", source, "--no-progress"])
+        meta = json.loads((index_folder / "index.json").read_text())
+        assert sorted(meta["shards"]) == [f"{s:05d}" for s in range(len(keys) // 500)]
+        with monkeypatch.context() as m:
+            m.setattr("fastlaion.dataset.search.kept_reader", lambda ds: pytest.fail("read every kept sample"))
+            found, out = search_json(source, queries, tmp_path, "--probes", meta["cells"])
+        assert "cells read" in out, source
+        for got, want in zip(found["results"], exact["results"]):
+            # the same hits and rows, the cosines to float16's precision (the index stores the
+            # vectors made unit length again); ties (near copies) may be in another order: the
+            # index gives them to the lower (shard, row), the exact search to the earlier row of
+            # the file, which differ where rows interleave shards
+            assert np.allclose([h["similarity"] for h in got["hits"]], [h["similarity"] for h in want["hits"]],
+                               atol=1e-4, rtol=0)
+            assert sorted((h["key"], h["url"], h["caption"]) for h in got["hits"]) == \
+                sorted((h["key"], h["url"], h["caption"]) for h in want["hits"])
+        if source == folder:
+            assert keys_of(found) == keys_of(exact)
+    # an index of session 10's kind (its ids were positions): not used, and said so
+    meta_path = folder / "index" / "index.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "kind": "ivf-flat-fp16"}))
+    found, out = search_json(folder, queries, tmp_path)
+    assert found["index"] is None and "built by an earlier fastlaion" in " ".join(out.split())
+
+
+def test_scan_shards_reads_those_shards_rows_in_dataset_order(tmp_path):
+    from fastlaion.dataset import open_dataset
+
+    folder = tmp_path / "run"
+    keys = write_embedding_run(folder, make_embeddings(1600, 8, seed=2))
+    run = open_dataset(folder)
+    got = run.scan_shards({"00001", "00003"}).collect()
+    assert got["key"].to_list() == [k for k in keys if k[:5] in ("00001", "00003")]
+    assert run.scan_shards({"00009"}) is None
+    frame = run.scan().collect()
+    frame.reverse().write_parquet(folder / "mixed.parquet")  # one file, shards by its column
+    mixed = open_dataset(folder / "mixed.parquet")
+    got = mixed.scan_shards({"00002"}).collect()
+    assert got["key"].to_list() == [k for k in reversed(keys) if k.startswith("00002")]

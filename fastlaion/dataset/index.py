@@ -17,11 +17,14 @@ takes the RERANK times k best by the codes and ranks those again by their stored
 (`rerank`): the cosines it reports are the exact search's, and what it can miss is what the cells
 not read and the codes' error keep out of those candidates.
 
-Files, in the dataset folder's `index/`: `image.faiss` (faiss's own format; the ids are the kept
-samples' positions in dataset order, as search's) and `index.json`, which records what the index
-was built from (every metadata and embedding file's name, size and modification time). Search
-compares that with the dataset as it is and falls back to the exact search, saying so, when a file
-changed since.
+Files, in the dataset folder's `index/`: `image.faiss` (faiss's own format) and `index.json`,
+which records what the index was built from (every metadata and embedding file's name, size and
+modification time) and the shards it holds, in order. A sample's id is where its embedding is:
+its shard's number in that list times 2^32 plus its row in the shard's embedding file. So a search
+through the index reads only the index, the embeddings of its candidates (--pq) and the metadata
+of the shards its hits are in: nothing that grows with the dataset but the index itself. Search
+compares the files with the dataset as it is and falls back to the exact search, saying so, when
+one changed since.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
+from .semantic import embedding_rows
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,10 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 INDEX_FILE = "image.faiss"
 META_FILE = "index.json"
-KIND = "ivf-flat-fp16"
-KIND_PQ = "ivf-pq"
+KIND = "ivf-flat-fp16-v2"
+KIND_PQ = "ivf-pq-v2"
+OLD_KINDS = ("ivf-flat-fp16",)  # ids were positions among the kept samples (session 10): rebuilt
+ROW_BITS = 32  # id = shard number << ROW_BITS | row
 PQ_TRAIN_MIN = 39 * 256  # training samples the codebooks need: 256 codes a part, 39 samples a code (faiss's floor)
 # With --pq, search ranks again the best RERANK x k candidates, RERANK_MIN at least, by their stored
 # embeddings. bench/search.py's 1M samples, 64-byte codes, 10 queries: of the exact top 10, the
@@ -166,6 +172,8 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
         raise ConfigError(f"--cells {cfg.cells}: more than the {n:,} kept samples")
     cfg.check_pq(dim, n)
     shards = [s for s, _, _ in reader.per_shard]
+    if len(shards) >= 2 ** (63 - ROW_BITS):
+        raise DatasetError(f"{ds.path} has {len(shards):,} shards: the index holds at most {2 ** (63 - ROW_BITS):,}")
     before = fingerprint(ds, shards)  # the files as they are when the build starts reading them
     cells = cfg.cells or default_cells(n)
     train_n = min(n, MAX_TRAIN, max(cells * TRAIN_PER_CELL, 10_000, PQ_TRAIN_MIN if cfg.pq else 0))
@@ -200,14 +208,14 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
     finally:
         progress.stop()
     del x, train
-    for pos, vec in reader.shards(progress, "index: adding"):
-        index.add_with_ids(_unit32(vec), pos)
+    for shard, rows, vec in reader.shard_rows(progress, "index: adding"):
+        index.add_with_ids(_unit32(vec), (shard << ROW_BITS) | rows)
     if fingerprint(ds, shards) != before:
         raise DatasetError(f"{ds.path}'s files changed while the index was built (a run still writing?): "
                            "nothing was replaced; rerun when they are done")
     meta = {"kind": KIND_PQ if cfg.pq else KIND, "samples": int(index.ntotal), "kept_samples": n,
             "unreadable_samples": reader.unreadable, "cells": cells, "dim": dim, "pq": cfg.pq,
-            "fastlaion": __version__, "files": before}
+            "fastlaion": __version__, "files": before, "shards": shards}
     folder = _write(faiss, index, meta, index_dir(ds))
     return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
                        cells=cells, dim=dim, seconds=time.perf_counter() - t0,
@@ -251,6 +259,7 @@ class LoadedIndex:
     samples: int
     kept_samples: int
     unreadable_samples: int
+    shards: list[str]  # the shards of its ids, in order
     pq: int = 0  # bytes a sample of its codes; 0: float16 vectors (its distances are exact)
 
     def candidates(self, k: int, rerank: int = 0) -> int:
@@ -261,17 +270,25 @@ class LoadedIndex:
         return max(k, rerank or max(k * RERANK, RERANK_MIN))
 
 
-def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
+def load_index(ds: Dataset) -> LoadedIndex | None:
     """The dataset's index when there is one that matches the dataset as it is now; None (with a
-    warning saying why, when there is an index) otherwise."""
+    warning saying why, when there is an index) otherwise. Its files are compared with the ones it
+    records: the metadata files as the dataset lists them now, the embedding files of its shards
+    (the same shards while the metadata files are the same)."""
     folder = index_dir(ds)
     meta_path = folder / META_FILE
     if not meta_path.exists():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        stale = meta.get("kind") not in (KIND, KIND_PQ) or meta.get("files") != fingerprint(ds, shards)
-    except (OSError, ValueError, AttributeError) as e:
+        if meta.get("kind") in OLD_KINDS:
+            log.warning("index: %s was built by an earlier fastlaion: searching every embedding instead (exact); "
+                        "`fastlaion index %s` rebuilds it", folder, ds.path)
+            return None
+        shards = meta.get("shards")
+        stale = (meta.get("kind") not in (KIND, KIND_PQ) or not isinstance(shards, list)
+                 or meta.get("files") != fingerprint(ds, shards))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         log.warning("index: cannot read %s (%s): searching every embedding instead", meta_path, e)
         return None
     if stale:
@@ -291,12 +308,13 @@ def load_index(ds: Dataset, shards: list[str]) -> LoadedIndex | None:
         return None
     return LoadedIndex(index=index, cells=int(meta["cells"]), samples=int(meta["samples"]),
                        kept_samples=int(meta["kept_samples"]), unreadable_samples=int(meta["unreadable_samples"]),
-                       pq=int(meta.get("pq") or 0))
+                       shards=[str(s) for s in shards], pq=int(meta.get("pq") or 0))
 
 
 def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) -> list[list[tuple[int, float]]]:
-    """For each unit query, up to k (position, cosine) from the cells probed, best first: with
-    codes (--pq), the index's approximate cosines, for `rerank`."""
+    """For each unit query, up to k (id, cosine) from the cells probed, best first, ties to the
+    lower id (dataset order, where shards do not interleave): with codes (--pq), the index's
+    approximate cosines, for `rerank`."""
     if vectors.shape[1] != loaded.index.d:
         raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the index's embeddings "
                           f"{loaded.index.d}: embed them with the model the run scored with")
@@ -307,34 +325,66 @@ def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) 
     for q in range(len(vectors)):
         keep = ids[q] >= 0
         pos, sim = ids[q][keep], np.minimum(sims[q][keep], 1.0)  # float16 rounding: a copy scores 1.0001
-        order = np.lexsort((pos, -sim))  # ties to the earlier sample, as the exact search
+        order = np.lexsort((pos, -sim))  # ties to the lower id
         out.append([(int(pos[i]), float(sim[i])) for i in order])
     return out
 
 
-def rerank(reader: Any, vectors: np.ndarray, found: list[list[tuple[int, float]]], k: int
+def rerank(ds: Dataset, loaded: LoadedIndex, vectors: np.ndarray, found: list[list[tuple[int, float]]], k: int
            ) -> list[list[tuple[int, float]]]:
-    """Each query's candidates ranked again by the cosine of its stored embedding, as the exact
-    search computes it (float16 embedding, float32 query): its best k. A candidate whose embedding
-    can no longer be read is dropped, as the exact search would not have it."""
-    positions = np.unique(np.fromiter((p for per_query in found for p, _ in per_query), dtype=np.int64))
-    if not positions.size:
-        return [[] for _ in found]
-    only = np.zeros(reader.rows, bool)
-    only[positions] = True
-    vec = np.zeros((positions.size, vectors.shape[1]), np.float16)
-    readable = np.zeros(positions.size, bool)
-    for pos, v in reader.shards(NoProgress(), "", only=only):
-        at = np.searchsorted(positions, pos)
-        vec[at], readable[at] = v, True
+    """Each query's candidates (ids) ranked again by the cosine of its stored embedding, as the
+    exact search computes it (float16 embedding, float32 query): its best k. Only the candidates'
+    rows are read, shard by shard; one whose embedding can no longer be read is dropped (the exact
+    search would not have it either), its file named once."""
+    ids = np.unique(np.fromiter((i for per_query in found for i, _ in per_query), dtype=np.int64))
+    vec = np.zeros((ids.size, vectors.shape[1]), np.float16)
+    readable = np.zeros(ids.size, bool)
+    shard_of, row_of = ids >> ROW_BITS, ids & ((1 << ROW_BITS) - 1)
+    for shard in np.unique(shard_of):
+        at = np.flatnonzero(shard_of == shard)  # ascending rows: ids are sorted
+        path = ds.embeddings_path(loaded.shards[shard])
+        try:
+            arr = np.load(path, mmap_mode="r")
+            if arr.ndim != 2 or arr.shape[1] != vectors.shape[1] or row_of[at[-1]] >= arr.shape[0]:
+                raise ValueError(f"shape {arr.shape}, not what the index was built from")
+            vec[at] = embedding_rows(arr, row_of[at])
+        except (OSError, ValueError, EOFError) as e:
+            log.warning("index: cannot read %s (%s); its candidates are left out", path, e)
+            continue
+        readable[at] = np.isfinite(vec[at]).all(axis=1)
     out = []
     for q, per_query in zip(vectors, found):
-        at = np.searchsorted(positions, np.fromiter((p for p, _ in per_query), dtype=np.int64))
+        at = np.searchsorted(ids, np.fromiter((i for i, _ in per_query), dtype=np.int64))
         at = at[readable[at]]
         x = vec[at].astype(np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # as search(): another tool's may not be unit
         sim = (x @ np.asarray(q, np.float32)) / np.maximum(norms, 1e-8)
-        pos = positions[at]
-        order = np.lexsort((pos, -sim))[:k]  # ties to the earlier sample, as the exact search
-        out.append([(int(pos[i]), float(sim[i])) for i in order])
+        order = np.lexsort((ids[at], -sim))[:k]  # ties to the lower id
+        out.append([(int(ids[at][i]), float(sim[i])) for i in order])
     return out
+
+
+def rows_of(ds: Dataset, loaded: LoadedIndex, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """key, url and caption of the kept samples with these ids, from the metadata of their
+    shards only (a run's per-shard files: just theirs)."""
+    if not ids:
+        return {}
+    import polars as pl
+
+    from .source import KEPT, collect
+
+    shard_of = {i: loaded.shards[i >> ROW_BITS] for i in ids}
+    scan = ds.scan_shards(set(shard_of.values()))
+    if scan is None:
+        return {}
+    wanted = pl.LazyFrame({"_id": ids, "shard": [shard_of[i] for i in ids],
+                           "_row": [i & ((1 << ROW_BITS) - 1) for i in ids]},
+                          schema={"_id": pl.Int64, "shard": pl.String, "_row": pl.Int64})
+    columns = [c for c in ("url", "caption") if c in ds.columns]
+    frame = collect(scan.filter(pl.col("status") == KEPT)
+                    .with_columns(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
+                                  .alias("_row"))
+                    .join(wanted, on=["shard", "_row"], how="inner")
+                    .select("_id", "key", *columns))
+    return {int(r["_id"]): {"key": r["key"], "url": r.get("url"), "caption": r.get("caption")}
+            for r in frame.iter_rows(named=True)}

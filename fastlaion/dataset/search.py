@@ -4,7 +4,8 @@ are the most cosine-similar are returned, best first.
 
 Where `fastlaion index` built an index that matches the dataset (fastlaion/dataset/index.py), the
 queries go to it: a few of its cells are read, not every embedding, and a hit in a cell not read
-can be missed (`--probes` trades speed for recall; `--exact` skips the index).
+can be missed (`--probes` trades speed for recall; `--exact` skips the index). Nothing else that
+grows with the dataset is read then: the hits' rows come from their shards' metadata only.
 
 Exact: every kept sample's embedding is read once, shard by shard (memory-mapped; one shard in
 memory at a time), scored against all queries in one matrix product, and a running top-k per
@@ -246,14 +247,15 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
-        from .index import META_FILE, default_probes, index_dir, load_index, rerank, search_index
+        from .index import META_FILE, default_probes, index_dir, load_index, rerank, rows_of, search_index
 
-        reader = kept_reader(d)  # before a model loads (or downloads): no embedding files is an error
-        if cfg.probes and not (index_dir(d) / META_FILE).exists():
+        has_index = (index_dir(d) / META_FILE).exists()
+        if cfg.probes and not has_index:
             raise ConfigError(f"--probes: {d.path} has no index; `fastlaion index {d.path}` builds one")
-        loaded = None
-        if reader is not None and not cfg.exact:
-            loaded = load_index(d, [shard for shard, _, _ in reader.per_shard])
+        # through the index, only its candidates' embeddings and its hits' shards are read; else
+        # every kept sample's, listed before a model loads (or downloads): none is an error
+        loaded = load_index(d) if has_index and not cfg.exact else None
+        reader = kept_reader(d) if loaded is None else None
         vectors = embed_queries(queries, score)
         used = None
         if loaded is not None:
@@ -265,13 +267,14 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
             found = search_index(loaded, vectors, candidates, probes)
             used = {"cells": loaded.cells, "probes": probes}
             if loaded.pq:  # the codes' cosines are approximate: the candidates ranked by their embeddings
-                found = rerank(reader, vectors, found, cfg.k)
+                found = rerank(d, loaded, vectors, found, cfg.k)
                 used.update(pq=loaded.pq, reranked=candidates)
             samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
+            rows = rows_of(d, loaded, sorted({i for per_query in found for i, _ in per_query}))
         else:
             found = search(reader, vectors, cfg.k, progress)
             samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
-        rows = _rows_at(d, sorted({p for per_query in found for p, _ in per_query}))
+            rows = _rows_at(d, sorted({p for per_query in found for p, _ in per_query}))
         hits = [[Hit(rank=r + 1, similarity=round(s, 6), **rows[p]) for r, (p, s) in enumerate(per_query)]
                 for per_query in found]
         return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,

@@ -56,6 +56,20 @@ def default_clusters(n: int) -> int:
 
 # --- reading the embeddings --------------------------------------------------------------------
 
+def embedding_rows(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (valid, ascending) of an embedding file's (memory-mapped) array, as float16:
+    another tool's float32 vectors made unit length first, so that none overflows to inf."""
+    if rows.size and rows[0] == 0 and rows[-1] == rows.size - 1 and np.all(np.diff(rows) == 1):
+        vec = np.array(arr[:rows.size])  # every row from the first: one copy, not a gather
+    else:
+        vec = np.asarray(arr[rows])
+    if vec.dtype != np.float16:
+        vec = vec.astype(np.float32)
+        vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-30)
+        vec = vec.astype(np.float16)
+    return vec
+
+
 class EmbeddingReader:
     """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
     shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
@@ -100,13 +114,25 @@ class EmbeddingReader:
         one are counted in `unreadable` (on a full pass) and logged once per file."""
         progress.start(what, len(self.per_shard))
         try:
-            yield from self._read(progress, only)
+            for _, pos, _, vec in self._read(progress, only):
+                yield pos, vec
         finally:
             progress.stop()
 
-    def _read(self, progress: Progress, only: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def shard_rows(self, progress: Progress, what: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """As `shards`, but per shard (its index in `per_shard`, the rows of its embedding file,
+        their (m, D) float16 vectors): where the samples are, not their positions."""
+        progress.start(what, len(self.per_shard))
+        try:
+            for i, _, row, vec in self._read(progress, None):
+                yield i, row, vec
+        finally:
+            progress.stop()
+
+    def _read(self, progress: Progress, only: np.ndarray | None
+              ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         missing = 0
-        for shard, pos, row in self.per_shard:
+        for i, (shard, pos, row) in enumerate(self.per_shard):
             if only is not None:
                 keep = only[pos]
                 pos, row = pos[keep], row[keep]
@@ -133,19 +159,12 @@ class EmbeddingReader:
             if not valid.all():
                 self._warn(path, f"{path} has {arr.shape[0]} rows; the samples of its shard past them take no part")
             take = row[valid]
-            if take.size and take[0] == 0 and take[-1] == take.size - 1 and np.all(np.diff(take) == 1):
-                vec = np.array(arr[:take.size])  # every row from the first: one copy, not a gather
-            else:
-                vec = np.asarray(arr[take])
-            if vec.dtype != np.float16:  # another tool's: unit length before float16, so no overflow to inf
-                vec = vec.astype(np.float32)
-                vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-30)
-                vec = vec.astype(np.float16)
+            vec = embedding_rows(arr, take)
             finite = np.isfinite(vec).all(axis=1)
             missing += pos.size - int(finite.sum())
             progress.advance()
             if finite.any():
-                yield pos[valid][finite], vec[finite]
+                yield i, pos[valid][finite], take[finite], vec[finite]
         if only is None:
             self.unreadable = missing
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -109,6 +109,23 @@ class Dataset:
         return (pl.scan_parquet(list(files), include_file_paths="__file")
                 .with_columns(pl.col("__file").str.extract(r"([^/\\]+)\.parquet$", 1).alias("shard"))
                 .drop("__file"))
+
+    def scan_shards(self, shards: Collection[str]) -> pl.LazyFrame | None:
+        """The rows of these shards only, in dataset order (None if none has a file here): of a
+        run's per-shard files only theirs are read; a file with a `shard` column is filtered, its
+        row groups skipped by their statistics where they allow it."""
+        wanted = set(shards)
+        frames = []
+        for group in self.groups:
+            if "shard" in pl.scan_parquet(group[0]).collect_schema():
+                frames.append(pl.scan_parquet(list(group)).filter(pl.col("shard").is_in(sorted(wanted))))
+            else:
+                mine = [f for f in group if f.name.removesuffix(".parquet") in wanted]
+                if mine:
+                    frames.append(self._scan_group(mine))
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
     @property
     def columns(self) -> list[str]:
