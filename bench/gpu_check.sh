@@ -56,7 +56,9 @@ if [[ $mode == gpu ]]; then
   nvidia_wheels=()
   dali_dir=
   if compgen -G ".dali/part*/chunk.*" >/dev/null; then
-    if mkdir -p /tmp/dali && cat .dali/part*/chunk.* | tar -C /tmp/dali -xf -; then
+    # the parts in their numbers' order (a glob would put part10 before part2)
+    if mkdir -p /tmp/dali && for ((i = 1; ; i++)); do [[ -d .dali/part$i ]] || break; cat .dali/part$i/chunk.*; done \
+        | tar -C /tmp/dali -xf -; then
       nvidia_wheels+=(/tmp/dali/*.whl)
       dali_dir=/tmp/dali
     else

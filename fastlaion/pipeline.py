@@ -144,11 +144,11 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
             placed: list[str] | RayCluster = cluster.enter_context(ray_cluster(cfg.parallel.ray, cfg.parallel))
         else:
             placed = worker_devices(cfg)
-        return _run_inputs(cfg, out, progress, t0, placed)
+        return _run_inputs(cfg, out, progress, t0, placed, cluster)
 
 
-def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster
-                ) -> RunSummary:
+def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
+                cluster: ExitStack) -> RunSummary:
     if needs_extraction(cfg.input):
         inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
         fresh = False
@@ -168,6 +168,7 @@ def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
             raise
         return _run_shards(cfg, out, rows, progress, t0, placed)
     finally:
+        cluster.close()  # a Ray cluster's actors, which may still read the rows, gone before they are
         shutil.rmtree(rows_dir, ignore_errors=True)  # this run's copy of the inputs, never part of the output
         for folder in (out / PARTIAL_DIR, out) if fresh else (out / PARTIAL_DIR,):
             try:

@@ -57,33 +57,40 @@ KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run ret
 
 @dataclass
 class RayCluster:
-    """A connected cluster and where the run's workers go on it."""
+    """A connected cluster, checked at once to have room for the run's workers."""
 
     ray: Any
-    slots: list[Slot]
+    par: ParallelConfig
 
     def workers(self, cfg: RunConfig, out: Path, rows: InputRows) -> RayWorkers:
-        """The workers for `cfg`, planned but not started."""
-        return RayWorkers(self.ray, cfg, out, rows, self.slots)
+        """The workers for `cfg`, planned on the nodes alive now (reading the input, or extracting
+        it, may have taken long enough for an autoscaler to change them), not started."""
+        return RayWorkers(self.ray, cfg, out, rows, plan(self.ray.nodes(), self.par))
 
 
 @contextmanager
 def ray_cluster(address: str, par: ParallelConfig) -> Iterator[RayCluster]:
     """The Ray cluster at `address` (--ray), connected (for "local", a private one started), and
-    the workers' places on it planned; disconnected (stopped) at the end. The run enters it before
-    it reads its input or touches the output folder, so that a wrong --ray is told at once."""
+    the workers' places on it planned once, as a check; disconnected (stopped) at the end. The run
+    enters it before it reads its input or touches the output folder, so that a wrong --ray, or a
+    cluster without the GPUs asked for, is told at once."""
     # A private instance keeps its sockets, session and logs in a folder of its own, removed with
     # it (Ray's default, /tmp/ray/session_*, would keep a session a run): in RAY_TMPDIR where that
     # is set, else in /tmp, whatever TMPDIR is (Ray's socket paths live under it: short).
     own = None
     if address == "local":
-        root = os.environ.get("RAY_TMPDIR") or "/tmp"
-        os.makedirs(root, exist_ok=True)
-        own = tempfile.mkdtemp(prefix="fl-ray-", dir=root)
+        root = os.path.abspath(os.environ.get("RAY_TMPDIR") or "/tmp")
+        try:
+            os.makedirs(root, exist_ok=True)
+            own = tempfile.mkdtemp(prefix="fl-ray-", dir=root)
+        except OSError as exc:
+            raise ConfigError(f"--ray local: cannot make its folder in {root} (RAY_TMPDIR): "
+                              f"{exc.strerror or exc}") from None
     try:
         ray = _connect(address, own)
         try:
-            yield RayCluster(ray, plan(ray.nodes(), par))
+            plan(ray.nodes(), par)  # the cluster has what --gpus / --processes ask for, or one line
+            yield RayCluster(ray, par)
         finally:
             ray.shutdown()
     finally:

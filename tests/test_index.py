@@ -314,6 +314,14 @@ def test_search_through_the_index_reads_only_its_hits_shards(tmp_path, monkeypat
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "kind": "ivf-flat-fp16"}))
     found, out = search_json(folder, queries, tmp_path)
     assert found["index"] is None and "built by an earlier fastlaion" in " ".join(out.split())
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "kind": "ivf-hnsw-v9", "fastlaion": "9.0"}))
+    found, out = search_json(folder, queries, tmp_path)
+    assert found["index"] is None and "built by fastlaion 9.0, whose index this one cannot read" in " ".join(out.split())
+    # --rerank and --probes need an index
+    (folder / "index" / "index.json").unlink()
+    for option in ("--rerank", "--probes"):
+        result = invoke(["search", folder, "--vector", queries[0], option, 5, "--no-progress"], code=2)
+        assert result.output.strip() == f"error: {option}: {folder} has no index; `fastlaion index {folder}` builds one"
 
 
 def test_scan_shards_reads_those_shards_rows_in_dataset_order(tmp_path):

@@ -97,7 +97,9 @@ def test_the_parent_keeps_its_gil_while_the_process_identifies(lp):
         done.set()
     assert took > 0.2  # the stall an in-process call would cause
     print(f"longest stall {stall.result()*1e3:.1f} ms in a {took:.2f} s call")
-    assert stall.result() < 0.1, (stall.result(), took)
+    # an in-process call would stall this thread for about the whole call; the bound leaves room
+    # for the scheduler on a busy 2-core machine (`make test` runs two test processes)
+    assert stall.result() < min(0.15, took / 2), (stall.result(), took)
 
 
 def test_a_killed_child_is_replaced_and_its_batch_sent_again(lp, caplog):

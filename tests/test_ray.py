@@ -361,3 +361,17 @@ def _ray_processes() -> list[str]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def test_ray_local_where_its_folder_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("RAY_TMPDIR", str(blocker / "ray"))  # under a file: no folder can be made there
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                                 "--ray", "local"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: --ray local: cannot make its folder in {blocker / 'ray'} (RAY_TMPDIR): Not a directory"]
+    assert not (tmp_path / "o").exists()

@@ -281,13 +281,13 @@ def load_index(ds: Dataset) -> LoadedIndex | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("kind") in OLD_KINDS:
-            log.warning("index: %s was built by an earlier fastlaion: searching every embedding instead (exact); "
-                        "`fastlaion index %s` rebuilds it", folder, ds.path)
+        if meta.get("kind") not in (KIND, KIND_PQ):
+            built = "an earlier fastlaion" if meta.get("kind") in OLD_KINDS else f"fastlaion {meta.get('fastlaion')}"
+            log.warning("index: %s was built by %s, whose index this one cannot read: searching every embedding "
+                        "instead (exact); `fastlaion index %s` rebuilds it", folder, built, ds.path)
             return None
         shards = meta.get("shards")
-        stale = (meta.get("kind") not in (KIND, KIND_PQ) or not isinstance(shards, list)
-                 or meta.get("files") != fingerprint(ds, shards))
+        stale = not isinstance(shards, list) or meta.get("files") != fingerprint(ds, shards)
     except (OSError, ValueError, AttributeError, TypeError) as e:
         log.warning("index: cannot read %s (%s): searching every embedding instead", meta_path, e)
         return None

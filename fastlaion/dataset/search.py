@@ -250,8 +250,9 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         from .index import META_FILE, default_probes, index_dir, load_index, rerank, rows_of, search_index
 
         has_index = (index_dir(d) / META_FILE).exists()
-        if cfg.probes and not has_index:
-            raise ConfigError(f"--probes: {d.path} has no index; `fastlaion index {d.path}` builds one")
+        for option, value in (("--probes", cfg.probes), ("--rerank", cfg.rerank)):
+            if value and not has_index:
+                raise ConfigError(f"{option}: {d.path} has no index; `fastlaion index {d.path}` builds one")
         # through the index, only its candidates' embeddings and its hits' shards are read; else
         # every kept sample's, listed before a model loads (or downloads): none is an error
         loaded = load_index(d) if has_index and not cfg.exact else None
