@@ -113,7 +113,10 @@ class Scorer:
         if isinstance(pixels, torch.Tensor):
             x = pixels.to(self.device, non_blocking=True)
         else:
-            x = torch.from_numpy(np.ascontiguousarray(pixels))
+            arr = np.ascontiguousarray(pixels)
+            if not arr.flags.writeable:  # one decoded image, a view of its bytes: torch warns on those
+                arr = arr.copy()
+            x = torch.from_numpy(arr)
             if self.device.type == "cuda":  # pinned: the copy runs asynchronously
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -328,7 +330,11 @@ def test_pipeline_preprocessing_gives_open_clips_embeddings_on_real_photos(photo
     decoder = Decoder(DecodeConfig(), s.clip_spec)
     for name, arr in photos.items():
         body = encode(arr, "JPEG")
-        ours = s.embed_images(decoder(body).clip_input[None])[0]
+        pixels = decoder(body).clip_input
+        assert not pixels.flags.writeable  # a view of the decoder's bytes, as search --image passes it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "not writable" UserWarning would reach the user
+            ours = s.embed_images(pixels[None])[0]
         with torch.no_grad():
             ref = s.model.encode_image(preprocess(Image.open(io.BytesIO(body)).convert("RGB"))[None])[0]
         cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
