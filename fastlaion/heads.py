@@ -221,7 +221,8 @@ def watermark_model() -> nn.Module:
     """
     import timm
 
-    model = timm.create_model("efficientnet_b3a", pretrained=False, num_classes=2)
+    # timm renamed efficientnet_b3a to efficientnet_b3 (the same network) and warns at the old name
+    model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
     model.classifier = nn.Sequential(
         nn.Linear(in_features=1536, out_features=625), nn.ReLU(), nn.Dropout(p=0.3),
         nn.Linear(in_features=625, out_features=256), nn.ReLU(), nn.Linear(in_features=256, out_features=2))
