@@ -214,7 +214,7 @@ def pq_case(tmp_path_factory):
     return folder, qfiles, exact, cosine, n, dim
 
 
-def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(pq_case, tmp_path):
+def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(pq_case, tmp_path, monkeypatch):
     """--pq 8: 8 bytes of codes a sample instead of 64 of float16. Their cosines are approximate
     (off by 0.03 on average here), so search ranks its best candidates again by their stored
     embeddings: what it reports are the exact cosines, and with every cell read it finds what the
@@ -232,6 +232,11 @@ def test_pq_codes_take_a_fraction_of_the_space_and_search_reports_exact_cosines(
     assert everything["index"] == {"cells": meta["cells"], "probes": meta["cells"], "pq": 8, "reranked": 1000}
     found = sum(len(set(a) & set(b)) for a, b in zip(keys_of(everything), exact))
     assert found / (K * len(exact)) >= 0.98, found
+    # queries ranked again in groups (here one at a time) find the same
+    monkeypatch.setattr("fastlaion.dataset.index.RERANK_BYTES", 1)
+    grouped, _ = search_json(folder, qfiles, tmp_path, "--probes", meta["cells"])
+    assert grouped["results"] == everything["results"]
+    monkeypatch.undo()
     for q, result in enumerate(everything["results"]):
         for hit in result["hits"]:  # the stored embedding's cosine (float16), not the codes'
             assert abs(hit["similarity"] - cosine[hit["key"]][q]) < 1e-5, hit

@@ -61,6 +61,7 @@ PQ_TRAIN_MIN = 39 * 256  # training samples the codebooks need: 256 codes a part
 # 100, 300 or 1,000 ranked again (page cache warm: reading the candidates costs little).
 RERANK = 50
 RERANK_MIN = 1000
+RERANK_BYTES = 256 * 2**20  # the candidates' embeddings held at once: queries ranked again in groups
 TRAIN_PER_CELL = 64  # training samples per cell (faiss warns under 39)
 MAX_TRAIN = 1_000_000  # k-means on at most this many samples, evenly spaced
 DEFAULT_PROBE_SHARE = 16  # default nprobe: a sixteenth of the cells (bench/search.py: the recall)
@@ -335,7 +336,13 @@ def rerank(ds: Dataset, loaded: LoadedIndex, vectors: np.ndarray, found: list[li
     """Each query's candidates (ids) ranked again by the cosine of its stored embedding, as the
     exact search computes it (float16 embedding, float32 query): its best k. Only the candidates'
     rows are read, shard by shard; one whose embedding can no longer be read is dropped (the exact
-    search would not have it either), its file named once."""
+    search would not have it either), its file named. Queries go in groups whose candidates'
+    embeddings take at most RERANK_BYTES (many queries with a large k: 50 x k candidates each)."""
+    widest = max((len(per_query) for per_query in found), default=0) * vectors.shape[1] * 2
+    group = max(1, RERANK_BYTES // max(widest, 1))
+    if len(found) > group:
+        return [hits for at in range(0, len(found), group)
+                for hits in rerank(ds, loaded, vectors[at:at + group], found[at:at + group], k)]
     ids = np.unique(np.fromiter((i for per_query in found for i, _ in per_query), dtype=np.int64))
     vec = np.zeros((ids.size, vectors.shape[1]), np.float16)
     readable = np.zeros(ids.size, bool)
