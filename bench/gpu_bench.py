@@ -19,7 +19,8 @@ so one 15-minute GPU session always brings back every figure that could be measu
     naive open_clip loop (Pillow + open_clip's preprocess + the model, batched) on the same GPU,
     with and without the stored image; where the host's threads spend that run (bench/sampler.py);
     the model alone, and its parts (tokenizer, towers).
-(d) `fastlaion run` end to end over a loopback server (download, decode, score, write).
+(d) `fastlaion run` end to end over a loopback server (download, decode, score, write), with one
+    worker on the GPU (the default) and with `--workers-per-gpu 2`, which decides the default.
 (e) (c) in 4 processes sharing the GPU (`--workers-per-gpu 4`; 2 in the dry run), eager and with
     the compiled towers, with DALI's default decode and with its hardware decoder taking every
     image: what takes device time off the GPU that 4 processes keep busy (session 10).
@@ -483,37 +484,50 @@ def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
 # -- (d) the whole run -----------------------------------------------------------------------
 
 def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
+    """`fastlaion run` over a loopback server, with one worker and with two: on the GPU one worker
+    per GPU (the default) and `--workers-per-gpu 2`, whose figure decides that default (#7);
+    `args.repeat` times the JPEGs under other names, so the work outweighs the start-up. The
+    second run is left out when the step's time is nearly spent."""
     import polars as pl
 
     from fastlaion.server import LoopbackServer, Served
 
-    files = {f"{i}.jpg": Served(b, "image/jpeg") for i, b in enumerate(jpegs)}
+    n = len(jpegs) * args.repeat
+    files = {f"{i}.jpg": Served(jpegs[i % len(jpegs)], "image/jpeg") for i in range(n)}
+    where = ["--gpus", "1"] if device.type == "cuda" else ["--device", "cpu"]
+    two = ["--workers-per-gpu", "2"] if device.type == "cuda" else ["--processes", "2"]
+    # languages as a real run has them (in their own process) when fastText and lid.176 came along
+    language = [] if _language_available() else ["--no-language"]
     with tempfile.TemporaryDirectory() as tmp, LoopbackServer(files) as server:
         inp = Path(tmp) / "in.parquet"
-        pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(len(jpegs))],
-                      "caption": make_captions(len(jpegs))}).write_parquet(inp)
-        where = ["--gpus", "1"] if device.type == "cuda" else ["--device", "cpu"]
-        # languages as a real run has them (in their own process) when fastText and lid.176 came along
-        language = [] if _language_available() else ["--no-language"]
-        cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(Path(tmp) / "out"),
-               "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
-               "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
-               "--no-progress", *where]
-        if "--allow-private-networks" in _run_help():
-            cmd.append("--allow-private-networks")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        secs = time.perf_counter() - t0
-        (Path(args.out) / "run_stdout.txt").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(f"fastlaion run exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-        summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
-        kept = summary["funnel"]["kept"]
-        if kept != len(jpegs):  # --min-similarity -1 keeps every image that arrives
-            raise RuntimeError(f"only {kept} of {len(jpegs)} kept: {summary['funnel']['drops']}")
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items())
-        row(f"fastlaion run {' '.join(where + language)}", f"{len(jpegs) / secs:,.0f} samples/s",
-            f"{len(jpegs):,} URLs over loopback, {kept:,} kept, {secs:.1f} s wall incl. start-up; stage s: {stages}")
+        pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(n)],
+                      "caption": make_captions(n)}).write_parquet(inp)
+        for i, workers in enumerate(([], two)):
+            what = f"fastlaion run {' '.join(where + workers + language)}"
+            used = time.perf_counter() - _STARTED
+            if i and args.time_limit and used > args.time_limit - 45:
+                row(what, "SKIPPED", f"out of time: {used:.0f} s of the {args.time_limit:.0f} s limit used")
+                continue
+            out = Path(tmp) / f"out{i}"
+            cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(out),
+                   "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
+                   "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
+                   "--no-progress", *where, *workers]
+            if "--allow-private-networks" in _run_help():
+                cmd.append("--allow-private-networks")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            secs = time.perf_counter() - t0
+            (Path(args.out) / f"run{i}_stdout.txt").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(f"fastlaion run exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+            summary = json.loads((out / "summary.json").read_text())
+            kept = summary["funnel"]["kept"]
+            if kept != n:  # --min-similarity -1 keeps every image that arrives
+                raise RuntimeError(f"only {kept} of {n} kept: {summary['funnel']['drops']}")
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items())
+            row(what, f"{n / secs:,.0f} samples/s",
+                f"{n:,} URLs over loopback, {kept:,} kept, {secs:.1f} s wall incl. start-up; stage s: {stages}")
 
 
 def _language_available() -> bool:
