@@ -238,8 +238,9 @@ class RayWorkers(WorkerPool):
         from ray.util.queue import Queue
 
         self.ray = ray
-        # Absolute: an actor's working folder is Ray's, on a node of its own.
-        self.out = str(out.resolve())
+        # Absolute: an actor's working folder is Ray's, on a node of its own. Not resolved: a
+        # symlink here (/data -> /mnt/nfs/data) may be the very path the other nodes mount.
+        self.out = os.path.abspath(out)
         self.rows = InputRows(tuple(os.path.abspath(p) for p in rows.parts), rows.heights)
         self.slots = slots
         self.devices = [slot.label for slot in slots]
