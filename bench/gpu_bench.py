@@ -498,6 +498,7 @@ def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device
     two = ["--workers-per-gpu", "2"] if device.type == "cuda" else ["--processes", "2"]
     # languages as a real run has them (in their own process) when fastText and lid.176 came along
     language = [] if _language_available() else ["--no-language"]
+    private = ["--allow-private-networks"] if "--allow-private-networks" in _run_help() else []
     with tempfile.TemporaryDirectory() as tmp, LoopbackServer(files) as server:
         inp = Path(tmp) / "in.parquet"
         pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(n)],
@@ -512,9 +513,7 @@ def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device
             cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(out),
                    "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
                    "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
-                   "--no-progress", *where, *workers]
-            if "--allow-private-networks" in _run_help():
-                cmd.append("--allow-private-networks")
+                   "--no-progress", *where, *workers, *private]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             secs = time.perf_counter() - t0

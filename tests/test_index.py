@@ -20,21 +20,27 @@ pytest.importorskip("faiss")
 N, DIM, K = 4000, 32, 10
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("index") / "run"
-    emb = make_embeddings(N, DIM, seed=11)
+def make_case(folder, n, dim, seed, query_seed):
+    """A run of n clustered embeddings, 12 query files (samples plus noise) beside it, each
+    query's exact top K keys (float64), and the (queries, samples) cosines."""
+    emb = make_embeddings(n, dim, seed=seed)
     keys = write_embedding_run(folder, emb)
-    rng = np.random.default_rng(5)
-    queries = unit64(emb[rng.choice(N, 12, replace=False)].astype(np.float64)
-                     + rng.normal(scale=0.3 / math.sqrt(DIM), size=(12, DIM)))
+    rng = np.random.default_rng(query_seed)
+    queries = unit64(emb[rng.choice(n, 12, replace=False)].astype(np.float64)
+                     + rng.normal(scale=0.3 / math.sqrt(dim), size=(12, dim)))
     qfiles = []
     for i, q in enumerate(queries):
-        path = folder.parent / f"q{i}.npy"
-        np.save(path, q.astype(np.float32))
+        np.save(path := folder.parent / f"q{i}.npy", q.astype(np.float32))
         qfiles.append(path)
     sims = queries @ unit64(emb).T
     exact = [[keys[j] for j in np.argsort(-row, kind="stable")[:K]] for row in sims]
+    return keys, qfiles, exact, sims
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("index") / "run"
+    keys, qfiles, exact, _ = make_case(folder, N, DIM, seed=11, query_seed=5)
     return folder, keys, qfiles, exact
 
 
@@ -199,17 +205,7 @@ def pq_case(tmp_path_factory):
     """Enough samples for the codebooks (39 x 256), 32 dimensions in 8 parts of 4."""
     n, dim = 12_000, 32
     folder = tmp_path_factory.mktemp("pq") / "run"
-    emb = make_embeddings(n, dim, seed=12)
-    keys = write_embedding_run(folder, emb)
-    rng = np.random.default_rng(6)
-    queries = unit64(emb[rng.choice(n, 12, replace=False)].astype(np.float64)
-                     + rng.normal(scale=0.3 / math.sqrt(dim), size=(12, dim)))
-    qfiles = []
-    for i, q in enumerate(queries):
-        np.save(path := folder.parent / f"q{i}.npy", q.astype(np.float32))
-        qfiles.append(path)
-    sims = queries @ unit64(emb).T
-    exact = [[keys[j] for j in np.argsort(-row, kind="stable")[:K]] for row in sims]
+    keys, qfiles, exact, sims = make_case(folder, n, dim, seed=12, query_seed=6)
     cosine = {keys[j]: sims[:, j] for j in range(n)}
     return folder, qfiles, exact, cosine, n, dim
 

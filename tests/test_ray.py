@@ -235,27 +235,26 @@ def test_an_actor_refuses_a_node_that_cannot_see_the_output_folder(cluster, tmp_
         ray.shutdown()
 
 
-def test_ray_missing_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+def _refused(tmp_path, *options):
+    """`fastlaion run` of one URL with these options, expected to stop with exit status 2; its output lines."""
     inp = tmp_path / "in.txt"
     inp.write_text("http://127.0.0.1:9/x.jpg\n")
-    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
-                                 "--ray", "auto"])
+    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-progress", *options])
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    return result.output.strip().splitlines()
+
+
+def test_ray_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    assert _refused(tmp_path, "--no-score", "--ray", "auto") == [
         "error: --ray needs Ray, here and on every node of the cluster: pip install 'fastlaion[ray]'"]
 
 
 def test_a_bad_address_is_one_line_at_once(tmp_path):
-    inp = tmp_path / "in.txt"
-    inp.write_text("http://127.0.0.1:9/x.jpg\n")
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
-                                 "--ray", address])
+    lines = _refused(tmp_path, "--no-score", "--ray", address)
     assert time.monotonic() - t0 < 60
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --ray {address}: no Ray cluster answers there"), lines
     assert not (tmp_path / "o").exists()  # told before the input is read or the output folder made
 
@@ -263,32 +262,18 @@ def test_a_bad_address_is_one_line_at_once(tmp_path):
 def test_gpus_on_a_cluster_without_one_is_told_before_anything_is_written(cluster, tmp_path):
     """The workers are placed on the cluster first: --gpus on a cluster of CPUs only stops the run
     before it reads a row or makes the output folder (so a rerun with other settings is free)."""
-    inp = tmp_path / "in.txt"
-    inp.write_text("http://127.0.0.1:9/x.jpg\n")
-    result = _no_score(inp, tmp_path / "o", "--ray", cluster.address, "--gpus", "1")
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    assert _refused(tmp_path, "--no-score", "--ray", cluster.address, "--gpus", "1") == [
         "error: --gpus: the Ray cluster has no GPU; leave --gpus out for workers on its CPUs (--processes N)"]
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("value", ["ray://10.0.0.1:10001", "10.0.0.1", "10.0.0.1:port", ":6379", "host:0"])
 def test_an_address_that_is_none_of_the_forms_is_refused(tmp_path, value):
-    inp = tmp_path / "in.txt"
-    inp.write_text("http://127.0.0.1:9/x.jpg\n")
-    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
-                                 "--ray", value])
-    assert result.exit_code == 2, result.output
-    assert "--ray must be auto, local or HOST:PORT" in result.output
+    assert "--ray must be auto, local or HOST:PORT" in " ".join(_refused(tmp_path, "--no-score", "--ray", value))
 
 
 def test_a_cuda_device_with_ray_needs_gpus(tmp_path):
-    inp = tmp_path / "in.txt"
-    inp.write_text("http://127.0.0.1:9/x.jpg\n")
-    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-progress", "--ray", "auto",
-                                 "--device", "cuda:1"])
-    assert result.exit_code == 2, result.output
-    assert "ask for GPU workers with --gpus" in result.output
+    assert "ask for GPU workers with --gpus" in " ".join(_refused(tmp_path, "--ray", "auto", "--device", "cuda:1"))
 
 
 def _node(ip: str, cpus: float, gpus: int = 0, alive: bool = True) -> dict:
@@ -367,11 +352,6 @@ def test_ray_local_where_its_folder_cannot_be_made_is_one_line(tmp_path, monkeyp
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("RAY_TMPDIR", str(blocker / "ray"))  # under a file: no folder can be made there
-    inp = tmp_path / "in.txt"
-    inp.write_text("http://127.0.0.1:9/x.jpg\n")
-    result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
-                                 "--ray", "local"])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    assert _refused(tmp_path, "--no-score", "--ray", "local") == [
         f"error: --ray local: cannot make its folder in {blocker / 'ray'} (RAY_TMPDIR): Not a directory"]
     assert not (tmp_path / "o").exists()
