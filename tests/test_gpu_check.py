@@ -125,3 +125,97 @@ def test_gpu_bring_makes_a_wheel_for_every_package_brought_along():
     checked = next(line for line in script.splitlines() if line.startswith("for want in ")).split("; do")[0].split()[3:]
     assert set(WHEEL_OF) == BROUGHT_ALONG
     assert sorted(checked) == sorted(WHEEL_OF.values())
+
+
+# The import guard above runs the modules: it sees imports at module level only. An import inside a
+# function runs when that function does, on the GPU machine too, so every import anywhere in the
+# package and in the GPU check's own scripts and tests is read from the source here. A package
+# neither on the GPU machine nor brought along is allowed only where that code never runs in the
+# GPU check, each named below with where it is used; imports inside `try: ... except ImportError`
+# (the code's own fallback) and under `if TYPE_CHECKING:` are not counted.
+NOT_ON_THE_GPU_CHECK_PATH = {
+    "deflate": "extract: gzipped WAT/WARC input (libdeflate)",
+    "msgspec": "extract: WAT input",
+    "selectolax": "extract: WARC input",
+    "ray": "fastlaion run --ray",
+    "scipy": "tests/test_dataset_helpers.py's pHash reference test (test_semantic imports its helpers only)",
+    "webdataset": "tests/test_pipeline.py's loader test (test_search imports its helpers only)",
+}
+# On the GPU machine though not in GPU.md's list: bench/score.py's make_jpegs made the GPU check's
+# JPEGs from scikit-image's photographs there in sessions 4 and 10 ("generated 4,096 JPEGs" in
+# bench/logs/gpu_check-2026-11-27-h200-session10-second.log); yarl comes with aiohttp.
+ALSO_ON_THE_GPU_MACHINE = {"skimage", "yarl", "multidict"}
+# The GPU machine runs Python 3.12, which no longer has these (sys.stdlib_module_names here is 3.11's)
+REMOVED_IN_PY312 = {"asynchat", "asyncore", "distutils", "imp", "smtpd"}
+
+
+def _imports(source: str) -> set[str]:
+    """The top-level packages a module's source imports anywhere (functions included), less those
+    imported under a `try` that catches ImportError (or a parent of it) and under TYPE_CHECKING."""
+    import ast
+
+    guarded: set[int] = set()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                h.type is None or any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception")
+                                      for n in ast.walk(h.type)) for h in node.handlers):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def _unknown_imports(files: list[Path]) -> dict[str, list[str]]:
+    ours = {"fastlaion", *(p.stem for p in (ROOT / "bench").glob("*.py")), *(p.stem for p in (ROOT / "tests").glob("*.py"))}
+    known = ((set(sys.stdlib_module_names) - REMOVED_IN_PY312) | GPU_MACHINE | BROUGHT_ALONG | ALSO_ON_THE_GPU_MACHINE
+             | set(NOT_ON_THE_GPU_CHECK_PATH) | ours | {"nvidia"})  # nvidia: DALI/nvImageCodec, imported guarded
+    unknown: dict[str, list[str]] = {}
+    for path in files:
+        for top in sorted(_imports(path.read_text()) - known):
+            unknown.setdefault(top, []).append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+    return unknown
+
+
+def _gpu_check_files() -> list[Path]:
+    """The package's modules, and the GPU check's scripts and test modules with the project's
+    modules they import (test_search imports test_pipeline's helpers, and so on)."""
+    files = sorted((ROOT / "fastlaion").rglob("*.py")) + [ROOT / "tests" / "conftest.py"]
+    todo = [m for m in GPU_CHECK_MODULES if not m.startswith("fastlaion")]
+    while todo:
+        module = todo.pop()
+        path = next((p for p in (ROOT / "bench" / f"{module}.py", ROOT / "tests" / f"{module}.py") if p.exists()), None)
+        if path is None or path in files:
+            continue
+        files.append(path)
+        todo += sorted(_imports(path.read_text()))
+    return files
+
+
+def test_every_import_in_the_package_and_the_gpu_check_is_on_the_gpu_machine_or_accounted_for():
+    """Imports inside functions too (the runtime guard cannot see them until they run): each is
+    the standard library of Python 3.12, the GPU machine's, brought along, or named in
+    NOT_ON_THE_GPU_CHECK_PATH with where it runs."""
+    unknown = _unknown_imports(_gpu_check_files())
+    assert not unknown, ("imported, but neither on the GPU machine nor brought along (.whl/, "
+                         f"bench/gpu_bring.sh) nor listed as off the GPU check's path: {unknown}")
+    used = set().union(*(_imports(p.read_text()) for p in _gpu_check_files()))
+    assert set(NOT_ON_THE_GPU_CHECK_PATH) <= used, set(NOT_ON_THE_GPU_CHECK_PATH) - used  # no stale entries
+
+
+def test_the_static_import_check_sees_imports_inside_functions(tmp_path):
+    """Not vacuous: a function-level import of a package the GPU machine lacks, or of a module
+    Python 3.12 removed, is found; the same import under `except ImportError` is not."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import zstandard\n    from distutils import util\n")
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("def f():\n    try:\n        import zstandard\n    except ImportError:\n        return None\n")
+    assert _unknown_imports([bad, guarded]) == {"zstandard": [str(bad)], "distutils": [str(bad)]}
