@@ -17,6 +17,7 @@ def test_wheel_ships_kernel_sources_and_model_configs(tmp_path):
     assert "fastlaion/parquet_native.c" in names  # and its Parquet writer
     assert "fastlaion/tokenize_native.c" in names  # the tokenizer's compiled word table
     assert "fastlaion/jpeg_native.c" in names  # the GPU decoders' JPEG check
+    assert "fastlaion/f16_native.c" in names  # the embeddings' float16 conversion
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Provides-Extra: gpu" in meta and "nvidia-dali-cuda130" in meta

@@ -283,3 +283,60 @@ def test_both_methods_on_cuda(emb_run, tmp_path):
             assert all(first < dup and marks[first] is None and cos[index[dup], index[first]] >= THRESHOLD
                        for dup, first in drops.items())
             assert len(set(drops) & set(exact)) > 0.97 * len(exact)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def f16_path(request, monkeypatch, tmp_path_factory):
+    """fastlaion.f16_native built (or found) in this session's cache, or switched off (numpy)."""
+    from fastlaion import f16_native
+
+    monkeypatch.setenv("FASTLAION_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "f16-cache"))
+    monkeypatch.setenv("FASTLAION_NATIVE", "1" if request.param == "compiled" else "0")
+    f16_native._reset()
+    if request.param == "compiled":
+        assert f16_native.library() is not None  # the dev box and CI have a C compiler
+    yield request.param
+    f16_native._reset()
+
+
+EVERY_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every float16: zeros, subnormals, infs, NaNs
+
+
+def test_finite_rows_agrees_with_isfinite_on_every_float16(f16_path):
+    """The exponent-bits check that replaced np.isfinite on the embeddings, on all 65,536 float16
+    values, alone and with one of them in an otherwise finite row."""
+    from fastlaion.dataset.semantic import finite_rows
+
+    np.testing.assert_array_equal(finite_rows(EVERY_F16[:, None]), np.isfinite(EVERY_F16))
+    rows = np.ones((EVERY_F16.size, 13), np.float16)
+    rows[:, 11] = EVERY_F16
+    np.testing.assert_array_equal(finite_rows(rows), np.isfinite(EVERY_F16))
+    assert (~finite_rows(rows)).sum() == 2048  # exponent all ones: 2 infs and 2,046 NaNs
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_float32_rows_gives_numpys_values_for_every_float16(f16_path, simd):
+    """float32_rows (f16_native.c: F16C and the portable C, or numpy) against numpy's astype on all
+    65,536 float16 values, bit for bit (NaNs as NaNs), in rows whose width is no multiple of 8; the
+    squared lengths against float64 sums, inf or NaN exactly for the rows that hold one."""
+    from fastlaion import f16_native
+    from fastlaion.dataset.semantic import float32_rows
+
+    if not simd and f16_path == "numpy":
+        pytest.skip("one numpy path")
+    perm = np.random.default_rng(0).permutation(EVERY_F16)
+    mixed = perm[:perm.size // 13 * 13].reshape(-1, 13)  # 5,041 rows of 13: a tail past the 8s
+    lane = np.full((EVERY_F16.size, 13), 0.5, np.float16)
+    lane[:, 12] = EVERY_F16  # each value once in the tail, once somewhere above
+    rows = np.concatenate([mixed, lane])
+    x32, norm2 = f16_native.rows(rows, simd=simd) if f16_path == "compiled" else float32_rows(rows)
+    want = rows.astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(x32), nan)
+    np.testing.assert_array_equal(x32.view(np.uint32)[~nan], want.view(np.uint32)[~nan])  # -0.0 too
+    with np.errstate(invalid="ignore"):  # numpy warns casting a signalling NaN
+        ref = (want.astype(np.float64) ** 2).sum(axis=1)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(np.isfinite(norm2), finite)
+    np.testing.assert_allclose(norm2[finite], ref[finite], rtol=1e-5)
+    assert (~finite).sum() == 2048 + (~np.isfinite(mixed)).any(axis=1).sum()

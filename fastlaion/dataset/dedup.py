@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from PIL import Image
 
 from ..config import ConfigError, at_least, torch_device
 from .output import OutputDir
@@ -206,6 +205,8 @@ def _candidates(ds: Dataset) -> pl.DataFrame:
 
 
 def _perceptual(ds: Dataset, cfg: DedupConfig, progress: Progress) -> tuple[pl.DataFrame, int, int]:
+    from PIL import Image  # here: the other commands that import this module need no Pillow
+
     from .phash import greedy_duplicates, phash_bytes
 
     cand = _candidates(ds)

@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
-from .semantic import embedding_rows
+from .semantic import embedding_rows, float32_rows
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,8 @@ def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path) -> Path:
 
 
 def _unit32(vec: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(vec, dtype=np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    x, norm2 = float32_rows(vec)
+    x /= np.maximum(np.sqrt(norm2), 1e-8)[:, None]
     return x
 
 

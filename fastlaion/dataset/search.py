@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from ..config import ConfigError, ScoreConfig, first_line, torch_device
-from .semantic import EmbeddingReader
+from .semantic import EmbeddingReader, float32_rows
 from .source import KEPT, Dataset, DatasetError, NoProgress, Progress, collect
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,8 @@ def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress
         if vec.shape[1] != vectors.shape[1]:
             raise ConfigError(f"the queries have {vectors.shape[1]} dimensions, the dataset's embeddings "
                               f"{vec.shape[1]}: embed them with the model the run scored with")
-        x = vec.astype(np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # a run's are unit; other tools' may not be
+        x, norm2 = float32_rows(vec)
+        norms = np.sqrt(norm2)  # a run's are unit; other tools' may not be
         sims = (vectors @ x.T) / np.maximum(norms, 1e-8)  # (Q, m) cosines
         # each query's entries at or above its k-th best value: all of a tie, so the merge below
         # can give it to the earlier samples (argpartition alone picks any of them)

@@ -70,6 +70,30 @@ def embedding_rows(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return vec
 
 
+def finite_rows(vec: np.ndarray) -> np.ndarray:
+    """(m,) bool: the rows of a float16 (m, D) array without inf or NaN, read from the exponent
+    bits (all ones: inf or NaN): compiled (f16_native.c) where it can be built, else numpy on the
+    bits (3x np.isfinite, which converts float16 first)."""
+    from .. import f16_native
+
+    ok = f16_native.finite_rows(vec)
+    return ok if ok is not None else ((vec.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+
+
+def float32_rows(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(m, D) embeddings -> their float32 copy and each row's squared length (inf or NaN for a row
+    holding either). float16 goes through the compiled converter (fastlaion/f16_native.c: 5x
+    numpy's astype with F16C) where it can be built; numpy is the reference and the fallback."""
+    if vec.dtype == np.float16:
+        from .. import f16_native
+
+        done = f16_native.rows(vec)
+        if done is not None:
+            return done
+    x = vec.astype(np.float32)
+    return x, np.einsum("ij,ij->i", x, x)
+
+
 class EmbeddingReader:
     """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
     shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
@@ -160,7 +184,7 @@ class EmbeddingReader:
                 self._warn(path, f"{path} has {arr.shape[0]} rows; the samples of its shard past them take no part")
             take = row[valid]
             vec = embedding_rows(arr, take)
-            finite = np.isfinite(vec).all(axis=1)
+            finite = finite_rows(vec)
             missing += pos.size - int(finite.sum())
             progress.advance()
             if finite.any():
