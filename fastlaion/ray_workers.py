@@ -51,6 +51,7 @@ from .workers import WorkerPool, on_worker, serve_shards
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # to open a TCP connection to --ray HOST:PORT before Ray tries
+ANSWER_TIMEOUT_S = 5.0  # for the first bytes back on it (a Ray head's GCS sends them at once)
 START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CPUs or GPUs: say so
 KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
 
@@ -154,14 +155,44 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+# HTTP/2's client preface and an empty SETTINGS frame: what a gRPC client sends first
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _probe(address: str) -> None:
-    """Refuse at once an address where nothing listens (Ray would retry for a minute)."""
+    """Refuse at once an address where nothing listens, where something takes the connection but
+    never answers, or where what answers is no gRPC server (a dashboard's HTTP port, say): Ray
+    would retry for a minute or wait 40 s. A Ray head's GCS is a gRPC server and sends its HTTP/2
+    SETTINGS frame as soon as a connection opens. A TLS record back (a cluster with RAY_USE_TLS)
+    or the connection closed lets ray.init try and say what it finds."""
     host, port = ray_address(address)
+    hint = "start one with `ray start --head`, or use --ray local for one on this machine only"
     try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        conn = socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S)
     except OSError as exc:
-        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
-                          "`ray start --head`, or use --ray local for one on this machine only") from None
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); {hint}") from None
+    head = b""
+    with conn:
+        try:
+            conn.settimeout(ANSWER_TIMEOUT_S)
+            conn.sendall(_H2_PREFACE)
+            while len(head) < 4:
+                more = conn.recv(64)
+                if not more:
+                    return  # closed: an answer of a kind; ray.init says more
+                head += more
+        except TimeoutError:
+            if not head:
+                raise ConfigError(f"--ray {address}: something takes connections there but sent nothing in "
+                                  f"{ANSWER_TIMEOUT_S:.0f} s, so it is no Ray cluster's head (the port of "
+                                  f"`ray start --head`, 6379 by default); {hint}") from None
+        except OSError:
+            return  # reset: it answered, by closing
+    if head[3:4] == b"\x04" or head[0] in range(0x14, 0x18):  # an HTTP/2 SETTINGS frame; a TLS record
+        return
+    what = head.decode("latin-1").split("\r")[0][:40]
+    raise ConfigError(f"--ray {address}: what answers there is no Ray cluster's head (no gRPC; it began {what!r}), "
+                      f"perhaps its dashboard: give the port of `ray start --head`, 6379 by default")
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,62 @@ def test_a_bad_address_is_one_line_at_once(tmp_path):
     assert not (tmp_path / "o").exists()  # told before the input is read or the output folder made
 
 
+class _Listener:
+    """A TCP server on 127.0.0.1 that takes connections and, for each, sends `reply` (nothing when
+    None) and keeps it open until closed itself: a port that is no Ray head."""
+
+    def __init__(self, reply: bytes | None):
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.reply, self.conns, self.done = reply, [], threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.conns.append(conn)
+            if self.reply is not None:
+                conn.sendall(self.reply)
+
+    def __enter__(self) -> _Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("reply, says", [
+    (None, "something takes connections there but sent nothing in 1 s"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+     "no gRPC; it began 'HTTP/1.1 400 Bad Request'), perhaps its dashboard"),
+])
+def test_a_port_that_is_no_ray_head_is_one_line_in_seconds(tmp_path, monkeypatch, reply, says):
+    """A port that takes the connection and then says nothing (Ray waited about 40 s on it), or
+    answers in HTTP/1 (a dashboard's port): one line, before the output folder is made."""
+    from fastlaion import ray_workers
+
+    monkeypatch.setattr(ray_workers, "ANSWER_TIMEOUT_S", 1.0)
+    with _Listener(reply) as port:
+        t0 = time.monotonic()
+        lines = _refused(tmp_path, "--no-score", "--ray", port.address)
+        took = time.monotonic() - t0
+        assert len(port.conns) == 1  # the probe's own connection: ray.init never tried
+    assert len(lines) == 1 and lines[0].startswith(f"error: --ray {port.address}: ") and says in lines[0], lines
+    assert took < 10, took
+    assert not (tmp_path / "o").exists()
+
+
 def test_gpus_on_a_cluster_without_one_is_told_before_anything_is_written(cluster, tmp_path):
     """The workers are placed on the cluster first: --gpus on a cluster of CPUs only stops the run
     before it reads a row or makes the output folder (so a rerun with other settings is free)."""
