@@ -107,12 +107,19 @@ class EmbeddingReader:
         if cand.height == 0:
             self.per_shard: list[tuple[str, np.ndarray, np.ndarray]] = []
             return
-        grouped = (cand.with_row_index("_pos")
-                   .with_columns(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
-                                 .fill_null(-1).alias("_row"))
-                   .group_by("shard", maintain_order=True).agg("_pos", "_row"))
-        self.per_shard = [(s, np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64))
-                          for s, p, r in grouped.iter_rows()]
+        # Grouped in numpy, not by Polars into lists of Python ints (0.33 s at 1M samples, and
+        # 56 bytes a sample while they lived): shards in order of first appearance, each with its
+        # samples' positions in dataset order and their rows in its embedding file.
+        shard = cand["shard"]
+        names = shard.unique(maintain_order=True)
+        ids = shard.replace_strict(names, np.arange(len(names)), return_dtype=pl.Int64).to_numpy()
+        rows = (cand.select(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
+                            .fill_null(-1))
+                .to_series().to_numpy())
+        order = np.argsort(ids, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=len(names)))]).tolist()
+        self.per_shard = [(name, order[a:b], rows[order[a:b]])
+                          for name, a, b in zip(names.to_list(), starts, starts[1:])]
         if not any(ds.embeddings_path(s).exists() for s, _, _ in self.per_shard):
             raise DatasetError(f"{what} needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
                                f"the like) in {ds.root}: run with CLIP scoring on (without --no-score)")
