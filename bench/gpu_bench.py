@@ -24,6 +24,9 @@ so one 15-minute GPU session always brings back every figure that could be measu
 (e) (c) in 4 processes sharing the GPU (`--workers-per-gpu 4`; 2 in the dry run), eager and with
     the compiled towers, with DALI's default decode and with its hardware decoder taking every
     image: what takes device time off the GPU that 4 processes keep busy (session 10).
+(h) one batch of scoring under torch.profiler: device time by kind of kernel (matrix products,
+    attention, layer norm, elementwise, copies), the matrix products' TFLOP/s and the top kernels;
+    the full table in $OUT/profile_score.txt. Last: it informs the next change, it decides none.
 """
 
 from __future__ import annotations
@@ -452,6 +455,83 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
 
+# -- (h) where the towers' device time goes -----------------------------------------------
+
+# Kernel (or, on the CPU, aten op) names -> what they do, first match wins: conv before the
+# matrix products (cuDNN's implicit GEMMs), attention before softmax and the elementwise kinds.
+KERNEL_KINDS = (
+    ("patch embedding (conv)", ("conv", "cudnn", "implicit_gemm", "implicit_convolve")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("matrix products", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "sm90_", "sm80_", "ampere", "hopper",
+                         "addmm", "aten::mm", "aten::bmm", "matmul", "scaled_mm")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("copies and casts", ("copy", "memcpy", "memset", "cat", "to_copy", "index", "gather")),
+    ("elementwise and reductions", ("elementwise", "vectorized", "unrolled", "reduce", "sigmoid", "gelu", "mul",
+                                    "add", "div", "sub", "norm", "sum", "mean", "triton")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
+
+
+def bench_profile(args: argparse.Namespace, device: torch.device) -> None:
+    """One batch of `score` (image and text towers, paired cosine, host copies) under
+    torch.profiler: its device time by kind of kernel, the matrix products' TFLOP/s, and the
+    kernels that take the most. What the next speed-up of the towers must attack (the GPU check of
+    session 10: the eager towers 61 us of device time a sample, 20,000/s leaves 50 in all)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scorer = _make_scorer(args.model, args.batch, device)
+    h, w = scorer.clip_spec.size
+    pixels = torch.randint(0, 256, (args.batch, h, w, 3), dtype=torch.uint8, device=device)
+    texts = make_captions(args.batch)
+    for _ in range(2):  # warm: cuBLAS's choices, the tokenizer's cache
+        scorer.score(pixels, texts)
+    cuda = device.type == "cuda"
+    rounds = 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, with_flops=True) as prof:
+        for _ in range(rounds):
+            scorer.score(pixels, texts)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:  # the full table first: it is there even if the summary below finds nothing to sum
+        table = events.table(sort_by=sort_by, row_limit=60)
+    except (KeyError, AttributeError, ValueError):  # an older torch's column name
+        table = events.table(sort_by="self_cuda_time_total" if cuda else sort_by, row_limit=60)
+    (Path(args.out) / "profile_score.txt").write_text(table)
+
+    def self_us(e: Any) -> float:  # device time on a GPU (torch >= 2.4's name, then the older one), else CPU
+        if cuda:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    if cuda:  # the kernels themselves (and memcpys), not the CPU ops that launched them
+        timed = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and self_us(e) > 0]
+    else:  # the CPU's own work: aten ops' self time (a profiler's overhead is in their parents)
+        timed = [e for e in events if e.key.startswith("aten::") and self_us(e) > 0]
+    total = sum(map(self_us, timed))
+    if not total:
+        raise RuntimeError("the profiler recorded no kernel time")
+    kinds: dict[str, float] = {}
+    for e in timed:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + self_us(e)
+    flops = sum(float(getattr(e, "flops", 0) or 0) for e in events if e.key.startswith("aten::"))
+    gemm_us = kinds.get("matrix products", 0.0)  # their FLOPs: aten's mm/addmm/bmm (the conv's are not counted)
+    where = "device" if cuda else "CPU"
+    row(f"(h) {args.model} score, {where} time by kind", f"{total / rounds / 1e3:.1f} ms per batch of {args.batch}",
+        f"{total / rounds / args.batch:.1f} us a sample; " + ", ".join(
+            f"{kind} {100 * us / total:.0f}%" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        + (f"; matrix products at {flops / (gemm_us * 1e-6) / 1e12:.3g} TFLOP/s" if flops and gemm_us else ""))
+    top = sorted(timed, key=self_us, reverse=True)[:8]
+    row(f"(h) {args.model} score, top {where} kernels", f"{100 * sum(map(self_us, top)) / total:.0f}% of the time",
+        "; ".join(f"{e.key[:70]} {self_us(e) / rounds / 1e3:.2f} ms ({e.count // rounds}x)" for e in top))
+
+
 def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
     """(f) `--compile`: the towers under torch.compile (fixed shapes), against the eager ones in
     the same call: compile time, score only, decode+score. Not in the default sections (the
@@ -613,7 +693,7 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
-    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g").split(","))
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g,h").split(","))
     # in order of what #7 needs to know first; (d), the integration check, last
     for key, name, fn in (("a", "(a) kernels", lambda: bench_kernels(args)),
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
@@ -623,6 +703,7 @@ def main() -> None:
                            lambda: bench_processes(args, jpegs, device, *process_variants(device))),
                           ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
+                          ("h", "(h) where the towers' time goes (torch.profiler)", lambda: bench_profile(args, device)),
                           ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
         if key not in wanted:
             continue

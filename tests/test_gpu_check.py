@@ -38,6 +38,9 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     # (g): the host side alone, device work taken out, with and without the stored-image encode
     ceiling = {w: f for w, f in figures.items() if w.startswith("host ceiling, one process")}
     assert len(ceiling) == 2 and all(f.endswith("samples/s") for f in ceiling.values()), figures
+    # (h): the towers' time by kind of kernel, under torch.profiler (its full table beside)
+    assert any(w.startswith("(h) ") and "time by kind" in w and "per batch of" in f for w, f in figures.items()), figures
+    assert (tmp_path / "profile_score.txt").exists()
     assert "FAILED" not in figures.values()
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("all steps passed") or "| what | figure |" in proc.stdout
