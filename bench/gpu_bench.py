@@ -457,11 +457,11 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
 
 # -- (h) where the towers' device time goes -----------------------------------------------
 
-# Kernel (or, on the CPU, aten op) names -> what they do, first match wins: conv before the
-# matrix products (cuDNN's implicit GEMMs), attention before softmax and the elementwise kinds.
+# Kernel (or, on the CPU, aten op) names -> what they do, first match wins: attention first (cuDNN
+# has SDPA kernels), conv before the matrix products (cuDNN's implicit GEMMs).
 KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),  # first: cuDNN's SDPA kernels too
     ("patch embedding (conv)", ("conv", "cudnn", "implicit_gemm", "implicit_convolve")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("matrix products", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "sm90_", "sm80_", "ampere", "hopper",
                          "addmm", "aten::mm", "aten::bmm", "matmul", "scaled_mm")),
     ("layer norm", ("layer_norm", "layernorm")),
@@ -520,8 +520,9 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> None:
     kinds: dict[str, float] = {}
     for e in timed:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + self_us(e)
-    flops = sum(float(getattr(e, "flops", 0) or 0) for e in events if e.key.startswith("aten::"))
-    gemm_us = kinds.get("matrix products", 0.0)  # their FLOPs: aten's mm/addmm/bmm (the conv's are not counted)
+    flops = sum(float(getattr(e, "flops", 0) or 0) for e in events
+                if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+    gemm_us = kinds.get("matrix products", 0.0)
     where = "device" if cuda else "CPU"
     row(f"(h) {args.model} score, {where} time by kind", f"{total / rounds / 1e3:.1f} ms per batch of {args.batch}",
         f"{total / rounds / args.batch:.1f} us a sample; " + ", ".join(

@@ -5,7 +5,8 @@
  * numpy converts float16 one value at a time (about 2.6 ns a value on the dev box: 1.3 s of a
  * 4.6 s exact search over a million 512-d embeddings). x86 CPUs since 2013 convert eight at once
  * (F16C); this file uses that where the CPU has it (checked once, at run time) and a portable
- * conversion elsewhere. Both give numpy's values exactly; the squared lengths are float32 sums
+ * conversion elsewhere. Both give numpy's values exactly (except that a signalling NaN comes back
+ * quiet from F16C: a NaN either way); the squared lengths are float32 sums
  * (in another order than numpy's, so they may differ in the last bits). A row with an inf or a
  * NaN gets a squared length that is inf or NaN, which is how callers find such rows.
  */
@@ -84,10 +85,12 @@ static int has_f16c(void) {
 }
 #endif
 
-/* 1 when the F16C path runs on this CPU, else 0 */
+/* 1 when the F16C path runs on this CPU, else 0. Called once when the library loads (under
+ * f16_native.py's lock), before any f16_rows: `known` is written by that one thread. */
+static int known = -1;
+
 int f16_simd(void) {
 #ifdef F16_X86
-    static int known = -1;
     if (known < 0) known = has_f16c();
     return known;
 #else
@@ -99,7 +102,7 @@ int f16_simd(void) {
  * simd 0 forces the portable path (the tests compare the two). */
 void f16_rows(const uint16_t *x, int64_t n, int64_t d, float *out, float *norm2, int simd) {
 #ifdef F16_X86
-    if (simd && f16_simd()) {
+    if (simd && known == 1) {
         rows_f16c(x, n, d, out, norm2);
         return;
     }
@@ -109,8 +112,11 @@ void f16_rows(const uint16_t *x, int64_t n, int64_t d, float *out, float *norm2,
 }
 
 /* ok[i] = 1 when row i of x (n rows of d float16) holds no inf or NaN (exponent bits all ones).
- * Vectorized by the compiler (SSE2 is every x86-64's; the library is built at -O2, which does not). */
-__attribute__((optimize("O3"))) void f16_finite_rows(const uint16_t *x, int64_t n, int64_t d, uint8_t *ok) {
+ * Vectorized by GCC (SSE2 is every x86-64's; the library is built at -O2, where GCC 12 does not). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("O3")))
+#endif
+void f16_finite_rows(const uint16_t *x, int64_t n, int64_t d, uint8_t *ok) {
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *src = x + i * d;
         uint16_t lowest = 0xffff; /* of the exponents' complement: 0 where an exponent is all ones */

@@ -25,6 +25,7 @@ def _load() -> Any:
     lib.f16_rows.restype, lib.f16_rows.argtypes = None, [p, i64, i64, p, p, ctypes.c_int]
     lib.f16_simd.restype, lib.f16_simd.argtypes = ctypes.c_int, []
     lib.f16_finite_rows.restype, lib.f16_finite_rows.argtypes = None, [p, i64, i64, p]
+    lib.f16_simd()  # once, here under OnFirstUse's lock: it caches the CPU check that f16_rows reads
     return lib
 
 
@@ -41,13 +42,20 @@ def _reset() -> None:
     _LIBRARY.reset()
 
 
+def _native_2d(vec: np.ndarray) -> np.ndarray:
+    """vec as the C reads it: 2-D, float16 in the machine's byte order, C order and aligned."""
+    if vec.ndim != 2 or vec.dtype != np.float16:
+        raise ValueError(f"need a 2-D float16 array, got {vec.ndim}-D {vec.dtype}")
+    return np.require(vec, np.dtype("=f2"), ["C_CONTIGUOUS", "ALIGNED"])
+
+
 def rows(vec: np.ndarray, simd: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-    """A float16 (m, D) array -> (its float32 copy, (m,) float32 sums of squares), or None without
-    the library. `simd=False` takes the portable path where F16C is there too (tests)."""
+    """A 2-D float16 (m, D) array -> (its float32 copy, (m,) float32 sums of squares), or None
+    without the library. `simd=False` takes the portable path where F16C is there too (tests)."""
     lib = library()
     if lib is None:
         return None
-    x = np.ascontiguousarray(vec, dtype=np.float16)
+    x = _native_2d(vec)
     out = np.empty(x.shape, np.float32)
     norm2 = np.empty(x.shape[0], np.float32)
     if x.size:
@@ -58,11 +66,11 @@ def rows(vec: np.ndarray, simd: bool = True) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def finite_rows(vec: np.ndarray) -> np.ndarray | None:
-    """(m,) bool: the rows of a float16 (m, D) array without inf or NaN; None without the library."""
+    """(m,) bool: the rows of a 2-D float16 (m, D) array without inf or NaN; None without the library."""
     lib = library()
     if lib is None:
         return None
-    x = np.ascontiguousarray(vec, dtype=np.float16)
+    x = _native_2d(vec)
     ok = np.empty(x.shape[0], np.bool_)
     if x.shape[0]:
         lib.f16_finite_rows(x.ctypes.data, x.shape[0], x.shape[1], ok.ctypes.data)

@@ -51,7 +51,7 @@ from .workers import WorkerPool, on_worker, serve_shards
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # to open a TCP connection to --ray HOST:PORT before Ray tries
-ANSWER_TIMEOUT_S = 5.0  # for the first bytes back on it (a Ray head's GCS sends them at once)
+ANSWER_TIMEOUT_S = 10.0  # for the first bytes back on it (a Ray head's GCS sends them at once)
 START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CPUs or GPUs: say so
 KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
 
@@ -182,6 +182,8 @@ def _probe(address: str) -> None:
                     return  # closed: an answer of a kind; ray.init says more
                 head += more
         except TimeoutError:
+            if head[:1] == b"\x00":  # the start of a frame header (a SETTINGS frame's length begins with 0)
+                return
             if not head:
                 raise ConfigError(f"--ray {address}: something takes connections there but sent nothing in "
                                   f"{ANSWER_TIMEOUT_S:.0f} s, so it is no Ray cluster's head (the port of "

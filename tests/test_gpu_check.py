@@ -164,7 +164,7 @@ def _imports(source: str) -> set[str]:
                 h.type is None or any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception")
                                       for n in ast.walk(h.type)) for h in node.handlers):
             guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     found = set()
     for node in ast.walk(tree):

@@ -261,7 +261,7 @@ def test_a_bad_address_is_one_line_at_once(tmp_path):
 
 class _Listener:
     """A TCP server on 127.0.0.1 that takes connections and, for each, sends `reply` (nothing when
-    None) and keeps it open until closed itself: a port that is no Ray head."""
+    None) and keeps it open until closed itself, or closes it at once (`reply` b"")."""
 
     def __init__(self, reply: bytes | None):
         import threading
@@ -278,6 +278,9 @@ class _Listener:
             try:
                 conn, _ = self.sock.accept()
             except TimeoutError:
+                continue
+            if self.reply == b"":
+                conn.close()
                 continue
             self.conns.append(conn)
             if self.reply is not None:
@@ -313,6 +316,19 @@ def test_a_port_that_is_no_ray_head_is_one_line_in_seconds(tmp_path, monkeypatch
     assert len(lines) == 1 and lines[0].startswith(f"error: --ray {port.address}: ") and says in lines[0], lines
     assert took < 10, took
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("reply", [b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",  # a gRPC server's SETTINGS
+                                   b"\x00\x00",  # its first bytes only, the rest late
+                                   b"\x15\x03\x03\x00\x02\x02\x46",  # a TLS alert (a cluster with RAY_USE_TLS)
+                                   b""])  # closed at once (below)
+def test_the_probe_lets_ray_try_where_a_grpc_or_tls_server_answers(monkeypatch, reply):
+    """What a Ray head (or one behind TLS) may send first is not refused: ray.init then tries."""
+    from fastlaion import ray_workers
+
+    monkeypatch.setattr(ray_workers, "ANSWER_TIMEOUT_S", 1.0)
+    with _Listener(reply) as port:
+        ray_workers._probe(port.address)  # returns: no ConfigError
 
 
 def test_gpus_on_a_cluster_without_one_is_told_before_anything_is_written(cluster, tmp_path):

@@ -299,6 +299,14 @@ def f16_path(request, monkeypatch, tmp_path_factory):
     f16_native._reset()
 
 
+def _cpu_has_f16c() -> bool:
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    return platform.machine() == "x86_64" and cpuinfo.exists() and " f16c" in cpuinfo.read_text()
+
+
 EVERY_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every float16: zeros, subnormals, infs, NaNs
 
 
@@ -324,10 +332,12 @@ def test_float32_rows_gives_numpys_values_for_every_float16(f16_path, simd):
 
     if not simd and f16_path == "numpy":
         pytest.skip("one numpy path")
+    if simd and f16_path == "compiled" and _cpu_has_f16c():
+        assert f16_native.simd()  # on such a CPU (the dev box, CI) the F16C path is the one tested here
     perm = np.random.default_rng(0).permutation(EVERY_F16)
     mixed = perm[:perm.size // 13 * 13].reshape(-1, 13)  # 5,041 rows of 13: a tail past the 8s
     lane = np.full((EVERY_F16.size, 13), 0.5, np.float16)
-    lane[:, 12] = EVERY_F16  # each value once in the tail, once somewhere above
+    lane[:, 0] = lane[:, 12] = EVERY_F16  # each value in an 8-wide lane and in the scalar tail
     rows = np.concatenate([mixed, lane])
     x32, norm2 = f16_native.rows(rows, simd=simd) if f16_path == "compiled" else float32_rows(rows)
     want = rows.astype(np.float32)
@@ -340,3 +350,32 @@ def test_float32_rows_gives_numpys_values_for_every_float16(f16_path, simd):
     np.testing.assert_array_equal(np.isfinite(norm2), finite)
     np.testing.assert_allclose(norm2[finite], ref[finite], rtol=1e-5)
     assert (~finite).sum() == 2048 + (~np.isfinite(mixed)).any(axis=1).sum()
+
+
+def test_embedding_reader_groups_by_shard_in_first_appearance_order(emb_run):
+    """EmbeddingReader's per-shard groups, on a real run's kept samples in another order (a
+    subset's rows can interleave shards): each shard once, in order of first appearance, with its
+    candidates' positions in dataset order and their rows (the key's number after the shard's),
+    -1 for a key that has none; against a plain Python grouping."""
+    import polars as pl
+
+    from fastlaion.dataset import open_dataset
+    from fastlaion.dataset.semantic import EmbeddingReader
+    from fastlaion.dataset.source import KEPT, collect
+
+    ds = open_dataset(emb_run[0])
+    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard"))
+    cand = cand[np.random.default_rng(1).permutation(cand.height)]
+    keys, shards = cand["key"].to_list(), cand["shard"].to_list()
+    keys[17] = shards[17] + "x"  # not a number: no row
+    cand = cand.with_columns(pl.Series("key", keys))
+    want: dict[str, tuple[list[int], list[int]]] = {}
+    for pos, (key, shard) in enumerate(zip(keys, shards)):
+        got = want.setdefault(shard, ([], []))
+        got[0].append(pos)
+        got[1].append(int(key[len(shard):]) if key[len(shard):].isdigit() else -1)
+    assert len(want) > 2
+    reader = EmbeddingReader(ds, cand)
+    assert [s for s, _, _ in reader.per_shard] == list(want)
+    for shard, pos, row in reader.per_shard:
+        assert pos.tolist() == want[shard][0] and row.tolist() == want[shard][1]

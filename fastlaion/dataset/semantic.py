@@ -74,10 +74,14 @@ def finite_rows(vec: np.ndarray) -> np.ndarray:
     """(m,) bool: the rows of a float16 (m, D) array without inf or NaN, read from the exponent
     bits (all ones: inf or NaN): compiled (f16_native.c) where it can be built, else numpy on the
     bits (3x np.isfinite, which converts float16 first)."""
+    if vec.dtype != np.float16:  # another tool's float32, say
+        return np.isfinite(vec).all(axis=1)
     from .. import f16_native
 
     ok = f16_native.finite_rows(vec)
-    return ok if ok is not None else ((vec.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+    if ok is None:
+        ok = ((vec.astype("=f2", copy=False).view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+    return ok
 
 
 def float32_rows(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +94,7 @@ def float32_rows(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         done = f16_native.rows(vec)
         if done is not None:
             return done
-    x = vec.astype(np.float32)
+    x = np.ascontiguousarray(vec, dtype=np.float32)
     return x, np.einsum("ij,ij->i", x, x)
 
 
