@@ -345,6 +345,7 @@ def extract_cmd(
     max_host_chars: Annotated[int, typer.Option(help="URLs whose hostname is longer are rejected (LAION: 60).")] = 60,
     keep_svg: Annotated[bool, typer.Option("--keep-svg", help="Keep image URLs containing '.svg' (LAION rejects them).")] = False,
     keep_gif: Annotated[bool, typer.Option("--keep-gif", help="Keep image URLs containing '.gif' (LAION rejects them).")] = False,
+    page_opt_out_tags: Annotated[str, typer.Option(help="Comma-separated directives of noai, noimageai, noindex, noimageindex: a page whose robots <meta> (name robots, fastlaion or img2dataset) or X-Robots-Tag header carries one has all its image links rejected (opt_out). '' checks none.")] = "noai,noimageai",
     shard_rows: Annotated[int, typer.Option(help="Rows per candidates-NNNNN.parquet file.")] = 1_000_000,
     max_record_bytes: Annotated[int, typer.Option(help="WARC records larger than this are skipped unread (too_large).")] = 64 << 20,
     http_retries: Annotated[int, typer.Option(help="Extra attempts for an http(s) input, when opening it and when the connection breaks.")] = 3,
@@ -371,7 +372,8 @@ def extract_cmd(
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
                             reject_gif=not keep_gif, shard_rows=shard_rows, max_record_bytes=max_record_bytes,
-                            http_retries=http_retries, http_timeout_s=http_timeout)
+                            http_retries=http_retries, http_timeout_s=http_timeout,
+                            page_opt_out_tags=tuple(t.strip().lower() for t in page_opt_out_tags.split(",") if t.strip()))
         cfg.validate()
         sources = list(inputs or [])
         if crawl is not None:

@@ -263,6 +263,9 @@ class DedupMode(str, enum.Enum):
     none = "none"  # keep every pair
 
 
+PAGE_OPT_OUT_TAGS = ("noai", "noimageai", "noindex", "noimageindex")  # what --page-opt-out-tags takes
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     dedup: DedupMode = DedupMode.uid  # dedup key across all inputs of a run
@@ -277,8 +280,16 @@ class ExtractConfig:
     http_retries: int = 3  # extra attempts for an http(s) input, on open and mid-stream
     http_timeout_s: float = 60.0  # per connect / read on an http(s) input
     http_backoff_s: float = 1.0  # first retry waits this long, doubling each time
+    # A page whose robots <meta> (name robots, fastlaion or img2dataset) or X-Robots-Tag header
+    # carries one of these has every image link rejected (opt_out): the AI opt-outs by default
+    # (DeviantArt's noai / noimageai); empty: none
+    page_opt_out_tags: tuple[str, ...] = ("noai", "noimageai")
 
     def validate(self) -> None:
+        bad = [t for t in self.page_opt_out_tags if t not in PAGE_OPT_OUT_TAGS]
+        if bad:
+            raise ConfigError(f"--page-opt-out-tags: {', '.join(map(repr, bad))} not one of "
+                              f"{', '.join(PAGE_OPT_OUT_TAGS)}")
         at_least("--processes", self.processes, 0)
         at_least("--min-alt-chars", self.min_alt_chars, 0)
         at_least("--max-text-chars", self.max_text_chars, 1)

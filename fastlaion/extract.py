@@ -39,6 +39,10 @@ Counting (it adds up; `ExtractSummary` and extract_stats.json carry all of it):
     pairs   = pairs_after_dedup + duplicates
 
 Link rules, checked in this order; a link is counted under the first rule it fails:
+    opt_out      the page opts out: its robots <meta> (name robots, fastlaion or img2dataset;
+                 directives split at commas and spaces) or its X-Robots-Tag header (Google's
+                 syntax, as the downloader reads it) carries one of `page_opt_out_tags` (default
+                 noai, noimageai: the AI opt-outs); every image link of the page is rejected
     no_alt       the img has no alt attribute (kept with an empty caption if min_alt_chars == 0)
     short_alt    alt, entity-decoded and whitespace-folded, under `min_alt_chars` (LAION: 5)
     data_uri     src contains "data:" (LAION)
@@ -106,7 +110,8 @@ if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does 
 log = logging.getLogger(__name__)
 
 DEFAULT_CC_BASE_URL = "https://data.commoncrawl.org/"
-REJECT_REASONS = ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host")
+# opt_out last here, though checked first: the compiled rules count the others in this order
+REJECT_REASONS = ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host", "opt_out")
 IGNORE_REASONS = ("other_type", "not_html", "no_img_links")
 SKIP_REASONS = ("empty_input", "not_warc", "bad_header", "bad_content_length", "too_large", "truncated",
                 "corrupt_gzip", "read_error", "invalid_json", "bad_http")
@@ -829,7 +834,7 @@ def _native_scanner(cfg: ExtractConfig) -> Any:
         return None
     from .extract_native import scanner
 
-    return scanner(cfg.max_record_bytes)
+    return scanner(cfg.max_record_bytes, cfg.page_opt_out_tags)
 
 
 _USE_NATIVE = True  # tests switch the native path off to compare with the Python path
@@ -1251,11 +1256,12 @@ def _handle_wat(target_uri: str, block: Any, rules: _LinkRules, stats: InputStat
     head = html_meta.Head
     base = head.Base if head is not None else None
     lang = _wat_lang(head.Metas if head is not None else None, meta.Headers)
+    opt_out = _wat_opt_out(head.Metas if head is not None else None, meta.Headers, rules.cfg.page_opt_out_tags)
     stats.pages += 1
     stats.records += 1
     imgs = [ln for ln in links if ln.path == "IMG@/src"]
     rules.wat_page(page_url, base if isinstance(base, str) else None, [ln.url for ln in imgs], [ln.alt for ln in imgs],
-                   lang)
+                   lang, opt_out)
 
 
 def _handle_wat_reference(target_uri: str, block: Any, rules: _LinkRules, stats: InputStats) -> None:
@@ -1282,12 +1288,14 @@ def _handle_wat_reference(target_uri: str, block: Any, rules: _LinkRules, stats:
         page_url = ""
     head = html_meta.get("Head")
     base = head.get("Base") if isinstance(head, dict) else None
-    lang = _wat_lang(head.get("Metas") if isinstance(head, dict) else None, meta.get("Headers"))
+    metas = head.get("Metas") if isinstance(head, dict) else None
+    lang = _wat_lang(metas, meta.get("Headers"))
+    opt_out = _wat_opt_out(metas, meta.get("Headers"), rules.cfg.page_opt_out_tags)
     stats.pages += 1
     stats.records += 1
     imgs = [ln for ln in links if isinstance(ln, dict) and ln.get("path") == "IMG@/src"]
     rules.wat_page(page_url, base if isinstance(base, str) else None, [ln.get("url") for ln in imgs],
-                   [ln.get("alt") for ln in imgs], lang)
+                   [ln.get("alt") for ln in imgs], lang, opt_out)
 
 
 def _wat_decoder() -> tuple[Any, tuple[type[BaseException], ...]]:
@@ -1328,6 +1336,49 @@ def _wat_lang(metas: Any, headers: Any) -> str | None:
     return None
 
 
+# <meta name=...> values whose directives apply to us: every robot, ours, img2dataset's (which
+# sites name in their opt-outs); X-Robots-Tag's agent prefixes likewise (download.py's rule)
+META_AGENTS = ("robots", "fastlaion", "img2dataset")
+_DIRECTIVE_SPLIT = re.compile(r"[,\s]+")
+
+
+def _meta_opt_out(name: Any, content: Any, tags: tuple[str, ...]) -> str | None:
+    """'name: directive' when a <meta name content> is a robots meta for us carrying one of tags."""
+    if not (tags and isinstance(name, str) and isinstance(content, str)):
+        return None
+    agent = name.strip().lower()
+    if agent not in META_AGENTS:
+        return None
+    return next((f"{agent}: {d}" for d in _DIRECTIVE_SPLIT.split(content.lower()) if d in tags), None)
+
+
+def _header_opt_out(value: Any, tags: tuple[str, ...]) -> str | None:
+    if not (tags and isinstance(value, str)):
+        return None
+    from .download import opt_out_directive
+
+    found = opt_out_directive([value], tags, META_AGENTS[1:])
+    return f"x-robots-tag: {found}" if found else None
+
+
+def _wat_opt_out(metas: Any, headers: Any, tags: tuple[str, ...]) -> str | None:
+    """The page's opt-out (its robots metas, then its X-Robots-Tag headers), or None."""
+    if not tags:
+        return None
+    for m in metas if isinstance(metas, list) else ():
+        if isinstance(m, dict):
+            found = _meta_opt_out(m.get("name"), m.get("content"), tags)
+            if found:
+                return found
+    if isinstance(headers, dict):
+        for k, v in headers.items():
+            if isinstance(k, str) and len(k) == 12 and k.lower() == "x-robots-tag":
+                found = _header_opt_out(v, tags)
+                if found:
+                    return found
+    return None
+
+
 def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: InputStats) -> None:
     if not block.startswith(b"HTTP/"):
         stats.ignore("not_html")  # e.g. a dns: record or a non-HTTP resource
@@ -1362,6 +1413,10 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
     lang = lang or headers.get("content-language") or None
     base_node = tree.css_first("base[href]")
     base = base_node.attributes.get("href") if base_node is not None else None
+    tags = rules.cfg.page_opt_out_tags
+    opt_out = next((found for node in (tree.css("meta[name]") if tags else ())
+                    if (found := _meta_opt_out(node.attributes.get("name"), node.attributes.get("content"), tags))),
+                   None) or _header_opt_out(headers.get("x-robots-tag"), tags)
     stats.pages += 1
     stats.records += 1
     imgs = []
@@ -1370,7 +1425,7 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
         alt = a.get("alt", _MISSING)
         imgs.append((a.get("src"), None if alt is _MISSING else (alt or ""),
                      _dimension(a.get("width")), _dimension(a.get("height"))))
-    rules.html_page(target_uri, base, imgs, lang.strip()[:64] if lang else None)
+    rules.html_page(target_uri, base, imgs, lang.strip()[:64] if lang else None, opt_out)
 
 
 _MISSING = object()
@@ -1572,10 +1627,11 @@ class _LinkRules:
         self._seq = 0  # links queued so far: each link's number orders the rows of a flush
 
     def wat_page(self, page_url: str, base_href: str | None, srcs: list[Any], alts: list[Any],
-                 lang: str | None) -> None:
-        """A WAT page's IMG@/src links (url and alt values as found; entities still encoded)."""
+                 lang: str | None, opt_out: str | None = None) -> None:
+        """A WAT page's IMG@/src links (url and alt values as found; entities still encoded);
+        `opt_out`: the page's opt-out directive, which rejects them all."""
         self.stats.links += len(srcs)
-        if not srcs:
+        if not srcs or self._opted_out(opt_out, len(srcs)):
             return
         base = _page_base(page_url, base_href, True)
         if not self.vectorised:
@@ -1598,6 +1654,13 @@ class _LinkRules:
         self._queued += len(srcs)
         if self._queued >= LINK_BATCH:
             self.flush()
+
+    def _opted_out(self, opt_out: str | None, links: int) -> bool:
+        """Count a page's links under opt_out when it opts out (rule order: first)."""
+        if opt_out is None:
+            return False
+        self.stats.rejected["opt_out"] += links
+        return True
 
     def wat_pages_native(self, batch: Any, a: int, b: int) -> None:
         """Pages a..b of a native Batch (extract_native.py), as wat_page for each in order: the
@@ -1660,11 +1723,11 @@ class _LinkRules:
             self.flush()
 
     def html_page(self, page_url: str, base_href: str | None, imgs: list[tuple[Any, Any, int | None, int | None]],
-                  lang: str | None) -> None:
+                  lang: str | None, opt_out: str | None = None) -> None:
         """An HTML page's img elements as (src, alt, width, height); the parser decoded entities."""
         self.flush()  # keep the pairs in input order
         self.stats.links += len(imgs)
-        if imgs:
+        if imgs and not self._opted_out(opt_out, len(imgs)):
             srcs, alts, widths, heights = (list(c) for c in zip(*imgs))
             self._reference_page(page_url, _page_base(page_url, base_href, False), srcs, alts, widths, heights,
                                  lang, False)

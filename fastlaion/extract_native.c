@@ -66,7 +66,12 @@ typedef struct {
     void *decompressor; gunzip_fn gunzip;
     int64_t *src_start; int64_t *alt_start;                     /* each link's string offsets */
     int64_t n_defer, n_other, n_noimg, n_bytes;                 /* members of each kind; output bytes */
+    int64_t opt_out_mask;  /* bits of OPT_OUT_TAGS that opt a page out (extract.py decides; here: defer) */
 } ctx_t;
+
+/* extract.config.PAGE_OPT_OUT_TAGS, in its order: bit i of opt_out_mask is tag i */
+static const char *const OPT_OUT_TAGS[] = {"noai", "noimageai", "noindex", "noimageindex"};
+#define N_OPT_OUT_TAGS 4
 
 /* ---------------------------------------------------------------------------------------- */
 /* bytes helpers */
@@ -104,6 +109,16 @@ static int64_t find_ci(const uint8_t *s, int64_t n, const char *needle, int64_t 
     for (int64_t i = 0; i + m <= n; i++)
         if (lower(s[i]) == (uint8_t)needle[0] && match_ci(s + i, needle, m)) return i;
     return -1;
+}
+
+/* Whether a string's bytes could hold one of the enabled opt-out tags: each, case-insensitively,
+ * anywhere (extract.py splits the directives and decides; this only finds the pages to ask it) */
+static int may_opt_out(const uint8_t *v, int64_t n, int64_t mask) {
+    for (int i = 0; i < N_OPT_OUT_TAGS; i++) {
+        int64_t m = (int64_t)strlen(OPT_OUT_TAGS[i]);
+        if ((mask >> i & 1) && n >= m && find_ci(v, n, OPT_OUT_TAGS[i], m) >= 0) return 1;
+    }
+    return 0;
 }
 
 /* header.lower().count(name) for "content-length", "warc-type" and "warc-target-uri", in one
@@ -499,6 +514,7 @@ static int walk_metas(J *j, int depth) {
             /* one meta: the last http-equiv and content values count, as in a dict */
             int equiv_state = 0;  /* 0 absent or other, 1 matches, 2 undecided here */
             int content_state = 0; /* 0 none or not a string, 1 a string */
+            int robots = 0;        /* name is (or may be) robots, fastlaion or img2dataset */
             jstr content = {0};
             j->p++;
             ws(j);
@@ -508,20 +524,30 @@ static int walk_metas(J *j, int depth) {
                 if (!next_key(j, &k)) return 0;
                 if (k.esc) { j->defer = 1; return 0; }
                 int is_equiv = key_is(k, "http-equiv"), is_content = key_is(k, "content");
-                if ((is_equiv || is_content) && j->p < j->e && *j->p == '"') {
+                int is_name = key_is(k, "name");
+                if ((is_equiv || is_content || is_name) && j->p < j->e && *j->p == '"') {
                     jstr v;
                     if (!parse_string(j, &v)) return 0;
                     /* str.lower() of a non-ASCII value is never "content-language" */
                     if (is_equiv) equiv_state = v.esc ? 2 : (v.ascii && eq_ci(v, "content-language")) ? 1 : 0;
+                    else if (is_name) robots = v.esc || !v.ascii || find_ci(v.s, v.n, "robots", 6) >= 0
+                                               || find_ci(v.s, v.n, "fastlaion", 9) >= 0
+                                               || find_ci(v.s, v.n, "img2dataset", 11) >= 0;
                     else { content_state = 1; content = v; }
                 } else {
                     if (!skip_value(j, depth + 2)) return 0;
                     if (is_equiv) equiv_state = 0;  /* str() of a non-string never matches */
                     else if (is_content) content_state = 0;
+                    else if (is_name) robots = 0;
                 }
                 int m = obj_more(j);
                 if (m < 0) return 0;
                 if (m == 0) break;
+            }
+            if (robots && content_state == 1 && j->c->opt_out_mask
+                && (content.esc || may_opt_out(content.s, content.n, j->c->opt_out_mask))) {
+                j->defer = 1;  /* a robots meta that may opt the page out: extract.py decides */
+                return 0;
             }
             if (equiv_state == 2 && !j->lang_meta_s) { j->defer = 1; return 0; }
             if (equiv_state == 1 && content_state == 1 && !j->lang_meta_s) {
@@ -550,7 +576,11 @@ static int walk_headers(J *j, int depth) {
         jstr k;
         if (!next_key(j, &k)) return 0;
         if (k.esc) { j->defer = 1; return 0; }
-        if (eq_ci(k, "content-language")) {
+        if (j->c->opt_out_mask && eq_ci(k, "x-robots-tag") && j->p < j->e && *j->p == '"') {
+            jstr v;
+            if (!parse_string(j, &v)) return 0;
+            if (v.esc || may_opt_out(v.s, v.n, j->c->opt_out_mask)) { j->defer = 1; return 0; }
+        } else if (eq_ci(k, "content-language")) {
             if (++j->hdr_matches > 1) { j->defer = 1; return 0; }
             if (j->p < j->e && *j->p == '"') {
                 jstr v;
@@ -1543,6 +1573,9 @@ void wat_close(ctx_t *c) {
     free(c->src_valid); free(c->alt_valid); free(c->link_page); free(c->src_start); free(c->alt_start);
     free(c);
 }
+
+/* the opt-out tags (bits of OPT_OUT_TAGS) whose pages the scan leaves to extract.py */
+void wat_set_opt_out(ctx_t *c, int64_t mask) { c->opt_out_mask = mask; }
 
 ctx_t *wat_open(int64_t max_record_bytes, void *decompressor, void *gunzip) {
     ctx_t *c = calloc(1, sizeof *c);

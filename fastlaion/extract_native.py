@@ -90,7 +90,7 @@ class _Ctx(ctypes.Structure):
         ("decompressor", ctypes.c_void_p), ("gunzip", ctypes.c_void_p),
         ("src_start", _i64p), ("alt_start", _i64p),
         ("n_defer", ctypes.c_int64), ("n_other", ctypes.c_int64), ("n_noimg", ctypes.c_int64),
-        ("n_bytes", ctypes.c_int64),
+        ("n_bytes", ctypes.c_int64), ("opt_out_mask", ctypes.c_int64),
     ]
 
 
@@ -188,6 +188,8 @@ def _load() -> Any:
     lib.wat_open.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.wat_close.restype = None
     lib.wat_close.argtypes = [ctypes.POINTER(_Ctx)]
+    lib.wat_set_opt_out.restype = None
+    lib.wat_set_opt_out.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_int64]
     lib.wat_reset.restype = None
     lib.wat_reset.argtypes = [ctypes.POINTER(_Ctx)]
     lib.wat_scan.restype = ctypes.c_int64
@@ -291,10 +293,17 @@ def uids(urls: Any, captions: Any) -> Any:
     return pl.Series("uid", [out.raw[:-1]], dtype=pl.Binary).cast(pl.String).str.split("\x00").explode()
 
 
-def scanner(max_record_bytes: int) -> Scanner | None:
-    """A Scanner for one input, or None without the library."""
+def scanner(max_record_bytes: int, opt_out_tags: tuple[str, ...] = ()) -> Scanner | None:
+    """A Scanner for one input, or None without the library. Records whose robots metas or
+    X-Robots-Tag headers may carry one of `opt_out_tags` are left to extract.py (deferred)."""
+    from .config import PAGE_OPT_OUT_TAGS
+
     lib = library()
-    return Scanner(lib, max_record_bytes) if lib is not None else None
+    if lib is None:
+        return None
+    found = Scanner(lib, max_record_bytes)
+    lib.wat_set_opt_out(found.ctx_p, sum(1 << i for i, tag in enumerate(PAGE_OPT_OUT_TAGS) if tag in opt_out_tags))
+    return found
 
 
 def _addr(ptr: Any) -> int:

@@ -43,9 +43,10 @@ def warc_record(warc_type: str, uri: str, payload: bytes, content_type: str,
     return head.encode() + payload + b"\r\n\r\n"
 
 
-def wat_record(page_url: str, links: list[dict], base: str | None = None, http_headers: dict | None = None) -> bytes:
+def wat_record(page_url: str, links: list[dict], base: str | None = None, http_headers: dict | None = None,
+               metas: list[dict] | None = None) -> bytes:
     """A WAT metadata record laid out like Common Crawl's (see ../shared/data/README.md)."""
-    head: dict = {"Title": "a page", "Metas": [{"name": "viewport", "content": "width=device-width"}]}
+    head: dict = {"Title": "a page", "Metas": [{"name": "viewport", "content": "width=device-width"}, *(metas or [])]}
     if base is not None:
         head["Base"] = base
     doc = {
@@ -634,7 +635,8 @@ def test_is_warc_like():
 
 def test_reason_names_are_fixed():
     # extract_stats.json consumers and the README rely on these names
-    assert REJECT_REASONS == ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host")
+    assert REJECT_REASONS == ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host",
+                              "opt_out")
     assert IGNORE_REASONS == ("other_type", "not_html", "no_img_links")
     assert "truncated" in SKIP_REASONS and "invalid_json" in SKIP_REASONS and "bad_content_length" in SKIP_REASONS
 
@@ -1120,3 +1122,77 @@ def test_the_console_script_ends_without_teardown_and_loses_no_output(tmp_path):
     assert stats["pairs"] == stats["pairs_after_dedup"] == 1000
     frame = pl.read_parquet(out / "candidates-00000.parquet")
     assert frame.height == 1000 and frame["page_url"].str.starts_with("https://p1-").sum() == 500
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages that opt out: robots <meta> and X-Robots-Tag
+
+def opt_out_pages() -> list[tuple[bytes, bool]]:
+    """WAT records, each a page with two image links, and whether it opts out by default (noai,
+    noimageai): robots metas for every robot, for fastlaion and img2dataset, in any case and
+    with spaces or commas; X-Robots-Tag headers; and what must not count (another robot's
+    directive, a description mentioning noai, noindex, which is not an AI opt-out by default)."""
+    cases = [
+        ({"metas": [{"name": "robots", "content": "noai, noimageai"}]}, True),  # DeviantArt's
+        ({"metas": [{"name": "ROBOTS", "content": "index follow NoImageAI"}]}, True),
+        ({"metas": [{"content": "noai", "name": " fastlaion "}]}, True),  # content before name
+        ({"metas": [{"name": "img2dataset", "content": "noai"}]}, True),
+        ({"http_headers": {"Content-Type": "text/html", "X-Robots-Tag": "noimageai"}}, True),
+        ({"http_headers": {"x-robots-tag": "googlebot: noindex, fastlaion: noai"}}, True),
+        ({"http_headers": {"X-Robots-Tag": "googlebot: noai"}}, False),  # another robot's
+        ({"metas": [{"name": "googlebot", "content": "noai"}]}, False),
+        ({"metas": [{"name": "description", "content": "noai art: why we say noimageai"}]}, False),
+        ({"metas": [{"name": "robots", "content": "noindex, nofollow"}]}, False),
+        ({"metas": [{"name": "robots", "content": "noaigenerated"}]}, False),  # a directive is a whole word
+        ({"metas": [{"name": "robots", "content": 7}]}, False),  # not a string
+        ({}, False),
+    ]
+    return [(wat_record(f"https://o.example/{i}", [img(f"/{i}a.jpg", f"Opt-out test {i}a"),
+                                                   img(f"/{i}b.jpg", f"Opt-out test {i}b")], **kw), out)
+            for i, (kw, out) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_a_page_that_opts_out_has_every_image_link_rejected(tmp_path, monkeypatch, path):
+    """A WAT page whose robots metas or X-Robots-Tag say noai or noimageai (the defaults) gives
+    no pair: its links are counted under opt_out; the other pages' pairs are all there. The
+    msgspec path and the orjson reference agree; --page-opt-out-tags '' turns it off, and
+    noindex opts out when asked for."""
+    import fastlaion.extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "_USE_NATIVE", False)
+    if path == "reference":
+        monkeypatch.setattr(extract_mod, "_handle_wat", extract_mod._handle_wat_reference)
+    pages = opt_out_pages()
+    data = gz([rec for rec, _ in pages])
+    s, t = extract(tmp_path, {"o.wat.gz": data})
+    kept_pages = {int(u.split("/")[3][:-5]) for u in t["url"].to_list()}
+    assert kept_pages == {i for i, (_, out) in enumerate(pages) if not out}
+    assert s.rejected["opt_out"] == 2 * sum(out for _, out in pages) and s.pairs == 2 * len(kept_pages)
+    s, t = extract(tmp_path, {"o.wat.gz": data}, ExtractConfig(processes=1, page_opt_out_tags=()), out="none")
+    assert s.rejected["opt_out"] == 0 and s.pairs == 2 * len(pages)
+    s, t = extract(tmp_path, {"o.wat.gz": data}, ExtractConfig(processes=1, page_opt_out_tags=("noindex",)),
+                   out="noindex")
+    assert s.rejected["opt_out"] == 2  # the robots meta "noindex, nofollow" only: googlebot's noindex is not ours
+
+
+def test_a_warc_page_that_opts_out_has_every_image_link_rejected(tmp_path):
+    """The same rule for WARC input: the HTML's robots <meta> (parsed) and the response's
+    X-Robots-Tag header."""
+    recs = [response_record("https://w.example/meta", page_html("Opted out by meta", "/m.jpg",
+                                                                  '<meta name="robots" content="noimageai">').encode()),
+            response_record("https://w.example/header", page_html("Opted out by header", "/h.jpg").encode(),
+                            extra="X-Robots-Tag: noai\r\n"),
+            response_record("https://w.example/other", page_html("Another robot's rule", "/o.jpg",
+                                                                   '<meta name="googlebot" content="noai">').encode()),
+            response_record("https://w.example/plain", page_html("A plain page here", "/p.jpg").encode())]
+    s, t = extract(tmp_path, {"w.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://w.example/o.jpg", "Another robot's rule"), ("https://w.example/p.jpg", "A plain page here")]
+    assert nonzero(s.rejected) == {"opt_out": 2}
+
+
+def test_bad_page_opt_out_tags_are_one_line(tmp_path):
+    result = runner.invoke(app, ["extract", str(tmp_path / "x.wat"), "-o", str(tmp_path / "o"),
+                                 "--page-opt-out-tags", "noai,nofollow"])
+    assert result.exit_code == 2 and "--page-opt-out-tags: 'nofollow' not one of noai, noimageai, noindex, noimageindex" \
+        in result.output, result.output

@@ -682,3 +682,21 @@ def test_a_compiler_command_with_arguments_builds_it(tmp_path, monkeypatch):
     compiler, loaded = proc.stdout.strip().rsplit("\n", 1)
     assert compiler.endswith("env gcc") and loaded == "True", proc.stderr[-2000:]
     assert len(list(tmp_path.glob("wat-*.so"))) == 1
+
+
+@pytest.mark.parametrize("tags", [("noai", "noimageai"), ("noindex",), ()], ids=["default", "noindex", "none"])
+def test_pages_that_may_opt_out_go_to_python_and_the_outcome_matches(tmp_path, monkeypatch, tags):
+    """The C walk never decides an opt-out: a record whose robots metas or X-Robots-Tag may hold
+    one of the tags asked for goes to Python (deferred), every other page is decided in C, and
+    the pairs and counts (opt_out among them) are the Python path's."""
+    from test_extract import opt_out_pages
+
+    pages = opt_out_pages()
+    cfg = ExtractConfig(processes=1, http_backoff_s=0.0, page_opt_out_tags=tags)
+    recs = [rec for rec, _ in pages] + [three_wat_records()[0]]  # a plain last page: Python's loop reads the last
+    spy = _same_both_ways(tmp_path, gz(recs), monkeypatch, cfg)
+    # deferred: the pages whose robots meta or header holds a tag asked for, opting out or not
+    # (googlebot's, a whole-word miss); a description's mention of noai is no robots meta
+    may = {("noai", "noimageai"): 8, ("noindex",): 2, (): 0}[tags]
+    assert spy.kinds.get(native.K_DEFER, 0) == may, spy.kinds
+    assert spy.kinds.get(native.K_PAGE, 0) == len(pages) - may, spy.kinds
