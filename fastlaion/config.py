@@ -286,10 +286,6 @@ class ExtractConfig:
     page_opt_out_tags: tuple[str, ...] = ("noai", "noimageai")
 
     def validate(self) -> None:
-        bad = [t for t in self.page_opt_out_tags if t not in PAGE_OPT_OUT_TAGS]
-        if bad:
-            raise ConfigError(f"--page-opt-out-tags: {', '.join(map(repr, bad))} not one of "
-                              f"{', '.join(PAGE_OPT_OUT_TAGS)}")
         at_least("--processes", self.processes, 0)
         at_least("--min-alt-chars", self.min_alt_chars, 0)
         at_least("--max-text-chars", self.max_text_chars, 1)
@@ -299,6 +295,9 @@ class ExtractConfig:
         at_least("--http-retries", self.http_retries, 0)
         positive("--http-timeout", self.http_timeout_s)
         at_least("http_backoff_s", self.http_backoff_s, 0)
+        for tag in self.page_opt_out_tags:
+            if tag not in PAGE_OPT_OUT_TAGS:
+                raise ConfigError(f"--page-opt-out-tags: {tag!r} is not one of {', '.join(PAGE_OPT_OUT_TAGS)}")
 
     def worker_count(self, n_inputs: int) -> int:
         return max(1, min(self.processes or os.cpu_count() or 1, n_inputs))

@@ -73,6 +73,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from fastlaion.config import ConfigError, DownloadConfig
+from fastlaion.robots_tag import agent_token, opt_out_directive
 
 if TYPE_CHECKING:
     from aiohttp.abc import ResolveResult
@@ -256,47 +257,7 @@ class GuardedResolver(AbstractResolver):
 
 # --- opt-out: X-Robots-Tag -------------------------------------------------------------------
 
-# Directives that carry a value after a colon, so "name: value" is not an agent prefix.
-_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
-
-
-def agent_token(user_agent: str) -> str:
-    """The product name a user agent goes by in robots.txt and X-Robots-Tag.
-
-    >>> agent_token("fastlaion/0.1 (+https://github.com/fastlaion/fastlaion)")
-    'fastlaion'
-    """
-    return re.split(r"[/\s]", user_agent.strip(), maxsplit=1)[0].lower()
-
-
-def opt_out_directive(values: Iterable[str], tags: Iterable[str], agents: Iterable[str]) -> str | None:
-    """The first of `tags` that X-Robots-Tag header `values` address to every agent or to one of
-    `agents` (lower-case names), as 'directive' or 'agent: directive'; None if there is none.
-
-    Each header value is a comma-separated list; `name: directive` starts the directives meant
-    for agent `name` only, up to the next such prefix or the end of the value (Google's syntax).
-
-    >>> opt_out_directive(["noindex, nofollow"], ["noindex"], ["fastlaion"])
-    'noindex'
-    >>> opt_out_directive(["googlebot: noindex"], ["noindex"], ["fastlaion"]) is None
-    True
-    >>> opt_out_directive(["googlebot: noarchive, fastlaion: noai"], ["noai"], ["fastlaion"])
-    'fastlaion: noai'
-    """
-    tags, agents = frozenset(tags), frozenset(agents)
-    if not tags:
-        return None
-    for value in values:
-        agent: str | None = None  # directives before any prefix apply to every agent
-        for part in value.lower().split(","):
-            name, colon, rest = part.partition(":")
-            name = name.strip()
-            if colon and name and name not in _VALUED_DIRECTIVES and not any(c.isspace() for c in name):
-                agent, part = name, rest
-            directive = part.split(":", 1)[0].strip()
-            if directive in tags and (agent is None or agent in agents):
-                return f"{agent}: {directive}" if agent else directive
-    return None
+# (agent_token and opt_out_directive: fastlaion/robots_tag.py, which extract.py reads too)
 
 
 # --- blocklists ------------------------------------------------------------------------------

@@ -1352,12 +1352,15 @@ def _meta_opt_out(name: Any, content: Any, tags: tuple[str, ...]) -> str | None:
     return next((f"{agent}: {d}" for d in _DIRECTIVE_SPLIT.split(content.lower()) if d in tags), None)
 
 
-def _header_opt_out(value: Any, tags: tuple[str, ...]) -> str | None:
-    if not (tags and isinstance(value, str)):
+def _header_opt_out(values: list[Any], tags: tuple[str, ...]) -> str | None:
+    """'x-robots-tag: directive' when one of a page's X-Robots-Tag values (each a string, one a
+    header line: an agent prefix runs to the end of its value) carries one of tags for us."""
+    values = [v for v in values if isinstance(v, str)]
+    if not (tags and values):
         return None
-    from .download import opt_out_directive
+    from .robots_tag import opt_out_directive
 
-    found = opt_out_directive([value], tags, META_AGENTS[1:])
+    found = opt_out_directive(values, tags, META_AGENTS[1:])
     return f"x-robots-tag: {found}" if found else None
 
 
@@ -1373,7 +1376,7 @@ def _wat_opt_out(metas: Any, headers: Any, tags: tuple[str, ...]) -> str | None:
     if isinstance(headers, dict):
         for k, v in headers.items():
             if isinstance(k, str) and len(k) == 12 and k.lower() == "x-robots-tag":
-                found = _header_opt_out(v, tags)
+                found = _header_opt_out([v], tags)
                 if found:
                     return found
     return None
@@ -1416,7 +1419,7 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
     tags = rules.cfg.page_opt_out_tags
     opt_out = next((found for node in (tree.css("meta[name]") if tags else ())
                     if (found := _meta_opt_out(node.attributes.get("name"), node.attributes.get("content"), tags))),
-                   None) or _header_opt_out(headers.get("x-robots-tag"), tags)
+                   None) or _header_opt_out(_header_values(block[:h_end], b"x-robots-tag") if tags else [], tags)
     stats.pages += 1
     stats.records += 1
     imgs = []
@@ -1429,6 +1432,19 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
 
 
 _MISSING = object()
+
+
+def _header_values(head: bytes, name: bytes) -> list[str]:
+    """Every value of header `name` (lower case) in an HTTP head, in order (a repeated header
+    is several lines, each its own value)."""
+    if name not in head.lower():
+        return []
+    out = []
+    for line in head.split(b"\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            out.append(value.strip().decode("latin-1"))
+    return out
 
 
 def _parse_http_headers(head: bytes) -> dict[str, str]:

@@ -293,13 +293,14 @@ def uids(urls: Any, captions: Any) -> Any:
     return pl.Series("uid", [out.raw[:-1]], dtype=pl.Binary).cast(pl.String).str.split("\x00").explode()
 
 
-def scanner(max_record_bytes: int, opt_out_tags: tuple[str, ...] = ()) -> Scanner | None:
-    """A Scanner for one input, or None without the library. Records whose robots metas or
-    X-Robots-Tag headers may carry one of `opt_out_tags` are left to extract.py (deferred)."""
+def scanner(max_record_bytes: int, opt_out_tags: tuple[str, ...]) -> Scanner | None:
+    """A Scanner for one input, or None without the library (or for a tag the C walk does not
+    know: then only Python can decide). Records whose robots metas or X-Robots-Tag headers may
+    carry one of `opt_out_tags` are left to extract.py (deferred)."""
     from .config import PAGE_OPT_OUT_TAGS
 
     lib = library()
-    if lib is None:
+    if lib is None or any(tag not in PAGE_OPT_OUT_TAGS for tag in opt_out_tags):
         return None
     found = Scanner(lib, max_record_bytes)
     lib.wat_set_opt_out(found.ctx_p, sum(1 << i for i, tag in enumerate(PAGE_OPT_OUT_TAGS) if tag in opt_out_tags))

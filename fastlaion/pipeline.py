@@ -486,7 +486,10 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputCo
         if inputs.crawl:
             sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
         shutil.rmtree(target, ignore_errors=True)
-        extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars),
+        # the pages' opt-outs: extract's defaults (noai, noimageai) that --opt-out-tags keeps
+        page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
+        extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
+                                                          page_opt_out_tags=page_tags),
                            progress.extracting())
     candidates = tuple(str(p) for p in sorted(target.glob("candidates-*.parquet")))
     return dataclasses.replace(inputs, paths=candidates, input_format=InputFormat.parquet, url_col="url",

@@ -419,7 +419,8 @@ def test_junk_between_records_is_skipped_once(tmp_path):
     ("text.warc", b"just some text, not WARC at all\n" * 500, "not_warc"),
     ("text.warc.gz", gzip.compress(b"just some gzipped text\n" * 500), "not_warc"),
     ("random.wat", bytes(range(256)) * 40, "not_warc"),
-])
+], ids=["empty", "text", "gzipped-text", "random"])  # ids, not the data: gzip's header holds the time, and
+# pytest-xdist's workers must collect the same ids (a second's tick between them failed a run)
 def test_inputs_that_hold_no_warc_are_counted_not_fatal(tmp_path, name, data, reason):
     s, t = extract(tmp_path, {name: data, "good.wat.gz": gz(three_wat_records())})
     assert t.height == 3  # the other input is read as usual
@@ -1007,7 +1008,9 @@ def test_extract_command_loads_neither_the_pipeline_nor_the_ml_stack(tmp_path):
     import sys
 
     (tmp_path / "rules.wat.gz").write_bytes(rule_wat())
-    (tmp_path / "pages.warc.gz").write_bytes(gz([response_record(PAGE, page_html("A photo of a cat").encode())]))
+    # (an X-Robots-Tag header: reading it for opt-outs loads no HTTP client either)
+    (tmp_path / "pages.warc.gz").write_bytes(gz([response_record(PAGE, page_html("A photo of a cat").encode(),
+                                                                 extra="X-Robots-Tag: noarchive\r\n")]))
     unwanted = ("numpy", "torch", "PIL", "pyarrow", "pandas", "open_clip", "fastlaion.pipeline", "fastlaion.batch",
                 "fastlaion.workers", "fastlaion.decode", "fastlaion.download", "fastlaion.dataset",
                 "fastlaion.cli_dataset", "http.client", "urllib.request", "rich.progress")
@@ -1146,6 +1149,11 @@ def opt_out_pages() -> list[tuple[bytes, bool]]:
         ({"metas": [{"name": "robots", "content": "noaigenerated"}]}, False),  # a directive is a whole word
         ({"metas": [{"name": "robots", "content": 7}]}, False),  # not a string
         ({}, False),
+        # escaped in the record (json.dumps writes \u00a0, \u00e4): the C walk hands these over
+        ({"metas": [{"name": "robots\u00a0", "content": "noai"}]}, True),  # str.strip() takes the NBSP
+        ({"metas": [{"name": "robots", "content": "n\u00e4ive, noimageai"}]}, True),
+        ({"http_headers": {"X-Robots-Tag": "noai\u00a0"}}, True),
+        ({"metas": [{"name": "robots", "content": "noimageindex"}]}, False),  # only when asked for
     ]
     return [(wat_record(f"https://o.example/{i}", [img(f"/{i}a.jpg", f"Opt-out test {i}a"),
                                                    img(f"/{i}b.jpg", f"Opt-out test {i}b")], **kw), out)
@@ -1174,6 +1182,9 @@ def test_a_page_that_opts_out_has_every_image_link_rejected(tmp_path, monkeypatc
     s, t = extract(tmp_path, {"o.wat.gz": data}, ExtractConfig(processes=1, page_opt_out_tags=("noindex",)),
                    out="noindex")
     assert s.rejected["opt_out"] == 2  # the robots meta "noindex, nofollow" only: googlebot's noindex is not ours
+    s, t = extract(tmp_path, {"o.wat.gz": data}, ExtractConfig(processes=1, page_opt_out_tags=("noimageindex",)),
+                   out="noimageindex")
+    assert s.rejected["opt_out"] == 2
 
 
 def test_a_warc_page_that_opts_out_has_every_image_link_rejected(tmp_path):
@@ -1185,14 +1196,22 @@ def test_a_warc_page_that_opts_out_has_every_image_link_rejected(tmp_path):
                             extra="X-Robots-Tag: noai\r\n"),
             response_record("https://w.example/other", page_html("Another robot's rule", "/o.jpg",
                                                                    '<meta name="googlebot" content="noai">').encode()),
-            response_record("https://w.example/plain", page_html("A plain page here", "/p.jpg").encode())]
+            response_record("https://w.example/plain", page_html("A plain page here", "/p.jpg").encode()),
+            # a repeated header is two values: the second's opt-out counts (the downloader reads all)
+            response_record("https://w.example/twice", page_html("Opted out twice over", "/t.jpg").encode(),
+                            extra="X-Robots-Tag: noarchive\r\nX-Robots-Tag: noimageai\r\n"),
+            # an agent prefix runs to the end of its value, not into the next header's
+            response_record("https://w.example/prefix", page_html("Prefix of another robot", "/x.jpg").encode(),
+                            extra="X-Robots-Tag: googlebot: noarchive\r\nX-Robots-Tag: noai\r\n")]
     s, t = extract(tmp_path, {"w.warc.gz": gz(recs)})
     assert pairs(t) == [("https://w.example/o.jpg", "Another robot's rule"), ("https://w.example/p.jpg", "A plain page here")]
-    assert nonzero(s.rejected) == {"opt_out": 2}
+    assert nonzero(s.rejected) == {"opt_out": 4}
+    s, t = extract(tmp_path, {"w.warc.gz": gz(recs)}, ExtractConfig(processes=1, page_opt_out_tags=()), out="none")
+    assert s.pairs == len(recs) and nonzero(s.rejected) == {}
 
 
 def test_bad_page_opt_out_tags_are_one_line(tmp_path):
     result = runner.invoke(app, ["extract", str(tmp_path / "x.wat"), "-o", str(tmp_path / "o"),
                                  "--page-opt-out-tags", "noai,nofollow"])
-    assert result.exit_code == 2 and "--page-opt-out-tags: 'nofollow' not one of noai, noimageai, noindex, noimageindex" \
-        in result.output, result.output
+    assert result.exit_code == 2 and "--page-opt-out-tags: 'nofollow' is not one of noai, noimageai, noindex, " \
+        "noimageindex" in result.output, result.output

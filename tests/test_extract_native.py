@@ -629,7 +629,7 @@ def test_without_the_library_the_python_path_reads(tmp_path, monkeypatch, how):
     else:
         monkeypatch.setenv("FASTLAION_NATIVE", "0")
     native._reset()
-    assert native.scanner(1 << 20) is None and native.library() is None
+    assert native.scanner(1 << 20, ()) is None and native.library() is None
     assert not list(cache.glob("wat-*.so")) if cache.exists() else True
     table, counts = _run(tmp_path, rule_wat(), True, monkeypatch)
     ref_table, ref_counts = _run(tmp_path, rule_wat(), False, monkeypatch)
@@ -684,7 +684,8 @@ def test_a_compiler_command_with_arguments_builds_it(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("wat-*.so"))) == 1
 
 
-@pytest.mark.parametrize("tags", [("noai", "noimageai"), ("noindex",), ()], ids=["default", "noindex", "none"])
+@pytest.mark.parametrize("tags", [("noai", "noimageai"), ("noindex",), ("noimageindex",), ()],
+                         ids=["default", "noindex", "noimageindex", "none"])
 def test_pages_that_may_opt_out_go_to_python_and_the_outcome_matches(tmp_path, monkeypatch, tags):
     """The C walk never decides an opt-out: a record whose robots metas or X-Robots-Tag may hold
     one of the tags asked for goes to Python (deferred), every other page is decided in C, and
@@ -696,7 +697,16 @@ def test_pages_that_may_opt_out_go_to_python_and_the_outcome_matches(tmp_path, m
     recs = [rec for rec, _ in pages] + [three_wat_records()[0]]  # a plain last page: Python's loop reads the last
     spy = _same_both_ways(tmp_path, gz(recs), monkeypatch, cfg)
     # deferred: the pages whose robots meta or header holds a tag asked for, opting out or not
-    # (googlebot's, a whole-word miss); a description's mention of noai is no robots meta
-    may = {("noai", "noimageai"): 8, ("noindex",): 2, (): 0}[tags]
+    # (googlebot's, a whole-word miss), and the 3 whose robots values are escaped (the C walk
+    # does not unescape them); a description's mention of noai is no robots meta
+    may = {("noai", "noimageai"): 11, ("noindex",): 2 + 2, ("noimageindex",): 1 + 2, (): 0}[tags]
     assert spy.kinds.get(native.K_DEFER, 0) == may, spy.kinds
     assert spy.kinds.get(native.K_PAGE, 0) == len(pages) - may, spy.kinds
+
+
+def test_a_tag_the_c_walk_does_not_know_leaves_every_record_to_python(monkeypatch):
+    """extract_file takes an ExtractConfig as it is (unvalidated): a tag outside PAGE_OPT_OUT_TAGS
+    gets no compiled scanner, so the C walk cannot decide a page Python would reject."""
+    _need_native()
+    assert native.scanner(1 << 20, ("noai",)) is not None
+    assert native.scanner(1 << 20, ("noarchive",)) is None
