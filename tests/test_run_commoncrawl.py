@@ -93,3 +93,30 @@ def test_run_with_local_wat_and_bad_mixes(tmp_path, photos):
     assert not (tmp_path / "o3").exists()
     bad = runner.invoke(app, ["run", "-o", str(tmp_path / "o4"), "--crawl", "2024-22"])
     assert bad.exit_code == 2 and "--crawl must look like" in bad.output
+
+
+def test_run_on_wat_leaves_out_pages_that_opt_out_as_its_opt_out_tags_say(tmp_path, photos):
+    """`fastlaion run` on a WAT file: a page whose robots meta says noai gives no candidate (its
+    link counted under opt_out in candidates/extract_stats.json), another page's image is
+    downloaded; with `--opt-out-tags ''` (no opt-out checks at all) both are."""
+    names = list(photos)
+    server = LoopbackServer().start()
+    try:
+        server.files.update({f"img/{n}.jpg": Served(encode(photos[n]), "image/jpeg") for n in names[:2]})
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(gz([
+            wat_record(f"{server.base_url}/art", [img(f"/img/{names[0]}.jpg", "a drawing its author keeps from AI")],
+                       metas=[{"name": "robots", "content": "noai, noimageai"}]),
+            wat_record(f"{server.base_url}/news", [img(f"/img/{names[1]}.jpg", "a photograph on a news page")])]))
+        for tags, urls, opted_out in ((None, [names[1]], 1), ("", names[:2], 0)):
+            out = tmp_path / f"out-{tags}"
+            args = ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"]
+            result = runner.invoke(app, args + ([] if tags is None else ["--opt-out-tags", tags]))
+            assert result.exit_code == 0, result.output
+            stats = json.loads((out / "candidates" / "extract_stats.json").read_text())
+            assert stats["rejected"]["opt_out"] == opted_out
+            table = pl.read_parquet(out / "00000.parquet")
+            assert sorted(table["url"].to_list()) == sorted(f"{server.base_url}/img/{n}.jpg" for n in urls)
+            assert table["status"].to_list() == ["kept"] * len(urls)
+    finally:
+        server.close()
