@@ -243,12 +243,15 @@ def test_process_pool_gives_the_same_rows_in_input_order_and_shards(tmp_path):
     assert [i.pairs for i in s.inputs] == [12, 12, 12] and s.pairs_after_dedup == 27
 
 
+BIG_PAGES = 240_000  # a whole run about 6 s here: finishing the running jobs would take seconds
+
+
 @pytest.fixture(scope="module")
 def big_wats(tmp_path_factory):
-    """Three WATs of 80,000 pages each: seconds of extraction per input, the same bytes thrice."""
+    """Three WATs of BIG_PAGES pages each: seconds of extraction per input, the same bytes thrice."""
     folder = tmp_path_factory.mktemp("big-wats")
     data = gz([wat_record(f"https://site.example/p{j}", [img(f"/img{j}.jpg", f"a picture, number {j}")])
-               for j in range(80_000)])
+               for j in range(BIG_PAGES)])
     paths = []
     for i in range(3):
         paths.append(folder / f"{i}.wat.gz")
@@ -296,12 +299,15 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
     started = time.monotonic()
     rerun = subprocess.run(cmd, capture_output=True, timeout=300)
     full = time.monotonic() - started
-    assert took < 0.3 * full, (took, full)  # not the running jobs' end
+    # not the running jobs' end (seconds of work left in each): a fraction of a whole run, or, on
+    # a machine that other tests load (xdist), 2.5 s at most (the exit itself took 0.9 and 1.6 s
+    # there twice, 0.1 s alone)
+    assert took < max(0.3 * full, 2.5), (took, full)
     if failing:
         assert rerun.returncode == 2 and "missing.wat.gz" in rerun.stderr.decode(), rerun.stderr.decode()
     else:
         assert rerun.returncode == 0, rerun.stderr.decode()
-        assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == 80_000  # dedup: thrice the same
+        assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same
 
 
 # ---------------------------------------------------------------------------------------------
