@@ -1382,6 +1382,17 @@ def _wat_opt_out(metas: Any, headers: Any, tags: tuple[str, ...]) -> str | None:
     return None
 
 
+def _html_opt_out(tree: Any, http_head: bytes, tags: tuple[str, ...]) -> str | None:
+    """A WARC page's opt-out (its robots metas, then every X-Robots-Tag header line), or None."""
+    if not tags:
+        return None
+    for node in tree.css("meta[name]"):
+        found = _meta_opt_out(node.attributes.get("name"), node.attributes.get("content"), tags)
+        if found:
+            return found
+    return _header_opt_out(_header_values(http_head, b"x-robots-tag"), tags)
+
+
 def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: InputStats) -> None:
     if not block.startswith(b"HTTP/"):
         stats.ignore("not_html")  # e.g. a dns: record or a non-HTTP resource
@@ -1416,10 +1427,7 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
     lang = lang or headers.get("content-language") or None
     base_node = tree.css_first("base[href]")
     base = base_node.attributes.get("href") if base_node is not None else None
-    tags = rules.cfg.page_opt_out_tags
-    opt_out = next((found for node in (tree.css("meta[name]") if tags else ())
-                    if (found := _meta_opt_out(node.attributes.get("name"), node.attributes.get("content"), tags))),
-                   None) or _header_opt_out(_header_values(block[:h_end], b"x-robots-tag") if tags else [], tags)
+    opt_out = _html_opt_out(tree, block[:h_end], rules.cfg.page_opt_out_tags)
     stats.pages += 1
     stats.records += 1
     imgs = []

@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
-from .semantic import embedding_rows, float32_rows
+from .semantic import embedding_rows, finite_rows, float32_rows, row_in_shard
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -358,14 +358,13 @@ def rerank(ds: Dataset, loaded: LoadedIndex, vectors: np.ndarray, found: list[li
         except (OSError, ValueError, EOFError) as e:
             log.warning("index: cannot read %s (%s); its candidates are left out", path, e)
             continue
-        readable[at] = np.isfinite(vec[at]).all(axis=1)
+        readable[at] = finite_rows(vec[at])
     out = []
     for q, per_query in zip(vectors, found):
         at = np.searchsorted(ids, np.fromiter((i for i, _ in per_query), dtype=np.int64))
         at = at[readable[at]]
-        x = vec[at].astype(np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # as search(): another tool's may not be unit
-        sim = (x @ np.asarray(q, np.float32)) / np.maximum(norms, 1e-8)
+        x, norm2 = float32_rows(vec[at])  # as search() does: another tool's may not be unit
+        sim = (x @ np.asarray(q, np.float32)) / np.maximum(np.sqrt(norm2), 1e-8)
         order = np.lexsort((ids[at], -sim))[:k]  # ties to the lower id
         out.append([(int(ids[at][i]), float(sim[i])) for i in order])
     return out
@@ -389,8 +388,7 @@ def rows_of(ds: Dataset, loaded: LoadedIndex, ids: list[int]) -> dict[int, dict[
                           schema={"_id": pl.Int64, "shard": pl.String, "_row": pl.Int64})
     columns = [c for c in ("url", "caption") if c in ds.columns]
     frame = collect(scan.filter(pl.col("status") == KEPT)
-                    .with_columns(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
-                                  .alias("_row"))
+                    .with_columns(row_in_shard().alias("_row"))
                     .join(wanted, on=["shard", "_row"], how="inner")
                     .select("_id", "key", *columns))
     return {int(r["_id"]): {"key": r["key"], "url": r.get("url"), "caption": r.get("caption")}

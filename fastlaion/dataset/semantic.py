@@ -98,6 +98,12 @@ def float32_rows(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, np.einsum("ij,ij->i", x, x)
 
 
+def row_in_shard() -> pl.Expr:
+    """A sample's row in its shard's embedding file: its key's number after the shard's (keys are
+    `{shard}{row}`); null where the key holds none."""
+    return pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
+
+
 class EmbeddingReader:
     """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
     shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
@@ -117,9 +123,7 @@ class EmbeddingReader:
         shard = cand["shard"]
         names = shard.unique(maintain_order=True)
         ids = shard.replace_strict(names, np.arange(len(names)), return_dtype=pl.Int64).to_numpy()
-        rows = (cand.select(pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
-                            .fill_null(-1))
-                .to_series().to_numpy())
+        rows = cand.select(row_in_shard().fill_null(-1)).to_series().to_numpy()
         order = np.argsort(ids, kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=len(names)))]).tolist()
         self.per_shard = [(name, order[a:b], rows[order[a:b]])
