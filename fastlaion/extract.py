@@ -40,8 +40,9 @@ Counting (it adds up; `ExtractSummary` and extract_stats.json carry all of it):
 
 Link rules, checked in this order; a link is counted under the first rule it fails:
     opt_out      the page opts out: its robots <meta> (name robots, fastlaion or img2dataset;
-                 directives split at commas and spaces) or its X-Robots-Tag header (Google's
-                 syntax, as the downloader reads it) carries one of `page_opt_out_tags` (default
+                 directives split at commas and spaces), its X-Robots-Tag header (Google's
+                 syntax, as the downloader reads it; every value of a repeated one) or a
+                 <meta http-equiv=X-Robots-Tag> carries one of `page_opt_out_tags` (default
                  noai, noimageai: the AI opt-outs); every image link of the page is rejected
     no_alt       the img has no alt attribute (kept with an empty caption if min_alt_chars == 0)
     short_alt    alt, entity-decoded and whitespace-folded, under `min_alt_chars` (LAION: 5)
@@ -1331,9 +1332,18 @@ def _wat_lang(metas: Any, headers: Any) -> str | None:
     if isinstance(headers, dict):
         for k, v in headers.items():
             # len first: no character lower-cases into these letters with a change of length
-            if len(k) == 16 and k.lower() == "content-language" and isinstance(v, str) and v.strip():
-                return v.strip()[:64]
+            if len(k) == 16 and k.lower() == "content-language":
+                for value in _header_list(v):
+                    if isinstance(value, str) and value.strip():
+                        return value.strip()[:64]
     return None
+
+
+def _header_list(value: Any) -> list[Any]:
+    """A WAT header's values: Common Crawl's extractor writes a header sent once as a string and,
+    since CC-MAIN-2024-51, one sent several times as a list of its values in order (before, only
+    the last value was kept)."""
+    return value if isinstance(value, list) else [value]
 
 
 # <meta name=...> values whose directives apply to us: every robot, ours, img2dataset's (which
@@ -1370,15 +1380,24 @@ def _wat_opt_out(metas: Any, headers: Any, tags: tuple[str, ...]) -> str | None:
         return None
     for m in metas if isinstance(metas, list) else ():
         if isinstance(m, dict):
-            found = _meta_opt_out(m.get("name"), m.get("content"), tags)
+            found = _meta_opt_out(m.get("name"), m.get("content"), tags) or _equiv_opt_out(
+                m.get("http-equiv"), m.get("content"), tags)
             if found:
                 return found
     if isinstance(headers, dict):
         for k, v in headers.items():
             if isinstance(k, str) and len(k) == 12 and k.lower() == "x-robots-tag":
-                found = _header_opt_out([v], tags)
+                found = _header_opt_out(_header_list(v), tags)
                 if found:
                     return found
+    return None
+
+
+def _equiv_opt_out(equiv: Any, content: Any, tags: tuple[str, ...]) -> str | None:
+    """'x-robots-tag: directive' when a <meta http-equiv="X-Robots-Tag" content> carries one of tags
+    for us: the header written into the page, read as the header is."""
+    if isinstance(equiv, str) and len(equiv) == 12 and equiv.lower() == "x-robots-tag":
+        return _header_opt_out([content], tags)
     return None
 
 
@@ -1386,8 +1405,10 @@ def _html_opt_out(tree: Any, http_head: bytes, tags: tuple[str, ...]) -> str | N
     """A WARC page's opt-out (its robots metas, then every X-Robots-Tag header line), or None."""
     if not tags:
         return None
-    for node in tree.css("meta[name]"):
-        found = _meta_opt_out(node.attributes.get("name"), node.attributes.get("content"), tags)
+    for node in tree.css("meta[name], meta[http-equiv]"):
+        a = node.attributes
+        found = _meta_opt_out(a.get("name"), a.get("content"), tags) or _equiv_opt_out(
+            a.get("http-equiv"), a.get("content"), tags)
         if found:
             return found
     return _header_opt_out(_header_values(http_head, b"x-robots-tag"), tags)

@@ -513,6 +513,7 @@ static int walk_metas(J *j, int depth) {
         if (j->p < j->e && *j->p == '{') {
             /* one meta: the last http-equiv and content values count, as in a dict */
             int equiv_state = 0;  /* 0 absent or other, 1 matches, 2 undecided here */
+            int equiv_robots = 0; /* http-equiv is (or may be) X-Robots-Tag */
             int content_state = 0; /* 0 none or not a string, 1 a string */
             int robots = 0;        /* name is (or may be) robots, fastlaion or img2dataset */
             jstr content = {0};
@@ -529,14 +530,17 @@ static int walk_metas(J *j, int depth) {
                     jstr v;
                     if (!parse_string(j, &v)) return 0;
                     /* str.lower() of a non-ASCII value is never "content-language" */
-                    if (is_equiv) equiv_state = v.esc ? 2 : (v.ascii && eq_ci(v, "content-language")) ? 1 : 0;
+                    if (is_equiv) {
+                        equiv_state = v.esc ? 2 : (v.ascii && eq_ci(v, "content-language")) ? 1 : 0;
+                        equiv_robots = v.esc || !v.ascii || eq_ci(v, "x-robots-tag");
+                    }
                     else if (is_name) robots = v.esc || !v.ascii || find_ci(v.s, v.n, "robots", 6) >= 0
                                                || find_ci(v.s, v.n, "fastlaion", 9) >= 0
                                                || find_ci(v.s, v.n, "img2dataset", 11) >= 0;
                     else { content_state = 1; content = v; }
                 } else {
                     if (!skip_value(j, depth + 2)) return 0;
-                    if (is_equiv) equiv_state = 0;  /* str() of a non-string never matches */
+                    if (is_equiv) equiv_state = equiv_robots = 0;  /* str() of a non-string never matches */
                     else if (is_content) content_state = 0;
                     else if (is_name) robots = 0;
                 }
@@ -544,7 +548,7 @@ static int walk_metas(J *j, int depth) {
                 if (m < 0) return 0;
                 if (m == 0) break;
             }
-            if (robots && content_state == 1 && j->c->opt_out_mask
+            if ((robots || equiv_robots) && content_state == 1 && j->c->opt_out_mask
                 && (content.esc || may_opt_out(content.s, content.n, j->c->opt_out_mask))) {
                 j->defer = 1;  /* a robots meta that may opt the page out: extract.py decides */
                 return 0;
@@ -566,7 +570,7 @@ static int walk_metas(J *j, int depth) {
     }
 }
 
-/* HTTP-Response-Metadata.Headers: a Content-Language header (any case) */
+/* HTTP-Response-Metadata.Headers: a Content-Language header (any case); X-Robots-Tag values that may opt out */
 static int walk_headers(J *j, int depth) {
     if (j->p >= j->e || *j->p != '{') return skip_value(j, depth);
     j->p++;
@@ -576,12 +580,15 @@ static int walk_headers(J *j, int depth) {
         jstr k;
         if (!next_key(j, &k)) return 0;
         if (k.esc) { j->defer = 1; return 0; }
-        if (j->c->opt_out_mask && eq_ci(k, "x-robots-tag") && j->p < j->e && *j->p == '"') {
+        /* a header sent several times is a list of its values (CC-MAIN-2024-51 on): extract.py reads those */
+        int is_list = j->p < j->e && *j->p == '[';
+        if (j->c->opt_out_mask && eq_ci(k, "x-robots-tag") && j->p < j->e && (*j->p == '"' || is_list)) {
+            if (is_list) { j->defer = 1; return 0; }
             jstr v;
             if (!parse_string(j, &v)) return 0;
             if (v.esc || may_opt_out(v.s, v.n, j->c->opt_out_mask)) { j->defer = 1; return 0; }
         } else if (eq_ci(k, "content-language")) {
-            if (++j->hdr_matches > 1) { j->defer = 1; return 0; }
+            if (++j->hdr_matches > 1 || is_list) { j->defer = 1; return 0; }
             if (j->p < j->e && *j->p == '"') {
                 jstr v;
                 if (!parse_string(j, &v)) return 0;

@@ -823,6 +823,8 @@ def _wat_doc_variants() -> list[bytes]:
         doc(good, head={"Metas": [{"name": "x", "content": "y"}, {"http-equiv": "Content-Language", "content": " fr-CA "}]}),
         doc(good, head={"Metas": "not a list"}), doc(good, head={"Metas": [1, "x", None]}), doc(good, head={"Metas": 5}),
         doc(good, headers={"content-LANGUAGE": "de", "Server": "x"}), doc(good, headers={"Content-Language": 5}),
+        doc(good, headers={"Content-Language": ["", " fr ", "de"], "Set-Cookie": ["a=1", "b=2"]}),
+        doc(good, headers={"Content-Language": [5, None], "Server": ["a", "b"]}),
         doc(good, headers="not a dict"), doc(good, head={"Base": 5}), doc(good, head=["a", "list"]), doc(good, head=None),
         doc([img(5, "Number url here"), img("/x.jpg", 7), img(None, "No url at all"), {"path": 1, "url": "/y.jpg"}]),
         doc([img("/a.jpg", "Alt text one"), "a string link", 3]), doc({"not": "a list"}), doc(None), doc([]),
@@ -1160,6 +1162,14 @@ def opt_out_pages() -> list[tuple[bytes, bool]]:
         ({"metas": [{"name": "robots", "content": "n\u00e4ive, noimageai"}]}, True),
         ({"http_headers": {"X-Robots-Tag": "noai\u00a0"}}, True),
         ({"metas": [{"name": "robots", "content": "noimageindex"}]}, False),  # only when asked for
+        # a header sent twice: a list of its values (Common Crawl's WATs from CC-MAIN-2024-51 on)
+        ({"http_headers": {"X-Robots-Tag": ["noarchive", "noimageai"]}}, True),
+        ({"http_headers": {"X-Robots-Tag": ["googlebot: noarchive", "noai"]}}, True),  # a prefix ends with its value
+        ({"http_headers": {"X-Robots-Tag": ["noarchive", "googlebot: noai"]}}, False),
+        # the header written into the page (Head.Metas keeps http-equiv)
+        ({"metas": [{"http-equiv": "X-Robots-Tag", "content": "noai"}]}, True),
+        ({"metas": [{"http-equiv": "x-robots-tag", "content": "googlebot: noimageai"}]}, False),
+        ({"http_headers": {"Content-Language": ["de", "en"]}}, False),  # a list elsewhere: no opt-out
     ]
     return [(wat_record(f"https://o.example/{i}", [img(f"/{i}a.jpg", f"Opt-out test {i}a"),
                                                    img(f"/{i}b.jpg", f"Opt-out test {i}b")], **kw), out)
@@ -1193,6 +1203,26 @@ def test_a_page_that_opts_out_has_every_image_link_rejected(tmp_path, monkeypatc
     assert s.rejected["opt_out"] == 2
 
 
+@pytest.mark.parametrize("native_walk", [True, False], ids=["native", "python"])
+def test_a_header_sent_twice_is_a_list_in_a_wat_and_its_values_count(tmp_path, monkeypatch, native_walk):
+    """Common Crawl's WATs (CC-MAIN-2024-51 on) write a header sent more than once as a list of
+    its values: the page's language is the first non-blank Content-Language value, and a second
+    X-Robots-Tag line's noai opts the page out, as it does in a WARC."""
+    import fastlaion.extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "_USE_NATIVE", native_walk and extract_mod._USE_NATIVE)
+    recs = [wat_record("https://l.example/p", [img("/l.jpg", "Two language headers")],
+                       http_headers={"Content-Language": ["", " fr-CA ", "de"], "Set-Cookie": ["a=1", "b=2"]}),
+            wat_record("https://r.example/p", [img("/r.jpg", "Two robots headers")],
+                       http_headers={"X-Robots-Tag": ["noarchive", "noai"]}),
+            wat_record("https://k.example/p", [img("/k.jpg", "Kept despite noarchive")],
+                       http_headers={"X-Robots-Tag": ["noarchive", "nosnippet"]})]
+    s, t = extract(tmp_path, {"h.wat.gz": gz(recs)})
+    assert sorted(zip(t["url"].to_list(), t["page_lang"].to_list())) == [
+        ("https://k.example/k.jpg", None), ("https://l.example/l.jpg", "fr-CA")]
+    assert nonzero(s.rejected) == {"opt_out": 1}
+
+
 def test_a_warc_page_that_opts_out_has_every_image_link_rejected(tmp_path):
     """The same rule for WARC input: the HTML's robots <meta> (parsed) and the response's
     X-Robots-Tag header."""
@@ -1208,10 +1238,16 @@ def test_a_warc_page_that_opts_out_has_every_image_link_rejected(tmp_path):
                             extra="X-Robots-Tag: noarchive\r\nX-Robots-Tag: noimageai\r\n"),
             # an agent prefix runs to the end of its value, not into the next header's
             response_record("https://w.example/prefix", page_html("Prefix of another robot", "/x.jpg").encode(),
-                            extra="X-Robots-Tag: googlebot: noarchive\r\nX-Robots-Tag: noai\r\n")]
+                            extra="X-Robots-Tag: googlebot: noarchive\r\nX-Robots-Tag: noai\r\n"),
+            # the header written into the page
+            response_record("https://w.example/equiv", page_html("Opted out by http-equiv", "/e.jpg",
+                                                                   '<meta http-equiv="X-Robots-Tag" content="noai">').encode()),
+            response_record("https://w.example/equiv-other", page_html("Equiv for another robot", "/g.jpg",
+                            '<meta http-equiv="x-robots-tag" content="googlebot: noai">').encode())]
     s, t = extract(tmp_path, {"w.warc.gz": gz(recs)})
-    assert pairs(t) == [("https://w.example/o.jpg", "Another robot's rule"), ("https://w.example/p.jpg", "A plain page here")]
-    assert nonzero(s.rejected) == {"opt_out": 4}
+    assert pairs(t) == [("https://w.example/o.jpg", "Another robot's rule"), ("https://w.example/p.jpg", "A plain page here"),
+                        ("https://w.example/g.jpg", "Equiv for another robot")]
+    assert nonzero(s.rejected) == {"opt_out": 5}
     s, t = extract(tmp_path, {"w.warc.gz": gz(recs)}, ExtractConfig(processes=1, page_opt_out_tags=()), out="none")
     assert s.pairs == len(recs) and nonzero(s.rejected) == {}
 

@@ -696,10 +696,13 @@ def test_pages_that_may_opt_out_go_to_python_and_the_outcome_matches(tmp_path, m
     cfg = ExtractConfig(processes=1, http_backoff_s=0.0, page_opt_out_tags=tags)
     recs = [rec for rec, _ in pages] + [three_wat_records()[0]]  # a plain last page: Python's loop reads the last
     spy = _same_both_ways(tmp_path, gz(recs), monkeypatch, cfg)
-    # deferred: the pages whose robots meta or header holds a tag asked for, opting out or not
-    # (googlebot's, a whole-word miss), and the 3 whose robots values are escaped (the C walk
-    # does not unescape them); a description's mention of noai is no robots meta
-    may = {("noai", "noimageai"): 11, ("noindex",): 2 + 2, ("noimageindex",): 1 + 2, (): 0}[tags]
+    # deferred: the pages whose robots meta, http-equiv X-Robots-Tag meta or header holds a tag
+    # asked for, opting out or not (googlebot's, a whole-word miss), the 3 whose robots values
+    # are escaped (the C walk does not unescape them) and the 3 whose X-Robots-Tag is a list;
+    # a description's mention of noai is no robots meta; and, whatever the tags, the one whose
+    # Content-Language is a list
+    may = {("noai", "noimageai"): 11 + 3 + 2 + 1, ("noindex",): 2 + 2 + 3 + 1, ("noimageindex",): 1 + 2 + 3 + 1,
+           (): 1}[tags]
     assert spy.kinds.get(native.K_DEFER, 0) == may, spy.kinds
     assert spy.kinds.get(native.K_PAGE, 0) == len(pages) - may, spy.kinds
 
