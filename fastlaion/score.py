@@ -131,7 +131,20 @@ class Scorer:
 
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        """texts: N strings -> (N, D) raw text features on the device."""
+        """texts: N strings -> (N, D) raw text features on the device. A caption that comes more
+        than once in `texts` is tokenized and run through the text tower once (crawled pages repeat
+        one alt text over many images: a product's name, "image", a site's logo text); its copies
+        take that row's features."""
+        firsts = dict.fromkeys(texts)
+        if len(firsts) == len(texts):
+            return self._text_tower(texts)
+        position = {text: i for i, text in enumerate(firsts)}
+        features = self._text_tower(list(firsts))
+        index = torch.tensor([position[text] for text in texts], dtype=torch.int64)
+        return features[index.to(features.device, non_blocking=True)]
+
+    def _text_tower(self, texts: list[str]) -> torch.Tensor:
+        """N strings, each once -> (N, D) raw text features on the device."""
         tokens = self.tokenizer(texts)
         if self._compiled is not None and len(tokens):
             return self._compiled.texts(tokens)

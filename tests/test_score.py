@@ -69,6 +69,38 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
     assert (short - want[2:3]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("prefix", [True, False])
+def test_a_repeated_caption_runs_through_the_text_tower_once(prefix):
+    """A batch where captions repeat (as one page's alt text does over its images): the tower
+    sees each distinct caption once, in first-appearance order, and every row, copies included,
+    gets open_clip's embedding of its own caption, in the batch's order."""
+    torch.manual_seed(0)
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    if not prefix:
+        s._text_prefix = None  # open_clip's encode_text path
+    rows_seen: list[int] = []
+    hook = s.model.token_embedding.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
+    texts = ["red shoe", "a cat", "red shoe", "", "a cat", "red shoe", "blue shoe", "", "a dog"]
+    try:
+        got = s.text_features(texts)
+    finally:
+        hook.remove()
+    assert sum(rows_seen) == 5  # red shoe, a cat, '', blue shoe, a dog
+    with torch.inference_mode():
+        want = s.model.encode_text(s.tokenizer(texts))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], got[6])  # another caption, another embedding
+    # all distinct: one pass over all of them, as before
+    rows_seen.clear()
+    hook = s.model.token_embedding.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
+    try:
+        s.text_features(texts[:2])
+    finally:
+        hook.remove()
+    assert sum(rows_seen) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_text_features_through_the_used_positions_on_cuda_fp16():
