@@ -172,6 +172,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def repeated_captions(n: int, share: float, seed: int = 0) -> list[str]:
+    """n captions of the bench's mixed lengths, of which about `share` repeat an earlier one of
+    the batch (as a page's alt text repeats over its images), in shuffled order."""
+    rng = np.random.default_rng(seed)
+    distinct = make_captions(max(1, round(n * (1 - share))), seed=seed)
+    texts = distinct + [distinct[i] for i in rng.integers(0, len(distinct), n - len(distinct))]
+    return [texts[i] for i in rng.permutation(n)]
+
+
+def repeated_text(scorer, device: torch.device, batch: int, share: float, rounds: int) -> tuple[int, float, float, float]:
+    """Captions/s of tokenizer + text tower on a batch where `share` of the captions repeat:
+    Scorer.text_features (each caption once), the same without that (_text_tower on every row)
+    and open_clip's tokenizer + encode_text. Returns (distinct captions, ours, ours without, open_clip)."""
+    texts = repeated_captions(batch, share)
+    open_clip_tokenizer = getattr(scorer.tokenizer, "tokenizer", scorer.tokenizer)  # under fastlaion's cache
+
+    @torch.inference_mode()
+    def theirs() -> None:
+        scorer.model.encode_text(open_clip_tokenizer(texts).to(device))
+
+    @torch.inference_mode()
+    def every_row() -> None:
+        scorer._text_tower(texts)
+
+    def ours() -> None:
+        scorer.text_features(texts)
+
+    spent = {theirs: 0.0, every_row: 0.0, ours: 0.0}
+    for fn in spent:  # warm-up
+        fn()
+    for r in range(rounds):  # rotated, so a change in the machine's speed hits all alike
+        order = list(spent)[r % 3:] + list(spent)[:r % 3]
+        for fn in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            spent[fn] += time.perf_counter() - t0
+    return len(set(texts)), rounds * batch / spent[ours], rounds * batch / spent[every_row], rounds * batch / spent[theirs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -181,6 +222,9 @@ def main() -> None:
     ap.add_argument("--text-words", type=int, nargs="*", default=[5, 10, 20, 40, 80],
                     help="caption lengths (words) for the text-tower table; none to skip it")
     ap.add_argument("--text-rounds", type=int, default=0, help="batches per text measurement (default: 3 CPU, 20 CUDA)")
+    ap.add_argument("--text-only", action="store_true", help="only the text tables (skip decode + score and the tokenizer)")
+    ap.add_argument("--repeat-shares", type=float, nargs="*", default=[0.0, 0.25, 0.5],
+                    help="shares of a batch's captions that repeat another, for the repeated-captions table; none to skip it")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -190,6 +234,16 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit "
           + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    if not args.text_only:
+        decode_and_score_tables(args, device)
+    rounds = args.text_rounds or (20 if device.type == "cuda" else 3)
+    if args.text_words:
+        text_tower_table(args, device, rounds)
+    if args.repeat_shares:
+        repeated_table(args, device, rounds)
+
+
+def decode_and_score_tables(args: argparse.Namespace, device: torch.device) -> None:
     rows = []
     for name in args.models:
         n = args.images or (1024 if name == "fastlaion-tiny" or device.type == "cuda" else 192)
@@ -210,22 +264,40 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for what, ours, python, theirs in tokenizer_rates():
         print(f"| {what} | {ours:,.0f} | {python:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x | {python / theirs:.2f}x |")
-    if not args.text_words:
-        return
-    rounds = args.text_rounds or (20 if device.type == "cuda" else 3)
+
+
+def text_tower_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:
+    from fastlaion.config import ScoreConfig
+    from fastlaion.score import Scorer
+
     print(f"\ntext tower alone, batches of {args.batch_size}, {rounds} batches per figure: open_clip's encode_text "
           "(77 positions) vs fastlaion's (the positions the captions use)")
     print("| model (random weights) | caption words | tokens used (max) | fastlaion captions/s | open_clip captions/s | ratio |")
     print("|---|---|---|---|---|---|")
-    from fastlaion.config import ScoreConfig
-    from fastlaion.score import Scorer
-
     for name in args.models:
         torch.manual_seed(0)
         scorer = Scorer(ScoreConfig(model=name, pretrained="none"), device)
         for words in args.text_words:
             used, ours, theirs = text_tower(scorer, device, args.batch_size, words, rounds)
             print(f"| {name} | {words} | {used} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
+
+
+def repeated_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:
+    from fastlaion.config import ScoreConfig
+    from fastlaion.score import Scorer
+
+    print(f"\ncaptions repeated within a batch (mixed lengths), batches of {args.batch_size}, {rounds} batches per "
+          "figure: tokenizer + text tower, fastlaion (each caption once) vs fastlaion on every row vs open_clip")
+    print("| model (random weights) | repeated share | distinct captions | fastlaion captions/s | every row | open_clip "
+          "| vs every row | vs open_clip |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        scorer = Scorer(ScoreConfig(model=name, pretrained="none"), device)
+        for share in args.repeat_shares:
+            distinct, ours, every, theirs = repeated_text(scorer, device, args.batch_size, share, rounds)
+            print(f"| {name} | {share:.0%} | {distinct} | {ours:,.1f} | {every:,.1f} | {theirs:,.1f} | {ours / every:.2f}x "
+                  f"| {ours / theirs:.2f}x |")
 
 
 if __name__ == "__main__":
