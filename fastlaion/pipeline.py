@@ -28,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +47,10 @@ from .writer import (
     PARTIAL_DIR,
     ShardWriteError,
     ShardWriter,
+    any_finished,
+    damage,
     is_complete,
+    mark_incomplete,
     read_stats,
     recover_partial,
     shard_name,
@@ -183,6 +186,11 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
     ones' transient failures) on the workers `placed` (worker_devices, or a Ray cluster's);
     summarize the whole output."""
     n_shards = shard_count(rows.height, cfg.input.shard_size)
+    for s in range(n_shards):  # a finished shard whose files were since lost or cut is run again
+        problem = damage(out, s) if is_complete(out, s) else None
+        if problem:
+            log.warning("shard %s: %s; it is run again", shard_name(s), problem)
+            mark_incomplete(out, s)
     todo = [s for s in range(n_shards) if not is_complete(out, s)]
     todo_set = set(todo)
     # --retry-failed: finished shards with transient failures, and how many rows each downloads again
@@ -497,26 +505,71 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputCo
 
 
 def prepare_output(out: Path, cfg: RunConfig) -> None:
-    """Create the output folder, or check that the run already in it used the same settings."""
+    """Create the output folder, or check that the run already in it used the same settings and
+    the same input files. A run there that finished no shard (it stopped while loading a model,
+    say) holds nothing to keep: other settings or changed inputs start over."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
     saved = out / CONFIG_FILE
+    files = input_files(cfg.input.paths)
     if saved.exists():
         try:
-            previous = resume_key(json.loads(saved.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            before = json.loads(saved.read_text())
+            previous = resume_key(before)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"{saved} is unreadable; remove it or choose another output folder") from None
         current = cfg.resume_key()
-        if previous != current:
-            diffs = _differences(previous, current)
-            raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "
-                              "rerun with the same settings to resume, or choose another output folder")
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+        diffs = _differences(previous, current)
+        changed = [p for p, mark in files.items() if before.get(INPUT_FILES_KEY, {}).get(p, mark) != mark]
+        if any_finished(out):
+            if diffs:
+                raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "
+                                  "rerun with the same settings to resume, or choose another output folder")
+            if changed:
+                raise ConfigError(f"input {changed[0]} changed since the run in {out} began (its size or content): "
+                                  "the finished shards hold the rows it had then, and resuming would lose or "
+                                  "repeat rows; restore it, or choose another output folder")
+        elif diffs or changed:
+            log.warning("%s: the run there finished no shard; starting over with %s", out,
+                        "these settings" if diffs else f"the changed input {changed[0]}")
+            if changed or previous["input"] != current["input"] or \
+                    before.get("download", {}).get("opt_out_tags") != list(cfg.download.opt_out_tags):
+                shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
+    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",
                  shard_name(shard))
+
+
+INPUT_FILES_KEY = "input_files"  # in config.json: each local input file's input_mark
+MARK_BYTES = 1 << 16
+
+
+def input_files(paths: Iterable[str]) -> dict[str, str]:
+    """Each local input file's mark (input_mark); remote inputs and unreadable paths have none."""
+    marks = {}
+    for p in paths:
+        if "://" not in p:
+            try:
+                marks[str(Path(p))] = input_mark(Path(p))
+            except OSError:
+                pass
+    return marks
+
+
+def input_mark(path: Path) -> str:
+    """A file's size and a hash of its first and last 64 KiB: it changes when rows are appended,
+    removed or rewritten (a Parquet file's footer is at its end), not when the file is only
+    touched or copied, and costs two small reads however large the file is."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.sha256(f.read(MARK_BYTES))
+        if size > MARK_BYTES:
+            f.seek(max(MARK_BYTES, size - MARK_BYTES))
+            digest.update(f.read(MARK_BYTES))
+    return f"{size}:{digest.hexdigest()[:32]}"
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

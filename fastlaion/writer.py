@@ -137,6 +137,36 @@ def read_stats(out_dir: Path, shard: int) -> dict[str, Any]:
     return json.loads((out_dir / f"{shard_name(shard)}_stats.json").read_text())
 
 
+def damage(out_dir: Path, shard: int) -> str | None:
+    """What is wrong with a complete shard's files, or None: each file its stats name must be
+    there with the size it was written at (stats from before the sizes were recorded: the tar and
+    the Parquet must be there). An unreadable stats file is damage too."""
+    name = shard_name(shard)
+    try:
+        files = read_stats(out_dir, shard).get("files") or {f"{name}.tar": None, f"{name}.parquet": None}
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{name}_stats.json is unreadable ({exc.__class__.__name__})"
+    for fname, size in files.items():
+        try:
+            now = (out_dir / fname).stat().st_size
+        except FileNotFoundError:
+            return f"{fname} is missing"
+        if size is not None and now != size:
+            return f"{fname} holds {now:,} bytes, {size:,} when written"
+    return None
+
+
+def mark_incomplete(out_dir: Path, shard: int) -> None:
+    """Remove a shard's stats file: the shard reads as unfinished, and a rerun writes it anew."""
+    (out_dir / f"{shard_name(shard)}_stats.json").unlink(missing_ok=True)
+
+
+def any_finished(out_dir: Path) -> bool:
+    """Whether the output holds a finished shard, or one finished under .partial/ that the next
+    run rolls forward (recover_partial)."""
+    return any(out_dir.glob("[0-9]*_stats.json")) or any((out_dir / PARTIAL_DIR).glob("[0-9]*/[0-9]*_stats.json"))
+
+
 class ShardWriteError(OSError):
     """A shard's files could not be written (disk full, file too large, permissions). Nothing
     of the shard was published: the shard is as it was before, and a rerun redoes it."""
@@ -279,6 +309,8 @@ class ShardWriter:
             np.save(self.tmp / f"{self.name}_txt_emb.npy", self._txt_emb)
             published += [f"{self.name}_img_emb.npy", f"{self.name}_txt_emb.npy"]
         stats_name = f"{self.name}_stats.json"
+        # the files' sizes, so that a rerun can tell a shard whose files were since lost or cut
+        stats = {**stats, "files": {f: (self.tmp / f).stat().st_size for f in published}}
         # Written whole, then renamed: its presence under .partial/ means every file is there.
         (self.tmp / f"{stats_name}.tmp").write_text(json.dumps(stats, indent=2))
         os.replace(self.tmp / f"{stats_name}.tmp", self.tmp / stats_name)

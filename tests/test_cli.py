@@ -335,3 +335,72 @@ def test_fast_value_conversion_matches_typers_own(tmp_path):
                     (name, param.name, value)
             checked.add(str(d.annotation) if typing.get_origin(d.annotation) else d.annotation.__name__)
     assert {"str", "int", "float", "bool", "Path", "DedupMode", "list[str]", "list[pathlib.Path]"} <= checked, checked
+
+
+def _served_jpegs(n: int) -> dict[str, Served]:
+    cat = __import__("skimage.data").data.chelsea()
+    return {f"{i}.jpg": Served(encode(cat[: 150 + 10 * i]), "image/jpeg") for i in range(n)}
+
+
+def test_a_run_that_finished_no_shard_starts_over_with_other_settings(tmp_path):
+    """A run that stopped before its first shard (here: a checkpoint that does not load) leaves
+    its config.json but nothing to keep: a corrected rerun into the folder starts over, with a
+    warning; once a shard is finished, other settings are refused as before."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with LoopbackServer(_served_jpegs(2)) as server:
+        pl.DataFrame({"url": [server.url("0.jpg"), server.url("1.jpg")], "caption": ["a cat", "another cat"]}).write_csv(
+            tmp_path / "in.csv")
+        base = ["run", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o"), "--no-progress", "--allow-private-networks"]
+        failed = runner.invoke(app, [*base, "--model", "fastlaion-tiny", "--pretrained", str(tmp_path / "notes.txt")])
+        assert failed.exit_code == 2 and (tmp_path / "o" / "config.json").exists()
+        fixed = runner.invoke(app, [*base, "--no-score"])
+        assert fixed.exit_code == 0, fixed.output
+        assert "finished no shard; starting over with these settings" in fixed.output
+        assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["kept"] == 2
+        other = runner.invoke(app, [*base, "--no-score", "--image-size", "128"])
+    assert other.exit_code == 2 and "other settings" in other.output
+
+
+def test_an_input_file_changed_since_the_run_began_is_refused(tmp_path):
+    """Rows appended to the input after some shards finished would shift what each shard holds
+    (rows lost, others repeated): the rerun is refused, naming the file. A file only touched, or
+    copied back as it was, resumes."""
+    with LoopbackServer(_served_jpegs(5)) as server:
+        urls = [server.url(f"{i}.jpg") for i in range(5)]
+        inp = tmp_path / "in.txt"
+        inp.write_text("\n".join(urls[:3]) + "\n")
+        base = ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress", "--allow-private-networks",
+                "--shard-size", "2"]
+        assert runner.invoke(app, base).exit_code == 0
+        os.utime(inp, (time.time() + 60, time.time() + 60))  # touched: the same rows
+        again = runner.invoke(app, base)
+        assert again.exit_code == 0 and "already complete" in again.output, again.output
+        inp.write_text("\n".join(urls) + "\n")  # two rows appended
+        changed = runner.invoke(app, base)
+    assert changed.exit_code == 2
+    assert f"input {inp} changed since the run" in changed.output and "Traceback" not in changed.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["input"] == 3  # untouched
+
+
+def test_a_finished_shard_whose_files_were_lost_or_cut_is_run_again(tmp_path):
+    """Its stats file says a shard is finished, but its tar was deleted or its Parquet cut since:
+    the rerun says so and writes that shard again; the intact one is skipped. Every row is there
+    once at the end."""
+    with LoopbackServer(_served_jpegs(6)) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("\n".join(server.url(f"{i}.jpg") for i in range(6)) + "\n")
+        out = tmp_path / "o"
+        base = ["run", str(inp), "-o", str(out), "--no-score", "--no-progress", "--allow-private-networks",
+                "--shard-size", "2"]
+        assert runner.invoke(app, base).exit_code == 0
+        (out / "00000.tar").unlink()
+        parquet = (out / "00002.parquet").read_bytes()
+        (out / "00002.parquet").write_bytes(parquet[: len(parquet) // 2])
+        again = runner.invoke(app, base)
+    assert again.exit_code == 0, again.output
+    assert "shard 00000: 00000.tar is missing; it is run again" in again.output
+    assert f"shard 00002: 00002.parquet holds {len(parquet) // 2:,} bytes, {len(parquet):,} when written" in again.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_run"] == 2 and summary["shards_skipped"] == 1 and summary["funnel"]["kept"] == 6
+    table = pl.concat([pl.read_parquet(out / f"0000{s}.parquet") for s in range(3)])
+    assert table.height == 6 and table["url"].n_unique() == 6
