@@ -80,15 +80,29 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
     (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
+    # a text file given as weights (torch's unpickler: "KeyError: 101"), and a truncated checkpoint
+    *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", flag, "{tmp}/notes.txt"],
+       (f"error: {flag} {{tmp}}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither a zip "
+        "archive nor a pickle")) for flag in ("--watermark-model", "--aesthetic-v2", "--aesthetic-v1", "--nsfw-head")],
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--nsfw-head", "{tmp}/trunc.pth"],
+     "error: --nsfw-head {tmp}/trunc.pth: not a PyTorch checkpoint: truncated or corrupted"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--aesthetic-v2", "{tmp}/nope.pth"],
+     "error: --aesthetic-v2 '{tmp}/nope.pth': no such file (give a path or an http(s) URL)\n"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    import torch
+
     pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     (tmp_path / "bad.parquet").write_bytes(b"definitely not parquet")
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    checkpoint = tmp_path / "whole.pth"
+    torch.save({"weight": torch.zeros(1, 512)}, checkpoint)
+    (tmp_path / "trunc.pth").write_bytes(checkpoint.read_bytes()[:-100])
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
