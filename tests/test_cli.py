@@ -88,6 +88,10 @@ def typer_command(name):
      "error: --nsfw-head {tmp}/trunc.pth: not a PyTorch checkpoint: truncated or corrupted"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--aesthetic-v2", "{tmp}/nope.pth"],
      "error: --aesthetic-v2 '{tmp}/nope.pth': no such file (give a path or an http(s) URL)\n"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "{tmp}/notes.txt"],
+     "error: --pretrained {tmp}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "none", "--no-progress",
+      "--multilingual-model", "bogus"], "error: --multilingual-model 'bogus' is not an open_clip architecture"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     import torch
