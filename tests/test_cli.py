@@ -92,6 +92,7 @@ def typer_command(name):
      "error: --pretrained {tmp}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "none", "--no-progress",
       "--multilingual-model", "bogus"], "error: --multilingual-model 'bogus' is not an open_clip architecture"),
+    (["demo", "-o", "{tmp}/in.csv"], "error: --output exists and is not a folder: {tmp}/in.csv\n"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     import torch
@@ -201,6 +202,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     refused = subprocess.run(FASTLAION + ["demo", "-o", str(other)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "does not hold an earlier demo" in refused.stderr
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_where_it_cannot_write_is_one_line(tmp_path):
+    """As for `run`: the system's refusal (a read-only place, no permission) is one line naming the
+    path, exit status 1."""
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        target = tmp_path / "ro" / "demo"
+    elif Path("/sys/kernel").is_dir():
+        target = Path("/sys/fastlaion-demo")  # root may write anywhere else: sysfs takes no new folder
+    else:
+        pytest.skip("no place here that root cannot write to")
+    result = subprocess.run(FASTLAION + ["demo", "-o", str(target), "--no-progress"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.rstrip().endswith(f": {target}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("flag, value, message", [
