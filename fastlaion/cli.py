@@ -166,6 +166,13 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         bar.stop()
 
 
+class _NoBar:
+    """user_errors' bar where a command draws none of its own."""
+
+    def stop(self) -> None:
+        pass
+
+
 def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
     """Run the pipeline with a progress bar."""
     from .cli_progress import BarProgress
@@ -296,11 +303,9 @@ def demo_cmd(
     from .demo import run_demo
 
     _setup_logging(verbose)
-    try:
+    # bad input and the system's refusals (a read-only --output) are one line, as for `run`
+    with user_errors(_NoBar(), "rerun the command; the demo starts over"):
         summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
-    except ConfigError as e:
-        print_error(str(e))
-        raise typer.Exit(2) from None
     for note in notes:
         out_console.print(note)
     print_funnel(summary)

@@ -378,7 +378,11 @@ def classify_cmd(
                 lines = classes_file.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"--classes {classes_file}: cannot read it ({e})") from None
-            names += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not listed:
+                raise ConfigError(f"--classes {classes_file}: no class names in it (one a line; blank lines "
+                                  "and # comments are skipped)")
+            names += listed
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()

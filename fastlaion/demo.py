@@ -139,6 +139,8 @@ def build_sample() -> tuple[dict[str, Served], list[tuple[str | None, str]]]:
 def run_demo(output: Path, model: str, pretrained: str, min_similarity: float | None,
              execute: Callable[[RunConfig], Any]) -> tuple[Any, list[str]]:
     """Serve the sample, run the pipeline into `output`, return (summary, notes for the user)."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output exists and is not a folder: {output}")
     if output.exists() and any(output.iterdir()):
         if not (output / DEMO_INPUT).exists():
             raise ConfigError(f"{output} exists and does not hold an earlier demo; choose another --output")

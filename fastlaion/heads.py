@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import urllib.request
@@ -73,7 +72,7 @@ def resolve_weights(source: str, flag: str) -> Path:
     Known names download once into the cache and must match their sha256; a plain URL is
     downloaded as is (its hash is logged). `flag` names the option in error messages.
     """
-    if source in KNOWN_WEIGHTS:
+    if source in known_names(flag):
         known = KNOWN_WEIGHTS[source]
         target = weights_cache_dir() / f"{source}-{known.sha256[:12]}.pth"
         if not target.exists():
@@ -91,9 +90,20 @@ def resolve_weights(source: str, flag: str) -> Path:
         return target
     path = Path(source).expanduser()
     if not path.is_file():
-        names = ", ".join(KNOWN_WEIGHTS)
-        raise ConfigError(f"{flag} {source!r}: no such file (give a path, an http(s) URL or one of: {names})")
+        names = known_names(flag)
+        also = f", an http(s) URL or one of: {', '.join(names)}" if names else " or an http(s) URL"
+        raise ConfigError(f"{flag} {source!r}: no such file (give a path{also})")
     return path
+
+
+# The names in KNOWN_WEIGHTS each option takes (the others are heads of another kind).
+_KNOWN_PREFIX = {"--nsfw-head": "nsfw-", "--aesthetic-v1": "aesthetic-v1-"}
+
+
+def known_names(flag: str) -> list[str]:
+    """The names in KNOWN_WEIGHTS that option `flag` takes."""
+    prefix = _KNOWN_PREFIX.get(flag)
+    return [name for name in KNOWN_WEIGHTS if prefix is not None and name.startswith(prefix)]
 
 
 def _download(url: str, target: Path, flag: str) -> None:
@@ -108,16 +118,47 @@ def _download(url: str, target: Path, flag: str) -> None:
         raise ConfigError(f"{flag}: cannot download {url}: {e}") from None
 
 
-def _load_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, flag: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict saved in `path` (read with weights_only: tensors only, no code runs), or a
+    one-line ConfigError naming the option `flag` and the file (`source`, as the user gave it)."""
+    name = f"{flag} {source or path}" + (f" (downloaded to {path})" if source and Path(source).expanduser() != path
+                                         else "")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ConfigError(f"{flag} {path}: not a PyTorch state dict ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 (torch's unpickler on bytes that are no checkpoint raises KeyError, IndexError...)
+        raise ConfigError(f"{name}: {checkpoint_failure(path, e)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ConfigError(f"{flag} {path}: not a PyTorch state dict")
+        raise ConfigError(f"{name}: not a PyTorch state dict (it holds a {type(state).__name__})")
     return state
+
+
+def checkpoint_failure(path: Path, exc: BaseException) -> str:
+    """What is wrong with `path`, which torch.load could not read (it raised `exc`), in a user's
+    words: what the file is when it is no checkpoint at all (torch's own error then means
+    nothing: "KeyError: 101"), else the first sentence of torch's reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if not head:
+        return "not a PyTorch checkpoint (the file is empty)"
+    if head != b"PK" and head[0] != 0x80:  # torch.save writes a zip archive (before torch 1.6, a pickle)
+        return ("not a PyTorch checkpoint (torch.load failed: the file is neither a zip archive nor a pickle, "
+                "the formats torch.save writes)")
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # weights_only refused what the pickle holds
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(". ")[0]
+        if reason.startswith("Unsupported global"):  # a class: torch.save(model) rather than its state_dict()
+            return (f"a checkpoint of more than tensors, which is not loaded (torch.load with weights_only: "
+                    f"{reason}); save the model's state_dict() instead")
+        return f"not a PyTorch checkpoint (torch.load failed on the pickle: {reason})"
+    what = f"{type(exc).__name__}: {first_line(exc).split('. ')[0]}" if text.strip() else type(exc).__name__
+    if isinstance(exc, (EOFError, OSError)) or "zip archive" in what:  # its end (the zip's directory) is missing
+        return f"not a PyTorch checkpoint: truncated or corrupted (torch.load failed: {what})"
+    return f"not a PyTorch checkpoint (torch.load failed: {what})"
 
 
 class NsfwHead(nn.Module):
@@ -187,16 +228,18 @@ class AestheticV1(nn.Module):
 
 
 def load_nsfw_head(source: str) -> NsfwHead:
-    path = resolve_weights(source, "--nsfw-head")
+    state = load_state_dict(resolve_weights(source, "--nsfw-head"), "--nsfw-head", source)
     try:
-        return NsfwHead.from_state_dict(_load_state_dict(path, "--nsfw-head"))
-    except (ValueError, KeyError, RuntimeError) as e:
+        return NsfwHead.from_state_dict(state)
+    except (ValueError, RuntimeError) as e:
         raise ConfigError(f"--nsfw-head {source}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"--nsfw-head {source}: not an NSFW head state dict (no {e})") from None
 
 
 def load_aesthetic_head(source: str, version: int) -> nn.Module:
     flag = f"--aesthetic-v{version}"
-    state = _load_state_dict(resolve_weights(source, flag), flag)
+    state = load_state_dict(resolve_weights(source, flag), flag, source)
     try:
         if version == 1:
             head: nn.Module = AestheticV1(state["weight"].shape[1])
@@ -240,7 +283,7 @@ class WatermarkDetector:
 
     @classmethod
     def load(cls, source: str, device: torch.device) -> WatermarkDetector:
-        state = _load_state_dict(resolve_weights(source, "--watermark-model"), "--watermark-model")
+        state = load_state_dict(resolve_weights(source, "--watermark-model"), "--watermark-model", source)
         model = watermark_model()
         try:
             model.load_state_dict(state)

@@ -641,7 +641,8 @@ class Models:
                                       "so it needs language identification (remove --no-language)")
                 multi_cfg = dataclasses.replace(cfg.score, model=cfg.score.multilingual_model,
                                                 pretrained=cfg.score.multilingual_pretrained)
-                self.multi_scorer = Scorer(multi_cfg, device)
+                self.multi_scorer = Scorer(multi_cfg, device,
+                                           flags=("--multilingual-model", "--multilingual-pretrained"))
                 if self.multi_scorer.clip_spec != self.scorer.clip_spec:
                     raise ConfigError(f"--multilingual-model {multi_cfg.model} resizes images differently "
                                       f"({self.multi_scorer.clip_spec}) from {cfg.score.model}; "

@@ -64,29 +64,35 @@ def pick_precision(preference: str, device: torch.device) -> str:
 class Scorer:
     """An open_clip model with its tokenizer and preprocessing config, ready to embed batches."""
 
-    def __init__(self, cfg: ScoreConfig, device: torch.device):
+    def __init__(self, cfg: ScoreConfig, device: torch.device, flags: tuple[str, str] = ("--model", "--pretrained")):
+        """`flags` name the options that gave cfg.model and cfg.pretrained, in error messages."""
         import open_clip
 
+        model_flag, pretrained_flag = flags
         register_model_configs()
         known = open_clip.list_models()
         if cfg.model not in known:
             close = difflib.get_close_matches(cfg.model, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
-            raise ConfigError(f"--model {cfg.model!r} is not an open_clip architecture{hint}")
+            raise ConfigError(f"{model_flag} {cfg.model!r} is not an open_clip architecture{hint}")
         pretrained = None if cfg.random_weights else cfg.pretrained
         if pretrained is not None and not Path(pretrained).exists() and os.sep in pretrained:
-            raise ConfigError(f"--pretrained {pretrained!r}: no such checkpoint file")
+            raise ConfigError(f"{pretrained_flag} {pretrained!r}: no such checkpoint file")
         if pretrained is not None and not Path(pretrained).exists():
             tags = open_clip.list_pretrained_tags_by_model(cfg.model)
             if pretrained not in tags:
-                raise ConfigError(f"--pretrained {pretrained!r} is not a known tag for {cfg.model} "
+                raise ConfigError(f"{pretrained_flag} {pretrained!r} is not a known tag for {cfg.model} "
                                   f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
         precision = pick_precision(cfg.precision, device)
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-            msg = first_line(e)
-            raise ConfigError(f"cannot load {cfg.model} weights {pretrained!r}: {msg} "
+        except Exception as e:  # noqa: BLE001 (torch.load on a file that is no checkpoint: KeyError, IndexError...)
+            if pretrained is not None and Path(pretrained).exists():  # a local file: no download, say what is wrong
+                raise ConfigError(f"{pretrained_flag} {pretrained}: "
+                                  f"{_checkpoint_problem(cfg.model, pretrained, pretrained_flag, e)}") from None
+            if not isinstance(e, (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError)):
+                raise
+            raise ConfigError(f"cannot load {cfg.model} weights {pretrained!r}: {first_line(e)} "
                               "(tags download from the internet on first use; pass a local checkpoint path offline)") from None
         model.eval()
         if cfg.random_weights:
@@ -173,6 +179,23 @@ class Scorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1).half()
         txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
+
+
+def _checkpoint_problem(model: str, pretrained: str, flag: str, exc: Exception) -> str:
+    """What is wrong with the local checkpoint `pretrained` that open_clip could not load into
+    `model` (it raised `exc`): no file, no state dict (heads.load_state_dict says why, raising a
+    ConfigError naming `flag`), or weights of another model."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return "not a checkpoint file (it is a folder)" if path.is_dir() else "not a checkpoint file"
+    if path.suffix in (".safetensors", ".npz", ".npy"):  # open_clip reads these without torch.load
+        return f"cannot load it as {model} weights ({type(exc).__name__}: {first_line(exc)})"
+    from .heads import load_state_dict
+
+    load_state_dict(path, flag, pretrained)
+    lines = [line.strip() for line in str(exc).strip().splitlines()[:2]]  # "Error(s) in loading state_dict", the keys
+    detail = " ".join(lines) or type(exc).__name__
+    return f"weights do not fit {model} ({detail[:200] + ('...' if len(detail) > 200 else '')})"
 
 
 def check_compile_backend(device: torch.device) -> None:

@@ -80,15 +80,34 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
     (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
+    # a text file given as weights (torch's unpickler: "KeyError: 101"), and a truncated checkpoint
+    *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", flag, "{tmp}/notes.txt"],
+       (f"error: {flag} {{tmp}}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither a zip "
+        "archive nor a pickle")) for flag in ("--watermark-model", "--aesthetic-v2", "--aesthetic-v1", "--nsfw-head")],
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--nsfw-head", "{tmp}/trunc.pth"],
+     "error: --nsfw-head {tmp}/trunc.pth: not a PyTorch checkpoint: truncated or corrupted"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--aesthetic-v2", "{tmp}/nope.pth"],
+     "error: --aesthetic-v2 '{tmp}/nope.pth': no such file (give a path or an http(s) URL)\n"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "{tmp}/notes.txt"],
+     "error: --pretrained {tmp}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "none", "--no-progress",
+      "--multilingual-model", "bogus"], "error: --multilingual-model 'bogus' is not an open_clip architecture"),
+    (["demo", "-o", "{tmp}/in.csv"], "error: --output exists and is not a folder: {tmp}/in.csv\n"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    import torch
+
     pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     (tmp_path / "bad.parquet").write_bytes(b"definitely not parquet")
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    checkpoint = tmp_path / "whole.pth"
+    torch.save({"weight": torch.zeros(1, 512)}, checkpoint)
+    (tmp_path / "trunc.pth").write_bytes(checkpoint.read_bytes()[:-100])
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
@@ -183,6 +202,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     refused = subprocess.run(FASTLAION + ["demo", "-o", str(other)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "does not hold an earlier demo" in refused.stderr
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_where_it_cannot_write_is_one_line(tmp_path):
+    """As for `run`: the system's refusal (a read-only place, no permission) is one line naming the
+    path, exit status 1."""
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        target = tmp_path / "ro" / "demo"
+    elif Path("/sys/kernel").is_dir():
+        target = Path("/sys/fastlaion-demo")  # root may write anywhere else: sysfs takes no new folder
+    else:
+        pytest.skip("no place here that root cannot write to")
+    result = subprocess.run(FASTLAION + ["demo", "-o", str(target), "--no-progress"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.rstrip().endswith(f": {target}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("flag, value, message", [

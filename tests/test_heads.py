@@ -99,11 +99,82 @@ def test_bad_weights_are_clear_errors(tmp_path):
         load_nsfw_head(str(tmp_path / "missing.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not torch")
-    with pytest.raises(ConfigError, match="not a PyTorch state dict"):
+    with pytest.raises(ConfigError, match="not a PyTorch checkpoint"):
         load_nsfw_head(str(junk))
     torch.save({"weight": torch.zeros(1, 4)}, tmp_path / "wrong.pth")
     with pytest.raises(ConfigError, match="NSFW head"):
         load_nsfw_head(str(tmp_path / "wrong.pth"))
+    torch.save(torch.zeros(4), tmp_path / "tensor.pth")
+    with pytest.raises(ConfigError, match=r"not a PyTorch state dict \(it holds a Tensor\)"):
+        load_nsfw_head(str(tmp_path / "tensor.pth"))
+
+
+LOADERS = {  # each option's loader, as `fastlaion run` calls it
+    "--nsfw-head": load_nsfw_head,
+    "--aesthetic-v1": lambda source: load_aesthetic_head(source, version=1),
+    "--aesthetic-v2": lambda source: load_aesthetic_head(source, version=2),
+    "--watermark-model": lambda source: WatermarkDetector.load(source, torch.device("cpu")),
+}
+
+
+def load_error(flag: str, source: Path | str) -> str:
+    with pytest.raises(ConfigError) as e:
+        LOADERS[flag](str(source))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("flag", list(LOADERS))
+def test_a_file_that_is_no_checkpoint_says_so_with_its_option(tmp_path, flag):
+    """A text file given as weights: torch's weights-only unpickler fails on it with whatever its
+    bytes lead to ("KeyError: 101" on "hello", "IndexError: pop from empty list" on "every"): the
+    user is told what the file is, once, with the option that named it."""
+    notes = tmp_path / "notes.txt"
+    for text in ("hello world\n", "every line of my notes\n"):
+        notes.write_text(text)
+        assert load_error(flag, notes) == (f"{flag} {notes}: not a PyTorch checkpoint (torch.load failed: the file "
+                                           "is neither a zip archive nor a pickle, the formats torch.save writes)")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert load_error(flag, empty) == f"{flag} {empty}: not a PyTorch checkpoint (the file is empty)"
+    torch.save(torch.nn.Linear(4, 1), tmp_path / "module.pth")  # the model, not its state_dict()
+    message = load_error(flag, tmp_path / "module.pth")
+    assert message.startswith(f"{flag} {tmp_path / 'module.pth'}: a checkpoint of more than tensors")
+    assert "torch.nn.modules.linear.Linear" in message and message.endswith("save the model's state_dict() instead")
+
+
+@pytest.mark.parametrize("flag", list(LOADERS))
+def test_a_truncated_checkpoint_is_named_once(tmp_path, flag):
+    real = MODELS / "nsfw_head_vit_b_32.pth"
+    if real.is_file():
+        whole = real.read_bytes()
+    else:
+        torch.save({"weight": torch.zeros(1, 512)}, tmp_path / "whole.pth")
+        whole = (tmp_path / "whole.pth").read_bytes()
+    cut = tmp_path / "trunc.pth"
+    cut.write_bytes(whole[: len(whole) // 2])
+    message = load_error(flag, cut)
+    assert message.startswith(f"{flag} {cut}: not a PyTorch checkpoint: truncated or corrupted (torch.load failed: ")
+    assert message.count(flag) == 1 and message.count(str(cut)) == 1, message
+
+
+def test_a_missing_file_lists_only_the_names_its_option_takes(tmp_path, monkeypatch):
+    import fastlaion.heads
+
+    def no_download(url, target, flag):
+        raise AssertionError(f"{flag} tried to download {url}")
+
+    monkeypatch.setattr(fastlaion.heads, "_download", no_download)
+    missing = tmp_path / "nope.pth"
+    assert load_error("--nsfw-head", missing) == (f"--nsfw-head {str(missing)!r}: no such file (give a path, an "
+                                                  "http(s) URL or one of: nsfw-vit-b-32, nsfw-vit-l-14)")
+    assert load_error("--aesthetic-v1", missing) == (
+        f"--aesthetic-v1 {str(missing)!r}: no such file (give a path, an http(s) URL or one of: "
+        "aesthetic-v1-vit-b-32, aesthetic-v1-vit-b-16, aesthetic-v1-vit-l-14)")
+    for flag in ("--aesthetic-v2", "--watermark-model"):
+        assert load_error(flag, missing) == f"{flag} {str(missing)!r}: no such file (give a path or an http(s) URL)"
+    # another option's name is no name here: nothing is downloaded for it
+    assert "no such file" in load_error("--aesthetic-v2", "nsfw-vit-b-32")
+    assert "no such file" in load_error("--nsfw-head", "aesthetic-v1-vit-b-32")
 
 
 def test_watermark_detector_shapes_and_batching_with_random_weights(tmp_path):

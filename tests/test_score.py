@@ -340,8 +340,33 @@ def test_bad_model_and_weights_are_clear_errors(tmp_path):
         Scorer(ScoreConfig(model=TINY_MODEL, pretrained=str(tmp_path / "nope" / "x.pt")), torch.device("cpu"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot load"):
+    with pytest.raises(ConfigError, match="not a PyTorch checkpoint"):
         Scorer(ScoreConfig(model=TINY_MODEL, pretrained=str(bad)), torch.device("cpu"))
+
+
+def test_a_local_checkpoint_that_does_not_load_says_why_naming_its_option(tmp_path):
+    """No "101" from torch's unpickler, no hint about downloading tags: a local file was given."""
+    def error(pretrained, **flags):
+        with pytest.raises(ConfigError) as e:
+            Scorer(ScoreConfig(model=TINY_MODEL, pretrained=str(pretrained)), torch.device("cpu"), **flags)
+        return str(e.value)
+
+    notes = tmp_path / "notes.txt"
+    for text in ("hello world\n", "every line of my notes\n"):  # KeyError: 101, IndexError from torch.load
+        notes.write_text(text)
+        assert error(notes) == (f"--pretrained {notes}: not a PyTorch checkpoint (torch.load failed: the file is "
+                                "neither a zip archive nor a pickle, the formats torch.save writes)")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    assert error(tmp_path / "other.pt").startswith(
+        f"--pretrained {tmp_path / 'other.pt'}: weights do not fit {TINY_MODEL} (Error(s) in loading state_dict")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    assert error(tmp_path / "tensor.pt") == (f"--pretrained {tmp_path / 'tensor.pt'}: not a PyTorch state dict "
+                                             "(it holds a Tensor)")
+    assert error(tmp_path) == f"--pretrained {tmp_path}: not a checkpoint file (it is a folder)"
+    flags = ("--multilingual-model", "--multilingual-pretrained")
+    assert error(notes, flags=flags).startswith(f"--multilingual-pretrained {notes}: not a PyTorch checkpoint")
+    with pytest.raises(ConfigError, match="^--multilingual-model 'bogus' is not an open_clip architecture"):
+        Scorer(ScoreConfig(model="bogus", pretrained="none"), torch.device("cpu"), flags=flags)
 
 
 def test_pipeline_preprocessing_gives_open_clips_embeddings_on_real_photos(photos):

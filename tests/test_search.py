@@ -224,6 +224,7 @@ def test_classify_labels_every_kept_sample_as_open_clip_would(run, tmp_path):
 def test_bad_classify_input_is_one_line(run, tmp_path):
     out, _, _, tmp = run
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
+    (tmp_path / "empty.txt").write_text("# animals, to come\n\n")
     first = run_cli(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--classes", str(tmp_path / "classes.txt"),
                      "--device", "cpu", "--no-progress"])
     assert first.returncode == 0 and "over 2 classes" in first.stdout, first.stderr
@@ -233,6 +234,7 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
         (["--class", "cat", "--template", "a photo"], "--template 'a photo' must hold '{}' once"),
         (["--class", "cat", "--class", "dog", "--top", "3"], "--top must be between 1 and 2"),
         (["--classes", str(tmp_path / "none.txt")], "--classes"),
+        (["--classes", str(tmp_path / "empty.txt")], f"--classes {tmp_path / 'empty.txt'}: no class names in it"),
         (["--class", "cat", "--from-again"], "No such option"),
     ]
     for args, message in cases:
@@ -326,6 +328,7 @@ def test_more_bad_searches_are_one_line(tmp_path):
     synthetic_run(tmp_path / "run", rng.normal(size=(600, 16)).astype(np.float16))
     np.savez(tmp_path / "v.npz", a=np.ones(16))
     np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+    (tmp_path / "v.json").write_text(json.dumps([1.0] * 16))
     (tmp_path / "run" / "config.json").write_text(json.dumps({"score": {"enabled": False, "model": "ViT-B-32",
                                                                          "pretrained": "openai"}}))
     (tmp_path / "bad").mkdir()
@@ -337,6 +340,8 @@ def test_more_bad_searches_are_one_line(tmp_path):
     cases = [
         ([str(tmp_path / "run"), "--vector", str(tmp_path / "v.npz")], "v.npz: need a .npy of one real-valued vector"),
         ([str(tmp_path / "run"), "--vector", str(tmp_path / "s.npy")], "s.npy: need a .npy of one real-valued vector"),
+        ([str(tmp_path / "run"), "--vector", str(tmp_path / "v.json")],  # numpy: "This file contains pickled..."
+         f"--vector {tmp_path / 'v.json'}: not a .npy file; --vector takes a NumPy .npy file holding one embedding"),
         ([str(tmp_path / "run"), "--text", "a cat"], "was run without CLIP scoring (--no-score)"),
         ([str(tmp_path / "bad"), "--text", "a cat"], "config.json: no 'score' object in it"),
     ]

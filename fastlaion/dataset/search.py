@@ -164,6 +164,9 @@ def _read_vector(path: Path) -> np.ndarray:
     try:
         v = np.load(path)
     except (OSError, ValueError, EOFError) as e:
+        if not isinstance(e, OSError) and not _is_npy(path):  # numpy then tried it as a pickle, and refused
+            raise ConfigError(f"--vector {path}: not a .npy file; --vector takes a NumPy .npy file holding one "
+                              "embedding, shape (D,) or (1, D), as numpy.save writes it") from None
         raise ConfigError(f"--vector {path}: cannot read a .npy vector ({first_line(e)})") from None
     if not isinstance(v, np.ndarray) or v.dtype.kind not in "fiu":  # an .npz, strings, complex, bool...
         raise ConfigError(f"--vector {path}: need a .npy of one real-valued vector, got "
@@ -172,6 +175,15 @@ def _read_vector(path: Path) -> np.ndarray:
     if v.ndim != 1 or not v.size or not np.isfinite(v).all() or not np.any(v):
         raise ConfigError(f"--vector {path}: need one finite, non-zero vector, got shape {np.shape(v)}")
     return v
+
+
+def _is_npy(path: Path) -> bool:
+    """Whether `path` starts as a .npy file does (numpy's magic string)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    except OSError:
+        return False
 
 
 def _clip_input(path: Path, scorer: Any) -> np.ndarray:
