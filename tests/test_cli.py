@@ -62,6 +62,31 @@ def test_the_command_list_gives_each_command_its_first_paragraph_as_running_text
         assert all(len(line) > 50 for line in listed[name][:-1]), listed[name]
 
 
+@pytest.mark.parametrize("name", ["", "run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
+                                  "classify", "version"])
+def test_help_at_80_columns_cuts_no_option_name_nor_default(name):
+    """rich shrank every column of typer's options table to fit the terminal: at 80 columns
+    `--max-caption-c…`, two options both shown as `--multilingual-…`, `[default: noai,noimageai,n…`.
+    The names are never cut; the help column wraps (a word too long for it is folded)."""
+    import re
+
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == {"run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
+                                   "classify", "version"}  # a new command: add it above
+    cmd = group.commands[name] if name else group
+    result = runner.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert "…" not in result.output
+    names = [opt for param in cmd.params if isinstance(param, click.Option)
+             for opt in param.opts + param.secondary_opts] + ["--help"]
+    for opt in names:
+        assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", result.output), (opt, result.output)
+
+
 def typer_command(name):
     import typer.main
 
