@@ -104,6 +104,8 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--timeout", "0"], "--timeout must be positive"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
     (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "noai,foo", "--no-score"], "--opt-out-tags: 'foo' is not one of noai,"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "all", "--no-score"], "--opt-out-tags: 'all' is not one of"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
