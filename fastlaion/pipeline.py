@@ -431,7 +431,13 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
 
     if encoder == "nvimgcodec":
         import_nvimgcodec()  # asked for by name: its absence is an error, not a reason to decode on the CPU
-    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
+    on = models.device or pick_device(device)
+    if choice != "auto" and device == "auto" and on.type != "cuda":
+        # a GPU decoder asked for by name, and no GPU: an error, as --device cuda is (pick_device);
+        # its CPU mode (tests, CI) is for --device cpu
+        raise ConfigError(f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
+                          f"(or --device cpu to run {choice}'s CPU mode)")
+    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, on,
                            max_batch_size=cfg.score.batch_size, stored_encode=encoder,
                            exact_chroma=cfg.decode.exact_chroma, hw_decoder_load=cfg.decode.hw_decoder_load)
     if decoder.name == "cpu":  # auto found no GPU decoder that runs here
