@@ -103,8 +103,10 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
-def print_funnel(summary: Any) -> None:
-    """The closing funnel, one level a line (plain text, never wrapped, so it greps well)."""
+def print_funnel(summary: Any, scored: bool = True) -> None:
+    """The closing funnel, one level a line (plain text, never wrapped, so it greps well).
+    Not `scored` (--no-score), the score stage, which then drops nothing, has no line, and the
+    kept line says that nothing was scored."""
     from .batch import FUNNEL_LEVELS, STAGES
 
     f = summary.funnel
@@ -114,15 +116,18 @@ def print_funnel(summary: Any) -> None:
     for stage, level in zip(STAGES, FUNNEL_LEVELS):
         drops = f["drops"][stage]
         n = sum(drops.values())
+        if not scored and stage == "score" and not n:
+            continue
         why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
-        lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else ""))
+        lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else "")
+                     + ("  (not CLIP-scored: --no-score)" if not scored and level == "kept" and not n else ""))
     for line in lines:
         out_console.print(line, soft_wrap=True, highlight=False)
     edits = summary.caption_edits
     if edits:
         out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()),
                           soft_wrap=True, highlight=False)
-    t = summary.timings_s
+    t = {stage: s for stage, s in summary.timings_s.items() if scored or stage != "score"}
     if summary.shards_run:
         out_console.print(f"this run: {summary.shards_run} shard(s) in {summary.wall_s:.1f} s"
                           + (f", {summary.shards_skipped} skipped (already complete)" if summary.shards_skipped else "")
@@ -277,7 +282,7 @@ def run_cmd(
                        watermark_model=watermark_model),
     )
     summary = execute(cfg, progress)
-    print_funnel(summary)
+    print_funnel(summary, scored=cfg.score.enabled)
     for line in summary.notes():
         out_console.print(line, soft_wrap=True, highlight=False)
 

@@ -141,6 +141,24 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert "other settings" in other.output and "image_size" in other.output
 
 
+def test_no_score_funnel_claims_no_scoring(tmp_path):
+    """With --no-score the closing funnel has no `scored` line (nothing was scored) and says so
+    on the kept line; its levels still add up: input - drops = kept."""
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg"),
+             "b.jpg": Served(b"not an image", "image/jpeg")}
+    with LoopbackServer(files) as server:
+        (tmp_path / "in.txt").write_text("".join(server.url(n) + "\n" for n in ("a.jpg", "b.jpg", "missing.jpg")))
+        result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                     "--no-progress", "--allow-private-networks", "--retries", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    funnel = lines[lines.index(next(l for l in lines if l.startswith("funnel over"))) + 1:][:4]
+    assert [l.split()[:2] for l in funnel] == [["input", "3"], ["downloaded", "2"], ["decoded", "1"], ["kept", "1"]]
+    assert "not CLIP-scored: --no-score" in funnel[-1]
+    assert "scored" not in result.output.replace("not CLIP-scored", "")
+    assert " score " not in result.output  # no score stage time either
+
+
 def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos):
     """Kill a run with SIGKILL after some shards, rerun the same command, check every row once."""
     n_rows, shard_size = 60, 6
