@@ -159,6 +159,21 @@ def test_no_score_funnel_claims_no_scoring(tmp_path):
     assert " score " not in result.output  # no score stage time either
 
 
+@pytest.mark.parametrize("shard_size, row_digits", [(5, 1), (20, 2), (10_000, 4)])
+def test_keys_are_the_shard_then_the_row_padded_to_the_shard_sizes_digits(tmp_path, shard_size, row_digits):
+    """What README.md says of keys: `{shard:05d}` then the row in its shard, zero-padded to the
+    digits of --shard-size - 1 (not a fixed 4)."""
+    n = shard_size + 3  # a second shard
+    (tmp_path / "in.txt").write_text("".join(f"http://127.0.0.1:9/{i}.jpg\n" for i in range(n)))
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                 "--no-language", "--no-progress", "--shard-size", str(shard_size)])
+    assert result.exit_code == 0, result.output
+    keys = pl.concat([pl.read_parquet(p, columns=["key"]) for p in sorted((tmp_path / "o").glob("0*.parquet"))])
+    assert keys["key"].to_list() == [f"{i // shard_size:05d}{i % shard_size:0{row_digits}d}" for i in range(n)]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "{row:04d}" not in readme and "as many digits as `--shard-size - 1` has" in readme
+
+
 def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos):
     """Kill a run with SIGKILL after some shards, rerun the same command, check every row once."""
     n_rows, shard_size = 60, 6
