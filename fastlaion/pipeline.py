@@ -149,7 +149,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
 def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack) -> RunSummary:
-    if needs_extraction(cfg.input):
+    extracted = needs_extraction(cfg.input)
+    if extracted:
         inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
         fresh = False
     else:  # every problem with the inputs is told before the output folder is touched
@@ -160,6 +161,10 @@ def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
     try:
         try:
             rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input)
+            if not rows.height and not extracted:  # a header only, or an empty file
+                paths = cfg.input.paths
+                raise ConfigError(f"the input{'s have' if len(paths) > 1 else ' has'} no rows: {', '.join(paths)}; "
+                                  "nothing to download")
         except BaseException:
             # A problem only reading the rows shows (a bad byte deep in a csv), or Ctrl-C: a folder
             # this run made holds nothing yet, so it goes, and a rerun may use other settings.

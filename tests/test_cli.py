@@ -107,15 +107,22 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "noai,foo", "--no-score"], "--opt-out-tags: 'foo' is not one of noai,"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "all", "--no-score"], "--opt-out-tags: 'all' is not one of"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
+    (["run", "{tmp}/header.csv", "-o", "{tmp}/o", "--no-score"], "the input has no rows: {tmp}/header.csv;"),
+    (["run", "{tmp}/header.csv", "{tmp}/empty.txt", "-o", "{tmp}/o", "--no-score"],
+     "the inputs have no rows: {tmp}/header.csv, {tmp}/empty.txt;"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     (tmp_path / "bad.parquet").write_bytes(b"definitely not parquet")
+    (tmp_path / "header.csv").write_text("url,caption\n")
+    (tmp_path / "empty.txt").write_text("")
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr
+    if "no rows" in message:
+        assert not (tmp_path / "o").exists()  # a fresh folder is not left behind
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
