@@ -103,8 +103,10 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
-def print_funnel(summary: Any) -> None:
-    """The closing funnel, one level a line (plain text, never wrapped, so it greps well)."""
+def print_funnel(summary: Any, scored: bool = True) -> None:
+    """The closing funnel, one level a line (plain text, never wrapped, so it greps well).
+    Not `scored` (--no-score), the score stage, which then drops nothing, has no line, and the
+    kept line says that nothing was scored."""
     from .batch import FUNNEL_LEVELS, STAGES
 
     f = summary.funnel
@@ -114,15 +116,18 @@ def print_funnel(summary: Any) -> None:
     for stage, level in zip(STAGES, FUNNEL_LEVELS):
         drops = f["drops"][stage]
         n = sum(drops.values())
+        if not scored and stage == "score" and not n:
+            continue
         why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
-        lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else ""))
+        lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else "")
+                     + ("  (not CLIP-scored: --no-score)" if not scored and level == "kept" and not n else ""))
     for line in lines:
         out_console.print(line, soft_wrap=True, highlight=False)
     edits = summary.caption_edits
     if edits:
         out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()),
                           soft_wrap=True, highlight=False)
-    t = summary.timings_s
+    t = {stage: s for stage, s in summary.timings_s.items() if scored or stage != "score"}
     if summary.shards_run:
         out_console.print(f"this run: {summary.shards_run} shard(s) in {summary.wall_s:.1f} s"
                           + (f", {summary.shards_skipped} skipped (already complete)" if summary.shards_skipped else "")
@@ -205,7 +210,7 @@ def run_cmd(
     respect_robots: Annotated[bool, typer.Option("--respect-robots", help="Fetch each site's robots.txt once and drop the URLs it disallows for our user agent (robots_disallowed). A robots.txt answering 4xx allows everything; one that cannot be fetched (5xx, timeout) disallows everything (RFC 9309). Its Crawl-delay spaces the requests to that host.")] = _D.download.respect_robots,
     max_crawl_delay: Annotated[float, typer.Option(help="With --respect-robots: the longest robots.txt Crawl-delay honoured, in seconds; the URLs of a host asking for more are dropped (robots_disallowed).")] = _D.download.max_crawl_delay_s,
     max_redirects: Annotated[int, typer.Option(help="Redirects followed per request; one more drops the row (too_many_redirects).")] = _D.download.max_redirects,
-    opt_out_tags: Annotated[str, typer.Option(help="Comma-separated X-Robots-Tag directives that drop a row before its body is read (opt_out); directives addressed to other agents ('googlebot: noindex') are ignored. '' checks none.")] = ",".join(_D.download.opt_out_tags),
+    opt_out_tags: Annotated[str, typer.Option(help="Comma-separated X-Robots-Tag directives that drop a row before its body is read (opt_out): noai, noimageai, noindex, noimageindex, or another restricting one (nofollow, none, noarchive, nosnippet, ...); directives addressed to other agents ('googlebot: noindex') are ignored. '' checks none.")] = ",".join(_D.download.opt_out_tags),
     allow_private_networks: Annotated[bool, typer.Option("--allow-private-networks", help="Also download from private, loopback and link-local addresses (refused by default, on every redirect hop: private_address). For local test servers only.")] = _D.download.allow_private_networks,
     url_blocklist: Annotated[Optional[str], typer.Option(help="File of URLs not to download, one per line: the URL itself or the hex SHA-256 or MD5 of its UTF-8 bytes (blocked).", show_default=False)] = None,
     image_blocklist: Annotated[Optional[str], typer.Option(help="File of images to drop, one per line: the hex SHA-256 or MD5 of the downloaded bytes (blocked).", show_default=False)] = None,
@@ -215,7 +220,7 @@ def run_cmd(
     max_pixels: Annotated[int, typer.Option(help="Larger images are dropped before decoding (LAION: 89,478,484).")] = _D.decode.max_pixels,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = _D.decode.jpeg_quality,
     decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core (shared among --processes).")] = _D.decode.threads,
-    decoder: Annotated[str, typer.Option(help="Image decoder: auto (DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU), cpu (libjpeg-turbo/Pillow), nvjpeg or dali. GPU decoders hand the CLIP input to the model without a host copy; PNG/WebP and GPU failures fall back to the CPU per image.")] = _D.decode.decoder,
+    decoder: Annotated[str, typer.Option(help="Image decoder: auto (DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU), cpu (libjpeg-turbo/Pillow), nvjpeg or dali (on a GPU: an error without one, unless --device cpu asks for their CPU modes). GPU decoders hand the CLIP input to the model without a host copy; PNG/WebP and GPU failures fall back to the CPU per image.")] = _D.decode.decoder,
     stored_encoder: Annotated[str, typer.Option(help="Where a GPU decoder encodes the stored JPEGs: host (libjpeg-turbo on the CPU's threads, as the CPU decoder) or nvimgcodec (NVIDIA nvImageCodec's batched encoder on the GPU, which DALI installs; only the bytes come back). The CPU decoder always encodes on the CPU.")] = _D.decode.stored_encoder,
     exact_chroma: Annotated[bool, typer.Option("--exact-chroma/--fast-chroma", help="DALI: libjpeg's smooth chroma upsampling, as the CPU decoder (exact), or DALI's plain one (fast; on an H200 with --hw-decoder-load 1, decode + score 1.16x).")] = _D.decode.exact_chroma,
     hw_decoder_load: Annotated[Optional[float], typer.Option(help="DALI: the share of JPEGs for the GPU's hardware JPEG decoder (0-1), the rest decoded with CUDA; default DALI's own (0.65).", show_default=False)] = _D.decode.hw_decoder_load,
@@ -284,7 +289,7 @@ def run_cmd(
                        watermark_model=watermark_model),
     )
     summary = execute(cfg, progress)
-    print_funnel(summary)
+    print_funnel(summary, scored=cfg.score.enabled)
     for line in summary.notes():
         out_console.print(line, soft_wrap=True, highlight=False)
 

@@ -16,9 +16,13 @@ for one, never uses:
   (a bad value, another spelling, another type) goes on to typer's own conversion, so its results
   and error messages stay typer's. tests/test_cli.py compares the two on every parameter.
 
-Both use typer's internals (`typer.core.TyperGroup`, `_TyperParameter._runtime_param`,
-`typer._coercion.RuntimeParam`); where a later typer lacks them, the fast conversion is left out
-and typer converts as it always did.
+And one that is not about start-up: `--help`'s options table (typer's `_print_options_panel`) is
+laid out by `_whole_names`, so that an option's name is never cut at 80 columns (see there).
+
+All three use typer's internals (`typer.core.TyperGroup`, `_TyperParameter._runtime_param`,
+`typer._coercion.RuntimeParam`, `typer.rich_utils._print_options_panel`); where a later typer
+lacks them, the fast conversion is left out and typer converts as it always did, and its help
+keeps typer's own layout.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,10 @@ class LazyGroup(TyperGroup):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.commands = _Commands(self.commands)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        with _whole_names():
+            super().format_help(ctx, formatter)
 
     def list_commands(self, ctx: Any) -> list[str]:
         return list(self.commands)  # the names, in registration order, without building them
@@ -88,6 +97,10 @@ class FastCommand(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _fast(super().get_params(ctx))
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        with _whole_names():
+            super().format_help(ctx, formatter)
+
 
 class Deferred(TyperCommand):
     """Stands for a command in a `LazyGroup` until `build()` makes the real one, exactly as
@@ -120,6 +133,91 @@ def add_lazy_command(app: typer.Typer, name: str, load: Callable[[], Callable[..
     cls = type(f"Deferred_{name}", (Deferred,), {"load": staticmethod(load),
                                                  "_pretty_exceptions_short": app.pretty_exceptions_short})
     app.command(name, cls=cls)(_placeholder)
+
+
+# ---------------------------------------------------------------------------------------------
+# --help: option names whole
+
+@contextmanager
+def _whole_names() -> Iterator[None]:
+    """While typer prints a command's help, its options panels go through `_OptionsConsole`.
+
+    Typer's options table has a column each for the names, the short names, the --no-X names,
+    their short forms, the type and the help, every one of them free for rich to shrink: in an
+    80-column terminal rich cut `run`'s long option names (`--max-caption-c…`, two options shown
+    as `--multilingual-…`) and the defaults (`[default: noai,noimageai,n…`) with an ellipsis."""
+    try:
+        from typer import rich_utils
+
+        print_panel = rich_utils._print_options_panel
+    except (ImportError, AttributeError):  # another typer: its own layout
+        yield
+        return
+
+    def print_options_panel(*, console: Any, **kwargs: Any) -> None:
+        print_panel(console=_OptionsConsole(console), **kwargs)
+
+    rich_utils._print_options_panel = print_options_panel
+    try:
+        yield
+    finally:
+        rich_utils._print_options_panel = print_panel
+
+
+class _OptionsConsole:
+    """The console typer prints an options panel on; the panel's table is laid out again before
+    it is printed: an option's names (its --no-X name on the line below) in columns that are
+    never wrapped nor cut, its type in at most a third of the width they leave, and its help, with
+    the default, in the rest, wrapped and, for a word longer than the column, folded, not cut."""
+
+    def __init__(self, console: Any):
+        self._console = console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console, name)
+
+    def print(self, panel: Any, *args: Any, **kwargs: Any) -> None:
+        from rich.table import Table
+
+        table = getattr(panel, "renderable", None)
+        if isinstance(table, Table) and len(table.columns) in (6, 7):  # typer 0.2x's layout
+            panel.renderable = _names_whole(table, self._console)
+        self._console.print(panel, *args, **kwargs)
+
+
+def _names_whole(table: Any, console: Any) -> Any:
+    """Typer's options table (required, names, short names, --no-X names, their short names,
+    type, help), laid out as `_OptionsConsole` says."""
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    *required, names, short, no_names, no_short, types, helps = [list(c.cells) for c in table.columns]
+
+    def stacked(a: Any, b: Any) -> Any:
+        return Text.assemble(a, "\n", b) if isinstance(a, Text) and isinstance(b, Text) and b.plain else a
+
+    rows = [[*(c[i] for c in required), stacked(names[i], no_names[i]), stacked(short[i], no_short[i]),
+             types[i], helps[i]] for i in range(len(names))]
+    if not rows:
+        return table
+    fixed = len(rows[0]) - 2
+    widest = [max((Measurement.get(console, console.options, row[c]).maximum for row in rows), default=0)
+              for c in range(fixed)]
+    room = console.width - 4 - sum(w + 2 for w in widest)  # the panel's borders and padding, each column's padding
+    out = Table(highlight=True, show_header=False, expand=True, box=table.box, show_lines=table.show_lines,
+                leading=table.leading, border_style=table.border_style, row_styles=table.row_styles,
+                pad_edge=table.pad_edge, padding=table.padding)
+    for _ in range(fixed):
+        out.add_column(no_wrap=True)
+    out.add_column(overflow="fold", max_width=max(10, room // 3))
+    out.add_column(overflow="fold")
+    for row in rows:
+        for item in getattr(row[-1], "renderables", ()):  # help text, [default: ...], [required]
+            if isinstance(item, Text):
+                item.overflow = "fold"
+        out.add_row(*row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

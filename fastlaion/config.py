@@ -105,6 +105,15 @@ class InputConfig:
         at_least("--max-caption-chars", self.max_caption_chars, 1)
 
 
+# What --opt-out-tags takes: the X-Robots-Tag directives that restrict something (Google's rules,
+# and noarchive / nocache, which Bing reads) and DeviantArt's noai / noimageai, each matched by
+# name (robots_tag.opt_out_directive). Another name is refused: a typo would silently opt nothing
+# out, and all / indexifembedded grant rather than restrict.
+OPT_OUT_TAGS = ("noai", "noimageai", "noindex", "noimageindex", "nofollow", "none", "noarchive", "nocache",
+                "nosnippet", "notranslate", "max-snippet", "max-image-preview", "max-video-preview",
+                "unavailable_after")
+
+
 @dataclass(frozen=True)
 class DownloadConfig:
     workers: int = 64  # concurrent requests (worker coroutines)
@@ -148,9 +157,9 @@ class DownloadConfig:
         if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n\0"):
             raise ConfigError(f"--user-agent must be one non-empty line, got {self.user_agent!r}")
         for tag in self.opt_out_tags:
-            if not re.fullmatch(r"[a-z0-9_-]+", tag):
-                raise ConfigError(f"--opt-out-tags: {tag!r} is not an X-Robots-Tag directive "
-                                  "(lower-case letters, digits, '-' and '_'; separate tags with commas)")
+            if tag not in OPT_OUT_TAGS:
+                raise ConfigError(f"--opt-out-tags: {tag!r} is not one of {', '.join(OPT_OUT_TAGS)} "
+                                  "(separate tags with commas)")
         for flag, path in (("--url-blocklist", self.url_blocklist), ("--image-blocklist", self.image_blocklist)):
             if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ConfigError(f"{flag} {path}: not a readable file")

@@ -171,6 +171,14 @@ class InputStats:
         self.skipped[reason] += 1
         self.records += 1
 
+    def not_warc(self) -> str | None:
+        """Its counts, e.g. 'not_warc 1', when not one WARC record was found in the input (an
+        empty file, a JPEG, gzip that is not a WARC's), else None."""
+        junk = {r: self.skipped[r] for r in ("empty_input", "not_warc", "corrupt_gzip") if self.skipped[r]}
+        if not junk or sum(junk.values()) != self.records:
+            return None
+        return ", ".join(f"{r} {n:,}" for r, n in junk.items())
+
     def ignore(self, reason: str) -> None:
         self.ignored[reason] += 1
         self.records += 1
@@ -286,6 +294,9 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)
+    for st in stats:  # counted as skipped like other damage, and named: which of many inputs it was
+        if (why := st.not_warc()) is not None:
+            log.warning("%s holds no WARC record (%s): not a WARC/WAT file?", st.source, why)
     summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
     payload = {**summary.to_dict(), "config": cfg.to_dict()}
     (out_dir / "extract_stats.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -152,7 +152,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
 def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack) -> RunSummary:
-    if needs_extraction(cfg.input):
+    extracted = needs_extraction(cfg.input)
+    if extracted:
         inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
         fresh = False
     else:  # every problem with the inputs is told before the output folder is touched
@@ -163,6 +164,10 @@ def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
     try:
         try:
             rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input)
+            if not rows.height and not extracted:  # a header only, or an empty file
+                paths = cfg.input.paths
+                raise ConfigError(f"the input{'s have' if len(paths) > 1 else ' has'} no rows: {', '.join(paths)}; "
+                                  "nothing to download")
         except BaseException:
             # A problem only reading the rows shows (a bad byte deep in a csv), or Ctrl-C: a folder
             # this run made holds nothing yet, so it goes, and a rerun may use other settings.
@@ -439,7 +444,13 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
 
     if encoder == "nvimgcodec":
         import_nvimgcodec()  # asked for by name: its absence is an error, not a reason to decode on the CPU
-    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
+    on = models.device or pick_device(device)
+    if choice != "auto" and device == "auto" and on.type != "cuda":
+        # a GPU decoder asked for by name, and no GPU: an error, as --device cuda is (pick_device);
+        # its CPU mode (tests, CI) is for --device cpu
+        raise ConfigError(f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
+                          f"(or --device cpu to run {choice}'s CPU mode)")
+    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, on,
                            max_batch_size=cfg.score.batch_size, stored_encode=encoder,
                            exact_chroma=cfg.decode.exact_chroma, hw_decoder_load=cfg.decode.hw_decoder_load)
     if decoder.name == "cpu":  # auto found no GPU decoder that runs here

@@ -62,6 +62,31 @@ def test_the_command_list_gives_each_command_its_first_paragraph_as_running_text
         assert all(len(line) > 50 for line in listed[name][:-1]), listed[name]
 
 
+@pytest.mark.parametrize("name", ["", "run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
+                                  "classify", "version"])
+def test_help_at_80_columns_cuts_no_option_name_nor_default(name):
+    """rich shrank every column of typer's options table to fit the terminal: at 80 columns
+    `--max-caption-c…`, two options both shown as `--multilingual-…`, `[default: noai,noimageai,n…`.
+    The names are never cut; the help column wraps (a word too long for it is folded)."""
+    import re
+
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == {"run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
+                                   "classify", "version"}  # a new command: add it above
+    cmd = group.commands[name] if name else group
+    result = runner.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert "…" not in result.output
+    names = [opt for param in cmd.params if isinstance(param, click.Option)
+             for opt in param.opts + param.secondary_opts] + ["--help"]
+    for opt in names:
+        assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", result.output), (opt, result.output)
+
+
 def typer_command(name):
     import typer.main
 
@@ -79,6 +104,8 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--timeout", "0"], "--timeout must be positive"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
     (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "noai,foo", "--no-score"], "--opt-out-tags: 'foo' is not one of noai,"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "all", "--no-score"], "--opt-out-tags: 'all' is not one of"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
     # a text file given as weights (torch's unpickler: "KeyError: 101"), and a truncated checkpoint
     *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", flag, "{tmp}/notes.txt"],
@@ -93,6 +120,9 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "none", "--no-progress",
       "--multilingual-model", "bogus"], "error: --multilingual-model 'bogus' is not an open_clip architecture"),
     (["demo", "-o", "{tmp}/in.csv"], "error: --output exists and is not a folder: {tmp}/in.csv\n"),
+    (["run", "{tmp}/header.csv", "-o", "{tmp}/o", "--no-score"], "the input has no rows: {tmp}/header.csv;"),
+    (["run", "{tmp}/header.csv", "{tmp}/empty.txt", "-o", "{tmp}/o", "--no-score"],
+     "the inputs have no rows: {tmp}/header.csv, {tmp}/empty.txt;"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     import torch
@@ -104,10 +134,14 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     checkpoint = tmp_path / "whole.pth"
     torch.save({"weight": torch.zeros(1, 512)}, checkpoint)
     (tmp_path / "trunc.pth").write_bytes(checkpoint.read_bytes()[:-100])
+    (tmp_path / "header.csv").write_text("url,caption\n")
+    (tmp_path / "empty.txt").write_text("")
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr, result.stderr
+    if "no rows" in message:
+        assert not (tmp_path / "o").exists()  # a fresh folder is not left behind
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
@@ -131,6 +165,39 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         other = runner.invoke(app, [*base, "--image-size", "128"])
     assert other.exit_code == 2
     assert "other settings" in other.output and "image_size" in other.output
+
+
+def test_no_score_funnel_claims_no_scoring(tmp_path):
+    """With --no-score the closing funnel has no `scored` line (nothing was scored) and says so
+    on the kept line; its levels still add up: input - drops = kept."""
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg"),
+             "b.jpg": Served(b"not an image", "image/jpeg")}
+    with LoopbackServer(files) as server:
+        (tmp_path / "in.txt").write_text("".join(server.url(n) + "\n" for n in ("a.jpg", "b.jpg", "missing.jpg")))
+        result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                     "--no-progress", "--allow-private-networks", "--retries", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    funnel = lines[lines.index(next(l for l in lines if l.startswith("funnel over"))) + 1:][:4]
+    assert [l.split()[:2] for l in funnel] == [["input", "3"], ["downloaded", "2"], ["decoded", "1"], ["kept", "1"]]
+    assert "not CLIP-scored: --no-score" in funnel[-1]
+    assert "scored" not in result.output.replace("not CLIP-scored", "")
+    assert " score " not in result.output  # no score stage time either
+
+
+@pytest.mark.parametrize("shard_size, row_digits", [(5, 1), (20, 2), (10_000, 4)])
+def test_keys_are_the_shard_then_the_row_padded_to_the_shard_sizes_digits(tmp_path, shard_size, row_digits):
+    """What README.md says of keys: `{shard:05d}` then the row in its shard, zero-padded to the
+    digits of --shard-size - 1 (not a fixed 4)."""
+    n = shard_size + 3  # a second shard
+    (tmp_path / "in.txt").write_text("".join(f"http://127.0.0.1:9/{i}.jpg\n" for i in range(n)))
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                 "--no-language", "--no-progress", "--shard-size", str(shard_size)])
+    assert result.exit_code == 0, result.output
+    keys = pl.concat([pl.read_parquet(p, columns=["key"]) for p in sorted((tmp_path / "o").glob("0*.parquet"))])
+    assert keys["key"].to_list() == [f"{i // shard_size:05d}{i % shard_size:0{row_digits}d}" for i in range(n)]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "{row:04d}" not in readme and "as many digits as `--shard-size - 1` has" in readme
 
 
 def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos):

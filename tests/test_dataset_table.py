@@ -188,6 +188,13 @@ def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tm
          "unknown recipe 'laion5b'; known recipes: en, multi, nolang, laion400m, high-res, aesthetic-v1, art, aesthetic-v2"),
         (["stats", tmp_path / "empty"], "holds no dataset"),
         (["dedup", "--by", "url", "--from", tmp_path / "nowhere", "-o", tmp_path / "o"], "no such file or folder"),
+        # an option of another --by is refused, not ignored
+        (["dedup", "--by", "url", "--method", "clusters", "--from", folder, "-o", tmp_path / "o"],
+         "--method applies to --by embedding only, not --by url"),
+        (["dedup", "--by", "phash", "--min-cosine", "0.9", "--from", folder, "-o", tmp_path / "o"],
+         "--min-cosine applies to --by embedding only, not --by phash"),
+        (["dedup", "--by", "embedding", "--max-hamming", "2", "--from", folder, "-o", tmp_path / "o"],
+         "--max-hamming applies to --by phash only, not --by embedding"),
     ]
     for args, message in cases:
         result = run_cli(args)

@@ -632,6 +632,24 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_an_input_that_holds_no_warc_record_is_named_on_the_console(tmp_path):
+    """`extract photo.jpg ok.wat.gz`: the counts and the exit status stay as for other damaged
+    input (skipped not_warc, exit 0), and one warning line names each input that held no WARC
+    record at all (a JPEG, an empty file), not the WAT beside them."""
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    (tmp_path / "empty.warc").write_bytes(b"")
+    (tmp_path / "ok.wat.gz").write_bytes(gzip.compress(b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 0\r\n\r\n\r\n\r\n"))
+    names = ["photo.jpg", "ok.wat.gz", "empty.warc"]
+    result = runner.invoke(app, ["extract", *[str(tmp_path / n) for n in names], "-o", str(tmp_path / "o"),
+                                 "--no-progress", "--processes", "1"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "records        3  = pages 0 + ignored 1 (other_type 1) + skipped 2 (empty_input 1, not_warc 1)" in result.output
+    warnings = [line for line in result.output.splitlines() if "holds no WARC record" in line]
+    assert len(warnings) == 2, result.output
+    assert f"{tmp_path / 'photo.jpg'} holds no WARC record (not_warc 1)" in warnings[0]
+    assert f"{tmp_path / 'empty.warc'} holds no WARC record (empty_input 1)" in warnings[1]
+
+
 def test_is_warc_like():
     for name in ("a.warc", "a.warc.gz", "a.wat", "a.WAT.GZ", "CC-MAIN-x.warc.wat.gz",
                  "https://h/x.warc.wat.gz?sig=1", "s3://b/k.warc.gz"):

@@ -306,6 +306,26 @@ def test_stored_encoder_nvimgcodec_missing_is_an_error_not_a_cpu_decode(tmp_path
 
 
 
+@pytest.mark.parametrize("decoder", ["nvjpeg", "dali"])
+def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_path, monkeypatch, decoder):
+    """--decoder nvjpeg|dali with --device auto where no GPU is (faked here, for a GPU machine):
+    one line and exit 2, as --device cuda is; not its CPU mode in silence. --device cpu asks for
+    the CPU mode (tests, CI) and gets it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/x.jpg\n")
+    args = ["run", str(inp), "--no-score", "--no-language", "--decoder", decoder, "--no-progress", "--retries", "0"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert f"--decoder {decoder}: no CUDA GPU is available here" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    if decoder == "nvjpeg" or dali_importable():
+        on_cpu = runner.invoke(app, [*args, "-o", str(tmp_path / "cpu"), "--device", "cpu"])
+        assert on_cpu.exit_code == 0, on_cpu.output
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
 def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
     """The terminal's SIGINT reaches every process of the group, the workers too while Python is

@@ -72,6 +72,11 @@ EXACT_COLUMNS: dict[DedupBy, tuple[str, ...]] = {
 
 METHODS = ("auto", "exact", "clusters")
 
+# The options that one --by reads and the others ignore: (flag, DedupConfig field, that --by).
+_ONE_BY_ONLY = (("--method", "method", DedupBy.embedding), ("--clusters", "clusters", DedupBy.embedding),
+                ("--min-cosine", "min_cosine", DedupBy.embedding), ("--device", "device", DedupBy.embedding),
+                ("--max-hamming", "max_hamming_bits", DedupBy.phash), ("--threads", "threads", DedupBy.phash))
+
 
 @dataclass(frozen=True)
 class DedupConfig:
@@ -98,6 +103,10 @@ class DedupConfig:
         at_least("--clusters", self.clusters, 0)
         at_least("bucket_bytes", self.bucket_bytes, 1 << 20)
         torch_device("--device", self.device)
+        default = DedupConfig()
+        for flag, name, by in _ONE_BY_ONLY:  # read by one --by only: refused with another, not ignored
+            if self.by is not by and getattr(self, name) != getattr(default, name):
+                raise ConfigError(f"{flag} applies to --by {by.value} only, not --by {self.by.value}")
 
 
 @dataclass
