@@ -25,3 +25,17 @@ def native_library(tmp_path_factory, monkeypatch):
     extract_native._reset()
     yield extract_native
     extract_native._reset()
+
+
+@pytest.fixture(autouse=True)
+def fresh_cli_consoles(monkeypatch):
+    """fastlaion.cli's rich consoles, made anew in each test: a console takes its width from
+    COLUMNS when it is made, so one made by an earlier test of the same process (xdist runs many
+    in one) would wrap this test's lines at that test's width."""
+    import sys
+
+    cli = sys.modules.get("fastlaion.cli")
+    if cli is not None:
+        for lazy in (cli.console, cli.out_console):
+            monkeypatch.setattr(lazy, "_console", None)
+    yield

@@ -457,7 +457,7 @@ def test_a_run_that_finished_no_shard_starts_over_with_other_settings(tmp_path):
         base = ["run", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o"), "--no-progress", "--allow-private-networks"]
         failed = runner.invoke(app, [*base, "--model", "fastlaion-tiny", "--pretrained", str(tmp_path / "notes.txt")])
         assert failed.exit_code == 2 and (tmp_path / "o" / "config.json").exists()
-        fixed = runner.invoke(app, [*base, "--no-score"])
+        fixed = runner.invoke(app, [*base, "--no-score"], env={"COLUMNS": "400"})  # the warning on one line
         assert fixed.exit_code == 0, fixed.output
         assert "finished no shard; starting over with these settings" in fixed.output
         assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["kept"] == 2
@@ -500,7 +500,7 @@ def test_a_finished_shard_whose_files_were_lost_or_cut_is_run_again(tmp_path):
         (out / "00000.tar").unlink()
         parquet = (out / "00002.parquet").read_bytes()
         (out / "00002.parquet").write_bytes(parquet[: len(parquet) // 2])
-        again = runner.invoke(app, base)
+        again = runner.invoke(app, base, env={"COLUMNS": "400"})  # each warning on one line
     assert again.exit_code == 0, again.output
     assert "shard 00000: 00000.tar is missing; it is run again" in again.output
     assert f"shard 00002: 00002.parquet holds {len(parquet) // 2:,} bytes, {len(parquet):,} when written" in again.output
