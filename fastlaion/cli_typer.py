@@ -27,6 +27,8 @@ keeps typer's own layout.
 
 from __future__ import annotations
 
+import inspect
+
 import enum
 import re
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -120,6 +122,10 @@ class Deferred(TyperCommand):
             # `fastlaion --help` lists each command by its docstring's first paragraph, and rich
             # keeps the docstring's line ends there: one line of text, for rich to wrap
             command.short_help = " ".join(command.help.split("\n\n")[0].split())
+        if command.help:  # the command's own --help alike: each paragraph one line (lists as they are)
+            command.help = "\n\n".join(
+                p if any(line.startswith((" ", "-", "*", "|")) for line in p.splitlines()) else " ".join(p.split())
+                for p in inspect.cleandoc(command.help).split("\n\n"))
         return command
 
 

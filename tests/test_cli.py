@@ -85,6 +85,12 @@ def test_help_at_80_columns_cuts_no_option_name_nor_default(name):
              for opt in param.opts + param.secondary_opts] + ["--help"]
     for opt in names:
         assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", result.output), (opt, result.output)
+    # the description above the panels: each paragraph wrapped at the terminal, not where the
+    # docstring's lines end ("... per kept" / "sample), a" / "Parquet per shard ...")
+    description = result.output.split("Usage:")[1].split("╭")[0].split("\n")[2:]
+    paragraphs = [p.splitlines() for p in "\n".join(line.strip() for line in description).split("\n\n") if p.strip()]
+    for lines in paragraphs:
+        assert all(len(line) > 60 for line in lines[:-1]), lines
 
 
 def typer_command(name):
