@@ -108,10 +108,11 @@ class InputConfig:
 # What --opt-out-tags takes: the X-Robots-Tag directives that restrict something (Google's rules,
 # and noarchive / nocache, which Bing reads) and DeviantArt's noai / noimageai, each matched by
 # name (robots_tag.opt_out_directive). Another name is refused: a typo would silently opt nothing
-# out, and all / indexifembedded grant rather than restrict.
+# out, all / indexifembedded grant rather than restrict, and max-snippet, max-image-preview,
+# max-video-preview and unavailable_after restrict or grant by their value ("max-image-preview:
+# large" grants), which a match by name cannot tell.
 OPT_OUT_TAGS = ("noai", "noimageai", "noindex", "noimageindex", "nofollow", "none", "noarchive", "nocache",
-                "nosnippet", "notranslate", "max-snippet", "max-image-preview", "max-video-preview",
-                "unavailable_after")
+                "nosnippet", "notranslate")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -318,6 +319,11 @@ def worker_devices(cfg: RunConfig) -> list[str]:
     'cuda:N', --workers-per-gpu entries per GPU). One entry means the work runs in this process.
     (With --ray, fastlaion.ray_workers.plan places the workers on the cluster's nodes.)"""
     par = cfg.parallel
+    if cfg.decode.decoder in ("nvjpeg", "dali") and cfg.score.device == "auto" and par.gpus is None:
+        import torch
+
+        if not torch.cuda.is_available():  # told before the models load and the output folder is made
+            raise ConfigError(gpu_decoder_without_gpu(cfg.decode.decoder))
     if par.gpus is not None:
         import torch
 
@@ -330,6 +336,11 @@ def worker_devices(cfg: RunConfig) -> list[str]:
             raise ConfigError(f"--gpus {wanted}: only {visible} GPU(s) visible")
         return [f"cuda:{i}" for i in range(wanted) for _ in range(par.workers_per_gpu)]
     return [cfg.score.device] * (par.processes or os.cpu_count() or 1)
+
+
+def gpu_decoder_without_gpu(choice: str) -> str:
+    return (f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
+            f"(or --device cpu to run {choice}'s CPU mode)")
 
 
 def _on_device(cfg: RunConfig, device: str) -> RunConfig:
@@ -448,8 +459,7 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
     if choice != "auto" and device == "auto" and on.type != "cuda":
         # a GPU decoder asked for by name, and no GPU: an error, as --device cuda is (pick_device);
         # its CPU mode (tests, CI) is for --device cpu
-        raise ConfigError(f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
-                          f"(or --device cpu to run {choice}'s CPU mode)")
+        raise ConfigError(gpu_decoder_without_gpu(choice))
     decoder = make_decoder(choice, cfg.decode, clip, watermark_px, on,
                            max_batch_size=cfg.score.batch_size, stored_encode=encoder,
                            exact_chroma=cfg.decode.exact_chroma, hw_decoder_load=cfg.decode.hw_decoder_load)
@@ -500,13 +510,25 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputCo
             raise ConfigError(f"input file not found: {path}")
     prepare_output(out, cfg)
     target = out / CANDIDATES_DIR
+    # the pages' opt-outs: extract's defaults (noai, noimageai) that --opt-out-tags keeps
+    page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
+    if (target / "extract_stats.json").exists():
+        try:
+            had = tuple(json.loads((target / "extract_stats.json").read_text())["config"]["page_opt_out_tags"])
+        except (OSError, ValueError, KeyError, TypeError):
+            had = None
+        if had != page_tags:  # --opt-out-tags changed: the candidates kept other pages' links
+            if any_finished(out):
+                raise ConfigError(f"{out} holds a run whose candidates were extracted with page opt-outs "
+                                  f"{','.join(had or ()) or 'none'}, now {','.join(page_tags) or 'none'} "
+                                  "(--opt-out-tags); rerun with the same settings to resume, or choose another "
+                                  "output folder")
+            (target / "extract_stats.json").unlink()  # extracted again below
     if not (target / "extract_stats.json").exists():
         sources = list(inputs.paths)
         if inputs.crawl:
             sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
         shutil.rmtree(target, ignore_errors=True)
-        # the pages' opt-outs: extract's defaults (noai, noimageai) that --opt-out-tags keeps
-        page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
         extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
                                                           page_opt_out_tags=page_tags),
                            progress.extracting())
@@ -544,8 +566,8 @@ def prepare_output(out: Path, cfg: RunConfig) -> None:
         elif diffs or changed:
             log.warning("%s: the run there finished no shard; starting over with %s", out,
                         "these settings" if diffs else f"the changed input {changed[0]}")
-            if changed or previous["input"] != current["input"] or \
-                    before.get("download", {}).get("opt_out_tags") != list(cfg.download.opt_out_tags):
+            (out / SUMMARY_FILE).unlink(missing_ok=True)  # of the run given up (its failed shards, say)
+            if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
     saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
@@ -562,11 +584,11 @@ def input_files(paths: Iterable[str]) -> dict[str, str]:
     """Each local input file's mark (input_mark); remote inputs and unreadable paths have none."""
     marks = {}
     for p in paths:
-        if "://" not in p:
-            try:
+        try:  # regular files only: a pipe (`run <(cat urls)`) would lose what the mark reads
+            if "://" not in p and stat.S_ISREG(os.stat(p).st_mode):
                 marks[str(Path(p))] = input_mark(Path(p))
-            except OSError:
-                pass
+        except OSError:
+            pass
     return marks
 
 

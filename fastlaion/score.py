@@ -87,6 +87,8 @@ class Scorer:
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
         except Exception as e:  # noqa: BLE001 (torch.load on a file that is no checkpoint: KeyError, IndexError...)
+            if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):  # the device's or host's memory, not the file
+                raise
             if pretrained is not None and Path(pretrained).exists():  # a local file: no download, say what is wrong
                 raise ConfigError(f"{pretrained_flag} {pretrained}: "
                                   f"{_checkpoint_problem(cfg.model, pretrained, pretrained_flag, e)}") from None

@@ -514,3 +514,22 @@ def test_a_finished_shard_whose_files_were_lost_or_cut_is_run_again(tmp_path):
     assert summary["shards_run"] == 2 and summary["shards_skipped"] == 1 and summary["funnel"]["kept"] == 6
     table = pl.concat([pl.read_parquet(out / f"0000{s}.parquet") for s in range(3)])
     assert table.height == 6 and table["url"].n_unique() == 6
+
+
+def test_input_marks_are_made_of_regular_files_only(tmp_path):
+    """`fastlaion run <(cat urls.txt)`: the resume check's mark must not read a pipe (what it read
+    would be lost to the run, or it would wait for a writer); remote and missing paths have none."""
+    import threading
+
+    from fastlaion.pipeline import input_files
+
+    fifo = tmp_path / "urls"
+    os.mkfifo(fifo)
+    (tmp_path / "a.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    marks: dict = {}
+    t = threading.Thread(target=lambda: marks.update(input_files(
+        [str(fifo), str(tmp_path / "a.txt"), "https://h.example/x.parquet", str(tmp_path / "missing.txt")])), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "input_files opened the pipe"
+    assert list(marks) == [str(tmp_path / "a.txt")]

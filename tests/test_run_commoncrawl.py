@@ -118,5 +118,22 @@ def test_run_on_wat_leaves_out_pages_that_opt_out_as_its_opt_out_tags_say(tmp_pa
             table = pl.read_parquet(out / "00000.parquet")
             assert sorted(table["url"].to_list()) == sorted(f"{server.base_url}/img/{n}.jpg" for n in urls)
             assert table["status"].to_list() == ["kept"] * len(urls)
+        # the candidates of out-'' were extracted with no page opt-outs: once a shard is written
+        # from them, the default tags are refused there (they would keep the noai page's link)
+        refused = runner.invoke(app, ["run", str(wat), "-o", str(tmp_path / "out-"), "--allow-private-networks",
+                                      "--no-score", "--no-progress"])
+        assert refused.exit_code == 2 and "extracted with page opt-outs none, now noai,noimageai" in refused.output
+        # a run that finished no shard (a checkpoint that does not load) extracted with none:
+        # the rerun with the default tags extracts again, and the noai page gives nothing
+        (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+        out = tmp_path / "out-again"
+        args = ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-progress"]
+        failed = runner.invoke(app, [*args, "--opt-out-tags", "", "--model", "fastlaion-tiny", "--pretrained",
+                                     str(tmp_path / "notes.txt")])
+        assert failed.exit_code == 2 and (out / "candidates" / "extract_stats.json").exists()
+        again = runner.invoke(app, [*args, "--no-score"])
+        assert again.exit_code == 0, again.output
+        assert json.loads((out / "candidates" / "extract_stats.json").read_text())["rejected"]["opt_out"] == 1
+        assert pl.read_parquet(out / "00000.parquet")["url"].to_list() == [f"{server.base_url}/img/{names[1]}.jpg"]
     finally:
         server.close()

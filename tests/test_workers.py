@@ -321,6 +321,7 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
     assert result.exit_code == 2, result.output
     assert f"--decoder {decoder}: no CUDA GPU is available here" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # told before the output folder is made (and any model loads)
     if decoder == "nvjpeg" or dali_importable():
         on_cpu = runner.invoke(app, [*args, "-o", str(tmp_path / "cpu"), "--device", "cpu"])
         assert on_cpu.exit_code == 0, on_cpu.output
