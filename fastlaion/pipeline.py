@@ -153,14 +153,27 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
 def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack) -> RunSummary:
+    fresh = not out.exists()
+    try:
+        with ExitStack() as held:  # the output folder's lock (prepare_output), released last
+            return _run_locked(cfg, out, progress, t0, placed, cluster, held, fresh)
+    finally:
+        if fresh:
+            try:
+                out.rmdir()  # a folder this run made, left empty (bad input, or Ctrl-C before any shard)
+            except OSError:
+                pass
+
+
+def _run_locked(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
+                cluster: ExitStack, held: ExitStack, fresh: bool) -> RunSummary:
     extracted = needs_extraction(cfg.input)
     if extracted:
-        inputs = open_inputs(extract_candidates(cfg, out, progress), need_captions=cfg.score.enabled)
+        inputs = open_inputs(extract_candidates(cfg, out, progress, held), need_captions=cfg.score.enabled)
         fresh = False
     else:  # every problem with the inputs is told before the output folder is touched
         inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
-        fresh = not out.exists()
-        prepare_output(out, cfg)
+        prepare_output(out, cfg, held)
     rows_dir = out / PARTIAL_DIR / ROWS_DIR
     try:
         try:
@@ -179,11 +192,10 @@ def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
     finally:
         cluster.close()  # a Ray cluster's actors, which may still read the rows, gone before they are
         shutil.rmtree(rows_dir, ignore_errors=True)  # this run's copy of the inputs, never part of the output
-        for folder in (out / PARTIAL_DIR, out) if fresh else (out / PARTIAL_DIR,):
-            try:
-                folder.rmdir()  # .partial/: empty once every started shard finished or was aborted
-            except OSError:
-                pass
+        try:
+            (out / PARTIAL_DIR).rmdir()  # .partial/: empty once every started shard finished or was aborted
+        except OSError:
+            pass
 
 
 def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, t0: float,
@@ -493,7 +505,7 @@ def needs_extraction(inputs: InputConfig) -> bool:
     return inputs.crawl is not None or any(is_warc_like(p) for p in inputs.paths)
 
 
-def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputConfig:
+def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: ExitStack) -> InputConfig:
     """Common Crawl inputs -> candidate pairs under OUT/candidates (once; a rerun reuses them).
 
     Returns the input config that reads those candidates as URL lists.
@@ -508,7 +520,7 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputCo
     for path in inputs.paths:
         if "://" not in path and not Path(path).is_file():
             raise ConfigError(f"input file not found: {path}")
-    prepare_output(out, cfg)
+    prepare_output(out, cfg, held)
     target = out / CANDIDATES_DIR
     # the pages' opt-outs: extract's defaults (noai, noimageai) that --opt-out-tags keeps
     page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
@@ -537,13 +549,15 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress) -> InputCo
                                caption_col="caption", crawl=None)
 
 
-def prepare_output(out: Path, cfg: RunConfig) -> None:
-    """Create the output folder, or check that the run already in it used the same settings and
-    the same input files. A run there that finished no shard (it stopped while loading a model,
-    say) holds nothing to keep: other settings or changed inputs start over."""
+def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
+    """Create the output folder and lock it in `held` for this run, or check that the run already
+    in it used the same settings and the same input files. A run there that finished no shard
+    (it stopped while loading a model, say) holds nothing to keep: other settings or changed
+    inputs start over."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(output_lock(out))
     saved = out / CONFIG_FILE
     files = input_files(cfg.input.paths)
     if saved.exists():
@@ -574,6 +588,38 @@ def prepare_output(out: Path, cfg: RunConfig) -> None:
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",
                  shard_name(shard))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Held while a run writes into `out`: a second run into the same folder is refused at once,
+    naming the first one's process (it would take the first one's shards in progress under
+    .partial/ for a crash's leftovers and remove them). An flock: it ends with its process,
+    however that ends; on a network file system it may guard one machine only."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{out}: another fastlaion run is writing into it (process {holder}); wait for it "
+                          "to end, or choose another output folder") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: a run that opens it now makes a new one
+        f.close()
 
 
 INPUT_FILES_KEY = "input_files"  # in config.json: each local input file's input_mark

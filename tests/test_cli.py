@@ -533,3 +533,27 @@ def test_input_marks_are_made_of_regular_files_only(tmp_path):
     t.join(10)
     assert not t.is_alive(), "input_files opened the pipe"
     assert list(marks) == [str(tmp_path / "a.txt")]
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    """While one run writes into a folder (its lock held: here by this process), another into it
+    is refused at once, naming the first one's process, and touches nothing there; once the first
+    ends (lock and lock file gone), the same command runs."""
+    from fastlaion.pipeline import LOCK_FILE, output_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with LoopbackServer(_served_jpegs(1)) as server:
+        (tmp_path / "in.txt").write_text(server.url("0.jpg") + "\n")
+        args = ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-progress", "--allow-private-networks"]
+        with output_lock(out):
+            before = sorted(os.listdir(out))
+            second = subprocess.run(FASTLAION + args, capture_output=True, text=True, timeout=120,
+                                    env={**os.environ, "COLUMNS": "400"})
+            assert second.returncode == 2, second.stderr
+            assert f"another fastlaion run is writing into it (process {os.getpid()})" in second.stderr
+            assert sorted(os.listdir(out)) == before == [LOCK_FILE]
+        assert not (out / LOCK_FILE).exists()
+        after = runner.invoke(app, args)
+    assert after.exit_code == 0, after.output
+    assert not (out / LOCK_FILE).exists() and (out / "00000.tar").exists()
