@@ -133,8 +133,11 @@ def print_funnel(summary: Any, scored: bool = True) -> None:
                           + (f", {summary.shards_skipped} skipped (already complete)" if summary.shards_skipped else "")
                           + "; stage time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()),
                           soft_wrap=True, highlight=False)
-    else:
+    elif summary.shards_total:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
+    else:  # only an extraction can give no rows (a URL list without any is refused before)
+        out_console.print(f"no candidate pairs to download: the extraction found none "
+                          f"(see {Path(summary.output_dir) / 'candidates' / 'extract_stats.json'})", soft_wrap=True)
 
 
 def print_error(message: str) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
@@ -93,6 +95,22 @@ def test_run_with_local_wat_and_bad_mixes(tmp_path, photos):
     assert not (tmp_path / "o3").exists()
     bad = runner.invoke(app, ["run", "-o", str(tmp_path / "o4"), "--crawl", "2024-22"])
     assert bad.exit_code == 2 and "--crawl must look like" in bad.output
+
+
+REAL_WAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "warc" / "whirlwind.warc.wat.gz"
+
+
+@pytest.mark.skipif(not REAL_WAT.exists(), reason="needs ../shared/data/warc")
+def test_run_on_a_wat_without_image_links_says_the_extraction_found_none(tmp_path):
+    """Common Crawl's real WAT of one page's request (no Links): the run ends well and says that
+    the extraction gave nothing to download, not that every shard was already complete."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(REAL_WAT), "-o", str(out), "--no-score", "--no-progress"],
+                           env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "no candidate pairs to download: the extraction found none" in result.output
+    assert "already complete" not in result.output
+    assert json.loads((out / "candidates" / "extract_stats.json").read_text())["pairs"] == 0
 
 
 def test_run_on_wat_leaves_out_pages_that_opt_out_as_its_opt_out_tags_say(tmp_path, photos):
