@@ -447,6 +447,11 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
                                      else scorer.model.encode_text(tokens.to(device))),
                  "text tower, open_clip's encode_text over 77 positions":
                      timed(lambda: scorer.model.encode_text(tokens.to(device)))}
+        if scorer._text_prefix is not None:  # the candidate for the GPU's default (PrefixTextEncoder.encode_two_pass)
+            parts["text tower, two passes (short captions, then the long tail)"] = timed(
+                lambda: scorer._text_prefix.encode_two_pass(tokens, device))
+            parts["text tower, one pass over the longest caption's positions"] = timed(
+                lambda: scorer._text_prefix.encode_one_pass(tokens, device))
     if compiled:  # the same tokenizer and word cache without the compiled table: what it saves
         python = copy.copy(scorer.tokenizer)
         python._native = None

@@ -61,12 +61,39 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
         for batch in (texts, texts[:4], texts[1:2], ["", "a cat"]):
             one_pass = s._text_prefix.encode_one_pass(s.tokenizer(batch), torch.device("cpu"))
             torch.testing.assert_close(one_pass, s.model.encode_text(s.tokenizer(batch)), atol=1e-5, rtol=1e-5)
+            two_pass = s._text_prefix.encode_two_pass(s.tokenizer(batch), torch.device("cpu"))
+            torch.testing.assert_close(two_pass, s.model.encode_text(s.tokenizer(batch)), atol=1e-5, rtol=1e-5)
     # Cut one position short of a caption's end-of-text token, the embedding changes: the test sees it.
     with torch.inference_mode():
         tokens = s.tokenizer(texts[2:3])
         end = int(s._text_prefix.ends(tokens)[0])
         short = s._text_prefix._encode_prefix(tokens[:, :end], torch.tensor([end - 1]), end)
     assert (short - want[2:3]).abs().max() > 1e-2
+
+
+def test_two_passes_run_the_short_captions_short_and_the_long_tail_over_the_context():
+    """encode_two_pass on a batch of mostly short captions and a few that fill the context: two
+    passes, the short ones over a few positions, the long ones over 77, rows back in their order,
+    open_clip's embeddings; with no long tail, or captions all long, one pass."""
+    torch.manual_seed(0)
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    prefix = s._text_prefix
+    shapes: list[tuple[int, ...]] = []
+    hook = s.model.token_embedding.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    short = [f"a photo of a cat number {i}" for i in range(60)]
+    texts = short[:30] + ["word " * 100] + short[30:] + ["long " * 90]
+    try:
+        with torch.inference_mode():
+            got = prefix.encode_two_pass(s.tokenizer(texts), torch.device("cpu"))
+            want = s.model.encode_text(s.tokenizer(texts))
+            assert shapes[0][0] == 60 and shapes[0][1] <= 16 and shapes[1] == (2, 77), shapes
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for batch in (short, ["word " * 100] * 3):  # no long tail; all long
+                shapes.clear()
+                prefix.encode_two_pass(s.tokenizer(batch), torch.device("cpu"))
+                assert len(shapes) == 1, shapes
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("prefix", [True, False])
