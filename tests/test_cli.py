@@ -557,3 +557,20 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
         after = runner.invoke(app, args)
     assert after.exit_code == 0, after.output
     assert not (out / LOCK_FILE).exists() and (out / "00000.tar").exists()
+
+
+def test_stats_of_a_no_score_run_shows_no_score_step(tmp_path):
+    """`fastlaion stats` on a --no-score run's output: no `scored` level (nothing was scored, so
+    the step dropped nothing and claims nothing), and the levels still add up to the kept rows."""
+    with LoopbackServer(_served_jpegs(3)) as server:
+        (tmp_path / "in.txt").write_text("\n".join([server.url("0.jpg"), server.url("1.jpg"), server.url("9.jpg")]) + "\n")
+        out = tmp_path / "o"
+        assert runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-progress",
+                                   "--allow-private-networks", "--retries", "0"]).exit_code == 0
+    result = runner.invoke(app, ["stats", str(out), "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    funnel = json.loads((tmp_path / "s.json").read_text())["funnel"]
+    names = [level["name"] for level in funnel]
+    assert "scored" not in names and names[0] == "input" and names[-1] == "kept", names
+    assert [level["rows"] for level in funnel][0] == 3 and funnel[-1]["rows"] == 2
+    assert funnel[0]["rows"] - sum(level["dropped"] for level in funnel[1:]) == funnel[-1]["rows"]
