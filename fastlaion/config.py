@@ -373,6 +373,11 @@ class RunConfig:
             # a Ray worker uses the GPU that Ray gave it, or none: one it was not given may be another's
             raise ConfigError(f"--device {self.score.device} with --ray: ask for GPU workers with --gpus, Ray then "
                               "gives each worker its GPU")
+        if self.parallel.ray is not None and self.parallel.gpus is None and self.score.device == "auto" \
+                and self.decode.decoder in ("nvjpeg", "dali"):
+            # without --gpus every Ray worker is a CPU worker: the GPU decoder would run its CPU mode
+            raise ConfigError(f"--decoder {self.decode.decoder} with --ray: ask for GPU workers with --gpus (without, "
+                              f"every worker runs on the CPU), or --device cpu to run {self.decode.decoder}'s CPU mode")
         self.input.validate()
         self.download.validate()
         self.decode.validate()

@@ -348,6 +348,15 @@ def test_a_cuda_device_with_ray_needs_gpus(tmp_path):
     assert "ask for GPU workers with --gpus" in " ".join(_refused(tmp_path, "--ray", "auto", "--device", "cuda:1"))
 
 
+@pytest.mark.parametrize("decoder", ["nvjpeg", "dali"])
+def test_a_gpu_decoder_with_ray_needs_gpus(tmp_path, decoder):
+    """Without --gpus every Ray worker runs on the CPU, where the decoder asked for by name would
+    quietly run its CPU mode: refused before anything is read or written, as without Ray."""
+    said = " ".join(_refused(tmp_path, "--no-score", "--ray", "auto", "--decoder", decoder))
+    assert f"--decoder {decoder} with --ray: ask for GPU workers with --gpus" in said
+    assert not (tmp_path / "o").exists()
+
+
 def _node(ip: str, cpus: float, gpus: int = 0, alive: bool = True) -> dict:
     resources = {"CPU": cpus, "memory": 1e9, **({"GPU": float(gpus)} if gpus else {})}
     return {"NodeID": f"id-{ip}", "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
