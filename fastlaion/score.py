@@ -61,6 +61,12 @@ def pick_precision(preference: str, device: torch.device) -> str:
     return preference
 
 
+# The seed of a model's random weights (--pretrained none): one model, not one per process, so that
+# the shards of a run (its workers, its resumes) hold comparable embeddings. Still random: its
+# scores mean nothing.
+RANDOM_WEIGHTS_SEED = 0
+
+
 class Scorer:
     """An open_clip model with its tokenizer and preprocessing config, ready to embed batches."""
 
@@ -85,7 +91,10 @@ class Scorer:
                                   f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
         precision = pick_precision(cfg.precision, device)
         try:
-            model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
+            with torch.random.fork_rng(devices=[]):  # the caller's CPU generator as it was (manual_seed seeds CUDA's too)
+                if cfg.random_weights:  # the same random model in every worker and every resume of a run
+                    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
         except Exception as e:  # noqa: BLE001 (torch.load on a file that is no checkpoint: KeyError, IndexError...)
             if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):  # the device's or host's memory, not the file
                 raise

@@ -433,3 +433,19 @@ def test_precision_choice():
     assert pick_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ConfigError, match="--precision"):
         ScoreConfig(precision="fp8").validate()
+
+
+def test_random_weights_are_one_model_in_every_process_and_resume():
+    """--pretrained none: two Scorers (two workers, or a run and its resume) have the same random
+    weights, whatever the global generator's state; the caller's generator is left as it was."""
+    torch.manual_seed(123)
+    a = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    after_a = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(1000)  # another state
+    b = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    torch.manual_seed(123)
+    Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    assert torch.equal(torch.rand(3), after_a)  # making a Scorer drew nothing from the caller's generator
