@@ -112,7 +112,9 @@ def subset_cmd(
          f"-> {Path(result.output) / 'metadata.parquet'}")
     if shards:
         _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
-             + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else ""))
+             + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else "")
+             + (f"; {result.rows_not_exported:,} selected rows are not kept samples, and tars hold kept samples "
+                "only" if result.rows_not_exported else ""))
     if urls:
         _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
              f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")

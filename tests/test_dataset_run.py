@@ -49,6 +49,21 @@ def table(path: Path) -> list[dict]:
 
 # --- 1. subsets --------------------------------------------------------------------------------------
 
+def test_subset_with_dropped_rows_says_its_tars_hold_kept_samples_only(run, tmp_path):
+    """--include-dropped --shards: the metadata holds every selected row, the tars the kept ones;
+    the rows that are not kept samples are counted and said, not left out in silence."""
+    out = tmp_path / "all"
+    result = invoke(["subset", "--where", "true", "--include-dropped", "--from", run, "-o", out, "--shards",
+                     "--no-progress"])
+    rows = read_rows(run)
+    not_kept = len(rows) - len(kept(rows))
+    assert not_kept > 0
+    said = " ".join(result.output.split())
+    assert f"tars: 1 ({len(kept(rows)):,} samples" in said
+    assert f"{not_kept:,} selected rows are not kept samples, and tars hold kept samples only" in said
+    assert load_json(out / "dataset.json")["rows_not_exported"] == not_kept
+
+
 def test_subset_writes_parquet_tars_that_webdataset_reads_and_urls(run, tmp_path):
     import webdataset as wds
 

@@ -111,6 +111,7 @@ class SubsetResult:
     tars: int = 0
     samples_exported: int = 0
     samples_missing: int = 0
+    rows_not_exported: int = 0  # with --shards: selected rows that are no kept sample (--include-dropped)
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -185,6 +186,7 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
             result.files.append(URLS_FILE)
         if cfg.shards:
             rows = collect(meta.filter(pl.col("status") == KEPT).select("key", "shard"))
+            result.rows_not_exported = result.selected - rows.height  # tars hold kept samples only
             written = reshard(ds, rows, target.tmp, cfg.shard_size, progress)
             write_shards_json(target.path(SHARDS_FILE), written)
             result.tars, result.samples_exported = len(written.tars), written.samples
