@@ -27,9 +27,8 @@ keeps typer's own layout.
 
 from __future__ import annotations
 
-import inspect
-
 import enum
+import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager

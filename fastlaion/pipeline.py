@@ -334,8 +334,11 @@ def worker_devices(cfg: RunConfig) -> list[str]:
     if cfg.decode.decoder in ("nvjpeg", "dali") and cfg.score.device == "auto" and par.gpus is None:
         import torch
 
-        if not torch.cuda.is_available():  # told before the models load and the output folder is made
-            raise ConfigError(gpu_decoder_without_gpu(cfg.decode.decoder))
+        if not torch.cuda.is_available():  # told before the models load and the output folder is made; its
+            # CPU mode (tests, CI) is for --device cpu
+            choice = cfg.decode.decoder
+            raise ConfigError(f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
+                              f"(or --device cpu to run {choice}'s CPU mode)")
     if par.gpus is not None:
         import torch
 
@@ -348,11 +351,6 @@ def worker_devices(cfg: RunConfig) -> list[str]:
             raise ConfigError(f"--gpus {wanted}: only {visible} GPU(s) visible")
         return [f"cuda:{i}" for i in range(wanted) for _ in range(par.workers_per_gpu)]
     return [cfg.score.device] * (par.processes or os.cpu_count() or 1)
-
-
-def gpu_decoder_without_gpu(choice: str) -> str:
-    return (f"--decoder {choice}: no CUDA GPU is available here; use --decoder cpu or auto "
-            f"(or --device cpu to run {choice}'s CPU mode)")
 
 
 def _on_device(cfg: RunConfig, device: str) -> RunConfig:
@@ -467,12 +465,9 @@ def make_run_decoder(cfg: RunConfig, models: Models) -> Any:
 
     if encoder == "nvimgcodec":
         import_nvimgcodec()  # asked for by name: its absence is an error, not a reason to decode on the CPU
-    on = models.device or pick_device(device)
-    if choice != "auto" and device == "auto" and on.type != "cuda":
-        # a GPU decoder asked for by name, and no GPU: an error, as --device cuda is (pick_device);
-        # its CPU mode (tests, CI) is for --device cpu
-        raise ConfigError(gpu_decoder_without_gpu(choice))
-    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, on,
+    # (a GPU decoder asked for by name where there is no GPU was refused before: worker_devices,
+    # or RunConfig.validate with --ray)
+    decoder = make_decoder(choice, cfg.decode, clip, watermark_px, models.device or pick_device(device),
                            max_batch_size=cfg.score.batch_size, stored_encode=encoder,
                            exact_chroma=cfg.decode.exact_chroma, hw_decoder_load=cfg.decode.hw_decoder_load)
     if decoder.name == "cpu":  # auto found no GPU decoder that runs here

@@ -90,9 +90,13 @@ def _compute(ds: Dataset, bins: int) -> DatasetStats:
 
     hist_cols = [c for c in HIST_COLUMNS if c in columns]
     histograms = {c: _histogram(kept, c, bins) for c in hist_cols}
-    if "similarity" not in columns or not collect(lf.select(pl.col("similarity").is_not_null().any())).item():
-        # no row was CLIP-scored (a --no-score run): its score level, which dropped nothing, is no step
-        funnel = [lvl for lvl in funnel if lvl.stage != "score" or lvl.dropped]
+    # Was any row CLIP-scored? The column is read again only where the funnel and the kept
+    # samples' histogram cannot tell (no kept sample has a similarity).
+    scored = (any(lvl.stage == "score" and lvl.dropped for lvl in funnel)
+              or ("similarity" in histograms and histograms["similarity"].values > 0)
+              or ("similarity" in columns and collect(lf.select(pl.col("similarity").is_not_null().any())).item()))
+    if not scored:  # a --no-score run: its score level, which dropped nothing, is no step
+        funnel = [lvl for lvl in funnel if lvl.stage != "score"]
 
     groups: dict[str, int] = {}
     languages: list[tuple[str, int]] = []
