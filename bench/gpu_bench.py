@@ -264,12 +264,16 @@ def decode_and_score(decoder: Any, scorer: Any, images: list[bytes], texts: list
         torch.cuda.synchronize()
 
 
-def _make_scorer(model: str, batch: int, device: torch.device, compile: bool = False) -> Any:
+def _make_scorer(model: str, batch: int, device: torch.device, compile: bool = False,
+                 open_clip_layers: bool = False) -> Any:
+    """fastlaion's Scorer; `open_clip_layers`: with open_clip's patch embedding (a convolution of
+    normalised float pixels) and float32 layer norms, as before session 14 (Scorer's option)."""
     from fastlaion.config import ScoreConfig
     from fastlaion.score import Scorer
 
     torch.manual_seed(0)
-    return Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch, compile=compile), device)
+    return Scorer(ScoreConfig(model=model, pretrained="none", batch_size=batch, compile=compile), device,
+                  open_clip_layers=open_clip_layers)
 
 
 def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: dict[str, Any] | None = None,
@@ -283,19 +287,20 @@ def _make_decoder(scorer: Any, batch: int, device: torch.device, cfg_options: di
 
 
 def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repeat: int, threads: int,
-                  start: Any, results: Any, variants: list[tuple[str, dict[str, Any], bool]]) -> None:
+                  start: Any, results: Any, variants: list[tuple[str, dict[str, Any], dict[str, bool]]]) -> None:
     """One of several processes sharing a GPU (bench_processes): its own model, decoder, threads,
-    through every variant in turn, each timed between two barriers with the other processes. The
-    eager and the compiled scorer are made once each (the compile once per process)."""
+    through every variant in turn, each timed between two barriers with the other processes. Each
+    kind of scorer is made once (the compile once per process)."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     images = pickle.loads(Path(jpeg_file).read_bytes())
     texts = make_captions(len(images))
-    scorers: dict[bool, Any] = {}
-    for _label, decoder_options, compile in variants:
-        if compile not in scorers:
-            scorers[compile] = _make_scorer(model, batch, device, compile=compile)
-        scorer = scorers[compile]
+    scorers: dict[tuple[tuple[str, bool], ...], Any] = {}
+    for _label, decoder_options, scorer_options in variants:
+        kind = tuple(sorted(scorer_options.items()))
+        if kind not in scorers:
+            scorers[kind] = _make_scorer(model, batch, device, **scorer_options)
+        scorer = scorers[kind]
         # Its share of the cores for the decoder's pools too, as `--workers-per-gpu` gives each
         # worker (session 4's rows of this section gave every process all the cores).
         decoder = _make_decoder(scorer, batch, device, {"threads": threads}, **decoder_options)
@@ -307,30 +312,22 @@ def _score_worker(model: str, batch: int, device_name: str, jpeg_file: str, repe
         del decoder  # its DALI pipeline and buffers, before the next variant's
 
 
-def process_variants(device: torch.device) -> tuple[int, list[tuple[str, dict[str, Any], bool]]]:
-    """Section (e)'s processes and variants: (label, decoder options, compiled towers). Session 10
-    found 4 processes on one H200 limited by the GPU itself (9,400 samples/s: per sample, the eager
-    towers' 61 us and DALI's mixed decode about 76 us of device time), so what remains to measure
-    is what takes device time off: the compiled towers (score only 16,500 -> 20,900/s in session
-    10) and DALI's hardware JPEG decoder for every image without chroma smoothing (decode alone
-    4,400 -> 7,400 img/s), each alone and both. The dry run walks the eager ones in 2 processes."""
-    from fastlaion.gpu_decode import available_decoders
-
-    dali = available_decoders(device)[0] == "dali"
-    fast = {"exact_chroma": False, "hw_decoder_load": 1.0}
-    variants: list[tuple[str, dict[str, Any], bool]] = [("", {}, False)]
-    if dali:
-        variants.append(("DALI fast chroma, all to the hardware decoder", fast, False))
-    if device.type != "cuda":  # a second variant all the same: the dry run walks the loop over them
-        return 2, variants if dali else [*variants, ("the same, a second time", {}, False)]
-    variants.append(("compiled towers", {}, True))
-    if dali:
-        variants.append(("compiled towers, DALI fast chroma, all to the hardware decoder", fast, True))
-    return 4, variants
+def process_variants(device: torch.device) -> tuple[int, list[tuple[str, dict[str, Any], dict[str, bool]]]]:
+    """Section (e)'s processes and variants: (label, decoder options, Scorer options). Four
+    processes on one H200 are limited by the GPU itself (sessions 10 and 13), so what is measured
+    is what takes device time off the towers: open_clip's layers (as before session 14) against
+    fastlaion's patch embedding and float16 layer norms, eager and compiled. (DALI's hardware
+    decoder for every image, measured in session 13, was slower in both: 8,854 against 9,527
+    eager, 10,563 against 10,906 compiled.) The dry run walks two variants in 2 processes."""
+    variants: list[tuple[str, dict[str, Any], dict[str, bool]]] = [
+        ("open_clip's layers", {}, {"open_clip_layers": True}), ("", {}, {})]
+    if device.type != "cuda":
+        return 2, variants
+    return 4, [*variants, ("compiled towers", {}, {"compile": True})]
 
 
 def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.device, processes: int,
-                    variants: list[tuple[str, dict[str, Any], bool]]) -> None:
+                    variants: list[tuple[str, dict[str, Any], dict[str, bool]]]) -> None:
     """decode+score with `processes` worker processes on the one GPU, started once and timed
     together for each variant: whether one process's host work (Python, one GIL) is what limits,
     and with which settings. A row is written as each variant finishes."""
@@ -349,9 +346,9 @@ def bench_processes(args: argparse.Namespace, jpegs: list[bytes], device: torch.
         try:
             for w in workers:
                 w.start()
-            for label, _options, compile in variants:
+            for label, _options, scorer_options in variants:
                 # a worker that died loading breaks this after 2 minutes (4 with a compile), not 5
-                start.wait(timeout=240 if compile else 120)
+                start.wait(timeout=240 if scorer_options.get("compile") else 120)
                 done = [results.get(timeout=180) for _ in workers]
                 samples = sum(n for n, _, _ in done)
                 secs = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
@@ -425,6 +422,13 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     alone = score_rate(scorer, pixels, batch_texts, rounds, device)
     row(f"{args.model} score only", f"{alone:,.0f} samples/s",
         f"image + text towers + paired cosine + host copies, batch {args.batch}, pixels already on {device.type}")
+    # The same model with open_clip's patch embedding and float32 layer norms (before session 14)
+    before = _make_scorer(args.model, args.batch, device, open_clip_layers=True)
+    before.score(pixels, batch_texts)
+    was = score_rate(before, pixels, batch_texts, rounds, device)
+    row(f"{args.model} score only, open_clip's layers", f"{was:,.0f} samples/s",
+        f"fastlaion's patch embedding{' and float16 layer norms' if device.type == 'cuda' else ''}: "
+        f"{alone / was:.2f}x; max |cosine difference| {_cosine_gap(scorer, before, pixels, batch_texts):.1e}")
 
     # Its parts, ms per batch: what to speed up next.
     def timed(fn: Callable[[], Any]) -> float:
@@ -445,19 +449,23 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
                  "image tower": timed(lambda: scorer.image_features(pixels)),
                  "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
                                      else scorer.model.encode_text(tokens.to(device))),
+                 "image tower, open_clip's layers": timed(lambda: before.image_features(pixels)),
+                 "text tower, open_clip's layers": timed(lambda: before._text_prefix.encode(tokens, device)
+                                                         if before._text_prefix
+                                                         else before.model.encode_text(tokens.to(device))),
                  "text tower, open_clip's encode_text over 77 positions":
-                     timed(lambda: scorer.model.encode_text(tokens.to(device)))}
-        if scorer._text_prefix is not None:  # the candidate for the GPU's default (PrefixTextEncoder.encode_two_pass)
-            parts["text tower, two passes (short captions, then the long tail)"] = timed(
-                lambda: scorer._text_prefix.encode_two_pass(tokens, device))
-            parts["text tower, one pass over the longest caption's positions"] = timed(
-                lambda: scorer._text_prefix.encode_one_pass(tokens, device))
+                     timed(lambda: before.model.encode_text(tokens.to(device)))}
     if compiled:  # the same tokenizer and word cache without the compiled table: what it saves
         python = copy.copy(scorer.tokenizer)
         python._native = None
         parts["tokenize (host, Python alone)"] = timed(lambda: python(batch_texts))
     row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+
+
+def _cosine_gap(a: Any, b: Any, pixels: torch.Tensor, texts: list[str]) -> float:
+    """The largest difference between two scorers' image-text cosines on one batch."""
+    return float(abs(a.score(pixels, texts)[2] - b.score(pixels, texts)[2]).max())
 
 
 # -- (h) where the towers' device time goes -----------------------------------------------

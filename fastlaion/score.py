@@ -70,8 +70,11 @@ RANDOM_WEIGHTS_SEED = 0
 class Scorer:
     """An open_clip model with its tokenizer and preprocessing config, ready to embed batches."""
 
-    def __init__(self, cfg: ScoreConfig, device: torch.device, flags: tuple[str, str] = ("--model", "--pretrained")):
-        """`flags` name the options that gave cfg.model and cfg.pretrained, in error messages."""
+    def __init__(self, cfg: ScoreConfig, device: torch.device, flags: tuple[str, str] = ("--model", "--pretrained"),
+                 open_clip_layers: bool = False):
+        """`flags` name the options that gave cfg.model and cfg.pretrained, in error messages.
+        `open_clip_layers` keeps open_clip's own patch embedding and float32 layer norms (what
+        bench/gpu_bench.py measures the faster ones against)."""
         import open_clip
 
         model_flag, pretrained_flag = flags
@@ -112,12 +115,17 @@ class Scorer:
         self.device = device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         log.info("%s on %s in %s", cfg.model, device, precision)
+        if self.dtype == torch.float16 and device.type == "cuda" and not open_clip_layers:
+            half_layer_norms(model)
         self.tokenizer = CachedClipTokenizer.wrap(open_clip.get_tokenizer(cfg.model))
         self._text_prefix = PrefixTextEncoder.for_model(model)
         pp = open_clip.get_model_preprocess_cfg(model)
         self.clip_spec = ClipInputSpec.from_open_clip(pp)
-        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(1, 3, 1, 1)
+        mean = pp.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self._patches = None if open_clip_layers else PatchEmbedding.for_model(model, mean, std)
         self._compiled = _CompiledTowers(self, cfg.batch_size) if cfg.compile else None
         self.embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
             else int(self.embed_texts(["probe"]).shape[1])
@@ -143,6 +151,8 @@ class Scorer:
 
     def _image_tower(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on the device -> (N, D) raw image features."""
+        if self._patches is not None and x.shape[1:3] == self._patches.image_size:
+            return self._patches.encode_image(x)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
         return self.model.encode_image(x)
 
@@ -190,6 +200,115 @@ class Scorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1).half()
         txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
+
+
+class PatchEmbedding:
+    """A ViT's image tower from uint8 pixels, its patch embedding one matrix product.
+
+    open_clip's VisionTransformer takes normalised float pixels in channel-first order and embeds
+    them with a convolution whose kernel is its stride (a patch); the Scorer made those pixels
+    with five passes over the batch (float, divide, subtract, divide, cast). Here the patches are
+    cut from the decoder's (N, H, W, 3) uint8 pixels and cast to the model's precision in one pass,
+    centred (x - 255 * mean) in another, and multiplied by the convolution's weights divided by
+    255 * std: the same arithmetic, as one matrix product (cuDNN's convolution of 32 x 32 patches
+    took 3.1 ms a batch of 512 on an H200, for 0.1 TFLOP). The positional embedding is added in
+    the pass that places the patches after the class token. The rest of the tower (ln_pre, the
+    blocks, pooling, ln_post, the projection) is open_clip's own.
+
+    For open_clip's VisionTransformer whose convolution is a plain patch embedding (kernel =
+    stride, no padding, no bias); `for_model` returns None for every other tower."""
+
+    def __init__(self, visual: torch.nn.Module, mean: Iterable[float], std: Iterable[float]):
+        conv = visual.conv1
+        self.visual = visual
+        self.patch = int(conv.kernel_size[0])
+        self.image_size = tuple(int(g) * self.patch for g in visual.grid_size)
+        weight = conv.weight.detach()
+        dtype, device = weight.dtype, weight.device
+        std_t = torch.tensor(tuple(std), dtype=torch.float32, device=device)
+        # (width, 3, p, p) -> (width, p, p, 3): the order of a patch cut from channel-last pixels
+        scaled = weight.float().permute(0, 2, 3, 1) / (255.0 * std_t)
+        self.weight = scaled.reshape(weight.shape[0], -1).to(dtype).contiguous()
+        self.center = (255.0 * torch.tensor(tuple(mean), dtype=torch.float32, device=device)).to(dtype)
+        pos = visual.positional_embedding.detach().to(dtype)
+        self.first = (visual.class_embedding.detach().to(dtype) + pos[0]).contiguous()
+        self.rest = pos[1:].contiguous()
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, mean: Iterable[float], std: Iterable[float]) -> PatchEmbedding | None:
+        from open_clip.transformer import VisionTransformer
+
+        visual = getattr(model, "visual", None)
+        if type(visual) is not VisionTransformer or visual.output_tokens:
+            return None
+        conv = visual.conv1
+        grid = tuple(int(g) for g in visual.grid_size)
+        if (conv.bias is not None or conv.in_channels != 3 or conv.groups != 1 or tuple(conv.kernel_size) != tuple(conv.stride)
+                or conv.kernel_size[0] != conv.kernel_size[1] or any(conv.padding) or tuple(conv.dilation) != (1, 1)
+                or visual.positional_embedding.shape != (1 + grid[0] * grid[1], conv.out_channels)):
+            return None
+        return cls(visual, mean, std)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 1 + patches, width) tokens: the class token and the patches'
+        embeddings, with the positional embedding, as VisionTransformer's convolution, class token
+        and positional embedding make them (before patch dropout and ln_pre)."""
+        n, h, w, _ = pixels.shape
+        p, dtype = self.patch, self.weight.dtype
+        gh, gw = h // p, w // p
+        # one copy cuts and casts (uint8 to float16 is exact), one centres in place
+        patches = pixels.reshape(n, gh, p, gw, p, 3).permute(0, 1, 3, 2, 4, 5).to(
+            dtype, memory_format=torch.contiguous_format).sub_(self.center)
+        y = torch.nn.functional.linear(patches.view(n * gh * gw, -1), self.weight)
+        tokens = torch.empty((n, 1 + gh * gw, y.shape[1]), dtype=dtype, device=pixels.device)
+        tokens[:, 0] = self.first
+        torch.add(self.rest, y.view(n, gh * gw, -1), out=tokens[:, 1:])
+        return tokens
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 at the model's image size -> (N, D) raw image features, as
+        `CLIP.encode_image` of the normalised pixels."""
+        visual = self.visual
+        x = visual.ln_pre(visual.patch_dropout(self.embed(pixels)))
+        pooled, _ = visual._pool(visual.transformer(x))
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+class HalfLayerNorm(torch.nn.Module):
+    """open_clip's LayerNormFp32 for float16 activations without the float32 copies.
+
+    LayerNormFp32 casts every activation to float32 and back around the norm: two copies of the
+    tensor per norm, 51 norms a ViT-B/32 image and caption, 17 % of a batch's device time on an
+    H200 (gpu_bench (h)). PyTorch's CUDA layer norm on float16 input already computes the mean and
+    variance in float32; here it takes the weight and bias in float16, as open_clip's float16
+    model already holds every other weight. Other dtypes are normalised as LayerNormFp32 does."""
+
+    def __init__(self, norm: torch.nn.LayerNorm, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = norm.eps
+        for name in ("weight", "bias"):
+            value = getattr(norm, name)
+            self.register_buffer(name, None if value is None else value.detach().float())
+            self.register_buffer(f"{name}16", None if value is None else value.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # LayerNormFp32's own arithmetic
+            return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias,
+                                                  self.eps).to(x.dtype)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight16, self.bias16, self.eps)
+
+
+def half_layer_norms(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """Replace every open_clip LayerNormFp32 in `model` by a HalfLayerNorm for `dtype`; how many."""
+    from open_clip.transformer import LayerNormFp32
+
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is LayerNormFp32]
+    for parent, name, child in swaps:
+        setattr(parent, name, HalfLayerNorm(child, dtype))
+    return len(swaps)
 
 
 def _checkpoint_problem(model: str, pretrained: str, flag: str, exc: Exception) -> str:
@@ -366,41 +485,6 @@ class PrefixTextEncoder:
         ends = self.ends(tokens)
         length = self.pass_length(ends, range(8, self.context_length, 8))
         return self._encode_prefix(tokens[:, :length].to(device), ends.to(device), length)
-
-    # A pass's fixed cost in caption positions (its ~150 kernel launches): on an H200 one pass of
-    # 512 x 77 positions took 12.6 ms, about 3,000 positions a millisecond, and a launch-bound pass
-    # about 1 ms. Used to decide whether a second pass pays for itself.
-    PASS_POSITIONS = 3000
-
-    def encode_two_pass(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`encode` in at most two passes: the captions that end within a short length (a multiple
-        of 8), then the long tail over the longest one's positions; the short length is the one
-        that runs the fewest positions, a second pass counted as PASS_POSITIONS more (one pass
-        when that is fewest). For the GPU, where a batch of 512 nearly always holds one caption
-        that fills the context, so that one pass runs every caption over all 77 positions.
-        Measured against one pass by bench/gpu_bench.py's score parts; not the default before that."""
-        n = tokens.shape[0]
-        if n == 0:
-            return self.model.encode_text(tokens.to(device))
-        ends = self.ends(tokens)
-        full = self.pass_length(ends, range(8, self.context_length, 8))
-        need = torch.sort(ends + 1).values
-        best, short = n * full, full
-        for length in range(8, full, 8):
-            fit = int(torch.searchsorted(need, length, right=True))  # captions that end within `length`
-            cost = fit * length + (n - fit) * full + (self.PASS_POSITIONS if 0 < fit < n else 0)
-            if fit and cost < best:
-                best, short = cost, length
-        if short == full:
-            return self._encode_prefix(tokens[:, :full].to(device), ends.to(device), full)
-        rows = torch.nonzero(ends < short).flatten()
-        rest = torch.nonzero(ends >= short).flatten()
-        features = self._encode_prefix(tokens[rows, :short].to(device), ends[rows].to(device), short)
-        out = features.new_empty((n, features.shape[1]))
-        out[rows.to(device)] = features
-        if rest.numel():
-            out[rest.to(device)] = self._encode_prefix(tokens[rest, :full].to(device), ends[rest].to(device), full)
-        return out
 
     def pass_length(self, ends: torch.Tensor, lengths: Iterable[int]) -> int:
         """The positions one pass over captions ending at `ends` runs on: the first of `lengths`

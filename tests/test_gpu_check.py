@@ -42,10 +42,15 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     assert any(w.startswith("(h) ") and "time by kind" in w and "per batch of" in f for w, f in figures.items()), figures
     assert (tmp_path / "profile_score.txt").exists()
     assert "FAILED" not in figures.values()
-    # (c)'s score parts time the text tower's one pass against two (the GPU's default-to-be)
+    # (c): score only with open_clip's layers beside fastlaion's, their ratio and the cosines' gap;
+    # its score parts time both towers both ways
     notes = {what: note for what, _, note in results["rows"]}
-    assert any(w.endswith("score parts") and "text tower, two passes" in n and "one pass over" in n
+    assert any(w.endswith("score only, open_clip's layers") and "x; max |cosine difference|" in n
                for w, n in notes.items()), notes
+    assert any(w.endswith("score parts") and "image tower, open_clip's layers" in n and "text tower, open_clip's layers" in n
+               for w, n in notes.items()), notes
+    # (e): the processes with open_clip's layers and with fastlaion's
+    assert any("processes" in w and w.endswith("open_clip's layers") for w in figures), figures
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("all steps passed") or "| what | figure |" in proc.stdout
     assert (tmp_path / "gpu_check.log").exists()
