@@ -461,6 +461,20 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         parts["tokenize (host, Python alone)"] = timed(lambda: python(batch_texts))
     row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    # The default run's architecture: OpenAI's ViT-B/32 weights run with QuickGELU (fastlaion folds
+    # it into one SiLU pass; open_clip's is three elementwise passes), both layer sets.
+    import open_clip
+
+    quick = f"{args.model}-quickgelu"
+    if quick in open_clip.list_models():
+        rates = []
+        for open_clip_layers in (False, True):
+            scorer = _make_scorer(quick, args.batch, device, open_clip_layers=open_clip_layers)
+            scorer.score(pixels, batch_texts)
+            rates.append(score_rate(scorer, pixels, batch_texts, rounds, device))
+        row(f"{quick} score only", f"{rates[0]:,.0f} samples/s",
+            f"the default run's activation (OpenAI's weights), as one SiLU pass: {rates[0] / rates[1]:.2f}x open_clip's "
+            f"layers and QuickGELU ({rates[1]:,.0f}/s)")
 
 
 def _cosine_gap(a: Any, b: Any, pixels: torch.Tensor, texts: list[str]) -> float:

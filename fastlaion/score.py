@@ -97,7 +97,8 @@ class Scorer:
             with torch.random.fork_rng(devices=[]):  # the caller's CPU generator as it was (manual_seed seeds CUDA's too)
                 if cfg.random_weights:  # the same random model in every worker and every resume of a run
                     torch.manual_seed(RANDOM_WEIGHTS_SEED)
-                model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device)
+                model = open_clip.create_model(cfg.model, pretrained=pretrained, precision=precision, device=device,
+                                               **clip_options(cfg.model, pretrained))
         except Exception as e:  # noqa: BLE001 (torch.load on a file that is no checkpoint: KeyError, IndexError...)
             if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):  # the device's or host's memory, not the file
                 raise
@@ -115,8 +116,10 @@ class Scorer:
         self.device = device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         log.info("%s on %s in %s", cfg.model, device, precision)
-        if self.dtype == torch.float16 and device.type == "cuda" and not open_clip_layers:
-            half_layer_norms(model)
+        if not open_clip_layers:
+            fold_quick_gelu(model)
+            if self.dtype == torch.float16 and device.type == "cuda":
+                half_layer_norms(model)
         self.tokenizer = CachedClipTokenizer.wrap(open_clip.get_tokenizer(cfg.model))
         self._text_prefix = PrefixTextEncoder.for_model(model)
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -200,6 +203,49 @@ class Scorer:
         img = torch.nn.functional.normalize(img.float(), dim=-1).half()
         txt = torch.nn.functional.normalize(txt.float(), dim=-1).half()
         return img.cpu().numpy(), txt.cpu().numpy(), sim.float().cpu().numpy()
+
+
+def clip_options(model: str, pretrained: str | None) -> dict[str, Any]:
+    """open_clip.create_model's options that the weights need beyond the architecture's config:
+    QuickGELU for tags trained with it (OpenAI's: the default ViT-B-32 / openai). open_clip 3 only
+    warns when the architecture's activation differs from the tag's, and builds nn.GELU, so
+    OpenAI's weights would run with another activation than they were trained with: other
+    embeddings than CLIP's, other scores against LAION's thresholds."""
+    import open_clip
+
+    if pretrained is None or Path(pretrained).exists():  # random weights, or a local file: no tag to ask
+        return {}
+    tag = open_clip.get_pretrained_cfg(model, pretrained) or {}
+    config = open_clip.get_model_config(model) or {}
+    if tag.get("quick_gelu", False) and not config.get("quick_gelu", False):
+        return {"force_quick_gelu": True}
+    return {}
+
+
+def fold_quick_gelu(model: torch.nn.Module) -> int:
+    """Every MLP of `model` whose activation is open_clip's QuickGELU, x * sigmoid(1.702 x) (three
+    passes over the MLP's widest activation in eager PyTorch), made to run one SiLU pass instead:
+    QuickGELU(h) = SiLU(1.702 h) / 1.702, so c_fc's weight and bias are multiplied by 1.702 and
+    c_proj's weight divided by it. The same function, to the rounding of the scaled weights.
+    Returns how many MLPs were changed."""
+    from open_clip.transformer import QuickGELU
+
+    k = 1.702
+    count = 0
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if not isinstance(mlp, torch.nn.Sequential) or [name for name, _ in mlp.named_children()] != ["c_fc", "gelu", "c_proj"]:
+            continue
+        if type(mlp.gelu) is not QuickGELU or not all(type(m) is torch.nn.Linear for m in (mlp.c_fc, mlp.c_proj)):
+            continue
+        with torch.no_grad():
+            mlp.c_fc.weight.copy_((mlp.c_fc.weight.float() * k).to(mlp.c_fc.weight.dtype))
+            if mlp.c_fc.bias is not None:
+                mlp.c_fc.bias.copy_((mlp.c_fc.bias.float() * k).to(mlp.c_fc.bias.dtype))
+            mlp.c_proj.weight.copy_((mlp.c_proj.weight.float() / k).to(mlp.c_proj.weight.dtype))
+        mlp.gelu = torch.nn.SiLU()
+        count += 1
+    return count
 
 
 class PatchEmbedding:

@@ -49,6 +49,9 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
                for w, n in notes.items()), notes
     assert any(w.endswith("score parts") and "image tower, open_clip's layers" in n and "text tower, open_clip's layers" in n
                for w, n in notes.items()), notes
+    # (c): the default run's QuickGELU architecture, both layer sets
+    assert any(w.endswith("-quickgelu score only") and "open_clip's layers and QuickGELU" in n
+               for w, n in notes.items()), notes
     # (e): the processes with open_clip's layers and with fastlaion's
     assert any("processes" in w and w.endswith("open_clip's layers") for w in figures), figures
     # the table is the last thing printed
@@ -152,6 +155,7 @@ NOT_ON_THE_GPU_CHECK_PATH = {
     "ray": "fastlaion run --ray",
     "scipy": "tests/test_dataset_helpers.py's pHash reference test (test_semantic imports its helpers only)",
     "webdataset": "tests/test_pipeline.py's loader test (test_search imports its helpers only)",
+    "safetensors": "tests/test_score.py's offline Hugging Face cache test (not marked gpu)",
 }
 # On the GPU machine though not in GPU.md's list: bench/score.py's make_jpegs made the GPU check's
 # JPEGs from scikit-image's photographs there in sessions 4 and 10 ("generated 4,096 JPEGs" in

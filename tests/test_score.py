@@ -7,7 +7,7 @@ import torch
 from fastlaion.config import ConfigError, ScoreConfig
 from fastlaion.ops import paired_cosine, paired_cosine_reference
 from fastlaion.score import (TINY_MODEL, CachedClipTokenizer, HalfLayerNorm, PatchEmbedding, PrefixTextEncoder, Scorer,
-                             half_layer_norms, pick_device, register_model_configs)
+                             clip_options, fold_quick_gelu, half_layer_norms, pick_device, register_model_configs)
 
 
 def test_paired_cosine_reference_against_numpy():
@@ -161,6 +161,86 @@ def test_patch_embedding_only_for_plain_patch_convolutions():
             conv.stride = (conv.stride[0] // 2, conv.stride[1] // 2)
         assert PatchEmbedding.for_model(model, mean, std) is None, change
     assert PatchEmbedding.for_model(torch.nn.Linear(2, 2), mean, std) is None
+
+
+def test_quick_gelu_folded_into_one_silu_gives_the_same_features():
+    """fold_quick_gelu: every QuickGELU MLP of both towers runs SiLU on c_fc's output scaled by
+    1.702, c_proj's weight divided by it: open_clip's features to float32 rounding; a model
+    without QuickGELU is left alone."""
+    import copy
+
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL, pretrained=None, force_quick_gelu=True).eval()
+    blocks = sum(type(m) is QuickGELU for m in model.modules())
+    assert blocks >= 4
+    folded = copy.deepcopy(model)
+    assert fold_quick_gelu(folded) == blocks
+    assert not any(type(m) is QuickGELU for m in folded.modules())
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    tokens = open_clip.get_tokenizer(TINY_MODEL)(PREFIX_TEXTS[:4])
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.encode_image(images), model.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(folded.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-5)
+        gelu = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
+        gelu.load_state_dict(model.state_dict())  # the same weights with nn.GELU: other features (the test sees it)
+        assert (gelu.encode_image(images) - model.encode_image(images)).abs().max() > 1e-3
+    assert fold_quick_gelu(gelu) == 0
+
+
+def test_openai_tags_get_the_activation_they_were_trained_with():
+    """clip_options asks open_clip for QuickGELU where the tag was trained with it and the
+    architecture's config does not say so (the default ViT-B-32 / openai); not for other tags, the
+    -quickgelu architectures, random weights or local files."""
+    assert clip_options("ViT-B-32", "openai") == {"force_quick_gelu": True}
+    assert clip_options("ViT-B-32", "laion2b_s34b_b79k") == {}
+    assert clip_options("ViT-B-32-quickgelu", "openai") == {}
+    assert clip_options("ViT-B-32", None) == {}
+    assert clip_options("ViT-B-32", __file__) == {}
+
+
+def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_path):
+    """The default --model ViT-B-32 --pretrained openai, loaded offline from a Hugging Face cache
+    holding (random) weights where open_clip looks for OpenAI's: the Scorer's features are those of
+    the same weights in ViT-B-32-quickgelu, the architecture they were trained in, not of nn.GELU."""
+    import os
+    import subprocess
+    import sys
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    repo = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(repo / "snapshots" / revision / "open_clip_model.safetensors"))
+    pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = (
+        "import sys, torch\n"
+        "from fastlaion.config import ScoreConfig\n"
+        "from fastlaion.score import Scorer\n"
+        "s = Scorer(ScoreConfig(model='ViT-B-32', pretrained='openai'), torch.device('cpu'))\n"
+        "torch.save((s.embed_images(torch.load(sys.argv[1])), s.embed_texts(['a photo of a cat', 'a dog'])), sys.argv[2])\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}  # never the network
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "QuickGELU mismatch" not in proc.stderr
+    images, texts = torch.load(tmp_path / "out.pt")
+    reference = Scorer(ScoreConfig(model="ViT-B-32-quickgelu", pretrained="none"), torch.device("cpu"),
+                       open_clip_layers=True)
+    reference.model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(images, reference.embed_images(pixels), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(texts, reference.embed_texts(["a photo of a cat", "a dog"]), atol=1e-4, rtol=1e-4)
 
 
 def test_half_layer_norms_replace_open_clips_float32_ones():
