@@ -525,28 +525,13 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> None:
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    try:  # the full table first: it is there even if the summary below finds nothing to sum
-        table = events.table(sort_by=sort_by, row_limit=60)
-    except (KeyError, AttributeError, ValueError):  # an older torch's column name
-        table = events.table(sort_by="self_cuda_time_total" if cuda else sort_by, row_limit=60)
-    (Path(args.out) / "profile_score.txt").write_text(table)
-
-    def self_us(e: Any) -> float:  # device time on a GPU (torch >= 2.4's name, then the older one), else CPU
-        if cuda:
-            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
-        return float(e.self_cpu_time_total)
-
-    if cuda:  # the kernels themselves (and memcpys), not the CPU ops that launched them
-        timed = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and self_us(e) > 0]
-    else:  # the CPU's own work: aten ops' self time (a profiler's overhead is in their parents)
-        timed = [e for e in events if e.key.startswith("aten::") and self_us(e) > 0]
-    total = sum(map(self_us, timed))
+    timed = _profiled(events, cuda, Path(args.out) / "profile_score.txt")
+    total = sum(map(_self_us, timed))
     if not total:
         raise RuntimeError("the profiler recorded no kernel time")
     kinds: dict[str, float] = {}
     for e in timed:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + self_us(e)
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + _self_us(e)
     flops = sum(float(getattr(e, "flops", 0) or 0) for e in events
                 if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
     gemm_us = kinds.get("matrix products", 0.0)
@@ -555,9 +540,75 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> None:
         f"{total / rounds / args.batch:.1f} us a sample; " + ", ".join(
             f"{kind} {100 * us / total:.0f}%" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]))
         + (f"; matrix products at {flops / (gemm_us * 1e-6) / 1e12:.3g} TFLOP/s" if flops and gemm_us else ""))
-    top = sorted(timed, key=self_us, reverse=True)[:8]
-    row(f"(h) {args.model} score, top {where} kernels", f"{100 * sum(map(self_us, top)) / total:.0f}% of the time",
-        "; ".join(f"{e.key[:70]} {self_us(e) / rounds / 1e3:.2f} ms ({e.count // rounds}x)" for e in top))
+    top = sorted(timed, key=_self_us, reverse=True)[:8]
+    row(f"(h) {args.model} score, top {where} kernels", f"{100 * sum(map(_self_us, top)) / total:.0f}% of the time",
+        "; ".join(f"{e.key[:70]} {_self_us(e) / rounds / 1e3:.2f} ms ({e.count // rounds}x)" for e in top))
+
+
+def _self_us(e: Any) -> float:
+    """An event's own time: on the device for a kernel or copy (torch >= 2.4's name, then the
+    older one), else on the CPU."""
+    if str(getattr(e, "device_type", "")).endswith("CUDA"):
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+    return float(e.self_cpu_time_total)
+
+
+def _profiled(events: Any, cuda: bool, table_file: Path) -> list[Any]:
+    """A profile's events whose own time counts, its full table written to `table_file` first (it
+    is there even when nothing is summed): on a GPU the kernels and copies themselves, not the CPU
+    ops that launched them; on the CPU, aten ops' self time (a profiler's overhead is in their
+    parents)."""
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:
+        table = events.table(sort_by=sort_by, row_limit=60)
+    except (KeyError, AttributeError, ValueError):  # an older torch's column name
+        table = events.table(sort_by="self_cuda_time_total" if cuda else sort_by, row_limit=60)
+    table_file.write_text(table)
+    if cuda:
+        return [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and _self_us(e) > 0]
+    return [e for e in events if e.key.startswith("aten::") and _self_us(e) > 0]
+
+
+def bench_decode_profile(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
+    """(i) Four batches of the run's decoder (DALI where it came along), one at a time, under
+    torch.profiler: the device time an image takes to decode and resize, and its top kernels and
+    copies (DALI's and nvJPEG's run in this process, where CUPTI records them). Four processes are
+    held by the GPU (sessions 10-14): the towers take 41 us a sample (h), and this is the other
+    part. On the CPU (the dry run) the decoders do their work on the host: the step is walked and
+    reports no device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scorer = _make_scorer(args.model, args.batch, device)
+    decoder = _make_decoder(scorer, args.batch, device)
+    chunks = [jpegs[i:i + args.batch] for i in range(0, min(len(jpegs), 4 * args.batch), args.batch)]
+    cuda = device.type == "cuda"
+    with ThreadPoolExecutor(os.cpu_count(), "prepare") as pool:
+        def run(chunk: list[bytes]) -> None:
+            done = decoder.finish(chunk, list(pool.map(decoder.prepare, chunk)))
+            if any(d.error is not None for d in done):
+                raise RuntimeError(f"{sum(d.error is not None for d in done)} images did not decode")
+
+        run(chunks[0])  # warm: the decoder's buffers and plans
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for chunk in chunks:
+                run(chunk)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    images = sum(map(len, chunks))
+    timed = _profiled(prof.key_averages(), cuda, Path(args.out) / "profile_decode.txt")
+    total = sum(map(_self_us, timed))
+    label = f"(i) decode ({decoder.name}), device time"
+    if not cuda:
+        row(label, "none (no GPU)", f"{images:,} images in {wall:.1f} s under the profiler; the table in profile_decode.txt")
+        return
+    row(label, f"{total / images:.1f} us an image", f"{total / 1e3 / len(chunks):.1f} ms a batch of {args.batch}, "
+        f"{images:,} images, one batch at a time, {wall / len(chunks) * 1e3:.1f} ms wall a batch under the profiler")
+    top = sorted(timed, key=_self_us, reverse=True)[:8]
+    row(f"(i) decode ({decoder.name}), top device kernels", f"{100 * sum(map(_self_us, top)) / max(total, 1e-9):.0f}% of the time",
+        "; ".join(f"{e.key[:70]} {_self_us(e) / len(chunks) / 1e3:.2f} ms ({e.count // len(chunks)}x)" for e in top))
 
 
 def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
@@ -721,7 +772,7 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # GPU_BENCH_SECTIONS=b,c runs a subset (a second, shorter GPU call); default: all
-    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g,h").split(","))
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "a,b,c,d,e,g,h,i").split(","))
     # in order of what #7 needs to know first; (d), the integration check, last
     for key, name, fn in (("a", "(a) kernels", lambda: bench_kernels(args)),
                           ("b", "(b) decoders", lambda: bench_decoders(args, jpegs, device)),
@@ -732,6 +783,8 @@ def main() -> None:
                           ("g", "(g) host ceiling (device work free)", lambda: bench_host_ceiling(args, jpegs)),
                           ("d", "(d) fastlaion run", lambda: bench_run(args, jpegs, device)),
                           ("h", "(h) where the towers' time goes (torch.profiler)", lambda: bench_profile(args, device)),
+                          ("i", "(i) where the decode's device time goes (torch.profiler)",
+                           lambda: bench_decode_profile(args, jpegs, device)),
                           ("f", "(f) compiled towers (--compile)", lambda: bench_compiled(args, jpegs, device))):
         if key not in wanted:
             continue

@@ -41,6 +41,9 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     # (h): the towers' time by kind of kernel, under torch.profiler (its full table beside)
     assert any(w.startswith("(h) ") and "time by kind" in w and "per batch of" in f for w, f in figures.items()), figures
     assert (tmp_path / "profile_score.txt").exists()
+    # (i): the decode under the profiler (no device time on the CPU; its table beside)
+    assert any(w.startswith("(i) decode (") for w in figures), figures
+    assert (tmp_path / "profile_decode.txt").exists()
     assert "FAILED" not in figures.values()
     # (c): score only with open_clip's layers beside fastlaion's, their ratio and the cosines' gap;
     # its score parts time both towers both ways
