@@ -163,6 +163,7 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
         faiss.omp_set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     ds.require(("key", "status"), "index")
+    ds.need_root("index")
     reader = kept_reader(ds)
     if reader is None:
         raise DatasetError(f"{ds.path} has no kept samples to index")
@@ -386,9 +387,10 @@ def rows_of(ds: Dataset, loaded: LoadedIndex, ids: list[int]) -> dict[int, dict[
     wanted = pl.LazyFrame({"_id": ids, "shard": [shard_of[i] for i in ids],
                            "_row": [i & ((1 << ROW_BITS) - 1) for i in ids]},
                           schema={"_id": pl.Int64, "shard": pl.String, "_row": pl.Int64})
-    columns = [c for c in ("url", "caption") if c in ds.columns]
+    have = ds.columns
+    columns = [c for c in ("url", "caption") if c in have]
     frame = collect(scan.filter(pl.col("status") == KEPT)
-                    .with_columns(row_in_shard().alias("_row"))
+                    .with_columns(row_in_shard(have).alias("_row"))
                     .join(wanted, on=["shard", "_row"], how="inner")
                     .select("_id", "key", *columns))
     return {int(r["_id"]): {"key": r["key"], "url": r.get("url"), "caption": r.get("caption")}

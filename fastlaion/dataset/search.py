@@ -96,6 +96,7 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
     shards), with --model/--pretrained overriding; random weights are refused (they differ at
     every load)."""
     instead = ", or search with --vector" if what == "search" else ""
+    ds.need_root(what)
     saved: dict[str, Any] = {}
     path = ds.root / RUN_CONFIG
     if path.exists():
@@ -230,7 +231,7 @@ def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress
 def kept_reader(ds: Dataset) -> EmbeddingReader | None:
     """The kept samples' embeddings (None when there are none); raises DatasetError when the
     dataset has no embedding files at all."""
-    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard"))
+    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select(ds.sample_columns()))
     return EmbeddingReader(ds, cand, "search") if cand.height else None
 
 
@@ -256,6 +257,7 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     if not queries:
         raise ConfigError("nothing to search for: give --text, --image or --vector (each may repeat)")
     ds.require(("key", "status"), "search")
+    ds.need_root("search")
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:

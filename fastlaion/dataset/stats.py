@@ -225,6 +225,7 @@ def sample_rows(ds: Dataset, n: int, seed: int = 7) -> pl.DataFrame:
     have = lf.collect_schema().names()
     extra = [c for c in ("caption", "similarity", "aesthetic", "aesthetic_v2", "punsafe", "original_width",
                          "original_height") if c in have]
-    picked = (lf.filter(pl.col("status") == KEPT).select("key", "shard", *extra)
+    # a null shard: the sample is in none of the dataset's tars (subset --shards), no thumbnail to show
+    picked = (lf.filter((pl.col("status") == KEPT) & pl.col("shard").is_not_null()).select("key", "shard", *extra)
               .with_columns(pl.col("key").hash(seed).alias("_h")).bottom_k(n, by="_h"))
     return collect(picked).drop("_h").sort("key")
