@@ -194,8 +194,9 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = open_dataset(source, needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)"
-                     if html and thumbnails else None)
+        ds = open_dataset(source, allow_empty=True,
+                          needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)"
+                          if html and thumbnails else None)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -231,6 +232,9 @@ def print_stats(stats: Any) -> None:
         for stage, reason, n in stats.drops:
             t.add_row(stage, reason, f"{n:,}", f"{100 * n / total:.2f}")
         _cli().out_console.print(t)
+    if not stats.kept:  # histograms and counts of nothing: all zeros
+        _say("no kept samples: no histograms, languages or image sizes to show")
+        return
     for h in list(stats.histograms.values()) + ([stats.size_histogram] if stats.size_histogram else []):
         _print_histogram(h)
     if stats.language_groups:

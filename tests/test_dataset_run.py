@@ -212,6 +212,18 @@ def test_stats_match_the_rows_and_the_run_summary(run, tmp_path):
         assert word in result.output
 
 
+def test_stats_of_a_subset_that_matched_nothing_is_a_zero_funnel(run, tmp_path):
+    invoke(["subset", "--where", "similarity > 5", "--from", run, "-o", tmp_path / "none", "--no-progress"])
+    assert table(tmp_path / "none" / "metadata.parquet") == []
+    result = invoke(["stats", tmp_path / "none", "--json", tmp_path / "s.json", "--html", tmp_path / "r.html"])
+    stats = load_json(tmp_path / "s.json")
+    assert (stats["rows"], stats["kept"]) == (0, 0)
+    assert [(lvl["name"], lvl["rows"]) for lvl in stats["funnel"]] == [
+        (name, 0) for name in ("input", "downloaded", "decoded", "scored", "kept")]
+    said = " ".join(result.output.split())
+    assert "0 rows, 0 kept samples" in said and "no kept samples" in said and "(0 thumbnails)" in said
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):

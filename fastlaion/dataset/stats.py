@@ -92,8 +92,11 @@ def _compute(ds: Dataset, bins: int) -> DatasetStats:
     histograms = {c: _histogram(kept, c, bins) for c in hist_cols}
     # Was any row CLIP-scored? The column is read again only where the funnel and the kept
     # samples' histogram cannot tell (no kept sample has a similarity).
+    # With no rows at all (a subset that matched nothing) the column's presence is all there is
+    # to tell: a run writes it exactly when it scores.
     scored = (any(lvl.stage == "score" and lvl.dropped for lvl in funnel)
               or ("similarity" in histograms and histograms["similarity"].values > 0)
+              or ("similarity" in columns and not ds.rows)
               or ("similarity" in columns and collect(lf.select(pl.col("similarity").is_not_null().any())).item()))
     if not scored:  # a --no-score run: its score level, which dropped nothing, is no step
         funnel = [lvl for lvl in funnel if lvl.stage != "score"]
