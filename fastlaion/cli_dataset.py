@@ -320,11 +320,26 @@ def search_cmd(
             caption = " ".join((h.caption or "").split())
             _say(f"  {h.rank:>{width}}  {h.similarity:.4f}  {h.key}  {h.url or '-'}  "
                  f"{caption[:100] + ('...' if len(caption) > 100 else '')}")
+    if result.short:
+        _say(_short_line(result.short, result.index or {}, len(result.queries)))
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
     if json_path is not None:
         _say(f"hits written to {json_path}")
     _skipped_line(result.skipped_files)
+
+
+def _short_line(short: dict[str, int], index: dict[str, int], queries: int) -> str:
+    """One line: the index gave fewer hits than -k asked, and what finds more."""
+    k = short["k"]
+    which = (f"only {short['fewest']:,} of the {k:,} hits asked (-k) were found" if queries == 1 else
+             f"{short['queries']:,} of the {queries:,} queries got fewer than the {k:,} hits asked (-k) (the fewest: "
+             f"{short['fewest']:,})")
+    if short["probes_needed"]:
+        return (f"{which}: the index cells read ({index['probes']:,} of {index['cells']:,}) hold no more; "
+                f"--probes {short['probes_needed']:,} (or more) reads enough of them, or --exact compares every "
+                "embedding")
+    return f"{which}: some candidates' embeddings could not be read; --exact compares every readable embedding"
 
 
 def index_cmd(

@@ -332,6 +332,17 @@ def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) 
     return out
 
 
+def probes_for(loaded: LoadedIndex, vectors: np.ndarray, k: int) -> np.ndarray:
+    """(Q,) int: for each unit query, the fewest cells that hold k samples or more, read nearest
+    first as the search reads them (nprobe); the index's cell count where all of them hold fewer."""
+    faiss = import_faiss()
+    ivf = faiss.extract_index_ivf(loaded.index)
+    sizes = np.array([ivf.invlists.list_size(c) for c in range(ivf.nlist)], np.int64)
+    _, nearest = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), ivf.nlist)
+    held = np.cumsum(sizes[nearest], axis=1)
+    return np.minimum((held < k).sum(axis=1) + 1, ivf.nlist)
+
+
 def rerank(ds: Dataset, loaded: LoadedIndex, vectors: np.ndarray, found: list[list[tuple[int, float]]], k: int
            ) -> list[list[tuple[int, float]]]:
     """Each query's candidates (ids) ranked again by the cosine of its stored embedding, as the
