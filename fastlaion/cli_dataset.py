@@ -104,7 +104,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = open_dataset(source, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar)
     share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
     pool = "rows" if include_dropped else "kept samples"
@@ -114,7 +114,9 @@ def subset_cmd(
         _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
              + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else "")
              + (f"; {result.rows_not_exported:,} selected rows are not kept samples, and tars hold kept samples "
-                "only" if result.rows_not_exported else ""))
+                "only" if result.rows_not_exported else "")
+             + (f"; {result.embeddings_missing:,} samples in them have no image embedding"
+                if result.embeddings_missing else ""))
     if urls:
         _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
              f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
@@ -146,7 +148,8 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = open_dataset(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
+                          else None)
         result = dedup(ds, output, cfg, bar)
     share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
@@ -191,7 +194,9 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = open_dataset(source)
+        ds = open_dataset(source, allow_empty=True,
+                          needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)"
+                          if html and thumbnails else None)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -227,6 +232,9 @@ def print_stats(stats: Any) -> None:
         for stage, reason, n in stats.drops:
             t.add_row(stage, reason, f"{n:,}", f"{100 * n / total:.2f}")
         _cli().out_console.print(t)
+    if not stats.kept:  # histograms and counts of nothing: all zeros
+        _say("no kept samples: no histograms, languages or image sizes to show")
+        return
     for h in list(stats.histograms.values()) + ([stats.size_histogram] if stats.size_histogram else []):
         _print_histogram(h)
     if stats.language_groups:
@@ -293,7 +301,7 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = open_dataset(source, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
@@ -312,11 +320,26 @@ def search_cmd(
             caption = " ".join((h.caption or "").split())
             _say(f"  {h.rank:>{width}}  {h.similarity:.4f}  {h.key}  {h.url or '-'}  "
                  f"{caption[:100] + ('...' if len(caption) > 100 else '')}")
+    if result.short:
+        _say(_short_line(result.short, result.index or {}, len(result.queries)))
     if result.unreadable_samples:
         _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
     if json_path is not None:
         _say(f"hits written to {json_path}")
     _skipped_line(result.skipped_files)
+
+
+def _short_line(short: dict[str, int], index: dict[str, int], queries: int) -> str:
+    """One line: the index gave fewer hits than -k asked, and what finds more."""
+    k = short["k"]
+    which = (f"only {short['fewest']:,} of the {k:,} hits asked (-k) were found" if queries == 1 else
+             f"{short['queries']:,} of the {queries:,} queries got fewer than the {k:,} hits asked (-k) (the fewest: "
+             f"{short['fewest']:,})")
+    if short["probes_needed"]:
+        return (f"{which}: the index cells read ({index['probes']:,} of {index['cells']:,}) hold no more; "
+                f"--probes {short['probes_needed']:,} (or more) reads enough of them, or --exact compares every "
+                "embedding")
+    return f"{which}: some candidates' embeddings could not be read; --exact compares every readable embedding"
 
 
 def index_cmd(
@@ -339,7 +362,7 @@ def index_cmd(
     with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = open_dataset(source, needs_root="index")
         result = ds.guarded(lambda d: build_index(d, cfg, bar))
     probes = default_probes(result.cells)
     codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
@@ -388,7 +411,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = open_dataset(source, needs_root="classify")
         result = classify(ds, output, cfg, bar)
     _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
          f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")

@@ -3,6 +3,7 @@ with expected values computed here from the run's own files, without fastlaion.d
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -211,6 +212,18 @@ def test_stats_match_the_rows_and_the_run_summary(run, tmp_path):
         assert word in result.output
 
 
+def test_stats_of_a_subset_that_matched_nothing_is_a_zero_funnel(run, tmp_path):
+    invoke(["subset", "--where", "similarity > 5", "--from", run, "-o", tmp_path / "none", "--no-progress"])
+    assert table(tmp_path / "none" / "metadata.parquet") == []
+    result = invoke(["stats", tmp_path / "none", "--json", tmp_path / "s.json", "--html", tmp_path / "r.html"])
+    stats = load_json(tmp_path / "s.json")
+    assert (stats["rows"], stats["kept"]) == (0, 0)
+    assert [(lvl["name"], lvl["rows"]) for lvl in stats["funnel"]] == [
+        (name, 0) for name in ("input", "downloaded", "decoded", "scored", "kept")]
+    said = " ".join(result.output.split())
+    assert "0 rows, 0 kept samples" in said and "no kept samples" in said and "(0 thumbnails)" in said
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):
@@ -260,3 +273,123 @@ def test_html_report_renders_its_plots_and_thumbnails_in_headless_chromium(run, 
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     assert png_colours(shot) > 50  # plots and photographs, not a blank page
+
+
+# --- 4. datasets moved or copied: where the images and embeddings are ---------------------------------
+
+def run_embedding(run: Path, row: dict, kind: str = "img") -> np.ndarray:
+    """The run's own embedding of a row (the key is the shard and the row in it)."""
+    return np.load(run / f"{row['shard']}_{kind}_emb.npy")[int(row["key"][len(row["shard"]):])]
+
+
+def test_a_subset_with_shards_stands_alone_moved_away_from_its_run(run, tmp_path):
+    """subset --shards writes its samples' tars, their embeddings and the run's config.json, and
+    points its rows at them: moved away from the run, and the run gone, a subset of it, stats
+    --html, search, index and dedup find every sample."""
+    shutil.copytree(run, tmp_path / "a" / "run")
+    invoke(["subset", "--where", "similarity > -1", "--from", tmp_path / "a" / "run", "-o", tmp_path / "a" / "sub",
+            "--shards", "--shard-size", 5, "--no-progress"])
+    moved = tmp_path / "b" / "sub"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "a" / "sub", moved)
+    shutil.rmtree(tmp_path / "a")
+    rows = kept(read_rows(run))
+    images = tar_images(run)
+    # each row names its tar in the subset and its row in that tar's embedding files: the run's vectors
+    meta = table(moved / "metadata.parquet")
+    assert [m["key"] for m in meta] == [r["key"] for r in rows]
+    assert [m["shard"] for m in meta] == [f"{i // 5:05d}" for i in range(len(rows))]
+    assert [m["shard_row"] for m in meta] == [i % 5 for i in range(len(rows))]
+    for m, r in zip(meta, rows):
+        for kind in ("img", "txt"):
+            stored = np.load(moved / f"{m['shard']}_{kind}_emb.npy")
+            assert stored.dtype == np.float16 and np.array_equal(stored[m["shard_row"]], run_embedding(run, r, kind))
+    assert tar_images(moved) == {r["key"]: images[r["key"]] for r in rows}
+
+    # a subset of the moved subset copies every sample from its tars
+    invoke(["subset", "--where", "similarity > -1", "--from", moved, "-o", tmp_path / "c", "--shards", "--no-progress"])
+    assert load_json(tmp_path / "c" / "shards.json")["samples"] == len(rows)
+    assert tar_images(tmp_path / "c") == {r["key"]: images[r["key"]] for r in rows}
+    result = invoke(["stats", moved, "--html", tmp_path / "report.html", "--thumbnails", 6])
+    assert "(6 thumbnails)" in result.output
+
+    # search, plain and through an index: the cosines of the run's own embeddings
+    np.save(tmp_path / "q.npy", run_embedding(run, rows[3]).astype(np.float32))
+    emb = {r["key"]: run_embedding(run, r).astype(np.float64) for r in rows}
+    q = emb[rows[3]["key"]]
+    cosine = {k: float(v @ q / np.linalg.norm(v) / np.linalg.norm(q)) for k, v in emb.items()}
+    best = sorted(cosine.values(), reverse=True)[:4]
+    for options in ([], ["index"]):
+        if options:
+            invoke(["index", moved, "--no-progress"])
+        invoke(["search", moved, "--vector", tmp_path / "q.npy", "-k", 4, "--json", tmp_path / "hits.json",
+                "--no-progress"])
+        hits = load_json(tmp_path / "hits.json")["results"][0]["hits"]
+        assert all(abs(h["similarity"] - min(1.0, cosine[h["key"]])) < 1e-3 for h in hits), hits
+        assert np.allclose([h["similarity"] for h in hits], np.minimum(best, 1.0), atol=1e-3)
+    invoke(["dedup", "--by", "embedding", "--min-cosine", 0.999, "--device", "cpu", "--from", moved,
+            "-o", tmp_path / "d", "--no-progress"])
+    assert load_json(tmp_path / "d" / "dataset.json")["unreadable_samples"] == 0
+    invoke(["dedup", "--by", "phash", "--from", moved, "-o", tmp_path / "p", "--no-progress"])
+    assert load_json(tmp_path / "p" / "dataset.json")["unreadable_samples"] == 0
+    assert load_json(moved / "dataset.json")["root_relative"] == "."  # its own root
+    assert (moved / "config.json").read_bytes() == (run / "config.json").read_bytes()  # the model, for text queries
+
+
+def test_a_run_and_its_subsets_moved_together_still_find_their_samples(run, tmp_path):
+    """dataset.json holds the root relative to itself as well, read first: a run moved with the
+    subsets and dedups made from it keeps them working."""
+    a = tmp_path / "a"
+    shutil.copytree(run, a / "run")
+    invoke(["subset", "en", "--from", a / "run", "-o", a / "en", "--no-progress"])
+    invoke(["dedup", "--by", "sha256", "--from", a / "run", "-o", a / "dd", "--no-progress"])
+    invoke(["subset", "--where", "similarity > -1", "--from", a / "dd", "-o", a / "dd-sub", "--no-progress"])
+    b = tmp_path / "b"
+    shutil.move(a, b)  # the absolute paths recorded are gone
+    english = [r for r in kept(read_rows(run)) if r["language_group"] == "en"]
+    result = invoke(["stats", b / "en", "--html", tmp_path / "report.html"])
+    assert f"({len(english)} thumbnails)" in result.output
+    invoke(["subset", "--where", "true", "--from", b / "dd-sub", "-o", tmp_path / "c", "--shards", "--no-progress"])
+    unique = len(table(b / "dd-sub" / "metadata.parquet"))
+    assert load_json(tmp_path / "c" / "shards.json")["samples"] == unique
+    assert load_json(tmp_path / "c" / "shards.json")["missing"] == 0
+    assert load_json(b / "en" / "dataset.json")["root_relative"] == "../run"
+    assert load_json(b / "dd-sub" / "dataset.json")["root_relative"] == "../run"
+
+
+def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
+    """Every command that reads the images or embeddings refuses with one line naming the folder
+    looked for; those that read only the metadata warn once and go on. An older dataset.json,
+    with the absolute root only, is still read."""
+    shutil.copytree(run, tmp_path / "a" / "run")
+    subset = tmp_path / "en"
+    invoke(["subset", "en", "--from", tmp_path / "a" / "run", "-o", subset, "--no-progress"])
+    info = load_json(subset / "dataset.json")
+    info.pop("root_relative", None)  # as fastlaion wrote it before
+    (subset / "dataset.json").write_text(json.dumps(info))
+    result = invoke(["stats", subset, "--html", tmp_path / "report.html", "--thumbnails", 2])
+    assert "(2 thumbnails)" in result.output
+
+    shutil.move(tmp_path / "a" / "run", tmp_path / "elsewhere")
+    gone = str((tmp_path / "a" / "run").resolve())
+    np.save(tmp_path / "q.npy", np.ones(512, np.float32))
+    for args, what in ((["stats", subset, "--html", tmp_path / "r.html"], "stats --html"),
+                       (["subset", "en", "--from", subset, "-o", tmp_path / "s", "--shards"], "subset --shards"),
+                       (["dedup", "--by", "phash", "--from", subset, "-o", tmp_path / "d"], "dedup --by phash"),
+                       (["dedup", "--by", "embedding", "--from", subset, "-o", tmp_path / "d"], "dedup --by embedding"),
+                       (["index", subset], "index"),
+                       (["search", subset, "--vector", tmp_path / "q.npy"], "search"),
+                       (["classify", "--from", subset, "-o", tmp_path / "c", "--class", "cat"], "classify")):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"], terminal_width=400)
+        assert result.exit_code == 2, (args, result.output)
+        said = result.output.strip()
+        assert len(said.splitlines()) == 1 and said.startswith(f"error: {what}"), said
+        assert ": cannot find the folder holding the images and embeddings of" in said
+        assert f"names {gone}, which does not exist" in said and "Traceback" not in said
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+
+    # the metadata alone: a warning naming the folder, and the figures
+    result = run_cli(["stats", subset])
+    assert result.returncode == 0 and "funnel" in result.stdout
+    warned = " ".join(result.stderr.split())
+    assert f"names {gone}, which does not exist" in warned and "goes on" in warned

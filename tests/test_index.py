@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -339,3 +340,34 @@ def test_scan_shards_reads_those_shards_rows_in_dataset_order(tmp_path):
     mixed = open_dataset(folder / "mixed.parquet")
     got = mixed.scan_shards({"00002"}).collect()
     assert got["key"].to_list() == [k for k in reversed(keys) if k.startswith("00002")]
+
+
+def test_fewer_hits_than_k_from_the_cells_read_is_said_with_the_probes_that_find_them(case, tmp_path):
+    """-k 150 where the cells read hold fewer: the hits found, and one line naming the --probes
+    that reads enough cells (the fewest that do) and --exact."""
+    folder, keys, qfiles, _ = case
+    invoke(["index", folder, "--no-progress"])
+    cells = json.loads((folder / "index" / "index.json").read_text())["cells"]
+    k = 150
+    out = tmp_path / "hits.json"
+    said = invoke(["search", folder, "--vector", qfiles[0], "-k", k, "--probes", 1, "--json", out,
+                   "--no-progress"]).output
+    found = json.loads(out.read_text())
+    n = len(found["results"][0]["hits"])
+    assert 0 < n < k <= len(keys)
+    line = [line for line in said.splitlines() if "hits asked" in line]
+    assert len(line) == 1, said
+    match = re.search(rf"only {n} of the {k} hits asked \(-k\) were found: the index cells read \(1 of {cells}\) "
+                      r"hold no more; --probes (\d+) \(or more\) reads enough of them, or --exact", line[0])
+    assert match, line
+    probes = int(match.group(1))
+    assert found["short"] == {"k": k, "queries": 1, "fewest": n, "probes_needed": probes}
+    for p, enough in ((probes, True), (probes - 1, False)):  # the fewest cells that hold k
+        said = invoke(["search", folder, "--vector", qfiles[0], "-k", k, "--probes", p, "--json", out,
+                       "--no-progress"]).output
+        assert (len(json.loads(out.read_text())["results"][0]["hits"]) == k) is enough
+        assert ("hits asked" not in said) is enough
+    # more than the samples: all of them, nothing to say
+    said = invoke(["search", folder, "--vector", qfiles[0], "-k", 10 * len(keys), "--probes", cells,
+                   "--no-progress"]).output
+    assert "hits asked" not in said and f"the {len(keys):,} best" in said

@@ -221,6 +221,39 @@ def test_classify_labels_every_kept_sample_as_open_clip_would(run, tmp_path):
         k for k in keys if got[k]["zero_shot_label"] == label)
 
 
+def test_a_subset_with_shards_moved_away_is_searched_and_classified_with_the_runs_model(run, tmp_path):
+    """subset --shards copies the run's config.json and the embeddings: moved away from the run,
+    and the run gone, text queries and classify embed with the run's model and find what they
+    find on the run."""
+    import shutil
+
+    out, _, _, _ = run
+    keys, _ = kept_embeddings(out)
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args] + ["--device", "cpu", "--no-progress"], terminal_width=200)
+
+    shutil.copytree(out, tmp_path / "a" / "run")
+    made = runner.invoke(app, ["subset", "--where", "true", "--from", str(tmp_path / "a" / "run"), "-o",
+                               str(tmp_path / "a" / "s"), "--shards", "--shard-size", "5", "--no-progress"])
+    assert made.exit_code == 0, made.output
+    shutil.move(tmp_path / "a" / "s", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "a")  # the run it came from is gone
+    texts = sum((["--text", t] for t in ("a picture of chelsea", "coffee")), [])
+    for folder, name in ((out, "run"), (tmp_path / "moved", "moved")):
+        result = invoke("search", folder, *texts, "-k", 5, "--json", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+        classes = sum((["--class", c] for c in CLASSES), [])
+        result = invoke("classify", "--from", folder, "-o", tmp_path / f"{name}-c", *classes)
+        assert result.exit_code == 0, result.output
+    for on_run, moved in zip(hits_of(tmp_path / "run.json"), hits_of(tmp_path / "moved.json")):
+        assert dict(moved).keys() == dict(on_run).keys()  # the same samples, at the same cosines
+        assert all(abs(dict(moved)[k] - s) < 1e-4 for k, s in on_run)
+    labels = [pl.read_parquet(tmp_path / f"{name}-c" / "metadata.parquet").filter(pl.col("status") == "kept")
+              .select("key", "zero_shot_label").sort("key") for name in ("run", "moved")]
+    assert labels[0].equals(labels[1]) and labels[0].height == len(keys)
+
+
 def test_bad_classify_input_is_one_line(run, tmp_path):
     out, _, _, tmp = run
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")

@@ -7,8 +7,9 @@ How it fits together (a newcomer's minute):
   are skipped, counted and named in a warning; everything after is lazy and streaming
   (`scan_parquet` ... `sink_parquet`), so memory follows the columns a job touches, not the rows.
 - Every row keeps pointing at its images: the `shard` column names the tar, the Parquet row and
-  the embeddings of the *original run* (`Dataset.root`), so a subset of a dedup of a run still
-  finds its pixels without copying them.
+  the embeddings of the *original run* (`Dataset.root`, recorded in dataset.json relative to the
+  subset and absolute), so a subset of a dedup of a run still finds its pixels without copying
+  them. A subset written with `--shards` holds its own tars and embeddings and is its own root.
 - `subset.py`: LAION's derived subsets as recipes (Polars expressions), `--where` SQL, output
   Parquet, optional resharded webdataset tars and a URL list for re-downloading.
 - `dedup.py`: exact (url, url+caption, sha256), perceptual (64-bit DCT hash, `phash.py`) and

@@ -111,7 +111,8 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
 
         scorer = Scorer(score, pick_device(score.device))
         classes = class_embeddings(scorer, cfg.classes, cfg.templates)
-        cand = collect(d.scan().with_row_index("_i").filter(pl.col("status") == KEPT).select("_i", "key", "shard"))
+        cand = collect(d.scan().with_row_index("_i").filter(pl.col("status") == KEPT)
+                       .select("_i", *d.sample_columns()))
         rows_i: list[np.ndarray] = []
         best: list[np.ndarray] = []
         scores: list[np.ndarray] = []

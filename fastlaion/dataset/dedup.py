@@ -132,6 +132,8 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
     progress = progress or NoProgress()
     started = time.perf_counter()
     ds.require(("key", "status", "stage", "reason", *EXACT_COLUMNS.get(cfg.by, ())), f"dedup --by {cfg.by.value}")
+    if cfg.by not in EXACT_COLUMNS:  # reads the images or the embeddings
+        ds.need_root(f"dedup --by {cfg.by.value}")
     target = OutputDir(out, ds)
 
     def job(d: Dataset) -> DedupResult:
@@ -209,8 +211,8 @@ def _write(ds: Dataset, dups: pl.DataFrame, by: DedupBy, path: Path) -> None:
 # --- perceptual ---------------------------------------------------------------------------------
 
 def _candidates(ds: Dataset) -> pl.DataFrame:
-    """Kept rows in dataset order: _i, key, shard."""
-    return collect(_kept(ds.scan().with_row_index("_i")).select("_i", "key", "shard"))
+    """Kept rows in dataset order: _i, key, shard (and shard_row, where the dataset has it)."""
+    return collect(_kept(ds.scan().with_row_index("_i")).select("_i", *ds.sample_columns()))
 
 
 def _perceptual(ds: Dataset, cfg: DedupConfig, progress: Progress) -> tuple[pl.DataFrame, int, int]:

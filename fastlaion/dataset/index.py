@@ -163,6 +163,7 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
         faiss.omp_set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     ds.require(("key", "status"), "index")
+    ds.need_root("index")
     reader = kept_reader(ds)
     if reader is None:
         raise DatasetError(f"{ds.path} has no kept samples to index")
@@ -331,6 +332,17 @@ def search_index(loaded: LoadedIndex, vectors: np.ndarray, k: int, probes: int) 
     return out
 
 
+def probes_for(loaded: LoadedIndex, vectors: np.ndarray, k: int) -> np.ndarray:
+    """(Q,) int: for each unit query, the fewest cells that hold k samples or more, read nearest
+    first as the search reads them (nprobe); the index's cell count where all of them hold fewer."""
+    faiss = import_faiss()
+    ivf = faiss.extract_index_ivf(loaded.index)
+    sizes = np.array([ivf.invlists.list_size(c) for c in range(ivf.nlist)], np.int64)
+    _, nearest = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), ivf.nlist)
+    held = np.cumsum(sizes[nearest], axis=1)
+    return np.minimum((held < k).sum(axis=1) + 1, ivf.nlist)
+
+
 def rerank(ds: Dataset, loaded: LoadedIndex, vectors: np.ndarray, found: list[list[tuple[int, float]]], k: int
            ) -> list[list[tuple[int, float]]]:
     """Each query's candidates (ids) ranked again by the cosine of its stored embedding, as the
@@ -386,9 +398,10 @@ def rows_of(ds: Dataset, loaded: LoadedIndex, ids: list[int]) -> dict[int, dict[
     wanted = pl.LazyFrame({"_id": ids, "shard": [shard_of[i] for i in ids],
                            "_row": [i & ((1 << ROW_BITS) - 1) for i in ids]},
                           schema={"_id": pl.Int64, "shard": pl.String, "_row": pl.Int64})
-    columns = [c for c in ("url", "caption") if c in ds.columns]
+    have = ds.columns
+    columns = [c for c in ("url", "caption") if c in have]
     frame = collect(scan.filter(pl.col("status") == KEPT)
-                    .with_columns(row_in_shard().alias("_row"))
+                    .with_columns(row_in_shard(have).alias("_row"))
                     .join(wanted, on=["shard", "_row"], how="inner")
                     .select("_id", "key", *columns))
     return {int(r["_id"]): {"key": r["key"], "url": r.get("url"), "caption": r.get("caption")}

@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .source import MANIFEST_FILE, METADATA_FILE, SHARD_PARQUET, Dataset, DatasetError
+from .source import MANIFEST_FILE, METADATA_FILE, SHARD_PARQUET, Dataset, DatasetError, root_fields
 
 PARTIAL_DIR = ".partial"
-_OURS = re.compile(r"^(\d{5,}\.tar|metadata\.parquet|dataset\.json|urls\.parquet|shards\.json)$")
+_OURS = re.compile(r"^(\d{5,}(\.tar|_img_emb\.npy|_txt_emb\.npy)|metadata\.parquet|dataset\.json|urls\.parquet"
+                   r"|shards\.json)$")
+RUN_CONFIG = "config.json"  # the run's, copied by subset --shards: ours only beside our dataset.json
 
 
 class OutputDir:
@@ -39,8 +41,13 @@ class OutputDir:
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def write_manifest(self, info: dict[str, Any]) -> None:
-        manifest = {**self.source.manifest(), **info}  # info has the skips of the final attempt
+    def write_manifest(self, info: dict[str, Any], own_root: bool = False) -> None:
+        """dataset.json: the source's provenance and `info`; `own_root`: this folder holds its
+        samples' tars and embeddings itself (subset --shards), so it is its own root."""
+        manifest = self.source.manifest(self.out)
+        if own_root:
+            manifest.update(root_fields(self.out, self.out), source_root=manifest["root"])
+        manifest.update(info)  # info has the skips of the final attempt
         (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
 
     @contextmanager
@@ -54,15 +61,16 @@ class OutputDir:
             raise
         self.commit()
 
-    def finish(self, kind: str, result: Any, started: float) -> None:
+    def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
         result.seconds = round(time.perf_counter() - started, 3)
-        self.write_manifest({"kind": kind, **result.to_dict()})
+        self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
 
     def commit(self) -> None:
         """Replace this folder's earlier output (ours only) with the new files."""
+        earlier = (self.out / MANIFEST_FILE).is_file()
         for p in self.out.iterdir():
-            if p.is_file() and _OURS.match(p.name):
+            if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)):
                 p.unlink()
         for p in sorted(self.tmp.iterdir()):
             os.replace(p, self.out / p.name)

@@ -3,7 +3,8 @@
 A tar member's key is its name up to the first dot (webdataset's rule: `0000042.jpg`,
 `0000042.txt` and `0000042.json` are one sample). Tars are read front to back, never seeked
 into: that is what a tar allows, and reading a 1 GB shard sequentially is disk speed.
-A missing or damaged tar costs its samples (counted and named in a warning), not the job.
+A missing or damaged tar costs its samples (counted and named in a warning), not the job, and
+so does a row whose shard is null (a --shards subset's row with no sample in its tars).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .source import Dataset, NoProgress, Progress
@@ -41,8 +43,9 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
                 yield tar, member
 
 
-def by_shard(rows: pl.DataFrame) -> list[tuple[str, list[str], list[int]]]:
-    """rows (key, shard) -> [(shard, keys, positions in rows)], shards in first-seen order."""
+def by_shard(rows: pl.DataFrame) -> list[tuple[str | None, list[str], list[int]]]:
+    """rows (key, shard) -> [(shard, keys, positions in rows)], shards in first-seen order (None:
+    the rows with no shard, whose samples are nowhere)."""
     grouped = (rows.select("key", "shard").with_row_index("_pos")
                .group_by("shard", maintain_order=True).agg("key", "_pos"))
     return [(s, k, p) for s, k, p in grouped.iter_rows()]
@@ -58,6 +61,9 @@ def read_images(ds: Dataset, rows: pl.DataFrame, on_image: Callable[[int, bytes]
     def one(group: tuple[str, list[str], list[int]]) -> int:
         shard, keys, positions = group
         wanted = dict(zip(keys, positions))
+        if shard is None:  # in no tar: counted as missing
+            progress.advance()
+            return len(wanted)
         path = ds.tar_path(shard)
         try:
             for tar, member in _members(path):
@@ -112,6 +118,7 @@ class ShardsWritten:
     tars: list[dict]          # {"tar", "samples", "first_key", "last_key"}
     samples: int
     missing: int              # selected rows whose sample was not in its tar
+    positions: np.ndarray     # (samples,) int64: the row (in `rows`) of each sample written, tar by tar
 
 
 def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, progress: Progress) -> ShardsWritten:
@@ -120,6 +127,7 @@ def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, pro
     tar keeps what was copied before the damage; the rest of its samples count as missing."""
     groups = by_shard(rows)
     tars: list[dict] = []
+    written: list[int] = []
     writer: tarfile.TarFile | None = None
     in_tar = 0
     total = missing = 0
@@ -136,8 +144,13 @@ def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, pro
         return tarfile.open(out_dir / name, "w", format=tarfile.USTAR_FORMAT)
 
     try:
-        for shard, keys, _ in groups:
+        for shard, keys, positions in groups:
             wanted = set(keys)
+            if shard is None:  # in no tar
+                missing += len(wanted)
+                progress.advance()
+                continue
+            where = dict(zip(keys, positions))
             path = ds.tar_path(shard)
             found = 0
             try:
@@ -164,6 +177,7 @@ def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, pro
                             writer.addfile(info, io.BytesIO(data))
                         in_tar += 1
                         found += 1
+                        written.append(where[key])
                         entry = tars[-1]
                         entry["samples"] += 1
                         entry["first_key"] = entry["first_key"] or key
@@ -182,7 +196,76 @@ def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, pro
         progress.stop()
     if missing:
         log.warning("reshard: %d selected sample(s) were not found in their tars", missing)
-    return ShardsWritten(tars=tars, samples=total, missing=missing)
+    return ShardsWritten(tars=tars, samples=total, missing=missing, positions=np.array(written, np.int64))
+
+
+EMBEDDING_KINDS = ("img", "txt")  # a run's {shard}_img_emb.npy and {shard}_txt_emb.npy
+
+
+def export_embeddings(ds: Dataset, shards: pl.Series, rows: np.ndarray, written: ShardsWritten, out_dir: Path,
+                      progress: Progress) -> int:
+    """Beside each tar reshard wrote, `{tar}_img_emb.npy` and `{tar}_txt_emb.npy`: row j = the
+    embedding of its j-th sample, copied from the dataset's files (`shards`, `rows`: each written
+    sample's shard and row there, in `written.positions` order), float16, NaN where there is
+    none, as a run writes them. A kind none of the dataset's files holds (a --no-score run) is
+    left out. Returns how many samples have no image embedding (counted, and their files named
+    in a warning)."""
+    from .semantic import embedding_rows
+
+    names = shards.unique(maintain_order=True)
+    codes = shards.replace_strict(names, np.arange(len(names)), return_dtype=pl.Int64).to_numpy()
+    names = names.to_list()
+    widths = {kind: _width(ds, names, kind) for kind in EMBEDDING_KINDS}
+    if not any(widths.values()):
+        return 0  # the dataset has no embeddings (a --no-score run): neither has the subset
+    missing = 0
+    warned: set[Path] = set()
+    progress.start("embeddings", len(written.tars))
+    at = 0
+    try:
+        for tar in written.tars:
+            n = tar["samples"]
+            part = slice(at, at + n)
+            at += n
+            for kind, dim in widths.items():
+                if not dim:
+                    continue
+                vec = np.full((n, dim), np.nan, np.float16)
+                got = np.zeros(n, bool)
+                for code in np.unique(codes[part]):
+                    mine = np.flatnonzero(codes[part] == code)
+                    path = ds.embeddings_path(names[code], kind)
+                    try:
+                        arr = np.load(path, mmap_mode="r")
+                        if arr.ndim != 2 or arr.shape[1] != dim:
+                            raise ValueError(f"shape {arr.shape}, the others (rows, {dim})")
+                        want = rows[part][mine]
+                        ok = (want >= 0) & (want < arr.shape[0])
+                        vec[mine[ok]] = embedding_rows(arr, want[ok])
+                        got[mine[ok]] = True
+                    except (OSError, ValueError, EOFError) as e:
+                        if path not in warned:
+                            warned.add(path)
+                            log.warning("subset: cannot read %s (%s); its samples' embeddings are left out", path, e)
+                if kind == "img":
+                    missing += int((~(got & np.isfinite(vec).all(axis=1))).sum())
+                np.save(out_dir / f"{Path(tar['tar']).stem}_{kind}_emb.npy", vec)
+            progress.advance()
+    finally:
+        progress.stop()
+    return missing
+
+
+def _width(ds: Dataset, shards: list[str], kind: str) -> int:
+    """The width of the first readable `{shard}_{kind}_emb.npy` of these shards (0: none)."""
+    for shard in shards:
+        try:
+            arr = np.load(ds.embeddings_path(shard, kind), mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            continue
+        if arr.ndim == 2:
+            return int(arr.shape[1])
+    return 0
 
 
 def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

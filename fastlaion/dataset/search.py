@@ -83,10 +83,14 @@ class SearchResult:
     # {"cells", "probes"} when the index answered (with --pq codes, also "pq": their bytes a sample
     # and "reranked": the candidates a query ranked again by their embeddings); None: exact
     index: dict[str, int] | None = None
+    # when the index gave some query fewer than k hits though it holds more samples:
+    # {"k", "queries": how many, "fewest": hits, "probes_needed": the --probes that reads cells
+    # holding k (or all its samples) for each of them; 0: more cells would not help}; None: none
+    short: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "samples": self.samples, "unreadable_samples": self.unreadable_samples,
-                "skipped_files": self.skipped_files, "index": self.index,
+                "skipped_files": self.skipped_files, "index": self.index, "short": self.short,
                 "results": [{"query": vars(q), "hits": [vars(h) for h in hits]}
                             for q, hits in zip(self.queries, self.hits)]}
 
@@ -96,6 +100,7 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
     shards), with --model/--pretrained overriding; random weights are refused (they differ at
     every load)."""
     instead = ", or search with --vector" if what == "search" else ""
+    ds.need_root(what)
     saved: dict[str, Any] = {}
     path = ds.root / RUN_CONFIG
     if path.exists():
@@ -230,7 +235,7 @@ def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress
 def kept_reader(ds: Dataset) -> EmbeddingReader | None:
     """The kept samples' embeddings (None when there are none); raises DatasetError when the
     dataset has no embedding files at all."""
-    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select("key", "shard"))
+    cand = collect(ds.scan().filter(pl.col("status") == KEPT).select(ds.sample_columns()))
     return EmbeddingReader(ds, cand, "search") if cand.height else None
 
 
@@ -256,10 +261,12 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
     if not queries:
         raise ConfigError("nothing to search for: give --text, --image or --vector (each may repeat)")
     ds.require(("key", "status"), "search")
+    ds.need_root("search")
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
-        from .index import META_FILE, default_probes, index_dir, load_index, rerank, rows_of, search_index
+        from .index import (META_FILE, default_probes, index_dir, load_index, probes_for, rerank, rows_of,
+                            search_index)
 
         has_index = (index_dir(d) / META_FILE).exists()
         for option, value in (("--probes", cfg.probes), ("--rerank", cfg.rerank)):
@@ -270,7 +277,7 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         loaded = load_index(d) if has_index and not cfg.exact else None
         reader = kept_reader(d) if loaded is None else None
         vectors = embed_queries(queries, score)
-        used = None
+        used = short = None
         if loaded is not None:
             probes = min(cfg.probes or default_probes(loaded.cells), loaded.cells)
             if cfg.rerank and not loaded.pq:
@@ -284,6 +291,13 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
                 used.update(pq=loaded.pq, reranked=candidates)
             samples, unreadable = loaded.kept_samples, loaded.unreadable_samples
             rows = rows_of(d, loaded, sorted({i for per_query in found for i, _ in per_query}))
+            # fewer hits than asked where the index holds more: the cells read held no more; said, not silent
+            want = min(cfg.k, loaded.samples)
+            few = [q for q, per_query in enumerate(found) if len(per_query) < want]
+            if few:
+                needed = int(probes_for(loaded, vectors[few], want).max())
+                short = {"k": cfg.k, "queries": len(few), "fewest": min(len(found[q]) for q in few),
+                         "probes_needed": needed if needed > probes else 0}
         else:
             found = search(reader, vectors, cfg.k, progress)
             samples, unreadable = (reader.rows, reader.unreadable) if reader else (0, 0)
@@ -292,6 +306,6 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
                 for per_query in found]
         return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,
                             model=None if score is None else f"{score.model} ({score.pretrained})",
-                            skipped_files=[vars(s) for s in d.skipped], index=used)
+                            skipped_files=[vars(s) for s in d.skipped], index=used, short=short)
 
     return ds.guarded(job)

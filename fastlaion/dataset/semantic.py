@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .source import Dataset, DatasetError, NoProgress, Progress
+from .source import SHARD_ROW, Dataset, DatasetError, NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,19 @@ def float32_rows(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, np.einsum("ij,ij->i", x, x)
 
 
-def row_in_shard() -> pl.Expr:
-    """A sample's row in its shard's embedding file: its key's number after the shard's (keys are
-    `{shard}{row}`); null where the key holds none."""
+def row_in_shard(columns: Collection[str]) -> pl.Expr:
+    """A sample's row in its shard's embedding file, for a frame with these columns: its
+    `shard_row` where the frame has one (a subset written with --shards), else its key's number
+    after the shard's (a run's keys are `{shard}{row}`); null where there is none."""
+    if SHARD_ROW in columns:
+        return pl.col(SHARD_ROW).cast(pl.Int64)
     return pl.col("key").str.slice(pl.col("shard").str.len_chars()).cast(pl.Int64, strict=False)
 
 
 class EmbeddingReader:
-    """The candidates' image embeddings (`{shard}_img_emb.npy`, row = the key's number within its
-    shard), shard by shard. cand: kept rows in dataset order with `key` and `shard`."""
+    """The candidates' image embeddings (`{shard}_img_emb.npy`, row = row_in_shard), shard by
+    shard. cand: kept rows in dataset order with Dataset.sample_columns() (`key`, `shard`, and
+    `shard_row` where the dataset has it); a row whose shard is null has no embedding file."""
 
     def __init__(self, ds: Dataset, cand: pl.DataFrame, what: str = "dedup --by embedding"):
         self.ds = ds
@@ -114,6 +118,7 @@ class EmbeddingReader:
         self.dim = 0
         self.unreadable = 0
         self._warned: set[str] = set()  # files already named in a warning (the clustered walk reads twice)
+        self.shardless = 0
         if cand.height == 0:
             self.per_shard: list[tuple[str, np.ndarray, np.ndarray]] = []
             return
@@ -123,11 +128,17 @@ class EmbeddingReader:
         shard = cand["shard"]
         names = shard.unique(maintain_order=True)
         ids = shard.replace_strict(names, np.arange(len(names)), return_dtype=pl.Int64).to_numpy()
-        rows = cand.select(row_in_shard().fill_null(-1)).to_series().to_numpy()
+        rows = cand.select(row_in_shard(cand.columns).fill_null(-1)).to_series().to_numpy()
         order = np.argsort(ids, kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=len(names)))]).tolist()
-        self.per_shard = [(name, order[a:b], rows[order[a:b]])
-                          for name, a, b in zip(names.to_list(), starts, starts[1:])]
+        per_shard = [(name, order[a:b], rows[order[a:b]]) for name, a, b in zip(names.to_list(), starts, starts[1:])]
+        # samples with no shard (a --shards subset's rows whose sample is in none of its tars) have
+        # no embedding: counted as unreadable on every full pass, never looked for
+        self.shardless = sum(pos.size for name, pos, _ in per_shard if name is None)
+        self.per_shard = [entry for entry in per_shard if entry[0] is not None]
+        ds.need_root(what)
+        if not self.per_shard:
+            return
         if not any(ds.embeddings_path(s).exists() for s, _, _ in self.per_shard):
             raise DatasetError(f"{what} needs image embeddings ({self.per_shard[0][0]}_img_emb.npy and "
                                f"the like) in {ds.root}: run with CLIP scoring on (without --no-score)")
@@ -170,7 +181,7 @@ class EmbeddingReader:
 
     def _read(self, progress: Progress, only: np.ndarray | None
               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        missing = 0
+        missing = self.shardless
         for i, (shard, pos, row) in enumerate(self.per_shard):
             if only is not None:
                 keep = only[pos]

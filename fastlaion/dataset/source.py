@@ -3,8 +3,15 @@ or one Parquet file.
 
 A run folder holds `NNNNN.parquet` per shard (every input row, kept or dropped) beside
 `NNNNN.tar` and `NNNNN_img_emb.npy`. A subset or dedup folder holds `metadata.parquet` and
-`dataset.json`, whose `root` names the run folder that still holds the samples' images and
-embeddings; every row carries `shard`, the stem of those files, so nothing is copied.
+`dataset.json`, whose `root` names the folder that holds the samples' images and embeddings
+(`Dataset.root`); every row carries `shard`, the stem of those files, so nothing is copied. The
+root is recorded twice: relative to the dataset.json's folder (`root_relative`, looked for first:
+a run and its subsets moved or copied together keep working) and absolute (`root`, the only one
+older files have). A subset written with `--shards` holds its own tars and embeddings: it is its
+own root (`root_relative` "."), its rows' `shard` names its own tars (null for a row with no
+sample there) and `shard_row` their row in its embedding files (a run's is in the key).
+A root found in neither place is `Dataset.root_missing`: the commands that read images or
+embeddings refuse with one line naming the folders looked for; the others warn and go on.
 
 Unreadable Parquet files are skipped, counted and named in a warning, never fatal and never
 silent: a bad footer is seen when the dataset is opened; a bad page deep inside a file only when
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +42,9 @@ SHARD_PARQUET = re.compile(r"^\d{5,}\.parquet$")
 REQUIRED_COLUMNS = ("key", "status")
 KEPT = "kept"
 DROPPED = "dropped"
+# A sample's row in its shard's embedding files, where the key does not give it (a subset written
+# with --shards: samples from many of the run's shards in one tar); null: no embedding there.
+SHARD_ROW = "shard_row"
 
 # Where each optional column comes from, for errors about a column the dataset lacks.
 COLUMN_SOURCES: dict[str, str] = {
@@ -94,6 +105,7 @@ class Dataset:
     skipped: tuple[Skipped, ...]    # unreadable ones, with why
     rows: int                       # rows in `files`
     groups: tuple[tuple[Path, ...], ...]  # files sharing one schema, in order
+    root_missing: str | None = None  # why `root` cannot be read (it is nowhere dataset.json says); None: it can
 
     def scan(self) -> pl.LazyFrame:
         """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
@@ -142,11 +154,25 @@ class Dataset:
             how = "; ".join(f"'{c}': {COLUMN_SOURCES.get(c, 'not a fastlaion column')}" for c in missing)
             raise DatasetError(f"{what} needs {', '.join(repr(c) for c in missing)}, which {self.path} lacks: {how}")
 
+    def sample_columns(self) -> list[str]:
+        """The columns that say where a row's sample is: key and shard, and shard_row where the
+        dataset has it (semantic.row_in_shard)."""
+        return ["key", "shard"] + ([SHARD_ROW] if SHARD_ROW in self.columns else [])
+
+    def need_root(self, what: str) -> None:
+        """Raise a DatasetError (one line, naming the folders looked for) when `what` needs the
+        samples' images or embeddings and the folder holding them is gone."""
+        if self.root_missing:
+            raise DatasetError(f"{what}: {self.root_missing}")
+
     def tar_path(self, shard: str) -> Path:
+        self.need_root("reading the images")
         return self.root / f"{shard}.tar"
 
-    def embeddings_path(self, shard: str) -> Path:
-        return self.root / f"{shard}_img_emb.npy"
+    def embeddings_path(self, shard: str, kind: str = "img") -> Path:
+        """`{shard}_img_emb.npy` (or kind "txt": the text embeddings) in the root."""
+        self.need_root("reading the embeddings")
+        return self.root / f"{shard}_{kind}_emb.npy"
 
     def without(self, bad: Sequence[Skipped]) -> Dataset:
         gone = {b.path for b in bad}
@@ -184,31 +210,46 @@ class Dataset:
                 bad.append(Skipped(str(f), _short(e)))
         return bad
 
-    def manifest(self) -> dict[str, Any]:
-        """Provenance for the dataset.json of an output made from this dataset."""
-        return {"source": str(self.path.resolve()), "root": str(self.root.resolve()),
+    def manifest(self, out: Path) -> dict[str, Any]:
+        """Provenance for the dataset.json of an output made from this dataset in folder `out`:
+        the root absolute and relative to `out` (read first, so that the two moved together still
+        find each other)."""
+        return {"source": str(self.path.resolve()), **root_fields(self.root, out),
                 "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped]}
 
 
-def open_dataset(path: str | Path, allow_empty: bool = False) -> Dataset:
+def root_fields(root: Path, out: Path) -> dict[str, str | None]:
+    """dataset.json's `root` (absolute) and `root_relative` (to the folder `out` it is in)."""
+    root = root.resolve()
+    try:
+        relative: str | None = Path(os.path.relpath(root, Path(out).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path
+        relative = None
+    return {"root": str(root), "root_relative": relative}
+
+
+def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | None = None) -> Dataset:
     """Open a run folder, a subset/dedup folder or one Parquet file; skip unreadable files.
 
-    Raises DatasetError when there is nothing to read, or no rows (unless `allow_empty`).
+    Raises DatasetError when there is nothing to read, or no rows (unless `allow_empty`). When
+    the folder holding the samples' images and embeddings (the root its dataset.json names) is
+    gone, raises a DatasetError if `needs_root` (what needs it, for the message), else warns.
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
-    root, kind = path, "run"
+    root, kind, root_missing = path, "run", None
     if path.is_file():
         if path.suffix != ".parquet":
             raise DatasetError(f"{path}: not a Parquet file or a dataset folder")
         candidates, root, kind = [path], path.parent, "parquet"
         manifest = path.parent / MANIFEST_FILE
         if path.name == METADATA_FILE and manifest.exists():
-            kind, root = _read_manifest(manifest)
+            kind, root, root_missing = _read_manifest(manifest, path)
     elif (path / METADATA_FILE).exists():
         candidates = [path / METADATA_FILE]
-        kind, root = _read_manifest(path / MANIFEST_FILE) if (path / MANIFEST_FILE).exists() else ("parquet", path)
+        kind, root, root_missing = (_read_manifest(path / MANIFEST_FILE, path) if (path / MANIFEST_FILE).exists()
+                                    else ("parquet", path, None))
     else:
         candidates = sorted(p for p in path.iterdir() if SHARD_PARQUET.match(p.name))
         if not candidates:
@@ -235,9 +276,13 @@ def open_dataset(path: str | Path, allow_empty: bool = False) -> Dataset:
             last = schema
         groups[-1].append(f)
     ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
-                 groups=tuple(tuple(g) for g in groups))
+                 groups=tuple(tuple(g) for g in groups), root_missing=root_missing)
     if rows == 0 and not allow_empty:
         raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
+    if root_missing:
+        if needs_root:
+            ds.need_root(needs_root)
+        log.warning("%s (this command reads neither, so it goes on)", root_missing)
     return ds
 
 
@@ -290,12 +335,26 @@ def _row_count(f: Path) -> int:
     return pq.read_metadata(f).num_rows
 
 
-def _read_manifest(manifest: Path) -> tuple[str, Path]:
+def _read_manifest(manifest: Path, path: Path) -> tuple[str, Path, str | None]:
+    """(kind, root, why the root cannot be read or None) from a dataset.json: the root relative
+    to its folder first (`root_relative`), then absolute (`root`; older files have only that)."""
     try:
         info = json.loads(manifest.read_text())
-        return str(info.get("kind", "parquet")), Path(info["root"])
-    except (ValueError, KeyError) as e:
+        kind, absolute, relative = str(info.get("kind", "parquet")), Path(info["root"]), info.get("root_relative")
+        if relative is not None and not isinstance(relative, str):
+            raise ValueError(f"root_relative is {type(relative).__name__}, not text")
+    except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{manifest}: not a fastlaion dataset.json ({_short(e)})") from None
+    beside = manifest.parent / relative if relative else None
+    if beside is not None and beside.is_dir():
+        return kind, beside, None
+    if absolute.is_dir():
+        return kind, absolute, None
+    named = (f"{beside.resolve()} ({relative}, relative to it) and {absolute}; neither exists"
+             if beside is not None and beside.resolve() != absolute else f"{absolute}, which does not exist")
+    why = (f"cannot find the folder holding the images and embeddings of {path}: its {MANIFEST_FILE} names "
+           f"{named}. Put that folder back, or set \"root\" in {manifest} to where it is now")
+    return kind, absolute, why
 
 
 def _warn_skipped(skipped: Sequence[Skipped], where: Path) -> None:

@@ -92,8 +92,11 @@ def _compute(ds: Dataset, bins: int) -> DatasetStats:
     histograms = {c: _histogram(kept, c, bins) for c in hist_cols}
     # Was any row CLIP-scored? The column is read again only where the funnel and the kept
     # samples' histogram cannot tell (no kept sample has a similarity).
+    # With no rows at all (a subset that matched nothing) the column's presence is all there is
+    # to tell: a run writes it exactly when it scores.
     scored = (any(lvl.stage == "score" and lvl.dropped for lvl in funnel)
               or ("similarity" in histograms and histograms["similarity"].values > 0)
+              or ("similarity" in columns and not ds.rows)
               or ("similarity" in columns and collect(lf.select(pl.col("similarity").is_not_null().any())).item()))
     if not scored:  # a --no-score run: its score level, which dropped nothing, is no step
         funnel = [lvl for lvl in funnel if lvl.stage != "score"]
@@ -225,6 +228,7 @@ def sample_rows(ds: Dataset, n: int, seed: int = 7) -> pl.DataFrame:
     have = lf.collect_schema().names()
     extra = [c for c in ("caption", "similarity", "aesthetic", "aesthetic_v2", "punsafe", "original_width",
                          "original_height") if c in have]
-    picked = (lf.filter(pl.col("status") == KEPT).select("key", "shard", *extra)
+    # a null shard: the sample is in none of the dataset's tars (subset --shards), no thumbnail to show
+    picked = (lf.filter((pl.col("status") == KEPT) & pl.col("shard").is_not_null()).select("key", "shard", *extra)
               .with_columns(pl.col("key").hash(seed).alias("_h")).bottom_k(n, by="_h"))
     return collect(picked).drop("_h").sort("key")

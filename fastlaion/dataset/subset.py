@@ -5,6 +5,12 @@ matching the recipe and `--where` (both when both are given), written lazily to
 `metadata.parquet`; optionally their samples copied into new webdataset tars (read from the
 run's tars, no download) and a URL list to download them again at full size.
 
+With the tars (`--shards`) the subset stands alone: each tar gets its samples' image and text
+embeddings beside it (`NNNNN_img_emb.npy`, row j = its j-th sample) and the run's config.json is
+copied, so the folder is its own root (source.py) and can be moved or copied without the run. Its
+rows' `shard` then names its own tar (null for a row with no sample in them: not kept, or not
+found in the run's tars) and `shard_row` the sample's row in that tar's embedding files.
+
 >>> df = pl.DataFrame({"language_group": ["en", "en", "multi"], "similarity": [0.31, 0.2, 0.4]})
 >>> df.filter(RECIPES["laion400m"].expression(None)).height
 1
@@ -12,20 +18,26 @@ run's tars, no download) and a URL list to download them again at full size.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from ..config import ConfigError, at_least, first_line
 from .output import OutputDir
-from .samples import reshard, write_shards_json
-from .source import KEPT, METADATA_FILE, Dataset, DatasetError, NoProgress, Progress, collect, sink_parquet
+from .samples import export_embeddings, reshard, write_shards_json
+from .semantic import row_in_shard
+from .source import (KEPT, METADATA_FILE, SHARD_ROW, Dataset, DatasetError, NoProgress, Progress, collect,
+                     sink_parquet)
 
 URLS_FILE = "urls.parquet"
+RUN_CONFIG = "config.json"
 SHARDS_FILE = "shards.json"
 AESTHETIC_V2_LAION_MINIMA = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
 
@@ -112,6 +124,7 @@ class SubsetResult:
     samples_exported: int = 0
     samples_missing: int = 0
     rows_not_exported: int = 0  # with --shards: selected rows that are no kept sample (--include-dropped)
+    embeddings_missing: int = 0  # with --shards: samples in the tars without an image embedding
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -166,6 +179,8 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
     progress = progress or NoProgress()
     started = time.perf_counter()
     expr, text = condition(ds, cfg)
+    if cfg.shards:
+        ds.need_root("subset --shards")
     target = OutputDir(out, ds)
 
     def job(d: Dataset) -> SubsetResult:
@@ -185,15 +200,50 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
             sink_parquet(meta.select("url", "caption", "key"), target.path(URLS_FILE))
             result.files.append(URLS_FILE)
         if cfg.shards:
-            rows = collect(meta.filter(pl.col("status") == KEPT).select("key", "shard"))
-            result.rows_not_exported = result.selected - rows.height  # tars hold kept samples only
-            written = reshard(ds, rows, target.tmp, cfg.shard_size, progress)
-            write_shards_json(target.path(SHARDS_FILE), written)
-            result.tars, result.samples_exported = len(written.tars), written.samples
-            result.samples_missing = written.missing
-            result.files += [t["tar"] for t in written.tars] + [SHARDS_FILE]
-        target.finish("subset", result, started)
+            _export(ds, target, result, cfg.shard_size, progress)
+        target.finish("subset", result, started, own_root=cfg.shards)
     return result
+
+
+def _export(ds: Dataset, target: OutputDir, result: SubsetResult, shard_size: int, progress: Progress) -> None:
+    """Copy the subset's kept samples into new tars with their embeddings, the run's config.json
+    beside them, and point the subset's rows at them (`shard`, `shard_row`): the folder becomes
+    its own root."""
+    meta_path = target.path(METADATA_FILE)
+    meta = pl.scan_parquet(meta_path).with_row_index("_r")
+    rows = collect(meta.filter(pl.col("status") == KEPT)
+                   .select("_r", "key", "shard", row_in_shard(meta.collect_schema().names()).alias("_row")))
+    result.rows_not_exported = result.selected - rows.height  # tars hold kept samples only
+    written = reshard(ds, rows, target.tmp, shard_size, progress)
+    write_shards_json(target.path(SHARDS_FILE), written)
+    result.tars, result.samples_exported = len(written.tars), written.samples
+    result.samples_missing = written.missing
+    result.files += [t["tar"] for t in written.tars] + [SHARDS_FILE]
+
+    picked = rows[written.positions]
+    result.embeddings_missing = export_embeddings(ds, picked["shard"], picked["_row"].fill_null(-1).to_numpy(),
+                                                  written, target.tmp, progress)
+    result.files += [p.name for p in sorted(target.tmp.glob("*_emb.npy"))]
+    config = ds.root / RUN_CONFIG
+    if config.is_file():
+        shutil.copyfile(config, target.path(RUN_CONFIG))
+        result.files.append(RUN_CONFIG)
+
+    # each exported row: its tar's name and its row there; the others: no shard
+    stems = [t["tar"].removesuffix(".tar") for t in written.tars]
+    counts = [t["samples"] for t in written.tars]
+    placed = pl.DataFrame({
+        "_r": picked["_r"],
+        "_shard": pl.Series(stems, dtype=pl.String).gather(np.repeat(np.arange(len(stems)), counts)),
+        "_shard_row": np.concatenate([np.arange(n, dtype=np.int64) for n in counts]) if counts
+        else np.zeros(0, np.int64),
+    })
+    lf = meta.join(placed.lazy(), on="_r", how="left", maintain_order="left")
+    lf = lf.with_columns(pl.col("_shard").alias("shard"), pl.col("_shard_row").alias(SHARD_ROW)).drop(
+        "_r", "_shard", "_shard_row")
+    rewritten = meta_path.with_name(METADATA_FILE + ".new")
+    sink_parquet(lf, rewritten)
+    os.replace(rewritten, meta_path)
 
 
 __all__ = ["RECIPES", "Recipe", "SubsetConfig", "SubsetResult", "subset", "parse_where", "DatasetError"]
