@@ -69,6 +69,22 @@ def _say(line: str) -> None:
     _cli().out_console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
+def _warn(line: str) -> None:
+    """One line on stderr, `warning: ...`; the text is not markup (paths with brackets)."""
+    _cli().console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _open(source: Path) -> Any:
+    """open_dataset(source), first saying on stderr when it is the folder of a run not done (being
+    written, or stopped before its end): the command reads only the shards finished so far."""
+    from .dataset import open_dataset, run_state
+
+    state = run_state(source)
+    if state is not None:
+        _warn(state.notice())
+    return open_dataset(source)
+
+
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
     if skipped:
         _say(f"skipped {len(skipped)} unreadable Parquet file(s): " + ", ".join(s["path"] for s in skipped[:5])
@@ -95,7 +111,6 @@ def subset_cmd(
     """Select a subset of a dataset: LAION's recipes (en, multi, nolang, laion400m, high-res,
     aesthetic-v1, art, aesthetic-v2 --min X) and/or a --where condition. Writes OUTPUT/metadata.parquet
     (the matching samples, every column) and dataset.json; --shards and --urls add tars and a URL list."""
-    from .dataset import open_dataset
     from .dataset.subset import subset
 
     _cli()._setup_logging(verbose)
@@ -104,7 +119,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = _open(source)
         result = subset(ds, output, cfg, bar)
     share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
     pool = "rows" if include_dropped else "kept samples"
@@ -137,7 +152,6 @@ def dedup_cmd(
     """Mark duplicate samples. Of each set of duplicates the first in dataset order (lowest key)
     stays; the others become status=dropped, stage=dedup, reason=duplicate_<by>, with duplicate_of
     = the key they repeat. Every row is written to OUTPUT/metadata.parquet: nothing is lost."""
-    from .dataset import open_dataset
     from .dataset.dedup import dedup
 
     _cli()._setup_logging(verbose)
@@ -146,7 +160,7 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = _open(source)
         result = dedup(ds, output, cfg, bar)
     share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
@@ -181,7 +195,6 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset import open_dataset
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -191,7 +204,7 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = open_dataset(source)
+        ds = _open(source)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -282,7 +295,6 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset import open_dataset
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -293,7 +305,7 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = _open(source)
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
@@ -331,7 +343,6 @@ def index_cmd(
     cosine) in OUT/index/, so that `fastlaion search OUT` reads a few cells per query instead of
     every embedding. Search uses it while the dataset's files are the ones it was built from;
     rerun this after the dataset changes."""
-    from .dataset import open_dataset
     from .dataset.index import IndexConfig, build_index, default_probes
 
     _cli()._setup_logging(verbose)
@@ -339,7 +350,7 @@ def index_cmd(
     with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = _open(source)
         result = ds.guarded(lambda d: build_index(d, cfg, bar))
     probes = default_probes(result.cells)
     codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
@@ -368,7 +379,6 @@ def classify_cmd(
     Every row is written to OUTPUT/metadata.parquet with zero_shot_label, zero_shot_score and
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
     from .config import ConfigError
-    from .dataset import open_dataset
     from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
 
     _cli()._setup_logging(verbose)
@@ -388,7 +398,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
-        ds = open_dataset(source)
+        ds = _open(source)
         result = classify(ds, output, cfg, bar)
     _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
          f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")

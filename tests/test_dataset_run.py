@@ -11,8 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from helpers import encode
 from test_dataset_helpers import (
     app,
     greedy_reference,
@@ -260,3 +262,93 @@ def test_html_report_renders_its_plots_and_thumbnails_in_headless_chromium(run, 
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     assert png_colours(shot) > 50  # plots and photographs, not a blank page
+
+
+# --- 4. a run folder whose run is not done ---------------------------------------------------------
+
+WRITING = "a fastlaion run is writing this folder; the result covers the {n} shards finished so far"
+STOPPED = "the fastlaion run that wrote it did not finish ({n} shards finished); `fastlaion run` with the same arguments resumes it"
+
+
+def as_in_progress(run: Path, to: Path) -> Path:
+    """A copy of the run as it is while its last shard is being written: that shard's files under
+    .partial/, no summary.json yet."""
+    shutil.copytree(run, to)
+    last = sorted(to.glob("[0-9]*_stats.json"))[-1].name.split("_")[0]
+    (to / ".partial" / last).mkdir(parents=True)
+    for f in to.glob(f"{last}*"):
+        f.rename(to / ".partial" / last / f.name)
+    (to / "summary.json").unlink()
+    return to
+
+
+def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_not_finish(run, tmp_path):
+    """Each dataset command on a run folder whose lock a run holds (a real flock, held here; the
+    command in another process too) says on stderr, in one line, that a run is writing it and the
+    result covers the shards finished so far; once the lock is gone without a summary, that the
+    run did not finish and how to resume it. Their output counts the finished shards' rows only."""
+    from fastlaion.pipeline import output_lock
+
+    out = as_in_progress(run, tmp_path / "run")
+    rows = read_rows(out)
+    np.save(tmp_path / "q.npy", np.load(out / "00000_img_emb.npy")[0].astype(np.float32))
+    commands = [["stats", out, "--json", tmp_path / "s.json", "--no-progress"],
+                ["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "sub", "--no-progress"],
+                ["dedup", "--from", out, "-o", tmp_path / "dd", "--no-progress"],
+                ["index", out, "--no-progress"],
+                ["search", out, "--vector", tmp_path / "q.npy", "-k", "2", "--no-progress"]]
+    with output_lock(out):
+        other = run_cli(commands[0])
+        assert other.returncode == 0, other.stderr
+        assert other.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), other.stderr
+        for args in commands:
+            result = runner.invoke(app(), [str(a) for a in args])
+            assert result.exit_code == 0, result.output
+            assert result.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), (args, result.stderr)
+    assert load_json(tmp_path / "s.json")["rows"] == len(rows) == 10
+    for args in commands[:2]:  # killed: the lock file left, nobody holding it
+        (out / ".lock").write_text("12345\n")
+        result = runner.invoke(app(), [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        assert result.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), (args, result.stderr)
+    # a finished run, a subset folder (of the stopped run), one Parquet file: nothing to say
+    for args in (["stats", run], ["stats", tmp_path / "sub"], ["stats", tmp_path / "sub" / "metadata.parquet"],
+                 ["stats", out / "00000.parquet"], ["subset", "--where", "similarity > -2", "--from", tmp_path / "sub",
+                                                    "-o", tmp_path / "sub2"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and not result.stderr, (args, result.stderr)
+
+
+def test_a_real_run_being_written_and_then_killed_is_said_so(tmp_path, photos):
+    """A real `fastlaion run` whose last shard hangs on a stalled download: `stats` on its folder
+    says a run is writing it; after SIGKILL (its lock file left behind), that it did not finish."""
+    import signal
+    import sys
+    import time
+
+    from fastlaion.server import LoopbackServer, Served
+
+    files = {f"{n}.jpg": Served(encode(a), "image/jpeg") for n, a in photos.items()}
+    out = tmp_path / "run"
+    with LoopbackServer(files, stall_limit_s=120) as server:
+        urls = [server.url(f) for f in files] * 2 + [server.url("stall/hang")]
+        pl.DataFrame({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}).write_parquet(
+            tmp_path / "in.parquet")
+        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", "run", str(tmp_path / "in.parquet"), "-o", str(out),
+                                 "--no-score", "--shard-size", "4", "--timeout", "100", "--read-timeout", "100",
+                                 "--no-progress", "--allow-private-networks"], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while len(list(out.glob("*_stats.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(list(out.glob("*_stats.json"))) == 2 and proc.poll() is None
+            writing = run_cli(["stats", out, "--no-progress"])
+            assert proc.poll() is None, "the run must still be writing"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+    assert writing.returncode == 0 and writing.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), writing.stderr
+    assert "8 rows" in writing.stdout
+    assert (out / ".lock").exists() and not (out / "summary.json").exists()
+    stopped = run_cli(["stats", out, "--no-progress"])
+    assert stopped.returncode == 0 and stopped.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), stopped.stderr
