@@ -226,6 +226,7 @@ def print_stats(stats: Any) -> None:
     _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
          f"{stats.kept:,} kept samples")
     _skipped_line(stats.skipped_files)
+    _damaged_lines(stats.damaged_files)
     t = Table(title="funnel", title_justify="left")
     for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -248,6 +249,23 @@ def print_stats(stats: Any) -> None:
         _print_counts("languages (kept, top)", stats.languages, stats.kept)
     if stats.size_buckets:
         _print_counts("image short side (kept, original)", stats.size_buckets, stats.kept)
+
+
+DAMAGED_SHOWN = 10
+
+
+def _damaged_lines(damaged: list[dict[str, str]]) -> None:
+    """A run's shard files that are missing or cut: a count, then one line a problem (the first
+    DAMAGED_SHOWN; --json lists every one)."""
+    if not damaged:
+        return
+    shards = len({d["shard"] for d in damaged})
+    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s); `fastlaion run` "
+         "with the same arguments writes those shards again")
+    for d in damaged[:DAMAGED_SHOWN]:
+        _say(f"  shard {d['shard']}: {d['problem']}")
+    if len(damaged) > DAMAGED_SHOWN:
+        _say(f"  ... and {len(damaged) - DAMAGED_SHOWN:,} more (--json lists every one)")
 
 
 def _print_counts(title: str, items: Any, total: int) -> None:

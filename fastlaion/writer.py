@@ -142,22 +142,30 @@ def read_stats(out_dir: Path, shard: int) -> dict[str, Any]:
 
 
 def damage(out_dir: Path, shard: int) -> str | None:
-    """What is wrong with a complete shard's files, or None: each file its stats name must be
-    there with the size it was written at (stats from before the sizes were recorded: the tar and
-    the Parquet must be there). An unreadable stats file is damage too."""
+    """What is wrong with a complete shard's files, or None: the first of `problems`."""
+    found = problems(out_dir, shard)
+    return found[0] if found else None
+
+
+def problems(out_dir: Path, shard: int) -> list[str]:
+    """Everything wrong with a complete shard's files, one line each: each file its stats name
+    must be there with the size it was written at (stats from before the sizes were recorded: the
+    tar and the Parquet must be there). An unreadable stats file is damage too."""
     name = shard_name(shard)
     try:
         files = read_stats(out_dir, shard).get("files") or {f"{name}.tar": None, f"{name}.parquet": None}
     except (OSError, ValueError, AttributeError) as exc:
-        return f"{name}_stats.json is unreadable ({exc.__class__.__name__})"
+        return [f"{name}_stats.json is unreadable ({exc.__class__.__name__})"]
+    found = []
     for fname, size in files.items():
         try:
             now = (out_dir / fname).stat().st_size
         except FileNotFoundError:
-            return f"{fname} is missing"
+            found.append(f"{fname} is missing")
+            continue
         if size is not None and now != size:
-            return f"{fname} holds {now:,} bytes, {size:,} when written"
-    return None
+            found.append(f"{fname} holds {now:,} bytes, {size:,} when written")
+    return found
 
 
 def mark_incomplete(out_dir: Path, shard: int) -> None:

@@ -213,6 +213,34 @@ def test_stats_match_the_rows_and_the_run_summary(run, tmp_path):
         assert word in result.output
 
 
+def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
+    """stats on a run folder checks each finished shard's files against the sizes its stats file
+    records: a cut tar, a lost embedding file and a lost Parquet (whose rows would otherwise be
+    missing from the figures without a word) are each a line, and in --json."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "summary.json").unlink()  # (a run that also did not finish: both are said)
+    size = (out / "00001.tar").stat().st_size
+    os.truncate(out / "00001.tar", 10240)
+    (out / "00001_txt_emb.npy").unlink()
+    (out / "00002.parquet").unlink()
+    result = runner.invoke(app(), ["stats", str(out), "--json", str(tmp_path / "s.json"), "--html",
+                                   str(tmp_path / "r.html"), "--thumbnails", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "3 problem(s) with finished shards' files: 00001: 00001.tar holds" in (tmp_path / "r.html").read_text()
+    problems = [{"shard": "00001", "problem": f"00001.tar holds 10,240 bytes, {size:,} when written"},
+                {"shard": "00001", "problem": "00001_txt_emb.npy is missing"},
+                {"shard": "00002", "problem": "00002.parquet is missing"}]
+    assert load_json(tmp_path / "s.json")["damaged_files"] == problems
+    lines = result.stdout.splitlines()
+    at = lines.index("damaged: 3 problem(s) with the files of 2 finished shard(s); `fastlaion run` with the same "
+                     "arguments writes those shards again")
+    assert lines[at + 1:at + 4] == [f"  shard {p['shard']}: {p['problem']}" for p in problems]
+    clean = runner.invoke(app(), ["stats", str(run), "--json", str(tmp_path / "c.json"), "--no-progress"])
+    assert clean.exit_code == 0 and "damaged" not in clean.stdout
+    assert load_json(tmp_path / "c.json")["damaged_files"] == []
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):
