@@ -365,18 +365,27 @@ def index_cmd(
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
+    written: list[Path] = []  # the index's folder, once the new index is whole in place
+
+    def interrupted() -> str:
+        if written:
+            return f"the index was written, whole, to {written[0]}; search uses it"
+        return "the index was not replaced; rerun the command"
+
+    # the closing line is printed inside too: a Ctrl-C while it prints is told what was written
+    with _cli().user_errors(bar, interrupted):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
         ds = _open(source)
-        result = ds.guarded(lambda d: build_index(d, cfg, bar))
-    probes = default_probes(result.cells)
-    codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
-    _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
-         f"({result.dim} dimensions{codes}, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; "
-         f"search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
-    if result.unreadable_samples:
-        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
+        result = ds.guarded(lambda d: build_index(d, cfg, bar, written.append))
+        bar.stop()
+        probes = default_probes(result.cells)
+        codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
+        _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
+             f"({result.dim} dimensions{codes}, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in "
+             f"{result.seconds:.1f} s; search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
+        if result.unreadable_samples:
+            _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
 
 
 def classify_cmd(
