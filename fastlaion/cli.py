@@ -149,9 +149,11 @@ def print_error(message: str) -> None:
 
 
 @contextmanager
-def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
+def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
-    (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback."""
+    (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback. `interrupted`
+    says what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an
+    output written by then)."""
     try:
         yield
     except ConfigError as e:
@@ -160,7 +162,10 @@ def user_errors(bar: Any, interrupted: str) -> Iterator[None]:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         bar.stop()
-        console.print(f"[yellow]interrupted[/yellow]: {interrupted}")
+        from rich.markup import escape
+
+        said = interrupted() if callable(interrupted) else interrupted
+        console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except WorkerFailed as e:
         bar.stop()

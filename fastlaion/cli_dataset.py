@@ -69,6 +69,23 @@ def _say(line: str) -> None:
     _cli().out_console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
+def _warn(line: str) -> None:
+    """One line on stderr, `warning: ...`; the text is not markup (paths with brackets)."""
+    _cli().console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _open(source: Path, **options: Any) -> Any:
+    """open_dataset(source, **options), first saying on stderr when it is the folder of a run not
+    done (being written, or stopped before its end): the command reads only the shards finished so
+    far."""
+    from .dataset import open_dataset, run_state
+
+    state = run_state(source)
+    if state is not None:
+        _warn(state.notice())
+    return open_dataset(source, **options)
+
+
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
     if skipped:
         _say(f"skipped {len(skipped)} unreadable Parquet file(s): " + ", ".join(s["path"] for s in skipped[:5])
@@ -95,7 +112,6 @@ def subset_cmd(
     """Select a subset of a dataset: LAION's recipes (en, multi, nolang, laion400m, high-res,
     aesthetic-v1, art, aesthetic-v2 --min X) and/or a --where condition. Writes OUTPUT/metadata.parquet
     (the matching samples, every column) and dataset.json; --shards and --urls add tars and a URL list."""
-    from .dataset import open_dataset
     from .dataset.subset import subset
 
     _cli()._setup_logging(verbose)
@@ -104,7 +120,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
-        ds = open_dataset(source, needs_root="subset --shards" if shards else None)
+        ds = _open(source, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar)
     share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
     pool = "rows" if include_dropped else "kept samples"
@@ -139,7 +155,6 @@ def dedup_cmd(
     """Mark duplicate samples. Of each set of duplicates the first in dataset order (lowest key)
     stays; the others become status=dropped, stage=dedup, reason=duplicate_<by>, with duplicate_of
     = the key they repeat. Every row is written to OUTPUT/metadata.parquet: nothing is lost."""
-    from .dataset import open_dataset
     from .dataset.dedup import dedup
 
     _cli()._setup_logging(verbose)
@@ -148,8 +163,8 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
-        ds = open_dataset(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
-                          else None)
+        ds = _open(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
+                   else None)
         result = dedup(ds, output, cfg, bar)
     share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
     _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
@@ -184,7 +199,6 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset import open_dataset
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -194,9 +208,9 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = open_dataset(source, allow_empty=True,
-                          needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)"
-                          if html and thumbnails else None)
+        ds = _open(source, allow_empty=True,
+                   needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
+                   else None)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -218,6 +232,7 @@ def print_stats(stats: Any) -> None:
     _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
          f"{stats.kept:,} kept samples")
     _skipped_line(stats.skipped_files)
+    _damaged_lines(stats.damaged_files)
     t = Table(title="funnel", title_justify="left")
     for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -243,6 +258,23 @@ def print_stats(stats: Any) -> None:
         _print_counts("languages (kept, top)", stats.languages, stats.kept)
     if stats.size_buckets:
         _print_counts("image short side (kept, original)", stats.size_buckets, stats.kept)
+
+
+DAMAGED_SHOWN = 10
+
+
+def _damaged_lines(damaged: list[dict[str, str]]) -> None:
+    """A run's shard files that are missing or cut: a count, then one line a problem (the first
+    DAMAGED_SHOWN; --json lists every one)."""
+    if not damaged:
+        return
+    shards = len({d["shard"] for d in damaged})
+    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s); `fastlaion run` "
+         "with the same arguments writes those shards again")
+    for d in damaged[:DAMAGED_SHOWN]:
+        _say(f"  shard {d['shard']}: {d['problem']}")
+    if len(damaged) > DAMAGED_SHOWN:
+        _say(f"  ... and {len(damaged) - DAMAGED_SHOWN:,} more (--json lists every one)")
 
 
 def _print_counts(title: str, items: Any, total: int) -> None:
@@ -290,7 +322,6 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset import open_dataset
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -301,7 +332,7 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
-        ds = open_dataset(source, needs_root="search")
+        ds = _open(source, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
@@ -354,23 +385,31 @@ def index_cmd(
     cosine) in OUT/index/, so that `fastlaion search OUT` reads a few cells per query instead of
     every embedding. Search uses it while the dataset's files are the ones it was built from;
     rerun this after the dataset changes."""
-    from .dataset import open_dataset
     from .dataset.index import IndexConfig, build_index, default_probes
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "the index was not replaced; rerun the command"):
+    written: list[Path] = []  # the index's folder, once the new index is whole in place
+
+    def interrupted() -> str:
+        if written:
+            return f"the index was written, whole, to {written[0]}; search uses it"
+        return "the index was not replaced; rerun the command"
+
+    # the closing line is printed inside too: a Ctrl-C while it prints is told what was written
+    with _cli().user_errors(bar, interrupted):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
-        ds = open_dataset(source, needs_root="index")
-        result = ds.guarded(lambda d: build_index(d, cfg, bar))
-    probes = default_probes(result.cells)
-    codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
-    _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
-         f"({result.dim} dimensions{codes}, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in {result.seconds:.1f} s; "
-         f"search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
-    if result.unreadable_samples:
-        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
+        ds = _open(source, needs_root="index")
+        result = ds.guarded(lambda d: build_index(d, cfg, bar, written.append))
+        bar.stop()
+        probes = default_probes(result.cells)
+        codes = f", {result.pq}-byte codes a sample" if result.pq else ", float16"
+        _say(f"index: {result.samples:,} kept samples in {result.cells:,} cell{'s' * (result.cells != 1)} "
+             f"({result.dim} dimensions{codes}, {result.bytes / 2**20:,.1f} MiB) -> {result.path}, in "
+             f"{result.seconds:.1f} s; search reads {probes:,} cell{'s' * (probes != 1)} a query by default (--probes)")
+        if result.unreadable_samples:
+            _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and are not in the index")
 
 
 def classify_cmd(
@@ -391,7 +430,6 @@ def classify_cmd(
     Every row is written to OUTPUT/metadata.parquet with zero_shot_label, zero_shot_score and
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
     from .config import ConfigError
-    from .dataset import open_dataset
     from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
 
     _cli()._setup_logging(verbose)
@@ -411,7 +449,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
-        ds = open_dataset(source, needs_root="classify")
+        ds = _open(source, needs_root="classify")
         result = classify(ds, output, cfg, bar)
     _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
          f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")

@@ -45,7 +45,9 @@ from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
+    LOCK_FILE,
     PARTIAL_DIR,
+    SUMMARY_FILE,
     ShardWriteError,
     ShardWriter,
     any_finished,
@@ -64,7 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 
 
 class Progress:
@@ -585,7 +586,7 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
                  shard_name(shard))
 
 
-LOCK_FILE = ".lock"
+LOCK_RETRIES_S = (0.02, 0.05, None)  # waits before trying the lock again; None: refuse
 
 
 @contextmanager
@@ -599,7 +600,14 @@ def output_lock(out: Path) -> Iterator[None]:
     path = out / LOCK_FILE
     f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for wait_s in LOCK_RETRIES_S:  # a dataset command's probe (writer.lock_held) holds it for an instant
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait_s is None:
+                    raise
+                time.sleep(wait_s)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "?"

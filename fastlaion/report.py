@@ -143,6 +143,9 @@ def render(stats: DatasetStats, samples: Sequence[dict[str, Any]] = (), thumbs: 
     if stats.skipped_files:
         out.append(f'<p class="warn">{len(stats.skipped_files)} unreadable Parquet file(s) skipped: '
                    + ", ".join(_esc(s["path"]) for s in stats.skipped_files[:10]) + "</p>")
+    if stats.damaged_files:
+        out.append(f'<p class="warn">{len(stats.damaged_files)} problem(s) with finished shards\' files: '
+                   + "; ".join(_esc(f"{d['shard']}: {d['problem']}") for d in stats.damaged_files[:10]) + "</p>")
     out.append("<h2>Funnel</h2><div class=\"plots\">" + funnel_chart(stats) + "</div>")
     out.append(_table(["level", "rows", "% of input", "dropped here"],
                       [[lvl.name, lvl.rows, f"{100 * lvl.rows / total:.1f}%",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -36,6 +37,9 @@ import polars as pl
 from .batch import Batch
 
 PARTIAL_DIR = ".partial"
+LOCK_FILE = ".lock"  # flocked by the run writing the folder (pipeline.output_lock)
+SUMMARY_FILE = "summary.json"  # written when a run ends
+STATS_FILE = re.compile(r"^(\d{5,})_stats\.json$")
 
 # The per-shard Parquet's columns, in order, with their types. Every shard of a run has the same
 # schema; optional columns (scores and tags) are present exactly when their stage is configured.
@@ -138,22 +142,30 @@ def read_stats(out_dir: Path, shard: int) -> dict[str, Any]:
 
 
 def damage(out_dir: Path, shard: int) -> str | None:
-    """What is wrong with a complete shard's files, or None: each file its stats name must be
-    there with the size it was written at (stats from before the sizes were recorded: the tar and
-    the Parquet must be there). An unreadable stats file is damage too."""
+    """What is wrong with a complete shard's files, or None: the first of `problems`."""
+    found = problems(out_dir, shard)
+    return found[0] if found else None
+
+
+def problems(out_dir: Path, shard: int) -> list[str]:
+    """Everything wrong with a complete shard's files, one line each: each file its stats name
+    must be there with the size it was written at (stats from before the sizes were recorded: the
+    tar and the Parquet must be there). An unreadable stats file is damage too."""
     name = shard_name(shard)
     try:
         files = read_stats(out_dir, shard).get("files") or {f"{name}.tar": None, f"{name}.parquet": None}
     except (OSError, ValueError, AttributeError) as exc:
-        return f"{name}_stats.json is unreadable ({exc.__class__.__name__})"
+        return [f"{name}_stats.json is unreadable ({exc.__class__.__name__})"]
+    found = []
     for fname, size in files.items():
         try:
             now = (out_dir / fname).stat().st_size
         except FileNotFoundError:
-            return f"{fname} is missing"
+            found.append(f"{fname} is missing")
+            continue
         if size is not None and now != size:
-            return f"{fname} holds {now:,} bytes, {size:,} when written"
-    return None
+            found.append(f"{fname} holds {now:,} bytes, {size:,} when written")
+    return found
 
 
 def mark_incomplete(out_dir: Path, shard: int) -> None:
@@ -165,6 +177,36 @@ def any_finished(out_dir: Path) -> bool:
     """Whether the output holds a finished shard, or one finished under .partial/ that the next
     run rolls forward (recover_partial)."""
     return any(out_dir.glob("[0-9]*_stats.json")) or any((out_dir / PARTIAL_DIR).glob("[0-9]*/[0-9]*_stats.json"))
+
+
+def finished_shards(out_dir: Path) -> list[int]:
+    """The shards whose stats file is in place (finished), in order."""
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(STATS_FILE.match, names) if m)
+
+
+def lock_held(out_dir: Path) -> bool:
+    """Whether a run holds the folder's lock now (it is writing there). Probed by taking the lock
+    shared for an instant: flock has no way to ask without taking it (output_lock retries
+    briefly, so a run starting in that instant is not refused)."""
+    import fcntl
+
+    try:
+        f = open(out_dir / LOCK_FILE, "rb")  # noqa: SIM115 (closed below)
+    except OSError:  # no lock file: no run holds one (output_lock removes it before letting go)
+        return False
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without flock: nothing can be told
+        return False
+    finally:
+        f.close()  # releases the shared lock, if taken
+    return False
 
 
 class ShardWriteError(OSError):

@@ -12,8 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from helpers import encode
 from test_dataset_helpers import (
     app,
     greedy_reference,
@@ -224,6 +226,34 @@ def test_stats_of_a_subset_that_matched_nothing_is_a_zero_funnel(run, tmp_path):
     assert "0 rows, 0 kept samples" in said and "no kept samples" in said and "(0 thumbnails)" in said
 
 
+def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
+    """stats on a run folder checks each finished shard's files against the sizes its stats file
+    records: a cut tar, a lost embedding file and a lost Parquet (whose rows would otherwise be
+    missing from the figures without a word) are each a line, and in --json."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "summary.json").unlink()  # (a run that also did not finish: both are said)
+    size = (out / "00001.tar").stat().st_size
+    os.truncate(out / "00001.tar", 10240)
+    (out / "00001_txt_emb.npy").unlink()
+    (out / "00002.parquet").unlink()
+    result = runner.invoke(app(), ["stats", str(out), "--json", str(tmp_path / "s.json"), "--html",
+                                   str(tmp_path / "r.html"), "--thumbnails", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "3 problem(s) with finished shards' files: 00001: 00001.tar holds" in (tmp_path / "r.html").read_text()
+    problems = [{"shard": "00001", "problem": f"00001.tar holds 10,240 bytes, {size:,} when written"},
+                {"shard": "00001", "problem": "00001_txt_emb.npy is missing"},
+                {"shard": "00002", "problem": "00002.parquet is missing"}]
+    assert load_json(tmp_path / "s.json")["damaged_files"] == problems
+    lines = result.stdout.splitlines()
+    at = lines.index("damaged: 3 problem(s) with the files of 2 finished shard(s); `fastlaion run` with the same "
+                     "arguments writes those shards again")
+    assert lines[at + 1:at + 4] == [f"  shard {p['shard']}: {p['problem']}" for p in problems]
+    clean = runner.invoke(app(), ["stats", str(run), "--json", str(tmp_path / "c.json"), "--no-progress"])
+    assert clean.exit_code == 0 and "damaged" not in clean.stdout
+    assert load_json(tmp_path / "c.json")["damaged_files"] == []
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):
@@ -393,3 +423,93 @@ def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
     assert result.returncode == 0 and "funnel" in result.stdout
     warned = " ".join(result.stderr.split())
     assert f"names {gone}, which does not exist" in warned and "goes on" in warned
+
+
+# --- 5. a run folder whose run is not done ---------------------------------------------------------
+
+WRITING = "a fastlaion run is writing this folder; the result covers the {n} shards finished so far"
+STOPPED = "the fastlaion run that wrote it did not finish ({n} shards finished); `fastlaion run` with the same arguments resumes it"
+
+
+def as_in_progress(run: Path, to: Path) -> Path:
+    """A copy of the run as it is while its last shard is being written: that shard's files under
+    .partial/, no summary.json yet."""
+    shutil.copytree(run, to)
+    last = sorted(to.glob("[0-9]*_stats.json"))[-1].name.split("_")[0]
+    (to / ".partial" / last).mkdir(parents=True)
+    for f in to.glob(f"{last}*"):
+        f.rename(to / ".partial" / last / f.name)
+    (to / "summary.json").unlink()
+    return to
+
+
+def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_not_finish(run, tmp_path):
+    """Each dataset command on a run folder whose lock a run holds (a real flock, held here; the
+    command in another process too) says on stderr, in one line, that a run is writing it and the
+    result covers the shards finished so far; once the lock is gone without a summary, that the
+    run did not finish and how to resume it. Their output counts the finished shards' rows only."""
+    from fastlaion.pipeline import output_lock
+
+    out = as_in_progress(run, tmp_path / "run")
+    rows = read_rows(out)
+    np.save(tmp_path / "q.npy", np.load(out / "00000_img_emb.npy")[0].astype(np.float32))
+    commands = [["stats", out, "--json", tmp_path / "s.json", "--no-progress"],
+                ["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "sub", "--no-progress"],
+                ["dedup", "--from", out, "-o", tmp_path / "dd", "--no-progress"],
+                ["index", out, "--no-progress"],
+                ["search", out, "--vector", tmp_path / "q.npy", "-k", "2", "--no-progress"]]
+    with output_lock(out):
+        other = run_cli(commands[0])
+        assert other.returncode == 0, other.stderr
+        assert other.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), other.stderr
+        for args in commands:
+            result = runner.invoke(app(), [str(a) for a in args])
+            assert result.exit_code == 0, result.output
+            assert result.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), (args, result.stderr)
+    assert load_json(tmp_path / "s.json")["rows"] == len(rows) == 10
+    for args in commands[:2]:  # killed: the lock file left, nobody holding it
+        (out / ".lock").write_text("12345\n")
+        result = runner.invoke(app(), [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        assert result.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), (args, result.stderr)
+    # a finished run, a subset folder (of the stopped run), one Parquet file: nothing to say
+    for args in (["stats", run], ["stats", tmp_path / "sub"], ["stats", tmp_path / "sub" / "metadata.parquet"],
+                 ["stats", out / "00000.parquet"], ["subset", "--where", "similarity > -2", "--from", tmp_path / "sub",
+                                                    "-o", tmp_path / "sub2"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and not result.stderr, (args, result.stderr)
+
+
+def test_a_real_run_being_written_and_then_killed_is_said_so(tmp_path, photos):
+    """A real `fastlaion run` whose last shard hangs on a stalled download: `stats` on its folder
+    says a run is writing it; after SIGKILL (its lock file left behind), that it did not finish."""
+    import signal
+    import sys
+    import time
+
+    from fastlaion.server import LoopbackServer, Served
+
+    files = {f"{n}.jpg": Served(encode(a), "image/jpeg") for n, a in photos.items()}
+    out = tmp_path / "run"
+    with LoopbackServer(files, stall_limit_s=120) as server:
+        urls = [server.url(f) for f in files] * 2 + [server.url("stall/hang")]
+        pl.DataFrame({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}).write_parquet(
+            tmp_path / "in.parquet")
+        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", "run", str(tmp_path / "in.parquet"), "-o", str(out),
+                                 "--no-score", "--shard-size", "4", "--timeout", "100", "--read-timeout", "100",
+                                 "--no-progress", "--allow-private-networks"], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while len(list(out.glob("*_stats.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(list(out.glob("*_stats.json"))) == 2 and proc.poll() is None
+            writing = run_cli(["stats", out, "--no-progress"])
+            assert proc.poll() is None, "the run must still be writing"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+    assert writing.returncode == 0 and writing.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), writing.stderr
+    assert "8 rows" in writing.stdout
+    assert (out / ".lock").exists() and not (out / "summary.json").exists()
+    stopped = run_cli(["stats", out, "--no-progress"])
+    assert stopped.returncode == 0 and stopped.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), stopped.stderr

@@ -201,6 +201,56 @@ def test_an_index_that_cannot_be_written_is_one_line_and_the_old_one_stays(case,
     assert "cells read" in out  # the earlier index, still whole and described
 
 
+def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
+    """A real Ctrl-C (SIGINT to this process) at each step of `fastlaion index`: before the new
+    index is in place, the earlier one stays and the command says so; between image.faiss and
+    index.json the step finishes first (it used to leave no index); once the index is in place,
+    and while the closing line prints (where the command ended with 130 and not a word), it says
+    that the index was written."""
+    import signal
+    import time
+
+    from fastlaion import cli_dataset
+    from fastlaion.dataset import index as index_module
+
+    folder, _, qfiles, _ = case
+    meta = folder / "index" / "index.json"
+    real_replace = os.replace
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here, or is held for later
+
+    def after(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            ctrl_c()
+            return out
+        return wrapped
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("image.faiss"):  # the new index file in place, its index.json not yet
+            ctrl_c()
+
+    written = f"interrupted: the index was written, whole, to {folder / 'index'}; search uses it"
+    for target, name, wrap, says in (
+            (index_module, "import_faiss", after, "interrupted: the index was not replaced; rerun the command"),
+            (index_module.os, "replace", lambda _: replace, written),
+            (index_module, "default_probes", after, written),
+            (cli_dataset, "_say", after, written)):
+        invoke(["index", folder, "--cells", 8, "--no-progress"])  # the earlier index: 8 cells
+        with monkeypatch.context() as m:
+            m.setattr(target, name, wrap(getattr(target, name)))
+            result = invoke(["index", folder, "--no-progress"], code=130)
+        assert result.stderr.strip() == says, (name, result.stderr)
+        cells = json.loads(meta.read_text())["cells"]
+        assert cells == (8 if says != written else min(int(4 * math.sqrt(N)), N // 64)), name
+        _, out = search_json(folder, qfiles[:1], tmp_path)
+        assert f"of {cells:,} cells read" in out, name
+    assert not (folder / "index" / "image.faiss.partial").exists()
+
+
 @pytest.fixture(scope="module")
 def pq_case(tmp_path_factory):
     """Enough samples for the codebooks (39 x 256), 32 dimensions in 8 parts of 4."""

@@ -370,6 +370,9 @@ def test_more_bad_searches_are_one_line(tmp_path):
         (tmp_path / "bad" / f"{f.stem}_img_emb.npy").write_bytes((tmp_path / "run" / f"{f.stem}_img_emb.npy").read_bytes())
         (tmp_path / "bad" / f"{f.stem}_stats.json").write_text("{}")
     (tmp_path / "bad" / "config.json").write_text('["not", "an object"]')
+    for folder in (tmp_path / "run", tmp_path / "bad"):  # finished runs, as their summary says
+        shards = len(list(folder.glob("*_stats.json")))
+        (folder / "summary.json").write_text(json.dumps({"shards_total": shards, "shards_failed": []}))
     cases = [
         ([str(tmp_path / "run"), "--vector", str(tmp_path / "v.npz")], "v.npz: need a .npy of one real-valued vector"),
         ([str(tmp_path / "run"), "--vector", str(tmp_path / "s.npy")], "s.npy: need a .npy of one real-valued vector"),

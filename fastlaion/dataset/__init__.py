@@ -19,6 +19,6 @@ How it fits together (a newcomer's minute):
   `fastlaion.report` turns them into one self-contained HTML page.
 """
 
-from .source import COLUMN_SOURCES, Dataset, DatasetError, open_dataset
+from .source import COLUMN_SOURCES, Dataset, DatasetError, RunState, open_dataset, run_state
 
-__all__ = ["COLUMN_SOURCES", "Dataset", "DatasetError", "open_dataset"]
+__all__ = ["COLUMN_SOURCES", "Dataset", "DatasetError", "RunState", "open_dataset", "run_state"]

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
+from ..interrupt import ctrl_c_deferred
 from .semantic import embedding_rows, finite_rows, float32_rows, row_in_shard
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
@@ -151,9 +153,12 @@ class IndexResult:
     pq: int = 0
 
 
-def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None) -> IndexResult:
+def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
+                written: Callable[[Path], None] | None = None) -> IndexResult:
     """Train the cells on an even sample of the kept samples' embeddings, add every one shard
-    by shard (one shard's vectors in memory besides the index), and write the index atomically."""
+    by shard (one shard's vectors in memory besides the index), and write the index atomically.
+    `written(folder)` is called once the new index is whole in place (a Ctrl-C from then on
+    leaves it so), before a Ctrl-C that came while it was put there lands."""
     from .search import kept_reader
 
     cfg.validate()
@@ -218,33 +223,41 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None)
     meta = {"kind": KIND_PQ if cfg.pq else KIND, "samples": int(index.ntotal), "kept_samples": n,
             "unreadable_samples": reader.unreadable, "cells": cells, "dim": dim, "pq": cfg.pq,
             "fastlaion": __version__, "files": before, "shards": shards}
-    folder = _write(faiss, index, meta, index_dir(ds))
+    folder = _write(faiss, index, meta, index_dir(ds), written)
     return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
                        cells=cells, dim=dim, seconds=time.perf_counter() - t0,
                        bytes=(folder / INDEX_FILE).stat().st_size, pq=cfg.pq)
 
 
-def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path) -> Path:
+def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path,
+           written: Callable[[Path], None] | None = None) -> Path:
     """The new index written aside, then put in place: index.json (what makes an index valid
     for search) is removed only once the new image.faiss is whole, and written after it is in
     place, so a crash or a full disk at any point leaves the old index in use or none, never a
-    description of the other one."""
+    description of the other one. A Ctrl-C while it is put in place lands once it is (the new
+    index complete), after `written(folder)`."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (INDEX_FILE + ".partial")
     try:
         faiss.write_index(index, str(tmp))
-    except RuntimeError as e:  # faiss's I/O errors (a full disk) are RuntimeErrors with a C++ trace
+    except BaseException as e:  # a Ctrl-C too: the old index stays, and no half-written file beside it
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if not isinstance(e, RuntimeError):
+            raise
+        # faiss's I/O errors (a full disk) are RuntimeErrors with a C++ trace
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         raise OSError(f"cannot write {tmp} ({lines[-1] if lines else e}); the old index, if any, is kept") from None
-    (folder / META_FILE).unlink(missing_ok=True)
-    os.replace(tmp, folder / INDEX_FILE)
-    tmp_meta = folder / (META_FILE + ".partial")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, folder / META_FILE)
+    with ctrl_c_deferred():
+        (folder / META_FILE).unlink(missing_ok=True)
+        os.replace(tmp, folder / INDEX_FILE)
+        tmp_meta = folder / (META_FILE + ".partial")
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, folder / META_FILE)
+        if written is not None:
+            written(folder)
     return folder
 
 

@@ -228,6 +228,60 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
     return {"root": str(root), "root_relative": relative}
 
 
+RUN_CONFIG_FILE = "config.json"  # every fastlaion run writes it before its first shard
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run folder whose `fastlaion run` is not done: one writing it now, or one that stopped
+    (killed, interrupted, or failed on a shard) before it finished. Open it anyway and a dataset
+    command reads the shards finished so far; `notice` says so."""
+
+    folder: Path
+    writing: bool          # a fastlaion run holds the folder's lock now
+    finished: int          # shards in place with their stats file
+    total: int | None      # the run's shards, where its summary says
+
+    def notice(self) -> str:
+        n = f"{self.finished:,} shard{'s' * (self.finished != 1)}"
+        if self.writing:
+            return (f"{self.folder}: a fastlaion run is writing this folder; the result covers the {n} finished "
+                    "so far")
+        of = f" of {self.total:,}" if self.total is not None and self.total > self.finished else ""
+        return (f"{self.folder}: the fastlaion run that wrote it did not finish ({n}{of} finished); `fastlaion run` "
+                "with the same arguments resumes it")
+
+
+def run_state(path: str | Path) -> RunState | None:
+    """How far the run in a run folder got, when it is not done; None for a finished run and for
+    anything but a run folder (a subset or dedup folder, one Parquet file). Not done: a run holds
+    the folder's lock (writing it), or no summary was written, or the summary counts shards not
+    finished, or a shard is in progress under .partial/ or published without its stats file."""
+    from ..writer import LOCK_FILE, PARTIAL_DIR, SUMMARY_FILE, finished_shards, lock_held
+
+    path = Path(path)
+    if not path.is_dir() or (path / METADATA_FILE).exists():
+        return None
+    if not ((path / RUN_CONFIG_FILE).exists() or (path / LOCK_FILE).exists()):
+        return None  # no run ever started writing here
+    finished = finished_shards(path)
+    if lock_held(path):
+        return RunState(path, True, len(finished), None)
+    total, failed = None, False
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+        total, failed = int(summary["shards_total"]), bool(summary.get("shards_failed"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no summary (or an unreadable one): the run did not get to its end
+    done = set(finished)
+    in_progress = (path / PARTIAL_DIR).is_dir() and any(
+        p.name.isdigit() for p in (path / PARTIAL_DIR).iterdir())
+    unpublished = any(SHARD_PARQUET.match(p.name) and int(p.name.split(".")[0]) not in done for p in path.iterdir())
+    if total is None or failed or len(finished) < total or in_progress or unpublished:
+        return RunState(path, False, len(finished), total)
+    return None
+
+
 def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | None = None) -> Dataset:
     """Open a run folder, a subset/dedup folder or one Parquet file; skip unreadable files.
 

@@ -66,6 +66,9 @@ class DatasetStats:
     size_buckets: list[tuple[str, int]]
     size_histogram: Histogram | None
     columns: list[str]
+    # a run folder's finished shards whose files are not as they were written ({shard, problem},
+    # one a problem): missing, or another size than their stats file records
+    damaged_files: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +79,20 @@ class DatasetStats:
 
 
 def compute_stats(ds: Dataset, bins: int = 20) -> DatasetStats:
-    return ds.guarded(lambda d: _compute(d, bins))
+    stats = ds.guarded(lambda d: _compute(d, bins))
+    stats.damaged_files = damaged_files(ds)
+    return stats
+
+
+def damaged_files(ds: Dataset) -> list[dict[str, str]]:
+    """For a run folder: every problem with its finished shards' files (the tar, Parquet and
+    embeddings their stats file lists, at the sizes it records: writer.problems, the check a
+    rerun makes before it writes such a shard again). Other datasets: none checked."""
+    if ds.kind != "run" or not ds.path.is_dir():
+        return []
+    from ..writer import finished_shards, problems, shard_name
+
+    return [{"shard": shard_name(s), "problem": p} for s in finished_shards(ds.root) for p in problems(ds.root, s)]
 
 
 def _compute(ds: Dataset, bins: int) -> DatasetStats:
