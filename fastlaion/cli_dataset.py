@@ -10,6 +10,7 @@ when a command runs, not at import (no import cycle).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -86,6 +87,16 @@ def _open(source: Path, **options: Any) -> Any:
     return open_dataset(source, **options)
 
 
+NOT_REPLACED = "nothing was replaced; rerun the command"
+
+
+def _interrupted(written: list[Path], what: str, before: str = NOT_REPLACED) -> Callable[[], str]:
+    """cli.user_errors' message for a Ctrl-C: `before` until the command's output is whole in
+    place, then "`what` written, whole, to" it, `what` saying what and a verb ("the subset was";
+    `written` gets the folder or file then: the dataset functions' `written` callback is its append)."""
+    return lambda: f"{what} written, whole, to {written[0]}" if written else before
+
+
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
     if skipped:
         _say(f"skipped {len(skipped)} unreadable Parquet file(s): " + ", ".join(s["path"] for s in skipped[:5])
@@ -116,27 +127,30 @@ def subset_cmd(
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+    written: list[Path] = []  # the output folder, once the new output is whole in place
+    # the closing lines are printed inside too: a Ctrl-C while they print is told what was written
+    with _cli().user_errors(bar, _interrupted(written, "the subset was")):
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
         ds = _open(source, needs_root="subset --shards" if shards else None)
-        result = subset(ds, output, cfg, bar)
-    share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
-    pool = "rows" if include_dropped else "kept samples"
-    _say(f"subset {result.condition}: {result.selected:,} of {result.considered:,} {pool}{share} "
-         f"-> {Path(result.output) / 'metadata.parquet'}")
-    if shards:
-        _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
-             + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else "")
-             + (f"; {result.rows_not_exported:,} selected rows are not kept samples, and tars hold kept samples "
-                "only" if result.rows_not_exported else "")
-             + (f"; {result.embeddings_missing:,} samples in them have no image embedding"
-                if result.embeddings_missing else ""))
-    if urls:
-        _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
-             f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
-    _skipped_line(result.skipped_files)
+        result = subset(ds, output, cfg, bar, written.append)
+        bar.stop()
+        share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
+        pool = "rows" if include_dropped else "kept samples"
+        _say(f"subset {result.condition}: {result.selected:,} of {result.considered:,} {pool}{share} "
+             f"-> {Path(result.output) / 'metadata.parquet'}")
+        if shards:
+            _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
+                 + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else "")
+                 + (f"; {result.rows_not_exported:,} selected rows are not kept samples, and tars hold kept samples "
+                    "only" if result.rows_not_exported else "")
+                 + (f"; {result.embeddings_missing:,} samples in them have no image embedding"
+                    if result.embeddings_missing else ""))
+        if urls:
+            _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
+                 f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
+        _skipped_line(result.skipped_files)
 
 
 def dedup_cmd(
@@ -159,32 +173,35 @@ def dedup_cmd(
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+    written: list[Path] = []  # the output folder, once the new output is whole in place
+    # the closing lines are printed inside too: a Ctrl-C while they print is told what was written
+    with _cli().user_errors(bar, _interrupted(written, "the deduplicated dataset was")):
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
         ds = _open(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
                    else None)
-        result = dedup(ds, output, cfg, bar)
-    share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
-    _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
-         f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
-    st = result.settings
-    if st.get("method") == "clusters" and st.get("clusters"):
-        if st.get("probe_pairs"):
-            split = (f"{100 * st['probe_pairs_split'] / st['probe_pairs']:.1f}% of the {st['probe_pairs']:,} pairs above "
-                     f"--min-cosine found from {st['probe_samples']:,} probe samples straddle two clusters and were "
-                     "not compared")
-        elif st.get("probe_samples"):
-            split = (f"the {st['probe_samples']:,} probe samples have no pair above --min-cosine, so the share of pairs "
-                     "straddling two clusters (not compared) is not estimated")
-        else:
-            split = "too few samples to set probes aside, so the share of pairs straddling two clusters is not estimated"
-        _say(f"pairs compared within {st['clusters']:,} k-means clusters (--method clusters): {split}; "
-             "--method exact compares every pair")
-    if result.unreadable_samples:
-        _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
-    _skipped_line(result.skipped_files)
+        result = dedup(ds, output, cfg, bar, written.append)
+        bar.stop()
+        share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
+        _say(f"dedup by {result.by}: {result.duplicates:,} of {result.candidates:,} kept samples were duplicates{share}; "
+             f"{result.kept:,} kept -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
+        st = result.settings
+        if st.get("method") == "clusters" and st.get("clusters"):
+            if st.get("probe_pairs"):
+                split = (f"{100 * st['probe_pairs_split'] / st['probe_pairs']:.1f}% of the {st['probe_pairs']:,} pairs above "
+                         f"--min-cosine found from {st['probe_samples']:,} probe samples straddle two clusters and were "
+                         "not compared")
+            elif st.get("probe_samples"):
+                split = (f"the {st['probe_samples']:,} probe samples have no pair above --min-cosine, so the share of pairs "
+                         "straddling two clusters (not compared) is not estimated")
+            else:
+                split = "too few samples to set probes aside, so the share of pairs straddling two clusters is not estimated"
+            _say(f"pairs compared within {st['clusters']:,} k-means clusters (--method clusters): {split}; "
+                 "--method exact compares every pair")
+        if result.unreadable_samples:
+            _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
+        _skipped_line(result.skipped_files)
 
 
 def stats_cmd(
@@ -434,7 +451,9 @@ def classify_cmd(
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "nothing was replaced; rerun the command"):
+    written: list[Path] = []  # the output folder, once the new output is whole in place
+    # the closing lines are printed inside too: a Ctrl-C while they print is told what was written
+    with _cli().user_errors(bar, _interrupted(written, "the labelled dataset was")):
         names = list(class_names or [])
         if classes_file is not None:
             try:
@@ -450,11 +469,12 @@ def classify_cmd(
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
         ds = _open(source, needs_root="classify")
-        result = classify(ds, output, cfg, bar)
-    _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
-         f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
-    if result.counts:
-        _print_counts("best class (kept samples)", list(result.counts.items())[:50], result.classified)
-    if result.unreadable_samples:
-        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding: no label")
-    _skipped_line(result.skipped_files)
+        result = classify(ds, output, cfg, bar, written.append)
+        bar.stop()
+        _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "
+             f"classes with {result.model} -> {Path(result.output) / 'metadata.parquet'} ({result.rows:,} rows)")
+        if result.counts:
+            _print_counts("best class (kept samples)", list(result.counts.items())[:50], result.classified)
+        if result.unreadable_samples:
+            _say(f"{result.unreadable_samples:,} kept samples had no readable embedding: no label")
+        _skipped_line(result.skipped_files)

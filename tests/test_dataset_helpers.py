@@ -151,3 +151,77 @@ def reference_phash(data: bytes) -> int:
 
 def load_json(p: Path) -> dict:
     return json.loads(Path(p).read_text())
+
+
+# --- a real Ctrl-C at each step of a command that writes an output -----------------------------------
+
+def ctrl_c() -> None:
+    """SIGINT to this process, as the terminal sends it; its handler runs in the sleep (Python's
+    raises KeyboardInterrupt there), or is held for later."""
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+
+def ctrl_c_after(fn):
+    """`fn`, then a Ctrl-C."""
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        ctrl_c()
+        return out
+    return wrapped
+
+
+def check_ctrl_c_of_an_output(monkeypatch, invoke, earlier: list, new: list, out: Path, what: str) -> None:
+    """`invoke(args, code)` runs a command (a CliRunner's result back) that writes the output folder
+    `out` (fastlaion.dataset.output.OutputDir; `earlier` and `new` are its arguments but -o; `what`:
+    "the subset was", as the message says it). A real Ctrl-C at each step of `new` over the output
+    of `earlier`: while the new files are written aside, the earlier output stays as it was, byte
+    for byte, and the command says nothing was replaced;
+    between the renames that put them in place (which stopped there, the earlier files removed and
+    some new ones not moved, and said nothing was replaced), just after (said nothing was replaced),
+    and while the closing line prints (exit 130 and not a word), the new output is whole in place,
+    and the command says so. Exit status 130 every time."""
+    from fastlaion import cli_dataset
+    from fastlaion.dataset import output
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def described(folder: Path) -> tuple:  # the output as a result: its rows and record, not the timing
+        info = {k: v for k, v in load_json(folder / "dataset.json").items() if k != "seconds"}
+        return sorted(p.name for p in folder.iterdir()), pl.read_parquet(folder / "metadata.parquet"), info
+
+    invoke([*new, "-o", out], 0)
+    names, rows, info = described(out)
+    real_replace = os.replace
+    moved: list[str] = []
+
+    def replace(src, dst, *args, **kwargs):  # a Ctrl-C once the first new file is in place
+        real_replace(src, dst, *args, **kwargs)
+        if Path(src).parent.name == output.PARTIAL_DIR and not moved:
+            moved.append(str(dst))
+            ctrl_c()
+
+    nothing = "interrupted: nothing was replaced; rerun the command"
+    written = f"interrupted: {what} written, whole, to {out}"
+    for target, name, wrap, says in ((output.OutputDir, "finish", ctrl_c_after, nothing),
+                                     (output.os, "replace", lambda _: replace, written),
+                                     (output.OutputDir, "commit", ctrl_c_after, written),
+                                     (cli_dataset, "_say", ctrl_c_after, written)):
+        invoke([*earlier, "-o", out], 0)
+        before = files()
+        assert not described(out)[1].equals(rows), name  # another output
+        with monkeypatch.context() as m:
+            m.setattr(target, name, wrap(getattr(target, name)))
+            result = invoke([*new, "-o", out], 130)
+        assert result.stderr.strip() == says, (name, result.stderr)
+        assert not (out / output.PARTIAL_DIR).exists(), name
+        if says == nothing:
+            assert files() == before, name
+        else:
+            now = described(out)
+            assert now[0] == names and now[1].equals(rows) and now[2] == info, name
+    assert moved, "no Ctrl-C between the renames"

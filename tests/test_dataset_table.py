@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from test_dataset_helpers import app, greedy_reference, load_json, run_cli
+from test_dataset_helpers import app, check_ctrl_c_of_an_output, greedy_reference, load_json, run_cli
 from typer.testing import CliRunner
 
 from fastlaion.writer import PARQUET_SCHEMA
@@ -384,3 +384,15 @@ def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_w
         with OutputDir(earlier, ds).building():
             raise KeyboardInterrupt
     assert sorted(p.name for p in earlier.iterdir()) == before
+
+
+@pytest.mark.parametrize("earlier, new, what", [
+    (["subset", "en"], ["subset", "--where", "true"], "the subset was"),
+    (["dedup", "--by", "url"], ["dedup", "--by", "sha256"], "the deduplicated dataset was"),
+])
+def test_ctrl_c_says_whether_the_output_was_replaced(synth, tmp_path, monkeypatch, earlier, new, what):
+    """subset and dedup: a real Ctrl-C before their output is in place leaves the earlier one and
+    says so; once it is (or while it is put there, or while the closing line prints), it says where
+    it was written."""
+    source = ["--from", synth[0], "--no-progress"]
+    check_ctrl_c_of_an_output(monkeypatch, invoke, [*earlier, *source], [*new, *source], tmp_path / "out", what)

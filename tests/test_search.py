@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import encode
 from PIL import Image
-from test_dataset_helpers import run_cli
+from test_dataset_helpers import check_ctrl_c_of_an_output, run_cli
 from test_pipeline import tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -252,6 +252,22 @@ def test_a_subset_with_shards_moved_away_is_searched_and_classified_with_the_run
     labels = [pl.read_parquet(tmp_path / f"{name}-c" / "metadata.parquet").filter(pl.col("status") == "kept")
               .select("key", "zero_shot_label").sort("key") for name in ("run", "moved")]
     assert labels[0].equals(labels[1]) and labels[0].height == len(keys)
+
+
+def test_ctrl_c_says_whether_the_labels_were_written(run, tmp_path, monkeypatch):
+    """classify: a real Ctrl-C before its output is in place leaves the earlier one and says so;
+    once it is (or while it is put there, or while the closing line prints), it says where it was
+    written."""
+    out = run[0]
+
+    def invoke(args, code):
+        result = runner.invoke(app, [str(a) for a in args] + ["--device", "cpu", "--no-progress"])
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+
+    check_ctrl_c_of_an_output(monkeypatch, invoke, ["classify", "--from", out, "--class", "cat", "--class", "dog"],
+                              ["classify", "--from", out, *sum((["--class", c] for c in CLASSES), [])],
+                              tmp_path / "c", "the labelled dataset was")
 
 
 def test_bad_classify_input_is_one_line(run, tmp_path):

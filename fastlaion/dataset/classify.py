@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,10 @@ def class_embeddings(scorer: Any, classes: tuple[str, ...], templates: tuple[str
     return torch.nn.functional.normalize(emb.mean(dim=1), dim=1).to(scorer.device)
 
 
-def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | None = None) -> ClassifyResult:
+def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | None = None,
+             written: Callable[[Path], None] | None = None) -> ClassifyResult:
     """Write `out/metadata.parquet` (every row of `ds`, the zero-shot columns added) and
-    `out/dataset.json`."""
+    `out/dataset.json`; `written(out)` is called once they are whole in place (OutputDir)."""
     cfg.validate()
     progress = progress or NoProgress()
     started = time.perf_counter()
@@ -101,7 +103,7 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
                           "from, or drop those columns")
     score = run_score_config(ds, SearchConfig(model=cfg.model, pretrained=cfg.pretrained, device=cfg.device),
                              "classify")
-    target = OutputDir(out, ds)
+    target = OutputDir(out, ds, written)
 
     def job(d: Dataset) -> ClassifyResult:
         import torch

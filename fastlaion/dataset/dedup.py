@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,15 +127,17 @@ class DedupResult:
         return dict(vars(self))
 
 
-def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = None) -> DedupResult:
-    """Write `out/metadata.parquet` (every row of `ds`, duplicates marked) and `out/dataset.json`."""
+def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = None,
+          written: Callable[[Path], None] | None = None) -> DedupResult:
+    """Write `out/metadata.parquet` (every row of `ds`, duplicates marked) and `out/dataset.json`;
+    `written(out)` is called once they are whole in place (OutputDir)."""
     cfg.validate()
     progress = progress or NoProgress()
     started = time.perf_counter()
     ds.require(("key", "status", "stage", "reason", *EXACT_COLUMNS.get(cfg.by, ())), f"dedup --by {cfg.by.value}")
     if cfg.by not in EXACT_COLUMNS:  # reads the images or the embeddings
         ds.need_root(f"dedup --by {cfg.by.value}")
-    target = OutputDir(out, ds)
+    target = OutputDir(out, ds, written)
 
     def job(d: Dataset) -> DedupResult:
         settings: dict[str, Any] = {}

@@ -1,5 +1,7 @@
-"""An output folder of `fastlaion subset` or `dedup`: files are written under `.partial/` and
-moved into place at the end, so an interrupted command leaves the earlier output intact."""
+"""An output folder of `fastlaion subset`, `dedup` or `classify`: files are written under
+`.partial/` and moved into place at the end, so an interrupted command leaves the earlier output
+intact. A Ctrl-C while the output is put in place lands once it is, after the command is told
+(`written`), so that what its message says was written is what is on disk."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..interrupt import ctrl_c_deferred
 from .source import MANIFEST_FILE, METADATA_FILE, SHARD_PARQUET, Dataset, DatasetError, root_fields
 
 PARTIAL_DIR = ".partial"
@@ -22,7 +25,10 @@ RUN_CONFIG = "config.json"  # the run's, copied by subset --shards: ours only be
 
 
 class OutputDir:
-    def __init__(self, out: Path, source: Dataset):
+    """`written(folder)` is called once the new output is whole in place (a Ctrl-C from then on
+    leaves it so), before a Ctrl-C that came while it was put there lands."""
+
+    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None):
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise DatasetError(f"-o {out}: exists and is not a folder")
@@ -34,6 +40,8 @@ class OutputDir:
         self.out = out
         self.source = source
         self.made = not out.exists()  # a folder this command made goes again if it fails
+        self.written = written
+        self.committing = False  # the earlier output is being replaced: no going back
         self.tmp = out / PARTIAL_DIR
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -52,14 +60,15 @@ class OutputDir:
 
     @contextmanager
     def building(self) -> Iterator[OutputDir]:
-        """Commit the new files when the block ends; on any failure (Ctrl-C included) drop them,
-        so the earlier output, if any, stays as it was."""
+        """Commit the new files when the block ends; on any failure (Ctrl-C included) before the
+        commit begins drop them, so the earlier output, if any, stays as it was."""
         try:
             yield self
+            self.commit()
         except BaseException:
-            self.abort()
+            if not self.committing:  # a failure while the files move keeps those not moved yet
+                self.abort()
             raise
-        self.commit()
 
     def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
@@ -67,14 +76,20 @@ class OutputDir:
         self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
 
     def commit(self) -> None:
-        """Replace this folder's earlier output (ours only) with the new files."""
-        earlier = (self.out / MANIFEST_FILE).is_file()
-        for p in self.out.iterdir():
-            if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)):
-                p.unlink()
-        for p in sorted(self.tmp.iterdir()):
-            os.replace(p, self.out / p.name)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Replace this folder's earlier output (ours only) with the new files: through a Ctrl-C,
+        which lands once they are all in place (it used to stop this midway, the earlier files
+        removed and only some new ones moved, while the command said nothing was replaced)."""
+        with ctrl_c_deferred():
+            self.committing = True
+            earlier = (self.out / MANIFEST_FILE).is_file()
+            for p in self.out.iterdir():
+                if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)):
+                    p.unlink()
+            for p in sorted(self.tmp.iterdir()):
+                os.replace(p, self.out / p.name)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.written is not None:
+                self.written(self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

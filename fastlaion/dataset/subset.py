@@ -173,15 +173,17 @@ def condition(ds: Dataset, cfg: SubsetConfig) -> tuple[pl.Expr, str]:
     return expr, " and ".join(text)
 
 
-def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None = None) -> SubsetResult:
+def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None = None,
+           written: Callable[[Path], None] | None = None) -> SubsetResult:
     """Write `out/metadata.parquet` (the matching rows, every column), `out/dataset.json`, and with
-    cfg.shards `out/NNNNN.tar` + `shards.json`, with cfg.urls `out/urls.parquet`."""
+    cfg.shards `out/NNNNN.tar` + `shards.json`, with cfg.urls `out/urls.parquet`. `written(out)` is
+    called once they are whole in place (OutputDir)."""
     progress = progress or NoProgress()
     started = time.perf_counter()
     expr, text = condition(ds, cfg)
     if cfg.shards:
         ds.need_root("subset --shards")
-    target = OutputDir(out, ds)
+    target = OutputDir(out, ds, written)
 
     def job(d: Dataset) -> SubsetResult:
         pool = d.scan() if cfg.include_dropped else d.scan().filter(pl.col("status") == KEPT)
