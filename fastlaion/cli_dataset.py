@@ -216,11 +216,21 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
+    from .dataset.output import write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
-    with _cli().user_errors(bar, "nothing was written"):
+    written: list[Path] = []  # --json's and --html's files, each once it is whole in place
+
+    def interrupted() -> str:
+        if not written:
+            return "nothing was written"
+        left = [str(p) for p in (json_path, html) if p is not None and p not in written]
+        return (f"{' and '.join(map(str, written))} {'was' if len(written) == 1 else 'were'} written, whole"
+                + (f"; {' and '.join(left)} was not" if left else ""))
+
+    with _cli().user_errors(bar, interrupted):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
@@ -231,7 +241,7 @@ def stats_cmd(
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
-            json_path.write_text(json.dumps(stats.to_dict(), indent=2))
+            write_whole(json_path, json.dumps(stats.to_dict(), indent=2), written.append)
         if html:
             from .dataset.samples import thumbnails as make_thumbnails
             from .dataset.stats import sample_rows
@@ -240,7 +250,7 @@ def stats_cmd(
             rows = sample_rows(ds, thumbnails) if thumbnails else None
             thumbs = make_thumbnails(ds, rows, bar) if rows is not None and rows.height else {}
             bar.stop()
-            html.write_text(render(stats, rows.to_dicts() if rows is not None else [], thumbs), encoding="utf-8")
+            write_whole(html, render(stats, rows.to_dicts() if rows is not None else [], thumbs), written.append)
             _say(f"report: {html} ({len(thumbs)} thumbnails)")
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from test_dataset_helpers import app, check_ctrl_c_of_an_output, greedy_reference, load_json, run_cli
+from test_dataset_helpers import (app, check_ctrl_c_of_an_output, ctrl_c, ctrl_c_after, greedy_reference, load_json,
+                                  run_cli)
 from typer.testing import CliRunner
 
 from fastlaion.writer import PARQUET_SCHEMA
@@ -364,6 +365,53 @@ def test_stats_histograms_languages_and_sizes_match_python(synth, tmp_path):
         "< 256 px": 0, "256-511 px": sum(s < 512 for s in short), "512-1023 px": sum(512 <= s < 1024 for s in short),
         ">= 1024 px": sum(s >= 1024 for s in short)}
     assert sum(stats["size_histogram"]["counts"]) == len(kept)
+
+
+def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):
+    """stats --json --html: a real Ctrl-C while a file is written leaves the earlier one as it
+    was (it was cut short), and the message names the files written whole (it said nothing was
+    written after the JSON was, and while the closing line printed)."""
+    import pathlib
+
+    from fastlaion import cli_dataset, report
+
+    js, page = tmp_path / "s.json", tmp_path / "r.html"
+    args = ["stats", synth[0], "--json", js, "--html", page, "--thumbnails", 0, "--no-progress"]
+    invoke(args)
+    new_js = js.read_bytes()
+    real_write = pathlib.Path.write_text
+
+    def cut_short(suffix):  # writes half the text, then the Ctrl-C comes
+        def write_text(self, data, *args, **kwargs):
+            if suffix not in self.name:
+                return real_write(self, data, *args, **kwargs)
+            with open(self, "w", encoding="utf-8") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                ctrl_c()
+                f.write(data[len(data) // 2:])
+            return len(data)
+        return lambda _: write_text
+
+    def on_report_line(say):
+        return lambda line: ctrl_c_after(say)(line) if line.startswith("report: ") else say(line)
+
+    only_json = f"interrupted: {js} was written, whole; {page} was not"
+    for target, name, wrap, says, written in (
+            (pathlib.Path, "write_text", cut_short(".json"), "interrupted: nothing was written", ()),
+            (report, "render", ctrl_c_after, only_json, (js,)),
+            (pathlib.Path, "write_text", cut_short(".html"), only_json, (js,)),
+            (cli_dataset, "_say", on_report_line, f"interrupted: {js} and {page} were written, whole", (js, page))):
+        js.write_text('{"old": true}')
+        page.write_text("<p>old</p>")
+        with monkeypatch.context() as m:
+            m.setattr(target, name, wrap(getattr(target, name)))
+            result = invoke(args, 130)
+        assert result.stderr.strip() == says, (name, result.stderr)
+        assert js.read_bytes() == (new_js if js in written else b'{"old": true}'), name
+        assert (page.read_text() == "<p>old</p>") == (page not in written), name
+        assert page not in written or page.read_text().rstrip().endswith("</html>"), name  # the new page, whole
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "s.json"], name  # nothing aside left
 
 
 def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_was(synth, tmp_path):

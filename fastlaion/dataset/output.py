@@ -1,10 +1,12 @@
 """An output folder of `fastlaion subset`, `dedup` or `classify`: files are written under
 `.partial/` and moved into place at the end, so an interrupted command leaves the earlier output
-intact. A Ctrl-C while the output is put in place lands once it is, after the command is told
-(`written`), so that what its message says was written is what is on disk."""
+intact; and one file of `stats` or `search` (`write_whole`), written aside and renamed. A Ctrl-C
+while an output is put in place lands once it is, after the command is told (`written`), so that
+what its message says was written is what is on disk."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -100,4 +102,40 @@ class OutputDir:
                 pass
 
 
-__all__ = ["OutputDir", "METADATA_FILE"]
+def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
+    """`text` into the file `path`, whole or not at all: written aside, then renamed over it, so
+    a Ctrl-C or a full disk while it is written leaves the earlier file, if any, as it was (it
+    used to be cut short). `written(path)` is called once it is in place, before a Ctrl-C that
+    came while it was renamed lands. A failure names `path`, not the file aside. A link is
+    followed (the file it names is replaced); a device or a pipe (/dev/stdout) is written through."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        real = path.resolve() if path.is_symlink() else path
+        tmp = real.with_name(real.name + ".partial")
+        if path.exists() and (not path.is_file() or path.as_posix().startswith(("/dev/", "/proc/"))):
+            # nothing to keep, nowhere to write aside (/dev/stdout may be a file the shell opened)
+            path.write_text(text, encoding="utf-8")
+            if written is not None:
+                written(path)
+            return
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
+        with ctrl_c_deferred():
+            os.replace(tmp, real)
+            if written is not None:
+                written(path)
+    except OSError as e:
+        if e.errno is None or e.filename == str(path):
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+
+
+__all__ = ["OutputDir", "METADATA_FILE", "write_whole"]
