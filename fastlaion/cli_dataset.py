@@ -349,42 +349,46 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
+    from .dataset.output import write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
     queries = ([Query("text", t) for t in text or []] + [Query("image", str(p)) for p in image or []]
                + [Query("vector", str(p)) for p in vector or []])
-    with _cli().user_errors(bar, "nothing was written"):
+    written: list[Path] = []  # --json's file, once it is whole in place
+    # the hits are printed inside too: a Ctrl-C while they print is told what was written
+    with _cli().user_errors(bar, _interrupted(written, "the hits were", "nothing was written")):
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
         ds = _open(source, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
-            json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    how = ""
-    if result.index:
-        how = f" (index: {result.index['probes']:,} of {result.index['cells']:,} cells read"
-        if result.index.get("pq"):
-            how += f", the best {result.index['reranked']:,} by the {result.index['pq']}-byte codes ranked again"
-        how += ")"
-    for q, hits in zip(result.queries, result.hits):
-        label = f'"{q.value}"' if q.kind == "text" else q.value
-        _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples{how} "
-             "(rank, cosine similarity, key, url, caption)")
-        width = len(str(len(hits)))
-        for h in hits:  # one line a hit, never wrapped: it greps and pastes well
-            caption = " ".join((h.caption or "").split())
-            _say(f"  {h.rank:>{width}}  {h.similarity:.4f}  {h.key}  {h.url or '-'}  "
-                 f"{caption[:100] + ('...' if len(caption) > 100 else '')}")
-    if result.short:
-        _say(_short_line(result.short, result.index or {}, len(result.queries)))
-    if result.unreadable_samples:
-        _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
-    if json_path is not None:
-        _say(f"hits written to {json_path}")
-    _skipped_line(result.skipped_files)
+            write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)
+        bar.stop()
+        how = ""
+        if result.index:
+            how = f" (index: {result.index['probes']:,} of {result.index['cells']:,} cells read"
+            if result.index.get("pq"):
+                how += f", the best {result.index['reranked']:,} by the {result.index['pq']}-byte codes ranked again"
+            how += ")"
+        for q, hits in zip(result.queries, result.hits):
+            label = f'"{q.value}"' if q.kind == "text" else q.value
+            _say(f"{q.kind} {label}: the {len(hits):,} best of {result.samples:,} kept samples{how} "
+                 "(rank, cosine similarity, key, url, caption)")
+            width = len(str(len(hits)))
+            for h in hits:  # one line a hit, never wrapped: it greps and pastes well
+                caption = " ".join((h.caption or "").split())
+                _say(f"  {h.rank:>{width}}  {h.similarity:.4f}  {h.key}  {h.url or '-'}  "
+                     f"{caption[:100] + ('...' if len(caption) > 100 else '')}")
+        if result.short:
+            _say(_short_line(result.short, result.index or {}, len(result.queries)))
+        if result.unreadable_samples:
+            _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
+        if json_path is not None:
+            _say(f"hits written to {json_path}")
+        _skipped_line(result.skipped_files)
 
 
 def _short_line(short: dict[str, int], index: dict[str, int], queries: int) -> str:

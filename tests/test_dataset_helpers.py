@@ -174,6 +174,21 @@ def ctrl_c_after(fn):
     return wrapped
 
 
+def ctrl_c_while_writing(write_text, suffix: str):
+    """Path.write_text, but a file whose name holds `suffix` gets half the text, then a Ctrl-C
+    comes (what a Ctrl-C while a big file is written does)."""
+    def wrapped(self, data, *args, **kwargs):
+        if suffix not in self.name:
+            return write_text(self, data, *args, **kwargs)
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            ctrl_c()
+            f.write(data[len(data) // 2:])
+        return len(data)
+    return wrapped
+
+
 def check_ctrl_c_of_an_output(monkeypatch, invoke, earlier: list, new: list, out: Path, what: str) -> None:
     """`invoke(args, code)` runs a command (a CliRunner's result back) that writes the output folder
     `out` (fastlaion.dataset.output.OutputDir; `earlier` and `new` are its arguments but -o; `what`:

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from test_dataset_helpers import (app, check_ctrl_c_of_an_output, ctrl_c, ctrl_c_after, greedy_reference, load_json,
-                                  run_cli)
+from test_dataset_helpers import (app, check_ctrl_c_of_an_output, ctrl_c_after, ctrl_c_while_writing, greedy_reference,
+                                  load_json, run_cli)
 from typer.testing import CliRunner
 
 from fastlaion.writer import PARQUET_SCHEMA
@@ -379,19 +379,9 @@ def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch
     args = ["stats", synth[0], "--json", js, "--html", page, "--thumbnails", 0, "--no-progress"]
     invoke(args)
     new_js = js.read_bytes()
-    real_write = pathlib.Path.write_text
 
     def cut_short(suffix):  # writes half the text, then the Ctrl-C comes
-        def write_text(self, data, *args, **kwargs):
-            if suffix not in self.name:
-                return real_write(self, data, *args, **kwargs)
-            with open(self, "w", encoding="utf-8") as f:
-                f.write(data[:len(data) // 2])
-                f.flush()
-                ctrl_c()
-                f.write(data[len(data) // 2:])
-            return len(data)
-        return lambda _: write_text
+        return lambda write_text: ctrl_c_while_writing(write_text, suffix)
 
     def on_report_line(say):
         return lambda line: ctrl_c_after(say)(line) if line.startswith("report: ") else say(line)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import encode
 from PIL import Image
-from test_dataset_helpers import check_ctrl_c_of_an_output, run_cli
+from test_dataset_helpers import check_ctrl_c_of_an_output, ctrl_c_after, ctrl_c_while_writing, run_cli
 from test_pipeline import tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -336,6 +336,37 @@ def test_ties_go_to_the_earlier_sample_at_every_k(tmp_path):
         (got,) = search_json([str(tmp_path / "run"), "--vector", str(tmp_path / "q.npy"), "-k", str(k)],
                              tmp_path / f"h{k}.json")
         assert [key for key, _ in got][:4] == [keys[r] for r in (100, 300, 450, 700)][:k]
+
+
+def test_ctrl_c_says_whether_the_hits_were_written(tmp_path, monkeypatch):
+    """search --json: a real Ctrl-C while the file is written leaves the earlier one as it was (it
+    was cut short) and says nothing was written; while the hits print, once it is in place (where
+    the command ended with 130 and not a word), it says that it was written."""
+    import pathlib
+
+    from fastlaion import cli_dataset
+
+    rng = np.random.default_rng(14)
+    synthetic_run(tmp_path / "run", rng.normal(size=(600, 16)).astype(np.float16))
+    np.save(tmp_path / "q.npy", rng.normal(size=16))
+    hits = tmp_path / "hits.json"
+    args = ["search", str(tmp_path / "run"), "--vector", str(tmp_path / "q.npy"), "--no-progress"]
+    done = runner.invoke(app, [*args, "--json", str(hits)])
+    assert done.exit_code == 0, done.output
+    new = hits.read_bytes()
+    for target, name, wrap, json_args, says in (
+            (pathlib.Path, "write_text", lambda w: ctrl_c_while_writing(w, ".json"), ["--json", str(hits)],
+             "nothing was written"),
+            (cli_dataset, "_say", ctrl_c_after, ["--json", str(hits)], f"the hits were written, whole, to {hits}"),
+            (cli_dataset, "_say", ctrl_c_after, [], "nothing was written")):
+        hits.write_text('{"old": true}')
+        with monkeypatch.context() as m:
+            m.setattr(target, name, wrap(getattr(target, name)))
+            result = runner.invoke(app, [*args, *json_args])
+        assert result.exit_code == 130, (name, result.output)
+        assert result.stderr.strip() == f"interrupted: {says}", (name, json_args, result.stderr)
+        assert hits.read_bytes() == (new if "hits were" in says else b'{"old": true}'), name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.json", "q.npy", "run"], name
 
 
 def test_interleaved_rows_foreign_float16_and_markup_in_captions(tmp_path):
