@@ -645,47 +645,64 @@ def bench_compiled(args: argparse.Namespace, jpegs: list[bytes], device: torch.d
 def bench_run(args: argparse.Namespace, jpegs: list[bytes], device: torch.device) -> None:
     """`fastlaion run` over a loopback server, with one worker and with two: on the GPU one worker
     per GPU (the default) and `--workers-per-gpu 2`, whose figure decides that default (#7);
-    `args.repeat` times the JPEGs under other names, so the work outweighs the start-up. The
-    second run is left out when the step's time is nearly spent."""
+    `args.repeat` times the JPEGs under other URLs, so the work outweighs the start-up. The
+    server is a process of its own (bench/pipeline.py's, as the CPU benchmarks serve), so it
+    shares no GIL with the bench; each row gives the rate past the models' loading and the
+    server's CPU time. The second run is left out when the step's time is nearly spent."""
     import polars as pl
-
-    from fastlaion.server import LoopbackServer, Served
+    from pipeline import ServerProcess
 
     n = len(jpegs) * args.repeat
-    files = {f"{i}.jpg": Served(jpegs[i % len(jpegs)], "image/jpeg") for i in range(n)}
     where = ["--gpus", "1"] if device.type == "cuda" else ["--device", "cpu"]
     two = ["--workers-per-gpu", "2"] if device.type == "cuda" else ["--processes", "2"]
     # languages as a real run has them (in their own process) when fastText and lid.176 came along
     language = [] if _language_available() else ["--no-language"]
     private = ["--allow-private-networks"] if "--allow-private-networks" in _run_help() else []
-    with tempfile.TemporaryDirectory() as tmp, LoopbackServer(files) as server:
-        inp = Path(tmp) / "in.parquet"
-        pl.DataFrame({"url": [server.url(f"{i}.jpg") for i in range(n)],
-                      "caption": make_captions(n)}).write_parquet(inp)
-        for i, workers in enumerate(([], two)):
-            what = f"fastlaion run {' '.join(where + workers + language)}"
-            used = time.perf_counter() - _STARTED
-            if i and args.time_limit and used > args.time_limit - 45:
-                row(what, "SKIPPED", f"out of time: {used:.0f} s of the {args.time_limit:.0f} s limit used")
-                continue
-            out = Path(tmp) / f"out{i}"
-            cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(out),
-                   "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
-                   "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
-                   "--no-progress", *where, *workers, *private]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            secs = time.perf_counter() - t0
-            (Path(args.out) / f"run{i}_stdout.txt").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
-            if proc.returncode != 0:
-                raise RuntimeError(f"fastlaion run exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-            summary = json.loads((out / "summary.json").read_text())
-            kept = summary["funnel"]["kept"]
-            if kept != n:  # --min-similarity -1 keeps every image that arrives
-                raise RuntimeError(f"only {kept} of {n} kept: {summary['funnel']['drops']}")
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items())
-            row(what, f"{n / secs:,.0f} samples/s",
-                f"{n:,} URLs over loopback, {kept:,} kept, {secs:.1f} s wall incl. start-up; stage s: {stages}")
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        for i, body in enumerate(jpegs):
+            (images / f"{i:05d}.jpg").write_bytes(body)
+        server = ServerProcess(images)
+        try:
+            inp = Path(tmp) / "in.parquet"
+            # each JPEG under args.repeat URLs (the server answers by path; the query makes them differ)
+            pl.DataFrame({"url": [f"{server.base_url}/img/{i % len(jpegs):05d}.jpg?copy={i // len(jpegs)}"
+                                  for i in range(n)],
+                          "caption": make_captions(n)}).write_parquet(inp)
+            for i, workers in enumerate(([], two)):
+                what = f"fastlaion run {' '.join(where + workers + language)}"
+                used = time.perf_counter() - _STARTED
+                if i and args.time_limit and used > args.time_limit - 45:
+                    row(what, "SKIPPED", f"out of time: {used:.0f} s of the {args.time_limit:.0f} s limit used")
+                    continue
+                out = Path(tmp) / f"out{i}"
+                cmd = [sys.executable, "-m", "fastlaion.cli", "run", str(inp), "-o", str(out),
+                       "--model", args.model, "--pretrained", "none", "--min-similarity", "-1", *language,
+                       "--shard-size", str(args.shard_size), "--batch-size", str(args.batch), "--workers", "256",
+                       "--no-progress", *where, *workers, *private]
+                requests0, server_cpu0 = server.counters()
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                secs = time.perf_counter() - t0
+                requests, server_cpu = server.counters()
+                (Path(args.out) / f"run{i}_stdout.txt").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"fastlaion run exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+                summary = json.loads((out / "summary.json").read_text())
+                kept = summary["funnel"]["kept"]
+                if kept != n:  # --min-similarity -1 keeps every image that arrives
+                    raise RuntimeError(f"only {kept} of {n} kept: {summary['funnel']['drops']}")
+                timings = summary["timings_s"]
+                stages = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+                # the models load in every worker at once, before the first batch: the rate past them
+                past = secs - float(timings.get("load_models", 0.0))
+                steady = f"{n / past:,.0f}/s past the models' loading" if past > 0 else "no time past the models' loading"
+                row(what, f"{n / secs:,.0f} samples/s",
+                    f"{n:,} URLs over loopback, {kept:,} kept, {secs:.1f} s wall incl. start-up ({steady}); "
+                    f"the server: {requests - requests0:,} requests, {server_cpu - server_cpu0:.1f} CPU-s; stage s: {stages}")
+        finally:
+            server.close()
 
 
 def _language_available() -> bool:

@@ -77,7 +77,7 @@ GPU_CHECK_MODULES = ["fastlaion.cli", "fastlaion.cli_progress", "fastlaion.extra
                      "fastlaion.workers", "fastlaion.gpu_decode",
                      "fastlaion.score", "fastlaion.language", "fastlaion.heads", "fastlaion.dataset.semantic",
                      "fastlaion.dataset.search", "fastlaion.dataset.classify", "gpu_bench", "host_ceiling",
-                     "sampler", "gpu_text", "score", "test_ops", "test_gpu_decode", "test_score",
+                     "sampler", "gpu_text", "score", "pipeline", "test_ops", "test_gpu_decode", "test_score",
                      "test_semantic", "test_search"]
 
 _IMPORT_GUARD = r"""
