@@ -210,15 +210,46 @@ def clip_options(model: str, pretrained: str | None) -> dict[str, Any]:
     QuickGELU for tags trained with it (OpenAI's: the default ViT-B-32 / openai). open_clip 3 only
     warns when the architecture's activation differs from the tag's, and builds nn.GELU, so
     OpenAI's weights would run with another activation than they were trained with: other
-    embeddings than CLIP's, other scores against LAION's thresholds."""
+    embeddings than CLIP's, other scores against LAION's thresholds. A local file is recognised as
+    a tag's download where it can be: in a Hugging Face cache folder of the tag's repository, or
+    named as the tag's URL whose path holds its sha256 (OpenAI's) with that digest."""
     import open_clip
 
-    if pretrained is None or Path(pretrained).exists():  # random weights, or a local file: no tag to ask
+    if pretrained is None:  # random weights
         return {}
-    tag = open_clip.get_pretrained_cfg(model, pretrained) or {}
     config = open_clip.get_model_config(model) or {}
-    if tag.get("quick_gelu", False) and not config.get("quick_gelu", False):
-        return {"force_quick_gelu": True}
+    if config.get("quick_gelu", False):
+        return {}
+    if Path(pretrained).exists():
+        tags = [_tag_of_file(model, Path(pretrained))]
+    else:
+        tags = [open_clip.get_pretrained_cfg(model, pretrained) or {}]
+    return {"force_quick_gelu": True} if any(t.get("quick_gelu", False) for t in tags) else {}
+
+
+def _tag_of_file(model: str, path: Path) -> dict[str, Any]:
+    """The pretrained config of the open_clip tag of `model` that the local file `path` was
+    downloaded as, where that shows: a Hugging Face cache folder named after the tag's repository
+    (models--ORG--NAME), or the tag URL's file name with the sha256 its path names; else {}."""
+    import hashlib
+
+    import open_clip
+
+    resolved = str(path.resolve())
+    for tag in open_clip.list_pretrained_tags_by_model(model):
+        cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+        repo = [part for part in str(cfg.get("hf_hub", "")).split("/") if part][:2]
+        if len(repo) == 2 and f"{os.sep}models--{repo[0]}--{repo[1]}{os.sep}" in resolved:
+            return cfg
+        url = str(cfg.get("url", ""))
+        digest = url.rsplit("/", 2)[-2] if url.count("/") >= 2 else ""
+        if url and path.name == url.rsplit("/", 1)[-1] and len(digest) == 64 and path.is_file():
+            sha = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            if sha.hexdigest() == digest:
+                return cfg
     return {}
 
 

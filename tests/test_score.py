@@ -202,6 +202,44 @@ def test_openai_tags_get_the_activation_they_were_trained_with():
     assert clip_options("ViT-B-32", __file__) == {}
 
 
+def test_a_local_copy_of_openai_weights_is_known_by_its_cache_folder_or_its_digest(tmp_path):
+    """A local --pretrained file that is a QuickGELU tag's download gets QuickGELU: one in a Hugging
+    Face cache folder of the tag's repository, or one named as the tag's URL (OpenAI's, whose path
+    is the file's sha256) with that digest; the same name with other bytes, or another folder, not."""
+    import hashlib
+
+    import open_clip
+
+    cached = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "abc" / "w.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert clip_options("ViT-B-32", str(cached)) == {"force_quick_gelu": True}
+    other = tmp_path / "hub" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "w.bin"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"weights")
+    assert clip_options("ViT-B-32", str(other)) == {}
+
+    url = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["url"]
+    named = tmp_path / url.rsplit("/", 1)[-1]
+    named.write_bytes(b"not OpenAI's bytes")
+    assert clip_options("ViT-B-32", str(named)) == {}
+    # a file whose digest is the one the URL names: register a tag as open_clip would, with this file's
+    body = b"stand-in weights"
+    digest = hashlib.sha256(body).hexdigest()
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(body)
+    from open_clip import pretrained as registry
+
+    registry._PRETRAINED["ViT-B-32"]["fastlaion_test_digest"] = registry._pcfg(
+        url=f"https://example.invalid/{digest}/fake.pt", quick_gelu=True)
+    try:
+        assert clip_options("ViT-B-32", str(fake)) == {"force_quick_gelu": True}
+        fake.write_bytes(body + b"!")
+        assert clip_options("ViT-B-32", str(fake)) == {}
+    finally:
+        del registry._PRETRAINED["ViT-B-32"]["fastlaion_test_digest"]
+
+
 def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_path):
     """The default --model ViT-B-32 --pretrained openai, loaded offline from a Hugging Face cache
     holding (random) weights where open_clip looks for OpenAI's: the Scorer's features are those of
