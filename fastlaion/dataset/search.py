@@ -97,8 +97,8 @@ class SearchResult:
 
 def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> ScoreConfig:
     """The CLIP model to embed queries (or `what`'s texts) with: the run's (config.json beside its
-    shards), with --model/--pretrained overriding; random weights are refused (they differ at
-    every load)."""
+    shards), with --model/--pretrained overriding; random weights with a warning (the run's
+    seeded model: queries embedded as its images were, but nothing they find means anything)."""
     instead = ", or search with --vector" if what == "search" else ""
     ds.need_root(what)
     saved: dict[str, Any] = {}
@@ -128,10 +128,11 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
         raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
                           f"--pretrained (the same as the run's){instead}")
     score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64)
-    if score.random_weights:
-        raise ConfigError(f"the run scored with random weights ({model}, --pretrained {pretrained!r}): a new load "
-                          f"draws other weights, so no {'query' if what == 'search' else 'class prompt'} can match "
-                          f"its embeddings; pass the checkpoint it used with --pretrained PATH{instead}")
+    if score.random_weights:  # one seeded model (score.RANDOM_WEIGHTS_SEED), as the run loaded it
+        texts = "text queries and their hits mean nothing" if what == "search" else "its labels mean nothing"
+        log.warning("the run scored with random weights (%s, --pretrained %s): the same seeded model loads here, "
+                    "so queries are embedded as its images were, but %s (a run made with another fastlaion, torch "
+                    "or open_clip may have drawn other weights)", model, pretrained, texts)
     return score
 
 
