@@ -90,11 +90,12 @@ def _open(source: Path, **options: Any) -> Any:
 NOT_REPLACED = "nothing was replaced; rerun the command"
 
 
-def _interrupted(written: list[Path], what: str, before: str = NOT_REPLACED) -> Callable[[], str]:
+def _interrupted(written: list[Path], what: str, before: str = NOT_REPLACED, then: str = "") -> Callable[[], str]:
     """cli.user_errors' message for a Ctrl-C: `before` until the command's output is whole in
-    place, then "`what` written, whole, to" it, `what` saying what and a verb ("the subset was";
-    `written` gets the folder or file then: the dataset functions' `written` callback is its append)."""
-    return lambda: f"{what} written, whole, to {written[0]}" if written else before
+    place, then "`what` written, whole, to" it and `then`, `what` saying what and a verb ("the
+    subset was"; `written` gets the folder or file then: the dataset functions' `written` callback
+    is its append)."""
+    return lambda: f"{what} written, whole, to {written[0]}{then}" if written else before
 
 
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
@@ -421,14 +422,9 @@ def index_cmd(
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
     written: list[Path] = []  # the index's folder, once the new index is whole in place
-
-    def interrupted() -> str:
-        if written:
-            return f"the index was written, whole, to {written[0]}; search uses it"
-        return "the index was not replaced; rerun the command"
-
     # the closing line is printed inside too: a Ctrl-C while it prints is told what was written
-    with _cli().user_errors(bar, interrupted):
+    with _cli().user_errors(bar, _interrupted(written, "the index was", "the index was not replaced; rerun the command",
+                                              "; search uses it")):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
         ds = _open(source, needs_root="index")

@@ -207,8 +207,7 @@ def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
     index.json the step finishes first (it used to leave no index); once the index is in place,
     and while the closing line prints (where the command ended with 130 and not a word), it says
     that the index was written."""
-    import signal
-    import time
+    from test_dataset_helpers import ctrl_c, ctrl_c_after
 
     from fastlaion import cli_dataset
     from fastlaion.dataset import index as index_module
@@ -217,17 +216,6 @@ def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
     meta = folder / "index" / "index.json"
     real_replace = os.replace
 
-    def ctrl_c():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)  # the handler runs here, or is held for later
-
-    def after(fn):
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            ctrl_c()
-            return out
-        return wrapped
-
     def replace(src, dst):
         real_replace(src, dst)
         if str(dst).endswith("image.faiss"):  # the new index file in place, its index.json not yet
@@ -235,10 +223,10 @@ def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
 
     written = f"interrupted: the index was written, whole, to {folder / 'index'}; search uses it"
     for target, name, wrap, says in (
-            (index_module, "import_faiss", after, "interrupted: the index was not replaced; rerun the command"),
+            (index_module, "import_faiss", ctrl_c_after, "interrupted: the index was not replaced; rerun the command"),
             (index_module.os, "replace", lambda _: replace, written),
-            (index_module, "default_probes", after, written),
-            (cli_dataset, "_say", after, written)):
+            (index_module, "default_probes", ctrl_c_after, written),
+            (cli_dataset, "_say", ctrl_c_after, written)):
         invoke(["index", folder, "--cells", 8, "--no-progress"])  # the earlier index: 8 cells
         with monkeypatch.context() as m:
             m.setattr(target, name, wrap(getattr(target, name)))

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..interrupt import ctrl_c_deferred
-from .source import MANIFEST_FILE, METADATA_FILE, SHARD_PARQUET, Dataset, DatasetError, root_fields
+from .source import MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, Dataset, DatasetError, root_fields
 
 PARTIAL_DIR = ".partial"
 _OURS = re.compile(r"^(\d{5,}(\.tar|_img_emb\.npy|_txt_emb\.npy)|metadata\.parquet|dataset\.json|urls\.parquet"
                    r"|shards\.json)$")
-RUN_CONFIG = "config.json"  # the run's, copied by subset --shards: ours only beside our dataset.json
 
 
 class OutputDir:

@@ -27,11 +27,9 @@ import polars as pl
 
 from ..config import ConfigError, ScoreConfig, first_line, torch_device
 from .semantic import EmbeddingReader, float32_rows
-from .source import KEPT, Dataset, DatasetError, NoProgress, Progress, collect
+from .source import KEPT, RUN_CONFIG, Dataset, DatasetError, NoProgress, Progress, collect
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.json"
 
 
 @dataclass(frozen=True)

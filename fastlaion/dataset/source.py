@@ -228,7 +228,7 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
     return {"root": str(root), "root_relative": relative}
 
 
-RUN_CONFIG_FILE = "config.json"  # every fastlaion run writes it before its first shard
+RUN_CONFIG = "config.json"  # every fastlaion run writes it before its first shard (its settings)
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def run_state(path: str | Path) -> RunState | None:
     path = Path(path)
     if not path.is_dir() or (path / METADATA_FILE).exists():
         return None
-    if not ((path / RUN_CONFIG_FILE).exists() or (path / LOCK_FILE).exists()):
+    if not ((path / RUN_CONFIG).exists() or (path / LOCK_FILE).exists()):
         return None  # no run ever started writing here
     finished = finished_shards(path)
     if lock_held(path):

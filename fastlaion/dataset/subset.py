@@ -33,11 +33,10 @@ from ..config import ConfigError, at_least, first_line
 from .output import OutputDir
 from .samples import export_embeddings, reshard, write_shards_json
 from .semantic import row_in_shard
-from .source import (KEPT, METADATA_FILE, SHARD_ROW, Dataset, DatasetError, NoProgress, Progress, collect,
-                     sink_parquet)
+from .source import (KEPT, METADATA_FILE, RUN_CONFIG, SHARD_ROW, Dataset, DatasetError, NoProgress, Progress,
+                     collect, sink_parquet)
 
 URLS_FILE = "urls.parquet"
-RUN_CONFIG = "config.json"
 SHARDS_FILE = "shards.json"
 AESTHETIC_V2_LAION_MINIMA = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
 
