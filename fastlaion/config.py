@@ -78,6 +78,11 @@ LAION_MIN_IMAGE_BYTES = 5000
 LAION_MAX_PIXELS = 89_478_484  # Pillow's decompression-bomb limit, as LAION used it
 LAION_MAX_TEXT_CHARS = 2000
 LAION_MULTI_THRESHOLD = 0.26  # LAION's threshold for non-English pairs with multilingual CLIP
+# In a run's config.json: how fastlaion built its CLIP models. 2: with the activation the weights
+# were trained with (QuickGELU for OpenAI's, 9b93e84); absent: an older fastlaion, which built
+# OpenAI's ViT-B-32 (the default) with nn.GELU (open_clip 3 only warns of the mismatch).
+MODEL_BUILD_KEY = "model_build"
+MODEL_BUILD = 2
 DEFAULT_USER_AGENT = "fastlaion/0.1 (+https://github.com/fastlaion/fastlaion; image-text dataset builder)"
 
 
@@ -389,6 +394,26 @@ class RunConfig:
 
     def resume_key(self) -> dict[str, Any]:
         return resume_key(self.to_dict())
+
+
+def gelu_built_models(saved: dict[str, Any]) -> list[str]:
+    """The models (as "MODEL / PRETRAINED") of a saved `RunConfig.to_dict()` that an older
+    fastlaion (no MODEL_BUILD_KEY in it) ran with nn.GELU though their weights were trained with
+    QuickGELU: its embeddings and similarities are not the ones this version computes. Imports
+    open_clip only for such an old, scored file."""
+    score = saved.get("score") if isinstance(saved, dict) else None
+    build = saved.get(MODEL_BUILD_KEY) if isinstance(saved, dict) else None
+    if (isinstance(build, int) and build >= MODEL_BUILD) or not isinstance(score, dict) or score.get("enabled") is False:
+        return []
+    pairs = [(score.get("model"), score.get("pretrained")),
+             (score.get("multilingual_model"), score.get("multilingual_pretrained"))]
+    pairs = [(m, p) for m, p in pairs if isinstance(m, str) and isinstance(p, str) and m
+             and p.lower() not in ("", "none", "random")]
+    if not pairs:
+        return []
+    from .score import clip_options
+
+    return [f"{m} / {p}" for m, p in pairs if clip_options(m, p).get("force_quick_gelu")]
 
 
 def resume_key(saved: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import numpy as np
 import polars as pl
 
 from .batch import Batch, funnel, merge_funnels
-from .config import ConfigError, InputConfig, InputFormat, RunConfig, resume_key
+from .config import MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models, resume_key
 from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
@@ -573,13 +573,19 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
                 raise ConfigError(f"input {changed[0]} changed since the run in {out} began (its size or content): "
                                   "the finished shards hold the rows it had then, and resuming would lose or "
                                   "repeat rows; restore it, or choose another output folder")
+            wrong = gelu_built_models(before)
+            if wrong:
+                raise ConfigError(f"{out}'s finished shards were scored by an older fastlaion that ran {wrong[0]} "
+                                  "with nn.GELU, not the QuickGELU its weights were trained with: this version "
+                                  "computes other embeddings and similarities, and resuming would mix the two; "
+                                  "start over in another output folder")
         elif diffs or changed:
             log.warning("%s: the run there finished no shard; starting over with %s", out,
                         "these settings" if diffs else f"the changed input {changed[0]}")
             (out / SUMMARY_FILE).unlink(missing_ok=True)  # of the run given up (its failed shards, say)
             if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
-    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files}, indent=2))
+    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, MODEL_BUILD_KEY: MODEL_BUILD}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",

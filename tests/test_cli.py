@@ -173,6 +173,46 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert "other settings" in other.output and "image_size" in other.output
 
 
+def test_resuming_a_run_scored_with_gelu_for_quick_gelu_weights_is_refused(tmp_path):
+    """A run whose finished shards an older fastlaion scored with OpenAI's ViT-B-32 weights on
+    nn.GELU (its config.json has no model_build) is not resumed with this version's QuickGELU:
+    the shards would mix two sets of embeddings. Other weights (trained with GELU), and runs this
+    version recorded, resume as before. The weights are named by local files where open_clip's
+    tags are recognised (a Hugging Face cache folder), so nothing is loaded or downloaded."""
+    hub = tmp_path / "hub"
+    openai = hub / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "abc" / "open_clip_model.safetensors"
+    laion = hub / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots" / "abc" / "open_clip_model.safetensors"
+    for path in (openai, laion):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"never loaded")
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}
+    with LoopbackServer(files) as server:
+        pl.DataFrame({"url": [server.url("a.jpg")], "caption": ["a cat"]}).write_csv(tmp_path / "in.csv")
+        base = ["run", str(tmp_path / "in.csv"), "-o", str(tmp_path / "o"), "--no-progress", "--allow-private-networks"]
+        assert runner.invoke(app, [*base, "--no-score"]).exit_code == 0
+        config = tmp_path / "o" / "config.json"
+        recorded = json.loads(config.read_text())
+        assert recorded["model_build"] == 2
+
+        def scored_by(weights: Path, build: int | None) -> dict:
+            old = {**recorded, "score": {**recorded["score"], "enabled": True, "model": "ViT-B-32",
+                                         "pretrained": str(weights)}}
+            if build is None:
+                del old["model_build"]
+            config.write_text(json.dumps(old))
+            return runner.invoke(app, [*base, "--model", "ViT-B-32", "--pretrained", str(weights)],
+                                 env={"COLUMNS": "400"})
+
+        old_openai = scored_by(openai, None)
+        assert old_openai.exit_code == 2, old_openai.output
+        assert "older fastlaion" in old_openai.output and "QuickGELU" in old_openai.output
+        assert "Traceback" not in old_openai.output
+        assert json.loads(config.read_text()).get("model_build") is None  # the refusal rewrote nothing
+        for weights, build in ((laion, None), (openai, 2)):
+            resumed = scored_by(weights, build)
+            assert resumed.exit_code == 0 and "already complete" in resumed.output, resumed.output
+
+
 def test_no_score_funnel_claims_no_scoring(tmp_path):
     """With --no-score the closing funnel has no `scored` line (nothing was scored) and says so
     on the kept line; its levels still add up: input - drops = kept."""

@@ -470,3 +470,36 @@ def test_classify_and_search_on_cuda_agree_with_the_cpu(run, tmp_path):
         assert result.exit_code == 0, result.output
         hits[device] = hits_of(tmp_path / f"{device}.json")[0]
     assert [k for k, _ in hits["cpu"]] == [k for k, _ in hits["cuda"]]
+
+
+def test_a_run_scored_with_gelu_for_quick_gelu_weights_is_named_by_search(run, tmp_path, caplog):
+    """A run an older fastlaion scored with OpenAI's ViT-B-32 weights on nn.GELU (config.json
+    without model_build): the model search loads now has QuickGELU, so the stored embeddings are
+    not what the queries get, and search says so; the same run recorded by this version does not
+    warn. The weights are a local file in the Hugging Face cache folder of OpenAI's tag (only its
+    path is read here)."""
+    import shutil
+
+    from fastlaion.dataset.search import SearchConfig, run_score_config
+    from fastlaion.dataset.source import open_dataset
+
+    out = tmp_path / "out"
+    shutil.copytree(run[0], out)
+    weights = tmp_path / "models--timm--vit_base_patch32_clip_224.openai" / "w.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"never loaded")
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["model_build"] == 2
+    said = {}
+    for build in (None, 2):
+        config = {**recorded, "score": {**recorded["score"], "model": "ViT-B-32", "pretrained": str(weights)}}
+        if build is None:
+            del config["model_build"]
+        (out / "config.json").write_text(json.dumps(config))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            score = run_score_config(open_dataset(out), SearchConfig())
+        assert (score.model, score.pretrained) == ("ViT-B-32", str(weights))
+        said[build] = caplog.text
+    assert "older fastlaion" in said[None] and "QuickGELU" in said[None] and "ViT-B-32" in said[None]
+    assert "older fastlaion" not in said[2]

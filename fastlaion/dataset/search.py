@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..config import ConfigError, ScoreConfig, first_line, torch_device
+from ..config import ConfigError, ScoreConfig, first_line, gelu_built_models, torch_device
 from .semantic import EmbeddingReader, float32_rows
 from .source import KEPT, RUN_CONFIG, Dataset, DatasetError, NoProgress, Progress, collect
 
@@ -100,11 +100,12 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
     instead = ", or search with --vector" if what == "search" else ""
     ds.need_root(what)
     saved: dict[str, Any] = {}
+    whole: Any = {}
     path = ds.root / RUN_CONFIG
     if path.exists():
         try:
-            saved = json.loads(path.read_text())
-            saved = saved.get("score") if isinstance(saved, dict) else None
+            whole = json.loads(path.read_text())
+            saved = whole.get("score") if isinstance(whole, dict) else None
             if not isinstance(saved, dict):
                 raise ValueError("no 'score' object in it")
         except (OSError, ValueError) as e:
@@ -126,6 +127,11 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
         raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
                           f"--pretrained (the same as the run's){instead}")
     score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64)
+    wrong = [w for w in gelu_built_models(whole) if w == f"{model} / {pretrained}"] if saved else []
+    if wrong:
+        log.warning("the run was scored by an older fastlaion that ran %s with nn.GELU, not the QuickGELU its "
+                    "weights were trained with: its stored embeddings are not the ones %s's queries get now, so "
+                    "hits and scores are off; rerun it to fix them", wrong[0], what)
     if score.random_weights:  # one seeded model (score.RANDOM_WEIGHTS_SEED), as the run loaded it
         texts = "text queries and their hits mean nothing" if what == "search" else "its labels mean nothing"
         log.warning("the run scored with random weights (%s, --pretrained %s): the same seeded model loads here, "
