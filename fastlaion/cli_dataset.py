@@ -134,7 +134,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
-        ds = _open(source, needs_root="subset --shards" if shards else None)
+        ds = _open(source, allow_empty=True, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar, written.append)
         bar.stop()
         share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
@@ -180,8 +180,8 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
-        ds = _open(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
-                   else None)
+        ds = _open(source, allow_empty=True,
+                   needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding) else None)
         result = dedup(ds, output, cfg, bar, written.append)
         bar.stop()
         share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
@@ -363,7 +363,7 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
-        ds = _open(source, needs_root="search")
+        ds = _open(source, allow_empty=True, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)
@@ -427,7 +427,7 @@ def index_cmd(
                                               "; search uses it")):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
-        ds = _open(source, needs_root="index")
+        ds = _open(source, allow_empty=True, needs_root="index")
         result = ds.guarded(lambda d: build_index(d, cfg, bar, written.append))
         bar.stop()
         probes = default_probes(result.cells)
@@ -478,7 +478,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
-        ds = _open(source, needs_root="classify")
+        ds = _open(source, allow_empty=True, needs_root="classify")
         result = classify(ds, output, cfg, bar, written.append)
         bar.stop()
         _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "

@@ -226,6 +226,49 @@ def test_stats_of_a_subset_that_matched_nothing_is_a_zero_funnel(run, tmp_path):
     assert "0 rows, 0 kept samples" in said and "no kept samples" in said and "(0 thumbnails)" in said
 
 
+def columns_of(path: Path) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in pq.read_schema(path)]
+
+
+def test_every_command_takes_a_subset_that_matched_nothing(run, tmp_path):
+    """A subset whose filter matched nothing (0 rows) is a dataset like any other: subset (with
+    --shards and --urls), dedup (each --by) and classify write a 0-row metadata.parquet with the
+    columns they write from a subset that matched everything, and a dataset.json, so the next
+    command in a chain reads it; index and search say in one line that there is nothing to index
+    or search (exit 2: nothing was built or found). They refused it ("holds no rows")."""
+    none, every = tmp_path / "none", tmp_path / "every"
+    invoke(["subset", "--where", "similarity > 5", "--from", run, "-o", none, "--no-progress"])
+    invoke(["subset", "--where", "similarity > -5", "--from", run, "-o", every, "--no-progress"])
+    assert pq.read_metadata(none / "metadata.parquet").num_rows == 0
+    assert pq.read_metadata(every / "metadata.parquet").num_rows == len(kept(read_rows(run)))
+    commands = {"subset": ["subset", "--where", "true", "--shards", "--urls"],
+                "classify": ["classify", "-c", "cat", "-c", "dog"],
+                **{f"dedup-{by}": ["dedup", "--by", by] for by in ("url", "url+caption", "sha256", "phash",
+                                                                    "embedding")}}
+    for name, args in commands.items():
+        for source in (none, every):
+            invoke(args + ["--from", source, "-o", tmp_path / name / source.name, "--no-progress"])
+        empty, full = tmp_path / name / "none", tmp_path / name / "every"
+        assert pq.read_metadata(empty / "metadata.parquet").num_rows == 0, name
+        assert columns_of(empty / "metadata.parquet") == columns_of(full / "metadata.parquet"), name
+        manifest = load_json(empty / "dataset.json")
+        assert (manifest["source_rows"], manifest["rows"]) == (0, 0), name
+        # chained: the empty output is read as a dataset by the next command
+        chained = invoke(["stats", empty, "--json", tmp_path / name / "s.json"])
+        assert "0 rows, 0 kept samples" in " ".join(chained.output.split()), name
+        invoke(["dedup", "--by", "url", "--from", empty, "-o", tmp_path / name / "then", "--no-progress"])
+        assert pq.read_metadata(tmp_path / name / "then" / "metadata.parquet").num_rows == 0, name
+    assert load_json(tmp_path / "subset" / "none" / "shards.json")["tars"] == []
+    assert pq.read_metadata(tmp_path / "subset" / "none" / "urls.parquet").num_rows == 0
+    np.save(tmp_path / "q.npy", np.load(run / "00000_img_emb.npy")[0].astype(np.float32))
+    for args, what in ((["index", none], "index"), (["search", none, "--vector", tmp_path / "q.npy"], "search"),
+                       (["search", none, "--text", "a cat"], "search")):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {none} holds no kept samples (0 rows): nothing to {what}", args
+    assert not (none / "index").exists()
+
+
 def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
     """stats on a run folder checks each finished shard's files against the sizes its stats file
     records: a cut tar, a lost embedding file and a lost Parquet (whose rows would otherwise be
