@@ -152,6 +152,7 @@ def subset_cmd(
             _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
                  f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
         _skipped_line(result.skipped_files)
+        _damaged_warnings(result.damaged_files, ds.root.resolve(), "subset --shards")
 
 
 def dedup_cmd(
@@ -203,6 +204,7 @@ def dedup_cmd(
         if result.unreadable_samples:
             _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
         _skipped_line(result.skipped_files)
+        _damaged_warnings(result.damaged_files, ds.root.resolve(), f"dedup --by {by.value}")
 
 
 def stats_cmd(
@@ -260,7 +262,7 @@ def print_stats(stats: Any) -> None:
     _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
          f"{stats.kept:,} kept samples")
     _skipped_line(stats.skipped_files)
-    _damaged_lines(stats.damaged_files)
+    _damaged_lines(stats.damaged_files, None if stats.kind == "run" else stats.damaged_root)
     t = Table(title="funnel", title_justify="left")
     for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -291,18 +293,29 @@ def print_stats(stats: Any) -> None:
 DAMAGED_SHOWN = 10
 
 
-def _damaged_lines(damaged: list[dict[str, str]]) -> None:
+def _damaged_lines(damaged: list[dict[str, str]], run: str | None = None) -> None:
     """A run's shard files that are missing or cut: a count, then one line a problem (the first
-    DAMAGED_SHOWN; --json lists every one)."""
+    DAMAGED_SHOWN; --json lists every one). `run`: the run folder they are in, where it is not the
+    dataset's own (a subset's, a dedup's)."""
     if not damaged:
         return
     shards = len({d["shard"] for d in damaged})
-    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s); `fastlaion run` "
+    of = f" of the run {run}, which this dataset's samples are in" if run else ""
+    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s){of}; `fastlaion run` "
          "with the same arguments writes those shards again")
     for d in damaged[:DAMAGED_SHOWN]:
         _say(f"  shard {d['shard']}: {d['problem']}")
     if len(damaged) > DAMAGED_SHOWN:
         _say(f"  ... and {len(damaged) - DAMAGED_SHOWN:,} more (--json lists every one)")
+
+
+def _damaged_warnings(damaged: list[dict[str, str]], root: Path, what: str) -> None:
+    """One line on stderr for each of the run's files that `what` needed and found damaged
+    (Dataset.damage), which it read as a missing one."""
+    for d in damaged:
+        read = "" if d["problem"].endswith(" is missing") else ", so it was not read (as if missing)"
+        _warn(f"{what}: {root / d['problem']}{read}; `fastlaion run` with the same arguments writes shard "
+              f"{d['shard']} again")
 
 
 def _print_counts(title: str, items: Any, total: int) -> None:

@@ -297,6 +297,85 @@ def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
     assert load_json(tmp_path / "c.json")["damaged_files"] == []
 
 
+def cut_after_first_member(tar: Path) -> int:
+    """Cut a tar just after its first member (a sample's image, before its .txt and .json): what
+    is left reads as a whole, shorter tar. Returns the size it was written at."""
+    import tarfile
+
+    size = tar.stat().st_size
+    with tarfile.open(tar) as t:
+        first = t.getmembers()[0]
+    os.truncate(tar, first.offset_data + -(-first.size // 512) * 512)
+    return size
+
+
+def test_commands_reading_a_runs_shard_files_name_the_damaged_ones_and_read_them_as_missing(run, tmp_path):
+    """A run whose 00001.tar was cut after its first sample's image (the rest reads as a whole,
+    shorter tar) and whose 00002_img_emb.npy is gone, checked against the sizes the shards' stats
+    files record (as `stats` on the run folder does): subset --shards, dedup --by phash and
+    --by embedding, given a subset of that run, say in one line each damaged file they need and
+    read it as a missing one (subset --shards copied the cut sample, its image without its
+    caption and metadata, into its tars); stats on the subset lists them, naming the run. A file
+    the command does not need, or of a shard the dataset has no sample in, is not said."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    sub, shard0 = tmp_path / "sub", tmp_path / "shard0"
+    invoke(["subset", "--where", "similarity > -5", "--from", out, "-o", sub, "--no-progress"])
+    invoke(["subset", "--where", "shard = '00000'", "--from", out, "-o", shard0, "--no-progress"])
+    rows = kept(read_rows(out))
+    images = tar_images(out)
+    tar_size = cut_after_first_member(out / "00001.tar")
+    cut = f"{(out / '00001.tar').stat().st_size:,} bytes, {tar_size:,} when written"
+    (out / "00002_img_emb.npy").unlink()
+    real = out.resolve()
+    tar_line = f"{real}/00001.tar holds {cut}, so it was not read (as if missing); `fastlaion run` with the same " \
+               "arguments writes shard 00001 again"
+    emb_line = f"{real}/00002_img_emb.npy is missing; `fastlaion run` with the same arguments writes shard 00002 again"
+    tar_problem = {"shard": "00001", "problem": f"00001.tar holds {cut}"}
+    emb_problem = {"shard": "00002", "problem": "00002_img_emb.npy is missing"}
+
+    result = runner.invoke(app(), ["subset", "--where", "true", "--from", str(sub), "-o", str(tmp_path / "s"),
+                                   "--shards", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: subset --shards: {tar_line}", f"warning: subset --shards: {emb_line}"]
+    exported = [r for r in rows if r["shard"] != "00001"]
+    assert tar_images(tmp_path / "s") == {r["key"]: images[r["key"]] for r in exported}
+    meta = table(tmp_path / "s" / "metadata.parquet")
+    emb = np.load(tmp_path / "s" / "00000_img_emb.npy")
+    for m in meta:
+        if m["shard"] is not None:
+            assert np.isnan(emb[m["shard_row"]]).all() == (m["key"] in {r["key"] for r in rows if r["shard"] == "00002"})
+    manifest = load_json(tmp_path / "s" / "dataset.json")
+    assert manifest["damaged_files"] == [tar_problem, emb_problem]
+    assert manifest["samples_missing"] == len(rows) - len(exported)
+
+    for by, line, problem, unreadable in (("phash", tar_line, tar_problem, "00001"),
+                                          ("embedding", emb_line, emb_problem, "00002")):
+        result = runner.invoke(app(), ["dedup", "--by", by, "--from", str(sub), "-o", str(tmp_path / by),
+                                       "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert [x for x in result.stderr.splitlines() if x.startswith("warning:")] == [f"warning: dedup --by {by}: {line}"]
+        manifest = load_json(tmp_path / by / "dataset.json")
+        assert manifest["damaged_files"] == [problem]
+        assert manifest["unreadable_samples"] == sum(r["shard"] == unreadable for r in rows)
+
+    result = invoke(["stats", sub, "--json", tmp_path / "s.json"])
+    stats = load_json(tmp_path / "s.json")
+    assert stats["damaged_files"] == [tar_problem, emb_problem] and stats["damaged_root"] == str(real)
+    lines = result.stdout.splitlines()
+    at = lines.index(f"damaged: 2 problem(s) with the files of 2 finished shard(s) of the run {real}, which this "
+                     "dataset's samples are in; `fastlaion run` with the same arguments writes those shards again")
+    assert lines[at + 1:at + 3] == [f"  shard {p['shard']}: {p['problem']}" for p in (tar_problem, emb_problem)]
+    # a subset whose samples are all in shard 00000, whose files are whole: nothing to say
+    for args in (["stats", shard0, "--json", tmp_path / "0.json"],
+                 ["subset", "--where", "true", "--from", shard0, "-o", tmp_path / "s0", "--shards"],
+                 ["dedup", "--by", "phash", "--from", shard0, "-o", tmp_path / "d0"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and "damaged" not in result.output and not result.stderr, (args, result.output)
+    assert load_json(tmp_path / "0.json")["damaged_files"] == []
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):

@@ -97,6 +97,20 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A file of one of the root's finished run shards that is not as the run wrote it
+    (writer.file_problems: missing, or another size than its stats file records)."""
+
+    shard: str    # "00001"
+    file: str     # its name in the root: "00001.tar"
+    problem: str  # one line: "00001.tar holds 10,240 bytes, 20,480 when written"
+
+
+# The files of a run's shard that a dataset made from it reads besides its own metadata.
+SAMPLE_FILES = (".tar", "_img_emb.npy", "_txt_emb.npy")
+
+
+@dataclass(frozen=True)
 class Dataset:
     path: Path                      # what was opened
     root: Path                      # the run folder holding the samples' tars and embeddings
@@ -106,6 +120,7 @@ class Dataset:
     rows: int                       # rows in `files`
     groups: tuple[tuple[Path, ...], ...]  # files sharing one schema, in order
     root_missing: str | None = None  # why `root` cannot be read (it is nowhere dataset.json says); None: it can
+    damaged: tuple[Damage, ...] = ()  # the root's files found damaged (with_damage): read as missing ones
 
     def scan(self) -> pl.LazyFrame:
         """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
@@ -173,6 +188,42 @@ class Dataset:
         """`{shard}_img_emb.npy` (or kind "txt": the text embeddings) in the root."""
         self.need_root("reading the embeddings")
         return self.root / f"{shard}_{kind}_emb.npy"
+
+    def damage(self, shards: Iterable[str | None] | None = None, files: Sequence[str] | None = SAMPLE_FILES
+               ) -> list[Damage]:
+        """The damage to the files (those ending in `files`, None: all; an unreadable stats file
+        always) of the root's finished run shards `shards` (None: those of the kept samples; a run
+        folder's: all), checked against the sizes their stats files record (writer.file_problems:
+        what `stats` on a run folder and a rerun check). A root that holds no finished run shard
+        (a --shards subset, a lone Parquet's folder) records no sizes: nothing to check."""
+        from ..writer import file_problems, finished_shards, shard_name
+
+        if self.root_missing:
+            return []
+        finished = finished_shards(self.root)
+        if not finished:
+            return []
+        if shards is None and not (self.kind == "run" and self.path.is_dir()):
+            # a run's tars and embeddings hold its kept samples only
+            shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
+        wanted = None if shards is None else {int(s) for s in shards if s is not None and s.isdigit()}
+        found = []
+        for n in finished:
+            if wanted is None or n in wanted:
+                found += [Damage(shard_name(n), f, line) for f, line in file_problems(self.root, n)
+                          if files is None or f.endswith((*files, "_stats.json"))]
+        return found
+
+    def with_damage(self, damaged: Sequence[Damage]) -> Dataset:
+        """This dataset, its readers of tars and embeddings (samples.py, semantic.py) taking
+        these files for missing: a cut tar would give the samples before the cut, some without
+        their caption or metadata file; a cut or other embedding file, rows that may not be
+        the samples'."""
+        return replace(self, damaged=tuple(damaged))
+
+    def is_damaged(self, path: Path) -> bool:
+        """Whether `path` (tar_path, embeddings_path) is one of the files `with_damage` named."""
+        return any(path == self.root / d.file for d in self.damaged)
 
     def without(self, bad: Sequence[Skipped]) -> Dataset:
         gone = {b.path for b in bad}
