@@ -78,13 +78,17 @@ def _warn(line: str) -> None:
 def _open(source: Path, **options: Any) -> Any:
     """open_dataset(source, **options), first saying on stderr when it is the folder of a run not
     done (being written, or stopped before its end): the command reads only the shards finished so
-    far."""
+    far; then when it was made from such a run (a subset of it: its dataset.json says so)."""
     from .dataset import open_dataset, run_state
 
     state = run_state(source)
     if state is not None:
         _warn(state.notice())
-    return open_dataset(source, **options)
+    ds = open_dataset(source, **options)
+    notice = ds.unfinished_notice()
+    if notice:
+        _warn(notice)
+    return ds
 
 
 NOT_REPLACED = "nothing was replaced; rerun the command"

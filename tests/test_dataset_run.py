@@ -594,12 +594,45 @@ def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_
         result = runner.invoke(app(), [str(a) for a in args])
         assert result.exit_code == 0, result.output
         assert result.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), (args, result.stderr)
-    # a finished run, a subset folder (of the stopped run), one Parquet file: nothing to say
-    for args in (["stats", run], ["stats", tmp_path / "sub"], ["stats", tmp_path / "sub" / "metadata.parquet"],
-                 ["stats", out / "00000.parquet"], ["subset", "--where", "similarity > -2", "--from", tmp_path / "sub",
-                                                    "-o", tmp_path / "sub2"]):
+    # a finished run, one Parquet file: nothing to say
+    for args in (["stats", run], ["stats", out / "00000.parquet"]):
         result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
         assert result.exit_code == 0 and not result.stderr, (args, result.stderr)
+
+
+def test_a_subset_of_a_run_not_done_records_it_and_says_so(run, tmp_path):
+    """A subset made from a run folder whose run was writing it, or had stopped before its end,
+    records that in its dataset.json (with the shards finished then), and so does what is made
+    from it; stats and the other commands on it say so in one line, as they do on the run folder.
+    A subset of a finished run records nothing and nothing is said (it recorded nothing of it and
+    stats on it said nothing: a partial dataset passed for a whole one)."""
+    from fastlaion.pipeline import output_lock
+
+    out = as_in_progress(run, tmp_path / "run")
+    real = str(out.resolve())
+    with output_lock(out):
+        invoke(["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "writing", "--no-progress"])
+    (out / ".lock").write_text("12345\n")  # killed: the lock file left, nobody holding it
+    invoke(["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "stopped", "--no-progress"])
+    invoke(["dedup", "--by", "url", "--from", tmp_path / "stopped", "-o", tmp_path / "then", "--no-progress"])
+    invoke(["subset", "--where", "similarity > -2", "--from", run, "-o", tmp_path / "finished", "--no-progress"])
+    record = {"source_unfinished": True, "source_run": real, "source_finished_shards": 2, "source_shards_total": None}
+    for name, writing in (("writing", True), ("stopped", False), ("then", False)):
+        info = load_json(tmp_path / name / "dataset.json")
+        assert {k: info[k] for k in record} == record and info["source_run_writing"] is writing, name
+    assert not any(k.startswith("source_unf") for k in load_json(tmp_path / "finished" / "dataset.json"))
+
+    how = {"writing": "while a fastlaion run was writing it", "stopped": "whose fastlaion run had not finished"}
+    for name in ("writing", "stopped", "then"):
+        for args in (["stats", tmp_path / name], ["stats", tmp_path / name / "metadata.parquet"],
+                     ["subset", "--where", "true", "--from", tmp_path / name, "-o", tmp_path / f"{name}2"]):
+            result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+            assert result.exit_code == 0, result.output
+            assert result.stderr.strip() == (f"warning: {args[-1] if args[0] == 'stats' else args[-3]}: made from "
+                                             f"{real}, {how.get(name, how['stopped'])} (2 shards finished then): it "
+                                             "holds the samples of those shards only"), (args, result.stderr)
+    result = runner.invoke(app(), ["stats", str(tmp_path / "finished"), "--no-progress"])
+    assert result.exit_code == 0 and not result.stderr, result.stderr
 
 
 def test_a_real_run_being_written_and_then_killed_is_said_so(tmp_path, photos):

@@ -121,6 +121,9 @@ class Dataset:
     groups: tuple[tuple[Path, ...], ...]  # files sharing one schema, in order
     root_missing: str | None = None  # why `root` cannot be read (it is nowhere dataset.json says); None: it can
     damaged: tuple[Damage, ...] = ()  # the root's files found damaged (with_damage): read as missing ones
+    # made from a run not done when it was read (RunState): UNFINISHED_FIELDS, for the dataset.json
+    # of what is made from it (a subset, dedup or classify output of it, or of those, carries them)
+    unfinished: dict[str, Any] | None = None
 
     def scan(self) -> pl.LazyFrame:
         """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
@@ -266,7 +269,22 @@ class Dataset:
         the root absolute and relative to `out` (read first, so that the two moved together still
         find each other)."""
         return {"source": str(self.path.resolve()), **root_fields(self.root, out),
-                "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped]}
+                "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped], **(self.unfinished or {})}
+
+    def unfinished_notice(self) -> str | None:
+        """One line for a subset, dedup or classify output made from a run that was not done
+        (its dataset.json's UNFINISHED_FIELDS), as RunState.notice is for the run folder; None
+        for any other dataset."""
+        u = self.unfinished
+        if not u or self.kind == "run":
+            return None
+        n = f"{u['source_finished_shards']:,} shard{'s' * (u['source_finished_shards'] != 1)}"
+        total = u.get("source_shards_total")
+        of = f" of {total:,}" if isinstance(total, int) and total > u["source_finished_shards"] else ""
+        how = "while a fastlaion run was writing it" if u.get("source_run_writing") else \
+            "whose fastlaion run had not finished"
+        return (f"{self.path}: made from {u['source_run']}, {how} ({n}{of} finished then): it holds the samples of "
+                "those shards only")
 
 
 def root_fields(root: Path, out: Path) -> dict[str, str | None]:
@@ -280,6 +298,9 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
 
 
 RUN_CONFIG = "config.json"  # every fastlaion run writes it before its first shard (its settings)
+# What the dataset.json of an output made from a run not done records (Dataset.unfinished)
+UNFINISHED_FIELDS = ("source_unfinished", "source_run", "source_finished_shards", "source_shards_total",
+                     "source_run_writing")
 
 
 @dataclass(frozen=True)
@@ -292,6 +313,11 @@ class RunState:
     writing: bool          # a fastlaion run holds the folder's lock now
     finished: int          # shards in place with their stats file
     total: int | None      # the run's shards, where its summary says
+
+    def record(self) -> dict[str, Any]:
+        """UNFINISHED_FIELDS, for the dataset.json of an output made from this run."""
+        return dict(zip(UNFINISHED_FIELDS, (True, str(self.folder.resolve()), self.finished, self.total,
+                                            self.writing)))
 
     def notice(self) -> str:
         n = f"{self.finished:,} shard{'s' * (self.finished != 1)}"
@@ -381,7 +407,8 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
             last = schema
         groups[-1].append(f)
     ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
-                 groups=tuple(tuple(g) for g in groups), root_missing=root_missing)
+                 groups=tuple(tuple(g) for g in groups), root_missing=root_missing,
+                 unfinished=_unfinished(path))
     if rows == 0 and not allow_empty:
         raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
     if root_missing:
@@ -460,6 +487,25 @@ def _read_manifest(manifest: Path, path: Path) -> tuple[str, Path, str | None]:
     why = (f"cannot find the folder holding the images and embeddings of {path}: its {MANIFEST_FILE} names "
            f"{named}. Put that folder back, or set \"root\" in {manifest} to where it is now")
     return kind, absolute, why
+
+
+def _unfinished(path: Path) -> dict[str, Any] | None:
+    """Dataset.unfinished: a run folder's RunState, or what the dataset.json of a dataset made
+    from one records."""
+    state = run_state(path)
+    if state is not None:
+        return state.record()
+    manifest = (path if path.is_dir() else path.parent) / MANIFEST_FILE
+    if path.is_file() and path.name != METADATA_FILE or not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None  # _read_manifest has said what is wrong with it
+    if not (isinstance(info, dict) and info.get("source_unfinished") is True
+            and isinstance(info.get("source_finished_shards"), int)):
+        return None
+    return {k: info.get(k) for k in UNFINISHED_FIELDS}
 
 
 def _warn_skipped(skipped: Sequence[Skipped], where: Path) -> None:
