@@ -75,10 +75,12 @@ def _warn(line: str) -> None:
     _cli().console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def _open(source: Path, **options: Any) -> Any:
+def _open(source: Path, lost_rows: bool = True, **options: Any) -> Any:
     """open_dataset(source, **options), first saying on stderr when it is the folder of a run not
     done (being written, or stopped before its end): the command reads only the shards finished so
-    far; then when it was made from such a run (a subset of it: its dataset.json says so)."""
+    far; then when it was made from such a run (a subset of it: its dataset.json says so); then
+    (`lost_rows`; stats lists them itself) each finished shard's Parquet of a run folder that is
+    missing or not as written, whose rows are not in the result."""
     from .dataset import open_dataset, run_state
 
     state = run_state(source)
@@ -88,6 +90,12 @@ def _open(source: Path, **options: Any) -> Any:
     notice = ds.unfinished_notice()
     if notice:
         _warn(notice)
+    if lost_rows and ds.kind == "run" and ds.path.is_dir():
+        said = {Path(s.path).name for s in ds.skipped}  # an unreadable one: already said
+        for d in ds.damage(None, (".parquet",)):
+            if d.file not in said:
+                _warn(f"{ds.root.resolve() / d.problem}: the rows of shard {d.shard} are not read; `fastlaion run` "
+                      "with the same arguments writes it again")
     return ds
 
 
@@ -242,7 +250,7 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = _open(source, allow_empty=True,
+        ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)
         stats = compute_stats(ds, bins)

@@ -376,6 +376,34 @@ def test_commands_reading_a_runs_shard_files_name_the_damaged_ones_and_read_them
     assert load_json(tmp_path / "0.json")["damaged_files"] == []
 
 
+def test_commands_on_a_run_folder_say_a_finished_shards_lost_parquet(run, tmp_path):
+    """A run folder whose finished shard lost its Parquet: the commands that read its rows (all
+    but stats, which lists it among the damaged files) say in one line that that shard's rows are
+    not read; they used to leave them out without a word. A Parquet that is there but unreadable
+    is said once, as before."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    rows = read_rows(out)
+    (out / "00002.parquet").unlink()
+    line = (f"warning: {out.resolve()}/00002.parquet is missing: the rows of shard 00002 are not read; `fastlaion run` "
+            "with the same arguments writes it again")
+    for args in (["subset", "--where", "true", "--include-dropped", "--from", out, "-o", tmp_path / "s"],
+                 ["dedup", "--by", "url", "--from", out, "-o", tmp_path / "d"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and result.stderr.strip() == line, (args, result.stderr)
+        assert [m["key"] for m in table(args[-1] / "metadata.parquet")] == [r["key"] for r in rows
+                                                                              if r["shard"] != "00002"]
+    (out / "00001.parquet").write_bytes(b"not a parquet file")
+    result = runner.invoke(app(), ["subset", "--where", "true", "--from", str(out), "-o", str(tmp_path / "s"),
+                                   "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable Parquet" in result.stderr  # (a log line, wrapped)
+    assert [x for x in result.stderr.splitlines() if x.startswith("warning:")] == [line], result.stderr
+    result = runner.invoke(app(), ["stats", str(out), "--no-progress"])
+    assert result.exit_code == 0 and "shard 00002: 00002.parquet is missing" in result.stdout
+    assert "warning:" not in result.stderr
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):
