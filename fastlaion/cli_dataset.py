@@ -75,16 +75,28 @@ def _warn(line: str) -> None:
     _cli().console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def _open(source: Path, **options: Any) -> Any:
+def _open(source: Path, lost_rows: bool = True, **options: Any) -> Any:
     """open_dataset(source, **options), first saying on stderr when it is the folder of a run not
     done (being written, or stopped before its end): the command reads only the shards finished so
-    far."""
+    far; then when it was made from such a run (a subset of it: its dataset.json says so); then
+    (`lost_rows`; stats lists them itself) each finished shard's Parquet of a run folder that is
+    missing or not as written, whose rows are not in the result."""
     from .dataset import open_dataset, run_state
 
     state = run_state(source)
     if state is not None:
         _warn(state.notice())
-    return open_dataset(source, **options)
+    ds = open_dataset(source, **options)
+    notice = ds.unfinished_notice()
+    if notice:
+        _warn(notice)
+    if lost_rows and ds.kind == "run" and ds.path.is_dir():
+        said = {Path(s.path).name for s in ds.skipped}  # an unreadable one: already said
+        for d in ds.damage(None, (".parquet",)):
+            if d.file not in said:
+                _warn(f"{ds.root.resolve() / d.problem}: the rows of shard {d.shard} are not read; `fastlaion run` "
+                      "with the same arguments writes it again")
+    return ds
 
 
 NOT_REPLACED = "nothing was replaced; rerun the command"
@@ -134,7 +146,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
-        ds = _open(source, needs_root="subset --shards" if shards else None)
+        ds = _open(source, allow_empty=True, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar, written.append)
         bar.stop()
         share = f" ({100 * result.selected / result.considered:.1f}%)" if result.considered else ""
@@ -152,6 +164,7 @@ def subset_cmd(
             _say(f"urls: {Path(result.output) / 'urls.parquet'} (download again at full size: fastlaion run "
                  f"{Path(result.output) / 'urls.parquet'} --resize-mode no -o DIR)")
         _skipped_line(result.skipped_files)
+        _damaged_warnings(result.damaged_files, ds.root.resolve(), "subset --shards")
 
 
 def dedup_cmd(
@@ -180,8 +193,8 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
-        ds = _open(source, needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding)
-                   else None)
+        ds = _open(source, allow_empty=True,
+                   needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding) else None)
         result = dedup(ds, output, cfg, bar, written.append)
         bar.stop()
         share = f" ({100 * result.duplicates / result.candidates:.2f}%)" if result.candidates else ""
@@ -203,6 +216,7 @@ def dedup_cmd(
         if result.unreadable_samples:
             _say(f"{result.unreadable_samples:,} kept samples had no readable image/embedding and were left as they were")
         _skipped_line(result.skipped_files)
+        _damaged_warnings(result.damaged_files, ds.root.resolve(), f"dedup --by {by.value}")
 
 
 def stats_cmd(
@@ -236,7 +250,7 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if thumbnails < 0:
             raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
-        ds = _open(source, allow_empty=True,
+        ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)
         stats = compute_stats(ds, bins)
@@ -260,7 +274,7 @@ def print_stats(stats: Any) -> None:
     _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
          f"{stats.kept:,} kept samples")
     _skipped_line(stats.skipped_files)
-    _damaged_lines(stats.damaged_files)
+    _damaged_lines(stats.damaged_files, None if stats.kind == "run" else stats.damaged_root)
     t = Table(title="funnel", title_justify="left")
     for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -291,18 +305,29 @@ def print_stats(stats: Any) -> None:
 DAMAGED_SHOWN = 10
 
 
-def _damaged_lines(damaged: list[dict[str, str]]) -> None:
+def _damaged_lines(damaged: list[dict[str, str]], run: str | None = None) -> None:
     """A run's shard files that are missing or cut: a count, then one line a problem (the first
-    DAMAGED_SHOWN; --json lists every one)."""
+    DAMAGED_SHOWN; --json lists every one). `run`: the run folder they are in, where it is not the
+    dataset's own (a subset's, a dedup's)."""
     if not damaged:
         return
     shards = len({d["shard"] for d in damaged})
-    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s); `fastlaion run` "
+    of = f" of the run {run}, which this dataset's samples are in" if run else ""
+    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s){of}; `fastlaion run` "
          "with the same arguments writes those shards again")
     for d in damaged[:DAMAGED_SHOWN]:
         _say(f"  shard {d['shard']}: {d['problem']}")
     if len(damaged) > DAMAGED_SHOWN:
         _say(f"  ... and {len(damaged) - DAMAGED_SHOWN:,} more (--json lists every one)")
+
+
+def _damaged_warnings(damaged: list[dict[str, str]], root: Path, what: str) -> None:
+    """One line on stderr for each of the run's files that `what` needed and found damaged
+    (Dataset.damage), which it read as a missing one."""
+    for d in damaged:
+        read = "" if d["problem"].endswith(" is missing") else ", so it was not read (as if missing)"
+        _warn(f"{what}: {root / d['problem']}{read}; `fastlaion run` with the same arguments writes shard "
+              f"{d['shard']} again")
 
 
 def _print_counts(title: str, items: Any, total: int) -> None:
@@ -363,7 +388,7 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
-        ds = _open(source, needs_root="search")
+        ds = _open(source, allow_empty=True, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)
@@ -427,7 +452,7 @@ def index_cmd(
                                               "; search uses it")):
         cfg = IndexConfig(cells=cells, threads=threads, pq=pq)
         cfg.validate()
-        ds = _open(source, needs_root="index")
+        ds = _open(source, allow_empty=True, needs_root="index")
         result = ds.guarded(lambda d: build_index(d, cfg, bar, written.append))
         bar.stop()
         probes = default_probes(result.cells)
@@ -478,7 +503,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
-        ds = _open(source, needs_root="classify")
+        ds = _open(source, allow_empty=True, needs_root="classify")
         result = classify(ds, output, cfg, bar, written.append)
         bar.stop()
         _say(f"classify: {result.classified:,} of {result.kept:,} kept samples labelled over {len(cfg.classes):,} "

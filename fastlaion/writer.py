@@ -151,20 +151,26 @@ def problems(out_dir: Path, shard: int) -> list[str]:
     """Everything wrong with a complete shard's files, one line each: each file its stats name
     must be there with the size it was written at (stats from before the sizes were recorded: the
     tar and the Parquet must be there). An unreadable stats file is damage too."""
+    return [line for _, line in file_problems(out_dir, shard)]
+
+
+def file_problems(out_dir: Path, shard: int) -> list[tuple[str, str]]:
+    """problems(), each with the name of the file it is about (the stats file's own, when that
+    is unreadable), for a reader that needs only some of the shard's files."""
     name = shard_name(shard)
     try:
         files = read_stats(out_dir, shard).get("files") or {f"{name}.tar": None, f"{name}.parquet": None}
     except (OSError, ValueError, AttributeError) as exc:
-        return [f"{name}_stats.json is unreadable ({exc.__class__.__name__})"]
+        return [(f"{name}_stats.json", f"{name}_stats.json is unreadable ({exc.__class__.__name__})")]
     found = []
     for fname, size in files.items():
         try:
             now = (out_dir / fname).stat().st_size
         except FileNotFoundError:
-            found.append(f"{fname} is missing")
+            found.append((fname, f"{fname} is missing"))
             continue
         if size is not None and now != size:
-            found.append(f"{fname} holds {now:,} bytes, {size:,} when written")
+            found.append((fname, f"{fname} holds {now:,} bytes, {size:,} when written"))
     return found
 
 

@@ -226,6 +226,49 @@ def test_stats_of_a_subset_that_matched_nothing_is_a_zero_funnel(run, tmp_path):
     assert "0 rows, 0 kept samples" in said and "no kept samples" in said and "(0 thumbnails)" in said
 
 
+def columns_of(path: Path) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in pq.read_schema(path)]
+
+
+def test_every_command_takes_a_subset_that_matched_nothing(run, tmp_path):
+    """A subset whose filter matched nothing (0 rows) is a dataset like any other: subset (with
+    --shards and --urls), dedup (each --by) and classify write a 0-row metadata.parquet with the
+    columns they write from a subset that matched everything, and a dataset.json, so the next
+    command in a chain reads it; index and search say in one line that there is nothing to index
+    or search (exit 2: nothing was built or found). They refused it ("holds no rows")."""
+    none, every = tmp_path / "none", tmp_path / "every"
+    invoke(["subset", "--where", "similarity > 5", "--from", run, "-o", none, "--no-progress"])
+    invoke(["subset", "--where", "similarity > -5", "--from", run, "-o", every, "--no-progress"])
+    assert pq.read_metadata(none / "metadata.parquet").num_rows == 0
+    assert pq.read_metadata(every / "metadata.parquet").num_rows == len(kept(read_rows(run)))
+    commands = {"subset": ["subset", "--where", "true", "--shards", "--urls"],
+                "classify": ["classify", "-c", "cat", "-c", "dog"],
+                **{f"dedup-{by}": ["dedup", "--by", by] for by in ("url", "url+caption", "sha256", "phash",
+                                                                    "embedding")}}
+    for name, args in commands.items():
+        for source in (none, every):
+            invoke(args + ["--from", source, "-o", tmp_path / name / source.name, "--no-progress"])
+        empty, full = tmp_path / name / "none", tmp_path / name / "every"
+        assert pq.read_metadata(empty / "metadata.parquet").num_rows == 0, name
+        assert columns_of(empty / "metadata.parquet") == columns_of(full / "metadata.parquet"), name
+        manifest = load_json(empty / "dataset.json")
+        assert (manifest["source_rows"], manifest["rows"]) == (0, 0), name
+        # chained: the empty output is read as a dataset by the next command
+        chained = invoke(["stats", empty, "--json", tmp_path / name / "s.json"])
+        assert "0 rows, 0 kept samples" in " ".join(chained.output.split()), name
+        invoke(["dedup", "--by", "url", "--from", empty, "-o", tmp_path / name / "then", "--no-progress"])
+        assert pq.read_metadata(tmp_path / name / "then" / "metadata.parquet").num_rows == 0, name
+    assert load_json(tmp_path / "subset" / "none" / "shards.json")["tars"] == []
+    assert pq.read_metadata(tmp_path / "subset" / "none" / "urls.parquet").num_rows == 0
+    np.save(tmp_path / "q.npy", np.load(run / "00000_img_emb.npy")[0].astype(np.float32))
+    for args, what in ((["index", none], "index"), (["search", none, "--vector", tmp_path / "q.npy"], "search"),
+                       (["search", none, "--text", "a cat"], "search")):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {none} holds no kept samples (0 rows): nothing to {what}", args
+    assert not (none / "index").exists()
+
+
 def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
     """stats on a run folder checks each finished shard's files against the sizes its stats file
     records: a cut tar, a lost embedding file and a lost Parquet (whose rows would otherwise be
@@ -252,6 +295,113 @@ def test_stats_names_the_finished_shards_files_missing_or_cut(run, tmp_path):
     clean = runner.invoke(app(), ["stats", str(run), "--json", str(tmp_path / "c.json"), "--no-progress"])
     assert clean.exit_code == 0 and "damaged" not in clean.stdout
     assert load_json(tmp_path / "c.json")["damaged_files"] == []
+
+
+def cut_after_first_member(tar: Path) -> int:
+    """Cut a tar just after its first member (a sample's image, before its .txt and .json): what
+    is left reads as a whole, shorter tar. Returns the size it was written at."""
+    import tarfile
+
+    size = tar.stat().st_size
+    with tarfile.open(tar) as t:
+        first = t.getmembers()[0]
+    os.truncate(tar, first.offset_data + -(-first.size // 512) * 512)
+    return size
+
+
+def test_commands_reading_a_runs_shard_files_name_the_damaged_ones_and_read_them_as_missing(run, tmp_path):
+    """A run whose 00001.tar was cut after its first sample's image (the rest reads as a whole,
+    shorter tar) and whose 00002_img_emb.npy is gone, checked against the sizes the shards' stats
+    files record (as `stats` on the run folder does): subset --shards, dedup --by phash and
+    --by embedding, given a subset of that run, say in one line each damaged file they need and
+    read it as a missing one (subset --shards copied the cut sample, its image without its
+    caption and metadata, into its tars); stats on the subset lists them, naming the run. A file
+    the command does not need, or of a shard the dataset has no sample in, is not said."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    sub, shard0 = tmp_path / "sub", tmp_path / "shard0"
+    invoke(["subset", "--where", "similarity > -5", "--from", out, "-o", sub, "--no-progress"])
+    invoke(["subset", "--where", "shard = '00000'", "--from", out, "-o", shard0, "--no-progress"])
+    rows = kept(read_rows(out))
+    images = tar_images(out)
+    tar_size = cut_after_first_member(out / "00001.tar")
+    cut = f"{(out / '00001.tar').stat().st_size:,} bytes, {tar_size:,} when written"
+    (out / "00002_img_emb.npy").unlink()
+    real = out.resolve()
+    tar_line = f"{real}/00001.tar holds {cut}, so it was not read (as if missing); `fastlaion run` with the same " \
+               "arguments writes shard 00001 again"
+    emb_line = f"{real}/00002_img_emb.npy is missing; `fastlaion run` with the same arguments writes shard 00002 again"
+    tar_problem = {"shard": "00001", "problem": f"00001.tar holds {cut}"}
+    emb_problem = {"shard": "00002", "problem": "00002_img_emb.npy is missing"}
+
+    result = runner.invoke(app(), ["subset", "--where", "true", "--from", str(sub), "-o", str(tmp_path / "s"),
+                                   "--shards", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: subset --shards: {tar_line}", f"warning: subset --shards: {emb_line}"]
+    exported = [r for r in rows if r["shard"] != "00001"]
+    assert tar_images(tmp_path / "s") == {r["key"]: images[r["key"]] for r in exported}
+    meta = table(tmp_path / "s" / "metadata.parquet")
+    emb = np.load(tmp_path / "s" / "00000_img_emb.npy")
+    for m in meta:
+        if m["shard"] is not None:
+            assert np.isnan(emb[m["shard_row"]]).all() == (m["key"] in {r["key"] for r in rows if r["shard"] == "00002"})
+    manifest = load_json(tmp_path / "s" / "dataset.json")
+    assert manifest["damaged_files"] == [tar_problem, emb_problem]
+    assert manifest["samples_missing"] == len(rows) - len(exported)
+
+    for by, line, problem, unreadable in (("phash", tar_line, tar_problem, "00001"),
+                                          ("embedding", emb_line, emb_problem, "00002")):
+        result = runner.invoke(app(), ["dedup", "--by", by, "--from", str(sub), "-o", str(tmp_path / by),
+                                       "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert [x for x in result.stderr.splitlines() if x.startswith("warning:")] == [f"warning: dedup --by {by}: {line}"]
+        manifest = load_json(tmp_path / by / "dataset.json")
+        assert manifest["damaged_files"] == [problem]
+        assert manifest["unreadable_samples"] == sum(r["shard"] == unreadable for r in rows)
+
+    result = invoke(["stats", sub, "--json", tmp_path / "s.json"])
+    stats = load_json(tmp_path / "s.json")
+    assert stats["damaged_files"] == [tar_problem, emb_problem] and stats["damaged_root"] == str(real)
+    lines = result.stdout.splitlines()
+    at = lines.index(f"damaged: 2 problem(s) with the files of 2 finished shard(s) of the run {real}, which this "
+                     "dataset's samples are in; `fastlaion run` with the same arguments writes those shards again")
+    assert lines[at + 1:at + 3] == [f"  shard {p['shard']}: {p['problem']}" for p in (tar_problem, emb_problem)]
+    # a subset whose samples are all in shard 00000, whose files are whole: nothing to say
+    for args in (["stats", shard0, "--json", tmp_path / "0.json"],
+                 ["subset", "--where", "true", "--from", shard0, "-o", tmp_path / "s0", "--shards"],
+                 ["dedup", "--by", "phash", "--from", shard0, "-o", tmp_path / "d0"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and "damaged" not in result.output and not result.stderr, (args, result.output)
+    assert load_json(tmp_path / "0.json")["damaged_files"] == []
+
+
+def test_commands_on_a_run_folder_say_a_finished_shards_lost_parquet(run, tmp_path):
+    """A run folder whose finished shard lost its Parquet: the commands that read its rows (all
+    but stats, which lists it among the damaged files) say in one line that that shard's rows are
+    not read; they used to leave them out without a word. A Parquet that is there but unreadable
+    is said once, as before."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    rows = read_rows(out)
+    (out / "00002.parquet").unlink()
+    line = (f"warning: {out.resolve()}/00002.parquet is missing: the rows of shard 00002 are not read; `fastlaion run` "
+            "with the same arguments writes it again")
+    for args in (["subset", "--where", "true", "--include-dropped", "--from", out, "-o", tmp_path / "s"],
+                 ["dedup", "--by", "url", "--from", out, "-o", tmp_path / "d"]):
+        result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+        assert result.exit_code == 0 and result.stderr.strip() == line, (args, result.stderr)
+        assert [m["key"] for m in table(args[-1] / "metadata.parquet")] == [r["key"] for r in rows
+                                                                              if r["shard"] != "00002"]
+    (out / "00001.parquet").write_bytes(b"not a parquet file")
+    result = runner.invoke(app(), ["subset", "--where", "true", "--from", str(out), "-o", str(tmp_path / "s"),
+                                   "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable Parquet" in result.stderr  # (a log line, wrapped)
+    assert [x for x in result.stderr.splitlines() if x.startswith("warning:")] == [line], result.stderr
+    result = runner.invoke(app(), ["stats", str(out), "--no-progress"])
+    assert result.exit_code == 0 and "shard 00002: 00002.parquet is missing" in result.stdout
+    assert "warning:" not in result.stderr
 
 
 def find_chromium() -> str | None:
@@ -472,12 +622,45 @@ def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_
         result = runner.invoke(app(), [str(a) for a in args])
         assert result.exit_code == 0, result.output
         assert result.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), (args, result.stderr)
-    # a finished run, a subset folder (of the stopped run), one Parquet file: nothing to say
-    for args in (["stats", run], ["stats", tmp_path / "sub"], ["stats", tmp_path / "sub" / "metadata.parquet"],
-                 ["stats", out / "00000.parquet"], ["subset", "--where", "similarity > -2", "--from", tmp_path / "sub",
-                                                    "-o", tmp_path / "sub2"]):
+    # a finished run, one Parquet file: nothing to say
+    for args in (["stats", run], ["stats", out / "00000.parquet"]):
         result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
         assert result.exit_code == 0 and not result.stderr, (args, result.stderr)
+
+
+def test_a_subset_of_a_run_not_done_records_it_and_says_so(run, tmp_path):
+    """A subset made from a run folder whose run was writing it, or had stopped before its end,
+    records that in its dataset.json (with the shards finished then), and so does what is made
+    from it; stats and the other commands on it say so in one line, as they do on the run folder.
+    A subset of a finished run records nothing and nothing is said (it recorded nothing of it and
+    stats on it said nothing: a partial dataset passed for a whole one)."""
+    from fastlaion.pipeline import output_lock
+
+    out = as_in_progress(run, tmp_path / "run")
+    real = str(out.resolve())
+    with output_lock(out):
+        invoke(["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "writing", "--no-progress"])
+    (out / ".lock").write_text("12345\n")  # killed: the lock file left, nobody holding it
+    invoke(["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "stopped", "--no-progress"])
+    invoke(["dedup", "--by", "url", "--from", tmp_path / "stopped", "-o", tmp_path / "then", "--no-progress"])
+    invoke(["subset", "--where", "similarity > -2", "--from", run, "-o", tmp_path / "finished", "--no-progress"])
+    record = {"source_unfinished": True, "source_run": real, "source_finished_shards": 2, "source_shards_total": None}
+    for name, writing in (("writing", True), ("stopped", False), ("then", False)):
+        info = load_json(tmp_path / name / "dataset.json")
+        assert {k: info[k] for k in record} == record and info["source_run_writing"] is writing, name
+    assert not any(k.startswith("source_unf") for k in load_json(tmp_path / "finished" / "dataset.json"))
+
+    how = {"writing": "while a fastlaion run was writing it", "stopped": "whose fastlaion run had not finished"}
+    for name in ("writing", "stopped", "then"):
+        for args in (["stats", tmp_path / name], ["stats", tmp_path / name / "metadata.parquet"],
+                     ["subset", "--where", "true", "--from", tmp_path / name, "-o", tmp_path / f"{name}2"]):
+            result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
+            assert result.exit_code == 0, result.output
+            assert result.stderr.strip() == (f"warning: {args[-1] if args[0] == 'stats' else args[-3]}: made from "
+                                             f"{real}, {how.get(name, how['stopped'])} (2 shards finished then): it "
+                                             "holds the samples of those shards only"), (args, result.stderr)
+    result = runner.invoke(app(), ["stats", str(tmp_path / "finished"), "--no-progress"])
+    assert result.exit_code == 0 and not result.stderr, result.stderr
 
 
 def test_a_real_run_being_written_and_then_killed_is_said_so(tmp_path, photos):

@@ -238,7 +238,10 @@ def test_empty_datasets_are_a_clear_error(tmp_path):
     rows = synthetic_rows(10, seed=4, shard_size=10)
     write_run(tmp_path / "zero", rows, 10)
     pl.read_parquet(tmp_path / "zero" / "00000.parquet").clear().write_parquet(tmp_path / "zero" / "00000.parquet")
-    assert "holds no rows" in invoke(["subset", "en", "--from", tmp_path / "zero", "-o", tmp_path / "o"], code=2).output
+    # no rows is a dataset (a subset of it is too), but nothing to index
+    assert "0 of 0 kept samples" in invoke(["subset", "en", "--from", tmp_path / "zero", "-o", tmp_path / "o"]).output
+    assert pq.read_metadata(tmp_path / "o" / "metadata.parquet").num_rows == 0
+    assert "holds no kept samples (0 rows): nothing to index" in invoke(["index", tmp_path / "zero"], code=2).output
     # a shard still being written (no stats file yet) is not read
     (tmp_path / "zero" / "00000_stats.json").unlink()
     assert "none of the 1 Parquet file(s)" in invoke(["stats", tmp_path / "zero"], code=2).output

@@ -111,10 +111,11 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
         from ..ops import topk_cosine
         from ..score import Scorer, pick_device
 
-        scorer = Scorer(score, pick_device(score.device))
-        classes = class_embeddings(scorer, cfg.classes, cfg.templates)
         cand = collect(d.scan().with_row_index("_i").filter(pl.col("status") == KEPT)
                        .select("_i", *d.sample_columns()))
+        # no kept sample (a subset that matched nothing): the labelled dataset, empty, without a model
+        classes = (class_embeddings(Scorer(score, pick_device(score.device)), cfg.classes, cfg.templates)
+                   if cand.height else None)
         rows_i: list[np.ndarray] = []
         best: list[np.ndarray] = []
         scores: list[np.ndarray] = []

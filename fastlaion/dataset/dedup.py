@@ -120,6 +120,9 @@ class DedupResult:
     kept: int                 # kept samples after dedup
     skipped_files: list[dict[str, str]]
     unreadable_samples: int = 0   # phash: missing or undecodable images; embedding: no embedding
+    # phash, embedding: the run's files they read (tars, image embeddings) not as the run wrote
+    # them ({shard, problem}), read as missing ones (Dataset.damage)
+    damaged_files: list[dict[str, str]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -141,6 +144,9 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
 
     def job(d: Dataset) -> DedupResult:
         settings: dict[str, Any] = {}
+        damaged = [] if cfg.by in EXACT_COLUMNS else d.damage(files=(".tar",) if cfg.by is DedupBy.phash
+                                                              else ("_img_emb.npy",))
+        d = d.with_damage(damaged)
         if cfg.by in EXACT_COLUMNS:
             dups, candidates, unreadable = _exact(d, EXACT_COLUMNS[cfg.by]), _count_kept(d), 0
         elif cfg.by is DedupBy.phash:
@@ -152,7 +158,8 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
         return DedupResult(by=cfg.by.value, output=str(out), rows=d.rows, candidates=candidates,
                            duplicates=dups.height, kept=candidates - dups.height,
                            skipped_files=[vars(s) for s in d.skipped], unreadable_samples=unreadable,
-                           settings=settings)
+                           settings=settings, damaged_files=[{"shard": x.shard, "problem": x.problem}
+                                                             for x in damaged])
 
     with target.building():
         result = ds.guarded(job)

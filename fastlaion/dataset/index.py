@@ -159,7 +159,7 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
     by shard (one shard's vectors in memory besides the index), and write the index atomically.
     `written(folder)` is called once the new index is whole in place (a Ctrl-C from then on
     leaves it so), before a Ctrl-C that came while it was put there lands."""
-    from .search import kept_reader
+    from .search import kept_reader, nothing_kept
 
     cfg.validate()
     progress = progress or NoProgress()
@@ -171,7 +171,7 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
     ds.need_root("index")
     reader = kept_reader(ds)
     if reader is None:
-        raise DatasetError(f"{ds.path} has no kept samples to index")
+        raise DatasetError(nothing_kept(ds, "index"))
     n, dim = reader.rows, reader.dim
     if not dim:
         raise DatasetError(f"none of {ds.path}'s embedding files can be read: nothing to index")

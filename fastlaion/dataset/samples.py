@@ -65,6 +65,9 @@ def read_images(ds: Dataset, rows: pl.DataFrame, on_image: Callable[[int, bytes]
             progress.advance()
             return len(wanted)
         path = ds.tar_path(shard)
+        if ds.is_damaged(path):  # said once by the command (Dataset.with_damage): read as missing
+            progress.advance()
+            return len(wanted)
         try:
             for tar, member in _members(path):
                 key, ext = split_name(member.name)
@@ -152,6 +155,10 @@ def reshard(ds: Dataset, rows: pl.DataFrame, out_dir: Path, shard_size: int, pro
                 continue
             where = dict(zip(keys, positions))
             path = ds.tar_path(shard)
+            if ds.is_damaged(path):  # said once by the command (Dataset.with_damage): read as missing
+                missing += len(wanted)
+                progress.advance()
+                continue
             found = 0
             try:
                 with tarfile.open(path, "r:") as tar:
@@ -235,6 +242,8 @@ def export_embeddings(ds: Dataset, shards: pl.Series, rows: np.ndarray, written:
                 for code in np.unique(codes[part]):
                     mine = np.flatnonzero(codes[part] == code)
                     path = ds.embeddings_path(names[code], kind)
+                    if ds.is_damaged(path):  # said by the command: its samples get none, as if missing
+                        continue
                     try:
                         arr = np.load(path, mmap_mode="r")
                         if arr.ndim != 2 or arr.shape[1] != dim:
@@ -259,8 +268,11 @@ def export_embeddings(ds: Dataset, shards: pl.Series, rows: np.ndarray, written:
 def _width(ds: Dataset, shards: list[str], kind: str) -> int:
     """The width of the first readable `{shard}_{kind}_emb.npy` of these shards (0: none)."""
     for shard in shards:
+        path = ds.embeddings_path(shard, kind)
+        if ds.is_damaged(path):
+            continue
         try:
-            arr = np.load(ds.embeddings_path(shard, kind), mmap_mode="r")
+            arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError):
             continue
         if arr.ndim == 2:

@@ -237,6 +237,12 @@ def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress
     return [[(int(p), float(s)) for p, s in zip(best_pos[i], best_sim[i])] for i in range(n_q)]
 
 
+def nothing_kept(ds: Dataset, what: str) -> str:
+    """The one line of index and search on a dataset with no kept sample (a subset that matched
+    nothing: 0 rows)."""
+    return f"{ds.path} holds no kept samples ({ds.rows:,} rows): nothing to {what}"
+
+
 def kept_reader(ds: Dataset) -> EmbeddingReader | None:
     """The kept samples' embeddings (None when there are none); raises DatasetError when the
     dataset has no embedding files at all."""
@@ -267,6 +273,8 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         raise ConfigError("nothing to search for: give --text, --image or --vector (each may repeat)")
     ds.require(("key", "status"), "search")
     ds.need_root("search")
+    if not ds.rows:
+        raise DatasetError(nothing_kept(ds, "search"))
     score = run_score_config(ds, cfg) if any(q.kind != "vector" for q in queries) else None
 
     def job(d: Dataset) -> SearchResult:
@@ -281,6 +289,8 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
         # every kept sample's, listed before a model loads (or downloads): none is an error
         loaded = load_index(d) if has_index and not cfg.exact else None
         reader = kept_reader(d) if loaded is None else None
+        if loaded is None and reader is None:  # before a model loads: a search of nothing is no search
+            raise DatasetError(nothing_kept(d, "search"))
         vectors = embed_queries(queries, score)
         used = short = None
         if loaded is not None:

@@ -149,8 +149,11 @@ class EmbeddingReader:
         is the one set aside. 0 when none can be read (each is then named as it is read)."""
         widths: dict[int, int] = {}
         for shard, pos, _ in self.per_shard:
+            path = self.ds.embeddings_path(shard)
+            if self.ds.is_damaged(path):
+                continue
             try:
-                shape = np.load(self.ds.embeddings_path(shard), mmap_mode="r").shape
+                shape = np.load(path, mmap_mode="r").shape
             except (OSError, ValueError, EOFError):
                 continue
             if len(shape) == 2:
@@ -190,6 +193,10 @@ class EmbeddingReader:
                     progress.advance()
                     continue
             path = self.ds.embeddings_path(shard)
+            if self.ds.is_damaged(path):  # said by the command (Dataset.with_damage): as if missing
+                missing += pos.size
+                progress.advance()
+                continue
             try:
                 arr = np.load(path, mmap_mode="r")
                 if arr.ndim != 2:

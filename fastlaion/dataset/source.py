@@ -97,6 +97,20 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A file of one of the root's finished run shards that is not as the run wrote it
+    (writer.file_problems: missing, or another size than its stats file records)."""
+
+    shard: str    # "00001"
+    file: str     # its name in the root: "00001.tar"
+    problem: str  # one line: "00001.tar holds 10,240 bytes, 20,480 when written"
+
+
+# The files of a run's shard that a dataset made from it reads besides its own metadata.
+SAMPLE_FILES = (".tar", "_img_emb.npy", "_txt_emb.npy")
+
+
+@dataclass(frozen=True)
 class Dataset:
     path: Path                      # what was opened
     root: Path                      # the run folder holding the samples' tars and embeddings
@@ -106,6 +120,10 @@ class Dataset:
     rows: int                       # rows in `files`
     groups: tuple[tuple[Path, ...], ...]  # files sharing one schema, in order
     root_missing: str | None = None  # why `root` cannot be read (it is nowhere dataset.json says); None: it can
+    damaged: tuple[Damage, ...] = ()  # the root's files found damaged (with_damage): read as missing ones
+    # made from a run not done when it was read (RunState): UNFINISHED_FIELDS, for the dataset.json
+    # of what is made from it (a subset, dedup or classify output of it, or of those, carries them)
+    unfinished: dict[str, Any] | None = None
 
     def scan(self) -> pl.LazyFrame:
         """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
@@ -174,6 +192,42 @@ class Dataset:
         self.need_root("reading the embeddings")
         return self.root / f"{shard}_{kind}_emb.npy"
 
+    def damage(self, shards: Iterable[str | None] | None = None, files: Sequence[str] | None = SAMPLE_FILES
+               ) -> list[Damage]:
+        """The damage to the files (those ending in `files`, None: all; an unreadable stats file
+        always) of the root's finished run shards `shards` (None: those of the kept samples; a run
+        folder's: all), checked against the sizes their stats files record (writer.file_problems:
+        what `stats` on a run folder and a rerun check). A root that holds no finished run shard
+        (a --shards subset, a lone Parquet's folder) records no sizes: nothing to check."""
+        from ..writer import file_problems, finished_shards, shard_name
+
+        if self.root_missing:
+            return []
+        finished = finished_shards(self.root)
+        if not finished:
+            return []
+        if shards is None and not (self.kind == "run" and self.path.is_dir()):
+            # a run's tars and embeddings hold its kept samples only
+            shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
+        wanted = None if shards is None else {int(s) for s in shards if s is not None and s.isdigit()}
+        found = []
+        for n in finished:
+            if wanted is None or n in wanted:
+                found += [Damage(shard_name(n), f, line) for f, line in file_problems(self.root, n)
+                          if files is None or f.endswith((*files, "_stats.json"))]
+        return found
+
+    def with_damage(self, damaged: Sequence[Damage]) -> Dataset:
+        """This dataset, its readers of tars and embeddings (samples.py, semantic.py) taking
+        these files for missing: a cut tar would give the samples before the cut, some without
+        their caption or metadata file; a cut or other embedding file, rows that may not be
+        the samples'."""
+        return replace(self, damaged=tuple(damaged))
+
+    def is_damaged(self, path: Path) -> bool:
+        """Whether `path` (tar_path, embeddings_path) is one of the files `with_damage` named."""
+        return any(path == self.root / d.file for d in self.damaged)
+
     def without(self, bad: Sequence[Skipped]) -> Dataset:
         gone = {b.path for b in bad}
         groups = tuple(g2 for g2 in (tuple(f for f in g if str(f) not in gone) for g in self.groups) if g2)
@@ -215,7 +269,22 @@ class Dataset:
         the root absolute and relative to `out` (read first, so that the two moved together still
         find each other)."""
         return {"source": str(self.path.resolve()), **root_fields(self.root, out),
-                "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped]}
+                "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped], **(self.unfinished or {})}
+
+    def unfinished_notice(self) -> str | None:
+        """One line for a subset, dedup or classify output made from a run that was not done
+        (its dataset.json's UNFINISHED_FIELDS), as RunState.notice is for the run folder; None
+        for any other dataset."""
+        u = self.unfinished
+        if not u or self.kind == "run":
+            return None
+        n = f"{u['source_finished_shards']:,} shard{'s' * (u['source_finished_shards'] != 1)}"
+        total = u.get("source_shards_total")
+        of = f" of {total:,}" if isinstance(total, int) and total > u["source_finished_shards"] else ""
+        how = "while a fastlaion run was writing it" if u.get("source_run_writing") else \
+            "whose fastlaion run had not finished"
+        return (f"{self.path}: made from {u['source_run']}, {how} ({n}{of} finished then): it holds the samples of "
+                "those shards only")
 
 
 def root_fields(root: Path, out: Path) -> dict[str, str | None]:
@@ -229,6 +298,9 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
 
 
 RUN_CONFIG = "config.json"  # every fastlaion run writes it before its first shard (its settings)
+# What the dataset.json of an output made from a run not done records (Dataset.unfinished)
+UNFINISHED_FIELDS = ("source_unfinished", "source_run", "source_finished_shards", "source_shards_total",
+                     "source_run_writing")
 
 
 @dataclass(frozen=True)
@@ -241,6 +313,11 @@ class RunState:
     writing: bool          # a fastlaion run holds the folder's lock now
     finished: int          # shards in place with their stats file
     total: int | None      # the run's shards, where its summary says
+
+    def record(self) -> dict[str, Any]:
+        """UNFINISHED_FIELDS, for the dataset.json of an output made from this run."""
+        return dict(zip(UNFINISHED_FIELDS, (True, str(self.folder.resolve()), self.finished, self.total,
+                                            self.writing)))
 
     def notice(self) -> str:
         n = f"{self.finished:,} shard{'s' * (self.finished != 1)}"
@@ -330,7 +407,8 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
             last = schema
         groups[-1].append(f)
     ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
-                 groups=tuple(tuple(g) for g in groups), root_missing=root_missing)
+                 groups=tuple(tuple(g) for g in groups), root_missing=root_missing,
+                 unfinished=_unfinished(path))
     if rows == 0 and not allow_empty:
         raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
     if root_missing:
@@ -409,6 +487,25 @@ def _read_manifest(manifest: Path, path: Path) -> tuple[str, Path, str | None]:
     why = (f"cannot find the folder holding the images and embeddings of {path}: its {MANIFEST_FILE} names "
            f"{named}. Put that folder back, or set \"root\" in {manifest} to where it is now")
     return kind, absolute, why
+
+
+def _unfinished(path: Path) -> dict[str, Any] | None:
+    """Dataset.unfinished: a run folder's RunState, or what the dataset.json of a dataset made
+    from one records."""
+    state = run_state(path)
+    if state is not None:
+        return state.record()
+    manifest = (path if path.is_dir() else path.parent) / MANIFEST_FILE
+    if path.is_file() and path.name != METADATA_FILE or not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None  # _read_manifest has said what is wrong with it
+    if not (isinstance(info, dict) and info.get("source_unfinished") is True
+            and isinstance(info.get("source_finished_shards"), int)):
+        return None
+    return {k: info.get(k) for k in UNFINISHED_FIELDS}
 
 
 def _warn_skipped(skipped: Sequence[Skipped], where: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from ..batch import FUNNEL_LEVELS, STAGES
-from .source import DROPPED, KEPT, Dataset, collect
+from .source import DROPPED, KEPT, SAMPLE_FILES, Dataset, collect
 
 # Scores with a known range are binned over it; the others over their observed range.
 HIST_COLUMNS = ("similarity", "aesthetic", "aesthetic_v2", "punsafe", "pwatermark")
@@ -67,8 +67,11 @@ class DatasetStats:
     size_histogram: Histogram | None
     columns: list[str]
     # a run folder's finished shards whose files are not as they were written ({shard, problem},
-    # one a problem): missing, or another size than their stats file records
+    # one a problem): missing, or another size than their stats file records; of a subset or dedup
+    # of a run, the tars and embeddings of the shards its kept samples are in
     damaged_files: list[dict[str, str]] = field(default_factory=list)
+    # the run folder they are in: the dataset's own, or (a subset, a dedup) the run its rows point at
+    damaged_root: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,18 +84,19 @@ class DatasetStats:
 def compute_stats(ds: Dataset, bins: int = 20) -> DatasetStats:
     stats = ds.guarded(lambda d: _compute(d, bins))
     stats.damaged_files = damaged_files(ds)
+    stats.damaged_root = str(ds.root.resolve()) if stats.damaged_files else None
     return stats
 
 
 def damaged_files(ds: Dataset) -> list[dict[str, str]]:
     """For a run folder: every problem with its finished shards' files (the tar, Parquet and
     embeddings their stats file lists, at the sizes it records: writer.problems, the check a
-    rerun makes before it writes such a shard again). Other datasets: none checked."""
-    if ds.kind != "run" or not ds.path.is_dir():
-        return []
-    from ..writer import finished_shards, problems, shard_name
-
-    return [{"shard": shard_name(s), "problem": p} for s in finished_shards(ds.root) for p in problems(ds.root, s)]
+    rerun makes before it writes such a shard again). For a subset or dedup of a run (or one of
+    its shard Parquet files): the problems with the tars and embeddings of the run's shards its
+    kept samples are in. A root that is no run (a --shards subset): none checked."""
+    whole_run = ds.kind == "run" and ds.path.is_dir()
+    found = ds.damage(None, None if whole_run else SAMPLE_FILES)
+    return [{"shard": d.shard, "problem": d.problem} for d in found]
 
 
 def _compute(ds: Dataset, bins: int) -> DatasetStats:

@@ -124,6 +124,9 @@ class SubsetResult:
     samples_missing: int = 0
     rows_not_exported: int = 0  # with --shards: selected rows that are no kept sample (--include-dropped)
     embeddings_missing: int = 0  # with --shards: samples in the tars without an image embedding
+    # with --shards: the run's files of these samples not as the run wrote them ({shard, problem}),
+    # read as missing ones (Dataset.damage)
+    damaged_files: list[dict[str, str]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -215,6 +218,9 @@ def _export(ds: Dataset, target: OutputDir, result: SubsetResult, shard_size: in
     rows = collect(meta.filter(pl.col("status") == KEPT)
                    .select("_r", "key", "shard", row_in_shard(meta.collect_schema().names()).alias("_row")))
     result.rows_not_exported = result.selected - rows.height  # tars hold kept samples only
+    damaged = ds.damage(rows["shard"])
+    result.damaged_files = [{"shard": d.shard, "problem": d.problem} for d in damaged]
+    ds = ds.with_damage(damaged)
     written = reshard(ds, rows, target.tmp, shard_size, progress)
     write_shards_json(target.path(SHARDS_FILE), written)
     result.tars, result.samples_exported = len(written.tars), written.samples
