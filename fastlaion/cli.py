@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -153,7 +155,14 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
     (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback. `interrupted`
     says what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an
-    output written by then)."""
+    output written by then).
+
+    In the console script's process (main()), the block is the command's work: a Ctrl-C before
+    it is fastlaion.__main__'s "interrupted while starting", in it a KeyboardInterrupt told here."""
+    if _OWN_PROCESS and threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:  # not ignored (a background job)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the work begins: see above
     try:
         yield
     except ConfigError as e:
@@ -440,8 +449,13 @@ def _exit_now() -> None:
 
 
 def main() -> None:
+    """The command line in this process (fastlaion.__main__.main, the console script, calls it)."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not through fastlaion.__main__
+        from .__main__ import interrupted_while_starting
+
+        signal.signal(signal.SIGINT, interrupted_while_starting)
     app()
 
 
