@@ -150,6 +150,15 @@ def print_error(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+_working = 0  # user_errors blocks open
+
+
+def _ctrl_c_ignored_from_now() -> None:
+    """In the console script's process: SIGINT ignored until it exits (its status is decided)."""
+    if _OWN_PROCESS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
@@ -157,14 +166,21 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
     says what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an
     output written by then).
 
-    In the console script's process (main()), the block is the command's work: a Ctrl-C before
-    it is fastlaion.__main__'s "interrupted while starting", in it a KeyboardInterrupt told here."""
-    if _OWN_PROCESS and threading.current_thread() is threading.main_thread():
+    In the console script's process (main()), the outermost block is the command's work: a
+    Ctrl-C before it is fastlaion.__main__'s "interrupted while starting", in it a
+    KeyboardInterrupt told here, and once it is done (the closing lines, the interpreter's
+    teardown) ignored: a finished command exits 0 (a Ctrl-C there made it 130 without a word, or
+    death by SIGINT)."""
+    global _working
+    if not _working and _OWN_PROCESS and threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:  # not ignored (a background job)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the work begins: see above
+    _working += 1
     try:
         yield
+        if _working == 1:
+            _ctrl_c_ignored_from_now()
     except ConfigError as e:
         bar.stop()
         print_error(str(e))
@@ -185,6 +201,7 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
         print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
         raise typer.Exit(1) from None
     finally:
+        _working -= 1
         bar.stop()
 
 
@@ -425,6 +442,7 @@ for _name in ("subset", "dedup", "stats", "index", "search", "classify"):
 @_command("version")
 def version_cmd() -> None:
     """Print fastlaion's version."""
+    _ctrl_c_ignored_from_now()  # nothing to stop: a Ctrl-C once it printed made it 130, "interrupted while starting"
     out_console.print(__version__)
 
 
@@ -456,7 +474,10 @@ def main() -> None:
         from .__main__ import interrupted_while_starting
 
         signal.signal(signal.SIGINT, interrupted_while_starting)
-    app()
+    try:
+        app()
+    finally:
+        _ctrl_c_ignored_from_now()  # the exit status is decided: the interpreter's teardown keeps it
 
 
 if __name__ == "__main__":

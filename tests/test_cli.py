@@ -618,6 +618,22 @@ def test_a_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("when", ["as it exits", "in the interpreter's teardown"])
+def test_a_finished_command_exits_0_through_a_ctrl_c_after_its_last_line(tmp_path, when):
+    """The command has written its output and said so: a Ctrl-C as typer exits (it died by SIGINT
+    with a traceback) or in the interpreter's teardown (after the atexit handlers, Python's own:
+    a traceback) leaves its exit status 0 and adds nothing."""
+    setup = ({"as it exits": "real_exit = sys.exit\ndef exit_after_a_ctrl_c(code=None):\n    ctrl_c()\n"
+                             "    real_exit(code)\nsys.exit = exit_after_a_ctrl_c\n",
+              "in the interpreter's teardown": "import atexit\natexit.register(ctrl_c)\n"})[when]
+    out = tmp_path / "sub"
+    result = _fastlaion_after(setup, ["subset", "--from", _one_parquet(tmp_path), "-o", out, "--where", "caption = 'a cat'",
+                                      "--no-progress"])
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == f"subset --where \"caption = 'a cat'\": 1 of 2 kept samples (50.0%) -> {out / 'metadata.parquet'}\n"
+    assert pl.read_parquet(out / "metadata.parquet")["caption"].to_list() == ["a cat"]
+
+
 def test_a_command_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path):
     """A script's background job (`fastlaion ... &`) starts with SIGINT ignored: a Ctrl-C meant
     for the script, while the command starts or while it works, does not stop it."""
