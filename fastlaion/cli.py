@@ -31,6 +31,7 @@ from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
     ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
+from .interrupt import ctrl_c_ignored
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
@@ -170,35 +171,41 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
     Ctrl-C before it is fastlaion.__main__'s "interrupted while starting", in it a
     KeyboardInterrupt told here, and once it is done (the closing lines, the interpreter's
     teardown) ignored: a finished command exits 0 (a Ctrl-C there made it 130 without a word, or
-    death by SIGINT)."""
+    death by SIGINT). The line that says why it stopped prints whole through a second Ctrl-C
+    (which cut it, and typer then exited 130 without the rest)."""
     global _working
     if not _working and _OWN_PROCESS and threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:  # not ignored (a background job)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the work begins: see above
     _working += 1
+    telling = ctrl_c_ignored(to_the_end=_OWN_PROCESS)
     try:
         yield
         if _working == 1:
             _ctrl_c_ignored_from_now()
     except ConfigError as e:
-        bar.stop()
-        print_error(str(e))
+        with telling:
+            bar.stop()
+            print_error(str(e))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        bar.stop()
-        from rich.markup import escape
+        with telling:
+            bar.stop()
+            from rich.markup import escape
 
-        said = interrupted() if callable(interrupted) else interrupted
-        console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
+            said = interrupted() if callable(interrupted) else interrupted
+            console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except WorkerFailed as e:
-        bar.stop()
-        print_error(str(e))
+        with telling:
+            bar.stop()
+            print_error(str(e))
         raise typer.Exit(1) from None
     except OSError as e:
-        bar.stop()
-        print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+        with telling:
+            bar.stop()
+            print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
         raise typer.Exit(1) from None
     finally:
         _working -= 1

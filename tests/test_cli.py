@@ -634,6 +634,32 @@ def test_a_finished_command_exits_0_through_a_ctrl_c_after_its_last_line(tmp_pat
     assert pl.read_parquet(out / "metadata.parquet")["caption"].to_list() == ["a cat"]
 
 
+@pytest.mark.parametrize("stop, line, code", [
+    ("ctrl_c", "interrupted: nothing was replaced; rerun the command", 130),
+    ("bad_input", "error: --where names unknown column(s) 'nosuch'; columns are: url, caption, status, key, shard", 2)])
+def test_a_second_ctrl_c_while_the_command_says_why_it_stopped_leaves_the_line_whole(tmp_path, stop, line, code):
+    """A Ctrl-C (or bad input) stops the command, and a second Ctrl-C comes while its line is
+    written (half of it out): the line was cut there and typer exited 130 without the rest. Now
+    the line is whole, once, and the exit status the first stop's."""
+    setup = ("import fastlaion.dataset.subset as subset_module\n"
+             "real_subset = subset_module.subset\n"
+             f"def subset(*args, **kwargs):\n    {'ctrl_c()' if stop == 'ctrl_c' else 'pass'}\n"
+             "    return real_subset(*args, **kwargs)\n"
+             "subset_module.subset = subset\n"
+             "class HalfThenCtrlC:\n"
+             "    def __init__(self, f):\n        self.f = f\n"
+             "    def write(self, s):\n"
+             "        self.f.write(s[:len(s) // 2])\n        self.f.flush()\n        ctrl_c()\n"
+             "        return self.f.write(s[len(s) // 2:])\n"
+             "    def __getattr__(self, name):\n        return getattr(self.f, name)\n"
+             "sys.stderr = HalfThenCtrlC(sys.stderr)\n")
+    where = "caption = 'a cat'" if stop == "ctrl_c" else "nosuch = 1"
+    result = _fastlaion_after(setup, ["subset", "--from", _one_parquet(tmp_path), "-o", tmp_path / "sub",
+                                      "--where", where, "--no-progress"])
+    assert (result.returncode, result.stderr) == (code, line + "\n")
+    assert not (tmp_path / "sub").exists()
+
+
 def test_a_command_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path):
     """A script's background job (`fastlaion ... &`) starts with SIGINT ignored: a Ctrl-C meant
     for the script, while the command starts or while it works, does not stop it."""
