@@ -404,6 +404,40 @@ def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "s.json"], name  # nothing aside left
 
 
+def test_a_replaced_stats_file_keeps_its_mode_and_a_new_one_gets_the_umasks(synth, tmp_path, monkeypatch):
+    """stats --json over a file of mode 0o640 (or a link to one of 0o600): the new file kept it.
+    It got the umask's (0o644 here), readable by all. A new file still gets the umask's. The
+    text written aside is its owner's only (0o600) until then."""
+    import os
+    import pathlib
+    import stat
+
+    modes_aside = []
+    write_text = pathlib.Path.write_text
+
+    def noting_the_mode(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            modes_aside.append(stat.S_IMODE(self.stat().st_mode) if self.exists() else None)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", noting_the_mode)
+
+    js, target, link, fresh = (tmp_path / n for n in ("s.json", "t.json", "link.json", "new.json"))
+    for path, mode in ((js, 0o640), (target, 0o600)):
+        path.write_text('{"old": true}')
+        path.chmod(mode)
+    link.symlink_to(target)
+    umask = os.umask(0o022)
+    try:
+        for path in (js, link, fresh):
+            invoke(["stats", synth[0], "--json", path, "--no-progress"])
+    finally:
+        os.umask(umask)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (js, target, fresh)] == [0o640, 0o600, 0o644]
+    assert modes_aside == [0o600, 0o600, None]
+    assert link.is_symlink() and load_json(js) == load_json(target) == load_json(fresh) != {"old": True}
+
+
 def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_was(synth, tmp_path):
     from fastlaion.dataset.output import OutputDir
     from fastlaion.dataset.source import open_dataset

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -168,8 +169,9 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
     """`text` into the file `path`, whole or not at all: written aside, then renamed over it, so
     a Ctrl-C or a full disk while it is written leaves the earlier file, if any, as it was (it
     used to be cut short). `written(path)` is called once it is in place, before a Ctrl-C that
-    came while it was renamed lands. A failure names `path`, not the file aside. A link is
-    followed (the file it names is replaced); a device or a pipe (/dev/stdout) is written through."""
+    came while it was renamed lands. A failure names `path`, not the file aside. A file replaced
+    keeps its mode; a new one gets the umask's. A link is followed (the file it names is replaced);
+    a device or a pipe (/dev/stdout) is written through."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -183,7 +185,16 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
                 written(path)
             return
         try:
+            mode = stat.S_IMODE(os.stat(real).st_mode)
+        except FileNotFoundError:
+            mode = None  # a new file: the umask's mode
+        try:
+            if mode is not None:  # the text aside readable by its owner only until it has the file's mode
+                tmp.touch()
+                os.chmod(tmp, 0o600)
             tmp.write_text(text, encoding="utf-8")
+            if mode is not None:
+                os.chmod(tmp, mode)  # the replaced file's, not the umask's
         except BaseException:
             try:
                 tmp.unlink(missing_ok=True)
