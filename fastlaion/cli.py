@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -29,6 +31,7 @@ from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
     ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
+from .interrupt import ctrl_c_ignored
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
@@ -148,34 +151,64 @@ def print_error(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+_working = 0  # user_errors blocks open
+
+
+def _ctrl_c_ignored_from_now() -> None:
+    """In the console script's process: SIGINT ignored until it exits (its status is decided)."""
+    if _OWN_PROCESS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
     (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback. `interrupted`
     says what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an
-    output written by then)."""
+    output written by then).
+
+    In the console script's process (main()), the outermost block is the command's work: a
+    Ctrl-C before it is fastlaion.__main__'s "interrupted while starting", in it a
+    KeyboardInterrupt told here, and once it is done (the closing lines, the interpreter's
+    teardown) ignored: a finished command exits 0 (a Ctrl-C there made it 130 without a word, or
+    death by SIGINT). The line that says why it stopped prints whole through a second Ctrl-C
+    (which cut it, and typer then exited 130 without the rest)."""
+    global _working
+    if not _working and _OWN_PROCESS and threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:  # not ignored (a background job)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the work begins: see above
+    _working += 1
+    telling = ctrl_c_ignored(to_the_end=_OWN_PROCESS)
     try:
         yield
+        if _working == 1:
+            _ctrl_c_ignored_from_now()
     except ConfigError as e:
-        bar.stop()
-        print_error(str(e))
+        with telling:
+            bar.stop()
+            print_error(str(e))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        bar.stop()
-        from rich.markup import escape
+        with telling:
+            bar.stop()
+            from rich.markup import escape
 
-        said = interrupted() if callable(interrupted) else interrupted
-        console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
+            said = interrupted() if callable(interrupted) else interrupted
+            console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except WorkerFailed as e:
-        bar.stop()
-        print_error(str(e))
+        with telling:
+            bar.stop()
+            print_error(str(e))
         raise typer.Exit(1) from None
     except OSError as e:
-        bar.stop()
-        print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+        with telling:
+            bar.stop()
+            print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
         raise typer.Exit(1) from None
     finally:
+        _working -= 1
         bar.stop()
 
 
@@ -416,6 +449,7 @@ for _name in ("subset", "dedup", "stats", "index", "search", "classify"):
 @_command("version")
 def version_cmd() -> None:
     """Print fastlaion's version."""
+    _ctrl_c_ignored_from_now()  # nothing to stop: a Ctrl-C once it printed made it 130, "interrupted while starting"
     out_console.print(__version__)
 
 
@@ -440,9 +474,17 @@ def _exit_now() -> None:
 
 
 def main() -> None:
+    """The command line in this process (fastlaion.__main__.main, the console script, calls it)."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
-    app()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not through fastlaion.__main__
+        from .__main__ import interrupted_while_starting
+
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+    try:
+        app()
+    finally:
+        _ctrl_c_ignored_from_now()  # the exit status is decided: the interpreter's teardown keeps it
 
 
 if __name__ == "__main__":

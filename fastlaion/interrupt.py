@@ -3,7 +3,7 @@ included, also while multiprocessing is still starting Python in them, where it 
 traceback per child. Children are started with SIGINT blocked (`ctrl_c_held`) and take it back
 where they can handle it (`release_ctrl_c`): a Ctrl-C that came in between is then delivered.
 Steps that must finish together once begun (the renames that put an output in place) run under
-`ctrl_c_deferred`."""
+`ctrl_c_deferred`; the line that says why a command stopped prints under `ctrl_c_ignored`."""
 
 from __future__ import annotations
 
@@ -61,3 +61,20 @@ def ctrl_c_deferred() -> Iterator[None]:
             previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
         else:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored(to_the_end: bool = False) -> Iterator[None]:
+    """Run the block through any Ctrl-C, which is dropped: for the line that says why a command
+    stopped, which a second Ctrl-C cut (and the process then exited without the rest). With
+    `to_the_end` SIGINT stays ignored after the block: the process is about to exit with its own
+    status. In the main thread only; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if not to_the_end:
+            signal.signal(signal.SIGINT, previous)

@@ -614,3 +614,103 @@ def test_stats_of_a_no_score_run_shows_no_score_step(tmp_path):
     assert "scored" not in names and names[0] == "input" and names[-1] == "kept", names
     assert [level["rows"] for level in funnel][0] == 3 and funnel[-1]["rows"] == 2
     assert funnel[0]["rows"] - sum(level["dropped"] for level in funnel[1:]) == funnel[-1]["rows"]
+
+
+# --- a real Ctrl-C at the edges of a command's work -----------------------------------------------------------
+
+_CTRL_C = "import os, signal, sys, time\ndef ctrl_c():\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n"
+
+
+def _fastlaion_after(setup: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m fastlaion ARGS` (runpy runs fastlaion/__main__.py as -m does), in a process that
+    first runs `setup`, which has `ctrl_c()`: a real SIGINT to the process, as the terminal sends."""
+    script = (f"{_CTRL_C}{setup}\nsys.argv = ['fastlaion', *{[str(a) for a in args]!r}]\n"
+              "import runpy\nrunpy.run_module('fastlaion', run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def _ctrl_c_at_import(module: str) -> str:
+    """`setup` for _fastlaion_after: a Ctrl-C when `module` is first imported."""
+    return ("class CtrlCAt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name == {module!r}:\n"
+            "            sys.meta_path.remove(self)\n"
+            "            ctrl_c()\n"
+            "sys.meta_path.insert(0, CtrlCAt())\n")
+
+
+def _one_parquet(tmp_path) -> Path:
+    src = tmp_path / "rows.parquet"
+    pl.DataFrame({"url": ["http://a.example/x.jpg", "http://a.example/y.jpg"], "caption": ["a cat", "a dog"],
+                  "status": ["kept", "kept"], "key": ["000000000", "000000001"]}).write_parquet(src)
+    return src
+
+
+@pytest.mark.parametrize("module", ["typer", "fastlaion.cli_dataset"])
+def test_a_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(tmp_path, module):
+    """A Ctrl-C while fastlaion.cli's imports run (typer: it died by SIGINT with a traceback) or
+    while the command's own ones do, typer having parsed the arguments (the dataset commands':
+    typer's exit 130 without a word): one line, exit 130, nothing written."""
+    out = tmp_path / "sub"
+    result = _fastlaion_after(_ctrl_c_at_import(module), ["subset", "--from", _one_parquet(tmp_path), "-o", out,
+                                                          "--where", "true"])
+    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted while starting; nothing was written\n", "")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("when", ["as it exits", "in the interpreter's teardown"])
+def test_a_finished_command_exits_0_through_a_ctrl_c_after_its_last_line(tmp_path, when):
+    """The command has written its output and said so: a Ctrl-C as typer exits (it died by SIGINT
+    with a traceback) or in the interpreter's teardown (after the atexit handlers, Python's own:
+    a traceback) leaves its exit status 0 and adds nothing."""
+    setup = ({"as it exits": "real_exit = sys.exit\ndef exit_after_a_ctrl_c(code=None):\n    ctrl_c()\n"
+                             "    real_exit(code)\nsys.exit = exit_after_a_ctrl_c\n",
+              "in the interpreter's teardown": "import atexit\natexit.register(ctrl_c)\n"})[when]
+    out = tmp_path / "sub"
+    result = _fastlaion_after(setup, ["subset", "--from", _one_parquet(tmp_path), "-o", out, "--where", "caption = 'a cat'",
+                                      "--no-progress"])
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == f"subset --where \"caption = 'a cat'\": 1 of 2 kept samples (50.0%) -> {out / 'metadata.parquet'}\n"
+    assert pl.read_parquet(out / "metadata.parquet")["caption"].to_list() == ["a cat"]
+
+
+@pytest.mark.parametrize("stop, line, code", [
+    ("ctrl_c", "interrupted: nothing was replaced; rerun the command", 130),
+    ("bad_input", "error: --where names unknown column(s) 'nosuch'; columns are: url, caption, status, key, shard", 2)])
+def test_a_second_ctrl_c_while_the_command_says_why_it_stopped_leaves_the_line_whole(tmp_path, stop, line, code):
+    """A Ctrl-C (or bad input) stops the command, and a second Ctrl-C comes while its line is
+    written (half of it out): the line was cut there and typer exited 130 without the rest. Now
+    the line is whole, once, and the exit status the first stop's."""
+    setup = ("import fastlaion.dataset.subset as subset_module\n"
+             "real_subset = subset_module.subset\n"
+             f"def subset(*args, **kwargs):\n    {'ctrl_c()' if stop == 'ctrl_c' else 'pass'}\n"
+             "    return real_subset(*args, **kwargs)\n"
+             "subset_module.subset = subset\n"
+             "class HalfThenCtrlC:\n"
+             "    def __init__(self, f):\n        self.f = f\n"
+             "    def write(self, s):\n"
+             "        self.f.write(s[:len(s) // 2])\n        self.f.flush()\n        ctrl_c()\n"
+             "        return self.f.write(s[len(s) // 2:])\n"
+             "    def __getattr__(self, name):\n        return getattr(self.f, name)\n"
+             "sys.stderr = HalfThenCtrlC(sys.stderr)\n")
+    where = "caption = 'a cat'" if stop == "ctrl_c" else "nosuch = 1"
+    result = _fastlaion_after(setup, ["subset", "--from", _one_parquet(tmp_path), "-o", tmp_path / "sub",
+                                      "--where", where, "--no-progress"])
+    assert (result.returncode, result.stderr) == (code, line + "\n")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_command_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path):
+    """A script's background job (`fastlaion ... &`) starts with SIGINT ignored: a Ctrl-C meant
+    for the script, while the command starts or while it works, does not stop it."""
+    setup = (_ctrl_c_at_import("typer")
+             + "import fastlaion.dataset.subset as subset_module\n"
+             "real_subset = subset_module.subset\n"
+             "def subset(*args, **kwargs):\n    ctrl_c()\n    return real_subset(*args, **kwargs)\n"
+             "subset_module.subset = subset\n")
+    out = tmp_path / "sub"
+    result = _fastlaion_after(setup, ["subset", "--from", _one_parquet(tmp_path), "-o", out, "--where", "true",
+                                      "--no-progress"],
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert pl.read_parquet(out / "metadata.parquet").height == 2

@@ -407,6 +407,40 @@ def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "s.json"], name  # nothing aside left
 
 
+def test_a_replaced_stats_file_keeps_its_mode_and_a_new_one_gets_the_umasks(synth, tmp_path, monkeypatch):
+    """stats --json over a file of mode 0o640 (or a link to one of 0o600): the new file kept it.
+    It got the umask's (0o644 here), readable by all. A new file still gets the umask's. The
+    text written aside is its owner's only (0o600) until then."""
+    import os
+    import pathlib
+    import stat
+
+    modes_aside = []
+    write_text = pathlib.Path.write_text
+
+    def noting_the_mode(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            modes_aside.append(stat.S_IMODE(self.stat().st_mode) if self.exists() else None)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", noting_the_mode)
+
+    js, target, link, fresh = (tmp_path / n for n in ("s.json", "t.json", "link.json", "new.json"))
+    for path, mode in ((js, 0o640), (target, 0o600)):
+        path.write_text('{"old": true}')
+        path.chmod(mode)
+    link.symlink_to(target)
+    umask = os.umask(0o022)
+    try:
+        for path in (js, link, fresh):
+            invoke(["stats", synth[0], "--json", path, "--no-progress"])
+    finally:
+        os.umask(umask)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (js, target, fresh)] == [0o640, 0o600, 0o644]
+    assert modes_aside == [0o600, 0o600, None]
+    assert link.is_symlink() and load_json(js) == load_json(target) == load_json(fresh) != {"old": True}
+
+
 def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_was(synth, tmp_path):
     from fastlaion.dataset.output import OutputDir
     from fastlaion.dataset.source import open_dataset
@@ -425,6 +459,73 @@ def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_w
         with OutputDir(earlier, ds).building():
             raise KeyboardInterrupt
     assert sorted(p.name for p in earlier.iterdir()) == before
+
+
+@pytest.mark.parametrize("earlier, fails_at, undo_fails", [
+    (True, 2, False),   # while the earlier files are moved aside
+    (True, 5, False),   # once they are, at the second new file
+    (False, 2, False),  # into a new folder
+    (True, 5, True),    # and every rename after fails too: nothing undone
+])
+def test_a_disk_error_while_the_output_is_put_in_place_is_undone_or_says_what_is_where(
+        synth, tmp_path, monkeypatch, earlier, fails_at, undo_fails):
+    """A rename that fails while subset's new files replace the earlier output (a full disk: a
+    real OSError, injected at one os.replace since a full disk cannot be made safely here). It
+    left the earlier files deleted, some new ones in place and the rest in .partial/, and said only
+    "No space left on device". Now the renames made are undone and the folder is as it was, and
+    the one line says so; where undoing fails too, the line says what is in the folder and where
+    the rest is, and the disk matches it."""
+    import errno
+    import os
+
+    from fastlaion.dataset import output
+
+    out = tmp_path / "out"
+    new = ["subset", "--where", "true", "--urls", "--from", synth[0], "--no-progress"]
+    invoke([*new, "-o", tmp_path / "whole"])  # the new output, whole, to compare with
+    if earlier:
+        invoke(["subset", "en", "--urls", "--from", synth[0], "--no-progress", "-o", out])
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if earlier else None
+    names = ["dataset.json", "metadata.parquet", "urls.parquet"]
+    assert before is None or sorted(before) == names
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append((Path(src), Path(dst)))
+        if len(calls) == fails_at or (undo_fails and len(calls) > fails_at):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(output.os, "replace", replace)
+        result = invoke([*new, "-o", out], 1)
+    src = calls[fails_at - 1][0]
+    failed = f"error: {out}: could not put the new output in place (No space left on device: {src})"
+    if not undo_fails:
+        assert result.stderr == (f"{failed}; its earlier output is as it was; rerun the command\n" if earlier
+                                 else f"{failed}; nothing was written; rerun the command\n")
+        if earlier:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # byte for byte, nothing else
+        else:
+            assert not out.exists()
+        return
+    assert src == out / output.PARTIAL_DIR / "metadata.parquet"
+    assert result.stderr == (
+        f"{failed}, nor undo it (No space left on device: {out / 'dataset.json'}): it holds 1 file (dataset.json) "
+        f"of the new output; the new output's other 2 files (metadata.parquet, urls.parquet) in "
+        f"{out / output.PARTIAL_DIR}; the earlier output's 3 files (dataset.json, metadata.parquet, urls.parquet) in "
+        f"{out / output.EARLIER_DIR}\n")
+    assert sorted(p.name for p in out.iterdir()) == [".earlier", ".partial", "dataset.json"]
+    assert {p.name: p.read_bytes() for p in (out / output.EARLIER_DIR).iterdir()} == before
+    assert sorted(p.name for p in (out / output.PARTIAL_DIR).iterdir()) == ["metadata.parquet", "urls.parquet"]
+    for name in ("metadata.parquet", "urls.parquet"):
+        assert pl.read_parquet(out / output.PARTIAL_DIR / name).equals(pl.read_parquet(tmp_path / "whole" / name))
+    assert load_json(out / "dataset.json")["condition"] == load_json(tmp_path / "whole" / "dataset.json")["condition"]
+    assert load_json(out / output.EARLIER_DIR / "dataset.json")["condition"] == "en"
+    rerun = invoke([*new, "-o", out])  # the rerun replaces the mixed folder with the new output, whole
+    assert sorted(p.name for p in out.iterdir()) == names, rerun.output
+    assert pl.read_parquet(out / "metadata.parquet").equals(pl.read_parquet(tmp_path / "whole" / "metadata.parquet"))
 
 
 @pytest.mark.parametrize("earlier, new, what", [

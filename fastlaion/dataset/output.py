@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +22,23 @@ from ..interrupt import ctrl_c_deferred
 from .source import MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, Dataset, DatasetError, root_fields
 
 PARTIAL_DIR = ".partial"
+EARLIER_DIR = ".earlier"  # the earlier output's files while the new ones are put in place
 _OURS = re.compile(r"^(\d{5,}(\.tar|_img_emb\.npy|_txt_emb\.npy)|metadata\.parquet|dataset\.json|urls\.parquet"
                    r"|shards\.json)$")
+
+
+class CommitError(OSError):
+    """The new output could not be put in place; its message (strerror) says what is where."""
+
+
+def _said(e: OSError) -> str:
+    return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+
+
+def _files(names: list[str], shown: int = 6) -> str:
+    """Names as "2 files (a, b)"; past `shown` of them, the first ones and how many more."""
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"{len(names)} file{'s' * (len(names) != 1)}" + (f" ({listed})" if names else "")
 
 
 class OutputDir:
@@ -79,18 +95,66 @@ class OutputDir:
     def commit(self) -> None:
         """Replace this folder's earlier output (ours only) with the new files: through a Ctrl-C,
         which lands once they are all in place (it used to stop this midway, the earlier files
-        removed and only some new ones moved, while the command said nothing was replaced)."""
+        removed and only some new ones moved, while the command said nothing was replaced).
+
+        The earlier files are moved aside (`.earlier/`) first and deleted once the new ones are
+        all in place. A failed rename (a full disk, a folder gone read-only) undoes the ones
+        made, so the folder is as it was; where undoing fails too, the error (`CommitError`, one
+        line) names what is in the folder and where the rest is. It used to leave the earlier
+        files deleted, some new ones in place and the others in `.partial/`, and say only the
+        disk's error."""
         with ctrl_c_deferred():
             self.committing = True
             earlier = (self.out / MANIFEST_FILE).is_file()
-            for p in self.out.iterdir():
-                if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)):
-                    p.unlink()
-            for p in sorted(self.tmp.iterdir()):
-                os.replace(p, self.out / p.name)
+            old = sorted(p.name for p in self.out.iterdir()
+                         if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)))
+            new = sorted(p.name for p in self.tmp.iterdir())
+            aside = self.out / EARLIER_DIR
+            shutil.rmtree(aside, ignore_errors=True)  # left by a commit that failed and could not undo
+            moved_aside: list[str] = []
+            moved_in: list[str] = []
+            try:
+                if old:
+                    aside.mkdir()
+                for name in old:
+                    os.replace(self.out / name, aside / name)
+                    moved_aside.append(name)
+                for name in new:
+                    os.replace(self.tmp / name, self.out / name)
+                    moved_in.append(name)
+            except OSError as e:
+                raise self._undo(e, old, new, moved_aside, moved_in) from None
+            shutil.rmtree(aside, ignore_errors=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             if self.written is not None:
                 self.written(self.out)
+
+    def _undo(self, error: OSError, old: list[str], new: list[str], moved_aside: list[str],
+              moved_in: list[str]) -> CommitError:
+        """After `error` stopped the commit: the renames made so far undone, the new files dropped;
+        the error to raise, which says what is where."""
+        aside = self.out / EARLIER_DIR
+        failed = f"{self.out}: could not put the new output in place ({_said(error)})"
+        try:
+            while moved_in:
+                os.replace(self.out / moved_in[-1], self.tmp / moved_in[-1])
+                moved_in.pop()
+            while moved_aside:
+                os.replace(aside / moved_aside[-1], self.out / moved_aside[-1])
+                moved_aside.pop()
+        except OSError as again:
+            in_place = [n for n in old if n not in moved_aside]
+            where = [f"it holds {_files(moved_in)} of the new output"
+                     + (f" and {_files(in_place)} of the earlier one" if in_place else "")]
+            if len(moved_in) < len(new):
+                where.append(f"the new output's other {_files([n for n in new if n not in moved_in])} in {self.tmp}")
+            if moved_aside:
+                where.append(f"the earlier output's {_files(moved_aside)} in {aside}")
+            return CommitError(error.errno, f"{failed}, nor undo it ({_said(again)}): " + "; ".join(where))
+        shutil.rmtree(aside, ignore_errors=True)
+        self.abort()
+        return CommitError(error.errno, f"{failed}; " + ("its earlier output is as it was" if old
+                                                         else "nothing was written") + "; rerun the command")
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -105,8 +169,9 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
     """`text` into the file `path`, whole or not at all: written aside, then renamed over it, so
     a Ctrl-C or a full disk while it is written leaves the earlier file, if any, as it was (it
     used to be cut short). `written(path)` is called once it is in place, before a Ctrl-C that
-    came while it was renamed lands. A failure names `path`, not the file aside. A link is
-    followed (the file it names is replaced); a device or a pipe (/dev/stdout) is written through."""
+    came while it was renamed lands. A failure names `path`, not the file aside. A file replaced
+    keeps its mode; a new one gets the umask's. A link is followed (the file it names is replaced);
+    a device or a pipe (/dev/stdout) is written through."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -120,7 +185,16 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
                 written(path)
             return
         try:
+            mode = stat.S_IMODE(os.stat(real).st_mode)
+        except FileNotFoundError:
+            mode = None  # a new file: the umask's mode
+        try:
+            if mode is not None:  # the text aside readable by its owner only until it has the file's mode
+                tmp.touch()
+                os.chmod(tmp, 0o600)
             tmp.write_text(text, encoding="utf-8")
+            if mode is not None:
+                os.chmod(tmp, mode)  # the replaced file's, not the umask's
         except BaseException:
             try:
                 tmp.unlink(missing_ok=True)
@@ -137,4 +211,4 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["OutputDir", "METADATA_FILE", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "write_whole"]
