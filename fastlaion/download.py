@@ -60,11 +60,11 @@ import socket
 import time
 import urllib.robotparser
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import aiohttp.connector
@@ -395,34 +395,68 @@ class _HostGates:
         gate = self._gates.get(host)
         return gate is None or (not gate.slots.locked() and gate.next_start <= now)
 
-    @asynccontextmanager
-    async def slot(self, host: str, interval: float = 0.0) -> AsyncIterator[None]:
-        """Hold one of `host`'s slots; request starts are spaced by the configured rate or by
-        `interval` s (the host's robots.txt Crawl-delay), whichever is longer."""
-        loop = asyncio.get_running_loop()
-        interval = max(self._interval, interval)
+    def slot(self, host: str, interval: float = 0.0) -> _Slot:
+        """Hold one of `host`'s slots (`async with`); request starts are spaced by the configured
+        rate or by `interval` s (the host's robots.txt Crawl-delay), whichever is longer."""
+        return _Slot(self, host, max(self._interval, interval))
+
+    def _enter(self, host: str) -> _Gate:
         gate = self._gates.get(host)
         if gate is None:
             gate = self._gates[host] = _Gate(asyncio.Semaphore(self._per_host))
         gate.users += 1
+        return gate
+
+    def _leave(self, host: str, gate: _Gate) -> None:
+        gate.users -= 1
+        now = asyncio.get_running_loop().time()
+        if gate.users == 0 and gate.next_start <= now:
+            del self._gates[host]
+        elif len(self._gates) > self._sweep_at:  # idle hosts still inside their rate window
+            for name in [n for n, g in self._gates.items() if g.users == 0 and g.next_start <= now]:
+                del self._gates[name]
+            self._sweep_at = max(1024, 2 * len(self._gates))
+
+
+class _Slot:
+    """`_HostGates.slot`: a class rather than an @asynccontextmanager, whose generator and
+    wrappers cost about as much again per request; a free slot of a host without a rate is taken
+    without a wait (Semaphore.acquire returns at once then)."""
+
+    __slots__ = ("_gates", "_host", "_interval", "_gate", "_held")
+
+    def __init__(self, gates: _HostGates, host: str, interval: float):
+        self._gates, self._host, self._interval = gates, host, interval
+        self._gate: _Gate | None = None
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        gate = self._gate = self._gates._enter(self._host)
         try:
-            async with gate.slots:
-                if interval:
-                    now = loop.time()
-                    start = max(now, gate.next_start)
-                    gate.next_start = start + interval  # reserved before sleeping: no two share it
-                    if start > now:
-                        await asyncio.sleep(start - now)
-                yield
-        finally:
-            gate.users -= 1
-            if gate.users == 0 and gate.next_start <= loop.time():
-                del self._gates[host]
-            elif len(self._gates) > self._sweep_at:  # idle hosts still inside their rate window
+            await gate.slots.acquire()
+            self._held = True
+            if self._interval:
+                loop = asyncio.get_running_loop()
                 now = loop.time()
-                for name in [n for n, g in self._gates.items() if g.users == 0 and g.next_start <= now]:
-                    del self._gates[name]
-                self._sweep_at = max(1024, 2 * len(self._gates))
+                start = max(now, gate.next_start)
+                gate.next_start = start + self._interval  # reserved before sleeping: no two share it
+                if start > now:
+                    await asyncio.sleep(start - now)
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is None:
+            return
+        if self._held:
+            self._held = False
+            gate.slots.release()
+        self._gates._leave(self._host, gate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,11 +572,13 @@ class Downloader:
         the requests)."""
         return host not in self._robots_loading and self._gates.has_room(host, asyncio.get_running_loop().time())
 
-    async def fetch(self, url: str) -> Fetched:
-        """Download `url`, retrying transient failures `cfg.retries` times with backoff."""
+    def fetch(self, url: str) -> Coroutine[Any, Any, Fetched]:
+        """Download `url` (await it), retrying transient failures `cfg.retries` times with
+        backoff. `_fetch`'s coroutine itself, not one awaiting it: each level of coroutines is
+        resumed again at every wait of the request (connect, headers, each block of the body)."""
         if self._session is None:
             raise RuntimeError("Downloader.fetch called outside `async with Downloader(cfg)`")
-        return await self._fetch(url, self._image_rules)
+        return self._fetch(url, self._image_rules)
 
     async def _fetch(self, url: str, rules: _Rules) -> Fetched:
         start = time.perf_counter()
@@ -551,10 +587,14 @@ class Downloader:
             return Fetched(outcome.body, outcome.http_status, outcome.error, outcome.error_detail,
                            attempts, time.perf_counter() - start)
 
-        if validate_url(url) is not None:
+        try:  # validate_url's checks, on the one URL object parsed
+            target = URL(url.strip()) if isinstance(url, str) and url.strip() else None
+            invalid = target is None or _url_reason(target) is not None
+        except ValueError:  # UnicodeError is a ValueError
+            invalid = True
+        if invalid:
             return done(_refused(INVALID_URL, f"not an http(s) URL: {url!r}"), 0)
         url = url.strip()
-        target = URL(url)
         if rules.policy and (why := self.blocklists.url_blocked(url, str(target))) is not None:
             return done(_refused(BLOCKED, why), 0)
         refusal, crawl_delay = await self._refusal(target, rules)
@@ -662,7 +702,10 @@ class Downloader:
         chunks: list[bytes] = []
         size = 0
         # Counted after decompression, so a small gzip bomb is cut off like a big body.
-        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+        # Each block as the socket delivered it (readany): fixed-size reads (iter_chunked) split and
+        # copy the blocks, and resume this chain of coroutines once per piece.
+        content = resp.content
+        while chunk := await content.readany():
             if size + len(chunk) > cap:
                 resp.close()  # drops the connection mid-body
                 if not rules.truncate:

@@ -1325,3 +1325,47 @@ def test_every_reason_is_listed_once():
 def test_download_config_is_validated(field, value, message):
     with pytest.raises(ConfigError, match=message):
         DownloadConfig(**{field: value}).validate()
+
+
+def test_host_slots_are_given_back_by_requests_cancelled_while_waiting_or_holding():
+    """_HostGates: a request cancelled while it waits for a host's slot, while it sleeps out the
+    host's rate, or while it holds the slot gives the slot back; once no request of the host is
+    left (and its rate window is over) the host's gate is gone, and a new request takes a slot
+    at once."""
+    from fastlaion.download import _HostGates
+
+    async def go() -> None:
+        gates = _HostGates(per_host=1, rate=0.0)
+        holding = asyncio.Event()
+
+        async def hold(interval: float = 0.0) -> None:
+            async with gates.slot("h", interval):
+                holding.set()
+                await asyncio.sleep(3600)
+
+        holder = asyncio.ensure_future(hold())
+        await asyncio.wait_for(holding.wait(), 5)
+        assert not gates.has_room("h", asyncio.get_running_loop().time())
+        waiter = asyncio.ensure_future(hold())  # waits for the one slot
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        holder.cancel()
+        await asyncio.gather(holder, waiter, return_exceptions=True)
+        assert gates._gates == {}
+        # one in its rate window's sleep: the slot is its own then, and given back when cancelled
+        async with gates.slot("h", 0.05):
+            pass
+        holding.clear()
+        sleeper = asyncio.ensure_future(hold(0.05))
+        await asyncio.sleep(0.01)
+        assert not holding.is_set()  # still sleeping out the rate
+        sleeper.cancel()
+        await asyncio.gather(sleeper, return_exceptions=True)
+        await asyncio.sleep(0.1)  # past the window it reserved
+        slot = gates.slot("h")
+        await asyncio.wait_for(slot.__aenter__(), 0.5)  # free: a leaked slot would never come
+        assert gates._gates["h"].users == 1
+        await slot.__aexit__(None, None, None)
+        assert gates._gates == {}
+
+    run(go())
