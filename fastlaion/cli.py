@@ -82,7 +82,10 @@ class _QuietLibraries(logging.Filter):
 
 
 class _LazyRichHandler(logging.Handler):
-    """rich's log handler, made at the first record (most runs log nothing: rich stays unloaded)."""
+    """rich's log handler on a terminal, made at the first record (most runs log nothing: rich
+    stays unloaded). Elsewhere (stderr to a file or a pipe) one plain line a record, "warning:
+    ...", as the error line: rich would fold a long message at 80 columns, its level in a column
+    of its own, and a log that greps for a message would find part of it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,11 +93,26 @@ class _LazyRichHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._handler is None:
-            from rich.logging import RichHandler
+            if sys.stderr.isatty():
+                from rich.logging import RichHandler
 
-            self._handler = RichHandler(console=console.real, show_path=False, show_time=False)
+                self._handler = RichHandler(console=console.real, show_path=False, show_time=False)
+            else:
+                self._handler = _PlainLines()
             self._handler.setFormatter(self.formatter)
         self._handler.emit(record)
+
+
+class _PlainLines(logging.Handler):
+    """Each record as "level: message" on stderr as it is now (CliRunner swaps it), unwrapped;
+    a traceback (-v) follows on its own lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{record.levelname.lower()}: {self.format(record)}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 -- logging's own policy: a failed record never raises
+            self.handleError(record)
 
 
 def _setup_logging(verbose: bool) -> None:

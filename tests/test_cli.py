@@ -213,6 +213,25 @@ def test_resuming_a_run_scored_with_gelu_for_quick_gelu_weights_is_refused(tmp_p
             assert resumed.exit_code == 0 and "already complete" in resumed.output, resumed.output
 
 
+def test_warnings_to_a_file_or_pipe_are_one_plain_line_each(tmp_path):
+    """stderr not a terminal (a log file, a pipe): each warning is one line, "warning: ..." as
+    the error line is "error: ...", never folded at 80 columns (rich's log handler folded them,
+    its level in a column of its own, so a grep for a message found part of it)."""
+    from test_dataset_helpers import command_line
+
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}
+    with LoopbackServer(files) as server:
+        (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
+        done = subprocess.run([*command_line(), "run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"),
+                               "--no-score", "--no-progress", "--allow-private-networks", "--decoder", "cpu",
+                               "--stored-encoder", "nvimgcodec"], capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    assert done.returncode == 0, done.stderr
+    said = "--stored-encoder nvimgcodec applies to the GPU decoders; the CPU decoder encodes the stored images itself"
+    assert len(said) > 80
+    assert f"warning: {said}" in done.stderr.splitlines(), done.stderr
+
+
 def test_no_score_funnel_claims_no_scoring(tmp_path):
     """With --no-score the closing funnel has no `scored` line (nothing was scored) and says so
     on the kept line; its levels still add up: input - drops = kept."""
