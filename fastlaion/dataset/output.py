@@ -61,7 +61,8 @@ class OutputDir:
         self.committing = False  # the earlier output is being replaced: no going back
         self.tmp = out / PARTIAL_DIR
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -97,6 +98,9 @@ class OutputDir:
         which lands once they are all in place (it used to stop this midway, the earlier files
         removed and only some new ones moved, while the command said nothing was replaced).
 
+        A new file that replaces one gets that file's mode (a metadata.parquet kept from others
+        with 0o640 stays so), as `write_whole` does; one that replaces none keeps the umask's. It
+        used to get the umask's always. Until then `.partial/` is its owner's only (0o700).
         The earlier files are moved aside (`.earlier/`) first and deleted once the new ones are
         all in place. A failed rename (a full disk, a folder gone read-only) undoes the ones
         made, so the folder is as it was; where undoing fails too, the error (`CommitError`, one
@@ -114,6 +118,9 @@ class OutputDir:
             moved_aside: list[str] = []
             moved_in: list[str] = []
             try:
+                for name in new:
+                    if name in old:  # the replaced file's mode, not the umask's
+                        os.chmod(self.tmp / name, stat.S_IMODE(os.stat(self.out / name).st_mode))
                 if old:
                     aside.mkdir()
                 for name in old:
