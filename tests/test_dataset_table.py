@@ -441,6 +441,43 @@ def test_a_replaced_stats_file_keeps_its_mode_and_a_new_one_gets_the_umasks(synt
     assert link.is_symlink() and load_json(js) == load_json(target) == load_json(fresh) != {"old": True}
 
 
+def test_a_replaced_output_file_keeps_its_mode_and_a_new_one_gets_the_umasks(synth, tmp_path, monkeypatch):
+    """subset rerun into its earlier output, whose metadata.parquet is 0o640 and dataset.json
+    0o600: the new ones kept those modes (they got the umask's, 0o644 here, readable by all); the
+    new urls.parquet, which replaces none, gets the umask's. Each new file has its mode before it
+    is in place, and until then .partial/ is its owner's only."""
+    import os
+    import stat
+
+    from fastlaion.dataset import output
+
+    out = tmp_path / "out"
+    invoke(["subset", "en", "--from", synth[0], "--no-progress", "-o", out])
+    (out / "metadata.parquet").chmod(0o640)
+    (out / "dataset.json").chmod(0o600)
+    real_replace = os.replace
+    moved_in = {}
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).parent.name == output.PARTIAL_DIR:
+            moved_in[Path(dst).name] = (stat.S_IMODE(os.stat(src).st_mode),
+                                        stat.S_IMODE(Path(src).parent.stat().st_mode))
+        return real_replace(src, dst, *args, **kwargs)
+
+    umask = os.umask(0o022)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(output.os, "replace", replace)
+            invoke(["subset", "--where", "true", "--urls", "--from", synth[0], "--no-progress", "-o", out])
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"dataset.json": 0o600, "metadata.parquet": 0o640, "urls.parquet": 0o644}
+    assert moved_in == {"dataset.json": (0o600, 0o700), "metadata.parquet": (0o640, 0o700),
+                        "urls.parquet": (0o644, 0o700)}
+    assert keys_of(out / "metadata.parquet") == [r["key"] for r in synth[1] if r["status"] == "kept"]  # the new one
+
+
 def test_a_failed_command_leaves_no_folder_it_made_and_an_earlier_output_as_it_was(synth, tmp_path):
     from fastlaion.dataset.output import OutputDir
     from fastlaion.dataset.source import open_dataset

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,19 +187,140 @@ def test_files_that_change_during_the_build_replace_nothing(case, tmp_path):
     assert "cells read" in out
 
 
-def test_an_index_that_cannot_be_written_is_one_line_and_the_old_one_stays(case, tmp_path):
+def test_an_index_that_cannot_be_written_is_one_line_and_the_old_one_stays(case, tmp_path, monkeypatch):
+    """A file of the new index that cannot be written (image.faiss: faiss's own write fails on a
+    real limit on file sizes; index.json: ENOSPC injected): the earlier index stays as it was,
+    byte for byte, nothing is left aside, and search uses it. The description's failure was a
+    bare disk error, after the new image.faiss had replaced the earlier one's (no index), with an
+    index.json.partial left beside it."""
+    import errno
+    import pathlib
+    import resource
+    import signal
+
     folder, _, qfiles, _ = case
-    invoke(["index", folder, "--no-progress"])
-    blocker = folder / "index" / "image.faiss.partial"
-    blocker.mkdir()  # faiss cannot write its file there, as on a full disk
+    index = folder / "index"
+    invoke(["index", folder, "--cells", 8, "--no-progress"])
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    assert sorted(before) == ["image.faiss", "index.json"]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
     try:
         result = invoke(["index", folder, "--no-progress"], code=1)
-        assert "cannot write" in result.output and "old index" in result.output
-        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
     finally:
-        blocker.rmdir()
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(index / '.partial' / 'image.faiss'))} \(.*File too "
+                        r"large\)\); the earlier index, if any, is as it was\n", result.stderr), result.stderr
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before
+    write_text = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith("index.json"):  # index.json.partial too, where it was written aside
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", full_disk)
+        result = invoke(["index", folder, "--no-progress"], code=1)
+    assert result.stderr == (f"error: cannot write {index / '.partial' / 'index.json'} (No space left on device); "
+                             "the earlier index, if any, is as it was\n")
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before
     found, out = search_json(folder, qfiles[:1], tmp_path)
-    assert "cells read" in out  # the earlier index, still whole and described
+    assert "(index: 1 of 8 cells read)" in out  # the earlier index, still whole and described
+
+
+@pytest.mark.parametrize("earlier, fails_at, undo_fails", [
+    (True, 1, False),   # index.json moved aside
+    (True, 2, False),   # image.faiss moved aside
+    (True, 3, False),   # the new image.faiss put in place
+    (True, 4, False),   # the new index.json put in place
+    (False, 1, False),  # into a new folder
+    (False, 2, False),
+    (True, 2, True),    # and every rename after fails too: nothing undone
+    (True, 3, True),
+    (True, 4, True),
+    (False, 2, True),
+])
+def test_a_disk_error_while_the_index_is_put_in_place_is_undone_or_says_what_is_where(
+        case, tmp_path, monkeypatch, earlier, fails_at, undo_fails):
+    """A rename that fails while the new index replaces the earlier one (a full disk: a real
+    OSError, injected at one os.replace). index put its files in place with renames of its own:
+    a failure at index.json's left the new image.faiss without a description, or beside the
+    earlier one's, said only "No space left on device", and left index.json.partial. Now the
+    renames made are undone and the folder is as it was, byte for byte, and search uses the
+    earlier index; where undoing fails too, the one line says what is where and the disk matches
+    it, and search uses no index (index.json is never beside another build's image.faiss) until
+    the index is rebuilt."""
+    import errno
+    import shutil
+
+    from fastlaion.dataset import output
+
+    folder, _, qfiles, exact = case
+    index = folder / "index"
+    shutil.rmtree(index, ignore_errors=True)
+    if earlier:
+        invoke(["index", folder, "--cells", 8, "--no-progress"])
+    before = {p.name: p.read_bytes() for p in index.iterdir()} if earlier else None
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append((src, dst))
+        if len(calls) == fails_at or (undo_fails and len(calls) > fails_at):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(output.os, "replace", replace)
+        result = invoke(["index", folder, "--no-progress"], 1)
+    partial, aside = index / output.PARTIAL_DIR, index / output.EARLIER_DIR
+    moves = [(index / "index.json", aside / "index.json"), (index / "image.faiss", aside / "image.faiss")] * earlier \
+        + [(partial / "image.faiss", index / "image.faiss"), (partial / "index.json", index / "index.json")]
+    assert [(Path(s), Path(d)) for s, d in calls[:fails_at]] == moves[:fails_at]
+    failed = f"error: {index}: could not put the new index in place (No space left on device: {moves[fails_at - 1][0]})"
+    if not undo_fails:
+        assert result.stderr == (f"{failed}; its earlier index is as it was; rerun the command\n" if earlier
+                                 else f"{failed}; nothing was written; rerun the command\n")
+        if earlier:
+            assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # byte for byte, nothing else
+            _, out = search_json(folder, qfiles[:1], tmp_path)
+            assert "of 8 cells read" in out
+        else:
+            assert not index.exists()
+        return
+    undo = {(True, 2): aside / "index.json", (True, 3): aside / "image.faiss"}.get((earlier, fails_at),
+                                                                                index / "image.faiss")
+    holds = {(True, 2): "it holds 1 file (image.faiss) of the earlier one; the new index's 2 files (image.faiss, "
+                        f"index.json) in {partial}; the earlier index's 1 file (index.json) in {aside}",
+             (True, 3): f"it holds no file of either index; the new index's 2 files (image.faiss, index.json) in "
+                        f"{partial}; the earlier index's 2 files (image.faiss, index.json) in {aside}",
+             (True, 4): f"it holds 1 file (image.faiss) of the new index; the new index's other 1 file (index.json) "
+                        f"in {partial}; the earlier index's 2 files (image.faiss, index.json) in {aside}",
+             (False, 2): f"it holds 1 file (image.faiss) of the new index; the new index's other 1 file "
+                         f"(index.json) in {partial}"}[(earlier, fails_at)]
+    assert result.stderr == (f"{failed}, nor undo it (No space left on device: {undo}): {holds}; search compares "
+                             f"every embedding until `fastlaion index {folder}` is rerun\n")
+    in_folder = {(True, 2): [".earlier", ".partial", "image.faiss"], (True, 3): [".earlier", ".partial"]}.get(
+        (earlier, fails_at), [".earlier", ".partial", "image.faiss"] if earlier else [".partial", "image.faiss"])
+    assert sorted(p.name for p in index.iterdir()) == in_folder
+    new_faiss_in = fails_at > 2 * earlier + 1  # the new image.faiss was put in place
+    assert sorted(p.name for p in partial.iterdir()) == ["index.json"] if new_faiss_in else ["image.faiss", "index.json"]
+    if earlier:
+        assert {p.name: p.read_bytes() for p in aside.iterdir()} == \
+            {n: b for n, b in before.items() if n == "index.json" or fails_at > 2}
+    if fails_at == 2 and earlier:
+        assert (index / "image.faiss").read_bytes() == before["image.faiss"]
+    new_meta = json.loads((partial / "index.json").read_text())
+    assert new_meta["cells"] == min(int(4 * math.sqrt(N)), N // 64)  # the new index's description
+    found, out = search_json(folder, qfiles, tmp_path)  # no index.json in the folder: the exact search
+    assert "cells read" not in out and found["index"] is None and keys_of(found) == exact
+    rerun = invoke(["index", folder, "--no-progress"])  # the rerun puts a whole index in place
+    assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "index.json"], rerun.output
+    _, out = search_json(folder, qfiles[:1], tmp_path)
+    assert f"of {new_meta['cells']:,} cells read" in out
 
 
 def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
@@ -236,7 +358,7 @@ def test_ctrl_c_says_whether_the_index_was_written(case, tmp_path, monkeypatch):
         assert cells == (8 if says != written else min(int(4 * math.sqrt(N)), N // 64)), name
         _, out = search_json(folder, qfiles[:1], tmp_path)
         assert f"of {cells:,} cells read" in out, name
-    assert not (folder / "index" / "image.faiss.partial").exists()
+    assert sorted(p.name for p in (folder / "index").iterdir()) == ["image.faiss", "index.json"]  # nothing aside
 
 
 @pytest.fixture(scope="module")

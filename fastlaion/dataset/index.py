@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ConfigError
-from ..interrupt import ctrl_c_deferred
+from .output import Staging
 from .semantic import embedding_rows, finite_rows, float32_rows, row_in_shard
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
 
@@ -223,41 +223,60 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
     meta = {"kind": KIND_PQ if cfg.pq else KIND, "samples": int(index.ntotal), "kept_samples": n,
             "unreadable_samples": reader.unreadable, "cells": cells, "dim": dim, "pq": cfg.pq,
             "fastlaion": __version__, "files": before, "shards": shards}
-    folder = _write(faiss, index, meta, index_dir(ds), written)
+    folder = _write(faiss, index, meta, index_dir(ds), ds.path, written)
     return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
                        cells=cells, dim=dim, seconds=time.perf_counter() - t0,
                        bytes=(folder / INDEX_FILE).stat().st_size, pq=cfg.pq)
 
 
-def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path,
+class _IndexFolder(Staging):
+    """`index/`'s image.faiss and index.json, written under its `.partial/` and put in place
+    together by OutputDir's commit (Staging's): index.json, what makes an index valid for search,
+    is moved aside first and put in place last, so that a crash at any point leaves the earlier
+    index in use or none, never a description of the other one; a failed rename is undone, or
+    the error says what is where and that search uses no index there until it is rebuilt."""
+
+    what = "index"
+    last = META_FILE
+
+    def __init__(self, folder: Path, dataset: Path, written: Callable[[Path], None] | None = None):
+        self.dataset = dataset
+        super().__init__(folder, written)
+
+    def earlier_files(self) -> list[str]:
+        return [name for name in (INDEX_FILE, META_FILE) if (self.out / name).is_file()]
+
+    def mixed(self) -> str:
+        # index.json is there only while the earlier one has not been moved aside, or once the
+        # new one is in place: an undo that failed left none
+        return f"; search compares every embedding until `fastlaion index {self.dataset}` is rerun"
+
+
+def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path, dataset: Path,
            written: Callable[[Path], None] | None = None) -> Path:
-    """The new index written aside, then put in place: index.json (what makes an index valid
-    for search) is removed only once the new image.faiss is whole, and written after it is in
-    place, so a crash or a full disk at any point leaves the old index in use or none, never a
-    description of the other one. A Ctrl-C while it is put in place lands once it is (the new
-    index complete), after `written(folder)`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (INDEX_FILE + ".partial")
-    try:
-        faiss.write_index(index, str(tmp))
-    except BaseException as e:  # a Ctrl-C too: the old index stays, and no half-written file beside it
+    """The new index written aside (`.partial/`), then put in place (`_IndexFolder`). A Ctrl-C
+    while it is written leaves the earlier index as it was; one while it is put in place lands
+    once it is (the new index complete), after `written(folder)`. It used to replace the files
+    with renames of its own: a failure writing or renaming index.json left the new image.faiss
+    without one (or beside the earlier one's description), an index.json.partial, and a bare
+    disk error."""
+    staged = _IndexFolder(folder, dataset, written)
+    with staged.building():
+        for name, write in ((INDEX_FILE, lambda path: faiss.write_index(index, str(path))),
+                            (META_FILE, lambda path: path.write_text(json.dumps(meta, indent=1)))):
+            path = staged.path(name)
+            try:
+                write(path)
+            except (RuntimeError, OSError) as e:
+                # faiss's I/O errors (a full disk) are RuntimeErrors with a C++ trace
+                lines = [line for line in str(e).strip().splitlines() if line.strip()]
+                said = e.strerror if isinstance(e, OSError) and e.strerror else lines[-1] if lines else e
+                raise OSError(f"cannot write {path} ({said}); the earlier index, if any, is as it was") from None
+    for name in (INDEX_FILE, META_FILE):  # left by an earlier fastlaion's renames
         try:
-            tmp.unlink(missing_ok=True)
+            (folder / (name + ".partial")).unlink(missing_ok=True)
         except OSError:
             pass
-        if not isinstance(e, RuntimeError):
-            raise
-        # faiss's I/O errors (a full disk) are RuntimeErrors with a C++ trace
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise OSError(f"cannot write {tmp} ({lines[-1] if lines else e}); the old index, if any, is kept") from None
-    with ctrl_c_deferred():
-        (folder / META_FILE).unlink(missing_ok=True)
-        os.replace(tmp, folder / INDEX_FILE)
-        tmp_meta = folder / (META_FILE + ".partial")
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, folder / META_FILE)
-        if written is not None:
-            written(folder)
     return folder
 
 

@@ -41,42 +41,42 @@ def _files(names: list[str], shown: int = 6) -> str:
     return f"{len(names)} file{'s' * (len(names) != 1)}" + (f" ({listed})" if names else "")
 
 
-class OutputDir:
-    """`written(folder)` is called once the new output is whole in place (a Ctrl-C from then on
-    leaves it so), before a Ctrl-C that came while it was put there lands."""
+class Staging:
+    """Files written under a folder's `.partial/` (`path`) and put in place together (`commit`),
+    replacing the folder's earlier ones of the same kind (`earlier_files`): an OutputDir, or
+    `fastlaion index`'s folder. `written(folder)` is called once the new files are whole in place
+    (a Ctrl-C from then on leaves them so), before a Ctrl-C that came while they were put there
+    lands. `what` names them in messages ("output", "index"); `last`, where one file makes the
+    others valid (index.json), is moved aside first and put in place last, so that at no moment
+    is it beside files of another build."""
 
-    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None):
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise DatasetError(f"-o {out}: exists and is not a folder")
-        src_dir = source.path if source.path.is_dir() else source.path.parent
-        if out.exists() and out.resolve() in (src_dir.resolve(), source.root.resolve()):
-            raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
-        if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
-            raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
-        self.out = out
-        self.source = source
-        self.made = not out.exists()  # a folder this command made goes again if it fails
+    what = "output"
+    last: str | None = None
+
+    def __init__(self, out: Path, written: Callable[[Path], None] | None = None):
+        self.out = Path(out)
+        self.made = not self.out.exists()  # a folder this command made goes again if it fails
         self.written = written
-        self.committing = False  # the earlier output is being replaced: no going back
-        self.tmp = out / PARTIAL_DIR
+        self.committing = False  # the earlier files are being replaced: no going back
+        self.tmp = self.out / PARTIAL_DIR
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def write_manifest(self, info: dict[str, Any], own_root: bool = False) -> None:
-        """dataset.json: the source's provenance and `info`; `own_root`: this folder holds its
-        samples' tars and embeddings itself (subset --shards), so it is its own root."""
-        manifest = self.source.manifest(self.out)
-        if own_root:
-            manifest.update(root_fields(self.out, self.out), source_root=manifest["root"])
-        manifest.update(info)  # info has the skips of the final attempt
-        (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    def earlier_files(self) -> list[str]:
+        """The names of the folder's files that the new ones replace (those not among the new
+        ones are deleted)."""
+        raise NotImplementedError
+
+    def mixed(self) -> str:
+        """What to add to the message where the folder is left holding files of both builds."""
+        return ""
 
     @contextmanager
-    def building(self) -> Iterator[OutputDir]:
+    def building(self) -> Iterator[Staging]:
         """Commit the new files when the block ends; on any failure (Ctrl-C included) before the
         commit begins drop them, so the earlier output, if any, stays as it was."""
         try:
@@ -87,33 +87,39 @@ class OutputDir:
                 self.abort()
             raise
 
-    def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
-        """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
-        result.seconds = round(time.perf_counter() - started, 3)
-        self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
+    def _ordered(self, names: list[str], last: bool) -> list[str]:
+        names = sorted(names)
+        if self.last in names:
+            names.remove(self.last)
+            names.insert(len(names) if last else 0, self.last)
+        return names
 
     def commit(self) -> None:
-        """Replace this folder's earlier output (ours only) with the new files: through a Ctrl-C,
-        which lands once they are all in place (it used to stop this midway, the earlier files
-        removed and only some new ones moved, while the command said nothing was replaced).
+        """Replace this folder's earlier files with the new ones: through a Ctrl-C, which lands
+        once they are all in place (it used to stop this midway, the earlier files removed and
+        only some new ones moved, while the command said nothing was replaced).
 
-        The earlier files are moved aside (`.earlier/`) first and deleted once the new ones are
-        all in place. A failed rename (a full disk, a folder gone read-only) undoes the ones
+        A new file that replaces one gets that file's mode (a metadata.parquet kept from others
+        with 0o640 stays so), as `write_whole` does; one that replaces none keeps the umask's. It
+        used to get the umask's always. Until then `.partial/` is its owner's only (0o700).
+        The earlier files are moved aside (`.earlier/`) first and deleted once the new ones
+        are all in place. A failed rename (a full disk, a folder gone read-only) undoes the ones
         made, so the folder is as it was; where undoing fails too, the error (`CommitError`, one
         line) names what is in the folder and where the rest is. It used to leave the earlier
         files deleted, some new ones in place and the others in `.partial/`, and say only the
         disk's error."""
         with ctrl_c_deferred():
             self.committing = True
-            earlier = (self.out / MANIFEST_FILE).is_file()
-            old = sorted(p.name for p in self.out.iterdir()
-                         if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG)))
-            new = sorted(p.name for p in self.tmp.iterdir())
+            old = self._ordered(self.earlier_files(), last=False)
+            new = self._ordered([p.name for p in self.tmp.iterdir()], last=True)
             aside = self.out / EARLIER_DIR
             shutil.rmtree(aside, ignore_errors=True)  # left by a commit that failed and could not undo
             moved_aside: list[str] = []
             moved_in: list[str] = []
             try:
+                for name in new:
+                    if name in old:  # the replaced file's mode, not the umask's
+                        os.chmod(self.tmp / name, stat.S_IMODE(os.stat(self.out / name).st_mode))
                 if old:
                     aside.mkdir()
                 for name in old:
@@ -134,7 +140,8 @@ class OutputDir:
         """After `error` stopped the commit: the renames made so far undone, the new files dropped;
         the error to raise, which says what is where."""
         aside = self.out / EARLIER_DIR
-        failed = f"{self.out}: could not put the new output in place ({_said(error)})"
+        what = self.what
+        failed = f"{self.out}: could not put the new {what} in place ({_said(error)})"
         try:
             while moved_in:
                 os.replace(self.out / moved_in[-1], self.tmp / moved_in[-1])
@@ -144,16 +151,19 @@ class OutputDir:
                 moved_aside.pop()
         except OSError as again:
             in_place = [n for n in old if n not in moved_aside]
-            where = [f"it holds {_files(moved_in)} of the new output"
-                     + (f" and {_files(in_place)} of the earlier one" if in_place else "")]
+            held = ([f"{_files(moved_in)} of the new {what}"] if moved_in else []) \
+                + ([f"{_files(in_place)} of the earlier one"] if in_place else [])
+            where = ["it holds " + (" and ".join(held) if held else f"no file of either {what}")]
             if len(moved_in) < len(new):
-                where.append(f"the new output's other {_files([n for n in new if n not in moved_in])} in {self.tmp}")
+                rest = [n for n in new if n not in moved_in]
+                where.append(f"the new {what}'s {'other ' * bool(moved_in)}{_files(rest)} in {self.tmp}")
             if moved_aside:
-                where.append(f"the earlier output's {_files(moved_aside)} in {aside}")
-            return CommitError(error.errno, f"{failed}, nor undo it ({_said(again)}): " + "; ".join(where))
+                where.append(f"the earlier {what}'s {_files(sorted(moved_aside))} in {aside}")
+            return CommitError(error.errno, f"{failed}, nor undo it ({_said(again)}): " + "; ".join(where)
+                               + self.mixed())
         shutil.rmtree(aside, ignore_errors=True)
         self.abort()
-        return CommitError(error.errno, f"{failed}; " + ("its earlier output is as it was" if old
+        return CommitError(error.errno, f"{failed}; " + (f"its earlier {what} is as it was" if old
                                                          else "nothing was written") + "; rerun the command")
 
     def abort(self) -> None:
@@ -163,6 +173,42 @@ class OutputDir:
                 self.out.rmdir()  # only when empty
             except OSError:
                 pass
+
+
+class OutputDir(Staging):
+    """The output folder of subset, dedup or classify: its earlier output is the files of ours
+    in it (a run's config.json too where it holds an output of ours)."""
+
+    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None):
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise DatasetError(f"-o {out}: exists and is not a folder")
+        src_dir = source.path if source.path.is_dir() else source.path.parent
+        if out.exists() and out.resolve() in (src_dir.resolve(), source.root.resolve()):
+            raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
+        if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
+            raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
+        self.source = source
+        super().__init__(out, written)
+
+    def earlier_files(self) -> list[str]:
+        earlier = (self.out / MANIFEST_FILE).is_file()
+        return [p.name for p in self.out.iterdir()
+                if p.is_file() and (_OURS.match(p.name) or (earlier and p.name == RUN_CONFIG))]
+
+    def write_manifest(self, info: dict[str, Any], own_root: bool = False) -> None:
+        """dataset.json: the source's provenance and `info`; `own_root`: this folder holds its
+        samples' tars and embeddings itself (subset --shards), so it is its own root."""
+        manifest = self.source.manifest(self.out)
+        if own_root:
+            manifest.update(root_fields(self.out, self.out), source_root=manifest["root"])
+        manifest.update(info)  # info has the skips of the final attempt
+        (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+
+    def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
+        """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
+        result.seconds = round(time.perf_counter() - started, 3)
+        self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
 
 
 def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
@@ -211,4 +257,4 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "write_whole"]
