@@ -16,8 +16,10 @@ measures that part alone: no decode, no writing, nothing but fetching bodies int
 
 The figure is client CPU (this process's user + system time) per request; the server runs in
 its own process (bench/pipeline.py's, the JPEGs of its generator) and its CPU is apart.
-`--compare PATH` runs a second fastlaion checkout (e.g. a `git worktree` of an older commit) in
-the same rounds, to measure a change before and after.
+Each fastlaion checkout runs in a child process of its own that fetches 200 URLs before its
+measured round (this one, and with `--compare PATH` a second, e.g. a `git worktree` of an older
+commit, in the same rounds, to measure a change before and after); the peer runs in this process,
+warmed by the rounds before.
 
     .venv/bin/python bench/fetch_loop.py [--requests 3000] [--rounds 5] [--compare PATH]
 """
@@ -81,8 +83,13 @@ async def fastlaion_loop(urls: list[str]) -> int:
     return ok
 
 
+WARM_UP = 200  # requests a child makes before the measured round (imports, first calls, the first loop)
+
+
 def one_round(name: str, urls: list[str], checkout: str | None) -> dict:
-    """One side, in this process (the peer, this checkout) or in a child on `checkout`."""
+    """One side: the peer in this process (warmed by the rounds before), a fastlaion checkout in
+    a child process of its own, which fetches WARM_UP URLs before the measured round, so both
+    checkouts are measured alike."""
     if checkout is not None:
         out = subprocess.run([sys.executable, __file__, "--child", "--urls-from", "-"],
                              input="\n".join(urls), capture_output=True, text=True, check=True,
@@ -92,6 +99,8 @@ def one_round(name: str, urls: list[str], checkout: str | None) -> dict:
 
     run = plain_aiohttp if name == "aiohttp" else fastlaion_loop
     loop = new_event_loop()
+    if name != "aiohttp":
+        loop.run_until_complete(run(urls[:WARM_UP]))
     c0, t0 = cpu_s(), time.perf_counter()
     ok = loop.run_until_complete(run(urls))
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -126,18 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     paths = pipeline.generate_images(args.workdir / "images", args.requests, 0)
     server = pipeline.ServerProcess(args.workdir / "images")
     urls = [f"{server.base_url}/img/{p.name}" for p in paths]
-    sides = [("aiohttp", None), ("fastlaion", None)] + ([("compare", args.compare)] if args.compare else [])
+    here = str(Path(__file__).resolve().parent.parent)  # this checkout, in a child like --compare's
+    sides = [("aiohttp", None), ("fastlaion", here)] + ([("compare", args.compare)] if args.compare else [])
     results: dict[str, list[dict]] = {name: [] for name, _ in sides}
     server_cpu: dict[str, float] = {name: 0.0 for name, _ in sides}
+    served: dict[str, int] = {name: 0 for name, _ in sides}
     try:
         for _ in range(args.rounds):
             for name, checkout in sides:
                 r0, s0 = server.counters()
                 results[name].append(one_round(name, urls, checkout))
                 r1, s1 = server.counters()
-                if r1 - r0 != len(urls):
+                if r1 - r0 != len(urls) + (WARM_UP if checkout else 0):
                     raise SystemExit(f"{name}: the server answered {r1 - r0} requests, {len(urls)} expected")
                 server_cpu[name] += s1 - s0
+                served[name] += r1 - r0
     finally:
         server.close()
 
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, _ in sides:
         each = " ".join(f"{1e3 * r['cpu_s'] / r['n']:.3f}" for r in results[name])
         print(f"{name:>10} | {per_request_ms(name):.3f} ({each}) | {rate(name):,.0f} | "
-              f"{1e3 * server_cpu[name] / (args.rounds * args.requests):.3f}")
+              f"{1e3 * server_cpu[name] / served[name]:.3f}")
     ratio = per_request_ms("aiohttp") / per_request_ms("fastlaion")
     print(f"fastlaion / plain aiohttp, CPU per request: {1 / ratio:.2f}x the peer's "
           f"(its guarantees' cost: {per_request_ms('fastlaion') - per_request_ms('aiohttp'):.3f} ms a request)")

@@ -1369,3 +1369,59 @@ def test_host_slots_are_given_back_by_requests_cancelled_while_waiting_or_holdin
         assert gates._gates == {}
 
     run(go())
+
+
+def test_the_watchdog_keeps_each_deadline_late_by_at_most_a_tick_and_never_early():
+    """_Watchdog: one timer for every request's deadline. Each block is cut with TimeoutError no
+    sooner than its deadline and at most a tick (plus scheduling) later; blocks that end in time
+    are left alone; a cancellation from outside stays a CancelledError, even when the deadline
+    passed too (as asyncio.timeout); the timer stops once nothing is watched."""
+    from fastlaion.download import DEADLINE_TICK_S, _Watchdog
+
+    async def go() -> None:
+        dog = _Watchdog()
+        loop = asyncio.get_running_loop()
+
+        async def block(seconds: float, sleep: float) -> tuple[str, float]:
+            start = loop.time()
+            try:
+                async with dog(seconds):
+                    await asyncio.sleep(sleep)
+            except TimeoutError:
+                return "timeout", loop.time() - start
+            return "done", loop.time() - start
+
+        plan = [(0.1, 5), (0.2, 5), (0.3, 0.05), (0.15, 5), (0.4, 0.25)]
+        got = await asyncio.gather(*(block(s, z) for s, z in plan))
+        for (seconds, sleep), (what, took) in zip(plan, got):
+            if sleep < seconds:
+                assert what == "done" and took < seconds, (seconds, sleep, what, took)
+            else:
+                # (1e-6: the float subtraction of the loop's clock readings)
+                assert what == "timeout" and seconds - 1e-6 <= took < seconds + DEADLINE_TICK_S + 0.1, (seconds, what, took)
+        await asyncio.sleep(2 * DEADLINE_TICK_S)
+        assert dog._handle is None and not dog._watched
+
+        # cancelled from outside before its deadline, or at the moment the deadline cuts it (both
+        # cancellations pending at once): CancelledError either way
+        for at_the_deadline in (False, True):
+            task = asyncio.ensure_future(block(10, 5))
+            await asyncio.sleep(0.02)
+            if at_the_deadline:
+                (deadline,) = dog._watched
+                deadline.expires = 0.0
+                dog._check(loop)
+                assert deadline.expired
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # a task whose deadline fired and which goes on afterwards is not cancelled again later
+        async def after() -> str:
+            what, _ = await block(0.05, 5)
+            await asyncio.sleep(3 * DEADLINE_TICK_S)  # a leftover cancellation would land here
+            return what
+        assert await after() == "timeout"
+        assert asyncio.current_task().cancelling() == 0
+        dog.close()
+
+    run(go())
