@@ -560,9 +560,39 @@ def test_a_disk_error_while_the_output_is_put_in_place_is_undone_or_says_what_is
         assert pl.read_parquet(out / output.PARTIAL_DIR / name).equals(pl.read_parquet(tmp_path / "whole" / name))
     assert load_json(out / "dataset.json")["condition"] == load_json(tmp_path / "whole" / "dataset.json")["condition"]
     assert load_json(out / output.EARLIER_DIR / "dataset.json")["condition"] == "en"
-    rerun = invoke([*new, "-o", out])  # the rerun replaces the mixed folder with the new output, whole
-    assert sorted(p.name for p in out.iterdir()) == names, rerun.output
+    check_a_rerun_keeps_what_a_failed_undo_put_aside(out, [*new, "-o", out], "output", tmp_path / "kept")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before  # the earlier output, whole
+    assert sorted(p.name for p in out.iterdir()) == names  # the rerun replaced the mixed folder
     assert pl.read_parquet(out / "metadata.parquet").equals(pl.read_parquet(tmp_path / "whole" / "metadata.parquet"))
+
+
+def check_a_rerun_keeps_what_a_failed_undo_put_aside(out: Path, rerun: list, what: str, kept: Path) -> None:
+    """After a commit into `out` that could not undo: `rerun` (the command again) is refused in
+    one line naming `.earlier/` and what it holds, and changes nothing on disk (it used to delete
+    `.earlier/`, the only copy of the earlier files its error had just pointed to); once they are
+    moved away (to `kept`; `.earlier/` left empty, an empty folder in it), the same command runs
+    and removes `.earlier/` and `.partial/`."""
+    from fastlaion.dataset import output
+
+    def disk() -> dict:
+        return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+
+    aside = out / output.EARLIER_DIR
+    before = disk()
+    held = sorted(p.name for p in aside.iterdir())
+    result = invoke(rerun, 2)
+    listed = ", ".join(held)
+    assert result.stderr == (
+        f"error: {out}: {aside} holds {len(held)} file{'s' * (len(held) != 1)} ({listed}) of an earlier {what}, put "
+        f"aside by a command that failed or was stopped while it replaced it; nothing was changed: move them away, "
+        f"or back into {out}, then rerun\n")
+    assert disk() == before
+    kept.mkdir()
+    for name in held:
+        (aside / name).rename(kept / name)
+    (aside / "empty").mkdir()
+    invoke(rerun)
+    assert not aside.exists() and not (out / output.PARTIAL_DIR).exists()
 
 
 @pytest.mark.parametrize("earlier, new, what", [

@@ -35,6 +35,23 @@ def _said(e: OSError) -> str:
     return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
 
 
+def _held(folder: Path) -> list[str]:
+    """The paths (relative, sorted) of what `folder` holds but folders; [] where it is none or
+    holds only folders; the folder's own name where it is something else (a file, a link)."""
+    try:
+        if not folder.is_dir() or folder.is_symlink():
+            return [folder.name] if folder.is_symlink() or folder.exists() else []
+        found = []
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                found += [f"{entry.name}/{name}" for name in _held(Path(entry.path))]
+            else:
+                found.append(entry.name)
+        return sorted(found)
+    except FileNotFoundError:
+        return []
+
+
 def _files(names: list[str], shown: int = 6) -> str:
     """Names as "2 files (a, b)"; past `shown` of them, the first ones and how many more."""
     listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
@@ -59,12 +76,27 @@ class Staging:
         self.written = written
         self.committing = False  # the earlier files are being replaced: no going back
         self.tmp = self.out / PARTIAL_DIR
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._clear_leftovers()
         self.out.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
 
     def path(self, name: str) -> Path:
         return self.tmp / name
+
+    def _clear_leftovers(self) -> None:
+        """Remove what an earlier command left under `.partial/` (its new files, never put in
+        place) and an empty `.earlier/`; refuse (DatasetError, nothing changed) while `.earlier/`
+        holds a file: the earlier output put aside by a commit that could not put it back (the
+        CommitError named it there) or that was killed midway, which may be the only copy. Both
+        folders used to be removed, the earlier output with them, by whichever command came next."""
+        aside = self.out / EARLIER_DIR
+        held = _held(aside)
+        if held:
+            raise DatasetError(f"{self.out}: {aside} holds {_files(held)} of an earlier {self.what}, put aside by a "
+                               f"command that failed or was stopped while it replaced it; nothing was changed: move "
+                               f"them away, or back into {self.out}, then rerun")
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def earlier_files(self) -> list[str]:
         """The names of the folder's files that the new ones replace (those not among the new
@@ -107,13 +139,13 @@ class Staging:
         made, so the folder is as it was; where undoing fails too, the error (`CommitError`, one
         line) names what is in the folder and where the rest is. It used to leave the earlier
         files deleted, some new ones in place and the others in `.partial/`, and say only the
-        disk's error."""
+        disk's error. What it names in `.earlier/` stays there: the next command into the folder
+        is refused until it is moved (`_clear_leftovers`)."""
         with ctrl_c_deferred():
             self.committing = True
             old = self._ordered(self.earlier_files(), last=False)
             new = self._ordered([p.name for p in self.tmp.iterdir()], last=True)
-            aside = self.out / EARLIER_DIR
-            shutil.rmtree(aside, ignore_errors=True)  # left by a commit that failed and could not undo
+            aside = self.out / EARLIER_DIR  # none: an earlier command's was refused or removed (_clear_leftovers)
             moved_aside: list[str] = []
             moved_in: list[str] = []
             try:
