@@ -1,6 +1,6 @@
 """An output folder of `fastlaion subset`, `dedup` or `classify`: files are written under
 `.partial/` and moved into place at the end, so an interrupted command leaves the earlier output
-intact; and one file of `stats` or `search` (`write_whole`), written aside and renamed. A Ctrl-C
+intact, with the folder locked meanwhile (`OUT/.lock`, as a run locks its folder); and one file of `stats` or `search` (`write_whole`), written aside and renamed. A Ctrl-C
 while an output is put in place lands once it is, after the command is told (`written`), so that
 what its message says was written is what is on disk."""
 
@@ -69,16 +69,15 @@ class Staging:
 
     what = "output"
     last: str | None = None
+    command = "dataset command"  # in the folder's lock file while it writes there, to name it to another one
+    busy = "wait for it to end, or choose another output folder"  # what a second command is told to do
 
-    def __init__(self, out: Path, written: Callable[[Path], None] | None = None):
+    def __init__(self, out: Path, written: Callable[[Path], None] | None = None, command: str | None = None):
         self.out = Path(out)
-        self.made = not self.out.exists()  # a folder this command made goes again if it fails
         self.written = written
+        self.command = command or self.command
         self.committing = False  # the earlier files are being replaced: no going back
         self.tmp = self.out / PARTIAL_DIR
-        self._clear_leftovers()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -109,15 +108,35 @@ class Staging:
 
     @contextmanager
     def building(self) -> Iterator[Staging]:
-        """Commit the new files when the block ends; on any failure (Ctrl-C included) before the
-        commit begins drop them, so the earlier output, if any, stays as it was."""
+        """Lock the folder while the new files are written and put in place (writer.output_lock:
+        a second command writing into it, another dataset command or a `fastlaion run`, is refused
+        at once, in one line naming it; two used to clear each other's `.partial/` and interleave
+        their renames, and one into a folder a run had just begun removed the run's shards in
+        progress), clear an earlier command's leftovers (`_clear_leftovers`), then commit the new
+        files when the block ends; on any failure (Ctrl-C included) before the commit begins drop
+        them, so the earlier output, if any, stays as it was. A folder this command made goes
+        again if nothing was put in it."""
+        from ..writer import output_lock
+
+        made = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
         try:
-            yield self
-            self.commit()
-        except BaseException:
-            if not self.committing:  # a failure while the files move keeps those not moved yet
-                self.abort()
-            raise
+            with output_lock(self.out, self.command, self.busy):
+                self._clear_leftovers()
+                self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
+                try:
+                    yield self
+                    self.commit()
+                except BaseException:
+                    if not self.committing:  # a failure while the files move keeps those not moved yet
+                        self.abort()
+                    raise
+        finally:
+            if made:
+                try:
+                    self.out.rmdir()  # only when empty: its lock file is gone
+                except OSError:
+                    pass
 
     def _ordered(self, names: list[str], last: bool) -> list[str]:
         names = sorted(names)
@@ -200,18 +219,14 @@ class Staging:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.made:
-            try:
-                self.out.rmdir()  # only when empty
-            except OSError:
-                pass
 
 
 class OutputDir(Staging):
     """The output folder of subset, dedup or classify: its earlier output is the files of ours
     in it (a run's config.json too where it holds an output of ours)."""
 
-    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None):
+    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None,
+                 command: str | None = None):
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise DatasetError(f"-o {out}: exists and is not a folder")
@@ -221,7 +236,7 @@ class OutputDir(Staging):
         if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
         self.source = source
-        super().__init__(out, written)
+        super().__init__(out, written, command)
 
     def earlier_files(self) -> list[str]:
         earlier = (self.out / MANIFEST_FILE).is_file()
