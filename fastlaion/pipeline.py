@@ -45,7 +45,7 @@ from .decode import Decoded, Decoder
 from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
-    LOCK_FILE,
+    LOCK_FILE,  # noqa: F401 (fastlaion.pipeline.LOCK_FILE, beside output_lock)
     PARTIAL_DIR,
     SUMMARY_FILE,
     ShardWriteError,
@@ -54,6 +54,7 @@ from .writer import (
     damage,
     is_complete,
     mark_incomplete,
+    output_lock,
     read_stats,
     recover_partial,
     shard_name,
@@ -590,45 +591,6 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",
                  shard_name(shard))
-
-
-LOCK_RETRIES_S = (0.02, 0.05, None)  # waits before trying the lock again; None: refuse
-
-
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Held while a run writes into `out`: a second run into the same folder is refused at once,
-    naming the first one's process (it would take the first one's shards in progress under
-    .partial/ for a crash's leftovers and remove them). An flock: it ends with its process,
-    however that ends; on a network file system it may guard one machine only."""
-    import fcntl
-
-    path = out / LOCK_FILE
-    f = open(path, "a+")
-    try:
-        for wait_s in LOCK_RETRIES_S:  # a dataset command's probe (writer.lock_held) holds it for an instant
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if wait_s is None:
-                    raise
-                time.sleep(wait_s)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise ConfigError(f"{out}: another fastlaion run is writing into it (process {holder}); wait for it "
-                          "to end, or choose another output folder") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # before the lock goes: a run that opens it now makes a new one
-        f.close()
 
 
 INPUT_FILES_KEY = "input_files"  # in config.json: each local input file's input_mark

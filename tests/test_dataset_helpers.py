@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -240,3 +242,64 @@ def check_ctrl_c_of_an_output(monkeypatch, invoke, earlier: list, new: list, out
             now = described(out)
             assert now[0] == names and now[1].equals(rows) and now[2] == info, name
     assert moved, "no Ctrl-C between the renames"
+
+
+# --- a command held while it holds its output folder's lock, in another process ---------------------
+
+_HELD = """
+import sys, time
+from pathlib import Path
+
+ready, go, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+if what == "run-lock":  # a fastlaion run's lock on the folder (pipeline.prepare_output's), held until go
+    from fastlaion.pipeline import output_lock
+
+    with output_lock(Path(sys.argv[4])):
+        ready.write_text("held")
+        while not go.exists():
+            time.sleep(0.05)
+    sys.exit(0)
+from fastlaion.dataset import output
+
+real = output.Staging.commit
+
+def commit(self):  # every new file written under .partial/, the lock held: waits for go
+    ready.write_text("held")
+    while not go.exists():
+        time.sleep(0.05)
+    real(self)
+
+output.Staging.commit = commit
+sys.argv = ["fastlaion", *sys.argv[4:]]
+from fastlaion.__main__ import main
+
+main()
+"""
+
+
+@contextmanager
+def held(args: list, tmp_path: Path, what: str = "commit") -> Iterator[subprocess.Popen]:
+    """`fastlaion ARGS` in another process, held just before its commit (its new files all written
+    under .partial/, its output folder locked) until the block ends, when it goes on and is waited
+    for (`what` "run-lock": ARGS is a folder, whose lock a fastlaion run's output_lock holds). The
+    block gets the process; one that ended before it was held fails the test with its stderr."""
+    import time
+
+    ready, go = tmp_path / f"held-{len(list(tmp_path.iterdir()))}", tmp_path / "go"
+    go.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _HELD, str(ready), str(go), what, *(str(a) for a in args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never held"
+            time.sleep(0.05)
+        yield proc
+        go.touch()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -560,9 +560,39 @@ def test_a_disk_error_while_the_output_is_put_in_place_is_undone_or_says_what_is
         assert pl.read_parquet(out / output.PARTIAL_DIR / name).equals(pl.read_parquet(tmp_path / "whole" / name))
     assert load_json(out / "dataset.json")["condition"] == load_json(tmp_path / "whole" / "dataset.json")["condition"]
     assert load_json(out / output.EARLIER_DIR / "dataset.json")["condition"] == "en"
-    rerun = invoke([*new, "-o", out])  # the rerun replaces the mixed folder with the new output, whole
-    assert sorted(p.name for p in out.iterdir()) == names, rerun.output
+    check_a_rerun_keeps_what_a_failed_undo_put_aside(out, [*new, "-o", out], "output", tmp_path / "kept")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before  # the earlier output, whole
+    assert sorted(p.name for p in out.iterdir()) == names  # the rerun replaced the mixed folder
     assert pl.read_parquet(out / "metadata.parquet").equals(pl.read_parquet(tmp_path / "whole" / "metadata.parquet"))
+
+
+def check_a_rerun_keeps_what_a_failed_undo_put_aside(out: Path, rerun: list, what: str, kept: Path) -> None:
+    """After a commit into `out` that could not undo: `rerun` (the command again) is refused in
+    one line naming `.earlier/` and what it holds, and changes nothing on disk (it used to delete
+    `.earlier/`, the only copy of the earlier files its error had just pointed to); once they are
+    moved away (to `kept`; `.earlier/` left empty, an empty folder in it), the same command runs
+    and removes `.earlier/` and `.partial/`."""
+    from fastlaion.dataset import output
+
+    def disk() -> dict:
+        return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+
+    aside = out / output.EARLIER_DIR
+    before = disk()
+    held = sorted(p.name for p in aside.iterdir())
+    result = invoke(rerun, 2)
+    listed = ", ".join(held)
+    assert result.stderr == (
+        f"error: {out}: {aside} holds {len(held)} file{'s' * (len(held) != 1)} ({listed}) of an earlier {what}, put "
+        f"aside by a command that failed or was stopped while it replaced it; nothing was changed: move them away, "
+        f"or back into {out}, then rerun\n")
+    assert disk() == before
+    kept.mkdir()
+    for name in held:
+        (aside / name).rename(kept / name)
+    (aside / "empty").mkdir()
+    invoke(rerun)
+    assert not aside.exists() and not (out / output.PARTIAL_DIR).exists()
 
 
 @pytest.mark.parametrize("earlier, new, what", [
@@ -575,3 +605,84 @@ def test_ctrl_c_says_whether_the_output_was_replaced(synth, tmp_path, monkeypatc
     it was written."""
     source = ["--from", synth[0], "--no-progress"]
     check_ctrl_c_of_an_output(monkeypatch, invoke, [*earlier, *source], [*new, *source], tmp_path / "out", what)
+
+
+def test_a_second_command_into_an_output_being_written_is_refused_at_once(synth, tmp_path):
+    """A subset held just before its commit in another process (its new files under .partial/,
+    the folder's lock held): a second subset, a dedup or a `fastlaion run` into the same folder is
+    refused at once in one line naming the first one's command and process, and changes nothing
+    there (they used to clear its .partial/ and could interleave their renames with its own);
+    stats reads the earlier output and says nothing of a run. Once it ends, its output is in place,
+    whole, its lock file gone, and the same commands run. One killed while held leaves its lock
+    file and .partial/: the next command takes the folder, and stats on it meanwhile says only
+    that it holds no dataset (not that a run is writing it or did not finish)."""
+    import signal
+
+    from test_dataset_helpers import held
+
+    out = tmp_path / "out"
+    source = ["--from", synth[0], "--no-progress"]
+    invoke(["subset", "en", *source, "-o", out])
+    en = keys_of(out / "metadata.parquet")
+    kept = [r["key"] for r in synth[1] if r["status"] == "kept"]
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/0.jpg\n")
+
+    def disk(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+                for p in sorted(folder.rglob("*"))}
+
+    with held(["subset", "--where", "true", *source, "-o", out], tmp_path) as first:
+        before = disk(out)
+        assert sorted(before) == [".lock", ".partial", ".partial/dataset.json", ".partial/metadata.parquet",
+                                  "dataset.json", "metadata.parquet"]
+        for args, other in ((["subset", "art", *source, "-o", out], "another fastlaion subset"),
+                            (["dedup", "--by", "url", *source, "-o", out], "a fastlaion subset"),
+                            (["run", tmp_path / "in.txt", "-o", out, "--no-score", "--no-progress"],
+                             "a fastlaion subset")):
+            result = invoke(args, 2)
+            assert result.stderr == (f"error: {out}: {other} is writing into it (process {first.pid}); wait for it to "
+                                     "end, or choose another output folder\n"), (args, result.stderr)
+            assert disk(out) == before, args
+        result = invoke(["stats", out, "--json", tmp_path / "s.json", "--no-progress"])
+        assert not result.stderr and load_json(tmp_path / "s.json")["rows"] == len(en)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "metadata.parquet"]
+    assert keys_of(out / "metadata.parquet") == kept  # the first one's output, whole
+    invoke(["subset", "art", *source, "-o", out])
+    assert keys_of(out / "metadata.parquet") == [r["key"] for r in synth[1]
+                                                 if r["status"] == "kept" and LAION_MD["art"](r)]
+
+    fresh = tmp_path / "fresh"
+    no_dataset = f"error: {fresh} holds no dataset: no shard Parquet files"
+    with held(["subset", "en", *source, "-o", fresh], tmp_path) as first:
+        assert invoke(["stats", fresh, "--no-progress"], 2).stderr.startswith(no_dataset)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert sorted(disk(fresh)) == [".lock", ".partial", ".partial/dataset.json", ".partial/metadata.parquet"]
+        result = invoke(["stats", fresh, "--no-progress"], 2)
+        assert result.stderr.startswith(no_dataset) and result.stderr.count("\n") == 1, result.stderr
+        invoke(["subset", "en", *source, "-o", fresh])
+    assert sorted(p.name for p in fresh.iterdir()) == ["dataset.json", "metadata.parquet"]
+    assert keys_of(fresh / "metadata.parquet") == en
+
+
+def test_a_dataset_command_into_a_folder_a_run_is_writing_is_refused(synth, tmp_path):
+    """A folder whose lock a fastlaion run holds (pipeline.output_lock, in another process) and
+    that holds no finished shard yet (its config.json, a shard in progress under .partial/): a
+    subset into it is refused at once in one line naming the run's process, and the run's files
+    are as they were (it used to remove the run's .partial/ for its own leftovers and write its
+    output among the run's files)."""
+    from test_dataset_helpers import held
+
+    out = tmp_path / "run"
+    (out / ".partial" / "00000").mkdir(parents=True)
+    (out / ".partial" / "00000" / "00000.tar").write_bytes(b"a shard in progress")
+    (out / "config.json").write_text("{}")
+    with held([out], tmp_path, "run-lock") as run:
+        before = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+        result = invoke(["subset", "en", "--from", synth[0], "--no-progress", "-o", out], 2)
+        assert result.stderr == (f"error: {out}: a fastlaion run is writing into it (process {run.pid}); wait for it "
+                                 "to end, or choose another output folder\n")
+        assert {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None
+                for p in sorted(out.rglob("*"))} == before
+    assert run.returncode == 0, run.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_dataset_table import invoke
+from test_dataset_table import check_a_rerun_keeps_what_a_failed_undo_put_aside, invoke
 from test_semantic import make_embeddings, unit64, write_embedding_run
 
 pytest.importorskip("faiss")
@@ -317,8 +317,14 @@ def test_a_disk_error_while_the_index_is_put_in_place_is_undone_or_says_what_is_
     assert new_meta["cells"] == min(int(4 * math.sqrt(N)), N // 64)  # the new index's description
     found, out = search_json(folder, qfiles, tmp_path)  # no index.json in the folder: the exact search
     assert "cells read" not in out and found["index"] is None and keys_of(found) == exact
-    rerun = invoke(["index", folder, "--no-progress"])  # the rerun puts a whole index in place
-    assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "index.json"], rerun.output
+    if earlier:  # refused while .earlier/ holds the earlier index's files; once moved away, the rerun runs
+        check_a_rerun_keeps_what_a_failed_undo_put_aside(index, ["index", folder, "--no-progress"], "index",
+                                                         tmp_path / "kept")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == \
+            {n: b for n, b in before.items() if n == "index.json" or fails_at > 2}
+    else:
+        invoke(["index", folder, "--no-progress"])  # no earlier index aside: the rerun runs
+    assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "index.json"]  # a whole index in place
     _, out = search_json(folder, qfiles[:1], tmp_path)
     assert f"of {new_meta['cells']:,} cells read" in out
 
@@ -531,3 +537,33 @@ def test_fewer_hits_than_k_from_the_cells_read_is_said_with_the_probes_that_find
     said = invoke(["search", folder, "--vector", qfiles[0], "-k", 10 * len(keys), "--probes", cells,
                    "--no-progress"]).output
     assert "hits asked" not in said and f"the {len(keys):,} best" in said
+
+
+def test_a_second_index_while_one_is_written_is_refused_at_once(case, tmp_path):
+    """`fastlaion index` held just before its commit in another process (the new index written
+    under index/.partial/, the folder locked): a second one is refused at once in one line naming
+    the first one's process, and changes nothing in index/ (it used to clear the first one's
+    .partial/ and could interleave their renames: an index.json beside the other build's
+    image.faiss); search meanwhile uses the earlier index. Then the first one's index is in place."""
+    from test_dataset_helpers import held
+
+    folder, _, qfiles, _ = case
+    index = folder / "index"
+    invoke(["index", folder, "--cells", 8, "--no-progress"])
+    cells = min(int(4 * math.sqrt(N)), N // 64)
+    with held(["index", folder, "--no-progress"], tmp_path) as first:
+        before = {str(p.relative_to(index)): p.read_bytes() if p.is_file() else None for p in sorted(index.rglob("*"))}
+        assert sorted(before) == [".lock", ".partial", ".partial/image.faiss", ".partial/index.json", "image.faiss",
+                                  "index.json"]
+        result = invoke(["index", folder, "--cells", 4, "--no-progress"], 2)
+        assert result.stderr == f"error: {index}: another fastlaion index is writing into it (process {first.pid}); " \
+                                "wait for it to end\n"
+        assert {str(p.relative_to(index)): p.read_bytes() if p.is_file() else None
+                for p in sorted(index.rglob("*"))} == before
+        _, out = search_json(folder, qfiles[:1], tmp_path)
+        assert "of 8 cells read" in out
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "index.json"]
+    assert json.loads((index / "index.json").read_text())["cells"] == cells
+    _, out = search_json(folder, qfiles[:1], tmp_path)
+    assert f"of {cells:,} cells read" in out

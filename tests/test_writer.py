@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -95,3 +96,31 @@ def test_abort_waits_for_a_batch_being_written(tmp_path: Path, monkeypatch) -> N
     assert not writer.tmp.exists()
     writer.add_samples(batch)  # one that reaches the lock after abort(): dropped with the shard, no error
     assert writer.samples == 2
+
+
+def test_a_lock_let_go_while_it_is_waited_for_is_taken_on_the_file_there_now(tmp_path, monkeypatch):
+    """output_lock waiting (its retries) on a lock file whose holder lets go removes that file; a
+    third command then makes a new one and locks it. The waiting one used to lock the removed
+    file and go on beside the third; now it locks the file there now, and is refused naming the
+    third."""
+    from fastlaion import writer
+    from fastlaion.config import ConfigError
+
+    first = writer.output_lock(tmp_path, "subset")
+    first.__enter__()
+    third = []
+
+    def sleep(seconds):  # while the second waits: the first lets go, a third takes the folder
+        if not third:
+            first.__exit__(None, None, None)
+            third.append(writer.output_lock(tmp_path, "dedup"))
+            third[0].__enter__()
+
+    monkeypatch.setattr(writer.time, "sleep", sleep)
+    with pytest.raises(ConfigError) as refused:
+        with writer.output_lock(tmp_path, "index"):
+            pass
+    assert str(refused.value) == (f"{tmp_path}: a fastlaion dedup is writing into it (process {os.getpid()}); wait "
+                                  "for it to end, or choose another output folder")
+    third[0].__exit__(None, None, None)
+    assert not (tmp_path / writer.LOCK_FILE).exists()

@@ -103,7 +103,7 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
                           "from, or drop those columns")
     score = run_score_config(ds, SearchConfig(model=cfg.model, pretrained=cfg.pretrained, device=cfg.device),
                              "classify")
-    target = OutputDir(out, ds, written)
+    target = OutputDir(out, ds, written, "classify")
 
     def job(d: Dataset) -> ClassifyResult:
         import torch

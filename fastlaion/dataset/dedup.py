@@ -140,7 +140,7 @@ def dedup(ds: Dataset, out: Path, cfg: DedupConfig, progress: Progress | None = 
     ds.require(("key", "status", "stage", "reason", *EXACT_COLUMNS.get(cfg.by, ())), f"dedup --by {cfg.by.value}")
     if cfg.by not in EXACT_COLUMNS:  # reads the images or the embeddings
         ds.need_root(f"dedup --by {cfg.by.value}")
-    target = OutputDir(out, ds, written)
+    target = OutputDir(out, ds, written, "dedup")
 
     def job(d: Dataset) -> DedupResult:
         settings: dict[str, Any] = {}

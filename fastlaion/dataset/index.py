@@ -238,6 +238,8 @@ class _IndexFolder(Staging):
 
     what = "index"
     last = META_FILE
+    command = "index"
+    busy = "wait for it to end"
 
     def __init__(self, folder: Path, dataset: Path, written: Callable[[Path], None] | None = None):
         self.dataset = dataset

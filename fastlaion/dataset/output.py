@@ -1,6 +1,6 @@
 """An output folder of `fastlaion subset`, `dedup` or `classify`: files are written under
 `.partial/` and moved into place at the end, so an interrupted command leaves the earlier output
-intact; and one file of `stats` or `search` (`write_whole`), written aside and renamed. A Ctrl-C
+intact, with the folder locked meanwhile (`OUT/.lock`, as a run locks its folder); and one file of `stats` or `search` (`write_whole`), written aside and renamed. A Ctrl-C
 while an output is put in place lands once it is, after the command is told (`written`), so that
 what its message says was written is what is on disk."""
 
@@ -35,6 +35,23 @@ def _said(e: OSError) -> str:
     return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
 
 
+def _held(folder: Path) -> list[str]:
+    """The paths (relative, sorted) of what `folder` holds but folders; [] where it is none or
+    holds only folders; the folder's own name where it is something else (a file, a link)."""
+    try:
+        if not folder.is_dir() or folder.is_symlink():
+            return [folder.name] if folder.is_symlink() or folder.exists() else []
+        found = []
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                found += [f"{entry.name}/{name}" for name in _held(Path(entry.path))]
+            else:
+                found.append(entry.name)
+        return sorted(found)
+    except FileNotFoundError:
+        return []
+
+
 def _files(names: list[str], shown: int = 6) -> str:
     """Names as "2 files (a, b)"; past `shown` of them, the first ones and how many more."""
     listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
@@ -52,19 +69,33 @@ class Staging:
 
     what = "output"
     last: str | None = None
+    command = "dataset command"  # in the folder's lock file while it writes there, to name it to another one
+    busy = "wait for it to end, or choose another output folder"  # what a second command is told to do
 
-    def __init__(self, out: Path, written: Callable[[Path], None] | None = None):
+    def __init__(self, out: Path, written: Callable[[Path], None] | None = None, command: str | None = None):
         self.out = Path(out)
-        self.made = not self.out.exists()  # a folder this command made goes again if it fails
         self.written = written
+        self.command = command or self.command
         self.committing = False  # the earlier files are being replaced: no going back
         self.tmp = self.out / PARTIAL_DIR
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
 
     def path(self, name: str) -> Path:
         return self.tmp / name
+
+    def _clear_leftovers(self) -> None:
+        """Remove what an earlier command left under `.partial/` (its new files, never put in
+        place) and an empty `.earlier/`; refuse (DatasetError, nothing changed) while `.earlier/`
+        holds a file: the earlier output put aside by a commit that could not put it back (the
+        CommitError named it there) or that was killed midway, which may be the only copy. Both
+        folders used to be removed, the earlier output with them, by whichever command came next."""
+        aside = self.out / EARLIER_DIR
+        held = _held(aside)
+        if held:
+            raise DatasetError(f"{self.out}: {aside} holds {_files(held)} of an earlier {self.what}, put aside by a "
+                               f"command that failed or was stopped while it replaced it; nothing was changed: move "
+                               f"them away, or back into {self.out}, then rerun")
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def earlier_files(self) -> list[str]:
         """The names of the folder's files that the new ones replace (those not among the new
@@ -77,15 +108,35 @@ class Staging:
 
     @contextmanager
     def building(self) -> Iterator[Staging]:
-        """Commit the new files when the block ends; on any failure (Ctrl-C included) before the
-        commit begins drop them, so the earlier output, if any, stays as it was."""
+        """Lock the folder while the new files are written and put in place (writer.output_lock:
+        a second command writing into it, another dataset command or a `fastlaion run`, is refused
+        at once, in one line naming it; two used to clear each other's `.partial/` and interleave
+        their renames, and one into a folder a run had just begun removed the run's shards in
+        progress), clear an earlier command's leftovers (`_clear_leftovers`), then commit the new
+        files when the block ends; on any failure (Ctrl-C included) before the commit begins drop
+        them, so the earlier output, if any, stays as it was. A folder this command made goes
+        again if nothing was put in it."""
+        from ..writer import output_lock
+
+        made = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
         try:
-            yield self
-            self.commit()
-        except BaseException:
-            if not self.committing:  # a failure while the files move keeps those not moved yet
-                self.abort()
-            raise
+            with output_lock(self.out, self.command, self.busy):
+                self._clear_leftovers()
+                self.tmp.mkdir(mode=0o700)  # its owner's only: a file may get a narrower mode at the commit
+                try:
+                    yield self
+                    self.commit()
+                except BaseException:
+                    if not self.committing:  # a failure while the files move keeps those not moved yet
+                        self.abort()
+                    raise
+        finally:
+            if made:
+                try:
+                    self.out.rmdir()  # only when empty: its lock file is gone
+                except OSError:
+                    pass
 
     def _ordered(self, names: list[str], last: bool) -> list[str]:
         names = sorted(names)
@@ -107,13 +158,13 @@ class Staging:
         made, so the folder is as it was; where undoing fails too, the error (`CommitError`, one
         line) names what is in the folder and where the rest is. It used to leave the earlier
         files deleted, some new ones in place and the others in `.partial/`, and say only the
-        disk's error."""
+        disk's error. What it names in `.earlier/` stays there: the next command into the folder
+        is refused until it is moved (`_clear_leftovers`)."""
         with ctrl_c_deferred():
             self.committing = True
             old = self._ordered(self.earlier_files(), last=False)
             new = self._ordered([p.name for p in self.tmp.iterdir()], last=True)
-            aside = self.out / EARLIER_DIR
-            shutil.rmtree(aside, ignore_errors=True)  # left by a commit that failed and could not undo
+            aside = self.out / EARLIER_DIR  # none: an earlier command's was refused or removed (_clear_leftovers)
             moved_aside: list[str] = []
             moved_in: list[str] = []
             try:
@@ -168,18 +219,14 @@ class Staging:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.made:
-            try:
-                self.out.rmdir()  # only when empty
-            except OSError:
-                pass
 
 
 class OutputDir(Staging):
     """The output folder of subset, dedup or classify: its earlier output is the files of ours
     in it (a run's config.json too where it holds an output of ours)."""
 
-    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None):
+    def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None,
+                 command: str | None = None):
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise DatasetError(f"-o {out}: exists and is not a folder")
@@ -189,7 +236,7 @@ class OutputDir(Staging):
         if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
         self.source = source
-        super().__init__(out, written)
+        super().__init__(out, written, command)
 
     def earlier_files(self) -> list[str]:
         earlier = (self.out / MANIFEST_FILE).is_file()

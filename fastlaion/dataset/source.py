@@ -334,15 +334,17 @@ def run_state(path: str | Path) -> RunState | None:
     anything but a run folder (a subset or dedup folder, one Parquet file). Not done: a run holds
     the folder's lock (writing it), or no summary was written, or the summary counts shards not
     finished, or a shard is in progress under .partial/ or published without its stats file."""
-    from ..writer import LOCK_FILE, PARTIAL_DIR, SUMMARY_FILE, finished_shards, lock_held
+    from ..writer import PARTIAL_DIR, SUMMARY_FILE, finished_shards, lock_held, lock_holder
 
     path = Path(path)
     if not path.is_dir() or (path / METADATA_FILE).exists():
         return None
-    if not ((path / RUN_CONFIG).exists() or (path / LOCK_FILE).exists()):
+    holder = lock_holder(path)
+    run_lock = holder is not None and holder[1] == "run"  # not a dataset command's, writing its first output here
+    if not ((path / RUN_CONFIG).exists() or run_lock):
         return None  # no run ever started writing here
     finished = finished_shards(path)
-    if lock_held(path):
+    if run_lock and lock_held(path):
         return RunState(path, True, len(finished), None)
     total, failed = None, False
     try:

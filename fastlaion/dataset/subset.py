@@ -185,7 +185,7 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
     expr, text = condition(ds, cfg)
     if cfg.shards:
         ds.need_root("subset --shards")
-    target = OutputDir(out, ds, written)
+    target = OutputDir(out, ds, written, "subset")
 
     def job(d: Dataset) -> SubsetResult:
         pool = d.scan() if cfg.include_dropped else d.scan().filter(pl.col("status") == KEPT)
