@@ -19,7 +19,9 @@ file first, so readers never take a half-renamed shard for a complete one.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -219,6 +221,8 @@ def lock_held(out_dir: Path) -> bool:
 
 
 LOCK_RETRIES_S = (0.02, 0.05, None)  # waits before trying the lock again; None: refuse
+# flock's errors on a file system that does not lock (FUSE mounts of object stores, some NFS setups)
+NO_FLOCK_ERRNOS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
 
 @contextmanager
@@ -232,7 +236,8 @@ def output_lock(out: Path, command: str = "run", advice: str = "wait for it to e
     run the dataset command's .partial/, or two dataset commands each other's, their renames
     interleaved). The lock file holds "PID COMMAND" (an earlier fastlaion's, the PID only: a
     run's; lock_holder). An flock: it ends with its process, however that ends; on a network file
-    system it may guard one machine only. A file system without flock is told as its error."""
+    system it may guard one machine only. On a file system that cannot lock (NO_FLOCK_ERRNOS) it
+    warns and writes unguarded, as fastlaion did before; flock's other errors are raised."""
     import fcntl
 
     path = out / LOCK_FILE
@@ -254,8 +259,15 @@ def output_lock(out: Path, command: str = "run", advice: str = "wait for it to e
             raise ConfigError(f"{out}: {'another' if other == command else 'a'} fastlaion {other} is writing into "
                               f"it (process {pid}); {advice}") from None
         except OSError as e:
-            f.close()
-            raise OSError(e.errno, e.strerror, str(path)) from None
+            if e.errno not in NO_FLOCK_ERRNOS:
+                f.close()
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            # A file system that locks nothing (some FUSE mounts: s3fs, gcsfuse...): write anyway,
+            # as before there was a lock, and say what is not guarded.
+            logging.getLogger(__name__).warning(
+                "%s: this file system cannot lock files (%s), so nothing stops another fastlaion command from "
+                "writing into the folder at the same time; run one at a time there", out, e.strerror or e)
+            break
         try:  # the holder removes the file as it lets go: one opened before that is locked by nobody else
             current = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
         except FileNotFoundError:

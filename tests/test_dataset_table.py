@@ -4,6 +4,7 @@ the expected rows computed here in plain Python from LAION.md's definitions."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -686,3 +687,34 @@ def test_a_dataset_command_into_a_folder_a_run_is_writing_is_refused(synth, tmp_
         assert {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None
                 for p in sorted(out.rglob("*"))} == before
     assert run.returncode == 0, run.stderr
+
+
+def test_a_file_system_that_cannot_lock_is_written_unguarded_with_a_warning(synth, tmp_path, monkeypatch):
+    """flock refused as a file system without locks refuses it (ENOLCK, as NFS without a lock
+    manager; EOPNOTSUPP, as some FUSE mounts): the command writes its output as it did before
+    there was a lock, and warns in one line that nothing guards the folder; flock's other errors
+    (EIO here) stop it with the error, nothing written. (flock is made to fail: no such mount can
+    be made here.)"""
+    import errno
+    import fcntl
+
+    real_flock = fcntl.flock
+    for code, ok in ((errno.ENOLCK, True), (errno.EOPNOTSUPP, True), (errno.EIO, False)):
+        def flock(f, op, code=code):
+            if op & fcntl.LOCK_EX:
+                raise OSError(code, os.strerror(code))
+            return real_flock(f, op)
+
+        out = tmp_path / f"out-{code}"
+        with monkeypatch.context() as m:
+            m.setattr(fcntl, "flock", flock)
+            result = runner.invoke(app(), ["subset", "en", "--from", str(synth[0]), "--no-progress", "-o", str(out)],
+                                   env={"COLUMNS": "400"})
+        said = " ".join(result.stderr.split())
+        if ok:
+            assert result.exit_code == 0, result.output
+            assert "cannot lock files" in said and os.strerror(code) in said, said
+            assert keys_of(out / "metadata.parquet") and not (out / ".lock").exists()
+        else:
+            assert result.exit_code != 0 and os.strerror(code) in said and "Traceback" not in said, said
+            assert not (out / "metadata.parquet").exists()
