@@ -144,7 +144,9 @@ def render(stats: DatasetStats, samples: Sequence[dict[str, Any]] = (), thumbs: 
         out.append(f'<p class="warn">{len(stats.skipped_files)} unreadable Parquet file(s) skipped: '
                    + ", ".join(_esc(s["path"]) for s in stats.skipped_files[:10]) + "</p>")
     if stats.damaged_files:
-        out.append(f'<p class="warn">{len(stats.damaged_files)} problem(s) with finished shards\' files: '
+        of_run = f" of the run {stats.damaged_root}" if stats.damaged_root and stats.kind != "run" else ""
+        out.append(f'<p class="warn">{len(stats.damaged_files)} problem(s) with finished shards\' files'
+                   f'{_esc(of_run)}: '
                    + "; ".join(_esc(f"{d['shard']}: {d['problem']}") for d in stats.damaged_files[:10]) + "</p>")
     out.append("<h2>Funnel</h2><div class=\"plots\">" + funnel_chart(stats) + "</div>")
     out.append(_table(["level", "rows", "% of input", "dropped here"],

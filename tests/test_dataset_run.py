@@ -362,9 +362,11 @@ def test_commands_reading_a_runs_shard_files_name_the_damaged_ones_and_read_them
         assert manifest["damaged_files"] == [problem]
         assert manifest["unreadable_samples"] == sum(r["shard"] == unreadable for r in rows)
 
-    result = invoke(["stats", sub, "--json", tmp_path / "s.json"])
+    result = invoke(["stats", sub, "--json", tmp_path / "s.json", "--html", tmp_path / "s.html", "--thumbnails", "0"])
     stats = load_json(tmp_path / "s.json")
     assert stats["damaged_files"] == [tar_problem, emb_problem] and stats["damaged_root"] == str(real)
+    assert f"2 problem(s) with finished shards' files of the run {real}: 00001: 00001.tar holds" in \
+        (tmp_path / "s.html").read_text()
     lines = result.stdout.splitlines()
     at = lines.index(f"damaged: 2 problem(s) with the files of 2 finished shard(s) of the run {real}, which this "
                      "dataset's samples are in; `fastlaion run` with the same arguments writes those shards again")
