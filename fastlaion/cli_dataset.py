@@ -274,7 +274,10 @@ def print_stats(stats: Any) -> None:
     _say(f"{stats.source} ({stats.kind}): {stats.files:,} Parquet file(s), {stats.rows:,} rows, "
          f"{stats.kept:,} kept samples")
     _skipped_line(stats.skipped_files)
-    _damaged_lines(stats.damaged_files, None if stats.kind == "run" else stats.damaged_root)
+    root = stats.damaged_root
+    own = root is not None and Path(root) == Path(stats.source).resolve()  # a --shards subset's own files
+    _damaged_lines(stats.damaged_files, None if stats.kind == "run" or own else root,
+                   root is not None and _exported(Path(root)))
     t = Table(title="funnel", title_justify="left")
     for col, just in (("level", "left"), ("rows", "right"), ("%", "right"), ("dropped here", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -305,16 +308,19 @@ def print_stats(stats: Any) -> None:
 DAMAGED_SHOWN = 10
 
 
-def _damaged_lines(damaged: list[dict[str, str]], run: str | None = None) -> None:
+def _damaged_lines(damaged: list[dict[str, str]], run: str | None = None, exported: bool = False) -> None:
     """A run's shard files that are missing or cut: a count, then one line a problem (the first
     DAMAGED_SHOWN; --json lists every one). `run`: the run folder they are in, where it is not the
-    dataset's own (a subset's, a dedup's)."""
+    dataset's own (a subset's, a dedup's); `exported`: the files are those a `subset --shards`
+    wrote (its own, or those of the one `run` names)."""
     if not damaged:
         return
     shards = len({d["shard"] for d in damaged})
-    of = f" of the run {run}, which this dataset's samples are in" if run else ""
-    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s){of}; `fastlaion run` "
-         "with the same arguments writes those shards again")
+    of = (f" of {run}, which this dataset's samples are in" if run and exported else
+          f" of the run {run}, which this dataset's samples are in" if run else "")
+    again = ("the `fastlaion subset --shards` that wrote them writes them again" if exported else
+             "`fastlaion run` with the same arguments writes those shards again")
+    _say(f"damaged: {len(damaged):,} problem(s) with the files of {shards:,} finished shard(s){of}; {again}")
     for d in damaged[:DAMAGED_SHOWN]:
         _say(f"  shard {d['shard']}: {d['problem']}")
     if len(damaged) > DAMAGED_SHOWN:
@@ -324,10 +330,18 @@ def _damaged_lines(damaged: list[dict[str, str]], run: str | None = None) -> Non
 def _damaged_warnings(damaged: list[dict[str, str]], root: Path, what: str) -> None:
     """One line on stderr for each of the run's files that `what` needed and found damaged
     (Dataset.damage), which it read as a missing one."""
+    again = ("the `fastlaion subset --shards` that wrote it writes it again" if _exported(root) else
+             "`fastlaion run` with the same arguments writes shard {} again")
     for d in damaged:
         read = "" if d["problem"].endswith(" is missing") else ", so it was not read (as if missing)"
-        _warn(f"{what}: {root / d['problem']}{read}; `fastlaion run` with the same arguments writes shard "
-              f"{d['shard']} again")
+        _warn(f"{what}: {root / d['problem']}{read}; {again.format(d['shard'])}")
+
+
+def _exported(root: Path) -> bool:
+    """Whether `root` is a folder that `subset --shards` wrote (its shards.json), not a run's."""
+    from .dataset.source import SHARDS_FILE
+
+    return (root / SHARDS_FILE).is_file()
 
 
 def _print_counts(title: str, items: Any, total: int) -> None:

@@ -380,6 +380,45 @@ def test_commands_reading_a_runs_shard_files_name_the_damaged_ones_and_read_them
     assert load_json(tmp_path / "0.json")["damaged_files"] == []
 
 
+def test_a_shards_subsets_own_files_are_checked_against_the_sizes_its_shards_json_records(run, tmp_path):
+    """A `subset --shards` folder is its own root: its shards.json records the size of each tar
+    and embedding file it wrote, so stats on it names one cut or missing later (it checked
+    nothing: no run stats files there), and a subset --shards of it reads the damaged ones as
+    missing and says so; the remedy named is the subset that wrote them, not a `fastlaion run`."""
+    own = tmp_path / "own"
+    invoke(["subset", "--where", "similarity > -5", "--from", run, "-o", own, "--shards", "--shard-size", "4",
+            "--no-progress"])
+    sizes = load_json(own / "shards.json")["files"]
+    assert sizes == {p.name: p.stat().st_size for p in own.iterdir() if p.suffix == ".tar" or p.name.endswith("_emb.npy")}
+    assert "00001.tar" in sizes and "00000_img_emb.npy" in sizes
+    result = invoke(["stats", own, "--json", tmp_path / "before.json"])
+    assert load_json(tmp_path / "before.json")["damaged_files"] == [] and "damaged" not in result.stdout
+
+    tar_size = cut_after_first_member(own / "00001.tar")
+    cut = f"{(own / '00001.tar').stat().st_size:,} bytes, {tar_size:,} when written"
+    (own / "00000_txt_emb.npy").unlink()
+    result = invoke(["stats", own, "--json", tmp_path / "after.json"])
+    problems = [{"shard": "00000", "problem": "00000_txt_emb.npy is missing"},
+                {"shard": "00001", "problem": f"00001.tar holds {cut}"}]
+    assert load_json(tmp_path / "after.json")["damaged_files"] == problems
+    lines = result.stdout.splitlines()
+    at = lines.index("damaged: 2 problem(s) with the files of 2 finished shard(s); the `fastlaion subset --shards` "
+                     "that wrote them writes them again")
+    assert lines[at + 1:at + 3] == [f"  shard {p['shard']}: {p['problem']}" for p in problems]
+
+    result = runner.invoke(app(), ["subset", "--where", "true", "--from", str(own), "-o", str(tmp_path / "again"),
+                                   "--shards", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = [x for x in result.stderr.splitlines() if x.startswith("warning: subset --shards:")]
+    assert said == [f"warning: subset --shards: {own.resolve()}/00000_txt_emb.npy is missing; the `fastlaion subset "
+                    "--shards` that wrote it writes it again",
+                    f"warning: subset --shards: {own.resolve()}/00001.tar holds {cut}, so it was not read (as if "
+                    "missing); the `fastlaion subset --shards` that wrote it writes it again"], result.stderr
+    copied = tar_images(tmp_path / "again")
+    by_shard = {m["key"]: m["shard"] for m in table(own / "metadata.parquet")}
+    assert copied and all(by_shard[k] != "00001" for k in copied)
+
+
 def test_commands_on_a_run_folder_say_a_finished_shards_lost_parquet(run, tmp_path):
     """A run folder whose finished shard lost its Parquet: the commands that read its rows (all
     but stats, which lists it among the damaged files) say in one line that that shard's rows are

@@ -291,5 +291,10 @@ def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def write_shards_json(path: Path, written: ShardsWritten) -> None:
-    path.write_text(json.dumps({"samples": written.samples, "missing": written.missing, "tars": written.tars},
-                               indent=2))
+    """shards.json of a --shards subset, with the size of every tar and embedding file beside it
+    ("files"), which Dataset.damage checks as a run's stats files are checked."""
+    folder = path.parent
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+             if p.is_file() and (p.suffix == ".tar" or p.name.endswith("_emb.npy"))}
+    path.write_text(json.dumps({"samples": written.samples, "missing": written.missing, "tars": written.tars,
+                                "files": files}, indent=2))

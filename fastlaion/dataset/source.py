@@ -197,15 +197,16 @@ class Dataset:
         """The damage to the files (those ending in `files`, None: all; an unreadable stats file
         always) of the root's finished run shards `shards` (None: those of the kept samples; a run
         folder's: all), checked against the sizes their stats files record (writer.file_problems:
-        what `stats` on a run folder and a rerun check). A root that holds no finished run shard
-        (a --shards subset, a lone Parquet's folder) records no sizes: nothing to check."""
+        what `stats` on a run folder and a rerun check). A root that a `subset --shards` wrote:
+        its files against its shards.json's sizes (_exported_damage); a lone Parquet's folder
+        records no sizes: nothing to check."""
         from ..writer import file_problems, finished_shards, shard_name
 
         if self.root_missing:
             return []
         finished = finished_shards(self.root)
         if not finished:
-            return []
+            return self._exported_damage(shards, files)
         if shards is None and not (self.kind == "run" and self.path.is_dir()):
             # a run's tars and embeddings hold its kept samples only
             shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
@@ -215,6 +216,32 @@ class Dataset:
             if wanted is None or n in wanted:
                 found += [Damage(shard_name(n), f, line) for f, line in file_problems(self.root, n)
                           if files is None or f.endswith((*files, "_stats.json"))]
+        return found
+
+    def _exported_damage(self, shards: Iterable[str | None] | None, files: Sequence[str] | None) -> list[Damage]:
+        """damage() for a root that a `subset --shards` wrote: its tars and embedding files against
+        the sizes its shards.json records (an earlier fastlaion's records none: nothing checked)."""
+        try:
+            sizes = json.loads((self.root / SHARDS_FILE).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            return []
+        if not isinstance(sizes, dict):
+            return []
+        if shards is None:
+            shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
+        wanted = {s for s in shards if s is not None}
+        found = []
+        for name, size in sizes.items():
+            stem = name.removesuffix(".tar").removesuffix("_img_emb.npy").removesuffix("_txt_emb.npy")
+            if stem not in wanted or (files is not None and not name.endswith(tuple(files))):
+                continue
+            try:
+                now = (self.root / name).stat().st_size
+            except FileNotFoundError:
+                found.append(Damage(stem, name, f"{name} is missing"))
+                continue
+            if isinstance(size, int) and now != size:
+                found.append(Damage(stem, name, f"{name} holds {now:,} bytes, {size:,} when written"))
         return found
 
     def with_damage(self, damaged: Sequence[Damage]) -> Dataset:
@@ -298,6 +325,7 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
 
 
 RUN_CONFIG = "config.json"  # every fastlaion run writes it before its first shard (its settings)
+SHARDS_FILE = "shards.json"  # a `subset --shards` folder's: its tars, and the size of each of its files
 # What the dataset.json of an output made from a run not done records (Dataset.unfinished)
 UNFINISHED_FIELDS = ("source_unfinished", "source_run", "source_finished_shards", "source_shards_total",
                      "source_run_writing")

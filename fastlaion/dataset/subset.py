@@ -33,11 +33,10 @@ from ..config import ConfigError, at_least, first_line
 from .output import OutputDir
 from .samples import export_embeddings, reshard, write_shards_json
 from .semantic import row_in_shard
-from .source import (KEPT, METADATA_FILE, RUN_CONFIG, SHARD_ROW, Dataset, DatasetError, NoProgress, Progress,
+from .source import (KEPT, METADATA_FILE, RUN_CONFIG, SHARD_ROW, SHARDS_FILE, Dataset, DatasetError, NoProgress, Progress,
                      collect, sink_parquet)
 
 URLS_FILE = "urls.parquet"
-SHARDS_FILE = "shards.json"
 AESTHETIC_V2_LAION_MINIMA = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
 
 
@@ -222,7 +221,6 @@ def _export(ds: Dataset, target: OutputDir, result: SubsetResult, shard_size: in
     result.damaged_files = [{"shard": d.shard, "problem": d.problem} for d in damaged]
     ds = ds.with_damage(damaged)
     written = reshard(ds, rows, target.tmp, shard_size, progress)
-    write_shards_json(target.path(SHARDS_FILE), written)
     result.tars, result.samples_exported = len(written.tars), written.samples
     result.samples_missing = written.missing
     result.files += [t["tar"] for t in written.tars] + [SHARDS_FILE]
@@ -231,6 +229,7 @@ def _export(ds: Dataset, target: OutputDir, result: SubsetResult, shard_size: in
     result.embeddings_missing = export_embeddings(ds, picked["shard"], picked["_row"].fill_null(-1).to_numpy(),
                                                   written, target.tmp, progress)
     result.files += [p.name for p in sorted(target.tmp.glob("*_emb.npy"))]
+    write_shards_json(target.path(SHARDS_FILE), written)  # after the embeddings: it records every file's size
     config = ds.root / RUN_CONFIG
     if config.is_file():
         shutil.copyfile(config, target.path(RUN_CONFIG))
