@@ -49,11 +49,38 @@ def cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+CERT_ENV = "FETCH_LOOP_CERT"  # the loopback server's certificate (--tls), for the children
+HOSTS_SUFFIX = ".fetch.test"  # --hosts: h0.fetch.test ... all 127.0.0.1, through LoopbackResolver
+
+
+def loopback_resolver():
+    """Every name to 127.0.0.1 (--hosts: a host a request, as a crawl of many sites; nothing is
+    ever looked up)."""
+    import socket
+
+    from aiohttp.abc import AbstractResolver
+
+    class LoopbackResolver(AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+            return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
+                     "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+        async def close(self) -> None:
+            pass
+
+    return LoopbackResolver()
+
+
 async def plain_aiohttp(urls: list[str]) -> int:
+    import ssl
+
     import aiohttp
 
     ok = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=WORKERS)) as session:
+    cert = os.environ.get(CERT_ENV)
+    tls = ssl.create_default_context(cafile=cert) if cert else True
+    connector = aiohttp.TCPConnector(limit=WORKERS, ssl=tls, resolver=loopback_resolver())
+    async with aiohttp.ClientSession(connector=connector) as session:
         todo = iter(urls)
 
         async def worker() -> None:
@@ -78,7 +105,7 @@ async def fastlaion_loop(urls: list[str]) -> int:
         ok += fetched.ok
 
     cfg = DownloadConfig(allow_private_networks=True, per_host=1000, retries=0, workers=WORKERS)
-    async with Downloader(cfg) as downloader:
+    async with Downloader(cfg, resolver=loopback_resolver()) as downloader:  # its TLS: SSL_CERT_FILE
         await download_all(downloader, enumerate(urls), WORKERS, on_result)
     return ok
 
@@ -91,9 +118,10 @@ def one_round(name: str, urls: list[str], checkout: str | None) -> dict:
     a child process of its own, which fetches WARM_UP URLs before the measured round, so both
     checkouts are measured alike."""
     if checkout is not None:
+        cert = os.environ.get(CERT_ENV)
         out = subprocess.run([sys.executable, __file__, "--child", "--urls-from", "-"],
                              input="\n".join(urls), capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONPATH": checkout})
+                             env={**os.environ, "PYTHONPATH": checkout, **({"SSL_CERT_FILE": cert} if cert else {})})
         return {"name": name, **parse_child(out.stdout)}
     from fastlaion.download import new_event_loop
 
@@ -110,6 +138,18 @@ def one_round(name: str, urls: list[str], checkout: str | None) -> dict:
     return {"name": name, "wall_s": wall, "cpu_s": cpu, "n": len(urls)}
 
 
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed RSA-2048 certificate for 127.0.0.1 and *.fetch.test (the usual key of web
+    servers), made once with openssl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not (cert.exists() and key.exists()):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "3650", "-subj", "/CN=fetch.test", "-addext",
+                        f"subjectAltName=IP:127.0.0.1,DNS:*{HOSTS_SUFFIX}"], check=True, capture_output=True)
+    return cert, key
+
+
 def parse_child(text: str) -> dict:
     wall, cpu, n = text.split()[-3:]
     return {"wall_s": float(wall), "cpu_s": float(cpu), "n": int(n)}
@@ -121,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of each side, alternated (default 5)")
     ap.add_argument("--compare", metavar="PATH", help="another fastlaion checkout to run in the same rounds")
     ap.add_argument("--workdir", type=Path, default=HERE / "_work", help="where the JPEGs are made (bench/_work)")
+    ap.add_argument("--tls", action="store_true",
+                    help="HTTPS: the server with a self-signed RSA-2048 certificate made here (openssl), "
+                         "which the clients trust")
+    ap.add_argument("--hosts", type=int, default=0, metavar="N",
+                    help="spread the URLs over N host names (all 127.0.0.1): with N >= --requests each "
+                         "request opens its own connection (and TLS handshake), as a crawl of many sites "
+                         "does; 0 (default): all to 127.0.0.1, connections kept alive")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--urls-from", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -133,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
     pipeline = importlib.import_module("pipeline")  # bench/pipeline.py: the JPEGs and their server
     paths = pipeline.generate_images(args.workdir / "images", args.requests, 0)
-    server = pipeline.ServerProcess(args.workdir / "images")
-    urls = [f"{server.base_url}/img/{p.name}" for p in paths]
+    tls = make_certificate(args.workdir / "tls") if args.tls else None
+    if tls:
+        os.environ[CERT_ENV] = str(tls[0])
+    server = pipeline.ServerProcess(args.workdir / "images", tls=tls)
+    scheme = "https" if tls else "http"
+    if args.hosts:
+        urls = [f"{scheme}://h{i % args.hosts}{HOSTS_SUFFIX}:{server.port}/img/{p.name}" for i, p in enumerate(paths)]
+    else:
+        urls = [f"{server.base_url}/img/{p.name}" for p in paths]
     here = str(Path(__file__).resolve().parent.parent)  # this checkout, in a child like --compare's
     sides = [("aiohttp", None), ("fastlaion", here)] + ([("compare", args.compare)] if args.compare else [])
     results: dict[str, list[dict]] = {name: [] for name, _ in sides}
@@ -161,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; {args.requests} requests a round, {args.rounds} rounds, "
-          f"{WORKERS} coroutines, loopback server in its own process")
+          f"{WORKERS} coroutines, loopback server in its own process; "
+          f"{'HTTPS (RSA-2048)' if tls else 'HTTP'}, "
+          f"{f'{args.hosts:,} host names' if args.hosts else 'one host, connections kept alive'}")
     print(f"{'side':>10} | client CPU-ms/request (median; each round) | requests/s | server CPU-ms/request")
     for name, _ in sides:
         each = " ".join(f"{1e3 * r['cpu_s'] / r['n']:.3f}" for r in results[name])

@@ -253,10 +253,18 @@ def write_url_lists(work: Path, paths: list[Path], base_url: str, seed: int) -> 
 
 # --------------------------------------------------------------------------- server
 
-def serve_main(img_dir: str) -> None:
-    """Child-process entry: serve img_dir/*.jpg from memory until stdin closes."""
+def serve_main(img_dir: str, tls: list[str] | None = None) -> None:
+    """Child-process entry: serve img_dir/*.jpg from memory until stdin closes; over HTTPS with
+    `tls` = [certificate file, key file]."""
     sys.path.insert(0, str(REPO))
     from fastlaion.server import LoopbackServer, Served
+
+    ssl_context = None
+    if tls:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(tls[0], tls[1])
 
     files = {f"img/{p.name}": Served(p.read_bytes(), "image/jpeg")
              for p in sorted(Path(img_dir).glob("*.jpg"))}
@@ -269,7 +277,7 @@ def serve_main(img_dir: str) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except Exception:
         pass
-    with LoopbackServer(files) as srv:
+    with LoopbackServer(files, ssl_context=ssl_context) as srv:
         print(json.dumps({"port": srv.port, "files": len(files), "bytes": total}), flush=True)
         for line in sys.stdin:  # commands from the parent, one a line
             if line.strip() == "count":
@@ -280,9 +288,11 @@ def serve_main(img_dir: str) -> None:
 
 
 class ServerProcess:
-    def __init__(self, img_dir: Path):
+    def __init__(self, img_dir: Path, tls: tuple[Path, Path] | None = None):
+        """The loopback server in a process of its own; HTTPS with tls = (certificate, key)."""
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", str(img_dir)],
+            [sys.executable, str(Path(__file__).resolve()), "--serve", str(img_dir)]
+            + (["--serve-tls", str(tls[0]), str(tls[1])] if tls else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             env={**os.environ, **QUIET_ENV})
         line = self.proc.stdout.readline()
@@ -292,7 +302,7 @@ class ServerProcess:
         self.port = info["port"]
         self.files = info["files"]
         self.bytes = info["bytes"]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def counters(self) -> tuple[int, float]:
         """(requests answered, CPU seconds used) by the server so far."""
@@ -542,10 +552,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each run, wait up to S seconds for other processes to leave "
                          "the CPUs idle (default 120; 0 to not wait)")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.serve:
-        serve_main(args.serve)
+        serve_main(args.serve, args.serve_tls)
         return 0
 
     work = args.workdir.resolve()

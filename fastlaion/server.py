@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -57,8 +58,10 @@ class LoopbackServer:
     """
 
     def __init__(self, files: Mapping[str, Served] | None = None, *, delay_s: float = 0.0,
-                 extra_routes: Iterable[web.RouteDef] = (), stall_limit_s: float = 10.0):
+                 extra_routes: Iterable[web.RouteDef] = (), stall_limit_s: float = 10.0,
+                 ssl_context: Any = None):
         self.files = dict(files or {})
+        self.ssl_context = ssl_context  # an ssl.SSLContext: HTTPS (bench/fetch_loop.py --tls)
         self.delay_s = delay_s
         self.stall_limit_s = stall_limit_s
         self.requests = 0
@@ -72,7 +75,7 @@ class LoopbackServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -154,7 +157,7 @@ class LoopbackServer:
         app.router.add_get("/{path:.*}", self._file)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the free port the OS chose
         ready.set()
