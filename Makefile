@@ -19,6 +19,7 @@ system-deps:
 	  else echo "please install libjpeg-turbo's TurboJPEG library (libturbojpeg)" >&2; exit 1; fi; \
 	fi
 	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { echo "installing gcc (fastlaion extract builds its compiled WAT reader on first use; without it, the slower Python path)"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc libc6-dev; }
+	@command -v openssl >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { echo "installing openssl (the HTTPS tests make their certificates with it)"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q openssl; }
 	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { echo "installing chromium (the HTML report test opens the page in it)"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 $(STAMP): pyproject.toml | system-deps

@@ -41,6 +41,8 @@ Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transien
     read_timeout        the body stalled: no bytes for `read_timeout_s` (retried)
     deadline            no complete answer within `timeout_s`, e.g. a body trickling in (retried)
     connection_error    refused, reset, disconnected before answering, DNS failure (retried)
+    tls_error           the TLS handshake failed: a certificate that does not verify (expired,
+                        self-signed, another host's) or no protocol both sides speak (not retried)
     payload_error       the body was cut short or malformed (retried)
     too_large           Content-Length or the bytes read exceed `max_bytes`
     too_many_redirects  more than `max_redirects` redirects
@@ -105,8 +107,9 @@ PAYLOAD_ERROR = "payload_error"
 TOO_LARGE = "too_large"
 TOO_MANY_REDIRECTS = "too_many_redirects"
 CLIENT_ERROR = "client_error"
+TLS_ERROR = "tls_error"
 REASONS = (INVALID_URL, BLOCKED, PRIVATE_ADDRESS, ROBOTS_DISALLOWED, OPT_OUT, CONNECT_TIMEOUT,
-           HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR, PAYLOAD_ERROR, TOO_LARGE,
+           HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR, TLS_ERROR, PAYLOAD_ERROR, TOO_LARGE,
            TOO_MANY_REDIRECTS, CLIENT_ERROR)
 _TRANSIENT = frozenset({CONNECT_TIMEOUT, HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR,
                         PAYLOAD_ERROR, "http_429"})
@@ -689,6 +692,8 @@ class Downloader:
             return _refused(DEADLINE, f"no complete answer within {self.cfg.timeout_s} s", status)
         except aiohttp.ClientPayloadError as exc:
             return _Attempt(None, status, PAYLOAD_ERROR, _detail(exc))
+        except aiohttp.ClientSSLError as exc:  # a certificate that does not verify, a failed handshake
+            return _Attempt(None, status, TLS_ERROR, _detail(exc))
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, PrivateAddressError):
                 return _Attempt(None, status, PRIVATE_ADDRESS, str(exc.os_error)[:MAX_DETAIL_CHARS])

@@ -18,10 +18,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import aiohappyeyeballs
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from helpers import encode
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
@@ -1425,3 +1428,52 @@ def test_the_watchdog_keeps_each_deadline_late_by_at_most_a_tick_and_never_early
         dog.close()
 
     run(go())
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with openssl (Makefile's system-deps)."""
+    import subprocess
+
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=fastlaion-test", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_https_downloads_verify_the_certificate_and_a_bad_one_is_a_tls_error_row(tmp_path):
+    """A real `fastlaion run` over HTTPS from a loopback server: with its certificate trusted
+    (SSL_CERT_FILE, as a system's store would) the image is kept; untrusted, the row is dropped
+    as tls_error, once (not retried: it would fail the same), the run ends 0 with the rest, and
+    nothing is downloaded unverified."""
+    import ssl
+    import subprocess
+
+    from test_dataset_helpers import command_line
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    jpeg = encode(__import__("skimage.data").data.chelsea())
+    with LoopbackServer({"a.jpg": Served(jpeg, "image/jpeg")}, ssl_context=context) as server:
+        assert server.url("a.jpg").startswith("https://127.0.0.1:")
+        (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
+        results = {}
+        for trusted in (True, False):
+            env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+            if trusted:
+                env["SSL_CERT_FILE"] = str(cert)
+            out = tmp_path / f"out-{trusted}"
+            done = subprocess.run([*command_line(), "run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score",
+                                   "--no-progress", "--allow-private-networks", "--retries", "2"],
+                                  capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stderr
+            results[trusted] = pq.read_table(out / "00000.parquet").to_pylist()
+        hits = server.hits["/a.jpg"]
+    [kept] = results[True]
+    assert kept["status"] == "kept" and kept["reason"] is None
+    [dropped] = results[False]
+    assert (dropped["status"], dropped["stage"], dropped["reason"]) == ("dropped", "download", "tls_error"), dropped
+    assert "CERTIFICATE_VERIFY_FAILED" in dropped["error"], dropped
+    assert dropped["attempts"] == 1
+    assert hits == 1  # the untrusted run's handshake failed: no request reached the handler
