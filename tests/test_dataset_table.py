@@ -718,3 +718,32 @@ def test_a_file_system_that_cannot_lock_is_written_unguarded_with_a_warning(synt
         else:
             assert result.exit_code != 0 and os.strerror(code) in said and "Traceback" not in said, said
             assert not (out / "metadata.parquet").exists()
+
+
+def test_a_commit_stopped_after_its_new_files_were_in_place_does_not_block_the_next(synth, tmp_path, monkeypatch):
+    """A subset killed after every new file was in place, while it deleted the earlier ones: what
+    is left aside is superseded (`.superseded/`), so the next command into the folder removes it
+    and goes on; a `.earlier/` there would refuse it (the only copy of an earlier output, for all
+    it can tell). The kill is a BaseException raised where the deletion begins."""
+    from fastlaion.dataset import output
+
+    out = tmp_path / "out"
+    invoke(["subset", "en", "--from", synth[0], "--no-progress", "-o", out])
+    real_rmtree = output.shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == output.SUPERSEDED_DIR and Path(path).exists():
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(output.shutil, "rmtree", rmtree)
+        runner.invoke(app(), ["subset", "--where", "true", "--from", str(synth[0]), "--no-progress", "-o", str(out)])
+    assert sorted(p.name for p in (out / output.SUPERSEDED_DIR).iterdir()) == ["dataset.json", "metadata.parquet"]
+    assert not (out / output.EARLIER_DIR).exists()
+    wanted = keys_of(out / "metadata.parquet")  # the new subset's, in place
+    invoke(["subset", "--where", "true", "--from", synth[0], "--no-progress", "-o", out])
+    assert not (out / output.SUPERSEDED_DIR).exists() and keys_of(out / "metadata.parquet") == wanted

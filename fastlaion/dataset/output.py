@@ -23,6 +23,9 @@ from .source import MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, Dat
 
 PARTIAL_DIR = ".partial"
 EARLIER_DIR = ".earlier"  # the earlier output's files while the new ones are put in place
+# `.earlier/` renamed once every new file is in place, then deleted: a command killed before the
+# deletion ends leaves it, and the next one removes it (the files in it were replaced, whole)
+SUPERSEDED_DIR = ".superseded"
 _OURS = re.compile(r"^(\d{5,}(\.tar|_img_emb\.npy|_txt_emb\.npy)|metadata\.parquet|dataset\.json|urls\.parquet"
                    r"|shards\.json)$")
 
@@ -87,7 +90,8 @@ class Staging:
         place) and an empty `.earlier/`; refuse (DatasetError, nothing changed) while `.earlier/`
         holds a file: the earlier output put aside by a commit that could not put it back (the
         CommitError named it there) or that was killed midway, which may be the only copy. Both
-        folders used to be removed, the earlier output with them, by whichever command came next."""
+        folders used to be removed, the earlier output with them, by whichever command came next.
+        A `.superseded/` (a commit killed after every new file was in place) is removed."""
         aside = self.out / EARLIER_DIR
         held = _held(aside)
         if held:
@@ -95,6 +99,7 @@ class Staging:
                                f"command that failed or was stopped while it replaced it; nothing was changed: move "
                                f"them away, or back into {self.out}, then rerun")
         shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(self.out / SUPERSEDED_DIR, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def earlier_files(self) -> list[str]:
@@ -181,6 +186,14 @@ class Staging:
                     moved_in.append(name)
             except OSError as e:
                 raise self._undo(e, old, new, moved_aside, moved_in) from None
+            if old:  # every new file in place: what is aside is superseded, whatever stops this now
+                superseded = self.out / SUPERSEDED_DIR
+                shutil.rmtree(superseded, ignore_errors=True)
+                try:
+                    os.replace(aside, superseded)
+                    aside = superseded
+                except OSError:
+                    pass  # deleted where it is, below
             shutil.rmtree(aside, ignore_errors=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             if self.written is not None:
