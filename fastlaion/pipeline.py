@@ -42,7 +42,7 @@ import polars as pl
 from .batch import Batch, funnel, merge_funnels
 from .config import MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models, resume_key
 from .decode import Decoded, Decoder
-from .download import Downloader, Fetched, download_all, is_transient, new_event_loop
+from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
     LOCK_FILE,  # noqa: F401 (fastlaion.pipeline.LOCK_FILE, beside output_lock)
@@ -126,6 +126,26 @@ class RunSummary:
             why = ", ".join(f"{reason} {n:,}" for reason, n in self.transient.items())
             lines.append(f"{sum(self.transient.values()):,} row(s) failed for transient reasons ({why}); "
                          "rerun with --retry-failed to download only those again")
+        return lines + self._download_hints()
+
+    def _download_hints(self) -> list[str]:
+        """A line where most rows failed the same way and the likely cause is this machine's,
+        not the sites': no CA certificates (every HTTPS site's certificate fails to verify), or a
+        network reached only through a proxy, which fastlaion does not use."""
+        f = self.funnel
+        drops, n = f["drops"]["download"], f["input"]
+        lines = []
+        tls = drops.get(TLS_ERROR, 0)
+        if tls >= HINT_MIN_ROWS and tls >= n / 2:
+            lines.append(f"{tls:,} of {n:,} rows failed TLS verification (tls_error): if this machine lacks CA "
+                         "certificates (a minimal container), install them (Debian: ca-certificates) or point "
+                         "SSL_CERT_FILE at a bundle, then rerun with the same arguments into a new folder")
+        proxies = [k for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+                   if os.environ.get(k)]
+        if proxies and n >= HINT_MIN_ROWS and f["downloaded"] == 0:
+            lines.append(f"nothing was downloaded, and {proxies[0]} is set: fastlaion connects directly and uses no "
+                         "proxy (one would bypass its private-address checks); run it where the sites can be "
+                         "reached directly")
         return lines
 
 
@@ -593,6 +613,7 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
                  shard_name(shard))
 
 
+HINT_MIN_ROWS = 10  # RunSummary._download_hints: no hint from fewer failed rows than this
 INPUT_FILES_KEY = "input_files"  # in config.json: each local input file's input_mark
 MARK_BYTES = 1 << 16
 

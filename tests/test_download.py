@@ -1442,10 +1442,11 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 def test_https_downloads_verify_the_certificate_and_a_bad_one_is_a_tls_error_row(tmp_path):
-    """A real `fastlaion run` over HTTPS from a loopback server: with its certificate trusted
-    (SSL_CERT_FILE, as a system's store would) the image is kept; untrusted, the row is dropped
-    as tls_error, once (not retried: it would fail the same), the run ends 0 with the rest, and
-    nothing is downloaded unverified."""
+    """A real `fastlaion run` over HTTPS from a loopback server, ten URLs: with its certificate
+    trusted (SSL_CERT_FILE, as a system's store would) the images are kept; untrusted, each row
+    is dropped as tls_error, once (not retried: it would fail the same), the run ends 0, nothing
+    is downloaded unverified, and the closing lines say what a machine without CA certificates
+    should do, and that the HTTPS_PROXY set is not used (it is never contacted either way)."""
     import ssl
     import subprocess
 
@@ -1457,10 +1458,11 @@ def test_https_downloads_verify_the_certificate_and_a_bad_one_is_a_tls_error_row
     jpeg = encode(__import__("skimage.data").data.chelsea())
     with LoopbackServer({"a.jpg": Served(jpeg, "image/jpeg")}, ssl_context=context) as server:
         assert server.url("a.jpg").startswith("https://127.0.0.1:")
-        (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
-        results = {}
+        (tmp_path / "in.txt").write_text("".join(server.url(f"a.jpg?n={i}") + "\n" for i in range(10)))
+        results, said = {}, {}
         for trusted in (True, False):
             env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+            env["HTTPS_PROXY"] = "http://127.0.0.1:9"  # a proxy fastlaion must not use
             if trusted:
                 env["SSL_CERT_FILE"] = str(cert)
             out = tmp_path / f"out-{trusted}"
@@ -1469,11 +1471,15 @@ def test_https_downloads_verify_the_certificate_and_a_bad_one_is_a_tls_error_row
                                   capture_output=True, text=True, timeout=120, env=env)
             assert done.returncode == 0, done.stderr
             results[trusted] = pq.read_table(out / "00000.parquet").to_pylist()
+            said[trusted] = done.stdout
         hits = server.hits["/a.jpg"]
-    [kept] = results[True]
-    assert kept["status"] == "kept" and kept["reason"] is None
-    [dropped] = results[False]
-    assert (dropped["status"], dropped["stage"], dropped["reason"]) == ("dropped", "download", "tls_error"), dropped
-    assert "CERTIFICATE_VERIFY_FAILED" in dropped["error"], dropped
-    assert dropped["attempts"] == 1
-    assert hits == 1  # the untrusted run's handshake failed: no request reached the handler
+    assert [(r["status"], r["reason"]) for r in results[True]] == [("kept", None)] * 10
+    assert "tls_error" not in said[True] and "proxy" not in said[True]
+    for row in results[False]:
+        assert (row["status"], row["stage"], row["reason"], row["attempts"]) == ("dropped", "download", "tls_error", 1)
+        assert "CERTIFICATE_VERIFY_FAILED" in row["error"], row
+    assert hits == 10  # the untrusted run's handshakes failed: none of its requests reached the handler
+    lines = said[False].splitlines()
+    assert any(x.startswith("10 of 10 rows failed TLS verification (tls_error)") and "ca-certificates" in x
+               for x in lines), said[False]
+    assert any(x.startswith("nothing was downloaded, and HTTPS_PROXY is set") for x in lines), said[False]
