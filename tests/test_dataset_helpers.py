@@ -191,6 +191,18 @@ def ctrl_c_while_writing(write_text, suffix: str):
     return wrapped
 
 
+def check_commit_undone(stderr: str, failed: str, folder: Path, before: dict[str, bytes] | None, what: str) -> None:
+    """After a disk error that the commit undid: the one line says so (its earlier `what` as it
+    was, or nothing written), and the disk agrees: `folder` byte for byte as `before` (its files'
+    names and bytes), or gone where there was no earlier `what` (before is None)."""
+    if before is not None:
+        assert stderr == f"{failed}; its earlier {what} is as it was; rerun the command\n"
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # byte for byte, nothing else
+    else:
+        assert stderr == f"{failed}; nothing was written; rerun the command\n"
+        assert not folder.exists()
+
+
 def check_ctrl_c_of_an_output(monkeypatch, invoke, earlier: list, new: list, out: Path, what: str) -> None:
     """`invoke(args, code)` runs a command (a CliRunner's result back) that writes the output folder
     `out` (fastlaion.dataset.output.OutputDir; `earlier` and `new` are its arguments but -o; `what`:

@@ -282,14 +282,12 @@ def test_a_disk_error_while_the_index_is_put_in_place_is_undone_or_says_what_is_
     assert [(Path(s), Path(d)) for s, d in calls[:fails_at]] == moves[:fails_at]
     failed = f"error: {index}: could not put the new index in place (No space left on device: {moves[fails_at - 1][0]})"
     if not undo_fails:
-        assert result.stderr == (f"{failed}; its earlier index is as it was; rerun the command\n" if earlier
-                                 else f"{failed}; nothing was written; rerun the command\n")
+        from test_dataset_helpers import check_commit_undone
+
+        check_commit_undone(result.stderr, failed, index, before, "index")
         if earlier:
-            assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # byte for byte, nothing else
             _, out = search_json(folder, qfiles[:1], tmp_path)
             assert "of 8 cells read" in out
-        else:
-            assert not index.exists()
         return
     undo = {(True, 2): aside / "index.json", (True, 3): aside / "image.faiss"}.get((earlier, fails_at),
                                                                                 index / "image.faiss")

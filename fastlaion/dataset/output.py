@@ -6,6 +6,7 @@ what its message says was written is what is on disk."""
 
 from __future__ import annotations
 
+import abc
 import errno
 import json
 import os
@@ -61,7 +62,7 @@ def _files(names: list[str], shown: int = 6) -> str:
     return f"{len(names)} file{'s' * (len(names) != 1)}" + (f" ({listed})" if names else "")
 
 
-class Staging:
+class Staging(abc.ABC):
     """Files written under a folder's `.partial/` (`path`) and put in place together (`commit`),
     replacing the folder's earlier ones of the same kind (`earlier_files`): an OutputDir, or
     `fastlaion index`'s folder. `written(folder)` is called once the new files are whole in place
@@ -102,10 +103,10 @@ class Staging:
         shutil.rmtree(self.out / SUPERSEDED_DIR, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    @abc.abstractmethod
     def earlier_files(self) -> list[str]:
         """The names of the folder's files that the new ones replace (those not among the new
-        ones are deleted)."""
-        raise NotImplementedError
+        ones are deleted): each kind of folder says which are its own."""
 
     def mixed(self) -> str:
         """What to add to the message where the folder is left holding files of both builds."""

@@ -208,8 +208,7 @@ class Dataset:
         if not finished:
             return self._exported_damage(shards, files)
         if shards is None and not (self.kind == "run" and self.path.is_dir()):
-            # a run's tars and embeddings hold its kept samples only
-            shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
+            shards = self._kept_shards()
         wanted = None if shards is None else {int(s) for s in shards if s is not None and s.isdigit()}
         found = []
         for n in finished:
@@ -227,9 +226,7 @@ class Dataset:
             return []
         if not isinstance(sizes, dict):
             return []
-        if shards is None:
-            shards = collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
-        wanted = {s for s in shards if s is not None}
+        wanted = {s for s in (self._kept_shards() if shards is None else shards) if s is not None}
         found = []
         for name, size in sizes.items():
             stem = name.removesuffix(".tar").removesuffix("_img_emb.npy").removesuffix("_txt_emb.npy")
@@ -243,6 +240,10 @@ class Dataset:
             if isinstance(size, int) and now != size:
                 found.append(Damage(stem, name, f"{name} holds {now:,} bytes, {size:,} when written"))
         return found
+
+    def _kept_shards(self) -> Iterable[str | None]:
+        """The shards the kept samples are in: a run's tars and embeddings hold those only."""
+        return collect(self.scan().filter(pl.col("status") == KEPT).select(pl.col("shard").unique()))["shard"]
 
     def with_damage(self, damaged: Sequence[Damage]) -> Dataset:
         """This dataset, its readers of tars and embeddings (samples.py, semantic.py) taking

@@ -93,7 +93,7 @@ def damaged_files(ds: Dataset) -> list[dict[str, str]]:
     embeddings their stats file lists, at the sizes it records: writer.problems, the check a
     rerun makes before it writes such a shard again). For a subset or dedup of a run (or one of
     its shard Parquet files): the problems with the tars and embeddings of the run's shards its
-    kept samples are in. A root that is no run (a --shards subset): none checked."""
+    kept samples are in; for a --shards subset, with its own, against its shards.json."""
     whole_run = ds.kind == "run" and ds.path.is_dir()
     found = ds.damage(None, None if whole_run else SAMPLE_FILES)
     return [{"shard": d.shard, "problem": d.problem} for d in found]
