@@ -449,6 +449,9 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
                  "image tower": timed(lambda: scorer.image_features(pixels)),
                  "text tower": timed(lambda: scorer._text_prefix.encode(tokens, device) if scorer._text_prefix
                                      else scorer.model.encode_text(tokens.to(device))),
+                 "text tower, one pass (before packing)": timed(
+                     lambda: scorer._text_prefix.encode_one_pass(tokens, device) if scorer._text_prefix
+                     else scorer.model.encode_text(tokens.to(device))),
                  "image tower, open_clip's layers": timed(lambda: before.image_features(pixels)),
                  "text tower, open_clip's layers": timed(lambda: before._text_prefix.encode(tokens, device)
                                                          if before._text_prefix

@@ -4,7 +4,8 @@
 
 Prints ms per batch of 512 mixed-length captions (bench/score.py's) for: the tokenizer, open_clip's
 encode_text over all 77 positions, fastlaion's PrefixTextEncoder (length buckets) with its causal
-attention blocks and through open_clip's own blocks, one pass cut to the batch's longest caption,
+attention blocks and through open_clip's own blocks, one pass cut to the batch's longest caption, the
+captions packed (the Scorer's default),
 the image tower, and Scorer.score() whole; and whether torch's fused attention ("fast path") ran.
 """
 
@@ -90,6 +91,7 @@ def main() -> None:
         ("text: length buckets, causal attention", lambda: prefix.encode_buckets(tokens, device)),
         ("text: length buckets through open_clip's blocks", through_open_clips_blocks),
         ("text: one pass cut to the longest caption", lambda: prefix.encode_one_pass(tokens, device)),
+        ("text: packed, attention on the padded grid", lambda: prefix.encode_packed(tokens, device)),
         ("text: Scorer's choice here", lambda: prefix.encode(tokens, device)),
         ("image tower", lambda: scorer.image_features(pixels)),
         ("Scorer.score() whole", lambda: scorer.score(pixels, texts)),

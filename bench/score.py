@@ -239,6 +239,7 @@ def main() -> None:
     rounds = args.text_rounds or (20 if device.type == "cuda" else 3)
     if args.text_words:
         text_tower_table(args, device, rounds)
+    packing_table(args, device, rounds)
     if args.repeat_shares:
         repeated_table(args, device, rounds)
 
@@ -280,6 +281,51 @@ def text_tower_table(args: argparse.Namespace, device: torch.device, rounds: int
         for words in args.text_words:
             used, ours, theirs = text_tower(scorer, device, args.batch_size, words, rounds)
             print(f"| {name} | {words} | {used} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
+
+
+def packing_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:
+    """The text tower's ways on captions of the bench's mixed lengths (one in ten runs to 77
+    tokens, most use 10-20): packed (the Scorer's way), length buckets, one pass cut to the longest
+    caption, open_clip's encode_text; rounds alternated, in rotating order."""
+    from fastlaion.config import ScoreConfig
+    from fastlaion.score import Scorer
+
+    print(f"\ntext tower on mixed-length captions, batches of {args.batch_size}, {rounds} batches per figure "
+          "(captions/s; same weights, same captions)")
+    print("| model (random weights) | positions used / one pass's | packed | length buckets | one pass | open_clip "
+          "| packed vs buckets | vs one pass | vs open_clip |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        scorer = Scorer(ScoreConfig(model=name, pretrained="none"), device)
+        prefix = scorer._text_prefix
+        if prefix is None or not prefix.causal_blocks:
+            print(f"| {name} | (no prefix encoder: open_clip's encode_text) | | | | | | | |")
+            continue
+        tokens = scorer.tokenizer(make_captions(args.batch_size))
+        used = prefix.ends(tokens) + 1
+        on_device = tokens.to(device)
+        ways = {"packed": lambda: prefix.encode_packed(tokens, device),
+                "buckets": lambda: prefix.encode_buckets(tokens, device),
+                "one pass": lambda: prefix.encode_one_pass(tokens, device),
+                "open_clip": lambda: scorer.model.encode_text(on_device)}
+        spent = dict.fromkeys(ways, 0.0)
+        with torch.inference_mode():
+            for fn in ways.values():  # warm-up
+                fn()
+            order = list(ways)
+            for r in range(rounds):
+                for way in order[r % 4:] + order[:r % 4]:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    ways[way]()
+                    _sync(device)
+                    spent[way] += time.perf_counter() - t0
+        rate = {way: rounds * args.batch_size / s for way, s in spent.items()}
+        share = float(used.sum()) / (len(used) * int(used.max()))
+        print(f"| {name} | {share:.0%} | {rate['packed']:,.1f} | {rate['buckets']:,.1f} | {rate['one pass']:,.1f} "
+              f"| {rate['open_clip']:,.1f} | {rate['packed'] / rate['buckets']:.2f}x | "
+              f"{rate['packed'] / rate['one pass']:.2f}x | {rate['packed'] / rate['open_clip']:.2f}x |")
 
 
 def repeated_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:

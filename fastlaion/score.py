@@ -488,10 +488,10 @@ class PrefixTextEncoder:
     end-of-text token. The text transformer's attention is causal, so that token never sees the
     padding after it: running a caption through its first L positions (L = end-of-text index + 1,
     with the positional embedding and causal mask cut to L) gives the same embedding, up to
-    float rounding. LAION captions use a fraction of the 77 positions, so on the CPU captions are
-    sorted into a few length buckets and each bucket runs at its own L: the text tower costs about
-    what the captions' real lengths ask for. On a GPU the batch runs as one pass cut to its
-    longest caption, which measured faster there. `for_model` returns None for towers where this does not hold
+    float rounding. LAION captions use a fraction of the 77 positions, so the captions run packed,
+    end to end, with attention alone on the batch padded to its longest caption: the text tower
+    costs about what the captions' real lengths ask for (`encode`; on a GPU not measured yet:
+    bench/gpu_text.py's "packed" row). `for_model` returns None for towers where this does not hold
     (no causal mask, pooling at a fixed position, a CLS token appended, other text towers).
     """
 
@@ -531,11 +531,17 @@ class PrefixTextEncoder:
         return (tokens == self.eos_id).int().argmax(dim=-1)
 
     def encode(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(N, context) token ids on the host -> (N, D) raw text features on `device`. The
-        buckets are chosen on the host, so the device never waits to be asked for indices. On a
-        GPU the batch runs as one pass (`encode_one_pass`): there the smaller matrix products of
-        the buckets cost more than the positions they save (an H200, 512 mixed captions: buckets
-        15.3 ms, one pass 12.6 ms, open_clip's encode_text 19.0 ms)."""
+        """(N, context) token ids on the host -> (N, D) raw text features on `device`, the
+        captions packed (`encode_packed`); the indices are made on the host, so the device never
+        waits to be asked for them. On the CPU (ViT-B-32, one thread, bench/score.py's captions:
+        27% of the one pass's positions used) packed took 7.9 s a batch of 128, the length buckets
+        8.8, one pass 27.3. On a GPU one pass measured faster than the buckets (an H200, 512
+        captions: buckets 15.3 ms, one pass 12.6, open_clip's encode_text 19.0; bench/gpu_text.py):
+        their smaller matrix products, each bucket's own pass of kernel launches and a copy to
+        the device per bucket cost more than the positions they saved. Packed is one pass with
+        one copy, on a quarter of the rows."""
+        if self.causal_blocks:
+            return self.encode_packed(tokens, device)
         if device.type == "cuda":
             return self.encode_one_pass(tokens, device)
         return self.encode_buckets(tokens, device)
@@ -564,6 +570,44 @@ class PrefixTextEncoder:
         ends = self.ends(tokens)
         length = self.pass_length(ends, range(8, self.context_length, 8))
         return self._encode_prefix(tokens[:, :length].to(device), ends.to(device), length)
+
+    def encode_packed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`encode` with the captions packed: every layer but attention runs on the positions the
+        captions use, laid end to end (T rows, T the sum of their lengths), not on the batch
+        padded to its longest caption (N x L rows). Attention runs on that padded grid: each
+        block scatters its packed queries, keys and values into it and gathers the outputs back,
+        the grid's padding positions zero throughout (finite: a causal mask weighs them 0, and
+        0 x NaN would not be 0). The causal mask keeps each caption from seeing its padding, so
+        every caption gets what one pass (or open_clip's 77 positions) gives it, up to float
+        rounding. One LAION-like caption in ten runs to the 77-token limit, so a batch's longest
+        caption is 77 tokens while most use 10-20: packed, the matrix products, layer norms and
+        MLPs do about a quarter of one pass's rows."""
+        n = tokens.shape[0]
+        if n == 0 or not self.causal_blocks:  # open_clip's own blocks (not `_causal_block`'s) run in one pass
+            return self.encode_one_pass(tokens, device)
+        ends = self.ends(tokens)
+        length = int(ends.max()) + 1
+        used = ends + 1
+        # where each packed position sits in the (N x length) grid: caption-major, as packed
+        where = (torch.arange(length)[None, :] < used[:, None]).flatten().nonzero().flatten()
+        ids = tokens[:, :length].flatten()[where]
+        last = torch.cumsum(used, 0) - 1  # each caption's end-of-text position among the packed ones
+        # one copy to the device (each copy from pageable memory waits for the stream's work)
+        where, ids, pos, last = torch.cat([where, ids.long(), where % length, last]).to(device).split(
+            [len(where)] * 3 + [n])
+        model = self.model
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast_dtype) + model.positional_embedding[pos].to(cast_dtype)
+        grid = x.new_zeros((n * length, 3 * x.shape[1]))  # pads stay zero: only `where` is written
+        for block in model.transformer.resblocks:
+            x = _packed_causal_block(block, x, grid, where, n, length)
+        x = model.ln_final(x[last])  # a layer norm is per position: the end tokens' alone
+        if model.text_projection is not None:
+            if isinstance(model.text_projection, torch.nn.Linear):
+                x = model.text_projection(x)
+            else:
+                x = x @ model.text_projection
+        return x
 
     def pass_length(self, ends: torch.Tensor, lengths: Iterable[int]) -> int:
         """The positions one pass over captions ending at `ends` runs on: the first of `lengths`
@@ -622,6 +666,25 @@ def _causal_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     a = torch.nn.functional.linear(a.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight,
                                    attn.out_proj.bias)
+    x = x + block.ls_1(a)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _packed_causal_block(block: torch.nn.Module, x: torch.Tensor, grid: torch.Tensor, where: torch.Tensor,
+                         n: int, length: int) -> torch.Tensor:
+    """`_causal_block` for packed (T, D) `x` (PrefixTextEncoder.encode_packed): the in-projection,
+    out-projection, layer norms and MLP on the T packed rows; the queries, keys and values put in
+    the (n x length, 3D) `grid` at `where` for one causal scaled_dot_product_attention, whose
+    outputs at `where` come back."""
+    attn = block.attn
+    width = x.shape[1]
+    heads = attn.num_heads
+    qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    grid.index_copy_(0, where, qkv)
+    q, k, v = grid.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    a = a.transpose(1, 2).reshape(n * length, width).index_select(0, where)
+    a = torch.nn.functional.linear(a, attn.out_proj.weight, attn.out_proj.bias)
     x = x + block.ls_1(a)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 

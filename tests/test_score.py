@@ -58,10 +58,23 @@ def test_text_features_through_the_used_positions_equal_open_clip(model):
         want = s.model.encode_text(s.tokenizer(texts))
     got = s.text_features(texts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    with torch.inference_mode():  # the GPU's way: one pass cut to the longest caption of the batch
-        for batch in (texts, texts[:4], texts[1:2], ["", "a cat"]):
-            one_pass = s._text_prefix.encode_one_pass(s.tokenizer(batch), torch.device("cpu"))
-            torch.testing.assert_close(one_pass, s.model.encode_text(s.tokenizer(batch)), atol=1e-5, rtol=1e-5)
+    prefix = s._text_prefix
+    with torch.inference_mode():  # each way on its own: packed (text_features' above), buckets, one pass
+        for batch in (texts, texts[:4], texts[1:2], ["", "a cat"], ["a cat", ""], [""]):
+            tokens = s.tokenizer(batch)
+            for way in (prefix.encode_packed, prefix.encode_buckets, prefix.encode_one_pass):
+                torch.testing.assert_close(way(tokens, torch.device("cpu")), s.model.encode_text(tokens),
+                                           atol=1e-5, rtol=1e-5, msg=lambda m, way=way, batch=batch: f"{way}: {batch}: {m}")
+        # packed, the positions of the batch's longest caption run for the others only in attention
+        tokens = s.tokenizer(texts)
+        used = prefix.ends(tokens) + 1
+        rows = []
+        hook = s.model.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+        try:
+            prefix.encode_packed(tokens, torch.device("cpu"))
+        finally:
+            hook.remove()
+        assert rows == [int(used.sum())] and rows[0] < len(texts) * int(used.max()) / 2
     # Cut one position short of a caption's end-of-text token, the embedding changes: the test sees it.
     with torch.inference_mode():
         tokens = s.tokenizer(texts[2:3])
@@ -80,7 +93,8 @@ def test_a_repeated_caption_runs_through_the_text_tower_once(prefix):
     if not prefix:
         s._text_prefix = None  # open_clip's encode_text path
     rows_seen: list[int] = []
-    hook = s.model.token_embedding.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
+    # the final layer norm sees one row a caption (packed: its end-of-text position; else its 77)
+    hook = s.model.ln_final.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
     texts = ["red shoe", "a cat", "red shoe", "", "a cat", "red shoe", "blue shoe", "", "a dog"]
     try:
         got = s.text_features(texts)
@@ -94,7 +108,7 @@ def test_a_repeated_caption_runs_through_the_text_tower_once(prefix):
     assert not torch.allclose(got[0], got[6])  # another caption, another embedding
     # all distinct: one pass over all of them, as before
     rows_seen.clear()
-    hook = s.model.token_embedding.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
+    hook = s.model.ln_final.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
     try:
         s.text_features(texts[:2])
     finally:
