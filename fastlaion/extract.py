@@ -1060,16 +1060,14 @@ class _Splitter:
             self.in_junk = True
 
     def _resync(self, start: int, eof: bool) -> bool:
-        """Move to the next 'WARC/1.' line at or after `start`; False if none is buffered yet."""
+        """Move to the next record start at or after `start` (`_record_start`); False if none is
+        buffered yet."""
         buf = self.buf
-        if buf.startswith(b"WARC/1.", start):
-            self.pos = start
-            return True
-        j = buf.find(b"\nWARC/1.", start)
+        j = _record_start(buf, start)
         if j >= 0:
-            self.pos = j + 1
+            self.pos = j
             return True
-        self.pos = len(buf) if eof else max(start, len(buf) - 8)  # keep a possibly split marker
+        self.pos = len(buf) if eof else max(start, len(buf) - 10)  # keep a possibly split marker
         return False
 
     def _parse(self, eof: bool) -> None:
@@ -1121,7 +1119,7 @@ class _Splitter:
                     self.pos = len(buf)
                     emit(head, low, buf, body, end)
                     continue
-                if buf.find(b"\nWARC/1.", body) >= 0:
+                if _record_start(buf, body) >= 0:
                     self._damaged("bad_content_length")
                     self._resync(body, eof)
                     continue
@@ -1144,6 +1142,20 @@ class _Splitter:
     def _damaged(self, reason: str) -> None:
         self.stats.skip(reason)
         self.in_junk = True  # the bytes up to the next record belong to this one
+
+
+def _record_start(buf: bytes | bytearray, start: int) -> int:
+    """Where the next WARC record begins at or after `start`, or -1: a 'WARC/1.' at `start` or
+    after a newline, or a whole version line 'WARC/1.N\\r\\n' after any byte. The latter is where
+    damage ends without a newline (a record whose closing CRLFs were damaged or are missing, junk
+    cut mid-line, a gzip member of junk): the record after it, whole, was passed over as part of
+    the damage and counted nowhere."""
+    i = start
+    while (i := buf.find(b"WARC/1.", i)) >= 0:
+        if i == start or buf[i - 1] == 0x0A or buf[i + 7:i + 8].isdigit() and buf[i + 8:i + 10] == b"\r\n":
+            return i
+        i += 1
+    return -1
 
 
 def _parse_warc_headers(head: bytes) -> dict[str, str]:

@@ -420,6 +420,30 @@ def test_junk_between_records_is_skipped_once(tmp_path):
     assert t.height == 3 and nonzero(s.skipped) == {"not_warc": 1}
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("damage", ["last byte", "no closing CRLFs", "junk without a newline"])
+def test_a_record_right_after_damage_is_read(tmp_path, compress, damage):
+    """The record after a damaged one starts at the byte where a Content-Length said it would,
+    not after a newline: a record whose closing CRLFs were damaged or missing, or junk that does
+    not end in a newline. The next record, whole (in a gzip file, a whole member of its own), used
+    to be passed over as part of the damage, counted nowhere: records no longer added up to the
+    file's records, and its pairs were lost."""
+    recs = three_wat_records()
+    if damage == "last byte":
+        recs[0] = recs[0][:-1] + b" "
+    elif damage == "no closing CRLFs":
+        recs[0] = recs[0][:-4]
+    else:
+        recs.insert(1, b"<html>this is not a WARC record</html>")
+    data = gz(recs) if compress else b"".join(recs)
+    s, t = extract(tmp_path, {"damaged.wat.gz" if compress else "damaged.wat": data})
+    lost = [] if damage.startswith("junk") else [("https://d.example/0.jpg", "Damaged test 0")]
+    kept = [p for p in [(f"https://d.example/{i}.jpg", f"Damaged test {i}") for i in range(3)] if p not in lost]
+    assert pairs(t) == kept
+    assert s.records == 3 + damage.startswith("junk")  # every record counted, the junk once
+    assert nonzero(s.skipped) == ({"not_warc": 1} if damage.startswith("junk") else {"bad_content_length": 1})
+
+
 @pytest.mark.parametrize("name, data, reason", [
     ("empty.warc.gz", b"", "empty_input"),
     ("text.warc", b"just some text, not WARC at all\n" * 500, "not_warc"),
