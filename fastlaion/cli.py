@@ -437,7 +437,9 @@ def extract_cmd(
         from .extract import NoProgress
 
         bar = NoProgress()
-    with user_errors(bar, "nothing was written; rerun the command"):
+    written: list[Path] = []  # the output folder, once the new candidates are whole in place
+    with user_errors(bar, lambda: f"the candidates were written, whole, to {written[0]}" if written
+                     else "nothing was written; rerun the command"):
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
                             reject_gif=not keep_gif, shard_rows=shard_rows, max_record_bytes=max_record_bytes,
@@ -447,7 +449,7 @@ def extract_cmd(
         sources = list(inputs or [])
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)
-        summary = extract_to_parquet(sources, output, cfg, bar)
+        summary = extract_to_parquet(sources, output, cfg, bar, written.append)
     print_extract_summary(summary)
     _exit_now()
 

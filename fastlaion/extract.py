@@ -102,7 +102,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
-from .interrupt import ctrl_c_held, release_ctrl_c
+from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
 
 if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
     import http.client
@@ -132,6 +132,7 @@ MAX_HEADER_BYTES = 64 << 10
 _MEMBER_TRIES = 8  # gzip header look-alikes tried as a member's end before the streaming path takes over
 TICK_RECORDS = 2000  # progress is reported every this many records
 CRAWL_ID = re.compile(r"CC-MAIN-\d{4}-\d{2}")
+STATS_FILE = "extract_stats.json"  # written last: candidates without it are no whole extraction
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _GZIP_TRAILER = struct.Struct("<II")  # CRC-32 and length of a member's output
@@ -269,10 +270,15 @@ def list_crawl(crawl: str, n_files: int, base_url: str = DEFAULT_CC_BASE_URL,
 
 
 def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
-                       progress: ExtractProgress | None = None) -> ExtractSummary:
+                       progress: ExtractProgress | None = None,
+                       written: Callable[[Path], None] | None = None) -> ExtractSummary:
     """Extract candidate pairs from every source (local path, http(s) URL or fsspec URL such as
     s3://) into out_dir/candidates-NNNNN.parquet, deduplicated over all sources; write
-    out_dir/extract_stats.json. Raises ConfigError for a bad option or an unreadable source."""
+    out_dir/extract_stats.json. Raises ConfigError for a bad option or an unreadable source.
+
+    An earlier extraction in out_dir is replaced, and only once the new one is whole
+    (`_commit`); `written(out_dir)` is called when it is in place (a Ctrl-C from then on finds
+    the new output there)."""
     cfg.validate()
     if not sources:
         raise ConfigError("no input given: pass one or more WAT/WARC files or URLs, or --crawl")
@@ -290,17 +296,36 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     progress.start(len(jobs))
     try:
         stats = _run_jobs(jobs, cfg, progress)
-        files, after = _dedup_and_shard([j.part for j in jobs], out_dir, cfg, stats)
+        files, after = _dedup_and_shard([j.part for j in jobs], partial, cfg, stats)
+        summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
+        payload = {**summary.to_dict(), "config": cfg.to_dict()}
+        (partial / STATS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        _commit(partial, out_dir, files, written)
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)
     for st in stats:  # counted as skipped like other damage, and named: which of many inputs it was
         if (why := st.not_warc()) is not None:
             log.warning("%s holds no WARC record (%s): not a WARC/WAT file?", st.source, why)
-    summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
-    payload = {**summary.to_dict(), "config": cfg.to_dict()}
-    (out_dir / "extract_stats.json").write_text(json.dumps(payload, indent=2) + "\n")
     return summary
+
+
+def _commit(partial: Path, out_dir: Path, files: list[str], written: Callable[[Path], None] | None) -> None:
+    """Put the new candidates and extract_stats.json (all in `partial`) in the place of an
+    earlier extraction's, through a Ctrl-C, which lands once they are all there. The shards used
+    to be written into out_dir one by one, the earlier ones deleted first: a Ctrl-C among them
+    left some new shards, or none, beside the earlier extract_stats.json, and the command said
+    nothing was written. extract_stats.json goes first and comes back last: candidates without
+    it beside them (a kill in between) are no whole extraction (`fastlaion run` extracts again)."""
+    with ctrl_c_deferred():
+        (out_dir / STATS_FILE).unlink(missing_ok=True)
+        for old in out_dir.glob("candidates-*.parquet"):
+            old.unlink()
+        for name in files:
+            os.replace(partial / name, out_dir / name)
+        os.replace(partial / STATS_FILE, out_dir / STATS_FILE)
+        if written is not None:
+            written(out_dir)
 
 
 def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
@@ -480,16 +505,15 @@ def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> Non
         progress.advance(records, pairs)
 
 
-def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
+def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
                      stats: list[InputStats]) -> tuple[list[str], int]:
     """Deduplicate the per-input Parquets lazily (first occurrence in input order kept) and cut
-    the result into candidates-NNNNN.parquet shards. Returns (file names, rows written).
+    the result into candidates-NNNNN.parquet shards in `folder` (the partial folder that
+    `_commit` moves them from). Returns (file names, rows written).
     One part file that is already unique on the key (or no dedup) and fits one shard is
     renamed into place: no Polars."""
-    for old in out_dir.glob("candidates-*.parquet"):  # from an earlier run into the same folder
-        old.unlink()
     existing = [str(f) for f in _PairWriter.files(parts)]
-    merged = out_dir / ".extract-partial" / "merged.parquet"
+    merged = folder / "merged.parquet"
     key = cfg.dedup.value
     if not existing:
         _write_empty(merged)
@@ -508,15 +532,15 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
         rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
-        os.replace(merged, out_dir / name)
+        os.replace(merged, folder / name)
         return [name], rows
     import polars as pl
 
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
-        with _polars_io(out_dir / name):
+        with _polars_io(folder / name):
             pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
-                out_dir / name, **PARQUET_OPTIONS)
+                folder / name, **PARQUET_OPTIONS)
     return names, rows
 
 

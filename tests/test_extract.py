@@ -310,6 +310,45 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
         assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same
 
 
+def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole(tmp_path, big_wats):
+    """A rerun into a folder that holds an earlier extraction, stopped by Ctrl-C while it writes
+    its shards: the earlier candidates used to be deleted first and the new shards written into
+    the folder one by one, so it held some new shards (one of them cut) beside the earlier
+    extract_stats.json, and the command said nothing was written. Now the folder is as it was,
+    byte for byte, and the rerun replaces it whole: the files extract_stats.json lists, no more."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    (tmp_path / "small.wat.gz").write_bytes(gz(three_wat_records()))
+    extract = [sys.executable, "-m", "fastlaion", "extract", "-o", str(out), "--no-progress"]
+    subprocess.run([*extract, str(tmp_path / "small.wat.gz")], check=True, capture_output=True, timeout=120)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sorted(earlier) == ["candidates-00000.parquet", "extract_stats.json"]
+    cmd = [*extract, str(big_wats[0]), "--shard-rows", "10000", "--processes", "1"]  # 24 shards
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((d / "candidates-00001.parquet").exists() for d in (out, out / ".extract-partial")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert not (out / ".extract-partial").exists()
+    rerun = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert sorted(p.name for p in out.glob("candidates-*.parquet")) == stats["files"]
+    assert len(stats["files"]) == BIG_PAGES // 10000
+    assert sum(pl.scan_parquet(out / f).select(pl.len()).collect().item() for f in stats["files"]) == BIG_PAGES
+
+
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
