@@ -264,6 +264,8 @@ def list_crawl(crawl: str, n_files: int, base_url: str = DEFAULT_CC_BASE_URL,
         paths = gzip.decompress(raw).decode("utf-8").split()
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise ConfigError(f"{listing}: not a gzipped list of paths ({e})") from None
+    if not paths:  # else "no input given ... or --crawl", to a command given --crawl
+        raise ConfigError(f"{listing} lists no WAT file: the crawl {crawl} has nothing to read")
     if len(paths) < n_files:
         log.warning("crawl %s lists %d WAT files; --files %d asks for more", crawl, len(paths), n_files)
     return [f"{base}/{p.lstrip('/')}" for p in paths[:n_files]]

@@ -537,6 +537,24 @@ def test_crawl_listing_and_extract_over_loopback(tmp_path):
     assert [i["source"].rsplit("/", 1)[1] for i in stats["inputs"]] == [p.rsplit("/", 1)[1] for p in paths[:2]]
 
 
+def test_a_crawl_that_lists_no_wat_file_is_named_in_one_line(tmp_path):
+    """A crawl whose wat.paths.gz lists nothing (an empty gzip file, a blank line) said that no
+    input was given and to pass --crawl, which the command had been given."""
+    crawl = "CC-MAIN-2024-22"
+    listing = f"crawl-data/{crawl}/wat.paths.gz"
+    for i, body in enumerate((b"", b"\n")):
+        with LoopbackServer({listing: Served(gzip.compress(body))}) as server:
+            with pytest.raises(ConfigError, match="lists no WAT file"):
+                list_crawl(crawl, 1, server.base_url)
+            for cmd in (["extract", "--crawl", crawl, "--cc-base-url", server.base_url],
+                        ["run", "--crawl", crawl, "--cc-base-url", server.base_url, "--no-score"]):
+                result = runner.invoke(app, [*cmd, "-o", str(tmp_path / f"{cmd[0]}-{i}"), "--no-progress"],
+                                       terminal_width=400)
+                assert result.exit_code == 2, result.output
+                assert result.output.strip().splitlines() == [
+                    f"error: {server.base_url}/{listing} lists no WAT file: the crawl {crawl} has nothing to read"]
+
+
 @pytest.mark.parametrize("honour_range", [True, False])
 def test_http_input_resumes_after_a_broken_connection(tmp_path, honour_range):
     recs = [wat_record(f"https://h.example/{i}", [img(f"/{i}.jpg", f"Streamed page {i}")]) for i in range(200)]
