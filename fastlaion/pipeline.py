@@ -191,8 +191,8 @@ def _run_locked(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
                 cluster: ExitStack, held: ExitStack, fresh: bool) -> RunSummary:
     extracted = needs_extraction(cfg.input)
     if extracted:
-        inputs = open_inputs(extract_candidates(cfg, out, progress, held), need_captions=cfg.score.enabled)
-        fresh = False
+        inputs = open_inputs(extract_candidates(cfg, out, progress, held, fresh), need_captions=cfg.score.enabled)
+        fresh = False  # the candidates are kept: a rerun reuses them
     else:  # every problem with the inputs is told before the output folder is touched
         inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
         prepare_output(out, cfg, held)
@@ -522,10 +522,14 @@ def needs_extraction(inputs: InputConfig) -> bool:
     return inputs.crawl is not None or any(is_warc_like(p) for p in inputs.paths)
 
 
-def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: ExitStack) -> InputConfig:
+def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: ExitStack, fresh: bool = False) -> InputConfig:
     """Common Crawl inputs -> candidate pairs under OUT/candidates (once; a rerun reuses them).
 
-    Returns the input config that reads those candidates as URL lists.
+    Returns the input config that reads those candidates as URL lists. In a `fresh` folder (this
+    run made it), an extraction that fails (the crawl's listing or a WAT file cannot be read:
+    only extracting shows it) or is stopped takes config.json and candidates/ with it, so the
+    folder goes, as for a URL list that cannot be read. They used to stay, and the corrected
+    command into the folder warned about "the run there", which had never begun.
     """
     from .extract import ExtractConfig, extract_to_parquet, is_warc_like, list_crawl
 
@@ -554,13 +558,19 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
                                   "output folder")
             (target / "extract_stats.json").unlink()  # extracted again below
     if not (target / "extract_stats.json").exists():
-        sources = list(inputs.paths)
-        if inputs.crawl:
-            sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
-        shutil.rmtree(target, ignore_errors=True)
-        extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
-                                                          page_opt_out_tags=page_tags),
-                           progress.extracting())
+        try:
+            sources = list(inputs.paths)
+            if inputs.crawl:
+                sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
+            shutil.rmtree(target, ignore_errors=True)
+            extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
+                                                              page_opt_out_tags=page_tags),
+                               progress.extracting())
+        except BaseException:
+            if fresh:  # this run holds the folder's lock: what is in it is this run's
+                shutil.rmtree(target, ignore_errors=True)
+                (out / CONFIG_FILE).unlink(missing_ok=True)
+            raise
     candidates = tuple(str(p) for p in sorted(target.glob("candidates-*.parquet")))
     return dataclasses.replace(inputs, paths=candidates, input_format=InputFormat.parquet, url_col="url",
                                caption_col="caption", crawl=None)
