@@ -547,10 +547,19 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
     page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
     if (target / "extract_stats.json").exists():
         try:
-            had = tuple(json.loads((target / "extract_stats.json").read_text())["config"]["page_opt_out_tags"])
+            earlier = json.loads((target / "extract_stats.json").read_text())
+            had = tuple(earlier["config"]["page_opt_out_tags"])
+            files = [str(f) for f in earlier["files"]]
         except (OSError, ValueError, KeyError, TypeError):
-            had = None
-        if had != page_tags:  # --opt-out-tags changed: the candidates kept other pages' links
+            had, files = None, []
+        missing = [f for f in files if not (target / f).is_file()]
+        if missing and had == page_tags:
+            # A candidates file deleted since (taken for an intermediate file): the run read the
+            # others, or none, and said the extraction had found nothing. The same inputs give
+            # the same candidates (a changed local input is refused above, in prepare_output).
+            log.warning("%s is missing; the candidates are extracted again", target / missing[0])
+            (target / "extract_stats.json").unlink()
+        elif had != page_tags:  # --opt-out-tags changed: the candidates kept other pages' links
             if any_finished(out):
                 raise ConfigError(f"{out} holds a run whose candidates were extracted with page opt-outs "
                                   f"{','.join(had or ()) or 'none'}, now {','.join(page_tags) or 'none'} "

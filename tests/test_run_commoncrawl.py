@@ -184,3 +184,30 @@ def test_a_crawl_that_cannot_be_read_leaves_no_output_folder(tmp_path):
         assert "warning" not in result.output and "no candidate pairs to download" in result.output
     finally:
         server.close()
+
+
+def test_a_rerun_extracts_again_when_a_candidates_file_was_deleted(tmp_path, photos):
+    """candidates/candidates-00000.parquet deleted after a run (taken for an intermediate file):
+    the rerun read no candidates and said "funnel over 0 shard(s)" and that the extraction had
+    found none, beside a finished shard of three kept samples. Now it warns, extracts the same
+    candidates again, and finds the shard complete."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        out = tmp_path / "out"
+        args = ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"]
+        assert runner.invoke(app, args).exit_code == 0
+        candidates = out / "candidates" / "candidates-00000.parquet"
+        first = pl.read_parquet(candidates)
+        candidates.unlink()
+        again = runner.invoke(app, args, terminal_width=400)
+        assert again.exit_code == 0, again.output
+        assert f"{candidates} is missing; the candidates are extracted again" in again.output
+        assert "funnel over 1 shard(s)" in again.output and "already complete" in again.output
+        assert "found none" not in again.output
+        assert pl.read_parquet(candidates).equals(first)
+    finally:
+        server.close()
