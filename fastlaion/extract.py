@@ -289,6 +289,7 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output exists and is not a folder: {out_dir}")
+    made = not out_dir.exists()  # removed again when nothing is written
     partial = out_dir / ".extract-partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -303,6 +304,12 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
         payload = {**summary.to_dict(), "config": cfg.to_dict()}
         (partial / STATS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         _commit(partial, out_dir, files, written)
+    except BaseException:
+        if made:  # an input that cannot be read, or Ctrl-C: "nothing was written" leaves nothing
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)

@@ -508,6 +508,14 @@ def test_unreadable_inputs_are_fatal_with_a_clear_message(tmp_path):
         extract_to_parquet([str(tmp_path / "missing.wat.gz")], tmp_path / "o", ONE)
     with LoopbackServer({}) as server, pytest.raises(ConfigError, match="HTTP 404"):
         extract_to_parquet([server.url("nope.wat.gz")], tmp_path / "o", ONE)
+    # the folder it made for the output goes again (it stayed, empty, after "nothing was written");
+    # one that was there stays, with what it held
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine\n")
+    with LoopbackServer({}) as server, pytest.raises(ConfigError, match="HTTP 404"):
+        extract_to_parquet([server.url("nope.wat.gz")], tmp_path / "kept", ONE)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
 
 
 # ---------------------------------------------------------------------------------------------
