@@ -40,7 +40,10 @@ import numpy as np
 import polars as pl
 
 from .batch import Batch, funnel, merge_funnels
-from .config import MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models, resume_key
+from .config import (
+    LAION_MAX_TEXT_CHARS, MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models,
+    resume_key,
+)
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
@@ -572,8 +575,11 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
             if inputs.crawl:
                 sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
             shutil.rmtree(target, ignore_errors=True)
-            extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
-                                                              page_opt_out_tags=page_tags),
+            # URLs cut at LAION's length, not --max-caption-chars (the extraction's limit is for
+            # both: a short one cut every image URL, and every download failed); the captions
+            # are cut to it when the rows are read, as a URL list's are
+            cut = max(LAION_MAX_TEXT_CHARS, inputs.max_caption_chars)
+            extract_to_parquet(sources, target, ExtractConfig(max_text_chars=cut, page_opt_out_tags=page_tags),
                                progress.extracting())
         except BaseException:
             if fresh:  # this run holds the folder's lock: what is in it is this run's

@@ -211,3 +211,26 @@ def test_a_rerun_extracts_again_when_a_candidates_file_was_deleted(tmp_path, pho
         assert pl.read_parquet(candidates).equals(first)
     finally:
         server.close()
+
+
+def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_path, photos):
+    """`fastlaion run WAT --max-caption-chars 8`: the extraction cut the image URLs to 8
+    characters too (its one limit is for URL and caption), and every download failed, where the
+    same option on a URL list cuts the captions only. Now the URLs stay whole, the images are
+    downloaded, and the captions are cut to 8 characters."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--max-caption-chars", "8"])
+        assert result.exit_code == 0, result.output
+        table = pl.read_parquet(out / "00000.parquet")
+        assert table["status"].to_list() == ["kept", "kept", "kept"]
+        assert sorted(table["url"].to_list()) == sorted(server.url(f"img/{n}.jpg") for n in ("chelsea", "astronaut", "rocket"))
+        assert sorted(table["caption"].to_list()) == ["a rocket", "a tabby ", "an astro"]
+    finally:
+        server.close()
