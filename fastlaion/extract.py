@@ -63,7 +63,8 @@ Record reasons. Ignored (normal, not errors):
 Skipped (damaged input; reading goes on with the next record):
     empty_input         the input holds no bytes at all
     not_warc            a stretch of bytes that is not a WARC record (counted once per stretch)
-    bad_header          a WARC header without a usable Content-Length, or over 64 KiB
+    bad_header          a WARC header without a usable Content-Length, over 64 KiB, or cut
+                        short by the next record's
     bad_content_length  the record's Content-Length does not end where the next record starts
     too_large           a record over `max_record_bytes` (skipped unread)
     truncated           the input ended inside a record (e.g. a gzip file cut short)
@@ -1124,6 +1125,12 @@ class _Splitter:
                     break
                 continue
             head = bytes(buf[pos:h_end])
+            nested = _record_start(head, 1)
+            if nested >= 0:  # a record cut inside its header, the next one's header after it: the
+                # two were read as one record, and the cut one was counted nowhere
+                self._damaged("bad_header")
+                self.pos = pos + nested
+                continue
             low = head.lower()
             try:
                 length = _content_length(head, low)

@@ -483,6 +483,24 @@ def test_a_record_right_after_damage_is_read(tmp_path, compress, damage):
     assert nonzero(s.skipped) == ({"not_warc": 1} if damage.startswith("junk") else {"bad_content_length": 1})
 
 
+@pytest.mark.parametrize("kind", ["wat", "warc"])
+@pytest.mark.parametrize("within", [0, 4], ids=["at a line", "mid-line"])
+def test_a_record_cut_in_its_header_is_counted(tmp_path, kind, within):
+    """A plain file in which a record was cut inside its WARC header, the next record right after
+    it (files concatenated, a copy cut short): the cut header and the next record's were read as
+    one record and the cut record was counted nowhere (2 records of 3). Now it is one bad_header,
+    the next record is read as it is."""
+    if kind == "wat":
+        recs = three_wat_records()
+    else:
+        recs = [response_record(f"https://d.example/{i}", page_html(f"Damaged test {i}", f"/{i}.jpg").encode())
+                for i in range(3)]
+    cut = recs[1].index(b"WARC-Date") + within  # after its WARC-Type and WARC-Target-URI
+    s, t = extract(tmp_path, {f"cut.{kind}": recs[0] + recs[1][:cut] + recs[2]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/2.jpg", "Damaged test 2")]
+    assert s.records == 3 and nonzero(s.skipped) == {"bad_header": 1}
+
+
 @pytest.mark.parametrize("name, data, reason", [
     ("empty.warc.gz", b"", "empty_input"),
     ("text.warc", b"just some text, not WARC at all\n" * 500, "not_warc"),
