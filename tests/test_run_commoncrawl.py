@@ -234,3 +234,30 @@ def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_pat
         assert sorted(table["caption"].to_list()) == ["a rocket", "a tabby ", "an astro"]
     finally:
         server.close()
+
+
+def test_run_accounts_for_the_extraction_in_one_line(tmp_path, photos):
+    """`fastlaion run` on a WAT cut short and a duplicate link: the run printed only the funnel,
+    whose input is the candidates, and nothing of the records skipped as damaged or the links
+    rejected, which only candidates/extract_stats.json told. Now one line before the funnel adds
+    them up, as that file has them."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        whole = files[f"crawl-data/{CRAWL}/segments/1/wat/part-0.warc.wat.gz"].body
+        wat.write_bytes(whole + gz([wat_record(f"{server.base_url}/cut", [img("/img/x.jpg", "a page cut short")])])[:-30])
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--retries", "0"], terminal_width=400)
+        assert result.exit_code == 0, result.output
+        stats = json.loads((out / "candidates" / "extract_stats.json").read_text())
+        assert (stats["records"], stats["skipped"]["truncated"], stats["pairs_after_dedup"]) == (3, 1, 2)
+        lines = result.output.splitlines()
+        assert lines[0] == ("extracted 1 input(s): records 3 = pages 1 + ignored 1 + skipped 1 (truncated 1); links 4 = "
+                            "rejected 2 (short_alt 1, svg 1) + pairs 2; pairs 2 = candidates 2 + duplicates 0 "
+                            f"({out / 'candidates' / 'extract_stats.json'})")
+        assert lines[1].startswith("funnel over 1 shard(s)") and lines[2].split() == ["input", "2"]
+    finally:
+        server.close()
