@@ -104,6 +104,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
+from .lock import output_lock
 
 if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
     import http.client
@@ -291,10 +292,25 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output exists and is not a folder: {out_dir}")
     made = not out_dir.exists()  # removed again when nothing is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # A second extract into the folder took the first one's .extract-partial/ for a crash's
+        # leftovers and removed it: the first failed, or took the second's part files for its own
+        with output_lock(out_dir, "extract"):
+            return _extract_locked(sources, out_dir, cfg, progress or NoProgress(), written)
+    except BaseException:
+        if made:  # an input that cannot be read, or Ctrl-C: "nothing was written" leaves nothing
+            shutil.rmtree(out_dir / ".extract-partial", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _extract_locked(sources: list[str], out_dir: Path, cfg: ExtractConfig, progress: ExtractProgress,
+                    written: Callable[[Path], None] | None) -> ExtractSummary:
     partial = out_dir / ".extract-partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    progress = progress or NoProgress()
+    partial.mkdir()
     start = time.perf_counter()
     jobs = [_Job(i, s, partial / f"part-{i:06d}.parquet", cfg) for i, s in enumerate(sources)]
     progress.start(len(jobs))
@@ -305,12 +321,6 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
         payload = {**summary.to_dict(), "config": cfg.to_dict()}
         (partial / STATS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         _commit(partial, out_dir, files, written)
-    except BaseException:
-        if made:  # an input that cannot be read, or Ctrl-C: "nothing was written" leaves nothing
-            shutil.rmtree(partial, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)

@@ -349,6 +349,40 @@ def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole
     assert sum(pl.scan_parquet(out / f).select(pl.len()).collect().item() for f in stats["files"]) == BIG_PAGES
 
 
+def test_a_second_extract_into_a_folder_being_written_is_refused(tmp_path, big_wats):
+    """Two extracts into one folder at once: the second took the first one's .extract-partial/
+    for a crash's leftovers and removed it, and the first failed ("No such file or directory:
+    .../merged.parquet") or took the second's part files for its own. Now the second is refused in
+    one line naming the first, as a second `fastlaion run` into a run's folder is, and the first
+    ends as if alone."""
+    import time
+
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "fastlaion", "extract", str(big_wats[0]), "-o", str(out),
+                              "--no-progress", "--processes", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".extract-partial").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.002)
+        (tmp_path / "small.wat.gz").write_bytes(gz(three_wat_records()))
+        second = runner.invoke(app, ["extract", str(tmp_path / "small.wat.gz"), "-o", str(out), "--no-progress"],
+                               terminal_width=400)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.exit_code == 2, second.output
+    assert second.output.strip().splitlines() == [
+        f"error: {out}: another fastlaion extract is writing into it (process {first.pid}); wait for it to end, "
+        "or choose another output folder"]
+    assert first.returncode == 0, err.decode()
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert [i["source"] for i in stats["inputs"]] == [str(big_wats[0])]
+    assert pl.read_parquet(out / "candidates-00000.parquet").height == BIG_PAGES
+    assert sorted(p.name for p in out.iterdir()) == ["candidates-00000.parquet", "extract_stats.json"]
+
+
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
