@@ -48,8 +48,10 @@ NO_FLOCK_ERRNOS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errn
 @contextmanager
 def output_lock(out: Path, command: str = "run", advice: str = "wait for it to end, or choose another output "
                 "folder") -> Iterator[None]:
-    """Held while a command writes into `out`: `fastlaion run` for the whole run, and subset,
-    dedup, classify and index (`command`) while they write their output (dataset.output.Staging).
+    """Held while a command writes into `out`: `fastlaion run` for the whole run, `fastlaion
+    extract` for its whole extraction (a second one removed the first one's .extract-partial/),
+    and subset, dedup, classify and index (`command`) while they write their output
+    (dataset.output.Staging).
     Another one into the same folder, of either kind, is refused at once, naming the command and
     its process, then `advice`: a second run would take the first one's shards in progress under
     .partial/ for a crash's leftovers and remove them, and a dataset command would too (and a
