@@ -953,6 +953,7 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
     inflate = _inflate_module()
     d = inflate.decompressobj(31)
     fed = False  # the current member has received bytes
+    member_out = False  # the current member has given output
     resync = False
     pending: list[bytes] = []  # output joined into one piece: one splitter call per ~1 MiB
     pending_bytes = 0
@@ -979,14 +980,16 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
                     pending, pending_bytes = [], 0
                 yield None
                 stats.skip("corrupt_gzip")
-                d, fed, resync = inflate.decompressobj(31), False, True
+                d, fed, resync, member_out = inflate.decompressobj(31), False, True, False
                 pos = member_start + 1
                 continue
             fed = True
+            if out:
+                member_out = True
             if d.eof:
                 pos += len(piece) - len(d.unused_data)
                 member_start = pos
-                d, fed = inflate.decompressobj(31), False
+                d, fed, member_out = inflate.decompressobj(31), False, False
             else:
                 pos += len(piece) - len(d.unconsumed_tail)
             if out:
@@ -1003,6 +1006,8 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
             tail = b""
         if tail:
             pending.append(tail)
+        elif not member_out:  # cut before its first output byte: deflate gives none for its first
+            splitter.cut_unseen = True  # tens of bytes, so the splitter never sees that record
     if pending:
         yield b"".join(pending)
 
@@ -1042,6 +1047,7 @@ class _Splitter:
         self.skip_left = 0  # bytes of a too-large record still to discard
         self.in_junk = False  # inside a stretch already counted (not_warc or a damaged record)
         self.cut = False  # the input is known to end mid-stream (a gzip member cut short)
+        self.cut_unseen = False  # ... in a member that gave no output: no byte of its record came here
 
     def feed(self, data: bytes | bytearray) -> None:
         if not self.buf and not self.skip_left and self._whole_record(data):
@@ -1096,7 +1102,13 @@ class _Splitter:
             self.stats.skip("truncated")
             self.skip_left = 0
             return
+        # A gzip member cut in its first tens of bytes gives no output: its record, after whole
+        # ones, was counted nowhere (the last of three: records 2). Bytes still here are a partial
+        # record, which the parse counts; an input with no record before is empty_input instead.
+        unseen = self.cut_unseen and self.pos >= len(self.buf) and self.stats.records > 0
         self._parse(eof=True)
+        if unseen:
+            self.stats.skip("truncated")
 
     def _junk(self) -> None:
         if not self.in_junk:

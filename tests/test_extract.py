@@ -858,6 +858,21 @@ def test_gzip_members_larger_than_a_read_are_read_alike_with_either_inflater(tmp
     assert s.records == 4 and s.pages == 3
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("keep", [1, 10, 30, 60])
+def test_a_last_gzip_member_cut_before_any_output_is_counted(tmp_path, monkeypatch, native, keep):
+    """A gzip WAT whose last member was cut in its first tens of bytes, where deflate gives no
+    output yet: its record was counted nowhere (records 2 of 3, nothing skipped). Now it is one
+    truncated record, after the two whole ones."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    members = [gzip.compress(r) for r in three_wat_records()]
+    s, t = extract(tmp_path, {"cut.wat.gz": members[0] + members[1] + members[2][:keep]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/1.jpg", "Damaged test 1")]
+    assert s.records == 3 and nonzero(s.skipped) == {"truncated": 1}
+
+
 def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):
     data = gzip.compress(b"".join(three_wat_records()))[:14]  # the gzip header and a few bits
     s, t = extract(tmp_path, {"stub.wat.gz": data})
