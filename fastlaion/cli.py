@@ -348,6 +348,10 @@ def run_cmd(
                        watermark_model=watermark_model),
     )
     summary = execute(cfg, progress)
+    from .pipeline import CANDIDATES_DIR, needs_extraction
+
+    if needs_extraction(cfg.input):
+        print_extraction(output / CANDIDATES_DIR / "extract_stats.json")
     print_funnel(summary, scored=cfg.score.enabled)
     for line in summary.notes():
         out_console.print(line, soft_wrap=True, highlight=False)
@@ -399,6 +403,30 @@ def print_extract_summary(s: Any) -> None:
     print("\n".join(lines), flush=True)  # plain: no markup read into a file name, no rich to load
 
 
+def print_extraction(stats_file: Path) -> None:
+    """For `fastlaion run` on WAT/WARC input: one line that accounts for the extraction before
+    the funnel (whose input is its candidates), as extract_stats.json has it. The run printed
+    nothing of it: records skipped as damaged (truncated, corrupt_gzip) and links rejected
+    (svg, short_alt) were seen only by a user who opened that file."""
+    import json
+
+    try:
+        s = json.loads(stats_file.read_text())
+        ignored, skipped, rejected = (sum(s[k].values()) for k in ("ignored", "skipped", "rejected"))
+
+        def why(counts: dict[str, int]) -> str:
+            listed = ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
+            return f" ({listed})" if listed else ""
+
+        line = (f"extracted {len(s['inputs'])} input(s): records {s['records']:,} = pages {s['pages']:,} + ignored "
+                f"{ignored:,} + skipped {skipped:,}{why(s['skipped'])}; links {s['links']:,} = rejected {rejected:,}"
+                f"{why(s['rejected'])} + pairs {s['pairs']:,}; pairs {s['pairs']:,} = candidates "
+                f"{s['pairs_after_dedup']:,} + duplicates {s['duplicates']:,} ({stats_file})")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # the run itself read the candidates: the account is a courtesy
+    out_console.print(line, soft_wrap=True, highlight=False)
+
+
 @_command("extract")
 def extract_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for candidates-NNNNN.parquet and extract_stats.json.", show_default=False)],
@@ -437,7 +465,9 @@ def extract_cmd(
         from .extract import NoProgress
 
         bar = NoProgress()
-    with user_errors(bar, "nothing was written; rerun the command"):
+    written: list[Path] = []  # the output folder, once the new candidates are whole in place
+    with user_errors(bar, lambda: f"the candidates were written, whole, to {written[0]}" if written
+                     else "nothing was written; rerun the command"):
         cfg = ExtractConfig(dedup=dedup, processes=processes, min_alt_chars=min_alt_chars,
                             max_text_chars=max_text_chars, max_host_chars=max_host_chars, reject_svg=not keep_svg,
                             reject_gif=not keep_gif, shard_rows=shard_rows, max_record_bytes=max_record_bytes,
@@ -447,7 +477,7 @@ def extract_cmd(
         sources = list(inputs or [])
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)
-        summary = extract_to_parquet(sources, output, cfg, bar)
+        summary = extract_to_parquet(sources, output, cfg, bar, written.append)
     print_extract_summary(summary)
     _exit_now()
 

@@ -63,7 +63,8 @@ Record reasons. Ignored (normal, not errors):
 Skipped (damaged input; reading goes on with the next record):
     empty_input         the input holds no bytes at all
     not_warc            a stretch of bytes that is not a WARC record (counted once per stretch)
-    bad_header          a WARC header without a usable Content-Length, or over 64 KiB
+    bad_header          a WARC header without a usable Content-Length, over 64 KiB, or cut
+                        short by the next record's
     bad_content_length  the record's Content-Length does not end where the next record starts
     too_large           a record over `max_record_bytes` (skipped unread)
     truncated           the input ended inside a record (e.g. a gzip file cut short)
@@ -102,7 +103,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
-from .interrupt import ctrl_c_held, release_ctrl_c
+from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
+from .lock import output_lock
 
 if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
     import http.client
@@ -132,6 +134,7 @@ MAX_HEADER_BYTES = 64 << 10
 _MEMBER_TRIES = 8  # gzip header look-alikes tried as a member's end before the streaming path takes over
 TICK_RECORDS = 2000  # progress is reported every this many records
 CRAWL_ID = re.compile(r"CC-MAIN-\d{4}-\d{2}")
+STATS_FILE = "extract_stats.json"  # written last: candidates without it are no whole extraction
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _GZIP_TRAILER = struct.Struct("<II")  # CRC-32 and length of a member's output
@@ -263,16 +266,23 @@ def list_crawl(crawl: str, n_files: int, base_url: str = DEFAULT_CC_BASE_URL,
         paths = gzip.decompress(raw).decode("utf-8").split()
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise ConfigError(f"{listing}: not a gzipped list of paths ({e})") from None
+    if not paths:  # else "no input given ... or --crawl", to a command given --crawl
+        raise ConfigError(f"{listing} lists no WAT file: the crawl {crawl} has nothing to read")
     if len(paths) < n_files:
         log.warning("crawl %s lists %d WAT files; --files %d asks for more", crawl, len(paths), n_files)
     return [f"{base}/{p.lstrip('/')}" for p in paths[:n_files]]
 
 
 def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
-                       progress: ExtractProgress | None = None) -> ExtractSummary:
+                       progress: ExtractProgress | None = None,
+                       written: Callable[[Path], None] | None = None) -> ExtractSummary:
     """Extract candidate pairs from every source (local path, http(s) URL or fsspec URL such as
     s3://) into out_dir/candidates-NNNNN.parquet, deduplicated over all sources; write
-    out_dir/extract_stats.json. Raises ConfigError for a bad option or an unreadable source."""
+    out_dir/extract_stats.json. Raises ConfigError for a bad option or an unreadable source.
+
+    An earlier extraction in out_dir is replaced, and only once the new one is whole
+    (`_commit`); `written(out_dir)` is called when it is in place (a Ctrl-C from then on finds
+    the new output there)."""
     cfg.validate()
     if not sources:
         raise ConfigError("no input given: pass one or more WAT/WARC files or URLs, or --crawl")
@@ -281,26 +291,61 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output exists and is not a folder: {out_dir}")
+    made = not out_dir.exists()  # removed again when nothing is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # A second extract into the folder took the first one's .extract-partial/ for a crash's
+        # leftovers and removed it: the first failed, or took the second's part files for its own
+        with output_lock(out_dir, "extract"):
+            return _extract_locked(sources, out_dir, cfg, progress or NoProgress(), written)
+    except BaseException:
+        if made:  # an input that cannot be read, or Ctrl-C: "nothing was written" leaves nothing
+            shutil.rmtree(out_dir / ".extract-partial", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _extract_locked(sources: list[str], out_dir: Path, cfg: ExtractConfig, progress: ExtractProgress,
+                    written: Callable[[Path], None] | None) -> ExtractSummary:
     partial = out_dir / ".extract-partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    progress = progress or NoProgress()
+    partial.mkdir()
     start = time.perf_counter()
     jobs = [_Job(i, s, partial / f"part-{i:06d}.parquet", cfg) for i, s in enumerate(sources)]
     progress.start(len(jobs))
     try:
         stats = _run_jobs(jobs, cfg, progress)
-        files, after = _dedup_and_shard([j.part for j in jobs], out_dir, cfg, stats)
+        files, after = _dedup_and_shard([j.part for j in jobs], partial, cfg, stats)
+        summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
+        payload = {**summary.to_dict(), "config": cfg.to_dict()}
+        (partial / STATS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        _commit(partial, out_dir, files, written)
     finally:
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)
     for st in stats:  # counted as skipped like other damage, and named: which of many inputs it was
         if (why := st.not_warc()) is not None:
             log.warning("%s holds no WARC record (%s): not a WARC/WAT file?", st.source, why)
-    summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
-    payload = {**summary.to_dict(), "config": cfg.to_dict()}
-    (out_dir / "extract_stats.json").write_text(json.dumps(payload, indent=2) + "\n")
     return summary
+
+
+def _commit(partial: Path, out_dir: Path, files: list[str], written: Callable[[Path], None] | None) -> None:
+    """Put the new candidates and extract_stats.json (all in `partial`) in the place of an
+    earlier extraction's, through a Ctrl-C, which lands once they are all there. The shards used
+    to be written into out_dir one by one, the earlier ones deleted first: a Ctrl-C among them
+    left some new shards, or none, beside the earlier extract_stats.json, and the command said
+    nothing was written. extract_stats.json goes first and comes back last: candidates without
+    it beside them (a kill in between) are no whole extraction (`fastlaion run` extracts again)."""
+    with ctrl_c_deferred():
+        (out_dir / STATS_FILE).unlink(missing_ok=True)
+        for old in out_dir.glob("candidates-*.parquet"):
+            old.unlink()
+        for name in files:
+            os.replace(partial / name, out_dir / name)
+        os.replace(partial / STATS_FILE, out_dir / STATS_FILE)
+        if written is not None:
+            written(out_dir)
 
 
 def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
@@ -480,16 +525,15 @@ def _drain(ticks: Any, progress: ExtractProgress, empty: type[Exception]) -> Non
         progress.advance(records, pairs)
 
 
-def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
+def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
                      stats: list[InputStats]) -> tuple[list[str], int]:
     """Deduplicate the per-input Parquets lazily (first occurrence in input order kept) and cut
-    the result into candidates-NNNNN.parquet shards. Returns (file names, rows written).
+    the result into candidates-NNNNN.parquet shards in `folder` (the partial folder that
+    `_commit` moves them from). Returns (file names, rows written).
     One part file that is already unique on the key (or no dedup) and fits one shard is
     renamed into place: no Polars."""
-    for old in out_dir.glob("candidates-*.parquet"):  # from an earlier run into the same folder
-        old.unlink()
     existing = [str(f) for f in _PairWriter.files(parts)]
-    merged = out_dir / ".extract-partial" / "merged.parquet"
+    merged = folder / "merged.parquet"
     key = cfg.dedup.value
     if not existing:
         _write_empty(merged)
@@ -508,15 +552,15 @@ def _dedup_and_shard(parts: list[Path], out_dir: Path, cfg: ExtractConfig,
         rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
-        os.replace(merged, out_dir / name)
+        os.replace(merged, folder / name)
         return [name], rows
     import polars as pl
 
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
-        with _polars_io(out_dir / name):
+        with _polars_io(folder / name):
             pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
-                out_dir / name, **PARQUET_OPTIONS)
+                folder / name, **PARQUET_OPTIONS)
     return names, rows
 
 
@@ -909,6 +953,7 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
     inflate = _inflate_module()
     d = inflate.decompressobj(31)
     fed = False  # the current member has received bytes
+    member_out = False  # the current member has given output
     resync = False
     pending: list[bytes] = []  # output joined into one piece: one splitter call per ~1 MiB
     pending_bytes = 0
@@ -935,14 +980,16 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
                     pending, pending_bytes = [], 0
                 yield None
                 stats.skip("corrupt_gzip")
-                d, fed, resync = inflate.decompressobj(31), False, True
+                d, fed, resync, member_out = inflate.decompressobj(31), False, True, False
                 pos = member_start + 1
                 continue
             fed = True
+            if out:
+                member_out = True
             if d.eof:
                 pos += len(piece) - len(d.unused_data)
                 member_start = pos
-                d, fed = inflate.decompressobj(31), False
+                d, fed, member_out = inflate.decompressobj(31), False, False
             else:
                 pos += len(piece) - len(d.unconsumed_tail)
             if out:
@@ -959,6 +1006,8 @@ def _inflate_stream(chunks: Iterator[bytes], stats: InputStats, splitter: _Split
             tail = b""
         if tail:
             pending.append(tail)
+        elif not member_out:  # cut before its first output byte: deflate gives none for its first
+            splitter.cut_unseen = True  # tens of bytes, so the splitter never sees that record
     if pending:
         yield b"".join(pending)
 
@@ -998,6 +1047,7 @@ class _Splitter:
         self.skip_left = 0  # bytes of a too-large record still to discard
         self.in_junk = False  # inside a stretch already counted (not_warc or a damaged record)
         self.cut = False  # the input is known to end mid-stream (a gzip member cut short)
+        self.cut_unseen = False  # ... in a member that gave no output: no byte of its record came here
 
     def feed(self, data: bytes | bytearray) -> None:
         if not self.buf and not self.skip_left and self._whole_record(data):
@@ -1052,7 +1102,13 @@ class _Splitter:
             self.stats.skip("truncated")
             self.skip_left = 0
             return
+        # A gzip member cut in its first tens of bytes gives no output: its record, after whole
+        # ones, was counted nowhere (the last of three: records 2). Bytes still here are a partial
+        # record, which the parse counts; an input with no record before is empty_input instead.
+        unseen = self.cut_unseen and self.pos >= len(self.buf) and self.stats.records > 0
         self._parse(eof=True)
+        if unseen:
+            self.stats.skip("truncated")
 
     def _junk(self) -> None:
         if not self.in_junk:
@@ -1060,16 +1116,14 @@ class _Splitter:
             self.in_junk = True
 
     def _resync(self, start: int, eof: bool) -> bool:
-        """Move to the next 'WARC/1.' line at or after `start`; False if none is buffered yet."""
+        """Move to the next record start at or after `start` (`_record_start`); False if none is
+        buffered yet."""
         buf = self.buf
-        if buf.startswith(b"WARC/1.", start):
-            self.pos = start
-            return True
-        j = buf.find(b"\nWARC/1.", start)
+        j = _record_start(buf, start)
         if j >= 0:
-            self.pos = j + 1
+            self.pos = j
             return True
-        self.pos = len(buf) if eof else max(start, len(buf) - 8)  # keep a possibly split marker
+        self.pos = len(buf) if eof else max(start, len(buf) - 10)  # keep a possibly split marker
         return False
 
     def _parse(self, eof: bool) -> None:
@@ -1093,6 +1147,12 @@ class _Splitter:
                     break
                 continue
             head = bytes(buf[pos:h_end])
+            nested = _record_start(head, 1)
+            if nested >= 0:  # a record cut inside its header, the next one's header after it: the
+                # two were read as one record, and the cut one was counted nowhere
+                self._damaged("bad_header")
+                self.pos = pos + nested
+                continue
             low = head.lower()
             try:
                 length = _content_length(head, low)
@@ -1121,7 +1181,7 @@ class _Splitter:
                     self.pos = len(buf)
                     emit(head, low, buf, body, end)
                     continue
-                if buf.find(b"\nWARC/1.", body) >= 0:
+                if _record_start(buf, body) >= 0:
                     self._damaged("bad_content_length")
                     self._resync(body, eof)
                     continue
@@ -1144,6 +1204,20 @@ class _Splitter:
     def _damaged(self, reason: str) -> None:
         self.stats.skip(reason)
         self.in_junk = True  # the bytes up to the next record belong to this one
+
+
+def _record_start(buf: bytes | bytearray, start: int) -> int:
+    """Where the next WARC record begins at or after `start`, or -1: a 'WARC/1.' at `start` or
+    after a newline, or a whole version line 'WARC/1.N\\r\\n' after any byte. The latter is where
+    damage ends without a newline (a record whose closing CRLFs were damaged or are missing, junk
+    cut mid-line, a gzip member of junk): the record after it, whole, was passed over as part of
+    the damage and counted nowhere."""
+    i = start
+    while (i := buf.find(b"WARC/1.", i)) >= 0:
+        if i == start or buf[i - 1] == 0x0A or buf[i + 7:i + 8].isdigit() and buf[i + 8:i + 10] == b"\r\n":
+            return i
+        i += 1
+    return -1
 
 
 def _parse_warc_headers(head: bytes) -> dict[str, str]:

@@ -40,7 +40,10 @@ import numpy as np
 import polars as pl
 
 from .batch import Batch, funnel, merge_funnels
-from .config import MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models, resume_key
+from .config import (
+    LAION_MAX_TEXT_CHARS, MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models,
+    resume_key,
+)
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
 from .reader import InputRows, open_inputs, shard_count, write_rows
@@ -191,8 +194,8 @@ def _run_locked(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
                 cluster: ExitStack, held: ExitStack, fresh: bool) -> RunSummary:
     extracted = needs_extraction(cfg.input)
     if extracted:
-        inputs = open_inputs(extract_candidates(cfg, out, progress, held), need_captions=cfg.score.enabled)
-        fresh = False
+        inputs = open_inputs(extract_candidates(cfg, out, progress, held, fresh), need_captions=cfg.score.enabled)
+        fresh = False  # the candidates are kept: a rerun reuses them
     else:  # every problem with the inputs is told before the output folder is touched
         inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
         prepare_output(out, cfg, held)
@@ -522,10 +525,14 @@ def needs_extraction(inputs: InputConfig) -> bool:
     return inputs.crawl is not None or any(is_warc_like(p) for p in inputs.paths)
 
 
-def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: ExitStack) -> InputConfig:
+def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: ExitStack, fresh: bool = False) -> InputConfig:
     """Common Crawl inputs -> candidate pairs under OUT/candidates (once; a rerun reuses them).
 
-    Returns the input config that reads those candidates as URL lists.
+    Returns the input config that reads those candidates as URL lists. In a `fresh` folder (this
+    run made it), an extraction that fails (the crawl's listing or a WAT file cannot be read:
+    only extracting shows it) or is stopped takes config.json and candidates/ with it, so the
+    folder goes, as for a URL list that cannot be read. They used to stay, and the corrected
+    command into the folder warned about "the run there", which had never begun.
     """
     from .extract import ExtractConfig, extract_to_parquet, is_warc_like, list_crawl
 
@@ -543,10 +550,19 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
     page_tags = tuple(t for t in ExtractConfig.page_opt_out_tags if t in cfg.download.opt_out_tags)
     if (target / "extract_stats.json").exists():
         try:
-            had = tuple(json.loads((target / "extract_stats.json").read_text())["config"]["page_opt_out_tags"])
+            earlier = json.loads((target / "extract_stats.json").read_text())
+            had = tuple(earlier["config"]["page_opt_out_tags"])
+            files = [str(f) for f in earlier["files"]]
         except (OSError, ValueError, KeyError, TypeError):
-            had = None
-        if had != page_tags:  # --opt-out-tags changed: the candidates kept other pages' links
+            had, files = None, []
+        missing = [f for f in files if not (target / f).is_file()]
+        if missing and had == page_tags:
+            # A candidates file deleted since (taken for an intermediate file): the run read the
+            # others, or none, and said the extraction had found nothing. The same inputs give
+            # the same candidates (a changed local input is refused above, in prepare_output).
+            log.warning("%s is missing; the candidates are extracted again", target / missing[0])
+            (target / "extract_stats.json").unlink()
+        elif had != page_tags:  # --opt-out-tags changed: the candidates kept other pages' links
             if any_finished(out):
                 raise ConfigError(f"{out} holds a run whose candidates were extracted with page opt-outs "
                                   f"{','.join(had or ()) or 'none'}, now {','.join(page_tags) or 'none'} "
@@ -554,13 +570,22 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
                                   "output folder")
             (target / "extract_stats.json").unlink()  # extracted again below
     if not (target / "extract_stats.json").exists():
-        sources = list(inputs.paths)
-        if inputs.crawl:
-            sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
-        shutil.rmtree(target, ignore_errors=True)
-        extract_to_parquet(sources, target, ExtractConfig(max_text_chars=inputs.max_caption_chars,
-                                                          page_opt_out_tags=page_tags),
-                           progress.extracting())
+        try:
+            sources = list(inputs.paths)
+            if inputs.crawl:
+                sources += list_crawl(inputs.crawl, inputs.crawl_files, inputs.cc_base_url)
+            shutil.rmtree(target, ignore_errors=True)
+            # URLs cut at LAION's length, not --max-caption-chars (the extraction's limit is for
+            # both: a short one cut every image URL, and every download failed); the captions
+            # are cut to it when the rows are read, as a URL list's are
+            cut = max(LAION_MAX_TEXT_CHARS, inputs.max_caption_chars)
+            extract_to_parquet(sources, target, ExtractConfig(max_text_chars=cut, page_opt_out_tags=page_tags),
+                               progress.extracting())
+        except BaseException:
+            if fresh:  # this run holds the folder's lock: what is in it is this run's
+                shutil.rmtree(target, ignore_errors=True)
+                (out / CONFIG_FILE).unlink(missing_ok=True)
+            raise
     candidates = tuple(str(p) for p in sorted(target.glob("candidates-*.parquet")))
     return dataclasses.replace(inputs, paths=candidates, input_format=InputFormat.parquet, url_col="url",
                                caption_col="caption", crawl=None)

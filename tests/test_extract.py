@@ -310,6 +310,79 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
         assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same
 
 
+def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole(tmp_path, big_wats):
+    """A rerun into a folder that holds an earlier extraction, stopped by Ctrl-C while it writes
+    its shards: the earlier candidates used to be deleted first and the new shards written into
+    the folder one by one, so it held some new shards (one of them cut) beside the earlier
+    extract_stats.json, and the command said nothing was written. Now the folder is as it was,
+    byte for byte, and the rerun replaces it whole: the files extract_stats.json lists, no more."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    (tmp_path / "small.wat.gz").write_bytes(gz(three_wat_records()))
+    extract = [sys.executable, "-m", "fastlaion", "extract", "-o", str(out), "--no-progress"]
+    subprocess.run([*extract, str(tmp_path / "small.wat.gz")], check=True, capture_output=True, timeout=120)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sorted(earlier) == ["candidates-00000.parquet", "extract_stats.json"]
+    cmd = [*extract, str(big_wats[0]), "--shard-rows", "10000", "--processes", "1"]  # 24 shards
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((d / "candidates-00001.parquet").exists() for d in (out, out / ".extract-partial")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert not (out / ".extract-partial").exists()
+    rerun = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert sorted(p.name for p in out.glob("candidates-*.parquet")) == stats["files"]
+    assert len(stats["files"]) == BIG_PAGES // 10000
+    assert sum(pl.scan_parquet(out / f).select(pl.len()).collect().item() for f in stats["files"]) == BIG_PAGES
+
+
+def test_a_second_extract_into_a_folder_being_written_is_refused(tmp_path, big_wats):
+    """Two extracts into one folder at once: the second took the first one's .extract-partial/
+    for a crash's leftovers and removed it, and the first failed ("No such file or directory:
+    .../merged.parquet") or took the second's part files for its own. Now the second is refused in
+    one line naming the first, as a second `fastlaion run` into a run's folder is, and the first
+    ends as if alone."""
+    import time
+
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "fastlaion", "extract", str(big_wats[0]), "-o", str(out),
+                              "--no-progress", "--processes", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".extract-partial").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.002)
+        (tmp_path / "small.wat.gz").write_bytes(gz(three_wat_records()))
+        second = runner.invoke(app, ["extract", str(tmp_path / "small.wat.gz"), "-o", str(out), "--no-progress"],
+                               terminal_width=400)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.exit_code == 2, second.output
+    assert second.output.strip().splitlines() == [
+        f"error: {out}: another fastlaion extract is writing into it (process {first.pid}); wait for it to end, "
+        "or choose another output folder"]
+    assert first.returncode == 0, err.decode()
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert [i["source"] for i in stats["inputs"]] == [str(big_wats[0])]
+    assert pl.read_parquet(out / "candidates-00000.parquet").height == BIG_PAGES
+    assert sorted(p.name for p in out.iterdir()) == ["candidates-00000.parquet", "extract_stats.json"]
+
+
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
@@ -420,6 +493,48 @@ def test_junk_between_records_is_skipped_once(tmp_path):
     assert t.height == 3 and nonzero(s.skipped) == {"not_warc": 1}
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("damage", ["last byte", "no closing CRLFs", "junk without a newline"])
+def test_a_record_right_after_damage_is_read(tmp_path, compress, damage):
+    """The record after a damaged one starts at the byte where a Content-Length said it would,
+    not after a newline: a record whose closing CRLFs were damaged or missing, or junk that does
+    not end in a newline. The next record, whole (in a gzip file, a whole member of its own), used
+    to be passed over as part of the damage, counted nowhere: records no longer added up to the
+    file's records, and its pairs were lost."""
+    recs = three_wat_records()
+    if damage == "last byte":
+        recs[0] = recs[0][:-1] + b" "
+    elif damage == "no closing CRLFs":
+        recs[0] = recs[0][:-4]
+    else:
+        recs.insert(1, b"<html>this is not a WARC record</html>")
+    data = gz(recs) if compress else b"".join(recs)
+    s, t = extract(tmp_path, {"damaged.wat.gz" if compress else "damaged.wat": data})
+    lost = [] if damage.startswith("junk") else [("https://d.example/0.jpg", "Damaged test 0")]
+    kept = [p for p in [(f"https://d.example/{i}.jpg", f"Damaged test {i}") for i in range(3)] if p not in lost]
+    assert pairs(t) == kept
+    assert s.records == 3 + damage.startswith("junk")  # every record counted, the junk once
+    assert nonzero(s.skipped) == ({"not_warc": 1} if damage.startswith("junk") else {"bad_content_length": 1})
+
+
+@pytest.mark.parametrize("kind", ["wat", "warc"])
+@pytest.mark.parametrize("within", [0, 4], ids=["at a line", "mid-line"])
+def test_a_record_cut_in_its_header_is_counted(tmp_path, kind, within):
+    """A plain file in which a record was cut inside its WARC header, the next record right after
+    it (files concatenated, a copy cut short): the cut header and the next record's were read as
+    one record and the cut record was counted nowhere (2 records of 3). Now it is one bad_header,
+    the next record is read as it is."""
+    if kind == "wat":
+        recs = three_wat_records()
+    else:
+        recs = [response_record(f"https://d.example/{i}", page_html(f"Damaged test {i}", f"/{i}.jpg").encode())
+                for i in range(3)]
+    cut = recs[1].index(b"WARC-Date") + within  # after its WARC-Type and WARC-Target-URI
+    s, t = extract(tmp_path, {f"cut.{kind}": recs[0] + recs[1][:cut] + recs[2]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/2.jpg", "Damaged test 2")]
+    assert s.records == 3 and nonzero(s.skipped) == {"bad_header": 1}
+
+
 @pytest.mark.parametrize("name, data, reason", [
     ("empty.warc.gz", b"", "empty_input"),
     ("text.warc", b"just some text, not WARC at all\n" * 500, "not_warc"),
@@ -445,6 +560,14 @@ def test_unreadable_inputs_are_fatal_with_a_clear_message(tmp_path):
         extract_to_parquet([str(tmp_path / "missing.wat.gz")], tmp_path / "o", ONE)
     with LoopbackServer({}) as server, pytest.raises(ConfigError, match="HTTP 404"):
         extract_to_parquet([server.url("nope.wat.gz")], tmp_path / "o", ONE)
+    # the folder it made for the output goes again (it stayed, empty, after "nothing was written");
+    # one that was there stays, with what it held
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine\n")
+    with LoopbackServer({}) as server, pytest.raises(ConfigError, match="HTTP 404"):
+        extract_to_parquet([server.url("nope.wat.gz")], tmp_path / "kept", ONE)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,6 +595,24 @@ def test_crawl_listing_and_extract_over_loopback(tmp_path):
                                        ("https://w1.example/a.jpg", "Crawl file 1"), ("https://w1.example/b.jpg", "Same in both")])
     stats = json.loads((tmp_path / "o" / "extract_stats.json").read_text())
     assert [i["source"].rsplit("/", 1)[1] for i in stats["inputs"]] == [p.rsplit("/", 1)[1] for p in paths[:2]]
+
+
+def test_a_crawl_that_lists_no_wat_file_is_named_in_one_line(tmp_path):
+    """A crawl whose wat.paths.gz lists nothing (an empty gzip file, a blank line) said that no
+    input was given and to pass --crawl, which the command had been given."""
+    crawl = "CC-MAIN-2024-22"
+    listing = f"crawl-data/{crawl}/wat.paths.gz"
+    for i, body in enumerate((b"", b"\n")):
+        with LoopbackServer({listing: Served(gzip.compress(body))}) as server:
+            with pytest.raises(ConfigError, match="lists no WAT file"):
+                list_crawl(crawl, 1, server.base_url)
+            for cmd in (["extract", "--crawl", crawl, "--cc-base-url", server.base_url],
+                        ["run", "--crawl", crawl, "--cc-base-url", server.base_url, "--no-score"]):
+                result = runner.invoke(app, [*cmd, "-o", str(tmp_path / f"{cmd[0]}-{i}"), "--no-progress"],
+                                       terminal_width=400)
+                assert result.exit_code == 2, result.output
+                assert result.output.strip().splitlines() == [
+                    f"error: {server.base_url}/{listing} lists no WAT file: the crawl {crawl} has nothing to read"]
 
 
 @pytest.mark.parametrize("honour_range", [True, False])
@@ -715,6 +856,21 @@ def test_gzip_members_larger_than_a_read_are_read_alike_with_either_inflater(tmp
     assert pairs(t) == [(f"https://big.example/{i}.jpg", f"Large member {i}") for i in (0, 1, 3)]
     assert nonzero(s.skipped) == {"corrupt_gzip": 1}
     assert s.records == 4 and s.pages == 3
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("keep", [1, 10, 30, 60])
+def test_a_last_gzip_member_cut_before_any_output_is_counted(tmp_path, monkeypatch, native, keep):
+    """A gzip WAT whose last member was cut in its first tens of bytes, where deflate gives no
+    output yet: its record was counted nowhere (records 2 of 3, nothing skipped). Now it is one
+    truncated record, after the two whole ones."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    members = [gzip.compress(r) for r in three_wat_records()]
+    s, t = extract(tmp_path, {"cut.wat.gz": members[0] + members[1] + members[2][:keep]})
+    assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/1.jpg", "Damaged test 1")]
+    assert s.records == 3 and nonzero(s.skipped) == {"truncated": 1}
 
 
 def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):

@@ -155,3 +155,109 @@ def test_run_on_wat_leaves_out_pages_that_opt_out_as_its_opt_out_tags_say(tmp_pa
         assert pl.read_parquet(out / "00000.parquet")["url"].to_list() == [f"{server.base_url}/img/{names[1]}.jpg"]
     finally:
         server.close()
+
+
+def test_a_crawl_that_cannot_be_read_leaves_no_output_folder(tmp_path):
+    """`fastlaion run --crawl` into a new folder, where the crawl's listing or one of its WAT files
+    answers 404: the folder used to be left behind with a config.json (and an empty candidates/),
+    and the corrected command into it then warned about "the run there", which had never begun.
+    Now the folder goes, as it does for a URL list that cannot be read, and the rerun says nothing
+    but its own results."""
+    server = LoopbackServer().start()
+    try:
+        paths = [f"crawl-data/{CRAWL}/segments/1/wat/part-{i}.warc.wat.gz" for i in range(2)]
+        server.files[f"crawl-data/{CRAWL}/wat.paths.gz"] = Served(gzip.compress("\n".join(paths).encode()))
+        server.files[paths[0]] = Served(gz([wat_request_record(f"{server.base_url}/p")]))  # paths[1]: 404
+        out = tmp_path / "out"
+
+        def run(crawl: str, files: int):
+            return runner.invoke(app, ["run", "-o", str(out), "--crawl", crawl, "--crawl-files", str(files),
+                                       "--cc-base-url", server.base_url + "/", "--no-score", "--no-progress"],
+                                 terminal_width=400)
+
+        for crawl, files in (("CC-MAIN-2024-23", 1), (CRAWL, 2)):  # no listing; a listed file missing
+            result = run(crawl, files)
+            assert result.exit_code == 2 and "HTTP 404" in result.output, result.output
+            assert not out.exists()
+        result = run(CRAWL, 1)
+        assert result.exit_code == 0, result.output
+        assert "warning" not in result.output and "no candidate pairs to download" in result.output
+    finally:
+        server.close()
+
+
+def test_a_rerun_extracts_again_when_a_candidates_file_was_deleted(tmp_path, photos):
+    """candidates/candidates-00000.parquet deleted after a run (taken for an intermediate file):
+    the rerun read no candidates and said "funnel over 0 shard(s)" and that the extraction had
+    found none, beside a finished shard of three kept samples. Now it warns, extracts the same
+    candidates again, and finds the shard complete."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        out = tmp_path / "out"
+        args = ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"]
+        assert runner.invoke(app, args).exit_code == 0
+        candidates = out / "candidates" / "candidates-00000.parquet"
+        first = pl.read_parquet(candidates)
+        candidates.unlink()
+        again = runner.invoke(app, args, terminal_width=400)
+        assert again.exit_code == 0, again.output
+        assert f"{candidates} is missing; the candidates are extracted again" in again.output
+        assert "funnel over 1 shard(s)" in again.output and "already complete" in again.output
+        assert "found none" not in again.output
+        assert pl.read_parquet(candidates).equals(first)
+    finally:
+        server.close()
+
+
+def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_path, photos):
+    """`fastlaion run WAT --max-caption-chars 8`: the extraction cut the image URLs to 8
+    characters too (its one limit is for URL and caption), and every download failed, where the
+    same option on a URL list cuts the captions only. Now the URLs stay whole, the images are
+    downloaded, and the captions are cut to 8 characters."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--max-caption-chars", "8"])
+        assert result.exit_code == 0, result.output
+        table = pl.read_parquet(out / "00000.parquet")
+        assert table["status"].to_list() == ["kept", "kept", "kept"]
+        assert sorted(table["url"].to_list()) == sorted(server.url(f"img/{n}.jpg") for n in ("chelsea", "astronaut", "rocket"))
+        assert sorted(table["caption"].to_list()) == ["a rocket", "a tabby ", "an astro"]
+    finally:
+        server.close()
+
+
+def test_run_accounts_for_the_extraction_in_one_line(tmp_path, photos):
+    """`fastlaion run` on a WAT cut short and a duplicate link: the run printed only the funnel,
+    whose input is the candidates, and nothing of the records skipped as damaged or the links
+    rejected, which only candidates/extract_stats.json told. Now one line before the funnel adds
+    them up, as that file has them."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        whole = files[f"crawl-data/{CRAWL}/segments/1/wat/part-0.warc.wat.gz"].body
+        wat.write_bytes(whole + gz([wat_record(f"{server.base_url}/cut", [img("/img/x.jpg", "a page cut short")])])[:-30])
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--retries", "0"], terminal_width=400)
+        assert result.exit_code == 0, result.output
+        stats = json.loads((out / "candidates" / "extract_stats.json").read_text())
+        assert (stats["records"], stats["skipped"]["truncated"], stats["pairs_after_dedup"]) == (3, 1, 2)
+        lines = result.output.splitlines()
+        assert lines[0] == ("extracted 1 input(s): records 3 = pages 1 + ignored 1 + skipped 1 (truncated 1); links 4 = "
+                            "rejected 2 (short_alt 1, svg 1) + pairs 2; pairs 2 = candidates 2 + duplicates 0 "
+                            f"({out / 'candidates' / 'extract_stats.json'})")
+        assert lines[1].startswith("funnel over 1 shard(s)") and lines[2].split() == ["input", "2"]
+    finally:
+        server.close()
