@@ -55,6 +55,7 @@ _BLANK = "__fastlaion_blank"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 _Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
+_DEFAULT_CAPTION_COL = InputConfig.caption_col
 
 
 def detect_format(path: Path, declared: InputFormat) -> InputFormat:
@@ -118,6 +119,11 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
     elif need_captions:
         raise ConfigError(f"{path}: no caption column {cfg.caption_col!r} (columns: {', '.join(columns)}); "
                           "pass --caption-col NAME, or --no-score to download without CLIP filtering")
+    elif cfg.caption_col not in (None, _DEFAULT_CAPTION_COL):
+        # Named by the user (a typo, the wrong case): without it every sample's .txt would be empty,
+        # silently. The default name may be absent: a URL list without captions, --no-score.
+        raise ConfigError(f"{path}: no caption column {cfg.caption_col!r} (columns: {', '.join(columns)}); "
+                          "pass --caption-col NAME, or leave it out to download without captions")
     else:
         caption = pl.lit(None, dtype=pl.String)
         text_columns = (cfg.url_col,)

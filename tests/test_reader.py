@@ -401,3 +401,20 @@ def test_gzipped_text_inputs_are_read(tmp_path, served_images):
     (tmp_path / "in.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
     result = _cli(str(tmp_path / "in.parquet.gz"), "-o", str(tmp_path / "out-pq"))
     assert result.exit_code == 2 and "'.parquet.gz'" in result.output, result.output
+
+
+def test_a_caption_column_named_but_absent_is_refused_also_without_scoring(tmp_path, served_images):
+    """--no-score --caption-col Caption on a file whose column is "caption" wrote every sample
+    with an empty .txt, exit 0: a typo lost all captions silently. The default name may still be
+    absent (a URL list without captions)."""
+    path = tmp_path / "in.csv"
+    path.write_text(f"url,caption\n{served_images.url('0.jpg')},a cat\n")
+    result = _cli(str(path), "-o", str(tmp_path / "out"), "--caption-col", "Caption")
+    assert result.exit_code == 2, result.output
+    assert "in.csv: no caption column 'Caption' (columns: url, caption)" in result.output
+    assert not (tmp_path / "out").exists()
+    bare = tmp_path / "urls.csv"
+    bare.write_text(f"url\n{served_images.url('0.jpg')}\n")
+    result = _cli(str(bare), "-o", str(tmp_path / "out-bare"))
+    assert result.exit_code == 0, result.output
+    assert _outcomes(tmp_path / "out-bare")[1] == ["kept"]
