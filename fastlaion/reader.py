@@ -104,6 +104,9 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read as {fmt.value}: {first_line(e)}") from None
         return Input(path, fmt, None)
+    if not path.is_file():  # `run <(cat urls.csv)`: Polars said "No such device (os error 19)"
+        raise ConfigError(f"{path}: not a regular file (a pipe?): a {fmt.value} input is read more than once "
+                          "(its columns checked, then its rows); save it to a file first (a txt input may be a pipe)")
     try:
         table = _scan(path, fmt)
         schema = table.collect_schema()

@@ -418,3 +418,26 @@ def test_a_caption_column_named_but_absent_is_refused_also_without_scoring(tmp_p
     result = _cli(str(bare), "-o", str(tmp_path / "out-bare"))
     assert result.exit_code == 0, result.output
     assert _outcomes(tmp_path / "out-bare")[1] == ["kept"]
+
+
+def test_a_tabular_input_from_a_pipe_is_refused_clearly(tmp_path):
+    """`run <(cat urls.csv) --input-format csv` said "/dev/fd/63: cannot read as csv: No such
+    device (os error 19)": a csv/tsv/jsonl/parquet is read twice (its columns, then its rows),
+    which a pipe cannot give. A txt input may still be a pipe."""
+    import os
+
+    for fmt, text in (("csv", "url,caption\nhttp://127.0.0.1:1/a.jpg,a\n"), ("txt", "http://127.0.0.1:1/a.jpg\n")):
+        read_end, write_end = os.pipe()
+        os.write(write_end, text.encode())
+        os.close(write_end)
+        try:
+            result = _cli(f"/dev/fd/{read_end}", "--input-format", fmt, "-o", str(tmp_path / fmt))
+        finally:
+            os.close(read_end)
+        if fmt == "csv":
+            assert result.exit_code == 2, result.output
+            assert f"/dev/fd/{read_end}: not a regular file (a pipe?)" in result.output
+            assert "save it to a file first" in result.output and not (tmp_path / fmt).exists()
+        else:
+            assert result.exit_code == 0, result.output
+            assert _outcomes(tmp_path / fmt)[0] == ["http://127.0.0.1:1/a.jpg"]
