@@ -193,16 +193,18 @@ def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed
 def _run_locked(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack, held: ExitStack, fresh: bool) -> RunSummary:
     extracted = needs_extraction(cfg.input)
+    blank_lines_are_rows = False  # (candidates are Parquet)
     if extracted:
         inputs = open_inputs(extract_candidates(cfg, out, progress, held, fresh), need_captions=cfg.score.enabled)
         fresh = False  # the candidates are kept: a rerun reuses them
     else:  # every problem with the inputs is told before the output folder is touched
         inputs = open_inputs(cfg.input, need_captions=cfg.score.enabled)
-        prepare_output(out, cfg, held)
+        blank_lines_are_rows = prepare_output(out, cfg, held) < INPUT_BUILD
     rows_dir = out / PARTIAL_DIR / ROWS_DIR
     try:
         try:
-            rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input)
+            rows = write_rows(inputs, rows_dir, cfg.input.max_caption_chars, progress.reading_input,
+                              blank_lines_are_rows=blank_lines_are_rows)
             if not rows.height and not extracted:  # a header only, or an empty file
                 paths = cfg.input.paths
                 raise ConfigError(f"the input{'s have' if len(paths) > 1 else ' has'} no rows: {', '.join(paths)}; "
@@ -591,17 +593,19 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
                                caption_col="caption", crawl=None)
 
 
-def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
+def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     """Create the output folder and lock it in `held` for this run, or check that the run already
     in it used the same settings and the same input files. A run there that finished no shard
     (it stopped while loading a model, say) holds nothing to keep: other settings or changed
-    inputs start over."""
+    inputs start over. Returns the INPUT_BUILD its shards' rows were read with: a run resumed
+    reads its inputs as the fastlaion that began it did."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
     held.enter_context(output_lock(out))
     saved = out / CONFIG_FILE
     files = input_files(cfg.input.paths)
+    build = INPUT_BUILD
     if saved.exists():
         try:
             before = json.loads(saved.read_text())
@@ -625,21 +629,29 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> None:
                                   "with nn.GELU, not the QuickGELU its weights were trained with: this version "
                                   "computes other embeddings and similarities, and resuming would mix the two; "
                                   "start over in another output folder")
+            saved_build = before.get(INPUT_BUILD_KEY, 1)
+            build = saved_build if isinstance(saved_build, int) else 1
         elif diffs or changed:
             log.warning("%s: the run there finished no shard; starting over with %s", out,
                         "these settings" if diffs else f"the changed input {changed[0]}")
             (out / SUMMARY_FILE).unlink(missing_ok=True)  # of the run given up (its failed shards, say)
             if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
-    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, MODEL_BUILD_KEY: MODEL_BUILD}, indent=2))
+    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, MODEL_BUILD_KEY: MODEL_BUILD,
+                                 INPUT_BUILD_KEY: build}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",
                  shard_name(shard))
+    return build
 
 
 HINT_MIN_ROWS = 10  # RunSummary._download_hints: no hint from fewer failed rows than this
 INPUT_FILES_KEY = "input_files"  # in config.json: each local input file's input_mark
+# In config.json: how its run reads its inputs into rows. 1 (none saved): a csv/tsv file's blank
+# lines were rows of no URL; 2: they are no rows (as for pandas, pyarrow, Python's csv).
+INPUT_BUILD_KEY = "input_build"
+INPUT_BUILD = 2
 MARK_BYTES = 1 << 16
 
 

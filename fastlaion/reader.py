@@ -2,7 +2,8 @@
 Arrow IPC files from which each shard reads its own rows.
 
 Columns follow img2dataset's meaning: `--url-col` names the image URL, `--caption-col` the alt
-text. Every input row becomes exactly one output row (blank lines of a txt file are not rows).
+text. Every input row becomes exactly one output row (blank lines of a txt, csv or tsv file are
+not rows, as for Python's csv module, pandas and pyarrow, which img2dataset reads with).
 Captions are cleaned here, as LAION did at extraction: control characters removed and text cut
 to `max_caption_chars`; the counts of both edits are reported per shard.
 
@@ -18,14 +19,18 @@ level off (at a few hundred MB on two cores) instead of growing with the input.
 
 from __future__ import annotations
 
+import csv
 import glob
+import gzip
+import io
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
+import orjson
 import polars as pl
 
 from .config import ConfigError, InputConfig, InputFormat, first_line
@@ -45,25 +50,37 @@ TXT_BLOCK_CHARS = 8 << 20
 # Where str.splitlines ends a line: a txt block ending in one of these ends its last line.
 _LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 _ROWS_COMPRESSION = "zstd"
+# An input's column that says the row is a blank line (csv/tsv), dropped before the rows are written.
+_BLANK = "__fastlaion_blank"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 _Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
+_DEFAULT_CAPTION_COL = InputConfig.caption_col
 
 
 def detect_format(path: Path, declared: InputFormat) -> InputFormat:
+    """The format named by `declared`, else by the file's extension; a gzipped text format's
+    (urls.csv.gz, img2dataset's tsv.gz) by the extension before .gz."""
     if declared is not InputFormat.auto:
         return declared
-    fmt = _EXTENSIONS.get(path.suffix.lower())
-    if fmt is None:
+    suffix = path.suffix.lower()
+    gzipped = suffix == ".gz"
+    if gzipped:
+        suffix = Path(path.stem).suffix.lower()
+    fmt = _EXTENSIONS.get(suffix)
+    if fmt is None or (gzipped and fmt is InputFormat.parquet):
         known = ", ".join(sorted(_EXTENSIONS))
         raise ConfigError(f"{path}: cannot tell the input format from the extension "
-                          f"{path.suffix or '(none)'!r}; use one of {known} or pass --input-format")
+                          f"{''.join(path.suffixes[-2:]) if gzipped else path.suffix or '(none)'!r}; use one of "
+                          f"{known} (the text ones also gzipped: .csv.gz, ...) or pass --input-format")
     return fmt
 
 
 @dataclass(frozen=True)
 class Input:
     """One input file, checked. `table`: a lazy query of its `url` and `caption` (String, the
-    caption null without a caption column); None for a txt file, which is read by lines."""
+    caption null without a caption column), and for a csv/tsv whether the row is a blank line
+    (`_BLANK`); None for a txt file, which is read by lines."""
 
     path: Path
     fmt: InputFormat
@@ -87,11 +104,14 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read as {fmt.value}: {first_line(e)}") from None
         return Input(path, fmt, None)
+    if not path.is_file():  # `run <(cat urls.csv)`: Polars said "No such device (os error 19)"
+        raise ConfigError(f"{path}: not a regular file (a pipe?): a {fmt.value} input is read more than once "
+                          "(its columns checked, then its rows); save it to a file first (a txt input may be a pipe)")
     try:
         table = _scan(path, fmt)
         schema = table.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read as {fmt.value}: {first_line(e)}") from None
+        raise _unreadable(path, fmt, e) from None
     columns = schema.names()
     if cfg.url_col not in columns:
         raise ConfigError(f"{path}: no URL column {cfg.url_col!r} (columns: {', '.join(columns) or 'none'}); "
@@ -102,6 +122,11 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
     elif need_captions:
         raise ConfigError(f"{path}: no caption column {cfg.caption_col!r} (columns: {', '.join(columns)}); "
                           "pass --caption-col NAME, or --no-score to download without CLIP filtering")
+    elif cfg.caption_col not in (None, _DEFAULT_CAPTION_COL):
+        # Named by the user (a typo, the wrong case): without it every sample's .txt would be empty,
+        # silently. The default name may be absent: a URL list without captions, --no-score.
+        raise ConfigError(f"{path}: no caption column {cfg.caption_col!r} (columns: {', '.join(columns)}); "
+                          "pass --caption-col NAME, or leave it out to download without captions")
     else:
         caption = pl.lit(None, dtype=pl.String)
         text_columns = (cfg.url_col,)
@@ -109,7 +134,12 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         if schema[name].is_nested():
             raise ConfigError(f"{path}: cannot read columns {cfg.url_col!r}/{cfg.caption_col!r} as text: "
                               f"{name!r} holds {schema[name]}")
-    return Input(path, fmt, table.select(pl.col(cfg.url_col).cast(pl.String).alias("url"), caption.alias("caption")))
+    columns = [pl.col(cfg.url_col).cast(pl.String).alias("url"), caption.alias("caption")]
+    if fmt in (InputFormat.csv, InputFormat.tsv):
+        # A blank line reads as a row of nulls (Polars keeps it), as does a line of separators
+        # only: no row of the file, flagged (write_rows drops it). A row with data in any column is kept.
+        columns.append(pl.all_horizontal(pl.all().is_null()).alias(_BLANK))
+    return Input(path, fmt, table.select(columns))
 
 
 def open_inputs(cfg: InputConfig, need_captions: bool) -> list[Input]:
@@ -155,9 +185,11 @@ class InputRows:
 
 
 def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
-               on_rows: Callable[[int], None] | None = None) -> InputRows:
+               on_rows: Callable[[int], None] | None = None, *, blank_lines_are_rows: bool = False) -> InputRows:
     """Pass every input's rows, captions cleaned, into IPC files under `folder` (created);
     `on_rows(n)` is told each time n more rows are written (a progress bar's feed).
+    `blank_lines_are_rows`: a csv/tsv file's blank lines are rows (of no URL), as fastlaion before
+    INPUT_BUILD 2 read them; a run it began is resumed so, or its shards' rows would shift.
 
     An input that turns out unreadable past its schema (a broken row, text that is not UTF-8,
     a column that cannot be read as text) raises `ConfigError` naming it; nothing has been
@@ -187,11 +219,15 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                 for urls in _txt_blocks(inp.path):
                     add(pl.DataFrame({"url": urls}, schema={"url": pl.String})
                         .with_columns(no_text.alias("caption"), no_text.alias("caption_edit")))
-            elif inp.fmt is InputFormat.parquet:
+                continue
+            table = inp.table
+            if _BLANK in table.collect_schema():
+                table = (table if blank_lines_are_rows else table.filter(~pl.col(_BLANK))).drop(_BLANK)
+            if inp.fmt is InputFormat.parquet:
                 # Cleaned lazily: Polars computes what the caption and its edit share once. Sliced
                 # until a short slice, not up to a row count: Polars 1.x counts this query by
                 # reading every row.
-                cleaned = clean_captions(inp.table, max_caption_chars)
+                cleaned = clean_captions(table, max_caption_chars)
                 for offset in itertools.count(0, SLICE_ROWS):
                     rows = cleaned.slice(offset, SLICE_ROWS).collect()
                     if rows.height:
@@ -200,28 +236,105 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                         break
             else:
                 part = next_part()
-                _sink_ipc(clean_captions(inp.table, max_caption_chars), part)
+                _sink_ipc(clean_captions(table, max_caption_chars), part)
                 counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
-            raise ConfigError(f"{inp.path}: cannot read as {inp.fmt.value}: {first_line(e)}") from None
+            raise _unreadable(inp.path, inp.fmt, e) from None
     return InputRows(tuple(parts), tuple(heights))
+
+
+def _decompressed(raw: io.BufferedReader) -> BinaryIO:
+    """A file's bytes, gunzipped when it is gzip's (a urls.txt.gz; Polars decompresses the
+    csv/tsv/jsonl it reads itself). Closing it leaves `raw` open."""
+    if raw.peek(2)[:2] == _GZIP_MAGIC:  # peeked, not read: a pipe (`run <(cat urls.gz)`) cannot seek back
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
 
 
 def _txt_blocks(path: Path) -> Iterator[list[str]]:
     """A txt file's URLs, a block of text at a time: one per line that is not blank, stripped
-    (the lines of `str.splitlines`, bytes that are not UTF-8 replaced)."""
+    (the lines of `str.splitlines`, bytes that are not UTF-8 replaced), gunzipped if gzip's."""
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with path.open("rb") as raw, io.TextIOWrapper(_decompressed(raw), encoding="utf-8", errors="replace") as f:
             carry = ""  # the start of a line that goes on in the next block
             while block := f.read(TXT_BLOCK_CHARS):
                 lines = (carry + block).splitlines()
                 carry = "" if block[-1] in _LINE_BREAKS else lines.pop()
                 if urls := [url for url in map(str.strip, lines) if url]:
                     yield urls
-    except OSError as e:
+    except (OSError, EOFError) as e:  # EOFError: a gzip file cut short
         raise ConfigError(f"{path}: cannot read as txt: {first_line(e)}") from None
     if carry.strip():
         yield [carry.strip()]
+
+
+def _unreadable(path: Path, fmt: InputFormat, error: Exception) -> ConfigError:
+    """The one-line error for an input Polars could not read: for a csv/tsv/jsonl, the line
+    where it goes wrong (Polars names none, or a character offset within a buffer: "Syntax at
+    character 0" for a jsonl's broken line 15,001)."""
+    where = _first_bad_line(path, fmt) if fmt in (InputFormat.csv, InputFormat.tsv, InputFormat.jsonl) else None
+    return ConfigError(f"{path}: cannot read as {fmt.value}: {where or first_line(error)}")
+
+
+def _first_bad_line(path: Path, fmt: InputFormat) -> str | None:
+    """Where a csv/tsv/jsonl file stops being readable, as "line N: what", read again with
+    Python's parsers (only after Polars failed: one more pass over the file); None where they
+    find nothing wrong (then Polars' own message is the best there is)."""
+    try:
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            if fmt is InputFormat.jsonl:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            value = orjson.loads(line)
+                        except orjson.JSONDecodeError as e:
+                            return f"line {n}, column {e.colno}: not JSON ({e.msg})"
+                        if not isinstance(value, dict):
+                            return f"line {n}: not a JSON object but {type(value).__name__}"
+                return None
+            return _first_bad_csv_line(_utf8_lines(f), "," if fmt is InputFormat.csv else "\t")
+    except _NotUtf8 as e:
+        return f"line {e.line}: not UTF-8 text"
+    except (OSError, EOFError, ValueError):
+        return None
+
+
+def _first_bad_csv_line(lines: Iterator[str], separator: str) -> str | None:
+    limit = csv.field_size_limit(1 << 62)  # a quote never closed reads to the end, not to 128 KiB
+    try:
+        rows = csv.reader(lines, delimiter=separator, strict=True)
+        width = 0
+        while True:
+            start = rows.line_num + 1  # a quoted field may go on over several lines
+            try:
+                row = next(rows, None)
+            except csv.Error as e:
+                if "unexpected end of data" in str(e):
+                    return f"line {start}: a quoted field starts here and never ends"
+                # "a tab expected after '\"'", not a quoted tab, which shows as spaces
+                named = "a tab" if separator == "\t" else "a comma"
+                return f"line {start}: {str(e).replace(chr(39) + separator + chr(39), named)}"
+            if row is None:
+                return None
+            if width and len(row) > width:
+                return f"line {start}: {len(row)} fields, the header has {width}"
+            width = width or len(row)
+    finally:
+        csv.field_size_limit(limit)
+
+
+class _NotUtf8(ValueError):
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
+def _utf8_lines(f: BinaryIO) -> Iterator[str]:
+    for n, line in enumerate(f, 1):
+        try:
+            yield line.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise _NotUtf8(n) from None
 
 
 def _sink_ipc(table: pl.LazyFrame, path: str) -> None:

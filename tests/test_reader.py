@@ -273,3 +273,171 @@ def test_rows_written_are_reported_as_they_go(tmp_path, monkeypatch):
     run(RunConfig(input=cfg, output_dir=str(tmp_path / "out"), score=ScoreConfig(enabled=False),
                   download=DownloadConfig(retries=0, timeout_s=2, allow_private_networks=True)), Recorder())
     assert events == [("read", 4), ("read", 4), ("read", 2), ("start", 10)]
+
+
+# --- a user's files through `fastlaion run`, against a loopback server --------------------------
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from fastlaion.cli import app
+
+    return CliRunner().invoke(app, ["run", *args, "--allow-private-networks", "--no-score", "--no-progress",
+                                    "--retries", "0", "--timeout", "5"])
+
+
+@pytest.fixture(scope="module")
+def served_images(photos):
+    from helpers import encode
+
+    from fastlaion.server import LoopbackServer, Served
+
+    names = list(photos)
+    files = {f"{i}.jpg": Served(encode(photos[names[i % len(names)]][: 240 + 10 * i]), "image/jpeg") for i in range(4)}
+    with LoopbackServer(files) as server:
+        yield server
+
+
+def _outcomes(out):
+    t = pl.concat([pl.read_parquet(p) for p in sorted(out.glob("[0-9]*.parquet"))])
+    return t["url"].to_list(), t["status"].to_list(), json.loads((out / "summary.json").read_text())["funnel"]
+
+
+def test_blank_lines_of_a_csv_or_tsv_are_no_rows(tmp_path, served_images):
+    """An editor's blank line in the middle and at the end of a csv were rows of no URL: the
+    funnel counted 5 inputs, 3 of them invalid_url, for a file of 2 rows (pandas, pyarrow and
+    Python's csv skip them). A line of separators only holds no row either."""
+    urls = [served_images.url("0.jpg"), served_images.url("1.jpg")]
+    for sep, ext in ((",", "csv"), ("\t", "tsv")):
+        path = tmp_path / f"in.{ext}"
+        path.write_text(f"url{sep}caption\r\n{urls[0]}{sep}a cat\r\n\r\n{sep}\r\n{urls[1]}{sep}\r\n\r\n")
+        out = tmp_path / f"out-{ext}"
+        result = _cli(str(path), "-o", str(out))
+        assert result.exit_code == 0, result.output
+        got, status, funnel = _outcomes(out)
+        assert got == urls and status == ["kept", "kept"]
+        assert funnel["input"] == 2 and funnel["drops"]["download"] == {}
+
+
+def test_a_run_begun_by_a_fastlaion_that_read_blank_lines_as_rows_resumes_reading_them_so(tmp_path, served_images):
+    """Its finished shards hold rows counted with the blank lines: a resume that skipped them
+    would shift every later row by one, repeating one and losing another. config.json without
+    an input_build is such a run's (the current one writes 2)."""
+    a, b, c = (served_images.url(f"{i}.jpg") for i in range(3))
+    path = tmp_path / "in.csv"
+    path.write_text(f"url,caption\n{a},x\n\n{b},y\n{c},z\n")
+    out = tmp_path / "out"
+    assert _cli(str(path), "-o", str(out), "--shard-size", "2").exit_code == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("input_build") == 2
+    (out / "config.json").write_text(json.dumps(saved))
+    for f in out.glob("00001*"):  # the earlier run's last shard, not finished
+        f.unlink()
+    result = _cli(str(path), "-o", str(out), "--shard-size", "2")
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(out / "00001.parquet")["url"].to_list() == [b, c]  # rows 2-3 as it counted them
+    assert json.loads((out / "config.json").read_text())["input_build"] == 1  # and so on every later resume
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("broken.jsonl", "".join(json.dumps({"url": f"http://127.0.0.1:1/{i}.jpg"}) + "\n" for i in range(3000))
+     .replace('"http://127.0.0.1:1/2500.jpg"}', '"http://127.0.0.1:1/2500.jpg}'), "line 2501, column"),
+    ("cut.jsonl", '{"url": "http://127.0.0.1:1/a.jpg"}\n{"url": "http://127.0.0.1:1/b', "line 2, column"),
+    ("list.json", '[{"url": "http://127.0.0.1:1/a.jpg"}]\n', "line 1: not a JSON object but list"),
+    ("ragged.csv", "url,caption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg,c{i}\n" for i in range(3000))
+     .replace("/2000.jpg,c2000", "/2000.jpg,c,2000"), "line 2002: 3 fields, the header has 2"),
+    ("unclosed.csv", "url,caption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg,c{i}\n" for i in range(3000))
+     .replace("/2000.jpg,c2000", '/2000.jpg,"c2000'), "line 2002: a quoted field starts here and never ends"),
+    ("quoted.tsv", 'url\tcaption\nhttp://127.0.0.1:1/a.jpg\t"Best" photo ever\n', "line 2: a tab expected after"),
+])
+def test_a_broken_row_is_named_by_its_line(tmp_path, name, content, expected):
+    """Polars' own messages named no line ("Syntax at character 0" for a jsonl's line 2,501;
+    "found more fields than defined in 'Schema'"): in a file of millions of rows the user could
+    not find the row to fix. One line, the file and the line, exit 2, no output folder."""
+    path = tmp_path / name
+    path.write_text(content)
+    result = _cli(str(path), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert f"{name}: cannot read as" in result.output and expected in result.output, result.output
+    assert not (tmp_path / "out").exists()
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"url,caption\nhttp://127.0.0.1:1/a.jpg,ok\nhttp://127.0.0.1:1/b.jpg,caf\xe9\n")
+    assert "latin1.csv: cannot read as csv: line 3: not UTF-8 text" in _cli(str(latin1), "-o", str(tmp_path / "o")).output
+
+
+def test_gzipped_text_inputs_are_read(tmp_path, served_images):
+    """img2dataset reads tsv.gz: a urls.csv.gz was refused ("cannot tell the input format from
+    the extension '.gz'"), and a urls.txt.gz given --input-format txt, as that error advised,
+    became a dataset of its compressed bytes, every row invalid_url, exit 0."""
+    import gzip
+    import os
+
+    urls = [served_images.url(f"{i}.jpg") for i in range(3)]
+    texts = {"in.txt.gz": "\n".join(urls) + "\n",
+             "in.csv.gz": "url,caption\n" + "".join(f"{u},a photo\n" for u in urls),
+             "in.tsv.gz": "url\tcaption\n" + "".join(f"{u}\ta photo\n" for u in urls),
+             "in.jsonl.gz": "".join(json.dumps({"url": u, "caption": "a photo"}) + "\n" for u in urls)}
+    for name, text in texts.items():
+        (tmp_path / name).write_bytes(gzip.compress(text.encode()))
+        result = _cli(str(tmp_path / name), "-o", str(tmp_path / f"out-{name}"))
+        assert result.exit_code == 0, (name, result.output)
+        got, status, _ = _outcomes(tmp_path / f"out-{name}")
+        assert got == urls and status == ["kept"] * 3, name
+    (tmp_path / "gz.txt").write_bytes(gzip.compress(texts["in.txt.gz"].encode()))  # gzip's, whatever its name
+    result = _cli(str(tmp_path / "gz.txt"), "-o", str(tmp_path / "out-named"))
+    assert result.exit_code == 0 and _outcomes(tmp_path / "out-named")[0] == urls, result.output
+    read_end, write_end = os.pipe()  # `run <(cat urls.txt.gz) --input-format txt`: a pipe, which cannot seek
+    os.write(write_end, gzip.compress(texts["in.txt.gz"].encode()))
+    os.close(write_end)
+    try:
+        result = _cli(f"/dev/fd/{read_end}", "--input-format", "txt", "-o", str(tmp_path / "out-pipe"))
+    finally:
+        os.close(read_end)
+    assert result.exit_code == 0 and _outcomes(tmp_path / "out-pipe")[0] == urls, result.output
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(texts["in.txt.gz"].encode())[:-12])
+    result = _cli(str(tmp_path / "cut.txt.gz"), "-o", str(tmp_path / "out-cut"))
+    assert result.exit_code == 2 and "cut.txt.gz: cannot read as txt" in result.output, result.output
+    (tmp_path / "in.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    result = _cli(str(tmp_path / "in.parquet.gz"), "-o", str(tmp_path / "out-pq"))
+    assert result.exit_code == 2 and "'.parquet.gz'" in result.output, result.output
+
+
+def test_a_caption_column_named_but_absent_is_refused_also_without_scoring(tmp_path, served_images):
+    """--no-score --caption-col Caption on a file whose column is "caption" wrote every sample
+    with an empty .txt, exit 0: a typo lost all captions silently. The default name may still be
+    absent (a URL list without captions)."""
+    path = tmp_path / "in.csv"
+    path.write_text(f"url,caption\n{served_images.url('0.jpg')},a cat\n")
+    result = _cli(str(path), "-o", str(tmp_path / "out"), "--caption-col", "Caption")
+    assert result.exit_code == 2, result.output
+    assert "in.csv: no caption column 'Caption' (columns: url, caption)" in result.output
+    assert not (tmp_path / "out").exists()
+    bare = tmp_path / "urls.csv"
+    bare.write_text(f"url\n{served_images.url('0.jpg')}\n")
+    result = _cli(str(bare), "-o", str(tmp_path / "out-bare"))
+    assert result.exit_code == 0, result.output
+    assert _outcomes(tmp_path / "out-bare")[1] == ["kept"]
+
+
+def test_a_tabular_input_from_a_pipe_is_refused_clearly(tmp_path):
+    """`run <(cat urls.csv) --input-format csv` said "/dev/fd/63: cannot read as csv: No such
+    device (os error 19)": a csv/tsv/jsonl/parquet is read twice (its columns, then its rows),
+    which a pipe cannot give. A txt input may still be a pipe."""
+    import os
+
+    for fmt, text in (("csv", "url,caption\nhttp://127.0.0.1:1/a.jpg,a\n"), ("txt", "http://127.0.0.1:1/a.jpg\n")):
+        read_end, write_end = os.pipe()
+        os.write(write_end, text.encode())
+        os.close(write_end)
+        try:
+            result = _cli(f"/dev/fd/{read_end}", "--input-format", fmt, "-o", str(tmp_path / fmt))
+        finally:
+            os.close(read_end)
+        if fmt == "csv":
+            assert result.exit_code == 2, result.output
+            assert f"/dev/fd/{read_end}: not a regular file (a pipe?)" in result.output
+            assert "save it to a file first" in result.output and not (tmp_path / fmt).exists()
+        else:
+            assert result.exit_code == 0, result.output
+            assert _outcomes(tmp_path / fmt)[0] == ["http://127.0.0.1:1/a.jpg"]
