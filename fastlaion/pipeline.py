@@ -613,8 +613,19 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"{saved} is unreadable; remove it or choose another output folder") from None
         current = cfg.resume_key()
+        marks = before.get(INPUT_FILES_KEY, {})
+        if not isinstance(marks, dict):
+            marks = {}
+        was, now = previous["input"]["paths"], current["input"]["paths"]
+        if was != now and len(was) == len(now) and all(
+                a == b or marks.get(a) is not None and marks.get(a) == files.get(b) for a, b in zip(was, now)):
+            # The same files, spelled otherwise: the command rerun from another folder, a path made
+            # absolute, a file moved. Their marks (size and content) say they are what the run
+            # read; they were refused as "other settings".
+            previous["input"]["paths"] = now
+            marks = {b: marks[a] for a, b in zip(was, now) if a in marks}
         diffs = _differences(previous, current)
-        changed = [p for p, mark in files.items() if before.get(INPUT_FILES_KEY, {}).get(p, mark) != mark]
+        changed = [p for p, mark in files.items() if marks.get(p, mark) != mark]
         if any_finished(out):
             if diffs:
                 raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "

@@ -551,6 +551,36 @@ def test_an_input_file_changed_since_the_run_began_is_refused(tmp_path):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["input"] == 3  # untouched
 
 
+def test_a_rerun_naming_the_same_input_otherwise_resumes(tmp_path, monkeypatch):
+    """The same command rerun from another folder (a relative path there), an absolute path, the
+    input moved: the same file by its size and content, so the run resumes. The file changed
+    since is refused, as is another file of the same size (other rows) at another path."""
+    with LoopbackServer(_served_jpegs(4)) as server:
+        (tmp_path / "data").mkdir()
+        inp = tmp_path / "data" / "in.txt"
+        inp.write_text("\n".join(server.url(f"{i}.jpg") for i in range(3)) + "\n")
+        out = str(tmp_path / "o")
+        rest = ["-o", out, "--no-score", "--no-progress", "--allow-private-networks", "--shard-size", "2"]
+        monkeypatch.chdir(tmp_path / "data")
+        assert runner.invoke(app, ["run", "in.txt", *rest]).exit_code == 0
+        monkeypatch.chdir(tmp_path)
+        for spelled in ("data/in.txt", str(inp), "./data//in.txt"):
+            again = runner.invoke(app, ["run", spelled, *rest])
+            assert again.exit_code == 0 and "already complete" in again.output, (spelled, again.output)
+        moved = tmp_path / "moved.txt"
+        inp.rename(moved)
+        again = runner.invoke(app, ["run", str(moved), *rest])
+        assert again.exit_code == 0 and "already complete" in again.output, again.output
+        moved.write_text("\n".join(server.url(f"{i}.jpg") for i in range(4)) + "\n")  # a row more
+        changed = runner.invoke(app, ["run", str(moved), *rest])
+        assert changed.exit_code == 2 and f"input {moved} changed since the run" in changed.output, changed.output
+        inp.write_text("\n".join(server.url(f"{i}.jpg") for i in range(2, -1, -1)) + "\n")  # its rows reordered
+        other = runner.invoke(app, ["run", str(inp), *rest])
+        assert other.exit_code == 2 and "other settings" in other.output, other.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["input"] == 3
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["input"]["paths"] == [str(moved)]
+
+
 def test_a_finished_shard_whose_files_were_lost_or_cut_is_run_again(tmp_path):
     """Its stats file says a shard is finished, but its tar was deleted or its Parquet cut since:
     the rerun says so and writes that shard again; the intact one is skipped. Every row is there
