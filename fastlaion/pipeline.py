@@ -642,6 +642,10 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
                                   "start over in another output folder")
             saved_build = before.get(INPUT_BUILD_KEY, 1)
             build = saved_build if isinstance(saved_build, int) else 1
+            rules = _differences(_download_rules(before), _download_rules(cfg.to_dict()))
+            if rules:  # a resume may change them (a blocklist grown, robots.txt now respected), but say so
+                log.warning("%s: its finished shards were downloaded under other rules (%s); the shards left follow "
+                            "the new ones", out, "; ".join(rules[:4]))
         elif diffs or changed:
             log.warning("%s: the run there finished no shard; starting over with %s", out,
                         "these settings" if diffs else f"the changed input {changed[0]}")
@@ -689,6 +693,19 @@ def input_mark(path: Path) -> str:
             f.seek(max(MARK_BYTES, size - MARK_BYTES))
             digest.update(f.read(MARK_BYTES))
     return f"{size}:{digest.hexdigest()[:32]}"
+
+
+# The download settings that decide which rows a shard keeps (opt-outs, robots.txt, blocklists,
+# private networks, the byte cap): a resume may change them, with a warning (prepare_output).
+DOWNLOAD_RULES = ("opt_out_tags", "respect_robots", "url_blocklist", "image_blocklist", "allow_private_networks",
+                  "max_bytes")
+
+
+def _download_rules(saved: dict[str, Any]) -> dict[str, Any]:
+    download = saved.get("download")
+    if not isinstance(download, dict):
+        return {}
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in download.items() if k in DOWNLOAD_RULES}
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

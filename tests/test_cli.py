@@ -581,6 +581,26 @@ def test_a_rerun_naming_the_same_input_otherwise_resumes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "o" / "config.json").read_text())["input"]["paths"] == [str(moved)]
 
 
+def test_a_resume_under_other_download_rules_says_so(tmp_path):
+    """Opt-outs, robots.txt, blocklists decide which rows a shard keeps; a resume may change them
+    (a blocklist grown), but the finished shards were downloaded under the old ones: said in one
+    line. The same rules, or other speed settings, say nothing."""
+    with LoopbackServer(_served_jpegs(2)) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text(f"{server.url('0.jpg')}\n{server.url('1.jpg')}\n")
+        base = ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-progress", "--allow-private-networks"]
+        assert runner.invoke(app, base).exit_code == 0
+        same = runner.invoke(app, [*base, "--workers", "3"], env={"COLUMNS": "400"})
+        assert same.exit_code == 0 and "other rules" not in same.output, same.output
+        blocklist = tmp_path / "block.txt"
+        blocklist.write_text("")
+        other = runner.invoke(app, [*base, "--opt-out-tags", "noai", "--url-blocklist", str(blocklist)],
+                              env={"COLUMNS": "400"})
+    assert other.exit_code == 0 and "already complete" in other.output, other.output
+    assert "its finished shards were downloaded under other rules (opt_out_tags: was ['noai', 'noimageai', " \
+           "'noindex', 'noimageindex'], now ['noai']; url_blocklist: was None, now " in other.output, other.output
+
+
 def test_a_finished_shard_whose_files_were_lost_or_cut_is_run_again(tmp_path):
     """Its stats file says a shard is finished, but its tar was deleted or its Parquet cut since:
     the rerun says so and writes that shard again; the intact one is skipped. Every row is there
