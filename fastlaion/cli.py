@@ -178,6 +178,18 @@ def _ctrl_c_ignored_from_now() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _os_error_line(e: OSError) -> str:
+    """An OS error in one line: what and where; for a path through a file ("Not a directory:
+    out/sub", from `-o out/sub` where out is a file), which part of it is the file."""
+    line = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    if isinstance(e, NotADirectoryError) and e.filename:
+        path = Path(os.fsdecode(e.filename))
+        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            line = f"{path}: {blocking} is a file, not a folder"
+    return line
+
+
 @contextmanager
 def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
@@ -223,7 +235,7 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
     except OSError as e:
         with telling:
             bar.stop()
-            print_error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+            print_error(_os_error_line(e))
         raise typer.Exit(1) from None
     finally:
         _working -= 1

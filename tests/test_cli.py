@@ -581,6 +581,18 @@ def test_a_rerun_naming_the_same_input_otherwise_resumes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "o" / "config.json").read_text())["input"]["paths"] == [str(moved)]
 
 
+def test_an_output_path_through_a_file_names_the_file(tmp_path):
+    """`-o notes.txt/out`: the OS says "Not a directory: notes.txt/out"; the line names the part
+    that is a file. The run stops before any download (its input is never fetched)."""
+    (tmp_path / "notes.txt").write_text("a file\n")
+    inp = tmp_path / "in.txt"
+    inp.write_text("http://127.0.0.1:9/never.jpg\n")
+    out = tmp_path / "notes.txt" / "out" / "deeper"
+    result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+
+
 def test_a_resume_under_other_download_rules_says_so(tmp_path):
     """Opt-outs, robots.txt, blocklists decide which rows a shard keeps; a resume may change them
     (a blocklist grown), but the finished shards were downloaded under the old ones: said in one
