@@ -30,7 +30,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-import orjson
 import polars as pl
 
 from .config import ConfigError, InputConfig, InputFormat, first_line
@@ -280,6 +279,8 @@ def _first_bad_line(path: Path, fmt: InputFormat) -> str | None:
     """Where a csv/tsv/jsonl file stops being readable, as "line N: what", read again with
     Python's parsers (only after Polars failed: one more pass over the file); None where they
     find nothing wrong (then Polars' own message is the best there is)."""
+    import orjson  # only here, on a file Polars could not read
+
     try:
         with path.open("rb") as raw, _decompressed(raw) as f:
             if fmt is InputFormat.jsonl:
