@@ -486,6 +486,9 @@ def extract_cmd(
                             http_retries=http_retries, http_timeout_s=http_timeout,
                             page_opt_out_tags=tuple(t.strip().lower() for t in page_opt_out_tags.split(",") if t.strip()))
         cfg.validate()
+        if crawl is None and files != 1:  # else silently ignored
+            raise ConfigError(f"--files {files} reads that many of a crawl's WAT files: it needs --crawl ID "
+                              "(WAT/WARC files given as INPUT are all read)")
         sources = list(inputs or [])
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)

@@ -106,6 +106,9 @@ class InputConfig:
         if self.crawl is not None and not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", self.crawl):
             raise ConfigError(f"--crawl must look like CC-MAIN-2024-22, got {self.crawl!r}")
         at_least("--crawl-files", self.crawl_files, 1)
+        if self.crawl is None and self.crawl_files != 1:  # else silently one of the files given
+            raise ConfigError(f"--crawl-files {self.crawl_files} reads that many of a crawl's WAT files: it needs "
+                              "--crawl ID (WAT/WARC files given as INPUT are all read)")
         at_least("--shard-size", self.shard_size, 1)
         at_least("--max-caption-chars", self.max_caption_chars, 1)
 
@@ -429,6 +432,8 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
                      if k not in ("threads", "decoder", "stored_encoder", "exact_chroma", "hw_decoder_load")}
     key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision", "compile")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
+    if not key["input"].get("crawl"):  # nothing read by them (an earlier fastlaion took --crawl-files without --crawl)
+        key["input"] = {k: v for k, v in key["input"].items() if k not in ("crawl_files", "cc_base_url")}
     return key
 
 

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
+from fastlaion.config import InputConfig, RunConfig, resume_key
 from fastlaion.server import LoopbackServer, Served
 from helpers import encode
 
@@ -579,6 +580,25 @@ def test_a_rerun_naming_the_same_input_otherwise_resumes(tmp_path, monkeypatch):
         assert other.exit_code == 2 and "other settings" in other.output, other.output
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["input"] == 3
     assert json.loads((tmp_path / "o" / "config.json").read_text())["input"]["paths"] == [str(moved)]
+
+
+def test_crawl_files_without_a_crawl_is_refused_and_does_not_stop_a_resume(tmp_path):
+    """`--crawl-files 10` / extract's `--files 10` with WAT files given and no --crawl were
+    silently ignored (every file given is read): now one line. A run an earlier fastlaion began
+    with the option so still resumes without it: the option read nothing, so it is no setting."""
+    wat = tmp_path / "a.warc.wat.gz"
+    wat.write_bytes(b"")
+    run = runner.invoke(app, ["run", str(wat), "-o", str(tmp_path / "o"), "--crawl-files", "10", "--no-score"])
+    assert run.exit_code == 2
+    assert run.output.startswith("error: --crawl-files 10 reads that many of a crawl's WAT files: it needs --crawl ID")
+    extract = runner.invoke(app, ["extract", str(wat), "-o", str(tmp_path / "c"), "--files", "10", "--no-progress"])
+    assert extract.exit_code == 2 and extract.output.startswith("error: --files 10 reads that many"), extract.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    saved = RunConfig(output_dir=tmp_path / "o", input=InputConfig(paths=(str(wat),))).to_dict()
+    earlier = {**saved, "input": {**saved["input"], "crawl_files": 10, "cc_base_url": "https://example.org/"}}
+    assert resume_key(earlier) == resume_key(saved)
+    crawled = {**saved, "input": {**saved["input"], "crawl": "CC-MAIN-2024-22"}}
+    assert resume_key({**crawled, "input": {**crawled["input"], "crawl_files": 10}}) != resume_key(crawled)
 
 
 def test_an_output_path_through_a_file_names_the_file(tmp_path):
