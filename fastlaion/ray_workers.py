@@ -268,8 +268,6 @@ class RayWorkers(WorkerPool):
     """One actor per slot, fed from Ray queues."""
 
     def __init__(self, ray: Any, cfg: RunConfig, out: Path, rows: InputRows, slots: list[Slot]):
-        from ray.util.queue import Queue
-
         self.ray = ray
         # Absolute: an actor's working folder is Ray's, on a node of its own. Not resolved: a
         # symlink here (/data -> /mnt/nfs/data) may be the very path the other nodes mount.
@@ -278,9 +276,8 @@ class RayWorkers(WorkerPool):
         self.slots = slots
         self.devices = [slot.label for slot in slots]
         self.configs = [on_worker(cfg, slot.device, slot.threads) for slot in slots]
-        # The queues reserve no CPU: a cluster whose CPUs all go to workers still runs them.
-        self.tasks = Queue(actor_options={"num_cpus": 0})
-        self.results = _Results(Queue(actor_options={"num_cpus": 0}), ray)
+        self.tasks = _queue(ray)
+        self.results = _Results(_queue(ray), ray)
         self.actors: list[Any] = []
         self.runs: dict[Any, int] = {}  # each worker's serve_shards call -> the worker
 
@@ -364,6 +361,20 @@ class RayWorkers(WorkerPool):
                 q.shutdown(force=True)
             except self.ray.exceptions.RayError:  # already gone with its node
                 pass
+
+
+def _queue(ray: Any) -> Any:
+    """A Ray queue on this process's own node. Ray would put it on any node (a worker node about
+    half the time on a cluster of two): one node lost mid-run then took the queue, and with it
+    every worker's feed, ending the run with Ray's RPC error instead of the lost worker's name. Here
+    it goes only with the node the run goes with. It reserves no CPU: a cluster whose CPUs all go
+    to workers still runs it."""
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Queue(actor_options={"num_cpus": 0,
+                                "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)})
 
 
 class _Results:

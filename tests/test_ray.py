@@ -436,3 +436,168 @@ def test_ray_local_where_its_folder_cannot_be_made_is_one_line(tmp_path, monkeyp
     assert _refused(tmp_path, "--no-score", "--ray", "local") == [
         f"error: --ray local: cannot make its folder in {blocker / 'ray'} (RAY_TMPDIR): Not a directory"]
     assert not (tmp_path / "o").exists()
+
+
+# `ray start` of a second node refuses under Ray's one-machine switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+# and without it turns --address 127.0.0.1:PORT into the machine's network address: the node is
+# started with the switch on, that refusal alone lifted, so that every address stays 127.0.0.1.
+_START_NODE = """
+import sys, types
+import ray._private.ray_constants as constants
+import ray.scripts.scripts as scripts
+cli = types.ModuleType("ray_constants")
+cli.__dict__.update(vars(constants), ENABLE_RAY_CLUSTER=True)
+scripts.ray_constants = cli
+sys.argv[0] = "ray"
+scripts.main()
+"""
+
+
+def _stop(clusters) -> None:
+    pids = [pid for c in clusters for pid in c.processes()]
+    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if gone(pids, timeout=wait_s):
+            break
+    for c in clusters:
+        shutil.rmtree(c.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(ray_env):
+    """A head with 1 CPU and a second node with 2 CPUs, both on 127.0.0.1 (a user trying the
+    scale-out on one machine): (head, node), each with its own temp folder."""
+    port = _free_port()
+    head = Cluster(f"127.0.0.1:{port}", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
+    node = Cluster(head.address, Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
+    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
+    try:
+        # The head's health checks each second, a node dead after 3 missed (Ray's default: 3 s, 5):
+        # the lost node below is marked dead in seconds.
+        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        for argv in ([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
+                      "--num-cpus", "1", "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
+                      "--temp-dir", str(head.temp_dir), *common],
+                     [sys.executable, "-c", _START_NODE, "start", "--address", head.address, "--num-cpus", "2",
+                      "--temp-dir", str(node.temp_dir), *common]):
+            started = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
+            assert started.returncode == 0, started.stdout + started.stderr
+        yield head, node
+    finally:
+        _stop([head, node])
+
+
+def _actors_per_node(clusters, stop, seen) -> None:
+    """Until `stop`, which of `clusters` (nodes) each fastlaion actor runs on: {pid: node index}."""
+    while not stop.is_set():
+        for i, c in enumerate(clusters):
+            for pid in c.workers():
+                seen[pid] = i
+        time.sleep(0.05)
+
+
+def _nodes(address: str) -> list[dict]:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR")
+    try:
+        return [n for n in ray.nodes() if n["Alive"]]
+    finally:
+        ray.shutdown()
+
+
+def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_line(two_nodes, served, tmp_path,
+                                                                                  photos):
+    """Two nodes of one machine, both 127.0.0.1: the workers go to each node by its node id (not
+    its address), one per CPU of the cluster, and write what one process writes; the run's queues
+    stay on the driver's node, so that the second node killed mid-run ends the run with a worker's
+    name in one line, and the rerun, once Ray has marked that node dead, finishes on the head."""
+    import threading
+    from collections import Counter
+
+    import ray
+
+    from fastlaion.ray_workers import _queue
+
+    head, node = two_nodes
+    ray.init(address=head.address, logging_level="ERROR")
+    try:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        assert sorted((n["NodeManagerAddress"], n["Resources"]["CPU"]) for n in alive) == [("127.0.0.1", 1.0),
+                                                                                           ("127.0.0.1", 2.0)]
+        here = ray.get_runtime_context().get_node_id()
+        queues = [_queue(ray) for _ in range(5)]  # Ray alone put about half of them on the second node
+        where = ray.get([q.actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+                         for q in queues])
+        assert where == [here] * 5
+        for q in queues:
+            q.shutdown(force=True)
+    finally:
+        ray.shutdown()
+
+    inp, shared = served
+    one = _no_score(inp, tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    stop, seen = threading.Event(), {}
+    sampler = threading.Thread(target=_actors_per_node, args=(two_nodes, stop, seen))
+    sampler.start()
+    try:
+        t0 = time.monotonic()
+        on_ray = _no_score(inp, tmp_path / "ray", "--ray", head.address, "--processes", "0")
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        sampler.join()
+    assert on_ray.exit_code == 0, on_ray.output
+    assert sorted(Counter(seen.values()).items()) == [(0, 1), (1, 2)], (seen, took)  # each node's CPUs, one each
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["workers"] == ["ray:127.0.0.1:cpu"] * 3
+    a = read_output(tmp_path / "one").sort("key").drop(TIMING_COLUMNS)
+    b = read_output(tmp_path / "ray").sort("key").drop(TIMING_COLUMNS)
+    assert a.height == b.height == 15 and a.equals(b)
+    assert _tar_members(tmp_path / "one") == _tar_members(tmp_path / "ray")
+
+    # The second node lost mid-run (every process of it killed) once a shard is written.
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(24)}
+    with LoopbackServer(files, delay_s=0.5) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(24)))
+        out = tmp_path / "o"
+        args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
+                "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", head.address,
+                "--processes", "3"]
+        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not list(out.glob("*.tar")):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            assert len(node.workers()) == 2
+            _stop([node])
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 1, lines
+        assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
+        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
+        kept = [s for s in range(12) if is_complete(out, s)]
+        assert 1 <= len(kept) < 12
+
+        deadline = time.monotonic() + 60  # Ray marks a node dead once it has missed its health checks
+        while len(_nodes(head.address)) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output
+    frame = read_output(out)
+    assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(24))
+    assert (frame["status"] == "kept").all()
+    assert json.loads((out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 3
