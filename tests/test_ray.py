@@ -510,6 +510,7 @@ def _nodes(address: str) -> list[dict]:
         ray.shutdown()
 
 
+@pytest.mark.slow  # about 55 s on 2 cores (two nodes started, one lost, a rerun): `pytest -m slow tests/test_ray.py`
 def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_line(two_nodes, served, tmp_path,
                                                                                   photos):
     """Two nodes of one machine, both 127.0.0.1: the workers go to each node by its node id (not
