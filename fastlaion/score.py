@@ -592,9 +592,13 @@ class PrefixTextEncoder:
         where = (torch.arange(length)[None, :] < used[:, None]).flatten().nonzero().flatten()
         ids = tokens[:, :length].flatten()[where]
         last = torch.cumsum(used, 0) - 1  # each caption's end-of-text position among the packed ones
-        # one copy to the device (each copy from pageable memory waits for the stream's work)
-        where, ids, pos, last = torch.cat([where, ids.long(), where % length, last]).to(device).split(
-            [len(where)] * 3 + [n])
+        # One copy to the device, from pinned memory on CUDA: one from pageable memory would wait
+        # for the stream's work (the image tower, queued just before), and the GPU would then idle
+        # while this thread queued the text tower's kernels.
+        indices = torch.cat([where, ids.long(), where % length, last])
+        if device.type == "cuda":
+            indices = indices.pin_memory()
+        where, ids, pos, last = indices.to(device, non_blocking=True).split([len(where)] * 3 + [n])
         model = self.model
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(ids).to(cast_dtype) + model.positional_embedding[pos].to(cast_dtype)
