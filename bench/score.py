@@ -315,7 +315,7 @@ def packing_table(args: argparse.Namespace, device: torch.device, rounds: int) -
                 fn()
             order = list(ways)
             for r in range(rounds):
-                for way in order[r % 4:] + order[:r % 4]:
+                for way in order[r % len(order):] + order[:r % len(order)]:
                     _sync(device)
                     t0 = time.perf_counter()
                     ways[way]()

@@ -605,13 +605,7 @@ class PrefixTextEncoder:
         grid = x.new_zeros((n * length, 3 * x.shape[1]))  # pads stay zero: only `where` is written
         for block in model.transformer.resblocks:
             x = _packed_causal_block(block, x, grid, where, n, length)
-        x = model.ln_final(x[last])  # a layer norm is per position: the end tokens' alone
-        if model.text_projection is not None:
-            if isinstance(model.text_projection, torch.nn.Linear):
-                x = model.text_projection(x)
-            else:
-                x = x @ model.text_projection
-        return x
+        return self._project(model.ln_final(x[last]))  # a layer norm is per position: the end tokens' alone
 
     def pass_length(self, ends: torch.Tensor, lengths: Iterable[int]) -> int:
         """The positions one pass over captions ending at `ends` runs on: the first of `lengths`
@@ -631,13 +625,14 @@ class PrefixTextEncoder:
         else:
             x = model.transformer(x, attn_mask=model.attn_mask[:length, :length].contiguous())
         x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), ends]
-        if model.text_projection is not None:
-            if isinstance(model.text_projection, torch.nn.Linear):
-                x = model.text_projection(x)
-            else:
-                x = x @ model.text_projection
-        return x
+        return self._project(x[torch.arange(x.shape[0], device=x.device), ends])
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The end-of-text positions' features through the text projection, as encode_text's."""
+        projection = self.model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
 def _plain_causal_blocks(model: torch.nn.Module) -> bool:
@@ -668,8 +663,13 @@ def _causal_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
     a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    a = torch.nn.functional.linear(a.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight,
-                                   attn.out_proj.bias)
+    return _after_attention(block, x, a.transpose(1, 2).reshape(n, length, width))
+
+
+def _after_attention(block: torch.nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The rest of open_clip's ResidualAttentionBlock once its heads' outputs `a` are joined: the
+    out-projection, the residual, the MLP and its residual."""
+    a = torch.nn.functional.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
     x = x + block.ls_1(a)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -687,10 +687,7 @@ def _packed_causal_block(block: torch.nn.Module, x: torch.Tensor, grid: torch.Te
     grid.index_copy_(0, where, qkv)
     q, k, v = grid.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
     a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    a = a.transpose(1, 2).reshape(n * length, width).index_select(0, where)
-    a = torch.nn.functional.linear(a, attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(a)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return _after_attention(block, x, a.transpose(1, 2).reshape(n * length, width).index_select(0, where))
 
 
 class CachedClipTokenizer:

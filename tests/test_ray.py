@@ -156,6 +156,21 @@ def test_ray_actors_write_what_one_worker_writes_and_a_rerun_resumes(cluster, se
     assert read_output(tmp / "ray").sort("key").drop(TIMING_COLUMNS).equals(b)
 
 
+def _started_until_a_shard(args: list[str], out: Path) -> subprocess.Popen:
+    """`fastlaion ARGS --workers 1` started, returned once its first tar is in `out`: one
+    download at a time, each actor takes ~1 s a shard (the server's delay), so the run outlasts
+    what the test then does to it."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")):
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            proc.kill()
+            raise AssertionError(proc.communicate())
+        time.sleep(0.05)
+    return proc
+
+
 def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp_path, photos):
     """SIGKILL one of two actors once a shard is written: the run stops with the worker's name in
     one line, the shards written are kept, and the same command finishes the rest."""
@@ -168,14 +183,8 @@ def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp
         args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
                 "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", cluster.address,
                 "--processes", "2"]
-        # one download at a time: each actor takes ~1 s a shard, so the run outlasts the kill
-        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = _started_until_a_shard(args, out)
         try:
-            deadline = time.monotonic() + 60
-            while not list(out.glob("*.tar")):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.05)
             workers = cluster.workers()
             assert len(workers) == 2, workers
             os.kill(workers[0], signal.SIGKILL)
@@ -571,13 +580,8 @@ def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_li
         args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
                 "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", head.address,
                 "--processes", "3"]
-        proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = _started_until_a_shard(args, out)
         try:
-            deadline = time.monotonic() + 60
-            while not list(out.glob("*.tar")):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.05)
             assert len(node.workers()) == 2
             _stop([node])
             _, err = proc.communicate(timeout=60)

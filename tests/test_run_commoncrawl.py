@@ -6,6 +6,7 @@ their <img> links point to.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -44,6 +45,21 @@ def build(photos, server_url: str) -> dict[str, Served]:
     return files
 
 
+@contextlib.contextmanager
+def _served_wat(tmp_path, photos):
+    """The crawl of `build` served on loopback, and its second WAT file copied to
+    tmp_path/part.warc.wat.gz: (server, that path)."""
+    server = LoopbackServer().start()
+    try:
+        files = build(photos, server.base_url)
+        server.files.update(files)
+        wat = tmp_path / "part.warc.wat.gz"
+        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+        yield server, wat
+    finally:
+        server.close()
+
+
 def test_run_with_crawl_extracts_then_downloads(tmp_path, photos):
     server = LoopbackServer().start()
     try:
@@ -75,18 +91,11 @@ def test_run_with_crawl_extracts_then_downloads(tmp_path, photos):
 
 
 def test_run_with_local_wat_and_bad_mixes(tmp_path, photos):
-    server = LoopbackServer().start()
-    try:
-        files = build(photos, server.base_url)
-        server.files.update(files)
-        wat = tmp_path / "part.warc.wat.gz"
-        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+    with _served_wat(tmp_path, photos) as (server, wat):
         out = tmp_path / "out"
         result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"])
         assert result.exit_code == 0, result.output
         assert pl.read_parquet(out / "00000.parquet")["status"].to_list() == ["kept", "kept", "kept"]
-    finally:
-        server.close()
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
     mixed = runner.invoke(app, ["run", str(wat), str(tmp_path / "urls.txt"), "-o", str(tmp_path / "o2"), "--no-score"])
     assert mixed.exit_code == 2 and "cannot be mixed" in mixed.output
@@ -191,12 +200,7 @@ def test_a_rerun_extracts_again_when_a_candidates_file_was_deleted(tmp_path, pho
     the rerun read no candidates and said "funnel over 0 shard(s)" and that the extraction had
     found none, beside a finished shard of three kept samples. Now it warns, extracts the same
     candidates again, and finds the shard complete."""
-    server = LoopbackServer().start()
-    try:
-        files = build(photos, server.base_url)
-        server.files.update(files)
-        wat = tmp_path / "part.warc.wat.gz"
-        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+    with _served_wat(tmp_path, photos) as (server, wat):
         out = tmp_path / "out"
         args = ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score", "--no-progress"]
         assert runner.invoke(app, args).exit_code == 0
@@ -209,8 +213,6 @@ def test_a_rerun_extracts_again_when_a_candidates_file_was_deleted(tmp_path, pho
         assert "funnel over 1 shard(s)" in again.output and "already complete" in again.output
         assert "found none" not in again.output
         assert pl.read_parquet(candidates).equals(first)
-    finally:
-        server.close()
 
 
 def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_path, photos):
@@ -218,12 +220,7 @@ def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_pat
     characters too (its one limit is for URL and caption), and every download failed, where the
     same option on a URL list cuts the captions only. Now the URLs stay whole, the images are
     downloaded, and the captions are cut to 8 characters."""
-    server = LoopbackServer().start()
-    try:
-        files = build(photos, server.base_url)
-        server.files.update(files)
-        wat = tmp_path / "part.warc.wat.gz"
-        wat.write_bytes(files[f"crawl-data/{CRAWL}/segments/1/wat/part-1.warc.wat.gz"].body)
+    with _served_wat(tmp_path, photos) as (server, wat):
         out = tmp_path / "out"
         result = runner.invoke(app, ["run", str(wat), "-o", str(out), "--allow-private-networks", "--no-score",
                                      "--no-progress", "--max-caption-chars", "8"])
@@ -232,8 +229,6 @@ def test_max_caption_chars_cuts_the_captions_of_a_wat_not_its_image_urls(tmp_pat
         assert table["status"].to_list() == ["kept", "kept", "kept"]
         assert sorted(table["url"].to_list()) == sorted(server.url(f"img/{n}.jpg") for n in ("chelsea", "astronaut", "rocket"))
         assert sorted(table["caption"].to_list()) == ["a rocket", "a tabby ", "an astro"]
-    finally:
-        server.close()
 
 
 def test_run_accounts_for_the_extraction_in_one_line(tmp_path, photos):
