@@ -69,7 +69,10 @@ Skipped (damaged input; reading goes on with the next record):
     too_large           a record over `max_record_bytes` (skipped unread)
     truncated           the input ended inside a record (e.g. a gzip file cut short)
     corrupt_gzip        a gzip member that does not decompress (reading resumes at the next one)
-    read_error          the input could not be read further (retries spent); what came before is kept
+    read_error          the input could not be read further (retries spent); what came before is kept.
+                        One that cannot be opened at all (an http 404, every attempt failing)
+                        counts one, named in its `error`; the others are extracted. Only when
+                        no input can be opened does the extraction fail.
     invalid_json        a WAT record that mentions IMG@/src but is not valid JSON
     bad_http            a WARC response whose HTTP head or chunked/compressed body does not decode
 
@@ -169,6 +172,7 @@ class InputStats:
     reader: str = "python"  # "native": the compiled WAT path read (some of) it; "python": only the Python path
     written: int = 0  # rows in its Parquet: `pairs`, less the duplicates within it that its writer dropped
     unique_on: str | None = None  # the key those rows are unique on already (its writer dropped the duplicates)
+    error: str | None = None  # why it could not be opened at all (then nothing else was read of it)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -316,6 +320,7 @@ def _extract_locked(sources: list[str], out_dir: Path, cfg: ExtractConfig, progr
     progress.start(len(jobs))
     try:
         stats = _run_jobs(jobs, cfg, progress)
+        _check_any_opened(stats)
         files, after = _dedup_and_shard([j.part for j in jobs], partial, cfg, stats)
         summary = _summarise(out_dir, files, stats, after, cfg, time.perf_counter() - start)
         payload = {**summary.to_dict(), "config": cfg.to_dict()}
@@ -325,9 +330,20 @@ def _extract_locked(sources: list[str], out_dir: Path, cfg: ExtractConfig, progr
         progress.stop()
         shutil.rmtree(partial, ignore_errors=True)
     for st in stats:  # counted as skipped like other damage, and named: which of many inputs it was
-        if (why := st.not_warc()) is not None:
+        if st.error is not None:
+            log.warning("%s; its pairs are missing from this extraction (extract again to retry it)", st.error)
+        elif (why := st.not_warc()) is not None:
             log.warning("%s holds no WARC record (%s): not a WARC/WAT file?", st.source, why)
     return summary
+
+
+def _check_any_opened(stats: list[InputStats]) -> None:
+    """ConfigError when no input could be opened: a mistyped URL, a crawl's files all missing.
+    Nothing is written then, as before inputs that fail alone were extracted around."""
+    errors = [s.error for s in stats if s.error is not None]
+    if errors and len(errors) == len(stats):
+        more = f" (and {len(errors) - 1:,} more input(s) that could not be read)" if len(errors) > 1 else ""
+        raise ConfigError(errors[0] + more)
 
 
 def _commit(partial: Path, out_dir: Path, files: list[str], written: Callable[[Path], None] | None) -> None:
@@ -354,7 +370,16 @@ def extract_file(source: str, part_path: Path, cfg: ExtractConfig,
     (`_PairWriter.files([part_path])`; none when no pair is found)."""
     stats = InputStats(source)
     t0 = time.perf_counter()
-    with _open_source(source, cfg) as stream, _PairWriter(part_path, cfg.dedup) as writer:
+    try:
+        opened = _open_source(source, cfg)
+    except ConfigError as e:  # one of many crawl files answering 404 loses that file, not the others
+        stats.error = str(e)
+        stats.skip("read_error")
+        if tick is not None:
+            tick(1, 0)
+        stats.elapsed_s = time.perf_counter() - t0
+        return stats
+    with opened as stream, _PairWriter(part_path, cfg.dedup) as writer:
         counted = _CountingReader(stream)
         rules = _LinkRules(cfg, stats, writer)
         splitter = _Splitter(stats, cfg.max_record_bytes, _RecordHandler(rules, stats).record)
@@ -632,8 +657,8 @@ class _StreamBroken(OSError):
 
 class _HttpReader:
     """A streamed http(s) GET that resumes after a broken connection (Range request, or skipping
-    what was already read when the server ignores Range). Fatal (ConfigError) only on the first
-    open: a 4xx, or every attempt failing."""
+    what was already read when the server ignores Range). ConfigError only on the first open (a
+    4xx, or every attempt failing): `extract_file` counts that input a `read_error`."""
 
     def __init__(self, url: str, cfg: ExtractConfig):
         self.url = url

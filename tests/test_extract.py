@@ -570,6 +570,40 @@ def test_unreadable_inputs_are_fatal_with_a_clear_message(tmp_path):
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_input_that_cannot_be_opened_loses_itself_not_the_others(tmp_path, processes):
+    """One of three inputs answers 404 (a crawl file gone, a mistyped URL among many): the two
+    others are extracted, the 404 is counted (read_error) and named in extract_stats.json and in a
+    warning. It used to stop the whole extraction, losing every other file's work."""
+    good = {f"w{i}.wat.gz": gz([wat_record(f"https://w{i}.example/", [img("/a.jpg", f"Picture number {i}")])])
+            for i in range(2)}
+    for name, body in good.items():
+        (tmp_path / name).write_bytes(body)
+    out = tmp_path / "o"
+    with LoopbackServer({}) as server:
+        missing = server.url("gone.wat.gz")
+        result = runner.invoke(app, ["extract", str(tmp_path / "w0.wat.gz"), missing, str(tmp_path / "w1.wat.gz"),
+                                     "-o", str(out), "--no-progress", "--processes", str(processes)],
+                               terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert f"cannot read {missing}: HTTP 404" in result.output and "extract again to retry it" in result.output
+    assert "skipped 1 (read_error 1)" in result.output
+    assert sorted(pairs(pl.read_parquet(out / "candidates-00000.parquet"))) == [
+        ("https://w0.example/a.jpg", "Picture number 0"), ("https://w1.example/a.jpg", "Picture number 1")]
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert [i["error"] for i in stats["inputs"]] == [None, f"cannot read {missing}: HTTP 404 Not Found", None]
+    assert stats["inputs"][1]["skipped"]["read_error"] == 1 and stats["records"] == 3
+
+
+def test_when_no_input_can_be_opened_the_extraction_fails_in_one_line(tmp_path):
+    with LoopbackServer({}) as server:
+        urls = [server.url(f"gone-{i}.wat.gz") for i in range(3)]
+        with pytest.raises(ConfigError, match=r"^cannot read .*gone-0\.wat\.gz: HTTP 404 Not Found "
+                                              r"\(and 2 more input\(s\) that could not be read\)$"):
+            extract_to_parquet(urls, tmp_path / "o", ExtractConfig(processes=2, http_backoff_s=0.0))
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Remote inputs over loopback: http(s) streaming with resume, Common Crawl's listing
 

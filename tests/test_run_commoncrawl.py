@@ -167,8 +167,8 @@ def test_run_on_wat_leaves_out_pages_that_opt_out_as_its_opt_out_tags_say(tmp_pa
 
 
 def test_a_crawl_that_cannot_be_read_leaves_no_output_folder(tmp_path):
-    """`fastlaion run --crawl` into a new folder, where the crawl's listing or one of its WAT files
-    answers 404: the folder used to be left behind with a config.json (and an empty candidates/),
+    """`fastlaion run --crawl` into a new folder, where the crawl's listing or all of its WAT files
+    answer 404 (one file alone is extracted around: test_extract): the folder used to be left behind with a config.json (and an empty candidates/),
     and the corrected command into it then warned about "the run there", which had never begun.
     Now the folder goes, as it does for a URL list that cannot be read, and the rerun says nothing
     but its own results."""
@@ -177,6 +177,8 @@ def test_a_crawl_that_cannot_be_read_leaves_no_output_folder(tmp_path):
         paths = [f"crawl-data/{CRAWL}/segments/1/wat/part-{i}.warc.wat.gz" for i in range(2)]
         server.files[f"crawl-data/{CRAWL}/wat.paths.gz"] = Served(gzip.compress("\n".join(paths).encode()))
         server.files[paths[0]] = Served(gz([wat_request_record(f"{server.base_url}/p")]))  # paths[1]: 404
+        gone = [f"crawl-data/CC-MAIN-2024-24/segments/1/wat/part-{i}.warc.wat.gz" for i in range(2)]
+        server.files["crawl-data/CC-MAIN-2024-24/wat.paths.gz"] = Served(gzip.compress("\n".join(gone).encode()))
         out = tmp_path / "out"
 
         def run(crawl: str, files: int):
@@ -184,7 +186,7 @@ def test_a_crawl_that_cannot_be_read_leaves_no_output_folder(tmp_path):
                                        "--cc-base-url", server.base_url + "/", "--no-score", "--no-progress"],
                                  terminal_width=400)
 
-        for crawl, files in (("CC-MAIN-2024-23", 1), (CRAWL, 2)):  # no listing; a listed file missing
+        for crawl, files in (("CC-MAIN-2024-23", 1), ("CC-MAIN-2024-24", 2)):  # no listing; its files all missing
             result = run(crawl, files)
             assert result.exit_code == 2 and "HTTP 404" in result.output, result.output
             assert not out.exists()
