@@ -159,16 +159,18 @@ def test_a_random_weights_run_finds_its_own_images_and_says_what_it_cannot(photo
     assert result.exit_code == 0, result.output
     keys, emb = kept_embeddings(out)
     assert len(keys) == len(photos)
-    for i, name in enumerate(names):
-        query = tmp_path / f"{name}.png"
-        Image.fromarray(photos[name]).save(query)
-        found = run_cli(["search", str(out), "--image", str(query), "-k", "1", "--device", "cpu",
-                         "--json", str(tmp_path / "hits.json"), "--no-progress"])
-        assert found.returncode == 0, found.stderr
-        said = " ".join(found.stderr.split())  # rich wraps the warning at the width
-        assert "random weights" in said and "text queries and their hits mean nothing" in said, said
-        (got,) = hits_of(tmp_path / "hits.json")
-        row = pl.read_parquet(sorted(out.glob("[0-9]*.parquet"))).filter(pl.col("url").str.ends_with(f"/{name}.jpg"))
+    queries = []
+    for name in names:
+        queries += ["--image", str(tmp_path / f"{name}.png")]
+        Image.fromarray(photos[name]).save(queries[-1])
+    found = run_cli(["search", str(out), *queries, "-k", "1", "--device", "cpu",
+                     "--json", str(tmp_path / "hits.json"), "--no-progress"])
+    assert found.returncode == 0, found.stderr
+    said = " ".join(found.stderr.split())  # rich wraps the warning at the width
+    assert "random weights" in said and "text queries and their hits mean nothing" in said, said
+    rows = pl.read_parquet(sorted(out.glob("[0-9]*.parquet")))
+    for name, got in zip(names, hits_of(tmp_path / "hits.json"), strict=True):
+        row = rows.filter(pl.col("url").str.ends_with(f"/{name}.jpg"))
         assert got[0][0] == row["key"][0] and got[0][1] > 0.99, (name, got)
     labelled = run_cli(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--class", "cat", "--class", "dog",
                         "--device", "cpu", "--no-progress"])
@@ -197,6 +199,21 @@ def test_bad_searches_are_one_line(run, tmp_path):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_bad_image_query_is_named_before_the_model_loads(tmp_path):
+    """Every --image is read before the CLIP model loads: a file that is no image fails in a
+    second, not after torch, open_clip and the weights (7 s here for a random tiny model). The
+    model named here cannot load at all, so only an image read first gives the image's error."""
+    from fastlaion.config import ConfigError
+    from fastlaion.dataset.search import Query, embed_queries
+    from fastlaion.score import ScoreConfig
+
+    (tmp_path / "note.jpg").write_text("not a picture")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "fine.png")
+    queries = [Query("image", str(tmp_path / "fine.png")), Query("image", str(tmp_path / "note.jpg"))]
+    with pytest.raises(ConfigError, match=r"^--image .*note\.jpg: cannot read it as an image"):
+        embed_queries(queries, ScoreConfig(model="no-such-model", pretrained="none", device="cpu"))
 
 
 # --- classify: zero-shot labels from the stored embeddings ------------------------------------------

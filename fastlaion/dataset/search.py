@@ -144,9 +144,12 @@ def embed_queries(queries: list[Query], score: ScoreConfig | None) -> np.ndarray
     """(Q, D) float32 unit vectors, one per query, in order; the model (and torch) is loaded only
     when a text or image query needs it."""
     out: list[np.ndarray | None] = [None] * len(queries)
+    images: dict[int, Any] = {}  # read before the model loads: a bad file fails in a second, not after it
     for i, q in enumerate(queries):
         if q.kind == "vector":
             out[i] = _read_vector(Path(q.value))
+        elif q.kind == "image":
+            images[i] = _read_image(Path(q.value))
     needs_model = [i for i, q in enumerate(queries) if q.kind != "vector"]
     if needs_model:
         if score is None:
@@ -159,10 +162,9 @@ def embed_queries(queries: list[Query], score: ScoreConfig | None) -> np.ndarray
             emb = scorer.embed_texts([queries[i].value for i in texts]).numpy()
             for i, e in zip(texts, emb):
                 out[i] = e
-        for i in needs_model:
-            if queries[i].kind == "image":
-                pixels = _clip_input(Path(queries[i].value), scorer)
-                out[i] = scorer.embed_images(pixels[None])[0].numpy()
+        for i, rgb in images.items():
+            pixels = np.array(scorer.clip_spec.apply(rgb, rgb.width, rgb.height))  # writable, for torch.from_numpy
+            out[i] = scorer.embed_images(pixels[None])[0].numpy()
     dims = {len(v) for v in out if v is not None}
     if len(dims) > 1:
         raise ConfigError(f"the queries' vectors have different lengths ({', '.join(map(str, sorted(dims)))})")
@@ -196,17 +198,17 @@ def _is_npy(path: Path) -> bool:
         return False
 
 
-def _clip_input(path: Path, scorer: Any) -> np.ndarray:
-    """An image file as the model's input pixels (H, W, 3) uint8, made as the run made them."""
+def _read_image(path: Path) -> Any:
+    """An image file as an RGB Pillow image, which the scorer's `clip_spec` makes the model's
+    input pixels from, as the run made them."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            return im.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
         raise ConfigError(f"--image {path}: cannot read it as an image ({first_line(e)})") from None
-    return np.array(scorer.clip_spec.apply(rgb, rgb.width, rgb.height))  # writable, for torch.from_numpy
 
 
 def search(reader: EmbeddingReader | None, vectors: np.ndarray, k: int, progress: Progress | None = None
