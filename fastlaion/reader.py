@@ -24,6 +24,7 @@ import glob
 import gzip
 import io
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,6 +56,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 _Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
 _DEFAULT_CAPTION_COL = InputConfig.caption_col
+log = logging.getLogger(__name__)
 
 
 def detect_format(path: Path, declared: InputFormat) -> InputFormat:
@@ -79,11 +81,13 @@ def detect_format(path: Path, declared: InputFormat) -> InputFormat:
 class Input:
     """One input file, checked. `table`: a lazy query of its `url` and `caption` (String, the
     caption null without a caption column), and for a csv/tsv whether the row is a blank line
-    (`_BLANK`); None for a txt file, which is read by lines."""
+    (`_BLANK`); None for a txt file, which is read by lines. `unquoted`, for a tsv: the same
+    query with `"` read as text, for a file whose quotes do not parse as quoting (`write_rows`)."""
 
     path: Path
     fmt: InputFormat
     table: pl.LazyFrame | None
+    unquoted: pl.LazyFrame | None = None
 
 
 def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
@@ -138,7 +142,8 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         # A blank line reads as a row of nulls (Polars keeps it), as does a line of separators
         # only: no row of the file, flagged (write_rows drops it). A row with data in any column is kept.
         columns.append(pl.all_horizontal(pl.all().is_null()).alias(_BLANK))
-    return Input(path, fmt, table.select(columns))
+    unquoted = _scan(path, fmt, quoted=False).select(columns) if fmt is InputFormat.tsv else None
+    return Input(path, fmt, table.select(columns), unquoted)
 
 
 def open_inputs(cfg: InputConfig, need_captions: bool) -> list[Input]:
@@ -146,14 +151,31 @@ def open_inputs(cfg: InputConfig, need_captions: bool) -> list[Input]:
     return [open_input(Path(p), cfg, need_captions) for p in cfg.paths]
 
 
-def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:
+def _scan(path: Path, fmt: InputFormat, quoted: bool = True) -> pl.LazyFrame:
     # Polars expands * ? [ in paths: escaped, a file named urls[1].csv is read as itself.
     source = glob.escape(str(path))
     if fmt in (InputFormat.csv, InputFormat.tsv):
-        return pl.scan_csv(source, separator="," if fmt is InputFormat.csv else "\t", infer_schema=False)
+        return pl.scan_csv(source, separator="," if fmt is InputFormat.csv else "\t", infer_schema=False,
+                           quote_char='"' if quoted else None)
     if fmt is InputFormat.jsonl:
+        if _json_array(path):  # img2dataset's json input (pandas.read_json): read whole, as pandas does
+            with path.open("rb") as raw, _decompressed(raw) as f:
+                return pl.read_json(f.read(), infer_schema_length=None).lazy()
         return pl.scan_ndjson(source, infer_schema_length=None)
     return pl.scan_parquet(source)
+
+
+def _json_array(path: Path) -> bool:
+    """Whether a json/jsonl file holds one JSON array (its first character, past white space
+    and a byte-order mark, is '['), not a JSON object a line."""
+    try:
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            while chunk := f.read(1 << 16):
+                if text := chunk.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n"):
+                    return text[:1] == b"["
+    except EOFError:  # a gzip file cut short: Polars' read says so
+        pass
+    return False
 
 
 @dataclass(frozen=True)
@@ -219,9 +241,7 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                     add(pl.DataFrame({"url": urls}, schema={"url": pl.String})
                         .with_columns(no_text.alias("caption"), no_text.alias("caption_edit")))
                 continue
-            table = inp.table
-            if _BLANK in table.collect_schema():
-                table = (table if blank_lines_are_rows else table.filter(~pl.col(_BLANK))).drop(_BLANK)
+            table = _rows_of(inp.table, blank_lines_are_rows)
             if inp.fmt is InputFormat.parquet:
                 # Cleaned lazily: Polars computes what the caption and its edit share once. Sliced
                 # until a short slice, not up to a row count: Polars 1.x counts this query by
@@ -235,11 +255,37 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                         break
             else:
                 part = next_part()
-                _sink_ipc(clean_captions(table, max_caption_chars), part)
+                try:
+                    _sink_ipc(clean_captions(table, max_caption_chars), part)
+                except pl.exceptions.PolarsError:
+                    if inp.unquoted is None:
+                        raise
+                    _write_unquoted(inp, _rows_of(inp.unquoted, blank_lines_are_rows), max_caption_chars, part)
                 counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
             raise _unreadable(inp.path, inp.fmt, e) from None
     return InputRows(tuple(parts), tuple(heights))
+
+
+def _rows_of(table: pl.LazyFrame, blank_lines_are_rows: bool) -> pl.LazyFrame:
+    """An input's query less its blank lines (csv/tsv), and less the flag that marks them."""
+    if _BLANK not in table.collect_schema():
+        return table
+    return (table if blank_lines_are_rows else table.filter(~pl.col(_BLANK))).drop(_BLANK)
+
+
+def _write_unquoted(inp: Input, table: pl.LazyFrame, max_caption_chars: int, part: str) -> None:
+    """A tsv whose quotes do not parse as quoting (a caption that starts with one: `"Best" shoes`,
+    which stopped the run) read again with them as text, as tab-separated text usually is and
+    img2dataset's reader read it too (it dropped such a caption's quotes). A tsv that quotes
+    properly (pandas' or Polars' to_csv with a tab) never gets here: it parsed."""
+    where = _first_bad_line(inp.path, inp.fmt) or "its quotes do not parse"
+    try:
+        _sink_ipc(clean_captions(table, max_caption_chars), part)
+    except pl.exceptions.PolarsError as e:
+        raise _unreadable(inp.path, inp.fmt, e, quoted=False) from None
+    log.warning("%s: %s: read without quoting, as tab-separated text usually is (its quotes are part of "
+                "the text)", inp.path, where)
 
 
 def _decompressed(raw: io.BufferedReader) -> BinaryIO:
@@ -267,21 +313,25 @@ def _txt_blocks(path: Path) -> Iterator[list[str]]:
         yield [carry.strip()]
 
 
-def _unreadable(path: Path, fmt: InputFormat, error: Exception) -> ConfigError:
+def _unreadable(path: Path, fmt: InputFormat, error: Exception, quoted: bool = True) -> ConfigError:
     """The one-line error for an input Polars could not read: for a csv/tsv/jsonl, the line
     where it goes wrong (Polars names none, or a character offset within a buffer: "Syntax at
     character 0" for a jsonl's broken line 15,001)."""
-    where = _first_bad_line(path, fmt) if fmt in (InputFormat.csv, InputFormat.tsv, InputFormat.jsonl) else None
-    return ConfigError(f"{path}: cannot read as {fmt.value}: {where or first_line(error)}")
+    where = (_first_bad_line(path, fmt, quoted)
+             if fmt in (InputFormat.csv, InputFormat.tsv, InputFormat.jsonl) else None)
+    name = "a JSON array" if fmt is InputFormat.jsonl and _json_array(path) else fmt.value
+    return ConfigError(f"{path}: cannot read as {name}: {where or first_line(error)}")
 
 
-def _first_bad_line(path: Path, fmt: InputFormat) -> str | None:
+def _first_bad_line(path: Path, fmt: InputFormat, quoted: bool = True) -> str | None:
     """Where a csv/tsv/jsonl file stops being readable, as "line N: what", read again with
     Python's parsers (only after Polars failed: one more pass over the file); None where they
     find nothing wrong (then Polars' own message is the best there is)."""
     import orjson  # only here, on a file Polars could not read
 
     try:
+        if fmt is InputFormat.jsonl and _json_array(path):
+            return _first_bad_item(path)
         with path.open("rb") as raw, _decompressed(raw) as f:
             if fmt is InputFormat.jsonl:
                 for n, line in enumerate(f, 1):
@@ -293,17 +343,35 @@ def _first_bad_line(path: Path, fmt: InputFormat) -> str | None:
                         if not isinstance(value, dict):
                             return f"line {n}: not a JSON object but {type(value).__name__}"
                 return None
-            return _first_bad_csv_line(_utf8_lines(f), "," if fmt is InputFormat.csv else "\t")
+            return _first_bad_csv_line(_utf8_lines(f), "," if fmt is InputFormat.csv else "\t", quoted)
     except _NotUtf8 as e:
         return f"line {e.line}: not UTF-8 text"
     except (OSError, EOFError, ValueError):
         return None
 
 
-def _first_bad_csv_line(lines: Iterator[str], separator: str) -> str | None:
+def _first_bad_item(path: Path) -> str | None:
+    """Where a JSON array input goes wrong: the line and column of a syntax error, or the first
+    item that is not an object (a row)."""
+    import orjson
+
+    with path.open("rb") as raw, _decompressed(raw) as f:
+        data = f.read()
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        return f"line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
+    for n, item in enumerate(items if isinstance(items, list) else [], 1):
+        if not isinstance(item, dict):
+            return f"item {n:,} of the array: not a JSON object but {type(item).__name__}"
+    return None
+
+
+def _first_bad_csv_line(lines: Iterator[str], separator: str, quoted: bool = True) -> str | None:
     limit = csv.field_size_limit(1 << 62)  # a quote never closed reads to the end, not to 128 KiB
     try:
-        rows = csv.reader(lines, delimiter=separator, strict=True)
+        rows = csv.reader(lines, delimiter=separator, strict=True,
+                          **({} if quoted else {"quoting": csv.QUOTE_NONE}))
         width = 0
         while True:
             start = rows.line_num + 1  # a quoted field may go on over several lines

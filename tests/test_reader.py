@@ -187,6 +187,48 @@ def test_every_format_gives_the_rows_python_reads_across_files_and_shards(tmp_pa
     assert {e for _, e in cleaned} == {None, "control_chars", "truncated"}
 
 
+def test_a_json_array_reads_as_its_jsonl(tmp_path):
+    """img2dataset's `json` input (pandas.read_json: one array of row objects) was refused as a
+    jsonl "not a JSON object but list"; now the same rows as the file a row a line, also gzipped
+    and after a byte-order mark and white space."""
+    import gzip
+
+    pairs = tricky_rows(30)
+    rows = [{"link": u, "alt": c, "n": i} for i, (u, c) in enumerate(pairs)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in.json").write_text("\ufeff \n" + json.dumps(rows, indent=1))
+    (tmp_path / "in.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    frames = [read(InputConfig(paths=(str(tmp_path / name),), url_col="link", caption_col="alt", shard_size=7),
+                   True, tmp_path / name.replace(".", "-")) for name in ("in.jsonl", "in.json", "in.json.gz")]
+    assert frames[0]["url"].to_list() == [u for u, _ in pairs]
+    assert frames[0].equals(frames[1]) and frames[0].equals(frames[2])
+
+
+def test_a_tsv_whose_quotes_are_text_keeps_them_and_every_row(tmp_path, caplog):
+    """A tab-separated caption that starts with a quote (`"Best" shoes`, common in alt text) is no
+    csv quoting: the whole run stopped on it ("a tab expected after '"'"). Now the file is read
+    again with quotes as text, every row as Python's csv reads it with quoting off, and a warning
+    names the line. A tsv that quotes properly (Polars' writer here) still reads its quotes."""
+    import logging
+
+    caps = ['"Best" shoes for men', "plain caption", 'says "hi" there', '"unclosed quote', 'ends with "quote"']
+    lines = [f"http://127.0.0.1:1/{i}.jpg\t{c}" for i, c in enumerate(caps)]
+    (tmp_path / "raw.tsv").write_text("url\tcaption\n" + "\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(tmp_path / "raw.tsv"),), shard_size=2), True, tmp_path / "a")
+    with open(tmp_path / "raw.tsv", newline="", encoding="utf-8") as f:
+        expected = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    assert t.select("url", "caption").rows() == [tuple(r) for r in expected] and t["caption"].to_list() == caps
+    assert "raw.tsv: line 2: a tab expected after" in caplog.text and "read without quoting" in caplog.text
+    caplog.clear()
+    pl.DataFrame({"url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(5)], "caption": caps}).write_csv(
+        tmp_path / "quoted.tsv", separator="\t")
+    assert '"""Best"" shoes' in (tmp_path / "quoted.tsv").read_text()  # Polars quotes them
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(tmp_path / "quoted.tsv"),)), True, tmp_path / "b")
+    assert t["caption"].to_list() == caps and "read without quoting" not in caplog.text
+
+
 def test_txt_lines_as_python_splits_them(tmp_path, monkeypatch):
     """Blank and whitespace lines dropped, CRLF and lone CR, no final newline, bytes that are
     not UTF-8, and blocks so small that lines straddle them."""
@@ -343,12 +385,15 @@ def test_a_run_begun_by_a_fastlaion_that_read_blank_lines_as_rows_resumes_readin
     ("broken.jsonl", "".join(json.dumps({"url": f"http://127.0.0.1:1/{i}.jpg"}) + "\n" for i in range(3000))
      .replace('"http://127.0.0.1:1/2500.jpg"}', '"http://127.0.0.1:1/2500.jpg}'), "line 2501, column"),
     ("cut.jsonl", '{"url": "http://127.0.0.1:1/a.jpg"}\n{"url": "http://127.0.0.1:1/b', "line 2, column"),
-    ("list.json", '[{"url": "http://127.0.0.1:1/a.jpg"}]\n', "line 1: not a JSON object but list"),
+    ("scalar.jsonl", '{"url": "http://127.0.0.1:1/a.jpg"}\n"http://127.0.0.1:1/b.jpg"\n', "line 2: not a JSON object but str"),
+    ("list.json", '[{"url": "http://127.0.0.1:1/a.jpg"},\n "http://127.0.0.1:1/b.jpg"]\n',
+     "a JSON array: item 2 of the array: not a JSON object but str"),
+    ("cut.json", '[{"url": "http://127.0.0.1:1/a.jpg"},\n {"url": ', "a JSON array: line 2, column 10: not JSON"),
     ("ragged.csv", "url,caption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg,c{i}\n" for i in range(3000))
      .replace("/2000.jpg,c2000", "/2000.jpg,c,2000"), "line 2002: 3 fields, the header has 2"),
     ("unclosed.csv", "url,caption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg,c{i}\n" for i in range(3000))
      .replace("/2000.jpg,c2000", '/2000.jpg,"c2000'), "line 2002: a quoted field starts here and never ends"),
-    ("quoted.tsv", 'url\tcaption\nhttp://127.0.0.1:1/a.jpg\t"Best" photo ever\n', "line 2: a tab expected after"),
+    ("ragged.tsv", 'url\tcaption\nhttp://127.0.0.1:1/a.jpg\t"Best" photo\tever\n', "line 2: 3 fields, the header has 2"),
 ])
 def test_a_broken_row_is_named_by_its_line(tmp_path, name, content, expected):
     """Polars' own messages named no line ("Syntax at character 0" for a jsonl's line 2,501;
