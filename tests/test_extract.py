@@ -266,7 +266,7 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
     traceback each (from multiprocessing's bootstrap, or from the task) and Python 3.11's pool
     another for its cancelled futures; after one input had failed, the command hung. Now: one
     line, exit 130 in a fraction of an uninterrupted run's time, no worker left, nothing
-    written; the rerun extracts everything (or fails on the bad input again)."""
+    written; the rerun extracts everything (but the input that cannot be opened, which it names)."""
     import signal
     import time
 
@@ -303,11 +303,9 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
     # a machine that other tests load (xdist), 2.5 s at most (the exit itself took 0.9 and 1.6 s
     # there twice, 0.1 s alone)
     assert took < max(0.3 * full, 2.5), (took, full)
-    if failing:
-        assert rerun.returncode == 2 and "missing.wat.gz" in rerun.stderr.decode(), rerun.stderr.decode()
-    else:
-        assert rerun.returncode == 0, rerun.stderr.decode()
-        assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert ("missing.wat.gz: " in rerun.stderr.decode()) == failing, rerun.stderr.decode()
+    assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same
 
 
 def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole(tmp_path, big_wats):
