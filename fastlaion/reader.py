@@ -116,6 +116,10 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
     except (pl.exceptions.PolarsError, OSError) as e:
         raise _unreadable(path, fmt, e) from None
     columns = schema.names()
+    for name in (cfg.url_col, cfg.caption_col):  # Polars reads a csv header's second `url` as url_duplicated_0
+        if name is not None and f"{name}_duplicated_0" in columns and fmt in (InputFormat.csv, InputFormat.tsv):
+            raise ConfigError(f"{path}: its header names the column {name!r} more than once: which one to read "
+                              f"is not clear; rename the others")
     if cfg.url_col not in columns:
         raise ConfigError(f"{path}: no URL column {cfg.url_col!r} (columns: {', '.join(columns) or 'none'}); "
                           "pass --url-col NAME")

@@ -229,6 +229,23 @@ def test_a_tsv_whose_quotes_are_text_keeps_them_and_every_row(tmp_path, caplog):
     assert t["caption"].to_list() == caps and "read without quoting" not in caplog.text
 
 
+@pytest.mark.parametrize("header, flag", [("url,url,caption", []), ("url,alt,alt", ["--caption-col", "alt"]),
+                                          ("link,link", ["--url-col", "link"])])
+def test_a_header_naming_the_url_or_caption_column_twice_is_refused(tmp_path, header, flag):
+    """`url,url,caption`: the first url column was read, the second silently ignored (Polars
+    calls it url_duplicated_0). Which one the user meant is not clear: refused in one line."""
+    path = tmp_path / "dup.csv"
+    path.write_text(header + "\n" + ",".join(f"http://127.0.0.1:1/{i}.jpg" for i in range(header.count(",") + 1)) + "\n")
+    name = flag[1] if flag else "url"
+    result = _cli(str(path), "-o", str(tmp_path / "out"), *flag)
+    assert result.exit_code == 2, result.output
+    assert f"dup.csv: its header names the column {name!r} more than once" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+    other = tmp_path / "other.csv"  # another column named twice is no matter
+    other.write_text("url,caption,x,x\nhttp://127.0.0.1:1/a.jpg,c,1,2\n")
+    assert read(InputConfig(paths=(str(other),)), True, tmp_path / "rows")["url"].to_list() == ["http://127.0.0.1:1/a.jpg"]
+
+
 def test_txt_lines_as_python_splits_them(tmp_path, monkeypatch):
     """Blank and whitespace lines dropped, CRLF and lone CR, no final newline, bytes that are
     not UTF-8, and blocks so small that lines straddle them."""
