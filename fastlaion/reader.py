@@ -25,6 +25,7 @@ import gzip
 import io
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -53,6 +54,7 @@ _ROWS_COMPRESSION = "zstd"
 # An input's column that says the row is a blank line (csv/tsv), dropped before the rows are written.
 _BLANK = "__fastlaion_blank"
 _GZIP_MAGIC = b"\x1f\x8b"
+_TAB_ON_A_LATER_LINE = re.compile(r"[\r\n][^\r\n]*\t")  # in one tsv field: a line of the file taken into it
 
 _Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
 _DEFAULT_CAPTION_COL = InputConfig.caption_col
@@ -261,14 +263,56 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                 part = next_part()
                 try:
                     _sink_ipc(clean_captions(table, max_caption_chars), part)
+                    where = _quote_spanning_lines(inp.path) if inp.unquoted is not None else None
                 except pl.exceptions.PolarsError:
                     if inp.unquoted is None:
                         raise
-                    _write_unquoted(inp, _rows_of(inp.unquoted, blank_lines_are_rows), max_caption_chars, part)
+                    where = _first_bad_line(inp.path, inp.fmt) or "its quotes do not parse"
+                if where is not None:
+                    _write_unquoted(inp, _rows_of(inp.unquoted, blank_lines_are_rows), max_caption_chars, part, where)
                 counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
             raise _unreadable(inp.path, inp.fmt, e) from None
     return InputRows(tuple(parts), tuple(heights))
+
+
+def _quote_spanning_lines(path: Path) -> str | None:
+    """For a tsv that parsed with quoting: "line N: ..." where a quoted field runs over a line end
+    and holds a tab on a later line: the next lines' columns taken into one field; else None.
+    A caption with a line break that a tsv quotes (pandas and Polars do) has no tab past it but
+    in the rarest text. Not seen: a field running on over one line only, when it holds no tab
+    there (a caption-first file's `"Best shoes` closed by the next line's caption). Only a file
+    with a field that starts with a quote is read again (Python's csv)."""
+    if not _a_field_starts_with_a_quote(path):
+        return None
+    limit = csv.field_size_limit(1 << 62)
+    try:
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            rows = csv.reader(_utf8_lines(f), delimiter="\t")
+            while True:
+                start = rows.line_num + 1
+                row = next(rows, None)
+                if row is None:
+                    return None
+                if any(_TAB_ON_A_LATER_LINE.search(v) for v in row):
+                    return (f"line {start}: a field that starts with a quote runs on to line {rows.line_num}, "
+                            "taking the lines between into it")
+    except (OSError, EOFError, ValueError, csv.Error):  # _NotUtf8 is a ValueError; Polars read it, so did this
+        return None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _a_field_starts_with_a_quote(path: Path) -> bool:
+    """Whether a tab-separated file has a `"` at the start of a field (after a tab or a line
+    break, or first in the file): without one, quoting is not in play. One pass over the bytes."""
+    with path.open("rb") as raw, _decompressed(raw) as f:
+        last = b"\n"
+        while chunk := f.read(1 << 22):
+            if (chunk[:1] == b'"' and last in b"\t\r\n") or any(m in chunk for m in (b'\t"', b'\n"', b'\r"')):
+                return True
+            last = chunk[-1:]
+    return False
 
 
 def _rows_of(table: pl.LazyFrame, blank_lines_are_rows: bool) -> pl.LazyFrame:
@@ -278,12 +322,14 @@ def _rows_of(table: pl.LazyFrame, blank_lines_are_rows: bool) -> pl.LazyFrame:
     return (table if blank_lines_are_rows else table.filter(~pl.col(_BLANK))).drop(_BLANK)
 
 
-def _write_unquoted(inp: Input, table: pl.LazyFrame, max_caption_chars: int, part: str) -> None:
-    """A tsv whose quotes do not parse as quoting (a caption that starts with one: `"Best" shoes`,
-    which stopped the run) read again with them as text, as tab-separated text usually is and
-    img2dataset's reader read it too (it dropped such a caption's quotes). A tsv that quotes
-    properly (pandas' or Polars' to_csv with a tab) never gets here: it parsed."""
-    where = _first_bad_line(inp.path, inp.fmt) or "its quotes do not parse"
+def _write_unquoted(inp: Input, table: pl.LazyFrame, max_caption_chars: int, part: str, where: str) -> None:
+    """A tsv whose quotes are no quoting, read again with them as text (into `part`), as
+    tab-separated text usually is and img2dataset's reader read it too (it dropped such a
+    caption's quotes); `where` says what showed it. A caption that starts with a quote either
+    did not parse (`"Best" shoes`: the whole run stopped) or, with no other quote on its line,
+    opened a field that ran on over the next lines, up to the next field ending in one
+    (`_quote_spanning_lines`): the rows between were lost, silently. A tsv that quotes properly
+    (pandas' or Polars' to_csv with a tab) never gets here."""
     try:
         _sink_ipc(clean_captions(table, max_caption_chars), part)
     except pl.exceptions.PolarsError as e:

@@ -229,6 +229,33 @@ def test_a_tsv_whose_quotes_are_text_keeps_them_and_every_row(tmp_path, caplog):
     assert t["caption"].to_list() == caps and "read without quoting" not in caplog.text
 
 
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_tsv_quote_that_would_swallow_rows_is_read_as_text(tmp_path, caplog, gzipped):
+    """A caption that starts with a quote and has no other on its line parsed as a quoted field
+    running on to the next field that ends in one: the rows between became part of one caption,
+    silently (three rows read as one here). Now every line is its row, with a warning naming the
+    lines. A tsv that quotes a caption with a line break (as pandas and Polars write it) is one
+    row, as before."""
+    import gzip
+    import logging
+
+    caps = ['"Best shoes for men', "plain caption", 'TV size 55"', "four"]
+    text = "url\tcaption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg\t{c}\n" for i, c in enumerate(caps))
+    path = tmp_path / ("raw.tsv.gz" if gzipped else "raw.tsv")
+    path.write_bytes(gzip.compress(text.encode()) if gzipped else text.encode())
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(path),)), True, tmp_path / "a")
+    assert t["caption"].to_list() == caps and t.height == 4
+    assert "line 2: a field that starts with a quote runs on to line 4" in caplog.text, caplog.text
+    caplog.clear()
+    lines = pl.DataFrame({"url": ["http://127.0.0.1:1/a.jpg", "http://127.0.0.1:1/b.jpg"],
+                          "caption": ["two\nlines", '"quoted" word']})
+    lines.write_csv(tmp_path / "lines.tsv", separator="\t")
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(tmp_path / "lines.tsv"),)), True, tmp_path / "b")
+    assert t["caption"].to_list() == ["two lines", '"quoted" word'] and not caplog.text
+
+
 @pytest.mark.parametrize("header, flag", [("url,url,caption", []), ("url,alt,alt", ["--caption-col", "alt"]),
                                           ("link,link", ["--url-col", "link"])])
 def test_a_header_naming_the_url_or_caption_column_twice_is_refused(tmp_path, header, flag):
