@@ -787,12 +787,29 @@ def _decompressed(chunks: Iterator[bytes], stats: InputStats, splitter: _Splitte
     if not first:
         return
     if not first.startswith(_GZIP_MAGIC[:2]):
-        yield first
-        yield from chunks
-        return
+        at = _gzip_after_junk(first)
+        if at < 0:
+            yield first
+            yield from chunks
+            return
+        # Junk, then gzip members (`curl -i`'s HTTP head saved before a .warc.gz): the junk read
+        # as plain text hid every member behind it as one not_warc stretch
+        stats.skip("not_warc")
+        yield None
+        first = first[at:]
     rest = yield from _whole_members(_prepend(first, chunks), native)
     if rest:
         yield from _inflate_stream(itertools.chain(rest, chunks), stats, splitter)
+
+
+def _gzip_after_junk(first: bytes) -> int:
+    """Where gzip members begin in an input's first read chunk that starts with neither a gzip
+    header nor a WARC record, when one does and no WARC record starts before it; else -1. An
+    uncompressed WARC starts with its record ("WARC/1."), whose payloads may hold gzip bytes."""
+    if first.startswith(b"WARC/"):
+        return -1
+    at = first.find(_GZIP_MAGIC)
+    return at if at > 0 and b"WARC/1." not in first[:at] else -1
 
 
 def _whole_members(chunks: Iterator[bytes], native: Any = None) -> Generator[Any, None, list[bytes]]:

@@ -905,6 +905,26 @@ def test_a_last_gzip_member_cut_before_any_output_is_counted(tmp_path, monkeypat
     assert s.records == 3 and nonzero(s.skipped) == {"truncated": 1}
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_junk_before_the_first_gzip_member_is_one_stretch_and_the_members_are_read(tmp_path, monkeypatch, native):
+    """A .wat.gz saved with an HTTP head before it (`curl -i`), or any junk before its first gzip
+    member: the input was read as plain text, so every member was inside one not_warc stretch
+    (records 1, pairs 0: the file lost). Now the junk is that stretch and the members are read. An
+    uncompressed WARC is read as before: it starts with a record, whose payload may hold gzip bytes."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    members = b"".join(gzip.compress(r) for r in three_wat_records())
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n"
+    s, t = extract(tmp_path, {"saved.wat.gz": head + members})
+    assert pairs(t) == [(f"https://d.example/{i}.jpg", f"Damaged test {i}") for i in range(3)]
+    assert s.records == 4 and nonzero(s.skipped) == {"not_warc": 1}
+    payload = gzip.compress(b"\x00" * 64)  # a record whose body is gzip, in a plain WARC
+    record = (b"WARC/1.0\r\nWARC-Type: resource\r\nContent-Length: %d\r\n\r\n" % len(payload)) + payload + b"\r\n\r\n"
+    s, t = extract(tmp_path, {"plain.warc": record + b"".join(three_wat_records())}, out="plain")
+    assert t.height == 3 and s.records == 4 and sum(s.skipped.values()) == 0
+
+
 def test_gzip_cut_before_any_output_counts_as_empty_input(tmp_path):
     data = gzip.compress(b"".join(three_wat_records()))[:14]  # the gzip header and a few bits
     s, t = extract(tmp_path, {"stub.wat.gz": data})
