@@ -331,7 +331,7 @@ def _extract_locked(sources: list[str], out_dir: Path, cfg: ExtractConfig, progr
         shutil.rmtree(partial, ignore_errors=True)
     for st in stats:  # counted as skipped like other damage, and named: which of many inputs it was
         if st.error is not None:
-            log.warning("%s; its pairs are missing from this extraction (extract again to retry it)", st.error)
+            log.warning("%s; its pairs are missing from this extraction; the other inputs were extracted", st.error)
         elif (why := st.not_warc()) is not None:
             log.warning("%s holds no WARC record (%s): not a WARC/WAT file?", st.source, why)
     return summary

@@ -584,7 +584,8 @@ def test_an_input_that_cannot_be_opened_loses_itself_not_the_others(tmp_path, pr
                                      "-o", str(out), "--no-progress", "--processes", str(processes)],
                                terminal_width=400)
     assert result.exit_code == 0, result.output
-    assert f"cannot read {missing}: HTTP 404" in result.output and "extract again to retry it" in result.output
+    assert f"cannot read {missing}: HTTP 404 Not Found; its pairs are missing from this extraction; the other " \
+           "inputs were extracted" in result.output
     assert "skipped 1 (read_error 1)" in result.output
     assert sorted(pairs(pl.read_parquet(out / "candidates-00000.parquet"))) == [
         ("https://w0.example/a.jpg", "Picture number 0"), ("https://w1.example/a.jpg", "Picture number 1")]
