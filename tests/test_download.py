@@ -317,9 +317,12 @@ XRT_FILES = {
     "googlebot-then-all": (("X-Robots-Tag", "googlebot: noindex"), ("X-Robots-Tag", "noai")),
     "harmless": (("X-Robots-Tag", "nofollow, noarchive, max-image-preview: large"),),
     "unavailable-after": (("X-Robots-Tag", "unavailable_after: 2030-01-01"),),
+    "shorthand-none": (("X-Robots-Tag", "none"),),  # Google's "noindex, nofollow"
+    "googlebot-none": (("X-Robots-Tag", "googlebot: none"),),
     "none": (),
 }
-XRT_OPTS_OUT = {"noai", "upper", "list", "second-header", "ours", "img2dataset", "googlebot-then-all"}
+XRT_OPTS_OUT = {"noai", "upper", "list", "second-header", "ours", "img2dataset", "googlebot-then-all",
+                "shorthand-none"}
 
 
 def free_port() -> int:
@@ -1074,6 +1077,8 @@ def test_opt_out_tags_are_configurable(served):
     assert fetch(server.url("xrt/list"), opt_out_tags=("noai",)).ok  # noindex no longer opts out
     assert fetch(server.url("xrt/noai"), opt_out_tags=()).ok  # no check at all
     assert fetch(server.url("xrt/harmless"), opt_out_tags=("noarchive",)).error == "opt_out"
+    assert fetch(server.url("xrt/shorthand-none"), opt_out_tags=("nofollow",)).error == "opt_out"
+    assert fetch(server.url("xrt/shorthand-none"), opt_out_tags=("noai", "noimageai")).ok
 
 
 def test_opt_out_drops_the_row_before_the_body_is_read(served):
@@ -1095,7 +1100,8 @@ def test_opt_out_drops_the_row_before_the_body_is_read(served):
     (["googlebot: noindex"], None), (["fastlaion: noai"], "fastlaion: noai"),
     (["googlebot: noindex, fastlaion: noimageindex"], "fastlaion: noimageindex"),
     (["unavailable_after: 25 Jun 2030 15:00:00 PST, noai"], "noai"),
-    (["max-image-preview: none"], None), ([""], None), ([], None),
+    (["max-image-preview: none"], None), (["none"], "none"), (["googlebot: none, noarchive"], None),
+    ([""], None), ([], None),
 ])
 def test_opt_out_directive(values, directive):
     tags = ("noai", "noimageai", "noindex", "noimageindex")
