@@ -417,7 +417,7 @@ def test_backoff_doubles(served):
     ("http_500", True), ("http_503", True), ("http_404", False), ("http_403", False),
     ("too_large", False), ("too_many_redirects", False), ("invalid_url", False),
     ("client_error", False), ("opt_out", False), ("blocked", False), ("private_address", False),
-    ("robots_disallowed", False), (None, False),
+    ("robots_disallowed", False), ("robots_unreachable", True), (None, False),
 ])
 def test_is_transient(error, transient):
     assert is_transient(error) is transient
@@ -1033,7 +1033,7 @@ def test_robots_5xx_disallows_everything():
         assert server.hits["/robots.txt"] == 2  # one fetch, retried once as a transient failure
         assert server.hits["/public/1.jpg"] == server.hits["/public/2.jpg"] == 0
     for got in results:
-        assert (got.error, got.attempts) == ("robots_disallowed", 0)
+        assert (got.error, got.attempts) == ("robots_unreachable", 0)
         assert "unreachable (http_503)" in got.error_detail
 
 
@@ -1047,7 +1047,7 @@ def test_robots_timeout_disallows_everything():
     with robots_server(None, extra_routes=[web.get("/robots.txt", hang)]) as server:
         got = fetch(server.url("public/1.jpg"), respect_robots=True, read_timeout_s=0.2, retries=0)
         assert server.hits["/public/1.jpg"] == 0
-    assert got.error == "robots_disallowed" and "header_timeout" in got.error_detail
+    assert got.error == "robots_unreachable" and "header_timeout" in got.error_detail
     assert got.elapsed_s < 0.2 + SLACK_S
 
 
@@ -1056,6 +1056,14 @@ def test_robots_checked_on_every_redirect_hop(served):
         got = fetch(served[0].url(f"t/to?url={images.url('private/3.jpg')}"), respect_robots=True)
         assert images.hits["/private/3.jpg"] == 0
     assert (got.error, got.http_status, got.attempts) == ("robots_disallowed", 302, 1)
+
+
+def test_a_redirect_target_whose_robots_txt_is_unreachable_is_not_retried_within_the_run(served):
+    """Its verdict holds for the run: another attempt would only wait for the same answer."""
+    with robots_server(Served(b"oops", status=503)) as images:
+        got = fetch(served[0].url(f"t/to?url={images.url('public/1.jpg')}"), respect_robots=True, retries=2)
+        assert images.hits["/robots.txt"] == 3 and images.hits["/public/1.jpg"] == 0
+    assert (got.error, got.http_status, got.attempts) == ("robots_unreachable", 302, 1)
 
 
 # --- opt-out: X-Robots-Tag, read before the body ---------------------------------------------
@@ -1318,7 +1326,7 @@ def test_blocklists_are_read_once_per_process(tmp_path):
 def test_every_reason_is_listed_once():
     assert len(set(REASONS)) == len(REASONS)
     assert {"connect_timeout", "header_timeout", "read_timeout", "deadline", "opt_out", "blocked",
-            "private_address", "robots_disallowed"} <= set(REASONS)
+            "private_address", "robots_disallowed", "robots_unreachable"} <= set(REASONS)
 
 
 @pytest.mark.parametrize("field, value, message", [
