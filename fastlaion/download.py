@@ -771,7 +771,9 @@ class Downloader:
         got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
         if got.ok:
             parser = urllib.robotparser.RobotFileParser()
-            parser.parse(_whole_delays((got.body or b"").decode("utf-8", "replace").splitlines()))
+            # utf-8-sig: a byte order mark (Windows editors write one) would hide the first line,
+            # often the "User-agent: *" that the rules below it belong to
+            parser.parse(_whole_delays((got.body or b"").decode("utf-8-sig", "replace").splitlines()))
             verdict = _Robots(parser, crawl_delay_s=self._robots_delay(parser))
         elif got.error == PRIVATE_ADDRESS:
             verdict = _Robots(None, PRIVATE_ADDRESS, got.error_detail)

@@ -1019,6 +1019,13 @@ def test_robots_group_for_our_agent(user_agent, allowed):
     assert got.ok is allowed and got.error in (None, "robots_disallowed")
 
 
+def test_robots_txt_starting_with_a_byte_order_mark_is_obeyed():
+    with robots_server(Served(b"\xef\xbb\xbf" + ROBOTS, "text/plain")) as server:
+        results = fetch_many([server.url("private/1.jpg"), server.url("public/1.jpg")], respect_robots=True)
+        assert server.hits["/private/1.jpg"] == 0
+    assert [got.error for got in results] == ["robots_disallowed", None]
+
+
 def test_robots_404_allows_everything():
     with robots_server(None) as server:
         got = fetch(server.url("private/1.jpg"), respect_robots=True)
