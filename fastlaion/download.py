@@ -464,6 +464,20 @@ class _Slot:
         self._gates._leave(self._host, gate)
 
 
+class _RobotsParser(urllib.robotparser.RobotFileParser):
+    """Python's robots.txt parser, with a group's rules matched as RFC 9309 says: the rule with
+    the longest path matching the URL decides, Allow where an Allow and a Disallow tie (Python's
+    parser takes the first rule that matches, so "Allow: /" above "Disallow: /private/" allowed
+    everything)."""
+
+    def parse(self, lines: Iterable[str]) -> None:
+        super().parse(lines)
+        for entry in [*self.entries, self.default_entry]:
+            if entry is not None:
+                rules = sorted(entry.rulelines, key=lambda rule: (len(rule.path), rule.allowance), reverse=True)
+                entry.rulelines = rules  # Entry.allowance takes the first rule that applies
+
+
 @dataclass(frozen=True, slots=True)
 class _Robots:
     """One origin's robots.txt verdict: a parser, or one answer for every path."""
@@ -770,7 +784,7 @@ class Downloader:
     async def _load_robots(self, origin: URL) -> _Robots:
         got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
         if got.ok:
-            parser = urllib.robotparser.RobotFileParser()
+            parser = _RobotsParser()
             # utf-8-sig: a byte order mark (Windows editors write one) would hide the first line,
             # often the "User-agent: *" that the rules below it belong to
             parser.parse(_whole_delays((got.body or b"").decode("utf-8-sig", "replace").splitlines()))

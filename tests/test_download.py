@@ -1019,6 +1019,21 @@ def test_robots_group_for_our_agent(user_agent, allowed):
     assert got.ok is allowed and got.error in (None, "robots_disallowed")
 
 
+@pytest.mark.parametrize("robots, allowed", [
+    (b"Allow: /\nDisallow: /private/\n", ["public/1.jpg", "public/2.jpg"]),  # not the first rule: the longest
+    (b"Disallow: /private/\nAllow: /private/1.jpg\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg"]),
+    (b"Disallow: /private/\nAllow: /private/\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg",
+                                                  "private/2.jpg"]),  # a tie: Allow
+], ids=["allow-all-above", "allow-inside-disallow", "tie"])
+def test_robots_rules_are_matched_longest_first(robots, allowed):
+    """RFC 9309: the most specific (longest) matching rule decides, whatever the order."""
+    paths = ["public/1.jpg", "public/2.jpg", "private/1.jpg", "private/2.jpg"]
+    with robots_server(Served(b"User-agent: *\n" + robots, "text/plain")) as server:
+        results = fetch_many([server.url(p) for p in paths], respect_robots=True)
+        assert [p for p in paths if server.hits[f"/{p}"]] == allowed
+    assert [p for p, got in zip(paths, results) if got.ok] == allowed
+
+
 def test_robots_txt_starting_with_a_byte_order_mark_is_obeyed():
     with robots_server(Served(b"\xef\xbb\xbf" + ROBOTS, "text/plain")) as server:
         results = fetch_many([server.url("private/1.jpg"), server.url("public/1.jpg")], respect_robots=True)
