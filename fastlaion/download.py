@@ -464,17 +464,38 @@ class _Slot:
         self._gates._leave(self._host, gate)
 
 
+class _WildcardRule(urllib.robotparser.RuleLine):
+    """A rule whose path has RFC 9309's special characters, which Python's parser compares
+    literally: "*" matches any characters, a "$" at the end the end of the URL's path."""
+
+    def __init__(self, rule: urllib.robotparser.RuleLine):
+        self.path, self.allowance = rule.path, rule.allowance  # as RuleLine quoted it: * is %2A, $ %24
+        anchored = self.path.endswith("%24")
+        parts = (self.path[:-3] if anchored else self.path).split("%2A")
+        self._match = re.compile(".*".join(map(re.escape, parts)) + (r"\Z" if anchored else ""), re.DOTALL).match
+
+    def applies_to(self, filename: str) -> bool:
+        return self._match(filename) is not None
+
+
+def _pattern_length(path: str) -> int:
+    """A rule's length as robots.txt wrote it: its quoted wildcards ("*" is %2A, "$" %24) count one."""
+    return len(path) - 2 * path.count("%2A") - (2 if path.endswith("%24") else 0)
+
+
 class _RobotsParser(urllib.robotparser.RobotFileParser):
     """Python's robots.txt parser, with a group's rules matched as RFC 9309 says: the rule with
     the longest path matching the URL decides, Allow where an Allow and a Disallow tie (Python's
     parser takes the first rule that matches, so "Allow: /" above "Disallow: /private/" allowed
-    everything)."""
+    everything), and "*" and a final "$" are wildcards (`_WildcardRule`)."""
 
     def parse(self, lines: Iterable[str]) -> None:
         super().parse(lines)
         for entry in [*self.entries, self.default_entry]:
             if entry is not None:
-                rules = sorted(entry.rulelines, key=lambda rule: (len(rule.path), rule.allowance), reverse=True)
+                rules = [_WildcardRule(rule) if "%2A" in rule.path or rule.path.endswith("%24") else rule
+                         for rule in entry.rulelines]
+                rules.sort(key=lambda rule: (_pattern_length(rule.path), rule.allowance), reverse=True)
                 entry.rulelines = rules  # Entry.allowance takes the first rule that applies
 
 

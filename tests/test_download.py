@@ -1024,9 +1024,13 @@ def test_robots_group_for_our_agent(user_agent, allowed):
     (b"Disallow: /private/\nAllow: /private/1.jpg\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg"]),
     (b"Disallow: /private/\nAllow: /private/\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg",
                                                   "private/2.jpg"]),  # a tie: Allow
-], ids=["allow-all-above", "allow-inside-disallow", "tie"])
+    (b"Disallow: /*1.jpg$\n", ["public/2.jpg", "private/2.jpg"]),  # RFC 9309's wildcards
+    (b"Disallow: /p*e/\n", ["public/1.jpg", "public/2.jpg"]),
+    (b"Disallow: /*.jpg\nAllow: /public\n", ["public/1.jpg", "public/2.jpg"]),  # "*" counts one: /public is longer
+], ids=["allow-all-above", "allow-inside-disallow", "tie", "star-and-dollar", "star-inside", "wildcard-length"])
 def test_robots_rules_are_matched_longest_first(robots, allowed):
-    """RFC 9309: the most specific (longest) matching rule decides, whatever the order."""
+    """RFC 9309: the most specific (longest) matching rule decides, whatever the order; "*" matches
+    any characters, a final "$" the end of the path."""
     paths = ["public/1.jpg", "public/2.jpg", "private/1.jpg", "private/2.jpg"]
     with robots_server(Served(b"User-agent: *\n" + robots, "text/plain")) as server:
         results = fetch_many([server.url(p) for p in paths], respect_robots=True)
