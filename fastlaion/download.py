@@ -30,10 +30,11 @@ Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transien
                         on --image-blocklist
     private_address     the host is, or resolves only to, a private, loopback, link-local,
                         multicast, reserved or unspecified address (`is_public_address`)
-    robots_disallowed   robots.txt disallows the URL for our user agent; also when robots.txt
-                        could not be fetched (5xx, 429, timeout, refused: RFC 9309's "unreachable",
-                        which means complete disallow). A robots.txt answering 4xx allows everything.
-                        Also when its Crawl-delay is over `max_crawl_delay_s`.
+    robots_disallowed   robots.txt disallows the URL for our user agent, or its Crawl-delay is
+                        over `max_crawl_delay_s`. A robots.txt answering 4xx allows everything.
+    robots_unreachable  robots.txt could not be fetched (5xx, 429, timeout, refused: RFC 9309's
+                        "unreachable", which means complete disallow); the verdict holds for the
+                        run, so it is retried by --retry-failed only, not within the run
     opt_out             X-Robots-Tag carries one of `opt_out_tags` (see `opt_out_directive`)
     http_<status>       the server answered with status >= 400, e.g. http_404 (429 and 5xx retried)
     connect_timeout     no connection (DNS + TCP + TLS) within `connect_timeout_s` (retried)
@@ -97,6 +98,7 @@ INVALID_URL = "invalid_url"
 BLOCKED = "blocked"
 PRIVATE_ADDRESS = "private_address"
 ROBOTS_DISALLOWED = "robots_disallowed"
+ROBOTS_UNREACHABLE = "robots_unreachable"
 OPT_OUT = "opt_out"
 CONNECT_TIMEOUT = "connect_timeout"
 HEADER_TIMEOUT = "header_timeout"
@@ -108,11 +110,11 @@ TOO_LARGE = "too_large"
 TOO_MANY_REDIRECTS = "too_many_redirects"
 CLIENT_ERROR = "client_error"
 TLS_ERROR = "tls_error"
-REASONS = (INVALID_URL, BLOCKED, PRIVATE_ADDRESS, ROBOTS_DISALLOWED, OPT_OUT, CONNECT_TIMEOUT,
-           HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR, TLS_ERROR, PAYLOAD_ERROR, TOO_LARGE,
-           TOO_MANY_REDIRECTS, CLIENT_ERROR)
+REASONS = (INVALID_URL, BLOCKED, PRIVATE_ADDRESS, ROBOTS_DISALLOWED, ROBOTS_UNREACHABLE, OPT_OUT,
+           CONNECT_TIMEOUT, HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR, TLS_ERROR, PAYLOAD_ERROR,
+           TOO_LARGE, TOO_MANY_REDIRECTS, CLIENT_ERROR)
 _TRANSIENT = frozenset({CONNECT_TIMEOUT, HEADER_TIMEOUT, READ_TIMEOUT, DEADLINE, CONNECTION_ERROR,
-                        PAYLOAD_ERROR, "http_429"})
+                        PAYLOAD_ERROR, ROBOTS_UNREACHABLE, "http_429"})
 
 # aiohttp warns that the flag is useless on Pythons whose SSL transports close themselves.
 _CLEANUP_CLOSED = getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", True)
@@ -138,7 +140,7 @@ class Fetched:
     error: str | None  # None on success, else a reason code (module docstring)
     error_detail: str | None  # human-readable message, at most MAX_DETAIL_CHARS
     # attempts made (1 + retries used); 0 when refused before any request to the URL was sent
-    # (invalid_url, blocked, private_address of a literal IP, robots_disallowed)
+    # (invalid_url, blocked, private_address of a literal IP, robots_disallowed, robots_unreachable)
     attempts: int
     elapsed_s: float  # wall time over all attempts and backoff sleeps
 
@@ -462,6 +464,41 @@ class _Slot:
         self._gates._leave(self._host, gate)
 
 
+class _WildcardRule(urllib.robotparser.RuleLine):
+    """A rule whose path has RFC 9309's special characters, which Python's parser compares
+    literally: "*" matches any characters, a "$" at the end the end of the URL's path."""
+
+    def __init__(self, rule: urllib.robotparser.RuleLine):
+        self.path, self.allowance = rule.path, rule.allowance  # as RuleLine quoted it: * is %2A, $ %24
+        anchored = self.path.endswith("%24")
+        parts = (self.path[:-3] if anchored else self.path).split("%2A")
+        self._match = re.compile(".*".join(map(re.escape, parts)) + (r"\Z" if anchored else ""), re.DOTALL).match
+
+    def applies_to(self, filename: str) -> bool:
+        return self._match(filename) is not None
+
+
+def _pattern_length(path: str) -> int:
+    """A rule's length as robots.txt wrote it: its quoted wildcards ("*" is %2A, "$" %24) count one."""
+    return len(path) - 2 * path.count("%2A") - (2 if path.endswith("%24") else 0)
+
+
+class _RobotsParser(urllib.robotparser.RobotFileParser):
+    """Python's robots.txt parser, with a group's rules matched as RFC 9309 says: the rule with
+    the longest path matching the URL decides, Allow where an Allow and a Disallow tie (Python's
+    parser takes the first rule that matches, so "Allow: /" above "Disallow: /private/" allowed
+    everything), and "*" and a final "$" are wildcards (`_WildcardRule`)."""
+
+    def parse(self, lines: Iterable[str]) -> None:
+        super().parse(lines)
+        for entry in [*self.entries, self.default_entry]:
+            if entry is not None:
+                rules = [_WildcardRule(rule) if "%2A" in rule.path or rule.path.endswith("%24") else rule
+                         for rule in entry.rulelines]
+                rules.sort(key=lambda rule: (_pattern_length(rule.path), rule.allowance), reverse=True)
+                entry.rulelines = rules  # Entry.allowance takes the first rule that applies
+
+
 @dataclass(frozen=True, slots=True)
 class _Robots:
     """One origin's robots.txt verdict: a parser, or one answer for every path."""
@@ -614,7 +651,8 @@ class Downloader:
         while True:
             attempts += 1
             outcome = await self._attempt(target, rules, crawl_delay)
-            if not is_transient(outcome.error) or attempts > self.cfg.retries:
+            # (a redirect target's unreachable robots.txt: its verdict would answer again the same)
+            if not is_transient(outcome.error) or outcome.error == ROBOTS_UNREACHABLE or attempts > self.cfg.retries:
                 return done(outcome, attempts)
             await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempts - 1))
 
@@ -767,8 +805,10 @@ class Downloader:
     async def _load_robots(self, origin: URL) -> _Robots:
         got = await self._fetch(str(origin.with_path("/robots.txt")), self._robots_rules)
         if got.ok:
-            parser = urllib.robotparser.RobotFileParser()
-            parser.parse(_whole_delays((got.body or b"").decode("utf-8", "replace").splitlines()))
+            parser = _RobotsParser()
+            # utf-8-sig: a byte order mark (Windows editors write one) would hide the first line,
+            # often the "User-agent: *" that the rules below it belong to
+            parser.parse(_whole_delays((got.body or b"").decode("utf-8-sig", "replace").splitlines()))
             verdict = _Robots(parser, crawl_delay_s=self._robots_delay(parser))
         elif got.error == PRIVATE_ADDRESS:
             verdict = _Robots(None, PRIVATE_ADDRESS, got.error_detail)
@@ -777,8 +817,8 @@ class Downloader:
             # RFC 9309: robots.txt "unavailable" (4xx, also after over five redirects) allows everything
             verdict = _ALLOW_ALL
         else:  # RFC 9309: "unreachable" (5xx, 429, network errors) means complete disallow
-            verdict = _Robots(None, ROBOTS_DISALLOWED, f"robots.txt of {origin} unreachable ({got.error}): "
-                                                       "everything disallowed (RFC 9309)")
+            verdict = _Robots(None, ROBOTS_UNREACHABLE, f"robots.txt of {origin} unreachable ({got.error}): "
+                                                        "everything disallowed (RFC 9309)")
         log.debug("robots.txt of %s: %s", origin, got.error or "parsed")
         return verdict
 

@@ -11,7 +11,7 @@ in flight), and on a GPU the next batch decodes on its own CUDA stream while thi
 a batch only through `Batch.drop`, with a stage and a reason; the shard's Parquet holds every
 input row. Finished shards are skipped on a rerun (see `writer`); with `--retry-failed` a rerun
 also downloads again the rows of finished shards that failed for a transient reason (timeouts,
-5xx, 429, connection errors: `download.is_transient`) and rewrites those shards with the new
+5xx, 429, connection errors, an unreachable robots.txt: `download.is_transient`) and rewrites those shards with the new
 outcomes merged in, leaving every other shard's files untouched.
 """
 

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 # Directives that carry a value after a colon, so "name: value" is not an agent prefix.
 _VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+# Google's shorthand: "none" is "noindex, nofollow", so it opts out wherever either of them does.
+_SHORTHANDS = {"none": frozenset({"noindex", "nofollow"})}
 
 
 def agent_token(user_agent: str) -> str:
@@ -33,6 +35,8 @@ def opt_out_directive(values: Iterable[str], tags: Iterable[str], agents: Iterab
     True
     >>> opt_out_directive(["googlebot: noarchive, fastlaion: noai"], ["noai"], ["fastlaion"])
     'fastlaion: noai'
+    >>> opt_out_directive(["none"], ["noindex"], ["fastlaion"])  # "noindex, nofollow"
+    'none'
     """
     tags, agents = frozenset(tags), frozenset(agents)
     if not tags:
@@ -45,6 +49,7 @@ def opt_out_directive(values: Iterable[str], tags: Iterable[str], agents: Iterab
             if colon and name and name not in _VALUED_DIRECTIVES and not any(c.isspace() for c in name):
                 agent, part = name, rest
             directive = part.split(":", 1)[0].strip()
-            if directive in tags and (agent is None or agent in agents):
+            if (directive in tags or not tags.isdisjoint(_SHORTHANDS.get(directive, ()))) and (
+                    agent is None or agent in agents):
                 return f"{agent}: {directive}" if agent else directive
     return None

@@ -317,9 +317,12 @@ XRT_FILES = {
     "googlebot-then-all": (("X-Robots-Tag", "googlebot: noindex"), ("X-Robots-Tag", "noai")),
     "harmless": (("X-Robots-Tag", "nofollow, noarchive, max-image-preview: large"),),
     "unavailable-after": (("X-Robots-Tag", "unavailable_after: 2030-01-01"),),
+    "shorthand-none": (("X-Robots-Tag", "none"),),  # Google's "noindex, nofollow"
+    "googlebot-none": (("X-Robots-Tag", "googlebot: none"),),
     "none": (),
 }
-XRT_OPTS_OUT = {"noai", "upper", "list", "second-header", "ours", "img2dataset", "googlebot-then-all"}
+XRT_OPTS_OUT = {"noai", "upper", "list", "second-header", "ours", "img2dataset", "googlebot-then-all",
+                "shorthand-none"}
 
 
 def free_port() -> int:
@@ -414,7 +417,7 @@ def test_backoff_doubles(served):
     ("http_500", True), ("http_503", True), ("http_404", False), ("http_403", False),
     ("too_large", False), ("too_many_redirects", False), ("invalid_url", False),
     ("client_error", False), ("opt_out", False), ("blocked", False), ("private_address", False),
-    ("robots_disallowed", False), (None, False),
+    ("robots_disallowed", False), ("robots_unreachable", True), (None, False),
 ])
 def test_is_transient(error, transient):
     assert is_transient(error) is transient
@@ -1016,6 +1019,32 @@ def test_robots_group_for_our_agent(user_agent, allowed):
     assert got.ok is allowed and got.error in (None, "robots_disallowed")
 
 
+@pytest.mark.parametrize("robots, allowed", [
+    (b"Allow: /\nDisallow: /private/\n", ["public/1.jpg", "public/2.jpg"]),  # not the first rule: the longest
+    (b"Disallow: /private/\nAllow: /private/1.jpg\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg"]),
+    (b"Disallow: /private/\nAllow: /private/\n", ["public/1.jpg", "public/2.jpg", "private/1.jpg",
+                                                  "private/2.jpg"]),  # a tie: Allow
+    (b"Disallow: /*1.jpg$\n", ["public/2.jpg", "private/2.jpg"]),  # RFC 9309's wildcards
+    (b"Disallow: /p*e/\n", ["public/1.jpg", "public/2.jpg"]),
+    (b"Disallow: /*.jpg\nAllow: /public\n", ["public/1.jpg", "public/2.jpg"]),  # "*" counts one: /public is longer
+], ids=["allow-all-above", "allow-inside-disallow", "tie", "star-and-dollar", "star-inside", "wildcard-length"])
+def test_robots_rules_are_matched_longest_first(robots, allowed):
+    """RFC 9309: the most specific (longest) matching rule decides, whatever the order; "*" matches
+    any characters, a final "$" the end of the path."""
+    paths = ["public/1.jpg", "public/2.jpg", "private/1.jpg", "private/2.jpg"]
+    with robots_server(Served(b"User-agent: *\n" + robots, "text/plain")) as server:
+        results = fetch_many([server.url(p) for p in paths], respect_robots=True)
+        assert [p for p in paths if server.hits[f"/{p}"]] == allowed
+    assert [p for p, got in zip(paths, results) if got.ok] == allowed
+
+
+def test_robots_txt_starting_with_a_byte_order_mark_is_obeyed():
+    with robots_server(Served(b"\xef\xbb\xbf" + ROBOTS, "text/plain")) as server:
+        results = fetch_many([server.url("private/1.jpg"), server.url("public/1.jpg")], respect_robots=True)
+        assert server.hits["/private/1.jpg"] == 0
+    assert [got.error for got in results] == ["robots_disallowed", None]
+
+
 def test_robots_404_allows_everything():
     with robots_server(None) as server:
         got = fetch(server.url("private/1.jpg"), respect_robots=True)
@@ -1030,7 +1059,7 @@ def test_robots_5xx_disallows_everything():
         assert server.hits["/robots.txt"] == 2  # one fetch, retried once as a transient failure
         assert server.hits["/public/1.jpg"] == server.hits["/public/2.jpg"] == 0
     for got in results:
-        assert (got.error, got.attempts) == ("robots_disallowed", 0)
+        assert (got.error, got.attempts) == ("robots_unreachable", 0)
         assert "unreachable (http_503)" in got.error_detail
 
 
@@ -1044,7 +1073,7 @@ def test_robots_timeout_disallows_everything():
     with robots_server(None, extra_routes=[web.get("/robots.txt", hang)]) as server:
         got = fetch(server.url("public/1.jpg"), respect_robots=True, read_timeout_s=0.2, retries=0)
         assert server.hits["/public/1.jpg"] == 0
-    assert got.error == "robots_disallowed" and "header_timeout" in got.error_detail
+    assert got.error == "robots_unreachable" and "header_timeout" in got.error_detail
     assert got.elapsed_s < 0.2 + SLACK_S
 
 
@@ -1053,6 +1082,14 @@ def test_robots_checked_on_every_redirect_hop(served):
         got = fetch(served[0].url(f"t/to?url={images.url('private/3.jpg')}"), respect_robots=True)
         assert images.hits["/private/3.jpg"] == 0
     assert (got.error, got.http_status, got.attempts) == ("robots_disallowed", 302, 1)
+
+
+def test_a_redirect_target_whose_robots_txt_is_unreachable_is_not_retried_within_the_run(served):
+    """Its verdict holds for the run: another attempt would only wait for the same answer."""
+    with robots_server(Served(b"oops", status=503)) as images:
+        got = fetch(served[0].url(f"t/to?url={images.url('public/1.jpg')}"), respect_robots=True, retries=2)
+        assert images.hits["/robots.txt"] == 3 and images.hits["/public/1.jpg"] == 0
+    assert (got.error, got.http_status, got.attempts) == ("robots_unreachable", 302, 1)
 
 
 # --- opt-out: X-Robots-Tag, read before the body ---------------------------------------------
@@ -1074,6 +1111,8 @@ def test_opt_out_tags_are_configurable(served):
     assert fetch(server.url("xrt/list"), opt_out_tags=("noai",)).ok  # noindex no longer opts out
     assert fetch(server.url("xrt/noai"), opt_out_tags=()).ok  # no check at all
     assert fetch(server.url("xrt/harmless"), opt_out_tags=("noarchive",)).error == "opt_out"
+    assert fetch(server.url("xrt/shorthand-none"), opt_out_tags=("nofollow",)).error == "opt_out"
+    assert fetch(server.url("xrt/shorthand-none"), opt_out_tags=("noai", "noimageai")).ok
 
 
 def test_opt_out_drops_the_row_before_the_body_is_read(served):
@@ -1095,7 +1134,8 @@ def test_opt_out_drops_the_row_before_the_body_is_read(served):
     (["googlebot: noindex"], None), (["fastlaion: noai"], "fastlaion: noai"),
     (["googlebot: noindex, fastlaion: noimageindex"], "fastlaion: noimageindex"),
     (["unavailable_after: 25 Jun 2030 15:00:00 PST, noai"], "noai"),
-    (["max-image-preview: none"], None), ([""], None), ([], None),
+    (["max-image-preview: none"], None), (["none"], "none"), (["googlebot: none, noarchive"], None),
+    ([""], None), ([], None),
 ])
 def test_opt_out_directive(values, directive):
     tags = ("noai", "noimageai", "noindex", "noimageindex")
@@ -1312,7 +1352,7 @@ def test_blocklists_are_read_once_per_process(tmp_path):
 def test_every_reason_is_listed_once():
     assert len(set(REASONS)) == len(REASONS)
     assert {"connect_timeout", "header_timeout", "read_timeout", "deadline", "opt_out", "blocked",
-            "private_address", "robots_disallowed"} <= set(REASONS)
+            "private_address", "robots_disallowed", "robots_unreachable"} <= set(REASONS)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -186,6 +186,42 @@ def test_retry_failed_downloads_only_transient_rows_and_rewrites_only_their_shar
     assert sorted(s["__key__"] for s in samples) == sorted(read_output(out).filter(pl.col("status") == "kept")["key"])
 
 
+def test_retry_failed_downloads_again_the_rows_of_a_host_whose_robots_txt_was_unreachable(tmp_path, photos):
+    """--respect-robots during an outage: robots.txt answers 503, so RFC 9309 disallows the whole
+    host for that run; those rows are transient (robots_unreachable), and once the site is back
+    --retry-failed downloads them."""
+    image = encode(photos[next(iter(photos))][:240])
+    state = {"robots": 503}
+
+    async def robots(request: web.Request) -> web.Response:
+        return web.Response(status=state["robots"], text="User-agent: *\nDisallow: /private/\n")
+
+    async def photo(request: web.Request) -> web.Response:
+        return web.Response(body=image, content_type="image/jpeg")
+
+    rows = [("public/0.jpg",), ("public/1.jpg",), ("private/2.jpg",), ("public/3.jpg",)]
+    with LoopbackServer({}, extra_routes=[web.get("/robots.txt", robots), web.get("/{d}/{name}", photo)]) as server:
+        inp = _write_input(tmp_path, server, rows)
+        out = tmp_path / "out"
+        args = _args(inp, out, "--no-score", "--respect-robots")
+        first = runner.invoke(app, args)
+        assert first.exit_code == 0, first.output
+        assert _outcomes(out) == ["robots_unreachable"] * 4
+        assert not any(path.startswith(("/public/", "/private/")) for path in server.hits)
+        assert json.loads((out / "summary.json").read_text())["transient"] == {"robots_unreachable": 4}
+        assert "rerun with --retry-failed" in first.output
+
+        state["robots"] = 200  # the site is back
+        second = runner.invoke(app, args + ["--retry-failed"])
+        assert second.exit_code == 0, second.output
+        assert _outcomes(out) == ["kept", "kept", "robots_disallowed", "kept"]
+        assert server.hits["/private/2.jpg"] == 0
+        _check_shard_consistent(out, 0)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["retried"] == {"shards": 1, "rows": 4, "kept": 3, "failed_again": 0}
+        assert summary["transient"] == {}
+
+
 def test_retry_failed_merges_scores_and_embeddings(tmp_path, flaky_case):
     """With CLIP scoring on: the recovered rows get their similarity and embeddings; the other
     rows' embeddings stay as they were."""
