@@ -466,16 +466,33 @@ class _Slot:
 
 class _WildcardRule(urllib.robotparser.RuleLine):
     """A rule whose path has RFC 9309's special characters, which Python's parser compares
-    literally: "*" matches any characters, a "$" at the end the end of the URL's path."""
+    literally: "*" matches any characters, a "$" at the end the end of the URL's path.
+
+    Matched segment by segment, each at its first place after the one before (which finds a
+    match whenever there is one), in time linear in the path per segment: a regular expression
+    with a ".*" per "*" backtracks, and a site's "Disallow: /*a*a*a*a*a*a*a*a*a*a*a*a*b$" held
+    the download loop for minutes on one 40-character path."""
 
     def __init__(self, rule: urllib.robotparser.RuleLine):
         self.path, self.allowance = rule.path, rule.allowance  # as RuleLine quoted it: * is %2A, $ %24
-        anchored = self.path.endswith("%24")
-        parts = (self.path[:-3] if anchored else self.path).split("%2A")
-        self._match = re.compile(".*".join(map(re.escape, parts)) + (r"\Z" if anchored else ""), re.DOTALL).match
+        self._anchored = self.path.endswith("%24")
+        self._parts = (self.path[:-3] if self._anchored else self.path).split("%2A")
 
     def applies_to(self, filename: str) -> bool:
-        return self._match(filename) is not None
+        first, *middle, last = self._parts if len(self._parts) > 1 else (self._parts[0], "")
+        if not filename.startswith(first):
+            return False
+        if len(self._parts) == 1:  # no "*": an anchored path is the whole path
+            return not self._anchored or filename == first
+        pos = len(first)
+        for part in middle:
+            pos = filename.find(part, pos)
+            if pos < 0:
+                return False
+            pos += len(part)
+        if self._anchored:
+            return filename.endswith(last) and len(filename) - len(last) >= pos
+        return filename.find(last, pos) >= 0
 
 
 def _pattern_length(path: str) -> int:
