@@ -361,6 +361,18 @@ def _rgb_for_storage(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _grey_16_to_8(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image as 8-bit 'L' (its top byte), its tRNS grey as an alpha band ('LA').
+    Pillow's convert() clips such values to 255 instead: a photo comes out white."""
+    grey = np.asarray(image)
+    grey8 = Image.fromarray((grey.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = Image.fromarray(np.where(grey == transparent, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (grey8, alpha))
+    return grey8
+
+
 # -- the decoder -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -530,7 +542,9 @@ class Decoder:
         assert pil_image is not None
         try:
             pil_image.load()
-            if pil_image.mode not in _RESIZABLE_MODES:  # e.g. 16-bit grey PNG ('I;16'), 'PA'
+            if pil_image.mode.startswith("I"):  # 16-bit grey PNG ('I;16', 'I' in older Pillow)
+                pil_image = _grey_16_to_8(pil_image)
+            if pil_image.mode not in _RESIZABLE_MODES:  # e.g. 'PA'
                 has_alpha = "A" in pil_image.getbands() or "transparency" in pil_image.info
                 pil_image = pil_image.convert("RGBA" if has_alpha else "RGB")
         except _PIL_ERRORS as exc:

@@ -131,6 +131,9 @@ def load_state_dict(path: Path, flag: str, source: str | None = None) -> dict[st
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ConfigError(f"{name}: not a PyTorch state dict (it holds a {type(state).__name__})")
+    other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise ConfigError(f"{name}: not a PyTorch state dict (its {other!r} holds a {type(state[other]).__name__})")
     return state
 
 
@@ -179,7 +182,19 @@ class NsfwHead(nn.Module):
         n = len([k for k in state if k.startswith("linear_") and k.endswith(".weight")])
         if n == 0 or "norm.mean" not in state:
             raise ValueError("not an NSFW head state dict (needs norm.mean, norm.variance, linear_1..)")
-        sizes = [tuple(state[f"linear_{i}.weight"].shape[::-1]) for i in range(1, n + 1)]
+        shapes = [tuple(state[f"linear_{i}.weight"].shape) for i in range(1, n + 1)]
+        if any(len(shape) != 2 for shape in shapes):
+            raise ValueError("not an NSFW head state dict (a linear_N.weight is no matrix)")
+        sizes = [(i, o) for o, i in shapes]
+        # a head whose layers do not chain would load, then fail on the first batch of the run
+        for name in ("norm.mean", "norm.variance"):
+            if tuple(state[name].shape) != (sizes[0][0],):
+                raise ValueError(f"{name} holds {tuple(state[name].shape)} values, linear_1 takes {sizes[0][0]}")
+        for i in range(1, n):
+            if sizes[i][0] != sizes[i - 1][1]:
+                raise ValueError(f"linear_{i} gives {sizes[i - 1][1]} values, linear_{i + 1} takes {sizes[i][0]}")
+        if sizes[-1][1] != 1:
+            raise ValueError(f"linear_{n} gives {sizes[-1][1]} values, not the one punsafe")
         head = cls(state["norm.mean"], state["norm.variance"], sizes)
         for i, lin in enumerate(head.linears, 1):
             lin.weight.data.copy_(state[f"linear_{i}.weight"])
@@ -240,16 +255,29 @@ def load_nsfw_head(source: str) -> NsfwHead:
 def load_aesthetic_head(source: str, version: int) -> nn.Module:
     flag = f"--aesthetic-v{version}"
     state = load_state_dict(resolve_weights(source, flag), flag, source)
+    first = "weight" if version == 1 else "layers.0.weight"
     try:
+        if state[first].ndim != 2:
+            raise RuntimeError(f"its {first} is no matrix")
         if version == 1:
             head: nn.Module = AestheticV1(state["weight"].shape[1])
             head.linear.load_state_dict(state)
         else:
             head = AestheticV2(state["layers.0.weight"].shape[1])
             head.load_state_dict(state)
-    except (KeyError, RuntimeError) as e:
-        raise ConfigError(f"{flag} {source}: not an aesthetic V{version} state dict ({type(e).__name__}: {e})") from None
+    except KeyError as e:
+        raise ConfigError(f"{flag} {source}: not an aesthetic V{version} state dict (KeyError: {e})") from None
+    except RuntimeError as e:
+        raise ConfigError(f"{flag} {source}: not an aesthetic V{version} state dict ({load_failure(e)})") from None
     return head.eval()
+
+
+def load_failure(exc: RuntimeError) -> str:
+    """torch's load_state_dict error ("Error(s) in loading state_dict for X:", then one indented
+    line per finding) as one line: its first finding, cut where it lists hundreds of keys."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = lines[1] if len(lines) > 1 else first_line(exc)
+    return found if len(found) <= 200 else found[:197] + "..."
 
 
 WATERMARK_SIZE_PX = 256
@@ -289,7 +317,7 @@ class WatermarkDetector:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"--watermark-model {source}: weights do not fit efficientnet_b3a's head "
-                              f"({first_line(e)})") from None
+                              f"({load_failure(e)})") from None
         return cls(model, device)
 
     @torch.inference_mode()

@@ -605,6 +605,7 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     held.enter_context(output_lock(out))
     saved = out / CONFIG_FILE
     files = input_files(cfg.input.paths)
+    weights = weight_files(cfg.resume_key())
     build = INPUT_BUILD
     if saved.exists():
         try:
@@ -624,12 +625,27 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
             # read; they were refused as "other settings".
             previous["input"]["paths"] = now
             marks = {b: marks[a] for a, b in zip(was, now) if a in marks}
+        weights_before = before.get(WEIGHT_FILES_KEY, {})
+        if not isinstance(weights_before, dict):
+            weights_before = {}
+        changed_weights = []
+        for setting, mark in weights.items():
+            section, name = setting.split(".")
+            if previous[section].get(name) != current[section].get(name) and weights_before.get(setting) == mark:
+                previous[section][name] = current[section][name]  # the same file, named otherwise
+            elif setting in weights_before and weights_before[setting] != mark:
+                changed_weights.append(setting)
         diffs = _differences(previous, current)
         changed = [p for p, mark in files.items() if marks.get(p, mark) != mark]
         if any_finished(out):
             if diffs:
                 raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); "
                                   "rerun with the same settings to resume, or choose another output folder")
+            if changed_weights:
+                section, name = changed_weights[0].split(".")
+                raise ConfigError(f"{WEIGHT_SETTINGS[changed_weights[0]]} {current[section][name]} changed since the "
+                                  f"run in {out} began (its size or content): the finished shards were tagged or "
+                                  "scored with the earlier file; restore it, or choose another output folder")
             if changed:
                 raise ConfigError(f"input {changed[0]} changed since the run in {out} began (its size or content): "
                                   "the finished shards hold the rows it had then, and resuming would lose or "
@@ -652,7 +668,8 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
             (out / SUMMARY_FILE).unlink(missing_ok=True)  # of the run given up (its failed shards, say)
             if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
-    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, MODEL_BUILD_KEY: MODEL_BUILD,
+    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, WEIGHT_FILES_KEY: weights,
+                                 MODEL_BUILD_KEY: MODEL_BUILD,
                                  INPUT_BUILD_KEY: build}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
     for shard in recover_partial(out):
@@ -677,6 +694,30 @@ def input_files(paths: Iterable[str]) -> dict[str, str]:
         try:  # regular files only: a pipe (`run <(cat urls)`) would lose what the mark reads
             if "://" not in p and stat.S_ISREG(os.stat(p).st_mode):
                 marks[str(Path(p))] = input_mark(Path(p))
+        except OSError:
+            pass
+    return marks
+
+
+# The settings that name a weights file, with their options. In config.json, WEIGHT_FILES_KEY holds
+# each local one's input_mark: a rerun naming the same file otherwise (from another folder, by an
+# absolute path) resumes, as for the input files, and one whose file changed since is refused.
+WEIGHT_SETTINGS = {"score.pretrained": "--pretrained", "score.multilingual_pretrained": "--multilingual-pretrained",
+                   "tags.language_model": "--language-model", "tags.nsfw_head": "--nsfw-head",
+                   "tags.aesthetic_v1": "--aesthetic-v1", "tags.aesthetic_v2": "--aesthetic-v2",
+                   "tags.watermark_model": "--watermark-model"}
+WEIGHT_FILES_KEY = "weight_files"
+
+
+def weight_files(key: dict[str, Any]) -> dict[str, str]:
+    """{'section.setting': input_mark} of each local file that a resume key names as weights."""
+    marks = {}
+    for setting in WEIGHT_SETTINGS:
+        section, name = setting.split(".")
+        value = key.get(section, {}).get(name)
+        try:
+            if isinstance(value, str) and "://" not in value and Path(value).expanduser().is_file():
+                marks[setting] = input_mark(Path(value).expanduser())
         except OSError:
             pass
     return marks

@@ -105,6 +105,25 @@ def test_transparent_png_is_matted_on_white_for_storage():
     assert pixels[128, 170, 0] > 230 and pixels[128, 170, 1:].max() < 30
 
 
+def test_16_bit_grey_png_keeps_its_tones():
+    """A 16-bit greyscale PNG (Pillow's 'I;16') is scaled to 8 bits, not clipped: Pillow's own
+    convert('RGB') turns every value over 255, nearly all of a photo, to white."""
+    grey = np.asarray(photo("coffee").convert("L"), dtype=np.uint16) * 257  # 0..255 -> 0..65535
+    body = encode(Image.fromarray(grey), "PNG")
+    assert Image.open(io.BytesIO(body)).mode == "I;16"
+    d = decode(body, ClipInputSpec((224, 224)), resize_mode=ResizeMode.keep_ratio)
+    assert d.error is None, d.error_detail
+    assert (d.width, d.height, d.stored_width, d.stored_height) == (600, 400, 384, 256)
+    original = np.asarray(photo("coffee").convert("L").resize((384, 256), Image.Resampling.BOX), dtype=float)
+    assert np.abs(stored_pixels(d)[..., 0] - original).mean() < 5
+    eight_bit = decode(encode(photo("coffee").convert("L"), "PNG"), ClipInputSpec((224, 224)))
+    assert np.abs(d.clip_input.astype(float) - eight_bit.clip_input).max() <= 1
+    # its tRNS grey is transparent, matted on white as other transparent images are
+    grey[:100] = 7
+    d = decode(encode(Image.fromarray(grey), "PNG", transparency=7), resize_mode=ResizeMode.keep_ratio)
+    assert stored_pixels(d)[:60].min() > 240 and np.abs(stored_pixels(d)[100:, :, 0] - original[100:]).mean() < 5
+
+
 # -- CLIP input against open_clip ----------------------------------------------------------
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

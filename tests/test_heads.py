@@ -123,6 +123,34 @@ def load_error(flag: str, source: Path | str) -> str:
     return str(e.value)
 
 
+@needs_models
+def test_weights_that_do_not_fit_their_head_are_refused_in_one_line(tmp_path):
+    """Each is refused when it loads, in one line saying what does not fit: an NSFW head whose
+    layers do not chain loaded and then failed on the run's first batch, with a traceback; a V1
+    weight that is no matrix raised IndexError; a V2 or watermark mismatch printed torch's
+    multi-line message (or, for the watermark, only its first line, which names nothing)."""
+    nsfw = torch.load(MODELS / "nsfw_head_vit_b_32.pth", weights_only=True)
+    cases = [
+        (load_nsfw_head, {**nsfw, "norm.mean": torch.zeros(768), "norm.variance": torch.ones(768)},
+         "norm.mean holds (768,) values, linear_1 takes 512"),
+        (load_nsfw_head, {**nsfw, "linear_2.weight": torch.zeros(32, 16)}, "linear_1 gives 32 values, linear_2 takes 16"),
+        (LOADERS["--aesthetic-v1"], {"weight": torch.zeros(512), "bias": torch.zeros(1)},
+         "not an aesthetic V1 state dict (its weight is no matrix)"),
+        (LOADERS["--aesthetic-v1"], {"weight": 3, "bias": torch.zeros(1)}, "not a PyTorch state dict (its 'weight' holds a int)"),
+        (LOADERS["--aesthetic-v2"], {**AestheticV2(512).state_dict(), "layers.2.weight": torch.zeros(100, 1024)},
+         "not an aesthetic V2 state dict (size mismatch for layers.2.weight: copying a param with shape "
+         "torch.Size([100, 1024]) from checkpoint, the shape in current model is torch.Size([128, 1024]).)"),
+        (LOADERS["--watermark-model"], nsfw, "weights do not fit efficientnet_b3a's head (Missing key(s) in "
+                                             'state_dict: "conv_stem.weight", "bn1.weight"'),
+    ]
+    for i, (load, state, says) in enumerate(cases):
+        path = tmp_path / f"{i}.pth"
+        torch.save(state, path)
+        with pytest.raises(ConfigError) as e:
+            load(str(path))
+        assert says in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < len(str(path)) + 300, str(e.value)
+
+
 @pytest.mark.parametrize("flag", list(LOADERS))
 def test_a_file_that_is_no_checkpoint_says_so_with_its_option(tmp_path, flag):
     """A text file given as weights: torch's weights-only unpickler fails on it with whatever its

@@ -119,3 +119,34 @@ def test_head_for_another_embedding_size_is_a_clear_error(tmp_path, served):
                                  "--pretrained", "none", "--nsfw-head", str(MODELS / "nsfw_head_vit_l_14.pth")])
     assert result.exit_code == 2
     assert "takes 768-d embeddings" in result.output
+
+
+@pytest.mark.skipif(not MODELS.is_dir(), reason="real LAION heads not found")
+def test_a_resume_takes_the_same_head_file_named_otherwise_and_refuses_a_changed_one(tmp_path, served, monkeypatch):
+    """The run's head named by a relative path, the rerun's by an absolute one (from another
+    folder): the same file, so it resumes, as for an input file; it was refused as "other
+    settings". A head file rewritten since would tag the shards left with other values: refused."""
+    head = tmp_path / "nsfw.pth"
+    head.write_bytes((MODELS / "nsfw_head_vit_b_32.pth").read_bytes())
+    inp = tmp_path / "in.parquet"
+    pl.DataFrame({"url": [served.url(f"{i}.jpg") for i in range(len(CAPTIONS))], "caption": CAPTIONS}).write_parquet(inp)
+    out = tmp_path / "out"
+    flags = ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny", "--pretrained",
+             "none", "--no-progress", "--shard-size", "2", "--min-similarity", "-1"]
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*flags, "--nsfw-head", "nsfw.pth"])
+    assert result.exit_code == 0, result.output
+    (out / "00002_stats.json").unlink()  # the last shard unfinished, as a run stopped there leaves it
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, [*flags, "--nsfw-head", str(head)])
+    assert result.exit_code == 0, result.output
+    assert "2 of 3 shards already complete" in result.output
+    table = pl.concat([pl.read_parquet(p) for p in sorted(out.glob("0*.parquet"))])
+    assert table["punsafe"].null_count() == 0 and table.height == len(CAPTIONS)
+    state = torch.load(head, weights_only=True)
+    torch.save({**state, "linear_3.bias": state["linear_3.bias"] + 1}, head)
+    (out / "00002_stats.json").unlink()
+    result = runner.invoke(app, [*flags, "--nsfw-head", str(head)])
+    assert result.exit_code == 2
+    assert f"--nsfw-head {head} changed since the run in {out} began" in result.output
