@@ -113,11 +113,15 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         raise ConfigError(f"{path}: not a regular file (a pipe?): a {fmt.value} input is read more than once "
                           "(its columns checked, then its rows); save it to a file first (a txt input may be a pipe)")
     try:
+        if _first_character(path) == b"":  # Polars: "empty CSV", "Cannot infer NDJSON types on empty reader"
+            return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
         table = _scan(path, fmt)
         schema = table.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise _unreadable(path, fmt, e) from None
     columns = schema.names()
+    if not columns and fmt is InputFormat.jsonl and _json_array(path):  # [] : no rows, as an empty file
+        return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
     for name in (cfg.url_col, cfg.caption_col):  # Polars reads a csv header's second `url` as url_duplicated_0
         if name is not None and f"{name}_duplicated_0" in columns and fmt in (InputFormat.csv, InputFormat.tsv):
             raise ConfigError(f"{path}: its header names the column {name!r} more than once: which one to read "
@@ -172,16 +176,22 @@ def _scan(path: Path, fmt: InputFormat, quoted: bool = True) -> pl.LazyFrame:
 
 
 def _json_array(path: Path) -> bool:
-    """Whether a json/jsonl file holds one JSON array (its first character, past white space
-    and a byte-order mark, is '['), not a JSON object a line."""
+    """Whether a json/jsonl file holds one JSON array (its first character is '['), not a JSON
+    object a line."""
+    return _first_character(path) == b"["
+
+
+def _first_character(path: Path) -> bytes:
+    """A text file's first byte past white space and a byte-order mark (gunzipped); b"" when it
+    has none: an empty file, or one of blank lines only."""
     try:
         with path.open("rb") as raw, _decompressed(raw) as f:
             while chunk := f.read(1 << 16):
                 if text := chunk.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n"):
-                    return text[:1] == b"["
+                    return text[:1]
     except EOFError:  # a gzip file cut short: Polars' read says so
-        pass
-    return False
+        return b"?"
+    return b""
 
 
 @dataclass(frozen=True)

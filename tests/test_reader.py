@@ -273,6 +273,26 @@ def test_a_header_naming_the_url_or_caption_column_twice_is_refused(tmp_path, he
     assert read(InputConfig(paths=(str(other),)), True, tmp_path / "rows")["url"].to_list() == ["http://127.0.0.1:1/a.jpg"]
 
 
+def test_empty_text_inputs_have_no_rows_in_every_format(tmp_path):
+    """An empty csv/tsv/jsonl/json (no bytes, blank lines, `[]`, an empty gzip) has no rows, as an
+    empty txt has: beside another input it adds none, alone it is "the input has no rows". They
+    were Polars' errors ("empty CSV", "Cannot infer NDJSON types on empty reader") or "no URL
+    column", each a different line for the same thing."""
+    import gzip
+
+    empties = {"a.csv": b"", "b.tsv": b"\n\n", "c.jsonl": b"", "d.jsonl": b" \n", "e.json": b"[]\n",
+               "f.csv.gz": gzip.compress(b""), "g.json": b"\xef\xbb\xbf\n"}
+    for name, data in empties.items():
+        (tmp_path / name).write_bytes(data)
+    pl.DataFrame({"url": URLS, "caption": CAPS}).write_csv(tmp_path / "full.csv")
+    paths = [str(tmp_path / n) for n in empties]
+    t = read(InputConfig(paths=(*paths[:3], str(tmp_path / "full.csv"), *paths[3:])), True, tmp_path / "rows")
+    assert t["caption"].to_list() == CAPS
+    for name in empties:
+        result = _cli(str(tmp_path / name), "-o", str(tmp_path / "out"))
+        assert result.exit_code == 2 and f"the input has no rows: {tmp_path / name};" in result.output, result.output
+
+
 def test_txt_lines_as_python_splits_them(tmp_path, monkeypatch):
     """Blank and whitespace lines dropped, CRLF and lone CR, no final newline, bytes that are
     not UTF-8, and blocks so small that lines straddle them."""
