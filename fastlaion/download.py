@@ -36,7 +36,12 @@ Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transien
                         "unreachable", which means complete disallow); the verdict holds for the
                         run, so it is retried by --retry-failed only, not within the run
     opt_out             X-Robots-Tag carries one of `opt_out_tags` (see `opt_out_directive`)
-    http_<status>       the server answered with status >= 400, e.g. http_404 (429 and 5xx retried)
+    http_<status>       the server answered with status >= 400, e.g. http_404 (429 and 5xx retried).
+                        A 429 or 503 with Retry-After is retried no sooner than it asks, and no
+                        request to its host starts before then; one asking for more than
+                        `max_crawl_delay_s` is not retried in this run, and the host's other URLs
+                        get the same answer without a request until that time (--retry-failed
+                        downloads them again)
     connect_timeout     no connection (DNS + TCP + TLS) within `connect_timeout_s` (retried)
     header_timeout      connected, but no response headers within `read_timeout_s` (retried)
     read_timeout        the body stalled: no bytes for `read_timeout_s` (retried)
@@ -405,6 +410,13 @@ class _HostGates:
         rate or by `interval` s (the host's robots.txt Crawl-delay), whichever is longer."""
         return _Slot(self, host, max(self._interval, interval))
 
+    def hold(self, host: str, until: float) -> None:
+        """No request to `host` starts before loop time `until` (a Retry-After); the host's gate
+        exists (a request to it holds a slot)."""
+        gate = self._gates.get(host)
+        if gate is not None:
+            gate.next_start = max(gate.next_start, until)
+
     def _enter(self, host: str) -> _Gate:
         gate = self._gates.get(host)
         if gate is None:
@@ -440,11 +452,12 @@ class _Slot:
         try:
             await gate.slots.acquire()
             self._held = True
-            if self._interval:
+            if self._interval or gate.next_start:  # a rate, a Crawl-delay, or a Retry-After's hold
                 loop = asyncio.get_running_loop()
                 now = loop.time()
                 start = max(now, gate.next_start)
-                gate.next_start = start + self._interval  # reserved before sleeping: no two share it
+                if self._interval:
+                    gate.next_start = start + self._interval  # reserved before sleeping: no two share it
                 if start > now:
                     await asyncio.sleep(start - now)
         except BaseException:
@@ -538,6 +551,32 @@ class _Attempt:
     http_status: int | None
     error: str | None
     error_detail: str | None
+    retry_after_s: float | None = None  # a 429/503's Retry-After: no retry sooner (None: none asked)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds (delta-seconds or an HTTP date, RFC 9110), at
+    least 0; None when there is none or it cannot be read.
+
+    >>> retry_after_seconds("120"), retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0)
+    (120.0, 10.0)
+    >>> retry_after_seconds("soon") is None and retry_after_seconds("-5") is None
+    True
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # not a valid HTTP date (those are GMT)
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +623,9 @@ class Downloader:
         self._gates = _HostGates(cfg.per_host, cfg.per_host_rate)
         self._robots: OrderedDict[str, asyncio.Future[_Robots]] = OrderedDict()
         self._robots_loading: Counter[str] = Counter()  # hosts whose robots.txt is being fetched
+        # hosts that asked (Retry-After) for a longer wait than max_crawl_delay_s: loop time until
+        # which their URLs get that answer again without a request, and the answer
+        self._host_away: dict[str, tuple[float, _Attempt]] = {}
         # At most `workers` requests in flight across every download_all on this downloader (two
         # shards overlap at a shard's tail).
         self.in_flight = asyncio.Semaphore(cfg.workers)
@@ -671,7 +713,10 @@ class Downloader:
             # (a redirect target's unreachable robots.txt: its verdict would answer again the same)
             if not is_transient(outcome.error) or outcome.error == ROBOTS_UNREACHABLE or attempts > self.cfg.retries:
                 return done(outcome, attempts)
-            await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempts - 1))
+            wait = outcome.retry_after_s or 0.0
+            if wait > self.cfg.max_crawl_delay_s:  # asks for longer than a run waits: --retry-failed
+                return done(outcome, attempts)
+            await asyncio.sleep(max(wait, self.cfg.backoff_s * 2 ** (attempts - 1)))
 
     async def _refusal(self, target: URL, rules: _Rules) -> tuple[_Attempt | None, float]:
         """(why `target` must not be requested (a literal private IP, robots.txt) or None, the
@@ -705,6 +750,8 @@ class Downloader:
                 refusal, crawl_delay = await self._refusal(target, rules)
                 if refusal is not None:
                     return _Attempt(None, status, refusal.error, refusal.error_detail)
+            if self._host_away and (away := self._away(target.raw_host or "")) is not None:
+                return away
             async with self._gates.slot(target.raw_host or "", crawl_delay):
                 began = time.perf_counter()
                 try:
@@ -715,6 +762,38 @@ class Downloader:
                 return step
             target, status = step
         return _refused(TOO_MANY_REDIRECTS, f"more than {self.cfg.max_redirects} redirects", status)
+
+    def _asked_to_wait(self, host: str, resp: aiohttp.ClientResponse) -> _Attempt:
+        """A 429/503 with Retry-After: no request to `host` starts before the time it names (its
+        gate is held), and when that is over max_crawl_delay_s, the host's URLs get this answer
+        until then without a request (`_away`)."""
+        wait = retry_after_seconds(resp.headers.get("Retry-After"))
+        detail = f"{resp.status} {resp.reason}"
+        if wait is None:
+            return _Attempt(None, resp.status, f"http_{resp.status}", detail)
+        now = asyncio.get_running_loop().time()
+        detail = f"{detail}, Retry-After {wait:g} s"
+        if wait > self.cfg.max_crawl_delay_s:
+            detail += f" (over --max-crawl-delay {self.cfg.max_crawl_delay_s:g} s: not retried in this run)"
+        outcome = _Attempt(None, resp.status, f"http_{resp.status}", detail[:MAX_DETAIL_CHARS], wait)
+        if wait > self.cfg.max_crawl_delay_s:
+            self._host_away[host] = (now + wait, outcome)
+        else:
+            self._gates.hold(host, now + wait)
+        return outcome
+
+    def _away(self, host: str) -> _Attempt | None:
+        """The answer of a host that asked to be left alone for longer than a run waits, while
+        that time lasts."""
+        entry = self._host_away.get(host)
+        if entry is None:
+            return None
+        until, outcome = entry
+        left = until - asyncio.get_running_loop().time()
+        if left <= 0:
+            del self._host_away[host]
+            return None
+        return _Attempt(None, outcome.http_status, outcome.error, outcome.error_detail, left)
 
     async def _hop(self, target: URL, rules: _Rules, budget_s: float,
                    status: int | None) -> _Attempt | tuple[URL, int]:
@@ -727,6 +806,8 @@ class Downloader:
                 if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
                     return _redirect(resp)
                 if resp.status >= 400:
+                    if resp.status in (429, 503) and "Retry-After" in resp.headers:
+                        return self._asked_to_wait(target.raw_host or "", resp)
                     return _Attempt(None, resp.status, f"http_{resp.status}", f"{resp.status} {resp.reason}")
                 if rules.policy:
                     directive = opt_out_directive(resp.headers.getall("X-Robots-Tag", ()),

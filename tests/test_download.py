@@ -8,6 +8,7 @@ going away and give up after a few seconds, so the server always stops promptly.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import gzip
 import hashlib
 import ipaddress
@@ -116,7 +117,20 @@ class Routes:
             web.get("/t/slow-hop/{n}", self.slow_hop),
             web.get("/t/to", self.to),
             web.get("/t/gzip-bomb", self.gzip_bomb),
+            web.get("/t/retry-after/{form}/{seconds}/{token}", self.retry_after),
         ]
+
+    async def retry_after(self, request: web.Request) -> web.Response:
+        """429 with Retry-After (seconds, or an HTTP date that many seconds ahead) on the first
+        request for the path, the body after; arrivals recorded under the path."""
+        self.hits[request.path] += 1
+        self.arrivals.setdefault(request.path, []).append(time.monotonic())
+        if self.hits[request.path] > 1:
+            return web.Response(body=b"after")
+        seconds = int(request.match_info["seconds"])
+        value = (str(seconds) if request.match_info["form"] == "delta"
+                 else email.utils.formatdate(time.time() + seconds, usegmt=True))
+        return web.Response(status=429, text="slow down\n", headers={"Retry-After": value})
 
     async def status(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
@@ -383,6 +397,45 @@ def test_503_is_retried_then_reported(served):
     got = fetch(server.url("t/status/503/a"), retries=2)
     assert (got.error, got.http_status, got.body, got.attempts) == ("http_503", 503, None, 3)
     assert routes.hits["/t/status/503/a"] == 3
+
+
+@pytest.mark.parametrize("form", ["delta", "date"])
+def test_retry_after_is_waited_for_and_holds_the_host(served, form):
+    """A 429 with Retry-After (seconds or an HTTP date): the retry comes no sooner than it asks
+    (it was 0.01 s later here, the backoff), and a request to the same host that starts meanwhile
+    waits for it too. An HTTP date counts whole seconds: 2 s ahead is over 1 s."""
+    server, routes = served
+    path = f"/t/retry-after/{form}/2/{form}-held"
+    config = DownloadConfig(**{**FAST, "timeout_s": 5.0})
+
+    async def go() -> list[Fetched]:
+        async with Downloader(config) as downloader:
+            first = asyncio.ensure_future(downloader.fetch(server.url(path.lstrip("/"))))
+            while not routes.arrivals.get(path):  # the 429 is being answered
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            other = await downloader.fetch(server.url(f"t/arrival/{form}-other/x"))
+            return [await first, other]
+
+    got, other = run(go())
+    assert got.ok and got.body == b"after" and got.attempts == 2 and other.ok
+    (asked, retried), (came,) = routes.arrivals[path], routes.arrivals[f"{form}-other"]
+    assert retried - asked >= 1.0 and came - asked >= 1.0, (retried - asked, came - asked)
+
+
+def test_a_retry_after_longer_than_a_run_waits_fails_the_hosts_urls_without_requests(served):
+    """Retry-After over --max-crawl-delay (10 s): that URL is not retried (no 3 quick requests to a
+    host asking for an hour), and the host's other URLs get the same 429 without a request until
+    then; both transient, so --retry-failed downloads them again. Another host is not affected."""
+    server, routes = served
+    path = "/t/retry-after/delta/3600/away"
+    other_host = server.url("t/status/200/away-other").replace("127.0.0.1", "localhost")
+    got = fetch_many([server.url(path.lstrip("/")), server.url("t/status/200/away-same"), other_host],
+                     workers=1, retries=2)
+    assert [g.error for g in got] == ["http_429", "http_429", None]
+    assert got[0].attempts == 1 and routes.hits[path] == 1 and routes.hits["/t/status/200/away-same"] == 0
+    assert "Retry-After 3600 s" in got[1].error_detail and "not retried in this run" in got[1].error_detail
+    assert is_transient(got[1].error)
 
 
 def test_429_is_retried(served):
