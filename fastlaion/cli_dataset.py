@@ -1,6 +1,7 @@
-"""`fastlaion subset`, `dedup` and `stats`: operations on a finished dataset (fastlaion.dataset).
+"""`fastlaion subset`, `dedup`, `stats`, `index`, `search` and `classify`: operations on a finished
+dataset (fastlaion.dataset).
 
-fastlaion/cli.py registers the three functions `<name>_cmd` lazily: this module, whose signatures
+fastlaion/cli.py registers the six functions `<name>_cmd` lazily: this module, whose signatures
 import Polars, numpy and Pillow, is imported only when one of them is looked up (run, or listed by
 `fastlaion --help`), never at the other commands' start-up. Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on
 stderr and exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported
@@ -174,15 +175,16 @@ def dedup_cmd(
     max_hamming: Annotated[int, typer.Option(help="--by phash: images whose 64-bit pHashes differ in at most this many bits are duplicates.")] = _DD.max_hamming_bits,
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
     device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,
-    method: Annotated[str, typer.Option(help="--by embedding: exact (every pair; hours past ~10^5 samples on a CPU, ~10^6 on a GPU), clusters (SemDeDup-style: only pairs inside one k-means cluster; about 1.5 minutes for 10^6 samples on 2 cores, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
+    method: Annotated[str, typer.Option(help="--by embedding: exact (every pair, time growing as samples squared: about a minute for 10^5 samples on 2 cores, some two hours for 10^6), clusters (SemDeDup-style: only pairs inside one k-means cluster; about 1.5 minutes for 10^6 samples on 2 cores, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
     clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
     threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Mark duplicate samples. Of each set of duplicates the first in dataset order (lowest key)
-    stays; the others become status=dropped, stage=dedup, reason=duplicate_<by>, with duplicate_of
-    = the key they repeat. Every row is written to OUTPUT/metadata.parquet: nothing is lost."""
+    stays; the others become status=dropped, stage=dedup, reason=duplicate_<by> (+ as _:
+    duplicate_url_caption), with duplicate_of = the key they repeat. Every row is written to
+    OUTPUT/metadata.parquet: nothing is lost."""
     from .dataset.dedup import dedup
 
     _cli()._setup_logging(verbose)
@@ -446,7 +448,7 @@ def _short_line(short: dict[str, int], index: dict[str, int], queries: int) -> s
 
 def index_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file) with image embeddings.", show_default=False)],
-    cells: Annotated[int, typer.Option(help="Cells (k-means centroids) of the index; 0: 4 x the square root of the kept samples.")] = 0,
+    cells: Annotated[int, typer.Option(help="Cells (k-means centroids) of the index; 0: 4 x the square root of the kept samples, at most one per 64 of them and 15,625.")] = 0,
     threads: Annotated[int, typer.Option(help="faiss's threads; 0: every core.")] = 0,
     pq: Annotated[int, typer.Option(metavar="BYTES", help="Store each sample as BYTES bytes of product-quantized codes (faiss IVFPQ; BYTES must divide the dimensions: 64 for ViT-B/32's 512 is 1/16 of the float16 vectors) instead of its float16 vector (2 bytes a dimension), for datasets whose vectors do not fit in memory; search then ranks the best candidates again by their stored embeddings. 0: float16. Needs 9,984 or more samples.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
