@@ -376,7 +376,7 @@ def demo_cmd(
     pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint path; 'none' = random weights.")] = "none",
     min_similarity: Annotated[Optional[float], typer.Option(help="Similarity threshold; default 0.28 with real weights, none (keep all) with random ones.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
     """Run the whole pipeline on a built-in sample: real photographs (scikit-image's), generated
     images, captions, dead links and a non-image, served from a loopback server on this machine."""

@@ -54,7 +54,9 @@ Link rules, checked in this order; a link is counted under the first rule it fai
     long_host    hostname longer than `max_host_chars` (LAION: 60)
 The substring rules are LAION's and match anywhere in the src, case-insensitively: a Wikipedia
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
-Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts.
+Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts
+(url_truncated, caption_truncated) and the WARC pages whose declared charsets are all unknown,
+read as UTF-8 (charset_fallback).
 
 Record reasons. Ignored (normal, not errors):
     other_type     warcinfo, request, revisit, ... records, and WARC metadata records
