@@ -8,6 +8,7 @@ already resized and cropped by the decoder to the model's own preprocessing conf
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import logging
 import os
@@ -227,7 +228,30 @@ def clip_options(model: str, pretrained: str | None) -> dict[str, Any]:
     return {"force_quick_gelu": True} if any(t.get("quick_gelu", False) for t in tags) else {}
 
 
+def openai_weights(model: str, pretrained: str | None) -> bool:
+    """Whether `pretrained` is OpenAI's CLIP weights for `model` (its -quickgelu twin's too):
+    the tag "openai", or a local file recognised as that tag's download (`_tag_of_file`). LAION's
+    NSFW and aesthetic heads take those weights' embeddings."""
+    if pretrained is None:
+        return False
+    if pretrained == "openai":
+        return True
+    if not Path(pretrained).is_file():
+        return False
+    import open_clip
+
+    base = model.removesuffix("-quickgelu")
+    openai = (open_clip.get_pretrained_cfg(base, "openai") or {}).get("url")
+    return bool(openai) and _tag_of_file(base, Path(pretrained)).get("url") == openai
+
+
 def _tag_of_file(model: str, path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return _tag_of_file_at(model, str(path), str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _tag_of_file_at(model: str, given: str, resolved: str, size: int, mtime_ns: int) -> dict[str, Any]:
     """The pretrained config of the open_clip tag of `model` that the local file `path` was
     downloaded as, where that shows: a Hugging Face cache folder named after the tag's repository
     (models--ORG--NAME), or the tag URL's file name with the sha256 its path names; else {}."""
@@ -235,7 +259,7 @@ def _tag_of_file(model: str, path: Path) -> dict[str, Any]:
 
     import open_clip
 
-    resolved = str(path.resolve())
+    path = Path(given)  # its size and time are in the cache's key: hashed once however often asked
     for tag in open_clip.list_pretrained_tags_by_model(model):
         cfg = open_clip.get_pretrained_cfg(model, tag) or {}
         repo = [part for part in str(cfg.get("hf_hub", "")).split("/") if part][:2]

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# LAION's heads were trained on OpenAI CLIP image embeddings: "auto" picks them only for those.
+# LAION's heads were trained on OpenAI CLIP image embeddings: "auto" picks them only for those
+# (the tag "openai", or a local copy of its download, also named as the -quickgelu architecture).
 _AUTO_NSFW = {"ViT-B-32": "nsfw-vit-b-32", "ViT-L-14": "nsfw-vit-l-14"}
 _AUTO_AESTHETIC_V1 = {"ViT-B-32": "aesthetic-v1-vit-b-32", "ViT-B-16": "aesthetic-v1-vit-b-16",
                       "ViT-L-14": "aesthetic-v1-vit-l-14"}
@@ -32,8 +33,12 @@ def _auto(choice: str | None, table: dict[str, str], score: ScoreConfig, what: s
         return None
     if choice != "auto":
         return choice
-    if score.enabled and score.pretrained == "openai" and score.model in table:
-        return table[score.model]
+    base = score.model.removesuffix("-quickgelu")  # ViT-B-32-quickgelu / openai: the same weights
+    if score.enabled and base in table:
+        from .score import openai_weights  # a local file is recognised as OpenAI's download
+
+        if openai_weights(score.model, score.pretrained):
+            return table[base]
     log.info("%s: no LAION head for %s/%s (they take OpenAI CLIP embeddings); column left out",
              what, score.model, score.pretrained)
     return None

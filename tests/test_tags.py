@@ -62,6 +62,33 @@ def test_language_groups_get_their_own_threshold(tmp_path, served):
     assert "pwatermark" not in t.columns and "aesthetic_v2" not in t.columns  # no weights given: no column
 
 
+def test_auto_heads_follow_openais_weights_whatever_their_name(tmp_path):
+    """`--nsfw-head auto` / `--aesthetic-v1 auto` picked LAION's heads only for `--pretrained
+    openai` with the architecture named exactly ViT-B-32 or ViT-L-14: the -quickgelu name the
+    README gives for OpenAI's weights, and a local copy of their download, got no punsafe and no
+    aesthetic. Now they get the heads; other weights (another tag, a file that is not OpenAI's,
+    random ones) still do not."""
+    from fastlaion.config import ScoreConfig
+    from fastlaion.tags import _AUTO_AESTHETIC_V1, _AUTO_NSFW, _auto
+
+    def picked(model: str, pretrained: str | None) -> tuple[str | None, str | None]:
+        score = ScoreConfig(model=model, pretrained=pretrained)
+        return _auto("auto", _AUTO_NSFW, score, "punsafe"), _auto("auto", _AUTO_AESTHETIC_V1, score, "aesthetic")
+
+    cached = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "abc" / "w.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")  # recognised by its Hugging Face cache folder, as for QuickGELU
+    other = tmp_path / "ViT-B-32.pt"
+    other.write_bytes(b"not OpenAI's bytes")  # OpenAI's file name, another digest
+    b32 = ("nsfw-vit-b-32", "aesthetic-v1-vit-b-32")
+    assert picked("ViT-B-32", "openai") == b32 and picked("ViT-B-32-quickgelu", "openai") == b32
+    assert picked("ViT-B-32", str(cached)) == b32 and picked("ViT-B-32-quickgelu", str(cached)) == b32
+    assert picked("ViT-L-14-quickgelu", "openai") == ("nsfw-vit-l-14", "aesthetic-v1-vit-l-14")
+    for model, pretrained in (("ViT-B-32", "laion2b_s34b_b79k"), ("ViT-B-32", str(other)), ("ViT-B-32", None),
+                              ("ViT-B-32-quickgelu", "metaclip_400m"), ("ViT-H-14", "openai")):
+        assert picked(model, pretrained) == (None, None), (model, pretrained)
+
+
 def test_no_language_means_one_threshold_and_no_columns(tmp_path, served):
     t = run(tmp_path, served, "--pretrained", "none", "--no-language", "--min-similarity", "1.0",
             "--min-similarity-multi", "-1")
