@@ -12,6 +12,7 @@ setup: $(STAMP)
 
 # libjpeg-turbo's TurboJPEG API (PyTurboJPEG loads it at run time).
 system-deps:
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || ! command -v apt-get >/dev/null 2>&1 || { echo "installing python3-venv (Debian's python3 makes no virtual environment without it)"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-venv; }
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so'; then \
 	  if command -v apt-get >/dev/null; then \
 	    echo "installing libturbojpeg0 with apt-get"; \
