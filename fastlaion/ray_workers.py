@@ -275,7 +275,7 @@ class RayWorkers(WorkerPool):
         self.rows = InputRows(tuple(os.path.abspath(p) for p in rows.parts), rows.heights)
         self.slots = slots
         self.devices = [slot.label for slot in slots]
-        self.configs = [on_worker(cfg, slot.device, slot.threads) for slot in slots]
+        self.configs = [on_worker(cfg, slot.device, slot.threads, len(slots)) for slot in slots]
         self.tasks = _queue(ray)
         self.results = _Results(_queue(ray), ray)
         self.actors: list[Any] = []

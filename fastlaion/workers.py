@@ -44,14 +44,19 @@ def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
     pool it runs (decode threads, a GPU decoder's DALI pipeline and stored-image encoders), so
     that `--workers-per-gpu 4` on a 16-core box gives each worker 4 threads, not 16."""
     threads = max(1, (os.cpu_count() or 1) // len(devices))
-    return [on_worker(cfg, device, threads) for device in devices]
+    return [on_worker(cfg, device, threads, len(devices)) for device in devices]
 
 
-def on_worker(cfg: RunConfig, device: str, threads: int) -> RunConfig:
-    """`cfg` for a worker on `device` whose pools get `threads` threads (unless --decode-threads
-    says how many)."""
+def on_worker(cfg: RunConfig, device: str, threads: int, workers: int) -> RunConfig:
+    """`cfg` for one of `workers` workers, on `device`, whose pools get `threads` threads (unless
+    --decode-threads says how many), and whose share of the per-host limits is its own: each
+    worker keeps its own gates, so N workers at --per-host 16 had 16N requests in flight to one
+    host. Each now gets per_host / N (at least 1) and per_host_rate / N."""
+    download = dataclasses.replace(cfg.download, per_host=max(1, cfg.download.per_host // workers),
+                                   per_host_rate=cfg.download.per_host_rate / workers)
     return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, device=device),
-                               decode=dataclasses.replace(cfg.decode, threads=cfg.decode.threads or threads))
+                               decode=dataclasses.replace(cfg.decode, threads=cfg.decode.threads or threads),
+                               download=download)
 
 
 class WorkerPool(abc.ABC):

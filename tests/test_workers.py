@@ -206,6 +206,24 @@ def test_each_worker_gets_its_share_of_the_cores_for_every_pool(monkeypatch):
     assert worker_configs(cfg, ["cpu"] * 32)[0].decode.threads == 1
 
 
+def test_workers_share_the_per_host_limits():
+    """--per-host and --per-host-rate hold for the run, not for each worker: every worker keeps
+    its own gates, so three workers at --per-host 16 sent up to 48 requests at once to one host.
+    Each gets its share (at least one request in flight, or a host could never be reached)."""
+    import dataclasses
+
+    from fastlaion.config import RunConfig
+    from fastlaion.workers import worker_configs
+
+    cfg = RunConfig(output_dir="unused")
+    cfg = dataclasses.replace(cfg, download=dataclasses.replace(cfg.download, per_host=16, per_host_rate=6.0))
+    got = worker_configs(cfg, ["cpu"] * 3)
+    assert [(w.download.per_host, w.download.per_host_rate) for w in got] == [(5, 2.0)] * 3
+    assert sum(w.download.per_host for w in got) <= 16 and cfg.download.per_host == 16  # config.json's: the run's
+    assert [w.download.per_host for w in worker_configs(cfg, ["cpu"] * 32)] == [1] * 32
+    assert worker_configs(cfg, ["cpu"])[0].download == cfg.download
+
+
 def test_a_batch_decoder_with_batches_in_flight_keeps_every_row(tmp_path, served):
     """The GPU decoders' way through the pipeline (nvjpeg's CPU mode, here): pending bodies
     decoded a batch at a time, two batches in flight on two threads (batch size 2, so a shard has
