@@ -256,7 +256,8 @@ class ShardWriter:
         self.previous: pl.DataFrame | None = None  # the published Parquet, when rewriting
         self.samples = 0
         if rewrite:
-            self.previous = pl.read_parquet(out_dir / f"{self.name}.parquet")
+            # glob=False: an output folder named "out [1]" is read as itself, not as a pattern
+            self.previous = pl.read_parquet(out_dir / f"{self.name}.parquet", glob=False)
             if self.previous.height != n_rows:
                 raise RuntimeError(f"shard {self.name}: its Parquet has {self.previous.height} rows, "
                                    f"the input {n_rows}")
