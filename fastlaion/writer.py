@@ -19,6 +19,7 @@ file first, so readers never take a half-renamed shard for a complete one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -255,7 +256,8 @@ class ShardWriter:
         self.previous: pl.DataFrame | None = None  # the published Parquet, when rewriting
         self.samples = 0
         if rewrite:
-            self.previous = pl.read_parquet(out_dir / f"{self.name}.parquet")
+            # glob=False: an output folder named "out [1]" is read as itself, not as a pattern
+            self.previous = pl.read_parquet(out_dir / f"{self.name}.parquet", glob=False)
             if self.previous.height != n_rows:
                 raise RuntimeError(f"shard {self.name}: its Parquet has {self.previous.height} rows, "
                                    f"the input {n_rows}")
@@ -330,8 +332,11 @@ class ShardWriter:
         """Write Parquet, embeddings and stats, then rename everything into place (stats last)."""
         with self._lock:
             self._tar.close()
-        table.write_parquet(
-            self.tmp / f"{self.name}.parquet", compression="zstd", statistics=True)
+        # Encoded in memory, written by Python: Polars reports a failed write (disk full) as a
+        # ComputeError, which stopped the run with a traceback; an OSError fails the shard by name.
+        parquet = io.BytesIO()
+        table.write_parquet(parquet, compression="zstd", statistics=True)
+        (self.tmp / f"{self.name}.parquet").write_bytes(parquet.getbuffer())
         published = [f"{self.name}.tar", f"{self.name}.parquet"]
         if self._img_emb is not None:
             np.save(self.tmp / f"{self.name}_img_emb.npy", self._img_emb)

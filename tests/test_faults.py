@@ -235,6 +235,41 @@ def test_a_shard_that_cannot_be_written_fails_by_name_and_the_rerun_redoes_it(tm
     assert "redone: 1 shard(s) that the previous run could not write (00002)" in rerun.stdout
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_shard_whose_parquet_cannot_be_written_fails_by_name(tmp_path, processes):
+    """The write that fails is the shard's Parquet (Polars reports it as a ComputeError, not an
+    OSError): the same one line as for the tar, and the rerun redoes the shard. Every row is a
+    refused connection, so the tars are empty (10,240 bytes) and shard 1's Parquet, its four
+    captions of random text, outgrows the cap (20,000) that the input's rows (one file per input)
+    and shard 0 stay under."""
+    from helpers import refused_url
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    url = refused_url()
+    inputs = []
+    for i in range(8):
+        caption = "".join(rng.choice(letters, 12_000 if i >= 4 else 10))
+        inputs.append(tmp_path / f"in{i}.csv")
+        pl.DataFrame({"url": [url], "caption": [caption]}).write_csv(inputs[-1])
+    out = tmp_path / "out"
+    cmd = _cmd(inputs[0], out, 4, "--processes", str(processes), "--max-caption-chars", "12000")
+    cmd[4:4] = [str(p) for p in inputs[1:]]
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(20_000),
+                            env={**os.environ, "COLUMNS": "300"}, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr + failed.stdout, failed.stderr
+    lines = [ln for ln in failed.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "shard 00001 not written: File too large" in lines[0], failed.stderr
+    assert not list(out.glob("00001*"))
+    assert json.loads((out / "summary.json").read_text())["shards_failed"] == [{"shard": 1, "error": "File too large"}]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    _check_every_row_once(out, [url] * 8)
+    assert "redone: 1 shard(s) that the previous run could not write (00001)" in rerun.stdout
+
+
 def test_a_shard_killed_while_being_renamed_into_place_is_rolled_forward(tmp_path, photos):
     """SIGKILL between a shard's renames: its tar is in place, its Parquet and stats still under
     .partial/ (all written). The next run moves them into place instead of downloading again."""

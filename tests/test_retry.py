@@ -264,6 +264,22 @@ def test_retry_failed_with_two_worker_processes(tmp_path, flaky_case):
         _check_shard_consistent(out, s)
 
 
+def test_retry_failed_into_a_folder_named_with_glob_characters(tmp_path, flaky_case):
+    """An output folder named as copies are ("out [1]", "*", "?"): its shards' Parquets are read
+    as themselves, not as patterns that match nothing (Polars' ComputeError, a traceback)."""
+    flaky, rows = flaky_case
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows)
+        out = tmp_path / "out [1] *?"
+        assert runner.invoke(app, _args(inp, out, "--no-score")).exit_code == 0
+        result = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
+        assert result.exit_code == 0, result.output
+    out = out.rename(tmp_path / "out")  # where this file's helpers read it (they let Polars glob)
+    assert _outcomes(out) == [r[2] for r in rows]
+    for s in range(3):
+        _check_shard_consistent(out, s)
+
+
 def test_retry_failed_needs_an_earlier_run(tmp_path):
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "none"), "--no-score",
