@@ -571,12 +571,12 @@ def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
     else:
         import polars as pl
 
-        lf = pl.scan_parquet(existing)
+        lf = pl.scan_parquet(existing, glob=False)
         if cfg.dedup is not DedupMode.none:
             lf = lf.unique(subset=[key], keep="first", maintain_order=True)
         with _polars_io(merged):
             lf.sink_parquet(merged, **PARQUET_OPTIONS)
-        rows = pl.scan_parquet(merged).select(pl.len()).collect().item()
+        rows = pl.scan_parquet(merged, glob=False).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
         name = "candidates-00000.parquet"
         os.replace(merged, folder / name)
@@ -586,7 +586,7 @@ def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
         with _polars_io(folder / name):
-            pl.scan_parquet(merged).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
+            pl.scan_parquet(merged, glob=False).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
                 folder / name, **PARQUET_OPTIONS)
     return names, rows
 

@@ -111,6 +111,28 @@ LAION_MD = {  # LAION.md, "Derived subsets", written out independently of fastla
 }
 
 
+def test_folders_named_with_glob_characters_are_read_as_themselves(tmp_path):
+    """A run, subset or dedup folder named "run [1]" (or with * or ?): stats, subset and dedup
+    stopped with Polars' traceback ("expanded paths were empty"), which took the name for a
+    pattern. Now each reads the folder itself."""
+    rows = synthetic_rows(60, seed=3, shard_size=25)
+    run = tmp_path / "run [1] *?"
+    write_run(run, rows, 25)
+    kept = sum(r["status"] == "kept" for r in rows)
+    stats = runner.invoke(app(), ["stats", str(run), "--no-progress"], terminal_width=200)
+    assert stats.exit_code == 0 and f"{len(rows):,}" in stats.output, stats.output
+    sub = runner.invoke(app(), ["subset", "--from", str(run), "--where", "status = 'kept'", "-o", str(tmp_path / "s [2]"),
+                              "--no-progress"])
+    assert sub.exit_code == 0, sub.output
+    assert pl.read_parquet(tmp_path / "s [2]" / "metadata.parquet", glob=False).height == kept
+    again = runner.invoke(app(), ["subset", "--from", str(tmp_path / "s [2]"), "--where", "true", "-o",
+                                str(tmp_path / "t [3]"), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    deduped = runner.invoke(app(), ["dedup", "--from", str(run), "--by", "url", "-o", str(tmp_path / "d [4]"),
+                                  "--no-progress"])
+    assert deduped.exit_code == 0, deduped.output
+
+
 @pytest.mark.parametrize("recipe, extra", [*((name, []) for name in LAION_MD),
                                            *(("aesthetic-v2", ["--min", m]) for m in ("4.5", "4.75", "5", "6", "6.25", "6.5"))])
 def test_every_recipe_selects_what_laion_md_defines(synth, tmp_path, recipe, extra):

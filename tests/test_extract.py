@@ -108,7 +108,7 @@ def extract(tmp_path: Path, files: dict[str, bytes], cfg: ExtractConfig = ONE, o
         sources.append(str(tmp_path / name))
     summary = extract_to_parquet(sources, tmp_path / out, cfg)
     assert_adds_up(summary)
-    table = pl.concat([pl.read_parquet(tmp_path / out / f) for f in summary.files])
+    table = pl.concat([pl.read_parquet(tmp_path / out / f, glob=False) for f in summary.files])
     return summary, table
 
 
@@ -904,6 +904,15 @@ def test_a_last_gzip_member_cut_before_any_output_is_counted(tmp_path, monkeypat
     s, t = extract(tmp_path, {"cut.wat.gz": members[0] + members[1] + members[2][:keep]})
     assert pairs(t) == [("https://d.example/0.jpg", "Damaged test 0"), ("https://d.example/1.jpg", "Damaged test 1")]
     assert s.records == 3 and nonzero(s.skipped) == {"truncated": 1}
+
+
+def test_an_output_folder_named_with_glob_characters_is_written_as_itself(tmp_path):
+    """Two inputs into "o [1]": their parts are merged through Polars, which took the folder's
+    name for a pattern ("expanded paths were empty", a traceback)."""
+    files = {f"{i}.wat.gz": gz([wat_record(f"https://w{i}.example/", [img("/a.jpg", f"Picture number {i}")])])
+             for i in range(2)}
+    s, t = extract(tmp_path, files, ExtractConfig(processes=1, shard_rows=1), out="o [1] *?")
+    assert s.pairs_after_dedup == 2 and len(s.files) == 2
 
 
 @pytest.mark.parametrize("native", [True, False])

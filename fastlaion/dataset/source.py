@@ -132,11 +132,11 @@ class Dataset:
         return lf
 
     def _scan_group(self, files: Sequence[Path]) -> pl.LazyFrame:
-        schema = pl.scan_parquet(files[0]).collect_schema()
+        schema = pl.scan_parquet(files[0], glob=False).collect_schema()
         if "shard" in schema:
-            return pl.scan_parquet(list(files))
+            return pl.scan_parquet(list(files), glob=False)
         # A run's shard Parquet: the shard is the file's stem (00042.parquet -> "00042").
-        return (pl.scan_parquet(list(files), include_file_paths="__file")
+        return (pl.scan_parquet(list(files), include_file_paths="__file", glob=False)
                 .with_columns(pl.col("__file").str.extract(r"([^/\\]+)\.parquet$", 1).alias("shard"))
                 .drop("__file"))
 
@@ -147,8 +147,8 @@ class Dataset:
         wanted = set(shards)
         frames = []
         for group in self.groups:
-            if "shard" in pl.scan_parquet(group[0]).collect_schema():
-                frames.append(pl.scan_parquet(list(group)).filter(pl.col("shard").is_in(sorted(wanted))))
+            if "shard" in pl.scan_parquet(group[0], glob=False).collect_schema():
+                frames.append(pl.scan_parquet(list(group), glob=False).filter(pl.col("shard").is_in(sorted(wanted))))
             else:
                 mine = [f for f in group if f.name.removesuffix(".parquet") in wanted]
                 if mine:

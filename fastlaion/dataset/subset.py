@@ -192,13 +192,13 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
         meta = target.path(METADATA_FILE)
         sink_parquet(chosen, meta)
         considered = d.rows if cfg.include_dropped else int(collect(pool.select(pl.len())).item())
-        selected = int(collect(pl.scan_parquet(meta).select(pl.len())).item())
+        selected = int(collect(pl.scan_parquet(meta, glob=False).select(pl.len())).item())
         return SubsetResult(output=str(out), condition=text, rows=d.rows, considered=considered, selected=selected,
                             skipped_files=[vars(s) for s in d.skipped], files=[METADATA_FILE])
 
     with target.building():
         result = ds.guarded(job)
-        meta = pl.scan_parquet(target.path(METADATA_FILE))
+        meta = pl.scan_parquet(target.path(METADATA_FILE), glob=False)
         if cfg.urls:
             sink_parquet(meta.select("url", "caption", "key"), target.path(URLS_FILE))
             result.files.append(URLS_FILE)
@@ -213,7 +213,7 @@ def _export(ds: Dataset, target: OutputDir, result: SubsetResult, shard_size: in
     beside them, and point the subset's rows at them (`shard`, `shard_row`): the folder becomes
     its own root."""
     meta_path = target.path(METADATA_FILE)
-    meta = pl.scan_parquet(meta_path).with_row_index("_r")
+    meta = pl.scan_parquet(meta_path, glob=False).with_row_index("_r")
     rows = collect(meta.filter(pl.col("status") == KEPT)
                    .select("_r", "key", "shard", row_in_shard(meta.collect_schema().names()).alias("_row")))
     result.rows_not_exported = result.selected - rows.height  # tars hold kept samples only
