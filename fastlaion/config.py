@@ -7,13 +7,16 @@ beside the output; a rerun into the same folder must match it (that is what make
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -26,6 +29,27 @@ def first_line(exc: BaseException) -> str:
     the one-line errors the user sees."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def polars_io(path: Path | str) -> Iterator[None]:
+    """Polars reports a write the system refused (disk full, file too large, quota, read-only
+    file system) as its own error, or as an OSError naming no file, with "os error N" in the
+    text: raised as that OSError, naming `path` (the file written), so the CLI says what and
+    where in one line. Other errors, which a read may raise too, are left as they are."""
+    try:
+        yield
+    except Exception as e:
+        m = re.search(r"os error (\d+)", str(e))
+        polars_own = type(e).__module__.startswith("polars")
+        if m is None or int(m.group(1)) not in _WRITE_ERRNOS or not (
+                polars_own or (isinstance(e, OSError) and e.filename is None)):
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
 class WorkerFailed(RuntimeError):

@@ -107,7 +107,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig
+from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, polars_io
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
 from .lock import output_lock
 
@@ -574,7 +574,7 @@ def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
         lf = pl.scan_parquet(existing, glob=False)
         if cfg.dedup is not DedupMode.none:
             lf = lf.unique(subset=[key], keep="first", maintain_order=True)
-        with _polars_io(merged):
+        with polars_io(merged):
             lf.sink_parquet(merged, **PARQUET_OPTIONS)
         rows = pl.scan_parquet(merged, glob=False).select(pl.len()).collect().item()
     if rows <= cfg.shard_rows:
@@ -585,7 +585,7 @@ def _dedup_and_shard(parts: list[Path], folder: Path, cfg: ExtractConfig,
 
     names = [f"candidates-{k:05d}.parquet" for k in range(-(-rows // cfg.shard_rows))]
     for k, name in enumerate(names):
-        with _polars_io(folder / name):
+        with polars_io(folder / name):
             pl.scan_parquet(merged, glob=False).slice(k * cfg.shard_rows, cfg.shard_rows).sink_parquet(
                 folder / name, **PARQUET_OPTIONS)
     return names, rows
@@ -2199,21 +2199,6 @@ def uid_of(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\x00{caption}".encode()).hexdigest()[:32]
 
 
-@contextlib.contextmanager
-def _polars_io(path: Path) -> Iterator[None]:
-    """Polars reports a write the system refused (disk full, file too large) as its own error
-    with "os error N" in the text: raised as that OSError, naming the file, so the CLI says it in
-    one line as it does for the compiled writer."""
-    try:
-        yield
-    except Exception as e:
-        m = re.search(r"os error (\d+)", str(e))
-        if m is None or not type(e).__module__.startswith("polars"):
-            raise
-        code = int(m.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from e
-
-
 def _compiled_writer() -> bool:
     """Whether the compiled Parquet writer can be used (the native path is on, the library and
     libzstd are there)."""
@@ -2231,7 +2216,7 @@ def _write_empty(path: Path) -> None:
         return
     import polars as pl
 
-    with _polars_io(path):
+    with polars_io(path):
         pl.DataFrame(schema=_schema_of()).write_parquet(path, **PARQUET_OPTIONS)
 
 
@@ -2379,7 +2364,7 @@ class _PairWriter:
         frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         self._frames, self._rows = [], 0
         path = self._next_file()
-        with _polars_io(path):
+        with polars_io(path):
             frame.write_parquet(path, **PARQUET_OPTIONS)
         self._written += 1
         self.rows_out += frame.height

@@ -34,7 +34,7 @@ from typing import BinaryIO, TypeVar
 
 import polars as pl
 
-from .config import ConfigError, InputConfig, InputFormat, first_line
+from .config import ConfigError, InputConfig, InputFormat, first_line, polars_io
 
 _EXTENSIONS = {
     ".txt": InputFormat.txt, ".csv": InputFormat.csv, ".tsv": InputFormat.tsv,
@@ -241,7 +241,9 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
         return parts[-1]
 
     def add(rows: pl.DataFrame) -> None:
-        rows.write_ipc(next_part(), compression=_ROWS_COMPRESSION)
+        part = next_part()
+        with polars_io(part):
+            rows.write_ipc(part, compression=_ROWS_COMPRESSION)
         counted(rows.height)
 
     def counted(n: int) -> None:
@@ -469,12 +471,13 @@ def _utf8_lines(f: BinaryIO) -> Iterator[str]:
 def _sink_ipc(table: pl.LazyFrame, path: str) -> None:
     """Stream a query into one IPC file; Polars 1.x, whose streaming engine cannot run every
     plan (jsonl scans in 1.20 and before), collects it instead (more memory, same file)."""
-    try:
-        table.sink_ipc(path, compression=_ROWS_COMPRESSION)
-    except pl.exceptions.InvalidOperationError:
-        if not pl.__version__.startswith("1."):
-            raise
-        table.collect().write_ipc(path, compression=_ROWS_COMPRESSION)
+    with polars_io(path):  # a disk full names the rows file, not only "os error 28"
+        try:
+            table.sink_ipc(path, compression=_ROWS_COMPRESSION)
+        except pl.exceptions.InvalidOperationError:
+            if not pl.__version__.startswith("1."):
+                raise
+            table.collect().write_ipc(path, compression=_ROWS_COMPRESSION)
 
 
 def clean_captions(table: _Frame, max_chars: int) -> _Frame:

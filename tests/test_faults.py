@@ -270,6 +270,26 @@ def test_a_shard_whose_parquet_cannot_be_written_fails_by_name(tmp_path, process
     assert "redone: 1 shard(s) that the previous run could not write (00001)" in rerun.stdout
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_input_rows_that_cannot_be_written_name_their_file(tmp_path, fmt):
+    """The input's rows are written into the output folder first; a disk full there (here the
+    file size cap) said only "File too large (os error 27)", naming no file and so no disk. Now
+    the file, in one line, exit 1, and the folder the run made is gone."""
+    from helpers import refused_url
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    frame = pl.DataFrame({"url": [refused_url()] * 20, "caption": ["".join(rng.choice(letters, 1900)) for _ in range(20)]})
+    inp = tmp_path / f"in.{fmt}"
+    frame.write_csv(inp) if fmt == "csv" else frame.write_parquet(inp)
+    out = tmp_path / "out"
+    failed = subprocess.run(_cmd(inp, out, 10), capture_output=True, text=True, timeout=120,
+                            preexec_fn=_limit_file_size(20_000), env={**os.environ, "COLUMNS": "300"}, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.strip().splitlines() == [f"error: File too large: {out}/.partial/input/00000.arrow"], failed.stderr
+    assert not out.exists()
+
+
 def test_a_shard_killed_while_being_renamed_into_place_is_rolled_forward(tmp_path, photos):
     """SIGKILL between a shard's renames: its tar is in place, its Parquet and stats still under
     .partial/ (all written). The next run moves them into place instead of downloading again."""
