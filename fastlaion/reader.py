@@ -113,7 +113,7 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         raise ConfigError(f"{path}: not a regular file (a pipe?): a {fmt.value} input is read more than once "
                           "(its columns checked, then its rows); save it to a file first (a txt input may be a pipe)")
     try:
-        if _first_character(path) == b"":  # Polars: "empty CSV", "Cannot infer NDJSON types on empty reader"
+        if fmt is not InputFormat.parquet and _first_character(path) == b"":  # Polars: "empty CSV", ...
             return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
         table = _scan(path, fmt)
         schema = table.collect_schema()
