@@ -432,6 +432,32 @@ def test_non_utf8_html_uses_the_declared_charset(tmp_path, label, content_type, 
     assert pairs(t) == [("https://c.example/pic.jpg", alt)], label
 
 
+@pytest.mark.parametrize("label, alt, encoding", [
+    ("shift_jis", "写真①～です", "cp932"),  # ① and ～ are Microsoft's, as browsers read Shift_JIS
+    ("windows-31j", "日本語の写真です", "cp932"),  # labels Python does not know
+    ("x-sjis", "日本語の写真です", "cp932"),
+    ("gb2312", "朱镕基的照片", "gbk"),  # 镕 is GBK's, not GB2312's
+    ("euc-kr", "똠방각하 사진", "cp949"),
+    ("big5", "香港 𨋢 電梯", "big5hkscs"),
+    ("iso-8859-9", "Güzel fotoğraf €5", "cp1254"),
+    ("tis-620", "ราคา €5 บาท", "cp874"),
+])
+def test_charset_labels_are_read_as_browsers_read_them(tmp_path, label, alt, encoding):
+    html = page_html(alt, head=f'<meta charset="{label}">').encode(encoding)
+    s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, "text/html")])})
+    assert pairs(t) == [("https://c.example/pic.jpg", alt)] and s.notes["charset_fallback"] == 0
+
+
+@pytest.mark.parametrize("label", ["undefined", "hex", "rot13", "idna", "utf-7", "utf-32"])
+def test_a_charset_no_browser_reads_falls_back_to_utf8(tmp_path, label):
+    """Python's codecs by these names are no text encodings (a traceback stopped the extraction)
+    or read the bytes as no browser does; the page is UTF-8, counted charset_fallback."""
+    alt = "Crème brûlée +AGE- café"
+    html = page_html(alt, head=f'<meta charset="{label}">').encode()
+    s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, f"text/html; charset={label}")])})
+    assert pairs(t) == [("https://c.example/pic.jpg", alt)] and s.notes["charset_fallback"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged input: skipped with a counted reason, the rest still read
 
