@@ -1684,6 +1684,9 @@ def _decode_transfer(body: bytes, headers: dict[str, str]) -> bytes:
     return body
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+
+
 def _dechunk(body: bytes) -> bytes:
     out = []
     pos = 0
@@ -1691,7 +1694,10 @@ def _dechunk(body: bytes) -> bytes:
         eol = body.find(b"\r\n", pos)
         if eol < 0:
             raise ValueError("bad chunked body")
-        size = int(body[pos:eol].split(b";", 1)[0].strip() or b"x", 16)
+        size_hex = body[pos:eol].split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_hex):  # int() would take '-6' (read the same chunk forever), '0x1a', '1_a'
+            raise ValueError("bad chunked body")
+        size = int(size_hex, 16)
         if size == 0:
             return b"".join(out)
         out.append(body[eol + 2:eol + 2 + size])

@@ -419,6 +419,28 @@ def test_warc_chunked_and_gzip_bodies_are_decoded(tmp_path):
     assert nonzero(s.skipped) == {"bad_http": 1}
 
 
+def test_a_chunk_size_that_is_not_hex_is_bad_http(tmp_path):
+    """int() read '-6' as a size that led back to the same chunk, forever, gathering its bytes
+    without end; '0x1a' and '1_a' are no HTTP chunk sizes either. Run in a child, under a 2 GB
+    address-space limit and a timeout: each such page is bad_http, the good one is read."""
+    html = page_html("Chunked page caption").encode()
+    good = b"%x\r\n%s\r\n0\r\n\r\n" % (len(html), html)
+    recs = [response_record(f"https://k.example/{i}", body, extra="Transfer-Encoding: chunked\r\n")
+            for i, body in enumerate([b"-6\r\n" + html, b"0x1a\r\n" + html, b"1_a\r\n" + html, good])]
+    (tmp_path / "k.warc.gz").write_bytes(gz(recs))
+    script = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from fastlaion.extract import ExtractConfig, extract_to_parquet\n"
+        "s = extract_to_parquet([sys.argv[1]], sys.argv[2], ExtractConfig(processes=1))\n"
+        "print(json.dumps({'pairs': s.pairs, 'skipped': s.skipped}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "k.warc.gz"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["pairs"] == 1 and nonzero(got["skipped"]) == {"bad_http": 3}
+
+
 @pytest.mark.parametrize("label, content_type, head, encoding", [
     ("http header", "text/html; charset=windows-1252", "", "cp1252"),
     ("meta charset", "text/html", '<meta charset="iso-8859-1">', "cp1252"),
