@@ -68,7 +68,8 @@ Skipped (damaged input; reading goes on with the next record):
     bad_header          a WARC header without a usable Content-Length, over 64 KiB, or cut
                         short by the next record's
     bad_content_length  the record's Content-Length does not end where the next record starts
-    too_large           a record over `max_record_bytes` (skipped unread)
+    too_large           a record over `max_record_bytes` (skipped unread), or a WARC response whose
+                        gzip/deflate body inflates to more (a bomb of a few MB would take gigabytes)
     truncated           the input ended inside a record (e.g. a gzip file cut short)
     corrupt_gzip        a gzip member that does not decompress (reading resumes at the next one)
     read_error          the input could not be read further (retries spent); what came before is kept.
@@ -1609,7 +1610,10 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
         stats.ignore("not_html")
         return
     try:
-        body = _decode_transfer(body, headers)
+        body = _decode_transfer(body, headers, rules.cfg.max_record_bytes)
+    except _TooLarge:
+        stats.skip("too_large")
+        return
     except (ValueError, zlib.error, OSError, EOFError):
         stats.skip("bad_http")
         return
@@ -1662,19 +1666,24 @@ def _parse_http_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
-def _decode_transfer(body: bytes, headers: dict[str, str]) -> bytes:
+class _TooLarge(Exception):
+    """Internal: a response body that inflates to more than max_record_bytes."""
+
+
+def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     """Undo chunked transfer and gzip/deflate/br content encoding, which some WARC writers keep
-    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*)."""
+    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*). A gzip or
+    deflate body that inflates to more than max_bytes raises _TooLarge."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
     encoding = headers.get("content-encoding", "").lower().strip()
     if encoding in ("gzip", "x-gzip"):
-        body = zlib.decompressobj(31).decompress(body)
+        body = _inflate_body(body, 31, max_bytes)
     elif encoding == "deflate":
         try:
-            body = zlib.decompress(body)
+            body = _inflate_body(body, 15, max_bytes, whole=True)
         except zlib.error:
-            body = zlib.decompress(body, -15)
+            body = _inflate_body(body, -15, max_bytes, whole=True)
     elif encoding == "br":
         try:
             import brotli
@@ -1685,6 +1694,18 @@ def _decode_transfer(body: bytes, headers: dict[str, str]) -> bytes:
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+
+
+def _inflate_body(body: bytes, wbits: int, max_bytes: int, whole: bool = False) -> bytes:
+    """zlib's inflate of body, never more than max_bytes of output (else _TooLarge). `whole`: a
+    stream cut short raises zlib.error, as zlib.decompress does; else what it gave is kept."""
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, max_bytes + 1)
+    if len(out) > max_bytes:
+        raise _TooLarge
+    if whole and not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
 
 
 def _dechunk(body: bytes) -> bytes:

@@ -11,6 +11,7 @@ import random
 import resource
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -439,6 +440,23 @@ def test_a_chunk_size_that_is_not_hex_is_bad_http(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["pairs"] == 1 and nonzero(got["skipped"]) == {"bad_http": 3}
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_a_body_that_inflates_past_max_record_bytes_is_too_large(tmp_path, encoding, wbits):
+    """A compressed body is no bigger than its record, but it inflated without a limit: 300 KB of
+    gzip took 1.6 GB, a 64 MB record would take tens. It now stops at max_record_bytes."""
+    def compressed(html: bytes) -> bytes:
+        z = zlib.compressobj(9, zlib.DEFLATED, wbits)
+        return z.compress(html) + z.flush()
+
+    html = page_html("Inflated page caption").encode()
+    bomb = html + b" " * (3 << 20)
+    recs = [response_record(f"https://b.example/{i}", compressed(body), extra=f"Content-Encoding: {encoding}\r\n")
+            for i, body in enumerate([bomb, html])]
+    s, t = extract(tmp_path, {"b.warc.gz": gz(recs)}, ExtractConfig(processes=1, max_record_bytes=1 << 20))
+    assert pairs(t) == [("https://b.example/pic.jpg", "Inflated page caption")]
+    assert nonzero(s.skipped) == {"too_large": 1} and s.pages == 1
 
 
 @pytest.mark.parametrize("label, content_type, head, encoding", [
