@@ -1689,7 +1689,10 @@ def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> by
             import brotli
         except ImportError as e:
             raise ValueError("brotli body, brotli not installed") from e
-        body = brotli.decompress(body)
+        try:
+            body = brotli.decompress(body)
+        except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
+            raise ValueError(f"bad brotli body: {e}") from e
     return body
 
 

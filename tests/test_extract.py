@@ -459,6 +459,29 @@ def test_a_body_that_inflates_past_max_record_bytes_is_too_large(tmp_path, encod
     assert nonzero(s.skipped) == {"too_large": 1} and s.pages == 1
 
 
+def test_a_brotli_body_that_does_not_decode_is_bad_http(tmp_path, monkeypatch):
+    """brotli (optional, not installed here: a stand-in with its interface) raises brotli.error,
+    a plain Exception, which stopped the extraction with a traceback."""
+    import types
+
+    html = page_html("Brotli page caption").encode()
+    fake = types.ModuleType("brotli")
+    fake.error = type("error", (Exception,), {})
+
+    def decompress(data: bytes) -> bytes:
+        if data != b"BR" + html:
+            raise fake.error("BrotliDecompress failed")
+        return html
+
+    fake.decompress = decompress
+    monkeypatch.setitem(sys.modules, "brotli", fake)
+    recs = [response_record(f"https://r.example/{i}", body, extra="Content-Encoding: br\r\n")
+            for i, body in enumerate([b"nonsense", b"BR" + html])]
+    s, t = extract(tmp_path, {"r.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://r.example/pic.jpg", "Brotli page caption")]
+    assert nonzero(s.skipped) == {"bad_http": 1}
+
+
 @pytest.mark.parametrize("label, content_type, head, encoding", [
     ("http header", "text/html; charset=windows-1252", "", "cp1252"),
     ("meta charset", "text/html", '<meta charset="iso-8859-1">', "cp1252"),
