@@ -152,6 +152,8 @@ _HTTP_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?"
 _ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);")
 _LEADING_INT = re.compile(r"\s*\+?(\d{1,9})")
 _META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
+# An XHTML page's <?xml ... encoding="..."?>, read before the metas as browsers do (HTML's prescan)
+_XML_ENCODING = re.compile(rb"""<\?xml[^>]{0,200}?encoding\s*=\s*["']\s*([A-Za-z0-9_.:\-]+)""")
 _HTTP_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
 # The charset labels browsers know (the WHATWG Encoding Standard's table) and the Python codec that
 # decodes each as they do. Python's own names would take labels no browser reads (utf-7, utf-32,
@@ -1729,8 +1731,8 @@ def _dechunk(body: bytes) -> bytes:
 
 
 def _decode_html(body: bytes, content_type: str, stats: InputStats) -> str:
-    """Bytes -> text: BOM, then the HTTP header's charset, then <meta charset> (a label browsers
-    know, _CHARSETS), else UTF-8."""
+    """Bytes -> text: BOM, then the HTTP header's charset, then <?xml encoding>, then <meta charset>
+    (a label browsers know, _CHARSETS), else UTF-8."""
     if body.startswith(codecs.BOM_UTF8):
         return body[3:].decode("utf-8", "replace")
     if body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -1739,6 +1741,9 @@ def _decode_html(body: bytes, content_type: str, stats: InputStats) -> str:
     m = _HTTP_CHARSET.search(content_type)
     if m:
         labels.append(m.group(1))
+    m1 = _XML_ENCODING.match(body)
+    if m1:
+        labels.append(m1.group(1).decode("ascii"))
     m2 = _META_CHARSET.search(body, 0, 4096)
     if m2:
         labels.append(m2.group(1).decode("ascii"))

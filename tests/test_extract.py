@@ -511,6 +511,18 @@ def test_charset_labels_are_read_as_browsers_read_them(tmp_path, label, alt, enc
     assert pairs(t) == [("https://c.example/pic.jpg", alt)] and s.notes["charset_fallback"] == 0
 
 
+@pytest.mark.parametrize("content_type", ["application/xhtml+xml", "text/html"])
+def test_an_xhtml_page_is_read_in_its_xml_declarations_encoding(tmp_path, content_type):
+    alt = "Crème brûlée au café"
+    xhtml = ('<?xml version="1.0" encoding="ISO-8859-1"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body>'
+             f'<img src="/pic.jpg" alt="{alt}"/></body></html>').encode("latin-1")
+    recs = [response_record("https://x.example/1", xhtml, content_type),
+            response_record("https://x.example/2", xhtml.replace(b"\xe8", b"\xc3\xa8").replace(b"\xe9", b"\xc3\xa9")
+                            .replace(b"\xfb", b"\xc3\xbb"), content_type + "; charset=utf-8")]  # the header decides
+    s, t = extract(tmp_path, {"x.warc.gz": gz(recs)}, ExtractConfig(processes=1, dedup=DedupMode.none))
+    assert pairs(t) == [("https://x.example/pic.jpg", alt)] * 2
+
+
 @pytest.mark.parametrize("label", ["undefined", "hex", "rot13", "idna", "utf-7", "utf-32"])
 def test_a_charset_no_browser_reads_falls_back_to_utf8(tmp_path, label):
     """Python's codecs by these names are no text encodings (a traceback stopped the extraction)
