@@ -456,7 +456,7 @@ def extract_cmd(
     keep_gif: Annotated[bool, typer.Option("--keep-gif", help="Keep image URLs containing '.gif' (LAION rejects them).")] = False,
     page_opt_out_tags: Annotated[str, typer.Option(help="Comma-separated directives of noai, noimageai, noindex, noimageindex: a page whose robots <meta> (name robots, fastlaion or img2dataset), X-Robots-Tag header or <meta http-equiv=X-Robots-Tag> carries one has all its image links rejected (opt_out). '' checks none.")] = "noai,noimageai",
     shard_rows: Annotated[int, typer.Option(help="Rows per candidates-NNNNN.parquet file.")] = 1_000_000,
-    max_record_bytes: Annotated[int, typer.Option(help="WARC records larger than this are skipped unread (too_large).")] = 64 << 20,
+    max_record_bytes: Annotated[int, typer.Option(help="WARC records larger than this are skipped unread, and responses whose gzip/deflate body inflates to more (too_large).")] = 64 << 20,
     http_retries: Annotated[int, typer.Option(help="Extra attempts for an http(s) input, when opening it and when the connection breaks.")] = 3,
     http_timeout: Annotated[float, typer.Option(help="Seconds allowed per connect or read of an http(s) input.")] = 60.0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,

@@ -318,7 +318,7 @@ class ExtractConfig:
     reject_svg: bool = True  # reject src containing ".svg" (LAION)
     reject_gif: bool = True  # reject src containing ".gif" (LAION)
     shard_rows: int = 1_000_000  # rows per candidates-NNNNN.parquet
-    max_record_bytes: int = 64 << 20  # larger WARC records are skipped unread (too_large)
+    max_record_bytes: int = 64 << 20  # larger WARC records are skipped unread, and bodies that inflate to more (too_large)
     http_retries: int = 3  # extra attempts for an http(s) input, on open and mid-stream
     http_timeout_s: float = 60.0  # per connect / read on an http(s) input
     http_backoff_s: float = 1.0  # first retry waits this long, doubling each time

@@ -68,7 +68,8 @@ Skipped (damaged input; reading goes on with the next record):
     bad_header          a WARC header without a usable Content-Length, over 64 KiB, or cut
                         short by the next record's
     bad_content_length  the record's Content-Length does not end where the next record starts
-    too_large           a record over `max_record_bytes` (skipped unread)
+    too_large           a record over `max_record_bytes` (skipped unread), or a WARC response whose
+                        gzip/deflate body inflates to more (a bomb of a few MB would take gigabytes)
     truncated           the input ended inside a record (e.g. a gzip file cut short)
     corrupt_gzip        a gzip member that does not decompress (reading resumes at the next one)
     read_error          the input could not be read further (retries spent); what came before is kept.
@@ -151,9 +152,59 @@ _HTTP_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?"
 _ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);")
 _LEADING_INT = re.compile(r"\s*\+?(\d{1,9})")
 _META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
+# An XHTML page's <?xml ... encoding="..."?>, read before the metas as browsers do (HTML's prescan)
+_XML_ENCODING = re.compile(rb"""<\?xml[^>]{0,200}?encoding\s*=\s*["']\s*([A-Za-z0-9_.:\-]+)""")
 _HTTP_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
-# Browsers (WHATWG Encoding) read these labels as windows-1252; Python's latin-1 differs in 0x80-0x9F.
-_AS_CP1252 = {"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "us-ascii", "ascii", "iso_8859-1"}
+# The charset labels browsers know (the WHATWG Encoding Standard's table) and the Python codec that
+# decodes each as they do. Python's own names would take labels no browser reads (utf-7, utf-32,
+# 'hex', 'undefined': some not text codecs at all) and decode the legacy ones by the narrower
+# standard where browsers use the vendor's superset: iso-8859-1 and ascii as windows-1252 (0x80-0x9F),
+# gb2312 as GBK (gb18030), shift_jis as cp932, euc-kr as cp949, big5 as Big5-HKSCS. UTF-16 labels
+# in ASCII bytes mean UTF-8 and x-user-defined windows-1252 (the standard's rule for <meta>).
+_CHARSET_LABELS = {
+    "utf-8": "unicode-1-1-utf-8 unicode11utf8 unicode20utf8 utf-8 utf8 x-unicode20utf8 "
+             "csunicode iso-10646-ucs-2 ucs-2 unicode unicodefeff unicodefffe utf-16 utf-16be utf-16le",
+    "cp866": "866 cp866 csibm866 ibm866",
+    "iso8859_2": "csisolatin2 iso-8859-2 iso-ir-101 iso8859-2 iso88592 iso_8859-2 iso_8859-2:1987 l2 latin2",
+    "iso8859_3": "csisolatin3 iso-8859-3 iso-ir-109 iso8859-3 iso88593 iso_8859-3 iso_8859-3:1988 l3 latin3",
+    "iso8859_4": "csisolatin4 iso-8859-4 iso-ir-110 iso8859-4 iso88594 iso_8859-4 iso_8859-4:1988 l4 latin4",
+    "iso8859_5": "csisolatincyrillic cyrillic iso-8859-5 iso-ir-144 iso8859-5 iso88595 iso_8859-5 iso_8859-5:1988",
+    "iso8859_6": "arabic asmo-708 csiso88596e csiso88596i csisolatinarabic ecma-114 iso-8859-6 iso-8859-6-e "
+                 "iso-8859-6-i iso-ir-127 iso8859-6 iso88596 iso_8859-6 iso_8859-6:1987",
+    "iso8859_7": "csisolatingreek ecma-118 elot_928 greek greek8 iso-8859-7 iso-ir-126 iso8859-7 iso88597 "
+                 "iso_8859-7 iso_8859-7:1987 sun_eu_greek",
+    "iso8859_8": "csiso88598e csisolatinhebrew hebrew iso-8859-8 iso-8859-8-e iso-ir-138 iso8859-8 iso88598 "
+                 "iso_8859-8 iso_8859-8:1988 visual csiso88598i iso-8859-8-i logical",
+    "iso8859_10": "csisolatin6 iso-8859-10 iso-ir-157 iso8859-10 iso885910 l6 latin6",
+    "iso8859_13": "iso-8859-13 iso8859-13 iso885913",
+    "iso8859_14": "iso-8859-14 iso8859-14 iso885914",
+    "iso8859_15": "csisolatin9 iso-8859-15 iso8859-15 iso885915 iso_8859-15 l9",
+    "iso8859_16": "iso-8859-16",
+    "koi8_r": "cskoi8r koi koi8 koi8-r koi8_r",
+    "koi8_u": "koi8-ru koi8-u",
+    "mac_roman": "csmacintosh mac macintosh x-mac-roman",
+    "cp874": "dos-874 iso-8859-11 iso8859-11 iso885911 tis-620 windows-874",
+    "cp1250": "cp1250 windows-1250 x-cp1250",
+    "cp1251": "cp1251 windows-1251 x-cp1251",
+    "cp1252": "ansi_x3.4-1968 ascii cp1252 cp819 csisolatin1 ibm819 iso-8859-1 iso-ir-100 iso8859-1 iso88591 "
+              "iso_8859-1 iso_8859-1:1987 l1 latin1 us-ascii windows-1252 x-cp1252 x-user-defined",
+    "cp1253": "cp1253 windows-1253 x-cp1253",
+    "cp1254": "cp1254 csisolatin5 iso-8859-9 iso-ir-148 iso8859-9 iso88599 iso_8859-9 iso_8859-9:1989 l5 "
+              "latin5 windows-1254 x-cp1254",
+    "cp1255": "cp1255 windows-1255 x-cp1255",
+    "cp1256": "cp1256 windows-1256 x-cp1256",
+    "cp1257": "cp1257 windows-1257 x-cp1257",
+    "cp1258": "cp1258 windows-1258 x-cp1258",
+    "mac_cyrillic": "x-mac-cyrillic x-mac-ukrainian",
+    "gb18030": "chinese csgb2312 csiso58gb231280 gb2312 gb_2312 gb_2312-80 gbk iso-ir-58 x-gbk gb18030",
+    "big5hkscs": "big5 big5-hkscs cn-big5 csbig5 x-x-big5",
+    "euc_jp": "cseucpkdfmtjapanese euc-jp x-euc-jp",
+    "iso2022_jp": "csiso2022jp iso-2022-jp",
+    "cp932": "csshiftjis ms932 ms_kanji shift-jis shift_jis sjis windows-31j x-sjis",
+    "cp949": "cseuckr csksc56011987 euc-kr iso-ir-149 korean ks_c_5601-1987 ks_c_5601-1989 ksc5601 ksc_5601 "
+             "windows-949",
+}
+_CHARSETS = {label: codec for codec, labels in _CHARSET_LABELS.items() for label in labels.split()}
 
 
 @dataclass
@@ -1561,7 +1612,10 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
         stats.ignore("not_html")
         return
     try:
-        body = _decode_transfer(body, headers)
+        body = _decode_transfer(body, headers, rules.cfg.max_record_bytes)
+    except _TooLarge:
+        stats.skip("too_large")
+        return
     except (ValueError, zlib.error, OSError, EOFError):
         stats.skip("bad_http")
         return
@@ -1614,26 +1668,49 @@ def _parse_http_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
-def _decode_transfer(body: bytes, headers: dict[str, str]) -> bytes:
+class _TooLarge(Exception):
+    """Internal: a response body that inflates to more than max_record_bytes."""
+
+
+def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     """Undo chunked transfer and gzip/deflate/br content encoding, which some WARC writers keep
-    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*)."""
+    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*). A gzip or
+    deflate body that inflates to more than max_bytes raises _TooLarge."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
     encoding = headers.get("content-encoding", "").lower().strip()
     if encoding in ("gzip", "x-gzip"):
-        body = zlib.decompressobj(31).decompress(body)
+        body = _inflate_body(body, 31, max_bytes)
     elif encoding == "deflate":
         try:
-            body = zlib.decompress(body)
+            body = _inflate_body(body, 15, max_bytes, whole=True)
         except zlib.error:
-            body = zlib.decompress(body, -15)
+            body = _inflate_body(body, -15, max_bytes, whole=True)
     elif encoding == "br":
         try:
             import brotli
         except ImportError as e:
             raise ValueError("brotli body, brotli not installed") from e
-        body = brotli.decompress(body)
+        try:
+            body = brotli.decompress(body)
+        except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
+            raise ValueError(f"bad brotli body: {e}") from e
     return body
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+
+
+def _inflate_body(body: bytes, wbits: int, max_bytes: int, whole: bool = False) -> bytes:
+    """zlib's inflate of body, never more than max_bytes of output (else _TooLarge). `whole`: a
+    stream cut short raises zlib.error, as zlib.decompress does; else what it gave is kept."""
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, max_bytes + 1)
+    if len(out) > max_bytes:
+        raise _TooLarge
+    if whole and not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -1643,7 +1720,10 @@ def _dechunk(body: bytes) -> bytes:
         eol = body.find(b"\r\n", pos)
         if eol < 0:
             raise ValueError("bad chunked body")
-        size = int(body[pos:eol].split(b";", 1)[0].strip() or b"x", 16)
+        size_hex = body[pos:eol].split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_hex):  # int() would take '-6' (read the same chunk forever), '0x1a', '1_a'
+            raise ValueError("bad chunked body")
+        size = int(size_hex, 16)
         if size == 0:
             return b"".join(out)
         out.append(body[eol + 2:eol + 2 + size])
@@ -1651,7 +1731,8 @@ def _dechunk(body: bytes) -> bytes:
 
 
 def _decode_html(body: bytes, content_type: str, stats: InputStats) -> str:
-    """Bytes -> text: BOM, then the HTTP header's charset, then <meta charset>, else UTF-8."""
+    """Bytes -> text: BOM, then the HTTP header's charset, then <?xml encoding>, then <meta charset>
+    (a label browsers know, _CHARSETS), else UTF-8."""
     if body.startswith(codecs.BOM_UTF8):
         return body[3:].decode("utf-8", "replace")
     if body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -1660,19 +1741,16 @@ def _decode_html(body: bytes, content_type: str, stats: InputStats) -> str:
     m = _HTTP_CHARSET.search(content_type)
     if m:
         labels.append(m.group(1))
+    m1 = _XML_ENCODING.match(body)
+    if m1:
+        labels.append(m1.group(1).decode("ascii"))
     m2 = _META_CHARSET.search(body, 0, 4096)
     if m2:
         labels.append(m2.group(1).decode("ascii"))
     for label in labels:
-        name = label.lower()
-        name = "cp1252" if name in _AS_CP1252 else name
-        try:
-            codecs.lookup(name)
-        except LookupError:
-            continue
-        if name.replace("-", "").replace("_", "") in ("utf16", "utf16le", "utf16be"):
-            name = "utf-8"  # a page that says utf-16 in ASCII bytes is not utf-16 (WHATWG)
-        return body.decode(name, "replace")
+        name = _CHARSETS.get(label.lower())
+        if name is not None:
+            return body.decode(name, "replace")
     if labels:
         stats.notes["charset_fallback"] += 1
     return body.decode("utf-8", "replace")

@@ -11,6 +11,7 @@ import random
 import resource
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -419,6 +420,68 @@ def test_warc_chunked_and_gzip_bodies_are_decoded(tmp_path):
     assert nonzero(s.skipped) == {"bad_http": 1}
 
 
+def test_a_chunk_size_that_is_not_hex_is_bad_http(tmp_path):
+    """int() read '-6' as a size that led back to the same chunk, forever, gathering its bytes
+    without end; '0x1a' and '1_a' are no HTTP chunk sizes either. Run in a child, under a 2 GB
+    address-space limit and a timeout: each such page is bad_http, the good one is read."""
+    html = page_html("Chunked page caption").encode()
+    good = b"%x\r\n%s\r\n0\r\n\r\n" % (len(html), html)
+    recs = [response_record(f"https://k.example/{i}", body, extra="Transfer-Encoding: chunked\r\n")
+            for i, body in enumerate([b"-6\r\n" + html, b"0x1a\r\n" + html, b"1_a\r\n" + html, good])]
+    (tmp_path / "k.warc.gz").write_bytes(gz(recs))
+    script = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from fastlaion.extract import ExtractConfig, extract_to_parquet\n"
+        "s = extract_to_parquet([sys.argv[1]], sys.argv[2], ExtractConfig(processes=1))\n"
+        "print(json.dumps({'pairs': s.pairs, 'skipped': s.skipped}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "k.warc.gz"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["pairs"] == 1 and nonzero(got["skipped"]) == {"bad_http": 3}
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_a_body_that_inflates_past_max_record_bytes_is_too_large(tmp_path, encoding, wbits):
+    """A compressed body is no bigger than its record, but it inflated without a limit: 300 KB of
+    gzip took 1.6 GB, a 64 MB record would take tens. It now stops at max_record_bytes."""
+    def compressed(html: bytes) -> bytes:
+        z = zlib.compressobj(9, zlib.DEFLATED, wbits)
+        return z.compress(html) + z.flush()
+
+    html = page_html("Inflated page caption").encode()
+    bomb = html + b" " * (3 << 20)
+    recs = [response_record(f"https://b.example/{i}", compressed(body), extra=f"Content-Encoding: {encoding}\r\n")
+            for i, body in enumerate([bomb, html])]
+    s, t = extract(tmp_path, {"b.warc.gz": gz(recs)}, ExtractConfig(processes=1, max_record_bytes=1 << 20))
+    assert pairs(t) == [("https://b.example/pic.jpg", "Inflated page caption")]
+    assert nonzero(s.skipped) == {"too_large": 1} and s.pages == 1
+
+
+def test_a_brotli_body_that_does_not_decode_is_bad_http(tmp_path, monkeypatch):
+    """brotli (optional, not installed here: a stand-in with its interface) raises brotli.error,
+    a plain Exception, which stopped the extraction with a traceback."""
+    import types
+
+    html = page_html("Brotli page caption").encode()
+    fake = types.ModuleType("brotli")
+    fake.error = type("error", (Exception,), {})
+
+    def decompress(data: bytes) -> bytes:
+        if data != b"BR" + html:
+            raise fake.error("BrotliDecompress failed")
+        return html
+
+    fake.decompress = decompress
+    monkeypatch.setitem(sys.modules, "brotli", fake)
+    recs = [response_record(f"https://r.example/{i}", body, extra="Content-Encoding: br\r\n")
+            for i, body in enumerate([b"nonsense", b"BR" + html])]
+    s, t = extract(tmp_path, {"r.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://r.example/pic.jpg", "Brotli page caption")]
+    assert nonzero(s.skipped) == {"bad_http": 1}
+
+
 @pytest.mark.parametrize("label, content_type, head, encoding", [
     ("http header", "text/html; charset=windows-1252", "", "cp1252"),
     ("meta charset", "text/html", '<meta charset="iso-8859-1">', "cp1252"),
@@ -430,6 +493,44 @@ def test_non_utf8_html_uses_the_declared_charset(tmp_path, label, content_type, 
     html = page_html(alt, head=head).encode(encoding)
     s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, content_type)])})
     assert pairs(t) == [("https://c.example/pic.jpg", alt)], label
+
+
+@pytest.mark.parametrize("label, alt, encoding", [
+    ("shift_jis", "写真①～です", "cp932"),  # ① and ～ are Microsoft's, as browsers read Shift_JIS
+    ("windows-31j", "日本語の写真です", "cp932"),  # labels Python does not know
+    ("x-sjis", "日本語の写真です", "cp932"),
+    ("gb2312", "朱镕基的照片", "gbk"),  # 镕 is GBK's, not GB2312's
+    ("euc-kr", "똠방각하 사진", "cp949"),
+    ("big5", "香港 𨋢 電梯", "big5hkscs"),
+    ("iso-8859-9", "Güzel fotoğraf €5", "cp1254"),
+    ("tis-620", "ราคา €5 บาท", "cp874"),
+])
+def test_charset_labels_are_read_as_browsers_read_them(tmp_path, label, alt, encoding):
+    html = page_html(alt, head=f'<meta charset="{label}">').encode(encoding)
+    s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, "text/html")])})
+    assert pairs(t) == [("https://c.example/pic.jpg", alt)] and s.notes["charset_fallback"] == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/xhtml+xml", "text/html"])
+def test_an_xhtml_page_is_read_in_its_xml_declarations_encoding(tmp_path, content_type):
+    alt = "Crème brûlée au café"
+    xhtml = ('<?xml version="1.0" encoding="ISO-8859-1"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body>'
+             f'<img src="/pic.jpg" alt="{alt}"/></body></html>').encode("latin-1")
+    recs = [response_record("https://x.example/1", xhtml, content_type),
+            response_record("https://x.example/2", xhtml.replace(b"\xe8", b"\xc3\xa8").replace(b"\xe9", b"\xc3\xa9")
+                            .replace(b"\xfb", b"\xc3\xbb"), content_type + "; charset=utf-8")]  # the header decides
+    s, t = extract(tmp_path, {"x.warc.gz": gz(recs)}, ExtractConfig(processes=1, dedup=DedupMode.none))
+    assert pairs(t) == [("https://x.example/pic.jpg", alt)] * 2
+
+
+@pytest.mark.parametrize("label", ["undefined", "hex", "rot13", "idna", "utf-7", "utf-32"])
+def test_a_charset_no_browser_reads_falls_back_to_utf8(tmp_path, label):
+    """Python's codecs by these names are no text encodings (a traceback stopped the extraction)
+    or read the bytes as no browser does; the page is UTF-8, counted charset_fallback."""
+    alt = "Crème brûlée +AGE- café"
+    html = page_html(alt, head=f'<meta charset="{label}">').encode()
+    s, t = extract(tmp_path, {"c.warc.gz": gz([response_record("https://c.example/", html, f"text/html; charset={label}")])})
+    assert pairs(t) == [("https://c.example/pic.jpg", alt)] and s.notes["charset_fallback"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
