@@ -934,9 +934,11 @@ class DaliDecoder(_DeviceBatchDecoder):
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             # Fancy (smooth) chroma upsampling, as libjpeg does by default, for parity with the CPU.
+            # EXIF orientation is not applied, as the CPU decoder does not (DALI's default would
+            # rotate the pixels, then squash them into the unrotated image's geometry).
             hw = {} if self.hw_decoder_load is None or not on_gpu else {"hw_decoder_load": self.hw_decoder_load}
-            images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
-                                       output_type=types.RGB, jpeg_fancy_upsampling=self.exact_chroma, **hw)
+            images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                       jpeg_fancy_upsampling=self.exact_chroma, adjust_orientation=False, **hw)
             outputs, names = [], []  # names: assigned once built (another thread may be reading them)
             if self.clip is not None:
                 names.append("clip")

@@ -129,7 +129,7 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
 @pytest.fixture(scope="module")
 def jpeg_cases(photo_images: list[Image.Image]) -> dict[str, bytes]:
     """Real photos plus odd sizes, grey, tiny, extreme aspect ratios, a large one (deep DCT
-    scaling on the CPU), progressive and 4:4:4."""
+    scaling on the CPU), progressive, 4:4:4, and one whose EXIF says to rotate it."""
     chelsea, coffee, astronaut, rocket = photo_images
     big = chelsea.resize((chelsea.width * 3, chelsea.height * 3), Image.Resampling.LANCZOS)  # 1353x900
     wide = coffee.resize((1800, 1200), Image.Resampling.LANCZOS)
@@ -143,7 +143,14 @@ def jpeg_cases(photo_images: list[Image.Image]) -> dict[str, bytes]:
         "large_1353x900": jpeg(big),
         "progressive": jpeg(rocket, progressive=True),
         "subsampling_444": jpeg(coffee, subsampling=0),
+        "exif_rotated": jpeg(coffee, exif=exif_orientation(6)),  # not applied (fastlaion.decode's docstring)
     }
+
+
+def exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value  # Orientation; 6: the camera was turned 90 degrees clockwise
+    return exif.tobytes()
 
 
 # -- helpers ---------------------------------------------------------------------------------
