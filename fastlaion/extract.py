@@ -2190,10 +2190,13 @@ def _base_parts(base: str) -> tuple[str | None, str | None, str | None]:
 
 def _page_base(page_url: str, base_href: str | None, raw_entities: bool) -> str:
     """The URL a page's relative src values are joined to: <base href> (itself joined to the
-    page URL) when the page has one, else the page URL."""
+    page URL) when the page has one, else the page URL. A javascript: or data: base is none, as
+    for browsers (HTML's frozen base URL): it rejected every relative src of the page."""
     if base_href and base_href.strip():
         href = base_href.strip()
         href = _unescape_url(href) if raw_entities and "&" in href else href
+        if href[:11].lower().startswith(("javascript:", "data:")):
+            return page_url
         try:
             return urljoin(page_url, href)
         except ValueError:  # a page URL urlsplit refuses (an unbalanced '[', a host NFKC breaks)

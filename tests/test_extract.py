@@ -385,6 +385,26 @@ def test_a_second_extract_into_a_folder_being_written_is_refused(tmp_path, big_w
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("base", ["javascript:void(0)", " JavaScript:x", "data:text/html,hi"])
+def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, native, base):
+    """<base href="javascript:void(0)"> (or data:): browsers ignore such a base and join a page's
+    relative src to the page URL; it rejected every relative image of the page (invalid_url). WAT
+    (both paths) and WARC alike; an absolute src is as before."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    links = [img("pics/a.jpg", "A relative picture"), img("https://cdn.example/b.jpg", "An absolute picture")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/dir/page", links, base=base)])})
+    expected = [("https://site.example/dir/pics/a.jpg", "A relative picture"),
+                ("https://cdn.example/b.jpg", "An absolute picture")]
+    assert pairs(t) == expected and sum(s.rejected.values()) == 0
+    html = (f'<html><head><base href="{base}"></head><body><img src="pics/a.jpg" alt="A relative picture">'
+            '<img src="https://cdn.example/b.jpg" alt="An absolute picture"></body></html>').encode()
+    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/dir/page", html)}, out="warc")
+    assert pairs(t) == expected and sum(s.rejected.values()) == 0
+
+
 def test_warc_html_pages(tmp_path):
     html = ('<html lang="de-CH"><head><base href="https://cdn.example.com/img/"></head><body>'
             '<img src="a.jpg" alt="Ein Bild &amp; mehr" width="100" height="50">'
