@@ -16,6 +16,7 @@ does (`serve_shards`) and what this process makes of its messages (`drive`) are 
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -181,9 +182,12 @@ class _Processes(WorkerPool):
         """Ctrl-C reaches the workers too (same process group): give them time to abort their
         shards; otherwise, or if they linger, terminate them."""
         procs = [p for p in self.procs if p.pid is not None]  # a Ctrl-C may have come before one started
-        if not interrupted:
-            for proc in procs:
-                if proc.is_alive():
+        for proc in procs:
+            if proc.is_alive():
+                if interrupted:  # a SIGINT sent to this process alone (kill -INT) reached no worker
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGINT)  # a second one is dropped (_first_ctrl_c_only)
+                else:
                     proc.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
@@ -225,12 +229,23 @@ def _die_with_parent() -> None:
             pass
 
 
+def _first_ctrl_c_only(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: the first Ctrl-C stops the worker (KeyboardInterrupt), any after
+    it are dropped: the terminal's and the one the parent forwards (`_Processes.stop`), or a
+    second press, landed in the worker's clean-up (its event loop closing connections, its
+    queue's feeder flushing) and printed a traceback there. The parent ends a worker that
+    lingers (STOP_GRACE_S)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
     """A worker process: `serve_shards`, dying with the parent and flushing its messages before
     it exits."""
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
+    signal.signal(signal.SIGINT, _first_ctrl_c_only)  # while SIGINT is still held (ctrl_c_held)
     try:
         release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
         serve_shards(worker, cfg, Path(out), rows, tasks, results)

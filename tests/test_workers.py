@@ -346,6 +346,49 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
+def test_sigint_to_the_parent_alone_stops_the_workers_at_once(tmp_path, photos):
+    """`kill -INT PID` (a process manager's way; not the terminal's, which signals the whole
+    group): the workers never got it and went on downloading until the parent's grace period
+    ran out (8 s here, up to STOP_GRACE_S). Now the parent passes it on and they stop at once;
+    one line, exit 130, the finished shards kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import encode
+
+    from fastlaion.server import Served
+
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(40)}
+    with LoopbackServer(files, delay_s=1.0) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(40)))
+        out = tmp_path / "o"
+        cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
+               "--processes", "2", "--shard-size", "4", "--workers", "2", "--allow-private-networks",
+               "--retries", "0", "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not list(out.glob("*_stats.json")):  # a shard is done: the workers are downloading
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGINT)
+            sent = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
+                                                 "to resume"]
+    assert took < 4.0, took  # the rest of the run takes about 8 s: the workers did not go on with it
+    assert 1 <= len(list(out.glob("*_stats.json"))) < 10
+
+
 def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
     """The terminal's SIGINT reaches every process of the group, the workers too while Python is
     still starting them (multiprocessing's bootstrap printed a traceback each); then a rerun of
