@@ -46,7 +46,7 @@ Link rules, checked in this order; a link is counted under the first rule it fai
                  noai, noimageai: the AI opt-outs); every image link of the page is rejected
     no_alt       the img has no alt attribute (kept with an empty caption if min_alt_chars == 0)
     short_alt    alt, entity-decoded and whitespace-folded, under `min_alt_chars` (LAION: 5)
-    data_uri     src contains "data:" (LAION)
+    data_uri     src contains "data:image" (LAION; a data: URI of another type is invalid_url)
     javascript   src contains "javascript:" (LAION)
     svg          src contains ".svg" (LAION; `reject_svg=False` / --keep-svg keeps them)
     gif          src contains ".gif" (LAION; `reject_gif=False` / --keep-gif keeps them)
@@ -2225,7 +2225,7 @@ def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], st
     if raw_entities and "&" in src:
         src = _unescape_url(src)
     low = src.lower()
-    if "data:" in low:
+    if "data:image" in low:
         return "data_uri", "", ""
     if "javascript:" in low:
         return "javascript", "", ""

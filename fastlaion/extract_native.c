@@ -1240,8 +1240,9 @@ static int64_t plain_src_run(const uint8_t *s, int64_t n) {
     return i;
 }
 
-/* Whether lower(s) holds `word` (lower case) next to the character `mark`: word then mark
- * (at = -len(word)) or mark then word (at = 1), as `".svg" in low` or `"data:" in low`. */
+/* Whether lower(s) holds `word` (lower case) starting `at` bytes from a `mark` character: word
+ * then mark (at = -len(word), "javascript" before ':'), mark then word (at = 1, "svg" after '.'),
+ * or a word holding the mark ("data:image" at = -4, its ':'), as `"data:image" in low`. */
 static int contains_ci(const uint8_t *s, int64_t n, uint8_t mark, const char *word, int64_t wn, int64_t at) {
     const uint8_t *p = s, *e = s + n;
     while (p < e && (p = memchr(p, mark, (size_t)(e - p))) != NULL) {
@@ -1382,7 +1383,7 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     /* the substring rules, on lower(s) where s is the stripped src */
     const uint8_t *s = src + a;
     int64_t bn = b - a;
-    if (contains_ci(s, bn, ':', "data", 4, -4)) return R_DATA_URI;
+    if (contains_ci(s, bn, ':', "data:image", 10, -4)) return R_DATA_URI;
     if (contains_ci(s, bn, ':', "javascript", 10, -10)) return R_JAVASCRIPT;
     if (cfg->reject_svg && contains_ci(s, bn, '.', "svg", 3, 1)) return R_SVG;
     if (cfg->reject_gif && contains_ci(s, bn, '.', "gif", 3, 1)) return R_GIF;

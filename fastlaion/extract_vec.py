@@ -112,7 +112,7 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
         .then(pl.col("dir") + clean)
         .otherwise(None)
     )
-    reason = pl.when(before.str.contains("data:", literal=True)).then(pl.lit("data_uri"))
+    reason = pl.when(before.str.contains("data:image", literal=True)).then(pl.lit("data_uri"))
     reason = reason.when(before.str.contains("javascript:", literal=True)).then(pl.lit("javascript"))
     if cfg.reject_svg:
         reason = reason.when(before.str.contains(".svg", literal=True)).then(pl.lit("svg"))

@@ -405,6 +405,27 @@ def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, native, bas
     assert pairs(t) == expected and sum(s.rejected.values()) == 0
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, native):
+    """LAION.md's rule rejects a src containing "data:image"; fastlaion rejected any "data:", so
+    an http(s) image whose URL holds "data:" elsewhere (a query, a path) was lost as data_uri.
+    Now only "data:image" (any case) is data_uri; a data: URI of another type is still rejected,
+    as invalid_url (not http(s)). WAT (both paths) and WARC alike."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    srcs = [("https://img.example/p?u=data:x.jpg", "Data in a query"), ("/data:2024/a.jpg", "Data in a path"),
+            ("https://img.example/q?src=DATA:IMAGE/png", "Upper case data image"),
+            ("data:image/png;base64,AAAA", "An inline image"), ("data:text/html,hi", "An inline page")]
+    expected = [("https://img.example/p?u=data:x.jpg", "Data in a query"),
+                ("https://site.example/data:2024/a.jpg", "Data in a path")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/page", [img(u, a) for u, a in srcs])])})
+    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
+    html = ("<html><body>" + "".join(f'<img src="{u}" alt="{a}">' for u, a in srcs) + "</body></html>").encode()
+    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/page", html)}, out="warc")
+    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
+
+
 def test_warc_html_pages(tmp_path):
     html = ('<html lang="de-CH"><head><base href="https://cdn.example.com/img/"></head><body>'
             '<img src="a.jpg" alt="Ein Bild &amp; mehr" width="100" height="50">'
@@ -837,7 +858,7 @@ def lxml_pairs(warc: Path, reject_svg: bool) -> set[tuple[str, str, int | None, 
                 if alt is None or len(" ".join(alt.split())) < 5:
                     continue
                 src = (el.get("src") or "").strip()
-                bad = ["data:", "javascript:", ".gif"] + ([".svg"] if reject_svg else [])
+                bad = ["data:image", "javascript:", ".gif"] + ([".svg"] if reject_svg else [])
                 if any(b in src.lower() for b in bad):
                     continue
                 url = urljoin(page, src)
@@ -1097,7 +1118,8 @@ ODD_SRCS = [None, "", " ", "https://img.example.com/a.jpg", "HTTP://IMG.example.
             "/g.jpg?a=1&amp;b=2&copy=3", "/g.jpg?a=1&b=2", "  /padded.jpg\n", "/in\nside\t.jpg", "\t//cdn.example.org/t.png",
             "/ünïcode.jpg", "https://bücher.example/x.jpg", "File:Foo.jpg", "/wiki/File:Foo.jpg", "sub/dir/", "%20space.jpg",
             "https:rel.jpg", "http://ex\x00ample.com/x.jpg", "http://example.com\\x.jpg", "/.well-known/x.png", "/a/..",
-            "about:blank", "http://a.b/x.svgz", "https://example.com/" + "p" * 2100]
+            "about:blank", "http://a.b/x.svgz", "https://example.com/" + "p" * 2100, "/p?u=data:x.jpg",
+            "https://x.example/Data:Image.jpg", "data:text/plain,x"]
 BASES = [("https://example.com/dir/page.html", None), ("https://example.com", None), ("HTTP://Example.COM:8080/a/b?q#f", None),
          ("https://example.com/a/b.html", "https://static.example.net/assets/"), ("https://example.com/x", "/static/"),
          ("https://example.com/x", "//cdn.example.org/site/"), ("https://example.com/x", "&#47;odd"),

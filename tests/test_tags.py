@@ -89,6 +89,24 @@ def test_auto_heads_follow_openais_weights_whatever_their_name(tmp_path):
         assert picked(model, pretrained) == (None, None), (model, pretrained)
 
 
+def test_a_similarity_equal_to_its_threshold_is_kept(tmp_path, served):
+    """LAION keeps a pair at similarity >= the threshold (0.28 English, 0.26 the others): a row
+    exactly at its group's threshold is kept, one just under it dropped, for both groups."""
+    ckpt = str(tiny_checkpoint(tmp_path / "w.pt", 3))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = run(tmp_path / "a", served, "--pretrained", ckpt, "--min-similarity", "-1", "--min-similarity-multi", "-1")
+    sim = first["similarity"].to_list()
+    groups = first["language_group"].to_list()
+    en = sorted((s for s, g in zip(sim, groups) if g == "en"))
+    other = sorted((s for s, g in zip(sim, groups) if g != "en"))
+    t = run(tmp_path / "b", served, "--pretrained", ckpt, "--min-similarity", repr(en[-1]),
+            "--min-similarity-multi", repr(other[-1]))
+    assert t["similarity"].to_list() == sim  # the same scores as the first run
+    kept = {s for s, st in zip(t["similarity"].to_list(), t["status"].to_list()) if st == "kept"}
+    assert kept == {en[-1], other[-1]}, (sim, groups, t["status"].to_list())
+
+
 def test_no_language_means_one_threshold_and_no_columns(tmp_path, served):
     t = run(tmp_path, served, "--pretrained", "none", "--no-language", "--min-similarity", "1.0",
             "--min-similarity-multi", "-1")
