@@ -258,6 +258,21 @@ def test_reason_codes():
     assert decode(tiny_jpeg, min_image_bytes=0).error is None
 
 
+def test_laions_byte_and_pixel_limits_hold_at_their_boundaries():
+    """LAION.md: fewer than 5,000 bytes rejected (5,000 kept); more than 89,478,484 pixels
+    rejected (that many pass). The body is padded after the JPEG's end (decoders ignore it); the
+    pixel counts are a PNG header's (4 x 2731 x 8191 = 10924 x 8191, and 6235 x 14351 one more),
+    whose data then does not fit: decode_error, past the pixel check."""
+    tiny = encode(photo("chelsea").resize((64, 48)), "JPEG")
+    assert decode(tiny + b"\x00" * (4999 - len(tiny))).error == "too_few_bytes"
+    assert decode(tiny + b"\x00" * (5000 - len(tiny))).error is None
+    png = photo_bytes("chelsea", "PNG")
+    assert 10924 * 8191 == LAION_MAX_PIXELS and 6235 * 14351 == LAION_MAX_PIXELS + 1
+    assert decode(patch_png_size(png, 6235, 14351)).error == "too_many_pixels"
+    at_limit = decode(patch_png_size(png, 10924, 8191))
+    assert at_limit.error == "decode_error" and (at_limit.width, at_limit.height) == (10924, 8191)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_strips_too_long_to_resize_are_dropped_with_a_reason(fmt):
     """A resize that scales the short side (CLIP's 'shortest'; keep_ratio and center_crop for the

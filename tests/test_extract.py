@@ -426,6 +426,24 @@ def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, native):
     assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypatch, native):
+    """LAION.md: an alt under 5 characters is rejected (5 kept, counted after entities and white
+    space: " ab  c " is "ab c", "a&amp;b c" is "a&b c"); a host over 60 characters is rejected
+    (60 kept)."""
+    import fastlaion.extract as ex
+
+    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    host60, host61 = "h" * 52 + ".example", "h" * 53 + ".example"
+    assert (len(host60), len(host61)) == (60, 61)
+    links = [img("/1.jpg", "abcd"), img("/2.jpg", "abcde"), img("/3.jpg", " ab  c "), img("/4.jpg", "a&amp;b c"),
+             img(f"https://{host60}/5.jpg", "sixty chars"), img(f"https://{host61}/6.jpg", "sixty-one chars")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links)])})
+    assert pairs(t) == [("https://site.example/2.jpg", "abcde"), ("https://site.example/4.jpg", "a&b c"),
+                        (f"https://{host60}/5.jpg", "sixty chars")]
+    assert nonzero(s.rejected) == {"short_alt": 2, "long_host": 1}
+
+
 def test_warc_html_pages(tmp_path):
     html = ('<html lang="de-CH"><head><base href="https://cdn.example.com/img/"></head><body>'
             '<img src="a.jpg" alt="Ein Bild &amp; mehr" width="100" height="50">'
