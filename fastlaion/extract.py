@@ -54,6 +54,8 @@ Link rules, checked in this order; a link is counted under the first rule it fai
     long_host    hostname longer than `max_host_chars` (LAION: 60)
 The substring rules are LAION's and match anywhere in the src, case-insensitively: a Wikipedia
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
+A kept URL's scheme and host are put in lower case (`fold_case`, the WHATWG URL standard's
+serialisation; path, query and fragment as written), so case variants of a URL dedup as one.
 Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts
 (url_truncated, caption_truncated) and the WARC pages whose declared charsets are all unknown,
 read as UTF-8 (charset_fallback).
@@ -2242,7 +2244,31 @@ def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], st
         return "invalid_url", "", ""
     if len(m.group(1)) > cfg.max_host_chars:
         return "long_host", "", ""
-    return None, url, alt
+    return None, fold_case(url, m), alt
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_case(url: str, m: re.Match[str] | None = None) -> str:
+    """An http(s) URL that `_HTTP_URL` matches (`m`, its match, when at hand) with its scheme and
+    host in lower case, as the WHATWG URL standard serialises them (both are case-insensitive):
+    `HTTPS://Example.COM/A.jpg` is `https://example.com/A.jpg`, so the two dedup as one. Path,
+    query, fragment, userinfo and port stay as written; only ASCII letters are folded (an IDN
+    host's other letters stay as they are: the standard would write it in punycode)."""
+    if m is None:
+        m = _HTTP_URL.match(url)
+        if m is None:
+            return url
+    a, b = m.span(1)
+    n = 5 if url[4] in "sS" else 4  # the scheme's length
+    scheme, host = url[:n], url[a:b]
+    if scheme.islower() and not _UPPER_ASCII.search(host):
+        return url
+    return scheme.lower() + url[n:a] + host.translate(_ASCII_LOWER) + url[b:]
+
+
+_UPPER_ASCII = re.compile("[A-Z]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -444,6 +444,91 @@ def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypat
     assert nonzero(s.rejected) == {"short_alt": 2, "long_host": 1}
 
 
+def use_wat_path(monkeypatch, path: str) -> list[int]:
+    """Make `extract` read WAT input by one path: "native" (the compiled scanner and its C link
+    rules; skipped without a compiler), "vectorised" (Python, extract_vec's rules on every flush)
+    or "reference" (Python, `_check_link` on every link). Returns the list that the native
+    path's rule runs add the number of links they decided in C to (not those they hand to
+    `_check_link`). The native scanner leaves a file's last gzip member to Python's member
+    loop: end a WAT with `ending()`."""
+    import fastlaion.extract as ex
+    import fastlaion.extract_native as en
+
+    decided: list[int] = []
+    monkeypatch.setattr(ex, "_USE_NATIVE", path == "native")
+    if path == "native":
+        if en._compiler() is None:
+            pytest.skip("no C compiler: the native path cannot be built here")
+        assert en.library() is not None, "a compiler is there but the library did not build"
+        run = en.Rules.run
+
+        def counted(self, *args, **kwargs):
+            out = run(self, *args, **kwargs)
+            decided.append(len(out.rows) + sum(out.reasons))
+            return out
+        monkeypatch.setattr(en.Rules, "run", counted)
+    elif path == "reference":
+        init = ex._LinkRules.__init__
+
+        def reference_only(self, cfg, stats, writer, vectorised=True):
+            init(self, cfg, stats, writer, vectorised=False)
+        monkeypatch.setattr(ex._LinkRules, "__init__", reference_only)
+    else:  # (without the native path the writer is Polars', and every flush goes to extract_vec)
+        monkeypatch.setattr(ex, "REFERENCE_LINKS", 0)
+    return decided
+
+
+def ending() -> bytes:
+    """A last WAT record with no image link: the records before it are read by the native path
+    (the scanner reads a member when the next one's header is there)."""
+    return wat_request_record("https://end.example/")
+
+
+UPPER_PAGE = "HTTPS://Site.EXAMPLE/Dir/page.html"
+UPPER_LINKS = [  # (src, alt, the URL kept)
+    ("HTTPS://Example.COM/A.jpg?Q=X#F", "Same picture twice", "https://example.com/A.jpg?Q=X#F"),
+    ("https://example.com/A.jpg?Q=X#F", "Same picture twice", None),  # a duplicate of the first
+    ("Http://UPPER.Example:8080/b.JPG", "Mixed case scheme", "http://upper.example:8080/b.JPG"),
+    ("hTTpS://User:PW@Mixed.Example/C.png", "Userinfo kept as written", "https://User:PW@mixed.example/C.png"),
+    ("http://[::FFFF:A]/V6.jpg", "An IPv6 literal host", "http://[::ffff:a]/V6.jpg"),
+    ("rel/D.jpg", "Relative to the page", "https://site.example/Dir/rel/D.jpg"),
+    ("/Root/E.jpg", "Root relative source", "https://site.example/Root/E.jpg"),
+    ("//CDN.Example/F.jpg", "Protocol relative source", "https://cdn.example/F.jpg"),
+    ("../Up/G.jpg", "Dot segment source", "https://site.example/Up/G.jpg"),
+    ("?Q=1", "Query only source", "https://site.example/Dir/page.html?Q=1"),
+]
+UPPER_BASE_LINKS = [("x/I.jpg", "Relative to the base", "https://base.example/B/x/I.jpg"),
+                    ("/J.jpg", "Root of the base", "https://base.example/J.jpg")]
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference", "warc"])
+def test_scheme_and_host_are_lower_case_in_the_kept_url(tmp_path, monkeypatch, path):
+    """Scheme and host are case-insensitive (WHATWG URL: serialised in lower case; path, query,
+    fragment and userinfo as written). Extraction kept `HTTPS://Example.COM/A.jpg` as written,
+    so it did not dedup with `https://example.com/A.jpg`, and a relative src kept the page's or
+    base's capitals. Every path now folds them alike: the C rules, extract_vec, `_check_link`
+    (WAT) and the WARC path; the duplicate is dropped."""
+    base = "HTTPS://Base.EXAMPLE/B/page"
+    expected = [(url, alt) for _, alt, url in UPPER_LINKS + UPPER_BASE_LINKS if url is not None]
+    if path == "warc":
+        def html(links, head=""):
+            return ("<html><head>" + head + "</head><body>"
+                    + "".join(f'<img src="{src}" alt="{alt}">' for src, alt, _ in links) + "</body></html>").encode()
+        files = {"p.warc": response_record(UPPER_PAGE, html(UPPER_LINKS))
+                 + response_record("https://other.example/p", html(UPPER_BASE_LINKS, f'<base href="{base}">'))}
+    else:
+        decided = use_wat_path(monkeypatch, path)
+        files = {"p.wat.gz": gz([wat_record(UPPER_PAGE, [img(src, alt) for src, alt, _ in UPPER_LINKS]),
+                                 wat_record("https://other.example/p", [img(src, alt) for src, alt, _ in UPPER_BASE_LINKS],
+                                            base=base), ending()])}
+    s, t = extract(tmp_path, files)
+    assert pairs(t) == expected
+    assert t["uid"].to_list() == [uid_of(u, c) for u, c in expected]
+    assert s.pairs == len(expected) + 1 and s.duplicates == 1 and sum(s.rejected.values()) == 0
+    if path == "native":  # all but the query-only src (on a page URL in capitals: urljoin's) decided in C
+        assert sum(decided) == len(UPPER_LINKS) + len(UPPER_BASE_LINKS) - 1
+
+
 def test_warc_html_pages(tmp_path):
     html = ('<html lang="de-CH"><head><base href="https://cdn.example.com/img/"></head><body>'
             '<img src="a.jpg" alt="Ein Bild &amp; mehr" width="100" height="50">'
