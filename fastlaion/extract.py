@@ -80,6 +80,10 @@ Skipped (damaged input; reading goes on with the next record):
                         no input can be opened does the extraction fail.
     invalid_json        a WAT record that mentions IMG@/src but is not valid JSON
     bad_http            a WARC response whose HTTP head or chunked/compressed body does not decode
+    unsupported_encoding  a WARC HTML response in a Content-Encoding not decoded here (zstd, an
+                        unknown one, br without the `brotli` package): not read as HTML, which
+                        its compressed bytes are not (gzip, x-gzip, deflate, br and identity are
+                        decoded, each of a list such as "gzip, br")
 
 `uid` is the first 16 bytes of sha256(url + "\\x00" + caption) as 32 hex characters: stable
 across runs, machines and library versions (unlike Polars' own hash).
@@ -125,7 +129,7 @@ DEFAULT_CC_BASE_URL = "https://data.commoncrawl.org/"
 REJECT_REASONS = ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host", "opt_out")
 IGNORE_REASONS = ("other_type", "not_html", "no_img_links")
 SKIP_REASONS = ("empty_input", "not_warc", "bad_header", "bad_content_length", "too_large", "truncated",
-                "corrupt_gzip", "read_error", "invalid_json", "bad_http")
+                "corrupt_gzip", "read_error", "invalid_json", "bad_http", "unsupported_encoding")
 NOTES = ("url_truncated", "caption_truncated", "charset_fallback")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # .warc.wat.gz ends in .wat.gz
 READ_CHUNK_BYTES = 1 << 20
@@ -1618,6 +1622,10 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
     except _TooLarge:
         stats.skip("too_large")
         return
+    except _Unsupported as e:
+        log.debug("%s: %s: Content-Encoding %s not decoded (unsupported_encoding)", stats.source, target_uri, e)
+        stats.skip("unsupported_encoding")
+        return
     except (ValueError, zlib.error, OSError, EOFError):
         stats.skip("bad_http")
         return
@@ -1674,30 +1682,49 @@ class _TooLarge(Exception):
     """Internal: a response body that inflates to more than max_record_bytes."""
 
 
+class _Unsupported(Exception):
+    """Internal: a response body in a content coding not decoded here (its name)."""
+
+
 def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     """Undo chunked transfer and gzip/deflate/br content encoding, which some WARC writers keep
-    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*). A gzip or
-    deflate body that inflates to more than max_bytes raises _TooLarge."""
+    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*); codings listed
+    together ("gzip, br") are undone last first, as RFC 9110 lists them in the order applied. A
+    gzip or deflate body that inflates to more than max_bytes raises _TooLarge; any other coding
+    (zstd, x-foo), or br without the brotli package, raises _Unsupported before anything is
+    decoded."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
-    encoding = headers.get("content-encoding", "").lower().strip()
-    if encoding in ("gzip", "x-gzip"):
-        body = _inflate_body(body, 31, max_bytes)
-    elif encoding == "deflate":
-        try:
-            body = _inflate_body(body, 15, max_bytes, whole=True)
-        except zlib.error:
-            body = _inflate_body(body, -15, max_bytes, whole=True)
-    elif encoding == "br":
-        try:
-            import brotli
-        except ImportError as e:
-            raise ValueError("brotli body, brotli not installed") from e
-        try:
-            body = brotli.decompress(body)
-        except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
-            raise ValueError(f"bad brotli body: {e}") from e
+    codings = [c for c in (c.strip() for c in headers.get("content-encoding", "").lower().split(",")) if c]
+    codings = [c for c in codings if c != "identity"]
+    for coding in codings:
+        if coding == "br":
+            try:
+                import brotli  # noqa: F401
+            except ImportError:
+                raise _Unsupported("br (the brotli package is not installed)") from None
+        elif coding not in ("gzip", "x-gzip", "deflate"):
+            raise _Unsupported(coding[:40])
+    for coding in reversed(codings):
+        body = _decode_coding(body, coding, max_bytes)
     return body
+
+
+def _decode_coding(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """One content coding of _decode_transfer's undone."""
+    if coding in ("gzip", "x-gzip"):
+        return _inflate_body(body, 31, max_bytes)
+    if coding == "deflate":
+        try:
+            return _inflate_body(body, 15, max_bytes, whole=True)
+        except zlib.error:
+            return _inflate_body(body, -15, max_bytes, whole=True)
+    import brotli
+
+    try:
+        return brotli.decompress(body)
+    except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
+        raise ValueError(f"bad brotli body: {e}") from e
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")

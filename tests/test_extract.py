@@ -603,6 +603,47 @@ def test_a_body_that_inflates_past_max_record_bytes_is_too_large(tmp_path, encod
     assert nonzero(s.skipped) == {"too_large": 1} and s.pages == 1
 
 
+def _zstd_frame(data: bytes) -> bytes:
+    """`data` as a zstd frame, by the system's libzstd (the compiled Parquet writer's); without
+    it, deflate's bytes stand in (either way not HTML, nor anything extraction decodes)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("zstd")
+    if name is None:
+        return zlib.compress(data)
+    lib = ctypes.CDLL(name)
+    lib.ZSTD_compressBound.restype = ctypes.c_size_t
+    lib.ZSTD_compress.restype = ctypes.c_size_t
+    lib.ZSTD_compress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    out = ctypes.create_string_buffer(lib.ZSTD_compressBound(ctypes.c_size_t(len(data))))
+    n = lib.ZSTD_compress(out, len(out), data, len(data), 3)
+    assert n < len(out)  # not an error code
+    return out.raw[:n]
+
+
+def test_a_body_in_a_content_encoding_not_decoded_here_is_counted(tmp_path, monkeypatch):
+    """A WARC response in `Content-Encoding: zstd` (or x-foo, or a list such as "identity, gzip")
+    was read as if it were plain HTML: its compressed bytes gave a page with no image, counted as
+    a page, silently. A coding not decoded here (zstd: no zstandard package among the
+    dependencies; br without brotli) is now skipped as unsupported_encoding; each coding of a
+    list is undone (last first), identity in any case is none."""
+    monkeypatch.setitem(sys.modules, "brotli", None)  # not installed (it is not, here; made sure)
+    html = {i: page_html(f"Encoded page number {i}").encode() for i in range(6)}
+    recs = [response_record("https://e.example/0", _zstd_frame(html[0]), extra="Content-Encoding: zstd\r\n"),
+            response_record("https://e.example/1", gzip.compress(html[1]), extra="Content-Encoding: x-foo\r\n"),
+            response_record("https://e.example/2", gzip.compress(html[2]), extra="Content-Encoding: identity, gzip\r\n"),
+            response_record("https://e.example/3", b"\x1b\x00\x00", extra="Content-Encoding: br\r\n"),
+            response_record("https://e.example/4", html[4], extra="Content-Encoding: IDENTITY\r\n"),
+            response_record("https://e.example/5", gzip.compress(zlib.compress(html[5])),
+                            extra="Content-Encoding: deflate,  GZIP \r\n")]
+    s, t = extract(tmp_path, {"e.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://e.example/pic.jpg", f"Encoded page number {i}") for i in (2, 4, 5)]
+    assert nonzero(s.skipped) == {"unsupported_encoding": 3} and s.pages == 3
+    stats = json.loads((tmp_path / "out" / "extract_stats.json").read_text())
+    assert nonzero(stats["skipped"]) == {"unsupported_encoding": 3}
+
+
 def test_a_brotli_body_that_does_not_decode_is_bad_http(tmp_path, monkeypatch):
     """brotli (optional, not installed here: a stand-in with its interface) raises brotli.error,
     a plain Exception, which stopped the extraction with a traceback."""
