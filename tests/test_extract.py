@@ -385,65 +385,6 @@ def test_a_second_extract_into_a_folder_being_written_is_refused(tmp_path, big_w
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
-@pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("base", ["javascript:void(0)", " JavaScript:x", "data:text/html,hi"])
-def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, native, base):
-    """<base href="javascript:void(0)"> (or data:): browsers ignore such a base and join a page's
-    relative src to the page URL; it rejected every relative image of the page (invalid_url). WAT
-    (both paths) and WARC alike; an absolute src is as before."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
-    links = [img("pics/a.jpg", "A relative picture"), img("https://cdn.example/b.jpg", "An absolute picture")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/dir/page", links, base=base)])})
-    expected = [("https://site.example/dir/pics/a.jpg", "A relative picture"),
-                ("https://cdn.example/b.jpg", "An absolute picture")]
-    assert pairs(t) == expected and sum(s.rejected.values()) == 0
-    html = (f'<html><head><base href="{base}"></head><body><img src="pics/a.jpg" alt="A relative picture">'
-            '<img src="https://cdn.example/b.jpg" alt="An absolute picture"></body></html>').encode()
-    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/dir/page", html)}, out="warc")
-    assert pairs(t) == expected and sum(s.rejected.values()) == 0
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, native):
-    """LAION.md's rule rejects a src containing "data:image"; fastlaion rejected any "data:", so
-    an http(s) image whose URL holds "data:" elsewhere (a query, a path) was lost as data_uri.
-    Now only "data:image" (any case) is data_uri; a data: URI of another type is still rejected,
-    as invalid_url (not http(s)). WAT (both paths) and WARC alike."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
-    srcs = [("https://img.example/p?u=data:x.jpg", "Data in a query"), ("/data:2024/a.jpg", "Data in a path"),
-            ("https://img.example/q?src=DATA:IMAGE/png", "Upper case data image"),
-            ("data:image/png;base64,AAAA", "An inline image"), ("data:text/html,hi", "An inline page")]
-    expected = [("https://img.example/p?u=data:x.jpg", "Data in a query"),
-                ("https://site.example/data:2024/a.jpg", "Data in a path")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/page", [img(u, a) for u, a in srcs])])})
-    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
-    html = ("<html><body>" + "".join(f'<img src="{u}" alt="{a}">' for u, a in srcs) + "</body></html>").encode()
-    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/page", html)}, out="warc")
-    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypatch, native):
-    """LAION.md: an alt under 5 characters is rejected (5 kept, counted after entities and white
-    space: " ab  c " is "ab c", "a&amp;b c" is "a&b c"); a host over 60 characters is rejected
-    (60 kept)."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
-    host60, host61 = "h" * 52 + ".example", "h" * 53 + ".example"
-    assert (len(host60), len(host61)) == (60, 61)
-    links = [img("/1.jpg", "abcd"), img("/2.jpg", "abcde"), img("/3.jpg", " ab  c "), img("/4.jpg", "a&amp;b c"),
-             img(f"https://{host60}/5.jpg", "sixty chars"), img(f"https://{host61}/6.jpg", "sixty-one chars")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links)])})
-    assert pairs(t) == [("https://site.example/2.jpg", "abcde"), ("https://site.example/4.jpg", "a&b c"),
-                        (f"https://{host60}/5.jpg", "sixty chars")]
-    assert nonzero(s.rejected) == {"short_alt": 2, "long_host": 1}
-
-
 def use_wat_path(monkeypatch, path: str) -> list[int]:
     """Make `extract` read WAT input by one path: "native" (the compiled scanner and its C link
     rules; skipped without a compiler), "vectorised" (Python, extract_vec's rules on every flush)
@@ -482,6 +423,66 @@ def ending() -> bytes:
     """A last WAT record with no image link: the records before it are read by the native path
     (the scanner reads a member when the next one's header is there)."""
     return wat_request_record("https://end.example/")
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+@pytest.mark.parametrize("base", ["javascript:void(0)", " JavaScript:x", "data:text/html,hi"])
+def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, path, base):
+    """<base href="javascript:void(0)"> (or data:): browsers ignore such a base and join a page's
+    relative src to the page URL; it rejected every relative image of the page (invalid_url). WAT
+    (each path; the C rules decide both links, Python having joined the base) and WARC alike; an
+    absolute src is as before."""
+    decided = use_wat_path(monkeypatch, path)
+    links = [img("pics/a.jpg", "A relative picture"), img("https://cdn.example/b.jpg", "An absolute picture")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/dir/page", links, base=base), ending()])})
+    expected = [("https://site.example/dir/pics/a.jpg", "A relative picture"),
+                ("https://cdn.example/b.jpg", "An absolute picture")]
+    assert pairs(t) == expected and sum(s.rejected.values()) == 0
+    assert sum(decided) == (len(links) if path == "native" else 0)
+    html = (f'<html><head><base href="{base}"></head><body><img src="pics/a.jpg" alt="A relative picture">'
+            '<img src="https://cdn.example/b.jpg" alt="An absolute picture"></body></html>').encode()
+    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/dir/page", html)}, out="warc")
+    assert pairs(t) == expected and sum(s.rejected.values()) == 0
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, path):
+    """LAION.md's rule rejects a src containing "data:image"; fastlaion rejected any "data:", so
+    an http(s) image whose URL holds "data:" elsewhere (a query, a path) was lost as data_uri.
+    Now only "data:image" (any case) is data_uri; a data: URI of another type is still rejected,
+    as invalid_url (not http(s)). WAT (each path, the C rules deciding every link) and WARC alike."""
+    decided = use_wat_path(monkeypatch, path)
+    srcs = [("https://img.example/p?u=data:x.jpg", "Data in a query"), ("/data:2024/a.jpg", "Data in a path"),
+            ("https://img.example/q?src=DATA:IMAGE/png", "Upper case data image"),
+            ("data:image/png;base64,AAAA", "An inline image"), ("data:text/html,hi", "An inline page")]
+    expected = [("https://img.example/p?u=data:x.jpg", "Data in a query"),
+                ("https://site.example/data:2024/a.jpg", "Data in a path")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/page", [img(u, a) for u, a in srcs]),
+                                              ending()])})
+    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
+    assert sum(decided) == (len(srcs) if path == "native" else 0)
+    html = ("<html><body>" + "".join(f'<img src="{u}" alt="{a}">' for u, a in srcs) + "</body></html>").encode()
+    s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/page", html)}, out="warc")
+    assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypatch, path):
+    """LAION.md: an alt under 5 characters is rejected (5 kept, counted after entities and white
+    space: " ab  c " is "ab c", "a&amp;b c" is "a&b c"); a host over 60 characters is rejected
+    (60 kept). Each path decides these itself: the C rules (url_ok, all links but the one with an
+    entity in its alt), extract_vec (_url_pattern) and _check_link. The WAT had one record, which
+    the native scanner leaves to Python (a last member): the C rules never saw these links."""
+    decided = use_wat_path(monkeypatch, path)
+    host60, host61 = "h" * 52 + ".example", "h" * 53 + ".example"
+    assert (len(host60), len(host61)) == (60, 61)
+    links = [img("/1.jpg", "abcd"), img("/2.jpg", "abcde"), img("/3.jpg", " ab  c "), img("/4.jpg", "a&amp;b c"),
+             img(f"https://{host60}/5.jpg", "sixty chars"), img(f"https://{host61}/6.jpg", "sixty-one chars")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links), ending()])})
+    assert pairs(t) == [("https://site.example/2.jpg", "abcde"), ("https://site.example/4.jpg", "a&b c"),
+                        (f"https://{host60}/5.jpg", "sixty chars")]
+    assert nonzero(s.rejected) == {"short_alt": 2, "long_host": 1}
+    assert sum(decided) == (len(links) - 1 if path == "native" else 0)
 
 
 UPPER_PAGE = "HTTPS://Site.EXAMPLE/Dir/page.html"
@@ -527,6 +528,22 @@ def test_scheme_and_host_are_lower_case_in_the_kept_url(tmp_path, monkeypatch, p
     assert s.pairs == len(expected) + 1 and s.duplicates == 1 and sum(s.rejected.values()) == 0
     if path == "native":  # all but the query-only src (on a page URL in capitals: urljoin's) decided in C
         assert sum(decided) == len(UPPER_LINKS) + len(UPPER_BASE_LINKS) - 1
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_a_bracketed_host_is_held_to_the_host_limit_at_its_boundary(tmp_path, monkeypatch, path):
+    """An IPv6 literal's brackets count in the host's length, as for LAION's hostname check on
+    the URL as written; no literal reaches 60 characters, so the limit is lowered to 12 here:
+    `[1:2:3:4::5]` (12) kept, `[1:2:3:4::56]` (13) long_host, a name of 12 kept and 13 rejected.
+    The C rules check the two kinds of host in two branches of url_ok: each is held here."""
+    decided = use_wat_path(monkeypatch, path)
+    links = [img("http://[1:2:3:4::5]/a.jpg", "Twelve with brackets"), img("http://[1:2:3:4::56]/b.jpg", "Thirteen with brackets"),
+             img("http://abcdefgh.com/c.jpg", "A name of twelve"), img("http://abcdefgh.com1/d.jpg", "A name of thirteen")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links), ending()])},
+                   ExtractConfig(processes=1, max_host_chars=12))
+    assert pairs(t) == [("http://[1:2:3:4::5]/a.jpg", "Twelve with brackets"), ("http://abcdefgh.com/c.jpg", "A name of twelve")]
+    assert nonzero(s.rejected) == {"long_host": 2}
+    assert sum(decided) == (len(links) if path == "native" else 0)
 
 
 def test_warc_html_pages(tmp_path):
