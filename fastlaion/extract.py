@@ -54,6 +54,8 @@ Link rules, checked in this order; a link is counted under the first rule it fai
     long_host    hostname longer than `max_host_chars` (LAION: 60)
 The substring rules are LAION's and match anywhere in the src, case-insensitively: a Wikipedia
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
+A kept URL's scheme and host are put in lower case (`fold_case`, the WHATWG URL standard's
+serialisation; path, query and fragment as written), so case variants of a URL dedup as one.
 Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts
 (url_truncated, caption_truncated) and the WARC pages whose declared charsets are all unknown,
 read as UTF-8 (charset_fallback).
@@ -78,6 +80,10 @@ Skipped (damaged input; reading goes on with the next record):
                         no input can be opened does the extraction fail.
     invalid_json        a WAT record that mentions IMG@/src but is not valid JSON
     bad_http            a WARC response whose HTTP head or chunked/compressed body does not decode
+    unsupported_encoding  a WARC HTML response in a Content-Encoding not decoded here (zstd, an
+                        unknown one, br without the `brotli` package): not read as HTML, which
+                        its compressed bytes are not (gzip, x-gzip, deflate, br and identity are
+                        decoded, each of a list such as "gzip, br")
 
 `uid` is the first 16 bytes of sha256(url + "\\x00" + caption) as 32 hex characters: stable
 across runs, machines and library versions (unlike Polars' own hash).
@@ -123,7 +129,7 @@ DEFAULT_CC_BASE_URL = "https://data.commoncrawl.org/"
 REJECT_REASONS = ("no_alt", "short_alt", "data_uri", "javascript", "svg", "gif", "invalid_url", "long_host", "opt_out")
 IGNORE_REASONS = ("other_type", "not_html", "no_img_links")
 SKIP_REASONS = ("empty_input", "not_warc", "bad_header", "bad_content_length", "too_large", "truncated",
-                "corrupt_gzip", "read_error", "invalid_json", "bad_http")
+                "corrupt_gzip", "read_error", "invalid_json", "bad_http", "unsupported_encoding")
 NOTES = ("url_truncated", "caption_truncated", "charset_fallback")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz")  # .warc.wat.gz ends in .wat.gz
 READ_CHUNK_BYTES = 1 << 20
@@ -1616,6 +1622,10 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
     except _TooLarge:
         stats.skip("too_large")
         return
+    except _Unsupported as e:
+        log.debug("%s: %s: Content-Encoding %s not decoded (unsupported_encoding)", stats.source, target_uri, e)
+        stats.skip("unsupported_encoding")
+        return
     except (ValueError, zlib.error, OSError, EOFError):
         stats.skip("bad_http")
         return
@@ -1672,30 +1682,49 @@ class _TooLarge(Exception):
     """Internal: a response body that inflates to more than max_record_bytes."""
 
 
+class _Unsupported(Exception):
+    """Internal: a response body in a content coding not decoded here (its name)."""
+
+
 def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     """Undo chunked transfer and gzip/deflate/br content encoding, which some WARC writers keep
-    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*). A gzip or
-    deflate body that inflates to more than max_bytes raises _TooLarge."""
+    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*); codings listed
+    together ("gzip, br") are undone last first, as RFC 9110 lists them in the order applied. A
+    gzip or deflate body that inflates to more than max_bytes raises _TooLarge; any other coding
+    (zstd, x-foo), or br without the brotli package, raises _Unsupported before anything is
+    decoded."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
-    encoding = headers.get("content-encoding", "").lower().strip()
-    if encoding in ("gzip", "x-gzip"):
-        body = _inflate_body(body, 31, max_bytes)
-    elif encoding == "deflate":
-        try:
-            body = _inflate_body(body, 15, max_bytes, whole=True)
-        except zlib.error:
-            body = _inflate_body(body, -15, max_bytes, whole=True)
-    elif encoding == "br":
-        try:
-            import brotli
-        except ImportError as e:
-            raise ValueError("brotli body, brotli not installed") from e
-        try:
-            body = brotli.decompress(body)
-        except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
-            raise ValueError(f"bad brotli body: {e}") from e
+    codings = [c for c in (c.strip() for c in headers.get("content-encoding", "").lower().split(",")) if c]
+    codings = [c for c in codings if c != "identity"]
+    for coding in codings:
+        if coding == "br":
+            try:
+                import brotli  # noqa: F401
+            except ImportError:
+                raise _Unsupported("br (the brotli package is not installed)") from None
+        elif coding not in ("gzip", "x-gzip", "deflate"):
+            raise _Unsupported(coding[:40])
+    for coding in reversed(codings):
+        body = _decode_coding(body, coding, max_bytes)
     return body
+
+
+def _decode_coding(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """One content coding of _decode_transfer's undone."""
+    if coding in ("gzip", "x-gzip"):
+        return _inflate_body(body, 31, max_bytes)
+    if coding == "deflate":
+        try:
+            return _inflate_body(body, 15, max_bytes, whole=True)
+        except zlib.error:
+            return _inflate_body(body, -15, max_bytes, whole=True)
+    import brotli
+
+    try:
+        return brotli.decompress(body)
+    except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
+        raise ValueError(f"bad brotli body: {e}") from e
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
@@ -2242,7 +2271,31 @@ def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], st
         return "invalid_url", "", ""
     if len(m.group(1)) > cfg.max_host_chars:
         return "long_host", "", ""
-    return None, url, alt
+    return None, fold_case(url, m), alt
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_case(url: str, m: re.Match[str] | None = None) -> str:
+    """An http(s) URL that `_HTTP_URL` matches (`m`, its match, when at hand) with its scheme and
+    host in lower case, as the WHATWG URL standard serialises them (both are case-insensitive):
+    `HTTPS://Example.COM/A.jpg` is `https://example.com/A.jpg`, so the two dedup as one. Path,
+    query, fragment, userinfo and port stay as written; only ASCII letters are folded (an IDN
+    host's other letters stay as they are: the standard would write it in punycode)."""
+    if m is None:
+        m = _HTTP_URL.match(url)
+        if m is None:
+            return url
+    a, b = m.span(1)
+    n = 5 if url[4] in "sS" else 4  # the scheme's length
+    scheme, host = url[:n], url[a:b]
+    if scheme.islower() and not _UPPER_ASCII.search(host):
+        return url
+    return scheme.lower() + url[n:a] + host.translate(_ASCII_LOWER) + url[b:]
+
+
+_UPPER_ASCII = re.compile("[A-Z]")
 
 
 # ---------------------------------------------------------------------------------------------

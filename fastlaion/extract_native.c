@@ -1166,8 +1166,9 @@ static const uint8_t not_host[256] = {
     [' '] = 1, ['/'] = 1, ['?'] = 1, ['#'] = 1, ['@'] = 1, [':'] = 1, ['['] = 1, [']'] = 1, ['<'] = 1, ['>'] = 1,
     ['"'] = 1, ['\''] = 1, ['{'] = 1, ['}'] = 1, ['|'] = 1, ['\\'] = 1, ['^'] = 1, ['`'] = 1};
 
-/* extract_vec._url_pattern(max_host) (max_host < 0: None) on a printable-ASCII URL */
-static int url_ok(const uint8_t *u, int64_t n, int64_t max_host) {
+/* extract_vec._url_pattern(max_host) (max_host < 0: None) on a printable-ASCII URL; where it
+ * matches and `host_at` is not NULL, the host's bounds (brackets included) go to host_at[0], host_at[1] */
+static int url_ok(const uint8_t *u, int64_t n, int64_t max_host, int64_t *host_at) {
     if (n < 7 || !match_ci(u, "http", 4)) return 0;
     int64_t p = 4;
     if (lower(u[p]) == 's') p++;
@@ -1183,14 +1184,15 @@ static int url_ok(const uint8_t *u, int64_t n, int64_t max_host) {
         if (q == p + 1 || q >= n || u[q] != ']') return 0;
         host = q + 1 - p;
         if (max_host >= 0 && (max_host < 3 || host > max_host)) return 0;
-        p = q + 1;
+        q++;
     } else {
         q = p;
         while (q < n && !not_host[u[q]]) q++;
         host = q - p;
         if (host < 1 || (max_host >= 0 && host > max_host)) return 0;
-        p = q;
     }
+    if (host_at) { host_at[0] = p; host_at[1] = q; }
+    p = q;
     if (p < n && u[p] == ':') {
         p++;
         q = p;
@@ -1421,8 +1423,12 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
         memcpy(url + un, clean, (size_t)cn);
         un += cn;
     }
-    if (!url_ok(url, un, -1)) return R_INVALID_URL;
-    if (!url_ok(url, un, cfg->max_host)) return R_LONG_HOST;
+    int64_t host_at[2];
+    if (!url_ok(url, un, -1, host_at)) return R_INVALID_URL;
+    if (!url_ok(url, un, cfg->max_host, NULL)) return R_LONG_HOST;
+    /* scheme and host in lower case (extract.fold_case) */
+    for (int64_t i = 0; url[i] != ':'; i++) url[i] = lower(url[i]);
+    for (int64_t i = host_at[0]; i < host_at[1]; i++) url[i] = lower(url[i]);
     /* kept: cut to max_text_chars (the URL is ASCII) */
     int cut;
     int64_t keep = un > cfg->max_text ? cfg->max_text : un;

@@ -12,9 +12,10 @@ for the shapes that make up nearly all of Common Crawl's links, and marks every 
 
 For the rest each step is the reference's, written as an expression: whitespace folding
 (`" ".join(alt.split())`, in Python for the few alts it changes), strip, lower case, the
-substring rules, joining to the base by concatenation (as `_Base.join` does), and
-`_HTTP_URL`'s host and port check. tests/test_extract.py compares the two on generated and
-edge-case links.
+substring rules, joining to the base by concatenation (as `_Base.join` does),
+`_HTTP_URL`'s host and port check, and `fold_case` (scheme and host in lower case; in Python,
+for the few URLs with a capital there). tests/test_extract.py compares the two on generated
+and edge-case links.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _ODD_ALT = r"&(?:[^\t\n\x0c <&#;]|#[0-9xX])|[\x1c-\x1f]"
 _PY_SPACE = "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace() and c != 0x20)
 _NEEDS_FOLD = rf"^ | $|  |[{_PY_SPACE}]"  # " ".join(alt.split()) would change the alt
 _HARD = "hard"
+# An upper-case letter in a URL's scheme or authority (the host is in there), which fold_case may fold
+_UPPER_AUTHORITY = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*[A-Z])"
 
 
 def _url_pattern(max_host: int | None) -> str:
@@ -123,8 +126,17 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
     reason = reason.when(~u.str.contains(_url_pattern(None))).then(pl.lit("invalid_url"))
     reason = reason.when(~u.str.contains(_url_pattern(cfg.max_host_chars))).then(pl.lit("long_host"))
     odd = ~pl.col("src").str.contains(_SIMPLE_SRC) | pl.col("src").str.contains(_SRC_ENTITY)
-    return links.lazy().with_columns(url=url).with_columns(reason=reason.otherwise(None)).select(
+    out = links.lazy().with_columns(url=url).with_columns(reason=reason.otherwise(None)).select(
         pl.when(pl.col("reason") == _HARD).then(None).otherwise(pl.col("reason")).alias("reason"),
         "url",
         hard=odd | (pl.col("reason") == _HARD).fill_null(False),
     ).collect()
+    # A kept URL with a capital in its scheme or authority (few do): extract.fold_case, the reference's
+    upper = out.select(pl.col("reason").is_null() & ~pl.col("hard") & pl.col("url").str.contains(_UPPER_AUTHORITY)
+                       ).to_series().fill_null(False).arg_true()
+    if len(upper):
+        from .extract import fold_case
+
+        urls = out.get_column("url")
+        out = out.with_columns(urls.scatter(upper, [fold_case(u) for u in urls.gather(upper).to_list()]))
+    return out

@@ -385,63 +385,165 @@ def test_a_second_extract_into_a_folder_being_written_is_refused(tmp_path, big_w
 # ---------------------------------------------------------------------------------------------
 # WARC input: our own HTML parsing
 
-@pytest.mark.parametrize("native", [True, False])
+def use_wat_path(monkeypatch, path: str) -> list[int]:
+    """Make `extract` read WAT input by one path: "native" (the compiled scanner and its C link
+    rules; skipped without a compiler), "vectorised" (Python, extract_vec's rules on every flush)
+    or "reference" (Python, `_check_link` on every link). Returns the list that the native
+    path's rule runs add the number of links they decided in C to (not those they hand to
+    `_check_link`). The native scanner leaves a file's last gzip member to Python's member
+    loop: end a WAT with `ending()`."""
+    import fastlaion.extract as ex
+    import fastlaion.extract_native as en
+
+    decided: list[int] = []
+    monkeypatch.setattr(ex, "_USE_NATIVE", path == "native")
+    if path == "native":
+        if en._compiler() is None:
+            pytest.skip("no C compiler: the native path cannot be built here")
+        assert en.library() is not None, "a compiler is there but the library did not build"
+        run = en.Rules.run
+
+        def counted(self, *args, **kwargs):
+            out = run(self, *args, **kwargs)
+            decided.append(len(out.rows) + sum(out.reasons))
+            return out
+        monkeypatch.setattr(en.Rules, "run", counted)
+    elif path == "reference":
+        init = ex._LinkRules.__init__
+
+        def reference_only(self, cfg, stats, writer, vectorised=True):
+            init(self, cfg, stats, writer, vectorised=False)
+        monkeypatch.setattr(ex._LinkRules, "__init__", reference_only)
+    else:  # (without the native path the writer is Polars', and every flush goes to extract_vec)
+        monkeypatch.setattr(ex, "REFERENCE_LINKS", 0)
+    return decided
+
+
+def ending() -> bytes:
+    """A last WAT record with no image link: the records before it are read by the native path
+    (the scanner reads a member when the next one's header is there)."""
+    return wat_request_record("https://end.example/")
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
 @pytest.mark.parametrize("base", ["javascript:void(0)", " JavaScript:x", "data:text/html,hi"])
-def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, native, base):
+def test_a_javascript_or_data_base_is_no_base(tmp_path, monkeypatch, path, base):
     """<base href="javascript:void(0)"> (or data:): browsers ignore such a base and join a page's
     relative src to the page URL; it rejected every relative image of the page (invalid_url). WAT
-    (both paths) and WARC alike; an absolute src is as before."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    (each path; the C rules decide both links, Python having joined the base) and WARC alike; an
+    absolute src is as before."""
+    decided = use_wat_path(monkeypatch, path)
     links = [img("pics/a.jpg", "A relative picture"), img("https://cdn.example/b.jpg", "An absolute picture")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/dir/page", links, base=base)])})
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/dir/page", links, base=base), ending()])})
     expected = [("https://site.example/dir/pics/a.jpg", "A relative picture"),
                 ("https://cdn.example/b.jpg", "An absolute picture")]
     assert pairs(t) == expected and sum(s.rejected.values()) == 0
+    assert sum(decided) == (len(links) if path == "native" else 0)
     html = (f'<html><head><base href="{base}"></head><body><img src="pics/a.jpg" alt="A relative picture">'
             '<img src="https://cdn.example/b.jpg" alt="An absolute picture"></body></html>').encode()
     s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/dir/page", html)}, out="warc")
     assert pairs(t) == expected and sum(s.rejected.values()) == 0
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, native):
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_the_data_uri_rule_is_laions_data_image(tmp_path, monkeypatch, path):
     """LAION.md's rule rejects a src containing "data:image"; fastlaion rejected any "data:", so
     an http(s) image whose URL holds "data:" elsewhere (a query, a path) was lost as data_uri.
     Now only "data:image" (any case) is data_uri; a data: URI of another type is still rejected,
-    as invalid_url (not http(s)). WAT (both paths) and WARC alike."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    as invalid_url (not http(s)). WAT (each path, the C rules deciding every link) and WARC alike."""
+    decided = use_wat_path(monkeypatch, path)
     srcs = [("https://img.example/p?u=data:x.jpg", "Data in a query"), ("/data:2024/a.jpg", "Data in a path"),
             ("https://img.example/q?src=DATA:IMAGE/png", "Upper case data image"),
             ("data:image/png;base64,AAAA", "An inline image"), ("data:text/html,hi", "An inline page")]
     expected = [("https://img.example/p?u=data:x.jpg", "Data in a query"),
                 ("https://site.example/data:2024/a.jpg", "Data in a path")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/page", [img(u, a) for u, a in srcs])])})
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/page", [img(u, a) for u, a in srcs]),
+                                              ending()])})
     assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
+    assert sum(decided) == (len(srcs) if path == "native" else 0)
     html = ("<html><body>" + "".join(f'<img src="{u}" alt="{a}">' for u, a in srcs) + "</body></html>").encode()
     s, t = extract(tmp_path, {"p.warc": response_record("https://site.example/page", html)}, out="warc")
     assert pairs(t) == expected and nonzero(s.rejected) == {"data_uri": 2, "invalid_url": 1}
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypatch, native):
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_laions_alt_and_host_limits_hold_at_their_boundaries(tmp_path, monkeypatch, path):
     """LAION.md: an alt under 5 characters is rejected (5 kept, counted after entities and white
     space: " ab  c " is "ab c", "a&amp;b c" is "a&b c"); a host over 60 characters is rejected
-    (60 kept)."""
-    import fastlaion.extract as ex
-
-    monkeypatch.setattr(ex, "_USE_NATIVE", native)
+    (60 kept). Each path decides these itself: the C rules (url_ok, all links but the one with an
+    entity in its alt), extract_vec (_url_pattern) and _check_link. The WAT had one record, which
+    the native scanner leaves to Python (a last member): the C rules never saw these links."""
+    decided = use_wat_path(monkeypatch, path)
     host60, host61 = "h" * 52 + ".example", "h" * 53 + ".example"
     assert (len(host60), len(host61)) == (60, 61)
     links = [img("/1.jpg", "abcd"), img("/2.jpg", "abcde"), img("/3.jpg", " ab  c "), img("/4.jpg", "a&amp;b c"),
              img(f"https://{host60}/5.jpg", "sixty chars"), img(f"https://{host61}/6.jpg", "sixty-one chars")]
-    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links)])})
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links), ending()])})
     assert pairs(t) == [("https://site.example/2.jpg", "abcde"), ("https://site.example/4.jpg", "a&b c"),
                         (f"https://{host60}/5.jpg", "sixty chars")]
     assert nonzero(s.rejected) == {"short_alt": 2, "long_host": 1}
+    assert sum(decided) == (len(links) - 1 if path == "native" else 0)
+
+
+UPPER_PAGE = "HTTPS://Site.EXAMPLE/Dir/page.html"
+UPPER_LINKS = [  # (src, alt, the URL kept)
+    ("HTTPS://Example.COM/A.jpg?Q=X#F", "Same picture twice", "https://example.com/A.jpg?Q=X#F"),
+    ("https://example.com/A.jpg?Q=X#F", "Same picture twice", None),  # a duplicate of the first
+    ("Http://UPPER.Example:8080/b.JPG", "Mixed case scheme", "http://upper.example:8080/b.JPG"),
+    ("hTTpS://User:PW@Mixed.Example/C.png", "Userinfo kept as written", "https://User:PW@mixed.example/C.png"),
+    ("http://[::FFFF:A]/V6.jpg", "An IPv6 literal host", "http://[::ffff:a]/V6.jpg"),
+    ("rel/D.jpg", "Relative to the page", "https://site.example/Dir/rel/D.jpg"),
+    ("/Root/E.jpg", "Root relative source", "https://site.example/Root/E.jpg"),
+    ("//CDN.Example/F.jpg", "Protocol relative source", "https://cdn.example/F.jpg"),
+    ("../Up/G.jpg", "Dot segment source", "https://site.example/Up/G.jpg"),
+    ("?Q=1", "Query only source", "https://site.example/Dir/page.html?Q=1"),
+]
+UPPER_BASE_LINKS = [("x/I.jpg", "Relative to the base", "https://base.example/B/x/I.jpg"),
+                    ("/J.jpg", "Root of the base", "https://base.example/J.jpg")]
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference", "warc"])
+def test_scheme_and_host_are_lower_case_in_the_kept_url(tmp_path, monkeypatch, path):
+    """Scheme and host are case-insensitive (WHATWG URL: serialised in lower case; path, query,
+    fragment and userinfo as written). Extraction kept `HTTPS://Example.COM/A.jpg` as written,
+    so it did not dedup with `https://example.com/A.jpg`, and a relative src kept the page's or
+    base's capitals. Every path now folds them alike: the C rules, extract_vec, `_check_link`
+    (WAT) and the WARC path; the duplicate is dropped."""
+    base = "HTTPS://Base.EXAMPLE/B/page"
+    expected = [(url, alt) for _, alt, url in UPPER_LINKS + UPPER_BASE_LINKS if url is not None]
+    if path == "warc":
+        def html(links, head=""):
+            return ("<html><head>" + head + "</head><body>"
+                    + "".join(f'<img src="{src}" alt="{alt}">' for src, alt, _ in links) + "</body></html>").encode()
+        files = {"p.warc": response_record(UPPER_PAGE, html(UPPER_LINKS))
+                 + response_record("https://other.example/p", html(UPPER_BASE_LINKS, f'<base href="{base}">'))}
+    else:
+        decided = use_wat_path(monkeypatch, path)
+        files = {"p.wat.gz": gz([wat_record(UPPER_PAGE, [img(src, alt) for src, alt, _ in UPPER_LINKS]),
+                                 wat_record("https://other.example/p", [img(src, alt) for src, alt, _ in UPPER_BASE_LINKS],
+                                            base=base), ending()])}
+    s, t = extract(tmp_path, files)
+    assert pairs(t) == expected
+    assert t["uid"].to_list() == [uid_of(u, c) for u, c in expected]
+    assert s.pairs == len(expected) + 1 and s.duplicates == 1 and sum(s.rejected.values()) == 0
+    if path == "native":  # all but the query-only src (on a page URL in capitals: urljoin's) decided in C
+        assert sum(decided) == len(UPPER_LINKS) + len(UPPER_BASE_LINKS) - 1
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_a_bracketed_host_is_held_to_the_host_limit_at_its_boundary(tmp_path, monkeypatch, path):
+    """An IPv6 literal's brackets count in the host's length, as for LAION's hostname check on
+    the URL as written; no literal reaches 60 characters, so the limit is lowered to 12 here:
+    `[1:2:3:4::5]` (12) kept, `[1:2:3:4::56]` (13) long_host, a name of 12 kept and 13 rejected.
+    The C rules check the two kinds of host in two branches of url_ok: each is held here."""
+    decided = use_wat_path(monkeypatch, path)
+    links = [img("http://[1:2:3:4::5]/a.jpg", "Twelve with brackets"), img("http://[1:2:3:4::56]/b.jpg", "Thirteen with brackets"),
+             img("http://abcdefgh.com/c.jpg", "A name of twelve"), img("http://abcdefgh.com1/d.jpg", "A name of thirteen")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links), ending()])},
+                   ExtractConfig(processes=1, max_host_chars=12))
+    assert pairs(t) == [("http://[1:2:3:4::5]/a.jpg", "Twelve with brackets"), ("http://abcdefgh.com/c.jpg", "A name of twelve")]
+    assert nonzero(s.rejected) == {"long_host": 2}
+    assert sum(decided) == (len(links) if path == "native" else 0)
 
 
 def test_warc_html_pages(tmp_path):
@@ -516,6 +618,47 @@ def test_a_body_that_inflates_past_max_record_bytes_is_too_large(tmp_path, encod
     s, t = extract(tmp_path, {"b.warc.gz": gz(recs)}, ExtractConfig(processes=1, max_record_bytes=1 << 20))
     assert pairs(t) == [("https://b.example/pic.jpg", "Inflated page caption")]
     assert nonzero(s.skipped) == {"too_large": 1} and s.pages == 1
+
+
+def _zstd_frame(data: bytes) -> bytes:
+    """`data` as a zstd frame, by the system's libzstd (the compiled Parquet writer's); without
+    it, deflate's bytes stand in (either way not HTML, nor anything extraction decodes)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("zstd")
+    if name is None:
+        return zlib.compress(data)
+    lib = ctypes.CDLL(name)
+    lib.ZSTD_compressBound.restype = ctypes.c_size_t
+    lib.ZSTD_compress.restype = ctypes.c_size_t
+    lib.ZSTD_compress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    out = ctypes.create_string_buffer(lib.ZSTD_compressBound(ctypes.c_size_t(len(data))))
+    n = lib.ZSTD_compress(out, len(out), data, len(data), 3)
+    assert n < len(out)  # not an error code
+    return out.raw[:n]
+
+
+def test_a_body_in_a_content_encoding_not_decoded_here_is_counted(tmp_path, monkeypatch):
+    """A WARC response in `Content-Encoding: zstd` (or x-foo, or a list such as "identity, gzip")
+    was read as if it were plain HTML: its compressed bytes gave a page with no image, counted as
+    a page, silently. A coding not decoded here (zstd: no zstandard package among the
+    dependencies; br without brotli) is now skipped as unsupported_encoding; each coding of a
+    list is undone (last first), identity in any case is none."""
+    monkeypatch.setitem(sys.modules, "brotli", None)  # not installed (it is not, here; made sure)
+    html = {i: page_html(f"Encoded page number {i}").encode() for i in range(6)}
+    recs = [response_record("https://e.example/0", _zstd_frame(html[0]), extra="Content-Encoding: zstd\r\n"),
+            response_record("https://e.example/1", gzip.compress(html[1]), extra="Content-Encoding: x-foo\r\n"),
+            response_record("https://e.example/2", gzip.compress(html[2]), extra="Content-Encoding: identity, gzip\r\n"),
+            response_record("https://e.example/3", b"\x1b\x00\x00", extra="Content-Encoding: br\r\n"),
+            response_record("https://e.example/4", html[4], extra="Content-Encoding: IDENTITY\r\n"),
+            response_record("https://e.example/5", gzip.compress(zlib.compress(html[5])),
+                            extra="Content-Encoding: deflate,  GZIP \r\n")]
+    s, t = extract(tmp_path, {"e.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://e.example/pic.jpg", f"Encoded page number {i}") for i in (2, 4, 5)]
+    assert nonzero(s.skipped) == {"unsupported_encoding": 3} and s.pages == 3
+    stats = json.loads((tmp_path / "out" / "extract_stats.json").read_text())
+    assert nonzero(stats["skipped"]) == {"unsupported_encoding": 3}
 
 
 def test_a_brotli_body_that_does_not_decode_is_bad_http(tmp_path, monkeypatch):
