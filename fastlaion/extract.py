@@ -80,10 +80,11 @@ Skipped (damaged input; reading goes on with the next record):
                         no input can be opened does the extraction fail.
     invalid_json        a WAT record that mentions IMG@/src but is not valid JSON
     bad_http            a WARC response whose HTTP head or chunked/compressed body does not decode
-    unsupported_encoding  a WARC HTML response in a Content-Encoding not decoded here (zstd, an
-                        unknown one, br without the `brotli` package): not read as HTML, which
-                        its compressed bytes are not (gzip, x-gzip, deflate, br and identity are
-                        decoded, each of a list such as "gzip, br")
+    unsupported_encoding  a WARC HTML response in a Content-Encoding or Transfer-Encoding not
+                        decoded here (zstd, compress, an unknown one, br without the `brotli`
+                        package): not read as HTML, which its compressed bytes are not (gzip,
+                        x-gzip, deflate, br and identity are decoded, and chunked transfer, each
+                        of a list such as "gzip, br", or of one header on several lines)
 
 `uid` is the first 16 bytes of sha256(url + "\\x00" + caption) as 32 hex characters: stable
 across runs, machines and library versions (unlike Polars' own hash).
@@ -1623,7 +1624,7 @@ def _handle_response(target_uri: str, block: bytes, rules: _LinkRules, stats: In
         stats.skip("too_large")
         return
     except _Unsupported as e:
-        log.debug("%s: %s: Content-Encoding %s not decoded (unsupported_encoding)", stats.source, target_uri, e)
+        log.debug("%s: %s: coding %s not decoded (unsupported_encoding)", stats.source, target_uri, e)
         stats.skip("unsupported_encoding")
         return
     except (ValueError, zlib.error, OSError, EOFError):
@@ -1669,12 +1670,22 @@ def _header_values(head: bytes, name: bytes) -> list[str]:
     return out
 
 
+# Headers whose repeated lines are one list, as if joined by commas (RFC 9110, 5.3): read in full
+_LIST_HEADERS = frozenset({"content-encoding", "transfer-encoding"})
+
+
 def _parse_http_headers(head: bytes) -> dict[str, str]:
+    """An HTTP head's headers by lower-case name. A repeated Content-Encoding or Transfer-Encoding
+    line adds to its list ("gzip" then "br" is "gzip, br", both to undo); of any other header
+    repeated, the last line is kept."""
     headers: dict[str, str] = {}
     for line in head.split(b"\n")[1:]:
         name, sep, value = line.partition(b":")
         if sep:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
+            if key in _LIST_HEADERS and key in headers:
+                text = f"{headers[key]}, {text}"
+            headers[key] = text
     return headers
 
 
@@ -1687,17 +1698,16 @@ class _Unsupported(Exception):
 
 
 def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
-    """Undo chunked transfer and gzip/deflate/br content encoding, which some WARC writers keep
-    (Common Crawl stores the decoded payload and renames the headers X-Crawler-*); codings listed
-    together ("gzip, br") are undone last first, as RFC 9110 lists them in the order applied. A
-    gzip or deflate body that inflates to more than max_bytes raises _TooLarge; any other coding
-    (zstd, x-foo), or br without the brotli package, raises _Unsupported before anything is
-    decoded."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = _dechunk(body)
-    codings = [c for c in (c.strip() for c in headers.get("content-encoding", "").lower().split(",")) if c]
-    codings = [c for c in codings if c != "identity"]
-    for coding in codings:
+    """Undo the transfer codings (chunked, and gzip/deflate/br before it) and the gzip/deflate/br
+    content codings, which some WARC writers keep (Common Crawl stores the decoded payload and
+    renames the headers X-Crawler-*); codings listed together ("gzip, br", or on two header
+    lines) are undone last first, as RFC 9110 lists them in the order applied, the transfer
+    codings before the content codings. A gzip or deflate body that inflates to more than
+    max_bytes raises _TooLarge; any other coding (zstd, x-foo, compress), or br without the
+    brotli package, raises _Unsupported before anything is decoded."""
+    content = _codings(headers.get("content-encoding", ""))
+    transfer = _codings(headers.get("transfer-encoding", ""))
+    for coding in content + [c for c in transfer if c != "chunked"]:
         if coding == "br":
             try:
                 import brotli  # noqa: F401
@@ -1705,9 +1715,17 @@ def _decode_transfer(body: bytes, headers: dict[str, str], max_bytes: int) -> by
                 raise _Unsupported("br (the brotli package is not installed)") from None
         elif coding not in ("gzip", "x-gzip", "deflate"):
             raise _Unsupported(coding[:40])
-    for coding in reversed(codings):
+    for coding in reversed(transfer):
+        body = _dechunk(body) if coding == "chunked" else _decode_coding(body, coding, max_bytes)
+    for coding in reversed(content):
         body = _decode_coding(body, coding, max_bytes)
     return body
+
+
+def _codings(value: str) -> list[str]:
+    """The codings of a Content-Encoding or Transfer-Encoding value, in the order applied, in
+    lower case; identity, which is none, left out."""
+    return [c for c in (c.strip() for c in value.lower().split(",")) if c and c != "identity"]
 
 
 def _decode_coding(body: bytes, coding: str, max_bytes: int) -> bytes:

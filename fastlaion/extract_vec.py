@@ -131,12 +131,24 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
         "url",
         hard=odd | (pl.col("reason") == _HARD).fill_null(False),
     ).collect()
-    # A kept URL with a capital in its scheme or authority (few do): extract.fold_case, the reference's
-    upper = out.select(pl.col("reason").is_null() & ~pl.col("hard") & pl.col("url").str.contains(_UPPER_AUTHORITY)
-                       ).to_series().fill_null(False).arg_true()
-    if len(upper):
-        from .extract import fold_case
+    kept = out.select(pl.col("reason").is_null() & ~pl.col("hard")).to_series()
+    return out.with_columns(fold_case_urls(out.get_column("url"), kept))
 
-        urls = out.get_column("url")
-        out = out.with_columns(urls.scatter(upper, [fold_case(u) for u in urls.gather(upper).to_list()]))
-    return out
+
+def fold_case_urls(urls: pl.Series, where: pl.Series | None = None) -> pl.Series:
+    """`urls` (String) with scheme and host in lower case as `extract.fold_case` writes them, where
+    `where` is true (everywhere when None). Vectorised but for the few URLs with a capital in their
+    scheme or authority, which go through fold_case itself (the reference) one by one; a URL
+    fold_case does not parse (not http(s)), or null, stays as it is. Also the key `fastlaion
+    dedup --by url` compares (dataset/dedup.py)."""
+    if urls.dtype != pl.String:  # e.g. a column of nulls only (pl.Null)
+        return urls
+    upper = urls.str.contains(_UPPER_AUTHORITY)
+    if where is not None:
+        upper = upper & where
+    rows = upper.arg_true()  # (a null is not true)
+    if not len(rows):
+        return urls
+    from .extract import fold_case
+
+    return urls.clone().scatter(rows, [fold_case(u) for u in urls.gather(rows).to_list()])

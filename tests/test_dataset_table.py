@@ -316,6 +316,55 @@ def test_a_second_dedup_keeps_the_first_ones_records(synth, tmp_path):
     assert "duplicate_sha256" in stats.output
 
 
+def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
+    """--by url and url+caption compare URLs with scheme and host in lower case (extract.fold_case:
+    a user's URL list may spell one URL `HTTP://A.com/x.jpg` and `http://a.com/x.jpg`); the path,
+    userinfo and non-ASCII letters keep their case, and the url column is written as it was."""
+    import random
+
+    from fastlaion.extract import fold_case
+
+    planted = [  # (url, caption, status, duplicate_of by url: the index of the row it repeats)
+        ("HTTP://A.com/x.jpg", "c", "kept", None), ("http://a.com/x.jpg", "c", "kept", 0),
+        ("http://a.com/X.jpg", "c", "kept", None), ("Http://A.COM/x.jpg", "other", "kept", 0),
+        ("https://USER:Pw@Ex.COM:8080/P?Q#F", "c", "kept", None), ("https://USER:Pw@ex.com:8080/P?Q#F", "c", "kept", 4),
+        ("https://user:Pw@ex.com:8080/P?Q#F", "c", "kept", None), ("NOTAURL", "c", "kept", None),
+        ("notaurl", "c", "kept", None), ("http://BÜcher.DE/x", "c", "kept", None), ("http://bÜcher.de/x", "c", "kept", 9),
+        ("http://bücher.de/x", "c", "kept", None), ("HTTPS://[::1]/x", "c", "kept", None),
+        ("https://[::1]/x", "c", "kept", 12), ("HTTP://B.com/y", "c", "dropped", None), ("http://b.com/y", "c", "kept", None),
+    ]
+    rng = random.Random(3)
+    generated = []  # case variants of a few URLs, kept: the reference is fold_case in Python
+    for _ in range(400):
+        url = rng.choice(["http://img.example.org/a/B.jpg", "https://cdn.x.com:443/P.png?Q=1", "http://h.de/z"])
+        generated.append(("".join(c.upper() if rng.random() < 0.3 else c for c in url[:20]) + url[20:],
+                          rng.choice(["c", "d"]), "kept", None))
+    spec = planted + generated
+    rows = [{"key": f"00000{i:04d}", "url": u, "caption": c, "status": s,
+             "stage": None if s == "kept" else "download", "reason": None if s == "kept" else "http_404"}
+            for i, (u, c, s, _) in enumerate(spec)]
+    write_run(tmp_path / "run", rows, len(rows))
+    for by, columns in (("url", ("url",)), ("url+caption", ("url", "caption"))):
+        invoke(["dedup", "--by", by, "--from", tmp_path / "run", "-o", tmp_path / by, "--no-progress"])
+        out = pq.read_table(tmp_path / by / "metadata.parquet").to_pylist()
+        assert [o["url"] for o in out] == [r["url"] for r in rows]  # as written
+        got = {o["key"]: o["duplicate_of"] for o in out if o["duplicate_of"] is not None}
+        first: dict[tuple, str] = {}
+        expected: dict[str, str] = {}
+        for r in rows:
+            if r["status"] == "kept":
+                value = (fold_case(r["url"]), *(r[c] for c in columns[1:]))
+                expected.update({r["key"]: first[value]} if value in first else {})
+                first.setdefault(value, r["key"])
+        assert got == expected
+        if by == "url":
+            assert {k: v for k, v in got.items() if int(k) < len(planted)} == {
+                f"00000{i:04d}": f"00000{d:04d}" for i, (_, _, _, d) in enumerate(planted) if d is not None}
+            assert len(got) > 350
+        else:  # the caption still counts: row 3 repeats row 0's URL only
+            assert "000000003" not in got and got["000000001"] == "000000000"
+
+
 def test_greedy_hamming_search_matches_brute_force():
     from fastlaion.dataset.phash import greedy_duplicates
 

@@ -1378,6 +1378,65 @@ def test_url_blocklist_applies_to_redirect_targets(served, tmp_path):
     assert server.hits["/image.jpg"] == before
 
 
+def test_url_blocklist_lines_match_in_any_case_of_scheme_and_host(served, tmp_path):
+    """A URL line is entered as written and in the normalised form (yarl's) that the input URL is
+    checked in too, so `HTTP://Example.COM/x.jpg` on the list blocks `http://example.com/x.jpg` and
+    the other way round; a hex line is the digest of one exact URL and matches only that one."""
+    server, routes = served
+    upper = server.url("").replace("http://", "HTTP://", 1)  # HTTP://127.0.0.1:PORT/
+    urls = [server.url(f"t/status/200/blcase{i}") for i in range(4)]
+    blocklist = tmp_path / "urls.txt"
+    blocklist.write_text(f"{upper}t/status/200/blcase0\n"
+                         f"{upper}t/./status/200/blcase1\n"  # and a dot segment yarl removes
+                         f"{hashlib.sha256((upper + 't/status/200/blcase2').encode()).hexdigest()}\n"
+                         f"{upper}image.jpg\n")
+    results = fetch_many(urls, workers=4, url_blocklist=str(blocklist))
+    assert [r.error for r in results[:2]] == ["blocked", "blocked"]
+    assert [routes.hits[f"/t/status/200/blcase{i}"] for i in range(4)] == [0, 0, 1, 1]
+    assert results[2].ok and results[3].ok  # the digest of the upper-case form: that URL only
+    before = server.hits["/image.jpg"]
+    got = fetch(server.url("t/redirect"), url_blocklist=str(blocklist))  # to /image.jpg
+    assert (got.error, got.http_status) == ("blocked", 302) and server.hits["/image.jpg"] == before
+
+    # host case, both ways, checked as the downloader checks an input URL (as given, and yarl's form)
+    def blocked(line: str, url: str) -> bool:
+        path = tmp_path / "host.txt"
+        path.write_text(line + "\n")
+        return Blocklists.from_config(DownloadConfig(url_blocklist=str(path))).url_blocked(url, str(URL(url))) is not None
+
+    assert blocked("HTTPS://Example.COM/A.jpg", "https://example.com/A.jpg")
+    assert blocked("https://example.com/A.jpg", "HTTPS://EXAMPLE.com/A.jpg")
+    assert blocked("http://Example.COM:80/A.jpg", "http://example.com/A.jpg")
+    assert not blocked("https://example.com/A.jpg", "https://example.com/a.jpg")  # the path's case counts
+    assert not blocked(hashlib.md5(b"HTTPS://Example.COM/A.jpg").hexdigest(), "https://example.com/A.jpg")
+    assert blocked(hashlib.md5(b"HTTPS://Example.COM/A.jpg").hexdigest(), "HTTPS://Example.COM/A.jpg")
+
+
+def test_url_blocklist_fast_path_writes_urls_as_yarl_does():
+    """The URLs `_normal_url` takes as normalised without asking yarl (most lines of a real list)
+    are those yarl writes back unchanged: generated ones near the edges (dot segments, bare
+    hosts, odd hosts, queries), and the forms that do change go through yarl."""
+    import random
+
+    from fastlaion.download import _NORMAL_URL, _normal_url
+
+    rng = random.Random(0)
+    urls = ["http://a/.", "http://a/x/..?q", "http://a/.x", "http://a/x?..", "http://./x", "http://0x7f.1/x",
+            "http://123/x", "http://a", "http://a/", "http://a.com./x", "http://a//x", "http://a/x?q=/../"]
+    for _ in range(20000):
+        url = rng.choice(["http://", "https://"]) + "".join(rng.choices("a0.-x9", k=rng.randint(1, 6)))
+        if rng.random() < 0.9:
+            url += "/" + "".join(rng.choices("aZ0._~/-..", k=rng.randint(0, 8)))
+            if rng.random() < 0.3:
+                url += "?" + "".join(rng.choices("a0=&/.-_~Z", k=rng.randint(1, 5)))
+        urls.append(url)
+    fast = [u for u in urls if _NORMAL_URL.fullmatch(u)]
+    assert len(fast) > 10000
+    assert [str(URL(u)) for u in fast] == fast
+    assert _normal_url("HTTP://Example.COM:80/a/./B.jpg?q=%41") == "http://example.com/a/B.jpg?q=A"
+    assert _normal_url("http://[bad/x") == "http://[bad/x"  # yarl cannot parse it: as written
+
+
 @pytest.mark.parametrize("digest", [hashlib.sha256, hashlib.md5])
 def test_image_blocklist(served, tmp_path, digest):
     server, _ = served

@@ -661,6 +661,35 @@ def test_a_body_in_a_content_encoding_not_decoded_here_is_counted(tmp_path, monk
     assert nonzero(stats["skipped"]) == {"unsupported_encoding": 3}
 
 
+def test_repeated_content_and_transfer_encoding_lines_are_one_list(tmp_path):
+    """Two Content-Encoding (or Transfer-Encoding) lines are one list, as if comma-joined (RFC
+    9110, 5.3): `deflate` then `gzip` lines undo both (only the last was read: the deflate bytes
+    were read as HTML, a page without its image, silently), a coding not decoded here on either
+    line is unsupported_encoding, and a transfer coding besides chunked (`gzip` then `chunked`) is
+    undone too."""
+    def chunked(data: bytes) -> bytes:
+        return b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 100]), data[i:i + 100]) for i in range(0, len(data), 100)) + b"0\r\n\r\n"
+
+    html = {i: page_html(f"Listed page number {i}").encode() for i in range(7)}
+    lines = {0: "Content-Encoding: deflate\r\ncontent-encoding: GZIP\r\n",
+             1: "Content-Encoding: zstd\r\nContent-Encoding: gzip\r\n",
+             2: "Content-Encoding: gzip\r\nContent-Encoding: identity\r\n",
+             3: "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+             4: "Content-Encoding: gzip\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+             5: "Transfer-Encoding: x-foo\r\nTransfer-Encoding: chunked\r\n",
+             6: "Content-Encoding: \r\nContent-Encoding: gzip\r\n"}
+    bodies = {0: gzip.compress(zlib.compress(html[0])), 1: gzip.compress(_zstd_frame(html[1])),
+              2: gzip.compress(html[2]), 3: chunked(gzip.compress(html[3])),
+              4: chunked(gzip.compress(gzip.compress(html[4]))), 5: chunked(gzip.compress(html[5])),
+              6: gzip.compress(html[6])}
+    recs = [response_record(f"https://l.example/{i}", bodies[i], extra=lines[i]) for i in range(7)]
+    s, t = extract(tmp_path, {"l.warc.gz": gz(recs)})
+    assert pairs(t) == [("https://l.example/pic.jpg", f"Listed page number {i}") for i in (0, 2, 3, 4, 6)]
+    assert nonzero(s.skipped) == {"unsupported_encoding": 2} and s.pages == 5
+    stats = json.loads((tmp_path / "out" / "extract_stats.json").read_text())
+    assert nonzero(stats["skipped"]) == {"unsupported_encoding": 2}
+
+
 def test_a_brotli_body_that_does_not_decode_is_bad_http(tmp_path, monkeypatch):
     """brotli (optional, not installed here: a stand-in with its interface) raises brotli.error,
     a plain Exception, which stopped the extraction with a traceback."""

@@ -1,6 +1,8 @@
 """Dedup a dataset: exact (url, url+caption, image sha256), perceptual (pHash) or semantic (CLIP
 image embeddings). Rows are never deleted: a duplicate becomes status=dropped, stage=dedup,
-reason=duplicate_<by>, and `duplicate_of` names the key of the sample it repeats.
+reason=duplicate_<by>, and `duplicate_of` names the key of the sample it repeats. URLs are
+compared with scheme and host in lower case (`_url_key`: extract.fold_case, as extraction writes
+a kept URL), so `HTTP://A.com/x.jpg` repeats `http://a.com/x.jpg`; the url column is not changed.
 
 Which one stays: among kept samples, the first in dataset order (run shards in order, rows in
 order: the lowest key). For near duplicates the walk is greedy in that order: a sample is a
@@ -178,7 +180,7 @@ def _count_kept(ds: Dataset) -> int:
 def _exact(ds: Dataset, columns: tuple[str, ...]) -> pl.DataFrame:
     """(_i, duplicate_of) of every kept row whose values repeat an earlier kept row's."""
     lf = ds.scan().with_row_index("_i")
-    values = pl.struct(list(columns))
+    values = pl.struct([_url_key() if c == "url" else pl.col(c) for c in columns])
     cand = (_kept(lf).filter(pl.all_horizontal([pl.col(c).is_not_null() for c in columns if c != "caption"]))
             .select("_i", values.hash(0).alias("_h1"), values.hash(1).alias("_h2")))
     firsts = (cand.group_by("_h1", "_h2").agg(pl.col("_i").min().alias("_first"), pl.len().alias("_n"))
@@ -186,6 +188,16 @@ def _exact(ds: Dataset, columns: tuple[str, ...]) -> pl.DataFrame:
     pairs = collect(cand.join(firsts, on=["_h1", "_h2"]).filter(pl.col("_i") != pl.col("_first"))
                     .select("_i", "_first"))
     return _with_keys(lf, pairs)
+
+
+def _url_key() -> pl.Expr:
+    """The url column as dedup compares it: scheme and host in lower case (extract.fold_case, as
+    extraction writes a kept URL), so `HTTP://A.com/x.jpg` repeats `http://a.com/x.jpg`; the path
+    keeps its case. Polars, batch by batch, but for the few URLs with a capital before their path,
+    folded in Python by fold_case itself (extract_vec.fold_case_urls)."""
+    from ..extract_vec import fold_case_urls
+
+    return pl.col("url").map_batches(fold_case_urls, return_dtype=pl.String, is_elementwise=True).alias("url")
 
 
 def _with_keys(lf: pl.LazyFrame, pairs: pl.DataFrame) -> pl.DataFrame:
