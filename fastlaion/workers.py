@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, WorkerFailed
-from .interrupt import ctrl_c_held, release_ctrl_c
+from .interrupt import STOP_SIGNALS, ctrl_c_held, release_ctrl_c, stopped_by
 from .reader import InputRows
 from .writer import ShardWriteError
 
@@ -180,15 +180,14 @@ class _Processes(WorkerPool):
 
     def stop(self, interrupted: bool) -> None:
         """Ctrl-C reaches the workers too (same process group): give them time to abort their
-        shards; otherwise, or if they linger, terminate them."""
+        shards; otherwise, or if they linger, kill them. A signal sent to this process alone
+        (`kill -INT`/`kill -TERM PID`, `timeout`, `docker stop`) reached no worker: it is passed on
+        (SIGTERM after a failure), and each worker aborts its shards as on a Ctrl-C."""
         procs = [p for p in self.procs if p.pid is not None]  # a Ctrl-C may have come before one started
         for proc in procs:
             if proc.is_alive():
-                if interrupted:  # a SIGINT sent to this process alone (kill -INT) reached no worker
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGINT)  # a second one is dropped (_first_ctrl_c_only)
-                else:
-                    proc.terminate()
+                with contextlib.suppress(ProcessLookupError):  # a second one is dropped (_first_ctrl_c_only)
+                    os.kill(proc.pid, stopped_by() if interrupted else signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -230,29 +229,45 @@ def _die_with_parent() -> None:
 
 
 def _first_ctrl_c_only(signum: int, frame: Any) -> None:
-    """A worker's SIGINT handler: the first Ctrl-C stops the worker (KeyboardInterrupt), any after
-    it are dropped: the terminal's and the one the parent forwards (`_Processes.stop`), or a
-    second press, landed in the worker's clean-up (its event loop closing connections, its
-    queue's feeder flushing) and printed a traceback there. The parent ends a worker that
-    lingers (STOP_GRACE_S)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker's SIGINT and SIGTERM handler: the first Ctrl-C or SIGTERM stops the worker
+    (KeyboardInterrupt), any after it are dropped: the terminal's (or a supervisor's, to the
+    whole group) and the one the parent forwards (`_Processes.stop`), or a second press, landed
+    in the worker's clean-up (its event loop closing connections, its queue's feeder flushing)
+    and printed a traceback there. The parent ends a worker that lingers (STOP_GRACE_S)."""
+    global _stopped
+    _stopped = True
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+_stopped = False  # this worker got its stop signal (_first_ctrl_c_only)
 
 
 def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
     """A worker process: `serve_shards`, dying with the parent and flushing its messages before
-    it exits."""
+    it exits. Once serve_shards has returned, the worker only exits: a stop signal then (the
+    parent's SIGTERM after another worker failed, or a late Ctrl-C) is dropped; it raised
+    KeyboardInterrupt in the flush below, with a traceback. Stopped, the worker does not wait
+    for its last messages to go out: the parent reads no more of them."""
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
-    signal.signal(signal.SIGINT, _first_ctrl_c_only)  # while SIGINT is still held (ctrl_c_held)
+    for sig in STOP_SIGNALS:  # while they are still held (ctrl_c_held)
+        signal.signal(sig, _first_ctrl_c_only)
     try:
-        release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
-        serve_shards(worker, cfg, Path(out), rows, tasks, results)
-    except KeyboardInterrupt:
+        try:
+            release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
+            serve_shards(worker, cfg, Path(out), rows, tasks, results)
+        finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+    except KeyboardInterrupt:  # (one that came just before the line above, too)
         pass  # the parent saw Ctrl-C too and reports it
-    finally:
-        results.close()
+    results.close()
+    if _stopped:
+        results.cancel_join_thread()
+    else:
         results.join_thread()
 
 

@@ -345,48 +345,55 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
         assert on_cpu.exit_code == 0, on_cpu.output
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
-def test_sigint_to_the_parent_alone_stops_the_workers_at_once(tmp_path, photos):
-    """`kill -INT PID` (a process manager's way; not the terminal's, which signals the whole
-    group): the workers never got it and went on downloading until the parent's grace period
-    ran out (8 s here, up to STOP_GRACE_S). Now the parent passes it on and they stop at once;
-    one line, exit 130, the finished shards kept."""
-    import os
+@pytest.mark.parametrize("sig, group, processes", [
+    ("SIGINT", False, 2),  # kill -INT PID: a process manager's way, not the terminal's
+    ("SIGTERM", True, 2),  # Slurm, systemd, timeout: every process of the group, the workers too
+    ("SIGTERM", False, 1),  # kill PID, docker stop, Kubernetes: the parent alone (here the whole run)
+])
+def test_sigint_or_sigterm_stops_the_run_and_its_workers_at_once(tmp_path, photos, sig, group, processes):
+    """A SIGINT to the parent alone: the workers never got it and went on downloading until the
+    parent's grace period ran out (8 s here, up to STOP_GRACE_S); now the parent passes it on.
+    SIGTERM killed the parent at once, without a word, leaving OUT/.lock, the run's input rows
+    under .partial/ and, with workers, the workers and their shards in progress. Now either stops
+    the run as a Ctrl-C does: one line naming the signal, exit 128 + its number, in far less time
+    than the rest of the run, the finished shards kept, no lock; the rerun finishes every row."""
     import signal
-    import subprocess
     import sys
-    import time
 
-    from helpers import encode
+    from helpers import encode, stop_midway
 
     from fastlaion.server import Served
+    from fastlaion.writer import PARTIAL_DIR
 
-    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(40)}
+    n = 40
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(n)}
     with LoopbackServer(files, delay_s=1.0) as server:
         inp = tmp_path / "in.txt"
-        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(40)))
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(n)))
         out = tmp_path / "o"
-        cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
-               "--processes", "2", "--shard-size", "4", "--workers", "2", "--allow-private-networks",
-               "--retries", "0", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while not list(out.glob("*_stats.json")):  # a shard is done: the workers are downloading
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGINT)
-            sent = time.monotonic()
-            _, err = proc.communicate(timeout=60)
-            took = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
-                                                 "to resume"]
-    assert took < 4.0, took  # the rest of the run takes about 8 s: the workers did not go on with it
-    assert 1 <= len(list(out.glob("*_stats.json"))) < 10
+        args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "4", "--workers", "2",
+                "--allow-private-networks", "--retries", "0", "--no-progress"]
+        # a shard is done: the workers are downloading
+        stopped = stop_midway([sys.executable, "-m", "fastlaion", *args, "--processes", str(processes)],
+                              lambda _: bool(list(out.glob("*_stats.json"))), getattr(signal, sig), group)
+        assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
+        how = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
+        assert stopped.stderr.strip().splitlines() == [f"{how}: finished shards are kept; rerun the same command "
+                                                       "to resume"]
+        assert stopped.took_s < 4.0, stopped.took_s  # the rest of the run takes about 8 s: it did not go on
+        assert 1 <= len(list(out.glob("*_stats.json"))) < n // 4
+        assert not (out / ".lock").exists()
+        # under .partial/ at most what a Ctrl-C leaves: a started shard's folder (no rows dir, no stats)
+        assert not list((out / PARTIAL_DIR).glob("*/*_stats.json")) and not (out / PARTIAL_DIR / "input").exists()
+        if sig == "SIGINT":
+            return
+        server.delay_s = 0.0
+        rerun = runner.invoke(app, [*args, "--processes", "1"])  # in this process: a fresh one costs seconds
+    assert rerun.exit_code == 0, rerun.output
+    frame = read_output(out)
+    assert frame["url"].to_list() == [server.url(f"{i}.jpg") for i in range(n)]  # each row once, in order
+    assert (frame["status"] == "kept").all()
+    assert not (out / PARTIAL_DIR).exists()
 
 
 def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
