@@ -12,11 +12,14 @@ and `stopped_by` tells which of the two came first, for the command's line and e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _MASKS = hasattr(signal, "pthread_sigmask")  # not on Windows
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops a command; SIGTERM's handler: terminated
@@ -119,3 +122,42 @@ def ctrl_c_ignored(to_the_end: bool = False) -> Iterator[None]:
         if not to_the_end:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def run_until_stopped(loop: asyncio.AbstractEventLoop, main: Awaitable[T]) -> T:
+    """`loop.run_until_complete(main)`, where a Ctrl-C or SIGTERM cancels `main` (which unwinds as
+    when any task is cancelled) and then lands as it would have: with the handler in place
+    before, once the loop has stopped (Python's raises KeyboardInterrupt, so do `terminated` and a
+    worker's). Python's handler raised it wherever the loop's thread was, and inside a
+    connection's callback (data_received) uvloop took it for that connection's error: it closed
+    the connection (its row failed, "payload_error") and went on, the Ctrl-C lost (a worker, which
+    drops any later one, ran on until the parent killed it). The loop's own signal handler only
+    wakes the loop. Signals whose handler is not Python's (ignored, or the default) are left as
+    they are; off the main thread this is run_until_complete."""
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    handlers = {sig: h for sig, h in handlers.items() if callable(h)}
+    if threading.current_thread() is not threading.main_thread() or not handlers:
+        return loop.run_until_complete(main)
+    task = asyncio.ensure_future(main, loop=loop)
+    came: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not came:  # a second one would cut the first one's unwinding short
+            task.cancel()
+        came.append(signum)
+
+    for sig in handlers:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        result = loop.run_until_complete(task)
+    except BaseException:
+        if not came:
+            raise
+    finally:
+        for sig, handler in handlers.items():
+            loop.remove_signal_handler(sig)  # which puts Python's default back, not the handler before
+            signal.signal(sig, handler)
+    if came:
+        land(came[0], handlers[came[0]])
+        raise KeyboardInterrupt  # a handler that let it pass: the work was stopped all the same
+    return result
