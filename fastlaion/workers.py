@@ -38,6 +38,7 @@ from .writer import ShardWriteError
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
+LIVENESS_CHECK_S = 0.5  # how often drive checks that the workers live, however busy their queue
 
 
 def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
@@ -75,7 +76,13 @@ class WorkerPool(abc.ABC):
 
     @abc.abstractmethod
     def check_alive(self, done: set[int]) -> None:
-        """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done")."""
+        """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done"),
+        now or, where its last messages may still be in `results`, behind them: put
+        ("ended", None, workers) there, and `check_ended` decides when drive reads it."""
+
+    def check_ended(self, workers: list[int], done: set[int]) -> None:
+        """Raise `WorkerFailed` for one of `workers`, which had ended when check_alive put this
+        message behind their last ones, that is not in `done` (every message it sent has been read)."""
 
     @abc.abstractmethod
     def join(self) -> None:
@@ -108,14 +115,23 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     done_workers: set[int] = set()
     try:
         pool.start(todo)
+        check_at = time.monotonic() + LIVENESS_CHECK_S
         while finished < len(todo) or len(done_workers) < len(devices):
             try:
-                msg = pool.results.get(timeout=0.5)
+                msg = pool.results.get(timeout=LIVENESS_CHECK_S)
             except queue.Empty:
+                msg = None
+            # Not only when the queue is quiet: while the others keep it busy, a killed worker was
+            # noticed once they had run every other shard, its own waiting meanwhile.
+            if msg is None or time.monotonic() >= check_at:
+                check_at = time.monotonic() + LIVENESS_CHECK_S
                 pool.check_alive(done_workers)
+            if msg is None:
                 continue
             kind, worker = msg[0], msg[1]
-            if kind == "rows":
+            if kind == "ended":  # check_alive's, behind the last messages of the workers it names
+                pool.check_ended(msg[2], done_workers)
+            elif kind == "rows":
                 progress.rows_done(msg[2], msg[3], msg[4])
             elif kind == "shard":
                 stats = msg[2]
@@ -154,6 +170,7 @@ class _Processes(WorkerPool):
         self.tasks = self.ctx.Queue()
         self.results = self.ctx.Queue()
         self.procs: list[Any] = []
+        self.asking = False  # an "ended" message is on its way through `results` (check_alive)
 
     def start(self, todo: list[int]) -> None:
         for shard in [*todo, *[None] * len(self.devices)]:
@@ -167,9 +184,23 @@ class _Processes(WorkerPool):
                 proc.start()
 
     def check_alive(self, done: set[int]) -> None:
-        for i, proc in enumerate(self.procs):
-            if i not in done and not proc.is_alive():
-                code = proc.exitcode
+        """A worker that has ended without its "done" read may have sent it (and the rest of
+        its messages: it flushes them before it exits) behind others' still unread: taken for
+        dead then, it failed a run that had finished. A process that has ended has written all
+        it ever will into the queue's pipe, so a message this process puts there now comes after
+        all of it: `check_ended` decides once drive reads it (one such message at a time)."""
+        if self.asking:
+            return
+        ended = [i for i, proc in enumerate(self.procs) if i not in done and proc.exitcode is not None]
+        if ended:
+            self.asking = True
+            self.results.put(("ended", None, ended))
+
+    def check_ended(self, workers: list[int], done: set[int]) -> None:
+        self.asking = False
+        for i in workers:
+            if i not in done:
+                code = self.procs[i].exitcode
                 how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
                 raise WorkerFailed(f"worker {i} ({self.devices[i]}) {how} before finishing; finished shards are "
                                    "kept, rerun the same command to resume")

@@ -104,3 +104,13 @@ def stop_midway(cmd: list[str], started: Callable[[subprocess.Popen], bool], sig
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def report_rows_then_done(worker: int, messages: int, results) -> None:
+    """A stand-in for a worker process's reporting (fastlaion.workers.serve_shards): `messages`
+    "rows" messages, then "done", flushed before the process exits, as _worker_main does."""
+    for _ in range(messages):
+        results.put(("rows", worker, 1, 1, None))
+    results.put(("done", worker))
+    results.close()
+    results.join_thread()

@@ -345,6 +345,45 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
         assert on_cpu.exit_code == 0, on_cpu.output
 
 
+def test_workers_that_ended_with_their_done_still_queued_are_not_taken_for_dead():
+    """drive checks that the workers live every LIVENESS_CHECK_S, also while their queue is busy
+    (a killed worker was noticed only once it was quiet). Two real worker processes put 500
+    messages each, then "done", and exit (the queue's pipe holds them all) well before this
+    process has read them: checked by their exit alone, they would be taken for dead (a finished
+    run failed). The check waits until every message they sent has been read."""
+    import multiprocessing as mp
+
+    from helpers import report_rows_then_done
+
+    from fastlaion.workers import LIVENESS_CHECK_S, _Processes, drive
+
+    class Reporters(_Processes):  # the real pool, whose workers only report
+        def __init__(self):
+            self.devices = ["cpu", "cpu"]
+            self.ctx = mp.get_context("spawn")
+            self.tasks, self.results, self.procs, self.asking = self.ctx.Queue(), self.ctx.Queue(), [], False
+
+        def start(self, todo):
+            for i in range(len(self.devices)):
+                self.procs.append(self.ctx.Process(target=report_rows_then_done, args=(i, 500, self.results)))
+                self.procs[-1].start()
+            for proc in self.procs:  # both have ended, every message still in the queue
+                proc.join(30)
+                assert proc.exitcode == 0
+
+    class Rows:
+        rows = 0
+
+        def rows_done(self, rows, kept, busy_s=None):
+            Rows.rows += rows
+            time.sleep(LIVENESS_CHECK_S / 200)  # reading them outlasts several checks
+
+    import time
+
+    drive(Reporters(), [], Rows())
+    assert Rows.rows == 1000
+
+
 @pytest.mark.parametrize("sig, group, processes", [
     ("SIGINT", False, 2),  # kill -INT PID: a process manager's way, not the terminal's
     ("SIGTERM", True, 2),  # Slurm, systemd, timeout: every process of the group, the workers too
