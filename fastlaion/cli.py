@@ -31,7 +31,7 @@ from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
     ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
-from .interrupt import ctrl_c_ignored
+from .interrupt import STOP_SIGNALS, ctrl_c_ignored, stop_on_sigterm, stopped_by
 
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
@@ -173,9 +173,11 @@ _working = 0  # user_errors blocks open
 
 
 def _ctrl_c_ignored_from_now() -> None:
-    """In the console script's process: SIGINT ignored until it exits (its status is decided)."""
+    """In the console script's process: SIGINT and SIGTERM ignored until it exits (its status is
+    decided)."""
     if _OWN_PROCESS and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _os_error_line(e: OSError) -> str:
@@ -193,9 +195,10 @@ def _os_error_line(e: OSError) -> str:
 @contextmanager
 def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None]:
     """Expected failures become one line and an exit code: 2 for bad input, 1 for the system
-    (disk, permissions), 130 for Ctrl-C. Bugs still raise with their traceback. `interrupted`
-    says what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an
-    output written by then).
+    (disk, permissions), 130 for Ctrl-C, 143 for SIGTERM (which stops the work as a Ctrl-C does,
+    in the console script's process). Bugs still raise with their traceback. `interrupted` says
+    what a Ctrl-C leaves; a function gives it as things are when the Ctrl-C comes (an output
+    written by then).
 
     In the console script's process (main()), the outermost block is the command's work: a
     Ctrl-C before it is fastlaion.__main__'s "interrupted while starting", in it a
@@ -208,6 +211,7 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:  # not ignored (a background job)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the work begins: see above
+        stop_on_sigterm()  # in place of fastlaion.__main__'s
     _working += 1
     telling = ctrl_c_ignored(to_the_end=_OWN_PROCESS)
     try:
@@ -225,8 +229,9 @@ def user_errors(bar: Any, interrupted: str | Callable[[], str]) -> Iterator[None
             from rich.markup import escape
 
             said = interrupted() if callable(interrupted) else interrupted
-            console.print(f"[yellow]interrupted[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+            how = "terminated (SIGTERM)" if stopped_by() == signal.SIGTERM else "interrupted"
+            console.print(f"[yellow]{how}[/yellow]: {escape(said)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + stopped_by()) from None
     except WorkerFailed as e:
         with telling:
             bar.stop()
@@ -544,6 +549,8 @@ def main() -> None:
         from .__main__ import interrupted_while_starting
 
         signal.signal(signal.SIGINT, interrupted_while_starting)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, interrupted_while_starting)
     try:
         app()
     finally:

@@ -389,8 +389,12 @@ class BatchLanguages:
 
 def _serve(args: list[str]) -> int:
     """The child's side: load the model, then answer each batch of captions in turn, on the reply
-    pipe the parent passed, until the parent closes our input."""
+    pipe the parent passed, until the parent closes our input. Ctrl-C and SIGTERM are the
+    parent's to act on (sent to the whole group, by a terminal, Slurm or systemd, they reach this
+    child too): it ends the child itself. SIGTERM killed it, and the parent started another,
+    with a warning line, while it was stopping."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     path, min_score, min_chars, reply_fd = args
     requests = sys.stdin.buffer
     replies = os.fdopen(int(reply_fd), "wb")

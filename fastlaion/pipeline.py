@@ -46,6 +46,7 @@ from .config import (
 )
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
+from .interrupt import run_until_stopped
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
     LOCK_FILE,  # noqa: F401 (fastlaion.pipeline.LOCK_FILE, beside output_lock)
@@ -430,7 +431,7 @@ def _work_shards(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator
                     timings[stage] = timings.get(stage, 0.0) + secs
                 progress.shard_done(stats)
 
-            loop.run_until_complete(_overlapping(shard_ids, make_job, finished))
+            run_until_stopped(loop, _overlapping(shard_ids, make_job, finished))  # not uvloop's way: see there
     finally:
         _cancel_all(loop)
         loop.run_until_complete(downloader.__aexit__(None, None, None))

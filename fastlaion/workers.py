@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, WorkerFailed
-from .interrupt import ctrl_c_held, release_ctrl_c
+from .interrupt import STOP_SIGNALS, ctrl_c_held, release_ctrl_c, stopped_by
 from .reader import InputRows
 from .writer import ShardWriteError
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # how long workers get to abort their shards cleanly after Ctrl-C
+LIVENESS_CHECK_S = 0.5  # how often drive checks that the workers live, however busy their queue
 
 
 def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
@@ -75,7 +76,13 @@ class WorkerPool(abc.ABC):
 
     @abc.abstractmethod
     def check_alive(self, done: set[int]) -> None:
-        """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done")."""
+        """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done"),
+        now or, where its last messages may still be in `results`, behind them: put
+        ("ended", None, workers) there, and `check_ended` decides when drive reads it."""
+
+    def check_ended(self, workers: list[int], done: set[int]) -> None:
+        """Raise `WorkerFailed` for one of `workers`, which had ended when check_alive put this
+        message behind their last ones, that is not in `done` (every message it sent has been read)."""
 
     @abc.abstractmethod
     def join(self) -> None:
@@ -108,14 +115,23 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     done_workers: set[int] = set()
     try:
         pool.start(todo)
+        check_at = time.monotonic() + LIVENESS_CHECK_S
         while finished < len(todo) or len(done_workers) < len(devices):
             try:
-                msg = pool.results.get(timeout=0.5)
+                msg = pool.results.get(timeout=LIVENESS_CHECK_S)
             except queue.Empty:
+                msg = None
+            # Not only when the queue is quiet: while the others keep it busy, a killed worker was
+            # noticed once they had run every other shard, its own waiting meanwhile.
+            if msg is None or time.monotonic() >= check_at:
+                check_at = time.monotonic() + LIVENESS_CHECK_S
                 pool.check_alive(done_workers)
+            if msg is None:
                 continue
             kind, worker = msg[0], msg[1]
-            if kind == "rows":
+            if kind == "ended":  # check_alive's, behind the last messages of the workers it names
+                pool.check_ended(msg[2], done_workers)
+            elif kind == "rows":
                 progress.rows_done(msg[2], msg[3], msg[4])
             elif kind == "shard":
                 stats = msg[2]
@@ -154,6 +170,7 @@ class _Processes(WorkerPool):
         self.tasks = self.ctx.Queue()
         self.results = self.ctx.Queue()
         self.procs: list[Any] = []
+        self.asking = False  # an "ended" message is on its way through `results` (check_alive)
 
     def start(self, todo: list[int]) -> None:
         for shard in [*todo, *[None] * len(self.devices)]:
@@ -167,9 +184,23 @@ class _Processes(WorkerPool):
                 proc.start()
 
     def check_alive(self, done: set[int]) -> None:
-        for i, proc in enumerate(self.procs):
-            if i not in done and not proc.is_alive():
-                code = proc.exitcode
+        """A worker that has ended without its "done" read may have sent it (and the rest of
+        its messages: it flushes them before it exits) behind others' still unread: taken for
+        dead then, it failed a run that had finished. A process that has ended has written all
+        it ever will into the queue's pipe, so a message this process puts there now comes after
+        all of it: `check_ended` decides once drive reads it (one such message at a time)."""
+        if self.asking:
+            return
+        ended = [i for i, proc in enumerate(self.procs) if i not in done and proc.exitcode is not None]
+        if ended:
+            self.asking = True
+            self.results.put(("ended", None, ended))
+
+    def check_ended(self, workers: list[int], done: set[int]) -> None:
+        self.asking = False
+        for i in workers:
+            if i not in done:
+                code = self.procs[i].exitcode
                 how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
                 raise WorkerFailed(f"worker {i} ({self.devices[i]}) {how} before finishing; finished shards are "
                                    "kept, rerun the same command to resume")
@@ -180,15 +211,14 @@ class _Processes(WorkerPool):
 
     def stop(self, interrupted: bool) -> None:
         """Ctrl-C reaches the workers too (same process group): give them time to abort their
-        shards; otherwise, or if they linger, terminate them."""
+        shards; otherwise, or if they linger, kill them. A signal sent to this process alone
+        (`kill -INT`/`kill -TERM PID`, `timeout`, `docker stop`) reached no worker: it is passed on
+        (SIGTERM after a failure), and each worker aborts its shards as on a Ctrl-C."""
         procs = [p for p in self.procs if p.pid is not None]  # a Ctrl-C may have come before one started
         for proc in procs:
             if proc.is_alive():
-                if interrupted:  # a SIGINT sent to this process alone (kill -INT) reached no worker
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGINT)  # a second one is dropped (_first_ctrl_c_only)
-                else:
-                    proc.terminate()
+                with contextlib.suppress(ProcessLookupError):  # a second one is dropped (_first_ctrl_c_only)
+                    os.kill(proc.pid, stopped_by() if interrupted else signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -230,29 +260,45 @@ def _die_with_parent() -> None:
 
 
 def _first_ctrl_c_only(signum: int, frame: Any) -> None:
-    """A worker's SIGINT handler: the first Ctrl-C stops the worker (KeyboardInterrupt), any after
-    it are dropped: the terminal's and the one the parent forwards (`_Processes.stop`), or a
-    second press, landed in the worker's clean-up (its event loop closing connections, its
-    queue's feeder flushing) and printed a traceback there. The parent ends a worker that
-    lingers (STOP_GRACE_S)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker's SIGINT and SIGTERM handler: the first Ctrl-C or SIGTERM stops the worker
+    (KeyboardInterrupt), any after it are dropped: the terminal's (or a supervisor's, to the
+    whole group) and the one the parent forwards (`_Processes.stop`), or a second press, landed
+    in the worker's clean-up (its event loop closing connections, its queue's feeder flushing)
+    and printed a traceback there. The parent ends a worker that lingers (STOP_GRACE_S)."""
+    global _stopped
+    _stopped = True
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+_stopped = False  # this worker got its stop signal (_first_ctrl_c_only)
 
 
 def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
     """A worker process: `serve_shards`, dying with the parent and flushing its messages before
-    it exits."""
+    it exits. Once serve_shards has returned, the worker only exits: a stop signal then (the
+    parent's SIGTERM after another worker failed, or a late Ctrl-C) is dropped; it raised
+    KeyboardInterrupt in the flush below, with a traceback. Stopped, the worker does not wait
+    for its last messages to go out: the parent reads no more of them."""
     _die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
-    signal.signal(signal.SIGINT, _first_ctrl_c_only)  # while SIGINT is still held (ctrl_c_held)
+    for sig in STOP_SIGNALS:  # while they are still held (ctrl_c_held)
+        signal.signal(sig, _first_ctrl_c_only)
     try:
-        release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
-        serve_shards(worker, cfg, Path(out), rows, tasks, results)
-    except KeyboardInterrupt:
+        try:
+            release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
+            serve_shards(worker, cfg, Path(out), rows, tasks, results)
+        finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+    except KeyboardInterrupt:  # (one that came just before the line above, too)
         pass  # the parent saw Ctrl-C too and reports it
-    finally:
-        results.close()
+    results.close()
+    if _stopped:
+        results.cancel_join_thread()
+    else:
         results.join_thread()
 
 

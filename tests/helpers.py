@@ -1,9 +1,15 @@
-"""Test helpers: encode images the way the web serves them, craft bad inputs."""
+"""Test helpers: encode images the way the web serves them, craft bad inputs, stop a command."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +71,46 @@ def gone(pids, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@dataclass
+class Stopped:
+    """How a command stopped by `stop_midway` ended."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    took_s: float  # from the signal to the exit
+
+
+def stop_midway(cmd: list[str], started: Callable[[subprocess.Popen], bool], sig: int = signal.SIGINT,
+                group: bool = True, timeout_s: float = 60) -> Stopped:
+    """Run the command `cmd` in a session of its own; once `started(proc)` says its work has begun,
+    send it `sig`: with `group`, to its whole process group, workers included (the terminal's
+    Ctrl-C; Slurm's, systemd's and `timeout`'s SIGTERM), else to the command's process alone
+    (`kill PID`, `docker stop`, Kubernetes). Waits for its end; if anything goes wrong, the group
+    is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not started(proc):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=timeout_s)
+        return Stopped(proc.returncode, out.decode(), err.decode(), time.monotonic() - sent)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def report_rows_then_done(worker: int, messages: int, results) -> None:
+    """A stand-in for a worker process's reporting (fastlaion.workers.serve_shards): `messages`
+    "rows" messages, then "done", flushed before the process exits, as _worker_main does."""
+    for _ in range(messages):
+        results.put(("rows", worker, 1, 1, None))
+    results.put(("done", worker))
+    results.close()
+    results.join_thread()

@@ -719,7 +719,8 @@ def test_stats_of_a_no_score_run_shows_no_score_step(tmp_path):
 
 # --- a real Ctrl-C at the edges of a command's work -----------------------------------------------------------
 
-_CTRL_C = "import os, signal, sys, time\ndef ctrl_c():\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n"
+_CTRL_C = ("import os, signal, sys, time\ndef ctrl_c(sig=signal.SIGINT):\n    os.kill(os.getpid(), sig)\n"
+           "    time.sleep(0.2)\n")
 
 
 def _fastlaion_after(setup: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -730,13 +731,13 @@ def _fastlaion_after(setup: str, args: list[str], **kwargs) -> subprocess.Comple
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _ctrl_c_at_import(module: str) -> str:
-    """`setup` for _fastlaion_after: a Ctrl-C when `module` is first imported."""
+def _ctrl_c_at_import(module: str, sig: str = "SIGINT") -> str:
+    """`setup` for _fastlaion_after: a Ctrl-C (or `sig`) when `module` is first imported."""
     return ("class CtrlCAt:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             f"        if name == {module!r}:\n"
             "            sys.meta_path.remove(self)\n"
-            "            ctrl_c()\n"
+            f"            ctrl_c(signal.{sig})\n"
             "sys.meta_path.insert(0, CtrlCAt())\n")
 
 
@@ -747,15 +748,18 @@ def _one_parquet(tmp_path) -> Path:
     return src
 
 
-@pytest.mark.parametrize("module", ["typer", "fastlaion.cli_dataset"])
-def test_a_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(tmp_path, module):
+@pytest.mark.parametrize("module, sig", [("typer", "SIGINT"), ("fastlaion.cli_dataset", "SIGINT"),
+                                         ("fastlaion.cli_dataset", "SIGTERM")])
+def test_a_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(tmp_path, module, sig):
     """A Ctrl-C while fastlaion.cli's imports run (typer: it died by SIGINT with a traceback) or
     while the command's own ones do, typer having parsed the arguments (the dataset commands':
-    typer's exit 130 without a word): one line, exit 130, nothing written."""
+    typer's exit 130 without a word): one line, exit 130, nothing written. SIGTERM (it died
+    without a word): the same, naming it, exit 143."""
     out = tmp_path / "sub"
-    result = _fastlaion_after(_ctrl_c_at_import(module), ["subset", "--from", _one_parquet(tmp_path), "-o", out,
-                                                          "--where", "true"])
-    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted while starting; nothing was written\n", "")
+    result = _fastlaion_after(_ctrl_c_at_import(module, sig), ["subset", "--from", _one_parquet(tmp_path), "-o", out,
+                                                               "--where", "true"])
+    said, code = ("terminated (SIGTERM)", 143) if sig == "SIGTERM" else ("interrupted", 130)
+    assert (result.returncode, result.stderr, result.stdout) == (code, f"{said} while starting; nothing was written\n", "")
     assert not out.exists()
 
 
@@ -799,6 +803,44 @@ def test_a_second_ctrl_c_while_the_command_says_why_it_stopped_leaves_the_line_w
                                       "--where", where, "--no-progress"])
     assert (result.returncode, result.stderr) == (code, line + "\n")
     assert not (tmp_path / "sub").exists()
+
+
+@pytest.mark.parametrize("command, what, when", [
+    ("subset", "the subset was", "while its files are written aside"),
+    ("subset", "the subset was", "between the renames that put them in place"),
+    ("dedup", "the deduplicated dataset was", "between the renames that put them in place")])
+def test_sigterm_stops_a_dataset_command_as_a_ctrl_c_does(tmp_path, command, what, when):
+    """SIGTERM (kill, timeout, a batch system) killed the command at once without a word: OUT/.lock
+    and OUT/.partial/ stayed, and between the renames the output was left half replaced. Now it
+    stops it as a Ctrl-C does, in one line that names it, exit status 143: nothing replaced while
+    the files are written aside; between the renames they all go in first, and it says so."""
+    if when.startswith("while"):
+        setup = ("from fastlaion.dataset import output\nreal_finish = output.OutputDir.finish\n"
+                 "def finish(*args, **kwargs):\n    ctrl_c(signal.SIGTERM)\n    return real_finish(*args, **kwargs)\n"
+                 "output.OutputDir.finish = finish\n")
+    else:
+        setup = ("from fastlaion.dataset import output\nreal_replace = os.replace\nmoved = []\n"
+                 "def replace(src, dst, *args, **kwargs):\n    real_replace(src, dst, *args, **kwargs)\n"
+                 "    if os.path.basename(os.path.dirname(src)) == output.PARTIAL_DIR and not moved:\n"
+                 "        moved.append(dst)\n        ctrl_c(signal.SIGTERM)\n"
+                 "output.os = type(sys)('os_in_output')\noutput.os.__dict__.update(os.__dict__)\n"
+                 "output.os.replace = replace\n")
+    out = tmp_path / "out"
+    source = _one_parquet(tmp_path)
+    if command == "dedup":  # what dedup reads of a run's rows besides
+        pl.read_parquet(source).with_columns(stage=pl.lit(None, pl.String), reason=pl.lit(None, pl.String)).write_parquet(source)
+    args = [command, "--from", source, "-o", out, "--no-progress"]
+    args += ["--where", "true"] if command == "subset" else ["--by", "url"]
+    result = _fastlaion_after(setup, args)
+    said = f"{what} written, whole, to {out}" if when.startswith("between") else "nothing was replaced; rerun the command"
+    assert (result.returncode, result.stderr) == (143, f"terminated (SIGTERM): {said}\n"), result.stderr
+    if when.startswith("between"):
+        assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "metadata.parquet"]  # no .lock, no .partial/
+        assert pl.read_parquet(out / "metadata.parquet").height == 2
+    else:
+        assert not out.exists()  # made by this command, left empty: its lock file and .partial/ gone
+    rerun = _fastlaion_after("", args)
+    assert rerun.returncode == 0, rerun.stderr
 
 
 def test_a_command_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path):

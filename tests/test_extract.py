@@ -261,49 +261,53 @@ def big_wats(tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
-@pytest.mark.parametrize("when", ["while the workers start", "while they extract", "after another input failed"])
-def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, when):
+@pytest.mark.parametrize("when, sig, group", [
+    ("while the workers start", "SIGINT", True), ("while they extract", "SIGINT", True),
+    ("after another input failed", "SIGINT", True),
+    ("while they extract", "SIGTERM", True)])  # Slurm's, systemd's, timeout's: to the workers too
+def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, when, sig, group):
     """SIGINT to the whole process group, as a terminal sends it: the pool's workers printed a
     traceback each (from multiprocessing's bootstrap, or from the task) and Python 3.11's pool
     another for its cancelled futures; after one input had failed, the command hung. Now: one
     line, exit 130 in a fraction of an uninterrupted run's time, no worker left, nothing
-    written; the rerun extracts everything (but the input that cannot be opened, which it names)."""
+    written; the rerun extracts everything (but the input that cannot be opened, which it names).
+    SIGTERM killed the command at once without a word, leaving OUT/.lock and .extract-partial/:
+    now the same as a Ctrl-C, but the line names it, and the exit status is 143. (Sent to the
+    parent alone, it stops the workers as a Ctrl-C does: the workers ignore that, the parent ends
+    them.)"""
     import signal
     import time
 
-    from helpers import children, gone
+    from helpers import children, gone, stop_midway
 
     failing = when.startswith("after")
     inputs = ([f"file://{tmp_path}/missing.wat.gz"] if failing else []) + [str(p) for p in big_wats]
     cmd = [sys.executable, "-m", "fastlaion", "extract", *inputs, "-o", str(tmp_path / "o"), "--no-progress",
            "--processes", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len([c for c in children(proc.pid).values() if "spawn_main" in c]) < (1 if when.endswith("start") else 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
+    workers: dict[int, str] = {}
+
+    def started(proc) -> bool:
+        if len([c for c in children(proc.pid).values() if "spawn_main" in c]) < (1 if when.endswith("start") else 2):
+            return False
         time.sleep(0.05 if when.endswith("start") else 1.0)
-        workers = children(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        out, err = proc.communicate(timeout=120)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, (out, err)
-    assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"], err.decode()
-    assert "Traceback" not in out.decode()
+        workers.update(children(proc.pid))
+        return True
+
+    stopped = stop_midway(cmd, started, getattr(signal, sig), group, timeout_s=120)
+    assert stopped.returncode == 128 + getattr(signal, sig), stopped
+    how = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
+    assert stopped.stderr.strip().splitlines() == [f"{how}: nothing was written; rerun the command"], stopped.stderr
+    assert "Traceback" not in stopped.stdout
     assert workers and gone(workers)  # the pool's workers and multiprocessing's resource tracker
     assert not list((tmp_path / "o").glob("candidates-*.parquet"))
-    started = time.monotonic()
+    assert not (tmp_path / "o" / ".lock").exists() and not (tmp_path / "o" / ".extract-partial").exists()
+    started_at = time.monotonic()
     rerun = subprocess.run(cmd, capture_output=True, timeout=300)
-    full = time.monotonic() - started
+    full = time.monotonic() - started_at
     # not the running jobs' end (seconds of work left in each): a fraction of a whole run, or, on
     # a machine that other tests load (xdist), 2.5 s at most (the exit itself took 0.9 and 1.6 s
     # there twice, 0.1 s alone)
-    assert took < max(0.3 * full, 2.5), (took, full)
+    assert stopped.took_s < max(0.3 * full, 2.5), (stopped.took_s, full)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert ("missing.wat.gz: " in rerun.stderr.decode()) == failing, rerun.stderr.decode()
     assert pl.read_parquet(tmp_path / "o" / "candidates-00000.parquet").height == BIG_PAGES  # dedup: thrice the same

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -186,6 +187,51 @@ def test_sigkill_of_the_parent_kills_its_workers_and_the_rerun_finishes(tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_skipped"] == len(done_before)
     assert summary["shards_run"] == n_rows // shard_size - len(done_before)
+
+
+def test_a_worker_killed_while_the_others_are_busy_stops_the_run_at_once_and_the_rerun_finishes(tmp_path, photos):
+    """SIGKILL one of two busy workers (the OOM killer's way): the parent noticed only when their
+    shared queue had been quiet for 0.5 s, which the other worker's progress never let it be, so
+    the run went on with one worker through every other shard (about 7 s here) and only then
+    said the worker was killed, its shard waiting for the rerun all that time. Now it says so at
+    once, in one line; the rerun writes the killed worker's shard and the rest, every row once."""
+    from helpers import children
+
+    n_rows, shard_size = 144, 6
+    server = LoopbackServer(_photos_served(photos, n_rows), delay_s=0.1).start()
+    try:
+        urls = [server.url(f"{i}.jpg") for i in range(n_rows)]
+        inp = _write_input(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        cmd = _cmd(inp, out, shard_size, "--workers", "2", "--retries", "0", "--processes", "2")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert _wait_for_shards(out, 1, proc) >= 1
+            workers = [pid for pid, c in children(proc.pid).items() if "spawn_main" in c]
+            assert len(workers) == 2, children(proc.pid)
+            os.kill(workers[0], signal.SIGKILL)
+            killed = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 1, lines
+        assert len(lines) == 1 and re.fullmatch(r"error: worker [01] \(auto\) was killed by signal 9 before finishing; "
+                                                r"finished shards are kept, rerun the same command to resume",
+                                                lines[0]), lines
+        done = len(list(out.glob("*_stats.json")))
+        assert took < 4.0 and done < n_rows // shard_size // 2, (took, done)  # not after the other's shards
+        server.delay_s = 0.0
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    finally:
+        server.close()
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming: {done} of {n_rows // shard_size} shards already complete" in rerun.stderr + rerun.stdout
+    table = _check_every_row_once(out, urls)
+    assert (table["status"] == "kept").all()
 
 
 def _limit_file_size(max_bytes: int):

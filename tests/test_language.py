@@ -116,10 +116,14 @@ def test_a_killed_child_is_replaced_and_its_batch_sent_again(lp, caplog):
     assert "killed by SIGKILL" in caplog.text
 
 
-def test_ctrl_c_is_left_to_the_parent(lp):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_is_left_to_the_parent(lp, sig):
+    """The terminal's SIGINT, and Slurm's, systemd's or timeout's SIGTERM, reach the whole process
+    group, this child too: the parent stops it. SIGTERM killed it, and the parent, while stopping,
+    started another with a warning line ("killed by SIGTERM")."""
     lp.wait_ready()
     child = lp._child.proc
-    os.kill(child.pid, signal.SIGINT)  # the terminal sends it to the whole process group
+    os.kill(child.pid, getattr(signal, sig))
     time.sleep(0.2)
     _same(lp(MIXED), LanguageIdentifier(min_score=0.5)(MIXED))
     assert lp._child.proc is child and child.poll() is None  # the same child answered

@@ -345,48 +345,96 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
         assert on_cpu.exit_code == 0, on_cpu.output
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers start")
-def test_sigint_to_the_parent_alone_stops_the_workers_at_once(tmp_path, photos):
-    """`kill -INT PID` (a process manager's way; not the terminal's, which signals the whole
-    group): the workers never got it and went on downloading until the parent's grace period
-    ran out (8 s here, up to STOP_GRACE_S). Now the parent passes it on and they stop at once;
-    one line, exit 130, the finished shards kept."""
-    import os
-    import signal
-    import subprocess
-    import sys
+def test_workers_that_ended_with_their_done_still_queued_are_not_taken_for_dead():
+    """drive checks that the workers live every LIVENESS_CHECK_S, also while their queue is busy
+    (a killed worker was noticed only once it was quiet). Two real worker processes put 500
+    messages each, then "done", and exit (the queue's pipe holds them all) well before this
+    process has read them: checked by their exit alone, they would be taken for dead (a finished
+    run failed). The check waits until every message they sent has been read."""
+    import multiprocessing as mp
+
+    from helpers import report_rows_then_done
+
+    from fastlaion.workers import LIVENESS_CHECK_S, _Processes, drive
+
+    class Reporters(_Processes):  # the real pool, whose workers only report
+        def __init__(self):
+            self.devices = ["cpu", "cpu"]
+            self.ctx = mp.get_context("spawn")
+            self.tasks, self.results, self.procs, self.asking = self.ctx.Queue(), self.ctx.Queue(), [], False
+
+        def start(self, todo):
+            for i in range(len(self.devices)):
+                self.procs.append(self.ctx.Process(target=report_rows_then_done, args=(i, 500, self.results)))
+                self.procs[-1].start()
+            for proc in self.procs:  # both have ended, every message still in the queue
+                proc.join(30)
+                assert proc.exitcode == 0
+
+    class Rows:
+        rows = 0
+
+        def rows_done(self, rows, kept, busy_s=None):
+            Rows.rows += rows
+            time.sleep(LIVENESS_CHECK_S / 200)  # reading them outlasts several checks
+
     import time
 
-    from helpers import encode
+    drive(Reporters(), [], Rows())
+    assert Rows.rows == 1000
+
+
+@pytest.mark.parametrize("sig, group, processes", [
+    ("SIGINT", False, 2),  # kill -INT PID: a process manager's way, not the terminal's
+    ("SIGTERM", True, 2),  # Slurm, systemd, timeout: every process of the group, the workers too
+    ("SIGTERM", False, 1),  # kill PID, docker stop, Kubernetes: the parent alone (here the whole run)
+])
+def test_sigint_or_sigterm_stops_the_run_and_its_workers_at_once(tmp_path, photos, sig, group, processes):
+    """A SIGINT to the parent alone: the workers never got it and went on downloading until the
+    parent's grace period ran out (8 s here, up to STOP_GRACE_S); now the parent passes it on.
+    SIGTERM killed the parent at once, without a word, leaving OUT/.lock, the run's input rows
+    under .partial/ and, with workers, the workers and their shards in progress. Now either stops
+    the run as a Ctrl-C does: one line naming the signal, exit 128 + its number, in far less time
+    than the rest of the run, the finished shards kept, no lock; the rerun finishes every row."""
+    import signal
+    import sys
+
+    from helpers import encode, stop_midway
 
     from fastlaion.server import Served
+    from fastlaion.writer import PARTIAL_DIR
 
-    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(40)}
+    n = 40
+    # a small image, dropped at once (under LAION's 5,000 bytes): shards end and begin fast, and
+    # each stop lands between them too
+    small = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    files = {f"{i}.jpg": Served(small, "image/jpeg") for i in range(n)}
     with LoopbackServer(files, delay_s=1.0) as server:
         inp = tmp_path / "in.txt"
-        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(40)))
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(n)))
         out = tmp_path / "o"
-        cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
-               "--processes", "2", "--shard-size", "4", "--workers", "2", "--allow-private-networks",
-               "--retries", "0", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while not list(out.glob("*_stats.json")):  # a shard is done: the workers are downloading
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGINT)
-            sent = time.monotonic()
-            _, err = proc.communicate(timeout=60)
-            took = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
-                                                 "to resume"]
-    assert took < 4.0, took  # the rest of the run takes about 8 s: the workers did not go on with it
-    assert 1 <= len(list(out.glob("*_stats.json"))) < 10
+        args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "4", "--workers", "2",
+                "--allow-private-networks", "--retries", "0", "--no-progress"]
+        # a shard is done: the workers are downloading
+        stopped = stop_midway([sys.executable, "-m", "fastlaion", *args, "--processes", str(processes)],
+                              lambda _: bool(list(out.glob("*_stats.json"))), getattr(signal, sig), group)
+        assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
+        how = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
+        assert stopped.stderr.strip().splitlines() == [f"{how}: finished shards are kept; rerun the same command "
+                                                       "to resume"]
+        assert stopped.took_s < 4.0, stopped.took_s  # the rest of the run takes about 8 s: it did not go on
+        assert 1 <= len(list(out.glob("*_stats.json"))) < n // 4
+        assert not (out / ".lock").exists()
+        assert not (out / PARTIAL_DIR).exists()  # the shards in progress aborted, the run's copy of the rows gone
+        if sig == "SIGINT":
+            return
+        server.delay_s = 0.0
+        rerun = runner.invoke(app, [*args, "--processes", "1"])  # in this process: a fresh one costs seconds
+    assert rerun.exit_code == 0, rerun.output
+    frame = read_output(out)
+    assert frame["url"].to_list() == [server.url(f"{i}.jpg") for i in range(n)]  # each row once, in order
+    assert frame["reason"].to_list() == ["too_few_bytes"] * n
+    assert not (out / PARTIAL_DIR).exists()
 
 
 def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_path, photos):
