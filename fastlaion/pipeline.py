@@ -898,10 +898,21 @@ class ShardJob:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         scorer = self.models.scorer
-        with self._writing():  # off the loop: a rewrite copies the published tar and reads its files
-            writer = await loop.run_in_executor(None, functools.partial(
-                ShardWriter, self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
-                scorer.embed_dim if scorer is not None else None, self.models.optional_columns(), rewrite=self.retry))
+        # off the loop: a rewrite copies the published tar and reads its files
+        making = self.pools.publish.submit(functools.partial(
+            ShardWriter, self.out, self.shard, self.rows.height, self.cfg.input.shard_size,
+            scorer.embed_dim if scorer is not None else None, self.models.optional_columns(), rewrite=self.retry))
+        try:
+            with self._writing():
+                writer = await asyncio.wrap_future(making)
+        except BaseException:
+            # Cancelled (Ctrl-C, SIGTERM, another shard failed) while the thread makes the shard's
+            # folder under .partial/: it went on, and the folder stayed behind (with an empty tar),
+            # which the next run had to clear. Once made, it goes.
+            concurrent.futures.wait([making])
+            if not making.cancelled() and making.exception() is None:
+                making.result().abort()
+            raise
         todo = self.rows
         if writer.previous is not None:
             todo = self.rows[transient_rows(writer.previous)]
