@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +62,31 @@ def children(pid: int) -> dict[int, str]:
 
 def gone(pids, timeout: float = 5.0) -> bool:
     """Whether every one of `pids` has exited (and been reaped) within `timeout` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     while any(Path(f"/proc/{p}").exists() for p in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextmanager
+def process_group(cmd: list[str]):
+    """`cmd` started in a process group of its own (a test can signal the group, as a terminal
+    does), stdout and stderr piped; the whole group is killed on exit if the command still runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout_s: float = 60.0, poll_s: float = 0.005) -> None:
+    """Poll `ready()` until it is true; fail with the command's output if it exits first or
+    `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(poll_s)

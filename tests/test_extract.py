@@ -271,27 +271,21 @@ def test_ctrl_c_ends_the_process_pool_at_once_in_one_line(tmp_path, big_wats, wh
     import signal
     import time
 
-    from helpers import children, gone
+    from helpers import children, gone, process_group, wait_until
 
     failing = when.startswith("after")
     inputs = ([f"file://{tmp_path}/missing.wat.gz"] if failing else []) + [str(p) for p in big_wats]
     cmd = [sys.executable, "-m", "fastlaion", "extract", *inputs, "-o", str(tmp_path / "o"), "--no-progress",
            "--processes", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len([c for c in children(proc.pid).values() if "spawn_main" in c]) < (1 if when.endswith("start") else 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
+    with process_group(cmd) as proc:
+        wanted = 1 if when.endswith("start") else 2
+        wait_until(proc, lambda: len([c for c in children(proc.pid).values() if "spawn_main" in c]) >= wanted)
         time.sleep(0.05 if when.endswith("start") else 1.0)
         workers = children(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=120)
         took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, (out, err)
     assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"], err.decode()
     assert "Traceback" not in out.decode()
@@ -316,7 +310,8 @@ def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole
     extract_stats.json, and the command said nothing was written. Now the folder is as it was,
     byte for byte, and the rerun replaces it whole: the files extract_stats.json lists, no more."""
     import signal
-    import time
+
+    from helpers import process_group, wait_until
 
     out = tmp_path / "o"
     (tmp_path / "small.wat.gz").write_bytes(gz(three_wat_records()))
@@ -325,17 +320,11 @@ def test_ctrl_c_while_the_shards_are_written_leaves_the_earlier_extraction_whole
     earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert sorted(earlier) == ["candidates-00000.parquet", "extract_stats.json"]
     cmd = [*extract, str(big_wats[0]), "--shard-rows", "10000", "--processes", "1"]  # 24 shards
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not any((d / "candidates-00001.parquet").exists() for d in (out, out / ".extract-partial")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.002)
+    with process_group(cmd) as proc:
+        wait_until(proc, lambda: any((d / "candidates-00001.parquet").exists() for d in (out, out / ".extract-partial")),
+                   timeout_s=120, poll_s=0.002)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err.decode()
     assert err.decode().strip().splitlines() == ["interrupted: nothing was written; rerun the command"]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier

@@ -353,11 +353,10 @@ def test_sigint_to_the_parent_alone_stops_the_workers_at_once(tmp_path, photos):
     one line, exit 130, the finished shards kept."""
     import os
     import signal
-    import subprocess
     import sys
     import time
 
-    from helpers import encode
+    from helpers import encode, process_group, wait_until
 
     from fastlaion.server import Served
 
@@ -369,19 +368,13 @@ def test_sigint_to_the_parent_alone_stops_the_workers_at_once(tmp_path, photos):
         cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
                "--processes", "2", "--shard-size", "4", "--workers", "2", "--allow-private-networks",
                "--retries", "0", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while not list(out.glob("*_stats.json")):  # a shard is done: the workers are downloading
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.02)
+        with process_group(cmd) as proc:
+            # a shard is done: the workers are downloading
+            wait_until(proc, lambda: list(out.glob("*_stats.json")), poll_s=0.02)
             os.kill(proc.pid, signal.SIGINT)
             sent = time.monotonic()
             _, err = proc.communicate(timeout=60)
             took = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err.decode()
     assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
                                                  "to resume"]
@@ -399,7 +392,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
     import sys
     import time
 
-    from helpers import children, encode
+    from helpers import children, encode, process_group, wait_until
 
     from fastlaion.server import Served
 
@@ -410,18 +403,11 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
         cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "o"), "--no-score",
                "--no-language", "--processes", "2", "--shard-size", "3", "--allow-private-networks",
                "--retries", "0", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while not any("spawn_main" in c for c in children(proc.pid).values()):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.005)
+        with process_group(cmd) as proc:
+            wait_until(proc, lambda: any("spawn_main" in c for c in children(proc.pid).values()))
             time.sleep(0.05)  # a worker exists and is still starting Python
             os.killpg(proc.pid, signal.SIGINT)
             out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode == 130, (out, err)
         assert "Traceback" not in err.decode() + out.decode(), err.decode()
         assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
