@@ -103,16 +103,7 @@ def cluster(ray_env):
         assert started.returncode == 0, started.stdout + started.stderr
         yield c
     finally:
-        pids = c.processes()
-        for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if gone(pids, timeout=wait_s):
-                break
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop([c])
 
 
 @pytest.fixture(scope="module")
@@ -474,8 +465,9 @@ scripts.main()
 
 
 def _stop(clusters) -> None:
+    """Every process of `clusters` ended (by id), their temp folders removed."""
     pids = [pid for c in clusters for pid in c.processes()]
-    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
         for pid in pids:
             try:
                 os.kill(pid, sig)
