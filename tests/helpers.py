@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,28 @@ class Stopped:
     took_s: float  # from the signal to the exit
 
 
+@contextmanager
+def process_group(cmd: list[str]):
+    """`cmd` started in a process group of its own (a test can signal the group, as a terminal
+    does), stdout and stderr piped; the whole group is killed on exit if the command still runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout_s: float = 60.0, poll_s: float = 0.005) -> None:
+    """Poll `ready()` until it is true; fail with the command's output if it exits first or
+    `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(poll_s)
+
+
 def stop_midway(cmd: list[str], started: Callable[[subprocess.Popen], bool], sig: int = signal.SIGINT,
                 group: bool = True, timeout_s: float = 60) -> Stopped:
     """Run the command `cmd` in a session of its own; once `started(proc)` says its work has begun,
@@ -90,20 +113,12 @@ def stop_midway(cmd: list[str], started: Callable[[subprocess.Popen], bool], sig
     Ctrl-C; Slurm's, systemd's and `timeout`'s SIGTERM), else to the command's process alone
     (`kill PID`, `docker stop`, Kubernetes). Waits for its end; if anything goes wrong, the group
     is killed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not started(proc):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
+    with process_group(cmd) as proc:
+        wait_until(proc, lambda: started(proc), timeout_s)
         (os.killpg if group else os.kill)(proc.pid, sig)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=timeout_s)
         return Stopped(proc.returncode, out.decode(), err.decode(), time.monotonic() - sent)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def report_rows_then_done(worker: int, messages: int, results) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from fastlaion.reader import InputRows
 from fastlaion.server import LoopbackServer, Served
 from fastlaion.writer import is_complete
 
-from helpers import children, encode, gone
+from helpers import children, encode, gone, process_group, wait_until
 from test_pipeline import build_case, read_output, write_input
 from test_workers import TIMING_COLUMNS, _run, _tar_members
 
@@ -102,16 +103,7 @@ def cluster(ray_env):
         assert started.returncode == 0, started.stdout + started.stderr
         yield c
     finally:
-        pids = c.processes()
-        for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if gone(pids, timeout=wait_s):
-                break
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop([c])
 
 
 @pytest.fixture(scope="module")
@@ -156,57 +148,67 @@ def test_ray_actors_write_what_one_worker_writes_and_a_rerun_resumes(cluster, se
     assert read_output(tmp / "ray").sort("key").drop(TIMING_COLUMNS).equals(b)
 
 
-def _started_until_a_shard(args: list[str], out: Path) -> subprocess.Popen:
-    """`fastlaion ARGS --workers 1` started, returned once its first tar is in `out`: one
-    download at a time, each actor takes ~1 s a shard (the server's delay), so the run outlasts
-    what the test then does to it."""
-    proc = subprocess.Popen([sys.executable, "-m", "fastlaion", *args, "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*.tar")):
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            proc.kill()
-            raise AssertionError(proc.communicate())
-        time.sleep(0.05)
-    return proc
+@dataclass
+class _RunUnderWay:
+    """A `fastlaion run --ray` of 24 images (12 shards) started as a command, for a test to cut
+    short: its process, its arguments, its output folder and the server of its images."""
+    proc: subprocess.Popen
+    args: list[str]
+    out: Path
+    server: LoopbackServer
+
+    def stopped_in_one_line(self) -> list[int]:
+        """Waits for the command to end; checks it said a worker died, in one line, and kept the
+        finished shards; returns those."""
+        _, err = self.proc.communicate(timeout=60)
+        lines = err.decode().strip().splitlines()
+        assert self.proc.returncode == 1, lines
+        assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
+        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
+        assert lines[0].endswith("finished shards are kept, rerun the same command to resume"), lines
+        kept = [s for s in range(12) if is_complete(self.out, s)]
+        assert 1 <= len(kept) < 12
+        return kept
+
+    def rerun_finishes(self, kept: list[int]) -> None:
+        """The same command again (in this process) resumes after the `kept` shards and keeps every row."""
+        rerun = runner.invoke(app, self.args)
+        assert rerun.exit_code == 0, rerun.output
+        assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output
+        frame = read_output(self.out)
+        assert sorted(frame["url"].to_list()) == sorted(self.server.url(f"{i}.jpg") for i in range(24))
+        assert (frame["status"] == "kept").all()
 
 
-def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp_path, photos):
-    """SIGKILL one of two actors once a shard is written: the run stops with the worker's name in
-    one line, the shards written are kept, and the same command finishes the rest."""
-    jpeg = encode(photos["chelsea"])
-    files = {f"{i}.jpg": Served(jpeg, "image/jpeg") for i in range(24)}
+@contextmanager
+def _a_run_under_way(tmp_path: Path, photos, address: str, processes: int):
+    """`fastlaion run --ray ADDRESS --processes N --workers 1`, 2 rows a shard, started; yields
+    once its first tar is written: one download at a time, each actor takes ~1 s a shard (the
+    server's delay), so the run outlasts what the test then does to it. The command is killed
+    at the end of the block if it still runs."""
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(24)}
     with LoopbackServer(files, delay_s=0.5) as server:
         inp = tmp_path / "in.txt"
         inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(24)))
         out = tmp_path / "o"
         args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
-                "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", cluster.address,
-                "--processes", "2"]
-        proc = _started_until_a_shard(args, out)
-        try:
-            workers = cluster.workers()
-            assert len(workers) == 2, workers
-            os.kill(workers[0], signal.SIGKILL)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        lines = err.decode().strip().splitlines()
-        assert proc.returncode == 1, lines
-        assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
-        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
-        assert lines[0].endswith("finished shards are kept, rerun the same command to resume"), lines
-        kept = [s for s in range(12) if is_complete(out, s)]
-        assert 1 <= len(kept) < 12
-        assert gone(workers, timeout=15)  # the other actor was killed when the run stopped
+                "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", address,
+                "--processes", str(processes)]
+        with process_group([sys.executable, "-m", "fastlaion", *args, "--workers", "1"]) as proc:
+            wait_until(proc, lambda: list(out.glob("*.tar")), poll_s=0.05)
+            yield _RunUnderWay(proc, args, out, server)
 
-        rerun = runner.invoke(app, args)
-    assert rerun.exit_code == 0, rerun.output
-    assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output
-    frame = read_output(out)
-    assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(24))
-    assert (frame["status"] == "kept").all()
+
+def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp_path, photos):
+    """SIGKILL one of two actors once a shard is written: the run stops with the worker's name in
+    one line, the shards written are kept, and the same command finishes the rest."""
+    with _a_run_under_way(tmp_path, photos, cluster.address, processes=2) as run:
+        workers = cluster.workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        kept = run.stopped_in_one_line()
+        assert gone(workers, timeout=15)  # the other actor was killed when the run stopped
+        run.rerun_finishes(kept)
 
 
 def test_a_node_with_another_fastlaion_version_stops_the_run_in_one_line(cluster, served, monkeypatch):
@@ -463,8 +465,9 @@ scripts.main()
 
 
 def _stop(clusters) -> None:
+    """Every process of `clusters` ended (by id), their temp folders removed."""
     pids = [pid for c in clusters for pid in c.processes()]
-    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -572,37 +575,13 @@ def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_li
     assert _tar_members(tmp_path / "one") == _tar_members(tmp_path / "ray")
 
     # The second node lost mid-run (every process of it killed) once a shard is written.
-    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(24)}
-    with LoopbackServer(files, delay_s=0.5) as server:
-        inp = tmp_path / "in.txt"
-        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(24)))
-        out = tmp_path / "o"
-        args = ["run", str(inp), "-o", str(out), "--no-score", "--no-language", "--shard-size", "2",
-                "--allow-private-networks", "--retries", "0", "--no-progress", "--ray", head.address,
-                "--processes", "3"]
-        proc = _started_until_a_shard(args, out)
-        try:
-            assert len(node.workers()) == 2
-            _stop([node])
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        lines = err.decode().strip().splitlines()
-        assert proc.returncode == 1, lines
-        assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
-        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
-        kept = [s for s in range(12) if is_complete(out, s)]
-        assert 1 <= len(kept) < 12
-
+    with _a_run_under_way(tmp_path, photos, head.address, processes=3) as run:
+        assert len(node.workers()) == 2
+        _stop([node])
+        kept = run.stopped_in_one_line()
         deadline = time.monotonic() + 60  # Ray marks a node dead once it has missed its health checks
         while len(_nodes(head.address)) > 1:
             assert time.monotonic() < deadline
             time.sleep(1)
-        rerun = runner.invoke(app, args)
-    assert rerun.exit_code == 0, rerun.output
-    assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output
-    frame = read_output(out)
-    assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(24))
-    assert (frame["status"] == "kept").all()
-    assert json.loads((out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 3
+        run.rerun_finishes(kept)
+    assert json.loads((run.out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 3

@@ -45,11 +45,17 @@ PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
 def test_text_features_through_the_used_positions_equal_open_clip(model):
     """The prefix encoder against open_clip's own encode_text over all 77 positions, with
-    captions of every length mixed so each bucket runs and rows come back in their order."""
+    captions of every length mixed so each bucket runs and rows come back in their order.
+    ViT-B-32 (seconds of CPU for each of the seven forwards of the whole batch on 2 cores)
+    takes each caption once, longest and shortest interleaved; the tiny model takes each twice."""
     torch.manual_seed(0)
     s = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
     assert s._text_prefix is not None and s._text_prefix.causal_blocks
-    texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
+    if model == TINY_MODEL:
+        texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
+    else:
+        texts = PREFIX_TEXTS[1::2][::-1] + PREFIX_TEXTS[::2]
+    assert sorted(texts) == sorted(PREFIX_TEXTS * (len(texts) // len(PREFIX_TEXTS)))  # every caption, as often
     used = s._text_prefix.ends(s.tokenizer(texts)) + 1
     for low, high in ((0, 16), (16, 32), (32, 48), (48, 77)):  # every bucket gets rows
         assert any(low < int(n) <= high for n in used), (low, high, used)
