@@ -613,6 +613,37 @@ def test_an_output_path_through_a_file_names_the_file(tmp_path):
     assert result.output.strip() == f"error: {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
+@pytest.mark.parametrize("args, named", [
+    (["run", "in.txt", "-o", "", "--no-score", "--no-progress"], "'--output' / '-o'"),
+    (["run", "in.txt", "--output=", "--no-score", "--no-progress"], "'--output' / '-o'"),
+    (["extract", "in.warc", "-o", "", "--no-progress"], "'--output' / '-o'"),
+    (["demo", "-o", "", "--no-progress"], "'--output' / '-o'"),
+    (["subset", "en", "--from", "ds", "-o", ""], "'--output' / '-o'"),
+    (["subset", "en", "--from", "", "-o", "sub"], "'--from'"),
+    (["dedup", "--from", "ds", "-o", ""], "'--output' / '-o'"),
+    (["classify", "--from", "ds", "-o", "", "-c", "cat"], "'--output' / '-o'"),
+    (["classify", "--from", "ds", "-o", "cls", "--classes", ""], "'--classes'"),
+    (["stats", ""], "'OUT'"),
+    (["stats", "ds", "--json", ""], "'--json'"),
+    (["stats", "ds", "--html", ""], "'--html'"),
+    (["index", ""], "'OUT'"),
+    (["search", "ds", "-t", "cat", "--json", ""], "'--json'"),
+    (["search", "ds", "--image", "a.jpg", "--image", ""], "'--image'"),
+    (["search", "ds", "--vector", ""], "'--vector'"),
+])
+def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args, named):
+    """`-o ''` (`-o "$OUT"` with OUT unset): typer made it Path(''), the current folder, and `run`
+    wrote its shards there, `subset` its metadata.parquet, `stats` read it. Refused by the
+    parser, naming the option, before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}: an empty path" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_resume_under_other_download_rules_says_so(tmp_path):
     """Opt-outs, robots.txt, blocklists decide which rows a shard keeps; a resume may change them
     (a blocklist grown), but the finished shards were downloaded under the old ones: said in one
