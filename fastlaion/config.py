@@ -74,8 +74,9 @@ def between(flag: str, value: float, low: float, high: float) -> None:
 
 
 def torch_device(flag: str, value: str) -> None:
-    """Refuse a device string that is not auto, cpu, cuda or cuda:N, naming the flag."""
-    if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+    """Refuse a device string that is not auto, cpu, cuda or cuda:N, naming the flag (N a GPU's
+    number: `cuda:x`, `cuda:-1` passed here and torch refused them later, with a traceback)."""
+    if not (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,4}", value)):
         raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 

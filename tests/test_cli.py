@@ -370,6 +370,21 @@ def test_every_validated_flag_is_checked_before_work(tmp_path, flag, value, mess
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("command", [["run", "in.csv", "-o", "o", "--no-score"], ["search", "ds", "-t", "cat"],
+                                     ["classify", "--from", "ds", "-o", "o", "-c", "cat"],
+                                     ["dedup", "--from", "ds", "-o", "o", "--by", "embedding"]])
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cuda:99999999999999999999", "cuda:"])
+def test_a_device_that_is_no_device_string_is_refused_before_work(tmp_path, monkeypatch, command, device):
+    """`--device cuda:x` passed the check (anything after "cuda:") and torch refused it once the
+    work began: a traceback (run, search, classify)."""
+    monkeypatch.chdir(tmp_path)
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
+    result = runner.invoke(app, [*command, "--device", device, "--no-progress"], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"error: --device must be auto, cpu, cuda or cuda:N, got '{device}'" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
 def test_no_score_run_does_not_load_torch(tmp_path):
     """Downloading without CLIP (language tags on) must not pay torch's start-up."""
     (tmp_path / "u.txt").write_text("http://127.0.0.1:9/a.jpg\n")
