@@ -59,8 +59,8 @@ class _LazyConsole:
         return getattr(self.real, name)
 
 
-console: Any = _LazyConsole(stderr=True)
-out_console: Any = _LazyConsole()
+console: Any = _LazyConsole(stderr=True, emoji=False)  # a message is text: "cuda:x: ..." printed "cuda❌ ..."
+out_console: Any = _LazyConsole(emoji=False)
 
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
@@ -142,8 +142,8 @@ def print_funnel(summary: Any, scored: bool = True) -> None:
         why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
         lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else "")
                      + ("  (not CLIP-scored: --no-score)" if not scored and level == "kept" and not n else ""))
-    for line in lines:
-        out_console.print(line, soft_wrap=True, highlight=False)
+    for line in lines:  # text, not markup: the output folder's name may hold brackets
+        out_console.print(line, soft_wrap=True, highlight=False, markup=False)
     edits = summary.caption_edits
     if edits:
         out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()),
@@ -158,7 +158,8 @@ def print_funnel(summary: Any, scored: bool = True) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
     else:  # only an extraction can give no rows (a URL list without any is refused before)
         out_console.print(f"no candidate pairs to download: the extraction found none "
-                          f"(see {Path(summary.output_dir) / 'candidates' / 'extract_stats.json'})", soft_wrap=True)
+                          f"(see {Path(summary.output_dir) / 'candidates' / 'extract_stats.json'})", soft_wrap=True,
+                          markup=False)
 
 
 def print_error(message: str) -> None:
@@ -366,7 +367,7 @@ def run_cmd(
         print_extraction(output / CANDIDATES_DIR / "extract_stats.json")
     print_funnel(summary, scored=cfg.score.enabled)
     for line in summary.notes():
-        out_console.print(line, soft_wrap=True, highlight=False)
+        out_console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @_command("demo")
@@ -387,9 +388,9 @@ def demo_cmd(
     with user_errors(_NoBar(), "rerun the command; the demo starts over"):
         summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
     for note in notes:
-        out_console.print(note)
+        out_console.print(note, markup=False)
     print_funnel(summary)
-    out_console.print(f"dataset written to {output.resolve()}")
+    out_console.print(f"dataset written to {output.resolve()}", markup=False)
 
 
 def print_extract_summary(s: Any) -> None:
@@ -436,7 +437,7 @@ def print_extraction(stats_file: Path) -> None:
                 f"{s['pairs_after_dedup']:,} + duplicates {s['duplicates']:,} ({stats_file})")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # the run itself read the candidates: the account is a courtesy
-    out_console.print(line, soft_wrap=True, highlight=False)
+    out_console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @_command("extract")

@@ -385,6 +385,23 @@ def test_a_device_that_is_no_device_string_is_refused_before_work(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
 
 
+def test_paths_and_messages_print_as_they_are(tmp_path):
+    """rich read ":x:" as an emoji and "[bold]" as markup: `--device cuda:x` was told as
+    "cuda❌ ...", a missing "a:x:b.csv" as "a❌b.csv", and the funnel's output folder
+    "o[bold]:x:" as "o❌"."""
+    missing = tmp_path / "a:x:b.csv"
+    result = runner.invoke(app, ["run", str(missing), "-o", str(tmp_path / "o"), "--no-score", "--no-progress"],
+                           terminal_width=400)
+    assert result.exit_code == 2
+    assert result.output == f"error: input file not found: {missing}\n"
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    out = tmp_path / "o[bold]:x:"
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-language",
+                                 "--no-progress"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert f"funnel over 1 shard(s) in {out}:\n" in result.output, result.output
+
+
 def test_no_score_run_does_not_load_torch(tmp_path):
     """Downloading without CLIP (language tags on) must not pay torch's start-up."""
     (tmp_path / "u.txt").write_text("http://127.0.0.1:9/a.jpg\n")
