@@ -172,13 +172,21 @@ def test_include_dropped_audits_dropped_rows(synth, tmp_path):
     ("similarity >=", "cannot parse"),
     ("colour = 'red'", "unknown column(s) 'colour'"),
     ("similarity + 1", "must be a condition"),
+    # a string compared with a number passed the schema check and raised from the scan (traceback)
+    ("caption > 3", "--where: 'caption > 3' does not apply to these columns: cannot compare string with numeric"),
+    ("status = 1", "--where: 'status = 1' does not apply to these columns: cannot compare string with numeric"),
+    ("similarity > 'high'", "does not apply to these columns: cannot compare string with numeric"),
+    ("CAST(caption AS INTEGER) > 3", "error: --where 'CAST(caption AS INTEGER) > 3' could not be computed on the "
+                                     "data: conversion from `str` to `i32` failed in column 'caption'"),
 ])
 def test_where_never_runs_python_and_bad_conditions_are_one_line(synth, tmp_path, where, message):
     folder, _ = synth
     marker = tmp_path / "pwned"
     result = invoke(["subset", "--where", where.format(marker=marker), "--from", folder, "-o", tmp_path / "o"], code=2)
     assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert not marker.exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_aesthetic_v2_needs_min_and_min_needs_aesthetic_v2(synth, tmp_path):
