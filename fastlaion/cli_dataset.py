@@ -221,12 +221,15 @@ def dedup_cmd(
         _damaged_warnings(result.damaged_files, ds.root.resolve(), f"dedup --by {by.value}")
 
 
+MAX_THUMBNAILS = 10_000  # in one HTML page, each a data: URI
+
+
 def stats_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write one self-contained HTML page: plots and a grid of sample thumbnails.", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
-    thumbnails: Annotated[int, typer.Option(help="Sample thumbnails in the HTML page.")] = 48,
+    thumbnails: Annotated[int, typer.Option(help=f"Sample thumbnails in the HTML page (at most {MAX_THUMBNAILS:,}).")] = 48,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (reading the thumbnails' tars).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
@@ -250,8 +253,8 @@ def stats_cmd(
     with _cli().user_errors(bar, interrupted):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
-        if thumbnails < 0:
-            raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
+        if not 0 <= thumbnails <= MAX_THUMBNAILS:  # 10^12 was an OverflowError traceback from Polars
+            raise ConfigError(f"--thumbnails must be between 0 and {MAX_THUMBNAILS:,}, got {thumbnails}")
         ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)

@@ -401,6 +401,30 @@ def test_stats_histograms_languages_and_sizes_match_python(synth, tmp_path):
     assert sum(stats["size_histogram"]["counts"]) == len(kept)
 
 
+def test_every_bin_count_allowed_gives_histograms_that_cover_the_values(synth, tmp_path):
+    """--bins 1 (allowed: 1 to 200) over values around 0 found no round step (StopIteration, a
+    traceback): the range is then kept as it is. Every count allowed covers the values."""
+    from fastlaion.dataset.stats import histogram_range
+
+    for bins in range(1, 201):
+        for column, lo, hi in [("similarity", -0.12, 0.41), ("aesthetic", 2.1, 7.9), ("punsafe", 0.0, 0.97),
+                               ("x", -5.0, 3.0), ("x", 1e-9, 3e-9), ("x", 0.3, 0.3), ("x", None, None)]:
+            a, b = histogram_range(column, lo, hi, bins)
+            assert a <= (lo if lo is not None else 0) and b >= (hi if hi is not None else 1) and b > a, (bins, lo, hi)
+    folder, rows = synth
+    invoke(["stats", folder, "--json", tmp_path / "s.json", "--bins", "1"])
+    kept = sum(r["status"] == "kept" for r in rows)
+    assert load_json(tmp_path / "s.json")["histograms"]["similarity"]["counts"] == [kept]
+
+
+def test_a_thumbnail_count_past_the_limit_is_one_line_before_work(synth, tmp_path):
+    """--thumbnails 10^12 was an OverflowError traceback from Polars, after the stats were printed."""
+    folder, _ = synth
+    result = invoke(["stats", folder, "--html", tmp_path / "r.html", "--thumbnails", 10**12], code=2)
+    assert result.output == "error: --thumbnails must be between 0 and 10,000, got 1000000000000\n"
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):
     """stats --json --html: a real Ctrl-C while a file is written leaves the earlier one as it
     was (it was cut short), and the message names the files written whole (it said nothing was
