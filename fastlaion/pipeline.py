@@ -920,9 +920,10 @@ class ShardJob:
         publishing: concurrent.futures.Future[None] | None = None
         try:
             items = zip(todo["row"].to_list(), todo["url"].to_list())
+            # no more worker coroutines than URLs: --workers 10^12 made that many tasks (a hang)
+            workers = min(self.cfg.download.workers, max(1, todo.height))
             download_task = asyncio.create_task(
-                download_all(self.downloader, items, self.cfg.download.workers, on_result,
-                             on_drained=self.tail.set))
+                download_all(self.downloader, items, workers, on_result, on_drained=self.tail.set))
             # The consumer only returns after the end marker, so finishing first means it failed.
             done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
             if consumer in done:

@@ -402,6 +402,19 @@ def test_paths_and_messages_print_as_they_are(tmp_path):
     assert f"funnel over 1 shard(s) in {out}:\n" in result.output, result.output
 
 
+def test_more_download_workers_than_urls_start_no_more_than_the_urls(tmp_path):
+    """--workers 10^12 (a valid count: at least 1) made one coroutine per worker before the first
+    download: the run hung, its memory growing. Two URLs take two."""
+    with LoopbackServer(_served_jpegs(2)) as server:
+        (tmp_path / "in.txt").write_text(server.url("0.jpg") + "\n" + server.url("1.jpg") + "\n")
+        result = subprocess.run(FASTLAION + ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                             "--no-language", "--no-progress", "--allow-private-networks",
+                                             "--workers", str(10**12)],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "  kept          2" in result.stdout, result.stdout
+
+
 def test_no_score_run_does_not_load_torch(tmp_path):
     """Downloading without CLIP (language tags on) must not pay torch's start-up."""
     (tmp_path / "u.txt").write_text("http://127.0.0.1:9/a.jpg\n")
