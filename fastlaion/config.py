@@ -199,6 +199,11 @@ class DownloadConfig:
                 raise ConfigError(f"{flag} {path}: not a readable file")
 
 
+# Upper bounds of counts of processes and threads: far past any machine's (or Ray cluster's)
+# cores, and below what the libraries take (torch's and OpenMP's thread counts are C ints).
+MAX_PROCESSES = 65_536
+MAX_THREADS = 4096
+
 DECODERS = ("auto", "cpu", "nvjpeg", "dali")
 STORED_ENCODERS = ("host", "nvimgcodec")
 
@@ -236,7 +241,7 @@ class DecodeConfig:
         at_least("--min-image-bytes", self.min_image_bytes, 0)
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
-        at_least("--decode-threads", self.threads, 0)
+        between("--decode-threads", self.threads, 0, MAX_THREADS)  # torch's int: 10^12 failed each worker
 
 
 @dataclass(frozen=True)
@@ -366,8 +371,9 @@ class ParallelConfig:
     ray: str | None = None
 
     def validate(self) -> None:
-        at_least("--processes", self.processes, 0)
-        at_least("--workers-per-gpu", self.workers_per_gpu, 1)
+        # a count past these is no machine's or cluster's: 10^12 was a MemoryError traceback
+        between("--processes", self.processes, 0, MAX_PROCESSES)
+        between("--workers-per-gpu", self.workers_per_gpu, 1, MAX_PROCESSES)
         if self.workers_per_gpu != 1 and self.gpus is None:
             raise ConfigError("--workers-per-gpu needs --gpus (on the CPU, --processes sets the workers)")
         if self.gpus is not None and self.gpus != "all" and not (self.gpus.isdigit() and int(self.gpus) >= 1):

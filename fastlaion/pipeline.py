@@ -254,7 +254,9 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
     if not jobs:
         devices = []
     elif isinstance(placed, list):
-        devices = placed
+        # CPU workers: no more processes than shards to run (--processes 64 on one shard started
+        # 64, each loading the models, to leave 63 idle; memory ran out before they did)
+        devices = placed if cfg.parallel.gpus is not None else placed[:len(jobs)]
     else:
         ray_pool = placed.workers(cfg, out, rows)
         devices = ray_pool.devices

@@ -227,6 +227,8 @@ def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tm
          "--min-cosine applies to --by embedding only, not --by phash"),
         (["dedup", "--by", "embedding", "--max-hamming", "2", "--from", folder, "-o", tmp_path / "o"],
          "--max-hamming applies to --by phash only, not --by embedding"),
+        (["dedup", "--by", "phash", "--threads", 10**12, "--from", folder, "-o", tmp_path / "o"],
+         "--threads must be between 0 and 4096, got 1000000000000"),
     ]
     for args, message in cases:
         result = run_cli(args)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..config import ConfigError, at_least, torch_device
+from ..config import MAX_THREADS, ConfigError, at_least, between, torch_device
 from .output import OutputDir
 from .samples import read_images
 from .source import (
@@ -98,7 +98,7 @@ class DedupConfig:
             raise ConfigError(f"--max-hamming must be between 0 and {MAX_BITS} bits, got {self.max_hamming_bits}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ConfigError(f"--min-cosine must be between -1 and 1, got {self.min_cosine}")
-        at_least("--threads", self.threads, 0)
+        between("--threads", self.threads, 0, MAX_THREADS)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         at_least("--clusters", self.clusters, 0)
