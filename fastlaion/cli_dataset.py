@@ -236,7 +236,7 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset.output import write_whole
+    from .dataset.output import check_writable_file, write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -255,6 +255,9 @@ def stats_cmd(
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if not 0 <= thumbnails <= MAX_THUMBNAILS:  # 10^12 was an OverflowError traceback from Polars
             raise ConfigError(f"--thumbnails must be between 0 and {MAX_THUMBNAILS:,}, got {thumbnails}")
+        for flag, path in (("--json", json_path), ("--html", html)):
+            if path is not None:
+                check_writable_file(flag, path)  # before the work, not after it
         ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)
@@ -394,7 +397,7 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset.output import write_whole
+    from .dataset.output import check_writable_file, write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -407,6 +410,8 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
+        if json_path is not None:
+            check_writable_file("--json", json_path)  # before the search, not after it
         ds = _open(source, allow_empty=True, needs_root="search")
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:

@@ -427,6 +427,27 @@ def test_a_thumbnail_count_past_the_limit_is_one_line_before_work(synth, tmp_pat
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.parametrize("command", [["stats", "{run}", "--json"], ["stats", "{run}", "--html"],
+                                     ["search", "{run}", "-t", "cat", "--json"]])
+@pytest.mark.parametrize("where, says", [("folder", "{path}: is a folder; give a file name"),
+                                         ("missing/out.json", "{path}: no folder {tmp}/missing"),
+                                         ("notes.txt/sub/out.json", "{path}: {tmp}/notes.txt is a file, not a folder")])
+def test_a_file_to_write_that_cannot_be_is_refused_before_the_work(synth, tmp_path, command, where, says):
+    """stats --json/--html and search --json wrote their file last: to a folder, or under a missing
+    folder or a file, the command did its whole work (a search: loading the model, every
+    embedding) and then failed with "Is a directory" or "No such file", its result lost (search
+    printed no hit). Refused first, exit 2, in one line."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    path = tmp_path / where
+    run, _ = synth
+    args = [a.format(run=run) for a in command] + [str(path), "--no-progress"]
+    result = runner.invoke(app(), args, terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {command[-1]} " + says.format(path=path, tmp=tmp_path), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
+
+
 def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):
     """stats --json --html: a real Ctrl-C while a file is written leaves the earlier one as it
     was (it was cut short), and the message names the files written whole (it said nothing was

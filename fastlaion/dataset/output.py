@@ -272,6 +272,26 @@ class OutputDir(Staging):
         self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
 
 
+def check_writable_file(flag: str, path: Path) -> None:
+    """Refuse, before the command's work, a file `write_whole` could not write at its end (the
+    command's result lost with it: `search --json DIR` searched for 20 s, then "Is a directory"
+    and no hit printed): a folder, a path under a missing folder or under a file, a folder this
+    user may not write in (a permission check: a read-only file system is found when written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.parent
+    for folder in (parent, *parent.parents):  # the nearest that exists: a folder, or a file in the way
+        if folder.exists():
+            if not folder.is_dir():
+                raise DatasetError(f"{flag} {path}: {folder} is a file, not a folder")
+            break
+    if not parent.is_dir():
+        raise DatasetError(f"{flag} {path}: no folder {parent}")
+    if not (path.exists() and os.access(path, os.W_OK)) and not os.access(parent, os.W_OK | os.X_OK):
+        raise DatasetError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
 def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
     """`text` into the file `path`, whole or not at all: written aside, then renamed over it, so
     a Ctrl-C or a full disk while it is written leaves the earlier file, if any, as it was (it
@@ -318,4 +338,4 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "check_writable_file", "write_whole"]
