@@ -130,6 +130,10 @@ def typer_command(name):
     (["run", "{tmp}/header.csv", "-o", "{tmp}/o", "--no-score"], "the input has no rows: {tmp}/header.csv;"),
     (["run", "{tmp}/header.csv", "{tmp}/empty.txt", "-o", "{tmp}/o", "--no-score"],
      "the inputs have no rows: {tmp}/header.csv, {tmp}/empty.txt;"),
+    # a binary file read as csv/tsv: its bytes were listed as the "columns", in 17 lines of garbage
+    *[(["run", "{tmp}/real.parquet", "-o", "{tmp}/o", "--no-score", "--input-format", fmt],
+       f"error: {{tmp}}/real.parquet: cannot read as {fmt}: its first line is not text (a binary file? "
+       "--input-format picks the format)\n") for fmt in ("csv", "tsv")],
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     import torch
@@ -143,6 +147,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "trunc.pth").write_bytes(checkpoint.read_bytes()[:-100])
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "empty.txt").write_text("")
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(tmp_path / "real.parquet")
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
