@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import errno
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,14 +59,23 @@ class WorkerFailed(RuntimeError):
 
 
 def at_least(flag: str, value: float, minimum: float) -> None:
-    """Refuse `value` under `minimum`, naming the flag."""
+    """Refuse `value` under `minimum` (NaN too), or infinite, naming the flag."""
     if not value >= minimum:
         raise ConfigError(f"{flag} must be {'0 or more' if minimum == 0 else f'at least {minimum}'}, got {value}")
+    finite(flag, value)
 
 
 def positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be positive, got {value}")
+    finite(flag, value)
+
+
+def finite(flag: str, value: float) -> None:
+    """Refuse inf: a time that never ends is no bound (--timeout inf --read-timeout inf was an
+    OverflowError traceback from the event loop), a rate or a delay of inf no number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
 
 
 def between(flag: str, value: float, low: float, high: float) -> None:

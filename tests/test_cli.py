@@ -420,6 +420,26 @@ def test_more_download_workers_than_urls_start_no_more_than_the_urls(tmp_path):
     assert "  kept          2" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("args", [
+    ["run", "in.txt", "--no-score", "--no-language", "--timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--connect-timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--read-timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--max-crawl-delay", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--per-host-rate", "inf"],
+    ["extract", "in.warc", "--http-timeout", "inf"],
+])
+def test_an_endless_time_or_rate_is_refused_before_work(tmp_path, monkeypatch, args):
+    """inf was taken: no bound on an attempt (--timeout, --connect-timeout and --read-timeout inf
+    together: an OverflowError traceback from the event loop), on a wait or a rate. (The input's
+    URL is a private address: never fetched.)"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")
+    result = runner.invoke(app, [*args, "-o", "o", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {args[-2]} must be a finite number, got inf\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_no_score_run_does_not_load_torch(tmp_path):
     """Downloading without CLIP (language tags on) must not pay torch's start-up."""
     (tmp_path / "u.txt").write_text("http://127.0.0.1:9/a.jpg\n")
