@@ -229,6 +229,11 @@ def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tm
          "--max-hamming applies to --by phash only, not --by embedding"),
         (["dedup", "--by", "phash", "--threads", 10**12, "--from", folder, "-o", tmp_path / "o"],
          "--threads must be between 0 and 4096, got 1000000000000"),
+        # an option the other settings do not read is refused, not ignored
+        (["dedup", "--by", "embedding", "--method", "exact", "--clusters", "5", "--from", folder, "-o", tmp_path / "o"],
+         "--clusters applies to --method clusters (or auto) only, not --method exact"),
+        (["subset", "en", "--shard-size", "5", "--from", folder, "-o", tmp_path / "o"],
+         "--shard-size applies to --shards only"),
     ]
     for args, message in cases:
         result = run_cli(args)

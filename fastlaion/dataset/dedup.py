@@ -108,6 +108,8 @@ class DedupConfig:
         for flag, name, by in _ONE_BY_ONLY:  # read by one --by only: refused with another, not ignored
             if self.by is not by and getattr(self, name) != getattr(default, name):
                 raise ConfigError(f"{flag} applies to --by {by.value} only, not --by {self.by.value}")
+        if self.method == "exact" and self.clusters != default.clusters:  # was ignored
+            raise ConfigError("--clusters applies to --method clusters (or auto) only, not --method exact")
 
 
 @dataclass

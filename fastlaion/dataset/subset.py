@@ -108,6 +108,8 @@ class SubsetConfig:
         if self.minimum is not None and not 0 <= self.minimum <= 10:
             raise ConfigError(f"--min must be between 0 and 10, got {self.minimum}")
         at_least("--shard-size", self.shard_size, 1)
+        if not self.shards and self.shard_size != SubsetConfig.shard_size:  # was ignored
+            raise ConfigError("--shard-size applies to --shards only (the samples per new tar)")
 
 
 @dataclass
