@@ -178,6 +178,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
 def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack) -> RunSummary:
+    refuse_a_dataset_output(out)
     fresh = not out.exists()
     try:
         with ExitStack() as held:  # the output folder's lock (prepare_output), released last
@@ -593,6 +594,21 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
     candidates = tuple(str(p) for p in sorted(target.glob("candidates-*.parquet")))
     return dataclasses.replace(inputs, paths=candidates, input_format=InputFormat.parquet, url_col="url",
                                caption_col="caption", crawl=None)
+
+
+# What `fastlaion subset`, `dedup` and `classify` write in their output folder (fastlaion.dataset.source)
+DATASET_OUTPUT_FILES = ("metadata.parquet", "dataset.json")
+
+
+def refuse_a_dataset_output(out: Path) -> None:
+    """Refuse to run into the output folder of a dataset command: it holds no finished shard, so
+    the run "started over" there and wrote its shards over a `subset --shards` folder's own
+    NNNNN.tar and embeddings (the samples exported, lost), beside a dataset.json that still
+    described them. (A dataset command refuses a run's folder alike.)"""
+    held = [name for name in DATASET_OUTPUT_FILES if (out / name).is_file()]
+    if held:
+        raise ConfigError(f"{out} holds the output of `fastlaion subset`, `dedup` or `classify` ({', '.join(held)}), "
+                          "which a run would write its shards over; choose another output folder")
 
 
 def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:

@@ -714,6 +714,26 @@ def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args,
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("held", [("metadata.parquet", "dataset.json"), ("metadata.parquet",), ("dataset.json",)])
+def test_a_run_into_a_dataset_commands_output_is_refused_and_touches_nothing(tmp_path, held):
+    """A `subset --shards` folder holds its own 00000.tar and embeddings but no finished shard of
+    a run: a run into it "started over" and wrote its shard 00000 over them (the exported
+    samples lost; dataset.json still described them)."""
+    out = tmp_path / "sub"
+    out.mkdir()
+    for name in (*held, "00000.tar", "00000_img_emb.npy", "shards.json"):
+        (out / name).write_bytes(b"the subset's own " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-language",
+                                 "--no-progress"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {out} holds the output of `fastlaion subset`, `dedup` or `classify` "
+                             f"({', '.join(held)}), which a run would write its shards over; choose another output "
+                             "folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_resume_under_other_download_rules_says_so(tmp_path):
     """Opt-outs, robots.txt, blocklists decide which rows a shard keeps; a resume may change them
     (a blocklist grown), but the finished shards were downloaded under the old ones: said in one
