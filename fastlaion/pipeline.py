@@ -178,7 +178,6 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
 
 def _run_inputs(cfg: RunConfig, out: Path, progress: Progress, t0: float, placed: list[str] | RayCluster,
                 cluster: ExitStack) -> RunSummary:
-    refuse_a_dataset_output(out)
     fresh = not out.exists()
     try:
         with ExitStack() as held:  # the output folder's lock (prepare_output), released last
@@ -620,7 +619,8 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    held.enter_context(output_lock(out))
+    held.enter_context(output_lock(out))  # a dataset command writing there is told first
+    refuse_a_dataset_output(out)
     saved = out / CONFIG_FILE
     files = input_files(cfg.input.paths)
     weights = weight_files(cfg.resume_key())
