@@ -236,7 +236,7 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset.output import check_writable_file, write_whole
+    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -261,6 +261,9 @@ def stats_cmd(
         ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)
+        for flag, path in (("--json", json_path), ("--html", html)):
+            if path is not None:
+                refuse_a_dataset_file(flag, path, ds)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -397,7 +400,7 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset.output import check_writable_file, write_whole
+    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -413,6 +416,8 @@ def search_cmd(
         if json_path is not None:
             check_writable_file("--json", json_path)  # before the search, not after it
         ds = _open(source, allow_empty=True, needs_root="search")
+        if json_path is not None:
+            refuse_a_dataset_file("--json", json_path, ds)
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)

@@ -453,6 +453,29 @@ def test_a_file_to_write_that_cannot_be_is_refused_before_the_work(synth, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
 
 
+@pytest.mark.parametrize("command, name", [(["stats", "--json"], "00001.parquet"), (["stats", "--html"], "config.json"),
+                                           (["stats", "--json"], "00000_stats.json"),
+                                           (["search", "-t", "cat", "--json"], "config.json"),
+                                           (["search", "-t", "cat", "--json"], "00002.parquet")])
+def test_a_report_over_a_file_of_the_dataset_is_refused(synth, tmp_path, command, name):
+    """`stats DS --json DS/00001.parquet` wrote the figures over the shard's rows (lost; the next
+    stats skipped the shard as unreadable), `search DS --json DS/config.json` over the run's
+    settings. A file of another name in the dataset's folder is the user's to write."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(synth[0], run)
+    (run / "config.json").write_text('{"score": {"model": "fastlaion-tiny", "pretrained": "none"}}')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    target = run / name
+    result = invoke([command[0], run, *command[1:], target, "--no-progress"], code=2)
+    assert result.output.splitlines()[-1] == (f"error: {command[-1]} {target}: a file of the dataset {run}, which it "
+                                              "would be written over; give another file name"), result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    invoke(["stats", run, "--json", run / "stats.json", "--html", run / "report.html", "--thumbnails", 0])
+    assert (run / "stats.json").is_file() and (run / "report.html").is_file()
+
+
 def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):
     """stats --json --html: a real Ctrl-C while a file is written leaves the earlier one as it
     was (it was cut short), and the message names the files written whole (it said nothing was

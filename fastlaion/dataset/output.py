@@ -292,6 +292,23 @@ def check_writable_file(flag: str, path: Path) -> None:
         raise DatasetError(f"{flag} {path}: cannot write in {parent} (permission denied)")
 
 
+# The files of a dataset's folder (a run's, a subset's, a dedup's, a classify's): none is a place for
+# a report. A file of another name there (DS/stats.json, DS/report.html) is the user's to write.
+_DATASET_FILE = re.compile(r"^(\d{5,}(\.tar|\.parquet|_img_emb\.npy|_txt_emb\.npy|_stats\.json)|metadata\.parquet"
+                           r"|dataset\.json|urls\.parquet|shards\.json|config\.json|summary\.json|demo_urls\.parquet)$")
+
+
+def refuse_a_dataset_file(flag: str, path: Path, ds: Dataset) -> None:
+    """Refuse `path` where it is one of the dataset's own files: `stats DS --json DS/00000.parquet`
+    wrote the figures over the shard's rows, `search DS --json DS/config.json` over the run's
+    settings (what its resume is checked against)."""
+    target = Path(path).resolve()
+    folders = {ds.root.resolve(), (ds.path if ds.path.is_dir() else ds.path.parent).resolve()}
+    if target in {f.resolve() for f in ds.files} or (target.parent in folders and _DATASET_FILE.match(target.name)):
+        raise DatasetError(f"{flag} {path}: a file of the dataset {ds.path}, which it would be written over; "
+                           "give another file name")
+
+
 def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
     """`text` into the file `path`, whole or not at all: written aside, then renamed over it, so
     a Ctrl-C or a full disk while it is written leaves the earlier file, if any, as it was (it
@@ -338,4 +355,4 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "check_writable_file", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "check_writable_file", "refuse_a_dataset_file", "write_whole"]
