@@ -476,6 +476,22 @@ def test_a_report_over_a_file_of_the_dataset_is_refused(synth, tmp_path, command
     assert (run / "stats.json").is_file() and (run / "report.html").is_file()
 
 
+@pytest.mark.parametrize("command", [["subset", "en"], ["dedup", "--by", "url"]])
+def test_an_output_folder_of_someone_elses_tars_is_refused_and_kept(synth, tmp_path, command):
+    """A folder of webdataset tars not written by fastlaion (00000.tar, 00001.tar: no dataset.json)
+    given as -o: the tars were taken for the command's earlier output and deleted."""
+    out = tmp_path / "wds"
+    out.mkdir()
+    for name in ("00000.tar", "00001.tar", "urls.parquet", "notes.txt"):
+        (out / name).write_bytes(b"someone else's " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = invoke([*command, "--from", synth[0], "-o", out, "--no-progress"], code=2)
+    assert result.output == (f"error: -o {out} holds 3 files (00000.tar, 00001.tar, urls.parquet) named as a fastlaion "
+                             "output's but no dataset.json (not written by fastlaion, or left by a command stopped "
+                             "midway), which the output would replace; move them away or choose another folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):
     """stats --json --html: a real Ctrl-C while a file is written leaves the earlier one as it
     was (it was cut short), and the message names the files written whole (it said nothing was

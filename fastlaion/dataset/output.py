@@ -249,6 +249,14 @@ class OutputDir(Staging):
             raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
         if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
+        if out.is_dir() and not (out / MANIFEST_FILE).is_file():
+            # files named as ours, in a folder no command of ours finished writing: someone's
+            # webdataset tars (NNNNN.tar), which were deleted as the "earlier output"
+            named = sorted(p.name for p in out.iterdir() if p.is_file() and _OURS.match(p.name))
+            if named:
+                raise DatasetError(f"-o {out} holds {_files(named)} named as a fastlaion output's but no {MANIFEST_FILE} "
+                                   "(not written by fastlaion, or left by a command stopped midway), which the output "
+                                   "would replace; move them away or choose another folder")
         self.source = source
         super().__init__(out, written, command)
 
