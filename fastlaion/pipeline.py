@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -610,6 +611,21 @@ def refuse_a_dataset_output(out: Path) -> None:
                           "which a run would write its shards over; choose another output folder")
 
 
+_SHARD_FILE = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json|_img_emb\.npy|_txt_emb\.npy)$")
+
+
+def refuse_shards_of_another(out: Path) -> None:
+    """Refuse a folder without a run's config.json that holds files named as a run's shard files:
+    an img2dataset output (00000.tar, 00000.parquet, 00000_stats.json), which a run into it wrote
+    over, shard by shard."""
+    named = sorted(p.name for p in out.iterdir() if p.is_file() and _SHARD_FILE.match(p.name))
+    if named:
+        listed = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+        raise ConfigError(f"{out} holds {len(named)} file(s) named as a run's shards ({listed}) but no {CONFIG_FILE}: "
+                          "not a fastlaion run's (an img2dataset output?), which this run would write over; choose "
+                          "another output folder")
+
+
 def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     """Create the output folder and lock it in `held` for this run, or check that the run already
     in it used the same settings and the same input files. A run there that finished no shard
@@ -622,6 +638,8 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     held.enter_context(output_lock(out))  # a dataset command writing there is told first
     refuse_a_dataset_output(out)
     saved = out / CONFIG_FILE
+    if not saved.exists():  # every run writes it before its first shard
+        refuse_shards_of_another(out)
     files = input_files(cfg.input.paths)
     weights = weight_files(cfg.resume_key())
     build = INPUT_BUILD

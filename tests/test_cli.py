@@ -734,6 +734,29 @@ def test_a_run_into_a_dataset_commands_output_is_refused_and_touches_nothing(tmp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_run_into_an_img2dataset_output_is_refused_and_touches_nothing(tmp_path):
+    """An img2dataset output (00000.tar, 00000.parquet, 00000_stats.json; no config.json) given as
+    -o: the run took it for a new folder and wrote its shard 00000 over those files. A folder with
+    other files (notes.txt) is still a fine new output folder."""
+    out = tmp_path / "wds"
+    out.mkdir()
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar", "notes.txt"):
+        (out / name).write_bytes(b"img2dataset's " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    args = ["run", str(tmp_path / "in.txt"), "--no-score", "--no-language", "--no-progress"]
+    result = runner.invoke(app, [*args, "-o", str(out)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {out} holds 4 file(s) named as a run's shards (00000.parquet, 00000.tar, "
+                             "00000_stats.json, 00001.tar) but no config.json: not a fastlaion run's (an img2dataset "
+                             "output?), which this run would write over; choose another output folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar"):
+        (out / name).unlink()
+    assert runner.invoke(app, [*args, "-o", str(out)]).exit_code == 0
+    assert (out / "notes.txt").read_bytes() == before["notes.txt"] and (out / "00000.tar").is_file()
+
+
 def test_a_resume_under_other_download_rules_says_so(tmp_path):
     """Opt-outs, robots.txt, blocklists decide which rows a shard keeps; a resume may change them
     (a blocklist grown), but the finished shards were downloaded under the old ones: said in one
