@@ -59,8 +59,8 @@ class _LazyConsole:
         return getattr(self.real, name)
 
 
-console: Any = _LazyConsole(stderr=True)
-out_console: Any = _LazyConsole()
+console: Any = _LazyConsole(stderr=True, emoji=False)  # a message is text: "cuda:x: ..." printed "cuda❌ ..."
+out_console: Any = _LazyConsole(emoji=False)
 
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
@@ -142,8 +142,8 @@ def print_funnel(summary: Any, scored: bool = True) -> None:
         why = ", ".join(f"{reason} {count:,}" for reason, count in drops.items())
         lines.append(f"  {level:<11}{f[level]:>{width},}" + (f"  -{n:,} {stage}: {why}" if n else "")
                      + ("  (not CLIP-scored: --no-score)" if not scored and level == "kept" and not n else ""))
-    for line in lines:
-        out_console.print(line, soft_wrap=True, highlight=False)
+    for line in lines:  # text, not markup: the output folder's name may hold brackets
+        out_console.print(line, soft_wrap=True, highlight=False, markup=False)
     edits = summary.caption_edits
     if edits:
         out_console.print("captions edited (kept, not dropped): " + ", ".join(f"{k} {v:,}" for k, v in edits.items()),
@@ -158,7 +158,8 @@ def print_funnel(summary: Any, scored: bool = True) -> None:
         out_console.print(f"nothing to do: all {summary.shards_total} shard(s) were already complete")
     else:  # only an extraction can give no rows (a URL list without any is refused before)
         out_console.print(f"no candidate pairs to download: the extraction found none "
-                          f"(see {Path(summary.output_dir) / 'candidates' / 'extract_stats.json'})", soft_wrap=True)
+                          f"(see {Path(summary.output_dir) / 'candidates' / 'extract_stats.json'})", soft_wrap=True,
+                          markup=False)
 
 
 def print_error(message: str) -> None:
@@ -300,7 +301,7 @@ def run_cmd(
     stored_encoder: Annotated[str, typer.Option(help="Where a GPU decoder encodes the stored JPEGs: host (libjpeg-turbo on the CPU's threads, as the CPU decoder) or nvimgcodec (NVIDIA nvImageCodec's batched encoder on the GPU, which DALI installs; only the bytes come back). The CPU decoder always encodes on the CPU.")] = _D.decode.stored_encoder,
     exact_chroma: Annotated[bool, typer.Option("--exact-chroma/--fast-chroma", help="DALI: libjpeg's smooth chroma upsampling, as the CPU decoder (exact), or DALI's plain one (fast; on an H200 with --hw-decoder-load 1, decode + score 1.16x).")] = _D.decode.exact_chroma,
     hw_decoder_load: Annotated[Optional[float], typer.Option(help="DALI: the share of JPEGs for the GPU's hardware JPEG decoder (0-1), the rest decoded with CUDA; default DALI's own (0.65).", show_default=False)] = _D.decode.hw_decoder_load,
-    processes: Annotated[int, typer.Option(help="Worker processes on the CPU, each with its own download loop, decoder and model; shards are handed out from one queue. 0 = one per core.")] = _D.parallel.processes,
+    processes: Annotated[int, typer.Option(help="Worker processes on the CPU, each with its own download loop, decoder and model; shards are handed out from one queue (no more workers start than there are shards to run). 0 = one per core.")] = _D.parallel.processes,
     gpus: Annotated[Optional[str], typer.Option(help="Worker processes on GPUs: 'all' or a number N (cuda:0..N-1), --workers-per-gpu on each; overrides --processes and --device.", show_default=False)] = None,
     workers_per_gpu: Annotated[int, typer.Option(help="Worker processes per GPU with --gpus. One Python process feeds a GPU only so fast: 4 on one H200 decoded and scored 2.2x the samples/s of 1 (11,400 a second).")] = _D.parallel.workers_per_gpu,
     ray: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the workers as actors of a Ray cluster (pip install 'fastlaion\\[ray]'): ADDRESS is auto (the cluster this machine is a node of, or RAY_ADDRESS), HOST:PORT of its head (the port of `ray start --head`, 6379 by default; this machine must be a node of that cluster: `ray start --address HEAD:PORT`), or local (a private Ray instance on this machine, stopped at the end). --gpus N|all then counts the cluster's GPUs, --workers-per-gpu actors on each; without --gpus, --processes N actors spread over the nodes by their CPUs, 0 = one per CPU of the cluster; each reserves its share of its node's CPUs. The output folder must be on a filesystem every node mounts at the same path, and every node needs this version of fastlaion in the Python that runs Ray. Rerunning without --ray, or with it, resumes the same output.", show_default=False)] = None,
@@ -371,7 +372,7 @@ def run_cmd(
         print_extraction(output / CANDIDATES_DIR / "extract_stats.json")
     print_funnel(summary, scored=cfg.score.enabled)
     for line in summary.notes():
-        out_console.print(line, soft_wrap=True, highlight=False)
+        out_console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @_command("demo")
@@ -392,9 +393,9 @@ def demo_cmd(
     with user_errors(_NoBar(), "rerun the command; the demo starts over"):
         summary, notes = run_demo(output, model, pretrained, min_similarity, lambda cfg: execute(cfg, progress))
     for note in notes:
-        out_console.print(note)
+        out_console.print(note, markup=False)
     print_funnel(summary)
-    out_console.print(f"dataset written to {output.resolve()}")
+    out_console.print(f"dataset written to {output.resolve()}", markup=False)
 
 
 def print_extract_summary(s: Any) -> None:
@@ -441,7 +442,7 @@ def print_extraction(stats_file: Path) -> None:
                 f"{s['pairs_after_dedup']:,} + duplicates {s['duplicates']:,} ({stats_file})")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # the run itself read the candidates: the account is a courtesy
-    out_console.print(line, soft_wrap=True, highlight=False)
+    out_console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @_command("extract")

@@ -221,19 +221,22 @@ def dedup_cmd(
         _damaged_warnings(result.damaged_files, ds.root.resolve(), f"dedup --by {by.value}")
 
 
+MAX_THUMBNAILS = 10_000  # in one HTML page, each a data: URI
+
+
 def stats_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write one self-contained HTML page: plots and a grid of sample thumbnails.", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
-    thumbnails: Annotated[int, typer.Option(help="Sample thumbnails in the HTML page.")] = 48,
+    thumbnails: Annotated[int, typer.Option(help=f"Sample thumbnails in the HTML page (at most {MAX_THUMBNAILS:,}).")] = 48,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (reading the thumbnails' tars).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset.output import write_whole
+    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -250,11 +253,17 @@ def stats_cmd(
     with _cli().user_errors(bar, interrupted):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
-        if thumbnails < 0:
-            raise ConfigError(f"--thumbnails must be 0 or more, got {thumbnails}")
+        if not 0 <= thumbnails <= MAX_THUMBNAILS:  # 10^12 was an OverflowError traceback from Polars
+            raise ConfigError(f"--thumbnails must be between 0 and {MAX_THUMBNAILS:,}, got {thumbnails}")
+        for flag, path in (("--json", json_path), ("--html", html)):
+            if path is not None:
+                check_writable_file(flag, path)  # before the work, not after it
         ds = _open(source, lost_rows=False, allow_empty=True,
                    needs_root="stats --html (its thumbnails; --thumbnails 0 leaves them out)" if html and thumbnails
                    else None)
+        for flag, path in (("--json", json_path), ("--html", html)):
+            if path is not None:
+                refuse_a_dataset_file(flag, path, ds)
         stats = compute_stats(ds, bins)
         print_stats(stats)
         if json_path:
@@ -391,7 +400,7 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset.output import write_whole
+    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -404,7 +413,11 @@ def search_cmd(
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
+        if json_path is not None:
+            check_writable_file("--json", json_path)  # before the search, not after it
         ds = _open(source, allow_empty=True, needs_root="search")
+        if json_path is not None:
+            refuse_a_dataset_file("--json", json_path, ds)
         result = run_search(ds, queries, cfg, bar)
         if json_path is not None:
             write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)

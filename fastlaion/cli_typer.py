@@ -93,14 +93,37 @@ class _Commands(MutableMapping[str, Any]):
 
 
 class FastCommand(TyperCommand):
-    """A typer command whose plain parameter values are converted without pydantic."""
+    """A typer command whose plain parameter values are converted without pydantic, and whose
+    path parameters refuse an empty value (`_refuse_empty_paths`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _fast(super().get_params(ctx))
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)  # the parser consumes the list it is given
+        rest = super().parse_args(ctx, args)  # --help, a bad value: told first, as typer does
+        if not ctx.resilient_parsing:
+            _refuse_empty_paths(self, ctx, given)
+        return rest
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         with _whole_names():
             super().format_help(ctx, formatter)
+
+
+def _refuse_empty_paths(command: TyperCommand, ctx: Any, args: list[str]) -> None:
+    """Refuse an empty value of a path parameter (`-o ''`, `-o "$OUT"` with OUT unset), naming
+    it. Typer makes it Path(''), which is '.': `run -o ''` wrote its shards into the current
+    folder, `subset -o ''` its metadata.parquet there, `stats ''` read it."""
+    opts, _, _ = command.make_parser(ctx).parse_args(args=list(args))
+    for param in command.get_params(ctx):
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is None or descriptor.annotation not in (Path, list[Path]):
+            continue
+        raw = opts.get(param.name)
+        if raw == "" or (isinstance(raw, (list, tuple)) and "" in raw):
+            raise typer.BadParameter("an empty path; give a file or folder name ('.' for the current folder)",
+                                     ctx=ctx, param=param)
 
 
 class Deferred(TyperCommand):

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import errno
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,14 +59,23 @@ class WorkerFailed(RuntimeError):
 
 
 def at_least(flag: str, value: float, minimum: float) -> None:
-    """Refuse `value` under `minimum`, naming the flag."""
+    """Refuse `value` under `minimum` (NaN too), or infinite, naming the flag."""
     if not value >= minimum:
         raise ConfigError(f"{flag} must be {'0 or more' if minimum == 0 else f'at least {minimum}'}, got {value}")
+    finite(flag, value)
 
 
 def positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be positive, got {value}")
+    finite(flag, value)
+
+
+def finite(flag: str, value: float) -> None:
+    """Refuse inf: a time that never ends is no bound (--timeout inf --read-timeout inf was an
+    OverflowError traceback from the event loop), a rate or a delay of inf no number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
 
 
 def between(flag: str, value: float, low: float, high: float) -> None:
@@ -74,8 +84,9 @@ def between(flag: str, value: float, low: float, high: float) -> None:
 
 
 def torch_device(flag: str, value: str) -> None:
-    """Refuse a device string that is not auto, cpu, cuda or cuda:N, naming the flag."""
-    if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+    """Refuse a device string that is not auto, cpu, cuda or cuda:N, naming the flag (N a GPU's
+    number: `cuda:x`, `cuda:-1` passed here and torch refused them later, with a traceback)."""
+    if not (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,4}", value)):
         raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
@@ -198,6 +209,11 @@ class DownloadConfig:
                 raise ConfigError(f"{flag} {path}: not a readable file")
 
 
+# Upper bounds of counts of processes and threads: far past any machine's (or Ray cluster's)
+# cores, and below what the libraries take (torch's and OpenMP's thread counts are C ints).
+MAX_PROCESSES = 65_536
+MAX_THREADS = 4096
+
 DECODERS = ("auto", "cpu", "nvjpeg", "dali")
 STORED_ENCODERS = ("host", "nvimgcodec")
 
@@ -235,7 +251,7 @@ class DecodeConfig:
         at_least("--min-image-bytes", self.min_image_bytes, 0)
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
-        at_least("--decode-threads", self.threads, 0)
+        between("--decode-threads", self.threads, 0, MAX_THREADS)  # torch's int: 10^12 failed each worker
 
 
 @dataclass(frozen=True)
@@ -365,8 +381,9 @@ class ParallelConfig:
     ray: str | None = None
 
     def validate(self) -> None:
-        at_least("--processes", self.processes, 0)
-        at_least("--workers-per-gpu", self.workers_per_gpu, 1)
+        # a count past these is no machine's or cluster's: 10^12 was a MemoryError traceback
+        between("--processes", self.processes, 0, MAX_PROCESSES)
+        between("--workers-per-gpu", self.workers_per_gpu, 1, MAX_PROCESSES)
         if self.workers_per_gpu != 1 and self.gpus is None:
             raise ConfigError("--workers-per-gpu needs --gpus (on the CPU, --processes sets the workers)")
         if self.gpus is not None and self.gpus != "all" and not (self.gpus.isdigit() and int(self.gpus) >= 1):

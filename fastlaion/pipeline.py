@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -255,7 +256,9 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
     if not jobs:
         devices = []
     elif isinstance(placed, list):
-        devices = placed
+        # CPU workers: no more processes than shards to run (--processes 64 on one shard started
+        # 64, each loading the models, to leave 63 idle; memory ran out before they did)
+        devices = placed if cfg.parallel.gpus is not None else placed[:len(jobs)]
     else:
         ray_pool = placed.workers(cfg, out, rows)
         devices = ray_pool.devices
@@ -594,6 +597,36 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
                                caption_col="caption", crawl=None)
 
 
+# What `fastlaion subset`, `dedup` and `classify` write in their output folder (fastlaion.dataset.source)
+DATASET_OUTPUT_FILES = ("metadata.parquet", "dataset.json")
+
+
+def refuse_a_dataset_output(out: Path) -> None:
+    """Refuse to run into the output folder of a dataset command: it holds no finished shard, so
+    the run "started over" there and wrote its shards over a `subset --shards` folder's own
+    NNNNN.tar and embeddings (the samples exported, lost), beside a dataset.json that still
+    described them. (A dataset command refuses a run's folder alike.)"""
+    held = [name for name in DATASET_OUTPUT_FILES if (out / name).is_file()]
+    if held:
+        raise ConfigError(f"{out} holds the output of `fastlaion subset`, `dedup` or `classify` ({', '.join(held)}), "
+                          "which a run would write its shards over; choose another output folder")
+
+
+_SHARD_FILE = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json|_img_emb\.npy|_txt_emb\.npy)$")
+
+
+def refuse_shards_of_another(out: Path) -> None:
+    """Refuse a folder without a run's config.json that holds files named as a run's shard files:
+    an img2dataset output (00000.tar, 00000.parquet, 00000_stats.json), which a run into it wrote
+    over, shard by shard."""
+    named = sorted(p.name for p in out.iterdir() if p.is_file() and _SHARD_FILE.match(p.name))
+    if named:
+        listed = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+        raise ConfigError(f"{out} holds {len(named)} file(s) named as a run's shards ({listed}) but no {CONFIG_FILE}: "
+                          "not a fastlaion run's (an img2dataset output?), which this run would write over; choose "
+                          "another output folder")
+
+
 def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     """Create the output folder and lock it in `held` for this run, or check that the run already
     in it used the same settings and the same input files. A run there that finished no shard
@@ -603,8 +636,11 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path exists and is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    held.enter_context(output_lock(out))
+    held.enter_context(output_lock(out))  # a dataset command writing there is told first
+    refuse_a_dataset_output(out)
     saved = out / CONFIG_FILE
+    if not saved.exists():  # every run writes it before its first shard
+        refuse_shards_of_another(out)
     files = input_files(cfg.input.paths)
     weights = weight_files(cfg.resume_key())
     build = INPUT_BUILD
@@ -932,9 +968,10 @@ class ShardJob:
         publishing: concurrent.futures.Future[None] | None = None
         try:
             items = zip(todo["row"].to_list(), todo["url"].to_list())
+            # no more worker coroutines than URLs: --workers 10^12 made that many tasks (a hang)
+            workers = min(self.cfg.download.workers, max(1, todo.height))
             download_task = asyncio.create_task(
-                download_all(self.downloader, items, self.cfg.download.workers, on_result,
-                             on_drained=self.tail.set))
+                download_all(self.downloader, items, workers, on_result, on_drained=self.tail.set))
             # The consumer only returns after the end marker, so finishing first means it failed.
             done, _ = await asyncio.wait({download_task, consumer}, return_when=asyncio.FIRST_COMPLETED)
             if consumer in done:

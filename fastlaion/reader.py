@@ -122,6 +122,10 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
     columns = schema.names()
     if not columns and fmt is InputFormat.jsonl and _json_array(path):  # [] : no rows, as an empty file
         return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
+    if fmt in (InputFormat.csv, InputFormat.tsv) and any(_binary(name) for name in columns):
+        # a Parquet (or an image) read as csv: the "column names" were its bytes, in 17 lines of garbage
+        raise ConfigError(f"{path}: cannot read as {fmt.value}: its first line is not text (a binary file? "
+                          f"--input-format picks the format)")
     for name in (cfg.url_col, cfg.caption_col):  # Polars reads a csv header's second `url` as url_duplicated_0
         if name is not None and f"{name}_duplicated_0" in columns and fmt in (InputFormat.csv, InputFormat.tsv):
             raise ConfigError(f"{path}: its header names the column {name!r} more than once: which one to read "
@@ -154,6 +158,12 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         columns.append(pl.all_horizontal(pl.all().is_null()).alias(_BLANK))
     unquoted = _scan(path, fmt, quoted=False).select(columns) if fmt is InputFormat.tsv else None
     return Input(path, fmt, table.select(columns), unquoted)
+
+
+def _binary(text: str) -> bool:
+    """Whether text read from a file was bytes that are no text: a control character (a tab and a
+    line end aside) or what undecodable UTF-8 became (U+FFFD)."""
+    return any(c == "\ufffd" or (c < " " and c not in "\t\r\n") or c == "\x7f" for c in text)
 
 
 def open_inputs(cfg: InputConfig, need_captions: bool) -> list[Input]:

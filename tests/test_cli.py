@@ -130,6 +130,10 @@ def typer_command(name):
     (["run", "{tmp}/header.csv", "-o", "{tmp}/o", "--no-score"], "the input has no rows: {tmp}/header.csv;"),
     (["run", "{tmp}/header.csv", "{tmp}/empty.txt", "-o", "{tmp}/o", "--no-score"],
      "the inputs have no rows: {tmp}/header.csv, {tmp}/empty.txt;"),
+    # a binary file read as csv/tsv: its bytes were listed as the "columns", in 17 lines of garbage
+    *[(["run", "{tmp}/real.parquet", "-o", "{tmp}/o", "--no-score", "--input-format", fmt],
+       f"error: {{tmp}}/real.parquet: cannot read as {fmt}: its first line is not text (a binary file? "
+       "--input-format picks the format)\n") for fmt in ("csv", "tsv")],
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     import torch
@@ -143,6 +147,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "trunc.pth").write_bytes(checkpoint.read_bytes()[:-100])
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "empty.txt").write_text("")
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(tmp_path / "real.parquet")
     result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
@@ -368,6 +373,71 @@ def test_every_validated_flag_is_checked_before_work(tmp_path, flag, value, mess
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", [["run", "in.csv", "-o", "o", "--no-score"], ["search", "ds", "-t", "cat"],
+                                     ["classify", "--from", "ds", "-o", "o", "-c", "cat"],
+                                     ["dedup", "--from", "ds", "-o", "o", "--by", "embedding"]])
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cuda:99999999999999999999", "cuda:"])
+def test_a_device_that_is_no_device_string_is_refused_before_work(tmp_path, monkeypatch, command, device):
+    """`--device cuda:x` passed the check (anything after "cuda:") and torch refused it once the
+    work began: a traceback (run, search, classify)."""
+    monkeypatch.chdir(tmp_path)
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_csv(tmp_path / "in.csv")
+    result = runner.invoke(app, [*command, "--device", device, "--no-progress"], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"error: --device must be auto, cpu, cuda or cuda:N, got '{device}'" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_paths_and_messages_print_as_they_are(tmp_path):
+    """rich read ":x:" as an emoji and "[bold]" as markup: `--device cuda:x` was told as
+    "cuda❌ ...", a missing "a:x:b.csv" as "a❌b.csv", and the funnel's output folder
+    "o[bold]:x:" as "o❌"."""
+    missing = tmp_path / "a:x:b.csv"
+    result = runner.invoke(app, ["run", str(missing), "-o", str(tmp_path / "o"), "--no-score", "--no-progress"],
+                           terminal_width=400)
+    assert result.exit_code == 2
+    assert result.output == f"error: input file not found: {missing}\n"
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    out = tmp_path / "o[bold]:x:"
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-language",
+                                 "--no-progress"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert f"funnel over 1 shard(s) in {out}:\n" in result.output, result.output
+
+
+def test_more_download_workers_than_urls_start_no_more_than_the_urls(tmp_path):
+    """--workers 10^12 (a valid count: at least 1) made one coroutine per worker before the first
+    download: the run hung, its memory growing. Two URLs take two."""
+    with LoopbackServer(_served_jpegs(2)) as server:
+        (tmp_path / "in.txt").write_text(server.url("0.jpg") + "\n" + server.url("1.jpg") + "\n")
+        result = subprocess.run(FASTLAION + ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score",
+                                             "--no-language", "--no-progress", "--allow-private-networks",
+                                             "--workers", str(10**12)],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "  kept          2" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "in.txt", "--no-score", "--no-language", "--timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--connect-timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--read-timeout", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--max-crawl-delay", "inf"],
+    ["run", "in.txt", "--no-score", "--no-language", "--per-host-rate", "inf"],
+    ["extract", "in.warc", "--http-timeout", "inf"],
+])
+def test_an_endless_time_or_rate_is_refused_before_work(tmp_path, monkeypatch, args):
+    """inf was taken: no bound on an attempt (--timeout, --connect-timeout and --read-timeout inf
+    together: an OverflowError traceback from the event loop), on a wait or a rate. (The input's
+    URL is a private address: never fetched.)"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")
+    result = runner.invoke(app, [*args, "-o", "o", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {args[-2]} must be a finite number, got inf\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_no_score_run_does_not_load_torch(tmp_path):
@@ -611,6 +681,80 @@ def test_an_output_path_through_a_file_names_the_file(tmp_path):
     result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--no-progress"])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["run", "in.txt", "-o", "", "--no-score", "--no-progress"], "'--output' / '-o'"),
+    (["run", "in.txt", "--output=", "--no-score", "--no-progress"], "'--output' / '-o'"),
+    (["extract", "in.warc", "-o", "", "--no-progress"], "'--output' / '-o'"),
+    (["demo", "-o", "", "--no-progress"], "'--output' / '-o'"),
+    (["subset", "en", "--from", "ds", "-o", ""], "'--output' / '-o'"),
+    (["subset", "en", "--from", "", "-o", "sub"], "'--from'"),
+    (["dedup", "--from", "ds", "-o", ""], "'--output' / '-o'"),
+    (["classify", "--from", "ds", "-o", "", "-c", "cat"], "'--output' / '-o'"),
+    (["classify", "--from", "ds", "-o", "cls", "--classes", ""], "'--classes'"),
+    (["stats", ""], "'OUT'"),
+    (["stats", "ds", "--json", ""], "'--json'"),
+    (["stats", "ds", "--html", ""], "'--html'"),
+    (["index", ""], "'OUT'"),
+    (["search", "ds", "-t", "cat", "--json", ""], "'--json'"),
+    (["search", "ds", "--image", "a.jpg", "--image", ""], "'--image'"),
+    (["search", "ds", "--vector", ""], "'--vector'"),
+])
+def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args, named):
+    """`-o ''` (`-o "$OUT"` with OUT unset): typer made it Path(''), the current folder, and `run`
+    wrote its shards there, `subset` its metadata.parquet, `stats` read it. Refused by the
+    parser, naming the option, before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}: an empty path" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("held", [("metadata.parquet", "dataset.json"), ("metadata.parquet",), ("dataset.json",)])
+def test_a_run_into_a_dataset_commands_output_is_refused_and_touches_nothing(tmp_path, held):
+    """A `subset --shards` folder holds its own 00000.tar and embeddings but no finished shard of
+    a run: a run into it "started over" and wrote its shard 00000 over them (the exported
+    samples lost; dataset.json still described them)."""
+    out = tmp_path / "sub"
+    out.mkdir()
+    for name in (*held, "00000.tar", "00000_img_emb.npy", "shards.json"):
+        (out / name).write_bytes(b"the subset's own " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(out), "--no-score", "--no-language",
+                                 "--no-progress"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {out} holds the output of `fastlaion subset`, `dedup` or `classify` "
+                             f"({', '.join(held)}), which a run would write its shards over; choose another output "
+                             "folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_run_into_an_img2dataset_output_is_refused_and_touches_nothing(tmp_path):
+    """An img2dataset output (00000.tar, 00000.parquet, 00000_stats.json; no config.json) given as
+    -o: the run took it for a new folder and wrote its shard 00000 over those files. A folder with
+    other files (notes.txt) is still a fine new output folder."""
+    out = tmp_path / "wds"
+    out.mkdir()
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar", "notes.txt"):
+        (out / name).write_bytes(b"img2dataset's " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")  # private_address: never fetched
+    args = ["run", str(tmp_path / "in.txt"), "--no-score", "--no-language", "--no-progress"]
+    result = runner.invoke(app, [*args, "-o", str(out)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {out} holds 4 file(s) named as a run's shards (00000.parquet, 00000.tar, "
+                             "00000_stats.json, 00001.tar) but no config.json: not a fastlaion run's (an img2dataset "
+                             "output?), which this run would write over; choose another output folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar"):
+        (out / name).unlink()
+    assert runner.invoke(app, [*args, "-o", str(out)]).exit_code == 0
+    assert (out / "notes.txt").read_bytes() == before["notes.txt"] and (out / "00000.tar").is_file()
 
 
 def test_a_resume_under_other_download_rules_says_so(tmp_path):

@@ -172,13 +172,21 @@ def test_include_dropped_audits_dropped_rows(synth, tmp_path):
     ("similarity >=", "cannot parse"),
     ("colour = 'red'", "unknown column(s) 'colour'"),
     ("similarity + 1", "must be a condition"),
+    # a string compared with a number passed the schema check and raised from the scan (traceback)
+    ("caption > 3", "--where: 'caption > 3' does not apply to these columns: cannot compare string with numeric"),
+    ("status = 1", "--where: 'status = 1' does not apply to these columns: cannot compare string with numeric"),
+    ("similarity > 'high'", "does not apply to these columns: cannot compare string with numeric"),
+    ("CAST(caption AS INTEGER) > 3", "error: --where 'CAST(caption AS INTEGER) > 3' could not be computed on the "
+                                     "data: conversion from `str` to `i32` failed in column 'caption'"),
 ])
 def test_where_never_runs_python_and_bad_conditions_are_one_line(synth, tmp_path, where, message):
     folder, _ = synth
     marker = tmp_path / "pwned"
     result = invoke(["subset", "--where", where.format(marker=marker), "--from", folder, "-o", tmp_path / "o"], code=2)
     assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert not marker.exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_aesthetic_v2_needs_min_and_min_needs_aesthetic_v2(synth, tmp_path):
@@ -219,6 +227,13 @@ def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tm
          "--min-cosine applies to --by embedding only, not --by phash"),
         (["dedup", "--by", "embedding", "--max-hamming", "2", "--from", folder, "-o", tmp_path / "o"],
          "--max-hamming applies to --by phash only, not --by embedding"),
+        (["dedup", "--by", "phash", "--threads", 10**12, "--from", folder, "-o", tmp_path / "o"],
+         "--threads must be between 0 and 4096, got 1000000000000"),
+        # an option the other settings do not read is refused, not ignored
+        (["dedup", "--by", "embedding", "--method", "exact", "--clusters", "5", "--from", folder, "-o", tmp_path / "o"],
+         "--clusters applies to --method clusters (or auto) only, not --method exact"),
+        (["subset", "en", "--shard-size", "5", "--from", folder, "-o", tmp_path / "o"],
+         "--shard-size applies to --shards only"),
     ]
     for args, message in cases:
         result = run_cli(args)
@@ -440,6 +455,90 @@ def test_stats_histograms_languages_and_sizes_match_python(synth, tmp_path):
         "< 256 px": 0, "256-511 px": sum(s < 512 for s in short), "512-1023 px": sum(512 <= s < 1024 for s in short),
         ">= 1024 px": sum(s >= 1024 for s in short)}
     assert sum(stats["size_histogram"]["counts"]) == len(kept)
+
+
+def test_every_bin_count_allowed_gives_histograms_that_cover_the_values(synth, tmp_path):
+    """--bins 1 (allowed: 1 to 200) over values around 0 found no round step (StopIteration, a
+    traceback): the range is then kept as it is. Every count allowed covers the values."""
+    from fastlaion.dataset.stats import histogram_range
+
+    for bins in range(1, 201):
+        for column, lo, hi in [("similarity", -0.12, 0.41), ("aesthetic", 2.1, 7.9), ("punsafe", 0.0, 0.97),
+                               ("x", -5.0, 3.0), ("x", 1e-9, 3e-9), ("x", 0.3, 0.3), ("x", None, None)]:
+            a, b = histogram_range(column, lo, hi, bins)
+            assert a <= (lo if lo is not None else 0) and b >= (hi if hi is not None else 1) and b > a, (bins, lo, hi)
+    folder, rows = synth
+    invoke(["stats", folder, "--json", tmp_path / "s.json", "--bins", "1"])
+    kept = sum(r["status"] == "kept" for r in rows)
+    assert load_json(tmp_path / "s.json")["histograms"]["similarity"]["counts"] == [kept]
+
+
+def test_a_thumbnail_count_past_the_limit_is_one_line_before_work(synth, tmp_path):
+    """--thumbnails 10^12 was an OverflowError traceback from Polars, after the stats were printed."""
+    folder, _ = synth
+    result = invoke(["stats", folder, "--html", tmp_path / "r.html", "--thumbnails", 10**12], code=2)
+    assert result.output == "error: --thumbnails must be between 0 and 10,000, got 1000000000000\n"
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("command", [["stats", "{run}", "--json"], ["stats", "{run}", "--html"],
+                                     ["search", "{run}", "-t", "cat", "--json"]])
+@pytest.mark.parametrize("where, says", [("folder", "{path}: is a folder; give a file name"),
+                                         ("missing/out.json", "{path}: no folder {tmp}/missing"),
+                                         ("notes.txt/sub/out.json", "{path}: {tmp}/notes.txt is a file, not a folder")])
+def test_a_file_to_write_that_cannot_be_is_refused_before_the_work(synth, tmp_path, command, where, says):
+    """stats --json/--html and search --json wrote their file last: to a folder, or under a missing
+    folder or a file, the command did its whole work (a search: loading the model, every
+    embedding) and then failed with "Is a directory" or "No such file", its result lost (search
+    printed no hit). Refused first, exit 2, in one line."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    path = tmp_path / where
+    run, _ = synth
+    args = [a.format(run=run) for a in command] + [str(path), "--no-progress"]
+    result = runner.invoke(app(), args, terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {command[-1]} " + says.format(path=path, tmp=tmp_path), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
+
+
+@pytest.mark.parametrize("command, name", [(["stats", "--json"], "00001.parquet"), (["stats", "--html"], "config.json"),
+                                           (["stats", "--json"], "00000_stats.json"),
+                                           (["search", "-t", "cat", "--json"], "config.json"),
+                                           (["search", "-t", "cat", "--json"], "00002.parquet")])
+def test_a_report_over_a_file_of_the_dataset_is_refused(synth, tmp_path, command, name):
+    """`stats DS --json DS/00001.parquet` wrote the figures over the shard's rows (lost; the next
+    stats skipped the shard as unreadable), `search DS --json DS/config.json` over the run's
+    settings. A file of another name in the dataset's folder is the user's to write."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(synth[0], run)
+    (run / "config.json").write_text('{"score": {"model": "fastlaion-tiny", "pretrained": "none"}}')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    target = run / name
+    result = invoke([command[0], run, *command[1:], target, "--no-progress"], code=2)
+    assert result.output.splitlines()[-1] == (f"error: {command[-1]} {target}: a file of the dataset {run}, which it "
+                                              "would be written over; give another file name"), result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    invoke(["stats", run, "--json", run / "stats.json", "--html", run / "report.html", "--thumbnails", 0])
+    assert (run / "stats.json").is_file() and (run / "report.html").is_file()
+
+
+@pytest.mark.parametrize("command", [["subset", "en"], ["dedup", "--by", "url"]])
+def test_an_output_folder_of_someone_elses_tars_is_refused_and_kept(synth, tmp_path, command):
+    """A folder of webdataset tars not written by fastlaion (00000.tar, 00001.tar: no dataset.json)
+    given as -o: the tars were taken for the command's earlier output and deleted."""
+    out = tmp_path / "wds"
+    out.mkdir()
+    for name in ("00000.tar", "00001.tar", "urls.parquet", "notes.txt"):
+        (out / name).write_bytes(b"someone else's " + name.encode())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = invoke([*command, "--from", synth[0], "-o", out, "--no-progress"], code=2)
+    assert result.output == (f"error: -o {out} holds 3 files (00000.tar, 00001.tar, urls.parquet) named as a fastlaion "
+                             "output's but no dataset.json (not written by fastlaion, or left by a command stopped "
+                             "midway), which the output would replace; move them away or choose another folder\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch):

@@ -124,6 +124,8 @@ def test_bad_input_is_one_line(case, tmp_path, monkeypatch):
     for args, says in ((["index", folder, "--cells", -1], "--cells must be"),
                        (["index", folder, "--cells", N + 1], "more than the"),
                        (["index", tmp_path / "nothing"], "no such file"),
+                       # OpenMP's int: an OverflowError traceback
+                       (["index", folder, "--threads", 10**12], "--threads must be between 0 (every core) and 4096"),
                        (["search", folder, "--vector", qfiles[0], "--exact", "--probes", 3], "give one of them")):
         result = invoke(args, code=2)
         assert says in result.output and "Traceback" not in result.output, result.output

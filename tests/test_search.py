@@ -335,6 +335,18 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
 
 
+@pytest.mark.parametrize("template", ["{} {x}", "a {} }", "{} of {1}", "a {{}} photo", "{} {0}"])
+def test_a_template_that_does_not_take_the_class_name_once_is_refused_before_work(tmp_path, template):
+    """'{} {x}' and 'a {} }' hold '{}' once and passed the check; str.format then failed once the
+    model had loaded (a KeyError or ValueError traceback); 'a {{}} photo' made prompts without
+    the class name. Refused before the dataset is read (the --from here does not exist)."""
+    result = runner.invoke(app, ["classify", "--from", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"),
+                                 "--class", "cat", "--template", template, "--no-progress"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: --template {template!r} must hold '{{}}' once"), result.output
+    assert not (tmp_path / "o").exists()
+
+
 # --- the search itself, on synthetic embeddings (vector queries: no model) -----------------------------
 
 def synthetic_run(folder: Path, emb: np.ndarray, captions: dict[int, str] | None = None) -> list[str]:

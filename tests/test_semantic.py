@@ -191,7 +191,8 @@ def test_a_missing_or_bad_embedding_file_counts_its_samples_and_the_rest_is_dedu
     for method in ("exact", "clusters"):
         out = tmp_path / method
         result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", method,
-                          "--clusters", "1", "--device", "cpu", "--from", str(run), "-o", str(out), "--no-progress"])
+                          *(["--clusters", "1"] if method == "clusters" else []),  # --method exact takes none
+                          "--device", "cpu", "--from", str(run), "-o", str(out), "--no-progress"])
         assert result.returncode == 0, result.stderr
         assert f"{len(bad):,} kept samples had no readable image/embedding" in result.stdout
         assert all(f"0000{s}_img_emb.npy" in result.stderr for s in (0, 2, 4, 5)), result.stderr
@@ -256,7 +257,8 @@ def test_rows_that_interleave_shards_are_walked_in_dataset_order(emb_run, tmp_pa
     position = {k: i for i, k in enumerate(mixed)}
     for method in ("exact", "clusters"):
         out = tmp_path / method
-        invoke(["dedup", "--by", "embedding", "--min-cosine", THRESHOLD, "--method", method, "--clusters", 1,
+        invoke(["dedup", "--by", "embedding", "--min-cosine", THRESHOLD, "--method", method,
+                *(["--clusters", 1] if method == "clusters" else []),  # --method exact takes none
                 "--device", "cpu", "--from", run / "mixed.parquet", "-o", out, "--no-progress"])
         marks = dict(pl.read_parquet(out / "metadata.parquet").select("key", "duplicate_of").iter_rows())
         drops = {k: v for k, v in marks.items() if v is not None}

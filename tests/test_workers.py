@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fastlaion.cli import app
 from fastlaion.gpu_decode import dali_importable, nvimgcodec_importable
-from fastlaion.server import LoopbackServer
+from fastlaion.server import LoopbackServer, Served
 
 from test_pipeline import build_case, read_output, tiny_checkpoint, write_input
 
@@ -97,7 +97,7 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
         inp = write_input(tmp_path, server, rows)
         result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
                                      "--pretrained", str(tmp_path / "no-such-dir" / "w.pt"), "--processes", "2",
-                                     "--no-progress"])
+                                     "--shard-size", "8", "--no-progress"])  # 2 shards: 2 workers
     assert result.exit_code == 2, result.output
     assert "no such checkpoint file" in result.output
     assert "Traceback" not in result.output
@@ -110,6 +110,11 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
     ("--workers-per-gpu", "2", "--workers-per-gpu needs --gpus"),
     ("--decoder", "gpu", "--decoder 'gpu'"),
     ("--stored-encoder", "gpu", "--stored-encoder 'gpu': pick one of host, nvimgcodec"),
+    # counts no machine has: a MemoryError traceback (--processes), each worker failing on torch's
+    # int (--decode-threads with --processes 2)
+    ("--processes", str(10**12), "--processes must be between 0 and 65536, got 1000000000000"),
+    ("--workers-per-gpu", str(10**12), "--workers-per-gpu must be between 1 and 65536, got 1000000000000"),
+    ("--decode-threads", str(10**12), "--decode-threads must be between 0 and 4096, got 1000000000000"),
 ])
 def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
     inp = tmp_path / "in.txt"
@@ -117,6 +122,26 @@ def test_bad_parallel_flags_are_named(tmp_path, flag, value, message):
     result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--no-score", flag, value, "--no-progress"])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_no_more_cpu_workers_start_than_shards_to_run(tmp_path, photos):
+    """--processes 3 on a one-shard input started 3 worker processes, each loading its models, 2 to
+    find no shard (--processes 64 ran out of memory before they did). One shard runs in this
+    process, as with --processes 1; two shards take two workers."""
+    from helpers import encode
+
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(4)}
+    with LoopbackServer(files) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(4)))
+        for shard_size, workers in ((4, ["auto"]), (2, ["auto", "auto"])):
+            out = tmp_path / f"o{shard_size}"
+            result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--no-language",
+                                         "--processes", "3", "--shard-size", str(shard_size), "--no-progress",
+                                         "--allow-private-networks"])
+            assert result.exit_code == 0, result.output
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["workers"] == workers and summary["funnel"]["kept"] == 4
 
 
 def test_gpus_without_a_gpu_says_so(tmp_path):

@@ -53,13 +53,24 @@ class ClassifyConfig:
         twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
         if twice:
             raise ConfigError(f"class named twice: {', '.join(repr(c) for c in twice)}")
-        bad = [t for t in self.templates if t.count("{}") != 1]
+        bad = [t for t in self.templates if t.count("{}") != 1 or not _fills_once(t)]
         if bad:
-            raise ConfigError(f"--template {bad[0]!r} must hold '{{}}' once, where the class name goes")
+            raise ConfigError(f"--template {bad[0]!r} must hold '{{}}' once, where the class name goes, and no "
+                              "other brace (write '{{' and '}}' for a brace of the text)")
         if not 1 <= self.top <= min(MAX_TOP, len(self.classes)):
             raise ConfigError(f"--top must be between 1 and {min(MAX_TOP, len(self.classes))} "
                               f"(the classes, at most {MAX_TOP}), got {self.top}")
         SearchConfig(device=self.device).validate()
+
+
+def _fills_once(template: str) -> bool:
+    """Whether str.format puts a class name into `template` exactly once: '{} {x}' and 'a {} }'
+    had one '{}' and failed (KeyError, ValueError) once the model was loaded; 'a {{}}' has no
+    place for the name."""
+    try:
+        return template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        return False
 
 
 @dataclass

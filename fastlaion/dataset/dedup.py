@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..config import ConfigError, at_least, torch_device
+from ..config import MAX_THREADS, ConfigError, at_least, between, torch_device
 from .output import OutputDir
 from .samples import read_images
 from .source import (
@@ -100,7 +100,7 @@ class DedupConfig:
             raise ConfigError(f"--max-hamming must be between 0 and {MAX_BITS} bits, got {self.max_hamming_bits}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ConfigError(f"--min-cosine must be between -1 and 1, got {self.min_cosine}")
-        at_least("--threads", self.threads, 0)
+        between("--threads", self.threads, 0, MAX_THREADS)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         at_least("--clusters", self.clusters, 0)
@@ -110,6 +110,8 @@ class DedupConfig:
         for flag, name, by in _ONE_BY_ONLY:  # read by one --by only: refused with another, not ignored
             if self.by is not by and getattr(self, name) != getattr(default, name):
                 raise ConfigError(f"{flag} applies to --by {by.value} only, not --by {self.by.value}")
+        if self.method == "exact" and self.clusters != default.clusters:  # was ignored
+            raise ConfigError("--clusters applies to --method clusters (or auto) only, not --method exact")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import MAX_THREADS, ConfigError
 from .output import Staging
 from .semantic import embedding_rows, finite_rows, float32_rows, row_in_shard
 from .source import METADATA_FILE, Dataset, DatasetError, NoProgress, Progress
@@ -123,8 +123,8 @@ class IndexConfig:
     def validate(self) -> None:
         if self.cells < 0:
             raise ConfigError(f"--cells must be 0 (automatic) or more, got {self.cells}")
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be 0 (every core) or more, got {self.threads}")
+        if not 0 <= self.threads <= MAX_THREADS:  # OpenMP's int: 10^12 was an OverflowError traceback
+            raise ConfigError(f"--threads must be between 0 (every core) and {MAX_THREADS}, got {self.threads}")
         if self.pq < 0:
             raise ConfigError(f"--pq must be 0 (float16 vectors) or a number of bytes a sample, got {self.pq}")
 

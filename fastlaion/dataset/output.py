@@ -249,6 +249,14 @@ class OutputDir(Staging):
             raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
         if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
+        if out.is_dir() and not (out / MANIFEST_FILE).is_file():
+            # files named as ours, in a folder no command of ours finished writing: someone's
+            # webdataset tars (NNNNN.tar), which were deleted as the "earlier output"
+            named = sorted(p.name for p in out.iterdir() if p.is_file() and _OURS.match(p.name))
+            if named:
+                raise DatasetError(f"-o {out} holds {_files(named)} named as a fastlaion output's but no {MANIFEST_FILE} "
+                                   "(not written by fastlaion, or left by a command stopped midway), which the output "
+                                   "would replace; move them away or choose another folder")
         self.source = source
         super().__init__(out, written, command)
 
@@ -270,6 +278,43 @@ class OutputDir(Staging):
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
         result.seconds = round(time.perf_counter() - started, 3)
         self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
+
+
+def check_writable_file(flag: str, path: Path) -> None:
+    """Refuse, before the command's work, a file `write_whole` could not write at its end (the
+    command's result lost with it: `search --json DIR` searched for 20 s, then "Is a directory"
+    and no hit printed): a folder, a path under a missing folder or under a file, a folder this
+    user may not write in (a permission check: a read-only file system is found when written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.parent
+    for folder in (parent, *parent.parents):  # the nearest that exists: a folder, or a file in the way
+        if folder.exists():
+            if not folder.is_dir():
+                raise DatasetError(f"{flag} {path}: {folder} is a file, not a folder")
+            break
+    if not parent.is_dir():
+        raise DatasetError(f"{flag} {path}: no folder {parent}")
+    if not (path.exists() and os.access(path, os.W_OK)) and not os.access(parent, os.W_OK | os.X_OK):
+        raise DatasetError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+# The files of a dataset's folder (a run's, a subset's, a dedup's, a classify's): none is a place for
+# a report. A file of another name there (DS/stats.json, DS/report.html) is the user's to write.
+_DATASET_FILE = re.compile(r"^(\d{5,}(\.tar|\.parquet|_img_emb\.npy|_txt_emb\.npy|_stats\.json)|metadata\.parquet"
+                           r"|dataset\.json|urls\.parquet|shards\.json|config\.json|summary\.json|demo_urls\.parquet)$")
+
+
+def refuse_a_dataset_file(flag: str, path: Path, ds: Dataset) -> None:
+    """Refuse `path` where it is one of the dataset's own files: `stats DS --json DS/00000.parquet`
+    wrote the figures over the shard's rows, `search DS --json DS/config.json` over the run's
+    settings (what its resume is checked against)."""
+    target = Path(path).resolve()
+    folders = {ds.root.resolve(), (ds.path if ds.path.is_dir() else ds.path.parent).resolve()}
+    if target in {f.resolve() for f in ds.files} or (target.parent in folders and _DATASET_FILE.match(target.name)):
+        raise DatasetError(f"{flag} {path}: a file of the dataset {ds.path}, which it would be written over; "
+                           "give another file name")
 
 
 def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
@@ -318,4 +363,4 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "check_writable_file", "refuse_a_dataset_file", "write_whole"]

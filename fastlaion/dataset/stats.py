@@ -230,15 +230,19 @@ def histogram_range(column: str, lo: float | None, hi: float | None, bins: int) 
 
 
 def _nice(lo: float, hi: float, bins: int) -> tuple[float, float]:
-    """Round the range outwards so bin edges are round numbers (0.02, 0.05, 0.1, 0.25, 0.5 ...)."""
+    """Round the range outwards so bin edges are round numbers (0.02, 0.05, 0.1, 0.25, 0.5 ...);
+    where no round step lets `bins` bins cover it (one bin over a range around 0: its edges are
+    multiples of the step, so 0 is one of them), the range as it is."""
     raw = (hi - lo) / bins
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    lo2 = math.floor(lo / step + 1e-9) * step
-    while lo2 + step * bins < hi - 1e-12:
-        step = next(m * mag for m in (1, 2, 2.5, 5, 10, 20, 25, 50, 100) if m * mag > step)
+    for m in (1, 2, 2.5, 5, 10, 20, 25, 50, 100):
+        step = m * mag
+        if step < raw:
+            continue
         lo2 = math.floor(lo / step + 1e-9) * step
-    return round(lo2, 10), round(lo2 + step * bins, 10)
+        if lo2 + step * bins >= hi - 1e-12:
+            return round(lo2, 10), round(lo2 + step * bins, 10)
+    return lo, hi  # --bins 1 over similarities from -0.1 to 0.4 ran out of steps: StopIteration
 
 
 def sample_rows(ds: Dataset, n: int, seed: int = 7) -> pl.DataFrame:

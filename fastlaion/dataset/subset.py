@@ -108,6 +108,8 @@ class SubsetConfig:
         if self.minimum is not None and not 0 <= self.minimum <= 10:
             raise ConfigError(f"--min must be between 0 and 10, got {self.minimum}")
         at_least("--shard-size", self.shard_size, 1)
+        if not self.shards and self.shard_size != SubsetConfig.shard_size:  # was ignored
+            raise ConfigError("--shard-size applies to --shards only (the samples per new tar)")
 
 
 @dataclass
@@ -148,6 +150,9 @@ def parse_where(where: str, schema: pl.Schema | dict[str, Any]) -> pl.Expr:
                           f"{', '.join(names)}")
     try:
         dtype = pl.LazyFrame(schema=schema).select(expr.alias("_cond")).collect_schema()["_cond"]
+        # some type errors only when it is computed (comparing a string with a number: "caption >
+        # 3", "status = 1" passed the schema and raised from the subset's scan, a traceback)
+        pl.LazyFrame(schema=schema).select(expr.alias("_cond")).collect()
     except Exception as e:  # type errors surface here (e.g. comparing a string with a number)
         raise ConfigError(f"--where: {where!r} does not apply to these columns: {first_line(e)}") from None
     if dtype != pl.Boolean:
@@ -197,7 +202,13 @@ def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None 
                             skipped_files=[vars(s) for s in d.skipped], files=[METADATA_FILE])
 
     with target.building():
-        result = ds.guarded(job)
+        try:
+            result = ds.guarded(job)
+        except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as e:
+            if not cfg.where:  # (guarded has ruled out an unreadable file)
+                raise
+            # what only the data can refuse ("CAST(caption AS INTEGER) > 3"), a traceback until then
+            raise ConfigError(f"--where {cfg.where!r} could not be computed on the data: {first_line(e)}") from None
         meta = pl.scan_parquet(target.path(METADATA_FILE), glob=False)
         if cfg.urls:
             sink_parquet(meta.select("url", "caption", "key"), target.path(URLS_FILE))
