@@ -3,8 +3,16 @@ folder per session."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# No test may reach the network for weights: a test that asks for pretrained weights by mistake
+# (a run without --no-score names ViT-B-32 / openai) fails at once on the missing cache instead of
+# trying the Hugging Face Hub (it did, for 4 minutes, in a helper's draft test on 2026-11-28).
+# Set before anything imports huggingface_hub, which reads it once; child processes inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
