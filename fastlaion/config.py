@@ -251,6 +251,13 @@ class DecodeConfig:
         at_least("--min-image-bytes", self.min_image_bytes, 0)
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
+        if self.resize_mode is ResizeMode.no:  # the downloaded bytes are stored: neither is used
+            unused = [f"{flag} {value}" for flag, value, default in (
+                ("--image-size", self.image_size, DecodeConfig.image_size),
+                ("--jpeg-quality", self.jpeg_quality, DecodeConfig.jpeg_quality)) if value != default]
+            if unused:
+                raise ConfigError(f"{' and '.join(unused)} with --resize-mode no: the images are stored as "
+                                  "downloaded, not resized or encoded again; pick another --resize-mode to use it")
         between("--decode-threads", self.threads, 0, MAX_THREADS)  # torch's int: 10^12 failed each worker
 
 
@@ -279,6 +286,16 @@ class ScoreConfig:
         return self.pretrained.lower() in ("", "none", "random")
 
     def validate(self) -> None:
+        if not self.enabled:  # with --no-score these did nothing, silently: every decoded image was kept
+            unused = [flag for flag, value, default in (
+                ("--min-similarity", self.min_similarity, ScoreConfig.min_similarity),
+                ("--min-similarity-multi", self.min_similarity_multi, None),
+                ("--multilingual-model", self.multilingual_model, None),
+                ("--multilingual-pretrained", self.multilingual_pretrained, ScoreConfig.multilingual_pretrained),
+            ) if value != default]
+            if unused:
+                raise ConfigError(f"{', '.join(unused)} with --no-score: nothing is scored, so no pair would be "
+                                  "dropped by similarity; leave out --no-score to filter, or the option to keep all")
         between("--min-similarity", self.min_similarity, -1, 1)
         if self.min_similarity_multi is not None:
             between("--min-similarity-multi", self.min_similarity_multi, -1, 1)

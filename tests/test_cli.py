@@ -158,6 +158,26 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--no-score", "--min-similarity", "0.3"], "--min-similarity with --no-score"),
+    (["--no-score", "--min-similarity-multi", "0.2", "--multilingual-model", "xlm-roberta-base-ViT-B-32"],
+     "--min-similarity-multi, --multilingual-model with --no-score"),
+    (["--no-score", "--resize-mode", "no", "--image-size", "128"], "--image-size 128 with --resize-mode no"),
+    (["--no-score", "--resize-mode", "no", "--jpeg-quality", "80"], "--jpeg-quality 80 with --resize-mode no"),
+])
+def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, message):
+    """`--no-score --min-similarity 0.3` kept every decoded image, and `--resize-mode no
+    --image-size 128` stored the downloads at their own size, silently: the user asked for a
+    filter or a size they did not get. Refused before anything is written (the same options
+    without the one that makes them moot run)."""
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-progress", *args],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path):
     for args in (["--shard-size", "ten"], ["--resize-mode", "stretch"], ["--input-format", "xml"]):
         result = runner.invoke(app, ["run", "x.csv", "-o", str(tmp_path), *args])
