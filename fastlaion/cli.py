@@ -452,7 +452,7 @@ def extract_cmd(
         help="WAT or WARC files (.wat/.warc, gzipped or not): local paths, http(s) URLs (streamed, resumed on error) or s3:// URLs (needs s3fs).")] = None,
     crawl: Annotated[Optional[str], typer.Option(help="Also read WAT files of this Common Crawl crawl, e.g. CC-MAIN-2024-22 (listed from its wat.paths.gz).")] = None,
     files: Annotated[int, typer.Option(help="How many of the crawl's WAT files to read (with --crawl).")] = 1,
-    cc_base_url: Annotated[str, typer.Option(help="Where Common Crawl's files are served from (with --crawl).")] = "https://data.commoncrawl.org/",
+    cc_base_url: Annotated[str, typer.Option(help="Where Common Crawl's files are served from (with --crawl).")] = InputConfig.cc_base_url,
     dedup: Annotated[DedupMode, typer.Option(help="Dedup across all inputs: uid (same URL and caption), url (same URL), none.")] = DedupMode.uid,
     processes: Annotated[int, typer.Option(help="Input files read in parallel, one process each; 0 = one per core.")] = 0,
     min_alt_chars: Annotated[int, typer.Option(help="Alt texts shorter than this are rejected (LAION: 5); 0 also keeps images without alt.")] = 5,
@@ -495,6 +495,9 @@ def extract_cmd(
         if crawl is None and files != 1:  # else silently ignored
             raise ConfigError(f"--files {files} reads that many of a crawl's WAT files: it needs --crawl ID "
                               "(WAT/WARC files given as INPUT are all read)")
+        if crawl is None and cc_base_url != InputConfig.cc_base_url:  # else silently ignored
+            raise ConfigError(f"--cc-base-url {cc_base_url} is where --crawl's files are listed and read from: it "
+                              "needs --crawl ID (INPUT files and URLs are read as given)")
         sources = list(inputs or [])
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)

@@ -144,6 +144,9 @@ class InputConfig:
         if self.crawl is None and self.crawl_files != 1:  # else silently one of the files given
             raise ConfigError(f"--crawl-files {self.crawl_files} reads that many of a crawl's WAT files: it needs "
                               "--crawl ID (WAT/WARC files given as INPUT are all read)")
+        if self.crawl is None and self.cc_base_url != InputConfig.cc_base_url:  # else silently ignored
+            raise ConfigError(f"--cc-base-url {self.cc_base_url} is where --crawl's files are listed and read from: "
+                              "it needs --crawl ID (INPUT files and URLs are read as given)")
         at_least("--shard-size", self.shard_size, 1)
         at_least("--max-caption-chars", self.max_caption_chars, 1)
 

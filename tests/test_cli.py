@@ -683,6 +683,15 @@ def test_crawl_files_without_a_crawl_is_refused_and_does_not_stop_a_resume(tmp_p
     assert run.output.startswith("error: --crawl-files 10 reads that many of a crawl's WAT files: it needs --crawl ID")
     extract = runner.invoke(app, ["extract", str(wat), "-o", str(tmp_path / "c"), "--files", "10", "--no-progress"])
     assert extract.exit_code == 2 and extract.output.startswith("error: --files 10 reads that many"), extract.output
+    # --cc-base-url alike: where --crawl's files come from; without --crawl nothing reads it
+    mirror = "http://127.0.0.1:9/cc/"
+    run_base = runner.invoke(app, ["run", str(wat), "-o", str(tmp_path / "o"), "--cc-base-url", mirror, "--no-score"])
+    assert run_base.exit_code == 2, run_base.output
+    assert run_base.output.startswith(f"error: --cc-base-url {mirror} is where --crawl's files"), run_base.output
+    extract_base = runner.invoke(app, ["extract", str(wat), "-o", str(tmp_path / "c"), "--cc-base-url", mirror,
+                                       "--no-progress"])
+    assert extract_base.exit_code == 2, extract_base.output
+    assert extract_base.output.startswith(f"error: --cc-base-url {mirror} is where --crawl's files"), extract_base.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
     saved = RunConfig(output_dir=tmp_path / "o", input=InputConfig(paths=(str(wat),))).to_dict()
     earlier = {**saved, "input": {**saved["input"], "crawl_files": 10, "cc_base_url": "https://example.org/"}}
