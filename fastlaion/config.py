@@ -140,6 +140,13 @@ class InputConfig:
             raise ConfigError("no input given: pass one or more INPUT files (or --crawl)")
         if self.crawl is not None and not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", self.crawl):
             raise ConfigError(f"--crawl must look like CC-MAIN-2024-22, got {self.crawl!r}")
+        seen: dict[str, str] = {}
+        for path in self.paths:  # the same file twice: each of its URLs downloaded and written twice
+            same = path if "://" in path else os.path.realpath(os.path.expanduser(path))
+            if same in seen:
+                also = "" if seen[same] == path else f" (as {seen[same]})"
+                raise ConfigError(f"INPUT {path} is given twice{also}: its rows would be downloaded and written twice")
+            seen[same] = path
         at_least("--crawl-files", self.crawl_files, 1)
         if self.crawl is None and self.crawl_files != 1:  # else silently one of the files given
             raise ConfigError(f"--crawl-files {self.crawl_files} reads that many of a crawl's WAT files: it needs "

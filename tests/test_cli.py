@@ -114,6 +114,9 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "noai,foo", "--no-score"], "--opt-out-tags: 'foo' is not one of noai,"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "all", "--no-score"], "--opt-out-tags: 'all' is not one of"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/in.csv"], "not a folder"),
+    (["run", "{tmp}/in.txt", "{tmp}/../{tmp.name}/in.txt", "-o", "{tmp}/o", "--no-score"],
+     "error: INPUT {tmp}/../{tmp.name}/in.txt is given twice (as {tmp}/in.txt): its rows would be downloaded and "
+     "written twice"),
     # a text file given as weights (torch's unpickler: "KeyError: 101"), and a truncated checkpoint
     *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", flag, "{tmp}/notes.txt"],
        (f"error: {flag} {{tmp}}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither a zip "
