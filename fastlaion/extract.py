@@ -1737,8 +1737,10 @@ def _decode_coding(body: bytes, coding: str, max_bytes: int) -> bytes:
             return _inflate_body(body, 15, max_bytes, whole=True)
         except zlib.error:
             return _inflate_body(body, -15, max_bytes, whole=True)
-    import brotli
-
+    try:  # optional, not a dependency (_decode_transfer checked it is there)
+        import brotli
+    except ImportError:
+        raise _Unsupported("br (the brotli package is not installed)") from None
     try:
         return brotli.decompress(body)
     except brotli.error as e:  # an Exception, no ValueError: it would stop the extraction
