@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -88,6 +88,38 @@ def torch_device(flag: str, value: str) -> None:
     number: `cuda:x`, `cuda:-1` passed here and torch refused them later, with a traceback)."""
     if not (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,4}", value)):
         raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def architecture_error(flag: str, name: str, known: Iterable[str]) -> ConfigError:
+    """The error for an open_clip architecture name not among `known`, with the closest names."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
+    return ConfigError(f"{flag} {name!r} is not an open_clip architecture{hint}")
+
+
+def check_architecture(flag: str, name: str) -> None:
+    """Refuse an open_clip architecture name that is none, before any work: it was found only when
+    the models loaded (15-20 s in, after the output folder was made). By the config files' names
+    (open_clip's model_configs and fastlaion's, which is what open_clip.list_models() lists),
+    without importing open_clip (torch): a name not there is checked by open_clip itself, so a
+    name open_clip knows otherwise is never refused here."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: the model's load says so
+    folders = [Path(spec.submodule_search_locations[0]) / "model_configs", Path(__file__).parent / "model_configs"]
+    if name in {p.stem for folder in folders for p in folder.glob("*.json")}:
+        return
+    import open_clip
+
+    from .score import register_model_configs
+
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise architecture_error(flag, name, open_clip.list_models())
 
 
 class ResizeMode(str, enum.Enum):
@@ -307,6 +339,10 @@ class ScoreConfig:
                 raise ConfigError(f"{', '.join(unused)} with --no-score: nothing is scored, so no pair would be "
                                   "dropped by similarity; leave out --no-score to filter, or the option to keep all")
         between("--min-similarity", self.min_similarity, -1, 1)
+        if self.enabled:
+            check_architecture("--model", self.model)
+            if self.multilingual_model is not None:
+                check_architecture("--multilingual-model", self.multilingual_model)
         if self.min_similarity_multi is not None:
             between("--min-similarity-multi", self.min_similarity_multi, -1, 1)
         at_least("--batch-size", self.batch_size, 1)

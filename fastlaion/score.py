@@ -7,7 +7,6 @@ already resized and cropped by the decoder to the model's own preprocessing conf
 
 from __future__ import annotations
 
-import difflib
 import functools
 import itertools
 import logging
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, ScoreConfig, first_line
+from .config import ConfigError, ScoreConfig, architecture_error, first_line
 from .decode import ClipInputSpec
 from .ops import paired_cosine
 from .textfix import fix_text_is_identity, uncurled_ascii
@@ -82,9 +81,7 @@ class Scorer:
         register_model_configs()
         known = open_clip.list_models()
         if cfg.model not in known:
-            close = difflib.get_close_matches(cfg.model, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
-            raise ConfigError(f"{model_flag} {cfg.model!r} is not an open_clip architecture{hint}")
+            raise architecture_error(model_flag, cfg.model, known)
         pretrained = None if cfg.random_weights else cfg.pretrained
         if pretrained is not None and not Path(pretrained).exists() and os.sep in pretrained:
             raise ConfigError(f"{pretrained_flag} {pretrained!r}: no such checkpoint file")

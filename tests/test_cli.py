@@ -155,8 +155,10 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr, result.stderr
-    if "no rows" in message:
-        assert not (tmp_path / "o").exists()  # a fresh folder is not left behind
+    if "no rows" in message or "not an open_clip architecture" in message:
+        # a fresh folder is not left behind (a bad model name was found only once the models
+        # loaded, 15-20 s in, the folder holding config.json by then)
+        assert not (tmp_path / "o").exists()
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
