@@ -430,8 +430,8 @@ class ExtractConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """How many worker processes run shards, on which devices, and whether on this machine or
-    on a Ray cluster. Each worker has its own download loop, decoder and models; shards are
-    handed out from one shared queue."""
+    on a Ray cluster. Each worker has its own download loop, decoder and models, and takes its
+    next shard when it is ready for one."""
 
     processes: int = 1  # CPU worker processes; 0: one per core. Ignored when gpus is set.
     gpus: str | None = None  # None: no GPU workers; "all" or N: workers on GPUs cuda:0..N-1

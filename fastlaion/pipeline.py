@@ -391,7 +391,7 @@ def _on_device(cfg: RunConfig, device: str) -> RunConfig:
 def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
          on_ready: Callable[[float], None] | None = None) -> dict[str, float]:
     """Load the models once, then download, decode, score and write each shard `shard_ids`
-    yields (a list here, a shared queue in a worker process), reading each shard's input rows
+    yields (a list here, asked for one at a time in a worker), reading each shard's input rows
     from `rows` when it starts. Returns stage seconds."""
     timings: dict[str, float] = {}
     with _timer(timings, "load_models"):
@@ -461,7 +461,7 @@ async def _overlapping(shard_ids: Iterator[int], make_job: Callable[[int], Shard
             block = block and len(running) >= MAX_SHARDS_IN_FLIGHT
 
     try:
-        # next() may block (a worker's shared queue): off the event loop
+        # next() may block (a worker asks its parent, or Ray's queue): off the event loop
         while (shard_id := await loop.run_in_executor(None, next, shard_ids, None)) is not None:
             job = make_job(shard_id)
             task = asyncio.create_task(job.run())

@@ -1,9 +1,12 @@
 """Several worker processes, one per GPU (`--gpus`) or per CPU share (`--processes`).
 
 Each worker is a spawned process with its own event loop, decoder and models (one GPU each);
-shards are handed out from one shared queue, so a slow shard never holds the others back. A
-worker reports rows and finished shards to this process, which draws the progress bar and
-merges the stats. Every shard is still written atomically by the worker that ran it, so a crash,
+this process hands out the shards one at a time as each worker asks for its next, so a slow shard
+never holds the others back. A worker reports rows and finished shards to this process, which
+draws the progress bar and merges the stats. Each worker has pipes of its own to this process,
+shared with no other worker: one killed at any moment (the OOM killer's SIGKILL, in the middle of
+a message) can neither cut into another's messages nor hold a lock the others wait for, and its
+end is seen at once. Every shard is still written atomically by the worker that ran it, so a crash,
 Ctrl-C or SIGKILL loses at most the shards in progress, and a rerun resumes. A worker reads the
 input rows of the shard it runs, and only those, from the files this process wrote them to
 (`reader.InputRows`), so its memory does not grow with the input.
@@ -16,17 +19,23 @@ does (`serve_shards`) and what this process makes of its messages (`drive`) are 
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import ctypes
 import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
+import selectors
 import signal
+import struct
 import sys
+import threading
 import time
 import traceback
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +72,25 @@ def on_worker(cfg: RunConfig, device: str, threads: int, workers: int) -> RunCon
 
 class WorkerPool(abc.ABC):
     """The workers of a run and how they are started, watched and stopped. A worker takes shard
-    ids from `tasks` until it takes None, and reports on `results` (`serve_shards`); `drive` is
-    the rest, the same whatever runs the workers."""
+    ids from its `tasks` until it takes None, and reports on its `results` (`serve_shards`);
+    `drive` is the rest, the same whatever runs the workers."""
 
     devices: list[str]  # one name per worker, for its messages and the summary's `workers`
-    tasks: Any  # shard ids for the workers: put(shard)
     results: Any  # the workers' messages: get(timeout=s), queue.Empty when none came
 
     @abc.abstractmethod
     def start(self, todo: list[int]) -> None:
-        """Queue the shards of `todo`, then one None per worker, and start the workers."""
+        """Start the workers, which take the shards of `todo`, then None."""
 
     @abc.abstractmethod
     def check_alive(self, done: set[int]) -> None:
         """Raise `WorkerFailed` for a worker that has ended but is not in `done` (it said "done"),
-        now or, where its last messages may still be in `results`, behind them: put
-        ("ended", None, workers) there, and `check_ended` decides when drive reads it."""
+        now or, where its last messages may still be in `results`, behind them: `results` then
+        gives ("ended", None, workers) after them, and `check_ended` decides when drive reads it."""
 
     def check_ended(self, workers: list[int], done: set[int]) -> None:
-        """Raise `WorkerFailed` for one of `workers`, which had ended when check_alive put this
-        message behind their last ones, that is not in `done` (every message it sent has been read)."""
+        """Raise `WorkerFailed` for one of `workers`, which had ended when `results` gave this
+        message after their last ones, that is not in `done` (every message it sent has been read)."""
 
     @abc.abstractmethod
     def join(self) -> None:
@@ -129,7 +137,7 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
             if msg is None:
                 continue
             kind, worker = msg[0], msg[1]
-            if kind == "ended":  # check_alive's, behind the last messages of the workers it names
+            if kind == "ended":  # the pool's, after the last messages of the workers it names
                 pool.check_ended(msg[2], done_workers)
             elif kind == "rows":
                 progress.rows_done(msg[2], msg[3], msg[4])
@@ -162,44 +170,54 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
 
 
 class _Processes(WorkerPool):
-    """One spawned process per worker, on this machine."""
+    """One spawned process per worker, on this machine, with two pipes of its own: its messages
+    to this process, and the shard ids it asks for (`_Inbox`)."""
 
     def __init__(self, cfg: RunConfig, out: Path, rows: InputRows, devices: list[str]):
         self.cfg, self.out, self.rows, self.devices = cfg, out, rows, devices
         self.ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
-        self.tasks = self.ctx.Queue()
-        self.results = self.ctx.Queue()
+        self.results = _Inbox()
         self.procs: list[Any] = []
-        self.asking = False  # an "ended" message is on its way through `results` (check_alive)
 
     def start(self, todo: list[int]) -> None:
-        for shard in [*todo, *[None] * len(self.devices)]:
-            self.tasks.put(shard)
+        self.results.shards.extend(todo)
+        # The first spawned process starts multiprocessing's resource tracker, which unblocks
+        # SIGINT and SIGTERM in this thread once it has: inside ctrl_c_held, the workers started
+        # after it with the stop signals open (a Ctrl-C while Python starts in them: a traceback).
+        resource_tracker.ensure_running()
         with ctrl_c_held():  # a Ctrl-C while a worker is still starting waits for _worker_main
             for i, wcfg in enumerate(worker_configs(self.cfg, self.devices)):
-                proc = self.ctx.Process(target=_worker_main, name=f"fastlaion-worker-{i}",
-                                        args=(i, wcfg, str(self.out), self.rows, self.tasks, self.results),
-                                        daemon=True)
-                self.procs.append(proc)  # before start: a Ctrl-C inside start() still stops it (stop)
-                proc.start()
+                self.spawn(i, _worker_main, wcfg, str(self.out), self.rows)
+
+    def spawn(self, worker: int, target: Any, *args: Any) -> None:
+        """Start `target(worker, *args, tasks, results)` in a process, `tasks` and `results` its
+        ends of two pipes of its own (`_ShardsAsked`, `_Outbox`). This process closes its copies of
+        the worker's ends: the worker gone, its pipe ends too."""
+        shards_in, shards_out = self.ctx.Pipe(duplex=False)
+        messages_in, messages_out = self.ctx.Pipe(duplex=False)
+        results = _Outbox(messages_out)
+        proc = self.ctx.Process(target=target, name=f"fastlaion-worker-{worker}", daemon=True,
+                                args=(worker, *args, _ShardsAsked(worker, shards_in, results), results))
+        self.procs.append(proc)  # before start: a Ctrl-C inside start() still stops it (stop)
+        try:
+            proc.start()
+        except BaseException:
+            shards_out.close()
+            messages_in.close()
+            raise
+        finally:
+            shards_in.close()
+            messages_out.close()
+        self.results.watch(worker, proc.sentinel, messages_in, shards_out)
 
     def check_alive(self, done: set[int]) -> None:
-        """A worker that has ended without its "done" read may have sent it (and the rest of
-        its messages: it flushes them before it exits) behind others' still unread: taken for
-        dead then, it failed a run that had finished. A process that has ended has written all
-        it ever will into the queue's pipe, so a message this process puts there now comes after
-        all of it: `check_ended` decides once drive reads it (one such message at a time)."""
-        if self.asking:
-            return
-        ended = [i for i, proc in enumerate(self.procs) if i not in done and proc.exitcode is not None]
-        if ended:
-            self.asking = True
-            self.results.put(("ended", None, ended))
+        """Nothing to do: `results` watches each worker's process and gives ("ended", None,
+        [worker]) after the last message of one that ended without saying "done"."""
 
     def check_ended(self, workers: list[int], done: set[int]) -> None:
-        self.asking = False
         for i in workers:
             if i not in done:
+                self.procs[i].join(1.0)  # it has ended: its exit status comes with its end
                 code = self.procs[i].exitcode
                 how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
                 raise WorkerFailed(f"worker {i} ({self.devices[i]}) {how} before finishing; finished shards are "
@@ -213,12 +231,15 @@ class _Processes(WorkerPool):
         """Ctrl-C reaches the workers too (same process group): give them time to abort their
         shards; otherwise, or if they linger, kill them. A signal sent to this process alone
         (`kill -INT`/`kill -TERM PID`, `timeout`, `docker stop`) reached no worker: it is passed on
-        (SIGTERM after a failure), and each worker aborts its shards as on a Ctrl-C."""
+        (SIGTERM after a failure), and each worker aborts its shards as on a Ctrl-C. Their pipes
+        are closed then: a worker waiting for its next shard takes None, and one whose messages
+        fill its pipe does not wait for this process to read them."""
         procs = [p for p in self.procs if p.pid is not None]  # a Ctrl-C may have come before one started
         for proc in procs:
             if proc.is_alive():
                 with contextlib.suppress(ProcessLookupError):  # a second one is dropped (_first_ctrl_c_only)
                     os.kill(proc.pid, stopped_by() if interrupted else signal.SIGTERM)
+        self.results.close()
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -227,8 +248,209 @@ class _Processes(WorkerPool):
                 proc.join()
 
     def close(self) -> None:
-        self.tasks.close()
         self.results.close()
+
+
+_FRAME = struct.Struct("!Q")  # a message on a worker's pipe: its pickle's length, then the pickle
+_READ_BYTES = 1 << 18  # the most read from a worker's pipe at once
+
+
+class _Outbox:
+    """A worker's messages to this process, on a pipe of its own, in the order it put them. As a
+    multiprocessing Queue's, `put` never waits: a thread writes them, as many at once as are
+    waiting; `close`, then `join_thread` (or `cancel_join_thread`) at the end. A message is
+    pickled in `put`: one that does not pickle fails there, not in the thread."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self._ready()
+
+    def _ready(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting: list[bytes] = []
+        self.closed = False
+        self.thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # to the worker process: its end of the pipe
+        return {"conn": self.conn}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.conn = state["conn"]
+        self._ready()
+
+    def put(self, msg: Any) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.cond:
+            if self.closed:
+                raise ValueError("the worker's messages are closed")
+            self.waiting += (_FRAME.pack(len(data)), data)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._send, name="fastlaion-outbox", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def _send(self) -> None:
+        fd = self.conn.fileno()
+        while True:
+            with self.cond:
+                while not self.waiting and not self.closed:
+                    self.cond.wait()
+                frames, self.waiting = self.waiting, []
+            if not frames:  # closed, and all sent
+                return
+            view = memoryview(b"".join(frames))
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:  # this process's parent closed its end: it reads no more (stop)
+                return
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def join_thread(self) -> None:
+        """Wait until every message is written (this process's parent reads them meanwhile)."""
+        if self.thread is not None:
+            self.thread.join()
+        self.conn.close()
+
+    def cancel_join_thread(self) -> None:
+        """Exit without waiting for the messages not written yet (the thread is a daemon)."""
+
+
+class _ShardsAsked:
+    """A worker's shard ids, as it takes them (`get`): it asks this process for its next one
+    on its messages (`_Inbox` answers, and hands out the shards one at a time, so that none waits
+    for a worker busy with another) and reads the answer on a pipe of its own. None when there are
+    no more, or when this process has stopped handing them out (`_Processes.stop`)."""
+
+    def __init__(self, worker: int, conn: Any, results: _Outbox):
+        self.worker, self.conn, self.results = worker, conn, results
+
+    def get(self) -> int | None:
+        self.results.put(("take", self.worker))
+        try:
+            return self.conn.recv()
+        except EOFError:
+            return None
+
+
+@dataclasses.dataclass
+class _Peer:
+    """This process's ends of one worker's pipes."""
+
+    worker: int
+    sentinel: int  # readable once the worker's process has ended
+    messages: Any  # its messages (a Connection whose bytes `_Inbox._read` reads as they come)
+    shards: Any  # its shard ids, one per ("take", worker)
+    received: bytearray = dataclasses.field(default_factory=bytearray)  # read, not yet a whole message
+    said_done: bool = False
+
+
+class _Inbox:
+    """The workers' messages, as drive reads them (`get`): each worker's in the order it sent
+    them, read from its own pipe; and the shards, handed out as the workers ask for them.
+
+    A worker whose process has ended has written everything it ever will: its pipe is read to the
+    end, and unless it said "done", ("ended", None, [worker]) comes after its last message, so a
+    worker that exited normally, its "done" unread, is never taken for dead, and one that died is
+    seen at once. A message it was cut off in the middle of (SIGKILL) is dropped: drive stops the
+    run, and the rerun redoes the worker's shard."""
+
+    def __init__(self) -> None:
+        self.shards: collections.deque[int] = collections.deque()  # not handed out yet
+        self.selector = selectors.DefaultSelector()
+        self.messages: collections.deque[Any] = collections.deque()  # read, not yet taken by drive
+        self.peers: list[_Peer] = []
+
+    def watch(self, worker: int, sentinel: int, messages: Any, shards: Any) -> None:
+        os.set_blocking(messages.fileno(), False)
+        peer = _Peer(worker, sentinel, messages, shards)
+        self.peers.append(peer)
+        self.selector.register(messages.fileno(), selectors.EVENT_READ, (peer, False))
+        self.selector.register(sentinel, selectors.EVENT_READ, (peer, True))
+
+    def get(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self.messages:
+            left = deadline - time.monotonic()
+            for key, _ in self.selector.select(max(0.0, left)) if self.selector.get_map() else _slept(left):
+                peer, ended = key.data
+                if ended:
+                    self._ended(peer)
+                elif peer.messages is not None:
+                    self._read(peer)
+            if not self.messages and left <= 0:
+                raise queue.Empty
+        return self.messages.popleft()
+
+    def _read(self, peer: _Peer, to_the_end: bool = False) -> None:
+        """Read what `peer`'s pipe holds (all of it, `to_the_end`), and take the whole messages."""
+        while True:
+            try:
+                data = os.read(peer.messages.fileno(), _READ_BYTES)
+            except BlockingIOError:
+                break
+            if not data:  # every copy of its end closed: nothing more will come
+                self.selector.unregister(peer.messages.fileno())
+                peer.messages.close()
+                peer.messages = None
+                break
+            peer.received += data
+            if not to_the_end:
+                break
+        received, at = peer.received, 0
+        while len(received) - at >= _FRAME.size:
+            end = at + _FRAME.size + _FRAME.unpack_from(received, at)[0]
+            if end > len(received):
+                break
+            self._take(peer, pickle.loads(received[at + _FRAME.size:end]))
+            at = end
+        del received[:at]
+
+    def _take(self, peer: _Peer, msg: Any) -> None:
+        if msg[0] == "take":  # the worker's next shard, or None: no more
+            with contextlib.suppress(OSError):  # it has ended meanwhile: its end is seen (`_ended`)
+                peer.shards.send(self.shards.popleft() if self.shards else None)
+            return
+        if msg[0] == "done":
+            peer.said_done = True
+        self.messages.append(msg)
+
+    def _ended(self, peer: _Peer) -> None:
+        """`peer`'s process has ended: what it wrote is all in its pipe, read now to the end."""
+        self.selector.unregister(peer.sentinel)
+        if peer.messages is not None:
+            self._read(peer, to_the_end=True)
+        if peer.messages is not None:  # a process it started holds a copy of the pipe: read no more
+            self.selector.unregister(peer.messages.fileno())
+            peer.messages.close()
+            peer.messages = None
+        if peer.received:
+            log.debug("worker %d ended in the middle of a message (%d bytes of it dropped)", peer.worker,
+                      len(peer.received))
+            peer.received.clear()
+        peer.shards.close()
+        if not peer.said_done:
+            self.messages.append(("ended", None, [peer.worker]))
+
+    def close(self) -> None:
+        """Close this process's ends of every pipe (more than once is fine)."""
+        for peer in self.peers:
+            if peer.messages is not None:
+                peer.messages.close()
+                peer.messages = None
+            peer.shards.close()
+        self.shards.clear()
+        self.selector.close()
+
+
+def _slept(seconds: float) -> list[Any]:
+    """No pipe left to wait on: wait `seconds` (drive checks on the workers meanwhile)."""
+    time.sleep(max(0.0, seconds))
+    return []
 
 
 class _QueueProgress:

@@ -129,3 +129,64 @@ def report_rows_then_done(worker: int, messages: int, results) -> None:
     results.put(("done", worker))
     results.close()
     results.join_thread()
+
+
+def report_as_a_worker(worker: int, messages: int, tasks, results) -> None:
+    """`report_rows_then_done` in a worker process of fastlaion.workers._Processes.spawn."""
+    report_rows_then_done(worker, messages, results)
+
+
+def _wait_for(path: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def one_killed_mid_message(worker: int, cfg, out: str, rows, tasks, results) -> None:
+    """A stand-in for a worker process (fastlaion.workers._worker_main, same arguments) that
+    only reports. Worker 0 waits until the parent is busy with worker 1's first message, then
+    sends one message of 8 MiB (far more than a pipe holds: its sending stops part way until the
+    parent reads) and waits to be killed meanwhile. Worker 1, once worker 0 is killed, sends 100
+    messages and "done", flushes them and says so (OUT/flushed) before it exits."""
+    from fastlaion.interrupt import release_ctrl_c
+
+    release_ctrl_c()  # started with the stop signals held, as every worker is
+    folder = Path(out)
+    if worker == 0:
+        _wait_for(folder / "parent-busy")
+        results.put(("rows", 0, 1, 1, {"big": "x" * (8 << 20)}))
+        time.sleep(0.5)  # its bytes are being written, held up by the full pipe
+        (folder / "sending").touch()
+        time.sleep(60)
+        return
+    results.put(("rows", 1, 1, 1, None))
+    _wait_for(folder / "killed")
+    for _ in range(100):
+        results.put(("rows", 1, 1, 1, None))
+    results.put(("done", 1))
+    results.close()
+    results.join_thread()
+    (folder / "flushed").touch()
+
+
+def one_killed_asking_for_a_shard(worker: int, cfg, out: str, rows, tasks, results) -> None:
+    """A stand-in for a worker process (fastlaion.workers._worker_main, same arguments) with no
+    shards to run. Worker 0 takes its None, then asks again and waits to be killed (where the
+    workers took their shards from one queue, it waited inside the queue's read, holding the
+    lock every worker reads under). Worker 1, once worker 0 is killed, takes its own None and
+    writes it to OUT/got."""
+    from fastlaion.interrupt import release_ctrl_c
+
+    release_ctrl_c()  # started with the stop signals held, as every worker is
+    folder = Path(out)
+    if worker == 0:
+        tasks.get()
+        (folder / "asking").touch()
+        tasks.get()
+        time.sleep(60)
+        return
+    _wait_for(folder / "killed")
+    (folder / "got").write_text(repr(tasks.get()))
+    results.put(("done", 1))
+    results.close()
+    results.join_thread()

@@ -370,28 +370,25 @@ def test_a_gpu_decoder_asked_for_without_a_gpu_is_an_error_not_a_cpu_decode(tmp_
         assert on_cpu.exit_code == 0, on_cpu.output
 
 
-def test_workers_that_ended_with_their_done_still_queued_are_not_taken_for_dead():
-    """drive checks that the workers live every LIVENESS_CHECK_S, also while their queue is busy
-    (a killed worker was noticed only once it was quiet). Two real worker processes put 500
-    messages each, then "done", and exit (the queue's pipe holds them all) well before this
-    process has read them: checked by their exit alone, they would be taken for dead (a finished
-    run failed). The check waits until every message they sent has been read."""
-    import multiprocessing as mp
+def test_workers_that_ended_with_their_done_still_queued_are_not_taken_for_dead(monkeypatch):
+    """A killed worker is seen at once, also while the others keep the run busy (it was noticed
+    only once their messages had been quiet). Two real worker processes put 500 messages each,
+    then "done", and exit (their pipes hold them all) well before this process has read them:
+    checked by their exit alone, they would be taken for dead (a finished run failed). Their end
+    counts only once every message they sent has been read."""
+    from helpers import report_as_a_worker
 
-    from helpers import report_rows_then_done
-
+    import fastlaion.workers as workers
     from fastlaion.workers import LIVENESS_CHECK_S, _Processes, drive
 
-    class Reporters(_Processes):  # the real pool, whose workers only report
-        def __init__(self):
-            self.devices = ["cpu", "cpu"]
-            self.ctx = mp.get_context("spawn")
-            self.tasks, self.results, self.procs, self.asking = self.ctx.Queue(), self.ctx.Queue(), [], False
+    # read a little at a time: their ends come while most of what they sent is still unread, and
+    # messages come in parts
+    monkeypatch.setattr(workers, "_READ_BYTES", 64)
 
+    class Reporters(_Processes):  # the real pool, whose workers only report
         def start(self, todo):
             for i in range(len(self.devices)):
-                self.procs.append(self.ctx.Process(target=report_rows_then_done, args=(i, 500, self.results)))
-                self.procs[-1].start()
+                self.spawn(i, report_as_a_worker, 500)
             for proc in self.procs:  # both have ended, every message still in the queue
                 proc.join(30)
                 assert proc.exitcode == 0
@@ -405,7 +402,7 @@ def test_workers_that_ended_with_their_done_still_queued_are_not_taken_for_dead(
 
     import time
 
-    drive(Reporters(), [], Rows())
+    drive(Reporters(None, None, None, ["cpu", "cpu"]), [], Rows())
     assert Rows.rows == 1000
 
 
@@ -504,3 +501,101 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
     frame = read_output(tmp_path / "o")
     assert sorted(frame["url"].to_list()) == sorted(server.url(f"{i}.jpg") for i in range(12))
     assert (frame["status"] == "kept").all()
+
+
+def test_a_worker_killed_in_the_middle_of_a_message_neither_hangs_the_run_nor_blocks_the_others(tmp_path,
+                                                                                                   monkeypatch):
+    """The OOM killer's SIGKILL lands while a worker is sending a message longer than a pipe
+    holds (a shard's stats can be). The workers shared one queue, so one pipe and one lock: the
+    parent read the first part and waited for the rest for ever (the other workers kept the pipe
+    open), and every other worker waited for ever for the lock the dead one held. Now each worker
+    has a pipe of its own: the others' messages go through meanwhile, the cut message is dropped,
+    and the run stops at once with the one line naming the killed worker."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from helpers import _wait_for, one_killed_mid_message
+
+    import fastlaion.workers as workers
+    from fastlaion.config import RunConfig, WorkerFailed
+    from fastlaion.workers import drive
+
+    monkeypatch.setattr(workers, "_worker_main", one_killed_mid_message)  # spawned by reference: the helper runs
+    pool = workers._Processes(RunConfig(output_dir=str(tmp_path)), tmp_path, None, ["cpu", "cpu"])
+    seen: dict[str, object] = {}
+
+    class Busy:
+        """The parent's progress: busy with the first message while worker 0 is killed."""
+
+        def rows_done(self, rows, kept, busy_s=None):
+            if "killed" in seen:
+                return
+            (tmp_path / "parent-busy").touch()
+            _wait_for(tmp_path / "sending", 20)
+            os.kill(pool.procs[0].pid, signal.SIGKILL)
+            seen["killed"] = time.monotonic()
+            (tmp_path / "killed").touch()
+            _wait_for(tmp_path / "flushed", 5)  # while this process reads nothing
+            seen["flushed"] = (tmp_path / "flushed").exists()
+
+    def run():
+        try:
+            drive(pool, [], Busy())
+        except BaseException as exc:
+            seen["raised"] = exc
+        seen["returned"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        thread.join(30)
+        assert not thread.is_alive(), f"the run hung after the kill (worker 1 flushed: {seen.get('flushed')})"
+    finally:
+        for proc in pool.procs:
+            if proc.is_alive():
+                proc.kill()
+    assert seen["flushed"], "worker 1's messages waited on the killed worker"
+    assert isinstance(seen["raised"], WorkerFailed), seen["raised"]
+    assert str(seen["raised"]) == ("worker 0 (cpu) was killed by signal 9 before finishing; finished shards are kept, "
+                                   "rerun the same command to resume")
+    assert seen["returned"] - seen["killed"] < 8.0  # 5 of them waiting for worker 1 on the old pool
+
+
+def test_a_worker_killed_while_it_asks_for_a_shard_keeps_no_other_from_its_own(tmp_path, monkeypatch):
+    """The workers took their shards from one queue, each read under one lock that a worker
+    holds while it waits in its read: killed then (the OOM killer's SIGKILL), it never let go, and
+    every other worker waited for ever for its next shard. Now each worker asks this process for
+    its next one on pipes of its own: the other one gets its answer."""
+    import os
+    import queue
+    import signal
+    import time
+
+    from helpers import one_killed_asking_for_a_shard
+
+    import fastlaion.workers as workers
+    from fastlaion.config import RunConfig
+
+    monkeypatch.setattr(workers, "_worker_main", one_killed_asking_for_a_shard)  # spawned by reference
+    pool = workers._Processes(RunConfig(output_dir=str(tmp_path)), tmp_path, None, ["cpu", "cpu"])
+    try:
+        pool.start([])
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "got").exists() and time.monotonic() < deadline:
+            if (tmp_path / "asking").exists() and not (tmp_path / "killed").exists():
+                time.sleep(0.3)  # worker 0 is in its second ask
+                os.kill(pool.procs[0].pid, signal.SIGKILL)
+                (tmp_path / "killed").touch()
+                deadline = time.monotonic() + 5
+            try:
+                pool.results.get(timeout=0.05)  # this process reads (and answers) meanwhile
+            except queue.Empty:
+                pass
+        assert (tmp_path / "killed").exists()
+        assert (tmp_path / "got").exists(), "worker 1 waited for its shard behind the killed worker"
+        assert (tmp_path / "got").read_text() == "None"
+    finally:
+        pool.stop(interrupted=False)
+        pool.close()
