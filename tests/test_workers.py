@@ -25,8 +25,9 @@ TIMING_COLUMNS = ("download_s", "attempts")
 
 
 def _run(inp: Path, out: Path, ckpt: Path, *extra: str):
+    threshold = [] if "--no-score" in extra else ["--min-similarity", "0.0"]  # refused with --no-score
     return runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--model", "fastlaion-tiny", "--pretrained", str(ckpt),
-                               "--min-similarity", "0.0", "--shard-size", "4", "--timeout", "3", "--retries", "0",
+                               *threshold, "--shard-size", "4", "--timeout", "3", "--retries", "0",
                                "--no-progress", *extra])
 
 
