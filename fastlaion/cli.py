@@ -498,6 +498,8 @@ def extract_cmd(
         if crawl is None and cc_base_url != InputConfig.cc_base_url:  # else silently ignored
             raise ConfigError(f"--cc-base-url {cc_base_url} is where --crawl's files are listed and read from: it "
                               "needs --crawl ID (INPUT files and URLs are read as given)")
+        if "" in (inputs or []):  # (`extract "$WAT"` with WAT unset)
+            raise ConfigError("INPUT '' is an empty path; give a file name or URL")
         sources = list(inputs or [])
         if crawl is not None:
             sources += list_crawl(crawl, files, cc_base_url, cfg)

@@ -172,6 +172,8 @@ class InputConfig:
             raise ConfigError("no input given: pass one or more INPUT files (or --crawl)")
         if self.crawl is not None and not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", self.crawl):
             raise ConfigError(f"--crawl must look like CC-MAIN-2024-22, got {self.crawl!r}")
+        if "" in self.paths:  # (`run "$LIST"` with LIST unset): it was read as the folder "."
+            raise ConfigError("INPUT '' is an empty path; give a file name or URL")
         seen: dict[str, str] = {}
         for path in self.paths:  # the same file twice: each of its URLs downloaded and written twice
             same = path if "://" in path else os.path.realpath(os.path.expanduser(path))

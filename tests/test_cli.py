@@ -748,6 +748,19 @@ def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args,
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", ["run", "extract"])
+def test_an_empty_input_path_is_refused(tmp_path, monkeypatch, command):
+    """`run "$LIST" -o out` with LIST unset: the empty INPUT was taken for the current folder
+    ("directory: ."). Refused in one line before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/never.jpg\n")
+    args = [command, "in.txt", "", "-o", "out", "--no-progress"] + (["--no-score"] if command == "run" else [])
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: INPUT '' is an empty path; give a file name or URL"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
 @pytest.mark.parametrize("held", [("metadata.parquet", "dataset.json"), ("metadata.parquet",), ("dataset.json",)])
 def test_a_run_into_a_dataset_commands_output_is_refused_and_touches_nothing(tmp_path, held):
     """A `subset --shards` folder holds its own 00000.tar and embeddings but no finished shard of
