@@ -619,6 +619,37 @@ def _refused(error: str, detail: str, status: int | None = None) -> _Attempt:
     return _Attempt(None, status, error, detail[:MAX_DETAIL_CHARS])
 
 
+# Files a process holds beside its connections: Python's modules, the models, the shard's files,
+# pipes to the other processes, the DNS resolver's sockets.
+OPEN_FILES_BESIDE_CONNECTIONS = 256
+
+
+def open_file_limit(needed: int) -> int:
+    """Raise this process's soft limit on open files (`ulimit -n`, 1024 on many systems) towards
+    `needed`, as far as its hard limit allows, and return the limit now in force. One connection
+    is one file: `--workers 2000` under a soft limit of 1024 stopped the run with "Too many open
+    files" (an import, a decoder's file, a socket: whichever came first). Where even the hard
+    limit is lower, a warning names it; the run goes on (a connection that cannot open fails its
+    row as connection_error, transient)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("--workers needs about %d open files, and this process may open %d (ulimit -n; its hard "
+                    "limit is %s): raise it, or lower --workers", needed, soft,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return needed if soft == resource.RLIM_INFINITY else soft
+
+
 class Downloader:
     """One aiohttp session with its connection pool; use as `async with Downloader(cfg) as d`.
 
@@ -656,6 +687,7 @@ class Downloader:
         self._watchdog: _Watchdog | None = None
 
     async def __aenter__(self) -> Downloader:
+        open_file_limit(self.cfg.workers + OPEN_FILES_BESIDE_CONNECTIONS)
         if hasattr(asyncio.Task, "uncancel"):
             self._deadline = self._watchdog = _Watchdog()
         resolver = self._resolver

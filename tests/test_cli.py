@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -1048,3 +1049,35 @@ def test_a_command_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path):
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert (result.returncode, result.stderr) == (0, "")
     assert pl.read_parquet(out / "metadata.parquet").height == 2
+
+
+def test_more_workers_than_the_soft_open_file_limit_allows_still_download_every_row(tmp_path):
+    """One connection is one open file: `--workers 250` under a soft `ulimit -n` of 128 (1024 is
+    the default of many systems, for a --workers 2000) stopped the run with "Too many open files"
+    and nothing written. The run raises its soft limit as far as the hard one allows; where the
+    hard one is lower, a warning says so (the run goes on)."""
+    import resource
+
+    n = 300
+    jpeg = encode(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with LoopbackServer({f"{i}.jpg": Served(jpeg, "image/jpeg") for i in range(n)}, delay_s=0.5) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(n)))
+        result = subprocess.run([*FASTLAION, "run", str(inp), "-o", str(tmp_path / "o"), "--no-score", "--no-language",
+                                 "--workers", "250", "--per-host", "1000", "--allow-private-networks", "--retries", "0",
+                                 "--min-image-bytes", "0", "--no-progress"], capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["funnel"]["kept"] == n
+    # a hard limit under what --workers needs: the soft one goes up to it, and a warning names both
+    low = subprocess.run([sys.executable, "-c", (
+        "import logging, resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 200))\n"
+        "logging.basicConfig(format='%(message)s')\n"
+        "from fastlaion.download import open_file_limit\n"
+        "print(open_file_limit(1256), resource.getrlimit(resource.RLIMIT_NOFILE))\n")],
+        capture_output=True, text=True, timeout=60)
+    assert low.stdout.strip() == "200 (200, 200)", low
+    assert "--workers needs about 1256 open files, and this process may open 200 (ulimit -n; its hard limit is 200)" \
+        in low.stderr, low.stderr
