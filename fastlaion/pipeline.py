@@ -47,6 +47,7 @@ from .config import (
 )
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
+from .dataset.source import MANIFEST_FILE, METADATA_FILE
 from .interrupt import run_until_stopped
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
@@ -597,8 +598,8 @@ def extract_candidates(cfg: RunConfig, out: Path, progress: Progress, held: Exit
                                caption_col="caption", crawl=None)
 
 
-# What `fastlaion subset`, `dedup` and `classify` write in their output folder (fastlaion.dataset.source)
-DATASET_OUTPUT_FILES = ("metadata.parquet", "dataset.json")
+# What `fastlaion subset`, `dedup` and `classify` write in their output folder
+DATASET_OUTPUT_FILES = (METADATA_FILE, MANIFEST_FILE)
 
 
 def refuse_a_dataset_output(out: Path) -> None:
