@@ -497,6 +497,19 @@ class RunConfig:
         self.decode.validate()
         self.score.validate()
         self.tags.validate()
+        if not self.score.enabled:
+            # These heads read CLIP image embeddings: with --no-score one was silently unused (with
+            # --no-language) or refused only after the models loaded.
+            named = [flag for flag, value in (("--nsfw-head", self.tags.nsfw_head),
+                                              ("--aesthetic-v1", self.tags.aesthetic_v1),
+                                              ("--aesthetic-v2", self.tags.aesthetic_v2))
+                     if value is not None and value.lower() not in ("auto", "none")]
+            if named:
+                raise ConfigError(f"{', '.join(named)} with --no-score: the head reads CLIP image embeddings, "
+                                  "which --no-score does not compute; leave out --no-score to tag, or the option")
+        if self.score.multilingual_model and not self.tags.language:
+            raise ConfigError("--multilingual-model scores the non-English captions, "
+                              "so it needs language identification (remove --no-language)")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))

@@ -850,10 +850,7 @@ class Models:
             from .score import Scorer
 
             self.scorer = Scorer(cfg.score, device)
-            if cfg.score.multilingual_model:
-                if not tags.language:
-                    raise ConfigError("--multilingual-model scores the non-English captions, "
-                                      "so it needs language identification (remove --no-language)")
+            if cfg.score.multilingual_model:  # RunConfig.validate: it needs language identification
                 multi_cfg = dataclasses.replace(cfg.score, model=cfg.score.multilingual_model,
                                                 pretrained=cfg.score.multilingual_pretrained)
                 self.multi_scorer = Scorer(multi_cfg, device,

@@ -170,6 +170,11 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
      "--min-similarity-multi, --multilingual-model with --no-score"),
     (["--no-score", "--resize-mode", "no", "--image-size", "128"], "--image-size 128 with --resize-mode no"),
     (["--no-score", "--resize-mode", "no", "--jpeg-quality", "80"], "--jpeg-quality 80 with --resize-mode no"),
+    # the heads read CLIP embeddings: with --no-language the first two were silently unused
+    (["--no-score", "--no-language", "--nsfw-head", "nsfw-vit-b-32", "--aesthetic-v1", "aesthetic-v1-vit-b-32"],
+     "--nsfw-head, --aesthetic-v1 with --no-score"),
+    (["--no-score", "--aesthetic-v2", "{tmp}/v2.pth"], "--aesthetic-v2 with --no-score"),
+    (["--no-language", "--multilingual-model", "xlm-roberta-base-ViT-B-32"], "needs language identification"),
 ])
 def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, message):
     """`--no-score --min-similarity 0.3` kept every decoded image, and `--resize-mode no
@@ -177,8 +182,8 @@ def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, mess
     filter or a size they did not get. Refused before anything is written (the same options
     without the one that makes them moot run)."""
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
-    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-progress", *args],
-                           env={"COLUMNS": "300"})
+    result = runner.invoke(app, ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-progress",
+                                 *(a.format(tmp=tmp_path) for a in args)], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
