@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import threading
@@ -52,6 +51,7 @@ from .interrupt import run_until_stopped
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
     LOCK_FILE,  # noqa: F401 (fastlaion.pipeline.LOCK_FILE, beside output_lock)
+    CONFIG_FILE,
     PARTIAL_DIR,
     SUMMARY_FILE,
     ShardWriteError,
@@ -63,6 +63,7 @@ from .writer import (
     output_lock,
     read_stats,
     recover_partial,
+    shard_files,
     shard_name,
 )
 
@@ -72,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 
 
 class Progress:
@@ -613,7 +613,7 @@ def refuse_a_dataset_output(out: Path) -> None:
                           "which a run would write its shards over; choose another output folder")
 
 
-_SHARD_FILE = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json|_img_emb\.npy|_txt_emb\.npy)$")
+_SHARD_FILE = shard_files()
 
 
 def refuse_shards_of_another(out: Path) -> None:

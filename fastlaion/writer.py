@@ -42,7 +42,18 @@ from .lock import (  # noqa: F401 (fastlaion.writer's names, as before they move
 
 PARTIAL_DIR = ".partial"
 SUMMARY_FILE = "summary.json"  # written when a run ends
+CONFIG_FILE = "config.json"  # the run's settings, written before its first shard (what a resume is checked against)
 STATS_FILE = re.compile(r"^(\d{5,})_stats\.json$")
+# A shard's files (the module docstring's list): its number, five digits or more, and one of these.
+SHARD_SUFFIXES = (".tar", ".parquet", "_stats.json", "_img_emb.npy", "_txt_emb.npy")
+
+
+def shard_files(suffixes: Iterable[str] = SHARD_SUFFIXES, others: Iterable[str] = ()) -> re.Pattern[str]:
+    """A pattern matching a file name that is a shard's file with one of `suffixes`, or one of
+    the `others` names. Where fastlaion looks for its own files (or for files named as them)."""
+    shard = r"\d{5,}(?:" + "|".join(map(re.escape, suffixes)) + ")"
+    return re.compile("^(?:" + "|".join([shard, *map(re.escape, others)]) + ")$")
+
 
 # The per-shard Parquet's columns, in order, with their types. Every shard of a run has the same
 # schema; optional columns (scores and tags) are present exactly when their stage is configured.

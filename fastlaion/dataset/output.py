@@ -10,7 +10,6 @@ import abc
 import errno
 import json
 import os
-import re
 import shutil
 import stat
 import time
@@ -20,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..interrupt import ctrl_c_deferred
-from .source import MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, Dataset, DatasetError, root_fields
+from ..writer import SUMMARY_FILE, shard_files
+from .source import (MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset, DatasetError,
+                     root_fields)
 
 PARTIAL_DIR = ".partial"
 EARLIER_DIR = ".earlier"  # the earlier output's files while the new ones are put in place
 # `.earlier/` renamed once every new file is in place, then deleted: a command killed before the
 # deletion ends leaves it, and the next one removes it (the files in it were replaced, whole)
 SUPERSEDED_DIR = ".superseded"
-_OURS = re.compile(r"^(\d{5,}(\.tar|_img_emb\.npy|_txt_emb\.npy)|metadata\.parquet|dataset\.json|urls\.parquet"
-                   r"|shards\.json)$")
+# The files a dataset command writes (subset's urls.parquet named here: subset imports this module)
+_OURS = shard_files([".tar", "_img_emb.npy", "_txt_emb.npy"], [METADATA_FILE, MANIFEST_FILE, "urls.parquet", SHARDS_FILE])
 
 
 class CommitError(OSError):
@@ -302,8 +303,8 @@ def check_writable_file(flag: str, path: Path) -> None:
 
 # The files of a dataset's folder (a run's, a subset's, a dedup's, a classify's): none is a place for
 # a report. A file of another name there (DS/stats.json, DS/report.html) is the user's to write.
-_DATASET_FILE = re.compile(r"^(\d{5,}(\.tar|\.parquet|_img_emb\.npy|_txt_emb\.npy|_stats\.json)|metadata\.parquet"
-                           r"|dataset\.json|urls\.parquet|shards\.json|config\.json|summary\.json|demo_urls\.parquet)$")
+_DATASET_FILE = shard_files(others=[METADATA_FILE, MANIFEST_FILE, "urls.parquet", SHARDS_FILE, RUN_CONFIG, SUMMARY_FILE,
+                                    "demo_urls.parquet"])
 
 
 def refuse_a_dataset_file(flag: str, path: Path, ds: Dataset) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,12 +32,13 @@ from typing import Any, Protocol, TypeVar
 import polars as pl
 
 from ..config import ConfigError, first_line
+from ..writer import CONFIG_FILE, shard_files
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "dataset.json"
-SHARD_PARQUET = re.compile(r"^\d{5,}\.parquet$")
+SHARD_PARQUET = shard_files([".parquet"])
 REQUIRED_COLUMNS = ("key", "status")
 KEPT = "kept"
 DROPPED = "dropped"
@@ -325,7 +325,7 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
     return {"root": str(root), "root_relative": relative}
 
 
-RUN_CONFIG = "config.json"  # every fastlaion run writes it before its first shard (its settings)
+RUN_CONFIG = CONFIG_FILE  # every fastlaion run writes it before its first shard (its settings)
 SHARDS_FILE = "shards.json"  # a `subset --shards` folder's: its tars, and the size of each of its files
 # What the dataset.json of an output made from a run not done records (Dataset.unfinished)
 UNFINISHED_FIELDS = ("source_unfinished", "source_run", "source_finished_shards", "source_shards_total",
