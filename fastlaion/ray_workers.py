@@ -45,6 +45,7 @@ from .config import (
     first_line,
     ray_address,
 )
+from .interrupt import STOP_SIGNALS, land
 from .reader import InputRows
 from .workers import WorkerPool, on_worker, serve_shards
 
@@ -125,16 +126,25 @@ def _connect(address: str, temp_dir: str | None) -> Any:
     except ImportError:
         raise ConfigError("--ray needs Ray, here and on every node of the cluster: pip install 'fastlaion[ray]'") from None
     level = logging.getLogger().getEffectiveLevel()  # Ray's "connected" lines with --verbose only
-    # A Ctrl-C inside ray.init can leave a half-started local instance behind (its agents
-    # orphaned, once a crash): it is held until init returns, then Ray is shut down and it lands.
+    # A Ctrl-C or SIGTERM inside ray.init can leave a half-started local instance behind (its
+    # agents orphaned, once a crash): it is held until init returns, then Ray is shut down and it
+    # lands, with the handler it would have met (SIGTERM's: `terminated`). ray.init sets a SIGTERM
+    # handler of its own first thing (a driver's: sys.exit(15)), which is taken for the signal
+    # here, and ours is put back after it: with Ray's, a SIGTERM later in the run was exit 15,
+    # with no word of what was written.
     interrupted: list[int] = []
     held = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if held else None
+    previous = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signum))
+                for sig in STOP_SIGNALS} if held else {}
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, logging_level=level, _temp_dir=temp_dir)
         else:
             ray.init(address=address, logging_level=level)
+    except SystemExit as exc:
+        if not held or exc.code != signal.SIGTERM:
+            raise
+        interrupted.append(signal.SIGTERM)  # Ray's handler got it
     except Exception as exc:  # a refused connection, another Ray or Python version, no node here...
         if not interrupted:
             cause = f" ({first_line(exc.__cause__)})" if exc.__cause__ else ""
@@ -142,11 +152,12 @@ def _connect(address: str, temp_dir: str | None) -> Any:
                               "node of the cluster (`ray start --address HEAD:PORT`) with the same Ray and Python "
                               "versions") from None
     finally:
-        if held:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if interrupted:
         ray.shutdown()
-        raise KeyboardInterrupt
+        land(interrupted[0], previous[interrupted[0]])
+        raise KeyboardInterrupt  # a handler that let it pass: the run was stopped all the same
     return ray
 
 

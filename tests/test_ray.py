@@ -430,6 +430,48 @@ def test_ray_local_starts_a_private_instance_and_leaves_nothing_behind(tmp_path,
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.parametrize("when", ["init", "run"])
+def test_sigterm_stops_a_ray_local_run_and_its_instance(tmp_path, served, when):
+    """`timeout`/Slurm/systemd stopping a --ray run, while `ray.init` starts its private instance
+    or once its workers run: the run stops as on SIGTERM (exit 143, one line) with none of the
+    instance's processes left. It was exit 15 and not a word: ray.init puts in a SIGTERM handler
+    of its own (sys.exit), which stayed for the whole run."""
+    inp, _ = served
+    home, ray_tmp = tmp_path / "home", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}")
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp))
+    cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "out"), "--ray", "local",
+           "--processes", "1", "--no-score", "--no-language", "--allow-private-networks", "--no-progress"]
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            # init: the instance's first process (the GCS) is up, ray.init under way; run: a worker is
+            started = ((lambda: any(str(ray_tmp) in c for c in _ray_processes())) if when == "init" else
+                       (lambda: any(c.startswith("ray::FastlaionWorker") for c in _ray_processes())))
+            wait_until(proc, started, timeout_s=120, poll_s=0.02)
+            proc.send_signal(signal.SIGTERM)
+            out, err = (s.decode() for s in proc.communicate(timeout=120))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        assert proc.returncode == 143, out + err
+        assert "terminated (SIGTERM)" in out + err and "Traceback" not in err, out + err
+        deadline = time.monotonic() + 30
+        while (left := [c for c in _ray_processes() if str(ray_tmp) in c]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, left
+    finally:
+        for pid in os.listdir("/proc"):  # a failed test's leftovers, known by the folder they run from
+            try:
+                if str(ray_tmp).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def _ray_processes() -> list[str]:
     out = []
     for pid in os.listdir("/proc"):
