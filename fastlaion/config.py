@@ -122,6 +122,39 @@ def check_architecture(flag: str, name: str) -> None:
         raise architecture_error(flag, name, open_clip.list_models())
 
 
+def unknown_tag_error(flag: str, pretrained: str, model: str, tags: list[str]) -> ConfigError:
+    return ConfigError(f"{flag} {pretrained!r} is not a known tag for {model} "
+                       f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
+
+
+def check_pretrained(flag: str, model: str, pretrained: str) -> None:
+    """Refuse, before any work, a --pretrained that is neither a checkpoint file nor one of
+    open_clip's tags for `model` (a typo was found once the models loaded, 20 s in, the output
+    folder made). A name written as a tag in open_clip's pretrained.py (of any model) is let
+    through without importing open_clip (torch); the load checks it against the model. Any other
+    is put to open_clip itself."""
+    if pretrained.lower() in ("", "none", "random") or Path(pretrained).exists():
+        return
+    if os.sep in pretrained:
+        raise ConfigError(f"{flag} {pretrained!r}: no such checkpoint file")
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: the model's load says so
+    try:
+        listed = (Path(spec.submodule_search_locations[0]) / "pretrained.py").read_text(encoding="utf-8")
+    except OSError:
+        listed = ""
+    if re.search(rf"(?m)^\s*{re.escape(pretrained)}\s*=\s*_pcfg\(", listed):
+        return
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise unknown_tag_error(flag, pretrained, model, tags)
+
+
 class ResizeMode(str, enum.Enum):
     """How the stored image is resized (img2dataset's names and meanings)."""
 
@@ -343,8 +376,10 @@ class ScoreConfig:
         between("--min-similarity", self.min_similarity, -1, 1)
         if self.enabled:
             check_architecture("--model", self.model)
+            check_pretrained("--pretrained", self.model, self.pretrained)
             if self.multilingual_model is not None:
                 check_architecture("--multilingual-model", self.multilingual_model)
+                check_pretrained("--multilingual-pretrained", self.multilingual_model, self.multilingual_pretrained)
         if self.min_similarity_multi is not None:
             between("--min-similarity-multi", self.min_similarity_multi, -1, 1)
         at_least("--batch-size", self.batch_size, 1)

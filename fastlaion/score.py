@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, ScoreConfig, architecture_error, first_line
+from .config import ConfigError, ScoreConfig, architecture_error, first_line, unknown_tag_error
 from .decode import ClipInputSpec
 from .ops import paired_cosine
 from .textfix import fix_text_is_identity, uncurled_ascii
@@ -88,8 +88,7 @@ class Scorer:
         if pretrained is not None and not Path(pretrained).exists():
             tags = open_clip.list_pretrained_tags_by_model(cfg.model)
             if pretrained not in tags:
-                raise ConfigError(f"{pretrained_flag} {pretrained!r} is not a known tag for {cfg.model} "
-                                  f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
+                raise unknown_tag_error(pretrained_flag, pretrained, cfg.model, tags)
         precision = pick_precision(cfg.precision, device)
         try:
             with torch.random.fork_rng(devices=[]):  # the caller's CPU generator as it was (manual_seed seeds CUDA's too)

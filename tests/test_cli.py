@@ -102,6 +102,9 @@ def typer_command(name):
     return group.commands[name]
 
 
+TINY = ["--model", "fastlaion-tiny", "--pretrained", "none", "--no-progress"]  # a CLIP model that loads in a second
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "{tmp}/missing.csv", "-o", "{tmp}/o"], "input file not found"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--url-col", "link"], "no URL column 'link'"),
@@ -111,6 +114,8 @@ def typer_command(name):
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--min-similarity", "3"], "--min-similarity must be between"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--timeout", "0"], "--timeout must be positive"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "ViT-B-99", "--pretrained", "none"], "not an open_clip architecture"),
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--pretrained", "laion9b"],
+     "error: --pretrained 'laion9b' is not a known tag for ViT-B-32 (tags: openai, "),
     (["run", "{tmp}/in.txt", "-o", "{tmp}/o"], "--no-score"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "noai,foo", "--no-score"], "--opt-out-tags: 'foo' is not one of noai,"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--opt-out-tags", "all", "--no-score"], "--opt-out-tags: 'all' is not one of"),
@@ -119,12 +124,14 @@ def typer_command(name):
      "error: INPUT {tmp}/../{tmp.name}/in.txt is given twice (as {tmp}/in.txt): its rows would be downloaded and "
      "written twice"),
     # a text file given as weights (torch's unpickler: "KeyError: 101"), and a truncated checkpoint
-    *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", flag, "{tmp}/notes.txt"],
+    # (the CLIP heads read embeddings: refused with --no-score, so scored by the tiny model)
+    *[(["run", "{tmp}/in.csv", "-o", "{tmp}/o", *(["--no-score"] if flag == "--watermark-model" else TINY),
+        flag, "{tmp}/notes.txt"],
        (f"error: {flag} {{tmp}}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither a zip "
         "archive nor a pickle")) for flag in ("--watermark-model", "--aesthetic-v2", "--aesthetic-v1", "--nsfw-head")],
-    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--nsfw-head", "{tmp}/trunc.pth"],
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", *TINY, "--nsfw-head", "{tmp}/trunc.pth"],
      "error: --nsfw-head {tmp}/trunc.pth: not a PyTorch checkpoint: truncated or corrupted"),
-    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--no-score", "--aesthetic-v2", "{tmp}/nope.pth"],
+    (["run", "{tmp}/in.csv", "-o", "{tmp}/o", *TINY, "--aesthetic-v2", "{tmp}/nope.pth"],
      "error: --aesthetic-v2 '{tmp}/nope.pth': no such file (give a path or an http(s) URL)\n"),
     (["run", "{tmp}/in.csv", "-o", "{tmp}/o", "--model", "fastlaion-tiny", "--pretrained", "{tmp}/notes.txt"],
      "error: --pretrained {tmp}/notes.txt: not a PyTorch checkpoint (torch.load failed: the file is neither"),
@@ -156,12 +163,13 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
                             timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr, result.stderr
-    if "no rows" in message or "not an open_clip architecture" in message:
-        # a fresh folder is not left behind (a bad model name was found only once the models
-        # loaded, 15-20 s in, the folder holding config.json by then)
+    if "no rows" in message or "not an open_clip architecture" in message or "not a known tag" in message:
+        # a fresh folder is not left behind (a bad model name or tag was found only once the
+        # models loaded, 15-20 s in, the folder holding config.json by then)
         assert not (tmp_path / "o").exists()
     assert "Traceback" not in result.stderr + result.stdout
-    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    said = [line for line in result.stderr.strip().splitlines() if "has RANDOM weights" not in line]  # TINY's
+    assert len(said) <= 2, result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -96,11 +96,13 @@ def test_worker_config_error_is_one_line(tmp_path, photos):
     files, rows = build_case(photos)
     with LoopbackServer(files) as server:
         inp = write_input(tmp_path, server, rows)
+        notes = tmp_path / "notes.txt"  # a file, so the parent lets it through: the workers load it
+        notes.write_text("hello world\n")
         result = runner.invoke(app, ["run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
-                                     "--pretrained", str(tmp_path / "no-such-dir" / "w.pt"), "--processes", "2",
+                                     "--pretrained", str(notes), "--processes", "2",
                                      "--shard-size", "8", "--no-progress"])  # 2 shards: 2 workers
     assert result.exit_code == 2, result.output
-    assert "no such checkpoint file" in result.output
+    assert f"--pretrained {notes}: not a PyTorch checkpoint" in result.output
     assert "Traceback" not in result.output
 
 
