@@ -292,7 +292,7 @@ def run_cmd(
     url_blocklist: Annotated[Optional[str], typer.Option(help="File of URLs not to download, one per line: the URL itself (its scheme and host in any case) or the hex SHA-256 or MD5 of its exact UTF-8 bytes (blocked).", show_default=False)] = None,
     image_blocklist: Annotated[Optional[str], typer.Option(help="File of images to drop, one per line: the hex SHA-256 or MD5 of the downloaded bytes (blocked).", show_default=False)] = None,
     image_size: Annotated[int, typer.Option(help="Size in pixels of the stored image (see --resize-mode).")] = _D.decode.image_size,
-    resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
+    resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded with black to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
     min_image_bytes: Annotated[int, typer.Option(help="Smaller images are dropped (LAION: 5000).")] = _D.decode.min_image_bytes,
     max_pixels: Annotated[int, typer.Option(help="Larger images are dropped before decoding (LAION: 89,478,484).")] = _D.decode.max_pixels,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = _D.decode.jpeg_quality,
@@ -385,7 +385,8 @@ def demo_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
     """Run the whole pipeline on a built-in sample: real photographs (scikit-image's), generated
-    images, captions, dead links and a non-image, served from a loopback server on this machine."""
+    images, captions and the web's usual failures (dead links, a 500, a refused connection, a
+    non-image, a truncated JPEG, a GIF, a tiny icon), served from a loopback server on this machine."""
     from .demo import run_demo
 
     _setup_logging(verbose)
