@@ -292,14 +292,14 @@ def run_cmd(
     url_blocklist: Annotated[Optional[str], typer.Option(help="File of URLs not to download, one per line: the URL itself (its scheme and host in any case) or the hex SHA-256 or MD5 of its exact UTF-8 bytes (blocked).", show_default=False)] = None,
     image_blocklist: Annotated[Optional[str], typer.Option(help="File of images to drop, one per line: the hex SHA-256 or MD5 of the downloaded bytes (blocked).", show_default=False)] = None,
     image_size: Annotated[int, typer.Option(help="Size in pixels of the stored image (see --resize-mode).")] = _D.decode.image_size,
-    resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
+    resize_mode: Annotated[ResizeMode, typer.Option(help="center_crop: crop to a square; keep_ratio: shortest side = size; border: longest side = size, padded with black to a square; no: store the downloaded bytes.")] = _D.decode.resize_mode,
     min_image_bytes: Annotated[int, typer.Option(help="Smaller images are dropped (LAION: 5000).")] = _D.decode.min_image_bytes,
     max_pixels: Annotated[int, typer.Option(help="Larger images are dropped before decoding (LAION: 89,478,484).")] = _D.decode.max_pixels,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = _D.decode.jpeg_quality,
     decode_threads: Annotated[int, typer.Option(help="Decode threads; 0 = one per core (shared among --processes).")] = _D.decode.threads,
     decoder: Annotated[str, typer.Option(help="Image decoder: auto (DALI on a GPU when installed, else torchvision's nvJPEG on a GPU, else the CPU), cpu (libjpeg-turbo/Pillow), nvjpeg or dali (on a GPU: an error without one, unless --device cpu asks for their CPU modes). GPU decoders hand the CLIP input to the model without a host copy; PNG/WebP and GPU failures fall back to the CPU per image.")] = _D.decode.decoder,
     stored_encoder: Annotated[str, typer.Option(help="Where a GPU decoder encodes the stored JPEGs: host (libjpeg-turbo on the CPU's threads, as the CPU decoder) or nvimgcodec (NVIDIA nvImageCodec's batched encoder on the GPU, which DALI installs; only the bytes come back). The CPU decoder always encodes on the CPU.")] = _D.decode.stored_encoder,
-    exact_chroma: Annotated[bool, typer.Option("--exact-chroma/--fast-chroma", help="DALI: libjpeg's smooth chroma upsampling, as the CPU decoder (exact), or DALI's plain one (fast; on an H200 with --hw-decoder-load 1, decode + score 1.16x).")] = _D.decode.exact_chroma,
+    exact_chroma: Annotated[bool, typer.Option("--exact-chroma/--fast-chroma", help="DALI: libjpeg's smooth chroma upsampling, as the CPU decoder (exact), or DALI's plain one (fast; on an H200 with --hw-decoder-load 1, decode + score 1.16x in one process, 0.93x in four).")] = _D.decode.exact_chroma,
     hw_decoder_load: Annotated[Optional[float], typer.Option(help="DALI: the share of JPEGs for the GPU's hardware JPEG decoder (0-1), the rest decoded with CUDA; default DALI's own (0.65).", show_default=False)] = _D.decode.hw_decoder_load,
     processes: Annotated[int, typer.Option(help="Worker processes on the CPU, each with its own download loop, decoder and model; each takes its next shard when it is ready for one (no more workers start than there are shards to run). 0 = one per core.")] = _D.parallel.processes,
     gpus: Annotated[Optional[str], typer.Option(help="Worker processes on GPUs: 'all' or a number N (cuda:0..N-1), --workers-per-gpu on each; overrides --processes and --device.", show_default=False)] = None,
@@ -385,7 +385,8 @@ def demo_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
 ) -> None:
     """Run the whole pipeline on a built-in sample: real photographs (scikit-image's), generated
-    images, captions, dead links and a non-image, served from a loopback server on this machine."""
+    images, captions and the web's usual failures (dead links, a 500, a refused connection, a
+    non-image, a truncated JPEG, a GIF, a tiny icon), served from a loopback server on this machine."""
     from .demo import run_demo
 
     _setup_logging(verbose)
