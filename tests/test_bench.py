@@ -1,0 +1,28 @@
+"""bench/stages.py --quick: the stage benchmarks' dry run, so the script cannot rot between the
+hand-run measurements (its numbers are not checked, only that every section ran and compared)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stages_quick_prints_the_three_ratio_rows(tmp_path: Path) -> None:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stages.py"), "--quick", "--scratch", str(tmp_path)], check=False,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    rows = re.findall(r"^\| (decode|language|write) \|.*\| (\d+\.\d\d)x \|$", proc.stdout, re.MULTILINE)
+    assert {stage for stage, _ in rows} == {"decode", "language", "write"}, out[-4000:]
+    assert all(float(ratio) > 0 for _, ratio in rows)
+    # the sides were checked against each other before they were timed
+    for check in ("same shapes: CLIP input (224, 224, 3)", "agreement: ", "same shards: "):
+        assert check in proc.stdout, check
+    assert not list(tmp_path.iterdir()), "the write section left its shards behind"
