@@ -64,6 +64,7 @@ import pipeline as bp  # machine description, pipeline.py's ~150 KB JPEGs
 # (stage, data, ours, peer name, theirs, ratio, ratio by CPU time or "")
 TABLE: list[tuple[str, str, str, str, str, float, str]] = []
 SLOWER: list[str] = []
+PROFILE_ALL = False  # --profile: every row's fastlaion side under cProfile, not only the slower ones
 
 
 def log(msg: str) -> None:
@@ -95,8 +96,13 @@ def profile(label: str, fn: Callable[[], Any], top: int = 18) -> None:
     prof.enable()
     fn()
     prof.disable()
+    print_profile(label, pstats.Stats(prof), top)
+
+
+def print_profile(label: str, stats: pstats.Stats, top: int = 18) -> None:
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(top)
     log(f"\ncProfile of fastlaion's side, {label} (sorted by own time):")
     log("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
 
@@ -109,11 +115,12 @@ def record(stage: str, data: str, ours: float, peer: str, theirs: float, unit: s
     by_cpu = f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "n/a"
     TABLE.append((stage, data, f"{ours:,.0f} {unit}{extra[0]}", peer, f"{theirs:,.0f} {unit}{extra[1]}", ratio, by_cpu))
     log(f"  {stage}, {data}: fastlaion {ours:,.1f} {unit}, {peer} {theirs:,.1f} {unit}: {ratio:.2f}x ({by_cpu} by CPU time)")
-    if ratio < 1.0 or (cpu_ratio is not None and cpu_ratio < 1.0):
+    slower = ratio < 1.0 or (cpu_ratio is not None and cpu_ratio < 1.0)
+    if slower:
         SLOWER.append(f"{stage}, {data}: {ratio:.2f}x, {by_cpu} by CPU time"
                       + (" (cProfile of its side above)" if slow_profile is not None else ""))
-        if slow_profile is not None:
-            slow_profile()
+    if (slower or PROFILE_ALL) and slow_profile is not None:
+        slow_profile()
 
 
 # -- decode ----------------------------------------------------------------------------------
@@ -386,15 +393,45 @@ def language_section(args: argparse.Namespace) -> None:
         f"{rate['theirs']:,.0f} captions/s ({us['theirs']:.1f} CPU-us each)")
 
     def slow() -> None:
-        profile("language", ours)
+        profile("language, in-process", ours)
+
+    def slow_child() -> None:
+        profile_language_child(chunks, args.scratch)
 
     record("language", f"{len(captions):,} captions, batches of {args.batch}, in-process", rate["ours"],
            "per-caption fastText loop", rate["theirs"], "captions/s", cpu["theirs"] / cpu["ours"], slow_profile=slow)
     # the child's CPU is not this process's: no CPU ratio; on a busy machine the child's own share
     # of the scheduler adds to this process's, which flatters this row's wall figure
     record("language", f"{len(captions):,} captions, batches of {args.batch}, LanguageProcess (a run's way)",
-           rate["child"], "per-caption fastText loop", rate["theirs"], "captions/s", None)
+           rate["child"], "per-caption fastText loop", rate["theirs"], "captions/s", None, slow_profile=slow_child)
     log(f"  ({load()})")
+
+
+def profile_language_child(chunks: list[list[str]], scratch: str) -> None:
+    """Where a LanguageProcess's time goes: one more pass of every batch through a child started
+    as LanguageProcess starts it, but under `python -m cProfile` (its profile: the child's
+    unpickling, identification, pickling and pipe writes; this process only waits)."""
+    from fastlaion.language import _Child, model_file
+
+    fd, prof_path = tempfile.mkstemp(suffix=".prof", dir=scratch)
+    os.close(fd)
+    t0, c0 = time.perf_counter(), time.process_time()
+    child = _Child([sys.executable, "-m", "cProfile", "-o", prof_path, "-m", "fastlaion.language",
+                    str(model_file(None).resolve()), "0.5", "5"])
+    try:
+        child.ready.result()
+        for future in [child.submit(chunk) for chunk in chunks]:
+            future.result()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        child.close()  # its input ends: the child returns, and cProfile writes its file
+    n = sum(map(len, chunks))
+    log(f"\n  the child under cProfile: {n / wall:,.0f} captions/s with its start-up; this process "
+        f"{1e6 * cpu / n:.1f} CPU-us a caption")
+    try:
+        print_profile("language, LanguageProcess's child", pstats.Stats(prof_path))
+    finally:
+        os.unlink(prof_path)
 
 
 # -- write -----------------------------------------------------------------------------------
@@ -591,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=0, help="samples in the shard (default 10,000; --quick 300)")
     ap.add_argument("--batch", type=int, default=256, help="batch size (the pipeline's --batch-size default)")
     ap.add_argument("--scratch", default="/tmp", help="folder for the write section's two shards")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a cProfile of fastlaion's side for every row (by default only where it is slower)")
     args = ap.parse_args(argv)
+    global PROFILE_ALL
+    PROFILE_ALL = args.profile
     q = args.quick
     args.rounds = args.rounds or (2 if q else 4)
     args.images = args.images or (12 if q else 256)
