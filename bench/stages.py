@@ -108,7 +108,7 @@ def print_profile(label: str, stats: pstats.Stats, top: int = 18) -> None:
 
 
 def record(stage: str, data: str, ours: float, peer: str, theirs: float, unit: str, cpu_ratio: float | None,
-           extra: str = ("", ""), slow_profile: Callable[[], None] | None = None) -> None:
+           extra: tuple[str, str] = ("", ""), slow_profile: Callable[[], None] | None = None) -> None:
     """One row of the table. `cpu_ratio`: the peer's CPU time per item over ours (None where ours
     is not all in this process); steadier than the wall ratio on a busy machine."""
     ratio = ours / theirs
