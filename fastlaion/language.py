@@ -84,14 +84,23 @@ class LanguageIdentifier:
     def __call__(self, texts: list[str | None]) -> tuple[list[str | None], np.ndarray, list[str]]:
         """(language codes or None, probabilities (float32, NaN where not identified), groups)."""
         clean = [(t or "").replace("\n", " ").strip() for t in texts]
-        todo = [i for i, t in enumerate(clean) if len(t) >= self.min_chars]
+        # each distinct caption once (alt texts repeat within a shard: "logo", a product's name),
+        # numbered in the order first seen
+        distinct: dict[str, int] = {}
+        for t in clean:
+            if len(t) >= self.min_chars:
+                distinct.setdefault(t, len(distinct))
         langs: list[str | None] = [None] * len(texts)
         scores = np.full(len(texts), np.nan, dtype=np.float32)
-        if todo:
-            labels, probs = self.model.predict([clean[i] for i in todo], k=1)
-            for i, label, prob in zip(todo, labels, probs):
-                langs[i] = label[0].removeprefix("__label__")
-                scores[i] = min(float(prob[0]), 1.0)
+        if distinct:
+            labels, probs = self.model.predict(list(distinct), k=1)
+            codes = [label[0].removeprefix("__label__") for label in labels]
+            best = np.minimum(np.array([prob[0] for prob in probs], dtype=np.float32), 1.0)
+            for i, t in enumerate(clean):
+                j = distinct.get(t)  # None: under min_chars
+                if j is not None:
+                    langs[i] = codes[j]
+                    scores[i] = best[j]
         groups = [NOLANG if lang is None or not score >= self.min_score else (EN if lang == "en" else MULTI)
                   for lang, score in zip(langs, scores)]
         return langs, scores, groups

@@ -18,6 +18,32 @@ def test_real_lid176_identifies_captions_and_splits_like_laion():
     assert langs[9] == "en"  # newlines do not break fastText
 
 
+def test_a_caption_repeated_in_a_batch_is_identified_once_and_as_alone():
+    """Each distinct caption goes to fastText once (alt texts repeat within a shard); every row
+    gets what fastText says of its caption alone."""
+    lid = LanguageIdentifier()
+    texts = ["a red summer dress with flowers", "robe d'été rouge à fleurs", "a red summer dress with flowers",
+             "tiny", None, "robe d'été rouge à fleurs", " a red summer dress with flowers\n", "Sommerkleid rot"]
+    asked: list[list[str]] = []
+    model = lid.model
+
+    class Counting:  # the real model, its inputs noted
+        def predict(self, batch, k=1):
+            asked.append(list(batch))
+            return model.predict(batch, k=k)
+
+    lid.model = Counting()
+    langs, scores, groups = lid(texts)
+    assert sorted(asked[0]) == sorted({"a red summer dress with flowers", "robe d'été rouge à fleurs", "Sommerkleid rot"})
+    for text, lang, score in zip(texts, langs, scores):
+        if text is None or len(text.strip()) < 5:
+            assert lang is None and np.isnan(score)
+            continue
+        labels, probs = model.predict(text.replace("\n", " ").strip(), k=1)
+        assert lang == labels[0].removeprefix("__label__") and score == np.float32(min(probs[0], 1.0))
+    assert langs[0] == langs[2] == langs[6] == "en" and langs[1] == langs[5] == "fr"
+
+
 def test_threshold_moves_rows_to_nolang():
     texts = ["a photograph of a cat sleeping on a sofa"] * 3
     assert LanguageIdentifier(min_score=1.01)(texts)[2] == [NOLANG] * 3
