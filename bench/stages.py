@@ -9,7 +9,7 @@ decode    fastlaion's CPU decoder (`make_decoder("cpu", DecodeConfig(), ClipInpu
           libjpeg-turbo at the smallest DCT scale, prepare() on a thread pool + finish() per batch)
           against Pillow the plain way: Image.open + convert("RGB"), the stored image as img2dataset
           makes it in `border` mode (longest side to 256 with area averaging, Lanczos to enlarge,
-          centred on a 256 px square; black like fastlaion's, where img2dataset pads white), saved as
+          centred on a 256 px square; white, as both img2dataset and fastlaion pad), saved as
           JPEG quality 95, 4:2:0, and open_clip's own eval transform (`image_transform(224,
           is_train=False)`: Resize(224, bicubic) + CenterCrop(224) + RGB) without its ToTensor and
           Normalize (fastlaion leaves those to the scorer). Same JPEGs on both sides: score.py's
@@ -152,7 +152,7 @@ class PillowPeer:
         tw, th = (side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), side)
         # cv2 INTER_AREA to shrink, INTER_LANCZOS4 to enlarge (img2dataset's defaults)
         resized = image.resize((tw, th), Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS)
-        stored = Image.new("RGB", (side, side), (0, 0, 0))
+        stored = Image.new("RGB", (side, side), (255, 255, 255))
         stored.paste(resized, ((side - tw) // 2, (side - th) // 2))
         buf = io.BytesIO()
         stored.save(buf, "JPEG", quality=self.quality, subsampling=2)  # 4:2:0, as cv2.imencode

@@ -155,6 +155,9 @@ def check_pretrained(flag: str, model: str, pretrained: str) -> None:
         raise unknown_tag_error(flag, pretrained, model, tags)
 
 
+BORDER_COLORS = ("white", "black")
+
+
 class ResizeMode(str, enum.Enum):
     """How the stored image is resized (img2dataset's names and meanings)."""
 
@@ -316,9 +319,22 @@ class DecodeConfig:
     # against 4,361, and decoded + scored 6,251 samples/s against 5,378 in one process.
     exact_chroma: bool = True
     hw_decoder_load: float | None = None
+    # resize_mode border's padding: white, as img2dataset pads (its default mode, so LAION's
+    # images), or black (fastlaion's before 2026-11-28: a run begun then is resumed with black)
+    border_color: str = "white"
+
+    @property
+    def border_fill(self) -> int:
+        """The padding's value in each RGB channel."""
+        return 255 if self.border_color == "white" else 0
 
     def validate(self) -> None:
         between("--image-size", self.image_size, 8, 8192)
+        if self.border_color not in BORDER_COLORS:
+            raise ConfigError(f"--border-color {self.border_color!r}: pick one of {', '.join(BORDER_COLORS)}")
+        if self.resize_mode is not ResizeMode.border and self.border_color != DecodeConfig.border_color:
+            raise ConfigError(f"--border-color {self.border_color} with --resize-mode {self.resize_mode.value}: only "
+                              "border pads the stored image; use --resize-mode border, or leave the option out")
         if self.hw_decoder_load is not None:
             between("--hw-decoder-load", self.hw_decoder_load, 0.0, 1.0)
         if self.decoder not in DECODERS:
@@ -584,6 +600,10 @@ def resume_key(saved: dict[str, Any]) -> dict[str, Any]:
     # started on a GPU box may be finished on a CPU one.
     key["decode"] = {k: v for k, v in key["decode"].items()
                      if k not in ("threads", "decoder", "stored_encoder", "exact_chroma", "hw_decoder_load")}
+    if key["decode"].get("resize_mode") != ResizeMode.border.value:
+        key["decode"].pop("border_color", None)  # nothing padded: the colour does not matter
+    elif key["decode"]:  # a run begun before the option padded with black
+        key["decode"].setdefault("border_color", "black")
     key["score"] = {k: v for k, v in key["score"].items() if k not in ("batch_size", "device", "precision", "compile")}
     key["input"] = {**key["input"], "paths": [str(Path(p)) for p in key["input"]["paths"]]}
     if not key["input"].get("crawl"):  # nothing read by them (an earlier fastlaion took --crawl-files without --crawl)

@@ -330,10 +330,11 @@ def too_long_to_resize(width: int, height: int, cfg: DecodeConfig, clip: ClipInp
 
 
 def resize_for_storage(image: Image.Image, width: int, height: int, image_size_px: int,
-                       mode: ResizeMode) -> Image.Image:
+                       mode: ResizeMode, fill: int = 255) -> Image.Image:
     """The stored image's pixels (RGB) from a decode of an image of original size `width` x
     `height`: area averaging (Pillow BOX, like cv2 INTER_AREA) to shrink and Lanczos to enlarge,
-    as img2dataset; then a centre crop (center_crop) or centred black borders (border)."""
+    as img2dataset; then a centre crop (center_crop) or centred borders of value `fill` (border;
+    img2dataset's are white)."""
     target_w, target_h = stored_resized_size_px(width, height, image_size_px, mode)
     if image.size != (target_w, target_h):
         shrinking = target_w * target_h < image.width * image.height
@@ -343,7 +344,7 @@ def resize_for_storage(image: Image.Image, width: int, height: int, image_size_p
         left, top = (target_w - image_size_px) // 2, (target_h - image_size_px) // 2
         image = image.crop((left, top, left + image_size_px, top + image_size_px))
     elif mode is ResizeMode.border and (target_w, target_h) != (image_size_px, image_size_px):
-        square = Image.new("RGB", (image_size_px, image_size_px), (0, 0, 0))
+        square = Image.new("RGB", (image_size_px, image_size_px), (fill, fill, fill))
         square.paste(image, ((image_size_px - target_w) // 2, (image_size_px - target_h) // 2))
         image = square
     return image
@@ -572,7 +573,7 @@ class Decoder:
         mode = self.cfg.resize_mode
         if mode is ResizeMode.no:
             return body, STORED_EXT[fmt], size
-        stored = resize_for_storage(_rgb_for_storage(image), *size, self.cfg.image_size, mode)
+        stored = resize_for_storage(_rgb_for_storage(image), *size, self.cfg.image_size, mode, self.cfg.border_fill)
         jpeg = self._tj.encode(np.asarray(stored), quality=self.cfg.jpeg_quality,
                                pixel_format=turbojpeg.TJPF_RGBX if stored.mode == "RGBX" else turbojpeg.TJPF_RGB,
                                jpeg_subsample=_STORED_SUBSAMPLING)

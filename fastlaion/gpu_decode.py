@@ -142,15 +142,16 @@ def clip_window(spec: ClipInputSpec, width: int, height: int) -> Window:
                   _center_crop_start(resized_h, crop_h), crop_w, crop_h, fill)
 
 
-def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode) -> Window:
-    """`resize_for_storage`'s geometry for an image of `width` x `height` (not ResizeMode.no)."""
+def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode, fill: int = 255) -> Window:
+    """`resize_for_storage`'s geometry for an image of `width` x `height` (not ResizeMode.no);
+    `fill`: border's padding."""
     resized_w, resized_h = stored_resized_size_px(width, height, image_size_px, mode)
     if mode is ResizeMode.center_crop:
         return Window(resized_w, resized_h, (resized_w - image_size_px) // 2,
                       (resized_h - image_size_px) // 2, image_size_px, image_size_px)
     if mode is ResizeMode.border:
         return Window(resized_w, resized_h, -((image_size_px - resized_w) // 2),
-                      -((image_size_px - resized_h) // 2), image_size_px, image_size_px)
+                      -((image_size_px - resized_h) // 2), image_size_px, image_size_px, fill)
     return Window(resized_w, resized_h, 0, 0, resized_w, resized_h)
 
 
@@ -793,7 +794,7 @@ class NvjpegDecoder(_DeviceBatchDecoder):
                 side = self.watermark_size_px
                 watermarks.append(_render(source, Window(side, side, 0, 0, side, side), "bilinear"))
             if mode is not None:
-                window = stored_window(width, height, self.cfg.image_size, mode)
+                window = stored_window(width, height, self.cfg.image_size, mode, self.cfg.border_fill)
                 stored.append(_render(source, window, _STORE_MODE))
         return _Pixels(rows, torch.stack(clips) if clips else None,
                        torch.stack(watermarks) if watermarks else None,
@@ -952,7 +953,8 @@ class DaliDecoder(_DeviceBatchDecoder):
                                          interp_type=types.INTERP_LINEAR, antialias=True))
             if self._store_mode() is not None:
                 names.append("stored")
-                outputs.append(self._branch(images, "stored", 0, min_filter=getattr(types, _DALI_STORE_SHRINK),
+                outputs.append(self._branch(images, "stored", self.cfg.border_fill,
+                                            min_filter=getattr(types, _DALI_STORE_SHRINK),
                                             mag_filter=types.INTERP_LANCZOS3, antialias=True))
             if not outputs:  # nothing to resize: decode anyway, to find the bodies that fail
                 names.append("decoded")

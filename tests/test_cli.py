@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fastlaion.cli import app
@@ -183,6 +185,8 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
      "--nsfw-head, --aesthetic-v1 with --no-score"),
     (["--no-score", "--aesthetic-v2", "{tmp}/v2.pth"], "--aesthetic-v2 with --no-score"),
     (["--no-language", "--multilingual-model", "xlm-roberta-base-ViT-B-32"], "needs language identification"),
+    (["--no-score", "--resize-mode", "keep_ratio", "--border-color", "black"],
+     "--border-color black with --resize-mode keep_ratio"),
 ])
 def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, message):
     """`--no-score --min-similarity 0.3` kept every decoded image, and `--resize-mode no
@@ -216,6 +220,34 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         other = runner.invoke(app, [*base, "--image-size", "128"])
     assert other.exit_code == 2
     assert "other settings" in other.output and "image_size" in other.output
+
+
+def test_border_pads_white_as_img2dataset_and_a_run_begun_with_black_resumes_only_with_black(tmp_path):
+    """--resize-mode border (the default) pads the stored image with white, as img2dataset does
+    (fastlaion padded black before --border-color); a run whose config.json predates the option
+    was padded black, so resuming it with white is refused (its shards would mix the two) and
+    --border-color black resumes it."""
+    import tarfile
+
+    files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}  # 451 x 300
+    with LoopbackServer(files) as server:
+        (tmp_path / "in.txt").write_text(server.url("a.jpg") + "\n")
+        base = ["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-score", "--no-progress",
+                "--allow-private-networks"]
+        assert runner.invoke(app, base).exit_code == 0
+        with tarfile.open(tmp_path / "o" / "00000.tar") as tar:
+            jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+            stored = np.asarray(Image.open(io.BytesIO(tar.extractfile(jpg).read())).convert("RGB"))
+        assert stored.shape == (256, 256, 3)
+        assert stored[:35].min() > 235 and stored[-35:].min() > 235  # white rows above and below the photo
+        assert stored[60:190].mean() < 200
+        config = json.loads((tmp_path / "o" / "config.json").read_text())
+        assert config["decode"].pop("border_color") == "white"
+        (tmp_path / "o" / "config.json").write_text(json.dumps(config))  # as written before the option
+        white = runner.invoke(app, base)
+        black = runner.invoke(app, [*base, "--border-color", "black"])
+    assert white.exit_code == 2 and "decode.border_color: was 'black', now 'white'" in white.output, white.output
+    assert black.exit_code == 0 and "already complete" in black.output, black.output
 
 
 def test_resuming_a_run_scored_with_gelu_for_quick_gelu_weights_is_refused(tmp_path):

@@ -61,9 +61,13 @@ def test_resize_modes_give_img2dataset_sizes_and_original_dims(fmt):
         assert (d.stored_ext, d.stored_width, d.stored_height) == ("jpg", *size)
         pixels = stored_pixels(d)
         if mode is ResizeMode.border:
-            # 451x300 -> 256x170, centred: 43 black rows above, 43 below, photo in between.
-            assert pixels[:40].max() < 16 and pixels[-40:].max() < 16
-            assert pixels[50:200].mean() > 60
+            # 451x300 -> 256x170, centred: 43 white rows above, 43 below (img2dataset's padding),
+            # photo in between; --border-color black pads black
+            assert pixels[:40].min() > 239 and pixels[-40:].min() > 239
+            assert 60 < pixels[50:200].mean() < 200
+            black = stored_pixels(decode(body, resize_mode=mode, image_size=256, border_color="black"))
+            assert black[:40].max() < 16 and black[-40:].max() < 16
+            assert np.abs(black[50:200].astype(int) - pixels[50:200]).mean() < 2  # the same photo
 
 
 def test_portrait_image_keeps_its_own_width_and_height():
