@@ -190,3 +190,39 @@ def one_killed_asking_for_a_shard(worker: int, cfg, out: str, rows, tasks, resul
     results.put(("done", 1))
     results.close()
     results.join_thread()
+
+
+# What a fresh interpreter does not print (Python's default warning filters, less DeprecationWarning
+# raised in __main__, which no command is)
+_SILENT_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def invoke_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`fastlaion ARGS` in this process (typer's CliRunner, fastlaion.cli.app), told as
+    `subprocess.run(FASTLAION + args, capture_output=True, text=True)` tells it: for a test of
+    what a command says and its exit status, where a fresh interpreter adds only the start-up
+    (torch and open_clip's imports: 5-10 s a call on 2 cores). What the subprocess would print on
+    stderr besides the command's lines is added to its stderr: the Python warnings raised while
+    the command ran, as the default filters print them (each once), and an exception the command
+    let out as its traceback (exit status 1). Not for what needs a process of its own: signals,
+    the console script's start-up and exit (cli.main's), what a fresh interpreter imports."""
+    import traceback
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from fastlaion.cli import app
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in _SILENT_BY_DEFAULT:
+            warnings.filterwarnings("ignore", category=category)
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    stderr = result.stderr + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+                                     for w in caught)
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(["fastlaion", *map(str, args)], code, result.stdout, stderr)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fastlaion.cli import app
 from fastlaion.config import InputConfig, RunConfig, resume_key
 from fastlaion.server import LoopbackServer, Served
-from helpers import encode
+from helpers import encode, invoke_cli
 
 runner = CliRunner()
 FASTLAION = [sys.executable, "-m", "fastlaion"]
@@ -161,8 +161,9 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "empty.txt").write_text("")
     pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(tmp_path / "real.parquet")
-    result = subprocess.run(FASTLAION + [a.format(tmp=tmp_path) for a in args], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "COLUMNS": "200"})
+    # in this process: a fresh one for each case took 5-10 s of torch's start-up (the console
+    # script's own line is checked by the demo's refusal and test_search's commands)
+    result = invoke_cli([a.format(tmp=tmp_path) for a in args], env={"COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr, result.stderr
     if "no rows" in message or "not an open_clip architecture" in message or "not a known tag" in message:
@@ -402,13 +403,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for reason in ("not_an_image", "truncated", "too_few_bytes", "unsupported_format", "empty_body"):
         assert f["drops"]["decode"].get(reason), reason
     assert list(out.glob("*.tar"))
-    # a second demo into the same folder replaces the first
-    assert subprocess.run(FASTLAION + ["demo", "-o", str(out), "--no-progress"], capture_output=True,
-                          timeout=300).returncode == 0
+    # a second demo into the same folder replaces the first (in this process: the console script's
+    # start-up, torch's and open_clip's imports, was checked by the first)
+    assert invoke_cli(["demo", "-o", str(out), "--no-progress"]).returncode == 0
     other = tmp_path / "notdemo"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    refused = subprocess.run(FASTLAION + ["demo", "-o", str(other)], capture_output=True, text=True, timeout=120)
+    refused = invoke_cli(["demo", "-o", str(other)])
     assert refused.returncode == 2 and "does not hold an earlier demo" in refused.stderr
     assert (other / "precious.txt").read_text() == "keep me"
 

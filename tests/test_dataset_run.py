@@ -24,6 +24,7 @@ from test_dataset_helpers import (
     real_run,
     reference_phash,
     run_cli,
+    run_cli_here,
     tar_images,
 )
 from typer.testing import CliRunner
@@ -114,7 +115,7 @@ def test_subset_of_a_dedup_still_finds_the_images(run, tmp_path):
 
 
 def test_recipe_on_a_run_without_the_column_says_which_option_adds_it(run, tmp_path):
-    result = run_cli(["subset", "aesthetic-v1", "--from", run, "-o", tmp_path / "x"])
+    result = run_cli_here(["subset", "aesthetic-v1", "--from", run, "-o", tmp_path / "x"])
     assert result.returncode == 2
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -613,7 +614,7 @@ def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
 
     # the metadata alone: a warning naming the folder, and the figures
-    result = run_cli(["stats", subset])
+    result = run_cli_here(["stats", subset])
     assert result.returncode == 0 and "funnel" in result.stdout
     warned = " ".join(result.stderr.split())
     assert f"names {gone}, which does not exist" in warned and "goes on" in warned

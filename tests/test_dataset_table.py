@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from test_dataset_helpers import (app, check_commit_undone, check_ctrl_c_of_an_output, ctrl_c_after, ctrl_c_while_writing, greedy_reference,
-                                  load_json, run_cli)
+                                  load_json, run_cli_here)
 from typer.testing import CliRunner
 
 from fastlaion.writer import PARQUET_SCHEMA
@@ -236,7 +236,7 @@ def test_bad_input_from_the_command_line_is_one_line_never_a_traceback(synth, tm
          "--shard-size applies to --shards only"),
     ]
     for args, message in cases:
-        result = run_cli(args)
+        result = run_cli_here(args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr
         assert "Traceback" not in result.stderr + result.stdout

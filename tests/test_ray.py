@@ -172,6 +172,7 @@ class _RunUnderWay:
 
     def rerun_finishes(self, kept: list[int]) -> None:
         """The same command again (in this process) resumes after the `kept` shards and keeps every row."""
+        self.server.delay_s = 0  # the delay kept the first run going while it was cut short: not needed now
         rerun = runner.invoke(app, self.args)
         assert rerun.exit_code == 0, rerun.output
         assert f"resuming: {len(kept)} of 12 shards already complete" in rerun.output

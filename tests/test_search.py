@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import encode
 from PIL import Image
-from test_dataset_helpers import check_ctrl_c_of_an_output, ctrl_c_after, ctrl_c_while_writing, run_cli
+from test_dataset_helpers import (check_ctrl_c_of_an_output, ctrl_c_after, ctrl_c_while_writing, run_cli,
+                                 run_cli_here)
 from test_pipeline import tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -172,7 +173,7 @@ def test_a_random_weights_run_finds_its_own_images_and_says_what_it_cannot(photo
     for name, got in zip(names, hits_of(tmp_path / "hits.json"), strict=True):
         row = rows.filter(pl.col("url").str.ends_with(f"/{name}.jpg"))
         assert got[0][0] == row["key"][0] and got[0][1] > 0.99, (name, got)
-    labelled = run_cli(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--class", "cat", "--class", "dog",
+    labelled = run_cli_here(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--class", "cat", "--class", "dog",
                         "--device", "cpu", "--no-progress"])
     assert labelled.returncode == 0 and "its labels mean nothing" in " ".join(labelled.stderr.split()), labelled.stderr
 
@@ -195,7 +196,7 @@ def test_bad_searches_are_one_line(run, tmp_path):
         ([str(no_score), "--vector", str(tmp_path / "short.npy")], "search needs image embeddings"),
     ]
     for args, message in cases:
-        result = run_cli(["search", *args, "--device", "cpu", "--no-progress"])
+        result = run_cli_here(["search", *args, "--device", "cpu", "--no-progress"])
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -311,7 +312,7 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     out, _, _, tmp = run
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
     (tmp_path / "empty.txt").write_text("# animals, to come\n\n")
-    first = run_cli(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--classes", str(tmp_path / "classes.txt"),
+    first = run_cli_here(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--classes", str(tmp_path / "classes.txt"),
                      "--device", "cpu", "--no-progress"])
     assert first.returncode == 0 and "over 2 classes" in first.stdout, first.stderr
     cases = [
@@ -326,11 +327,11 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     for args, message in cases:
         source = ["--from", str(out)] if "--from-again" not in args else []
         args = [a for a in args if a != "--from-again"] + (["--from-again"] if "--from-again" in args else [])
-        result = run_cli(["classify", *source, "-o", str(tmp_path / "o"), *args, "--device", "cpu", "--no-progress"])
+        result = run_cli_here(["classify", *source, "-o", str(tmp_path / "o"), *args, "--device", "cpu", "--no-progress"])
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
-    again = run_cli(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
+    again = run_cli_here(["classify", "--from", str(tmp_path / "c"), "-o", str(tmp_path / "c2"), "--class", "x",
                      "--device", "cpu", "--no-progress"])
     assert again.returncode == 2 and "already has zero_shot_label" in again.stderr, again.stderr
 
@@ -363,7 +364,7 @@ def synthetic_run(folder: Path, emb: np.ndarray, captions: dict[int, str] | None
 
 
 def search_json(args: list[str], path: Path) -> list[list[tuple[str, float]]]:
-    result = run_cli(["search", *args, "--json", str(path), "--no-progress"])
+    result = run_cli_here(["search", *args, "--json", str(path), "--no-progress"])
     assert result.returncode == 0, result.stderr
     return hits_of(path)
 
@@ -443,7 +444,7 @@ def test_interleaved_rows_foreign_float16_and_markup_in_captions(tmp_path):
         want = sorted(range(len(keys)), key=lambda i: (-sims[i], position[keys[i]]))[:7]
         assert [k for k, _ in hits] == [keys[i] for i in want]
         assert all(abs(s - sims[i]) < 1e-3 and s <= 1.0001 for (_, s), i in zip(hits, want))
-    shown = run_cli(["search", *args, "--no-progress"])
+    shown = run_cli_here(["search", *args, "--no-progress"])
     assert caption in shown.stdout and "Traceback" not in shown.stderr, shown.stderr
 
 
@@ -473,7 +474,7 @@ def test_more_bad_searches_are_one_line(tmp_path):
         ([str(tmp_path / "bad"), "--text", "a cat"], "config.json: no 'score' object in it"),
     ]
     for args, message in cases:
-        result = run_cli(["search", *args, "--device", "cpu", "--no-progress"], timeout=60)
+        result = run_cli_here(["search", *args, "--device", "cpu", "--no-progress"])
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

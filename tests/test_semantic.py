@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_dataset_helpers import greedy_reference, load_json, run_cli
+from test_dataset_helpers import greedy_reference, load_json, run_cli_here
 from test_dataset_table import invoke, write_run
 
 THRESHOLD = 0.95
@@ -113,7 +113,7 @@ def test_clusters_drop_only_true_duplicates_and_find_most(request, tmp_path, cas
     """Default clusters (78 for 3,000 samples) on samples around topics: few pairs split. Eight on
     a ring of near duplicates: about a fifth split, and the probes must say so."""
     folder, keys, cos, exact = request.getfixturevalue(case)
-    result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", "clusters",
+    result = run_cli_here(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", "clusters",
                       "--clusters", str(clusters), "--device", "cpu", "--from", str(folder), "-o", str(tmp_path),
                       "--no-progress"])
     assert result.returncode == 0, result.stderr
@@ -190,7 +190,7 @@ def test_a_missing_or_bad_embedding_file_counts_its_samples_and_the_rest_is_dedu
     expected = greedy_reference(rest, lambda a, b: cos[index[a], index[b]] >= THRESHOLD)
     for method in ("exact", "clusters"):
         out = tmp_path / method
-        result = run_cli(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", method,
+        result = run_cli_here(["dedup", "--by", "embedding", "--min-cosine", str(THRESHOLD), "--method", method,
                           *(["--clusters", "1"] if method == "clusters" else []),  # --method exact takes none
                           "--device", "cpu", "--from", str(run), "-o", str(out), "--no-progress"])
         assert result.returncode == 0, result.stderr
@@ -205,7 +205,7 @@ def test_bad_method_or_clusters_is_one_line(emb_run, tmp_path):
     folder = emb_run[0]
     for args, message in ((["--method", "approx"], "--method must be one of auto, exact, clusters"),
                           (["--clusters", "-1"], "--clusters")):
-        result = run_cli(["dedup", "--by", "embedding", *args, "--from", str(folder), "-o", str(tmp_path / "o")])
+        result = run_cli_here(["dedup", "--by", "embedding", *args, "--from", str(folder), "-o", str(tmp_path / "o")])
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
