@@ -37,6 +37,21 @@ def test_tiny_scorer_embeds_in_batches_consistently():
     np.testing.assert_allclose(sim1, sim[2:3], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def random_scorer():
+    """random_scorer(model, open_clip_layers=False): the CPU Scorer of that model's random weights
+    (--pretrained none: the same weights at every build), made once for this module; ViT-B-32's
+    build (its random init) takes seconds of CPU. For tests that only read the Scorer."""
+    made = {}
+
+    def get(model: str, open_clip_layers: bool = False) -> Scorer:
+        if (model, open_clip_layers) not in made:
+            made[model, open_clip_layers] = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"),
+                                                   open_clip_layers=open_clip_layers)
+        return made[model, open_clip_layers]
+    return get
+
+
 # Captions of every length class: empty, short, each bucket edge, over the 77-token context.
 PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "über straße 東京 " * 5,
                 " ".join(["word"] * 14), " ".join(["word"] * 15), " ".join(["word"] * 30), " ".join(["word"] * 47),
@@ -44,13 +59,12 @@ PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "
 
 
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
-def test_text_features_through_the_used_positions_equal_open_clip(model):
+def test_text_features_through_the_used_positions_equal_open_clip(model, random_scorer):
     """The prefix encoder against open_clip's own encode_text over all 77 positions, with
     captions of every length mixed so each bucket runs and rows come back in their order.
     ViT-B-32 (seconds of CPU for each of the seven forwards of the whole batch on 2 cores)
     takes each caption once, longest and shortest interleaved; the tiny model takes each twice."""
-    torch.manual_seed(0)
-    s = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
+    s = random_scorer(model)
     assert s._text_prefix is not None and s._text_prefix.causal_blocks
     if model == TINY_MODEL:
         texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
@@ -141,14 +155,12 @@ def test_text_features_through_the_used_positions_on_cuda_fp16():
 
 
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
-def test_image_tower_from_uint8_patches_equals_open_clips(model):
+def test_image_tower_from_uint8_patches_equals_open_clips(model, random_scorer):
     """PatchEmbedding (patches cut from the channel-last uint8 pixels, centred, one matrix product
     with the convolution's weights scaled by 1 / (255 std)) against open_clip's encode_image of
     the pixels normalised as before, in float32 on the CPU: the same features to rounding. Black,
     white, random, and an image whose halves differ (a patch cut in the wrong order moves them)."""
-    torch.manual_seed(0)
-    ours = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
-    theirs = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"), open_clip_layers=True)
+    ours, theirs = random_scorer(model), random_scorer(model, open_clip_layers=True)
     assert ours._patches is not None and theirs._patches is None
     h, w = ours.clip_spec.size
     pixels = torch.randint(0, 256, (5, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
