@@ -47,3 +47,27 @@ def fresh_cli_consoles(monkeypatch):
         for lazy in (cli.console, cli.out_console):
             monkeypatch.setattr(lazy, "_console", None)
     yield
+
+
+# `make test` runs the suite in two processes that take whole files (-n 2 --dist loadfile), one
+# file at a time as each runs out. xdist hands them out most tests first, which left
+# test_gpu_check.py (6 tests, 1.5 min alone) among the last five: the other process sat idle while
+# it ran. The files that take longest go first instead (longest first, from a `--durations=0`
+# run), then the rest in collection order, so that the last handed out are short. test_download.py
+# (the most tests, so xdist's first) stays first, in a process of its own from its start: it makes
+# ResourceWarning an error, and a file an earlier module's test left unclosed, collected by the
+# garbage collector during one of its tests, failed that test once when it ran later.
+# (Test order within a file is kept; so is the files' order but for these.)
+HANDED_OUT_FIRST = ("test_download.py", "test_gpu_check.py", "test_ray.py", "test_extract.py", "test_cli.py",
+                    "test_workers.py", "test_score.py", "test_gpu_decode.py", "test_faults.py", "test_index.py",
+                    "test_extract_native.py", "test_ops.py", "test_reader.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's: off, so that the order below holds
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HANDED_OUT_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected

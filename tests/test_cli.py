@@ -365,6 +365,7 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, photos
         assert 3 <= len(done_before) < n_rows // shard_size, "the kill should land midway"
         assert (out / ".partial").exists()  # it died inside a shard
         before = {p: p.stat().st_mtime_ns for p in out.glob("0000[0-2]*")}
+        server.delay_s = 0  # the delay let the kill land midway; the rerun needs none
         rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     assert "already complete" in rerun.stderr + rerun.stdout

@@ -251,8 +251,16 @@ BIG_PAGES = 240_000  # a whole run about 6 s here: finishing the running jobs wo
 def big_wats(tmp_path_factory):
     """Three WATs of BIG_PAGES pages each: seconds of extraction per input, the same bytes thrice."""
     folder = tmp_path_factory.mktemp("big-wats")
-    data = gz([wat_record(f"https://site.example/p{j}", [img(f"/img{j}.jpg", f"a picture, number {j}")])
-               for j in range(BIG_PAGES)])
+
+    def page(j: int | str) -> bytes:
+        return wat_record(f"https://site.example/p{j}", [img(f"/img{j}.jpg", f"a picture, number {j}")])
+
+    # the pages differ only in j: each one is the page of its number's width with that number put
+    # in (wat_record's JSON for each took 7 s of the fixture's 16)
+    blank = {width: page("Q" * width) for width in range(1, len(str(BIG_PAGES)) + 1)}
+    records = [blank[len(str(j))].replace(b"Q" * len(str(j)), str(j).encode()) for j in range(BIG_PAGES)]
+    assert all(records[j] == page(j) for j in (0, 9, 10, 99, 1234, BIG_PAGES - 1))
+    data = gz(records)
     paths = []
     for i in range(3):
         paths.append(folder / f"{i}.wat.gz")

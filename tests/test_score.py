@@ -1,3 +1,4 @@
+import functools
 import warnings
 
 import numpy as np
@@ -36,6 +37,21 @@ def test_tiny_scorer_embeds_in_batches_consistently():
     np.testing.assert_allclose(sim1, sim[2:3], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def random_scorer():
+    """random_scorer(model, open_clip_layers=False): the CPU Scorer of that model's random weights
+    (--pretrained none: the same weights at every build), made once for this module; ViT-B-32's
+    build (its random init) takes seconds of CPU. For tests that only read the Scorer."""
+    made = {}
+
+    def get(model: str, open_clip_layers: bool = False) -> Scorer:
+        if (model, open_clip_layers) not in made:
+            made[model, open_clip_layers] = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"),
+                                                   open_clip_layers=open_clip_layers)
+        return made[model, open_clip_layers]
+    return get
+
+
 # Captions of every length class: empty, short, each bucket edge, over the 77-token context.
 PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "über straße 東京 " * 5,
                 " ".join(["word"] * 14), " ".join(["word"] * 15), " ".join(["word"] * 30), " ".join(["word"] * 47),
@@ -43,13 +59,12 @@ PREFIX_TEXTS = ["", "a cat", "a photograph of a cat on a red sofa in the sun", "
 
 
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
-def test_text_features_through_the_used_positions_equal_open_clip(model):
+def test_text_features_through_the_used_positions_equal_open_clip(model, random_scorer):
     """The prefix encoder against open_clip's own encode_text over all 77 positions, with
     captions of every length mixed so each bucket runs and rows come back in their order.
     ViT-B-32 (seconds of CPU for each of the seven forwards of the whole batch on 2 cores)
     takes each caption once, longest and shortest interleaved; the tiny model takes each twice."""
-    torch.manual_seed(0)
-    s = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
+    s = random_scorer(model)
     assert s._text_prefix is not None and s._text_prefix.causal_blocks
     if model == TINY_MODEL:
         texts = PREFIX_TEXTS[::-1] + PREFIX_TEXTS
@@ -140,14 +155,12 @@ def test_text_features_through_the_used_positions_on_cuda_fp16():
 
 
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
-def test_image_tower_from_uint8_patches_equals_open_clips(model):
+def test_image_tower_from_uint8_patches_equals_open_clips(model, random_scorer):
     """PatchEmbedding (patches cut from the channel-last uint8 pixels, centred, one matrix product
     with the convolution's weights scaled by 1 / (255 std)) against open_clip's encode_image of
     the pixels normalised as before, in float32 on the CPU: the same features to rounding. Black,
     white, random, and an image whose halves differ (a patch cut in the wrong order moves them)."""
-    torch.manual_seed(0)
-    ours = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"))
-    theirs = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"), open_clip_layers=True)
+    ours, theirs = random_scorer(model), random_scorer(model, open_clip_layers=True)
     assert ours._patches is not None and theirs._patches is None
     h, w = ours.clip_spec.size
     pixels = torch.randint(0, 256, (5, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -261,43 +274,31 @@ def test_a_local_copy_of_openai_weights_is_known_by_its_cache_folder_or_its_dige
         del registry._PRETRAINED["ViT-B-32"]["fastlaion_test_digest"]
 
 
-def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_path):
+def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_path, monkeypatch):
     """The default --model ViT-B-32 --pretrained openai, loaded offline from a Hugging Face cache
     holding (random) weights where open_clip looks for OpenAI's: the Scorer's features are those of
     the same weights in ViT-B-32-quickgelu, the architecture they were trained in, not of nn.GELU."""
-    import os
-    import subprocess
-    import sys
-
-    import open_clip
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    # the weights: the reference's own random ones (the architecture they were trained in)
+    reference = Scorer(ScoreConfig(model="ViT-B-32-quickgelu", pretrained="none"), torch.device("cpu"),
+                       open_clip_layers=True)
     repo = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
     revision = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     (repo / "snapshots" / revision).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+    save_file({k: v.contiguous() for k, v in reference.model.state_dict().items()},
               str(repo / "snapshots" / revision / "open_clip_model.safetensors"))
     pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    torch.save(pixels, tmp_path / "pixels.pt")
-    script = (
-        "import sys, torch\n"
-        "from fastlaion.config import ScoreConfig\n"
-        "from fastlaion.score import Scorer\n"
-        "s = Scorer(ScoreConfig(model='ViT-B-32', pretrained='openai'), torch.device('cpu'))\n"
-        "torch.save((s.embed_images(torch.load(sys.argv[1])), s.embed_texts(['a photo of a cat', 'a dog'])), sys.argv[2])\n")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}  # never the network
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "QuickGELU mismatch" not in proc.stderr
-    images, texts = torch.load(tmp_path / "out.pt")
-    reference = Scorer(ScoreConfig(model="ViT-B-32-quickgelu", pretrained="none"), torch.device("cpu"),
-                       open_clip_layers=True)
-    reference.model.load_state_dict(model.state_dict())
+    # the cache folder huggingface_hub looks in (HF_HUB_CACHE, which it reads once, when imported;
+    # HF_HUB_OFFLINE is set by conftest.py: never the network), in this process
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with warnings.catch_warnings(record=True) as caught:  # open_clip's warning, printed once in a process
+        warnings.simplefilter("always")
+        s = Scorer(ScoreConfig(model="ViT-B-32", pretrained="openai"), torch.device("cpu"))
+    assert not [w for w in caught if "QuickGELU mismatch" in str(w.message)]
+    images, texts = s.embed_images(pixels), s.embed_texts(["a photo of a cat", "a dog"])
     torch.testing.assert_close(images, reference.embed_images(pixels), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(texts, reference.embed_texts(["a photo of a cat", "a dog"]), atol=1e-4, rtol=1e-4)
 
@@ -521,6 +522,10 @@ def test_compiled_tokenizer_splits_as_open_clip_and_leaves_the_rest_to_python(na
         pytest.skip("no C compiler: the compiled tokenizer cannot be built here")
     tokenize_native._reset()
     reference = open_clip.get_tokenizer("ViT-B-32")
+    # open_clip's ids at each context below are its encoding of the whole caption, cut (its
+    # __call__ does the cutting): each caption encoded once for the four (its ftfy cleaning and
+    # BPE took 3 s a context on 2 cores), by open_clip's own encode still
+    reference.encode = functools.lru_cache(maxsize=None)(reference.encode)
     ours = CachedClipTokenizer.wrap(open_clip.get_tokenizer("ViT-B-32"))
     cases = _split_cases(3000)
     plain = np.array([c.isascii() and c.isprintable() and "&" not in c for c in cases])
