@@ -122,37 +122,40 @@ def check_architecture(flag: str, name: str) -> None:
         raise architecture_error(flag, name, open_clip.list_models())
 
 
-def unknown_tag_error(flag: str, pretrained: str, model: str, tags: list[str]) -> ConfigError:
-    return ConfigError(f"{flag} {pretrained!r} is not a known tag for {model} "
-                       f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
-
-
-def check_pretrained(flag: str, model: str, pretrained: str) -> None:
-    """Refuse, before any work, a --pretrained that is neither a checkpoint file nor one of
-    open_clip's tags for `model` (a typo was found once the models loaded, 20 s in, the output
-    folder made). A name written as a tag in open_clip's pretrained.py (of any model) is let
-    through without importing open_clip (torch); the load checks it against the model. Any other
-    is put to open_clip itself."""
+def check_pretrained(flag: str, model: str, pretrained: str, exact: bool = False) -> None:
+    """Refuse a --pretrained that is neither a checkpoint file nor one of open_clip's tags for
+    `model`. Before any work (RunConfig.validate: a typo was found once the models loaded, 20 s
+    in, the output folder made), a name written as a tag in open_clip's pretrained.py (of any
+    model) is let through without importing open_clip (torch), and the load checks it against
+    the model (`exact`, the Scorer's, which has open_clip imported); any other is put to
+    open_clip itself."""
     if pretrained.lower() in ("", "none", "random") or Path(pretrained).exists():
         return
     if os.sep in pretrained:
         raise ConfigError(f"{flag} {pretrained!r}: no such checkpoint file")
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return  # not installed: the model's load says so
-    try:
-        listed = (Path(spec.submodule_search_locations[0]) / "pretrained.py").read_text(encoding="utf-8")
-    except OSError:
-        listed = ""
-    if re.search(rf"(?m)^\s*{re.escape(pretrained)}\s*=\s*_pcfg\(", listed):
+    if not exact and _listed_as_a_tag(pretrained):
         return
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
-        raise unknown_tag_error(flag, pretrained, model, tags)
+        raise ConfigError(f"{flag} {pretrained!r} is not a known tag for {model} "
+                          f"(tags: {', '.join(tags) or 'none'}) nor an existing checkpoint path")
+
+
+def _listed_as_a_tag(pretrained: str) -> bool:
+    """Whether open_clip's pretrained.py writes `pretrained` as a tag (`name=_pcfg(`), read as
+    text; False where open_clip is not installed or the file cannot be read."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        listed = (Path(spec.submodule_search_locations[0]) / "pretrained.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return re.search(rf"(?m)^\s*{re.escape(pretrained)}\s*=\s*_pcfg\(", listed) is not None
 
 
 BORDER_COLORS = ("white", "black")

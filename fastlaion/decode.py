@@ -330,7 +330,7 @@ def too_long_to_resize(width: int, height: int, cfg: DecodeConfig, clip: ClipInp
 
 
 def resize_for_storage(image: Image.Image, width: int, height: int, image_size_px: int,
-                       mode: ResizeMode, fill: int = 255) -> Image.Image:
+                       mode: ResizeMode, fill: int) -> Image.Image:
     """The stored image's pixels (RGB) from a decode of an image of original size `width` x
     `height`: area averaging (Pillow BOX, like cv2 INTER_AREA) to shrink and Lanczos to enlarge,
     as img2dataset; then a centre crop (center_crop) or centred borders of value `fill` (border;

@@ -142,9 +142,9 @@ def clip_window(spec: ClipInputSpec, width: int, height: int) -> Window:
                   _center_crop_start(resized_h, crop_h), crop_w, crop_h, fill)
 
 
-def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode, fill: int = 255) -> Window:
+def stored_window(width: int, height: int, image_size_px: int, mode: ResizeMode, fill: int = 0) -> Window:
     """`resize_for_storage`'s geometry for an image of `width` x `height` (not ResizeMode.no);
-    `fill`: border's padding."""
+    `fill`: border's padding (DecodeConfig.border_fill)."""
     resized_w, resized_h = stored_resized_size_px(width, height, image_size_px, mode)
     if mode is ResizeMode.center_crop:
         return Window(resized_w, resized_h, (resized_w - image_size_px) // 2,

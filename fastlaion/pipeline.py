@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 class Progress:
     """Callbacks the pipeline makes as work proceeds; the CLI draws a progress bar from them."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, ScoreConfig, architecture_error, first_line, unknown_tag_error
+from .config import ConfigError, ScoreConfig, architecture_error, check_pretrained, first_line
 from .decode import ClipInputSpec
 from .ops import paired_cosine
 from .textfix import fix_text_is_identity, uncurled_ascii
@@ -82,13 +82,8 @@ class Scorer:
         known = open_clip.list_models()
         if cfg.model not in known:
             raise architecture_error(model_flag, cfg.model, known)
+        check_pretrained(pretrained_flag, cfg.model, cfg.pretrained, exact=True)
         pretrained = None if cfg.random_weights else cfg.pretrained
-        if pretrained is not None and not Path(pretrained).exists() and os.sep in pretrained:
-            raise ConfigError(f"{pretrained_flag} {pretrained!r}: no such checkpoint file")
-        if pretrained is not None and not Path(pretrained).exists():
-            tags = open_clip.list_pretrained_tags_by_model(cfg.model)
-            if pretrained not in tags:
-                raise unknown_tag_error(pretrained_flag, pretrained, cfg.model, tags)
         precision = pick_precision(cfg.precision, device)
         try:
             with torch.random.fork_rng(devices=[]):  # the caller's CPU generator as it was (manual_seed seeds CUDA's too)

@@ -338,7 +338,7 @@ def test_windows_follow_the_cpu_arithmetic():
     longest = ClipInputSpec(size=(224, 224), resize_mode="longest", fill_color=9)
     assert clip_window(longest, 448, 300) == Window(224, 150, 0, -37, 224, 224, 9)  # pad (74 // 2) above
     assert stored_window(301, 256, 256, ResizeMode.center_crop) == Window(301, 256, 22, 0, 256, 256)
-    assert stored_window(512, 342, 256, ResizeMode.border) == Window(256, 171, 0, -42, 256, 256, 255)  # white
+    assert stored_window(512, 342, 256, ResizeMode.border, 255) == Window(256, 171, 0, -42, 256, 256, 255)  # white
     assert stored_window(512, 342, 256, ResizeMode.border, 0) == Window(256, 171, 0, -42, 256, 256, 0)
     assert stored_window(512, 342, 256, ResizeMode.keep_ratio) == Window(383, 256, 0, 0, 383, 256)
 
