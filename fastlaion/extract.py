@@ -54,8 +54,13 @@ Link rules, checked in this order; a link is counted under the first rule it fai
     long_host    hostname longer than `max_host_chars` (LAION: 60)
 The substring rules are LAION's and match anywhere in the src, case-insensitively: a Wikipedia
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
-A kept URL's scheme and host are put in lower case (`fold_case`, the WHATWG URL standard's
-serialisation; path, query and fragment as written), so case variants of a URL dedup as one.
+A kept URL's scheme, host and port are written as the WHATWG URL standard (browsers, and yarl
+when aiohttp fetches it) serialises them (`fold_case`): scheme and host in lower case, a
+non-ASCII host in punycode by UTS #46 (the idna package; one it refuses stays as written), no
+port where it is the scheme's default (`:80`, `:443`) or empty; path, query, fragment and
+userinfo as written. So `HTTPS://Example.COM:443/a.jpg`, `http://Bücher.example/b.jpg` and
+`http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once.
+The rules (long_host) measure the host as written; uid is computed from the URL as kept.
 Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts
 (url_truncated, caption_truncated) and the WARC pages whose declared charsets are all unknown,
 read as UTF-8 (charset_fallback).
@@ -96,6 +101,7 @@ import array
 import codecs
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import html
@@ -2298,21 +2304,60 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def fold_case(url: str, m: re.Match[str] | None = None) -> str:
-    """An http(s) URL that `_HTTP_URL` matches (`m`, its match, when at hand) with its scheme and
-    host in lower case, as the WHATWG URL standard serialises them (both are case-insensitive):
-    `HTTPS://Example.COM/A.jpg` is `https://example.com/A.jpg`, so the two dedup as one. Path,
-    query, fragment, userinfo and port stay as written; only ASCII letters are folded (an IDN
-    host's other letters stay as they are: the standard would write it in punycode)."""
+    """An http(s) URL that `_HTTP_URL` matches (`m`, its match, when at hand) as the WHATWG URL
+    standard serialises its scheme, host and port, so that spellings of one URL dedup as one
+    (and are downloaded once):
+
+    - scheme and an ASCII host in lower case: `HTTPS://Example.COM/A.jpg` is
+      `https://example.com/A.jpg`;
+    - a host with a non-ASCII character in punycode, by UTS #46 (`_idna_host`):
+      `http://Bücher.example/x` is `http://xn--bcher-kva.example/x`. A host the idna package
+      refuses stays as written, its ASCII letters in lower case (see _idna_host);
+    - the port as a number, none where it is the scheme's default or empty: `:80` on http,
+      `:443` on https, `:0080` and `http://a.example:/x` are dropped, `:08080` is `:8080`;
+      a port that is not the scheme's default stays (`http://a.example:443/`).
+
+    Path, query, fragment and userinfo stay as written. The host's length (long_host) is
+    measured on the URL as written, before this.
+
+    >>> fold_case("HTTP://Bücher.Example:0080/A.jpg")
+    'http://xn--bcher-kva.example/A.jpg'
+    """
     if m is None:
         m = _HTTP_URL.match(url)
         if m is None:
             return url
     a, b = m.span(1)
     n = 5 if url[4] in "sS" else 4  # the scheme's length
-    scheme, host = url[:n], url[a:b]
-    if scheme.islower() and not _UPPER_ASCII.search(host):
+    scheme, host, port = url[:n], url[a:b], m.group(2)
+    if port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host):
         return url
-    return scheme.lower() + url[n:a] + host.translate(_ASCII_LOWER) + url[b:]
+    host = host.translate(_ASCII_LOWER) if host.isascii() else _idna_host(host)
+    rest = url[b:]
+    if port is not None:  # rest starts with ':' and the port's digits
+        number = int(port) if port else None
+        rest = rest[1 + len(port):]
+        if number is not None and number != (443 if n == 5 else 80):
+            rest = f":{number}{rest}"
+    return scheme.lower() + url[n:a] + host + rest
+
+
+@functools.lru_cache(maxsize=4096)
+def _idna_host(host: str) -> str:
+    """A host with non-ASCII characters as WHATWG's host parser writes it: UTS #46 processing
+    (mapping, lower case, NFC, then punycode: the `idna` package, not Python's IDNA 2003 codec),
+    as browsers and yarl (aiohttp's URLs) send it. A host idna refuses (an emoji, '_', a label
+    starting with '-', an empty or over-long label: IDNA 2008 and DNS rules, stricter than
+    WHATWG's) is kept as written, ASCII letters in lower case, not rejected: browsers fetch most
+    of those, and so does aiohttp, through yarl's IDNA 2003 fallback. That fallback is not used
+    here: its NFKC can map a character to a URL delimiter ('／' to '/'), which would make
+    another URL of this one. Cached: a page's links often share a host."""
+    import idna
+
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except UnicodeError:  # idna.IDNAError and its kinds
+        return host.translate(_ASCII_LOWER)
 
 
 _UPPER_ASCII = re.compile("[A-Z]")

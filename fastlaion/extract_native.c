@@ -1426,9 +1426,23 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     int64_t host_at[2];
     if (!url_ok(url, un, -1, host_at)) return R_INVALID_URL;
     if (!url_ok(url, un, cfg->max_host, NULL)) return R_LONG_HOST;
-    /* scheme and host in lower case (extract.fold_case) */
+    /* extract.fold_case: scheme and host in lower case (the URL is printable ASCII here, so the
+     * host needs no punycode), and the port as a number, none where it is empty or the scheme's
+     * default (url_ok has checked it: digits, at most 65535) */
     for (int64_t i = 0; url[i] != ':'; i++) url[i] = lower(url[i]);
     for (int64_t i = host_at[0]; i < host_at[1]; i++) url[i] = lower(url[i]);
+    if (host_at[1] < un && url[host_at[1]] == ':') {
+        int64_t p = host_at[1] + 1, q = p, z = p, port = 0;
+        while (q < un && url[q] >= '0' && url[q] <= '9') q++;
+        while (z < q - 1 && url[z] == '0') z++;  /* leading zeros; "0" itself stays */
+        for (int64_t k = z; k < q; k++) port = port * 10 + (url[k] - '0');
+        int64_t from = p, to = z;  /* the bytes that go */
+        if (q == p || port == (url[4] == 's' ? 443 : 80)) { from = host_at[1]; to = q; }
+        if (to > from) {
+            memmove(url + from, url + to, (size_t)(un - to));
+            un -= to - from;
+        }
+    }
     /* kept: cut to max_text_chars (the URL is ASCII) */
     int cut;
     int64_t keep = un > cfg->max_text ? cfg->max_text : un;

@@ -13,8 +13,8 @@ for the shapes that make up nearly all of Common Crawl's links, and marks every 
 For the rest each step is the reference's, written as an expression: whitespace folding
 (`" ".join(alt.split())`, in Python for the few alts it changes), strip, lower case, the
 substring rules, joining to the base by concatenation (as `_Base.join` does),
-`_HTTP_URL`'s host and port check, and `fold_case` (scheme and host in lower case; in Python,
-for the few URLs with a capital there). tests/test_extract.py compares the two on generated
+`_HTTP_URL`'s host and port check, and `fold_case` (scheme and host in lower case, no default
+port; in Python, for the few URLs with a capital there or a port). tests/test_extract.py compares the two on generated
 and edge-case links.
 """
 
@@ -36,8 +36,10 @@ _ODD_ALT = r"&(?:[^\t\n\x0c <&#;]|#[0-9xX])|[\x1c-\x1f]"
 _PY_SPACE = "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace() and c != 0x20)
 _NEEDS_FOLD = rf"^ | $|  |[{_PY_SPACE}]"  # " ".join(alt.split()) would change the alt
 _HARD = "hard"
-# An upper-case letter in a URL's scheme or authority (the host is in there), which fold_case may fold
-_UPPER_AUTHORITY = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*[A-Z])"
+# What fold_case may change in a URL: an upper-case letter in its scheme or authority (the host is
+# in there), a non-ASCII character in its authority (an IDN host: punycode), or a port (a default
+# or empty one goes, leading zeros go). A userinfo's ':' or an IPv6 literal's are not taken for a port.
+_TO_FOLD = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*(?:[A-Z]|[^\x00-\x7f]|:[0-9]*(?:[/?#]|$)))"
 
 
 def _url_pattern(max_host: int | None) -> str:
@@ -136,17 +138,18 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
 
 
 def fold_case_urls(urls: pl.Series, where: pl.Series | None = None) -> pl.Series:
-    """`urls` (String) with scheme and host in lower case as `extract.fold_case` writes them, where
-    `where` is true (everywhere when None). Vectorised but for the few URLs with a capital in their
-    scheme or authority, which go through fold_case itself (the reference) one by one; a URL
-    fold_case does not parse (not http(s)), or null, stays as it is. Also the key `fastlaion
-    dedup --by url` compares (dataset/dedup.py)."""
+    """`urls` (String) as `extract.fold_case` writes them (scheme and host in lower case, an IDN
+    host in punycode, no default or empty port), where `where` is true (everywhere when None).
+    Vectorised but for the few URLs fold_case may change (a capital in their scheme or authority,
+    a non-ASCII authority, a port), which go through fold_case itself (the reference) one by one;
+    a URL fold_case does not parse (not http(s)), or null, stays as it is. Also the key
+    `fastlaion dedup --by url` compares (dataset/dedup.py)."""
     if urls.dtype != pl.String:  # e.g. a column of nulls only (pl.Null)
         return urls
-    upper = urls.str.contains(_UPPER_AUTHORITY)
+    to_fold = urls.str.contains(_TO_FOLD)
     if where is not None:
-        upper = upper & where
-    rows = upper.arg_true()  # (a null is not true)
+        to_fold = to_fold & where
+    rows = to_fold.arg_true()  # (a null is not true)
     if not len(rows):
         return urls
     from .extract import fold_case

@@ -542,6 +542,108 @@ def test_scheme_and_host_are_lower_case_in_the_kept_url(tmp_path, monkeypatch, p
         assert sum(decided) == len(UPPER_LINKS) + len(UPPER_BASE_LINKS) - 1
 
 
+# Spellings of one URL that WHATWG (browsers, yarl when aiohttp fetches) serialises alike: default
+# and empty ports, leading zeros, IDN hosts. (src, alt, the URL kept; None: a duplicate of the
+# first row with that alt, dropped)
+JP_HOST = "東京の夜景と富士山の写真.大阪城と桜の風景写真.jp"  # 26 characters as written, 80 in punycode
+JP_PUNY = "xn--o9jlb9702adcdh9n0jap7pqrb028c8qcs15e.xn--o9jm785wsgfjxb711bt8c4x4bln2dohf.jp"
+PORT_PAGE = "HTTP://Site.Example:80/Dir/page.html"
+PORT_LINKS = [
+    ("http://example.com/a.jpg", "Default http port", "http://example.com/a.jpg"),
+    ("http://example.com:80/a.jpg", "Default http port", None),
+    ("HTTP://Example.COM:/a.jpg", "Default http port", None),  # an empty port
+    ("http://example.com:0080/a.jpg", "Default http port", None),  # leading zeros: 80 still
+    ("https://example.com:443/b.jpg?q=1#f", "Default https port", "https://example.com/b.jpg?q=1#f"),
+    ("https://example.com/b.jpg?q=1#f", "Default https port", None),
+    ("https://example.com:/b.jpg?q=1#f", "Default https port", None),
+    ("http://example.com:443/c.jpg", "Not the default port", "http://example.com:443/c.jpg"),
+    ("https://example.com:80/c.jpg", "Not the default port", "https://example.com:80/c.jpg"),
+    ("http://example.com:08080/d.jpg", "Leading zeros go", "http://example.com:8080/d.jpg"),
+    ("http://example.com:8080/d.jpg", "Leading zeros go", None),
+    ("http://example.com:000/e.jpg", "Port zero is a port", "http://example.com:0/e.jpg"),
+    ("http://example.com", "No path, default port", "http://example.com"),
+    ("http://example.com:80", "No path, default port", None),
+    ("http://example.com:?q", "No path, default port", "http://example.com?q"),
+    ("http://u:80@example.com:80/f.jpg", "Userinfo kept as written", "http://u:80@example.com/f.jpg"),
+    ("http://[::1]:80/g.jpg", "IPv6 literal default port", "http://[::1]/g.jpg"),
+    ("http://[::1]:81/g.jpg", "IPv6 literal other port", "http://[::1]:81/g.jpg"),
+    ("rel/h.jpg", "Relative to the page", "http://site.example/Dir/rel/h.jpg"),
+    ("/i.jpg", "Root relative source", "http://site.example/i.jpg"),
+    ("//CDN.Example:443/j.jpg", "Protocol relative source", "http://cdn.example:443/j.jpg"),  # 443 on http stays
+    ("../k.jpg", "Dot segment source", "http://site.example/k.jpg"),
+    ("http://Bücher.Example/l.jpg", "IDN host, mixed case", "http://xn--bcher-kva.example/l.jpg"),
+    ("http://xn--bcher-kva.example/l.jpg", "IDN host, mixed case", None),  # already punycode
+    ("http://XN--BCHER-KVA.example:80/l.jpg", "IDN host, mixed case", None),
+    ("http://BÜCHER.example:0080/l.jpg", "IDN host, mixed case", None),
+    ("http://bu\u0308cher.example/l.jpg", "IDN host, mixed case", None),  # decomposed: NFC first
+    ("http://bücher。example/l.jpg", "IDN host, mixed case", None),  # an ideographic full stop
+    ("https://ÜSER@Straße.de:443/m.jpg", "Userinfo and path as written", "https://ÜSER@xn--strae-oqa.de/m.jpg"),
+    ("http://my_host.Bücher.example/n.jpg", "Refused by idna: kept", "http://my_host.bücher.example/n.jpg"),
+    ("http://💩.LA:80/o.jpg", "Refused by idna: kept", "http://💩.la/o.jpg"),
+    (f"http://{JP_HOST}/p.jpg", "Host short as written", f"http://{JP_PUNY}/p.jpg"),
+]
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference", "warc"])
+def test_default_ports_and_idn_hosts_are_written_as_whatwg_does(tmp_path, monkeypatch, path):
+    """`http://example.com:80/a.jpg`, `HTTP://Example.COM:/a.jpg` and `http://example.com/a.jpg`
+    are one URL to browsers and to aiohttp, and so are `http://Bücher.example/` and
+    `http://xn--bcher-kva.example/`; extraction kept each spelling, so one image was kept (and
+    downloaded) twice. Now every path writes the port as a number, none where it is the scheme's
+    default or empty, and an IDN host in punycode (UTS #46); a host the idna package refuses
+    stays as written (lower-case ASCII letters), a port that is not the default stays. The
+    duplicates are dropped; uid is of the URL as kept; long_host measures the host as written
+    (the Japanese host is 80 characters in punycode, 26 as written: kept). The native and
+    vectorised paths decide the ASCII links themselves, the others go to `_check_link`."""
+    expected = [(url, alt) for _, alt, url in PORT_LINKS if url is not None]
+    if path == "warc":
+        body = "<html><body>" + "".join(f'<img src="{src}" alt="{alt}">' for src, alt, _ in PORT_LINKS) + "</body></html>"
+        files = {"p.warc": response_record(PORT_PAGE, body.encode())}
+    else:
+        decided = use_wat_path(monkeypatch, path)
+        files = {"p.wat.gz": gz([wat_record(PORT_PAGE, [img(src, alt) for src, alt, _ in PORT_LINKS]), ending()])}
+    s, t = extract(tmp_path, files)
+    assert pairs(t) == expected
+    assert t["uid"].to_list() == [uid_of(u, c) for u, c in expected]
+    assert s.duplicates == len(PORT_LINKS) - len(expected) and sum(s.rejected.values()) == 0
+    if path == "native":  # every ASCII src in C (the page URL's port and capitals too)
+        assert sum(decided) == sum(src.isascii() for src, _, _ in PORT_LINKS) == 24
+
+
+def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
+    """The reference fold, URL by URL, against what WHATWG's serialiser writes (as browsers do)."""
+    from fastlaion.extract import fold_case
+
+    for url, folded in [
+        ("HTTP://EXAMPLE.COM:80/A?B#C", "http://example.com/A?B#C"), ("https://a.example:443", "https://a.example"),
+        ("https://a.example:00443/", "https://a.example/"), ("http://a.example:/", "http://a.example/"),
+        ("http://a.example:443/", "http://a.example:443/"), ("https://a.example:8443/", "https://a.example:8443/"),
+        ("http://a.example:65535/", "http://a.example:65535/"), ("http://a.example:0/", "http://a.example:0/"),
+        ("http://a.example:#f", "http://a.example#f"), ("http://x:1@a.example/:80", "http://x:1@a.example/:80"),
+        ("http://[::FFFF:A]:80/", "http://[::ffff:a]/"), ("http://Faß.de/", "http://xn--fa-hia.de/"),
+        ("http://bücher.example./", "http://xn--bcher-kva.example./"),  # the root's dot stays, as in WHATWG
+        ("http://-x.Bücher.de/", "http://-x.bücher.de/"), ("http://a..Bücher.de/", "http://a..bücher.de/"),  # refused
+        ("http://" + "Ü" * 64 + ".de/", "http://" + "Ü" * 64 + ".de/"),  # a label over 63 in punycode: refused
+        ("http://a.example/Bücher:80", "http://a.example/Bücher:80"), ("ftp://A.example:21/", "ftp://A.example:21/"),
+    ]:
+        assert fold_case(url) == folded, url
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
+def test_long_host_measures_the_host_as_written_not_its_punycode(tmp_path, monkeypatch, path):
+    """LAION measured the hostname as written: a default port does not count in it, and an IDN
+    host is held to the limit by its characters, not by its punycode (which may be longer)."""
+    decided = use_wat_path(monkeypatch, path)
+    host60, host61 = "h" * 56 + ".com", "h" * 57 + ".com"
+    links = [img(f"http://{host60}:80/a.jpg", "Sixty with a port"), img(f"http://{host61}:80/b.jpg", "Sixty-one with a port"),
+             img("http://" + "ü" * 56 + ".com/c.jpg", "Sixty non-ASCII"), img("http://" + "ü" * 57 + ".com/d.jpg", "Sixty-one")]
+    s, t = extract(tmp_path, {"p.wat.gz": gz([wat_record("https://site.example/", links), ending()])})
+    # 66 characters in punycode
+    assert pairs(t) == [(f"http://{host60}/a.jpg", "Sixty with a port"), ("http://xn--td" + "a" * 56 + ".com/c.jpg", "Sixty non-ASCII")]
+    assert nonzero(s.rejected) == {"long_host": 2}
+    assert sum(decided) == (2 if path == "native" else 0)
+
+
 @pytest.mark.parametrize("path", ["native", "vectorised", "reference"])
 def test_a_bracketed_host_is_held_to_the_host_limit_at_its_boundary(tmp_path, monkeypatch, path):
     """An IPv6 literal's brackets count in the host's length, as for LAION's hostname check on
@@ -1321,13 +1423,20 @@ ODD_SRCS = [None, "", " ", "https://img.example.com/a.jpg", "HTTP://IMG.example.
             "/ünïcode.jpg", "https://bücher.example/x.jpg", "File:Foo.jpg", "/wiki/File:Foo.jpg", "sub/dir/", "%20space.jpg",
             "https:rel.jpg", "http://ex\x00ample.com/x.jpg", "http://example.com\\x.jpg", "/.well-known/x.png", "/a/..",
             "about:blank", "http://a.b/x.svgz", "https://example.com/" + "p" * 2100, "/p?u=data:x.jpg",
-            "https://x.example/Data:Image.jpg", "data:text/plain,x"]
+            "https://x.example/Data:Image.jpg", "data:text/plain,x",
+            # ports and hosts fold_case rewrites (WHATWG's serialisation): the C fold and extract_vec's selection
+            "https://example.com:443/x.jpg", "HTTP://EXAMPLE.com:80/x.jpg", "https://example.com:80/x.jpg",
+            "http://example.com:443", "http://example.com:08080/x.jpg", "https://example.com:?q", "http://example.com:00#f",
+            "//cdn.example.org:443/p.png", "//cdn.example.org:80/p.png", "https://[::1]:443/x.jpg", "http://u:80@example.com/x",
+            "HTTP://Bücher.Example:80/x.jpg", "http://xn--bcher-kva.example/x.jpg", "http://my_host.bücher.example/x.jpg"]
 BASES = [("https://example.com/dir/page.html", None), ("https://example.com", None), ("HTTP://Example.COM:8080/a/b?q#f", None),
          ("https://example.com/a/b.html", "https://static.example.net/assets/"), ("https://example.com/x", "/static/"),
          ("https://example.com/x", "//cdn.example.org/site/"), ("https://example.com/x", "&#47;odd"),
          ("https://example.com/x", "ftp://files.example/"), ("ftp://files.example/x", None), ("not a url", None),
          ("https://[::1]/x", None), ("https://ex ample.com/x", None), ("https://example.com/ä/x", None),
-         ("http://user@example.com/p", None), ("https://example.com?only=query", None), ("", None)]
+         ("http://user@example.com/p", None), ("https://example.com?only=query", None), ("", None),
+         ("http://example.com:80/dir/page.html", None), ("HTTPS://Example.com:0443", None), ("http://example.com:443/p", None),
+         ("https://example.com/x", "http://base.example:80/b/"), ("http://Bücher.example/p/", None)]
 
 
 def _random_pages(seed: int, n_pages: int) -> list[tuple]:

@@ -1,8 +1,9 @@
 """Dedup a dataset: exact (url, url+caption, image sha256), perceptual (pHash) or semantic (CLIP
 image embeddings). Rows are never deleted: a duplicate becomes status=dropped, stage=dedup,
 reason=duplicate_<by>, and `duplicate_of` names the key of the sample it repeats. URLs are
-compared with scheme and host in lower case (`_url_key`: extract.fold_case, as extraction writes
-a kept URL), so `HTTP://A.com/x.jpg` repeats `http://a.com/x.jpg`; the url column is not changed.
+compared as extraction writes a kept URL (`_url_key`: extract.fold_case: scheme and host in lower
+case, an IDN host in punycode, no default port), so `HTTP://A.com:80/x.jpg` repeats
+`http://a.com/x.jpg`; the url column is not changed.
 
 Which one stays: among kept samples, the first in dataset order (run shards in order, rows in
 order: the lowest key). For near duplicates the walk is greedy in that order: a sample is a
@@ -193,10 +194,11 @@ def _exact(ds: Dataset, columns: tuple[str, ...]) -> pl.DataFrame:
 
 
 def _url_key() -> pl.Expr:
-    """The url column as dedup compares it: scheme and host in lower case (extract.fold_case, as
-    extraction writes a kept URL), so `HTTP://A.com/x.jpg` repeats `http://a.com/x.jpg`; the path
-    keeps its case. Polars, batch by batch, but for the few URLs with a capital before their path,
-    folded in Python by fold_case itself (extract_vec.fold_case_urls)."""
+    """The url column as dedup compares it: scheme and host in lower case, an IDN host in
+    punycode, no default port (extract.fold_case, as extraction writes a kept URL), so
+    `HTTP://A.com:80/x.jpg` repeats `http://a.com/x.jpg`; the path keeps its case. Polars, batch
+    by batch, but for the few URLs with a capital, a non-ASCII character or a port before their
+    path, folded in Python by fold_case itself (extract_vec.fold_case_urls)."""
     from ..extract_vec import fold_case_urls
 
     return pl.col("url").map_batches(fold_case_urls, return_dtype=pl.String, is_elementwise=True).alias("url")
