@@ -332,9 +332,10 @@ def test_a_second_dedup_keeps_the_first_ones_records(synth, tmp_path):
 
 
 def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
-    """--by url and url+caption compare URLs with scheme and host in lower case (extract.fold_case:
-    a user's URL list may spell one URL `HTTP://A.com/x.jpg` and `http://a.com/x.jpg`); the path,
-    userinfo and non-ASCII letters keep their case, and the url column is written as it was."""
+    """--by url and url+caption compare URLs as extraction writes them (extract.fold_case: a
+    user's URL list may spell one URL `HTTP://A.com:80/x.jpg` and `http://a.com/x.jpg`): scheme
+    and host in lower case, an IDN host in punycode, no default or empty port; the path,
+    userinfo and a non-default port stay, and the url column is written as it was."""
     import random
 
     from fastlaion.extract import fold_case
@@ -345,13 +346,20 @@ def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
         ("https://USER:Pw@Ex.COM:8080/P?Q#F", "c", "kept", None), ("https://USER:Pw@ex.com:8080/P?Q#F", "c", "kept", 4),
         ("https://user:Pw@ex.com:8080/P?Q#F", "c", "kept", None), ("NOTAURL", "c", "kept", None),
         ("notaurl", "c", "kept", None), ("http://BÜcher.DE/x", "c", "kept", None), ("http://bÜcher.de/x", "c", "kept", 9),
-        ("http://bücher.de/x", "c", "kept", None), ("HTTPS://[::1]/x", "c", "kept", None),
+        ("http://bücher.de/x", "c", "kept", 9), ("HTTPS://[::1]/x", "c", "kept", None),
         ("https://[::1]/x", "c", "kept", 12), ("HTTP://B.com/y", "c", "dropped", None), ("http://b.com/y", "c", "kept", None),
+        # ports and IDN hosts (WHATWG's serialisation): a default or empty port goes, punycode is the same host
+        ("http://a.com:80/x.jpg", "c", "kept", 0), ("HTTP://A.com:/x.jpg", "c", "kept", 0), ("http://a.com:0080/x.jpg", "c", "kept", 0),
+        ("http://a.com:443/x.jpg", "c", "kept", None), ("https://a.com:443/x.jpg", "c", "kept", None),
+        ("https://a.com/x.jpg", "c", "kept", 20), ("http://xn--bcher-kva.de:80/x", "c", "kept", 9),
+        ("https://USER:Pw@ex.com:08080/P?Q#F", "c", "kept", 4), ("http://my_host.Bücher.de/x", "c", "kept", None),
+        ("http://my_host.bücher.de:80/x", "c", "kept", 24),  # a host idna refuses: compared as written, lower case
     ]
     rng = random.Random(3)
     generated = []  # case variants of a few URLs, kept: the reference is fold_case in Python
     for _ in range(400):
-        url = rng.choice(["http://img.example.org/a/B.jpg", "https://cdn.x.com:443/P.png?Q=1", "http://h.de/z"])
+        url = rng.choice(["http://img.example.org/a/B.jpg", "https://cdn.x.com:443/P.png?Q=1", "https://cdn.x.com/P.png?Q=1",
+                          "http://h.de/z", "http://h.de:80/z", "http://bücher.de:/z", "http://xn--bcher-kva.de/z"])
         generated.append(("".join(c.upper() if rng.random() < 0.3 else c for c in url[:20]) + url[20:],
                           rng.choice(["c", "d"]), "kept", None))
     spec = planted + generated

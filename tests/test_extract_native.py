@@ -24,8 +24,10 @@ from test_extract import (
     _wat_doc_variants,
     gz,
     img,
+    ending,
     rule_wat,
     three_wat_records,
+    use_wat_path,
     warc_record,
     wat_record,
     wat_request_record,
@@ -156,6 +158,77 @@ def test_c_rules_decide_most_links_themselves(tmp_path, monkeypatch, data):
         _run(tmp_path, wat.read_bytes(), True, monkeypatch)
     hard, settled = sum(h for h in handed if h > 0), -sum(h for h in handed if h < 0)
     assert settled > (1 if data == "odd-pages" else 15) * hard > 0, (settled, hard)
+
+
+# (host as one of its spellings, host as WHATWG writes it): plain, IDN (punycode written or not)
+_FOLD_HOSTS = [("img.example.com", "img.example.com"), ("bücher.example", "xn--bcher-kva.example"),
+               ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de"),
+               ("[::1]", "[::1]"), ("my_host.bücher.example", "my_host.bücher.example")]  # (the last: idna refuses it)
+
+
+def _spelled(rng: random.Random, text: str) -> str:
+    """text with some letters in upper case (not 'ß', whose upper case is "SS": another host)"""
+    return "".join(c.upper() if rng.random() < 0.4 and len(c.upper()) == 1 else c for c in text)
+
+
+def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple[str, str]]]:
+    """WAT records whose links spell a few URLs many ways (scheme and host case, a default, empty
+    or zero-padded port, an IDN host in Unicode or punycode), absolute or relative to a page URL
+    so spelled; and the (url, alt) pairs they must come to, written by hand, not by fold_case."""
+    rng = random.Random(seed)
+    recs, expected = [], set()
+    for i in range(n_pages):
+        links = []
+        for _ in range(rng.randint(5, 25)):
+            scheme = rng.choice(["http", "https"])
+            host, folded = rng.choice(_FOLD_HOSTS)
+            default = "80" if scheme == "http" else "443"
+            port, port_folded = rng.choice([("", ""), (":", ""), (f":{default}", ""), (f":00{default}", ""),
+                                            (":8080", ":8080"), (":08080", ":8080"),
+                                            (":443" if scheme == "http" else ":80", ":443" if scheme == "http" else ":80")])
+            path = rng.choice(["/a.jpg", "/B.jpg?Q=1", "", "#F"])
+            alt = f"Picture {folded}|{port_folded}|{path}"
+            relative = rng.random() < 0.3
+            spelled = _spelled(rng, host)
+            if folded == host and not host.isascii():  # refused by idna: as written, ASCII letters in lower case
+                folded = "".join(c.lower() if c.isascii() else c for c in spelled)
+                alt = f"Picture {folded}|{port_folded}|{path}"
+            page = f"{_spelled(rng, scheme)}://{spelled}{port}/dir/p{i}.html"
+            src = rng.choice(["x/c.jpg", "/c.jpg"]) if relative else f"{_spelled(rng, scheme)}://{spelled}{port}{path}"
+            if relative:
+                path = "/dir/x/c.jpg" if src == "x/c.jpg" else "/c.jpg"
+                alt = f"Relative {folded}|{port_folded}|{path}"
+                recs.append(wat_record(page, [img(src, alt)]))
+            else:
+                links.append(img(src, alt))
+            expected.add((f"{scheme}://{folded}{port_folded}{path}", alt))
+        recs.append(wat_record(f"https://site.example/{i}", links))
+    return recs + [ending()], expected
+
+
+def test_ports_and_idn_hosts_fold_alike_on_every_path(tmp_path, monkeypatch):
+    """Many spellings of a few URLs (scheme and host case, default, empty and zero-padded ports,
+    IDN hosts in Unicode or punycode), absolute and relative to page URLs so spelled: the C
+    rules, extract_vec and the reference (`_check_link` on every link) write the same table,
+    row for row, and it holds each URL once, as WHATWG writes it (the expected pairs are made
+    here by hand, not by fold_case), with the uid of the URL as kept."""
+    _need_native()
+    records, expected = _port_and_idn_pages(5, 40)
+    data = gz(records)
+    tables = {}
+    for path in ("native", "vectorised", "reference"):
+        with monkeypatch.context() as m:
+            decided = use_wat_path(m, path)
+            src = tmp_path / f"{path}.wat.gz"
+            src.write_bytes(data)
+            s = extract_to_parquet([str(src)], tmp_path / f"out-{path}", ONE)
+            tables[path] = pl.concat([pl.read_parquet(tmp_path / f"out-{path}" / f) for f in s.files])
+            if path == "native":
+                assert sum(decided) > 200  # the C fold is exercised (the ASCII links), not only the reference's
+    assert tables["native"].rows() == tables["vectorised"].rows() == tables["reference"].rows()
+    got = tables["reference"].select("url", "caption").rows()
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+    assert tables["reference"]["uid"].to_list() == [uid_of(u, c) for u, c in got]
 
 
 _DOT_SRCS = ["../a.jpg", "./b.jpg", "a/../../c.jpg", "/x/../y.jpg", "..", ".", "../", "./", "a/./b/.",
