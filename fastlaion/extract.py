@@ -2293,7 +2293,7 @@ def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], st
         low = src.lower()
     url = src if low.startswith(("http://", "https://")) else join(src)
     m = _HTTP_URL.match(url)
-    if m is None or (m.group(2) and int(m.group(2)) > 65535):
+    if m is None or (m.group(2) and _port_number(m.group(2)) > 65535):
         return "invalid_url", "", ""
     if len(m.group(1)) > cfg.max_host_chars:
         return "long_host", "", ""
@@ -2334,12 +2334,20 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
         return url
     host = host.translate(_ASCII_LOWER) if host.isascii() else _idna_host(host)
     rest = url[b:]
-    if port is not None:  # rest starts with ':' and the port's digits
-        number = int(port) if port else None
-        rest = rest[1 + len(port):]
-        if number is not None and number != (443 if n == 5 else 80):
+    # (a port over 65535 is none, invalid_url to the rules: dedup's key keeps it as written)
+    if port is not None and (number := _port_number(port)) <= 65535:
+        rest = rest[1 + len(port):]  # rest started with ':' and the port's digits
+        if port and number != (443 if n == 5 else 80):
             rest = f":{number}{rest}"
     return scheme.lower() + url[n:a] + host + rest
+
+
+def _port_number(digits: str) -> int:
+    """A port's digits (an empty port is 0 here) as a number; 65536 for any beyond 65535. Any
+    number of leading zeros, as WHATWG reads them: int() alone refuses over 4,300 digits (a
+    src with a port of 5,000 zeros then 80 stopped the extraction with a traceback)."""
+    digits = digits.lstrip("0")
+    return int(digits or "0") if len(digits) <= 5 else 65536
 
 
 @functools.lru_cache(maxsize=4096)
@@ -2349,9 +2357,10 @@ def _idna_host(host: str) -> str:
     as browsers and yarl (aiohttp's URLs) send it. A host idna refuses (an emoji, '_', a label
     starting with '-', an empty or over-long label: IDNA 2008 and DNS rules, stricter than
     WHATWG's) is kept as written, ASCII letters in lower case, not rejected: browsers fetch most
-    of those, and so does aiohttp, through yarl's IDNA 2003 fallback. That fallback is not used
-    here: its NFKC can map a character to a URL delimiter ('／' to '/'), which would make
-    another URL of this one. Cached: a page's links often share a host."""
+    of those, and so does aiohttp, through yarl's IDNA 2003 fallback. That fallback is not taken
+    here: its NFKC maps some characters to URL delimiters ('／' to '/': yarl refuses such a host
+    first), so it would need checks of its own, for hosts rare enough that a missed duplicate
+    costs little. Cached: a page's links often share a host."""
     import idna
 
     try:

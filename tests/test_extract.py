@@ -553,6 +553,7 @@ PORT_LINKS = [
     ("http://example.com:80/a.jpg", "Default http port", None),
     ("HTTP://Example.COM:/a.jpg", "Default http port", None),  # an empty port
     ("http://example.com:0080/a.jpg", "Default http port", None),  # leading zeros: 80 still
+    ("http://example.com:" + "0" * 5000 + "80/a.jpg", "Default http port", None),  # int() refused it: a traceback
     ("https://example.com:443/b.jpg?q=1#f", "Default https port", "https://example.com/b.jpg?q=1#f"),
     ("https://example.com/b.jpg?q=1#f", "Default https port", None),
     ("https://example.com:/b.jpg?q=1#f", "Default https port", None),
@@ -607,7 +608,7 @@ def test_default_ports_and_idn_hosts_are_written_as_whatwg_does(tmp_path, monkey
     assert t["uid"].to_list() == [uid_of(u, c) for u, c in expected]
     assert s.duplicates == len(PORT_LINKS) - len(expected) and sum(s.rejected.values()) == 0
     if path == "native":  # every ASCII src in C (the page URL's port and capitals too)
-        assert sum(decided) == sum(src.isascii() for src, _, _ in PORT_LINKS) == 24
+        assert sum(decided) == sum(src.isascii() for src, _, _ in PORT_LINKS) == 25
 
 
 def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
@@ -625,6 +626,10 @@ def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
         ("http://-x.Bücher.de/", "http://-x.bücher.de/"), ("http://a..Bücher.de/", "http://a..bücher.de/"),  # refused
         ("http://" + "Ü" * 64 + ".de/", "http://" + "Ü" * 64 + ".de/"),  # a label over 63 in punycode: refused
         ("http://a.example/Bücher:80", "http://a.example/Bücher:80"), ("ftp://A.example:21/", "ftp://A.example:21/"),
+        ("http://A.example:99999/", "http://a.example:99999/"),  # no port (invalid_url to the rules): dedup's key
+        ("http://A.example:" + "0" * 5000 + "80/", "http://a.example/"), ("http://A.example:" + "9" * 5000, "http://a.example:" + "9" * 5000),
+        ("http://\ud800Ü.example/", "http://\ud800Ü.example/"), ("http://a\x00Ü.example/", "http://a\x00Ü.example/"),
+        ("http://Evil\uff0fgood.example/", "http://evil\uff0fgood.example/"),  # UTS #46 maps U+FF0F to '/': refused, not split
     ]:
         assert fold_case(url) == folded, url
 
