@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastlaion.score import pick_precision
+
 WORDS = ("a photo of the cat dog red blue house car tree sky man woman beautiful vintage poster art print "
          "sale new old wooden table coffee cup astronaut rocket launch pad street city night view").split()
 # Caption lengths in words, cycled: short alts to long descriptions, the longest over the 77-token
@@ -59,13 +61,14 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def fastlaion_path(model_name: str, jpegs: list[bytes], texts: list[str], device: torch.device, batch: int) -> float:
+def fastlaion_path(model_name: str, jpegs: list[bytes], texts: list[str], device: torch.device, batch: int,
+                   precision: str = "auto") -> float:
     from fastlaion.config import DecodeConfig, ResizeMode, ScoreConfig
     from fastlaion.decode import Decoder
     from fastlaion.score import Scorer
 
     torch.manual_seed(0)
-    scorer = Scorer(ScoreConfig(model=model_name, pretrained="none"), device)
+    scorer = Scorer(ScoreConfig(model=model_name, pretrained="none", precision=precision), device)
     decoder = Decoder(DecodeConfig(resize_mode=ResizeMode.no), scorer.clip_spec)
     scorer.score(np.zeros((2, *scorer.clip_spec.size, 3), np.uint8), texts[:2])  # warm-up
     _sync(device)
@@ -79,6 +82,10 @@ def fastlaion_path(model_name: str, jpegs: list[bytes], texts: list[str], device
     return len(jpegs) / (time.perf_counter() - t0)
 
 
+# A clip-retrieval-style script's precision: fp16 on CUDA (its autocast), fp32 on the CPU.
+NAIVE_PRECISION = {"cuda": "fp16", "cpu": "fp32"}
+
+
 def naive_path(model_name: str, jpegs: list[bytes], texts: list[str], device: torch.device, batch: int) -> float:
     """Pillow + open_clip's preprocess + the model; batch=1 is the one-at-a-time loop."""
     import open_clip
@@ -87,7 +94,7 @@ def naive_path(model_name: str, jpegs: list[bytes], texts: list[str], device: to
 
     register_model_configs()
     torch.manual_seed(0)
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = NAIVE_PRECISION[device.type]
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, precision=precision, device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -225,6 +232,8 @@ def main() -> None:
     ap.add_argument("--text-only", action="store_true", help="only the text tables (skip decode + score and the tokenizer)")
     ap.add_argument("--repeat-shares", type=float, nargs="*", default=[0.0, 0.25, 0.5],
                     help="shares of a batch's captions that repeat another, for the repeated-captions table; none to skip it")
+    ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16", "fp16"],
+                    help="precisions for the precision table (the first is the reference); none to skip it")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -242,6 +251,8 @@ def main() -> None:
     packing_table(args, device, rounds)
     if args.repeat_shares:
         repeated_table(args, device, rounds)
+    if args.precisions:
+        precision_table(args, device, max(rounds, 3))
 
 
 def decode_and_score_tables(args: argparse.Namespace, device: torch.device) -> None:
@@ -251,14 +262,19 @@ def decode_and_score_tables(args: argparse.Namespace, device: torch.device) -> N
         jpegs = make_jpegs(n)
         texts = make_captions(n)
         ours = fastlaion_path(name, jpegs, texts, device, args.batch_size)
+        same = fastlaion_path(name, jpegs, texts, device, args.batch_size, NAIVE_PRECISION[device.type]) \
+            if pick_precision("auto", device) != NAIVE_PRECISION[device.type] else ours
         one = naive_path(name, jpegs[: max(32, n // 4)], texts, device, 1)
         batched = naive_path(name, jpegs, texts, device, args.batch_size)
-        rows.append((name, n, ours, one, batched))
-    print(f"\n| model (random weights) | images | fastlaion samples/s | naive 1-at-a-time | naive batched ({args.batch_size}) "
-          "| vs 1-at-a-time | vs batched |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, ours, one, batched in rows:
-        print(f"| {name} | {n} | {ours:,.1f} | {one:,.1f} | {batched:,.1f} | {ours / one:.2f}x | {ours / batched:.2f}x |")
+        rows.append((name, n, ours, same, one, batched))
+    auto, theirs = pick_precision("auto", device), NAIVE_PRECISION[device.type]
+    print(f"\nfastlaion in its default precision here ({auto}) and in the naive loop's ({theirs})")
+    print(f"| model (random weights) | images | fastlaion samples/s ({auto}) | fastlaion ({theirs}) | naive 1-at-a-time "
+          f"| naive batched ({args.batch_size}) | vs 1-at-a-time | vs batched | {theirs} vs batched |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, ours, same, one, batched in rows:
+        print(f"| {name} | {n} | {ours:,.1f} | {same:,.1f} | {one:,.1f} | {batched:,.1f} | {ours / one:.2f}x "
+              f"| {ours / batched:.2f}x | {same / batched:.2f}x |")
     print("\ntokenizer, one core, 4,096 captions, best of 5 (same ids checked): fastlaion's tokenizer (compiled word "
           "table; Python alone) vs open_clip's")
     print("| captions | fastlaion captions/s | Python alone | open_clip captions/s | ratio | Python alone vs open_clip |")
@@ -348,3 +364,47 @@ def repeated_table(args: argparse.Namespace, device: torch.device, rounds: int) 
 
 if __name__ == "__main__":
     main()
+
+
+def precision_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:
+    """Scorer.score on the same decoded images and captions in each of --precisions, same weights:
+    samples/s (rounds alternated, in rotating order) and how far each precision's similarities and
+    embeddings are from the first's (the reference, fp32)."""
+    from fastlaion.config import DecodeConfig, ResizeMode, ScoreConfig
+    from fastlaion.decode import Decoder
+    from fastlaion.score import Scorer
+
+    batch = args.batch_size
+    print(f"\nScorer.score in each precision, batches of {batch}, {rounds} batches per figure (decoded pixels made "
+          f"once; auto here is {pick_precision('auto', device)}); differences against {args.precisions[0]}")
+    print(f"| model (random weights) | precision | samples/s | vs {args.precisions[0]} | similarity max / mean abs "
+          "difference | embeddings' least cosine (image, text) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        scorers = {}
+        for precision in args.precisions:
+            torch.manual_seed(0)
+            scorers[precision] = Scorer(ScoreConfig(model=name, pretrained="none", precision=precision), device)
+        spec = next(iter(scorers.values())).clip_spec
+        decoder = Decoder(DecodeConfig(resize_mode=ResizeMode.no), spec)
+        pixels = np.stack([decoder(j).clip_input for j in make_jpegs(batch)])
+        texts = make_captions(batch)
+        out = {p: s.score(pixels, texts) for p, s in scorers.items()}  # also the warm-up
+        spent = dict.fromkeys(scorers, 0.0)
+        order = list(scorers)
+        for r in range(rounds):
+            for p in order[r % len(order):] + order[:r % len(order)]:
+                _sync(device)
+                t0 = time.perf_counter()
+                scorers[p].score(pixels, texts)
+                _sync(device)
+                spent[p] += time.perf_counter() - t0
+        ref_img, ref_txt, ref_sim = out[order[0]]
+        for p in order:
+            img, txt, sim = out[p]
+            diff = np.abs(sim - ref_sim)
+            least = [float(np.min(np.sum(a.astype(np.float32) * b.astype(np.float32), axis=1)))
+                     for a, b in ((img, ref_img), (txt, ref_txt))]
+            rate = rounds * batch / spent[p]
+            print(f"| {name} | {p} | {rate:,.1f} | {spent[order[0]] / spent[p]:.2f}x | {diff.max():.5f} / "
+                  f"{diff.mean():.5f} | {least[0]:.5f}, {least[1]:.5f} |")

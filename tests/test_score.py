@@ -1,5 +1,6 @@
 import functools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,12 +42,14 @@ def test_tiny_scorer_embeds_in_batches_consistently():
 def random_scorer():
     """random_scorer(model, open_clip_layers=False): the CPU Scorer of that model's random weights
     (--pretrained none: the same weights at every build), made once for this module; ViT-B-32's
-    build (its random init) takes seconds of CPU. For tests that only read the Scorer."""
+    build (its random init) takes seconds of CPU. For tests that only read the Scorer. In fp32,
+    as open_clip's model it is compared with (auto would be bf16 on an AMX CPU, as this one)."""
     made = {}
 
     def get(model: str, open_clip_layers: bool = False) -> Scorer:
         if (model, open_clip_layers) not in made:
-            made[model, open_clip_layers] = Scorer(ScoreConfig(model=model, pretrained="none"), pick_device("cpu"),
+            made[model, open_clip_layers] = Scorer(ScoreConfig(model=model, pretrained="none", precision="fp32"),
+                                                   pick_device("cpu"),
                                                    open_clip_layers=open_clip_layers)
         return made[model, open_clip_layers]
     return get
@@ -111,7 +114,7 @@ def test_a_repeated_caption_runs_through_the_text_tower_once(prefix):
     sees each distinct caption once, in first-appearance order, and every row, copies included,
     gets open_clip's embedding of its own caption, in the batch's order."""
     torch.manual_seed(0)
-    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), pick_device("cpu"))
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision="fp32"), pick_device("cpu"))
     if not prefix:
         s._text_prefix = None  # open_clip's encode_text path
     rows_seen: list[int] = []
@@ -281,7 +284,7 @@ def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_pat
     from safetensors.torch import save_file
 
     # the weights: the reference's own random ones (the architecture they were trained in)
-    reference = Scorer(ScoreConfig(model="ViT-B-32-quickgelu", pretrained="none"), torch.device("cpu"),
+    reference = Scorer(ScoreConfig(model="ViT-B-32-quickgelu", pretrained="none", precision="fp32"), torch.device("cpu"),
                        open_clip_layers=True)
     repo = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
     revision = "0" * 40
@@ -296,7 +299,7 @@ def test_openai_weights_from_the_hugging_face_cache_load_with_quick_gelu(tmp_pat
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with warnings.catch_warnings(record=True) as caught:  # open_clip's warning, printed once in a process
         warnings.simplefilter("always")
-        s = Scorer(ScoreConfig(model="ViT-B-32", pretrained="openai"), torch.device("cpu"))
+        s = Scorer(ScoreConfig(model="ViT-B-32", pretrained="openai", precision="fp32"), torch.device("cpu"))
     assert not [w for w in caught if "QuickGELU mismatch" in str(w.message)]
     images, texts = s.embed_images(pixels), s.embed_texts(["a photo of a cat", "a dog"])
     torch.testing.assert_close(images, reference.embed_images(pixels), atol=1e-4, rtol=1e-4)
@@ -624,7 +627,7 @@ def test_pipeline_preprocessing_gives_open_clips_embeddings_on_real_photos(photo
     from helpers import encode
 
     torch.manual_seed(0)
-    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none"), torch.device("cpu"))
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision="fp32"), torch.device("cpu"))
     preprocess = open_clip.image_transform(s.clip_spec.size, is_train=False)
     decoder = Decoder(DecodeConfig(), s.clip_spec)
     for name, arr in photos.items():
@@ -640,14 +643,47 @@ def test_pipeline_preprocessing_gives_open_clips_embeddings_on_real_photos(photo
         assert cos > 0.999, (name, cos)
 
 
-def test_precision_choice():
-    from fastlaion.score import pick_precision
+def test_precision_choice(monkeypatch):
+    """auto: fp16 on CUDA; on the CPU bf16 where torch finds AMX tiles (this dev box's Xeon has
+    them), else fp32. The probe is torch's: a CPU without AMX is its answer False."""
+    from fastlaion.score import cpu_has_amx, pick_precision
 
+    amx = "amx_tile" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else cpu_has_amx()
+    assert cpu_has_amx() == amx
+    assert pick_precision("auto", torch.device("cpu")) == ("bf16" if amx else "fp32")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert pick_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe
     assert pick_precision("auto", torch.device("cpu")) == "fp32"
     assert pick_precision("auto", torch.device("cuda")) == "fp16"
+    assert pick_precision("fp32", torch.device("cpu")) == "fp32"
     assert pick_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ConfigError, match="--precision"):
         ScoreConfig(precision="fp8").validate()
+
+
+def test_bf16_on_the_cpu_scores_as_fp32_up_to_its_rounding(photos):
+    """The CPU's auto precision where it has AMX: ViT-B-32's towers in bfloat16 against fp32, same
+    random weights, same decoded photographs and captions: embeddings at cosine above 0.999 and
+    similarities within 0.005 (bench/score.py's precision table: 0.0016 at most, 0.0005 on
+    average); and a model's tower really ran in bfloat16."""
+    from fastlaion.config import DecodeConfig
+    from fastlaion.decode import Decoder
+    from helpers import encode
+
+    fp32 = Scorer(ScoreConfig(model="ViT-B-32", pretrained="none", precision="fp32"), torch.device("cpu"))
+    bf16 = Scorer(ScoreConfig(model="ViT-B-32", pretrained="none", precision="bf16"), torch.device("cpu"))
+    assert bf16.model.visual.proj.dtype == torch.bfloat16 and fp32.model.visual.proj.dtype == torch.float32
+    decoder = Decoder(DecodeConfig(), fp32.clip_spec)
+    pixels = np.stack([decoder(encode(arr)).clip_input for arr in photos.values()] * 2)
+    texts = ["a cat", "a cup of coffee on a table", "an astronaut in a white suit", "a rocket on its launch pad",
+             "", "a photograph of a cat " * 12, "café crème", "red"]
+    (i32, t32, s32), (i16, t16, s16) = fp32.score(pixels, texts), bf16.score(pixels, texts)
+    for a, b in ((i32, i16), (t32, t16)):
+        cosines = np.sum(a.astype(np.float32) * b.astype(np.float32), axis=1)
+        assert cosines.min() > 0.999, cosines
+    assert np.abs(s32 - s16).max() < 0.005, (s32, s16)
+    assert not np.array_equal(s32, s16)  # bf16's own arithmetic, not fp32's again
 
 
 def test_random_weights_are_one_model_in_every_process_and_resume():

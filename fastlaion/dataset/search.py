@@ -126,7 +126,9 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
     if not model or pretrained is None:
         raise ConfigError(f"{ds.root} has no {RUN_CONFIG} naming the CLIP model it scored with: pass --model and "
                           f"--pretrained (the same as the run's){instead}")
-    score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64)
+    # fp32 on any device: a few queries or class names cost nothing, and the run's own precision
+    # (bf16 on an AMX CPU, fp16 on CUDA) would only add its rounding to theirs
+    score = ScoreConfig(model=model, pretrained=pretrained, device=cfg.device, batch_size=64, precision="fp32")
     wrong = [w for w in gelu_built_models(whole) if w == f"{model} / {pretrained}"] if saved else []
     if wrong:
         log.warning("the run was scored by an older fastlaion that ran %s with nn.GELU, not the QuickGELU its "
