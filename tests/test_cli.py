@@ -633,6 +633,27 @@ def test_extract_without_a_bar_prints_plain_lines_without_rich(tmp_path):
     assert "records" in result.output and "written: candidates-00000.parquet and extract_stats.json" in result.output
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_extract_processes_past_the_usable_cores_is_one_warning(tmp_path):
+    """`extract --processes 3` allowed one core reads three files at once, as asked, and says in a
+    line that past one a core they add memory, not speed (as `run` does); `--processes 0` is one
+    per usable core: no warning."""
+    import gzip
+
+    one_core = min(os.sched_getaffinity(0))
+    wats = []
+    for i in range(3):
+        wats.append(tmp_path / f"in{i}.wat.gz")
+        wats[-1].write_bytes(gzip.compress(b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 0\r\n\r\n\r\n\r\n"))
+    for processes, said in (("3", ["warning: --processes 3: 3 worker processes on 1 core: each reads an input file of "
+                                   "its own, and past one a core they add memory, not speed"]), ("0", [])):
+        result = subprocess.run([*FASTLAION, "extract", *map(str, wats), "-o", str(tmp_path / f"out{processes}"),
+                                 "--no-progress", "--processes", processes], capture_output=True, text=True,
+                                timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == said, result.stderr
+
+
 def test_every_command_is_listed_and_built_when_looked_up():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
