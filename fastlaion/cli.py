@@ -33,9 +33,18 @@ from .config import (
 )
 from .interrupt import STOP_SIGNALS, ctrl_c_ignored, stop_on_sigterm, stopped_by
 
+
+
+class _Group(LazyGroup):
+    """The app's group: its usage errors (click's) printed as the other errors are."""
+
+    def print_error(self, line: str) -> None:
+        print_error(line)
+
+
 app = typer.Typer(
     help="Build LAION-style image-text datasets: download, decode, CLIP-filter, write webdataset shards.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=LazyGroup,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
 )
 
 

@@ -87,7 +87,7 @@ def _open(source: Path, lost_rows: bool = True, **options: Any) -> Any:
     state = run_state(source)
     if state is not None:
         _warn(state.notice())
-    ds = open_dataset(source, **options)
+    ds = open_dataset(source, run=state, **options)  # the shards the notice counts, not one finished since
     notice = ds.unfinished_notice()
     if notice:
         _warn(notice)

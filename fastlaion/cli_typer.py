@@ -16,20 +16,26 @@ for one, never uses:
   (a bad value, another spelling, another type) goes on to typer's own conversion, so its results
   and error messages stay typer's. tests/test_cli.py compares the two on every parameter.
 
-And one that is not about start-up: `--help`'s options table (typer's `_print_options_panel`) is
-laid out by `_whole_names`, so that an option's name is never cut at 80 columns (see there).
+And two that are not about start-up: `--help`'s options table (typer's `_print_options_panel`)
+is laid out by `_whole_names`, so that an option's name is never cut at 80 columns (see there);
+and a usage error (an unknown option or command, a missing or bad value: click's own errors, of
+every command, the lazily built ones included) is one line, `error: ...` as fastlaion's other
+errors, exit status 2 (`LazyGroup.usage_errors_in_one_line`), where typer printed the usage, a
+"Try ... --help" line and the message in a five-line box.
 
-All three use typer's internals (`typer.core.TyperGroup`, `_TyperParameter._runtime_param`,
-`typer._coercion.RuntimeParam`, `typer.rich_utils._print_options_panel`); where a later typer
-lacks them, the fast conversion is left out and typer converts as it always did, and its help
-keeps typer's own layout.
+All use typer's internals (`typer.core.TyperGroup`, `_TyperParameter._runtime_param`,
+`typer._coercion.RuntimeParam`, `typer.rich_utils._print_options_panel`, its vendored click's
+exceptions); where a later typer lacks them, the fast conversion is left out and typer converts
+as it always did, and its help keeps typer's own layout.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +47,11 @@ from typer.core import TyperCommand, TyperGroup
 from typer.models import CommandInfo
 
 try:
+    from typer._click import exceptions as click_errors
+except ImportError:  # a typer that uses click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+try:
     from typer._coercion import RuntimeParam, build_runtime_param
     from typer._param_types import coerce_cli_path
     from typer._typing import get_args, get_origin
@@ -49,11 +60,42 @@ except ImportError:  # another typer: it converts every value itself
 
 
 class LazyGroup(TyperGroup):
-    """A typer app's command group whose commands are built when first looked up."""
+    """A typer app's command group whose commands are built when first looked up, and whose
+    usage errors, its own and its commands', are one line (`usage_errors_in_one_line`)."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.commands = _Commands(self.commands)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with self.usage_errors_in_one_line():  # `fastlaion --bogus`
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with self.usage_errors_in_one_line():  # a command's: looked up, its arguments parsed, run
+            return super().invoke(ctx)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _with_context(ctx):
+            return super().parse_args(ctx, args)
+
+    @contextmanager
+    def usage_errors_in_one_line(self) -> Iterator[None]:
+        """Click's usage errors (typer's box of five lines: the usage, "Try ... --help", the
+        message framed) told as `error: MESSAGE; see 'COMMAND --help'` (`usage_line`) by
+        `print_error`, exit status 2 (the error's own). Typer's "no arguments: the help" is left
+        as it is."""
+        try:
+            yield
+        except click_errors.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                raise
+            self.print_error(usage_line(e))
+            raise typer.Exit(e.exit_code) from None
+
+    def print_error(self, line: str) -> None:
+        """`error: line` on stderr (fastlaion.cli's group prints it as its other errors)."""
+        sys.stderr.write(f"error: {line}\n")
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         with _whole_names():
@@ -101,7 +143,8 @@ class FastCommand(TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         given = list(args)  # the parser consumes the list it is given
-        rest = super().parse_args(ctx, args)  # --help, a bad value: told first, as typer does
+        with _with_context(ctx):
+            rest = super().parse_args(ctx, args)  # --help, a bad value: told first, as typer does
         if not ctx.resilient_parsing:
             _refuse_empty_paths(self, ctx, given)
         return rest
@@ -109,6 +152,43 @@ class FastCommand(TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         with _whole_names():
             super().format_help(ctx, formatter)
+
+
+@contextmanager
+def _with_context(ctx: Any) -> Iterator[None]:
+    """A usage error raised without its command's context (the parser's "Option '--processes'
+    requires an argument.") given it, so that its line says which command's --help to see."""
+    try:
+        yield
+    except click_errors.UsageError as e:
+        if e.ctx is None:
+            e.ctx, e.cmd = ctx, ctx.command
+        raise
+
+
+def usage_line(e: Any) -> str:
+    """A click usage error as one line in fastlaion's style: its message (lower-case first, no
+    closing full stop; a typo's suggestions in brackets) and the help to see.
+
+    An unknown option's suggestions are difflib's close matches as click finds them, but among the
+    option names without their dashes (`--` is two letters in common with every option: click
+    offered --gpus and --verbose for --bogus), best first (click sorted them: --no-progress,
+    --processes, --progress for --proceses)."""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click_errors.NoSuchOption) and ctx is not None and e.option_name.startswith("--"):
+        names = {name for param in ctx.command.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
+                 if name.startswith("--")}
+        close = difflib.get_close_matches(e.option_name[2:], [n[2:] for n in names])
+        message = e.message + (f" (possible options: {', '.join('--' + n for n in close)})" if close else "")
+    else:
+        message = e.format_message().rstrip()
+        guess = re.fullmatch(r"(.*)\. Did you mean (.*)\?", message, re.S)  # typer's "No such command"
+        message = f"{guess[1]} (did you mean {guess[2]}?)" if guess else message.removesuffix(".")
+    message = " ".join(message.split())
+    message = message[:1].lower() + message[1:]
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f"; see '{ctx.command_path} {ctx.help_option_names[0]}'"
+    return message
 
 
 def _refuse_empty_paths(command: TyperCommand, ctx: Any, args: list[str]) -> None:

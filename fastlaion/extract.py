@@ -121,7 +121,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, polars_io
+from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, oversubscribed, polars_io
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
 from .lock import output_lock
 
@@ -515,6 +515,9 @@ def _run_in_worker(job: _Job) -> InputStats:
 
 def _run_jobs(jobs: list[_Job], cfg: ExtractConfig, progress: ExtractProgress) -> list[InputStats]:
     n_workers = cfg.worker_count(len(jobs))
+    if n_workers > 1 and (warning := oversubscribed(n_workers, f"--processes {cfg.processes}",
+                                                    "each reads an input file of its own")):
+        log.warning("%s", warning)
     if n_workers == 1:
         out = []
         for job in jobs:

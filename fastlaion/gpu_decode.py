@@ -43,7 +43,6 @@ import dataclasses
 import importlib
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -61,7 +60,7 @@ import turbojpeg
 from PIL import Image
 
 from fastlaion import extract_native
-from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode, first_line
+from fastlaion.config import DECODERS, ConfigError, DecodeConfig, ResizeMode, first_line, usable_cores
 from fastlaion.decode import (
     _STORED_SUBSAMPLING,
     STORED_EXT,
@@ -692,7 +691,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         if encoder is not None:
             return encoder
         nv = self._nvimgcodec
-        threads = max(1, (self.cfg.threads or os.cpu_count() or 1) // self.concurrency)
+        threads = max(1, (self.cfg.threads or usable_cores()) // self.concurrency)
         on_gpu = self.device.type == "cuda"
         kind = getattr(nv.BackendKind, NVIMGCODEC_BACKENDS[self.device.type])
         encoder = nv.Encoder(device_id=self.device.index if on_gpu else nv.NVIMGCODEC_DEVICE_CPU_ONLY,
@@ -746,7 +745,7 @@ class _DeviceBatchDecoder(BatchDecoder):
         def encode(part: list[np.ndarray]) -> list[bytes]:
             return [tj.encode_rgb(a, quality, _STORED_SUBSAMPLING) for a in part]
 
-        workers = self.cfg.threads or os.cpu_count() or 1
+        workers = self.cfg.threads or usable_cores()
         step = max(1, -(-len(arrays) // (2 * workers)))  # two slices per thread: even finish times
         parts = _encode_pool(workers).map(encode, [arrays[i:i + step] for i in range(0, len(arrays), step)])
         jpegs = [jpeg for part in parts for jpeg in part]
@@ -929,7 +928,7 @@ class DaliDecoder(_DeviceBatchDecoder):
         fn, types = self._fn, self._types
         on_gpu = self.device.type == "cuda"
         pipe = self._pipeline_cls(batch_size=self.max_batch_size,
-                                  num_threads=self.cfg.threads or os.cpu_count() or 1,
+                                  num_threads=self.cfg.threads or usable_cores(),
                                   device_id=self.device.index if on_gpu else None,
                                   prefetch_queue_depth=1, exec_dynamic=True)
         with pipe:

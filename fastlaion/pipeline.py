@@ -42,7 +42,7 @@ import polars as pl
 from .batch import Batch, funnel, merge_funnels
 from .config import (
     LAION_MAX_TEXT_CHARS, MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models,
-    resume_key,
+    oversubscribed, resume_key, usable_cores,
 )
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
@@ -259,6 +259,13 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
         # CPU workers: no more processes than shards to run (--processes 64 on one shard started
         # 64, each loading the models, to leave 63 idle; memory ran out before they did)
         devices = placed if cfg.parallel.gpus is not None else placed[:len(jobs)]
+        par = cfg.parallel
+        asked = (f"--processes {par.processes}" if par.gpus is None
+                 else f"--gpus {par.gpus} --workers-per-gpu {par.workers_per_gpu}")
+        # downloads in flight come from --workers (asyncio), not from processes
+        if len(devices) > 1 and (warning := oversubscribed(len(devices), asked, "each loads its own models",
+                                                           "for more downloads at once raise --workers")):
+            log.warning("%s", warning)
     else:
         ray_pool = placed.workers(cfg, out, rows)
         devices = ray_pool.devices
@@ -381,7 +388,7 @@ def worker_devices(cfg: RunConfig) -> list[str]:
         if wanted > visible:
             raise ConfigError(f"--gpus {wanted}: only {visible} GPU(s) visible")
         return [f"cuda:{i}" for i in range(wanted) for _ in range(par.workers_per_gpu)]
-    return [cfg.score.device] * (par.processes or os.cpu_count() or 1)
+    return [cfg.score.device] * (par.processes or usable_cores())
 
 
 def _on_device(cfg: RunConfig, device: str) -> RunConfig:
@@ -409,7 +416,7 @@ def work(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], p
 
 def _work_shards(cfg: RunConfig, out: Path, rows: InputRows, shard_ids: Iterator[int], progress: Progress,
                 models: Models, decoder: Any, timings: dict[str, float]) -> None:
-    threads = cfg.decode.threads or os.cpu_count() or 1  # a worker's share: workers.worker_configs
+    threads = cfg.decode.threads or usable_cores()  # a worker's share: workers.worker_configs
     # One downloader per worker for the whole run: per-host limits, the DNS cache and robots.txt
     # answers carry over from shard to shard.
     downloader = Downloader(cfg.download)

@@ -39,7 +39,7 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, WorkerFailed
+from .config import ConfigError, RunConfig, WorkerFailed, usable_cores
 from .interrupt import STOP_SIGNALS, ctrl_c_held, release_ctrl_c, stopped_by
 from .reader import InputRows
 from .writer import ShardWriteError
@@ -54,7 +54,7 @@ def worker_configs(cfg: RunConfig, devices: list[str]) -> list[RunConfig]:
     """Each worker's settings: its device, and in decode.threads its share of the cores for every
     pool it runs (decode threads, a GPU decoder's DALI pipeline and stored-image encoders), so
     that `--workers-per-gpu 4` on a 16-core box gives each worker 4 threads, not 16."""
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    threads = max(1, usable_cores() // len(devices))
     return [on_worker(cfg, device, threads, len(devices)) for device in devices]
 
 

@@ -209,6 +209,68 @@ def test_bad_flag_values_are_refused_by_the_parser(tmp_path):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args, message, command", [
+    (["run", "--bogus"], "no such option: --bogus (possible options: --gpus)", "run"),
+    # a near miss: the option meant first (click listed them sorted: --no-progress first)
+    (["run", "-o", "x", "--proceses", "2"],
+     "no such option: --proceses (possible options: --processes, --progress, --no-progress)", "run"),
+    (["run", "-o", "x", "--processes"], "option '--processes' requires an argument", "run"),
+    (["run", "-o", "x", "--processes", "two"], "invalid value for '--processes': ", "run"),
+    (["stats"], "missing argument 'OUT'", "stats"),
+    (["stats", "a", "b"], "got unexpected extra argument(s) (b)", "stats"),
+    (["subset", "en", "--from", "x", "-o", "y", "--bogus"], "no such option: --bogus", "subset"),
+    (["search", "x", "--tex", "cat"], "no such option: --tex (possible options: --text", "search"),
+    (["nosuchcommand"], "no such command 'nosuchcommand'", ""),
+    (["serch", "x"], "no such command 'serch' (did you mean 'search'?)", ""),
+    (["--bogus"], "no such option: --bogus", ""),
+])
+def test_a_usage_error_is_one_line_naming_the_help_to_see(args, message, command):
+    """Click's own usage errors (an unknown option or command, a missing or bad value) were
+    typer's box: the usage line, "Try '... --help' for help.", the message framed, five lines
+    unlike every other error's one. Now one line, `error: MESSAGE; see 'fastlaion CMD --help'`,
+    exit status 2, for the lazily built commands as for the group itself. An unknown option's
+    suggestions are the close ones best first; --verbose for --bogus was the two dashes' match."""
+    result = invoke_cli(args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.endswith(f"{(' ' + command) if command else ''} --help'\n"), result.stderr
+    assert "--verbose" not in result.stderr and "╭" not in result.stderr
+
+
+def test_a_usage_error_of_the_console_script_is_one_line_piped_and_on_a_terminal():
+    """`python -m fastlaion run --bogus`: one plain line when stderr is a pipe (no colour codes),
+    the same line with `error:` in red on a terminal, as the other errors print."""
+    piped = subprocess.run([*FASTLAION, "run", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 2
+    assert piped.stdout == ""
+    assert piped.stderr == ("error: no such option: --bogus (possible options: --gpus); "
+                            "see 'python -m fastlaion run --help'\n")
+
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([*FASTLAION, "run", "-o", "x", "--proceses", "2"], stdin=subprocess.DEVNULL,
+                                stdout=follower, stderr=follower, env={**os.environ, "TERM": "xterm", "COLUMNS": "80"})
+        os.close(follower)
+        said = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            said += chunk
+        assert proc.wait(timeout=60) == 2
+    finally:
+        os.close(leader)
+    text = said.decode()
+    assert text.splitlines() == ["\x1b[31merror:\x1b[0m no such option: --proceses (possible options: --processes, "
+                                 "--progress, --no-progress); see 'python -m fastlaion run --help'"], text
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path):
     files = {"a.jpg": Served(encode(__import__("skimage.data").data.chelsea()), "image/jpeg")}
     with LoopbackServer(files) as server:
@@ -571,6 +633,27 @@ def test_extract_without_a_bar_prints_plain_lines_without_rich(tmp_path):
     assert "records" in result.output and "written: candidates-00000.parquet and extract_stats.json" in result.output
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_extract_processes_past_the_usable_cores_is_one_warning(tmp_path):
+    """`extract --processes 3` allowed one core reads three files at once, as asked, and says in a
+    line that past one a core they add memory, not speed (as `run` does); `--processes 0` is one
+    per usable core: no warning."""
+    import gzip
+
+    one_core = min(os.sched_getaffinity(0))
+    wats = []
+    for i in range(3):
+        wats.append(tmp_path / f"in{i}.wat.gz")
+        wats[-1].write_bytes(gzip.compress(b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 0\r\n\r\n\r\n\r\n"))
+    for processes, said in (("3", ["warning: --processes 3: 3 worker processes on 1 core: each reads an input file of "
+                                   "its own, and past one a core they add memory, not speed"]), ("0", [])):
+        result = subprocess.run([*FASTLAION, "extract", *map(str, wats), "-o", str(tmp_path / f"out{processes}"),
+                                 "--no-progress", "--processes", processes], capture_output=True, text=True,
+                                timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == said, result.stderr
+
+
 def test_every_command_is_listed_and_built_when_looked_up():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
@@ -792,7 +875,7 @@ def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args,
     before = sorted(p.name for p in tmp_path.iterdir())
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 2, result.output
-    assert f"Invalid value for {named}: an empty path" in result.output, result.output
+    assert f"error: invalid value for {named}: an empty path" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

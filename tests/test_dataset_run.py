@@ -652,7 +652,7 @@ def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_
                 ["subset", "--where", "similarity > -2", "--from", out, "-o", tmp_path / "sub", "--no-progress"],
                 ["dedup", "--from", out, "-o", tmp_path / "dd", "--no-progress"],
                 ["index", out, "--no-progress"],
-                ["search", out, "--vector", tmp_path / "q.npy", "-k", "2", "--no-progress"]]
+                ["search", out, "--vector", tmp_path / "q.npy", "-k", "2", "--no-progress", "--json", tmp_path / "h.json"]]
     with output_lock(out):
         other = run_cli(commands[0])
         assert other.returncode == 0, other.stderr
@@ -662,15 +662,46 @@ def test_dataset_commands_say_a_run_is_writing_the_folder_and_a_stopped_one_did_
             assert result.exit_code == 0, result.output
             assert result.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), (args, result.stderr)
     assert load_json(tmp_path / "s.json")["rows"] == len(rows) == 10
+    # the JSON says it too, for a script that never sees stderr (it read as a whole dataset)
+    assert load_json(tmp_path / "s.json")["unfinished"] == {
+        "source_unfinished": True, "source_run": str(out.resolve()), "source_finished_shards": 2,
+        "source_shards_total": None, "source_run_writing": True}
+    assert load_json(tmp_path / "h.json")["unfinished"]["source_finished_shards"] == 2
+    assert load_json(tmp_path / "h.json")["samples"] == sum(r["status"] == "kept" for r in rows)
     for args in commands[:2]:  # killed: the lock file left, nobody holding it
         (out / ".lock").write_text("12345\n")
         result = runner.invoke(app(), [str(a) for a in args])
         assert result.exit_code == 0, result.output
         assert result.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), (args, result.stderr)
+    assert load_json(tmp_path / "s.json")["unfinished"]["source_run_writing"] is False
     # a finished run, one Parquet file: nothing to say
-    for args in (["stats", run], ["stats", out / "00000.parquet"]):
+    for args in (["stats", run, "--json", tmp_path / "whole.json"], ["stats", out / "00000.parquet"]):
         result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"])
         assert result.exit_code == 0 and not result.stderr, (args, result.stderr)
+    assert load_json(tmp_path / "whole.json")["unfinished"] is None
+
+
+def test_a_shard_a_run_finishes_while_a_command_opens_the_folder_is_left_for_the_next(run, tmp_path):
+    """The line a dataset command prints ("the result covers the 2 shards finished so far") and
+    the dataset.json / --json record are taken when it starts; a shard the run finishes (its files
+    renamed into place, stats last, as the writer publishes) before the command lists the
+    folder's Parquet files was read too: 3 shards' rows under a line and a record that said 2.
+    What is read is what was counted; the next command reads the new shard."""
+    from fastlaion.dataset import open_dataset, run_state
+    from fastlaion.pipeline import output_lock
+
+    out = as_in_progress(run, tmp_path / "run")
+    last = next((out / ".partial").iterdir())
+    with output_lock(out):  # a real flock: a run is writing the folder
+        state = run_state(out)
+        assert state is not None and state.writing and state.finished == 2
+        for f in sorted(last.iterdir(), key=lambda f: f.name.endswith("_stats.json")):  # the run publishes it
+            f.rename(out / f.name)
+        ds = open_dataset(out, run=state)
+        assert len(ds.files) == 2 and ds.rows == 10 and ds.unfinished["source_finished_shards"] == 2
+        assert ds.skipped == ()
+        now = open_dataset(out)
+        assert len(now.files) == 3 and now.unfinished["source_finished_shards"] == 3
 
 
 def test_a_subset_of_a_run_not_done_records_it_and_says_so(run, tmp_path):
@@ -732,12 +763,18 @@ def test_a_real_run_being_written_and_then_killed_is_said_so(tmp_path, photos):
                 time.sleep(0.1)
             assert len(list(out.glob("*_stats.json"))) == 2 and proc.poll() is None
             writing = run_cli(["stats", out, "--no-progress"])
+            as_json = run_cli(["stats", out, "--no-progress", "--json", tmp_path / "s.json"])
             assert proc.poll() is None, "the run must still be writing"
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
     assert writing.returncode == 0 and writing.stderr.strip() == f"warning: {out}: " + WRITING.format(n=2), writing.stderr
     assert "8 rows" in writing.stdout
+    assert as_json.returncode == 0 and as_json.stderr == writing.stderr, as_json.stderr
+    said = load_json(tmp_path / "s.json")
+    assert said["rows"] == 8 and said["files"] == 2 and said["unfinished"] == {
+        "source_unfinished": True, "source_run": str(out.resolve()), "source_finished_shards": 2,
+        "source_shards_total": None, "source_run_writing": True}
     assert (out / ".lock").exists() and not (out / "summary.json").exists()
     stopped = run_cli(["stats", out, "--no-progress"])
     assert stopped.returncode == 0 and stopped.stderr.strip() == f"warning: {out}: " + STOPPED.format(n=2), stopped.stderr

@@ -322,7 +322,7 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
         (["--class", "cat", "--class", "dog", "--top", "3"], "--top must be between 1 and 2"),
         (["--classes", str(tmp_path / "none.txt")], "--classes"),
         (["--classes", str(tmp_path / "empty.txt")], f"--classes {tmp_path / 'empty.txt'}: no class names in it"),
-        (["--class", "cat", "--from-again"], "No such option"),
+        (["--class", "cat", "--from-again"], "error: no such option: --from-again"),
     ]
     for args, message in cases:
         source = ["--from", str(out)] if "--from-again" not in args else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -147,6 +148,41 @@ def test_no_more_cpu_workers_start_than_shards_to_run(tmp_path, photos):
             assert summary["workers"] == workers and summary["funnel"]["kept"] == 4
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_processes_count_the_cores_this_process_may_use_and_more_than_those_is_one_warning(tmp_path, photos):
+    """A run allowed one core (taskset, a cgroup's cpuset, Slurm): --processes 0 (one per core)
+    started one worker per core of the machine (os.cpu_count), and --processes 3 started three
+    without a word. Now 0 is one per usable core, and 3 on one core still start (oversubscribing
+    can be deliberate) with one warning line naming both counts and --workers."""
+    import subprocess
+    import sys
+
+    from helpers import encode
+
+    one_core = min(os.sched_getaffinity(0))
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(4)}
+    with LoopbackServer(files) as server:
+        inp = tmp_path / "in.txt"
+        inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(4)))
+        for processes, shard_size, workers in (("0", 2, 1), ("3", 1, 3)):
+            out = tmp_path / f"o{processes}"
+            result = subprocess.run(
+                [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
+                 "--processes", processes, "--shard-size", str(shard_size), "--no-progress",
+                 "--allow-private-networks"],
+                capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+            assert result.returncode == 0, result.stderr
+            summary = json.loads((out / "summary.json").read_text())
+            assert len(summary["workers"]) == workers and summary["funnel"]["kept"] == 4, summary["workers"]
+            warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+            if workers == 1:
+                assert warnings == [], result.stderr
+            else:
+                assert warnings == ["warning: --processes 3: 3 worker processes on 1 core: each loads its own models, "
+                                    "and past one a core they add memory, not speed; for more downloads at once "
+                                    "raise --workers"], result.stderr
+
+
 def test_gpus_without_a_gpu_says_so(tmp_path):
     import torch
 
@@ -224,7 +260,7 @@ def test_each_worker_gets_its_share_of_the_cores_for_every_pool(monkeypatch):
     from fastlaion.config import DecodeConfig, RunConfig
     from fastlaion.workers import worker_configs
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr("fastlaion.workers.usable_cores", lambda: 16)
     cfg = RunConfig(output_dir="unused")
     got = worker_configs(cfg, ["cuda:0"] * 4)
     assert [(w.score.device, w.decode.threads) for w in got] == [("cuda:0", 4)] * 4

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..config import MAX_THREADS, ConfigError, at_least, between, torch_device
+from ..config import MAX_THREADS, ConfigError, at_least, between, torch_device, usable_cores
 from .output import OutputDir
 from .samples import read_images
 from .source import (
@@ -259,7 +258,7 @@ def _perceptual(ds: Dataset, cfg: DedupConfig, progress: Progress) -> tuple[pl.D
         hashes[i] = np.uint64(h)
         ok[i] = True
 
-    read_images(ds, cand, on_image, progress, "phash", threads=cfg.threads or (os.cpu_count() or 1))
+    read_images(ds, cand, on_image, progress, "phash", threads=cfg.threads or usable_cores())
     unreadable = int((~ok).sum())
     if unreadable:
         log.warning("phash: %d of %d kept samples have no readable image; they take no part", unreadable, cand.height)

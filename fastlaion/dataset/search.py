@@ -85,10 +85,13 @@ class SearchResult:
     # {"k", "queries": how many, "fewest": hits, "probes_needed": the --probes that reads cells
     # holding k (or all its samples) for each of them; 0: more cells would not help}; None: none
     short: dict[str, int] | None = None
+    # a run not done, as stats' (the samples searched are those of its shards finished then)
+    unfinished: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "samples": self.samples, "unreadable_samples": self.unreadable_samples,
                 "skipped_files": self.skipped_files, "index": self.index, "short": self.short,
+                "unfinished": self.unfinished,
                 "results": [{"query": vars(q), "hits": [vars(h) for h in hits]}
                             for q, hits in zip(self.queries, self.hits)]}
 
@@ -325,6 +328,7 @@ def run_search(ds: Dataset, queries: list[Query], cfg: SearchConfig, progress: P
                 for per_query in found]
         return SearchResult(queries=queries, hits=hits, samples=samples, unreadable_samples=unreadable,
                             model=None if score is None else f"{score.model} ({score.pretrained})",
-                            skipped_files=[vars(s) for s in d.skipped], index=used, short=short)
+                            skipped_files=[vars(s) for s in d.skipped], index=used, short=short,
+                            unfinished=d.unfinished)
 
     return ds.guarded(job)

@@ -342,6 +342,7 @@ class RunState:
     writing: bool          # a fastlaion run holds the folder's lock now
     finished: int          # shards in place with their stats file
     total: int | None      # the run's shards, where its summary says
+    shards: frozenset[int] = frozenset()  # which those finished ones are (open_dataset reads those)
 
     def record(self) -> dict[str, Any]:
         """UNFINISHED_FIELDS, for the dataset.json of an output made from this run."""
@@ -374,7 +375,7 @@ def run_state(path: str | Path) -> RunState | None:
         return None  # no run ever started writing here
     finished = finished_shards(path)
     if run_lock and lock_held(path):
-        return RunState(path, True, len(finished), None)
+        return RunState(path, True, len(finished), None, frozenset(finished))
     total, failed = None, False
     try:
         summary = json.loads((path / SUMMARY_FILE).read_text())
@@ -386,21 +387,31 @@ def run_state(path: str | Path) -> RunState | None:
         p.name.isdigit() for p in (path / PARTIAL_DIR).iterdir())
     unpublished = any(SHARD_PARQUET.match(p.name) and int(p.name.split(".")[0]) not in done for p in path.iterdir())
     if total is None or failed or len(finished) < total or in_progress or unpublished:
-        return RunState(path, False, len(finished), total)
+        return RunState(path, False, len(finished), total, frozenset(finished))
     return None
 
 
-def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | None = None) -> Dataset:
+_LOOK = RunState(Path(), False, 0, None)  # open_dataset's `run` not given: it looks itself
+
+
+def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | None = None,
+                 run: RunState | None = _LOOK) -> Dataset:
     """Open a run folder, a subset/dedup folder or one Parquet file; skip unreadable files.
 
     Raises DatasetError when there is nothing to read, or no rows (unless `allow_empty`). When
     the folder holding the samples' images and embeddings (the root its dataset.json names) is
     gone, raises a DatasetError if `needs_root` (what needs it, for the message), else warns.
+
+    A run folder whose run is not done is read as `run` (its `run_state`, taken by the caller
+    that said so to the user; else here, first) found it: the shards finished then, and not one
+    that a run writing the folder finished since, so that what is read is what was counted (its
+    `unfinished` record and the line that says how many shards the result covers).
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     root, kind, root_missing = path, "run", None
+    state = run_state(path) if run is _LOOK else run
     if path.is_file():
         if path.suffix != ".parquet":
             raise DatasetError(f"{path}: not a Parquet file or a dataset folder")
@@ -414,6 +425,9 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
                                     else ("parquet", path, None))
     else:
         candidates = sorted(p for p in path.iterdir() if SHARD_PARQUET.match(p.name))
+        if state is not None:  # not one finished since (one without its stats file is skipped, and said, below)
+            candidates = [p for p in candidates if int(p.name.split(".")[0]) in state.shards
+                          or not (path / f"{p.name.split('.')[0]}_stats.json").exists()]
         if not candidates:
             raise DatasetError(f"{path} holds no dataset: no shard Parquet files (NNNNN.parquet, written by "
                                f"fastlaion run) and no {METADATA_FILE} (written by fastlaion subset or dedup)")
@@ -439,7 +453,8 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
         groups[-1].append(f)
     ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
                  groups=tuple(tuple(g) for g in groups), root_missing=root_missing,
-                 unfinished=_unfinished(path))
+                 unfinished=(None if state is None else state.record()) if kind == "run" and path.is_dir()
+                 else _unfinished(path))
     if rows == 0 and not allow_empty:
         raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
     if root_missing:

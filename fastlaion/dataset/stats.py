@@ -72,6 +72,10 @@ class DatasetStats:
     damaged_files: list[dict[str, str]] = field(default_factory=list)
     # the run folder they are in: the dataset's own, or (a subset, a dedup) the run its rows point at
     damaged_root: str | None = None
+    # a run not done (Dataset.unfinished: the run folder's own, or the run a subset of it was made
+    # from): the figures cover its shards finished then (source_finished_shards), not the run;
+    # None: a whole dataset. In the JSON, for a script that never sees the warning on stderr.
+    unfinished: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +89,7 @@ def compute_stats(ds: Dataset, bins: int = 20) -> DatasetStats:
     stats = ds.guarded(lambda d: _compute(d, bins))
     stats.damaged_files = damaged_files(ds)
     stats.damaged_root = str(ds.root.resolve()) if stats.damaged_files else None
+    stats.unfinished = ds.unfinished
     return stats
 
 
