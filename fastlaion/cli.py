@@ -34,7 +34,6 @@ from .config import (
 from .interrupt import STOP_SIGNALS, ctrl_c_ignored, stop_on_sigterm, stopped_by
 
 
-
 class _Group(LazyGroup):
     """The app's group: its usage errors (click's) printed as the other errors are."""
 

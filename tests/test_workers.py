@@ -255,7 +255,6 @@ def test_each_worker_gets_its_share_of_the_cores_for_every_pool(monkeypatch):
     and encodes stored images on 4 threads (cfg.decode.threads, which the GPU decoders read),
     not on all 16; an explicit --decode-threads is kept."""
     import dataclasses
-    import os
 
     from fastlaion.config import DecodeConfig, RunConfig
     from fastlaion.workers import worker_configs
