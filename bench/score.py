@@ -362,10 +362,6 @@ def repeated_table(args: argparse.Namespace, device: torch.device, rounds: int) 
                   f"| {ours / theirs:.2f}x |")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def precision_table(args: argparse.Namespace, device: torch.device, rounds: int) -> None:
     """Scorer.score on the same decoded images and captions in each of --precisions, same weights:
     samples/s (rounds alternated, in rotating order) and how far each precision's similarities and
@@ -403,8 +399,18 @@ def precision_table(args: argparse.Namespace, device: torch.device, rounds: int)
         for p in order:
             img, txt, sim = out[p]
             diff = np.abs(sim - ref_sim)
-            least = [float(np.min(np.sum(a.astype(np.float32) * b.astype(np.float32), axis=1)))
-                     for a, b in ((img, ref_img), (txt, ref_txt))]
+            least = [float(np.min(_cosines(a, b))) for a, b in ((img, ref_img), (txt, ref_txt))]
             rate = rounds * batch / spent[p]
             print(f"| {name} | {p} | {rate:,.1f} | {spent[order[0]] / spent[p]:.2f}x | {diff.max():.5f} / "
                   f"{diff.mean():.5f} | {least[0]:.5f}, {least[1]:.5f} |")
+
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row by row, of two (N, D) arrays of embeddings (float16: unit length only up to rounding)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+if __name__ == "__main__":
+    main()

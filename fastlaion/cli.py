@@ -320,7 +320,7 @@ def run_cmd(
     min_similarity: Annotated[float, typer.Option(help="Keep pairs whose image-caption cosine similarity is at least this (LAION: 0.28 for English with ViT-B/32).")] = _D.score.min_similarity,
     batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _D.score.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _D.score.device,
-    precision: Annotated[str, typer.Option(help="CLIP precision: auto (fp16 on CUDA, fp32 on the CPU), fp16, bf16 or fp32.")] = _D.score.precision,
+    precision: Annotated[str, typer.Option(help="CLIP precision: auto (fp16 on CUDA; on the CPU bf16 where it has AMX, as Xeons since Sapphire Rapids, else fp32), fp16, bf16 or fp32.")] = _D.score.precision,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the CLIP towers (fixed shapes: batches padded to --batch-size); the first batches wait for the compile (about a minute).")] = _D.score.compile,
     min_similarity_multi: Annotated[Optional[float], typer.Option(help="Threshold for captions not identified as English (multi and nolang); default: --min-similarity, or LAION's 0.26 with --multilingual-model.", show_default=False)] = None,
     multilingual_model: Annotated[Optional[str], typer.Option(help="A second open_clip model that scores the non-English captions (LAION used multilingual CLIP), e.g. xlm-roberta-base-ViT-B-32.", show_default=False)] = None,

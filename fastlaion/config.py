@@ -397,7 +397,7 @@ class ScoreConfig:
     multilingual_pretrained: str = "none"
     batch_size: int = 256  # images per CLIP forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
+    precision: str = "auto"  # auto (fp16 on CUDA; bf16 on a CPU with AMX, else fp32: score.pick_precision) | fp16 | bf16 | fp32
     # torch.compile the towers (batches padded to batch_size, captions to a few lengths, so the
     # shapes stay fixed); the first batches pay the compile
     compile: bool = False

@@ -604,38 +604,60 @@ class PrefixTextEncoder:
     def encode_packed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`encode` with the captions packed: every layer but attention runs on the positions the
         captions use, laid end to end (T rows, T the sum of their lengths), not on the batch
-        padded to its longest caption (N x L rows). Attention runs on that padded grid: each
-        block scatters its packed queries, keys and values into it and gathers the outputs back,
-        the grid's padding positions zero throughout (finite: a causal mask weighs them 0, and
-        0 x NaN would not be 0). The causal mask keeps each caption from seeing its padding, so
-        every caption gets what one pass (or open_clip's 77 positions) gives it, up to float
-        rounding. One LAION-like caption in ten runs to the 77-token limit, so a batch's longest
-        caption is 77 tokens while most use 10-20: packed, the matrix products, layer norms and
-        MLPs do about a quarter of one pass's rows."""
+        padded to its longest caption (N x L rows). One LAION-like caption in ten runs to the
+        77-token limit, so a batch's longest caption is 77 tokens while most use 10-20: packed,
+        the matrix products, layer norms and MLPs do about a quarter of one pass's rows.
+
+        Attention runs on padded grids, one per group of captions of like length (`BUCKETS`: up
+        to 16 positions, 32, 48, more), each as long as its group's longest caption: each block
+        scatters its packed queries, keys and values into the grids, laid end to end in one
+        buffer, and gathers the outputs back. Attention's work grows with the square of the
+        grid's length: one grid as long as the batch's longest caption (as before 2026-11-28)
+        made it 45% of the text tower's time on the CPU in bfloat16, where the matrix products
+        run on AMX (bench/score.py's captions: the grids do a fifth of that one grid's work). The
+        captions are put in group order (stably) for the tower and their features back in the
+        batch's order after it. The grids' padding positions stay zero throughout (finite: a
+        causal mask weighs them 0, and 0 x NaN would not be 0). The causal mask keeps each
+        caption from seeing its padding, so every caption gets what one pass (or open_clip's 77
+        positions) gives it, up to float rounding."""
         n = tokens.shape[0]
         if n == 0 or not self.causal_blocks:  # open_clip's own blocks (not `_causal_block`'s) run in one pass
             return self.encode_one_pass(tokens, device)
-        ends = self.ends(tokens)
-        length = int(ends.max()) + 1
-        used = ends + 1
-        # where each packed position sits in the (N x length) grid: caption-major, as packed
-        where = (torch.arange(length)[None, :] < used[:, None]).flatten().nonzero().flatten()
-        ids = tokens[:, :length].flatten()[where]
-        last = torch.cumsum(used, 0) - 1  # each caption's end-of-text position among the packed ones
+        used = self.ends(tokens) + 1
+        group = torch.bucketize(used, torch.tensor(self.BUCKETS, dtype=used.dtype))  # 0: up to 16 positions, ...
+        order = torch.argsort(group, stable=True)
+        used, tokens = used[order], tokens[order]
+        counts = torch.bincount(group, minlength=len(self.BUCKETS) + 1).tolist()
+        grids, first = [], 0  # (captions, length) of each group that has captions, in order
+        for count in counts:
+            if count:
+                grids.append((count, int(used[first:first + count].max())))
+                first += count
+        row_length = torch.repeat_interleave(torch.tensor([length for _, length in grids]),
+                                             torch.tensor([count for count, _ in grids]))
+        grid_row = torch.cumsum(row_length, 0) - row_length  # each caption's first row in the grids
+        caption = torch.repeat_interleave(torch.arange(n), used)  # each packed position's caption
+        starts = torch.cumsum(used, 0) - used  # each caption's first packed position
+        pos = torch.arange(int(used.sum())) - starts[caption]
+        where = grid_row[caption] + pos  # each packed position's row in the grids
+        ids = tokens[caption, pos]
+        last = starts + used - 1  # each caption's end-of-text position among the packed ones
+        back = torch.argsort(order)  # the batch's order from the groups'
         # One copy to the device, from pinned memory on CUDA: one from pageable memory would wait
         # for the stream's work (the image tower, queued just before), and the GPU would then idle
         # while this thread queued the text tower's kernels.
-        indices = torch.cat([where, ids.long(), where % length, last])
+        indices = torch.cat([where, ids.long(), pos, last, back])
         if device.type == "cuda":
             indices = indices.pin_memory()
-        where, ids, pos, last = indices.to(device, non_blocking=True).split([len(where)] * 3 + [n])
+        where, ids, pos, last, back = indices.to(device, non_blocking=True).split([len(where)] * 3 + [n] * 2)
         model = self.model
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(ids).to(cast_dtype) + model.positional_embedding[pos].to(cast_dtype)
-        grid = x.new_zeros((n * length, 3 * x.shape[1]))  # pads stay zero: only `where` is written
+        rows = sum(count * length for count, length in grids)
+        grid = x.new_zeros((rows, 3 * x.shape[1]))  # pads stay zero: only `where` is written
         for block in model.transformer.resblocks:
-            x = _packed_causal_block(block, x, grid, where, n, length)
-        return self._project(model.ln_final(x[last]))  # a layer norm is per position: the end tokens' alone
+            x = _packed_causal_block(block, x, grid, where, grids)
+        return self._project(model.ln_final(x[last]))[back]  # a layer norm is per position: the end tokens' alone
 
     def pass_length(self, ends: torch.Tensor, lengths: Iterable[int]) -> int:
         """The positions one pass over captions ending at `ends` runs on: the first of `lengths`
@@ -705,19 +727,26 @@ def _after_attention(block: torch.nn.Module, x: torch.Tensor, a: torch.Tensor) -
 
 
 def _packed_causal_block(block: torch.nn.Module, x: torch.Tensor, grid: torch.Tensor, where: torch.Tensor,
-                         n: int, length: int) -> torch.Tensor:
+                         grids: list[tuple[int, int]]) -> torch.Tensor:
     """`_causal_block` for packed (T, D) `x` (PrefixTextEncoder.encode_packed): the in-projection,
     out-projection, layer norms and MLP on the T packed rows; the queries, keys and values put in
-    the (n x length, 3D) `grid` at `where` for one causal scaled_dot_product_attention, whose
-    outputs at `where` come back."""
+    `grid` at `where`: `grids`' (captions, length) grids laid end to end, each a (captions x
+    length, 3D) stretch of it, for one causal scaled_dot_product_attention each, whose outputs
+    at `where` come back."""
     attn = block.attn
     width = x.shape[1]
     heads = attn.num_heads
     qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     grid.index_copy_(0, where, qkv)
-    q, k, v = grid.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _after_attention(block, x, a.transpose(1, 2).reshape(n * length, width).index_select(0, where))
+    outputs, first = [], 0
+    for count, length in grids:
+        stretch = grid[first:first + count * length]
+        first += count * length
+        q, k, v = stretch.view(count, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        outputs.append(a.transpose(1, 2).reshape(count * length, width))
+    a = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return _after_attention(block, x, a.index_select(0, where))
 
 
 class CachedClipTokenizer:

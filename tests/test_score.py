@@ -100,6 +100,20 @@ def test_text_features_through_the_used_positions_equal_open_clip(model, random_
         finally:
             hook.remove()
         assert rows == [int(used.sum())] and rows[0] < len(texts) * int(used.max()) / 2
+        # and attention on a grid per length group (up to 16 positions, 32, 48, more), each as long
+        # as its group's longest caption, not one grid of the batch's longest for every caption
+        shapes = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def recording(q, *args, **kwargs):
+            shapes.append(tuple(q.shape[:1] + q.shape[2:3]))  # (captions, length)
+            return sdpa(q, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+            prefix.encode_packed(tokens, torch.device("cpu"))
+        groups = [[int(u) for u in used if low < int(u) <= high] for low, high in ((0, 16), (16, 32), (32, 48), (48, 77))]
+        assert shapes == [(len(g), max(g)) for g in groups] * len(s.model.transformer.resblocks)
     # Cut one position short of a caption's end-of-text token, the embedding changes: the test sees it.
     with torch.inference_mode():
         tokens = s.tokenizer(texts[2:3])
