@@ -553,14 +553,19 @@ class Decoder:
         return pil_image
 
     def _jpeg_scale(self, width: int, height: int) -> tuple[int, int]:
-        """The smallest DCT scale n/8 whose output still covers what the stored image and the
-        CLIP input are resized to (1/1 when the image is smaller than that: it is enlarged)."""
+        """The smallest DCT scale n/8 whose output still covers what the stored image, the CLIP
+        input and the watermark input are resized to (1/1 when the image is smaller than that: it
+        is enlarged)."""
         need_w, need_h = 1, 1
         if self.cfg.resize_mode is not ResizeMode.no:
             need_w, need_h = stored_resized_size_px(width, height, self.cfg.image_size, self.cfg.resize_mode)
         if self.clip is not None:
             clip_w, clip_h = self.clip.resized_size_px(width, height)
             need_w, need_h = max(need_w, clip_w), max(need_h, clip_h)
+        if self.watermark_size_px:
+            # squashed to S x S: both sides need S, or a reduced decode is enlarged where LAION's
+            # Resize((S, S)) shrinks the full image (with --no-score --resize-mode no, 1/8 scale)
+            need_w, need_h = max(need_w, self.watermark_size_px), max(need_h, self.watermark_size_px)
         for num, denom in self._jpeg_scales:
             # libjpeg-turbo rounds scaled sizes up.
             if -(-width * num // denom) >= need_w and -(-height * num // denom) >= need_h:
