@@ -51,7 +51,10 @@ that moves pwatermark (against its spread over the images). A mismatch stops the
 
 torch runs with os.cpu_count() threads, as a one-worker CPU run sets them (workers.serve_shards:
 torch.set_num_threads(cfg.decode.threads), a worker's share of the cores). Every figure is the total
-over the rounds (alternated: ours, theirs, theirs, ours, ...); the ratio is the figure to quote.
+over the rounds (alternated: ours, theirs, theirs, ours, ...; for the heads on embeddings, whose
+batches take a millisecond or less, batch by batch); the ratio is the figure to quote. The heads'
+rows are repeated with torch on one thread: on a busy machine torch's intra-op pool waits for a
+core at every operation, which is most of their time (see bench/RESULTS.md).
 Where fastlaion is slower, one more round of its side runs under cProfile and the top is printed.
 """
 
@@ -204,6 +207,34 @@ def tagger(embed_dim: int | None, **heads: str | None) -> Any:
     return Tagger(cfg, ScoreConfig(), embed_dim, torch.device("cpu"))
 
 
+def alternate_batches(tg: Any, peer_fns: list[Any], chunks: list[np.ndarray],
+                      rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """stages.alternate at the grain of one batch: a batch takes a millisecond or less, and on a
+    shared machine one descheduled moment costs as much, so the sides take turns batch by batch
+    (ours, theirs, theirs, ours, ...) and see the same load. Wall and CPU seconds per side."""
+    wall = {"fastlaion": 0.0, "peer": 0.0}
+    cpu = dict(wall)
+
+    def ours(chunk: np.ndarray) -> None:
+        tg.on_embeddings(chunk)
+
+    def theirs(chunk: np.ndarray) -> None:
+        for fn in peer_fns:
+            fn(chunk)
+
+    sides = [("fastlaion", ours), ("peer", theirs)]
+    k = 0
+    for _ in range(rounds):
+        for chunk in chunks:
+            for name, fn in sides if k % 2 == 0 else sides[::-1]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn(chunk)
+                wall[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+            k += 1
+    return wall, cpu
+
+
 def check_close(what: str, ours: np.ndarray, theirs: np.ndarray, tol: float) -> float:
     diff = float(np.abs(ours.astype(np.float64) - theirs).max())
     if not diff <= tol:
@@ -278,7 +309,7 @@ def embedding_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
 
         ours()
         theirs()  # warm-up
-        wall, cpu = st.alternate({"fastlaion": ours, "peer": theirs}, args.rounds)
+        wall, cpu = alternate_batches(tg, peer_fns, chunks, args.rounds)
         rate = {k: n / v for k, v in wall.items()}
         st.record(stage, f"{what}, {args.embeddings:,} x {args.rounds} embeddings", rate["fastlaion"], peer_name,
                   rate["peer"], "emb/s", cpu["peer"] / cpu["fastlaion"],
@@ -290,7 +321,7 @@ def embedding_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                wall, cpu = st.alternate({"fastlaion": ours, "peer": theirs}, args.rounds)
+                wall, cpu = alternate_batches(tg, peer_fns, chunks, args.rounds)
             finally:
                 torch.set_num_threads(threads)
             st.record(stage, f"{what}, torch on 1 thread (not the run's setting)", n / wall["fastlaion"], peer_name,
@@ -469,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256, help="embeddings per batch (the run's --batch-size default)")
     ap.add_argument("--wm-batch", type=int, default=0, help="images per watermark model pass (default 32; --quick 2)")
     ap.add_argument("--scratch", default="/tmp", help="folder for the random-weight files (deleted at the end)")
+    ap.add_argument("--only", choices=["heads", "watermark"], help="run only the heads on embeddings, or only the "
+                    "watermark detector (no tag stage row then)")
     ap.add_argument("--profile", action="store_true", help="a cProfile of fastlaion's side for every row")
     args = ap.parse_args(argv)
     st.PROFILE_ALL = args.profile
@@ -499,14 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     os.makedirs(args.scratch, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tags-bench-", dir=args.scratch) as tmp:
-        heads = embedding_section(args, Path(tmp))
-        wm = watermark_section(args, Path(tmp))
-    ours_s, theirs_s = heads["fastlaion"] + wm["fastlaion"], heads["peer"] + wm["peer"]
-    log(f"\n## tag stage per image: punsafe + aesthetic ({1e6 * heads['fastlaion']:.1f} / {1e6 * heads['peer']:.1f} us) "
-        f"+ pwatermark ({1e3 * wm['fastlaion']:.1f} / {1e3 * wm['peer']:.1f} ms), fastlaion / peer")
-    st.record("tag stage", "punsafe + aesthetic + pwatermark, per image (the rows above)", 1 / ours_s,
-              "LAION's scripts", 1 / theirs_s, "img/s",
-              (heads["cpu_peer"] + wm["cpu_peer"]) / (heads["cpu_fastlaion"] + wm["cpu_fastlaion"]))
+        heads = embedding_section(args, Path(tmp)) if args.only in (None, "heads") else None
+        wm = watermark_section(args, Path(tmp)) if args.only in (None, "watermark") else None
+    if heads and wm:
+        ours_s, theirs_s = heads["fastlaion"] + wm["fastlaion"], heads["peer"] + wm["peer"]
+        log(f"\n## tag stage per image: punsafe + aesthetic ({1e6 * heads['fastlaion']:.1f} / {1e6 * heads['peer']:.1f} "
+            f"us) + pwatermark ({1e3 * wm['fastlaion']:.1f} / {1e3 * wm['peer']:.1f} ms), fastlaion / peer")
+        st.record("tag stage", "punsafe + aesthetic + pwatermark, per image (the rows above)", 1 / ours_s,
+                  "LAION's scripts", 1 / theirs_s, "img/s",
+                  (heads["cpu_peer"] + wm["cpu_peer"]) / (heads["cpu_fastlaion"] + wm["cpu_fastlaion"]))
     log(f"\n{st.load()} after; {time.perf_counter() - t0:.0f} s in all")
     log("\n| stage | data | fastlaion | peer | peer's figure | fastlaion / peer | by CPU time |")
     log("|---|---|---|---|---|---|---|")

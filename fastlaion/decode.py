@@ -16,7 +16,7 @@ For each body, in this order, the first failed check is the row's drop reason:
     truncated           the image data ends early (a cut-off download)
 
 Accepted formats are JPEG, PNG and WebP. JPEGs are decoded with libjpeg-turbo (PyTurboJPEG) at
-the smallest DCT scale (n/8) that is still at least as large as both outputs need, and fall back
+the smallest DCT scale (n/8) that is still at least as large as every output needs, and fall back
 to Pillow where libjpeg-turbo cannot (CMYK, or any libjpeg warning other than truncation); PNG
 and WebP are decoded with Pillow. Both libraries release the GIL while they work, so a `Decoder`
 is meant to be called from a thread pool.
