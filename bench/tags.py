@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The tag stage's heads against LAION's own scripts, in one process, rounds of the two sides alternated.
 
-    .venv/bin/python bench/tags.py            # full sizes (about 4 minutes on the 2-core dev box)
-    .venv/bin/python bench/tags.py --quick    # a few-second dry run, small sizes (tests/test_bench.py)
+    .venv/bin/python bench/tags.py            # full sizes (about 3-4 minutes on the 2-core dev box)
+    .venv/bin/python bench/tags.py --quick    # dry run, small sizes, 1 round (tests/test_bench.py; ~45 s here)
 
 Heads on CLIP image embeddings: each side gets the same (N, D) float16 L2-normalised embeddings,
 as the scorer hands them to the tag stage, in batches of --batch (256, the run's).
@@ -39,7 +39,9 @@ watermark input   Peer: per image `Image.open(bytes).convert("RGB")` and torchvi
 watermark model   Peer: torch.stack of the transformed tensors (NCHW float32), model.eval() under
               no_grad, softmax, [:, 0]. fastlaion: np.stack of the decoder's uint8 (N, 256, 256, 3)
               pixels (pipeline.stack_pixels) and Tagger.on_pixels (WatermarkDetector: permute,
-              normalise, model under inference_mode, softmax). Batches of --wm-batch on both sides.
+              normalise, model under inference_mode, softmax; on the CPU cpu_chunk images a pass).
+              Batches of --wm-batch on both sides; fastlaion's detector on each whole batch is
+              timed in the same rounds and printed.
 pwatermark        (b) + model against the peer's transform + model, per image.
 tag stage         embedding heads + pwatermark, per image (one embedding per image), from the rows above.
 
@@ -380,8 +382,10 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
     log(f"  {data} for the decode rows, the first {args.images} of them for the model's, in batches of "
         f"{args.wm_batch}; torch threads {torch.get_num_threads()}")
     transform = peer_transform()
-    originals = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs[:args.images]]
+    originals = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs[:max(16, args.images)]]
+    # calibrated on 16 images (--quick: its 8) whatever --images is: on 2 the logit scale is a guess
     state = calibrated_watermark_state(originals[:16], transform)
+    originals = originals[:args.images]
     wm_path = scratch / "watermark_random.pth"
     torch.save(state, wm_path)
     tg = tagger(None, watermark_model=str(wm_path))
@@ -473,9 +477,23 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
 
     ours_px = [d.watermark_input for d in decoded["in the run's decode"]]
     theirs_px = peer_pixels(model_jpegs)
-    model_sides = {"fastlaion": lambda: ours_model_pass(ours_px), "peer": lambda: peer_model_pass(theirs_px)}
+    detector = tg.watermark
+
+    def ours_whole_batch() -> None:  # fastlaion's detector without its CPU chunking, for the log
+        chunk = detector.cpu_chunk
+        detector.cpu_chunk = 1 << 30
+        try:
+            ours_model_pass(ours_px)
+        finally:
+            detector.cpu_chunk = chunk
+
+    model_sides = {"fastlaion": lambda: ours_model_pass(ours_px), "peer": lambda: peer_model_pass(theirs_px),
+                   "whole": ours_whole_batch}
     mwall, mcpu = st.alternate(model_sides, args.rounds)
     m = len(model_jpegs) * args.rounds
+    log(f"  model: fastlaion {m / mwall['fastlaion']:,.1f} img/s (WatermarkDetector.cpu_chunk {detector.cpu_chunk} "
+        f"images a pass), the same on each whole batch of {args.wm_batch} {m / mwall['whole']:,.1f} img/s, "
+        f"peer {m / mwall['peer']:,.1f} img/s")
     st.record("watermark model", f"{len(model_jpegs)} images, batches of {args.wm_batch}", m / mwall["fastlaion"],
               "torch.stack + model + softmax", m / mwall["peer"], "img/s", mcpu["peer"] / mcpu["fastlaion"],
               slow_profile=lambda: st.profile("watermark model", model_sides["fastlaion"]))
@@ -492,13 +510,13 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a few-second dry run: small sizes, 2 rounds")
-    ap.add_argument("--rounds", type=int, default=0, help="rounds per side (default 4; --quick 2)")
+    ap.add_argument("--quick", action="store_true", help="a dry run: small sizes, 1 round")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds per side (default 4; --quick 1)")
     ap.add_argument("--embeddings", type=int, default=0, help="embeddings a round (default 25,600; --quick 1,024)")
-    ap.add_argument("--images", type=int, default=0, help="JPEGs through the watermark model (default 32; --quick 2)")
+    ap.add_argument("--images", type=int, default=0, help="JPEGs through the watermark model (default 64; --quick 2)")
     ap.add_argument("--decode-images", type=int, default=0, help="JPEGs for the decode rows (default 256; --quick 8)")
     ap.add_argument("--batch", type=int, default=256, help="embeddings per batch (the run's --batch-size default)")
-    ap.add_argument("--wm-batch", type=int, default=0, help="images per watermark model pass (default 32; --quick 2)")
+    ap.add_argument("--wm-batch", type=int, default=0, help="images per batch for the watermark model (default 64; --quick 2)")
     ap.add_argument("--scratch", default="/tmp", help="folder for the random-weight files (deleted at the end)")
     ap.add_argument("--only", choices=["heads", "watermark"], help="run only the heads on embeddings, or only the "
                     "watermark detector (no tag stage row then)")
@@ -506,11 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     st.PROFILE_ALL = args.profile
     q = args.quick
-    args.rounds = args.rounds or (2 if q else 4)
+    args.rounds = args.rounds or (1 if q else 4)
     args.embeddings = args.embeddings or (1_024 if q else 25_600)
-    args.images = args.images or (2 if q else 32)
+    args.images = args.images or (2 if q else 64)
     args.decode_images = args.decode_images or (8 if q else 256)
-    args.wm_batch = args.wm_batch or (2 if q else 32)
+    args.wm_batch = args.wm_batch or (2 if q else 64)
     for path in (NSFW_B32, AESTHETIC_B32, RATINGS):
         if not path.exists():
             raise SystemExit(f"{path}: missing (LAION's heads are read from ../shared/data/models)")
