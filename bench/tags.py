@@ -28,7 +28,8 @@ pwatermark for every image); the arithmetic is the real network's, the values me
 
 watermark input   Peer: per image `Image.open(bytes).convert("RGB")` and torchvision's
               Compose([Resize((256, 256)), ToTensor(), Normalize(ImageNet)]), as the detector's
-              script does (its stacking into a batch is in the model row). fastlaion, two rows:
+              script does (its stacking into a batch is in the model row), on one torch thread as in
+              the DataLoader worker it ran in. fastlaion, two rows:
               (a) "alone": a Decoder that makes only the watermark input (DecodeConfig(resize_mode=no),
               no CLIP spec, 256: libjpeg-turbo at a DCT scale covering 256 px, Pillow bilinear squash
               to uint8): decode + resize like the peer's; (b) "in the run's decode": what the run
@@ -39,9 +40,7 @@ watermark input   Peer: per image `Image.open(bytes).convert("RGB")` and torchvi
 watermark model   Peer: torch.stack of the transformed tensors (NCHW float32), model.eval() under
               no_grad, softmax, [:, 0]. fastlaion: np.stack of the decoder's uint8 (N, 256, 256, 3)
               pixels (pipeline.stack_pixels) and Tagger.on_pixels (WatermarkDetector: permute,
-              normalise, model under inference_mode, softmax; on the CPU cpu_chunk images a pass).
-              Batches of --wm-batch on both sides; fastlaion's detector on each whole batch is
-              timed in the same rounds and printed.
+              normalise, model under inference_mode, softmax). Batches of --wm-batch on both sides.
 pwatermark        (b) + model against the peer's transform + model, per image.
 tag stage         embedding heads + pwatermark, per image (one embedding per image), from the rows above.
 
@@ -401,7 +400,14 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
     run_without = Decoder(DecodeConfig(), clip, None)
 
     def peer_pixels(jpegs: list[bytes] = jpegs) -> list[Any]:
-        return [transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+        # on one torch thread, as in the DataLoader workers LAION's script decodes in (PyTorch sets
+        # each worker's threads to 1): Normalize's torch ops would otherwise wait for a second core
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+        finally:
+            torch.set_num_threads(threads)
 
     def peer_model_pass(tensors: list[Any]) -> np.ndarray:
         out = []
@@ -477,23 +483,9 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
 
     ours_px = [d.watermark_input for d in decoded["in the run's decode"]]
     theirs_px = peer_pixels(model_jpegs)
-    detector = tg.watermark
-
-    def ours_whole_batch() -> None:  # fastlaion's detector without its CPU chunking, for the log
-        chunk = detector.cpu_chunk
-        detector.cpu_chunk = 1 << 30
-        try:
-            ours_model_pass(ours_px)
-        finally:
-            detector.cpu_chunk = chunk
-
-    model_sides = {"fastlaion": lambda: ours_model_pass(ours_px), "peer": lambda: peer_model_pass(theirs_px),
-                   "whole": ours_whole_batch}
+    model_sides = {"fastlaion": lambda: ours_model_pass(ours_px), "peer": lambda: peer_model_pass(theirs_px)}
     mwall, mcpu = st.alternate(model_sides, args.rounds)
     m = len(model_jpegs) * args.rounds
-    log(f"  model: fastlaion {m / mwall['fastlaion']:,.1f} img/s (WatermarkDetector.cpu_chunk {detector.cpu_chunk} "
-        f"images a pass), the same on each whole batch of {args.wm_batch} {m / mwall['whole']:,.1f} img/s, "
-        f"peer {m / mwall['peer']:,.1f} img/s")
     st.record("watermark model", f"{len(model_jpegs)} images, batches of {args.wm_batch}", m / mwall["fastlaion"],
               "torch.stack + model + softmax", m / mwall["peer"], "img/s", mcpu["peer"] / mcpu["fastlaion"],
               slow_profile=lambda: st.profile("watermark model", model_sides["fastlaion"]))

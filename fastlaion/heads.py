@@ -303,12 +303,6 @@ def watermark_model() -> nn.Module:
 class WatermarkDetector:
     """`pwatermark` for batches of uint8 RGB images (N, 256, 256, 3)."""
 
-    # On the CPU a batch goes through the network this many images at a time: a large batch's
-    # activations (40 x 128 x 128 floats an image after the stem) spill out of the caches. 2-core
-    # dev box, 2 threads, alternated rounds: 15 img/s in batches of 64, 20 in 16, 29 in 4 or 8
-    # (bench/tags.py prints the whole batch's figure beside this one). A GPU takes the whole batch.
-    cpu_chunk = 8
-
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model.to(device).eval()
         self.device = device
@@ -329,12 +323,8 @@ class WatermarkDetector:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (N, 256, 256, 3) uint8 -> (N,) float32 pwatermark on the host."""
-        step = max(1, self.cpu_chunk if self.device.type == "cpu" else len(pixels))
-        return torch.cat([self._pwatermark(pixels[i:i + step]) for i in range(0, len(pixels), step)]
-                         or [torch.empty(0)])
-
-    def _pwatermark(self, pixels: torch.Tensor) -> torch.Tensor:
-        # the permuted uint8 batch keeps its NHWC strides through .float(): the network runs
-        # channels_last, which oneDNN prefers (1.4-1.6x LAION's NCHW batch on the CPU, bench/tags.py)
+        # the permuted batch keeps its NHWC strides through .float(): the network runs channels_last,
+        # which oneDNN prefers (1.4-1.6x LAION's NCHW batch on the CPU, bench/tags.py). Whole batches:
+        # chunks of 8 were 2x faster on a calm CPU but 3x slower on a busy one (bench/RESULTS.md)
         x = pixels.to(self.device).permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
         return torch.softmax(self.model(x).float(), dim=1)[:, 0].cpu()

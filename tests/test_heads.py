@@ -218,27 +218,3 @@ def test_watermark_detector_shapes_and_batching_with_random_weights(tmp_path):
     torch.save({"classifier.weight": torch.zeros(2, 1536)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="efficientnet_b3a"):
         WatermarkDetector.load(str(tmp_path / "other.pth"), torch.device("cpu"))
-
-
-def test_watermark_detector_on_the_cpu_runs_the_batch_in_chunks_with_the_same_pwatermark():
-    torch.manual_seed(0)
-    model = watermark_model()
-    pixels = torch.randint(0, 256, (10, 256, 256, 3), dtype=torch.uint8)
-    pixels[:5] //= 4  # darker halves: images that differ, so pwatermark does too
-    for m in model.modules():  # BatchNorm statistics of these images, so the output depends on them
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(pixels.permute(0, 3, 1, 2).float() / 255)
-    det = WatermarkDetector(model, torch.device("cpu"))
-    calls = []
-    det.model.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
-    chunked = det(pixels)
-    assert calls == [8, 2] and chunked.shape == (10,) and chunked.dtype == torch.float32
-    det.cpu_chunk = 10**6
-    whole = det(pixels)
-    assert calls[2:] == [10]
-    assert (whole.max() - whole.min()).item() > 1e-3  # the images' pwatermark differ
-    np.testing.assert_allclose(chunked.numpy(), whole.numpy(), atol=1e-5)
-    assert det(pixels[:0]).shape == (0,)
