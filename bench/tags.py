@@ -505,10 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a dry run: small sizes, 1 round")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per side (default 4; --quick 1)")
     ap.add_argument("--embeddings", type=int, default=0, help="embeddings a round (default 25,600; --quick 1,024)")
-    ap.add_argument("--images", type=int, default=0, help="JPEGs through the watermark model (default 64; --quick 2)")
+    ap.add_argument("--images", type=int, default=0, help="JPEGs through the watermark model (default 32; --quick 2)")
     ap.add_argument("--decode-images", type=int, default=0, help="JPEGs for the decode rows (default 256; --quick 8)")
     ap.add_argument("--batch", type=int, default=256, help="embeddings per batch (the run's --batch-size default)")
-    ap.add_argument("--wm-batch", type=int, default=0, help="images per batch for the watermark model (default 64; --quick 2)")
+    ap.add_argument("--wm-batch", type=int, default=0, help="images per batch for the watermark model (default 32; --quick 2)")
     ap.add_argument("--scratch", default="/tmp", help="folder for the random-weight files (deleted at the end)")
     ap.add_argument("--only", choices=["heads", "watermark"], help="run only the heads on embeddings, or only the "
                     "watermark detector (no tag stage row then)")
@@ -518,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.rounds = args.rounds or (1 if q else 4)
     args.embeddings = args.embeddings or (1_024 if q else 25_600)
-    args.images = args.images or (2 if q else 64)
+    args.images = args.images or (2 if q else 32)
     args.decode_images = args.decode_images or (8 if q else 256)
-    args.wm_batch = args.wm_batch or (2 if q else 64)
+    args.wm_batch = args.wm_batch or (2 if q else 32)
     for path in (NSFW_B32, AESTHETIC_B32, RATINGS):
         if not path.exists():
             raise SystemExit(f"{path}: missing (LAION's heads are read from ../shared/data/models)")
