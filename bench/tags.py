@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The tag stage's heads against LAION's own scripts, in one process, rounds of the two sides alternated.
 
-    .venv/bin/python bench/tags.py            # full sizes (about 3-4 minutes on the 2-core dev box)
-    .venv/bin/python bench/tags.py --quick    # dry run, small sizes, 1 round (tests/test_bench.py; ~45 s here)
+    .venv/bin/python bench/tags.py            # full sizes (about 4-5 minutes on the busy 2-core dev box)
+    .venv/bin/python bench/tags.py --quick    # dry run, small sizes, 1 round (tests/test_bench.py; 10-30 s here)
 
 Heads on CLIP image embeddings: each side gets the same (N, D) float16 L2-normalised embeddings,
 as the scorer hands them to the tag stage, in batches of --batch (256, the run's).
@@ -23,7 +23,7 @@ embedding heads  punsafe + aesthetic together: one Tagger.on_embeddings (what a 
 The watermark detector (LAION-5B-WatermarkDetection: timm efficientnet_b3 with LAION's 2-class
 head, 256x256, ImageNet normalisation, pwatermark = softmax[:, 0]) on real photographs (score.py's
 JPEGs, 300-800 px). Its real weights cannot be downloaded here: random weights, with BatchNorm's
-statistics calibrated on the bench's own photographs (an uncalibrated random EfficientNet gives one
+statistics calibrated on the bench's own photographs and its last layer scaled (an uncalibrated random EfficientNet gives one
 pwatermark for every image); the arithmetic is the real network's, the values mean nothing.
 
 watermark input   Peer: per image `Image.open(bytes).convert("RGB")` and torchvision's
@@ -53,8 +53,8 @@ that moves pwatermark (against its spread over the images). A mismatch stops the
 torch runs with os.cpu_count() threads, as a one-worker CPU run sets them (workers.serve_shards:
 torch.set_num_threads(cfg.decode.threads), a worker's share of the cores). Every figure is the total
 over the rounds (alternated: ours, theirs, theirs, ours, ...; for the heads on embeddings, whose
-batches take a millisecond or less, batch by batch); the ratio is the figure to quote. The heads'
-rows are repeated with torch on one thread: on a busy machine torch's intra-op pool waits for a
+batches take a millisecond or less, batch by batch); the ratio is the figure to quote. The two heads
+together are timed again with torch on one thread: on a busy machine torch's intra-op pool waits for a
 core at every operation, which is most of their time (see bench/RESULTS.md).
 Where fastlaion is slower, one more round of its side runs under cProfile and the top is printed.
 """
