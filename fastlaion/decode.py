@@ -16,7 +16,7 @@ For each body, in this order, the first failed check is the row's drop reason:
     truncated           the image data ends early (a cut-off download)
 
 Accepted formats are JPEG, PNG and WebP. JPEGs are decoded with libjpeg-turbo (PyTurboJPEG) at
-the smallest DCT scale (n/8) that is still at least as large as both outputs need, and fall back
+the smallest DCT scale (n/8) that is still at least as large as every output needs, and fall back
 to Pillow where libjpeg-turbo cannot (CMYK, or any libjpeg warning other than truncation); PNG
 and WebP are decoded with Pillow. Both libraries release the GIL while they work, so a `Decoder`
 is meant to be called from a thread pool.
@@ -553,14 +553,19 @@ class Decoder:
         return pil_image
 
     def _jpeg_scale(self, width: int, height: int) -> tuple[int, int]:
-        """The smallest DCT scale n/8 whose output still covers what the stored image and the
-        CLIP input are resized to (1/1 when the image is smaller than that: it is enlarged)."""
+        """The smallest DCT scale n/8 whose output still covers what the stored image, the CLIP
+        input and the watermark input are resized to (1/1 when the image is smaller than that: it
+        is enlarged)."""
         need_w, need_h = 1, 1
         if self.cfg.resize_mode is not ResizeMode.no:
             need_w, need_h = stored_resized_size_px(width, height, self.cfg.image_size, self.cfg.resize_mode)
         if self.clip is not None:
             clip_w, clip_h = self.clip.resized_size_px(width, height)
             need_w, need_h = max(need_w, clip_w), max(need_h, clip_h)
+        if self.watermark_size_px:
+            # squashed to S x S: both sides need S, or a reduced decode is enlarged where LAION's
+            # Resize((S, S)) shrinks the full image (with --no-score --resize-mode no, 1/8 scale)
+            need_w, need_h = max(need_w, self.watermark_size_px), max(need_h, self.watermark_size_px)
         for num, denom in self._jpeg_scales:
             # libjpeg-turbo rounds scaled sizes up.
             if -(-width * num // denom) >= need_w and -(-height * num // denom) >= need_h:

@@ -323,5 +323,8 @@ class WatermarkDetector:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (N, 256, 256, 3) uint8 -> (N,) float32 pwatermark on the host."""
+        # the permuted batch keeps its NHWC strides through .float(): the network runs channels_last,
+        # which oneDNN prefers (1.4-1.6x LAION's NCHW batch on the CPU, bench/tags.py). Whole batches:
+        # chunks of 8 were 2x faster on a calm CPU but 3x slower on a busy one (bench/RESULTS.md)
         x = pixels.to(self.device).permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
         return torch.softmax(self.model(x).float(), dim=1)[:, 0].cpu()

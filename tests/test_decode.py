@@ -359,3 +359,23 @@ def test_concurrent_decoding_equals_sequential():
         assert (one.clip_input is None and other.clip_input is None) or np.array_equal(one.clip_input,
                                                                                        other.clip_input)
     assert {d.error for d in sequential} == {None, "empty_body", "truncated"}
+
+
+# -- watermark input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("clip,mode", [(ClipInputSpec((224, 224)), ResizeMode.border), (None, ResizeMode.no),
+                                       (None, ResizeMode.border)])
+def test_watermark_input_is_never_enlarged_from_a_reduced_decode(clip, mode):
+    # LAION's detector takes Resize((256, 256)) of the full image. The decoder used to pick its
+    # DCT scale for the stored image and the CLIP input alone: with --no-score --resize-mode no
+    # an 800x530 JPEG was decoded at 1/8 (100x67) and blown up to 256x256 (mean |diff| 6.0
+    # levels from the full-size squash), and at 3/8 (300x199) with --no-score's border (1.2).
+    # Now both sides are at least 256 before the squash: 0.5 levels (measured), bound 1.0.
+    body = encode(photo("chelsea").resize((800, 530)), "JPEG")
+    decoder = Decoder(DecodeConfig(resize_mode=mode), clip, 256)
+    num, den = decoder._jpeg_scale(800, 530)
+    assert -(-530 * num // den) >= 256  # the short side after DCT scaling (libjpeg-turbo rounds up)
+    d = decoder(body)
+    full = Image.open(io.BytesIO(body)).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)
+    assert d.watermark_input.shape == (256, 256, 3) and d.watermark_input.dtype == np.uint8
+    assert np.abs(d.watermark_input.astype(np.int16) - np.asarray(full, np.int16)).mean() < 1.0
