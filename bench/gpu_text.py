@@ -91,7 +91,7 @@ def main() -> None:
         ("text: length buckets, causal attention", lambda: prefix.encode_buckets(tokens, device)),
         ("text: length buckets through open_clip's blocks", through_open_clips_blocks),
         ("text: one pass cut to the longest caption", lambda: prefix.encode_one_pass(tokens, device)),
-        ("text: packed, attention on the padded grid", lambda: prefix.encode_packed(tokens, device)),
+        ("text: packed, attention per length group", lambda: prefix.encode_packed(tokens, device)),
         ("text: Scorer's choice here", lambda: prefix.encode(tokens, device)),
         ("image tower", lambda: scorer.image_features(pixels)),
         ("Scorer.score() whole", lambda: scorer.score(pixels, texts)),

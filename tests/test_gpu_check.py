@@ -162,8 +162,9 @@ NOT_ON_THE_GPU_CHECK_PATH = {
 }
 # On the GPU machine though not in GPU.md's list: bench/score.py's make_jpegs made the GPU check's
 # JPEGs from scikit-image's photographs there in sessions 4 and 10 ("generated 4,096 JPEGs" in
-# bench/logs/gpu_check-2026-11-27-h200-session10-second.log); yarl comes with aiohttp.
-ALSO_ON_THE_GPU_MACHINE = {"skimage", "yarl", "multidict"}
+# bench/logs/gpu_check-2026-11-27-h200-session10-second.log); yarl comes with aiohttp, and idna
+# with yarl (one of its requirements; fastlaion.extract's URL fold imports it).
+ALSO_ON_THE_GPU_MACHINE = {"skimage", "yarl", "multidict", "idna"}
 # The GPU machine runs Python 3.12, which no longer has these (sys.stdlib_module_names here is 3.11's)
 REMOVED_IN_PY312 = {"asynchat", "asyncore", "distutils", "imp", "smtpd"}
 
