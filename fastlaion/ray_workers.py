@@ -307,7 +307,8 @@ class RayWorkers(WorkerPool):
         # Every worker checked before any starts: a node without the output folder stops the
         # run before it has written anything.
         self._started([a.check.remote(__version__, os.getcwd(), self.out, self.rows) for a in self.actors])
-        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results.queue): i
+        level = logging.getLogger().getEffectiveLevel()  # the workers log what this process would
+        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results.queue, level): i
                      for i, (a, c) in enumerate(zip(self.actors, self.configs))}
 
     def _started(self, checks: list[Any]) -> None:
@@ -432,5 +433,6 @@ class FastlaionWorker:
             os.chdir(cwd)
         return [str(gpu) for gpu in ray.get_gpu_ids()]
 
-    def run(self, worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
-        serve_shards(worker, cfg, Path(out), rows, tasks, results)
+    def run(self, worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any,
+            log_level: int = logging.WARNING) -> None:
+        serve_shards(worker, cfg, Path(out), rows, tasks, results, log_level)

@@ -3,7 +3,10 @@
 Each worker is a spawned process with its own event loop, decoder and models (one GPU each);
 this process hands out the shards one at a time as each worker asks for its next, so a slow shard
 never holds the others back. A worker reports rows and finished shards to this process, which
-draws the progress bar and merges the stats. Each worker has pipes of its own to this process,
+draws the progress bar and merges the stats. A worker's log records go the same way
+(`forwarded_logs`): this process prints them through its own handler, in its format, filtered as
+its own are (open_clip's chatter hidden without -v), and each message once however many workers
+log it. Each worker has pipes of its own to this process,
 shared with no other worker: one killed at any moment (the OOM killer's SIGKILL, in the middle of
 a message) can neither cut into another's messages nor hold a lock the others wait for, and its
 end is seen at once. Every shard is still written atomically by the worker that ran it, so a crash,
@@ -119,6 +122,7 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     failure. Returns stage seconds summed over workers (load_models: the slowest worker's)."""
     devices = pool.devices
     timings: dict[str, float] = {}
+    logged: set[tuple[int, str, str]] = set()  # the workers' records printed so far (relay_log)
     finished = 0
     done_workers: set[int] = set()
     try:
@@ -141,6 +145,8 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
                 pool.check_ended(msg[2], done_workers)
             elif kind == "rows":
                 progress.rows_done(msg[2], msg[3], msg[4])
+            elif kind == "log":
+                relay_log(msg[2], logged)
             elif kind == "shard":
                 stats = msg[2]
                 for stage, secs in stats["timings_s"].items():
@@ -169,6 +175,67 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     return timings
 
 
+def relay_log(fields: dict[str, Any], logged: set[tuple[int, str, str]]) -> None:
+    """Handle a worker's log record (`_ForwardedLogs`) as if this process had logged it: through
+    the handler and filters of its logger here, unless the same message at the same level from
+    the same logger was already handled (`logged`): N workers loading the same model each warn
+    that its weights are random, and the user reads it once."""
+    record = logging.makeLogRecord(fields)
+    key = (record.levelno, record.name, record.getMessage())
+    logger = logging.getLogger(record.name)
+    if key in logged or not logger.isEnabledFor(record.levelno):
+        return
+    logged.add(key)
+    logger.handle(record)
+
+
+class _ForwardedLogs(logging.Handler):
+    """A worker's log handler: each record goes to drive as ("log", worker, fields), which
+    `relay_log` makes a record again. Without it a worker has no handler of its own (a spawned
+    process, a Ray actor): Python's last resort printed our warnings bare, and the first library
+    to call `logging.warning` (open_clip, on random weights) installed basicConfig's handler,
+    after which every record came out as "WARNING:name:message", once per worker."""
+
+    def __init__(self, worker: int, results: Any):
+        super().__init__()
+        self.worker, self.results = worker, results
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.results.put(("log", self.worker, _portable(record)))
+        except Exception:  # noqa: BLE001 -- logging's own policy: a failed record never raises
+            self.handleError(record)
+
+
+def _portable(record: logging.LogRecord) -> dict[str, Any]:
+    """`record`'s fields as they pickle (logging.handlers.SocketHandler's way): the message
+    formatted with its arguments, a traceback as text."""
+    fields = dict(record.__dict__)
+    fields["msg"] = record.getMessage()
+    fields["args"] = None
+    if record.exc_info and not record.exc_text:
+        fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+    fields["exc_info"] = None
+    fields.pop("message", None)
+    return fields
+
+
+@contextlib.contextmanager
+def forwarded_logs(worker: int, results: Any, level: int) -> Any:
+    """Within it, every record this worker logs at `level` (the parent's, WARNING or -v's INFO)
+    or above goes to the parent (`_ForwardedLogs`), and only there: the root logger's handlers
+    are set aside (a Ray actor's process may have some) and put back at the end."""
+    root = logging.getLogger()
+    handlers, previous_level = root.handlers[:], root.level
+    root.handlers = [_ForwardedLogs(worker, results)]
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(previous_level)
+
+
 class _Processes(WorkerPool):
     """One spawned process per worker, on this machine, with two pipes of its own: its messages
     to this process, and the shard ids it asks for (`_Inbox`)."""
@@ -176,6 +243,7 @@ class _Processes(WorkerPool):
     def __init__(self, cfg: RunConfig, out: Path, rows: InputRows, devices: list[str]):
         self.cfg, self.out, self.rows, self.devices = cfg, out, rows, devices
         self.ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and uvloop
+        self.log_level = logging.getLogger().getEffectiveLevel()  # the workers log what this process would
         self.results = _Inbox()
         self.procs: list[Any] = []
 
@@ -187,7 +255,7 @@ class _Processes(WorkerPool):
         resource_tracker.ensure_running()
         with ctrl_c_held():  # a Ctrl-C while a worker is still starting waits for _worker_main
             for i, wcfg in enumerate(worker_configs(self.cfg, self.devices)):
-                self.spawn(i, _worker_main, wcfg, str(self.out), self.rows)
+                self.spawn(i, _worker_main, wcfg, str(self.out), self.rows, self.log_level)
 
     def spawn(self, worker: int, target: Any, *args: Any) -> None:
         """Start `target(worker, *args, tasks, results)` in a process, `tasks` and `results` its
@@ -497,7 +565,8 @@ def _first_ctrl_c_only(signum: int, frame: Any) -> None:
 _stopped = False  # this worker got its stop signal (_first_ctrl_c_only)
 
 
-def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any) -> None:
+def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, log_level: int, tasks: Any,
+                 results: Any) -> None:
     """A worker process: `serve_shards`, dying with the parent and flushing its messages before
     it exits. Once serve_shards has returned, the worker only exits: a stop signal then (the
     parent's SIGTERM after another worker failed, or a late Ctrl-C) is dropped; it raised
@@ -511,7 +580,7 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
     try:
         try:
             release_ctrl_c()  # started under ctrl_c_held: a pending Ctrl-C lands here
-            serve_shards(worker, cfg, Path(out), rows, tasks, results)
+            serve_shards(worker, cfg, Path(out), rows, tasks, results, log_level)
         finally:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
@@ -524,11 +593,18 @@ def _worker_main(worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: 
         results.join_thread()
 
 
-def serve_shards(worker: int, cfg: RunConfig, out: Path, rows: InputRows, tasks: Any, results: Any) -> None:
+def serve_shards(worker: int, cfg: RunConfig, out: Path, rows: InputRows, tasks: Any, results: Any,
+                 log_level: int = logging.WARNING) -> None:
     """What a worker does, in a process or a Ray actor: run the shards whose ids it takes from
     `tasks` (until None), and report to `drive` on `results`: "ready" once its models are
-    loaded, "rows" and "shard" as the work proceeds, then "done", or the one message that says
-    how it failed (sent in parts that pickle: the driver raises the error again)."""
+    loaded, "rows" and "shard" as the work proceeds, its log records at `log_level` and above
+    ("log", `forwarded_logs`), then "done", or the one message that says how it failed (sent in
+    parts that pickle: the driver raises the error again)."""
+    with forwarded_logs(worker, results, log_level):
+        _serve_shards(worker, cfg, out, rows, tasks, results)
+
+
+def _serve_shards(worker: int, cfg: RunConfig, out: Path, rows: InputRows, tasks: Any, results: Any) -> None:
     try:  # the imports too: Ctrl-C during their seconds ends this worker quietly, as later
         from .pipeline import work
 

@@ -142,7 +142,7 @@ def _wait_for(path: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def one_killed_mid_message(worker: int, cfg, out: str, rows, tasks, results) -> None:
+def one_killed_mid_message(worker: int, cfg, out: str, rows, log_level, tasks, results) -> None:
     """A stand-in for a worker process (fastlaion.workers._worker_main, same arguments) that
     only reports. Worker 0 waits until the parent is busy with worker 1's first message, then
     sends one message of 8 MiB (far more than a pipe holds: its sending stops part way until the
@@ -169,7 +169,7 @@ def one_killed_mid_message(worker: int, cfg, out: str, rows, tasks, results) -> 
     (folder / "flushed").touch()
 
 
-def one_killed_asking_for_a_shard(worker: int, cfg, out: str, rows, tasks, results) -> None:
+def one_killed_asking_for_a_shard(worker: int, cfg, out: str, rows, log_level, tasks, results) -> None:
     """A stand-in for a worker process (fastlaion.workers._worker_main, same arguments) with no
     shards to run. Worker 0 takes its None, then asks again and waits to be killed (where the
     workers took their shards from one queue, it waited inside the queue's read, holding the

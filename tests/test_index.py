@@ -567,3 +567,70 @@ def test_a_second_index_while_one_is_written_is_refused_at_once(case, tmp_path):
     assert json.loads((index / "index.json").read_text())["cells"] == cells
     _, out = search_json(folder, qfiles[:1], tmp_path)
     assert f"of {cells:,} cells read" in out
+
+
+def test_an_index_json_and_image_faiss_of_two_builds_are_not_searched_together(case, tmp_path):
+    """search reads index.json, then image.faiss: an index rebuilt between the two reads (or the
+    two files copied from different builds) gave one build's description with the other's index:
+    --cells 2's probes (1 cell) read 1 of the other build's 62 cells, or the ids of another
+    dataset's index of the same shape named this one's samples, with no word. Now search sees the
+    index is not the one described and searches exactly, in one warning line."""
+    import shutil
+
+    folder, _, qfiles, exact = case
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    shutil.copytree(folder, a, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(folder, b, ignore=shutil.ignore_patterns("index"))
+    invoke(["index", a, "--cells", 2, "--no-progress"])
+    invoke(["index", b, "--no-progress"])
+    # the same dataset (another copy, as `fastlaion index` run again on it would write), another
+    # --cells, and another dataset of the same size indexed with the same cells as b
+    other = tmp_path / "other" / "run"
+    make_case(other, N, DIM, seed=12, query_seed=6)
+    invoke(["index", other, "--no-progress"])
+    assert (json.loads((other / "index" / "index.json").read_text())["cells"]
+            == json.loads((b / "index" / "index.json").read_text())["cells"] > 2)
+    for described, faiss_from in ((a, b), (b, a), (b, other)):
+        mixed = tmp_path / f"mixed-{described.parent.name}-{faiss_from.parent.name}" / "run"
+        shutil.copytree(described, mixed)
+        shutil.copy2(faiss_from / "index" / "image.faiss", mixed / "index" / "image.faiss")
+        found, out = search_json(mixed, qfiles, tmp_path)
+        assert "cells read" not in out and found["index"] is None, out
+        assert keys_of(found) == exact
+        warnings = [line for line in out.splitlines() if "image.faiss" in line]
+        assert len(warnings) == 1 and "searching every embedding instead" in warnings[0], out
+    # each build's own pair is searched through its index
+    for own in (a, b):
+        found, out = search_json(own, qfiles, tmp_path, "--probes", 62)
+        assert "cells read" in out and keys_of(found) == exact
+
+
+def test_an_index_rebuilt_between_the_two_reads_is_read_again(case, tmp_path, monkeypatch):
+    """The race itself, placed: search has read build a's index.json when build b's files are
+    put in place (image.faiss, then index.json, as `fastlaion index` does), just before it reads
+    image.faiss. It reads both again and searches through build b's index, without a warning."""
+    import shutil
+
+    import faiss
+
+    folder, _, qfiles, exact = case
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    shutil.copytree(folder, a, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(folder, b, ignore=shutil.ignore_patterns("index"))
+    invoke(["index", a, "--cells", 2, "--no-progress"])
+    invoke(["index", b, "--no-progress"])
+    real_read = faiss.read_index
+    reads = []
+
+    def rebuilt_first(path, *flags):
+        if not reads:
+            for name in ("image.faiss", "index.json"):
+                shutil.copy2(b / "index" / name, a / "index" / (name + ".new"))
+                os.replace(a / "index" / (name + ".new"), a / "index" / name)
+        reads.append(path)
+        return real_read(path, *flags)
+
+    monkeypatch.setattr(faiss, "read_index", rebuilt_first)
+    found, out = search_json(a, qfiles, tmp_path, "--probes", 62)
+    assert len(reads) == 2 and "(index: 62 of 62 cells read)" in out and "warning" not in out, out
+    assert keys_of(found) == exact

@@ -212,6 +212,22 @@ def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp
         run.rerun_finishes(kept)
 
 
+def test_actors_warnings_come_once_in_our_format(cluster, served):
+    """An actor's records reach the driver as a worker process's do (workers.forwarded_logs):
+    Ray printed each actor's stderr, "(FastlaionWorker pid=N) WARNING:root:No pretrained weights
+    loaded ..." and "... WARNING:fastlaion.score:fastlaion-tiny has RANDOM weights ...", per actor."""
+    inp, tmp = served
+    result = subprocess.run([sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp / "warned"),
+                             "--ray", cluster.address, "--processes", "2", "--model", "fastlaion-tiny",
+                             "--pretrained", "none", "--no-language", "--shard-size", "8",
+                             "--allow-private-networks", "--timeout", "3", "--retries", "0", "--no-progress"],
+                            capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr and "No pretrained weights loaded" not in result.stderr, result.stderr
+    assert result.stderr.count("fastlaion-tiny has RANDOM weights") == 1, result.stderr
+    assert "warning: fastlaion-tiny has RANDOM weights: similarity scores mean nothing\n" in result.stderr
+
+
 def test_a_node_with_another_fastlaion_version_stops_the_run_in_one_line(cluster, served, monkeypatch):
     """The actors check fastlaion's version before any work: one that differs from the driver's
     (here the driver's is changed) stops the run before a shard is written."""

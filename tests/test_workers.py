@@ -637,3 +637,71 @@ def test_a_worker_killed_while_it_asks_for_a_shard_keeps_no_other_from_its_own(t
     finally:
         pool.stop(interrupted=False)
         pool.close()
+
+
+def test_workers_warnings_come_once_in_our_format(tmp_path, photos):
+    """Spawned workers had no log handler: open_clip's `logging.warning` on random weights gave
+    each the root's default one, so a 2-process run printed "WARNING:root:No pretrained weights
+    loaded ..." and "WARNING:fastlaion.score:fastlaion-tiny has RANDOM weights ..." once per
+    worker. Now their records reach the parent, which prints ours as the main process does,
+    once, and hides open_clip's chatter (ours says it)."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import encode
+
+    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(4)}
+    with LoopbackServer(files) as server:
+        inp = tmp_path / "in.tsv"
+        inp.write_text("url\tcaption\n" + "".join(f"{server.url(f'{i}.jpg')}\ta cat\n" for i in range(4)))
+        result = subprocess.run(
+            [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
+             "--pretrained", "none", "--no-language", "--processes", "2", "--shard-size", "2", "--no-progress",
+             "--allow-private-networks"],
+            capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["workers"]) == 2
+    assert not re.search(r"^[A-Z]+:[\w.]+:", result.stderr, re.M), result.stderr  # logging's default format
+    assert "No pretrained weights loaded" not in result.stderr
+    assert result.stderr.count("fastlaion-tiny has RANDOM weights") == 1, result.stderr
+    assert "warning: fastlaion-tiny has RANDOM weights: similarity scores mean nothing\n" in result.stderr
+
+
+def test_forwarded_log_records_keep_level_tracebacks_and_come_once(caplog):
+    """What a worker logs at the parent's level (-v: INFO) reaches the parent's handlers as a
+    record of the same logger, level and message, a traceback as its text; the same message from
+    a second worker is dropped; below the level nothing is sent."""
+    import logging
+    import pickle
+
+    from fastlaion.workers import forwarded_logs, relay_log
+
+    class Sent(list):
+        def put(self, msg):
+            self.append(pickle.loads(pickle.dumps(msg)))  # as it crosses the pipe
+
+    sent = Sent()
+    root = logging.getLogger()
+    before = root.handlers[:]
+    for worker in (0, 1):
+        with forwarded_logs(worker, sent, logging.INFO):
+            logging.getLogger("fastlaion.score").info("scoring on %s", "cpu")
+            logging.getLogger("fastlaion.score").debug("not sent")
+            try:
+                raise ValueError("bad batch")
+            except ValueError:
+                logging.getLogger("fastlaion.pipeline").exception("shard %d failed", worker)
+        assert root.handlers == before  # put back
+    assert [(m[0], m[1], m[2]["msg"]) for m in sent] == [
+        ("log", 0, "scoring on cpu"), ("log", 0, "shard 0 failed"),
+        ("log", 1, "scoring on cpu"), ("log", 1, "shard 1 failed")]
+    logged: set = set()
+    with caplog.at_level(logging.INFO):
+        for msg in sent:
+            relay_log(msg[2], logged)
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("fastlaion.score", "INFO", "scoring on cpu"), ("fastlaion.pipeline", "ERROR", "shard 0 failed"),
+        ("fastlaion.pipeline", "ERROR", "shard 1 failed")]
+    assert "ValueError: bad batch" in caplog.records[1].exc_text
+    assert "ValueError: bad batch" in caplog.text

@@ -19,7 +19,10 @@ not read and the codes' error keep out of those candidates.
 
 Files, in the dataset folder's `index/`: `image.faiss` (faiss's own format) and `index.json`,
 which records what the index was built from (every metadata and embedding file's name, size and
-modification time) and the shards it holds, in order. A sample's id is where its embedding is:
+modification time), the shards it holds, in order, and what image.faiss must be to be the index it
+describes (its samples, cells, dimensions, bytes a code and a digest of its centroids: search
+reads the two files one after the other, and an index rebuilt in between, or the files of two
+builds copied together, is not searched as the other). A sample's id is where its embedding is:
 its shard's number in that list times 2^32 plus its row in the shard's embedding file. So a search
 through the index reads only the index, the embeddings of its candidates (--pq) and the metadata
 of the shards its hits are in: nothing that grows with the dataset but the index itself. Search
@@ -29,6 +32,7 @@ one changed since.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -222,7 +226,8 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
                            "nothing was replaced; rerun when they are done")
     meta = {"kind": KIND_PQ if cfg.pq else KIND, "samples": int(index.ntotal), "kept_samples": n,
             "unreadable_samples": reader.unreadable, "cells": cells, "dim": dim, "pq": cfg.pq,
-            "fastlaion": __version__, "files": before, "shards": shards}
+            "centroids_sha256": centroids_digest(faiss, index), "fastlaion": __version__, "files": before,
+            "shards": shards}
     folder = _write(faiss, index, meta, index_dir(ds), ds.path, written)
     return IndexResult(path=str(folder), samples=int(index.ntotal), unreadable_samples=reader.unreadable,
                        cells=cells, dim=dim, seconds=time.perf_counter() - t0,
@@ -282,6 +287,31 @@ def _write(faiss: Any, index: Any, meta: dict[str, Any], folder: Path, dataset: 
     return folder
 
 
+def centroids_digest(faiss: Any, index: Any) -> str:
+    """sha256 of the index's cell centroids (float32): what its k-means learned from the
+    embeddings it was trained on, so another build (other data, other --cells) has another. Read
+    in memory by faiss.read_index (the cells' lists are what IO_FLAG_MMAP leaves on disk); at the
+    most cells, 15,625 x 512 dimensions, 32 MB hashed."""
+    ivf = faiss.extract_index_ivf(index)
+    return hashlib.sha256(np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), np.float32)).hexdigest()
+
+
+def mismatch(faiss: Any, index: Any, meta: dict[str, Any]) -> str | None:
+    """How `index` (image.faiss as read) differs from the one `meta` (index.json) describes, or
+    None. An index.json of an earlier fastlaion has no digest: the shape is checked."""
+    ivf = faiss.extract_index_ivf(index)
+    dim, pq = int(meta["dim"]), int(meta.get("pq") or 0)
+    for what, has, described in (("samples", int(index.ntotal), int(meta["samples"])),
+                                 ("cells", int(ivf.nlist), int(meta["cells"])),
+                                 ("dimensions", int(index.d), dim),
+                                 ("bytes a code", int(ivf.code_size), pq or 2 * dim)):
+        if has != described:
+            return f"{has:,} {what}, index.json says {described:,}"
+    if meta.get("centroids_sha256") not in (None, centroids_digest(faiss, index)):
+        return "other cell centroids than index.json records"
+    return None
+
+
 def _unit32(vec: np.ndarray) -> np.ndarray:
     x, norm2 = float32_rows(vec)
     x /= np.maximum(np.sqrt(norm2), 1e-8)[:, None]
@@ -310,11 +340,28 @@ def load_index(ds: Dataset) -> LoadedIndex | None:
     """The dataset's index when there is one that matches the dataset as it is now; None (with a
     warning saying why, when there is an index) otherwise. Its files are compared with the ones it
     records: the metadata files as the dataset lists them now, the embedding files of its shards
-    (the same shards while the metadata files are the same)."""
+    (the same shards while the metadata files are the same). image.faiss is read after
+    index.json: one that is not the index described (`mismatch`: rebuilt between the two reads,
+    as `fastlaion index` puts its new files in place) is read again once with its index.json,
+    then, still not, left for the exact search."""
     folder = index_dir(ds)
-    meta_path = folder / META_FILE
-    if not meta_path.exists():
+    if not (folder / META_FILE).exists():
         return None
+    for attempt in (1, 2):
+        read = _read_index(ds, folder)
+        if not isinstance(read, str):
+            return read
+        if attempt == 2:
+            log.warning("index: %s is not the index %s describes (%s; rebuilt while search read them, or copied "
+                        "from two builds?): searching every embedding instead (exact); `fastlaion index %s` "
+                        "rebuilds it", folder / INDEX_FILE, folder / META_FILE, read, ds.path)
+    return None
+
+
+def _read_index(ds: Dataset, folder: Path) -> LoadedIndex | str | None:
+    """`load_index`'s one reading of index.json and image.faiss: the index, None (said why), or
+    how image.faiss differs from the index.json read just before it (`mismatch`)."""
+    meta_path = folder / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("kind") not in (KIND, KIND_PQ):
@@ -342,6 +389,13 @@ def load_index(ds: Dataset) -> LoadedIndex | None:
         log.warning("index: cannot read %s (%s): searching every embedding instead", folder / INDEX_FILE,
                     str(e).strip().splitlines()[-1] if str(e).strip() else e)
         return None
+    try:
+        differs = mismatch(faiss, index, meta)
+    except (KeyError, ValueError, TypeError) as e:  # an index.json without its counts
+        log.warning("index: cannot read %s (%s): searching every embedding instead", meta_path, e)
+        return None
+    if differs:
+        return differs
     return LoadedIndex(index=index, cells=int(meta["cells"]), samples=int(meta["samples"]),
                        kept_samples=int(meta["kept_samples"]), unreadable_samples=int(meta["unreadable_samples"]),
                        shards=[str(s) for s in shards], pq=int(meta.get("pq") or 0))
