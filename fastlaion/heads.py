@@ -304,7 +304,7 @@ class WatermarkDetector:
     """`pwatermark` for batches of uint8 RGB images (N, 256, 256, 3).
 
     `dtype` is the network's (weights and input): a run keeps float32 whatever --precision says
-    (Tagger). bfloat16 is 2x faster on a CPU with AMX, but on the only stand-in for LAION's weights
+    (Tagger). bfloat16 is 1.7-2x faster on a CPU with AMX, but on the only stand-in for LAION's weights
     here, a random network with calibrated BatchNorm, it moved pwatermark by up to 0.52 (rounding
     the input alone to bfloat16: 0.41), a network too sensitive to say what the trained one would do
     (bench/RESULTS.md, the tags section); bench/tags.py measures it, with the real weights given.
