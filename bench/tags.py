@@ -42,6 +42,13 @@ watermark model   Peer: torch.stack of the transformed tensors (NCHW float32), m
               pixels (pipeline.stack_pixels) and Tagger.on_pixels (WatermarkDetector: permute,
               normalise, model under inference_mode, softmax). Batches of --wm-batch on both sides.
 pwatermark        (b) + model against the peer's transform + model, per image.
+watermark bf16    not a peer: fastlaion's detector with its network (weights and input) in bfloat16
+              (WatermarkDetector's dtype) against the float32 one a run uses, same pixels, batches of
+              --wm-batch, at the run's torch threads and on one; before it, how far bfloat16 moves
+              pwatermark (max, mean), how many images cross LAION's 0.8, and the same for the float32
+              network on its input rounded to bfloat16 (how sensitive the network itself is: a random
+              one is far more than a trained one). With --watermark-weights (LAION's real file) these
+              figures are the real detector's.
 tag stage         embedding heads + pwatermark, per image (one embedding per image), from the rows above.
 
 Agreement first: punsafe, aesthetic and aesthetic_v2 on float32 embeddings (where renormalising is
@@ -85,6 +92,7 @@ NSFW_B32 = MODELS / "nsfw_head_vit_b_32.pth"
 AESTHETIC_B32 = MODELS / "aesthetic_v1_vit_b_32_linear.pth"
 RATINGS = MODELS / "aesthetic_v1_rating_embeddings"
 WM_SIZE = 256
+WATERMARK_FLAG = 0.8  # LAION-5B calls an image watermarked above 0.8 (../shared/docs/LAION.md; subsets keep < 0.8)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -372,6 +380,7 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
 
     from fastlaion.config import DecodeConfig, ResizeMode
     from fastlaion.decode import ClipInputSpec, Decoder
+    from fastlaion.heads import sha256_file
     from fastlaion.pipeline import stack_pixels
 
     log(f"\n## watermark detector ({st.load()})")
@@ -382,17 +391,23 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
         f"{args.wm_batch}; torch threads {torch.get_num_threads()}")
     transform = peer_transform()
     originals = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs[:max(16, args.images)]]
-    # calibrated on 16 images (--quick: its 8) whatever --images is: on 2 the logit scale is a guess
-    state = calibrated_watermark_state(originals[:16], transform)
+    if args.watermark_weights:
+        wm_path = Path(args.watermark_weights)
+    else:
+        # calibrated on 16 images (--quick: its 8) whatever --images is: on 2 the logit scale is a guess
+        state = calibrated_watermark_state(originals[:16], transform)
+        wm_path = scratch / "watermark_random.pth"
+        torch.save(state, wm_path)
     originals = originals[:args.images]
-    wm_path = scratch / "watermark_random.pth"
-    torch.save(state, wm_path)
     tg = tagger(None, watermark_model=str(wm_path))
     peer_model = peer_watermark_model()
     peer_model.load_state_dict(torch.load(wm_path, weights_only=True))
     peer_model.eval()
-    log("  random weights (LAION's cannot be downloaded here), BatchNorm statistics calibrated on these photographs: "
-        "the arithmetic is the real network's, the pwatermark values mean nothing")
+    if args.watermark_weights:
+        log(f"  weights: {wm_path} (sha256 {sha256_file(wm_path)[:16]}...)")
+    else:
+        log("  random weights (LAION's cannot be downloaded here), BatchNorm statistics calibrated on these "
+            "photographs: the arithmetic is the real network's, the pwatermark values mean nothing")
 
     alone = Decoder(DecodeConfig(resize_mode=ResizeMode.no), None, WM_SIZE)
     clip = ClipInputSpec((224, 224))
@@ -489,6 +504,7 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
     st.record("watermark model", f"{len(model_jpegs)} images, batches of {args.wm_batch}", m / mwall["fastlaion"],
               "torch.stack + model + softmax", m / mwall["peer"], "img/s", mcpu["peer"] / mcpu["fastlaion"],
               slow_profile=lambda: st.profile("watermark model", model_sides["fastlaion"]))
+    watermark_precision(args, tg.watermark, wm_path, ours_px)
     per_image = {"fastlaion": extra_wall / n + mwall["fastlaion"] / m, "peer": wall["peer"] / n + mwall["peer"] / m,
                  "cpu_fastlaion": extra_cpu / n + mcpu["fastlaion"] / m, "cpu_peer": cpu["peer"] / n + mcpu["peer"] / m}
     st.record("pwatermark", "input (its extra cost in the run's decode) + model, per image", 1 / per_image["fastlaion"],
@@ -496,6 +512,51 @@ def watermark_section(args: argparse.Namespace, scratch: Path) -> dict[str, floa
               per_image["cpu_peer"] / per_image["cpu_fastlaion"])
     log(f"  ({st.load()})")
     return per_image
+
+
+def watermark_precision(args: argparse.Namespace, fp32: Any, wm_path: Path, pixels: list[np.ndarray]) -> None:
+    """The detector in bfloat16 against `fp32`, the run's float32 one, on the same uint8 pixels:
+    pwatermark's differences first, then the speed (alternated rounds, the run's torch threads,
+    then one thread, the steadier comparison on a shared machine)."""
+    import torch
+
+    from fastlaion.heads import WatermarkDetector
+    from fastlaion.pipeline import stack_pixels
+    from fastlaion.score import cpu_has_amx
+
+    bf16 = WatermarkDetector.load(str(wm_path), torch.device("cpu"), dtype=torch.bfloat16)
+    chunks = [torch.from_numpy(stack_pixels(pixels[i:i + args.wm_batch])) for i in range(0, len(pixels), args.wm_batch)]
+
+    def run(det: Any) -> np.ndarray:
+        return np.concatenate([det(c).numpy() for c in chunks]).astype(np.float64)
+
+    @torch.inference_mode()
+    def rounded_input(c: Any) -> np.ndarray:  # fp32's own arithmetic on an input rounded as bf16's is
+        x = c.permute(0, 3, 1, 2).float().div_(255).sub_(fp32.mean).div_(fp32.std)
+        return torch.softmax(fp32.model(x.to(torch.bfloat16).float()), dim=1)[:, 0].numpy()
+
+    ref = run(fp32)
+    for what, p in (("bfloat16 network (weights + input)", run(bf16)),
+                    ("float32 network, its input rounded to bfloat16",
+                     np.concatenate([rounded_input(c) for c in chunks]).astype(np.float64))):
+        d = np.abs(p - ref)
+        flips = int(((p > WATERMARK_FLAG) != (ref > WATERMARK_FLAG)).sum())
+        log(f"  pwatermark, {what}: max |diff| {d.max():.3g}, mean {d.mean():.3g} against float32's over "
+            f"{len(ref)} images ({ref.min():.3f}..{ref.max():.3f}, {(ref > WATERMARK_FLAG).sum()} above "
+            f"{WATERMARK_FLAG}); {flips} cross {WATERMARK_FLAG}")
+    sides = {"bf16": lambda: run(bf16), "fp32": lambda: run(fp32)}
+    n = len(pixels) * args.rounds
+    data = f"{len(pixels)} images, batches of {args.wm_batch}, weights + input in bfloat16 (AMX: {cpu_has_amx()})"
+    for threads in dict.fromkeys((torch.get_num_threads(), 1)):  # once where torch has one thread
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            run(bf16)  # oneDNN's bfloat16 kernels are made on first use
+            wall, cpu = st.alternate(sides, args.rounds)
+        finally:
+            torch.set_num_threads(before)
+        st.record("watermark bf16", data + ("" if threads == before else ", torch on 1 thread"), n / wall["bf16"],
+                  "the run's float32 detector", n / wall["fp32"], "img/s", cpu["fp32"] / cpu["bf16"])
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -512,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", default="/tmp", help="folder for the random-weight files (deleted at the end)")
     ap.add_argument("--only", choices=["heads", "watermark"], help="run only the heads on embeddings, or only the "
                     "watermark detector (no tag stage row then)")
+    ap.add_argument("--watermark-weights", help="LAION's watermark detector weights (a state dict file) instead of the "
+                    "calibrated random ones: the watermark rows, bf16's pwatermark differences above all, become the real detector's")
     ap.add_argument("--profile", action="store_true", help="a cProfile of fastlaion's side for every row")
     args = ap.parse_args(argv)
     st.PROFILE_ALL = args.profile

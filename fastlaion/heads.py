@@ -301,16 +301,24 @@ def watermark_model() -> nn.Module:
 
 
 class WatermarkDetector:
-    """`pwatermark` for batches of uint8 RGB images (N, 256, 256, 3)."""
+    """`pwatermark` for batches of uint8 RGB images (N, 256, 256, 3).
 
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.model = model.to(device).eval()
+    `dtype` is the network's (weights and input): a run keeps float32 whatever --precision says
+    (Tagger). bfloat16 is 1.7-2x faster on a CPU with AMX, but on the only stand-in for LAION's weights
+    here, a random network with calibrated BatchNorm, it moved pwatermark by up to 0.52 (rounding
+    the input alone to bfloat16: 0.41), a network too sensitive to say what the trained one would do
+    (bench/RESULTS.md, the tags section); bench/tags.py measures it, with the real weights given.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.device = device
+        self.dtype = dtype
         self.mean = torch.tensor(WATERMARK_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(WATERMARK_STD, device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, source: str, device: torch.device) -> WatermarkDetector:
+    def load(cls, source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> WatermarkDetector:
         state = load_state_dict(resolve_weights(source, "--watermark-model"), "--watermark-model", source)
         model = watermark_model()
         try:
@@ -318,7 +326,7 @@ class WatermarkDetector:
         except RuntimeError as e:
             raise ConfigError(f"--watermark-model {source}: weights do not fit efficientnet_b3a's head "
                               f"({load_failure(e)})") from None
-        return cls(model, device)
+        return cls(model, device, dtype)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -327,4 +335,4 @@ class WatermarkDetector:
         # which oneDNN prefers (1.4-1.6x LAION's NCHW batch on the CPU, bench/tags.py). Whole batches:
         # chunks of 8 were 2x faster on a calm CPU but 3x slower on a busy one (bench/RESULTS.md)
         x = pixels.to(self.device).permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
-        return torch.softmax(self.model(x).float(), dim=1)[:, 0].cpu()
+        return torch.softmax(self.model(x.to(self.dtype)).float(), dim=1)[:, 0].cpu()

@@ -72,6 +72,8 @@ class Tagger:
             if dim != embed_dim:
                 raise ConfigError(f"the {column} head takes {dim}-d embeddings but {score.model} makes "
                                   f"{embed_dim}-d ones; pick the head for this model or 'none'")
+        # float32 whatever --precision says: bfloat16's effect on LAION's detector is unmeasured here
+        # (WatermarkDetector's docstring); on CUDA fp16 is unmeasured too (no GPU in that session)
         self.watermark = WatermarkDetector.load(cfg.watermark_model, device) if cfg.watermark_model else None
 
     @property

@@ -36,14 +36,15 @@ def test_tags_quick_prints_every_heads_ratio_row_after_the_agreement_checks(tmp_
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    rows = re.findall(r"^\| (punsafe|aesthetic|aesthetic_v2|embedding heads|watermark input|watermark model|pwatermark"
-                      r"|tag stage) \|.*\| (\d+\.\d\d)x \| (?:\d+\.\d\dx|n/a) \|$", proc.stdout, re.MULTILINE)
-    assert {stage for stage, _ in rows} == {"punsafe", "aesthetic", "aesthetic_v2", "embedding heads",
-                                            "watermark input", "watermark model", "pwatermark", "tag stage"}, out[-4000:]
+    rows = re.findall(r"^\| (punsafe|aesthetic|aesthetic_v2|embedding heads|watermark input|watermark model|watermark bf16"
+                      r"|pwatermark|tag stage) \|.*\| (\d+\.\d\d)x \| (?:\d+\.\d\dx|n/a) \|$", proc.stdout, re.MULTILINE)
+    assert {stage for stage, _ in rows} == {"punsafe", "aesthetic", "aesthetic_v2", "embedding heads", "watermark input",
+                                            "watermark model", "watermark bf16", "pwatermark", "tag stage"}, out[-4000:]
     assert all(float(ratio) > 0 for _, ratio in rows)
     # the sides were checked against each other (a mismatch exits non-zero) before they were timed
     for check in ("agreement, punsafe: ", "agreement, aesthetic: ", "agreement, aesthetic_v2: ",
                   "scores LAION's rating-0..9 embeddings", "detector on the peer's own resized pixels",
-                  "decoder's pixels, in the run's decode: "):
+                  "decoder's pixels, in the run's decode: ", "pwatermark, bfloat16 network (weights + input): max |diff| ",
+                  "pwatermark, float32 network, its input rounded to bfloat16: "):
         assert check in proc.stdout, check
     assert not list(tmp_path.iterdir()), "the random-weight files were left behind"

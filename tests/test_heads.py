@@ -218,3 +218,22 @@ def test_watermark_detector_shapes_and_batching_with_random_weights(tmp_path):
     torch.save({"classifier.weight": torch.zeros(2, 1536)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="efficientnet_b3a"):
         WatermarkDetector.load(str(tmp_path / "other.pth"), torch.device("cpu"))
+
+
+def test_watermark_detector_in_bfloat16_runs_the_network_in_bfloat16_and_returns_float32(tmp_path):
+    """The dtype bench/tags.py measures the detector in: weights and input in bfloat16, pwatermark
+    back in float32 (what the Parquet column holds), and close to float32's on this uncalibrated
+    random network (0.50 +- 0.001 everywhere: it says nothing of the trained detector's error)."""
+    torch.manual_seed(0)
+    path = tmp_path / "wm.pth"
+    torch.save(watermark_model().state_dict(), path)
+    det = WatermarkDetector.load(str(path), torch.device("cpu"), dtype=torch.bfloat16)
+    fp32 = WatermarkDetector.load(str(path), torch.device("cpu"))
+    seen = []
+    det.model.conv_stem.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].dtype))
+    pixels = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8)
+    p = det(pixels)
+    assert seen == [torch.bfloat16] and {t.dtype for t in det.model.parameters()} == {torch.bfloat16}
+    assert p.dtype == torch.float32 and p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
+    assert fp32.dtype == torch.float32 and {t.dtype for t in fp32.model.parameters()} == {torch.float32}
+    np.testing.assert_allclose(p.numpy(), fp32(pixels).numpy(), atol=0.01)
