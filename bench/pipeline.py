@@ -135,6 +135,26 @@ def ensure_img2dataset(venv: Path = IMG2DATASET_VENV) -> str:
     return version
 
 
+def img2dataset_command(url_list: Path, out: Path, input_format: str = "parquet", processes: int = 2,
+                        threads: int = 32, image_size: int = 256, shard_size: int = 250,
+                        venv: Path = IMG2DATASET_VENV) -> list[str]:
+    """img2dataset's CLI as PEERS.md measured it: webdataset out, `image_size` px keep_ratio,
+    `processes` x `threads`, `shard_size` samples per shard, timeout 10 s, no retries, wandb off."""
+    cmd = [str(venv / "bin" / "img2dataset"), "--url_list", str(url_list), "--input_format", input_format]
+    if input_format == "parquet":
+        cmd += ["--url_col", "url", "--caption_col", "caption"]
+    return cmd + ["--output_format", "webdataset", "--output_folder", str(out),
+                  "--image_size", str(image_size), "--resize_mode", "keep_ratio",
+                  "--processes_count", str(processes), "--thread_count", str(threads),
+                  "--number_sample_per_shard", str(shard_size), "--timeout", "10", "--retries", "0",
+                  "--enable_wandb", "False", "--distributor", "multiprocessing"]
+
+
+def img2dataset_env(env: dict[str, str], venv: Path = IMG2DATASET_VENV) -> dict[str, str]:
+    """`env` with the venv's bin first on PATH (its workers find their own tools there)."""
+    return {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+
+
 # --------------------------------------------------------------------------- images
 
 def _load_sources():
@@ -482,9 +502,11 @@ def count_fastlaion(out: Path) -> dict:
             "shards": len(list(out.glob("*.tar")))}
 
 
-def fastlaion_version(exe: Path) -> str:
-    r = subprocess.run([str(exe.parent / "python"), "-c",
-                        "import importlib.metadata as m; print(m.version('fastlaion'))"],
+def fastlaion_version(exe: Path | None = None) -> str:
+    """The version of the fastlaion that `exe` (a venv's console script) or, by default, this
+    interpreter runs, with this checkout's commit."""
+    python = str(exe.parent / "python") if exe is not None else sys.executable
+    r = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('fastlaion'))"],
                        capture_output=True, text=True)
     v = r.stdout.strip() if r.returncode == 0 else "?"
     g = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -605,19 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "fastlaion":
             out = work / "out-img2dataset"
             shutil.rmtree(out, ignore_errors=True)
-            exe = IMG2DATASET_VENV / "bin" / "img2dataset"
-            cmd = [str(exe), "--url_list", str(url_list),
-                   "--input_format", args.input_format]
-            if args.input_format == "parquet":
-                cmd += ["--url_col", "url", "--caption_col", "caption"]
-            cmd += ["--output_format", "webdataset", "--output_folder", str(out),
-                    "--image_size", "256", "--resize_mode", "keep_ratio",
-                    "--processes_count", str(args.processes),
-                    "--thread_count", str(args.threads),
-                    "--number_sample_per_shard", "250", "--timeout", "10", "--retries", "0",
-                    "--enable_wandb", "False", "--distributor", "multiprocessing"]
-            run = measure(cmd, work / "img2dataset.log",
-                          {**env, "PATH": f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"})
+            cmd = img2dataset_command(url_list, out, args.input_format, args.processes, args.threads)
+            run = measure(cmd, work / "img2dataset.log", img2dataset_env(env))
             c = count_img2dataset(out)
             commands.append(" ".join(cmd))
             results.append({"tool": "img2dataset", "version": i2d_version, **run, **c})
@@ -630,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "img2dataset":
             out = work / "out-fastlaion"
             shutil.rmtree(out, ignore_errors=True)
-            exe = REPO / ".venv" / "bin" / "fastlaion"
-            cmd = [str(exe), "run", str(url_list), "-o", str(out),
+            # this interpreter, from the repository root (run_timed's cwd): this checkout's fastlaion
+            cmd = [sys.executable, "-m", "fastlaion", "run", str(url_list), "-o", str(out),
                    "--input-format", args.input_format, "--no-score",
                    "--image-size", "256", "--resize-mode", "keep_ratio",
                    "--shard-size", "250", "--timeout", "10", "--retries", "0", "--no-progress",
@@ -641,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             c = count_fastlaion(out) if out.exists() else {"ok": 0, "tried": 0, "errors": {},
                                                          "span_s": None, "shards": 0}
             commands.append(" ".join(cmd))
-            results.append({"tool": "fastlaion", "version": fastlaion_version(exe), **run, **c})
+            results.append({"tool": "fastlaion", "version": fastlaion_version(), **run, **c})
             if run["rc"] != 0:
                 log(f"fastlaion exited {run['rc']}; last lines of its log:\n"
                     f"{tail(work / 'fastlaion.log', 40)}")

@@ -48,3 +48,31 @@ def test_tags_quick_prints_every_heads_ratio_row_after_the_agreement_checks(tmp_
                   "pwatermark, float32 network, its input rounded to bfloat16: "):
         assert check in proc.stdout, check
     assert not list(tmp_path.iterdir()), "the random-weight files were left behind"
+
+
+def test_e2e_quick_prints_the_chain_and_fastlaion_rows_after_the_agreement_checks(tmp_path: Path) -> None:
+    """bench/e2e.py --quick: the tiny model on 48 images over loopback. The peer chain (img2dataset,
+    clip-retrieval inference, the filter) runs only where bench/.venv-img2dataset and
+    bench/.venv-clip-retrieval were made by a full run (--quick installs nothing); else it says SKIPPED."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--workdir", str(tmp_path)],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ratio = r"(\d+\.\d\dx|n/a)"
+    rows = re.findall(r"^\| fastlaion \| run, (bf16|fp32) \(kept \d+; stage s: .*\) \| 48 \|.*\| " + ratio + r" \| "
+                      + ratio + r" \|$", proc.stdout, re.MULTILINE)
+    assert len(rows) == 2 and "fp32" in {precision for precision, *_ in rows}, out[-4000:]
+    if "peer: SKIPPED" in proc.stdout:
+        assert all(r == "n/a" for _, *ratios in rows for r in ratios)
+        return
+    for step in ("img2dataset", "clip-retrieval", "filter", r"\*\*the chain\*\*"):
+        assert re.search(r"^\| peer \| " + step + r".*\| 48 \|", proc.stdout, re.MULTILINE), step
+    assert all(float(r[:-1]) > 0 for _, *ratios in rows for r in ratios)
+    # both sides keep about the same rows (a pair at the threshold may fall either side), checked before the table
+    for name in ("auto", "fp32"):
+        kept = re.search(rf"^counts, peer vs fastlaion {name}: downloaded 48 vs 48, scored 48 vs 48, kept at "
+                         r"\S+ (\d+) vs (\d+)$", proc.stdout, re.MULTILINE)
+        assert kept and abs(int(kept[1]) - int(kept[2])) <= 2, out[-4000:]
+        assert f"agreement, fastlaion {name}: 48 URLs scored by both" in proc.stdout
