@@ -29,6 +29,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -112,6 +113,9 @@ class RunSummary:
     retried: dict[str, int] = field(default_factory=lambda: {"shards": 0, "rows": 0, "kept": 0, "failed_again": 0})
     shards_failed: list[dict[str, Any]] = field(default_factory=list)  # {shard, error}: not written
     shards_redone: list[int] = field(default_factory=list)  # the previous run's failed shards, done now
+    # The output's finished shards by what scored them ("bf16 on cpu": 3; scoring_of), those of
+    # an earlier fastlaion, which did not record it, left out.
+    scoring: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -131,6 +135,11 @@ class RunSummary:
             why = ", ".join(f"{reason} {n:,}" for reason, n in self.transient.items())
             lines.append(f"{sum(self.transient.values()):,} row(s) failed for transient reasons ({why}); "
                          "rerun with --retry-failed to download only those again")
+        if len(self.scoring) > 1:
+            ways = ", ".join(f"{way} ({n} shard{'s' if n > 1 else ''})" for way, n in self.scoring.items())
+            lines.append(f"the output's shards were scored in more than one way ({ways}): a resume on another "
+                         "device or CPU; their similarities differ by float rounding (bf16 from fp32: up to about "
+                         "0.002), so a pair at the threshold may be kept in one and dropped in another")
         return lines + self._download_hints()
 
     def _download_hints(self) -> list[str]:
@@ -359,6 +368,7 @@ def _summarize(out: Path, n_shards: int, tally: _Tally, timings: dict[str, float
         timings_s={k: round(v, 3) for k, v in timings.items()}, wall_s=round(time.perf_counter() - t0, 3),
         workers=devices, transient=transient_drops(f), retried=retried, shards_failed=failed,
         shards_redone=[s for s in previously_failed if s in finished],
+        scoring=dict(sorted(Counter(st["scoring"] for st in all_stats if isinstance(st.get("scoring"), str)).items())),
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
@@ -1179,7 +1189,15 @@ class ShardJob:
             "wall_s": round(wall_s, 3),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"scoring": scoring_of(scorer)} if (scorer := self.models.scorer) is not None else {}),
         }
+
+
+def scoring_of(scorer: Any) -> str:
+    """What a shard's similarities and embeddings were computed in, as its stats record it: "bf16
+    on cpu", "fp16 on cuda:0". A run resumed elsewhere (another device, another CPU: auto is bf16
+    on one with AMX, fp32 on others) mixes them; RunSummary.scoring counts them."""
+    return f"{scorer.precision} on {scorer.device}"
 
 
 def stack_pixels(images: list[Any]) -> Any:

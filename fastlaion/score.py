@@ -121,6 +121,7 @@ class Scorer:
             log.warning("%s has RANDOM weights: similarity scores mean nothing", cfg.model)
         self.model = model
         self.device = device
+        self.precision = precision  # the one pick_precision chose: the shards' stats record it
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         log.info("%s on %s in %s", cfg.model, device, precision)
         if not open_clip_layers:

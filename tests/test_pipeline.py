@@ -208,6 +208,35 @@ def test_threshold_drops_with_a_reason(tmp_path, photos):
     assert not list(out.glob("*.tar")) or all(_tar_members(p) == [] for p in out.glob("*.tar"))
 
 
+def test_each_shard_records_what_scored_it_and_a_mixed_output_is_told(tmp_path, photos):
+    """A shard's stats say what its similarities were computed in ("fp32 on cpu"); a resume that
+    scores the shards left another way (here --precision bf16: what auto is on a CPU with AMX,
+    where the first run may have been fp32) is told, with the count of each, in the summary."""
+    from fastlaion.writer import shard_files
+
+    files, rows = build_case(photos)
+    args = ["--allow-private-networks", "--model", "fastlaion-tiny", "--pretrained", "none", "--min-similarity", "-1",
+            "--shard-size", "2", "--no-progress"]
+    with LoopbackServer(files) as server:
+        inp = write_input(tmp_path, server, rows[:4])
+        out = tmp_path / "out"
+        first = runner.invoke(app, ["run", str(inp), "-o", str(out), *args, "--precision", "fp32"])
+        assert first.exit_code == 0, first.output
+        assert [json.loads((out / f"0000{k}_stats.json").read_text())["scoring"] for k in (0, 1)] == ["fp32 on cpu"] * 2
+        assert json.loads((out / "summary.json").read_text())["scoring"] == {"fp32 on cpu": 2}
+        assert "scored in more than one way" not in first.output
+        for f in out.iterdir():  # shard 1 lost: the resume redoes it
+            if shard_files().fullmatch(f.name) and f.name.startswith("00001"):
+                f.unlink()
+        second = runner.invoke(app, ["run", str(inp), "-o", str(out), *args, "--precision", "bf16"])
+    assert second.exit_code == 0, second.output
+    assert json.loads((out / "00001_stats.json").read_text())["scoring"] == "bf16 on cpu"
+    assert json.loads((out / "summary.json").read_text())["scoring"] == {"bf16 on cpu": 1, "fp32 on cpu": 1}
+    told = " ".join(second.output.split())
+    assert ("the output's shards were scored in more than one way (bf16 on cpu (1 shard), fp32 on cpu (1 shard))"
+            in told), second.output
+
+
 def _tar_members(path):
     import tarfile
 
