@@ -184,11 +184,23 @@ def usage_line(e: Any) -> str:
         message = e.format_message().rstrip()
         guess = re.fullmatch(r"(.*)\. Did you mean (.*)\?", message, re.S)  # typer's "No such command"
         message = f"{guess[1]} (did you mean {guess[2]}?)" if guess else message.removesuffix(".")
+        for wordy, plain in _PLAIN_VALUE_ERRORS:
+            message = message.replace(wordy, plain)
     message = " ".join(message.split())
     message = message[:1].lower() + message[1:]
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         message += f"; see '{ctx.command_path} {ctx.help_option_names[0]}'"
     return message
+
+
+# typer's value conversion speaks pydantic ("Input should be a valid integer, unable to parse
+# string as an integer"): said plainly in the one line (the option is named before it)
+_PLAIN_VALUE_ERRORS = (
+    ("Input should be a valid integer, unable to parse string as an integer", "not a whole number"),
+    ("Input should be a valid integer, got a number with a fractional part", "not a whole number"),
+    ("Input should be a valid number, unable to parse string as a number", "not a number"),
+    ("': Value error, ", "': "),
+)
 
 
 def _refuse_empty_paths(command: TyperCommand, ctx: Any, args: list[str]) -> None:
