@@ -4,7 +4,8 @@
     .venv/bin/python bench/score.py --device cuda --models ViT-B-32 --images 4096
 
 fastlaion: libjpeg-turbo scaled decode to the model's input in a thread pool (one per core),
-batched fp32 (CPU) / fp16 (CUDA) image and text towers, paired cosine.
+batched image and text towers in --precision auto's choice (bf16 on a CPU with AMX, else fp32;
+fp16 on CUDA; the table also gives fastlaion in the naive loop's precision), paired cosine.
 Peers, as clip-retrieval-style scripts do it: Pillow decode + open_clip's `preprocess` +
 the model, (a) one sample at a time, (b) in batches of --batch-size.
 Random weights: the arithmetic is that of the real model, the scores mean nothing.

@@ -71,6 +71,21 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def log_setting(software: str = "") -> None:
+    """The machine, date, commit (and whether the tree had changes) and command lines that
+    RESULTS.md records with a figure; `software`: more after the Python version (torch's)."""
+    info = bp.machine_info()
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
+
+    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    log(f"machine: {info['cpu_count']} cores ({info['cpu_model']}), {info['memory']}, Python {info['python']}, "
+        f"{software + ', ' if software else ''}kernel {info['kernel']}")
+    log(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}{' (with changes)' if dirty else ''}")
+    log(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+
+
 def load() -> str:
     return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -644,15 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.scratch, exist_ok=True)
     sections = args.only or ["decode", "language", "write"]
 
-    info = bp.machine_info()
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
-
-    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    log(f"machine: {info['cpu_count']} cores ({info['cpu_model']}), {info['memory']}, Python {info['python']}, "
-        f"kernel {info['kernel']}")
-    log(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}{' (with changes)' if dirty else ''}")
-    log(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    log_setting()
     log(f"{load()} before; {args.rounds} rounds a side, alternated")
     t0 = time.perf_counter()
     for name in sections:

@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,7 +83,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # this checkout's fastlaion, whatever the venv has installed
-import pipeline as bp  # noqa: E402  machine description
 import stages as st  # noqa: E402  alternate, record, profile, the table
 
 MODELS = REPO.parent / "shared" / "data" / "models"  # LAION's heads, read in place (never copied)
@@ -591,16 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)  # a one-worker CPU run's share: all cores
-    info = bp.machine_info()
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
-
-    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    log(f"machine: {info['cpu_count']} cores ({info['cpu_model']}), {info['memory']}, Python {info['python']}, "
-        f"torch {torch.__version__}, kernel {info['kernel']}")
-    log(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}{' (with changes)' if dirty else ''}")
-    log(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    st.log_setting(f"torch {torch.__version__}")
     log(f"{st.load()} before; {args.rounds} rounds a side, alternated; torch threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
     os.makedirs(args.scratch, exist_ok=True)

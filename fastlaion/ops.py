@@ -274,7 +274,9 @@ def compile_check(archs: tuple[str, ...] = ("80", "90"), out_dir: Path | None = 
             raise KernelCompileError(f"{src.name} does not compile:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
         return Path(cmd[cmd.index("-o") + 1])
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    from .config import usable_cores
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), usable_cores()))) as pool:
         return list(pool.map(run, jobs))
 
 

@@ -1,5 +1,5 @@
-"""bench/stages.py --quick: the stage benchmarks' dry run, so the script cannot rot between the
-hand-run measurements (its numbers are not checked, only that every section ran and compared)."""
+"""The benchmarks' --quick dry runs (stages.py, tags.py, e2e.py), so the scripts cannot rot between
+the hand-run measurements (their numbers are not checked, only that every section ran and compared)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_stages_quick_prints_the_three_ratio_rows(tmp_path: Path) -> None:
+def quick(script: str, scratch: tuple[str, Path], timeout: int) -> subprocess.CompletedProcess[str]:
+    """bench/`script` --quick with its scratch folder option (`scratch`: (option, folder)), this
+    checkout's fastlaion first on the path, offline; it must exit 0 (the last of its output shown)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stages.py"), "--quick", "--scratch", str(tmp_path)], check=False,
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", scratch[0], str(scratch[1])],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def test_stages_quick_prints_the_three_ratio_rows(tmp_path: Path) -> None:
+    proc = quick("stages.py", ("--scratch", tmp_path), 300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
     # | stage | data | fastlaion | peer | peer's figure | fastlaion / peer | by CPU time |
     rows = re.findall(r"^\| (decode|language|write) \|.*\| (\d+\.\d\d)x \| (?:\d+\.\d\dx|n/a) \|$", proc.stdout, re.MULTILINE)
     assert {stage for stage, _ in rows} == {"decode", "language", "write"}, out[-4000:]
@@ -30,12 +37,8 @@ def test_stages_quick_prints_the_three_ratio_rows(tmp_path: Path) -> None:
 
 
 def test_tags_quick_prints_every_heads_ratio_row_after_the_agreement_checks(tmp_path: Path) -> None:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tags.py"), "--quick", "--scratch", str(tmp_path)],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = quick("tags.py", ("--scratch", tmp_path), 600)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
     rows = re.findall(r"^\| (punsafe|aesthetic|aesthetic_v2|embedding heads|watermark input|watermark model|watermark bf16"
                       r"|pwatermark|tag stage) \|.*\| (\d+\.\d\d)x \| (?:\d+\.\d\dx|n/a) \|$", proc.stdout, re.MULTILINE)
     assert {stage for stage, _ in rows} == {"punsafe", "aesthetic", "aesthetic_v2", "embedding heads", "watermark input",
@@ -54,12 +57,8 @@ def test_e2e_quick_prints_the_chain_and_fastlaion_rows_after_the_agreement_check
     """bench/e2e.py --quick: the tiny model on 48 images over loopback. The peer chain (img2dataset,
     clip-retrieval inference, the filter) runs only where bench/.venv-img2dataset and
     bench/.venv-clip-retrieval were made by a full run (--quick installs nothing); else it says SKIPPED."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--workdir", str(tmp_path)],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = quick("e2e.py", ("--workdir", tmp_path), 300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
     ratio = r"(\d+\.\d\dx|n/a)"
     rows = re.findall(r"^\| fastlaion \| run, (bf16|fp32) \(kept \d+; stage s: .*\) \| 48 \|.*\| " + ratio + r" \| "
                       + ratio + r" \|$", proc.stdout, re.MULTILINE)

@@ -569,6 +569,18 @@ def test_a_second_index_while_one_is_written_is_refused_at_once(case, tmp_path):
     assert f"of {cells:,} cells read" in out
 
 
+def two_builds(folder, tmp_path):
+    """Two copies of the case's run, a indexed with --cells 2, b with the default cells."""
+    import shutil
+
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for copy in (a, b):
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("index"))
+    invoke(["index", a, "--cells", 2, "--no-progress"])
+    invoke(["index", b, "--no-progress"])
+    return a, b
+
+
 def test_an_index_json_and_image_faiss_of_two_builds_are_not_searched_together(case, tmp_path):
     """search reads index.json, then image.faiss: an index rebuilt between the two reads (or the
     two files copied from different builds) gave one build's description with the other's index:
@@ -578,11 +590,7 @@ def test_an_index_json_and_image_faiss_of_two_builds_are_not_searched_together(c
     import shutil
 
     folder, _, qfiles, exact = case
-    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    shutil.copytree(folder, a, ignore=shutil.ignore_patterns("index"))
-    shutil.copytree(folder, b, ignore=shutil.ignore_patterns("index"))
-    invoke(["index", a, "--cells", 2, "--no-progress"])
-    invoke(["index", b, "--no-progress"])
+    a, b = two_builds(folder, tmp_path)
     # the same dataset (another copy, as `fastlaion index` run again on it would write), another
     # --cells, and another dataset of the same size indexed with the same cells as b
     other = tmp_path / "other" / "run"
@@ -614,11 +622,7 @@ def test_an_index_rebuilt_between_the_two_reads_is_read_again(case, tmp_path, mo
     import faiss
 
     folder, _, qfiles, exact = case
-    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    shutil.copytree(folder, a, ignore=shutil.ignore_patterns("index"))
-    shutil.copytree(folder, b, ignore=shutil.ignore_patterns("index"))
-    invoke(["index", a, "--cells", 2, "--no-progress"])
-    invoke(["index", b, "--no-progress"])
+    a, b = two_builds(folder, tmp_path)
     real_read = faiss.read_index
     reads = []
 
