@@ -126,8 +126,8 @@ class Scorer:
         log.info("%s on %s in %s", cfg.model, device, precision)
         if not open_clip_layers:
             fold_quick_gelu(model)
-            if self.dtype == torch.float16 and device.type == "cuda":
-                half_layer_norms(model)
+            if self.dtype != torch.float32:  # fp16 or bf16, on any device
+                half_layer_norms(model, self.dtype)
         self.tokenizer = CachedClipTokenizer.wrap(open_clip.get_tokenizer(cfg.model))
         self._text_prefix = PrefixTextEncoder.for_model(model)
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -317,11 +317,12 @@ class PatchEmbedding:
     them with a convolution whose kernel is its stride (a patch); the Scorer made those pixels
     with five passes over the batch (float, divide, subtract, divide, cast). Here the patches are
     cut from the decoder's (N, H, W, 3) uint8 pixels and cast to the model's precision in one pass,
-    centred (x - 255 * mean) in another, and multiplied by the convolution's weights divided by
-    255 * std: the same arithmetic, as one matrix product (cuDNN's convolution of 32 x 32 patches
+    and multiplied by the convolution's weights divided by 255 * std, centred by a bias (-W 255
+    mean): the same arithmetic, as one matrix product (cuDNN's convolution of 32 x 32 patches
     took 3.1 ms a batch of 512 on an H200, for 0.1 TFLOP). The positional embedding is added in
-    the pass that places the patches after the class token. The rest of the tower (ln_pre, the
-    blocks, pooling, ln_post, the projection) is open_clip's own.
+    the pass that places the patches after the class token. The blocks run through
+    `_attention_block` where they are open_clip's plain ones; the rest of the tower (ln_pre,
+    pooling, ln_post, the projection) is open_clip's own.
 
     For open_clip's VisionTransformer whose convolution is a plain patch embedding (kernel =
     stride, no padding, no bias); `for_model` returns None for every other tower."""
@@ -335,14 +336,19 @@ class PatchEmbedding:
         dtype, device = weight.dtype, weight.device
         std_t = torch.tensor(tuple(std), dtype=torch.float32, device=device)
         # (width, 3, p, p) -> (width, p, p, 3): the order of a patch cut from channel-last pixels
-        scaled = weight.float().permute(0, 2, 3, 1) / (255.0 * std_t)
-        self.weight = scaled.reshape(weight.shape[0], -1).to(dtype).contiguous()
-        # float32: subtracted from the float16 patches in float32 and rounded once (a float16 centre
-        # would be off by up to 0.03 of 255 in the same direction in every pixel)
-        self.center = 255.0 * torch.tensor(tuple(mean), dtype=torch.float32, device=device)
+        scaled = (weight.float().permute(0, 2, 3, 1) / (255.0 * std_t)).reshape(weight.shape[0], -1)
+        self.weight = scaled.to(dtype).contiguous()
+        # Centring is a bias: W (x - c) = W x - W c, with W c summed in float32 and rounded once. The
+        # uint8 patches are exact in float16 and bfloat16 (integers to 256), so the matrix product
+        # (float32 sums) sees the pixels themselves; centring them first rounded each centred
+        # pixel to the model's precision (bfloat16: to 1 of 255 above 128), and the subtraction
+        # was a pass over the batch of its own (6 % of a bfloat16 batch on a CPU).
+        center = 255.0 * torch.tensor(tuple(mean), dtype=torch.float32, device=device)
+        self.bias = (-(scaled @ center.repeat(self.patch * self.patch))).to(dtype)  # a patch's (p, p, 3) order
         pos = visual.positional_embedding.detach().to(dtype)
         self.first = (visual.class_embedding.detach().to(dtype) + pos[0]).contiguous()
         self.rest = pos[1:].contiguous()
+        self.plain_blocks = _plain_blocks(visual.transformer)  # through `_attention_block`, else open_clip's
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, mean: Iterable[float], std: Iterable[float]) -> PatchEmbedding | None:
@@ -366,10 +372,10 @@ class PatchEmbedding:
         n, h, w, _ = pixels.shape
         p, dtype = self.patch, self.weight.dtype
         gh, gw = h // p, w // p
-        # one copy cuts and casts (uint8 to float16 is exact), one centres in place
+        # one copy cuts and casts (uint8 to float16 or bfloat16 is exact); the bias centres
         patches = pixels.reshape(n, gh, p, gw, p, 3).permute(0, 1, 3, 2, 4, 5).to(
-            dtype, memory_format=torch.contiguous_format).sub_(self.center)
-        y = torch.nn.functional.linear(patches.view(n * gh * gw, -1), self.weight)
+            dtype, memory_format=torch.contiguous_format)
+        y = torch.nn.functional.linear(patches.view(n * gh * gw, -1), self.weight, self.bias)
         tokens = torch.empty((n, 1 + gh * gw, y.shape[1]), dtype=dtype, device=pixels.device)
         tokens[:, 0] = self.first
         torch.add(self.rest, y.view(n, gh * gw, -1), out=tokens[:, 1:])
@@ -380,34 +386,45 @@ class PatchEmbedding:
         `CLIP.encode_image` of the normalised pixels."""
         visual = self.visual
         x = visual.ln_pre(visual.patch_dropout(self.embed(pixels)))
-        pooled, _ = visual._pool(visual.transformer(x))
+        if self.plain_blocks:
+            for block in visual.transformer.resblocks:
+                x = _attention_block(block, x, causal=False)
+        else:
+            x = visual.transformer(x)
+        pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
 
 class HalfLayerNorm(torch.nn.Module):
-    """open_clip's LayerNormFp32 for float16 activations without the float32 copies.
+    """open_clip's LayerNormFp32 for float16 / bfloat16 activations without the float32 copies.
 
     LayerNormFp32 casts every activation to float32 and back around the norm: two copies of the
     tensor per norm, 51 norms a ViT-B/32 image and caption, 17 % of a batch's device time on an
-    H200 (gpu_bench (h)). PyTorch's CUDA layer norm on float16 input already computes the mean and
-    variance in float32; here it takes the weight and bias in float16, as open_clip's float16
-    model already holds every other weight. Other dtypes are normalised as LayerNormFp32 does."""
+    H200 (gpu_bench (h)), 10 % of a bfloat16 batch's on a CPU. PyTorch's layer norms on float16 or
+    bfloat16 input already compute the mean and variance in float32. On CUDA the weight and bias
+    are in the activations' dtype (its kernel takes no other), as open_clip's float16 model holds
+    every other weight; on the CPU they stay float32, which its kernel takes with reduced-precision
+    input and rounds once, as LayerNormFp32 does (bfloat16: one rounding of the output, 3x faster
+    than float16 weights there, 10x LayerNormFp32). Other dtypes are normalised as LayerNormFp32
+    does."""
 
     def __init__(self, norm: torch.nn.LayerNorm, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
         self.normalized_shape = tuple(norm.normalized_shape)
         self.eps = norm.eps
+        cpu = norm.weight is None or norm.weight.device.type == "cpu"
         for name in ("weight", "bias"):
             value = getattr(norm, name)
             self.register_buffer(name, None if value is None else value.detach().float())
-            self.register_buffer(f"{name}16", None if value is None else value.detach().to(dtype))
+            # the parameters used with `dtype` input
+            self.register_buffer(f"{name}_low", None if value is None else value.detach().to(torch.float32 if cpu else dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:  # LayerNormFp32's own arithmetic
             return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias,
                                                   self.eps).to(x.dtype)
-        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight16, self.bias16, self.eps)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight_low, self.bias_low, self.eps)
 
 
 def half_layer_norms(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> int:
@@ -537,7 +554,7 @@ class PrefixTextEncoder:
         # attention on a GPU), where they are plain open_clip blocks: torch's MultiheadAttention
         # takes no fused path with the float mask open_clip passes (measured on an H200: its
         # text tower over 77 positions took as long as the image tower).
-        self.causal_blocks = _plain_causal_blocks(model)
+        self.causal_blocks = _plain_blocks(model.transformer)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> PrefixTextEncoder | None:
@@ -622,7 +639,7 @@ class PrefixTextEncoder:
         caption from seeing its padding, so every caption gets what one pass (or open_clip's 77
         positions) gives it, up to float rounding."""
         n = tokens.shape[0]
-        if n == 0 or not self.causal_blocks:  # open_clip's own blocks (not `_causal_block`'s) run in one pass
+        if n == 0 or not self.causal_blocks:  # open_clip's own blocks (not `_attention_block`'s) run in one pass
             return self.encode_one_pass(tokens, device)
         used = self.ends(tokens) + 1
         group = torch.bucketize(used, torch.tensor(self.BUCKETS, dtype=used.dtype))  # 0: up to 16 positions, ...
@@ -674,7 +691,7 @@ class PrefixTextEncoder:
         x = x + model.positional_embedding[:length].to(cast_dtype)
         if self.causal_blocks:
             for block in model.transformer.resblocks:
-                x = _causal_block(block, x)
+                x = _attention_block(block, x, causal=True)
         else:
             x = model.transformer(x, attn_mask=model.attn_mask[:length, :length].contiguous())
         x = model.ln_final(x)
@@ -688,10 +705,10 @@ class PrefixTextEncoder:
         return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
-def _plain_causal_blocks(model: torch.nn.Module) -> bool:
-    """Whether every text block is open_clip's ResidualAttentionBlock around a plain batch-first
-    torch MultiheadAttention (what `_causal_block` reproduces), in a batch-first transformer."""
-    transformer = model.transformer
+def _plain_blocks(transformer: torch.nn.Module) -> bool:
+    """Whether every block of `transformer` is open_clip's ResidualAttentionBlock around a plain
+    batch-first torch MultiheadAttention (what `_attention_block` reproduces), in a batch-first
+    transformer."""
     if not getattr(transformer, "batch_first", False) or not hasattr(transformer, "resblocks"):
         return False
     from open_clip.transformer import ResidualAttentionBlock
@@ -706,16 +723,19 @@ def _plain_causal_blocks(model: torch.nn.Module) -> bool:
     return True
 
 
-def _causal_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock.forward for (N, L, D) `x` with the causal mask, its
-    attention computed by one scaled_dot_product_attention(is_causal=True): the arithmetic of
-    MultiheadAttention (in-projection, softmax(QK^T / sqrt(d)) V per head, out-projection)."""
+def _attention_block(block: torch.nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward for (N, L, D) `x`, with the causal mask (the text
+    tower) or none (the image tower), its attention computed by one scaled_dot_product_attention:
+    the arithmetic of MultiheadAttention (in-projection, softmax(QK^T / sqrt(d)) V per head,
+    out-projection). MultiheadAttention's own fast path, which the image tower took, spends as
+    long as that attention on the CPU rescaling its in-projection (_transform_bias_rescale_qkv,
+    8% of a bf16 batch), then multiplies and softmaxes without a fused kernel."""
     attn = block.attn
     n, length, width = x.shape
     heads = attn.num_heads
     qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return _after_attention(block, x, a.transpose(1, 2).reshape(n, length, width))
 
 
@@ -729,7 +749,7 @@ def _after_attention(block: torch.nn.Module, x: torch.Tensor, a: torch.Tensor) -
 
 def _packed_causal_block(block: torch.nn.Module, x: torch.Tensor, grid: torch.Tensor, where: torch.Tensor,
                          grids: list[tuple[int, int]]) -> torch.Tensor:
-    """`_causal_block` for packed (T, D) `x` (PrefixTextEncoder.encode_packed): the in-projection,
+    """`_attention_block` (causal) for packed (T, D) `x` (PrefixTextEncoder.encode_packed): the in-projection,
     out-projection, layer norms and MLP on the T packed rows; the queries, keys and values put in
     `grid` at `where`: `grids`' (captions, length) grids laid end to end, each a (captions x
     length, 3D) stretch of it, for one causal scaled_dot_product_attention each, whose outputs

@@ -173,10 +173,11 @@ def test_text_features_through_the_used_positions_on_cuda_fp16():
 
 @pytest.mark.parametrize("model", [TINY_MODEL, "ViT-B-32"])
 def test_image_tower_from_uint8_patches_equals_open_clips(model, random_scorer):
-    """PatchEmbedding (patches cut from the channel-last uint8 pixels, centred, one matrix product
-    with the convolution's weights scaled by 1 / (255 std)) against open_clip's encode_image of
-    the pixels normalised as before, in float32 on the CPU: the same features to rounding. Black,
-    white, random, and an image whose halves differ (a patch cut in the wrong order moves them)."""
+    """PatchEmbedding (patches cut from the channel-last uint8 pixels, one matrix product with the
+    convolution's weights scaled by 1 / (255 std), centred by its bias; the blocks' attention one
+    scaled_dot_product_attention each) against open_clip's encode_image of the pixels normalised
+    as before, in float32 on the CPU: the same features to rounding. Black, white, random, and an
+    image whose halves differ (a patch cut in the wrong order moves them)."""
     ours, theirs = random_scorer(model), random_scorer(model, open_clip_layers=True)
     assert ours._patches is not None and theirs._patches is None
     h, w = ours.clip_spec.size
@@ -185,8 +186,22 @@ def test_image_tower_from_uint8_patches_equals_open_clips(model, random_scorer):
     pixels[2, :, : w // 2] = torch.tensor([250, 10, 10], dtype=torch.uint8)  # red left half, blue right
     pixels[2, :, w // 2:] = torch.tensor([10, 10, 250], dtype=torch.uint8)
     pixels[3] = pixels[3].flip(0)
-    got, want = ours.image_features(pixels), theirs.image_features(pixels)
+    calls = []  # the blocks' attention: one scaled_dot_product_attention each, no mask
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), kwargs.get("is_causal"), kwargs.get("attn_mask")))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        got = ours.image_features(pixels)
+    want = theirs.image_features(pixels)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    transformer = ours.model.visual.transformer
+    heads = transformer.resblocks[0].attn.num_heads
+    tokens = 1 + (h // ours._patches.patch) * (w // ours._patches.patch)
+    assert calls == [((5, heads, tokens, transformer.width // heads), False, None)] * len(transformer.resblocks)
     assert (got[0] - got[1]).abs().max() > 1e-2 and (got[2] - got[4]).abs().max() > 1e-2  # the images differ
     # the numpy input of the CPU decoders takes the same path
     torch.testing.assert_close(ours.image_features(pixels.numpy()), want, atol=1e-4, rtol=1e-4)
@@ -348,6 +363,33 @@ def test_half_layer_norms_replace_open_clips_float32_ones():
         x = torch.randn(3, model.ln_final.normalized_shape[0])
         torch.testing.assert_close(swapped.ln_final(x), model.ln_final(x))  # float32: LayerNormFp32's arithmetic
         assert swapped.ln_final(x.half()).dtype == torch.float16
+
+
+def test_half_layer_norms_on_the_cpu_keep_float32_parameters():
+    """On the CPU a bfloat16 (or float16) model's HalfLayerNorm takes float32 weight and bias with
+    the reduced-precision input, as PyTorch's CPU kernel allows: the output of LayerNormFp32
+    (norm in float32, rounded once) but for rare last-bit differences, in the input's dtype;
+    and a bf16 Scorer's norms are swapped (its towers checked against fp32 in the bf16 test)."""
+    from open_clip.transformer import LayerNormFp32
+
+    generator = torch.Generator().manual_seed(3)
+    norm = LayerNormFp32(768)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(768, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(768, generator=generator))
+    for dtype in (torch.bfloat16, torch.float16):
+        half = HalfLayerNorm(norm, dtype)
+        assert half.weight_low.dtype == torch.float32 and half.bias_low.dtype == torch.float32
+        x = (10 + 3 * torch.randn(8, 50, 768, generator=generator)).to(dtype)
+        got, want = half(x), norm(x)
+        assert got.dtype == dtype
+        differ = got != want
+        assert float(differ.float().mean()) < 0.005, dtype
+        # a last-bit difference at most (near 0, where w z + b cancels, a few of 1e-5)
+        torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=1e-4)
+    s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision="bf16"), torch.device("cpu"))
+    norms = [m for m in s.model.modules() if isinstance(m, torch.nn.LayerNorm | HalfLayerNorm)]
+    assert norms and all(type(m) is HalfLayerNorm and m.dtype == torch.bfloat16 for m in norms)
 
 
 @pytest.mark.gpu
