@@ -51,6 +51,7 @@ Link rules, checked in this order; a link is counted under the first rule it fai
     svg          src contains ".svg" (LAION; `reject_svg=False` / --keep-svg keeps them)
     gif          src contains ".gif" (LAION; `reject_gif=False` / --keep-gif keeps them)
     invalid_url  after joining to the page (or <base href>): not http(s), no host, bad host or port
+                 (a host WHATWG's host parser refuses, see below)
     long_host    hostname longer than `max_host_chars` (LAION: 60)
 The substring rules are LAION's and match anywhere in the src, case-insensitively: a Wikipedia
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
@@ -58,9 +59,14 @@ A kept URL's scheme, host and port are written as the WHATWG URL standard (brows
 when aiohttp fetches it) serialises them (`fold_case`): scheme and host in lower case, a
 non-ASCII host in punycode by UTS #46 (the idna package; one it refuses stays as written), no
 port where it is the scheme's default (`:80`, `:443`) or empty; path, query, fragment and
-userinfo as written. So `HTTPS://Example.COM:443/a.jpg`, `http://Bücher.example/b.jpg` and
+userinfo as written; a percent-encoded host is decoded first (`http://%65xample.com/`). So
+`HTTPS://Example.COM:443/a.jpg`, `http://Bücher.example/b.jpg` and
 `http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once.
-The rules (long_host) measure the host as written; uid is computed from the URL as kept.
+A host that the standard's host parser refuses (bytes that are not UTF-8 or a forbidden code
+point once decoded, an "xn--" label that is not punycode of a valid label: `_parse_host`) is
+invalid_url: no browser fetches it. The rules (long_host) measure the host as written; uid is
+computed from the URL as kept. page_url is written as found: it is no dedup key, and the
+relative srcs joined to it are folded after the join.
 Kept URL and caption are cut to `max_text_chars` (LAION: 2000); `notes` counts the cuts
 (url_truncated, caption_truncated) and the WARC pages whose declared charsets are all unknown,
 read as UTF-8 (charset_fallback).
@@ -114,12 +120,13 @@ import shutil
 import struct
 import threading
 import time
+import unicodedata
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, oversubscribed, polars_io
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
@@ -2296,7 +2303,7 @@ def _check_link(src: Any, alt: Any, raw_entities: bool, join: Callable[[str], st
         low = src.lower()
     url = src if low.startswith(("http://", "https://")) else join(src)
     m = _HTTP_URL.match(url)
-    if m is None or (m.group(2) and _port_number(m.group(2)) > 65535):
+    if m is None or (m.group(2) and _port_number(m.group(2)) > 65535) or _fold_host(m.group(1)) is None:
         return "invalid_url", "", ""
     if len(m.group(1)) > cfg.max_host_chars:
         return "long_host", "", ""
@@ -2316,6 +2323,10 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
     - a host with a non-ASCII character in punycode, by UTS #46 (`_idna_host`):
       `http://Bücher.example/x` is `http://xn--bcher-kva.example/x`. A host the idna package
       refuses stays as written, its ASCII letters in lower case (see _idna_host);
+    - a percent-encoded host decoded first, as WHATWG's host parser does (`_fold_host`):
+      `http://%65xample.COM/` is `http://example.com/`, `http://b%C3%BCcher.example/` is
+      `http://xn--bcher-kva.example/`. A host that parser refuses stays as written (ASCII
+      letters in lower case): the rules reject it as invalid_url;
     - the port as a number, none where it is the scheme's default or empty: `:80` on http,
       `:443` on https, `:0080` and `http://a.example:/x` are dropped, `:08080` is `:8080`;
       a port that is not the scheme's default stays (`http://a.example:443/`).
@@ -2333,9 +2344,10 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
     a, b = m.span(1)
     n = 5 if url[4] in "sS" else 4  # the scheme's length
     scheme, host, port = url[:n], url[a:b], m.group(2)
-    if port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host):
+    if port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host) and "%" not in host:
         return url
-    host = host.translate(_ASCII_LOWER) if host.isascii() else _idna_host(host)
+    # (a host WHATWG's parser refuses, invalid_url to the rules, is kept as written: dedup's key)
+    host = _fold_host(host) or host.translate(_ASCII_LOWER)
     rest = url[b:]
     # (a port over 65535 is none, invalid_url to the rules: dedup's key keeps it as written)
     if port is not None and (number := _port_number(port)) <= 65535:
@@ -2351,6 +2363,106 @@ def _port_number(digits: str) -> int:
     src with a port of 5,000 zeros then 80 stopped the extraction with a traceback)."""
     digits = digits.lstrip("0")
     return int(digits or "0") if len(digits) <= 5 else 65536
+
+
+# What sends a host to _parse_host rather than lower-casing it: a character outside printable
+# ASCII, a '%' (percent-decoding), a label starting with "xn--" (punycode to check)
+_ODD_HOST = re.compile(r"[^\x21-\x7e]|%|(?:^|\.)[Xx][Nn]--")
+# WHATWG's forbidden domain code points (ASCII all, so checked after the UTS #46 mapping), and
+# what else _HTTP_URL refuses in a host written plainly ('"', "'", '{', '}', '`', whitespace):
+# decoded, they are no more a host to the rules than written so, and a kept URL stays one
+# _HTTP_URL matches (fold_case of a kept URL is the URL)
+_FORBIDDEN_DOMAIN = re.compile(r"[\x00-\x20#%/:<>?@\[\\\]^|\x7f\"'{}`]|\s")
+
+
+def _fold_host(host: str) -> str | None:
+    """A host `_HTTP_URL` matched as WHATWG's host parser writes it, or None where that parser
+    fails (the URL is then no URL to a browser, which fetches nothing: invalid_url). Most
+    hosts are printable ASCII without '%' or an "xn--" label: lower case is all the parser
+    does to them (its ASCII fast path); the others go to `_parse_host`. An IPv6 literal
+    (`_HTTP_URL` lets only hex digits, ':' and '.' in) is put in lower case, as before."""
+    if host[0] == "[" or not _ODD_HOST.search(host):
+        return host.translate(_ASCII_LOWER)
+    return _parse_host(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_host(host: str) -> str | None:
+    """WHATWG's host parser (URL Standard, "host parsing" and "domain to ASCII") on a host that
+    is not plain printable ASCII: percent-decode it, read the bytes as UTF-8, map it by UTS #46
+    (non-transitional, STD3 rules off, CheckBidi and CheckJoiners on), refuse a forbidden domain
+    code point, then punycode. None where it fails, which is where browsers' parser (Node's,
+    Chromium's) fails too (tests/test_extract.py): bytes that are not UTF-8 (`%FF`: U+FFFD,
+    disallowed), a code point UTS #46 disallows (a C0 or C1 control, U+FFFD, a lone surrogate),
+    a forbidden one after decoding or mapping (`a%20b`, `a%25b`, `a%2Fb`, U+FF0F, which maps to
+    '/'), a leftover '%' (`a%zz`); also a character WHATWG takes but the rules refuse in a host
+    written plainly (`a%22b`: '"', see _FORBIDDEN_DOMAIN), an "xn--" label that is not UTS #46 punycode (`_a_label_ok`),
+    a label breaking the joiner or bidi rules, nothing left after mapping.
+
+    Where it succeeds the ASCII form is `_idna_host`'s (the idna package; one idna refuses for
+    IDNA 2008's or DNS's stricter rules, an emoji or '_', stays as decoded, ASCII letters in
+    lower case, as before). Not done: an IPv4 address spelled otherwise (`0x7f.1` for
+    127.0.0.1, which the parser rewrites) stays as written, decoded or not."""
+    import idna
+
+    if "%" in host:
+        try:
+            host = unquote_to_bytes(host).decode("utf-8")  # (a '%' without two hex digits stays)
+        except UnicodeDecodeError:
+            return None
+    if host.isascii():
+        mapped = host.translate(_ASCII_LOWER)  # UTS #46 maps ASCII to itself but for capitals
+    else:
+        try:
+            mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+        except idna.IDNAError:  # a code point UTS #46 disallows
+            return None
+    if not mapped or _FORBIDDEN_DOMAIN.search(mapped):
+        return None
+    for label in mapped.split("."):
+        if label[:4] == "xn--":
+            if not _a_label_ok(label):
+                return None
+        elif not label.isascii() and not _u_label_ok(label):
+            return None
+    return mapped if mapped.isascii() else _idna_host(host)
+
+
+def _a_label_ok(label: str) -> bool:
+    """Whether UTS #46 (rev. 31 on, as WHATWG's domain to ASCII runs it) takes an "xn--" label
+    (lower case, after mapping): the rest is ASCII and decodes as punycode (RFC 3492) to a
+    label holding a non-ASCII character (`xn--`, `xn--abc-` are refused, as ICU, which
+    Chromium and Firefox use, refuses them), which is itself in UTS #46's mapped form (each code
+    point valid, NFC: `xn--a` decodes to U+0080, a control) and valid (`_u_label_ok`). WHATWG's
+    CheckHyphens is off: `xn--bcher-kva-` is refused for its decoding (ASCII only), not for
+    its hyphen."""
+    import idna
+
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+        valid = decoded == idna.uts46_remap(decoded, std3_rules=False, transitional=False)
+    except UnicodeError:  # not ASCII, not punycode, or a code point UTS #46 disallows (IDNAError)
+        return False
+    return valid and not decoded.isascii() and _u_label_ok(decoded)
+
+
+def _u_label_ok(label: str) -> bool:
+    """UTS #46's validity criteria that its mapping does not settle, for a non-ASCII label as
+    WHATWG runs them (CheckJoiners and CheckBidi on, CheckHyphens off): no combining mark
+    first, U+200C/U+200D only where RFC 5892's context rules allow, RFC 5893's bidi rule
+    (for the label alone: a bidi domain's other labels are not checked against it)."""
+    import idna
+    import idna.core
+
+    if unicodedata.category(label[0])[0] == "M":
+        return False
+    try:
+        if ("\u200c" in label or "\u200d" in label) and not all(
+                idna.core.valid_contextj(label, i) for i, c in enumerate(label) if c in "\u200c\u200d"):
+            return False
+        return idna.core.check_bidi(label)
+    except idna.IDNAError:
+        return False
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1208,6 +1208,16 @@ static int url_ok(const uint8_t *u, int64_t n, int64_t max_host, int64_t *host_a
     return p == n || u[p] == '/' || u[p] == '?' || u[p] == '#';
 }
 
+/* Whether WHATWG's host parser does more to a (printable ASCII) host than lower-case it
+ * (extract._ODD_HOST): a '%' to decode, a label starting with "xn--" to check as punycode. The
+ * reference decides those (extract._parse_host: it may refuse the host, invalid_url). */
+static int odd_host(const uint8_t *h, int64_t n) {
+    if (memchr(h, '%', (size_t)n)) return 1;
+    for (int64_t i = 0; i + 4 <= n; i++)
+        if ((i == 0 || h[i - 1] == '.') && match_ci(h + i, "xn--", 4)) return 1;
+    return 0;
+}
+
 static int starts(const uint8_t *s, int64_t n, const char *pre) {
     int64_t m = (int64_t)strlen(pre);
     return n >= m && memcmp(s, pre, (size_t)m) == 0;
@@ -1425,6 +1435,7 @@ static int link_rule(const rules_cfg *cfg, rules_out *out, const uint8_t *src, i
     }
     int64_t host_at[2];
     if (!url_ok(url, un, -1, host_at)) return R_INVALID_URL;
+    if (odd_host(url + host_at[0], host_at[1] - host_at[0])) return R_HARD;
     if (!url_ok(url, un, cfg->max_host, NULL)) return R_LONG_HOST;
     /* extract.fold_case: scheme and host in lower case (the URL is printable ASCII here, so the
      * host needs no punycode), and the port as a number, none where it is empty or the scheme's

@@ -14,8 +14,9 @@ For the rest each step is the reference's, written as an expression: whitespace 
 (`" ".join(alt.split())`, in Python for the few alts it changes), strip, lower case, the
 substring rules, joining to the base by concatenation (as `_Base.join` does),
 `_HTTP_URL`'s host and port check, and `fold_case` (scheme and host in lower case, no default
-port; in Python, for the few URLs with a capital there or a port). tests/test_extract.py compares the two on generated
-and edge-case links.
+port; in Python, for the few URLs with a capital there or a port). A host with a '%' or an
+"xn--" label, which WHATWG's parser decodes or checks (it may refuse it: invalid_url), is left
+to the reference too. tests/test_extract.py compares the two on generated and edge-case links.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ _HARD = "hard"
 # What fold_case may change in a URL: an upper-case letter in its scheme or authority (the host is
 # in there), a non-ASCII character in its authority (an IDN host: punycode), or a port (a default
 # or empty one goes, leading zeros go). A userinfo's ':' or an IPv6 literal's are not taken for a port.
-_TO_FOLD = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*(?:[A-Z]|[^\x00-\x7f]|:[0-9]*(?:[/?#]|$)))"
+_TO_FOLD = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*(?:[A-Z]|[^\x00-\x7f]|%|:[0-9]*(?:[/?#]|$)))"
+# A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST, for the printable
+# ASCII URLs here): a '%' to decode, a label starting with "xn--" to check. Rare: the reference
+# decides (it may be invalid_url). A '%' or "xn--" in a userinfo may match too: harmless.
+_ODD_HOST = r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?(?:[^/?#@:]*%|(?:[^/?#@:]*\.)?[Xx][Nn]--)"
 
 
 def _url_pattern(max_host: int | None) -> str:
@@ -126,6 +131,7 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
     u = pl.col("url")
     reason = reason.when(u.is_null()).then(pl.lit(_HARD))
     reason = reason.when(~u.str.contains(_url_pattern(None))).then(pl.lit("invalid_url"))
+    reason = reason.when(u.str.contains(_ODD_HOST)).then(pl.lit(_HARD))
     reason = reason.when(~u.str.contains(_url_pattern(cfg.max_host_chars))).then(pl.lit("long_host"))
     odd = ~pl.col("src").str.contains(_SIMPLE_SRC) | pl.col("src").str.contains(_SRC_ENTITY)
     out = links.lazy().with_columns(url=url).with_columns(reason=reason.otherwise(None)).select(
@@ -139,9 +145,10 @@ def _src_rules(src: pl.Series, page: pl.Series, pages: pl.DataFrame, cfg: Extrac
 
 def fold_case_urls(urls: pl.Series, where: pl.Series | None = None) -> pl.Series:
     """`urls` (String) as `extract.fold_case` writes them (scheme and host in lower case, an IDN
-    host in punycode, no default or empty port), where `where` is true (everywhere when None).
-    Vectorised but for the few URLs fold_case may change (a capital in their scheme or authority,
-    a non-ASCII authority, a port), which go through fold_case itself (the reference) one by one;
+    host in punycode, a percent-encoded one decoded, no default or empty port), where `where` is
+    true (everywhere when None). Vectorised but for the few URLs fold_case may change (a capital
+    in their scheme or authority, a non-ASCII authority, a '%' there, a port), which go through
+    fold_case itself (the reference) one by one;
     a URL fold_case does not parse (not http(s)), or null, stays as it is. Also the key
     `fastlaion dedup --by url` compares (dataset/dedup.py)."""
     if urls.dtype != pl.String:  # e.g. a column of nulls only (pl.Null)

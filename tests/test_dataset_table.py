@@ -334,8 +334,9 @@ def test_a_second_dedup_keeps_the_first_ones_records(synth, tmp_path):
 def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
     """--by url and url+caption compare URLs as extraction writes them (extract.fold_case: a
     user's URL list may spell one URL `HTTP://A.com:80/x.jpg` and `http://a.com/x.jpg`): scheme
-    and host in lower case, an IDN host in punycode, no default or empty port; the path,
-    userinfo and a non-default port stay, and the url column is written as it was."""
+    and host in lower case, an IDN host in punycode, a percent-encoded one decoded, no default or
+    empty port; the path, userinfo and a non-default port stay, and the url column is written as
+    it was."""
     import random
 
     from fastlaion.extract import fold_case
@@ -354,6 +355,9 @@ def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
         ("https://a.com/x.jpg", "c", "kept", 20), ("http://xn--bcher-kva.de:80/x", "c", "kept", 9),
         ("https://USER:Pw@ex.com:08080/P?Q#F", "c", "kept", 4), ("http://my_host.Bücher.de/x", "c", "kept", None),
         ("http://my_host.bücher.de:80/x", "c", "kept", 24),  # a host idna refuses: compared as written, lower case
+        # percent-encoded hosts decoded, as WHATWG's host parser does; one it refuses as written, lower case
+        ("http://%61.com/x.jpg", "c", "kept", 0), ("http://b%C3%BCcher.DE/x", "c", "kept", 9),
+        ("http://%FF.de/x", "c", "kept", None), ("http://%ff.DE:80/x", "c", "kept", 28),
     ]
     rng = random.Random(3)
     generated = []  # case variants of a few URLs, kept: the reference is fold_case in Python

@@ -160,10 +160,22 @@ def test_c_rules_decide_most_links_themselves(tmp_path, monkeypatch, data):
     assert settled > (1 if data == "odd-pages" else 15) * hard > 0, (settled, hard)
 
 
-# (host as one of its spellings, host as WHATWG writes it): plain, IDN (punycode written or not)
+# (host as one of its spellings, host as WHATWG writes it, None where WHATWG's host parser fails:
+# invalid_url): plain, IDN (punycode written or not), percent-encoded (decoded first, as WHATWG's
+# host parser does), "xn--" labels that are not punycode of a valid label. Written by hand; those
+# with a '%' or an "xn--" label checked against Node's URL (WHATWG's parser) and Chromium's,
+# which fail the same ones but for the "xn--" labels, which Chromium lower-cases unchecked.
 _FOLD_HOSTS = [("img.example.com", "img.example.com"), ("bücher.example", "xn--bcher-kva.example"),
                ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de"),
-               ("[::1]", "[::1]"), ("my_host.bücher.example", "my_host.bücher.example")]  # (the last: idna refuses it)
+               ("[::1]", "[::1]"), ("my_host.bücher.example", "my_host.bücher.example"),  # (the last: idna refuses it)
+               ("%69mg.example.com", "img.example.com"), ("img%2eexample%2Ecom", "img.example.com"),
+               ("b%C3%BCcher.example", "xn--bcher-kva.example"), ("%E5%85%AC%E5%8F%B8.cn", "xn--55qx5d.cn"),
+               ("xn--55qx5d.cn", "xn--55qx5d.cn"),
+               ("my%5Fhost.b%C3%BCcher.example", "my_host.bücher.example"),  # decoded; idna refuses it: kept so
+               ("%FF.example", None), ("a%25b.example", None), ("a%2Fb.example", None), ("a%zz.example", None),
+               ("%E2%80%8D.example", None),  # a lone zero width joiner (CheckJoiners)
+               ("xn--a.example", None), ("xn--zz.example", None), ("xn--abc-.example", None), ("a.xn--.example", None),
+               ("xn--1ug.example", None)]  # punycode of that joiner
 
 
 def _spelled(rng: random.Random, text: str) -> str:
@@ -171,12 +183,14 @@ def _spelled(rng: random.Random, text: str) -> str:
     return "".join(c.upper() if rng.random() < 0.4 and len(c.upper()) == 1 else c for c in text)
 
 
-def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple[str, str]]]:
+def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple[str, str]], int, int]:
     """WAT records whose links spell a few URLs many ways (scheme and host case, a default, empty
-    or zero-padded port, an IDN host in Unicode or punycode), absolute or relative to a page URL
-    so spelled; and the (url, alt) pairs they must come to, written by hand, not by fold_case."""
+    or zero-padded port, an IDN host in Unicode, punycode or percent-encoded UTF-8), absolute or
+    relative to a page URL so spelled; the (url, alt) pairs they must come to, written by hand,
+    not by fold_case; the number of links whose host WHATWG refuses (invalid_url); and the
+    number the C rules decide themselves (a printable ASCII host without '%' or "xn--")."""
     rng = random.Random(seed)
-    recs, expected = [], set()
+    recs, expected, refused, in_c = [], set(), 0, 0
     for i in range(n_pages):
         links = []
         for _ in range(rng.randint(5, 25)):
@@ -201,21 +215,29 @@ def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple
                 recs.append(wat_record(page, [img(src, alt)]))
             else:
                 links.append(img(src, alt))
-            expected.add((f"{scheme}://{folded}{port_folded}{path}", alt))
+            if folded is None:
+                refused += 1
+            else:
+                expected.add((f"{scheme}://{folded}{port_folded}{path}", alt))
+            in_c += host.isascii() and "%" not in host and "xn--" not in host
         recs.append(wat_record(f"https://site.example/{i}", links))
-    return recs + [ending()], expected
+    return recs + [ending()], expected, refused, in_c
 
 
 def test_ports_and_idn_hosts_fold_alike_on_every_path(tmp_path, monkeypatch):
     """Many spellings of a few URLs (scheme and host case, default, empty and zero-padded ports,
-    IDN hosts in Unicode or punycode), absolute and relative to page URLs so spelled: the C
-    rules, extract_vec and the reference (`_check_link` on every link) write the same table,
-    row for row, and it holds each URL once, as WHATWG writes it (the expected pairs are made
-    here by hand, not by fold_case), with the uid of the URL as kept."""
+    IDN hosts in Unicode, punycode or percent-encoded, ASCII hosts percent-encoded), absolute and
+    relative to page URLs so spelled, and hosts WHATWG's parser refuses (percent-decoding to
+    bytes that are not UTF-8 or to a forbidden code point, "xn--" labels that are not punycode
+    of a valid label): the C rules, extract_vec and the reference (`_check_link` on every link)
+    write the same table, row for row, and count the same rejections; the table holds each URL
+    once, as WHATWG writes it (the expected pairs are made here by hand, not by fold_case), with
+    the uid of the URL as kept, and every link to a refused host is invalid_url. The page URL is
+    the base of the relative links: their host is folded after the join."""
     _need_native()
-    records, expected = _port_and_idn_pages(5, 40)
+    records, expected, refused, in_c = _port_and_idn_pages(5, 60)
     data = gz(records)
-    tables = {}
+    tables, rejected = {}, {}
     for path in ("native", "vectorised", "reference"):
         with monkeypatch.context() as m:
             decided = use_wat_path(m, path)
@@ -223,9 +245,13 @@ def test_ports_and_idn_hosts_fold_alike_on_every_path(tmp_path, monkeypatch):
             src.write_bytes(data)
             s = extract_to_parquet([str(src)], tmp_path / f"out-{path}", ONE)
             tables[path] = pl.concat([pl.read_parquet(tmp_path / f"out-{path}" / f) for f in s.files])
-            if path == "native":
-                assert sum(decided) > 200  # the C fold is exercised (the ASCII links), not only the reference's
+            rejected[path] = {k: v for k, v in s.rejected.items() if v}
+            if path == "native":  # the C fold is exercised (most plain ASCII hosts; a page URL with an
+                # empty port is no plain base to it), not only the reference's; never an odd host
+                assert in_c * 0.7 < sum(decided) <= in_c
     assert tables["native"].rows() == tables["vectorised"].rows() == tables["reference"].rows()
+    assert rejected["native"] == rejected["vectorised"] == rejected["reference"] == {"invalid_url": refused}
+    assert refused > 100
     got = tables["reference"].select("url", "caption").rows()
     assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     assert tables["reference"]["uid"].to_list() == [uid_of(u, c) for u, c in got]
