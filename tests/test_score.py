@@ -8,8 +8,9 @@ import torch
 
 from fastlaion.config import ConfigError, ScoreConfig
 from fastlaion.ops import paired_cosine, paired_cosine_reference
-from fastlaion.score import (TINY_MODEL, CachedClipTokenizer, HalfLayerNorm, PatchEmbedding, PrefixTextEncoder, Scorer,
-                             clip_options, fold_quick_gelu, half_layer_norms, pick_device, register_model_configs)
+from fastlaion.score import (TINY_MODEL, CachedClipTokenizer, FusedMlp, HalfLayerNorm, PatchEmbedding, PrefixTextEncoder, Scorer,
+                             clip_options, fold_quick_gelu, half_layer_norms, onednn_fusion_works, pick_device,
+                             register_model_configs)
 
 
 def test_paired_cosine_reference_against_numpy():
@@ -390,6 +391,40 @@ def test_half_layer_norms_on_the_cpu_keep_float32_parameters():
     s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision="bf16"), torch.device("cpu"))
     norms = [m for m in s.model.modules() if isinstance(m, torch.nn.LayerNorm | HalfLayerNorm)]
     assert norms and all(type(m) is HalfLayerNorm and m.dtype == torch.bfloat16 for m in norms)
+
+
+@pytest.mark.skipif(not onednn_fusion_works(), reason="this torch has no working oneDNN fused linear")
+def test_fused_mlps_on_the_cpu_in_bf16_compute_what_torch_does():
+    """FusedMlp (oneDNN's linear with the bias and activation fused) against the MLP it replaces,
+    in bfloat16, for each activation open_clip's blocks use here (GELU, its tanh form, SiLU: the
+    folded QuickGELU): the same values to bfloat16's rounding; other MLPs are left alone. A bf16
+    Scorer on the CPU runs every block MLP fused, an fp32 one none, and a bf16 one where the op
+    fails its probe none (the towers as torch runs them)."""
+    from collections import OrderedDict
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 64, generator=generator).to(torch.bfloat16)
+    for act in (torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU()):
+        mlp = torch.nn.Sequential(OrderedDict(c_fc=torch.nn.Linear(64, 256), gelu=act, c_proj=torch.nn.Linear(256, 64)))
+        mlp = mlp.to(torch.bfloat16)
+        assert FusedMlp.fusable(mlp)
+        with torch.inference_mode():
+            want, got = mlp(x).float(), FusedMlp(mlp)(x).float()
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02, msg=lambda m, act=act: f"{act}: {m}")
+        other = torch.nn.Sequential(OrderedDict(c_fc=torch.nn.Linear(64, 256), gelu=torch.nn.ReLU(), c_proj=torch.nn.Linear(256, 64)))
+        assert not FusedMlp.fusable(other)  # an activation not mapped to oneDNN's
+    blocks = {}
+    for precision in ("bf16", "fp32"):
+        s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision=precision), torch.device("cpu"))
+        blocks[precision] = [type(m.mlp) for m in s.model.modules() if hasattr(m, "mlp")]
+    assert blocks["bf16"] and set(blocks["bf16"]) == {FusedMlp}
+    assert FusedMlp not in blocks["fp32"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FusedMlp, "forward", lambda self, x: 1 / 0)  # an op that changed: the probe says no
+        assert not onednn_fusion_works.__wrapped__()
+        mp.setattr("fastlaion.score.onednn_fusion_works", lambda: False)
+        s = Scorer(ScoreConfig(model=TINY_MODEL, pretrained="none", precision="bf16"), torch.device("cpu"))
+        assert not any(type(m) is FusedMlp for m in s.model.modules())
 
 
 @pytest.mark.gpu
