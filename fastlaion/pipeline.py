@@ -104,7 +104,7 @@ class RunSummary:
     caption_edits: dict[str, int]
     timings_s: dict[str, float] = field(default_factory=dict)  # this invocation's stage totals
     wall_s: float = 0.0
-    # one name per worker of this run: its device, or ray:NODE-IP:DEVICE for a Ray actor
+    # one name per worker of this run: its device, or ray:NODE:DEVICE for a Ray actor (ray_workers.Slot.label)
     workers: list[str] = field(default_factory=list)
     # Rows of the output whose download failed for a reason worth retrying, by reason.
     transient: dict[str, int] = field(default_factory=dict)

@@ -5,7 +5,8 @@ They are fastlaion.workers' workers in another home: an actor runs `serve_shards
 ids from a Ray queue and putting the same messages on another, and `drive` makes of them what it
 makes of a process's; only starting, watching and stopping them is Ray's (`RayWorkers`).
 
-This process plans where they go from the nodes Ray reports (`plan`): with --gpus, one actor per
+This process plans where they go (`plan`) from the nodes Ray reports alive whose raylet answers
+now (`RayCluster.nodes`: Ray takes seconds to mark a lost node dead): with --gpus, one actor per
 GPU and --workers-per-gpu, each asking Ray for that fraction of a GPU; without, --processes
 actors spread over the nodes by their CPUs. Each is pinned to its node and reserves its share of
 the node's CPUs, and runs that many threads: what Ray accounts for is what the worker uses.
@@ -31,8 +32,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,8 @@ PROBE_TIMEOUT_S = 5.0  # to open a TCP connection to --ray HOST:PORT before Ray 
 ANSWER_TIMEOUT_S = 10.0  # for the first bytes back on it (a Ray head's GCS sends them at once)
 START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CPUs or GPUs: say so
 KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
+NODE_ANSWER_TIMEOUT_S = 2.0  # for a node's raylet to take a connection and answer on it (RayCluster.nodes)
+NODE_ID_CHARS = 8  # of a node's id in the name of a node that shares its address with another
 
 
 @dataclass
@@ -63,11 +67,27 @@ class RayCluster:
 
     ray: Any
     par: ParallelConfig
+    lost: set[str] = field(default_factory=set)  # the nodes found not answering, each told once
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes Ray lists alive (as ray.nodes() does) whose raylet answers now. Ray marks a
+        node dead only once it has missed its health checks (about 15 s with Ray's defaults; a
+        node that stopped cleanly, at once): a worker planned meanwhile on a node lost to a crash
+        or to its network waited for that, and the run failed."""
+        alive = [n for n in self.ray.nodes() if n.get("Alive")]
+        with ThreadPoolExecutor(max_workers=min(32, max(1, len(alive)))) as pool:
+            silent = list(pool.map(_raylet_silent, alive))
+        for node, why in zip(alive, silent):
+            if why and node["NodeID"] not in self.lost:
+                self.lost.add(node["NodeID"])
+                log.warning("Ray node %s does not answer (%s): lost, though Ray has not marked it dead yet; no "
+                            "worker is placed there", _node_name(node, alive), why)
+        return [node for node, why in zip(alive, silent) if not why]
 
     def workers(self, cfg: RunConfig, out: Path, rows: InputRows) -> RayWorkers:
         """The workers for `cfg`, planned on the nodes alive now (reading the input, or extracting
         it, may have taken long enough for an autoscaler to change them), not started."""
-        return RayWorkers(self.ray, cfg, out, rows, plan(self.ray.nodes(), self.par))
+        return RayWorkers(self.ray, cfg, out, rows, plan(self.nodes(), self.par))
 
 
 @contextmanager
@@ -90,11 +110,13 @@ def ray_cluster(address: str, par: ParallelConfig) -> Iterator[RayCluster]:
                               f"{exc.strerror or exc}") from None
     try:
         ray = _connect(address, own)
-        try:
-            plan(ray.nodes(), par)  # the cluster has what --gpus / --processes ask for, or one line
-            yield RayCluster(ray, par)
-        finally:
-            ray.shutdown()
+        with _node_deaths_unprinted():
+            try:
+                cluster = RayCluster(ray, par)
+                plan(cluster.nodes(), par)  # the cluster has what --gpus / --processes ask for, or one line
+                yield cluster
+            finally:
+                ray.shutdown()
     finally:
         if own is not None:
             shutil.rmtree(own, ignore_errors=True)
@@ -161,6 +183,83 @@ def _connect(address: str, temp_dir: str | None) -> Any:
     return ray
 
 
+def _raylet_silent(node: dict[str, Any]) -> str:
+    """Why the raylet of `node` (a ray.nodes() entry) does not answer ("" where it does): it must
+    take a connection on its port and, as the gRPC server it is, send its first bytes (SETTINGS)
+    within NODE_ANSWER_TIMEOUT_S. Refused is a raylet that died on a machine still up; a timeout,
+    a machine down or cut off, or a raylet that hangs. An answer of any kind, a connection
+    closed or reset included, leaves the node to Ray's judgement."""
+    port = node.get("NodeManagerPort")
+    if not port:
+        return ""
+    try:
+        conn = socket.create_connection((node["NodeManagerAddress"], port), timeout=NODE_ANSWER_TIMEOUT_S)
+    except TimeoutError:
+        return f"no connection in {NODE_ANSWER_TIMEOUT_S:.0f} s"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    with conn:
+        try:
+            conn.sendall(_H2_PREFACE)
+            conn.recv(64)
+        except TimeoutError:
+            return f"nothing sent back in {NODE_ANSWER_TIMEOUT_S:.0f} s"
+        except OSError:
+            pass
+    return ""
+
+
+def _node_name(node: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+    """`node`'s address, and where another of `nodes` has the same (nodes of one machine, as
+    `ray start` on one box makes them, or --ray local), the start of its id: 127.0.0.1/3f9a1c2e."""
+    ip = node["NodeManagerAddress"]
+    if any(n["NodeManagerAddress"] == ip and n["NodeID"] != node["NodeID"] for n in nodes):
+        return f"{ip}/{node['NodeID'][:NODE_ID_CHARS]}"
+    return ip
+
+
+_NODE_DEATH = re.compile(r"The node with node id: (\w+) and address: (\S+).*? has been marked dead because ([^.]*)")
+
+
+@contextmanager
+def _node_deaths_unprinted() -> Iterator[None]:
+    """While connected, Ray's driver prints what the cluster publishes as errors, as the raylet's:
+    a node marked dead, even one without a worker of this run, was three yellow lines on stdout,
+    "(raylet) The node with node id: ... has been marked dead because the detector has missed too
+    many heartbeats from it. This can happen when a (1) raylet crashes unexpectedly (OOM, etc.)
+    (2) raylet has lagging heartbeats ...". The run already says what a lost node means to it (a
+    worker of it died, in its one-line error; none placed there, in its warning): here Ray's
+    message is one line of our log at debug level (--verbose). Ray's other messages pass. Its
+    printer is looked up by name for each message (ray._private.worker), so wrapping it there
+    reaches them; where a Ray version has it elsewhere, its lines are printed as they were."""
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None:
+        yield
+        return
+
+    def printed(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        if data.get("pid") == "raylet":
+            lines = []
+            for line in data.get("lines", []):
+                death = _NODE_DEATH.search(line)
+                if death:
+                    log.debug("Ray marked node %s/%s dead: %s", death[2], death[1][:NODE_ID_CHARS], death[3])
+                else:
+                    lines.append(line)
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        printer(data, *args, **kwargs)
+
+    ray_worker.print_to_stdstream = printed
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = printer
+
+
 def _plain(text: str) -> str:
     """Ray's messages without their terminal colours."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
@@ -214,6 +313,7 @@ class Slot:
 
     node_id: str
     node_ip: str
+    node_name: str  # in messages: its address, with the start of its id where nodes share it (_node_name)
     num_cpus: float  # reserved on the node: the worker's share of its CPUs (0 where it has none)
     num_gpus: float  # 1 / --workers-per-gpu, or 0 for a CPU worker
     threads: int  # for its pools (decode threads, torch's threads): the CPUs reserved, at least 1
@@ -227,15 +327,17 @@ class Slot:
 
     @property
     def label(self) -> str:
-        """Its name in messages and the summary (RayWorkers adds the GPU's number)."""
-        return f"ray:{self.node_ip}:{self.device}"
+        """Its name in messages and the summary (RayWorkers adds the GPU's number): ray:10.0.0.2:cuda,
+        ray:127.0.0.1/3f9a1c2e:cpu where two of the run's nodes have one address."""
+        return f"ray:{self.node_name}:{self.device}"
 
 
 def plan(nodes: list[dict[str, Any]], par: ParallelConfig) -> list[Slot]:
-    """The workers' slots on the alive `nodes` (as ray.nodes() lists them, ordered here by
-    address). With --gpus, --workers-per-gpu workers on each GPU, all GPUs or the first N, each
-    reserving its share of its node's CPUs. Without, --processes workers (0: one per CPU of the
-    cluster), one at a time to the node with the most CPUs per worker, each reserving its share."""
+    """The workers' slots on the alive `nodes` (as ray.nodes() lists them, less those that do not
+    answer: RayCluster.nodes; ordered here by address). With --gpus, --workers-per-gpu workers on
+    each GPU, all GPUs or the first N, each reserving its share of its node's CPUs. Without,
+    --processes workers (0: one per CPU of the cluster), one at a time to the node with the most
+    CPUs per worker, each reserving its share."""
     alive = sorted((n for n in nodes if n.get("Alive")), key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
     cpus = [n["Resources"].get("CPU", 0.0) for n in alive]
     if par.gpus is not None:
@@ -252,7 +354,7 @@ def plan(nodes: list[dict[str, Any]], par: ParallelConfig) -> list[Slot]:
         for node, node_cpus, node_gpus in zip(alive, cpus, gpus):
             taken = min(node_gpus, wanted - len(slots) // per_gpu)
             if taken:
-                slot = _slot(node, node_cpus / (node_gpus * per_gpu), 1 / per_gpu)
+                slot = _slot(node, alive, node_cpus / (node_gpus * per_gpu), 1 / per_gpu)
                 slots += [slot] * (taken * per_gpu)
         return slots
     if not sum(cpus):
@@ -261,12 +363,13 @@ def plan(nodes: list[dict[str, Any]], par: ParallelConfig) -> list[Slot]:
     for _ in range(par.processes or int(sum(cpus))):
         most = max(range(len(alive)), key=lambda i: cpus[i] / (counts[i] + 1))
         counts[most] += 1
-    return [_slot(node, node_cpus / n, 0.0)
+    return [_slot(node, alive, node_cpus / n, 0.0)
             for node, node_cpus, n in zip(alive, cpus, counts) for _ in range(n)]
 
 
-def _slot(node: dict[str, Any], cpus: float, gpus: float) -> Slot:
-    return Slot(node["NodeID"], node["NodeManagerAddress"], _reservable(cpus), _reservable(gpus), max(1, int(cpus)))
+def _slot(node: dict[str, Any], nodes: list[dict[str, Any]], cpus: float, gpus: float) -> Slot:
+    return Slot(node["NodeID"], node["NodeManagerAddress"], _node_name(node, nodes), _reservable(cpus),
+                _reservable(gpus), max(1, int(cpus)))
 
 
 def _reservable(amount: float) -> float:
@@ -339,7 +442,7 @@ class RayWorkers(WorkerPool):
         except exceptions.RayError as exc:  # the actor died, or its node, or it could not start
             text = _plain(str(exc))
             if "No module named 'fastlaion" in text or "ModuleNotFoundError" in text:
-                raise ConfigError(f"node {self.slots[worker].node_ip} cannot import fastlaion: install this version "
+                raise ConfigError(f"node {self.slots[worker].node_name} cannot import fastlaion: install this version "
                                   f"({__version__}) in the Python that runs Ray on every node") from None
             why = _plain(first_line(exc))
         raise WorkerFailed(f"worker {worker} ({self.devices[worker]}) {failed} ({why}); finished shards are kept, "

@@ -157,14 +157,14 @@ class _RunUnderWay:
     out: Path
     server: LoopbackServer
 
-    def stopped_in_one_line(self) -> list[int]:
-        """Waits for the command to end; checks it said a worker died, in one line, and kept the
-        finished shards; returns those."""
+    def stopped_in_one_line(self, label: str = "ray:127.0.0.1:cpu") -> list[int]:
+        """Waits for the command to end; checks it said a worker (`label`) died, in one line, and
+        kept the finished shards; returns those."""
         _, err = self.proc.communicate(timeout=60)
         lines = err.decode().strip().splitlines()
         assert self.proc.returncode == 1, lines
         assert len(lines) == 1 and lines[0].startswith("error: worker "), lines
-        assert "(ray:127.0.0.1:cpu) died before finishing" in lines[0], lines
+        assert f"({label}) died before finishing" in lines[0], lines
         assert lines[0].endswith("finished shards are kept, rerun the same command to resume"), lines
         kept = [s for s in range(12) if is_complete(self.out, s)]
         assert 1 <= len(kept) < 12
@@ -385,9 +385,9 @@ def test_a_gpu_decoder_with_ray_needs_gpus(tmp_path, decoder):
     assert not (tmp_path / "o").exists()
 
 
-def _node(ip: str, cpus: float, gpus: int = 0, alive: bool = True) -> dict:
+def _node(ip: str, cpus: float, gpus: int = 0, alive: bool = True, node_id: str = "") -> dict:
     resources = {"CPU": cpus, "memory": 1e9, **({"GPU": float(gpus)} if gpus else {})}
-    return {"NodeID": f"id-{ip}", "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
+    return {"NodeID": node_id or f"id-{ip}", "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
 
 
 def test_plan_places_gpu_workers_on_each_gpu_with_their_share_of_its_node():
@@ -397,8 +397,8 @@ def test_plan_places_gpu_workers_on_each_gpu_with_their_share_of_its_node():
     nodes = [_node("10.0.0.3", 16, 2), _node("10.0.0.1", 8), _node("10.0.0.2", 32, 4), _node("10.0.0.4", 64, 8, False)]
     every = plan(nodes, ParallelConfig(gpus="all", workers_per_gpu=2))
     assert len(every) == 12
-    assert every[:8] == [Slot("id-10.0.0.2", "10.0.0.2", 4.0, 0.5, 4)] * 8
-    assert every[8:] == [Slot("id-10.0.0.3", "10.0.0.3", 4.0, 0.5, 4)] * 4
+    assert every[:8] == [Slot("id-10.0.0.2", "10.0.0.2", "10.0.0.2", 4.0, 0.5, 4)] * 8
+    assert every[8:] == [Slot("id-10.0.0.3", "10.0.0.3", "10.0.0.3", 4.0, 0.5, 4)] * 4
     assert {s.label for s in every} == {"ray:10.0.0.2:cuda", "ray:10.0.0.3:cuda"}
     five = plan(nodes, ParallelConfig(gpus="5", workers_per_gpu=3))
     assert [s.node_ip for s in five] == ["10.0.0.2"] * 12 + ["10.0.0.3"] * 3
@@ -412,12 +412,26 @@ def test_plan_places_gpu_workers_on_each_gpu_with_their_share_of_its_node():
 def test_plan_spreads_cpu_workers_over_the_nodes_by_their_cpus():
     nodes = [_node("10.0.0.1", 8), _node("10.0.0.2", 24)]
     three = plan(nodes, ParallelConfig(processes=3))
-    assert three == [Slot("id-10.0.0.1", "10.0.0.1", 8.0, 0.0, 8)] + [Slot("id-10.0.0.2", "10.0.0.2", 12.0, 0.0, 12)] * 2
+    assert three == ([Slot("id-10.0.0.1", "10.0.0.1", "10.0.0.1", 8.0, 0.0, 8)]
+                     + [Slot("id-10.0.0.2", "10.0.0.2", "10.0.0.2", 12.0, 0.0, 12)] * 2)
     assert three[0].label == "ray:10.0.0.1:cpu"
     per_cpu = plan(nodes, ParallelConfig(processes=0))  # one per CPU of the cluster
     assert len(per_cpu) == 32 and {(s.num_cpus, s.threads) for s in per_cpu} == {(1.0, 1)}
     crowded = plan([_node("10.0.0.1", 2)], ParallelConfig(processes=3))  # more workers than CPUs
     assert [(s.num_cpus, s.threads) for s in crowded] == [(0.6666, 1)] * 3
+
+
+def test_plan_names_nodes_that_share_an_address_by_the_start_of_their_id():
+    """Two nodes of one machine (`ray start` twice on one box, as the tests do) have one address:
+    their workers' labels (progress, errors, summary.json's workers) add the start of each node's
+    id, so that they differ. They were both ray:127.0.0.1:cpu. A node alone at its address keeps
+    its plain label, and so does one whose twin is dead."""
+    nodes = [_node("127.0.0.1", 1, node_id="3f9a1c2e" + "0" * 48), _node("127.0.0.1", 2, node_id="b07c41d9" + "1" * 48),
+             _node("10.0.0.5", 1), _node("10.0.0.6", 1), _node("10.0.0.6", 1, alive=False, node_id="dead")]
+    labels = [s.label for s in plan(nodes, ParallelConfig(processes=0))]
+    assert sorted(labels) == ["ray:10.0.0.5:cpu", "ray:10.0.0.6:cpu", "ray:127.0.0.1/3f9a1c2e:cpu",
+                              "ray:127.0.0.1/b07c41d9:cpu", "ray:127.0.0.1/b07c41d9:cpu"]
+    assert [s.label for s in plan([nodes[0]], ParallelConfig(processes=1))] == ["ray:127.0.0.1:cpu"]
 
 
 def test_ray_local_starts_a_private_instance_and_leaves_nothing_behind(tmp_path, served):
@@ -523,10 +537,13 @@ scripts.main()
 """
 
 
-def _stop(clusters) -> None:
-    """Every process of `clusters` ended (by id), their temp folders removed."""
+def _stop(clusters, crash: bool = False) -> None:
+    """Every process of `clusters` ended (by id), their temp folders removed. With `crash`,
+    killed at once, as a machine lost to a crash or to its network: its raylet tells the head
+    nothing (on SIGTERM it unregisters, and the head marks the node dead at once)."""
     pids = [pid for c in clusters for pid in c.processes()]
-    for sig, wait_s in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the GCS drains for 10 s and more
+    steps = ((signal.SIGKILL, 10),) if crash else ((signal.SIGTERM, 2), (signal.SIGKILL, 10))
+    for sig, wait_s in steps:  # the GCS drains for 10 s and more
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -538,18 +555,17 @@ def _stop(clusters) -> None:
         shutil.rmtree(c.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def two_nodes(ray_env):
+@contextmanager
+def _two_nodes(health_check: dict[str, str]):
     """A head with 1 CPU and a second node with 2 CPUs, both on 127.0.0.1 (a user trying the
-    scale-out on one machine): (head, node), each with its own temp folder."""
+    scale-out on one machine): (head, node), each with its own temp folder; the head's health
+    checks of the nodes set by `health_check` (RAY_health_check_* variables)."""
     port = _free_port()
     head = Cluster(f"127.0.0.1:{port}", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
     node = Cluster(head.address, Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
     common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
     try:
-        # The head's health checks each second, a node dead after 3 missed (Ray's default: 3 s, 5):
-        # the lost node below is marked dead in seconds.
-        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        env = {**os.environ, **health_check}
         for argv in ([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
                       "--num-cpus", "1", "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
                       "--temp-dir", str(head.temp_dir), *common],
@@ -560,6 +576,14 @@ def two_nodes(ray_env):
         yield head, node
     finally:
         _stop([head, node])
+
+
+@pytest.fixture(scope="module")
+def two_nodes(ray_env):
+    """_two_nodes, for the module. The head's health checks each second, a node dead after 3
+    missed (Ray's default: 3 s, 5): the lost node of the test below is marked dead in seconds."""
+    with _two_nodes({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}) as nodes:
+        yield nodes
 
 
 def _actors_per_node(clusters, stop, seen) -> None:
@@ -627,7 +651,9 @@ def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_li
     assert on_ray.exit_code == 0, on_ray.output
     assert sorted(Counter(seen.values()).items()) == [(0, 1), (1, 2)], (seen, took)  # each node's CPUs, one each
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    assert summary["workers"] == ["ray:127.0.0.1:cpu"] * 3
+    # the two nodes' workers told apart by the start of their node's id (both were ray:127.0.0.1:cpu)
+    by_cpus = {n["Resources"]["CPU"]: f"ray:127.0.0.1/{n['NodeID'][:8]}:cpu" for n in alive}
+    assert sorted(summary["workers"]) == sorted([by_cpus[1.0]] + [by_cpus[2.0]] * 2)
     a = read_output(tmp_path / "one").sort("key").drop(TIMING_COLUMNS)
     b = read_output(tmp_path / "ray").sort("key").drop(TIMING_COLUMNS)
     assert a.height == b.height == 15 and a.equals(b)
@@ -637,10 +663,54 @@ def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_li
     with _a_run_under_way(tmp_path, photos, head.address, processes=3) as run:
         assert len(node.workers()) == 2
         _stop([node])
-        kept = run.stopped_in_one_line()
+        kept = run.stopped_in_one_line(by_cpus[2.0])  # a worker of the lost node, named with its node's id
         deadline = time.monotonic() + 60  # Ray marks a node dead once it has missed its health checks
         while len(_nodes(head.address)) > 1:
             assert time.monotonic() < deadline
             time.sleep(1)
         run.rerun_finishes(kept)
     assert json.loads((run.out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 3
+
+
+
+def test_a_rerun_right_after_a_node_is_lost_runs_on_the_nodes_left(ray_env, tmp_path, photos):
+    """A node lost (every process of it killed at once, as a crashed machine's) and the command run
+    again at once, before the head has marked the node dead (Ray's own checks take about 15 s):
+    the run plans its workers on the nodes whose raylet answers, says in one line that it left
+    the lost one out, and finishes; Ray marking the node dead meanwhile prints nothing. It planned
+    a worker on the lost node, waited for Ray to mark it dead, printed Ray's three "(raylet) The
+    node with node id: ... has been marked dead ..." lines on stdout and failed."""
+    # health checks each second, a node dead after 10 missed: time to plan before it is marked dead
+    with _two_nodes({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "10"}) as (head,
+                                                                                                          node):
+        lost = [n["NodeID"] for n in _nodes(head.address) if n["Resources"]["CPU"] == 2.0]
+        _stop([node], crash=True)
+        files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(16)}
+        with LoopbackServer(files, delay_s=1.0) as server:
+            inp = tmp_path / "in.txt"
+            inp.write_text("".join(server.url(f"{i}.jpg") + "\n" for i in range(16)))
+            out = tmp_path / "o"
+            cmd = [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(out), "--no-score", "--no-language",
+                   "--shard-size", "2", "--allow-private-networks", "--retries", "0", "--no-progress", "--ray",
+                   head.address, "--processes", "0", "--workers", "1"]
+            t0 = time.monotonic()
+            with process_group(cmd) as proc:
+                wait_until(proc, lambda: list(out.glob("*.tar")), poll_s=0.05)  # planned, and under way
+                planned_s = time.monotonic() - t0
+                # the run goes on (1 s an image, one at a time) until Ray has marked the lost node dead
+                while lost[0] in [n["NodeID"] for n in _nodes(head.address)]:
+                    assert time.monotonic() - t0 < 60
+                    time.sleep(0.5)
+                marked_s = time.monotonic() - t0
+                assert proc.poll() is None, proc.communicate()  # while the run was connected
+                server.delay_s = 0
+                stdout, stderr = (s.decode() for s in proc.communicate(timeout=60))
+            took = time.monotonic() - t0
+    print(f"planned in {planned_s:.1f} s, node marked dead at {marked_s:.1f} s, run took {took:.1f} s")
+    assert proc.returncode == 0, stdout + stderr
+    assert "(raylet)" not in stdout and "marked dead" not in stdout + stderr, stdout
+    assert stderr.splitlines() == [f"warning: Ray node 127.0.0.1/{lost[0][:8]} does not answer (connection refused): "
+                                   "lost, though Ray has not marked it dead yet; no worker is placed there"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == ["ray:127.0.0.1:cpu"]  # the head's one CPU: the only node left
+    assert summary["shards_run"] == 8 and summary["funnel"]["kept"] == 16
