@@ -723,3 +723,44 @@ def test_forwarded_log_records_keep_level_tracebacks_and_come_once(caplog):
         ("fastlaion.pipeline", "ERROR", "shard 1 failed")]
     assert "ValueError: bad batch" in caplog.records[1].exc_text
     assert "ValueError: bad batch" in caplog.text
+
+
+def test_a_workers_python_warnings_pass_its_filters_first():
+    """Only how a warning is shown changes in a worker (forwarded_logs): the filters still decide
+    which are. Python's defaults hide a DeprecationWarning and show a UserWarning once per place
+    in a process; decode's turbojpeg filter still makes libjpeg's warnings errors; -W error
+    raises. Warnings shown before and after the block are Python's again."""
+    import logging
+    import warnings
+
+    from fastlaion.decode import ensure_turbojpeg_warnings_raise
+    from fastlaion.workers import forwarded_logs
+
+    sent: list = []
+
+    class Results:
+        def put(self, msg):
+            sent.append(msg)
+
+    def warn_twice() -> None:
+        for _ in range(2):
+            warnings.warn("the same place", UserWarning)
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        ensure_turbojpeg_warnings_raise()
+        with forwarded_logs(0, Results(), logging.WARNING):
+            warnings.warn("deprecated", DeprecationWarning)
+            warn_twice()
+            with pytest.raises(UserWarning):
+                warnings.warn_explicit("Premature end of JPEG file", UserWarning, "turbojpeg.py", 1,
+                                       module="turbojpeg")
+            warnings.filterwarnings("error", message="an error")
+            with pytest.raises(UserWarning):
+                warnings.warn("an error", UserWarning)
+        assert warnings.showwarning is previous
+    assert [(m[0], m[2]["name"], m[2]["msg"]) for m in sent] == [
+        ("log", "py.warnings", "the same place (UserWarning in test_workers)")], sent  # no package: the module
