@@ -203,8 +203,9 @@ def invoke_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess
     what a command says and its exit status, where a fresh interpreter adds only the start-up
     (torch and open_clip's imports: 5-10 s a call on 2 cores). What the subprocess would print on
     stderr besides the command's lines is added to its stderr: the Python warnings raised while
-    the command ran, as the default filters print them (each once), and an exception the command
-    let out as its traceback (exit status 1). Not for what needs a process of its own: signals,
+    the command ran, as the default filters print them (each once; from the command's log set-up
+    on they are its own "warning: ..." lines, fastlaion.logs), and an exception the command let
+    out as its traceback (exit status 1). Not for what needs a process of its own: signals,
     the console script's start-up and exit (cli.main's), what a fresh interpreter imports."""
     import traceback
     import warnings
