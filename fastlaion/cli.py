@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -32,6 +33,7 @@ from .config import (
     ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
 from .interrupt import STOP_SIGNALS, ctrl_c_ignored, stop_on_sigterm, stopped_by
+from .logs import WARNINGS_LOGGER, log_warning
 
 
 class _Group(LazyGroup):
@@ -83,9 +85,14 @@ def _command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 class _QuietLibraries(logging.Filter):
     """Without -v, hide the chatter of open_clip (which logs on the root logger) and the Hub
-    client's retry messages: what matters reaches the user as fastlaion's own error line."""
+    client's retry messages: what matters reaches the user as fastlaion's own error line. A
+    Python warning raised in open_clip (a record of fastlaion.logs, its path open_clip's file)
+    is not chatter ("QuickGELU mismatch ..." means wrong similarities): it stays, as it was
+    printed before warnings were records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == WARNINGS_LOGGER:
+            return True
         return not (record.name.startswith("huggingface_hub") or "/open_clip/" in record.pathname)
 
 
@@ -130,6 +137,8 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is imported
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[handler], force=True)
+    # Python's warnings as our one-line records, as a worker's reach this process (fastlaion.logs)
+    warnings.showwarning = log_warning
 
 
 def print_funnel(summary: Any, scored: bool = True) -> None:

@@ -4,9 +4,9 @@ Each worker is a spawned process with its own event loop, decoder and models (on
 this process hands out the shards one at a time as each worker asks for its next, so a slow shard
 never holds the others back. A worker reports rows and finished shards to this process, which
 draws the progress bar and merges the stats. A worker's log records go the same way
-(`forwarded_logs`): this process prints them through its own handler, in its format, filtered as
-its own are (open_clip's chatter hidden without -v), and each message once however many workers
-log it. Each worker has pipes of its own to this process,
+(`forwarded_logs`), its Python warnings as records too (fastlaion.logs): this process prints them
+through its own handler, in its format, filtered as its own are (open_clip's chatter hidden
+without -v), and each message once however many workers log it. Each worker has pipes of its own to this process,
 shared with no other worker: one killed at any moment (the OOM killer's SIGKILL, in the middle of
 a message) can neither cut into another's messages nor hold a lock the others wait for, and its
 end is seen at once. Every shard is still written atomically by the worker that ran it, so a crash,
@@ -44,6 +44,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, WorkerFailed, usable_cores
 from .interrupt import STOP_SIGNALS, ctrl_c_held, release_ctrl_c, stopped_by
+from .logs import warnings_logged
 from .reader import InputRows
 from .writer import ShardWriteError
 
@@ -224,13 +225,16 @@ def _portable(record: logging.LogRecord) -> dict[str, Any]:
 def forwarded_logs(worker: int, results: Any, level: int) -> Any:
     """Within it, every record this worker logs at `level` (the parent's, WARNING or -v's INFO)
     or above goes to the parent (`_ForwardedLogs`), and only there: the root logger's handlers
-    are set aside (a Ray actor's process may have some) and put back at the end."""
+    are set aside (a Ray actor's process may have some) and put back at the end. So do the
+    Python warnings it shows (`logs.warnings_logged`: one record each, no file, line or source
+    line), which went raw to the worker's stderr, once per worker, across the progress bar."""
     root = logging.getLogger()
     handlers, previous_level = root.handlers[:], root.level
     root.handlers = [_ForwardedLogs(worker, results)]
     root.setLevel(level)
     try:
-        yield
+        with warnings_logged():
+            yield
     finally:
         root.handlers = handlers
         root.setLevel(previous_level)

@@ -203,8 +203,9 @@ def invoke_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess
     what a command says and its exit status, where a fresh interpreter adds only the start-up
     (torch and open_clip's imports: 5-10 s a call on 2 cores). What the subprocess would print on
     stderr besides the command's lines is added to its stderr: the Python warnings raised while
-    the command ran, as the default filters print them (each once), and an exception the command
-    let out as its traceback (exit status 1). Not for what needs a process of its own: signals,
+    the command ran, as the default filters print them (each once; from the command's log set-up
+    on they are its own "warning: ..." lines, fastlaion.logs), and an exception the command let
+    out as its traceback (exit status 1). Not for what needs a process of its own: signals,
     the console script's start-up and exit (cli.main's), what a fresh interpreter imports."""
     import traceback
     import warnings
@@ -226,3 +227,41 @@ def invoke_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
         code = 1
     return subprocess.CompletedProcess(["fastlaion", *map(str, args)], code, result.stdout, stderr)
+
+
+def palette_png(seed: int, side_px: int = 256) -> bytes:
+    """A palette PNG whose tRNS chunk gives each colour its alpha (transparency as bytes, as GIF
+    conversions and image editors save them). Decoding it is a real run's way to a Python warning
+    raised in a worker: the CLIP input's convert("RGB") makes Pillow warn "Palette images with
+    Transparency expressed in bytes should be converted to RGBA images" (UserWarning)."""
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 4, (side_px, side_px), dtype=np.uint8), "P")
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0])
+    return encode(img, "PNG", transparency=bytes([0, 128, 255, 255]))
+
+
+def answered_together(count: int, bodies: dict[str, bytes], content_type: str, timeout_s: float = 60.0):
+    """An aiohttp route, /together/{name}, serving `bodies`: each request is held until `count`
+    have arrived (or `timeout_s` passed). A worker holds at most pipeline.MAX_SHARDS_IN_FLIGHT
+    one-row shards at once, so with `count` one more than that, the run's rows cannot all have
+    been taken by the worker that loaded its models first: every worker downloads (and decodes)
+    some."""
+    import asyncio
+
+    from aiohttp import web
+
+    arrived: list[int] = [0]
+    everyone: list[asyncio.Event] = []  # made in the server's own event loop
+
+    async def handler(request: web.Request) -> web.Response:
+        if not everyone:
+            everyone.append(asyncio.Event())
+        arrived[0] += 1
+        if arrived[0] >= count:
+            everyone[0].set()
+        try:
+            await asyncio.wait_for(everyone[0].wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return web.Response(body=bodies[request.match_info["name"]], content_type=content_type)
+
+    return web.get("/together/{name}", handler)

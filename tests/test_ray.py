@@ -30,7 +30,7 @@ from fastlaion.writer import is_complete
 
 from helpers import children, encode, gone, process_group, wait_until
 from test_pipeline import build_case, read_output, write_input
-from test_workers import TIMING_COLUMNS, _run, _tar_members
+from test_workers import PALETTE_WARNING, RANDOM_WEIGHTS_WARNING, TIMING_COLUMNS, _run, _tar_members, run_palette_pngs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                 reason="Ray is not installed (pip install 'fastlaion[ray]')")
@@ -212,20 +212,16 @@ def test_an_actor_killed_mid_run_is_one_line_and_the_rerun_finishes(cluster, tmp
         run.rerun_finishes(kept)
 
 
-def test_actors_warnings_come_once_in_our_format(cluster, served):
+def test_actors_warnings_come_once_in_our_format(cluster, tmp_path):
     """An actor's records reach the driver as a worker process's do (workers.forwarded_logs):
     Ray printed each actor's stderr, "(FastlaionWorker pid=N) WARNING:root:No pretrained weights
-    loaded ..." and "... WARNING:fastlaion.score:fastlaion-tiny has RANDOM weights ...", per actor."""
-    inp, tmp = served
-    result = subprocess.run([sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp / "warned"),
-                             "--ray", cluster.address, "--processes", "2", "--model", "fastlaion-tiny",
-                             "--pretrained", "none", "--no-language", "--shard-size", "8",
-                             "--allow-private-networks", "--timeout", "3", "--retries", "0", "--no-progress"],
-                            capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
-    assert "WARNING" not in result.stderr and "No pretrained weights loaded" not in result.stderr, result.stderr
-    assert result.stderr.count("fastlaion-tiny has RANDOM weights") == 1, result.stderr
-    assert "warning: fastlaion-tiny has RANDOM weights: similarity scores mean nothing\n" in result.stderr
+    loaded ..." and "... WARNING:fastlaion.score:fastlaion-tiny has RANDOM weights ...", per actor.
+    Python's warnings too: Pillow's on the palette PNGs that each actor decodes came as Ray's
+    "(FastlaionWorker pid=N) /.../PIL/Image.py:1134: UserWarning: ..." and its source line, per
+    actor; now one line of ours."""
+    result = run_palette_pngs(tmp_path, "--ray", cluster.address, "--processes", "2")
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 2
+    assert sorted(result.stderr.splitlines()) == [PALETTE_WARNING, RANDOM_WEIGHTS_WARNING], result.stderr
 
 
 def test_a_node_with_another_fastlaion_version_stops_the_run_in_one_line(cluster, served, monkeypatch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -639,33 +641,49 @@ def test_a_worker_killed_while_it_asks_for_a_shard_keeps_no_other_from_its_own(t
         pool.close()
 
 
-def test_workers_warnings_come_once_in_our_format(tmp_path, photos):
+# Pillow's warning on the palette PNGs of tests/helpers.palette_png, in our form: one line, the
+# package that raised it, no file, line or source line
+PALETTE_WARNING = ("warning: Palette images with Transparency expressed in bytes should be converted to RGBA "
+                   "images (UserWarning in PIL)")
+RANDOM_WEIGHTS_WARNING = "warning: fastlaion-tiny has RANDOM weights: similarity scores mean nothing"
+
+
+def run_palette_pngs(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m fastlaion run` (its own process: stderr as a user's pipe gets it) of one-row
+    shards of palette PNGs, each of which makes Pillow warn (helpers.palette_png), held by the
+    server until every worker of a --processes 2 run has taken one (helpers.answered_together)."""
+    from fastlaion.pipeline import MAX_SHARDS_IN_FLIGHT
+    from helpers import answered_together, palette_png
+
+    count = MAX_SHARDS_IN_FLIGHT + 1
+    bodies = {f"{i}.png": palette_png(i) for i in range(count)}
+    with LoopbackServer({}, extra_routes=[answered_together(count, bodies, "image/png")]) as server:
+        inp = tmp_path / "in.tsv"
+        inp.write_text("url\tcaption\n" + "".join(f"{server.url('together/' + name)}\ta cat\n" for name in bodies))
+        result = subprocess.run(
+            [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
+             "--pretrained", "none", "--no-language", "--shard-size", "1", "--timeout", "90", "--no-progress",
+             "--allow-private-networks", *extra],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["funnel"]["decoded"] == count, summary["funnel"]  # a warning drops nothing
+    return result
+
+
+@pytest.mark.parametrize("processes", ["2", "1"])
+def test_workers_warnings_come_once_in_our_format(tmp_path, processes):
     """Spawned workers had no log handler: open_clip's `logging.warning` on random weights gave
     each the root's default one, so a 2-process run printed "WARNING:root:No pretrained weights
     loaded ..." and "WARNING:fastlaion.score:fastlaion-tiny has RANDOM weights ..." once per
     worker. Now their records reach the parent, which prints ours as the main process does,
-    once, and hides open_clip's chatter (ours says it)."""
-    import re
-    import subprocess
-    import sys
-
-    from helpers import encode
-
-    files = {f"{i}.jpg": Served(encode(photos["chelsea"]), "image/jpeg") for i in range(4)}
-    with LoopbackServer(files) as server:
-        inp = tmp_path / "in.tsv"
-        inp.write_text("url\tcaption\n" + "".join(f"{server.url(f'{i}.jpg')}\ta cat\n" for i in range(4)))
-        result = subprocess.run(
-            [sys.executable, "-m", "fastlaion", "run", str(inp), "-o", str(tmp_path / "o"), "--model", "fastlaion-tiny",
-             "--pretrained", "none", "--no-language", "--processes", "2", "--shard-size", "2", "--no-progress",
-             "--allow-private-networks"],
-            capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
-    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["workers"]) == 2
-    assert not re.search(r"^[A-Z]+:[\w.]+:", result.stderr, re.M), result.stderr  # logging's default format
-    assert "No pretrained weights loaded" not in result.stderr
-    assert result.stderr.count("fastlaion-tiny has RANDOM weights") == 1, result.stderr
-    assert "warning: fastlaion-tiny has RANDOM weights: similarity scores mean nothing\n" in result.stderr
+    once, and hides open_clip's chatter (ours says it). Python's warnings likewise: Pillow's on a
+    palette PNG came out raw, once per worker ("/.../PIL/Image.py:1134: UserWarning: Palette
+    images ..." and its source line "  warnings.warn("), and so in one process; now one line of
+    ours, whichever worker and however many give it."""
+    result = run_palette_pngs(tmp_path, "--processes", processes)
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["workers"]) == int(processes)
+    assert sorted(result.stderr.splitlines()) == [PALETTE_WARNING, RANDOM_WEIGHTS_WARNING], result.stderr
 
 
 def test_forwarded_log_records_keep_level_tracebacks_and_come_once(caplog):
@@ -705,3 +723,44 @@ def test_forwarded_log_records_keep_level_tracebacks_and_come_once(caplog):
         ("fastlaion.pipeline", "ERROR", "shard 1 failed")]
     assert "ValueError: bad batch" in caplog.records[1].exc_text
     assert "ValueError: bad batch" in caplog.text
+
+
+def test_a_workers_python_warnings_pass_its_filters_first():
+    """Only how a warning is shown changes in a worker (forwarded_logs): the filters still decide
+    which are. Python's defaults hide a DeprecationWarning and show a UserWarning once per place
+    in a process; decode's turbojpeg filter still makes libjpeg's warnings errors; -W error
+    raises. Warnings shown before and after the block are Python's again."""
+    import logging
+    import warnings
+
+    from fastlaion.decode import ensure_turbojpeg_warnings_raise
+    from fastlaion.workers import forwarded_logs
+
+    sent: list = []
+
+    class Results:
+        def put(self, msg):
+            sent.append(msg)
+
+    def warn_twice() -> None:
+        for _ in range(2):
+            warnings.warn("the same place", UserWarning)
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        ensure_turbojpeg_warnings_raise()
+        with forwarded_logs(0, Results(), logging.WARNING):
+            warnings.warn("deprecated", DeprecationWarning)
+            warn_twice()
+            with pytest.raises(UserWarning):
+                warnings.warn_explicit("Premature end of JPEG file", UserWarning, "turbojpeg.py", 1,
+                                       module="turbojpeg")
+            warnings.filterwarnings("error", message="an error")
+            with pytest.raises(UserWarning):
+                warnings.warn("an error", UserWarning)
+        assert warnings.showwarning is previous
+    assert [(m[0], m[2]["name"], m[2]["msg"]) for m in sent] == [
+        ("log", "py.warnings", "the same place (UserWarning in test_workers)")], sent  # no package: the module
