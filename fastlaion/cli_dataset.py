@@ -71,6 +71,17 @@ def _say(line: str) -> None:
     _cli().out_console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
+def _drop_columns(where: str) -> list[str]:
+    """The columns a --where condition names that tell why a row was dropped (status, reason, ...)."""
+    import polars as pl
+
+    try:
+        names = pl.sql_expr(where).meta.root_names()
+    except pl.exceptions.PolarsError:
+        return []
+    return [c for c in ("status", "stage", "reason", "error", "duplicate_of") if c in names]
+
+
 def _warn(line: str) -> None:
     """One line on stderr, `warning: ...`; the text is not markup (paths with brackets)."""
     _cli().console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
@@ -154,6 +165,10 @@ def subset_cmd(
         pool = "rows" if include_dropped else "kept samples"
         _say(f"subset {result.condition}: {result.selected:,} of {result.considered:,} {pool}{share} "
              f"-> {Path(result.output) / 'metadata.parquet'}")
+        if where and not include_dropped and not result.selected and (why := _drop_columns(where)):
+            # `--where "reason = 'http_404'"` over kept samples only: 0, and nothing said why
+            _warn(f"--where names {', '.join(why)}, which tell(s) why rows were dropped, but a subset selects among "
+                  "kept samples only: add --include-dropped to select among every row")
         if shards:
             _say(f"tars: {result.tars} ({result.samples_exported:,} samples, up to {shard_size:,} per tar)"
                  + (f"; {result.samples_missing:,} selected samples not found in their tars" if result.samples_missing else "")

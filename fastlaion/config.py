@@ -417,6 +417,9 @@ class ScoreConfig:
             if unused:
                 raise ConfigError(f"{', '.join(unused)} with --no-score: nothing is scored, so no pair would be "
                                   "dropped by similarity; leave out --no-score to filter, or the option to keep all")
+            if self.compile:  # ran, with no CLIP model to compile
+                raise ConfigError("--compile with --no-score: no CLIP model is loaded, so there is nothing to "
+                                  "compile; leave out one of them")
         between("--min-similarity", self.min_similarity, -1, 1)
         if self.enabled:
             check_architecture("--model", self.model)
@@ -455,6 +458,13 @@ class TagConfig:
 
     def validate(self) -> None:
         between("--language-min-score", self.language_min_score, 0, 1)
+        if not self.language:  # these ran with no caption identified, silently unused
+            unused = [flag for flag, value, default in (
+                ("--language-min-score", self.language_min_score, TagConfig.language_min_score),
+                ("--language-model", self.language_model, None)) if value != default]
+            if unused:
+                raise ConfigError(f"{', '.join(unused)} with --no-language: no caption's language is identified; "
+                                  "leave out --no-language to identify them, or the option")
 
 
 class DedupMode(str, enum.Enum):

@@ -174,8 +174,10 @@ def validate_url(url: str | None) -> str | None:
 
 def _url_reason(parsed: URL) -> str | None:
     host = parsed.raw_host  # IDNA-encodes, which can fail (ValueError)
-    parsed.port  # noqa: B018 -- raises on an out-of-range port
+    port = parsed.port  # raises on an out-of-range port
     if parsed.scheme not in ("http", "https") or not host or any(c.isspace() for c in host):
+        return INVALID_URL
+    if port == 0:  # names no server: a connect to it fails as connection_error, retried as transient
         return INVALID_URL
     return None
 

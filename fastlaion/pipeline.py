@@ -59,6 +59,7 @@ from .writer import (
     ShardWriter,
     any_finished,
     damage,
+    finished_shards,
     is_complete,
     mark_incomplete,
     output_lock,
@@ -242,6 +243,7 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
     ones' transient failures) on the workers `placed` (worker_devices, or a Ray cluster's);
     summarize the whole output."""
     n_shards = shard_count(rows.height, cfg.input.shard_size)
+    _check_finished_rows(out, rows.height, cfg.input.shard_size)
     for s in range(n_shards):  # a finished shard whose files were since lost or cut is run again
         problem = damage(out, s) if is_complete(out, s) else None
         if problem:
@@ -299,6 +301,24 @@ def _run_shards(cfg: RunConfig, out: Path, rows: InputRows, progress: Progress, 
             log.warning("summary.json not written: %s", also.strerror or also)
         raise
     return _summarize(out, n_shards, tally, timings, t0, devices, [], previously_failed)
+
+
+def _check_finished_rows(out: Path, n_rows: int, shard_size: int) -> None:
+    """Refuse a resume whose input gives other rows than the finished shards hold: each must have
+    the rows its place in the input has now. An input file's mark (prepare_output) finds most
+    changes first; a pipe (`run <(head -n 7 urls.txt)` after `<(head -n 6 ...)`) has none, and
+    the resume called the first shard complete and lost the 7th row."""
+    for s in finished_shards(out):
+        want = min(shard_size, n_rows - s * shard_size) if s * shard_size < n_rows else 0
+        try:
+            stats = read_stats(out, s)
+            had = stats.get("rows", stats["funnel"]["input"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # unreadable: damage() finds it and the shard is run again
+        if had != want:
+            raise ConfigError(f"the input changed since the run in {out} began: it gives {n_rows:,} rows now, "
+                              f"where shard {shard_name(s)} holds {had:,} of them, not {want:,}; resuming would "
+                              "lose or repeat rows; give the same rows, or choose another output folder")
 
 
 def transient_drops(shard_funnel: dict[str, Any]) -> dict[str, int]:

@@ -188,6 +188,10 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (["--no-language", "--multilingual-model", "xlm-roberta-base-ViT-B-32"], "needs language identification"),
     (["--no-score", "--resize-mode", "keep_ratio", "--border-color", "black"],
      "--border-color black with --resize-mode keep_ratio"),
+    # nothing to compile, no caption identified: these ran, the option silently unused
+    (["--no-score", "--compile"], "--compile with --no-score"),
+    (["--no-score", "--no-language", "--language-min-score", "0.9"], "--language-min-score with --no-language"),
+    (["--no-score", "--no-language", "--language-model", "{tmp}/lid.176.bin"], "--language-model with --no-language"),
 ])
 def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, message):
     """`--no-score --min-similarity 0.3` kept every decoded image, and `--resize-mode no

@@ -165,6 +165,15 @@ def test_include_dropped_audits_dropped_rows(synth, tmp_path):
     invoke(["subset", "--where", "reason = 'http_404'", "--include-dropped", "--from", folder, "-o", tmp_path,
             "--no-progress"])
     assert keys_of(tmp_path / "metadata.parquet") == [r["key"] for r in rows if r["reason"] == "http_404"]
+    # without --include-dropped the pool is the kept samples, so a condition on why rows were
+    # dropped selects none: it said "0 of N kept samples" and nothing more; now it names the flag
+    result = invoke(["subset", "--where", "reason = 'http_404'", "--from", folder, "-o", tmp_path / "kept-only",
+                     "--no-progress"])
+    assert keys_of(tmp_path / "kept-only" / "metadata.parquet") == []
+    assert "--include-dropped" in result.output and "reason" in result.output, result.output
+    result = invoke(["subset", "--where", "similarity > 2", "--from", folder, "-o", tmp_path / "none",
+                     "--no-progress"])
+    assert "--include-dropped" not in result.output, result.output  # no column of the drops: no hint
 
 
 @pytest.mark.parametrize("where, message", [

@@ -590,7 +590,10 @@ def test_ten_redirects_are_followed_eleven_are_too_many(served):
 
 INVALID_URLS = ["", None, "   ", "ftp://x/y", "not a url", "javascript:alert(1)", "http://",
                 "data:image/png;base64,iVBORw0KGgo=", "file:///etc/passwd", "//127.0.0.1/x",
-                "http:///path", "http://127.0.0.1:99999/x", "http://[::1/x", "http://a b/x"]
+                "http:///path", "http://127.0.0.1:99999/x", "http://[::1/x", "http://a b/x",
+                # port 0 names no server: it was connection_error, a transient failure that
+                # --retry-failed would download again on every rerun
+                "http://127.0.0.1:0/x.jpg", "https://example.com:0/x.jpg"]
 
 
 @pytest.mark.parametrize("url", INVALID_URLS)

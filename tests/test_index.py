@@ -134,7 +134,7 @@ def test_bad_input_is_one_line(case, tmp_path, monkeypatch):
     for f in [*folder.glob("*.parquet"), *folder.glob("*_stats.json")]:
         (no_emb / f.name).write_bytes(f.read_bytes())
     result = invoke(["index", no_emb], code=2)
-    assert "needs image embeddings" in result.output
+    assert "index needs image embeddings" in result.output, result.output  # it said "search needs"
     monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
     result = invoke(["index", folder], code=2)
     assert "pip install faiss-cpu" in result.output and "Traceback" not in result.output

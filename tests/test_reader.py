@@ -550,3 +550,38 @@ def test_a_tabular_input_from_a_pipe_is_refused_clearly(tmp_path):
         else:
             assert result.exit_code == 0, result.output
             assert _outcomes(tmp_path / fmt)[0] == ["http://127.0.0.1:1/a.jpg"]
+
+
+def test_a_resume_from_a_pipe_that_gives_other_rows_is_refused(tmp_path):
+    """A pipe has no size or content mark, so `run <(head -7 urls.txt)` into the folder where
+    `run <(head -6 urls.txt)` had finished its one shard said "nothing to do: all 1 shard(s)
+    were already complete", exit 0: the 7th row was in no output and the funnel counted 6
+    inputs. The rows read now are checked against each finished shard's row count."""
+    import os
+
+    urls = [f"http://127.0.0.1:1/{i}.jpg" for i in range(7)]
+    out = tmp_path / "out"
+
+    def from_pipe(lines, *more):  # on fd 63 each time, as bash's <(...) is: the same input name
+        read_end, write_end = os.pipe()
+        os.write(write_end, "".join(u + "\n" for u in lines).encode())
+        os.close(write_end)
+        os.dup2(read_end, 63)
+        os.close(read_end)
+        try:
+            return _cli("/dev/fd/63", "--input-format", "txt", "-o", str(out), *more)
+        finally:
+            os.close(63)
+
+    assert from_pipe(urls[:6]).exit_code == 0
+    assert from_pipe(urls[:6]).exit_code == 0  # the same rows: resumed, nothing to do
+    for lines, more in ((urls, ()), (urls[:3], ()), (urls[:6] * 2, ("--shard-size", "6"))):
+        if more:  # a run of two shards, then a pipe that gives the first one's rows only
+            out = tmp_path / "out-two"
+            assert from_pipe(lines, *more).exit_code == 0
+            lines = urls[:6]
+        result = from_pipe(lines, *more)
+        assert result.exit_code == 2, (len(lines), result.output)
+        assert "the input changed since the run" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert _outcomes(tmp_path / "out")[0] == urls[:6]  # the finished shard as it was

@@ -478,6 +478,10 @@ def test_more_bad_searches_are_one_line(tmp_path):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    # classify names itself, not search ("it has no image embeddings to search")
+    result = run_cli_here(["classify", "--from", str(tmp_path / "run"), "-o", str(tmp_path / "c"), "--class", "cat",
+                           "--device", "cpu", "--no-progress"])
+    assert result.returncode == 2 and "has no image embeddings to classify" in result.stderr, result.stderr
 
 
 @pytest.mark.gpu

@@ -173,7 +173,7 @@ def build_index(ds: Dataset, cfg: IndexConfig, progress: Progress | None = None,
     t0 = time.perf_counter()
     ds.require(("key", "status"), "index")
     ds.need_root("index")
-    reader = kept_reader(ds)
+    reader = kept_reader(ds, "index")
     if reader is None:
         raise DatasetError(nothing_kept(ds, "index"))
     n, dim = reader.rows, reader.dim

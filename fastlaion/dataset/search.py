@@ -117,7 +117,7 @@ def run_score_config(ds: Dataset, cfg: SearchConfig, what: str = "search") -> Sc
             saved = {}
         if saved.get("enabled") is False:
             raise DatasetError(f"{ds.root} was run without CLIP scoring (--no-score): it has no image embeddings "
-                               "to search")
+                               f"to {what}")
     model = cfg.model or saved.get("model")
     pretrained = cfg.pretrained or saved.get("pretrained")
     if (model is not None and not isinstance(model, str)) or (pretrained is not None and not isinstance(pretrained, str)):
@@ -250,11 +250,11 @@ def nothing_kept(ds: Dataset, what: str) -> str:
     return f"{ds.path} holds no kept samples ({ds.rows:,} rows): nothing to {what}"
 
 
-def kept_reader(ds: Dataset) -> EmbeddingReader | None:
-    """The kept samples' embeddings (None when there are none); raises DatasetError when the
-    dataset has no embedding files at all."""
+def kept_reader(ds: Dataset, what: str = "search") -> EmbeddingReader | None:
+    """The kept samples' embeddings (None when there are none); raises DatasetError, naming the
+    command `what`, when the dataset has no embedding files at all."""
     cand = collect(ds.scan().filter(pl.col("status") == KEPT).select(ds.sample_columns()))
-    return EmbeddingReader(ds, cand, "search") if cand.height else None
+    return EmbeddingReader(ds, cand, what) if cand.height else None
 
 
 def _rows_at(ds: Dataset, positions: list[int]) -> dict[int, dict[str, Any]]:
