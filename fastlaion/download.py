@@ -66,6 +66,7 @@ import os
 import re
 import socket
 import time
+import urllib.parse
 import urllib.robotparser
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -81,6 +82,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from fastlaion.config import ConfigError, DownloadConfig
+from fastlaion.ipv4 import ends_in_number, ipv4_number
 from fastlaion.robots_tag import agent_token, opt_out_directive
 
 if TYPE_CHECKING:
@@ -179,7 +181,20 @@ def _url_reason(parsed: URL) -> str | None:
         return INVALID_URL
     if port == 0:  # names no server: a connect to it fails as connection_error, retried as transient
         return INVALID_URL
+    if _numeric_non_address(host):
+        return INVALID_URL
     return None
+
+
+def _numeric_non_address(host: str) -> bool:
+    """Whether `host` ends in a number (or is digits and dots only) but is no IP address: no
+    host to browsers (WHATWG's IPv4 parser fails: `1.2.3.4.5`, `999.1.1.1`, `0x100000000`).
+    Refused rather than asked of DNS: aiohttp takes a host of digits and dots for an address
+    and hands it to getaddrinfo itself, past `GuardedResolver` (3.14 refuses one that is not
+    dotted-quad first; not every version the project allows does)."""
+    if not (host[-1] in _MAY_END_IN_NUMBER and (ends_in_number(host) or host.replace(".", "").isdigit())):
+        return False
+    return literal_ip(host) is None
 
 
 def is_transient(error: str | None) -> bool:
@@ -217,21 +232,29 @@ def is_public_address(ip: IPAddress) -> bool:
 
 
 _LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
+_MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")  # a host's last character, if it does
 
 
 def literal_ip(host: str) -> IPAddress | None:
     """The address a URL's host names literally, or None for a host name.
 
-    Also reads the legacy IPv4 forms that `inet_aton` (and so `getaddrinfo`) accepts, so that
-    `http://2130706433/` or `http://0x7f.1/` cannot pass for a host name.
+    Also reads the legacy IPv4 forms that WHATWG's URL parser (browsers: `ipv4.ipv4_number`)
+    and `inet_aton` (and so `getaddrinfo`) accept, so that `http://2130706433/`,
+    `http://0x7f.1/` or `http://127.0.0.1./` cannot pass for a host name.
 
     >>> literal_ip("2130706433"), literal_ip("::1"), literal_ip("example.com")
     (IPv4Address('127.0.0.1'), IPv6Address('::1'), None)
+    >>> literal_ip("0x7f.1."), literal_ip("1.2.3.4.5")
+    (IPv4Address('127.0.0.1'), None)
     """
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         pass
+    if "%" in host:  # browsers percent-decode a host first: `%31%32%37.1` is 127.0.0.1 to them
+        host = urllib.parse.unquote(host)
+    if host[-1:] in _MAY_END_IN_NUMBER and ends_in_number(host) and (number := ipv4_number(host)) is not None:
+        return ipaddress.IPv4Address(number)
     if _LEGACY_IPV4.fullmatch(host):
         try:
             return ipaddress.IPv4Address(socket.inet_aton(host))

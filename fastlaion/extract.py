@@ -61,9 +61,11 @@ non-ASCII host in punycode by UTS #46 (the idna package; one it refuses stays as
 port where it is the scheme's default (`:80`, `:443`) or empty; path, query, fragment and
 userinfo as written; a percent-encoded host is decoded first (`http://%65xample.com/`). So
 `HTTPS://Example.COM:443/a.jpg`, `http://Bücher.example/b.jpg` and
-`http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once.
-A host that the standard's host parser refuses (bytes that are not UTF-8 or a forbidden code
-point once decoded, an "xn--" label that is not punycode of a valid label: `_parse_host`) is
+`http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once;
+an IPv4 address in another spelling (`http://0x7f.1/`, `http://2130706433/`) is written in
+dotted decimal. A host that the standard's host parser refuses (bytes that are not UTF-8 or a
+forbidden code point once decoded, an "xn--" label that is not punycode of a valid label, a
+host ending in a number that is no IPv4 address: `_parse_host`) is
 invalid_url: no browser fetches it. The rules (long_host) measure the host as written; uid is
 computed from the URL as kept. page_url is written as found: it is no dedup key, and the
 relative srcs joined to it are folded after the join.
@@ -130,6 +132,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, oversubscribed, polars_io
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
+from .ipv4 import dotted, ends_in_number, ipv4_number
 from .lock import output_lock
 
 if TYPE_CHECKING:  # imported where an http(s) input is read: a local file does not need them
@@ -2344,7 +2347,8 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
     a, b = m.span(1)
     n = 5 if url[4] in "sS" else 4  # the scheme's length
     scheme, host, port = url[:n], url[a:b], m.group(2)
-    if port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host) and "%" not in host:
+    if (port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host) and "%" not in host
+            and not _numeric_end(host)):
         return url
     # (a host WHATWG's parser refuses, invalid_url to the rules, is kept as written: dedup's key)
     host = _fold_host(host) or host.translate(_ASCII_LOWER)
@@ -2366,8 +2370,16 @@ def _port_number(digits: str) -> int:
 
 
 # What sends a host to _parse_host rather than lower-casing it: a character outside printable
-# ASCII, a '%' (percent-decoding), a label starting with "xn--" (punycode to check)
+# ASCII, a '%' (percent-decoding), a label starting with "xn--" (punycode to check); also a host
+# that ends in a number (`_numeric_end`: an IPv4 address, in whatever spelling)
 _ODD_HOST = re.compile(r"[^\x21-\x7e]|%|(?:^|\.)[Xx][Nn]--")
+_MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")  # a host's last character, if it does
+
+
+def _numeric_end(host: str) -> bool:
+    """WHATWG's "ends in a number" on an ASCII host (ipv4.ends_in_number), a character's test
+    first: most hosts end in a letter no number holds."""
+    return host[-1] in _MAY_END_IN_NUMBER and ends_in_number(host)
 # WHATWG's forbidden domain code points (ASCII all, so checked after the UTS #46 mapping), and
 # what else _HTTP_URL refuses in a host written plainly ('"', "'", '{', '}', '`', whitespace):
 # decoded, they are no more a host to the rules than written so, and a kept URL stays one
@@ -2381,7 +2393,7 @@ def _fold_host(host: str) -> str | None:
     hosts are printable ASCII without '%' or an "xn--" label: lower case is all the parser
     does to them (its ASCII fast path); the others go to `_parse_host`. An IPv6 literal
     (`_HTTP_URL` lets only hex digits, ':' and '.' in) is put in lower case, as before."""
-    if host[0] == "[" or not _ODD_HOST.search(host):
+    if host[0] == "[" or not (_ODD_HOST.search(host) or _numeric_end(host)):
         return host.translate(_ASCII_LOWER)
     return _parse_host(host)
 
@@ -2399,10 +2411,14 @@ def _parse_host(host: str) -> str | None:
     written plainly (`a%22b`: '"', see _FORBIDDEN_DOMAIN), an "xn--" label that is not UTS #46 punycode (`_a_label_ok`),
     a label breaking the joiner or bidi rules, nothing left after mapping.
 
+    A host that ends in a number (its last label decimal, or "0x" hex) is an IPv4 address to
+    the parser, in any spelling inet_aton takes (`0x7f.1`, `2130706433`, `0177.0.0.1`,
+    `127.1`, `127.0.0.1.`: 127.0.0.1), written in dotted decimal; or, where its IPv4 parser
+    fails (`1.2.3.4.5`, `999.1.1.1`, `0x100000000`, `example.1`), no host (fastlaion/ipv4.py).
+
     Where it succeeds the ASCII form is `_idna_host`'s (the idna package; one idna refuses for
     IDNA 2008's or DNS's stricter rules, an emoji or '_', stays as decoded, ASCII letters in
-    lower case, as before). Not done: an IPv4 address spelled otherwise (`0x7f.1` for
-    127.0.0.1, which the parser rewrites) stays as written, decoded or not."""
+    lower case, as before)."""
     import idna
 
     if "%" in host:
@@ -2419,6 +2435,9 @@ def _parse_host(host: str) -> str | None:
             return None
     if not mapped or _FORBIDDEN_DOMAIN.search(mapped):
         return None
+    if ends_in_number(mapped):  # an IPv4 address, written as dotted decimal; or no host at all
+        number = ipv4_number(mapped)
+        return None if number is None else dotted(number)
     for label in mapped.split("."):
         if label[:4] == "xn--":
             if not _a_label_ok(label):

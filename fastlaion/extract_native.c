@@ -1208,14 +1208,46 @@ static int url_ok(const uint8_t *u, int64_t n, int64_t max_host, int64_t *host_a
     return p == n || u[p] == '/' || u[p] == '?' || u[p] == '#';
 }
 
+/* Whether a (printable ASCII) host is dotted decimal: four labels of 0-255 in decimal, without
+ * leading zeros, and no trailing dot (what WHATWG's parser writes an IPv4 address as). */
+static int dotted_decimal(const uint8_t *h, int64_t n) {
+    int labels = 0;
+    for (int64_t i = 0; i <= n; labels++) {
+        int64_t j = i;
+        int value = 0;
+        while (j < n && h[j] >= '0' && h[j] <= '9' && j - i < 3) value = value * 10 + (h[j++] - '0');
+        if (j == i || (j < n && h[j] != '.') || value > 255 || (h[i] == '0' && j - i > 1)) return 0;
+        i = j + 1;  /* past the dot; past the end after the last label */
+    }
+    return labels == 4 && h[n - 1] != '.';
+}
+
+/* WHATWG's "ends in a number" (ipv4.ends_in_number): the last label, one trailing dot aside,
+ * decimal digits, or "0x" and hex digits. */
+static int ends_in_number(const uint8_t *h, int64_t n) {
+    if (n > 1 && h[n - 1] == '.') n--;
+    int64_t s = n;
+    while (s > 0 && h[s - 1] != '.') s--;
+    if (s == n) return 0;
+    int64_t i = s;
+    if (n - s >= 2 && h[s] == '0' && (h[s + 1] | 0x20) == 'x') {
+        for (i = s + 2; i < n && ((h[i] >= '0' && h[i] <= '9') || ((h[i] | 0x20) >= 'a' && (h[i] | 0x20) <= 'f')); i++) {}
+    } else {
+        while (i < n && h[i] >= '0' && h[i] <= '9') i++;
+    }
+    return i == n;
+}
+
 /* Whether WHATWG's host parser does more to a (printable ASCII) host than lower-case it
- * (extract._ODD_HOST): a '%' to decode, a label starting with "xn--" to check as punycode. The
- * reference decides those (extract._parse_host: it may refuse the host, invalid_url). */
+ * (extract._ODD_HOST, extract._numeric_end): a '%' to decode, a label starting with "xn--" to
+ * check as punycode, an IPv4 address in another spelling than dotted decimal (`0x7f.1`,
+ * `01.2.3.4`, `127.1`; or no address: `1.2.3.4.5`). The reference decides those
+ * (extract._parse_host: it may refuse the host, invalid_url). */
 static int odd_host(const uint8_t *h, int64_t n) {
     if (memchr(h, '%', (size_t)n)) return 1;
     for (int64_t i = 0; i + 4 <= n; i++)
         if ((i == 0 || h[i - 1] == '.') && match_ci(h + i, "xn--", 4)) return 1;
-    return 0;
+    return ends_in_number(h, n) && !dotted_decimal(h, n);
 }
 
 static int starts(const uint8_t *s, int64_t n, const char *pre) {

@@ -37,14 +37,36 @@ _ODD_ALT = r"&(?:[^\t\n\x0c <&#;]|#[0-9xX])|[\x1c-\x1f]"
 _PY_SPACE = "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace() and c != 0x20)
 _NEEDS_FOLD = rf"^ | $|  |[{_PY_SPACE}]"  # " ".join(alt.split()) would change the alt
 _HARD = "hard"
+_LABELS = r"(?:[^/?#@:]*\.)?"  # any labels before the last one (each with its dot), or none
+# digits that are not 0-255 in decimal without a leading zero (dotted decimal's octets)
+_NOT_OCTET = r"(?:0[0-9]+|[0-9]{4,}|[3-9][0-9]{2}|2[6-9][0-9]|25[6-9])"
+_END = r"(?:[:/?#]|$)"
+# A host that ends in a number (WHATWG: an IPv4 address in another spelling, or no host) and is
+# not dotted decimal, which is all the parser writes it as: a trailing dot, a last label in hex,
+# a digits label that is no octet (a leading zero, over 255), a label before a digits last one
+# that is no octet (a letter, empty), fewer or more than four labels. No lookaround in Polars'
+# regex: the alternatives, of which the matches that are no such host are none.
+_NUMERIC_HOST = "|".join((
+    rf"{_LABELS}(?:[0-9]+|0[Xx][0-9A-Fa-f]*)\.{_END}",
+    rf"{_LABELS}0[Xx][0-9A-Fa-f]*{_END}",
+    rf"{_LABELS}{_NOT_OCTET}{_END}",
+    rf"{_LABELS}(?:[^/?#@:.]*[^0-9/?#@:.][^/?#@:.]*|{_NOT_OCTET}|)\.{_LABELS}[0-9]+{_END}",
+    rf"(?:[^/?#@:.]*\.){{0,2}}[0-9]+{_END}",
+    rf"(?:[^/?#@:.]*\.){{4,}}[0-9]+{_END}",
+))
+# A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST and _numeric_end, for
+# the printable ASCII URLs here): a '%' to decode, a label starting with "xn--" to check, an IPv4
+# address in another spelling than dotted decimal (`0x7f.1`, `01.2.3.4`; `1.2.3.4` stays here).
+# Rare: the reference decides (it may be invalid_url). A userinfo may match too: harmless.
+_ODD_HOST = (r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?"
+             rf"(?:[^/?#@:]*%|(?:[^/?#@:]*\.)?[Xx][Nn]--|{_NUMERIC_HOST})")
+
 # What fold_case may change in a URL: an upper-case letter in its scheme or authority (the host is
 # in there), a non-ASCII character in its authority (an IDN host: punycode), or a port (a default
-# or empty one goes, leading zeros go). A userinfo's ':' or an IPv6 literal's are not taken for a port.
-_TO_FOLD = r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*(?:[A-Z]|[^\x00-\x7f]|%|:[0-9]*(?:[/?#]|$)))"
-# A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST, for the printable
-# ASCII URLs here): a '%' to decode, a label starting with "xn--" to check. Rare: the reference
-# decides (it may be invalid_url). A '%' or "xn--" in a userinfo may match too: harmless.
-_ODD_HOST = r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?(?:[^/?#@:]*%|(?:[^/?#@:]*\.)?[Xx][Nn]--)"
+# or empty one goes, leading zeros go), or an IPv4 address in another spelling than dotted decimal.
+# A userinfo's ':' or an IPv6 literal's are not taken for a port.
+_TO_FOLD = (r"^(?:[A-Za-z]*[A-Z]|[A-Za-z]+://[^/?#]*(?:[A-Z]|[^\x00-\x7f]|%|:[0-9]*(?:[/?#]|$))"
+            rf"|[A-Za-z]+://(?:[^/?#@]*@)?(?:{_NUMERIC_HOST}))")
 
 
 def _url_pattern(max_host: int | None) -> str:

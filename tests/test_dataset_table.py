@@ -343,8 +343,8 @@ def test_a_second_dedup_keeps_the_first_ones_records(synth, tmp_path):
 def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
     """--by url and url+caption compare URLs as extraction writes them (extract.fold_case: a
     user's URL list may spell one URL `HTTP://A.com:80/x.jpg` and `http://a.com/x.jpg`): scheme
-    and host in lower case, an IDN host in punycode, a percent-encoded one decoded, no default or
-    empty port; the path, userinfo and a non-default port stay, and the url column is written as
+    and host in lower case, an IDN host in punycode, a percent-encoded one decoded, an IPv4
+    address in dotted decimal, no default or empty port; the path, userinfo and a non-default port stay, and the url column is written as
     it was."""
     import random
 
@@ -367,6 +367,10 @@ def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
         # percent-encoded hosts decoded, as WHATWG's host parser does; one it refuses as written, lower case
         ("http://%61.com/x.jpg", "c", "kept", 0), ("http://b%C3%BCcher.DE/x", "c", "kept", 9),
         ("http://%FF.de/x", "c", "kept", None), ("http://%ff.DE:80/x", "c", "kept", 28),
+        # an IPv4 address in another spelling is its dotted decimal (lower case, no port: still found)
+        ("http://127.0.0.1/x", "c", "kept", None), ("http://0x7f.1/x", "c", "kept", 30),
+        ("http://2130706433/x", "c", "kept", 30), ("http://u@127.1/x", "c", "kept", None),
+        ("http://u@0177.0.0.1/x", "c", "kept", 33),
     ]
     rng = random.Random(3)
     generated = []  # case variants of a few URLs, kept: the reference is fold_case in Python

@@ -1307,6 +1307,55 @@ def test_literal_ip_reads_legacy_ipv4_forms():
     assert literal_ip("images.example.com") is None and literal_ip("cafe.de") is None
 
 
+# IPv4 spellings WHATWG's parser (browsers) and inet_aton read as a private address: 127.0.0.1
+# (hex, one number, octal, two parts, a trailing dot, percent-encoded digits: `%31%32%37` is
+# "127"), 169.254.169.254 (octal 0251 = 169, 0376 = 254; IPv4-mapped IPv6), 10.0.0.1.
+ODD_PRIVATE_SPELLINGS = [
+    "http://0x7f.1/x.jpg", "http://2130706433/x.jpg", "http://0251.0376.0251.0376/latest/meta-data/",
+    "http://[::ffff:169.254.169.254]/latest/meta-data/", "http://127.1/x.jpg", "http://127.0.0.1./x.jpg",
+    "http://0x7f.1./x.jpg", "http://0X7F.0.0.1/x.jpg", "http://%31%32%37.0.0.1/x.jpg",
+    "http://0xa.0.0.1/x.jpg", "http://0xA9FEA9FE/latest/meta-data/", "http://169.254.43518/latest/meta-data/",
+]
+
+
+@pytest.mark.parametrize("url", ODD_PRIVATE_SPELLINGS)
+def test_odd_ipv4_spellings_of_private_addresses_are_refused_before_any_lookup(url):
+    """No lookup and no connection (the stub resolver counts lookups; only_loopback_connections
+    fails the test on a connection to anything but loopback)."""
+    resolver = StubResolver()
+    got = fetch(url, allow_private_networks=False, downloader_args={"resolver": resolver})
+    assert (got.error, got.attempts, got.http_status) == ("private_address", 0, None), got
+    assert not resolver.calls
+
+
+@pytest.mark.parametrize("url", [
+    "http://1.2.3.4.5/x.jpg", "http://999.1.1.1/x.jpg", "http://0x100000000/x.jpg", "http://4294967296/x.jpg",
+    "http://256.0.0.1./x.jpg", "http://1.2.3.08/x.jpg", "http://example.0x1g.1/x.jpg", "http://1..2/x.jpg",
+])
+def test_hosts_ending_in_a_number_that_is_no_address_are_invalid_before_any_lookup(url):
+    """No host to browsers (WHATWG's IPv4 parser fails), and not to be asked of DNS either:
+    aiohttp takes a host of digits and dots for an address, and lets getaddrinfo resolve it
+    past GuardedResolver."""
+    resolver = StubResolver()
+    got = fetch(url, allow_private_networks=False, downloader_args={"resolver": resolver})
+    assert (got.error, got.attempts, got.http_status) == ("invalid_url", 0, None), got
+    assert not resolver.calls
+    assert validate_url(url) == "invalid_url"
+
+
+def test_redirect_hops_to_odd_ipv4_spellings_are_refused(served):
+    """As test_redirect_hops_to_private_addresses_are_refused: 127.0.0.1 plays the public
+    internet; each odd spelling of a private address, as a redirect's target, is refused."""
+    server, _ = served
+    resolver = StubResolver({"public.test": ["127.0.0.1"]})
+    args = {"resolver": resolver, "allow_address": lambda ip: ip == ipaddress.IPv4Address("127.0.0.1")}
+    for target in ODD_PRIVATE_SPELLINGS[2:4] + ["http://127.0.0.2./", "http://0x7f.2/", "http://0xa.1/"]:
+        got = fetch(f"http://public.test:{server.port}/t/to?url={target}", allow_private_networks=False,
+                    downloader_args=args)
+        assert (got.error, got.http_status, got.attempts) == ("private_address", 302, 1), (target, got)
+    assert set(resolver.calls) == {"public.test"}
+
+
 def test_redirect_hops_to_private_addresses_are_refused(served):
     """127.0.0.1 plays the public internet here; every hop is checked, literal or resolved."""
     server, _ = served

@@ -175,7 +175,16 @@ _FOLD_HOSTS = [("img.example.com", "img.example.com"), ("bücher.example", "xn--
                ("%FF.example", None), ("a%25b.example", None), ("a%2Fb.example", None), ("a%zz.example", None),
                ("%E2%80%8D.example", None),  # a lone zero width joiner (CheckJoiners)
                ("xn--a.example", None), ("xn--zz.example", None), ("xn--abc-.example", None), ("a.xn--.example", None),
-               ("xn--1ug.example", None)]  # punycode of that joiner
+               ("xn--1ug.example", None),  # punycode of that joiner
+               # IPv4 addresses (WHATWG's IPv4 parser, by hand): dotted decimal, other spellings, none
+               ("127.0.0.1", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("2130706433", "127.0.0.1"),
+               ("0177.0.0.1", "127.0.0.1"), ("127.1", "127.0.0.1"), ("%31%32%37.1", "127.0.0.1"),
+               ("0xc0.0250.01.", "192.168.0.1"), ("1.2.3.4.5", None), ("0x100000000", None), ("999.1.1.1", None),
+               ("example.1", None)]
+# the hosts above the C rules leave to the reference though they are printable ASCII without '%'
+# or "xn--": an IPv4 address not in dotted decimal, or no address
+_IPV4_ELSE = {"0x7f.1", "2130706433", "0177.0.0.1", "127.1", "0xc0.0250.01.", "1.2.3.4.5", "0x100000000",
+              "999.1.1.1", "example.1"}
 
 
 def _spelled(rng: random.Random, text: str) -> str:
@@ -219,14 +228,15 @@ def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple
                 refused += 1
             else:
                 expected.add((f"{scheme}://{folded}{port_folded}{path}", alt))
-            in_c += host.isascii() and "%" not in host and "xn--" not in host
+            in_c += host.isascii() and "%" not in host and "xn--" not in host and host not in _IPV4_ELSE
         recs.append(wat_record(f"https://site.example/{i}", links))
     return recs + [ending()], expected, refused, in_c
 
 
 def test_ports_and_idn_hosts_fold_alike_on_every_path(tmp_path, monkeypatch):
     """Many spellings of a few URLs (scheme and host case, default, empty and zero-padded ports,
-    IDN hosts in Unicode, punycode or percent-encoded, ASCII hosts percent-encoded), absolute and
+    IDN hosts in Unicode, punycode or percent-encoded, ASCII hosts percent-encoded, IPv4
+    addresses in several spellings), absolute and
     relative to page URLs so spelled, and hosts WHATWG's parser refuses (percent-decoding to
     bytes that are not UTF-8 or to a forbidden code point, "xn--" labels that are not punycode
     of a valid label): the C rules, extract_vec and the reference (`_check_link` on every link)
