@@ -75,6 +75,20 @@ out_console: Any = _LazyConsole(emoji=False)
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
 
+@contextmanager
+def lines_on_stderr(on: bool = True) -> Iterator[None]:
+    """The command's own lines (out_console's) on stderr while the block runs, `on`: where stdout
+    is a JSON document (`stats --json -`), which a pipe into jq reads alone."""
+    global out_console
+    saved = out_console
+    if on:
+        out_console = console
+    try:
+        yield
+    finally:
+        out_console = saved
+
+
 def _command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`@app.command(name)`, the command built from the function when first looked up."""
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -118,8 +118,10 @@ def _interrupted(written: list[Path], what: str, before: str = NOT_REPLACED, the
     """cli.user_errors' message for a Ctrl-C: `before` until the command's output is whole in
     place, then "`what` written, whole, to" it and `then`, `what` saying what and a verb ("the
     subset was"; `written` gets the folder or file then: the dataset functions' `written` callback
-    is its append)."""
-    return lambda: f"{what} written, whole, to {written[0]}{then}" if written else before
+    is its append; `-` is told as stdout)."""
+    from .dataset.output import shown
+
+    return lambda: f"{what} written, whole, to {shown(written[0])}{then}" if written else before
 
 
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
@@ -242,7 +244,7 @@ MAX_THUMBNAILS = 10_000  # in one HTML page, each a data: URI
 def stats_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write one self-contained HTML page: plots and a grid of sample thumbnails.", show_default=False)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON; - writes them to stdout (the tables then go to stderr).", show_default=False)] = None,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
     thumbnails: Annotated[int, typer.Option(help=f"Sample thumbnails in the HTML page (at most {MAX_THUMBNAILS:,}).")] = 48,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (reading the thumbnails' tars).")] = True,
@@ -251,7 +253,7 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
+    from .dataset.output import check_writable_file, is_stdout, refuse_a_dataset_file, shown, write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -261,11 +263,12 @@ def stats_cmd(
     def interrupted() -> str:
         if not written:
             return "nothing was written"
-        left = [str(p) for p in (json_path, html) if p is not None and p not in written]
-        return (f"{' and '.join(map(str, written))} {'was' if len(written) == 1 else 'were'} written, whole"
+        left = [shown(p) for p in (json_path, html) if p is not None and p not in written]
+        return (f"{' and '.join(map(shown, written))} {'was' if len(written) == 1 else 'were'} written, whole"
                 + (f"; {' and '.join(left)} was not" if left else ""))
 
-    with _cli().user_errors(bar, interrupted):
+    # `--json -`: stdout is the JSON alone, the tables on stderr
+    with _cli().lines_on_stderr(is_stdout(json_path)), _cli().user_errors(bar, interrupted):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if not 0 <= thumbnails <= MAX_THUMBNAILS:  # 10^12 was an OverflowError traceback from Polars
@@ -403,7 +406,7 @@ def search_cmd(
     model: Annotated[Optional[str], typer.Option(help="open_clip architecture for the queries; default: the one the run scored with (its config.json).", show_default=False)] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (where the queries are embedded).")] = "auto",
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON; - writes it to stdout (the hits' lines then go to stderr).", show_default=False)] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Compare every embedding even where `fastlaion index` built an index.")] = False,
     probes: Annotated[int, typer.Option(help="With an index: how many of its cells a query reads; more finds more of the exact answer, slower. 0: a sixteenth of them.")] = 0,
     rerank: Annotated[int, typer.Option(help="With an index of --pq codes: how many candidates a query takes by the codes' approximate cosines and ranks again by their stored embeddings; more finds more of the exact answer, slower. 0: 50 x k, at least 1,000.")] = 0,
@@ -415,7 +418,7 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
+    from .dataset.output import check_writable_file, is_stdout, refuse_a_dataset_file, shown, write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -424,7 +427,9 @@ def search_cmd(
                + [Query("vector", str(p)) for p in vector or []])
     written: list[Path] = []  # --json's file, once it is whole in place
     # the hits are printed inside too: a Ctrl-C while they print is told what was written
-    with _cli().user_errors(bar, _interrupted(written, "the hits were", "nothing was written")):
+    # `--json -`: stdout is the JSON alone, the hits' lines on stderr
+    with _cli().lines_on_stderr(is_stdout(json_path)), \
+            _cli().user_errors(bar, _interrupted(written, "the hits were", "nothing was written")):
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
@@ -457,7 +462,7 @@ def search_cmd(
         if result.unreadable_samples:
             _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
         if json_path is not None:
-            _say(f"hits written to {json_path}")
+            _say(f"hits written to {shown(json_path)}")
         _skipped_line(result.skipped_files)
 
 
