@@ -274,6 +274,18 @@ class DownloadConfig:
         positive("--timeout", self.timeout_s)
         positive("--connect-timeout", self.connect_timeout_s)
         positive("--read-timeout", self.read_timeout_s)
+        # --timeout bounds the whole attempt: a phase timeout asked above it is never reached (a
+        # default one above a lowered --timeout was not asked for: the deadline comes first)
+        above = [f"{flag} {value:g}" for flag, value, default in (
+            ("--connect-timeout", self.connect_timeout_s, DownloadConfig.connect_timeout_s),
+            ("--read-timeout", self.read_timeout_s, DownloadConfig.read_timeout_s),
+        ) if value > self.timeout_s and value != default]
+        if above:
+            they = len(above) > 1
+            raise ConfigError(f"{' and '.join(above)} {'are' if they else 'is'} above --timeout {self.timeout_s:g}, the "
+                              "deadline of the whole attempt (connect, headers and body), so "
+                              f"{'they' if they else 'it'} would never be reached; raise --timeout or lower "
+                              + " and ".join(a.split()[0] for a in above))
         positive("--max-bytes", self.max_bytes)
         at_least("--retries", self.retries, 0)
         at_least("--backoff", self.backoff_s, 0)

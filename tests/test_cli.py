@@ -206,6 +206,39 @@ def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, mess
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--connect-timeout", "20", "--timeout", "5"],
+     "--connect-timeout 20 is above --timeout 5, the deadline of the whole attempt (connect, headers and body), "
+     "so it would never be reached; raise --timeout or lower --connect-timeout"),
+    (["--read-timeout", "12.5"],  # above the default --timeout 10
+     "--read-timeout 12.5 is above --timeout 10, the deadline of the whole attempt (connect, headers and body), "
+     "so it would never be reached; raise --timeout or lower --read-timeout"),
+    (["--timeout", "2", "--connect-timeout", "3", "--read-timeout", "4"],
+     "--connect-timeout 3 and --read-timeout 4 are above --timeout 2, the deadline of the whole attempt (connect, "
+     "headers and body), so they would never be reached; raise --timeout or lower --connect-timeout and "
+     "--read-timeout"),
+])
+def test_a_timeout_above_the_whole_attempts_deadline_is_refused(tmp_path, args, message):
+    """--timeout bounds the whole attempt: `--connect-timeout 20 --timeout 5` ran, silently
+    cutting every connect at 5 s. Refused in one line naming both, exit 2, nothing written."""
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = invoke_cli(["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-progress", "--no-score",
+                         "--no-language", *args], env={"COLUMNS": "300"})
+    assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_timeout_under_the_default_phase_timeouts_runs(tmp_path):
+    """--timeout 3 alone is below the default --connect-timeout and --read-timeout (5 s): those
+    were not asked for, so the deadline simply comes first; as are phase timeouts equal to it."""
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    for i, args in enumerate((["--timeout", "3"], ["--timeout", "6", "--connect-timeout", "6", "--read-timeout", "6"])):
+        result = invoke_cli(["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / f"o{i}"), "--no-progress",
+                             "--no-score", "--no-language", *args])
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / f"o{i}" / "00000_stats.json").is_file()
+
+
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path):
     for args in (["--shard-size", "ten"], ["--resize-mode", "stretch"], ["--input-format", "xml"]):
         result = runner.invoke(app, ["run", "x.csv", "-o", str(tmp_path), *args])
