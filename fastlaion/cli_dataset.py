@@ -193,7 +193,7 @@ def dedup_cmd(
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
     device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,
     method: Annotated[str, typer.Option(help="--by embedding: exact (every pair, time growing as samples squared: about a minute for 10^5 samples on 2 cores, some two hours for 10^6), clusters (SemDeDup-style: only pairs inside one k-means cluster; about 1.5 minutes for 10^6 samples on 2 cores, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
-    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
+    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters (or auto, where it clusters; a warning says when it does not): how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
     threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
