@@ -150,6 +150,7 @@ def subset_cmd(
     """Select a subset of a dataset: LAION's recipes (en, multi, nolang, laion400m, high-res,
     aesthetic-v1, art, aesthetic-v2 --min X) and/or a --where condition. Writes OUTPUT/metadata.parquet
     (the matching samples, every column) and dataset.json; --shards and --urls add tars and a URL list."""
+    from .dataset.output import check_output_folder
     from .dataset.subset import subset
 
     _cli()._setup_logging(verbose)
@@ -160,6 +161,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
+        check_output_folder(output)  # before the work, not after it
         ds = _open(source, allow_empty=True, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar, written.append)
         bar.stop()
@@ -203,6 +205,7 @@ def dedup_cmd(
     duplicate_url_caption), with duplicate_of = the key they repeat. Every row is written to
     OUTPUT/metadata.parquet: nothing is lost."""
     from .dataset.dedup import dedup
+    from .dataset.output import check_output_folder
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
@@ -212,6 +215,7 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
+        check_output_folder(output)  # before the work, not after it
         ds = _open(source, allow_empty=True,
                    needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding) else None)
         result = dedup(ds, output, cfg, bar, written.append)
@@ -532,6 +536,7 @@ def classify_cmd(
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
     from .config import ConfigError
     from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
+    from .dataset.output import check_output_folder
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
@@ -552,6 +557,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
+        check_output_folder(output)  # before the work (the model's loading), not after it
         ds = _open(source, allow_empty=True, needs_root="classify")
         result = classify(ds, output, cfg, bar, written.append)
         bar.stop()

@@ -65,6 +65,18 @@ def at_least(flag: str, value: float, minimum: float) -> None:
     finite(flag, value)
 
 
+def no_file_above(flag: str, folder: Path | str) -> None:
+    """Refuse an output folder to be made under a file (`-o notes.txt/out`): mkdir's
+    NotADirectoryError was an OS error, exit 1, where every other bad path is bad input, exit 2.
+    Called before the command's work; `folder` itself being a file is each command's own check."""
+    folder = Path(folder)
+    for above in folder.parents:  # the nearest that exists: a folder, or a file in the way
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"{flag} {folder}: {above} is a file, not a folder")
+            return
+
+
 def positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be positive, got {value}")

@@ -880,14 +880,15 @@ def test_crawl_files_without_a_crawl_is_refused_and_does_not_stop_a_resume(tmp_p
 
 def test_an_output_path_through_a_file_names_the_file(tmp_path):
     """`-o notes.txt/out`: the OS says "Not a directory: notes.txt/out"; the line names the part
-    that is a file. The run stops before any download (its input is never fetched)."""
+    that is a file. The run stops before any download (its input is never fetched), as bad input
+    (exit 2; it was 1, an OS error: test_an_output_folder_under_a_file_is_bad_input)."""
     (tmp_path / "notes.txt").write_text("a file\n")
     inp = tmp_path / "in.txt"
     inp.write_text("http://127.0.0.1:9/never.jpg\n")
     out = tmp_path / "notes.txt" / "out" / "deeper"
     result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--no-progress"])
-    assert result.exit_code == 1
-    assert result.output.strip() == f"error: {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --output {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
 @pytest.mark.parametrize("args, named", [
@@ -1110,6 +1111,32 @@ def _one_parquet(tmp_path) -> Path:
     pl.DataFrame({"url": ["http://a.example/x.jpg", "http://a.example/y.jpg"], "caption": ["a cat", "a dog"],
                   "status": ["kept", "kept"], "key": ["000000000", "000000001"]}).write_parquet(src)
     return src
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["run", "{tmp}/in.txt", "--no-score", "--no-language"], "--output"),
+    (["demo"], "--output"),
+    (["extract", "{tmp}/in.warc"], "--output"),
+    (["subset", "--from", "{tmp}/rows.parquet", "--where", "true"], "-o"),
+    (["dedup", "--from", "{tmp}/rows.parquet", "--by", "url"], "-o"),
+    (["classify", "--from", "{tmp}/rows.parquet", "--class", "cat"], "-o"),
+])
+@pytest.mark.parametrize("under", ["notes.txt/out", "notes.txt/out/deeper"])
+def test_an_output_folder_under_a_file_is_bad_input(tmp_path, command, flag, under):
+    """`-o notes.txt/out`, notes.txt a file: mkdir's NotADirectoryError made it exit 1, an OS
+    error, where `-o notes.txt` and every other bad path exit 2 (bad input). Now exit 2 in one line
+    naming the option and the file in the way, before any work (classify loaded its model first)."""
+    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "in.warc").write_bytes(b"")
+    _one_parquet(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / under
+    result = invoke_cli([a.format(tmp=tmp_path) for a in command] + ["-o", str(out), "--no-progress"],
+                        env={"COLUMNS": "300"})
+    assert (result.returncode, result.stderr) == (2, f"error: {flag} {out}: {tmp_path / 'notes.txt'} is a file, "
+                                                     "not a folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "notes.txt").read_text() == "a file"
 
 
 @pytest.mark.parametrize("module, sig", [("typer", "SIGINT"), ("fastlaion.cli_dataset", "SIGINT"),

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..config import no_file_above
 from ..interrupt import ctrl_c_deferred
 from ..writer import SUMMARY_FILE, shard_files
 from .source import (MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset, DatasetError,
@@ -244,8 +245,7 @@ class OutputDir(Staging):
     def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None,
                  command: str | None = None):
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise DatasetError(f"-o {out}: exists and is not a folder")
+        check_output_folder(out)
         src_dir = source.path if source.path.is_dir() else source.path.parent
         if out.exists() and out.resolve() in (src_dir.resolve(), source.root.resolve()):
             raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
@@ -280,6 +280,14 @@ class OutputDir(Staging):
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""
         result.seconds = round(time.perf_counter() - started, 3)
         self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse, before the command's work, an -o that is a file or under one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"-o {out}: exists and is not a folder")
+    no_file_above("-o", out)
 
 
 def check_writable_file(flag: str, path: Path) -> None:
@@ -390,5 +398,5 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "STDOUT", "check_writable_file", "is_stdout",
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "STDOUT", "check_output_folder", "check_writable_file", "is_stdout",
            "refuse_a_dataset_file", "shown", "write_whole"]
