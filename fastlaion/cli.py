@@ -75,6 +75,20 @@ out_console: Any = _LazyConsole(emoji=False)
 _D = RunConfig(output_dir="")  # the defaults, shown in --help
 
 
+@contextmanager
+def lines_on_stderr(on: bool = True) -> Iterator[None]:
+    """The command's own lines (out_console's) on stderr while the block runs, `on`: where stdout
+    is a JSON document (`stats --json -`), which a pipe into jq reads alone."""
+    global out_console
+    saved = out_console
+    if on:
+        out_console = console
+    try:
+        yield
+    finally:
+        out_console = saved
+
+
 def _command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`@app.command(name)`, the command built from the function when first looked up."""
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -278,8 +292,23 @@ def execute(cfg: RunConfig, show_progress: bool = True) -> Any:
     from .pipeline import run
 
     bar = BarProgress(console.real, show_progress)
-    with user_errors(bar, "finished shards are kept; rerun the same command to resume"):
+    with user_errors(bar, lambda: _shards_kept(Path(cfg.output_dir), bar.shards_total)):
         return run(cfg, bar)
+
+
+def _shards_kept(out: Path, total: int | None) -> str:
+    """What a Ctrl-C of a run leaves: how many of its `total` shards (None: not counted yet, the
+    input still being read) are finished, as a rerun finds them on disk (their worker processes
+    may have finished one that this process was not told of yet)."""
+    from .writer import kept_shards
+
+    done = len(kept_shards(out))
+    if total is None:
+        said = "no shard is finished yet" if not done else f"{done:,} finished shard(s) are kept"
+    else:
+        said = (f"{done:,} of {total:,} shard{'s' * (total != 1)} {'is' if done == 1 else 'are'} finished and "
+                "kept")
+    return f"{said}; rerun the same command to resume"
 
 
 @_command("run")

@@ -118,8 +118,10 @@ def _interrupted(written: list[Path], what: str, before: str = NOT_REPLACED, the
     """cli.user_errors' message for a Ctrl-C: `before` until the command's output is whole in
     place, then "`what` written, whole, to" it and `then`, `what` saying what and a verb ("the
     subset was"; `written` gets the folder or file then: the dataset functions' `written` callback
-    is its append)."""
-    return lambda: f"{what} written, whole, to {written[0]}{then}" if written else before
+    is its append; `-` is told as stdout)."""
+    from .dataset.output import shown
+
+    return lambda: f"{what} written, whole, to {shown(written[0])}{then}" if written else before
 
 
 def _skipped_line(skipped: list[dict[str, str]]) -> None:
@@ -148,6 +150,7 @@ def subset_cmd(
     """Select a subset of a dataset: LAION's recipes (en, multi, nolang, laion400m, high-res,
     aesthetic-v1, art, aesthetic-v2 --min X) and/or a --where condition. Writes OUTPUT/metadata.parquet
     (the matching samples, every column) and dataset.json; --shards and --urls add tars and a URL list."""
+    from .dataset.output import check_output_folder
     from .dataset.subset import subset
 
     _cli()._setup_logging(verbose)
@@ -158,6 +161,7 @@ def subset_cmd(
         cfg = SubsetConfig(recipe=name, minimum=minimum, where=where, include_dropped=include_dropped, shards=shards,
                            shard_size=shard_size, urls=urls)
         cfg.validate()
+        check_output_folder(output)  # before the work, not after it
         ds = _open(source, allow_empty=True, needs_root="subset --shards" if shards else None)
         result = subset(ds, output, cfg, bar, written.append)
         bar.stop()
@@ -191,7 +195,7 @@ def dedup_cmd(
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
     device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,
     method: Annotated[str, typer.Option(help="--by embedding: exact (every pair, time growing as samples squared: about a minute for 10^5 samples on 2 cores, some two hours for 10^6), clusters (SemDeDup-style: only pairs inside one k-means cluster; about 1.5 minutes for 10^6 samples on 2 cores, bounded memory, can miss a pair split across clusters) or auto (exact up to 100,000 samples on a CPU / 1,000,000 on CUDA, else clusters).")] = _DD.method,
-    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters: how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
+    clusters: Annotated[int, typer.Option(help="--by embedding --method clusters (or auto, where it clusters; a warning says when it does not): how many k-means clusters; 0 = about sqrt(2 x samples). The summary estimates the share of pairs split across clusters (never compared); try another count, or --method exact, if it is high.")] = _DD.clusters,
     threads: Annotated[int, typer.Option(help="--by phash: decode threads; 0 = one per core.")] = _DD.threads,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -201,6 +205,7 @@ def dedup_cmd(
     duplicate_url_caption), with duplicate_of = the key they repeat. Every row is written to
     OUTPUT/metadata.parquet: nothing is lost."""
     from .dataset.dedup import dedup
+    from .dataset.output import check_output_folder
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
@@ -210,6 +215,7 @@ def dedup_cmd(
         cfg = DedupConfig(by=by, max_hamming_bits=max_hamming, min_cosine=min_cosine, device=device, threads=threads,
                           method=method, clusters=clusters)
         cfg.validate()
+        check_output_folder(output)  # before the work, not after it
         ds = _open(source, allow_empty=True,
                    needs_root=f"dedup --by {by.value}" if by in (DedupBy.phash, DedupBy.embedding) else None)
         result = dedup(ds, output, cfg, bar, written.append)
@@ -242,7 +248,7 @@ MAX_THUMBNAILS = 10_000  # in one HTML page, each a data: URI
 def stats_cmd(
     source: Annotated[Path, typer.Argument(metavar="OUT", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write one self-contained HTML page: plots and a grid of sample thumbnails.", show_default=False)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON; - writes them to stdout (the tables then go to stderr).", show_default=False)] = None,
     bins: Annotated[int, typer.Option(help="Histogram bins.")] = 20,
     thumbnails: Annotated[int, typer.Option(help=f"Sample thumbnails in the HTML page (at most {MAX_THUMBNAILS:,}).")] = 48,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (reading the thumbnails' tars).")] = True,
@@ -251,7 +257,7 @@ def stats_cmd(
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
     from .config import ConfigError
-    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
+    from .dataset.output import check_writable_file, is_stdout, refuse_a_dataset_file, shown, write_whole
     from .dataset.stats import compute_stats
 
     _cli()._setup_logging(verbose)
@@ -261,11 +267,12 @@ def stats_cmd(
     def interrupted() -> str:
         if not written:
             return "nothing was written"
-        left = [str(p) for p in (json_path, html) if p is not None and p not in written]
-        return (f"{' and '.join(map(str, written))} {'was' if len(written) == 1 else 'were'} written, whole"
+        left = [shown(p) for p in (json_path, html) if p is not None and p not in written]
+        return (f"{' and '.join(map(shown, written))} {'was' if len(written) == 1 else 'were'} written, whole"
                 + (f"; {' and '.join(left)} was not" if left else ""))
 
-    with _cli().user_errors(bar, interrupted):
+    # `--json -`: stdout is the JSON alone, the tables on stderr
+    with _cli().lines_on_stderr(is_stdout(json_path)), _cli().user_errors(bar, interrupted):
         if not 1 <= bins <= 200:
             raise ConfigError(f"--bins must be between 1 and 200, got {bins}")
         if not 0 <= thumbnails <= MAX_THUMBNAILS:  # 10^12 was an OverflowError traceback from Polars
@@ -403,7 +410,7 @@ def search_cmd(
     model: Annotated[Optional[str], typer.Option(help="open_clip architecture for the queries; default: the one the run scored with (its config.json).", show_default=False)] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (where the queries are embedded).")] = "auto",
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every hit (rank, similarity, key, url, caption) as JSON; - writes it to stdout (the hits' lines then go to stderr).", show_default=False)] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Compare every embedding even where `fastlaion index` built an index.")] = False,
     probes: Annotated[int, typer.Option(help="With an index: how many of its cells a query reads; more finds more of the exact answer, slower. 0: a sixteenth of them.")] = 0,
     rerank: Annotated[int, typer.Option(help="With an index of --pq codes: how many candidates a query takes by the codes' approximate cosines and ranks again by their stored embeddings; more finds more of the exact answer, slower. 0: 50 x k, at least 1,000.")] = 0,
@@ -415,7 +422,7 @@ def search_cmd(
     it (exact cosine, shard by shard), or, where `fastlaion index` built an index that matches the
     dataset, the samples in the index's cells nearest the query (fast; may miss a few). Prints the
     k best per query."""
-    from .dataset.output import check_writable_file, refuse_a_dataset_file, write_whole
+    from .dataset.output import check_writable_file, is_stdout, refuse_a_dataset_file, shown, write_whole
     from .dataset.search import Query, SearchConfig, run_search
 
     _cli()._setup_logging(verbose)
@@ -424,7 +431,9 @@ def search_cmd(
                + [Query("vector", str(p)) for p in vector or []])
     written: list[Path] = []  # --json's file, once it is whole in place
     # the hits are printed inside too: a Ctrl-C while they print is told what was written
-    with _cli().user_errors(bar, _interrupted(written, "the hits were", "nothing was written")):
+    # `--json -`: stdout is the JSON alone, the hits' lines on stderr
+    with _cli().lines_on_stderr(is_stdout(json_path)), \
+            _cli().user_errors(bar, _interrupted(written, "the hits were", "nothing was written")):
         cfg = SearchConfig(k=k, model=model, pretrained=pretrained, device=device, exact=exact, probes=probes,
                            rerank=rerank)
         cfg.validate()
@@ -457,7 +466,7 @@ def search_cmd(
         if result.unreadable_samples:
             _say(f"{result.unreadable_samples:,} kept samples had no readable embedding and were not searched")
         if json_path is not None:
-            _say(f"hits written to {json_path}")
+            _say(f"hits written to {shown(json_path)}")
         _skipped_line(result.skipped_files)
 
 
@@ -527,6 +536,7 @@ def classify_cmd(
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
     from .config import ConfigError
     from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
+    from .dataset.output import check_output_folder
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
@@ -547,6 +557,7 @@ def classify_cmd(
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
+        check_output_folder(output)  # before the work (the model's loading), not after it
         ds = _open(source, allow_empty=True, needs_root="classify")
         result = classify(ds, output, cfg, bar, written.append)
         bar.stop()

@@ -61,6 +61,7 @@ class BarProgress:
         self.bar = Bar(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                             TimeElapsedColumn(), _StageColumn(), console=console, disable=not enabled)
         self.task: Any = None
+        self.shards_total: int | None = None  # once the input is read and the run starts
         self.rows = self.kept = 0
         self.stage_rows: dict[str, int] = {}
         self.stage_busy: dict[str, float] = {}
@@ -77,6 +78,7 @@ class BarProgress:
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
         self.reading.stop()
+        self.shards_total = shards_total
         if shards_done:
             self.console.print(f"resuming: {shards_done} of {shards_total} shards already complete, skipped")
         self.bar.start()

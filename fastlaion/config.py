@@ -65,6 +65,18 @@ def at_least(flag: str, value: float, minimum: float) -> None:
     finite(flag, value)
 
 
+def no_file_above(flag: str, folder: Path | str) -> None:
+    """Refuse an output folder to be made under a file (`-o notes.txt/out`): mkdir's
+    NotADirectoryError was an OS error, exit 1, where every other bad path is bad input, exit 2.
+    Called before the command's work; `folder` itself being a file is each command's own check."""
+    folder = Path(folder)
+    for above in folder.parents:  # the nearest that exists: a folder, or a file in the way
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"{flag} {folder}: {above} is a file, not a folder")
+            return
+
+
 def positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be positive, got {value}")
@@ -274,6 +286,18 @@ class DownloadConfig:
         positive("--timeout", self.timeout_s)
         positive("--connect-timeout", self.connect_timeout_s)
         positive("--read-timeout", self.read_timeout_s)
+        # --timeout bounds the whole attempt: a phase timeout asked above it is never reached (a
+        # default one above a lowered --timeout was not asked for: the deadline comes first)
+        above = [f"{flag} {value:g}" for flag, value, default in (
+            ("--connect-timeout", self.connect_timeout_s, DownloadConfig.connect_timeout_s),
+            ("--read-timeout", self.read_timeout_s, DownloadConfig.read_timeout_s),
+        ) if value > self.timeout_s and value != default]
+        if above:
+            they = len(above) > 1
+            raise ConfigError(f"{' and '.join(above)} {'are' if they else 'is'} above --timeout {self.timeout_s:g}, the "
+                              "deadline of the whole attempt (connect, headers and body), so "
+                              f"{'they' if they else 'it'} would never be reached; raise --timeout or lower "
+                              + " and ".join(a.split()[0] for a in above))
         positive("--max-bytes", self.max_bytes)
         at_least("--retries", self.retries, 0)
         at_least("--backoff", self.backoff_s, 0)

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
-from .config import ConfigError, DecodeConfig, InputConfig, RunConfig, ScoreConfig
+from .config import ConfigError, DecodeConfig, InputConfig, RunConfig, ScoreConfig, no_file_above
 from .server import LoopbackServer, Served
 
 DEMO_INPUT = "demo_urls.parquet"
@@ -141,6 +141,7 @@ def run_demo(output: Path, model: str, pretrained: str, min_similarity: float | 
     """Serve the sample, run the pipeline into `output`, return (summary, notes for the user)."""
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output exists and is not a folder: {output}")
+    no_file_above("--output", output)
     if output.exists() and any(output.iterdir()):
         if not (output / DEMO_INPUT).exists():
             raise ConfigError(f"{output} exists and does not hold an earlier demo; choose another --output")

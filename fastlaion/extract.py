@@ -130,7 +130,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from .config import DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, oversubscribed, polars_io
+from .config import (DEFAULT_USER_AGENT, ConfigError, DedupMode, ExtractConfig, no_file_above, oversubscribed,
+                     polars_io)
 from .interrupt import ctrl_c_deferred, ctrl_c_held, release_ctrl_c
 from .ipv4 import dotted, ends_in_number, ipv4_number
 from .lock import output_lock
@@ -371,6 +372,7 @@ def extract_to_parquet(sources: list[str], out_dir: Path, cfg: ExtractConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output exists and is not a folder: {out_dir}")
+    no_file_above("--output", out_dir)
     made = not out_dir.exists()  # removed again when nothing is written
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -43,7 +43,7 @@ import polars as pl
 from .batch import Batch, funnel, merge_funnels
 from .config import (
     LAION_MAX_TEXT_CHARS, MODEL_BUILD, MODEL_BUILD_KEY, ConfigError, InputConfig, InputFormat, RunConfig, gelu_built_models,
-    oversubscribed, resume_key, usable_cores,
+    no_file_above, oversubscribed, resume_key, usable_cores,
 )
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
@@ -175,6 +175,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
     progress = progress or Progress()
     cfg.validate()
     out = Path(cfg.output_dir)
+    no_file_above("--output", out)
     if cfg.retry_failed and not (out / CONFIG_FILE).exists():
         raise ConfigError(f"--retry-failed: {out} holds no earlier run whose failed rows could be retried")
     with ExitStack() as cluster:

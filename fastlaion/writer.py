@@ -208,6 +208,14 @@ def finished_shards(out_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in map(STATS_FILE.match, names) if m)
 
 
+def kept_shards(out_dir: Path) -> set[int]:
+    """The shards a rerun finds finished: those in place, and those whose files were all written
+    under .partial/ (recover_partial moves them in)."""
+    aside = {int(folder.name) for folder in (out_dir / PARTIAL_DIR).glob("[0-9]*")
+             if folder.name.isdigit() and (folder / f"{folder.name}_stats.json").is_file()}
+    return set(finished_shards(out_dir)) | aside
+
+
 class ShardWriteError(OSError):
     """A shard's files could not be written (disk full, file too large, permissions). Nothing
     of the shard was published: the shard is as it was before, and a rerun redoes it."""

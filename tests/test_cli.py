@@ -206,6 +206,39 @@ def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, mess
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--connect-timeout", "20", "--timeout", "5"],
+     "--connect-timeout 20 is above --timeout 5, the deadline of the whole attempt (connect, headers and body), "
+     "so it would never be reached; raise --timeout or lower --connect-timeout"),
+    (["--read-timeout", "12.5"],  # above the default --timeout 10
+     "--read-timeout 12.5 is above --timeout 10, the deadline of the whole attempt (connect, headers and body), "
+     "so it would never be reached; raise --timeout or lower --read-timeout"),
+    (["--timeout", "2", "--connect-timeout", "3", "--read-timeout", "4"],
+     "--connect-timeout 3 and --read-timeout 4 are above --timeout 2, the deadline of the whole attempt (connect, "
+     "headers and body), so they would never be reached; raise --timeout or lower --connect-timeout and "
+     "--read-timeout"),
+])
+def test_a_timeout_above_the_whole_attempts_deadline_is_refused(tmp_path, args, message):
+    """--timeout bounds the whole attempt: `--connect-timeout 20 --timeout 5` ran, silently
+    cutting every connect at 5 s. Refused in one line naming both, exit 2, nothing written."""
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = invoke_cli(["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), "--no-progress", "--no-score",
+                         "--no-language", *args], env={"COLUMNS": "300"})
+    assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_timeout_under_the_default_phase_timeouts_runs(tmp_path):
+    """--timeout 3 alone is below the default --connect-timeout and --read-timeout (5 s): those
+    were not asked for, so the deadline simply comes first; as are phase timeouts equal to it."""
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    for i, args in enumerate((["--timeout", "3"], ["--timeout", "6", "--connect-timeout", "6", "--read-timeout", "6"])):
+        result = invoke_cli(["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / f"o{i}"), "--no-progress",
+                             "--no-score", "--no-language", *args])
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / f"o{i}" / "00000_stats.json").is_file()
+
+
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path):
     for args in (["--shard-size", "ten"], ["--resize-mode", "stretch"], ["--input-format", "xml"]):
         result = runner.invoke(app, ["run", "x.csv", "-o", str(tmp_path), *args])
@@ -847,14 +880,15 @@ def test_crawl_files_without_a_crawl_is_refused_and_does_not_stop_a_resume(tmp_p
 
 def test_an_output_path_through_a_file_names_the_file(tmp_path):
     """`-o notes.txt/out`: the OS says "Not a directory: notes.txt/out"; the line names the part
-    that is a file. The run stops before any download (its input is never fetched)."""
+    that is a file. The run stops before any download (its input is never fetched), as bad input
+    (exit 2; it was 1, an OS error: test_an_output_folder_under_a_file_is_bad_input)."""
     (tmp_path / "notes.txt").write_text("a file\n")
     inp = tmp_path / "in.txt"
     inp.write_text("http://127.0.0.1:9/never.jpg\n")
     out = tmp_path / "notes.txt" / "out" / "deeper"
     result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--no-score", "--no-progress"])
-    assert result.exit_code == 1
-    assert result.output.strip() == f"error: {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --output {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
 @pytest.mark.parametrize("args, named", [
@@ -1077,6 +1111,32 @@ def _one_parquet(tmp_path) -> Path:
     pl.DataFrame({"url": ["http://a.example/x.jpg", "http://a.example/y.jpg"], "caption": ["a cat", "a dog"],
                   "status": ["kept", "kept"], "key": ["000000000", "000000001"]}).write_parquet(src)
     return src
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["run", "{tmp}/in.txt", "--no-score", "--no-language"], "--output"),
+    (["demo"], "--output"),
+    (["extract", "{tmp}/in.warc"], "--output"),
+    (["subset", "--from", "{tmp}/rows.parquet", "--where", "true"], "-o"),
+    (["dedup", "--from", "{tmp}/rows.parquet", "--by", "url"], "-o"),
+    (["classify", "--from", "{tmp}/rows.parquet", "--class", "cat"], "-o"),
+])
+@pytest.mark.parametrize("under", ["notes.txt/out", "notes.txt/out/deeper"])
+def test_an_output_folder_under_a_file_is_bad_input(tmp_path, command, flag, under):
+    """`-o notes.txt/out`, notes.txt a file: mkdir's NotADirectoryError made it exit 1, an OS
+    error, where `-o notes.txt` and every other bad path exit 2 (bad input). Now exit 2 in one line
+    naming the option and the file in the way, before any work (classify loaded its model first)."""
+    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "in.warc").write_bytes(b"")
+    _one_parquet(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / under
+    result = invoke_cli([a.format(tmp=tmp_path) for a in command] + ["-o", str(out), "--no-progress"],
+                        env={"COLUMNS": "300"})
+    assert (result.returncode, result.stderr) == (2, f"error: {flag} {out}: {tmp_path / 'notes.txt'} is a file, "
+                                                     "not a folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "notes.txt").read_text() == "a file"
 
 
 @pytest.mark.parametrize("module, sig", [("typer", "SIGINT"), ("fastlaion.cli_dataset", "SIGINT"),

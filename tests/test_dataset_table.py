@@ -3,6 +3,7 @@ the expected rows computed here in plain Python from LAION.md's definitions."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -601,6 +602,18 @@ def test_ctrl_c_says_which_stats_files_were_written(synth, tmp_path, monkeypatch
         assert (page.read_text() == "<p>old</p>") == (page not in written), name
         assert page not in written or page.read_text().rstrip().endswith("</html>"), name  # the new page, whole
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "s.json"], name  # nothing aside left
+
+
+def test_stats_json_dash_writes_the_figures_to_stdout_alone(synth, tmp_path, monkeypatch):
+    """`stats DS --json -` wrote a file named `-` in the current folder. `-` is stdout, as for jq
+    and pip's --report -: stdout is the JSON alone (what a file gets), the tables go to stderr."""
+    monkeypatch.chdir(tmp_path)
+    invoke(["stats", synth[0], "--json", tmp_path / "s.json", "--no-progress"])
+    plain = invoke(["stats", synth[0], "--no-progress"])
+    result = invoke(["stats", synth[0], "--json", "-", "--no-progress"])
+    assert json.loads(result.stdout) == load_json(tmp_path / "s.json")
+    assert result.stderr == plain.stdout  # the same tables, on stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]  # no file named -
 
 
 def test_a_replaced_stats_file_keeps_its_mode_and_a_new_one_gets_the_umasks(synth, tmp_path, monkeypatch):

@@ -324,5 +324,7 @@ def test_a_ctrl_c_while_many_downloads_stream_stops_the_run_every_time(tmp_path)
             finally:
                 sender.join()
             assert result.exit_code == 130, (k, delay_s, result.output)
-            assert result.output.strip().splitlines()[-1] == ("interrupted: finished shards are kept; rerun the same "
-                                                              "command to resume"), (k, result.output)
+            done = len(list((tmp_path / f"o{k}").glob("*_stats.json")))  # of the run's one shard
+            assert result.output.strip().splitlines()[-1] == (f"interrupted: {done} of 1 shard "
+                                                              f"{'is' if done == 1 else 'are'} finished and kept; rerun "
+                                                              "the same command to resume"), (k, result.output)

@@ -414,6 +414,32 @@ def test_ctrl_c_says_whether_the_hits_were_written(tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.json", "q.npy", "run"], name
 
 
+def test_search_json_dash_writes_the_hits_to_stdout_alone(tmp_path, monkeypatch):
+    """`search DS --json -` wrote a file named `-`. `-` is stdout: the JSON alone (what a file
+    gets, for jq), the hits' lines on stderr; a Ctrl-C once it is out says it was written."""
+    from fastlaion import cli_dataset
+
+    rng = np.random.default_rng(15)
+    synthetic_run(tmp_path / "run", rng.normal(size=(300, 16)).astype(np.float16))
+    np.save(tmp_path / "q.npy", rng.normal(size=16))
+    monkeypatch.chdir(tmp_path)
+    args = ["search", str(tmp_path / "run"), "--vector", str(tmp_path / "q.npy"), "-k", "3", "--no-progress"]
+    to_file = runner.invoke(app, [*args, "--json", str(tmp_path / "hits.json")])
+    assert to_file.exit_code == 0, to_file.output
+    result = runner.invoke(app, [*args, "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads((tmp_path / "hits.json").read_text())
+    hit_lines = [line for line in to_file.stdout.splitlines() if not line.startswith("hits written to ")]
+    assert result.stderr.splitlines() == [*hit_lines, "hits written to stdout"]
+    with monkeypatch.context() as m:
+        m.setattr(cli_dataset, "_say", ctrl_c_after(cli_dataset._say))
+        stopped = runner.invoke(app, [*args, "--json", "-"])
+    assert stopped.exit_code == 130, stopped.output
+    assert json.loads(stopped.stdout) == json.loads((tmp_path / "hits.json").read_text())
+    assert stopped.stderr.splitlines()[-1] == "interrupted: the hits were written, whole, to stdout"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.json", "q.npy", "run"]  # no file named -
+
+
 def test_interleaved_rows_foreign_float16_and_markup_in_captions(tmp_path):
     """A Parquet whose rows mix shards (the gather path), one shard's float16 vectors not unit
     length (another tool's), and captions with rich markup in them, printed as they are."""

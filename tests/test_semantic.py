@@ -210,6 +210,23 @@ def test_bad_method_or_clusters_is_one_line(emb_run, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_clusters_with_auto_on_a_dataset_compared_exactly_says_it_is_not_used(tmp_path):
+    """--clusters 10 with --method auto on 300 samples (auto: exact, every pair) was silently
+    ignored. It says so in one warning line; with --method clusters it is used, without a word."""
+    folder = tmp_path / "run"
+    write_embedding_run(folder, make_embeddings(300, 16, seed=5))
+    args = ["dedup", "--by", "embedding", "--device", "cpu", "--from", folder, "--no-progress"]
+    result = run_cli_here([*args, "--clusters", 10, "-o", tmp_path / "auto"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ("warning: --clusters 10 is not used: --method auto compared every pair of the 300 "
+                             "samples exactly (it clusters past 100,000 on cpu); --method clusters uses it\n")
+    assert load_json(tmp_path / "auto" / "dataset.json")["settings"]["method"] == "exact"
+    for extra, method in ((["--method", "clusters", "--clusters", 10], "clusters"), ([], "exact")):
+        quiet = run_cli_here([*args, *extra, "-o", tmp_path / method])
+        assert (quiet.returncode, quiet.stderr) == (0, ""), quiet.stderr
+        assert load_json(tmp_path / method / "dataset.json")["settings"]["method"] == method
+
+
 def test_kmeans_and_assignment_against_numpy():
     import torch
 

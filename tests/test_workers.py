@@ -482,10 +482,11 @@ def test_sigint_or_sigterm_stops_the_run_and_its_workers_at_once(tmp_path, photo
                               lambda _: bool(list(out.glob("*_stats.json"))), getattr(signal, sig), group)
         assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
         how = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
-        assert stopped.stderr.strip().splitlines() == [f"{how}: finished shards are kept; rerun the same command "
-                                                       "to resume"]
+        done = len(list(out.glob("*_stats.json")))
+        assert stopped.stderr.strip().splitlines() == [f"{how}: {done} of {n // 4} shards {'is' if done == 1 else 'are'} "
+                                                       "finished and kept; rerun the same command to resume"]
         assert stopped.took_s < 4.0, stopped.took_s  # the rest of the run takes about 8 s: it did not go on
-        assert 1 <= len(list(out.glob("*_stats.json"))) < n // 4
+        assert 1 <= done < n // 4
         assert not (out / ".lock").exists()
         assert not (out / PARTIAL_DIR).exists()  # the shards in progress aborted, the run's copy of the rows gone
         if sig == "SIGINT":
@@ -534,8 +535,9 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_the_rerun_finishes(tmp_p
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode == 130, (out, err)
         assert "Traceback" not in err.decode() + out.decode(), err.decode()
-        assert err.decode().strip().splitlines() == ["interrupted: finished shards are kept; rerun the same command "
-                                                     "to resume"]
+        done = len(list((tmp_path / "o").glob("*_stats.json")))  # of 12 rows in shards of 3
+        assert err.decode().strip().splitlines() == [f"interrupted: {done} of 4 shards {'is' if done == 1 else 'are'} "
+                                                     "finished and kept; rerun the same command to resume"]
         rerun = subprocess.run(cmd, capture_output=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()
     frame = read_output(tmp_path / "o")

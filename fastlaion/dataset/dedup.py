@@ -281,7 +281,12 @@ def _semantic(ds: Dataset, cfg: DedupConfig, progress: Progress,
     device = _device(cfg.device)
     method = cfg.method
     if method == "auto":
-        method = "exact" if cand.height <= EXACT_MAX_ROWS.get(device.type, EXACT_MAX_ROWS["cpu"]) else "clusters"
+        most = EXACT_MAX_ROWS.get(device.type, EXACT_MAX_ROWS["cpu"])
+        method = "exact" if cand.height <= most else "clusters"
+        if method == "exact" and cfg.clusters != DedupConfig.clusters:  # asked for, and silently not used
+            log.warning("--clusters %d is not used: --method auto compared every pair of the %s samples exactly "
+                        "(it clusters past %s on %s); --method clusters uses it", cfg.clusters, f"{cand.height:,}",
+                        f"{most:,}", device.type)
     settings: dict[str, Any] = {"min_cosine": cfg.min_cosine, "method": method}
     if method == "exact":
         dup, first = exact_duplicates(reader, cfg.min_cosine, cfg.block_rows, device, progress)

@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..config import no_file_above
 from ..interrupt import ctrl_c_deferred
 from ..writer import SUMMARY_FILE, shard_files
 from .source import (MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset, DatasetError,
@@ -243,8 +245,7 @@ class OutputDir(Staging):
     def __init__(self, out: Path, source: Dataset, written: Callable[[Path], None] | None = None,
                  command: str | None = None):
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise DatasetError(f"-o {out}: exists and is not a folder")
+        check_output_folder(out)
         src_dir = source.path if source.path.is_dir() else source.path.parent
         if out.exists() and out.resolve() in (src_dir.resolve(), source.root.resolve()):
             raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
@@ -281,12 +282,23 @@ class OutputDir(Staging):
         self.write_manifest({"kind": kind, **result.to_dict()}, own_root)
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse, before the command's work, an -o that is a file or under one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"-o {out}: exists and is not a folder")
+    no_file_above("-o", out)
+
+
 def check_writable_file(flag: str, path: Path) -> None:
     """Refuse, before the command's work, a file `write_whole` could not write at its end (the
     command's result lost with it: `search --json DIR` searched for 20 s, then "Is a directory"
     and no hit printed): a folder, a path under a missing folder or under a file, a folder this
-    user may not write in (a permission check: a read-only file system is found when written)."""
+    user may not write in (a permission check: a read-only file system is found when written).
+    `-` is stdout (STDOUT), always writable."""
     path = Path(path)
+    if is_stdout(path):
+        return
     if path.is_dir():
         raise DatasetError(f"{flag} {path}: is a folder; give a file name")
     parent = path.parent
@@ -311,11 +323,25 @@ def refuse_a_dataset_file(flag: str, path: Path, ds: Dataset) -> None:
     """Refuse `path` where it is one of the dataset's own files: `stats DS --json DS/00000.parquet`
     wrote the figures over the shard's rows, `search DS --json DS/config.json` over the run's
     settings (what its resume is checked against)."""
+    if is_stdout(path):
+        return
     target = Path(path).resolve()
     folders = {ds.root.resolve(), (ds.path if ds.path.is_dir() else ds.path.parent).resolve()}
     if target in {f.resolve() for f in ds.files} or (target.parent in folders and _DATASET_FILE.match(target.name)):
         raise DatasetError(f"{flag} {path}: a file of the dataset {ds.path}, which it would be written over; "
                            "give another file name")
+
+
+STDOUT = "-"  # a file name meaning stdout (`stats --json -`), as for jq, curl -o - and pip --report -
+
+
+def is_stdout(path: Path | str | None) -> bool:
+    return path is not None and str(path) == STDOUT
+
+
+def shown(path: Path | str) -> str:
+    """How a message names a file written: `-` is "stdout"."""
+    return "stdout" if is_stdout(path) else str(path)
 
 
 def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = None) -> None:
@@ -324,8 +350,16 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
     used to be cut short). `written(path)` is called once it is in place, before a Ctrl-C that
     came while it was renamed lands. A failure names `path`, not the file aside. A file replaced
     keeps its mode; a new one gets the umask's. A link is followed (the file it names is replaced);
-    a device or a pipe (/dev/stdout) is written through."""
+    a device or a pipe (/dev/stdout) is written through. `-` is stdout: the text and a newline in
+    one write, which a Ctrl-C does not cut (it lands once the text is out and `written` told)."""
     path = Path(path)
+    if is_stdout(path):
+        with ctrl_c_deferred():
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            sys.stdout.flush()
+            if written is not None:
+                written(path)
+        return
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -364,4 +398,5 @@ def write_whole(path: Path, text: str, written: Callable[[Path], None] | None = 
         raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
-__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "check_writable_file", "refuse_a_dataset_file", "write_whole"]
+__all__ = ["CommitError", "OutputDir", "METADATA_FILE", "Staging", "STDOUT", "check_output_folder", "check_writable_file", "is_stdout",
+           "refuse_a_dataset_file", "shown", "write_whole"]
