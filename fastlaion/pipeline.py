@@ -57,11 +57,13 @@ from .writer import (
     SUMMARY_FILE,
     ShardWriteError,
     ShardWriter,
+    WRITE_ID,
     any_finished,
     damage,
     finished_shards,
     is_complete,
     mark_incomplete,
+    new_write_id,
     output_lock,
     read_stats,
     recover_partial,
@@ -1054,7 +1056,11 @@ class ShardJob:
         again = int(retried["reason"].is_in(list(transient_drops(stats["funnel"]))).sum())
         entry = {"rows": retried.height, "kept": int((retried["status"] == "kept").sum()), "failed_again": again,
                  "wall_s": stats["wall_s"], "finished_at": stats["finished_at"]}
-        return {**stats, "started_at": previous["started_at"], "retries": [*previous.get("retries", []), entry]}
+        # the same write of the shard, more rows downloaded: what a dataset made from it recorded
+        # (Dataset.root_changed) still holds; a shard written anew gets a new write_id
+        kept_id = {WRITE_ID: previous[WRITE_ID]} if isinstance(previous.get(WRITE_ID), str) else {}
+        return {**stats, "started_at": previous["started_at"], **kept_id,
+                "retries": [*previous.get("retries", []), entry]}
 
     async def _consume(self, arrived: asyncio.Queue[_Arrived | None], writer: ShardWriter) -> None:
         pending: list[_Arrived] = []
@@ -1210,6 +1216,7 @@ class ShardJob:
             "wall_s": round(wall_s, 3),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            WRITE_ID: new_write_id(),
             **({"scoring": scoring_of(scorer)} if (scorer := self.models.scorer) is not None else {}),
         }
 

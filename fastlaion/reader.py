@@ -115,11 +115,14 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
     try:
         if fmt is not InputFormat.parquet and _first_character(path) == b"":  # Polars: "empty CSV", ...
             return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
-        table = _scan(path, fmt)
+        if fmt is InputFormat.jsonl:
+            table, columns = _scan_json(path, (cfg.url_col, cfg.caption_col))
+        else:
+            table = _scan(path, fmt)
+            columns = table.collect_schema().names()
         schema = table.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as e:
         raise _unreadable(path, fmt, e) from None
-    columns = schema.names()
     if not columns and fmt is InputFormat.jsonl and _json_array(path):  # [] : no rows, as an empty file
         return Input(path, fmt, pl.LazyFrame(schema={"url": pl.String, "caption": pl.String}))
     if fmt in (InputFormat.csv, InputFormat.tsv) and any(_binary(name) for name in columns):
@@ -177,12 +180,76 @@ def _scan(path: Path, fmt: InputFormat, quoted: bool = True) -> pl.LazyFrame:
     if fmt in (InputFormat.csv, InputFormat.tsv):
         return pl.scan_csv(source, separator="," if fmt is InputFormat.csv else "\t", infer_schema=False,
                            quote_char='"' if quoted else None)
-    if fmt is InputFormat.jsonl:
-        if _json_array(path):  # img2dataset's json input (pandas.read_json): read whole, as pandas does
+    return pl.scan_parquet(source)  # a jsonl: _scan_json
+
+
+def _scan_json(path: Path, text_columns: tuple[str | None, ...]) -> tuple[pl.LazyFrame, list[str]]:
+    """A jsonl file (or JSON array) with its `text_columns` (url, caption) read as text whatever
+    each line holds, the same in any order of lines: a number or a boolean as its JSON text
+    (`123`, `1.5`, `true`), a list or an object as its JSON text (`["a", "b"]`), null as null;
+    and the file's column names. Polars' inferred types depended on the order: a number then a
+    list stopped the run ("failed to determine supertype of struct[2] and struct[2]", even in a
+    column not read), null then a list was refused, a string then a list read as its JSON text.
+    img2dataset (pandas) makes a number caption its text too; no row is lost. Ordinary input
+    costs what it did: the names come from the inference pass Polars made anyway; only where
+    that fails is the file read once more, in Python, for its keys."""
+    source = glob.escape(str(path))
+    array = _json_array(path)
+    data = b""
+    try:
+        if array:  # img2dataset's json input (pandas.read_json): read whole, as pandas does
             with path.open("rb") as raw, _decompressed(raw) as f:
-                return pl.read_json(f.read(), infer_schema_length=None).lazy()
-        return pl.scan_ndjson(source, infer_schema_length=None)
-    return pl.scan_parquet(source)
+                data = f.read()
+            table = pl.read_json(data, infer_schema_length=None).lazy()
+        else:
+            table = pl.scan_ndjson(source, infer_schema_length=None)
+        schema = table.collect_schema()
+        columns = schema.names()
+    except pl.exceptions.PolarsError:
+        # types that do not merge across lines: the keys alone, from a pass of our own (None: a
+        # line that is no JSON object, which the error, re-raised, names)
+        found = _json_keys(path, data if array else None)
+        if found is None:
+            raise
+        schema, columns = None, found
+    text = {name: pl.String for name in text_columns if name is not None and name in columns}
+    if not array:
+        return pl.scan_ndjson(source, schema=text), columns
+    if schema is not None and all(schema[name] == pl.String for name in text):
+        return table, columns  # text already: the common case, read once
+    try:  # read again as text: the inferred types may have changed values (true in a column of numbers: 1)
+        return pl.read_json(data, schema=text).lazy(), columns
+    except pl.exceptions.PolarsError:  # a list or an object in one: as its JSON text, as a jsonl line's is read
+        import orjson
+
+        lines = b"\n".join(map(orjson.dumps, orjson.loads(data)))
+        return pl.read_ndjson(io.BytesIO(lines), schema=text).lazy(), columns
+
+
+def _json_keys(path: Path, array: bytes | None) -> list[str] | None:
+    """Every key of a jsonl file's objects (or a JSON array's, given as `array`), in order of
+    first appearance; None where a line (an item) is no JSON object."""
+    import orjson
+
+    keys: dict[str, None] = {}
+    try:
+        if array is not None:
+            items = orjson.loads(array)
+            for item in items if isinstance(items, list) else [None]:
+                if not isinstance(item, dict):
+                    return None
+                keys.update(dict.fromkeys(item))
+            return list(keys)
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            for line in f:
+                if line.strip():
+                    item = orjson.loads(line)
+                    if not isinstance(item, dict):
+                        return None
+                    keys.update(dict.fromkeys(item))
+    except (orjson.JSONDecodeError, OSError, EOFError):
+        return None
+    return list(keys)
 
 
 def _json_array(path: Path) -> bool:

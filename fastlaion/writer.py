@@ -7,7 +7,8 @@ Layout under the output folder (img2dataset's, plus fastlaion's extras):
     00000_img_emb.npy      (rows, D) float16 image embeddings, row i = Parquet row i (NaN: none)
     00000_txt_emb.npy      same for text
     00000_stats.json       the shard's funnel and timings; written last: its presence marks the
-                           shard complete, and a rerun skips such shards
+                           shard complete, and a rerun skips such shards. Its `write_id` (random)
+                           tells this write of the shard from another run's into the same folder
     config.json            the run's whole configuration
 
 Everything of a shard is first written under `.partial/` and then renamed into place, so a
@@ -44,6 +45,10 @@ PARTIAL_DIR = ".partial"
 SUMMARY_FILE = "summary.json"  # written when a run ends
 CONFIG_FILE = "config.json"  # the run's settings, written before its first shard (what a resume is checked against)
 STATS_FILE = re.compile(r"^(\d{5,})_stats\.json$")
+# A shard's stats key: random, new each time a run writes the shard anew (kept by --retry-failed,
+# which adds rows to the same write). A dataset made from the run records it (source.root_fields'
+# caller), so that one rewritten since, by another run into the folder, is not read as its own.
+WRITE_ID = "write_id"
 # A shard's files (the module docstring's list): its number, five digits or more, and one of these.
 SHARD_SUFFIXES = (".tar", ".parquet", "_stats.json", "_img_emb.npy", "_txt_emb.npy")
 
@@ -137,6 +142,10 @@ class TarAppender:
             self._file.write(b"\0" * (2 * self._BLOCK + (-end % self._RECORD)))
         finally:
             self._file.close()
+
+
+def new_write_id() -> str:
+    return os.urandom(8).hex()
 
 
 def shard_name(shard: int) -> str:

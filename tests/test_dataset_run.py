@@ -620,6 +620,83 @@ def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
     assert f"names {gone}, which does not exist" in warned and "goes on" in warned
 
 
+def test_a_dataset_whose_root_another_run_wrote_since_says_so_in_one_line(run, tmp_path):
+    """A subset records which write of each of the root's shards its rows name (the stats files'
+    write_id). Another run written into the root's folder since (the demo's way: the folder
+    replaced by a new run) would have the subset read that run's images and embeddings as its own
+    rows' (key.json of the new URLs beside the old metadata): every command that reads them
+    refuses in one line naming the folder, those that read only the metadata warn, and what is
+    made from the subset (a subset of it, a dedup of it) carries the record on. A `--shards`
+    subset holds its own samples and is unaffected; a dataset.json of an earlier fastlaion
+    (nothing recorded) is read as before; shards the run finished later, which the subset never
+    saw, do not count."""
+    root = tmp_path / "root"
+    shutil.copytree(run, root)
+    subset, shards = tmp_path / "s", tmp_path / "own"
+    invoke(["subset", "--where", "similarity > -2", "--from", root, "-o", subset, "--no-progress"])
+    invoke(["subset", "--where", "similarity > -2", "--from", root, "-o", shards, "--shards", "--no-progress"])
+    invoke(["subset", "--where", "true", "--from", subset, "-o", tmp_path / "s2", "--no-progress"])
+    invoke(["dedup", "--by", "url", "--from", subset, "-o", tmp_path / "d", "--no-progress"])
+    named = sorted({r["shard"] for r in kept(read_rows(run))})
+    recorded = {s: load_json(root / f"{s}_stats.json")["write_id"] for s in named}
+    assert len(set(recorded.values())) == len(named) >= 2
+    for made in ("s", "s2", "d"):
+        assert load_json(tmp_path / made / "dataset.json")["root_shards"] == recorded, made
+    old = tmp_path / "old"
+    shutil.copytree(subset, old)
+    info = load_json(old / "dataset.json")
+    del info["root_shards"]  # as fastlaion wrote it before
+    (old / "dataset.json").write_text(json.dumps(info))
+
+    # another run, with the same inputs served again (other URLs: another port), in its place
+    shutil.rmtree(root)
+    shutil.copytree(real_run(str(tmp_path / "again")), root)
+    real = str(root.resolve())
+    np.save(tmp_path / "q.npy", np.ones(512, np.float32))
+    for made in ("s", "s2", "d"):
+        ds = tmp_path / made
+        for args, what in ((["stats", ds, "--html", tmp_path / "r.html"], "stats --html"),
+                           (["subset", "--where", "true", "--from", ds, "-o", tmp_path / "x", "--shards"], "subset --shards"),
+                           (["dedup", "--by", "phash", "--from", ds, "-o", tmp_path / "x"], "dedup --by phash"),
+                           (["dedup", "--by", "embedding", "--from", ds, "-o", tmp_path / "x"], "dedup --by embedding"),
+                           (["index", ds], "index"),
+                           (["search", ds, "--vector", tmp_path / "q.npy"], "search"),
+                           (["classify", "--from", ds, "-o", tmp_path / "x", "--class", "cat"], "classify")):
+            result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"], terminal_width=400)
+            assert result.exit_code == 2, (args, result.output)
+            said = result.output.strip()
+            assert len(said.splitlines()) == 1 and "Traceback" not in said, said
+            assert said.startswith(f"error: {what}") and (
+                f": {real} was written again since {ds} was made from it: {len(named)} of the {len(named)} shards its "
+                f"rows name ({', '.join(named)}; {named[0]} was written again, finished ") in said, said
+        assert not (tmp_path / "x").exists() and not (ds / "index").exists()
+        result = run_cli_here(["stats", ds])  # the metadata alone: a warning, and the figures
+        assert result.returncode == 0 and "funnel" in result.stdout, result.stderr
+        warned = " ".join(result.stderr.split())
+        assert f"warning: {real} was written again since {ds} was made from it" in warned and "goes on" in warned
+
+    # a --shards subset is its own root: untouched; an earlier fastlaion's dataset.json: not checked
+    for ds in (shards, old):
+        result = runner.invoke(app(), ["stats", str(ds), "--html", str(tmp_path / "r.html"), "--no-progress"])
+        assert result.exit_code == 0 and "written again" not in result.output, result.output
+    invoke(["dedup", "--by", "embedding", "--from", shards, "-o", tmp_path / "dd", "--no-progress"])
+
+    # made from the new run while its last shard was not finished, then the run finished it
+    subset = tmp_path / "early"
+    partial = as_in_progress(root, tmp_path / "resumed")
+    invoke(["subset", "--where", "similarity > -2", "--from", partial, "-o", subset, "--no-progress"])
+    last = next((partial / ".partial").iterdir())
+    for f in last.iterdir():
+        f.rename(partial / f.name)
+    last.rmdir()
+    shutil.copyfile(root / "summary.json", partial / "summary.json")
+    assert last.name not in load_json(subset / "dataset.json")["root_shards"]
+    assert any(r["shard"] == last.name for r in kept(read_rows(partial)))  # a shard the subset never saw
+    result = runner.invoke(app(), ["dedup", "--by", "embedding", "--from", str(subset), "-o", str(tmp_path / "e"),
+                                   "--no-progress"])
+    assert result.exit_code == 0 and "written again" not in result.output, result.output
+
+
 # --- 5. a run folder whose run is not done ---------------------------------------------------------
 
 WRITING = "a fastlaion run is writing this folder; the result covers the {n} shards finished so far"

@@ -204,6 +204,37 @@ def test_a_json_array_reads_as_its_jsonl(tmp_path):
     assert frames[0].equals(frames[1]) and frames[0].equals(frames[2])
 
 
+@pytest.mark.parametrize("values", [
+    [123, ["a", "b"]],              # Polars: "failed to determine supertype of struct[2] and struct[2]"
+    [True, 12],                     # "cannot parse 'true' (bool) as Int64"
+    [None, ["a", "b"]],             # "cannot read columns ... as text: 'caption' holds List(String)"
+    [{"k": [1, 2]}, 1.5, "x"],      # supertype again
+])
+@pytest.mark.parametrize("form", ["jsonl", "json"])
+def test_json_values_of_several_types_read_as_text_whatever_the_order_of_lines(tmp_path, values, form):
+    """A caption (or URL) that is a number on one line and a list on another stopped the run in
+    one order of lines and read in another, and an unused column of such values stopped it too.
+    Now every order reads the same rows: a number or boolean as its JSON text (as img2dataset's
+    pandas made a number caption text), a list or an object as its JSON text, null as null."""
+    import itertools
+
+    text = {123: "123", True: "true", 12: "12", 1.5: "1.5", "x": "x", None: None}
+
+    def as_text(v):
+        return json.dumps(v) if isinstance(v, (list, dict)) else text[v]
+
+    for n, order in enumerate(itertools.permutations(range(len(values)))):
+        rows = [{"url": f"http://127.0.0.1:1/{i}.jpg", "caption": values[i], "extra": values[i]} for i in order]
+        path = tmp_path / f"in{n}.{form}"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) if form == "jsonl" else json.dumps(rows))
+        t = read(InputConfig(paths=(str(path),), shard_size=2), True, tmp_path / f"rows{n}")
+        assert t["url"].to_list() == [r["url"] for r in rows]
+        assert t["caption"].to_list() == [as_text(values[i]) for i in order], (order, t["caption"].to_list())
+    url = tmp_path / "url.jsonl"  # a URL that is a number: its text, then an invalid_url like any other
+    url.write_text('{"url": 5, "caption": "x"}\n{"url": ["http://127.0.0.1:1/a.jpg"], "caption": "y"}\n')
+    t = read(InputConfig(paths=(str(url),)), True, tmp_path / "rows-url")
+    assert t["url"].to_list() == ["5", '["http://127.0.0.1:1/a.jpg"]']
+
 def test_a_tsv_whose_quotes_are_text_keeps_them_and_every_row(tmp_path, caplog):
     """A tab-separated caption that starts with a quote (`"Best" shoes`, common in alt text) is no
     csv quoting: the whole run stopped on it ("a tab expected after '"'"). Now the file is read

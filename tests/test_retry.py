@@ -124,9 +124,19 @@ def test_retry_failed_downloads_only_transient_rows_and_rewrites_only_their_shar
         tar1_before = _tar(out / "00001.tar")
         table_before = read_output(out)
 
+        made = tmp_path / "subset"  # before the retry: it records the shards' write_id
+        assert runner.invoke(app, ["subset", "--where", "true", "--from", str(out), "-o", str(made),
+                                   "--no-progress"]).exit_code == 0
+        write_ids = {s: json.loads((out / f"0000{s}_stats.json").read_text())["write_id"] for s in range(3)}
+
         hits_before = Counter(flaky.hits)
         second = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
         assert second.exit_code == 0, second.output
+        # the same write of each shard, rows added: a dataset made before still reads its samples there
+        assert {s: json.loads((out / f"0000{s}_stats.json").read_text())["write_id"] for s in range(3)} == write_ids
+        exported = runner.invoke(app, ["subset", "--where", "true", "--from", str(made), "-o", str(tmp_path / "own"),
+                                       "--shards", "--no-progress"])
+        assert exported.exit_code == 0 and "written again" not in exported.output, exported.output
         asked = flaky.hits - hits_before
         # only the three transient rows were asked for again, once each; the 404s were not
         assert asked == Counter({"/flaky/5.jpg?fail=1": 1, "/flaky/6.jpg?fail=1&status=429": 1,

@@ -273,8 +273,20 @@ class OutputDir(Staging):
         manifest = self.source.manifest(self.out)
         if own_root:
             manifest.update(root_fields(self.out, self.out), source_root=manifest["root"])
+        manifest.update(self.source.root_record(self._shards(), self.tmp if own_root else None))
         manifest.update(info)  # info has the skips of the final attempt
         (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+
+    def _shards(self) -> list[str]:
+        """The root shards the new metadata.parquet's rows name (its `shard` column's values)."""
+        import polars as pl
+
+        from .source import collect
+
+        meta = self.tmp / METADATA_FILE
+        if not meta.is_file() or "shard" not in pl.scan_parquet(meta, glob=False).collect_schema():
+            return []
+        return collect(pl.scan_parquet(meta, glob=False).select(pl.col("shard").drop_nulls().unique()))["shard"].to_list()
 
     def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..writer import WRITE_ID, new_write_id
 from .source import Dataset, NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -296,5 +297,6 @@ def write_shards_json(path: Path, written: ShardsWritten) -> None:
     folder = path.parent
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
              if p.is_file() and (p.suffix == ".tar" or p.name.endswith("_emb.npy"))}
+    # write_id: this folder's identity as a root (source.shard_identity), new each time it is written
     path.write_text(json.dumps({"samples": written.samples, "missing": written.missing, "tars": written.tars,
-                                "files": files}, indent=2))
+                                "files": files, WRITE_ID: new_write_id()}, indent=2))

@@ -12,6 +12,10 @@ own root (`root_relative` "."), its rows' `shard` names its own tars (null for a
 sample there) and `shard_row` their row in its embedding files (a run's is in the key).
 A root found in neither place is `Dataset.root_missing`: the commands that read images or
 embeddings refuse with one line naming the folders looked for; the others warn and go on.
+The dataset.json also records which write of each root shard its rows name (`root_shards`:
+`shard_identity`, the `write_id` of the shard's stats file). A run written into the root's folder
+since (another run, not a resume: it finishes new shards only) would make those rows point at
+another run's images and embeddings: `Dataset.root_changed`, refused or warned as a missing root.
 
 Unreadable Parquet files are skipped, counted and named in a warning, never fatal and never
 silent: a bad footer is seen when the dataset is opened; a bad page deep inside a file only when
@@ -32,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 import polars as pl
 
 from ..config import ConfigError, first_line
-from ..writer import CONFIG_FILE, shard_files
+from ..writer import CONFIG_FILE, WRITE_ID, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,11 @@ class Dataset:
     # made from a run not done when it was read (RunState): UNFINISHED_FIELDS, for the dataset.json
     # of what is made from it (a subset, dedup or classify output of it, or of those, carries them)
     unfinished: dict[str, Any] | None = None
+    manifest_file: Path | None = None  # the dataset.json its root was read from; None: none (a run folder, ...)
+    # which write of each root shard its rows name, as that dataset.json records (shard_identity);
+    # None: none recorded (no dataset.json, or one by an earlier fastlaion: nothing to check)
+    root_shards: dict[str, str] | None = None
+    root_changed: str | None = None  # why the root's samples are no longer its rows' (a shard written again); None: they are
 
     def scan(self) -> pl.LazyFrame:
         """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
@@ -180,8 +189,8 @@ class Dataset:
     def need_root(self, what: str) -> None:
         """Raise a DatasetError (one line, naming the folders looked for) when `what` needs the
         samples' images or embeddings and the folder holding them is gone."""
-        if self.root_missing:
-            raise DatasetError(f"{what}: {self.root_missing}")
+        if self.root_missing or self.root_changed:
+            raise DatasetError(f"{what}: {self.root_missing or self.root_changed}")
 
     def tar_path(self, shard: str) -> Path:
         self.need_root("reading the images")
@@ -299,6 +308,22 @@ class Dataset:
         return {"source": str(self.path.resolve()), **root_fields(self.root, out),
                 "source_rows": self.rows, "skipped_files": [vars(s) for s in self.skipped], **(self.unfinished or {})}
 
+    def root_record(self, shards: Iterable[str], own: Path | None = None) -> dict[str, Any]:
+        """ROOT_SHARDS for the dataset.json of an output made from this dataset whose rows name
+        these `shards` of its root (`own`: the folder where the output's own tars, a subset
+        --shards', are being written: those, as written). A dataset made from a dataset.json's
+        carries that record on, so that it names the root's shards as they were when the first
+        of the chain was made, not as they are now; one whose dataset.json records none (an
+        earlier fastlaion) records none either ({}: nothing will be checked). A run folder or a
+        lone Parquet: its shards as they are now."""
+        if own is None and self.manifest_file is not None:
+            if self.root_shards is None:
+                return {}
+            return {ROOT_SHARDS: {s: self.root_shards[s] for s in sorted(set(shards)) if s in self.root_shards}}
+        folder = self.root if own is None else own
+        found = {s: shard_identity(folder, s) for s in sorted(set(shards))}
+        return {ROOT_SHARDS: {s: i for s, i in found.items() if i is not None}}
+
     def unfinished_notice(self) -> str | None:
         """One line for a subset, dedup or classify output made from a run that was not done
         (its dataset.json's UNFINISHED_FIELDS), as RunState.notice is for the run folder; None
@@ -327,6 +352,58 @@ def root_fields(root: Path, out: Path) -> dict[str, str | None]:
 
 RUN_CONFIG = CONFIG_FILE  # every fastlaion run writes it before its first shard (its settings)
 SHARDS_FILE = "shards.json"  # a `subset --shards` folder's: its tars, and the size of each of its files
+# dataset.json: {shard: shard_identity} of each root shard its rows name, when it was made
+ROOT_SHARDS = "root_shards"
+
+
+def shard_identity(root: Path, shard: str) -> str | None:
+    """Which write of the root's shard `shard` is there: of a run's, its stats file's write_id (a
+    digest of that file where an earlier fastlaion wrote none); of a `subset --shards` folder's
+    tars, its shards.json's (the folder is written whole, one id for all). Cheap: one small file
+    read. None: no such finished shard (no stats file: unfinished, being written, removed)."""
+    for f in (root / f"{shard}_stats.json", root / SHARDS_FILE):
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        try:
+            info = json.loads(data)
+        except ValueError:
+            info = None
+        if isinstance(info, dict) and isinstance(info.get(WRITE_ID), str):
+            return info[WRITE_ID]
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    return None
+
+
+def root_changes(path: Path, root: Path, recorded: dict[str, str]) -> str | None:
+    """One line where a root shard the dataset at `path` names (`recorded`: its dataset.json's
+    ROOT_SHARDS) is not the write recorded: another run wrote the root's folder since, and its
+    images and embeddings are not the rows' samples. None: each is as recorded (shards the run
+    finished since, which the dataset never saw, do not count)."""
+    changed = [(s, now) for s, was in recorded.items() if (now := shard_identity(root, s)) != was]
+    if not changed:
+        return None
+
+    def how(shard: str, now: str | None) -> str:
+        if now is None:
+            return f"{shard} is not finished there now (no {shard}_stats.json: a run is writing it, or it was removed)"
+        try:
+            finished = json.loads((root / f"{shard}_stats.json").read_text()).get("finished_at")
+        except (OSError, ValueError, AttributeError):
+            finished = None
+        return f"{shard} was written again" + (f", finished {finished}" if isinstance(finished, str) else "")
+
+    names = ", ".join(s for s, _ in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    root = root.resolve()
+    return (f"{root} was written again since {path} was made from it: {len(changed):,} of the {len(recorded):,} "
+            f"shard{'s' * (len(recorded) != 1)} its rows name ({names}; {how(*changed[0])}) hold another run's "
+            f"images and embeddings, not its rows' samples; make {path} again from {root}, or put the run it was "
+            "made from back there")
 # What the dataset.json of an output made from a run not done records (Dataset.unfinished)
 UNFINISHED_FIELDS = ("source_unfinished", "source_run", "source_finished_shards", "source_shards_total",
                      "source_run_writing")
@@ -410,7 +487,7 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
-    root, kind, root_missing = path, "run", None
+    root, kind, root_missing, recorded, manifest_file = path, "run", None, None, None
     state = run_state(path) if run is _LOOK else run
     if path.is_file():
         if path.suffix != ".parquet":
@@ -418,11 +495,15 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
         candidates, root, kind = [path], path.parent, "parquet"
         manifest = path.parent / MANIFEST_FILE
         if path.name == METADATA_FILE and manifest.exists():
-            kind, root, root_missing = _read_manifest(manifest, path)
+            kind, root, root_missing, recorded = _read_manifest(manifest, path)
+            manifest_file = manifest
     elif (path / METADATA_FILE).exists():
         candidates = [path / METADATA_FILE]
-        kind, root, root_missing = (_read_manifest(path / MANIFEST_FILE, path) if (path / MANIFEST_FILE).exists()
-                                    else ("parquet", path, None))
+        if (path / MANIFEST_FILE).exists():
+            manifest_file = path / MANIFEST_FILE
+            kind, root, root_missing, recorded = _read_manifest(manifest_file, path)
+        else:
+            kind = "parquet"
     else:
         candidates = sorted(p for p in path.iterdir() if SHARD_PARQUET.match(p.name))
         if state is not None:  # not one finished since (one without its stats file is skipped, and said, below)
@@ -454,13 +535,17 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
     ds = Dataset(path=path, root=root, kind=kind, files=tuple(good), skipped=tuple(skipped), rows=rows,
                  groups=tuple(tuple(g) for g in groups), root_missing=root_missing,
                  unfinished=(None if state is None else state.record()) if kind == "run" and path.is_dir()
-                 else _unfinished(path))
+                 else _unfinished(path), manifest_file=manifest_file, root_shards=recorded,
+                 root_changed=None if root_missing or not recorded else root_changes(path, root, recorded))
     if rows == 0 and not allow_empty:
         raise DatasetError(f"{path} holds no rows ({len(good)} Parquet file(s), all empty)")
-    if root_missing:
+    if root_missing or ds.root_changed:
         if needs_root:
             ds.need_root(needs_root)
-        log.warning("%s (this command reads neither, so it goes on)", root_missing)
+        log.warning("%s (this command reads neither, so it goes on)", root_missing or ds.root_changed)
+    elif manifest_file is not None and recorded is None:
+        log.info("%s records no %s (an earlier fastlaion wrote it): whether the run in %s is still the one it "
+                 "was made from is not checked", manifest_file, ROOT_SHARDS, root)
     return ds
 
 
@@ -513,26 +598,31 @@ def _row_count(f: Path) -> int:
     return pq.read_metadata(f).num_rows
 
 
-def _read_manifest(manifest: Path, path: Path) -> tuple[str, Path, str | None]:
-    """(kind, root, why the root cannot be read or None) from a dataset.json: the root relative
-    to its folder first (`root_relative`), then absolute (`root`; older files have only that)."""
+def _read_manifest(manifest: Path, path: Path) -> tuple[str, Path, str | None, dict[str, str] | None]:
+    """(kind, root, why the root cannot be read or None, its ROOT_SHARDS or None) from a
+    dataset.json: the root relative to its folder first (`root_relative`), then absolute (`root`;
+    older files have only that)."""
     try:
         info = json.loads(manifest.read_text())
         kind, absolute, relative = str(info.get("kind", "parquet")), Path(info["root"]), info.get("root_relative")
         if relative is not None and not isinstance(relative, str):
             raise ValueError(f"root_relative is {type(relative).__name__}, not text")
+        recorded = info.get(ROOT_SHARDS)
+        if recorded is not None and not (isinstance(recorded, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in recorded.items())):
+            raise ValueError(f"{ROOT_SHARDS} is not an object of shard names and texts")
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{manifest}: not a fastlaion dataset.json ({_short(e)})") from None
     beside = manifest.parent / relative if relative else None
     if beside is not None and beside.is_dir():
-        return kind, beside, None
+        return kind, beside, None, recorded
     if absolute.is_dir():
-        return kind, absolute, None
+        return kind, absolute, None, recorded
     named = (f"{beside.resolve()} ({relative}, relative to it) and {absolute}; neither exists"
              if beside is not None and beside.resolve() != absolute else f"{absolute}, which does not exist")
     why = (f"cannot find the folder holding the images and embeddings of {path}: its {MANIFEST_FILE} names "
            f"{named}. Put that folder back, or set \"root\" in {manifest} to where it is now")
-    return kind, absolute, why
+    return kind, absolute, why, recorded
 
 
 def _unfinished(path: Path) -> dict[str, Any] | None:
