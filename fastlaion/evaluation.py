@@ -52,6 +52,7 @@ class EvaluateConfig:
         """The options alone, before the folder is read or a model loads."""
         at_least("--limit", self.limit, 0)
         self.score.validate()
+        # classify's checks of the templates (the class names are checked once the folder is read)
         ClassifyConfig(classes=("x",), templates=self.templates, device=self.score.device).validate()
 
 
