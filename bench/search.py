@@ -74,6 +74,17 @@ def classify_peer(run: str, ckpt: str, out: str, classes: list[str]) -> None:
                       pl.Series("zero_shot_score", sims[np.arange(len(best)), best])).write_parquet(out)
 
 
+def save_tiny_checkpoint(path: Path) -> Path:
+    """The tiny random CLIP (seed 0) saved at `path`, for --pretrained PATH on both sides. Saved by
+    a child process: torch and open_clip stay out of this one, whose resident pages a measured
+    child's ru_maxrss would count (they are shared between fork and exec)."""
+    subprocess.run([sys.executable, "-c", "import sys, torch, open_clip; from fastlaion.score import "
+                    "register_model_configs, TINY_MODEL; register_model_configs(); torch.manual_seed(0); "
+                    "torch.save({'state_dict': open_clip.create_model(TINY_MODEL).state_dict()}, sys.argv[1])",
+                    str(path)], check=True, cwd=str(REPO))
+    return path
+
+
 def measure(cmd: list[str]) -> dict:
     bp.wait_until_quiet(60)
     t0 = time.perf_counter()
@@ -200,13 +211,7 @@ def bench_classify(args: argparse.Namespace, run: Path) -> bool:
 
     from fastlaion.score import TINY_MODEL
 
-    # saved by a child process: torch and open_clip stay out of this one, whose resident pages a
-    # measured child's ru_maxrss would count (they are shared between fork and exec)
-    ckpt = args.workdir / "tiny.pt"
-    subprocess.run([sys.executable, "-c", "import sys, torch, open_clip; from fastlaion.score import "
-                    "register_model_configs, TINY_MODEL; register_model_configs(); torch.manual_seed(0); "
-                    "torch.save({'state_dict': open_clip.create_model(TINY_MODEL).state_dict()}, sys.argv[1])",
-                    str(ckpt)], check=True, cwd=str(REPO))
+    ckpt = save_tiny_checkpoint(args.workdir / "tiny.pt")
     classes = [f"thing number {i}" for i in range(args.classes)]
     out = args.workdir / "classify-fastlaion"
     ours = measure([sys.executable, "-m", "fastlaion", "classify", "--from", str(run), "-o", str(out),

@@ -563,8 +563,9 @@ def _dataset_command(name: str) -> Callable[..., Any]:
 
 
 # subset, dedup, stats, index, search, classify: dataset operations on a run's output
-# (fastlaion/dataset/), defined in fastlaion/cli_dataset.py
-for _name in ("subset", "dedup", "stats", "index", "search", "classify"):
+# (fastlaion/dataset/); evaluate: the model's zero-shot accuracy on a labelled image folder;
+# defined in fastlaion/cli_dataset.py
+for _name in ("subset", "dedup", "stats", "index", "search", "classify", "evaluate"):
     add_lazy_command(app, _name, functools.partial(_dataset_command, _name))
 
 

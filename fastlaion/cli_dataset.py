@@ -1,7 +1,8 @@
 """`fastlaion subset`, `dedup`, `stats`, `index`, `search` and `classify`: operations on a finished
-dataset (fastlaion.dataset).
+dataset (fastlaion.dataset); and `evaluate`, the zero-shot accuracy of the model a run scores with
+on a labelled image folder (fastlaion.evaluation).
 
-fastlaion/cli.py registers the six functions `<name>_cmd` lazily: this module, whose signatures
+fastlaion/cli.py registers the seven functions `<name>_cmd` lazily: this module, whose signatures
 import Polars, numpy and Pillow, is imported only when one of them is looked up (run, or listed by
 `fastlaion --help`), never at the other commands' start-up. Bad input (a missing column, an unknown recipe, no rows, a bad --where) is one line on
 stderr and exit status 2, through cli.user_errors, like `fastlaion run`. fastlaion.cli is imported
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,6 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .config import ScoreConfig
 from .dataset.dedup import DedupBy, DedupConfig
 from .dataset.subset import RECIPES, SubsetConfig
 
@@ -534,7 +537,6 @@ def classify_cmd(
     run stored and the run's CLIP model (class prompts averaged, as CLIP's zero-shot recipe).
     Every row is written to OUTPUT/metadata.parquet with zero_shot_label, zero_shot_score and
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
-    from .config import ConfigError
     from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
     from .dataset.output import check_output_folder
 
@@ -545,15 +547,7 @@ def classify_cmd(
     with _cli().user_errors(bar, _interrupted(written, "the labelled dataset was")):
         names = list(class_names or [])
         if classes_file is not None:
-            try:
-                lines = classes_file.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(f"--classes {classes_file}: cannot read it ({e})") from None
-            listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-            if not listed:
-                raise ConfigError(f"--classes {classes_file}: no class names in it (one a line; blank lines "
-                                  "and # comments are skipped)")
-            names += listed
+            names += _class_file("--classes", classes_file)
         cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
@@ -568,3 +562,96 @@ def classify_cmd(
         if result.unreadable_samples:
             _say(f"{result.unreadable_samples:,} kept samples had no readable embedding: no label")
         _skipped_line(result.skipped_files)
+
+
+def _class_file(flag: str, path: Path) -> list[str]:
+    """The class names in the text file `path`, one a line, blank lines and # comments skipped."""
+    from .config import ConfigError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e})") from None
+    listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not listed:
+        raise ConfigError(f"{flag} {path}: no class names in it (one a line; blank lines and # comments are skipped)")
+    return listed
+
+
+_SC = ScoreConfig()
+MAX_CLASS_ROWS = 50  # more classes: the table lists the worst recalls; --json has every one
+
+
+def evaluate_cmd(
+    images_dir: Annotated[Path, typer.Argument(metavar="IMAGES_DIR", help="A labelled image folder: one subfolder per class (its name the class name, '_' read as a space), its images inside (JPEG, PNG, WebP).", show_default=False)],
+    model: Annotated[str, typer.Option(help="open_clip architecture.")] = _SC.model,
+    pretrained: Annotated[str, typer.Option(help="Its weights: an open_clip tag, a local checkpoint path, or none (random).")] = _SC.pretrained,
+    classnames: Annotated[Optional[Path], typer.Option("--classnames", help="A text file of class names for the prompts, one a line in the class folders' name order (blank lines and # comments skipped); default: the folders' names.", show_default=False)] = None,
+    template: Annotated[Optional[list[str]], typer.Option("--template", help="A prompt with {} where the class name goes (repeatable; their embeddings are averaged per class). Default: 'a photo of a {}.'", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _SC.batch_size,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _SC.device,
+    precision: Annotated[str, typer.Option(help="auto (as `fastlaion run`: fp16 on CUDA, bf16 on a CPU with AMX, else fp32), fp16, bf16 or fp32.")] = _SC.precision,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures, per-class recall and the images that did not decode as JSON.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="At most this many images per class (the first by path), for a quick check; 0: every one.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Zero-shot accuracy of a CLIP model on a labelled image folder (as clip_benchmark's zero-shot
+    classification): each class name through the prompt templates, averaged (CLIP's recipe), each
+    image decoded as `fastlaion run` decodes it, its best classes by cosine. Prints top-1 and top-5
+    accuracy, mean per-class recall, each class's images and recall, and the most confused pairs."""
+    from .dataset.classify import DEFAULT_TEMPLATES
+    from .dataset.output import check_writable_file, write_whole
+    from .evaluation import EvaluateConfig, evaluate
+
+    _cli()._setup_logging(verbose)
+    bar = _Bar(progress)
+    written: list[Path] = []  # --json's file, once it is whole in place
+    # the figures are printed inside too: a Ctrl-C while they print is told what was written
+    with _cli().user_errors(bar, _interrupted(written, "the figures were", "nothing was written")):
+        cfg = EvaluateConfig(images_dir=images_dir, templates=tuple(template or DEFAULT_TEMPLATES), limit=limit,
+                             score=ScoreConfig(model=model, pretrained=pretrained, batch_size=batch_size,
+                                               device=device, precision=precision))
+        cfg.validate()
+        if json_path is not None:
+            check_writable_file("--json", json_path)  # before the work, not after it
+        if classnames is not None:
+            cfg = replace(cfg, classes=tuple(_class_file("--classnames", classnames)))
+        result = evaluate(cfg, bar)
+        if json_path is not None:
+            write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)
+        bar.stop()
+        _print_evaluation(result)
+        if json_path is not None:
+            _say(f"figures written to {json_path}")
+
+
+def _print_evaluation(r: Any) -> None:
+    """The figures, a table of the classes, the most confused pairs, and what did not decode."""
+    prompts = f"{len(r.templates)} prompt template{'s' * (len(r.templates) != 1)}"
+    _say(f"evaluate {r.model} ({r.pretrained}), {r.precision} on {r.device}, {prompts}: {r.images:,} images in "
+         f"{r.classes:,} classes of {r.images_dir}")
+    top5 = f"{100 * r.top5:6.2f}%" if r.top5 is not None else "     -  (5 classes or fewer: every image's class is among its 5 best)"
+    _say(f"  top-1 accuracy         {100 * r.top1:6.2f}%")
+    _say(f"  top-5 accuracy         {top5}")
+    _say(f"  mean per-class recall  {100 * r.mean_per_class_recall:6.2f}%")
+    rows = r.per_class
+    title = "per class (top-1 recall)"
+    if len(rows) > MAX_CLASS_ROWS:
+        rows = sorted((c for c in rows if c["recall"] is not None), key=lambda c: c["recall"])[:MAX_CLASS_ROWS]
+        title = f"the {len(rows)} classes of lowest top-1 recall (every class: --json)"
+    t = Table(title=title, title_justify="left")
+    t.add_column("class")
+    t.add_column("images", justify="right")
+    t.add_column("recall %", justify="right")
+    for c in rows:  # names are data, not markup
+        t.add_row(escape(c["class"]), f"{c['images']:,}", "-" if c["recall"] is None else f"{100 * c['recall']:.1f}")
+    _cli().out_console.print(t)
+    if r.confused:
+        _say("most confused (true -> predicted: images, share of the true class's):")
+        for c in r.confused:
+            _say(f"  {c['true']} -> {c['predicted']}: {c['images']:,} ({100 * c['share']:.1f}%)")
+    if r.undecodable:
+        _warn(f"{len(r.undecodable):,} image(s) did not decode and are not counted: "
+              + ", ".join(f"{u['path']} ({u['reason']})" for u in r.undecodable[:5])
+              + (" ... (every one: --json)" if len(r.undecodable) > 5 else ""))

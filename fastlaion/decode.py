@@ -423,10 +423,15 @@ class Decoder:
     (None, (224, 224, 3))
     """
 
-    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None = None):
+    def __init__(self, cfg: DecodeConfig, clip: ClipInputSpec | None, watermark_size_px: int | None = None,
+                 store: bool = True):
+        """`store` False: no stored image (Decoded.stored None), only the CLIP (and watermark)
+        input, for a reader that keeps no copy (`fastlaion evaluate`); a JPEG is still decoded at
+        the DCT scale cfg's stored size needs, so the CLIP input is the one a run with cfg gets."""
         self.cfg = cfg
         self.clip = clip
         self.watermark_size_px = watermark_size_px
+        self.store = store
         self._tj = shared_turbojpeg()
         # DCT scales that shrink, smallest first: 1/8, 1/4, 3/8, ... 1/1.
         self._jpeg_scales = sorted((f for f in self._tj.scaling_factors if f[0] <= f[1]),
@@ -462,7 +467,8 @@ class Decoder:
             if too_long:
                 raise _Rejected(EXTREME_ASPECT_RATIO, too_long)
             image = self._decode_pixels(body, fmt, size, pil_image)
-            stored, stored_ext, stored_size = self._store(body, fmt, image, size)
+            stored, stored_ext, stored_size = (self._store(body, fmt, image, size) if self.store
+                                               else (None, None, (None, None)))
             clip_input = None if self.clip is None else self.clip.apply(image, *size)
             watermark_input = None
             if self.watermark_size_px:

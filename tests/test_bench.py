@@ -75,3 +75,11 @@ def test_e2e_quick_prints_the_chain_and_fastlaion_rows_after_the_agreement_check
                          r"\S+ (\d+) vs (\d+)$", proc.stdout, re.MULTILINE)
         assert kept and abs(int(kept[1]) - int(kept[2])) <= 2, out[-4000:]
         assert f"agreement, fastlaion {name}: 48 URLs scored by both" in proc.stdout
+
+
+def test_evaluate_quick_agrees_with_the_open_clip_script_then_prints_the_ratio(tmp_path: Path) -> None:
+    """bench/evaluate.py --quick: 48 images in 10 classes, the tiny CLIP, both sides."""
+    proc = quick("evaluate.py", ("--workdir", tmp_path), 300)
+    assert re.search(r"^agreement: 48 / 48 images, .*: True$", proc.stdout, re.MULTILINE), proc.stdout[-4000:]
+    assert re.search(r"^fastlaion / script: \d+\.\d\dx the speed by wall time, \d+\.\d\dx by CPU time",
+                     proc.stdout, re.MULTILINE), proc.stdout[-4000:]

@@ -67,7 +67,7 @@ def test_the_command_list_gives_each_command_its_first_paragraph_as_running_text
 
 
 @pytest.mark.parametrize("name", ["", "run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
-                                  "classify", "version"])
+                                  "classify", "evaluate", "version"])
 def test_help_at_80_columns_cuts_no_option_name_nor_default(name):
     """rich shrank every column of typer's options table to fit the terminal: at 80 columns
     `--max-caption-c…`, two options both shown as `--multilingual-…`, `[default: noai,noimageai,n…`.
@@ -79,7 +79,7 @@ def test_help_at_80_columns_cuts_no_option_name_nor_default(name):
 
     group = typer.main.get_command(app)
     assert set(group.commands) == {"run", "demo", "extract", "subset", "dedup", "stats", "index", "search",
-                                   "classify", "version"}  # a new command: add it above
+                                   "classify", "evaluate", "version"}  # a new command: add it above
     cmd = group.commands[name] if name else group
     result = runner.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
@@ -553,7 +553,7 @@ def test_every_validated_flag_is_checked_before_work(tmp_path, flag, value, mess
 
 
 @pytest.mark.parametrize("command", [["run", "in.csv", "-o", "o", "--no-score"], ["search", "ds", "-t", "cat"],
-                                     ["classify", "--from", "ds", "-o", "o", "-c", "cat"],
+                                     ["classify", "--from", "ds", "-o", "o", "-c", "cat"], ["evaluate", "images"],
                                      ["dedup", "--from", "ds", "-o", "o", "--by", "embedding"]])
 @pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cuda:99999999999999999999", "cuda:"])
 def test_a_device_that_is_no_device_string_is_refused_before_work(tmp_path, monkeypatch, command, device):
@@ -699,7 +699,8 @@ def test_extract_processes_past_the_usable_cores_is_one_warning(tmp_path):
 def test_every_command_is_listed_and_built_when_looked_up():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
-    names = ["run", "demo", "extract", "subset", "dedup", "stats", "index", "search", "classify", "version"]
+    names = ["run", "demo", "extract", "subset", "dedup", "stats", "index", "search", "classify", "evaluate",
+             "version"]
     positions = [result.output.index(f" {name} ") for name in names]
     assert positions == sorted(positions), result.output
     import typer.main
@@ -908,6 +909,9 @@ def test_an_output_path_through_a_file_names_the_file(tmp_path):
     (["search", "ds", "-t", "cat", "--json", ""], "'--json'"),
     (["search", "ds", "--image", "a.jpg", "--image", ""], "'--image'"),
     (["search", "ds", "--vector", ""], "'--vector'"),
+    (["evaluate", ""], "'IMAGES_DIR'"),
+    (["evaluate", "images", "--json", ""], "'--json'"),
+    (["evaluate", "images", "--classnames", ""], "'--classnames'"),
 ])
 def test_an_empty_path_is_refused_naming_the_option(tmp_path, monkeypatch, args, named):
     """`-o ''` (`-o "$OUT"` with OUT unset): typer made it Path(''), the current folder, and `run`
