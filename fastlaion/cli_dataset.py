@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .config import ScoreConfig
+from .config import ConfigError, ScoreConfig
 from .dataset.dedup import DedupBy, DedupConfig
 from .dataset.subset import RECIPES, SubsetConfig
 
@@ -526,6 +526,7 @@ def classify_cmd(
     class_names: Annotated[Optional[list[str]], typer.Option("--class", "-c", help="A class name (repeatable), e.g. --class cat --class dog.", show_default=False)] = None,
     classes_file: Annotated[Optional[Path], typer.Option("--classes", help="A text file of class names, one a line (blank lines and # comments skipped).", show_default=False)] = None,
     template: Annotated[Optional[list[str]], typer.Option("--template", help="A prompt with {} where the class name goes (repeatable; their embeddings are averaged). Default: 'a photo of a {}.'", show_default=False)] = None,
+    templates: Annotated[Optional[str], typer.Option("--templates", help=TEMPLATES_HELP, show_default=False)] = None,
     top: Annotated[int, typer.Option(help="Classes per sample in zero_shot_top, best first (at most 16).")] = 1,
     model: Annotated[Optional[str], typer.Option(help="open_clip architecture for the class prompts; default: the one the run scored with (its config.json).", show_default=False)] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or checkpoint path; default: the run's.", show_default=False)] = None,
@@ -537,7 +538,7 @@ def classify_cmd(
     run stored and the run's CLIP model (class prompts averaged, as CLIP's zero-shot recipe).
     Every row is written to OUTPUT/metadata.parquet with zero_shot_label, zero_shot_score and
     zero_shot_top; `fastlaion subset --where "zero_shot_label = 'cat'"` selects a class."""
-    from .dataset.classify import DEFAULT_TEMPLATES, ClassifyConfig, classify
+    from .dataset.classify import ClassifyConfig, classify
     from .dataset.output import check_output_folder
 
     _cli()._setup_logging(verbose)
@@ -548,7 +549,7 @@ def classify_cmd(
         names = list(class_names or [])
         if classes_file is not None:
             names += _class_file("--classes", classes_file)
-        cfg = ClassifyConfig(classes=tuple(names), templates=tuple(template or DEFAULT_TEMPLATES), top=top,
+        cfg = ClassifyConfig(classes=tuple(names), templates=_templates(template, templates), top=top,
                              model=model, pretrained=pretrained, device=device)
         cfg.validate()
         check_output_folder(output)  # before the work (the model's loading), not after it
@@ -578,6 +579,31 @@ def _class_file(flag: str, path: Path) -> list[str]:
     return listed
 
 
+TEMPLATES_HELP = ("A named set of prompts instead of --template: openai (OpenAI CLIP's 80 ImageNet prompts, as "
+                  "published zero-shot figures use) or openai-simple (its 7-prompt subset).")
+
+
+def _templates(given: list[str] | None, named: str | None) -> tuple[str, ...]:
+    """The prompt templates of --template (repeatable) or --templates NAME; the default one alone."""
+    from .dataset.classify import DEFAULT_TEMPLATES, template_set
+
+    if named is not None:
+        if given:
+            raise ConfigError("--template and --templates: give your own prompts or a named set, not both")
+        return template_set(named)
+    return tuple(given or DEFAULT_TEMPLATES)
+
+
+def _class_names(path: Path) -> tuple[str, ...]:
+    """--classnames: a file's names, or 'imagenet' (where no file of that name is) for ImageNet-1k's,
+    open_clip's list in class-index order, which is the sorted order of ImageNet's wnid folders."""
+    if str(path) == "imagenet" and not path.exists():
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return tuple(IMAGENET_CLASSNAMES)
+    return tuple(_class_file("--classnames", path))
+
+
 _SC = ScoreConfig()
 MAX_CLASS_ROWS = 50  # more classes: the table lists the worst recalls; --json has every one
 
@@ -586,8 +612,9 @@ def evaluate_cmd(
     images_dir: Annotated[Path, typer.Argument(metavar="IMAGES_DIR", help="A labelled image folder: one subfolder per class (its name the class name, '_' read as a space), its images inside (JPEG, PNG, WebP).", show_default=False)],
     model: Annotated[str, typer.Option(help="open_clip architecture.")] = _SC.model,
     pretrained: Annotated[str, typer.Option(help="Its weights: an open_clip tag, a local checkpoint path, or none (random).")] = _SC.pretrained,
-    classnames: Annotated[Optional[Path], typer.Option("--classnames", help="A text file of class names for the prompts, one a line in the class folders' name order (blank lines and # comments skipped); default: the folders' names.", show_default=False)] = None,
+    classnames: Annotated[Optional[Path], typer.Option("--classnames", help="A text file of class names for the prompts, one a line in the class folders' name order (blank lines and # comments skipped), or 'imagenet': ImageNet-1k's 1,000 names as open_clip gives them, in the order of its wnid folders (n01440764 ...); default: the folders' names.", show_default=False)] = None,
     template: Annotated[Optional[list[str]], typer.Option("--template", help="A prompt with {} where the class name goes (repeatable; their embeddings are averaged per class). Default: 'a photo of a {}.'", show_default=False)] = None,
+    templates: Annotated[Optional[str], typer.Option("--templates", help=TEMPLATES_HELP, show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _SC.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _SC.device,
     precision: Annotated[str, typer.Option(help="auto (as `fastlaion run`: fp16 on CUDA, bf16 on a CPU with AMX, else fp32), fp16, bf16 or fp32.")] = _SC.precision,
@@ -600,7 +627,6 @@ def evaluate_cmd(
     classification): each class name through the prompt templates, averaged (CLIP's recipe), each
     image decoded as `fastlaion run` decodes it, its best classes by cosine. Prints top-1 and top-5
     accuracy, mean per-class recall, each class's images and recall, and the most confused pairs."""
-    from .dataset.classify import DEFAULT_TEMPLATES
     from .dataset.output import check_writable_file, write_whole
     from .evaluation import EvaluateConfig, evaluate
 
@@ -609,14 +635,14 @@ def evaluate_cmd(
     written: list[Path] = []  # --json's file, once it is whole in place
     # the figures are printed inside too: a Ctrl-C while they print is told what was written
     with _cli().user_errors(bar, _interrupted(written, "the figures were", "nothing was written")):
-        cfg = EvaluateConfig(images_dir=images_dir, templates=tuple(template or DEFAULT_TEMPLATES), limit=limit,
+        cfg = EvaluateConfig(images_dir=images_dir, templates=_templates(template, templates), limit=limit,
                              score=ScoreConfig(model=model, pretrained=pretrained, batch_size=batch_size,
                                                device=device, precision=precision))
         cfg.validate()
         if json_path is not None:
             check_writable_file("--json", json_path)  # before the work, not after it
         if classnames is not None:
-            cfg = replace(cfg, classes=tuple(_class_file("--classnames", classnames)))
+            cfg = replace(cfg, classes=_class_names(classnames))
         result = evaluate(cfg, bar)
         if json_path is not None:
             write_whole(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False), written.append)

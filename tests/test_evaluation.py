@@ -193,6 +193,10 @@ def test_bad_input_is_one_line(folder, tmp_path):
         ([folder, "--template", "a photo"], "--template 'a photo' must hold '{}' once"),
         ([folder, "--json", tmp_path / "no" / "r.json"], f"--json {tmp_path / 'no' / 'r.json'}: no folder"),
         ([folder, "--model", "ViT-Nope"], "--model"),
+        ([folder, "--templates", "imagenet-80"], "--templates 'imagenet-80': no such prompt set; the sets are openai, "
+                                                 "openai-simple"),
+        ([folder, "--templates", "openai", "--template", "a {}"], "--template and --templates: give your own prompts"),
+        ([folder, "--classnames", "imagenet"], "--classnames: 1,000 names for 7 class folders"),
         ([broken], f"error: {broken}: none of its 2 images decoded (the first: a/0.jpg: "),
     ]
     for args, message in cases:
@@ -227,3 +231,38 @@ def test_ctrl_c_says_whether_the_figures_were_written(folder, tmp_path, monkeypa
             assert json.loads(out.read_text())["classes"] == 7
         else:
             assert out.read_text() == '{"old": true}', name
+
+
+def test_named_prompt_sets_and_imagenet_names(folder, tmp_path):
+    """--templates openai / openai-simple are OpenAI CLIP's ImageNet prompts as open_clip ships them
+    (its functions, applied here to a name, give what our templates format to), averaged as any
+    --template list: the command's figures are those of the same prompts given one by one; the
+    class prompts are embedded a pass of PROMPTS_A_PASS at a time, the same as all at once."""
+    from open_clip import zero_shot_metadata
+
+    from fastlaion.dataset.classify import class_embeddings, template_set
+
+    for name, count, made in (("openai", 80, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES),
+                              ("openai-simple", 7, zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES)):
+        got = template_set(name)
+        assert len(got) == len(set(got)) == count and all(t.count("{}") == 1 for t in got)
+        assert [t.format("tabby cat") for t in got] == [make("tabby cat") for make in made]
+    simple = template_set("openai-simple")
+    base = ["evaluate", folder, "--model", TINY_MODEL, "--pretrained", "none", "--device", "cpu", "--precision", "fp32",
+            "--batch-size", "4", "--no-progress", "--limit", "1"]
+    named = run_cli_here([*base, "--templates", "openai-simple", "--json", tmp_path / "named.json"])
+    listed = run_cli_here([*base, *sum((["--template", t] for t in simple), []), "--json", tmp_path / "listed.json"])
+    assert named.returncode == 0 and listed.returncode == 0, (named.stderr, listed.stderr)
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("named.json", "listed.json"))
+    a.pop("seconds"), b.pop("seconds")
+    assert a["templates"] == list(simple) and a == b
+    assert "7 prompt templates" in named.stdout
+    s = scorer()
+    classes = ("cat", "dog", "space rocket")
+    whole = class_embeddings(s, classes, simple, per_pass=10_000)
+    for per_pass in (1, 4, 20):
+        np.testing.assert_allclose(class_embeddings(s, classes, simple, per_pass=per_pass).numpy(), whole.numpy(),
+                                   atol=1e-5)
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    assert len(IMAGENET_CLASSNAMES) == 1000 and IMAGENET_CLASSNAMES[0] == "tench"

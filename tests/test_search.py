@@ -315,10 +315,15 @@ def test_bad_classify_input_is_one_line(run, tmp_path):
     first = run_cli_here(["classify", "--from", str(out), "-o", str(tmp_path / "c"), "--classes", str(tmp_path / "classes.txt"),
                      "--device", "cpu", "--no-progress"])
     assert first.returncode == 0 and "over 2 classes" in first.stdout, first.stderr
+    named = run_cli_here(["classify", "--from", str(out), "-o", str(tmp_path / "n"), "--classes", str(tmp_path / "classes.txt"),
+                          "--templates", "openai-simple", "--device", "cpu", "--no-progress"])
+    assert named.returncode == 0 and "over 2 classes" in named.stdout, named.stderr
     cases = [
         ([], "no classes: give --class NAME"),
         (["--class", "cat", "--class", "cat"], "class named twice: 'cat'"),
         (["--class", "cat", "--template", "a photo"], "--template 'a photo' must hold '{}' once"),
+        (["--class", "cat", "--templates", "clip"], "--templates 'clip': no such prompt set; the sets are openai"),
+        (["--class", "cat", "--templates", "openai", "--template", "a {}"], "--template and --templates: give"),
         (["--class", "cat", "--class", "dog", "--top", "3"], "--top must be between 1 and 2"),
         (["--classes", str(tmp_path / "none.txt")], "--classes"),
         (["--classes", str(tmp_path / "empty.txt")], f"--classes {tmp_path / 'empty.txt'}: no class names in it"),

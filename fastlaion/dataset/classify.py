@@ -31,6 +31,11 @@ from .source import KEPT, METADATA_FILE, Dataset, NoProgress, Progress, collect,
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# Named prompt sets (--templates NAME): OpenAI CLIP's ImageNet prompts as open_clip ships them
+# (open_clip.zero_shot_metadata, from OpenAI's prompt-engineering notebook), so that a zero-shot
+# figure is comparable with the published ones and clip_benchmark's
+TEMPLATE_SETS = {"openai": "OPENAI_IMAGENET_TEMPLATES", "openai-simple": "SIMPLE_IMAGENET_TEMPLATES"}
+PROMPTS_A_PASS = 1024  # class prompts embedded at a time (1,000 classes x 80 prompts would not fit at once)
 COLUMNS = ("zero_shot_label", "zero_shot_score", "zero_shot_top")
 MAX_TOP = 16  # topk_cosine's bound
 
@@ -90,13 +95,26 @@ class ClassifyResult:
         return dict(vars(self))
 
 
-def class_embeddings(scorer: Any, classes: tuple[str, ...], templates: tuple[str, ...]) -> Any:
+def template_set(name: str, flag: str = "--templates") -> tuple[str, ...]:
+    """The prompts of a named set (TEMPLATE_SETS) as '{}' templates, or a one-line error."""
+    if name not in TEMPLATE_SETS:
+        raise ConfigError(f"{flag} {name!r}: no such prompt set; the sets are {', '.join(TEMPLATE_SETS)} "
+                          "(or give your own with --template, repeatable)")
+    from open_clip import zero_shot_metadata
+
+    return tuple(make("{}") for make in getattr(zero_shot_metadata, TEMPLATE_SETS[name]))
+
+
+def class_embeddings(scorer: Any, classes: tuple[str, ...], templates: tuple[str, ...],
+                     per_pass: int = PROMPTS_A_PASS) -> Any:
     """(C, D) unit float32 tensor on the scorer's device: per class, the mean of its prompts'
-    unit text embeddings, made unit again."""
+    unit text embeddings, made unit again. The prompts go through the text tower `per_pass` at a
+    time (ImageNet's 1,000 classes with OpenAI's 80 prompts are 80,000)."""
     import torch
 
     prompts = [t.format(c) for c in classes for t in templates]
-    emb = scorer.embed_texts(prompts).view(len(classes), len(templates), -1)  # unit rows, on the host
+    emb = torch.cat([scorer.embed_texts(prompts[i:i + per_pass]) for i in range(0, len(prompts), per_pass)])
+    emb = emb.view(len(classes), len(templates), -1)  # unit rows, on the host
     return torch.nn.functional.normalize(emb.mean(dim=1), dim=1).to(scorer.device)
 
 
