@@ -14,6 +14,7 @@ fastlaion.ops.topk_cosine (our CUDA kernel on a GPU, its pure-torch reference on
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,8 +86,7 @@ def read_image_folder(root: Path, classes: tuple[str, ...] | None = None, limit:
         raise ConfigError(f"{root}: only one class subfolder ({folders[0]!r}); zero-shot accuracy needs 2 or more")
     files = []
     for name in folders:
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        found = _images_under(root / name)
         if not found:
             raise ConfigError(f"{root / name}: no images in it ({', '.join(sorted(IMAGE_EXTENSIONS))}); every class "
                               "folder needs at least one")
@@ -97,6 +97,25 @@ def read_image_folder(root: Path, classes: tuple[str, ...] | None = None, limit:
         raise ConfigError(f"--classnames: {len(classes):,} names for {len(folders):,} class folders in {root}; give "
                           "one name a line, in the folders' name order")
     return LabelledFolder(root, folders, tuple(classes), tuple(files))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files at any depth of a class folder, in path order, hidden ones and those in
+    hidden folders left out. Linked folders are followed, as ImageFolder's os.walk(followlinks=
+    True) does (pathlib's rglob does not: a class kept in a linked folder had no images), each
+    real folder walked once (a link back up the tree is no endless walk)."""
+    found: list[Path] = []
+    walked: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [p for n in names if not n.startswith(".") and (p := Path(top) / n).suffix.lower() in IMAGE_EXTENSIONS
+                  and p.is_file()]
+    return sorted(found)
 
 
 @dataclass

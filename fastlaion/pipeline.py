@@ -47,7 +47,7 @@ from .config import (
 )
 from .decode import Decoded, Decoder
 from .download import TLS_ERROR, Downloader, Fetched, download_all, is_transient, new_event_loop
-from .dataset.source import MANIFEST_FILE, METADATA_FILE
+from .dataset.source import MANIFEST_FILE, METADATA_FILE, shard_identity
 from .interrupt import run_until_stopped
 from .reader import InputRows, open_inputs, shard_count, write_rows
 from .writer import (
@@ -1057,9 +1057,10 @@ class ShardJob:
         entry = {"rows": retried.height, "kept": int((retried["status"] == "kept").sum()), "failed_again": again,
                  "wall_s": stats["wall_s"], "finished_at": stats["finished_at"]}
         # the same write of the shard, more rows downloaded: what a dataset made from it recorded
-        # (Dataset.root_changed) still holds; a shard written anew gets a new write_id
-        kept_id = {WRITE_ID: previous[WRITE_ID]} if isinstance(previous.get(WRITE_ID), str) else {}
-        return {**stats, "started_at": previous["started_at"], **kept_id,
+        # (Dataset.root_changed) still holds; a shard written anew gets a new write_id. One an
+        # earlier fastlaion wrote has none: it is known by its stats file's digest, kept as its id
+        kept_id = shard_identity(Path(self.out), shard_name(self.shard))
+        return {**stats, "started_at": previous["started_at"], **({WRITE_ID: kept_id} if kept_id else {}),
                 "retries": [*previous.get("retries", []), entry]}
 
     async def _consume(self, arrived: asyncio.Queue[_Arrived | None], writer: ShardWriter) -> None:

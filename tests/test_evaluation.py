@@ -158,6 +158,25 @@ def test_the_same_images_in_every_class_give_one_in_c_whatever_the_model(tmp_pat
     assert all(c["true"] != c["predicted"] and c["share"] == c["images"] / 4 for c in got["confused"])
 
 
+def test_linked_folders_are_read_as_torchvision_reads_them(tmp_path):
+    """ImageFolder walks a class folder following links (os.walk(followlinks=True)): a class
+    whose images are in a linked folder has them, a linked class folder is a class, and a link
+    back up the tree is not walked round and round."""
+    shared = tmp_path / "elsewhere"
+    shared.mkdir()
+    for i, a in enumerate(pictures()["rocket"]):
+        Image.fromarray(np.ascontiguousarray(a)).save(shared / f"{i}.png")
+    (tmp_path / "in" / "cat").mkdir(parents=True)
+    Image.fromarray(pictures()["chelsea"][0]).save(tmp_path / "in" / "cat" / "0.png")
+    (tmp_path / "in" / "cat" / "loop").symlink_to(tmp_path / "in" / "cat")  # a cycle: cat/loop/loop/...
+    (tmp_path / "in" / "rocket").mkdir()
+    (tmp_path / "in" / "rocket" / "linked").symlink_to(shared)
+    (tmp_path / "in" / "ship").symlink_to(shared)
+    result, got = evaluate(tmp_path / "in", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert {c["folder"]: c["images"] for c in got["per_class"]} == {"cat": 1, "rocket": 3, "ship": 3}
+
+
 def test_fewer_than_six_classes_have_no_top5(folder, tmp_path):
     for name in ("chelsea", "coffee"):
         (tmp_path / "in" / name).mkdir(parents=True)

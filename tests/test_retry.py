@@ -196,6 +196,33 @@ def test_retry_failed_downloads_only_transient_rows_and_rewrites_only_their_shar
     assert sorted(s["__key__"] for s in samples) == sorted(read_output(out).filter(pl.col("status") == "kept")["key"])
 
 
+def test_retry_failed_on_a_shard_an_earlier_fastlaion_wrote_keeps_its_identity(tmp_path, flaky_case):
+    """A shard whose stats file has no write_id (an earlier fastlaion wrote it) is known to a
+    subset by a digest of that file; --retry-failed adds rows to that same write, so the subset
+    made before it still reads its samples there (it used to be refused: "written again")."""
+    flaky, rows = flaky_case
+    with LoopbackServer({}, extra_routes=[flaky.route()]) as server:
+        inp = _write_input(tmp_path, server, rows[4:8])  # shard 0: two transient failures
+        out = tmp_path / "out"
+        assert runner.invoke(app, _args(inp, out, "--no-score")).exit_code == 0
+        stats_file = out / "00000_stats.json"
+        stats = json.loads(stats_file.read_text())
+        del stats["write_id"]
+        stats_file.write_text(json.dumps(stats))
+        made = tmp_path / "subset"
+        assert runner.invoke(app, ["subset", "--where", "true", "--from", str(out), "-o", str(made),
+                                   "--no-progress"]).exit_code == 0
+        recorded = json.loads((made / "dataset.json").read_text())["root_shards"]["00000"]
+        assert recorded.startswith("sha256:")
+        retried = runner.invoke(app, _args(inp, out, "--no-score", "--retry-failed"))
+        assert retried.exit_code == 0, retried.output
+    assert _outcomes(out) == ["kept", "kept", "kept", "http_404"]
+    assert json.loads(stats_file.read_text())["write_id"] == recorded
+    exported = runner.invoke(app, ["subset", "--where", "true", "--from", str(made), "-o", str(tmp_path / "own"),
+                                   "--shards", "--no-progress"])
+    assert exported.exit_code == 0 and "written again" not in exported.output, exported.output
+
+
 def test_retry_failed_downloads_again_the_rows_of_a_host_whose_robots_txt_was_unreachable(tmp_path, photos):
     """--respect-robots during an outage: robots.txt answers 503, so RFC 9309 disallows the whole
     host for that run; those rows are transient (robots_unreachable), and once the site is back
