@@ -618,7 +618,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = _SC.batch_size,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _SC.device,
     precision: Annotated[str, typer.Option(help="auto (as `fastlaion run`: fp16 on CUDA, bf16 on a CPU with AMX, else fp32), fp16, bf16 or fp32.")] = _SC.precision,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures, per-class recall and the images that did not decode as JSON.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures, per-class recall and the images that did not decode as JSON; - writes it to stdout (the table then goes to stderr).", show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="At most this many images per class (the first by path), for a quick check; 0: every one.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
@@ -627,14 +627,16 @@ def evaluate_cmd(
     classification): each class name through the prompt templates, averaged (CLIP's recipe), each
     image decoded as `fastlaion run` decodes it, its best classes by cosine. Prints top-1 and top-5
     accuracy, mean per-class recall, each class's images and recall, and the most confused pairs."""
-    from .dataset.output import check_writable_file, write_whole
+    from .dataset.output import check_writable_file, is_stdout, shown, write_whole
     from .evaluation import EvaluateConfig, evaluate
 
     _cli()._setup_logging(verbose)
     bar = _Bar(progress)
     written: list[Path] = []  # --json's file, once it is whole in place
-    # the figures are printed inside too: a Ctrl-C while they print is told what was written
-    with _cli().user_errors(bar, _interrupted(written, "the figures were", "nothing was written")):
+    # the figures are printed inside too: a Ctrl-C while they print is told what was written;
+    # `--json -`: stdout is the JSON alone, the figures' lines on stderr
+    with _cli().lines_on_stderr(is_stdout(json_path)), \
+            _cli().user_errors(bar, _interrupted(written, "the figures were", "nothing was written")):
         cfg = EvaluateConfig(images_dir=images_dir, templates=_templates(template, templates), limit=limit,
                              score=ScoreConfig(model=model, pretrained=pretrained, batch_size=batch_size,
                                                device=device, precision=precision))
@@ -649,7 +651,7 @@ def evaluate_cmd(
         bar.stop()
         _print_evaluation(result)
         if json_path is not None:
-            _say(f"figures written to {json_path}")
+            _say(f"figures written to {shown(json_path)}")
 
 
 def _print_evaluation(r: Any) -> None:
@@ -660,11 +662,14 @@ def _print_evaluation(r: Any) -> None:
     top5 = f"{100 * r.top5:6.2f}%" if r.top5 is not None else "     -  (5 classes or fewer: every image's class is among its 5 best)"
     _say(f"  top-1 accuracy         {100 * r.top1:6.2f}%")
     _say(f"  top-5 accuracy         {top5}")
-    _say(f"  mean per-class recall  {100 * r.mean_per_class_recall:6.2f}%")
+    empty = [c["class"] for c in r.per_class if c["recall"] is None]  # no image of theirs decoded
+    _say(f"  mean per-class recall  {100 * r.mean_per_class_recall:6.2f}%"
+         + (f"  (over {r.classes - len(empty):,} of {r.classes:,} classes: none of {', '.join(empty[:3])}"
+            f"{' ...' if len(empty) > 3 else ''}'s images decoded)" if empty else ""))
     rows = r.per_class
     title = "per class (top-1 recall)"
-    if len(rows) > MAX_CLASS_ROWS:
-        rows = sorted((c for c in rows if c["recall"] is not None), key=lambda c: c["recall"])[:MAX_CLASS_ROWS]
+    if len(rows) > MAX_CLASS_ROWS:  # the classes without a decoded image first, as the worst
+        rows = sorted(rows, key=lambda c: -1.0 if c["recall"] is None else c["recall"])[:MAX_CLASS_ROWS]
         title = f"the {len(rows)} classes of lowest top-1 recall (every class: --json)"
     t = Table(title=title, title_justify="left")
     t.add_column("class")

@@ -285,3 +285,37 @@ def test_named_prompt_sets_and_imagenet_names(folder, tmp_path):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     assert len(IMAGENET_CLASSNAMES) == 1000 and IMAGENET_CLASSNAMES[0] == "tench"
+
+
+def test_json_to_stdout_is_the_json_alone(folder, tmp_path):
+    """--json -: stdout is the figures' JSON document alone (what `stats --json -` does; a pipe
+    into jq reads it), the same as --json FILE writes; the table and lines go to stderr."""
+    result, from_file = evaluate(folder, tmp_path / "r.json", "--limit", "1")
+    assert result.returncode == 0, result.stderr
+    args = ["evaluate", folder, "--model", TINY_MODEL, "--pretrained", "none", "--device", "cpu", "--precision",
+            "fp32", *sum((["--template", t] for t in TEMPLATES), []), "--batch-size", "4", "--json", "-",
+            "--no-progress", "--limit", "1"]
+    piped = run_cli_here(args)
+    assert piped.returncode == 0, piped.stderr
+    got = json.loads(piped.stdout)
+    got.pop("seconds"), from_file.pop("seconds")
+    assert got == from_file
+    assert "top-1 accuracy" in piped.stderr and "figures written to stdout" in piped.stderr
+
+
+def test_a_class_whose_images_all_fail_to_decode_is_told_in_the_mean(folder, tmp_path):
+    """A class none of whose images decoded has no recall: the mean per-class recall is over the
+    others, and its line says so, naming the class."""
+    root = tmp_path / "in"
+    for name in ("chelsea", "coffee", "astronaut"):
+        (root / name).mkdir(parents=True)
+    for name in ("chelsea", "coffee"):
+        for p in sorted((folder / name).glob("*.png"))[:2]:
+            (root / name / p.name).write_bytes(p.read_bytes())
+    (root / "astronaut" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    result, got = evaluate(root, tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    recalls = {c["class"]: c["recall"] for c in got["per_class"]}
+    assert recalls["astronaut"] is None and got["images"] == 4
+    assert got["mean_per_class_recall"] == pytest.approx((recalls["chelsea"] + recalls["coffee"]) / 2)
+    assert "(over 2 of 3 classes: none of astronaut's images decoded)" in result.stdout
