@@ -422,6 +422,19 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
     alone = score_rate(scorer, pixels, batch_texts, rounds, device)
     row(f"{args.model} score only", f"{alone:,.0f} samples/s",
         f"image + text towers + paired cosine + host copies, batch {args.batch}, pixels already on {device.type}")
+    # The image tower's blocks through MultiheadAttention's fast path (cuDNN attention on CUDA:
+    # session 14's layers) instead of one scaled_dot_product_attention each (since 2026-11-28, the
+    # CPU's lever, unmeasured on a GPU): the same scorer, the switch flipped for the row
+    patches = getattr(scorer, "_patches", None)
+    if patches is not None and patches.plain_blocks:
+        patches.plain_blocks = False
+        try:
+            scorer.score(pixels, batch_texts)
+            fast_path = score_rate(scorer, pixels, batch_texts, rounds, device)
+        finally:
+            patches.plain_blocks = True
+        row(f"{args.model} score only, image blocks through MultiheadAttention", f"{fast_path:,.0f} samples/s",
+            f"one scaled_dot_product_attention a block (the default): {alone / fast_path:.2f}x")
     # The same model with open_clip's patch embedding and float32 layer norms (before session 14)
     before = _make_scorer(args.model, args.batch, device, open_clip_layers=True)
     before.score(pixels, batch_texts)
