@@ -10,7 +10,10 @@ What a request goes through, in order (each refusal is a reason, never an except
 
 1. the URL must be http(s) with a host (`invalid_url`) and not on the URL blocklist (`blocked`);
 2. a literal IP host must be a public address (`private_address`), unless
-   `allow_private_networks`; host names are checked after DNS, by `GuardedResolver`;
+   `allow_private_networks`; host names are checked after DNS, by `GuardedResolver`. An IPv4
+   address in another spelling than dotted decimal (`0x7f.1`, `2130706433`, `127.1`,
+   `127.0.0.1.`) is read as browsers read it (`literal_ip`), and requested as they request it:
+   at `127.0.0.1`, which is also its host for steps 3 and 4 (`request_url`);
 3. with `respect_robots`, the origin's robots.txt (fetched once, shared by all waiters) must
    allow the URL for our user agent (`robots_disallowed`);
 4. a per-host slot: at most `per_host` requests in flight and, with `per_host_rate` or a
@@ -261,6 +264,34 @@ def literal_ip(host: str) -> IPAddress | None:
         except OSError:
             return None
     return None
+
+
+def _dotted_host(host: str) -> str | None:
+    """The address `host` names in dotted decimal, where it is an IPv4 address written otherwise
+    (as `literal_ip` reads it); None for any other host."""
+    if host[-1:] not in _MAY_END_IN_NUMBER:  # most host names: no address ends in their letter
+        return None
+    ip = literal_ip(host)
+    if isinstance(ip, ipaddress.IPv4Address) and (address := str(ip)) != host:
+        return address
+    return None
+
+
+def request_url(target: URL) -> URL:
+    """`target` as a browser requests it: a host that is an IPv4 address written otherwise than
+    in dotted decimal replaced by that address, the port, path and query kept. WHATWG's URL
+    parser rewrites the host so before the request, which then goes to that address with it in
+    the Host header; aiohttp sent the spelling as written (`0x7f.1` in the Host header), refused
+    it (`127.1`, `2130706433`: invalid_url) or asked DNS for it (`%31%32%37.0.0.1`, `0x7f.1.`).
+    The guard checks the same address, so what it checked is what is connected to.
+
+    >>> str(request_url(URL("http://0x7f.1:8080/a.jpg?q=1"))), str(request_url(URL("http://134744072/")))
+    ('http://127.0.0.1:8080/a.jpg?q=1', 'http://8.8.8.8/')
+    >>> request_url(URL("http://example.com/a.jpg")).raw_host
+    'example.com'
+    """
+    address = _dotted_host(target.raw_host or "")
+    return target if address is None else target.with_host(address)
 
 
 class PrivateAddressError(OSError):
@@ -780,15 +811,17 @@ class Downloader:
         if invalid:
             return done(_refused(INVALID_URL, f"not an http(s) URL: {url!r}"), 0)
         url = url.strip()
-        if rules.policy and (why := self.blocklists.url_blocked(url, str(target))) is not None:
+        requested = request_url(target)
+        if rules.policy and (why := self.blocklists.url_blocked(
+                url, str(target), *(() if requested is target else (str(requested),)))) is not None:
             return done(_refused(BLOCKED, why), 0)
-        refusal, crawl_delay = await self._refusal(target, rules)
+        refusal, crawl_delay = await self._refusal(requested, rules)
         if refusal is not None:
             return done(refusal, 0)
         attempts = 0
         while True:
             attempts += 1
-            outcome = await self._attempt(target, rules, crawl_delay)
+            outcome = await self._attempt(requested, rules, crawl_delay)
             # (a redirect target's unreachable robots.txt: its verdict would answer again the same)
             if not is_transient(outcome.error) or outcome.error == ROBOTS_UNREACHABLE or attempts > self.cfg.retries:
                 return done(outcome, attempts)
@@ -818,13 +851,14 @@ class Downloader:
         return None, robots.crawl_delay_s
 
     async def _attempt(self, target: URL, rules: _Rules, crawl_delay: float) -> _Attempt:
-        """One attempt: request `target` and follow its redirects, within `cfg.timeout_s` in all;
-        `crawl_delay`: the first hop's, from `_refusal`."""
+        """One attempt: request `target` (a `request_url`) and follow its redirects, within
+        `cfg.timeout_s` in all; `crawl_delay`: the first hop's, from `_refusal`."""
         spent = 0.0
         status: int | None = None
         for hop in range(self.cfg.max_redirects + 1):
-            if hop:
-                if rules.policy and (why := self.blocklists.url_blocked(str(target))) is not None:
+            if hop:  # `target`: the Location as written (joined, yarl's form)
+                location, target = target, request_url(target)
+                if rules.policy and (why := self.blocklists.url_blocked(str(location), str(target))) is not None:
                     return _refused(BLOCKED, why, status)
                 refusal, crawl_delay = await self._refusal(target, rules)
                 if refusal is not None:
@@ -1114,13 +1148,19 @@ class _Deadline:
 
 def host_of(url: str | None) -> str:
     """The host a URL's first request goes to, as the per-host slots name it ('' if none, e.g.
-    for an invalid URL, which `fetch` answers without a request)."""
+    for an invalid URL, which `fetch` answers without a request): an IPv4 address in dotted
+    decimal however it was written (`request_url`).
+
+    >>> host_of("http://0x7f.1:8080/a.jpg"), host_of("https://Example.COM/a.jpg")
+    ('127.0.0.1', 'example.com')
+    """
     if not isinstance(url, str):
         return ""
     try:
-        return URL(url.strip()).raw_host or ""
+        host = URL(url.strip()).raw_host or ""
     except (ValueError, TypeError):
         return ""
+    return _dotted_host(host) or host
 
 
 async def download_all(downloader: Downloader, items: Iterable[tuple[int, str]], workers: int,

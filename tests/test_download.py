@@ -109,6 +109,7 @@ class Routes:
         self.host_in_flight: Counter[str] = Counter()
         self.host_max_in_flight: Counter[str] = Counter()
         self.arrivals: dict[str, list[float]] = {}
+        self.hosts_seen: dict[str, list[str]] = {}  # Host headers by token (host-seen)
 
     def defs(self) -> list[web.RouteDef]:
         return [
@@ -131,7 +132,13 @@ class Routes:
             web.get("/t/to", self.to),
             web.get("/t/gzip-bomb", self.gzip_bomb),
             web.get("/t/retry-after/{form}/{seconds}/{token}", self.retry_after),
+            web.get("/t/host-seen/{token}", self.host_seen),
         ]
+
+    async def host_seen(self, request: web.Request) -> web.Response:
+        """The image, noting the Host header it was asked for with."""
+        self.hosts_seen.setdefault(request.match_info["token"], []).append(request.headers.get("Host", ""))
+        return web.Response(body=IMAGE, content_type="image/jpeg")
 
     async def retry_after(self, request: web.Request) -> web.Response:
         """429 with Retry-After (seconds, or an HTTP date that many seconds ahead) on the first
@@ -1356,6 +1363,100 @@ def test_redirect_hops_to_odd_ipv4_spellings_are_refused(served):
     assert set(resolver.calls) == {"public.test"}
 
 
+# 127.0.0.1 as odd_ipv4_spellings_of_private_addresses writes it, and a few more: to browsers (and
+# to the guard) each is the address 127.0.0.1, requested as http://127.0.0.1:PORT/...
+ODD_LOOPBACK_HOSTS = ["0x7f.1", "2130706433", "0177.0.0.1", "127.1", "127.0.0.1.", "%31%32%37.0.0.1",
+                      "0x7f.0.0.1.", "0X7F.0.0.1", "0x7f000001", "127.0.1"]
+
+
+@pytest.mark.parametrize("host", ODD_LOOPBACK_HOSTS)
+def test_odd_ipv4_spellings_are_requested_as_the_address_they_name(served, host):
+    """With --allow-private-networks, the loopback server is reached through each spelling, as a
+    browser reaches it: the request goes to 127.0.0.1 with the URL's port, path and query, and a
+    Host header naming the address in dotted decimal (what a browser sends: its URL parser
+    rewrote the host before the request)."""
+    server, routes = served
+    token = f"odd-{ODD_LOOPBACK_HOSTS.index(host)}"
+    resolver = StubResolver()  # answers nothing: with the flag no resolver guards, and none is asked
+    got = fetch(f"http://{host}:{server.port}/t/host-seen/{token}?q=1", allow_private_networks=True,
+                downloader_args={"resolver": resolver})
+    assert (got.error, got.http_status, got.attempts) == (None, 200, 1), got
+    assert got.body == IMAGE
+    assert routes.hosts_seen[token] == [f"127.0.0.1:{server.port}"]
+    assert not resolver.calls
+
+
+def test_redirect_hops_to_odd_ipv4_spellings_are_requested_as_the_address_they_name(served):
+    server, routes = served
+    resolver = StubResolver()
+    args = {"resolver": resolver}
+    for host in ("127.1", "0177.0.0.1", "%31%32%37.0.0.1", "0x7f.0.0.1."):
+        token = f"odd-hop-{host.replace('%', 'pct')}"
+        got = fetch(server.url(f"t/to?url=http://{host}:{server.port}/t/host-seen/{token}"),
+                    allow_private_networks=True, downloader_args=args)
+        assert (got.error, got.http_status, got.body == IMAGE) == (None, 200, True), (host, got)
+        assert routes.hosts_seen[token] == [f"127.0.0.1:{server.port}"]
+    # a relative Location, from a host written oddly, is joined to the address
+    got = fetch(f"http://127.1:{server.port}/t/redirect", allow_private_networks=True, downloader_args=args)
+    assert got.ok and got.body == IMAGE
+    assert not resolver.calls
+
+
+@pytest.mark.parametrize("url", ["http://134744072/t/host-seen/{token}", "http://0x8.0x8.0x8.0x8/t/host-seen/{token}",
+                                 "http://8.0x80808./t/host-seen/{token}", "http://%38.8.8.8/t/host-seen/{token}",
+                                 "http://010.8.8.8/t/host-seen/{token}"])
+def test_odd_ipv4_spellings_of_public_addresses_are_requested_as_the_address_they_name(served, monkeypatch, url):
+    """Without --allow-private-networks: 8.8.8.8 to a browser is asked of the connector as
+    8.8.8.8 port 80, not of DNS (the stub resolver answers nothing) nor refused as invalid_url.
+    The connector connects the loopback server instead (no connection to 8.8.8.8 is ever
+    attempted), which sees the Host header a browser sends: 8.8.8.8."""
+    server, routes = served
+    asked: list[tuple[str, int]] = []
+    real = aiohappyeyeballs.start_connection
+
+    async def to_loopback(addr_infos, **kwargs):
+        asked.extend(info[4][:2] for info in addr_infos)
+        return await real([(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", server.port))],
+                          **kwargs)
+
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", to_loopback)
+    resolver = StubResolver()
+    token = f"public-{url.split('/')[2].replace('%', 'pct')}"
+    got = fetch(url.format(token=token), allow_private_networks=False, downloader_args={"resolver": resolver})
+    assert (got.error, got.http_status, got.body == IMAGE) == (None, 200, True), got
+    assert set(asked) == {("8.8.8.8", 80)}
+    assert not resolver.calls
+    assert routes.hosts_seen[token] == ["8.8.8.8"]
+
+
+def test_odd_ipv4_spellings_of_one_address_are_one_host_to_robots_txt():
+    """robots.txt is fetched once for 127.0.0.1 whatever the spelling of the URLs' hosts."""
+    resolver = StubResolver()
+    hosts = ["127.0.0.1", *ODD_LOOPBACK_HOSTS]
+    with robots_server(Served(ROBOTS, "text/plain"), delay_s=0.1) as server:  # slow: the waits overlap
+        results = fetch_many([f"http://{h}:{server.port}/{d}/{i % 10}.jpg" for i, h in enumerate(hosts)
+                              for d in ("public", "private")], workers=8, respect_robots=True,
+                             downloader_args={"resolver": resolver})
+        assert server.hits["/robots.txt"] == 1
+    assert [r.error for r in results] == [None, "robots_disallowed"] * len(hosts)
+    assert not resolver.calls
+
+
+def test_odd_ipv4_spellings_of_one_address_are_one_host_to_the_per_host_limit(served):
+    """--per-host 1 holds one request in flight to 127.0.0.1 across its spellings. (The stub
+    resolver would answer them as names, as getaddrinfo does: so they were fetched before, each
+    a host of its own; now none is asked of it.)"""
+    server, routes = served
+    routes.max_in_flight = 0
+    hosts = ["127.0.0.1", "0x7f.1", "0x7f.0.0.1", "0x7f000001"]
+    resolver = StubResolver({h: ["127.0.0.1"] for h in hosts})
+    results = fetch_many([f"http://{h}:{server.port}/t/slow/odd-{i}" for i, h in enumerate(hosts)],
+                         workers=4, per_host=1, downloader_args={"resolver": resolver})
+    assert [r.error for r in results] == [None] * 4
+    assert routes.max_in_flight == 1
+    assert not resolver.calls
+
+
 def test_redirect_hops_to_private_addresses_are_refused(served):
     """127.0.0.1 plays the public internet here; every hop is checked, literal or resolved."""
     server, _ = served
@@ -1475,6 +1576,23 @@ def test_url_blocklist_lines_match_in_any_case_of_scheme_and_host(served, tmp_pa
     assert not blocked("https://example.com/A.jpg", "https://example.com/a.jpg")  # the path's case counts
     assert not blocked(hashlib.md5(b"HTTPS://Example.COM/A.jpg").hexdigest(), "https://example.com/A.jpg")
     assert blocked(hashlib.md5(b"HTTPS://Example.COM/A.jpg").hexdigest(), "HTTPS://Example.COM/A.jpg")
+
+
+def test_url_blocklist_lines_match_an_ipv4_address_however_it_is_written(served, tmp_path):
+    """A URL is checked as written and as requested (`http://0x7f.1/` at `http://127.0.0.1/`),
+    input URL and redirect target alike. (The stub resolver answers 0x7f.1 as a name, as
+    getaddrinfo does: so the URLs were fetched before.)"""
+    server, routes = served
+    odd = f"http://0x7f.1:{server.port}/t/status/200/"
+    blocklist = tmp_path / "urls.txt"
+    blocklist.write_text(server.url("t/status/200/blodd0") + "\n" + server.url("t/status/200/blodd1") + "\n"
+                         + f"{odd}blodd2\n")
+    resolver = StubResolver({"0x7f.1": ["127.0.0.1"]})
+    results = fetch_many([f"{odd}blodd0", server.url(f"t/to?url={odd}blodd1"), f"{odd}blodd2"], workers=1,
+                         url_blocklist=str(blocklist), downloader_args={"resolver": resolver})
+    assert [(r.error, r.http_status) for r in results] == [("blocked", None), ("blocked", 302), ("blocked", None)]
+    assert [routes.hits[f"/t/status/200/blodd{i}"] for i in range(3)] == [0, 0, 0]
+    assert not resolver.calls
 
 
 def test_url_blocklist_fast_path_writes_urls_as_yarl_does():

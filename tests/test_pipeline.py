@@ -286,6 +286,24 @@ def test_no_score_keeps_every_decoded_image(tmp_path, photos):
     assert not list(out.glob("*_emb.npy"))
 
 
+def test_an_ipv4_address_spelled_otherwise_is_downloaded_and_its_url_kept_as_given(tmp_path, photos):
+    """`http://127.1:PORT/...` is 127.0.0.1 to browsers: downloaded from there, its row's url
+    as the input wrote it (aiohttp refused these spellings: invalid_url)."""
+    files = {"chelsea.jpg": Served(encode(photos["chelsea"], "JPEG"), "image/jpeg")}
+    with LoopbackServer(files) as server:
+        urls = [f"http://{host}:{server.port}/chelsea.jpg" for host in ("127.1", "2130706433", "0177.0.0.1")]
+        inp = tmp_path / "input.parquet"
+        pl.DataFrame({"url": urls, "caption": ["a cat"] * 3}).write_parquet(inp)
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", str(inp), "-o", str(out), "--allow-private-networks", "--no-score",
+                                     "--no-progress", "--timeout", "3", "--retries", "0"])
+        assert server.hits["/chelsea.jpg"] == 3
+    assert result.exit_code == 0, result.output
+    table = read_output(out).sort("url")
+    assert table["url"].to_list() == sorted(urls)
+    assert table["status"].to_list() == ["kept"] * 3
+
+
 def test_a_ctrl_c_while_many_downloads_stream_stops_the_run_every_time(tmp_path):
     """A real SIGINT to this process at a random moment while 48 bodies of 2 MiB stream in: uvloop
     took the KeyboardInterrupt that Python's handler raised inside a connection's data_received
