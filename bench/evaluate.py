@@ -5,13 +5,15 @@ labelled folder and the same weights.
 
     .venv/bin/python bench/evaluate.py                      # 2,000 JPEGs in 10 classes, the tiny CLIP
     .venv/bin/python bench/evaluate.py --images 500 --batch-size 64
+    .venv/bin/python bench/evaluate.py --model ViT-B-32 --images 1000 [--precision auto]
     .venv/bin/python bench/evaluate.py --model ViT-B-32 --pretrained /path/open_clip_model.bin
 
 The images are bench/pipeline.py's (photographs cropped, resized to 320-800 px sides, JPEG,
 cached under bench/_work/images/), linked into --classes class folders (image i in class i mod
-C). Both sides use one checkpoint (default: the tiny random CLIP, saved once) in float32 on the
-CPU (`--precision fp32`: fastlaion's default picks bf16 on an AMX CPU, which the plain script
-does not). Each side runs in a child process: wall and CPU seconds (user + system, children
+C). Both sides use one checkpoint (default: --model's random weights as fastlaion's
+`--pretrained none` makes them, saved once) in float32 on the CPU (`--precision fp32`, the
+default here: fastlaion's own default picks bf16 on an AMX CPU, which the plain script does not;
+`--precision auto` measures that). Each side runs in a child process: wall and CPU seconds (user + system, children
 included) from its start, imports and model loading included. The figures must agree: same
 images counted, top-1 within --tolerance (the two resize paths differ by a pixel level here and
 there, which can flip a near-tie of the random model).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import pipeline as bp  # noqa: E402  (the images, timed child processes, machine description)
-import search  # noqa: E402  (the tiny checkpoint)
+
 
 
 def peer(root: str, model_name: str, ckpt: str, batch_size: int, out: str) -> None:
@@ -73,13 +76,27 @@ def folder_of(images: list[Path], root: Path, classes: int) -> Path:
     return root
 
 
+def save_random_checkpoint(model: str, path: Path) -> Path:
+    """`model`'s random weights as fastlaion's `--pretrained none` makes them (e2e.write_checkpoint),
+    saved at `path` for --pretrained PATH on both sides, by a child process (torch stays out of
+    this one). Once: an existing file is reused."""
+    if not path.exists():
+        subprocess.run([sys.executable, "-c", "import sys, pathlib; sys.path.insert(0, sys.argv[3]); import e2e; "
+                        "e2e.write_checkpoint(sys.argv[1], pathlib.Path(sys.argv[2]))", model, str(path), str(HERE)],
+                       check=True, cwd=str(REPO))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--model", default="fastlaion-tiny")
-    ap.add_argument("--pretrained", default=None, help="a checkpoint both sides load (default: the tiny CLIP, saved)")
+    ap.add_argument("--pretrained", default=None,
+                    help="a checkpoint both sides load (default: --model's random weights, fastlaion's seed, saved)")
+    ap.add_argument("--precision", default="fp32",
+                    help="fastlaion's (the script runs fp32 on the CPU); auto: its default here, bf16 on an AMX CPU")
     ap.add_argument("--tolerance", type=float, default=0.02, help="largest top-1 difference taken as agreement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=HERE / "_work" / "evaluate")
@@ -97,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; load average {os.getloadavg()[0]:.1f}")
     images = bp.generate_images(HERE / "_work" / "images", args.images, args.seed)
     root = folder_of(images, args.workdir / "folder", args.classes)
-    ckpt = args.pretrained or str(search.save_tiny_checkpoint(args.workdir / "tiny.pt"))
+    ckpt = args.pretrained or str(save_random_checkpoint(args.model, args.workdir / f"{args.model}-random.pt"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ours_json, peer_json = args.workdir / "fastlaion.json", args.workdir / "peer.json"
     ours_cmd = [sys.executable, "-m", "fastlaion", "evaluate", str(root), "--model", args.model, "--pretrained", ckpt,
-                "--device", "cpu", "--precision", "fp32", "--batch-size", str(args.batch_size), "--json",
+                "--device", "cpu", "--precision", args.precision, "--batch-size", str(args.batch_size), "--json",
                 str(ours_json), "--no-progress"]
     peer_cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", str(root), args.model, ckpt,
                 str(args.batch_size), str(peer_json)]
