@@ -4,7 +4,8 @@ a number"), shared by extraction's URL fold (extract.py) and the download guard 
 A host whose last label is a number (decimal, "0x" hex, or "0"-prefixed octal; one trailing dot
 aside) is an IPv4 address to browsers, in any of the legacy spellings BSD's inet_aton takes:
 `0x7f.1`, `2130706433`, `0177.0.0.1`, `127.1` and `127.0.0.1.` are all 127.0.0.1, and one that
-is no valid address (`1.2.3.4.5`, `999.1.1.1`, `0x100000000`, `1.0x`) is no host at all.
+is no valid address (`1.2.3.4.5`, `999.1.1.1`, `0x100000000`, `1..2`) is no host at all
+(`1.0x` is one: "0x" alone is 0, so 1.0.0.0).
 
 >>> ends_in_number("0x7f.1"), ends_in_number("example.com"), ends_in_number("a.0x")
 (True, False, True)
