@@ -477,6 +477,7 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         parts["tokenize (host, Python alone)"] = timed(lambda: python(batch_texts))
     row(f"{args.model} score parts", f"{1e3 * args.batch / sum(list(parts.values())[:3]):,.0f} samples/s if serial",
         "ms per batch of " + f"{args.batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    mlp_epilogue_row(scorer, pixels, args.model, args.batch, rounds, timed)
     # The default run's architecture: OpenAI's ViT-B/32 weights run with QuickGELU (fastlaion folds
     # it into one SiLU pass; open_clip's is three elementwise passes), both layer sets.
     import open_clip
@@ -491,6 +492,36 @@ def bench_score(args: argparse.Namespace, jpegs: list[bytes], device: torch.devi
         row(f"{quick} score only", f"{rates[0]:,.0f} samples/s",
             f"the default run's activation (OpenAI's weights), as one SiLU pass: {rates[0] / rates[1]:.2f}x open_clip's "
             f"layers and QuickGELU ({rates[1]:,.0f}/s)")
+
+
+def mlp_epilogue_row(scorer: Any, pixels: torch.Tensor, model: str, batch: int, rounds: int,
+                     timed: Callable[[Callable[[], Any]], float]) -> None:
+    """A lever measured, not built: the image tower's 12 MLPs with GELU in the first matrix
+    product's epilogue (torch._addmm_activation(use_gelu=True): cuBLASLt's GELU epilogue on CUDA,
+    the tanh form) against bias + nn.GELU's own pass (GELU was 2.5 ms of a 21 ms batch in session
+    14's profile). Same weights and tokens (one block's, N x 50 x 768); ms for all 12 blocks'
+    MLPs, and how far the tanh form moves the output. For models trained with nn.GELU (LAION's
+    weights); OpenAI's QuickGELU runs as SiLU, which cuBLASLt has no epilogue for."""
+    block = scorer.model.visual.transformer.resblocks[0]
+    mlp = getattr(block, "mlp", None)
+    fc, proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    if fc is None or proj is None or not hasattr(torch, "_addmm_activation"):
+        return
+    layers = len(scorer.model.visual.transformer.resblocks)
+    with torch.inference_mode():
+        grid = scorer.model.visual.grid_size
+        x = torch.randn(batch * (1 + grid[0] * grid[1]), fc.in_features, device=pixels.device,
+                        dtype=fc.weight.dtype)
+        eager = lambda: torch.nn.functional.linear(  # noqa: E731
+            torch.nn.functional.gelu(torch.nn.functional.linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+        fused = lambda: torch.nn.functional.linear(  # noqa: E731
+            torch._addmm_activation(fc.bias, x, fc.weight.t(), use_gelu=True), proj.weight, proj.bias)
+        gap = float((eager().float() - fused().float()).abs().max())
+        scale = float(eager().float().abs().max())
+        ms_eager, ms_fused = layers * timed(eager), layers * timed(fused)
+    row(f"{model} image MLPs, GELU in the GEMM epilogue", f"{ms_fused:.1f} ms a batch",
+        f"bias + GELU pass: {ms_eager:.1f} ms ({ms_eager / ms_fused:.2f}x); {layers} blocks x {x.shape[0]:,} tokens; "
+        f"max |difference| {gap:.1e} of outputs up to {scale:.1f} (the epilogue's tanh GELU); not in the scorer")
 
 
 def _cosine_gap(a: Any, b: Any, pixels: torch.Tensor, texts: list[str]) -> float:
