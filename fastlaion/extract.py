@@ -57,9 +57,9 @@ The substring rules are LAION's and match anywhere in the src, case-insensitivel
 thumbnail `.../Flag.svg/18px-Flag.svg.png` counts as svg, as it did for LAION.
 A kept URL's scheme, host and port are written as the WHATWG URL standard (browsers, and yarl
 when aiohttp fetches it) serialises them (`fold_case`): scheme and host in lower case, a
-non-ASCII host in punycode by UTS #46 (the idna package; one it refuses stays as written), no
-port where it is the scheme's default (`:80`, `:443`) or empty; path, query, fragment and
-userinfo as written; a percent-encoded host is decoded first (`http://%65xample.com/`). So
+non-ASCII host in punycode by UTS #46 (an emoji or '_' too, which the idna package refuses, as
+browsers do), no port where it is the scheme's default (`:80`, `:443`) or empty; path, query,
+fragment and userinfo as written; a percent-encoded host is decoded first (`http://%65xample.com/`). So
 `HTTPS://Example.COM:443/a.jpg`, `http://Bücher.example/b.jpg` and
 `http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once;
 an IPv4 address in another spelling (`http://0x7f.1/`, `http://2130706433/`) is written in
@@ -2326,8 +2326,10 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
     - scheme and an ASCII host in lower case: `HTTPS://Example.COM/A.jpg` is
       `https://example.com/A.jpg`;
     - a host with a non-ASCII character in punycode, by UTS #46 (`_idna_host`):
-      `http://Bücher.example/x` is `http://xn--bcher-kva.example/x`. A host the idna package
-      refuses stays as written, its ASCII letters in lower case (see _idna_host);
+      `http://Bücher.example/x` is `http://xn--bcher-kva.example/x`; so is a host the idna
+      package refuses for IDNA 2008's stricter rules, as browsers write it: `http://💩.la/` is
+      `http://xn--ls8h.la/`, `http://my_host.Bücher.example/` is
+      `http://my_host.xn--bcher-kva.example/`;
     - a percent-encoded host decoded first, as WHATWG's host parser does (`_fold_host`):
       `http://%65xample.COM/` is `http://example.com/`, `http://b%C3%BCcher.example/` is
       `http://xn--bcher-kva.example/`. A host that parser refuses stays as written (ASCII
@@ -2418,9 +2420,9 @@ def _parse_host(host: str) -> str | None:
     `127.1`, `127.0.0.1.`: 127.0.0.1), written in dotted decimal; or, where its IPv4 parser
     fails (`1.2.3.4.5`, `999.1.1.1`, `0x100000000`, `example.1`), no host (fastlaion/ipv4.py).
 
-    Where it succeeds the ASCII form is `_idna_host`'s (the idna package; one idna refuses for
-    IDNA 2008's or DNS's stricter rules, an emoji or '_', stays as decoded, ASCII letters in
-    lower case, as before)."""
+    Where it succeeds the ASCII form is `_idna_host`'s, of the mapped host: the idna package's,
+    or where idna refuses it for IDNA 2008's or DNS's stricter rules (an emoji, '_'), each
+    non-ASCII label in punycode, as browsers write it."""
     import idna
 
     if "%" in host:
@@ -2446,7 +2448,7 @@ def _parse_host(host: str) -> str | None:
                 return None
         elif not label.isascii() and not _u_label_ok(label):
             return None
-    return mapped if mapped.isascii() else _idna_host(host)
+    return mapped if mapped.isascii() else _idna_host(mapped)
 
 
 def _a_label_ok(label: str) -> bool:
@@ -2487,22 +2489,32 @@ def _u_label_ok(label: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _idna_host(host: str) -> str:
-    """A host with non-ASCII characters as WHATWG's host parser writes it: UTS #46 processing
-    (mapping, lower case, NFC, then punycode: the `idna` package, not Python's IDNA 2003 codec),
-    as browsers and yarl (aiohttp's URLs) send it. A host idna refuses (an emoji, '_', a label
-    starting with '-', an empty or over-long label: IDNA 2008 and DNS rules, stricter than
-    WHATWG's) is kept as written, ASCII letters in lower case, not rejected: browsers fetch most
-    of those, and so does aiohttp, through yarl's IDNA 2003 fallback. That fallback is not taken
-    here: its NFKC maps some characters to URL delimiters ('／' to '/': yarl refuses such a host
-    first), so it would need checks of its own, for hosts rare enough that a missed duplicate
-    costs little. Cached: a page's links often share a host."""
+def _idna_host(mapped: str) -> str:
+    """A host with non-ASCII characters, mapped by UTS #46 and checked as WHATWG's host parser
+    does (`_parse_host`), as that parser writes it ("domain to ASCII"), as browsers and yarl
+    (aiohttp's URLs) send it: the `idna` package's encoding (not Python's IDNA 2003 codec), or,
+    where idna refuses the host, each non-ASCII label in punycode (`_punycode_labels`). What idna
+    refuses here is refused only by IDNA 2008's and DNS's rules, stricter than WHATWG's (UTS #46
+    ToASCII with UseSTD3ASCIIRules, CheckHyphens and VerifyDnsLength off): an emoji (`💩.la`,
+    `xn--ls8h.la` to browsers), '_' (`my_host.bücher.example`), a label starting or ending with
+    '-', an empty label or one over 63 characters in punycode; the checks WHATWG makes were
+    made before. Both ways agree where idna takes a host (tests/test_extract.py). Cached: a
+    page's links often share a host."""
     import idna
 
     try:
-        return idna.encode(host, uts46=True).decode("ascii")
+        return idna.encode(mapped, uts46=True).decode("ascii")
     except UnicodeError:  # idna.IDNAError and its kinds
-        return host.translate(_ASCII_LOWER)
+        return _punycode_labels(mapped)
+
+
+def _punycode_labels(mapped: str) -> str:
+    """UTS #46 ToASCII's last step on a host already mapped and checked: each label that is not
+    ASCII as "xn--" and its punycode (RFC 3492, Python's 'punycode' codec), the others as they
+    are (an "xn--" label was checked by `_a_label_ok`). `_punycode_labels("💩.la")` is
+    `"xn--ls8h.la"`."""
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                    for label in mapped.split("."))
 
 
 _UPPER_ASCII = re.compile("[A-Z]")

@@ -364,7 +364,7 @@ def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
         ("http://a.com:443/x.jpg", "c", "kept", None), ("https://a.com:443/x.jpg", "c", "kept", None),
         ("https://a.com/x.jpg", "c", "kept", 20), ("http://xn--bcher-kva.de:80/x", "c", "kept", 9),
         ("https://USER:Pw@ex.com:08080/P?Q#F", "c", "kept", 4), ("http://my_host.Bücher.de/x", "c", "kept", None),
-        ("http://my_host.bücher.de:80/x", "c", "kept", 24),  # a host idna refuses: compared as written, lower case
+        ("http://my_host.bücher.de:80/x", "c", "kept", 24),  # a host idna refuses ('_'): in punycode, as browsers write it
         # percent-encoded hosts decoded, as WHATWG's host parser does; one it refuses as written, lower case
         ("http://%61.com/x.jpg", "c", "kept", 0), ("http://b%C3%BCcher.DE/x", "c", "kept", 9),
         ("http://%FF.de/x", "c", "kept", None), ("http://%ff.DE:80/x", "c", "kept", 28),
@@ -372,6 +372,9 @@ def test_url_dedup_folds_the_case_of_scheme_and_host(tmp_path):
         ("http://127.0.0.1/x", "c", "kept", None), ("http://0x7f.1/x", "c", "kept", 30),
         ("http://2130706433/x", "c", "kept", 30), ("http://u@127.1/x", "c", "kept", None),
         ("http://u@0177.0.0.1/x", "c", "kept", 33),
+        # hosts idna refuses in punycode label by label, as browsers write them (U+1F4A9 is "ls8h", RFC 3492)
+        ("http://My_Host.XN--BCHER-kva.de/x", "c", "kept", 24), ("http://💩.LA/x", "c", "kept", None),
+        ("http://xn--ls8h.la:80/x", "c", "kept", 36),
     ]
     rng = random.Random(3)
     generated = []  # case variants of a few URLs, kept: the reference is fold_case in Python

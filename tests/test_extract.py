@@ -579,8 +579,13 @@ PORT_LINKS = [
     ("http://bu\u0308cher.example/l.jpg", "IDN host, mixed case", None),  # decomposed: NFC first
     ("http://bücher。example/l.jpg", "IDN host, mixed case", None),  # an ideographic full stop
     ("https://ÜSER@Straße.de:443/m.jpg", "Userinfo and path as written", "https://ÜSER@xn--strae-oqa.de/m.jpg"),
-    ("http://my_host.Bücher.example/n.jpg", "Refused by idna: kept", "http://my_host.bücher.example/n.jpg"),
-    ("http://💩.LA:80/o.jpg", "Refused by idna: kept", "http://💩.la/o.jpg"),
+    # hosts the idna package refuses (IDNA 2008's and DNS's rules) in punycode label by label, as
+    # browsers write them (WHATWG's UTS #46 ToASCII: STD3 rules and CheckHyphens off); U+1F4A9 is
+    # "ls8h" by RFC 3492 (see test_fold_case_writes_scheme_host_and_port_as_whatwg_does)
+    ("http://my_host.Bücher.example/n.jpg", "Refused by idna: punycode", "http://my_host.xn--bcher-kva.example/n.jpg"),
+    ("http://MY_HOST.xn--bcher-kva.example:80/n.jpg", "Refused by idna: punycode", None),
+    ("http://💩.LA:80/o.jpg", "An emoji: punycode", "http://xn--ls8h.la/o.jpg"),
+    ("http://xn--ls8h.la/o.jpg", "An emoji: punycode", None),
     (f"http://{JP_HOST}/p.jpg", "Host short as written", f"http://{JP_PUNY}/p.jpg"),
 ]
 
@@ -591,8 +596,8 @@ def test_default_ports_and_idn_hosts_are_written_as_whatwg_does(tmp_path, monkey
     are one URL to browsers and to aiohttp, and so are `http://Bücher.example/` and
     `http://xn--bcher-kva.example/`; extraction kept each spelling, so one image was kept (and
     downloaded) twice. Now every path writes the port as a number, none where it is the scheme's
-    default or empty, and an IDN host in punycode (UTS #46); a host the idna package refuses
-    stays as written (lower-case ASCII letters), a port that is not the default stays. The
+    default or empty, and an IDN host in punycode (UTS #46), a host the idna package refuses
+    (an emoji, '_') too, as browsers write it; a port that is not the default stays. The
     duplicates are dropped; uid is of the URL as kept; long_host measures the host as written
     (the Japanese host is 80 characters in punycode, 26 as written: kept). The native and
     vectorised paths decide the ASCII links themselves, the others go to `_check_link`."""
@@ -624,8 +629,14 @@ def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
         ("http://a.example:#f", "http://a.example#f"), ("http://x:1@a.example/:80", "http://x:1@a.example/:80"),
         ("http://[::FFFF:A]:80/", "http://[::ffff:a]/"), ("http://Faß.de/", "http://xn--fa-hia.de/"),
         ("http://bücher.example./", "http://xn--bcher-kva.example./"),  # the root's dot stays, as in WHATWG
-        ("http://-x.Bücher.de/", "http://-x.bücher.de/"), ("http://a..Bücher.de/", "http://a..bücher.de/"),  # refused
-        ("http://" + "Ü" * 64 + ".de/", "http://" + "Ü" * 64 + ".de/"),  # a label over 63 in punycode: refused
+        # hosts idna refuses (a leading '-', an empty label, a label over 63 in punycode, an emoji,
+        # '_': IDNA 2008's or DNS's rules, off in WHATWG's) in punycode label by label, as browsers
+        # write them: "ü" alone is "tda" (RFC 3492: delta (0xFC - 128) = 124 is 't' 'd' 'a' at bias
+        # 72), each further "ü" a delta of 0 at bias 0, 'a'; U+1F4A9 is "ls8h", 💩.la's published name
+        ("http://-x.Bücher.de/", "http://-x.xn--bcher-kva.de/"), ("http://a..Bücher.de/", "http://a..xn--bcher-kva.de/"),
+        ("http://" + "Ü" * 64 + ".de/", "http://xn--tda" + "a" * 63 + ".de/"),
+        ("http://💩.LA/", "http://xn--ls8h.la/"), ("http://My_Host.Bücher.example/", "http://my_host.xn--bcher-kva.example/"),
+        ("http://x.xn--ls8h.Bücher/", "http://x.xn--ls8h.xn--bcher-kva/"),  # idna refuses the emoji's "xn--" label
         ("http://a.example/Bücher:80", "http://a.example/Bücher:80"), ("ftp://A.example:21/", "ftp://A.example:21/"),
         ("http://A.example:99999/", "http://a.example:99999/"),  # no port (invalid_url to the rules): dedup's key
         ("http://A.example:" + "0" * 5000 + "80/", "http://a.example/"), ("http://A.example:" + "9" * 5000, "http://a.example:" + "9" * 5000),
@@ -646,12 +657,29 @@ def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
         assert fold_case(url) == folded, url
 
 
+def test_punycode_by_label_agrees_with_idna_where_idna_takes_the_host():
+    """Where the idna package encodes a host, the per-label punycode `_idna_host` falls back to
+    (Python's RFC 3492 codec) writes the same. The values are published ones: "bcher-kva"
+    (bücher, the usual IDNA example), "strae-oqa" (straße, DENIC's), "55qx5d" (公司, the .cn
+    registry's), "fa-hia" (faß, UTS #46's deviation example, non-transitional); and "mller-kva"
+    by RFC 3492 as bücher's: 'ü' after the first of five ASCII letters, the same delta 745."""
+    import idna
+
+    from fastlaion.extract import _punycode_labels
+
+    for host, ascii_host in [("bücher.example", "xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de"),
+                             ("公司.cn", "xn--55qx5d.cn"), ("faß.de", "xn--fa-hia.de"),
+                             ("www.müller.bücher.example.", "www.xn--mller-kva.xn--bcher-kva.example."),
+                             ("xn--bcher-kva.müller", "xn--bcher-kva.xn--mller-kva")]:
+        assert idna.encode(host, uts46=True).decode("ascii") == _punycode_labels(host) == ascii_host, host
+
+
 # Hosts WHATWG's host parser percent-decodes before anything else: (src, alt, the URL kept; None: a
 # duplicate of the first row with that alt; INVALID: a host that parser refuses, invalid_url).
 # Written by hand and checked against Node's URL (WHATWG's parser) and Chromium's, which give the
 # same URLs and refuse the same hosts, but for 'a%22b' (both take '"', which _HTTP_URL refuses in
-# a host written plainly) and 'my%5Fhost.b%C3%BCcher' (both write my_host.xn--bcher-kva: idna
-# refuses '_', so the host stays as decoded, as my_host.Bücher.example stays as written).
+# a host written plainly). 'my%5Fhost.b%C3%BCcher' is my_host.xn--bcher-kva to both, and here:
+# idna refuses '_', and the host is then written in punycode label by label (_idna_host).
 INVALID = "invalid_url"
 PERCENT_PAGE = "http://%53ite.Example/dir/page.html"
 PERCENT_LINKS = [
@@ -664,7 +692,7 @@ PERCENT_LINKS = [
     ("http://bücher.example/b.jpg", "Percent-encoded UTF-8", None),
     ("http://a%E3%80%82b.example/c.jpg", "An ideographic full stop", "http://a.b.example/c.jpg"),
     ("http://my%5Fhost.example/d.jpg", "An underscore decoded", "http://my_host.example/d.jpg"),
-    ("http://my%5Fhost.b%C3%BCcher.example/e.jpg", "Refused by idna: decoded", "http://my_host.bücher.example/e.jpg"),
+    ("http://my%5Fhost.b%C3%BCcher.example/e.jpg", "Refused by idna: punycode", "http://my_host.xn--bcher-kva.example/e.jpg"),
     ("rel/f.jpg", "Relative to the page", "http://site.example/dir/rel/f.jpg"),
     ("http://u%40x@example.com/g.jpg", "Userinfo as written", "http://u%40x@example.com/g.jpg"),
     ("http://%FF.example/x.jpg", "Not UTF-8", INVALID),
