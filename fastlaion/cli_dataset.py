@@ -259,7 +259,6 @@ def stats_cmd(
 ) -> None:
     """Print what a dataset holds: the funnel, drops per reason, histograms of similarity,
     aesthetic and punsafe, languages and image sizes."""
-    from .config import ConfigError
     from .dataset.output import check_writable_file, is_stdout, refuse_a_dataset_file, shown, write_whole
     from .dataset.stats import compute_stats
 
@@ -567,8 +566,6 @@ def classify_cmd(
 
 def _class_file(flag: str, path: Path) -> list[str]:
     """The class names in the text file `path`, one a line, blank lines and # comments skipped."""
-    from .config import ConfigError
-
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

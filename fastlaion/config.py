@@ -77,6 +77,12 @@ def no_file_above(flag: str, folder: Path | str) -> None:
             return
 
 
+def set_options(*options: tuple[str, Any, Any]) -> list[tuple[str, Any]]:
+    """(flag, value) of the `options`, each (flag, value, default), whose value is not their
+    default: what the user asked for (a check of options that another one makes unused)."""
+    return [(flag, value) for flag, value, default in options if value != default]
+
+
 def positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be positive, got {value}")
@@ -288,10 +294,10 @@ class DownloadConfig:
         positive("--read-timeout", self.read_timeout_s)
         # --timeout bounds the whole attempt: a phase timeout asked above it is never reached (a
         # default one above a lowered --timeout was not asked for: the deadline comes first)
-        above = [f"{flag} {value:g}" for flag, value, default in (
+        above = [f"{flag} {value:g}" for flag, value in set_options(
             ("--connect-timeout", self.connect_timeout_s, DownloadConfig.connect_timeout_s),
             ("--read-timeout", self.read_timeout_s, DownloadConfig.read_timeout_s),
-        ) if value > self.timeout_s and value != default]
+        ) if value > self.timeout_s]
         if above:
             they = len(above) > 1
             raise ConfigError(f"{' and '.join(above)} {'are' if they else 'is'} above --timeout {self.timeout_s:g}, the "
@@ -397,9 +403,9 @@ class DecodeConfig:
         positive("--max-pixels", self.max_pixels)
         between("--jpeg-quality", self.jpeg_quality, 1, 100)
         if self.resize_mode is ResizeMode.no:  # the downloaded bytes are stored: neither is used
-            unused = [f"{flag} {value}" for flag, value, default in (
+            unused = [f"{flag} {value}" for flag, value in set_options(
                 ("--image-size", self.image_size, DecodeConfig.image_size),
-                ("--jpeg-quality", self.jpeg_quality, DecodeConfig.jpeg_quality)) if value != default]
+                ("--jpeg-quality", self.jpeg_quality, DecodeConfig.jpeg_quality))]
             if unused:
                 raise ConfigError(f"{' and '.join(unused)} with --resize-mode no: the images are stored as "
                                   "downloaded, not resized or encoded again; pick another --resize-mode to use it")
@@ -432,12 +438,12 @@ class ScoreConfig:
 
     def validate(self) -> None:
         if not self.enabled:  # with --no-score these did nothing, silently: every decoded image was kept
-            unused = [flag for flag, value, default in (
+            unused = [flag for flag, _ in set_options(
                 ("--min-similarity", self.min_similarity, ScoreConfig.min_similarity),
                 ("--min-similarity-multi", self.min_similarity_multi, None),
                 ("--multilingual-model", self.multilingual_model, None),
                 ("--multilingual-pretrained", self.multilingual_pretrained, ScoreConfig.multilingual_pretrained),
-            ) if value != default]
+            )]
             if unused:
                 raise ConfigError(f"{', '.join(unused)} with --no-score: nothing is scored, so no pair would be "
                                   "dropped by similarity; leave out --no-score to filter, or the option to keep all")
@@ -483,9 +489,9 @@ class TagConfig:
     def validate(self) -> None:
         between("--language-min-score", self.language_min_score, 0, 1)
         if not self.language:  # these ran with no caption identified, silently unused
-            unused = [flag for flag, value, default in (
+            unused = [flag for flag, _ in set_options(
                 ("--language-min-score", self.language_min_score, TagConfig.language_min_score),
-                ("--language-model", self.language_model, None)) if value != default]
+                ("--language-model", self.language_model, None))]
             if unused:
                 raise ConfigError(f"{', '.join(unused)} with --no-language: no caption's language is identified; "
                                   "leave out --no-language to identify them, or the option")

@@ -179,7 +179,7 @@ def evaluate(cfg: EvaluateConfig, progress: Progress | None = None) -> EvaluateR
     folder = read_image_folder(cfg.images_dir, cfg.classes, cfg.limit)
     ClassifyConfig(classes=folder.classes, templates=cfg.templates, device=cfg.score.device).validate()
     scorer = Scorer(cfg.score, pick_device(cfg.score.device))
-    classes = class_embeddings(scorer, folder.classes, cfg.templates)
+    classes = class_embeddings(scorer, folder.classes, cfg.templates, progress)
     k = min(TOP_K, len(folder.classes))
     decoder = Decoder(cfg.decode, scorer.clip_spec, store=False)
     paths = [(p, label) for label, files in enumerate(folder.files) for p in files]

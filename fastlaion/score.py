@@ -478,9 +478,10 @@ class HalfLayerNorm(torch.nn.Module):
         cpu = norm.weight is None or norm.weight.device.type == "cpu"
         for name in ("weight", "bias"):
             value = getattr(norm, name)
-            self.register_buffer(name, None if value is None else value.detach().float())
-            # the parameters used with `dtype` input
-            self.register_buffer(f"{name}_low", None if value is None else value.detach().to(torch.float32 if cpu else dtype))
+            full = None if value is None else value.detach().float()
+            self.register_buffer(name, full)
+            # the parameters used with `dtype` input: on the CPU the float32 ones themselves
+            self.register_buffer(f"{name}_low", full if cpu or full is None else full.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:  # LayerNormFp32's own arithmetic
@@ -794,11 +795,19 @@ def _attention_block(block: torch.nn.Module, x: torch.Tensor, causal: bool) -> t
     8% of a bf16 batch), then multiplies and softmaxes without a fused kernel."""
     attn = block.attn
     n, length, width = x.shape
-    heads = attn.num_heads
     qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    a = _heads_attention(qkv, n, length, attn.num_heads, causal)
+    return _after_attention(block, x, a.view(n, length, width))
+
+
+def _heads_attention(qkv: torch.Tensor, n: int, length: int, heads: int, causal: bool) -> torch.Tensor:
+    """MultiheadAttention's attention on the in-projection `qkv` of `n` sequences of `length`
+    positions (their n x length rows, each q | k | v): softmax(QK^T / sqrt(d)) V per head, by one
+    scaled_dot_product_attention, the heads joined again: (n x length, width) rows."""
+    width = qkv.shape[-1] // 3
     q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
     a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return _after_attention(block, x, a.transpose(1, 2).reshape(n, length, width))
+    return a.transpose(1, 2).reshape(n * length, width)
 
 
 def _after_attention(block: torch.nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -817,17 +826,12 @@ def _packed_causal_block(block: torch.nn.Module, x: torch.Tensor, grid: torch.Te
     length, 3D) stretch of it, for one causal scaled_dot_product_attention each, whose outputs
     at `where` come back."""
     attn = block.attn
-    width = x.shape[1]
-    heads = attn.num_heads
     qkv = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     grid.index_copy_(0, where, qkv)
     outputs, first = [], 0
     for count, length in grids:
-        stretch = grid[first:first + count * length]
+        outputs.append(_heads_attention(grid[first:first + count * length], count, length, attn.num_heads, True))
         first += count * length
-        q, k, v = stretch.view(count, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        outputs.append(a.transpose(1, 2).reshape(count * length, width))
     a = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return _after_attention(block, x, a.index_select(0, where))
 

@@ -319,3 +319,29 @@ def test_a_class_whose_images_all_fail_to_decode_is_told_in_the_mean(folder, tmp
     assert recalls["astronaut"] is None and got["images"] == 4
     assert got["mean_per_class_recall"] == pytest.approx((recalls["chelsea"] + recalls["coffee"]) / 2)
     assert "(over 2 of 3 classes: none of astronaut's images decoded)" in result.stdout
+
+
+def test_class_prompts_in_more_than_one_pass_are_shown_on_the_progress():
+    """ImageNet's 1,000 classes with OpenAI's 80 prompts are minutes of text tower on a CPU: the
+    passes advance a "class prompts" bar to the prompts' count; one pass shows no bar of its own."""
+    from fastlaion.dataset.classify import class_embeddings
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, what, total):
+            self.calls.append(("start", what, total))
+
+        def advance(self, n=1):
+            self.calls.append(("advance", n))
+
+        def stop(self):
+            self.calls.append(("stop",))
+
+    s = scorer()
+    many, one = Recording(), Recording()
+    class_embeddings(s, ("cat", "dog", "space rocket"), TEMPLATES, many, per_pass=4)
+    class_embeddings(s, ("cat", "dog", "space rocket"), TEMPLATES, one, per_pass=6)
+    assert many.calls == [("start", "class prompts", 6), ("advance", 4), ("advance", 2), ("stop",)]
+    assert one.calls == []

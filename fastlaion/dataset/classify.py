@@ -106,15 +106,22 @@ def template_set(name: str, flag: str = "--templates") -> tuple[str, ...]:
 
 
 def class_embeddings(scorer: Any, classes: tuple[str, ...], templates: tuple[str, ...],
-                     per_pass: int = PROMPTS_A_PASS) -> Any:
+                     progress: Progress | None = None, per_pass: int = PROMPTS_A_PASS) -> Any:
     """(C, D) unit float32 tensor on the scorer's device: per class, the mean of its prompts'
     unit text embeddings, made unit again. The prompts go through the text tower `per_pass` at a
-    time (ImageNet's 1,000 classes with OpenAI's 80 prompts are 80,000)."""
+    time (ImageNet's 1,000 classes with OpenAI's 80 prompts are 80,000: minutes on a CPU, told to
+    `progress` as "class prompts" where there is more than one pass)."""
     import torch
 
     prompts = [t.format(c) for c in classes for t in templates]
-    emb = torch.cat([scorer.embed_texts(prompts[i:i + per_pass]) for i in range(0, len(prompts), per_pass)])
-    emb = emb.view(len(classes), len(templates), -1)  # unit rows, on the host
+    bar = progress if progress is not None and len(prompts) > per_pass else NoProgress()
+    bar.start("class prompts", len(prompts))
+    parts = []
+    for i in range(0, len(prompts), per_pass):
+        parts.append(scorer.embed_texts(prompts[i:i + per_pass]))
+        bar.advance(len(parts[-1]))
+    bar.stop()
+    emb = torch.cat(parts).view(len(classes), len(templates), -1)  # unit rows, on the host
     return torch.nn.functional.normalize(emb.mean(dim=1), dim=1).to(scorer.device)
 
 
@@ -143,7 +150,7 @@ def classify(ds: Dataset, out: Path, cfg: ClassifyConfig, progress: Progress | N
         cand = collect(d.scan().with_row_index("_i").filter(pl.col("status") == KEPT)
                        .select("_i", *d.sample_columns()))
         # no kept sample (a subset that matched nothing): the labelled dataset, empty, without a model
-        classes = (class_embeddings(Scorer(score, pick_device(score.device)), cfg.classes, cfg.templates)
+        classes = (class_embeddings(Scorer(score, pick_device(score.device)), cfg.classes, cfg.templates, progress)
                    if cand.height else None)
         rows_i: list[np.ndarray] = []
         best: list[np.ndarray] = []

@@ -23,7 +23,7 @@ from ..config import no_file_above
 from ..interrupt import ctrl_c_deferred
 from ..writer import SUMMARY_FILE, shard_files
 from .source import (MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset, DatasetError,
-                     root_fields)
+                     collect, root_fields)
 
 PARTIAL_DIR = ".partial"
 EARLIER_DIR = ".earlier"  # the earlier output's files while the new ones are put in place
@@ -281,12 +281,13 @@ class OutputDir(Staging):
         """The root shards the new metadata.parquet's rows name (its `shard` column's values)."""
         import polars as pl
 
-        from .source import collect
-
         meta = self.tmp / METADATA_FILE
-        if not meta.is_file() or "shard" not in pl.scan_parquet(meta, glob=False).collect_schema():
+        if not meta.is_file():
             return []
-        return collect(pl.scan_parquet(meta, glob=False).select(pl.col("shard").drop_nulls().unique()))["shard"].to_list()
+        rows = pl.scan_parquet(meta, glob=False)
+        if "shard" not in rows.collect_schema():
+            return []
+        return collect(rows.select(pl.col("shard").drop_nulls().unique()))["shard"].to_list()
 
     def finish(self, kind: str, result: Any, started: float, own_root: bool = False) -> None:
         """Stamp `result` with its wall time and write it into the manifest as a `kind` result."""

@@ -25,6 +25,7 @@ drops the bad ones and runs the job once more.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -374,8 +375,6 @@ def shard_identity(root: Path, shard: str) -> str | None:
             info = None
         if isinstance(info, dict) and isinstance(info.get(WRITE_ID), str):
             return info[WRITE_ID]
-        import hashlib
-
         return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
     return None
 
