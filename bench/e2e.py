@@ -133,22 +133,9 @@ def ensure_clip_retrieval(venv: Path = CLIP_RETRIEVAL_VENV) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
     ours = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     (Path(site) / "_borrowed_project_site.pth").write_text("".join(p + "\n" for p in ours))
-    pip = [str(py), "-m", "pip", "install", "--quiet"]
-    env = {**os.environ, **pl.QUIET_ENV}
     # setuptools<81: clip-anytorch imports pkg_resources, which setuptools 81 removed
-    for spec in (f"clip-retrieval=={CLIP_RETRIEVAL_PIN}", "clip-retrieval"):
-        log(f"pip install {spec} (a minute or two)")
-        r = subprocess.run(pip + [spec, "setuptools<81"], env=env, capture_output=True, text=True)
-        if r.returncode == 0:
-            break
-        log("pip install failed:\n" + "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:]))
-    else:
-        raise SystemExit("could not install clip-retrieval into the bench venv")
-    version = _clip_retrieval_version(venv)
-    if not version:
-        raise SystemExit("clip-retrieval installed but does not import; see the pip output above")
-    log(f"installed clip-retrieval {version}")
-    return version
+    pl.install_first(venv, "clip-retrieval", CLIP_RETRIEVAL_PIN, extra=("setuptools<81",))
+    return pl.installed_version(venv, "clip-retrieval", _clip_retrieval_version)
 
 
 def write_checkpoint(model: str, path: Path) -> None:

@@ -117,21 +117,31 @@ def ensure_img2dataset(venv: Path = IMG2DATASET_VENV) -> str:
                            if not p.startswith(str(REPO / ".venv")))
     system_python = shutil.which("python3", path=path) or system_python
     subprocess.run([system_python, "-m", "venv", str(venv)], check=True)
+    install_first(venv, "img2dataset", IMG2DATASET_PIN)
+    return installed_version(venv, "img2dataset", _venv_img2dataset_version)
+
+
+def install_first(venv: Path, package: str, pin: str, extra: tuple[str, ...] = ()) -> None:
+    """pip install `package`==`pin` (with `extra` requirements) into `venv`, else its latest;
+    SystemExit naming it where neither installs (pip's last lines logged)."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     env = {**os.environ, **QUIET_ENV}
-    for spec in (f"img2dataset=={IMG2DATASET_PIN}", "img2dataset"):
+    for spec in (f"{package}=={pin}", package):
         log(f"pip install {spec} (a minute or two)")
-        r = subprocess.run(pip + [spec], env=env, capture_output=True, text=True)
+        r = subprocess.run(pip + [spec, *extra], env=env, capture_output=True, text=True)
         if r.returncode == 0:
-            break
+            return
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         log(f"pip install {spec} failed:\n{tail}")
-    else:
-        raise SystemExit("could not install img2dataset into the bench venv")
-    version = _venv_img2dataset_version(venv)
+    raise SystemExit(f"could not install {package} into the bench venv")
+
+
+def installed_version(venv: Path, package: str, version_of: Callable[[Path], str | None]) -> str:
+    """`package`'s version in `venv` once installed (`version_of`), or SystemExit where it does not import."""
+    version = version_of(venv)
     if not version:
-        raise SystemExit("img2dataset installed but does not import; see the pip output above")
-    log(f"installed img2dataset {version}")
+        raise SystemExit(f"{package} installed but does not import; see the pip output above")
+    log(f"installed {package} {version}")
     return version
 
 
