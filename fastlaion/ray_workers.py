@@ -9,7 +9,9 @@ This process plans where they go (`plan`) from the nodes Ray reports alive whose
 now (`RayCluster.nodes`: Ray takes seconds to mark a lost node dead): with --gpus, one actor per
 GPU and --workers-per-gpu, each asking Ray for that fraction of a GPU; without, --processes
 actors spread over the nodes by their CPUs. Each is pinned to its node and reserves its share of
-the node's CPUs, and runs that many threads: what Ray accounts for is what the worker uses.
+the node's CPUs, and runs that many threads: what Ray accounts for is what the worker uses. A node
+lost between the plan and its workers' start leaves them out (`RayWorkers._started`): they have
+taken no shard. A worker lost once it runs stops the run, its finished shards kept for a rerun.
 
 Every node must see the output folder at the path this process sees it (a shared filesystem), and
 have this version of fastlaion installed in the Python that runs Ray there: each actor checks
@@ -59,6 +61,7 @@ START_WARN_S = 30.0  # a worker not started by then is waiting for its node's CP
 KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run returns
 NODE_ANSWER_TIMEOUT_S = 2.0  # for a node's raylet to take a connection and answer on it (RayCluster.nodes)
 NODE_ID_CHARS = 8  # of a node's id in the name of a node that shares its address with another
+START_PROBE_S = 2.0  # how often the nodes of workers not started yet are asked whether they answer
 
 
 @dataclass
@@ -75,8 +78,7 @@ class RayCluster:
         node that stopped cleanly, at once): a worker planned meanwhile on a node lost to a crash
         or to its network waited for that, and the run failed."""
         alive = [n for n in self.ray.nodes() if n.get("Alive")]
-        with ThreadPoolExecutor(max_workers=min(32, max(1, len(alive)))) as pool:
-            silent = list(pool.map(_raylet_silent, alive))
+        silent = _silent(alive)
         for node, why in zip(alive, silent):
             if why and node["NodeID"] not in self.lost:
                 self.lost.add(node["NodeID"])
@@ -181,6 +183,23 @@ def _connect(address: str, temp_dir: str | None) -> Any:
         land(interrupted[0], previous[interrupted[0]])
         raise KeyboardInterrupt  # a handler that let it pass: the run was stopped all the same
     return ray
+
+
+def _silent(nodes: list[dict[str, Any]]) -> list[str]:
+    """_raylet_silent of each of `nodes` (ray.nodes() entries), asked at once."""
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(nodes)))) as pool:
+        return list(pool.map(_raylet_silent, nodes))
+
+
+def _lost(ray: Any, node_ids: set[str]) -> dict[str, str]:
+    """Those of `node_ids` that are lost now, each with why: Ray lists it dead or no more, or its
+    raylet does not answer (_raylet_silent)."""
+    listed = {n["NodeID"]: n for n in ray.nodes() if n["NodeID"] in node_ids}
+    lost = {i: "Ray marked it dead" if i in listed else "Ray no longer lists it"
+            for i in node_ids if not listed.get(i, {}).get("Alive")}
+    alive = [n for i, n in listed.items() if i not in lost]
+    lost.update((n["NodeID"], why) for n, why in zip(alive, _silent(alive)) if why)
+    return lost
 
 
 def _raylet_silent(node: dict[str, Any]) -> str:
@@ -383,13 +402,13 @@ class RayWorkers(WorkerPool):
 
     def __init__(self, ray: Any, cfg: RunConfig, out: Path, rows: InputRows, slots: list[Slot]):
         self.ray = ray
+        self.cfg = cfg
         # Absolute: an actor's working folder is Ray's, on a node of its own. Not resolved: a
         # symlink here (/data -> /mnt/nfs/data) may be the very path the other nodes mount.
         self.out = os.path.abspath(out)
         self.rows = InputRows(tuple(os.path.abspath(p) for p in rows.parts), rows.heights)
         self.slots = slots
         self.devices = [slot.label for slot in slots]
-        self.configs = [on_worker(cfg, slot.device, slot.threads, len(slots)) for slot in slots]
         self.tasks = _queue(ray)
         self.results = _Results(_queue(ray), ray)
         self.actors: list[Any] = []
@@ -398,7 +417,7 @@ class RayWorkers(WorkerPool):
     def start(self, todo: list[int]) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        try:
+        try:  # a None for each worker planned: those of workers left out (_leave_out) stay unread
             self.tasks.put_nowait_batch([*todo, *[None] * len(self.slots)])
         except self.ray.exceptions.RayError as exc:
             raise WorkerFailed(f"the Ray queue of shards could not be filled ({_plain(first_line(exc))})") from None
@@ -408,27 +427,75 @@ class RayWorkers(WorkerPool):
                 num_cpus=slot.num_cpus, num_gpus=slot.num_gpus,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=False)).remote())
         # Every worker checked before any starts: a node without the output folder stops the
-        # run before it has written anything.
-        self._started([a.check.remote(__version__, os.getcwd(), self.out, self.rows) for a in self.actors])
+        # run before it has written anything. A node lost since the plan leaves its workers out.
+        self._leave_out(self._started([a.check.remote(__version__, os.getcwd(), self.out, self.rows)
+                                       for a in self.actors]))
+        # their shares of the per-host limits among the workers that run
+        configs = [on_worker(self.cfg, slot.device, slot.threads, len(self.slots)) for slot in self.slots]
         level = logging.getLogger().getEffectiveLevel()  # the workers log what this process would
         self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results.queue, level): i
-                     for i, (a, c) in enumerate(zip(self.actors, self.configs))}
+                     for i, (a, c) in enumerate(zip(self.actors, configs))}
 
-    def _started(self, checks: list[Any]) -> None:
+    def _started(self, checks: list[Any]) -> dict[str, str]:
+        """Wait for the workers' `checks`; returns the nodes lost meanwhile (node id: why), whose
+        workers are not to run. Any other failure is the run's one-line error. Ray retries an
+        actor on a node whose raylet is gone until it marks the node dead (about 15 s with its
+        defaults), then fails it: a run planned just before its node was lost failed so. Here
+        the nodes of the workers not started yet are asked every START_PROBE_S whether they
+        answer (RayCluster.nodes' question), and a failed check is a lost node's where its node
+        is lost."""
         pending = {ref: i for i, ref in enumerate(checks)}
+        lost: dict[str, str] = {}
         warn_at = time.monotonic() + START_WARN_S
+        probe_at = time.monotonic() + START_PROBE_S
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in ready:
                 i = pending.pop(ref)
-                gpu_ids = self._outcome(i, ref, "could not start")
+                node = self.slots[i].node_id
+                try:
+                    gpu_ids = self._outcome(i, ref, "could not start")
+                except WorkerFailed:
+                    why = lost.get(node) or _lost(self.ray, {node}).get(node)
+                    if not why:
+                        raise
+                    lost[node] = why
+                    continue
                 if gpu_ids:
                     self.devices[i] += ":" + ",".join(gpu_ids)
+            if pending and time.monotonic() >= probe_at:
+                probe_at = time.monotonic() + START_PROBE_S
+                lost |= _lost(self.ray, {self.slots[i].node_id for i in pending.values()} - lost.keys())
+                pending = {ref: i for ref, i in pending.items() if self.slots[i].node_id not in lost}
             if pending and time.monotonic() > warn_at:
                 log.warning("%d of %d Ray workers have not started after %.0f s: their nodes' CPUs or GPUs are "
                             "taken (`ray status` shows the cluster's); waiting", len(pending), len(checks),
                             START_WARN_S)
                 warn_at = math.inf
+        return lost
+
+    def _leave_out(self, lost: dict[str, str]) -> None:
+        """Leave the workers of the `lost` nodes (node id: why) out of the run, before it starts:
+        they have taken no shard, so the others run them all. A warning for each such node; where
+        no worker is left, the run's one-line error."""
+        if not lost:
+            return
+        out = {i for i, slot in enumerate(self.slots) if slot.node_id in lost}
+        for i in out:
+            self.ray.kill(self.actors[i])  # its creation given up, or a started actor ended
+        kept = [i for i in range(len(self.slots)) if i not in out]
+        names = {slot.node_id: slot.node_name for slot in self.slots}
+        if not kept:
+            which = "; ".join(f"{names[node]}: {why}" for node, why in lost.items())
+            raise WorkerFailed(f"no Ray worker could start: the node(s) planned for them were lost ({which}); finished "
+                               "shards are kept, rerun the same command to resume on the nodes that answer")
+        for node, why in lost.items():
+            log.warning("Ray node %s was lost before its workers started (%s): its %d worker(s) are left out, the "
+                        "run goes on with the other %d", names[node], why,
+                        sum(self.slots[i].node_id == node for i in out), len(kept))
+        self.slots = [self.slots[i] for i in kept]
+        self.actors = [self.actors[i] for i in kept]
+        self.devices[:] = [self.devices[i] for i in kept]  # in place: drive and the summary hold this list
 
     def _outcome(self, worker: int, ref: Any, failed: str) -> Any:
         """What the actor call `ref` returned; its failure as the one-line error the run ends with."""

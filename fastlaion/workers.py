@@ -79,7 +79,8 @@ class WorkerPool(abc.ABC):
     ids from its `tasks` until it takes None, and reports on its `results` (`serve_shards`);
     `drive` is the rest, the same whatever runs the workers."""
 
-    devices: list[str]  # one name per worker, for its messages and the summary's `workers`
+    devices: list[str]  # one name per worker, for its messages and the summary's `workers`; the
+    # same list throughout: `start` takes out of it, in place, workers that could not start (RayWorkers)
     results: Any  # the workers' messages: get(timeout=s), queue.Empty when none came
 
     @abc.abstractmethod
