@@ -30,7 +30,7 @@ import typer
 from . import __version__
 from .cli_typer import LazyGroup, add_lazy_command
 from .config import (
-    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
+    ConfigError, DecodeConfig, DedupMode, DownloadConfig, InputConfig, InputFormat, ParallelConfig, PHASE_TIMEOUT_S, ResizeMode, RunConfig, ScoreConfig, TagConfig, WorkerFailed,
 )
 from .interrupt import STOP_SIGNALS, ctrl_c_ignored, stop_on_sigterm, stopped_by
 from .logs import WARNINGS_LOGGER, log_warning
@@ -323,8 +323,8 @@ def run_cmd(
     max_caption_chars: Annotated[int, typer.Option(help="Captions are cut to this many characters (LAION: 2000).")] = _D.input.max_caption_chars,
     workers: Annotated[int, typer.Option(help="Concurrent downloads.")] = _D.download.workers,
     timeout: Annotated[float, typer.Option(help="Total deadline in seconds per request attempt: connect, headers and body of all redirect hops together (deadline).")] = _D.download.timeout_s,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds allowed to connect (DNS, TCP and TLS) (connect_timeout).")] = _D.download.connect_timeout_s,
-    read_timeout: Annotated[float, typer.Option(help="Seconds of silence allowed before the response headers (header_timeout) and between body chunks (read_timeout).")] = _D.download.read_timeout_s,
+    connect_timeout: Annotated[Optional[float], typer.Option(help=f"Seconds allowed to connect (DNS, TCP and TLS) (connect_timeout); default {PHASE_TIMEOUT_S:g}, or --timeout where that is less.", show_default=False)] = None,
+    read_timeout: Annotated[Optional[float], typer.Option(help=f"Seconds of silence allowed before the response headers (header_timeout) and between body chunks (read_timeout); default {PHASE_TIMEOUT_S:g}, or --timeout where that is less.", show_default=False)] = None,
     retries: Annotated[int, typer.Option(help="Extra attempts for transient failures only (timeouts, 5xx, 429, connection errors).")] = _D.download.retries,
     max_bytes: Annotated[int, typer.Option(help="Bodies larger than this are cut off and the row dropped (too_large).")] = _D.download.max_bytes,
     user_agent: Annotated[str, typer.Option(help="User-Agent header sent with every request; its first word is the name robots.txt and X-Robots-Tag rules are matched against.")] = _D.download.user_agent,

@@ -259,14 +259,20 @@ OPT_OUT_TAGS = ("noai", "noimageai", "noindex", "noimageindex", "nofollow", "non
                 "nosnippet", "notranslate")
 
 
+PHASE_TIMEOUT_S = 5.0  # --connect-timeout and --read-timeout when not set (at most --timeout)
+
+
 @dataclass(frozen=True)
 class DownloadConfig:
     workers: int = 64  # concurrent requests (worker coroutines)
     # Never hang: every attempt is bounded four ways (reasons connect_timeout, header_timeout,
     # read_timeout, deadline). Waiting for a per-host slot or for robots.txt is not counted.
     timeout_s: float = 10.0  # total deadline per attempt: connect + headers + body, all redirect hops
-    connect_timeout_s: float = 5.0  # DNS + TCP (+ TLS) connect of a new connection
-    read_timeout_s: float = 5.0  # silence allowed before the headers, and between body chunks
+    # The phase timeouts; None (unset): PHASE_TIMEOUT_S, or timeout_s where that is less (set by
+    # __post_init__, so a config always holds the seconds it runs with); one set above timeout_s
+    # is refused, as it could never be reached.
+    connect_timeout_s: float | None = None  # DNS + TCP (+ TLS) connect of a new connection
+    read_timeout_s: float | None = None  # silence allowed before the headers, and between body chunks
     max_bytes: int = 32 * 1024 * 1024  # bodies over this are cut off and the row dropped
     retries: int = 2  # extra attempts for transient errors only (timeouts, 5xx, 429, resets)
     backoff_s: float = 0.5  # first retry waits this long, doubling each time
@@ -287,17 +293,24 @@ class DownloadConfig:
     url_blocklist: str | None = None  # file: URLs, or sha256/md5 hex of URLs, one per line (blocked)
     image_blocklist: str | None = None  # file: sha256/md5 hex of image bytes, one per line (blocked)
 
+    def __post_init__(self) -> None:
+        # `--timeout 3` alone: the phase timeouts not set are 3 s, not a default of 5 s that the
+        # deadline would always come before (config.json said 5). Set once, here: a
+        # dataclasses.replace(cfg, timeout_s=...) keeps cfg's seconds (pass None to recompute).
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, min(PHASE_TIMEOUT_S, self.timeout_s))
+
     def validate(self) -> None:
         at_least("--workers", self.workers, 1)
         positive("--timeout", self.timeout_s)
         positive("--connect-timeout", self.connect_timeout_s)
         positive("--read-timeout", self.read_timeout_s)
-        # --timeout bounds the whole attempt: a phase timeout asked above it is never reached (a
-        # default one above a lowered --timeout was not asked for: the deadline comes first)
-        above = [f"{flag} {value:g}" for flag, value in set_options(
-            ("--connect-timeout", self.connect_timeout_s, DownloadConfig.connect_timeout_s),
-            ("--read-timeout", self.read_timeout_s, DownloadConfig.read_timeout_s),
-        ) if value > self.timeout_s]
+        # --timeout bounds the whole attempt: a phase timeout asked above it is never reached
+        # (one not asked for is at most --timeout: __post_init__)
+        above = [f"{flag} {value:g}" for flag, value in (("--connect-timeout", self.connect_timeout_s),
+                                                          ("--read-timeout", self.read_timeout_s))
+                 if value > self.timeout_s]
         if above:
             they = len(above) > 1
             raise ConfigError(f"{' and '.join(above)} {'are' if they else 'is'} above --timeout {self.timeout_s:g}, the "

@@ -48,7 +48,8 @@ Reason codes (`Fetched.error`); "retried" marks the transient ones (`is_transien
     connect_timeout     no connection (DNS + TCP + TLS) within `connect_timeout_s` (retried)
     header_timeout      connected, but no response headers within `read_timeout_s` (retried)
     read_timeout        the body stalled: no bytes for `read_timeout_s` (retried)
-    deadline            no complete answer within `timeout_s`, e.g. a body trickling in (retried)
+    deadline            no complete answer within `timeout_s`, e.g. a body trickling in; also a
+                        connect or read timeout that ends as `timeout_s` does (retried)
     connection_error    refused, reset, disconnected before answering, DNS failure (retried)
     tls_error           the TLS handshake failed: a certificate that does not verify (expired,
                         self-signed, another host's) or no protocol both sides speak (not retried)
@@ -913,6 +914,10 @@ class Downloader:
         """One request: the outcome, or where it redirects to (and the redirect's status)."""
         assert self._session is not None
         answered = False  # headers received: a socket timeout now is the body stalling
+        # A phase timeout that ends as the budget does is the deadline: with one equal to
+        # --timeout (as an unset one below its default is), aiohttp's timer and ours end
+        # together, and the reason was whichever ran first.
+        spent_at = asyncio.get_running_loop().time() + budget_s
         try:
             async with self._deadline(budget_s), self._session.get(target, allow_redirects=False) as resp:
                 answered, status = True, resp.status
@@ -930,8 +935,12 @@ class Downloader:
                         return _refused(OPT_OUT, f"X-Robots-Tag: {directive}", resp.status)
                 return await self._read_body(resp, rules)
         except _CONNECT_TIMEOUT_ERROR:
+            if asyncio.get_running_loop().time() >= spent_at:
+                return _refused(DEADLINE, f"no complete answer within {self.cfg.timeout_s} s", status)
             return _refused(CONNECT_TIMEOUT, f"no connection within {self.cfg.connect_timeout_s} s", status)
         except aiohttp.ServerTimeoutError as exc:  # sock_read (3.9 also says connect this way)
+            if asyncio.get_running_loop().time() >= spent_at:
+                return _refused(DEADLINE, f"no complete answer within {self.cfg.timeout_s} s", status)
             if not answered and "Connection timeout" in str(exc):
                 return _refused(CONNECT_TIMEOUT, f"no connection within {self.cfg.connect_timeout_s} s", status)
             if answered:

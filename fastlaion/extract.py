@@ -65,7 +65,8 @@ fragment and userinfo as written; a percent-encoded host is decoded first (`http
 an IPv4 address in another spelling (`http://0x7f.1/`, `http://2130706433/`) is written in
 dotted decimal. A host that the standard's host parser refuses (bytes that are not UTF-8 or a
 forbidden code point once decoded, an "xn--" label that is not punycode of a valid label, a
-host ending in a number that is no IPv4 address: `_parse_host`) is
+non-ASCII host breaking RFC 5893's Bidi Rule in any label (`1a.אב`), a host ending in a number
+that is no IPv4 address: `_parse_host`) is
 invalid_url: no browser fetches it. The rules (long_host) measure the host as written; uid is
 computed from the URL as kept. page_url is written as found: it is no dedup key, and the
 relative srcs joined to it are folded after the join.
@@ -2413,7 +2414,8 @@ def _parse_host(host: str) -> str | None:
     a forbidden one after decoding or mapping (`a%20b`, `a%25b`, `a%2Fb`, U+FF0F, which maps to
     '/'), a leftover '%' (`a%zz`); also a character WHATWG takes but the rules refuse in a host
     written plainly (`a%22b`: '"', see _FORBIDDEN_DOMAIN), an "xn--" label that is not UTS #46 punycode (`_a_label_ok`),
-    a label breaking the joiner or bidi rules, nothing left after mapping.
+    a label breaking the joiner or bidi rules (in a host that is not ASCII, every label of a
+    Bidi domain name: `_bidi_domain_ok`), nothing left after mapping.
 
     A host that ends in a number (its last label decimal, or "0x" hex) is an IPv4 address to
     the parser, in any spelling inet_aton takes (`0x7f.1`, `2130706433`, `0177.0.0.1`,
@@ -2430,7 +2432,8 @@ def _parse_host(host: str) -> str | None:
             host = unquote_to_bytes(host).decode("utf-8")  # (a '%' without two hex digits stays)
         except UnicodeDecodeError:
             return None
-    if host.isascii():
+    ascii_host = host.isascii()
+    if ascii_host:
         mapped = host.translate(_ASCII_LOWER)  # UTS #46 maps ASCII to itself but for capitals
     else:
         try:
@@ -2442,13 +2445,43 @@ def _parse_host(host: str) -> str | None:
     if ends_in_number(mapped):  # an IPv4 address, written as dotted decimal; or no host at all
         number = ipv4_number(mapped)
         return None if number is None else dotted(number)
-    for label in mapped.split("."):
+    labels = mapped.split(".")
+    for label in labels:
         if label[:4] == "xn--":
             if not _a_label_ok(label):
                 return None
         elif not label.isascii() and not _u_label_ok(label):
             return None
+    if not ascii_host and not _bidi_domain_ok(labels):
+        return None
     return mapped if mapped.isascii() else _idna_host(mapped)
+
+
+_RTL_CLASSES = frozenset(("R", "AL", "AN"))  # the Bidi_Class values that make a "Bidi domain name"
+
+
+def _bidi_domain_ok(labels: list[str]) -> bool:
+    """UTS #46's CheckBidi across a domain's labels (each checked by `_a_label_ok` or
+    `_u_label_ok`): where any label, "xn--" ones decoded, holds a character of Bidi_Class R, AL
+    or AN (a "Bidi domain name", RFC 5893 1.4), every non-empty label must satisfy RFC 5893's
+    Bidi Rule, its LTR and ASCII ones too: `1a.אב` fails (a label starting with a digit, EN),
+    as `a-.אב` does (an LTR label ending in '-'); `a.אב` and `my_host.אב` pass. Checked only
+    on a host that is not ASCII once percent-decoded: the URL Standard (2026, whatwg-url's
+    domain parser) runs UTS #46 on an ASCII one for a validation error only and lower-cases it,
+    so `1a.xn--4dbc` stays (its "xn--" labels are still checked one by one, `_a_label_ok`, as
+    the standard did before). ICU (Chromium) and whatwg-url (tr46) check so; Node 20's URL (ada
+    before its PR #91) checks each label alone."""
+    unicode_labels = [label[4:].encode("ascii").decode("punycode") if label[:4] == "xn--" else label
+                      for label in labels]
+    if not any(unicodedata.bidirectional(c) in _RTL_CLASSES for c in "".join(unicode_labels) if c > "\x7f"):
+        return True
+    import idna
+    import idna.core
+
+    try:
+        return all(idna.core.check_bidi(label, check_ltr=True) for label in unicode_labels if label)
+    except idna.IDNAError:
+        return False
 
 
 def _a_label_ok(label: str) -> bool:
@@ -2473,7 +2506,9 @@ def _u_label_ok(label: str) -> bool:
     """UTS #46's validity criteria that its mapping does not settle, for a non-ASCII label as
     WHATWG runs them (CheckJoiners and CheckBidi on, CheckHyphens off): no combining mark
     first, U+200C/U+200D only where RFC 5892's context rules allow, RFC 5893's bidi rule
-    (for the label alone: a bidi domain's other labels are not checked against it)."""
+    where the label has an RTL character (the other labels of a Bidi domain name are held to it
+    too: `_bidi_domain_ok`). No CONTEXTO rule: UTS #46 has none, so `a·b` (U+00B7, which IDNA
+    2008 allows only between two 'l') is taken, as browsers take it."""
     import idna
     import idna.core
 

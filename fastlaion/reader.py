@@ -54,6 +54,7 @@ _ROWS_COMPRESSION = "zstd"
 # An input's column that says the row is a blank line (csv/tsv), dropped before the rows are written.
 _BLANK = "__fastlaion_blank"
 _GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which orjson refuses
 _TAB_ON_A_LATER_LINE = re.compile(r"[\r\n][^\r\n]*\t")  # in one tsv field: a line of the file taken into it
 
 _Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
@@ -84,12 +85,14 @@ class Input:
     """One input file, checked. `table`: a lazy query of its `url` and `caption` (String, the
     caption null without a caption column), and for a csv/tsv whether the row is a blank line
     (`_BLANK`); None for a txt file, which is read by lines. `unquoted`, for a tsv: the same
-    query with `"` read as text, for a file whose quotes do not parse as quoting (`write_rows`)."""
+    query with `"` read as text, for a file whose quotes do not parse as quoting (`write_rows`).
+    `json_caption`, for a jsonl/json input read with captions: their key (`_note_json_captions`)."""
 
     path: Path
     fmt: InputFormat
     table: pl.LazyFrame | None
     unquoted: pl.LazyFrame | None = None
+    json_caption: str | None = None
 
 
 def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
@@ -160,7 +163,8 @@ def open_input(path: Path, cfg: InputConfig, need_captions: bool) -> Input:
         # only: no row of the file, flagged (write_rows drops it). A row with data in any column is kept.
         columns.append(pl.all_horizontal(pl.all().is_null()).alias(_BLANK))
     unquoted = _scan(path, fmt, quoted=False).select(columns) if fmt is InputFormat.tsv else None
-    return Input(path, fmt, table.select(columns), unquoted)
+    json_caption = cfg.caption_col if fmt is InputFormat.jsonl and len(text_columns) == 2 else None
+    return Input(path, fmt, table.select(columns), unquoted, json_caption)
 
 
 def _binary(text: str) -> bool:
@@ -222,7 +226,7 @@ def _scan_json(path: Path, text_columns: tuple[str | None, ...]) -> tuple[pl.Laz
     except pl.exceptions.PolarsError:  # a list or an object in one: as its JSON text, as a jsonl line's is read
         import orjson
 
-        lines = b"\n".join(map(orjson.dumps, orjson.loads(data)))
+        lines = b"\n".join(map(orjson.dumps, orjson.loads(_without_bom(data))))
         return pl.read_ndjson(io.BytesIO(lines), schema=text).lazy(), columns
 
 
@@ -234,7 +238,7 @@ def _json_keys(path: Path, array: bytes | None) -> list[str] | None:
     keys: dict[str, None] = {}
     try:
         if array is not None:
-            items = orjson.loads(array)
+            items = orjson.loads(_without_bom(array))
             for item in items if isinstance(items, list) else [None]:
                 if not isinstance(item, dict):
                     return None
@@ -256,6 +260,12 @@ def _json_array(path: Path) -> bool:
     """Whether a json/jsonl file holds one JSON array (its first character is '['), not a JSON
     object a line."""
     return _first_character(path) == b"["
+
+
+def _without_bom(data: bytes) -> bytes:
+    """A JSON array's bytes (or a jsonl's first line) less a leading byte-order mark, which Polars reads past and orjson
+    refuses (a list caption in such a file was "not JSON", a number caption read)."""
+    return data.removeprefix(_BOM)
 
 
 def _first_character(path: Path) -> bytes:
@@ -359,6 +369,8 @@ def write_rows(inputs: list[Input], folder: Path, max_caption_chars: int,
                     where = _first_bad_line(inp.path, inp.fmt) or "its quotes do not parse"
                 if where is not None:
                     _write_unquoted(inp, _rows_of(inp.unquoted, blank_lines_are_rows), max_caption_chars, part, where)
+                if inp.json_caption is not None:
+                    _note_json_captions(inp.path, inp.json_caption, part)
                 counted(pl.scan_ipc(glob.escape(part)).select(pl.len()).collect().item())
         except pl.exceptions.PolarsError as e:
             raise _unreadable(inp.path, inp.fmt, e) from None
@@ -425,6 +437,47 @@ def _write_unquoted(inp: Input, table: pl.LazyFrame, max_caption_chars: int, par
         raise _unreadable(inp.path, inp.fmt, e, quoted=False) from None
     log.warning("%s: %s: read without quoting, as tab-separated text usually is (its quotes are part of "
                 "the text)", inp.path, where)
+
+
+def _note_json_captions(path: Path, key: str, part: str) -> None:
+    """Warn once for a jsonl/json input whose captions (`key`) hold lists or objects, naming the
+    file, how many and the first: each is read as its JSON text (`["a", "b"]`), as a number is,
+    and CLIP scores that text, brackets and quotes included, where a list is likelier several
+    captions meant for one image (it was kept so, silently). `part`: the rows file the input was
+    written to. Ordinary input costs a look at its captions there; only one that is the JSON text
+    of a list or an object (or starts with [ or { and was cut to --max-caption-chars) has the
+    file read again, in Python, for the count and the first line."""
+    import orjson
+
+    bracketed = (pl.scan_ipc(glob.escape(part)).select("caption", "caption_edit")
+                 .filter(pl.col("caption").str.starts_with("[") | pl.col("caption").str.starts_with("{"))
+                 .collect())
+
+    def json_text(caption: str, edit: str | None) -> bool:
+        if edit is not None and "truncated" in edit:
+            return True
+        try:
+            return isinstance(orjson.loads(caption), (list, dict))
+        except orjson.JSONDecodeError:
+            return False
+
+    if not any(json_text(c, e) for c, e in bracketed.iter_rows()):
+        return
+    try:
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            if _json_array(path):
+                items = orjson.loads(_without_bom(f.read()))
+                rows = ((f"item {n:,} of the array", item) for n, item in enumerate(items, 1))
+            else:
+                rows = ((f"line {n:,}", orjson.loads(_without_bom(line) if n == 1 else line))
+                        for n, line in enumerate(f, 1) if line.strip())
+            found = [where for where, item in rows if isinstance(item, dict) and isinstance(item.get(key), (list, dict))]
+    except (orjson.JSONDecodeError, OSError, EOFError):  # Polars read it: not expected, and only a warning lost
+        return
+    if found:
+        log.warning("%s: %s row%s hold%s a list or an object as caption (the first: %s): the caption is its JSON "
+                    "text, as [\"a\", \"b\"], brackets and quotes included; give each row one caption, a string",
+                    path, f"{len(found):,}", "s" * (len(found) != 1), "s" * (len(found) == 1), found[0])
 
 
 def _decompressed(raw: io.BufferedReader) -> BinaryIO:
@@ -497,7 +550,7 @@ def _first_bad_item(path: Path) -> str | None:
     with path.open("rb") as raw, _decompressed(raw) as f:
         data = f.read()
     try:
-        items = orjson.loads(data)
+        items = orjson.loads(_without_bom(data))
     except orjson.JSONDecodeError as e:
         return f"line {e.lineno}, column {e.colno}: not JSON ({e.msg})"
     for n, item in enumerate(items if isinstance(items, list) else [], 1):

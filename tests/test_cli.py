@@ -217,6 +217,9 @@ def test_an_option_the_other_options_make_unused_is_refused(tmp_path, args, mess
      "--connect-timeout 3 and --read-timeout 4 are above --timeout 2, the deadline of the whole attempt (connect, "
      "headers and body), so they would never be reached; raise --timeout or lower --connect-timeout and "
      "--read-timeout"),
+    (["--timeout", "2", "--connect-timeout", "5"],  # the default, but written out: asked for
+     "--connect-timeout 5 is above --timeout 2, the deadline of the whole attempt (connect, headers and body), "
+     "so it would never be reached; raise --timeout or lower --connect-timeout"),
 ])
 def test_a_timeout_above_the_whole_attempts_deadline_is_refused(tmp_path, args, message):
     """--timeout bounds the whole attempt: `--connect-timeout 20 --timeout 5` ran, silently
@@ -230,13 +233,21 @@ def test_a_timeout_above_the_whole_attempts_deadline_is_refused(tmp_path, args, 
 
 def test_a_timeout_under_the_default_phase_timeouts_runs(tmp_path):
     """--timeout 3 alone is below the default --connect-timeout and --read-timeout (5 s): those
-    were not asked for, so the deadline simply comes first; as are phase timeouts equal to it."""
+    were not asked for, so they are 3 s, as config.json says (it said 5, a phase the deadline
+    always came before); phase timeouts equal to --timeout run too, and one not set above it
+    keeps its default."""
     (tmp_path / "in.txt").write_text("http://127.0.0.1:9/a.jpg\n")
-    for i, args in enumerate((["--timeout", "3"], ["--timeout", "6", "--connect-timeout", "6", "--read-timeout", "6"])):
+    for i, (args, phases) in enumerate((
+            (["--timeout", "3"], (3, 3)),
+            (["--timeout", "4", "--read-timeout", "1.5"], (4, 1.5)),
+            (["--timeout", "6", "--connect-timeout", "6", "--read-timeout", "6"], (6, 6)),
+            (["--timeout", "8", "--connect-timeout", "2"], (2, 5)))):
         result = invoke_cli(["run", str(tmp_path / "in.txt"), "-o", str(tmp_path / f"o{i}"), "--no-progress",
                              "--no-score", "--no-language", *args])
         assert result.returncode == 0, result.stderr
         assert (tmp_path / f"o{i}" / "00000_stats.json").is_file()
+        saved = json.loads((tmp_path / f"o{i}" / "config.json").read_text())["download"]
+        assert (saved["connect_timeout_s"], saved["read_timeout_s"]) == phases
 
 
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path):

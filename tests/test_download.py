@@ -523,7 +523,8 @@ def test_body_cut_short_is_payload_error(served):
 def test_no_answer_times_out(served):
     server, routes = served
     before = routes.hits["/t/hang"]
-    got = fetch(server.url("t/hang"), timeout_s=0.3, retries=1)  # read_timeout_s (5 s) never fires
+    # read_timeout_s unset: 0.3 s too, ending with the deadline, which names it (see below)
+    got = fetch(server.url("t/hang"), timeout_s=0.3, retries=1)
     assert got.error == "deadline" and got.http_status is None and got.attempts == 2
     assert routes.hits["/t/hang"] - before == 2
     assert 2 * 0.3 * 0.9 <= got.elapsed_s < 2 * 0.3 + 1.0
@@ -853,6 +854,43 @@ def test_read_timeout_when_the_body_never_comes(served):
     got = fetch(server.url("stall/headers?t=read"), read_timeout_s=0.3, timeout_s=5, retries=0)
     assert (got.error, got.http_status, got.body, got.attempts) == ("read_timeout", 200, None, 1)
     assert_cut_off(got, 0.3)
+
+
+@pytest.mark.parametrize("phase", ["connect", "header"])
+def test_a_phase_timeout_ending_with_the_deadline_is_the_deadline(served, phase):
+    """A phase timeout equal to timeout_s (given so, or unset under a lower timeout_s) ends
+    when the deadline does: aiohttp's timer and the deadline's raced, and the reason was the
+    phase's on Python 3.11+ (the deadline is checked every 50 ms, aiohttp's timer is exact) and
+    the deadline's on 3.10 (a timer of its own, started first). The whole budget spent is
+    `deadline`, whichever timer ran first; each run four times, as one run could win the race."""
+    server, _ = served
+    for _ in range(4):
+        if phase == "connect":  # a DNS lookup that never ends: the connect phase
+            resolver = StubResolver(hang=True)
+            got = fetch("http://slow-dns.test/x.jpg", connect_timeout_s=0.3, timeout_s=0.3, retries=0,
+                        downloader_args={"resolver": resolver})
+            assert resolver.calls["slow-dns.test"] == 1
+        else:  # connected, no headers ever
+            got = fetch(server.url("stall/hang?t=equal"), read_timeout_s=0.3, timeout_s=0.3, retries=0)
+        assert (got.error, got.http_status, got.attempts) == ("deadline", None, 1), got
+        assert_cut_off(got, 0.3)
+
+
+def test_unset_phase_timeouts_are_at_most_the_deadline():
+    """connect_timeout_s and read_timeout_s unset are 5 s, or timeout_s where that is less: a
+    5 s phase under a 3 s deadline could never end (config.json said 5). One set above
+    timeout_s is refused, also when it is the 5 s default written out."""
+    assert (DownloadConfig().connect_timeout_s, DownloadConfig().read_timeout_s) == (5.0, 5.0)
+    assert (DownloadConfig(timeout_s=8).connect_timeout_s, DownloadConfig(timeout_s=8).read_timeout_s) == (5.0, 5.0)
+    capped = DownloadConfig(timeout_s=3)
+    capped.validate()
+    assert (capped.connect_timeout_s, capped.read_timeout_s) == (3.0, 3.0)
+    partly = DownloadConfig(timeout_s=3, connect_timeout_s=1)
+    assert (partly.connect_timeout_s, partly.read_timeout_s) == (1.0, 3.0)
+    with pytest.raises(ConfigError, match="^--connect-timeout 5 is above --timeout 3, "):
+        DownloadConfig(timeout_s=3, connect_timeout_s=5).validate()
+    with pytest.raises(ConfigError, match="^--read-timeout 5 is above --timeout 2.5, "):
+        DownloadConfig(timeout_s=2.5, read_timeout_s=5.0).validate()
 
 
 def wait_for_stall(server: LoopbackServer, marker: str, timeout_s: float = 3.0):

@@ -785,6 +785,49 @@ def test_punycode_labels_are_checked_as_whatwg_does(tmp_path, monkeypatch, path)
         assert decided == 2
 
 
+# RFC 5893's Bidi Rule, which UTS #46 with CheckBidi (as WHATWG's domain to ASCII runs it)
+# applies to every label of a "Bidi domain name": one where any label, an "xn--" one decoded,
+# holds a character of Bidi_Class R (Hebrew), AL (Arabic) or AN (Arabic-Indic digits). Rule 1:
+# a label starts with L, R or AL; 5 and 6: an LTR label holds only L, EN, ES, CS, ET, ON, BN,
+# NSM and ends in L or EN; 2-4: an RTL label holds no L and ends in R, AL, EN or AN. The expected
+# values by hand from those rules (the ASCII forms: RFC 3492, as Node 20 writes the hosts it
+# takes; Node's URL (ada, before its PR #91) checks each label alone, so it takes the refused
+# ones but the AN ones, while ICU (Chromium) and whatwg-url refuse them). An ASCII host is
+# lower-cased without UTS #46 by the URL Standard since 2026: `1a.xn--4dbc` stays.
+# U+00B7 MIDDLE DOT: valid in UTS #46's table; IDNA 2008's CONTEXTO rule (only between two
+# 'l') is not one of UTS #46's checks (CheckJoiners is CONTEXTJ only), so browsers take `a·b`.
+BIDI_LINKS = [
+    ("http://a.\u05d0\u05d1/a.jpg", "An LTR label", "http://a.xn--4dbc/a.jpg"),
+    ("http://my_host.\u05d0\u05d1/b.jpg", "'_' is ON", "http://my_host.xn--4dbc/b.jpg"),
+    ("http://\u05d0\u05d11.a1/c.jpg", "Both end in EN", "http://xn--1-zhcd.a1/c.jpg"),  # rules 3 and 6
+    ("http://\u00e9.\u05d0\u05d1/d.jpg", "e acute is L", "http://xn--9ca.xn--4dbc/d.jpg"),
+    ("http://1a.xn--4dbc/e.jpg", "An ASCII host", "http://1a.xn--4dbc/e.jpg"),
+    ("http://1a.b\u00fccher/f.jpg", "No RTL: no Bidi domain", "http://1a.xn--bcher-kva/f.jpg"),
+    ("http://a\u00b7b.example/g.jpg", "A middle dot", "http://xn--ab-0ea.example/g.jpg"),
+    ("http://xn--ab-0ea.example/g.jpg", "A middle dot", None),
+    ("http://A%C2%B7B.example/g.jpg", "A middle dot", None),
+    ("http://l\u00b7l.example/h.jpg", "A middle dot", "http://xn--ll-0ea.example/h.jpg"),
+    ("http://1a.\u05d0\u05d1/x.jpg", "EN first", INVALID),  # rule 1, in the label without RTL
+    ("http://\u05d0\u05d1.3com/x.jpg", "EN first", INVALID),
+    ("http://%D7%90%D7%91.3com/x.jpg", "EN first", INVALID),  # not ASCII once decoded
+    ("http://-a.\u05d0\u05d1/x.jpg", "ES first", INVALID),  # rule 1
+    ("http://a-.\u05d0\u05d1/x.jpg", "ES last", INVALID),  # rule 6
+    ("http://1\u00e9.xn--4dbc/x.jpg", "RTL in punycode", INVALID),
+    ("http://\u0627\u0644.1com/x.jpg", "Arabic, EN first", INVALID),
+    ("http://a.\u0661\u0662/x.jpg", "AN first", INVALID),  # AN alone makes a Bidi domain name
+]
+
+
+@pytest.mark.parametrize("path", ["native", "vectorised", "reference", "warc"])
+def test_the_bidi_rule_holds_across_a_bidi_domains_labels(tmp_path, monkeypatch, path):
+    """UTS #46's CheckBidi holds every label of a Bidi domain name to RFC 5893's Bidi Rule, not
+    only the labels with RTL characters: `1a.אב` (its LTR label starts with a digit) and `a-.אב`
+    (it ends in '-') are no host to WHATWG's parser, whatwg-url or ICU, which fetch nothing:
+    invalid_url. Extraction kept them (as xn--). A host with a middle dot is taken, as
+    browsers take it. Every path alike."""
+    _links_outcome(tmp_path, monkeypatch, path, "https://site.example/p.html", BIDI_LINKS)
+
+
 # Hosts that end in a number, which WHATWG's host parser reads as an IPv4 address (its IPv4
 # parser: decimal, "0x" hex or "0" octal numbers, the last one filling the bytes left; one
 # trailing dot taken) and writes in dotted decimal, or refuses (invalid_url); the same columns.

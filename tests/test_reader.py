@@ -235,6 +235,43 @@ def test_json_values_of_several_types_read_as_text_whatever_the_order_of_lines(t
     t = read(InputConfig(paths=(str(url),)), True, tmp_path / "rows-url")
     assert t["url"].to_list() == ["5", '["http://127.0.0.1:1/a.jpg"]']
 
+@pytest.mark.parametrize("form", ["jsonl", "jsonl.gz", "json", "bom.json"])
+def test_list_and_object_captions_are_kept_as_json_text_with_one_warning(tmp_path, caplog, form):
+    """A caption that is a list or an object (`["a", "b"]`: several captions for one image, most
+    likely) is read as its JSON text, brackets and quotes included, and was so silently. Now one
+    warning per file names it, counts such rows and names the first (the line of a jsonl, the
+    item of a JSON array, counted from 1). Captions that only look like JSON are text as always:
+    "[OFFICIAL] a cat" (not JSON) and a string holding JSON text (a string, not a list) count
+    for nothing. A JSON array led by a byte-order mark read a number caption but refused a list
+    one ("not JSON"): orjson, which reads the lists, refuses the mark that Polars skips."""
+    import gzip
+    import logging
+
+    captions = ["a cat", "[OFFICIAL] a dog", ["a", "b"], '["a", "b"]', {"en": "a bird"}, "x" * 30 + "]",
+                ["long " * 10]]  # the last is cut to --max-caption-chars 20: still counted
+    rows = [{"url": f"http://127.0.0.1:1/{i}.jpg", "caption": c} for i, c in enumerate(captions)]
+    # jsonl: a blank line after the first row, so the rows' lines are 1, 3, 4, ...: lists on 4, 6, 8
+    text = ("\n".join(json.dumps(r) + ("\n" if i == 0 else "") for i, r in enumerate(rows)) + "\n"
+            if form.startswith("jsonl") else ("\ufeff" if form == "bom.json" else "") + json.dumps(rows, indent=1))
+    path = tmp_path / f"in.{form}"
+    path.write_bytes(gzip.compress(text.encode()) if form.endswith(".gz") else text.encode())
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(path),), shard_size=3, max_caption_chars=20), True, tmp_path / "rows")
+    assert t["caption"].to_list() == ["a cat", "[OFFICIAL] a dog", '["a", "b"]', '["a", "b"]', '{"en": "a bird"}',
+                                      "x" * 20, '["long long long lon']
+    first = "line 4" if form.startswith("jsonl") else "item 3 of the array"
+    assert caplog.messages == [f"{path}: 3 rows hold a list or an object as caption (the first: {first}): the "
+                               'caption is its JSON text, as ["a", "b"], brackets and quotes included; give each '
+                               "row one caption, a string"]
+    caplog.clear()
+    plain = tmp_path / f"plain.{form.removesuffix('.gz')}"  # the same captions as text: no warning
+    rows = [{**r, "caption": c if isinstance(c, str) else json.dumps(c)} for r, c in zip(rows, captions)]
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows) if form == "jsonl" else json.dumps(rows))
+    with caplog.at_level(logging.WARNING, logger="fastlaion.reader"):
+        t = read(InputConfig(paths=(str(plain),), max_caption_chars=20), True, tmp_path / "rows-plain")
+    assert t["caption"][2:4].to_list() == ['["a", "b"]', '["a", "b"]'] and caplog.messages == []
+
+
 def test_a_tsv_whose_quotes_are_text_keeps_them_and_every_row(tmp_path, caplog):
     """A tab-separated caption that starts with a quote (`"Best" shoes`, common in alt text) is no
     csv quoting: the whole run stopped on it ("a tab expected after '"'"). Now the file is read
