@@ -51,4 +51,4 @@ bench: setup
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) fastlaion-demo .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) fastlaion-demo .pytest_cache .cache build dist *.egg-info

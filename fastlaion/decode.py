@@ -352,8 +352,10 @@ def resize_for_storage(image: Image.Image, width: int, height: int, image_size_p
 
 def _rgb_for_storage(image: Image.Image) -> Image.Image:
     """RGB pixels (RGBX, as libjpeg-turbo decodes, is left as it is: the same pixels);
-    transparent images are matted on white, as img2dataset does."""
-    if image.mode in ("RGB", "RGBX"):
+    transparent images are matted on white, as img2dataset does. That includes an RGB PNG whose
+    tRNS chunk names one colour transparent (OpenCV, img2dataset's decoder, gives it an alpha
+    band; Pillow keeps it in info['transparency'])."""
+    if image.mode in ("RGB", "RGBX") and "transparency" not in image.info:
         return image
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")

@@ -265,3 +265,72 @@ def answered_together(count: int, bodies: dict[str, bytes], content_type: str, t
         return web.Response(body=bodies[request.match_info["name"]], content_type=content_type)
 
     return web.get("/together/{name}", handler)
+
+
+# -- Pillow's odd images ---------------------------------------------------------------------
+#
+# Pillow's source distribution holds about a thousand real odd images (truncated, CMYK, bad EXIF,
+# ICC profiles, APNG, 16-bit, decompression bombs) under Tests/images. A fixed release, checked by
+# its sha256, so that every machine tests the same files; fetched with pip from the package index
+# (nothing else is reached) once, into the ignored .cache/ folder of the checkout, so `make test`
+# on a fresh clone gets it by itself. FASTLAION_PILLOW_IMAGES=DIR uses an unpacked Tests/images.
+PILLOW_CORPUS_VERSION = "13.0.0"
+PILLOW_CORPUS_SHA256 = "cdcd1ba258178f7356d74170c9a81ba4eab6a5d55748bc402a5a2a6fe6be3510"
+_INDEX_UNREACHABLE = ("from versions: none", "NewConnectionError", "Connection refused", "Network is unreachable",
+                      "Temporary failure in name resolution", "Name or service not known", "ConnectTimeout")
+
+
+def pillow_test_images() -> Path:
+    """Pillow's Tests/images folder, fetched and unpacked on first use; pytest.skip naming the
+    cause where the package index cannot be reached (any other failure fails the test)."""
+    import hashlib
+    import importlib.util
+    import shutil
+    import sys
+    import tarfile
+    import tempfile
+
+    import pytest
+
+    given = os.environ.get("FASTLAION_PILLOW_IMAGES")
+    if given:
+        return Path(given)
+    cache = Path(__file__).resolve().parent.parent / ".cache" / f"pillow-{PILLOW_CORPUS_VERSION}-images"
+    if (cache / "complete").exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:  # beside it: the rename below is atomic
+        # pip prepares an sdist's metadata: with setuptools at hand in this environment that is 3 s,
+        # in the isolated build environment pip would make otherwise, about 40 s.
+        isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                               *isolation, "--retries", "1", "--timeout", "20", "-d", tmp,
+                               f"pillow=={PILLOW_CORPUS_VERSION}"], capture_output=True, text=True)
+        if done.returncode != 0:
+            said = (done.stdout + done.stderr).strip()
+            if any(sign in said for sign in _INDEX_UNREACHABLE):
+                pytest.skip(f"Pillow's test images: the package index could not be reached to download "
+                            f"pillow=={PILLOW_CORPUS_VERSION}'s sdist ({said.splitlines()[-1]})")
+            raise RuntimeError(f"pip download pillow=={PILLOW_CORPUS_VERSION} failed:\n{said}")
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != PILLOW_CORPUS_SHA256:
+            raise RuntimeError(f"{sdist.name}: sha256 {digest}, expected {PILLOW_CORPUS_SHA256}")
+        prefix = f"pillow-{PILLOW_CORPUS_VERSION}/Tests/images/"
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            # the "data" filter (no links out, no devices) where this Python has it (3.10.12+)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(unpacked, members=members, **safe)
+        (unpacked / "complete").write_text(f"{len(members)} files from {sdist.name}\n")
+        if not (cache / "complete").exists():
+            shutil.rmtree(cache, ignore_errors=True)  # an earlier try's, cut short
+        try:
+            unpacked.rename(cache)
+        except OSError:  # another process (xdist) put it there first
+            if not (cache / "complete").exists():
+                raise
+    return cache

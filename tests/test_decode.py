@@ -109,6 +109,20 @@ def test_transparent_png_is_matted_on_white_for_storage():
     assert pixels[128, 170, 0] > 230 and pixels[128, 170, 1:].max() < 30
 
 
+def test_rgb_png_with_a_transparent_colour_is_matted_on_white_for_storage():
+    # A tRNS chunk in an RGB PNG names one colour transparent (Pillow: info['transparency'], mode
+    # RGB). OpenCV, img2dataset's decoder, gives such a PNG an alpha band and img2dataset mattes it
+    # on white; it was stored as is, the key colour showing (Pillow's rgb_trns.png, bright green).
+    rgb = np.zeros((300, 400, 3), dtype=np.uint8)
+    rgb[...] = (0, 255, 52)  # the key colour ...
+    rgb[100:200, 100:300] = (255, 0, 0)  # ... around an opaque red box
+    d = decode(encode(Image.fromarray(rgb), "PNG", transparency=(0, 255, 52)), min_image_bytes=0,
+               resize_mode=ResizeMode.keep_ratio)
+    pixels = stored_pixels(d)
+    assert pixels[:50].min() > 240  # white, not green
+    assert pixels[128, 170, 0] > 230 and pixels[128, 170, 1:].max() < 30
+
+
 def test_16_bit_grey_png_keeps_its_tones():
     """A 16-bit greyscale PNG (Pillow's 'I;16') is scaled to 8 bits, not clipped: Pillow's own
     convert('RGB') turns every value over 255, nearly all of a photo, to white."""
