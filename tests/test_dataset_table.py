@@ -953,3 +953,58 @@ def test_a_commit_stopped_after_its_new_files_were_in_place_does_not_block_the_n
     wanted = keys_of(out / "metadata.parquet")  # the new subset's, in place
     invoke(["subset", "--where", "true", "--from", synth[0], "--no-progress", "-o", out])
     assert not (out / output.SUPERSEDED_DIR).exists() and keys_of(out / "metadata.parquet") == wanted
+
+
+@pytest.mark.parametrize("earlier, killed_at", [
+    (True, 2),   # while the earlier files are moved aside: 1 of its 3 aside, metadata.parquet still in place
+    (True, 5),   # once they are, at the second new file: dataset.json new, metadata.parquet in .partial/
+    (False, 2),  # into a new folder: the new dataset.json in place, its metadata.parquet not yet
+])
+def test_a_commit_killed_midway_is_refused_by_readers_and_finished_by_the_next_command(
+        synth, tmp_path, killed_at, earlier):
+    """SIGKILL (or the OOM killer) between two renames of subset's commit, which no Ctrl-C
+    deferral holds off. It left the folder part earlier, part new output: `stats` read it as a
+    whole one (the earlier metadata.parquet with its dataset.json aside, or a new dataset.json
+    beside the earlier metadata), and the same command was refused until `.earlier/` was emptied
+    by hand. Now the commit's journal (`.committing`) marks such a folder: readers refuse it in one
+    line, and the next command into it puts the rest of the new files in place, then runs. The
+    kill is a BaseException raised at the K-th os.replace, which nothing in the commit catches
+    (bench/torture.py kills a real process at each rename)."""
+    import os
+
+    from fastlaion.dataset import output
+
+    out = tmp_path / "out"
+    new = ["subset", "--where", "true", "--urls", "--from", synth[0], "--no-progress"]
+    invoke([*new, "-o", tmp_path / "whole"])  # the new output, whole, to compare with
+    if earlier:
+        invoke(["subset", "en", "--urls", "--from", synth[0], "--no-progress", "-o", out])
+    real_replace = os.replace
+    calls = []
+
+    class Killed(BaseException):
+        pass
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) == killed_at:
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(Killed):
+        m.setattr(output.os, "replace", replace)
+        runner.invoke(app(), [str(a) for a in [*new, "-o", out]], catch_exceptions=False)
+    assert (out / output.COMMIT_FILE).is_file()  # the journal says the commit did not end
+    refused = invoke(["stats", out, "--json", "-"], 2)
+    assert refused.stderr == (f"error: {out} holds an output only partly put in place: the command writing it was "
+                              "stopped (or is putting it there now) after it had replaced some of the earlier files; "
+                              "rerun that command, which puts the rest in place first, or wait for it to end\n")
+    assert invoke(["subset", "--where", "true", "--from", out, "-o", tmp_path / "from-half"], 2).stderr == refused.stderr
+    again = invoke([*new, "-o", out])
+    assert (f"warning: {out}: the command that wrote its output was stopped while it put it in place; the rest of it "
+            "is in place now") in " ".join(again.stderr.split())
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "metadata.parquet", "urls.parquet"]
+    for name in ("metadata.parquet", "urls.parquet"):
+        assert pl.read_parquet(out / name).equals(pl.read_parquet(tmp_path / "whole" / name))
+    assert load_json(out / "dataset.json")["condition"] == load_json(tmp_path / "whole" / "dataset.json")["condition"]
+    assert invoke(["stats", out, "--json", "-"]).exit_code == 0

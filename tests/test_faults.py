@@ -405,3 +405,44 @@ def test_a_shard_being_renamed_into_place_finishes_before_a_failure_cleans_up(tm
     assert "abort 0" not in events or events.index("abort 0") > events.index("published 0")  # ... before any clean-up
     assert not (tmp_path / "out" / ".partial" / "00000").exists()
     assert (tmp_path / "out" / "00000_stats.json").exists() and (tmp_path / "out" / "00000.parquet").exists()
+
+
+def test_a_run_interrupted_three_ways_then_resumed_equals_one_never_interrupted(tmp_path):
+    """The short variant of bench/torture.py: 60 rows of photographs, bad bodies, 404s, 500s and
+    slow answers, shards of 6, two worker processes, interrupted by SIGKILL of the parent, a
+    Ctrl-C to its process group and SIGKILL of one worker, each once some shards are finished and
+    each resumed by the same command, then run to its end. The output equals an uninterrupted
+    run's row by row (url, caption, status, stage, reason, ...), tar member by tar member, funnel
+    by funnel, with nothing left over; after each stop no process of the run is left, and each
+    shard that reads as finished has its files whole."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import torture
+    from helpers import gone, process_group
+
+    files, slow, rows = torture.build_files(60, seed=5)
+    with LoopbackServer(files, delay_s=0.05, extra_routes=[torture.slow_route(slow)]) as server:
+        urls = [server.url(p) for p, _ in rows]
+        inp = tmp_path / "in.parquet"
+        pl.DataFrame({"url": urls, "caption": [c for _, c in rows]}).write_parquet(inp)
+        ref, out = tmp_path / "ref", tmp_path / "out"
+        done = subprocess.run(torture.run_cmd(inp, ref, False, 6), capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        cmd = torture.run_cmd(inp, out, False, 6)
+        for action in ("kill9-parent", "sigint-group", "kill9-worker"):
+            with process_group(cmd) as proc:
+                before = len(torture.finished(out)) if out.exists() else 0
+                _wait_for_shards(out, before + 1, proc)  # each run finishes a shard more, then is stopped
+                family = torture.descendants(proc.pid)
+                workers = [p for p, c in family.items() if "spawn_main" in c and torture._parent(p) == proc.pid]
+                {"kill9-parent": lambda: os.kill(proc.pid, signal.SIGKILL),
+                 "sigint-group": lambda: os.killpg(proc.pid, signal.SIGINT),
+                 "kill9-worker": lambda: os.kill(workers[0], signal.SIGKILL)}[action]()
+                _, err = proc.communicate(timeout=60)
+            assert gone(family, 15), f"{action}: processes of the run outlived it"
+            stop = torture.Stop(action, 0.0, proc.returncode, err.decode(), before, len(torture.finished(out)))
+            assert proc.returncode != 0, f"{action} landed after the run's end"
+            assert torture.judge_stop(stop, out, 10) == []
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert final.returncode == 0, final.stderr
+    assert torture.compare(ref, out, urls) == []

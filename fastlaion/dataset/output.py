@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -22,8 +23,10 @@ from typing import Any
 from ..config import no_file_above
 from ..interrupt import ctrl_c_deferred
 from ..writer import SUMMARY_FILE, shard_files
-from .source import (MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset, DatasetError,
-                     collect, root_fields)
+from .source import (COMMIT_FILE, MANIFEST_FILE, METADATA_FILE, RUN_CONFIG, SHARD_PARQUET, SHARDS_FILE, Dataset,
+                     DatasetError, collect, root_fields, stopped_commit)
+
+log = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
 EARLIER_DIR = ".earlier"  # the earlier output's files while the new ones are put in place
@@ -95,7 +98,10 @@ class Staging(abc.ABC):
         holds a file: the earlier output put aside by a commit that could not put it back (the
         CommitError named it there) or that was killed midway, which may be the only copy. Both
         folders used to be removed, the earlier output with them, by whichever command came next.
-        A `.superseded/` (a commit killed after every new file was in place) is removed."""
+        A `.superseded/` (a commit killed after every new file was in place) is removed. A commit
+        killed midway (SIGKILL, the OOM killer: its journal, COMMIT_FILE, is there) is finished
+        first (`_finish_stopped_commit`)."""
+        self._finish_stopped_commit()
         aside = self.out / EARLIER_DIR
         held = _held(aside)
         if held:
@@ -105,6 +111,35 @@ class Staging(abc.ABC):
         shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(self.out / SUPERSEDED_DIR, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _finish_stopped_commit(self) -> None:
+        """Put in place the rest of the new files of a commit that was killed midway, as its
+        journal lists them: they were whole under `.partial/` before its first rename, and each
+        is now there or in place. Such a folder held some earlier and some new files (an earlier
+        output's tars moved aside while its metadata.parquet stayed, say), which `stats` read as
+        a whole output, and the next command refused it until `.earlier/` was emptied by hand.
+        The earlier files it replaced (in `.earlier/`, or still in place where not replaced by
+        a new file of the same name) are deleted, as the commit would have deleted them. A journal
+        cut short (killed while it was written) means no file was moved: it goes, and the new
+        files with `.partial/`."""
+        journal = self.out / COMMIT_FILE
+        plan = stopped_commit(self.out)
+        if plan is None:
+            journal.unlink(missing_ok=True)
+            return
+        new = self._ordered([n for n in plan["new"] if isinstance(n, str)], last=True)
+        if self.last in new and (self.tmp / self.last).exists():  # the earlier one leaves first, as in commit
+            (self.out / self.last).unlink(missing_ok=True)
+        for name in plan["earlier"]:
+            if isinstance(name, str) and name not in new:
+                (self.out / name).unlink(missing_ok=True)
+        for name in new:
+            if (self.tmp / name).exists():
+                os.replace(self.tmp / name, self.out / name)
+        journal.unlink()
+        shutil.rmtree(self.out / EARLIER_DIR, ignore_errors=True)
+        log.warning("%s: the command that wrote its %s was stopped while it put it in place; the rest of it is in "
+                    "place now", self.out, self.what)
 
     @abc.abstractmethod
     def earlier_files(self) -> list[str]:
@@ -174,12 +209,21 @@ class Staging(abc.ABC):
             old = self._ordered(self.earlier_files(), last=False)
             new = self._ordered([p.name for p in self.tmp.iterdir()], last=True)
             aside = self.out / EARLIER_DIR  # none: an earlier command's was refused or removed (_clear_leftovers)
+            journal = self.out / COMMIT_FILE
             moved_aside: list[str] = []
             moved_in: list[str] = []
             try:
                 for name in new:
                     if name in old:  # the replaced file's mode, not the umask's
                         os.chmod(self.tmp / name, stat.S_IMODE(os.stat(self.out / name).st_mode))
+                # What the renames are, for the next command to finish them where a SIGKILL stops
+                # them midway (ctrl_c_deferred holds off SIGINT and SIGTERM only); written in one
+                # call, without a rename of its own (one cut short means nothing was moved yet).
+                fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, json.dumps({"earlier": old, "new": new}).encode())
+                finally:
+                    os.close(fd)
                 if old:
                     aside.mkdir()
                 for name in old:
@@ -198,6 +242,7 @@ class Staging(abc.ABC):
                     aside = superseded
                 except OSError:
                     pass  # deleted where it is, below
+            journal.unlink(missing_ok=True)
             shutil.rmtree(aside, ignore_errors=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             if self.written is not None:
@@ -210,6 +255,10 @@ class Staging(abc.ABC):
         aside = self.out / EARLIER_DIR
         what = self.what
         failed = f"{self.out}: could not put the new {what} in place ({_said(error)})"
+        try:  # what is where is said (and .earlier/ kept) by the error below, not finished by the next command
+            (self.out / COMMIT_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass
         try:
             while moved_in:
                 os.replace(self.out / moved_in[-1], self.tmp / moved_in[-1])
@@ -251,7 +300,7 @@ class OutputDir(Staging):
             raise DatasetError(f"-o {out} is the dataset's own folder; write the result to another one")
         if out.is_dir() and any(SHARD_PARQUET.match(p.name) for p in out.iterdir()):
             raise DatasetError(f"-o {out} holds a fastlaion run (NNNNN.parquet files); write the result to another folder")
-        if out.is_dir() and not (out / MANIFEST_FILE).is_file():
+        if out.is_dir() and not (out / MANIFEST_FILE).is_file() and stopped_commit(out) is None:
             # files named as ours, in a folder no command of ours finished writing: someone's
             # webdataset tars (NNNNN.tar), which were deleted as the "earlier output"
             named = sorted(p.name for p in out.iterdir() if p.is_file() and _OURS.match(p.name))

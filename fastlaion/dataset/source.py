@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "dataset.json"
+# The journal of a dataset command's commit (output.Staging.commit): the earlier files it replaces
+# and the new ones, there from before the first rename until every new file is in place. A folder
+# holding it is part earlier, part new output: readers refuse it, the next command into it puts
+# the rest of the new files in place first (the new files were whole under .partial/ before the
+# first rename).
+COMMIT_FILE = ".committing"
 SHARD_PARQUET = shard_files([".parquet"])
 REQUIRED_COLUMNS = ("key", "status")
 KEPT = "kept"
@@ -72,6 +78,19 @@ T = TypeVar("T")
 
 class DatasetError(ConfigError):
     """Bad input about a dataset (a missing column, no rows, an unknown recipe): one line, exit 2."""
+
+
+def stopped_commit(folder: Path) -> dict[str, list[str]] | None:
+    """The commit journal in `folder` ({"earlier": names, "new": names}), or None where there is
+    none, or where it is unreadable: a command killed while it wrote the journal had moved no file
+    yet (the folder holds its earlier output, as it was)."""
+    try:
+        plan = json.loads((folder / COMMIT_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(plan, dict) and all(isinstance(plan.get(k), list) for k in ("earlier", "new"))):
+        return None
+    return plan
 
 
 class Progress(Protocol):
@@ -486,6 +505,11 @@ def open_dataset(path: str | Path, allow_empty: bool = False, needs_root: str | 
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
+    folder = path if path.is_dir() else path.parent
+    if stopped_commit(folder) is not None:
+        raise DatasetError(f"{folder} holds an output only partly put in place: the command writing it was stopped "
+                           "(or is putting it there now) after it had replaced some of the earlier files; rerun that "
+                           "command, which puts the rest in place first, or wait for it to end")
     root, kind, root_missing, recorded, manifest_file = path, "run", None, None, None
     state = run_state(path) if run is _LOOK else run
     if path.is_file():
