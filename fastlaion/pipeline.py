@@ -59,6 +59,7 @@ from .writer import (
     ShardWriter,
     WRITE_ID,
     any_finished,
+    replace_text,
     damage,
     finished_shards,
     is_complete,
@@ -393,7 +394,7 @@ def _summarize(out: Path, n_shards: int, tally: _Tally, timings: dict[str, float
         shards_redone=[s for s in previously_failed if s in finished],
         scoring=dict(sorted(Counter(st["scoring"] for st in all_stats if isinstance(st.get("scoring"), str)).items())),
     )
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    replace_text(out / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2))
     return summary
 
 
@@ -745,7 +746,7 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
             (out / SUMMARY_FILE).unlink(missing_ok=True)  # of the run given up (its failed shards, say)
             if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
-    saved.write_text(json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, WEIGHT_FILES_KEY: weights,
+    replace_text(saved, json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, WEIGHT_FILES_KEY: weights,
                                  MODEL_BUILD_KEY: MODEL_BUILD,
                                  INPUT_BUILD_KEY: build}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.

@@ -148,6 +148,23 @@ def new_write_id() -> str:
     return os.urandom(8).hex()
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a hidden file beside it, then renamed over
+    it. A run's config.json and summary.json were written in place, so a disk that filled up
+    (or a SIGKILL) midway left a config.json cut short, and every later run refused the folder
+    ("config.json is unreadable; remove it") where the earlier one was still good. A failed
+    write names the file (a write error carries no file name: "File too large" alone)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 

@@ -446,3 +446,31 @@ def test_a_run_interrupted_three_ways_then_resumed_equals_one_never_interrupted(
         final = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert final.returncode == 0, final.stderr
     assert torture.compare(ref, out, urls) == []
+
+
+def test_a_disk_full_while_config_json_is_written_leaves_the_earlier_one_whole(tmp_path):
+    """A resume that cannot write config.json (a disk full, here the file size cap below its
+    2 KB) fails in one line naming the file, and the folder still resumes: config.json was
+    written in place, so the failed write left it cut short and every later run refused the
+    folder ("config.json is unreadable; remove it or choose another output folder")."""
+    from helpers import refused_url
+
+    inp = _write_input(tmp_path / "in.parquet", [refused_url()] * 3)
+    out = tmp_path / "out"
+    cmd = _cmd(inp, out, 2)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert first.returncode == 0, first.stderr
+    config = (out / "config.json").read_bytes()
+    assert len(config) > 1500
+
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(1500),
+                            env={**os.environ, "COLUMNS": "300"}, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert [ln for ln in failed.stderr.splitlines() if ln.strip()] == [f"error: File too large: {out / 'config.json'}"]
+    assert (out / "config.json").read_bytes() == config
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nor a half-written copy beside it
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "nothing to do: all 2 shard(s) were already complete" in rerun.stdout
+    assert pl.concat([pl.read_parquet(p) for p in sorted(out.glob("[0-9]*.parquet"))]).height == 3
