@@ -501,9 +501,19 @@ async def _overlapping(shard_ids: Iterator[int], make_job: Callable[[int], Shard
                 finished(task.result())
             block = block and len(running) >= MAX_SHARDS_IN_FLIGHT
 
+    async def next_shard() -> int | None:
+        """next() may block (a worker asks its parent, or a Ray actor that answers only once a
+        shard is free or every shard is finished): off the event loop, the shards finished
+        meanwhile reported as they finish. A Ray worker waits for the run's last shard so: had
+        its own finished shards waited for that answer, the run would wait for them."""
+        asked = loop.run_in_executor(None, next, shard_ids, None)
+        while not asked.done():
+            await asyncio.wait({asked, *running}, return_when=asyncio.FIRST_COMPLETED)
+            await settle(block=False)
+        return asked.result()
+
     try:
-        # next() may block (a worker asks its parent, or Ray's queue): off the event loop
-        while (shard_id := await loop.run_in_executor(None, next, shard_ids, None)) is not None:
+        while (shard_id := await next_shard()) is not None:
             job = make_job(shard_id)
             task = asyncio.create_task(job.run())
             running.add(task)

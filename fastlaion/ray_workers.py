@@ -2,8 +2,9 @@
 enough.
 
 They are fastlaion.workers' workers in another home: an actor runs `serve_shards`, taking shard
-ids from a Ray queue and putting the same messages on another, and `drive` makes of them what it
-makes of a process's; only starting, watching and stopping them is Ray's (`RayWorkers`).
+ids from an actor that hands them out (`ShardHandout`) and putting the same messages on a Ray
+queue, and `drive` makes of them what it makes of a process's; only starting, watching and
+stopping them is Ray's (`RayWorkers`).
 
 This process plans where they go (`plan`) from the nodes Ray reports alive whose raylet answers
 now (`RayCluster.nodes`: Ray takes seconds to mark a lost node dead): with --gpus, one actor per
@@ -11,7 +12,10 @@ GPU and --workers-per-gpu, each asking Ray for that fraction of a GPU; without, 
 actors spread over the nodes by their CPUs. Each is pinned to its node and reserves its share of
 the node's CPUs, and runs that many threads: what Ray accounts for is what the worker uses. A node
 lost between the plan and its workers' start leaves them out (`RayWorkers._started`): they have
-taken no shard. A worker lost once it runs stops the run, its finished shards kept for a rerun.
+taken no shard. A node lost once they run (a crashed or preempted machine) drops its workers, and
+the shards they had taken, not finished, go to the others (`RayWorkers.check_alive`); only a
+worker that dies on a node that is still there, or the loss of every worker, stops the run, its
+finished shards kept for a rerun.
 
 Every node must see the output folder at the path this process sees it (a shared filesystem), and
 have this version of fastlaion installed in the Python that runs Ray there: each actor checks
@@ -21,6 +25,8 @@ goes, as the kernel ends a worker process (workers._die_with_parent).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import math
 import os
@@ -52,6 +58,7 @@ from .config import (
 from .interrupt import STOP_SIGNALS, land
 from .reader import InputRows
 from .workers import WorkerPool, on_worker, serve_shards
+from .writer import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,7 @@ KILLED_WAIT_S = 10.0  # how long killed actors get to be gone before the run ret
 NODE_ANSWER_TIMEOUT_S = 2.0  # for a node's raylet to take a connection and answer on it (RayCluster.nodes)
 NODE_ID_CHARS = 8  # of a node's id in the name of a node that shares its address with another
 START_PROBE_S = 2.0  # how often the nodes of workers not started yet are asked whether they answer
+MARKED_DEAD_WAIT_S = 300.0  # for Ray to mark a node lost mid-run dead before its workers' shards go back
 
 
 @dataclass
@@ -409,18 +417,23 @@ class RayWorkers(WorkerPool):
         self.rows = InputRows(tuple(os.path.abspath(p) for p in rows.parts), rows.heights)
         self.slots = slots
         self.devices = [slot.label for slot in slots]
-        self.tasks = _queue(ray)
+        self.shards: Any = None  # the ShardHandout actor (start)
         self.results = _Results(_queue(ray), ray)
         self.actors: list[Any] = []
         self.runs: dict[Any, int] = {}  # each worker's serve_shards call -> the worker
+        self.lost: dict[str, str] = {}  # the nodes lost mid-run (node id: why), each handled once
+        # their workers, killed, and since when, until their shards go back (check_ended)
+        self.losing: dict[str, tuple[list[int], float]] = {}
+        self.gone: set[int] = set()  # the workers dropped: their shards handed out to the others
+        self.over = False  # every shard finished (all_finished)
 
     def start(self, todo: list[int]) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        try:  # a None for each worker planned: those of workers left out (_leave_out) stay unread
-            self.tasks.put_nowait_batch([*todo, *[None] * len(self.slots)])
-        except self.ray.exceptions.RayError as exc:
-            raise WorkerFailed(f"the Ray queue of shards could not be filled ({_plain(first_line(exc))})") from None
+        # Each worker waits on it for its next shard (two calls at most: its own, and one of its
+        # that outlived it) and drive's calls come between.
+        self.shards = self.ray.remote(ShardHandout).options(
+            max_concurrency=2 * len(self.slots) + 8, **_on_this_node(self.ray)).remote(todo)
         actor = self.ray.remote(FastlaionWorker)
         for slot in self.slots:
             self.actors.append(actor.options(
@@ -433,7 +446,7 @@ class RayWorkers(WorkerPool):
         # their shares of the per-host limits among the workers that run
         configs = [on_worker(self.cfg, slot.device, slot.threads, len(self.slots)) for slot in self.slots]
         level = logging.getLogger().getEffectiveLevel()  # the workers log what this process would
-        self.runs = {a.run.remote(i, c, self.out, self.rows, self.tasks, self.results.queue, level): i
+        self.runs = {a.run.remote(i, c, self.out, self.rows, self.shards, self.results.queue, level): i
                      for i, (a, c) in enumerate(zip(self.actors, configs))}
 
     def _started(self, checks: list[Any]) -> dict[str, str]:
@@ -476,7 +489,8 @@ class RayWorkers(WorkerPool):
 
     def _leave_out(self, lost: dict[str, str]) -> None:
         """Leave the workers of the `lost` nodes (node id: why) out of the run, before it starts:
-        they have taken no shard, so the others run them all. A warning for each such node; where
+        they have taken no shard (none has asked for its first), so the others run them all. A
+        warning for each such node; where
         no worker is left, the run's one-line error."""
         if not lost:
             return
@@ -516,14 +530,81 @@ class RayWorkers(WorkerPool):
                            "rerun the same command to resume")
 
     def check_alive(self, done: set[int]) -> None:
-        ready, _ = self.ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        """A worker whose call has ended, not having said "done": where its node is lost (Ray
+        marked it dead, or its raylet does not answer: _lost), every worker of that node is
+        killed and dropped, and once Ray has marked the node dead (or no shard is left to hand
+        out) drive is told behind their last messages (`check_ended`), where their shards go back
+        to the others. Until then they may still be running, cut off from the cluster but not from
+        the shared folder: Ray marking their node dead is what ends them (its raylet, back, is
+        told to exit, and its workers with it), so none of their shards is run twice at once.
+        Any other end stops the run, as does the loss of every worker while shards are left."""
+        calls = [ref for ref, i in self.runs.items() if i not in done and i not in self.gone]
+        ready, _ = self.ray.wait(calls, num_returns=len(calls), timeout=0) if calls else ([], [])
         for ref in ready:
             worker = self.runs[ref]
-            if worker not in done:  # returned normally: its last messages are in the queue
+            node = self.slots[worker].node_id
+            if worker in done or node in self.lost:
+                continue
+            try:  # returned normally: its last messages are in the queue
                 self._outcome(worker, ref, "died before finishing")
+            except WorkerFailed:
+                why = _lost(self.ray, {node}).get(node)
+                if not why:
+                    raise
+                self._lose(node, why, done)
+        if self.losing:
+            listed = {n["NodeID"]: n.get("Alive") for n in self.ray.nodes()}
+            for node, (workers, since) in list(self.losing.items()):
+                if self.over or not listed.get(node):
+                    # behind the workers' last messages: drive reads those first, and the shards
+                    # they finished are not handed out again
+                    self.results.queue.put(("ended", None, workers))
+                    del self.losing[node]
+                elif time.monotonic() - since > MARKED_DEAD_WAIT_S:  # a node that answers again, say
+                    raise WorkerFailed(
+                        f"Ray node {self.slots[workers[0]].node_name} was lost mid-run ({self.lost[node]}) but Ray "
+                        f"has not marked it dead in {MARKED_DEAD_WAIT_S:.0f} s: its workers' shards cannot be "
+                        "handed out again safely; finished shards are kept, rerun the same command to resume")
+
+    def _lose(self, node: str, why: str, done: set[int]) -> None:
+        """Kill the workers of `node`, lost mid-run (`why`); the run's one-line error where no
+        worker is left and shards are."""
+        self.lost[node] = why
+        workers = [i for i, slot in enumerate(self.slots) if slot.node_id == node and i not in done]
+        for i in workers:
+            self.ray.kill(self.actors[i])
+        self.losing[node] = (workers, time.monotonic())
+        left = [i for i in range(len(self.slots)) if self.slots[i].node_id not in self.lost]
+        if not left and not self.over:
+            names = {slot.node_id: slot.node_name for slot in self.slots}
+            which = "; ".join(f"{names[n]}: {w}" for n, w in self.lost.items())
+            raise WorkerFailed(f"every Ray worker was lost with its node ({which}); finished shards are kept, rerun "
+                               "the same command to resume on the nodes that answer")
+
+    def check_ended(self, workers: list[int], done: set[int]) -> None:
+        """`workers`, of one lost node, are gone and each of their messages read: the shards they
+        had taken and not finished go back to the others, first in line; one warning."""
+        workers = [i for i in workers if i not in done]
+        back = self.ray.get(self.shards.put_back.remote(workers, sorted(self.results.finished)))
+        self.gone.update(workers)
+        node = self.slots[workers[0]].node_id if workers else None
+        if node is None:
+            return
+        left = sum(slot.node_id not in self.lost for slot in self.slots)
+        taken = (f"the shard(s) they had taken ({', '.join(shard_name(s) for s in back)}) are run by the other "
+                 f"{left}" if back else f"they held no unfinished shard; the run goes on with the other {left}")
+        log.warning("Ray node %s was lost mid-run (%s): its %d worker(s) are dropped, and %s",
+                    self.slots[workers[0]].node_name, self.lost[node], len(workers), taken)
+
+    def all_finished(self) -> None:
+        self.over = True
+        self.ray.get(self.shards.close.remote())
+
+    def dropped(self) -> set[int]:
+        return self.gone
 
     def join(self) -> None:
-        self.ray.get(list(self.runs))
+        self.ray.get([ref for ref, i in self.runs.items() if i not in self.gone])
 
     def stop(self, interrupted: bool) -> None:
         """Actors are not in our process group, so a Ctrl-C does not reach them: killed either
@@ -538,11 +619,12 @@ class RayWorkers(WorkerPool):
         """Free what the run holds on the cluster now, not when this process disconnects."""
         for actor in self.actors:
             self.ray.kill(actor)
-        for q in (self.tasks, self.results.queue):
-            try:
-                q.shutdown(force=True)
-            except self.ray.exceptions.RayError:  # already gone with its node
-                pass
+        if self.shards is not None:
+            self.ray.kill(self.shards)
+        try:
+            self.results.queue.shutdown(force=True)
+        except self.ray.exceptions.RayError:  # already gone with its node
+            pass
 
 
 def _queue(ray: Any) -> Any:
@@ -552,11 +634,71 @@ def _queue(ray: Any) -> Any:
     it goes only with the node the run goes with. It reserves no CPU: a cluster whose CPUs all go
     to workers still runs it."""
     from ray.util.queue import Queue
+
+    return Queue(actor_options=_on_this_node(ray))
+
+
+def _on_this_node(ray: Any) -> dict[str, Any]:
+    """An actor's options for this process's node, reserving no CPU (_queue)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    return Queue(actor_options={"num_cpus": 0,
-                                "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)})
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
+class ShardHandout:
+    """The run's shards, handed out one at a time to the workers that ask (`take`), an actor on
+    the driver's node. It knows which worker took which, so that those of workers lost with their
+    node go back to the others (`put_back`); and a worker that asks when none is left waits, since
+    one may yet come back, until every shard is finished (`close`): then it takes None."""
+
+    def __init__(self, shards: list[int]):
+        self.waiting = collections.deque(shards)
+        self.taken: dict[int, list[int]] = {}  # worker -> the shards it took
+        self.gone: set[int] = set()  # workers dropped: a call of theirs still waiting takes nothing
+        self.closed = False
+        self.changed: asyncio.Condition | None = None  # made in the actor's event loop
+
+    def _changed(self) -> asyncio.Condition:
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        return self.changed
+
+    async def take(self, worker: int) -> int | None:
+        async with self._changed():
+            await self._changed().wait_for(lambda: self.waiting or self.closed or worker in self.gone)
+            if worker in self.gone or not self.waiting:
+                return None
+            shard = self.waiting.popleft()
+            self.taken.setdefault(worker, []).append(shard)
+            return shard
+
+    async def put_back(self, workers: list[int], finished: list[int]) -> list[int]:
+        """The shards `workers` took that are not `finished`, handed out first from now on."""
+        done = set(finished)
+        back = sorted(s for w in workers for s in self.taken.pop(w, []) if s not in done)
+        async with self._changed():
+            self.gone.update(workers)
+            self.waiting.extendleft(reversed(back))
+            self._changed().notify_all()
+        return back
+
+    async def close(self) -> None:
+        async with self._changed():
+            self.closed = True
+            self._changed().notify_all()
+
+
+class _Taken:
+    """A Ray worker's shard ids, as serve_shards takes them (`get`), from the run's ShardHandout."""
+
+    def __init__(self, worker: int, shards: Any):
+        self.worker, self.shards = worker, shards
+
+    def get(self) -> int | None:
+        import ray
+
+        return ray.get(self.shards.take.remote(self.worker))
 
 
 class _Results:
@@ -565,10 +707,14 @@ class _Results:
 
     def __init__(self, queue: Any, ray: Any):
         self.queue, self.ray = queue, ray
+        self.finished: set[int] = set()  # the shards whose "shard" message has been read
 
     def get(self, timeout: float) -> Any:
         try:
-            return self.queue.get(timeout=timeout)
+            msg = self.queue.get(timeout=timeout)
+            if msg[0] == "shard":
+                self.finished.add(msg[2]["shard"])
+            return msg
         except queue.Empty:  # Ray's error for the actor's Empty is an Empty too: nothing came
             raise
         except self.ray.exceptions.RayError as exc:
@@ -603,6 +749,6 @@ class FastlaionWorker:
             os.chdir(cwd)
         return [str(gpu) for gpu in ray.get_gpu_ids()]
 
-    def run(self, worker: int, cfg: RunConfig, out: str, rows: InputRows, tasks: Any, results: Any,
+    def run(self, worker: int, cfg: RunConfig, out: str, rows: InputRows, shards: Any, results: Any,
             log_level: int = logging.WARNING) -> None:
-        serve_shards(worker, cfg, Path(out), rows, tasks, results, log_level)
+        serve_shards(worker, cfg, Path(out), rows, _Taken(worker, shards), results, log_level)

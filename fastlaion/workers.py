@@ -97,9 +97,19 @@ class WorkerPool(abc.ABC):
         """Raise `WorkerFailed` for one of `workers`, which had ended when `results` gave this
         message after their last ones, that is not in `done` (every message it sent has been read)."""
 
+    def all_finished(self) -> None:
+        """Every shard is finished: the workers that wait for their next one take None now.
+        (`_Processes` gives None as soon as none is left to hand out: a worker process that dies
+        stops the run, so no shard comes back.)"""
+
+    def dropped(self) -> set[int]:
+        """The workers the run went on without (RayWorkers: those lost with their node, whose
+        shards went back to the others): drive expects no "done" of them."""
+        return set()
+
     @abc.abstractmethod
     def join(self) -> None:
-        """Wait for the workers, every one of which has said "done"."""
+        """Wait for the workers, every one of which has said "done" (or was dropped)."""
 
     @abc.abstractmethod
     def stop(self, interrupted: bool) -> None:
@@ -120,17 +130,18 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
 
 def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     """Run the shards in `todo` on the workers of `pool`: pass their progress on and merge their
-    timings until each shard is done and each worker has said so; stop them all at the first
-    failure. Returns stage seconds summed over workers (load_models: the slowest worker's)."""
+    timings until each shard is done and each worker has said so (or was dropped: its shards
+    went to the others); stop them all at the first failure. Returns stage seconds summed over
+    workers (load_models: the slowest worker's)."""
     devices = pool.devices
     timings: dict[str, float] = {}
     logged: set[tuple[int, str, str]] = set()  # the workers' records printed so far (relay_log)
-    finished = 0
+    finished: set[int] = set()
     done_workers: set[int] = set()
     try:
         pool.start(todo)
         check_at = time.monotonic() + LIVENESS_CHECK_S
-        while finished < len(todo) or len(done_workers) < len(devices):
+        while len(finished) < len(todo) or len(done_workers | pool.dropped()) < len(devices):
             try:
                 msg = pool.results.get(timeout=LIVENESS_CHECK_S)
             except queue.Empty:
@@ -151,10 +162,14 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
                 relay_log(msg[2], logged)
             elif kind == "shard":
                 stats = msg[2]
+                if stats["shard"] in finished:  # a dropped worker's, whose message came after its end
+                    continue
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
-                finished += 1
+                finished.add(stats["shard"])
                 progress.shard_done(stats)
+                if len(finished) == len(todo):
+                    pool.all_finished()
             elif kind == "ready":
                 timings["load_models"] = max(timings.get("load_models", 0.0), msg[2])
             elif kind == "done":

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -573,6 +574,26 @@ def _stop(clusters, crash: bool = False) -> None:
         shutil.rmtree(c.temp_dir, ignore_errors=True)
 
 
+_NODE_OPTIONS = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
+
+
+def _start(argv: list[str], env: dict[str, str]) -> None:
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+
+
+def _join(head: Cluster, cpus: int) -> Cluster:
+    """Another node with `cpus` CPUs, on 127.0.0.1, joined to the cluster of `head`."""
+    node = Cluster(head.address, Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
+    try:
+        _start([sys.executable, "-c", _START_NODE, "start", "--address", head.address, "--num-cpus", str(cpus),
+                "--temp-dir", str(node.temp_dir), *_NODE_OPTIONS], dict(os.environ))
+    except BaseException:
+        _stop([node])
+        raise
+    return node
+
+
 @contextmanager
 def _two_nodes(health_check: dict[str, str]):
     """A head with 1 CPU and a second node with 2 CPUs, both on 127.0.0.1 (a user trying the
@@ -581,16 +602,14 @@ def _two_nodes(health_check: dict[str, str]):
     port = _free_port()
     head = Cluster(f"127.0.0.1:{port}", Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
     node = Cluster(head.address, Path(f"/tmp/ray-fl-{uuid.uuid4().hex[:8]}"))
-    common = ["--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
     try:
         env = {**os.environ, **health_check}
         for argv in ([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
                       "--num-cpus", "1", "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
-                      "--temp-dir", str(head.temp_dir), *common],
+                      "--temp-dir", str(head.temp_dir), *_NODE_OPTIONS],
                      [sys.executable, "-c", _START_NODE, "start", "--address", head.address, "--num-cpus", "2",
-                      "--temp-dir", str(node.temp_dir), *common]):
-            started = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
-            assert started.returncode == 0, started.stdout + started.stderr
+                      "--temp-dir", str(node.temp_dir), *_NODE_OPTIONS]):
+            _start(argv, env)
         yield head, node
     finally:
         _stop([head, node])
@@ -624,12 +643,13 @@ def _nodes(address: str) -> list[dict]:
 
 
 @pytest.mark.slow  # about 55 s on 2 cores (two nodes started, one lost, a rerun): `pytest -m slow tests/test_ray.py`
-def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_line(two_nodes, served, tmp_path,
-                                                                                  photos):
+def test_two_nodes_on_one_address_each_run_their_share_and_a_stopped_node_is_done_without(two_nodes, served, tmp_path,
+                                                                                        photos):
     """Two nodes of one machine, both 127.0.0.1: the workers go to each node by its node id (not
     its address), one per CPU of the cluster, and write what one process writes; the run's queues
-    stay on the driver's node, so that the second node killed mid-run ends the run with a worker's
-    name in one line, and the rerun, once Ray has marked that node dead, finishes on the head."""
+    stay on the driver's node, so that the second node stopped mid-run (`ray stop`'s SIGTERM: Ray
+    marks it dead at once) drops its workers, with one warning naming it, and the head's worker
+    runs the shards they had taken: the run finishes. (A crashed node: the test after the next.)"""
     import threading
     from collections import Counter
 
@@ -677,17 +697,19 @@ def test_two_nodes_on_one_address_each_run_their_share_and_a_lost_node_is_one_li
     assert a.height == b.height == 15 and a.equals(b)
     assert _tar_members(tmp_path / "one") == _tar_members(tmp_path / "ray")
 
-    # The second node lost mid-run (every process of it killed) once a shard is written.
+    # The second node stopped mid-run (every process of it ended) once a shard is written.
     with _a_run_under_way(tmp_path, photos, head.address, processes=3) as run:
         assert len(node.workers()) == 2
         _stop([node])
-        kept = run.stopped_in_one_line(by_cpus[2.0])  # a worker of the lost node, named with its node's id
-        deadline = time.monotonic() + 60  # Ray marks a node dead once it has missed its health checks
-        while len(_nodes(head.address)) > 1:
-            assert time.monotonic() < deadline
-            time.sleep(1)
-        run.rerun_finishes(kept)
-    assert json.loads((run.out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"] * 3
+        _, err = run.proc.communicate(timeout=90)
+    lines = err.decode().strip().splitlines()
+    assert run.proc.returncode == 0, lines
+    assert len(lines) == 1 and lines[0].startswith(f"warning: Ray node {by_cpus[2.0][4:-4]} was lost mid-run ("), lines
+    assert " its 2 worker(s) are dropped, and " in lines[0] and lines[0].endswith(" the other 1"), lines
+    assert all(is_complete(run.out, s) for s in range(12)) and not (run.out / ".partial").exists()
+    assert read_output(run.out).height == 24
+    assert sorted(json.loads((run.out / "summary.json").read_text())["workers"]) == sorted(
+        [by_cpus[1.0]] + [by_cpus[2.0]] * 2)
 
 
 
@@ -770,3 +792,72 @@ def test_a_node_lost_right_after_planning_is_left_out_and_a_rerun_plans_without_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == ["ray:127.0.0.1:cpu"]  # the head's one CPU: the only node left
     assert summary["shards_run"] == 24 and summary["funnel"]["kept"] == 48
+
+
+def test_a_node_lost_mid_run_drops_its_workers_and_the_others_run_its_shards(ray_env, served, tmp_path, photos,
+                                                                             monkeypatch):
+    """A node lost (every process of it killed at once, as a crashed or preempted machine's) once
+    its workers run: they are dropped with one warning naming the node and the shards they had
+    taken, which the head's worker runs; the run finishes with every shard. It stopped in one line,
+    "worker 1 (ray:127.0.0.1/...:cpu) died before finishing (...); ... rerun the same command".
+
+    First right after its workers' start check, before they take a shard (while they would load
+    their models); then, with a node joined anew, once a shard is written (each of its two
+    workers has taken one)."""
+    from fastlaion.ray_workers import RayWorkers
+
+    # the head's health checks each second, a node dead after 3 missed: the lost node's shards
+    # go back once Ray has marked it dead (Ray's defaults: about 15 s)
+    with _two_nodes({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}) as (head,
+                                                                                                         node):
+        ids = {n["Resources"]["CPU"]: n["NodeID"] for n in _nodes(head.address)}
+        left_out = RayWorkers._leave_out
+
+        def started_then_lost(self, lost):
+            left_out(self, lost)  # every worker has passed its start check
+            _stop([node], crash=True)
+
+        inp, _ = served
+        with monkeypatch.context() as mp:
+            mp.setattr(RayWorkers, "_leave_out", started_then_lost)
+            t0 = time.monotonic()
+            first = _no_score(inp, tmp_path / "first", "--ray", head.address, "--processes", "0")
+            first_s = time.monotonic() - t0
+        assert first.exit_code == 0, first.output
+        said = [line for line in first.output.strip().splitlines() if line.startswith(("warning", "error"))]
+        assert len(said) == 1 and re.fullmatch(
+            rf"warning: Ray node 127\.0\.0\.1/{ids[2.0][:8]} was lost mid-run \((connection refused|Ray marked it "
+            r"dead)\): its 2 worker\(s\) are dropped, and they held no unfinished shard; the run goes on with the "
+            r"other 1", said[0]), (said, first_s)
+        summary = json.loads((tmp_path / "first" / "summary.json").read_text())
+        assert sorted(summary["workers"]) == sorted([f"ray:127.0.0.1/{ids[1.0][:8]}:cpu"]
+                                                    + [f"ray:127.0.0.1/{ids[2.0][:8]}:cpu"] * 2)
+        assert summary["shards_run"] == 4 and all(is_complete(tmp_path / "first", s) for s in range(4))
+        assert read_output(tmp_path / "first").height == summary["funnel"]["input"] == 15
+
+        second = _join(head, cpus=2)
+        try:
+            with _a_run_under_way(tmp_path, photos, head.address, processes=3) as run:
+                assert len(second.workers()) == 2
+                _stop([second], crash=True)
+                t0 = time.monotonic()
+                _, err = run.proc.communicate(timeout=90)
+                took = time.monotonic() - t0
+        finally:
+            _stop([second])
+    lines = err.decode().strip().splitlines()
+    print(f"lost before its first shard: the run took {first_s:.1f} s, {said}; lost mid-run: {took:.1f} s to the end, "
+          f"{lines}")
+    assert run.proc.returncode == 0, lines
+    warned = re.fullmatch(r"warning: Ray node 127\.0\.0\.1/(\w{8}) was lost mid-run \((connection refused|Ray "
+                          r"marked it dead)\): its 2 worker\(s\) are dropped, and the shard\(s\) they had taken "
+                          r"\(([\d, ]+)\) are run by the other 1", lines[0] if len(lines) == 1 else "")
+    assert warned, (lines, took)
+    assert warned[1] != ids[2.0][:8] and warned[1] != ids[1.0][:8]  # the node joined anew
+    assert len(warned[3].split(", ")) >= 1
+    assert all(is_complete(run.out, s) for s in range(12)), took
+    frame = read_output(run.out)
+    assert sorted(frame["url"].to_list()) == sorted(run.server.url(f"{i}.jpg") for i in range(24))
+    assert (frame["status"] == "kept").all()
+    assert not (run.out / ".partial").exists()
+    assert len(json.loads((run.out / "summary.json").read_text())["workers"]) == 3
