@@ -64,8 +64,8 @@ fragment and userinfo as written; a percent-encoded host is decoded first (`http
 `http://xn--bcher-kva.example:80/b.jpg` dedup with their plain spellings, and are fetched once;
 an IPv4 address in another spelling (`http://0x7f.1/`, `http://2130706433/`) is written in
 dotted decimal. A host that the standard's host parser refuses (bytes that are not UTF-8 or a
-forbidden code point once decoded, an "xn--" label that is not punycode of a valid label, a
-non-ASCII host breaking RFC 5893's Bidi Rule in any label (`1a.אב`), a host ending in a number
+forbidden code point once decoded, in a non-ASCII host an "xn--" label that is not punycode of
+a valid label (an ASCII host's are not checked, as browsers do not: whatwg/url#914), a non-ASCII host breaking RFC 5893's Bidi Rule in any label (`1a.אב`), a host ending in a number
 that is no IPv4 address: `_parse_host`) is
 invalid_url: no browser fetches it. The rules (long_host) measure the host as written; uid is
 computed from the URL as kept. page_url is written as found: it is no dedup key, and the
@@ -2375,9 +2375,9 @@ def _port_number(digits: str) -> int:
 
 
 # What sends a host to _parse_host rather than lower-casing it: a character outside printable
-# ASCII, a '%' (percent-decoding), a label starting with "xn--" (punycode to check); also a host
-# that ends in a number (`_numeric_end`: an IPv4 address, in whatever spelling)
-_ODD_HOST = re.compile(r"[^\x21-\x7e]|%|(?:^|\.)[Xx][Nn]--")
+# ASCII, a '%' (percent-decoding); also a host that ends in a number (`_numeric_end`: an IPv4
+# address, in whatever spelling). An ASCII host's "xn--" labels are not checked (_parse_host).
+_ODD_HOST = re.compile(r"[^\x21-\x7e]|%")
 _MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")  # a host's last character, if it does
 
 
@@ -2395,8 +2395,8 @@ _FORBIDDEN_DOMAIN = re.compile(r"[\x00-\x20#%/:<>?@\[\\\]^|\x7f\"'{}`]|\s")
 def _fold_host(host: str) -> str | None:
     """A host `_HTTP_URL` matched as WHATWG's host parser writes it, or None where that parser
     fails (the URL is then no URL to a browser, which fetches nothing: invalid_url). Most
-    hosts are printable ASCII without '%' or an "xn--" label: lower case is all the parser
-    does to them (its ASCII fast path); the others go to `_parse_host`. An IPv6 literal
+    hosts are printable ASCII without '%': lower case is all the parser does to them ("xn--"
+    labels too, whatwg/url#914: `_parse_host`); the others go to `_parse_host`. An IPv6 literal
     (`_HTTP_URL` lets only hex digits, ':' and '.' in) is put in lower case, as before."""
     if host[0] == "[" or not (_ODD_HOST.search(host) or _numeric_end(host)):
         return host.translate(_ASCII_LOWER)
@@ -2413,7 +2413,9 @@ def _parse_host(host: str) -> str | None:
     disallowed), a code point UTS #46 disallows (a C0 or C1 control, U+FFFD, a lone surrogate),
     a forbidden one after decoding or mapping (`a%20b`, `a%25b`, `a%2Fb`, U+FF0F, which maps to
     '/'), a leftover '%' (`a%zz`); also a character WHATWG takes but the rules refuse in a host
-    written plainly (`a%22b`: '"', see _FORBIDDEN_DOMAIN), an "xn--" label that is not UTS #46 punycode (`_a_label_ok`),
+    written plainly (`a%22b`: '"', see _FORBIDDEN_DOMAIN), in a host that is not ASCII once
+    decoded an "xn--" label that is not UTS #46 punycode (`_a_label_ok`; an ASCII one is only
+    lower-cased, whatever its "xn--" labels: see below),
     a label breaking the joiner or bidi rules (in a host that is not ASCII, every label of a
     Bidi domain name: `_bidi_domain_ok`), nothing left after mapping.
 
@@ -2445,6 +2447,13 @@ def _parse_host(host: str) -> str | None:
     if ends_in_number(mapped):  # an IPv4 address, written as dotted decimal; or no host at all
         number = ipv4_number(mapped)
         return None if number is None else dotted(number)
+    if ascii_host:
+        # An ASCII domain is lower-cased whatever UTS #46 says of its "xn--" labels (the URL
+        # Standard's "ToASCII fallback for ASCII domains", whatwg/url#914, 2026; what Chromium's
+        # ASCII fast path always did): strict checking refused real sites that browsers open,
+        # `xn--72czcrhaj7cpt0ed1dxb4mb1s1.blogspot.com`, `xn--8i7caa.famitei.net`,
+        # `xn--board-ngr.palungjit.org`; they were invalid_url here, their images lost.
+        return mapped
     labels = mapped.split(".")
     for label in labels:
         if label[:4] == "xn--":
@@ -2452,7 +2461,7 @@ def _parse_host(host: str) -> str | None:
                 return None
         elif not label.isascii() and not _u_label_ok(label):
             return None
-    if not ascii_host and not _bidi_domain_ok(labels):
+    if not _bidi_domain_ok(labels):
         return None
     return mapped if mapped.isascii() else _idna_host(mapped)
 
@@ -2468,8 +2477,7 @@ def _bidi_domain_ok(labels: list[str]) -> bool:
     as `a-.אב` does (an LTR label ending in '-'); `a.אב` and `my_host.אב` pass. Checked only
     on a host that is not ASCII once percent-decoded: the URL Standard (2026, whatwg-url's
     domain parser) runs UTS #46 on an ASCII one for a validation error only and lower-cases it,
-    so `1a.xn--4dbc` stays (its "xn--" labels are still checked one by one, `_a_label_ok`, as
-    the standard did before). ICU (Chromium) and whatwg-url (tr46) check so; Node 20's URL (ada
+    so `1a.xn--4dbc` stays, as does `xn--a.example` (whatwg/url#914: `_parse_host`). ICU (Chromium) and whatwg-url (tr46) check so; Node 20's URL (ada
     before its PR #91) checks each label alone."""
     unicode_labels = [label[4:].encode("ascii").decode("punycode") if label[:4] == "xn--" else label
                       for label in labels]

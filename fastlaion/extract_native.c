@@ -1239,14 +1239,12 @@ static int ends_in_number(const uint8_t *h, int64_t n) {
 }
 
 /* Whether WHATWG's host parser does more to a (printable ASCII) host than lower-case it
- * (extract._ODD_HOST, extract._numeric_end): a '%' to decode, a label starting with "xn--" to
- * check as punycode, an IPv4 address in another spelling than dotted decimal (`0x7f.1`,
- * `01.2.3.4`, `127.1`; or no address: `1.2.3.4.5`). The reference decides those
- * (extract._parse_host: it may refuse the host, invalid_url). */
+ * (extract._ODD_HOST, extract._numeric_end): a '%' to decode, an IPv4 address in another
+ * spelling than dotted decimal (`0x7f.1`, `01.2.3.4`, `127.1`; or no address: `1.2.3.4.5`).
+ * The reference decides those (extract._parse_host: it may refuse the host, invalid_url). An
+ * ASCII host's "xn--" labels are not checked (extract._parse_host, whatwg/url#914). */
 static int odd_host(const uint8_t *h, int64_t n) {
     if (memchr(h, '%', (size_t)n)) return 1;
-    for (int64_t i = 0; i + 4 <= n; i++)
-        if ((i == 0 || h[i - 1] == '.') && match_ci(h + i, "xn--", 4)) return 1;
     return ends_in_number(h, n) && !dotted_decimal(h, n);
 }
 

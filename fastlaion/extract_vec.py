@@ -14,9 +14,8 @@ For the rest each step is the reference's, written as an expression: whitespace 
 (`" ".join(alt.split())`, in Python for the few alts it changes), strip, lower case, the
 substring rules, joining to the base by concatenation (as `_Base.join` does),
 `_HTTP_URL`'s host and port check, and `fold_case` (scheme and host in lower case, no default
-port; in Python, for the few URLs with a capital there or a port). A host with a '%' or an
-"xn--" label, which WHATWG's parser decodes or checks (it may refuse it: invalid_url), is left
-to the reference too. tests/test_extract.py compares the two on generated and edge-case links.
+port; in Python, for the few URLs with a capital there or a port). A host with a '%', which
+WHATWG's parser decodes (it may refuse it: invalid_url), is left to the reference too. tests/test_extract.py compares the two on generated and edge-case links.
 """
 
 from __future__ import annotations
@@ -55,11 +54,12 @@ _NUMERIC_HOST = "|".join((
     rf"(?:[^/?#@:.]*\.){{4,}}[0-9]+{_END}",
 ))
 # A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST and _numeric_end, for
-# the printable ASCII URLs here): a '%' to decode, a label starting with "xn--" to check, an IPv4
-# address in another spelling than dotted decimal (`0x7f.1`, `01.2.3.4`; `1.2.3.4` stays here).
+# the printable ASCII URLs here): a '%' to decode, an IPv4 address in another spelling than
+# dotted decimal (`0x7f.1`, `01.2.3.4`; `1.2.3.4` stays here). (An ASCII host's "xn--" labels are
+# not checked: extract._parse_host.)
 # Rare: the reference decides (it may be invalid_url). A userinfo may match too: harmless.
 _ODD_HOST = (r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@]*@)?"
-             rf"(?:[^/?#@:]*%|(?:[^/?#@:]*\.)?[Xx][Nn]--|{_NUMERIC_HOST})")
+             rf"(?:[^/?#@:]*%|{_NUMERIC_HOST})")
 
 # What fold_case may change in a URL: an upper-case letter in its scheme or authority (the host is
 # in there), a non-ASCII character in its authority (an IDN host: punycode), or a port (a default

@@ -1888,3 +1888,19 @@ def test_https_downloads_verify_the_certificate_and_a_bad_one_is_a_tls_error_row
     assert any(x.startswith("10 of 10 rows failed TLS verification (tls_error)") and "ca-certificates" in x
                for x in lines), said[False]
     assert any(x.startswith("nothing was downloaded, and HTTPS_PROXY is set") for x in lines), said[False]
+
+
+@pytest.mark.parametrize("host", ["xn--a.example", "XN--ZZ.example", "xn--72czcrhaj7cpt0ed1dxb4mb1s1.blogspot.com"])
+def test_an_ascii_host_whose_xn_labels_uts46_refuses_is_fetched_as_written(served, host):
+    """Extraction keeps an ASCII host whatever its "xn--" labels decode to (whatwg/url#914, as
+    Chromium does); the download asks the resolver for it in lower case and sends that as the
+    Host header (yarl's URL.host, which decodes punycode, raises on such a label: nothing here
+    may go through it). The stub resolver plays DNS, answering 127.0.0.1."""
+    server, routes = served
+    token = f"xn-{host[:12].lower()}"
+    resolver = StubResolver({host.lower(): ["127.0.0.1"]})
+    got = fetch(f"http://{host}:{server.port}/t/host-seen/{token}", allow_private_networks=True,
+                downloader_args={"resolver": resolver})
+    assert (got.error, got.http_status, got.body == IMAGE) == (None, 200, True), got
+    assert routes.hosts_seen[token] == [f"{host.lower()}:{server.port}"]
+    assert dict(resolver.calls) == {host.lower(): 1}

@@ -162,9 +162,10 @@ def test_c_rules_decide_most_links_themselves(tmp_path, monkeypatch, data):
 
 # (host as one of its spellings, host as WHATWG writes it, None where WHATWG's host parser fails:
 # invalid_url): plain, IDN (punycode written or not), percent-encoded (decoded first, as WHATWG's
-# host parser does), "xn--" labels that are not punycode of a valid label. Written by hand; those
-# with a '%' or an "xn--" label checked against Node's URL (WHATWG's parser) and Chromium's,
-# which fail the same ones but for the "xn--" labels, which Chromium lower-cases unchecked.
+# host parser does), "xn--" labels that are not punycode of a valid label (an ASCII host's are
+# lower-cased unchecked, as Chromium does and the URL Standard since whatwg/url#914; a non-ASCII
+# host's are checked). Written by hand; those with a '%' or an "xn--" label checked against
+# Node's URL (WHATWG's parser, which refuses the ASCII ones too) and Chromium's.
 _FOLD_HOSTS = [("img.example.com", "img.example.com"), ("bücher.example", "xn--bcher-kva.example"),
                ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de"),
                ("[::1]", "[::1]"),
@@ -178,15 +179,17 @@ _FOLD_HOSTS = [("img.example.com", "img.example.com"), ("bücher.example", "xn--
                ("my%5Fhost.b%C3%BCcher.example", "my_host.xn--bcher-kva.example"),  # decoded, then as above
                ("%FF.example", None), ("a%25b.example", None), ("a%2Fb.example", None), ("a%zz.example", None),
                ("%E2%80%8D.example", None),  # a lone zero width joiner (CheckJoiners)
-               ("xn--a.example", None), ("xn--zz.example", None), ("xn--abc-.example", None), ("a.xn--.example", None),
-               ("xn--1ug.example", None),  # punycode of that joiner
+               ("xn--a.example", "xn--a.example"), ("xn--zz.example", "xn--zz.example"),
+               ("xn--abc-.example", "xn--abc-.example"), ("a.xn--.example", "a.xn--.example"),
+               ("xn--1ug.example", "xn--1ug.example"),  # punycode of that joiner
+               ("xn--a.bücher.example", None), ("xn--1ug.bücher.example", None),  # not ASCII: checked
                # IPv4 addresses (WHATWG's IPv4 parser, by hand): dotted decimal, other spellings, none
                ("127.0.0.1", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("2130706433", "127.0.0.1"),
                ("0177.0.0.1", "127.0.0.1"), ("127.1", "127.0.0.1"), ("%31%32%37.1", "127.0.0.1"),
                ("0xc0.0250.01.", "192.168.0.1"), ("1.2.3.4.5", None), ("0x100000000", None), ("999.1.1.1", None),
                ("example.1", None)]
-# the hosts above the C rules leave to the reference though they are printable ASCII without '%'
-# or "xn--": an IPv4 address not in dotted decimal, or no address
+# the hosts above the C rules leave to the reference though they are printable ASCII without '%':
+# an IPv4 address not in dotted decimal, or no address
 _IPV4_ELSE = {"0x7f.1", "2130706433", "0177.0.0.1", "127.1", "0xc0.0250.01.", "1.2.3.4.5", "0x100000000",
               "999.1.1.1", "example.1"}
 
@@ -201,7 +204,7 @@ def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple
     or zero-padded port, an IDN host in Unicode, punycode or percent-encoded UTF-8), absolute or
     relative to a page URL so spelled; the (url, alt) pairs they must come to, written by hand,
     not by fold_case; the number of links whose host WHATWG refuses (invalid_url); and the
-    number the C rules decide themselves (a printable ASCII host without '%' or "xn--")."""
+    number the C rules decide themselves (a printable ASCII host without '%')."""
     rng = random.Random(seed)
     recs, expected, refused, in_c = [], set(), 0, 0
     for i in range(n_pages):
@@ -229,7 +232,7 @@ def _port_and_idn_pages(seed: int, n_pages: int) -> tuple[list[bytes], set[tuple
                 refused += 1
             else:
                 expected.add((f"{scheme}://{folded}{port_folded}{path}", alt))
-            in_c += host.isascii() and "%" not in host and "xn--" not in host and host not in _IPV4_ELSE
+            in_c += host.isascii() and "%" not in host and host not in _IPV4_ELSE
         recs.append(wat_record(f"https://site.example/{i}", links))
     return recs + [ending()], expected, refused, in_c
 
@@ -239,8 +242,8 @@ def test_ports_and_idn_hosts_fold_alike_on_every_path(tmp_path, monkeypatch):
     IDN hosts in Unicode, punycode or percent-encoded, ASCII hosts percent-encoded, IPv4
     addresses in several spellings), absolute and
     relative to page URLs so spelled, and hosts WHATWG's parser refuses (percent-decoding to
-    bytes that are not UTF-8 or to a forbidden code point, "xn--" labels that are not punycode
-    of a valid label): the C rules, extract_vec and the reference (`_check_link` on every link)
+    bytes that are not UTF-8 or to a forbidden code point, in a non-ASCII host "xn--" labels
+    that are not punycode of a valid label): the C rules, extract_vec and the reference (`_check_link` on every link)
     write the same table, row for row, and count the same rejections; the table holds each URL
     once, as WHATWG writes it (the expected pairs are made here by hand, not by fold_case), with
     the uid of the URL as kept, and every link to a refused host is invalid_url. The page URL is
