@@ -184,7 +184,7 @@ class ResizeMode(str, enum.Enum):
 
     center_crop = "center_crop"  # shortest side to image_size, then centre crop to a square
     keep_ratio = "keep_ratio"  # shortest side to image_size, aspect ratio kept
-    border = "border"  # longest side to image_size, padded with black to a square
+    border = "border"  # longest side to image_size, padded to a square (DecodeConfig.border_color: white)
     no = "no"  # the downloaded bytes are stored as they are
 
 

@@ -1295,3 +1295,42 @@ def test_more_workers_than_the_soft_open_file_limit_allows_still_download_every_
     assert low.stdout.strip() == "200 (200, 200)", low
     assert "--workers needs about 1256 open files, and this process may open 200 (ulimit -n; its hard limit is 200)" \
         in low.stderr, low.stderr
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_the_commands_defaults_are_laions_settings(tmp_path, monkeypatch):
+    """Each default LAION.md gives a number for, as `fastlaion run` and `fastlaion extract` build
+    their configuration with no option given (the CLI writes some of them out again, apart from
+    the dataclasses): the numbers below are LAION.md's, written here by hand."""
+    import fastlaion.cli as cli
+    import fastlaion.extract as extract
+
+    seen = []
+
+    def capture(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise _Captured
+
+    monkeypatch.setattr(cli, "execute", capture)
+    for extra in ([], ["--multilingual-model", "xlm-roberta-base-ViT-B-32"]):
+        result = runner.invoke(app, ["run", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "o"), *extra])
+        assert isinstance(result.exception, _Captured), result.output
+    run, multi = seen
+    assert run.download.workers == 64 and run.download.timeout_s == 10  # step 4: 64 connections, 10 s
+    assert run.decode.min_image_bytes == 5000 and run.decode.max_pixels == 89_478_484  # step 5
+    assert run.score.model == "ViT-B-32" and run.score.pretrained == "openai"  # step 7: OpenAI ViT-B/32 ...
+    assert run.score.min_similarity == 0.28  # ... >= 0.28 for English
+    assert multi.score.threshold_multi == 0.26  # mCLIP's 0.26 for the others, with a multilingual model
+    assert run.input.max_caption_chars == 2000  # step 2: alt cut to 2000
+    assert run.tags.language and run.tags.nsfw_head == "auto"  # steps 8, 9 on by default
+
+    monkeypatch.setattr(extract, "extract_to_parquet", lambda sources, out, cfg, *rest: capture(cfg))
+    result = runner.invoke(app, ["extract", str(tmp_path / "x.wat.gz"), "-o", str(tmp_path / "c")])
+    assert isinstance(result.exception, _Captured), result.output
+    ext = seen[-1]
+    assert ext.min_alt_chars == 5 and ext.max_text_chars == 2000 and ext.max_host_chars == 60  # step 2
+    assert ext.reject_svg and ext.reject_gif  # step 2: .svg and .gif URLs rejected
+    assert ext.dedup.value == "uid"  # step 3 as LAION.md's fastlaion column has it: url + text

@@ -237,3 +237,43 @@ def test_watermark_detector_in_bfloat16_runs_the_network_in_bfloat16_and_returns
     assert p.dtype == torch.float32 and p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
     assert fp32.dtype == torch.float32 and {t.dtype for t in fp32.model.parameters()} == {torch.float32}
     np.testing.assert_allclose(p.numpy(), fp32(pixels).numpy(), atol=0.01)
+
+
+def test_pwatermark_is_laions_softmax_first_class_on_its_resized_normalised_pixels(photos):
+    """LAION.md step 10, as LAION-5B-WatermarkDetection computes it: the image through
+    torchvision's Resize((256, 256)) (bilinear, the aspect ratio not kept), ToTensor and
+    Normalize(ImageNet mean, std), the network's two logits through a softmax, and pwatermark the
+    first of the two (its `water_sym, clear_sym = sym`). Checked against that recipe written out
+    with torchvision on a real photograph, and on a network whose classifier's last layer is made
+    to answer (3, -3) whatever the image: pwatermark is then 1 / (1 + e^-6) = 0.99753, (-3, 3) its
+    complement, so taking the second class or no softmax would show."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = watermark_model().eval()
+    det = WatermarkDetector(model, torch.device("cpu"))
+    images = [Image.fromarray(photos[name]) for name in ("chelsea", "coffee")]  # 451x300, 600x400
+    laion = T.Compose([T.Resize((256, 256)), T.ToTensor(),
+                       T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        want = torch.softmax(model(torch.stack([laion(im) for im in images])), dim=1)[:, 0]
+    # the decoder's watermark input: the same squash to 256 x 256 (tests/test_decode.py checks it)
+    pixels = torch.from_numpy(np.stack([np.asarray(im.resize((256, 256), Image.Resampling.BILINEAR))
+                                        for im in images]))
+    seen: list[torch.Tensor] = []
+    hook = model.conv_stem.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach().clone()))
+    got = det(pixels)
+    hook.remove()
+    # the network's input itself: an uncalibrated random network answers about 0.5 for anything
+    np.testing.assert_allclose(seen[0].numpy(), torch.stack([laion(im) for im in images]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
+
+    last = model.classifier[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([3.0, -3.0]))
+    np.testing.assert_allclose(det(pixels).numpy(), [1 / (1 + np.exp(-6.0))] * 2, rtol=1e-6)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([-3.0, 3.0]))
+    np.testing.assert_allclose(det(pixels).numpy(), [1 / (1 + np.exp(6.0))] * 2, rtol=1e-5)

@@ -158,6 +158,22 @@ def test_laion_heads_and_watermark_columns(tmp_path, served):
     state = torch.load(MODELS / "aesthetic_v1_vit_b_32_linear.pth", weights_only=True)
     want = img @ state["weight"].double().numpy()[0] + state["bias"].double().numpy()[0]
     np.testing.assert_allclose(t["aesthetic"].to_numpy(), want, atol=2e-2)
+    # punsafe = LAION's NSFW head on the same L2-normalised image embeddings (LAION.md step 9),
+    # the published architecture written out: (x - mean) / sqrt(variance), ReLU between the
+    # linear layers, a sigmoid at the end; not on the caption's embeddings
+    nsfw = torch.load(MODELS / "nsfw_head_vit_b_32.pth", weights_only=True)
+    txt = np.load(tmp_path / "out" / "00000_txt_emb.npy").astype(np.float64)
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-3)
+
+    def punsafe_of(emb: np.ndarray) -> np.ndarray:
+        x = (emb - nsfw["norm.mean"].double().numpy()) / np.sqrt(nsfw["norm.variance"].double().numpy())
+        for i in range(1, 4):
+            x = x @ nsfw[f"linear_{i}.weight"].double().numpy().T + nsfw[f"linear_{i}.bias"].double().numpy()
+            x = np.maximum(x, 0) if i < 3 else x
+        return 1 / (1 + np.exp(-x[:, 0]))
+
+    np.testing.assert_allclose(t["punsafe"].to_numpy(), punsafe_of(img), atol=1e-4)
+    assert np.abs(punsafe_of(txt) - punsafe_of(img)).max() > 1e-3  # which embedding goes in shows
 
 
 def test_head_for_another_embedding_size_is_a_clear_error(tmp_path, served):
