@@ -152,6 +152,32 @@ def test_every_recipe_selects_what_laion_md_defines(synth, tmp_path, recipe, ext
     assert info["considered"] == sum(r["status"] == "kept" for r in rows)
 
 
+@pytest.mark.parametrize("score, warned", [
+    ({"model": "ViT-B-32", "pretrained": "openai"}, False), ({"model": "ViT-B-32-quickgelu", "pretrained": "openai"}, False),
+    ({"model": "ViT-L-14", "pretrained": "openai"}, True), ({"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, True),
+    (None, False)])
+def test_laion400m_on_a_run_scored_by_another_model_says_its_cut_is_not_that_models(tmp_path, score, warned):
+    """LAION-400M's similarity >= 0.3 is a cut of OpenAI ViT-B/32's similarities (LAION.md); a run
+    scored by ViT-L/14, or by ViT-B/32 with LAION's weights, has its similarities elsewhere, so the
+    recipe selects no LAION-400M-style subset there: one warning naming the run's model (nothing
+    was said). The selection itself is the recipe's either way; no config.json, nothing said."""
+    rows = synthetic_rows(60, seed=4, shard_size=30)
+    run = tmp_path / "run"
+    write_run(run, rows, 30)
+    if score is not None:
+        (run / "config.json").write_text(json.dumps({"score": score}))
+    result = runner.invoke(app(), ["subset", "laion400m", "--from", str(run), "-o", str(tmp_path / "s"), "--no-progress"],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "recipe laion400m" in line]
+    if warned:
+        assert len(said) == 1 and f"scored with {score['model']} ({score['pretrained']})" in said[0], result.output
+    else:
+        assert not said, result.output
+    expected = [r["key"] for r in rows if r["status"] == "kept" and LAION_MD["laion400m"](r)]
+    assert keys_of(tmp_path / "s" / "metadata.parquet") == expected
+
+
 def test_where_is_sql_and_combines_with_a_recipe(synth, tmp_path):
     folder, rows = synth
     invoke(["subset", "en", "--where", "similarity >= 0.3 AND caption LIKE '%cat%' AND original_width > 600",

@@ -18,6 +18,8 @@ found in the run's tars) and `shard_row` the sample's row in that tar's embeddin
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import time
@@ -35,6 +37,8 @@ from .samples import export_embeddings, reshard, write_shards_json
 from .semantic import row_in_shard
 from .source import (KEPT, METADATA_FILE, RUN_CONFIG, SHARD_ROW, SHARDS_FILE, Dataset, DatasetError, NoProgress, Progress,
                      collect, sink_parquet)
+
+log = logging.getLogger(__name__)
 
 URLS_FILE = "urls.parquet"
 AESTHETIC_V2_LAION_MINIMA = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
@@ -168,6 +172,8 @@ def condition(ds: Dataset, cfg: SubsetConfig) -> tuple[pl.Expr, str]:
     if cfg.recipe:
         recipe = RECIPES[cfg.recipe]
         ds.require(recipe.columns, f"recipe {recipe.name} ({recipe.description})")
+        if recipe.name == "laion400m":
+            _warn_unless_laions_model(ds)
         parts.append(recipe.expression(cfg.minimum))
         text.append(cfg.recipe + (f" --min {cfg.minimum:g}" if cfg.minimum is not None else ""))
     if cfg.where:
@@ -177,6 +183,31 @@ def condition(ds: Dataset, cfg: SubsetConfig) -> tuple[pl.Expr, str]:
     for p in parts[1:]:
         expr = expr & p
     return expr, " and ".join(text)
+
+
+# The model whose similarities LAION-400M's 0.3 is a cut of: OpenAI's ViT-B/32 (open_clip's names)
+LAION_400M_MODELS = ("ViT-B-32", "ViT-B-32-quickgelu")
+LAION_400M_PRETRAINED = "openai"
+
+
+def _warn_unless_laions_model(ds: Dataset) -> None:
+    """One warning where the run was scored by another model than OpenAI's ViT-B/32 (its
+    config.json says so): laion400m's `similarity >= 0.3` is a cut of that model's similarities,
+    and another model's sit elsewhere (LAION's own ViT-B/32 weights, ViT-L/14: other scales), so
+    the subset is no LAION-400M-style selection. Nothing said where config.json is missing or
+    unreadable, or names a checkpoint file (which may be OpenAI's)."""
+    try:
+        score = json.loads((ds.root / RUN_CONFIG).read_text()).get("score")
+        model, pretrained = score.get("model"), score.get("pretrained")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not (isinstance(model, str) and isinstance(pretrained, str)) or os.sep in pretrained or pretrained.endswith(".pt"):
+        return
+    if model not in LAION_400M_MODELS or pretrained != LAION_400M_PRETRAINED:
+        log.warning("recipe laion400m: LAION's similarity >= 0.3 is a cut of OpenAI ViT-B/32's similarities; %s was "
+                    "scored with %s (%s), whose similarities sit elsewhere, so this is no LAION-400M-style selection "
+                    "(give that model's own cut with --where on language_group and similarity)",
+                    ds.root, model, pretrained)
 
 
 def subset(ds: Dataset, out: Path, cfg: SubsetConfig, progress: Progress | None = None,
