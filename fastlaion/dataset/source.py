@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 import polars as pl
 
 from ..config import ConfigError, first_line
-from ..writer import CONFIG_FILE, WRITE_ID, shard_files
+from ..writer import CONFIG_FILE, WRITE_ID, shard_files, with_laion_hash
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class Dataset:
     root_changed: str | None = None  # why the root's samples are no longer its rows' (a shard written again); None: they are
 
     def scan(self) -> pl.LazyFrame:
-        """Every row, in dataset order (files in name order, rows in file order), plus `shard`."""
+        """Every row, in dataset order (files in name order, rows in file order), plus `shard`;
+        `hash` computed from url and caption for files written before that column (with_laion_hash)."""
         frames = [self._scan_group(g) for g in self.groups]
         lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         return lf
@@ -163,11 +164,11 @@ class Dataset:
     def _scan_group(self, files: Sequence[Path]) -> pl.LazyFrame:
         schema = pl.scan_parquet(files[0], glob=False).collect_schema()
         if "shard" in schema:
-            return pl.scan_parquet(list(files), glob=False)
+            return with_laion_hash(pl.scan_parquet(list(files), glob=False))
         # A run's shard Parquet: the shard is the file's stem (00042.parquet -> "00042").
-        return (pl.scan_parquet(list(files), include_file_paths="__file", glob=False)
-                .with_columns(pl.col("__file").str.extract(r"([^/\\]+)\.parquet$", 1).alias("shard"))
-                .drop("__file"))
+        return with_laion_hash(pl.scan_parquet(list(files), include_file_paths="__file", glob=False)
+                               .with_columns(pl.col("__file").str.extract(r"([^/\\]+)\.parquet$", 1).alias("shard"))
+                               .drop("__file"))
 
     def scan_shards(self, shards: Collection[str]) -> pl.LazyFrame | None:
         """The rows of these shards only, in dataset order (None if none has a file here): of a
@@ -177,7 +178,8 @@ class Dataset:
         frames = []
         for group in self.groups:
             if "shard" in pl.scan_parquet(group[0], glob=False).collect_schema():
-                frames.append(pl.scan_parquet(list(group), glob=False).filter(pl.col("shard").is_in(sorted(wanted))))
+                frames.append(with_laion_hash(pl.scan_parquet(list(group), glob=False))
+                              .filter(pl.col("shard").is_in(sorted(wanted))))
             else:
                 mine = [f for f in group if f.name.removesuffix(".parquet") in wanted]
                 if mine:
