@@ -234,6 +234,19 @@ def test_a_run_writes_laions_hash_on_every_row_kept_or_dropped(tmp_path, photos)
     # every shard's Parquet has it, right after caption
     for p in sorted((tmp_path / "out").glob("[0-9]*.parquet")):
         assert pl.read_parquet(p).columns[:4] == ["key", "url", "caption", "hash"]
+    # and each kept sample's key.json, after its caption (a sample joins LAION's files by it too)
+    import json
+    import tarfile
+
+    samples = {}
+    for tar in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            samples |= {m.name[:-5]: json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")}
+    kept = table.filter(pl.col("status") == "kept")
+    assert sorted(samples) == sorted(kept["key"].to_list()) and len(samples) == kept.height >= 3
+    for key, url, caption in kept.select("key", "url", "caption").iter_rows():
+        assert list(samples[key])[:4] == ["key", "url", "caption", "hash"]
+        assert samples[key]["hash"] == laions_compute_hash(url, caption)
 
 
 def _as_written_before_the_hash_column(out, shard: int) -> None:
