@@ -316,7 +316,7 @@ def run_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; rerunning into it resumes.", show_default=False)],
     inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...", show_default=False,
         help="URL lists (.txt one URL per line, .csv, .tsv, .jsonl or .json (an object a line, or one array), .parquet; the text ones also gzipped) or Common Crawl WAT/WARC files (paths or http(s)/s3 URLs).")] = None,
-    input_format: Annotated[InputFormat, typer.Option(help="Input format; auto picks by file extension.")] = _D.input.input_format,
+    input_format: Annotated[InputFormat, typer.Option(help="Input format; auto picks by file extension. json (img2dataset's name) is jsonl: an object a line, or one JSON array.")] = _D.input.input_format,
     url_col: Annotated[str, typer.Option(help="Column holding the image URL (csv/tsv/jsonl/parquet).")] = _D.input.url_col,
     caption_col: Annotated[str, typer.Option(help="Column holding the caption (alt text).")] = _D.input.caption_col or "caption",
     shard_size: Annotated[int, typer.Option(help="Input rows per output shard.")] = _D.input.shard_size,

@@ -194,6 +194,7 @@ class InputFormat(str, enum.Enum):
     csv = "csv"
     tsv = "tsv"
     jsonl = "jsonl"
+    json = "json"  # img2dataset's name: read as jsonl (an object a line, or one array), InputConfig
     parquet = "parquet"
 
 
@@ -223,6 +224,12 @@ class InputConfig:
     crawl: str | None = None  # e.g. CC-MAIN-2024-22
     crawl_files: int = 1  # how many of the crawl's WAT files
     cc_base_url: str = "https://data.commoncrawl.org/"
+
+    def __post_init__(self) -> None:
+        # `--input-format json` (img2dataset's name) is the jsonl reader, which reads a JSON array
+        # too: one format in the config (config.json, the resume's check), whichever was typed
+        if self.input_format is InputFormat.json:
+            object.__setattr__(self, "input_format", InputFormat.jsonl)
 
     def validate(self) -> None:
         if not self.paths and not self.crawl:

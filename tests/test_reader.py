@@ -653,3 +653,25 @@ def test_a_resume_from_a_pipe_that_gives_other_rows_is_refused(tmp_path):
         assert "the input changed since the run" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert _outcomes(tmp_path / "out")[0] == urls[:6]  # the finished shard as it was
+
+
+def test_input_format_json_is_img2datasets_name_for_the_jsonl_reader(tmp_path):
+    """`--input-format json` (img2dataset's name for a JSON input) was refused ("'json' is not
+    one of ..."), while the jsonl reader reads an object a line and a JSON array alike. Now it is
+    that reader: an array in a file whose extension says nothing is read, and config.json records
+    jsonl, so a rerun naming either resumes the same run."""
+    import json
+
+    from helpers import refused_url
+
+    url = refused_url()
+    inp = tmp_path / "list.data"
+    inp.write_text(json.dumps([{"url": f"{url}/{i}.jpg", "caption": f"photo {i}"} for i in range(3)]))
+    first = _cli(str(inp), "--input-format", "json", "-o", str(tmp_path / "out"))
+    assert first.exit_code == 0, first.output
+    table = pl.read_parquet(tmp_path / "out" / "00000.parquet")
+    assert table["url"].to_list() == [f"{url}/{i}.jpg" for i in range(3)]
+    assert table["caption"].to_list() == [f"photo {i}" for i in range(3)]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["input"]["input_format"] == "jsonl"
+    again = _cli(str(inp), "--input-format", "jsonl", "-o", str(tmp_path / "out"))
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
