@@ -403,9 +403,16 @@ class _Rejected(Exception):
     """Internal: ends one body's decode with a reason (never escapes `Decoder.__call__`)."""
 
     def __init__(self, reason: str, detail: str):
+        # Pillow names the stream it read: "cannot identify image file <_io.BytesIO object at
+        # 0x7f38...>", an address that made the row's error (the Parquet's, evaluate's) differ
+        # from one run to the next
+        detail = _STREAM_REPR.sub("the body", detail)
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+_STREAM_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _pil_reason(exc: BaseException) -> str:

@@ -241,6 +241,16 @@ def cmyk_jpeg() -> bytes:
     return encode(photo("astronaut").convert("CMYK"), "JPEG")
 
 
+def test_an_unidentified_body_is_described_without_a_memory_address():
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x7f38...>" went into the row's
+    error as it was: the same body gave another error text in each process and run (the Parquet's
+    error column, evaluate's JSON). Now the stream is "the body"."""
+    body = b"\x89PNG\r\n\x1a\n" + b"\x00" * 6000  # a PNG signature and nothing Pillow can read
+    first, second = decode(body), decode(bytes(body))
+    assert first.error == "decode_error"
+    assert first.error_detail == second.error_detail == "header: UnidentifiedImageError: cannot identify image file the body"
+
+
 def test_reason_codes():
     jpeg = photo_bytes("chelsea", "JPEG")
     png = photo_bytes("chelsea", "PNG")
