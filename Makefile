@@ -39,7 +39,7 @@ demo: setup
 
 # Two pytest processes, each taking whole test files (their module fixtures, such as test_ray's
 # cluster, start once): about two-thirds of one process's time on 2 cores (9.5 -> 6 minutes when
-# the suite was smaller; `make test` is now about 7, install included: 5 min of tests on a quiet box). TEST_PROCESSES=0 runs in one.
+# the suite was smaller; `make test` is now about 8, install included: 6.5 min of tests on a quiet box). TEST_PROCESSES=0 runs in one.
 TEST_PROCESSES ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
