@@ -85,12 +85,20 @@ class BarProgress:
         self.task = self.bar.add_task("run", total=shards_total, completed=shards_done, rows=0, kept=0)
 
     def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
-        self.rows += rows
-        self.kept += kept
+        self._count(rows, kept, busy_s, 1)
+
+    def rows_undone(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        """A rows_done taken back: a worker lost with its Ray node had reported these rows of a
+        shard that another worker runs again (workers.drive)."""
+        self._count(rows, kept, busy_s, -1)
+
+    def _count(self, rows: int, kept: int, busy_s: dict[str, float] | None, sign: int) -> None:
+        self.rows += sign * rows
+        self.kept += sign * kept
         for stage, secs in (busy_s or {}).items():
             if secs > 0:
-                self.stage_rows[stage] = self.stage_rows.get(stage, 0) + rows
-                self.stage_busy[stage] = self.stage_busy.get(stage, 0.0) + secs
+                self.stage_rows[stage] = self.stage_rows.get(stage, 0) + sign * rows
+                self.stage_busy[stage] = self.stage_busy.get(stage, 0.0) + sign * secs
         self.bar.update(self.task, rows=self.rows, kept=self.kept, stage_rows=self.stage_rows,
                         stage_busy=self.stage_busy)
 

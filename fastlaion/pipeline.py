@@ -91,9 +91,16 @@ class Progress:
 
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None: ...
 
-    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None,
+                  shard: int | None = None) -> None:
         """`rows` more rows finished (`kept` of them kept); `busy_s`: seconds each stage spent on
-        them (decode: summed over its threads), from which the bar shows per-stage rates."""
+        them (decode: summed over its threads), from which the bar shows per-stage rates. `shard`:
+        the shard they are of, as the pipeline reports them to a worker's progress, which passes
+        it on to drive (workers.drive); the progress `run` is given is not told it."""
+
+    def rows_undone(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        """Take back a `rows_done` call's rows: those of a worker dropped with its lost Ray node,
+        for a shard it had not finished, which another worker runs again (workers.drive)."""
 
     def shard_done(self, stats: dict[str, Any]) -> None: ...
 
@@ -351,8 +358,12 @@ class _Tally:
     def start(self, shards_total: int, shards_done: int, rows_total: int, rows_done: int) -> None:
         self.inner.start(shards_total, shards_done, rows_total, rows_done)
 
-    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None,
+                  shard: int | None = None) -> None:
         self.inner.rows_done(rows, kept, busy_s)
+
+    def rows_undone(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
+        self.inner.rows_undone(rows, kept, busy_s)
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         # what the summary needs, not the whole stats (a long run finishes many thousand shards)
@@ -1124,7 +1135,7 @@ class ShardJob:
             await loop.run_in_executor(self.pools.write, self._write_samples, writer, batch)
         with _timer(self.timings, "write"):
             writer.add_outcome(batch.outcome().drop("download_reason", "decode_reason"))
-        self.progress.rows_done(len(items), len(batch), self._busy_since_last_report())
+        self.progress.rows_done(len(items), len(batch), self._busy_since_last_report(), shard=self.shard)
 
     def _send_captions(self, rows: list[int]) -> BatchLanguages | None:
         """These rows' captions to the language process, now: it answers while the batch decodes."""

@@ -131,13 +131,17 @@ def run_workers(cfg: RunConfig, out: Path, rows: InputRows, todo: list[int], dev
 def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     """Run the shards in `todo` on the workers of `pool`: pass their progress on and merge their
     timings until each shard is done and each worker has said so (or was dropped: its shards
-    went to the others); stop them all at the first failure. Returns stage seconds summed over
-    workers (load_models: the slowest worker's)."""
+    went to the others, and the rows it had reported of those taken back out of `progress`);
+    stop them all at the first failure. Returns stage seconds summed over workers (load_models:
+    the slowest worker's)."""
     devices = pool.devices
     timings: dict[str, float] = {}
     logged: set[tuple[int, str, str]] = set()  # the workers' records printed so far (relay_log)
     finished: set[int] = set()
     done_workers: set[int] = set()
+    # the progress passed on of each shard not finished yet, by worker: a dropped worker's is
+    # taken back (`_take_back`), its shards being run again by the others
+    unfinished: dict[int, dict[int, list[tuple[int, int, Any]]]] = {}
     try:
         pool.start(todo)
         check_at = time.monotonic() + LIVENESS_CHECK_S
@@ -156,7 +160,13 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
             kind, worker = msg[0], msg[1]
             if kind == "ended":  # the pool's, after the last messages of the workers it names
                 pool.check_ended(msg[2], done_workers)
+                _take_back(progress, unfinished, set(msg[2]) & pool.dropped())
             elif kind == "rows":
+                if worker in pool.dropped():  # late: its shards are the others' now
+                    continue
+                shard = msg[5] if len(msg) > 5 else None
+                if shard is not None and shard not in finished:
+                    unfinished.setdefault(shard, {}).setdefault(worker, []).append(msg[2:5])
                 progress.rows_done(msg[2], msg[3], msg[4])
             elif kind == "log":
                 relay_log(msg[2], logged)
@@ -167,6 +177,7 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
                 for stage, secs in stats["timings_s"].items():
                     timings[stage] = timings.get(stage, 0.0) + secs
                 finished.add(stats["shard"])
+                unfinished.pop(stats["shard"], None)
                 progress.shard_done(stats)
                 if len(finished) == len(todo):
                     pool.all_finished()
@@ -190,6 +201,21 @@ def drive(pool: WorkerPool, todo: list[int], progress: Any) -> dict[str, float]:
     finally:
         pool.close()
     return timings
+
+
+def _take_back(progress: Any, unfinished: dict[int, dict[int, list[tuple[int, int, Any]]]],
+               dropped: set[int]) -> None:
+    """Take out of `progress` the rows the `dropped` workers reported for the shards they had not
+    finished (`unfinished`: shard -> worker -> each "rows" message's rows, kept and busy seconds),
+    which go back to the others (RayWorkers.check_ended): the bar counted those rows twice, once
+    from the lost worker and again as another ran the shard, and read more rows than the input's
+    (the summary, read from the files, did not)."""
+    for shard in list(unfinished):
+        for worker in dropped & unfinished[shard].keys():
+            for rows, kept, busy_s in unfinished[shard].pop(worker):
+                progress.rows_undone(rows, kept, busy_s)
+        if not unfinished[shard]:
+            del unfinished[shard]
 
 
 def relay_log(fields: dict[str, Any], logged: set[tuple[int, str, str]]) -> None:
@@ -547,8 +573,9 @@ class _QueueProgress:
     def __init__(self, worker: int, results: Any):
         self.worker, self.results = worker, results
 
-    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
-        self.results.put(("rows", self.worker, rows, kept, busy_s))
+    def rows_done(self, rows: int, kept: int, busy_s: dict[str, float] | None = None,
+                  shard: int | None = None) -> None:
+        self.results.put(("rows", self.worker, rows, kept, busy_s, shard))
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.results.put(("shard", self.worker, stats))

@@ -803,7 +803,10 @@ def test_a_node_lost_mid_run_drops_its_workers_and_the_others_run_its_shards(ray
 
     First right after its workers' start check, before they take a shard (while they would load
     their models); then, with a node joined anew, once a shard is written (each of its two
-    workers has taken one)."""
+    workers has taken one). Last, every worker lost: with a third node joined, --processes 1
+    puts the one worker there (2 CPUs to the head's 1), not on the node of the command; that node
+    lost once a shard is written stops the run in one line naming it, exit 1, the finished shards
+    kept, and the same command again resumes on the head and finishes every shard."""
     from fastlaion.ray_workers import RayWorkers
 
     # the head's health checks each second, a node dead after 3 missed: the lost node's shards
@@ -845,6 +848,25 @@ def test_a_node_lost_mid_run_drops_its_workers_and_the_others_run_its_shards(ray
                 took = time.monotonic() - t0
         finally:
             _stop([second])
+
+        t_every = time.monotonic()
+        third = _join(head, cpus=2)
+        try:
+            (tmp_path / "every").mkdir()
+            with _a_run_under_way(tmp_path / "every", photos, head.address, processes=1) as every:
+                assert len(third.workers()) == 1
+                _stop([third], crash=True)
+                t0 = time.monotonic()
+                _, every_err = every.proc.communicate(timeout=90)
+                every_s = time.monotonic() - t0
+                every_lines = every_err.decode().strip().splitlines()
+                assert every.proc.returncode == 1, (every_lines, every_s)
+                kept = [s for s in range(12) if is_complete(every.out, s)]
+                assert 1 <= len(kept) < 12, kept
+                every.rerun_finishes(kept)  # on the head: the lost node's raylet does not answer
+        finally:
+            _stop([third])
+        every_all_s = time.monotonic() - t_every
     lines = err.decode().strip().splitlines()
     print(f"lost before its first shard: the run took {first_s:.1f} s, {said}; lost mid-run: {took:.1f} s to the end, "
           f"{lines}")
@@ -861,3 +883,11 @@ def test_a_node_lost_mid_run_drops_its_workers_and_the_others_run_its_shards(ray
     assert (frame["status"] == "kept").all()
     assert not (run.out / ".partial").exists()
     assert len(json.loads((run.out / "summary.json").read_text())["workers"]) == 3
+
+    print(f"every worker lost: {every_s:.1f} s to the end, {every_lines}; {every_all_s:.1f} s with the node's "
+          "start and the rerun")
+    assert len(every_lines) == 1 and re.fullmatch(
+        r"error: every Ray worker was lost with its node \(127\.0\.0\.1/(\w{8}): (connection refused|Ray marked it "
+        r"dead)\); finished shards are kept, rerun the same command to resume on the nodes that answer",
+        every_lines[0]), every_lines
+    assert json.loads((every.out / "summary.json").read_text())["workers"] == ["ray:127.0.0.1:cpu"]  # the head's

@@ -773,3 +773,81 @@ def test_a_workers_python_warnings_pass_its_filters_first():
         assert warnings.showwarning is previous
     assert [(m[0], m[2]["name"], m[2]["msg"]) for m in sent] == [
         ("log", "py.warnings", "the same place (UserWarning in test_workers)")], sent  # no package: the module
+
+
+def test_a_dropped_workers_rows_of_shards_run_again_are_taken_out_of_the_bar(tmp_path, served, monkeypatch):
+    """A worker dropped with its lost Ray node (RayWorkers.check_ended) had reported rows of the
+    shards it had taken; those go back to the others, which report them again as they run them,
+    and the bar's row, kept and per-stage counts took both: it read more rows than the input has
+    (the summary, read from the files, was right). Now drive takes a dropped worker's
+    rows of its unfinished shards back out of the bar once it learns it was dropped, and keeps
+    those of the shards it finished. Played by a pool whose messages are those of two workers, the
+    second lost mid-run, each "rows" message as a worker sends it (_QueueProgress); then a real run
+    shows the pipeline tags each report with its shard, which drive needs for this."""
+    import queue
+
+    from rich.console import Console
+
+    from fastlaion.cli_progress import BarProgress
+    from fastlaion.pipeline import _Tally
+    from fastlaion.workers import WorkerPool, _QueueProgress, drive
+
+    class Played(list):
+        def put(self, msg):
+            self.append(msg)
+
+        def get(self, timeout):
+            if not self:
+                raise queue.Empty
+            return self.pop(0)
+
+    msgs = Played()
+    a, b = _QueueProgress(0, msgs), _QueueProgress(1, msgs)
+
+    def shard(worker, s):
+        msgs.put(("shard", worker, {"shard": s, "timings_s": {"download": 1.0}}))
+
+    msgs += [("ready", 0, 0.1), ("ready", 1, 0.1)]
+    b.rows_done(2, 2, {"download": 1.0}, shard=2)
+    shard(1, 2)  # worker 1 finished shard 2: its rows stay counted
+    b.rows_done(2, 1, {"download": 3.0}, shard=1)  # and had begun shard 1, never finished
+    a.rows_done(2, 2, {"download": 1.0}, shard=0)
+    shard(0, 0)
+    msgs.put(("ended", None, [1]))  # worker 1's node lost: its shard 1 goes to worker 0
+    b.rows_done(1, 1, {"download": 1.0}, shard=3)  # late, after its drop: not counted
+    a.rows_done(2, 0, {"download": 1.0}, shard=1)
+    shard(0, 1)
+    msgs.put(("done", 0))
+
+    class Pool(WorkerPool):
+        devices = ["ray:a:cpu", "ray:b:cpu"]
+        results = msgs
+        gone: set[int] = set()
+
+        def start(self, todo): ...
+        def check_alive(self, done): ...
+        def check_ended(self, workers, done):
+            self.gone.update(w for w in workers if w not in done)
+        def dropped(self):
+            return self.gone
+        def join(self): ...
+        def stop(self, interrupted): ...
+        def close(self): ...
+
+    bar = BarProgress(Console(file=io.StringIO()), enabled=False)
+    bar.start(3, 0, 6, 0)
+    drive(Pool(), [0, 1, 2], _Tally(bar))
+    assert (bar.rows, bar.kept) == (6, 4)  # shards 0, 1 and 2 once each: shard 1's first 2 rows were counted too
+    assert bar.stage_rows == {"download": 6} and bar.stage_busy == {"download": 3.0}
+
+    # the pipeline reports each batch's rows with its shard (a worker's _QueueProgress sends it on)
+    reported: dict[int, int] = {}
+
+    def rows_done(self, rows, kept, busy_s=None, shard=None):
+        reported[shard] = reported.get(shard, 0) + rows
+
+    monkeypatch.setattr(_Tally, "rows_done", rows_done)
+    inp, ckpt = served
+    result = _run(inp, tmp_path / "o", ckpt, "--no-score")
+    assert result.exit_code == 0, result.output
+    assert reported == {0: 4, 1: 4, 2: 4, 3: 3}  # 15 rows, 4 a shard
