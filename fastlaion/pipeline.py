@@ -363,7 +363,9 @@ class _Tally:
         self.inner.rows_done(rows, kept, busy_s)
 
     def rows_undone(self, rows: int, kept: int, busy_s: dict[str, float] | None = None) -> None:
-        self.inner.rows_undone(rows, kept, busy_s)
+        undone = getattr(self.inner, "rows_undone", None)  # a caller's progress object may predate it
+        if undone is not None:
+            undone(rows, kept, busy_s)
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         # what the summary needs, not the whole stats (a long run finishes many thousand shards)
