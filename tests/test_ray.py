@@ -751,8 +751,11 @@ def test_a_node_lost_right_after_planning_is_left_out_and_a_rerun_plans_without_
             first_s = time.monotonic() - t0
         assert first.exit_code == 0, first.output
         said = first.output.strip().splitlines()
-        assert said[0] == (f"warning: Ray node 127.0.0.1/{lost[0][:8]} was lost before its workers started (connection "
-                           "refused): its 2 worker(s) are left out, the run goes on with the other 1"), said
+        # why: its raylet refused the probe, or Ray had marked it dead already (the fresh-clone CI saw
+        # both: when the crash reaches the head first depends on the machine's load)
+        assert said[0] in (f"warning: Ray node 127.0.0.1/{lost[0][:8]} was lost before its workers started ({why}): its "
+                           "2 worker(s) are left out, the run goes on with the other 1"
+                           for why in ("connection refused", "Ray marked it dead")), said
         assert not [line for line in said[1:] if line.startswith(("warning", "error"))], said
         assert first_s < 20, first_s  # asked, not waited for: Ray marks the node dead after 30 s
         summary = json.loads((tmp_path / "first" / "summary.json").read_text())
