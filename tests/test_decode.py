@@ -348,6 +348,25 @@ def test_sniffed_formats():
     assert sniff_format(b"\x00\x00\x00\x1cftypisom\x00\x00\x00\x00") is None  # an MP4 video
 
 
+def test_rarer_formats_pillow_writes_are_unsupported_formats_not_no_image():
+    """PPM/PGM/PBM, PCX, SGI, DDS, ICNS, QOI and TGA (with its v2 footer), as Pillow writes them: real
+    images LAION never kept, which the funnel counted as not_an_image (Pillow's own test images: 122
+    such files). Now each is named and dropped as unsupported_format; text that merely starts like
+    a PNM header is still no image."""
+    cat = photo("chelsea")
+    written = {"pnm": [encode(cat, "PPM"), encode(cat.convert("L"), "PPM"), encode(cat.convert("1"), "PPM")],
+               "pcx": [encode(cat, "PCX")], "sgi": [encode(cat, "SGI")], "dds": [encode(cat, "DDS")],
+               "icns": [encode(cat.resize((256, 256)), "ICNS")], "qoi": [encode(cat, "QOI")], "tga": [encode(cat, "TGA")]}
+    for name, bodies in written.items():
+        for body in bodies:
+            assert sniff_format(body) == name, (name, body[:16])
+            d = decode(body)
+            assert d.error == "unsupported_format", (name, d.error, d.error_detail)
+    for text in (b"P1 is the first point\n" * 400, b"P6 results\n" * 600, b"\n\nplain text" * 600):
+        assert sniff_format(text) is None
+        assert decode(text).error == "not_an_image"
+
+
 def test_cmyk_jpeg_falls_back_to_pillow():
     d = decode(cmyk_jpeg(), ClipInputSpec((224, 224)))
     assert d.error is None, d.error_detail
