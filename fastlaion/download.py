@@ -86,7 +86,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from fastlaion.config import ConfigError, DownloadConfig
-from fastlaion.ipv4 import ends_in_number, ipv4_number
+from fastlaion.ipv4 import MAY_END_IN_NUMBER, ends_in_number, ipv4_number
 from fastlaion.robots_tag import agent_token, opt_out_directive
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def _numeric_non_address(host: str) -> bool:
     Refused rather than asked of DNS: aiohttp takes a host of digits and dots for an address
     and hands it to getaddrinfo itself, past `GuardedResolver` (3.14 refuses one that is not
     dotted-quad first; not every version the project allows does)."""
-    if not (host[-1] in _MAY_END_IN_NUMBER and (ends_in_number(host) or host.replace(".", "").isdigit())):
+    if not (ends_in_number(host) or (host[-1] in MAY_END_IN_NUMBER and host.replace(".", "").isdigit())):
         return False
     return literal_ip(host) is None
 
@@ -236,7 +236,6 @@ def is_public_address(ip: IPAddress) -> bool:
 
 
 _LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
-_MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")  # a host's last character, if it does
 
 
 def literal_ip(host: str) -> IPAddress | None:
@@ -257,7 +256,7 @@ def literal_ip(host: str) -> IPAddress | None:
         pass
     if "%" in host:  # browsers percent-decode a host first: `%31%32%37.1` is 127.0.0.1 to them
         host = urllib.parse.unquote(host)
-    if host[-1:] in _MAY_END_IN_NUMBER and ends_in_number(host) and (number := ipv4_number(host)) is not None:
+    if ends_in_number(host) and (number := ipv4_number(host)) is not None:
         return ipaddress.IPv4Address(number)
     if _LEGACY_IPV4.fullmatch(host):
         try:
@@ -270,7 +269,7 @@ def literal_ip(host: str) -> IPAddress | None:
 def _dotted_host(host: str) -> str | None:
     """The address `host` names in dotted decimal, where it is an IPv4 address written otherwise
     (as `literal_ip` reads it); None for any other host."""
-    if host[-1:] not in _MAY_END_IN_NUMBER:  # most host names: no address ends in their letter
+    if host[-1:] not in MAY_END_IN_NUMBER:  # most host names: no address ends in their letter
         return None
     ip = literal_ip(host)
     if isinstance(ip, ipaddress.IPv4Address) and (address := str(ip)) != host:

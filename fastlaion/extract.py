@@ -65,8 +65,9 @@ fragment and userinfo as written; a percent-encoded host is decoded first (`http
 an IPv4 address in another spelling (`http://0x7f.1/`, `http://2130706433/`) is written in
 dotted decimal. A host that the standard's host parser refuses (bytes that are not UTF-8 or a
 forbidden code point once decoded, in a non-ASCII host an "xn--" label that is not punycode of
-a valid label (an ASCII host's are not checked, as browsers do not: whatwg/url#914), a non-ASCII host breaking RFC 5893's Bidi Rule in any label (`1a.אב`), a host ending in a number
-that is no IPv4 address: `_parse_host`) is
+a valid label (an ASCII host's are not checked, as browsers do not: whatwg/url#914), a non-ASCII
+host breaking RFC 5893's Bidi Rule in any label (`1a.אב`), a host ending in a number that is no
+IPv4 address: `_parse_host`) is
 invalid_url: no browser fetches it. The rules (long_host) measure the host as written; uid is
 computed from the URL as kept. page_url is written as found: it is no dedup key, and the
 relative srcs joined to it are folded after the join.
@@ -2326,7 +2327,7 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
 
     - scheme and an ASCII host in lower case: `HTTPS://Example.COM/A.jpg` is
       `https://example.com/A.jpg`;
-    - a host with a non-ASCII character in punycode, by UTS #46 (`_idna_host`):
+    - a host with a non-ASCII character in punycode, by UTS #46 (`_parse_host`):
       `http://Bücher.example/x` is `http://xn--bcher-kva.example/x`; so is a host the idna
       package refuses for IDNA 2008's stricter rules, as browsers write it: `http://💩.la/` is
       `http://xn--ls8h.la/`, `http://my_host.Bücher.example/` is
@@ -2353,7 +2354,7 @@ def fold_case(url: str, m: re.Match[str] | None = None) -> str:
     n = 5 if url[4] in "sS" else 4  # the scheme's length
     scheme, host, port = url[:n], url[a:b], m.group(2)
     if (port is None and scheme.islower() and host.isascii() and not _UPPER_ASCII.search(host) and "%" not in host
-            and not _numeric_end(host)):
+            and not ends_in_number(host)):
         return url
     # (a host WHATWG's parser refuses, invalid_url to the rules, is kept as written: dedup's key)
     host = _fold_host(host) or host.translate(_ASCII_LOWER)
@@ -2375,16 +2376,10 @@ def _port_number(digits: str) -> int:
 
 
 # What sends a host to _parse_host rather than lower-casing it: a character outside printable
-# ASCII, a '%' (percent-decoding); also a host that ends in a number (`_numeric_end`: an IPv4
+# ASCII, a '%' (percent-decoding); also a host that ends in a number (`ends_in_number`: an IPv4
 # address, in whatever spelling). An ASCII host's "xn--" labels are not checked (_parse_host).
 _ODD_HOST = re.compile(r"[^\x21-\x7e]|%")
-_MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")  # a host's last character, if it does
 
-
-def _numeric_end(host: str) -> bool:
-    """WHATWG's "ends in a number" on an ASCII host (ipv4.ends_in_number), a character's test
-    first: most hosts end in a letter no number holds."""
-    return host[-1] in _MAY_END_IN_NUMBER and ends_in_number(host)
 # WHATWG's forbidden domain code points (ASCII all, so checked after the UTS #46 mapping), and
 # what else _HTTP_URL refuses in a host written plainly ('"', "'", '{', '}', '`', whitespace):
 # decoded, they are no more a host to the rules than written so, and a kept URL stays one
@@ -2398,7 +2393,7 @@ def _fold_host(host: str) -> str | None:
     hosts are printable ASCII without '%': lower case is all the parser does to them ("xn--"
     labels too, whatwg/url#914: `_parse_host`); the others go to `_parse_host`. An IPv6 literal
     (`_HTTP_URL` lets only hex digits, ':' and '.' in) is put in lower case, as before."""
-    if host[0] == "[" or not (_ODD_HOST.search(host) or _numeric_end(host)):
+    if host[0] == "[" or not (_ODD_HOST.search(host) or ends_in_number(host)):
         return host.translate(_ASCII_LOWER)
     return _parse_host(host)
 
@@ -2424,9 +2419,8 @@ def _parse_host(host: str) -> str | None:
     `127.1`, `127.0.0.1.`: 127.0.0.1), written in dotted decimal; or, where its IPv4 parser
     fails (`1.2.3.4.5`, `999.1.1.1`, `0x100000000`, `example.1`), no host (fastlaion/ipv4.py).
 
-    Where it succeeds the ASCII form is `_idna_host`'s, of the mapped host: the idna package's,
-    or where idna refuses it for IDNA 2008's or DNS's stricter rules (an emoji, '_'), each
-    non-ASCII label in punycode, as browsers write it."""
+    Where it succeeds the ASCII form is the mapped host's labels in punycode (`_punycode_labels`),
+    an emoji's or '_''s too, which the idna package refuses, as browsers write them."""
     import idna
 
     if "%" in host:
@@ -2463,7 +2457,7 @@ def _parse_host(host: str) -> str | None:
             return None
     if not _bidi_domain_ok(labels):
         return None
-    return mapped if mapped.isascii() else _idna_host(mapped)
+    return mapped if mapped.isascii() else _punycode_labels(mapped)
 
 
 _RTL_CLASSES = frozenset(("R", "AL", "AN"))  # the Bidi_Class values that make a "Bidi domain name"
@@ -2477,8 +2471,9 @@ def _bidi_domain_ok(labels: list[str]) -> bool:
     as `a-.אב` does (an LTR label ending in '-'); `a.אב` and `my_host.אב` pass. Checked only
     on a host that is not ASCII once percent-decoded: the URL Standard (2026, whatwg-url's
     domain parser) runs UTS #46 on an ASCII one for a validation error only and lower-cases it,
-    so `1a.xn--4dbc` stays, as does `xn--a.example` (whatwg/url#914: `_parse_host`). ICU (Chromium) and whatwg-url (tr46) check so; Node 20's URL (ada
-    before its PR #91) checks each label alone."""
+    so `1a.xn--4dbc` stays, as does `xn--a.example` (whatwg/url#914: `_parse_host`). ICU
+    (Chromium) and whatwg-url (tr46) check so; Node 20's URL (ada before its PR #91) checks each
+    label alone."""
     unicode_labels = [label[4:].encode("ascii").decode("punycode") if label[:4] == "xn--" else label
                       for label in labels]
     if not any(unicodedata.bidirectional(c) in _RTL_CLASSES for c in "".join(unicode_labels) if c > "\x7f"):
@@ -2532,30 +2527,16 @@ def _u_label_ok(label: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _idna_host(mapped: str) -> str:
-    """A host with non-ASCII characters, mapped by UTS #46 and checked as WHATWG's host parser
-    does (`_parse_host`), as that parser writes it ("domain to ASCII"), as browsers and yarl
-    (aiohttp's URLs) send it: the `idna` package's encoding (not Python's IDNA 2003 codec), or,
-    where idna refuses the host, each non-ASCII label in punycode (`_punycode_labels`). What idna
-    refuses here is refused only by IDNA 2008's and DNS's rules, stricter than WHATWG's (UTS #46
-    ToASCII with UseSTD3ASCIIRules, CheckHyphens and VerifyDnsLength off): an emoji (`💩.la`,
-    `xn--ls8h.la` to browsers), '_' (`my_host.bücher.example`), a label starting or ending with
-    '-', an empty label or one over 63 characters in punycode; the checks WHATWG makes were
-    made before. Both ways agree where idna takes a host (tests/test_extract.py). Cached: a
-    page's links often share a host."""
-    import idna
-
-    try:
-        return idna.encode(mapped, uts46=True).decode("ascii")
-    except UnicodeError:  # idna.IDNAError and its kinds
-        return _punycode_labels(mapped)
-
-
 def _punycode_labels(mapped: str) -> str:
-    """UTS #46 ToASCII's last step on a host already mapped and checked: each label that is not
+    """A host with non-ASCII characters, mapped by UTS #46 and checked as WHATWG's host parser
+    does (`_parse_host`), as that parser writes it: ToASCII's last step, each label that is not
     ASCII as "xn--" and its punycode (RFC 3492, Python's 'punycode' codec), the others as they
-    are (an "xn--" label was checked by `_a_label_ok`). `_punycode_labels("💩.la")` is
-    `"xn--ls8h.la"`."""
+    are; as browsers and yarl (aiohttp's URLs) send it. `_punycode_labels("💩.la")` is
+    `"xn--ls8h.la"`. The idna package writes the same where it takes a host (tests/test_extract.py);
+    it is not asked: every check WHATWG makes was made before, and what idna alone refuses (an
+    emoji, '_', a label starting or ending with '-', an empty one or one over 63 characters: IDNA
+    2008's and DNS's rules, stricter than WHATWG's) browsers write so too. Cached: a page's links
+    often share a host."""
     return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
                     for label in mapped.split("."))
 

@@ -53,7 +53,7 @@ _NUMERIC_HOST = "|".join((
     rf"(?:[^/?#@:.]*\.){{0,2}}[0-9]+{_END}",
     rf"(?:[^/?#@:.]*\.){{4,}}[0-9]+{_END}",
 ))
-# A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST and _numeric_end, for
+# A host WHATWG's parser does more to than lower-case it (extract._ODD_HOST and ipv4.ends_in_number, for
 # the printable ASCII URLs here): a '%' to decode, an IPv4 address in another spelling than
 # dotted decimal (`0x7f.1`, `01.2.3.4`; `1.2.3.4` stays here). (An ASCII host's "xn--" labels are
 # not checked: extract._parse_host.)

@@ -23,12 +23,17 @@ _NUMBER = re.compile(r"[0-9]+|0[Xx][0-9A-Fa-f]*")  # what "ends in a number" tak
 _DIGITS = {8: re.compile("[0-7]*"), 10: re.compile("[0-9]*"), 16: re.compile("[0-9A-Fa-f]*")}
 _TOO_BIG = 1 << 40  # any number with more digits than _DIGITS_CAP: over every limit below
 _DIGITS_CAP = 12  # (int() of a 5,000-digit label would raise: Python's int max str digits)
+# the last character of a host that may end in a number (or be one): most host names end in a
+# letter no number holds, and are answered by this test alone
+MAY_END_IN_NUMBER = frozenset("0123456789abcdefABCDEFxX.")
 
 
 def ends_in_number(host: str) -> bool:
     """WHATWG's "ends in a number" on an ASCII host (after its domain-to-ASCII): the last label,
     after one trailing empty one, is ASCII digits or parses as an IPv4 number ("0x" and hex
-    digits, none included)."""
+    digits, none included). Most hosts are answered by their last character alone."""
+    if host[-1:] not in MAY_END_IN_NUMBER:
+        return False
     parts = host.split(".")
     if parts[-1] == "":
         if len(parts) == 1:

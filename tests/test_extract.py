@@ -658,8 +658,8 @@ def test_fold_case_writes_scheme_host_and_port_as_whatwg_does():
 
 
 def test_punycode_by_label_agrees_with_idna_where_idna_takes_the_host():
-    """Where the idna package encodes a host, the per-label punycode `_idna_host` falls back to
-    (Python's RFC 3492 codec) writes the same. The values are published ones: "bcher-kva"
+    """Where the idna package encodes a host, the per-label punycode extraction writes
+    (`_punycode_labels`, Python's RFC 3492 codec) is the same. The values are published ones: "bcher-kva"
     (bücher, the usual IDNA example), "strae-oqa" (straße, DENIC's), "55qx5d" (公司, the .cn
     registry's), "fa-hia" (faß, UTS #46's deviation example, non-transitional); and "mller-kva"
     by RFC 3492 as bücher's: 'ü' after the first of five ASCII letters, the same delta 745."""
@@ -679,7 +679,7 @@ def test_punycode_by_label_agrees_with_idna_where_idna_takes_the_host():
 # Written by hand and checked against Node's URL (WHATWG's parser) and Chromium's, which give the
 # same URLs and refuse the same hosts, but for 'a%22b' (both take '"', which _HTTP_URL refuses in
 # a host written plainly). 'my%5Fhost.b%C3%BCcher' is my_host.xn--bcher-kva to both, and here:
-# idna refuses '_', and the host is then written in punycode label by label (_idna_host).
+# idna refuses '_'; the host is written in punycode label by label (_punycode_labels).
 INVALID = "invalid_url"
 PERCENT_PAGE = "http://%53ite.Example/dir/page.html"
 PERCENT_LINKS = [
