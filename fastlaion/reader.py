@@ -237,23 +237,33 @@ def _json_keys(path: Path, array: bytes | None) -> list[str] | None:
 
     keys: dict[str, None] = {}
     try:
-        if array is not None:
-            items = orjson.loads(_without_bom(array))
-            for item in items if isinstance(items, list) else [None]:
-                if not isinstance(item, dict):
-                    return None
-                keys.update(dict.fromkeys(item))
-            return list(keys)
-        with path.open("rb") as raw, _decompressed(raw) as f:
-            for line in f:
-                if line.strip():
-                    item = orjson.loads(line)
-                    if not isinstance(item, dict):
-                        return None
-                    keys.update(dict.fromkeys(item))
+        for _, item in _json_items(path, array):
+            if not isinstance(item, dict):
+                return None
+            keys.update(dict.fromkeys(item))
     except (orjson.JSONDecodeError, OSError, EOFError):
         return None
     return list(keys)
+
+
+def _json_items(path: Path, array: bytes | None = None) -> Iterator[tuple[str, object]]:
+    """Each value of a jsonl file's lines, or each item of a JSON array file (`array`: its bytes
+    where already read), with where it stands ("line 4", "item 4 of the array"); a leading
+    byte-order mark skipped. Raises orjson.JSONDecodeError at the first that is not JSON."""
+    import orjson
+
+    if array is None and _json_array(path):
+        with path.open("rb") as raw, _decompressed(raw) as f:
+            array = f.read()
+    if array is not None:
+        items = orjson.loads(_without_bom(array))
+        yield from ((f"item {n:,} of the array", item)
+                    for n, item in enumerate(items if isinstance(items, list) else [items], 1))
+        return
+    with path.open("rb") as raw, _decompressed(raw) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"line {n:,}", orjson.loads(_without_bom(line) if n == 1 else line)
 
 
 def _json_array(path: Path) -> bool:
@@ -464,14 +474,8 @@ def _note_json_captions(path: Path, key: str, part: str) -> None:
     if not any(json_text(c, e) for c, e in bracketed.iter_rows()):
         return
     try:
-        with path.open("rb") as raw, _decompressed(raw) as f:
-            if _json_array(path):
-                items = orjson.loads(_without_bom(f.read()))
-                rows = ((f"item {n:,} of the array", item) for n, item in enumerate(items, 1))
-            else:
-                rows = ((f"line {n:,}", orjson.loads(_without_bom(line) if n == 1 else line))
-                        for n, line in enumerate(f, 1) if line.strip())
-            found = [where for where, item in rows if isinstance(item, dict) and isinstance(item.get(key), (list, dict))]
+        found = [where for where, item in _json_items(path)
+                 if isinstance(item, dict) and isinstance(item.get(key), (list, dict))]
     except (orjson.JSONDecodeError, OSError, EOFError):  # Polars read it: not expected, and only a warning lost
         return
     if found:
