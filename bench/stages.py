@@ -520,7 +520,7 @@ def write_data(args: argparse.Namespace) -> dict[str, Any]:
     py = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cols.items()}  # float32 values as floats
     # LAION's hash column, made ahead too (LAION's compute_hash); fastlaion's writer computes its own
     py["hash"] = [mmh3.hash64((u + c).encode("utf-8"))[0] for u, c in zip(py["url"], py["caption"])]
-    json_cols = [c for c in SAMPLE_JSON_COLUMNS if c in py] + ["hash"]  # key.json holds the hash too
+    json_cols = [c for c in SAMPLE_JSON_COLUMNS if c in py]
     samples = [(keys[i], stored[i], captions[i], {"key": keys[i], **{c: py[c][i] for c in json_cols}}) for i in range(n)]
     parquet_cols = [c for c in PARQUET_SCHEMA if c not in OPTIONAL_COLUMNS or c in OPTIONAL]
     fixed = {"key": keys, "status": ["kept"] * n, "stage": [None] * n, "reason": [None] * n, "caption_edit": [None] * n}

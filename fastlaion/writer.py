@@ -80,8 +80,8 @@ PARQUET_SCHEMA: dict[str, pl.DataType] = {
 OPTIONAL_COLUMNS = ("language", "language_score", "language_group", "similarity", "similarity_model",
                     "punsafe", "pwatermark", "aesthetic", "aesthetic_v2")
 # Written into each sample's key.json as well (LAION's released columns and then some; `hash`
-# too, after caption: _add_samples).
-SAMPLE_JSON_COLUMNS = ("url", "caption", "width", "height", "original_width", "original_height", "sha256",
+# computed for the samples by _add_samples, as for the Parquet's rows).
+SAMPLE_JSON_COLUMNS = ("url", "caption", "hash", "width", "height", "original_width", "original_height", "sha256",
                        "language", "language_score", "similarity", "punsafe", "pwatermark", "aesthetic",
                        "aesthetic_v2")
 
@@ -385,14 +385,13 @@ class ShardWriter:
     def _add_samples(self, batch: Batch) -> None:
         stored = batch.payload["stored"]
         exts = batch.payload["stored_ext"]
-        meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in batch.rows.columns and c in self.columns]
+        rows = batch.rows
+        if {"url", "caption"} <= set(rows.columns):  # LAION's hash, as the Parquet's (a sample joins LAION's files on it)
+            rows = rows.with_columns(laion_hash(rows["url"], rows["caption"]))
+        meta_cols = [c for c in SAMPLE_JSON_COLUMNS if c in rows.columns and c in self.columns]
         members: list[tuple[str, bytes]] = []
-        hashes = laion_hash(batch.rows["url"], batch.rows["caption"]).to_list() if {"url", "caption"} <= set(
-            batch.rows.columns) else [None] * batch.rows.height
-        for i, rec in enumerate(batch.rows.select("row", *meta_cols).iter_rows(named=True)):
+        for i, rec in enumerate(rows.select("row", *meta_cols).iter_rows(named=True)):
             key = self.key(rec.pop("row"))
-            # LAION's hash beside url and caption, as in the Parquet (a sample joins LAION's files on it)
-            rec = {k: rec[k] for k in ("url", "caption") if k in rec} | {HASH: hashes[i]} | rec
             # orjson: UTF-8 JSON as json.dumps(ensure_ascii=False) writes it, compact, ~10x faster;
             # a NaN becomes null (json.dumps would write NaN, which is not JSON)
             members += ((f"{key}.{exts[i]}", stored[i]), (f"{key}.txt", (rec.get("caption") or "").encode("utf-8")),
