@@ -59,7 +59,6 @@ from .writer import (
     ShardWriter,
     WRITE_ID,
     any_finished,
-    replace_text,
     damage,
     finished_shards,
     is_complete,
@@ -68,6 +67,7 @@ from .writer import (
     output_lock,
     read_stats,
     recover_partial,
+    replace_text,
     shard_files,
     shard_name,
 )
@@ -770,8 +770,7 @@ def prepare_output(out: Path, cfg: RunConfig, held: ExitStack) -> int:
             if changed or previous["input"] != current["input"]:
                 shutil.rmtree(out / CANDIDATES_DIR, ignore_errors=True)  # extracted from other inputs
     replace_text(saved, json.dumps({**cfg.to_dict(), INPUT_FILES_KEY: files, WEIGHT_FILES_KEY: weights,
-                                 MODEL_BUILD_KEY: MODEL_BUILD,
-                                 INPUT_BUILD_KEY: build}, indent=2))
+                                    MODEL_BUILD_KEY: MODEL_BUILD, INPUT_BUILD_KEY: build}, indent=2))
     # Leftovers of an interrupted run: shards killed while renaming are finished, the rest dropped.
     for shard in recover_partial(out):
         log.info("shard %s: its files were all written when the last run stopped; moved into place",

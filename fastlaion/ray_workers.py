@@ -490,8 +490,7 @@ class RayWorkers(WorkerPool):
     def _leave_out(self, lost: dict[str, str]) -> None:
         """Leave the workers of the `lost` nodes (node id: why) out of the run, before it starts:
         they have taken no shard (none has asked for its first), so the others run them all. A
-        warning for each such node; where
-        no worker is left, the run's one-line error."""
+        warning for each such node; where no worker is left, the run's one-line error."""
         if not lost:
             return
         out = {i for i, slot in enumerate(self.slots) if slot.node_id in lost}
