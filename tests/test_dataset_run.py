@@ -590,6 +590,20 @@ def test_a_run_and_its_subsets_moved_together_still_find_their_samples(run, tmp_
     assert load_json(b / "dd-sub" / "dataset.json")["root_relative"] == "../run"
 
 
+def _commands_reading_the_root(ds, tmp_path):
+    """Each command that reads the samples' images or embeddings of the dataset `ds` (args, and
+    the name its one-line refusal starts with), its outputs under tmp_path/x."""
+    np.save(tmp_path / "q.npy", np.ones(512, np.float32))
+    x = tmp_path / "x"
+    return ((["stats", ds, "--html", tmp_path / "r.html"], "stats --html"),
+            (["subset", "en", "--from", ds, "-o", x, "--shards"], "subset --shards"),
+            (["dedup", "--by", "phash", "--from", ds, "-o", x], "dedup --by phash"),
+            (["dedup", "--by", "embedding", "--from", ds, "-o", x], "dedup --by embedding"),
+            (["index", ds], "index"),
+            (["search", ds, "--vector", tmp_path / "q.npy"], "search"),
+            (["classify", "--from", ds, "-o", x, "--class", "cat"], "classify"))
+
+
 def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
     """Every command that reads the images or embeddings refuses with one line naming the folder
     looked for; those that read only the metadata warn once and go on. An older dataset.json,
@@ -605,14 +619,7 @@ def test_a_dataset_whose_run_is_gone_says_so_in_one_line(run, tmp_path):
 
     shutil.move(tmp_path / "a" / "run", tmp_path / "elsewhere")
     gone = str((tmp_path / "a" / "run").resolve())
-    np.save(tmp_path / "q.npy", np.ones(512, np.float32))
-    for args, what in ((["stats", subset, "--html", tmp_path / "r.html"], "stats --html"),
-                       (["subset", "en", "--from", subset, "-o", tmp_path / "s", "--shards"], "subset --shards"),
-                       (["dedup", "--by", "phash", "--from", subset, "-o", tmp_path / "d"], "dedup --by phash"),
-                       (["dedup", "--by", "embedding", "--from", subset, "-o", tmp_path / "d"], "dedup --by embedding"),
-                       (["index", subset], "index"),
-                       (["search", subset, "--vector", tmp_path / "q.npy"], "search"),
-                       (["classify", "--from", subset, "-o", tmp_path / "c", "--class", "cat"], "classify")):
+    for args, what in _commands_reading_the_root(subset, tmp_path):
         result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"], terminal_width=400)
         assert result.exit_code == 2, (args, result.output)
         said = result.output.strip()
@@ -660,16 +667,9 @@ def test_a_dataset_whose_root_another_run_wrote_since_says_so_in_one_line(run, t
     shutil.rmtree(root)
     shutil.copytree(real_run(str(tmp_path / "again")), root)
     real = str(root.resolve())
-    np.save(tmp_path / "q.npy", np.ones(512, np.float32))
     for made in ("s", "s2", "d"):
         ds = tmp_path / made
-        for args, what in ((["stats", ds, "--html", tmp_path / "r.html"], "stats --html"),
-                           (["subset", "--where", "true", "--from", ds, "-o", tmp_path / "x", "--shards"], "subset --shards"),
-                           (["dedup", "--by", "phash", "--from", ds, "-o", tmp_path / "x"], "dedup --by phash"),
-                           (["dedup", "--by", "embedding", "--from", ds, "-o", tmp_path / "x"], "dedup --by embedding"),
-                           (["index", ds], "index"),
-                           (["search", ds, "--vector", tmp_path / "q.npy"], "search"),
-                           (["classify", "--from", ds, "-o", tmp_path / "x", "--class", "cat"], "classify")):
+        for args, what in _commands_reading_the_root(ds, tmp_path):
             result = runner.invoke(app(), [str(a) for a in args] + ["--no-progress"], terminal_width=400)
             assert result.exit_code == 2, (args, result.output)
             said = result.output.strip()
